@@ -1,0 +1,49 @@
+"""Domains of inputs and parameters: what values are allowed, as one table.
+
+A domain gives the SymPy assumptions of a symbol (so ``Abs(delta)`` simplifies to ``delta``
+for a positive parameter), the membership test used to validate parameters, and the set
+that the verification stage samples points from.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    text: str                      # how errors and docs describe it
+    assumptions: dict              # SymPy symbol assumptions
+    low: float = -math.inf
+    high: float = math.inf
+    low_closed: bool = False
+    high_closed: bool = False
+    values: tuple[float, ...] = ()  # a finite set, when non-empty
+
+    def contains(self, x: float) -> bool:
+        if math.isnan(x):
+            return False
+        if self.values:
+            return x in self.values
+        above = x >= self.low if self.low_closed else x > self.low
+        below = x <= self.high if self.high_closed else x < self.high
+        return above and below
+
+
+DOMAINS: dict[str, Domain] = {d.name: d for d in (
+    Domain("real", "a finite real number", {"real": True}, low_closed=False),
+    Domain("positive", "positive (> 0)", {"positive": True}, low=0.0),
+    Domain("nonnegative", "non-negative (>= 0)", {"nonnegative": True}, low=0.0, low_closed=True),
+    Domain("unit_interval", "in [0, 1]", {"nonnegative": True}, low=0.0, high=1.0,
+           low_closed=True, high_closed=True),
+    Domain("open_unit_interval", "in (0, 1)", {"positive": True}, low=0.0, high=1.0),
+    Domain("probability", "a probability in [0, 1]", {"nonnegative": True}, low=0.0, high=1.0,
+           low_closed=True, high_closed=True),
+    Domain("label01", "a label in {0, 1}", {"nonnegative": True}, values=(0.0, 1.0)),
+    Domain("label_pm1", "a label in {-1, 1}", {"real": True}, values=(-1.0, 1.0)),
+)}
+
+
+def domain_names() -> str:
+    return ", ".join(sorted(DOMAINS))

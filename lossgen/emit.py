@@ -1,0 +1,118 @@
+"""Stage 4, emit: render a derivation as a Numba kernel module through Jinja2 templates.
+
+The printer turns SymPy into scalar Python that Numba compiles (a ``_print_Foo`` visitor,
+as SymPy's own printers); common subexpressions are shared within each fused kernel by
+``sympy.cse``. Output depends only on the expressions, so it is byte-for-byte reproducible.
+"""
+from __future__ import annotations
+
+import jinja2
+import sympy as sp
+from sympy.printing.pycode import PythonCodePrinter
+
+from .derive import KERNELS, Derivation
+from .paths import TEMPLATES_DIR
+
+MARKER = "lossgen-generated"  # first comment line of every generated file
+
+# SymPy function class name -> helper defined in templates/numba_helpers.py.j2
+HELPERS = {
+    "sign": "sign",
+    "Heaviside": "heaviside",
+    "sigmoid": "sigmoid",
+    "softplus": "softplus",
+    "logcosh": "logcosh",
+}
+
+
+class NumbaPrinter(PythonCodePrinter):
+    """Scalar Python for Numba: ``math`` functions, exact float literals, stable helpers."""
+
+    def __init__(self):
+        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
+        self.helpers_used: set[str] = set()
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_helper(self, expr):
+        helper = HELPERS[type(expr).__name__]
+        self.helpers_used.add(helper)
+        return f"_{helper}({', '.join(self._print(a) for a in expr.args)})"
+
+
+for _name in HELPERS:
+    setattr(NumbaPrinter, f"_print_{_name}", NumbaPrinter._print_helper)
+
+
+def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter) -> tuple[list[str], str]:
+    """Assignment lines and the return expression computing ``exprs`` with shared CSEs."""
+    replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="canonical")
+    lines = [f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements]
+    returns = ", ".join(printer.doprint(e) for e in reduced)
+    return lines, returns
+
+
+def _docstring(text) -> str:
+    return str(text).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
+def template_environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined, autoescape=False,
+    )
+    env.filters["py"] = repr
+    env.filters["docstring"] = _docstring
+    return env
+
+
+def render_module(original: Derivation, stable: Derivation, spec_path: str) -> str:
+    """The source of one generated module.
+
+    ``original`` gives the formulas of the docstring; ``stable`` (same loss, rewritten by
+    the stabilisation stage) gives the code.
+    """
+    spec = stable.spec
+    printer = NumbaPrinter()
+    n_pred = len(spec.predictions)
+    scalar_kernels = []
+    for kernel, quantities in KERNELS.items():
+        lines, returns = kernel_code(stable.outputs(kernel), printer)
+        count = sum(1 if q == "loss" else n_pred for q in quantities)
+        scalar_kernels.append({
+            "name": kernel, "lines": lines, "returns": returns, "count": count,
+            "outs": [f"_out{j}" for j in range(count)], "vals": [f"_v{j}" for j in range(count)],
+            "doc": f"{kernel.replace('_', ', ')} of one element"
+                   + (f" (per prediction: {', '.join(p.name for p in spec.predictions)})"
+                      if n_pred > 1 and kernel != "loss" else "") + ".",
+        })
+    formulas = {
+        "loss": sp.sstr(original.loss),
+        "predictions": [{"name": p.name, "grad": sp.sstr(g), "hess": sp.sstr(h)}
+                        for p, g, h in zip(spec.predictions, original.grad, original.hess)],
+    }
+    inputs = [i.name for i in spec.inputs]
+    params = [p.name for p in spec.params]
+    return template_environment().get_template("loss_module.py.j2").render(
+        spec=spec,
+        spec_path=spec_path,
+        marker=MARKER,
+        formulas=formulas,
+        helpers=printer.helpers_used,
+        scalar_kernels=scalar_kernels,
+        kernel_outputs={k["name"]: k["count"] for k in scalar_kernels},
+        arguments=inputs + params,
+        indexed_arguments=[f"{name}[_i]" for name in inputs] + params,
+    )
+
+
+def render_package_init(entries: list[tuple[str, str, str]]) -> str:
+    """``__init__.py`` of a generated folder: the catalog (name, family, title) without imports."""
+    return template_environment().get_template("package_init.py.j2").render(entries=entries, marker=MARKER)
+
+
+def generated_file_names(names: list[str]) -> list[str]:
+    return ["__init__.py"] + [f"{name}.py" for name in names]
+

@@ -1,0 +1,121 @@
+"""The pipeline end to end: a folder of specs -> a folder of kernel modules.
+
+Every spec is parsed, derived, stabilised and rendered in memory first; files are written
+only when all of them succeed, so a failing spec leaves the output folder untouched. Only
+files whose text changed are rewritten (atomically), and generated files whose spec is gone
+are removed. Files not written by lossgen are never touched.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from .derive import derive
+from .emit import MARKER, render_module, render_package_init
+from .spec import SpecError, find_spec_files, load_spec
+from .stabilise import stabilise
+
+
+def build_module(spec, spec_path: str) -> str:
+    """spec -> derive -> stabilise -> emit: the text of one kernel module."""
+    derivation = derive(spec)
+    return render_module(derivation, derivation.map(stabilise), spec_path)
+
+
+def render_all(specs_dir, log: Callable[[str], None] = print) -> tuple[dict[str, str], list[str]]:
+    """Render every spec under ``specs_dir``: ({file name: text}, [error messages])."""
+    specs_dir = Path(specs_dir)
+    paths = find_spec_files(specs_dir)
+    if not paths:
+        return {}, [f"{specs_dir}: no spec files (*.toml) found"]
+    files, errors, seen, entries = {}, [], {}, []
+    width = len(str(len(paths)))
+    for index, path in enumerate(paths, 1):
+        relative = path.relative_to(specs_dir).as_posix()
+        started = time.perf_counter()
+        try:
+            spec = load_spec(path)
+            if spec.name in seen:
+                raise SpecError(path, "name", f"duplicate loss name '{spec.name}', also defined in {seen[spec.name]}")
+            seen[spec.name] = path
+            files[f"{spec.name}.py"] = build_module(spec, f"{specs_dir.name}/{relative}")
+            entries.append((spec.name, spec.family, spec.title))
+            status = f"{time.perf_counter() - started:.2f} s"
+        except SpecError as error:
+            errors.append(str(error))
+            status = "FAILED"
+        except Exception as error:  # a bug or a SymPy failure: still name the spec
+            errors.append(f"{path}: {type(error).__name__}: {error}")
+            status = "FAILED"
+        log(f"[{index:>{width}}/{len(paths)}] {relative:<40} {status}")
+    files["__init__.py"] = render_package_init(sorted(entries))
+    return files, errors
+
+
+def is_generated(path: Path) -> bool:
+    """True for a file written by lossgen (its marker is on one of its first lines)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            head = [next(handle, "") for _ in range(40)]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(line.startswith(f"# {MARKER}") for line in head)
+
+
+def compare(files: dict[str, str], out_dir: Path) -> tuple[list[str], list[str]]:
+    """(files to write because missing or different, generated files no longer produced)."""
+    stale = [name for name, text in sorted(files.items())
+             if not (out_dir / name).is_file() or (out_dir / name).read_text(encoding="utf-8") != text]
+    extra = sorted(p.name for p in out_dir.glob("*.py") if p.name not in files and is_generated(p)) \
+        if out_dir.is_dir() else []
+    return stale, extra
+
+
+def _write_atomically(path: Path, text: str):
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None] = print) -> int:
+    """Regenerate ``out_dir`` from ``specs_dir``; with ``check``, only report. Returns an exit code."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    files, errors = render_all(specs_dir, log)
+    if errors:
+        for message in errors:
+            log(f"error: {message}")
+        log(f"generation failed ({len(errors)} error(s)); {out_dir} was left untouched")
+        return 1
+    for name in files:
+        target = out_dir / name
+        if target.exists() and not is_generated(target):
+            log(f"error: {target} exists and was not written by lossgen; refusing to overwrite it")
+            return 1
+    stale, extra = compare(files, out_dir)
+    if check:
+        if stale or extra:
+            for name in stale:
+                log(f"stale: {out_dir / name} differs from what the specs produce")
+            for name in extra:
+                log(f"stale: {out_dir / name} has no spec any more")
+            log("generated files are out of date; run `lossgen generate`")
+            return 1
+        log(f"{out_dir}: all {len(files)} files up to date")
+        return 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in stale:
+        _write_atomically(out_dir / name, files[name])
+    for name in extra:
+        (out_dir / name).unlink()
+    log(f"{out_dir}: {len(files) - 1} losses; {len(stale)} file(s) written, {len(extra)} removed, "
+        f"{len(files) - len(stale)} unchanged ({time.perf_counter() - started:.1f} s)")
+    return 0

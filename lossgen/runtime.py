@@ -1,0 +1,249 @@
+"""The runtime API: loss objects over generated kernel modules.
+
+Imports only NumPy; Numba loads with the first loss used, and each kernel compiles on its
+first call (then comes from Numba's on-disk cache in later processes).
+
+    import lossgen
+    huber = lossgen.get("huber")                  # or lossgen.losses.huber
+    huber.loss(y, p, delta=1.0, reduction="mean", sample_weight=None)
+    huber.grad(y, p); huber.hess(y, p); huber.grad_hess(y, p); huber.loss_grad_hess(y, p)
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .domains import DOMAINS
+from .paths import GENERATED_DIR
+
+REDUCTIONS = ("none", "sum", "mean")
+_NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
+
+
+@dataclass
+class _Call:
+    arrays: list          # inputs, flattened, contiguous, in the result dtype
+    params: list          # parameter values as Python floats, in spec order
+    weight: object        # flattened sample_weight or None
+    shape: tuple
+    dtype: np.dtype
+
+
+class Loss:
+    """One generated loss. Arrays are passed in the spec's input order (target first)."""
+
+    def __init__(self, module):
+        spec = module.SPEC
+        self.name = spec["name"]
+        self.title = spec["title"]
+        self.family = spec["family"]
+        self.summary = spec["summary"]
+        self.inputs = tuple(name for name, _, _ in spec["inputs"])
+        self.predictions = tuple(name for name, role, _ in spec["inputs"] if role == "prediction")
+        self.params = {name: (default, domain) for name, default, domain in spec["params"]}
+        self.module = module
+        self.__doc__ = module.__doc__
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={d!r}" for k, (d, _) in self.params.items())
+        return f"<lossgen loss {self.name}({', '.join(self.inputs)}{'; ' + params if params else ''})>"
+
+    # --- public methods ------------------------------------------------------------------
+
+    def loss(self, *arrays, reduction="mean", sample_weight=None, **kwargs):
+        """Loss per element (``reduction="none"``), or its sum or (weighted) mean.
+
+        With ``sample_weight``, element i counts w_i times; ``mean`` is sum(w l) / sum(w).
+        """
+        self._check_reduction("loss", reduction)
+        call = self._prepare("loss", arrays, kwargs, sample_weight)
+        if reduction == "none":
+            return self._run("loss", call)[0]
+        total = self.module.loss_sum_kernel(*call.arrays, *call.params, call.weight)
+        if reduction == "sum":
+            return call.dtype.type(total)
+        count = call.arrays[0].size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
+        return call.dtype.type(total / count if count else np.nan)
+
+    def grad(self, *arrays, sample_weight=None, **kwargs):
+        """d loss_i / d p_i for each element (times w_i); a tuple if there are several predictions."""
+        call = self._prepare("grad", arrays, kwargs, sample_weight)
+        return self._per_prediction(self._run("grad", call))
+
+    def hess(self, *arrays, sample_weight=None, **kwargs):
+        """d2 loss_i / d p_i2 for each element (times w_i); a tuple if there are several predictions."""
+        call = self._prepare("hess", arrays, kwargs, sample_weight)
+        return self._per_prediction(self._run("hess", call))
+
+    def grad_hess(self, *arrays, sample_weight=None, **kwargs):
+        """(grad, hess) in one pass, as needed by boosting custom objectives."""
+        call = self._prepare("grad_hess", arrays, kwargs, sample_weight)
+        outs = self._run("grad_hess", call)
+        k = len(self.predictions)
+        return self._per_prediction(outs[:k]), self._per_prediction(outs[k:])
+
+    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, **kwargs):
+        """(loss, grad, hess) in one fused pass. ``reduction`` applies to the loss only;
+        gradients and Hessians are always per element."""
+        self._check_reduction("loss_grad_hess", reduction)
+        call = self._prepare("loss_grad_hess", arrays, kwargs, sample_weight)
+        outs = self._run("loss_grad_hess", call)
+        k = len(self.predictions)
+        loss = outs[0]
+        if reduction != "none":
+            total = np.sum(loss, dtype=np.float64)
+            if reduction == "mean":
+                count = loss.size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
+                total = total / count if count else np.nan
+            loss = call.dtype.type(total)
+        return loss, self._per_prediction(outs[1:1 + k]), self._per_prediction(outs[1 + k:])
+
+    # --- plumbing ------------------------------------------------------------------------
+
+    def _per_prediction(self, outs):
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _check_reduction(self, method, reduction):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"{self.name}.{method}(): reduction must be one of "
+                             f"{', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+
+    def _run(self, kernel, call):
+        n = call.arrays[0].size
+        outs = [np.empty(n, dtype=call.dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
+        getattr(self.module, f"{kernel}_kernel")(*call.arrays, *call.params, call.weight, *outs)
+        return [o.reshape(call.shape) for o in outs]
+
+    def _prepare(self, method, arrays, kwargs, sample_weight) -> _Call:
+        where = f"{self.name}.{method}()"
+        if len(arrays) > len(self.inputs):
+            raise TypeError(f"{where} takes {len(self.inputs)} arrays ({', '.join(self.inputs)}), "
+                            f"got {len(arrays)}")
+        bound = dict(zip(self.inputs, arrays))
+        params = {}
+        for key, value in kwargs.items():
+            if key in self.inputs:
+                if key in bound:
+                    raise TypeError(f"{where} got input '{key}' both by position and by keyword")
+                bound[key] = value
+            elif key in self.params:
+                params[key] = value
+            else:
+                known = list(self.inputs) + list(self.params) + ["sample_weight"]
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise TypeError(f"{where} got an unexpected keyword argument '{key}'{hint}; "
+                                f"inputs: {', '.join(self.inputs)}; parameters: {', '.join(self.params) or 'none'}")
+        missing = [name for name in self.inputs if name not in bound]
+        if missing:
+            raise TypeError(f"{where} missing input array(s): {', '.join(missing)}")
+
+        checked = {name: _numeric_array(where, name, bound[name]) for name in self.inputs}
+        shape = checked[self.inputs[0]].shape
+        for name, array in checked.items():
+            if array.shape != shape:
+                shapes = ", ".join(f"{n} {a.shape}" for n, a in checked.items())
+                raise ValueError(f"{where}: input shapes differ: {shapes}")
+        floats = [a.dtype for a in checked.values() if a.dtype.kind == "f"]
+        dtype = np.dtype(np.float32 if floats and all(d == np.float32 for d in floats) else np.float64)
+        flat = [np.ascontiguousarray(a, dtype=dtype).reshape(-1) for a in checked.values()]
+
+        weight = None
+        if sample_weight is not None:
+            weight = _numeric_array(where, "sample_weight", sample_weight)
+            if weight.shape != shape:
+                raise ValueError(f"{where}: sample_weight has shape {weight.shape}, inputs have shape {shape}")
+            weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
+
+        values = []
+        for name, (default, domain) in self.params.items():
+            value = params.get(name, default)
+            if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+                raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}") from None
+            if not DOMAINS[domain].contains(value):
+                raise ValueError(f"{where}: parameter '{name}' must be {DOMAINS[domain].text}, got {value!r}")
+            values.append(value)
+        return _Call(flat, values, weight, shape, dtype)
+
+
+def _numeric_array(where, name, value) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except Exception as error:  # ragged lists and the like
+        raise TypeError(f"{where}: '{name}' is not an array: {error}") from None
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise TypeError(f"{where}: '{name}' must be a real numeric array, got dtype {array.dtype}")
+    return array
+
+
+class Catalog:
+    """The losses of one generated folder (``lossgen generate --out FOLDER``)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder).resolve()
+        init = self.folder / "__init__.py"
+        if not init.is_file():
+            raise FileNotFoundError(f"{self.folder} holds no generated kernels; "
+                                    f"run `lossgen generate --out {folder}` first")
+        self._package = "_lossgen_kernels_" + hashlib.sha256(str(self.folder).encode()).hexdigest()[:12]
+        if self._package not in sys.modules:
+            spec = importlib.util.spec_from_file_location(
+                self._package, init, submodule_search_locations=[str(self.folder)])
+            package = importlib.util.module_from_spec(spec)
+            sys.modules[self._package] = package
+            spec.loader.exec_module(package)
+        self._losses = dict(sys.modules[self._package].LOSSES)
+        self._loaded: dict[str, Loss] = {}
+
+    def available(self) -> list[str]:
+        return sorted(self._losses)
+
+    def get(self, name: str) -> Loss:
+        if name not in self._losses:
+            close = difflib.get_close_matches(str(name), self._losses, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown loss {name!r}{hint}; available: {', '.join(self.available())}")
+        if name not in self._loaded:
+            self._loaded[name] = Loss(importlib.import_module(f"{self._package}.{name}"))
+        return self._loaded[name]
+
+    def __contains__(self, name):
+        return name in self._losses
+
+    def __iter__(self):
+        return iter(self.available())
+
+    def __repr__(self):
+        return f"<lossgen catalog {self.folder}: {len(self._losses)} losses>"
+
+
+_catalogs: dict[Path, Catalog] = {}
+
+
+def load(folder=GENERATED_DIR) -> Catalog:
+    """The catalog of generated kernels in ``folder`` (default: this checkout's ``generated/``)."""
+    key = Path(folder).resolve()
+    if key not in _catalogs:
+        _catalogs[key] = Catalog(key)
+    return _catalogs[key]
+
+
+def get(name: str) -> Loss:
+    """A loss of the built-in catalog, by name."""
+    return load().get(name)
+
+
+def available() -> list[str]:
+    """Names of the losses in the built-in catalog."""
+    return load().available()

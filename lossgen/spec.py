@@ -1,0 +1,383 @@
+"""Stage 1, spec -> ``LossSpec``: read a TOML spec file and build its SymPy expression.
+
+A spec file is data. Expression text is parsed with :mod:`ast` and turned into SymPy by a
+whitelist (numbers, declared names, arithmetic, comparisons, and the function table of
+:mod:`lossgen.vocabulary`); nothing is ever passed to ``eval``, ``exec`` or ``sympify``.
+Every error names the file, the field and, where it can, the column.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import difflib
+import hashlib
+import keyword
+import math
+import operator
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sympy as sp
+
+from .domains import DOMAINS, domain_names
+from .vocabulary import CONSTANTS, FUNCTIONS
+
+
+class SpecError(ValueError):
+    """A spec file is invalid; the message names the file, the field and the column."""
+
+    def __init__(self, path, where: str, message: str, column: int | None = None):
+        self.path, self.where, self.column = str(path), where, column
+        position = f", column {column}" if column is not None else ""
+        super().__init__(f"{path}: {where}{position}: {message}")
+
+
+# Roles of inputs: whether the loss is differentiated with respect to them.
+ROLES = {
+    "target": "observed value; not differentiated",
+    "prediction": "model output; gradient and Hessian are taken with respect to it",
+}
+
+# Names used by the generated code and the runtime API, which a spec may not redefine.
+GENERATED_IDENTIFIERS = frozenset({
+    "np", "numpy", "math", "numba", "prange", "njit", "SPEC",
+    "self", "reduction", "sample_weight", "check_inputs", "full",
+})
+
+TOP_LEVEL_KEYS = {"name", "title", "summary", "references", "inputs", "params", "let", "loss", "notes"}
+INPUT_KEYS = {"role", "domain", "doc"}
+PARAM_KEYS = {"default", "domain", "doc"}
+LOSS_KEYS = {"expr"}
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    role: str
+    domain: str
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float
+    domain: str
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A parsed spec: metadata, symbols and the loss as a SymPy expression."""
+
+    name: str
+    title: str
+    summary: str
+    family: str
+    path: str
+    references: tuple[str, ...]
+    notes: str
+    inputs: tuple[Input, ...]
+    params: tuple[Param, ...]
+    symbols: dict[str, sp.Symbol] = field(repr=False)
+    lets: tuple[tuple[str, sp.Expr], ...] = field(repr=False)
+    loss: sp.Expr = field(repr=False)          # with every let binding substituted
+    source_hash: str = ""                       # sha256 of the file's bytes
+
+    @property
+    def predictions(self) -> tuple[Input, ...]:
+        return tuple(i for i in self.inputs if i.role == "prediction")
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Names of the scalar kernel arguments: inputs, then parameters, in spec order."""
+        return tuple(i.name for i in self.inputs) + tuple(p.name for p in self.params)
+
+
+# --- expression parsing --------------------------------------------------------------------
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+           ast.Div: operator.truediv, ast.Pow: operator.pow}
+_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: sp.Not}
+_COMPARE = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
+_BOOL = {ast.And: sp.And, ast.Or: sp.Or}
+_SYNTAX_NAMES = {ast.Attribute: "attribute access", ast.Subscript: "indexing", ast.Lambda: "lambda",
+                 ast.List: "a list", ast.Dict: "a dict", ast.Set: "a set", ast.JoinedStr: "an f-string",
+                 ast.IfExp: "a conditional expression (use Piecewise)", ast.Starred: "*-unpacking"}
+
+
+class _ExpressionBuilder:
+    """Turn an ``ast`` tree into SymPy, accepting only whitelisted nodes."""
+
+    def __init__(self, path, where: str, names: dict[str, sp.Expr]):
+        self.path, self.where, self.names = path, where, names
+
+    def fail(self, node, message):
+        column = getattr(node, "col_offset", None)
+        raise SpecError(self.path, self.where, message, None if column is None else column + 1)
+
+    def build(self, node, allow_tuple=False):
+        if isinstance(node, ast.Constant):
+            return self.constant(node)
+        if isinstance(node, ast.Name):
+            return self.name(node)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](self.build(node.left), self.build(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](self.build(node.operand))
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        if isinstance(node, ast.BoolOp):
+            return _BOOL[type(node.op)](*(self.build(v) for v in node.values))
+        if isinstance(node, ast.Call):
+            return self.call(node)
+        if isinstance(node, ast.Tuple) and allow_tuple:
+            return tuple(self.build(e) for e in node.elts)
+        if isinstance(node, ast.Tuple):
+            self.fail(node, "a tuple is only allowed as a Piecewise branch (expr, condition)")
+        what = _SYNTAX_NAMES.get(type(node), f"syntax {type(node).__name__}")
+        if isinstance(node, ast.BinOp):
+            what = f"operator {type(node.op).__name__}"
+        self.fail(node, f"{what} is not allowed in a loss expression")
+
+    def constant(self, node):
+        value = node.value
+        if isinstance(value, bool):
+            return sp.true if value else sp.false
+        if isinstance(value, int):
+            return sp.Integer(value)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                self.fail(node, f"number {value!r} is not finite")
+            return sp.Float(value)  # the exact binary64 value, as the kernel sees it
+        self.fail(node, f"constant {value!r} is not a number")
+
+    def name(self, node):
+        if node.id in self.names:
+            return self.names[node.id]
+        if node.id in CONSTANTS:
+            return CONSTANTS[node.id]
+        if node.id in FUNCTIONS:
+            self.fail(node, f"'{node.id}' is a function; call it as {node.id}(...)")
+        self.fail(node, f"undeclared name '{node.id}'{_suggest(node.id, self.names)}; "
+                        "declare it under [inputs], [params] or [let]")
+
+    def compare(self, node):
+        terms = [self.build(node.left)] + [self.build(c) for c in node.comparators]
+        relations = [_COMPARE[type(op)](a, b) for op, a, b in zip(node.ops, terms, terms[1:])]
+        return relations[0] if len(relations) == 1 else sp.And(*relations)
+
+    def call(self, node):
+        if not isinstance(node.func, ast.Name):
+            self.fail(node, "only functions from the table may be called, by plain name")
+        name = node.func.id
+        if name not in FUNCTIONS:
+            self.fail(node, f"unknown function '{name}'{_suggest(name, FUNCTIONS)}; "
+                            f"known functions: {', '.join(sorted(FUNCTIONS))}")
+        if node.keywords:
+            self.fail(node, f"{name}() takes no keyword arguments")
+        function = FUNCTIONS[name]
+        fewest, most = function.arity
+        count = len(node.args)
+        if count < fewest or (most is not None and count > most):
+            expected = str(fewest) if fewest == most else f"{fewest} to {most or 'any number of'}"
+            self.fail(node, f"{name}() takes {expected} argument(s), got {count}")
+        if name == "Piecewise":
+            return self.piecewise(node)
+        return function.build(*(self.build(a) for a in node.args))
+
+    def piecewise(self, node):
+        branches = []
+        for arg in node.args:
+            branch = self.build(arg, allow_tuple=True)
+            if not (isinstance(branch, tuple) and len(branch) == 2):
+                self.fail(arg, "each Piecewise branch is a pair (expr, condition)")
+            branches.append(branch)
+        if branches[-1][1] is not sp.true:
+            self.fail(node.args[-1], "the last Piecewise branch must be (expr, True), the otherwise case")
+        return sp.Piecewise(*branches)
+
+
+def _suggest(name, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_expression(text: str, names: dict[str, sp.Expr], path="<string>", where="expr") -> sp.Expr:
+    """Parse ``text`` (SymPy syntax) into a SymPy expression over ``names``, by whitelist."""
+    if not isinstance(text, str):
+        raise SpecError(path, where, f"expected an expression string, got {type(text).__name__}")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as error:
+        raise SpecError(path, where, f"syntax error: {error.msg}", error.offset) from None
+    return _ExpressionBuilder(path, where, names).build(tree.body)
+
+
+# --- spec files ----------------------------------------------------------------------------
+
+def _check_identifier(path, where: str, name: str, kind: str):
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SpecError(path, where, f"{kind} name {name!r} is not a valid identifier")
+    problem = None
+    if keyword.iskeyword(name):
+        problem = "is a Python keyword"
+    elif name.startswith("_"):
+        problem = "starts with an underscore (reserved for generated code)"
+    elif name in GENERATED_IDENTIFIERS:
+        problem = "would shadow an identifier of the generated code"
+    elif name in FUNCTIONS or name in CONSTANTS:
+        problem = "is a function or constant of the spec language"
+    elif hasattr(builtins, name):
+        problem = "would shadow a Python builtin used by the generated code"
+    if problem:
+        raise SpecError(path, where, f"{kind} name '{name}' {problem}; choose another name")
+
+
+def _check_keys(path, where: str, table, allowed: set):
+    if not isinstance(table, dict):
+        raise SpecError(path, where, f"expected a table, got {type(table).__name__}")
+    for key in table:
+        if key not in allowed:
+            raise SpecError(path, f"{where}.{key}" if where else key,
+                            f"unknown key '{key}'{_suggest(key, allowed)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _string(path, where, value, required=True) -> str:
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise SpecError(path, where, "expected a non-empty string")
+    return value
+
+
+def _domain(path, where, value, default: str) -> str:
+    value = default if value is None else value
+    if value not in DOMAINS:
+        raise SpecError(path, where, f"unknown domain {value!r}{_suggest(str(value), DOMAINS)}; "
+                                     f"known: {domain_names()}")
+    return value
+
+
+def load_spec(path) -> LossSpec:
+    """Read and validate one spec file; raise :class:`SpecError` on any problem."""
+    path = Path(path)
+    raw = path.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise SpecError(path, "TOML", str(error)) from None
+    return spec_from_dict(data, path, source_hash=hashlib.sha256(raw).hexdigest())
+
+
+def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
+    path = Path(path)
+    _check_keys(path, "", data, TOP_LEVEL_KEYS)
+    for required in ("name", "inputs", "loss"):
+        if required not in data:
+            raise SpecError(path, required, "missing required key")
+    name = data["name"]
+    _check_identifier(path, "name", name, "loss")
+    if path.suffix == ".toml" and path.stem != name:
+        raise SpecError(path, "name", f"loss name '{name}' must match the file name '{path.stem}.toml'")
+
+    symbols: dict[str, sp.Symbol] = {}
+    inputs = []
+    _check_keys(path, "inputs", data["inputs"], set(data["inputs"]))
+    for input_name, entry in data["inputs"].items():
+        where = f"[inputs] {input_name}"
+        _check_identifier(path, where, input_name, "input")
+        _check_keys(path, where, entry, INPUT_KEYS)
+        role = entry.get("role")
+        if role not in ROLES:
+            raise SpecError(path, f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        domain = _domain(path, f"{where}.domain", entry.get("domain"), "real")
+        inputs.append(Input(input_name, role, domain, _string(path, f"{where}.doc", entry.get("doc"), False)))
+        symbols[input_name] = sp.Symbol(input_name, **DOMAINS[domain].assumptions)
+    if not any(i.role == "prediction" for i in inputs):
+        raise SpecError(path, "[inputs]", "declare at least one input with role = \"prediction\"")
+
+    params = []
+    param_table = data.get("params", {})
+    _check_keys(path, "params", param_table, set(param_table))
+    for param_name, entry in param_table.items():
+        where = f"[params] {param_name}"
+        _check_identifier(path, where, param_name, "parameter")
+        if param_name in symbols:
+            raise SpecError(path, where, f"'{param_name}' is already declared as an input")
+        _check_keys(path, where, entry, PARAM_KEYS)
+        default = entry.get("default")
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            raise SpecError(path, f"{where}.default", f"expected a number, got {default!r}")
+        domain = _domain(path, f"{where}.domain", entry.get("domain"), "real")
+        if not DOMAINS[domain].contains(float(default)):
+            raise SpecError(path, f"{where}.default",
+                            f"default {default!r} is outside the domain '{domain}' ({DOMAINS[domain].text})")
+        params.append(Param(param_name, float(default), domain, _string(path, f"{where}.doc", entry.get("doc"), False)))
+        symbols[param_name] = sp.Symbol(param_name, **DOMAINS[domain].assumptions)
+
+    names: dict[str, sp.Expr] = dict(symbols)
+    lets = []
+    let_table = data.get("let", {})
+    _check_keys(path, "let", let_table, set(let_table))
+    for let_name, text in let_table.items():
+        where = f"[let] {let_name}"
+        _check_identifier(path, where, let_name, "let")
+        if let_name in names:
+            raise SpecError(path, where, f"'{let_name}' is already declared")
+        value = parse_expression(text, names, path, where)
+        if isinstance(value, sp.logic.boolalg.Boolean):
+            raise SpecError(path, where, "a let binding must be a number, not a condition")
+        names[let_name] = value
+        lets.append((let_name, value))
+
+    _check_keys(path, "loss", data["loss"], LOSS_KEYS)
+    if "expr" not in data["loss"]:
+        raise SpecError(path, "[loss] expr", "missing required key")
+    loss = parse_expression(data["loss"]["expr"], names, path, "[loss] expr")
+    if isinstance(loss, sp.logic.boolalg.Boolean):
+        raise SpecError(path, "[loss] expr", "the loss must be a number, not a condition")
+    used = loss.free_symbols
+    for p in (i for i in inputs if i.role == "prediction"):
+        if symbols[p.name] not in used:
+            raise SpecError(path, "[loss] expr", f"the loss does not depend on the prediction '{p.name}'")
+
+    references = data.get("references", [])
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise SpecError(path, "references", "expected a list of strings")
+    return LossSpec(
+        name=name,
+        title=_string(path, "title", data.get("title", name)),
+        summary=_string(path, "summary", data.get("summary"), required=False),
+        family=path.parent.name,
+        path=str(path),
+        references=tuple(references),
+        notes=_string(path, "notes", data.get("notes"), required=False),
+        inputs=tuple(inputs),
+        params=tuple(params),
+        symbols=symbols,
+        lets=tuple(lets),
+        loss=loss,
+        source_hash=source_hash,
+    )
+
+
+def find_spec_files(folder) -> list[Path]:
+    """Spec files under ``folder`` (``<family>/<name>.toml``), in a stable order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"spec folder {folder} does not exist")
+    return sorted(folder.rglob("*.toml"), key=lambda p: p.relative_to(folder).as_posix())
+
+
+def load_specs(folder) -> list[LossSpec]:
+    """Load every spec under ``folder``; loss names must be unique."""
+    specs, seen = [], {}
+    for path in find_spec_files(folder):
+        spec = load_spec(path)
+        if spec.name in seen:
+            raise SpecError(path, "name", f"duplicate loss name '{spec.name}', also defined in {seen[spec.name]}")
+        seen[spec.name] = path
+        specs.append(spec)
+    return specs

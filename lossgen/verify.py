@@ -1,0 +1,339 @@
+"""Stage 5, verify: generated kernels against the symbolic truth, in high precision.
+
+The truth is the spec's loss and its derivatives *before* stabilisation, evaluated by
+mpmath at 50 significant digits or more (precision is doubled until two evaluations agree),
+so a rewrite rule that changes a value is caught. The derivation itself is checked against
+central finite differences of the loss, computed by ``mpmath.diff`` in high precision.
+
+Points: random values per input domain, plus points at, next to (one ulp) and near every
+kink of the loss. On a point within rounding distance of a discontinuity (a Hessian jump
+at |r| = delta, say) a kernel may take either side: there it must match the truth at the
+point or at one of its neighbouring floats.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import mpmath
+import numpy as np
+import sympy as sp
+
+from .derive import KERNELS, Derivation, kink_expressions
+from .domains import DOMAINS
+from .vocabulary import MPMATH_IMPLEMENTATIONS
+
+DIGITS = 50                  # working precision of the truth, in decimal digits
+RELATIVE_TOLERANCE = 1e-12   # kernel vs truth, where the truth is a normal float64
+SMALLEST_NORMAL = np.finfo(np.float64).tiny
+LARGEST = np.finfo(np.float64).max
+
+
+# --- truth -------------------------------------------------------------------------------
+
+def mp_function(expr: sp.Expr, arguments: list[sp.Symbol]):
+    """``expr`` as a Python function of mpmath numbers."""
+    return sp.lambdify(arguments, expr, modules=[MPMATH_IMPLEMENTATIONS, "mpmath"])
+
+
+def evaluate(function, values, digits: int = DIGITS):
+    """``function(*values)`` in mpmath, with precision raised until two evaluations agree.
+
+    Returns an mpf, or None where the value is not a finite real (nan, inf, complex).
+    """
+    previous = None
+    for dps in (digits, 2 * digits, 4 * digits, 8 * digits, 16 * digits):
+        with mpmath.workdps(dps):
+            try:
+                value = function(*[mpmath.mpf(float(v)) for v in values])
+            except (ZeroDivisionError, ValueError, OverflowError):
+                return None
+            if isinstance(value, bool) or not isinstance(value, mpmath.mpf):
+                value = mpmath.mpmathify(value)
+            if not isinstance(value, mpmath.mpf) or not mpmath.isfinite(value):
+                return None
+            if previous is not None and abs(value - previous) <= abs(value) * mpmath.mpf(10) ** (-digits // 2 - 10):
+                return value
+            previous = value
+    return previous
+
+
+def relative_error(computed: float, truth) -> float:
+    """|computed - truth| / |truth|; against a truth below the smallest normal float64, the
+    absolute error in units of that smallest normal."""
+    if not math.isfinite(computed):
+        return math.inf
+    scale = max(abs(truth), SMALLEST_NORMAL)
+    return float(abs(mpmath.mpf(computed) - truth) / scale)
+
+
+# --- points ------------------------------------------------------------------------------
+
+def _sample_domain(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    d = DOMAINS[domain]
+    if d.values:
+        return rng.choice(np.array(d.values), size=n)
+    if d.low == -math.inf:   # real line: unit scale, wider scale, and magnitudes 1e-6 .. 1e2
+        parts = [rng.normal(0, 1, n), rng.normal(0, 10, n),
+                 rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-6, 2, n)]
+        pick = rng.integers(0, 3, n)
+        return np.choose(pick, parts)
+    if d.high == math.inf:   # half line
+        values = 10.0 ** rng.uniform(-6, 3, n)
+        if d.low_closed:
+            values[rng.random(n) < 0.05] = 0.0
+        return values
+    values = rng.uniform(d.low, d.high, n)  # bounded interval
+    if d.low_closed:
+        values[rng.random(n) < 0.05] = d.low
+    if d.high_closed:
+        values[rng.random(n) < 0.05] = d.high
+    return values
+
+
+def parameter_sets(derivation: Derivation) -> list[dict[str, float]]:
+    """The spec's defaults, and a second set of values inside each domain."""
+    defaults = {p.name: p.default for p in derivation.spec.params}
+    if not defaults:
+        return [defaults]
+    other = {}
+    for p in derivation.spec.params:
+        d = DOMAINS[p.domain]
+        candidates = [p.default * 2.5, p.default + 1.5, 0.25, 0.75, 0.5] if not d.values else list(d.values)
+        other[p.name] = next(c for c in candidates if d.contains(c) and c != p.default)
+    return [defaults, other]
+
+
+@dataclass
+class Points:
+    """Evaluation points: input name -> float64 array; ``near_kink`` marks kink points."""
+
+    values: dict[str, np.ndarray]
+    near_kink: np.ndarray = field(default=None)
+
+    def __len__(self):
+        return len(self.near_kink)
+
+
+def sample_points(derivation: Derivation, params: dict[str, float], n: int = 200, seed: int = 0) -> Points:
+    spec = derivation.spec
+    rng = np.random.default_rng(seed)
+    values = {i.name: _sample_domain(i.domain, n, rng) for i in spec.inputs}
+    kink_values = _kink_points(derivation, params, values, rng)
+    merged = {k: np.concatenate([values[k], kink_values[k]]) for k in values}
+    near = np.concatenate([np.zeros(n, bool), np.ones(len(next(iter(kink_values.values()))), bool)])
+    return Points(merged, near)
+
+
+def _kink_points(derivation, params, base, rng, bases: int = 12) -> dict[str, np.ndarray]:
+    """For each kink and prediction p: solve kink(p) = 0 at a few base points, and take the
+    solution, its float neighbours, and points 1e-8 and 1e-3 (relative) away."""
+    spec = derivation.spec
+    symbols = spec.symbols
+    out = {name: [] for name in base}
+    parameter_values = {symbols[k]: v for k, v in params.items()}
+    for kink in kink_expressions(derivation):
+        for prediction in spec.predictions:
+            p = symbols[prediction.name]
+            if p not in kink.free_symbols:
+                continue
+            try:
+                solutions = sp.solve(kink.subs(parameter_values), p)
+            except (NotImplementedError, ValueError, TypeError):
+                continue
+            for solution in solutions:
+                rest = sorted(solution.free_symbols, key=str)
+                f = sp.lambdify(rest, solution, modules="math")
+                for j in rng.choice(len(base[prediction.name]), size=bases, replace=False):
+                    try:
+                        at = float(f(*[base[s.name][j] for s in rest]))
+                    except (ValueError, TypeError, OverflowError, ZeroDivisionError):
+                        continue
+                    if not math.isfinite(at) or not DOMAINS[prediction.domain].contains(at):
+                        continue
+                    step = max(abs(at), 1.0)
+                    for q in (at, np.nextafter(at, -np.inf), np.nextafter(at, np.inf),
+                              at - 1e-8 * step, at + 1e-8 * step, at - 1e-3 * step, at + 1e-3 * step):
+                        if DOMAINS[prediction.domain].contains(q):
+                            for name in out:
+                                out[name].append(q if name == prediction.name else base[name][j])
+    return {k: np.array(v, dtype=np.float64) for k, v in out.items()}
+
+
+# --- checks ------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One line of the accuracy report."""
+
+    loss: str
+    output: str
+    points: int
+    max_error: float
+    worst: dict
+    spurious_nonfinite: int  # kernel nan/inf where the truth is a finite float64
+
+    def ok(self, tolerance: float = RELATIVE_TOLERANCE) -> bool:
+        return self.max_error <= tolerance and self.spurious_nonfinite == 0
+
+
+def truth_functions(derivation: Derivation) -> dict[str, object]:
+    """name of each quantity ('loss', 'grad[p]', 'hess[p]') -> mpmath function of all arguments."""
+    spec = derivation.spec
+    arguments = [spec.symbols[name] for name in spec.arguments]
+    functions = {"loss": mp_function(derivation.loss, arguments)}
+    for prediction, g, h in zip(spec.predictions, derivation.grad, derivation.hess):
+        functions[f"grad[{prediction.name}]"] = mp_function(g, arguments)
+        functions[f"hess[{prediction.name}]"] = mp_function(h, arguments)
+    return functions
+
+
+def kernel_outputs(loss, points: Points, params: dict[str, float]) -> dict[str, list[np.ndarray]]:
+    """Run every kernel of ``loss``; quantity name -> the arrays computed for it."""
+    arrays = [points.values[name] for name in loss.inputs]
+    names = {"loss": ["loss"], "grad": [f"grad[{p}]" for p in loss.predictions],
+             "hess": [f"hess[{p}]" for p in loss.predictions]}
+    results: dict[str, list[np.ndarray]] = {}
+    for kernel, quantities in KERNELS.items():
+        if kernel == "loss":
+            outs = [loss.loss(*arrays, reduction="none", **params)]
+        else:
+            outs = getattr(loss, kernel)(*arrays, **params)
+            outs = _flatten(outs if isinstance(outs, tuple) else (outs,))
+        labels = [label for q in quantities for label in names[q]]
+        for label, out in zip(labels, outs):
+            results.setdefault(label, []).append(np.asarray(out, dtype=np.float64))
+    return results
+
+
+def _flatten(items):
+    flat = []
+    for item in items:
+        flat.extend(item if isinstance(item, tuple) else (item,))
+    return flat
+
+
+def check_kernels(loss, derivation: Derivation, points: Points, params: dict[str, float]) -> list[Row]:
+    """Each kernel output against the truth, with the error measures of :class:`Row`."""
+    spec = derivation.spec
+    truths = truth_functions(derivation)
+    computed = kernel_outputs(loss, points, params)
+    prediction_names = [p.name for p in spec.predictions]
+    rows = []
+    for quantity, function in truths.items():
+        worst, worst_point, spurious = 0.0, {}, 0
+        for j in range(len(points)):
+            args = [points.values[name][j] if name in points.values else params[name] for name in spec.arguments]
+            truth = evaluate(function, args)
+            alternatives = []
+            if points.near_kink[j]:
+                alternatives = _one_ulp_neighbours(function, spec.arguments, args, prediction_names)
+            for outputs in computed[quantity]:
+                value = float(outputs[j])
+                if truth is None or abs(truth) > LARGEST:
+                    continue  # no finite float64 truth to compare with
+                if not math.isfinite(value):
+                    spurious += 1
+                    error = math.inf
+                else:
+                    error = min([relative_error(value, truth)] +
+                                [relative_error(value, t) for t in alternatives if t is not None])
+                if error > worst or (error == worst == math.inf and not worst_point):
+                    worst, worst_point = error, dict(zip(spec.arguments, args))
+        rows.append(Row(spec.name, quantity, len(points), worst, worst_point, spurious))
+    return rows
+
+
+def _one_ulp_neighbours(function, argument_names, args, prediction_names):
+    """The truth at the neighbouring floats of each prediction, for points at a discontinuity."""
+    values = []
+    for name in prediction_names:
+        k = argument_names.index(name)
+        for direction in (-np.inf, np.inf):
+            shifted = list(args)
+            shifted[k] = float(np.nextafter(args[k], direction))
+            values.append(evaluate(function, shifted))
+    return values
+
+
+def check_derivatives(derivation: Derivation, points: Points, params: dict[str, float],
+                      kink_distance: float = 1e-6) -> list[Row]:
+    """Symbolic gradient and Hessian against high-precision central differences of the loss
+    (the Hessian: of the loss, second order), at points away from every kink."""
+    spec = derivation.spec
+    arguments = [spec.symbols[name] for name in spec.arguments]
+    loss = mp_function(derivation.loss, arguments)
+    kinks = [mp_function(k, arguments) for k in kink_expressions(derivation)]
+    truths = truth_functions(derivation)
+    rows = []
+    for k, prediction in enumerate(spec.predictions):
+        index = spec.arguments.index(prediction.name)
+        worst = {"grad": (0.0, {}), "hess": (0.0, {})}
+        checked = 0
+        for j in np.flatnonzero(~points.near_kink):
+            args = [points.values[name][j] if name in points.values else params[name] for name in spec.arguments]
+            with mpmath.workdps(DIGITS):
+                mp_args = [mpmath.mpf(float(a)) for a in args]
+                if any(abs(kink(*mp_args)) < kink_distance for kink in kinks):
+                    continue
+                try:
+                    value = loss(*mp_args)
+                except (ZeroDivisionError, ValueError):
+                    continue
+                if not mpmath.isfinite(value) or abs(value) > LARGEST:
+                    continue
+
+                def along(t):
+                    shifted = list(mp_args)
+                    shifted[index] = t
+                    return loss(*shifted)
+
+                checked += 1
+                for order, name in ((1, "grad"), (2, "hess")):
+                    numeric = mpmath.diff(along, mp_args[index], order)
+                    symbolic = truths[f"{name}[{prediction.name}]"](*mp_args)
+                    scale = max(abs(numeric), mpmath.mpf(1e-30))
+                    error = float(abs(symbolic - numeric) / scale)
+                    if error > worst[name][0]:
+                        worst[name] = (error, dict(zip(spec.arguments, args)))
+        for name in ("grad", "hess"):
+            error, point = worst[name]
+            rows.append(Row(spec.name, f"{name}[{prediction.name}] vs finite differences", checked, error, point, 0))
+    return rows
+
+
+def verify_loss(loss, derivation: Derivation, n: int = 200, seed: int = 0) -> list[Row]:
+    """Every kernel of ``loss`` against the truth, for each parameter set."""
+    rows = []
+    for params in parameter_sets(derivation):
+        points = sample_points(derivation, params, n=n, seed=seed)
+        rows.extend(check_kernels(loss, derivation, points, params))
+    return _merge(rows)
+
+
+def _merge(rows: list[Row]) -> list[Row]:
+    """Combine rows of the same (loss, output) over parameter sets: worst error, total points."""
+    merged: dict[tuple, Row] = {}
+    for row in rows:
+        key = (row.loss, row.output)
+        if key not in merged:
+            merged[key] = row
+            continue
+        m = merged[key]
+        if row.max_error > m.max_error:
+            m.max_error, m.worst = row.max_error, row.worst
+        m.points += row.points
+        m.spurious_nonfinite += row.spurious_nonfinite
+    return list(merged.values())
+
+
+def format_report(rows: list[Row], tolerance: float = RELATIVE_TOLERANCE) -> str:
+    """The accuracy table printed by ``lossgen verify``."""
+    header = f"{'loss':<22} {'output':<16} {'points':>6} {'max rel err':>11} {'nan/inf':>7}  worst point"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        worst = ", ".join(f"{k}={v:.17g}" for k, v in row.worst.items()) if row.max_error > 0 else "-"
+        flag = "" if row.ok(tolerance) else "  FAIL"
+        lines.append(f"{row.loss:<22} {row.output:<16} {row.points:>6} {row.max_error:>11.2e} "
+                     f"{row.spurious_nonfinite:>7}  {worst}{flag}")
+    return "\n".join(lines)

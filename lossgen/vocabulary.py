@@ -1,0 +1,132 @@
+"""The vocabulary shared by every stage: which functions a spec may call, and what they mean.
+
+A spec expression is parsed against ``FUNCTIONS`` (spec name -> SymPy builder); the
+verification stage evaluates the same SymPy classes with ``MPMATH_IMPLEMENTATIONS``; the
+Numba emitter prints them through its own table. A function that SymPy lacks (sigmoid,
+softplus, logcosh) is a ``sympy.Function`` subclass here, with its derivative, so that
+derivatives stay in the same compact vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mpmath
+import sympy as sp
+from sympy.codegen.cfunctions import expm1, hypot, log1p
+
+
+class sigmoid(sp.Function):
+    """Logistic function 1 / (1 + exp(-x)); sigmoid'(x) = sigmoid(x) sigmoid(-x)."""
+
+    def fdiff(self, argindex=1):
+        x = self.args[0]
+        return sigmoid(x) * sigmoid(-x)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return 1 / (1 + sp.exp(-x))
+
+
+class softplus(sp.Function):
+    """softplus(x) = log(1 + exp(x)); softplus'(x) = sigmoid(x)."""
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_exp(self, x, **kwargs):
+        return sp.log(1 + sp.exp(x))
+
+
+class logcosh(sp.Function):
+    """logcosh(x) = log(cosh(x)), evaluated without overflow or cancellation; logcosh' = tanh."""
+
+    def fdiff(self, argindex=1):
+        return sp.tanh(self.args[0])
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_nonnegative(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_cosh(self, x, **kwargs):
+        return sp.log(sp.cosh(x))
+
+
+def _clip(x, low, high):
+    """clip(x, low, high) = Min(Max(x, low), high), as numpy.clip."""
+    return sp.Min(sp.Max(x, low), high)
+
+
+def _relu(x):
+    return sp.Max(x, 0)
+
+
+@dataclass(frozen=True)
+class SpecFunction:
+    """One callable name of the spec language."""
+
+    build: Callable[..., sp.Expr]
+    arity: tuple[int, int | None]  # (fewest, most) arguments; None: no upper bound
+    meaning: str
+
+
+# The whole whitelist: a spec may call these and nothing else.
+FUNCTIONS: dict[str, SpecFunction] = {
+    "Abs": SpecFunction(sp.Abs, (1, 1), "absolute value |x|"),
+    "sign": SpecFunction(sp.sign, (1, 1), "sign of x, with sign(0) = 0"),
+    "Heaviside": SpecFunction(sp.Heaviside, (1, 2), "step function, Heaviside(0) = 1/2 unless given"),
+    "Max": SpecFunction(sp.Max, (2, None), "largest argument"),
+    "Min": SpecFunction(sp.Min, (2, None), "smallest argument"),
+    "clip": SpecFunction(_clip, (3, 3), "clip(x, low, high) = Min(Max(x, low), high)"),
+    "relu": SpecFunction(_relu, (1, 1), "Max(x, 0)"),
+    "Piecewise": SpecFunction(sp.Piecewise, (1, None), "Piecewise((expr, cond), ..., (expr, True))"),
+    "exp": SpecFunction(sp.exp, (1, 1), "exponential"),
+    "log": SpecFunction(sp.log, (1, 1), "natural logarithm"),
+    "log1p": SpecFunction(log1p, (1, 1), "log(1 + x), accurate for small x"),
+    "expm1": SpecFunction(expm1, (1, 1), "exp(x) - 1, accurate for small x"),
+    "sqrt": SpecFunction(sp.sqrt, (1, 1), "square root"),
+    "hypot": SpecFunction(hypot, (2, 2), "sqrt(x**2 + y**2) without overflow"),
+    "sin": SpecFunction(sp.sin, (1, 1), "sine"),
+    "cos": SpecFunction(sp.cos, (1, 1), "cosine"),
+    "tan": SpecFunction(sp.tan, (1, 1), "tangent"),
+    "asin": SpecFunction(sp.asin, (1, 1), "inverse sine"),
+    "acos": SpecFunction(sp.acos, (1, 1), "inverse cosine"),
+    "atan": SpecFunction(sp.atan, (1, 1), "inverse tangent"),
+    "sinh": SpecFunction(sp.sinh, (1, 1), "hyperbolic sine"),
+    "cosh": SpecFunction(sp.cosh, (1, 1), "hyperbolic cosine"),
+    "tanh": SpecFunction(sp.tanh, (1, 1), "hyperbolic tangent"),
+    "asinh": SpecFunction(sp.asinh, (1, 1), "inverse hyperbolic sine"),
+    "erf": SpecFunction(sp.erf, (1, 1), "error function"),
+    "erfc": SpecFunction(sp.erfc, (1, 1), "complementary error function"),
+    "sigmoid": SpecFunction(sigmoid, (1, 1), "logistic function 1/(1 + exp(-x))"),
+    "softplus": SpecFunction(softplus, (1, 1), "log(1 + exp(x)) without overflow"),
+    "logcosh": SpecFunction(logcosh, (1, 1), "log(cosh(x)) without overflow"),
+}
+
+CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "E": sp.E}
+
+# Reference implementations for high-precision evaluation (verification stage). Keys are the
+# names SymPy's printers use for these classes.
+MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
+    "sigmoid": lambda x: 1 / (1 + mpmath.exp(-x)),
+    "softplus": lambda x: mpmath.log1p(mpmath.exp(x)),
+    "logcosh": lambda x: mpmath.log(mpmath.cosh(x)),
+    "log1p": mpmath.log1p,
+    "expm1": mpmath.expm1,
+    "hypot": mpmath.hypot,
+    "Heaviside": lambda x, h0=mpmath.mpf(0.5): (mpmath.mpf(1) if x > 0 else (mpmath.mpf(0) if x < 0 else h0)),
+    "sign": mpmath.sign,
+}
