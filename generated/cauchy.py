@@ -46,7 +46,7 @@ def loss_scalar(y, p, delta):
 def grad_scalar(y, p, delta):
     """grad of one element."""
     _t0 = p - y
-    return 2*_t0/(_t0**2/delta**2 + 1)
+    return 2.0*_t0/(_t0**2/delta**2 + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -54,7 +54,7 @@ def hess_scalar(y, p, delta):
     """hess of one element."""
     _t0 = delta**2
     _t1 = (p - y)**2
-    return 2*_t0*(_t0 - _t1)/(_t0 + _t1)**2
+    return 2.0*_t0*(_t0 - _t1)/(_t0 + _t1)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -63,7 +63,7 @@ def grad_hess_scalar(y, p, delta):
     _t0 = p - y
     _t1 = delta**2
     _t2 = _t0**2
-    return 2*_t0/(1 + _t2/_t1), 2*_t1*(_t1 - _t2)/(_t1 + _t2)**2
+    return 2.0*_t0/(1.0 + _t2/_t1), 2.0*_t1*(_t1 - _t2)/(_t1 + _t2)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -73,7 +73,7 @@ def loss_grad_hess_scalar(y, p, delta):
     _t1 = p - y
     _t2 = _t1**2
     _t3 = _t2/_t0
-    return _t0*math.log1p(_t3), 2*_t1/(_t3 + 1), 2*_t0*(_t0 - _t2)/(_t0 + _t2)**2
+    return _t0*math.log1p(_t3), 2.0*_t1/(_t3 + 1.0), 2.0*_t0*(_t0 - _t2)/(_t0 + _t2)**2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

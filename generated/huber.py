@@ -63,7 +63,7 @@ def grad_scalar(y, p, delta):
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p, delta):
     """hess of one element."""
-    return ((1) if (delta > abs(p - y)) else (0))
+    return ((1.0) if (delta > abs(p - y)) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -71,7 +71,7 @@ def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
     _t0 = p - y
     _t1 = (delta > abs(_t0))
-    return ((_t0) if _t1 else (delta*_sign(_t0))), ((1) if _t1 else (0))
+    return ((_t0) if _t1 else (delta*_sign(_t0))), ((1.0) if _t1 else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -80,7 +80,7 @@ def loss_grad_hess_scalar(y, p, delta):
     _t0 = p - y
     _t1 = abs(_t0)
     _t2 = (delta > _t1)
-    return (((1/2)*_t0**2) if _t2 else (delta*(_t1 - 1/2*delta))), ((_t0) if _t2 else (delta*_sign(_t0))), ((1) if _t2 else (0))
+    return (((1/2)*_t0**2) if _t2 else (delta*(_t1 - 1/2*delta))), ((_t0) if _t2 else (delta*_sign(_t0))), ((1.0) if _t2 else (0.0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

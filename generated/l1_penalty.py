@@ -59,19 +59,19 @@ def grad_scalar(w, lambda1):
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(w, lambda1):
     """hess of one element."""
-    return 0
+    return 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(w, lambda1):
     """grad, hess of one element."""
-    return lambda1*_sign(w), 0
+    return lambda1*_sign(w), 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(w, lambda1):
     """loss, grad, hess of one element."""
-    return lambda1*abs(w), lambda1*_sign(w), 0
+    return lambda1*abs(w), lambda1*_sign(w), 0.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

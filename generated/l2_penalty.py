@@ -43,26 +43,26 @@ def loss_scalar(w, lambda2):
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(w, lambda2):
     """grad of one element."""
-    return 2*lambda2*w
+    return 2.0*lambda2*w
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(w, lambda2):
     """hess of one element."""
-    return 2*lambda2
+    return 2.0*lambda2
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(w, lambda2):
     """grad, hess of one element."""
-    _t0 = 2*lambda2
+    _t0 = 2.0*lambda2
     return _t0*w, _t0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(w, lambda2):
     """loss, grad, hess of one element."""
-    _t0 = 2*lambda2
+    _t0 = 2.0*lambda2
     return lambda2*w**2, _t0*w, _t0
 
 

@@ -59,20 +59,20 @@ def grad_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p):
     """hess of one element."""
-    return 0
+    return 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
-    return _sign(p - y), 0
+    return _sign(p - y), 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     _t0 = p - y
-    return abs(_t0), _sign(_t0), 0
+    return abs(_t0), _sign(_t0), 0.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

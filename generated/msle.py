@@ -42,22 +42,22 @@ def loss_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p):
     """grad of one element."""
-    return 2*(math.log1p(p) - math.log1p(y))/(p + 1)
+    return 2.0*(math.log1p(p) - math.log1p(y))/(p + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p):
     """hess of one element."""
-    return 2*(-math.log1p(p) + math.log1p(y) + 1)/(p + 1)**2
+    return 2.0*(-math.log1p(p) + math.log1p(y) + 1.0)/(p + 1.0)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
-    _t0 = p + 1
+    _t0 = p + 1.0
     _t1 = math.log1p(p)
     _t2 = math.log1p(y)
-    return 2*(_t1 - _t2)/_t0, 2*(-_t1 + _t2 + 1)/_t0**2
+    return 2.0*(_t1 - _t2)/_t0, 2.0*(-_t1 + _t2 + 1.0)/_t0**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -66,8 +66,8 @@ def loss_grad_hess_scalar(y, p):
     _t0 = math.log1p(p)
     _t1 = math.log1p(y)
     _t2 = _t0 - _t1
-    _t3 = p + 1
-    return _t2**2, 2*_t2/_t3, 2*(-_t0 + _t1 + 1)/_t3**2
+    _t3 = p + 1.0
+    return _t2**2, 2.0*_t2/_t3, 2.0*(-_t0 + _t1 + 1.0)/_t3**2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

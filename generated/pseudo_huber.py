@@ -39,14 +39,14 @@ SPEC = {
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = (p - y)**2
-    return _t0/(math.sqrt(_t0/delta**2 + 1) + 1)
+    return _t0/(math.sqrt(_t0/delta**2 + 1.0) + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, delta):
     """grad of one element."""
     _t0 = p - y
-    return _t0/math.sqrt(_t0**2/delta**2 + 1)
+    return _t0/math.sqrt(_t0**2/delta**2 + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -59,7 +59,7 @@ def hess_scalar(y, p, delta):
 def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
     _t0 = p - y
-    return _t0/math.sqrt(_t0**2/delta**2 + 1), delta**3/math.hypot(delta, abs(_t0))**3
+    return _t0/math.sqrt(_t0**2/delta**2 + 1.0), delta**3/math.hypot(delta, abs(_t0))**3
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -67,8 +67,8 @@ def loss_grad_hess_scalar(y, p, delta):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = _t0**2
-    _t2 = math.sqrt(_t1/delta**2 + 1)
-    return _t1/(_t2 + 1), _t0/_t2, delta**3/math.hypot(delta, abs(_t0))**3
+    _t2 = math.sqrt(_t1/delta**2 + 1.0)
+    return _t1/(_t2 + 1.0), _t0/_t2, delta**3/math.hypot(delta, abs(_t0))**3
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -50,27 +50,27 @@ def _heaviside(x, at_zero):
 def loss_scalar(y, p, tau):
     """loss of one element."""
     _t0 = -p + y
-    return max(_t0*tau, _t0*(tau - 1))
+    return max(_t0*tau, _t0*(tau - 1.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, tau):
     """grad of one element."""
     _t0 = p - y
-    return -tau*_heaviside(-_t0, 1/2) + (1 - tau)*_heaviside(_t0, 1/2)
+    return -tau*_heaviside(-_t0, 1/2) + (1.0 - tau)*_heaviside(_t0, 1/2)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p, tau):
     """hess of one element."""
-    return 0
+    return 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p, tau):
     """grad, hess of one element."""
     _t0 = p - y
-    return -tau*_heaviside(-_t0, 1/2) + (1 - tau)*_heaviside(_t0, 1/2), 0
+    return -tau*_heaviside(-_t0, 1/2) + (1.0 - tau)*_heaviside(_t0, 1/2), 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -78,8 +78,8 @@ def loss_grad_hess_scalar(y, p, tau):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = -_t0
-    _t2 = tau - 1
-    return max(_t1*_t2, _t1*tau), -_t2*_heaviside(_t0, 1/2) - tau*_heaviside(_t1, 1/2), 0
+    _t2 = tau - 1.0
+    return max(_t1*_t2, _t1*tau), -_t2*_heaviside(_t0, 1/2) - tau*_heaviside(_t1, 1/2), 0.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -104,4 +104,7 @@ def kink_expressions(derivation: Derivation) -> list[sp.Expr]:
                 found.update(a - b for i, a in enumerate(args) for b in args[i + 1:])
             elif isinstance(node, sp.core.relational.Relational):
                 found.add(node.lhs - node.rhs)
+    # k and -k vanish at the same points: keep one of them
+    found = {sp.factor_terms(sp.expand(k)) for k in found}
+    found = {-k if k.could_extract_minus_sign() else k for k in found}
     return sorted((k for k in found if k.free_symbols & predictions), key=sp.default_sort_key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jinja2
 import sympy as sp
+from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from .derive import KERNELS, Derivation
@@ -34,6 +35,16 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_Float(self, expr):
         return repr(float(expr))
+
+    def _print_Integer(self, expr):
+        return f"{int(expr)}.0"  # kernels return floats, also where a branch is a constant
+
+    def _print_Pow(self, expr, rational=False):
+        # integer exponents stay integers: Numba turns x**2 into x*x, x**2.0 into pow()
+        if expr.exp.is_Integer and expr.exp not in (-1, 0, 1):
+            base = self.parenthesize(expr.base, precedence(expr), strict=True)
+            return f"{base}**{int(expr.exp)}" if expr.exp > 0 else f"{base}**({int(expr.exp)})"
+        return super()._print_Pow(expr, rational)
 
     def _print_helper(self, expr):
         helper = HELPERS[type(expr).__name__]

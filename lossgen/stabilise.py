@@ -37,12 +37,14 @@ def _log_one_plus(e):
 
 
 def _exp_minus_one(e):
+    """c*exp(x) - c -> c*expm1(x), for a number c (so 1 - exp(-x) -> -expm1(-x))."""
     terms = _add_terms(e)
-    if terms and sp.S.NegativeOne in terms:
-        exps = [t for t in terms if isinstance(t, sp.exp)]
-        if exps:
-            rest = [t for t in terms if t is not exps[0] and t != sp.S.NegativeOne]
-            return sp.Add(expm1(exps[0].args[0]), *rest)
+    if terms:
+        for t in terms:
+            c, rest = t.as_coeff_Mul()
+            if isinstance(rest, sp.exp) and -c in terms:
+                others = [u for u in terms if u is not t and u != -c]
+                return sp.Add(c * expm1(rest.args[0]), *others)
 
 
 def _log_cosh(e):
@@ -125,12 +127,17 @@ def _one_minus_sigmoid(e):
 def _log_one_plus_exp(e):
     if isinstance(e, log1p) and isinstance(e.args[0], sp.exp):
         return softplus(e.args[0].args[0])
+    if isinstance(e, sp.log) and isinstance(e.args[0], sp.Add) and len(e.args[0].args) == 2 \
+            and sp.S.One in e.args[0].args:
+        other = e.args[0] - 1
+        if isinstance(other, sp.exp):
+            return softplus(other.args[0])
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("softplus", "log(1 + exp(x))", "softplus(x)", "exp overflows for x > 709", _log_one_plus_exp),
     Rule("log1p", "log(1 + x)", "log1p(x)", "1 + x drops the digits of a small x", _log_one_plus),
-    Rule("expm1", "exp(x) - 1", "expm1(x)", "cancels to 0 for small x", _exp_minus_one),
-    Rule("softplus", "log1p(exp(x))", "softplus(x)", "exp overflows for x > 709", _log_one_plus_exp),
+    Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
     Rule("logcosh", "log(cosh(x))", "logcosh(x)", "cosh overflows for |x| > 710; log(1 + tiny) cancels", _log_cosh),
     Rule("tanh", "sinh(x)**k/cosh(x)**k", "tanh(x)**k", "sinh and cosh overflow for |x| > 710, their ratio does not", _sinh_over_cosh),
     Rule("pythagoras", "cosh(x)**2 - sinh(x)**2", "1", "two huge nearly equal terms cancel", _cosh2_minus_sinh2),

@@ -69,7 +69,8 @@ def relative_error(computed: float, truth) -> float:
 
 # --- points ------------------------------------------------------------------------------
 
-def _sample_domain(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
+def sample_domain(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random values of an input domain, spread over several orders of magnitude."""
     d = DOMAINS[domain]
     if d.values:
         return rng.choice(np.array(d.values), size=n)
@@ -118,7 +119,7 @@ class Points:
 def sample_points(derivation: Derivation, params: dict[str, float], n: int = 200, seed: int = 0) -> Points:
     spec = derivation.spec
     rng = np.random.default_rng(seed)
-    values = {i.name: _sample_domain(i.domain, n, rng) for i in spec.inputs}
+    values = {i.name: sample_domain(i.domain, n, rng) for i in spec.inputs}
     kink_values = _kink_points(derivation, params, values, rng)
     merged = {k: np.concatenate([values[k], kink_values[k]]) for k in values}
     near = np.concatenate([np.zeros(n, bool), np.ones(len(next(iter(kink_values.values()))), bool)])
@@ -308,6 +309,14 @@ def verify_loss(loss, derivation: Derivation, n: int = 200, seed: int = 0) -> li
     for params in parameter_sets(derivation):
         points = sample_points(derivation, params, n=n, seed=seed)
         rows.extend(check_kernels(loss, derivation, points, params))
+    return _merge(rows)
+
+
+def verify_derivatives(derivation: Derivation, n: int = 200, seed: int = 0) -> list[Row]:
+    """The symbolic derivatives against finite differences, for each parameter set."""
+    rows = []
+    for params in parameter_sets(derivation):
+        rows.extend(check_derivatives(derivation, sample_points(derivation, params, n=n, seed=seed), params))
     return _merge(rows)
 
 
