@@ -21,6 +21,19 @@ class Domain:
     high_closed: bool = False
     values: tuple[float, ...] = ()  # a finite set, when non-empty
 
+    @property
+    def extremes(self) -> tuple[float, ...]:
+        """The stress grid of this domain: 0, tiny, small, moderate and huge magnitudes, and
+        for probabilities the ends of [0, 1] and the values next to them."""
+        if self.values:
+            return self.values
+        if self.high == 1.0:
+            grid = (0.0, 1e-300, 1e-16, 0.5, 1 - 1e-16, 1.0)
+        else:
+            magnitudes = (1e-300, 1e-8, 1.0, 20.0, 40.0, 100.0, 700.0, 745.0, 1e10, 1e300)
+            grid = (0.0,) + magnitudes + tuple(-m for m in magnitudes)
+        return tuple(x for x in grid if self.contains(x))
+
     def contains(self, x: float) -> bool:
         if math.isnan(x):
             return False
