@@ -74,6 +74,9 @@ def cmd_new(args) -> int:
 
     path = Path(args.specs) / args.family / f"{args.name}.toml"
     try:
+        if not args.family.replace("-", "_").isidentifier():
+            raise SpecError(path, "family", f"family {args.family!r} must be a plain folder name "
+                                            "(letters, digits, '_' or '-')")
         _check_identifier(path, "name", args.name, "loss")
     except SpecError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -93,7 +96,7 @@ def cmd_verify(args) -> int:
     from .derive import derive
     from .runtime import load
     from .spec import find_spec_files, load_spec
-    from .verify import check_derivatives, format_report, parameter_sets, sample_points, verify_loss
+    from .verify import format_report, verify_derivatives, verify_loss
 
     catalog = load(args.out)
     paths = [p for p in find_spec_files(args.specs) if not args.names or p.stem in args.names]
@@ -106,10 +109,9 @@ def cmd_verify(args) -> int:
         started = time.perf_counter()
         spec = load_spec(path)
         derivation = derive(spec)
-        rows.extend(verify_loss(catalog.get(spec.name), derivation, n=args.points))
+        rows.extend(verify_loss(catalog.get(spec.name), derivation, n=args.points, stress=args.stress))
         if args.derivatives:
-            for params in parameter_sets(derivation):
-                rows.extend(check_derivatives(derivation, sample_points(derivation, params, n=args.points), params))
+            rows.extend(verify_derivatives(derivation, n=args.points))
         print(f"verified {spec.name} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     print(format_report(rows, args.tolerance))
     failed = [r for r in rows if not r.ok(args.tolerance)]
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(GENERATED_DIR), help="generated folder (default: %(default)s)")
     p.add_argument("--points", type=int, default=200, help="random points per parameter set (default: 200)")
     p.add_argument("--tolerance", type=float, default=1e-12, help="relative error bound (default: 1e-12)")
+    p.add_argument("--stress", action="store_true",
+                   help="also evaluate on the stress grid of extreme values (0, 1e-300, 745, 1e300, ...)")
     p.add_argument("--derivatives", action="store_true",
                    help="also check the symbolic derivatives against finite differences")
     args = parser.parse_args(argv)
@@ -151,3 +155,10 @@ def main(argv=None) -> int:
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # a SpecError from show or verify: file, field, column; no traceback
+        from .spec import SpecError
+
+        if not isinstance(error, SpecError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import tokenize
 from pathlib import Path
 from typing import Callable
 
@@ -56,13 +57,18 @@ def render_all(specs_dir, log: Callable[[str], None] = print) -> tuple[dict[str,
 
 
 def is_generated(path: Path) -> bool:
-    """True for a file written by lossgen (its marker is on one of its first lines)."""
+    """True for a file written by lossgen: its marker is a comment before the first line of code
+    (after the module docstring, however long that is)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            head = [next(handle, "") for _ in range(40)]
-    except (OSError, UnicodeDecodeError):
+        with open(path, "rb") as handle:
+            for token in tokenize.tokenize(handle.readline):
+                if token.type == tokenize.COMMENT and token.string.startswith(f"# {MARKER}"):
+                    return True
+                if token.type == tokenize.NAME:  # the first statement: the header is over
+                    return False
+    except (OSError, SyntaxError, tokenize.TokenError, UnicodeDecodeError):
         return False
-    return any(line.startswith(f"# {MARKER}") for line in head)
+    return False
 
 
 def compare(files: dict[str, str], out_dir: Path) -> tuple[list[str], list[str]]:
@@ -74,9 +80,16 @@ def compare(files: dict[str, str], out_dir: Path) -> tuple[list[str], list[str]]
     return stale, extra
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path: Path, text: str):
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it 0600; give it open()'s mode
         with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
             handle.write(text)
         os.replace(temporary, path)

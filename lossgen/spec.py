@@ -14,6 +14,7 @@ import hashlib
 import keyword
 import math
 import operator
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,34 +103,72 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: sp.Not}
 _COMPARE = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge, ast.Eq: sp.Eq, ast.NotEq: sp.Ne}
 _BOOL = {ast.And: sp.And, ast.Or: sp.Or}
+_NOT_FINITE = (sp.zoo, sp.oo, -sp.oo, sp.nan)
+_LARGEST_FLOAT = sys.float_info.max
+_MAX_EXACT_BITS = 10_000  # the largest exact number (numerator or denominator) a power may make
 _SYNTAX_NAMES = {ast.Attribute: "attribute access", ast.Subscript: "indexing", ast.Lambda: "lambda",
                  ast.List: "a list", ast.Dict: "a dict", ast.Set: "a set", ast.JoinedStr: "an f-string",
                  ast.IfExp: "a conditional expression (use Piecewise)", ast.Starred: "*-unpacking"}
 
 
+def _is_condition(value) -> bool:
+    """A comparison, a logical combination of them, or True/False (a Symbol is not one,
+    although SymPy lets a Symbol stand in logic)."""
+    from sympy.logic.boolalg import BooleanAtom, BooleanFunction
+    return isinstance(value, (sp.core.relational.Relational, BooleanFunction, BooleanAtom))
+
+
 class _ExpressionBuilder:
     """Turn an ``ast`` tree into SymPy, accepting only whitelisted nodes."""
 
-    def __init__(self, path, where: str, names: dict[str, sp.Expr]):
-        self.path, self.where, self.names = path, where, names
+    def __init__(self, path, where: str, names: dict[str, sp.Expr], indent: int = 0):
+        self.path, self.where, self.names, self.indent = path, where, names, indent
 
     def fail(self, node, message):
         column = getattr(node, "col_offset", None)
+        if column is not None and getattr(node, "lineno", 1) == 1:
+            column += self.indent  # columns count in the field's text, before it was stripped
         raise SpecError(self.path, self.where, message, None if column is None else column + 1)
 
+    def check_power(self, node, base, exponent):
+        """Refuse exact powers too large to compute (``9**9**9`` would hang SymPy)."""
+        if getattr(base, "is_Rational", False) and getattr(exponent, "is_Rational", False) \
+                and abs(base) not in (0, 1):
+            bits = max(base.p.bit_length(), base.q.bit_length()) * abs(exponent)
+            if bits > _MAX_EXACT_BITS:
+                self.fail(node, f"exact number too large (about {int(bits)} bits); write it as a float")
+
     def build(self, node, allow_tuple=False):
+        try:
+            result = self._build(node, allow_tuple)
+        except SpecError:
+            raise
+        except (TypeError, ValueError) as error:  # SymPy refuses the combination, e.g. p + (p > 0)
+            self.fail(node, f"invalid expression: {error}")
+        if isinstance(result, sp.Basic) and result.has(*_NOT_FINITE):
+            self.fail(node, "the expression is not finite (a division by zero, or log(0)?)")
+        if isinstance(result, sp.Basic) and any(abs(n) > _LARGEST_FLOAT for n in result.atoms(sp.Number)):
+            self.fail(node, "a constant here exceeds the float64 range (about 1.8e308)")
+        return result
+
+    def _build(self, node, allow_tuple):
         if isinstance(node, ast.Constant):
             return self.constant(node)
         if isinstance(node, ast.Name):
             return self.name(node)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](self.build(node.left), self.build(node.right))
+            left, right = self.build(node.left), self.build(node.right)
+            if isinstance(node.op, ast.Pow):
+                self.check_power(node, left, right)
+            return _BINARY[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            return sp.Not(self.condition(node.operand))
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
             return _UNARY[type(node.op)](self.build(node.operand))
         if isinstance(node, ast.Compare):
             return self.compare(node)
         if isinstance(node, ast.BoolOp):
-            return _BOOL[type(node.op)](*(self.build(v) for v in node.values))
+            return _BOOL[type(node.op)](*(self.condition(v) for v in node.values))
         if isinstance(node, ast.Call):
             return self.call(node)
         if isinstance(node, ast.Tuple) and allow_tuple:
@@ -140,6 +179,13 @@ class _ExpressionBuilder:
         if isinstance(node, ast.BinOp):
             what = f"operator {type(node.op).__name__}"
         self.fail(node, f"{what} is not allowed in a loss expression")
+
+    def condition(self, node):
+        """A sub-expression that must be a condition (an operand of and, or, not)."""
+        value = self.build(node)
+        if not _is_condition(value):
+            self.fail(node, "expected a condition (a comparison, or and/or/not of comparisons)")
+        return value
 
     def constant(self, node):
         value = node.value
@@ -164,6 +210,9 @@ class _ExpressionBuilder:
                         "declare it under [inputs], [params] or [let]")
 
     def compare(self, node):
+        for op in node.ops:
+            if type(op) not in _COMPARE:
+                self.fail(node, f"operator {type(op).__name__} is not allowed in a loss expression")
         terms = [self.build(node.left)] + [self.build(c) for c in node.comparators]
         relations = [_COMPARE[type(op)](a, b) for op, a, b in zip(node.ops, terms, terms[1:])]
         return relations[0] if len(relations) == 1 else sp.And(*relations)
@@ -208,11 +257,16 @@ def parse_expression(text: str, names: dict[str, sp.Expr], path="<string>", wher
     """Parse ``text`` (SymPy syntax) into a SymPy expression over ``names``, by whitelist."""
     if not isinstance(text, str):
         raise SpecError(path, where, f"expected an expression string, got {type(text).__name__}")
+    head = text[:len(text) - len(text.lstrip())]
+    indent = len(head.rsplit("\n", 1)[-1])  # stripped from the first line; columns add it back
     try:
         tree = ast.parse(text.strip(), mode="eval")
+        return _ExpressionBuilder(path, where, names, indent).build(tree.body)
     except SyntaxError as error:
-        raise SpecError(path, where, f"syntax error: {error.msg}", error.offset) from None
-    return _ExpressionBuilder(path, where, names).build(tree.body)
+        column = None if not error.offset else error.offset + (indent if error.lineno == 1 else 0)
+        raise SpecError(path, where, f"syntax error: {error.msg}", column) from None
+    except (RecursionError, MemoryError):  # Python's parser, or ours, on absurdly deep nesting
+        raise SpecError(path, where, "the expression is nested too deeply") from None
 
 
 # --- spec files ----------------------------------------------------------------------------
@@ -327,7 +381,7 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
         if let_name in names:
             raise SpecError(path, where, f"'{let_name}' is already declared")
         value = parse_expression(text, names, path, where)
-        if isinstance(value, sp.logic.boolalg.Boolean):
+        if _is_condition(value):
             raise SpecError(path, where, "a let binding must be a number, not a condition")
         names[let_name] = value
         lets.append((let_name, value))
@@ -336,7 +390,7 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
     if "expr" not in data["loss"]:
         raise SpecError(path, "[loss] expr", "missing required key")
     loss = parse_expression(data["loss"]["expr"], names, path, "[loss] expr")
-    if isinstance(loss, sp.logic.boolalg.Boolean):
+    if _is_condition(loss):
         raise SpecError(path, "[loss] expr", "the loss must be a number, not a condition")
     used = loss.free_symbols
     for p in (i for i in inputs if i.role == "prediction"):
