@@ -36,44 +36,80 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _sum3(a, b, c):
+    """a + b + c with the rounding errors of both additions added back (Knuth's two-sum)."""
+    s = a + b
+    z = s - a
+    error = (a - (s - z)) + (b - z)
+    t = s + c
+    z = t - s
+    error += (s - (t - z)) + (c - z)
+    return t + error
+
+
+@numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = delta**2
-    return _t0*math.log1p((p - y)**2/_t0)
+    _t1 = 2.0*_t0
+    _t2 = p - y
+    _t3 = (1.0/_t2)
+    return ((_t0*math.log1p(_t0*_t3**2) - _t1*math.log(delta) - _t1*math.log(abs(_t3))) if (abs(_t2) > 1e+60) else (_t0*math.log1p(_t2**2/_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, delta):
     """grad of one element."""
-    _t0 = p - y
-    return 2.0*_t0/(_t0**2/delta**2 + 1.0)
+    _t0 = delta**2
+    _t1 = p - y
+    _t2 = (1.0/_t1)
+    return ((2.0*_t0*_t2/(_t0*_t2**2 + 1.0)) if (abs(_t1) > 1e+60) else (2.0*_t1/(1.0 + _t1**2/_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p, delta):
     """hess of one element."""
-    _t0 = delta**2
-    _t1 = (p - y)**2
-    return 2.0*_t0*(_t0 - _t1)/(_t0 + _t1)**2
+    _t0 = -y
+    _t1 = _t0 + p
+    _t2 = (1.0/_t1)
+    _t3 = delta**2
+    _t4 = 2.0*_t3
+    _t5 = _t2**2*_t4
+    _t6 = _t2**4*delta**4
+    return (((-_t5 + 2.0*_t6)/(_t5 + _t6 + 1.0)) if (abs(_t1) > 1e+60) else (_t4*_sum3(delta, -p, y)*_sum3(delta, p, _t0)/(_t1**2 + _t3)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
-    _t0 = p - y
-    _t1 = delta**2
-    _t2 = _t0**2
-    return 2.0*_t0/(1.0 + _t2/_t1), 2.0*_t1*(_t1 - _t2)/(_t1 + _t2)**2
+    _t0 = delta**2
+    _t1 = -y
+    _t2 = _t1 + p
+    _t3 = (1.0/_t2)
+    _t4 = _t0*_t3**2
+    _t5 = 2.0*_t0
+    _t6 = (abs(_t2) > 1e+60)
+    _t7 = _t2**2
+    _t8 = 2.0*_t4
+    _t9 = _t3**4*delta**4
+    return ((_t3*_t5/(_t4 + 1.0)) if _t6 else (2.0*_t2/(1.0 + _t7/_t0))), (((-_t8 + 2.0*_t9)/(_t8 + _t9 + 1.0)) if _t6 else (_t5*_sum3(delta, -p, y)*_sum3(delta, p, _t1)/(_t0 + _t7)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p, delta):
     """loss, grad, hess of one element."""
     _t0 = delta**2
-    _t1 = p - y
-    _t2 = _t1**2
-    _t3 = _t2/_t0
-    return _t0*math.log1p(_t3), 2.0*_t1/(_t3 + 1.0), 2.0*_t0*(_t0 - _t2)/(_t0 + _t2)**2
+    _t1 = 2.0*_t0
+    _t2 = -y
+    _t3 = _t2 + p
+    _t4 = (1.0/_t3)
+    _t5 = _t0*_t4**2
+    _t6 = (abs(_t3) > 1e+60)
+    _t7 = _t3**2
+    _t8 = _t7/_t0
+    _t9 = 2.0*_t5
+    _t10 = _t4**4*delta**4
+    return ((_t0*math.log1p(_t5) - _t1*math.log(delta) - _t1*math.log(abs(_t4))) if _t6 else (_t0*math.log1p(_t8))), ((_t1*_t4/(_t5 + 1.0)) if _t6 else (2.0*_t3/(_t8 + 1.0))), (((2.0*_t10 - _t9)/(_t10 + _t9 + 1.0)) if _t6 else (_t1*_sum3(delta, -p, y)*_sum3(delta, p, _t2)/(_t0 + _t7)**2))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

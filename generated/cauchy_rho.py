@@ -53,7 +53,9 @@ def grad_scalar(s, delta):
 def hess_scalar(s, delta):
     """hess of one element."""
     _t0 = delta**2
-    return -_t0/(_t0 + s)**2
+    _t1 = (1.0/s)
+    _t2 = _t1**2
+    return ((-_t0*_t2/(2.0*_t0*_t1 + _t2*delta**4 + 1.0)) if (s > 1e+60) else (-_t0/(_t0 + s)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -61,7 +63,9 @@ def grad_hess_scalar(s, delta):
     """grad, hess of one element."""
     _t0 = delta**2
     _t1 = _t0 + s
-    return _t0/_t1, -_t0/_t1**2
+    _t2 = (1.0/s)
+    _t3 = _t2**2
+    return _t0/_t1, ((-_t0*_t3/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else (-_t0/_t1**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -69,7 +73,9 @@ def loss_grad_hess_scalar(s, delta):
     """loss, grad, hess of one element."""
     _t0 = delta**2
     _t1 = _t0 + s
-    return _t0*math.log1p(s/_t0), _t0/_t1, -_t0/_t1**2
+    _t2 = (1.0/s)
+    _t3 = _t2**2
+    return _t0*math.log1p(s/_t0), _t0/_t1, ((-_t0*_t3/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else (-_t0/_t1**2))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

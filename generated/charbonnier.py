@@ -10,7 +10,7 @@ Parameters: epsilon = 0.001 (positive)
 
     loss = sqrt(epsilon**2 + (p - y)**2)
     d loss / d p = (p - y)/sqrt(epsilon**2 + (p - y)**2)
-    d2 loss / d p2 = (epsilon**2 + (-p + y)*(p - y) + (p - y)**2)/(epsilon**2 + (p - y)**2)**(3/2)
+    d2 loss / d p2 = epsilon**2/(epsilon**2 + (p - y)**2)**(3/2)
 
 At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the first branch
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
@@ -52,23 +52,41 @@ def grad_scalar(y, p, epsilon):
 def hess_scalar(y, p, epsilon):
     """hess of one element."""
     _t0 = p - y
-    return epsilon**2/math.hypot(epsilon, abs(_t0))**3
+    _t1 = (1.0/_t0)
+    _t2 = abs(_t1)
+    _t3 = math.hypot(1.0, _t2*epsilon)
+    _t4 = epsilon**2
+    _t5 = _t1**2*_t4
+    _t6 = abs(_t0)
+    return ((_t2*_t5/(_t3*_t5 + _t3)) if (_t6 > 1e+60) else (_t4/math.hypot(epsilon, _t6)**3))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p, epsilon):
     """grad, hess of one element."""
     _t0 = p - y
-    _t1 = math.hypot(epsilon, abs(_t0))
-    return _t0/_t1, epsilon**2/_t1**3
+    _t1 = abs(_t0)
+    _t2 = math.hypot(epsilon, _t1)
+    _t3 = (1.0/_t0)
+    _t4 = abs(_t3)
+    _t5 = math.hypot(1.0, _t4*epsilon)
+    _t6 = epsilon**2
+    _t7 = _t3**2*_t6
+    return _t0/_t2, ((_t4*_t7/(_t5*_t7 + _t5)) if (_t1 > 1e+60) else (_t6/_t2**3))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p, epsilon):
     """loss, grad, hess of one element."""
     _t0 = p - y
-    _t1 = math.hypot(epsilon, abs(_t0))
-    return _t1, _t0/_t1, epsilon**2/_t1**3
+    _t1 = abs(_t0)
+    _t2 = math.hypot(epsilon, _t1)
+    _t3 = (1.0/_t0)
+    _t4 = abs(_t3)
+    _t5 = math.hypot(1.0, _t4*epsilon)
+    _t6 = epsilon**2
+    _t7 = _t3**2*_t6
+    return _t2, _t0/_t2, ((_t4*_t7/(_t5*_t7 + _t5)) if (_t1 > 1e+60) else (_t6/_t2**3))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -9,7 +9,7 @@ Inputs: y (target, nonnegative), p (prediction, nonnegative)
 
     loss = (log(p + 1) - log(y + 1))**2
     d loss / d p = 2*(log(p + 1) - log(y + 1))/(p + 1)
-    d2 loss / d p2 = 2*(-log(p + 1) + log(y + 1) + 1)/(p + 1)**2
+    d2 loss / d p2 = (-2*log(p + 1) + 2*log(y + 1) + 2)/(p + 1)**2
 
 At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the first branch
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
@@ -48,7 +48,7 @@ def grad_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p):
     """hess of one element."""
-    return 2.0*(-math.log1p(p) + math.log1p(y) + 1.0)/(p + 1.0)**2
+    return (-2.0*math.log1p(p) + 2.0*math.log1p(y) + 2.0)/(p + 1.0)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -57,7 +57,7 @@ def grad_hess_scalar(y, p):
     _t0 = p + 1.0
     _t1 = math.log1p(p)
     _t2 = math.log1p(y)
-    return 2.0*(_t1 - _t2)/_t0, 2.0*(-_t1 + _t2 + 1.0)/_t0**2
+    return 2.0*(_t1 - _t2)/_t0, (-2.0*_t1 + 2.0*_t2 + 2.0)/_t0**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -67,7 +67,7 @@ def loss_grad_hess_scalar(y, p):
     _t1 = math.log1p(y)
     _t2 = _t0 - _t1
     _t3 = p + 1.0
-    return _t2**2, 2.0*_t2/_t3, 2.0*(-_t0 + _t1 + 1.0)/_t3**2
+    return _t2**2, 2.0*_t2/_t3, (-2.0*_t0 + 2.0*_t1 + 2.0)/_t3**2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

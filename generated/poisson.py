@@ -35,15 +35,40 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
+    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
+    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
+        a, b = a * 2.0 ** -500, b * 2.0 ** 500
+    elif abs(b) > 1e150 and abs(a) < 1e-150:
+        a, b = a * 2.0 ** 500, b * 2.0 ** -500
+    product = a * b
+    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
+        return product + c
+    split = 134217729.0  # 2**27 + 1
+    t = split * a
+    a_high = t - (t - a)
+    a_low = a - a_high
+    t = split * b
+    b_high = t - (t - b)
+    b_low = b - b_high
+    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
+    total = product + c
+    z = total - product
+    rounding = (product - (total - z)) + (c - z)
+    return total + (rounding + error)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, p):
     """loss of one element."""
-    return -p*y + math.exp(p)
+    return ((_fma(-p, y, 1.0) + math.expm1(p)) if (abs(p) <= 1.0) else (-p*y + math.exp(p)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p):
     """grad of one element."""
-    return -y + math.exp(p)
+    return (((1.0 - y) + math.expm1(p)) if (abs(p) <= 1.0) else (-y + math.exp(p)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -56,15 +81,17 @@ def hess_scalar(y, p):
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     _t0 = math.exp(p)
-    return _t0 - y, _t0
+    return (((1.0 - y) + math.expm1(p)) if (abs(p) <= 1.0) else (_t0 - y)), _t0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
-    _t0 = math.exp(p)
-    _t1 = -_t0
-    return -_t1 - p*y, -_t1 - y, _t0
+    _t0 = math.expm1(p)
+    _t1 = (abs(p) <= 1.0)
+    _t2 = math.exp(p)
+    _t3 = -_t2
+    return ((_t0 + _fma(-p, y, 1.0)) if _t1 else (-_t3 - p*y)), ((_t0 + (1.0 - y)) if _t1 else (-_t3 - y)), _t2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

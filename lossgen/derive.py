@@ -8,8 +8,9 @@ sign, Heaviside, Max, Min) are dropped. At a kink the kernels use one convention
 * ``Piecewise`` differentiates branch by branch; on a boundary the first branch whose
   condition holds, as written in the spec, gives the derivative.
 
-Simplification is bounded: each derivative is tidied by ``together``/``factor_terms`` (cheap,
-polynomial-time) and the smaller result is kept; there is no open-ended ``simplify``.
+Simplification is bounded: each derivative is tidied by ``together``, ``factor_terms`` and
+expanding the numerator (cheap, polynomial-time), and the smallest result is kept; there is
+no open-ended ``simplify``.
 """
 from __future__ import annotations
 
@@ -67,7 +68,9 @@ def tidy(expr: sp.Expr) -> sp.Expr:
         return sp.Piecewise(*((tidy(e), c) for e, c in expr.args))
     if sp.count_ops(expr) > TIDY_MAX_OPS:
         return expr
-    candidates = [expr, sp.together(expr), sp.factor_terms(expr)]
+    together = sp.together(expr)
+    numerator, denominator = sp.fraction(together)
+    candidates = [expr, together, sp.factor_terms(expr), sp.expand(numerator) / denominator]
     return min(candidates, key=lambda e: (sp.count_ops(e), sp.default_sort_key(e)))
 
 

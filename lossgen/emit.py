@@ -23,6 +23,11 @@ HELPERS = {
     "sigmoid": "sigmoid",
     "softplus": "softplus",
     "logcosh": "logcosh",
+    "xlogy": "xlogy",
+    "xlog1py": "xlog1py",
+    "logaddexp": "logaddexp",
+    "fma": "fma",
+    "sum3": "sum3",
 }
 
 
@@ -40,11 +45,15 @@ class NumbaPrinter(PythonCodePrinter):
         return f"{int(expr)}.0"  # kernels return floats, also where a branch is a constant
 
     def _print_Pow(self, expr, rational=False):
-        # integer exponents stay integers: Numba turns x**2 into x*x, x**2.0 into pow()
+        # integer exponents stay integers: Numba turns x**2 into x*x, x**2.0 into pow();
+        # x**(-2) is printed 1.0/x**2, since Numba raises ZeroDivisionError for 0.0**(-2)
         if expr.exp.is_Integer and expr.exp not in (-1, 0, 1):
             base = self.parenthesize(expr.base, precedence(expr), strict=True)
-            return f"{base}**{int(expr.exp)}" if expr.exp > 0 else f"{base}**({int(expr.exp)})"
+            return f"{base}**{int(expr.exp)}" if expr.exp > 0 else f"(1.0/{base}**{-int(expr.exp)})"
         return super()._print_Pow(expr, rational)
+
+    def _print_group(self, expr):
+        return f"({self._print(expr.args[0])})"
 
     def _print_helper(self, expr):
         helper = HELPERS[type(expr).__name__]

@@ -17,13 +17,13 @@ from typing import Callable
 from .derive import derive
 from .emit import MARKER, render_module, render_package_init
 from .spec import SpecError, find_spec_files, load_spec
-from .stabilise import stabilise
+from .stabilise import stabilise_derivation
 
 
 def build_module(spec, spec_path: str) -> str:
     """spec -> derive -> stabilise -> emit: the text of one kernel module."""
     derivation = derive(spec)
-    return render_module(derivation, derivation.map(stabilise), spec_path)
+    return render_module(derivation, stabilise_derivation(derivation), spec_path)
 
 
 def render_all(specs_dir, log: Callable[[str], None] = print) -> tuple[dict[str, str], list[str]]:

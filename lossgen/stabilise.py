@@ -1,8 +1,18 @@
 """Stage 3, stabilise: rewrite expressions into forms that floating point evaluates accurately.
 
-``RULES`` is the only place where numerical-stability knowledge lives. Each rule is a
-rewrite ``find -> replace`` that holds exactly in real arithmetic, with the reason it helps
-in float64. Rules are applied bottom-up, in table order, until nothing changes.
+This module is the only place where numerical-stability knowledge lives, as three tables;
+every rewrite holds exactly in real arithmetic.
+
+* ``RULES``: local rewrites ``find -> replace`` (log(1 + x) -> log1p(x), ...), applied
+  bottom-up in table order until nothing changes.
+* ``SPLITS``: cancellation in sums that no local rule sees, such as softplus(x) - y*x at
+  y = 1, x = 40 (the true value is 4.2e-18). On each branch of its argument a function is
+  written as an exact "big" part plus a small remainder (softplus(x) = x + softplus(-x) for
+  x > 1); in the sum, the big parts combine symbolically with the other terms into one
+  group that is evaluated first ((1 - y)*x = 0 exactly), and the small parts are added last.
+* Asymptotic inversion (``HUGE``): for a residual-like variable v, the expression is
+  rewritten exactly in t = 1/v and used where |v| > HUGE, so that v**2 never overflows
+  (2 v/(1 + v**2) -> 2 t/(t**2 + 1)). It is kept only when no power of 1/t remains.
 """
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 from sympy.core.traversal import bottom_up
 
-from .vocabulary import logcosh, sigmoid, softplus
+from .vocabulary import fma, group, logaddexp, logcosh, sigmoid, softplus, sum3, xlog1py, xlogy
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
 
@@ -91,10 +101,11 @@ def _sum_of_two_squares(base):
     roots = []
     for t in terms:
         root = sp.sqrt(t)
-        if not (t.is_nonnegative and isinstance(t, (sp.Pow, sp.Mul)) and not isinstance(root, sp.Pow)):
+        exact_root = not isinstance(root, sp.Pow) or (t.is_Number and t.is_positive)
+        if not (t.is_nonnegative and (isinstance(t, (sp.Pow, sp.Mul)) or t.is_Number) and exact_root):
             return None
         roots.append(root)
-    return roots
+    return sorted(roots, key=sp.default_sort_key)
 
 
 def _hypot(e):
@@ -124,6 +135,87 @@ def _one_minus_sigmoid(e):
                 return sp.Add(sigmoid(-t.args[1].args[0]), *rest)
 
 
+def _difference_of_squares(e):
+    """a**2 - b**2 -> (a - b)*(a + b): a - b is exact where a and b are close (Sterbenz)."""
+    terms = _add_terms(e)
+    if terms and len(terms) == 2:
+        squares = []
+        for t in terms:
+            coefficient, rest = t.as_coeff_Mul()
+            if abs(coefficient) != 1 or not (isinstance(rest, sp.Pow) and rest.exp == 2):
+                return None
+            squares.append((coefficient, rest.base))
+        (c1, a), (c2, b) = squares
+        if c1 == -c2:
+            a, b = (a, b) if c1 == 1 else (b, a)
+            return (a - b) * (a + b)
+
+
+def _sum_of_three_atoms(e):
+    """a + b + c of inputs, parameters and numbers -> sum3(a, b, c), exactly rounded: delta + p - y
+    keeps its digits both where p is close to -delta and where y is close to delta."""
+    terms = _add_terms(e)
+    if terms and len(terms) == 3 and all(_signed_atom(t) for t in terms):
+        return sum3(*sorted(terms, key=sp.default_sort_key))
+
+
+def _signed_atom(term) -> bool:
+    coefficient, rest = term.as_coeff_Mul()
+    return abs(coefficient) == 1 and (rest.is_Symbol or rest.is_Number)
+
+
+def _hypot_one_minus_one(e):
+    """hypot(1, u) - 1 -> u*(u/(hypot(1, u) + 1)); the grouping keeps u**2 from overflowing."""
+    terms = _add_terms(e)
+    if terms and sp.S.NegativeOne in terms:
+        for t in terms:
+            if isinstance(t, hypot) and sp.S.One in t.args:
+                u = t.args[1] if t.args[0] == 1 else t.args[0]
+                rest = [v for v in terms if v is not t and v != sp.S.NegativeOne]
+                return sp.Add(u * group(u / (t + 1)), *rest)
+
+
+def _log_sigmoid(e):
+    if isinstance(e, sp.log) and isinstance(e.args[0], sigmoid):
+        return -softplus(-e.args[0].args[0])
+
+
+def _logistic_fraction(e):
+    """1/(1 + exp(a)) -> sigmoid(-a)."""
+    if isinstance(e, sp.Pow) and e.exp == -1 and isinstance(e.base, sp.Add) and len(e.base.args) == 2 \
+            and sp.S.One in e.base.args:
+        other = e.base - 1
+        if isinstance(other, sp.exp):
+            return sigmoid(-other.args[0])
+
+
+def _exp_times_sigmoid(e):
+    """exp(a)*sigmoid(-a) -> sigmoid(a) (from exp(a)/(1 + exp(a)))."""
+    if isinstance(e, sp.Mul):
+        for f in e.args:
+            if isinstance(f, sp.exp) and sigmoid(-f.args[0]) in e.args:
+                rest = [g for g in e.args if g is not f and g != sigmoid(-f.args[0])]
+                return sp.Mul(sigmoid(f.args[0]), *rest)
+
+
+def _log_sum_exp(e):
+    if isinstance(e, sp.log) and isinstance(e.args[0], sp.Add) and len(e.args[0].args) == 2 \
+            and all(isinstance(t, sp.exp) for t in e.args[0].args):
+        a, b = (t.args[0] for t in e.args[0].args)
+        return logaddexp(a, b)
+
+
+def _x_log_y(e):
+    """a*log(y) -> xlogy(a, y) and a*log1p(y) -> xlog1py(a, y): 0 where a = 0, not nan."""
+    if isinstance(e, sp.Mul):
+        for f in e.args:
+            if isinstance(f, (sp.log, log1p)):
+                coefficient, weight = sp.Mul(*[g for g in e.args if g is not f]).as_coeff_Mul()
+                if weight != 1 and not weight.is_positive:
+                    function = xlogy if isinstance(f, sp.log) else xlog1py
+                    return coefficient * function(weight, f.args[0])
+
+
 def _log_one_plus_exp(e):
     if isinstance(e, log1p) and isinstance(e.args[0], sp.exp):
         return softplus(e.args[0].args[0])
@@ -135,6 +227,11 @@ def _log_one_plus_exp(e):
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("log_sigmoid", "log(sigmoid(x))", "-softplus(-x)", "sigmoid underflows to 0 for x < -745", _log_sigmoid),
+    Rule("logistic", "1/(1 + exp(a))", "sigmoid(-a)", "exp overflows for a > 709", _logistic_fraction),
+    Rule("logistic_ratio", "exp(a)*sigmoid(-a)", "sigmoid(a)", "exp(a)/(1 + exp(a)) is inf/inf for a > 709",
+         _exp_times_sigmoid),
+    Rule("logaddexp", "log(exp(a) + exp(b))", "logaddexp(a, b)", "exp overflows for a > 709", _log_sum_exp),
     Rule("softplus", "log(1 + exp(x))", "softplus(x)", "exp overflows for x > 709", _log_one_plus_exp),
     Rule("log1p", "log(1 + x)", "log1p(x)", "1 + x drops the digits of a small x", _log_one_plus),
     Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
@@ -145,6 +242,13 @@ RULES: tuple[Rule, ...] = (
     Rule("hypot", "(x**2 + y**2)**(k/2)", "hypot(x, y)**k", "x**2 overflows for |x| > 1.3e154", _hypot),
     Rule("sqrt1pm1", "sqrt(1 + u) - 1", "u/(sqrt(1 + u) + 1)", "cancels to 0 for small u", _sqrt_one_plus_minus_one),
     Rule("sigmoid_complement", "1 - sigmoid(x)", "sigmoid(-x)", "sigmoid(x) rounds to 1 for x > 37", _one_minus_sigmoid),
+    Rule("difference_of_squares", "a**2 - b**2", "(a - b)*(a + b)", "a**2 - b**2 cancels when a is close to b",
+         _difference_of_squares),
+    Rule("sum3", "a + b + c", "sum3(a, b, c)", "any order of two additions can cancel the third term away",
+         _sum_of_three_atoms),
+    Rule("hypot_minus_one", "hypot(1, u) - 1", "u*(u/(hypot(1, u) + 1))", "cancels for small u, overflows for huge u",
+         _hypot_one_minus_one),
+    Rule("xlogy", "a*log(y)", "xlogy(a, y)", "0*log(0) is nan; the limit, and the loss, is 0", _x_log_y),
 )
 
 MAX_PASSES = 8
@@ -159,6 +263,200 @@ def stabilise(expr: sp.Expr, rules: tuple[Rule, ...] = RULES) -> sp.Expr:
         if expr == before:
             break
     return expr
+
+
+# --- splits: cancellation between terms of a sum ----------------------------------------
+
+Decomposition = Callable[[sp.Expr], tuple[sp.Expr, sp.Expr]]  # a -> (big part, small part)
+
+
+@dataclass(frozen=True)
+class Split:
+    function: type
+    positive: Optional[Decomposition]  # f(a) for a > threshold
+    middle: Optional[Decomposition]    # f(a) for |a| <= threshold
+    reason: str
+    threshold: float = 1.0
+
+
+SPLITS: tuple[Split, ...] = (
+    Split(softplus, lambda a: (a, softplus(-a)), lambda a: (sp.log(2) + a / 2, logcosh(a / 2)),
+          "softplus(x) = x + softplus(-x): the x cancels exactly against -y*x"),
+    Split(sigmoid, lambda a: (sp.S.One, -sigmoid(-a)), lambda a: (sp.S.Half, sp.tanh(a / 2) / 2),
+          "sigmoid(x) = 1 - sigmoid(-x) = 1/2 + tanh(x/2)/2: the 1 or 1/2 cancels exactly against y"),
+    Split(sp.exp, None, lambda a: (sp.S.One, expm1(a)),
+          "exp(x) = 1 + expm1(x) near 0: the 1 cancels exactly against other terms near 1"),
+)
+
+SPLIT_MAX_TERMS = 12
+
+
+def _linear_in(term, atoms) -> bool:
+    """True if ``term`` is free of ``atoms`` or a coefficient (free of them) times one of them."""
+    present = [a for a in atoms if term.has(a)]
+    if not present:
+        return True
+    if len(present) > 1:
+        return False
+    coefficient = term / present[0]
+    return not coefficient.has(*atoms)
+
+
+def _group_big_parts(expr: sp.Expr, small_atoms) -> sp.Expr:
+    """Sum the terms free of the small parts first, as one group, then add the small parts."""
+    terms = sp.Add.make_args(sp.expand_mul(expr))
+    big = sp.Add(*[t for t in terms if not t.has(*small_atoms)])
+    small = [t for t in terms if t.has(*small_atoms)]
+    big = stabilise(sp.factor_terms(big), (FMA_RULE,))
+    if isinstance(big, sp.Add):
+        big = group(big)
+    return sp.Add(big, *small)
+
+
+def _split_sum(expr):
+    """The first applicable split of a sum, as a Piecewise over its argument's sign."""
+    if not isinstance(expr, sp.Add) or len(expr.args) > SPLIT_MAX_TERMS:
+        return None
+    for split in SPLITS:
+        atoms = sorted(expr.atoms(split.function), key=sp.default_sort_key)
+        if not atoms:
+            continue
+        a = atoms[0].args[0]
+        a = -a if a.could_extract_minus_sign() else a
+        related = [f for f in (split.function(a), split.function(-a)) if f in atoms]
+        if not all(_linear_in(t, related) for t in expr.args):
+            continue
+        if len(expr.args) < 2:
+            continue
+        branches = []
+        for condition, decompose, which in (
+                (a > split.threshold, split.positive, [split.function(a)]),
+                (sp.Abs(a) <= split.threshold, split.middle, related),
+                (a < -split.threshold, split.positive, [split.function(-a)])):
+            if decompose is None:
+                continue
+            replacements, small_atoms = {}, set()
+            for f in which:
+                if f in related:
+                    big, small = decompose(f.args[0])
+                    replacements[f] = big + small
+                    small_atoms |= {g for g in sp.preorder_traversal(small) if isinstance(g, sp.Function)}
+            if replacements:
+                branches.append((_group_big_parts(expr.xreplace(replacements), small_atoms), condition))
+        if branches:
+            return sp.Piecewise(*branches, (expr, True))
+    return None
+
+
+def _constant_minus_product(e):
+    """c + a*b (c a number, a*b two factors) -> fma(a, b, c): the product is not rounded."""
+    terms = _add_terms(e)
+    if terms and len(terms) == 2:
+        constant = [t for t in terms if t.is_Number]
+        product = [t for t in terms if isinstance(t, sp.Mul)]
+        if constant and product:
+            coefficient, rest = product[0].as_coeff_Mul()
+            factors = sp.Mul.make_args(rest)
+            if len(factors) == 2 and not any(f.is_Number for f in factors):
+                return fma(coefficient * factors[0], factors[1], constant[0])
+            if len(factors) == 1 and abs(coefficient) != 1 and not factors[0].is_Number:
+                return fma(coefficient, factors[0], constant[0])  # 3*b - 1: 3*b rounds
+
+
+FMA_RULE = Rule("fma", "c + a*b", "fma(a, b, c)", "a*b rounds away the digits that survive c + a*b",
+                _constant_minus_product)
+
+
+def split_cancellations(expr: sp.Expr) -> sp.Expr:
+    """Apply ``SPLITS`` to every sum, bottom-up."""
+    return bottom_up(expr, lambda e: _or_same(_split_sum, e))
+
+
+# --- asymptotic inversion: overflow of powers of a huge variable --------------------------
+
+HUGE = 1e60  # beyond this |v|, v**4 would be close to overflow; 1/v is exact enough
+
+
+def _log_expanded(arg: sp.Expr) -> sp.Expr:
+    """log(arg) for arg > 0 as a sum of logs of its factors: log(N) - log(D), with
+    log(f**k) = k log|f| and log(1 + u) = log1p(u), so no factor over- or underflows."""
+    numerator, denominator = sp.fraction(sp.together(arg))
+
+    def of_product(m):
+        total = sp.S.Zero
+        for base, k in m.as_powers_dict().items():
+            if base.is_Number:
+                total += k * sp.log(base)
+            elif isinstance(base, sp.Add) and sp.S.One in base.args:
+                total += k * log1p(base - 1)
+            else:
+                total += k * sp.log(base if base.is_positive else sp.Abs(base))
+        return total
+
+    return of_product(numerator) - of_product(denominator)
+
+
+def _overflow_prone(expr: sp.Expr, v: sp.Symbol) -> bool:
+    """True if a power >= 2 of a polynomial in v appears (v**2 overflows for |v| > 1.3e154)."""
+    return any(isinstance(e, sp.Pow) and e.exp.is_number and abs(e.exp) >= 2 and e.base.has(v)
+               and e.base.is_polynomial(v) for e in sp.preorder_traversal(expr))
+
+
+def invert_for_huge(expr: sp.Expr, variable: sp.Expr, solve_for: sp.Symbol) -> Optional[sp.Expr]:
+    """``expr`` rewritten in t = 1/variable, for |variable| > HUGE; None where that form would
+    still divide by t (so would overflow too) or ``expr`` is not a function of the variable alone."""
+    v, t = sp.Dummy("v", real=True), sp.Dummy("t", real=True)
+    solved = sp.solve(sp.Eq(variable, v), solve_for)
+    if len(solved) != 1 or expr.has(sp.Piecewise):
+        return None
+    in_v = expr.subs(solve_for, solved[0])
+    if in_v.free_symbols & (variable.free_symbols - {s for s in variable.free_symbols if s.is_positive}) \
+            or not _overflow_prone(in_v, v):
+        return None
+    inverted = in_v.subs(v, 1 / t)
+    inverted = inverted.replace(lambda e: isinstance(e, (sp.log, log1p)),
+                                lambda e: _log_expanded(e.args[0] if isinstance(e, sp.log) else 1 + e.args[0]))
+    inverted = sp.cancel(sp.together(inverted)) if not inverted.has(sp.log, log1p) else sp.expand(inverted)
+    for e in sp.preorder_traversal(inverted):  # every divisor must stay finite and non-zero at t = 0
+        if isinstance(e, sp.Pow) and e.exp.is_negative and e.base.has(t) and not _inside_log(inverted, e):
+            at_zero = e.base.subs(t, 0)
+            if not (at_zero.is_finite and at_zero.is_nonzero):
+                return None
+    return stabilise(inverted).xreplace({t: group(1 / variable)})  # t stays 1/v, never v**-2
+
+
+def _inside_log(root, node) -> bool:
+    return any(isinstance(e, (sp.log, log1p)) and e.has(node) for e in sp.preorder_traversal(root))
+
+
+def scale_variables(spec) -> list[tuple[sp.Expr, sp.Symbol]]:
+    """(variable, prediction it can be solved for): the spec's let bindings that are linear in
+    the inputs (residuals such as p - y), then each prediction itself."""
+    inputs = [spec.symbols[i.name] for i in spec.inputs]
+    found = []
+    for _, value in spec.lets:
+        for p in spec.predictions:
+            symbol = spec.symbols[p.name]
+            if value.has(symbol) and all(sp.degree(value, s) <= 1 for s in inputs if value.has(s)) \
+                    and value.is_polynomial(*inputs):
+                found.append((value, symbol))
+                break
+    return found + [(spec.symbols[p.name], spec.symbols[p.name]) for p in spec.predictions]
+
+
+def stabilise_output(expr: sp.Expr, spec) -> sp.Expr:
+    """One output of a derivation: rules, splits, and an asymptotic branch where it applies."""
+    stable = split_cancellations(stabilise(expr))
+    for variable, prediction in scale_variables(spec):
+        inverted = invert_for_huge(expr, variable, prediction)
+        if inverted is not None:
+            return sp.Piecewise((inverted, sp.Abs(variable) > HUGE), (stable, True))
+    return stable
+
+
+def stabilise_derivation(derivation):
+    """The derivation with every output stabilised (see the module docstring)."""
+    return derivation.map(lambda e: stabilise_output(e, derivation.spec))
 
 
 def _or_same(rewrite: Rewrite, e):

@@ -48,7 +48,7 @@ def evaluate(function, values, digits: int = DIGITS):
     exponents = [abs(math.frexp(float(v))[1]) for v in values if v != 0 and math.isfinite(float(v))]
     start = digits + int(max(exponents, default=0) * math.log10(2)) + 1
     previous = None
-    for dps in (start, 2 * start, 4 * start, 8 * start):
+    for dps in (start, start + 40, 2 * start + 40, 4 * start + 40):
         with mpmath.workdps(dps):
             try:
                 value = function(*[mpmath.mpf(float(v)) for v in values])
@@ -59,7 +59,7 @@ def evaluate(function, values, digits: int = DIGITS):
             if not isinstance(value, mpmath.mpf) or not mpmath.isfinite(value):
                 return None
             agree = previous is not None and abs(value - previous) <= abs(value) * mpmath.mpf(10) ** (-digits // 2 - 10)
-            if agree and (value != 0 or dps == 8 * start):  # a 0 must survive every precision
+            if agree and (value != 0 or dps == 4 * start + 40):  # a 0 must survive every precision
                 return value
             previous = value
     return previous

@@ -65,6 +65,68 @@ class logcosh(sp.Function):
         return sp.log(sp.cosh(x))
 
 
+class xlogy(sp.Function):
+    """x*log(y), and 0 where x = 0 (also where log(y) is infinite), as scipy.special.xlogy."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_log(self, x, y, **kwargs):
+        return x * sp.log(y)
+
+
+class xlog1py(sp.Function):
+    """x*log1p(y), and 0 where x = 0, as scipy.special.xlog1py."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_log(self, x, y, **kwargs):
+        return x * sp.log(1 + y)
+
+
+class logaddexp(sp.Function):
+    """log(exp(a) + exp(b)) = max(a, b) + log1p(exp(-|a - b|)), never overflowing."""
+
+    def fdiff(self, argindex=1):
+        a, b = self.args
+        return sigmoid(a - b) if argindex == 1 else sigmoid(b - a)
+
+    def _eval_is_real(self):
+        return self.args[0].is_real and self.args[1].is_real
+
+
+class fma(sp.Function):
+    """a*b + c with one rounding (the product is computed exactly)."""
+
+    def _eval_is_real(self):
+        return all(a.is_real for a in self.args)
+
+    def _eval_rewrite_as_Add(self, a, b, c, **kwargs):
+        return a * b + c
+
+
+class group(sp.Function):
+    """Its argument, evaluated on its own before the enclosing sum or product: the code
+    printer parenthesises it, and SymPy does not merge it into the enclosing expression."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_Add(self, x, **kwargs):
+        return x
+
+
+class sum3(sp.Function):
+    """a + b + c, correctly rounded (error-free two-sums), whatever the order of magnitudes."""
+
+    def _eval_is_real(self):
+        return all(a.is_real for a in self.args)
+
+    def _eval_rewrite_as_Add(self, a, b, c, **kwargs):
+        return a + b + c
+
+
 def _clip(x, low, high):
     """clip(x, low, high) = Min(Max(x, low), high), as numpy.clip."""
     return sp.Min(sp.Max(x, low), high)
@@ -114,6 +176,8 @@ FUNCTIONS: dict[str, SpecFunction] = {
     "sigmoid": SpecFunction(sigmoid, (1, 1), "logistic function 1/(1 + exp(-x))"),
     "softplus": SpecFunction(softplus, (1, 1), "log(1 + exp(x)) without overflow"),
     "logcosh": SpecFunction(logcosh, (1, 1), "log(cosh(x)) without overflow"),
+    "logaddexp": SpecFunction(logaddexp, (2, 2), "log(exp(a) + exp(b)) without overflow"),
+    "xlogy": SpecFunction(xlogy, (2, 2), "x*log(y), 0 where x = 0"),
 }
 
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "E": sp.E}
@@ -129,4 +193,10 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "hypot": mpmath.hypot,
     "Heaviside": lambda x, h0=mpmath.mpf(0.5): (mpmath.mpf(1) if x > 0 else (mpmath.mpf(0) if x < 0 else h0)),
     "sign": mpmath.sign,
+    "xlogy": lambda x, y: mpmath.mpf(0) if x == 0 else x * mpmath.log(y),
+    "xlog1py": lambda x, y: mpmath.mpf(0) if x == 0 else x * mpmath.log1p(y),
+    "logaddexp": lambda a, b: mpmath.log(mpmath.exp(a) + mpmath.exp(b)),
+    "fma": lambda a, b, c: a * b + c,
+    "sum3": lambda a, b, c: a + b + c,
+    "group": lambda x: x,
 }

@@ -28,7 +28,9 @@ def test_catalog_holds_the_elementwise_losses():
 
 @pytest.mark.parametrize("name", CATALOG_NAMES)
 def test_kernels_match_high_precision_truth(name):
-    rows = verify_loss(lossgen.get(name), derivation_of(name), n=200)
+    """Random points and the stress grid (0, +-1e-300, ..., +-745, +-1e300; probabilities at
+    0, 1e-300, 1e-16, 1 - 1e-16, 1), and every kink with its neighbours."""
+    rows = verify_loss(lossgen.get(name), derivation_of(name), n=200, stress=True)
     assert {r.output.split("[")[0] for r in rows} == {"loss", "grad", "hess"}
     assert all(r.points >= 200 for r in rows)
     failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)]

@@ -10,11 +10,13 @@ import pytest
 import sympy as sp
 
 from lossgen.emit import HELPERS, template_environment
-from lossgen.stabilise import RULES, stabilise
-from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, sigmoid
+from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise
+from lossgen.verify import evaluate, relative_error
+from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, sigmoid, softplus
 
 x = sp.Symbol("x", real=True)
 y = sp.Symbol("y", positive=True)
+z = sp.Symbol("z", real=True)
 
 # rule name -> (expression, a point where the original loses accuracy in float64)
 EXAMPLES = {
@@ -28,9 +30,18 @@ EXAMPLES = {
     "hypot": (sp.sqrt(x**2 + y**2), {x: 1e200, y: 1.0}),
     "sqrt1pm1": (sp.sqrt(1 + x**2) - 1, {x: 1e-9}),
     "sigmoid_complement": (1 - sigmoid(x), {x: 40.0}),
+    "log_sigmoid": (sp.log(sigmoid(x)), {x: -800.0}),
+    "logistic": (1 / (1 + sp.exp(-x)), {x: -710.0}),
+    "logistic_ratio": (sp.exp(x) / (1 + sp.exp(x)), {x: 710.0}),
+    "logaddexp": (sp.log(sp.exp(x) + sp.exp(y)), {x: 800.0, y: 799.0}),
+    "difference_of_squares": (x**2 - y**2, {x: 1e8 + 1, y: 1e8}),
+    "sum3": (x + y - z, {x: 1.0, y: 1e-20, z: 1.0}),
+    "hypot_minus_one": (sp.sqrt(1 + x**2) - 1 + 0 * y, {x: 1e-9, y: 1.0}),
+    "xlogy": (x * sp.log(y), {x: 0.0, y: 0.0}),
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
+PREREQUISITES = {"hypot_minus_one": ("hypot",), "logistic_ratio": ("logistic",)}  # rules whose pattern another rule produces
 
 
 def _kernel_helpers():
@@ -42,7 +53,7 @@ def _kernel_helpers():
     return {name: namespace[f"_{helper}"] for name, helper in HELPERS.items()}
 
 
-FLOAT_MODULES = [_kernel_helpers(), "math"]
+FLOAT_MODULES = [_kernel_helpers(), {"group": lambda value: value}, "math"]
 
 
 def test_every_rule_has_an_example_and_a_reason():
@@ -55,6 +66,8 @@ def test_every_rule_has_an_example_and_a_reason():
 def test_rule_fires_and_keeps_the_exact_value(name):
     rule = next(r for r in RULES if r.name == name)
     expr, point = EXAMPLES[name]
+    before_rule = tuple(r for r in RULES if r.name in PREREQUISITES.get(name, ()))
+    expr = stabilise(expr, before_rule)
     rewritten = stabilise(expr, (rule,))
     assert rewritten != expr, f"rule {name} did not fire on {expr}"
     symbols = sorted(point, key=str)
@@ -72,10 +85,9 @@ def test_rewritten_form_is_accurate_in_float64(name):
     rewritten = stabilise(expr)
     symbols = sorted(point, key=str)
     args = [point[s] for s in symbols]
-    with mpmath.workdps(80):
-        truth = sp.lambdify(symbols, expr, modules=MODULES)(*[mpmath.mpf(a) for a in args])
+    truth = evaluate(sp.lambdify(symbols, rewritten, modules=MODULES), args)  # = expr, as tested above
     value = sp.lambdify(symbols, rewritten, modules=FLOAT_MODULES)(*args)
-    assert math.isclose(value, float(truth), rel_tol=1e-14, abs_tol=0.0), (rewritten, value, truth)
+    assert relative_error(value, truth) <= 1e-14, (rewritten, value, truth)
 
 
 def test_rules_apply_inside_larger_expressions_until_nothing_changes():
@@ -83,3 +95,66 @@ def test_rules_apply_inside_larger_expressions_until_nothing_changes():
     stable = stabilise(expr)
     assert stabilise(stable) == stable
     assert not stable.has(sp.log) and not stable.has(sp.exp)
+
+
+# --- splits: cancellation between terms of a sum ------------------------------------------
+
+b = sp.Symbol("b", real=True)
+
+SPLIT_EXAMPLES = [
+    # (expression, point): the issue's example first: softplus(r) - y r at y = 1, r = 40 is 4.2e-18
+    (softplus(x) - b * x, {x: 40.0, b: 1.0}),
+    (softplus(x) - b * x, {x: -40.0, b: 0.0}),
+    (sigmoid(x) - b, {x: 40.0, b: 1.0}),
+    (sigmoid(x) - b, {x: 1e-8, b: 0.5}),
+    (sigmoid(x) - b, {x: -745.0, b: 0.0}),
+    (2 * sigmoid(-x) * b - (1 - b) * sigmoid(x), {x: 1e-9, b: 1 / 3}),
+    (sp.exp(x) - b, {x: 1e-300, b: 1.0}),
+    (sp.exp(x) - b * x, {x: 1e-300, b: 1e300}),  # 1 - b x with an exact product (fma)
+]
+
+
+@pytest.mark.parametrize("expr, point", SPLIT_EXAMPLES)
+def test_splits_remove_cancellation_between_terms(expr, point):
+    symbols = sorted(point, key=str)
+    args = [point[s] for s in symbols]
+    truth = evaluate(sp.lambdify(symbols, expr, modules=MODULES), args)
+    stable = split_cancellations(stabilise(expr))
+    naive = sp.lambdify(symbols, stabilise(expr), modules=FLOAT_MODULES)(*args)
+    value = sp.lambdify(symbols, stable, modules=FLOAT_MODULES)(*args)
+    assert relative_error(value, truth) <= 1e-14, (stable, value, truth)
+    with mpmath.workdps(60):  # and the split form is the same function elsewhere
+        for a in (0.3, -2.5, 7.0):
+            at = [mpmath.mpf(a if s is x else point[s]) for s in symbols]
+            f, g = (sp.lambdify(symbols, e, modules=MODULES) for e in (expr, stable))
+            assert abs(f(*at) - g(*at)) <= mpmath.mpf(10) ** -45 * (1 + abs(f(*at)))
+
+
+
+def test_the_issue_example_fails_without_splits():
+    expr, point = SPLIT_EXAMPLES[0]
+    naive = sp.lambdify([b, x], stabilise(expr), modules=FLOAT_MODULES)(point[b], point[x])
+    assert naive == 0.0  # every digit of 4.2e-18 lost: what the splits are for
+
+
+# --- asymptotic inversion -------------------------------------------------------------------
+
+def test_inversion_removes_overflow_of_squares():
+    r = sp.Symbol("r", real=True)
+    delta = sp.Symbol("delta", positive=True)
+    gradient = 2 * r / (1 + r**2 / delta**2)             # Cauchy's gradient: r**2 overflows at 1e155
+    inverted = invert_for_huge(gradient, r, r)
+    assert inverted is not None
+    value = sp.lambdify([r, delta], inverted, modules=FLOAT_MODULES)(1e300, 2.0)
+    assert math.isclose(value, 8e-300, rel_tol=1e-14)
+    loss = delta**2 * sp.log(1 + r**2 / delta**2)
+    value = sp.lambdify([r, delta], invert_for_huge(loss, r, r), modules=FLOAT_MODULES)(1e300, 2.0)
+    truth = evaluate(sp.lambdify([r, delta], loss, modules=MODULES), [1e300, 2.0])
+    assert relative_error(value, truth) <= 1e-14
+
+
+def test_inversion_is_refused_where_the_value_itself_overflows():
+    r = sp.Symbol("r", real=True)
+    assert invert_for_huge(r**2, r, r) is None
+    assert invert_for_huge(sp.log(1 + r) ** 2, r, r) is None  # no power of a polynomial: no risk
+    assert HUGE > 1e10
