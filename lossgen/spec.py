@@ -46,7 +46,8 @@ GENERATED_IDENTIFIERS = frozenset({
     "self", "reduction", "sample_weight", "check_inputs", "full",
 })
 
-TOP_LEVEL_KEYS = {"name", "title", "summary", "references", "inputs", "params", "let", "loss", "notes"}
+TOP_LEVEL_KEYS = {"name", "title", "summary", "references", "inputs", "params", "let", "loss", "notes",
+                  "special_cases"}
 INPUT_KEYS = {"role", "domain", "doc"}
 PARAM_KEYS = {"default", "domain", "doc"}
 LOSS_KEYS = {"expr"}
@@ -85,6 +86,7 @@ class LossSpec:
     lets: tuple[tuple[str, sp.Expr], ...] = field(repr=False)
     loss: sp.Expr = field(repr=False)          # with every let binding substituted
     source_hash: str = ""                       # sha256 of the file's bytes
+    special_cases: tuple[str, ...] = ()         # documentation: e.g. "beta = 0 gives mae"
 
     @property
     def predictions(self) -> tuple[Input, ...]:
@@ -400,6 +402,9 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
     references = data.get("references", [])
     if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         raise SpecError(path, "references", "expected a list of strings")
+    special_cases = data.get("special_cases", [])
+    if not isinstance(special_cases, list) or not all(isinstance(c, str) and c.strip() for c in special_cases):
+        raise SpecError(path, "special_cases", "expected a list of non-empty strings")
     return LossSpec(
         name=name,
         title=_string(path, "title", data.get("title", name)),
@@ -414,6 +419,7 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
         lets=tuple(lets),
         loss=loss,
         source_hash=source_hash,
+        special_cases=tuple(special_cases),
     )
 
 
