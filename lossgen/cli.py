@@ -1,4 +1,4 @@
-"""The ``lossgen`` command line: generate, list, show, new, verify."""
+"""The ``lossgen`` command line: generate, list, show, new, verify, docs."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from .paths import GENERATED_DIR, SPECS_DIR
+from .paths import GENERATED_DIR, ROOT, SPECS_DIR
+
+_DOCS_DIR = ROOT / "docs"  # where `lossgen docs` writes the reference
 
 
 def _find_spec(specs_dir, name):
@@ -119,6 +121,12 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_docs(args) -> int:
+    from .docs import docs
+
+    return docs(args.specs, args.kernels, args.out, pdf=args.pdf, check=args.check)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lossgen", description="Symbolic compiler for loss functions: "
                                      "specs -> derivatives -> stable Numba kernels, verified in high precision.")
@@ -149,6 +157,15 @@ def main(argv=None) -> int:
                    help="also evaluate on the stress grid of extreme values (0, 1e-300, 745, 1e300, ...)")
     p.add_argument("--derivatives", action="store_true",
                    help="also check the symbolic derivatives against finite differences")
+    p = add("docs", cmd_docs, "write the LaTeX formula reference (loss, gradient, Hessian, plots) from the specs")
+    p.add_argument("--out", default=str(_DOCS_DIR), help="output folder (default: %(default)s)")
+    p.add_argument("--kernels", default=str(GENERATED_DIR),
+                   help="generated kernels of the same specs, for the plots (default: %(default)s)")
+    p.add_argument("--pdf", action="store_true",
+                   help="also compile lossgen-reference.pdf with latexmk or pdflatex")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if the output (or its PDF) is stale; with --pdf, "
+                        "also compile in a temporary folder as a test")
     args = parser.parse_args(argv)
     try:
         return args.function(args)
