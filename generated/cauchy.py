@@ -19,7 +19,7 @@ References:
     P. W. Holland and R. E. Welsch, Robust regression using iteratively reweighted least-squares, 1977
     SciPy, scipy.optimize.least_squares(loss='cauchy')
 """
-# lossgen-generated spec-sha256=dc6a86bc92b8a532449121f0d9ec22bd5a25a4c6b7d74b5749974c33dd8e7d28
+# lossgen-generated spec-sha256=17055714d58aa109cefba77aadbbc211b1d5b34fedcb5955270f1076a9bd166b
 import math
 
 import numba

@@ -19,7 +19,7 @@ References:
     SciPy, scipy.optimize.least_squares(loss='cauchy')
     B. Triggs et al., Bundle Adjustment: A Modern Synthesis, 2000
 """
-# lossgen-generated spec-sha256=361c63e6bba64ca1175f8ad078c41d5f2df7c668af95cfc83dc6073883c6e70e
+# lossgen-generated spec-sha256=b627454b19cd123497735917280870610da243b8f85dc8f9bd838f85ae6b5cf3
 import math
 
 import numba

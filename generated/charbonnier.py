@@ -19,7 +19,7 @@ References:
     P. Charbonnier et al., Two deterministic half-quadratic regularization algorithms for computed imaging, ICIP 1994
     W.-S. Lai et al., Deep Laplacian Pyramid Networks for Fast and Accurate Super-Resolution, CVPR 2017
 """
-# lossgen-generated spec-sha256=e8c87bdcaa0c6eead6af764b99389f972bcbb3e16a422e2952e2ec21092a2fe1
+# lossgen-generated spec-sha256=a42ddbff3ef7e1fdeb92968a5cc5b246004827cfbfa825b05319f9f43074ec40
 import math
 
 import numba

@@ -17,7 +17,7 @@ whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero)
 References:
     H. Zou and T. Hastie, Regularization and variable selection via the elastic net, JRSS B 67(2), 2005
 """
-# lossgen-generated spec-sha256=eedd5380cc99f3ba0ed98340147593cb2396c11874361a4f1418ac12429299e3
+# lossgen-generated spec-sha256=5f01dac04299046a11c74cef25a807542f68ef0731db0bc8617c897d20674b83
 import math
 
 import numba

@@ -19,7 +19,7 @@ References:
     P. J. Huber, Robust Estimation of a Location Parameter, Annals of Mathematical Statistics 35(1), 1964
     PyTorch, torch.nn.HuberLoss
 """
-# lossgen-generated spec-sha256=4f5f8b91cb431ffb02b20a4bfc2388439684e9bd484503e001e9ff2051f5dc44
+# lossgen-generated spec-sha256=e9fdd6dee4be3a701f9eb4fecae829a83cd7a4d246e168c7aad22f0c1adba9b6
 import math
 
 import numba

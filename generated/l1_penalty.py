@@ -18,7 +18,7 @@ whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero)
 References:
     R. Tibshirani, Regression Shrinkage and Selection via the Lasso, JRSS B 58(1), 1996
 """
-# lossgen-generated spec-sha256=d70fc58a8c94f26849c242e54ee1126084fe38abaa4f913dda37f889bdffea70
+# lossgen-generated spec-sha256=01ff2f2988859194d78b49ee75223c913cd73b5b42dae271c6c5f66f674226d3
 import math
 
 import numba

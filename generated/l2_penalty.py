@@ -18,7 +18,7 @@ whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero)
 References:
     A. E. Hoerl and R. W. Kennard, Ridge Regression, Technometrics 12(1), 1970
 """
-# lossgen-generated spec-sha256=a7d916dff952effed0f15dc19f35acd3cdcdb31c3b8bd7fcea789904da3ca80c
+# lossgen-generated spec-sha256=08581311ee369064110ac8c0b5a8d6a57da6f476c4146a6143cbea406e1181c8
 import math
 
 import numba

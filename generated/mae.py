@@ -18,7 +18,7 @@ References:
     P. S. Laplace, Traite de mecanique celeste, 1799
     PyTorch, torch.nn.L1Loss
 """
-# lossgen-generated spec-sha256=83dc39aa2fce24ea6c3995538e601422eed9456e5b3d194f43c0aa955cf877de
+# lossgen-generated spec-sha256=6c4376602e34b10ea4c6c1079379310317b01e7fc8ee895c02a714b6093f0029
 import math
 
 import numba

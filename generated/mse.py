@@ -18,7 +18,7 @@ References:
     C. F. Gauss, Theoria motus corporum coelestium, 1809
     PyTorch, torch.nn.MSELoss
 """
-# lossgen-generated spec-sha256=8d5b89860a229749dbf370d569c22d8efbf164ef1391a561f2884b05d73784b4
+# lossgen-generated spec-sha256=0669dbbc56f4b117c949227794a258f575dbf982a4c87be244e8c9cab0b66939
 import math
 
 import numba

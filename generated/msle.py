@@ -17,7 +17,7 @@ whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero)
 References:
     Keras, tf.keras.losses.MeanSquaredLogarithmicError
 """
-# lossgen-generated spec-sha256=454f9bd3640a2c74184080b861807a13e598d399d90759917a5c6efe87e89915
+# lossgen-generated spec-sha256=90d1c0af38069485ef0ffb0dce4a4ebfb707e466f15e3d45ee7a026948274eb3
 import math
 
 import numba

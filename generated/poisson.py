@@ -18,7 +18,7 @@ References:
     P. McCullagh and J. A. Nelder, Generalized Linear Models, 2nd ed., 1989
     PyTorch, torch.nn.PoissonNLLLoss
 """
-# lossgen-generated spec-sha256=ad9285fc434e7dbf9321b3c83058e66033d8072b3c74c24bf4b0e860972970a9
+# lossgen-generated spec-sha256=b47cf3c7ffc7fd312742016fe3abf32b21d44cfcbe7f12a68293bb1a97eb85bf
 import math
 
 import numba

@@ -19,7 +19,7 @@ References:
     P. Charbonnier et al., Two deterministic half-quadratic regularization algorithms for computed imaging, ICIP 1994
     R. Hartley and A. Zisserman, Multiple View Geometry in Computer Vision, 2nd ed., 2004, A6.8
 """
-# lossgen-generated spec-sha256=63463cec95c8cf6edebb8735e446d1c12e57c7ae155162064ea076cb0a5eaceb
+# lossgen-generated spec-sha256=ce44b1dc143183e53283914e5f8a3284d6361b5d137925eb9209ebf47c9c7c1f
 import math
 
 import numba

@@ -18,7 +18,7 @@ whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero)
 References:
     R. Koenker and G. Bassett, Regression Quantiles, Econometrica 46(1), 1978
 """
-# lossgen-generated spec-sha256=6c9c8a7877f64cc4ef8687c483eaf0097e173b336d7d030aa803994edb3575dd
+# lossgen-generated spec-sha256=e03b72d651c43d9f45b9294734d6268f2b7abf0c38775107353e3fb1f6b99f36
 import math
 
 import numba

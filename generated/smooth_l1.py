@@ -19,7 +19,7 @@ References:
     R. Girshick, Fast R-CNN, ICCV 2015
     PyTorch, torch.nn.SmoothL1Loss
 """
-# lossgen-generated spec-sha256=10afb81cda22cdd8c428a72fbc4e0a161650e1b509ea22358cea379eb39b4d66
+# lossgen-generated spec-sha256=4f512f643966f25827db85f7b277e59df18da3e158e50e89319e3385cdaa062c
 import math
 
 import numba
