@@ -31,16 +31,16 @@ FRAGMENTS = "losses"
 PDF = "lossgen-reference.pdf"
 JOB = "lossgen-reference"
 _KERNEL_HASH = re.compile(r"^# lossgen-generated spec-sha256=([0-9a-f]{64})", re.M)
-_PDF_HASH = re.compile(rb"lossgen-sources-sha256=([0-9a-f]{64})")
+_PDF_HASH = re.compile(rb"/LossgenSources\s*\(sha256=([0-9a-f]{64})\)")
 
 TEX_MISSING = """\
-error: --pdf needs pdflatex (TeX Live or MiKTeX), and neither latexmk nor pdflatex is on PATH.
+error: --pdf needs pdflatex (from TeX Live or MiKTeX), and there is none on PATH.
 Install a TeX distribution with LaTeX, pgfplots and the Latin Modern fonts:
   Debian/Ubuntu: sudo apt-get install --no-install-recommends texlive-latex-base \\
                      texlive-latex-recommended texlive-pictures lmodern latexmk
-                 (about 140 MB installed; texlive-full works too)
+                 (about 260 MB installed; texlive-full works too)
   macOS:         brew install --cask basictex, then
-                     sudo tlmgr install latexmk pgfplots lm booktabs
+                     sudo tlmgr install latexmk pgf pgfplots lm booktabs mathtools
                  (or the full MacTeX: brew install --cask mactex-no-gui)
   Windows:       MiKTeX (https://miktex.org), which fetches missing packages on first use,
                  or TeX Live (https://tug.org/texlive)

@@ -405,16 +405,27 @@ def _is_condition(expr) -> bool:
     return isinstance(expr, Boolean) or isinstance(expr, sp.core.relational.Relational)
 
 
-def _same(a: sp.Expr, b: sp.Expr) -> bool:
-    """a and b are the same expression: structurally, or their difference expands to 0
-    (an exact identity such as -r*r + r**2 = 0 that SymPy applied on substitution)."""
+def _same(a, b) -> bool:
+    """a and b are the same expression: structurally, or their difference expands to 0 (an
+    exact identity such as (y - p)(p - y) + (p - y)**2 = 0, which SymPy applies by itself when
+    p - y becomes a symbol), compared branch by branch in a Piecewise and argument by argument
+    in nodes of the same kind (expand does not see through Piecewise)."""
     if a == b:
         return True
-    if a.has(sp.Piecewise) or b.has(sp.Piecewise) or sp.count_ops(a) + sp.count_ops(b) > 400:
+    if not isinstance(a, sp.Basic) or not isinstance(b, sp.Basic):
+        return False
+    if isinstance(a, sp.Piecewise) and isinstance(b, sp.Piecewise):
+        return len(a.args) == len(b.args) and all(
+            ca == cb and _same(ea, eb) for (ea, ca), (eb, cb) in zip(a.args, b.args))
+    if a.func == b.func and len(a.args) == len(b.args) and a.args and not a.is_Atom \
+            and all(_same(x, y) for x, y in zip(a.args, b.args)):
+        return True
+    if a.has(sp.Piecewise) or b.has(sp.Piecewise) or _is_condition(a) or _is_condition(b) \
+            or sp.count_ops(a) + sp.count_ops(b) > 400:
         return False
     try:
         return sp.expand(a - b) == 0
-    except Exception:  # pragma: no cover - SymPy refusing is "not the same"
+    except Exception:  # noqa: BLE001 - SymPy refusing is "not shown to be the same"
         return False
 
 

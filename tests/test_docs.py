@@ -381,7 +381,7 @@ def test_docs_writes_checks_and_leaves_foreign_files_alone(tmp_path):
     # --check: the PDF is missing; a PDF built from these sources makes it pass; an edit makes it stale
     assert docs(specs, GENERATED_DIR, out, check=True, log=messages.append) == 1
     files, _ = render_docs(specs, GENERATED_DIR, log=quiet)
-    (out / PDF).write_bytes(b"%PDF-1.5 lossgen-sources-sha256=" + sources_hash(files).encode() + b"\n")
+    (out / PDF).write_bytes(b"%PDF-1.5 /LossgenSources (sha256=" + sources_hash(files).encode() + b")\n")
     assert pdf_hash(out / PDF) == sources_hash(files)
     assert docs(specs, GENERATED_DIR, out, check=True, log=messages.append) == 0
     (out / FRAGMENTS / "mae.tex").write_text((out / FRAGMENTS / "mae.tex").read_text() + "%\n")
@@ -463,6 +463,9 @@ def test_spec_with_special_characters_compiles_and_shows_them(tmp_path):
     assert "overflow" not in output
     pdf = tmp_path / "docs" / PDF
     assert pdf.read_bytes().startswith(b"%PDF")
+    # the PDF records the sources it was built from: --check finds everything current
+    rc, output = run_cli("docs", "--specs", "specs", "--kernels", "kernels", "--out", "docs", "--check", cwd=tmp_path)
+    assert rc == 0, output
     if shutil.which("pdftotext"):
         text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True).stdout
         flat = " ".join(text.split())
