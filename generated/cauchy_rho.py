@@ -14,6 +14,7 @@ Parameters: delta = 1.0 (positive)
 
 At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the first branch
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
+Outside the inputs' domains every kernel returns nan.
 
 References:
     SciPy, scipy.optimize.least_squares(loss='cauchy')
@@ -38,44 +39,54 @@ SPEC = {
 @numba.njit(cache=True, error_model="numpy")
 def loss_scalar(s, delta):
     """loss of one element."""
-    _t0 = delta**2
-    return _t0*math.log1p(s/_t0)
+    if not ((s >= 0.0)):
+        return math.nan
+    return delta**2*math.log1p((((s)/(delta)))/(delta))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(s, delta):
     """grad of one element."""
+    if not ((s >= 0.0)):
+        return math.nan
     _t0 = delta**2
-    return _t0/(_t0 + s)
+    return (_t0)/(_t0 + s)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(s, delta):
     """hess of one element."""
+    if not ((s >= 0.0)):
+        return math.nan
     _t0 = delta**2
-    _t1 = (1.0/s)
+    _t1 = ((1.0)/(s))
     _t2 = _t1**2
-    return ((-_t0*_t2/(2.0*_t0*_t1 + _t2*delta**4 + 1.0)) if (s > 1e+60) else (-_t0/(_t0 + s)**2))
+    _t3 = _t0 + s
+    return (((-_t0*_t2)/(2.0*_t0*_t1 + _t2*delta**4 + 1.0)) if (s > 1e+60) else ((((-_t0)/(_t3)))/(_t3)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(s, delta):
     """grad, hess of one element."""
+    if not ((s >= 0.0)):
+        return math.nan, math.nan
     _t0 = delta**2
     _t1 = _t0 + s
-    _t2 = (1.0/s)
+    _t2 = ((1.0)/(s))
     _t3 = _t2**2
-    return _t0/_t1, ((-_t0*_t3/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else (-_t0/_t1**2))
+    return (_t0)/(_t1), (((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else ((((-_t0)/(_t1)))/(_t1)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(s, delta):
     """loss, grad, hess of one element."""
+    if not ((s >= 0.0)):
+        return math.nan, math.nan, math.nan
     _t0 = delta**2
     _t1 = _t0 + s
-    _t2 = (1.0/s)
+    _t2 = ((1.0)/(s))
     _t3 = _t2**2
-    return _t0*math.log1p(s/_t0), _t0/_t1, ((-_t0*_t3/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else (-_t0/_t1**2))
+    return _t0*math.log1p((((s)/(delta)))/(delta)), (_t0)/(_t1), (((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else ((((-_t0)/(_t1)))/(_t1)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

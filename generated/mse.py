@@ -43,7 +43,7 @@ def loss_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p):
     """grad of one element."""
-    return 2.0*(p - y)
+    return 2.0*p - 2.0*y
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -55,14 +55,13 @@ def hess_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
-    return 2.0*(p - y), 2.0
+    return 2.0*p - 2.0*y, 2.0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
-    _t0 = p - y
-    return _t0**2, 2.0*_t0, 2.0
+    return (p - y)**2, 2.0*p - 2.0*y, 2.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

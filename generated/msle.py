@@ -13,6 +13,7 @@ Inputs: y (target, nonnegative), p (prediction, nonnegative)
 
 At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the first branch
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
+Outside the inputs' domains every kernel returns nan.
 
 References:
     Keras, tf.keras.losses.MeanSquaredLogarithmicError
@@ -36,38 +37,50 @@ SPEC = {
 @numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, p):
     """loss of one element."""
+    if not ((p >= 0.0) and (y >= 0.0)):
+        return math.nan
     return (math.log1p(p) - math.log1p(y))**2
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p):
     """grad of one element."""
-    return 2.0*(math.log1p(p) - math.log1p(y))/(p + 1.0)
+    if not ((p >= 0.0) and (y >= 0.0)):
+        return math.nan
+    return (2.0*math.log1p(p) - 2.0*math.log1p(y))/(p + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p):
     """hess of one element."""
-    return (-2.0*math.log1p(p) + 2.0*math.log1p(y) + 2.0)/(p + 1.0)**2
+    if not ((p >= 0.0) and (y >= 0.0)):
+        return math.nan
+    _t0 = p + 1.0
+    return (((-2.0*math.log1p(p) + 2.0*math.log1p(y) + 2.0)/(_t0)))/(_t0)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
-    _t0 = p + 1.0
-    _t1 = math.log1p(p)
-    _t2 = math.log1p(y)
-    return 2.0*(_t1 - _t2)/_t0, (-2.0*_t1 + 2.0*_t2 + 2.0)/_t0**2
+    if not ((p >= 0.0) and (y >= 0.0)):
+        return math.nan, math.nan
+    _t0 = 2.0*math.log1p(p)
+    _t1 = 2.0*math.log1p(y)
+    _t2 = p + 1.0
+    return (_t0 - _t1)/(_t2), (((-_t0 + _t1 + 2.0)/(_t2)))/(_t2)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
+    if not ((p >= 0.0) and (y >= 0.0)):
+        return math.nan, math.nan, math.nan
     _t0 = math.log1p(p)
     _t1 = math.log1p(y)
-    _t2 = _t0 - _t1
-    _t3 = p + 1.0
-    return _t2**2, 2.0*_t2/_t3, (-2.0*_t0 + 2.0*_t1 + 2.0)/_t3**2
+    _t2 = 2.0*_t0
+    _t3 = 2.0*_t1
+    _t4 = p + 1.0
+    return (_t0 - _t1)**2, (_t2 - _t3)/(_t4), (((-_t2 + _t3 + 2.0)/(_t4)))/(_t4)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -13,6 +13,7 @@ Inputs: y (target, nonnegative), p (prediction, real)
 
 At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the first branch
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
+Outside the inputs' domains every kernel returns nan.
 
 References:
     P. McCullagh and J. A. Nelder, Generalized Linear Models, 2nd ed., 1989
@@ -62,24 +63,32 @@ def _fma(a, b, c):
 @numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, p):
     """loss of one element."""
+    if not ((y >= 0.0)):
+        return math.nan
     return ((_fma(-p, y, 1.0) + math.expm1(p)) if (abs(p) <= 1.0) else (-p*y + math.exp(p)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p):
     """grad of one element."""
+    if not ((y >= 0.0)):
+        return math.nan
     return (((1.0 - y) + math.expm1(p)) if (abs(p) <= 1.0) else (-y + math.exp(p)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p):
     """hess of one element."""
+    if not ((y >= 0.0)):
+        return math.nan
     return math.exp(p)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
+    if not ((y >= 0.0)):
+        return math.nan, math.nan
     _t0 = math.exp(p)
     return (((1.0 - y) + math.expm1(p)) if (abs(p) <= 1.0) else (_t0 - y)), _t0
 
@@ -87,6 +96,8 @@ def grad_hess_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
+    if not ((y >= 0.0)):
+        return math.nan, math.nan, math.nan
     _t0 = math.expm1(p)
     _t1 = (abs(p) <= 1.0)
     _t2 = math.exp(p)

@@ -35,18 +35,6 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _heaviside(x, at_zero):
-    """Heaviside step: 0 for x < 0, 1 for x > 0, `at_zero` at 0 (nan for nan)."""
-    if x > 0:
-        return 1.0
-    if x < 0:
-        return 0.0
-    if x == 0:
-        return at_zero
-    return x
-
-
-@numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, p, tau):
     """loss of one element."""
     _t0 = -p + y
@@ -56,8 +44,11 @@ def loss_scalar(y, p, tau):
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, tau):
     """grad of one element."""
-    _t0 = p - y
-    return -tau*_heaviside(-_t0, 1/2) + (1.0 - tau)*_heaviside(_t0, 1/2)
+    _t0 = -tau
+    _t1 = p - y
+    _t2 = (_t0)/(2.0)
+    _t3 = (_t1 == 0.0)
+    return ((_t0) if (_t1 < 0.0) else (_t2) if _t3 else (0.0)) + ((1.0 - tau) if (_t1 > 0.0) else (_t2 + 1/2) if _t3 else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -69,8 +60,11 @@ def hess_scalar(y, p, tau):
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p, tau):
     """grad, hess of one element."""
-    _t0 = p - y
-    return -tau*_heaviside(-_t0, 1/2) + (1.0 - tau)*_heaviside(_t0, 1/2), 0.0
+    _t0 = -tau
+    _t1 = p - y
+    _t2 = (_t0)/(2.0)
+    _t3 = (_t1 == 0.0)
+    return ((_t0) if (_t1 < 0.0) else (_t2) if _t3 else (0.0)) + ((1.0 - tau) if (_t1 > 0.0) else (_t2 + 1/2) if _t3 else (0.0)), 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -79,7 +73,10 @@ def loss_grad_hess_scalar(y, p, tau):
     _t0 = p - y
     _t1 = -_t0
     _t2 = tau - 1.0
-    return max(_t1*_t2, _t1*tau), -_t2*_heaviside(_t0, 1/2) - tau*_heaviside(_t1, 1/2), 0.0
+    _t3 = -tau
+    _t4 = (_t3)/(2.0)
+    _t5 = (_t0 == 0.0)
+    return max(_t1*_t2, _t1*tau), ((-_t2) if (_t0 > 0.0) else (_t4 + 1/2) if _t5 else (0.0)) + ((_t3) if (_t0 < 0.0) else (_t4) if _t5 else (0.0)), 0.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

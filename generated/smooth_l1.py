@@ -50,39 +50,37 @@ def loss_scalar(y, p, beta):
     """loss of one element."""
     _t0 = p - y
     _t1 = abs(_t0)
-    return (((1/2)*_t0**2/beta) if (_t1 < beta) else (_t1 - 1/2*beta))
+    return (((_t0**2)/(2.0*beta)) if (_t1 < beta) else (_t1 + (-beta)/(2.0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, beta):
     """grad of one element."""
     _t0 = p - y
-    return ((_t0/beta) if (beta > abs(_t0)) else (_sign(_t0)))
+    return (((_t0)/(beta)) if (beta > abs(_t0)) else (_sign(_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p, beta):
     """hess of one element."""
-    return ((1.0/beta) if (beta > abs(p - y)) else (0.0))
+    return (((1.0)/(beta)) if (beta > abs(p - y)) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p, beta):
     """grad, hess of one element."""
-    _t0 = 1.0/beta
-    _t1 = p - y
-    _t2 = (beta > abs(_t1))
-    return ((_t0*_t1) if _t2 else (_sign(_t1))), ((_t0) if _t2 else (0.0))
+    _t0 = p - y
+    _t1 = (beta > abs(_t0))
+    return (((_t0)/(beta)) if _t1 else (_sign(_t0))), (((1.0)/(beta)) if _t1 else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p, beta):
     """loss, grad, hess of one element."""
-    _t0 = 1.0/beta
-    _t1 = p - y
-    _t2 = abs(_t1)
-    _t3 = (beta > _t2)
-    return (((1/2)*_t0*_t1**2) if _t3 else (_t2 - 1/2*beta)), ((_t0*_t1) if _t3 else (_sign(_t1))), ((_t0) if _t3 else (0.0))
+    _t0 = p - y
+    _t1 = abs(_t0)
+    _t2 = (beta > _t1)
+    return (((_t0**2)/(2.0*beta)) if _t2 else (_t1 + (-beta)/(2.0))), (((_t0)/(beta)) if _t2 else (_sign(_t0))), (((1.0)/(beta)) if _t2 else (0.0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

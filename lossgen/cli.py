@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(GENERATED_DIR), help="generated folder (default: %(default)s)")
     p.add_argument("--points", type=int, default=200, help="random points per parameter set (default: 200)")
     p.add_argument("--tolerance", type=float, default=1e-12, help="relative error bound (default: 1e-12)")
-    p.add_argument("--stress", action="store_true",
-                   help="also evaluate on the stress grid of extreme values (0, 1e-300, 745, 1e300, ...)")
+    p.add_argument("--stress", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate on the stress grid of extreme values (0, 1e-300, 745, 1e300, ...); "
+                        "default: on")
     p.add_argument("--derivatives", action="store_true",
                    help="also check the symbolic derivatives against finite differences")
     p = add("docs", cmd_docs, "write the LaTeX formula reference (loss, gradient, Hessian, plots) from the specs")

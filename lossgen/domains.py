@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -20,6 +22,14 @@ class Domain:
     low_closed: bool = False
     high_closed: bool = False
     values: tuple[float, ...] = ()  # a finite set, when non-empty
+
+    def mask(self, values: np.ndarray) -> np.ndarray:
+        """Elementwise ``contains``, for arrays."""
+        if self.values:
+            return np.isin(values, self.values)
+        above = values >= self.low if self.low_closed else values > self.low
+        below = values <= self.high if self.high_closed else values < self.high
+        return above & below
 
     @property
     def extremes(self) -> tuple[float, ...]:
@@ -48,6 +58,8 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
     Domain("real", "a finite real number", {"real": True}, low_closed=False),
     Domain("positive", "positive (> 0)", {"positive": True}, low=0.0),
     Domain("nonnegative", "non-negative (>= 0)", {"nonnegative": True}, low=0.0, low_closed=True),
+    Domain("nonpositive", "non-positive (<= 0), e.g. a log-probability", {"nonpositive": True}, high=0.0,
+           high_closed=True),
     Domain("unit_interval", "in [0, 1]", {"nonnegative": True}, low=0.0, high=1.0,
            low_closed=True, high_closed=True),
     Domain("open_unit_interval", "in (0, 1)", {"positive": True}, low=0.0, high=1.0),

@@ -6,12 +6,15 @@ as SymPy's own printers); common subexpressions are shared within each fused ker
 """
 from __future__ import annotations
 
+import math
+
 import jinja2
 import sympy as sp
 from sympy.printing.precedence import precedence
 from sympy.printing.pycode import PythonCodePrinter
 
 from .derive import KERNELS, Derivation
+from .domains import DOMAINS
 from .paths import TEMPLATES_DIR
 
 MARKER = "lossgen-generated"  # first comment line of every generated file
@@ -27,7 +30,6 @@ HELPERS = {
     "xlog1py": "xlog1py",
     "logaddexp": "logaddexp",
     "fma": "fma",
-    "sum3": "sum3",
 }
 
 
@@ -52,6 +54,18 @@ class NumbaPrinter(PythonCodePrinter):
             return f"{base}**{int(expr.exp)}" if expr.exp > 0 else f"(1.0/{base}**{-int(expr.exp)})"
         return super()._print_Pow(expr, rational)
 
+    def _print_exact_sum(self, expr):
+        self.helpers_used.add("exact_sum")
+        terms = [self._print(t) for t in expr.args]
+        state = f"_sum_start({terms[0]})"
+        for term in terms[1:]:
+            state = f"_sum_add({state}, {term})"
+        return f"_sum_finish({state})"
+
+    def _print_div(self, expr):
+        numerator, denominator = expr.args
+        return f"({self._print(numerator)})/({self._print(denominator)})"
+
     def _print_group(self, expr):
         return f"({self._print(expr.args[0])})"
 
@@ -65,8 +79,41 @@ for _name in HELPERS:
     setattr(NumbaPrinter, f"_print_{_name}", NumbaPrinter._print_helper)
 
 
+def domain_guard(spec) -> sp.Expr | None:
+    """The condition that every input lies in its domain (None when all are real): outside
+    it a kernel returns nan, instead of whatever number the formula happens to give."""
+    conditions = []
+    for i in spec.inputs:
+        d, x = DOMAINS[i.domain], sp.Symbol(i.name)  # no assumptions: y >= 0 must stay a test
+        if d.values:
+            conditions.append(sp.Or(*(sp.Eq(x, v) for v in d.values)))
+            continue
+        if d.low != -math.inf:
+            conditions.append(x >= d.low if d.low_closed else x > d.low)
+        if d.high != math.inf:
+            conditions.append(x <= d.high if d.high_closed else x < d.high)
+    return sp.And(*conditions, evaluate=False) if conditions else None
+
+
+class div(sp.Function):
+    """a/b as one division: common-subexpression elimination must not turn y/q into y*(1/q),
+    which is inf*0 = nan for a subnormal q and y = 0."""
+
+
+def _as_divisions(expr: sp.Expr) -> sp.Expr:
+    """Every quotient as div(numerator, denominator), outermost first."""
+    if isinstance(expr, (sp.Mul, sp.Pow)):
+        numerator, denominator = sp.fraction(expr, exact=True)
+        if denominator != 1:
+            return div(_as_divisions(numerator), _as_divisions(denominator))
+    if not expr.args or isinstance(expr, sp.Symbol):
+        return expr
+    return expr.func(*[_as_divisions(a) for a in expr.args])
+
+
 def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter) -> tuple[list[str], str]:
     """Assignment lines and the return expression computing ``exprs`` with shared CSEs."""
+    exprs = [_as_divisions(e) for e in exprs]
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="canonical")
     lines = [f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements]
     returns = ", ".join(printer.doprint(e) for e in reduced)
@@ -96,6 +143,7 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
     """
     spec = stable.spec
     printer = NumbaPrinter()
+    guard = domain_guard(spec)
     n_pred = len(spec.predictions)
     scalar_kernels = []
     for kernel, quantities in KERNELS.items():
@@ -103,6 +151,7 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
         count = sum(1 if q == "loss" else n_pred for q in quantities)
         scalar_kernels.append({
             "name": kernel, "lines": lines, "returns": returns, "count": count,
+            "outside": ", ".join(["math.nan"] * count),
             "outs": [f"_out{j}" for j in range(count)], "vals": [f"_v{j}" for j in range(count)],
             "doc": f"{kernel.replace('_', ', ')} of one element"
                    + (f" (per prediction: {', '.join(p.name for p in spec.predictions)})"
@@ -121,6 +170,7 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
         marker=MARKER,
         formulas=formulas,
         helpers=printer.helpers_used,
+        guard=None if guard is None else printer.doprint(guard),
         scalar_kernels=scalar_kernels,
         kernel_outputs={k["name"]: k["count"] for k in scalar_kernels},
         arguments=inputs + params,

@@ -7,6 +7,9 @@ first call (then comes from Numba's on-disk cache in later processes).
     huber = lossgen.get("huber")                  # or lossgen.losses.huber
     huber.loss(y, p, delta=1.0, reduction="mean", sample_weight=None)
     huber.grad(y, p); huber.hess(y, p); huber.grad_hess(y, p); huber.loss_grad_hess(y, p)
+
+Outside an input's domain (a probability above 1, a negative count) every kernel returns nan;
+with ``check_inputs=True`` such an input raises ValueError instead.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Loss:
         self.summary = spec["summary"]
         self.inputs = tuple(name for name, _, _ in spec["inputs"])
         self.predictions = tuple(name for name, role, _ in spec["inputs"] if role == "prediction")
+        self.domains = {name: domain for name, _, domain in spec["inputs"]}
         self.params = {name: (default, domain) for name, default, domain in spec["params"]}
         self.module = module
         self.__doc__ = module.__doc__
@@ -57,13 +61,13 @@ class Loss:
 
     # --- public methods ------------------------------------------------------------------
 
-    def loss(self, *arrays, reduction="mean", sample_weight=None, **kwargs):
+    def loss(self, *arrays, reduction="mean", sample_weight=None, check_inputs=False, **kwargs):
         """Loss per element (``reduction="none"``), or its sum or (weighted) mean.
 
         With ``sample_weight``, element i counts w_i times; ``mean`` is sum(w l) / sum(w).
         """
         self._check_reduction("loss", reduction)
-        call = self._prepare("loss", arrays, kwargs, sample_weight)
+        call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
         if reduction == "none":
             return self._run("loss", call)[0]
         total = self.module.loss_sum_kernel(*call.arrays, *call.params, call.weight)
@@ -72,28 +76,28 @@ class Loss:
         count = call.arrays[0].size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
         return call.dtype.type(total / count if count else np.nan)
 
-    def grad(self, *arrays, sample_weight=None, **kwargs):
+    def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
         """d loss_i / d p_i for each element (times w_i); a tuple if there are several predictions."""
-        call = self._prepare("grad", arrays, kwargs, sample_weight)
+        call = self._prepare("grad", arrays, kwargs, sample_weight, check_inputs)
         return self._per_prediction(self._run("grad", call))
 
-    def hess(self, *arrays, sample_weight=None, **kwargs):
+    def hess(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
         """d2 loss_i / d p_i2 for each element (times w_i); a tuple if there are several predictions."""
-        call = self._prepare("hess", arrays, kwargs, sample_weight)
+        call = self._prepare("hess", arrays, kwargs, sample_weight, check_inputs)
         return self._per_prediction(self._run("hess", call))
 
-    def grad_hess(self, *arrays, sample_weight=None, **kwargs):
+    def grad_hess(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
         """(grad, hess) in one pass, as needed by boosting custom objectives."""
-        call = self._prepare("grad_hess", arrays, kwargs, sample_weight)
+        call = self._prepare("grad_hess", arrays, kwargs, sample_weight, check_inputs)
         outs = self._run("grad_hess", call)
         k = len(self.predictions)
         return self._per_prediction(outs[:k]), self._per_prediction(outs[k:])
 
-    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, **kwargs):
+    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, check_inputs=False, **kwargs):
         """(loss, grad, hess) in one fused pass. ``reduction`` applies to the loss only;
         gradients and Hessians are always per element."""
         self._check_reduction("loss_grad_hess", reduction)
-        call = self._prepare("loss_grad_hess", arrays, kwargs, sample_weight)
+        call = self._prepare("loss_grad_hess", arrays, kwargs, sample_weight, check_inputs)
         outs = self._run("loss_grad_hess", call)
         k = len(self.predictions)
         loss = outs[0]
@@ -121,7 +125,7 @@ class Loss:
         getattr(self.module, f"{kernel}_kernel")(*call.arrays, *call.params, call.weight, *outs)
         return [o.reshape(call.shape) for o in outs]
 
-    def _prepare(self, method, arrays, kwargs, sample_weight) -> _Call:
+    def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs=False) -> _Call:
         where = f"{self.name}.{method}()"
         if len(arrays) > len(self.inputs):
             raise TypeError(f"{where} takes {len(self.inputs)} arrays ({', '.join(self.inputs)}), "
@@ -151,6 +155,14 @@ class Loss:
             if array.shape != shape:
                 shapes = ", ".join(f"{n} {a.shape}" for n, a in checked.items())
                 raise ValueError(f"{where}: input shapes differ: {shapes}")
+        if check_inputs:
+            for name, array in checked.items():
+                domain = DOMAINS[self.domains[name]]
+                outside = ~domain.mask(array.astype(np.float64, copy=False))
+                if outside.any():
+                    index = np.unravel_index(np.argmax(outside), array.shape) if array.ndim else ()
+                    raise ValueError(f"{where}: input '{name}' must be {domain.text}; "
+                                     f"element {tuple(int(i) for i in index)} is {array[index].item()!r}")
         floats = [a.dtype for a in checked.values() if a.dtype.kind == "f"]
         dtype = np.dtype(np.float32 if floats and all(d == np.float32 for d in floats) else np.float64)
         flat = [np.ascontiguousarray(a, dtype=dtype).reshape(-1) for a in checked.values()]

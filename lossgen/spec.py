@@ -38,6 +38,7 @@ class SpecError(ValueError):
 ROLES = {
     "target": "observed value; not differentiated",
     "prediction": "model output; gradient and Hessian are taken with respect to it",
+    "input": "other given data (an advantage, a reference model's log-probability); not differentiated",
 }
 
 # Names used by the generated code and the runtime API, which a spec may not redefine.

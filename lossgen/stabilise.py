@@ -23,7 +23,10 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 from sympy.core.traversal import bottom_up
 
-from .vocabulary import fma, group, logaddexp, logcosh, sigmoid, softplus, sum3, xlog1py, xlogy
+from dataclasses import replace
+
+from .derive import differentiate, tidy
+from .vocabulary import exact_sum, fma, group, logaddexp, logcosh, sigmoid, softplus, xlog1py, xlogy
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
 
@@ -55,6 +58,20 @@ def _exp_minus_one(e):
             if isinstance(rest, sp.exp) and -c in terms:
                 others = [u for u in terms if u is not t and u != -c]
                 return sp.Add(c * expm1(rest.args[0]), *others)
+
+
+def _power_minus_one(e):
+    """c*a**k - c -> c*expm1(k*log(a)) for a non-integer k: a**k rounds to 1 when k*log(a) is
+    small (Barron's loss near alpha = 0)."""
+    terms = _add_terms(e)
+    if terms:
+        for t in terms:
+            for f in sp.Mul.make_args(t):
+                if isinstance(f, sp.Pow) and not f.exp.is_Integer and f.exp != sp.S.Half and f.exp != -sp.S.Half:
+                    c = t / f
+                    if -c in terms and not c.has(f.base):
+                        others = [u for u in terms if u is not t and u != -c]
+                        return sp.Add(c * expm1(f.exp * sp.log(f.base)), *others)
 
 
 def _log_cosh(e):
@@ -151,12 +168,12 @@ def _difference_of_squares(e):
             return (a - b) * (a + b)
 
 
-def _sum_of_three_atoms(e):
-    """a + b + c of inputs, parameters and numbers -> sum3(a, b, c), exactly rounded: delta + p - y
-    keeps its digits both where p is close to -delta and where y is close to delta."""
+def _sum_of_atoms(e):
+    """a + b + c + ... of inputs, parameters and numbers -> exact_sum(...): delta + p - y keeps
+    its digits both where p is close to -delta and where y is close to delta."""
     terms = _add_terms(e)
-    if terms and len(terms) == 3 and all(_signed_atom(t) for t in terms):
-        return sum3(*sorted(terms, key=sp.default_sort_key))
+    if terms and len(terms) >= 3 and all(_signed_atom(t) for t in terms):
+        return exact_sum(*sorted(terms, key=sp.default_sort_key))
 
 
 def _signed_atom(term) -> bool:
@@ -181,21 +198,95 @@ def _log_sigmoid(e):
 
 
 def _logistic_fraction(e):
-    """1/(1 + exp(a)) -> sigmoid(-a)."""
-    if isinstance(e, sp.Pow) and e.exp == -1 and isinstance(e.base, sp.Add) and len(e.base.args) == 2 \
-            and sp.S.One in e.base.args:
+    """(1 + exp(a))**-k -> sigmoid(-a)**k."""
+    if isinstance(e, sp.Pow) and e.exp.is_Integer and e.exp < 0 and isinstance(e.base, sp.Add) \
+            and len(e.base.args) == 2 and sp.S.One in e.base.args:
         other = e.base - 1
         if isinstance(other, sp.exp):
-            return sigmoid(-other.args[0])
+            return sigmoid(-other.args[0]) ** -e.exp
 
 
 def _exp_times_sigmoid(e):
-    """exp(a)*sigmoid(-a) -> sigmoid(a) (from exp(a)/(1 + exp(a)))."""
+    """exp(a)*sigmoid(-a)**k -> sigmoid(a)*sigmoid(-a)**(k - 1) (from exp(a)/(1 + exp(a))**k)."""
     if isinstance(e, sp.Mul):
         for f in e.args:
-            if isinstance(f, sp.exp) and sigmoid(-f.args[0]) in e.args:
-                rest = [g for g in e.args if g is not f and g != sigmoid(-f.args[0])]
-                return sp.Mul(sigmoid(f.args[0]), *rest)
+            if not isinstance(f, sp.exp):
+                continue
+            s = sigmoid(-f.args[0])
+            for g in e.args:
+                k = 1 if g == s else (g.exp if isinstance(g, sp.Pow) and g.base == s and g.exp.is_Integer else 0)
+                if k >= 1:
+                    rest = [h for h in e.args if h is not f and h is not g]
+                    return sp.Mul(sigmoid(f.args[0]), s ** (k - 1), *rest)
+
+
+def _heaviside_select(e):
+    """Heaviside(u)*X -> X where u > 0, 0 where u < 0: the unselected X is never multiplied
+    by 0, so an overflowing X gives 0 there instead of 0*inf = nan."""
+    if isinstance(e, sp.Mul):
+        if any(isinstance(f, sp.Add) and f.has(sp.Heaviside) for f in e.args):
+            return sp.expand_mul(e, deep=False)  # X*(H1 + H2) -> X*H1 + X*H2, then select each
+        if all(isinstance(f, sp.Heaviside) or f.is_Number for f in e.args):
+            return None  # nothing to protect yet: wait for the product with the value X
+        for f in e.args:
+            if isinstance(f, sp.Heaviside):
+                u, at_zero = f.args[0], (f.args[1] if len(f.args) > 1 else sp.S.Half)
+                rest = sp.Mul(*[g for g in e.args if g is not f])
+                return sp.Piecewise((rest, u > 0), (at_zero * rest, sp.Eq(u, 0)), (0, True))
+
+
+def _exp_times_factor(e):
+    """b*exp(a) -> sign(b)*exp(a + log|b|) where |a| > 700: exp(a) alone overflows (or loses
+    its digits as a subnormal) while the product is a normal number (or 0, for b = 0)."""
+    if isinstance(e, sp.Mul) and len(e.args) in (2, 3):
+        coefficient, rest = e.as_coeff_Mul()
+        factors = sp.Mul.make_args(rest)
+        exps = [f for f in factors if isinstance(f, sp.exp)]
+        others = [f for f in factors if not isinstance(f, sp.exp)]
+        if len(exps) == 1 and len(others) == 1 and others[0].is_Symbol:
+            a, b = exps[0].args[0], others[0]
+            return coefficient * sp.Piecewise((b * exps[0], sp.Abs(a) <= 700),
+                                              (sp.sign(b) * sp.exp(group(a + sp.log(sp.Abs(b)))), True))
+
+
+def _distribute_to_cancel(e):
+    """x*(a/x + b) -> a + x*b, and X**g*(c/X + d) -> c*X**(g - 1) + d*X**g: where x underflows,
+    x*(a/x) is 0*inf = nan, while the cancelled form is exact."""
+    if not isinstance(e, sp.Mul):
+        return None
+    for f in e.args:
+        base = f.base if isinstance(f, sp.Pow) else f
+        if base.is_Number:
+            continue
+        for a in e.args:
+            if isinstance(a, sp.Add) and any(_divides_by(t, base) for t in a.args):
+                others = [g for g in e.args if g is not f and g is not a]
+                return sp.Mul(*others) * sp.Add(*[_combine_powers(f * t) or f * t for t in a.args])
+
+
+def _combine_powers(e):
+    """b**g * b**-k -> b**(g - k): b**g/b is 0/0 where b underflows. SymPy merges the
+    exponents only for b known positive; a real power of b is real only for b >= 0 anyway."""
+    if isinstance(e, sp.Mul):
+        bases = [f.base if isinstance(f, sp.Pow) else f for f in e.args if not f.is_Number]
+        if len(bases) != len(set(bases)):
+            combined = sp.powsimp(e, force=True, combine="exp", deep=False)
+            if combined != e:
+                return combined
+
+
+def _divides_by(term, base) -> bool:
+    return any(isinstance(p, sp.Pow) and p.base == base and p.exp.is_negative for p in sp.Mul.make_args(term))
+
+
+def _divide_twice(e):
+    """a/b**2 -> (a/b)/b: b**2 underflows (or overflows) long before a/b/b does."""
+    if isinstance(e, sp.Mul):
+        for f in e.args:
+            if isinstance(f, sp.Pow) and f.exp == -2 and not f.base.is_Number:
+                numerator = sp.Mul(*[g for g in e.args if g is not f])
+                if numerator != 1 and not numerator.is_Number:
+                    return group(numerator / f.base) / f.base
 
 
 def _log_sum_exp(e):
@@ -212,8 +303,11 @@ def _x_log_y(e):
             if isinstance(f, (sp.log, log1p)):
                 coefficient, weight = sp.Mul(*[g for g in e.args if g is not f]).as_coeff_Mul()
                 if weight != 1 and not weight.is_positive:
+                    argument = f.args[0]
+                    if isinstance(f, sp.log) and isinstance(argument, sp.Add) and sp.S.One in argument.args:
+                        return coefficient * xlog1py(weight, argument - 1)  # log(1 + w): keep w's digits
                     function = xlogy if isinstance(f, sp.log) else xlog1py
-                    return coefficient * function(weight, f.args[0])
+                    return coefficient * function(weight, argument)
 
 
 def _log_one_plus_exp(e):
@@ -227,6 +321,7 @@ def _log_one_plus_exp(e):
 
 
 RULES: tuple[Rule, ...] = (
+    Rule("sigmoid_complement", "1 - sigmoid(x)", "sigmoid(-x)", "sigmoid(x) rounds to 1 for x > 37", _one_minus_sigmoid),
     Rule("log_sigmoid", "log(sigmoid(x))", "-softplus(-x)", "sigmoid underflows to 0 for x < -745", _log_sigmoid),
     Rule("logistic", "1/(1 + exp(a))", "sigmoid(-a)", "exp overflows for a > 709", _logistic_fraction),
     Rule("logistic_ratio", "exp(a)*sigmoid(-a)", "sigmoid(a)", "exp(a)/(1 + exp(a)) is inf/inf for a > 709",
@@ -234,6 +329,8 @@ RULES: tuple[Rule, ...] = (
     Rule("logaddexp", "log(exp(a) + exp(b))", "logaddexp(a, b)", "exp overflows for a > 709", _log_sum_exp),
     Rule("softplus", "log(1 + exp(x))", "softplus(x)", "exp overflows for x > 709", _log_one_plus_exp),
     Rule("log1p", "log(1 + x)", "log1p(x)", "1 + x drops the digits of a small x", _log_one_plus),
+    Rule("power_minus_one", "c*a**k - c", "c*expm1(k*log(a))", "a**k rounds to 1 when k*log(a) is small",
+         _power_minus_one),
     Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
     Rule("logcosh", "log(cosh(x))", "logcosh(x)", "cosh overflows for |x| > 710; log(1 + tiny) cancels", _log_cosh),
     Rule("tanh", "sinh(x)**k/cosh(x)**k", "tanh(x)**k", "sinh and cosh overflow for |x| > 710, their ratio does not", _sinh_over_cosh),
@@ -241,17 +338,25 @@ RULES: tuple[Rule, ...] = (
     Rule("sech2", "1 - tanh(x)**2", "cosh(x)**-2", "tanh(x) rounds to 1 for |x| > 19", _one_minus_tanh2),
     Rule("hypot", "(x**2 + y**2)**(k/2)", "hypot(x, y)**k", "x**2 overflows for |x| > 1.3e154", _hypot),
     Rule("sqrt1pm1", "sqrt(1 + u) - 1", "u/(sqrt(1 + u) + 1)", "cancels to 0 for small u", _sqrt_one_plus_minus_one),
-    Rule("sigmoid_complement", "1 - sigmoid(x)", "sigmoid(-x)", "sigmoid(x) rounds to 1 for x > 37", _one_minus_sigmoid),
+    Rule("heaviside_select", "Heaviside(u)*X", "X if u > 0, else 0", "0*inf is nan; the unselected branch may overflow",
+         _heaviside_select),
+    Rule("exp_product", "b*exp(a)", "sign(b)*exp(a + log|b|) for a > 700", "exp(a) overflows where b*exp(a) need not",
+         _exp_times_factor),
+    Rule("combine_powers", "b**g/b", "b**(g - 1)", "b**g/b is 0/0 where b underflows", _combine_powers),
+    Rule("distribute_to_cancel", "x*(a/x + b)", "a + x*b", "x*(a/x) is 0*inf = nan where x underflows",
+         _distribute_to_cancel),
+    Rule("divide_twice", "a/b**2", "(a/b)/b", "b**2 under- or overflows where a/b/b does not", _divide_twice),
     Rule("difference_of_squares", "a**2 - b**2", "(a - b)*(a + b)", "a**2 - b**2 cancels when a is close to b",
          _difference_of_squares),
-    Rule("sum3", "a + b + c", "sum3(a, b, c)", "any order of two additions can cancel the third term away",
-         _sum_of_three_atoms),
+    Rule("exact_sum", "a + b + c + ...", "exact_sum(a, b, c, ...)",
+         "any order of the additions can cancel a small term away", _sum_of_atoms),
     Rule("hypot_minus_one", "hypot(1, u) - 1", "u*(u/(hypot(1, u) + 1))", "cancels for small u, overflows for huge u",
          _hypot_one_minus_one),
     Rule("xlogy", "a*log(y)", "xlogy(a, y)", "0*log(0) is nan; the limit, and the loss, is 0", _x_log_y),
 )
 
 MAX_PASSES = 8
+SECOND_PASS_ONLY = {"heaviside_select"}  # tidying would factor the selected X back out
 
 
 def stabilise(expr: sp.Expr, rules: tuple[Rule, ...] = RULES) -> sp.Expr:
@@ -289,26 +394,19 @@ SPLITS: tuple[Split, ...] = (
 )
 
 SPLIT_MAX_TERMS = 12
+SPLIT_MAX_OPS = 300  # products of split functions are distributed: keep that bounded
 
 
-def _linear_in(term, atoms) -> bool:
-    """True if ``term`` is free of ``atoms`` or a coefficient (free of them) times one of them."""
-    present = [a for a in atoms if term.has(a)]
-    if not present:
-        return True
-    if len(present) > 1:
-        return False
-    coefficient = term / present[0]
-    return not coefficient.has(*atoms)
-
-
-def _group_big_parts(expr: sp.Expr, small_atoms) -> sp.Expr:
-    """Sum the terms free of the small parts first, as one group, then add the small parts."""
-    terms = sp.Add.make_args(sp.expand_mul(expr))
-    big = sp.Add(*[t for t in terms if not t.has(*small_atoms)])
-    small = [t for t in terms if t.has(*small_atoms)]
+def _group_big_parts(expr: sp.Expr) -> sp.Expr:
+    """Sum the terms made of inputs, parameters and numbers first, as one exact group, then
+    add the rest (the small parts, and any term whose size a function call hides)."""
+    # distribute each top-level term, but not inside nested branches
+    terms = [u for t in sp.Add.make_args(expr) for u in sp.Add.make_args(sp.expand_mul(t, deep=False))]
+    is_big = [not t.has(sp.Function, sp.Piecewise) for t in terms]
+    big = sp.Add(*[t for t, b in zip(terms, is_big) if b])
+    small = [t for t, b in zip(terms, is_big) if not b]
     big = stabilise(sp.factor_terms(big), (FMA_RULE,))
-    if isinstance(big, sp.Add):
+    if big.has(sp.Add):  # also c*(a + b): SymPy would distribute c back into the sum
         big = group(big)
     return sp.Add(big, *small)
 
@@ -324,9 +422,7 @@ def _split_sum(expr):
         a = atoms[0].args[0]
         a = -a if a.could_extract_minus_sign() else a
         related = [f for f in (split.function(a), split.function(-a)) if f in atoms]
-        if not all(_linear_in(t, related) for t in expr.args):
-            continue
-        if len(expr.args) < 2:
+        if len(expr.args) < 2 or sp.count_ops(expr) > SPLIT_MAX_OPS:
             continue
         branches = []
         for condition, decompose, which in (
@@ -335,32 +431,44 @@ def _split_sum(expr):
                 (a < -split.threshold, split.positive, [split.function(-a)])):
             if decompose is None:
                 continue
-            replacements, small_atoms = {}, set()
+            replacements, bigs = {}, {}
             for f in which:
                 if f in related:
                     big, small = decompose(f.args[0])
-                    replacements[f] = big + small
-                    small_atoms |= {g for g in sp.preorder_traversal(small) if isinstance(g, sp.Function)}
-            if replacements:
-                branches.append((_group_big_parts(expr.xreplace(replacements), small_atoms), condition))
+                    replacements[f], bigs[f] = big + small, big
+            # useful only where at least two big parts meet in the sum and may differ in sign
+            meeting = [t for t in expr.args if not t.has(*related) or any(t.has(f) and bigs[f] != 0 for f in bigs)]
+            same_sign = all(t.xreplace(bigs).is_positive for t in meeting) or \
+                all(t.xreplace(bigs).is_negative for t in meeting)
+            if replacements and len(meeting) >= 2 and not same_sign:
+                branches.append((_group_big_parts(expr.xreplace(replacements)), condition))
         if branches:
             return sp.Piecewise(*branches, (expr, True))
     return None
 
 
 def _constant_minus_product(e):
-    """c + a*b (c a number, a*b two factors) -> fma(a, b, c): the product is not rounded."""
+    """c + a*b (c a number, or a sum of inputs and numbers; a*b one product) -> fma(a, b, c):
+    the product is not rounded, and c (1 - epsilon, say) is summed exactly first."""
     terms = _add_terms(e)
-    if terms and len(terms) == 2:
-        constant = [t for t in terms if t.is_Number]
-        product = [t for t in terms if isinstance(t, sp.Mul)]
-        if constant and product:
-            coefficient, rest = product[0].as_coeff_Mul()
-            factors = sp.Mul.make_args(rest)
-            if len(factors) == 2 and not any(f.is_Number for f in factors):
-                return fma(coefficient * factors[0], factors[1], constant[0])
-            if len(factors) == 1 and abs(coefficient) != 1 and not factors[0].is_Number:
-                return fma(coefficient, factors[0], constant[0])  # 3*b - 1: 3*b rounds
+    if not terms:
+        return None
+    products = [t for t in terms if not _signed_atom(t)]
+    rest = [t for t in terms if _signed_atom(t)]
+    if len(products) != 1 or not rest or not isinstance(products[0], sp.Mul):
+        return None
+    c = rest[0] if len(rest) == 1 else (exact_sum(*sorted(rest, key=sp.default_sort_key)) if len(rest) > 2
+                                        else sp.Add(*rest))
+    if len(rest) == 1 and not rest[0].is_Number:
+        return None  # x + a*b rounds once either way
+    coefficient, product = products[0].as_coeff_Mul()
+    factors = sp.Mul.make_args(product)
+    if any(f.is_Number for f in factors):
+        return None
+    if len(factors) == 1 and abs(coefficient) != 1:
+        return fma(coefficient, factors[0], c)  # 3*b - 1: 3*b rounds
+    if len(factors) >= 2:
+        return fma(coefficient * factors[0], sp.Mul(*factors[1:]), c)
 
 
 FMA_RULE = Rule("fma", "c + a*b", "fma(a, b, c)", "a*b rounds away the digits that survive c + a*b",
@@ -437,26 +545,59 @@ def scale_variables(spec) -> list[tuple[sp.Expr, sp.Symbol]]:
     for _, value in spec.lets:
         for p in spec.predictions:
             symbol = spec.symbols[p.name]
-            if value.has(symbol) and all(sp.degree(value, s) <= 1 for s in inputs if value.has(s)) \
-                    and value.is_polynomial(*inputs):
+            if value.has(symbol) and value.is_polynomial(*inputs) \
+                    and all(sp.degree(value, s) <= 1 for s in inputs if value.has(s)):
                 found.append((value, symbol))
                 break
     return found + [(spec.symbols[p.name], spec.symbols[p.name]) for p in spec.predictions]
 
 
-def stabilise_output(expr: sp.Expr, spec) -> sp.Expr:
-    """One output of a derivation: rules, splits, and an asymptotic branch where it applies."""
-    stable = split_cancellations(stabilise(expr))
+def direct_form(expr: sp.Expr) -> sp.Expr:
+    """Rules, tidying, rules again (with the second-pass rules), then splits.
+
+    The rules run twice around a tidying step: a rewrite such as 1 - sigmoid(x) -> sigmoid(-x)
+    can reveal a factor that cancels (sigmoid(-x)/sigmoid(-x)), which tidying then removes."""
+    first_pass = tuple(r for r in RULES if r.name not in SECOND_PASS_ONLY)
+    return split_cancellations(stabilise(tidy(stabilise(expr, first_pass))))
+
+
+def with_asymptote(raw: sp.Expr, stable: sp.Expr, spec) -> sp.Expr:
+    """``stable``, with the asymptotic form of ``raw`` where a residual is huge, if it has one."""
     for variable, prediction in scale_variables(spec):
-        inverted = invert_for_huge(expr, variable, prediction)
+        inverted = invert_for_huge(raw, variable, prediction)
         if inverted is not None:
             return sp.Piecewise((inverted, sp.Abs(variable) > HUGE), (stable, True))
     return stable
 
 
+def stabilise_output(expr: sp.Expr, spec) -> sp.Expr:
+    """One output of a derivation: rules, splits, and an asymptotic branch where it applies."""
+    return with_asymptote(expr, direct_form(expr), spec)
+
+
+def _divisions(expr) -> int:
+    return sum(1 for e in sp.preorder_traversal(expr) if isinstance(e, sp.Pow) and e.exp.is_negative)
+
+
 def stabilise_derivation(derivation):
-    """The derivation with every output stabilised (see the module docstring)."""
-    return derivation.map(lambda e: stabilise_output(e, derivation.spec))
+    """The derivation with every output stabilised (see the module docstring).
+
+    A Hessian is the derivative of the raw gradient or of the rewritten one (exactly equal,
+    since every rewrite is an identity): sigmoid(x)*sigmoid(-x)/(1 - sigmoid(x)) differentiates
+    into a tangle, its rewritten form sigmoid(x) into sigmoid(x)*sigmoid(-x). The smaller
+    stable form is kept: the one with fewer divisions (x*(a/x) is 0*inf where x underflows),
+    then the shorter."""
+    spec = derivation.spec
+    first_pass = tuple(r for r in RULES if r.name not in SECOND_PASS_ONLY)
+    stable = derivation.map(lambda e: stabilise_output(e, spec))
+    hessians = []
+    for prediction, gradient, raw_hessian in zip(spec.predictions, derivation.grad, derivation.hess):
+        rewritten_gradient = stabilise(tidy(stabilise(gradient, first_pass)))
+        candidates = (direct_form(raw_hessian),
+                      direct_form(differentiate(rewritten_gradient, spec.symbols[prediction.name])))
+        best = min(candidates, key=lambda e: (_divisions(e), sp.count_ops(e), sp.default_sort_key(e)))
+        hessians.append(with_asymptote(raw_hessian, best, spec))
+    return replace(stable, hess=tuple(hessians))
 
 
 def _or_same(rewrite: Rewrite, e):

@@ -25,6 +25,8 @@ from .domains import DOMAINS
 from .vocabulary import MPMATH_IMPLEMENTATIONS
 
 DIGITS = 50                  # working precision of the truth, in decimal digits
+ZERO_DIGITS = 800            # a truth of exactly 0 must survive this precision (1e-308 of 1e300)
+CANCELLATION_DIGITS = 350    # a cancellation deeper than a normal float64's range shows at +350 digits
 RELATIVE_TOLERANCE = 1e-12   # kernel vs truth, where the truth is a normal float64
 SMALLEST_NORMAL = np.finfo(np.float64).tiny
 LARGEST = np.finfo(np.float64).max
@@ -41,14 +43,20 @@ def evaluate(function, values, digits: int = DIGITS):
     """``function(*values)`` in mpmath, with precision raised until two evaluations agree.
 
     The first precision is ``digits`` plus the decimal exponent range of the inputs, so that
-    sums like 1 + 1e-300 are exact before any comparison (two low precisions can agree on a
-    value that cancelled to 0 in both). Returns an mpf, or None where the value is not a
+    sums like 1 + 1e-300 are exact before any comparison. Two low precisions can agree on a
+    value that cancelled to 0 in both (-log(sigmoid(700)) = 1e-304 needs 300 digits), so a 0
+    is only believed at ``ZERO_DIGITS``. Returns an mpf, or None where the value is not a
     finite real (nan, inf, complex).
     """
     exponents = [abs(math.frexp(float(v))[1]) for v in values if v != 0 and math.isfinite(float(v))]
     start = digits + int(max(exponents, default=0) * math.log10(2)) + 1
+    # the second precision is far higher: a part of the value that cancelled to 0 in the
+    # first (1 - sigmoid(-700) = 1 - 1e-304) must show up in the second
+    precisions = [start, start + CANCELLATION_DIGITS]
+    while precisions[-1] < ZERO_DIGITS:
+        precisions.append(2 * precisions[-1])
     previous = None
-    for dps in (start, start + 40, 2 * start + 40, 4 * start + 40):
+    for dps in precisions:
         with mpmath.workdps(dps):
             try:
                 value = function(*[mpmath.mpf(float(v)) for v in values])
@@ -59,7 +67,8 @@ def evaluate(function, values, digits: int = DIGITS):
             if not isinstance(value, mpmath.mpf) or not mpmath.isfinite(value):
                 return None
             agree = previous is not None and abs(value - previous) <= abs(value) * mpmath.mpf(10) ** (-digits // 2 - 10)
-            if agree and (value != 0 or dps == 4 * start + 40):  # a 0 must survive every precision
+            # a 0 may be a value below 10**-dps that cancelled: believe it only at ZERO_DIGITS
+            if agree and (value != 0 or dps >= ZERO_DIGITS):
                 return value
             previous = value
     return previous
@@ -81,15 +90,16 @@ def sample_domain(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
     d = DOMAINS[domain]
     if d.values:
         return rng.choice(np.array(d.values), size=n)
-    if d.low == -math.inf:   # real line: unit scale, wider scale, and magnitudes 1e-6 .. 1e2
+    if d.low == -math.inf and d.high == math.inf:  # real line: unit scale, wider, magnitudes 1e-6 .. 1e2
         parts = [rng.normal(0, 1, n), rng.normal(0, 10, n),
                  rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-6, 2, n)]
         pick = rng.integers(0, 3, n)
         return np.choose(pick, parts)
-    if d.high == math.inf:   # half line
-        values = 10.0 ** rng.uniform(-6, 3, n)
-        if d.low_closed:
-            values[rng.random(n) < 0.05] = 0.0
+    if d.low == -math.inf or d.high == math.inf:  # half line, from its finite end
+        end, closed, sign = (d.low, d.low_closed, 1.0) if d.high == math.inf else (d.high, d.high_closed, -1.0)
+        values = end + sign * 10.0 ** rng.uniform(-6, 3, n)
+        if closed:
+            values[rng.random(n) < 0.05] = end
         return values
     values = rng.uniform(d.low, d.high, n)  # bounded interval
     if d.low_closed:
@@ -100,7 +110,9 @@ def sample_domain(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def parameter_sets(derivation: Derivation) -> list[dict[str, float]]:
-    """The spec's defaults, and a second set of values inside each domain."""
+    """The spec's defaults, a second set of values inside each domain, and each parameter at
+    the values a condition of the loss singles out (alpha == 0 in Barron's loss), one ulp and
+    1e-8 away from them, with the other parameters at their defaults."""
     defaults = {p.name: p.default for p in derivation.spec.params}
     if not defaults:
         return [defaults]
@@ -109,7 +121,17 @@ def parameter_sets(derivation: Derivation) -> list[dict[str, float]]:
         d = DOMAINS[p.domain]
         candidates = [p.default * 2.5, p.default + 1.5, 0.25, 0.75, 0.5] if not d.values else list(d.values)
         other[p.name] = next(c for c in candidates if d.contains(c) and c != p.default)
-    return [defaults, other]
+    sets = [defaults, other]
+    for p in derivation.spec.params:
+        symbol = derivation.spec.symbols[p.name]
+        for condition in derivation.loss.atoms(sp.Eq):
+            if symbol in condition.free_symbols and len(condition.free_symbols) == 1:
+                for value in sp.solve(condition, symbol):
+                    v = float(value)
+                    for near in (v, np.nextafter(v, -np.inf), np.nextafter(v, np.inf), v - 1e-8, v + 1e-8):
+                        if DOMAINS[p.domain].contains(float(near)):
+                            sets.append({**defaults, p.name: float(near)})
+    return sets
 
 
 @dataclass
@@ -344,9 +366,9 @@ def verify_loss(loss, derivation: Derivation, n: int = 200, seed: int = 0, stres
     """Every kernel of ``loss`` against the truth, for each parameter set, at random points
     and (with ``stress``) on the stress grid of extreme values."""
     rows = []
-    for params in parameter_sets(derivation):
+    for index, params in enumerate(parameter_sets(derivation)):
         rows.extend(check_kernels(loss, derivation, sample_points(derivation, params, n=n, seed=seed), params))
-        if stress:
+        if stress and index < 2:  # the defaults and the second set; singled-out values: random points
             rows.extend(check_kernels(loss, derivation, stress_points(derivation, params, seed=seed), params))
     return _merge(rows)
 

@@ -68,6 +68,10 @@ class logcosh(sp.Function):
 class xlogy(sp.Function):
     """x*log(y), and 0 where x = 0 (also where log(y) is infinite), as scipy.special.xlogy."""
 
+    def fdiff(self, argindex=1):
+        x, y = self.args
+        return sp.log(y) if argindex == 1 else x / y
+
     def _eval_is_real(self):
         return self.args[0].is_real
 
@@ -77,6 +81,10 @@ class xlogy(sp.Function):
 
 class xlog1py(sp.Function):
     """x*log1p(y), and 0 where x = 0, as scipy.special.xlog1py."""
+
+    def fdiff(self, argindex=1):
+        x, y = self.args
+        return log1p(y) if argindex == 1 else x / (1 + y)
 
     def _eval_is_real(self):
         return self.args[0].is_real
@@ -99,6 +107,10 @@ class logaddexp(sp.Function):
 class fma(sp.Function):
     """a*b + c with one rounding (the product is computed exactly)."""
 
+    def fdiff(self, argindex=1):
+        a, b, _ = self.args
+        return (b, a, sp.S.One)[argindex - 1]
+
     def _eval_is_real(self):
         return all(a.is_real for a in self.args)
 
@@ -110,6 +122,9 @@ class group(sp.Function):
     """Its argument, evaluated on its own before the enclosing sum or product: the code
     printer parenthesises it, and SymPy does not merge it into the enclosing expression."""
 
+    def fdiff(self, argindex=1):
+        return sp.S.One
+
     def _eval_is_real(self):
         return self.args[0].is_real
 
@@ -117,14 +132,18 @@ class group(sp.Function):
         return x
 
 
-class sum3(sp.Function):
-    """a + b + c, correctly rounded (error-free two-sums), whatever the order of magnitudes."""
+class exact_sum(sp.Function):
+    """a + b + ..., with every rounding error carried along (error-free two-sums), so terms of
+    very different magnitudes that cancel leave the right digits, in whatever order."""
+
+    def fdiff(self, argindex=1):
+        return sp.S.One
 
     def _eval_is_real(self):
         return all(a.is_real for a in self.args)
 
-    def _eval_rewrite_as_Add(self, a, b, c, **kwargs):
-        return a + b + c
+    def _eval_rewrite_as_Add(self, *terms, **kwargs):
+        return sp.Add(*terms)
 
 
 def _clip(x, low, high):
@@ -197,6 +216,6 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "xlog1py": lambda x, y: mpmath.mpf(0) if x == 0 else x * mpmath.log1p(y),
     "logaddexp": lambda a, b: mpmath.log(mpmath.exp(a) + mpmath.exp(b)),
     "fma": lambda a, b, c: a * b + c,
-    "sum3": lambda a, b, c: a + b + c,
+    "exact_sum": lambda *terms: mpmath.fsum(terms),
     "group": lambda x: x,
 }

@@ -389,3 +389,25 @@ def test_import_lossgen_is_light():
             "assert 'sympy' not in sys.modules, 'a loss needed sympy'\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# --- domains ---------------------------------------------------------------------------------
+
+def test_outside_the_domain_every_kernel_returns_nan():
+    msle = lossgen.get("msle")  # y, p >= 0
+    y, p = np.array([1.0, -2.0, 1.0, np.nan]), np.array([1.0, 1.0, -0.5, 1.0])
+    loss, grad, hess = msle.loss_grad_hess(y, p)
+    expected_nan = [False, True, True, True]
+    for out in (loss, grad, hess, msle.grad(y, p), msle.loss(y, p, reduction="none")):
+        assert np.isnan(out).tolist() == expected_nan
+    assert np.isnan(msle.loss(y, p))  # and so the mean is nan, not a silent wrong number
+
+
+def test_check_inputs_names_the_input_and_the_element():
+    msle = lossgen.get("msle")
+    y = np.array([[1.0, 2.0], [3.0, -4.0]])
+    with pytest.raises(ValueError, match=r"input 'y' must be non-negative .*element \(1, 1\) is -4\.0"):
+        msle.loss(y, np.ones((2, 2)), check_inputs=True)
+    with pytest.raises(ValueError, match=r"input 'p'"):
+        msle.grad(np.ones(2), np.array([1.0, np.nan]), check_inputs=True)
+    assert msle.loss(np.ones(2), np.ones(2), check_inputs=True) == 0.0
