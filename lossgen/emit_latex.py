@@ -279,7 +279,7 @@ def latex(expr, variables=frozenset()) -> str:
 # fails on it), which is how the heuristic was calibrated, on the catalog and on long
 # Hessians such as the focal loss's.
 
-LINE_UNITS = 66.0
+LINE_UNITS = 52.0
 _TOKEN = re.compile(r"\\[A-Za-z]+|\\.|[{}^_&]|\s+|.", re.S)
 _SPACES = {",": 0.3, ":": 0.4, ";": 0.5, "!": -0.3, " ": 0.5, "quad": 1.8, "qquad": 3.6}
 _WIDE = {"+": 2.2, "-": 2.2, "=": 2.4, "<": 2.4, ">": 2.4, ",": 0.8, "(": 0.7, ")": 0.7, "|": 0.5,
@@ -374,7 +374,7 @@ def _width(items) -> float:
                 total += 0.7 if w else 0.0
             elif name in _TEXT_COMMANDS:
                 w, i = arg(i)
-                total += 0.9 * w
+                total += (1.0 if name == "mathit" else 0.9) * w
             elif name in _SPACES:
                 total += _SPACES[name]
             elif name in _RELATIONS:
@@ -938,15 +938,6 @@ def _function_names(derivation: Derivation) -> set[str]:
     return names
 
 
-def _kink_table_width(plot: dict | None) -> float:
-    """Estimated width of the kink table (units of :func:`tex_width`), with its equations."""
-    if not plot or not plot["kinks"]:
-        return 0.0
-    columns = [["kink"] + [row["kink"] for row in plot["kinks"]], ["at"] + ["p = " + row["at"] for row in plot["kinks"]]]
-    columns += [[panel["title"]] + [row["values"][k] for row in plot["kinks"]] for k, panel in enumerate(plot["panels"])]
-    return sum(max(tex_width(cell) for cell in column) + 2.2 for column in columns)
-
-
 def section_context(derivation: Derivation, spec_path: str, plot: dict | None, plot_note: str = "",
                     layout: dict | None = None) -> dict:
     """Everything ``templates/loss_section.tex.j2`` shows about one loss."""
@@ -978,7 +969,6 @@ def section_context(derivation: Derivation, spec_path: str, plot: dict | None, p
         "kinks": [_kink_equation(setter, k) for k in kinks],
         # short kink equations go in the text, long ones in a display (inline math cannot break)
         "kinks_inline": sum(tex_width(_kink_equation(setter, k)) + 3 for k in kinks) < 40,
-        "kink_table_width": _kink_table_width(plot),
         "has_sign": bool(functions & {"Abs", "sign"}),
         "has_heaviside": bool(functions & {"Heaviside", "Max", "Min"}),
         "has_piecewise": "Piecewise" in functions,

@@ -471,3 +471,13 @@ def test_spec_with_special_characters_compiles_and_shows_them(tmp_path):
         flat = " ".join(text.split())
         assert title in flat
         assert f"Ref {SPECIALS}" in flat and f"k = 1 is {SPECIALS}" in flat
+    # the fragment alone, \input into LaTeX's plain article class with the documented preamble
+    (tmp_path / "paper.tex").write_text(
+        "\\documentclass{article}\n\\usepackage{mathtools,booktabs,tabularx,pgfplots}\n"
+        "\\pgfplotsset{compat=1.16}\n\\begin{document}\n\\input{docs/losses/odd_chars}\n\\end{document}\n")
+    for _ in range(2):  # twice: the plot's legend is a reference
+        result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"],
+                                cwd=tmp_path, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout[-2000:]
+    log = (tmp_path / "paper.log").read_text(errors="replace")
+    assert "Overfull" not in log and "undefined" not in log.lower(), log[-2000:]
