@@ -49,9 +49,9 @@ def _xlog1py(x, y):
 def loss_scalar(y, p, alpha, c):
     """loss of one element."""
     _t0 = (p - y)**2
-    _t1 = (((_t0)/(2.0*c)))/(c)
+    _t1 = (((((_t0)/(2.0*c))))/(c))
     _t2 = abs(alpha - 2.0)
-    return ((_t1) if (alpha == 2.0) else (math.log1p(_t1)) if (alpha == 0.0) else ((_t2*math.expm1((_xlog1py(alpha, (((_t0)/(_t2*c)))/(c)))/(2.0)))/(alpha)))
+    return ((_t1) if (alpha == 2.0) else (math.log1p(_t1)) if (alpha == 0.0) else (((_t2*math.expm1(((_xlog1py(alpha, (((((_t0)/(_t2*c))))/(c))))/(2.0))))/(alpha))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -59,7 +59,7 @@ def grad_scalar(y, p, alpha, c):
     """grad of one element."""
     _t0 = p - y
     _t1 = _t0**2
-    return (((((_t0)/(c)))/(c)) if (alpha == 2.0) else ((2.0*p - 2.0*y)/(_t1 + 2.0*c**2)) if (alpha == 0.0) else ((((_t0*((((_t1)/(c*abs(alpha - 2.0))))/(c) + 1.0)**((alpha)/(2.0) - 1.0))/(c)))/(c)))
+    return (((((((_t0)/(c))))/(c))) if (alpha == 2.0) else (((2.0*p - 2.0*y)/(_t1 + 2.0*c**2))) if (alpha == 0.0) else ((((((_t0*((((((_t1)/(c*abs(alpha - 2.0)))))/(c)) + 1.0)**(((alpha)/(2.0)) - 1.0))/(c))))/(c))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -73,7 +73,7 @@ def hess_scalar(y, p, alpha, c):
     _t5 = abs(_t4)
     _t6 = _t0*_t5
     _t7 = _t2 + _t6
-    return (((1.0)/(_t0)) if (alpha == 2.0) else ((((-4.0*_t1**2)/(_t3)) + 2.0)/(_t3)) if (alpha == 0.0) else ((((_t4**2*(_t2*alpha - _t2 + _t6)*(((_t7)/(_t5*c)))/(c)**(alpha)/(2.0))/(_t5*_t7)))/(_t7)))
+    return ((((1.0)/(_t0))) if (alpha == 2.0) else ((((((-4.0*_t1**2)/(_t3))) + 2.0)/(_t3))) if (alpha == 0.0) else ((((((_t4**2*(-_t2*(1.0 - alpha) + _t6)*(((((_t7)/(_t5*c))))/(c))**((alpha)/(2.0)))/(_t5*_t7))))/(_t7))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -88,10 +88,10 @@ def grad_hess_scalar(y, p, alpha, c):
     _t6 = alpha - 2.0
     _t7 = abs(_t6)
     _t8 = _t7*c
-    _t9 = (alpha)/(2.0)
+    _t9 = ((alpha)/(2.0))
     _t10 = _t2*_t7
     _t11 = _t10 + _t3
-    return (((((_t0)/(c)))/(c)) if _t1 else ((2.0*p - 2.0*y)/(_t4)) if _t5 else ((((_t0*((((_t3)/(_t8)))/(c) + 1.0)**(_t9 - 1.0))/(c)))/(c))), (((1.0)/(_t2)) if _t1 else ((((-4.0*_t0**2)/(_t4)) + 2.0)/(_t4)) if _t5 else ((((_t6**2*(_t10 + _t3*alpha - _t3)*(((_t11)/(_t8)))/(c)**_t9)/(_t11*_t7)))/(_t11)))
+    return (((((((_t0)/(c))))/(c))) if _t1 else (((2.0*p - 2.0*y)/(_t4))) if _t5 else ((((((_t0*((((((_t3)/(_t8))))/(c)) + 1.0)**(_t9 - 1.0))/(c))))/(c)))), ((((1.0)/(_t2))) if _t1 else ((((((-4.0*_t0**2)/(_t4))) + 2.0)/(_t4))) if _t5 else ((((((_t6**2*(_t10 - _t3*(1.0 - alpha))*(((((_t11)/(_t8))))/(c))**_t9)/(_t11*_t7))))/(_t11))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -99,19 +99,19 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = _t0**2
-    _t2 = (((_t1)/(2.0*c)))/(c)
+    _t2 = (((((_t1)/(2.0*c))))/(c))
     _t3 = (alpha == 2.0)
     _t4 = (alpha == 0.0)
     _t5 = alpha - 2.0
     _t6 = abs(_t5)
     _t7 = _t6*c
-    _t8 = (((_t1)/(_t7)))/(c)
+    _t8 = (((((_t1)/(_t7))))/(c))
     _t9 = c**2
     _t10 = _t1 + 2.0*_t9
-    _t11 = (alpha)/(2.0)
+    _t11 = ((alpha)/(2.0))
     _t12 = _t6*_t9
     _t13 = _t1 + _t12
-    return ((_t2) if _t3 else (math.log1p(_t2)) if _t4 else ((_t6*math.expm1((_xlog1py(alpha, _t8))/(2.0)))/(alpha))), (((((_t0)/(c)))/(c)) if _t3 else ((2.0*p - 2.0*y)/(_t10)) if _t4 else ((((_t0*(_t8 + 1.0)**(_t11 - 1.0))/(c)))/(c))), (((1.0)/(_t9)) if _t3 else ((((-4.0*_t0**2)/(_t10)) + 2.0)/(_t10)) if _t4 else ((((_t5**2*(_t1*alpha - _t1 + _t12)*(((_t13)/(_t7)))/(c)**_t11)/(_t13*_t6)))/(_t13)))
+    return ((_t2) if _t3 else (math.log1p(_t2)) if _t4 else (((_t6*math.expm1(((_xlog1py(alpha, _t8))/(2.0))))/(alpha)))), (((((((_t0)/(c))))/(c))) if _t3 else (((2.0*p - 2.0*y)/(_t10))) if _t4 else ((((((_t0*(_t8 + 1.0)**(_t11 - 1.0))/(c))))/(c)))), ((((1.0)/(_t9))) if _t3 else ((((((-4.0*_t0**2)/(_t10))) + 2.0)/(_t10))) if _t4 else ((((((_t5**2*(-_t1*(1.0 - alpha) + _t12)*(((((_t13)/(_t7))))/(c))**_t11)/(_t13*_t6))))/(_t13))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -87,11 +87,11 @@ def grad_scalar(y, p, epsilon):
     _t4 = _t1 + epsilon
     _t5 = (_t4 < 1.0)
     _t6 = 2.0*_t2
-    _t7 = (_t0)/(_t6) + (_t3)/(2.0 - _t6)
+    _t7 = ((_t0)/(_t6)) + ((_t3)/(2.0 - _t6))
     _t8 = (_t4 == 1.0)
     _t9 = epsilon - p
     _t10 = 4.0*_t2
-    return (((((_t0)/(_t2) + (_t3)/(1.0 - _t2)) if _t5 else (_t7) if _t8 else (0.0))) if (_t9 < 0.0) else (((_t7) if _t5 else ((_t0)/(_t10) + (_t3)/(4.0 - _t10)) if _t8 else (0.0))) if (_t9 == 0.0) else (0.0))
+    return ((((((_t0)/(_t2)) + ((_t3)/(1.0 - _t2))) if _t5 else (_t7) if _t8 else (0.0))) if (_t9 < 0.0) else (((_t7) if _t5 else (((_t0)/(_t10)) + ((_t3)/(4.0 - _t10))) if _t8 else (0.0))) if (_t9 == 0.0) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -103,7 +103,7 @@ def hess_scalar(y, p, epsilon):
     _t1 = epsilon - 1.0
     _t2 = min(_t0, -_t1)
     _t3 = 1.0 - _t2
-    return ((((y)/(_t2)))/(_t2) + (((1.0 - y)/(_t3)))/(_t3))*_heaviside(-_t0 - _t1, 1/2)**2*_heaviside(-epsilon + p, 1/2)**2
+    return ((((((y)/(_t2))))/(_t2)) + (((((1.0 - y)/(_t3))))/(_t3)))*_heaviside(-_t0 - _t1, 1/2)**2*_heaviside(-epsilon + p, 1/2)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -117,15 +117,15 @@ def grad_hess_scalar(y, p, epsilon):
     _t3 = min(_t1, -_t2)
     _t4 = 1.0 - y
     _t5 = 1.0 - _t3
-    _t6 = (_t4)/(_t5)
+    _t6 = ((_t4)/(_t5))
     _t7 = _t1 + epsilon
     _t8 = (_t7 < 1.0)
     _t9 = 2.0*_t3
-    _t10 = (_t0)/(_t9) + (_t4)/(2.0 - _t9)
+    _t10 = ((_t0)/(_t9)) + ((_t4)/(2.0 - _t9))
     _t11 = (_t7 == 1.0)
     _t12 = epsilon - p
     _t13 = 4.0*_t3
-    return ((((_t6 + (_t0)/(_t3)) if _t8 else (_t10) if _t11 else (0.0))) if (_t12 < 0.0) else (((_t10) if _t8 else ((_t0)/(_t13) + (_t4)/(4.0 - _t13)) if _t11 else (0.0))) if (_t12 == 0.0) else (0.0)), (((_t6))/(_t5) + (((y)/(_t3)))/(_t3))*_heaviside(-_t12, 1/2)**2*_heaviside(-_t1 - _t2, 1/2)**2
+    return ((((_t6 + ((_t0)/(_t3))) if _t8 else (_t10) if _t11 else (0.0))) if (_t12 < 0.0) else (((_t10) if _t8 else (((_t0)/(_t13)) + ((_t4)/(4.0 - _t13))) if _t11 else (0.0))) if (_t12 == 0.0) else (0.0)), ((((_t6))/(_t5)) + (((((y)/(_t3))))/(_t3)))*_heaviside(-_t12, 1/2)**2*_heaviside(-_t1 - _t2, 1/2)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -140,15 +140,15 @@ def loss_grad_hess_scalar(y, p, epsilon):
     _t4 = -y
     _t5 = -_t3
     _t6 = 1.0 - _t2
-    _t7 = (_t5)/(_t6)
+    _t7 = ((_t5)/(_t6))
     _t8 = _t0 + epsilon
     _t9 = (_t8 < 1.0)
     _t10 = 2.0*_t2
-    _t11 = (_t4)/(_t10) + (_t5)/(2.0 - _t10)
+    _t11 = ((_t4)/(_t10)) + ((_t5)/(2.0 - _t10))
     _t12 = (_t8 == 1.0)
     _t13 = epsilon - p
     _t14 = 4.0*_t2
-    return _xlog1py(_t3, -_t2) - _xlogy(y, _t2), ((((_t7 + (_t4)/(_t2)) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 < 0.0) else (((_t11) if _t9 else ((_t4)/(_t14) + (_t5)/(4.0 - _t14)) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0)), (((_t7))/(_t6) + (((y)/(_t2)))/(_t2))*_heaviside(-_t13, 1/2)**2*_heaviside(-_t0 - _t1, 1/2)**2
+    return _xlog1py(_t3, -_t2) - _xlogy(y, _t2), ((((_t7 + ((_t4)/(_t2))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 < 0.0) else (((_t11) if _t9 else (((_t4)/(_t14)) + ((_t5)/(4.0 - _t14))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0)), ((((_t7))/(_t6)) + (((((y)/(_t2))))/(_t2)))*_heaviside(-_t13, 1/2)**2*_heaviside(-_t0 - _t1, 1/2)**2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -41,7 +41,7 @@ def loss_scalar(s, delta):
     """loss of one element."""
     if not ((s >= 0.0)):
         return math.nan
-    return delta**2*math.log1p((((s)/(delta)))/(delta))
+    return delta**2*math.log1p((((((s)/(delta))))/(delta)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -50,7 +50,7 @@ def grad_scalar(s, delta):
     if not ((s >= 0.0)):
         return math.nan
     _t0 = delta**2
-    return (_t0)/(_t0 + s)
+    return ((_t0)/(_t0 + s))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -59,10 +59,10 @@ def hess_scalar(s, delta):
     if not ((s >= 0.0)):
         return math.nan
     _t0 = delta**2
-    _t1 = ((1.0)/(s))
+    _t1 = (((1.0)/(s)))
     _t2 = _t1**2
     _t3 = _t0 + s
-    return (((-_t0*_t2)/(2.0*_t0*_t1 + _t2*delta**4 + 1.0)) if (s > 1e+60) else ((((-_t0)/(_t3)))/(_t3)))
+    return ((((-_t0*_t2)/(2.0*_t0*_t1 + _t2*delta**4 + 1.0))) if (s > 1e+60) else ((((((-_t0)/(_t3))))/(_t3))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -72,9 +72,9 @@ def grad_hess_scalar(s, delta):
         return math.nan, math.nan
     _t0 = delta**2
     _t1 = _t0 + s
-    _t2 = ((1.0)/(s))
+    _t2 = (((1.0)/(s)))
     _t3 = _t2**2
-    return (_t0)/(_t1), (((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else ((((-_t0)/(_t1)))/(_t1)))
+    return ((_t0)/(_t1)), ((((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))) if (s > 1e+60) else ((((((-_t0)/(_t1))))/(_t1))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -84,9 +84,9 @@ def loss_grad_hess_scalar(s, delta):
         return math.nan, math.nan, math.nan
     _t0 = delta**2
     _t1 = _t0 + s
-    _t2 = ((1.0)/(s))
+    _t2 = (((1.0)/(s)))
     _t3 = _t2**2
-    return _t0*math.log1p((((s)/(delta)))/(delta)), (_t0)/(_t1), (((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0)) if (s > 1e+60) else ((((-_t0)/(_t1)))/(_t1)))
+    return _t0*math.log1p((((((s)/(delta))))/(delta))), ((_t0)/(_t1)), ((((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))) if (s > 1e+60) else ((((((-_t0)/(_t1))))/(_t1))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -3,8 +3,9 @@
 Generated from specs/classification/focal_binary.toml; do not edit. Edit the spec and run `lossgen generate`.
 
 alpha_t (1 - p_t)^gamma times the cross-entropy, with p_t the probability given to the
-target: down-weights easy examples. As torchvision.ops.sigmoid_focal_loss; gamma = 0 is
-the alpha-balanced cross-entropy, and with alpha = 1/2 half the cross-entropy.
+target: down-weights easy examples. As torchvision.ops.sigmoid_focal_loss; for labels in
+{0, 1}, gamma = 0 is the alpha-balanced cross-entropy, and with alpha = 1/2 half the
+cross-entropy.
 
 Inputs: y (target, probability), x (prediction, real)
 Parameters: gamma = 2.0 (nonnegative), alpha = 0.25 (unit_interval)
@@ -21,7 +22,7 @@ References:
     T.-Y. Lin et al., Focal Loss for Dense Object Detection, ICCV 2017
     torchvision.ops.sigmoid_focal_loss
 """
-# lossgen-generated spec-sha256=656be167814299eae2a24342d636a069fcdd5cea7baeab2d26b4b87172cefb84
+# lossgen-generated spec-sha256=38c52e9aee83d79f137295810833203a0f1fb9543acee20c75057c92fe2340ad
 import math
 
 import numba
@@ -30,7 +31,7 @@ SPEC = {
     "name": 'focal_binary',
     "title": 'Binary focal loss on logits',
     "family": 'classification',
-    "summary": 'alpha_t (1 - p_t)^gamma times the cross-entropy, with p_t the probability given to the target: down-weights easy examples. As torchvision.ops.sigmoid_focal_loss; gamma = 0 is the alpha-balanced cross-entropy, and with alpha = 1/2 half the cross-entropy.',
+    "summary": 'alpha_t (1 - p_t)^gamma times the cross-entropy, with p_t the probability given to the target: down-weights easy examples. As torchvision.ops.sigmoid_focal_loss; for labels in {0, 1}, gamma = 0 is the alpha-balanced cross-entropy, and with alpha = 1/2 half the cross-entropy.',
     "inputs": (('y', 'target', 'probability'), ('x', 'prediction', 'real'), ),
     "params": (('gamma', 2.0, 'nonnegative'), ('alpha', 0.25, 'unit_interval'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
@@ -69,12 +70,12 @@ def loss_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = (x)/(2.0)
+    _t1 = ((x)/(2.0))
     _t2 = math.tanh(_t1)
     _t3 = (abs(x) <= 1.0)
     _t4 = -x
     _t5 = _logcosh(_t1)
-    return (_t0*(1.0 - alpha) + alpha*y)*(((-_t2*y + (_t2)/(2.0) + 1/2)**gamma) if _t3 else ((_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma))*((-_t5*y + _t5 + y*_logcosh((_t4)/(2.0)) + (x*(1/2 - y)) + math.log(2.0)) if _t3 else (_t0*_softplus(x) + y*_softplus(_t4)))
+    return (_t0*(1.0 - alpha) + alpha*y)*(((-_t2*y + ((_t2)/(2.0)) + 1/2)**gamma) if _t3 else ((_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma))*((-_t5*y + _t5 + y*_logcosh(((_t4)/(2.0))) + (x*(1/2 - y)) + math.log(2.0)) if _t3 else (_t0*_softplus(x) + y*_softplus(_t4)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -86,16 +87,16 @@ def grad_scalar(y, x, gamma, alpha):
     _t1 = _sigmoid(x)
     _t2 = -x
     _t3 = _sigmoid(_t2)
-    _t4 = (x)/(2.0)
+    _t4 = ((x)/(2.0))
     _t5 = math.tanh(_t4)
-    _t6 = -_t5*y + (_t5)/(2.0) + 1/2
+    _t6 = -_t5*y + ((_t5)/(2.0)) + 1/2
     _t7 = gamma - 1.0
     _t8 = (abs(x) <= 1.0)
     _t9 = _t3*y
     _t10 = _t0*_t1
     _t11 = _t10 + _t9
     _t12 = ((_t6**_t7) if _t8 else (_t11**_t7))
-    _t13 = (_t2)/(2.0)
+    _t13 = ((_t2)/(2.0))
     _t14 = _logcosh(_t13)
     _t15 = _logcosh(_t4)
     _t16 = math.log(2.0)
@@ -122,9 +123,9 @@ def hess_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = (x)/(2.0)
+    _t1 = ((x)/(2.0))
     _t2 = math.tanh(_t1)
-    _t3 = (_t2)/(2.0)
+    _t3 = ((_t2)/(2.0))
     _t4 = -_t2*y + _t3 + 1/2
     _t5 = (abs(x) <= 1.0)
     _t6 = -x
@@ -139,7 +140,7 @@ def hess_scalar(y, x, gamma, alpha):
     _t15 = _t13*gamma*((_t4**_t14) if _t5 else (_t11**_t14))
     _t16 = 1/2 - y
     _t17 = _logcosh(_t1)
-    _t18 = ((-_t17*y + _t17 + y*_logcosh((_t6)/(2.0)) + (_t16*x) + math.log(2.0)) if _t5 else (_t0*_softplus(x) + y*_softplus(_t6)))
+    _t18 = ((-_t17*y + _t17 + y*_logcosh(((_t6)/(2.0))) + (_t16*x) + math.log(2.0)) if _t5 else (_t0*_softplus(x) + y*_softplus(_t6)))
     _t19 = _t15*_t18
     _t20 = gamma - 2.0
     _t21 = _t7*_t9
@@ -156,9 +157,9 @@ def grad_hess_scalar(y, x, gamma, alpha):
     _t2 = _sigmoid(x)
     _t3 = -x
     _t4 = _sigmoid(_t3)
-    _t5 = (x)/(2.0)
+    _t5 = ((x)/(2.0))
     _t6 = math.tanh(_t5)
-    _t7 = (_t6)/(2.0)
+    _t7 = ((_t6)/(2.0))
     _t8 = -_t6*y + _t7 + 1/2
     _t9 = gamma - 1.0
     _t10 = (abs(x) <= 1.0)
@@ -166,7 +167,7 @@ def grad_hess_scalar(y, x, gamma, alpha):
     _t12 = _t0*_t2
     _t13 = _t11 + _t12
     _t14 = ((_t8**_t9) if _t10 else (_t13**_t9))
-    _t15 = (_t3)/(2.0)
+    _t15 = ((_t3)/(2.0))
     _t16 = _logcosh(_t15)
     _t17 = _logcosh(_t5)
     _t18 = 1/2 - y
@@ -201,9 +202,9 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
         return math.nan, math.nan, math.nan
     _t0 = 1.0 - y
     _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = (x)/(2.0)
+    _t2 = ((x)/(2.0))
     _t3 = math.tanh(_t2)
-    _t4 = (_t3)/(2.0)
+    _t4 = ((_t3)/(2.0))
     _t5 = -_t3*y + _t4 + 1/2
     _t6 = (abs(x) <= 1.0)
     _t7 = -x
@@ -213,7 +214,7 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     _t11 = _t0*_t10
     _t12 = _t11 + _t9
     _t13 = ((_t5**gamma) if _t6 else (_t12**gamma))
-    _t14 = (_t7)/(2.0)
+    _t14 = ((_t7)/(2.0))
     _t15 = _logcosh(_t14)
     _t16 = _logcosh(_t2)
     _t17 = 1/2 - y

@@ -50,7 +50,7 @@ def grad_scalar(y, p):
         return math.nan
     _t0 = -y
     _t1 = p*y
-    return ((_t0) if (_t1 < 1.0) else ((_t0)/(2.0)) if (_t1 == 1.0) else (0.0))
+    return ((_t0) if (_t1 < 1.0) else (((_t0)/(2.0))) if (_t1 == 1.0) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -68,7 +68,7 @@ def grad_hess_scalar(y, p):
         return math.nan, math.nan
     _t0 = -y
     _t1 = p*y
-    return ((_t0) if (_t1 < 1.0) else ((_t0)/(2.0)) if (_t1 == 1.0) else (0.0)), 0.0
+    return ((_t0) if (_t1 < 1.0) else (((_t0)/(2.0))) if (_t1 == 1.0) else (0.0)), 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -78,7 +78,7 @@ def loss_grad_hess_scalar(y, p):
         return math.nan, math.nan, math.nan
     _t0 = p*y
     _t1 = -y
-    return max(0.0, 1.0 - _t0), ((_t1) if (_t0 < 1.0) else ((_t1)/(2.0)) if (_t0 == 1.0) else (0.0)), 0.0
+    return max(0.0, 1.0 - _t0), ((_t1) if (_t0 < 1.0) else (((_t1)/(2.0))) if (_t0 == 1.0) else (0.0)), 0.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -50,7 +50,7 @@ def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = p - y
     _t1 = abs(_t0)
-    return (((_t0**2)/(2.0)) if (_t1 < delta) else (delta*(_t1 + (-delta)/(2.0))))
+    return ((((_t0**2)/(2.0))) if (_t1 < delta) else (delta*(_t1 + ((-delta)/(2.0)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -80,7 +80,7 @@ def loss_grad_hess_scalar(y, p, delta):
     _t0 = p - y
     _t1 = abs(_t0)
     _t2 = (delta > _t1)
-    return (((_t0**2)/(2.0)) if _t2 else (delta*(_t1 + (-delta)/(2.0)))), ((_t0) if _t2 else (delta*_sign(_t0))), ((1.0) if _t2 else (0.0))
+    return ((((_t0**2)/(2.0))) if _t2 else (delta*(_t1 + ((-delta)/(2.0))))), ((_t0) if _t2 else (delta*_sign(_t0))), ((1.0) if _t2 else (0.0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

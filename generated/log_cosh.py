@@ -60,21 +60,21 @@ def grad_scalar(y, p):
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p):
     """hess of one element."""
-    return (1.0)/(math.cosh(p - y)**2)
+    return ((1.0)/(math.cosh(p - y)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     _t0 = p - y
-    return math.tanh(_t0), (1.0)/(math.cosh(_t0)**2)
+    return math.tanh(_t0), ((1.0)/(math.cosh(_t0)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     _t0 = p - y
-    return _logcosh(_t0), math.tanh(_t0), (1.0)/(math.cosh(_t0)**2)
+    return _logcosh(_t0), math.tanh(_t0), ((1.0)/(math.cosh(_t0)**2))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

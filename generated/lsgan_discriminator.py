@@ -38,7 +38,7 @@ SPEC = {
 @numba.njit(cache=True, error_model="numpy")
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
-    return (d_fake**2 + (d_real - 1.0)**2)/(2.0)
+    return ((d_fake**2 + (d_real - 1.0)**2)/(2.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -63,7 +63,7 @@ def grad_hess_scalar(d_real, d_fake):
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = d_real - 1.0
-    return (_t0**2 + d_fake**2)/(2.0), _t0, d_fake, 1.0, 1.0
+    return ((_t0**2 + d_fake**2)/(2.0)), _t0, d_fake, 1.0, 1.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

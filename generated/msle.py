@@ -47,7 +47,7 @@ def grad_scalar(y, p):
     """grad of one element."""
     if not ((p >= 0.0) and (y >= 0.0)):
         return math.nan
-    return (2.0*math.log1p(p) - 2.0*math.log1p(y))/(p + 1.0)
+    return ((2.0*math.log1p(p) - 2.0*math.log1p(y))/(p + 1.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -56,7 +56,7 @@ def hess_scalar(y, p):
     if not ((p >= 0.0) and (y >= 0.0)):
         return math.nan
     _t0 = p + 1.0
-    return (((-2.0*math.log1p(p) + 2.0*math.log1p(y) + 2.0)/(_t0)))/(_t0)
+    return (((((-2.0*math.log1p(p) + 2.0*math.log1p(y) + 2.0)/(_t0))))/(_t0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -67,7 +67,7 @@ def grad_hess_scalar(y, p):
     _t0 = 2.0*math.log1p(p)
     _t1 = 2.0*math.log1p(y)
     _t2 = p + 1.0
-    return (_t0 - _t1)/(_t2), (((-_t0 + _t1 + 2.0)/(_t2)))/(_t2)
+    return ((_t0 - _t1)/(_t2)), (((((-_t0 + _t1 + 2.0)/(_t2))))/(_t2))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -80,7 +80,7 @@ def loss_grad_hess_scalar(y, p):
     _t2 = 2.0*_t0
     _t3 = 2.0*_t1
     _t4 = p + 1.0
-    return (_t0 - _t1)**2, (_t2 - _t3)/(_t4), (((-_t2 + _t3 + 2.0)/(_t4)))/(_t4)
+    return (_t0 - _t1)**2, ((_t2 - _t3)/(_t4)), (((((-_t2 + _t3 + 2.0)/(_t4))))/(_t4))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -72,17 +72,17 @@ def grad_scalar(ratio, advantage, epsilon):
     _t1 = max(ratio, 1.0 - epsilon)
     _t2 = ratio - min(_t1, epsilon + 1.0)
     _t3 = -_t2*advantage
-    _t4 = (_t0)/(2.0)
+    _t4 = ((_t0)/(2.0))
     _t5 = _sum_finish(_sum_add(_sum_add(_sum_start(-1.0), epsilon), ratio))
     _t6 = (_t5 > 0.0)
     _t7 = (_t5 == 0.0)
     _t8 = -_t1 + epsilon
     _t9 = (_t8 > -1.0)
-    _t10 = (_t0)/(4.0)
+    _t10 = ((_t0)/(4.0))
     _t11 = ((_t4) if _t6 else (_t10) if _t7 else (0.0))
     _t12 = (_t8 == -1.0)
     _t13 = _t2*advantage
-    return ((_t0) if (_t3 > 0.0) else (_t4) if (_t3 == 0.0) else (0.0)) + ((((((_t0) if _t6 else (_t4) if _t7 else (0.0))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 > 0.0) else (((_t11) if _t9 else (((_t10) if _t6 else ((_t0)/(8.0)) if _t7 else (0.0))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0))
+    return ((_t0) if (_t3 > 0.0) else (_t4) if (_t3 == 0.0) else (0.0)) + ((((((_t0) if _t6 else (_t4) if _t7 else (0.0))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 > 0.0) else (((_t11) if _t9 else (((_t10) if _t6 else (((_t0)/(8.0))) if _t7 else (0.0))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -102,17 +102,17 @@ def grad_hess_scalar(ratio, advantage, epsilon):
     _t1 = max(ratio, 1.0 - epsilon)
     _t2 = ratio - min(_t1, epsilon + 1.0)
     _t3 = -_t2*advantage
-    _t4 = (_t0)/(2.0)
+    _t4 = ((_t0)/(2.0))
     _t5 = _sum_finish(_sum_add(_sum_add(_sum_start(-1.0), epsilon), ratio))
     _t6 = (_t5 > 0.0)
     _t7 = (_t5 == 0.0)
     _t8 = -_t1 + epsilon
     _t9 = (_t8 > -1.0)
-    _t10 = (_t0)/(4.0)
+    _t10 = ((_t0)/(4.0))
     _t11 = ((_t4) if _t6 else (_t10) if _t7 else (0.0))
     _t12 = (_t8 == -1.0)
     _t13 = _t2*advantage
-    return ((_t0) if (_t3 > 0.0) else (_t4) if (_t3 == 0.0) else (0.0)) + ((((((_t0) if _t6 else (_t4) if _t7 else (0.0))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 > 0.0) else (((_t11) if _t9 else (((_t10) if _t6 else ((_t0)/(8.0)) if _t7 else (0.0))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0)), 0.0
+    return ((_t0) if (_t3 > 0.0) else (_t4) if (_t3 == 0.0) else (0.0)) + ((((((_t0) if _t6 else (_t4) if _t7 else (0.0))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 > 0.0) else (((_t11) if _t9 else (((_t10) if _t6 else (((_t0)/(8.0))) if _t7 else (0.0))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0)), 0.0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -125,17 +125,17 @@ def loss_grad_hess_scalar(ratio, advantage, epsilon):
     _t2 = -advantage
     _t3 = -_t1 + ratio
     _t4 = -_t3*advantage
-    _t5 = (_t2)/(2.0)
+    _t5 = ((_t2)/(2.0))
     _t6 = _sum_finish(_sum_add(_sum_add(_sum_start(-1.0), epsilon), ratio))
     _t7 = (_t6 > 0.0)
     _t8 = (_t6 == 0.0)
     _t9 = -_t0 + epsilon
     _t10 = (_t9 > -1.0)
-    _t11 = (_t2)/(4.0)
+    _t11 = ((_t2)/(4.0))
     _t12 = ((_t5) if _t7 else (_t11) if _t8 else (0.0))
     _t13 = (_t9 == -1.0)
     _t14 = _t3*advantage
-    return -min(_t1*advantage, advantage*ratio), ((_t2) if (_t4 > 0.0) else (_t5) if (_t4 == 0.0) else (0.0)) + ((((((_t2) if _t7 else (_t5) if _t8 else (0.0))) if _t10 else (_t12) if _t13 else (0.0))) if (_t14 > 0.0) else (((_t12) if _t10 else (((_t11) if _t7 else ((_t2)/(8.0)) if _t8 else (0.0))) if _t13 else (0.0))) if (_t14 == 0.0) else (0.0)), 0.0
+    return -min(_t1*advantage, advantage*ratio), ((_t2) if (_t4 > 0.0) else (_t5) if (_t4 == 0.0) else (0.0)) + ((((((_t2) if _t7 else (_t5) if _t8 else (0.0))) if _t10 else (_t12) if _t13 else (0.0))) if (_t14 > 0.0) else (((_t12) if _t10 else (((_t11) if _t7 else (((_t2)/(8.0))) if _t8 else (0.0))) if _t13 else (0.0))) if (_t14 == 0.0) else (0.0)), 0.0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

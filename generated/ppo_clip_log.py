@@ -68,19 +68,19 @@ def grad_scalar(log_ratio, advantage, epsilon):
     _t11 = max(_t0, _t7)
     _t12 = _t0 - min(_t11, _t4)
     _t13 = -_t12*advantage
-    _t14 = (_t2)/(2.0)
+    _t14 = ((_t2)/(2.0))
     _t15 = -_t8 + epsilon
     _t16 = -_t11 + epsilon
     _t17 = (((_t15 > -1.0)) if _t3 else ((_t16 > -1.0)))
     _t18 = (((_t15 == -1.0)) if _t3 else ((_t16 == -1.0)))
     _t19 = _t5 + epsilon
     _t20 = (_t19 > 0.0)
-    _t21 = (_t2)/(4.0)
+    _t21 = ((_t2)/(4.0))
     _t22 = ((_t14) if _t17 else (_t21) if _t18 else (0.0))
     _t23 = (_t19 == 0.0)
     _t24 = _t9*advantage
     _t25 = _t12*advantage
-    return ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else ((_t2)/(8.0)) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
+    return ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else (((_t2)/(8.0))) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -100,19 +100,19 @@ def hess_scalar(log_ratio, advantage, epsilon):
     _t11 = max(_t0, _t7)
     _t12 = _t0 - min(_t11, _t4)
     _t13 = -_t12*advantage
-    _t14 = (_t2)/(2.0)
+    _t14 = ((_t2)/(2.0))
     _t15 = -_t8 + epsilon
     _t16 = -_t11 + epsilon
     _t17 = (((_t15 > -1.0)) if _t3 else ((_t16 > -1.0)))
     _t18 = (((_t15 == -1.0)) if _t3 else ((_t16 == -1.0)))
     _t19 = _t5 + epsilon
     _t20 = (_t19 > 0.0)
-    _t21 = (_t2)/(4.0)
+    _t21 = ((_t2)/(4.0))
     _t22 = ((_t14) if _t17 else (_t21) if _t18 else (0.0))
     _t23 = (_t19 == 0.0)
     _t24 = _t9*advantage
     _t25 = _t12*advantage
-    return ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else ((_t2)/(8.0)) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
+    return ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else (((_t2)/(8.0))) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -132,19 +132,19 @@ def grad_hess_scalar(log_ratio, advantage, epsilon):
     _t11 = max(_t0, _t7)
     _t12 = _t0 - min(_t11, _t4)
     _t13 = -_t12*advantage
-    _t14 = (_t2)/(2.0)
+    _t14 = ((_t2)/(2.0))
     _t15 = -_t8 + epsilon
     _t16 = -_t11 + epsilon
     _t17 = (((_t15 > -1.0)) if _t3 else ((_t16 > -1.0)))
     _t18 = (((_t15 == -1.0)) if _t3 else ((_t16 == -1.0)))
     _t19 = _t5 + epsilon
     _t20 = (_t19 > 0.0)
-    _t21 = (_t2)/(4.0)
+    _t21 = ((_t2)/(4.0))
     _t22 = ((_t14) if _t17 else (_t21) if _t18 else (0.0))
     _t23 = (_t19 == 0.0)
     _t24 = _t9*advantage
     _t25 = _t12*advantage
-    _t26 = ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else ((_t2)/(8.0)) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
+    _t26 = ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else (((_t2)/(8.0))) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
     return _t26, _t26
 
 
@@ -167,19 +167,19 @@ def loss_grad_hess_scalar(log_ratio, advantage, epsilon):
     _t13 = -_t12*advantage
     _t14 = _t1 - _t4
     _t15 = -_t14*advantage
-    _t16 = (_t7)/(2.0)
+    _t16 = ((_t7)/(2.0))
     _t17 = -_t11 + epsilon
     _t18 = -_t3 + epsilon
     _t19 = (((_t17 > -1.0)) if _t8 else ((_t18 > -1.0)))
     _t20 = (((_t17 == -1.0)) if _t8 else ((_t18 == -1.0)))
     _t21 = _t9 + epsilon
     _t22 = (_t21 > 0.0)
-    _t23 = (_t7)/(4.0)
+    _t23 = ((_t7)/(4.0))
     _t24 = ((_t16) if _t19 else (_t23) if _t20 else (0.0))
     _t25 = (_t21 == 0.0)
     _t26 = _t12*advantage
     _t27 = _t14*advantage
-    _t28 = ((_t7) if (((_t13 > 0.0)) if _t8 else ((_t15 > 0.0))) else (_t16) if (((_t13 == 0.0)) if _t8 else ((_t15 == 0.0))) else (0.0)) + ((((((_t7) if _t19 else (_t16) if _t20 else (0.0))) if _t22 else (_t24) if _t25 else (0.0))) if (((_t26 > 0.0)) if _t8 else ((_t27 > 0.0))) else (((_t24) if _t22 else (((_t23) if _t19 else ((_t7)/(8.0)) if _t20 else (0.0))) if _t25 else (0.0))) if (((_t26 == 0.0)) if _t8 else ((_t27 == 0.0))) else (0.0))
+    _t28 = ((_t7) if (((_t13 > 0.0)) if _t8 else ((_t15 > 0.0))) else (_t16) if (((_t13 == 0.0)) if _t8 else ((_t15 == 0.0))) else (0.0)) + ((((((_t7) if _t19 else (_t16) if _t20 else (0.0))) if _t22 else (_t24) if _t25 else (0.0))) if (((_t26 > 0.0)) if _t8 else ((_t27 > 0.0))) else (((_t24) if _t22 else (((_t23) if _t19 else (((_t7)/(8.0))) if _t20 else (0.0))) if _t25 else (0.0))) if (((_t26 == 0.0)) if _t8 else ((_t27 == 0.0))) else (0.0))
     return -min(_t6, _t4*advantage), _t28, _t28
 
 

@@ -46,7 +46,7 @@ def grad_scalar(y, p, tau):
     """grad of one element."""
     _t0 = -tau
     _t1 = p - y
-    _t2 = (_t0)/(2.0)
+    _t2 = ((_t0)/(2.0))
     _t3 = (_t1 == 0.0)
     return ((_t0) if (_t1 < 0.0) else (_t2) if _t3 else (0.0)) + ((1.0 - tau) if (_t1 > 0.0) else (_t2 + 1/2) if _t3 else (0.0))
 
@@ -62,7 +62,7 @@ def grad_hess_scalar(y, p, tau):
     """grad, hess of one element."""
     _t0 = -tau
     _t1 = p - y
-    _t2 = (_t0)/(2.0)
+    _t2 = ((_t0)/(2.0))
     _t3 = (_t1 == 0.0)
     return ((_t0) if (_t1 < 0.0) else (_t2) if _t3 else (0.0)) + ((1.0 - tau) if (_t1 > 0.0) else (_t2 + 1/2) if _t3 else (0.0)), 0.0
 
@@ -74,7 +74,7 @@ def loss_grad_hess_scalar(y, p, tau):
     _t1 = -_t0
     _t2 = tau - 1.0
     _t3 = -tau
-    _t4 = (_t3)/(2.0)
+    _t4 = ((_t3)/(2.0))
     _t5 = (_t0 == 0.0)
     return max(_t1*_t2, _t1*tau), ((-_t2) if (_t0 > 0.0) else (_t4 + 1/2) if _t5 else (0.0)) + ((_t3) if (_t0 < 0.0) else (_t4) if _t5 else (0.0)), 0.0
 

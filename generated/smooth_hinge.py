@@ -43,7 +43,7 @@ def loss_scalar(y, p, gamma):
     if not ((y == -1.0) or (y == 1.0)):
         return math.nan
     _t0 = p*y
-    return ((0.0) if (_t0 >= 1.0) else (((1.0 - _t0)**2)/(2.0*gamma)) if (_t0 > 1.0 - gamma) else (-_t0 + (-gamma)/(2.0) + 1.0))
+    return ((0.0) if (_t0 >= 1.0) else ((((1.0 - _t0)**2)/(2.0*gamma))) if (_t0 > 1.0 - gamma) else (-_t0 + ((-gamma)/(2.0)) + 1.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -53,7 +53,7 @@ def grad_scalar(y, p, gamma):
         return math.nan
     _t0 = p*y
     _t1 = -y
-    return ((0.0) if (_t0 >= 1.0) else ((_t1 + p*y**2)/(gamma)) if (_t0 > 1.0 - gamma) else (_t1))
+    return ((0.0) if (_t0 >= 1.0) else (((_t1 + p*y**2)/(gamma))) if (_t0 > 1.0 - gamma) else (_t1))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -62,7 +62,7 @@ def hess_scalar(y, p, gamma):
     if not ((y == -1.0) or (y == 1.0)):
         return math.nan
     _t0 = p*y
-    return ((0.0) if (_t0 >= 1.0) else ((y**2)/(gamma)) if (_t0 > 1.0 - gamma) else (0.0))
+    return ((0.0) if (_t0 >= 1.0) else (((y**2)/(gamma))) if (_t0 > 1.0 - gamma) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -75,7 +75,7 @@ def grad_hess_scalar(y, p, gamma):
     _t2 = -y
     _t3 = y**2
     _t4 = (_t0 > 1.0 - gamma)
-    return ((0.0) if _t1 else ((_t2 + _t3*p)/(gamma)) if _t4 else (_t2)), ((0.0) if _t1 else ((_t3)/(gamma)) if _t4 else (0.0))
+    return ((0.0) if _t1 else (((_t2 + _t3*p)/(gamma))) if _t4 else (_t2)), ((0.0) if _t1 else (((_t3)/(gamma))) if _t4 else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -88,7 +88,7 @@ def loss_grad_hess_scalar(y, p, gamma):
     _t2 = (_t0 > 1.0 - gamma)
     _t3 = -y
     _t4 = y**2
-    return ((0.0) if _t1 else (((1.0 - _t0)**2)/(2.0*gamma)) if _t2 else (-_t0 + (-gamma)/(2.0) + 1.0)), ((0.0) if _t1 else ((_t3 + _t4*p)/(gamma)) if _t2 else (_t3)), ((0.0) if _t1 else ((_t4)/(gamma)) if _t2 else (0.0))
+    return ((0.0) if _t1 else ((((1.0 - _t0)**2)/(2.0*gamma))) if _t2 else (-_t0 + ((-gamma)/(2.0)) + 1.0)), ((0.0) if _t1 else (((_t3 + _t4*p)/(gamma))) if _t2 else (_t3)), ((0.0) if _t1 else (((_t4)/(gamma))) if _t2 else (0.0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

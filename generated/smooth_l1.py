@@ -50,20 +50,20 @@ def loss_scalar(y, p, beta):
     """loss of one element."""
     _t0 = p - y
     _t1 = abs(_t0)
-    return (((_t0**2)/(2.0*beta)) if (_t1 < beta) else (_t1 + (-beta)/(2.0)))
+    return ((((_t0**2)/(2.0*beta))) if (_t1 < beta) else (_t1 + ((-beta)/(2.0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, beta):
     """grad of one element."""
     _t0 = p - y
-    return (((_t0)/(beta)) if (beta > abs(_t0)) else (_sign(_t0)))
+    return ((((_t0)/(beta))) if (beta > abs(_t0)) else (_sign(_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(y, p, beta):
     """hess of one element."""
-    return (((1.0)/(beta)) if (beta > abs(p - y)) else (0.0))
+    return ((((1.0)/(beta))) if (beta > abs(p - y)) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -71,7 +71,7 @@ def grad_hess_scalar(y, p, beta):
     """grad, hess of one element."""
     _t0 = p - y
     _t1 = (beta > abs(_t0))
-    return (((_t0)/(beta)) if _t1 else (_sign(_t0))), (((1.0)/(beta)) if _t1 else (0.0))
+    return ((((_t0)/(beta))) if _t1 else (_sign(_t0))), ((((1.0)/(beta))) if _t1 else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -80,7 +80,7 @@ def loss_grad_hess_scalar(y, p, beta):
     _t0 = p - y
     _t1 = abs(_t0)
     _t2 = (beta > _t1)
-    return (((_t0**2)/(2.0*beta)) if _t2 else (_t1 + (-beta)/(2.0))), (((_t0)/(beta)) if _t2 else (_sign(_t0))), (((1.0)/(beta)) if _t2 else (0.0))
+    return ((((_t0**2)/(2.0*beta))) if _t2 else (_t1 + ((-beta)/(2.0)))), ((((_t0)/(beta))) if _t2 else (_sign(_t0))), ((((1.0)/(beta))) if _t2 else (0.0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -60,7 +60,7 @@ def hess_scalar(y, p):
         return math.nan
     _t0 = y**2
     _t1 = p*y
-    return ((2.0*_t0) if (_t1 < 1.0) else ((_t0)/(2.0)) if (_t1 == 1.0) else (0.0))
+    return ((2.0*_t0) if (_t1 < 1.0) else (((_t0)/(2.0))) if (_t1 == 1.0) else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -73,7 +73,7 @@ def grad_hess_scalar(y, p):
     _t2 = (_t0 < 1.0)
     _t3 = (_t0 == 1.0)
     _t4 = y**2
-    return ((-2.0*_t1) if _t2 else (-_t1) if _t3 else (0.0)), ((2.0*_t4) if _t2 else ((_t4)/(2.0)) if _t3 else (0.0))
+    return ((-2.0*_t1) if _t2 else (-_t1) if _t3 else (0.0)), ((2.0*_t4) if _t2 else (((_t4)/(2.0))) if _t3 else (0.0))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -87,7 +87,7 @@ def loss_grad_hess_scalar(y, p):
     _t3 = (_t0 < 1.0)
     _t4 = (_t0 == 1.0)
     _t5 = y**2
-    return _t1**2, ((-2.0*_t2) if _t3 else (-_t2) if _t4 else (0.0)), ((2.0*_t5) if _t3 else ((_t5)/(2.0)) if _t4 else (0.0))
+    return _t1**2, ((-2.0*_t2) if _t3 else (-_t2) if _t4 else (0.0)), ((2.0*_t5) if _t3 else (((_t5)/(2.0))) if _t4 else (0.0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

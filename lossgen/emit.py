@@ -64,7 +64,7 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_div(self, expr):
         numerator, denominator = expr.args
-        return f"({self._print(numerator)})/({self._print(denominator)})"
+        return f"(({self._print(numerator)})/({self._print(denominator)}))"  # an operand of ** too
 
     def _print_group(self, expr):
         return f"({self._print(expr.args[0])})"

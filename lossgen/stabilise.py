@@ -181,6 +181,21 @@ def _signed_atom(term) -> bool:
     return abs(coefficient) == 1 and (rest.is_Symbol or rest.is_Number)
 
 
+def _collect_pair(e):
+    """a*F + b*F -> (a + b)*F for two terms of a longer sum with a short ratio: x**2*alpha - x**2
+    cancels at alpha = 1 whatever the order of the sum, x**2*(alpha - 1) does not."""
+    terms = _add_terms(e)
+    if not terms or len(terms) < 3:
+        return None
+    pairs = [(t, u) for i, t in enumerate(terms) for u in terms[i + 1:]]
+    for t, u in pairs + [(u, t) for t, u in pairs]:
+        ratio = t / u
+        if not ratio.is_Number and not ratio.has(sp.Function, sp.Piecewise) and sp.count_ops(ratio) <= 2 \
+                and sp.fraction(ratio)[1] == 1 and (u.has(sp.Pow) or t.has(sp.Pow)):
+            rest = [v for v in terms if v is not t and v is not u]
+            return sp.Add(u * group(ratio + 1), *rest)
+
+
 def _hypot_one_minus_one(e):
     """hypot(1, u) - 1 -> u*(u/(hypot(1, u) + 1)); the grouping keeps u**2 from overflowing."""
     terms = _add_terms(e)
@@ -350,6 +365,8 @@ RULES: tuple[Rule, ...] = (
          _difference_of_squares),
     Rule("exact_sum", "a + b + c + ...", "exact_sum(a, b, c, ...)",
          "any order of the additions can cancel a small term away", _sum_of_atoms),
+    Rule("collect_pair", "a*F + b*F + ...", "(a + b)*F + ...", "large a*F and b*F cancel in any order of the sum",
+         _collect_pair),
     Rule("hypot_minus_one", "hypot(1, u) - 1", "u*(u/(hypot(1, u) + 1))", "cancels for small u, overflows for huge u",
          _hypot_one_minus_one),
     Rule("xlogy", "a*log(y)", "xlogy(a, y)", "0*log(0) is nan; the limit, and the loss, is 0", _x_log_y),

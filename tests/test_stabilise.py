@@ -46,6 +46,7 @@ EXAMPLES = {
     "distribute_to_cancel": (sigmoid(-x) * (z + sigmoid(x) / sigmoid(-x)), {x: 745.0, z: 2.0}),
     "combine_powers": ((sigmoid(x) + z) ** y / (sigmoid(x) + z), {x: -745.0, y: 2.5, z: 0.0}),
     "power_minus_one": (z * (1 + x**2) ** (y / 7) - z, {x: 1e-9, y: 0.5, z: 3.0}),
+    "collect_pair": (x**2 * z - x**2 + y, {x: 1e10, z: 1.0, y: 1.0}),
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
