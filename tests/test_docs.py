@@ -481,3 +481,17 @@ def test_spec_with_special_characters_compiles_and_shows_them(tmp_path):
         assert result.returncode == 0, result.stdout[-2000:]
     log = (tmp_path / "paper.log").read_text(errors="replace")
     assert "Overfull" not in log and "undefined" not in log.lower(), log[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed")
+def test_pdf_fails_on_latex_errors_and_on_overflow():
+    document = "\\documentclass{article}\\begin{document}\n%s\n\\end{document}\n"
+    messages = []
+    assert compile_pdf({REFERENCE: document % "fits"}, None, log=messages.append) == 0
+    messages.clear()
+    assert compile_pdf({REFERENCE: document % "$\\frac{1}{0$"}, None, log=messages.append) == 1
+    assert any("failed" in m for m in messages)
+    messages.clear()
+    wide = "\\[" + " + ".join(f"x_{{{k}}}" for k in range(80)) + "\\]"
+    assert compile_pdf({REFERENCE: document % wide}, None, log=messages.append) == 1
+    assert any(m.startswith("overflow: ") for m in messages)
