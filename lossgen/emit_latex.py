@@ -747,18 +747,17 @@ class PlotSetup:
 
 
 def plot_setup(spec) -> tuple[PlotSetup | None, str]:
-    """How to plot ``spec`` (None and the reason where it is not plotted)."""
-    if len(spec.predictions) != 1:
-        return None, f"the loss has {len(spec.predictions)} predictions; plots are drawn for losses of one"
+    """How to plot ``spec`` (None and the reason where it is not plotted). With several
+    predictions, the loss is plotted against the first, the others held at a typical value."""
     prediction = spec.predictions[0]
     domain = DOMAINS[prediction.domain]
     if domain.values:
         return None, "the prediction takes discrete values"
     fixed = []
-    for other in (i for i in spec.inputs if i.role != "prediction"):
-        # a target sits at the centre of its domain (0 for a real one: the axis is then the
-        # residual); other given data (an advantage, a log-probability) at 1 where it can
-        value = _typical(other.domain) if other.role == "target" or not DOMAINS[other.domain].contains(1.0) else 1.0
+    for other in (i for i in spec.inputs if i.name != prediction.name):
+        # a target or another prediction sits at the centre of its domain (0 for a real one:
+        # the axis is then the residual); other given data (an advantage) at 1 where it can
+        value = _typical(other.domain) if other.role != "input" or not DOMAINS[other.domain].contains(1.0) else 1.0
         if value is None:
             return None, f"no typical value for the input {other.name}"
         fixed.append((other.name, value))
@@ -773,7 +772,7 @@ def plot_setup(spec) -> tuple[PlotSetup | None, str]:
         lo, hi = domain.high - reach, domain.high
     else:
         lo, hi = domain.low, domain.high
-    others = [i for i in spec.inputs if i.role != "prediction"]
+    others = [i for i in spec.inputs if i.name != prediction.name]
     residual = (len(others) == 1 and others[0].role == "target" and fixed[0][1] == 0.0 and lo == -hi
                 and DOMAINS[others[0].domain].low == -math.inf)
     param = next((p for p in spec.params if not DOMAINS[p.domain].values), None)
@@ -787,7 +786,7 @@ def _arrays(spec, setup: PlotSetup, predictions):
 
     fixed = dict(setup.fixed)
     predictions = np.asarray(predictions, dtype=np.float64)
-    return [predictions if i.role == "prediction" else np.full(predictions.shape, fixed[i.name])
+    return [predictions if i.name == setup.prediction else np.full(predictions.shape, fixed[i.name])
             for i in spec.inputs]
 
 
@@ -797,6 +796,8 @@ def _evaluate(loss, spec, setup: PlotSetup, predictions, params: dict):
 
     with np.errstate(all="ignore"):
         values = loss.loss_grad_hess(*_arrays(spec, setup, predictions), reduction="none", **params)
+    index = [p.name for p in spec.predictions].index(setup.prediction)
+    values = [v[index] if isinstance(v, tuple) else v for v in values]  # the plotted prediction's
     return [[float(v) for v in array] for array in values]
 
 
