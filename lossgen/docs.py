@@ -23,7 +23,7 @@ from typing import Callable
 
 from .derive import derive
 from .emit_latex import MARKER, plot_setup, render_reference, render_section
-from .generate import _write_atomically
+from .generate import _write_atomically, plan_writes
 from .spec import SpecError, find_spec_files, load_spec
 
 REFERENCE = "reference.tex"
@@ -228,17 +228,10 @@ def docs(specs_dir, kernels_dir, out_dir, pdf: bool = False, check: bool = False
     out_dir = Path(out_dir)
     started = time.perf_counter()
     files, errors = render_docs(specs_dir, kernels_dir, log)
-    if errors:
-        for message in errors:
-            log(f"error: {message}")
-        log(f"documentation failed ({len(errors)} error(s)); {out_dir} was left untouched")
+    plan = plan_writes(files, errors, out_dir, "documentation", log, ours=is_generated, stale_files=compare)
+    if plan is None:
         return 1
-    for name in files:
-        target = out_dir / name
-        if target.exists() and not is_generated(target):
-            log(f"error: {target} exists and was not written by lossgen; refusing to overwrite it")
-            return 1
-    stale, extra = compare(files, out_dir)
+    stale, extra = plan
     digest = sources_hash(files)
     if check:
         status = 0

@@ -98,22 +98,35 @@ def _write_atomically(path: Path, text: str):
         raise
 
 
+def plan_writes(files: dict[str, str], errors: list[str], out_dir: Path, what: str,
+                log: Callable[[str], None], ours: Callable[[Path], bool] = None,
+                stale_files: Callable = None) -> tuple[list[str], list[str]] | None:
+    """(stale, extra) as ``stale_files`` (default :func:`compare`) finds them, or None, with the
+    reason logged, where nothing may be written: a spec failed (``what`` failed), or a file to
+    write was not written by lossgen (``ours``, default :func:`is_generated`, says which are)."""
+    ours, stale_files = ours or is_generated, stale_files or compare
+    if errors:
+        for message in errors:
+            log(f"error: {message}")
+        log(f"{what} failed ({len(errors)} error(s)); {out_dir} was left untouched")
+        return None
+    for name in files:
+        target = out_dir / name
+        if target.exists() and not ours(target):
+            log(f"error: {target} exists and was not written by lossgen; refusing to overwrite it")
+            return None
+    return stale_files(files, out_dir)
+
+
 def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None] = print) -> int:
     """Regenerate ``out_dir`` from ``specs_dir``; with ``check``, only report. Returns an exit code."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
     files, errors = render_all(specs_dir, log)
-    if errors:
-        for message in errors:
-            log(f"error: {message}")
-        log(f"generation failed ({len(errors)} error(s)); {out_dir} was left untouched")
+    plan = plan_writes(files, errors, out_dir, "generation", log)
+    if plan is None:
         return 1
-    for name in files:
-        target = out_dir / name
-        if target.exists() and not is_generated(target):
-            log(f"error: {target} exists and was not written by lossgen; refusing to overwrite it")
-            return 1
-    stale, extra = compare(files, out_dir)
+    stale, extra = plan
     if check:
         if stale or extra:
             for name in stale:
