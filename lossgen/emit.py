@@ -183,6 +183,3 @@ def render_package_init(entries: list[tuple[str, str, str]]) -> str:
     return template_environment().get_template("package_init.py.j2").render(entries=entries, marker=MARKER)
 
 
-def generated_file_names(names: list[str]) -> list[str]:
-    return ["__init__.py"] + [f"{name}.py" for name in names]
-

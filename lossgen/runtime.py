@@ -71,10 +71,7 @@ class Loss:
         if reduction == "none":
             return self._run("loss", call)[0]
         total = self.module.loss_sum_kernel(*call.arrays, *call.params, call.weight)
-        if reduction == "sum":
-            return call.dtype.type(total)
-        count = call.arrays[0].size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
-        return call.dtype.type(total / count if count else np.nan)
+        return call.dtype.type(total if reduction == "sum" else _mean(total, call))
 
     def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
         """d loss_i / d p_i for each element (times w_i); a tuple if there are several predictions."""
@@ -103,10 +100,7 @@ class Loss:
         loss = outs[0]
         if reduction != "none":
             total = np.sum(loss, dtype=np.float64)
-            if reduction == "mean":
-                count = loss.size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
-                total = total / count if count else np.nan
-            loss = call.dtype.type(total)
+            loss = call.dtype.type(total if reduction == "sum" else _mean(total, call))
         return loss, self._per_prediction(outs[1:1 + k]), self._per_prediction(outs[1 + k:])
 
     # --- plumbing ------------------------------------------------------------------------
@@ -187,6 +181,12 @@ class Loss:
                 raise ValueError(f"{where}: parameter '{name}' must be {DOMAINS[domain].text}, got {value!r}")
             values.append(value)
         return _Call(flat, values, weight, shape, dtype)
+
+
+def _mean(total: float, call: _Call) -> float:
+    """A (weighted) sum over the elements divided by their count (total weight); nan for none."""
+    count = call.arrays[0].size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
+    return total / count if count else np.nan
 
 
 def _numeric_array(where, name, value) -> np.ndarray:

@@ -569,13 +569,18 @@ def scale_variables(spec) -> list[tuple[sp.Expr, sp.Symbol]]:
     return found + [(spec.symbols[p.name], spec.symbols[p.name]) for p in spec.predictions]
 
 
-def direct_form(expr: sp.Expr) -> sp.Expr:
-    """Rules, tidying, rules again (with the second-pass rules), then splits.
+def rewritten(expr: sp.Expr) -> sp.Expr:
+    """Rules, tidying, rules again (with the second-pass rules).
 
     The rules run twice around a tidying step: a rewrite such as 1 - sigmoid(x) -> sigmoid(-x)
     can reveal a factor that cancels (sigmoid(-x)/sigmoid(-x)), which tidying then removes."""
     first_pass = tuple(r for r in RULES if r.name not in SECOND_PASS_ONLY)
-    return split_cancellations(stabilise(tidy(stabilise(expr, first_pass))))
+    return stabilise(tidy(stabilise(expr, first_pass)))
+
+
+def direct_form(expr: sp.Expr) -> sp.Expr:
+    """The rewritten expression, with its cancelling sums split."""
+    return split_cancellations(rewritten(expr))
 
 
 def with_asymptote(raw: sp.Expr, stable: sp.Expr, spec) -> sp.Expr:
@@ -605,16 +610,14 @@ def stabilise_derivation(derivation):
     stable form is kept: the one with fewer divisions (x*(a/x) is 0*inf where x underflows),
     then the shorter."""
     spec = derivation.spec
-    first_pass = tuple(r for r in RULES if r.name not in SECOND_PASS_ONLY)
-    stable = derivation.map(lambda e: stabilise_output(e, spec))
     hessians = []
     for prediction, gradient, raw_hessian in zip(spec.predictions, derivation.grad, derivation.hess):
-        rewritten_gradient = stabilise(tidy(stabilise(gradient, first_pass)))
         candidates = (direct_form(raw_hessian),
-                      direct_form(differentiate(rewritten_gradient, spec.symbols[prediction.name])))
+                      direct_form(differentiate(rewritten(gradient), spec.symbols[prediction.name])))
         best = min(candidates, key=lambda e: (_divisions(e), sp.count_ops(e), sp.default_sort_key(e)))
         hessians.append(with_asymptote(raw_hessian, best, spec))
-    return replace(stable, hess=tuple(hessians))
+    return replace(derivation, loss=stabilise_output(derivation.loss, spec),
+                   grad=tuple(stabilise_output(g, spec) for g in derivation.grad), hess=tuple(hessians))
 
 
 def _or_same(rewrite: Rewrite, e):

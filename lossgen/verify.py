@@ -293,31 +293,31 @@ def check_kernels(loss, derivation: Derivation, points: Points, params: dict[str
     return rows
 
 
-def _at_discontinuity(kinks, argument_names, args, input_names) -> bool:
-    """True where a kink expression is 0 or changes sign between the point and a neighbouring
-    float of an input: there, rounding may put a kernel on the other side of the kink."""
+def _neighbours(argument_names, args, input_names):
+    """The argument lists with one input moved to a neighbouring float, each in turn."""
     for name in input_names:
         k = argument_names.index(name)
         for direction in (-np.inf, np.inf):
             shifted = list(args)
             shifted[k] = float(np.nextafter(args[k], direction))
-            for kink in kinks:
-                here, there = evaluate(kink, args), evaluate(kink, shifted)
-                if here is not None and there is not None and (here == 0 or (here > 0) != (there > 0)):
-                    return True
+            yield shifted
+
+
+def _at_discontinuity(kinks, argument_names, args, input_names) -> bool:
+    """True where a kink expression is 0 or changes sign between the point and a neighbouring
+    float of an input: there, rounding may put a kernel on the other side of the kink."""
+    here = [evaluate(kink, args) for kink in kinks]
+    for shifted in _neighbours(argument_names, args, input_names):
+        for kink, value in zip(kinks, here):
+            there = evaluate(kink, shifted)
+            if value is not None and there is not None and (value == 0 or (value > 0) != (there > 0)):
+                return True
     return False
 
 
 def _one_ulp_neighbours(function, argument_names, args, input_names):
     """The truth at the neighbouring floats of each input, for points at a discontinuity."""
-    values = []
-    for name in input_names:
-        k = argument_names.index(name)
-        for direction in (-np.inf, np.inf):
-            shifted = list(args)
-            shifted[k] = float(np.nextafter(args[k], direction))
-            values.append(evaluate(function, shifted))
-    return values
+    return [evaluate(function, shifted) for shifted in _neighbours(argument_names, args, input_names)]
 
 
 def check_derivatives(derivation: Derivation, points: Points, params: dict[str, float],
