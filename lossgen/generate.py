@@ -4,20 +4,47 @@ Every spec is parsed, derived, stabilised and rendered in memory first; files ar
 only when all of them succeed, so a failing spec leaves the output folder untouched. Only
 files whose text changed are rewritten (atomically), and generated files whose spec is gone
 are removed. Files not written by lossgen are never touched.
+
+Rendering is skipped for a spec whose module is already on disk as the same inputs made it:
+:class:`RenderCache` records, per module, a hash of everything its text depends on (the spec's
+bytes and path, lossgen's source and templates, the Python, SymPy and Jinja2 versions) and the
+hash of the text; where both still match, the file on disk is the output. The record lives in
+the user's cache folder (``$LOSSGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/lossgen``, else
+``~/.cache/lossgen``), one small file per output folder, never in the output folder itself;
+deleting it only costs time.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 import tempfile
 import time
 import tokenize
 from pathlib import Path
 from typing import Callable
 
+import jinja2
+import sympy
+
 from .derive import derive
 from .emit import MARKER, render_module, render_package_init
+from .paths import TEMPLATES_DIR
 from .spec import SpecError, find_spec_files, load_spec
 from .stabilise import stabilise_derivation
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CACHE_VARIABLE = "LOSSGEN_CACHE_DIR"
+
+
+def cache_file(out_dir) -> Path:
+    """Where the render record of ``out_dir`` is kept (see the module's docstring)."""
+    root = os.environ.get(CACHE_VARIABLE) or ""
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lossgen"
+    folder = str(Path(out_dir).resolve())
+    return Path(root) / f"generate-{hashlib.sha256(folder.encode()).hexdigest()[:16]}.json"
 
 
 def build_module(spec, spec_path: str) -> str:
@@ -26,8 +53,70 @@ def build_module(spec, spec_path: str) -> str:
     return render_module(derivation, stabilise_derivation(derivation), spec_path)
 
 
-def render_all(specs_dir, log: Callable[[str], None] = print) -> tuple[dict[str, str], list[str]]:
-    """Render every spec under ``specs_dir``: ({file name: text}, [error messages])."""
+def pipeline_fingerprint() -> str:
+    """sha256 of what, besides a spec, decides a module's text: lossgen's source (every
+    stage), the templates, and the versions of Python, SymPy and Jinja2."""
+    digest = hashlib.sha256()
+    for version in (sys.version, sympy.__version__, jinja2.__version__):
+        digest.update(version.encode() + b"\0")
+    for folder in (PACKAGE_DIR, TEMPLATES_DIR):
+        for path in sorted(folder.rglob("*"), key=lambda p: p.relative_to(folder).as_posix()):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".tmp"):
+                digest.update(f"{folder.name}/{path.relative_to(folder).as_posix()}".encode() + b"\0")
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class RenderCache:
+    """Which modules in ``out_dir`` are what their inputs produce, so their rendering can be
+    skipped: {file name: (hash of the inputs, hash of the text)}, kept in :func:`cache_file`."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.path = cache_file(out_dir)
+        self.fingerprint = pipeline_fingerprint()
+        try:
+            self.entries = json.loads(self.path.read_text(encoding="utf-8"))["modules"]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.entries = {}
+        self.used: dict[str, list[str]] = {}
+
+    def key(self, spec, spec_path: str) -> str:
+        """The hash of every input of one module's text."""
+        return hashlib.sha256(f"{self.fingerprint}\0{spec_path}\0{spec.source_hash}".encode()).hexdigest()
+
+    def lookup(self, name: str, key: str) -> str | None:
+        """The text of ``name`` on disk if the same inputs produced it, else None."""
+        entry = self.entries.get(name)
+        if not isinstance(entry, list) or entry[0] != key:
+            return None
+        try:
+            text = (self.out_dir / name).read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+        return text if _text_hash(text) == entry[1] else None
+
+    def record(self, name: str, key: str, text: str):
+        self.used[name] = [key, _text_hash(text)]
+
+    def save(self):
+        """Keep the entries of this run (best effort: without the cache, generation is slower only)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"out": str(self.out_dir.resolve()), "modules": self.used}, indent=1, sort_keys=True)
+            _write_atomically(self.path, text + "\n")
+        except OSError:
+            pass
+
+
+def render_all(specs_dir, log: Callable[[str], None] = print,
+               cache: RenderCache | None = None) -> tuple[dict[str, str], list[str]]:
+    """Render every spec under ``specs_dir``: ({file name: text}, [error messages]). With
+    ``cache``, a module that its inputs already produced on disk is read, not rendered."""
     specs_dir = Path(specs_dir)
     paths = find_spec_files(specs_dir)
     if not paths:
@@ -42,9 +131,17 @@ def render_all(specs_dir, log: Callable[[str], None] = print) -> tuple[dict[str,
             if spec.name in seen:
                 raise SpecError(path, "name", f"duplicate loss name '{spec.name}', also defined in {seen[spec.name]}")
             seen[spec.name] = path
-            files[f"{spec.name}.py"] = build_module(spec, f"{specs_dir.name}/{relative}")
+            name, spec_path = f"{spec.name}.py", f"{specs_dir.name}/{relative}"
+            key = cache.key(spec, spec_path) if cache else None
+            text = cache.lookup(name, key) if cache else None
+            status = "unchanged inputs" if text is not None else None
+            if text is None:
+                text = build_module(spec, spec_path)
+                status = f"{time.perf_counter() - started:.2f} s"
+            if cache:
+                cache.record(name, key, text)
+            files[name] = text
             entries.append((spec.name, spec.family, spec.title))
-            status = f"{time.perf_counter() - started:.2f} s"
         except SpecError as error:
             errors.append(str(error))
             status = "FAILED"
@@ -122,7 +219,8 @@ def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None]
     """Regenerate ``out_dir`` from ``specs_dir``; with ``check``, only report. Returns an exit code."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    files, errors = render_all(specs_dir, log)
+    cache = RenderCache(out_dir)
+    files, errors = render_all(specs_dir, log, cache)
     plan = plan_writes(files, errors, out_dir, "generation", log)
     if plan is None:
         return 1
@@ -142,6 +240,7 @@ def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None]
         _write_atomically(out_dir / name, files[name])
     for name in extra:
         (out_dir / name).unlink()
+    cache.save()
     log(f"{out_dir}: {len(files) - 1} losses; {len(stale)} file(s) written, {len(extra)} removed, "
         f"{len(files) - len(stale)} unchanged ({time.perf_counter() - started:.1f} s)")
     return 0

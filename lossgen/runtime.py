@@ -10,6 +10,11 @@ first call (then comes from Numba's on-disk cache in later processes).
 
 Outside an input's domain (a probability above 1, a negative count) every kernel returns nan;
 with ``check_inputs=True`` such an input raises ValueError instead.
+
+Threads: arrays of fewer than ``SERIAL_BELOW`` elements run in the calling thread (starting
+Numba's threads costs more than it saves there); larger ones run on ``numba.get_num_threads()``
+threads (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``), at most ``LOSSGEN_NUM_THREADS``
+when that environment variable is set (1: always in the calling thread).
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import difflib
 import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,12 @@ from .paths import GENERATED_DIR
 
 REDUCTIONS = ("none", "sum", "mean")
 _NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
+_KERNEL_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
+
+# Below this many elements a kernel runs in the calling thread: there, starting Numba's
+# threads costs more than it saves (measured with benchmarks/run.py --threshold).
+SERIAL_BELOW = 20_000
+THREADS_VARIABLE = "LOSSGEN_NUM_THREADS"
 
 
 @dataclass
@@ -37,6 +49,10 @@ class _Call:
     weight: object        # flattened sample_weight or None
     shape: tuple
     dtype: np.dtype
+
+    @property
+    def size(self) -> int:
+        return self.arrays[0].size
 
 
 class Loss:
@@ -54,6 +70,8 @@ class Loss:
         self.params = {name: (default, domain) for name, default, domain in spec["params"]}
         self.module = module
         self.__doc__ = module.__doc__
+        self._defaults = self._parameter_values(f"{self.name}()", {})  # the spec's defaults, checked
+        self._kernels = {}  # kernel name -> (Numba function, number of outputs)
 
     def __repr__(self):
         params = ", ".join(f"{k}={d!r}" for k, (d, _) in self.params.items())
@@ -70,7 +88,7 @@ class Loss:
         call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
         if reduction == "none":
             return self._run("loss", call)[0]
-        total = self.module.loss_sum_kernel(*call.arrays, *call.params, call.weight)
+        total = _launch(self.module.loss_sum_kernel, (*call.arrays, *call.params, call.weight), call.size)
         return call.dtype.type(total if reduction == "sum" else _mean(total, call))
 
     def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
@@ -114,12 +132,20 @@ class Loss:
                              f"{', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
 
     def _run(self, kernel, call):
-        n = call.arrays[0].size
-        outs = [np.empty(n, dtype=call.dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
-        getattr(self.module, f"{kernel}_kernel")(*call.arrays, *call.params, call.weight, *outs)
-        return [o.reshape(call.shape) for o in outs]
+        if kernel not in self._kernels:
+            self._kernels[kernel] = getattr(self.module, f"{kernel}_kernel"), self.module.SPEC["kernels"][kernel]
+        function, count = self._kernels[kernel]
+        outs = [np.empty(call.size, dtype=call.dtype) for _ in range(count)]
+        _launch(function, (*call.arrays, *call.params, call.weight, *outs), call.size)
+        if len(call.shape) != 1:
+            outs = [o.reshape(call.shape) for o in outs]
+        return outs
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs=False) -> _Call:
+        if sample_weight is None and not check_inputs and len(arrays) == len(self.inputs):
+            call = self._prepare_fast(method, arrays, kwargs)
+            if call is not None:
+                return call
         where = f"{self.name}.{method}()"
         if len(arrays) > len(self.inputs):
             raise TypeError(f"{where} takes {len(self.inputs)} arrays ({', '.join(self.inputs)}), "
@@ -168,9 +194,37 @@ class Loss:
                 raise ValueError(f"{where}: sample_weight has shape {weight.shape}, inputs have shape {shape}")
             weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
 
+        return _Call(flat, self._parameter_values(where, params), weight, shape, dtype)
+
+    def _prepare_fast(self, method, arrays, kwargs) -> _Call | None:
+        """The common call, validated in a few microseconds: every input passed by position
+        as a C-contiguous float64 (or every one float32) ndarray of one shape, no weights,
+        parameters (if any) by keyword. None where the full path of :meth:`_prepare` is needed;
+        both give the same result."""
+        first = arrays[0]
+        if type(first) is not np.ndarray:
+            return None
+        dtype, shape = first.dtype, first.shape
+        if dtype not in _KERNEL_DTYPES:
+            return None
+        for array in arrays:
+            if type(array) is not np.ndarray or array.dtype != dtype or array.shape != shape \
+                    or not array.flags.c_contiguous:
+                return None
+        if kwargs:
+            if any(key not in self.params for key in kwargs):
+                return None  # inputs by name, or an unknown keyword: the full path explains
+            values = self._parameter_values(f"{self.name}.{method}()", kwargs)
+        else:
+            values = self._defaults
+        return _Call([a.reshape(-1) for a in arrays], values, None, shape, dtype)
+
+    def _parameter_values(self, where, given) -> list:
+        """Parameter values in spec order, as floats: ``given`` or the default, each checked
+        to be a real number in its domain."""
         values = []
         for name, (default, domain) in self.params.items():
-            value = params.get(name, default)
+            value = given.get(name, default)
             if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
                 raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}")
             try:
@@ -180,12 +234,45 @@ class Loss:
             if not DOMAINS[domain].contains(value):
                 raise ValueError(f"{where}: parameter '{name}' must be {DOMAINS[domain].text}, got {value!r}")
             values.append(value)
-        return _Call(flat, values, weight, shape, dtype)
+        return values
+
+
+def _launch(kernel, arguments: tuple, size: int):
+    """Call an array kernel: in the calling thread below ``SERIAL_BELOW`` elements, else on
+    ``numba.get_num_threads()`` threads, at most ``LOSSGEN_NUM_THREADS`` when it is set."""
+    if size < SERIAL_BELOW:
+        return kernel(*arguments, False)
+    numba = sys.modules["numba"]  # loaded with the kernel's module
+    threads = numba.get_num_threads()
+    limit = _thread_limit()
+    if limit is not None and limit < threads:
+        if limit == 1:
+            return kernel(*arguments, False)
+        numba.set_num_threads(limit)
+        try:
+            return kernel(*arguments, True)
+        finally:
+            numba.set_num_threads(threads)
+    return kernel(*arguments, threads > 1)
+
+
+def _thread_limit() -> int | None:
+    """``LOSSGEN_NUM_THREADS`` as a positive int, or None when it is unset or empty."""
+    text = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(f"{THREADS_VARIABLE} must be a positive integer, got {text!r}")
+    return limit
 
 
 def _mean(total: float, call: _Call) -> float:
     """A (weighted) sum over the elements divided by their count (total weight); nan for none."""
-    count = call.arrays[0].size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
+    count = call.size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
     return total / count if count else np.nan
 
 

@@ -1,0 +1,267 @@
+"""Plumbing for speed that must not change results: generation skips specs whose inputs are
+unchanged (and still regenerates when lossgen's source or templates change), the runtime's
+fast argument path validates as the full one, kernels pick a serial or a parallel loop by
+size and thread settings, and both loops give the same numbers. No timings are asserted here
+(benchmarks/run.py measures them)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+import numba
+import numpy as np
+import pytest
+
+import lossgen
+from lossgen import generate as generation
+from lossgen import runtime
+from lossgen.paths import SPECS_DIR
+
+# --- generate: skip unchanged specs by content hash ----------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _private_render_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(generation.CACHE_VARIABLE, str(tmp_path / "render-cache"))
+
+
+def _project(tmp_path):
+    specs = tmp_path / "specs" / "regression"
+    specs.mkdir(parents=True)
+    (specs / "mse.toml").write_text((SPECS_DIR / "regression" / "mse.toml").read_text())
+    return tmp_path / "specs", tmp_path / "kernels"
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.py"))}
+
+
+def _generate(specs, out, **kwargs):
+    return generation.generate(specs, out, log=lambda line: None, **kwargs)
+
+
+def _forbid_rendering(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a spec with unchanged inputs was rendered again")
+    monkeypatch.setattr(generation, "build_module", fail)
+
+
+def test_rerun_with_unchanged_specs_skips_rendering_and_keeps_bytes(tmp_path, monkeypatch):
+    specs, out = _project(tmp_path)
+    assert _generate(specs, out) == 0
+    first = _snapshot(out)
+    _forbid_rendering(monkeypatch)
+    assert _generate(specs, out) == 0
+    assert _generate(specs, out, check=True) == 0
+    assert _snapshot(out) == first
+
+
+def test_changed_spec_is_rendered_again(tmp_path, monkeypatch):
+    specs, out = _project(tmp_path)
+    assert _generate(specs, out) == 0
+    spec = specs / "regression" / "mse.toml"
+    spec.write_text(spec.read_text().replace("(p - y)**2", "2*(p - y)**2"))
+    rendered = []
+    original = generation.build_module
+    monkeypatch.setattr(generation, "build_module", lambda *a: rendered.append(a) or original(*a))
+    assert _generate(specs, out, check=True) == 1  # stale, found without the cache's help
+    assert _generate(specs, out) == 0
+    assert len(rendered) == 2
+    assert "2.0*" in (out / "mse.py").read_text()
+
+
+def test_change_to_lossgen_source_or_templates_renders_again(tmp_path, monkeypatch):
+    specs, out = _project(tmp_path)
+    assert _generate(specs, out) == 0
+    source = tmp_path / "lossgen_copy"
+    source.mkdir()
+    (source / "stabilise.py").write_text("RULES = []\n")
+    templates = tmp_path / "templates_copy"
+    templates.mkdir()
+    (templates / "loss_module.py.j2").write_text("{{ spec.name }}\n")
+    monkeypatch.setattr(generation, "PACKAGE_DIR", source)
+    monkeypatch.setattr(generation, "TEMPLATES_DIR", templates)
+    before = generation.pipeline_fingerprint()
+    (source / "stabilise.py").write_text("RULES = ['a changed rule']\n")
+    after_source = generation.pipeline_fingerprint()
+    (templates / "loss_module.py.j2").write_text("{{ spec.title }}\n")
+    after_template = generation.pipeline_fingerprint()
+    assert len({before, after_source, after_template}) == 3
+
+    # a different fingerprint (as after such a change) renders the module again
+    rendered = []
+    original = generation.build_module
+    monkeypatch.setattr(generation, "build_module", lambda *a: rendered.append(a) or original(*a))
+    assert _generate(specs, out) == 0
+    assert len(rendered) == 1
+
+
+def test_hand_edited_module_is_stale_for_check_and_rewritten(tmp_path, monkeypatch):
+    specs, out = _project(tmp_path)
+    assert _generate(specs, out) == 0
+    first = _snapshot(out)
+    (out / "mse.py").write_text((out / "mse.py").read_text() + "# edited\n")
+    assert _generate(specs, out, check=True) == 1
+    assert _generate(specs, out) == 0
+    assert _snapshot(out) == first
+
+
+def test_missing_or_corrupt_cache_only_costs_time(tmp_path):
+    specs, out = _project(tmp_path)
+    assert _generate(specs, out) == 0
+    first = _snapshot(out)
+    assert sorted(p.name for p in out.iterdir()) == ["__init__.py", "mse.py"]  # nothing else in there
+    cache = generation.cache_file(out)
+    assert set(json.loads(cache.read_text())["modules"]) == {"mse.py"}
+    cache.write_text("{not json")
+    assert _generate(specs, out) == 0
+    cache.unlink()
+    assert _generate(specs, out, check=True) == 0
+    assert _snapshot(out) == first
+
+
+# --- runtime: serial or parallel, thread limits ---------------------------------------------
+
+
+class _SpyKernel:
+    """Stands in for a Numba array kernel: records how it was launched, writes zeros."""
+
+    def __init__(self, outputs):
+        self.outputs, self.calls = outputs, []
+
+    def __call__(self, *arguments):
+        *rest, parallel = arguments
+        self.calls.append({"parallel": parallel, "threads": numba.get_num_threads()})
+        for out in rest[len(rest) - self.outputs:]:
+            out[:] = 0.0
+        return 0.0
+
+
+def _spy_loss():
+    module = types.SimpleNamespace(
+        __doc__="spy",
+        SPEC={"name": "spy", "title": "Spy", "family": "test", "summary": "",
+              "inputs": (("y", "target", "real"), ("p", "prediction", "real")),
+              "params": (("delta", 1.0, "positive"),), "kernels": {"grad_hess": 2, "loss": 1}},
+        grad_hess_kernel=_SpyKernel(2), loss_sum_kernel=_SpyKernel(0))
+    return runtime.Loss(module), module
+
+
+def test_small_arrays_run_serially_large_ones_in_parallel(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    loss, module = _spy_loss()
+    small, large = np.zeros(runtime.SERIAL_BELOW - 1), np.zeros(runtime.SERIAL_BELOW)
+    loss.grad_hess(small, small)
+    loss.loss(small, small)
+    loss.grad_hess(large, large)
+    loss.loss(large, large)
+    parallel_expected = numba.get_num_threads() > 1
+    assert [c["parallel"] for c in module.grad_hess_kernel.calls] == [False, parallel_expected]
+    assert [c["parallel"] for c in module.loss_sum_kernel.calls] == [False, parallel_expected]
+
+
+def test_numba_set_num_threads_1_gives_the_serial_loop(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    loss, module = _spy_loss()
+    large = np.zeros(runtime.SERIAL_BELOW)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        loss.grad_hess(large, large)
+    finally:
+        numba.set_num_threads(previous)
+    assert module.grad_hess_kernel.calls == [{"parallel": False, "threads": 1}]
+
+
+def test_environment_variable_1_gives_the_serial_loop(monkeypatch):
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, "1")
+    loss, module = _spy_loss()
+    large = np.zeros(runtime.SERIAL_BELOW)
+    before = numba.get_num_threads()
+    loss.grad_hess(large, large)
+    assert module.grad_hess_kernel.calls[0]["parallel"] is False
+    assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_environment_variable_must_be_a_positive_integer(monkeypatch, value):
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, value)
+    loss, _ = _spy_loss()
+    large = np.zeros(runtime.SERIAL_BELOW)
+    with pytest.raises(ValueError, match=runtime.THREADS_VARIABLE):
+        loss.grad_hess(large, large)
+
+
+LIMIT_PROBE = """
+import json, numba, numpy as np, sys
+sys.path.insert(0, sys.argv[1])
+from test_performance_plumbing import _spy_loss
+from lossgen import runtime
+loss, module = _spy_loss()
+large = np.zeros(runtime.SERIAL_BELOW)
+loss.grad_hess(large, large)
+print(json.dumps({"call": module.grad_hess_kernel.calls[0], "after": numba.get_num_threads()}))
+"""
+
+
+def test_environment_variable_caps_numba_threads_during_the_call(tmp_path):
+    env = dict(os.environ, NUMBA_NUM_THREADS="3", LOSSGEN_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", LIMIT_PROBE, os.path.dirname(__file__)],
+                            capture_output=True, text=True, env=env, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"call": {"parallel": True, "threads": 2}, "after": 3}
+
+
+def test_serial_and_parallel_loops_give_identical_results(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    huber = lossgen.get("huber")
+    rng = np.random.default_rng(6)
+    y, p = rng.normal(size=(2, 3000))
+    weight = rng.uniform(size=3000)
+    results = {}
+    for serial_below in (10**9, 0):  # every call serial, then every call parallel
+        monkeypatch.setattr(runtime, "SERIAL_BELOW", serial_below)
+        results[serial_below] = (huber.grad_hess(y, p, delta=0.7),
+                                 huber.grad_hess(y, p, sample_weight=weight),
+                                 huber.loss(y, p, reduction="sum"))
+    (serial_gh, serial_wgh, serial_sum), (parallel_gh, parallel_wgh, parallel_sum) = results.values()
+    for serial, parallel in zip(serial_gh + serial_wgh, parallel_gh + parallel_wgh):
+        np.testing.assert_array_equal(serial, parallel)
+    assert parallel_sum == pytest.approx(serial_sum, rel=1e-13)  # only the order of the sum differs
+
+
+# --- runtime: the fast argument path -------------------------------------------------------
+
+def test_fast_path_gives_the_full_paths_call():
+    huber = lossgen.get("huber")
+    y, p = np.linspace(-2, 2, 12).reshape(3, 4), np.zeros((3, 4))
+    fast = huber._prepare_fast("grad", (y, p), {"delta": 2})
+    assert fast is not None
+    full = huber._prepare("grad", (), {"y": y, "p": p, "delta": 2}, None)
+    assert fast.shape == full.shape and fast.dtype == full.dtype and fast.params == full.params
+    for a, b in zip(fast.arrays, full.arrays):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("arrays", [
+    lambda y: (y, y[::-1][::2].copy()[:3]),               # shapes differ
+    lambda y: (y, y.astype(np.float32)),                  # mixed dtypes: full path
+    lambda y: (y[::2], y[1::2]),                          # not contiguous: full path
+    lambda y: (list(y), y),                               # not an ndarray: full path
+])
+def test_fast_path_declines_what_the_full_path_must_handle(arrays):
+    huber = lossgen.get("huber")
+    assert huber._prepare_fast("grad", arrays(np.arange(8.0)), {}) is None
+
+
+def test_fast_path_still_validates_parameters():
+    huber = lossgen.get("huber")
+    y = np.zeros(4)
+    with pytest.raises(ValueError, match="parameter 'delta' must be positive"):
+        huber._prepare_fast("grad", (y, y), {"delta": -1.0})
+    with pytest.raises(TypeError, match="parameter 'delta' must be a real number"):
+        huber._prepare_fast("grad", (y, y), {"delta": "1"})
+    assert huber._prepare_fast("grad", (y, y), {"dleta": 1.0}) is None  # the full path names it
