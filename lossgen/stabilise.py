@@ -12,7 +12,9 @@ every rewrite holds exactly in real arithmetic.
   group that is evaluated first ((1 - y)*x = 0 exactly), and the small parts are added last.
 * Asymptotic inversion (``HUGE``): for a residual-like variable v, the expression is
   rewritten exactly in t = 1/v and used where |v| > HUGE, so that v**2 never overflows
-  (2 v/(1 + v**2) -> 2 t/(t**2 + 1)). It is kept only when no power of 1/t remains.
+  (2 v/(1 + v**2) -> 2 t/(t**2 + 1)). It is kept only when no power of 1/t remains. A
+  symbolic power B**k of a huge B is exp(k log B), log B a sum of logs of B's factors, with
+  the powers of t taken into the exponent (Barron's ((x/c)**2/|alpha - 2| + 1)**(alpha/2)).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from sympy.core.traversal import bottom_up
 from dataclasses import replace
 
 from .derive import differentiate, tidy
-from .vocabulary import exact_sum, fma, group, logaddexp, logcosh, sigmoid, softplus, xlog1py, xlogy
+from .vocabulary import exact_sum, exprel, fma, group, logaddexp, logcosh, sigmoid, softplus, xlog1py, xlogy
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
 
@@ -50,14 +52,43 @@ def _log_one_plus(e):
 
 
 def _exp_minus_one(e):
-    """c*exp(x) - c -> c*expm1(x), for a number c (so 1 - exp(-x) -> -expm1(-x))."""
+    """c*exp(x) - c -> c*expm1(x), for a number or a product c (so 1 - exp(-x) -> -expm1(-x))."""
     terms = _add_terms(e)
     if terms:
         for t in terms:
-            c, rest = t.as_coeff_Mul()
-            if isinstance(rest, sp.exp) and -c in terms:
-                others = [u for u in terms if u is not t and u != -c]
-                return sp.Add(c * expm1(rest.args[0]), *others)
+            for f in sp.Mul.make_args(t):
+                if isinstance(f, sp.exp):
+                    c = t / f
+                    if -c in terms and not c.has(f):
+                        others = [u for u in terms if u is not t and u != -c]
+                        return sp.Add(c * expm1(f.args[0]), *others)
+
+
+def _expm1_over_factor(e):
+    """expm1(a*u)/a -> u*exprel(a*u) where |a*u| <= 1: where a*u is subnormal it keeps only a
+    few bits, which the quotient by a exposes; exprel(a*u) = 1 + a*u/2 + ... keeps them all."""
+    if not isinstance(e, sp.Mul):
+        return None
+    for f in e.args:
+        if not (isinstance(f, sp.Pow) and f.exp == -1 and not f.base.is_Number):
+            continue
+        for g in e.args:
+            if isinstance(g, expm1):
+                u = _factor_out(g.args[0], f.base)
+                if u is not None:
+                    rest = [h for h in e.args if h is not f and h is not g]
+                    z = g.args[0]
+                    return sp.Mul(*rest) * sp.Piecewise((u * exprel(z), sp.Abs(z) <= 1), (group(g) / f.base, True))
+
+
+def _factor_out(z, a):
+    """u with z = a*u exactly (xlogy(a, w) counting as a*log(w)), or None."""
+    inner = z.args[0] if isinstance(z, group) else z
+    inner = inner.replace(lambda e: isinstance(e, (xlogy, xlog1py)),
+                          lambda e: e.args[0] * (sp.log if isinstance(e, xlogy) else log1p)(e.args[1]))
+    factors = sp.Mul.make_args(sp.factor_terms(inner))
+    if a in factors:
+        return sp.Mul(*[f for f in factors if f is not a]) if factors.count(a) == 1 else None
 
 
 def _power_minus_one(e):
@@ -347,6 +378,8 @@ RULES: tuple[Rule, ...] = (
     Rule("power_minus_one", "c*a**k - c", "c*expm1(k*log(a))", "a**k rounds to 1 when k*log(a) is small",
          _power_minus_one),
     Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
+    Rule("exprel", "expm1(a*u)/a", "u*exprel(a*u) where |a*u| <= 1",
+         "a subnormal a*u keeps a few bits, which the quotient exposes", _expm1_over_factor),
     Rule("logcosh", "log(cosh(x))", "logcosh(x)", "cosh overflows for |x| > 710; log(1 + tiny) cancels", _log_cosh),
     Rule("tanh", "sinh(x)**k/cosh(x)**k", "tanh(x)**k", "sinh and cosh overflow for |x| > 710, their ratio does not", _sinh_over_cosh),
     Rule("pythagoras", "cosh(x)**2 - sinh(x)**2", "1", "two huge nearly equal terms cancel", _cosh2_minus_sinh2),
@@ -541,13 +574,40 @@ def invert_for_huge(expr: sp.Expr, variable: sp.Expr, solve_for: sp.Symbol) -> O
     inverted = in_v.subs(v, 1 / t)
     inverted = inverted.replace(lambda e: isinstance(e, (sp.log, log1p)),
                                 lambda e: _log_expanded(e.args[0] if isinstance(e, sp.log) else 1 + e.args[0]))
+    # a symbolic power B**k of a huge B: exp(k*log(B)), with log(B) expanded as above; the
+    # exponent is a group, which the simplifications below treat as one opaque symbol
+    inverted = inverted.replace(lambda e: isinstance(e, sp.Pow) and not e.exp.is_Number and e.base.has(t),
+                                lambda e: sp.exp(group(sp.expand(e.exp * _log_expanded(e.base)))))
+    opaque = {g: sp.Dummy() for g in inverted.atoms(group)}
+    inverted = inverted.xreplace(opaque)
     inverted = sp.cancel(sp.together(inverted)) if not inverted.has(sp.log, log1p) else sp.expand(inverted)
+    if opaque:  # keep factors such as (alpha - 1) whole: expanded, they cancel near alpha = 1
+        inverted = sp.factor(inverted)
+    inverted = _powers_into_exponent(inverted, t, opaque).xreplace({d: g for g, d in opaque.items()})
     for e in sp.preorder_traversal(inverted):  # every divisor must stay finite and non-zero at t = 0
         if isinstance(e, sp.Pow) and e.exp.is_negative and e.base.has(t) and not _inside_log(inverted, e):
             at_zero = e.base.subs(t, 0)
-            if not (at_zero.is_finite and at_zero.is_nonzero):
-                return None
+            if not at_zero.is_finite or at_zero.is_zero is not False and not at_zero.free_symbols:
+                return None  # |alpha - 2| may vanish, but only at a parameter value, as in the direct form
     return stabilise(inverted).xreplace({t: group(1 / variable)})  # t stays 1/v, never v**-2
+
+
+def _powers_into_exponent(expr: sp.Expr, t: sp.Symbol, opaque: dict) -> sp.Expr:
+    """t**j*exp(G)*R -> sign(t)**j*exp(group(G + j*log|t|))*R, for one exp(G) whose exponent is
+    an opaque group (``opaque``: group -> its placeholder): where exp(G) overflows (or
+    underflows), the product with t**j need not; the log|t| terms are collected, so
+    (2 - alpha)*log|t| is computed, not the difference of two large numbers."""
+    numerator, denominator = (sp.factor_terms(part) for part in sp.fraction(expr))
+    placeholders = {d: g for g, d in opaque.items()}
+    exps = [f for f in sp.Mul.make_args(numerator) if isinstance(f, sp.exp) and f.args[0] in placeholders]
+    j = numerator.as_powers_dict().get(t, 0) - denominator.as_powers_dict().get(t, 0)
+    if len(exps) != 1 or j == 0 or not j.is_Integer:
+        return expr
+    log_t = sp.log(sp.Abs(t))
+    exponent = sp.collect(sp.expand(placeholders[exps[0].args[0]].args[0] + j * log_t), log_t)
+    rest = numerator / (exps[0] * t ** numerator.as_powers_dict().get(t, 0)) \
+        / (denominator / t ** denominator.as_powers_dict().get(t, 0))
+    return sp.sign(t) ** (j % 2) * sp.exp(group(exponent)) * rest
 
 
 def _inside_log(root, node) -> bool:
@@ -584,7 +644,11 @@ def direct_form(expr: sp.Expr) -> sp.Expr:
 
 
 def with_asymptote(raw: sp.Expr, stable: sp.Expr, spec) -> sp.Expr:
-    """``stable``, with the asymptotic form of ``raw`` where a residual is huge, if it has one."""
+    """``stable``, with the asymptotic form of ``raw`` where a residual is huge, if it has one;
+    branch by branch where both are Piecewise with the same conditions."""
+    if isinstance(raw, sp.Piecewise) and isinstance(stable, sp.Piecewise) \
+            and [c for _, c in raw.args] == [c for _, c in stable.args]:
+        return sp.Piecewise(*[(with_asymptote(r, s, spec), c) for (r, c), (s, _) in zip(raw.args, stable.args)])
     for variable, prediction in scale_variables(spec):
         inverted = invert_for_huge(raw, variable, prediction)
         if inverted is not None:

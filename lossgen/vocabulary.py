@@ -146,6 +146,30 @@ class exact_sum(sp.Function):
         return sp.Add(*terms)
 
 
+class exprel(sp.Function):
+    """expm1(z)/z, and 1 at z = 0 (the relative error exponential): where z is tiny, even
+    subnormal, it is 1 + z/2 to full precision, where expm1(a*u)/a keeps only the bits of a
+    subnormal a*u; exprel'(z) = (exp(z) - exprel(z))/z, 1/2 at z = 0."""
+
+    def fdiff(self, argindex=1):
+        z = self.args[0]
+        return sp.Piecewise((sp.S.Half, sp.Eq(z, 0)), ((sp.exp(z) - exprel(z)) / z, True))
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_is_positive(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_expm1(self, z, **kwargs):
+        return sp.Piecewise((sp.S.One, sp.Eq(z, 0)), (expm1(z) / z, True))
+
+    def _pythoncode(self, printer):
+        """The kernel's helper ``_exprel`` (templates/numba_helpers.py.j2)."""
+        getattr(printer, "helpers_used", set()).add("exprel")
+        return f"_exprel({printer._print(self.args[0])})"
+
+
 def _clip(x, low, high):
     """clip(x, low, high) = Min(Max(x, low), high), as numpy.clip."""
     return sp.Min(sp.Max(x, low), high)
@@ -218,4 +242,5 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "fma": lambda a, b, c: a * b + c,
     "exact_sum": lambda *terms: mpmath.fsum(terms),
     "group": lambda x: x,
+    "exprel": lambda z: mpmath.mpf(1) if z == 0 else mpmath.expm1(z) / z,
 }

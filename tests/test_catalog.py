@@ -31,10 +31,6 @@ def test_catalog_holds_the_elementwise_losses():
 # test_kernels_match_high_precision_truth (every other point of the loss is checked), and
 # test_known_gaps_are_still_gaps fails once a gap closes, so this table cannot go stale.
 KNOWN_GAPS = {
-    "barron": (lambda point: abs(point["p"] - point["y"]) > 1e150 or 0 < abs(point["alpha"]) < 1e-300,
-               "(x/c)**2 overflows for |x| > 1.3e154 (the asymptotic inversion does not yet handle the "
-               "symbolic power ((x/c)**2/|alpha - 2| + 1)**(alpha/2)); and for a subnormal alpha, "
-               "expm1(alpha/2*log1p(...))/alpha keeps only the few bits of a subnormal"),
     "focal_binary": (lambda point: (point["y"] == 0.5 and abs(point["x"]) <= 1e-7)
                      or (0.99 < point["y"] < 1 and abs(point["x"]) >= 20),
                      "the gradient's two terms cancel at y = 1/2, x ~ 0 and at soft labels next to 1 "

@@ -9,6 +9,7 @@ import mpmath
 import numba
 import pytest
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
 from lossgen.emit import HELPERS, template_environment
 from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise
@@ -47,6 +48,7 @@ EXAMPLES = {
     "combine_powers": ((sigmoid(x) + z) ** y / (sigmoid(x) + z), {x: -745.0, y: 2.5, z: 0.0}),
     "power_minus_one": (z * (1 + x**2) ** (y / 7) - z, {x: 1e-9, y: 0.5, z: 3.0}),
     "collect_pair": (x**2 * z - x**2 + y, {x: 1e10, z: 1.0, y: 1.0}),
+    "exprel": (expm1(z * x**2) / z, {x: 0.7, z: 1e-320}),  # z*x**2 is subnormal: 3 digits left
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
@@ -56,12 +58,14 @@ PREREQUISITES = {"hypot_minus_one": ("hypot",), "logistic_ratio": ("logistic",)}
 def _kernel_helpers():
     """The stable helpers exactly as generated modules define them (from the template)."""
     source = template_environment().get_template("numba_helpers.py.j2").render(
-        helpers=set(HELPERS.values()) | {"exact_sum"})
+        helpers=set(HELPERS.values()) | {"exact_sum", "exprel"})
     uncached = types.SimpleNamespace(njit=lambda **options: numba.njit(**{**options, "cache": False}))
     namespace = {"math": math, "numba": uncached}
     exec(compile(source, "numba_helpers.py.j2", "exec"), namespace)  # our own template, not spec data
     helpers = {name: namespace[f"_{helper}"] for name, helper in HELPERS.items()}
     start, add, finish = (namespace[f"_sum_{step}"] for step in ("start", "add", "finish"))
+    # exprel prints itself as _exprel(...) (lossgen.vocabulary), for Numba and for lambdify
+    helpers["exprel"] = helpers["_exprel"] = namespace["_exprel"]
     helpers["exact_sum"] = lambda *terms: finish(functools.reduce(add, terms[1:], start(terms[0])))
     return helpers
 
@@ -171,3 +175,34 @@ def test_inversion_is_refused_where_the_value_itself_overflows():
     assert invert_for_huge(r**2, r, r) is None
     assert invert_for_huge(sp.log(1 + r) ** 2, r, r) is None  # no power of a polynomial: no risk
     assert HUGE > 1e10
+
+
+def test_expm1_rule_takes_a_symbolic_coefficient():
+    expr = z * sp.exp(x**2) - z
+    assert stabilise(expr) == z * expm1(x**2)
+
+
+@pytest.mark.parametrize("at", [0.0, 1e-300, -2e-310, 0.5, -3.0, 700.0, 705.0, 716.0, 1e300, -1e300])
+def test_exprel_helper_matches_the_truth(at):
+    exprel = FLOAT_MODULES[0]["exprel"]
+    truth = evaluate(lambda v: MPMATH_IMPLEMENTATIONS["exprel"](v), [at])
+    if abs(truth) > 1.7976931348623157e308:
+        assert exprel(at) == math.inf
+    else:
+        assert relative_error(exprel(at), truth) <= 1e-14
+
+
+def test_inversion_handles_a_symbolic_power():
+    """Barron's loss and gradient at |x| = 1e300: (x/c)**2 overflows, the power of it need not."""
+    r = sp.Symbol("r", real=True)
+    alpha = sp.Symbol("alpha", real=True)
+    c = sp.Symbol("c", positive=True)
+    loss = sp.Abs(alpha - 2) / alpha * ((r**2 / (c**2 * sp.Abs(alpha - 2)) + 1) ** (alpha / 2) - 1)
+    for expr in (loss, sp.diff(loss, r), sp.diff(loss, r, 2)):
+        inverted = invert_for_huge(expr, r, r)
+        assert inverted is not None
+        for point in ([1e300, 1.0, 1.0], [-1e300, 1.0, 2.5], [1e300, 1.5, 0.5], [1e200, -3.0, 1.0], [1e300, 1e-310, 1.0]):
+            truth = evaluate(sp.lambdify([r, alpha, c], expr, modules=MODULES), point)
+            if truth is not None and abs(truth) < 1e308:
+                value = sp.lambdify([r, alpha, c], inverted, modules=FLOAT_MODULES)(*point)
+                assert relative_error(value, truth) <= 1e-12, (expr, point, value, truth)
