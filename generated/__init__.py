@@ -37,6 +37,7 @@ LOSSES = {
     'quantile': ('regression', 'Quantile (pinball) loss'),
     'smooth_hinge': ('classification', 'Smoothed hinge loss'),
     'smooth_l1': ('robust', 'Smooth L1 loss'),
+    'softmax_cross_entropy': ('multiclass', 'Softmax cross-entropy'),
     'squared_hinge': ('classification', 'Squared hinge loss'),
     'wgan_critic': ('gan', 'Wasserstein GAN critic loss'),
     'wgan_generator': ('gan', 'Wasserstein GAN generator loss'),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from .derive import derive
-from .emit_latex import MARKER, plot_setup, render_reference, render_section
+from .emit_latex import MARKER, plot_setup, render_reference, render_row_section, render_section
 from .generate import _write_atomically, plan_writes
 from .spec import SpecError, find_spec_files, load_spec
 
@@ -78,7 +78,9 @@ def render_docs(specs_dir, kernels_dir, log: Callable[[str], None] = print) -> t
                 raise SpecError(path, "name", f"duplicate loss name '{spec.name}', also defined in {seen[spec.name]}")
             seen[spec.name] = path
             loss = None
-            if plot_setup(spec)[0] is not None:
+            if spec.rowwise:
+                files[f"{FRAGMENTS}/{spec.name}.tex"] = render_row_section(spec, f"{specs_dir.name}/{relative}")
+            elif plot_setup(spec)[0] is not None:
                 module = kernels_dir / f"{spec.name}.py"
                 found = kernel_hash(module)
                 if found != spec.source_hash:
@@ -87,7 +89,8 @@ def render_docs(specs_dir, kernels_dir, log: Callable[[str], None] = print) -> t
                                     f"--out {kernels_dir}` first")
                 catalog = catalog or load(kernels_dir)
                 loss = catalog.get(spec.name)
-            files[f"{FRAGMENTS}/{spec.name}.tex"] = render_section(derive(spec), f"{specs_dir.name}/{relative}", loss)
+            if not spec.rowwise:
+                files[f"{FRAGMENTS}/{spec.name}.tex"] = render_section(derive(spec), f"{specs_dir.name}/{relative}", loss)
             entries.append((spec.name, spec.family, spec.title))
             status = f"{time.perf_counter() - started:.2f} s"
         except SpecError as error:

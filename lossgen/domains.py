@@ -67,6 +67,9 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
            low_closed=True, high_closed=True),
     Domain("label01", "a label in {0, 1}", {"nonnegative": True}, values=(0.0, 1.0)),
     Domain("label_pm1", "a label in {-1, 1}", {"real": True}, values=(-1.0, 1.0)),
+    # a row-wise loss's integer target: which element of the row (checked against C at run time)
+    Domain("class_index", "an integer class index in [0, C)", {"integer": True, "nonnegative": True},
+           low=0.0, low_closed=True),
 )}
 
 

@@ -1004,3 +1004,43 @@ def render_reference(entries: list[tuple[str, str, str]], version: str) -> str:
     return latex_environment().get_template("reference.tex.j2").render(
         marker=MARKER, version=version, count=len(entries),
         families=[{"name": f, "title": family_title(f), "losses": losses} for f, losses in families.items()])
+
+
+# --- row-wise losses -----------------------------------------------------------------------
+
+class RowLatexPrinter(LossLatexPrinter):
+    """Reductions over a row: sum_k, max_k, logsumexp_k, x|_{k=y}, [k = y], and C."""
+
+    def _print_rowsum(self, expr, exp=None):
+        return r"\sum_k \left(%s\right)" % self._print(expr.args[0])
+
+    def _print_rowmax(self, expr, exp=None):
+        return r"\max_k \left(%s\right)" % self._print(expr.args[0])
+
+    def _print_rowmin(self, expr, exp=None):
+        return r"\min_k \left(%s\right)" % self._print(expr.args[0])
+
+    def _print_logsumexp(self, expr, exp=None):
+        return r"\operatorname{logsumexp}_k \left(%s\right)" % self._print(expr.args[0])
+
+    def _print_take(self, expr, exp=None):
+        return r"\left.\left(%s\right)\right|_{k=%s}" % (self._print(expr.args[0]), self._print(expr.args[1]))
+
+    def _print_onehot(self, expr, exp=None):
+        return r"[k = %s]" % self._print(expr.args[0])
+
+
+def render_row_section(spec, spec_path: str) -> str:
+    """The ``.tex`` fragment of one row-wise loss: inputs with their shapes, the loss, outputs."""
+    from .reductions import ROW_SIZE, take
+    printer = RowLatexPrinter({"symbol_names": {ROW_SIZE: "C"}})
+    inputs = [{"symbol": printer.doprint(spec.symbols[i.name]), "role": i.role, "shape": i.shape.replace("(", "").replace(")", "").join("()"),
+               "default": "" if i.default is None else f"{i.default:g}", "domain": i.domain, "doc": i.doc}
+              for i in spec.inputs]
+    params = [{"symbol": printer.doprint(spec.symbols[p.name]), "default": f"{p.default:g}", "domain": p.domain,
+               "doc": p.doc} for p in spec.params]
+    predictions = ", ".join(f"${printer.doprint(spec.symbols[p.name])}$" for p in spec.predictions)
+    return latex_environment().get_template("row_section.tex.j2").render(
+        spec=spec, spec_path=spec_path, marker=MARKER, label=f"loss:{spec.name}", inputs=inputs, params=params,
+        loss=printer.doprint(spec.loss), takes=spec.loss.has(take), predictions=predictions,
+        several=len(spec.predictions) > 1)

@@ -29,10 +29,13 @@ import jinja2
 import sympy
 
 from .derive import derive
+from .derive_rows import derive_rows
+from .emit_rows import render_row_module
 from .emit import MARKER, render_module, render_package_init
 from .paths import TEMPLATES_DIR
 from .spec import SpecError, find_spec_files, load_spec
 from .stabilise import stabilise_derivation
+from .stabilise_rows import stabilise_rows
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CACHE_VARIABLE = "LOSSGEN_CACHE_DIR"
@@ -49,6 +52,9 @@ def cache_file(out_dir) -> Path:
 
 def build_module(spec, spec_path: str) -> str:
     """spec -> derive -> stabilise -> emit: the text of one kernel module."""
+    if spec.rowwise:
+        derivation = derive_rows(spec)
+        return render_row_module(derivation, stabilise_rows(derivation), spec_path)
     derivation = derive(spec)
     return render_module(derivation, stabilise_derivation(derivation), spec_path)
 

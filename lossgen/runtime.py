@@ -37,7 +37,10 @@ _NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _KERNEL_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 # Below this many elements a kernel runs in the calling thread: there, starting Numba's
-# threads costs more than it saves (measured with benchmarks/run.py --threshold).
+# threads costs more than it saves. A parallel launch costs ~5-20 us on 2 idle cores and a
+# cheap loss ~1-2 ns per element, so cheap losses gain from threads only above ~1e4 elements
+# (`python benchmarks/run.py --threshold` measures it; on a loaded machine threads gain little
+# at any size, and LOSSGEN_NUM_THREADS=1 keeps every call serial).
 SERIAL_BELOW = 20_000
 THREADS_VARIABLE = "LOSSGEN_NUM_THREADS"
 
@@ -314,7 +317,8 @@ class Catalog:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ValueError(f"unknown loss {name!r}{hint}; available: {', '.join(self.available())}")
         if name not in self._loaded:
-            self._loaded[name] = Loss(importlib.import_module(f"{self._package}.{name}"))
+            module = importlib.import_module(f"{self._package}.{name}")
+            self._loaded[name] = (RowLoss if module.SPEC.get("rowwise") else Loss)(module)
         return self._loaded[name]
 
     def __contains__(self, name):
@@ -326,6 +330,8 @@ class Catalog:
     def __repr__(self):
         return f"<lossgen catalog {self.folder}: {len(self._losses)} losses>"
 
+
+from .runtime_rows import RowLoss  # noqa: E402  (it builds on this module's helpers)
 
 _catalogs: dict[Path, Catalog] = {}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import sympy as sp
 
 from .domains import DOMAINS, domain_names
+from .reductions import REDUCTION_CLASSES, has_reductions, onehot, take
 from .vocabulary import CONSTANTS, FUNCTIONS
 
 
@@ -49,7 +50,7 @@ GENERATED_IDENTIFIERS = frozenset({
 
 TOP_LEVEL_KEYS = {"name", "title", "summary", "references", "inputs", "params", "let", "loss", "notes",
                   "special_cases"}
-INPUT_KEYS = {"role", "domain", "doc"}
+INPUT_KEYS = {"role", "domain", "doc", "axis", "shared", "default"}
 PARAM_KEYS = {"default", "domain", "doc"}
 LOSS_KEYS = {"expr"}
 
@@ -60,6 +61,16 @@ class Input:
     role: str
     domain: str
     doc: str = ""
+    axis: str | None = None   # row-wise losses: the axis the input runs along (shape (N, C))
+    shared: bool = False      # with an axis: one vector for all rows (shape (C,)), e.g. class weights
+    default: float | None = None  # a shared input may be left out: all elements take this value
+
+    @property
+    def shape(self) -> str:
+        """The array shape, as the docs and errors state it."""
+        if self.axis is None:
+            return "(N,)"
+        return "(C,)" if self.shared else "(N, C)"
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,15 @@ class LossSpec:
     @property
     def predictions(self) -> tuple[Input, ...]:
         return tuple(i for i in self.inputs if i.role == "prediction")
+
+    @property
+    def axis(self) -> str | None:
+        """The axis of a row-wise loss (``"class"``, ``"feature"``), None for an elementwise one."""
+        return next((i.axis for i in self.inputs if i.axis), None)
+
+    @property
+    def rowwise(self) -> bool:
+        return self.axis is not None
 
     @property
     def arguments(self) -> tuple[str, ...]:
@@ -350,10 +370,31 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
         if role not in ROLES:
             raise SpecError(path, f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {role!r}")
         domain = _domain(path, f"{where}.domain", entry.get("domain"), "real")
-        inputs.append(Input(input_name, role, domain, _string(path, f"{where}.doc", entry.get("doc"), False)))
+        axis, shared = entry.get("axis"), entry.get("shared", False)
+        if axis is not None and not (isinstance(axis, str) and axis.isidentifier()):
+            raise SpecError(path, f"{where}.axis", f"expected an axis name such as \"class\", got {axis!r}")
+        if not isinstance(shared, bool) or (shared and axis is None):
+            raise SpecError(path, f"{where}.shared", "shared = true (one vector for all rows) needs an axis")
+        if shared and role == "prediction":
+            raise SpecError(path, f"{where}.shared", "a prediction cannot be shared by all rows")
+        if domain == "class_index" and (axis is not None or role == "prediction"):
+            raise SpecError(path, f"{where}.domain", "a class index is one integer per row: "
+                                                     "a target or input without an axis")
+        default = entry.get("default")
+        if default is not None and (not shared or isinstance(default, bool) or not isinstance(default, (int, float))
+                                    or not DOMAINS[domain].contains(float(default))):
+            raise SpecError(path, f"{where}.default", "only a shared input (shared = true) may have a default, "
+                                                      f"a number in its domain; got {default!r}")
+        inputs.append(Input(input_name, role, domain, _string(path, f"{where}.doc", entry.get("doc"), False),
+                            axis, shared, None if default is None else float(default)))
         symbols[input_name] = sp.Symbol(input_name, **DOMAINS[domain].assumptions)
     if not any(i.role == "prediction" for i in inputs):
         raise SpecError(path, "[inputs]", "declare at least one input with role = \"prediction\"")
+    axes = sorted({i.axis for i in inputs if i.axis})
+    if len(axes) > 1:
+        raise SpecError(path, "[inputs]", f"all row inputs must share one axis, got {', '.join(axes)}")
+    if axes and not any(i.axis and i.role == "prediction" for i in inputs):
+        raise SpecError(path, "[inputs]", "a row-wise loss needs a prediction with the axis")
 
     params = []
     param_table = data.get("params", {})
@@ -395,6 +436,7 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
     loss = parse_expression(data["loss"]["expr"], names, path, "[loss] expr")
     if _is_condition(loss):
         raise SpecError(path, "[loss] expr", "the loss must be a number, not a condition")
+    _check_rows(path, inputs, symbols, loss)
     used = loss.free_symbols
     for p in (i for i in inputs if i.role == "prediction"):
         if symbols[p.name] not in used:
@@ -422,6 +464,38 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
         source_hash=source_hash,
         special_cases=tuple(special_cases),
     )
+
+
+def _check_rows(path, inputs, symbols, loss):
+    """A row-wise loss is one number per row: its axis inputs appear only inside reductions,
+    ``take`` and ``onehot`` index with a class-index input, and reductions need an axis."""
+    row_inputs = {symbols[i.name] for i in inputs if i.axis}
+    indices = {symbols[i.name] for i in inputs if i.domain == "class_index"}
+    where = "[loss] expr"
+    if not row_inputs:
+        if has_reductions(loss):
+            raise SpecError(path, where, "reductions (sum, mean, logsumexp, take, ...) need an input "
+                                         "declared over an axis, e.g. axis = \"class\"")
+        return
+    for node in sp.preorder_traversal(loss):
+        if isinstance(node, (take, onehot)) and node.args[-1] not in indices:
+            name = type(node).__name__
+            raise SpecError(path, where, f"{name}(..., y) needs y to be an input with domain = \"class_index\"")
+        if isinstance(node, REDUCTION_CLASSES) and not (node.args[0].free_symbols & row_inputs
+                                                       or node.args[0].has(onehot, *REDUCTION_CLASSES)):
+            raise SpecError(path, where, f"{node} reduces an expression that does not run along the axis")
+
+    def outside(expr) -> bool:  # an axis input, or onehot, outside every reduction
+        if isinstance(expr, REDUCTION_CLASSES):
+            return False
+        if expr in row_inputs or isinstance(expr, onehot):
+            return True
+        return any(outside(a) for a in expr.args)
+
+    if outside(loss):
+        names = ", ".join(sorted(str(s) for s in row_inputs))
+        raise SpecError(path, where, f"the loss must be one number per row: the axis inputs ({names}) may "
+                                     "appear only inside a reduction such as sum(...), mean(...) or logsumexp(...)")
 
 
 def find_spec_files(folder) -> list[Path]:

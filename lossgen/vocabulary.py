@@ -15,6 +15,8 @@ import mpmath
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 
+from .reductions import ROW_FUNCTIONS
+
 
 class sigmoid(sp.Function):
     """Logistic function 1 / (1 + exp(-x)); sigmoid'(x) = sigmoid(x) sigmoid(-x)."""
@@ -222,6 +224,9 @@ FUNCTIONS: dict[str, SpecFunction] = {
     "logaddexp": SpecFunction(logaddexp, (2, 2), "log(exp(a) + exp(b)) without overflow"),
     "xlogy": SpecFunction(xlogy, (2, 2), "x*log(y), 0 where x = 0"),
 }
+
+# Row-wise losses add reductions over their axis (sum, mean, logsumexp, take, ...).
+FUNCTIONS.update({name: SpecFunction(*entry) for name, entry in ROW_FUNCTIONS.items()})
 
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "E": sp.E}
 

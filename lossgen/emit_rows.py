@@ -1,0 +1,382 @@
+"""Stage 4 for row-wise losses: a row program -> Numba kernels, parallel over rows.
+
+Each kernel handles one row per ``prange`` iteration, in passes over the row (in cache
+after the first): one pass per level of reductions (a reduction whose summand uses another
+reduction comes a level later), then one pass writing the element outputs. Row values that
+element outputs need are computed once per row, before that pass.
+
+How each kind of reduction is computed (the table :data:`LOOP_CODE`):
+
+* ``sum``: compensated summation (Knuth's two-sum), so cancelling terms of a row keep their
+  digits; ``take``: the summand at the row's index, no loop;
+* ``max``/``min``: the value and its first arg-max (the derivative's convention on ties);
+* ``logsumexp``: R = M + L with M = max_k g_k and L = log1p(sum_{k != argmax} exp(g_k - M)).
+  Every g - R is then printed as (g - M) - L, and R - T as (M - T) + L: the shift cancels
+  exactly first, so log-softmax and cross-entropy keep their digits next to 0.
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .derive_rows import ROW_KERNELS, Reduction, RowDerivation
+from .domains import DOMAINS
+from .emit import MARKER, NumbaPrinter, _as_divisions, template_environment
+from .reductions import ROW_SIZE, onehot
+from .vocabulary import group
+
+INDENT = "    "
+
+
+class RowPrinter(NumbaPrinter):
+    """NumbaPrinter plus onehot(index) = 1 at the element being computed (``_k``)."""
+
+    def _print_onehot(self, expr):
+        return f"(1.0 if _k == {self._print(expr.args[0])} else 0.0)"
+
+
+def _element_name(symbol) -> sp.Symbol:
+    return sp.Symbol(f"_e{symbol.name}" if symbol.name.startswith("_") else f"_e_{symbol.name}")
+
+
+def _row_name(symbol) -> sp.Symbol:
+    return sp.Symbol(f"_row_{symbol.name}")
+
+
+# --- logsumexp: R = M + L, with the shift cancelling first -----------------------------------
+
+def _group_shift(expr: sp.Expr, shifts: set, tails: set) -> sp.Expr:
+    """In every sum holding a shift M and a tail L, add the terms without a tail first."""
+    if not expr.args or isinstance(expr, sp.Symbol):
+        return expr
+    expr = expr.func(*[_group_shift(a, shifts, tails) for a in expr.args])
+    if isinstance(expr, sp.Add) and expr.free_symbols & shifts and expr.free_symbols & tails:
+        big = [t for t in expr.args if not t.free_symbols & tails]
+        small = [t for t in expr.args if t.free_symbols & tails]
+        if len(big) > 1:
+            return group(sp.Add(*big)) + sp.Add(*small)
+    return expr
+
+
+class _Shifts:
+    """Every logsumexp reduction R as M + L: a max reduction M and a tail L."""
+
+    def __init__(self, reductions):
+        self.replacements, self.shifts, self.tails = {}, set(), set()
+        self.expanded: list[Reduction] = []
+        for r in reductions:
+            if r.kind != "logsumexp":
+                self.expanded.append(r)
+                continue
+            n = r.symbol.name[2:]
+            m, a, tail = (sp.Symbol(f"_m{n}", real=True), sp.Symbol(f"_a{n}", integer=True),
+                          sp.Symbol(f"_l{n}", real=True))
+            self.expanded.append(Reduction(m, "max", r.summand, a))
+            self.expanded.append(Reduction(tail, "logsumexp_tail", r.summand, (m, a)))
+            self.replacements[r.symbol] = m + tail
+            self.shifts.add(m)
+            self.tails.add(tail)
+
+    def __call__(self, expr: sp.Expr) -> sp.Expr:
+        if not self.replacements:
+            return expr
+        return _group_shift(expr.xreplace(self.replacements), self.shifts, self.tails)
+
+
+# --- kernel bodies ---------------------------------------------------------------------------
+
+class _Body:
+    """Lines of one kernel's row loop, built pass by pass."""
+
+    def __init__(self, derivation: RowDerivation, printer: RowPrinter):
+        self.derivation, self.printer = derivation, printer
+        spec = derivation.spec
+        self.shifts = _Shifts(derivation.reductions)
+        self.reductions = {r.symbol: r for r in self.shifts.expanded}
+        self.reductions = {s: Reduction(s, r.kind, self.shifts(r.summand), r.index)
+                           for s, r in self.reductions.items()}
+        self.element = {spec.symbols[i.name]: i for i in spec.inputs if i.axis}
+        self.directions = set(derivation.directions)
+        self.per_row = {spec.symbols[i.name]: i for i in spec.inputs if not i.axis}
+        self.lines: list[str] = []
+        self._temporaries = 0
+
+    # names
+    def rename(self, expr: sp.Expr) -> sp.Expr:
+        mapping = {s: _element_name(s) for s in expr.free_symbols if s in self.element or s in self.directions}
+        mapping.update({s: _row_name(s) for s in expr.free_symbols if s in self.per_row})
+        return _as_divisions(expr.xreplace(mapping))
+
+    def bind(self, exprs, indent: int):
+        """Read the element symbols that ``exprs`` use, at element ``_k`` of row ``_i``."""
+        used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+        for symbol in sorted(used & (set(self.element) | self.directions), key=lambda s: s.name):
+            source = self.element.get(symbol)
+            at = "[_k]" if source is not None and source.shared else "[_i, _k]"
+            self.emit(indent, f"{_element_name(symbol)} = {symbol.name}{at}")
+
+    def emit(self, indent: int, text: str):
+        self.lines.append(INDENT * indent + text)
+
+    def cse(self, exprs: list[sp.Expr], indent: int) -> list[str]:
+        """Assignments for the shared subexpressions; returns the printed ``exprs``."""
+        prefix = f"_t{self._temporaries}_"
+        replacements, reduced = sp.cse([self.rename(e) for e in exprs],
+                                       symbols=sp.numbered_symbols(prefix), order="canonical")
+        self._temporaries += 1
+        for symbol, value in replacements:
+            self.emit(indent, f"{symbol} = {self.printer.doprint(value)}")
+        return [self.printer.doprint(e) for e in reduced]
+
+    # reductions
+    def needed(self, exprs) -> list[Reduction]:
+        """The reductions ``exprs`` depend on, directly or through other reductions."""
+        seen, stack = set(), [s for e in exprs for s in e.free_symbols if s in self.reductions]
+        while stack:
+            symbol = stack.pop()
+            if symbol in seen:
+                continue
+            seen.add(symbol)
+            r = self.reductions[symbol]
+            stack.extend(s for s in r.summand.free_symbols if s in self.reductions)
+            if r.kind == "logsumexp_tail":
+                stack.append(r.index[0])
+        return [self.reductions[s] for s in sorted(seen, key=lambda s: s.name)]
+
+    def level(self, r: Reduction, memo: dict) -> int:
+        if r.symbol not in memo:
+            inner = [self.reductions[s] for s in r.summand.free_symbols if s in self.reductions]
+            if r.kind == "logsumexp_tail":
+                inner.append(self.reductions[r.index[0]])
+            memo[r.symbol] = 1 + max((self.level(i, memo) for i in inner), default=0)
+        return memo[r.symbol]
+
+    def reductions_pass(self, exprs):
+        """Compute every reduction that ``exprs`` need, level by level."""
+        memo: dict = {}
+        needed = self.needed(exprs)
+        for level in sorted({self.level(r, memo) for r in needed}):
+            at_level = [r for r in needed if memo[r.symbol] == level]
+            for r in (r for r in at_level if r.kind == "take"):
+                self.emit(2, f"_k = {self.printer.doprint(self.rename(r.index))}")
+                self.bind([r.summand], 2)
+                (value,) = self.cse([r.summand], 2)
+                self.emit(2, f"{r.symbol} = {value}")
+            looped = [r for r in at_level if r.kind != "take"]
+            if not looped:
+                continue
+            for r in looped:
+                for line in LOOP_CODE[r.kind]["start"]:
+                    self.emit(2, line.format(**self.names(r)))
+            self.emit(2, "for _k in range(_n):")
+            self.bind([r.summand for r in looped], 3)
+            values = self.cse([r.summand for r in looped], 3)
+            for r, value in zip(looped, values):
+                self.emit(3, f"_s = {value}")
+                for line in LOOP_CODE[r.kind]["step"]:
+                    self.emit(3, line.format(**self.names(r)))
+            for r in looped:
+                for line in LOOP_CODE[r.kind]["finish"]:
+                    self.emit(2, line.format(**self.names(r)))
+
+    def names(self, r: Reduction) -> dict:
+        names = {"r": r.symbol.name}
+        if r.kind in ("max", "min"):
+            names["a"] = r.index.name
+        if r.kind == "logsumexp_tail":
+            names["m"], names["a"] = r.index[0].name, r.index[1].name
+        return names
+
+
+# How a reduction is computed in a pass over the row: lines before the loop, per element
+# (the element's summand is _s), and after the loop.
+LOOP_CODE = {
+    "sum": {"start": ["{r} = 0.0", "{r}_error = 0.0"],
+            "step": ["_x = {r} + _s", "_z = _x - {r}", "{r}_error += ({r} - (_x - _z)) + (_s - _z)", "{r} = _x"],
+            "finish": ["if math.isfinite({r}):", "    {r} += {r}_error"]},
+    "max": {"start": ["{r} = -math.inf", "{a} = 0"],
+            "step": ["if _s > {r} or _k == 0:", "    {r} = _s", "    {a} = _k"],
+            "finish": []},
+    "min": {"start": ["{r} = math.inf", "{a} = 0"],
+            "step": ["if _s < {r} or _k == 0:", "    {r} = _s", "    {a} = _k"],
+            "finish": []},
+    "logsumexp_tail": {"start": ["{r} = 0.0"],
+                       "step": ["if _k != {a}:", "    {r} += math.exp(_s - {m})"],
+                       "finish": ["{r} = math.log1p({r})"]},
+}
+
+
+def _hoist(expr: sp.Expr, is_element, hoisted: dict) -> sp.Expr:
+    """Replace each largest row-level subexpression of an element expression by a name, so
+    that it is computed once per row."""
+    if not isinstance(expr, sp.Expr) or expr.is_Atom:
+        return expr
+    if isinstance(expr, sp.Mul) and len(expr.args) == 2 and expr.args[0].is_Number and expr.args[1].is_Atom:
+        return expr  # -x, 2*x: cheaper than a name
+    if not is_element(expr) and not isinstance(expr, sp.Piecewise):
+        if expr not in hoisted:
+            hoisted[expr] = sp.Symbol(f"_h{len(hoisted)}", real=True)
+        return hoisted[expr]
+    return expr.func(*[_hoist(a, is_element, hoisted) if isinstance(a, sp.Expr) else a for a in expr.args])
+
+
+def _guard_lines(spec) -> list[str]:
+    """Conditions (printed) that the inputs of row _i lie in their domains."""
+    conditions = []
+    for i in spec.inputs:
+        d = DOMAINS[i.domain]
+        if i.domain == "class_index":
+            continue  # checked by the runtime: an index outside [0, C) would read outside the row
+        x = _element_name(sp.Symbol(i.name)) if i.axis else _row_name(sp.Symbol(i.name))
+        if d.values:
+            conditions.append((i, " or ".join(f"{x} == {v!r}" for v in d.values)))
+            continue
+        parts = []
+        if d.low != float("-inf"):
+            parts.append(f"{x} {'>=' if d.low_closed else '>'} {d.low!r}")
+        if d.high != float("inf"):
+            parts.append(f"{x} {'<=' if d.high_closed else '<'} {d.high!r}")
+        if parts:
+            conditions.append((i, " and ".join(parts)))
+    return conditions
+
+
+def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer) -> dict:
+    """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
+    element expressions written to out[_i, _k]."""
+    body = _Body(derivation, printer)
+    spec = derivation.spec
+    row_outputs = [body.shifts(e) for e in row_outputs]
+    element_outputs = [body.shifts(e) for e in element_outputs]
+    outs = [f"_out{j}" for j in range(len(row_outputs) + len(element_outputs))]
+    for symbol, source in body.per_row.items():
+        body.emit(2, f"{_row_name(symbol)} = {symbol.name}[_i]")
+    guards = _guard_lines(spec)
+    if guards:
+        body.emit(2, "_inside = True")
+        row_guards = [c for i, c in guards if not i.axis]
+        for condition in row_guards:
+            body.emit(2, f"if not ({condition}):")
+            body.emit(3, "_inside = False")
+        element_guards = [(i, c) for i, c in guards if i.axis]
+        if element_guards:
+            body.emit(2, "for _k in range(_n):")
+            body.bind([spec.symbols[i.name] for i, _ in element_guards], 3)
+            body.emit(3, f"if not ({' and '.join(f'({c})' for _, c in element_guards)}):")
+            body.emit(4, "_inside = False")
+        body.emit(2, "if not _inside:")
+        for j, out in enumerate(outs):
+            body.emit(3, f"{out}[_i] = math.nan" if j < len(row_outputs) else f"{out}[_i, :] = math.nan")
+        body.emit(3, "continue")
+
+    hoisted: dict = {}
+    is_element = lambda e: bool(e.free_symbols & (set(body.element) | body.directions)) or e.has(onehot)
+    element_outputs = [_hoist(e, is_element, hoisted) for e in element_outputs]
+    row_values = list(row_outputs) + list(hoisted)
+    body.reductions_pass(row_values + element_outputs)
+    body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
+    if row_values:
+        printed = body.cse(row_values, 2)
+        for j, value in enumerate(printed[:len(row_outputs)]):
+            body.emit(2, f"{outs[j]}[_i] = _w * ({value})")
+        for symbol, value in zip(hoisted.values(), printed[len(row_outputs):]):
+            body.emit(2, f"{symbol} = {value}")
+    if element_outputs:
+        body.emit(2, "for _k in range(_n):")
+        body.bind(element_outputs, 3)
+        printed = body.cse(element_outputs, 3)
+        for out, value in zip(outs[len(row_outputs):], printed):
+            body.emit(3, f"{out}[_i, _k] = _w * ({value})")
+    return {"name": name, "outs": outs, "lines": body.lines,
+            "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
+
+
+def _block_kernel(derivation: RowDerivation, printer, product: bool) -> dict:
+    """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
+
+    Without ``product``, every (C, C) block is written. With it, the Hessian times the
+    directions v (one per prediction): sum_l H_jl v_l, entry by entry, so that every term is
+    an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
+    O(C**2) work per row, and O(C) memory: the matrix is never formed."""
+    body = _Body(derivation, printer)
+    k = len(derivation.spec.predictions)
+    pairs = [(i, j) for i in range(k) for j in range(k)]
+    blocks = [derivation.blocks[p] for p in pairs]
+    # on a block's diagonal: a prediction's stabilised Hessian diagonal, or D + sum P Q
+    own = [i == j for i, j in pairs]
+    diagonals = [body.shifts(derivation.hess[i] if i == j else b.diagonal) for (i, j), b in zip(pairs, blocks)]
+    factors = [body.shifts(e) for b in blocks for pq in b.outer for e in pq]
+    hoisted: dict = {}
+    is_element = lambda e: bool(e.free_symbols & (set(body.element) | body.directions)) or e.has(onehot)
+    element = [_hoist(e, is_element, hoisted) for e in diagonals + factors]
+    for symbol in body.per_row:
+        body.emit(2, f"{_row_name(symbol)} = {symbol.name}[_i]")
+    body.reductions_pass(list(hoisted) + element)
+    body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
+    if hoisted:
+        for symbol, value in zip(hoisted.values(), body.cse(list(hoisted), 2)):
+            body.emit(2, f"{symbol} = {value}")
+    body.emit(2, f"_scratch = np.empty(({max(len(element), 1)}, _n))")
+    body.emit(2, "for _k in range(_n):")
+    body.bind(element, 3)
+    for j, value in enumerate(body.cse(element, 3)):
+        body.emit(3, f"_scratch[{j}, _k] = {value}")
+    outs = [f"_out{b}" for b in range(k if product else len(pairs))]
+    directions = [d.name for d in derivation.directions]
+    body.emit(2, "for _j in range(_n):")
+    if product:
+        for out in outs:
+            body.emit(3, f"{out}[_i, _j] = 0.0")
+    body.emit(3, "for _l in range(_n):")
+    position = len(diagonals)
+    for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
+        terms = []
+        for _ in block.outer:
+            terms.append(f"_scratch[{position}, _j] * _scratch[{position + 1}, _l]")
+            position += 2
+        total = " + ".join(terms) or "0.0"
+        if own[b]:
+            body.emit(4, f"_h = _scratch[{b}, _j] if _j == _l else {total}")
+        else:
+            body.emit(4, f"_h = {total}")
+            body.emit(4, "if _j == _l:")
+            body.emit(5, f"_h += _scratch[{b}, _j]")
+        if product:
+            body.emit(4, f"{outs[row]}[_i, _j] += _w * _h * {directions[column]}[_i, _l]")
+        else:
+            body.emit(4, f"{outs[b]}[_i, _j, _l] = _w * _h")
+    if product:
+        return {"name": "hvp", "outs": outs, "lines": body.lines,
+                "doc": "The Hessian of each row times the directions, entry by entry (never stored), "
+                       "times _weight[i] when given."}
+    return {"name": "hess_full", "outs": outs, "lines": body.lines,
+            "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
+                   "the predictions, times _weight[i] when given."}
+
+
+def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path: str) -> str:
+    """The source of one generated row-wise module (``original`` gives the docstring's
+    formulas, ``stable`` the code)."""
+    spec = stable.spec
+    printer = RowPrinter()
+    outputs = {"loss": [stable.loss], "grad": list(stable.grad), "hess": list(stable.hess)}
+    kernels = []
+    for name, quantities in ROW_KERNELS.items():
+        row_outputs = outputs["loss"] if "loss" in quantities else []
+        element_outputs = [e for q in quantities if q != "loss" for e in outputs[q]]
+        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer))
+    kernels.append(_block_kernel(stable, printer, product=True))
+    kernels.append(_block_kernel(stable, printer, product=False))
+    arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
+    directions = [d.name for d in stable.directions]
+    predictions = [p.name for p in spec.predictions]
+    formulas = {"loss": sp.sstr(original.spec.loss),
+                "reductions": [f"{r.symbol} = {r.kind}_k({sp.sstr(r.summand)})"
+                               + (f" at {r.index}" if r.kind == "take" else "") for r in original.reductions],
+                "lowered": sp.sstr(original.loss),
+                "grad": [{"name": p, "expr": sp.sstr(g)} for p, g in zip(predictions, original.grad)]}
+    first_row_input = next(i.name for i in spec.inputs if i.axis and not i.shared)
+    return template_environment().get_template("row_module.py.j2").render(
+        spec=spec, spec_path=spec_path, marker=MARKER, formulas=formulas,
+        helpers=printer.helpers_used, kernels=kernels, arguments=arguments, directions=directions,
+        kernel_outputs={k["name"]: len(k["outs"]) for k in kernels}, rows_of=first_row_input,
+    )

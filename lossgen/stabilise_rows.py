@@ -1,0 +1,73 @@
+"""Stage 3 for row-wise losses: the rules and splits of :mod:`lossgen.stabilise`, after two
+rewrites that only rows need.
+
+* **At the indexed element.** An element expression with onehot(y) is split into the element
+  y itself and the others. At element y every take(g, y) is g of that element, so
+  w_y onehot(y) - w_y softmax_y becomes w (1 - softmax), which the rules turn into
+  -w expm1(log-softmax): the gradient of cross-entropy keeps its digits where the model is
+  right. The same holds for max and min at their arg-max.
+* **Log-weights.** For R = logsumexp(g) with g = a x + b, x is written as (u + R - b)/a, so
+  exp(g - R) is exp(u) and exp(2 (g - R)) is exp(u)**2; the rules then see softmax
+  (1 - softmax) as exp(u) (-expm1(u)). Afterwards u is g - R again (the emitter computes it
+  as (g - max) - log1p(...), see :mod:`lossgen.emit_rows`).
+"""
+from __future__ import annotations
+
+import sympy as sp
+
+from .reductions import onehot
+from .stabilise import direct_form
+
+
+def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
+    """Piecewise over the elements that onehot(...) in ``expr`` singles out."""
+    for node in sorted(expr.atoms(onehot), key=sp.default_sort_key):
+        index = node.args[0]
+        own = {r.symbol: r.summand for r in derivation.reductions
+               if r.kind == "take" and r.index == index}
+        own.update({r.symbol: r.summand for r in derivation.reductions
+                    if r.kind in ("max", "min") and r.index == index})
+        at = expr.xreplace({node: sp.S.One}).xreplace(own)
+        elsewhere = expr.xreplace({node: sp.S.Zero})
+        if at == elsewhere:
+            return at
+        return sp.Piecewise((_at_index(at, derivation), sp.Eq(node, 1)), (_at_index(elsewhere, derivation), True))
+    return expr
+
+
+def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr]]:
+    """(x, u, x in terms of u) for each logsumexp whose summand is linear in one element x."""
+    found = []
+    for n, r in enumerate(derivation.reductions):
+        if r.kind != "logsumexp":
+            continue
+        variables = r.summand.free_symbols & derivation.element_symbols
+        if len(variables) != 1:
+            continue
+        (x,) = variables
+        slope = sp.diff(r.summand, x)
+        if slope == 0 or slope.free_symbols & {x}:
+            continue
+        offset = sp.expand(r.summand - slope * x)
+        if offset.free_symbols & {x}:
+            continue
+        u = sp.Symbol(f"_u{n}", nonpositive=True)
+        found.append((x, u, (u + r.symbol - offset) / slope, r.summand - r.symbol))
+    return found
+
+
+def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
+    """One element (or row) expression of a row-wise derivation, stabilised."""
+    expr = _at_index(expr, derivation)
+    for x, u, x_of_u, back in _log_weights(derivation):
+        if x in expr.free_symbols:
+            rewritten = direct_form(sp.factor_terms(expr.subs(x, x_of_u)))
+            if x not in rewritten.free_symbols or True:
+                return rewritten.subs(u, back)
+    return direct_form(sp.factor_terms(expr))
+
+
+def stabilise_rows(derivation):
+    """Every summand, loss and derivative of a row-wise derivation, stabilised (no asymptotic
+    branch: a row holds several residuals at once)."""
+    return derivation.map(lambda e: stabilise_element(e, derivation))

@@ -1,0 +1,331 @@
+"""Stage 5 for row-wise losses: kernels against the loss written out for concrete row lengths.
+
+For each size C (1, 2, 3, 7 by default) the spec's loss is expanded into explicit scalar
+symbols x_0 ... x_{C-1}: sum becomes an addition of C terms, logsumexp log(exp + ... + exp),
+max the first largest element (a Piecewise), take and onehot pick by the row's class index.
+SymPy differentiates that expression directly, so the truth for the gradient, the Hessian's
+diagonal, every (C, C) block and the Hessian-vector product is independent of the row
+program (:mod:`lossgen.derive_rows`) that the kernels come from. Values are computed by
+mpmath as in :mod:`lossgen.verify` (50 digits and more). The gradient of the expanded loss is
+also checked against its finite differences.
+
+The bound is the elementwise one, relative error <= 1e-12 wherever the truth is a normal
+float64, except for the Hessian-vector product: a sum over the row, sum_l H_jl v_l, whose
+terms may cancel, so its error is measured relative to sum_l |H_jl v_l|.
+"""
+from __future__ import annotations
+
+import math
+
+import mpmath
+import numpy as np
+import sympy as sp
+
+from .derive import almost_everywhere
+from .domains import DOMAINS
+from .reductions import ROW_SIZE, logsumexp, onehot, rowmax, rowmin, rowsum, take
+from .verify import LARGEST, RELATIVE_TOLERANCE, Row, _merge, evaluate, relative_error, sample_domain
+from .vocabulary import MPMATH_IMPLEMENTATIONS
+
+SIZES = (1, 2, 3, 7)
+FULL_HESSIAN_UP_TO = 3      # every (C, C) entry is checked up to this size, the diagonal beyond
+ROW_EXTREMES = (1000.0, -1000.0)  # logits far apart: softmax saturates, exp overflows naively
+CONSTANT_ROWS = (0.0, 1e-300, 1.0, -1.0, 1000.0, -1e300, 1e300, 0.5)  # whole rows of one value
+
+
+class explicit_logsumexp(sp.Function):
+    """log(exp(a_0) + ... + exp(a_{C-1})) of explicit terms; d/da_i = exp(a_i - logsumexp).
+    mpmath evaluates it shifted by the largest term, so that exp(1e300) is never formed."""
+
+    def fdiff(self, argindex=1):
+        return sp.exp(self.args[argindex - 1] - self)
+
+
+def _mp_logsumexp(*terms):
+    top = max(terms)
+    return top + mpmath.log(mpmath.fsum(mpmath.exp(t - top) for t in terms))
+
+
+def _mp_function(expr, arguments):
+    modules = [dict(MPMATH_IMPLEMENTATIONS, explicit_logsumexp=_mp_logsumexp), "mpmath"]
+    return sp.lambdify(arguments, expr, modules=modules)
+
+
+class Expansion:
+    """The spec's loss written out for C elements and given class indices."""
+
+    def __init__(self, spec, size: int, indices: dict):
+        self.spec, self.size, self.indices = spec, size, indices
+        self.element = {spec.symbols[i.name]: i for i in spec.inputs if i.axis}
+        self.symbols = {i.name: [sp.Symbol(f"{i.name}_{k}", **DOMAINS[i.domain].assumptions) for k in range(size)]
+                        for i in spec.inputs if i.axis}
+        self.per_row = [spec.symbols[i.name] for i in spec.inputs if not i.axis and i.domain != "class_index"]
+        self.params = [spec.symbols[p.name] for p in spec.params]
+
+    def arguments(self) -> list[sp.Symbol]:
+        return [s for i in self.spec.inputs if i.axis for s in self.symbols[i.name]] + self.per_row + self.params
+
+    def at(self, expr: sp.Expr, k: int | None) -> sp.Expr:
+        """``expr`` with its element symbols at element ``k`` and reductions written out."""
+        C = range(self.size)
+        if isinstance(expr, rowsum):
+            return sp.Add(*(self.at(expr.args[0], j) for j in C))
+        if isinstance(expr, logsumexp):
+            return explicit_logsumexp(*(self.at(expr.args[0], j) for j in C))
+        if isinstance(expr, (rowmax, rowmin)):
+            values = [self.at(expr.args[0], j) for j in C]
+            better = sp.Ge if isinstance(expr, rowmax) else sp.Le
+            return sp.Piecewise(*[(v, sp.And(*(better(v, w) for w in values[j + 1:])))
+                                  for j, v in enumerate(values[:-1])], (values[-1], True))
+        if isinstance(expr, take):
+            return self.at(expr.args[0], self.indices[expr.args[1]])
+        if isinstance(expr, onehot):
+            return sp.S.One if k == self.indices[expr.args[0]] else sp.S.Zero
+        if expr == ROW_SIZE:
+            return sp.Integer(self.size)
+        if expr in self.element:
+            if k is None:
+                raise ValueError(f"{expr} outside a reduction")
+            return self.symbols[expr.name][k]
+        if not expr.args or isinstance(expr, sp.Symbol):
+            return expr
+        return expr.func(*[self.at(a, k) for a in expr.args])
+
+
+_TRUTHS: dict = {}
+
+
+def truth_functions(spec, size: int, index_values: tuple, full: bool) -> dict:
+    """quantity -> mpmath function of the expansion's arguments: 'loss', ('grad', p, j),
+    ('hess', p, q, j, l) for every entry (``full``) or the diagonal entries only."""
+    key = (spec.path, spec.source_hash, size, index_values, full)
+    if key not in _TRUTHS:
+        _TRUTHS[key] = _truth_functions(spec, size, index_values, full)
+    return _TRUTHS[key]
+
+
+def _truth_functions(spec, size, index_values, full):
+    indices = dict(zip([spec.symbols[i.name] for i in spec.inputs if i.domain == "class_index"], index_values))
+    expansion = Expansion(spec, size, indices)
+    arguments = expansion.arguments()
+    loss = expansion.at(spec.loss, None)
+    functions = {"loss": _mp_function(loss, arguments)}
+    predictions = [p.name for p in spec.predictions]
+    gradients = {}
+    for p in predictions:
+        for j, x in enumerate(expansion.symbols[p]):
+            gradients[p, j] = almost_everywhere(sp.diff(loss, x))
+            functions["grad", p, j] = _mp_function(gradients[p, j], arguments)
+    for p in predictions:
+        for q in predictions:
+            for j in range(size):
+                for l in (range(size) if full else [j] if p == q else []):
+                    second = almost_everywhere(sp.diff(gradients[p, j], expansion.symbols[q][l]))
+                    functions["hess", p, q, j, l] = _mp_function(second, arguments)
+    return {"functions": functions, "arguments": [a.name for a in arguments], "loss": loss,
+            "expansion": expansion}
+
+
+# --- points --------------------------------------------------------------------------------
+
+def row_points(spec, size: int, n_random: int, n_stress: int, seed: int = 0) -> list[dict]:
+    """Rows of inputs: ``n_random`` sampled from the domains, ``n_stress`` from their extremes
+    (logits at +-1000 too), and constant rows of each extreme (zero vectors included)."""
+    rng = np.random.default_rng([seed, size])
+    points = []
+
+    def per_row_value(i, stress):
+        if i.domain == "class_index":
+            return int(rng.integers(0, size))
+        if stress:
+            return float(rng.choice(DOMAINS[i.domain].extremes))
+        return float(sample_domain(i.domain, 1, rng)[0])
+
+    def extremes(domain):
+        grid = DOMAINS[domain].extremes
+        if DOMAINS[domain].contains(ROW_EXTREMES[0]) and domain != "class_index":
+            grid = grid + tuple(x for x in ROW_EXTREMES if DOMAINS[domain].contains(x))
+        return np.array(grid)
+
+    for index in range(n_random + n_stress):
+        stress = index >= n_random
+        point = {}
+        for i in spec.inputs:
+            if i.axis:
+                point[i.name] = rng.choice(extremes(i.domain), size) if stress else sample_domain(i.domain, size, rng)
+            else:
+                point[i.name] = per_row_value(i, stress)
+        points.append(point)
+    constant_rows = sorted({float(x) for i in spec.inputs if i.axis and i.role == "prediction"
+                            for x in extremes(i.domain) if x in CONSTANT_ROWS})
+    for value in constant_rows:
+        point = {i.name: (np.full(size, value) if i.role == "prediction" and DOMAINS[i.domain].contains(value)
+                          else sample_domain(i.domain, size, rng)) if i.axis else per_row_value(i, False)
+                 for i in spec.inputs}
+        points.append(point)
+    return points
+
+
+# --- checks --------------------------------------------------------------------------------
+
+def _kernel_results(loss, spec, points, params, size, rng):
+    """Every kernel on the stacked rows: quantity -> array, and the directions used for hvp."""
+    arrays = []
+    for i in spec.inputs:
+        if i.axis and i.shared:
+            arrays.append(points[0][i.name])  # shared inputs are drawn once per batch
+        else:
+            arrays.append(np.array([p[i.name] for p in points]))
+    predictions = [p.name for p in spec.predictions]
+    directions = tuple(rng.normal(size=(len(points), size)) for _ in predictions)
+
+    def per_prediction(out):
+        return out if isinstance(out, tuple) else (out,)
+
+    results = {"loss": [loss.loss(*arrays, reduction="none", **params)]}
+    outs = loss.loss_grad_hess(*arrays, **params)
+    results["loss"].append(outs[0])
+    grads = [per_prediction(loss.grad(*arrays, **params)), per_prediction(outs[1]),
+             per_prediction(loss.grad_hess(*arrays, **params)[0])]
+    diagonals = [per_prediction(loss.hess(*arrays, **params)), per_prediction(outs[2]),
+                 per_prediction(loss.grad_hess(*arrays, **params)[1])]
+    full = loss.hess(*arrays, full=True, **params)
+    if len(predictions) == 1:
+        full = ((full,),)
+    hvp = per_prediction(loss.hvp(*arrays, v=directions if len(predictions) > 1 else directions[0], **params))
+    for a, p in enumerate(predictions):
+        results["grad", p] = [g[a] for g in grads]
+        results["hess", p] = [d[a] for d in diagonals]
+        results["hvp", p] = [hvp[a]]
+        for b, q in enumerate(predictions):
+            results["full", p, q] = [full[a][b]]
+    return results, directions
+
+
+def check_size(loss, spec, size: int, points: list[dict], params: dict, seed: int = 0,
+               n_random: int = 0) -> list[Row]:
+    """All kernels of ``loss`` at row length ``size`` against the expanded truth."""
+    rng = np.random.default_rng(seed)
+    shared = {i.name: points[0][i.name] for i in spec.inputs if i.axis and i.shared}
+    points = [{**p, **shared} for p in points]
+    computed, directions = _kernel_results(loss, spec, points, params, size, rng)
+    predictions = [p.name for p in spec.predictions]
+    full = size <= FULL_HESSIAN_UP_TO
+    index_inputs = [i.name for i in spec.inputs if i.domain == "class_index"]
+    worst: dict = {}
+
+    def record(label, value, truth, point, scale=None):
+        row = worst.setdefault(label, [0.0, {}, 0, 0])
+        row[2] += 1
+        if truth is None or abs(truth) > LARGEST:
+            return
+        if not math.isfinite(value):
+            row[3] += 1
+            error = math.inf
+        elif scale is not None:
+            error = float(abs(mpmath.mpf(value) - truth) / max(scale, np.finfo(float).tiny))
+        else:
+            error = relative_error(value, truth)
+        if error > row[0]:
+            row[0], row[1] = error, point
+
+    for n, point in enumerate(points):
+        truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), full)
+        functions = truths["functions"]
+        args = []
+        for name in truths["arguments"]:
+            base, _, k = name.rpartition("_")
+            if base in point and isinstance(point[base], np.ndarray):
+                args.append(float(point[base][int(k)]))
+            else:
+                args.append(float(point[name]) if name in point else params[name])
+        shown = dict(zip(truths["arguments"], args))
+        truth_loss = evaluate(functions["loss"], args)
+        for out in computed["loss"]:
+            record("loss", float(out[n]), truth_loss, shown)
+        hessian = {}
+        for p in predictions:
+            for j in range(size):
+                g = evaluate(functions["grad", p, j], args)
+                for out in computed["grad", p]:
+                    record(f"grad[{p}]", float(out[n, j]), g, shown)
+            for q in predictions:
+                for j in range(size):
+                    for l in range(size):
+                        key = ("hess", p, q, j, l)
+                        if key in functions:
+                            hessian[p, q, j, l] = evaluate(functions[key], args)
+                for j in range(size):
+                    if p == q:
+                        for out in computed["hess", p]:
+                            record(f"hess[{p}]", float(out[n, j]), hessian[p, q, j, j], shown)
+                    if full:
+                        for l in range(size):
+                            record(f"hess_full[{p},{q}]", float(computed["full", p, q][0][n, j, l]),
+                                   hessian[p, q, j, l], shown)
+            if full:  # hvp against the truth's H v (see the module docstring)
+                for j in range(size):
+                    terms = [hessian[p, q, j, l] * float(directions[b][n, l])
+                             if hessian[p, q, j, l] is not None else None
+                             for b, q in enumerate(predictions) for l in range(size)]
+                    if any(t is None for t in terms):
+                        continue
+                    scale = sum(abs(t) for t in terms)
+                    record(f"hvp[{p}]", float(computed["hvp", p][0][n, j]), mpmath.fsum(terms), shown, scale)
+    return [Row(spec.name, f"{label} C={size}", count, error, point, spurious)
+            for label, (error, point, count, spurious) in worst.items()]
+
+
+def check_gradient_by_differences(spec, size: int, points: list[dict], params: dict, digits: int = 40) -> Row:
+    """The expanded loss's symbolic gradient against mpmath's finite differences of the loss."""
+    index_inputs = [i.name for i in spec.inputs if i.domain == "class_index"]
+    worst, worst_point, checked = 0.0, {}, 0
+    for point in points:
+        truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), size <= FULL_HESSIAN_UP_TO)
+        names = truths["arguments"]
+        values = []
+        for name in names:
+            base, _, k = name.rpartition("_")
+            values.append(float(point[base][int(k)]) if base in point and isinstance(point[base], np.ndarray)
+                          else float(point[name]) if name in point else params[name])
+        if any(abs(v) > 1e6 for v in values):
+            continue  # finite differences need a smooth neighbourhood of moderate scale
+        with mpmath.workdps(digits):
+            loss = truths["functions"]["loss"]
+            for p in spec.predictions:
+                for j in range(size):
+                    position = names.index(f"{p.name}_{j}")
+                    symbolic = evaluate(truths["functions"]["grad", p.name, j], values)
+                    if symbolic is None:
+                        continue
+
+                    def along(t, position=position):
+                        shifted = [mpmath.mpf(v) for v in values]
+                        shifted[position] = t
+                        return loss(*shifted)
+
+                    try:
+                        numeric = mpmath.diff(along, mpmath.mpf(values[position]))
+                    except (ZeroDivisionError, ValueError):
+                        continue
+                    scale = max(abs(symbolic), mpmath.mpf(1e-30))
+                    error = float(abs(numeric - symbolic) / scale)
+                    checked += 1
+                    if error > worst:
+                        worst, worst_point = error, dict(zip(names, values))
+    return Row(spec.name, f"grad vs finite differences C={size}", checked, worst, worst_point, 0)
+
+
+def verify_rows(loss, spec, sizes=SIZES, n_random: int = 8, n_stress: int = 12, seed: int = 0,
+                differences: bool = True) -> list[Row]:
+    """Every kernel of a row-wise loss at each size, at random, extreme and constant rows, for
+    the default parameters; with ``differences``, the expanded gradient by finite differences."""
+    params = {p.name: p.default for p in spec.params}
+    rows = []
+    for size in sizes:
+        points = row_points(spec, size, n_random, n_stress, seed)
+        rows.extend(check_size(loss, spec, size, points, params, seed, n_random))
+        if differences:
+            smooth = [p for p in points[:n_random]]
+            rows.append(check_gradient_by_differences(spec, size, smooth[:3], params))
+    return _merge(rows)

