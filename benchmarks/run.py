@@ -1,0 +1,570 @@
+"""Benchmark lossgen's generated kernels side by side with what a user would otherwise write.
+
+    python benchmarks/run.py            # sizes 1e3, 1e5, 1e7; 7 runs each; start-up figures
+    python benchmarks/run.py --quick    # sizes 1e3, 1e5; 3 runs; no whole-catalog generate
+    python benchmarks/run.py --threshold  # serial vs parallel loop by size (for SERIAL_BELOW)
+
+Every figure is a median over runs; in each run every contender is timed once, one after the
+other, in this process, so that a busy machine slows all of them alike. Ratios are lossgen's
+time divided by the peer's: below 1, lossgen is faster (0.25 = four times faster).
+
+Peers: a hand-written fused Numba kernel of the same stable formula (kept here, `reference`;
+`textbook` is the plain textbook formula where lossgen's is more careful), vectorised
+NumPy, sympy.lambdify of the spec's derivatives, scikit-learn's sklearn._loss and PyTorch
+autograd (optional: skipped with a note where not installed), and a one-pass memory-bandwidth
+floor (reads the inputs, writes as many outputs, computes nothing). Every contender returns
+loss, gradient and Hessian diagonal per element in new arrays, as lossgen's loss_grad_hess does,
+except scikit-learn, which is compared on gradient_hessian against lossgen's grad_hess.
+
+Each benchmark case is one entry of CASES; a row-wise loss is one more entry (see the marked
+place at the end of CASES).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+# On a shared machine OpenMP's default active waiting makes every parallel launch (Numba's,
+# scikit-learn's, PyTorch's alike) wait for a descheduled spinning thread, ~16 ms each; with
+# passive waiting it costs microseconds. Set before any OpenMP runtime starts; yours wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lossgen  # noqa: E402
+from lossgen import runtime  # noqa: E402
+
+try:
+    from sklearn._loss import loss as sklearn_loss
+except ImportError:  # optional peer
+    sklearn_loss = None
+try:
+    import torch
+except ImportError:  # optional peer
+    torch = None
+
+
+# --- hand-written references: fused, one pass, the textbook stable formula -------------------
+
+def _fused(body):
+    """A serial and a parallel one-pass kernel y, p -> (loss, grad, hess) from a scalar body."""
+    scalar = numba.njit(inline="always", error_model="numpy")(body)
+
+    @numba.njit(error_model="numpy")
+    def serial(y, p, a, l, g, h):
+        for i in range(y.shape[0]):
+            l[i], g[i], h[i] = scalar(y[i], p[i], a)
+
+    @numba.njit(parallel=True, error_model="numpy")
+    def parallel(y, p, a, l, g, h):
+        for i in numba.prange(y.shape[0]):
+            l[i], g[i], h[i] = scalar(y[i], p[i], a)
+
+    def run(y, p, a=0.0):
+        l, g, h = np.empty_like(p), np.empty_like(p), np.empty_like(p)
+        (serial if y.shape[0] < runtime.SERIAL_BELOW else parallel)(y, p, a, l, g, h)
+        return l, g, h
+    return run
+
+
+def _mse(y, p, a):
+    r = p - y
+    return r * r, 2.0 * r, 2.0
+
+
+def _mae(y, p, a):
+    r = p - y
+    s = 1.0 if r > 0 else (-1.0 if r < 0 else 0.0)
+    return abs(r), s, 0.0
+
+
+def _huber(y, p, delta):
+    r = p - y
+    if abs(r) < delta:
+        return 0.5 * r * r, r, 1.0
+    return delta * (abs(r) - 0.5 * delta), delta * (1.0 if r > 0 else -1.0), 0.0
+
+
+def _pinball(y, p, tau):
+    r = y - p
+    if r > 0:
+        return tau * r, -tau, 0.0
+    if r < 0:
+        return (tau - 1.0) * r, 1.0 - tau, 0.0
+    return 0.0, 0.5 - tau, 0.0
+
+
+def _poisson(y, p, a):
+    e = math.exp(p)
+    return e - y * p, e - y, e
+
+
+def _logistic(y, x, a):
+    # log(1 + exp(x)) - y x without overflow; sigmoid without overflow
+    loss = max(x, 0.0) - x * y + math.log1p(math.exp(-abs(x)))
+    if x >= 0:
+        s = 1.0 / (1.0 + math.exp(-x))
+    else:
+        e = math.exp(x)
+        s = e / (1.0 + e)
+    return loss, s - y, s * (1.0 - s)
+
+
+# The same stable formulas as lossgen's kernels (see generated/<name>.py), written by hand,
+# computing per branch only what that branch needs; the helpers are lossgen's stable ones.
+_helpers = lossgen.get("binary_cross_entropy_logits").module
+_fma, _logcosh, _sigmoid, _softplus = _helpers._fma, _helpers._logcosh, _helpers._sigmoid, _helpers._softplus
+
+
+def _poisson_stable(y, p, a):
+    if abs(p) <= 1.0:  # exp(p) - y p = expm1(p) + (1 - y p), 1 - y p with an exact product
+        e1 = math.expm1(p)
+        return e1 + _fma(-p, y, 1.0), e1 + (1.0 - y), math.exp(p)
+    e = math.exp(p)
+    return e - p * y, e - y, e
+
+
+def _logistic_stable(y, x, a):  # pos_weight = 1
+    s, t = _sigmoid(x), _sigmoid(-x)
+    if abs(x) <= 1.0:  # softplus(x) - y x = log 2 + logcosh(x/2) + (1 - 2y) x/2
+        c = _fma(-y, 1.0, 1.0 - y)
+        return 0.6931471805599453 + _logcosh(0.5 * x) + 0.5 * c * x, 0.5 * math.tanh(0.5 * x) + 0.5 * c, s * t
+    return y * _softplus(-x) + (1.0 - y) * _softplus(x), s * (1.0 - y) - t * y, s * t
+
+
+@numba.njit(error_model="numpy")
+def _floor_serial(y, p, l, g, h):
+    for i in range(y.shape[0]):
+        l[i], g[i], h[i] = y[i], p[i], y[i]
+
+
+@numba.njit(parallel=True, error_model="numpy")
+def _floor_parallel(y, p, l, g, h):
+    for i in numba.prange(y.shape[0]):
+        l[i], g[i], h[i] = y[i], p[i], y[i]
+
+
+def bandwidth_floor(y, p):
+    """Reads the two inputs and writes three new outputs, nothing else: the least that a fused
+    loss_grad_hess must move through memory (same serial/parallel choice as lossgen)."""
+    l, g, h = np.empty_like(p), np.empty_like(p), np.empty_like(p)
+    (_floor_serial if y.shape[0] < runtime.SERIAL_BELOW else _floor_parallel)(y, p, l, g, h)
+    return l, g, h
+
+
+# --- vectorised NumPy ---------------------------------------------------------------------
+
+def _np_mse(y, p):
+    r = p - y
+    return r * r, 2.0 * r, np.full_like(r, 2.0)
+
+
+def _np_mae(y, p):
+    r = p - y
+    return np.abs(r), np.sign(r), np.zeros_like(r)
+
+
+def _np_huber(y, p, delta=1.0):
+    r = p - y
+    a = np.abs(r)
+    inside = a < delta
+    return (np.where(inside, 0.5 * r * r, delta * (a - 0.5 * delta)),
+            np.where(inside, r, delta * np.sign(r)), inside.astype(r.dtype))
+
+
+def _np_pinball(y, p, tau=0.9):
+    r = y - p
+    return (np.maximum(tau * r, (tau - 1.0) * r),
+            np.where(r > 0, -tau, np.where(r < 0, 1.0 - tau, 0.5 - tau)), np.zeros_like(r))
+
+
+def _np_poisson(y, p):
+    e = np.exp(p)
+    return e - y * p, e - y, e
+
+
+def _np_logistic(y, x):
+    s = np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+    return np.logaddexp(0.0, x) - y * x, s - y, s * (1.0 - s)
+
+
+# --- the cases -------------------------------------------------------------------------------
+
+def _regression_inputs(rng, n):
+    return rng.normal(size=n), rng.normal(size=n)
+
+
+def _count_inputs(rng, n):
+    return rng.poisson(3.0, size=n).astype(np.float64), rng.normal(scale=1.5, size=n)
+
+
+def _label_inputs(rng, n):
+    return rng.integers(0, 2, size=n).astype(np.float64), rng.normal(scale=3.0, size=n)
+
+
+@dataclass
+class Case:
+    """One loss as benchmarked: lossgen's name and parameters, how to make inputs, and each peer."""
+    name: str                        # lossgen loss
+    params: dict
+    inputs: Callable                 # (rng, n) -> arrays in the spec's order
+    reference: Callable              # hand-written fused Numba: arrays -> (loss, grad, hess)
+    numpy: Callable                  # vectorised NumPy: arrays -> (loss, grad, hess)
+    torch_loss: Callable | None      # (y, p) tensors -> per-element loss
+    sklearn: Callable | None = None  # () -> sklearn._loss object with the same loss (up to scale)
+    sklearn_note: str = ""
+    memory_bound: bool = False       # target: <= 1.3x the bandwidth floor
+    sizes: tuple | None = None       # None: the run's sizes (a row-wise case names its own)
+    textbook: Callable | None = None  # hand-written textbook formula, where lossgen's is more careful
+
+
+def _torch_pinball(tau):
+    def loss(y, p):
+        r = y - p
+        return torch.maximum(tau * r, (tau - 1.0) * r)
+    return loss
+
+
+def _cases() -> list[Case]:
+    F = torch.nn.functional if torch else None
+    sk = sklearn_loss
+    return [
+        Case("mse", {}, _regression_inputs, _fused(_mse), _np_mse,
+             F and (lambda y, p: F.mse_loss(p, y, reduction="none")),
+             sk and sk.HalfSquaredError, "HalfSquaredError: (p-y)^2/2, half ours", memory_bound=True),
+        Case("mae", {}, _regression_inputs, _fused(_mae), _np_mae,
+             F and (lambda y, p: F.l1_loss(p, y, reduction="none")),
+             sk and sk.AbsoluteError, "AbsoluteError: Hessian returned as 1s", memory_bound=True),
+        Case("huber", {"delta": 1.0}, _regression_inputs,
+             (lambda y, p, f=_fused(_huber): f(y, p, 1.0)), _np_huber,
+             F and (lambda y, p: F.huber_loss(p, y, reduction="none", delta=1.0)),
+             sk and (lambda: sk.HuberLoss(delta=1.0)), "HuberLoss(delta=1): same", memory_bound=True),
+        Case("quantile", {"tau": 0.9}, _regression_inputs,
+             (lambda y, p, f=_fused(_pinball): f(y, p, 0.9)), _np_pinball, F and _torch_pinball(0.9),
+             sk and (lambda: sk.PinballLoss(quantile=0.9)), "PinballLoss(0.9): Hessian returned as 1s"),
+        Case("poisson", {}, _count_inputs, _fused(_poisson_stable), _np_poisson,
+             F and (lambda y, p: F.poisson_nll_loss(p, y, log_input=True, full=False, reduction="none")),
+             sk and sk.HalfPoissonLoss, "HalfPoissonLoss: exp(p) - y p, same", textbook=_fused(_poisson)),
+        Case("binary_cross_entropy_logits", {}, _label_inputs, _fused(_logistic_stable), _np_logistic,
+             F and (lambda y, x: F.binary_cross_entropy_with_logits(x, y, reduction="none")),
+             sk and sk.HalfBinomialLoss, "HalfBinomialLoss: same", textbook=_fused(_logistic)),
+        # ---- ROW-WISE: add here when lossgen's row-wise softmax cross-entropy lands --------
+        # Case("softmax_cross_entropy", {}, <(rng, n) -> labels (n,), logits (n, 10)>,
+        #      <hand-written fused Numba>, <NumPy>, <torch: F.cross_entropy per row>,
+        #      sk and (lambda: sk.HalfMultinomialLoss(n_classes=10)), "HalfMultinomialLoss",
+        #      sizes=(1_000_000,)),   # 1e6 rows x 10 classes
+        # target: <= 0.5x scikit-learn's multinomial loss_gradient + gradient_hessian; the
+        # sklearn column then times loss_gradient + gradient_hessian (see _sklearn_contender).
+    ]
+
+
+# --- contenders ---------------------------------------------------------------------------
+
+def _lambdified(case: Case):
+    """sympy.lambdify of the spec's own loss, gradient and Hessian (one function, with CSE)."""
+    import sympy as sp
+
+    from lossgen.derive import derive
+    from lossgen.paths import SPECS_DIR
+    from lossgen.spec import find_spec_files, load_spec
+    path = next(p for p in find_spec_files(SPECS_DIR) if p.stem == case.name)
+    spec = load_spec(path)
+    d = derive(spec)
+    symbols = [sp.Symbol(i.name) for i in spec.inputs] + [sp.Symbol(p.name) for p in spec.params]
+    exprs = [d.loss, d.grad[0], d.hess[0]]  # symbols are matched by name
+    helpers = {"sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)), "softplus": lambda x: np.logaddexp(0.0, x)}
+    function = sp.lambdify(symbols, exprs, modules=[helpers, "numpy"], cse=True)
+    values = [case.params.get(p.name, p.default) for p in spec.params]
+
+    def run(*arrays):
+        return [np.broadcast_to(v, arrays[0].shape) for v in function(*arrays, *values)]
+    return run
+
+
+def _torch_autograd(case: Case):
+    threads = numba.get_num_threads()
+    torch.set_num_threads(threads)
+
+    def run(y, p):
+        yt, pt = torch.from_numpy(y), torch.from_numpy(p).requires_grad_(True)
+        loss = case.torch_loss(yt, pt)
+        grad, = torch.autograd.grad(loss.sum(), pt, create_graph=True)
+        hess = torch.autograd.grad(grad.sum(), pt)[0] if grad.requires_grad else torch.zeros_like(pt)
+        return loss.numpy(force=True), grad.numpy(force=True), hess.numpy(force=True)  # force: ZeroTensor
+    return run
+
+
+def _sklearn_contender(case: Case):
+    loss = case.sklearn()
+    threads = numba.get_num_threads()
+
+    def run(y, p):
+        return loss.gradient_hessian(y, p, n_threads=threads)
+    return run
+
+
+def contenders(case: Case, notes: list) -> dict[str, Callable]:
+    """name -> function of the case's arrays; the first two are lossgen's."""
+    loss = lossgen.get(case.name)
+    run = {
+        "lossgen": lambda *a: loss.loss_grad_hess(*a, **case.params),
+        "lossgen grad_hess": lambda *a: loss.grad_hess(*a, **case.params),
+        "reference": case.reference,
+        "textbook": case.textbook or case.reference,
+        "floor": bandwidth_floor,
+        "numpy": case.numpy,
+        "lambdify": _lambdified(case),
+    }
+    if case.torch_loss is None:
+        notes.append(f"{case.name}: PyTorch not installed (pip install torch): torch column skipped")
+    else:
+        run["torch"] = _torch_autograd(case)
+    if case.sklearn is None:
+        if sklearn_loss is None:
+            notes.append(f"{case.name}: scikit-learn not installed (pip install scikit-learn): sklearn column skipped")
+    else:
+        run["sklearn"] = _sklearn_contender(case)
+    return run
+
+
+# --- timing --------------------------------------------------------------------------------
+
+def _calls_per_run(function, arrays, budget=0.004) -> int:
+    """Enough calls that one timed run takes about ``budget`` seconds (at least 1)."""
+    started = time.perf_counter()
+    function(*arrays)
+    once = time.perf_counter() - started
+    return max(1, min(20_000, int(budget / max(once, 1e-7))))
+
+
+def time_side_by_side(functions: dict, arrays, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function; each run times every function once, in turn."""
+    for function in functions.values():
+        function(*arrays)  # compile, warm caches
+    calls = {name: _calls_per_run(f, arrays) for name, f in functions.items()}
+    samples = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            started = time.perf_counter()
+            for _ in range(calls[name]):
+                function(*arrays)
+            samples[name].append((time.perf_counter() - started) / calls[name])
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def check_agreement(case: Case, functions: dict, arrays):
+    """The contenders compute the same thing (up to the documented scale of sklearn's halves)."""
+    ours = functions["lossgen"](*arrays)
+    for name in ("reference", "textbook", "numpy", "lambdify", "torch"):
+        if name in functions:
+            theirs = functions[name](*arrays)
+            for a, b, what in zip(ours, theirs, ("loss", "grad", "hess")):
+                if not np.allclose(a, np.asarray(b, dtype=np.float64), rtol=1e-9, atol=1e-12):
+                    raise AssertionError(f"{case.name}: {name} disagrees with lossgen on the {what}")
+
+
+# --- start-up figures --------------------------------------------------------------------------
+
+LAZY_PROBE = """
+import sys, time
+started = time.perf_counter()
+import numpy as np, lossgen
+huber = lossgen.get("huber")
+y = np.zeros(1000); p = np.ones(1000)
+huber.grad_hess(y, p)
+elapsed = time.perf_counter() - started
+loaded = sorted(m.rsplit(".", 1)[-1] for m in sys.modules if m.startswith("_lossgen_kernels_") and "." in m)
+compiled = sorted(k for k in huber.module.SPEC["kernels"] if getattr(huber.module, k + "_kernel").signatures)
+print(elapsed, ",".join(loaded), ",".join(compiled))
+"""
+
+
+def _timed(command, **kwargs) -> tuple[float, str]:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed:\n{result.stdout}\n{result.stderr}")
+    return time.perf_counter() - started, result.stdout
+
+
+def startup_figures(quick: bool) -> list[tuple[str, str, str]]:
+    """(what, figure, target) rows: generate cold and unchanged, --check, import + one call."""
+    rows = []
+    lossgen_cli = [sys.executable, "-m", "lossgen"]
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "generated"
+        if quick:
+            shutil.copytree(ROOT / "generated", out, ignore=shutil.ignore_patterns("__pycache__"))
+            rows.append(("lossgen generate, whole catalog, cold", "skipped (--quick)", "< 60 s"))
+        else:
+            seconds, _ = _timed(lossgen_cli + ["generate", "--out", str(out)], cwd=ROOT)
+            rows.append(("lossgen generate, whole catalog, cold", f"{seconds:.1f} s", "< 60 s"))
+        seconds, _ = _timed(lossgen_cli + ["generate", "--out", str(out)], cwd=ROOT)  # fills the cache
+        runs = [_timed(lossgen_cli + ["generate", "--out", str(out)], cwd=ROOT)[0] for _ in range(3)]
+        rows.append(("lossgen generate, specs unchanged (median of 3)", f"{statistics.median(runs):.2f} s", "< 5 s"))
+        runs = [_timed(lossgen_cli + ["generate", "--check", "--out", str(out)], cwd=ROOT)[0] for _ in range(3)]
+        rows.append(("lossgen generate --check, unchanged (median of 3)", f"{statistics.median(runs):.2f} s", ""))
+    _timed([sys.executable, "-c", LAZY_PROBE], cwd=ROOT)  # warm Numba's disk cache
+    probes = [_timed([sys.executable, "-c", LAZY_PROBE], cwd=ROOT) for _ in range(5)]
+    whole = statistics.median(p[0] for p in probes)
+    inside, loaded, compiled = probes[-1][1].split()
+    rows.append(("fresh process: start, import lossgen, huber.grad_hess (warm cache, median of 5)",
+                 f"{whole:.2f} s ({float(inside):.2f} s after start-up)", "< 1 s"))
+    rows.append(("lazy: loss modules imported / kernels compiled after that call",
+                 f"{loaded} / {compiled}", "huber / grad_hess"))
+    return rows
+
+
+# --- per-call overhead ---------------------------------------------------------------------
+
+def overhead_figures(repeats: int) -> list[tuple[str, str, str]]:
+    """At 1e3 elements: the API call, the bare kernel call, and their difference."""
+    huber = lossgen.get("huber")
+    rng = np.random.default_rng(0)
+    y, p = rng.normal(size=(2, 1000))
+    outs = [np.empty(1000) for _ in range(3)]
+    kernel = huber.module.loss_grad_hess_kernel
+    functions = {
+        "loss (mean)": lambda: huber.loss(y, p),
+        "grad_hess": lambda: huber.grad_hess(y, p),
+        "loss_grad_hess": lambda: huber.loss_grad_hess(y, p),
+        "loss_grad_hess, delta=2.0": lambda: huber.loss_grad_hess(y, p, delta=2.0),
+        "bare loss_grad_hess_kernel": lambda: kernel(y, p, 1.0, None, *outs, False),
+    }
+    times = time_side_by_side({k: (lambda f=f: f()) for k, f in functions.items()}, (), max(repeats, 21))
+    bare = times["bare loss_grad_hess_kernel"]
+    rows = []
+    for name, seconds in times.items():
+        extra = "" if name.startswith("bare") else f" (Python side {1e6 * (seconds - bare):.1f} us)"
+        rows.append((f"huber.{name} at 1e3" if not name.startswith("bare") else f"{name} at 1e3",
+                     f"{1e6 * seconds:.1f} us{extra}", "< 20 us" if not name.startswith("bare") else ""))
+    return rows
+
+
+# --- serial/parallel threshold -------------------------------------------------------------
+
+def threshold_table(repeats: int):
+    """Serial and parallel loops of grad_hess by size, for picking runtime.SERIAL_BELOW: the
+    threshold that keeps the worst slowdown (against the faster loop) smallest over the losses."""
+    print(f"serial vs parallel grad_hess kernel, {numba.get_num_threads()} threads (median of {repeats})")
+    print(f"{'loss':<30}{'n':>10}{'serial us':>12}{'parallel us':>13}{'par/ser':>9}")
+    sizes = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+    ratios = {}
+    for name, make in (("mse", _regression_inputs), ("huber", _regression_inputs),
+                       ("poisson", _count_inputs), ("binary_cross_entropy_logits", _label_inputs)):
+        loss = lossgen.get(name)
+        kernel = loss.module.grad_hess_kernel
+        params = loss._defaults
+        for n in sizes:
+            y, p = make(np.random.default_rng(1), n)
+            g, h = np.empty(n), np.empty(n)
+            times = time_side_by_side({
+                "serial": lambda: kernel(y, p, *params, None, g, h, False),
+                "parallel": lambda: kernel(y, p, *params, None, g, h, True)}, (), repeats)
+            ratios[name, n] = times["parallel"] / times["serial"]
+            print(f"{name:<30}{n:>10}{1e6 * times['serial']:>12.1f}{1e6 * times['parallel']:>13.1f}"
+                  f"{ratios[name, n]:>9.2f}", flush=True)
+
+    def worst(threshold):  # slowdown against the faster loop, over every loss and size
+        return max(max(r, 1.0) if n >= threshold else max(1.0 / r, 1.0) for (_, n), r in ratios.items())
+    best = min(sizes + (sizes[-1] * 3,), key=worst)
+    print(f"worst slowdown by threshold: " + ", ".join(f"{t}: {worst(t):.2f}" for t in sizes + (sizes[-1] * 3,)))
+    print(f"smallest worst slowdown: serial below {best} (runtime.SERIAL_BELOW is {runtime.SERIAL_BELOW})")
+
+
+# --- the table ------------------------------------------------------------------------------
+
+COLUMNS = [  # (heading, contender whose time divides lossgen's, lossgen's function, target)
+    ("/ref", "reference", "lossgen", "<= 1.1"),
+    ("/textbook", "textbook", "lossgen", ""),
+    ("/floor", "floor", "lossgen", "<= 1.3 (mse, mae, huber)"),
+    ("/numpy", "numpy", "lossgen", ""),
+    ("/lambdify", "lambdify", "lossgen", "<= 0.2"),
+    ("/torch", "torch", "lossgen", "<= 0.33"),
+    ("gh/sklearn", "sklearn", "lossgen grad_hess", "<= 1.0"),
+]
+
+
+def _size_text(n: int) -> str:
+    exponent = int(round(math.log10(n)))
+    return f"1e{exponent}" if 10 ** exponent == n else str(n)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sizes 1e3 and 1e5, 3 runs, no cold generate")
+    parser.add_argument("--sizes", type=float, nargs="+", help="element counts (default 1e3 1e5 1e7)")
+    parser.add_argument("--repeats", type=int, help="runs per figure (default 7; --quick 3)")
+    parser.add_argument("--cases", nargs="+", help="only these losses")
+    parser.add_argument("--no-startup", action="store_true", help="skip the generate and start-up figures")
+    parser.add_argument("--threshold", action="store_true", help="only the serial/parallel table")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    sizes = [int(s) for s in (args.sizes or ([1e3, 1e5] if args.quick else [1e3, 1e5, 1e7]))]
+    if args.threshold:
+        threshold_table(repeats)
+        return 0
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"lossgen benchmark, {date.today().isoformat()}: {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {load:.1f}; Numba {numba.__version__} on {numba.get_num_threads()} threads; "
+          f"NumPy {np.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"serial loop below {runtime.SERIAL_BELOW} elements")
+    print(f"medians of {repeats} runs, side by side; ratio = lossgen time / peer time (below 1: lossgen faster)")
+    notes, results = [], []
+    cases = [c for c in _cases() if not args.cases or c.name in args.cases]
+    header = f"{'loss':<28}{'n':>5}{'lgh us':>11}{'gh us':>10}" + "".join(f"{h:>11}" for h, *_ in COLUMNS)
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        functions = contenders(case, notes)
+        for n in case.sizes or sizes:
+            arrays = case.inputs(np.random.default_rng(n), n)
+            if n == (case.sizes or sizes)[0]:
+                check_agreement(case, functions, arrays)
+            times = time_side_by_side(functions, arrays, repeats)
+            ratios = {h: times[mine] / times[of] for h, of, mine, _ in COLUMNS if of in times}
+            results.append({"loss": case.name, "n": n, "seconds": times, "ratios": ratios})
+            cells = "".join(f"{ratios[h]:>11.2f}" if h in ratios else f"{'-':>11}" for h, *_ in COLUMNS)
+            print(f"{case.name[:27]:<28}{_size_text(n):>5}{1e6 * times['lossgen']:>11.1f}"
+                  f"{1e6 * times['lossgen grad_hess']:>10.1f}{cells}", flush=True)
+        if case.sklearn_note and "sklearn" in functions:
+            notes.append(f"{case.name}: sklearn {case.sklearn_note}")
+    print("targets: " + "; ".join(f"{h} {t}" for h, _, _, t in COLUMNS if t))
+    print("lgh us / gh us: lossgen's loss_grad_hess / grad_hess per call, microseconds, inputs to new outputs")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"note: Numba threading layer {numba.threading_layer()}; scikit-learn and PyTorch run on as many threads")
+
+    figures = overhead_figures(repeats)
+    if not args.no_startup:
+        figures += startup_figures(args.quick)
+    width = max(len(w) for w, _, _ in figures)
+    print()
+    for what, figure, target in figures:
+        print(f"{what:<{width}}  {figure:<34} {('target ' + target) if target else ''}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "figures": figures}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
