@@ -282,7 +282,7 @@ def test_python_keyword_names_rejected(tmp_path, table, bad):
     ("_r", "underscore"),
     ("exp", "function"),
     ("pi", "constant"),
-    ("sum", "builtin"),
+    ("len", "builtin"),
 ])
 def test_names_shadowing_generated_identifiers_rejected(tmp_path, table, bad, why):
     path = _spec_with_name(tmp_path, table, bad)
