@@ -25,7 +25,7 @@ row values alone. Several prediction inputs give the cross blocks alike.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy as sp
 
@@ -77,12 +77,8 @@ class RowDerivation:
     element_symbols: frozenset             # axis inputs and directions: one element of a row
     directions: tuple[sp.Symbol, ...]      # v, one per prediction (hvp)
 
-    def reduction(self, symbol) -> Reduction:
-        return next(r for r in self.reductions if r.symbol == symbol)
-
     def map(self, transform) -> "RowDerivation":
         """Apply ``transform`` to every expression (summands, loss, derivatives)."""
-        from dataclasses import replace
         return replace(
             self,
             reductions=tuple(replace(r, summand=transform(r.summand)) for r in self.reductions),

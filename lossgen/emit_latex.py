@@ -1034,7 +1034,7 @@ def render_row_section(spec, spec_path: str) -> str:
     """The ``.tex`` fragment of one row-wise loss: inputs with their shapes, the loss, outputs."""
     from .reductions import ROW_SIZE, take
     printer = RowLatexPrinter({"symbol_names": {ROW_SIZE: "C"}})
-    inputs = [{"symbol": printer.doprint(spec.symbols[i.name]), "role": i.role, "shape": i.shape.replace("(", "").replace(")", "").join("()"),
+    inputs = [{"symbol": printer.doprint(spec.symbols[i.name]), "role": i.role, "shape": i.shape,
                "default": "" if i.default is None else f"{i.default:g}", "domain": i.domain, "doc": i.doc}
               for i in spec.inputs]
     params = [{"symbol": printer.doprint(spec.symbols[p.name]), "default": f"{p.default:g}", "domain": p.domain,

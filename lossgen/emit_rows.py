@@ -21,7 +21,7 @@ import sympy as sp
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, _as_divisions, template_environment
-from .reductions import ROW_SIZE, onehot
+from .reductions import onehot
 from .vocabulary import group
 
 INDENT = "    "
@@ -91,14 +91,27 @@ class _Body:
         self.derivation, self.printer = derivation, printer
         spec = derivation.spec
         self.shifts = _Shifts(derivation.reductions)
-        self.reductions = {r.symbol: r for r in self.shifts.expanded}
-        self.reductions = {s: Reduction(s, r.kind, self.shifts(r.summand), r.index)
-                           for s, r in self.reductions.items()}
+        self.reductions = {r.symbol: Reduction(r.symbol, r.kind, self.shifts(r.summand), r.index)
+                           for r in self.shifts.expanded}
         self.element = {spec.symbols[i.name]: i for i in spec.inputs if i.axis}
         self.directions = set(derivation.directions)
         self.per_row = {spec.symbols[i.name]: i for i in spec.inputs if not i.axis}
         self.lines: list[str] = []
         self._temporaries = 0
+
+    def is_element(self, expr: sp.Expr) -> bool:
+        """Does ``expr`` vary along the row (an axis input, a direction, or onehot)?"""
+        return bool(expr.free_symbols & (set(self.element) | self.directions)) or expr.has(onehot)
+
+    def hoist(self, exprs) -> tuple[list[sp.Expr], dict]:
+        """``exprs`` with their row-level parts named (see :func:`_hoist`), and {part: name}."""
+        hoisted: dict = {}
+        return [_hoist(e, self.is_element, hoisted) for e in exprs], hoisted
+
+    def bind_row(self):
+        """Read the per-row inputs of row ``_i``."""
+        for symbol in self.per_row:
+            self.emit(2, f"{_row_name(symbol)} = {symbol.name}[_i]")
 
     # names
     def rename(self, expr: sp.Expr) -> sp.Expr:
@@ -248,8 +261,7 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
     row_outputs = [body.shifts(e) for e in row_outputs]
     element_outputs = [body.shifts(e) for e in element_outputs]
     outs = [f"_out{j}" for j in range(len(row_outputs) + len(element_outputs))]
-    for symbol, source in body.per_row.items():
-        body.emit(2, f"{_row_name(symbol)} = {symbol.name}[_i]")
+    body.bind_row()
     guards = _guard_lines(spec)
     if guards:
         body.emit(2, "_inside = True")
@@ -268,9 +280,7 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
             body.emit(3, f"{out}[_i] = math.nan" if j < len(row_outputs) else f"{out}[_i, :] = math.nan")
         body.emit(3, "continue")
 
-    hoisted: dict = {}
-    is_element = lambda e: bool(e.free_symbols & (set(body.element) | body.directions)) or e.has(onehot)
-    element_outputs = [_hoist(e, is_element, hoisted) for e in element_outputs]
+    element_outputs, hoisted = body.hoist(element_outputs)
     row_values = list(row_outputs) + list(hoisted)
     body.reductions_pass(row_values + element_outputs)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
@@ -305,11 +315,8 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool) -> dict:
     own = [i == j for i, j in pairs]
     diagonals = [body.shifts(derivation.hess[i] if i == j else b.diagonal) for (i, j), b in zip(pairs, blocks)]
     factors = [body.shifts(e) for b in blocks for pq in b.outer for e in pq]
-    hoisted: dict = {}
-    is_element = lambda e: bool(e.free_symbols & (set(body.element) | body.directions)) or e.has(onehot)
-    element = [_hoist(e, is_element, hoisted) for e in diagonals + factors]
-    for symbol in body.per_row:
-        body.emit(2, f"{_row_name(symbol)} = {symbol.name}[_i]")
+    element, hoisted = body.hoist(diagonals + factors)
+    body.bind_row()
     body.reductions_pass(list(hoisted) + element)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
     if hoisted:

@@ -73,7 +73,7 @@ class Loss:
         self.params = {name: (default, domain) for name, default, domain in spec["params"]}
         self.module = module
         self.__doc__ = module.__doc__
-        self._defaults = self._parameter_values(f"{self.name}()", {})  # the spec's defaults, checked
+        self._defaults = parameter_values(f"{self.name}()", self.params, {})  # the spec's defaults, checked
         self._kernels = {}  # kernel name -> (Numba function, number of outputs)
 
     def __repr__(self):
@@ -130,9 +130,7 @@ class Loss:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _check_reduction(self, method, reduction):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"{self.name}.{method}(): reduction must be one of "
-                             f"{', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+        check_reduction(self.name, method, reduction)
 
     def _run(self, kernel, call):
         if kernel not in self._kernels:
@@ -150,24 +148,7 @@ class Loss:
             if call is not None:
                 return call
         where = f"{self.name}.{method}()"
-        if len(arrays) > len(self.inputs):
-            raise TypeError(f"{where} takes {len(self.inputs)} arrays ({', '.join(self.inputs)}), "
-                            f"got {len(arrays)}")
-        bound = dict(zip(self.inputs, arrays))
-        params = {}
-        for key, value in kwargs.items():
-            if key in self.inputs:
-                if key in bound:
-                    raise TypeError(f"{where} got input '{key}' both by position and by keyword")
-                bound[key] = value
-            elif key in self.params:
-                params[key] = value
-            else:
-                known = list(self.inputs) + list(self.params) + ["sample_weight"]
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise TypeError(f"{where} got an unexpected keyword argument '{key}'{hint}; "
-                                f"inputs: {', '.join(self.inputs)}; parameters: {', '.join(self.params) or 'none'}")
+        bound, params = bind_arguments(where, self.inputs, self.params, arrays, kwargs)
         missing = [name for name in self.inputs if name not in bound]
         if missing:
             raise TypeError(f"{where} missing input array(s): {', '.join(missing)}")
@@ -180,12 +161,7 @@ class Loss:
                 raise ValueError(f"{where}: input shapes differ: {shapes}")
         if check_inputs:
             for name, array in checked.items():
-                domain = DOMAINS[self.domains[name]]
-                outside = ~domain.mask(array.astype(np.float64, copy=False))
-                if outside.any():
-                    index = np.unravel_index(np.argmax(outside), array.shape) if array.ndim else ()
-                    raise ValueError(f"{where}: input '{name}' must be {domain.text}; "
-                                     f"element {tuple(int(i) for i in index)} is {array[index].item()!r}")
+                check_domain(where, name, array, DOMAINS[self.domains[name]])
         floats = [a.dtype for a in checked.values() if a.dtype.kind == "f"]
         dtype = np.dtype(np.float32 if floats and all(d == np.float32 for d in floats) else np.float64)
         flat = [np.ascontiguousarray(a, dtype=dtype).reshape(-1) for a in checked.values()]
@@ -197,7 +173,7 @@ class Loss:
                 raise ValueError(f"{where}: sample_weight has shape {weight.shape}, inputs have shape {shape}")
             weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
 
-        return _Call(flat, self._parameter_values(where, params), weight, shape, dtype)
+        return _Call(flat, parameter_values(where, self.params, params), weight, shape, dtype)
 
     def _prepare_fast(self, method, arrays, kwargs) -> _Call | None:
         """The common call, validated in a few microseconds: every input passed by position
@@ -217,28 +193,65 @@ class Loss:
         if kwargs:
             if any(key not in self.params for key in kwargs):
                 return None  # inputs by name, or an unknown keyword: the full path explains
-            values = self._parameter_values(f"{self.name}.{method}()", kwargs)
+            values = parameter_values(f"{self.name}.{method}()", self.params, kwargs)
         else:
             values = self._defaults
         return _Call([a.reshape(-1) for a in arrays], values, None, shape, dtype)
 
-    def _parameter_values(self, where, given) -> list:
-        """Parameter values in spec order, as floats: ``given`` or the default, each checked
-        to be a real number in its domain."""
-        values = []
-        for name, (default, domain) in self.params.items():
-            value = given.get(name, default)
-            if type(value) is not float:  # a Python float needs no conversion (np.ndim costs 1-2 us)
-                if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
-                    raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}")
-                try:
-                    value = float(value)
-                except (TypeError, ValueError):
-                    raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}") from None
-            if not DOMAINS[domain].contains(value):
-                raise ValueError(f"{where}: parameter '{name}' must be {DOMAINS[domain].text}, got {value!r}")
-            values.append(value)
-        return values
+
+def check_reduction(name, method, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}.{method}(): reduction must be one of "
+                         f"{', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+
+
+def bind_arguments(where, inputs, parameters, arrays, kwargs) -> tuple[dict, dict]:
+    """Arrays by position and keyword, parameters by keyword: ({input: array}, {param: value})."""
+    if len(arrays) > len(inputs):
+        raise TypeError(f"{where} takes {len(inputs)} arrays ({', '.join(inputs)}), got {len(arrays)}")
+    bound, params = dict(zip(inputs, arrays)), {}
+    for key, value in kwargs.items():
+        if key in inputs:
+            if key in bound:
+                raise TypeError(f"{where} got input '{key}' both by position and by keyword")
+            bound[key] = value
+        elif key in parameters:
+            params[key] = value
+        else:
+            known = list(inputs) + list(parameters) + ["sample_weight"]
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise TypeError(f"{where} got an unexpected keyword argument '{key}'{hint}; "
+                            f"inputs: {', '.join(inputs)}; parameters: {', '.join(parameters) or 'none'}")
+    return bound, params
+
+
+def parameter_values(where, parameters, given) -> list:
+    """Parameter values in spec order, as floats: ``given`` or the default, each checked to be
+    a real number in its domain (``parameters``: {name: (default, domain)})."""
+    values = []
+    for name, (default, domain) in parameters.items():
+        value = given.get(name, default)
+        if type(value) is not float:  # a Python float needs no conversion (np.ndim costs 1-2 us)
+            if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+                raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}") from None
+        if not DOMAINS[domain].contains(value):
+            raise ValueError(f"{where}: parameter '{name}' must be {DOMAINS[domain].text}, got {value!r}")
+        values.append(value)
+    return values
+
+
+def check_domain(where, name, array, domain):
+    """ValueError naming the first element of ``array`` outside ``domain`` (check_inputs=True)."""
+    outside = ~domain.mask(array.astype(np.float64, copy=False))
+    if outside.any():
+        index = np.unravel_index(np.argmax(outside), array.shape) if array.ndim else ()
+        raise ValueError(f"{where}: input '{name}' must be {domain.text}; "
+                         f"element {tuple(int(i) for i in index)} is {array[index].item()!r}")
 
 
 def _launch(kernel, arguments: tuple, size: int):

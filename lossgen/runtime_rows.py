@@ -13,13 +13,12 @@ leading index (C known at call time), per-row inputs the leading shape, shared i
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 import numpy as np
 
 from .domains import DOMAINS
-from .runtime import REDUCTIONS, _numeric_array
+from .runtime import _numeric_array, bind_arguments, check_domain, check_reduction, parameter_values
 
 
 @dataclass
@@ -58,7 +57,7 @@ class RowLoss:
     def loss(self, *arrays, reduction="mean", sample_weight=None, check_inputs=False, **kwargs):
         """Loss per row (``reduction="none"``, the rows' leading shape), or its sum or
         (weighted) mean over rows."""
-        _check_reduction(self.name, "loss", reduction)
+        check_reduction(self.name, "loss", reduction)
         call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
         (per_row,) = self._run("loss", call)
         return self._reduce(per_row, reduction, call)
@@ -90,7 +89,7 @@ class RowLoss:
 
     def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, check_inputs=False, **kwargs):
         """(loss, grad, Hessian diagonal) in one fused pass; ``reduction`` applies to the loss."""
-        _check_reduction(self.name, "loss_grad_hess", reduction)
+        check_reduction(self.name, "loss_grad_hess", reduction)
         call = self._prepare("loss_grad_hess", arrays, kwargs, sample_weight, check_inputs)
         outs = self._run("loss_grad_hess", call)
         k = len(self.predictions)
@@ -146,7 +145,7 @@ class RowLoss:
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:
         where = f"{self.name}.{method}()"
-        bound, params = _bind(where, self.inputs, self.params, arrays, kwargs)
+        bound, params = bind_arguments(where, self.inputs, self.params, arrays, kwargs)
         for entry in self._inputs:
             if entry["name"] not in bound and entry["default"] is not None and entry["shared"]:
                 bound[entry["name"]] = None  # filled in once C is known
@@ -186,7 +185,7 @@ class RowLoss:
                 flat.append(_class_index(where, name, array, columns).reshape(-1))
                 continue
             if check_inputs:
-                _check_domain(where, name, array, DOMAINS[entry["domain"]])
+                check_domain(where, name, array, DOMAINS[entry["domain"]])
             array = np.ascontiguousarray(array, dtype=dtype)
             flat.append(array if entry["shared"] else array.reshape(-1, columns) if entry["axis"] else array.reshape(-1))
 
@@ -197,50 +196,7 @@ class RowLoss:
                 raise ValueError(f"{where}: sample_weight has shape {weight.shape}, one weight per row "
                                  f"needs shape {leading}")
             weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
-        return _RowCall(flat, _parameter_values(where, self.params, params), weight, leading, columns, dtype)
-
-
-def _check_reduction(name, method, reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{name}.{method}(): reduction must be one of "
-                         f"{', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-
-
-def _bind(where, inputs, parameters, arrays, kwargs):
-    """Arrays by position and keyword, and parameters by keyword: ({input: array}, {param: value})."""
-    if len(arrays) > len(inputs):
-        raise TypeError(f"{where} takes {len(inputs)} arrays ({', '.join(inputs)}), got {len(arrays)}")
-    bound, params = dict(zip(inputs, arrays)), {}
-    for key, value in kwargs.items():
-        if key in inputs:
-            if key in bound:
-                raise TypeError(f"{where} got input '{key}' both by position and by keyword")
-            bound[key] = value
-        elif key in parameters:
-            params[key] = value
-        else:
-            known = list(inputs) + list(parameters) + ["sample_weight"]
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise TypeError(f"{where} got an unexpected keyword argument '{key}'{hint}; "
-                            f"inputs: {', '.join(inputs)}; parameters: {', '.join(parameters) or 'none'}")
-    return bound, params
-
-
-def _parameter_values(where, parameters, given) -> list[float]:
-    values = []
-    for name, (default, domain) in parameters.items():
-        value = given.get(name, default)
-        if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
-            raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}")
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where}: parameter '{name}' must be a real number, got {value!r}") from None
-        if not DOMAINS[domain].contains(value):
-            raise ValueError(f"{where}: parameter '{name}' must be {DOMAINS[domain].text}, got {value!r}")
-        values.append(value)
-    return values
+        return _RowCall(flat, parameter_values(where, self.params, params), weight, leading, columns, dtype)
 
 
 def _class_index(where, name, array, columns) -> np.ndarray:
@@ -255,12 +211,3 @@ def _class_index(where, name, array, columns) -> np.ndarray:
         bad = array[(array < 0) | (array >= columns)].flat[0]
         raise ValueError(f"{where}: '{name}' must hold class indices in [0, {columns}), got {bad}")
     return np.ascontiguousarray(array, dtype=np.int64)
-
-
-def _check_domain(where, name, array, domain):
-    outside = ~domain.mask(array.astype(np.float64, copy=False))
-    if outside.any():
-        index = np.unravel_index(np.argmax(outside), array.shape) if array.ndim else ()
-        raise ValueError(f"{where}: input '{name}' must be {domain.text}; "
-                         f"element {tuple(int(i) for i in index)} is {array[index].item()!r}")
-

@@ -35,8 +35,9 @@ def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
     return expr
 
 
-def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr]]:
-    """(x, u, x in terms of u) for each logsumexp whose summand is linear in one element x."""
+def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr, sp.Expr]]:
+    """(x, u, x in terms of u, u in terms of x) for each logsumexp whose summand is linear in
+    one element x."""
     found = []
     for n, r in enumerate(derivation.reductions):
         if r.kind != "logsumexp":
@@ -61,9 +62,7 @@ def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     expr = _at_index(expr, derivation)
     for x, u, x_of_u, back in _log_weights(derivation):
         if x in expr.free_symbols:
-            rewritten = direct_form(sp.factor_terms(expr.subs(x, x_of_u)))
-            if x not in rewritten.free_symbols or True:
-                return rewritten.subs(u, back)
+            return direct_form(sp.factor_terms(expr.subs(x, x_of_u))).subs(u, back)
     return direct_form(sp.factor_terms(expr))
 
 

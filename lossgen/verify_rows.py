@@ -168,6 +168,19 @@ def row_points(spec, size: int, n_random: int, n_stress: int, seed: int = 0) -> 
 
 # --- checks --------------------------------------------------------------------------------
 
+def _argument_values(names: list[str], point: dict, params: dict) -> list[float]:
+    """The truth's arguments at ``point``: element k of a row input (named ``x_k``), a per-row
+    input, or a parameter."""
+    values = []
+    for name in names:
+        base, _, k = name.rpartition("_")
+        if base in point and isinstance(point[base], np.ndarray):
+            values.append(float(point[base][int(k)]))
+        else:
+            values.append(float(point[name]) if name in point else params[name])
+    return values
+
+
 def _kernel_results(loss, spec, points, params, size, rng):
     """Every kernel on the stacked rows: quantity -> array, and the directions used for hvp."""
     arrays = []
@@ -232,13 +245,7 @@ def check_size(loss, spec, size: int, points: list[dict], params: dict, seed: in
     for n, point in enumerate(points):
         truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), full)
         functions = truths["functions"]
-        args = []
-        for name in truths["arguments"]:
-            base, _, k = name.rpartition("_")
-            if base in point and isinstance(point[base], np.ndarray):
-                args.append(float(point[base][int(k)]))
-            else:
-                args.append(float(point[name]) if name in point else params[name])
+        args = _argument_values(truths["arguments"], point, params)
         shown = dict(zip(truths["arguments"], args))
         truth_loss = evaluate(functions["loss"], args)
         for out in computed["loss"]:
@@ -283,11 +290,7 @@ def check_gradient_by_differences(spec, size: int, points: list[dict], params: d
     for point in points:
         truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), size <= FULL_HESSIAN_UP_TO)
         names = truths["arguments"]
-        values = []
-        for name in names:
-            base, _, k = name.rpartition("_")
-            values.append(float(point[base][int(k)]) if base in point and isinstance(point[base], np.ndarray)
-                          else float(point[name]) if name in point else params[name])
+        values = _argument_values(names, point, params)
         if any(abs(v) > 1e6 for v in values):
             continue  # finite differences need a smooth neighbourhood of moderate scale
         with mpmath.workdps(digits):
@@ -326,6 +329,5 @@ def verify_rows(loss, spec, sizes=SIZES, n_random: int = 8, n_stress: int = 12, 
         points = row_points(spec, size, n_random, n_stress, seed)
         rows.extend(check_size(loss, spec, size, points, params, seed, n_random))
         if differences:
-            smooth = [p for p in points[:n_random]]
-            rows.append(check_gradient_by_differences(spec, size, smooth[:3], params))
+            rows.append(check_gradient_by_differences(spec, size, points[:min(n_random, 3)], params))
     return _merge(rows)
