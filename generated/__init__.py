@@ -10,6 +10,7 @@ LOSSES = {
     'cauchy': ('robust', 'Cauchy (Lorentzian) loss, residual form'),
     'cauchy_rho': ('robust', 'Cauchy robust kernel rho(s)'),
     'charbonnier': ('robust', 'Charbonnier loss'),
+    'dice': ('segmentation', 'Dice loss'),
     'dpo': ('preference', 'Direct preference optimisation (DPO) loss'),
     'elastic_net': ('regularisation', 'Elastic net penalty'),
     'exponential': ('classification', 'Exponential loss (AdaBoost)'),

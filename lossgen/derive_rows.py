@@ -22,6 +22,10 @@ of outer products (Griewank and Walther, Evaluating Derivatives, 2008, ch. 3 and
 so the diagonal (D + sum_r P_r Q_r, stabilised as one expression), every (C, C) block and
 the Hessian-vector product (entry by entry, never stored) come from element expressions and
 row values alone. Several prediction inputs give the cross blocks alike.
+
+Before it is differentiated, the lowered loss goes through :mod:`lossgen.fuse_rows`: row
+values that are close (the numerator and the denominator of Dice) are subtracted exactly and
+their difference computed as one fused sum, so the derivatives follow the accurate program.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from dataclasses import dataclass, replace
 import sympy as sp
 
 from .derive import almost_everywhere, tidy
+from .domains import DOMAINS
+from .fuse_rows import fuse_row_cancellations
 from .reductions import ROW_SIZE, logsumexp, onehot, rowmax, rowmin, rowsum, take
 from .spec import LossSpec
 
@@ -123,6 +129,22 @@ class RowProgram:
             self._interned[key] = symbol
         return self._interned[key]
 
+    def used(self, exprs) -> set:
+        """The row values that ``exprs`` use, directly or through other reductions' summands
+        (a reduction replaced by a fused one is left out of the program)."""
+        by_index = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
+
+        def direct(expr):  # row values, and the max or min behind an arg-max index
+            return self.row_values(expr) + [by_index[s] for s in expr.free_symbols if s in by_index]
+
+        seen, stack = set(), [s for e in exprs for s in direct(e)]
+        while stack:
+            symbol = stack.pop()
+            if symbol not in seen:
+                seen.add(symbol)
+                stack.extend(direct(self.reductions[symbol].summand))
+        return seen
+
     def lower(self, expr: sp.Expr) -> sp.Expr:
         """Replace every reduction of ``expr`` by its row value, innermost first."""
         if type(expr) in KIND_OF:
@@ -189,11 +211,18 @@ def derive_rows(spec: LossSpec) -> RowDerivation:
     directions = tuple(sp.Symbol(f"_v_{p.name}", real=True) for p in spec.predictions)
     element_symbols = {spec.symbols[i.name] for i in spec.inputs if i.axis} | set(directions)
     program = RowProgram(element_symbols)
-    loss = program.lower(spec.loss)
+    unit = frozenset(spec.symbols[i.name] for i in spec.inputs
+                     if i.axis and DOMAINS[i.domain].low == 0 and DOMAINS[i.domain].high == 1)
+    loss = fuse_row_cancellations(program, program.lower(spec.loss), unit)
     grads = tuple(program.gradient(loss, x) for x in predictions)
     blocks = {(i, j): program.hessian_block(grads[i], predictions[j])
               for i in range(len(predictions)) for j in range(len(predictions))}
     hess = tuple(tidy(blocks[i, i].diagonal + sp.Add(*(p * q for p, q in blocks[i, i].outer)))
                  for i in range(len(predictions)))
-    return RowDerivation(spec, tuple(program.reductions.values()), loss, grads, hess, blocks,
-                         frozenset(element_symbols), directions)
+    used = program.used([loss, *grads, *hess, *(e for b in blocks.values() for e in _block_expressions(b))])
+    return RowDerivation(spec, tuple(r for r in program.reductions.values() if r.symbol in used), loss, grads,
+                         hess, blocks, frozenset(element_symbols), directions)
+
+
+def _block_expressions(block: HessianBlock):
+    return [block.diagonal, *(e for pq in block.outer for e in pq)]

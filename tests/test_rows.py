@@ -34,7 +34,7 @@ def test_row_kernels_match_the_expanded_truth(name):
     assert not failures, "\n" + format_report(failures)
 
 
-ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin"}
+ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "dice"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -151,3 +151,31 @@ def test_a_new_row_wise_loss_is_one_spec(tmp_path):
     np.testing.assert_allclose(loss.hess(y, s), np.full((20, 4), 0.5), rtol=1e-15)
     rows = verify_rows(loss, load_spec(specs / "onehot_mse.toml"), sizes=(1, 3), n_random=3, n_stress=3)
     assert all(r.ok() for r in rows), format_report(rows)
+
+
+# --- overlap losses (specs/segmentation/) -----------------------------------------------------
+
+def _masks(seed, n=30, c=11):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, c)) < 0.4).astype(float)
+    y[:5] = rng.random((5, c))  # soft masks too
+    return y, rng.random((n, c))
+
+
+def test_dice_is_the_v_net_formula():
+    """Milletari et al. 2016, eq. (1) and its gradient, with the smoothing term in numerator and
+    denominator: D = (2 sum p g + s)/(sum p^2 + sum g^2 + s), loss 1 - D."""
+    y, p = _masks(21)
+    dice = lossgen.get("dice")
+    for smooth in (1.0, 0.0, 1e-5):
+        n, d = 2 * (p * y).sum(-1) + smooth, (p**2).sum(-1) + (y**2).sum(-1) + smooth
+        np.testing.assert_allclose(dice.loss(y, p, smooth=smooth, reduction="none"), 1 - n / d, rtol=1e-13)
+        grad = -2 * (y * d[:, None] - p * n[:, None]) / d[:, None] ** 2
+        np.testing.assert_allclose(dice.grad(y, p, smooth=smooth), grad, rtol=1e-11, atol=1e-15)
+    # a perfect prediction next to 1: both terms of 1 - D agree to the last digit
+    q = np.array([[1 - 2.0**-53, 2.0**-60, 0.5]])
+    assert dice.loss(q, q, reduction="none")[0] == 0.0
+    exact = (2.0**-40) ** 2 / ((q[0]**2).sum() * 2 + 1)  # sum((p - y)^2)/(denominator), naively 0
+    r = q.copy()
+    r[0, 2] += 2.0**-40
+    assert math.isclose(dice.loss(q, r, reduction="none")[0], exact, rel_tol=1e-6)

@@ -1,0 +1,256 @@
+"""Cancellation across reductions: close row values, and fused sums.
+
+The elementwise rules (:mod:`lossgen.stabilise`) see one element or one row expression at a
+time; they cannot see that two row values are close. Dice, 1 - (2 sum(p y) + s)/(sum(p**2) +
+sum(y**2) + s), is 1 - N/D with N and D equal to the last digit near a perfect prediction:
+both the loss and the gradient 2 (N p_k - D y_k)/D**2 lose every digit. Two exact steps,
+applied to the lowered loss before it is differentiated (so the gradient and the Hessian
+follow the rewritten program by the chain rule), make that cancellation visible:
+
+1. **Close pairs.** Two sums of row values u and v (in the same expression) whose
+   difference d = u - v is shorter than they are (terms cancel symbolically: the smooth
+   constant of Dice, C1 of SSIM) are close wherever d is small. In the smallest sum holding
+   both, u and v become opaque names U and V; the sum is put over one denominator, and in
+   its numerator only, U is written V + d and expanded: the numerator then holds d, not U
+   and V (D - N -> d; U1 U2 - V1 V2 -> V1 d2 + d1 V2 + d1 d2).
+2. **Fused sums.** In d, each factor that is linear in sum reductions with numeric
+   coefficients, sum_a c_a R_a, becomes one new reduction sum_k (sum_a c_a g_a(k)): one pass
+   whose summand is combined and rewritten elementwise (see :func:`accurate_form`):
+   sum(p**2) + sum(y**2) - 2 sum(p y) -> sum((p - y)**2). Each element's difference is then
+   exact, and the derivative of the fused sum, 2 (p_k - y_k), is exact too.
+
+Nothing here names a loss: the table :data:`SUMMAND_FORMS` lists the candidate forms of a fused
+summand, tried in order, and :func:`accurate` is the one test that picks among them.
+"""
+from __future__ import annotations
+
+import itertools
+
+import sympy as sp
+
+MAX_PAIR_CANDIDATES = 12   # sums of row values considered for close pairs
+MAX_OPS = 400              # row expressions larger than this are left alone
+
+
+# --- the accuracy of an element expression ---------------------------------------------------
+
+def _sign(term, unit: frozenset) -> int:
+    """+1 or -1 when ``term`` is known >= 0 or <= 0 (inputs' assumptions; 1 - x >= 0 for x in
+    [0, 1]), else 0."""
+    sign = 1
+    for factor in sp.Mul.make_args(term):
+        if factor.is_Number:
+            sign *= 1 if factor >= 0 else -1
+        elif isinstance(factor, sp.Pow) and factor.exp.is_Integer and factor.exp % 2 == 0:
+            continue
+        elif isinstance(factor, sp.Pow) and _sign(factor.base, unit) == 1:
+            continue
+        elif factor.is_nonnegative:
+            continue
+        elif factor.is_nonpositive:
+            sign = -sign
+        elif isinstance(factor, sp.Add) and len(factor.args) == 2 and sp.S.One in factor.args \
+                and (-(factor - 1)) in unit:
+            continue  # 1 - x, x in [0, 1]
+        else:
+            return 0
+    return sign
+
+
+def _single_rounding(terms) -> bool:
+    """a - b of two inputs (or numbers): one rounding of the exact difference."""
+    return len(terms) == 2 and all(abs(t.as_coeff_Mul()[0]) == 1 and
+                                   (t.as_coeff_Mul()[1].is_Symbol or t.as_coeff_Mul()[1].is_Number)
+                                   for t in terms)
+
+
+def accurate(expr: sp.Expr, unit: frozenset) -> bool:
+    """Does every sum in ``expr`` add terms of one sign, or subtract two inputs (one rounding)?
+    Then ``expr`` is computed to a few ulps wherever it is evaluated."""
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Add) and not _single_rounding(node.args):
+            signs = {_sign(t, unit) for t in node.args}
+            if 0 in signs or len(signs) > 1:
+                return False
+    return True
+
+
+def _bernstein(expr: sp.Expr, unit: frozenset) -> sp.Expr | None:
+    """A polynomial of degree <= 1 in each of its variables in [0, 1], written over the corners
+    of the unit box: f = sum f(corner) prod(x or 1 - x). p + y - 2 p y = p (1 - y) + (1 - p) y:
+    every term is >= 0 where every corner value is."""
+    variables = sorted(expr.free_symbols, key=sp.default_sort_key)
+    if not variables or not set(variables) <= unit or not expr.is_polynomial(*variables) \
+            or any(sp.degree(expr, x) > 1 for x in variables) or len(variables) > 4:
+        return None
+    terms = []
+    for corner in itertools.product((0, 1), repeat=len(variables)):
+        value = expr.subs(dict(zip(variables, corner)))
+        if value != 0:
+            terms.append(value * sp.Mul(*[x if c else 1 - x for x, c in zip(variables, corner)]))
+    return sp.Add(*terms)
+
+
+# Candidate forms of a fused summand, in order of preference; the first accurate one is used.
+SUMMAND_FORMS = (
+    ("factored", lambda e, unit: sp.factor(e)),                 # p**2 + y**2 - 2 p y -> (p - y)**2
+    ("corners", _bernstein),                                    # p + y - 2 p y -> p (1 - y) + (1 - p) y
+    ("expanded", lambda e, unit: sp.expand(e)),
+)
+
+
+def accurate_form(summand: sp.Expr, unit: frozenset) -> sp.Expr:
+    """The first accurate form of ``summand`` in :data:`SUMMAND_FORMS`, else its factored form."""
+    for _, form in SUMMAND_FORMS:
+        candidate = form(summand, unit)
+        if candidate is not None and accurate(candidate, unit):
+            return candidate
+    return sp.factor(summand)
+
+
+# --- close pairs and fused sums --------------------------------------------------------------
+
+class Fuser:
+    """Rewrites a lowered loss of a :class:`lossgen.derive_rows.RowProgram`."""
+
+    def __init__(self, program, unit: frozenset):
+        self.program, self.unit = program, unit
+
+    def sums(self, expr) -> set:
+        return {s for s in expr.free_symbols
+                if s in self.program.reductions and self.program.reductions[s].kind == "sum"}
+
+    # step 2
+    def fuse(self, expr: sp.Expr) -> sp.Expr:
+        """Every factor of ``expr`` linear in sum reductions (numeric coefficients, summands of
+        both signs) as one fused sum."""
+        if not self.sums(expr):
+            return expr
+        factored = sp.factor(expr)
+        out = []
+        for factor in sp.Mul.make_args(factored):
+            base, exponent = (factor.base, factor.exp) if isinstance(factor, sp.Pow) else (factor, 1)
+            out.append(self._fused_linear(base) ** exponent)
+        return sp.Mul(*out)
+
+    def _fused_linear(self, expr: sp.Expr) -> sp.Expr:
+        sums = sorted(self.sums(expr), key=sp.default_sort_key)
+        if len(sums) < 2 or not isinstance(expr, sp.Add):
+            return expr
+        coefficients = {}
+        rest = []
+        for term in expr.args:
+            coefficient, symbol = term.as_coeff_Mul()
+            if symbol in sums and symbol not in coefficients:
+                coefficients[symbol] = coefficient
+            else:
+                rest.append(term)
+        if len(coefficients) < 2:
+            return expr
+        summands = [c * self.program.reductions[s].summand for s, c in coefficients.items()]
+        signs = {_sign(sp.factor(t), self.unit) for t in summands}
+        if signs <= {1} or signs <= {-1}:
+            return expr  # terms of one sign: no cancellation to fuse away
+        combined = sp.expand(sp.Add(*summands))
+        # inside the summand, row values may cancel too (mean(x) - mean(y) of SSIM)
+        combined = self.fuse_inner(combined)
+        form = accurate_form(combined, self.unit)
+        sign = -1 if form.could_extract_minus_sign() else 1
+        fused = self.program.intern("sum", sp.factor_terms(sign * form))
+        return sign * fused + sp.Add(*rest)
+
+    def fuse_inner(self, summand: sp.Expr) -> sp.Expr:
+        """Linear forms of sum reductions inside a summand (the row values it uses), fused."""
+        if len(self.sums(summand)) < 2:
+            return summand
+        element = sp.collect(sp.expand(summand), sorted(self.sums(summand), key=sp.default_sort_key), evaluate=False)
+        if any(sp.Mul.make_args(k) and any(isinstance(f, sp.Pow) for f in sp.Mul.make_args(k)) for k in element):
+            return summand
+        # a common factor c(k) of the row values' coefficients: c(k) (sum_a a_a R_a) + rest
+        row_part = {k: v for k, v in element.items() if k != 1}
+        if len(row_part) < 2:
+            return summand
+        ratios = {k: sp.cancel(v / next(iter(row_part.values()))) for k, v in row_part.items()}
+        if not all(r.is_Number for r in ratios.values()):
+            return summand
+        scale = next(iter(row_part.values()))
+        linear = sp.Add(*[r * k for k, r in ratios.items()])
+        fused = self._fused_linear(linear)
+        if fused == linear:
+            return summand
+        return element.get(1, sp.S.Zero) + scale * fused
+
+    # step 1
+    def candidates(self, expr):
+        return [node for node in sp.preorder_traversal(expr)
+                if isinstance(node, sp.Add) and self.sums(node)][:MAX_PAIR_CANDIDATES]
+
+    def close_pairs(self, expr):
+        """(u, v, d = u - v) for sums u, v of row values whose difference cancels symbolically."""
+        pairs = []
+        for u, v in itertools.combinations(self.candidates(expr), 2):
+            if _contains(u, v) or _contains(v, u):
+                continue
+            d = sp.expand(u - v)
+            if d == 0 or not self.sums(d):
+                continue
+            if len(sp.Add.make_args(d)) < len(sp.Add.make_args(sp.expand(u))) + len(sp.Add.make_args(sp.expand(v))):
+                pairs.append((u, v, d))
+        return pairs
+
+    def rewrite(self, loss: sp.Expr) -> sp.Expr:
+        if sp.count_ops(loss) > MAX_OPS:
+            return loss
+        pairs = self.close_pairs(loss)
+        if not pairs:
+            return loss
+        return self._rewrite_node(loss, pairs)
+
+    def _rewrite_node(self, node, pairs):
+        """The smallest sum holding both members of a pair, over one denominator."""
+        if not isinstance(node, sp.Expr) or node.is_Atom:
+            return node
+        inner = [p for p in pairs if _contains(node, p[0]) and _contains(node, p[1])]
+        if not inner:
+            return node
+        for argument in node.args:
+            if any(_holds(argument, u, v) for u, v, _ in inner):
+                new = self._rewrite_node(argument, pairs)
+                return node.xreplace({argument: new})
+        if not isinstance(node, sp.Add):
+            return node
+        used, names, back, pending = set(), {}, {}, []
+        for u, v, d in inner:
+            if u in used or v in used:
+                continue
+            used |= {u, v}
+            U, V, Dd = sp.Dummy("U"), sp.Dummy("V"), sp.Dummy("d")
+            names[u], names[v] = U, V
+            back.update({U: u, V: v})
+            pending.append((U, V, Dd, d))
+        opaque = node.xreplace(names)
+        numerator, denominator = sp.fraction(sp.together(opaque))
+        numerator = sp.expand(numerator.xreplace({U: V + Dd for U, V, Dd, _ in pending}))
+        if any(numerator.has(U) for U, _, _, _ in pending):
+            return node
+        for _, _, Dd, d in pending:
+            numerator = numerator.xreplace({Dd: self.fuse(d)})
+        numerator = sp.factor_terms(numerator.xreplace(back))
+        return numerator / denominator.xreplace(back)
+
+
+def _contains(expr, node) -> bool:
+    """Is ``node`` a subtree of ``expr``? (Add.has would also match a part of a sum.)"""
+    return any(n == node for n in sp.preorder_traversal(expr))
+
+
+def _holds(expr, u, v) -> bool:
+    """Is there a sum in ``expr`` (other than u and v) holding both u and v?"""
+    return any(isinstance(node, sp.Add) and node != u and node != v and _contains(node, u) and _contains(node, v)
+               for node in sp.preorder_traversal(expr))
+
+
+def fuse_row_cancellations(program, loss: sp.Expr, unit: frozenset) -> sp.Expr:
+    """``loss`` (lowered by ``program``) with close row values subtracted exactly and their
+    differences computed as fused sums; the loss itself when there is nothing to fuse."""
+    return Fuser(program, unit).rewrite(loss)
