@@ -225,6 +225,8 @@ def _hoist(expr: sp.Expr, is_element, hoisted: dict) -> sp.Expr:
         return expr
     if isinstance(expr, sp.Mul) and len(expr.args) == 2 and expr.args[0].is_Number and expr.args[1].is_Atom:
         return expr  # -x, 2*x: cheaper than a name
+    if isinstance(expr, sp.Pow) and expr.base.is_Atom and expr.exp.is_negative:
+        return expr  # x/t stays a division, rounded as in the reduction passes (not x*(1/t))
     if not is_element(expr) and not isinstance(expr, sp.Piecewise):
         if expr not in hoisted:
             hoisted[expr] = sp.Symbol(f"_h{len(hoisted)}", real=True)

@@ -34,7 +34,7 @@ def test_row_kernels_match_the_expanded_truth(name):
     assert not failures, "\n" + format_report(failures)
 
 
-ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "dice"}
+ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce", "dice"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -151,6 +151,37 @@ def test_a_new_row_wise_loss_is_one_spec(tmp_path):
     np.testing.assert_allclose(loss.hess(y, s), np.full((20, 4), 0.5), rtol=1e-15)
     rows = verify_rows(loss, load_spec(specs / "onehot_mse.toml"), sizes=(1, 3), n_random=3, n_stress=3)
     assert all(r.ok() for r in rows), format_report(rows)
+
+
+# --- metric learning (specs/metric/) ---------------------------------------------------------
+
+def test_margin_ranking_is_torch_margin_ranking_loss():
+    """Elementwise (one pair per sample, as torch): max(0, -y (x1 - x2) + margin); on the kink
+    the gradient of the linear part, as torch's clamp_min."""
+    rng = np.random.default_rng(11)
+    x1, x2, y = rng.normal(size=200), rng.normal(size=200), rng.choice([-1.0, 1.0], 200)
+    mr = lossgen.get("margin_ranking")
+    for margin in (0.0, 0.5):
+        z = -y * (x1 - x2) + margin
+        np.testing.assert_allclose(mr.loss(y, x1, x2, margin=margin, reduction="none"), np.maximum(0, z),
+                                   rtol=1e-15, atol=1e-300)
+        g1, g2 = mr.grad(y, x1, x2, margin=margin)
+        np.testing.assert_array_equal(g1, np.where(z >= 0, -y, 0.0))
+        np.testing.assert_array_equal(g2, np.where(z >= 0, y, 0.0))
+    g1, g2 = mr.grad(np.array([1.0]), np.array([2.0]), np.array([2.0]))  # on the kink
+    assert (g1[0], g2[0]) == (-1.0, 1.0)
+
+
+def test_info_nce_is_cross_entropy_of_scaled_similarities():
+    """InfoNCE as it is computed in practice: torch cross_entropy(s / temperature, positives)."""
+    rng = np.random.default_rng(12)
+    s, y = rng.uniform(-1, 1, (40, 9)), rng.integers(0, 9, 40)
+    nce = lossgen.get("info_nce")
+    for t in (0.07, 0.5):
+        np.testing.assert_allclose(nce.loss(y, s, temperature=t, reduction="none"), _cross_entropy(y, s / t),
+                                   rtol=1e-13)
+        np.testing.assert_allclose(nce.grad(y, s, temperature=t), (_softmax(s / t) - np.eye(9)[y]) / t,
+                                   rtol=1e-12, atol=1e-15)
 
 
 # --- overlap losses (specs/segmentation/) -----------------------------------------------------
