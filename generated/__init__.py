@@ -3,6 +3,7 @@
 
 # name -> (family, title)
 LOSSES = {
+    'arcface': ('metric', 'ArcFace (additive angular margin) loss'),
     'balanced_cross_entropy': ('classification', 'Alpha-balanced binary cross-entropy on logits'),
     'barron': ('robust', "Barron's general and adaptive robust loss"),
     'binary_cross_entropy': ('classification', 'Binary cross-entropy on probabilities'),

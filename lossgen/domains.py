@@ -39,6 +39,8 @@ class Domain:
             return self.values
         if self.high == 1.0:
             grid = (0.0, 1e-300, 1e-16, 0.5, 1 - 1e-16, 1.0)
+            if self.low == -1.0:  # [-1, 1]: both ends and the values next to them
+                grid = grid + tuple(-x for x in grid[1:])
         else:
             magnitudes = (1e-300, 1e-8, 1.0, 20.0, 40.0, 100.0, 700.0, 745.0, 1e10, 1e300)
             grid = (0.0,) + magnitudes + tuple(-m for m in magnitudes)
@@ -65,6 +67,8 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
     Domain("open_unit_interval", "in (0, 1)", {"positive": True}, low=0.0, high=1.0),
     Domain("probability", "a probability in [0, 1]", {"nonnegative": True}, low=0.0, high=1.0,
            low_closed=True, high_closed=True),
+    Domain("cosine", "a cosine in [-1, 1]", {"real": True}, low=-1.0, high=1.0, low_closed=True,
+           high_closed=True),
     Domain("label01", "a label in {0, 1}", {"nonnegative": True}, values=(0.0, 1.0)),
     Domain("label_pm1", "a label in {-1, 1}", {"real": True}, values=(-1.0, 1.0)),
     # a row-wise loss's integer target: which element of the row (checked against C at run time)

@@ -13,6 +13,8 @@ rewrites that only rows need.
 """
 from __future__ import annotations
 
+import itertools
+
 import sympy as sp
 from sympy.core.traversal import bottom_up
 
@@ -83,12 +85,64 @@ def _differences_first(expr: sp.Expr, derivation) -> sp.Expr:
     return bottom_up(expr, lambda e: (_difference_first(e, inputs) or e) if isinstance(e, sp.Add) else e)
 
 
+def _exp_weights(expr: sp.Expr, derivation) -> tuple[sp.Expr, dict]:
+    """exp(k (g - R)) -> exp(k u) for each R = logsumexp(g), u <= 0 a symbol: the log-weights
+    of a summand g that :func:`_log_weights` cannot solve for (not linear in one element:
+    ArcFace's s cos(acos(c) + m) at the true class). g is taken at each value of its onehot
+    terms, as :func:`_at_index` left them. Returns the expression and {u: g - R}."""
+    back, replacements = {}, {}
+    for n, r in enumerate(derivation.reductions):
+        if r.kind != "logsumexp":
+            continue
+        nodes = sorted(r.summand.atoms(onehot), key=sp.default_sort_key)
+        variants = []
+        for values in itertools.product((sp.S.Zero, sp.S.One), repeat=len(nodes)):
+            g = r.summand.xreplace(dict(zip(nodes, values)))
+            if g not in variants:
+                variants.append(g)
+        for e in expr.atoms(sp.exp):
+            k = -sp.diff(e.args[0], r.symbol)
+            if e in replacements or not (k.is_Integer and k > 0):
+                continue
+            for m, g in enumerate(variants):
+                if sp.expand(e.args[0] - k * (g - r.symbol)) == 0:
+                    u = sp.Symbol(f"_w{n}_{m}", nonpositive=True)
+                    back[u], replacements[e] = g - r.symbol, sp.exp(k * u)
+                    break
+    expr = expr.xreplace(replacements)
+    for u in back:
+        expr = _factor_at_one(expr, u)
+    return expr, back
+
+
+def _factor_at_one(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
+    """A polynomial q(E) in the weight E = exp(u) with q(1) = 0, as (E - 1) q1(E): the terms
+    cancel where the weight is 1 (a confident true class), and E - 1 becomes expm1(u)."""
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_factor_at_one(e, u), c) for e, c in expr.args))
+    weight = sp.Symbol("_E", positive=True)
+    polynomial = expr.subs(sp.exp(u), weight)
+    if u in polynomial.free_symbols or weight not in polynomial.free_symbols:
+        return expr
+    try:
+        polynomial = sp.Poly(sp.expand(polynomial), weight)
+    except sp.PolynomialError:
+        return expr
+    if polynomial.degree() < 1 or sp.expand(polynomial.eval(1)) != 0:
+        return expr
+    quotient, _ = sp.div(polynomial, sp.Poly(weight - 1, weight))
+    return (sp.exp(u) - 1) * sp.factor_terms(quotient.as_expr().subs(weight, sp.exp(u)))
+
+
 def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised."""
     expr = _at_index(expr, derivation)
     for x, u, x_of_u, back in _log_weights(derivation):
         if x in expr.free_symbols:
             return _differences_first(direct_form(sp.factor_terms(expr.subs(x, x_of_u))).subs(u, back), derivation)
+    weighted, back = _exp_weights(expr, derivation)
+    if back:
+        return _differences_first(direct_form(sp.factor_terms(weighted)).xreplace(back), derivation)
     return _differences_first(direct_form(sp.factor_terms(expr)), derivation)
 
 

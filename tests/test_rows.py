@@ -34,7 +34,7 @@ def test_row_kernels_match_the_expanded_truth(name):
     assert not failures, "\n" + format_report(failures)
 
 
-ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce", "dice"}
+ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce", "dice", "arcface"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -210,3 +210,20 @@ def test_dice_is_the_v_net_formula():
     r = q.copy()
     r[0, 2] += 2.0**-40
     assert math.isclose(dice.loss(q, r, reduction="none")[0], exact, rel_tol=1e-6)
+
+
+def test_arcface_is_cross_entropy_with_an_additive_angular_margin():
+    """Deng et al. 2019, eq. 3, transcribed: logits s cos(theta_j), s cos(theta_y + m) at the true class."""
+    rng = np.random.default_rng(13)
+    c, y = rng.uniform(-0.99, 0.99, (40, 6)), rng.integers(0, 6, 40)
+    arc = lossgen.get("arcface")
+    for scale, margin in ((64.0, 0.5), (30.0, 0.2)):
+        z = scale * c
+        rows = np.arange(40)
+        z[rows, y] = scale * np.cos(np.arccos(c[rows, y]) + margin)
+        np.testing.assert_allclose(arc.loss(y, c, scale=scale, margin=margin, reduction="none"), _cross_entropy(y, z),
+                                   rtol=1e-12, atol=1e-15)  # the NumPy reference logs a rounded softmax
+        dz = np.full_like(c, scale)
+        dz[rows, y] = scale * np.sin(np.arccos(c[rows, y]) + margin) / np.sqrt(1 - c[rows, y] ** 2)
+        np.testing.assert_allclose(arc.grad(y, c, scale=scale, margin=margin), (_softmax(z) - np.eye(6)[y]) * dz,
+                                   rtol=1e-10, atol=1e-12)
