@@ -11,6 +11,7 @@ LOSSES = {
     'cauchy': ('robust', 'Cauchy (Lorentzian) loss, residual form'),
     'cauchy_rho': ('robust', 'Cauchy robust kernel rho(s)'),
     'charbonnier': ('robust', 'Charbonnier loss'),
+    'combo': ('segmentation', 'Combo loss'),
     'dice': ('segmentation', 'Dice loss'),
     'dpo': ('preference', 'Direct preference optimisation (DPO) loss'),
     'elastic_net': ('regularisation', 'Elastic net penalty'),
@@ -44,8 +45,10 @@ LOSSES = {
     'quantile': ('regression', 'Quantile (pinball) loss'),
     'smooth_hinge': ('classification', 'Smoothed hinge loss'),
     'smooth_l1': ('robust', 'Smooth L1 loss'),
+    'soft_jaccard': ('segmentation', 'Soft Jaccard (IoU) loss'),
     'softmax_cross_entropy': ('multiclass', 'Softmax cross-entropy'),
     'squared_hinge': ('classification', 'Squared hinge loss'),
+    'tversky': ('segmentation', 'Tversky loss'),
     'wgan_critic': ('gan', 'Wasserstein GAN critic loss'),
     'wgan_generator': ('gan', 'Wasserstein GAN generator loss'),
 }

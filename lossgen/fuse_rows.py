@@ -17,7 +17,10 @@ follow the rewritten program by the chain rule), make that cancellation visible:
    coefficients, sum_a c_a R_a, becomes one new reduction sum_k (sum_a c_a g_a(k)): one pass
    whose summand is combined and rewritten elementwise (see :func:`accurate_form`):
    sum(p**2) + sum(y**2) - 2 sum(p y) -> sum((p - y)**2). Each element's difference is then
-   exact, and the derivative of the fused sum, 2 (p_k - y_k), is exact too.
+   exact, and the derivative of the fused sum, 2 (p_k - y_k), is exact too. Every other sum
+   of reductions with numeric coefficients and summands of both signs in the loss is fused
+   alike (the union sum(p) + sum(y) - sum(p y) of Jaccard): its derivative is one element
+   expression (1 - y), whose factor the Hessian's terms then share.
 
 Nothing here names a loss: the table :data:`SUMMAND_FORMS` lists the candidate forms of a fused
 summand, tried in order, and :func:`accurate` is the one test that picks among them.
@@ -202,9 +205,20 @@ class Fuser:
         if sp.count_ops(loss) > MAX_OPS:
             return loss
         pairs = self.close_pairs(loss)
-        if not pairs:
-            return loss
-        return self._rewrite_node(loss, pairs)
+        if pairs:
+            loss = self._rewrite_node(loss, pairs)
+        return self.fuse_sums(loss)
+
+    def fuse_sums(self, expr: sp.Expr) -> sp.Expr:
+        """Every remaining sum of reductions with numeric coefficients and summands of both
+        signs, as one fused sum (a union sum(p) + sum(y) - sum(p y) -> sum(p (1 - y) + (1 - p) y
+        + p y)): its derivative is then one element expression, 1 - y, not 1 and -y apart."""
+        def visit(node):
+            if not isinstance(node, sp.Expr) or node.is_Atom:
+                return node
+            node = node.func(*[visit(a) for a in node.args])
+            return self._fused_linear(node) if isinstance(node, sp.Add) else node
+        return visit(expr)
 
     def _rewrite_node(self, node, pairs):
         """The smallest sum holding both members of a pair, over one denominator."""

@@ -16,7 +16,8 @@ from conftest import ROW_NAMES, ROW_PATHS
 
 @functools.lru_cache(maxsize=None)
 def _verification(name):
-    return verify_rows(lossgen.get(name), load_spec(ROW_PATHS[name]), n_random=4, n_stress=6)
+    gap = ROW_KNOWN_GAPS[name][0] if name in ROW_KNOWN_GAPS else None
+    return verify_rows(lossgen.get(name), load_spec(ROW_PATHS[name]), n_random=4, n_stress=6, gap=gap)
 
 
 @pytest.mark.parametrize("name", ROW_NAMES)
@@ -29,12 +30,67 @@ def test_row_kernels_match_the_expanded_truth(name):
     assert sizes == set(SIZES)
     outputs = {r.output.split("[")[0].split(" ")[0] for r in rows}
     assert {"loss", "grad", "hess", "hess_full", "hvp"} <= outputs
-    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)
+    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and "known gap" not in r.output
                 and not (r.output.startswith("grad vs finite") and r.max_error < 1e-20)]
     assert not failures, "\n" + format_report(failures)
 
 
-ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce", "dice", "arcface"}
+def _row_of(point, name):
+    return np.array([v for k, v in point.items() if k.rpartition("_")[0] == name])
+
+
+def _cancels(*terms, factor=1e3):
+    """Do ``terms`` cancel to below 1/factor of their magnitudes? A float64 evaluation that
+    rounds the terms apart then loses more than 3 of its 16 digits."""
+    return sum(abs(t) for t in terms) > factor * abs(sum(terms))
+
+
+def _combo_gap(output, point, entry):
+    """Off-diagonal Hessian entry of the Dice term, (1 - alpha) (2E - D (1 - 2y_j) - D (1 - 2y_l))/D^3,
+    E = sum(p (1 - y) + (1 - p) y), D = sum(p) + sum(y) + smooth: per-element terms of size D."""
+    if not output.startswith("hess_full") or entry[0] == entry[1]:
+        return False
+    y, p = _row_of(point, "y"), _row_of(point, "p")
+    e, d = (p * (1 - y) + (1 - p) * y).sum(), p.sum() + y.sum() + point["smooth"]
+    j, l = entry
+    return _cancels(2 * e, -d * (1 - 2 * y[j]), -d * (1 - 2 * y[l]))
+
+
+def _jaccard_gap(output, point, entry):
+    """Off-diagonal Hessian entry (1 - y_l)(2E (1 - y_j) - (1 - 2y_j) W) - (1 - y_j)(1 - 2y_l) W, over
+    W^3, W = sum(p + y - p y) + smooth, E = sum(p (1 - y) + (1 - p) y)."""
+    if not output.startswith("hess_full") or entry[0] == entry[1]:
+        return False
+    y, p = _row_of(point, "y"), _row_of(point, "p")
+    e, w = (p * (1 - y) + (1 - p) * y).sum(), (p + y - p * y).sum() + point["smooth"]
+    j, l = entry
+    return _cancels(2 * e * (1 - y[j]) * (1 - y[l]), -(1 - y[l]) * (1 - 2 * y[j]) * w,
+                    -(1 - y[j]) * (1 - 2 * y[l]) * w)
+
+
+# Row-wise losses: values where a kernel does not meet the bound, and why. They are reported
+# apart ('<output> known gap') and left out of test_row_kernels_match_the_expanded_truth;
+# test_row_known_gaps_are_still_gaps fails once a gap closes. (Elementwise: test_catalog.KNOWN_GAPS.)
+ROW_KNOWN_GAPS = {
+    "combo": (_combo_gap, "an off-diagonal Hessian entry of the linear Dice term is a sum of per-element "
+                          "products (outer products P(j) Q(l), each rounded) that cancel where 1 - 2y_j, "
+                          "1 - 2y_l and 2E/D nearly sum to 0 (y_j + y_l ~ 1 - E/D): reachable only by "
+                          "evaluating each entry as one expression of elements j and l"),
+    "soft_jaccard": (_jaccard_gap, "as combo: an off-diagonal Hessian entry whose outer-product terms "
+                                   "cancel (at y = (0, 1/2, 1e-300), p = (1e-300, 0, 1/2) to 1e-300 against "
+                                   "terms of size 1)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROW_KNOWN_GAPS))
+def test_row_known_gaps_are_still_gaps(name):
+    """A gap that closes must leave ROW_KNOWN_GAPS (and the note on the issue)."""
+    rows = [r for r in _verification(name) if "known gap" in r.output]
+    assert rows and any(not r.ok(RELATIVE_TOLERANCE) for r in rows), f"{name}: the gap is closed; remove it"
+
+
+ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
+                   "dice", "arcface", "soft_jaccard", "tversky", "combo"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -227,3 +283,53 @@ def test_arcface_is_cross_entropy_with_an_additive_angular_margin():
         dz[rows, y] = scale * np.sin(np.arccos(c[rows, y]) + margin) / np.sqrt(1 - c[rows, y] ** 2)
         np.testing.assert_allclose(arc.grad(y, c, scale=scale, margin=margin), (_softmax(z) - np.eye(6)[y]) * dz,
                                    rtol=1e-10, atol=1e-12)
+
+
+def test_soft_jaccard_is_rahman_and_wang_iou():
+    """Rahman and Wang 2016: I = sum p y, U = sum (p + y - p y), loss 1 - (I + s)/(U + s); the
+    gradient by the quotient rule (dI/dp = y, dU/dp = 1 - y)."""
+    y, p = _masks(22)
+    jaccard = lossgen.get("soft_jaccard")
+    for smooth in (1.0, 1e-3):
+        i, u = (p * y).sum(-1)[:, None] + smooth, (p + y - p * y).sum(-1)[:, None] + smooth
+        np.testing.assert_allclose(jaccard.loss(y, p, smooth=smooth, reduction="none"), 1 - (i / u)[:, 0], rtol=1e-13)
+        np.testing.assert_allclose(jaccard.grad(y, p, smooth=smooth), -(y * u - i * (1 - y)) / u**2, rtol=1e-11,
+                                   atol=1e-15)
+
+
+def test_tversky_is_salehi_et_al():
+    """Salehi et al. 2017: T = (TP + s)/(TP + alpha FP + beta FN + s), loss 1 - T; alpha = beta = 1/2
+    is the Dice loss with the linear denominator."""
+    y, p = _masks(23)
+    tversky = lossgen.get("tversky")
+    for alpha, beta, smooth in ((0.3, 0.7, 1.0), (0.5, 0.5, 1e-6), (1.0, 0.0, 0.0)):
+        tp, fp, fn = (p * y).sum(-1), (p * (1 - y)).sum(-1), ((1 - p) * y).sum(-1)
+        num, den = tp + smooth, tp + alpha * fp + beta * fn + smooth
+        np.testing.assert_allclose(tversky.loss(y, p, alpha=alpha, beta=beta, smooth=smooth, reduction="none"),
+                                   1 - num / den, rtol=1e-13)
+        dden = y + alpha * (1 - y) - beta * y
+        grad = -(y * den[:, None] - num[:, None] * dden) / den[:, None] ** 2
+        np.testing.assert_allclose(tversky.grad(y, p, alpha=alpha, beta=beta, smooth=smooth), grad, rtol=1e-11,
+                                   atol=1e-15)
+    dice_linear = 1 - (2 * (p * y).sum(-1) + 1) / (p.sum(-1) + y.sum(-1) + 1)
+    np.testing.assert_allclose(tversky.loss(y, p, alpha=0.5, beta=0.5, smooth=0.5, reduction="none"), dice_linear,
+                               rtol=1e-13)
+
+
+def test_combo_is_asgari_taghanaki_et_al():
+    """Combo loss (arXiv:1805.02798): alpha (-1/N sum beta t ln p + (1 - beta)(1 - t) ln(1 - p))
+    - (1 - alpha) (2 sum p t + S)/(sum p + sum t + S); lossgen's is that plus 1 - alpha."""
+    y, p = _masks(24)
+    p = np.clip(p, 0.01, 0.99)
+    combo = lossgen.get("combo")
+    for alpha, beta, smooth in ((0.5, 0.5, 1.0), (0.3, 0.8, 1e-3)):
+        wce = -(beta * y * np.log(p) + (1 - beta) * (1 - y) * np.log(1 - p)).mean(-1)
+        num, den = 2 * (p * y).sum(-1) + smooth, p.sum(-1) + y.sum(-1) + smooth
+        taghanaki = alpha * wce - (1 - alpha) * num / den
+        np.testing.assert_allclose(combo.loss(y, p, alpha=alpha, beta=beta, smooth=smooth, reduction="none"),
+                                   taghanaki + (1 - alpha), rtol=1e-13)
+        c = y.shape[-1]
+        grad = -alpha * (beta * y / p - (1 - beta) * (1 - y) / (1 - p)) / c \
+            - (1 - alpha) * (2 * y * den[:, None] - num[:, None]) / den[:, None] ** 2
+        np.testing.assert_allclose(combo.grad(y, p, alpha=alpha, beta=beta, smooth=smooth), grad, rtol=1e-11,
+                                   atol=1e-15)
