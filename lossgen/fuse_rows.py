@@ -7,12 +7,14 @@ both the loss and the gradient 2 (N p_k - D y_k)/D**2 lose every digit. Two exac
 applied to the lowered loss before it is differentiated (so the gradient and the Hessian
 follow the rewritten program by the chain rule), make that cancellation visible:
 
-1. **Close pairs.** Two sums of row values u and v (in the same expression) whose
+1. **Close pairs.** Two polynomials in row values u and v (in the same expression) whose
    difference d = u - v is shorter than they are (terms cancel symbolically: the smooth
    constant of Dice, C1 of SSIM) are close wherever d is small. In the smallest sum holding
-   both, u and v become opaque names U and V; the sum is put over one denominator, and in
-   its numerator only, U is written V + d and expanded: the numerator then holds d, not U
-   and V (D - N -> d; U1 U2 - V1 V2 -> V1 d2 + d1 V2 + d1 d2).
+   both, u and v become opaque names U and V; the terms of that sum made of U, V and
+   constants are put over one denominator, and in its numerator only, U is written V + d and
+   expanded: the numerator then holds d, not U and V (1 - N/D -> d/D). Each sum is rewritten
+   for its own pairs, so SSIM's 1 - l + l (1 - cs), l = N1/A, cs = N2/B, becomes
+   d1/A + l d2/B.
 2. **Fused sums.** In d, each factor that is linear in sum reductions with numeric
    coefficients, sum_a c_a R_a, becomes one new reduction sum_k (sum_a c_a g_a(k)): one pass
    whose summand is combined and rewritten elementwise (see :func:`accurate_form`):
@@ -163,25 +165,11 @@ class Fuser:
         return sign * fused + sp.Add(*rest)
 
     def fuse_inner(self, summand: sp.Expr) -> sp.Expr:
-        """Linear forms of sum reductions inside a summand (the row values it uses), fused."""
+        """Sums of row values inside a summand (its factors), fused: the variance of x - y in
+        SSIM, sum((x - y - mean(x) + mean(y))**2), has mean(x) - mean(y) = mean(x - y) inside."""
         if len(self.sums(summand)) < 2:
             return summand
-        element = sp.collect(sp.expand(summand), sorted(self.sums(summand), key=sp.default_sort_key), evaluate=False)
-        if any(sp.Mul.make_args(k) and any(isinstance(f, sp.Pow) for f in sp.Mul.make_args(k)) for k in element):
-            return summand
-        # a common factor c(k) of the row values' coefficients: c(k) (sum_a a_a R_a) + rest
-        row_part = {k: v for k, v in element.items() if k != 1}
-        if len(row_part) < 2:
-            return summand
-        ratios = {k: sp.cancel(v / next(iter(row_part.values()))) for k, v in row_part.items()}
-        if not all(r.is_Number for r in ratios.values()):
-            return summand
-        scale = next(iter(row_part.values()))
-        linear = sp.Add(*[r * k for k, r in ratios.items()])
-        fused = self._fused_linear(linear)
-        if fused == linear:
-            return summand
-        return element.get(1, sp.S.Zero) + scale * fused
+        return self.fuse_sums(sp.factor(summand))
 
     # step 1
     def candidates(self, expr):
@@ -191,9 +179,10 @@ class Fuser:
     def close_pairs(self, expr):
         """(u, v, d = u - v) for sums u, v of row values whose difference cancels symbolically."""
         pairs = []
+        values = list(self.program.reductions)
         for u, v in itertools.combinations(self.candidates(expr), 2):
-            if _contains(u, v) or _contains(v, u):
-                continue
+            if _contains(u, v) or _contains(v, u) or not (u.is_polynomial(*values) and v.is_polynomial(*values)):
+                continue  # (1 - N1/A) and (1 - N2/B) differ by more than their 1s
             d = sp.expand(u - v)
             if d == 0 or not self.sums(d):
                 continue
@@ -227,11 +216,11 @@ class Fuser:
         inner = [p for p in pairs if _contains(node, p[0]) and _contains(node, p[1])]
         if not inner:
             return node
-        for argument in node.args:
-            if any(_holds(argument, u, v) for u, v, _ in inner):
-                new = self._rewrite_node(argument, pairs)
-                return node.xreplace({argument: new})
-        if not isinstance(node, sp.Add):
+        nested = [p for p in inner if any(_holds(a, p[0], p[1]) for a in node.args)]
+        if nested:  # pairs held by a smaller sum inside: rewrite there (every argument)
+            node = node.func(*[self._rewrite_node(a, nested) for a in node.args])
+        inner = [p for p in inner if p not in nested and _contains(node, p[0]) and _contains(node, p[1])]
+        if not inner or not isinstance(node, sp.Add):
             return node
         used, names, back, pending = set(), {}, {}, []
         for u, v, d in inner:
@@ -242,15 +231,22 @@ class Fuser:
             names[u], names[v] = U, V
             back.update({U: u, V: v})
             pending.append((U, V, Dd, d))
-        opaque = node.xreplace(names)
-        numerator, denominator = sp.fraction(sp.together(opaque))
+        # only the terms made of the pairs' members and row constants are put over one
+        # denominator: 1 - N1/A of 1 - N1/A + (N1/A)(1 - N2/B), not the whole sum
+        values = set(self.program.reductions)
+        opaque_terms = [t.xreplace(names) for t in node.args]
+        part = [t for t in opaque_terms if not (t.free_symbols & values)]
+        rest = [t for t in opaque_terms if t.free_symbols & values]
+        if not any(t.has(*back) for t in part):
+            return node
+        numerator, denominator = sp.fraction(sp.together(sp.Add(*part)))
         numerator = sp.expand(numerator.xreplace({U: V + Dd for U, V, Dd, _ in pending}))
         if any(numerator.has(U) for U, _, _, _ in pending):
             return node
         for _, _, Dd, d in pending:
             numerator = numerator.xreplace({Dd: self.fuse(d)})
         numerator = sp.factor_terms(numerator.xreplace(back))
-        return numerator / denominator.xreplace(back)
+        return numerator / denominator.xreplace(back) + sp.Add(*rest).xreplace(back)
 
 
 def _contains(expr, node) -> bool:
