@@ -20,7 +20,7 @@ import sympy as sp
 
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation
 from .domains import DOMAINS
-from .emit import MARKER, NumbaPrinter, _as_divisions, template_environment
+from .emit import MARKER, NumbaPrinter, _as_divisions, scoped_code, template_environment
 from .reductions import onehot
 from .vocabulary import group
 
@@ -34,12 +34,15 @@ class RowPrinter(NumbaPrinter):
         return f"(1.0 if _k == {self._print(expr.args[0])} else 0.0)"
 
 
+# renamed symbols keep their assumptions: without them SymPy may decide Eq(x, 0) is False
+# and drop the Piecewise branch of a kink
 def _element_name(symbol) -> sp.Symbol:
-    return sp.Symbol(f"_e{symbol.name}" if symbol.name.startswith("_") else f"_e_{symbol.name}")
+    name = f"_e{symbol.name}" if symbol.name.startswith("_") else f"_e_{symbol.name}"
+    return sp.Symbol(name, **symbol.assumptions0)
 
 
 def _row_name(symbol) -> sp.Symbol:
-    return sp.Symbol(f"_row_{symbol.name}")
+    return sp.Symbol(f"_row_{symbol.name}", **symbol.assumptions0)
 
 
 # --- logsumexp: R = M + L, with the shift cancelling first -----------------------------------
@@ -87,8 +90,8 @@ class _Shifts:
 class _Body:
     """Lines of one kernel's row loop, built pass by pass."""
 
-    def __init__(self, derivation: RowDerivation, printer: RowPrinter):
-        self.derivation, self.printer = derivation, printer
+    def __init__(self, derivation: RowDerivation, printer: RowPrinter, tie_keys: dict):
+        self.derivation, self.printer, self.tie_keys = derivation, printer, tie_keys
         spec = derivation.spec
         self.shifts = _Shifts(derivation.reductions)
         self.reductions = {r.symbol: Reduction(r.symbol, r.kind, self.shifts(r.summand), r.index)
@@ -132,18 +135,20 @@ class _Body:
 
     def cse(self, exprs: list[sp.Expr], indent: int) -> list[str]:
         """Assignments for the shared subexpressions; returns the printed ``exprs``."""
-        prefix = f"_t{self._temporaries}_"
-        replacements, reduced = sp.cse([self.rename(e) for e in exprs],
-                                       symbols=sp.numbered_symbols(prefix), order="canonical")
+        n = self._temporaries
         self._temporaries += 1
-        for symbol, value in replacements:
-            self.emit(indent, f"{symbol} = {self.printer.doprint(value)}")
-        return [self.printer.doprint(e) for e in reduced]
+        lines, printed = scoped_code([self.rename(e) for e in exprs], self.printer, f"_t{n}_", f"_b{n}_")
+        for line in lines:
+            self.emit(indent, line)
+        return printed
 
     # reductions
     def needed(self, exprs) -> list[Reduction]:
         """The reductions ``exprs`` depend on, directly or through other reductions."""
-        seen, stack = set(), [s for e in exprs for s in e.free_symbols if s in self.reductions]
+        # an arg-max symbol needs its max reduction even where the value itself is not used
+        argmax = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
+        used = {s for e in exprs for s in e.free_symbols}
+        seen, stack = set(), [s for s in used if s in self.reductions] + [argmax[s] for s in used if s in argmax]
         while stack:
             symbol = stack.pop()
             if symbol in seen:
@@ -177,19 +182,34 @@ class _Body:
             looped = [r for r in at_level if r.kind != "take"]
             if not looped:
                 continue
+            keys = {r.symbol: self.tie_key(r) for r in looped}
+            kinds = {r.symbol: r.kind + ("_keyed" if keys[r.symbol] is not None else "") for r in looped}
             for r in looped:
-                for line in LOOP_CODE[r.kind]["start"]:
+                for line in LOOP_CODE[kinds[r.symbol]]["start"]:
                     self.emit(2, line.format(**self.names(r)))
             self.emit(2, "for _k in range(_n):")
-            self.bind([r.summand for r in looped], 3)
-            values = self.cse([r.summand for r in looped], 3)
-            for r, value in zip(looped, values):
-                self.emit(3, f"_s = {value}")
-                for line in LOOP_CODE[r.kind]["step"]:
+            summands = [r.summand for r in looped] + [key for key in keys.values() if key is not None]
+            self.bind(summands, 3)
+            values = iter(self.cse(summands, 3))
+            printed = {r.symbol: next(values) for r in looped}
+            printed_keys = {symbol: next(values) for symbol, key in keys.items() if key is not None}
+            for r in looped:
+                self.emit(3, f"_s = {printed[r.symbol]}")
+                if r.symbol in printed_keys:
+                    self.emit(3, f"_key = {printed_keys[r.symbol]}")
+                for line in LOOP_CODE[kinds[r.symbol]]["step"]:
                     self.emit(3, line.format(**self.names(r)))
             for r in looped:
-                for line in LOOP_CODE[r.kind]["finish"]:
+                for line in LOOP_CODE[kinds[r.symbol]]["finish"]:
                     self.emit(2, line.format(**self.names(r)))
+
+    def tie_key(self, r: Reduction):
+        """For a max or min whose summand adds a row-level term c to an element part g: g, which
+        breaks ties of the rounded g + c (two elements equal once c is added, as s_j - s_y at
+        s_y = -1e300, are not equal before), so the arg-max is the exact one more often. The
+        parts come from the summand as derived (:data:`tie_keys`), before stabilisation splits
+        it per element."""
+        return self.tie_keys.get(r.symbol)
 
     def names(self, r: Reduction) -> dict:
         names = {"r": r.symbol.name}
@@ -212,6 +232,14 @@ LOOP_CODE = {
     "min": {"start": ["{r} = math.inf", "{a} = 0"],
             "step": ["if _s < {r} or _k == 0:", "    {r} = _s", "    {a} = _k"],
             "finish": []},
+    "max_keyed": {"start": ["{r} = -math.inf", "{a} = 0", "{r}_key = -math.inf"],
+                  "step": ["if _s > {r} or _k == 0 or (_s == {r} and _key > {r}_key):",
+                           "    {r} = _s", "    {a} = _k", "    {r}_key = _key"],
+                  "finish": []},
+    "min_keyed": {"start": ["{r} = math.inf", "{a} = 0", "{r}_key = math.inf"],
+                  "step": ["if _s < {r} or _k == 0 or (_s == {r} and _key < {r}_key):",
+                           "    {r} = _s", "    {a} = _k", "    {r}_key = _key"],
+                  "finish": []},
     "logsumexp_tail": {"start": ["{r} = 0.0"],
                        "step": ["if _k != {a}:", "    {r} += math.exp(_s - {m})"],
                        "finish": ["{r} = math.log1p({r})"]},
@@ -255,10 +283,22 @@ def _guard_lines(spec) -> list[str]:
     return conditions
 
 
-def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer) -> dict:
+def tie_keys(derivation: RowDerivation) -> dict:
+    """{max or min reduction: its summand without the terms that are the same for every element},
+    where there are such terms (see :meth:`_Body.tie_key`)."""
+    keys = {}
+    for r in derivation.reductions:
+        if r.kind in ("max", "min") and isinstance(r.summand, sp.Add):
+            element = [t for t in r.summand.args if t.free_symbols & derivation.element_symbols or t.has(onehot)]
+            if len(element) < len(r.summand.args):
+                keys[r.symbol] = sp.Add(*element)
+    return keys
+
+
+def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
     element expressions written to out[_i, _k]."""
-    body = _Body(derivation, printer)
+    body = _Body(derivation, printer, keys)
     spec = derivation.spec
     row_outputs = [body.shifts(e) for e in row_outputs]
     element_outputs = [body.shifts(e) for e in element_outputs]
@@ -302,20 +342,22 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
             "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
 
 
-def _block_kernel(derivation: RowDerivation, printer, product: bool) -> dict:
+def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
     directions v (one per prediction): sum_l H_jl v_l, entry by entry, so that every term is
     an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
     O(C**2) work per row, and O(C) memory: the matrix is never formed."""
-    body = _Body(derivation, printer)
+    body = _Body(derivation, printer, keys)
     k = len(derivation.spec.predictions)
     pairs = [(i, j) for i in range(k) for j in range(k)]
     blocks = [derivation.blocks[p] for p in pairs]
-    # on a block's diagonal: a prediction's stabilised Hessian diagonal, or D + sum P Q
-    own = [i == j for i, j in pairs]
-    diagonals = [body.shifts(derivation.hess[i] if i == j else b.diagonal) for (i, j), b in zip(pairs, blocks)]
+    # on a block's diagonal: one stabilised expression (hess, or derivation.cross off the
+    # block diagonal), else D + sum P Q
+    own = [i == j or (i, j) in derivation.cross for i, j in pairs]
+    diagonals = [body.shifts(derivation.hess[i] if i == j else derivation.cross.get((i, j), b.diagonal))
+                 for (i, j), b in zip(pairs, blocks)]
     factors = [body.shifts(e) for b in blocks for pq in b.outer for e in pq]
     element, hoisted = body.hoist(diagonals + factors)
     body.bind_row()
@@ -368,13 +410,14 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
     spec = stable.spec
     printer = RowPrinter()
     outputs = {"loss": [stable.loss], "grad": list(stable.grad), "hess": list(stable.hess)}
+    keys = tie_keys(original)
     kernels = []
     for name, quantities in ROW_KERNELS.items():
         row_outputs = outputs["loss"] if "loss" in quantities else []
         element_outputs = [e for q in quantities if q != "loss" for e in outputs[q]]
-        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer))
-    kernels.append(_block_kernel(stable, printer, product=True))
-    kernels.append(_block_kernel(stable, printer, product=False))
+        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys))
+    kernels.append(_block_kernel(stable, printer, product=True, keys=keys))
+    kernels.append(_block_kernel(stable, printer, product=False, keys=keys))
     arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
     directions = [d.name for d in stable.directions]
     predictions = [p.name for p in spec.predictions]

@@ -2,7 +2,8 @@
 
 For each size C (1, 2, 3, 7 by default) the spec's loss is expanded into explicit scalar
 symbols x_0 ... x_{C-1}: sum becomes an addition of C terms, logsumexp log(exp + ... + exp),
-max the first largest element (a Piecewise), take and onehot pick by the row's class index.
+max and min the first largest (smallest) element at the point being checked, found in
+high precision; take and onehot pick by the row's class index.
 SymPy differentiates that expression directly, so the truth for the gradient, the Hessian's
 diagonal, every (C, C) block and the Hessian-vector product is independent of the row
 program (:mod:`lossgen.derive_rows`) that the kernels come from. Values are computed by
@@ -54,8 +55,12 @@ def _mp_function(expr, arguments):
 class Expansion:
     """The spec's loss written out for C elements and given class indices."""
 
-    def __init__(self, spec, size: int, indices: dict):
-        self.spec, self.size, self.indices = spec, size, indices
+    def __init__(self, spec, size: int, indices: dict, point: list | None = None):
+        """With ``point`` (values of :meth:`arguments`), max and min are the element that is
+        largest (smallest) at that point, the first one on a tie, found in high precision;
+        without, a Piecewise over all orderings (differentiating that is slow for C = 7)."""
+        self.spec, self.size, self.indices, self.point = spec, size, indices, point
+        self.picks: list[int] = []
         self.element = {spec.symbols[i.name]: i for i in spec.inputs if i.axis}
         self.symbols = {i.name: [sp.Symbol(f"{i.name}_{k}", **DOMAINS[i.domain].assumptions) for k in range(size)]
                         for i in spec.inputs if i.axis}
@@ -64,6 +69,16 @@ class Expansion:
 
     def arguments(self) -> list[sp.Symbol]:
         return [s for i in self.spec.inputs if i.axis for s in self.symbols[i.name]] + self.per_row + self.params
+
+    def pick(self, values: list, largest: bool) -> int:
+        """The first element of ``values`` that is largest (smallest) at the point."""
+        arguments = self.arguments()
+        numbers = [evaluate(_mp_function(v, arguments), self.point) for v in values]
+        if any(n is None for n in numbers):
+            raise ValueError("max or min of a value that is not finite")
+        best = max(numbers) if largest else min(numbers)
+        self.picks.append(numbers.index(best))
+        return self.picks[-1]
 
     def at(self, expr: sp.Expr, k: int | None) -> sp.Expr:
         """``expr`` with its element symbols at element ``k`` and reductions written out."""
@@ -74,6 +89,8 @@ class Expansion:
             return explicit_logsumexp(*(self.at(expr.args[0], j) for j in C))
         if isinstance(expr, (rowmax, rowmin)):
             values = [self.at(expr.args[0], j) for j in C]
+            if self.point is not None:
+                return values[self.pick(values, isinstance(expr, rowmax))]
             better = sp.Ge if isinstance(expr, rowmax) else sp.Le
             return sp.Piecewise(*[(v, sp.And(*(better(v, w) for w in values[j + 1:])))
                                   for j, v in enumerate(values[:-1])], (values[-1], True))
@@ -95,20 +112,29 @@ class Expansion:
 _TRUTHS: dict = {}
 
 
-def truth_functions(spec, size: int, index_values: tuple, full: bool) -> dict:
+def truth_functions(spec, size: int, index_values: tuple, full: bool, point: dict, params: dict) -> dict:
     """quantity -> mpmath function of the expansion's arguments: 'loss', ('grad', p, j),
-    ('hess', p, q, j, l) for every entry (``full``) or the diagonal entries only."""
-    key = (spec.path, spec.source_hash, size, index_values, full)
+    ('hess', p, q, j, l) for every entry (``full``) or the diagonal entries only. The
+    expansion is that of ``point``'s class indices, and of its arg-maxes where the loss has
+    a max or min."""
+    indices = dict(zip([spec.symbols[i.name] for i in spec.inputs if i.domain == "class_index"], index_values))
+    picks, loss = (), None
+    if spec.loss.has(rowmax, rowmin):
+        expansion = Expansion(spec, size, indices)
+        values = _argument_values([a.name for a in expansion.arguments()], point, params)
+        expansion = Expansion(spec, size, indices, values)
+        loss = expansion.at(spec.loss, None)
+        picks = tuple(expansion.picks)
+    key = (spec.path, spec.source_hash, size, index_values, picks, full)
     if key not in _TRUTHS:
-        _TRUTHS[key] = _truth_functions(spec, size, index_values, full)
+        _TRUTHS[key] = _truth_functions(spec, size, indices, full, loss)
     return _TRUTHS[key]
 
 
-def _truth_functions(spec, size, index_values, full):
-    indices = dict(zip([spec.symbols[i.name] for i in spec.inputs if i.domain == "class_index"], index_values))
+def _truth_functions(spec, size, indices, full, loss=None):
     expansion = Expansion(spec, size, indices)
     arguments = expansion.arguments()
-    loss = expansion.at(spec.loss, None)
+    loss = expansion.at(spec.loss, None) if loss is None else loss
     functions = {"loss": _mp_function(loss, arguments)}
     predictions = [p.name for p in spec.predictions]
     gradients = {}
@@ -247,7 +273,7 @@ def check_size(loss, spec, size: int, points: list[dict], params: dict, seed: in
             row[0], row[1] = error, point
 
     for n, point in enumerate(points):
-        truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), full)
+        truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), full, point, params)
         functions = truths["functions"]
         args = _argument_values(truths["arguments"], point, params)
         shown = dict(zip(truths["arguments"], args))
@@ -293,7 +319,8 @@ def check_gradient_by_differences(spec, size: int, points: list[dict], params: d
     index_inputs = [i.name for i in spec.inputs if i.domain == "class_index"]
     worst, worst_point, checked = 0.0, {}, 0
     for point in points:
-        truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), size <= FULL_HESSIAN_UP_TO)
+        truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs),
+                                 size <= FULL_HESSIAN_UP_TO, point, params)
         names = truths["arguments"]
         values = _argument_values(names, point, params)
         if any(abs(v) > 1e6 for v in values):
