@@ -29,7 +29,7 @@ their difference computed as one fused sum, so the derivatives follow the accura
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import sympy as sp
 
@@ -82,6 +82,9 @@ class RowDerivation:
     blocks: dict                           # (i, j) -> HessianBlock, for predictions i and j
     element_symbols: frozenset             # axis inputs and directions: one element of a row
     directions: tuple[sp.Symbol, ...]      # v, one per prediction (hvp)
+    # (i, j), i != j: the diagonal entries of block (i, j), D + sum P Q as one expression (as
+    # hess for i = j), so that its terms cancel before rounding (a norm's I - w w^T at C = 1)
+    cross: dict = field(default_factory=dict)
 
     def map(self, transform) -> "RowDerivation":
         """Apply ``transform`` to every expression (summands, loss, derivatives)."""
@@ -91,7 +94,8 @@ class RowDerivation:
             loss=transform(self.loss), grad=tuple(map(transform, self.grad)),
             hess=tuple(map(transform, self.hess)),
             blocks={k: HessianBlock(transform(b.diagonal), tuple((transform(p), transform(q)) for p, q in b.outer))
-                    for k, b in self.blocks.items()})
+                    for k, b in self.blocks.items()},
+            cross={k: transform(e) for k, e in self.cross.items()})
 
 
 def _d(expr: sp.Expr, symbol: sp.Symbol) -> sp.Expr:
@@ -220,8 +224,10 @@ def derive_rows(spec: LossSpec) -> RowDerivation:
     hess = tuple(tidy(blocks[i, i].diagonal + sp.Add(*(p * q for p, q in blocks[i, i].outer)))
                  for i in range(len(predictions)))
     used = program.used([loss, *grads, *hess, *(e for b in blocks.values() for e in _block_expressions(b))])
+    cross = {(i, j): tidy(b.diagonal + sp.Add(*(p * q for p, q in b.outer)))
+             for (i, j), b in blocks.items() if i != j}
     return RowDerivation(spec, tuple(r for r in program.reductions.values() if r.symbol in used), loss, grads,
-                         hess, blocks, frozenset(element_symbols), directions)
+                         hess, blocks, frozenset(element_symbols), directions, cross=cross)
 
 
 def _block_expressions(block: HessianBlock):

@@ -44,6 +44,7 @@ class Domain:
         else:
             magnitudes = (1e-300, 1e-8, 1.0, 20.0, 40.0, 100.0, 700.0, 745.0, 1e10, 1e300)
             grid = (0.0,) + magnitudes + tuple(-m for m in magnitudes)
+            grid = grid + tuple(e for e in (self.low, self.high) if math.isfinite(e) and e not in grid)
         return tuple(x for x in grid if self.contains(x))
 
     def contains(self, x: float) -> bool:
@@ -69,6 +70,10 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
            low_closed=True, high_closed=True),
     Domain("cosine", "a cosine in [-1, 1]", {"real": True}, low=-1.0, high=1.0, low_closed=True,
            high_closed=True),
+    # row-wise losses over embeddings (norms, cosines): squares, products and cubes of norms of
+    # rows of up to 1e6 elements stay finite (a scaled norm would lift the bound)
+    Domain("embedding", "an embedding coordinate, |x| <= 1e50", {"real": True}, low=-1e50, high=1e50,
+           low_closed=True, high_closed=True),
     Domain("label01", "a label in {0, 1}", {"nonnegative": True}, values=(0.0, 1.0)),
     Domain("label_pm1", "a label in {-1, 1}", {"real": True}, values=(-1.0, 1.0)),
     # a row-wise loss's integer target: which element of the row (checked against C at run time)

@@ -9,7 +9,13 @@ rewrites that only rows need.
 * **Log-weights.** For R = logsumexp(g) with g = a x + b, x is written as (u + R - b)/a, so
   exp(g - R) is exp(u) and exp(2 (g - R)) is exp(u)**2; the rules then see softmax
   (1 - softmax) as exp(u) (-expm1(u)). Afterwards u is g - R again (the emitter computes it
-  as (g - max) - log1p(...), see :mod:`lossgen.emit_rows`).
+  as (g - max) - log1p(...), see :mod:`lossgen.emit_rows`). A summand that is not linear in
+  one element (ArcFace's target logit) gets the same weights by pattern: exp(k (g - R)) is
+  exp(k u), and a polynomial in exp(u) that vanishes at 1 becomes expm1(u) times a quotient.
+* **Unit weights.** For a norm R = sqrt(S), S = sum(g**2) with g linear in an element x that
+  no other reduction reads, x is written through w = g/R; a polynomial in w**2 is expanded
+  around w**2 = 1, so that at C = 1 (w = +-1 exactly) the cancelling I - w w^T of a norm's
+  Hessian drops out exactly.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import itertools
 import sympy as sp
 from sympy.core.traversal import bottom_up
 
+from .derive import tidy
 from .reductions import onehot
 from .stabilise import direct_form
 from .vocabulary import group
@@ -134,12 +141,65 @@ def _factor_at_one(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
     return (sp.exp(u) - 1) * sp.factor_terms(quotient.as_expr().subs(weight, sp.exp(u)))
 
 
+def _unit_weights(derivation) -> list[tuple]:
+    """(x, w, x in terms of w, w in terms of x, S) for each S = sum(g**2) whose root is a norm
+    R = sqrt(S) and whose g is linear in an element x that no other reduction reads: w = g/R
+    is the unit vector's element."""
+    found = []
+    for n, r in enumerate(derivation.reductions):
+        if r.kind != "sum" or not (isinstance(r.summand, sp.Pow) and r.summand.exp == 2):
+            continue
+        g = r.summand.base
+        others = set().union(*(q.summand.free_symbols for q in derivation.reductions if q is not r))
+        for x in sorted(g.free_symbols & derivation.element_symbols - others, key=sp.default_sort_key):
+            slope = sp.diff(g, x)
+            if slope == 0 or slope.free_symbols & derivation.element_symbols:
+                continue
+            w = sp.Symbol(f"_n{n}", real=True)
+            found.append((x, w, (w * sp.sqrt(r.symbol) - sp.expand(g - slope * x)) / slope,
+                          g / sp.sqrt(r.symbol), r.symbol))
+            break
+    return found
+
+
+def _around_unit(expr: sp.Expr, w: sp.Symbol) -> sp.Expr:
+    """A polynomial q(w**2) as q(1) + (w - 1)(w + 1) q1(w**2): at C = 1 the unit vector's
+    element is exactly +-1 and the terms that cancel there (I - w w^T of a norm's Hessian,
+    times a large 1/R) drop out exactly."""
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_around_unit(e, w), c) for e, c in expr.args))
+    square = sp.Symbol("_W", positive=True)
+    try:
+        polynomial = sp.Poly(sp.expand(expr), w)
+    except sp.PolynomialError:
+        return expr
+    if polynomial.degree() < 2 or any(k % 2 for (k,), c in polynomial.terms() if c != 0):
+        return expr
+    q = sp.Poly(polynomial.as_expr().subs(w**2, square), square)
+    at_one = q.eval(1)
+    quotient, _ = sp.div(q - sp.Poly(at_one, square), sp.Poly(square - 1, square))
+    return _simplified(at_one) + group((w - 1) * (w + 1)) * _simplified(quotient.as_expr().subs(square, w**2))
+
+
+def _simplified(expr: sp.Expr) -> sp.Expr:
+    """Each branch tidied on its own (a coefficient whose terms cancel exactly: 1/R - 1/R)."""
+    expr = sp.piecewise_fold(expr)
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((tidy(e), c) for e, c in expr.args))
+    return tidy(expr)
+
+
 def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised."""
     expr = _at_index(expr, derivation)
     for x, u, x_of_u, back in _log_weights(derivation):
         if x in expr.free_symbols:
             return _differences_first(direct_form(sp.factor_terms(expr.subs(x, x_of_u))).subs(u, back), derivation)
+    for x, w, x_of_w, back, total in _unit_weights(derivation):
+        roots = [p for p in expr.atoms(sp.Pow) if p.base == total and not p.exp.is_integer]
+        if x in expr.free_symbols and roots:
+            unit = _around_unit(sp.factor_terms(expr.subs(x, x_of_w)), w)
+            return _differences_first(direct_form(unit).xreplace({w: back}), derivation)
     weighted, back = _exp_weights(expr, derivation)
     if back:
         return _differences_first(direct_form(sp.factor_terms(weighted)).xreplace(back), derivation)
