@@ -12,6 +12,7 @@ LOSSES = {
     'cauchy_rho': ('robust', 'Cauchy robust kernel rho(s)'),
     'charbonnier': ('robust', 'Charbonnier loss'),
     'combo': ('segmentation', 'Combo loss'),
+    'contrastive': ('metric', 'Contrastive loss (Hadsell, Chopra and LeCun)'),
     'dice': ('segmentation', 'Dice loss'),
     'dpo': ('preference', 'Direct preference optimisation (DPO) loss'),
     'elastic_net': ('regularisation', 'Elastic net penalty'),

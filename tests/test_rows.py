@@ -92,7 +92,7 @@ def test_row_known_gaps_are_still_gaps(name):
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
-                   "multiclass_hinge_weston_watkins"}
+                   "multiclass_hinge_weston_watkins", "contrastive"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -382,3 +382,21 @@ def test_categorical_and_kl_losses_are_their_formulas():
                                (p * np.log(p / t)).sum(1), rtol=1e-12)
     np.testing.assert_allclose(lossgen.get("reverse_kl_divergence").loss(t, p, reduction="none"),
                                lossgen.get("kl_divergence").loss(p, t, reduction="none"), rtol=1e-13)
+
+
+def test_contrastive_is_hadsell_on_torch_pairwise_distance():
+    """(y d**2 + (1 - y) max(0, margin - d)**2)/2, d = ||x1 - x2 + eps|| (torch's pairwise_distance),
+    y = 1 for a similar pair."""
+    rng = np.random.default_rng(14)
+    x1, x2, y = rng.normal(0, 0.4, (60, 5)), rng.normal(0, 0.4, (60, 5)), rng.choice([0.0, 1.0], 60)
+    con = lossgen.get("contrastive")
+    for margin, eps in ((1.0, 1e-6), (2.0, 0.0)):
+        u = x1 - x2 + eps
+        d = np.sqrt((u**2).sum(-1))
+        h = np.maximum(0, margin - d)
+        np.testing.assert_allclose(con.loss(y, x1, x2, margin=margin, eps=eps, reduction="none"),
+                                   (y * d**2 + (1 - y) * h**2) / 2, rtol=1e-13)
+        g = (y - (1 - y) * h / d)[:, None] * u
+        g1, g2 = con.grad(y, x1, x2, margin=margin, eps=eps)
+        np.testing.assert_allclose(g1, g, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(g2, -g, rtol=1e-12, atol=1e-15)
