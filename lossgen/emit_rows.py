@@ -22,6 +22,7 @@ from .derive_rows import ROW_KERNELS, Reduction, RowDerivation
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, _as_divisions, scoped_code, template_environment
 from .reductions import onehot
+from .stabilise_rows import sum_parts
 from .vocabulary import group
 
 INDENT = "    "
@@ -147,6 +148,8 @@ class _Body:
         """The reductions ``exprs`` depend on, directly or through other reductions."""
         # an arg-max symbol needs its max reduction even where the value itself is not used
         argmax = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
+        # and so does a sum's two parts (stabilise_rows.sum_parts)
+        argmax.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
         used = {s for e in exprs for s in e.free_symbols}
         seen, stack = set(), [s for s in used if s in self.reductions] + [argmax[s] for s in used if s in argmax]
         while stack:
@@ -225,7 +228,7 @@ class _Body:
 LOOP_CODE = {
     "sum": {"start": ["{r} = 0.0", "{r}_error = 0.0"],
             "step": ["_x = {r} + _s", "_z = _x - {r}", "{r}_error += ({r} - (_x - _z)) + (_s - _z)", "{r} = _x"],
-            "finish": ["if math.isfinite({r}):", "    {r} += {r}_error"]},
+            "finish": ["{r}_hi = {r}", "if math.isfinite({r}):", "    {r} += {r}_error"]},
     "max": {"start": ["{r} = -math.inf", "{a} = 0"],
             "step": ["if _s > {r} or _k == 0:", "    {r} = _s", "    {a} = _k"],
             "finish": []},

@@ -27,7 +27,7 @@ from sympy.core.traversal import bottom_up
 from .derive import tidy
 from .reductions import onehot
 from .stabilise import direct_form
-from .vocabulary import group
+from .vocabulary import exact_sum, group
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -189,9 +189,46 @@ def _simplified(expr: sp.Expr) -> sp.Expr:
     return tidy(expr)
 
 
+def sum_parts(r) -> tuple[sp.Symbol, sp.Symbol]:
+    """The two parts of a compensated row sum R (see emit_rows.LOOP_CODE): the running sum
+    and the rounding errors it dropped; R = hi + error, to twice the working precision."""
+    return sp.Symbol(f"{r.symbol.name}_hi", real=True), sp.Symbol(f"{r.symbol.name}_error", real=True)
+
+
+def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
+    """c R F - c g, with R = sum_j g_j and g this element's summand, as
+    c (R (F - 1) + (R - g)) where F >= 1/2: R - g = sum_{j != k} g_j is computed from R's two
+    parts (hi - g) + error, exactly where g is most of R, and F - 1 becomes expm1 by the rules.
+    This is p_k sum(w t) - w_k t_k, the gradient of cross-entropy with soft targets, at a
+    confident class (p_k ~ 1, t_k ~ 1): rounded apart, both terms cancel to nothing."""
+    sums = [r for r in derivation.reductions if r.kind == "sum"]
+    if not sums or not isinstance(expr, sp.Basic):
+        return expr
+
+    def rewrite(e):
+        if not isinstance(e, sp.Add):
+            return e
+        for r in sums:
+            for term in e.args:
+                factor = sp.expand(term / r.symbol)
+                if r.symbol in factor.free_symbols or not factor.free_symbols & derivation.element_symbols:
+                    continue
+                rest = e - term
+                for c in (sp.S.One, sp.S.NegativeOne) + tuple(sp.Mul.make_args(factor)):
+                    weight = sp.expand(factor / c)
+                    if sp.expand(rest + c * r.summand) == 0 and not weight.is_Number:
+                        hi, error = sum_parts(r)
+                        others = exact_sum(hi, -r.summand, error)
+                        return sp.Piecewise((c * (r.symbol * (weight - 1) + others), weight >= sp.S.Half),
+                                            (e, True))
+        return e
+
+    return bottom_up(expr, rewrite)
+
+
 def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised."""
-    expr = _at_index(expr, derivation)
+    expr = _own_term_apart(_at_index(expr, derivation), derivation)
     for x, u, x_of_u, back in _log_weights(derivation):
         if x in expr.free_symbols:
             return _differences_first(direct_form(sp.factor_terms(expr.subs(x, x_of_u))).subs(u, back), derivation)

@@ -92,7 +92,7 @@ def test_row_known_gaps_are_still_gaps(name):
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
-                   "multiclass_hinge_weston_watkins", "contrastive"}
+                   "multiclass_hinge_weston_watkins", "softmax_cross_entropy_probs"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -400,3 +400,20 @@ def test_contrastive_is_hadsell_on_torch_pairwise_distance():
         g1, g2 = con.grad(y, x1, x2, margin=margin, eps=eps)
         np.testing.assert_allclose(g1, g, rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(g2, -g, rtol=1e-12, atol=1e-15)
+
+
+def test_softmax_cross_entropy_probs_is_torch_cross_entropy_with_probabilities():
+    """torch.nn.functional.cross_entropy(s, t, weight=w, label_smoothing=ls) with class-probability
+    targets: -sum_k w_k ((1 - ls) t_k + ls/C) log softmax(s)_k."""
+    rng = np.random.default_rng(13)
+    s, t, w = rng.normal(0, 3, (30, 5)), rng.dirichlet(np.ones(5), 30), rng.uniform(0.2, 2, 5)
+    loss = lossgen.get("softmax_cross_entropy_probs")
+    log_p = np.log(_softmax(s))
+    target = 0.9 * t + 0.1 / 5
+    np.testing.assert_allclose(loss.loss(t, s, w=w, label_smoothing=0.1, reduction="none"),
+                               -(w * target * log_p).sum(1), rtol=1e-13)
+    np.testing.assert_allclose(loss.grad(t, s), _softmax(s) - t, atol=1e-15)
+    onehot = np.eye(5)[rng.integers(0, 5, 30)]  # a one-hot target is the class-index loss
+    np.testing.assert_allclose(loss.loss(onehot, s, reduction="none"),
+                               lossgen.get("softmax_cross_entropy").loss(onehot.argmax(1), s, reduction="none"),
+                               rtol=1e-14)
