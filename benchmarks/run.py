@@ -16,8 +16,9 @@ floor (reads the inputs, writes as many outputs, computes nothing). Every conten
 loss, gradient and Hessian diagonal per element in new arrays, as lossgen's loss_grad_hess does,
 except scikit-learn, which is compared on gradient_hessian against lossgen's grad_hess.
 
-Each benchmark case is one entry of CASES; a row-wise loss is one more entry (see the marked
-place at the end of CASES).
+Each benchmark case is one entry of CASES. The row-wise case (softmax cross-entropy, 1e6 rows
+x 10 classes; 1e5 rows with --quick) compares lossgen's loss_grad_hess with scikit-learn's two
+calls, loss_gradient + gradient_hessian, in the gh/sklearn column.
 """
 from __future__ import annotations
 
@@ -169,6 +170,103 @@ def bandwidth_floor(y, p):
     return l, g, h
 
 
+# --- row-wise: softmax cross-entropy on logits s (N, C) against class indices y (N,) ----------
+
+def _softmax_rows(stable):
+    """A serial and a parallel fused kernel: per row one pass for the max, one for the sum of
+    exponentials, one writing loss, gradient and Hessian diagonal. ``stable``: lossgen's formula
+    (logsumexp as M + log1p(sum over the others), p_k = exp(d_k), 1 - p_k = -expm1(d_k) with
+    d_k = (s_k - M) - L); else the textbook one (p = e_k / sum, 1 - p by subtraction)."""
+
+    def body(y, s, l, g, h, i):
+        c = s.shape[1]
+        m, a = s[i, 0], 0
+        for k in range(1, c):
+            if s[i, k] > m:
+                m, a = s[i, k], k
+        total = 0.0
+        for k in range(c):
+            if stable:
+                if k != a:
+                    total += math.exp(s[i, k] - m)
+            else:
+                total += math.exp(s[i, k] - m)
+        target = y[i]
+        if stable:
+            tail = math.log1p(total)
+            l[i] = (m - s[i, target]) + tail
+            for k in range(c):
+                d = (s[i, k] - m) - tail
+                p, q = math.exp(d), -math.expm1(d)
+                g[i, k] = -q if k == target else p
+                h[i, k] = p * q
+        else:
+            l[i] = m + math.log(total) - s[i, target]
+            for k in range(c):
+                p = math.exp(s[i, k] - m) / total
+                g[i, k] = p - 1.0 if k == target else p
+                h[i, k] = p * (1.0 - p)
+
+    row = numba.njit(inline="always", error_model="numpy")(body)
+
+    @numba.njit(error_model="numpy")
+    def serial(y, s, l, g, h):
+        for i in range(s.shape[0]):
+            row(y, s, l, g, h, i)
+
+    @numba.njit(parallel=True, error_model="numpy")
+    def parallel(y, s, l, g, h):
+        for i in numba.prange(s.shape[0]):
+            row(y, s, l, g, h, i)
+
+    def run(y, s):
+        l, g, h = np.empty(s.shape[0]), np.empty_like(s), np.empty_like(s)
+        (serial if s.size < runtime.SERIAL_BELOW else parallel)(y, s, l, g, h)
+        return l, g, h
+    return run
+
+
+@numba.njit(error_model="numpy")
+def _floor_rows_serial(y, s, l, g, h):
+    for i in range(s.shape[0]):
+        l[i] = y[i]
+        for k in range(s.shape[1]):
+            g[i, k] = s[i, k]
+            h[i, k] = s[i, k]
+
+
+@numba.njit(parallel=True, error_model="numpy")
+def _floor_rows_parallel(y, s, l, g, h):
+    for i in numba.prange(s.shape[0]):
+        l[i] = y[i]
+        for k in range(s.shape[1]):
+            g[i, k] = s[i, k]
+            h[i, k] = s[i, k]
+
+
+def bandwidth_floor_rows(y, s):
+    """Reads labels and logits, writes a loss per row and a gradient and a Hessian diagonal."""
+    l, g, h = np.empty(s.shape[0]), np.empty_like(s), np.empty_like(s)
+    (_floor_rows_serial if s.size < runtime.SERIAL_BELOW else _floor_rows_parallel)(y, s, l, g, h)
+    return l, g, h
+
+
+def _np_softmax_ce(y, s):
+    m = s.max(axis=1, keepdims=True)
+    e = np.exp(s - m)
+    total = e.sum(axis=1, keepdims=True)
+    p = e / total
+    rows = np.arange(s.shape[0])
+    loss = (m[:, 0] + np.log(total[:, 0])) - s[rows, y]
+    grad = p.copy()
+    grad[rows, y] -= 1.0
+    return loss, grad, p * (1.0 - p)
+
+
+def _class_inputs(rng, n, classes=10):
+    return rng.integers(0, classes, size=n), rng.normal(scale=2.0, size=(n, classes))
+
+
 # --- vectorised NumPy ---------------------------------------------------------------------
 
 def _np_mse(y, p):
@@ -233,6 +331,9 @@ class Case:
     memory_bound: bool = False       # target: <= 1.3x the bandwidth floor
     sizes: tuple | None = None       # None: the run's sizes (a row-wise case names its own)
     textbook: Callable | None = None  # hand-written textbook formula, where lossgen's is more careful
+    rowwise: bool = False            # arrays: labels (N,), logits (N, C); sklearn is timed on
+                                     # loss_gradient + gradient_hessian against lossgen's loss_grad_hess
+    floor: Callable | None = None    # the bandwidth floor for this case's shapes (None: elementwise)
 
 
 def _torch_pinball(tau):
@@ -265,13 +366,13 @@ def _cases() -> list[Case]:
         Case("binary_cross_entropy_logits", {}, _label_inputs, _fused(_logistic_stable), _np_logistic,
              F and (lambda y, x: F.binary_cross_entropy_with_logits(x, y, reduction="none")),
              sk and sk.HalfBinomialLoss, "HalfBinomialLoss: same", textbook=_fused(_logistic)),
-        # ---- ROW-WISE: add here when lossgen's row-wise softmax cross-entropy lands --------
-        # Case("softmax_cross_entropy", {}, <(rng, n) -> labels (n,), logits (n, 10)>,
-        #      <hand-written fused Numba>, <NumPy>, <torch: F.cross_entropy per row>,
-        #      sk and (lambda: sk.HalfMultinomialLoss(n_classes=10)), "HalfMultinomialLoss",
-        #      sizes=(1_000_000,)),   # 1e6 rows x 10 classes
-        # target: <= 0.5x scikit-learn's multinomial loss_gradient + gradient_hessian; the
-        # sklearn column then times loss_gradient + gradient_hessian (see _sklearn_contender).
+        # row-wise, 1e6 rows x 10 classes; target: <= 0.5x scikit-learn's multinomial
+        # loss_gradient + gradient_hessian (two passes that lossgen's loss_grad_hess does in one)
+        Case("softmax_cross_entropy", {}, _class_inputs, _softmax_rows(True), _np_softmax_ce,
+             F and (lambda y, s: F.cross_entropy(s, y, reduction="none")),
+             sk and (lambda: sk.HalfMultinomialLoss(n_classes=10)),
+             "HalfMultinomialLoss: same; n counts rows of 10 classes; its gh/sklearn cell is lossgen loss_grad_hess / (sklearn loss_gradient + gradient_hessian)",
+             sizes=(1_000_000,), textbook=_softmax_rows(False), rowwise=True, floor=bandwidth_floor_rows),
     ]
 
 
@@ -301,6 +402,8 @@ def _lambdified(case: Case):
 def _torch_autograd(case: Case):
     threads = numba.get_num_threads()
     torch.set_num_threads(threads)
+    if case.rowwise:
+        return _torch_autograd_rows(case)
 
     def run(y, p):
         yt, pt = torch.from_numpy(y), torch.from_numpy(p).requires_grad_(True)
@@ -311,9 +414,34 @@ def _torch_autograd(case: Case):
     return run
 
 
+def _torch_autograd_rows(case: Case):
+    """Loss per row, gradient, and the Hessian's diagonal: one more backward pass per class."""
+    def run(y, s):
+        yt, st = torch.from_numpy(y), torch.from_numpy(s).requires_grad_(True)
+        loss = case.torch_loss(yt, st)
+        grad, = torch.autograd.grad(loss.sum(), st, create_graph=True)
+        hess = torch.empty_like(st)
+        for k in range(s.shape[1]):
+            hess[:, k] = torch.autograd.grad(grad[:, k].sum(), st, retain_graph=True)[0][:, k]
+        return loss.numpy(force=True), grad.numpy(force=True), hess.numpy(force=True)
+    return run
+
+
 def _sklearn_contender(case: Case):
     loss = case.sklearn()
     threads = numba.get_num_threads()
+    if case.rowwise:
+        labels = {}  # sklearn takes class labels as floats: converted once per input array
+
+        def run_rows(y, s):
+            if id(y) not in labels:
+                labels.clear()
+                labels[id(y)] = (y, y.astype(np.float64))
+            y_float = labels[id(y)][1]
+            value, grad = loss.loss_gradient(y_float, s, n_threads=threads)
+            grad, hess = loss.gradient_hessian(y_float, s, n_threads=threads)
+            return value, grad, hess
+        return run_rows
 
     def run(y, p):
         return loss.gradient_hessian(y, p, n_threads=threads)
@@ -328,10 +456,13 @@ def contenders(case: Case, notes: list) -> dict[str, Callable]:
         "lossgen grad_hess": lambda *a: loss.grad_hess(*a, **case.params),
         "reference": case.reference,
         "textbook": case.textbook or case.reference,
-        "floor": bandwidth_floor,
+        "floor": case.floor or bandwidth_floor,
         "numpy": case.numpy,
-        "lambdify": _lambdified(case),
     }
+    if case.rowwise:
+        notes.append(f"{case.name}: no lambdify column (row reductions have no elementwise lambdify)")
+    else:
+        run["lambdify"] = _lambdified(case)
     if case.torch_loss is None:
         notes.append(f"{case.name}: PyTorch not installed (pip install torch): torch column skipped")
     else:
@@ -502,6 +633,12 @@ COLUMNS = [  # (heading, contender whose time divides lossgen's, lossgen's funct
 ]
 
 
+def _mine(case: Case, peer: str, mine: str) -> str:
+    """lossgen's contender against ``peer``: for a row-wise loss scikit-learn's two calls
+    (loss_gradient + gradient_hessian) face lossgen's one fused loss_grad_hess."""
+    return "lossgen" if case.rowwise and peer == "sklearn" else mine
+
+
 def _size_text(n: int) -> str:
     exponent = int(round(math.log10(n)))
     return f"1e{exponent}" if 10 ** exponent == n else str(n)
@@ -536,12 +673,15 @@ def main(argv=None) -> int:
     print("-" * len(header))
     for case in cases:
         functions = contenders(case, notes)
-        for n in case.sizes or sizes:
+        case_sizes = case.sizes or sizes
+        if args.quick and case.rowwise:
+            case_sizes = tuple(n // 10 for n in case_sizes)
+        for n in case_sizes:
             arrays = case.inputs(np.random.default_rng(n), n)
-            if n == (case.sizes or sizes)[0]:
+            if n == case_sizes[0]:
                 check_agreement(case, functions, arrays)
             times = time_side_by_side(functions, arrays, repeats)
-            ratios = {h: times[mine] / times[of] for h, of, mine, _ in COLUMNS if of in times}
+            ratios = {h: times[_mine(case, of, mine)] / times[of] for h, of, mine, _ in COLUMNS if of in times}
             results.append({"loss": case.name, "n": n, "seconds": times, "ratios": ratios})
             cells = "".join(f"{ratios[h]:>11.2f}" if h in ratios else f"{'-':>11}" for h, *_ in COLUMNS)
             print(f"{case.name[:27]:<28}{_size_text(n):>5}{1e6 * times['lossgen']:>11.1f}"

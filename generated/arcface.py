@@ -46,114 +46,136 @@ SPEC = {
 }
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, c, scale, margin, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = c.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            if not ((_e_c >= -1.0 and _e_c <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _k = _row_y
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_c = c[_i, _k]
-        _r0 = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_l1 + (_m1 - _r0))
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _k = _row_y
+    _e_c = c[_i, _k]
+    _r0 = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_l1 + (_m1 - _r0))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, c, scale, margin, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            if not ((_e_c >= -1.0 and _e_c <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_c = c[_i, _k]
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+    else:
+        for _i in range(c.shape[0]):
+            _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if ((1.0 if _k == _row_y else 0.0) == 1.0):
             _t2_0 = margin + math.acos(_e_c)
+            _b2_0 = ((scale*math.sin(_t2_0)*math.expm1(-_l1 + (-_m1 + scale*math.cos(_t2_0))))/(math.sqrt(1.0 - _e_c**2)))
+        else:
             _t2_1 = _e_c*scale - _m1
-            _out0[_i, _k] = _w * (((((scale*math.sin(_t2_0)*math.expm1(-_l1 + (-_m1 + scale*math.cos(_t2_0))))/(math.sqrt(1.0 - _e_c**2)))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((scale*math.exp(-_l1 + (_t2_1))) if (_l1 + (-_t2_1) <= 700.0) else (math.exp((-_l1 + (_t2_1 + math.log(scale)))))))))
+            _b2_0 = ((scale*math.exp(-_l1 + (_t2_1))) if (_l1 + (-_t2_1) <= 700.0) else (math.exp((-_l1 + (_t2_1 + math.log(scale))))))
+        _out0[_i, _k] = _w * (_b2_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, c, scale, margin, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
+def grad_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            if not ((_e_c >= -1.0 and _e_c <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_c = c[_i, _k]
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+    else:
+        for _i in range(c.shape[0]):
+            _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if ((1.0 if _k == _row_y else 0.0) == 1.0):
             _t2_0 = margin + math.acos(_e_c)
             _t2_1 = math.cos(_t2_0)
             _t2_2 = _m1 - _t2_1*scale
@@ -163,44 +185,59 @@ def hess_kernel(y, c, scale, margin, _weight, _out0):
             _t2_6 = _t2_5**2*scale
             _t2_7 = _e_c**2 - 1.0
             _t2_8 = _t2_1 + ((-_e_c*_t2_5)/(math.sqrt(-_t2_7)))
+            _b2_0 = ((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_8)) if (_l1 + (_t2_2) <= 1.0) else (_t2_6*math.exp(_t2_3) + (_t2_8))))/(_t2_7))
+        else:
             _t2_9 = -_l1 + (_e_c*scale - _m1)
-            _out0[_i, _k] = _w * (((((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_8)) if (_l1 + (_t2_2) <= 1.0) else (_t2_6*math.exp(_t2_3) + (_t2_8))))/(_t2_7))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (-scale**2*math.exp(_t2_9)*math.expm1(_t2_9))))
+            _b2_0 = -scale**2*math.exp(_t2_9)*math.expm1(_t2_9)
+        _out0[_i, _k] = _w * (_b2_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
+def hess_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            if not ((_e_c >= -1.0 and _e_c <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_c = c[_i, _k]
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+    else:
+        for _i in range(c.shape[0]):
+            _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _t2_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t2_9:
             _t2_0 = margin + math.acos(_e_c)
             _t2_1 = math.sin(_t2_0)
             _t2_2 = math.cos(_t2_0)
@@ -210,55 +247,71 @@ def grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1):
             _t2_6 = _t2_5*scale
             _t2_7 = _e_c**2 - 1.0
             _t2_8 = math.sqrt(-_t2_7)
-            _t2_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+            _t2_13 = _t2_1**2*scale
+            _t2_14 = _t2_2 + ((-_e_c*_t2_1)/(_t2_8))
+            _b2_0 = ((_t2_1*_t2_6)/(_t2_8))
+            _b2_1 = ((_t2_6*((_t2_13*_t2_5 + (_t2_13 + _t2_14)) if (_l1 + (_t2_3) <= 1.0) else (_t2_13*math.exp(_t2_4) + (_t2_14))))/(_t2_7))
+        else:
             _t2_10 = _e_c*scale - _m1
             _t2_11 = -_l1 + (_t2_10)
             _t2_12 = math.exp(_t2_11)
-            _t2_13 = _t2_1**2*scale
-            _t2_14 = _t2_2 + ((-_e_c*_t2_1)/(_t2_8))
-            _out0[_i, _k] = _w * (((((_t2_1*_t2_6)/(_t2_8))) if _t2_9 else (((_t2_12*scale) if (_l1 + (-_t2_10) <= 700.0) else (math.exp((-_l1 + (_t2_10 + math.log(scale)))))))))
-            _out1[_i, _k] = _w * (((((_t2_6*((_t2_13*_t2_5 + (_t2_13 + _t2_14)) if (_l1 + (_t2_3) <= 1.0) else (_t2_13*math.exp(_t2_4) + (_t2_14))))/(_t2_7))) if _t2_9 else (-_t2_12*scale**2*math.expm1(_t2_11))))
+            _b2_0 = ((_t2_12*scale) if (_l1 + (-_t2_10) <= 700.0) else (math.exp((-_l1 + (_t2_10 + math.log(scale))))))
+            _b2_1 = -_t2_12*scale**2*math.expm1(_t2_11)
+        _out0[_i, _k] = _w * (_b2_0)
+        _out1[_i, _k] = _w * (_b2_1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
+def grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            if not ((_e_c >= -1.0 and _e_c <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _k = _row_y
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1)
+    else:
+        for _i in range(c.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_c = c[_i, _k]
-        _r0 = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_l1 + (_m1 - _r0))
-        for _k in range(_n):
-            _e_c = c[_i, _k]
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _k = _row_y
+    _e_c = c[_i, _k]
+    _r0 = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_l1 + (_m1 - _r0))
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _t4_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t4_9:
             _t4_0 = margin + math.acos(_e_c)
             _t4_1 = math.sin(_t4_0)
             _t4_2 = math.cos(_t4_0)
@@ -268,42 +321,58 @@ def loss_grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1, _out2):
             _t4_6 = _t4_5*scale
             _t4_7 = _e_c**2 - 1.0
             _t4_8 = math.sqrt(-_t4_7)
-            _t4_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+            _t4_13 = _t4_1**2*scale
+            _t4_14 = _t4_2 + ((-_e_c*_t4_1)/(_t4_8))
+            _b4_0 = ((_t4_1*_t4_6)/(_t4_8))
+            _b4_1 = ((_t4_6*((_t4_13*_t4_5 + (_t4_13 + _t4_14)) if (_l1 + (_t4_3) <= 1.0) else (_t4_13*math.exp(_t4_4) + (_t4_14))))/(_t4_7))
+        else:
             _t4_10 = _e_c*scale - _m1
             _t4_11 = -_l1 + (_t4_10)
             _t4_12 = math.exp(_t4_11)
-            _t4_13 = _t4_1**2*scale
-            _t4_14 = _t4_2 + ((-_e_c*_t4_1)/(_t4_8))
-            _out1[_i, _k] = _w * (((((_t4_1*_t4_6)/(_t4_8))) if _t4_9 else (((_t4_12*scale) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_t4_10 + math.log(scale)))))))))
-            _out2[_i, _k] = _w * (((((_t4_6*((_t4_13*_t4_5 + (_t4_13 + _t4_14)) if (_l1 + (_t4_3) <= 1.0) else (_t4_13*math.exp(_t4_4) + (_t4_14))))/(_t4_7))) if _t4_9 else (-_t4_12*scale**2*math.expm1(_t4_11))))
+            _b4_0 = ((_t4_12*scale) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_t4_10 + math.log(scale))))))
+            _b4_1 = -_t4_12*scale**2*math.expm1(_t4_11)
+        _out1[_i, _k] = _w * (_b4_0)
+        _out2[_i, _k] = _w * (_b4_1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, c, scale, margin, _v_c, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def loss_grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((3, _n))
-        for _k in range(_n):
-            _e_c = c[_i, _k]
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(c.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((3, _n))
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t2_11:
             _t2_0 = margin + math.acos(_e_c)
             _t2_1 = math.cos(_t2_0)
             _t2_2 = _m1 - _t2_1*scale
@@ -315,48 +384,66 @@ def hvp_kernel(y, c, scale, margin, _v_c, _weight, _out0):
             _t2_8 = math.sqrt(-_t2_7)
             _t2_9 = _t2_1 + ((-_e_c*_t2_5)/(_t2_8))
             _t2_10 = math.exp(_t2_3)
-            _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+            _t2_15 = _t2_10*_t2_5*scale
+            _b2_0 = ((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
+            _b2_1 = ((-_t2_15)/(_t2_8))
+            _b2_2 = ((_t2_15)/(_t2_8))
+        else:
             _t2_12 = _e_c*scale - _m1
             _t2_13 = -_l1 + (_t2_12)
             _t2_14 = math.exp(_t2_13)
-            _t2_15 = _t2_10*_t2_5*scale
             _t2_16 = ((_t2_14*scale) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(scale))))))
-            _scratch[0, _k] = ((((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))) if _t2_11 else (-_t2_14*scale**2*math.expm1(_t2_13)))
-            _scratch[1, _k] = ((((-_t2_15)/(_t2_8))) if _t2_11 else (-_t2_16))
-            _scratch[2, _k] = ((((_t2_15)/(_t2_8))) if _t2_11 else (_t2_16))
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-                _out0[_i, _j] += _w * _h * _v_c[_i, _l]
+            _b2_0 = -_t2_14*scale**2*math.expm1(_t2_13)
+            _b2_1 = -_t2_16
+            _b2_2 = _t2_16
+        _scratch[0, _k] = _b2_0
+        _scratch[1, _k] = _b2_1
+        _scratch[2, _k] = _b2_2
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            _out0[_i, _j] += _w * _h * _v_c[_i, _l]
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, c, scale, margin, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def hvp_kernel(y, c, scale, margin, _v_c, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
-    for _i in numba.prange(c.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_c = c[_i, _k]
-            _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((3, _n))
-        for _k in range(_n):
-            _e_c = c[_i, _k]
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0)
+    else:
+        for _i in range(c.shape[0]):
+            _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((3, _n))
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t2_11:
             _t2_0 = margin + math.acos(_e_c)
             _t2_1 = math.cos(_t2_0)
             _t2_2 = _m1 - _t2_1*scale
@@ -368,18 +455,37 @@ def hess_full_kernel(y, c, scale, margin, _weight, _out0):
             _t2_8 = math.sqrt(-_t2_7)
             _t2_9 = _t2_1 + ((-_e_c*_t2_5)/(_t2_8))
             _t2_10 = math.exp(_t2_3)
-            _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+            _t2_15 = _t2_10*_t2_5*scale
+            _b2_0 = ((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
+            _b2_1 = ((-_t2_15)/(_t2_8))
+            _b2_2 = ((_t2_15)/(_t2_8))
+        else:
             _t2_12 = _e_c*scale - _m1
             _t2_13 = -_l1 + (_t2_12)
             _t2_14 = math.exp(_t2_13)
-            _t2_15 = _t2_10*_t2_5*scale
             _t2_16 = ((_t2_14*scale) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(scale))))))
-            _scratch[0, _k] = ((((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))) if _t2_11 else (-_t2_14*scale**2*math.expm1(_t2_13)))
-            _scratch[1, _k] = ((((-_t2_15)/(_t2_8))) if _t2_11 else (-_t2_16))
-            _scratch[2, _k] = ((((_t2_15)/(_t2_8))) if _t2_11 else (_t2_16))
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-                _out0[_i, _j, _l] = _w * _h
+            _b2_0 = -_t2_14*scale**2*math.expm1(_t2_13)
+            _b2_1 = -_t2_16
+            _b2_2 = _t2_16
+        _scratch[0, _k] = _b2_0
+        _scratch[1, _k] = _b2_1
+        _scratch[2, _k] = _b2_2
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = c.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(c.shape[0]):
+            _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+    else:
+        for _i in range(c.shape[0]):
+            _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
 
 

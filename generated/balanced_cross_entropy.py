@@ -66,14 +66,18 @@ def loss_scalar(y, x, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = math.log(2.0)
-    _t1 = _logcosh(((x)/(2.0)))
-    _t2 = _t0*alpha
-    _t3 = _t1*alpha
     _t4 = -x
     _t5 = alpha*y
     _t6 = alpha - 1.0
-    return ((-_t0*y + _t0 - _t1*y + _t1 + 2.0*_t2*y - _t2 + _t3*y - _t3 + _t5*_logcosh(((_t4)/(2.0))) + (((x*(-_t6 - y))/(2.0)))) if (abs(x) <= 1.0) else (_t5*_softplus(_t4) - _t6*(1.0 - y)*_softplus(x)))
+    if (abs(x) <= 1.0):
+        _t0 = math.log(2.0)
+        _t1 = _logcosh(((x)/(2.0)))
+        _t2 = _t0*alpha
+        _t3 = _t1*alpha
+        _b0 = -_t0*y + _t0 - _t1*y + _t1 + 2.0*_t2*y - _t2 + _t3*y - _t3 + _t5*_logcosh(((_t4)/(2.0))) + (((x*(-_t6 - y))/(2.0)))
+    else:
+        _b0 = _t5*_softplus(_t4) - _t6*(1.0 - y)*_softplus(x)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -81,10 +85,14 @@ def grad_scalar(y, x, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = math.tanh(((x)/(2.0)))
-    _t1 = _t0*alpha
     _t2 = alpha - 1.0
-    return ((_t1*y + ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((-_t0*y)/(2.0)) + (((-_t2 - y)/(2.0)))) if (abs(x) <= 1.0) else (-_t2*(1.0 - y)*_sigmoid(x) - alpha*y*_sigmoid(-x)))
+    if (abs(x) <= 1.0):
+        _t0 = math.tanh(((x)/(2.0)))
+        _t1 = _t0*alpha
+        _b0 = _t1*y + ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((-_t0*y)/(2.0)) + (((-_t2 - y)/(2.0)))
+    else:
+        _b0 = -_t2*(1.0 - y)*_sigmoid(x) - alpha*y*_sigmoid(-x)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -100,15 +108,19 @@ def grad_hess_scalar(y, x, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t0 = math.tanh(((x)/(2.0)))
-    _t1 = _t0*alpha
     _t2 = alpha - 1.0
     _t3 = _sigmoid(-x)
     _t4 = alpha*y
     _t5 = _sigmoid(x)
     _t6 = -_t2
     _t7 = 1.0 - y
-    return ((_t1*y + ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((-_t0*y)/(2.0)) + (((-_t2 - y)/(2.0)))) if (abs(x) <= 1.0) else (-_t3*_t4 + _t5*_t6*_t7)), _t3*_t5*(_t4 + _t6*_t7)
+    if (abs(x) <= 1.0):
+        _t0 = math.tanh(((x)/(2.0)))
+        _t1 = _t0*alpha
+        _b0 = _t1*y + ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((-_t0*y)/(2.0)) + (((-_t2 - y)/(2.0)))
+    else:
+        _b0 = -_t3*_t4 + _t5*_t6*_t7
+    return _b0, _t3*_t5*(_t4 + _t6*_t7)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -116,24 +128,30 @@ def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t0 = math.log(2.0)
-    _t1 = ((x)/(2.0))
-    _t2 = _logcosh(_t1)
-    _t3 = _t0*alpha
-    _t4 = _t2*alpha
     _t5 = -x
     _t6 = alpha*y
     _t7 = alpha - 1.0
-    _t8 = -_t7 - y
     _t9 = (abs(x) <= 1.0)
     _t10 = -_t7
     _t11 = 1.0 - y
     _t12 = _t10*_t11
-    _t13 = math.tanh(_t1)
-    _t14 = _t13*alpha
     _t15 = _sigmoid(_t5)
     _t16 = _sigmoid(x)
-    return ((-_t0*y + _t0 - _t2*y + _t2 + 2.0*_t3*y - _t3 + _t4*y - _t4 + _t6*_logcosh(((_t5)/(2.0))) + (((_t8*x)/(2.0)))) if _t9 else (_t12*_softplus(x) + _t6*_softplus(_t5))), ((_t14*y + ((_t13)/(2.0)) + ((-_t14)/(2.0)) + ((-_t13*y)/(2.0)) + (((_t8)/(2.0)))) if _t9 else (_t10*_t11*_t16 - _t15*_t6)), _t15*_t16*(_t12 + _t6)
+    if _t9:
+        _t0 = math.log(2.0)
+        _t1 = ((x)/(2.0))
+        _t2 = _logcosh(_t1)
+        _t3 = _t0*alpha
+        _t4 = _t2*alpha
+        _t8 = -_t7 - y
+        _t13 = math.tanh(_t1)
+        _t14 = _t13*alpha
+        _b0 = -_t0*y + _t0 - _t2*y + _t2 + 2.0*_t3*y - _t3 + _t4*y - _t4 + _t6*_logcosh(((_t5)/(2.0))) + (((_t8*x)/(2.0)))
+        _b1 = _t14*y + ((_t13)/(2.0)) + ((-_t14)/(2.0)) + ((-_t13*y)/(2.0)) + (((_t8)/(2.0)))
+    else:
+        _b0 = _t12*_softplus(x) + _t6*_softplus(_t5)
+        _b1 = _t10*_t11*_t16 - _t15*_t6
+    return _b0, _b1, _t15*_t16*(_t12 + _t6)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

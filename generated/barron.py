@@ -87,13 +87,19 @@ def loss_scalar(y, p, alpha, c):
     _t6 = math.log(_t5)
     _t7 = _t4**2*c**2
     _t8 = (abs(_t0) > 1e+60)
-    _t9 = abs(alpha - 2.0)
-    _t10 = _t7*_t9
-    _t11 = (((_xlog1py(alpha, _t10))/(2.0)) + ((-_xlogy(alpha, _t9))/(2.0)) - _xlogy(alpha, _t5) - _xlogy(alpha, c))
-    _t12 = (((((_t1)/(_t9*c))))/(c))
-    _t13 = _xlog1py(alpha, _t12)
-    _t14 = ((_t13)/(2.0))
-    return ((_t2) if (alpha == 2.0) else (((-2.0*_t3 - 2.0*_t6 + math.log1p(2.0*_t7) - math.log(2.0)) if _t8 else (math.log1p(_t2)))) if (alpha == 0.0) else (((_t9*(((-_t3 - _t6 + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if _t8 else (_t9*((((_exprel(_t14)*math.log1p(_t12))/(2.0))) if (abs(_t13) <= 2.0) else ((((math.expm1(_t14)))/(alpha))))))))
+    if (alpha == 2.0):
+        _b0 = _t2
+    elif (alpha == 0.0):
+        _b0 = ((-2.0*_t3 - 2.0*_t6 + math.log1p(2.0*_t7) - math.log(2.0)) if _t8 else (math.log1p(_t2)))
+    else:
+        _t9 = abs(alpha - 2.0)
+        _t10 = _t7*_t9
+        _t11 = (((_xlog1py(alpha, _t10))/(2.0)) + ((-_xlogy(alpha, _t9))/(2.0)) - _xlogy(alpha, _t5) - _xlogy(alpha, c))
+        _t12 = (((((_t1)/(_t9*c))))/(c))
+        _t13 = _xlog1py(alpha, _t12)
+        _t14 = ((_t13)/(2.0))
+        _b0 = ((_t9*(((-_t3 - _t6 + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if _t8 else (_t9*((((_exprel(_t14)*math.log1p(_t12))/(2.0))) if (abs(_t13) <= 2.0) else ((((math.expm1(_t14)))/(alpha))))))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -103,12 +109,18 @@ def grad_scalar(y, p, alpha, c):
     _t1 = (((1.0)/(_t0)))
     _t2 = _t1**2
     _t3 = c**2
-    _t4 = 2.0*_t3
     _t5 = (abs(_t0) > 1e+60)
     _t6 = _t0**2
-    _t7 = abs(alpha - 2.0)
-    _t8 = _t2*_t3*_t7
-    return (((((((_t0)/(c))))/(c))) if (alpha == 2.0) else (((((2.0*_t1)/(_t2*_t4 + 1.0))) if _t5 else (((2.0*p - 2.0*y)/(_t4 + _t6))))) if (alpha == 0.0) else (((((_t7*math.exp((((_xlog1py(alpha, _t8))/(2.0)) + ((-_xlogy(alpha, _t7))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t1))))*_sign(_t1))/(_t8 + 1.0))) if _t5 else ((((((_t0*((((((_t6)/(_t7*c))))/(c)) + 1.0)**(((alpha)/(2.0)) - 1.0))/(c))))/(c))))))
+    if (alpha == 2.0):
+        _b0 = (((((_t0)/(c))))/(c))
+    elif (alpha == 0.0):
+        _t4 = 2.0*_t3
+        _b0 = ((((2.0*_t1)/(_t2*_t4 + 1.0))) if _t5 else (((2.0*p - 2.0*y)/(_t4 + _t6))))
+    else:
+        _t7 = abs(alpha - 2.0)
+        _t8 = _t2*_t3*_t7
+        _b0 = ((((_t7*math.exp((((_xlog1py(alpha, _t8))/(2.0)) + ((-_xlogy(alpha, _t7))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t1))))*_sign(_t1))/(_t8 + 1.0))) if _t5 else ((((((_t0*((((((_t6)/(_t7*c))))/(c)) + 1.0)**(((alpha)/(2.0)) - 1.0))/(c))))/(c))))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -120,22 +132,28 @@ def hess_scalar(y, p, alpha, c):
     _t3 = _t2**2
     _t4 = 2.0*_t3
     _t5 = _t2**4
-    _t6 = 4.0*_t0
     _t7 = _t5*c**4
     _t8 = 4.0*_t7
     _t9 = (abs(_t1) > 1e+60)
     _t10 = _t1**2
-    _t11 = 2.0*_t0 + _t10
-    _t12 = alpha - 2.0
-    _t13 = _t12**2
-    _t14 = abs(_t12)
-    _t15 = _t0*_t14
-    _t16 = _t15*_t3
-    _t17 = alpha - 1.0
-    _t18 = alpha**2
-    _t19 = (-_t17)
-    _t20 = _t10 + _t15
-    return ((((1.0)/(_t0))) if (alpha == 2.0) else (((((-_t4 + _t5*_t6)/(_t3*_t6 + _t8 + 1.0))) if _t9 else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))) if (alpha == 0.0) else (((((_t13*(_t16 + _t17)*math.exp((((_xlog1py(alpha, _t16))/(2.0)) + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t12, abs(_t2)) - _xlogy(alpha, c))))/(_t0*_t18*_t4 + 8.0*_t0*_t19*_t3 + _t14*_t18*_t7 + _t14*_t19*_t8 + _t14))) if _t9 else ((((((_t13*(-_t10*_t19 + _t15)*(((((_t20)/(_t14*c))))/(c))**((alpha)/(2.0)))/(_t14*_t20))))/(_t20))))))
+    if (alpha == 2.0):
+        _b0 = ((1.0)/(_t0))
+    elif (alpha == 0.0):
+        _t6 = 4.0*_t0
+        _t11 = 2.0*_t0 + _t10
+        _b0 = ((((-_t4 + _t5*_t6)/(_t3*_t6 + _t8 + 1.0))) if _t9 else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
+    else:
+        _t12 = alpha - 2.0
+        _t13 = _t12**2
+        _t14 = abs(_t12)
+        _t15 = _t0*_t14
+        _t16 = _t15*_t3
+        _t17 = alpha - 1.0
+        _t18 = alpha**2
+        _t19 = (-_t17)
+        _t20 = _t10 + _t15
+        _b0 = ((((_t13*(_t16 + _t17)*math.exp((((_xlog1py(alpha, _t16))/(2.0)) + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t12, abs(_t2)) - _xlogy(alpha, c))))/(_t0*_t18*_t4 + 8.0*_t0*_t19*_t3 + _t14*_t18*_t7 + _t14*_t19*_t8 + _t14))) if _t9 else ((((((_t13*(-_t10*_t19 + _t15)*(((((_t20)/(_t14*c))))/(c))**((alpha)/(2.0)))/(_t14*_t20))))/(_t20))))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -150,27 +168,36 @@ def grad_hess_scalar(y, p, alpha, c):
     _t6 = _t3*_t5
     _t7 = (abs(_t0) > 1e+60)
     _t8 = _t0**2
-    _t9 = _t5 + _t8
     _t10 = (alpha == 0.0)
-    _t11 = alpha - 2.0
-    _t12 = abs(_t11)
-    _t13 = alpha - 1.0
-    _t14 = -_t13
-    _t15 = abs(_t2)
-    _t16 = _t12*_t4
-    _t17 = _t16*_t3
-    _t18 = ((_xlog1py(alpha, _t17))/(2.0)) + ((-_xlogy(alpha, _t12))/(2.0)) - _xlogy(alpha, c)
-    _t19 = _t12*c
-    _t20 = ((alpha)/(2.0))
     _t21 = _t2**4
-    _t22 = 4.0*_t4
     _t23 = _t21*c**4
     _t24 = 4.0*_t23
-    _t25 = _t11**2
-    _t26 = alpha**2
-    _t27 = (_t14)
-    _t28 = _t16 + _t8
-    return (((((((_t0)/(c))))/(c))) if _t1 else (((((2.0*_t2)/(_t6 + 1.0))) if _t7 else (((2.0*p - 2.0*y)/(_t9))))) if _t10 else (((((_t12*math.exp((_t18 + _xlogy(_t14, _t15)))*_sign(_t2))/(_t17 + 1.0))) if _t7 else ((((((_t0*((((((_t8)/(_t19))))/(c)) + 1.0)**(_t20 - 1.0))/(c))))/(c)))))), ((((1.0)/(_t4))) if _t1 else (((((_t21*_t22 - 2.0*_t3)/(_t22*_t3 + _t24 + 1.0))) if _t7 else ((((((-4.0*_t0**2)/(_t9))) + 2.0)/(_t9))))) if _t10 else (((((_t25*(_t13 + _t17)*math.exp((_t18 + _xlogy(-_t11, _t15))))/(_t12*_t23*_t26 + _t12*_t24*_t27 + _t12 + _t26*_t6 + 8.0*_t27*_t3*_t4))) if _t7 else ((((((_t25*(_t16 - _t27*_t8)*(((((_t28)/(_t19))))/(c))**_t20)/(_t12*_t28))))/(_t28))))))
+    if _t1:
+        _b0 = (((((_t0)/(c))))/(c))
+        _b1 = ((1.0)/(_t4))
+    elif _t10:
+        _t9 = _t5 + _t8
+        _t22 = 4.0*_t4
+        _b0 = ((((2.0*_t2)/(_t6 + 1.0))) if _t7 else (((2.0*p - 2.0*y)/(_t9))))
+        _b1 = ((((_t21*_t22 - 2.0*_t3)/(_t22*_t3 + _t24 + 1.0))) if _t7 else ((((((-4.0*_t0**2)/(_t9))) + 2.0)/(_t9))))
+    else:
+        _t11 = alpha - 2.0
+        _t12 = abs(_t11)
+        _t13 = alpha - 1.0
+        _t14 = -_t13
+        _t15 = abs(_t2)
+        _t16 = _t12*_t4
+        _t17 = _t16*_t3
+        _t18 = ((_xlog1py(alpha, _t17))/(2.0)) + ((-_xlogy(alpha, _t12))/(2.0)) - _xlogy(alpha, c)
+        _t19 = _t12*c
+        _t20 = ((alpha)/(2.0))
+        _t25 = _t11**2
+        _t26 = alpha**2
+        _t27 = (_t14)
+        _t28 = _t16 + _t8
+        _b0 = ((((_t12*math.exp((_t18 + _xlogy(_t14, _t15)))*_sign(_t2))/(_t17 + 1.0))) if _t7 else ((((((_t0*((((((_t8)/(_t19))))/(c)) + 1.0)**(_t20 - 1.0))/(c))))/(c))))
+        _b1 = ((((_t25*(_t13 + _t17)*math.exp((_t18 + _xlogy(-_t11, _t15))))/(_t12*_t23*_t26 + _t12*_t24*_t27 + _t12 + _t26*_t6 + 8.0*_t27*_t3*_t4))) if _t7 else ((((((_t25*(_t16 - _t27*_t8)*(((((_t28)/(_t19))))/(c))**_t20)/(_t12*_t28))))/(_t28))))
+    return _b0, _b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -190,29 +217,41 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     _t11 = _t10*_t8
     _t12 = (abs(_t0) > 1e+60)
     _t13 = (alpha == 0.0)
-    _t14 = alpha - 2.0
-    _t15 = abs(_t14)
-    _t16 = _t15*_t9
-    _t17 = _t16*_t8
-    _t18 = ((_xlog1py(alpha, _t17))/(2.0)) + ((-_xlogy(alpha, _t15))/(2.0)) - _xlogy(alpha, c)
-    _t19 = (_t18 - _xlogy(alpha, _t6))
-    _t20 = _t15*c
-    _t21 = (((((_t1)/(_t20))))/(c))
-    _t22 = _xlog1py(alpha, _t21)
-    _t23 = ((_t22)/(2.0))
-    _t24 = _t1 + _t10
-    _t25 = alpha - 1.0
-    _t26 = -_t25
-    _t27 = ((alpha)/(2.0))
     _t28 = _t5**4
-    _t29 = 4.0*_t9
     _t30 = _t28*c**4
     _t31 = 4.0*_t30
-    _t32 = _t14**2
-    _t33 = alpha**2
-    _t34 = (_t26)
-    _t35 = _t1 + _t16
-    return ((_t2) if _t3 else (((-2.0*_t4 - 2.0*_t7 + math.log1p(_t11) - math.log(2.0)) if _t12 else (math.log1p(_t2)))) if _t13 else (((_t15*(((-_t4 - _t7 + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t19)) if (abs(_t19) <= 1.0) else ((((math.expm1(_t19)))/(alpha))))) if _t12 else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha)))))))), (((((((_t0)/(c))))/(c))) if _t3 else (((((2.0*_t5)/(_t11 + 1.0))) if _t12 else (((2.0*p - 2.0*y)/(_t24))))) if _t13 else (((((_t15*math.exp((_t18 + _xlogy(_t26, _t6)))*_sign(_t5))/(_t17 + 1.0))) if _t12 else ((((((_t0*(_t21 + 1.0)**(_t27 - 1.0))/(c))))/(c)))))), ((((1.0)/(_t9))) if _t3 else (((((_t28*_t29 - 2.0*_t8)/(_t29*_t8 + _t31 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t24))) + 2.0)/(_t24))))) if _t13 else (((((_t32*(_t17 + _t25)*math.exp((_t18 + _xlogy(-_t14, _t6))))/(_t11*_t33 + _t15*_t30*_t33 + _t15*_t31*_t34 + _t15 + 8.0*_t34*_t8*_t9))) if _t12 else ((((((_t32*(-_t1*_t34 + _t16)*(((((_t35)/(_t20))))/(c))**_t27)/(_t15*_t35))))/(_t35))))))
+    if _t3:
+        _b0 = _t2
+        _b1 = (((((_t0)/(c))))/(c))
+        _b2 = ((1.0)/(_t9))
+    elif _t13:
+        _t24 = _t1 + _t10
+        _t29 = 4.0*_t9
+        _b0 = ((-2.0*_t4 - 2.0*_t7 + math.log1p(_t11) - math.log(2.0)) if _t12 else (math.log1p(_t2)))
+        _b1 = ((((2.0*_t5)/(_t11 + 1.0))) if _t12 else (((2.0*p - 2.0*y)/(_t24))))
+        _b2 = ((((_t28*_t29 - 2.0*_t8)/(_t29*_t8 + _t31 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t24))) + 2.0)/(_t24))))
+    else:
+        _t14 = alpha - 2.0
+        _t15 = abs(_t14)
+        _t16 = _t15*_t9
+        _t17 = _t16*_t8
+        _t18 = ((_xlog1py(alpha, _t17))/(2.0)) + ((-_xlogy(alpha, _t15))/(2.0)) - _xlogy(alpha, c)
+        _t19 = (_t18 - _xlogy(alpha, _t6))
+        _t20 = _t15*c
+        _t21 = (((((_t1)/(_t20))))/(c))
+        _t22 = _xlog1py(alpha, _t21)
+        _t23 = ((_t22)/(2.0))
+        _t25 = alpha - 1.0
+        _t26 = -_t25
+        _t27 = ((alpha)/(2.0))
+        _t32 = _t14**2
+        _t33 = alpha**2
+        _t34 = (_t26)
+        _t35 = _t1 + _t16
+        _b0 = ((_t15*(((-_t4 - _t7 + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t19)) if (abs(_t19) <= 1.0) else ((((math.expm1(_t19)))/(alpha))))) if _t12 else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha))))))
+        _b1 = ((((_t15*math.exp((_t18 + _xlogy(_t26, _t6)))*_sign(_t5))/(_t17 + 1.0))) if _t12 else ((((((_t0*(_t21 + 1.0)**(_t27 - 1.0))/(c))))/(c))))
+        _b2 = ((((_t32*(_t17 + _t25)*math.exp((_t18 + _xlogy(-_t14, _t6))))/(_t11*_t33 + _t15*_t30*_t33 + _t15*_t31*_t34 + _t15 + 8.0*_t34*_t8*_t9))) if _t12 else ((((((_t32*(-_t1*_t34 + _t16)*(((((_t35)/(_t20))))/(c))**_t27)/(_t15*_t35))))/(_t35))))
+    return _b0, _b1, _b2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

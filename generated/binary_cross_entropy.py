@@ -90,8 +90,14 @@ def grad_scalar(y, p, epsilon):
     _t7 = ((_t0)/(_t6)) + ((_t3)/(2.0 - _t6))
     _t8 = (_t4 == 1.0)
     _t9 = epsilon - p
-    _t10 = 4.0*_t2
-    return ((((((_t0)/(_t2)) + ((_t3)/(1.0 - _t2))) if _t5 else (_t7) if _t8 else (0.0))) if (_t9 < 0.0) else (((_t7) if _t5 else (((_t0)/(_t10)) + ((_t3)/(4.0 - _t10))) if _t8 else (0.0))) if (_t9 == 0.0) else (0.0))
+    if (_t9 < 0.0):
+        _b0 = ((((_t0)/(_t2)) + ((_t3)/(1.0 - _t2))) if _t5 else (_t7) if _t8 else (0.0))
+    elif (_t9 == 0.0):
+        _t10 = 4.0*_t2
+        _b0 = ((_t7) if _t5 else (((_t0)/(_t10)) + ((_t3)/(4.0 - _t10))) if _t8 else (0.0))
+    else:
+        _b0 = 0.0
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -124,8 +130,14 @@ def grad_hess_scalar(y, p, epsilon):
     _t10 = ((_t0)/(_t9)) + ((_t4)/(2.0 - _t9))
     _t11 = (_t7 == 1.0)
     _t12 = epsilon - p
-    _t13 = 4.0*_t3
-    return ((((_t6 + ((_t0)/(_t3))) if _t8 else (_t10) if _t11 else (0.0))) if (_t12 < 0.0) else (((_t10) if _t8 else (((_t0)/(_t13)) + ((_t4)/(4.0 - _t13))) if _t11 else (0.0))) if (_t12 == 0.0) else (0.0)), ((((_t6))/(_t5)) + (((((y)/(_t3))))/(_t3)))*_heaviside(-_t12, 1/2)**2*_heaviside(-_t1 - _t2, 1/2)**2
+    if (_t12 < 0.0):
+        _b0 = ((_t6 + ((_t0)/(_t3))) if _t8 else (_t10) if _t11 else (0.0))
+    elif (_t12 == 0.0):
+        _t13 = 4.0*_t3
+        _b0 = ((_t10) if _t8 else (((_t0)/(_t13)) + ((_t4)/(4.0 - _t13))) if _t11 else (0.0))
+    else:
+        _b0 = 0.0
+    return _b0, ((((_t6))/(_t5)) + (((((y)/(_t3))))/(_t3)))*_heaviside(-_t12, 1/2)**2*_heaviside(-_t1 - _t2, 1/2)**2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -147,8 +159,14 @@ def loss_grad_hess_scalar(y, p, epsilon):
     _t11 = ((_t4)/(_t10)) + ((_t5)/(2.0 - _t10))
     _t12 = (_t8 == 1.0)
     _t13 = epsilon - p
-    _t14 = 4.0*_t2
-    return _xlog1py(_t3, -_t2) - _xlogy(y, _t2), ((((_t7 + ((_t4)/(_t2))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 < 0.0) else (((_t11) if _t9 else (((_t4)/(_t14)) + ((_t5)/(4.0 - _t14))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0)), ((((_t7))/(_t6)) + (((((y)/(_t2))))/(_t2)))*_heaviside(-_t13, 1/2)**2*_heaviside(-_t0 - _t1, 1/2)**2
+    if (_t13 < 0.0):
+        _b0 = ((_t7 + ((_t4)/(_t2))) if _t9 else (_t11) if _t12 else (0.0))
+    elif (_t13 == 0.0):
+        _t14 = 4.0*_t2
+        _b0 = ((_t11) if _t9 else (((_t4)/(_t14)) + ((_t5)/(4.0 - _t14))) if _t12 else (0.0))
+    else:
+        _b0 = 0.0
+    return _xlog1py(_t3, -_t2) - _xlogy(y, _t2), _b0, ((((_t7))/(_t6)) + (((((y)/(_t2))))/(_t2)))*_heaviside(-_t13, 1/2)**2*_heaviside(-_t0 - _t1, 1/2)**2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

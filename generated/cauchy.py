@@ -59,19 +59,27 @@ def _sum_finish(state):
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = delta**2
-    _t1 = 2.0*_t0
     _t2 = p - y
-    _t3 = (((1.0)/(_t2)))
-    return ((_t0*math.log1p(_t0*_t3**2) - _t1*math.log(delta) - _t1*math.log(abs(_t3))) if (abs(_t2) > 1e+60) else (_t0*math.log1p((((((_t2**2)/(delta))))/(delta)))))
+    if (abs(_t2) > 1e+60):
+        _t1 = 2.0*_t0
+        _t3 = (((1.0)/(_t2)))
+        _b0 = _t0*math.log1p(_t0*_t3**2) - _t1*math.log(delta) - _t1*math.log(abs(_t3))
+    else:
+        _b0 = _t0*math.log1p((((((_t2**2)/(delta))))/(delta)))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p, delta):
     """grad of one element."""
-    _t0 = delta**2
     _t1 = p - y
-    _t2 = (((1.0)/(_t1)))
-    return ((((2.0*_t0*_t2)/(_t0*_t2**2 + 1.0))) if (abs(_t1) > 1e+60) else (((2.0*_t1*delta)/(delta + (((_t1**2)/(delta)))))))
+    if (abs(_t1) > 1e+60):
+        _t0 = delta**2
+        _t2 = (((1.0)/(_t1)))
+        _b0 = ((2.0*_t0*_t2)/(_t0*_t2**2 + 1.0))
+    else:
+        _b0 = ((2.0*_t1*delta)/(delta + (((_t1**2)/(delta)))))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -79,13 +87,17 @@ def hess_scalar(y, p, delta):
     """hess of one element."""
     _t0 = -y
     _t1 = _t0 + p
-    _t2 = (((1.0)/(_t1)))
     _t3 = delta**2
     _t4 = 2.0*_t3
-    _t5 = _t2**2*_t4
-    _t6 = _t2**4*delta**4
-    _t7 = _t1**2 + _t3
-    return ((((-_t5 + 2.0*_t6)/(_t5 + _t6 + 1.0))) if (abs(_t1) > 1e+60) else ((((((_t4*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t0)))/(_t7))))/(_t7))))
+    if (abs(_t1) > 1e+60):
+        _t2 = (((1.0)/(_t1)))
+        _t5 = _t2**2*_t4
+        _t6 = _t2**4*delta**4
+        _b0 = ((-_t5 + 2.0*_t6)/(_t5 + _t6 + 1.0))
+    else:
+        _t7 = _t1**2 + _t3
+        _b0 = (((((_t4*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t0)))/(_t7))))/(_t7))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -93,16 +105,22 @@ def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
     _t0 = -y
     _t1 = _t0 + p
-    _t2 = (((1.0)/(_t1)))
     _t3 = delta**2
     _t4 = 2.0*_t3
-    _t5 = _t2**2*_t3
     _t6 = (abs(_t1) > 1e+60)
-    _t7 = _t1**2
-    _t8 = 2.0*_t5
-    _t9 = _t2**4*delta**4
-    _t10 = _t3 + _t7
-    return ((((_t2*_t4)/(_t5 + 1.0))) if _t6 else (((2.0*_t1*delta)/(delta + (((_t7)/(delta))))))), ((((-_t8 + 2.0*_t9)/(_t8 + _t9 + 1.0))) if _t6 else ((((((_t4*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t0)))/(_t10))))/(_t10))))
+    if _t6:
+        _t2 = (((1.0)/(_t1)))
+        _t5 = _t2**2*_t3
+        _t8 = 2.0*_t5
+        _t9 = _t2**4*delta**4
+        _b0 = ((_t2*_t4)/(_t5 + 1.0))
+        _b1 = ((-_t8 + 2.0*_t9)/(_t8 + _t9 + 1.0))
+    else:
+        _t7 = _t1**2
+        _t10 = _t3 + _t7
+        _b0 = ((2.0*_t1*delta)/(delta + (((_t7)/(delta)))))
+        _b1 = (((((_t4*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t0)))/(_t10))))/(_t10))
+    return _b0, _b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -112,15 +130,23 @@ def loss_grad_hess_scalar(y, p, delta):
     _t1 = 2.0*_t0
     _t2 = -y
     _t3 = _t2 + p
-    _t4 = (((1.0)/(_t3)))
-    _t5 = _t0*_t4**2
     _t6 = (abs(_t3) > 1e+60)
-    _t7 = _t3**2
-    _t8 = (((_t7)/(delta)))
-    _t9 = 2.0*_t5
-    _t10 = _t4**4*delta**4
-    _t11 = _t0 + _t7
-    return ((_t0*math.log1p(_t5) - _t1*math.log(delta) - _t1*math.log(abs(_t4))) if _t6 else (_t0*math.log1p(((_t8)/(delta))))), ((((_t1*_t4)/(_t5 + 1.0))) if _t6 else (((2.0*_t3*delta)/(_t8 + delta)))), ((((2.0*_t10 - _t9)/(_t10 + _t9 + 1.0))) if _t6 else ((((((_t1*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t2)))/(_t11))))/(_t11))))
+    if _t6:
+        _t4 = (((1.0)/(_t3)))
+        _t5 = _t0*_t4**2
+        _t9 = 2.0*_t5
+        _t10 = _t4**4*delta**4
+        _b0 = _t0*math.log1p(_t5) - _t1*math.log(delta) - _t1*math.log(abs(_t4))
+        _b1 = ((_t1*_t4)/(_t5 + 1.0))
+        _b2 = ((2.0*_t10 - _t9)/(_t10 + _t9 + 1.0))
+    else:
+        _t7 = _t3**2
+        _t8 = (((_t7)/(delta)))
+        _t11 = _t0 + _t7
+        _b0 = _t0*math.log1p(((_t8)/(delta)))
+        _b1 = ((2.0*_t3*delta)/(_t8 + delta))
+        _b2 = (((((_t1*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t2)))/(_t11))))/(_t11))
+    return _b0, _b1, _b2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -59,10 +59,14 @@ def hess_scalar(s, delta):
     if not ((s >= 0.0)):
         return math.nan
     _t0 = delta**2
-    _t1 = (((1.0)/(s)))
-    _t2 = _t1**2
-    _t3 = _t0 + s
-    return ((((-_t0*_t2)/(2.0*_t0*_t1 + _t2*delta**4 + 1.0))) if (s > 1e+60) else ((((((-_t0)/(_t3))))/(_t3))))
+    if (s > 1e+60):
+        _t1 = (((1.0)/(s)))
+        _t2 = _t1**2
+        _b0 = ((-_t0*_t2)/(2.0*_t0*_t1 + _t2*delta**4 + 1.0))
+    else:
+        _t3 = _t0 + s
+        _b0 = (((((-_t0)/(_t3))))/(_t3))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -72,9 +76,13 @@ def grad_hess_scalar(s, delta):
         return math.nan, math.nan
     _t0 = delta**2
     _t1 = _t0 + s
-    _t2 = (((1.0)/(s)))
-    _t3 = _t2**2
-    return ((_t0)/(_t1)), ((((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))) if (s > 1e+60) else ((((((-_t0)/(_t1))))/(_t1))))
+    if (s > 1e+60):
+        _t2 = (((1.0)/(s)))
+        _t3 = _t2**2
+        _b0 = ((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))
+    else:
+        _b0 = (((((-_t0)/(_t1))))/(_t1))
+    return ((_t0)/(_t1)), _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -84,9 +92,13 @@ def loss_grad_hess_scalar(s, delta):
         return math.nan, math.nan, math.nan
     _t0 = delta**2
     _t1 = _t0 + s
-    _t2 = (((1.0)/(s)))
-    _t3 = _t2**2
-    return _t0*math.log1p((((((s)/(delta))))/(delta))), ((_t0)/(_t1)), ((((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))) if (s > 1e+60) else ((((((-_t0)/(_t1))))/(_t1))))
+    if (s > 1e+60):
+        _t2 = (((1.0)/(s)))
+        _t3 = _t2**2
+        _b0 = ((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))
+    else:
+        _b0 = (((((-_t0)/(_t1))))/(_t1))
+    return _t0*math.log1p((((((s)/(delta))))/(delta))), ((_t0)/(_t1)), _b0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -52,13 +52,17 @@ def grad_scalar(y, p, epsilon):
 def hess_scalar(y, p, epsilon):
     """hess of one element."""
     _t0 = p - y
-    _t1 = (((1.0)/(_t0)))
-    _t2 = abs(_t1)
     _t3 = epsilon**2
-    _t4 = _t1**2*_t3
-    _t5 = math.hypot(1.0, _t2*epsilon)
     _t6 = abs(_t0)
-    return ((((_t2*_t4)/(_t4*_t5 + _t5))) if (_t6 > 1e+60) else (((_t3)/(math.hypot(epsilon, _t6)**3))))
+    if (_t6 > 1e+60):
+        _t1 = (((1.0)/(_t0)))
+        _t2 = abs(_t1)
+        _t4 = _t1**2*_t3
+        _t5 = math.hypot(1.0, _t2*epsilon)
+        _b0 = ((_t2*_t4)/(_t4*_t5 + _t5))
+    else:
+        _b0 = ((_t3)/(math.hypot(epsilon, _t6)**3))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -67,12 +71,16 @@ def grad_hess_scalar(y, p, epsilon):
     _t0 = p - y
     _t1 = abs(_t0)
     _t2 = math.hypot(epsilon, _t1)
-    _t3 = (((1.0)/(_t0)))
-    _t4 = abs(_t3)
     _t5 = epsilon**2
-    _t6 = _t3**2*_t5
-    _t7 = math.hypot(1.0, _t4*epsilon)
-    return ((_t0)/(_t2)), ((((_t4*_t6)/(_t6*_t7 + _t7))) if (_t1 > 1e+60) else (((_t5)/(_t2**3))))
+    if (_t1 > 1e+60):
+        _t3 = (((1.0)/(_t0)))
+        _t4 = abs(_t3)
+        _t6 = _t3**2*_t5
+        _t7 = math.hypot(1.0, _t4*epsilon)
+        _b0 = ((_t4*_t6)/(_t6*_t7 + _t7))
+    else:
+        _b0 = ((_t5)/(_t2**3))
+    return ((_t0)/(_t2)), _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -81,12 +89,16 @@ def loss_grad_hess_scalar(y, p, epsilon):
     _t0 = p - y
     _t1 = abs(_t0)
     _t2 = math.hypot(epsilon, _t1)
-    _t3 = (((1.0)/(_t0)))
-    _t4 = abs(_t3)
     _t5 = epsilon**2
-    _t6 = _t3**2*_t5
-    _t7 = math.hypot(1.0, _t4*epsilon)
-    return _t2, ((_t0)/(_t2)), ((((_t4*_t6)/(_t6*_t7 + _t7))) if (_t1 > 1e+60) else (((_t5)/(_t2**3))))
+    if (_t1 > 1e+60):
+        _t3 = (((1.0)/(_t0)))
+        _t4 = abs(_t3)
+        _t6 = _t3**2*_t5
+        _t7 = math.hypot(1.0, _t4*epsilon)
+        _b0 = ((_t4*_t6)/(_t6*_t7 + _t7))
+    else:
+        _b0 = ((_t5)/(_t2**3))
+    return _t2, ((_t0)/(_t2)), _b0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

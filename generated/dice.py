@@ -64,402 +64,493 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, p, smooth, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = y.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (((_r3)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth)))))
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, p, smooth, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (((_r3)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth)))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, p, smooth, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(y, p, smooth, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = ((1.0)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))))
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _loss_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _loss_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = ((1.0)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, p, smooth, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
+def grad_kernel(y, p, smooth, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-        _h0 = ((1.0)/(_t1_0**3))
-        _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-        _h2 = _t1_0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _out0[_i, _k] = _w * (_h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_e_p + _e_y) + _h1))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _h0 = ((1.0)/(_t1_0**3))
+    _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h2 = _t1_0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _out0[_i, _k] = _w * (_h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_e_p + _e_y) + _h1))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, p, smooth, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
+def hess_kernel(y, p, smooth, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-        _h0 = ((1.0)/(_t1_0))
-        _h1 = ((1.0)/(_t1_0**3))
-        _h2 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-        _h3 = _t1_0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _t2_0 = (-_e_p + _e_y)
-            _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*_t2_0))
-            _out1[_i, _k] = _w * (_h1*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h3*_t2_0 + _h2))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _h0 = ((1.0)/(_t1_0))
+    _h1 = ((1.0)/(_t1_0**3))
+    _h2 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h3 = _t1_0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _t2_0 = (-_e_p + _e_y)
+        _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*_t2_0))
+        _out1[_i, _k] = _w * (_h1*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h3*_t2_0 + _h2))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, p, smooth, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
+def grad_hess_kernel(y, p, smooth, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-        _out0[_i] = _w * (((_r3)/(_t1_0)))
-        _h0 = ((1.0)/(_t1_0))
-        _h1 = ((1.0)/(_t1_0**3))
-        _h2 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-        _h3 = _t1_0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _t2_0 = (-_e_p + _e_y)
-            _out1[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*_t2_0))
-            _out2[_i, _k] = _w * (_h1*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h3*_t2_0 + _h2))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1)
+    else:
+        for _i in range(y.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _out0[_i] = _w * (((_r3)/(_t1_0)))
+    _h0 = ((1.0)/(_t1_0))
+    _h1 = ((1.0)/(_t1_0**3))
+    _h2 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h3 = _t1_0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _t2_0 = (-_e_p + _e_y)
+        _out1[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*_t2_0))
+        _out2[_i, _k] = _w * (_h1*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h3*_t2_0 + _h2))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, p, smooth, _v_p, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def loss_grad_hess_kernel(y, p, smooth, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-        _h0 = ((1.0)/(_t1_0**3))
-        _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-        _h2 = _t1_0
-        _h3 = ((1.0)/(_t1_0))
-        _scratch = np.empty((5, _n))
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _t2_0 = _e_p - _e_y
-            _t2_1 = 2.0*_e_p
-            _scratch[0, _k] = _h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_t2_0) + _h1)
-            _scratch[1, _k] = 2.0*_h0*(-_h2*_t2_0 + _r3*_t2_1)
-            _scratch[2, _k] = _t2_1
-            _scratch[3, _k] = _h3*(-_h3*_t2_1)
-            _scratch[4, _k] = -2.0*_e_y + _t2_1
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-                _out0[_i, _j] += _w * _h * _v_p[_i, _l]
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(y.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _h0 = ((1.0)/(_t1_0**3))
+    _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h2 = _t1_0
+    _h3 = ((1.0)/(_t1_0))
+    _scratch = np.empty((5, _n))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _t2_0 = _e_p - _e_y
+        _t2_1 = 2.0*_e_p
+        _scratch[0, _k] = _h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_t2_0) + _h1)
+        _scratch[1, _k] = 2.0*_h0*(-_h2*_t2_0 + _r3*_t2_1)
+        _scratch[2, _k] = _t2_1
+        _scratch[3, _k] = _h3*(-_h3*_t2_1)
+        _scratch[4, _k] = -2.0*_e_y + _t2_1
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
+            _out0[_i, _j] += _w * _h * _v_p[_i, _l]
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, p, smooth, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def hvp_kernel(y, p, smooth, _v_p, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r3 = 0.0
-        _r3_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p**2
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y**2
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = (-_e_p + _e_y)**2
-            _x = _r3 + _s
-            _z = _x - _r3
-            _r3_error += (_r3 - (_x - _z)) + (_s - _z)
-            _r3 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r3):
-            _r3 += _r3_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-        _h0 = ((1.0)/(_t1_0**3))
-        _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-        _h2 = _t1_0
-        _h3 = ((1.0)/(_t1_0))
-        _scratch = np.empty((5, _n))
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _t2_0 = _e_p - _e_y
-            _t2_1 = 2.0*_e_p
-            _scratch[0, _k] = _h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_t2_0) + _h1)
-            _scratch[1, _k] = 2.0*_h0*(-_h2*_t2_0 + _r3*_t2_1)
-            _scratch[2, _k] = _t2_1
-            _scratch[3, _k] = _h3*(-_h3*_t2_1)
-            _scratch[4, _k] = -2.0*_e_y + _t2_1
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-                _out0[_i, _j, _l] = _w * _h
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r3 = 0.0
+    _r3_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_p + _e_y)**2
+        _x = _r3 + _s
+        _z = _x - _r3
+        _r3_error += (_r3 - (_x - _z)) + (_s - _z)
+        _r3 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r3_hi = _r3
+    if math.isfinite(_r3):
+        _r3 += _r3_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _h0 = ((1.0)/(_t1_0**3))
+    _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h2 = _t1_0
+    _h3 = ((1.0)/(_t1_0))
+    _scratch = np.empty((5, _n))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _t2_0 = _e_p - _e_y
+        _t2_1 = 2.0*_e_p
+        _scratch[0, _k] = _h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_t2_0) + _h1)
+        _scratch[1, _k] = 2.0*_h0*(-_h2*_t2_0 + _r3*_t2_1)
+        _scratch[2, _k] = _t2_1
+        _scratch[3, _k] = _h3*(-_h3*_t2_1)
+        _scratch[4, _k] = -2.0*_e_y + _t2_1
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, p, smooth, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = y.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0)
 
 

@@ -70,12 +70,18 @@ def loss_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = ((x)/(2.0))
-    _t2 = math.tanh(_t1)
     _t3 = (abs(x) <= 1.0)
     _t4 = -x
-    _t5 = _logcosh(_t1)
-    return (_t0*(1.0 - alpha) + alpha*y)*(((-_t2*y + ((_t2)/(2.0)) + 1/2)**gamma) if _t3 else ((_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma))*((-_t5*y + _t5 + y*_logcosh(((_t4)/(2.0))) + (x*(1/2 - y)) + math.log(2.0)) if _t3 else (_t0*_softplus(x) + y*_softplus(_t4)))
+    if _t3:
+        _t1 = ((x)/(2.0))
+        _t2 = math.tanh(_t1)
+        _t5 = _logcosh(_t1)
+        _b0 = (-_t2*y + ((_t2)/(2.0)) + 1/2)**gamma
+        _b1 = -_t5*y + _t5 + y*_logcosh(((_t4)/(2.0))) + (x*(1/2 - y)) + math.log(2.0)
+    else:
+        _b0 = (_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma
+        _b1 = _t0*_softplus(x) + y*_softplus(_t4)
+    return (_t0*(1.0 - alpha) + alpha*y)*_b0*_b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -88,33 +94,55 @@ def grad_scalar(y, x, gamma, alpha):
     _t2 = -x
     _t3 = _sigmoid(_t2)
     _t4 = ((x)/(2.0))
-    _t5 = math.tanh(_t4)
-    _t6 = -_t5*y + ((_t5)/(2.0)) + 1/2
     _t7 = gamma - 1.0
     _t8 = (abs(x) <= 1.0)
     _t9 = _t3*y
     _t10 = _t0*_t1
-    _t11 = _t10 + _t9
-    _t12 = ((_t6**_t7) if _t8 else (_t11**_t7))
     _t13 = ((_t2)/(2.0))
     _t14 = _logcosh(_t13)
     _t15 = _logcosh(_t4)
     _t16 = math.log(2.0)
     _t17 = _t15 + _t16
-    _t18 = _t14*y - _t15*y + _t17 + (x*(1/2 - y))
-    _t19 = _softplus(_t2)
-    _t20 = _t19*y
-    _t21 = ((_t18) if _t8 else (_t0*(_t19 + x) + _t20))
+    if _t8:
+        _t5 = math.tanh(_t4)
+        _t6 = -_t5*y + ((_t5)/(2.0)) + 1/2
+        _t18 = _t14*y - _t15*y + _t17 + (x*(1/2 - y))
+        _b1 = _t18
+        _b2 = _t18
+        _b3 = _t18
+        _b4 = _t6**gamma
+        _b5 = _t18
+        _b6 = _t6**_t7
+    else:
+        _t11 = _t10 + _t9
+        _t19 = _softplus(_t2)
+        _t20 = _t19*y
+        _t28 = _softplus(x)
+        _t29 = _t0*_t28
+        _b1 = _t20 + _t29
+        _b2 = _t29 + y*(_t28 - x)
+        _b3 = _t0*(_t17 + _t4) + y*(_t13 + _t14 + _t16)
+        _b4 = _t11**gamma
+        _b5 = _t0*(_t19 + x) + _t20
+        _b6 = _t11**_t7
+    _t12 = _b6
     _t22 = _t1*_t12*gamma
     _t23 = 2.0*_t22*_t9
-    _t24 = ((_t6**gamma) if _t8 else (_t11**gamma))
+    _t24 = _b4
     _t25 = _t24*_t9
     _t26 = _t1*_t24*y - _t1*_t24 + _t25
-    _t27 = ((_t18) if _t8 else (_t0*(_t17 + _t4) + y*(_t13 + _t14 + _t16)))
-    _t28 = _softplus(x)
-    _t29 = _t0*_t28
-    _t30 = ((_t18) if _t8 else (_t29 + y*(_t28 - x)))
-    return (_t0*(1.0 - alpha) + alpha*y)*((_t1*_t12*_t21*_t3*gamma - _t21*_t23 - _t26) if (x > 1.0) else (_t1*_t12*_t27*_t3*gamma - _t23*_t27 - _t26) if _t8 else (_t1*_t12*_t3*_t30*gamma - _t23*_t30 - _t26) if (x < -1.0) else (_t10*_t24 + _t22*_t3*(1.0 - 2.0*y)*((_t18) if _t8 else (_t20 + _t29)) - _t25))
+    if (x > 1.0):
+        _t21 = _b5
+        _b0 = _t1*_t12*_t21*_t3*gamma - _t21*_t23 - _t26
+    elif _t8:
+        _t27 = _b3
+        _b0 = _t1*_t12*_t27*_t3*gamma - _t23*_t27 - _t26
+    elif (x < -1.0):
+        _t30 = _b2
+        _b0 = _t1*_t12*_t3*_t30*gamma - _t23*_t30 - _t26
+    else:
+        _b0 = _t10*_t24 + _t22*_t3*(1.0 - 2.0*y)*_b1 - _t25
+    return (_t0*(1.0 - alpha) + alpha*y)*_b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -123,28 +151,40 @@ def hess_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = ((x)/(2.0))
-    _t2 = math.tanh(_t1)
-    _t3 = ((_t2)/(2.0))
-    _t4 = -_t2*y + _t3 + 1/2
     _t5 = (abs(x) <= 1.0)
     _t6 = -x
     _t7 = _sigmoid(_t6)
     _t8 = _t7*y
     _t9 = _sigmoid(x)
     _t10 = _t0*_t9
-    _t11 = _t10 + _t8
-    _t12 = ((_t4**gamma) if _t5 else (_t11**gamma))
     _t13 = 1.0 - 2.0*y
     _t14 = gamma - 1.0
-    _t15 = _t13*gamma*((_t4**_t14) if _t5 else (_t11**_t14))
-    _t16 = 1/2 - y
-    _t17 = _logcosh(_t1)
-    _t18 = ((-_t17*y + _t17 + y*_logcosh(((_t6)/(2.0))) + (_t16*x) + math.log(2.0)) if _t5 else (_t0*_softplus(x) + y*_softplus(_t6)))
-    _t19 = _t15*_t18
     _t20 = gamma - 2.0
     _t21 = _t7*_t9
-    return _t21*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t12 + _t10*_t15 + _t12*y + _t13**2*_t14*_t18*_t21*gamma*((_t4**_t20) if _t5 else (_t11**_t20)) - _t15*_t8 + _t15*((_t3 + (_t16)) if _t5 else (_t0*_t9 - _t8)) + _t19*_t7 - _t19*_t9)
+    if _t5:
+        _t1 = ((x)/(2.0))
+        _t2 = math.tanh(_t1)
+        _t3 = ((_t2)/(2.0))
+        _t4 = -_t2*y + _t3 + 1/2
+        _t16 = 1/2 - y
+        _t17 = _logcosh(_t1)
+        _b0 = _t3 + (_t16)
+        _b1 = _t4**_t20
+        _b2 = -_t17*y + _t17 + y*_logcosh(((_t6)/(2.0))) + (_t16*x) + math.log(2.0)
+        _b3 = _t4**_t14
+        _b4 = _t4**gamma
+    else:
+        _t11 = _t10 + _t8
+        _b0 = _t0*_t9 - _t8
+        _b1 = _t11**_t20
+        _b2 = _t0*_softplus(x) + y*_softplus(_t6)
+        _b3 = _t11**_t14
+        _b4 = _t11**gamma
+    _t12 = _b4
+    _t15 = _t13*gamma*_b3
+    _t18 = _b2
+    _t19 = _t15*_t18
+    return _t21*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t12 + _t10*_t15 + _t12*y + _t13**2*_t14*_t18*_t21*gamma*_b1 - _t15*_t8 + _t15*_b0 + _t19*_t7 - _t19*_t9)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -158,41 +198,67 @@ def grad_hess_scalar(y, x, gamma, alpha):
     _t3 = -x
     _t4 = _sigmoid(_t3)
     _t5 = ((x)/(2.0))
-    _t6 = math.tanh(_t5)
-    _t7 = ((_t6)/(2.0))
-    _t8 = -_t6*y + _t7 + 1/2
     _t9 = gamma - 1.0
     _t10 = (abs(x) <= 1.0)
     _t11 = _t4*y
     _t12 = _t0*_t2
-    _t13 = _t11 + _t12
-    _t14 = ((_t8**_t9) if _t10 else (_t13**_t9))
     _t15 = ((_t3)/(2.0))
     _t16 = _logcosh(_t15)
     _t17 = _logcosh(_t5)
-    _t18 = 1/2 - y
     _t19 = math.log(2.0)
     _t20 = _t17 + _t19
-    _t21 = _t16*y - _t17*y + _t20 + (_t18*x)
-    _t22 = _softplus(_t3)
-    _t23 = _t22*y
-    _t24 = ((_t21) if _t10 else (_t0*(_t22 + x) + _t23))
+    _t34 = _t2*_t4
+    _t36 = 1.0 - 2.0*y
+    _t39 = gamma - 2.0
+    if _t10:
+        _t6 = math.tanh(_t5)
+        _t7 = ((_t6)/(2.0))
+        _t8 = -_t6*y + _t7 + 1/2
+        _t18 = 1/2 - y
+        _t21 = _t16*y - _t17*y + _t20 + (_t18*x)
+        _b1 = _t7 + (_t18)
+        _b2 = _t8**_t39
+        _b3 = _t21
+        _b4 = _t21
+        _b5 = _t21
+        _b6 = _t8**gamma
+        _b7 = _t21
+        _b8 = _t8**_t9
+    else:
+        _t13 = _t11 + _t12
+        _t22 = _softplus(_t3)
+        _t23 = _t22*y
+        _t31 = _softplus(x)
+        _t32 = _t0*_t31
+        _b1 = _t0*_t2 - _t11
+        _b2 = _t13**_t39
+        _b3 = _t23 + _t32
+        _b4 = _t32 + y*(_t31 - x)
+        _b5 = _t0*(_t20 + _t5) + y*(_t15 + _t16 + _t19)
+        _b6 = _t13**gamma
+        _b7 = _t0*(_t22 + x) + _t23
+        _b8 = _t13**_t9
+    _t14 = _b8
     _t25 = _t14*gamma
     _t26 = 2.0*_t11*_t2*_t25
-    _t27 = ((_t8**gamma) if _t10 else (_t13**gamma))
+    _t27 = _b6
     _t28 = _t11*_t27
     _t29 = _t2*_t27*y - _t2*_t27 + _t28
-    _t30 = ((_t21) if _t10 else (_t0*(_t20 + _t5) + y*(_t15 + _t16 + _t19)))
-    _t31 = _softplus(x)
-    _t32 = _t0*_t31
-    _t33 = ((_t21) if _t10 else (_t32 + y*(_t31 - x)))
-    _t34 = _t2*_t4
-    _t35 = ((_t21) if _t10 else (_t23 + _t32))
-    _t36 = 1.0 - 2.0*y
+    _t35 = _b3
     _t37 = _t25*_t36
     _t38 = _t35*_t37
-    _t39 = gamma - 2.0
-    return _t1*((_t14*_t2*_t24*_t4*gamma - _t24*_t26 - _t29) if (x > 1.0) else (_t14*_t2*_t30*_t4*gamma - _t26*_t30 - _t29) if _t10 else (_t14*_t2*_t33*_t4*gamma - _t26*_t33 - _t29) if (x < -1.0) else (_t12*_t27 - _t28 + _t34*_t38)), _t1*_t34*(_t0*_t27 - _t11*_t37 + _t12*_t37 - _t2*_t38 + _t27*y + _t34*_t35*_t36**2*_t9*gamma*((_t8**_t39) if _t10 else (_t13**_t39)) + _t37*((_t7 + (_t18)) if _t10 else (_t0*_t2 - _t11)) + _t38*_t4)
+    if (x > 1.0):
+        _t24 = _b7
+        _b0 = _t14*_t2*_t24*_t4*gamma - _t24*_t26 - _t29
+    elif _t10:
+        _t30 = _b5
+        _b0 = _t14*_t2*_t30*_t4*gamma - _t26*_t30 - _t29
+    elif (x < -1.0):
+        _t33 = _b4
+        _b0 = _t14*_t2*_t33*_t4*gamma - _t26*_t33 - _t29
+    else:
+        _b0 = _t12*_t27 - _t28 + _t34*_t38
+    return _t1*_b0, _t1*_t34*(_t0*_t27 - _t11*_t37 + _t12*_t37 - _t2*_t38 + _t27*y + _t34*_t35*_t36**2*_t9*gamma*_b2 + _t37*_b1 + _t38*_t4)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -203,44 +269,70 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     _t0 = 1.0 - y
     _t1 = _t0*(1.0 - alpha) + alpha*y
     _t2 = ((x)/(2.0))
-    _t3 = math.tanh(_t2)
-    _t4 = ((_t3)/(2.0))
-    _t5 = -_t3*y + _t4 + 1/2
     _t6 = (abs(x) <= 1.0)
     _t7 = -x
     _t8 = _sigmoid(_t7)
     _t9 = _t8*y
     _t10 = _sigmoid(x)
     _t11 = _t0*_t10
-    _t12 = _t11 + _t9
-    _t13 = ((_t5**gamma) if _t6 else (_t12**gamma))
     _t14 = ((_t7)/(2.0))
     _t15 = _logcosh(_t14)
     _t16 = _logcosh(_t2)
-    _t17 = 1/2 - y
     _t18 = math.log(2.0)
     _t19 = _t16 + _t18
-    _t20 = _t15*y - _t16*y + _t19 + (_t17*x)
-    _t21 = _softplus(_t7)
-    _t22 = _t21*y
-    _t23 = _softplus(x)
-    _t24 = _t0*_t23
-    _t25 = ((_t20) if _t6 else (_t22 + _t24))
     _t26 = gamma - 1.0
-    _t27 = ((_t5**_t26) if _t6 else (_t12**_t26))
-    _t28 = ((_t20) if _t6 else (_t0*(_t21 + x) + _t22))
+    _t35 = _t10*_t8
+    _t36 = 1.0 - 2.0*y
+    _t39 = gamma - 2.0
+    if _t6:
+        _t3 = math.tanh(_t2)
+        _t4 = ((_t3)/(2.0))
+        _t5 = -_t3*y + _t4 + 1/2
+        _t17 = 1/2 - y
+        _t20 = _t15*y - _t16*y + _t19 + (_t17*x)
+        _b1 = _t4 + (_t17)
+        _b2 = _t5**_t39
+        _b3 = _t20
+        _b4 = _t20
+        _b5 = _t20
+        _b6 = _t5**_t26
+        _b7 = _t20
+        _b8 = _t5**gamma
+    else:
+        _t12 = _t11 + _t9
+        _t21 = _softplus(_t7)
+        _t22 = _t21*y
+        _t23 = _softplus(x)
+        _t24 = _t0*_t23
+        _b1 = _t0*_t10 - _t9
+        _b2 = _t12**_t39
+        _b3 = _t24 + y*(_t23 - x)
+        _b4 = _t0*(_t19 + _t2) + y*(_t14 + _t15 + _t18)
+        _b5 = _t0*(_t21 + x) + _t22
+        _b6 = _t12**_t26
+        _b7 = _t22 + _t24
+        _b8 = _t12**gamma
+    _t13 = _b8
+    _t25 = _b7
+    _t27 = _b6
     _t29 = _t27*gamma
     _t30 = 2.0*_t10*_t29*_t9
     _t31 = _t13*_t9
     _t32 = _t10*_t13*y - _t10*_t13 + _t31
-    _t33 = ((_t20) if _t6 else (_t0*(_t19 + _t2) + y*(_t14 + _t15 + _t18)))
-    _t34 = ((_t20) if _t6 else (_t24 + y*(_t23 - x)))
-    _t35 = _t10*_t8
-    _t36 = 1.0 - 2.0*y
     _t37 = _t29*_t36
     _t38 = _t25*_t37
-    _t39 = gamma - 2.0
-    return _t1*_t13*_t25, _t1*((_t10*_t27*_t28*_t8*gamma - _t28*_t30 - _t32) if (x > 1.0) else (_t10*_t27*_t33*_t8*gamma - _t30*_t33 - _t32) if _t6 else (_t10*_t27*_t34*_t8*gamma - _t30*_t34 - _t32) if (x < -1.0) else (_t11*_t13 - _t31 + _t35*_t38)), _t1*_t35*(_t0*_t13 - _t10*_t38 + _t11*_t37 + _t13*y + _t25*_t26*_t35*_t36**2*gamma*((_t5**_t39) if _t6 else (_t12**_t39)) - _t37*_t9 + _t37*((_t4 + (_t17)) if _t6 else (_t0*_t10 - _t9)) + _t38*_t8)
+    if (x > 1.0):
+        _t28 = _b5
+        _b0 = _t10*_t27*_t28*_t8*gamma - _t28*_t30 - _t32
+    elif _t6:
+        _t33 = _b4
+        _b0 = _t10*_t27*_t33*_t8*gamma - _t30*_t33 - _t32
+    elif (x < -1.0):
+        _t34 = _b3
+        _b0 = _t10*_t27*_t34*_t8*gamma - _t30*_t34 - _t32
+    else:
+        _b0 = _t11*_t13 - _t31 + _t35*_t38
+    return _t1*_t13*_t25, _t1*_b0, _t1*_t35*(_t0*_t13 - _t10*_t38 + _t11*_t37 + _t13*y + _t25*_t26*_t35*_t36**2*gamma*_b2 - _t37*_t9 + _t37*_b1 + _t38*_t8)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -65,8 +65,14 @@ def _logcosh(x):
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     _t0 = _softplus(-d_real)
-    _t1 = ((d_fake)/(2.0))
-    return ((_t0 + d_fake + _softplus(-d_fake)) if (d_fake > 1.0) else (_t0 + _t1 + _logcosh(_t1) + math.log(2.0)) if (abs(d_fake) <= 1.0) else (_t0 + _softplus(d_fake)))
+    if (d_fake > 1.0):
+        _b0 = _t0 + d_fake + _softplus(-d_fake)
+    elif (abs(d_fake) <= 1.0):
+        _t1 = ((d_fake)/(2.0))
+        _b0 = _t0 + _t1 + _logcosh(_t1) + math.log(2.0)
+    else:
+        _b0 = _t0 + _softplus(d_fake)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -95,10 +101,16 @@ def loss_grad_hess_scalar(d_real, d_fake):
     _t0 = -d_fake
     _t1 = -d_real
     _t2 = _softplus(_t1)
-    _t3 = ((d_fake)/(2.0))
     _t4 = _sigmoid(_t1)
     _t5 = _sigmoid(d_fake)
-    return ((_t2 + d_fake + _softplus(_t0)) if (d_fake > 1.0) else (_t2 + _t3 + _logcosh(_t3) + math.log(2.0)) if (abs(d_fake) <= 1.0) else (_t2 + _softplus(d_fake))), -_t4, _t5, _t4*_sigmoid(d_real), _t5*_sigmoid(_t0)
+    if (d_fake > 1.0):
+        _b0 = _t2 + d_fake + _softplus(_t0)
+    elif (abs(d_fake) <= 1.0):
+        _t3 = ((d_fake)/(2.0))
+        _b0 = _t2 + _t3 + _logcosh(_t3) + math.log(2.0)
+    else:
+        _b0 = _t2 + _softplus(d_fake)
+    return _b0, -_t4, _t5, _t4*_sigmoid(d_real), _t5*_sigmoid(_t0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

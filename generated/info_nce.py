@@ -51,233 +51,303 @@ SPEC = {
 }
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, s, temperature, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _k = _row_y
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, s, temperature, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _k = _row_y
+    _e_s = s[_i, _k]
+    _r0 = _e_s
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
         _e_s = s[_i, _k]
-        _r0 = _e_s
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, s, temperature, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-            _out0[_i, _k] = _w * (((((math.expm1(_t2_0))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((math.exp(_t2_0))/(temperature)))))
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, s, temperature, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-            _out0[_i, _k] = _w * ((((((-math.exp(_t2_0)*math.expm1(_t2_0))/(temperature))))/(temperature)))
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, s, temperature, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-            _t2_1 = math.expm1(_t2_0)
-            _t2_2 = math.exp(_t2_0)
-            _out0[_i, _k] = _w * (((((_t2_1)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t2_2)/(temperature)))))
-            _out1[_i, _k] = _w * ((((((-_t2_1*_t2_2)/(temperature))))/(temperature)))
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, s, temperature, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _k = _row_y
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
         _e_s = s[_i, _k]
-        _r0 = _e_s
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t4_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-            _t4_1 = math.expm1(_t4_0)
-            _t4_2 = math.exp(_t4_0)
-            _out1[_i, _k] = _w * (((((_t4_1)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t4_2)/(temperature)))))
-            _out2[_i, _k] = _w * ((((((-_t4_1*_t4_2)/(temperature))))/(temperature)))
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, s, temperature, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def loss_kernel(y, s, temperature, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((3, _n))
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-            _t2_1 = math.exp(_t2_0)
-            _scratch[0, _k] = (((((-_t2_1*math.expm1(_t2_0))/(temperature))))/(temperature))
-            _scratch[1, _k] = ((-_t2_1)/(temperature))
-            _scratch[2, _k] = ((_t2_1)/(temperature))
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-                _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _loss_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _loss_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
+        _out0[_i, _k] = _w * (((((math.expm1(_t2_0))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((math.exp(_t2_0))/(temperature)))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, s, temperature, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def grad_kernel(y, s, temperature, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _m1 = -math.inf
-        _a1 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _s > _m1 or _k == 0:
-                _m1 = _s
-                _a1 = _k
-        _l1 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = ((_e_s)/(temperature))
-            if _k != _a1:
-                _l1 += math.exp(_s - _m1)
-        _l1 = math.log1p(_l1)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((3, _n))
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-            _t2_1 = math.exp(_t2_0)
-            _scratch[0, _k] = (((((-_t2_1*math.expm1(_t2_0))/(temperature))))/(temperature))
-            _scratch[1, _k] = ((-_t2_1)/(temperature))
-            _scratch[2, _k] = ((_t2_1)/(temperature))
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-                _out0[_i, _j, _l] = _w * _h
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
+        _out0[_i, _k] = _w * ((((((-math.exp(_t2_0)*math.expm1(_t2_0))/(temperature))))/(temperature)))
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_kernel(y, s, temperature, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
+        _t2_1 = math.expm1(_t2_0)
+        _t2_2 = math.exp(_t2_0)
+        _out0[_i, _k] = _w * (((((_t2_1)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t2_2)/(temperature)))))
+        _out1[_i, _k] = _w * ((((((-_t2_1*_t2_2)/(temperature))))/(temperature)))
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_hess_kernel(y, s, temperature, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1)
+    else:
+        for _i in range(s.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _k = _row_y
+    _e_s = s[_i, _k]
+    _r0 = _e_s
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t4_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
+        _t4_1 = math.expm1(_t4_0)
+        _t4_2 = math.exp(_t4_0)
+        _out1[_i, _k] = _w * (((((_t4_1)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t4_2)/(temperature)))))
+        _out2[_i, _k] = _w * ((((((-_t4_1*_t4_2)/(temperature))))/(temperature)))
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_grad_hess_kernel(y, s, temperature, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(s.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, s, temperature, _v_s, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((3, _n))
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
+        _t2_1 = math.exp(_t2_0)
+        _scratch[0, _k] = (((((-_t2_1*math.expm1(_t2_0))/(temperature))))/(temperature))
+        _scratch[1, _k] = ((-_t2_1)/(temperature))
+        _scratch[2, _k] = ((_t2_1)/(temperature))
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hvp_kernel(y, s, temperature, _v_s, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _hvp_row(_i, _n, _C, y, s, temperature, _v_s, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _hvp_row(_i, _n, _C, y, s, temperature, _v_s, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, s, temperature, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _row_y = y[_i]
+    _m1 = -math.inf
+    _a1 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _s > _m1 or _k == 0:
+            _m1 = _s
+            _a1 = _k
+    _l1 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = ((_e_s)/(temperature))
+        if _k != _a1:
+            _l1 += math.exp(_s - _m1)
+    _l1 = math.log1p(_l1)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((3, _n))
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
+        _t2_1 = math.exp(_t2_0)
+        _scratch[0, _k] = (((((-_t2_1*math.expm1(_t2_0))/(temperature))))/(temperature))
+        _scratch[1, _k] = ((-_t2_1)/(temperature))
+        _scratch[2, _k] = ((_t2_1)/(temperature))
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, s, temperature, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _hess_full_row(_i, _n, _C, y, s, temperature, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _hess_full_row(_i, _n, _C, y, s, temperature, _weight, _out0)
 
 

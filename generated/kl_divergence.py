@@ -48,177 +48,249 @@ def _xlogy(x, y):
     return x * math.log(y)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(p, q, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = p.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _s = _xlogy(_e_p, _e_p) - _xlogy(_e_p, _e_q)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_r0)
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, p, q, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _s = _xlogy(_e_p, _e_p) - _xlogy(_e_p, _e_q)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_r0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(p, q, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(p, q, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = p.shape[1]
     _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _out0[_i, _k] = _w * (((-_e_p)/(_e_q)))
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _loss_row(_i, _n, _C, p, q, _weight, _out0)
+    else:
+        for _i in range(p.shape[0]):
+            _loss_row(_i, _n, _C, p, q, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, p, q, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _out0[_i, _k] = _w * (((-_e_p)/(_e_q)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(p, q, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
+def grad_kernel(p, q, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = p.shape[1]
     _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _out0[_i, _k] = _w * ((((((_e_p)/(_e_q))))/(_e_q)))
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _grad_row(_i, _n, _C, p, q, _weight, _out0)
+    else:
+        for _i in range(p.shape[0]):
+            _grad_row(_i, _n, _C, p, q, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, p, q, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _out0[_i, _k] = _w * ((((((_e_p)/(_e_q))))/(_e_q)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(p, q, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
+def hess_kernel(p, q, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = p.shape[1]
     _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _out0[_i, _k] = _w * (((-_e_p)/(_e_q)))
-            _out1[_i, _k] = _w * ((((((_e_p)/(_e_q))))/(_e_q)))
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _hess_row(_i, _n, _C, p, q, _weight, _out0)
+    else:
+        for _i in range(p.shape[0]):
+            _hess_row(_i, _n, _C, p, q, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _out0[_i, _k] = _w * (((-_e_p)/(_e_q)))
+        _out1[_i, _k] = _w * ((((((_e_p)/(_e_q))))/(_e_q)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(p, q, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
+def grad_hess_kernel(p, q, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = p.shape[1]
     _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _s = _xlogy(_e_p, _e_p) - _xlogy(_e_p, _e_q)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_r0)
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _out1[_i, _k] = _w * (((-_e_p)/(_e_q)))
-            _out2[_i, _k] = _w * ((((((_e_p)/(_e_q))))/(_e_q)))
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1)
+    else:
+        for _i in range(p.shape[0]):
+            _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _s = _xlogy(_e_p, _e_p) - _xlogy(_e_p, _e_q)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_r0)
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _out1[_i, _k] = _w * (((-_e_p)/(_e_q)))
+        _out2[_i, _k] = _w * ((((((_e_p)/(_e_q))))/(_e_q)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(p, q, _v_q, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def loss_grad_hess_kernel(p, q, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = p.shape[1]
     _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((1, _n))
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _scratch[0, _k] = (((((_e_p)/(_e_q))))/(_e_q))
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else 0.0
-                _out0[_i, _j] += _w * _h * _v_q[_i, _l]
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(p.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((1, _n))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _scratch[0, _k] = (((((_e_p)/(_e_q))))/(_e_q))
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else 0.0
+            _out0[_i, _j] += _w * _h * _v_q[_i, _l]
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(p, q, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def hvp_kernel(p, q, _v_q, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = p.shape[1]
     _C = float(_n)
-    for _i in numba.prange(p.shape[0]):
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((1, _n))
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_q = q[_i, _k]
-            _scratch[0, _k] = (((((_e_p)/(_e_q))))/(_e_q))
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else 0.0
-                _out0[_i, _j, _l] = _w * _h
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0)
+    else:
+        for _i in range(p.shape[0]):
+            _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, p, q, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((1, _n))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        _scratch[0, _k] = (((((_e_p)/(_e_q))))/(_e_q))
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else 0.0
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(p, q, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = p.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(p.shape[0]):
+            _hess_full_row(_i, _n, _C, p, q, _weight, _out0)
+    else:
+        for _i in range(p.shape[0]):
+            _hess_full_row(_i, _n, _C, p, q, _weight, _out0)
 
 

@@ -66,183 +66,257 @@ def _logcosh(x):
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, x, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = y.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _e_y = y[_i, _k]
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, x, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _t0_1 = -_e_x
+        if (abs(_e_x) <= 1.0):
             _t0_0 = _logcosh(((_e_x)/(2.0)))
-            _t0_1 = -_e_x
-            _s = ((-_e_y*_t0_0 + _e_y*_logcosh(((_t0_1)/(2.0))) + _t0_0 + (_e_x*(1/2 - _e_y)) + math.log(2.0)) if (abs(_e_x) <= 1.0) else (_e_y*_softplus(_t0_1) + (1.0 - _e_y)*_softplus(_e_x)))
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (((_r0)/(_C)))
+            _b0_0 = -_e_y*_t0_0 + _e_y*_logcosh(((_t0_1)/(2.0))) + _t0_0 + (_e_x*(1/2 - _e_y)) + math.log(2.0)
+        else:
+            _b0_0 = _e_y*_softplus(_t0_1) + (1.0 - _e_y)*_softplus(_e_x)
+        _s = _b0_0
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (((_r0)/(_C)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, x, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(y, x, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = ((1.0)/(_C))
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _e_y = y[_i, _k]
-            _out0[_i, _k] = _w * (_h0*((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_sigmoid(-_e_x) + (1.0 - _e_y)*_sigmoid(_e_x))))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _loss_row(_i, _n, _C, y, x, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _loss_row(_i, _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, x, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _out0[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_sigmoid(-_e_x) + (1.0 - _e_y)*_sigmoid(_e_x))))/(_C)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, x, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
+def grad_kernel(y, x, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = ((1.0)/(_C))
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _out0[_i, _k] = _w * (_h0*_sigmoid(-_e_x)*_sigmoid(_e_x))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _grad_row(_i, _n, _C, y, x, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _grad_row(_i, _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, x, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _out0[_i, _k] = _w * (((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, x, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
+def hess_kernel(y, x, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = ((1.0)/(_C))
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _e_y = y[_i, _k]
-            _t1_0 = _sigmoid(-_e_x)
-            _t1_1 = _sigmoid(_e_x)
-            _out0[_i, _k] = _w * (_h0*((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_t1_0 + _t1_1*(1.0 - _e_y))))
-            _out1[_i, _k] = _w * (_h0*_t1_0*_t1_1)
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hess_row(_i, _n, _C, y, x, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hess_row(_i, _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _t0_0 = _sigmoid(-_e_x)
+        _t0_1 = _sigmoid(_e_x)
+        _out0[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_t0_0 + _t0_1*(1.0 - _e_y))))/(_C)))
+        _out1[_i, _k] = _w * (((_t0_0*_t0_1)/(_C)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, x, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
+def grad_hess_kernel(y, x, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _e_y = y[_i, _k]
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1)
+    else:
+        for _i in range(y.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _t0_1 = -_e_x
+        if (abs(_e_x) <= 1.0):
             _t0_0 = _logcosh(((_e_x)/(2.0)))
-            _t0_1 = -_e_x
-            _s = ((-_e_y*_t0_0 + _e_y*_logcosh(((_t0_1)/(2.0))) + _t0_0 + (_e_x*(1/2 - _e_y)) + math.log(2.0)) if (abs(_e_x) <= 1.0) else (_e_y*_softplus(_t0_1) + (1.0 - _e_y)*_softplus(_e_x)))
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (((_r0)/(_C)))
-        _h0 = ((1.0)/(_C))
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _e_y = y[_i, _k]
-            _t2_0 = _sigmoid(-_e_x)
-            _t2_1 = _sigmoid(_e_x)
-            _out1[_i, _k] = _w * (_h0*((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_t2_0 + _t2_1*(1.0 - _e_y))))
-            _out2[_i, _k] = _w * (_h0*_t2_0*_t2_1)
+            _b0_0 = -_e_y*_t0_0 + _e_y*_logcosh(((_t0_1)/(2.0))) + _t0_0 + (_e_x*(1/2 - _e_y)) + math.log(2.0)
+        else:
+            _b0_0 = _e_y*_softplus(_t0_1) + (1.0 - _e_y)*_softplus(_e_x)
+        _s = _b0_0
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (((_r0)/(_C)))
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _t2_0 = _sigmoid(-_e_x)
+        _t2_1 = _sigmoid(_e_x)
+        _out1[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_t2_0 + _t2_1*(1.0 - _e_y))))/(_C)))
+        _out2[_i, _k] = _w * (((_t2_0*_t2_1)/(_C)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, x, _v_x, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def loss_grad_hess_kernel(y, x, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = ((1.0)/(_C))
-        _scratch = np.empty((1, _n))
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _scratch[0, _k] = _h0*_sigmoid(-_e_x)*_sigmoid(_e_x)
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else 0.0
-                _out0[_i, _j] += _w * _h * _v_x[_i, _l]
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(y.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((1, _n))
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _scratch[0, _k] = ((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C))
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else 0.0
+            _out0[_i, _j] += _w * _h * _v_x[_i, _l]
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, x, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def hvp_kernel(y, x, _v_x, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = ((1.0)/(_C))
-        _scratch = np.empty((1, _n))
-        for _k in range(_n):
-            _e_x = x[_i, _k]
-            _scratch[0, _k] = _h0*_sigmoid(-_e_x)*_sigmoid(_e_x)
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else 0.0
-                _out0[_i, _j, _l] = _w * _h
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, x, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((1, _n))
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _scratch[0, _k] = ((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C))
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else 0.0
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, x, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = y.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hess_full_row(_i, _n, _C, y, x, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hess_full_row(_i, _n, _C, y, x, _weight, _out0)
 
 

@@ -41,159 +41,229 @@ SPEC = {
 }
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, logp, w, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = logp.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_logp = logp[_i, _k]
-            _e_w = w[_k]
-            if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _k = _row_y
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, logp, w, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_logp = logp[_i, _k]
         _e_w = w[_k]
-        _r0 = _e_logp*_e_w
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (-_r0)
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _k = _row_y
+    _e_logp = logp[_i, _k]
+    _e_w = w[_k]
+    _r0 = _e_logp*_e_w
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (-_r0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, logp, w, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(y, logp, w, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = logp.shape[1]
     _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_logp = logp[_i, _k]
-            _e_w = w[_k]
-            if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_w = w[_k]
-            _out0[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _loss_row(_i, _n, _C, y, logp, w, _weight, _out0)
+    else:
+        for _i in range(logp.shape[0]):
+            _loss_row(_i, _n, _C, y, logp, w, _weight, _out0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, logp, w, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
-    _n = logp.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_logp = logp[_i, _k]
-            _e_w = w[_k]
-            if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _out0[_i, _k] = _w * (0.0)
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, logp, w, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
-    _n = logp.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_logp = logp[_i, _k]
-            _e_w = w[_k]
-            if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_w = w[_k]
-            _out0[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
-            _out1[_i, _k] = _w * (0.0)
-
-
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, logp, w, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
-    _n = logp.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_logp = logp[_i, _k]
-            _e_w = w[_k]
-            if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _k = _row_y
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, logp, w, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_logp = logp[_i, _k]
         _e_w = w[_k]
-        _r0 = _e_logp*_e_w
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (-_r0)
-        for _k in range(_n):
-            _e_w = w[_k]
-            _out1[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
-            _out2[_i, _k] = _w * (0.0)
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_w = w[_k]
+        _out0[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, logp, w, _v_logp, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def grad_kernel(y, logp, w, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = logp.shape[1]
     _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((1, _n))
-        for _k in range(_n):
-            _scratch[0, _k] = 0.0
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else 0.0
-                _out0[_i, _j] += _w * _h * _v_logp[_i, _l]
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _grad_row(_i, _n, _C, y, logp, w, _weight, _out0)
+    else:
+        for _i in range(logp.shape[0]):
+            _grad_row(_i, _n, _C, y, logp, w, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, logp, w, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_logp = logp[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _out0[_i, _k] = _w * (0.0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, logp, w, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def hess_kernel(y, logp, w, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = logp.shape[1]
     _C = float(_n)
-    for _i in numba.prange(logp.shape[0]):
-        _row_y = y[_i]
-        _w = 1.0 if _weight is None else _weight[_i]
-        _scratch = np.empty((1, _n))
-        for _k in range(_n):
-            _scratch[0, _k] = 0.0
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else 0.0
-                _out0[_i, _j, _l] = _w * _h
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _hess_row(_i, _n, _C, y, logp, w, _weight, _out0)
+    else:
+        for _i in range(logp.shape[0]):
+            _hess_row(_i, _n, _C, y, logp, w, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_logp = logp[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_w = w[_k]
+        _out0[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
+        _out1[_i, _k] = _w * (0.0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_hess_kernel(y, logp, w, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = logp.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1)
+    else:
+        for _i in range(logp.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_logp = logp[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _k = _row_y
+    _e_logp = logp[_i, _k]
+    _e_w = w[_k]
+    _r0 = _e_logp*_e_w
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (-_r0)
+    for _k in range(_n):
+        _e_w = w[_k]
+        _out1[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
+        _out2[_i, _k] = _w * (0.0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_grad_hess_kernel(y, logp, w, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = logp.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(logp.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, logp, w, _v_logp, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _row_y = y[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((1, _n))
+    for _k in range(_n):
+        _scratch[0, _k] = 0.0
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else 0.0
+            _out0[_i, _j] += _w * _h * _v_logp[_i, _l]
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hvp_kernel(y, logp, w, _v_logp, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = logp.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _hvp_row(_i, _n, _C, y, logp, w, _v_logp, _weight, _out0)
+    else:
+        for _i in range(logp.shape[0]):
+            _hvp_row(_i, _n, _C, y, logp, w, _v_logp, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, logp, w, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _row_y = y[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
+    _scratch = np.empty((1, _n))
+    for _k in range(_n):
+        _scratch[0, _k] = 0.0
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else 0.0
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, logp, w, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = logp.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(logp.shape[0]):
+            _hess_full_row(_i, _n, _C, y, logp, w, _weight, _out0)
+    else:
+        for _i in range(logp.shape[0]):
+            _hess_full_row(_i, _n, _C, y, logp, w, _weight, _out0)
 
 

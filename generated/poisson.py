@@ -98,11 +98,17 @@ def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0)):
         return math.nan, math.nan, math.nan
-    _t0 = math.expm1(p)
     _t1 = (abs(p) <= 1.0)
     _t2 = math.exp(p)
-    _t3 = -_t2
-    return ((_t0 + _fma(-p, y, 1.0)) if _t1 else (-_t3 - p*y)), ((_t0 + (1.0 - y)) if _t1 else (-_t3 - y)), _t2
+    if _t1:
+        _t0 = math.expm1(p)
+        _b0 = _t0 + _fma(-p, y, 1.0)
+        _b1 = _t0 + (1.0 - y)
+    else:
+        _t3 = -_t2
+        _b0 = -_t3 - p*y
+        _b1 = -_t3 - y
+    return _b0, _b1, _t2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

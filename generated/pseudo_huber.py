@@ -54,12 +54,16 @@ def hess_scalar(y, p, delta):
     """hess of one element."""
     _t0 = delta**3
     _t1 = p - y
-    _t2 = (((1.0)/(_t1)))
-    _t3 = abs(_t2)
-    _t4 = _t2**2
-    _t5 = math.hypot(1.0, _t3*delta)
     _t6 = abs(_t1)
-    return ((((_t0*_t3*_t4)/(_t4*_t5*delta**2 + _t5))) if (_t6 > 1e+60) else (((_t0)/(math.hypot(delta, _t6)**3))))
+    if (_t6 > 1e+60):
+        _t2 = (((1.0)/(_t1)))
+        _t3 = abs(_t2)
+        _t4 = _t2**2
+        _t5 = math.hypot(1.0, _t3*delta)
+        _b0 = ((_t0*_t3*_t4)/(_t4*_t5*delta**2 + _t5))
+    else:
+        _b0 = ((_t0)/(math.hypot(delta, _t6)**3))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -68,11 +72,15 @@ def grad_hess_scalar(y, p, delta):
     _t0 = p - y
     _t1 = abs(_t0)
     _t2 = delta**3
-    _t3 = (((1.0)/(_t0)))
-    _t4 = abs(_t3)
-    _t5 = _t3**2
-    _t6 = math.hypot(1.0, _t4*delta)
-    return ((_t0)/(math.hypot(1.0, ((_t1)/(delta))))), ((((_t2*_t4*_t5)/(_t5*_t6*delta**2 + _t6))) if (_t1 > 1e+60) else (((_t2)/(math.hypot(delta, _t1)**3))))
+    if (_t1 > 1e+60):
+        _t3 = (((1.0)/(_t0)))
+        _t4 = abs(_t3)
+        _t5 = _t3**2
+        _t6 = math.hypot(1.0, _t4*delta)
+        _b0 = ((_t2*_t4*_t5)/(_t5*_t6*delta**2 + _t6))
+    else:
+        _b0 = ((_t2)/(math.hypot(delta, _t1)**3))
+    return ((_t0)/(math.hypot(1.0, ((_t1)/(delta))))), _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -82,11 +90,15 @@ def loss_grad_hess_scalar(y, p, delta):
     _t1 = abs(_t0)
     _t2 = math.hypot(1.0, ((_t1)/(delta)))
     _t3 = delta**3
-    _t4 = (((1.0)/(_t0)))
-    _t5 = abs(_t4)
-    _t6 = _t4**2
-    _t7 = math.hypot(1.0, _t5*delta)
-    return _t1*delta*(((_t1)/(_t2*delta + delta))), ((_t0)/(_t2)), ((((_t3*_t5*_t6)/(_t6*_t7*delta**2 + _t7))) if (_t1 > 1e+60) else (((_t3)/(math.hypot(delta, _t1)**3))))
+    if (_t1 > 1e+60):
+        _t4 = (((1.0)/(_t0)))
+        _t5 = abs(_t4)
+        _t6 = _t4**2
+        _t7 = math.hypot(1.0, _t5*delta)
+        _b0 = ((_t3*_t5*_t6)/(_t6*_t7*delta**2 + _t7))
+    else:
+        _b0 = ((_t3)/(math.hypot(delta, _t1)**3))
+    return _t1*delta*(((_t1)/(_t2*delta + delta))), ((_t0)/(_t2)), _b0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -73,9 +73,18 @@ def grad_hess_scalar(y, p, gamma):
     _t0 = p*y
     _t1 = (_t0 >= 1.0)
     _t2 = -y
-    _t3 = y**2
     _t4 = (_t0 > 1.0 - gamma)
-    return ((0.0) if _t1 else (((_t2 + _t3*p)/(gamma))) if _t4 else (_t2)), ((0.0) if _t1 else (((_t3)/(gamma))) if _t4 else (0.0))
+    if _t1:
+        _b0 = 0.0
+        _b1 = 0.0
+    elif _t4:
+        _t3 = y**2
+        _b0 = ((_t2 + _t3*p)/(gamma))
+        _b1 = ((_t3)/(gamma))
+    else:
+        _b0 = _t2
+        _b1 = 0.0
+    return _b0, _b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -87,8 +96,20 @@ def loss_grad_hess_scalar(y, p, gamma):
     _t1 = (_t0 >= 1.0)
     _t2 = (_t0 > 1.0 - gamma)
     _t3 = -y
-    _t4 = y**2
-    return ((0.0) if _t1 else ((((1.0 - _t0)**2)/(2.0*gamma))) if _t2 else (-_t0 + ((-gamma)/(2.0)) + 1.0)), ((0.0) if _t1 else (((_t3 + _t4*p)/(gamma))) if _t2 else (_t3)), ((0.0) if _t1 else (((_t4)/(gamma))) if _t2 else (0.0))
+    if _t1:
+        _b0 = 0.0
+        _b1 = 0.0
+        _b2 = 0.0
+    elif _t2:
+        _t4 = y**2
+        _b0 = (((1.0 - _t0)**2)/(2.0*gamma))
+        _b1 = ((_t3 + _t4*p)/(gamma))
+        _b2 = ((_t4)/(gamma))
+    else:
+        _b0 = -_t0 + ((-gamma)/(2.0)) + 1.0
+        _b1 = _t3
+        _b2 = 0.0
+    return _b0, _b1, _b2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -56,440 +56,595 @@ def _sign(x):
     return x * 0.0
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, s, w, label_smoothing, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_w = w[_k]
-            if not ((_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _m0 = -math.inf
-        _a0 = 0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _k = _row_y
+@numba.njit(cache=True, error_model="numpy")
+def _sum_start(a):
+    """Start an exact sum: (sum, accumulated rounding error)."""
+    return float(a), 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sum_add(state, b):
+    """Add b to an exact sum, keeping the rounding error (Knuth's two-sum)."""
+    a, error = state
+    s = a + b
+    z = s - a
+    return s, error + ((a - (s - z)) + (b - z))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sum_finish(state):
+    return state[0] + state[1]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_w = w[_k]
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _m0 = -math.inf
+    _a0 = 0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _k = _row_y
+    _e_s = s[_i, _k]
+    _e_w = w[_k]
+    _r1 = _e_w*(-_l0 + (_e_s - _m0))
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _r1 = _e_w*(-_l0 + (_e_s - _m0))
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_w*(-_l0 + (_e_s - _m0))
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
+        _s = _e_w*(-_l0 + (_e_s - _m0))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, s, w, label_smoothing, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(y, s, w, label_smoothing, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_w = w[_k]
-            if not ((_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _k = _row_y
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _loss_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _loss_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_w = w[_k]
-        _r3 = -_e_w
-        _m0 = -math.inf
-        _a0 = 0
-        _r4 = 0.0
-        _r4_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-            _s = -_e_w
-            _x = _r4 + _s
-            _z = _x - _r4
-            _r4_error += (_r4 - (_x - _z)) + (_s - _z)
-            _r4 = _x
-        if math.isfinite(_r4):
-            _r4 += _r4_error
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _t3_0 = _e_w*label_smoothing
-            _t3_1 = _e_s - _m0
-            _t3_2 = -_l0 + (_t3_1)
-            _t3_3 = math.expm1(_t3_2)
-            _t3_4 = _e_w*_t3_3
-            _t3_5 = _l0 + (-_t3_1)
-            _t3_6 = (_t3_5 <= 700.0)
-            _t3_7 = math.exp((-_l0 + (_t3_1 + math.log(abs(_r4)))))*_sign(_r4)
-            _t3_8 = ((_r4*(_t3_3 + 1.0)) if _t3_6 else (_t3_7))
-            _t3_9 = _t3_8*label_smoothing
-            _t3_10 = (_t3_5 <= 1.0)
-            _t3_11 = label_smoothing - 1.0
-            _t3_12 = math.exp(_t3_2)
-            _t3_13 = label_smoothing*((_e_w + _t3_8) if _t3_10 else (_e_w + ((_r4*_t3_12) if _t3_6 else (_t3_7))))
-            _t3_14 = _r3*_t3_3
-            _out0[_i, _k] = _w * (((-((_t3_4*label_smoothing - _t3_4 + ((_t3_0)/(_C)) + ((_t3_9)/(_C))) if _t3_10 else (_t3_11*_t3_4 + ((_t3_13)/(_C))))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t3_14*label_smoothing - _t3_14 + ((-_t3_9)/(_C)) + (_r3*label_smoothing - _r3 + ((-_t3_0)/(_C)))) if _t3_10 else (_r3*_t3_11*_t3_12 + ((-_t3_13)/(_C)))))))
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _k = _row_y
+    _e_w = w[_k]
+    _r3 = -_e_w
+    _m0 = -math.inf
+    _a0 = 0
+    _r4 = 0.0
+    _r4_error = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+        _s = -_e_w
+        _x = _r4 + _s
+        _z = _x - _r4
+        _r4_error += (_r4 - (_x - _z)) + (_s - _z)
+        _r4 = _x
+    _r4_hi = _r4
+    if math.isfinite(_r4):
+        _r4 += _r4_error
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.expm1(_t3_1)
+        _t3_3 = _r4*_t3_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t3_4 = _l0 + (-_t3_0)
+        _t3_5 = (_t3_4 <= 700.0)
+        _t3_9 = _C*_t3_2
+        _t3_11 = (_t3_4 <= 1.0)
+        _t3_12 = math.exp(_t3_1)
+        if _t3_5:
+            _b3_1 = _r4*_t3_12
+            _b3_2 = _r4*(_t3_2 + 1.0)
+        else:
+            _t3_6 = math.exp((-_l0 + (_t3_0 + math.log(abs(_r4)))))*_sign(_r4)
+            _b3_1 = _t3_6
+            _b3_2 = _t3_6
+        _t3_7 = _e_w + _b3_2
+        _t3_8 = label_smoothing*((_t3_3) if (_t3_2 >= -1/2) else (_t3_7))
+        _t3_13 = label_smoothing*((_t3_3) if (_t3_12 >= 1/2) else (((_t3_7) if _t3_11 else (_e_w + _b3_1))))
+        if ((1.0 if _k == _row_y else 0.0) == 1.0):
+            _t3_10 = -_C*_e_w*_t3_2 + _e_w*_t3_9*label_smoothing
+            _b3_0 = ((((-_t3_10 - _t3_8) if _t3_11 else (-_t3_10 - _t3_13)))/(_C))
+        else:
+            _t3_14 = _C*_r3
+            _t3_15 = _r3*_t3_9
+            _b3_0 = ((((_t3_15*label_smoothing - _t3_15 - _t3_8 + (_t3_14*(label_smoothing - 1.0))) if _t3_11 else (_C*_r3*_t3_12*label_smoothing - _t3_12*_t3_14 - _t3_13)))/(_C))
+        _out0[_i, _k] = _w * (_b3_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, s, w, label_smoothing, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
+def grad_kernel(y, s, w, label_smoothing, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_w = w[_k]
-            if not ((_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _k = _row_y
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_w = w[_k]
-        _r3 = -_e_w
-        _m0 = -math.inf
-        _a0 = 0
-        _r4 = 0.0
-        _r4_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-            _s = -_e_w
-            _x = _r4 + _s
-            _z = _x - _r4
-            _r4_error += (_r4 - (_x - _z)) + (_s - _z)
-            _r4 = _x
-        if math.isfinite(_r4):
-            _r4 += _r4_error
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t3_0 = _e_s - _m0
-            _t3_1 = -_l0 + (_t3_0)
-            _t3_2 = math.exp(_t3_1)
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _k = _row_y
+    _e_w = w[_k]
+    _r3 = -_e_w
+    _m0 = -math.inf
+    _a0 = 0
+    _r4 = 0.0
+    _r4_error = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+        _s = -_e_w
+        _x = _r4 + _s
+        _z = _x - _r4
+        _r4_error += (_r4 - (_x - _z)) + (_s - _z)
+        _r4 = _x
+    _r4_hi = _r4
+    if math.isfinite(_r4):
+        _r4 += _r4_error
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.exp(_t3_1)
+        _t3_4 = _r3*(label_smoothing - 1.0)
+        _t3_5 = _r4*label_smoothing
+        if (_l0 + (-_t3_0) <= 1.0):
             _t3_3 = math.expm1(_t3_1)
-            _t3_4 = _r3*(label_smoothing - 1.0)
-            _t3_5 = _r4*label_smoothing
-            _out0[_i, _k] = _w * (_t3_2*((-_t3_3*_t3_4 + ((_t3_3*_t3_5)/(_C))) if (_l0 + (-_t3_0) <= 1.0) else (_t3_2*(-_t3_4 + ((_t3_5)/(_C))) + (_t3_4 + ((-_t3_5)/(_C))))))
+            _b3_0 = -_t3_3*_t3_4 + ((_t3_3*_t3_5)/(_C))
+        else:
+            _b3_0 = _t3_2*(-_t3_4 + ((_t3_5)/(_C))) + (_t3_4 + ((-_t3_5)/(_C)))
+        _out0[_i, _k] = _w * (_t3_2*_b3_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
+def hess_kernel(y, s, w, label_smoothing, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_w = w[_k]
-            if not ((_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _k = _row_y
-        _e_w = w[_k]
-        _r3 = -_e_w
-        _m0 = -math.inf
-        _a0 = 0
-        _r4 = 0.0
-        _r4_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-            _s = -_e_w
-            _x = _r4 + _s
-            _z = _x - _r4
-            _r4_error += (_r4 - (_x - _z)) + (_s - _z)
-            _r4 = _x
-        if math.isfinite(_r4):
-            _r4 += _r4_error
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _w = 1.0 if _weight is None else _weight[_i]
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _t3_0 = _e_w*label_smoothing
-            _t3_1 = _e_s - _m0
-            _t3_2 = -_l0 + (_t3_1)
-            _t3_3 = math.expm1(_t3_2)
-            _t3_4 = _e_w*_t3_3
-            _t3_5 = _l0 + (-_t3_1)
-            _t3_6 = (_t3_5 <= 700.0)
-            _t3_7 = math.exp((-_l0 + (_t3_1 + math.log(abs(_r4)))))*_sign(_r4)
-            _t3_8 = ((_r4*(_t3_3 + 1.0)) if _t3_6 else (_t3_7))
-            _t3_9 = _t3_8*label_smoothing
-            _t3_10 = (_t3_5 <= 1.0)
-            _t3_11 = label_smoothing - 1.0
-            _t3_12 = math.exp(_t3_2)
-            _t3_13 = label_smoothing*((_e_w + _t3_8) if _t3_10 else (_e_w + ((_r4*_t3_12) if _t3_6 else (_t3_7))))
-            _t3_14 = _r3*_t3_3
-            _t3_15 = _r3*_t3_11
-            _t3_16 = _r4*label_smoothing
-            _out0[_i, _k] = _w * (((-((_t3_4*label_smoothing - _t3_4 + ((_t3_0)/(_C)) + ((_t3_9)/(_C))) if _t3_10 else (_t3_11*_t3_4 + ((_t3_13)/(_C))))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t3_14*label_smoothing - _t3_14 + ((-_t3_9)/(_C)) + (_r3*label_smoothing - _r3 + ((-_t3_0)/(_C)))) if _t3_10 else (_t3_12*_t3_15 + ((-_t3_13)/(_C)))))))
-            _out1[_i, _k] = _w * (_t3_12*((-_t3_11*_t3_14 + ((_t3_16*_t3_3)/(_C))) if _t3_10 else (_t3_12*(-_t3_15 + ((_t3_16)/(_C))) + (_t3_15 + ((-_t3_16)/(_C))))))
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
-    _n = s.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _inside = True
-        for _k in range(_n):
-            _e_w = w[_k]
-            if not ((_e_w >= 0.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _k = _row_y
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_w = w[_k]
-        _r3 = -_e_w
-        _m0 = -math.inf
-        _a0 = 0
-        _r4 = 0.0
-        _r4_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-            _s = -_e_w
-            _x = _r4 + _s
-            _z = _x - _r4
-            _r4_error += (_r4 - (_x - _z)) + (_s - _z)
-            _r4 = _x
-        if math.isfinite(_r4):
-            _r4 += _r4_error
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _k = _row_y
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _k = _row_y
+    _e_w = w[_k]
+    _r3 = -_e_w
+    _m0 = -math.inf
+    _a0 = 0
+    _r4 = 0.0
+    _r4_error = 0.0
+    for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _r1 = _e_w*(-_l0 + (_e_s - _m0))
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_w*(-_l0 + (_e_s - _m0))
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _t6_0 = _e_w*label_smoothing
-            _t6_1 = _e_s - _m0
-            _t6_2 = -_l0 + (_t6_1)
-            _t6_3 = math.expm1(_t6_2)
-            _t6_4 = _e_w*_t6_3
-            _t6_5 = _l0 + (-_t6_1)
-            _t6_6 = (_t6_5 <= 700.0)
-            _t6_7 = math.exp((-_l0 + (_t6_1 + math.log(abs(_r4)))))*_sign(_r4)
-            _t6_8 = ((_r4*(_t6_3 + 1.0)) if _t6_6 else (_t6_7))
-            _t6_9 = _t6_8*label_smoothing
-            _t6_10 = (_t6_5 <= 1.0)
-            _t6_11 = label_smoothing - 1.0
-            _t6_12 = math.exp(_t6_2)
-            _t6_13 = label_smoothing*((_e_w + _t6_8) if _t6_10 else (_e_w + ((_r4*_t6_12) if _t6_6 else (_t6_7))))
-            _t6_14 = _r3*_t6_3
-            _t6_15 = _r3*_t6_11
-            _t6_16 = _r4*label_smoothing
-            _out1[_i, _k] = _w * (((-((_t6_4*label_smoothing - _t6_4 + ((_t6_0)/(_C)) + ((_t6_9)/(_C))) if _t6_10 else (_t6_11*_t6_4 + ((_t6_13)/(_C))))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t6_14*label_smoothing - _t6_14 + ((-_t6_9)/(_C)) + (_r3*label_smoothing - _r3 + ((-_t6_0)/(_C)))) if _t6_10 else (_t6_12*_t6_15 + ((-_t6_13)/(_C)))))))
-            _out2[_i, _k] = _w * (_t6_12*((-_t6_11*_t6_14 + ((_t6_16*_t6_3)/(_C))) if _t6_10 else (_t6_12*(-_t6_15 + ((_t6_16)/(_C))) + (_t6_15 + ((-_t6_16)/(_C))))))
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+        _s = -_e_w
+        _x = _r4 + _s
+        _z = _x - _r4
+        _r4_error += (_r4 - (_x - _z)) + (_s - _z)
+        _r4 = _x
+    _r4_hi = _r4
+    if math.isfinite(_r4):
+        _r4 += _r4_error
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _w = 1.0 if _weight is None else _weight[_i]
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.expm1(_t3_1)
+        _t3_3 = _r4*_t3_2
+        _t3_4 = _t3_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t3_5 = _l0 + (-_t3_0)
+        _t3_6 = (_t3_5 <= 700.0)
+        _t3_10 = _C*_t3_2
+        _t3_11 = -_C*_e_w*_t3_2 + _e_w*_t3_10*label_smoothing
+        _t3_12 = (_t3_5 <= 1.0)
+        _t3_13 = math.exp(_t3_1)
+        _t3_15 = _r3*(label_smoothing - 1.0)
+        if _t3_6:
+            _b3_4 = _r4*_t3_13
+            _b3_5 = _r4*(_t3_2 + 1.0)
+        else:
+            _t3_7 = math.exp((-_l0 + (_t3_0 + math.log(abs(_r4)))))*_sign(_r4)
+            _b3_4 = _t3_7
+            _b3_5 = _t3_7
+        _t3_8 = _e_w + _b3_5
+        if _t3_12:
+            _t3_9 = label_smoothing*((_t3_4) if (_t3_2 >= -1/2) else (_t3_8))
+            _t3_16 = _r3*_t3_10
+            _b3_0 = -_t3_11 - _t3_9
+            _b3_1 = _t3_16*label_smoothing - _t3_16 - _t3_9 + (_C*_t3_15)
+            _b3_2 = -_t3_15*_t3_2 + ((_t3_3*label_smoothing)/(_C))
+            _b3_3 = _t3_8
+        else:
+            _t3_14 = label_smoothing*((_t3_4) if (_t3_13 >= 1/2) else (_b3_3))
+            _t3_17 = _r4*label_smoothing
+            _b3_0 = -_t3_11 - _t3_14
+            _b3_1 = _C*_r3*_t3_13*label_smoothing - _C*_r3*_t3_13 - _t3_14
+            _b3_2 = _t3_13*(-_t3_15 + ((_t3_17)/(_C))) + (_t3_15 + ((-_t3_17)/(_C)))
+            _b3_3 = _e_w + _b3_4
+        _out0[_i, _k] = _w * (((((_b3_0)/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_b3_1)/(_C)))))
+        _out1[_i, _k] = _w * (_t3_13*_b3_2)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, s, w, label_smoothing, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _k = _row_y
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1)
+    else:
+        for _i in range(s.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
         _e_w = w[_k]
-        _r3 = -_e_w
-        _m0 = -math.inf
-        _a0 = 0
-        _r4 = 0.0
-        _r4_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-            _s = -_e_w
-            _x = _r4 + _s
-            _z = _x - _r4
-            _r4_error += (_r4 - (_x - _z)) + (_s - _z)
-            _r4 = _x
-        if math.isfinite(_r4):
-            _r4 += _r4_error
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = -_r3*(label_smoothing - 1.0) + ((_r4*label_smoothing)/(_C))
-        _scratch = np.empty((3, _n))
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t4_0 = _e_s - _m0
-            _t4_1 = -_l0 + (_t4_0)
-            _t4_2 = math.exp(_t4_1)
-            _t4_3 = math.expm1(_t4_1)
-            _t4_4 = _r3*(label_smoothing - 1.0)
-            _t4_5 = _r4*label_smoothing
-            _scratch[0, _k] = _t4_2*((-_t4_3*_t4_4 + ((_t4_3*_t4_5)/(_C))) if (_l0 + (-_t4_0) <= 1.0) else (_t4_2*(-_t4_4 + ((_t4_5)/(_C))) + (_t4_4 + ((-_t4_5)/(_C)))))
-            _scratch[1, _k] = _h0*_t4_2
-            _scratch[2, _k] = _t4_2
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-                _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _k = _row_y
+    _e_w = w[_k]
+    _r3 = -_e_w
+    _m0 = -math.inf
+    _a0 = 0
+    _r4 = 0.0
+    _r4_error = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+        _s = -_e_w
+        _x = _r4 + _s
+        _z = _x - _r4
+        _r4_error += (_r4 - (_x - _z)) + (_s - _z)
+        _r4 = _x
+    _r4_hi = _r4
+    if math.isfinite(_r4):
+        _r4 += _r4_error
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _k = _row_y
+    _e_s = s[_i, _k]
+    _e_w = w[_k]
+    _r1 = _e_w*(-_l0 + (_e_s - _m0))
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _s = _e_w*(-_l0 + (_e_s - _m0))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _t6_0 = _e_s - _m0
+        _t6_1 = -_l0 + (_t6_0)
+        _t6_2 = math.expm1(_t6_1)
+        _t6_3 = _r4*_t6_2
+        _t6_4 = _t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t6_5 = _l0 + (-_t6_0)
+        _t6_6 = (_t6_5 <= 700.0)
+        _t6_10 = _C*_t6_2
+        _t6_11 = -_C*_e_w*_t6_2 + _e_w*_t6_10*label_smoothing
+        _t6_12 = (_t6_5 <= 1.0)
+        _t6_13 = math.exp(_t6_1)
+        _t6_15 = _r3*(label_smoothing - 1.0)
+        if _t6_6:
+            _b6_4 = _r4*_t6_13
+            _b6_5 = _r4*(_t6_2 + 1.0)
+        else:
+            _t6_7 = math.exp((-_l0 + (_t6_0 + math.log(abs(_r4)))))*_sign(_r4)
+            _b6_4 = _t6_7
+            _b6_5 = _t6_7
+        _t6_8 = _e_w + _b6_5
+        if _t6_12:
+            _t6_9 = label_smoothing*((_t6_4) if (_t6_2 >= -1/2) else (_t6_8))
+            _t6_16 = _r3*_t6_10
+            _b6_0 = -_t6_11 - _t6_9
+            _b6_1 = _t6_16*label_smoothing - _t6_16 - _t6_9 + (_C*_t6_15)
+            _b6_2 = -_t6_15*_t6_2 + ((_t6_3*label_smoothing)/(_C))
+            _b6_3 = _t6_8
+        else:
+            _t6_14 = label_smoothing*((_t6_4) if (_t6_13 >= 1/2) else (_b6_3))
+            _t6_17 = _r4*label_smoothing
+            _b6_0 = -_t6_11 - _t6_14
+            _b6_1 = _C*_r3*_t6_13*label_smoothing - _C*_r3*_t6_13 - _t6_14
+            _b6_2 = _t6_13*(-_t6_15 + ((_t6_17)/(_C))) + (_t6_15 + ((-_t6_17)/(_C)))
+            _b6_3 = _e_w + _b6_4
+        _out1[_i, _k] = _w * (((((_b6_0)/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_b6_1)/(_C)))))
+        _out2[_i, _k] = _w * (_t6_13*_b6_2)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, s, w, label_smoothing, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def loss_grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _row_y = y[_i]
-        _k = _row_y
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(s.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _row_y = y[_i]
+    _k = _row_y
+    _e_w = w[_k]
+    _r3 = -_e_w
+    _m0 = -math.inf
+    _a0 = 0
+    _r4 = 0.0
+    _r4_error = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
         _e_w = w[_k]
-        _r3 = -_e_w
-        _m0 = -math.inf
-        _a0 = 0
-        _r4 = 0.0
-        _r4_error = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _e_w = w[_k]
-            _s = _e_s
-            if _s > _m0 or _k == 0:
-                _m0 = _s
-                _a0 = _k
-            _s = -_e_w
-            _x = _r4 + _s
-            _z = _x - _r4
-            _r4_error += (_r4 - (_x - _z)) + (_s - _z)
-            _r4 = _x
-        if math.isfinite(_r4):
-            _r4 += _r4_error
-        _l0 = 0.0
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _s = _e_s
-            if _k != _a0:
-                _l0 += math.exp(_s - _m0)
-        _l0 = math.log1p(_l0)
-        _w = 1.0 if _weight is None else _weight[_i]
-        _h0 = -_r3*(label_smoothing - 1.0) + ((_r4*label_smoothing)/(_C))
-        _scratch = np.empty((3, _n))
-        for _k in range(_n):
-            _e_s = s[_i, _k]
-            _t4_0 = _e_s - _m0
-            _t4_1 = -_l0 + (_t4_0)
-            _t4_2 = math.exp(_t4_1)
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+        _s = -_e_w
+        _x = _r4 + _s
+        _z = _x - _r4
+        _r4_error += (_r4 - (_x - _z)) + (_s - _z)
+        _r4 = _x
+    _r4_hi = _r4
+    if math.isfinite(_r4):
+        _r4 += _r4_error
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = -_r3*(label_smoothing - 1.0) + ((_r4*label_smoothing)/(_C))
+    _scratch = np.empty((3, _n))
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t4_0 = _e_s - _m0
+        _t4_1 = -_l0 + (_t4_0)
+        _t4_2 = math.exp(_t4_1)
+        _t4_4 = _r3*(label_smoothing - 1.0)
+        _t4_5 = _r4*label_smoothing
+        if (_l0 + (-_t4_0) <= 1.0):
             _t4_3 = math.expm1(_t4_1)
-            _t4_4 = _r3*(label_smoothing - 1.0)
-            _t4_5 = _r4*label_smoothing
-            _scratch[0, _k] = _t4_2*((-_t4_3*_t4_4 + ((_t4_3*_t4_5)/(_C))) if (_l0 + (-_t4_0) <= 1.0) else (_t4_2*(-_t4_4 + ((_t4_5)/(_C))) + (_t4_4 + ((-_t4_5)/(_C)))))
-            _scratch[1, _k] = _h0*_t4_2
-            _scratch[2, _k] = _t4_2
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-                _out0[_i, _j, _l] = _w * _h
+            _b4_0 = -_t4_3*_t4_4 + ((_t4_3*_t4_5)/(_C))
+        else:
+            _b4_0 = _t4_2*(-_t4_4 + ((_t4_5)/(_C))) + (_t4_4 + ((-_t4_5)/(_C)))
+        _scratch[0, _k] = _t4_2*_b4_0
+        _scratch[1, _k] = _h0*_t4_2
+        _scratch[2, _k] = _t4_2
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hvp_kernel(y, s, w, label_smoothing, _v_s, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _row_y = y[_i]
+    _k = _row_y
+    _e_w = w[_k]
+    _r3 = -_e_w
+    _m0 = -math.inf
+    _a0 = 0
+    _r4 = 0.0
+    _r4_error = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _e_w = w[_k]
+        _s = _e_s
+        if _s > _m0 or _k == 0:
+            _m0 = _s
+            _a0 = _k
+        _s = -_e_w
+        _x = _r4 + _s
+        _z = _x - _r4
+        _r4_error += (_r4 - (_x - _z)) + (_s - _z)
+        _r4 = _x
+    _r4_hi = _r4
+    if math.isfinite(_r4):
+        _r4 += _r4_error
+    _l0 = 0.0
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _s = _e_s
+        if _k != _a0:
+            _l0 += math.exp(_s - _m0)
+    _l0 = math.log1p(_l0)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = -_r3*(label_smoothing - 1.0) + ((_r4*label_smoothing)/(_C))
+    _scratch = np.empty((3, _n))
+    for _k in range(_n):
+        _e_s = s[_i, _k]
+        _t4_0 = _e_s - _m0
+        _t4_1 = -_l0 + (_t4_0)
+        _t4_2 = math.exp(_t4_1)
+        _t4_4 = _r3*(label_smoothing - 1.0)
+        _t4_5 = _r4*label_smoothing
+        if (_l0 + (-_t4_0) <= 1.0):
+            _t4_3 = math.expm1(_t4_1)
+            _b4_0 = -_t4_3*_t4_4 + ((_t4_3*_t4_5)/(_C))
+        else:
+            _b4_0 = _t4_2*(-_t4_4 + ((_t4_5)/(_C))) + (_t4_4 + ((-_t4_5)/(_C)))
+        _scratch[0, _k] = _t4_2*_b4_0
+        _scratch[1, _k] = _h0*_t4_2
+        _scratch[2, _k] = _t4_2
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, s, w, label_smoothing, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = s.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(s.shape[0]):
+            _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    else:
+        for _i in range(s.shape[0]):
+            _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0)
 
 

@@ -44,453 +44,544 @@ SPEC = {
 }
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, p, alpha, beta, smooth, _weight, _out0):
-    """loss of each row, times _weight[i] when given."""
-    _n = y.shape[1]
-    _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _out0[_i] = _w * (((_t1_0)/(_r2 + _t1_0 + smooth)))
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
+    """loss of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _out0[_i] = _w * (((_t1_0)/(_r2 + _t1_0 + smooth)))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, p, alpha, beta, smooth, _weight, _out0):
-    """grad of each row, times _weight[i] when given."""
+def loss_kernel(y, p, alpha, beta, smooth, _weight, _out0, _parallel):
+    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _t1_1 = _r2 + smooth
-        _h0 = ((1.0)/(_t1_0 + _t1_1))
-        _h1 = _t1_0
-        _h2 = _t1_1
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_h1 - _e_y*_h2*beta + _h2*alpha*(1.0 - _e_y))))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
+    """grad of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _t1_1 = _r2 + smooth
+    _h0 = ((1.0)/(_t1_0 + _t1_1))
+    _h1 = _t1_0
+    _h2 = _t1_1
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_h1 - _e_y*_h2*beta + _h2*alpha*(1.0 - _e_y))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, p, alpha, beta, smooth, _weight, _out0):
-    """hess of each row, times _weight[i] when given."""
+def grad_kernel(y, p, alpha, beta, smooth, _weight, _out0, _parallel):
+    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _t1_1 = _r2 + smooth
-        _t1_2 = _t1_0 + _t1_1
-        _h0 = ((1.0)/(_t1_2**3))
-        _h1 = _t1_0
-        _h2 = _t1_2
-        _h3 = _t1_1
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            _t2_0 = _e_y*_h2
-            _t2_1 = 2.0*_e_y
-            _t2_2 = alpha*(1.0 - _e_y)
-            _t2_3 = _h1*_t2_1 + _h3*_t2_1*beta - 2.0*_h3*_t2_2
-            _t2_4 = -_t2_0 + _t2_3
-            _out0[_i, _k] = _w * (_h0*(-_e_y*_t2_4*beta + _e_y*(_h2*_t2_2 - _t2_0*beta + _t2_3) + _t2_2*_t2_4))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
+    """hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _t1_1 = _r2 + smooth
+    _t1_2 = _t1_0 + _t1_1
+    _h0 = ((1.0)/(_t1_2**3))
+    _h1 = _t1_0
+    _h2 = _t1_2
+    _h3 = _t1_1
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _t2_0 = _e_y*_h2
+        _t2_1 = 2.0*_e_y
+        _t2_2 = alpha*(1.0 - _e_y)
+        _t2_3 = _h1*_t2_1 + _h3*_t2_1*beta - 2.0*_h3*_t2_2
+        _t2_4 = -_t2_0 + _t2_3
+        _out0[_i, _k] = _w * (_h0*(-_e_y*_t2_4*beta + _e_y*(_h2*_t2_2 - _t2_0*beta + _t2_3) + _t2_2*_t2_4))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given."""
+def hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _parallel):
+    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i, :] = math.nan
-            _out1[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _t1_1 = _r2 + smooth
-        _t1_2 = _t1_0 + _t1_1
-        _h0 = ((1.0)/(_t1_2))
-        _h1 = _t1_0
-        _h2 = _t1_1
-        _h3 = ((1.0)/(_t1_2**3))
-        _h4 = _t1_2
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            _t2_0 = _e_y*_h1
-            _t2_1 = _e_y*beta
-            _t2_2 = _h2*_t2_1
-            _t2_3 = 1.0 - _e_y
-            _t2_4 = _e_y*_h4
-            _t2_5 = _t2_3*alpha
-            _t2_6 = -2.0*_h2*_t2_5 + 2.0*_t2_0 + 2.0*_t2_2
-            _t2_7 = -_t2_4 + _t2_6
-            _out0[_i, _k] = _w * (_h0*(_h0*(_h2*_t2_3*alpha - _t2_0 - _t2_2)))
-            _out1[_i, _k] = _w * (_h3*(_e_y*(_h4*_t2_5 - _t2_4*beta + _t2_6) - _t2_1*_t2_7 + _t2_5*_t2_7))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1):
+    """grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, :] = math.nan
+        _out1[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _t1_1 = _r2 + smooth
+    _t1_2 = _t1_0 + _t1_1
+    _h0 = ((1.0)/(_t1_2))
+    _h1 = _t1_0
+    _h2 = _t1_1
+    _h3 = ((1.0)/(_t1_2**3))
+    _h4 = _t1_2
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _t2_0 = _e_y*_h1
+        _t2_1 = _e_y*beta
+        _t2_2 = _h2*_t2_1
+        _t2_3 = 1.0 - _e_y
+        _t2_4 = _e_y*_h4
+        _t2_5 = _t2_3*alpha
+        _t2_6 = -2.0*_h2*_t2_5 + 2.0*_t2_0 + 2.0*_t2_2
+        _t2_7 = -_t2_4 + _t2_6
+        _out0[_i, _k] = _w * (_h0*(_h0*(_h2*_t2_3*alpha - _t2_0 - _t2_2)))
+        _out1[_i, _k] = _w * (_h3*(_e_y*(_h4*_t2_5 - _t2_4*beta + _t2_6) - _t2_1*_t2_7 + _t2_5*_t2_7))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given."""
+def grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1, _parallel):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _inside = True
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
-                _inside = False
-        if not _inside:
-            _out0[_i] = math.nan
-            _out1[_i, :] = math.nan
-            _out2[_i, :] = math.nan
-            continue
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _t1_1 = _r2 + smooth
-        _t1_2 = _t1_0 + _t1_1
-        _out0[_i] = _w * (((_t1_0)/(_t1_2)))
-        _h0 = ((1.0)/(_t1_2))
-        _h1 = _t1_0
-        _h2 = _t1_1
-        _h3 = ((1.0)/(_t1_2**3))
-        _h4 = _t1_2
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            _t2_0 = _e_y*_h1
-            _t2_1 = _e_y*beta
-            _t2_2 = _h2*_t2_1
-            _t2_3 = 1.0 - _e_y
-            _t2_4 = _e_y*_h4
-            _t2_5 = _t2_3*alpha
-            _t2_6 = -2.0*_h2*_t2_5 + 2.0*_t2_0 + 2.0*_t2_2
-            _t2_7 = -_t2_4 + _t2_6
-            _out1[_i, _k] = _w * (_h0*(_h0*(_h2*_t2_3*alpha - _t2_0 - _t2_2)))
-            _out2[_i, _k] = _w * (_h3*(_e_y*(_h4*_t2_5 - _t2_4*beta + _t2_6) - _t2_1*_t2_7 + _t2_5*_t2_7))
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
+    else:
+        for _i in range(y.shape[0]):
+            _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of row _i, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, :] = math.nan
+        _out2[_i, :] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _t1_1 = _r2 + smooth
+    _t1_2 = _t1_0 + _t1_1
+    _out0[_i] = _w * (((_t1_0)/(_t1_2)))
+    _h0 = ((1.0)/(_t1_2))
+    _h1 = _t1_0
+    _h2 = _t1_1
+    _h3 = ((1.0)/(_t1_2**3))
+    _h4 = _t1_2
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _t2_0 = _e_y*_h1
+        _t2_1 = _e_y*beta
+        _t2_2 = _h2*_t2_1
+        _t2_3 = 1.0 - _e_y
+        _t2_4 = _e_y*_h4
+        _t2_5 = _t2_3*alpha
+        _t2_6 = -2.0*_h2*_t2_5 + 2.0*_t2_0 + 2.0*_t2_2
+        _t2_7 = -_t2_4 + _t2_6
+        _out1[_i, _k] = _w * (_h0*(_h0*(_h2*_t2_3*alpha - _t2_0 - _t2_2)))
+        _out2[_i, _k] = _w * (_h3*(_e_y*(_h4*_t2_5 - _t2_4*beta + _t2_6) - _t2_1*_t2_7 + _t2_5*_t2_7))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given."""
+def loss_grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2, _parallel):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _t1_1 = _r2 + smooth
-        _t1_2 = _t1_0 + _t1_1
-        _h0 = ((1.0)/(_t1_2**3))
-        _h1 = _t1_0
-        _h2 = _t1_2
-        _h3 = _t1_1
-        _h4 = ((1.0)/(_t1_2))
-        _scratch = np.empty((7, _n))
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            _t2_0 = _e_y*_h2
-            _t2_1 = _e_y*_h1
-            _t2_2 = 1.0 - _e_y
-            _t2_3 = _t2_2*alpha
-            _t2_4 = _e_y*beta
-            _t2_5 = _h3*_t2_4
-            _t2_6 = -2.0*_h3*_t2_3 + 2.0*_t2_1 + 2.0*_t2_5
-            _t2_7 = -_t2_0 + _t2_6
-            _t2_8 = _t2_7*beta
-            _scratch[0, _k] = _h0*(-_e_y*_t2_8 + _e_y*(_h2*_t2_3 - _t2_0*beta + _t2_6) + _t2_3*_t2_7)
-            _scratch[1, _k] = _h0*_t2_7*alpha
-            _scratch[2, _k] = _t2_2
-            _scratch[3, _k] = _h0*_t2_8
-            _scratch[4, _k] = -_e_y
-            _scratch[5, _k] = -2.0*_h0*(_h3*_t2_2*alpha - _t2_1 - _t2_5) + _h4*(_h4*_t2_3) + _h4*(-_h4*_t2_4)
-            _scratch[6, _k] = _e_y
-        for _j in range(_n):
-            _out0[_i, _j] = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
-                _out0[_i, _j] += _w * _h * _v_p[_i, _l]
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2)
+    else:
+        for _i in range(y.shape[0]):
+            _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _t1_1 = _r2 + smooth
+    _t1_2 = _t1_0 + _t1_1
+    _h0 = ((1.0)/(_t1_2**3))
+    _h1 = _t1_0
+    _h2 = _t1_2
+    _h3 = _t1_1
+    _h4 = ((1.0)/(_t1_2))
+    _scratch = np.empty((7, _n))
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _t2_0 = _e_y*_h2
+        _t2_1 = _e_y*_h1
+        _t2_2 = 1.0 - _e_y
+        _t2_3 = _t2_2*alpha
+        _t2_4 = _e_y*beta
+        _t2_5 = _h3*_t2_4
+        _t2_6 = -2.0*_h3*_t2_3 + 2.0*_t2_1 + 2.0*_t2_5
+        _t2_7 = -_t2_0 + _t2_6
+        _t2_8 = _t2_7*beta
+        _scratch[0, _k] = _h0*(-_e_y*_t2_8 + _e_y*(_h2*_t2_3 - _t2_0*beta + _t2_6) + _t2_3*_t2_7)
+        _scratch[1, _k] = _h0*_t2_7*alpha
+        _scratch[2, _k] = _t2_2
+        _scratch[3, _k] = _h0*_t2_8
+        _scratch[4, _k] = -_e_y
+        _scratch[5, _k] = -2.0*_h0*(_h3*_t2_2*alpha - _t2_1 - _t2_5) + _h4*(_h4*_t2_3) + _h4*(-_h4*_t2_4)
+        _scratch[6, _k] = _e_y
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
+            _out0[_i, _j] += _w * _h * _v_p[_i, _l]
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, p, alpha, beta, smooth, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given."""
+def hvp_kernel(y, p, alpha, beta, smooth, _v_p, _weight, _out0, _parallel):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    for _i in numba.prange(y.shape[0]):
-        _r0 = 0.0
-        _r0_error = 0.0
-        _r1 = 0.0
-        _r1_error = 0.0
-        _r2 = 0.0
-        _r2_error = 0.0
-        for _k in range(_n):
-            _e_p = p[_i, _k]
-            _e_y = y[_i, _k]
-            _s = _e_p*(1.0 - _e_y)
-            _x = _r0 + _s
-            _z = _x - _r0
-            _r0_error += (_r0 - (_x - _z)) + (_s - _z)
-            _r0 = _x
-            _s = _e_y*(1.0 - _e_p)
-            _x = _r1 + _s
-            _z = _x - _r1
-            _r1_error += (_r1 - (_x - _z)) + (_s - _z)
-            _r1 = _x
-            _s = _e_p*_e_y
-            _x = _r2 + _s
-            _z = _x - _r2
-            _r2_error += (_r2 - (_x - _z)) + (_s - _z)
-            _r2 = _x
-        if math.isfinite(_r0):
-            _r0 += _r0_error
-        if math.isfinite(_r1):
-            _r1 += _r1_error
-        if math.isfinite(_r2):
-            _r2 += _r2_error
-        _w = 1.0 if _weight is None else _weight[_i]
-        _t1_0 = _r0*alpha + _r1*beta
-        _t1_1 = _r2 + smooth
-        _t1_2 = _t1_0 + _t1_1
-        _h0 = ((1.0)/(_t1_2**3))
-        _h1 = _t1_0
-        _h2 = _t1_2
-        _h3 = _t1_1
-        _h4 = ((1.0)/(_t1_2))
-        _scratch = np.empty((7, _n))
-        for _k in range(_n):
-            _e_y = y[_i, _k]
-            _t2_0 = _e_y*_h2
-            _t2_1 = _e_y*_h1
-            _t2_2 = 1.0 - _e_y
-            _t2_3 = _t2_2*alpha
-            _t2_4 = _e_y*beta
-            _t2_5 = _h3*_t2_4
-            _t2_6 = -2.0*_h3*_t2_3 + 2.0*_t2_1 + 2.0*_t2_5
-            _t2_7 = -_t2_0 + _t2_6
-            _t2_8 = _t2_7*beta
-            _scratch[0, _k] = _h0*(-_e_y*_t2_8 + _e_y*(_h2*_t2_3 - _t2_0*beta + _t2_6) + _t2_3*_t2_7)
-            _scratch[1, _k] = _h0*_t2_7*alpha
-            _scratch[2, _k] = _t2_2
-            _scratch[3, _k] = _h0*_t2_8
-            _scratch[4, _k] = -_e_y
-            _scratch[5, _k] = -2.0*_h0*(_h3*_t2_2*alpha - _t2_1 - _t2_5) + _h4*(_h4*_t2_3) + _h4*(-_h4*_t2_4)
-            _scratch[6, _k] = _e_y
-        for _j in range(_n):
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
-                _out0[_i, _j, _l] = _w * _h
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _s = _e_p*(1.0 - _e_y)
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _e_y*(1.0 - _e_p)
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _r0*alpha + _r1*beta
+    _t1_1 = _r2 + smooth
+    _t1_2 = _t1_0 + _t1_1
+    _h0 = ((1.0)/(_t1_2**3))
+    _h1 = _t1_0
+    _h2 = _t1_2
+    _h3 = _t1_1
+    _h4 = ((1.0)/(_t1_2))
+    _scratch = np.empty((7, _n))
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _t2_0 = _e_y*_h2
+        _t2_1 = _e_y*_h1
+        _t2_2 = 1.0 - _e_y
+        _t2_3 = _t2_2*alpha
+        _t2_4 = _e_y*beta
+        _t2_5 = _h3*_t2_4
+        _t2_6 = -2.0*_h3*_t2_3 + 2.0*_t2_1 + 2.0*_t2_5
+        _t2_7 = -_t2_0 + _t2_6
+        _t2_8 = _t2_7*beta
+        _scratch[0, _k] = _h0*(-_e_y*_t2_8 + _e_y*(_h2*_t2_3 - _t2_0*beta + _t2_6) + _t2_3*_t2_7)
+        _scratch[1, _k] = _h0*_t2_7*alpha
+        _scratch[2, _k] = _t2_2
+        _scratch[3, _k] = _h0*_t2_8
+        _scratch[4, _k] = -_e_y
+        _scratch[5, _k] = -2.0*_h0*(_h3*_t2_2*alpha - _t2_1 - _t2_5) + _h4*(_h4*_t2_3) + _h4*(-_h4*_t2_4)
+        _scratch[6, _k] = _e_y
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
+            _out0[_i, _j, _l] = _w * _h
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel(y, p, alpha, beta, smooth, _weight, _out0, _parallel):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+    _n = y.shape[1]
+    _C = float(_n)
+    if _parallel:
+        for _i in numba.prange(y.shape[0]):
+            _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+    else:
+        for _i in range(y.shape[0]):
+            _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
 
 

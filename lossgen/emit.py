@@ -39,6 +39,14 @@ class NumbaPrinter(PythonCodePrinter):
     def __init__(self):
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self.helpers_used: set[str] = set()
+        self.named: dict = {}  # Piecewise -> the variable that holds its value (scoped_code)
+
+    def _print_Piecewise(self, expr):
+        # a name in place of the Piecewise, not xreplace: that would reorder the factors
+        # and terms around it, and change the rounding
+        if expr in self.named:
+            return str(self.named[expr])
+        return super()._print_Piecewise(expr)
 
     def _print_Float(self, expr):
         return repr(float(expr))
@@ -113,11 +121,158 @@ def _as_divisions(expr: sp.Expr) -> sp.Expr:
 
 def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter) -> tuple[list[str], str]:
     """Assignment lines and the return expression computing ``exprs`` with shared CSEs."""
-    exprs = [_as_divisions(e) for e in exprs]
-    replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("_t"), order="canonical")
-    lines = [f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements]
-    returns = ", ".join(printer.doprint(e) for e in reduced)
-    return lines, returns
+    lines, printed = scoped_code([_as_divisions(e) for e in exprs], printer, "_t", "_b")
+    return lines, ", ".join(printed)
+
+
+def scoped_code(exprs: list[sp.Expr], printer: NumbaPrinter, temporary: str,
+                branch: str) -> tuple[list[str], list[str]]:
+    """Statements (indented relative to the first, 4 spaces a level) and the printed ``exprs``,
+    common subexpressions shared (``sympy.cse``; names ``temporary`` + n).
+
+    A subexpression that only one branch of a Piecewise uses is computed inside that branch,
+    not before the Piecewise: there, the Piecewise becomes an if/elif/else statement (one for
+    all Piecewises with the same conditions; its values are named ``branch`` + n). Otherwise
+    CSE would compute the transcendental functions of every branch for every element. Each
+    value is the same expression as without the scoping, so the results are identical."""
+    replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(temporary), order="canonical")
+    scoped = _Scopes(replacements, reduced)
+    if not scoped.groups_with_locals():
+        return ([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
+                [printer.doprint(e) for e in reduced])
+    try:
+        return scoped.code(printer, branch)
+    except _Cycle:  # the statements cannot be ordered (not seen in the catalog): no scoping
+        return ([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
+                [printer.doprint(e) for e in reduced])
+    finally:
+        printer.named = {}
+
+
+class _Cycle(Exception):
+    pass
+
+
+class _Scopes:
+    """Where each CSE temporary is computed: before everything (scope None) or inside branch k
+    of the if-statement of group g (scope (g, k)). A group gathers the Piecewises with the same
+    conditions that are evaluated unconditionally (in an output, or in a temporary computed
+    before everything), and a Piecewise nested elsewhere with those same conditions: its value
+    is then computed in the group's statement too. Any other nested Piecewise stays an inline
+    conditional expression, and what only it uses is computed in the enclosing branch."""
+
+    def __init__(self, replacements, reduced):
+        self.replacements, self.reduced = replacements, reduced
+        self.values = dict(replacements)
+        self.root_conditions: set = set()
+        self._place()
+        if self.groups:  # again, nested Piecewises with the conditions of a group joining it
+            self.root_conditions = set(self.groups)
+            self._place()
+
+    def _place(self):
+        self.uses = {symbol: [] for symbol, _ in self.replacements}
+        self.groups: dict[tuple, int] = {}       # conditions -> group number
+        self.members: dict[int, list] = {}       # group -> its Piecewises, in order of appearance
+        for expr in self.reduced:
+            self._walk(expr, None)
+        self.scope = {}
+        for symbol, value in reversed(self.replacements):
+            uses = self.uses[symbol]
+            self.scope[symbol] = uses[0] if uses and all(u == uses[0] for u in uses) else None
+            self._walk(value, self.scope[symbol])
+
+    def _walk(self, expr, scope):
+        if expr in self.values:
+            self.uses[expr].append(scope)
+            return
+        if isinstance(expr, sp.Piecewise):
+            conditions = tuple(c for _, c in expr.args)
+            joins = conditions in self.root_conditions and scope[0] != self.groups.get(conditions) \
+                if scope is not None else True
+            if joins:
+                group = self.groups.setdefault(conditions, len(self.groups))
+                members = self.members.setdefault(group, [])
+                if expr in members:
+                    return
+                members.append(expr)
+                for condition in conditions:
+                    self._walk(condition, None)
+                for k, (value, _) in enumerate(expr.args):
+                    self._walk(value, (group, k))
+                return
+        for argument in expr.args:
+            if isinstance(argument, sp.Basic):
+                self._walk(argument, scope)
+
+    def groups_with_locals(self) -> set:
+        return {scope[0] for scope in self.scope.values() if scope is not None}
+
+    def code(self, printer, branch_prefix) -> tuple[list[str], list[str]]:
+        lifted_groups = sorted(self.groups_with_locals())
+        names = {}
+        for group in lifted_groups:
+            for piecewise in self.members[group]:
+                names[piecewise] = sp.Symbol(f"{branch_prefix}{len(names)}")
+        lift = lambda e: e.xreplace(names)  # noqa: E731  (to find dependencies only)
+        group_of = {names[p]: g for g in lifted_groups for p in self.members[g]}
+        locals_ = {}
+        for symbol, _ in self.replacements:
+            if self.scope[symbol] is not None:
+                locals_.setdefault(self.scope[symbol], []).append(symbol)
+
+        def needs(exprs) -> set:  # the items (root temporaries, groups) that exprs read
+            found = set()
+            for e in exprs:
+                for s in lift(e).free_symbols:
+                    if s in group_of:
+                        found.add(("group", group_of[s]))
+                    elif s in self.scope and self.scope[s] is None:
+                        found.add(("temp", s))
+            return found
+
+        items = [("temp", s) for s, _ in self.replacements if self.scope[s] is None]
+        items += [("group", g) for g in lifted_groups]
+        requires = {}
+        for kind, key in items:
+            if kind == "temp":
+                requires[kind, key] = needs([self.values[key]])
+            else:
+                branches = len(self.members[key][0].args)
+                exprs = [c for _, c in self.members[key][0].args]
+                exprs += [v for p in self.members[key] for v, _ in p.args]
+                exprs += [self.values[s] for k in range(branches) for s in locals_.get((key, k), [])]
+                requires[kind, key] = needs(exprs) - {(kind, key)}
+        lines, done, pending = [], set(), list(items)
+        printer.named = names
+        while pending:
+            ready = next((item for item in pending if requires[item] <= done), None)
+            if ready is None:
+                raise _Cycle()
+            pending.remove(ready)
+            done.add(ready)
+            kind, key = ready
+            if kind == "temp":
+                lines.append(f"{key} = {printer.doprint(self.values[key])}")
+                continue
+            members = self.members[key]
+            conditions = [c for _, c in members[0].args]
+            for k, condition in enumerate(conditions):
+                if condition == sp.true:
+                    lines.append("else:")
+                else:
+                    lines.append(f"{'if' if k == 0 else 'elif'} {printer.doprint(condition)}:")
+                for symbol in locals_.get((key, k), []):
+                    lines.append(f"    {symbol} = {printer.doprint(self.values[symbol])}")
+                for piecewise in members:
+                    lines.append(f"    {names[piecewise]} = {printer.doprint(piecewise.args[k][0])}")
+                if condition == sp.true:
+                    break
+            else:
+                lines.append("else:")
+                for piecewise in members:
+                    lines.append(f"    {names[piecewise]} = math.nan")
+        return lines, [printer.doprint(e) for e in self.reduced]
 
 
 def _docstring(text) -> str:

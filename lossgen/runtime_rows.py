@@ -10,6 +10,10 @@ leading index (C known at call time), per-row inputs the leading shape, shared i
     sce.hess(y, s)                          # the Hessian's diagonal, (N, C)
     sce.hess(y, s, full=True)               # every row's (C, C) Hessian, (N, C, C)
     sce.hvp(y, s, v=v)                      # Hessian times v per row, never forming it
+
+Threads as for elementwise losses (see lossgen.runtime): inputs of fewer than SERIAL_BELOW
+elements (N * C) run in the calling thread, larger ones on numba.get_num_threads() threads, at
+most LOSSGEN_NUM_THREADS.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .domains import DOMAINS
-from .runtime import _numeric_array, bind_arguments, check_domain, check_reduction, parameter_values
+from .runtime import _launch, _numeric_array, bind_arguments, check_domain, check_reduction, parameter_values
 
 
 @dataclass
@@ -140,7 +144,9 @@ class RowLoss:
             is_loss = kernel in ("loss", "loss_grad_hess") and quantity == 0
             shape = (rows,) if is_loss else (rows, c, c) if full else (rows, c)
             outs.append(np.empty(shape, dtype=call.dtype))
-        getattr(self.module, f"{kernel}_kernel")(*call.arrays, *call.params, *extra, call.weight, *outs)
+        work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
+        _launch(getattr(self.module, f"{kernel}_kernel"), (*call.arrays, *call.params, *extra, call.weight, *outs),
+                work)
         return [o.reshape(call.leading + o.shape[1:]) for o in outs]
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:

@@ -19,6 +19,7 @@ import lossgen
 from lossgen import generate as generation
 from lossgen import runtime
 from lossgen.paths import SPECS_DIR
+from lossgen.runtime_rows import RowLoss
 
 # --- generate: skip unchanged specs by content hash ----------------------------------------
 
@@ -231,6 +232,74 @@ def test_serial_and_parallel_loops_give_identical_results(monkeypatch):
     for serial, parallel in zip(serial_gh + serial_wgh, parallel_gh + parallel_wgh):
         np.testing.assert_array_equal(serial, parallel)
     assert parallel_sum == pytest.approx(serial_sum, rel=1e-13)  # only the order of the sum differs
+
+
+# --- row-wise kernels: the same serial path and thread limits --------------------------------
+
+
+def _spy_row_loss():
+    module = types.SimpleNamespace(
+        __doc__="spy",
+        SPEC={"name": "rowspy", "title": "Row spy", "family": "test", "summary": "", "rowwise": True,
+              "axis": "class",
+              "inputs": (("y", "target", "real", "class", False, None), ("s", "prediction", "real", "class", False, None)),
+              "params": (), "kernels": {"grad_hess": 2, "loss": 1, "hvp": 1}},
+        grad_hess_kernel=_SpyKernel(2), loss_kernel=_SpyKernel(1), hvp_kernel=_SpyKernel(1))
+    return RowLoss(module), module
+
+
+def test_row_kernels_run_serially_below_the_threshold_in_parallel_above(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    loss, module = _spy_row_loss()
+    columns = 10
+    small = np.zeros(((runtime.SERIAL_BELOW - 1) // columns, columns))  # N * C elements decide
+    large = np.zeros((runtime.SERIAL_BELOW // columns, columns))
+    loss.grad_hess(small, small)
+    loss.loss(small, small)
+    loss.grad_hess(large, large)
+    loss.loss(large, large)
+    parallel_expected = numba.get_num_threads() > 1
+    assert [c["parallel"] for c in module.grad_hess_kernel.calls] == [False, parallel_expected]
+    assert [c["parallel"] for c in module.loss_kernel.calls] == [False, parallel_expected]
+    # a Hessian-vector product does C times the work per row: the same rows go parallel
+    rows = np.zeros((runtime.SERIAL_BELOW // columns**2, columns))
+    loss.hvp(rows, rows, v=rows)
+    assert [c["parallel"] for c in module.hvp_kernel.calls] == [parallel_expected]
+
+
+def test_row_kernels_follow_set_num_threads_and_the_environment_variable(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    loss, module = _spy_row_loss()
+    large = np.zeros((runtime.SERIAL_BELOW, 2))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        loss.grad_hess(large, large)
+    finally:
+        numba.set_num_threads(previous)
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, "1")
+    loss.grad_hess(large, large)
+    assert module.grad_hess_kernel.calls == [{"parallel": False, "threads": 1},
+                                             {"parallel": False, "threads": previous}]
+    assert numba.get_num_threads() == previous
+    monkeypatch.setenv(runtime.THREADS_VARIABLE, "0")
+    with pytest.raises(ValueError, match=runtime.THREADS_VARIABLE):
+        loss.grad_hess(large, large)
+
+
+def test_row_kernels_serial_and_parallel_loops_give_identical_results(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    sce = lossgen.get("softmax_cross_entropy")
+    rng = np.random.default_rng(7)
+    y, s = rng.integers(0, 5, size=400), rng.normal(scale=3.0, size=(400, 5))
+    weight, v = rng.uniform(size=400), rng.normal(size=(400, 5))
+    results = {}
+    for serial_below in (10**9, 0):  # every call serial, then every call parallel
+        monkeypatch.setattr(runtime, "SERIAL_BELOW", serial_below)
+        results[serial_below] = (*sce.loss_grad_hess(y, s, label_smoothing=0.1, sample_weight=weight),
+                                 sce.hvp(y, s, v=v))
+    for serial, parallel in zip(*results.values()):
+        np.testing.assert_array_equal(serial, parallel)
 
 
 # --- runtime: the fast argument path -------------------------------------------------------
