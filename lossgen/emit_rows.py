@@ -298,6 +298,29 @@ def tie_keys(derivation: RowDerivation) -> dict:
     return keys
 
 
+def _emit_guard(body, spec, outs: list[str], n_row_outputs: int):
+    """Set every output of row _i to nan, and go to the next row, where an input of the row
+    lies outside its domain (the first ``n_row_outputs`` outputs hold one value per row)."""
+    guards = _guard_lines(spec)
+    if not guards:
+        return
+    body.emit(2, "_inside = True")
+    row_guards = [c for i, c in guards if not i.axis]
+    for condition in row_guards:
+        body.emit(2, f"if not ({condition}):")
+        body.emit(3, "_inside = False")
+    element_guards = [(i, c) for i, c in guards if i.axis]
+    if element_guards:
+        body.emit(2, "for _k in range(_n):")
+        body.bind([spec.symbols[i.name] for i, _ in element_guards], 3)
+        body.emit(3, f"if not ({' and '.join(f'({c})' for _, c in element_guards)}):")
+        body.emit(4, "_inside = False")
+    body.emit(2, "if not _inside:")
+    for j, out in enumerate(outs):
+        body.emit(3, f"{out}[_i] = math.nan" if j < n_row_outputs else f"{out}[_i, ...] = math.nan")
+    body.emit(3, "continue")
+
+
 def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
     element expressions written to out[_i, _k]."""
@@ -307,23 +330,7 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
     element_outputs = [body.shifts(e) for e in element_outputs]
     outs = [f"_out{j}" for j in range(len(row_outputs) + len(element_outputs))]
     body.bind_row()
-    guards = _guard_lines(spec)
-    if guards:
-        body.emit(2, "_inside = True")
-        row_guards = [c for i, c in guards if not i.axis]
-        for condition in row_guards:
-            body.emit(2, f"if not ({condition}):")
-            body.emit(3, "_inside = False")
-        element_guards = [(i, c) for i, c in guards if i.axis]
-        if element_guards:
-            body.emit(2, "for _k in range(_n):")
-            body.bind([spec.symbols[i.name] for i, _ in element_guards], 3)
-            body.emit(3, f"if not ({' and '.join(f'({c})' for _, c in element_guards)}):")
-            body.emit(4, "_inside = False")
-        body.emit(2, "if not _inside:")
-        for j, out in enumerate(outs):
-            body.emit(3, f"{out}[_i] = math.nan" if j < len(row_outputs) else f"{out}[_i, :] = math.nan")
-        body.emit(3, "continue")
+    _emit_guard(body, spec, outs, len(row_outputs))
 
     element_outputs, hoisted = body.hoist(element_outputs)
     row_values = list(row_outputs) + list(hoisted)
@@ -363,7 +370,9 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> di
                  for (i, j), b in zip(pairs, blocks)]
     factors = [body.shifts(e) for b in blocks for pq in b.outer for e in pq]
     element, hoisted = body.hoist(diagonals + factors)
+    outs = [f"_out{b}" for b in range(k if product else len(pairs))]
     body.bind_row()
+    _emit_guard(body, derivation.spec, outs, 0)
     body.reductions_pass(list(hoisted) + element)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
     if hoisted:
@@ -374,7 +383,6 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> di
     body.bind(element, 3)
     for j, value in enumerate(body.cse(element, 3)):
         body.emit(3, f"_scratch[{j}, _k] = {value}")
-    outs = [f"_out{b}" for b in range(k if product else len(pairs))]
     directions = [d.name for d in derivation.directions]
     body.emit(2, "for _j in range(_n):")
     if product:
