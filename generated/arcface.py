@@ -10,15 +10,15 @@ derivative of acos is infinite: the gradient there is not finite (inf or nan), a
 autograd.
 
 Inputs (N rows, C = length of the class axis): y (N,) (target, class_index), c (N, C) (prediction, cosine)
-Parameters: scale = 64.0 (positive), margin = 0.5 (nonnegative)
+Parameters: s = 64.0 (positive), m = 0.5 (nonnegative)
 
-    loss = logsumexp(scale*(c + (-c + cos(margin + acos(c)))*onehot(y))) - take(scale*(c + (-c + cos(margin + acos(c)))*onehot(y)), y)
+    loss = logsumexp(s*(c + (-c + cos(m + acos(c)))*onehot(y))) - take(s*(c + (-c + cos(m + acos(c)))*onehot(y)), y)
 
 Lowered, with one value per row for each reduction:
-    _r0 = take_k(scale*(c + (-c + cos(margin + acos(c)))*onehot(y))) at y
-    _r1 = logsumexp_k(scale*(c + (-c + cos(margin + acos(c)))*onehot(y)))
+    _r0 = take_k(s*(c + (-c + cos(m + acos(c)))*onehot(y))) at y
+    _r1 = logsumexp_k(s*(c + (-c + cos(m + acos(c)))*onehot(y)))
     loss = -_r0 + _r1
-    d loss / d c_k = scale*((-1 + sin(margin + acos(c))/sqrt(1 - c**2))*onehot(y) + 1)*(exp(-_r1 + scale*(c + (-c + cos(margin + acos(c)))*onehot(y))) - onehot(y))
+    d loss / d c_k = s*((-1 + sin(m + acos(c))/sqrt(1 - c**2))*onehot(y) + 1)*(exp(-_r1 + s*(c + (-c + cos(m + acos(c)))*onehot(y))) - onehot(y))
 
 Reductions that pick one element (max, min, take) pass the derivative to that element; on a
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
@@ -27,7 +27,7 @@ the first branch whose condition holds. Outside the inputs' domains a row's outp
 References:
     J. Deng, J. Guo, N. Xue and S. Zafeiriou, ArcFace: Additive Angular Margin Loss for Deep Face Recognition, CVPR 2019
 """
-# lossgen-generated spec-sha256=822beeed8698fe361fefdf284c5503fcb6bff1029bc68a84a39b8d01af987395
+# lossgen-generated spec-sha256=fd359aa9a9bfa037f187ab19afe0d6ccdc95f69294adb66637fbedd6dfd05212
 import math
 
 import numba
@@ -41,13 +41,13 @@ SPEC = {
     "rowwise": True,
     "axis": 'class',
     "inputs": (('y', 'target', 'class_index', None, False, None), ('c', 'prediction', 'cosine', 'class', False, None), ),
-    "params": (('scale', 64.0, 'positive'), ('margin', 0.5, 'nonnegative'), ),
+    "params": (('s', 64.0, 'positive'), ('m', 0.5, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
 }
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+def _loss_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -60,19 +60,19 @@ def _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
         return
     _k = _row_y
     _e_c = c[_i, _k]
-    _r0 = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+    _r0 = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -81,20 +81,20 @@ def _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+def loss_kernel(y, c, s, m, _weight, _out0, _parallel):
     """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _loss_row(_i, _n, _C, y, c, s, m, _weight, _out0)
     else:
         for _i in range(c.shape[0]):
-            _loss_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _loss_row(_i, _n, _C, y, c, s, m, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+def _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -103,20 +103,20 @@ def _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
         if not ((_e_c >= -1.0 and _e_c <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -124,29 +124,29 @@ def _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
     for _k in range(_n):
         _e_c = c[_i, _k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t2_0 = margin + math.acos(_e_c)
-            _b2_0 = ((scale*math.sin(_t2_0)*math.expm1(-_l1 + (-_m1 + scale*math.cos(_t2_0))))/(math.sqrt(1.0 - _e_c**2)))
+            _t2_0 = m + math.acos(_e_c)
+            _b2_0 = ((s*math.sin(_t2_0)*math.expm1(-_l1 + (-_m1 + s*math.cos(_t2_0))))/(math.sqrt(1.0 - _e_c**2)))
         else:
-            _t2_1 = _e_c*scale - _m1
-            _b2_0 = ((scale*math.exp(-_l1 + (_t2_1))) if (_l1 + (-_t2_1) <= 700.0) else (math.exp((-_l1 + (_t2_1 + math.log(scale))))))
+            _t2_1 = _e_c*s - _m1
+            _b2_0 = ((s*math.exp(-_l1 + (_t2_1))) if (_l1 + (-_t2_1) <= 700.0) else (math.exp((-_l1 + (_t2_1 + math.log(s))))))
         _out0[_i, _k] = _w * (_b2_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+def grad_kernel(y, c, s, m, _weight, _out0, _parallel):
     """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0)
     else:
         for _i in range(c.shape[0]):
-            _grad_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+def _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -155,20 +155,20 @@ def _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
         if not ((_e_c >= -1.0 and _e_c <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -176,37 +176,37 @@ def _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
     for _k in range(_n):
         _e_c = c[_i, _k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t2_0 = margin + math.acos(_e_c)
+            _t2_0 = m + math.acos(_e_c)
             _t2_1 = math.cos(_t2_0)
-            _t2_2 = _m1 - _t2_1*scale
+            _t2_2 = _m1 - _t2_1*s
             _t2_3 = -_l1 + (-_t2_2)
             _t2_4 = math.expm1(_t2_3)
             _t2_5 = math.sin(_t2_0)
-            _t2_6 = _t2_5**2*scale
+            _t2_6 = _t2_5**2*s
             _t2_7 = _e_c**2 - 1.0
             _t2_8 = _t2_1 + ((-_e_c*_t2_5)/(math.sqrt(-_t2_7)))
-            _b2_0 = ((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_8)) if (_l1 + (_t2_2) <= 1.0) else (_t2_6*math.exp(_t2_3) + (_t2_8))))/(_t2_7))
+            _b2_0 = ((_t2_4*s*((_t2_4*_t2_6 + (_t2_6 + _t2_8)) if (_l1 + (_t2_2) <= 1.0) else (_t2_6*math.exp(_t2_3) + (_t2_8))))/(_t2_7))
         else:
-            _t2_9 = -_l1 + (_e_c*scale - _m1)
-            _b2_0 = -scale**2*math.exp(_t2_9)*math.expm1(_t2_9)
+            _t2_9 = -_l1 + (_e_c*s - _m1)
+            _b2_0 = -s**2*math.exp(_t2_9)*math.expm1(_t2_9)
         _out0[_i, _k] = _w * (_b2_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+def hess_kernel(y, c, s, m, _weight, _out0, _parallel):
     """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0)
     else:
         for _i in range(c.shape[0]):
-            _hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1):
+def _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -215,21 +215,21 @@ def _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1):
         if not ((_e_c >= -1.0 and _e_c <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -238,44 +238,44 @@ def _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1):
         _e_c = c[_i, _k]
         _t2_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t2_9:
-            _t2_0 = margin + math.acos(_e_c)
+            _t2_0 = m + math.acos(_e_c)
             _t2_1 = math.sin(_t2_0)
             _t2_2 = math.cos(_t2_0)
-            _t2_3 = _m1 - _t2_2*scale
+            _t2_3 = _m1 - _t2_2*s
             _t2_4 = -_l1 + (-_t2_3)
             _t2_5 = math.expm1(_t2_4)
-            _t2_6 = _t2_5*scale
+            _t2_6 = _t2_5*s
             _t2_7 = _e_c**2 - 1.0
             _t2_8 = math.sqrt(-_t2_7)
-            _t2_13 = _t2_1**2*scale
+            _t2_13 = _t2_1**2*s
             _t2_14 = _t2_2 + ((-_e_c*_t2_1)/(_t2_8))
             _b2_0 = ((_t2_1*_t2_6)/(_t2_8))
             _b2_1 = ((_t2_6*((_t2_13*_t2_5 + (_t2_13 + _t2_14)) if (_l1 + (_t2_3) <= 1.0) else (_t2_13*math.exp(_t2_4) + (_t2_14))))/(_t2_7))
         else:
-            _t2_10 = _e_c*scale - _m1
+            _t2_10 = _e_c*s - _m1
             _t2_11 = -_l1 + (_t2_10)
             _t2_12 = math.exp(_t2_11)
-            _b2_0 = ((_t2_12*scale) if (_l1 + (-_t2_10) <= 700.0) else (math.exp((-_l1 + (_t2_10 + math.log(scale))))))
-            _b2_1 = -_t2_12*scale**2*math.expm1(_t2_11)
+            _b2_0 = ((_t2_12*s) if (_l1 + (-_t2_10) <= 700.0) else (math.exp((-_l1 + (_t2_10 + math.log(s))))))
+            _b2_1 = -_t2_12*s**2*math.expm1(_t2_11)
         _out0[_i, _k] = _w * (_b2_0)
         _out1[_i, _k] = _w * (_b2_1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1, _parallel):
+def grad_hess_kernel(y, c, s, m, _weight, _out0, _out1, _parallel):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1)
+            _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1)
     else:
         for _i in range(c.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1)
+            _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, _out2):
+def _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -285,24 +285,24 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, 
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _k = _row_y
     _e_c = c[_i, _k]
-    _r0 = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+    _r0 = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -312,58 +312,66 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, 
         _e_c = c[_i, _k]
         _t4_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t4_9:
-            _t4_0 = margin + math.acos(_e_c)
+            _t4_0 = m + math.acos(_e_c)
             _t4_1 = math.sin(_t4_0)
             _t4_2 = math.cos(_t4_0)
-            _t4_3 = _m1 - _t4_2*scale
+            _t4_3 = _m1 - _t4_2*s
             _t4_4 = -_l1 + (-_t4_3)
             _t4_5 = math.expm1(_t4_4)
-            _t4_6 = _t4_5*scale
+            _t4_6 = _t4_5*s
             _t4_7 = _e_c**2 - 1.0
             _t4_8 = math.sqrt(-_t4_7)
-            _t4_13 = _t4_1**2*scale
+            _t4_13 = _t4_1**2*s
             _t4_14 = _t4_2 + ((-_e_c*_t4_1)/(_t4_8))
             _b4_0 = ((_t4_1*_t4_6)/(_t4_8))
             _b4_1 = ((_t4_6*((_t4_13*_t4_5 + (_t4_13 + _t4_14)) if (_l1 + (_t4_3) <= 1.0) else (_t4_13*math.exp(_t4_4) + (_t4_14))))/(_t4_7))
         else:
-            _t4_10 = _e_c*scale - _m1
+            _t4_10 = _e_c*s - _m1
             _t4_11 = -_l1 + (_t4_10)
             _t4_12 = math.exp(_t4_11)
-            _b4_0 = ((_t4_12*scale) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_t4_10 + math.log(scale))))))
-            _b4_1 = -_t4_12*scale**2*math.expm1(_t4_11)
+            _b4_0 = ((_t4_12*s) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_t4_10 + math.log(s))))))
+            _b4_1 = -_t4_12*s**2*math.expm1(_t4_11)
         _out1[_i, _k] = _w * (_b4_0)
         _out2[_i, _k] = _w * (_b4_1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, c, scale, margin, _weight, _out0, _out1, _out2, _parallel):
+def loss_grad_hess_kernel(y, c, s, m, _weight, _out0, _out1, _out2, _parallel):
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, _out2)
+            _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2)
     else:
         for _i in range(c.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, c, scale, margin, _weight, _out0, _out1, _out2)
+            _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0):
+def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -373,27 +381,27 @@ def _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0):
         _e_c = c[_i, _k]
         _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t2_11:
-            _t2_0 = margin + math.acos(_e_c)
+            _t2_0 = m + math.acos(_e_c)
             _t2_1 = math.cos(_t2_0)
-            _t2_2 = _m1 - _t2_1*scale
+            _t2_2 = _m1 - _t2_1*s
             _t2_3 = -_l1 + (-_t2_2)
             _t2_4 = math.expm1(_t2_3)
             _t2_5 = math.sin(_t2_0)
-            _t2_6 = _t2_5**2*scale
+            _t2_6 = _t2_5**2*s
             _t2_7 = _e_c**2 - 1.0
             _t2_8 = math.sqrt(-_t2_7)
             _t2_9 = _t2_1 + ((-_e_c*_t2_5)/(_t2_8))
             _t2_10 = math.exp(_t2_3)
-            _t2_15 = _t2_10*_t2_5*scale
-            _b2_0 = ((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
+            _t2_15 = _t2_10*_t2_5*s
+            _b2_0 = ((_t2_4*s*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
             _b2_1 = ((-_t2_15)/(_t2_8))
             _b2_2 = ((_t2_15)/(_t2_8))
         else:
-            _t2_12 = _e_c*scale - _m1
+            _t2_12 = _e_c*s - _m1
             _t2_13 = -_l1 + (_t2_12)
             _t2_14 = math.exp(_t2_13)
-            _t2_16 = ((_t2_14*scale) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(scale))))))
-            _b2_0 = -_t2_14*scale**2*math.expm1(_t2_13)
+            _t2_16 = ((_t2_14*s) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(s))))))
+            _b2_0 = -_t2_14*s**2*math.expm1(_t2_13)
             _b2_1 = -_t2_16
             _b2_2 = _t2_16
         _scratch[0, _k] = _b2_0
@@ -407,34 +415,42 @@ def _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, c, scale, margin, _v_c, _weight, _out0, _parallel):
+def hvp_kernel(y, c, s, m, _v_c, _weight, _out0, _parallel):
     """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0)
+            _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0)
     else:
         for _i in range(c.shape[0]):
-            _hvp_row(_i, _n, _C, y, c, scale, margin, _v_c, _weight, _out0)
+            _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
+def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_c = c[_i, _k]
+        if not ((_e_c >= -1.0 and _e_c <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((scale*math.cos(margin + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*scale))
+        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -444,27 +460,27 @@ def _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
         _e_c = c[_i, _k]
         _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t2_11:
-            _t2_0 = margin + math.acos(_e_c)
+            _t2_0 = m + math.acos(_e_c)
             _t2_1 = math.cos(_t2_0)
-            _t2_2 = _m1 - _t2_1*scale
+            _t2_2 = _m1 - _t2_1*s
             _t2_3 = -_l1 + (-_t2_2)
             _t2_4 = math.expm1(_t2_3)
             _t2_5 = math.sin(_t2_0)
-            _t2_6 = _t2_5**2*scale
+            _t2_6 = _t2_5**2*s
             _t2_7 = _e_c**2 - 1.0
             _t2_8 = math.sqrt(-_t2_7)
             _t2_9 = _t2_1 + ((-_e_c*_t2_5)/(_t2_8))
             _t2_10 = math.exp(_t2_3)
-            _t2_15 = _t2_10*_t2_5*scale
-            _b2_0 = ((_t2_4*scale*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
+            _t2_15 = _t2_10*_t2_5*s
+            _b2_0 = ((_t2_4*s*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
             _b2_1 = ((-_t2_15)/(_t2_8))
             _b2_2 = ((_t2_15)/(_t2_8))
         else:
-            _t2_12 = _e_c*scale - _m1
+            _t2_12 = _e_c*s - _m1
             _t2_13 = -_l1 + (_t2_12)
             _t2_14 = math.exp(_t2_13)
-            _t2_16 = ((_t2_14*scale) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(scale))))))
-            _b2_0 = -_t2_14*scale**2*math.expm1(_t2_13)
+            _t2_16 = ((_t2_14*s) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(s))))))
+            _b2_0 = -_t2_14*s**2*math.expm1(_t2_13)
             _b2_1 = -_t2_16
             _b2_2 = _t2_16
         _scratch[0, _k] = _b2_0
@@ -477,15 +493,15 @@ def _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0):
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, c, scale, margin, _weight, _out0, _parallel):
+def hess_full_kernel(y, c, s, m, _weight, _out0, _parallel):
     """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(c.shape[0]):
-            _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0)
     else:
         for _i in range(c.shape[0]):
-            _hess_full_row(_i, _n, _C, y, c, scale, margin, _weight, _out0)
+            _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0)
 
 

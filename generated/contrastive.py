@@ -2,23 +2,23 @@
 
 Generated from specs/metric/contrastive.toml; do not edit. Edit the spec and run `lossgen generate`.
 
-(y d**2 + (1 - y) max(0, margin - d)**2)/2 for a pair of embeddings at distance d = ||x1
-- x2 + eps||_2 (torch.nn.functional.pairwise_distance). Convention: y = 1 for a similar
-pair, y = 0 for a dissimilar one (Hadsell et al. write Y = 0 for similar pairs: y = 1 -
-Y); the factor 1/2 is theirs. Similar pairs are pulled together, dissimilar ones pushed
-at least margin apart. On the kink d = margin the gradient is 0 either way; the Hessian
-takes the quadratic side, as PyTorch's clamp.
+(y d**2 + (1 - y) max(0, m - d)**2)/2 for a pair of embeddings at distance d = ||x1 - x2
++ eps||_2 (torch.nn.functional.pairwise_distance). Convention: y = 1 for a similar pair,
+y = 0 for a dissimilar one (Hadsell et al. write Y = 0 for similar pairs: y = 1 - Y);
+the factor 1/2 is theirs. Similar pairs are pulled together, dissimilar ones pushed at
+least m apart. On the kink d = m the gradient is 0 either way; the Hessian takes the
+quadratic side, as PyTorch's clamp.
 
 Inputs (N rows, C = length of the feature axis): y (N,) (target, label01), x1 (N, C) (prediction, embedding), x2 (N, C) (prediction, embedding)
-Parameters: margin = 1.0 (positive), eps = 1e-06 (nonnegative)
+Parameters: m = 1.0 (positive), eps = 1e-06 (nonnegative)
 
-    loss = y*rowsum((eps + x1 - x2)**2)/2 + (1 - y)*Piecewise(((margin - sqrt(rowsum((eps + x1 - x2)**2)))**2, margin >= sqrt(rowsum((eps + x1 - x2)**2))), (0, True))/2
+    loss = Piecewise((rowsum((eps + x1 - x2)**2)/2, y > 0), (Piecewise(((m - sqrt(rowsum((eps + x1 - x2)**2)))**2, m >= sqrt(rowsum((eps + x1 - x2)**2))), (0, True))/2, True))
 
 Lowered, with one value per row for each reduction:
     _r0 = sum_k((eps + x1 - x2)**2)
-    loss = _r0*y/2 + (1 - y)*Piecewise(((-sqrt(_r0) + margin)**2, margin >= sqrt(_r0)), (0, True))/2
-    d loss / d x1_k = (y + (1 - y)*Piecewise((-(-sqrt(_r0) + margin)/sqrt(_r0), margin >= sqrt(_r0)), (0, True)))*(eps + x1 - x2)
-    d loss / d x2_k = (y + (1 - y)*Piecewise((-(-sqrt(_r0) + margin)/sqrt(_r0), margin >= sqrt(_r0)), (0, True)))*(-eps - x1 + x2)
+    loss = Piecewise((_r0/2, y > 0), (Piecewise(((-sqrt(_r0) + m)**2, m >= sqrt(_r0)), (0, True))/2, True))
+    d loss / d x1_k = 2*(eps + x1 - x2)*Piecewise((1/2, y > 0), (Piecewise((1 - m/sqrt(_r0), m >= sqrt(_r0)), (0, True))/2, True))
+    d loss / d x2_k = 2*(-eps - x1 + x2)*Piecewise((1/2, y > 0), (Piecewise((1 - m/sqrt(_r0), m >= sqrt(_r0)), (0, True))/2, True))
 
 Reductions that pick one element (max, min, take) pass the derivative to that element; on a
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
@@ -28,7 +28,7 @@ References:
     R. Hadsell, S. Chopra and Y. LeCun, Dimensionality Reduction by Learning an Invariant Mapping, CVPR 2006
     PyTorch, torch.nn.functional.pairwise_distance
 """
-# lossgen-generated spec-sha256=4514d3ff6d5b0bf1a63bfcfa7314d4fc08e50841d8e3552ecfdeab5964f46a8a
+# lossgen-generated spec-sha256=17ccbe41c4fa41d142d810de7caf6852326a50243a78fa4afb3f9a73f33b466d
 import math
 
 import numba
@@ -38,11 +38,11 @@ SPEC = {
     "name": 'contrastive',
     "title": 'Contrastive loss (Hadsell, Chopra and LeCun)',
     "family": 'metric',
-    "summary": "(y d**2 + (1 - y) max(0, margin - d)**2)/2 for a pair of embeddings at distance d = ||x1 - x2 + eps||_2 (torch.nn.functional.pairwise_distance). Convention: y = 1 for a similar pair, y = 0 for a dissimilar one (Hadsell et al. write Y = 0 for similar pairs: y = 1 - Y); the factor 1/2 is theirs. Similar pairs are pulled together, dissimilar ones pushed at least margin apart. On the kink d = margin the gradient is 0 either way; the Hessian takes the quadratic side, as PyTorch's clamp.",
+    "summary": "(y d**2 + (1 - y) max(0, m - d)**2)/2 for a pair of embeddings at distance d = ||x1 - x2 + eps||_2 (torch.nn.functional.pairwise_distance). Convention: y = 1 for a similar pair, y = 0 for a dissimilar one (Hadsell et al. write Y = 0 for similar pairs: y = 1 - Y); the factor 1/2 is theirs. Similar pairs are pulled together, dissimilar ones pushed at least m apart. On the kink d = m the gradient is 0 either way; the Hessian takes the quadratic side, as PyTorch's clamp.",
     "rowwise": True,
     "axis": 'feature',
     "inputs": (('y', 'target', 'label01', None, False, None), ('x1', 'prediction', 'embedding', 'feature', False, None), ('x2', 'prediction', 'embedding', 'feature', False, None), ),
-    "params": (('margin', 1.0, 'positive'), ('eps', 1e-06, 'nonnegative'), ),
+    "params": (('m', 1.0, 'positive'), ('eps', 1e-06, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5, 'hvp': 2, 'hess_full': 4},
 }
 
@@ -68,7 +68,7 @@ def _sum_finish(state):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
+def _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -96,25 +96,29 @@ def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = math.sqrt(_r0)
-    _out0[_i] = _w * (((_r0*_row_y)/(2.0)) + (((1.0 - _row_y)*(((-_t1_0 + margin)**2) if (_t1_0 <= margin) else (0.0)))/(2.0)))
+    if (_row_y > 0.0):
+        _b1_0 = ((_r0)/(2.0))
+    else:
+        _t1_0 = math.sqrt(_r0)
+        _b1_0 = (((((-_t1_0 + m)**2) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _out0[_i] = _w * (_b1_0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, x1, x2, margin, eps, _weight, _out0, _parallel):
+def loss_kernel(y, x1, x2, m, eps, _weight, _out0, _parallel):
     """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0)
+            _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0)
     else:
         for _i in range(x1.shape[0]):
-            _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0)
+            _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
+def _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -126,8 +130,8 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -143,31 +147,34 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = math.sqrt(_r0)
-    _h0 = _row_y + (1.0 - _row_y)*((((_t1_0 - margin)/(_t1_0))) if (_t1_0 <= margin) else (0.0))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = _h0*(eps + (_e_x1 - _e_x2))
-        _out0[_i, _k] = _w * (_t2_0)
-        _out1[_i, _k] = _w * (-_t2_0)
+        if (_row_y > 0.0):
+            _b1_0 = 1/2
+        else:
+            _t1_0 = math.sqrt(_r0)
+            _b1_0 = ((((((-m)/(_t1_0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
+        _t1_1 = 2.0*(eps + (_e_x1 - _e_x2))*_b1_0
+        _out0[_i, _k] = _w * (_t1_1)
+        _out1[_i, _k] = _w * (-_t1_1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, x1, x2, margin, eps, _weight, _out0, _out1, _parallel):
+def grad_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _parallel):
     """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1)
+            _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
     else:
         for _i in range(x1.shape[0]):
-            _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1)
+            _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
+def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -179,8 +186,8 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -199,29 +206,29 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t1_0 = math.sqrt(_r0)
-        _t1_1 = (margin >= _t1_0)
-        _t1_2 = ((eps + (_e_x1 - _e_x2))/(_t1_0))
-        _t1_3 = ((1.0) if _t1_1 else (_row_y)) + ((((-_row_y*margin + margin)/(_t1_0))) if _t1_1 else (0.0))*((_t1_2 - 1.0)*(_t1_2 + 1.0))
+        _t1_0 = (_row_y > 0.0)
+        _t1_1 = math.sqrt(_r0)
+        _t1_2 = (m >= _t1_1)
+        _t1_3 = ((1.0) if _t1_0 or _t1_2 else (0.0)) + ((0.0) if _t1_0 else (((m)/(_t1_1))) if _t1_2 else (0.0))*((((eps + (_e_x1 - _e_x2))**2)/(_r0)) - 1.0)
         _out0[_i, _k] = _w * (_t1_3)
         _out1[_i, _k] = _w * (_t1_3)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, x1, x2, margin, eps, _weight, _out0, _out1, _parallel):
+def hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _parallel):
     """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1)
+            _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
     else:
         for _i in range(x1.shape[0]):
-            _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1)
+            _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3):
+def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -233,10 +240,10 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
-        _out3[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -252,38 +259,36 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = math.sqrt(_r0)
-    _h0 = _row_y + (1.0 - _row_y)*((((_t1_0 - margin)/(_t1_0))) if (_t1_0 <= margin) else (0.0))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = eps + (_e_x1 - _e_x2)
-        _t2_1 = _h0*_t2_0
-        _t2_2 = math.sqrt(_r0)
-        _t2_3 = (margin >= _t2_2)
-        _t2_4 = ((_t2_0)/(_t2_2))
-        _t2_5 = ((1.0) if _t2_3 else (_row_y)) + ((((-_row_y*margin + margin)/(_t2_2))) if _t2_3 else (0.0))*((_t2_4 - 1.0)*(_t2_4 + 1.0))
-        _out0[_i, _k] = _w * (_t2_1)
-        _out1[_i, _k] = _w * (-_t2_1)
-        _out2[_i, _k] = _w * (_t2_5)
-        _out3[_i, _k] = _w * (_t2_5)
+        _t1_0 = eps + (_e_x1 - _e_x2)
+        _t1_1 = (_row_y > 0.0)
+        _t1_2 = math.sqrt(_r0)
+        _t1_3 = (m >= _t1_2)
+        _t1_4 = 2.0*_t1_0*((1/2) if _t1_1 else (((((((-m)/(_t1_2)) + 1.0) if _t1_3 else (0.0)))/(2.0))))
+        _t1_5 = ((1.0) if _t1_1 or _t1_3 else (0.0)) + ((0.0) if _t1_1 else (((m)/(_t1_2))) if _t1_3 else (0.0))*(((_t1_0**2)/(_r0)) - 1.0)
+        _out0[_i, _k] = _w * (_t1_4)
+        _out1[_i, _k] = _w * (-_t1_4)
+        _out2[_i, _k] = _w * (_t1_5)
+        _out3[_i, _k] = _w * (_t1_5)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _parallel):
+def grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _parallel):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
+            _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
     else:
         for _i in range(x1.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
+            _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4):
+def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -296,10 +301,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
-        _out3[_i, :] = math.nan
-        _out4[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        _out4[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -315,50 +320,56 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = 1.0 - _row_y
-    _t1_1 = math.sqrt(_r0)
-    _t1_3 = (margin >= _t1_1)
-    if _t1_3:
-        _t1_2 = _t1_1 - margin
-        _b1_0 = _t1_2**2
-        _b1_1 = ((_t1_2)/(_t1_1))
+    if (_row_y > 0.0):
+        _b1_0 = ((_r0)/(2.0))
     else:
-        _b1_0 = 0.0
-        _b1_1 = 0.0
-    _out0[_i] = _w * (((_r0*_row_y)/(2.0)) + ((_t1_0*_b1_0)/(2.0)))
-    _h0 = _row_y + _t1_0*_b1_1
+        _t1_0 = math.sqrt(_r0)
+        _b1_0 = (((((-_t1_0 + m)**2) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _out0[_i] = _w * (_b1_0)
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         _t2_0 = eps + (_e_x1 - _e_x2)
-        _t2_1 = _h0*_t2_0
+        _t2_1 = (_row_y > 0.0)
         _t2_2 = math.sqrt(_r0)
-        _t2_3 = (margin >= _t2_2)
-        _t2_4 = ((_t2_0)/(_t2_2))
-        _t2_5 = ((1.0) if _t2_3 else (_row_y)) + ((((-_row_y*margin + margin)/(_t2_2))) if _t2_3 else (0.0))*((_t2_4 - 1.0)*(_t2_4 + 1.0))
-        _out1[_i, _k] = _w * (_t2_1)
-        _out2[_i, _k] = _w * (-_t2_1)
+        _t2_3 = (m >= _t2_2)
+        _t2_4 = 2.0*_t2_0*((1/2) if _t2_1 else (((((((-m)/(_t2_2)) + 1.0) if _t2_3 else (0.0)))/(2.0))))
+        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((m)/(_t2_2))) if _t2_3 else (0.0))*(((_t2_0**2)/(_r0)) - 1.0)
+        _out1[_i, _k] = _w * (_t2_4)
+        _out2[_i, _k] = _w * (-_t2_4)
         _out3[_i, _k] = _w * (_t2_5)
         _out4[_i, _k] = _w * (_t2_5)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _parallel):
+def loss_grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4, _parallel):
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4)
+            _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
     else:
         for _i in range(x1.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4)
+            _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
+def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        return
     _r0 = 0.0
     _r0_error = 0.0
     for _k in range(_n):
@@ -373,49 +384,35 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = 1.0 - _row_y
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = math.sqrt(_r0)
-        _t2_1 = (margin >= _t2_0)
-        _t2_4 = -_e_x2
-        _t2_5 = eps + (_e_x1 + _t2_4)
-        _t2_6 = ((_t2_5)/(_t2_0))
-        _t2_7 = ((_t2_6 - 1.0)*(_t2_6 + 1.0))
-        _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
-        _t2_12 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
-        if _t2_1:
-            _t2_2 = -margin
-            _t2_3 = _row_y*margin + _t2_2
-            _b2_0 = ((((1.0)/(_r0)) + ((-_t2_0 - _t2_2)/(_r0**(3/2))))/(2.0))
-            _b2_1 = ((_t2_3)/(_t2_0))
-            _b2_2 = -1.0
-            _b2_3 = ((-_t2_3)/(_t2_0))
-            _b2_4 = 1.0
-        else:
-            _b2_0 = 0.0
-            _b2_1 = 0.0
-            _b2_2 = -_row_y
-            _b2_3 = 0.0
-            _b2_4 = _row_y
-        _t2_8 = _t2_7*_b2_3 + _b2_4
-        _t2_9 = _t2_7*_b2_1 + _b2_2
-        _t2_10 = _h0*_t2_5*_b2_0
-        _t2_13 = -_t2_10
-        _scratch[0, _k] = _t2_8
-        _scratch[1, _k] = _t2_9
-        _scratch[2, _k] = _t2_9
-        _scratch[3, _k] = _t2_8
-        _scratch[4, _k] = _t2_10
-        _scratch[5, _k] = _t2_11
-        _scratch[6, _k] = _t2_10
-        _scratch[7, _k] = _t2_12
-        _scratch[8, _k] = _t2_13
-        _scratch[9, _k] = _t2_11
-        _scratch[10, _k] = _t2_13
-        _scratch[11, _k] = _t2_12
+        _t1_0 = (_row_y > 0.0)
+        _t1_1 = math.sqrt(_r0)
+        _t1_2 = (m >= _t1_1)
+        _t1_3 = _t1_0 or _t1_2
+        _t1_4 = -_e_x2
+        _t1_5 = eps + (_e_x1 + _t1_4)
+        _t1_6 = (((_t1_5**2)/(_r0)) - 1.0)
+        _t1_7 = _t1_6*((0.0) if _t1_0 else (((m)/(_t1_1))) if _t1_2 else (0.0)) + ((1.0) if _t1_3 else (0.0))
+        _t1_8 = _t1_6*((0.0) if _t1_0 else (((-m)/(_t1_1))) if _t1_2 else (0.0)) + ((-1.0) if _t1_3 else (0.0))
+        _t1_9 = 2.0*_t1_5*((0.0) if _t1_0 else (((((((m)/(2.0*_r0**(3/2)))) if _t1_2 else (0.0)))/(2.0))))
+        _t1_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t1_4))
+        _t1_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
+        _t1_12 = -_t1_9
+        _scratch[0, _k] = _t1_7
+        _scratch[1, _k] = _t1_8
+        _scratch[2, _k] = _t1_8
+        _scratch[3, _k] = _t1_7
+        _scratch[4, _k] = _t1_9
+        _scratch[5, _k] = _t1_10
+        _scratch[6, _k] = _t1_9
+        _scratch[7, _k] = _t1_11
+        _scratch[8, _k] = _t1_12
+        _scratch[9, _k] = _t1_10
+        _scratch[10, _k] = _t1_12
+        _scratch[11, _k] = _t1_11
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
@@ -431,22 +428,36 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1, _parallel):
+def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1, _parallel):
     """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+            _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
     else:
         for _i in range(x1.shape[0]):
-            _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+            _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3):
+def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        return
     _r0 = 0.0
     _r0_error = 0.0
     for _k in range(_n):
@@ -461,49 +472,35 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = 1.0 - _row_y
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = math.sqrt(_r0)
-        _t2_1 = (margin >= _t2_0)
-        _t2_4 = -_e_x2
-        _t2_5 = eps + (_e_x1 + _t2_4)
-        _t2_6 = ((_t2_5)/(_t2_0))
-        _t2_7 = ((_t2_6 - 1.0)*(_t2_6 + 1.0))
-        _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
-        _t2_12 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
-        if _t2_1:
-            _t2_2 = -margin
-            _t2_3 = _row_y*margin + _t2_2
-            _b2_0 = ((((1.0)/(_r0)) + ((-_t2_0 - _t2_2)/(_r0**(3/2))))/(2.0))
-            _b2_1 = ((_t2_3)/(_t2_0))
-            _b2_2 = -1.0
-            _b2_3 = ((-_t2_3)/(_t2_0))
-            _b2_4 = 1.0
-        else:
-            _b2_0 = 0.0
-            _b2_1 = 0.0
-            _b2_2 = -_row_y
-            _b2_3 = 0.0
-            _b2_4 = _row_y
-        _t2_8 = _t2_7*_b2_3 + _b2_4
-        _t2_9 = _t2_7*_b2_1 + _b2_2
-        _t2_10 = _h0*_t2_5*_b2_0
-        _t2_13 = -_t2_10
-        _scratch[0, _k] = _t2_8
-        _scratch[1, _k] = _t2_9
-        _scratch[2, _k] = _t2_9
-        _scratch[3, _k] = _t2_8
-        _scratch[4, _k] = _t2_10
-        _scratch[5, _k] = _t2_11
-        _scratch[6, _k] = _t2_10
-        _scratch[7, _k] = _t2_12
-        _scratch[8, _k] = _t2_13
-        _scratch[9, _k] = _t2_11
-        _scratch[10, _k] = _t2_13
-        _scratch[11, _k] = _t2_12
+        _t1_0 = (_row_y > 0.0)
+        _t1_1 = math.sqrt(_r0)
+        _t1_2 = (m >= _t1_1)
+        _t1_3 = _t1_0 or _t1_2
+        _t1_4 = -_e_x2
+        _t1_5 = eps + (_e_x1 + _t1_4)
+        _t1_6 = (((_t1_5**2)/(_r0)) - 1.0)
+        _t1_7 = _t1_6*((0.0) if _t1_0 else (((m)/(_t1_1))) if _t1_2 else (0.0)) + ((1.0) if _t1_3 else (0.0))
+        _t1_8 = _t1_6*((0.0) if _t1_0 else (((-m)/(_t1_1))) if _t1_2 else (0.0)) + ((-1.0) if _t1_3 else (0.0))
+        _t1_9 = 2.0*_t1_5*((0.0) if _t1_0 else (((((((m)/(2.0*_r0**(3/2)))) if _t1_2 else (0.0)))/(2.0))))
+        _t1_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t1_4))
+        _t1_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
+        _t1_12 = -_t1_9
+        _scratch[0, _k] = _t1_7
+        _scratch[1, _k] = _t1_8
+        _scratch[2, _k] = _t1_8
+        _scratch[3, _k] = _t1_7
+        _scratch[4, _k] = _t1_9
+        _scratch[5, _k] = _t1_10
+        _scratch[6, _k] = _t1_9
+        _scratch[7, _k] = _t1_11
+        _scratch[8, _k] = _t1_12
+        _scratch[9, _k] = _t1_10
+        _scratch[10, _k] = _t1_12
+        _scratch[11, _k] = _t1_11
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]
@@ -517,15 +514,15 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _parallel):
+def hess_full_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _parallel):
     """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     if _parallel:
         for _i in numba.prange(x1.shape[0]):
-            _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
+            _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
     else:
         for _i in range(x1.shape[0]):
-            _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
+            _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
 
 
