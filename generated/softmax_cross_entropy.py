@@ -147,7 +147,7 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _k = _row_y
     _e_w = w[_k]
@@ -234,7 +234,7 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _k = _row_y
     _e_w = w[_k]
@@ -304,8 +304,8 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _k = _row_y
     _e_w = w[_k]
@@ -368,12 +368,12 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
             _b3_2 = -_t3_15*_t3_2 + ((_t3_3*label_smoothing)/(_C))
             _b3_3 = _t3_8
         else:
-            _t3_14 = label_smoothing*((_t3_4) if (_t3_13 >= 1/2) else (_b3_3))
             _t3_17 = _r4*label_smoothing
-            _b3_0 = -_t3_11 - _t3_14
-            _b3_1 = _C*_r3*_t3_13*label_smoothing - _C*_r3*_t3_13 - _t3_14
             _b3_2 = _t3_13*(-_t3_15 + ((_t3_17)/(_C))) + (_t3_15 + ((-_t3_17)/(_C)))
             _b3_3 = _e_w + _b3_4
+            _t3_14 = label_smoothing*((_t3_4) if (_t3_13 >= 1/2) else (_b3_3))
+            _b3_0 = -_t3_11 - _t3_14
+            _b3_1 = _C*_r3*_t3_13*label_smoothing - _C*_r3*_t3_13 - _t3_14
         _out0[_i, _k] = _w * (((((_b3_0)/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_b3_1)/(_C)))))
         _out1[_i, _k] = _w * (_t3_13*_b3_2)
 
@@ -402,8 +402,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _k = _row_y
     _e_w = w[_k]
@@ -484,12 +484,12 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
             _b6_2 = -_t6_15*_t6_2 + ((_t6_3*label_smoothing)/(_C))
             _b6_3 = _t6_8
         else:
-            _t6_14 = label_smoothing*((_t6_4) if (_t6_13 >= 1/2) else (_b6_3))
             _t6_17 = _r4*label_smoothing
-            _b6_0 = -_t6_11 - _t6_14
-            _b6_1 = _C*_r3*_t6_13*label_smoothing - _C*_r3*_t6_13 - _t6_14
             _b6_2 = _t6_13*(-_t6_15 + ((_t6_17)/(_C))) + (_t6_15 + ((-_t6_17)/(_C)))
             _b6_3 = _e_w + _b6_4
+            _t6_14 = label_smoothing*((_t6_4) if (_t6_13 >= 1/2) else (_b6_3))
+            _b6_0 = -_t6_11 - _t6_14
+            _b6_1 = _C*_r3*_t6_13*label_smoothing - _C*_r3*_t6_13 - _t6_14
         _out1[_i, _k] = _w * (((((_b6_0)/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_b6_1)/(_C)))))
         _out2[_i, _k] = _w * (_t6_13*_b6_2)
 
@@ -511,6 +511,14 @@ def loss_grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1, _out2
 def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_w = w[_k]
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
@@ -582,6 +590,14 @@ def hvp_kernel(y, s, w, label_smoothing, _v_s, _weight, _out0, _parallel):
 def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_w = w[_k]
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w

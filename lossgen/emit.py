@@ -262,10 +262,8 @@ class _Scopes:
                     lines.append("else:")
                 else:
                     lines.append(f"{'if' if k == 0 else 'elif'} {printer.doprint(condition)}:")
-                for symbol in locals_.get((key, k), []):
-                    lines.append(f"    {symbol} = {printer.doprint(self.values[symbol])}")
-                for piecewise in members:
-                    lines.append(f"    {names[piecewise]} = {printer.doprint(piecewise.args[k][0])}")
+                for symbol, value in self._branch(key, k, locals_, names, lift):
+                    lines.append(f"    {symbol} = {printer.doprint(value)}")
                 if condition == sp.true:
                     break
             else:
@@ -273,6 +271,24 @@ class _Scopes:
                 for piecewise in members:
                     lines.append(f"    {names[piecewise]} = math.nan")
         return lines, [printer.doprint(e) for e in self.reduced]
+
+    def _branch(self, group, k, locals_, names, lift) -> list[tuple]:
+        """(name, value) of branch k of a group's statement: its temporaries and its Piecewises'
+        values, each after what it reads (a temporary may read a Piecewise of the group that
+        joined it from elsewhere)."""
+        items = [(s, self.values[s]) for s in locals_.get((group, k), [])]
+        items += [(names[p], p.args[k][0]) for p in self.members[group]]
+        here = {name for name, _ in items}
+        requires = {name: (lift(value).free_symbols & here) - {name} for name, value in items}
+        ordered, done, pending = [], set(), list(items)
+        while pending:
+            ready = next((item for item in pending if requires[item[0]] <= done), None)
+            if ready is None:
+                raise _Cycle()
+            pending.remove(ready)
+            done.add(ready[0])
+            ordered.append(ready)
+        return ordered
 
 
 def _docstring(text) -> str:
