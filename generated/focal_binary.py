@@ -108,11 +108,11 @@ def grad_scalar(y, x, gamma, alpha):
         _t6 = -_t5*y + ((_t5)/(2.0)) + 1/2
         _t18 = _t14*y - _t15*y + _t17 + (x*(1/2 - y))
         _b1 = _t18
-        _b2 = _t18
-        _b3 = _t18
-        _b4 = _t6**gamma
-        _b5 = _t18
-        _b6 = _t6**_t7
+        _t30 = _t18
+        _t27 = _t18
+        _t24 = _t6**gamma
+        _t21 = _t18
+        _t12 = _t6**_t7
     else:
         _t11 = _t10 + _t9
         _t19 = _softplus(_t2)
@@ -120,25 +120,20 @@ def grad_scalar(y, x, gamma, alpha):
         _t28 = _softplus(x)
         _t29 = _t0*_t28
         _b1 = _t20 + _t29
-        _b2 = _t29 + y*(_t28 - x)
-        _b3 = _t0*(_t17 + _t4) + y*(_t13 + _t14 + _t16)
-        _b4 = _t11**gamma
-        _b5 = _t0*(_t19 + x) + _t20
-        _b6 = _t11**_t7
-    _t12 = _b6
+        _t30 = _t29 + y*(_t28 - x)
+        _t27 = _t0*(_t17 + _t4) + y*(_t13 + _t14 + _t16)
+        _t24 = _t11**gamma
+        _t21 = _t0*(_t19 + x) + _t20
+        _t12 = _t11**_t7
     _t22 = _t1*_t12*gamma
     _t23 = 2.0*_t22*_t9
-    _t24 = _b4
     _t25 = _t24*_t9
     _t26 = _t1*_t24*y - _t1*_t24 + _t25
     if (x > 1.0):
-        _t21 = _b5
         _b0 = _t1*_t12*_t21*_t3*gamma - _t21*_t23 - _t26
     elif _t8:
-        _t27 = _b3
         _b0 = _t1*_t12*_t27*_t3*gamma - _t23*_t27 - _t26
     elif (x < -1.0):
-        _t30 = _b2
         _b0 = _t1*_t12*_t3*_t30*gamma - _t23*_t30 - _t26
     else:
         _b0 = _t10*_t24 + _t22*_t3*(1.0 - 2.0*y)*_b1 - _t25
@@ -170,19 +165,17 @@ def hess_scalar(y, x, gamma, alpha):
         _t17 = _logcosh(_t1)
         _b0 = _t3 + (_t16)
         _b1 = _t4**_t20
-        _b2 = -_t17*y + _t17 + y*_logcosh(((_t6)/(2.0))) + (_t16*x) + math.log(2.0)
-        _b3 = _t4**_t14
-        _b4 = _t4**gamma
+        _t18 = -_t17*y + _t17 + y*_logcosh(((_t6)/(2.0))) + (_t16*x) + math.log(2.0)
+        _b2 = _t4**_t14
+        _t12 = _t4**gamma
     else:
         _t11 = _t10 + _t8
         _b0 = _t0*_t9 - _t8
         _b1 = _t11**_t20
-        _b2 = _t0*_softplus(x) + y*_softplus(_t6)
-        _b3 = _t11**_t14
-        _b4 = _t11**gamma
-    _t12 = _b4
-    _t15 = _t13*gamma*_b3
-    _t18 = _b2
+        _t18 = _t0*_softplus(x) + y*_softplus(_t6)
+        _b2 = _t11**_t14
+        _t12 = _t11**gamma
+    _t15 = _t13*gamma*_b2
     _t19 = _t15*_t18
     return _t21*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t12 + _t10*_t15 + _t12*y + _t13**2*_t14*_t18*_t21*gamma*_b1 - _t15*_t8 + _t15*_b0 + _t19*_t7 - _t19*_t9)
 
@@ -218,12 +211,12 @@ def grad_hess_scalar(y, x, gamma, alpha):
         _t21 = _t16*y - _t17*y + _t20 + (_t18*x)
         _b1 = _t7 + (_t18)
         _b2 = _t8**_t39
-        _b3 = _t21
-        _b4 = _t21
-        _b5 = _t21
-        _b6 = _t8**gamma
-        _b7 = _t21
-        _b8 = _t8**_t9
+        _t35 = _t21
+        _t33 = _t21
+        _t30 = _t21
+        _t27 = _t8**gamma
+        _t24 = _t21
+        _t14 = _t8**_t9
     else:
         _t13 = _t11 + _t12
         _t22 = _softplus(_t3)
@@ -232,29 +225,23 @@ def grad_hess_scalar(y, x, gamma, alpha):
         _t32 = _t0*_t31
         _b1 = _t0*_t2 - _t11
         _b2 = _t13**_t39
-        _b3 = _t23 + _t32
-        _b4 = _t32 + y*(_t31 - x)
-        _b5 = _t0*(_t20 + _t5) + y*(_t15 + _t16 + _t19)
-        _b6 = _t13**gamma
-        _b7 = _t0*(_t22 + x) + _t23
-        _b8 = _t13**_t9
-    _t14 = _b8
+        _t35 = _t23 + _t32
+        _t33 = _t32 + y*(_t31 - x)
+        _t30 = _t0*(_t20 + _t5) + y*(_t15 + _t16 + _t19)
+        _t27 = _t13**gamma
+        _t24 = _t0*(_t22 + x) + _t23
+        _t14 = _t13**_t9
     _t25 = _t14*gamma
     _t26 = 2.0*_t11*_t2*_t25
-    _t27 = _b6
     _t28 = _t11*_t27
     _t29 = _t2*_t27*y - _t2*_t27 + _t28
-    _t35 = _b3
     _t37 = _t25*_t36
     _t38 = _t35*_t37
     if (x > 1.0):
-        _t24 = _b7
         _b0 = _t14*_t2*_t24*_t4*gamma - _t24*_t26 - _t29
     elif _t10:
-        _t30 = _b5
         _b0 = _t14*_t2*_t30*_t4*gamma - _t26*_t30 - _t29
     elif (x < -1.0):
-        _t33 = _b4
         _b0 = _t14*_t2*_t33*_t4*gamma - _t26*_t33 - _t29
     else:
         _b0 = _t12*_t27 - _t28 + _t34*_t38
@@ -292,12 +279,12 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
         _t20 = _t15*y - _t16*y + _t19 + (_t17*x)
         _b1 = _t4 + (_t17)
         _b2 = _t5**_t39
-        _b3 = _t20
-        _b4 = _t20
-        _b5 = _t20
-        _b6 = _t5**_t26
-        _b7 = _t20
-        _b8 = _t5**gamma
+        _t34 = _t20
+        _t33 = _t20
+        _t28 = _t20
+        _t27 = _t5**_t26
+        _t25 = _t20
+        _t13 = _t5**gamma
     else:
         _t12 = _t11 + _t9
         _t21 = _softplus(_t7)
@@ -306,15 +293,12 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
         _t24 = _t0*_t23
         _b1 = _t0*_t10 - _t9
         _b2 = _t12**_t39
-        _b3 = _t24 + y*(_t23 - x)
-        _b4 = _t0*(_t19 + _t2) + y*(_t14 + _t15 + _t18)
-        _b5 = _t0*(_t21 + x) + _t22
-        _b6 = _t12**_t26
-        _b7 = _t22 + _t24
-        _b8 = _t12**gamma
-    _t13 = _b8
-    _t25 = _b7
-    _t27 = _b6
+        _t34 = _t24 + y*(_t23 - x)
+        _t33 = _t0*(_t19 + _t2) + y*(_t14 + _t15 + _t18)
+        _t28 = _t0*(_t21 + x) + _t22
+        _t27 = _t12**_t26
+        _t25 = _t22 + _t24
+        _t13 = _t12**gamma
     _t29 = _t27*gamma
     _t30 = 2.0*_t10*_t29*_t9
     _t31 = _t13*_t9
@@ -322,13 +306,10 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     _t37 = _t29*_t36
     _t38 = _t25*_t37
     if (x > 1.0):
-        _t28 = _b5
         _b0 = _t10*_t27*_t28*_t8*gamma - _t28*_t30 - _t32
     elif _t6:
-        _t33 = _b4
         _b0 = _t10*_t27*_t33*_t8*gamma - _t30*_t33 - _t32
     elif (x < -1.0):
-        _t34 = _b3
         _b0 = _t10*_t27*_t34*_t8*gamma - _t30*_t34 - _t32
     else:
         _b0 = _t11*_t13 - _t31 + _t35*_t38

@@ -143,6 +143,7 @@ def scoped_code(exprs: list[sp.Expr], printer: NumbaPrinter, temporary: str,
     try:
         return scoped.code(printer, branch)
     except _Cycle:  # the statements cannot be ordered (not seen in the catalog): no scoping
+        printer.named = {}
         return ([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
                 [printer.doprint(e) for e in reduced])
     finally:
@@ -210,15 +211,24 @@ class _Scopes:
 
     def code(self, printer, branch_prefix) -> tuple[list[str], list[str]]:
         lifted_groups = sorted(self.groups_with_locals())
-        names = {}
+        # a temporary whose value is a lifted Piecewise is that Piecewise's name (assigned in
+        # the statement), so that what reads it is ordered with the statement's own values
+        lifted = {p for g in lifted_groups for p in self.members[g]}
+        aliases = {value: symbol for symbol, value in self.replacements if value in lifted}
+        names, count = {}, 0
         for group in lifted_groups:
             for piecewise in self.members[group]:
-                names[piecewise] = sp.Symbol(f"{branch_prefix}{len(names)}")
+                if piecewise in aliases:
+                    names[piecewise] = aliases[piecewise]
+                else:
+                    names[piecewise] = sp.Symbol(f"{branch_prefix}{count}")
+                    count += 1
         lift = lambda e: e.xreplace(names)  # noqa: E731  (to find dependencies only)
         group_of = {names[p]: g for g in lifted_groups for p in self.members[g]}
+        alias_symbols = set(aliases.values())
         locals_ = {}
         for symbol, _ in self.replacements:
-            if self.scope[symbol] is not None:
+            if self.scope[symbol] is not None and symbol not in alias_symbols:
                 locals_.setdefault(self.scope[symbol], []).append(symbol)
 
         def needs(exprs) -> set:  # the items (root temporaries, groups) that exprs read
@@ -231,7 +241,7 @@ class _Scopes:
                         found.add(("temp", s))
             return found
 
-        items = [("temp", s) for s, _ in self.replacements if self.scope[s] is None]
+        items = [("temp", s) for s, _ in self.replacements if self.scope[s] is None and s not in alias_symbols]
         items += [("group", g) for g in lifted_groups]
         requires = {}
         for kind, key in items:

@@ -6,6 +6,7 @@ size and thread settings, and both loops give the same numbers. No timings are a
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,10 +15,12 @@ import types
 import numba
 import numpy as np
 import pytest
+import sympy as sp
 
 import lossgen
 from lossgen import generate as generation
 from lossgen import runtime
+from lossgen.emit import NumbaPrinter, scoped_code
 from lossgen.paths import SPECS_DIR
 from lossgen.runtime_rows import RowLoss
 
@@ -122,6 +125,38 @@ def test_missing_or_corrupt_cache_only_costs_time(tmp_path):
     cache.unlink()
     assert _generate(specs, out, check=True) == 0
     assert _snapshot(out) == first
+
+
+# --- emit: common subexpressions computed in the branch that needs them --------------------
+
+
+def _branch_local_examples():
+    x, y = sp.symbols("x y", real=True)
+    a = sp.Piecewise((sp.exp(x) * y + sp.exp(x), x > 1), (sp.log(y**2 + 1) * x + sp.log(y**2 + 1), True))
+    b = sp.Piecewise((sp.exp(x) - y, x > 1), (sp.log(y**2 + 1) - x, True))
+    inner = sp.Piecewise((sp.exp(x) + sp.sin(y), x > 1), (sp.cos(y) + 1, True))
+    c = sp.Piecewise((sp.sqrt(y**2 + 1) * inner + sp.sqrt(y**2 + 1), y > 0), (x + inner**2, True))
+    # a branch's temporary reading a Piecewise of its own statement, which is also a temporary
+    q = sp.log(y**2 + 1) * sp.Piecewise((2 * inner, y > 0), (y, True))
+    d = sp.Piecewise((sp.exp(x) * y, x > 1), (q**2 + q, True))
+    return (x, y), [[a, b, c, sp.tanh(x) * inner], [d, sp.tanh(x) * inner]]
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_branch_local_code_computes_what_the_expressions_say(case):
+    """scoped_code moves what one Piecewise branch needs into that branch (and Piecewises with
+    the same conditions into one if-statement, nested ones too): each statement must still come
+    after what it reads, and the values must be those of the expressions."""
+    symbols, examples = _branch_local_examples()
+    exprs = examples[case]
+    lines, printed = scoped_code(exprs, NumbaPrinter(), "_t", "_b")
+    assert any(line.startswith("if ") for line in lines)
+    source = "def f(x, y):\n" + "".join(f"    {line}\n" for line in lines) + f"    return {', '.join(printed)}\n"
+    namespace = {"math": math}
+    exec(source, namespace)  # a statement before what it reads fails here (UnboundLocalError)
+    expected = sp.lambdify(symbols, exprs, "math")
+    for point in [(2.0, 0.5), (-1.0, 2.0), (1.5, -1.0), (0.3, 0.1), (1.0, -2.0)]:
+        assert namespace["f"](*point) == pytest.approx(expected(*point), rel=1e-14), source
 
 
 # --- runtime: serial or parallel, thread limits ---------------------------------------------
