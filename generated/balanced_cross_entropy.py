@@ -62,21 +62,63 @@ def _logcosh(x):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
+    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
+    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
+        a, b = a * 2.0 ** -500, b * 2.0 ** 500
+    elif abs(b) > 1e150 and abs(a) < 1e-150:
+        a, b = a * 2.0 ** 500, b * 2.0 ** -500
+    product = a * b
+    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
+        return product + c
+    split = 134217729.0  # 2**27 + 1
+    t = split * a
+    a_high = t - (t - a)
+    a_low = a - a_high
+    t = split * b
+    b_high = t - (t - b)
+    b_low = b - b_high
+    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
+    total = product + c
+    z = total - product
+    rounding = (product - (total - z)) + (c - z)
+    return total + (rounding + error)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sum_start(a):
+    """Start an exact sum: (sum, accumulated rounding error)."""
+    return float(a), 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sum_add(state, b):
+    """Add b to an exact sum, keeping the rounding error (Knuth's two-sum)."""
+    a, error = state
+    s = a + b
+    z = s - a
+    return s, error + ((a - (s - z)) + (b - z))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _sum_finish(state):
+    return state[0] + state[1]
+
+
+@numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, x, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t4 = -x
-    _t5 = alpha*y
-    _t6 = alpha - 1.0
+    _t0 = -x
+    _t1 = alpha*y
+    _t2 = alpha - 1.0
     if (abs(x) <= 1.0):
-        _t0 = math.log(2.0)
-        _t1 = _logcosh(((x)/(2.0)))
-        _t2 = _t0*alpha
-        _t3 = _t1*alpha
-        _b0 = -_t0*y + _t0 - _t1*y + _t1 + 2.0*_t2*y - _t2 + _t3*y - _t3 + _t5*_logcosh(((_t4)/(2.0))) + (((x*(-_t6 - y))/(2.0)))
+        _t3 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
+        _b0 = _t1*_logcosh(((_t0)/(2.0))) + _fma(alpha, y, _t3)*_logcosh(((x)/(2.0))) + _fma(2.0*alpha, y, _t3)*math.log(2.0) + (((x*(-_t2 - y))/(2.0)))
     else:
-        _b0 = _t5*_softplus(_t4) - _t6*(1.0 - y)*_softplus(x)
+        _b0 = _t1*_softplus(_t0) - _t2*(1.0 - y)*_softplus(x)
     return _b0
 
 
@@ -85,14 +127,9 @@ def grad_scalar(y, x, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t2 = alpha - 1.0
-    if (abs(x) <= 1.0):
-        _t0 = math.tanh(((x)/(2.0)))
-        _t1 = _t0*alpha
-        _b0 = _t1*y + ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((-_t0*y)/(2.0)) + (((-_t2 - y)/(2.0)))
-    else:
-        _b0 = -_t2*(1.0 - y)*_sigmoid(x) - alpha*y*_sigmoid(-x)
-    return _b0
+    _t0 = alpha - 1.0
+    _t1 = alpha*y
+    return (((_t1 + ((-alpha)/(2.0)) + ((-y)/(2.0)) + 1/2)*math.tanh(((x)/(2.0))) + (((-_t0 - y)/(2.0)))) if (abs(x) <= 1.0) else (-_t0*(1.0 - y)*_sigmoid(x) - _t1*_sigmoid(-x)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -108,19 +145,13 @@ def grad_hess_scalar(y, x, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t2 = alpha - 1.0
-    _t3 = _sigmoid(-x)
-    _t4 = alpha*y
-    _t5 = _sigmoid(x)
-    _t6 = -_t2
-    _t7 = 1.0 - y
-    if (abs(x) <= 1.0):
-        _t0 = math.tanh(((x)/(2.0)))
-        _t1 = _t0*alpha
-        _b0 = _t1*y + ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((-_t0*y)/(2.0)) + (((-_t2 - y)/(2.0)))
-    else:
-        _b0 = -_t3*_t4 + _t5*_t6*_t7
-    return _b0, _t3*_t5*(_t4 + _t6*_t7)
+    _t0 = alpha - 1.0
+    _t1 = alpha*y
+    _t2 = _sigmoid(-x)
+    _t3 = _sigmoid(x)
+    _t4 = -_t0
+    _t5 = 1.0 - y
+    return (((_t1 + ((-alpha)/(2.0)) + ((-y)/(2.0)) + 1/2)*math.tanh(((x)/(2.0))) + (((-_t0 - y)/(2.0)))) if (abs(x) <= 1.0) else (-_t1*_t2 + _t3*_t4*_t5)), _t2*_t3*(_t1 + _t4*_t5)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -128,30 +159,27 @@ def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t5 = -x
-    _t6 = alpha*y
-    _t7 = alpha - 1.0
-    _t9 = (abs(x) <= 1.0)
-    _t10 = -_t7
-    _t11 = 1.0 - y
-    _t12 = _t10*_t11
-    _t15 = _sigmoid(_t5)
-    _t16 = _sigmoid(x)
-    if _t9:
-        _t0 = math.log(2.0)
-        _t1 = ((x)/(2.0))
-        _t2 = _logcosh(_t1)
-        _t3 = _t0*alpha
-        _t4 = _t2*alpha
-        _t8 = -_t7 - y
-        _t13 = math.tanh(_t1)
-        _t14 = _t13*alpha
-        _b0 = -_t0*y + _t0 - _t2*y + _t2 + 2.0*_t3*y - _t3 + _t4*y - _t4 + _t6*_logcosh(((_t5)/(2.0))) + (((_t8*x)/(2.0)))
-        _b1 = _t14*y + ((_t13)/(2.0)) + ((-_t14)/(2.0)) + ((-_t13*y)/(2.0)) + (((_t8)/(2.0)))
+    _t0 = -x
+    _t1 = alpha*y
+    _t2 = alpha - 1.0
+    _t8 = (abs(x) <= 1.0)
+    _t9 = -_t2
+    _t10 = 1.0 - y
+    _t11 = _t10*_t9
+    _t12 = _sigmoid(_t0)
+    _t13 = _sigmoid(x)
+    if _t8:
+        _t3 = -_t2 - y
+        _t4 = ((x)/(2.0))
+        _t5 = -alpha
+        _t6 = -y
+        _t7 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), _t5), _t6))
+        _b0 = _t1*_logcosh(((_t0)/(2.0))) + _fma(alpha, y, _t7)*_logcosh(_t4) + _fma(2.0*alpha, y, _t7)*math.log(2.0) + (((_t3*x)/(2.0)))
+        _b1 = (_t1 + ((_t5)/(2.0)) + ((_t6)/(2.0)) + 1/2)*math.tanh(_t4) + (((_t3)/(2.0)))
     else:
-        _b0 = _t12*_softplus(x) + _t6*_softplus(_t5)
-        _b1 = _t10*_t11*_t16 - _t15*_t6
-    return _b0, _b1, _t15*_t16*(_t12 + _t6)
+        _b0 = _t1*_softplus(_t0) + _t11*_softplus(x)
+        _b1 = -_t1*_t12 + _t10*_t13*_t9
+    return _b0, _b1, _t12*_t13*(_t1 + _t11)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

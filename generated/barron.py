@@ -119,7 +119,12 @@ def grad_scalar(y, p, alpha, c):
     else:
         _t7 = abs(alpha - 2.0)
         _t8 = _t2*_t3*_t7
-        _b0 = ((((_t7*math.exp((((_xlog1py(alpha, _t8))/(2.0)) + ((-_xlogy(alpha, _t7))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t1))))*_sign(_t1))/(_t8 + 1.0))) if _t5 else ((((((_t0*((((((_t6)/(_t7*c))))/(c)) + 1.0)**(((alpha)/(2.0)) - 1.0))/(c))))/(c))))
+        _t9 = (((_sign(_t1))/(_t8 + 1.0)))
+        _t10 = (((_xlog1py(alpha, _t8))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t1)) + _xlogy(((-alpha)/(2.0)) + 1.0, _t7))
+        _t11 = (((((_t6)/(_t7*c))))/(c))
+        _t12 = _xlog1py(((alpha)/(2.0)), _t11)
+        _t13 = ((((((_t0)/(c*(_t11 + 1.0)))))/(c)))
+        _b0 = ((((_t9*math.exp(_t10)) if (abs(_t10) <= 700.0) else (math.exp((_t10 + math.log(abs(_t9))))*_sign(_t9)))) if _t5 else (((_t13*math.exp(_t12)) if (abs(_t12) <= 700.0) else (math.exp((_t12 + math.log(abs(_t13))))*_sign(_t13)))))
     return _b0
 
 
@@ -144,15 +149,19 @@ def hess_scalar(y, p, alpha, c):
         _b0 = ((((-_t4 + _t5*_t6)/(_t3*_t6 + _t8 + 1.0))) if _t9 else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
     else:
         _t12 = alpha - 2.0
-        _t13 = _t12**2
-        _t14 = abs(_t12)
-        _t15 = _t0*_t14
-        _t16 = _t15*_t3
-        _t17 = alpha - 1.0
-        _t18 = alpha**2
-        _t19 = (-_t17)
-        _t20 = _t10 + _t15
-        _b0 = ((((_t13*(_t16 + _t17)*math.exp((((_xlog1py(alpha, _t16))/(2.0)) + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t12, abs(_t2)) - _xlogy(alpha, c))))/(_t0*_t18*_t4 + 8.0*_t0*_t19*_t3 + _t14*_t18*_t7 + _t14*_t19*_t8 + _t14))) if _t9 else ((((((_t13*(-_t10*_t19 + _t15)*(((((_t20)/(_t14*c))))/(c))**((alpha)/(2.0)))/(_t14*_t20))))/(_t20))))
+        _t13 = abs(_t12)
+        _t14 = _t0*_t13
+        _t15 = _t14*_t3
+        _t16 = (((_xlog1py(alpha, _t15))/(2.0)) + ((-_xlogy(alpha, _t13))/(2.0)) + _xlogy(-_t12, abs(_t2)) - _xlogy(alpha, c))
+        _t17 = _t12**2
+        _t18 = alpha - 1.0
+        _t19 = alpha**2
+        _t20 = (-_t18)
+        _t21 = (((_t17*(_t15 + _t18))/(_t0*_t19*_t4 + 8.0*_t0*_t20*_t3 + _t13*_t19*_t7 + _t13*_t20*_t8 + _t13)))
+        _t22 = _xlog1py(((alpha)/(2.0)), (((((_t10)/(_t13*c))))/(c)))
+        _t23 = _t10 + _t14
+        _t24 = ((((((_t17*(-_t10*_t20 + _t14))/(_t13*_t23))))/(_t23)))
+        _b0 = ((((_t21*math.exp(_t16)) if (abs(_t16) <= 700.0) else (math.exp((_t16 + math.log(abs(_t21))))*_sign(_t21)))) if _t9 else (((_t24*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t24))))*_sign(_t24)))))
     return _b0
 
 
@@ -169,34 +178,42 @@ def grad_hess_scalar(y, p, alpha, c):
     _t7 = (abs(_t0) > 1e+60)
     _t8 = _t0**2
     _t10 = (alpha == 0.0)
-    _t21 = _t2**4
-    _t23 = _t21*c**4
-    _t24 = 4.0*_t23
+    _t26 = _t2**4
+    _t28 = _t26*c**4
+    _t29 = 4.0*_t28
     if _t1:
         _b0 = (((((_t0)/(c))))/(c))
         _b1 = ((1.0)/(_t4))
     elif _t10:
         _t9 = _t5 + _t8
-        _t22 = 4.0*_t4
+        _t27 = 4.0*_t4
         _b0 = ((((2.0*_t2)/(_t6 + 1.0))) if _t7 else (((2.0*p - 2.0*y)/(_t9))))
-        _b1 = ((((_t21*_t22 - 2.0*_t3)/(_t22*_t3 + _t24 + 1.0))) if _t7 else ((((((-4.0*_t0**2)/(_t9))) + 2.0)/(_t9))))
+        _b1 = ((((_t26*_t27 - 2.0*_t3)/(_t27*_t3 + _t29 + 1.0))) if _t7 else ((((((-4.0*_t0**2)/(_t9))) + 2.0)/(_t9))))
     else:
         _t11 = alpha - 2.0
         _t12 = abs(_t11)
-        _t13 = alpha - 1.0
-        _t14 = -_t13
-        _t15 = abs(_t2)
-        _t16 = _t12*_t4
-        _t17 = _t16*_t3
-        _t18 = ((_xlog1py(alpha, _t17))/(2.0)) + ((-_xlogy(alpha, _t12))/(2.0)) - _xlogy(alpha, c)
-        _t19 = _t12*c
-        _t20 = ((alpha)/(2.0))
-        _t25 = _t11**2
-        _t26 = alpha**2
-        _t27 = (_t14)
-        _t28 = _t16 + _t8
-        _b0 = ((((_t12*math.exp((_t18 + _xlogy(_t14, _t15)))*_sign(_t2))/(_t17 + 1.0))) if _t7 else ((((((_t0*((((((_t8)/(_t19))))/(c)) + 1.0)**(_t20 - 1.0))/(c))))/(c))))
-        _b1 = ((((_t25*(_t13 + _t17)*math.exp((_t18 + _xlogy(-_t11, _t15))))/(_t12*_t23*_t26 + _t12*_t24*_t27 + _t12 + _t26*_t6 + 8.0*_t27*_t3*_t4))) if _t7 else ((((((_t25*(_t16 - _t27*_t8)*(((((_t28)/(_t19))))/(c))**_t20)/(_t12*_t28))))/(_t28))))
+        _t13 = _t12*_t4
+        _t14 = _t13*_t3
+        _t15 = (((_sign(_t2))/(_t14 + 1.0)))
+        _t16 = alpha - 1.0
+        _t17 = -_t16
+        _t18 = abs(_t2)
+        _t19 = ((_xlog1py(alpha, _t14))/(2.0)) - _xlogy(alpha, c)
+        _t20 = (_t19 + _xlogy(_t17, _t18) + _xlogy(((-alpha)/(2.0)) + 1.0, _t12))
+        _t21 = (((((_t8)/(_t12*c))))/(c))
+        _t22 = _xlog1py(((alpha)/(2.0)), _t21)
+        _t23 = math.exp(_t22)
+        _t24 = ((((((_t0)/(c*(_t21 + 1.0)))))/(c)))
+        _t25 = (abs(_t22) <= 700.0)
+        _t30 = (_t19 + ((-_xlogy(alpha, _t12))/(2.0)) + _xlogy(-_t11, _t18))
+        _t31 = _t11**2
+        _t32 = alpha**2
+        _t33 = (_t17)
+        _t34 = (((_t31*(_t14 + _t16))/(_t12*_t28*_t32 + _t12*_t29*_t33 + _t12 + 8.0*_t3*_t33*_t4 + _t32*_t6)))
+        _t35 = _t13 + _t8
+        _t36 = ((((((_t31*(_t13 - _t33*_t8))/(_t12*_t35))))/(_t35)))
+        _b0 = ((((_t15*math.exp(_t20)) if (abs(_t20) <= 700.0) else (math.exp((_t20 + math.log(abs(_t15))))*_sign(_t15)))) if _t7 else (((_t23*_t24) if _t25 else (math.exp((_t22 + math.log(abs(_t24))))*_sign(_t24)))))
+        _b1 = ((((_t34*math.exp(_t30)) if (abs(_t30) <= 700.0) else (math.exp((_t30 + math.log(abs(_t34))))*_sign(_t34)))) if _t7 else (((_t23*_t36) if _t25 else (math.exp((_t22 + math.log(abs(_t36))))*_sign(_t36)))))
     return _b0, _b1
 
 
@@ -217,40 +234,48 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     _t11 = _t10*_t8
     _t12 = (abs(_t0) > 1e+60)
     _t13 = (alpha == 0.0)
-    _t28 = _t5**4
-    _t30 = _t28*c**4
-    _t31 = 4.0*_t30
+    _t33 = _t5**4
+    _t35 = _t33*c**4
+    _t36 = 4.0*_t35
     if _t3:
         _b0 = _t2
         _b1 = (((((_t0)/(c))))/(c))
         _b2 = ((1.0)/(_t9))
     elif _t13:
         _t24 = _t1 + _t10
-        _t29 = 4.0*_t9
+        _t34 = 4.0*_t9
         _b0 = ((-2.0*_t4 - 2.0*_t7 + math.log1p(_t11) - math.log(2.0)) if _t12 else (math.log1p(_t2)))
         _b1 = ((((2.0*_t5)/(_t11 + 1.0))) if _t12 else (((2.0*p - 2.0*y)/(_t24))))
-        _b2 = ((((_t28*_t29 - 2.0*_t8)/(_t29*_t8 + _t31 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t24))) + 2.0)/(_t24))))
+        _b2 = ((((_t33*_t34 - 2.0*_t8)/(_t34*_t8 + _t36 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t24))) + 2.0)/(_t24))))
     else:
         _t14 = alpha - 2.0
         _t15 = abs(_t14)
         _t16 = _t15*_t9
         _t17 = _t16*_t8
-        _t18 = ((_xlog1py(alpha, _t17))/(2.0)) + ((-_xlogy(alpha, _t15))/(2.0)) - _xlogy(alpha, c)
-        _t19 = (_t18 - _xlogy(alpha, _t6))
-        _t20 = _t15*c
-        _t21 = (((((_t1)/(_t20))))/(c))
+        _t18 = ((_xlog1py(alpha, _t17))/(2.0)) - _xlogy(alpha, c)
+        _t19 = _t18 + ((-_xlogy(alpha, _t15))/(2.0))
+        _t20 = (_t19 - _xlogy(alpha, _t6))
+        _t21 = (((((_t1)/(_t15*c))))/(c))
         _t22 = _xlog1py(alpha, _t21)
         _t23 = ((_t22)/(2.0))
-        _t25 = alpha - 1.0
-        _t26 = -_t25
-        _t27 = ((alpha)/(2.0))
-        _t32 = _t14**2
-        _t33 = alpha**2
-        _t34 = (_t26)
-        _t35 = _t1 + _t16
-        _b0 = ((_t15*(((-_t4 - _t7 + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t19)) if (abs(_t19) <= 1.0) else ((((math.expm1(_t19)))/(alpha))))) if _t12 else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha))))))
-        _b1 = ((((_t15*math.exp((_t18 + _xlogy(_t26, _t6)))*_sign(_t5))/(_t17 + 1.0))) if _t12 else ((((((_t0*(_t21 + 1.0)**(_t27 - 1.0))/(c))))/(c))))
-        _b2 = ((((_t32*(_t17 + _t25)*math.exp((_t18 + _xlogy(-_t14, _t6))))/(_t11*_t33 + _t15*_t30*_t33 + _t15*_t31*_t34 + _t15 + 8.0*_t34*_t8*_t9))) if _t12 else ((((((_t32*(-_t1*_t34 + _t16)*(((((_t35)/(_t20))))/(c))**_t27)/(_t15*_t35))))/(_t35))))
+        _t25 = (((_sign(_t5))/(_t17 + 1.0)))
+        _t26 = alpha - 1.0
+        _t27 = -_t26
+        _t28 = (_t18 + _xlogy(_t27, _t6) + _xlogy(((-alpha)/(2.0)) + 1.0, _t15))
+        _t29 = _xlog1py(((alpha)/(2.0)), _t21)
+        _t30 = math.exp(_t29)
+        _t31 = ((((((_t0)/(c*(_t21 + 1.0)))))/(c)))
+        _t32 = (abs(_t29) <= 700.0)
+        _t37 = (_t19 + _xlogy(-_t14, _t6))
+        _t38 = _t14**2
+        _t39 = alpha**2
+        _t40 = (_t27)
+        _t41 = (((_t38*(_t17 + _t26))/(_t11*_t39 + _t15*_t35*_t39 + _t15*_t36*_t40 + _t15 + 8.0*_t40*_t8*_t9)))
+        _t42 = _t1 + _t16
+        _t43 = ((((((_t38*(-_t1*_t40 + _t16))/(_t15*_t42))))/(_t42)))
+        _b0 = ((_t15*(((-_t4 - _t7 + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t20)) if (abs(_t20) <= 1.0) else ((((math.expm1(_t20)))/(alpha))))) if _t12 else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha))))))
+        _b1 = ((((_t25*math.exp(_t28)) if (abs(_t28) <= 700.0) else (math.exp((_t28 + math.log(abs(_t25))))*_sign(_t25)))) if _t12 else (((_t30*_t31) if _t32 else (math.exp((_t29 + math.log(abs(_t31))))*_sign(_t31)))))
+        _b2 = ((((_t41*math.exp(_t37)) if (abs(_t37) <= 700.0) else (math.exp((_t37 + math.log(abs(_t41))))*_sign(_t41)))) if _t12 else (((_t30*_t43) if _t32 else (math.exp((_t29 + math.log(abs(_t43))))*_sign(_t43)))))
     return _b0, _b1, _b2
 
 

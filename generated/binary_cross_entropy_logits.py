@@ -92,17 +92,10 @@ def loss_scalar(y, x, pos_weight):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t3 = -x
-    _t4 = pos_weight*y
-    _t5 = 1.0 - y
-    if (abs(x) <= 1.0):
-        _t0 = math.log(2.0)
-        _t1 = _logcosh(((x)/(2.0)))
-        _t2 = _t0*y
-        _b0 = _t0 - _t1*y + _t1 + _t2*pos_weight - _t2 + _t4*_logcosh(((_t3)/(2.0))) + (((x*_fma(-y, pos_weight, _t5))/(2.0)))
-    else:
-        _b0 = _t4*_softplus(_t3) + _t5*_softplus(x)
-    return _b0
+    _t0 = -x
+    _t1 = pos_weight*y
+    _t2 = 1.0 - y
+    return ((_t1*_logcosh(((_t0)/(2.0))) + (_t2)*_logcosh(((x)/(2.0))) + (((x*_fma(-y, pos_weight, _t2))/(2.0))) + (_fma(y, pos_weight, _t2))*math.log(2.0)) if (abs(x) <= 1.0) else (_t1*_softplus(_t0) + _t2*_softplus(x)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -110,14 +103,8 @@ def grad_scalar(y, x, pos_weight):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t2 = 1.0 - y
-    if (abs(x) <= 1.0):
-        _t0 = math.tanh(((x)/(2.0)))
-        _t1 = _t0*y
-        _b0 = ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((_t1*pos_weight)/(2.0)) + (((_fma(-y, pos_weight, _t2))/(2.0)))
-    else:
-        _b0 = _t2*_sigmoid(x) - pos_weight*y*_sigmoid(-x)
-    return _b0
+    _t0 = 1.0 - y
+    return (((((_fma(-y, pos_weight, _t0))/(2.0))) + (((_fma(y, pos_weight, _t0))/(2.0)))*math.tanh(((x)/(2.0)))) if (abs(x) <= 1.0) else (_t0*_sigmoid(x) - pos_weight*y*_sigmoid(-x)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -133,18 +120,12 @@ def grad_hess_scalar(y, x, pos_weight):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t2 = -y
-    _t3 = 1.0 - y
-    _t4 = _sigmoid(-x)
-    _t5 = pos_weight*y
-    _t6 = _sigmoid(x)
-    if (abs(x) <= 1.0):
-        _t0 = math.tanh(((x)/(2.0)))
-        _t1 = _t0*y
-        _b0 = ((_t0)/(2.0)) + ((-_t1)/(2.0)) + ((_t1*pos_weight)/(2.0)) + (((_fma(_t2, pos_weight, _t3))/(2.0)))
-    else:
-        _b0 = _t3*_t6 - _t4*_t5
-    return _b0, _t4*_t6*(_t2 + _t5 + 1.0)
+    _t0 = -y
+    _t1 = 1.0 - y
+    _t2 = _sigmoid(-x)
+    _t3 = pos_weight*y
+    _t4 = _sigmoid(x)
+    return (((((_fma(_t0, pos_weight, _t1))/(2.0))) + (((_fma(y, pos_weight, _t1))/(2.0)))*math.tanh(((x)/(2.0)))) if (abs(x) <= 1.0) else (_t1*_t4 - _t2*_t3)), _t2*_t4*(_t0 + _t3 + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -152,27 +133,23 @@ def loss_grad_hess_scalar(y, x, pos_weight):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t4 = -x
-    _t5 = pos_weight*y
-    _t6 = -y
-    _t7 = 1.0 - y
-    _t9 = (abs(x) <= 1.0)
-    _t12 = _sigmoid(_t4)
-    _t13 = _sigmoid(x)
-    if _t9:
-        _t0 = math.log(2.0)
-        _t1 = ((x)/(2.0))
-        _t2 = _logcosh(_t1)
-        _t3 = _t0*y
-        _t8 = _fma(_t6, pos_weight, _t7)
-        _t10 = math.tanh(_t1)
-        _t11 = _t10*y
-        _b0 = _t0 - _t2*y + _t2 + _t3*pos_weight - _t3 + _t5*_logcosh(((_t4)/(2.0))) + (((_t8*x)/(2.0)))
-        _b1 = ((_t10)/(2.0)) + ((-_t11)/(2.0)) + ((_t11*pos_weight)/(2.0)) + (((_t8)/(2.0)))
+    _t0 = -x
+    _t1 = pos_weight*y
+    _t3 = 1.0 - y
+    _t5 = -y
+    _t7 = (abs(x) <= 1.0)
+    _t8 = _sigmoid(_t0)
+    _t9 = _sigmoid(x)
+    if _t7:
+        _t2 = ((x)/(2.0))
+        _t4 = _fma(y, pos_weight, _t3)
+        _t6 = _fma(_t5, pos_weight, _t3)
+        _b0 = _t1*_logcosh(((_t0)/(2.0))) + (_t3)*_logcosh(_t2) + (_t4)*math.log(2.0) + (((_t6*x)/(2.0)))
+        _b1 = (((_t4)/(2.0)))*math.tanh(_t2) + (((_t6)/(2.0)))
     else:
-        _b0 = _t5*_softplus(_t4) + _t7*_softplus(x)
-        _b1 = -_t12*_t5 + _t13*_t7
-    return _b0, _b1, _t12*_t13*(_t5 + _t6 + 1.0)
+        _b0 = _t1*_softplus(_t0) + _t3*_softplus(x)
+        _b1 = -_t1*_t8 + _t3*_t9
+    return _b0, _b1, _t8*_t9*(_t1 + _t5 + 1.0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

@@ -65,6 +65,31 @@ def _logcosh(x):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
+    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
+    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
+        a, b = a * 2.0 ** -500, b * 2.0 ** 500
+    elif abs(b) > 1e150 and abs(a) < 1e-150:
+        a, b = a * 2.0 ** 500, b * 2.0 ** -500
+    product = a * b
+    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
+        return product + c
+    split = 134217729.0  # 2**27 + 1
+    t = split * a
+    a_high = t - (t - a)
+    a_low = a - a_high
+    t = split * b
+    b_high = t - (t - b)
+    b_low = b - b_high
+    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
+    total = product + c
+    z = total - product
+    rounding = (product - (total - z)) + (c - z)
+    return total + (rounding + error)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, x, gamma, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -74,10 +99,9 @@ def loss_scalar(y, x, gamma, alpha):
     _t4 = -x
     if _t3:
         _t1 = ((x)/(2.0))
-        _t2 = math.tanh(_t1)
-        _t5 = _logcosh(_t1)
-        _b0 = (-_t2*y + ((_t2)/(2.0)) + 1/2)**gamma
-        _b1 = -_t5*y + _t5 + y*_logcosh(((_t4)/(2.0))) + (x*(1/2 - y)) + math.log(2.0)
+        _t2 = 1/2 - y
+        _b0 = ((_t2)*math.tanh(_t1) + 1/2)**gamma
+        _b1 = y*_logcosh(((_t4)/(2.0))) + (_t0)*_logcosh(_t1) + (_t2*x) + math.log(2.0)
     else:
         _b0 = (_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma
         _b1 = _t0*_softplus(x) + y*_softplus(_t4)
@@ -90,53 +114,51 @@ def grad_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = _sigmoid(x)
-    _t2 = -x
-    _t3 = _sigmoid(_t2)
-    _t4 = ((x)/(2.0))
-    _t7 = gamma - 1.0
-    _t8 = (abs(x) <= 1.0)
-    _t9 = _t3*y
-    _t10 = _t0*_t1
-    _t13 = ((_t2)/(2.0))
-    _t14 = _logcosh(_t13)
-    _t15 = _logcosh(_t4)
-    _t16 = math.log(2.0)
-    _t17 = _t15 + _t16
-    if _t8:
-        _t5 = math.tanh(_t4)
-        _t6 = -_t5*y + ((_t5)/(2.0)) + 1/2
-        _t18 = _t14*y - _t15*y + _t17 + (x*(1/2 - y))
-        _b1 = _t18
-        _t30 = _t18
-        _t27 = _t18
-        _t24 = _t6**gamma
-        _t21 = _t18
-        _t12 = _t6**_t7
-    else:
-        _t11 = _t10 + _t9
-        _t19 = _softplus(_t2)
-        _t20 = _t19*y
-        _t28 = _softplus(x)
-        _t29 = _t0*_t28
-        _b1 = _t20 + _t29
-        _t30 = _t29 + y*(_t28 - x)
-        _t27 = _t0*(_t17 + _t4) + y*(_t13 + _t14 + _t16)
-        _t24 = _t11**gamma
-        _t21 = _t0*(_t19 + x) + _t20
-        _t12 = _t11**_t7
-    _t22 = _t1*_t12*gamma
-    _t23 = 2.0*_t22*_t9
-    _t25 = _t24*_t9
-    _t26 = _t1*_t24*y - _t1*_t24 + _t25
+    _t1 = -x
+    _t2 = _sigmoid(_t1)
+    _t3 = ((x)/(2.0))
+    _t4 = math.tanh(_t3)
+    _t5 = 1/2 - y
+    _t6 = (_t5)
+    _t7 = _t4*_t6 + 1/2
+    _t8 = _t7**gamma
+    _t9 = (abs(x) <= 1.0)
+    _t10 = _t2*y
+    _t13 = (_t0)
+    _t14 = gamma*_fma(-2.0, y, 1.0)
+    _t15 = gamma - 1.0
+    _t16 = _t7**_t15
+    _t17 = math.log(2.0)
+    _t18 = ((_t1)/(2.0))
+    _t19 = _logcosh(_t18)
+    _t20 = _logcosh(_t3)
+    _t21 = _t13*_t20 + _t17 + _t19*y + (_t5*x)
+    _t22 = _softplus(_t1)
+    _t23 = _t22*y
+    _t25 = gamma*_fma(2.0, y, -1.0)
+    _t29 = _sigmoid(x)
+    _t30 = _t0*_t29
+    _t33 = _softplus(x)
+    _t34 = _t0*_t33
     if (x > 1.0):
-        _b0 = _t1*_t12*_t21*_t3*gamma - _t21*_t23 - _t26
-    elif _t8:
-        _b0 = _t1*_t12*_t27*_t3*gamma - _t23*_t27 - _t26
+        _t11 = _t0*(1.0 - _t2) + _t10
+        _t12 = ((_t8) if _t9 else (_t11**gamma))
+        _t24 = ((_t16) if _t9 else (_t11**_t15))*((_t21) if _t9 else (_t0*(_t22 + x) + _t23))
+        _b0 = _t12*_t13 - _t12*_t2 + _t14*_t2*_t24 + _t2**2*_t24*_t25
+    elif _t9:
+        _t26 = _t0*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2)
+        _t27 = ((_t8) if _t9 else (_t26**gamma))
+        _t28 = ((_t16) if _t9 else (_t26**_t15))*((_t21) if _t9 else (_t0*(_t17 + _t20 + _t3) + y*(_t17 + _t18 + _t19)))
+        _b0 = _t27*_t6 + ((_t14*_t28)/(4.0)) + ((_t27*_t4)/(2.0)) + ((_t25*_t28*_t4**2)/(4.0))
     elif (x < -1.0):
-        _b0 = _t1*_t12*_t3*_t30*gamma - _t23*_t30 - _t26
+        _t31 = _t30 + y*(1.0 - _t29)
+        _t32 = ((_t8) if _t9 else (_t31**gamma))
+        _t35 = ((_t16) if _t9 else (_t31**_t15))*((_t21) if _t9 else (_t34 + y*(_t33 - x)))
+        _b0 = _t14*_t29*_t35 + _t25*_t29**2*_t35 + _t29*_t32 - _t32*y
     else:
-        _b0 = _t10*_t24 + _t22*_t3*(1.0 - 2.0*y)*_b1 - _t25
+        _t36 = _t10 + _t30
+        _t37 = ((_t8) if _t9 else (_t36**gamma))
+        _b0 = -_t10*_t37 + _t2*_t29*gamma*(1.0 - 2.0*y)*((_t16) if _t9 else (_t36**_t15))*((_t21) if _t9 else (_t23 + _t34)) + _t30*_t37
     return (_t0*(1.0 - alpha) + alpha*y)*_b0
 
 
@@ -146,38 +168,37 @@ def hess_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t5 = (abs(x) <= 1.0)
-    _t6 = -x
-    _t7 = _sigmoid(_t6)
-    _t8 = _t7*y
-    _t9 = _sigmoid(x)
-    _t10 = _t0*_t9
-    _t13 = 1.0 - 2.0*y
-    _t14 = gamma - 1.0
-    _t20 = gamma - 2.0
-    _t21 = _t7*_t9
-    if _t5:
+    _t6 = (abs(x) <= 1.0)
+    _t7 = -x
+    _t8 = _sigmoid(_t7)
+    _t9 = _t8*y
+    _t10 = _sigmoid(x)
+    _t11 = _t0*_t10
+    _t14 = 1.0 - 2.0*y
+    _t15 = gamma - 1.0
+    _t19 = gamma - 2.0
+    _t20 = _t10*_t8
+    if _t6:
         _t1 = ((x)/(2.0))
         _t2 = math.tanh(_t1)
-        _t3 = ((_t2)/(2.0))
-        _t4 = -_t2*y + _t3 + 1/2
-        _t16 = 1/2 - y
-        _t17 = _logcosh(_t1)
-        _b0 = _t3 + (_t16)
-        _b1 = _t4**_t20
-        _t18 = -_t17*y + _t17 + y*_logcosh(((_t6)/(2.0))) + (_t16*x) + math.log(2.0)
-        _b2 = _t4**_t14
-        _t12 = _t4**gamma
+        _t3 = 1/2 - y
+        _t4 = (_t3)
+        _t5 = _t2*_t4 + 1/2
+        _b0 = _t4 + ((_t2)/(2.0))
+        _b1 = _t5**_t19
+        _t17 = y*_logcosh(((_t7)/(2.0))) + (_t0)*_logcosh(_t1) + (_t3*x) + math.log(2.0)
+        _b2 = _t5**_t15
+        _t13 = _t5**gamma
     else:
-        _t11 = _t10 + _t8
-        _b0 = _t0*_t9 - _t8
-        _b1 = _t11**_t20
-        _t18 = _t0*_softplus(x) + y*_softplus(_t6)
-        _b2 = _t11**_t14
-        _t12 = _t11**gamma
-    _t15 = _t13*gamma*_b2
-    _t19 = _t15*_t18
-    return _t21*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t12 + _t10*_t15 + _t12*y + _t13**2*_t14*_t18*_t21*gamma*_b1 - _t15*_t8 + _t15*_b0 + _t19*_t7 - _t19*_t9)
+        _t12 = _t11 + _t9
+        _b0 = _t0*_t10 - _t9
+        _b1 = _t12**_t19
+        _t17 = _t0*_softplus(x) + y*_softplus(_t7)
+        _b2 = _t12**_t15
+        _t13 = _t12**gamma
+    _t16 = _t14*gamma*_b2
+    _t18 = _t16*_t17
+    return _t20*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t13 - _t10*_t18 + _t11*_t16 + _t13*y + _t14**2*_t15*_t17*_t20*gamma*_b1 - _t16*_t9 + _t16*_b0 + _t18*_t8)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -187,65 +208,84 @@ def grad_hess_scalar(y, x, gamma, alpha):
         return math.nan, math.nan
     _t0 = 1.0 - y
     _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = _sigmoid(x)
-    _t3 = -x
-    _t4 = _sigmoid(_t3)
-    _t5 = ((x)/(2.0))
-    _t9 = gamma - 1.0
+    _t2 = -x
+    _t3 = _sigmoid(_t2)
+    _t4 = ((x)/(2.0))
+    _t5 = math.tanh(_t4)
+    _t6 = 1/2 - y
+    _t7 = (_t6)
     _t10 = (abs(x) <= 1.0)
-    _t11 = _t4*y
-    _t12 = _t0*_t2
-    _t15 = ((_t3)/(2.0))
-    _t16 = _logcosh(_t15)
-    _t17 = _logcosh(_t5)
-    _t19 = math.log(2.0)
-    _t20 = _t17 + _t19
-    _t34 = _t2*_t4
-    _t36 = 1.0 - 2.0*y
-    _t39 = gamma - 2.0
+    _t11 = _t3*y
+    _t14 = (_t0)
+    _t15 = gamma*_fma(-2.0, y, 1.0)
+    _t16 = gamma - 1.0
+    _t18 = math.log(2.0)
+    _t19 = ((_t2)/(2.0))
+    _t20 = _logcosh(_t19)
+    _t21 = _logcosh(_t4)
+    _t26 = gamma*_fma(2.0, y, -1.0)
+    _t27 = ((_t5)/(2.0))
+    _t31 = _sigmoid(x)
+    _t32 = _t0*_t31
+    _t40 = _t3*_t31
+    _t42 = 1.0 - 2.0*y
+    _t45 = gamma - 2.0
     if _t10:
-        _t6 = math.tanh(_t5)
-        _t7 = ((_t6)/(2.0))
-        _t8 = -_t6*y + _t7 + 1/2
-        _t18 = 1/2 - y
-        _t21 = _t16*y - _t17*y + _t20 + (_t18*x)
-        _b1 = _t7 + (_t18)
-        _b2 = _t8**_t39
-        _t35 = _t21
-        _t33 = _t21
-        _t30 = _t21
-        _t27 = _t8**gamma
-        _t24 = _t21
-        _t14 = _t8**_t9
+        _t8 = _t5*_t7 + 1/2
+        _t9 = _t8**gamma
+        _t17 = _t8**_t16
+        _t22 = _t14*_t21 + _t18 + _t20*y + (_t6*x)
+        _b1 = _t27 + _t7
+        _b2 = _t8**_t45
+        _b3 = _t17
+        _t41 = _t22
+        _t39 = _t9
+        _b4 = _t17
+        _b5 = _t22
+        _t34 = _t9
+        _b6 = _t17
+        _b7 = _t22
+        _t29 = _t9
+        _b8 = _t17
+        _b9 = _t22
+        _t13 = _t9
     else:
-        _t13 = _t11 + _t12
-        _t22 = _softplus(_t3)
-        _t23 = _t22*y
-        _t31 = _softplus(x)
-        _t32 = _t0*_t31
-        _b1 = _t0*_t2 - _t11
-        _b2 = _t13**_t39
-        _t35 = _t23 + _t32
-        _t33 = _t32 + y*(_t31 - x)
-        _t30 = _t0*(_t20 + _t5) + y*(_t15 + _t16 + _t19)
-        _t27 = _t13**gamma
-        _t24 = _t0*(_t22 + x) + _t23
-        _t14 = _t13**_t9
-    _t25 = _t14*gamma
-    _t26 = 2.0*_t11*_t2*_t25
-    _t28 = _t11*_t27
-    _t29 = _t2*_t27*y - _t2*_t27 + _t28
-    _t37 = _t25*_t36
-    _t38 = _t35*_t37
+        _t12 = _t0*(1.0 - _t3) + _t11
+        _t23 = _softplus(_t2)
+        _t24 = _t23*y
+        _t28 = _t0*(_t27 + 1/2) + y*(((-_t5)/(2.0)) + 1/2)
+        _t33 = _t32 + y*(1.0 - _t31)
+        _t35 = _softplus(x)
+        _t36 = _t0*_t35
+        _t38 = _t11 + _t32
+        _b1 = _t0*_t31 - _t11
+        _b2 = _t38**_t45
+        _b3 = _t38**_t16
+        _t41 = _t24 + _t36
+        _t39 = _t38**gamma
+        _b4 = _t33**_t16
+        _b5 = _t36 + y*(_t35 - x)
+        _t34 = _t33**gamma
+        _b6 = _t28**_t16
+        _b7 = _t0*(_t18 + _t21 + _t4) + y*(_t18 + _t19 + _t20)
+        _t29 = _t28**gamma
+        _b8 = _t12**_t16
+        _b9 = _t0*(_t23 + x) + _t24
+        _t13 = _t12**gamma
+    _t43 = _t42*gamma*_b3
+    _t44 = _t41*_t43
     if (x > 1.0):
-        _b0 = _t14*_t2*_t24*_t4*gamma - _t24*_t26 - _t29
+        _t25 = _b8*_b9
+        _b0 = _t13*_t14 - _t13*_t3 + _t15*_t25*_t3 + _t25*_t26*_t3**2
     elif _t10:
-        _b0 = _t14*_t2*_t30*_t4*gamma - _t26*_t30 - _t29
+        _t30 = _b6*_b7
+        _b0 = _t29*_t7 + ((_t15*_t30)/(4.0)) + ((_t29*_t5)/(2.0)) + ((_t26*_t30*_t5**2)/(4.0))
     elif (x < -1.0):
-        _b0 = _t14*_t2*_t33*_t4*gamma - _t26*_t33 - _t29
+        _t37 = _b4*_b5
+        _b0 = _t15*_t31*_t37 + _t26*_t31**2*_t37 + _t31*_t34 - _t34*y
     else:
-        _b0 = _t12*_t27 - _t28 + _t34*_t38
-    return _t1*_b0, _t1*_t34*(_t0*_t27 - _t11*_t37 + _t12*_t37 - _t2*_t38 + _t27*y + _t34*_t35*_t36**2*_t9*gamma*_b2 + _t37*_b1 + _t38*_t4)
+        _b0 = -_t11*_t39 + _t32*_t39 + _t40*_t44
+    return _t1*_b0, _t1*_t40*(_t0*_t39 - _t11*_t43 + _t16*_t40*_t41*_t42**2*gamma*_b2 + _t3*_t44 - _t31*_t44 + _t32*_t43 + _t39*y + _t43*_b1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -256,64 +296,83 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     _t0 = 1.0 - y
     _t1 = _t0*(1.0 - alpha) + alpha*y
     _t2 = ((x)/(2.0))
-    _t6 = (abs(x) <= 1.0)
-    _t7 = -x
-    _t8 = _sigmoid(_t7)
-    _t9 = _t8*y
-    _t10 = _sigmoid(x)
-    _t11 = _t0*_t10
-    _t14 = ((_t7)/(2.0))
-    _t15 = _logcosh(_t14)
-    _t16 = _logcosh(_t2)
-    _t18 = math.log(2.0)
-    _t19 = _t16 + _t18
-    _t26 = gamma - 1.0
-    _t35 = _t10*_t8
-    _t36 = 1.0 - 2.0*y
-    _t39 = gamma - 2.0
-    if _t6:
-        _t3 = math.tanh(_t2)
-        _t4 = ((_t3)/(2.0))
-        _t5 = -_t3*y + _t4 + 1/2
-        _t17 = 1/2 - y
-        _t20 = _t15*y - _t16*y + _t19 + (_t17*x)
-        _b1 = _t4 + (_t17)
-        _b2 = _t5**_t39
-        _t34 = _t20
-        _t33 = _t20
-        _t28 = _t20
-        _t27 = _t5**_t26
-        _t25 = _t20
-        _t13 = _t5**gamma
+    _t3 = math.tanh(_t2)
+    _t4 = 1/2 - y
+    _t5 = (_t4)
+    _t8 = (abs(x) <= 1.0)
+    _t9 = -x
+    _t10 = _sigmoid(_t9)
+    _t11 = _t10*y
+    _t12 = _sigmoid(x)
+    _t13 = _t0*_t12
+    _t16 = math.log(2.0)
+    _t17 = ((_t9)/(2.0))
+    _t18 = _logcosh(_t17)
+    _t19 = _logcosh(_t2)
+    _t20 = (_t0)
+    _t29 = gamma*_fma(-2.0, y, 1.0)
+    _t30 = gamma - 1.0
+    _t33 = gamma*_fma(2.0, y, -1.0)
+    _t34 = ((_t3)/(2.0))
+    _t41 = _t10*_t12
+    _t42 = 1.0 - 2.0*y
+    _t45 = gamma - 2.0
+    if _t8:
+        _t6 = _t3*_t5 + 1/2
+        _t7 = _t6**gamma
+        _t21 = _t16 + _t18*y + _t19*_t20 + (_t4*x)
+        _t31 = _t6**_t30
+        _b1 = _t34 + _t5
+        _b2 = _t6**_t45
+        _b3 = _t31
+        _b4 = _t21
+        _b5 = _t31
+        _t39 = _t7
+        _b6 = _t21
+        _b7 = _t31
+        _t36 = _t7
+        _b8 = _t21
+        _b9 = _t31
+        _t28 = _t7
+        _t26 = _t21
+        _t15 = _t7
     else:
-        _t12 = _t11 + _t9
-        _t21 = _softplus(_t7)
-        _t22 = _t21*y
-        _t23 = _softplus(x)
-        _t24 = _t0*_t23
-        _b1 = _t0*_t10 - _t9
-        _b2 = _t12**_t39
-        _t34 = _t24 + y*(_t23 - x)
-        _t33 = _t0*(_t19 + _t2) + y*(_t14 + _t15 + _t18)
-        _t28 = _t0*(_t21 + x) + _t22
-        _t27 = _t12**_t26
-        _t25 = _t22 + _t24
-        _t13 = _t12**gamma
-    _t29 = _t27*gamma
-    _t30 = 2.0*_t10*_t29*_t9
-    _t31 = _t13*_t9
-    _t32 = _t10*_t13*y - _t10*_t13 + _t31
-    _t37 = _t29*_t36
-    _t38 = _t25*_t37
+        _t14 = _t11 + _t13
+        _t22 = _softplus(_t9)
+        _t23 = _t22*y
+        _t24 = _softplus(x)
+        _t25 = _t0*_t24
+        _t27 = _t0*(1.0 - _t10) + _t11
+        _t35 = _t0*(_t34 + 1/2) + y*(((-_t3)/(2.0)) + 1/2)
+        _t38 = _t13 + y*(1.0 - _t12)
+        _b1 = _t0*_t12 - _t11
+        _b2 = _t14**_t45
+        _b3 = _t14**_t30
+        _b4 = _t25 + y*(_t24 - x)
+        _b5 = _t38**_t30
+        _t39 = _t38**gamma
+        _b6 = _t0*(_t16 + _t19 + _t2) + y*(_t16 + _t17 + _t18)
+        _b7 = _t35**_t30
+        _t36 = _t35**gamma
+        _b8 = _t0*(_t22 + x) + _t23
+        _b9 = _t27**_t30
+        _t28 = _t27**gamma
+        _t26 = _t23 + _t25
+        _t15 = _t14**gamma
+    _t43 = _t42*gamma*_b3
+    _t44 = _t26*_t43
     if (x > 1.0):
-        _b0 = _t10*_t27*_t28*_t8*gamma - _t28*_t30 - _t32
-    elif _t6:
-        _b0 = _t10*_t27*_t33*_t8*gamma - _t30*_t33 - _t32
+        _t32 = _b8*_b9
+        _b0 = _t10**2*_t32*_t33 - _t10*_t28 + _t10*_t29*_t32 + _t20*_t28
+    elif _t8:
+        _t37 = _b6*_b7
+        _b0 = _t36*_t5 + ((_t29*_t37)/(4.0)) + ((_t3*_t36)/(2.0)) + ((_t3**2*_t33*_t37)/(4.0))
     elif (x < -1.0):
-        _b0 = _t10*_t27*_t34*_t8*gamma - _t30*_t34 - _t32
+        _t40 = _b4*_b5
+        _b0 = _t12**2*_t33*_t40 + _t12*_t29*_t40 + _t12*_t39 - _t39*y
     else:
-        _b0 = _t11*_t13 - _t31 + _t35*_t38
-    return _t1*_t13*_t25, _t1*_b0, _t1*_t35*(_t0*_t13 - _t10*_t38 + _t11*_t37 + _t13*y + _t25*_t26*_t35*_t36**2*gamma*_b2 - _t37*_t9 + _t37*_b1 + _t38*_t8)
+        _b0 = -_t11*_t15 + _t13*_t15 + _t41*_t44
+    return _t1*_t15*_t26, _t1*_b0, _t1*_t41*(_t0*_t15 + _t10*_t44 - _t11*_t43 - _t12*_t44 + _t13*_t43 + _t15*y + _t26*_t30*_t41*_t42**2*gamma*_b2 + _t43*_b1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

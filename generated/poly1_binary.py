@@ -95,24 +95,16 @@ def loss_scalar(y, x, epsilon):
     _t1 = _softplus(_t0)
     _t2 = 1.0 - y
     _t3 = ((x)/(2.0))
-    _t5 = (abs(x) <= 1.0)
-    _t8 = _softplus(x)
-    if _t5:
-        _t4 = math.tanh(_t3)
-        _b1 = -_t4*y + ((_t4)/(2.0)) + 1/2
-    else:
-        _b1 = _t2*_sigmoid(x) + y*_sigmoid(_t0)
-    _t6 = epsilon*_b1
-    if (x > 1.0):
-        _b0 = _t1 + _t6 + (_t2*x)
-    elif _t5:
-        _t7 = _logcosh(_t3)
-        _b0 = _t6 - _t7*y + _t7 + y*_logcosh(((_t0)/(2.0))) + (x*(1/2 - y)) + math.log(2.0)
-    elif (x < -1.0):
-        _b0 = _t6 + _t8 - x*y
-    else:
-        _b0 = _t1*y + _t2*_t8 + _t6
-    return _b0
+    _t4 = math.tanh(_t3)
+    _t5 = 1/2 - y
+    _t6 = _t4*(_t5) + 1/2
+    _t7 = (abs(x) <= 1.0)
+    _t8 = _sigmoid(_t0)
+    _t9 = _t8*y
+    _t10 = _softplus(x)
+    _t11 = _sigmoid(x)
+    _t12 = _t11*_t2
+    return ((_t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)) if (x > 1.0) else (epsilon*((_t6) if _t7 else (_t2*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + y*_logcosh(((_t0)/(2.0))) + (_t2)*_logcosh(_t3) + (_t5*x) + math.log(2.0)) if _t7 else (_t10 + epsilon*((_t6) if _t7 else (_t12 + y*(1.0 - _t11))) - x*y) if (x < -1.0) else (_t1*y + _t10*_t2 + epsilon*((_t6) if _t7 else (_t12 + _t9))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -120,26 +112,21 @@ def grad_scalar(y, x, epsilon):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = _sigmoid(-x)
-    _t1 = _t0*epsilon
-    _t2 = 1.0 - y
-    _t3 = 2.0*y
-    _t7 = -y
-    _t8 = epsilon*y
-    _t9 = _sigmoid(x)
+    _t0 = 1.0 - y
+    _t1 = _sigmoid(-x)
+    _t2 = epsilon*_fma(2.0, y, -1.0)
+    _t3 = -2.0*epsilon
+    _t5 = -y
+    _t6 = _sigmoid(x)
     if (x > 1.0):
-        _t4 = _t0**2*epsilon
-        _b0 = -_t0 - _t1*_t3 + _t1 + _t3*_t4 - _t4 + (_t2)
+        _b0 = _t1**2*_t2 + _t1*(_fma(_t3, y, epsilon - 1.0)) + (_t0)
     elif (abs(x) <= 1.0):
-        _t5 = math.tanh(((x)/(2.0)))
-        _t6 = _t5**2*epsilon
-        _b0 = ((_t5)/(2.0)) + ((-_t6)/(4.0)) + ((_t6*y)/(2.0)) + (_t7 + ((-_t8)/(2.0)) + ((epsilon)/(4.0)) + 1/2)
+        _t4 = math.tanh(((x)/(2.0)))
+        _b0 = ((_t4)/(2.0)) + ((_t2*_t4**2)/(4.0)) + (_t5 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
     elif (x < -1.0):
-        _t10 = 2.0*_t8
-        _t11 = _t9**2
-        _b0 = _t10*_t11 - _t10*_t9 - _t11*epsilon + _t7 + _t9*epsilon + _t9
+        _b0 = _t2*_t6**2 + _t5 + _t6*(_fma(_t3, y, epsilon + 1.0))
     else:
-        _b0 = -_t0*y + _t1*_t9*(1.0 - _t3) + _t2*_t9
+        _b0 = _t0*_t6 + _t1*_t6*epsilon*(1.0 - 2.0*y) - _t1*y
     return _b0
 
 
@@ -151,17 +138,16 @@ def hess_scalar(y, x, epsilon):
     _t0 = _sigmoid(x)
     _t1 = _sigmoid(-x)
     _t2 = 2.0*epsilon
-    _t3 = 4.0*epsilon*y
+    _t3 = _fma(2.0, y, -1.0)
     if (x > 1.0):
-        _b0 = _t1*_t2 - _t1*_t3 + (_fma(_t2, y, 1.0 - epsilon))
+        _b0 = _t1*_t2*_fma(-2.0, y, 1.0) + (_fma(_t2, y, 1.0 - epsilon))
     elif (abs(x) <= 1.0):
-        _t4 = math.tanh(((x)/(2.0)))
-        _b0 = _t2*_t4*y - _t4*epsilon + 1.0
+        _b0 = _t3*epsilon*math.tanh(((x)/(2.0))) + 1.0
     elif (x < -1.0):
-        _b0 = -_t0*_t2 + _t0*_t3 + (_fma(-_t2, y, epsilon + 1.0))
+        _b0 = _t0*_t2*_t3 + (_fma(-_t2, y, epsilon + 1.0))
     else:
-        _t5 = epsilon*(1.0 - 2.0*y)
-        _b0 = -_t0*_t5 + _t1*_t5 + 1.0
+        _t4 = epsilon*(1.0 - 2.0*y)
+        _b0 = -_t0*_t4 + _t1*_t4 + 1.0
     return _t0*_t1*_b0
 
 
@@ -170,38 +156,35 @@ def grad_hess_scalar(y, x, epsilon):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t0 = _sigmoid(-x)
-    _t1 = _t0*epsilon
-    _t2 = 1.0 - y
-    _t3 = 2.0*y
-    _t5 = (x > 1.0)
-    _t8 = -y
-    _t9 = epsilon*y
+    _t0 = 1.0 - y
+    _t1 = _sigmoid(-x)
+    _t2 = _fma(2.0, y, -1.0)
+    _t3 = _t2*epsilon
+    _t4 = 2.0*epsilon
+    _t5 = -_t4
+    _t7 = (x > 1.0)
+    _t9 = -y
     _t10 = (abs(x) <= 1.0)
     _t11 = _sigmoid(x)
-    _t12 = _t11*epsilon
-    _t13 = 2.0*_t9
-    _t15 = (x < -1.0)
-    _t18 = 2.0*epsilon
-    if _t5:
-        _t4 = _t0**2*epsilon
-        _b0 = -_t0 - _t1*_t3 + _t1 + _t3*_t4 - _t4 + (_t2)
-        _b1 = -4.0*_t1*y + 2.0*_t1 + (_fma(_t18, y, 1.0 - epsilon))
+    _t13 = (x < -1.0)
+    if _t7:
+        _t6 = epsilon - 1.0
+        _b0 = _t1**2*_t3 + _t1*(_fma(_t5, y, _t6)) + (_t0)
+        _b1 = _t1*_t4*_fma(-2.0, y, 1.0) + (_fma(_t4, y, -_t6))
     elif _t10:
-        _t6 = math.tanh(((x)/(2.0)))
-        _t7 = _t6**2*epsilon
-        _b0 = ((_t6)/(2.0)) + ((-_t7)/(4.0)) + ((_t7*y)/(2.0)) + (_t8 + ((-_t9)/(2.0)) + ((epsilon)/(4.0)) + 1/2)
-        _b1 = _t13*_t6 - _t6*epsilon + 1.0
-    elif _t15:
-        _t14 = _t11**2
-        _b0 = -_t11*_t13 + _t11 + _t12 + _t13*_t14 - _t14*epsilon + _t8
-        _b1 = 4.0*_t11*_t9 - 2.0*_t12 + (_fma(-_t18, y, epsilon + 1.0))
+        _t8 = math.tanh(((x)/(2.0)))
+        _b0 = ((_t8)/(2.0)) + ((_t3*_t8**2)/(4.0)) + (_t9 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _b1 = _t3*_t8 + 1.0
+    elif _t13:
+        _t12 = (_fma(_t5, y, epsilon + 1.0))
+        _b0 = _t11**2*_t3 + _t11*_t12 + _t9
+        _b1 = _t11*_t2*_t4 + _t12
     else:
-        _t16 = 1.0 - _t3
-        _t17 = _t1*_t16
-        _b0 = -_t0*y + _t11*_t17 + _t11*_t2
-        _b1 = -_t12*_t16 + _t17 + 1.0
-    return _b0, _t0*_t11*_b1
+        _t14 = epsilon*(1.0 - 2.0*y)
+        _t15 = _t1*_t14
+        _b0 = _t0*_t11 - _t1*y + _t11*_t15
+        _b1 = -_t11*_t14 + _t15 + 1.0
+    return _b0, _t1*_t11*_b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -214,47 +197,44 @@ def loss_grad_hess_scalar(y, x, epsilon):
     _t2 = 1.0 - y
     _t3 = ((x)/(2.0))
     _t4 = math.tanh(_t3)
-    _t5 = ((_t4)/(2.0))
-    _t6 = _t4*y
+    _t5 = 1/2 - y
+    _t6 = _t4*(_t5) + 1/2
     _t7 = (abs(x) <= 1.0)
     _t8 = _sigmoid(_t0)
     _t9 = _t8*y
-    _t10 = _sigmoid(x)
-    _t11 = _t10*_t2
-    _t12 = epsilon*((_t5 - _t6 + 1/2) if _t7 else (_t11 + _t9))
-    _t13 = (x > 1.0)
-    _t15 = _softplus(x)
+    _t10 = (x > 1.0)
+    _t11 = (_t2)
+    _t13 = _softplus(x)
+    _t14 = _sigmoid(x)
+    _t15 = _t14*_t2
     _t16 = (x < -1.0)
-    _t17 = _t8*epsilon
-    _t18 = 2.0*epsilon
-    _t20 = 2.0*y
+    _t17 = _fma(2.0, y, -1.0)
+    _t18 = _t17*epsilon
+    _t19 = 2.0*epsilon
+    _t20 = -_t19
     _t22 = -y
-    _t23 = epsilon*y
-    _t24 = _t10*epsilon
-    if _t13:
-        _t19 = _t8**2*epsilon
-        _b0 = _t1 + _t12 + (_t2*x)
-        _b1 = _t17 - _t18*_t9 + _t19*_t20 - _t19 - _t8 + (_t2)
-        _b2 = 2.0*_t17 - 4.0*_t9*epsilon + (_fma(_t18, y, 1.0 - epsilon))
+    if _t10:
+        _t21 = epsilon - 1.0
+        _b0 = _t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
+        _b1 = _t11 + _t18*_t8**2 + _t8*(_fma(_t20, y, _t21))
+        _b2 = _t19*_t8*_fma(-2.0, y, 1.0) + (_fma(_t19, y, -_t21))
     elif _t7:
-        _t14 = _logcosh(_t3)
-        _t21 = _t4**2*epsilon
-        _b0 = _t12 - _t14*y + _t14 + y*_logcosh(((_t0)/(2.0))) + (x*(1/2 - y)) + math.log(2.0)
-        _b1 = _t5 + ((-_t21)/(4.0)) + ((_t21*y)/(2.0)) + (_t22 + ((-_t23)/(2.0)) + ((epsilon)/(4.0)) + 1/2)
-        _b2 = _t18*_t6 - _t4*epsilon + 1.0
+        _t12 = ((_t4)/(2.0))
+        _b0 = _t11*_logcosh(_t3) + epsilon*((_t6) if _t7 else (_t2*(_t12 + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + y*_logcosh(((_t0)/(2.0))) + (_t5*x) + math.log(2.0)
+        _b1 = _t12 + ((_t18*_t4**2)/(4.0)) + (_t22 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _b2 = _t18*_t4 + 1.0
     elif _t16:
-        _t25 = 2.0*_t23
-        _t26 = _t10**2
-        _b0 = _t12 + _t15 - x*y
-        _b1 = -_t10*_t25 + _t10 + _t22 + _t24 + _t25*_t26 - _t26*epsilon
-        _b2 = 4.0*_t10*_t23 - 2.0*_t24 + (_fma(-_t18, y, epsilon + 1.0))
+        _t23 = (_fma(_t20, y, epsilon + 1.0))
+        _b0 = _t13 + epsilon*((_t6) if _t7 else (_t15 + y*(1.0 - _t14))) - x*y
+        _b1 = _t14**2*_t18 + _t14*_t23 + _t22
+        _b2 = _t14*_t17*_t19 + _t23
     else:
-        _t27 = 1.0 - _t20
-        _t28 = _t17*_t27
-        _b0 = _t1*y + _t12 + _t15*_t2
-        _b1 = _t10*_t28 + _t11 - _t9
-        _b2 = -_t24*_t27 + _t28 + 1.0
-    return _b0, _b1, _t10*_t8*_b2
+        _t24 = epsilon*(1.0 - 2.0*y)
+        _t25 = _t24*_t8
+        _b0 = _t1*y + _t13*_t2 + epsilon*((_t6) if _t7 else (_t15 + _t9))
+        _b1 = _t14*_t25 + _t15 - _t9
+        _b2 = -_t14*_t24 + _t25 + 1.0
+    return _b0, _b1, _t14*_t8*_b2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")

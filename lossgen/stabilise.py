@@ -9,7 +9,9 @@ every rewrite holds exactly in real arithmetic.
   y = 1, x = 40 (the true value is 4.2e-18). On each branch of its argument a function is
   written as an exact "big" part plus a small remainder (softplus(x) = x + softplus(-x) for
   x > 1); in the sum, the big parts combine symbolically with the other terms into one
-  group that is evaluated first ((1 - y)*x = 0 exactly), and the small parts are added last.
+  group that is evaluated first ((1 - y)*x = 0 exactly), and the small parts are added last;
+  big parts under a common factor F are grouped the same way, F*(1 - y). Every split of the
+  same argument applies at once (softplus(x) and sigmoid(x) in one sum).
 * Asymptotic inversion (``HUGE``): for a residual-like variable v, the expression is
   rewritten exactly in t = 1/v and used where |v| > HUGE, so that v**2 never overflows
   (2 v/(1 + v**2) -> 2 t/(t**2 + 1)). It is kept only when no power of 1/t remains. A
@@ -103,6 +105,25 @@ def _power_minus_one(e):
                     if -c in terms and not c.has(f.base):
                         others = [u for u in terms if u is not t and u != -c]
                         return sp.Add(c * expm1(f.exp * sp.log(f.base)), *others)
+
+
+def _power_of_one_plus(e):
+    """(1 + w)**k -> exp(xlog1py(k, w)) for a symbolic k (also ((A + B)/A)**k, with w = B/A):
+    1 + w rounds w, and raised to the k-th power that rounding grows k-fold (Barron's
+    (1 + x**2/|alpha - 2|)**(alpha/2) at alpha = -1e12); log1p(w) keeps w's digits."""
+    if not (isinstance(e, sp.Pow) and not e.exp.is_Number and not e.base.is_Number):
+        return None
+    base = e.base
+    if isinstance(base, sp.Add) and sp.S.One in base.args:
+        w = base - 1
+    elif isinstance(base, sp.Mul) and any(isinstance(f, sp.Add) for f in base.args):
+        w = sp.together(base - 1)
+        if len(sp.Add.make_args(sp.expand(sp.fraction(w)[0]))) >= \
+                len(sp.Add.make_args(sp.expand(sp.fraction(sp.together(base))[0]))):
+            return None  # base - 1 is no simpler than base: no 1 to take out
+    else:
+        return None
+    return sp.exp(xlog1py(e.exp, w))
 
 
 def _log_cosh(e):
@@ -283,16 +304,27 @@ def _heaviside_select(e):
 
 def _exp_times_factor(e):
     """b*exp(a) -> sign(b)*exp(a + log|b|) where |a| > 700: exp(a) alone overflows (or loses
-    its digits as a subnormal) while the product is a normal number (or 0, for b = 0)."""
-    if isinstance(e, sp.Mul) and len(e.args) in (2, 3):
-        coefficient, rest = e.as_coeff_Mul()
-        factors = sp.Mul.make_args(rest)
-        exps = [f for f in factors if isinstance(f, sp.exp)]
-        others = [f for f in factors if not isinstance(f, sp.exp)]
-        if len(exps) == 1 and len(others) == 1 and others[0].is_Symbol:
-            a, b = exps[0].args[0], others[0]
-            return coefficient * sp.Piecewise((b * exps[0], sp.Abs(a) <= 700),
-                                              (sp.sign(b) * sp.exp(group(a + sp.log(sp.Abs(b)))), True))
+    its digits as a subnormal) while the product is a normal number (or 0, for b = 0). A
+    quotient b = N/D is computed first, as one group: exp(a)*N overflows where
+    exp(a)*(N/D) need not (Barron's Hessian, exp(a) = x**alpha times N ~ x**2, over D ~ x**4)."""
+    if not isinstance(e, sp.Mul):
+        return None
+    coefficient, rest = e.as_coeff_Mul()
+    factors = sp.Mul.make_args(rest)
+    exps = [f for f in factors if isinstance(f, sp.exp)]
+    others = [f for f in factors if not isinstance(f, sp.exp)]
+    if len(exps) != 1:
+        return None
+    if len(e.args) in (2, 3) and len(others) == 1 and others[0].is_Symbol:
+        b = others[0]
+    elif any(isinstance(f, sp.Pow) and f.exp.is_negative and not f.base.is_Number for f in others) \
+            and exps[0].args[0].is_real and not exps[0].args[0].is_Symbol:
+        b = group(sp.Mul(*others))
+    else:
+        return None
+    a = exps[0].args[0]
+    return coefficient * sp.Piecewise((b * exps[0], sp.Abs(a) <= 700),
+                                      (sp.sign(b) * sp.exp(group(a + sp.log(sp.Abs(b)))), True))
 
 
 def _distribute_to_cancel(e):
@@ -377,6 +409,8 @@ RULES: tuple[Rule, ...] = (
     Rule("log1p", "log(1 + x)", "log1p(x)", "1 + x drops the digits of a small x", _log_one_plus),
     Rule("power_minus_one", "c*a**k - c", "c*expm1(k*log(a))", "a**k rounds to 1 when k*log(a) is small",
          _power_minus_one),
+    Rule("power_of_one_plus", "(1 + w)**k", "exp(xlog1py(k, w))",
+         "1 + w rounds w, and the k-th power multiplies that error by k", _power_of_one_plus),
     Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
     Rule("exprel", "expm1(a*u)/a", "u*exprel(a*u) where |a*u| <= 1",
          "a subnormal a*u keeps a few bits, which the quotient exposes", _expm1_over_factor),
@@ -388,7 +422,8 @@ RULES: tuple[Rule, ...] = (
     Rule("sqrt1pm1", "sqrt(1 + u) - 1", "u/(sqrt(1 + u) + 1)", "cancels to 0 for small u", _sqrt_one_plus_minus_one),
     Rule("heaviside_select", "Heaviside(u)*X", "X if u > 0, else 0", "0*inf is nan; the unselected branch may overflow",
          _heaviside_select),
-    Rule("exp_product", "b*exp(a)", "sign(b)*exp(a + log|b|) for a > 700", "exp(a) overflows where b*exp(a) need not",
+    Rule("exp_product", "b*exp(a)", "sign(b)*exp(a + log|b|) for a > 700, b = N/D computed first",
+         "exp(a) overflows where b*exp(a) need not; so does exp(a)*N where exp(a)*(N/D) need not",
          _exp_times_factor),
     Rule("combine_powers", "b**g/b", "b**(g - 1)", "b**g/b is 0/0 where b underflows", _combine_powers),
     Rule("distribute_to_cancel", "x*(a/x + b)", "a + x*b", "x*(a/x) is 0*inf = nan where x underflows",
@@ -445,56 +480,90 @@ SPLITS: tuple[Split, ...] = (
 
 SPLIT_MAX_TERMS = 12
 SPLIT_MAX_OPS = 300  # products of split functions are distributed: keep that bounded
+# split arguments per sum. 2 would split each branch again over a second argument
+# (softplus(z)*(sigmoid(x) - y)); kept at 1 for now: no catalog loss needs it, and the row
+# emitter's branch-local CSE leaves names undefined on the nested branches it makes in
+# softmax_cross_entropy (emit_rows)
+SPLIT_MAX_ARGUMENTS = 1
 
 
 def _group_big_parts(expr: sp.Expr) -> sp.Expr:
-    """Sum the terms made of inputs, parameters and numbers first, as one exact group, then
-    add the rest (the small parts, and any term whose size a function call hides)."""
+    """Sum the big parts first, each set as one exact group, then add the rest.
+
+    A term is a polynomial part (inputs, parameters, numbers) times a function part (the
+    factors with a function call or a branch). The terms with no function part make one
+    group; so do the terms that share a function part F, as F*group(sum of their polynomial
+    parts): under a common factor, F - y*F cancels where F*(1 - y) does not (the splits of a
+    focal loss, all under (1 - p_t)**gamma)."""
     # distribute each top-level term, but not inside nested branches
     terms = [u for t in sp.Add.make_args(expr) for u in sp.Add.make_args(sp.expand_mul(t, deep=False))]
-    is_big = [not t.has(sp.Function, sp.Piecewise) for t in terms]
-    big = sp.Add(*[t for t, b in zip(terms, is_big) if b])
-    small = [t for t, b in zip(terms, is_big) if not b]
-    big = stabilise(sp.factor_terms(big), (FMA_RULE,))
-    if big.has(sp.Add):  # also c*(a + b): SymPy would distribute c back into the sum
-        big = group(big)
-    return sp.Add(big, *small)
+    by_factor: dict = {}
+    for t in terms:
+        factors = sp.Mul.make_args(t)
+        function_part = sp.Mul(*[f for f in factors if f.has(sp.Function, sp.Piecewise)])
+        polynomial_part = sp.Mul(*[f for f in factors if not f.has(sp.Function, sp.Piecewise)])
+        by_factor.setdefault(function_part, []).append(polynomial_part)
+    out = []
+    for function_part, parts in by_factor.items():
+        if function_part != 1 and len(parts) < 2:
+            out.append(function_part * parts[0])
+            continue
+        big = stabilise(sp.factor_terms(sp.Add(*parts)), (FMA_RULE,))
+        if big.has(sp.Add):  # also c*(a + b): SymPy would distribute c back into the sum
+            big = group(big)
+        out.append(function_part * big)
+    return sp.Add(*out)
 
 
-def _split_sum(expr):
-    """The first applicable split of a sum, as a Piecewise over its argument's sign."""
-    if not isinstance(expr, sp.Add) or len(expr.args) > SPLIT_MAX_TERMS:
+def _split_sum(expr, done: tuple = ()):
+    """A sum as a Piecewise over the sign of a split function's argument a, each branch with
+    the big parts grouped. Every split with the same threshold applies at once to the functions
+    of a (softplus(x) and sigmoid(x) in one sum, as in the focal loss's gradient); with
+    ``SPLIT_MAX_ARGUMENTS`` > 1, each branch is split again over the next argument."""
+    if not isinstance(expr, sp.Add) or len(expr.args) > SPLIT_MAX_TERMS or len(done) >= SPLIT_MAX_ARGUMENTS:
+        return None
+    if sp.count_ops(expr) > SPLIT_MAX_OPS:
         return None
     for split in SPLITS:
-        atoms = sorted(expr.atoms(split.function), key=sp.default_sort_key)
-        if not atoms:
-            continue
-        a = atoms[0].args[0]
-        a = -a if a.could_extract_minus_sign() else a
-        related = [f for f in (split.function(a), split.function(-a)) if f in atoms]
-        if len(expr.args) < 2 or sp.count_ops(expr) > SPLIT_MAX_OPS:
-            continue
-        branches = []
-        for condition, decompose, which in (
-                (a > split.threshold, split.positive, [split.function(a)]),
-                (sp.Abs(a) <= split.threshold, split.middle, related),
-                (a < -split.threshold, split.positive, [split.function(-a)])):
+        for atom in sorted(expr.atoms(split.function), key=sp.default_sort_key):
+            a = -atom.args[0] if atom.args[0].could_extract_minus_sign() else atom.args[0]
+            if a in done:
+                continue
+            branches = _split_branches(expr, split, a)
+            if branches:
+                # all replacements first, then the big parts grouped once, in each innermost branch
+                branches = [(_split_sum(e, done + (a,)) or _group_big_parts(e), c) for e, c in branches]
+                return sp.Piecewise(*branches, (expr, True))
+    return None
+
+
+def _split_branches(expr, split: Split, a: sp.Expr) -> list:
+    """(branch expression, condition) for each side of ``split``'s threshold in ``a`` where
+    splitting helps: at least two big parts meet in the sum and may differ in sign. The branch
+    expression has the functions of ``a`` replaced by their big and small parts, not yet grouped."""
+    companions = [s for s in SPLITS if s.threshold == split.threshold
+                  and (expr.has(s.function(a)) or expr.has(s.function(-a)))]
+    related = {s: [f for f in (s.function(a), s.function(-a)) if expr.has(f)] for s in companions}
+    everything = [f for fs in related.values() for f in fs]
+    branches = []
+    for condition, part, sign in ((a > split.threshold, "positive", 1),
+                                  (sp.Abs(a) <= split.threshold, "middle", 0),
+                                  (a < -split.threshold, "positive", -1)):
+        replacements, bigs = {}, {}
+        for s in companions:
+            decompose = getattr(s, part)
             if decompose is None:
                 continue
-            replacements, bigs = {}, {}
-            for f in which:
-                if f in related:
+            for f in ([s.function(sign * a)] if sign else related[s]):
+                if f in related[s]:
                     big, small = decompose(f.args[0])
                     replacements[f], bigs[f] = big + small, big
-            # useful only where at least two big parts meet in the sum and may differ in sign
-            meeting = [t for t in expr.args if not t.has(*related) or any(t.has(f) and bigs[f] != 0 for f in bigs)]
-            same_sign = all(t.xreplace(bigs).is_positive for t in meeting) or \
-                all(t.xreplace(bigs).is_negative for t in meeting)
-            if replacements and len(meeting) >= 2 and not same_sign:
-                branches.append((_group_big_parts(expr.xreplace(replacements)), condition))
-        if branches:
-            return sp.Piecewise(*branches, (expr, True))
-    return None
+        meeting = [t for t in expr.args if not t.has(*everything) or any(t.has(f) and bigs[f] != 0 for f in bigs)]
+        same_sign = all(t.xreplace(bigs).is_positive for t in meeting) or \
+            all(t.xreplace(bigs).is_negative for t in meeting)
+        if replacements and len(meeting) >= 2 and not same_sign:
+            branches.append((expr.xreplace(replacements), condition))
+    return branches
 
 
 def _constant_minus_product(e):
@@ -593,19 +662,24 @@ def invert_for_huge(expr: sp.Expr, variable: sp.Expr, solve_for: sp.Symbol) -> O
 
 
 def _powers_into_exponent(expr: sp.Expr, t: sp.Symbol, opaque: dict) -> sp.Expr:
-    """t**j*exp(G)*R -> sign(t)**j*exp(group(G + j*log|t|))*R, for one exp(G) whose exponent is
-    an opaque group (``opaque``: group -> its placeholder): where exp(G) overflows (or
-    underflows), the product with t**j need not; the log|t| terms are collected, so
-    (2 - alpha)*log|t| is computed, not the difference of two large numbers."""
+    """t**j*|a|*exp(G)*R -> sign(t)**j*exp(group(G + j*log|t| + log|a|))*R, for one exp(G)
+    whose exponent is an opaque group (``opaque``: group -> its placeholder) and factors |a|
+    of the parameters: where exp(G) overflows (or underflows), the product with t**j and |a|
+    need not (Barron's gradient at alpha = 2 + 1e-8, where |alpha - 2| = 1e-8 and
+    exp(G) = 1e308/1e-8). The log|t| and log|a| terms are collected, so (2 - alpha)*log|t|
+    is computed, not the difference of two large numbers."""
     numerator, denominator = (sp.factor_terms(part) for part in sp.fraction(expr))
     placeholders = {d: g for g, d in opaque.items()}
     exps = [f for f in sp.Mul.make_args(numerator) if isinstance(f, sp.exp) and f.args[0] in placeholders]
     j = numerator.as_powers_dict().get(t, 0) - denominator.as_powers_dict().get(t, 0)
-    if len(exps) != 1 or j == 0 or not j.is_Integer:
+    absorbed = [f for f in sp.Mul.make_args(numerator) if isinstance(f, sp.Abs) and not f.has(t)]
+    if len(exps) != 1 or not j.is_Integer or (j == 0 and not absorbed):
         return expr
     log_t = sp.log(sp.Abs(t))
-    exponent = sp.collect(sp.expand(placeholders[exps[0].args[0]].args[0] + j * log_t), log_t)
-    rest = numerator / (exps[0] * t ** numerator.as_powers_dict().get(t, 0)) \
+    logs = [sp.log(f) for f in absorbed]
+    exponent = sp.collect(sp.expand(placeholders[exps[0].args[0]].args[0] + j * log_t + sp.Add(*logs)),
+                          [log_t, *logs])
+    rest = numerator / (exps[0] * t ** numerator.as_powers_dict().get(t, 0) * sp.Mul(*absorbed)) \
         / (denominator / t ** denominator.as_powers_dict().get(t, 0))
     return sp.sign(t) ** (j % 2) * sp.exp(group(exponent)) * rest
 
@@ -672,12 +746,16 @@ def stabilise_derivation(derivation):
     since every rewrite is an identity): sigmoid(x)*sigmoid(-x)/(1 - sigmoid(x)) differentiates
     into a tangle, its rewritten form sigmoid(x) into sigmoid(x)*sigmoid(-x). The smaller
     stable form is kept: the one with fewer divisions (x*(a/x) is 0*inf where x underflows),
-    then the shorter."""
+    then the shorter. Where SymPy cannot differentiate the rewritten gradient (the sign(b) of
+    exp_product's far branch), the raw Hessian's stable form is the one."""
     spec = derivation.spec
     hessians = []
     for prediction, gradient, raw_hessian in zip(spec.predictions, derivation.grad, derivation.hess):
-        candidates = (direct_form(raw_hessian),
-                      direct_form(differentiate(rewritten(gradient), spec.symbols[prediction.name])))
+        candidates = [direct_form(raw_hessian)]
+        try:
+            candidates.append(direct_form(differentiate(rewritten(gradient), spec.symbols[prediction.name])))
+        except ValueError:
+            pass  # sign(b) of a rule's far branch has no derivative SymPy can write: the raw one stands
         best = min(candidates, key=lambda e: (_divisions(e), sp.count_ops(e), sp.default_sort_key(e)))
         hessians.append(with_asymptote(raw_hessian, best, spec))
     return replace(derivation, loss=stabilise_output(derivation.loss, spec),

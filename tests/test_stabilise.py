@@ -49,6 +49,7 @@ EXAMPLES = {
     "power_minus_one": (z * (1 + x**2) ** (y / 7) - z, {x: 1e-9, y: 0.5, z: 3.0}),
     "collect_pair": (x**2 * z - x**2 + y, {x: 1e10, z: 1.0, y: 1.0}),
     "exprel": (expm1(z * x**2) / z, {x: 0.7, z: 1e-320}),  # z*x**2 is subnormal: 3 digits left
+    "power_of_one_plus": ((1 + x**2) ** z, {x: 1e-6, z: -1e12}),  # 1 + 1e-12 rounded, then to the -1e12th
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
@@ -128,6 +129,12 @@ SPLIT_EXAMPLES = [
     (2 * sigmoid(-x) * b - (1 - b) * sigmoid(x), {x: 1e-9, b: 1 / 3}),
     (sp.exp(x) - b, {x: 1e-300, b: 1.0}),
     (sp.exp(x) - b * x, {x: 1e-300, b: 1e300}),  # 1 - b x with an exact product (fma)
+    # two splits of one argument in one sum: softplus(-x) + sigmoid(-x) is left
+    (softplus(x) - b * x - sigmoid(x) + b, {x: 40.0, b: 1.0}),
+    # the split parts under a common factor: F*(1 - b) - F*sigmoid(-x), as in the focal loss's
+    # gradient under (1 - p_t)**gamma
+    (sp.expand(sp.cosh(z) * (sigmoid(x) - b)), {x: 40.0, b: 1 - 2.0**-53, z: 0.5}),
+    (sp.expand(sp.cosh(z) * (sigmoid(x) - b * sigmoid(x) - b * sigmoid(-x))), {x: 1e-300, b: 0.5, z: 0.5}),
 ]
 
 
@@ -201,8 +208,20 @@ def test_inversion_handles_a_symbolic_power():
     for expr in (loss, sp.diff(loss, r), sp.diff(loss, r, 2)):
         inverted = invert_for_huge(expr, r, r)
         assert inverted is not None
-        for point in ([1e300, 1.0, 1.0], [-1e300, 1.0, 2.5], [1e300, 1.5, 0.5], [1e200, -3.0, 1.0], [1e300, 1e-310, 1.0]):
+        for point in ([1e300, 1.0, 1.0], [-1e300, 1.0, 2.5], [1e300, 1.5, 0.5], [1e200, -3.0, 1.0], [1e300, 1e-310, 1.0],
+                      [1e300, 2 + 1e-8, 1.0], [-1e300, 2 - 1e-8, 2.5]):  # exp(G) alone is 1e308/|alpha - 2|
             truth = evaluate(sp.lambdify([r, alpha, c], expr, modules=MODULES), point)
             if truth is not None and abs(truth) < 1e308:
                 value = sp.lambdify([r, alpha, c], inverted, modules=FLOAT_MODULES)(*point)
                 assert relative_error(value, truth) <= 1e-12, (expr, point, value, truth)
+
+
+def test_exp_product_computes_a_quotient_first():
+    """exp(a)*N/D: exp(600)*z**2 overflows at z = 1e70, exp(600)*(z**2/(1 + z**2)**2) does not;
+    and beyond |a| = 700, exp(a + log|N/D|)."""
+    expr = sp.exp(3 * x) * z**2 / (1 + z**2) ** 2
+    stable = stabilise(expr)
+    for point in ([200.0, 1e70], [300.0, 1e70], [250.0, 1e-70], [0.5, 3.0]):
+        truth = evaluate(sp.lambdify([x, z], expr, modules=MODULES), point)
+        value = sp.lambdify([x, z], stable, modules=FLOAT_MODULES)(*point)
+        assert relative_error(value, truth) <= 1e-12, (stable, point, value, truth)
