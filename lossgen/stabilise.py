@@ -480,11 +480,9 @@ SPLITS: tuple[Split, ...] = (
 
 SPLIT_MAX_TERMS = 12
 SPLIT_MAX_OPS = 300  # products of split functions are distributed: keep that bounded
-# split arguments per sum. 2 would split each branch again over a second argument
-# (softplus(z)*(sigmoid(x) - y)); kept at 1 for now: no catalog loss needs it, and the row
-# emitter's branch-local CSE leaves names undefined on the nested branches it makes in
-# softmax_cross_entropy (emit_rows)
-SPLIT_MAX_ARGUMENTS = 1
+# split arguments per sum: each branch of the first split is split again over a second
+# argument (softplus(z)*(sigmoid(x) - y)); each level triples the branches
+SPLIT_MAX_ARGUMENTS = 2
 
 
 def _group_big_parts(expr: sp.Expr) -> sp.Expr:
@@ -518,8 +516,8 @@ def _group_big_parts(expr: sp.Expr) -> sp.Expr:
 def _split_sum(expr, done: tuple = ()):
     """A sum as a Piecewise over the sign of a split function's argument a, each branch with
     the big parts grouped. Every split with the same threshold applies at once to the functions
-    of a (softplus(x) and sigmoid(x) in one sum, as in the focal loss's gradient); with
-    ``SPLIT_MAX_ARGUMENTS`` > 1, each branch is split again over the next argument."""
+    of a (softplus(x) and sigmoid(x) in one sum, as in the focal loss's gradient); each
+    branch is split again over the next argument, up to ``SPLIT_MAX_ARGUMENTS`` of them."""
     if not isinstance(expr, sp.Add) or len(expr.args) > SPLIT_MAX_TERMS or len(done) >= SPLIT_MAX_ARGUMENTS:
         return None
     if sp.count_ops(expr) > SPLIT_MAX_OPS:

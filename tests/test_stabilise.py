@@ -135,6 +135,9 @@ SPLIT_EXAMPLES = [
     # gradient under (1 - p_t)**gamma
     (sp.expand(sp.cosh(z) * (sigmoid(x) - b)), {x: 40.0, b: 1 - 2.0**-53, z: 0.5}),
     (sp.expand(sp.cosh(z) * (sigmoid(x) - b * sigmoid(x) - b * sigmoid(-x))), {x: 1e-300, b: 0.5, z: 0.5}),
+    # a split function as the common factor: split over z, then each branch over x
+    (sp.expand(softplus(z) * (sigmoid(x) - b)), {x: 40.0, b: 1 - 2.0**-53, z: 0.5}),
+    (sp.expand(softplus(z) * (sigmoid(x) - b)), {x: 40.0, b: 1 - 2.0**-53, z: 30.0}),
 ]
 
 
