@@ -73,6 +73,7 @@ def _loss_row(_i, _n, _C, t, p, _weight, _out0):
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+    _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -102,7 +103,7 @@ def _grad_row(_i, _n, _C, t, p, _weight, _out0):
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -134,7 +135,7 @@ def _hess_row(_i, _n, _C, t, p, _weight, _out0):
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -166,8 +167,8 @@ def _grad_hess_row(_i, _n, _C, t, p, _weight, _out0, _out1):
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -201,8 +202,8 @@ def _loss_grad_hess_row(_i, _n, _C, t, p, _weight, _out0, _out1, _out2):
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -214,6 +215,7 @@ def _loss_grad_hess_row(_i, _n, _C, t, p, _weight, _out0, _out1, _out2):
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+    _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -241,6 +243,15 @@ def loss_grad_hess_kernel(t, p, _weight, _out0, _out1, _out2, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, t, p, _v_p, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_t = t[_i, _k]
+        if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
@@ -270,6 +281,15 @@ def hvp_kernel(t, p, _v_p, _weight, _out0, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hess_full_row(_i, _n, _C, t, p, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_t = t[_i, _k]
+        if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):

@@ -100,7 +100,7 @@ def _grad_row(_i, _n, _C, p, q, _weight, _out0):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -132,7 +132,7 @@ def _hess_row(_i, _n, _C, p, q, _weight, _out0):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -164,8 +164,8 @@ def _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -199,8 +199,8 @@ def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -240,6 +240,15 @@ def loss_grad_hess_kernel(p, q, _weight, _out0, _out1, _out2, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
@@ -269,6 +278,15 @@ def hvp_kernel(p, q, _v_q, _weight, _out0, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hess_full_row(_i, _n, _C, p, q, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):

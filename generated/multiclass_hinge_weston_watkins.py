@@ -104,6 +104,7 @@ def _loss_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+    _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -133,7 +134,7 @@ def _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _k = _row_y
     _e_s = s[_i, _k]
@@ -150,6 +151,7 @@ def _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         _z = _x - _r3
         _r3_error += (_r3 - (_x - _z)) + (_s - _z)
         _r3 = _x
+    _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -187,7 +189,7 @@ def _hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -217,8 +219,8 @@ def _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _k = _row_y
     _e_s = s[_i, _k]
@@ -235,6 +237,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1):
         _z = _x - _r3
         _r3_error += (_r3 - (_x - _z)) + (_s - _z)
         _r3 = _x
+    _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -274,8 +277,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _k = _row_y
     _e_s = s[_i, _k]
@@ -307,8 +310,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
         _z = _x - _r3
         _r3_error += (_r3 - (_x - _z)) + (_s - _z)
         _r3 = _x
+    _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -342,6 +347,14 @@ def loss_grad_hess_kernel(y, s, w, margin, _weight, _out0, _out1, _out2, _parall
 def _hvp_row(_i, _n, _C, y, s, w, margin, _v_s, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_w = w[_k]
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
@@ -370,6 +383,14 @@ def hvp_kernel(y, s, w, margin, _v_s, _weight, _out0, _parallel):
 def _hess_full_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_w = w[_k]
+        if not ((_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):

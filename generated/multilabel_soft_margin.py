@@ -82,13 +82,9 @@ def _loss_row(_i, _n, _C, y, x, _weight, _out0):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_1 = -_e_x
-        if (abs(_e_x) <= 1.0):
-            _t0_0 = _logcosh(((_e_x)/(2.0)))
-            _b0_0 = -_e_y*_t0_0 + _e_y*_logcosh(((_t0_1)/(2.0))) + _t0_0 + (_e_x*(1/2 - _e_y)) + math.log(2.0)
-        else:
-            _b0_0 = _e_y*_softplus(_t0_1) + (1.0 - _e_y)*_softplus(_e_x)
-        _s = _b0_0
+        _t0_0 = -_e_x
+        _t0_1 = 1.0 - _e_y
+        _s = ((_e_y*_logcosh(((_t0_0)/(2.0))) + (_t0_1)*_logcosh(((_e_x)/(2.0))) + (_e_x*(1/2 - _e_y)) + math.log(2.0)) if (abs(_e_x) <= 1.0) else (_e_y*_softplus(_t0_0) + _t0_1*_softplus(_e_x)))
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
@@ -122,7 +118,7 @@ def _grad_row(_i, _n, _C, y, x, _weight, _out0):
         if not ((_e_y >= 0.0 and _e_y <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -153,7 +149,7 @@ def _hess_row(_i, _n, _C, y, x, _weight, _out0):
         if not ((_e_y >= 0.0 and _e_y <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -183,8 +179,8 @@ def _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1):
         if not ((_e_y >= 0.0 and _e_y <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -219,21 +215,17 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2):
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_1 = -_e_x
-        if (abs(_e_x) <= 1.0):
-            _t0_0 = _logcosh(((_e_x)/(2.0)))
-            _b0_0 = -_e_y*_t0_0 + _e_y*_logcosh(((_t0_1)/(2.0))) + _t0_0 + (_e_x*(1/2 - _e_y)) + math.log(2.0)
-        else:
-            _b0_0 = _e_y*_softplus(_t0_1) + (1.0 - _e_y)*_softplus(_e_x)
-        _s = _b0_0
+        _t0_0 = -_e_x
+        _t0_1 = 1.0 - _e_y
+        _s = ((_e_y*_logcosh(((_t0_0)/(2.0))) + (_t0_1)*_logcosh(((_e_x)/(2.0))) + (_e_x*(1/2 - _e_y)) + math.log(2.0)) if (abs(_e_x) <= 1.0) else (_e_y*_softplus(_t0_0) + _t0_1*_softplus(_e_x)))
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
@@ -268,6 +260,14 @@ def loss_grad_hess_kernel(y, x, _weight, _out0, _out1, _out2, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
@@ -296,6 +296,14 @@ def hvp_kernel(y, x, _v_x, _weight, _out0, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hess_full_row(_i, _n, _C, y, x, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):

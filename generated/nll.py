@@ -86,7 +86,7 @@ def _grad_row(_i, _n, _C, y, logp, w, _weight, _out0):
         if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -118,7 +118,7 @@ def _hess_row(_i, _n, _C, y, logp, w, _weight, _out0):
         if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -149,8 +149,8 @@ def _grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1):
         if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -184,8 +184,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1, _out2):
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _k = _row_y
     _e_logp = logp[_i, _k]
@@ -216,6 +216,15 @@ def loss_grad_hess_kernel(y, logp, w, _weight, _out0, _out1, _out2, _parallel):
 def _hvp_row(_i, _n, _C, y, logp, w, _v_logp, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_logp = logp[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
@@ -244,6 +253,15 @@ def hvp_kernel(y, logp, w, _v_logp, _weight, _out0, _parallel):
 def _hess_full_row(_i, _n, _C, y, logp, w, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
+    _inside = True
+    for _k in range(_n):
+        _e_logp = logp[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_logp <= 0.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):

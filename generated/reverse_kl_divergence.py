@@ -72,6 +72,7 @@ def _loss_row(_i, _n, _C, p, q, _weight, _out0):
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+    _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -101,13 +102,13 @@ def _grad_row(_i, _n, _C, p, q, _weight, _out0):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
-        _out0[_i, _k] = _w * (-math.log(_e_p) + math.log(_e_q) + 1.0)
+        _out0[_i, _k] = _w * (((-math.log1p((((_e_p - _e_q)/(_e_q))))) if (_e_p < 2.0*_e_q) and (_e_q < 2.0*_e_p) else ((math.log(_e_q)) - math.log(_e_p))) + 1.0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -133,7 +134,7 @@ def _hess_row(_i, _n, _C, p, q, _weight, _out0):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
@@ -164,14 +165,14 @@ def _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
-        _out0[_i, _k] = _w * (-math.log(_e_p) + math.log(_e_q) + 1.0)
+        _out0[_i, _k] = _w * (((-math.log1p((((_e_p - _e_q)/(_e_q))))) if (_e_p < 2.0*_e_q) and (_e_q < 2.0*_e_p) else ((math.log(_e_q)) - math.log(_e_p))) + 1.0)
         _out1[_i, _k] = _w * (((1.0)/(_e_q)))
 
 
@@ -199,8 +200,8 @@ def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -212,6 +213,7 @@ def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+    _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
@@ -219,7 +221,7 @@ def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
-        _out1[_i, _k] = _w * (-math.log(_e_p) + math.log(_e_q) + 1.0)
+        _out1[_i, _k] = _w * (((-math.log1p((((_e_p - _e_q)/(_e_q))))) if (_e_p < 2.0*_e_q) and (_e_q < 2.0*_e_p) else ((math.log(_e_q)) - math.log(_e_p))) + 1.0)
         _out2[_i, _k] = _w * (((1.0)/(_e_q)))
 
 
@@ -239,6 +241,15 @@ def loss_grad_hess_kernel(p, q, _weight, _out0, _out1, _out2, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
@@ -267,6 +278,15 @@ def hvp_kernel(p, q, _v_q, _weight, _out0, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hess_full_row(_i, _n, _C, p, q, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_q = q[_i, _k]
+        if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):

@@ -182,33 +182,48 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t3_0 = _e_s - _m0
-        _t3_1 = -_l0 + (_t3_0)
-        _t3_2 = math.expm1(_t3_1)
-        _t3_3 = _r4*_t3_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
-        _t3_4 = _l0 + (-_t3_0)
-        _t3_5 = (_t3_4 <= 700.0)
-        _t3_9 = _C*_t3_2
-        _t3_11 = (_t3_4 <= 1.0)
-        _t3_12 = math.exp(_t3_1)
-        if _t3_5:
-            _b3_1 = _r4*_t3_12
-            _b3_2 = _r4*(_t3_2 + 1.0)
+        _t3_1 = _C*_e_w
+        _t3_2 = _e_s - _m0
+        _t3_3 = -_l0 + (_t3_2)
+        _t3_4 = math.expm1(_t3_3)
+        _t3_5 = _r4*_t3_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t3_6 = (_t3_4 >= -1/2)
+        _t3_7 = _t3_4 + 1.0
+        _t3_9 = _l0 + (-_t3_2)
+        _t3_10 = (_t3_9 <= 700.0)
+        _t3_12 = (-_l0 + (_t3_2 + math.log(abs(_r4))))
+        _t3_15 = (abs(_t3_12) <= 1.0)
+        _t3_19 = (_t3_9 <= 1.0)
+        _t3_21 = -_C*_e_w*_t3_4 + _t3_1*_t3_4*label_smoothing
+        _t3_22 = math.exp(_t3_3)
+        _t3_24 = _C*_r3
+        if _t3_10:
+            _t3_8 = _r4*_t3_7
+            _b3_2 = _r4*_t3_22
+            _b3_3 = _t3_8
+            _b3_4 = _t3_8
         else:
-            _t3_6 = math.exp((-_l0 + (_t3_0 + math.log(abs(_r4)))))*_sign(_r4)
-            _b3_1 = _t3_6
-            _b3_2 = _t3_6
-        _t3_7 = _e_w + _b3_2
-        _t3_8 = label_smoothing*((_t3_3) if (_t3_2 >= -1/2) else (_t3_7))
-        _t3_13 = label_smoothing*((_t3_3) if (_t3_12 >= 1/2) else (((_t3_7) if _t3_11 else (_e_w + _b3_1))))
-        if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t3_10 = -_C*_e_w*_t3_2 + _e_w*_t3_9*label_smoothing
-            _b3_0 = ((((-_t3_10 - _t3_8) if _t3_11 else (-_t3_10 - _t3_13)))/(_C))
+            _t3_11 = _sign(_r4)
+            _t3_16 = _t3_11*math.exp(_t3_12)
+            _b3_2 = _t3_16
+            _b3_3 = _t3_16
+            _b3_4 = _t3_11*(math.expm1(_t3_12) + 1.0)
+        _t3_13 = _e_w + _b3_4
+        _t3_17 = _e_w + _b3_3
+        if _t3_15:
+            _t3_0 = label_smoothing - 1.0
+            _t3_14 = label_smoothing*((_t3_5) if _t3_6 else (_t3_13))
+            _t3_25 = (_t3_0*_t3_24)
+            _b3_0 = -_t3_14 + _t3_4*(-_t3_0*_t3_1)
+            _b3_1 = -_t3_14 + _t3_25*_t3_4 + _t3_25
+            _t3_18 = _t3_13
         else:
-            _t3_14 = _C*_r3
-            _t3_15 = _r3*_t3_9
-            _b3_0 = ((((_t3_15*label_smoothing - _t3_15 - _t3_8 + (_t3_14*(label_smoothing - 1.0))) if _t3_11 else (_C*_r3*_t3_12*label_smoothing - _t3_12*_t3_14 - _t3_13)))/(_C))
-        _out0[_i, _k] = _w * (_b3_0)
+            _t3_18 = _t3_17
+            _t3_20 = label_smoothing*((_t3_5) if _t3_6 else (((_t3_18) if _t3_19 else (_t3_17))))
+            _b3_0 = -_t3_20 - _t3_21
+            _b3_1 = _C*_r3*_t3_7*label_smoothing - _t3_20 - _t3_24*_t3_7
+        _t3_23 = label_smoothing*((_t3_5) if (_t3_22 >= 1/2) else (((_t3_18) if _t3_19 else (_e_w + _b3_2))))
+        _out0[_i, _k] = _w * (((((((_b3_0) if _t3_19 else (-_t3_21 - _t3_23)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b3_1) if _t3_19 else (_C*_r3*_t3_22*label_smoothing - _t3_22*_t3_24 - _t3_23)))/(_C)))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -271,14 +286,10 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
         _t3_0 = _e_s - _m0
         _t3_1 = -_l0 + (_t3_0)
         _t3_2 = math.exp(_t3_1)
-        _t3_4 = _r3*(label_smoothing - 1.0)
-        _t3_5 = _r4*label_smoothing
-        if (_l0 + (-_t3_0) <= 1.0):
-            _t3_3 = math.expm1(_t3_1)
-            _b3_0 = -_t3_3*_t3_4 + ((_t3_3*_t3_5)/(_C))
-        else:
-            _b3_0 = _t3_2*(-_t3_4 + ((_t3_5)/(_C))) + (_t3_4 + ((-_t3_5)/(_C)))
-        _out0[_i, _k] = _w * (_t3_2*_b3_0)
+        _t3_3 = _r3*(label_smoothing - 1.0)
+        _t3_4 = _r4*label_smoothing
+        _t3_5 = -_t3_3 + ((_t3_4)/(_C))
+        _out0[_i, _k] = _w * (_t3_2*(((_t3_5)*math.expm1(_t3_1)) if (_l0 + (-_t3_0) <= 1.0) else (_t3_2*_t3_5 + (_t3_3 + ((-_t3_4)/(_C))))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -340,42 +351,37 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t3_0 = _e_s - _m0
-        _t3_1 = -_l0 + (_t3_0)
-        _t3_2 = math.expm1(_t3_1)
-        _t3_3 = _r4*_t3_2
-        _t3_4 = _t3_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
-        _t3_5 = _l0 + (-_t3_0)
-        _t3_6 = (_t3_5 <= 700.0)
-        _t3_10 = _C*_t3_2
-        _t3_11 = -_C*_e_w*_t3_2 + _e_w*_t3_10*label_smoothing
-        _t3_12 = (_t3_5 <= 1.0)
-        _t3_13 = math.exp(_t3_1)
-        _t3_15 = _r3*(label_smoothing - 1.0)
-        if _t3_6:
-            _b3_4 = _r4*_t3_13
-            _b3_5 = _r4*(_t3_2 + 1.0)
-        else:
-            _t3_7 = math.exp((-_l0 + (_t3_0 + math.log(abs(_r4)))))*_sign(_r4)
-            _b3_4 = _t3_7
-            _b3_5 = _t3_7
-        _t3_8 = _e_w + _b3_5
-        if _t3_12:
-            _t3_9 = label_smoothing*((_t3_4) if (_t3_2 >= -1/2) else (_t3_8))
-            _t3_16 = _r3*_t3_10
-            _b3_0 = -_t3_11 - _t3_9
-            _b3_1 = _t3_16*label_smoothing - _t3_16 - _t3_9 + (_C*_t3_15)
-            _b3_2 = -_t3_15*_t3_2 + ((_t3_3*label_smoothing)/(_C))
-            _b3_3 = _t3_8
-        else:
-            _t3_17 = _r4*label_smoothing
-            _b3_2 = _t3_13*(-_t3_15 + ((_t3_17)/(_C))) + (_t3_15 + ((-_t3_17)/(_C)))
-            _b3_3 = _e_w + _b3_4
-            _t3_14 = label_smoothing*((_t3_4) if (_t3_13 >= 1/2) else (_b3_3))
-            _b3_0 = -_t3_11 - _t3_14
-            _b3_1 = _C*_r3*_t3_13*label_smoothing - _C*_r3*_t3_13 - _t3_14
-        _out0[_i, _k] = _w * (((((_b3_0)/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_b3_1)/(_C)))))
-        _out1[_i, _k] = _w * (_t3_13*_b3_2)
+        _t3_0 = label_smoothing - 1.0
+        _t3_1 = _C*_e_w
+        _t3_2 = _e_s - _m0
+        _t3_3 = -_l0 + (_t3_2)
+        _t3_4 = math.expm1(_t3_3)
+        _t3_5 = _r4*_t3_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t3_6 = (_t3_4 >= -1/2)
+        _t3_7 = _t3_4 + 1.0
+        _t3_8 = _r4*_t3_7
+        _t3_9 = _l0 + (-_t3_2)
+        _t3_10 = (_t3_9 <= 700.0)
+        _t3_11 = _sign(_r4)
+        _t3_12 = (-_l0 + (_t3_2 + math.log(abs(_r4))))
+        _t3_13 = _e_w + ((_t3_8) if _t3_10 else (_t3_11*(math.expm1(_t3_12) + 1.0)))
+        _t3_14 = label_smoothing*((_t3_5) if _t3_6 else (_t3_13))
+        _t3_15 = (abs(_t3_12) <= 1.0)
+        _t3_16 = _t3_11*math.exp(_t3_12)
+        _t3_17 = _e_w + ((_t3_8) if _t3_10 else (_t3_16))
+        _t3_18 = ((_t3_13) if _t3_15 else (_t3_17))
+        _t3_19 = (_t3_9 <= 1.0)
+        _t3_20 = label_smoothing*((_t3_5) if _t3_6 else (((_t3_18) if _t3_19 else (_t3_17))))
+        _t3_21 = -_C*_e_w*_t3_4 + _t3_1*_t3_4*label_smoothing
+        _t3_22 = math.exp(_t3_3)
+        _t3_23 = label_smoothing*((_t3_5) if (_t3_22 >= 1/2) else (((_t3_18) if _t3_19 else (_e_w + ((_r4*_t3_22) if _t3_10 else (_t3_16))))))
+        _t3_24 = _r3*_t3_0
+        _t3_25 = (_C*_t3_24)
+        _t3_26 = _C*_r3
+        _t3_27 = _r4*label_smoothing
+        _t3_28 = -_t3_24 + ((_t3_27)/(_C))
+        _out0[_i, _k] = _w * (((((((((-_t3_14 + _t3_4*(-_t3_0*_t3_1)) if _t3_15 else (-_t3_20 - _t3_21))) if _t3_19 else (-_t3_21 - _t3_23)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((-_t3_14 + _t3_25*_t3_4 + _t3_25) if _t3_15 else (_C*_r3*_t3_7*label_smoothing - _t3_20 - _t3_26*_t3_7))) if _t3_19 else (_C*_r3*_t3_22*label_smoothing - _t3_22*_t3_26 - _t3_23)))/(_C)))))
+        _out1[_i, _k] = _w * (_t3_22*((_t3_4*(_t3_28)) if _t3_19 else (_t3_22*_t3_28 + (_t3_24 + ((-_t3_27)/(_C))))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -456,42 +462,37 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t6_0 = _e_s - _m0
-        _t6_1 = -_l0 + (_t6_0)
-        _t6_2 = math.expm1(_t6_1)
-        _t6_3 = _r4*_t6_2
-        _t6_4 = _t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
-        _t6_5 = _l0 + (-_t6_0)
-        _t6_6 = (_t6_5 <= 700.0)
-        _t6_10 = _C*_t6_2
-        _t6_11 = -_C*_e_w*_t6_2 + _e_w*_t6_10*label_smoothing
-        _t6_12 = (_t6_5 <= 1.0)
-        _t6_13 = math.exp(_t6_1)
-        _t6_15 = _r3*(label_smoothing - 1.0)
-        if _t6_6:
-            _b6_4 = _r4*_t6_13
-            _b6_5 = _r4*(_t6_2 + 1.0)
-        else:
-            _t6_7 = math.exp((-_l0 + (_t6_0 + math.log(abs(_r4)))))*_sign(_r4)
-            _b6_4 = _t6_7
-            _b6_5 = _t6_7
-        _t6_8 = _e_w + _b6_5
-        if _t6_12:
-            _t6_9 = label_smoothing*((_t6_4) if (_t6_2 >= -1/2) else (_t6_8))
-            _t6_16 = _r3*_t6_10
-            _b6_0 = -_t6_11 - _t6_9
-            _b6_1 = _t6_16*label_smoothing - _t6_16 - _t6_9 + (_C*_t6_15)
-            _b6_2 = -_t6_15*_t6_2 + ((_t6_3*label_smoothing)/(_C))
-            _b6_3 = _t6_8
-        else:
-            _t6_17 = _r4*label_smoothing
-            _b6_2 = _t6_13*(-_t6_15 + ((_t6_17)/(_C))) + (_t6_15 + ((-_t6_17)/(_C)))
-            _b6_3 = _e_w + _b6_4
-            _t6_14 = label_smoothing*((_t6_4) if (_t6_13 >= 1/2) else (_b6_3))
-            _b6_0 = -_t6_11 - _t6_14
-            _b6_1 = _C*_r3*_t6_13*label_smoothing - _C*_r3*_t6_13 - _t6_14
-        _out1[_i, _k] = _w * (((((_b6_0)/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_b6_1)/(_C)))))
-        _out2[_i, _k] = _w * (_t6_13*_b6_2)
+        _t6_0 = label_smoothing - 1.0
+        _t6_1 = _C*_e_w
+        _t6_2 = _e_s - _m0
+        _t6_3 = -_l0 + (_t6_2)
+        _t6_4 = math.expm1(_t6_3)
+        _t6_5 = _r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t6_6 = (_t6_4 >= -1/2)
+        _t6_7 = _t6_4 + 1.0
+        _t6_8 = _r4*_t6_7
+        _t6_9 = _l0 + (-_t6_2)
+        _t6_10 = (_t6_9 <= 700.0)
+        _t6_11 = _sign(_r4)
+        _t6_12 = (-_l0 + (_t6_2 + math.log(abs(_r4))))
+        _t6_13 = _e_w + ((_t6_8) if _t6_10 else (_t6_11*(math.expm1(_t6_12) + 1.0)))
+        _t6_14 = label_smoothing*((_t6_5) if _t6_6 else (_t6_13))
+        _t6_15 = (abs(_t6_12) <= 1.0)
+        _t6_16 = _t6_11*math.exp(_t6_12)
+        _t6_17 = _e_w + ((_t6_8) if _t6_10 else (_t6_16))
+        _t6_18 = ((_t6_13) if _t6_15 else (_t6_17))
+        _t6_19 = (_t6_9 <= 1.0)
+        _t6_20 = label_smoothing*((_t6_5) if _t6_6 else (((_t6_18) if _t6_19 else (_t6_17))))
+        _t6_21 = -_C*_e_w*_t6_4 + _t6_1*_t6_4*label_smoothing
+        _t6_22 = math.exp(_t6_3)
+        _t6_23 = label_smoothing*((_t6_5) if (_t6_22 >= 1/2) else (((_t6_18) if _t6_19 else (_e_w + ((_r4*_t6_22) if _t6_10 else (_t6_16))))))
+        _t6_24 = _r3*_t6_0
+        _t6_25 = (_C*_t6_24)
+        _t6_26 = _C*_r3
+        _t6_27 = _r4*label_smoothing
+        _t6_28 = -_t6_24 + ((_t6_27)/(_C))
+        _out1[_i, _k] = _w * (((((((((-_t6_14 + _t6_4*(-_t6_0*_t6_1)) if _t6_15 else (-_t6_20 - _t6_21))) if _t6_19 else (-_t6_21 - _t6_23)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((-_t6_14 + _t6_25*_t6_4 + _t6_25) if _t6_15 else (_C*_r3*_t6_7*label_smoothing - _t6_20 - _t6_26*_t6_7))) if _t6_19 else (_C*_r3*_t6_22*label_smoothing - _t6_22*_t6_26 - _t6_23)))/(_C)))))
+        _out2[_i, _k] = _w * (_t6_22*((_t6_4*(_t6_28)) if _t6_19 else (_t6_22*_t6_28 + (_t6_24 + ((-_t6_27)/(_C))))))
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -556,14 +557,10 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0):
         _t4_0 = _e_s - _m0
         _t4_1 = -_l0 + (_t4_0)
         _t4_2 = math.exp(_t4_1)
-        _t4_4 = _r3*(label_smoothing - 1.0)
-        _t4_5 = _r4*label_smoothing
-        if (_l0 + (-_t4_0) <= 1.0):
-            _t4_3 = math.expm1(_t4_1)
-            _b4_0 = -_t4_3*_t4_4 + ((_t4_3*_t4_5)/(_C))
-        else:
-            _b4_0 = _t4_2*(-_t4_4 + ((_t4_5)/(_C))) + (_t4_4 + ((-_t4_5)/(_C)))
-        _scratch[0, _k] = _t4_2*_b4_0
+        _t4_3 = _r3*(label_smoothing - 1.0)
+        _t4_4 = _r4*label_smoothing
+        _t4_5 = -_t4_3 + ((_t4_4)/(_C))
+        _scratch[0, _k] = _t4_2*(((_t4_5)*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_t4_2*_t4_5 + (_t4_3 + ((-_t4_4)/(_C)))))
         _scratch[1, _k] = _h0*_t4_2
         _scratch[2, _k] = _t4_2
     for _j in range(_n):
@@ -635,14 +632,10 @@ def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
         _t4_0 = _e_s - _m0
         _t4_1 = -_l0 + (_t4_0)
         _t4_2 = math.exp(_t4_1)
-        _t4_4 = _r3*(label_smoothing - 1.0)
-        _t4_5 = _r4*label_smoothing
-        if (_l0 + (-_t4_0) <= 1.0):
-            _t4_3 = math.expm1(_t4_1)
-            _b4_0 = -_t4_3*_t4_4 + ((_t4_3*_t4_5)/(_C))
-        else:
-            _b4_0 = _t4_2*(-_t4_4 + ((_t4_5)/(_C))) + (_t4_4 + ((-_t4_5)/(_C)))
-        _scratch[0, _k] = _t4_2*_b4_0
+        _t4_3 = _r3*(label_smoothing - 1.0)
+        _t4_4 = _r4*label_smoothing
+        _t4_5 = -_t4_3 + ((_t4_4)/(_C))
+        _scratch[0, _k] = _t4_2*(((_t4_5)*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_t4_2*_t4_5 + (_t4_3 + ((-_t4_4)/(_C)))))
         _scratch[1, _k] = _h0*_t4_2
         _scratch[2, _k] = _t4_2
     for _j in range(_n):

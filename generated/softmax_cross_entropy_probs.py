@@ -144,7 +144,7 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _m0 = -math.inf
     _a0 = 0
@@ -220,7 +220,7 @@ def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _m0 = -math.inf
     _a0 = 0
@@ -279,8 +279,8 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1):
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _m0 = -math.inf
     _a0 = 0
@@ -359,8 +359,8 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _m0 = -math.inf
     _a0 = 0
@@ -446,6 +446,15 @@ def loss_grad_hess_kernel(t, s, w, label_smoothing, _weight, _out0, _out1, _out2
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, t, s, w, label_smoothing, _v_s, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_t = t[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _m0 = -math.inf
     _a0 = 0
     _r2 = 0.0
@@ -507,6 +516,15 @@ def hvp_kernel(t, s, w, label_smoothing, _v_s, _weight, _out0, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hess_full_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_t = t[_i, _k]
+        _e_w = w[_k]
+        if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_w >= 0.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _m0 = -math.inf
     _a0 = 0
     _r2 = 0.0

@@ -117,7 +117,7 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -186,7 +186,7 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -262,8 +262,8 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, :] = math.nan
-        _out1[_i, :] = math.nan
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -345,8 +345,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
             _inside = False
     if not _inside:
         _out0[_i] = math.nan
-        _out1[_i, :] = math.nan
-        _out2[_i, :] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -421,6 +421,15 @@ def loss_grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1, _out
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _r0 = 0.0
     _r0_error = 0.0
     _r1 = 0.0
@@ -505,6 +514,15 @@ def hvp_kernel(y, p, alpha, beta, smooth, _v_p, _weight, _out0, _parallel):
 @numba.njit(cache=True, error_model="numpy")
 def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
+    _inside = True
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        return
     _r0 = 0.0
     _r0_error = 0.0
     _r1 = 0.0

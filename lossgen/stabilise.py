@@ -126,6 +126,51 @@ def _power_of_one_plus(e):
     return sp.exp(xlog1py(e.exp, w))
 
 
+def _log_one_minus_exp(e):
+    """log1p(-exp(u)) -> log(-expm1(u)) where u > -log 2, and xlog1py(k, -exp(u)) alike
+    (M. Maechler, Accurately Computing log(1 - exp(-|a|)), 2012): where exp(u) is close to 1,
+    1 - exp(u) has lost its digits before log1p sees it."""
+    if isinstance(e, log1p):
+        k, w = None, e.args[0]
+    elif isinstance(e, xlog1py):
+        k, w = e.args
+    else:
+        return None
+    if not (isinstance(w, sp.Mul) and len(w.args) == 2 and w.args[0] == -1 and isinstance(w.args[1], sp.exp)):
+        return None
+    u = w.args[1].args[0]
+    near = -expm1(u)
+    far = group(w)  # left as it is, and seen as done
+    if k is None:
+        return sp.Piecewise((sp.log(near), u > -sp.log(2)), (log1p(far), True))
+    return sp.Piecewise((xlogy(k, near), u > -sp.log(2)), (xlog1py(k, far), True))
+
+
+def _log_difference(e):
+    """c*log(a) - c*log(b) -> c*log1p((a - b)/b) where a/b lies in (1/2, 2), and likewise
+    xlogy(c, a) - xlogy(c, b): two logarithms of close values cancel to their rounding
+    errors, while a - b is exact there (Sterbenz); elsewhere the difference keeps its digits."""
+    terms = _add_terms(e)
+    if not terms:
+        return None
+    logs = {}
+    for t in terms:
+        for f in sp.Mul.make_args(t):
+            if isinstance(f, xlogy):
+                logs[t] = (t / f * f.args[0], f.args[1], xlogy)
+            elif isinstance(f, sp.log) and not f.args[0].is_Number:
+                logs[t] = (t / f, f.args[0], None)
+    for t, (c, a, kind) in logs.items():
+        for u, (d, b, other) in logs.items():
+            if u is t or other is not kind or a == b or sp.expand(c + d) != 0 or c.has(a) or c.has(b):
+                continue
+            near = c * log1p(group((a - b) / b))
+            far = t + group(u)  # as it was, and seen as done
+            rest = [v for v in terms if v is not t and v is not u]
+            return sp.Add(sp.Piecewise((near, sp.And(a < 2 * b, 2 * a > b)), (far, True)), *rest)
+    return None
+
+
 def _log_cosh(e):
     if isinstance(e, sp.log) and isinstance(e.args[0], sp.cosh):
         return logcosh(e.args[0].args[0])
@@ -407,11 +452,15 @@ RULES: tuple[Rule, ...] = (
     Rule("logaddexp", "log(exp(a) + exp(b))", "logaddexp(a, b)", "exp overflows for a > 709", _log_sum_exp),
     Rule("softplus", "log(1 + exp(x))", "softplus(x)", "exp overflows for x > 709", _log_one_plus_exp),
     Rule("log1p", "log(1 + x)", "log1p(x)", "1 + x drops the digits of a small x", _log_one_plus),
+    Rule("log_difference", "c*log(a) - c*log(b)", "c*log1p((a - b)/b) where a/b is in (1/2, 2)",
+         "the logarithms of close values cancel to their rounding errors", _log_difference),
     Rule("power_minus_one", "c*a**k - c", "c*expm1(k*log(a))", "a**k rounds to 1 when k*log(a) is small",
          _power_minus_one),
     Rule("power_of_one_plus", "(1 + w)**k", "exp(xlog1py(k, w))",
          "1 + w rounds w, and the k-th power multiplies that error by k", _power_of_one_plus),
     Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
+    Rule("log1mexp", "log1p(-exp(u))", "log(-expm1(u)) where u > -log 2",
+         "1 - exp(u) loses its digits where exp(u) is close to 1", _log_one_minus_exp),
     Rule("exprel", "expm1(a*u)/a", "u*exprel(a*u) where |a*u| <= 1",
          "a subnormal a*u keeps a few bits, which the quotient exposes", _expm1_over_factor),
     Rule("logcosh", "log(cosh(x))", "logcosh(x)", "cosh overflows for |x| > 710; log(1 + tiny) cancels", _log_cosh),

@@ -399,3 +399,26 @@ def test_softmax_cross_entropy_probs_is_torch_cross_entropy_with_probabilities()
     np.testing.assert_allclose(loss.loss(onehot, s, reduction="none"),
                                lossgen.get("softmax_cross_entropy").loss(onehot.argmax(1), s, reduction="none"),
                                rtol=1e-14)
+
+
+def test_out_of_domain_rows_are_nan_in_every_kernel():
+    """A row with an input outside its domain (a positive log-probability) is nan in every
+    output, the Hessian blocks and Hessian-vector products included; other rows are untouched."""
+    nll = lossgen.get("nll")
+    logp = np.log(np.array([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]]))
+    logp[1, 0] = 0.3
+    y = np.array([0, 1, 0])
+    outputs = [nll.loss(y, logp, reduction="none")[:, None], nll.grad(y, logp), nll.hess(y, logp),
+               nll.hess(y, logp, full=True).reshape(3, -1), nll.hvp(y, logp, v=np.ones_like(logp))]
+    for out in outputs:
+        assert np.isnan(out[1]).all() and np.isfinite(out[[0, 2]]).all()
+
+
+def test_torch_weighted_mean_is_a_sample_weight_of_the_true_class():
+    """torch's cross_entropy(s, y, weight=w, reduction="mean") is sum_i w[y_i] l_i / sum_i w[y_i]:
+    with sample_weight=w[y] (and no class weights) the mean is that weighted mean."""
+    rng = np.random.default_rng(14)
+    s, y, w = rng.normal(0, 3, (50, 4)), rng.integers(0, 4, 50), rng.uniform(0.2, 2, 4)
+    torch_mean = (w[y] * _cross_entropy(y, s)).sum() / w[y].sum()
+    assert math.isclose(lossgen.get("softmax_cross_entropy").loss(y, s, sample_weight=w[y]), torch_mean,
+                        rel_tol=1e-13)

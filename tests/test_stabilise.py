@@ -50,10 +50,12 @@ EXAMPLES = {
     "collect_pair": (x**2 * z - x**2 + y, {x: 1e10, z: 1.0, y: 1.0}),
     "exprel": (expm1(z * x**2) / z, {x: 0.7, z: 1e-320}),  # z*x**2 is subnormal: 3 digits left
     "power_of_one_plus": ((1 + x**2) ** z, {x: 1e-6, z: -1e12}),  # 1 + 1e-12 rounded, then to the -1e12th
+    "log1mexp": (sp.log(1 - sp.exp(-x**2)), {x: 1e-9}),  # 1 - exp(-1e-18) is 0: log(0)
+    "log_difference": (z * sp.log(y + x**2) - z * sp.log(y), {x: 1e-6, y: 3.0, z: 2.0}),
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
-PREREQUISITES = {"hypot_minus_one": ("hypot",), "logistic_ratio": ("logistic",)}  # rules whose pattern another rule produces
+PREREQUISITES = {"hypot_minus_one": ("hypot",), "logistic_ratio": ("logistic",), "log1mexp": ("log1p",)}  # rules whose pattern another rule produces
 
 
 def _kernel_helpers():
