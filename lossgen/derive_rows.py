@@ -102,6 +102,11 @@ def _d(expr: sp.Expr, symbol: sp.Symbol) -> sp.Expr:
     return tidy(almost_everywhere(sp.diff(expr, symbol)))
 
 
+def varies_along_row(expr: sp.Expr, element_symbols) -> bool:
+    """Does ``expr`` vary along the row (an axis input, a direction, or onehot)?"""
+    return bool(expr.free_symbols & element_symbols) or expr.has(onehot)
+
+
 class RowProgram:
     """The reductions of one loss, interned: an identical reduction is computed once."""
 
@@ -112,8 +117,7 @@ class RowProgram:
         self._derivatives: dict[tuple, sp.Expr] = {}
 
     def is_element(self, expr: sp.Expr) -> bool:
-        """Does ``expr`` vary along the row (an axis input, a direction, or onehot)?"""
-        return bool(expr.free_symbols & self.element_symbols) or expr.has(onehot)
+        return varies_along_row(expr, self.element_symbols)
 
     def row_values(self, expr: sp.Expr) -> list[sp.Symbol]:
         return sorted(expr.free_symbols & set(self.reductions), key=sp.default_sort_key)

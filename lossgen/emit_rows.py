@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .derive_rows import ROW_KERNELS, Reduction, RowDerivation
+from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, _as_divisions, scoped_code, template_environment
 from .reductions import onehot
@@ -104,8 +104,7 @@ class _Body:
         self._temporaries = 0
 
     def is_element(self, expr: sp.Expr) -> bool:
-        """Does ``expr`` vary along the row (an axis input, a direction, or onehot)?"""
-        return bool(expr.free_symbols & (set(self.element) | self.directions)) or expr.has(onehot)
+        return varies_along_row(expr, self.derivation.element_symbols)
 
     def hoist(self, exprs) -> tuple[list[sp.Expr], dict]:
         """``exprs`` with their row-level parts named (see :func:`_hoist`), and {part: name}."""
@@ -146,12 +145,12 @@ class _Body:
     # reductions
     def needed(self, exprs) -> list[Reduction]:
         """The reductions ``exprs`` depend on, directly or through other reductions."""
-        # an arg-max symbol needs its max reduction even where the value itself is not used
-        argmax = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
-        # and so does a sum's two parts (stabilise_rows.sum_parts)
-        argmax.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
+        # a symbol for part of a reduction (a max's arg-max, a sum's two parts from
+        # stabilise_rows.sum_parts) needs that reduction even where its value is not used
+        owner = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
+        owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
         used = {s for e in exprs for s in e.free_symbols}
-        seen, stack = set(), [s for s in used if s in self.reductions] + [argmax[s] for s in used if s in argmax]
+        seen, stack = set(), [s for s in used if s in self.reductions] + [owner[s] for s in used if s in owner]
         while stack:
             symbol = stack.pop()
             if symbol in seen:
@@ -185,7 +184,7 @@ class _Body:
             looped = [r for r in at_level if r.kind != "take"]
             if not looped:
                 continue
-            keys = {r.symbol: self.tie_key(r) for r in looped}
+            keys = {r.symbol: self.tie_keys.get(r.symbol) for r in looped}
             kinds = {r.symbol: r.kind + ("_keyed" if keys[r.symbol] is not None else "") for r in looped}
             for r in looped:
                 for line in LOOP_CODE[kinds[r.symbol]]["start"]:
@@ -205,14 +204,6 @@ class _Body:
             for r in looped:
                 for line in LOOP_CODE[kinds[r.symbol]]["finish"]:
                     self.emit(2, line.format(**self.names(r)))
-
-    def tie_key(self, r: Reduction):
-        """For a max or min whose summand adds a row-level term c to an element part g: g, which
-        breaks ties of the rounded g + c (two elements equal once c is added, as s_j - s_y at
-        s_y = -1e300, are not equal before), so the arg-max is the exact one more often. The
-        parts come from the summand as derived (:data:`tie_keys`), before stabilisation splits
-        it per element."""
-        return self.tie_keys.get(r.symbol)
 
     def names(self, r: Reduction) -> dict:
         names = {"r": r.symbol.name}
@@ -287,12 +278,14 @@ def _guard_lines(spec) -> list[str]:
 
 
 def tie_keys(derivation: RowDerivation) -> dict:
-    """{max or min reduction: its summand without the terms that are the same for every element},
-    where there are such terms (see :meth:`_Body.tie_key`)."""
+    """{max or min reduction: g}, for a summand g + c whose term c is the same for every element.
+    The loop breaks ties of the rounded g + c by g (two elements equal once c is added, as
+    s_j - s_y at s_y = -1e300, are not equal before), so the arg-max is the exact one more
+    often. Taken from the summand as derived, before stabilisation splits it per element."""
     keys = {}
     for r in derivation.reductions:
         if r.kind in ("max", "min") and isinstance(r.summand, sp.Add):
-            element = [t for t in r.summand.args if t.free_symbols & derivation.element_symbols or t.has(onehot)]
+            element = [t for t in r.summand.args if varies_along_row(t, derivation.element_symbols)]
             if len(element) < len(r.summand.args):
                 keys[r.symbol] = sp.Add(*element)
     return keys
