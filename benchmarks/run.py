@@ -522,7 +522,8 @@ y = np.zeros(1000); p = np.ones(1000)
 huber.grad_hess(y, p)
 elapsed = time.perf_counter() - started
 loaded = sorted(m.rsplit(".", 1)[-1] for m in sys.modules if m.startswith("_lossgen_kernels_") and "." in m)
-compiled = sorted(k for k in huber.module.SPEC["kernels"] if getattr(huber.module, k + "_kernel").signatures)
+compiled = sorted(k for k in huber.module.SPEC["kernels"]
+                  if any(getattr(huber.module, k + suffix).signatures for suffix in ("_kernel", "_kernel_parallel")))
 print(elapsed, ",".join(loaded), ",".join(compiled))
 """
 
@@ -577,7 +578,7 @@ def overhead_figures(repeats: int) -> list[tuple[str, str, str]]:
         "grad_hess": lambda: huber.grad_hess(y, p),
         "loss_grad_hess": lambda: huber.loss_grad_hess(y, p),
         "loss_grad_hess, delta=2.0": lambda: huber.loss_grad_hess(y, p, delta=2.0),
-        "bare loss_grad_hess_kernel": lambda: kernel(y, p, 1.0, None, *outs, False),
+        "bare loss_grad_hess_kernel": lambda: kernel(y, p, 1.0, None, *outs),
     }
     times = time_side_by_side({k: (lambda f=f: f()) for k, f in functions.items()}, (), max(repeats, 21))
     bare = times["bare loss_grad_hess_kernel"]
@@ -601,14 +602,14 @@ def threshold_table(repeats: int):
     for name, make in (("mse", _regression_inputs), ("huber", _regression_inputs),
                        ("poisson", _count_inputs), ("binary_cross_entropy_logits", _label_inputs)):
         loss = lossgen.get(name)
-        kernel = loss.module.grad_hess_kernel
+        serial, parallel = loss.module.grad_hess_kernel, loss.module.grad_hess_kernel_parallel
         params = loss._defaults
         for n in sizes:
             y, p = make(np.random.default_rng(1), n)
             g, h = np.empty(n), np.empty(n)
             times = time_side_by_side({
-                "serial": lambda: kernel(y, p, *params, None, g, h, False),
-                "parallel": lambda: kernel(y, p, *params, None, g, h, True)}, (), repeats)
+                "serial": lambda: serial(y, p, *params, None, g, h),
+                "parallel": lambda: parallel(y, p, *params, None, g, h)}, (), repeats)
             ratios[name, n] = times["parallel"] / times["serial"]
             print(f"{name:<30}{n:>10}{1e6 * times['serial']:>12.1f}{1e6 * times['parallel']:>13.1f}"
                   f"{ratios[name, n]:>9.2f}", flush=True)

@@ -104,17 +104,22 @@ def _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
     _out0[_i] = _w * (_b1_0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, x1, x2, m, eps, _weight, _out0, _parallel):
-    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def loss_kernel(y, x1, x2, m, eps, _weight, _out0):
+    """loss of each row, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0)
-    else:
-        for _i in range(x1.shape[0]):
-            _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0)
+    for _i in range(x1.shape[0]):
+        _loss_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_kernel_parallel(y, x1, x2, m, eps, _weight, _out0):
+    """loss of each row, times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _loss_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -160,17 +165,22 @@ def _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
         _out1[_i, _k] = _w * (-_t1_1)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _parallel):
-    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def grad_kernel(y, x1, x2, m, eps, _weight, _out0, _out1):
+    """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
-    else:
-        for _i in range(x1.shape[0]):
-            _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
+    for _i in range(x1.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1):
+    """grad of each row, times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -214,17 +224,22 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
         _out1[_i, _k] = _w * (_t1_3)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _parallel):
-    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1):
+    """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
-    else:
-        for _i in range(x1.shape[0]):
-            _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
+    for _i in range(x1.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1):
+    """hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -274,17 +289,22 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         _out3[_i, _k] = _w * (_t1_5)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _parallel):
-    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
+    """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
-    else:
-        for _i in range(x1.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
+    for _i in range(x1.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -341,17 +361,22 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
         _out4[_i, _k] = _w * (_t2_5)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4, _parallel):
-    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def loss_grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4):
+    """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
-    else:
-        for _i in range(x1.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
+    for _i in range(x1.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -427,17 +452,22 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
             _out1[_i, _j] += _w * _h * _v_x2[_i, _l]
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1, _parallel):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
-    else:
-        for _i in range(x1.shape[0]):
-            _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+    for _i in range(x1.shape[0]):
+        _hvp_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hvp_kernel_parallel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _hvp_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -513,16 +543,21 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
             _out3[_i, _j, _l] = _w * _h
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _parallel):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hess_full_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(x1.shape[0]):
-            _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
-    else:
-        for _i in range(x1.shape[0]):
-            _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
+    for _i in range(x1.shape[0]):
+        _hess_full_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads."""
+    _n = x1.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(x1.shape[0]):
+        _hess_full_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
 
 

@@ -134,158 +134,183 @@ def loss_grad_hess_scalar(d_real, d_fake):
     return _b0, -_t14, _t15, _t14*_sigmoid(d_real), _t15*_sigmoid(_t1)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(d_real, d_fake, _weight, _out0, _parallel):
+@numba.njit(cache=True, error_model="numpy")
+def loss_kernel(d_real, d_fake, _weight, _out0):
     """Write loss of each element into _out0, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0 = loss_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0 = loss_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0 = loss_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(d_real, d_fake, _weight, _out0, _out1, _parallel):
+def loss_kernel_parallel(d_real, d_fake, _weight, _out0):
+    """Write loss of each element into _out0, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0 = loss_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def grad_kernel(d_real, d_fake, _weight, _out0, _out1):
     """Write grad of each element into _out0, _out1, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0, _v1 = grad_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0, _v1 = grad_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0, _v1 = grad_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(d_real, d_fake, _weight, _out0, _out1, _parallel):
+def grad_kernel_parallel(d_real, d_fake, _weight, _out0, _out1):
+    """Write grad of each element into _out0, _out1, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0, _v1 = grad_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def hess_kernel(d_real, d_fake, _weight, _out0, _out1):
     """Write hess of each element into _out0, _out1, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0, _v1 = hess_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0, _v1 = hess_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0, _v1 = hess_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(d_real, d_fake, _weight, _out0, _out1, _out2, _out3, _parallel):
+def hess_kernel_parallel(d_real, d_fake, _weight, _out0, _out1):
+    """Write hess of each element into _out0, _out1, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0, _v1 = hess_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def grad_hess_kernel(d_real, d_fake, _weight, _out0, _out1, _out2, _out3):
     """Write grad_hess of each element into _out0, _out1, _out2, _out3, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0, _v1, _v2, _v3 = grad_hess_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-                _out2[_i] = _v2
-                _out3[_i] = _v3
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-                _out2[_i] = _weight[_i] * _v2
-                _out3[_i] = _weight[_i] * _v3
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0, _v1, _v2, _v3 = grad_hess_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-                _out2[_i] = _v2
-                _out3[_i] = _v3
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-                _out2[_i] = _weight[_i] * _v2
-                _out3[_i] = _weight[_i] * _v3
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0, _v1, _v2, _v3 = grad_hess_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+            _out2[_i] = _v2
+            _out3[_i] = _v3
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+            _out2[_i] = _weight[_i] * _v2
+            _out3[_i] = _weight[_i] * _v3
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(d_real, d_fake, _weight, _out0, _out1, _out2, _out3, _out4, _parallel):
+def grad_hess_kernel_parallel(d_real, d_fake, _weight, _out0, _out1, _out2, _out3):
+    """Write grad_hess of each element into _out0, _out1, _out2, _out3, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0, _v1, _v2, _v3 = grad_hess_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+            _out2[_i] = _v2
+            _out3[_i] = _v3
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+            _out2[_i] = _weight[_i] * _v2
+            _out3[_i] = _weight[_i] * _v3
+
+
+@numba.njit(cache=True, error_model="numpy")
+def loss_grad_hess_kernel(d_real, d_fake, _weight, _out0, _out1, _out2, _out3, _out4):
     """Write loss_grad_hess of each element into _out0, _out1, _out2, _out3, _out4, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0, _v1, _v2, _v3, _v4 = loss_grad_hess_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-                _out2[_i] = _v2
-                _out3[_i] = _v3
-                _out4[_i] = _v4
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-                _out2[_i] = _weight[_i] * _v2
-                _out3[_i] = _weight[_i] * _v3
-                _out4[_i] = _weight[_i] * _v4
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0, _v1, _v2, _v3, _v4 = loss_grad_hess_scalar(d_real[_i], d_fake[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-                _out2[_i] = _v2
-                _out3[_i] = _v3
-                _out4[_i] = _v4
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-                _out2[_i] = _weight[_i] * _v2
-                _out3[_i] = _weight[_i] * _v3
-                _out4[_i] = _weight[_i] * _v4
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0, _v1, _v2, _v3, _v4 = loss_grad_hess_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+            _out2[_i] = _v2
+            _out3[_i] = _v3
+            _out4[_i] = _v4
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+            _out2[_i] = _weight[_i] * _v2
+            _out3[_i] = _weight[_i] * _v3
+            _out4[_i] = _weight[_i] * _v4
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_sum_kernel(d_real, d_fake, _weight, _parallel):
+def loss_grad_hess_kernel_parallel(d_real, d_fake, _weight, _out0, _out1, _out2, _out3, _out4):
+    """Write loss_grad_hess of each element into _out0, _out1, _out2, _out3, _out4, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0, _v1, _v2, _v3, _v4 = loss_grad_hess_scalar(d_real[_i], d_fake[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+            _out2[_i] = _v2
+            _out3[_i] = _v3
+            _out4[_i] = _v4
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+            _out2[_i] = _weight[_i] * _v2
+            _out3[_i] = _weight[_i] * _v3
+            _out4[_i] = _weight[_i] * _v4
+
+
+@numba.njit(cache=True, error_model="numpy")
+def loss_sum_kernel(d_real, d_fake, _weight):
     """Sum over elements of loss (times _weight[i] when given), accumulated in float64;
-    on Numba's threads if _parallel, else in the calling thread (in index order)."""
-    if _parallel:
-        _total = 0.0
-        for _i in numba.prange(d_real.shape[0]):
-            if _weight is None:
-                _total += loss_scalar(d_real[_i], d_fake[_i])
-            else:
-                _total += _weight[_i] * loss_scalar(d_real[_i], d_fake[_i])
-        return _total
-    _serial_total = 0.0
+    in the calling thread (in index order)."""
+    _total = 0.0
     for _i in range(d_real.shape[0]):
         if _weight is None:
-            _serial_total += loss_scalar(d_real[_i], d_fake[_i])
+            _total += loss_scalar(d_real[_i], d_fake[_i])
         else:
-            _serial_total += _weight[_i] * loss_scalar(d_real[_i], d_fake[_i])
-    return _serial_total
+            _total += _weight[_i] * loss_scalar(d_real[_i], d_fake[_i])
+    return _total
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_sum_kernel_parallel(d_real, d_fake, _weight):
+    """Sum over elements of loss (times _weight[i] when given), accumulated in float64;
+    on Numba's threads (numba.get_num_threads())."""
+    _total = 0.0
+    for _i in numba.prange(d_real.shape[0]):
+        if _weight is None:
+            _total += loss_scalar(d_real[_i], d_fake[_i])
+        else:
+            _total += _weight[_i] * loss_scalar(d_real[_i], d_fake[_i])
+    return _total

@@ -83,134 +83,159 @@ def loss_grad_hess_scalar(y, p):
     return (_t0 - _t1)**2, ((_t2 - _t3)/(_t4)), (((((-_t2 + _t3 + 2.0)/(_t4))))/(_t4))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, p, _weight, _out0, _parallel):
+@numba.njit(cache=True, error_model="numpy")
+def loss_kernel(y, p, _weight, _out0):
     """Write loss of each element into _out0, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0 = loss_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0 = loss_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0 = loss_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, p, _weight, _out0, _parallel):
+def loss_kernel_parallel(y, p, _weight, _out0):
+    """Write loss of each element into _out0, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0 = loss_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def grad_kernel(y, p, _weight, _out0):
     """Write grad of each element into _out0, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0 = grad_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0 = grad_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0 = grad_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, p, _weight, _out0, _parallel):
+def grad_kernel_parallel(y, p, _weight, _out0):
+    """Write grad of each element into _out0, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0 = grad_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def hess_kernel(y, p, _weight, _out0):
     """Write hess of each element into _out0, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0 = hess_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0 = hess_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-            else:
-                _out0[_i] = _weight[_i] * _v0
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0 = hess_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, p, _weight, _out0, _out1, _parallel):
+def hess_kernel_parallel(y, p, _weight, _out0):
+    """Write hess of each element into _out0, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0 = hess_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+        else:
+            _out0[_i] = _weight[_i] * _v0
+
+
+@numba.njit(cache=True, error_model="numpy")
+def grad_hess_kernel(y, p, _weight, _out0, _out1):
     """Write grad_hess of each element into _out0, _out1, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0, _v1 = grad_hess_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0, _v1 = grad_hess_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0, _v1 = grad_hess_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, p, _weight, _out0, _out1, _out2, _parallel):
+def grad_hess_kernel_parallel(y, p, _weight, _out0, _out1):
+    """Write grad_hess of each element into _out0, _out1, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0, _v1 = grad_hess_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def loss_grad_hess_kernel(y, p, _weight, _out0, _out1, _out2):
     """Write loss_grad_hess of each element into _out0, _out1, _out2, times _weight[i] when given;
-    on Numba's threads (numba.get_num_threads()) if _parallel, else in the calling thread."""
-    if _parallel:
-        for _i in numba.prange(_out0.shape[0]):
-            _v0, _v1, _v2 = loss_grad_hess_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-                _out2[_i] = _v2
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-                _out2[_i] = _weight[_i] * _v2
-    else:
-        for _i in range(_out0.shape[0]):
-            _v0, _v1, _v2 = loss_grad_hess_scalar(y[_i], p[_i])
-            if _weight is None:
-                _out0[_i] = _v0
-                _out1[_i] = _v1
-                _out2[_i] = _v2
-            else:
-                _out0[_i] = _weight[_i] * _v0
-                _out1[_i] = _weight[_i] * _v1
-                _out2[_i] = _weight[_i] * _v2
+    in the calling thread."""
+    for _i in range(_out0.shape[0]):
+        _v0, _v1, _v2 = loss_grad_hess_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+            _out2[_i] = _v2
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+            _out2[_i] = _weight[_i] * _v2
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_sum_kernel(y, p, _weight, _parallel):
+def loss_grad_hess_kernel_parallel(y, p, _weight, _out0, _out1, _out2):
+    """Write loss_grad_hess of each element into _out0, _out1, _out2, times _weight[i] when given;
+    on Numba's threads (numba.get_num_threads())."""
+    for _i in numba.prange(_out0.shape[0]):
+        _v0, _v1, _v2 = loss_grad_hess_scalar(y[_i], p[_i])
+        if _weight is None:
+            _out0[_i] = _v0
+            _out1[_i] = _v1
+            _out2[_i] = _v2
+        else:
+            _out0[_i] = _weight[_i] * _v0
+            _out1[_i] = _weight[_i] * _v1
+            _out2[_i] = _weight[_i] * _v2
+
+
+@numba.njit(cache=True, error_model="numpy")
+def loss_sum_kernel(y, p, _weight):
     """Sum over elements of loss (times _weight[i] when given), accumulated in float64;
-    on Numba's threads if _parallel, else in the calling thread (in index order)."""
-    if _parallel:
-        _total = 0.0
-        for _i in numba.prange(y.shape[0]):
-            if _weight is None:
-                _total += loss_scalar(y[_i], p[_i])
-            else:
-                _total += _weight[_i] * loss_scalar(y[_i], p[_i])
-        return _total
-    _serial_total = 0.0
+    in the calling thread (in index order)."""
+    _total = 0.0
     for _i in range(y.shape[0]):
         if _weight is None:
-            _serial_total += loss_scalar(y[_i], p[_i])
+            _total += loss_scalar(y[_i], p[_i])
         else:
-            _serial_total += _weight[_i] * loss_scalar(y[_i], p[_i])
-    return _serial_total
+            _total += _weight[_i] * loss_scalar(y[_i], p[_i])
+    return _total
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_sum_kernel_parallel(y, p, _weight):
+    """Sum over elements of loss (times _weight[i] when given), accumulated in float64;
+    on Numba's threads (numba.get_num_threads())."""
+    _total = 0.0
+    for _i in numba.prange(y.shape[0]):
+        if _weight is None:
+            _total += loss_scalar(y[_i], p[_i])
+        else:
+            _total += _weight[_i] * loss_scalar(y[_i], p[_i])
+    return _total

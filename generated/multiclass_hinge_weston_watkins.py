@@ -111,17 +111,22 @@ def _loss_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     _out0[_i] = _w * (((_r1*_r2)/(_C)))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, s, w, margin, _weight, _out0, _parallel):
-    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def loss_kernel(y, s, w, margin, _weight, _out0):
+    """loss of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _loss_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
-    else:
-        for _i in range(s.shape[0]):
-            _loss_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
+    for _i in range(s.shape[0]):
+        _loss_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_kernel_parallel(y, s, w, margin, _weight, _out0):
+    """loss of each row, times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _loss_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -166,17 +171,22 @@ def _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         _out0[_i, _k] = _w * (_b3_0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, s, w, margin, _weight, _out0, _parallel):
-    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def grad_kernel(y, s, w, margin, _weight, _out0):
+    """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
-    else:
-        for _i in range(s.shape[0]):
-            _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
+    for _i in range(s.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_kernel_parallel(y, s, w, margin, _weight, _out0):
+    """grad of each row, times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -196,17 +206,22 @@ def _hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         _out0[_i, _k] = _w * (0.0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, s, w, margin, _weight, _out0, _parallel):
-    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hess_kernel(y, s, w, margin, _weight, _out0):
+    """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
-    else:
-        for _i in range(s.shape[0]):
-            _hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
+    for _i in range(s.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_kernel_parallel(y, s, w, margin, _weight, _out0):
+    """hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -253,17 +268,22 @@ def _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1):
         _out1[_i, _k] = _w * (0.0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, s, w, margin, _weight, _out0, _out1, _parallel):
-    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def grad_hess_kernel(y, s, w, margin, _weight, _out0, _out1):
+    """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1)
-    else:
-        for _i in range(s.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1)
+    for _i in range(s.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0, _out1)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_hess_kernel_parallel(y, s, w, margin, _weight, _out0, _out1):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -330,17 +350,22 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
         _out2[_i, _k] = _w * (0.0)
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, s, w, margin, _weight, _out0, _out1, _out2, _parallel):
-    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def loss_grad_hess_kernel(y, s, w, margin, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out2)
-    else:
-        for _i in range(s.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out2)
+    for _i in range(s.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_grad_hess_kernel_parallel(y, s, w, margin, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -366,17 +391,22 @@ def _hvp_row(_i, _n, _C, y, s, w, margin, _v_s, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_s[_i, _l]
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, s, w, margin, _v_s, _weight, _out0, _parallel):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hvp_kernel(y, s, w, margin, _v_s, _weight, _out0):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _hvp_row(_i, _n, _C, y, s, w, margin, _v_s, _weight, _out0)
-    else:
-        for _i in range(s.shape[0]):
-            _hvp_row(_i, _n, _C, y, s, w, margin, _v_s, _weight, _out0)
+    for _i in range(s.shape[0]):
+        _hvp_row(np.int64(_i), _n, _C, y, s, w, margin, _v_s, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hvp_kernel_parallel(y, s, w, margin, _v_s, _weight, _out0):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _hvp_row(np.int64(_i), _n, _C, y, s, w, margin, _v_s, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -401,16 +431,21 @@ def _hess_full_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
             _out0[_i, _j, _l] = _w * _h
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, s, w, margin, _weight, _out0, _parallel):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hess_full_kernel(y, s, w, margin, _weight, _out0):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(s.shape[0]):
-            _hess_full_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
-    else:
-        for _i in range(s.shape[0]):
-            _hess_full_row(_i, _n, _C, y, s, w, margin, _weight, _out0)
+    for _i in range(s.shape[0]):
+        _hess_full_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel_parallel(y, s, w, margin, _weight, _out0):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads."""
+    _n = s.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(s.shape[0]):
+        _hess_full_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
 
 

@@ -96,17 +96,22 @@ def _loss_row(_i, _n, _C, y, x, _weight, _out0):
     _out0[_i] = _w * (((_r0)/(_C)))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_kernel(y, x, _weight, _out0, _parallel):
-    """loss of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def loss_kernel(y, x, _weight, _out0):
+    """loss of each row, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _loss_row(_i, _n, _C, y, x, _weight, _out0)
-    else:
-        for _i in range(y.shape[0]):
-            _loss_row(_i, _n, _C, y, x, _weight, _out0)
+    for _i in range(y.shape[0]):
+        _loss_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_kernel_parallel(y, x, _weight, _out0):
+    """loss of each row, times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _loss_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -127,17 +132,22 @@ def _grad_row(_i, _n, _C, y, x, _weight, _out0):
         _out0[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_sigmoid(-_e_x) + (1.0 - _e_y)*_sigmoid(_e_x))))/(_C)))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_kernel(y, x, _weight, _out0, _parallel):
-    """grad of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def grad_kernel(y, x, _weight, _out0):
+    """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _grad_row(_i, _n, _C, y, x, _weight, _out0)
-    else:
-        for _i in range(y.shape[0]):
-            _grad_row(_i, _n, _C, y, x, _weight, _out0)
+    for _i in range(y.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_kernel_parallel(y, x, _weight, _out0):
+    """grad of each row, times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -157,17 +167,22 @@ def _hess_row(_i, _n, _C, y, x, _weight, _out0):
         _out0[_i, _k] = _w * (((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C)))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_kernel(y, x, _weight, _out0, _parallel):
-    """hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hess_kernel(y, x, _weight, _out0):
+    """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _hess_row(_i, _n, _C, y, x, _weight, _out0)
-    else:
-        for _i in range(y.shape[0]):
-            _hess_row(_i, _n, _C, y, x, _weight, _out0)
+    for _i in range(y.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_kernel_parallel(y, x, _weight, _out0):
+    """hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -192,17 +207,22 @@ def _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1):
         _out1[_i, _k] = _w * (((_t0_0*_t0_1)/(_C)))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def grad_hess_kernel(y, x, _weight, _out0, _out1, _parallel):
-    """grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def grad_hess_kernel(y, x, _weight, _out0, _out1):
+    """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1)
-    else:
-        for _i in range(y.shape[0]):
-            _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1)
+    for _i in range(y.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, x, _weight, _out0, _out1)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def grad_hess_kernel_parallel(y, x, _weight, _out0, _out1):
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, x, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -244,17 +264,22 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2):
         _out2[_i, _k] = _w * (((_t2_0*_t2_1)/(_C)))
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def loss_grad_hess_kernel(y, x, _weight, _out0, _out1, _out2, _parallel):
-    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def loss_grad_hess_kernel(y, x, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2)
-    else:
-        for _i in range(y.shape[0]):
-            _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2)
+    for _i in range(y.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, x, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def loss_grad_hess_kernel_parallel(y, x, _weight, _out0, _out1, _out2):
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, x, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -280,17 +305,22 @@ def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_x[_i, _l]
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hvp_kernel(y, x, _v_x, _weight, _out0, _parallel):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hvp_kernel(y, x, _v_x, _weight, _out0):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0)
-    else:
-        for _i in range(y.shape[0]):
-            _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0)
+    for _i in range(y.shape[0]):
+        _hvp_row(np.int64(_i), _n, _C, y, x, _v_x, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hvp_kernel_parallel(y, x, _v_x, _weight, _out0):
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _hvp_row(np.int64(_i), _n, _C, y, x, _v_x, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -315,16 +345,21 @@ def _hess_full_row(_i, _n, _C, y, x, _weight, _out0):
             _out0[_i, _j, _l] = _w * _h
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy")
-def hess_full_kernel(y, x, _weight, _out0, _parallel):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads if _parallel, else in the calling thread."""
+@numba.njit(cache=True, error_model="numpy")
+def hess_full_kernel(y, x, _weight, _out0):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
-    if _parallel:
-        for _i in numba.prange(y.shape[0]):
-            _hess_full_row(_i, _n, _C, y, x, _weight, _out0)
-    else:
-        for _i in range(y.shape[0]):
-            _hess_full_row(_i, _n, _C, y, x, _weight, _out0)
+    for _i in range(y.shape[0]):
+        _hess_full_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
+
+
+@numba.njit(parallel=True, cache=True, error_model="numpy")
+def hess_full_kernel_parallel(y, x, _weight, _out0):
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads."""
+    _n = y.shape[1]
+    _C = float(_n)
+    for _i in numba.prange(y.shape[0]):
+        _hess_full_row(np.int64(_i), _n, _C, y, x, _weight, _out0)
 
 

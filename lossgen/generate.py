@@ -8,7 +8,8 @@ are removed. Files not written by lossgen are never touched.
 Rendering is skipped for a spec whose module is already on disk as the same inputs made it:
 :class:`RenderCache` records, per module, a hash of everything its text depends on (the spec's
 bytes and path, lossgen's source and templates, the Python, SymPy and Jinja2 versions) and the
-hash of the text; where both still match, the file on disk is the output. The record lives in
+hash of the text; where both still match, the file on disk is the output (``--check`` records
+its findings too, when every file is current). The record lives in
 the user's cache folder (``$LOSSGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/lossgen``, else
 ``~/.cache/lossgen``), one small file per output folder, never in the output folder itself;
 deleting it only costs time.
@@ -239,6 +240,7 @@ def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None]
                 log(f"stale: {out_dir / name} has no spec any more")
             log("generated files are out of date; run `lossgen generate`")
             return 1
+        cache.save()  # every file on disk is what its inputs produce: the next run may skip them
         log(f"{out_dir}: all {len(files)} files up to date")
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ class Loss:
         self.module = module
         self.__doc__ = module.__doc__
         self._defaults = parameter_values(f"{self.name}()", self.params, {})  # the spec's defaults, checked
-        self._kernels = {}  # kernel name -> (Numba function, number of outputs)
+        self._kernels = {}  # kernel name -> its (serial, parallel) launchers
 
     def __repr__(self):
         params = ", ".join(f"{k}={d!r}" for k, (d, _) in self.params.items())
@@ -91,7 +91,7 @@ class Loss:
         call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
         if reduction == "none":
             return self._run("loss", call)[0]
-        total = _launch(self.module.loss_sum_kernel, (*call.arrays, *call.params, call.weight), call.size)
+        total = _launch(self._launchers("loss_sum"), (*call.arrays, *call.params, call.weight), call.size)
         return call.dtype.type(total if reduction == "sum" else _mean(total, call))
 
     def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
@@ -132,12 +132,15 @@ class Loss:
     def _check_reduction(self, method, reduction):
         check_reduction(self.name, method, reduction)
 
-    def _run(self, kernel, call):
+    def _launchers(self, kernel):
+        """(serial, parallel) launchers of ``kernel``, looked up once."""
         if kernel not in self._kernels:
-            self._kernels[kernel] = getattr(self.module, f"{kernel}_kernel"), self.module.SPEC["kernels"][kernel]
-        function, count = self._kernels[kernel]
-        outs = [np.empty(call.size, dtype=call.dtype) for _ in range(count)]
-        _launch(function, (*call.arrays, *call.params, call.weight, *outs), call.size)
+            self._kernels[kernel] = kernel_launchers(self.module, kernel)
+        return self._kernels[kernel]
+
+    def _run(self, kernel, call):
+        outs = [np.empty(call.size, dtype=call.dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
+        _launch(self._launchers(kernel), (*call.arrays, *call.params, call.weight, *outs), call.size)
         if len(call.shape) != 1:
             outs = [o.reshape(call.shape) for o in outs]
         return outs
@@ -254,23 +257,31 @@ def check_domain(where, name, array, domain):
                          f"element {tuple(int(i) for i in index)} is {array[index].item()!r}")
 
 
-def _launch(kernel, arguments: tuple, size: int):
-    """Call an array kernel: in the calling thread below ``SERIAL_BELOW`` elements, else on
-    ``numba.get_num_threads()`` threads, at most ``LOSSGEN_NUM_THREADS`` when it is set."""
+def kernel_launchers(module, kernel: str) -> tuple:
+    """The generated module's (serial, parallel) launchers of ``kernel``: NAME_kernel loops in
+    the calling thread, NAME_kernel_parallel on Numba's threads."""
+    return getattr(module, f"{kernel}_kernel"), getattr(module, f"{kernel}_kernel_parallel")
+
+
+def _launch(launchers: tuple, arguments: tuple, size: int):
+    """Call an array kernel (a (serial, parallel) pair): in the calling thread below
+    ``SERIAL_BELOW`` elements, else on ``numba.get_num_threads()`` threads, at most
+    ``LOSSGEN_NUM_THREADS`` when it is set."""
+    serial, parallel = launchers
     if size < SERIAL_BELOW:
-        return kernel(*arguments, False)
+        return serial(*arguments)
     numba = sys.modules["numba"]  # loaded with the kernel's module
     threads = numba.get_num_threads()
     limit = _thread_limit()
     if limit is not None and limit < threads:
         if limit == 1:
-            return kernel(*arguments, False)
+            return serial(*arguments)
         numba.set_num_threads(limit)
         try:
-            return kernel(*arguments, True)
+            return parallel(*arguments)
         finally:
             numba.set_num_threads(threads)
-    return kernel(*arguments, threads > 1)
+    return parallel(*arguments) if threads > 1 else serial(*arguments)
 
 
 def _thread_limit() -> int | None:

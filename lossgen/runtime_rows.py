@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .domains import DOMAINS
-from .runtime import _launch, _numeric_array, bind_arguments, check_domain, check_reduction, parameter_values
+from .runtime import _launch, kernel_launchers, _numeric_array, bind_arguments, check_domain, check_reduction, parameter_values
 
 
 @dataclass
@@ -145,8 +145,7 @@ class RowLoss:
             shape = (rows,) if is_loss else (rows, c, c) if full else (rows, c)
             outs.append(np.empty(shape, dtype=call.dtype))
         work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
-        _launch(getattr(self.module, f"{kernel}_kernel"), (*call.arrays, *call.params, *extra, call.weight, *outs),
-                work)
+        _launch(kernel_launchers(self.module, kernel), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
         return [o.reshape(call.leading + o.shape[1:]) for o in outs]
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:

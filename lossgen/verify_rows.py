@@ -44,7 +44,7 @@ class explicit_logsumexp(sp.Function):
 
 def _mp_logsumexp(*terms):
     top = max(terms)
-    return top + mpmath.log(mpmath.fsum(mpmath.exp(t - top) for t in terms))
+    return top + mpmath.log(mpmath.fsum(MPMATH_IMPLEMENTATIONS["exp"](t - top) for t in terms))
 
 
 def _mp_function(expr, arguments):

@@ -230,12 +230,23 @@ FUNCTIONS.update({name: SpecFunction(*entry) for name, entry in ROW_FUNCTIONS.it
 
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "E": sp.E}
 
+def _mp_exp(x):
+    """mpmath.exp(x). Above 600 bits of precision mpmath takes exp of an integer as e**n by
+    repeated squaring: 5 ms at n = 1e300, against 0.15 ms for exp(x + 1/2) exp(-1/2), which
+    is exact to the working precision. The verification's stress points are such integers."""
+    if isinstance(x, mpmath.mpf) and abs(x) > 2**64:
+        half = mpmath.mpf(0.5)
+        return mpmath.exp(x + half) * mpmath.exp(-half)
+    return mpmath.exp(x)
+
+
 # Reference implementations for high-precision evaluation (verification stage). Keys are the
 # names SymPy's printers use for these classes.
 MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
-    "sigmoid": lambda x: 1 / (1 + mpmath.exp(-x)),
-    "softplus": lambda x: mpmath.log1p(mpmath.exp(x)),
-    "logcosh": lambda x: mpmath.log(mpmath.cosh(x)),
+    "exp": _mp_exp,
+    "sigmoid": lambda x: 1 / (1 + _mp_exp(-x)),
+    "softplus": lambda x: mpmath.log1p(_mp_exp(x)),
+    "logcosh": lambda x: mpmath.log((_mp_exp(x) + _mp_exp(-x)) / 2),
     "log1p": mpmath.log1p,
     "expm1": mpmath.expm1,
     "hypot": mpmath.hypot,
@@ -243,7 +254,7 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "sign": mpmath.sign,
     "xlogy": lambda x, y: mpmath.mpf(0) if x == 0 else x * mpmath.log(y),
     "xlog1py": lambda x, y: mpmath.mpf(0) if x == 0 else x * mpmath.log1p(y),
-    "logaddexp": lambda a, b: mpmath.log(mpmath.exp(a) + mpmath.exp(b)),
+    "logaddexp": lambda a, b: mpmath.log(_mp_exp(a) + _mp_exp(b)),
     "fma": lambda a, b, c: a * b + c,
     "exact_sum": lambda *terms: mpmath.fsum(terms),
     "group": lambda x: x,

@@ -163,17 +163,27 @@ def test_branch_local_code_computes_what_the_expressions_say(case):
 
 
 class _SpyKernel:
-    """Stands in for a Numba array kernel: records how it was launched, writes zeros."""
+    """Stands in for one of a generated kernel's launchers: records which one ran and on how
+    many threads (in ``calls``, shared by the pair), writes zeros."""
 
-    def __init__(self, outputs):
-        self.outputs, self.calls = outputs, []
+    def __init__(self, outputs, parallel, calls):
+        self.outputs, self.parallel, self.calls = outputs, parallel, calls
 
     def __call__(self, *arguments):
-        *rest, parallel = arguments
-        self.calls.append({"parallel": parallel, "threads": numba.get_num_threads()})
-        for out in rest[len(rest) - self.outputs:]:
+        self.calls.append({"parallel": self.parallel, "threads": numba.get_num_threads()})
+        for out in arguments[len(arguments) - self.outputs:]:
             out[:] = 0.0
         return 0.0
+
+
+def _spy_launchers(**outputs) -> dict:
+    """NAME_kernel and NAME_kernel_parallel spies for each NAME=number of outputs."""
+    spies = {}
+    for name, count in outputs.items():
+        calls = []
+        spies[f"{name}_kernel"] = _SpyKernel(count, False, calls)
+        spies[f"{name}_kernel_parallel"] = _SpyKernel(count, True, calls)
+    return spies
 
 
 def _spy_loss():
@@ -182,7 +192,7 @@ def _spy_loss():
         SPEC={"name": "spy", "title": "Spy", "family": "test", "summary": "",
               "inputs": (("y", "target", "real"), ("p", "prediction", "real")),
               "params": (("delta", 1.0, "positive"),), "kernels": {"grad_hess": 2, "loss": 1}},
-        grad_hess_kernel=_SpyKernel(2), loss_sum_kernel=_SpyKernel(0))
+        **_spy_launchers(grad_hess=2, loss_sum=0))
     return runtime.Loss(module), module
 
 
@@ -279,7 +289,7 @@ def _spy_row_loss():
               "axis": "class",
               "inputs": (("y", "target", "real", "class", False, None), ("s", "prediction", "real", "class", False, None)),
               "params": (), "kernels": {"grad_hess": 2, "loss": 1, "hvp": 1}},
-        grad_hess_kernel=_SpyKernel(2), loss_kernel=_SpyKernel(1), hvp_kernel=_SpyKernel(1))
+        **_spy_launchers(grad_hess=2, loss=1, hvp=1))
     return RowLoss(module), module
 
 
