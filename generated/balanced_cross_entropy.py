@@ -37,10 +37,11 @@ SPEC = {
 
 @numba.njit(cache=True, error_model="numpy")
 def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of a non-positive number."""
+    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
+    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
+    e = math.exp(-abs(x))
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
@@ -111,14 +112,14 @@ def loss_scalar(y, x, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = -x
     _t1 = alpha*y
     _t2 = alpha - 1.0
     if (abs(x) <= 1.0):
+        _t0 = _logcosh(((x)/(2.0)))
         _t3 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
-        _b0 = _t1*_logcosh(((_t0)/(2.0))) + _fma(alpha, y, _t3)*_logcosh(((x)/(2.0))) + _fma(2.0*alpha, y, _t3)*math.log(2.0) + (((x*(-_t2 - y))/(2.0)))
+        _b0 = _t0*_t1 + _t0*_fma(alpha, y, _t3) + _fma(2.0*alpha, y, _t3)*math.log(2.0) + (((x*(-_t2 - y))/(2.0)))
     else:
-        _b0 = _t1*_softplus(_t0) - _t2*(1.0 - y)*_softplus(x)
+        _b0 = _t1*_softplus(-x) - _t2*(1.0 - y)*_softplus(x)
     return _b0
 
 
@@ -159,27 +160,28 @@ def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t0 = -x
-    _t1 = alpha*y
-    _t2 = alpha - 1.0
+    _t2 = alpha*y
+    _t3 = alpha - 1.0
     _t8 = (abs(x) <= 1.0)
-    _t9 = -_t2
-    _t10 = 1.0 - y
-    _t11 = _t10*_t9
-    _t12 = _sigmoid(_t0)
-    _t13 = _sigmoid(x)
+    _t9 = -x
+    _t10 = -_t3
+    _t11 = 1.0 - y
+    _t12 = _t10*_t11
+    _t13 = _sigmoid(_t9)
+    _t14 = _sigmoid(x)
     if _t8:
-        _t3 = -_t2 - y
-        _t4 = ((x)/(2.0))
+        _t0 = ((x)/(2.0))
+        _t1 = _logcosh(_t0)
+        _t4 = -_t3 - y
         _t5 = -alpha
         _t6 = -y
         _t7 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), _t5), _t6))
-        _b0 = _t1*_logcosh(((_t0)/(2.0))) + _fma(alpha, y, _t7)*_logcosh(_t4) + _fma(2.0*alpha, y, _t7)*math.log(2.0) + (((_t3*x)/(2.0)))
-        _b1 = (_t1 + ((_t5)/(2.0)) + ((_t6)/(2.0)) + 1/2)*math.tanh(_t4) + (((_t3)/(2.0)))
+        _b0 = _t1*_t2 + _t1*_fma(alpha, y, _t7) + _fma(2.0*alpha, y, _t7)*math.log(2.0) + (((_t4*x)/(2.0)))
+        _b1 = (_t2 + ((_t5)/(2.0)) + ((_t6)/(2.0)) + 1/2)*math.tanh(_t0) + (((_t4)/(2.0)))
     else:
-        _b0 = _t1*_softplus(_t0) + _t11*_softplus(x)
-        _b1 = -_t1*_t12 + _t10*_t13*_t9
-    return _b0, _b1, _t12*_t13*(_t1 + _t11)
+        _b0 = _t12*_softplus(x) + _t2*_softplus(_t9)
+        _b1 = _t10*_t11*_t14 - _t13*_t2
+    return _b0, _b1, _t13*_t14*(_t12 + _t2)
 
 
 @numba.njit(cache=True, error_model="numpy")

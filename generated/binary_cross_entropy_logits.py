@@ -38,10 +38,11 @@ SPEC = {
 
 @numba.njit(cache=True, error_model="numpy")
 def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of a non-positive number."""
+    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
+    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
+    e = math.exp(-abs(x))
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
@@ -92,10 +93,14 @@ def loss_scalar(y, x, pos_weight):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = -x
     _t1 = pos_weight*y
     _t2 = 1.0 - y
-    return ((_t1*_logcosh(((_t0)/(2.0))) + (_t2)*_logcosh(((x)/(2.0))) + (((x*_fma(-y, pos_weight, _t2))/(2.0))) + (_fma(y, pos_weight, _t2))*math.log(2.0)) if (abs(x) <= 1.0) else (_t1*_softplus(_t0) + _t2*_softplus(x)))
+    if (abs(x) <= 1.0):
+        _t0 = _logcosh(((x)/(2.0)))
+        _b0 = _t0*_t1 + _t0*(_t2) + (((x*_fma(-y, pos_weight, _t2))/(2.0))) + (_fma(y, pos_weight, _t2))*math.log(2.0)
+    else:
+        _b0 = _t1*_softplus(-x) + _t2*_softplus(x)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -133,23 +138,24 @@ def loss_grad_hess_scalar(y, x, pos_weight):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t0 = -x
-    _t1 = pos_weight*y
+    _t2 = pos_weight*y
     _t3 = 1.0 - y
     _t5 = -y
     _t7 = (abs(x) <= 1.0)
-    _t8 = _sigmoid(_t0)
-    _t9 = _sigmoid(x)
+    _t8 = -x
+    _t9 = _sigmoid(_t8)
+    _t10 = _sigmoid(x)
     if _t7:
-        _t2 = ((x)/(2.0))
+        _t0 = ((x)/(2.0))
+        _t1 = _logcosh(_t0)
         _t4 = _fma(y, pos_weight, _t3)
         _t6 = _fma(_t5, pos_weight, _t3)
-        _b0 = _t1*_logcosh(((_t0)/(2.0))) + (_t3)*_logcosh(_t2) + (_t4)*math.log(2.0) + (((_t6*x)/(2.0)))
-        _b1 = (((_t4)/(2.0)))*math.tanh(_t2) + (((_t6)/(2.0)))
+        _b0 = _t1*_t2 + _t1*(_t3) + (_t4)*math.log(2.0) + (((_t6*x)/(2.0)))
+        _b1 = (((_t4)/(2.0)))*math.tanh(_t0) + (((_t6)/(2.0)))
     else:
-        _b0 = _t1*_softplus(_t0) + _t3*_softplus(x)
-        _b1 = -_t1*_t8 + _t3*_t9
-    return _b0, _b1, _t8*_t9*(_t1 + _t5 + 1.0)
+        _b0 = _t2*_softplus(_t8) + _t3*_softplus(x)
+        _b1 = _t10*_t3 - _t2*_t9
+    return _b0, _b1, _t10*_t9*(_t2 + _t5 + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -40,10 +40,11 @@ SPEC = {
 
 @numba.njit(cache=True, error_model="numpy")
 def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of a non-positive number."""
+    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
+    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
+    e = math.exp(-abs(x))
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 

@@ -40,10 +40,11 @@ SPEC = {
 
 @numba.njit(cache=True, error_model="numpy")
 def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of a non-positive number."""
+    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
+    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
+    e = math.exp(-abs(x))
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
@@ -96,13 +97,14 @@ def loss_scalar(y, x, gamma, alpha):
         return math.nan
     _t0 = 1.0 - y
     _t3 = (abs(x) <= 1.0)
-    _t4 = -x
     if _t3:
         _t1 = ((x)/(2.0))
         _t2 = 1/2 - y
+        _t5 = _logcosh(_t1)
         _b0 = ((_t2)*math.tanh(_t1) + 1/2)**gamma
-        _b1 = y*_logcosh(((_t4)/(2.0))) + (_t0)*_logcosh(_t1) + (_t2*x) + math.log(2.0)
+        _b1 = _t5*y + _t5*(_t0) + (_t2*x) + math.log(2.0)
     else:
+        _t4 = -x
         _b0 = (_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma
         _b1 = _t0*_softplus(x) + y*_softplus(_t4)
     return (_t0*(1.0 - alpha) + alpha*y)*_b0*_b1
@@ -129,36 +131,35 @@ def grad_scalar(y, x, gamma, alpha):
     _t15 = gamma - 1.0
     _t16 = _t7**_t15
     _t17 = math.log(2.0)
-    _t18 = ((_t1)/(2.0))
-    _t19 = _logcosh(_t18)
-    _t20 = _logcosh(_t3)
-    _t21 = _t13*_t20 + _t17 + _t19*y + (_t5*x)
-    _t22 = _softplus(_t1)
-    _t23 = _t22*y
-    _t25 = gamma*_fma(2.0, y, -1.0)
-    _t29 = _sigmoid(x)
-    _t30 = _t0*_t29
-    _t33 = _softplus(x)
-    _t34 = _t0*_t33
+    _t18 = _logcosh(_t3)
+    _t19 = _t13*_t18 + _t17 + _t18*y + (_t5*x)
+    _t20 = _softplus(_t1)
+    _t21 = _t20*y
+    _t23 = gamma*_fma(2.0, y, -1.0)
+    _t28 = _sigmoid(x)
+    _t29 = _t0*_t28
+    _t32 = _softplus(x)
+    _t33 = _t0*_t32
     if (x > 1.0):
         _t11 = _t0*(1.0 - _t2) + _t10
         _t12 = ((_t8) if _t9 else (_t11**gamma))
-        _t24 = ((_t16) if _t9 else (_t11**_t15))*((_t21) if _t9 else (_t0*(_t22 + x) + _t23))
-        _b0 = _t12*_t13 - _t12*_t2 + _t14*_t2*_t24 + _t2**2*_t24*_t25
+        _t22 = ((_t16) if _t9 else (_t11**_t15))*((_t19) if _t9 else (_t0*(_t20 + x) + _t21))
+        _b0 = _t12*_t13 - _t12*_t2 + _t14*_t2*_t22 + _t2**2*_t22*_t23
     elif _t9:
-        _t26 = _t0*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2)
-        _t27 = ((_t8) if _t9 else (_t26**gamma))
-        _t28 = ((_t16) if _t9 else (_t26**_t15))*((_t21) if _t9 else (_t0*(_t17 + _t20 + _t3) + y*(_t17 + _t18 + _t19)))
-        _b0 = _t27*_t6 + ((_t14*_t28)/(4.0)) + ((_t27*_t4)/(2.0)) + ((_t25*_t28*_t4**2)/(4.0))
+        _t24 = _t0*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2)
+        _t25 = ((_t8) if _t9 else (_t24**gamma))
+        _t26 = _t17 + _t18
+        _t27 = ((_t16) if _t9 else (_t24**_t15))*((_t19) if _t9 else (_t0*(_t26 + _t3) + y*(_t26 + ((_t1)/(2.0)))))
+        _b0 = _t25*_t6 + ((_t14*_t27)/(4.0)) + ((_t25*_t4)/(2.0)) + ((_t23*_t27*_t4**2)/(4.0))
     elif (x < -1.0):
-        _t31 = _t30 + y*(1.0 - _t29)
-        _t32 = ((_t8) if _t9 else (_t31**gamma))
-        _t35 = ((_t16) if _t9 else (_t31**_t15))*((_t21) if _t9 else (_t34 + y*(_t33 - x)))
-        _b0 = _t14*_t29*_t35 + _t25*_t29**2*_t35 + _t29*_t32 - _t32*y
+        _t30 = _t29 + y*(1.0 - _t28)
+        _t31 = ((_t8) if _t9 else (_t30**gamma))
+        _t34 = ((_t16) if _t9 else (_t30**_t15))*((_t19) if _t9 else (_t33 + y*(_t32 - x)))
+        _b0 = _t14*_t28*_t34 + _t23*_t28**2*_t34 + _t28*_t31 - _t31*y
     else:
-        _t36 = _t10 + _t30
-        _t37 = ((_t8) if _t9 else (_t36**gamma))
-        _b0 = -_t10*_t37 + _t2*_t29*gamma*(1.0 - 2.0*y)*((_t16) if _t9 else (_t36**_t15))*((_t21) if _t9 else (_t23 + _t34)) + _t30*_t37
+        _t35 = _t10 + _t29
+        _t36 = ((_t8) if _t9 else (_t35**gamma))
+        _b0 = -_t10*_t36 + _t2*_t28*gamma*(1.0 - 2.0*y)*((_t16) if _t9 else (_t35**_t15))*((_t19) if _t9 else (_t21 + _t33)) + _t29*_t36
     return (_t0*(1.0 - alpha) + alpha*y)*_b0
 
 
@@ -176,29 +177,30 @@ def hess_scalar(y, x, gamma, alpha):
     _t11 = _t0*_t10
     _t14 = 1.0 - 2.0*y
     _t15 = gamma - 1.0
-    _t19 = gamma - 2.0
-    _t20 = _t10*_t8
+    _t20 = gamma - 2.0
+    _t21 = _t10*_t8
     if _t6:
         _t1 = ((x)/(2.0))
         _t2 = math.tanh(_t1)
         _t3 = 1/2 - y
         _t4 = (_t3)
         _t5 = _t2*_t4 + 1/2
+        _t17 = _logcosh(_t1)
         _b0 = _t4 + ((_t2)/(2.0))
-        _b1 = _t5**_t19
-        _t17 = y*_logcosh(((_t7)/(2.0))) + (_t0)*_logcosh(_t1) + (_t3*x) + math.log(2.0)
+        _b1 = _t5**_t20
+        _t18 = _t17*y + _t17*(_t0) + (_t3*x) + math.log(2.0)
         _b2 = _t5**_t15
         _t13 = _t5**gamma
     else:
         _t12 = _t11 + _t9
         _b0 = _t0*_t10 - _t9
-        _b1 = _t12**_t19
-        _t17 = _t0*_softplus(x) + y*_softplus(_t7)
+        _b1 = _t12**_t20
+        _t18 = _t0*_softplus(x) + y*_softplus(_t7)
         _b2 = _t12**_t15
         _t13 = _t12**gamma
     _t16 = _t14*gamma*_b2
-    _t18 = _t16*_t17
-    return _t20*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t13 - _t10*_t18 + _t11*_t16 + _t13*y + _t14**2*_t15*_t17*_t20*gamma*_b1 - _t16*_t9 + _t16*_b0 + _t18*_t8)
+    _t19 = _t16*_t18
+    return _t21*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t13 - _t10*_t19 + _t11*_t16 + _t13*y + _t14**2*_t15*_t18*_t21*gamma*_b1 - _t16*_t9 + _t16*_b0 + _t19*_t8)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -220,72 +222,71 @@ def grad_hess_scalar(y, x, gamma, alpha):
     _t15 = gamma*_fma(-2.0, y, 1.0)
     _t16 = gamma - 1.0
     _t18 = math.log(2.0)
-    _t19 = ((_t2)/(2.0))
-    _t20 = _logcosh(_t19)
-    _t21 = _logcosh(_t4)
-    _t26 = gamma*_fma(2.0, y, -1.0)
-    _t27 = ((_t5)/(2.0))
-    _t31 = _sigmoid(x)
-    _t32 = _t0*_t31
-    _t40 = _t3*_t31
-    _t42 = 1.0 - 2.0*y
-    _t45 = gamma - 2.0
+    _t19 = _logcosh(_t4)
+    _t24 = gamma*_fma(2.0, y, -1.0)
+    _t25 = ((_t5)/(2.0))
+    _t30 = _sigmoid(x)
+    _t31 = _t0*_t30
+    _t39 = _t3*_t30
+    _t41 = 1.0 - 2.0*y
+    _t44 = gamma - 2.0
     if _t10:
         _t8 = _t5*_t7 + 1/2
         _t9 = _t8**gamma
         _t17 = _t8**_t16
-        _t22 = _t14*_t21 + _t18 + _t20*y + (_t6*x)
-        _b1 = _t27 + _t7
-        _b2 = _t8**_t45
+        _t20 = _t14*_t19 + _t18 + _t19*y + (_t6*x)
+        _b1 = _t25 + _t7
+        _b2 = _t8**_t44
         _b3 = _t17
-        _t41 = _t22
-        _t39 = _t9
+        _t40 = _t20
+        _t38 = _t9
         _b4 = _t17
-        _b5 = _t22
-        _t34 = _t9
+        _b5 = _t20
+        _t33 = _t9
         _b6 = _t17
-        _b7 = _t22
-        _t29 = _t9
+        _b7 = _t20
+        _t27 = _t9
         _b8 = _t17
-        _b9 = _t22
+        _b9 = _t20
         _t13 = _t9
     else:
         _t12 = _t0*(1.0 - _t3) + _t11
-        _t23 = _softplus(_t2)
-        _t24 = _t23*y
-        _t28 = _t0*(_t27 + 1/2) + y*(((-_t5)/(2.0)) + 1/2)
-        _t33 = _t32 + y*(1.0 - _t31)
-        _t35 = _softplus(x)
-        _t36 = _t0*_t35
-        _t38 = _t11 + _t32
-        _b1 = _t0*_t31 - _t11
-        _b2 = _t38**_t45
-        _b3 = _t38**_t16
-        _t41 = _t24 + _t36
-        _t39 = _t38**gamma
-        _b4 = _t33**_t16
-        _b5 = _t36 + y*(_t35 - x)
-        _t34 = _t33**gamma
-        _b6 = _t28**_t16
-        _b7 = _t0*(_t18 + _t21 + _t4) + y*(_t18 + _t19 + _t20)
-        _t29 = _t28**gamma
+        _t21 = _softplus(_t2)
+        _t22 = _t21*y
+        _t26 = _t0*(_t25 + 1/2) + y*(((-_t5)/(2.0)) + 1/2)
+        _t28 = _t18 + _t19
+        _t32 = _t31 + y*(1.0 - _t30)
+        _t34 = _softplus(x)
+        _t35 = _t0*_t34
+        _t37 = _t11 + _t31
+        _b1 = _t0*_t30 - _t11
+        _b2 = _t37**_t44
+        _b3 = _t37**_t16
+        _t40 = _t22 + _t35
+        _t38 = _t37**gamma
+        _b4 = _t32**_t16
+        _b5 = _t35 + y*(_t34 - x)
+        _t33 = _t32**gamma
+        _b6 = _t26**_t16
+        _b7 = _t0*(_t28 + _t4) + y*(_t28 + ((_t2)/(2.0)))
+        _t27 = _t26**gamma
         _b8 = _t12**_t16
-        _b9 = _t0*(_t23 + x) + _t24
+        _b9 = _t0*(_t21 + x) + _t22
         _t13 = _t12**gamma
-    _t43 = _t42*gamma*_b3
-    _t44 = _t41*_t43
+    _t42 = _t41*gamma*_b3
+    _t43 = _t40*_t42
     if (x > 1.0):
-        _t25 = _b8*_b9
-        _b0 = _t13*_t14 - _t13*_t3 + _t15*_t25*_t3 + _t25*_t26*_t3**2
+        _t23 = _b8*_b9
+        _b0 = _t13*_t14 - _t13*_t3 + _t15*_t23*_t3 + _t23*_t24*_t3**2
     elif _t10:
-        _t30 = _b6*_b7
-        _b0 = _t29*_t7 + ((_t15*_t30)/(4.0)) + ((_t29*_t5)/(2.0)) + ((_t26*_t30*_t5**2)/(4.0))
+        _t29 = _b6*_b7
+        _b0 = _t27*_t7 + ((_t15*_t29)/(4.0)) + ((_t27*_t5)/(2.0)) + ((_t24*_t29*_t5**2)/(4.0))
     elif (x < -1.0):
-        _t37 = _b4*_b5
-        _b0 = _t15*_t31*_t37 + _t26*_t31**2*_t37 + _t31*_t34 - _t34*y
+        _t36 = _b4*_b5
+        _b0 = _t15*_t30*_t36 + _t24*_t30**2*_t36 + _t30*_t33 - _t33*y
     else:
-        _b0 = -_t11*_t39 + _t32*_t39 + _t40*_t44
-    return _t1*_b0, _t1*_t40*(_t0*_t39 - _t11*_t43 + _t16*_t40*_t41*_t42**2*gamma*_b2 + _t3*_t44 - _t31*_t44 + _t32*_t43 + _t39*y + _t43*_b1)
+        _b0 = -_t11*_t38 + _t31*_t38 + _t39*_t43
+    return _t1*_b0, _t1*_t39*(_t0*_t38 - _t11*_t42 + _t16*_t39*_t40*_t41**2*gamma*_b2 + _t3*_t43 - _t30*_t43 + _t31*_t42 + _t38*y + _t42*_b1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -306,73 +307,72 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     _t12 = _sigmoid(x)
     _t13 = _t0*_t12
     _t16 = math.log(2.0)
-    _t17 = ((_t9)/(2.0))
-    _t18 = _logcosh(_t17)
-    _t19 = _logcosh(_t2)
-    _t20 = (_t0)
-    _t29 = gamma*_fma(-2.0, y, 1.0)
-    _t30 = gamma - 1.0
-    _t33 = gamma*_fma(2.0, y, -1.0)
-    _t34 = ((_t3)/(2.0))
-    _t41 = _t10*_t12
-    _t42 = 1.0 - 2.0*y
-    _t45 = gamma - 2.0
+    _t17 = _logcosh(_t2)
+    _t18 = (_t0)
+    _t27 = gamma*_fma(-2.0, y, 1.0)
+    _t28 = gamma - 1.0
+    _t31 = gamma*_fma(2.0, y, -1.0)
+    _t32 = ((_t3)/(2.0))
+    _t40 = _t10*_t12
+    _t41 = 1.0 - 2.0*y
+    _t44 = gamma - 2.0
     if _t8:
         _t6 = _t3*_t5 + 1/2
         _t7 = _t6**gamma
-        _t21 = _t16 + _t18*y + _t19*_t20 + (_t4*x)
-        _t31 = _t6**_t30
-        _b1 = _t34 + _t5
-        _b2 = _t6**_t45
-        _b3 = _t31
-        _b4 = _t21
-        _b5 = _t31
-        _t39 = _t7
-        _b6 = _t21
-        _b7 = _t31
-        _t36 = _t7
-        _b8 = _t21
-        _b9 = _t31
-        _t28 = _t7
-        _t26 = _t21
+        _t19 = _t16 + _t17*_t18 + _t17*y + (_t4*x)
+        _t29 = _t6**_t28
+        _b1 = _t32 + _t5
+        _b2 = _t6**_t44
+        _b3 = _t29
+        _b4 = _t19
+        _b5 = _t29
+        _t38 = _t7
+        _b6 = _t19
+        _b7 = _t29
+        _t34 = _t7
+        _b8 = _t19
+        _b9 = _t29
+        _t26 = _t7
+        _t24 = _t19
         _t15 = _t7
     else:
         _t14 = _t11 + _t13
-        _t22 = _softplus(_t9)
-        _t23 = _t22*y
-        _t24 = _softplus(x)
-        _t25 = _t0*_t24
-        _t27 = _t0*(1.0 - _t10) + _t11
-        _t35 = _t0*(_t34 + 1/2) + y*(((-_t3)/(2.0)) + 1/2)
-        _t38 = _t13 + y*(1.0 - _t12)
+        _t20 = _softplus(_t9)
+        _t21 = _t20*y
+        _t22 = _softplus(x)
+        _t23 = _t0*_t22
+        _t25 = _t0*(1.0 - _t10) + _t11
+        _t33 = _t0*(_t32 + 1/2) + y*(((-_t3)/(2.0)) + 1/2)
+        _t35 = _t16 + _t17
+        _t37 = _t13 + y*(1.0 - _t12)
         _b1 = _t0*_t12 - _t11
-        _b2 = _t14**_t45
-        _b3 = _t14**_t30
-        _b4 = _t25 + y*(_t24 - x)
-        _b5 = _t38**_t30
-        _t39 = _t38**gamma
-        _b6 = _t0*(_t16 + _t19 + _t2) + y*(_t16 + _t17 + _t18)
-        _b7 = _t35**_t30
-        _t36 = _t35**gamma
-        _b8 = _t0*(_t22 + x) + _t23
-        _b9 = _t27**_t30
-        _t28 = _t27**gamma
-        _t26 = _t23 + _t25
+        _b2 = _t14**_t44
+        _b3 = _t14**_t28
+        _b4 = _t23 + y*(_t22 - x)
+        _b5 = _t37**_t28
+        _t38 = _t37**gamma
+        _b6 = _t0*(_t2 + _t35) + y*(_t35 + ((_t9)/(2.0)))
+        _b7 = _t33**_t28
+        _t34 = _t33**gamma
+        _b8 = _t0*(_t20 + x) + _t21
+        _b9 = _t25**_t28
+        _t26 = _t25**gamma
+        _t24 = _t21 + _t23
         _t15 = _t14**gamma
-    _t43 = _t42*gamma*_b3
-    _t44 = _t26*_t43
+    _t42 = _t41*gamma*_b3
+    _t43 = _t24*_t42
     if (x > 1.0):
-        _t32 = _b8*_b9
-        _b0 = _t10**2*_t32*_t33 - _t10*_t28 + _t10*_t29*_t32 + _t20*_t28
+        _t30 = _b8*_b9
+        _b0 = _t10**2*_t30*_t31 - _t10*_t26 + _t10*_t27*_t30 + _t18*_t26
     elif _t8:
-        _t37 = _b6*_b7
-        _b0 = _t36*_t5 + ((_t29*_t37)/(4.0)) + ((_t3*_t36)/(2.0)) + ((_t3**2*_t33*_t37)/(4.0))
+        _t36 = _b6*_b7
+        _b0 = _t34*_t5 + ((_t27*_t36)/(4.0)) + ((_t3*_t34)/(2.0)) + ((_t3**2*_t31*_t36)/(4.0))
     elif (x < -1.0):
-        _t40 = _b4*_b5
-        _b0 = _t12**2*_t33*_t40 + _t12*_t29*_t40 + _t12*_t39 - _t39*y
+        _t39 = _b4*_b5
+        _b0 = _t12**2*_t31*_t39 + _t12*_t27*_t39 + _t12*_t38 - _t38*y
     else:
-        _b0 = -_t11*_t15 + _t13*_t15 + _t41*_t44
-    return _t1*_t15*_t26, _t1*_b0, _t1*_t41*(_t0*_t15 + _t10*_t44 - _t11*_t43 - _t12*_t44 + _t13*_t43 + _t15*y + _t26*_t30*_t41*_t42**2*gamma*_b2 + _t43*_b1)
+        _b0 = -_t11*_t15 + _t13*_t15 + _t40*_t43
+    return _t1*_t15*_t24, _t1*_b0, _t1*_t40*(_t0*_t15 + _t10*_t43 - _t11*_t42 - _t12*_t43 + _t13*_t42 + _t15*y + _t24*_t28*_t40*_t41**2*gamma*_b2 + _t42*_b1)
 
 
 @numba.njit(cache=True, error_model="numpy")

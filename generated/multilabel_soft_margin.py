@@ -42,10 +42,11 @@ SPEC = {
 
 @numba.njit(cache=True, error_model="numpy")
 def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of a non-positive number."""
+    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
+    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
+    e = math.exp(-abs(x))
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
@@ -82,9 +83,13 @@ def _loss_row(_i, _n, _C, y, x, _weight, _out0):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_0 = -_e_x
         _t0_1 = 1.0 - _e_y
-        _s = ((_e_y*_logcosh(((_t0_0)/(2.0))) + (_t0_1)*_logcosh(((_e_x)/(2.0))) + (_e_x*(1/2 - _e_y)) + math.log(2.0)) if (abs(_e_x) <= 1.0) else (_e_y*_softplus(_t0_0) + _t0_1*_softplus(_e_x)))
+        if (abs(_e_x) <= 1.0):
+            _t0_0 = _logcosh(((_e_x)/(2.0)))
+            _b0_0 = _e_y*_t0_0 + _t0_0*(_t0_1) + (_e_x*(1/2 - _e_y)) + math.log(2.0)
+        else:
+            _b0_0 = _e_y*_softplus(-_e_x) + _t0_1*_softplus(_e_x)
+        _s = _b0_0
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
@@ -243,9 +248,13 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_0 = -_e_x
         _t0_1 = 1.0 - _e_y
-        _s = ((_e_y*_logcosh(((_t0_0)/(2.0))) + (_t0_1)*_logcosh(((_e_x)/(2.0))) + (_e_x*(1/2 - _e_y)) + math.log(2.0)) if (abs(_e_x) <= 1.0) else (_e_y*_softplus(_t0_0) + _t0_1*_softplus(_e_x)))
+        if (abs(_e_x) <= 1.0):
+            _t0_0 = _logcosh(((_e_x)/(2.0)))
+            _b0_0 = _e_y*_t0_0 + _t0_0*(_t0_1) + (_e_x*(1/2 - _e_y)) + math.log(2.0)
+        else:
+            _b0_0 = _e_y*_softplus(-_e_x) + _t0_1*_softplus(_e_x)
+        _s = _b0_0
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)

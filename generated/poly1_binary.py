@@ -37,10 +37,11 @@ SPEC = {
 
 @numba.njit(cache=True, error_model="numpy")
 def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of a non-positive number."""
+    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
+    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
+    e = math.exp(-abs(x))
     if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
+        return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
@@ -101,10 +102,19 @@ def loss_scalar(y, x, epsilon):
     _t7 = (abs(x) <= 1.0)
     _t8 = _sigmoid(_t0)
     _t9 = _t8*y
-    _t10 = _softplus(x)
-    _t11 = _sigmoid(x)
-    _t12 = _t11*_t2
-    return ((_t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)) if (x > 1.0) else (epsilon*((_t6) if _t7 else (_t2*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + y*_logcosh(((_t0)/(2.0))) + (_t2)*_logcosh(_t3) + (_t5*x) + math.log(2.0)) if _t7 else (_t10 + epsilon*((_t6) if _t7 else (_t12 + y*(1.0 - _t11))) - x*y) if (x < -1.0) else (_t1*y + _t10*_t2 + epsilon*((_t6) if _t7 else (_t12 + _t9))))
+    _t11 = _softplus(x)
+    _t12 = _sigmoid(x)
+    _t13 = _t12*_t2
+    if (x > 1.0):
+        _b0 = _t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
+    elif _t7:
+        _t10 = _logcosh(_t3)
+        _b0 = _t10*y + _t10*(_t2) + epsilon*((_t6) if _t7 else (_t2*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
+    elif (x < -1.0):
+        _b0 = _t11 + epsilon*((_t6) if _t7 else (_t13 + y*(1.0 - _t12))) - x*y
+    else:
+        _b0 = _t1*y + _t11*_t2 + epsilon*((_t6) if _t7 else (_t13 + _t9))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -203,38 +213,39 @@ def loss_grad_hess_scalar(y, x, epsilon):
     _t8 = _sigmoid(_t0)
     _t9 = _t8*y
     _t10 = (x > 1.0)
-    _t11 = (_t2)
-    _t13 = _softplus(x)
-    _t14 = _sigmoid(x)
-    _t15 = _t14*_t2
-    _t16 = (x < -1.0)
-    _t17 = _fma(2.0, y, -1.0)
-    _t18 = _t17*epsilon
-    _t19 = 2.0*epsilon
-    _t20 = -_t19
-    _t22 = -y
+    _t12 = (_t2)
+    _t14 = _softplus(x)
+    _t15 = _sigmoid(x)
+    _t16 = _t15*_t2
+    _t17 = (x < -1.0)
+    _t18 = _fma(2.0, y, -1.0)
+    _t19 = _t18*epsilon
+    _t20 = 2.0*epsilon
+    _t21 = -_t20
+    _t23 = -y
     if _t10:
-        _t21 = epsilon - 1.0
+        _t22 = epsilon - 1.0
         _b0 = _t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
-        _b1 = _t11 + _t18*_t8**2 + _t8*(_fma(_t20, y, _t21))
-        _b2 = _t19*_t8*_fma(-2.0, y, 1.0) + (_fma(_t19, y, -_t21))
+        _b1 = _t12 + _t19*_t8**2 + _t8*(_fma(_t21, y, _t22))
+        _b2 = _t20*_t8*_fma(-2.0, y, 1.0) + (_fma(_t20, y, -_t22))
     elif _t7:
-        _t12 = ((_t4)/(2.0))
-        _b0 = _t11*_logcosh(_t3) + epsilon*((_t6) if _t7 else (_t2*(_t12 + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + y*_logcosh(((_t0)/(2.0))) + (_t5*x) + math.log(2.0)
-        _b1 = _t12 + ((_t18*_t4**2)/(4.0)) + (_t22 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
-        _b2 = _t18*_t4 + 1.0
-    elif _t16:
-        _t23 = (_fma(_t20, y, epsilon + 1.0))
-        _b0 = _t13 + epsilon*((_t6) if _t7 else (_t15 + y*(1.0 - _t14))) - x*y
-        _b1 = _t14**2*_t18 + _t14*_t23 + _t22
-        _b2 = _t14*_t17*_t19 + _t23
+        _t11 = _logcosh(_t3)
+        _t13 = ((_t4)/(2.0))
+        _b0 = _t11*_t12 + _t11*y + epsilon*((_t6) if _t7 else (_t2*(_t13 + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
+        _b1 = _t13 + ((_t19*_t4**2)/(4.0)) + (_t23 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _b2 = _t19*_t4 + 1.0
+    elif _t17:
+        _t24 = (_fma(_t21, y, epsilon + 1.0))
+        _b0 = _t14 + epsilon*((_t6) if _t7 else (_t16 + y*(1.0 - _t15))) - x*y
+        _b1 = _t15**2*_t19 + _t15*_t24 + _t23
+        _b2 = _t15*_t18*_t20 + _t24
     else:
-        _t24 = epsilon*(1.0 - 2.0*y)
-        _t25 = _t24*_t8
-        _b0 = _t1*y + _t13*_t2 + epsilon*((_t6) if _t7 else (_t15 + _t9))
-        _b1 = _t14*_t25 + _t15 - _t9
-        _b2 = -_t14*_t24 + _t25 + 1.0
-    return _b0, _b1, _t14*_t8*_b2
+        _t25 = epsilon*(1.0 - 2.0*y)
+        _t26 = _t25*_t8
+        _b0 = _t1*y + _t14*_t2 + epsilon*((_t6) if _t7 else (_t16 + _t9))
+        _b1 = _t15*_t26 + _t16 - _t9
+        _b2 = -_t15*_t25 + _t26 + 1.0
+    return _b0, _b1, _t15*_t8*_b2
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -16,6 +16,7 @@ from sympy.printing.pycode import PythonCodePrinter
 from .derive import KERNELS, Derivation
 from .domains import DOMAINS
 from .paths import TEMPLATES_DIR
+from .vocabulary import logcosh
 
 MARKER = "lossgen-generated"  # first comment line of every generated file
 
@@ -103,6 +104,18 @@ def domain_guard(spec) -> sp.Expr | None:
     return sp.And(*conditions, evaluate=False) if conditions else None
 
 
+# Even functions whose helper starts from |u|, so that f(-u) = f(u) bit for bit: their
+# arguments are printed with one sign, and common-subexpression elimination computes
+# y*logcosh(-x/2) + (1 - y)*logcosh(x/2) with one logcosh. (SymPy does this itself for cosh.)
+EVEN_FUNCTIONS = (logcosh,)
+
+
+def _even_arguments_unsigned(expr: sp.Expr) -> sp.Expr:
+    """f(-u) -> f(u) for the EVEN_FUNCTIONS."""
+    return expr.replace(lambda e: isinstance(e, EVEN_FUNCTIONS) and e.args[0].could_extract_minus_sign(),
+                        lambda e: e.func(-e.args[0]))
+
+
 class div(sp.Function):
     """a/b as one division: common-subexpression elimination must not turn y/q into y*(1/q),
     which is inf*0 = nan for a subnormal q and y = 0."""
@@ -119,9 +132,14 @@ def _as_divisions(expr: sp.Expr) -> sp.Expr:
     return expr.func(*[_as_divisions(a) for a in expr.args])
 
 
+def code_form(expr: sp.Expr) -> sp.Expr:
+    """``expr`` as the printer takes it: even functions' arguments unsigned, quotients as div."""
+    return _as_divisions(_even_arguments_unsigned(expr))
+
+
 def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter) -> tuple[list[str], str]:
     """Assignment lines and the return expression computing ``exprs`` with shared CSEs."""
-    lines, printed = scoped_code([_as_divisions(e) for e in exprs], printer, "_t", "_b")
+    lines, printed = scoped_code([code_form(e) for e in exprs], printer, "_t", "_b")
     return lines, ", ".join(printed)
 
 

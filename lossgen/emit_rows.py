@@ -20,7 +20,7 @@ import sympy as sp
 
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
-from .emit import MARKER, NumbaPrinter, _as_divisions, scoped_code, template_environment
+from .emit import MARKER, NumbaPrinter, code_form, scoped_code, template_environment
 from .reductions import onehot
 from .stabilise_rows import sum_parts
 from .vocabulary import group
@@ -120,7 +120,7 @@ class _Body:
     def rename(self, expr: sp.Expr) -> sp.Expr:
         mapping = {s: _element_name(s) for s in expr.free_symbols if s in self.element or s in self.directions}
         mapping.update({s: _row_name(s) for s in expr.free_symbols if s in self.per_row})
-        return _as_divisions(expr.xreplace(mapping))
+        return code_form(expr.xreplace(mapping))
 
     def bind(self, exprs, indent: int):
         """Read the element symbols that ``exprs`` use, at element ``_k`` of row ``_i``."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import types
 
+import mpmath
 import numba
 import numpy as np
 import pytest
@@ -20,9 +21,11 @@ import sympy as sp
 import lossgen
 from lossgen import generate as generation
 from lossgen import runtime
-from lossgen.emit import NumbaPrinter, scoped_code
+from lossgen.emit import NumbaPrinter, kernel_code, scoped_code
 from lossgen.paths import SPECS_DIR
 from lossgen.runtime_rows import RowLoss
+from lossgen.spec import load_spec
+from lossgen.vocabulary import logcosh
 
 # --- generate: skip unchanged specs by content hash ----------------------------------------
 
@@ -158,6 +161,27 @@ def test_branch_local_code_computes_what_the_expressions_say(case):
     for point in [(2.0, 0.5), (-1.0, 2.0), (1.5, -1.0), (0.3, 0.1), (1.0, -2.0)]:
         assert namespace["f"](*point) == pytest.approx(expected(*point), rel=1e-14), source
 
+
+
+def test_an_even_function_of_u_and_of_minus_u_is_computed_once():
+    """y*logcosh(-x/2) + (1 - y)*logcosh(x/2) (binary cross-entropy on logits near 0): the
+    emitter writes both as logcosh(x/2), and the kernel calls it once, with the same values
+    (the helper starts from |x|, so the two are equal bit for bit)."""
+    x, y = sp.symbols("x y", real=True)
+    expr = y * logcosh(-x / 2) + (1 - y) * logcosh(x / 2)
+    lines, returned = kernel_code([expr], NumbaPrinter())
+    source = "\n".join(lines + [returned])
+    assert source.count("_logcosh(") == 1, source
+    rendered = generation.build_module(load_spec(SPECS_DIR / "classification" / "binary_cross_entropy_logits.toml"),
+                                       "binary_cross_entropy_logits.toml")
+    loss_scalar = rendered.split("def loss_scalar(")[1].split("\n@")[0]
+    assert loss_scalar.count("_logcosh(") == 1, loss_scalar
+    bce = lossgen.get("binary_cross_entropy_logits")
+    logits = np.array([-1.0, -0.3, 0.0, 1e-300, 0.7, 1.0])
+    for label in (0.0, 0.25, 1.0):
+        with mpmath.workdps(30):
+            truth = [float(mpmath.log1p(mpmath.exp(mpmath.mpf(v))) - label * mpmath.mpf(v)) for v in logits]
+        np.testing.assert_allclose(bce.loss(np.full(6, label), logits, reduction="none"), truth, rtol=1e-15)
 
 # --- runtime: serial or parallel, thread limits ---------------------------------------------
 
