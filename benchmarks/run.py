@@ -524,7 +524,17 @@ elapsed = time.perf_counter() - started
 loaded = sorted(m.rsplit(".", 1)[-1] for m in sys.modules if m.startswith("_lossgen_kernels_") and "." in m)
 compiled = sorted(k for k in huber.module.SPEC["kernels"]
                   if any(getattr(huber.module, k + suffix).signatures for suffix in ("_kernel", "_kernel_parallel")))
-print(elapsed, ",".join(loaded), ",".join(compiled))
+print(elapsed, ",".join(loaded), ",".join(compiled), "scipy.linalg" in sys.modules)
+"""
+
+# Numba imports scipy.linalg (for its BLAS bindings) when it sets up its CPU target, on the
+# first kernel it compiles or loads, where SciPy is installed: part of the figure above.
+SCIPY_PROBE = """
+import time
+import numpy  # imported before it in the figure above
+started = time.perf_counter()
+import scipy.linalg
+print(time.perf_counter() - started)
 """
 
 
@@ -556,9 +566,13 @@ def startup_figures(quick: bool) -> list[tuple[str, str, str]]:
     _timed([sys.executable, "-c", LAZY_PROBE], cwd=ROOT)  # warm Numba's disk cache
     probes = [_timed([sys.executable, "-c", LAZY_PROBE], cwd=ROOT) for _ in range(5)]
     whole = statistics.median(p[0] for p in probes)
-    inside, loaded, compiled = probes[-1][1].split()
+    inside, loaded, compiled, scipy_loaded = probes[-1][1].split()
     rows.append(("fresh process: start, import lossgen, huber.grad_hess (warm cache, median of 5)",
                  f"{whole:.2f} s ({float(inside):.2f} s after start-up)", "< 1 s"))
+    if scipy_loaded == "True":
+        scipy_runs = [float(_timed([sys.executable, "-c", SCIPY_PROBE], cwd=ROOT)[1]) for _ in range(5)]
+        rows.append(("  of which Numba's import of scipy.linalg (SciPy installed; median of 5)",
+                     f"{statistics.median(scipy_runs):.2f} s", ""))
     rows.append(("lazy: loss modules imported / kernels compiled after that call",
                  f"{loaded} / {compiled}", "huber / grad_hess"))
     return rows
