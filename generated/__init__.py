@@ -26,6 +26,7 @@ LOSSES = {
     'hinge_gan_generator': ('gan', 'Hinge GAN generator loss'),
     'huber': ('robust', 'Huber loss'),
     'info_nce': ('metric', 'InfoNCE (contrastive cross-entropy over similarities)'),
+    'js_divergence': ('multiclass', 'Jensen-Shannon divergence'),
     'kl_divergence': ('multiclass', 'Kullback-Leibler divergence'),
     'l1_penalty': ('regularisation', 'L1 penalty (lasso)'),
     'l2_penalty': ('regularisation', 'L2 penalty (ridge, weight decay)'),

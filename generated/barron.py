@@ -95,7 +95,7 @@ def loss_scalar(y, p, alpha, c):
         _t9 = abs(alpha - 2.0)
         _t10 = _t7*_t9
         _t11 = (((_xlog1py(alpha, _t10))/(2.0)) + ((-_xlogy(alpha, _t9))/(2.0)) - _xlogy(alpha, _t5) - _xlogy(alpha, c))
-        _t12 = (((((_t1)/(_t9*c))))/(c))
+        _t12 = ((((((((_t1)/(c))))/(_t9))))/(c))
         _t13 = _xlog1py(alpha, _t12)
         _t14 = ((_t13)/(2.0))
         _b0 = ((_t9*(((-_t3 - _t6 + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if _t8 else (_t9*((((_exprel(_t14)*math.log1p(_t12))/(2.0))) if (abs(_t13) <= 2.0) else ((((math.expm1(_t14)))/(alpha))))))
@@ -106,25 +106,26 @@ def loss_scalar(y, p, alpha, c):
 def grad_scalar(y, p, alpha, c):
     """grad of one element."""
     _t0 = p - y
-    _t1 = (((1.0)/(_t0)))
-    _t2 = _t1**2
-    _t3 = c**2
-    _t5 = (abs(_t0) > 1e+60)
-    _t6 = _t0**2
+    _t1 = (((_t0)/(c)))
+    _t2 = (((1.0)/(_t0)))
+    _t3 = _t2**2
+    _t4 = c**2
+    _t6 = (abs(_t0) > 1e+60)
+    _t7 = _t0**2
     if (alpha == 2.0):
-        _b0 = (((((_t0)/(c))))/(c))
+        _b0 = ((_t1)/(c))
     elif (alpha == 0.0):
-        _t4 = 2.0*_t3
-        _b0 = ((((2.0*_t1)/(_t2*_t4 + 1.0))) if _t5 else (((2.0*p - 2.0*y)/(_t4 + _t6))))
+        _t5 = 2.0*_t4
+        _b0 = ((((2.0*_t2)/(_t3*_t5 + 1.0))) if _t6 else (((2.0*p - 2.0*y)/(_t5 + _t7))))
     else:
-        _t7 = abs(alpha - 2.0)
-        _t8 = _t2*_t3*_t7
-        _t9 = (((_sign(_t1))/(_t8 + 1.0)))
-        _t10 = (((_xlog1py(alpha, _t8))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t1)) + _xlogy(((-alpha)/(2.0)) + 1.0, _t7))
-        _t11 = (((((_t6)/(_t7*c))))/(c))
-        _t12 = _xlog1py(((alpha)/(2.0)), _t11)
-        _t13 = ((((((_t0)/(c*(_t11 + 1.0)))))/(c)))
-        _b0 = ((((_t9*math.exp(_t10)) if (abs(_t10) <= 700.0) else (math.exp((_t10 + math.log(abs(_t9))))*_sign(_t9)))) if _t5 else (((_t13*math.exp(_t12)) if (abs(_t12) <= 700.0) else (math.exp((_t12 + math.log(abs(_t13))))*_sign(_t13)))))
+        _t8 = abs(alpha - 2.0)
+        _t9 = _t3*_t4*_t8
+        _t10 = (((_sign(_t2))/(_t9 + 1.0)))
+        _t11 = (((_xlog1py(alpha, _t9))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t2)) + _xlogy(((-alpha)/(2.0)) + 1.0, _t8))
+        _t12 = ((((((((_t7)/(c))))/(_t8))))/(c))
+        _t13 = _xlog1py(((alpha)/(2.0)), _t12)
+        _t14 = ((((((_t1)/(_t12 + 1.0))))/(c)))
+        _b0 = ((((_t10*math.exp(_t11)) if (abs(_t11) <= 700.0) else (math.exp((_t11 + math.log(abs(_t10))))*_sign(_t10)))) if _t6 else (((_t14*math.exp(_t13)) if (abs(_t13) <= 700.0) else (math.exp((_t13 + math.log(abs(_t14))))*_sign(_t14)))))
     return _b0
 
 
@@ -158,9 +159,9 @@ def hess_scalar(y, p, alpha, c):
         _t19 = alpha**2
         _t20 = (-_t18)
         _t21 = (((_t17*(_t15 + _t18))/(_t0*_t19*_t4 + 8.0*_t0*_t20*_t3 + _t13*_t19*_t7 + _t13*_t20*_t8 + _t13)))
-        _t22 = _xlog1py(((alpha)/(2.0)), (((((_t10)/(_t13*c))))/(c)))
+        _t22 = _xlog1py(((alpha)/(2.0)), ((((((((_t10)/(c))))/(_t13))))/(c)))
         _t23 = _t10 + _t14
-        _t24 = ((((((_t17*(-_t10*_t20 + _t14))/(_t13*_t23))))/(_t23)))
+        _t24 = (((((((((_t17*(-_t10*_t20 + _t14))/(_t23))))/(_t13))))/(_t23)))
         _b0 = ((((_t21*math.exp(_t16)) if (abs(_t16) <= 700.0) else (math.exp((_t16 + math.log(abs(_t21))))*_sign(_t21)))) if _t9 else (((_t24*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t24))))*_sign(_t24)))))
     return _b0
 
@@ -169,51 +170,52 @@ def hess_scalar(y, p, alpha, c):
 def grad_hess_scalar(y, p, alpha, c):
     """grad, hess of one element."""
     _t0 = p - y
-    _t1 = (alpha == 2.0)
-    _t2 = (((1.0)/(_t0)))
-    _t3 = _t2**2
-    _t4 = c**2
-    _t5 = 2.0*_t4
-    _t6 = _t3*_t5
-    _t7 = (abs(_t0) > 1e+60)
-    _t8 = _t0**2
-    _t10 = (alpha == 0.0)
-    _t26 = _t2**4
-    _t28 = _t26*c**4
-    _t29 = 4.0*_t28
-    if _t1:
-        _b0 = (((((_t0)/(c))))/(c))
-        _b1 = ((1.0)/(_t4))
-    elif _t10:
-        _t9 = _t5 + _t8
-        _t27 = 4.0*_t4
-        _b0 = ((((2.0*_t2)/(_t6 + 1.0))) if _t7 else (((2.0*p - 2.0*y)/(_t9))))
-        _b1 = ((((_t26*_t27 - 2.0*_t3)/(_t27*_t3 + _t29 + 1.0))) if _t7 else ((((((-4.0*_t0**2)/(_t9))) + 2.0)/(_t9))))
+    _t1 = (((_t0)/(c)))
+    _t2 = (alpha == 2.0)
+    _t3 = (((1.0)/(_t0)))
+    _t4 = _t3**2
+    _t5 = c**2
+    _t6 = 2.0*_t5
+    _t7 = _t4*_t6
+    _t8 = (abs(_t0) > 1e+60)
+    _t9 = _t0**2
+    _t11 = (alpha == 0.0)
+    _t27 = _t3**4
+    _t29 = _t27*c**4
+    _t30 = 4.0*_t29
+    if _t2:
+        _b0 = ((_t1)/(c))
+        _b1 = ((1.0)/(_t5))
+    elif _t11:
+        _t10 = _t6 + _t9
+        _t28 = 4.0*_t5
+        _b0 = ((((2.0*_t3)/(_t7 + 1.0))) if _t8 else (((2.0*p - 2.0*y)/(_t10))))
+        _b1 = ((((_t27*_t28 - 2.0*_t4)/(_t28*_t4 + _t30 + 1.0))) if _t8 else ((((((-4.0*_t0**2)/(_t10))) + 2.0)/(_t10))))
     else:
-        _t11 = alpha - 2.0
-        _t12 = abs(_t11)
-        _t13 = _t12*_t4
-        _t14 = _t13*_t3
-        _t15 = (((_sign(_t2))/(_t14 + 1.0)))
-        _t16 = alpha - 1.0
-        _t17 = -_t16
-        _t18 = abs(_t2)
-        _t19 = ((_xlog1py(alpha, _t14))/(2.0)) - _xlogy(alpha, c)
-        _t20 = (_t19 + _xlogy(_t17, _t18) + _xlogy(((-alpha)/(2.0)) + 1.0, _t12))
-        _t21 = (((((_t8)/(_t12*c))))/(c))
-        _t22 = _xlog1py(((alpha)/(2.0)), _t21)
-        _t23 = math.exp(_t22)
-        _t24 = ((((((_t0)/(c*(_t21 + 1.0)))))/(c)))
-        _t25 = (abs(_t22) <= 700.0)
-        _t30 = (_t19 + ((-_xlogy(alpha, _t12))/(2.0)) + _xlogy(-_t11, _t18))
-        _t31 = _t11**2
-        _t32 = alpha**2
-        _t33 = (_t17)
-        _t34 = (((_t31*(_t14 + _t16))/(_t12*_t28*_t32 + _t12*_t29*_t33 + _t12 + 8.0*_t3*_t33*_t4 + _t32*_t6)))
-        _t35 = _t13 + _t8
-        _t36 = ((((((_t31*(_t13 - _t33*_t8))/(_t12*_t35))))/(_t35)))
-        _b0 = ((((_t15*math.exp(_t20)) if (abs(_t20) <= 700.0) else (math.exp((_t20 + math.log(abs(_t15))))*_sign(_t15)))) if _t7 else (((_t23*_t24) if _t25 else (math.exp((_t22 + math.log(abs(_t24))))*_sign(_t24)))))
-        _b1 = ((((_t34*math.exp(_t30)) if (abs(_t30) <= 700.0) else (math.exp((_t30 + math.log(abs(_t34))))*_sign(_t34)))) if _t7 else (((_t23*_t36) if _t25 else (math.exp((_t22 + math.log(abs(_t36))))*_sign(_t36)))))
+        _t12 = alpha - 2.0
+        _t13 = abs(_t12)
+        _t14 = _t13*_t5
+        _t15 = _t14*_t4
+        _t16 = (((_sign(_t3))/(_t15 + 1.0)))
+        _t17 = alpha - 1.0
+        _t18 = -_t17
+        _t19 = abs(_t3)
+        _t20 = ((_xlog1py(alpha, _t15))/(2.0)) - _xlogy(alpha, c)
+        _t21 = (_t20 + _xlogy(_t18, _t19) + _xlogy(((-alpha)/(2.0)) + 1.0, _t13))
+        _t22 = ((((((((_t9)/(c))))/(_t13))))/(c))
+        _t23 = _xlog1py(((alpha)/(2.0)), _t22)
+        _t24 = math.exp(_t23)
+        _t25 = ((((((_t1)/(_t22 + 1.0))))/(c)))
+        _t26 = (abs(_t23) <= 700.0)
+        _t31 = (_t20 + ((-_xlogy(alpha, _t13))/(2.0)) + _xlogy(-_t12, _t19))
+        _t32 = _t12**2
+        _t33 = alpha**2
+        _t34 = (_t18)
+        _t35 = (((_t32*(_t15 + _t17))/(_t13*_t29*_t33 + _t13*_t30*_t34 + _t13 + _t33*_t7 + 8.0*_t34*_t4*_t5)))
+        _t36 = _t14 + _t9
+        _t37 = (((((((((_t32*(_t14 - _t34*_t9))/(_t36))))/(_t13))))/(_t36)))
+        _b0 = ((((_t16*math.exp(_t21)) if (abs(_t21) <= 700.0) else (math.exp((_t21 + math.log(abs(_t16))))*_sign(_t16)))) if _t8 else (((_t24*_t25) if _t26 else (math.exp((_t23 + math.log(abs(_t25))))*_sign(_t25)))))
+        _b1 = ((((_t35*math.exp(_t31)) if (abs(_t31) <= 700.0) else (math.exp((_t31 + math.log(abs(_t35))))*_sign(_t35)))) if _t8 else (((_t24*_t37) if _t26 else (math.exp((_t23 + math.log(abs(_t37))))*_sign(_t37)))))
     return _b0, _b1
 
 
@@ -234,19 +236,20 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     _t11 = _t10*_t8
     _t12 = (abs(_t0) > 1e+60)
     _t13 = (alpha == 0.0)
-    _t33 = _t5**4
-    _t35 = _t33*c**4
-    _t36 = 4.0*_t35
+    _t24 = (((_t0)/(c)))
+    _t34 = _t5**4
+    _t36 = _t34*c**4
+    _t37 = 4.0*_t36
     if _t3:
         _b0 = _t2
-        _b1 = (((((_t0)/(c))))/(c))
+        _b1 = ((_t24)/(c))
         _b2 = ((1.0)/(_t9))
     elif _t13:
-        _t24 = _t1 + _t10
-        _t34 = 4.0*_t9
+        _t25 = _t1 + _t10
+        _t35 = 4.0*_t9
         _b0 = ((-2.0*_t4 - 2.0*_t7 + math.log1p(_t11) - math.log(2.0)) if _t12 else (math.log1p(_t2)))
-        _b1 = ((((2.0*_t5)/(_t11 + 1.0))) if _t12 else (((2.0*p - 2.0*y)/(_t24))))
-        _b2 = ((((_t33*_t34 - 2.0*_t8)/(_t34*_t8 + _t36 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t24))) + 2.0)/(_t24))))
+        _b1 = ((((2.0*_t5)/(_t11 + 1.0))) if _t12 else (((2.0*p - 2.0*y)/(_t25))))
+        _b2 = ((((_t34*_t35 - 2.0*_t8)/(_t35*_t8 + _t37 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t25))) + 2.0)/(_t25))))
     else:
         _t14 = alpha - 2.0
         _t15 = abs(_t14)
@@ -255,27 +258,27 @@ def loss_grad_hess_scalar(y, p, alpha, c):
         _t18 = ((_xlog1py(alpha, _t17))/(2.0)) - _xlogy(alpha, c)
         _t19 = _t18 + ((-_xlogy(alpha, _t15))/(2.0))
         _t20 = (_t19 - _xlogy(alpha, _t6))
-        _t21 = (((((_t1)/(_t15*c))))/(c))
+        _t21 = ((((((((_t1)/(c))))/(_t15))))/(c))
         _t22 = _xlog1py(alpha, _t21)
         _t23 = ((_t22)/(2.0))
-        _t25 = (((_sign(_t5))/(_t17 + 1.0)))
-        _t26 = alpha - 1.0
-        _t27 = -_t26
-        _t28 = (_t18 + _xlogy(_t27, _t6) + _xlogy(((-alpha)/(2.0)) + 1.0, _t15))
-        _t29 = _xlog1py(((alpha)/(2.0)), _t21)
-        _t30 = math.exp(_t29)
-        _t31 = ((((((_t0)/(c*(_t21 + 1.0)))))/(c)))
-        _t32 = (abs(_t29) <= 700.0)
-        _t37 = (_t19 + _xlogy(-_t14, _t6))
-        _t38 = _t14**2
-        _t39 = alpha**2
-        _t40 = (_t27)
-        _t41 = (((_t38*(_t17 + _t26))/(_t11*_t39 + _t15*_t35*_t39 + _t15*_t36*_t40 + _t15 + 8.0*_t40*_t8*_t9)))
-        _t42 = _t1 + _t16
-        _t43 = ((((((_t38*(-_t1*_t40 + _t16))/(_t15*_t42))))/(_t42)))
+        _t26 = (((_sign(_t5))/(_t17 + 1.0)))
+        _t27 = alpha - 1.0
+        _t28 = -_t27
+        _t29 = (_t18 + _xlogy(_t28, _t6) + _xlogy(((-alpha)/(2.0)) + 1.0, _t15))
+        _t30 = _xlog1py(((alpha)/(2.0)), _t21)
+        _t31 = math.exp(_t30)
+        _t32 = ((((((_t24)/(_t21 + 1.0))))/(c)))
+        _t33 = (abs(_t30) <= 700.0)
+        _t38 = (_t19 + _xlogy(-_t14, _t6))
+        _t39 = _t14**2
+        _t40 = alpha**2
+        _t41 = (_t28)
+        _t42 = (((_t39*(_t17 + _t27))/(_t11*_t40 + _t15*_t36*_t40 + _t15*_t37*_t41 + _t15 + 8.0*_t41*_t8*_t9)))
+        _t43 = _t1 + _t16
+        _t44 = (((((((((_t39*(-_t1*_t41 + _t16))/(_t43))))/(_t15))))/(_t43)))
         _b0 = ((_t15*(((-_t4 - _t7 + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t20)) if (abs(_t20) <= 1.0) else ((((math.expm1(_t20)))/(alpha))))) if _t12 else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha))))))
-        _b1 = ((((_t25*math.exp(_t28)) if (abs(_t28) <= 700.0) else (math.exp((_t28 + math.log(abs(_t25))))*_sign(_t25)))) if _t12 else (((_t30*_t31) if _t32 else (math.exp((_t29 + math.log(abs(_t31))))*_sign(_t31)))))
-        _b2 = ((((_t41*math.exp(_t37)) if (abs(_t37) <= 700.0) else (math.exp((_t37 + math.log(abs(_t41))))*_sign(_t41)))) if _t12 else (((_t30*_t43) if _t32 else (math.exp((_t29 + math.log(abs(_t43))))*_sign(_t43)))))
+        _b1 = ((((_t26*math.exp(_t29)) if (abs(_t29) <= 700.0) else (math.exp((_t29 + math.log(abs(_t26))))*_sign(_t26)))) if _t12 else (((_t31*_t32) if _t33 else (math.exp((_t30 + math.log(abs(_t32))))*_sign(_t32)))))
+        _b2 = ((((_t42*math.exp(_t38)) if (abs(_t38) <= 700.0) else (math.exp((_t38 + math.log(abs(_t42))))*_sign(_t42)))) if _t12 else (((_t31*_t44) if _t33 else (math.exp((_t30 + math.log(abs(_t44))))*_sign(_t44)))))
     return _b0, _b1, _b2
 
 

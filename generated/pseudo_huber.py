@@ -39,7 +39,8 @@ SPEC = {
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = abs(p - y)
-    return _t0*delta*(((_t0)/(delta*math.hypot(1.0, ((_t0)/(delta))) + delta)))
+    _t1 = ((_t0)/(delta))
+    return _t0*delta*((((_t1))/(math.hypot(1.0, _t1) + 1.0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -88,17 +89,18 @@ def loss_grad_hess_scalar(y, p, delta):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = abs(_t0)
-    _t2 = math.hypot(1.0, ((_t1)/(delta)))
-    _t3 = delta**3
+    _t2 = ((_t1)/(delta))
+    _t3 = math.hypot(1.0, _t2)
+    _t4 = delta**3
     if (_t1 > 1e+60):
-        _t4 = (((1.0)/(_t0)))
-        _t5 = abs(_t4)
-        _t6 = _t4**2
-        _t7 = math.hypot(1.0, _t5*delta)
-        _b0 = ((_t3*_t5*_t6)/(_t6*_t7*delta**2 + _t7))
+        _t5 = (((1.0)/(_t0)))
+        _t6 = abs(_t5)
+        _t7 = _t5**2
+        _t8 = math.hypot(1.0, _t6*delta)
+        _b0 = ((_t4*_t6*_t7)/(_t7*_t8*delta**2 + _t8))
     else:
-        _b0 = ((_t3)/(math.hypot(delta, _t1)**3))
-    return _t1*delta*(((_t1)/(_t2*delta + delta))), ((_t0)/(_t2)), _b0
+        _b0 = ((_t4)/(math.hypot(delta, _t1)**3))
+    return _t1*delta*((((_t2))/(_t3 + 1.0))), ((_t0)/(_t3)), _b0
 
 
 @numba.njit(cache=True, error_model="numpy")

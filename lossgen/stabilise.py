@@ -171,6 +171,46 @@ def _log_difference(e):
     return None
 
 
+def _mixture_entropy(e):
+    """c*(xlogy(a, a) - xlogy(a, m) + xlogy(b, b) - xlogy(b, m)), m = (a + b)/2, a, b >= 0
+    (twice the Jensen-Shannon term of a and b): with t = (a - b)/(a + b), this is
+    c*m*(log1p(-t**2) + 2*t*atanh(t)) = c*m*(t**2 + t**4/6 + ...), used where |t| < 1/2; there
+    the four terms, each of first order in a - b, cancel, while log1p(-t**2) and 2*t*atanh(t)
+    differ in sign by a factor of about 2. Elsewhere (a + b > 0) it is
+    c*(xlogy(a, 2a/(a + b)) + xlogy(b, 2b/(a + b))): one logarithm of a quotient, not
+    log(a) - log(m), which cancels where a is tiny; 2a/(a + b) keeps the digits that 1 + t
+    loses (1 + t = 0 at a = 1e-300, b = 1)."""
+    terms = _add_terms(e)
+    if not terms or len(terms) < 4:
+        return None
+    logs = []
+    for t in terms:
+        for f in sp.Mul.make_args(t):
+            if isinstance(f, xlogy):
+                logs.append((t, t / f, f.args[0], f.args[1]))
+                break
+    for t1, c, a, a_again in logs:
+        for t2, c2, b, b_again in logs:
+            if t2 is t1 or a_again != a or b_again != b or a == b or sp.expand(c - c2) != 0 \
+                    or not (a.is_nonnegative and b.is_nonnegative) or c.has(a) or c.has(b):
+                continue
+            m = (a + b) / 2
+            partners = []
+            for x in (a, b):
+                partners += [u for u, d, y, w in logs if y == x and u is not t1 and u is not t2
+                             and sp.expand(c + d) == 0 and sp.expand(w - m) == 0][:1]
+            if len(partners) != 2:
+                continue
+            ratio = group((a - b) / (a + b))
+            near = c * group(m * (log1p(-ratio**2) + 2 * ratio * sp.atanh(ratio)))
+            far = c * (xlogy(a, group(2 * a / (a + b))) + xlogy(b, group(2 * b / (a + b))))
+            as_it_was = t1 + t2 + group(partners[0]) + group(partners[1])  # a = b = 0; seen as done
+            rest = [v for v in terms if v not in (t1, t2, *partners)]
+            return sp.Add(sp.Piecewise((near, 2 * sp.Abs(a - b) < a + b), (far, a + b > 0), (as_it_was, True)),
+                          *rest)
+    return None
+
+
 def _log_cosh(e):
     if isinstance(e, sp.log) and isinstance(e.args[0], sp.cosh):
         return logcosh(e.args[0].args[0])
@@ -412,6 +452,28 @@ def _divide_twice(e):
                     return group(numerator / f.base) / f.base
 
 
+def _divide_in_turn(e):
+    """a/(b*c) -> (a/b)/c for a non-numeric a: b*c under- or overflows where the quotients in
+    turn need not (p/(q*(p + q)) at q = 1e-300). The first divisor is the sum that holds a
+    factor of a, whose quotient is bounded (p/(p + q) <= 1 for p, q >= 0), else the first in
+    SymPy's order."""
+    if not isinstance(e, sp.Mul):
+        return None
+    coefficient, rest = e.as_coeff_Mul()
+    factors = sp.Mul.make_args(rest)
+    divisors = [f for f in factors if isinstance(f, sp.Pow) and f.exp == -1 and not f.base.is_Number]
+    numerator = sp.Mul(*[f for f in factors if not any(f is d for d in divisors)])
+    if len(divisors) < 2 or numerator == 1 or numerator.is_Number:
+        return None
+    own = sp.Mul.make_args(numerator)
+    divisors.sort(key=lambda d: (not (isinstance(d.base, sp.Add) and any(f in d.base.args for f in own)),
+                                 sp.default_sort_key(d)))
+    quotient = numerator
+    for d in divisors[:-1]:
+        quotient = group(quotient * d)
+    return coefficient * quotient * divisors[-1]
+
+
 def _log_sum_exp(e):
     if isinstance(e, sp.log) and isinstance(e.args[0], sp.Add) and len(e.args[0].args) == 2 \
             and all(isinstance(t, sp.exp) for t in e.args[0].args):
@@ -452,6 +514,10 @@ RULES: tuple[Rule, ...] = (
     Rule("logaddexp", "log(exp(a) + exp(b))", "logaddexp(a, b)", "exp overflows for a > 709", _log_sum_exp),
     Rule("softplus", "log(1 + exp(x))", "softplus(x)", "exp overflows for x > 709", _log_one_plus_exp),
     Rule("log1p", "log(1 + x)", "log1p(x)", "1 + x drops the digits of a small x", _log_one_plus),
+    Rule("mixture_entropy", "xlogy(a, a) - xlogy(a, m) + xlogy(b, b) - xlogy(b, m), m = (a + b)/2",
+         "m*(log1p(-t**2) + 2*t*atanh(t)), t = (a - b)/(a + b), where |t| < 1/2; "
+         "else xlogy(a, 2a/(a + b)) + xlogy(b, 2b/(a + b))",
+         "the four terms are of first order in a - b and cancel to the second-order value", _mixture_entropy),
     Rule("log_difference", "c*log(a) - c*log(b)", "c*log1p((a - b)/b) where a/b is in (1/2, 2)",
          "the logarithms of close values cancel to their rounding errors", _log_difference),
     Rule("power_minus_one", "c*a**k - c", "c*expm1(k*log(a))", "a**k rounds to 1 when k*log(a) is small",
@@ -478,6 +544,7 @@ RULES: tuple[Rule, ...] = (
     Rule("distribute_to_cancel", "x*(a/x + b)", "a + x*b", "x*(a/x) is 0*inf = nan where x underflows",
          _distribute_to_cancel),
     Rule("divide_twice", "a/b**2", "(a/b)/b", "b**2 under- or overflows where a/b/b does not", _divide_twice),
+    Rule("divide_in_turn", "a/(b*c)", "(a/b)/c", "b*c under- or overflows where a/b/c does not", _divide_in_turn),
     Rule("difference_of_squares", "a**2 - b**2", "(a - b)*(a + b)", "a**2 - b**2 cancels when a is close to b",
          _difference_of_squares),
     Rule("exact_sum", "a + b + c + ...", "exact_sum(a, b, c, ...)",

@@ -92,7 +92,7 @@ def test_row_known_gaps_are_still_gaps(name):
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
-                   "multiclass_hinge_weston_watkins", "softmax_cross_entropy_probs"}
+                   "multiclass_hinge_weston_watkins", "softmax_cross_entropy_probs", "js_divergence"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -382,6 +382,38 @@ def test_categorical_and_kl_losses_are_their_formulas():
                                (p * np.log(p / t)).sum(1), rtol=1e-12)
     np.testing.assert_allclose(lossgen.get("reverse_kl_divergence").loss(t, p, reduction="none"),
                                lossgen.get("kl_divergence").loss(p, t, reduction="none"), rtol=1e-13)
+
+
+def test_js_divergence_is_its_formula():
+    """JS(p, q) = KL(p || m)/2 + KL(q || m)/2, m = (p + q)/2, in nats; scipy's jensenshannon is
+    its square root (base e by default). Symmetric, 0 at q = p, log 2 for disjoint supports."""
+    rng = np.random.default_rng(14)
+    p, q = rng.dirichlet(np.ones(6), 30), rng.dirichlet(np.ones(6), 30)
+    p[:5, :2] = 0.0  # zeros in one row or the other: 0 log 0 = 0
+    p[:5] /= p[:5].sum(1, keepdims=True)
+    q[5:10, 3:] = 0.0
+    q[5:10] /= q[5:10].sum(1, keepdims=True)
+    js = lossgen.get("js_divergence")
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / b), 0.0).sum(1)
+
+    value = js.loss(p, q, reduction="none")
+    np.testing.assert_allclose(value, kl(p, m) / 2 + kl(q, m) / 2, rtol=1e-13)
+    np.testing.assert_allclose(js.loss(q, p, reduction="none"), value, rtol=1e-14)
+    positive = q > 0  # where q = 0 the gradient is -inf and the Hessian inf (or nan at p = 0)
+    a, b = p[positive], q[positive]
+    np.testing.assert_allclose(js.grad(p, q)[positive], np.log(2 * b / (a + b)) / 2, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(js.hess(p, q)[positive], a / (2 * b * (a + b)), rtol=1e-13)
+    assert np.all(js.loss(p, p, reduction="none") == 0.0)
+    disjoint = np.array([[0.5, 0.5, 0.0, 0.0]]), np.array([[0.0, 0.0, 0.25, 0.75]])
+    assert math.isclose(js.loss(*disjoint), math.log(2), rel_tol=1e-15)
+    try:
+        from scipy.spatial.distance import jensenshannon
+    except ImportError:
+        return
+    np.testing.assert_allclose(value, jensenshannon(p, q, axis=1) ** 2, rtol=1e-10)
 
 
 def test_softmax_cross_entropy_probs_is_torch_cross_entropy_with_probabilities():

@@ -14,10 +14,11 @@ from sympy.codegen.cfunctions import expm1
 from lossgen.emit import HELPERS, template_environment
 from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise
 from lossgen.verify import evaluate, relative_error
-from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, sigmoid, softplus
+from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, sigmoid, softplus, xlogy
 
 x = sp.Symbol("x", real=True)
 y = sp.Symbol("y", positive=True)
+w = sp.Symbol("w", positive=True)
 z = sp.Symbol("z", real=True)
 b = sp.Symbol("b", real=True)
 
@@ -52,6 +53,10 @@ EXAMPLES = {
     "power_of_one_plus": ((1 + x**2) ** z, {x: 1e-6, z: -1e12}),  # 1 + 1e-12 rounded, then to the -1e12th
     "log1mexp": (sp.log(1 - sp.exp(-x**2)), {x: 1e-9}),  # 1 - exp(-1e-18) is 0: log(0)
     "log_difference": (z * sp.log(y + x**2) - z * sp.log(y), {x: 1e-6, y: 3.0, z: 2.0}),
+    # twice the Jensen-Shannon term of y and w: about 4.4e-5; the four terms are about 0.27
+    "mixture_entropy": (xlogy(y, y) - xlogy(y, (y + w) / 2) + xlogy(w, w) - xlogy(w, (y + w) / 2),
+                        {y: 0.13050471177614809, w: 0.12755822648228032}),
+    "divide_in_turn": (y / (w * (y + w)), {y: 1e-16, w: 1e-300}),  # w*(y + w) = 1e-316 is subnormal
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
@@ -230,3 +235,45 @@ def test_exp_product_computes_a_quotient_first():
         truth = evaluate(sp.lambdify([x, z], expr, modules=MODULES), point)
         value = sp.lambdify([x, z], stable, modules=FLOAT_MODULES)(*point)
         assert relative_error(value, truth) <= 1e-12, (stable, point, value, truth)
+
+
+def _jensen_shannon_term(a, b):
+    """xlogy(a, a) - xlogy(a, m) + xlogy(b, b) - xlogy(b, m), m = (a + b)/2, of sympy symbols."""
+    m = (a + b) / 2
+    return xlogy(a, a) - xlogy(a, m) + xlogy(b, b) - xlogy(b, m)
+
+
+@pytest.mark.parametrize("a, b", [(0.13050471177614809, 0.12755822648228032), (0.3, 0.3 + 2**-50), (1.0, 0.5),
+                                  (0.5, 0.25), (1.0, 0.0), (0.0, 1e-300), (1e-300, 1.0), (1e-16, 1e-300),
+                                  (1.0, 1.0 - 2**-52), (1e-300, 3e-300), (0.7, 0.2), (0.0, 0.0)])
+def test_mixture_entropy_keeps_its_digits_on_every_branch(a, b):
+    """The near form (|t| < 1/2), the far form and a = b = 0, against the four terms in mpmath;
+    with the coefficient 1/2 of the Jensen-Shannon divergence."""
+    p, q = sp.symbols("p q", nonnegative=True)  # probabilities: p + q = 0 is possible
+    expr = _jensen_shannon_term(p, q) / 2
+    stable = stabilise(expr)
+    assert stable.has(sp.atanh)
+    truth = evaluate(sp.lambdify([p, q], expr, modules=MODULES), [a, b])
+    value = sp.lambdify([p, q], stable, modules=FLOAT_MODULES)(a, b)
+    assert relative_error(value, truth) <= 1e-14, (a, b, value, truth)
+    naive = sp.lambdify([p, q], expr, modules=FLOAT_MODULES)(a, b)
+    if (a, b) == (0.13050471177614809, 0.12755822648228032):
+        assert relative_error(naive, truth) > 1e-13  # the four terms cancel: what the rule is for
+
+
+def test_mixture_entropy_needs_the_mean_and_nonnegative_arguments():
+    other = xlogy(y, y) - xlogy(y, (y + w) / 3) + xlogy(w, w) - xlogy(w, (y + w) / 3)
+    assert not stabilise(other).has(sp.atanh)
+    assert not stabilise(_jensen_shannon_term(x, w)).has(sp.atanh)  # x may be negative
+
+
+def test_divide_in_turn_divides_by_the_bounded_quotient_first():
+    """p/(2 q (p + q)), the Jensen-Shannon Hessian: (p/(p + q))/(2 q), so p = 0 gives 0, not 0/0."""
+    expr = y / (2 * w * (y + w))
+    stable = stabilise(expr)
+    f = sp.lambdify([y, w], stable, modules=FLOAT_MODULES)
+    assert f(0.0, 1e-300) == 0.0
+    for a, b in ((1e-16, 1e-300), (1e-300, 1e-300), (1.0, 1e-300), (0.5, 0.25)):
+        truth = evaluate(sp.lambdify([y, w], expr, modules=MODULES), [a, b])
+        assert relative_error(f(a, b), truth) <= 1e-15, (a, b)
+    assert stabilise(1 / (y * w)) == 1 / (y * w)  # no numerator: nothing to order
