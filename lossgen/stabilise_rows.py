@@ -37,7 +37,7 @@ from .derive import tidy
 from .derive_rows import HessianBlock, varies_along_row
 from .reductions import onehot
 from .stabilise import direct_form
-from .vocabulary import exact_sum, group
+from .vocabulary import exact_sum, exprel, group
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -82,7 +82,9 @@ def _complement_weights(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
     """Where an expression in the log-weight u holds a real power (1 - exp(u))**g (the focal
     factor (1 - p)**gamma), exp(k u) is written (1 - Q)**k with Q = 1 - exp(u) = -expm1(u) and
     the products are expanded, so that the powers of Q combine exactly: Q**g/Q is Q**(g - 1),
-    and a difference that cancels where p is close to 1 (f'(u) - f'(u) exp(u)) is f'(u) Q.
+    and a difference that cancels where p is close to 1 (f'(u) - f'(u) exp(u)) is f'(u) Q. Where
+    u itself appears only in sums and products, it is -Q V with V = 1/exprel(u) = u/(exp(u) - 1),
+    so u Q**(g - 1) is -V Q**g: finite at Q = 0 for every g >= 0 (the focal gradient at gamma < 1).
     Taken where u > -log 2 (Q < 1/2, so 1 - Q is exp(u) to working precision); elsewhere the
     expression as it was. Branch by branch of a Piecewise (the onehot split of _at_index)."""
     if isinstance(expr, sp.Piecewise):
@@ -90,11 +92,13 @@ def _complement_weights(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
     base = 1 - sp.exp(u)
     if not any(p.base == base and not p.exp.is_Integer for p in expr.atoms(sp.Pow)):
         return expr
-    q = sp.Symbol("_Q", positive=True)
+    q, v = sp.Symbol("_Q", positive=True), sp.Symbol("_V", positive=True)
     in_q = expr.replace(lambda e: isinstance(e, sp.exp) and (e.args[0] / u).is_Integer,
                         lambda e: (1 - q) ** (e.args[0] / u))
+    if not any(isinstance(a, sp.Function) and a.has(u) for a in sp.preorder_traversal(in_q)):
+        in_q = in_q.xreplace({u: -q * v})  # u = log(1 - Q) = -Q V, V = 1/exprel(u) in [1, 1.45)
     in_q = sp.factor_terms(sp.expand(in_q, power_base=False, power_exp=False, log=False, multinomial=False))
-    stable = direct_form(in_q).xreplace({q: group(-expm1(u))})
+    stable = direct_form(in_q).xreplace({q: group(-expm1(u)), v: 1 / exprel(u)})
     return sp.Piecewise((stable, u > -sp.log(2)), (direct_form(expr), True))
 
 

@@ -275,6 +275,11 @@ def test_focal_multiclass_is_lin_et_al_and_cross_entropy_at_gamma_0():
     np.testing.assert_allclose(focal.hess(y, s, gamma=0.0, alpha=alpha), sce.hess(y, s, w=alpha), rtol=1e-12,
                                atol=1e-15)
     np.testing.assert_allclose(focal.loss(y, s, reduction="none"), _focal(y, s, 2.0, np.ones(6))[0], rtol=1e-12)
+    # saturated rows (p_y = 1 in float64, 1 - p_y = 0): the gradient is the limit, at every gamma
+    ys, ss = np.array([0, 1, 0]), np.array([[1.0, -1000.0], [-20.0, 1000.0], [5.0, -800.0]])
+    np.testing.assert_array_equal(focal.grad(ys, ss, gamma=0.0, alpha=alpha[:2]), sce.grad(ys, ss, w=alpha[:2]))
+    for gamma in (0.5, 1.0, 2.0):
+        assert np.all(focal.grad(ys, ss, gamma=gamma, alpha=alpha[:2]) == 0.0)
     try:
         import torch
     except ImportError:

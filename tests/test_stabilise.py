@@ -264,3 +264,10 @@ def test_complement_weights_combine_powers_of_one_minus_the_weight():
     for point in ([-1e-20, 2.0], [-3e-9, 2.0], [-0.3, 0.5], [-5.0, 2.0], [-800.0, 3.0]):
         truth = evaluate(sp.lambdify([u, g], expr, modules=MODULES), point)
         assert relative_error(rewritten(*point), truth) <= 1e-13, (point, rewritten(*point), truth)
+    # u (1 - exp(u))**(g - 1) is -V Q**g with V = u/expm1(u): at g < 1 finite where Q = 0
+    expr = g * u * sp.exp(u) * (1 - sp.exp(u)) ** (g - 1)
+    rewritten = sp.lambdify([u, g], direct_form(_complement_weights(expr, u)), modules=FLOAT_MODULES)
+    assert rewritten(0.0, 0.5) == 0.0 and rewritten(0.0, 0.0) == 0.0
+    for point in ([-1e-300, 0.5], [-1e-9, 0.25], [-0.5, 0.5], [-3.0, 0.5]):
+        truth = evaluate(sp.lambdify([u, g], expr, modules=MODULES), point)
+        assert relative_error(rewritten(*point), truth) <= 1e-13, (point, rewritten(*point), truth)
