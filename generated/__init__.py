@@ -19,6 +19,7 @@ LOSSES = {
     'elastic_net': ('regularisation', 'Elastic net penalty'),
     'exponential': ('classification', 'Exponential loss (AdaBoost)'),
     'focal_binary': ('classification', 'Binary focal loss on logits'),
+    'focal_multiclass': ('multiclass', 'Multiclass focal loss on logits'),
     'gan_discriminator': ('gan', 'GAN discriminator loss (non-saturating GAN)'),
     'gan_generator_nonsaturating': ('gan', 'Non-saturating GAN generator loss'),
     'hinge': ('classification', 'Hinge loss'),

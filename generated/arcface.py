@@ -435,7 +435,12 @@ def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            if _j == _l:
+                _h = _scratch[0, _j]
+            elif (_l == _row_y) and not (_j == _row_y):
+                _h = _scratch[1, _l] * _scratch[2, _j]
+            else:
+                _h = _scratch[1, _j] * _scratch[2, _l]
             _out0[_i, _j] += _w * _h * _v_c[_i, _l]
 
 
@@ -518,7 +523,12 @@ def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         _scratch[2, _k] = _b2_2
     for _j in range(_n):
         for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
+            if _j == _l:
+                _h = _scratch[0, _j]
+            elif (_l == _row_y) and not (_j == _row_y):
+                _h = _scratch[1, _l] * _scratch[2, _j]
+            else:
+                _h = _scratch[1, _j] * _scratch[2, _l]
             _out0[_i, _j, _l] = _w * _h
 
 

@@ -496,30 +496,28 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h1 = _t1_0
     _h2 = _t1_2
     _h3 = _t1_1
-    _h4 = ((1.0)/(_t1_2))
-    _scratch = np.empty((7, _n))
+    _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y*_h2
-        _t2_1 = _e_y*_h1
+        _t2_1 = 2.0*_e_y
         _t2_2 = 1.0 - _e_y
         _t2_3 = _t2_2*alpha
-        _t2_4 = _e_y*beta
-        _t2_5 = _h3*_t2_4
-        _t2_6 = -2.0*_h3*_t2_3 + 2.0*_t2_1 + 2.0*_t2_5
-        _t2_7 = -_t2_0 + _t2_6
-        _t2_8 = _t2_7*beta
-        _scratch[0, _k] = _h0*(-_e_y*_t2_8 + _e_y*(_h2*_t2_3 - _t2_0*beta + _t2_6) + _t2_3*_t2_7)
-        _scratch[1, _k] = _h0*_t2_7*alpha
-        _scratch[2, _k] = _t2_2
-        _scratch[3, _k] = _h0*_t2_8
-        _scratch[4, _k] = -_e_y
-        _scratch[5, _k] = -2.0*_h0*(_h3*_t2_2*alpha - _t2_1 - _t2_5) + _h4*(_h4*_t2_3) + _h4*(-_h4*_t2_4)
-        _scratch[6, _k] = _e_y
+        _t2_4 = 2.0*_h3*_t2_3
+        _t2_5 = _h1*_t2_1 + _h3*_t2_1*beta - _t2_4
+        _t2_6 = -_t2_0 + _t2_5
+        _t2_7 = _t2_6*beta
+        _t2_8 = _t2_6*alpha
+        _t2_9 = _t2_0*beta
+        _scratch[0, _k] = _h0*(-_e_y*_t2_7 + _e_y*(_h2*_t2_3 + _t2_5 - _t2_9) + _t2_2*_t2_8)
+        _scratch[1, _k] = _h0*_t2_8
+        _scratch[2, _k] = 1.0
+        _scratch[3, _k] = _h0*(2.0*_e_y*_h1 + 2.0*_e_y*_h3*beta + _h2*_t2_2*alpha - _t2_4 - _t2_7 - _t2_8 - _t2_9)
+        _scratch[4, _k] = _e_y
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
 
 
@@ -594,29 +592,27 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h1 = _t1_0
     _h2 = _t1_2
     _h3 = _t1_1
-    _h4 = ((1.0)/(_t1_2))
-    _scratch = np.empty((7, _n))
+    _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y*_h2
-        _t2_1 = _e_y*_h1
+        _t2_1 = 2.0*_e_y
         _t2_2 = 1.0 - _e_y
         _t2_3 = _t2_2*alpha
-        _t2_4 = _e_y*beta
-        _t2_5 = _h3*_t2_4
-        _t2_6 = -2.0*_h3*_t2_3 + 2.0*_t2_1 + 2.0*_t2_5
-        _t2_7 = -_t2_0 + _t2_6
-        _t2_8 = _t2_7*beta
-        _scratch[0, _k] = _h0*(-_e_y*_t2_8 + _e_y*(_h2*_t2_3 - _t2_0*beta + _t2_6) + _t2_3*_t2_7)
-        _scratch[1, _k] = _h0*_t2_7*alpha
-        _scratch[2, _k] = _t2_2
-        _scratch[3, _k] = _h0*_t2_8
-        _scratch[4, _k] = -_e_y
-        _scratch[5, _k] = -2.0*_h0*(_h3*_t2_2*alpha - _t2_1 - _t2_5) + _h4*(_h4*_t2_3) + _h4*(-_h4*_t2_4)
-        _scratch[6, _k] = _e_y
+        _t2_4 = 2.0*_h3*_t2_3
+        _t2_5 = _h1*_t2_1 + _h3*_t2_1*beta - _t2_4
+        _t2_6 = -_t2_0 + _t2_5
+        _t2_7 = _t2_6*beta
+        _t2_8 = _t2_6*alpha
+        _t2_9 = _t2_0*beta
+        _scratch[0, _k] = _h0*(-_e_y*_t2_7 + _e_y*(_h2*_t2_3 + _t2_5 - _t2_9) + _t2_2*_t2_8)
+        _scratch[1, _k] = _h0*_t2_8
+        _scratch[2, _k] = 1.0
+        _scratch[3, _k] = _h0*(2.0*_e_y*_h1 + 2.0*_e_y*_h3*beta + _h2*_t2_2*alpha - _t2_4 - _t2_7 - _t2_8 - _t2_9)
+        _scratch[4, _k] = _e_y
     for _j in range(_n):
         for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
 
 

@@ -78,6 +78,8 @@ class NumbaPrinter(PythonCodePrinter):
     def _print_group(self, expr):
         return f"({self._print(expr.args[0])})"
 
+    _print_real_group = _print_group
+
     def _print_helper(self, expr):
         helper = HELPERS[type(expr).__name__]
         self.helpers_used.add(helper)

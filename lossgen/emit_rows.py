@@ -345,6 +345,12 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
             "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
 
 
+def _indices(block) -> list:
+    """The indices that onehot singles out in a Hessian block's outer products."""
+    nodes = set().union(*(e.atoms(onehot) for pq in block.outer for e in pq)) if block.outer else set()
+    return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
+
+
 def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
@@ -384,12 +390,26 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> di
     body.emit(3, "for _l in range(_n):")
     position = len(diagonals)
     for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
-        terms = []
+        terms, swapped = [], []
         for _ in block.outer:
             terms.append(f"_scratch[{position}, _j] * _scratch[{position + 1}, _l]")
+            swapped.append(f"_scratch[{position}, _l] * _scratch[{position + 1}, _j]")
             position += 2
         total = " + ".join(terms) or "0.0"
-        if own[b]:
+        special = _indices(block) if row == column else []
+        if special:
+            # a prediction's own block is symmetric: an entry (j, l) with l at an index that
+            # onehot singles out (the true class) and j not is entry (l, j), whose P(l) was
+            # stabilised as one expression at that index (the own term's 1 - p_y, exact)
+            at_l = " or ".join(f"_l == {body.printer.doprint(body.rename(i))}" for i in special)
+            at_j = " or ".join(f"_j == {body.printer.doprint(body.rename(i))}" for i in special)
+            body.emit(4, "if _j == _l:")
+            body.emit(5, f"_h = _scratch[{b}, _j]")
+            body.emit(4, f"elif ({at_l}) and not ({at_j}):")
+            body.emit(5, f"_h = {' + '.join(swapped)}")
+            body.emit(4, "else:")
+            body.emit(5, f"_h = {total}")
+        elif own[b]:
             body.emit(4, f"_h = _scratch[{b}, _j] if _j == _l else {total}")
         else:
             body.emit(4, f"_h = {total}")

@@ -30,7 +30,7 @@ from sympy.core.traversal import bottom_up
 from dataclasses import replace
 
 from .derive import differentiate, tidy
-from .vocabulary import exact_sum, exprel, fma, group, logaddexp, logcosh, sigmoid, softplus, xlog1py, xlogy
+from .vocabulary import exact_sum, exprel, fma, group, logaddexp, real_group, logcosh, sigmoid, softplus, xlog1py, xlogy
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
 
@@ -398,6 +398,16 @@ def _exp_times_factor(e):
     factors = sp.Mul.make_args(rest)
     exps = [f for f in factors if isinstance(f, sp.exp)]
     others = [f for f in factors if not isinstance(f, sp.exp)]
+    if len(exps) > 1 and others and any(isinstance(f, sp.Pow) and f.exp.is_negative and not f.base.is_Number
+                                        for f in others):
+        # exp(a) exp(c) N/D: one exponential, exp(a + c) (the focal loss's softmax times
+        # (1 - softmax)**gamma, exp(u) exp(gamma log1p(-exp(u)))), so that N/D joins its exponent
+        exponent = sp.Add(*(f.args[0] for f in exps))
+        if not exponent.is_real:
+            return None
+        a, b = exponent, real_group(sp.Mul(*others))
+        return coefficient * sp.Piecewise((b * sp.exp(a), sp.Abs(a) <= 700),
+                                          (sp.sign(b) * sp.exp(group(a + sp.log(sp.Abs(b)))), True))
     if len(exps) != 1:
         return None
     if len(e.args) in (2, 3) and len(others) == 1 and others[0].is_Symbol:

@@ -12,6 +12,13 @@ rewrites that only rows need.
   as (g - max) - log1p(...), see :mod:`lossgen.emit_rows`). A summand that is not linear in
   one element (ArcFace's target logit) gets the same weights by pattern: exp(k (g - R)) is
   exp(k u), and a polynomial in exp(u) that vanishes at 1 becomes expm1(u) times a quotient.
+* **Complement weights.** Where such an expression holds a real power (1 - exp(u))**g (the
+  focal factor), it is written in Q = -expm1(u) for u > -log 2, so that the powers of Q combine
+  exactly (Q**g/Q is Q**(g - 1), 0 at a saturated row rather than 0/0).
+* **Outer products by factor.** The terms of a Hessian block's outer products that share a
+  factor of l (the softmax p_l) are taken together, so their coefficient is one expression of j
+  that the rewrites above see whole (the row kernels compute an entry (j, l) with l at the
+  onehot index as entry (l, j) of the symmetric block).
 * **Unit weights.** For a norm R = sqrt(S), S = sum(g**2) with g linear in an element x that
   no other reduction reads, x is written through w = g/R; a polynomial in w**2 is expanded
   around w**2 = 1, so that at C = 1 (w = +-1 exactly) the cancelling I - w w^T of a norm's
@@ -20,14 +27,17 @@ rewrites that only rows need.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 from sympy.core.traversal import bottom_up
 
 from .derive import tidy
+from .derive_rows import HessianBlock, varies_along_row
 from .reductions import onehot
 from .stabilise import direct_form
-from .vocabulary import exact_sum, group
+from .vocabulary import exact_sum, exprel, group
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -66,6 +76,30 @@ def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr, sp.Exp
         u = sp.Symbol(f"_u{n}", nonpositive=True)
         found.append((x, u, (u + r.symbol - offset) / slope, r.summand - r.symbol))
     return found
+
+
+def _complement_weights(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
+    """Where an expression in the log-weight u holds a real power (1 - exp(u))**g (the focal
+    factor (1 - p)**gamma), exp(k u) is written (1 - Q)**k with Q = 1 - exp(u) = -expm1(u) and
+    the products are expanded, so that the powers of Q combine exactly: Q**g/Q is Q**(g - 1),
+    and a difference that cancels where p is close to 1 (f'(u) - f'(u) exp(u)) is f'(u) Q. Where
+    u itself appears only in sums and products, it is -Q V with V = 1/exprel(u) = u/(exp(u) - 1),
+    so u Q**(g - 1) is -V Q**g: finite at Q = 0 for every g >= 0 (the focal gradient at gamma < 1).
+    Taken where u > -log 2 (Q < 1/2, so 1 - Q is exp(u) to working precision); elsewhere the
+    expression as it was. Branch by branch of a Piecewise (the onehot split of _at_index)."""
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_complement_weights(e, u), c) for e, c in expr.args))
+    base = 1 - sp.exp(u)
+    if not any(p.base == base and not p.exp.is_Integer for p in expr.atoms(sp.Pow)):
+        return expr
+    q, v = sp.Symbol("_Q", positive=True), sp.Symbol("_V", positive=True)
+    in_q = expr.replace(lambda e: isinstance(e, sp.exp) and (e.args[0] / u).is_Integer,
+                        lambda e: (1 - q) ** (e.args[0] / u))
+    if not any(isinstance(a, sp.Function) and a.has(u) for a in sp.preorder_traversal(in_q)):
+        in_q = in_q.xreplace({u: -q * v})  # u = log(1 - Q) = -Q V, V = 1/exprel(u) in [1, 1.45)
+    in_q = sp.factor_terms(sp.expand(in_q, power_base=False, power_exp=False, log=False, multinomial=False))
+    stable = direct_form(in_q).xreplace({q: group(-expm1(u)), v: 1 / exprel(u)})
+    return sp.Piecewise((stable, u > -sp.log(2)), (direct_form(expr), True))
 
 
 def _difference_first(e, inputs):
@@ -231,7 +265,8 @@ def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     expr = _own_term_apart(_at_index(expr, derivation), derivation)
     for x, u, x_of_u, back in _log_weights(derivation):
         if x in expr.free_symbols:
-            return _differences_first(direct_form(sp.factor_terms(expr.subs(x, x_of_u))).subs(u, back), derivation)
+            in_u = sp.factor_terms(expr.subs(x, x_of_u))
+            return _differences_first(direct_form(_complement_weights(in_u, u)).subs(u, back), derivation)
     for x, w, x_of_w, back, total in _unit_weights(derivation):
         roots = [p for p in expr.atoms(sp.Pow) if p.base == total and not p.exp.is_integer]
         if x in expr.free_symbols and roots:
@@ -243,7 +278,41 @@ def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     return _differences_first(direct_form(sp.factor_terms(expr)), derivation)
 
 
+def _outer_by_factor(block, element_symbols):
+    """The outer products sum_r P_r(j) Q_r(l) of a Hessian block with the terms of the Q_r that
+    share one factor of l (softmax_l = exp(s_l - R)) taken together: sum_r P_r(j) c_r F(l) is
+    (sum_r c_r P_r(j)) F(l), and that coefficient is stabilised as one expression of j. Rounded
+    apart, the terms cancel: the focal loss's entry (y, l) is p_l (-A'(u_y) + A'(u_y) p_y + ...),
+    with A'(u_y) (1 - p_y) what remains where p_y is close to 1. Exact: only the grouping changes,
+    and only factors that several Q_r share are taken out."""
+    def parts(term):
+        factors = sp.Mul.make_args(term)
+        varying = [f for f in factors if varies_along_row(f, element_symbols)]
+        return sp.Mul(*[f for f in factors if f not in varying]), sp.Mul(*varying)
+
+    split = [[parts(term) for term in sp.Add.make_args(q)] for _, q in block.outer]
+    owners = {}
+    for n, terms in enumerate(split):
+        for _, factor in terms:
+            owners.setdefault(factor, set()).add(n)
+    shared = [f for f, n in owners.items() if len(n) > 1 and f != 1]
+    if not shared:
+        return block
+    outer = []
+    for (p, _), terms in zip(block.outer, split):
+        rest = sp.Add(*[c * f for c, f in terms if f not in shared])
+        if rest != 0:
+            outer.append((p, rest))
+    for factor in sorted(shared, key=sp.default_sort_key):
+        coefficient = sp.Add(*[c * p for (p, _), terms in zip(block.outer, split) for c, f in terms if f == factor])
+        outer.append((tidy(coefficient), factor))
+    return HessianBlock(block.diagonal, tuple(outer))
+
+
 def stabilise_rows(derivation):
     """Every summand, loss and derivative of a row-wise derivation, stabilised (no asymptotic
-    branch: a row holds several residuals at once)."""
+    branch: a row holds several residuals at once); the outer products of the Hessian's blocks
+    grouped by their shared factors first (:func:`_outer_by_factor`)."""
+    blocks = {k: _outer_by_factor(b, derivation.element_symbols) for k, b in derivation.blocks.items()}
+    derivation = replace(derivation, blocks=blocks)
     return derivation.map(lambda e: stabilise_element(e, derivation))

@@ -134,6 +134,14 @@ class group(sp.Function):
         return x
 
 
+class real_group(group):
+    """A group whose value is real wherever it is defined (a quotient N/D of real terms, which
+    SymPy cannot call real since D may be 0): Abs and sign of it stay real functions."""
+
+    def _eval_is_real(self):
+        return True
+
+
 class exact_sum(sp.Function):
     """a + b + ..., with every rounding error carried along (error-free two-sums), so terms of
     very different magnitudes that cancel leave the right digits, in whatever order."""

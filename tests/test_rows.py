@@ -92,7 +92,8 @@ def test_row_known_gaps_are_still_gaps(name):
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
-                   "multiclass_hinge_weston_watkins", "softmax_cross_entropy_probs", "js_divergence"}
+                   "multiclass_hinge_weston_watkins", "softmax_cross_entropy_probs", "js_divergence",
+                   "focal_multiclass"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -240,6 +241,57 @@ def test_info_nce_is_cross_entropy_of_scaled_similarities():
                                    rtol=1e-13)
         np.testing.assert_allclose(nce.grad(y, s, temperature=t), (_softmax(s / t) - np.eye(9)[y]) / t,
                                    rtol=1e-12, atol=1e-15)
+
+
+def _focal(y, s, gamma, alpha):
+    """-alpha_y (1 - p_y)**gamma log p_y and its gradient dL/du (onehot(y) - p), u = log p_y:
+    dL/du = -alpha_y ((1 - p_y)**gamma - gamma u p_y (1 - p_y)**(gamma - 1)), in NumPy."""
+    n, c = s.shape
+    p = _softmax(s)
+    p_y, a = p[np.arange(n), y], alpha[y]
+    u = np.log(p_y)
+    loss = -a * (1 - p_y) ** gamma * u
+    slope = -a * ((1 - p_y) ** gamma - gamma * u * p_y * (1 - p_y) ** (gamma - 1))
+    return loss, slope[:, None] * (np.eye(c)[y] - p)
+
+
+def test_focal_multiclass_is_lin_et_al_and_cross_entropy_at_gamma_0():
+    """Lin et al.'s alpha-balanced focal loss on the softmax, against a NumPy transcription; at
+    gamma = 0 it is the class-weighted softmax cross-entropy (loss, gradient, Hessian), and, where
+    torch is installed, torch's cross_entropy(s, y, weight=alpha) and torch's autograd gradient."""
+    rng = np.random.default_rng(15)
+    s, y, alpha = rng.normal(0, 3, (40, 6)), rng.integers(0, 6, 40), rng.uniform(0.1, 2, 6)
+    focal = lossgen.get("focal_multiclass")
+    for gamma in (2.0, 0.5, 3.7):
+        loss, grad = _focal(y, s, gamma, alpha)
+        np.testing.assert_allclose(focal.loss(y, s, gamma=gamma, alpha=alpha, reduction="none"), loss, rtol=1e-12)
+        np.testing.assert_allclose(focal.grad(y, s, gamma=gamma, alpha=alpha), grad, rtol=1e-11, atol=1e-15)
+    sce = lossgen.get("softmax_cross_entropy")
+    np.testing.assert_allclose(focal.loss(y, s, gamma=0.0, alpha=alpha, reduction="none"),
+                               _cross_entropy(y, s, w=alpha), rtol=1e-13)
+    np.testing.assert_allclose(focal.loss(y, s, gamma=0.0, alpha=alpha, reduction="none"),
+                               sce.loss(y, s, w=alpha, reduction="none"), rtol=1e-13)
+    np.testing.assert_allclose(focal.grad(y, s, gamma=0.0, alpha=alpha), sce.grad(y, s, w=alpha), rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(focal.hess(y, s, gamma=0.0, alpha=alpha), sce.hess(y, s, w=alpha), rtol=1e-12,
+                               atol=1e-15)
+    np.testing.assert_allclose(focal.loss(y, s, reduction="none"), _focal(y, s, 2.0, np.ones(6))[0], rtol=1e-12)
+    # saturated rows (p_y = 1 in float64, 1 - p_y = 0): the gradient is the limit, at every gamma
+    ys, ss = np.array([0, 1, 0]), np.array([[1.0, -1000.0], [-20.0, 1000.0], [5.0, -800.0]])
+    np.testing.assert_array_equal(focal.grad(ys, ss, gamma=0.0, alpha=alpha[:2]), sce.grad(ys, ss, w=alpha[:2]))
+    for gamma in (0.5, 1.0, 2.0):
+        assert np.all(focal.grad(ys, ss, gamma=gamma, alpha=alpha[:2]) == 0.0)
+    try:
+        import torch
+    except ImportError:
+        return
+    st = torch.tensor(s, requires_grad=True)
+    ce = torch.nn.functional.cross_entropy(st, torch.tensor(y), weight=torch.tensor(alpha), reduction="none")
+    np.testing.assert_allclose(focal.loss(y, s, gamma=0.0, alpha=alpha, reduction="none"), ce.detach().numpy(),
+                               rtol=1e-12)
+    log_p = torch.log_softmax(st, 1)[torch.arange(40), torch.tensor(y)]
+    (-torch.tensor(alpha)[torch.tensor(y)] * (1 - log_p.exp()) ** 2 * log_p).sum().backward()
+    np.testing.assert_allclose(focal.grad(y, s, alpha=alpha), st.grad.numpy(), rtol=1e-10, atol=1e-14)
 
 
 # --- overlap losses (specs/segmentation/) -----------------------------------------------------

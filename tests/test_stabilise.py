@@ -78,7 +78,7 @@ def _kernel_helpers():
     return helpers
 
 
-FLOAT_MODULES = [_kernel_helpers(), {"group": lambda value: value}, "math"]
+FLOAT_MODULES = [_kernel_helpers(), {"group": lambda value: value, "real_group": lambda value: value}, "math"]
 
 
 def test_every_rule_has_an_example_and_a_reason():
@@ -277,3 +277,44 @@ def test_divide_in_turn_divides_by_the_bounded_quotient_first():
         truth = evaluate(sp.lambdify([y, w], expr, modules=MODULES), [a, b])
         assert relative_error(f(a, b), truth) <= 1e-15, (a, b)
     assert stabilise(1 / (y * w)) == 1 / (y * w)  # no numerator: nothing to order
+
+
+def test_exp_product_joins_two_exponentials_and_a_quotient():
+    """exp(a)*exp(c)*N/D (a softmax exp(u) times (1 - softmax)**gamma = exp(gamma log1p(-exp(u)))):
+    at a = -740, exp(a) is subnormal with a few bits left, which N/D = 1e20 exposes;
+    exp(a + c + log|N/D|) keeps them."""
+    expr = sp.exp(x) * sp.exp(z) * b**2 / (1 + z**2)
+    stable = stabilise(expr)
+    for point in ([-740.0, 0.5, 1e10], [-745.0, -0.25, -3e12], [2.0, 0.5, 3.0]):
+        truth = evaluate(sp.lambdify([x, z, b], expr, modules=MODULES), point)
+        value = sp.lambdify([x, z, b], stable, modules=FLOAT_MODULES)(*point)
+        assert relative_error(value, truth) <= 1e-12, (stable, point, value, truth)
+    naive = sp.lambdify([x, z, b], expr, modules="math")(-740.0, 0.5, 1e10)
+    assert relative_error(naive, evaluate(sp.lambdify([x, z, b], expr, modules=MODULES), [-740.0, 0.5, 1e10])) > 1e-6
+
+
+def test_complement_weights_combine_powers_of_one_minus_the_weight():
+    """A row's log-weight u = log p <= 0 with (1 - exp(u))**g/(1 - exp(u)) (the focal loss's
+    derivative): in Q = -expm1(u) the powers combine, so at u = 0 (C = 1) the value is the limit,
+    0, not 0/0; where p is close to 1, the difference f - f exp(u) keeps its digits."""
+    from lossgen.stabilise_rows import _complement_weights
+    from lossgen.stabilise import direct_form
+    u = sp.Symbol("u", nonpositive=True)
+    g = sp.Symbol("g", nonnegative=True)
+    q = 1 - sp.exp(u)
+    expr = q**g * (g * u * sp.exp(u) / q - 1) * (1 - sp.exp(u))  # f'(u) (1 - p)
+    stable = direct_form(_complement_weights(expr, u))
+    rewritten = sp.lambdify([u, g], stable, modules=FLOAT_MODULES)
+    assert rewritten(0.0, 2.0) == 0.0
+    with pytest.raises(ZeroDivisionError):  # the original: 0/0 at u = 0
+        sp.lambdify([u, g], expr, modules="math")(0.0, 2.0)
+    for point in ([-1e-20, 2.0], [-3e-9, 2.0], [-0.3, 0.5], [-5.0, 2.0], [-800.0, 3.0]):
+        truth = evaluate(sp.lambdify([u, g], expr, modules=MODULES), point)
+        assert relative_error(rewritten(*point), truth) <= 1e-13, (point, rewritten(*point), truth)
+    # u (1 - exp(u))**(g - 1) is -V Q**g with V = u/expm1(u): at g < 1 finite where Q = 0
+    expr = g * u * sp.exp(u) * (1 - sp.exp(u)) ** (g - 1)
+    rewritten = sp.lambdify([u, g], direct_form(_complement_weights(expr, u)), modules=FLOAT_MODULES)
+    assert rewritten(0.0, 0.5) == 0.0 and rewritten(0.0, 0.0) == 0.0
+    for point in ([-1e-300, 0.5], [-1e-9, 0.25], [-0.5, 0.5], [-3.0, 0.5]):
+        truth = evaluate(sp.lambdify([u, g], expr, modules=MODULES), point)
+        assert relative_error(rewritten(*point), truth) <= 1e-13, (point, rewritten(*point), truth)
