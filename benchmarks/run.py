@@ -500,14 +500,22 @@ def time_side_by_side(functions: dict, arrays, repeats: int) -> dict[str, float]
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+# How closely each peer must agree with lossgen (relative): the hand-written reference computes
+# the same stable formula; the others the plain one, which loses digits where it cancels (the
+# spec's raw Hessian of binary cross-entropy on logits divides by (1 - sigmoid(x))**2: 1e-6 at
+# x = 11.6, 8e-4 at x = 15.1). For them the check only makes sure the same loss is timed: a
+# wrong formula or a missing factor is off by far more than 1e-2.
+AGREEMENT = {"reference": 1e-9, "textbook": 1e-2, "numpy": 1e-2, "lambdify": 1e-2, "torch": 1e-2}
+
+
 def check_agreement(case: Case, functions: dict, arrays):
     """The contenders compute the same thing (up to the documented scale of sklearn's halves)."""
     ours = functions["lossgen"](*arrays)
-    for name in ("reference", "textbook", "numpy", "lambdify", "torch"):
+    for name, rtol in AGREEMENT.items():
         if name in functions:
             theirs = functions[name](*arrays)
             for a, b, what in zip(ours, theirs, ("loss", "grad", "hess")):
-                if not np.allclose(a, np.asarray(b, dtype=np.float64), rtol=1e-9, atol=1e-12):
+                if not np.allclose(a, np.asarray(b, dtype=np.float64), rtol=rtol, atol=1e-12):
                     raise AssertionError(f"{case.name}: {name} disagrees with lossgen on the {what}")
 
 

@@ -126,15 +126,16 @@ def _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0):
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = math.log(s)
     for _k in range(_n):
         _e_c = c[_i, _k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t2_0 = m + math.acos(_e_c)
-            _b2_0 = ((s*math.sin(_t2_0)*math.expm1(-_l1 + (-_m1 + s*math.cos(_t2_0))))/(math.sqrt(1.0 - _e_c**2)))
+            _t3_0 = m + math.acos(_e_c)
+            _b3_0 = ((s*math.sin(_t3_0)*math.expm1(-_l1 + (-_m1 + s*math.cos(_t3_0))))/(math.sqrt(1.0 - _e_c**2)))
         else:
-            _t2_1 = _e_c*s - _m1
-            _b2_0 = ((s*math.exp(-_l1 + (_t2_1))) if (_l1 + (-_t2_1) <= 700.0) else (math.exp((-_l1 + (_t2_1 + math.log(s))))))
-        _out0[_i, _k] = _w * (_b2_0)
+            _t3_1 = _e_c*s - _m1
+            _b3_0 = ((s*math.exp(-_l1 + (_t3_1))) if (_l1 + (-_t3_1) <= 700.0) else (math.exp((-_l1 + (_h0 + _t3_1)))))
+        _out0[_i, _k] = _w * (_b3_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -183,23 +184,24 @@ def _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0):
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = s**2
     for _k in range(_n):
         _e_c = c[_i, _k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t2_0 = m + math.acos(_e_c)
-            _t2_1 = math.cos(_t2_0)
-            _t2_2 = _m1 - _t2_1*s
-            _t2_3 = -_l1 + (-_t2_2)
-            _t2_4 = math.expm1(_t2_3)
-            _t2_5 = math.sin(_t2_0)
-            _t2_6 = _t2_5**2*s
-            _t2_7 = _e_c**2 - 1.0
-            _t2_8 = _t2_1 + ((-_e_c*_t2_5)/(math.sqrt(-_t2_7)))
-            _b2_0 = ((_t2_4*s*((_t2_4*_t2_6 + (_t2_6 + _t2_8)) if (_l1 + (_t2_2) <= 1.0) else (_t2_6*math.exp(_t2_3) + (_t2_8))))/(_t2_7))
+            _t3_0 = m + math.acos(_e_c)
+            _t3_1 = math.cos(_t3_0)
+            _t3_2 = _m1 - _t3_1*s
+            _t3_3 = -_l1 + (-_t3_2)
+            _t3_4 = math.expm1(_t3_3)
+            _t3_5 = math.sin(_t3_0)
+            _t3_6 = _t3_5**2*s
+            _t3_7 = _e_c**2 - 1.0
+            _t3_8 = _t3_1 + ((-_e_c*_t3_5)/(math.sqrt(-_t3_7)))
+            _b3_0 = ((_t3_4*s*((_t3_4*_t3_6 + (_t3_6 + _t3_8)) if (_l1 + (_t3_2) <= 1.0) else (_t3_6*math.exp(_t3_3) + (_t3_8))))/(_t3_7))
         else:
-            _t2_9 = -_l1 + (_e_c*s - _m1)
-            _b2_0 = -s**2*math.exp(_t2_9)*math.expm1(_t2_9)
-        _out0[_i, _k] = _w * (_b2_0)
+            _t3_9 = -_l1 + (_e_c*s - _m1)
+            _b3_0 = -_h0*math.exp(_t3_9)*math.expm1(_t3_9)
+        _out0[_i, _k] = _w * (_b3_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -249,31 +251,33 @@ def _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1):
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = math.log(s)
+    _h1 = s**2
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _t2_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t2_9:
-            _t2_0 = m + math.acos(_e_c)
-            _t2_1 = math.sin(_t2_0)
-            _t2_2 = math.cos(_t2_0)
-            _t2_3 = _m1 - _t2_2*s
-            _t2_4 = -_l1 + (-_t2_3)
-            _t2_5 = math.expm1(_t2_4)
-            _t2_6 = _t2_5*s
-            _t2_7 = _e_c**2 - 1.0
-            _t2_8 = math.sqrt(-_t2_7)
-            _t2_13 = _t2_1**2*s
-            _t2_14 = _t2_2 + ((-_e_c*_t2_1)/(_t2_8))
-            _b2_0 = ((_t2_1*_t2_6)/(_t2_8))
-            _b2_1 = ((_t2_6*((_t2_13*_t2_5 + (_t2_13 + _t2_14)) if (_l1 + (_t2_3) <= 1.0) else (_t2_13*math.exp(_t2_4) + (_t2_14))))/(_t2_7))
+        _t3_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t3_9:
+            _t3_0 = m + math.acos(_e_c)
+            _t3_1 = math.sin(_t3_0)
+            _t3_2 = math.cos(_t3_0)
+            _t3_3 = _m1 - _t3_2*s
+            _t3_4 = -_l1 + (-_t3_3)
+            _t3_5 = math.expm1(_t3_4)
+            _t3_6 = _t3_5*s
+            _t3_7 = _e_c**2 - 1.0
+            _t3_8 = math.sqrt(-_t3_7)
+            _t3_13 = _t3_1**2*s
+            _t3_14 = _t3_2 + ((-_e_c*_t3_1)/(_t3_8))
+            _b3_0 = ((_t3_1*_t3_6)/(_t3_8))
+            _b3_1 = ((_t3_6*((_t3_13*_t3_5 + (_t3_13 + _t3_14)) if (_l1 + (_t3_3) <= 1.0) else (_t3_13*math.exp(_t3_4) + (_t3_14))))/(_t3_7))
         else:
-            _t2_10 = _e_c*s - _m1
-            _t2_11 = -_l1 + (_t2_10)
-            _t2_12 = math.exp(_t2_11)
-            _b2_0 = ((_t2_12*s) if (_l1 + (-_t2_10) <= 700.0) else (math.exp((-_l1 + (_t2_10 + math.log(s))))))
-            _b2_1 = -_t2_12*s**2*math.expm1(_t2_11)
-        _out0[_i, _k] = _w * (_b2_0)
-        _out1[_i, _k] = _w * (_b2_1)
+            _t3_10 = _e_c*s - _m1
+            _t3_11 = -_l1 + (_t3_10)
+            _t3_12 = math.exp(_t3_11)
+            _b3_0 = ((_t3_12*s) if (_l1 + (-_t3_10) <= 700.0) else (math.exp((-_l1 + (_h0 + _t3_10)))))
+            _b3_1 = -_h1*_t3_12*math.expm1(_t3_11)
+        _out0[_i, _k] = _w * (_b3_0)
+        _out1[_i, _k] = _w * (_b3_1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -328,6 +332,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2):
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 - _r0))
+    _h0 = math.log(s)
+    _h1 = s**2
     for _k in range(_n):
         _e_c = c[_i, _k]
         _t4_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
@@ -349,8 +355,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2):
             _t4_10 = _e_c*s - _m1
             _t4_11 = -_l1 + (_t4_10)
             _t4_12 = math.exp(_t4_11)
-            _b4_0 = ((_t4_12*s) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_t4_10 + math.log(s))))))
-            _b4_1 = -_t4_12*s**2*math.expm1(_t4_11)
+            _b4_0 = ((_t4_12*s) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_h0 + _t4_10)))))
+            _b4_1 = -_h1*_t4_12*math.expm1(_t4_11)
         _out1[_i, _k] = _w * (_b4_0)
         _out2[_i, _k] = _w * (_b4_1)
 
@@ -401,37 +407,39 @@ def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = s**2
+    _h1 = math.log(s)
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t2_11:
-            _t2_0 = m + math.acos(_e_c)
-            _t2_1 = math.cos(_t2_0)
-            _t2_2 = _m1 - _t2_1*s
-            _t2_3 = -_l1 + (-_t2_2)
-            _t2_4 = math.expm1(_t2_3)
-            _t2_5 = math.sin(_t2_0)
-            _t2_6 = _t2_5**2*s
-            _t2_7 = _e_c**2 - 1.0
-            _t2_8 = math.sqrt(-_t2_7)
-            _t2_9 = _t2_1 + ((-_e_c*_t2_5)/(_t2_8))
-            _t2_10 = math.exp(_t2_3)
-            _t2_15 = _t2_10*_t2_5*s
-            _b2_0 = ((_t2_4*s*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
-            _b2_1 = ((-_t2_15)/(_t2_8))
-            _b2_2 = ((_t2_15)/(_t2_8))
+        _t3_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t3_11:
+            _t3_0 = m + math.acos(_e_c)
+            _t3_1 = math.cos(_t3_0)
+            _t3_2 = _m1 - _t3_1*s
+            _t3_3 = -_l1 + (-_t3_2)
+            _t3_4 = math.expm1(_t3_3)
+            _t3_5 = math.sin(_t3_0)
+            _t3_6 = _t3_5**2*s
+            _t3_7 = _e_c**2 - 1.0
+            _t3_8 = math.sqrt(-_t3_7)
+            _t3_9 = _t3_1 + ((-_e_c*_t3_5)/(_t3_8))
+            _t3_10 = math.exp(_t3_3)
+            _t3_15 = _t3_10*_t3_5*s
+            _b3_0 = ((_t3_4*s*((_t3_4*_t3_6 + (_t3_6 + _t3_9)) if (_l1 + (_t3_2) <= 1.0) else (_t3_10*_t3_6 + (_t3_9))))/(_t3_7))
+            _b3_1 = ((-_t3_15)/(_t3_8))
+            _b3_2 = ((_t3_15)/(_t3_8))
         else:
-            _t2_12 = _e_c*s - _m1
-            _t2_13 = -_l1 + (_t2_12)
-            _t2_14 = math.exp(_t2_13)
-            _t2_16 = ((_t2_14*s) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(s))))))
-            _b2_0 = -_t2_14*s**2*math.expm1(_t2_13)
-            _b2_1 = -_t2_16
-            _b2_2 = _t2_16
-        _scratch[0, _k] = _b2_0
-        _scratch[1, _k] = _b2_1
-        _scratch[2, _k] = _b2_2
+            _t3_12 = _e_c*s - _m1
+            _t3_13 = -_l1 + (_t3_12)
+            _t3_14 = math.exp(_t3_13)
+            _t3_16 = ((_t3_14*s) if (_l1 + (-_t3_12) <= 700.0) else (math.exp((-_l1 + (_h1 + _t3_12)))))
+            _b3_0 = -_h0*_t3_14*math.expm1(_t3_13)
+            _b3_1 = -_t3_16
+            _b3_2 = _t3_16
+        _scratch[0, _k] = _b3_0
+        _scratch[1, _k] = _b3_1
+        _scratch[2, _k] = _b3_2
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
@@ -490,37 +498,39 @@ def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = s**2
+    _h1 = math.log(s)
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _t2_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t2_11:
-            _t2_0 = m + math.acos(_e_c)
-            _t2_1 = math.cos(_t2_0)
-            _t2_2 = _m1 - _t2_1*s
-            _t2_3 = -_l1 + (-_t2_2)
-            _t2_4 = math.expm1(_t2_3)
-            _t2_5 = math.sin(_t2_0)
-            _t2_6 = _t2_5**2*s
-            _t2_7 = _e_c**2 - 1.0
-            _t2_8 = math.sqrt(-_t2_7)
-            _t2_9 = _t2_1 + ((-_e_c*_t2_5)/(_t2_8))
-            _t2_10 = math.exp(_t2_3)
-            _t2_15 = _t2_10*_t2_5*s
-            _b2_0 = ((_t2_4*s*((_t2_4*_t2_6 + (_t2_6 + _t2_9)) if (_l1 + (_t2_2) <= 1.0) else (_t2_10*_t2_6 + (_t2_9))))/(_t2_7))
-            _b2_1 = ((-_t2_15)/(_t2_8))
-            _b2_2 = ((_t2_15)/(_t2_8))
+        _t3_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t3_11:
+            _t3_0 = m + math.acos(_e_c)
+            _t3_1 = math.cos(_t3_0)
+            _t3_2 = _m1 - _t3_1*s
+            _t3_3 = -_l1 + (-_t3_2)
+            _t3_4 = math.expm1(_t3_3)
+            _t3_5 = math.sin(_t3_0)
+            _t3_6 = _t3_5**2*s
+            _t3_7 = _e_c**2 - 1.0
+            _t3_8 = math.sqrt(-_t3_7)
+            _t3_9 = _t3_1 + ((-_e_c*_t3_5)/(_t3_8))
+            _t3_10 = math.exp(_t3_3)
+            _t3_15 = _t3_10*_t3_5*s
+            _b3_0 = ((_t3_4*s*((_t3_4*_t3_6 + (_t3_6 + _t3_9)) if (_l1 + (_t3_2) <= 1.0) else (_t3_10*_t3_6 + (_t3_9))))/(_t3_7))
+            _b3_1 = ((-_t3_15)/(_t3_8))
+            _b3_2 = ((_t3_15)/(_t3_8))
         else:
-            _t2_12 = _e_c*s - _m1
-            _t2_13 = -_l1 + (_t2_12)
-            _t2_14 = math.exp(_t2_13)
-            _t2_16 = ((_t2_14*s) if (_l1 + (-_t2_12) <= 700.0) else (math.exp((-_l1 + (_t2_12 + math.log(s))))))
-            _b2_0 = -_t2_14*s**2*math.expm1(_t2_13)
-            _b2_1 = -_t2_16
-            _b2_2 = _t2_16
-        _scratch[0, _k] = _b2_0
-        _scratch[1, _k] = _b2_1
-        _scratch[2, _k] = _b2_2
+            _t3_12 = _e_c*s - _m1
+            _t3_13 = -_l1 + (_t3_12)
+            _t3_14 = math.exp(_t3_13)
+            _t3_16 = ((_t3_14*s) if (_l1 + (-_t3_12) <= 700.0) else (math.exp((-_l1 + (_h1 + _t3_12)))))
+            _b3_0 = -_h0*_t3_14*math.expm1(_t3_13)
+            _b3_1 = -_t3_16
+            _b3_2 = _t3_16
+        _scratch[0, _k] = _b3_0
+        _scratch[1, _k] = _b3_1
+        _scratch[2, _k] = _b3_2
     for _j in range(_n):
         for _l in range(_n):
             if _j == _l:

@@ -160,15 +160,17 @@ def _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = ((_r2)/(_C))
+    _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _b3_0 = ((_e_w*_r3)/(_C))
+            _b4_0 = ((_e_w*_r3)/(_C))
         else:
-            _t3_0 = _sum_finish(_sum_add(_sum_add(_sum_start(-_r0), margin), _e_s))
-            _b3_0 = ((((_r2)/(_C))) if (_t3_0 > 0.0) else (((_r2)/(2.0*_C))) if (_t3_0 == 0.0) else (0.0))
-        _out0[_i, _k] = _w * (_b3_0)
+            _t4_0 = _sum_finish(_sum_add(_sum_add(_sum_start(-_r0), margin), _e_s))
+            _b4_0 = ((_h0) if (_t4_0 > 0.0) else (_h1) if (_t4_0 == 0.0) else (0.0))
+        _out0[_i, _k] = _w * (_b4_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -256,15 +258,17 @@ def _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1):
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = ((_r2)/(_C))
+    _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _b3_0 = ((_e_w*_r3)/(_C))
+            _b4_0 = ((_e_w*_r3)/(_C))
         else:
-            _t3_0 = _sum_finish(_sum_add(_sum_add(_sum_start(-_r0), margin), _e_s))
-            _b3_0 = ((((_r2)/(_C))) if (_t3_0 > 0.0) else (((_r2)/(2.0*_C))) if (_t3_0 == 0.0) else (0.0))
-        _out0[_i, _k] = _w * (_b3_0)
+            _t4_0 = _sum_finish(_sum_add(_sum_add(_sum_start(-_r0), margin), _e_s))
+            _b4_0 = ((_h0) if (_t4_0 > 0.0) else (_h1) if (_t4_0 == 0.0) else (0.0))
+        _out0[_i, _k] = _w * (_b4_0)
         _out1[_i, _k] = _w * (0.0)
 
 
@@ -338,6 +342,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r1*_r2)/(_C)))
+    _h0 = ((_r2)/(_C))
+    _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -345,7 +351,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
             _b4_0 = ((_e_w*_r3)/(_C))
         else:
             _t4_0 = _sum_finish(_sum_add(_sum_add(_sum_start(-_r0), margin), _e_s))
-            _b4_0 = ((((_r2)/(_C))) if (_t4_0 > 0.0) else (((_r2)/(2.0*_C))) if (_t4_0 == 0.0) else (0.0))
+            _b4_0 = ((_h0) if (_t4_0 > 0.0) else (_h1) if (_t4_0 == 0.0) else (0.0))
         _out1[_i, _k] = _w * (_b4_0)
         _out2[_i, _k] = _w * (0.0)
 

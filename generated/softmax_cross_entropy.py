@@ -184,51 +184,53 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _t3_0 = label_smoothing - 1.0
+    _h0 = -_t3_0
+    _h1 = math.log(abs(_r4))
+    _h2 = _sign(_r4)
+    _h3 = (_C*_r3*_t3_0)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t3_1 = _C*_e_w
-        _t3_2 = _e_s - _m0
-        _t3_3 = -_l0 + (_t3_2)
-        _t3_4 = math.expm1(_t3_3)
-        _t3_5 = _r4*_t3_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
-        _t3_6 = (_t3_4 >= -1/2)
-        _t3_7 = _t3_4 + 1.0
-        _t3_9 = _l0 + (-_t3_2)
-        _t3_10 = (_t3_9 <= 700.0)
-        _t3_12 = (-_l0 + (_t3_2 + math.log(abs(_r4))))
-        _t3_15 = (abs(_t3_12) <= 1.0)
-        _t3_19 = (_t3_9 <= 1.0)
-        _t3_21 = -_C*_e_w*_t3_4 + _t3_1*_t3_4*label_smoothing
-        _t3_22 = math.exp(_t3_3)
-        _t3_24 = _C*_r3
-        if _t3_10:
-            _t3_8 = _r4*_t3_7
-            _b3_2 = _r4*_t3_22
-            _b3_3 = _t3_8
-            _b3_4 = _t3_8
+        _t4_0 = _C*_e_w
+        _t4_1 = _e_s - _m0
+        _t4_2 = -_l0 + (_t4_1)
+        _t4_3 = math.expm1(_t4_2)
+        _t4_4 = _r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t4_5 = (_t4_3 >= -1/2)
+        _t4_6 = _t4_3 + 1.0
+        _t4_8 = _l0 + (-_t4_1)
+        _t4_9 = (_t4_8 <= 700.0)
+        _t4_10 = (-_l0 + (_h1 + _t4_1))
+        _t4_13 = (abs(_t4_10) <= 1.0)
+        _t4_17 = (_t4_8 <= 1.0)
+        _t4_19 = -_C*_e_w*_t4_3 + _t4_0*_t4_3*label_smoothing
+        _t4_20 = math.exp(_t4_2)
+        _t4_22 = _C*_r3
+        if _t4_9:
+            _t4_7 = _r4*_t4_6
+            _b4_2 = _r4*_t4_20
+            _b4_3 = _t4_7
+            _b4_4 = _t4_7
         else:
-            _t3_11 = _sign(_r4)
-            _t3_16 = _t3_11*math.exp(_t3_12)
-            _b3_2 = _t3_16
-            _b3_3 = _t3_16
-            _b3_4 = _t3_11*(math.expm1(_t3_12) + 1.0)
-        _t3_13 = _e_w + _b3_4
-        _t3_17 = _e_w + _b3_3
-        if _t3_15:
-            _t3_0 = label_smoothing - 1.0
-            _t3_14 = label_smoothing*((_t3_5) if _t3_6 else (_t3_13))
-            _t3_25 = (_t3_0*_t3_24)
-            _b3_0 = -_t3_14 + _t3_4*(-_t3_0*_t3_1)
-            _b3_1 = -_t3_14 + _t3_25*_t3_4 + _t3_25
-            _t3_18 = _t3_13
+            _t4_14 = _h2*math.exp(_t4_10)
+            _b4_2 = _t4_14
+            _b4_3 = _t4_14
+            _b4_4 = _h2*(math.expm1(_t4_10) + 1.0)
+        _t4_11 = _e_w + _b4_4
+        _t4_15 = _e_w + _b4_3
+        if _t4_13:
+            _t4_12 = label_smoothing*((_t4_4) if _t4_5 else (_t4_11))
+            _b4_0 = -_t4_12 + _t4_3*(_h0*_t4_0)
+            _b4_1 = _h3*_t4_3 + _h3 - _t4_12
+            _t4_16 = _t4_11
         else:
-            _t3_18 = _t3_17
-            _t3_20 = label_smoothing*((_t3_5) if _t3_6 else (((_t3_18) if _t3_19 else (_t3_17))))
-            _b3_0 = -_t3_20 - _t3_21
-            _b3_1 = _C*_r3*_t3_7*label_smoothing - _t3_20 - _t3_24*_t3_7
-        _t3_23 = label_smoothing*((_t3_5) if (_t3_22 >= 1/2) else (((_t3_18) if _t3_19 else (_e_w + _b3_2))))
-        _out0[_i, _k] = _w * (((((((_b3_0) if _t3_19 else (-_t3_21 - _t3_23)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b3_1) if _t3_19 else (_C*_r3*_t3_22*label_smoothing - _t3_22*_t3_24 - _t3_23)))/(_C)))))
+            _t4_16 = _t4_15
+            _t4_18 = label_smoothing*((_t4_4) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
+            _b4_0 = -_t4_18 - _t4_19
+            _b4_1 = _C*_r3*_t4_6*label_smoothing - _t4_18 - _t4_22*_t4_6
+        _t4_21 = label_smoothing*((_t4_4) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + _b4_2))))
+        _out0[_i, _k] = _w * (((((((_b4_0) if _t4_17 else (-_t4_19 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b4_1) if _t4_17 else (_C*_r3*_t4_20*label_smoothing - _t4_20*_t4_22 - _t4_21)))/(_C)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -291,15 +293,18 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _t3_0 = _r3*(label_smoothing - 1.0)
+    _t3_1 = _r4*label_smoothing
+    _t3_2 = -_t3_0 + ((_t3_1)/(_C))
+    _h0 = (_t3_2)
+    _h1 = _t3_2
+    _h2 = (_t3_0 + ((-_t3_1)/(_C)))
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t3_0 = _e_s - _m0
-        _t3_1 = -_l0 + (_t3_0)
-        _t3_2 = math.exp(_t3_1)
-        _t3_3 = _r3*(label_smoothing - 1.0)
-        _t3_4 = _r4*label_smoothing
-        _t3_5 = -_t3_3 + ((_t3_4)/(_C))
-        _out0[_i, _k] = _w * (_t3_2*(((_t3_5)*math.expm1(_t3_1)) if (_l0 + (-_t3_0) <= 1.0) else (_t3_2*_t3_5 + (_t3_3 + ((-_t3_4)/(_C))))))
+        _t4_0 = _e_s - _m0
+        _t4_1 = -_l0 + (_t4_0)
+        _t4_2 = math.exp(_t4_1)
+        _out0[_i, _k] = _w * (_t4_2*((_h0*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_h1*_t4_2 + _h2)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -363,40 +368,45 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _t3_0 = label_smoothing - 1.0
+    _t3_1 = _r3*_t3_0
+    _t3_2 = _r4*label_smoothing
+    _t3_3 = -_t3_1 + ((_t3_2)/(_C))
+    _h0 = -_t3_0
+    _h1 = math.log(abs(_r4))
+    _h2 = _sign(_r4)
+    _h3 = (_C*_t3_1)
+    _h4 = (_t3_3)
+    _h5 = _t3_3
+    _h6 = (_t3_1 + ((-_t3_2)/(_C)))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t3_0 = label_smoothing - 1.0
-        _t3_1 = _C*_e_w
-        _t3_2 = _e_s - _m0
-        _t3_3 = -_l0 + (_t3_2)
-        _t3_4 = math.expm1(_t3_3)
-        _t3_5 = _r4*_t3_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
-        _t3_6 = (_t3_4 >= -1/2)
-        _t3_7 = _t3_4 + 1.0
-        _t3_8 = _r4*_t3_7
-        _t3_9 = _l0 + (-_t3_2)
-        _t3_10 = (_t3_9 <= 700.0)
-        _t3_11 = _sign(_r4)
-        _t3_12 = (-_l0 + (_t3_2 + math.log(abs(_r4))))
-        _t3_13 = _e_w + ((_t3_8) if _t3_10 else (_t3_11*(math.expm1(_t3_12) + 1.0)))
-        _t3_14 = label_smoothing*((_t3_5) if _t3_6 else (_t3_13))
-        _t3_15 = (abs(_t3_12) <= 1.0)
-        _t3_16 = _t3_11*math.exp(_t3_12)
-        _t3_17 = _e_w + ((_t3_8) if _t3_10 else (_t3_16))
-        _t3_18 = ((_t3_13) if _t3_15 else (_t3_17))
-        _t3_19 = (_t3_9 <= 1.0)
-        _t3_20 = label_smoothing*((_t3_5) if _t3_6 else (((_t3_18) if _t3_19 else (_t3_17))))
-        _t3_21 = -_C*_e_w*_t3_4 + _t3_1*_t3_4*label_smoothing
-        _t3_22 = math.exp(_t3_3)
-        _t3_23 = label_smoothing*((_t3_5) if (_t3_22 >= 1/2) else (((_t3_18) if _t3_19 else (_e_w + ((_r4*_t3_22) if _t3_10 else (_t3_16))))))
-        _t3_24 = _r3*_t3_0
-        _t3_25 = (_C*_t3_24)
-        _t3_26 = _C*_r3
-        _t3_27 = _r4*label_smoothing
-        _t3_28 = -_t3_24 + ((_t3_27)/(_C))
-        _out0[_i, _k] = _w * (((((((((-_t3_14 + _t3_4*(-_t3_0*_t3_1)) if _t3_15 else (-_t3_20 - _t3_21))) if _t3_19 else (-_t3_21 - _t3_23)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((-_t3_14 + _t3_25*_t3_4 + _t3_25) if _t3_15 else (_C*_r3*_t3_7*label_smoothing - _t3_20 - _t3_26*_t3_7))) if _t3_19 else (_C*_r3*_t3_22*label_smoothing - _t3_22*_t3_26 - _t3_23)))/(_C)))))
-        _out1[_i, _k] = _w * (_t3_22*((_t3_4*(_t3_28)) if _t3_19 else (_t3_22*_t3_28 + (_t3_24 + ((-_t3_27)/(_C))))))
+        _t4_0 = _C*_e_w
+        _t4_1 = _e_s - _m0
+        _t4_2 = -_l0 + (_t4_1)
+        _t4_3 = math.expm1(_t4_2)
+        _t4_4 = _r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t4_5 = (_t4_3 >= -1/2)
+        _t4_6 = _t4_3 + 1.0
+        _t4_7 = _r4*_t4_6
+        _t4_8 = _l0 + (-_t4_1)
+        _t4_9 = (_t4_8 <= 700.0)
+        _t4_10 = (-_l0 + (_h1 + _t4_1))
+        _t4_11 = _e_w + ((_t4_7) if _t4_9 else (_h2*(math.expm1(_t4_10) + 1.0)))
+        _t4_12 = label_smoothing*((_t4_4) if _t4_5 else (_t4_11))
+        _t4_13 = (abs(_t4_10) <= 1.0)
+        _t4_14 = _h2*math.exp(_t4_10)
+        _t4_15 = _e_w + ((_t4_7) if _t4_9 else (_t4_14))
+        _t4_16 = ((_t4_11) if _t4_13 else (_t4_15))
+        _t4_17 = (_t4_8 <= 1.0)
+        _t4_18 = label_smoothing*((_t4_4) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
+        _t4_19 = -_C*_e_w*_t4_3 + _t4_0*_t4_3*label_smoothing
+        _t4_20 = math.exp(_t4_2)
+        _t4_21 = label_smoothing*((_t4_4) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + ((_r4*_t4_20) if _t4_9 else (_t4_14))))))
+        _t4_22 = _C*_r3
+        _out0[_i, _k] = _w * (((((((((-_t4_12 + _t4_3*(_h0*_t4_0)) if _t4_13 else (-_t4_18 - _t4_19))) if _t4_17 else (-_t4_19 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t4_3 + _h3 - _t4_12) if _t4_13 else (_C*_r3*_t4_6*label_smoothing - _t4_18 - _t4_22*_t4_6))) if _t4_17 else (_C*_r3*_t4_20*label_smoothing - _t4_20*_t4_22 - _t4_21)))/(_C)))))
+        _out1[_i, _k] = _w * (_t4_20*((_h4*_t4_3) if _t4_17 else (_h5*_t4_20 + _h6)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -478,41 +488,46 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
+    _t5_0 = label_smoothing - 1.0
+    _t5_1 = _r3*_t5_0
+    _t5_2 = _r4*label_smoothing
+    _t5_3 = -_t5_1 + ((_t5_2)/(_C))
+    _out0[_i] = _w * (_r1*_t5_0 + ((-_r2*label_smoothing)/(_C)))
+    _h0 = -_t5_0
+    _h1 = math.log(abs(_r4))
+    _h2 = _sign(_r4)
+    _h3 = (_C*_t5_1)
+    _h4 = (_t5_3)
+    _h5 = _t5_3
+    _h6 = (_t5_1 + ((-_t5_2)/(_C)))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t6_0 = label_smoothing - 1.0
-        _t6_1 = _C*_e_w
-        _t6_2 = _e_s - _m0
-        _t6_3 = -_l0 + (_t6_2)
-        _t6_4 = math.expm1(_t6_3)
-        _t6_5 = _r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
-        _t6_6 = (_t6_4 >= -1/2)
-        _t6_7 = _t6_4 + 1.0
-        _t6_8 = _r4*_t6_7
-        _t6_9 = _l0 + (-_t6_2)
-        _t6_10 = (_t6_9 <= 700.0)
-        _t6_11 = _sign(_r4)
-        _t6_12 = (-_l0 + (_t6_2 + math.log(abs(_r4))))
-        _t6_13 = _e_w + ((_t6_8) if _t6_10 else (_t6_11*(math.expm1(_t6_12) + 1.0)))
-        _t6_14 = label_smoothing*((_t6_5) if _t6_6 else (_t6_13))
-        _t6_15 = (abs(_t6_12) <= 1.0)
-        _t6_16 = _t6_11*math.exp(_t6_12)
-        _t6_17 = _e_w + ((_t6_8) if _t6_10 else (_t6_16))
-        _t6_18 = ((_t6_13) if _t6_15 else (_t6_17))
-        _t6_19 = (_t6_9 <= 1.0)
-        _t6_20 = label_smoothing*((_t6_5) if _t6_6 else (((_t6_18) if _t6_19 else (_t6_17))))
-        _t6_21 = -_C*_e_w*_t6_4 + _t6_1*_t6_4*label_smoothing
-        _t6_22 = math.exp(_t6_3)
-        _t6_23 = label_smoothing*((_t6_5) if (_t6_22 >= 1/2) else (((_t6_18) if _t6_19 else (_e_w + ((_r4*_t6_22) if _t6_10 else (_t6_16))))))
-        _t6_24 = _r3*_t6_0
-        _t6_25 = (_C*_t6_24)
-        _t6_26 = _C*_r3
-        _t6_27 = _r4*label_smoothing
-        _t6_28 = -_t6_24 + ((_t6_27)/(_C))
-        _out1[_i, _k] = _w * (((((((((-_t6_14 + _t6_4*(-_t6_0*_t6_1)) if _t6_15 else (-_t6_20 - _t6_21))) if _t6_19 else (-_t6_21 - _t6_23)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((-_t6_14 + _t6_25*_t6_4 + _t6_25) if _t6_15 else (_C*_r3*_t6_7*label_smoothing - _t6_20 - _t6_26*_t6_7))) if _t6_19 else (_C*_r3*_t6_22*label_smoothing - _t6_22*_t6_26 - _t6_23)))/(_C)))))
-        _out2[_i, _k] = _w * (_t6_22*((_t6_4*(_t6_28)) if _t6_19 else (_t6_22*_t6_28 + (_t6_24 + ((-_t6_27)/(_C))))))
+        _t6_0 = _C*_e_w
+        _t6_1 = _e_s - _m0
+        _t6_2 = -_l0 + (_t6_1)
+        _t6_3 = math.expm1(_t6_2)
+        _t6_4 = _r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
+        _t6_5 = (_t6_3 >= -1/2)
+        _t6_6 = _t6_3 + 1.0
+        _t6_7 = _r4*_t6_6
+        _t6_8 = _l0 + (-_t6_1)
+        _t6_9 = (_t6_8 <= 700.0)
+        _t6_10 = (-_l0 + (_h1 + _t6_1))
+        _t6_11 = _e_w + ((_t6_7) if _t6_9 else (_h2*(math.expm1(_t6_10) + 1.0)))
+        _t6_12 = label_smoothing*((_t6_4) if _t6_5 else (_t6_11))
+        _t6_13 = (abs(_t6_10) <= 1.0)
+        _t6_14 = _h2*math.exp(_t6_10)
+        _t6_15 = _e_w + ((_t6_7) if _t6_9 else (_t6_14))
+        _t6_16 = ((_t6_11) if _t6_13 else (_t6_15))
+        _t6_17 = (_t6_8 <= 1.0)
+        _t6_18 = label_smoothing*((_t6_4) if _t6_5 else (((_t6_16) if _t6_17 else (_t6_15))))
+        _t6_19 = -_C*_e_w*_t6_3 + _t6_0*_t6_3*label_smoothing
+        _t6_20 = math.exp(_t6_2)
+        _t6_21 = label_smoothing*((_t6_4) if (_t6_20 >= 1/2) else (((_t6_16) if _t6_17 else (_e_w + ((_r4*_t6_20) if _t6_9 else (_t6_14))))))
+        _t6_22 = _C*_r3
+        _out1[_i, _k] = _w * (((((((((-_t6_12 + _t6_3*(_h0*_t6_0)) if _t6_13 else (-_t6_18 - _t6_19))) if _t6_17 else (-_t6_19 - _t6_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t6_3 + _h3 - _t6_12) if _t6_13 else (_C*_r3*_t6_6*label_smoothing - _t6_18 - _t6_22*_t6_6))) if _t6_17 else (_C*_r3*_t6_20*label_smoothing - _t6_20*_t6_22 - _t6_21)))/(_C)))))
+        _out2[_i, _k] = _w * (_t6_20*((_h4*_t6_3) if _t6_17 else (_h5*_t6_20 + _h6)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -575,18 +590,21 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = -_r3*(label_smoothing - 1.0) + ((_r4*label_smoothing)/(_C))
+    _t3_0 = _r3*(label_smoothing - 1.0)
+    _t3_1 = _r4*label_smoothing
+    _t3_2 = -_t3_0 + ((_t3_1)/(_C))
+    _h0 = (_t3_2)
+    _h1 = _t3_2
+    _h2 = (_t3_0 + ((-_t3_1)/(_C)))
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _t4_0 = _e_s - _m0
         _t4_1 = -_l0 + (_t4_0)
         _t4_2 = math.exp(_t4_1)
-        _t4_3 = _r3*(label_smoothing - 1.0)
-        _t4_4 = _r4*label_smoothing
-        _t4_5 = -_t4_3 + ((_t4_4)/(_C))
-        _scratch[0, _k] = _t4_2*(((_t4_5)*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_t4_2*_t4_5 + (_t4_3 + ((-_t4_4)/(_C)))))
-        _scratch[1, _k] = _h0*_t4_2
+        _t4_3 = _h1*_t4_2
+        _scratch[0, _k] = _t4_2*((_h0*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_h2 + _t4_3))
+        _scratch[1, _k] = _t4_3
         _scratch[2, _k] = _t4_2
     for _j in range(_n):
         _out0[_i, _j] = 0.0
@@ -655,18 +673,21 @@ def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = -_r3*(label_smoothing - 1.0) + ((_r4*label_smoothing)/(_C))
+    _t3_0 = _r3*(label_smoothing - 1.0)
+    _t3_1 = _r4*label_smoothing
+    _t3_2 = -_t3_0 + ((_t3_1)/(_C))
+    _h0 = (_t3_2)
+    _h1 = _t3_2
+    _h2 = (_t3_0 + ((-_t3_1)/(_C)))
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _t4_0 = _e_s - _m0
         _t4_1 = -_l0 + (_t4_0)
         _t4_2 = math.exp(_t4_1)
-        _t4_3 = _r3*(label_smoothing - 1.0)
-        _t4_4 = _r4*label_smoothing
-        _t4_5 = -_t4_3 + ((_t4_4)/(_C))
-        _scratch[0, _k] = _t4_2*(((_t4_5)*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_t4_2*_t4_5 + (_t4_3 + ((-_t4_4)/(_C)))))
-        _scratch[1, _k] = _h0*_t4_2
+        _t4_3 = _h1*_t4_2
+        _scratch[0, _k] = _t4_2*((_h0*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_h2 + _t4_3))
+        _scratch[1, _k] = _t4_3
         _scratch[2, _k] = _t4_2
     for _j in range(_n):
         for _l in range(_n):

@@ -179,27 +179,28 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = math.log(abs(_r2))
+    _h1 = _sign(_r2)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
         _e_w = w[_k]
-        _t2_0 = _e_s - _m0
-        _t2_1 = -_l0 + (_t2_0)
-        _t2_2 = math.expm1(_t2_1)
-        _t2_3 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
-        _t2_4 = math.exp(_t2_1)
-        if (_t2_4 >= 1/2):
-            _b2_0 = _r2*_t2_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_3), _r2_error))
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.expm1(_t3_1)
+        _t3_3 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
+        _t3_4 = math.exp(_t3_1)
+        if (_t3_4 >= 1/2):
+            _b3_0 = _r2*_t3_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_3), _r2_error))
         else:
-            _t2_5 = (_t2_3)
-            _t2_6 = _r2*(_t2_2 + 1.0)
-            _t2_7 = _l0 + (-_t2_0)
-            _t2_8 = (_t2_7 <= 700.0)
-            _t2_9 = _sign(_r2)
-            _t2_10 = (-_l0 + (_t2_0 + math.log(abs(_r2))))
-            _t2_11 = _t2_9*math.exp(_t2_10)
-            _b2_0 = ((((_t2_5 + ((_t2_6) if _t2_8 else (_t2_9*(math.expm1(_t2_10) + 1.0)))) if (abs(_t2_10) <= 1.0) else (_t2_5 + ((_t2_6) if _t2_8 else (_t2_11))))) if (_t2_7 <= 1.0) else (_t2_5 + ((_r2*_t2_4) if _t2_8 else (_t2_11))))
-        _out0[_i, _k] = _w * (-_b2_0)
+            _t3_5 = (_t3_3)
+            _t3_6 = _r2*(_t3_2 + 1.0)
+            _t3_7 = _l0 + (-_t3_0)
+            _t3_8 = (_t3_7 <= 700.0)
+            _t3_9 = (-_l0 + (_h0 + _t3_0))
+            _t3_10 = _h1*math.exp(_t3_9)
+            _b3_0 = ((((_t3_5 + ((_t3_6) if _t3_8 else (_h1*(math.expm1(_t3_9) + 1.0)))) if (abs(_t3_9) <= 1.0) else (_t3_5 + ((_t3_6) if _t3_8 else (_t3_10))))) if (_t3_7 <= 1.0) else (_t3_5 + ((_r2*_t3_4) if _t3_8 else (_t3_10))))
+        _out0[_i, _k] = _w * (-_b3_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -325,29 +326,30 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = math.log(abs(_r2))
+    _h1 = _sign(_r2)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
         _e_w = w[_k]
-        _t2_0 = _e_s - _m0
-        _t2_1 = -_l0 + (_t2_0)
-        _t2_2 = math.expm1(_t2_1)
-        _t2_3 = _r2*_t2_2
-        _t2_4 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
-        _t2_5 = math.exp(_t2_1)
-        if (_t2_5 >= 1/2):
-            _b2_0 = _t2_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_4), _r2_error))
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.expm1(_t3_1)
+        _t3_3 = _r2*_t3_2
+        _t3_4 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
+        _t3_5 = math.exp(_t3_1)
+        if (_t3_5 >= 1/2):
+            _b3_0 = _t3_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_4), _r2_error))
         else:
-            _t2_6 = (_t2_4)
-            _t2_7 = _r2*(_t2_2 + 1.0)
-            _t2_8 = _l0 + (-_t2_0)
-            _t2_9 = (_t2_8 <= 700.0)
-            _t2_10 = _sign(_r2)
-            _t2_11 = (-_l0 + (_t2_0 + math.log(abs(_r2))))
-            _t2_12 = _t2_10*math.exp(_t2_11)
-            _b2_0 = ((((_t2_6 + ((_t2_7) if _t2_9 else (_t2_10*(math.expm1(_t2_11) + 1.0)))) if (abs(_t2_11) <= 1.0) else (_t2_6 + ((_t2_7) if _t2_9 else (_t2_12))))) if (_t2_8 <= 1.0) else (_t2_6 + ((_r2*_t2_5) if _t2_9 else (_t2_12))))
-        _out0[_i, _k] = _w * (-_b2_0)
-        _out1[_i, _k] = _w * (_t2_3*_t2_5)
+            _t3_6 = (_t3_4)
+            _t3_7 = _r2*(_t3_2 + 1.0)
+            _t3_8 = _l0 + (-_t3_0)
+            _t3_9 = (_t3_8 <= 700.0)
+            _t3_10 = (-_l0 + (_h0 + _t3_0))
+            _t3_11 = _h1*math.exp(_t3_10)
+            _b3_0 = ((((_t3_6 + ((_t3_7) if _t3_9 else (_h1*(math.expm1(_t3_10) + 1.0)))) if (abs(_t3_10) <= 1.0) else (_t3_6 + ((_t3_7) if _t3_9 else (_t3_11))))) if (_t3_8 <= 1.0) else (_t3_6 + ((_r2*_t3_5) if _t3_9 else (_t3_11))))
+        _out0[_i, _k] = _w * (-_b3_0)
+        _out1[_i, _k] = _w * (_t3_3*_t3_5)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -425,6 +427,8 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
         _r1 += _r1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
+    _h0 = math.log(abs(_r2))
+    _h1 = _sign(_r2)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
@@ -442,10 +446,9 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
             _t4_7 = _r2*(_t4_2 + 1.0)
             _t4_8 = _l0 + (-_t4_0)
             _t4_9 = (_t4_8 <= 700.0)
-            _t4_10 = _sign(_r2)
-            _t4_11 = (-_l0 + (_t4_0 + math.log(abs(_r2))))
-            _t4_12 = _t4_10*math.exp(_t4_11)
-            _b4_0 = ((((_t4_6 + ((_t4_7) if _t4_9 else (_t4_10*(math.expm1(_t4_11) + 1.0)))) if (abs(_t4_11) <= 1.0) else (_t4_6 + ((_t4_7) if _t4_9 else (_t4_12))))) if (_t4_8 <= 1.0) else (_t4_6 + ((_r2*_t4_5) if _t4_9 else (_t4_12))))
+            _t4_10 = (-_l0 + (_h0 + _t4_0))
+            _t4_11 = _h1*math.exp(_t4_10)
+            _b4_0 = ((((_t4_6 + ((_t4_7) if _t4_9 else (_h1*(math.expm1(_t4_10) + 1.0)))) if (abs(_t4_10) <= 1.0) else (_t4_6 + ((_t4_7) if _t4_9 else (_t4_11))))) if (_t4_8 <= 1.0) else (_t4_6 + ((_r2*_t4_5) if _t4_9 else (_t4_11))))
         _out1[_i, _k] = _w * (-_b4_0)
         _out2[_i, _k] = _w * (_t4_3*_t4_5)
 
@@ -508,16 +511,18 @@ def _hvp_row(_i, _n, _C, t, s, w, label_smoothing, _v_s, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = math.log(abs(_r2))
+    _h1 = _sign(_r2)
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = _e_s - _m0
-        _t2_1 = -_l0 + (_t2_0)
-        _t2_2 = math.exp(_t2_1)
-        _t2_3 = _r2*_t2_2
-        _scratch[0, _k] = _t2_3*math.expm1(_t2_1)
-        _scratch[1, _k] = ((_t2_3) if (_l0 + (-_t2_0) <= 700.0) else (math.exp((-_l0 + (_t2_0 + math.log(abs(_r2)))))*_sign(_r2)))
-        _scratch[2, _k] = _t2_2
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.exp(_t3_1)
+        _t3_3 = _r2*_t3_2
+        _scratch[0, _k] = _t3_3*math.expm1(_t3_1)
+        _scratch[1, _k] = ((_t3_3) if (_l0 + (-_t3_0) <= 700.0) else (_h1*math.exp((-_l0 + (_h0 + _t3_0)))))
+        _scratch[2, _k] = _t3_2
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
@@ -583,16 +588,18 @@ def _hess_full_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
             _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
+    _h0 = math.log(abs(_r2))
+    _h1 = _sign(_r2)
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = _e_s - _m0
-        _t2_1 = -_l0 + (_t2_0)
-        _t2_2 = math.exp(_t2_1)
-        _t2_3 = _r2*_t2_2
-        _scratch[0, _k] = _t2_3*math.expm1(_t2_1)
-        _scratch[1, _k] = ((_t2_3) if (_l0 + (-_t2_0) <= 700.0) else (math.exp((-_l0 + (_t2_0 + math.log(abs(_r2)))))*_sign(_r2)))
-        _scratch[2, _k] = _t2_2
+        _t3_0 = _e_s - _m0
+        _t3_1 = -_l0 + (_t3_0)
+        _t3_2 = math.exp(_t3_1)
+        _t3_3 = _r2*_t3_2
+        _scratch[0, _k] = _t3_3*math.expm1(_t3_1)
+        _scratch[1, _k] = ((_t3_3) if (_l0 + (-_t3_0) <= 700.0) else (_h1*math.exp((-_l0 + (_h0 + _t3_0)))))
+        _scratch[2, _k] = _t3_2
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]

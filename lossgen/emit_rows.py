@@ -253,7 +253,19 @@ def _hoist(expr: sp.Expr, is_element, hoisted: dict) -> sp.Expr:
         if expr not in hoisted:
             hoisted[expr] = sp.Symbol(f"_h{len(hoisted)}", real=True)
         return hoisted[expr]
+    if isinstance(expr, sp.Piecewise):  # into its branches and conditions too (not Exprs themselves)
+        return expr.func(*[(_hoist(value, is_element, hoisted), _hoist_condition(condition, is_element, hoisted))
+                           for value, condition in expr.args])
     return expr.func(*[_hoist(a, is_element, hoisted) if isinstance(a, sp.Expr) else a for a in expr.args])
+
+
+def _hoist_condition(condition, is_element, hoisted):
+    """A Piecewise condition with the row-level parts of its comparisons named."""
+    if isinstance(condition, sp.core.relational.Relational):
+        return condition.func(_hoist(condition.lhs, is_element, hoisted), _hoist(condition.rhs, is_element, hoisted))
+    if isinstance(condition, (sp.And, sp.Or, sp.Not)):
+        return condition.func(*[_hoist_condition(a, is_element, hoisted) for a in condition.args])
+    return condition
 
 
 def _guard_lines(spec) -> list[str]:
