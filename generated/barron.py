@@ -80,17 +80,13 @@ def loss_scalar(y, p, alpha, c):
     """loss of one element."""
     _t0 = p - y
     _t1 = _t0**2
-    _t2 = (((((_t1)/(2.0*c))))/(c))
-    _t3 = math.log(c)
     _t4 = (((1.0)/(_t0)))
     _t5 = abs(_t4)
-    _t6 = math.log(_t5)
     _t7 = _t4**2*c**2
-    _t8 = (abs(_t0) > 1e+60)
     if (alpha == 2.0):
-        _b0 = _t2
+        _b0 = ((((((_t1)/(2.0*c))))/(c)))
     elif (alpha == 0.0):
-        _b0 = ((-2.0*_t3 - 2.0*_t6 + math.log1p(2.0*_t7) - math.log(2.0)) if _t8 else (math.log1p(_t2)))
+        _b0 = ((-2.0*(math.log(c)) - 2.0*(math.log(_t5)) + math.log1p(2.0*_t7) - math.log(2.0)) if ((abs(_t0) > 1e+60)) else (math.log1p(((((((_t1)/(2.0*c))))/(c))))))
     else:
         _t9 = abs(alpha - 2.0)
         _t10 = _t7*_t9
@@ -98,7 +94,7 @@ def loss_scalar(y, p, alpha, c):
         _t12 = ((((((((_t1)/(c))))/(_t9))))/(c))
         _t13 = _xlog1py(alpha, _t12)
         _t14 = ((_t13)/(2.0))
-        _b0 = ((_t9*(((-_t3 - _t6 + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if _t8 else (_t9*((((_exprel(_t14)*math.log1p(_t12))/(2.0))) if (abs(_t13) <= 2.0) else ((((math.expm1(_t14)))/(alpha))))))
+        _b0 = ((_t9*(((-(math.log(c)) - (math.log(_t5)) + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if ((abs(_t0) > 1e+60)) else (_t9*((((_exprel(_t14)*math.log1p(_t12))/(2.0))) if (abs(_t13) <= 2.0) else ((((math.expm1(_t14)))/(alpha))))))
     return _b0
 
 
@@ -110,13 +106,12 @@ def grad_scalar(y, p, alpha, c):
     _t2 = (((1.0)/(_t0)))
     _t3 = _t2**2
     _t4 = c**2
-    _t6 = (abs(_t0) > 1e+60)
     _t7 = _t0**2
     if (alpha == 2.0):
         _b0 = ((_t1)/(c))
     elif (alpha == 0.0):
         _t5 = 2.0*_t4
-        _b0 = ((((2.0*_t2)/(_t3*_t5 + 1.0))) if _t6 else (((2.0*p - 2.0*y)/(_t5 + _t7))))
+        _b0 = ((((2.0*_t2)/(_t3*_t5 + 1.0))) if ((abs(_t0) > 1e+60)) else (((2.0*p - 2.0*y)/(_t5 + _t7))))
     else:
         _t8 = abs(alpha - 2.0)
         _t9 = _t3*_t4*_t8
@@ -125,7 +120,7 @@ def grad_scalar(y, p, alpha, c):
         _t12 = ((((((((_t7)/(c))))/(_t8))))/(c))
         _t13 = _xlog1py(((alpha)/(2.0)), _t12)
         _t14 = ((((((_t1)/(_t12 + 1.0))))/(c)))
-        _b0 = ((((_t10*math.exp(_t11)) if (abs(_t11) <= 700.0) else (math.exp((_t11 + math.log(abs(_t10))))*_sign(_t10)))) if _t6 else (((_t14*math.exp(_t13)) if (abs(_t13) <= 700.0) else (math.exp((_t13 + math.log(abs(_t14))))*_sign(_t14)))))
+        _b0 = ((((_t10*math.exp(_t11)) if (abs(_t11) <= 700.0) else (math.exp((_t11 + math.log(abs(_t10))))*_sign(_t10)))) if ((abs(_t0) > 1e+60)) else (((_t14*math.exp(_t13)) if (abs(_t13) <= 700.0) else (math.exp((_t13 + math.log(abs(_t14))))*_sign(_t14)))))
     return _b0
 
 
@@ -140,14 +135,13 @@ def hess_scalar(y, p, alpha, c):
     _t5 = _t2**4
     _t7 = _t5*c**4
     _t8 = 4.0*_t7
-    _t9 = (abs(_t1) > 1e+60)
     _t10 = _t1**2
     if (alpha == 2.0):
         _b0 = ((1.0)/(_t0))
     elif (alpha == 0.0):
         _t6 = 4.0*_t0
         _t11 = 2.0*_t0 + _t10
-        _b0 = ((((-_t4 + _t5*_t6)/(_t3*_t6 + _t8 + 1.0))) if _t9 else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
+        _b0 = ((((-_t4 + _t5*_t6)/(_t3*_t6 + _t8 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
     else:
         _t12 = alpha - 2.0
         _t13 = abs(_t12)
@@ -162,7 +156,7 @@ def hess_scalar(y, p, alpha, c):
         _t22 = _xlog1py(((alpha)/(2.0)), ((((((((_t10)/(c))))/(_t13))))/(c)))
         _t23 = _t10 + _t14
         _t24 = (((((((((_t17*(-_t10*_t20 + _t14))/(_t23))))/(_t13))))/(_t23)))
-        _b0 = ((((_t21*math.exp(_t16)) if (abs(_t16) <= 700.0) else (math.exp((_t16 + math.log(abs(_t21))))*_sign(_t21)))) if _t9 else (((_t24*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t24))))*_sign(_t24)))))
+        _b0 = ((((_t21*math.exp(_t16)) if (abs(_t16) <= 700.0) else (math.exp((_t16 + math.log(abs(_t21))))*_sign(_t21)))) if ((abs(_t1) > 1e+60)) else (((_t24*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t24))))*_sign(_t24)))))
     return _b0
 
 
@@ -177,7 +171,6 @@ def grad_hess_scalar(y, p, alpha, c):
     _t5 = c**2
     _t6 = 2.0*_t5
     _t7 = _t4*_t6
-    _t8 = (abs(_t0) > 1e+60)
     _t9 = _t0**2
     _t11 = (alpha == 0.0)
     _t27 = _t3**4
@@ -189,8 +182,8 @@ def grad_hess_scalar(y, p, alpha, c):
     elif _t11:
         _t10 = _t6 + _t9
         _t28 = 4.0*_t5
-        _b0 = ((((2.0*_t3)/(_t7 + 1.0))) if _t8 else (((2.0*p - 2.0*y)/(_t10))))
-        _b1 = ((((_t27*_t28 - 2.0*_t4)/(_t28*_t4 + _t30 + 1.0))) if _t8 else ((((((-4.0*_t0**2)/(_t10))) + 2.0)/(_t10))))
+        _b0 = ((((2.0*_t3)/(_t7 + 1.0))) if ((abs(_t0) > 1e+60)) else (((2.0*p - 2.0*y)/(_t10))))
+        _b1 = ((((_t27*_t28 - 2.0*_t4)/(_t28*_t4 + _t30 + 1.0))) if ((abs(_t0) > 1e+60)) else ((((((-4.0*_t0**2)/(_t10))) + 2.0)/(_t10))))
     else:
         _t12 = alpha - 2.0
         _t13 = abs(_t12)
@@ -214,8 +207,8 @@ def grad_hess_scalar(y, p, alpha, c):
         _t35 = (((_t32*(_t15 + _t17))/(_t13*_t29*_t33 + _t13*_t30*_t34 + _t13 + _t33*_t7 + 8.0*_t34*_t4*_t5)))
         _t36 = _t14 + _t9
         _t37 = (((((((((_t32*(_t14 - _t34*_t9))/(_t36))))/(_t13))))/(_t36)))
-        _b0 = ((((_t16*math.exp(_t21)) if (abs(_t21) <= 700.0) else (math.exp((_t21 + math.log(abs(_t16))))*_sign(_t16)))) if _t8 else (((_t24*_t25) if _t26 else (math.exp((_t23 + math.log(abs(_t25))))*_sign(_t25)))))
-        _b1 = ((((_t35*math.exp(_t31)) if (abs(_t31) <= 700.0) else (math.exp((_t31 + math.log(abs(_t35))))*_sign(_t35)))) if _t8 else (((_t24*_t37) if _t26 else (math.exp((_t23 + math.log(abs(_t37))))*_sign(_t37)))))
+        _b0 = ((((_t16*math.exp(_t21)) if (abs(_t21) <= 700.0) else (math.exp((_t21 + math.log(abs(_t16))))*_sign(_t16)))) if ((abs(_t0) > 1e+60)) else (((_t24*_t25) if _t26 else (math.exp((_t23 + math.log(abs(_t25))))*_sign(_t25)))))
+        _b1 = ((((_t35*math.exp(_t31)) if (abs(_t31) <= 700.0) else (math.exp((_t31 + math.log(abs(_t35))))*_sign(_t35)))) if ((abs(_t0) > 1e+60)) else (((_t24*_t37) if _t26 else (math.exp((_t23 + math.log(abs(_t37))))*_sign(_t37)))))
     return _b0, _b1
 
 
@@ -224,32 +217,28 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = _t0**2
-    _t2 = (((((_t1)/(2.0*c))))/(c))
     _t3 = (alpha == 2.0)
-    _t4 = math.log(c)
     _t5 = (((1.0)/(_t0)))
     _t6 = abs(_t5)
-    _t7 = math.log(_t6)
     _t8 = _t5**2
     _t9 = c**2
     _t10 = 2.0*_t9
     _t11 = _t10*_t8
-    _t12 = (abs(_t0) > 1e+60)
     _t13 = (alpha == 0.0)
     _t24 = (((_t0)/(c)))
     _t34 = _t5**4
     _t36 = _t34*c**4
     _t37 = 4.0*_t36
     if _t3:
-        _b0 = _t2
+        _b0 = ((((((_t1)/(2.0*c))))/(c)))
         _b1 = ((_t24)/(c))
         _b2 = ((1.0)/(_t9))
     elif _t13:
         _t25 = _t1 + _t10
         _t35 = 4.0*_t9
-        _b0 = ((-2.0*_t4 - 2.0*_t7 + math.log1p(_t11) - math.log(2.0)) if _t12 else (math.log1p(_t2)))
-        _b1 = ((((2.0*_t5)/(_t11 + 1.0))) if _t12 else (((2.0*p - 2.0*y)/(_t25))))
-        _b2 = ((((_t34*_t35 - 2.0*_t8)/(_t35*_t8 + _t37 + 1.0))) if _t12 else ((((((-4.0*_t0**2)/(_t25))) + 2.0)/(_t25))))
+        _b0 = ((-2.0*(math.log(c)) - 2.0*(math.log(_t6)) + math.log1p(_t11) - math.log(2.0)) if ((abs(_t0) > 1e+60)) else (math.log1p(((((((_t1)/(2.0*c))))/(c))))))
+        _b1 = ((((2.0*_t5)/(_t11 + 1.0))) if ((abs(_t0) > 1e+60)) else (((2.0*p - 2.0*y)/(_t25))))
+        _b2 = ((((_t34*_t35 - 2.0*_t8)/(_t35*_t8 + _t37 + 1.0))) if ((abs(_t0) > 1e+60)) else ((((((-4.0*_t0**2)/(_t25))) + 2.0)/(_t25))))
     else:
         _t14 = alpha - 2.0
         _t15 = abs(_t14)
@@ -276,9 +265,9 @@ def loss_grad_hess_scalar(y, p, alpha, c):
         _t42 = (((_t39*(_t17 + _t27))/(_t11*_t40 + _t15*_t36*_t40 + _t15*_t37*_t41 + _t15 + 8.0*_t41*_t8*_t9)))
         _t43 = _t1 + _t16
         _t44 = (((((((((_t39*(-_t1*_t41 + _t16))/(_t43))))/(_t15))))/(_t43)))
-        _b0 = ((_t15*(((-_t4 - _t7 + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t20)) if (abs(_t20) <= 1.0) else ((((math.expm1(_t20)))/(alpha))))) if _t12 else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha))))))
-        _b1 = ((((_t26*math.exp(_t29)) if (abs(_t29) <= 700.0) else (math.exp((_t29 + math.log(abs(_t26))))*_sign(_t26)))) if _t12 else (((_t31*_t32) if _t33 else (math.exp((_t30 + math.log(abs(_t32))))*_sign(_t32)))))
-        _b2 = ((((_t42*math.exp(_t38)) if (abs(_t38) <= 700.0) else (math.exp((_t38 + math.log(abs(_t42))))*_sign(_t42)))) if _t12 else (((_t31*_t44) if _t33 else (math.exp((_t30 + math.log(abs(_t44))))*_sign(_t44)))))
+        _b0 = ((_t15*(((-(math.log(c)) - (math.log(_t6)) + ((-math.log(_t15))/(2.0)) + ((math.log1p(_t17))/(2.0)))*_exprel(_t20)) if (abs(_t20) <= 1.0) else ((((math.expm1(_t20)))/(alpha))))) if ((abs(_t0) > 1e+60)) else (_t15*((((_exprel(_t23)*math.log1p(_t21))/(2.0))) if (abs(_t22) <= 2.0) else ((((math.expm1(_t23)))/(alpha))))))
+        _b1 = ((((_t26*math.exp(_t29)) if (abs(_t29) <= 700.0) else (math.exp((_t29 + math.log(abs(_t26))))*_sign(_t26)))) if ((abs(_t0) > 1e+60)) else (((_t31*_t32) if _t33 else (math.exp((_t30 + math.log(abs(_t32))))*_sign(_t32)))))
+        _b2 = ((((_t42*math.exp(_t38)) if (abs(_t38) <= 700.0) else (math.exp((_t38 + math.log(abs(_t42))))*_sign(_t42)))) if ((abs(_t0) > 1e+60)) else (((_t31*_t44) if _t33 else (math.exp((_t30 + math.log(abs(_t44))))*_sign(_t44)))))
     return _b0, _b1, _b2
 
 

@@ -142,10 +142,8 @@ def _loss_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t2_0 = _e_s - _m0
-    _t2_1 = -_l0 + (_t2_0)
-    _t2_2 = -math.expm1(_t2_1)
     _t2_3 = (_l0 + (-_t2_0) < math.log(2.0))
-    _r1 = ((((-_e_alpha*(_t2_2)**(gamma + 1.0))/(_exprel(_t2_1)))) if _t2_3 else (_e_alpha*_t2_1*math.exp(((_xlogy(gamma, _t2_2)) if _t2_3 else (_xlog1py(gamma, (-math.exp(_t2_1))))))))
+    _r1 = ((((-_e_alpha*((-math.expm1((-_l0 + (_t2_0)))))**(gamma + 1.0))/(_exprel((-_l0 + (_t2_0)))))) if _t2_3 else (_e_alpha*(-_l0 + (_t2_0))*math.exp(((_xlogy(gamma, (-math.expm1((-_l0 + (_t2_0)))))) if _t2_3 else (_xlog1py(gamma, (-math.exp((-_l0 + (_t2_0))))))))))
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
 
@@ -680,10 +678,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t2_0 = _e_s - _m0
-    _t2_1 = -_l0 + (_t2_0)
-    _t2_2 = -math.expm1(_t2_1)
     _t2_3 = (_l0 + (-_t2_0) < math.log(2.0))
-    _r1 = ((((-_e_alpha*(_t2_2)**(gamma + 1.0))/(_exprel(_t2_1)))) if _t2_3 else (_e_alpha*_t2_1*math.exp(((_xlogy(gamma, _t2_2)) if _t2_3 else (_xlog1py(gamma, (-math.exp(_t2_1))))))))
+    _r1 = ((((-_e_alpha*((-math.expm1((-_l0 + (_t2_0)))))**(gamma + 1.0))/(_exprel((-_l0 + (_t2_0)))))) if _t2_3 else (_e_alpha*(-_l0 + (_t2_0))*math.exp(((_xlogy(gamma, (-math.expm1((-_l0 + (_t2_0)))))) if _t2_3 else (_xlog1py(gamma, (-math.exp((-_l0 + (_t2_0))))))))))
     _k = _row_y
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]

@@ -66,23 +66,19 @@ def _logcosh(x):
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     _t0 = math.log(2.0)
-    _t1 = _logcosh(((d_real)/(2.0)))
     _t3 = -d_real
-    _t4 = (abs(d_real) <= 1.0)
-    _t5 = _softplus(d_real)
     _t6 = _t3 + d_fake
     _t7 = (d_real < -1.0)
-    _t8 = _softplus(_t3)
     if (d_fake > 1.0):
         _t2 = _softplus(-d_fake)
-        _b0 = ((_t0 + _t1 + _t2 + (d_fake + ((_t3)/(2.0)))) if _t4 else (_t2 + _t5 + (_t6)) if _t7 else (_t2 + _t8 + d_fake))
+        _b0 = ((_t0 + (_logcosh(((d_real)/(2.0)))) + _t2 + (d_fake + ((_t3)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t2 + (_softplus(d_real)) + (_t6)) if _t7 else (_t2 + (_softplus(_t3)) + d_fake))
     elif (abs(d_fake) <= 1.0):
         _t9 = ((d_fake)/(2.0))
         _t10 = _logcosh(_t9)
         _t11 = _t0 + _t10
-        _b0 = ((2.0*_t0 + _t1 + _t10 + (((_t6)/(2.0)))) if _t4 else (_t11 + _t5 + (_t9 - d_real)) if _t7 else (_t11 + _t8 + _t9))
+        _b0 = ((2.0*_t0 + (_logcosh(((d_real)/(2.0)))) + _t10 + (((_t6)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t11 + (_softplus(d_real)) + (_t9 - d_real)) if _t7 else (_t11 + (_softplus(_t3)) + _t9))
     else:
-        _b0 = _t8 + _softplus(d_fake)
+        _b0 = (_softplus(_t3)) + _softplus(d_fake)
     return _b0
 
 
@@ -110,26 +106,22 @@ def grad_hess_scalar(d_real, d_fake):
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = math.log(2.0)
-    _t1 = _logcosh(((d_real)/(2.0)))
     _t2 = -d_fake
     _t4 = -d_real
-    _t5 = (abs(d_real) <= 1.0)
-    _t6 = _softplus(d_real)
     _t7 = _t4 + d_fake
     _t8 = (d_real < -1.0)
-    _t9 = _softplus(_t4)
     _t13 = _sigmoid(_t4)
     _t14 = _sigmoid(d_fake)
     if (d_fake > 1.0):
         _t3 = _softplus(_t2)
-        _b0 = ((_t0 + _t1 + _t3 + (d_fake + ((_t4)/(2.0)))) if _t5 else (_t3 + _t6 + (_t7)) if _t8 else (_t3 + _t9 + d_fake))
+        _b0 = ((_t0 + (_logcosh(((d_real)/(2.0)))) + _t3 + (d_fake + ((_t4)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t3 + (_softplus(d_real)) + (_t7)) if _t8 else (_t3 + (_softplus(_t4)) + d_fake))
     elif (abs(d_fake) <= 1.0):
         _t10 = ((d_fake)/(2.0))
         _t11 = _logcosh(_t10)
         _t12 = _t0 + _t11
-        _b0 = ((2.0*_t0 + _t1 + _t11 + (((_t7)/(2.0)))) if _t5 else (_t12 + _t6 + (_t10 - d_real)) if _t8 else (_t10 + _t12 + _t9))
+        _b0 = ((2.0*_t0 + (_logcosh(((d_real)/(2.0)))) + _t11 + (((_t7)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t12 + (_softplus(d_real)) + (_t10 - d_real)) if _t8 else (_t10 + _t12 + (_softplus(_t4))))
     else:
-        _b0 = _t9 + _softplus(d_fake)
+        _b0 = (_softplus(_t4)) + _softplus(d_fake)
     return _b0, -_t13, _t14, _t13*_sigmoid(d_real), _t14*_sigmoid(_t2)
 
 

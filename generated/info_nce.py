@@ -117,8 +117,7 @@ def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-        _out0[_i, _k] = _w * (((((math.expm1(_t2_0))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((math.exp(_t2_0))/(temperature)))))
+        _out0[_i, _k] = _w * (((((math.expm1((-_l1 + (-_m1 + ((_e_s)/(temperature))))))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((math.exp((-_l1 + (-_m1 + ((_e_s)/(temperature))))))/(temperature)))))
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -124,8 +124,7 @@ def _grad_row(_i, _n, _C, y, s, margin, _weight, _out0):
             _r1_key = _key
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _t2_0 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        _out0[_i, _k] = _w * (((((0.0) if _t2_0 else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if _t2_0 else (0.0)))))
+        _out0[_i, _k] = _w * (((((0.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (0.0)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -194,8 +193,7 @@ def _grad_hess_row(_i, _n, _C, y, s, margin, _weight, _out0, _out1):
             _r1_key = _key
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _t2_0 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        _out0[_i, _k] = _w * (((((0.0) if _t2_0 else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if _t2_0 else (0.0)))))
+        _out0[_i, _k] = _w * (((((0.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (0.0)))))
         _out1[_i, _k] = _w * (0.0)
 
 
@@ -239,8 +237,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, margin, _weight, _out0, _out1, _out2):
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_r1)
     for _k in range(_n):
-        _t3_0 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        _out1[_i, _k] = _w * (((((0.0) if _t3_0 else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if _t3_0 else (0.0)))))
+        _out1[_i, _k] = _w * (((((0.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (0.0)))))
         _out2[_i, _k] = _w * (0.0)
 
 

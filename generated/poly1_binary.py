@@ -93,27 +93,23 @@ def loss_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = -x
-    _t1 = _softplus(_t0)
     _t2 = 1.0 - y
     _t3 = ((x)/(2.0))
-    _t4 = math.tanh(_t3)
     _t5 = 1/2 - y
-    _t6 = _t4*(_t5) + 1/2
     _t7 = (abs(x) <= 1.0)
     _t8 = _sigmoid(_t0)
     _t9 = _t8*y
-    _t11 = _softplus(x)
     _t12 = _sigmoid(x)
     _t13 = _t12*_t2
     if (x > 1.0):
-        _b0 = _t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
+        _b0 = (_softplus(_t0)) + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
     elif _t7:
         _t10 = _logcosh(_t3)
-        _b0 = _t10*y + _t10*(_t2) + epsilon*((_t6) if _t7 else (_t2*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
+        _b0 = _t10*y + _t10*(_t2) + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t2*((((math.tanh(_t3)))/(2.0)) + 1/2) + y*(((-(math.tanh(_t3)))/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
     elif (x < -1.0):
-        _b0 = _t11 + epsilon*((_t6) if _t7 else (_t13 + y*(1.0 - _t12))) - x*y
+        _b0 = (_softplus(x)) + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t13 + y*(1.0 - _t12))) - x*y
     else:
-        _b0 = _t1*y + _t11*_t2 + epsilon*((_t6) if _t7 else (_t13 + _t9))
+        _b0 = (_softplus(_t0))*y + (_softplus(x))*_t2 + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t13 + _t9))
     return _b0
 
 
@@ -123,20 +119,17 @@ def grad_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = _sigmoid(-x)
-    _t2 = epsilon*_fma(2.0, y, -1.0)
     _t3 = -2.0*epsilon
     _t5 = -y
-    _t6 = _sigmoid(x)
     if (x > 1.0):
-        _b0 = _t1**2*_t2 + _t1*(_fma(_t3, y, epsilon - 1.0)) + (_t0)
+        _b0 = (_sigmoid(-x))**2*(epsilon*_fma(2.0, y, -1.0)) + (_sigmoid(-x))*(_fma(_t3, y, epsilon - 1.0)) + (_t0)
     elif (abs(x) <= 1.0):
         _t4 = math.tanh(((x)/(2.0)))
-        _b0 = ((_t4)/(2.0)) + ((_t2*_t4**2)/(4.0)) + (_t5 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _b0 = ((_t4)/(2.0)) + (((epsilon*_fma(2.0, y, -1.0))*_t4**2)/(4.0)) + (_t5 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
     elif (x < -1.0):
-        _b0 = _t2*_t6**2 + _t5 + _t6*(_fma(_t3, y, epsilon + 1.0))
+        _b0 = (epsilon*_fma(2.0, y, -1.0))*(_sigmoid(x))**2 + _t5 + (_sigmoid(x))*(_fma(_t3, y, epsilon + 1.0))
     else:
-        _b0 = _t0*_t6 + _t1*_t6*epsilon*(1.0 - 2.0*y) - _t1*y
+        _b0 = _t0*(_sigmoid(x)) + (_sigmoid(-x))*(_sigmoid(x))*epsilon*(1.0 - 2.0*y) - (_sigmoid(-x))*y
     return _b0
 
 
@@ -148,13 +141,12 @@ def hess_scalar(y, x, epsilon):
     _t0 = _sigmoid(x)
     _t1 = _sigmoid(-x)
     _t2 = 2.0*epsilon
-    _t3 = _fma(2.0, y, -1.0)
     if (x > 1.0):
         _b0 = _t1*_t2*_fma(-2.0, y, 1.0) + (_fma(_t2, y, 1.0 - epsilon))
     elif (abs(x) <= 1.0):
-        _b0 = _t3*epsilon*math.tanh(((x)/(2.0))) + 1.0
+        _b0 = (_fma(2.0, y, -1.0))*epsilon*math.tanh(((x)/(2.0))) + 1.0
     elif (x < -1.0):
-        _b0 = _t0*_t2*_t3 + (_fma(-_t2, y, epsilon + 1.0))
+        _b0 = _t0*_t2*(_fma(2.0, y, -1.0)) + (_fma(-_t2, y, epsilon + 1.0))
     else:
         _t4 = epsilon*(1.0 - 2.0*y)
         _b0 = -_t0*_t4 + _t1*_t4 + 1.0
@@ -203,18 +195,14 @@ def loss_grad_hess_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
     _t0 = -x
-    _t1 = _softplus(_t0)
     _t2 = 1.0 - y
     _t3 = ((x)/(2.0))
     _t4 = math.tanh(_t3)
     _t5 = 1/2 - y
-    _t6 = _t4*(_t5) + 1/2
     _t7 = (abs(x) <= 1.0)
     _t8 = _sigmoid(_t0)
     _t9 = _t8*y
     _t10 = (x > 1.0)
-    _t12 = (_t2)
-    _t14 = _softplus(x)
     _t15 = _sigmoid(x)
     _t16 = _t15*_t2
     _t17 = (x < -1.0)
@@ -225,24 +213,24 @@ def loss_grad_hess_scalar(y, x, epsilon):
     _t23 = -y
     if _t10:
         _t22 = epsilon - 1.0
-        _b0 = _t1 + epsilon*((_t6) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
-        _b1 = _t12 + _t19*_t8**2 + _t8*(_fma(_t21, y, _t22))
+        _b0 = (_softplus(_t0)) + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
+        _b1 = ((_t2)) + _t19*_t8**2 + _t8*(_fma(_t21, y, _t22))
         _b2 = _t20*_t8*_fma(-2.0, y, 1.0) + (_fma(_t20, y, -_t22))
     elif _t7:
         _t11 = _logcosh(_t3)
         _t13 = ((_t4)/(2.0))
-        _b0 = _t11*_t12 + _t11*y + epsilon*((_t6) if _t7 else (_t2*(_t13 + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
+        _b0 = _t11*((_t2)) + _t11*y + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t2*(_t13 + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
         _b1 = _t13 + ((_t19*_t4**2)/(4.0)) + (_t23 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
         _b2 = _t19*_t4 + 1.0
     elif _t17:
         _t24 = (_fma(_t21, y, epsilon + 1.0))
-        _b0 = _t14 + epsilon*((_t6) if _t7 else (_t16 + y*(1.0 - _t15))) - x*y
+        _b0 = (_softplus(x)) + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t16 + y*(1.0 - _t15))) - x*y
         _b1 = _t15**2*_t19 + _t15*_t24 + _t23
         _b2 = _t15*_t18*_t20 + _t24
     else:
         _t25 = epsilon*(1.0 - 2.0*y)
         _t26 = _t25*_t8
-        _b0 = _t1*y + _t14*_t2 + epsilon*((_t6) if _t7 else (_t16 + _t9))
+        _b0 = (_softplus(_t0))*y + (_softplus(x))*_t2 + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t16 + _t9))
         _b1 = _t15*_t26 + _t16 - _t9
         _b2 = -_t15*_t25 + _t26 + 1.0
     return _b0, _b1, _t15*_t8*_b2

@@ -196,7 +196,6 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
         _t4_1 = _e_s - _m0
         _t4_2 = -_l0 + (_t4_1)
         _t4_3 = math.expm1(_t4_2)
-        _t4_4 = _r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
         _t4_5 = (_t4_3 >= -1/2)
         _t4_6 = _t4_3 + 1.0
         _t4_8 = _l0 + (-_t4_1)
@@ -220,16 +219,16 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
         _t4_11 = _e_w + _b4_4
         _t4_15 = _e_w + _b4_3
         if _t4_13:
-            _t4_12 = label_smoothing*((_t4_4) if _t4_5 else (_t4_11))
+            _t4_12 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (_t4_11))
             _b4_0 = -_t4_12 + _t4_3*(_h0*_t4_0)
             _b4_1 = _h3*_t4_3 + _h3 - _t4_12
             _t4_16 = _t4_11
         else:
             _t4_16 = _t4_15
-            _t4_18 = label_smoothing*((_t4_4) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
+            _t4_18 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
             _b4_0 = -_t4_18 - _t4_19
             _b4_1 = _C*_r3*_t4_6*label_smoothing - _t4_18 - _t4_22*_t4_6
-        _t4_21 = label_smoothing*((_t4_4) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + _b4_2))))
+        _t4_21 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + _b4_2))))
         _out0[_i, _k] = _w * (((((((_b4_0) if _t4_17 else (-_t4_19 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b4_1) if _t4_17 else (_C*_r3*_t4_20*label_smoothing - _t4_20*_t4_22 - _t4_21)))/(_C)))))
 
 
@@ -386,7 +385,6 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
         _t4_1 = _e_s - _m0
         _t4_2 = -_l0 + (_t4_1)
         _t4_3 = math.expm1(_t4_2)
-        _t4_4 = _r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
         _t4_5 = (_t4_3 >= -1/2)
         _t4_6 = _t4_3 + 1.0
         _t4_7 = _r4*_t4_6
@@ -394,16 +392,15 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
         _t4_9 = (_t4_8 <= 700.0)
         _t4_10 = (-_l0 + (_h1 + _t4_1))
         _t4_11 = _e_w + ((_t4_7) if _t4_9 else (_h2*(math.expm1(_t4_10) + 1.0)))
-        _t4_12 = label_smoothing*((_t4_4) if _t4_5 else (_t4_11))
+        _t4_12 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (_t4_11))
         _t4_13 = (abs(_t4_10) <= 1.0)
-        _t4_14 = _h2*math.exp(_t4_10)
-        _t4_15 = _e_w + ((_t4_7) if _t4_9 else (_t4_14))
+        _t4_15 = _e_w + ((_t4_7) if _t4_9 else ((_h2*math.exp(_t4_10))))
         _t4_16 = ((_t4_11) if _t4_13 else (_t4_15))
         _t4_17 = (_t4_8 <= 1.0)
-        _t4_18 = label_smoothing*((_t4_4) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
+        _t4_18 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
         _t4_19 = -_C*_e_w*_t4_3 + _t4_0*_t4_3*label_smoothing
         _t4_20 = math.exp(_t4_2)
-        _t4_21 = label_smoothing*((_t4_4) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + ((_r4*_t4_20) if _t4_9 else (_t4_14))))))
+        _t4_21 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + ((_r4*_t4_20) if _t4_9 else ((_h2*math.exp(_t4_10))))))))
         _t4_22 = _C*_r3
         _out0[_i, _k] = _w * (((((((((-_t4_12 + _t4_3*(_h0*_t4_0)) if _t4_13 else (-_t4_18 - _t4_19))) if _t4_17 else (-_t4_19 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t4_3 + _h3 - _t4_12) if _t4_13 else (_C*_r3*_t4_6*label_smoothing - _t4_18 - _t4_22*_t4_6))) if _t4_17 else (_C*_r3*_t4_20*label_smoothing - _t4_20*_t4_22 - _t4_21)))/(_C)))))
         _out1[_i, _k] = _w * (_t4_20*((_h4*_t4_3) if _t4_17 else (_h5*_t4_20 + _h6)))
@@ -507,7 +504,6 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
         _t6_1 = _e_s - _m0
         _t6_2 = -_l0 + (_t6_1)
         _t6_3 = math.expm1(_t6_2)
-        _t6_4 = _r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error))
         _t6_5 = (_t6_3 >= -1/2)
         _t6_6 = _t6_3 + 1.0
         _t6_7 = _r4*_t6_6
@@ -515,16 +511,15 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
         _t6_9 = (_t6_8 <= 700.0)
         _t6_10 = (-_l0 + (_h1 + _t6_1))
         _t6_11 = _e_w + ((_t6_7) if _t6_9 else (_h2*(math.expm1(_t6_10) + 1.0)))
-        _t6_12 = label_smoothing*((_t6_4) if _t6_5 else (_t6_11))
+        _t6_12 = label_smoothing*(((_r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_5 else (_t6_11))
         _t6_13 = (abs(_t6_10) <= 1.0)
-        _t6_14 = _h2*math.exp(_t6_10)
-        _t6_15 = _e_w + ((_t6_7) if _t6_9 else (_t6_14))
+        _t6_15 = _e_w + ((_t6_7) if _t6_9 else ((_h2*math.exp(_t6_10))))
         _t6_16 = ((_t6_11) if _t6_13 else (_t6_15))
         _t6_17 = (_t6_8 <= 1.0)
-        _t6_18 = label_smoothing*((_t6_4) if _t6_5 else (((_t6_16) if _t6_17 else (_t6_15))))
+        _t6_18 = label_smoothing*(((_r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_5 else (((_t6_16) if _t6_17 else (_t6_15))))
         _t6_19 = -_C*_e_w*_t6_3 + _t6_0*_t6_3*label_smoothing
         _t6_20 = math.exp(_t6_2)
-        _t6_21 = label_smoothing*((_t6_4) if (_t6_20 >= 1/2) else (((_t6_16) if _t6_17 else (_e_w + ((_r4*_t6_20) if _t6_9 else (_t6_14))))))
+        _t6_21 = label_smoothing*(((_r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if (_t6_20 >= 1/2) else (((_t6_16) if _t6_17 else (_e_w + ((_r4*_t6_20) if _t6_9 else ((_h2*math.exp(_t6_10))))))))
         _t6_22 = _C*_r3
         _out1[_i, _k] = _w * (((((((((-_t6_12 + _t6_3*(_h0*_t6_0)) if _t6_13 else (-_t6_18 - _t6_19))) if _t6_17 else (-_t6_19 - _t6_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t6_3 + _h3 - _t6_12) if _t6_13 else (_C*_r3*_t6_6*label_smoothing - _t6_18 - _t6_22*_t6_6))) if _t6_17 else (_C*_r3*_t6_20*label_smoothing - _t6_20*_t6_22 - _t6_21)))/(_C)))))
         _out2[_i, _k] = _w * (_t6_20*((_h4*_t6_3) if _t6_17 else (_h5*_t6_20 + _h6)))

@@ -7,6 +7,7 @@ as SymPy's own printers); common subexpressions are shared within each fused ker
 from __future__ import annotations
 
 import math
+import re
 
 import jinja2
 import sympy as sp
@@ -157,17 +158,77 @@ def scoped_code(exprs: list[sp.Expr], printer: NumbaPrinter, temporary: str,
     value is the same expression as without the scoping, so the results are identical."""
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(temporary), order="canonical")
     scoped = _Scopes(replacements, reduced)
+    everything = {symbol for symbol, _ in replacements}
     if not scoped.groups_with_locals():
-        return ([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
-                [printer.doprint(e) for e in reduced])
+        return _compute_where_read([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
+                                   [printer.doprint(e) for e in reduced],
+                                   _branch_only(replacements, reduced, everything))
     try:
-        return scoped.code(printer, branch)
-    except _Cycle:  # the statements cannot be ordered (not seen in the catalog): no scoping
+        top_level = {symbol for symbol in everything if scoped.scope[symbol] is None}
+        lines, printed = scoped.code(printer, branch)
+        return _compute_where_read(lines, printed, _branch_only(replacements, reduced, top_level))
+    except _Cycle:  # the statements cannot be ordered (softmax cross-entropy's grad_hess): no scoping
         printer.named = {}
-        return ([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
-                [printer.doprint(e) for e in reduced])
+        return _compute_where_read([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
+                                   [printer.doprint(e) for e in reduced],
+                                   _branch_only(replacements, reduced, everything))
     finally:
         printer.named = {}
+
+
+def _branch_only(replacements, reduced, top_level) -> list:
+    """The temporaries of ``top_level`` (computed before everything) that call a function (exp,
+    log, ...) and are read only inside branches of Piecewises, in order of definition: CSE
+    computes them for every element, where only a rare branch needs them (the exp of a branch
+    for p < 1e-300). What one branch alone reads is already scoped into it (_Scopes); these are
+    shared by branches of different Piecewises."""
+    values = dict(replacements)
+    eager: set = set()
+
+    def walk(expr, in_branch):
+        if expr in values:
+            if not in_branch:
+                eager.add(expr)
+            return
+        if isinstance(expr, sp.Piecewise):
+            for value, condition in expr.args:
+                walk(condition, in_branch)
+                walk(value, True)
+            return
+        for argument in expr.args:
+            if isinstance(argument, sp.Basic):
+                walk(argument, in_branch)
+
+    for expr in reduced:
+        walk(expr, False)
+    read = {s for _, value in replacements for s in value.free_symbols} | {s for e in reduced for s in e.free_symbols}
+    lazy = []
+    for symbol, value in reversed(replacements):
+        if symbol in top_level and symbol not in eager and symbol in read and not value.has(sp.Piecewise) \
+                and any(not isinstance(f, div) for f in value.atoms(sp.Function)):
+            lazy.append(symbol)
+        walk(value, symbol in lazy)  # what a lazy temporary reads, it reads in a branch
+    return lazy[::-1]
+
+
+def _compute_where_read(lines: list[str], printed: list[str], lazy: list) -> tuple[list[str], list[str]]:
+    """Drop the statements ``name = value`` of the ``lazy`` temporaries and write ``(value)``
+    where they are read, in the printed code itself: the other expressions print as before, so
+    every value is computed as before, and a lazy one only in the branches that read it (twice
+    where two taken branches read it)."""
+    if not lazy:
+        return lines, printed
+    texts = {}
+    for symbol in lazy:
+        name = str(symbol)
+        statement = next(line for line in lines if line.startswith(f"{name} = "))
+        texts[name] = statement[len(name) + 3:]
+        lines = [line for line in lines if line is not statement]
+    pattern = re.compile(r"\b(" + "|".join(re.escape(n) for n in texts) + r")\b")
+    for name in texts:  # a lazy temporary may read an earlier one
+        texts[name] = pattern.sub(lambda m: f"({texts[m.group(1)]})", texts[name])
+    inline = lambda text: pattern.sub(lambda m: f"({texts[m.group(1)]})", text)  # noqa: E731
+    return [inline(line) for line in lines], [inline(text) for text in printed]
 
 
 class _Cycle(Exception):
