@@ -35,7 +35,7 @@ import sympy as sp
 
 from .derive import almost_everywhere, tidy
 from .domains import DOMAINS
-from .fuse_rows import fuse_row_cancellations
+from .fuse_rows import expand_shares, fuse_row_cancellations
 from .reductions import ROW_SIZE, logsumexp, onehot, rowmax, rowmin, rowsum, take
 from .spec import LossSpec
 
@@ -230,8 +230,9 @@ def derive_rows(spec: LossSpec) -> RowDerivation:
     used = program.used([loss, *grads, *hess, *(e for b in blocks.values() for e in _block_expressions(b))])
     cross = {(i, j): tidy(b.diagonal + sp.Add(*(p * q for p, q in b.outer)))
              for (i, j), b in blocks.items() if i != j}
-    return RowDerivation(spec, tuple(r for r in program.reductions.values() if r.symbol in used), loss, grads,
-                         hess, blocks, frozenset(element_symbols), directions, cross=cross)
+    derivation = RowDerivation(spec, tuple(r for r in program.reductions.values() if r.symbol in used), loss, grads,
+                               hess, blocks, frozenset(element_symbols), directions, cross=cross)
+    return derivation.map(expand_shares)
 
 
 def _block_expressions(block: HessianBlock):

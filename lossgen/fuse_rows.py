@@ -24,6 +24,12 @@ follow the rewritten program by the chain rule), make that cancellation visible:
    alike (the union sum(p) + sum(y) - sum(p y) of Jaccard): its derivative is one element
    expression (1 - y), whose factor the Hessian's terms then share.
 
+3. **Shares.** Where the numerator holds the differences of two or more pairs over their
+   denominators' product (1 - N1 N2/(A B) = E/(A B), global SSIM), E/(A B) is written
+   share(E, N1 N2, A B), whose derivative is (W E' - E W')/D**2 with W = N1 N2: the quotient
+   rule's E' D - E D' cancels to nothing where the similarity N1 N2/(A B) is small (see
+   :class:`share`). A single pair keeps d/D: Dice's full Hessian at p = 0 needs that form.
+
 Nothing here names a loss: the table :data:`SUMMAND_FORMS` lists the candidate forms of a fused
 summand, tried in order, and :func:`accurate` is the one test that picks among them.
 """
@@ -111,6 +117,34 @@ def accurate_form(summand: sp.Expr, unit: frozenset) -> sp.Expr:
         if candidate is not None and accurate(candidate, unit):
             return candidate
     return sp.factor(summand)
+
+
+# --- the share of a close pair's difference ---------------------------------------------------
+
+class share(sp.Function):
+    """share(E, W, D) = E/D, where D = E + W: the part E of a sum D whose other part W is free of
+    the differences (SSIM's 1 - N1 N2/(A B) = E/(A B) with W = N1 N2). It is differentiated as
+    (W E' - E W')/D**2, the quotient rule with D' = E' + W' put in: the quotient rule's own
+    E' D - E D' cancels to nothing where E is most of D (SSIM far from its target: N1 N2/(A B)
+    = 2e-6 at a pixel row near 0), W E' - E W' does not (and where W is most of D, E and E' are
+    small and W E' dominates). D itself is not differentiated (its partial is 0): D is E + W
+    wherever the program is evaluated, so the total derivative is that of E/(E + W).
+    :func:`expand_shares` writes E/D back after differentiation."""
+
+    def fdiff(self, argindex=1):
+        part, complement, total = self.args
+        if argindex == 1:
+            return complement / total**2
+        if argindex == 2:
+            return -part / total**2
+        return sp.S.Zero
+
+
+def expand_shares(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every share(E, W, D) written E/D."""
+    if not isinstance(expr, sp.Basic) or not expr.has(share):
+        return expr
+    return expr.replace(share, lambda part, complement, total: part / total)
 
 
 # --- close pairs and fused sums --------------------------------------------------------------
@@ -243,10 +277,16 @@ class Fuser:
         numerator = sp.expand(numerator.xreplace({U: V + Dd for U, V, Dd, _ in pending}))
         if any(numerator.has(U) for U, _, _, _ in pending):
             return node
+        # the rest of the denominator, made of the pairs' V alone: (V1 + d1) (V2 + d2) - E
+        complement = sp.expand(denominator.xreplace({U: V + Dd for U, V, Dd, _ in pending}) - numerator)
         for _, _, Dd, d in pending:
             numerator = numerator.xreplace({Dd: self.fuse(d)})
         numerator = sp.factor_terms(numerator.xreplace(back))
-        return numerator / denominator.xreplace(back) + sp.Add(*rest).xreplace(back)
+        denominator = denominator.xreplace(back)
+        if len(pending) < 2 or complement.free_symbols & {s for U, _, Dd, _ in pending for s in (U, Dd)}:
+            return numerator / denominator + sp.Add(*rest).xreplace(back)
+        complement = sp.factor_terms(complement.xreplace(back))
+        return share(numerator, complement, denominator) + sp.Add(*rest).xreplace(back)
 
 
 def _contains(expr, node) -> bool:

@@ -2,9 +2,12 @@
 the catalog against its loss written out for C = 1, 2, 3, 7 (lossgen/verify_rows.py)."""
 import functools
 import math
+import tomllib
 
+import mpmath
 import numpy as np
 import pytest
+import sympy as sp
 
 import lossgen
 from lossgen.spec import SpecError, load_spec, spec_from_dict
@@ -209,6 +212,96 @@ def test_a_new_row_wise_loss_is_one_spec(tmp_path):
     np.testing.assert_allclose(loss.loss(y, s, reduction="none"), ((s - np.eye(4)[y]) ** 2).mean(-1), rtol=1e-13)
     np.testing.assert_allclose(loss.hess(y, s), np.full((20, 4), 0.5), rtol=1e-15)
     rows = verify_rows(loss, load_spec(specs / "onehot_mse.toml"), sizes=(1, 3), n_random=3, n_stress=3)
+    assert all(r.ok() for r in rows), format_report(rows)
+
+
+_GLOBAL_SSIM = """name = "global_ssim"
+[inputs]
+y = { role = "target", axis = "pixel", domain = "unit_interval" }
+x = { role = "prediction", axis = "pixel", domain = "unit_interval" }
+[params]
+C1 = { default = 0.0001, domain = "positive" }
+C2 = { default = 0.0009, domain = "positive" }
+[let]
+mu_x = "mean(x)"
+mu_y = "mean(y)"
+var_x = "mean((x - mu_x)**2)"
+var_y = "mean((y - mu_y)**2)"
+cov_xy = "mean((x - mu_x)*(y - mu_y))"
+[loss]
+expr = "1 - (2*mu_x*mu_y + C1)*(2*cov_xy + C2)/((mu_x**2 + mu_y**2 + C1)*(var_x + var_y + C2))"
+"""
+
+
+def test_share_is_differentiated_with_its_complement():
+    """share(E, W, D) = E/D with D = E + W: d/dt = (W E' - E W')/D**2, D not differentiated."""
+    from lossgen.fuse_rows import expand_shares, share
+    t = sp.Symbol("t")
+    e, w = t**2, sp.exp(t)
+    derivative = sp.diff(share(e, w, e + w), t)
+    assert sp.simplify(derivative - (w * sp.diff(e, t) - e * sp.diff(w, t)) / (e + w)**2) == 0
+    assert sp.simplify(derivative - sp.diff(e / (e + w), t)) == 0
+    assert expand_shares(3 * share(e, w, e + w)) == 3 * e / (e + w)
+
+
+def test_a_product_of_close_pairs_is_a_share_and_a_single_pair_is_not():
+    """1 - N1 N2/(A B) (global SSIM, two close pairs) becomes share(E, N1 N2, A B); Dice's one
+    pair stays d/D (its full Hessian at p = 0 needs the quotient rule's form)."""
+    from lossgen.derive_rows import RowProgram
+    from lossgen.domains import DOMAINS
+    from lossgen.fuse_rows import fuse_row_cancellations, share
+    ssim = spec_from_dict(tomllib.loads(_GLOBAL_SSIM), "global_ssim.toml")
+    for spec, shares in ((ssim, 1), (load_spec(ROW_PATHS["dice"]), 0)):
+        program = RowProgram({spec.symbols[i.name] for i in spec.inputs if i.axis})
+        unit = frozenset(spec.symbols[i.name] for i in spec.inputs
+                         if i.axis and DOMAINS[i.domain].low == 0 and DOMAINS[i.domain].high == 1)
+        fused = fuse_row_cancellations(program, program.lower(spec.loss), unit)
+        assert len(fused.atoms(share)) == shares
+        if shares:
+            (found,) = fused.atoms(share)
+            part, complement, total = found.args
+            assert len([f for f in sp.Mul.make_args(complement) if f.is_Add]) == 2  # N1 N2
+
+
+def test_global_ssim_keeps_its_gradient_where_the_similarity_is_small(tmp_path):
+    """1 - N1 N2/(A B) far from its target (S = N1 N2/(A B) = 2e-6 at y = (1e-16, 1e-16, 1e-300),
+    x = (1/2, 1e-300, 1)): differentiated as E/(A B), E = A B - N1 N2, its gradient and Hessian
+    lost 4 to 8 digits (E' A B - E (A B)' cancels to S); as share(E, N1 N2, A B) they keep them."""
+    specs = tmp_path / "specs" / "custom"
+    specs.mkdir(parents=True)
+    (specs / "global_ssim.toml").write_text(_GLOBAL_SSIM)
+    from lossgen.generate import generate
+    assert generate(tmp_path / "specs", tmp_path / "out", log=lambda _: None) == 0
+    loss = lossgen.load(tmp_path / "out").get("global_ssim")
+    rng = np.random.default_rng(8)
+    y, x = rng.random((30, 5)), rng.random((30, 5))
+    mx, my = x.mean(-1), y.mean(-1)
+    vx, vy = x.var(-1), y.var(-1)
+    cxy = ((x - mx[:, None]) * (y - my[:, None])).mean(-1)
+    ssim = (2 * mx * my + 1e-4) * (2 * cxy + 9e-4) / ((mx**2 + my**2 + 1e-4) * (vx + vy + 9e-4))
+    np.testing.assert_allclose(loss.loss(y, x, reduction="none"), 1 - ssim, rtol=1e-13)
+    assert np.all(loss.loss(y, y, reduction="none") == 0.0)
+    y0, x0 = np.array([[1e-16, 1e-16, 1e-300]]), np.array([[0.5, 1e-300, 1.0]])
+
+    def exact(xs):
+        m = [mpmath.mpf(v) for v in y0[0]]
+        n = len(xs)
+        mx, my = mpmath.fsum(xs) / n, mpmath.fsum(m) / n
+        vx = mpmath.fsum((a - mx)**2 for a in xs) / n
+        vy = mpmath.fsum((b - my)**2 for b in m) / n
+        cxy = mpmath.fsum((a - mx) * (b - my) for a, b in zip(xs, m)) / n
+        return 1 - (2 * mx * my + mpmath.mpf(1e-4)) * (2 * cxy + mpmath.mpf(9e-4)) / (
+            (mx**2 + my**2 + mpmath.mpf(1e-4)) * (vx + vy + mpmath.mpf(9e-4)))
+
+    grad, hess = loss.grad_hess(y0, x0)
+    with mpmath.workdps(80):
+        for j in range(3):
+            def along(t, j=j):
+                return exact([t if k == j else mpmath.mpf(v) for k, v in enumerate(x0[0])])
+            for order, value in ((1, grad[0, j]), (2, hess[0, j])):
+                truth = mpmath.diff(along, mpmath.mpf(x0[0, j]), order)
+                assert abs((value - truth) / truth) < 1e-12, (order, j, value, truth)
+    rows = verify_rows(loss, load_spec(specs / "global_ssim.toml"), sizes=(3,), n_random=4, n_stress=6)
     assert all(r.ok() for r in rows), format_report(rows)
 
 
