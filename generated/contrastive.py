@@ -115,7 +115,7 @@ def loss_kernel(y, x1, x2, m, eps, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_kernel_parallel(y, x1, x2, m, eps, _weight, _out0):
-    """loss of each row, times _weight[i] when given. On Numba's threads."""
+    """loss of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
@@ -173,7 +173,7 @@ def grad_kernel(y, x1, x2, m, eps, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def grad_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1):
-    """grad of each row, times _weight[i] when given. On Numba's threads."""
+    """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
@@ -234,7 +234,7 @@ def hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1):
-    """hess of each row, times _weight[i] when given. On Numba's threads."""
+    """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
@@ -302,7 +302,7 @@ def grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
-    """grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
@@ -380,7 +380,7 @@ def loss_grad_hess_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4):
-    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
@@ -475,7 +475,7 @@ def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads."""
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
@@ -570,7 +570,7 @@ def hess_full_kernel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hess_full_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads."""
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):

@@ -132,7 +132,7 @@ def loss_kernel(t, s, w, label_smoothing, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
-    """loss of each row, times _weight[i] when given. On Numba's threads."""
+    """loss of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):
@@ -214,7 +214,7 @@ def grad_kernel(t, s, w, label_smoothing, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def grad_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
-    """grad of each row, times _weight[i] when given. On Numba's threads."""
+    """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):
@@ -278,7 +278,7 @@ def hess_kernel(t, s, w, label_smoothing, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
-    """hess of each row, times _weight[i] when given. On Numba's threads."""
+    """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):
@@ -363,7 +363,7 @@ def grad_hess_kernel(t, s, w, label_smoothing, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def grad_hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):
@@ -464,7 +464,7 @@ def loss_grad_hess_kernel(t, s, w, label_smoothing, _weight, _out0, _out1, _out2
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_grad_hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):
@@ -541,7 +541,7 @@ def hvp_kernel(t, s, w, label_smoothing, _v_s, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(t, s, w, label_smoothing, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads."""
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):
@@ -617,7 +617,7 @@ def hess_full_kernel(t, s, w, label_smoothing, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hess_full_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads."""
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
     for _i in numba.prange(t.shape[0]):

@@ -105,7 +105,7 @@ def loss_kernel(y, p, alpha, beta, smooth, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
-    """loss of each row, times _weight[i] when given. On Numba's threads."""
+    """loss of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
@@ -179,7 +179,7 @@ def grad_kernel(y, p, alpha, beta, smooth, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
-    """grad of each row, times _weight[i] when given. On Numba's threads."""
+    """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
@@ -260,7 +260,7 @@ def hess_kernel(y, p, alpha, beta, smooth, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
-    """hess of each row, times _weight[i] when given. On Numba's threads."""
+    """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
@@ -347,7 +347,7 @@ def grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _out1):
-    """grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
@@ -436,7 +436,7 @@ def loss_grad_hess_kernel(y, p, alpha, beta, smooth, _weight, _out0, _out1, _out
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2):
-    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads."""
+    """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
@@ -532,7 +532,7 @@ def hvp_kernel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads."""
+    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
@@ -627,7 +627,7 @@ def hess_full_kernel(y, p, alpha, beta, smooth, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hess_full_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
-    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads."""
+    """Every (C, C) block of the Hessian of each row, blocks in row-major order of the predictions, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):

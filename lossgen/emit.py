@@ -158,20 +158,21 @@ def scoped_code(exprs: list[sp.Expr], printer: NumbaPrinter, temporary: str,
     value is the same expression as without the scoping, so the results are identical."""
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(temporary), order="canonical")
     scoped = _Scopes(replacements, reduced)
-    everything = {symbol for symbol, _ in replacements}
-    if not scoped.groups_with_locals():
-        return _compute_where_read([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
-                                   [printer.doprint(e) for e in reduced],
-                                   _branch_only(replacements, reduced, everything))
-    try:
-        top_level = {symbol for symbol in everything if scoped.scope[symbol] is None}
-        lines, printed = scoped.code(printer, branch)
-        return _compute_where_read(lines, printed, _branch_only(replacements, reduced, top_level))
-    except _Cycle:  # the statements cannot be ordered (softmax cross-entropy's grad_hess): no scoping
+
+    def unscoped():  # every temporary before everything
         printer.named = {}
         return _compute_where_read([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
                                    [printer.doprint(e) for e in reduced],
-                                   _branch_only(replacements, reduced, everything))
+                                   _branch_only(replacements, reduced, {symbol for symbol, _ in replacements}))
+
+    if not scoped.groups_with_locals():
+        return unscoped()
+    try:
+        top_level = {symbol for symbol, _ in replacements if scoped.scope[symbol] is None}
+        lines, printed = scoped.code(printer, branch)
+        return _compute_where_read(lines, printed, _branch_only(replacements, reduced, top_level))
+    except _Cycle:  # the statements cannot be ordered (softmax cross-entropy's grad_hess): no scoping
+        return unscoped()
     finally:
         printer.named = {}
 
@@ -386,6 +387,14 @@ def _docstring(text) -> str:
     return str(text).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
+# The two launchers of every array kernel (see runtime.kernel_launchers): (name suffix, extra
+# numba.njit options, loop range, where it runs, for the docstring).
+LAUNCHERS = (
+    ("", "", "range", "in the calling thread"),
+    ("_parallel", "parallel=True, ", "numba.prange", "on Numba's threads (numba.get_num_threads())"),
+)
+
+
 def template_environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
@@ -394,6 +403,7 @@ def template_environment() -> jinja2.Environment:
     )
     env.filters["py"] = repr
     env.filters["docstring"] = _docstring
+    env.globals["launchers"] = LAUNCHERS
     return env
 
 

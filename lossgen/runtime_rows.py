@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .domains import DOMAINS
-from .runtime import _launch, kernel_launchers, _numeric_array, bind_arguments, check_domain, check_reduction, parameter_values
+from .runtime import (_launch, _numeric_array, bind_arguments, check_domain, check_reduction, kernel_launchers,
+                      parameter_values)
 
 
 @dataclass

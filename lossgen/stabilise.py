@@ -30,7 +30,8 @@ from sympy.core.traversal import bottom_up
 from dataclasses import replace
 
 from .derive import differentiate, tidy
-from .vocabulary import exact_sum, exprel, fma, group, logaddexp, real_group, logcosh, sigmoid, softplus, xlog1py, xlogy
+from .vocabulary import (exact_sum, exprel, fma, group, logaddexp, logcosh, real_group, sigmoid, softplus, xlog1py,
+                         xlogy)
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
 
