@@ -45,6 +45,7 @@ LOSSES = {
     'nll': ('multiclass', 'Negative log-likelihood'),
     'poisson': ('regression', 'Poisson negative log-likelihood (log link)'),
     'poly1_binary': ('classification', 'Poly-1 binary cross-entropy on logits'),
+    'poly1_cross_entropy': ('multiclass', 'Poly-1 softmax cross-entropy'),
     'ppo_clip': ('preference', 'PPO clipped surrogate loss (probability ratio)'),
     'ppo_clip_log': ('preference', 'PPO clipped surrogate loss (log-ratio)'),
     'pseudo_huber': ('robust', 'Pseudo-Huber loss'),

@@ -15,6 +15,12 @@ rewrites that only rows need.
 * **Complement weights.** Where such an expression holds a real power (1 - exp(u))**g (the
   focal factor), it is written in Q = -expm1(u) for u > -log 2, so that the powers of Q combine
   exactly (Q**g/Q is Q**(g - 1), 0 at a saturated row rather than 0/0).
+* **Simplex weights.** This element's softmax weight E = p_k, the indexed class's F = p_y
+  (k != y) and the rest of the row O = 1 - E - F lie on the simplex E + F + O = 1. A polynomial
+  in E and F that vanishes at a vertex (E = 1: Poly-1's Hessian p_k ((1 - p_k)(w_y + eps p_y)
+  - eps p_y p_k) where class k holds the row's mass) is written homogeneous in (E, F, O), so no
+  constant is left to cancel, and O is the compensated sum of the row's weights less E and F:
+  the other classes' weights, to working precision.
 * **Outer products by factor.** The terms of a Hessian block's outer products that share a
   factor of l (the softmax p_l) are taken together, so their coefficient is one expression of j
   that the rewrites above see whole (the row kernels compute an entry (j, l) with l at the
@@ -34,7 +40,7 @@ from sympy.codegen.cfunctions import expm1
 from sympy.core.traversal import bottom_up
 
 from .derive import tidy
-from .derive_rows import HessianBlock, varies_along_row
+from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .reductions import onehot
 from .stabilise import direct_form
 from .vocabulary import exact_sum, exprel, group
@@ -56,9 +62,9 @@ def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
     return expr
 
 
-def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr, sp.Expr]]:
-    """(x, u, x in terms of u, u in terms of x) for each logsumexp whose summand is linear in
-    one element x."""
+def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr, sp.Expr, Reduction]]:
+    """(x, u, x in terms of u, u in terms of x, R) for each logsumexp R whose summand is linear
+    in one element x."""
     found = []
     for n, r in enumerate(derivation.reductions):
         if r.kind != "logsumexp":
@@ -74,7 +80,7 @@ def _log_weights(derivation) -> list[tuple[sp.Symbol, sp.Symbol, sp.Expr, sp.Exp
         if offset.free_symbols & {x}:
             continue
         u = sp.Symbol(f"_u{n}", nonpositive=True)
-        found.append((x, u, (u + r.symbol - offset) / slope, r.summand - r.symbol))
+        found.append((x, u, (u + r.symbol - offset) / slope, r.summand - r.symbol, r))
     return found
 
 
@@ -100,6 +106,67 @@ def _complement_weights(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
     in_q = sp.factor_terms(sp.expand(in_q, power_base=False, power_exp=False, log=False, multinomial=False))
     stable = direct_form(in_q).xreplace({q: group(-expm1(u)), v: 1 / exprel(u)})
     return sp.Piecewise((stable, u > -sp.log(2)), (direct_form(expr), True))
+
+
+def weight_sum(r: Reduction) -> Reduction:
+    """sum_j exp(g_j - R) for R = logsumexp(g): 1, but computed (a compensated sum, see
+    :func:`sum_parts`) from the same rounded weights as the element expressions, so that its
+    parts less some of those weights are the rest of the row (:func:`_simplex_weights`)."""
+    return Reduction(sp.Symbol(f"{r.symbol.name}_w", real=True), "sum", sp.exp(r.summand - r.symbol))
+
+
+def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, derivation,
+                     apart: frozenset = frozenset()) -> tuple[sp.Expr, dict]:
+    """Two softmax weights of one row, E = exp(u) = p_k of this element and F = p_y of the
+    class that take(., y) picks (k != y: the branch of _at_index where onehot(y) is 0), and the
+    rest O = 1 - E - F = sum_{j not in {k, y}} p_j. Where the expression is a polynomial P(E, F)
+    that vanishes at the vertex E = 1 or F = 1 of the simplex E + F + O = 1 (its terms cancel
+    where one class holds the row's mass: the Hessian of Poly-1, p_k ((1 - p_k)(w_y + eps p_y)
+    - eps p_y p_k)), it is written homogeneous in (E, F, O): each term of degree d times
+    (E + F + O)**(D - d), D the degree of P, expanded and collected. No constant is left to
+    cancel against the weights; O is the weights' compensated sum less E and F (exactly the
+    other classes' weights, where E + F is most of the row), and a coefficient such as
+    w_y - eps is computed before it multiplies a weight. Returns the expression with the
+    symbols E, F and O in place, and {symbol: what it stands for}, to be put in after the
+    rules and splits (which would take E = 1 + expm1(u) apart again)."""
+    if isinstance(expr, sp.Piecewise):
+        branches, placeholders, singled_out = [], {}, set(apart)
+        for e, c in expr.args:
+            e, found = _simplex_weights(e, u, back, r, derivation, frozenset(singled_out) if c is sp.true else apart)
+            branches.append((e, c))
+            placeholders.update(found)
+            if isinstance(c, sp.Eq) and isinstance(c.lhs, onehot) and c.rhs == 1:
+                singled_out.add(c.lhs.args[0])  # later branches: this element is not at that index
+        return sp.Piecewise(*branches), placeholders
+    takes = [t for t in derivation.reductions if t.kind == "take" and t.index in apart and t.summand == back
+             and t.symbol in expr.free_symbols]
+    if not takes:
+        return expr, {}
+    (take_y, *_) = sorted(takes, key=lambda t: t.symbol.name)
+    e_, f_, o_ = (sp.Symbol(f"_{name}{r.symbol.name}", positive=True) for name in ("E", "F", "O"))
+    polynomial = expr
+    for symbol, weight in ((u, e_), (take_y.symbol, f_)):
+        polynomial = polynomial.replace(
+            lambda a, symbol=symbol: isinstance(a, sp.exp) and (a.args[0] / symbol).is_Integer,
+            lambda a, symbol=symbol, weight=weight: weight ** (a.args[0] / symbol))
+    if polynomial.free_symbols & {u, take_y.symbol}:
+        return expr, {}
+    try:
+        polynomial = sp.Poly(sp.expand(polynomial), e_, f_)
+    except sp.PolynomialError:
+        return expr, {}
+    terms = polynomial.terms()
+    low = tuple(min(m[n] for m, _ in terms) for n in (0, 1))  # the monomial that every term holds
+    reduced = sp.Add(*[c * e_ ** (i - low[0]) * f_ ** (j - low[1]) for (i, j), c in terms])
+    if not any(sp.expand(reduced.xreplace(vertex)) == 0 for vertex in ({e_: 1, f_: 0}, {e_: 0, f_: 1})):
+        return expr, {}
+    degree = sp.Poly(reduced, e_, f_).total_degree()
+    homogeneous = sp.Poly(sp.expand(sp.Add(*[c * e_ ** i * f_ ** j * (e_ + f_ + o_) ** (degree - i - j)
+                                              for (i, j), c in sp.Poly(reduced, e_, f_).terms()])), e_, f_, o_)
+    collected = sp.Add(*[tidy(c) * e_ ** i * f_ ** j * o_ ** k for (i, j, k), c in homogeneous.terms()])
+    hi, error = sum_parts(weight_sum(r))
+    e, f = sp.exp(u), sp.exp(take_y.symbol)
+    return e_ ** low[0] * f_ ** low[1] * collected, {e_: e, f_: f, o_: exact_sum(hi, -e, -f, error)}
 
 
 def _difference_first(e, inputs):
@@ -263,10 +330,11 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
 def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised."""
     expr = _own_term_apart(_at_index(expr, derivation), derivation)
-    for x, u, x_of_u, back in _log_weights(derivation):
+    for x, u, x_of_u, back, r in _log_weights(derivation):
         if x in expr.free_symbols:
-            in_u = sp.factor_terms(expr.subs(x, x_of_u))
-            return _differences_first(direct_form(_complement_weights(in_u, u)).subs(u, back), derivation)
+            in_u, placeholders = _simplex_weights(sp.factor_terms(expr.subs(x, x_of_u)), u, back, r, derivation)
+            stable = direct_form(_complement_weights(in_u, u)).xreplace(placeholders)
+            return _differences_first(stable.subs(u, back), derivation)
     for x, w, x_of_w, back, total in _unit_weights(derivation):
         roots = [p for p in expr.atoms(sp.Pow) if p.base == total and not p.exp.is_integer]
         if x in expr.free_symbols and roots:
@@ -315,4 +383,16 @@ def stabilise_rows(derivation):
     grouped by their shared factors first (:func:`_outer_by_factor`)."""
     blocks = {k: _outer_by_factor(b, derivation.element_symbols) for k, b in derivation.blocks.items()}
     derivation = replace(derivation, blocks=blocks)
-    return derivation.map(lambda e: stabilise_element(e, derivation))
+    stable = derivation.map(lambda e: stabilise_element(e, derivation))
+    # the weight sums that _simplex_weights read, as reductions of their own
+    used = set().union(*(e.free_symbols for e in _expressions(stable)))
+    sums = [weight_sum(r) for r in derivation.reductions if r.kind == "logsumexp"]
+    sums = [s for s in sums if used & set(sum_parts(s))]
+    return replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
+
+
+def _expressions(derivation) -> list[sp.Expr]:
+    """Every expression of a row derivation: summands, loss, derivatives, Hessian blocks."""
+    return [*(r.summand for r in derivation.reductions), derivation.loss, *derivation.grad, *derivation.hess,
+            *(e for b in derivation.blocks.values() for e in (b.diagonal, *(x for pq in b.outer for x in pq))),
+            *derivation.cross.values()]

@@ -97,7 +97,7 @@ ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
                    "multiclass_hinge_weston_watkins", "softmax_cross_entropy_probs", "js_divergence",
-                   "focal_multiclass"}
+                   "focal_multiclass", "poly1_cross_entropy"}
 
 
 def test_catalog_holds_the_row_wise_losses():
@@ -386,6 +386,53 @@ def test_focal_multiclass_is_lin_et_al_and_cross_entropy_at_gamma_0():
     log_p = torch.log_softmax(st, 1)[torch.arange(40), torch.tensor(y)]
     (-torch.tensor(alpha)[torch.tensor(y)] * (1 - log_p.exp()) ** 2 * log_p).sum().backward()
     np.testing.assert_allclose(focal.grad(y, s, alpha=alpha), st.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def _poly1(y, s, epsilon, w):
+    """Leng et al.'s Poly-1 on the softmax, -w_y log p_y + epsilon (1 - p_y), its gradient
+    (w_y + epsilon p_y)(p - onehot(y)) and its Hessian, in NumPy."""
+    n, c = s.shape
+    p, onehot = _softmax(s), np.eye(c)[y]
+    p_y, a = p[np.arange(n), y], w[y] + epsilon * p[np.arange(n), y]
+    loss = -w[y] * np.log(p_y) + epsilon * (1 - p_y)
+    hess = (epsilon * p_y)[:, None, None] * (onehot - p)[:, None, :] * (p - onehot)[:, :, None] \
+        + a[:, None, None] * (np.einsum("ij,jk->ijk", p, np.eye(c)) - p[:, :, None] * p[:, None, :])
+    return loss, a[:, None] * (p - onehot), hess
+
+
+def test_poly1_cross_entropy_is_leng_et_al_and_cross_entropy_at_epsilon_0():
+    """Poly-1 against a NumPy transcription (loss, gradient, every Hessian entry); at epsilon = 0
+    it is the class-weighted softmax cross-entropy. Where one class holds the row's mass, its
+    Hessian's diagonal p_k ((1 - p_k)(w_y + eps p_y) - eps p_y p_k) keeps its digits (the
+    simplex weights of stabilise_rows): at s = (-1e300, 700, 0), y = 2 it is
+    (w_y - eps) p_y p_k (1 + ...), which rounded term by term was 0."""
+    rng = np.random.default_rng(16)
+    s, y, w = rng.normal(0, 3, (40, 5)), rng.integers(0, 5, 40), rng.uniform(0.1, 2, 5)
+    poly1 = lossgen.get("poly1_cross_entropy")
+    for epsilon in (1.0, -1.0, 2.5):
+        loss, grad, hess = _poly1(y, s, epsilon, w)
+        np.testing.assert_allclose(poly1.loss(y, s, epsilon=epsilon, w=w, reduction="none"), loss, rtol=1e-12)
+        np.testing.assert_allclose(poly1.grad(y, s, epsilon=epsilon, w=w), grad, rtol=1e-11, atol=1e-15)
+        np.testing.assert_allclose(poly1.hess(y, s, epsilon=epsilon, w=w, full=True), hess, rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(poly1.hess(y, s, epsilon=epsilon, w=w), np.einsum("ijj->ij", hess), rtol=1e-10,
+                                   atol=1e-15)
+    sce = lossgen.get("softmax_cross_entropy")
+    np.testing.assert_allclose(poly1.loss(y, s, epsilon=0.0, w=w, reduction="none"),
+                               sce.loss(y, s, w=w, reduction="none"), rtol=1e-13)
+    np.testing.assert_allclose(poly1.hess(y, s, epsilon=0.0, w=w), sce.hess(y, s, w=w), rtol=1e-12, atol=1e-15)
+    # one class with the row's mass, y elsewhere: the diagonal at the arg-max, against 60 digits
+    with mpmath.workdps(60):
+        for row, target, weights in (([-1e300, 700.0, 0.0], 2, [1e-4, 112.0, 0.0117]),
+                                     ([1e-8, -700.0, -1e-8, -1e10, 700.0, 745.0, -100.0], 1,
+                                      [0, 492.6, 0.5, 0, 708.8, 0, 1])):
+            m = max(row)
+            e = [mpmath.exp(mpmath.mpf(v) - m) for v in row]
+            p = [v / mpmath.fsum(e) for v in e]
+            k, a = row.index(m), weights[target] + p[target]
+            rest = mpmath.fsum(p[:k] + p[k + 1:])  # 1 - p_k, which 1 - p[k] would lose at 60 digits
+            truth = p[k] * (rest * a - p[target] * p[k])
+            value = poly1.hess(np.array([target]), np.array([row]), w=np.array(weights))[0, k]
+            assert abs(value - truth) <= 1e-13 * abs(truth), (row, value, truth)
 
 
 # --- overlap losses (specs/segmentation/) -----------------------------------------------------

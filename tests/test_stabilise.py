@@ -318,3 +318,31 @@ def test_complement_weights_combine_powers_of_one_minus_the_weight():
     for point in ([-1e-300, 0.5], [-1e-9, 0.25], [-0.5, 0.5], [-3.0, 0.5]):
         truth = evaluate(sp.lambdify([u, g], expr, modules=MODULES), point)
         assert relative_error(rewritten(*point), truth) <= 1e-13, (point, rewritten(*point), truth)
+
+
+def test_simplex_weights_write_a_polynomial_that_vanishes_at_a_vertex_homogeneous():
+    """Two softmax weights of a row, E = p_k and F = p_y (k != y), and the rest O = 1 - E - F: a
+    polynomial in E and F that vanishes where E = 1 (Poly-1's Hessian diagonal,
+    p_k ((1 - p_k)(w_y + eps p_y) - eps p_y p_k)) is written homogeneous in (E, F, O), equal to it on
+    the simplex, with no constant left to cancel; the element y itself (onehot(y) = 1) and a
+    polynomial that does not vanish at a vertex (the gradient, (w_y + eps p_y) p_k) are left as they were."""
+    from conftest import ROW_PATHS
+    from lossgen.derive_rows import derive_rows
+    from lossgen.spec import load_spec
+    from lossgen.stabilise_rows import _at_index, _log_weights, _simplex_weights
+    derivation = derive_rows(load_spec(ROW_PATHS["poly1_cross_entropy"]))
+    ((x, u, x_of_u, back, r),) = _log_weights(derivation)
+
+    def in_u(expr):
+        return sp.factor_terms(_at_index(expr, derivation).subs(x, x_of_u))
+
+    hess = in_u(derivation.hess[0])
+    out, placeholders = _simplex_weights(hess, u, back, r, derivation)
+    (at_y, _), (elsewhere, _) = out.args
+    assert at_y == hess.args[0][0]
+    e, f, o = sorted(placeholders, key=lambda s: s.name)
+    assert sp.Poly(sp.expand(elsewhere / e), e, f, o).is_homogeneous
+    weights = {placeholders[e]: e, placeholders[f]: f}
+    assert sp.expand(elsewhere.xreplace({o: 1 - e - f}) - hess.args[1][0].xreplace(weights)) == 0
+    grad = in_u(derivation.grad[0])
+    assert _simplex_weights(grad, u, back, r, derivation) == (grad, {})
