@@ -306,6 +306,80 @@ def _difference_of_squares(e):
             return (a - b) * (a + b)
 
 
+def _weighted_squares(e):
+    """a*u**2 + b*v**2 -> (a + b)*u**2 + b*(v - u)*(v + u) where a and b differ in sign and
+    |b| <= |a| (else, with the roles swapped, (a + b)*v**2 + a*(u - v)*(u + v)), for
+    coefficients a, b free of u and v whose sum a + b simplifies: some symbol of a and b cancels
+    in it (for Barron's Hessian, |alpha - 2|*c**2 - (1 - alpha)*x**2, a + b = 1 for alpha < 2).
+
+    Where a*u**2 and b*v**2 nearly cancel, each carries the rounding of its own size, and of
+    v's (x = p - y, rounded, then squared): at alpha = -1e12, |x| ~ c, two terms of 1e12 leave
+    2e4. The rewritten terms are never larger, |a + b| u**2 + |b| |v**2 - u**2| <=
+    |a| u**2 + |b| v**2 when |b| <= |a|, and near the sum's zero they are |a + b|/|a| times
+    smaller; v - u and v + u are exact sums (rule exact_sum) and v**2 is not formed. An
+    Abs(g) in a or b is resolved by a branch on the sign of g (for a parameter g, one branch
+    per call), so that a + b can simplify; elsewhere, and where a and b have the same sign (no
+    cancellation), the sum stays as it was."""
+    terms = _add_terms(e)
+    if not terms or len(terms) != 2:
+        return None
+    for (t1, t2) in (terms, terms[::-1]):
+        for u, a in _squares_of(t1):
+            for v, b in _squares_of(t2):
+                if u == v or a.has(u, v) or b.has(u, v):
+                    continue
+                branches = _weighted_square_branches(a, u, b, v)
+                if branches:
+                    return sp.Piecewise(*branches, (t1 + group(t2), True))  # as it was, and seen as done
+    return None
+
+
+def _squares_of(term):
+    """(base, coefficient) for each way of writing ``term`` as coefficient*base**2."""
+    return [(f.base, term / f) for f in sp.Mul.make_args(term)
+            if isinstance(f, sp.Pow) and f.exp == 2 and not f.base.is_Number]
+
+
+def _known_sign(expr) -> int:
+    return 1 if expr.is_nonnegative else -1 if expr.is_nonpositive else 0
+
+
+def _weighted_square_branches(a, u, b, v) -> list:
+    """The (expression, condition) branches of rule weighted_squares, or [] where a + b
+    simplifies under no sign of the Abs in a and b."""
+    ungrouped = lambda z: z.replace(lambda f: isinstance(f, group), lambda f: f.args[0])  # noqa: E731
+    absolutes = sorted((f for f in (a + b).atoms(sp.Abs) if not f.has(u, v)), key=sp.default_sort_key)
+    if len(absolutes) > 2:
+        return []
+    branches = []
+    for signs in _sign_choices(len(absolutes)):
+        resolved = {f: s * f.args[0] for f, s in zip(absolutes, signs)}
+        where = [f.args[0] >= 0 if s > 0 else f.args[0] < 0 for f, s in zip(absolutes, signs)]
+        a_s, b_s = a.xreplace(resolved), b.xreplace(resolved)
+        total = sp.expand(ungrouped(a_s + b_s))
+        if not (ungrouped(a_s).free_symbols | ungrouped(b_s).free_symbols) - total.free_symbols:
+            continue  # no symbol cancels: a + b is no more accurate than a and b
+        # a and b of opposite signs; where the sign of one is known, that of the other decides
+        sign_a, sign_b, sign_total = _known_sign(a), _known_sign(b), _known_sign(total)
+        opposite = b_s < 0 if sign_a > 0 else b_s > 0 if sign_a < 0 else a_s < 0 if sign_b > 0 \
+            else a_s > 0 if sign_b < 0 else a_s * b_s < 0
+        anchored_at_u = total * u**2 + b_s * (v - u) * (v + u)
+        anchored_at_v = total * v**2 + a_s * (u - v) * (u + v)
+        # with opposite signs, |b| <= |a| exactly where a + b has the sign of a (or is 0)
+        if sign_total and sign_total in (sign_a, -sign_b):
+            branches.append((anchored_at_u, sp.And(*where, opposite)))
+        elif sign_total and sign_total in (sign_b, -sign_a):
+            branches.append((anchored_at_v, sp.And(*where, opposite)))
+        else:
+            branches += [(anchored_at_u, sp.And(*where, opposite, sp.Abs(b_s) <= sp.Abs(a_s))),
+                         (anchored_at_v, sp.And(*where, opposite))]
+    return [(form, condition) for form, condition in branches if condition != sp.false]
+
+
+def _sign_choices(n: int) -> list[tuple[int, ...]]:
+    return [()] if n == 0 else [(s, *rest) for s in (1, -1) for rest in _sign_choices(n - 1)]
+
+
 def _sum_of_atoms(e):
     """a + b + c + ... of inputs, parameters and numbers -> exact_sum(...): delta + p - y keeps
     its digits both where p is close to -delta and where y is close to delta."""
@@ -556,6 +630,9 @@ RULES: tuple[Rule, ...] = (
          _distribute_to_cancel),
     Rule("divide_twice", "a/b**2", "(a/b)/b", "b**2 under- or overflows where a/b/b does not", _divide_twice),
     Rule("divide_in_turn", "a/(b*c)", "(a/b)/c", "b*c under- or overflows where a/b/c does not", _divide_in_turn),
+    Rule("weighted_squares", "a*u**2 + b*v**2, a*b < 0, |b| <= |a|, a + b simpler",
+         "(a + b)*u**2 + b*(v - u)*(v + u), Abs in a, b resolved by sign",
+         "the two terms, each rounded (v**2 twice), cancel where a*u**2 is close to -b*v**2", _weighted_squares),
     Rule("difference_of_squares", "a**2 - b**2", "(a - b)*(a + b)", "a**2 - b**2 cancels when a is close to b",
          _difference_of_squares),
     Rule("exact_sum", "a + b + c + ...", "exact_sum(a, b, c, ...)",

@@ -102,21 +102,24 @@ BARRON_ALPHAS = (-1e12, -2.0, 0.0, 1e-8, 2 - 1e-8, 2.0, 2 + 1e-8, 4.0)
 BARRON_LARGE_RESIDUALS = (1e30, 1e59, 1e61, 1e100, 1e155, 1e200)
 
 # Points where the bound is not met yet, and why (test_barron_gaps_are_still_gaps fails once
-# one closes). At alpha = -1e12 the Hessian, (1 - alpha)(c**2 - x**2) + c**2 over positive
-# factors, vanishes at |x| ~ c: the kernel forms c**2*|alpha - 2| - x**2*(1 - alpha), two terms
-# of 1e12 cancelling to 2e4 at |x| = 1 + 1e-8 (5e-9 lost), and x = p - y itself is rounded
-# (1e-16 relative, 1e-8 in c**2 - x**2 there). Closing it needs the Hessian written in
-# (c - p + y)*(c + p - y), i.e. a branch on the sign of alpha - 2 and the sum collected in alpha.
-BARRON_GAPS = {-1e12: (lambda point: abs(abs(point["p"] - point["y"]) - point["c"]) < 1e-6 * point["c"],
-                       "Hessian at |p - y| within 1e-6 of c (its zero)")}
+# one closes): alpha -> (lambda point: True where skipped, reason). None today. The last one, at
+# alpha = -1e12 near |p - y| = c (the Hessian's zero, where c**2*|alpha - 2| - x**2*(1 - alpha)
+# cancelled two terms of 1e12), closed with rule weighted_squares: there the numerator is
+# c**2 - (1 - alpha)*(p - y - c)*(p - y + c), with exact sums.
+BARRON_GAPS: dict = {}
 
 
 def _barron_points(derivation, params):
+    """The stress grid, large residuals, and residuals within 1e-15 ... 1e-3 of +-c (where the
+    Hessian vanishes for very negative alpha), with y = 0, 1e-8 and 20 (p - y rounded)."""
     grid = stress_points(derivation, params)
     p = np.array([s * m for m in BARRON_LARGE_RESIDUALS for s in (1.0, -1.0)])
-    values = {"y": np.concatenate([grid.values["y"], np.zeros_like(p), np.full_like(p, 1.0)]),
-              "p": np.concatenate([grid.values["p"], p, p])}
-    return Points(values, np.concatenate([grid.near_kink, np.zeros(2 * len(p), bool)]))
+    offsets = np.logspace(-15, -3, 7)
+    near_c = params["c"] * np.concatenate([s * (1 + d) for s in (1.0, -1.0) for d in (offsets, -offsets)])
+    near_y = np.repeat([0.0, 1e-8, 20.0], len(near_c))
+    values = {"y": np.concatenate([grid.values["y"], np.zeros_like(p), np.full_like(p, 1.0), near_y]),
+              "p": np.concatenate([grid.values["p"], p, p, near_y + np.tile(near_c, 3)])}
+    return Points(values, np.concatenate([grid.near_kink, np.zeros(2 * len(p) + len(near_y), bool)]))
 
 
 @pytest.mark.parametrize("alpha", BARRON_ALPHAS)

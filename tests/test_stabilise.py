@@ -39,6 +39,8 @@ EXAMPLES = {
     "logistic_ratio": (sp.exp(x) / (1 + sp.exp(x)), {x: 710.0}),
     "logaddexp": (sp.log(sp.exp(x) + sp.exp(y)), {x: 800.0, y: 799.0}),
     "difference_of_squares": (x**2 - y**2, {x: 1e8 + 1, y: 1e8}),
+    # Barron's Hessian numerator at alpha = -1e12, |x| = c + 1e-8: two terms of 1e12 leave -2e4
+    "weighted_squares": (y**2 * sp.Abs(z - 2) - x**2 * (1 - z), {x: 1 + 1e-8, y: 1.0, z: -1e12}),
     "exact_sum": (x + y - z - b, {x: 1.0, y: 1e-20, z: 1.0, b: 1e-300}),
     "hypot_minus_one": (sp.sqrt(1 + x**2) - 1 + 0 * y, {x: 1e-9, y: 1.0}),
     "xlogy": (x * sp.log(y), {x: 0.0, y: 0.0}),
@@ -115,6 +117,32 @@ def test_rewritten_form_is_accurate_in_float64(name):
     # exp(a + log|b|) carries the rounding of a + log|b| (|a| <= 745) into its relative error
     bound = 1e-12 if name == "exp_product" else 1e-14
     assert relative_error(value, truth) <= bound, (rewritten, value, truth)
+
+
+def test_weighted_squares_takes_the_difference_from_the_larger_coefficient():
+    """Without known signs both forms are kept, chosen per call by |b| <= |a|: near the zero of
+    (z + 1) y**2 - z x**2, for z = 1e12 (a > 0 > b) and z = -1e12 - 1 (b > 0 > a)."""
+    expr = (z + 1) * y**2 - z * x**2
+    rewritten = stabilise(expr)
+    assert isinstance(rewritten, sp.Piecewise) and len(rewritten.args) == 3
+    symbols = [x, y, z]
+    for at in ({x: 1 + 1e-8, y: 1.0, z: 1e12}, {x: 1 + 1e-8, y: 1.0, z: -1e12 - 1}, {x: 3.0, y: 1.0, z: 0.5}):
+        args = [at[s] for s in symbols]
+        truth = evaluate(sp.lambdify(symbols, expr, modules=MODULES), args)
+        value = sp.lambdify(symbols, rewritten, modules=FLOAT_MODULES)(*args)
+        assert relative_error(value, truth) <= 1e-15, (at, value, truth)
+
+
+def test_weighted_squares_needs_a_symbol_to_cancel_in_the_coefficients():
+    for expr in (2 * y**2 - x**2,               # numbers: nothing cancels symbolically
+                 sp.Abs(z - 2) * y**2 + x**2,   # |z - 2| + 1 keeps z on both sides of 2
+                 z * y**2 + (z - 1) * x**2):    # 2z - 1 keeps z
+        assert not stabilise(expr, tuple(r for r in RULES if r.name == "weighted_squares")).has(sp.Piecewise), expr
+    # |z - 2| + z - 1 is 1 for z < 2 (Barron's Hessian): only that branch is rewritten
+    stable = stabilise(sp.Abs(z - 2) * y**2 + (z - 1) * x**2, tuple(r for r in RULES if r.name == "weighted_squares"))
+    (rewritten, condition), (as_it_was, otherwise) = stable.args
+    assert otherwise == sp.true and as_it_was.has(sp.Abs) and not rewritten.has(sp.Abs)
+    assert condition == sp.And(z < 2, z < 1)
 
 
 def test_rules_apply_inside_larger_expressions_until_nothing_changes():
