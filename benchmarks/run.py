@@ -131,23 +131,33 @@ def _logistic(y, x, a):
 # The same stable formulas as lossgen's kernels (see generated/<name>.py), written by hand,
 # computing per branch only what that branch needs; the helpers are lossgen's stable ones.
 _helpers = lossgen.get("binary_cross_entropy_logits").module
-_fma, _logcosh, _sigmoid, _softplus = _helpers._fma, _helpers._logcosh, _helpers._sigmoid, _helpers._softplus
+_fma, _logcosh_from, _sigmoid_from, _softplus_from, _tanh_from = (
+    _helpers._fma, _helpers._logcosh_from, _helpers._sigmoid_from, _helpers._softplus_from, _helpers._tanh_from)
 
 
 def _poisson_stable(y, p, a):
     if abs(p) <= 1.0:  # exp(p) - y p = expm1(p) + (1 - y p), 1 - y p with an exact product
         e1 = math.expm1(p)
-        return e1 + _fma(-p, y, 1.0), e1 + (1.0 - y), math.exp(p)
+        return e1 + _fma(-p, y, 1.0), e1 + (1.0 - y), e1 + 1.0
     e = math.exp(p)
     return e - p * y, e - y, e
 
 
-def _logistic_stable(y, x, a):  # pos_weight = 1
-    s, t = _sigmoid(x), _sigmoid(-x)
-    if abs(x) <= 1.0:  # softplus(x) - y x = log 2 + logcosh(x/2) + (1 - 2y) x/2
-        c = _fma(-y, 1.0, 1.0 - y)
-        return 0.6931471805599453 + _logcosh(0.5 * x) + 0.5 * c * x, 0.5 * math.tanh(0.5 * x) + 0.5 * c, s * t
-    return y * _softplus(-x) + (1.0 - y) * _softplus(x), s * (1.0 - y) - t * y, s * t
+def _logistic_stable(y, x, w):
+    # w = pos_weight, a run-time argument as in lossgen's kernel (not a constant 1 that the
+    # compiler could fold away): w y softplus(-x) + (1 - y) softplus(x)
+    e = math.exp(-abs(x))  # one exp for both sigmoids and both softpluses
+    s, t = _sigmoid_from(x, e), _sigmoid_from(-x, e)
+    wy, ny = w * y, 1.0 - y
+    hess = s * t * (wy - y + 1.0)
+    if abs(x) <= 1.0:  # softplus(+-x) = log 2 +- x/2 + logcosh(x/2); one expm1 for logcosh and tanh
+        u = 0.5 * x
+        m = math.expm1(abs(u))
+        big, small = _fma(y, w, ny), _fma(-y, w, ny)  # w y + (1 - y), (1 - y) - w y
+        return (_logcosh_from(u, m) * (wy + ny) + big * 0.6931471805599453 + 0.5 * small * x,
+                0.5 * big * _tanh_from(u, m) + 0.5 * small, hess)
+    tail = math.log1p(e)
+    return wy * _softplus_from(-x, tail) + ny * _softplus_from(x, tail), s * ny - t * wy, hess
 
 
 @numba.njit(error_model="numpy")
@@ -363,7 +373,8 @@ def _cases() -> list[Case]:
         Case("poisson", {}, _count_inputs, _fused(_poisson_stable), _np_poisson,
              F and (lambda y, p: F.poisson_nll_loss(p, y, log_input=True, full=False, reduction="none")),
              sk and sk.HalfPoissonLoss, "HalfPoissonLoss: exp(p) - y p, same", textbook=_fused(_poisson)),
-        Case("binary_cross_entropy_logits", {}, _label_inputs, _fused(_logistic_stable), _np_logistic,
+        Case("binary_cross_entropy_logits", {}, _label_inputs,
+             (lambda y, x, f=_fused(_logistic_stable): f(y, x, 1.0)), _np_logistic,
              F and (lambda y, x: F.binary_cross_entropy_with_logits(x, y, reduction="none")),
              sk and sk.HalfBinomialLoss, "HalfBinomialLoss: same", textbook=_fused(_logistic)),
         # row-wise, 1e6 rows x 10 classes; target: <= 0.5x scikit-learn's multinomial

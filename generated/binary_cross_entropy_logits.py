@@ -37,55 +37,59 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _tanh_from(x, m):
+    """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
+    (= expm1(2|x|), rounded once), with x's sign; beyond |x| = 20, where tanh rounds to 1, +-1."""
+    if abs(x) > 20.0:
+        return math.copysign(1.0, x)
+    t = _fma_instruction(m, m, 2.0 * m)
+    return math.copysign(t / (t + 2.0), x)
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _fma(a, b, c):
-    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
-    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
-    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
-        a, b = a * 2.0 ** -500, b * 2.0 ** 500
-    elif abs(b) > 1e150 and abs(a) < 1e-150:
-        a, b = a * 2.0 ** 500, b * 2.0 ** -500
-    product = a * b
-    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
-        return product + c
-    split = 134217729.0  # 2**27 + 1
-    t = split * a
-    a_high = t - (t - a)
-    a_low = a - a_high
-    t = split * b
-    b_high = t - (t - b)
-    b_low = b - b_high
-    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
-    total = product + c
-    z = total - product
-    rounding = (product - (total - z)) + (c - z)
-    return total + (rounding + error)
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -93,13 +97,15 @@ def loss_scalar(y, x, pos_weight):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t1 = pos_weight*y
-    _t2 = 1.0 - y
+    _t2 = pos_weight*y
+    _t3 = 1.0 - y
     if (abs(x) <= 1.0):
-        _t0 = _logcosh(((x)/(2.0)))
-        _b0 = _t0*_t1 + _t0*(_t2) + (((x*_fma(-y, pos_weight, _t2))/(2.0))) + (_fma(y, pos_weight, _t2))*math.log(2.0)
+        _t0 = ((x)/(2.0))
+        _t1 = _logcosh_from(_t0, math.expm1(abs(_t0)))
+        _b0 = _t1*_t2 + _t1*(_t3) + (((x*_fma(-y, pos_weight, _t3))/(2.0))) + (_fma(y, pos_weight, _t3))*math.log(2.0)
     else:
-        _b0 = _t1*_softplus(-x) + _t2*_softplus(x)
+        _t4 = math.log1p(math.exp(-abs(x)))
+        _b0 = _t2*_softplus_from(-x, _t4) + _t3*_softplus_from(x, _t4)
     return _b0
 
 
@@ -109,7 +115,13 @@ def grad_scalar(y, x, pos_weight):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    return (((((_fma(-y, pos_weight, _t0))/(2.0))) + (((_fma(y, pos_weight, _t0))/(2.0)))*math.tanh(((x)/(2.0)))) if (abs(x) <= 1.0) else (_t0*_sigmoid(x) - pos_weight*y*_sigmoid(-x)))
+    if (abs(x) <= 1.0):
+        _t1 = ((x)/(2.0))
+        _b0 = (((_fma(-y, pos_weight, _t0))/(2.0))) + (((_fma(y, pos_weight, _t0))/(2.0)))*_tanh_from(_t1, math.expm1(abs(_t1)))
+    else:
+        _t2 = math.exp(-abs(x))
+        _b0 = _t0*_sigmoid_from(x, _t2) - pos_weight*y*_sigmoid_from(-x, _t2)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -117,7 +129,8 @@ def hess_scalar(y, x, pos_weight):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    return (pos_weight*y - y + 1.0)*_sigmoid(-x)*_sigmoid(x)
+    _t0 = math.exp(-abs(x))
+    return (pos_weight*y - y + 1.0)*_sigmoid_from(-x, _t0)*_sigmoid_from(x, _t0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -127,10 +140,16 @@ def grad_hess_scalar(y, x, pos_weight):
         return math.nan, math.nan
     _t0 = -y
     _t1 = 1.0 - y
-    _t2 = _sigmoid(-x)
-    _t3 = pos_weight*y
-    _t4 = _sigmoid(x)
-    return (((((_fma(_t0, pos_weight, _t1))/(2.0))) + (((_fma(y, pos_weight, _t1))/(2.0)))*math.tanh(((x)/(2.0)))) if (abs(x) <= 1.0) else (_t1*_t4 - _t2*_t3)), _t2*_t4*(_t0 + _t3 + 1.0)
+    _t3 = math.exp(-abs(x))
+    _t4 = _sigmoid_from(-x, _t3)
+    _t5 = pos_weight*y
+    _t6 = _sigmoid_from(x, _t3)
+    if (abs(x) <= 1.0):
+        _t2 = ((x)/(2.0))
+        _b0 = (((_fma(_t0, pos_weight, _t1))/(2.0))) + (((_fma(y, pos_weight, _t1))/(2.0)))*_tanh_from(_t2, math.expm1(abs(_t2)))
+    else:
+        _b0 = _t1*_t6 - _t4*_t5
+    return _b0, _t4*_t6*(_t0 + _t5 + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -138,24 +157,27 @@ def loss_grad_hess_scalar(y, x, pos_weight):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t2 = pos_weight*y
-    _t3 = 1.0 - y
-    _t5 = -y
-    _t7 = (abs(x) <= 1.0)
-    _t8 = -x
-    _t9 = _sigmoid(_t8)
-    _t10 = _sigmoid(x)
-    if _t7:
+    _t3 = pos_weight*y
+    _t4 = 1.0 - y
+    _t6 = -y
+    _t8 = (abs(x) <= 1.0)
+    _t9 = -x
+    _t10 = math.exp(-abs(x))
+    _t12 = _sigmoid_from(_t9, _t10)
+    _t13 = _sigmoid_from(x, _t10)
+    if _t8:
         _t0 = ((x)/(2.0))
-        _t1 = _logcosh(_t0)
-        _t4 = _fma(y, pos_weight, _t3)
-        _t6 = _fma(_t5, pos_weight, _t3)
-        _b0 = _t1*_t2 + _t1*(_t3) + (_t4)*math.log(2.0) + (((_t6*x)/(2.0)))
-        _b1 = (((_t4)/(2.0)))*math.tanh(_t0) + (((_t6)/(2.0)))
+        _t1 = math.expm1(abs(_t0))
+        _t2 = _logcosh_from(_t0, _t1)
+        _t5 = _fma(y, pos_weight, _t4)
+        _t7 = _fma(_t6, pos_weight, _t4)
+        _b0 = _t2*_t3 + _t2*(_t4) + (_t5)*math.log(2.0) + (((_t7*x)/(2.0)))
+        _b1 = (((_t5)/(2.0)))*_tanh_from(_t0, _t1) + (((_t7)/(2.0)))
     else:
-        _b0 = _t2*_softplus(_t8) + _t3*_softplus(x)
-        _b1 = _t10*_t3 - _t2*_t9
-    return _b0, _b1, _t10*_t9*(_t2 + _t5 + 1.0)
+        _t11 = math.log1p(_t10)
+        _b0 = _t3*_softplus_from(_t9, _t11) + _t4*_softplus_from(x, _t11)
+        _b1 = -_t12*_t3 + _t13*_t4
+    return _b0, _b1, _t12*_t13*(_t3 + _t6 + 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")

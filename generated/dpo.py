@@ -39,19 +39,19 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -79,7 +79,8 @@ def loss_scalar(policy_chosen, policy_rejected, reference_chosen, reference_reje
     """loss of one element."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
         return math.nan
-    return _softplus(-beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected)))
+    _t0 = beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected))
+    return _softplus_from(-_t0, math.log1p(math.exp(-abs(_t0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -87,8 +88,9 @@ def grad_scalar(policy_chosen, policy_rejected, reference_chosen, reference_reje
     """grad of one element (per prediction: policy_chosen, policy_rejected)."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
         return math.nan, math.nan
-    _t0 = beta*_sigmoid(-beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected)))
-    return -_t0, _t0
+    _t0 = beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected))
+    _t1 = beta*_sigmoid_from(-_t0, math.exp(-abs(_t0)))
+    return -_t1, _t1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -97,8 +99,9 @@ def hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference_reje
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
         return math.nan, math.nan
     _t0 = beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected))
-    _t1 = beta**2*_sigmoid(-_t0)*_sigmoid(_t0)
-    return _t1, _t1
+    _t1 = math.exp(-abs(_t0))
+    _t2 = beta**2*_sigmoid_from(-_t0, _t1)*_sigmoid_from(_t0, _t1)
+    return _t2, _t2
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -107,10 +110,11 @@ def grad_hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
         return math.nan, math.nan, math.nan, math.nan
     _t0 = beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected))
-    _t1 = _sigmoid(-_t0)
-    _t2 = _t1*beta
-    _t3 = _t1*beta**2*_sigmoid(_t0)
-    return -_t2, _t2, _t3, _t3
+    _t1 = math.exp(-abs(_t0))
+    _t2 = _sigmoid_from(-_t0, _t1)
+    _t3 = _t2*beta
+    _t4 = _t2*beta**2*_sigmoid_from(_t0, _t1)
+    return -_t3, _t3, _t4, _t4
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -120,10 +124,11 @@ def loss_grad_hess_scalar(policy_chosen, policy_rejected, reference_chosen, refe
         return math.nan, math.nan, math.nan, math.nan, math.nan
     _t0 = beta*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(policy_chosen), -policy_rejected), -reference_chosen), reference_rejected))
     _t1 = -_t0
-    _t2 = _sigmoid(_t1)
-    _t3 = _t2*beta
-    _t4 = _t2*beta**2*_sigmoid(_t0)
-    return _softplus(_t1), -_t3, _t3, _t4, _t4
+    _t2 = math.exp(-abs(_t0))
+    _t3 = _sigmoid_from(_t1, _t2)
+    _t4 = _t3*beta
+    _t5 = _t3*beta**2*_sigmoid_from(_t0, _t2)
+    return _softplus_from(_t1, math.log1p(_t2)), -_t4, _t4, _t5, _t5
 
 
 @numba.njit(cache=True, error_model="numpy")

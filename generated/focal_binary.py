@@ -39,55 +39,59 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _tanh_from(x, m):
+    """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
+    (= expm1(2|x|), rounded once), with x's sign; beyond |x| = 20, where tanh rounds to 1, +-1."""
+    if abs(x) > 20.0:
+        return math.copysign(1.0, x)
+    t = _fma_instruction(m, m, 2.0 * m)
+    return math.copysign(t / (t + 2.0), x)
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _fma(a, b, c):
-    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
-    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
-    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
-        a, b = a * 2.0 ** -500, b * 2.0 ** 500
-    elif abs(b) > 1e150 and abs(a) < 1e-150:
-        a, b = a * 2.0 ** 500, b * 2.0 ** -500
-    product = a * b
-    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
-        return product + c
-    split = 134217729.0  # 2**27 + 1
-    t = split * a
-    a_high = t - (t - a)
-    a_low = a - a_high
-    t = split * b
-    b_high = t - (t - b)
-    b_low = b - b_high
-    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
-    total = product + c
-    z = total - product
-    rounding = (product - (total - z)) + (c - z)
-    return total + (rounding + error)
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -96,17 +100,20 @@ def loss_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t3 = (abs(x) <= 1.0)
-    if _t3:
-        _t1 = ((x)/(2.0))
-        _t2 = 1/2 - y
-        _t5 = _logcosh(_t1)
-        _b0 = ((_t2)*math.tanh(_t1) + 1/2)**gamma
-        _b1 = _t5*y + _t5*(_t0) + (_t2*x) + math.log(2.0)
+    _t4 = (abs(x) <= 1.0)
+    if _t4:
+        _t1 = 1/2 - y
+        _t2 = ((x)/(2.0))
+        _t3 = math.expm1(abs(_t2))
+        _t7 = _logcosh_from(_t2, _t3)
+        _b0 = ((_t1)*_tanh_from(_t2, _t3) + 1/2)**gamma
+        _b1 = _t7*y + _t7*(_t0) + (_t1*x) + math.log(2.0)
     else:
-        _t4 = -x
-        _b0 = (_t0*_sigmoid(x) + y*_sigmoid(_t4))**gamma
-        _b1 = _t0*_softplus(x) + y*_softplus(_t4)
+        _t5 = -x
+        _t6 = math.exp(-abs(x))
+        _t8 = math.log1p(_t6)
+        _b0 = (_t0*_sigmoid_from(x, _t6) + y*_sigmoid_from(_t5, _t6))**gamma
+        _b1 = _t0*_softplus_from(x, _t8) + y*_softplus_from(_t5, _t8)
     return (_t0*(1.0 - alpha) + alpha*y)*_b0*_b1
 
 
@@ -116,46 +123,49 @@ def grad_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t1 = -x
-    _t2 = _sigmoid(_t1)
-    _t3 = ((x)/(2.0))
-    _t4 = math.tanh(_t3)
-    _t5 = 1/2 - y
-    _t6 = (_t5)
-    _t7 = _t4*_t6 + 1/2
+    _t2 = 1/2 - y
+    _t3 = (_t2)
+    _t4 = ((x)/(2.0))
+    _t5 = math.expm1(abs(_t4))
+    _t6 = _tanh_from(_t4, _t5)
+    _t7 = _t3*_t6 + 1/2
     _t8 = _t7**gamma
     _t9 = (abs(x) <= 1.0)
-    _t10 = _t2*y
-    _t15 = gamma - 1.0
-    _t16 = _t7**_t15
-    _t17 = math.log(2.0)
-    _t18 = _logcosh(_t3)
-    _t20 = _softplus(_t1)
-    _t21 = _t20*y
-    _t28 = _sigmoid(x)
-    _t29 = _t0*_t28
-    _t32 = _softplus(x)
-    _t33 = _t0*_t32
+    _t10 = -x
+    _t11 = math.exp(-abs(x))
+    _t12 = _sigmoid_from(_t10, _t11)
+    _t13 = _t12*y
+    _t17 = gamma - 1.0
+    _t18 = _t7**_t17
+    _t19 = math.log(2.0)
+    _t20 = _logcosh_from(_t4, _t5)
+    _t22 = math.log1p(_t11)
+    _t23 = _softplus_from(_t10, _t22)
+    _t24 = _t23*y
+    _t31 = _sigmoid_from(x, _t11)
+    _t32 = _t0*_t31
+    _t35 = _softplus_from(x, _t22)
+    _t36 = _t0*_t35
     if (x > 1.0):
-        _t11 = _t0*(1.0 - _t2) + _t10
-        _t12 = ((_t8) if _t9 else (_t11**gamma))
-        _t22 = ((_t16) if _t9 else (_t11**_t15))*(((((_t0))*_t18 + _t17 + _t18*y + (_t5*x))) if _t9 else (_t0*(_t20 + x) + _t21))
-        _b0 = _t12*((_t0)) - _t12*_t2 + (gamma*_fma(-2.0, y, 1.0))*_t2*_t22 + _t2**2*_t22*(gamma*_fma(2.0, y, -1.0))
+        _t14 = _t0*(1.0 - _t12) + _t13
+        _t15 = ((_t8) if _t9 else (_t14**gamma))
+        _t25 = ((_t18) if _t9 else (_t14**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t0*(_t23 + x) + _t24))
+        _b0 = ((_t0))*_t15 + _t12**2*_t25*(gamma*_fma(2.0, y, -1.0)) - _t12*_t15 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t25
     elif _t9:
-        _t24 = _t0*(((_t4)/(2.0)) + 1/2) + y*(((-_t4)/(2.0)) + 1/2)
-        _t25 = ((_t8) if _t9 else (_t24**gamma))
-        _t26 = _t17 + _t18
-        _t27 = ((_t16) if _t9 else (_t24**_t15))*(((((_t0))*_t18 + _t17 + _t18*y + (_t5*x))) if _t9 else (_t0*(_t26 + _t3) + y*(_t26 + ((_t1)/(2.0)))))
-        _b0 = _t25*_t6 + (((gamma*_fma(-2.0, y, 1.0))*_t27)/(4.0)) + ((_t25*_t4)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t27*_t4**2)/(4.0))
+        _t27 = _t0*(((_t6)/(2.0)) + 1/2) + y*(((-_t6)/(2.0)) + 1/2)
+        _t28 = ((_t8) if _t9 else (_t27**gamma))
+        _t29 = _t19 + _t20
+        _t30 = ((_t18) if _t9 else (_t27**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t0*(_t29 + _t4) + y*(_t29 + ((_t10)/(2.0)))))
+        _b0 = _t28*_t3 + (((gamma*_fma(-2.0, y, 1.0))*_t30)/(4.0)) + ((_t28*_t6)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t30*_t6**2)/(4.0))
     elif (x < -1.0):
-        _t30 = _t29 + y*(1.0 - _t28)
-        _t31 = ((_t8) if _t9 else (_t30**gamma))
-        _t34 = ((_t16) if _t9 else (_t30**_t15))*(((((_t0))*_t18 + _t17 + _t18*y + (_t5*x))) if _t9 else (_t33 + y*(_t32 - x)))
-        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t28*_t34 + (gamma*_fma(2.0, y, -1.0))*_t28**2*_t34 + _t28*_t31 - _t31*y
+        _t33 = _t32 + y*(1.0 - _t31)
+        _t34 = ((_t8) if _t9 else (_t33**gamma))
+        _t37 = ((_t18) if _t9 else (_t33**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t36 + y*(_t35 - x)))
+        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t31*_t37 + (gamma*_fma(2.0, y, -1.0))*_t31**2*_t37 + _t31*_t34 - _t34*y
     else:
-        _t35 = _t10 + _t29
-        _t36 = ((_t8) if _t9 else (_t35**gamma))
-        _b0 = -_t10*_t36 + _t2*_t28*gamma*(1.0 - 2.0*y)*((_t16) if _t9 else (_t35**_t15))*(((((_t0))*_t18 + _t17 + _t18*y + (_t5*x))) if _t9 else (_t21 + _t33)) + _t29*_t36
+        _t38 = _t13 + _t32
+        _t39 = ((_t8) if _t9 else (_t38**gamma))
+        _b0 = _t12*_t31*gamma*(1.0 - 2.0*y)*((_t18) if _t9 else (_t38**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t24 + _t36)) - _t13*_t39 + _t32*_t39
     return (_t0*(1.0 - alpha) + alpha*y)*_b0
 
 
@@ -165,38 +175,41 @@ def hess_scalar(y, x, gamma, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t6 = (abs(x) <= 1.0)
-    _t7 = -x
-    _t8 = _sigmoid(_t7)
-    _t9 = _t8*y
-    _t10 = _sigmoid(x)
-    _t11 = _t0*_t10
-    _t14 = 1.0 - 2.0*y
-    _t15 = gamma - 1.0
-    _t20 = gamma - 2.0
-    _t21 = _t10*_t8
-    if _t6:
-        _t1 = ((x)/(2.0))
-        _t2 = math.tanh(_t1)
-        _t3 = 1/2 - y
-        _t4 = (_t3)
-        _t5 = _t2*_t4 + 1/2
-        _t17 = _logcosh(_t1)
-        _b0 = _t4 + ((_t2)/(2.0))
-        _b1 = _t5**_t20
-        _t18 = _t17*y + _t17*(_t0) + (_t3*x) + math.log(2.0)
-        _b2 = _t5**_t15
-        _t13 = _t5**gamma
+    _t7 = (abs(x) <= 1.0)
+    _t8 = -x
+    _t9 = math.exp(-abs(x))
+    _t10 = _sigmoid_from(_t8, _t9)
+    _t11 = _t10*y
+    _t12 = _sigmoid_from(x, _t9)
+    _t13 = _t0*_t12
+    _t16 = 1.0 - 2.0*y
+    _t17 = gamma - 1.0
+    _t23 = gamma - 2.0
+    _t24 = _t10*_t12
+    if _t7:
+        _t1 = 1/2 - y
+        _t2 = (_t1)
+        _t3 = ((x)/(2.0))
+        _t4 = math.expm1(abs(_t3))
+        _t5 = _tanh_from(_t3, _t4)
+        _t6 = _t2*_t5 + 1/2
+        _t19 = _logcosh_from(_t3, _t4)
+        _b0 = _t2 + ((_t5)/(2.0))
+        _b1 = _t6**_t23
+        _t21 = _t19*y + _t19*(_t0) + (_t1*x) + math.log(2.0)
+        _b2 = _t6**_t17
+        _t15 = _t6**gamma
     else:
-        _t12 = _t11 + _t9
-        _b0 = _t0*_t10 - _t9
-        _b1 = _t12**_t20
-        _t18 = _t0*_softplus(x) + y*_softplus(_t7)
-        _b2 = _t12**_t15
-        _t13 = _t12**gamma
-    _t16 = _t14*gamma*_b2
-    _t19 = _t16*_t18
-    return _t21*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t13 - _t10*_t19 + _t11*_t16 + _t13*y + _t14**2*_t15*_t18*_t21*gamma*_b1 - _t16*_t9 + _t16*_b0 + _t19*_t8)
+        _t14 = _t11 + _t13
+        _t20 = math.log1p(_t9)
+        _b0 = _t0*_t12 - _t11
+        _b1 = _t14**_t23
+        _t21 = _t0*_softplus_from(x, _t20) + y*_softplus_from(_t8, _t20)
+        _b2 = _t14**_t17
+        _t15 = _t14**gamma
+    _t18 = _t16*gamma*_b2
+    _t22 = _t18*_t21
+    return _t24*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t15 + _t10*_t22 - _t11*_t18 - _t12*_t22 + _t13*_t18 + _t15*y + _t16**2*_t17*_t21*_t24*gamma*_b1 + _t18*_b0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -206,81 +219,84 @@ def grad_hess_scalar(y, x, gamma, alpha):
         return math.nan, math.nan
     _t0 = 1.0 - y
     _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = -x
-    _t3 = _sigmoid(_t2)
-    _t4 = ((x)/(2.0))
-    _t5 = math.tanh(_t4)
-    _t6 = 1/2 - y
-    _t7 = (_t6)
+    _t2 = (_t0)
+    _t3 = 1/2 - y
+    _t4 = (_t3)
+    _t5 = ((x)/(2.0))
+    _t6 = math.expm1(abs(_t5))
+    _t7 = _tanh_from(_t5, _t6)
     _t10 = (abs(x) <= 1.0)
-    _t11 = _t3*y
-    _t14 = (_t0)
-    _t16 = gamma - 1.0
-    _t18 = math.log(2.0)
-    _t19 = _logcosh(_t4)
-    _t25 = ((_t5)/(2.0))
-    _t30 = _sigmoid(x)
-    _t31 = _t0*_t30
-    _t39 = _t3*_t30
-    _t41 = 1.0 - 2.0*y
-    _t44 = gamma - 2.0
+    _t11 = -x
+    _t12 = math.exp(-abs(x))
+    _t13 = _sigmoid_from(_t11, _t12)
+    _t14 = _t13*y
+    _t18 = gamma - 1.0
+    _t20 = math.log(2.0)
+    _t21 = _logcosh_from(_t5, _t6)
+    _t28 = ((_t7)/(2.0))
+    _t33 = _sigmoid_from(x, _t12)
+    _t34 = _t0*_t33
+    _t42 = _t13*_t33
+    _t44 = 1.0 - 2.0*y
+    _t47 = gamma - 2.0
     if _t10:
-        _t8 = _t5*_t7 + 1/2
+        _t8 = _t4*_t7 + 1/2
         _t9 = _t8**gamma
-        _t17 = _t8**_t16
-        _t20 = _t14*_t19 + _t18 + _t19*y + (_t6*x)
-        _b1 = _t25 + _t7
-        _b2 = _t8**_t44
-        _b3 = _t17
-        _t40 = _t20
-        _t38 = _t9
-        _b4 = _t17
-        _b5 = _t20
-        _t33 = _t9
-        _b6 = _t17
-        _b7 = _t20
-        _t27 = _t9
-        _b8 = _t17
-        _b9 = _t20
-        _t13 = _t9
+        _t19 = _t8**_t18
+        _t22 = _t2*_t21 + _t20 + _t21*y + (_t3*x)
+        _b1 = _t28 + _t4
+        _b2 = _t8**_t47
+        _b3 = _t19
+        _t43 = _t22
+        _t41 = _t9
+        _b4 = _t19
+        _b5 = _t22
+        _t36 = _t9
+        _b6 = _t19
+        _b7 = _t22
+        _t30 = _t9
+        _b8 = _t19
+        _b9 = _t22
+        _t16 = _t9
     else:
-        _t12 = _t0*(1.0 - _t3) + _t11
-        _t21 = _softplus(_t2)
-        _t22 = _t21*y
-        _t26 = _t0*(_t25 + 1/2) + y*(((-_t5)/(2.0)) + 1/2)
-        _t28 = _t18 + _t19
-        _t32 = _t31 + y*(1.0 - _t30)
-        _t34 = _softplus(x)
-        _t35 = _t0*_t34
-        _t37 = _t11 + _t31
-        _b1 = _t0*_t30 - _t11
-        _b2 = _t37**_t44
-        _b3 = _t37**_t16
-        _t40 = _t22 + _t35
-        _t38 = _t37**gamma
-        _b4 = _t32**_t16
-        _b5 = _t35 + y*(_t34 - x)
-        _t33 = _t32**gamma
-        _b6 = _t26**_t16
-        _b7 = _t0*(_t28 + _t4) + y*(_t28 + ((_t2)/(2.0)))
-        _t27 = _t26**gamma
-        _b8 = _t12**_t16
-        _b9 = _t0*(_t21 + x) + _t22
-        _t13 = _t12**gamma
-    _t42 = _t41*gamma*_b3
-    _t43 = _t40*_t42
+        _t15 = _t0*(1.0 - _t13) + _t14
+        _t23 = math.log1p(_t12)
+        _t24 = _softplus_from(_t11, _t23)
+        _t25 = _t24*y
+        _t29 = _t0*(_t28 + 1/2) + y*(((-_t7)/(2.0)) + 1/2)
+        _t31 = _t20 + _t21
+        _t35 = _t34 + y*(1.0 - _t33)
+        _t37 = _softplus_from(x, _t23)
+        _t38 = _t0*_t37
+        _t40 = _t14 + _t34
+        _b1 = _t0*_t33 - _t14
+        _b2 = _t40**_t47
+        _b3 = _t40**_t18
+        _t43 = _t25 + _t38
+        _t41 = _t40**gamma
+        _b4 = _t35**_t18
+        _b5 = _t38 + y*(_t37 - x)
+        _t36 = _t35**gamma
+        _b6 = _t29**_t18
+        _b7 = _t0*(_t31 + _t5) + y*(_t31 + ((_t11)/(2.0)))
+        _t30 = _t29**gamma
+        _b8 = _t15**_t18
+        _b9 = _t0*(_t24 + x) + _t25
+        _t16 = _t15**gamma
+    _t45 = _t44*gamma*_b3
+    _t46 = _t43*_t45
     if (x > 1.0):
-        _t23 = _b8*_b9
-        _b0 = _t13*_t14 - _t13*_t3 + (gamma*_fma(-2.0, y, 1.0))*_t23*_t3 + _t23*(gamma*_fma(2.0, y, -1.0))*_t3**2
+        _t26 = _b8*_b9
+        _b0 = _t13**2*_t26*(gamma*_fma(2.0, y, -1.0)) - _t13*_t16 + _t13*(gamma*_fma(-2.0, y, 1.0))*_t26 + _t16*_t2
     elif _t10:
-        _t29 = _b6*_b7
-        _b0 = _t27*_t7 + (((gamma*_fma(-2.0, y, 1.0))*_t29)/(4.0)) + ((_t27*_t5)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t29*_t5**2)/(4.0))
+        _t32 = _b6*_b7
+        _b0 = _t30*_t4 + (((gamma*_fma(-2.0, y, 1.0))*_t32)/(4.0)) + ((_t30*_t7)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t32*_t7**2)/(4.0))
     elif (x < -1.0):
-        _t36 = _b4*_b5
-        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t30*_t36 + (gamma*_fma(2.0, y, -1.0))*_t30**2*_t36 + _t30*_t33 - _t33*y
+        _t39 = _b4*_b5
+        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t33*_t39 + (gamma*_fma(2.0, y, -1.0))*_t33**2*_t39 + _t33*_t36 - _t36*y
     else:
-        _b0 = -_t11*_t38 + _t31*_t38 + _t39*_t43
-    return _t1*_b0, _t1*_t39*(_t0*_t38 - _t11*_t42 + _t16*_t39*_t40*_t41**2*gamma*_b2 + _t3*_t43 - _t30*_t43 + _t31*_t42 + _t38*y + _t42*_b1)
+        _b0 = -_t14*_t41 + _t34*_t41 + _t42*_t46
+    return _t1*_b0, _t1*_t42*(_t0*_t41 + _t13*_t46 - _t14*_t45 + _t18*_t42*_t43*_t44**2*gamma*_b2 - _t33*_t46 + _t34*_t45 + _t41*y + _t45*_b1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -290,81 +306,84 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
         return math.nan, math.nan, math.nan
     _t0 = 1.0 - y
     _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = ((x)/(2.0))
-    _t3 = math.tanh(_t2)
-    _t4 = 1/2 - y
-    _t5 = (_t4)
-    _t8 = (abs(x) <= 1.0)
-    _t9 = -x
-    _t10 = _sigmoid(_t9)
-    _t11 = _t10*y
-    _t12 = _sigmoid(x)
-    _t13 = _t0*_t12
-    _t16 = math.log(2.0)
-    _t17 = _logcosh(_t2)
-    _t18 = (_t0)
-    _t28 = gamma - 1.0
-    _t32 = ((_t3)/(2.0))
-    _t40 = _t10*_t12
-    _t41 = 1.0 - 2.0*y
-    _t44 = gamma - 2.0
-    if _t8:
-        _t6 = _t3*_t5 + 1/2
-        _t7 = _t6**gamma
-        _t19 = _t16 + _t17*_t18 + _t17*y + (_t4*x)
-        _t29 = _t6**_t28
-        _b1 = _t32 + _t5
-        _b2 = _t6**_t44
-        _b3 = _t29
-        _b4 = _t19
-        _b5 = _t29
-        _t38 = _t7
-        _b6 = _t19
-        _b7 = _t29
-        _t34 = _t7
-        _b8 = _t19
-        _b9 = _t29
-        _t26 = _t7
-        _t24 = _t19
-        _t15 = _t7
+    _t2 = 1/2 - y
+    _t3 = (_t2)
+    _t4 = ((x)/(2.0))
+    _t5 = math.expm1(abs(_t4))
+    _t6 = _tanh_from(_t4, _t5)
+    _t9 = (abs(x) <= 1.0)
+    _t10 = -x
+    _t11 = math.exp(-abs(x))
+    _t12 = _sigmoid_from(_t10, _t11)
+    _t13 = _t12*y
+    _t14 = _sigmoid_from(x, _t11)
+    _t15 = _t0*_t14
+    _t18 = math.log(2.0)
+    _t19 = _logcosh_from(_t4, _t5)
+    _t20 = (_t0)
+    _t31 = gamma - 1.0
+    _t35 = ((_t6)/(2.0))
+    _t43 = _t12*_t14
+    _t44 = 1.0 - 2.0*y
+    _t47 = gamma - 2.0
+    if _t9:
+        _t7 = _t3*_t6 + 1/2
+        _t8 = _t7**gamma
+        _t21 = _t18 + _t19*_t20 + _t19*y + (_t2*x)
+        _t32 = _t7**_t31
+        _b1 = _t3 + _t35
+        _b2 = _t7**_t47
+        _b3 = _t32
+        _b4 = _t21
+        _b5 = _t32
+        _t41 = _t8
+        _b6 = _t21
+        _b7 = _t32
+        _t37 = _t8
+        _b8 = _t21
+        _b9 = _t32
+        _t29 = _t8
+        _t27 = _t21
+        _t17 = _t8
     else:
-        _t14 = _t11 + _t13
-        _t20 = _softplus(_t9)
-        _t21 = _t20*y
-        _t22 = _softplus(x)
-        _t23 = _t0*_t22
-        _t25 = _t0*(1.0 - _t10) + _t11
-        _t33 = _t0*(_t32 + 1/2) + y*(((-_t3)/(2.0)) + 1/2)
-        _t35 = _t16 + _t17
-        _t37 = _t13 + y*(1.0 - _t12)
-        _b1 = _t0*_t12 - _t11
-        _b2 = _t14**_t44
-        _b3 = _t14**_t28
-        _b4 = _t23 + y*(_t22 - x)
-        _b5 = _t37**_t28
-        _t38 = _t37**gamma
-        _b6 = _t0*(_t2 + _t35) + y*(_t35 + ((_t9)/(2.0)))
-        _b7 = _t33**_t28
-        _t34 = _t33**gamma
-        _b8 = _t0*(_t20 + x) + _t21
-        _b9 = _t25**_t28
-        _t26 = _t25**gamma
-        _t24 = _t21 + _t23
-        _t15 = _t14**gamma
-    _t42 = _t41*gamma*_b3
-    _t43 = _t24*_t42
+        _t16 = _t13 + _t15
+        _t22 = math.log1p(_t11)
+        _t23 = _softplus_from(_t10, _t22)
+        _t24 = _t23*y
+        _t25 = _softplus_from(x, _t22)
+        _t26 = _t0*_t25
+        _t28 = _t0*(1.0 - _t12) + _t13
+        _t36 = _t0*(_t35 + 1/2) + y*(((-_t6)/(2.0)) + 1/2)
+        _t38 = _t18 + _t19
+        _t40 = _t15 + y*(1.0 - _t14)
+        _b1 = _t0*_t14 - _t13
+        _b2 = _t16**_t47
+        _b3 = _t16**_t31
+        _b4 = _t26 + y*(_t25 - x)
+        _b5 = _t40**_t31
+        _t41 = _t40**gamma
+        _b6 = _t0*(_t38 + _t4) + y*(_t38 + ((_t10)/(2.0)))
+        _b7 = _t36**_t31
+        _t37 = _t36**gamma
+        _b8 = _t0*(_t23 + x) + _t24
+        _b9 = _t28**_t31
+        _t29 = _t28**gamma
+        _t27 = _t24 + _t26
+        _t17 = _t16**gamma
+    _t45 = _t44*gamma*_b3
+    _t46 = _t27*_t45
     if (x > 1.0):
-        _t30 = _b8*_b9
-        _b0 = _t10**2*_t30*(gamma*_fma(2.0, y, -1.0)) - _t10*_t26 + _t10*(gamma*_fma(-2.0, y, 1.0))*_t30 + _t18*_t26
-    elif _t8:
-        _t36 = _b6*_b7
-        _b0 = _t34*_t5 + (((gamma*_fma(-2.0, y, 1.0))*_t36)/(4.0)) + ((_t3*_t34)/(2.0)) + ((_t3**2*(gamma*_fma(2.0, y, -1.0))*_t36)/(4.0))
+        _t33 = _b8*_b9
+        _b0 = _t12**2*_t33*(gamma*_fma(2.0, y, -1.0)) - _t12*_t29 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t33 + _t20*_t29
+    elif _t9:
+        _t39 = _b6*_b7
+        _b0 = _t3*_t37 + (((gamma*_fma(-2.0, y, 1.0))*_t39)/(4.0)) + ((_t37*_t6)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t39*_t6**2)/(4.0))
     elif (x < -1.0):
-        _t39 = _b4*_b5
-        _b0 = _t12**2*(gamma*_fma(2.0, y, -1.0))*_t39 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t39 + _t12*_t38 - _t38*y
+        _t42 = _b4*_b5
+        _b0 = _t14**2*(gamma*_fma(2.0, y, -1.0))*_t42 + _t14*(gamma*_fma(-2.0, y, 1.0))*_t42 + _t14*_t41 - _t41*y
     else:
-        _b0 = -_t11*_t15 + _t13*_t15 + _t40*_t43
-    return _t1*_t15*_t24, _t1*_b0, _t1*_t40*(_t0*_t15 + _t10*_t43 - _t11*_t42 - _t12*_t43 + _t13*_t42 + _t15*y + _t24*_t28*_t40*_t41**2*gamma*_b2 + _t42*_b1)
+        _b0 = -_t13*_t17 + _t15*_t17 + _t43*_t46
+    return _t1*_t17*_t27, _t1*_b0, _t1*_t43*(_t0*_t17 + _t12*_t46 - _t13*_t45 - _t14*_t46 + _t15*_t45 + _t17*y + _t27*_t31*_t43*_t44**2*gamma*_b2 + _t45*_b1)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -36,29 +36,29 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
 
 
@@ -66,63 +66,73 @@ def _logcosh(x):
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     _t0 = math.log(2.0)
+    _t1 = math.log1p(math.exp(-abs(d_fake)))
     _t3 = -d_real
-    _t6 = _t3 + d_fake
-    _t7 = (d_real < -1.0)
+    _t4 = ((d_real)/(2.0))
+    _t9 = _t3 + d_fake
+    _t10 = (d_real < -1.0)
     if (d_fake > 1.0):
-        _t2 = _softplus(-d_fake)
-        _b0 = ((_t0 + (_logcosh(((d_real)/(2.0)))) + _t2 + (d_fake + ((_t3)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t2 + (_softplus(d_real)) + (_t6)) if _t7 else (_t2 + (_softplus(_t3)) + d_fake))
+        _t2 = _softplus_from(-d_fake, _t1)
+        _b0 = ((_t0 + _t2 + (_logcosh_from(_t4, math.expm1(abs(_t4)))) + (d_fake + ((_t3)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t2 + (_softplus_from(d_real, (math.log1p(math.exp(-abs(d_real)))))) + (_t9)) if _t10 else ((_softplus_from(_t3, (math.log1p(math.exp(-abs(d_real)))))) + _t2 + d_fake))
     elif (abs(d_fake) <= 1.0):
-        _t9 = ((d_fake)/(2.0))
-        _t10 = _logcosh(_t9)
-        _t11 = _t0 + _t10
-        _b0 = ((2.0*_t0 + (_logcosh(((d_real)/(2.0)))) + _t10 + (((_t6)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t11 + (_softplus(d_real)) + (_t9 - d_real)) if _t7 else (_t11 + (_softplus(_t3)) + _t9))
+        _t12 = ((d_fake)/(2.0))
+        _t13 = _logcosh_from(_t12, math.expm1(abs(_t12)))
+        _t14 = _t0 + _t13
+        _b0 = ((2.0*_t0 + _t13 + (_logcosh_from(_t4, math.expm1(abs(_t4)))) + (((_t9)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t14 + (_softplus_from(d_real, (math.log1p(math.exp(-abs(d_real)))))) + (_t12 - d_real)) if _t10 else ((_softplus_from(_t3, (math.log1p(math.exp(-abs(d_real)))))) + _t12 + _t14))
     else:
-        _b0 = (_softplus(_t3)) + _softplus(d_fake)
+        _b0 = (_softplus_from(_t3, (math.log1p(math.exp(-abs(d_real)))))) + _softplus_from(d_fake, _t1)
     return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(d_real, d_fake):
     """grad of one element (per prediction: d_real, d_fake)."""
-    return -_sigmoid(-d_real), _sigmoid(d_fake)
+    return -_sigmoid_from(-d_real, math.exp(-abs(d_real))), _sigmoid_from(d_fake, math.exp(-abs(d_fake)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(d_real, d_fake):
     """hess of one element (per prediction: d_real, d_fake)."""
-    return _sigmoid(-d_real)*_sigmoid(d_real), _sigmoid(-d_fake)*_sigmoid(d_fake)
+    _t0 = math.exp(-abs(d_real))
+    _t1 = math.exp(-abs(d_fake))
+    return _sigmoid_from(-d_real, _t0)*_sigmoid_from(d_real, _t0), _sigmoid_from(-d_fake, _t1)*_sigmoid_from(d_fake, _t1)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(d_real, d_fake):
     """grad, hess of one element (per prediction: d_real, d_fake)."""
-    _t0 = _sigmoid(-d_real)
-    _t1 = _sigmoid(d_fake)
-    return -_t0, _t1, _t0*_sigmoid(d_real), _t1*_sigmoid(-d_fake)
+    _t0 = math.exp(-abs(d_real))
+    _t1 = _sigmoid_from(-d_real, _t0)
+    _t2 = math.exp(-abs(d_fake))
+    _t3 = _sigmoid_from(d_fake, _t2)
+    return -_t1, _t3, _t1*_sigmoid_from(d_real, _t0), _t3*_sigmoid_from(-d_fake, _t2)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = math.log(2.0)
-    _t2 = -d_fake
-    _t4 = -d_real
-    _t7 = _t4 + d_fake
-    _t8 = (d_real < -1.0)
-    _t13 = _sigmoid(_t4)
-    _t14 = _sigmoid(d_fake)
+    _t1 = -d_fake
+    _t2 = math.exp(-abs(d_fake))
+    _t3 = math.log1p(_t2)
+    _t5 = -d_real
+    _t6 = ((d_real)/(2.0))
+    _t9 = math.exp(-abs(d_real))
+    _t12 = _t5 + d_fake
+    _t13 = (d_real < -1.0)
+    _t18 = _sigmoid_from(_t5, _t9)
+    _t19 = _sigmoid_from(d_fake, _t2)
     if (d_fake > 1.0):
-        _t3 = _softplus(_t2)
-        _b0 = ((_t0 + (_logcosh(((d_real)/(2.0)))) + _t3 + (d_fake + ((_t4)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t3 + (_softplus(d_real)) + (_t7)) if _t8 else (_t3 + (_softplus(_t4)) + d_fake))
+        _t4 = _softplus_from(_t1, _t3)
+        _b0 = ((_t0 + _t4 + (_logcosh_from(_t6, math.expm1(abs(_t6)))) + (d_fake + ((_t5)/(2.0)))) if ((abs(d_real) <= 1.0)) else ((_softplus_from(d_real, (math.log1p(_t9)))) + _t4 + (_t12)) if _t13 else ((_softplus_from(_t5, (math.log1p(_t9)))) + _t4 + d_fake))
     elif (abs(d_fake) <= 1.0):
-        _t10 = ((d_fake)/(2.0))
-        _t11 = _logcosh(_t10)
-        _t12 = _t0 + _t11
-        _b0 = ((2.0*_t0 + (_logcosh(((d_real)/(2.0)))) + _t11 + (((_t7)/(2.0)))) if ((abs(d_real) <= 1.0)) else (_t12 + (_softplus(d_real)) + (_t10 - d_real)) if _t8 else (_t10 + _t12 + (_softplus(_t4))))
+        _t15 = ((d_fake)/(2.0))
+        _t16 = _logcosh_from(_t15, math.expm1(abs(_t15)))
+        _t17 = _t0 + _t16
+        _b0 = ((2.0*_t0 + _t16 + (_logcosh_from(_t6, math.expm1(abs(_t6)))) + (((_t12)/(2.0)))) if ((abs(d_real) <= 1.0)) else ((_softplus_from(d_real, (math.log1p(_t9)))) + _t17 + (_t15 - d_real)) if _t13 else ((_softplus_from(_t5, (math.log1p(_t9)))) + _t15 + _t17))
     else:
-        _b0 = (_softplus(_t4)) + _softplus(d_fake)
-    return _b0, -_t13, _t14, _t13*_sigmoid(d_real), _t14*_sigmoid(_t2)
+        _b0 = (_softplus_from(_t5, (math.log1p(_t9)))) + _softplus_from(d_fake, _t3)
+    return _b0, -_t18, _t19, _t18*_sigmoid_from(d_real, _t9), _t19*_sigmoid_from(_t1, _t2)
 
 
 @numba.njit(cache=True, error_model="numpy")

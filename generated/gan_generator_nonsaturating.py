@@ -34,52 +34,55 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_scalar(d_fake):
     """loss of one element."""
-    return _softplus(-d_fake)
+    return _softplus_from(-d_fake, math.log1p(math.exp(-abs(d_fake))))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(d_fake):
     """grad of one element."""
-    return -_sigmoid(-d_fake)
+    return -_sigmoid_from(-d_fake, math.exp(-abs(d_fake)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hess_scalar(d_fake):
     """hess of one element."""
-    return _sigmoid(-d_fake)*_sigmoid(d_fake)
+    _t0 = math.exp(-abs(d_fake))
+    return _sigmoid_from(-d_fake, _t0)*_sigmoid_from(d_fake, _t0)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_hess_scalar(d_fake):
     """grad, hess of one element."""
-    _t0 = _sigmoid(-d_fake)
-    return -_t0, _t0*_sigmoid(d_fake)
+    _t0 = math.exp(-abs(d_fake))
+    _t1 = _sigmoid_from(-d_fake, _t0)
+    return -_t1, _t1*_sigmoid_from(d_fake, _t0)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(d_fake):
     """loss, grad, hess of one element."""
     _t0 = -d_fake
-    _t1 = _sigmoid(_t0)
-    return _softplus(_t0), -_t1, _t1*_sigmoid(d_fake)
+    _t1 = math.exp(-abs(d_fake))
+    _t2 = _sigmoid_from(_t0, _t1)
+    return _softplus_from(_t0, math.log1p(_t1)), -_t2, _t2*_sigmoid_from(d_fake, _t1)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -35,26 +35,57 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _tanh_from(x, m):
+    """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
+    (= expm1(2|x|), rounded once), with x's sign; beyond |x| = 20, where tanh rounds to 1, +-1."""
+    if abs(x) > 20.0:
+        return math.copysign(1.0, x)
+    t = _fma_instruction(m, m, 2.0 * m)
+    return math.copysign(t / (t + 2.0), x)
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_scalar(y, p):
     """loss of one element."""
-    return _logcosh(p - y)
+    _t0 = p - y
+    return _logcosh_from(_t0, math.expm1(abs(_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def grad_scalar(y, p):
     """grad of one element."""
-    return math.tanh(p - y)
+    _t0 = p - y
+    return _tanh_from(_t0, math.expm1(abs(_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -67,14 +98,15 @@ def hess_scalar(y, p):
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     _t0 = p - y
-    return math.tanh(_t0), ((1.0)/(math.cosh(_t0)**2))
+    return _tanh_from(_t0, math.expm1(abs(_t0))), ((1.0)/(math.cosh(_t0)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     _t0 = p - y
-    return _logcosh(_t0), math.tanh(_t0), ((1.0)/(math.cosh(_t0)**2))
+    _t1 = math.expm1(abs(_t0))
+    return _logcosh_from(_t0, _t1), _tanh_from(_t0, _t1), ((1.0)/(math.cosh(_t0)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -36,19 +36,19 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -56,7 +56,8 @@ def loss_scalar(y, p):
     """loss of one element."""
     if not ((y == -1.0) or (y == 1.0)):
         return math.nan
-    return _softplus(-p*y)
+    _t0 = p*y
+    return _softplus_from(-_t0, math.log1p(math.exp(-abs(_t0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -64,7 +65,8 @@ def grad_scalar(y, p):
     """grad of one element."""
     if not ((y == -1.0) or (y == 1.0)):
         return math.nan
-    return -y*_sigmoid(-p*y)
+    _t0 = p*y
+    return -y*_sigmoid_from(-_t0, math.exp(-abs(_t0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -73,7 +75,8 @@ def hess_scalar(y, p):
     if not ((y == -1.0) or (y == 1.0)):
         return math.nan
     _t0 = p*y
-    return y**2*_sigmoid(-_t0)*_sigmoid(_t0)
+    _t1 = math.exp(-abs(_t0))
+    return y**2*_sigmoid_from(-_t0, _t1)*_sigmoid_from(_t0, _t1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -82,8 +85,9 @@ def grad_hess_scalar(y, p):
     if not ((y == -1.0) or (y == 1.0)):
         return math.nan, math.nan
     _t0 = p*y
-    _t1 = _sigmoid(-_t0)
-    return -_t1*y, _t1*y**2*_sigmoid(_t0)
+    _t1 = math.exp(-abs(_t0))
+    _t2 = _sigmoid_from(-_t0, _t1)
+    return -_t2*y, _t2*y**2*_sigmoid_from(_t0, _t1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -93,8 +97,9 @@ def loss_grad_hess_scalar(y, p):
         return math.nan, math.nan, math.nan
     _t0 = p*y
     _t1 = -_t0
-    _t2 = _sigmoid(_t1)
-    return _softplus(_t1), -_t2*y, _t2*y**2*_sigmoid(_t0)
+    _t2 = math.exp(-abs(_t0))
+    _t3 = _sigmoid_from(_t1, _t2)
+    return _softplus_from(_t1, math.log1p(_t2)), -_t3*y, _t3*y**2*_sigmoid_from(_t0, _t2)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -41,30 +41,59 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _tanh_from(x, m):
+    """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
+    (= expm1(2|x|), rounded once), with x's sign; beyond |x| = 20, where tanh rounds to 1, +-1."""
+    if abs(x) > 20.0:
+        return math.copysign(1.0, x)
+    t = _fma_instruction(m, m, 2.0 * m)
+    return math.copysign(t / (t + 2.0), x)
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -83,12 +112,14 @@ def _loss_row(_i, _n, _C, y, x, _weight, _out0):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_1 = 1.0 - _e_y
+        _t0_2 = 1.0 - _e_y
         if (abs(_e_x) <= 1.0):
-            _t0_0 = _logcosh(((_e_x)/(2.0)))
-            _b0_0 = _e_y*_t0_0 + _t0_0*(_t0_1) + (_e_x*(1/2 - _e_y)) + math.log(2.0)
+            _t0_0 = ((_e_x)/(2.0))
+            _t0_1 = _logcosh_from(_t0_0, math.expm1(abs(_t0_0)))
+            _b0_0 = _e_y*_t0_1 + _t0_1*(_t0_2) + (_e_x*(1/2 - _e_y)) + math.log(2.0)
         else:
-            _b0_0 = _e_y*_softplus(-_e_x) + _t0_1*_softplus(_e_x)
+            _t0_3 = math.log1p(math.exp(-abs(_e_x)))
+            _b0_0 = _e_y*_softplus_from(-_e_x, _t0_3) + _t0_2*_softplus_from(_e_x, _t0_3)
         _s = _b0_0
         _x = _r0 + _s
         _z = _x - _r0
@@ -134,7 +165,13 @@ def _grad_row(_i, _n, _C, y, x, _weight, _out0):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _out0[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_sigmoid(-_e_x) + (1.0 - _e_y)*_sigmoid(_e_x))))/(_C)))
+        if (abs(_e_x) <= 1.0):
+            _t0_0 = ((_e_x)/(2.0))
+            _b0_0 = ((_tanh_from(_t0_0, math.expm1(abs(_t0_0))))/(2.0)) + (1/2 - _e_y)
+        else:
+            _t0_1 = math.exp(-abs(_e_x))
+            _b0_0 = -_e_y*_sigmoid_from(-_e_x, _t0_1) + (1.0 - _e_y)*_sigmoid_from(_e_x, _t0_1)
+        _out0[_i, _k] = _w * (((_b0_0)/(_C)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -169,7 +206,8 @@ def _hess_row(_i, _n, _C, y, x, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_x = x[_i, _k]
-        _out0[_i, _k] = _w * (((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C)))
+        _t0_0 = math.exp(-abs(_e_x))
+        _out0[_i, _k] = _w * (((_sigmoid_from(-_e_x, _t0_0)*_sigmoid_from(_e_x, _t0_0))/(_C)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -206,10 +244,16 @@ def _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_0 = _sigmoid(-_e_x)
-        _t0_1 = _sigmoid(_e_x)
-        _out0[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_t0_0 + _t0_1*(1.0 - _e_y))))/(_C)))
-        _out1[_i, _k] = _w * (((_t0_0*_t0_1)/(_C)))
+        _t0_1 = math.exp(-abs(_e_x))
+        _t0_2 = _sigmoid_from(-_e_x, _t0_1)
+        _t0_3 = _sigmoid_from(_e_x, _t0_1)
+        if (abs(_e_x) <= 1.0):
+            _t0_0 = ((_e_x)/(2.0))
+            _b0_0 = ((_tanh_from(_t0_0, math.expm1(abs(_t0_0))))/(2.0)) + (1/2 - _e_y)
+        else:
+            _b0_0 = -_e_y*_t0_2 + _t0_3*(1.0 - _e_y)
+        _out0[_i, _k] = _w * (((_b0_0)/(_C)))
+        _out1[_i, _k] = _w * (((_t0_2*_t0_3)/(_C)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -248,12 +292,14 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t0_1 = 1.0 - _e_y
+        _t0_2 = 1.0 - _e_y
         if (abs(_e_x) <= 1.0):
-            _t0_0 = _logcosh(((_e_x)/(2.0)))
-            _b0_0 = _e_y*_t0_0 + _t0_0*(_t0_1) + (_e_x*(1/2 - _e_y)) + math.log(2.0)
+            _t0_0 = ((_e_x)/(2.0))
+            _t0_1 = _logcosh_from(_t0_0, math.expm1(abs(_t0_0)))
+            _b0_0 = _e_y*_t0_1 + _t0_1*(_t0_2) + (_e_x*(1/2 - _e_y)) + math.log(2.0)
         else:
-            _b0_0 = _e_y*_softplus(-_e_x) + _t0_1*_softplus(_e_x)
+            _t0_3 = math.log1p(math.exp(-abs(_e_x)))
+            _b0_0 = _e_y*_softplus_from(-_e_x, _t0_3) + _t0_2*_softplus_from(_e_x, _t0_3)
         _s = _b0_0
         _x = _r0 + _s
         _z = _x - _r0
@@ -267,10 +313,16 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2):
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = _sigmoid(-_e_x)
-        _t2_1 = _sigmoid(_e_x)
-        _out1[_i, _k] = _w * (((((((math.tanh(((_e_x)/(2.0))))/(2.0)) + (1/2 - _e_y)) if (abs(_e_x) <= 1.0) else (-_e_y*_t2_0 + _t2_1*(1.0 - _e_y))))/(_C)))
-        _out2[_i, _k] = _w * (((_t2_0*_t2_1)/(_C)))
+        _t2_1 = math.exp(-abs(_e_x))
+        _t2_2 = _sigmoid_from(-_e_x, _t2_1)
+        _t2_3 = _sigmoid_from(_e_x, _t2_1)
+        if (abs(_e_x) <= 1.0):
+            _t2_0 = ((_e_x)/(2.0))
+            _b2_0 = ((_tanh_from(_t2_0, math.expm1(abs(_t2_0))))/(2.0)) + (1/2 - _e_y)
+        else:
+            _b2_0 = -_e_y*_t2_2 + _t2_3*(1.0 - _e_y)
+        _out1[_i, _k] = _w * (((_b2_0)/(_C)))
+        _out2[_i, _k] = _w * (((_t2_2*_t2_3)/(_C)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -306,7 +358,8 @@ def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_x = x[_i, _k]
-        _scratch[0, _k] = ((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C))
+        _t0_0 = math.exp(-abs(_e_x))
+        _scratch[0, _k] = ((_sigmoid_from(-_e_x, _t0_0)*_sigmoid_from(_e_x, _t0_0))/(_C))
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
@@ -347,7 +400,8 @@ def _hess_full_row(_i, _n, _C, y, x, _weight, _out0):
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_x = x[_i, _k]
-        _scratch[0, _k] = ((_sigmoid(-_e_x)*_sigmoid(_e_x))/(_C))
+        _t0_0 = math.exp(-abs(_e_x))
+        _scratch[0, _k] = ((_sigmoid_from(-_e_x, _t0_0)*_sigmoid_from(_e_x, _t0_0))/(_C))
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else 0.0

@@ -35,29 +35,23 @@ SPEC = {
 }
 
 
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _fma(a, b, c):
-    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
-    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
-    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
-        a, b = a * 2.0 ** -500, b * 2.0 ** 500
-    elif abs(b) > 1e150 and abs(a) < 1e-150:
-        a, b = a * 2.0 ** 500, b * 2.0 ** -500
-    product = a * b
-    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
-        return product + c
-    split = 134217729.0  # 2**27 + 1
-    t = split * a
-    a_high = t - (t - a)
-    a_low = a - a_high
-    t = split * b
-    b_high = t - (t - b)
-    b_low = b - b_high
-    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
-    total = product + c
-    z = total - product
-    rounding = (product - (total - z)) + (c - z)
-    return total + (rounding + error)
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -89,8 +83,16 @@ def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((y >= 0.0)):
         return math.nan, math.nan
-    _t0 = math.exp(p)
-    return (((1.0 - y) + math.expm1(p)) if (abs(p) <= 1.0) else (_t0 - y)), _t0
+    _t1 = (abs(p) <= 1.0)
+    if _t1:
+        _t0 = math.expm1(p)
+        _b0 = _t0 + (1.0 - y)
+        _b1 = (_t0 + 1.0)
+    else:
+        _t2 = math.exp(p)
+        _b0 = _t2 - y
+        _b1 = _t2
+    return _b0, _b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -99,16 +101,18 @@ def loss_grad_hess_scalar(y, p):
     if not ((y >= 0.0)):
         return math.nan, math.nan, math.nan
     _t1 = (abs(p) <= 1.0)
-    _t2 = math.exp(p)
     if _t1:
         _t0 = math.expm1(p)
         _b0 = _t0 + _fma(-p, y, 1.0)
         _b1 = _t0 + (1.0 - y)
+        _b2 = (_t0 + 1.0)
     else:
+        _t2 = math.exp(p)
         _t3 = -_t2
         _b0 = -_t3 - p*y
         _b1 = -_t3 - y
-    return _b0, _b1, _t2
+        _b2 = _t2
+    return _b0, _b1, _b2
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -36,55 +36,59 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _tanh_from(x, m):
+    """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
+    (= expm1(2|x|), rounded once), with x's sign; beyond |x| = 20, where tanh rounds to 1, +-1."""
+    if abs(x) > 20.0:
+        return math.copysign(1.0, x)
+    t = _fma_instruction(m, m, 2.0 * m)
+    return math.copysign(t / (t + 2.0), x)
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _fma(a, b, c):
-    """a*b + c with the product exact: Dekker's two-product (Veltkamp splitting) and a
-    two-sum, so that 1 - y*p keeps the digits that the rounded product y*p loses."""
-    if abs(a) > 1e150 and abs(b) < 1e-150:  # exact power-of-two rescaling keeps the product
-        a, b = a * 2.0 ** -500, b * 2.0 ** 500
-    elif abs(b) > 1e150 and abs(a) < 1e-150:
-        a, b = a * 2.0 ** 500, b * 2.0 ** -500
-    product = a * b
-    if not (abs(product) < 1e300 and abs(a) < 1e290 and abs(b) < 1e290) or product == 0:
-        return product + c
-    split = 134217729.0  # 2**27 + 1
-    t = split * a
-    a_high = t - (t - a)
-    a_low = a - a_high
-    t = split * b
-    b_high = t - (t - b)
-    b_low = b - b_high
-    error = ((a_high * b_high - product) + a_high * b_low + a_low * b_high) + a_low * b_low
-    total = product + c
-    z = total - product
-    rounding = (product - (total - z)) + (c - z)
-    return total + (rounding + error)
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -93,23 +97,25 @@ def loss_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = -x
-    _t2 = 1.0 - y
-    _t3 = ((x)/(2.0))
+    _t1 = math.exp(-abs(x))
+    _t4 = 1.0 - y
     _t5 = 1/2 - y
-    _t7 = (abs(x) <= 1.0)
-    _t8 = _sigmoid(_t0)
-    _t9 = _t8*y
-    _t12 = _sigmoid(x)
-    _t13 = _t12*_t2
+    _t6 = ((x)/(2.0))
+    _t7 = math.expm1(abs(_t6))
+    _t10 = (abs(x) <= 1.0)
+    _t11 = _sigmoid_from(_t0, _t1)
+    _t12 = _t11*y
+    _t15 = _sigmoid_from(x, _t1)
+    _t16 = _t15*_t4
     if (x > 1.0):
-        _b0 = (_softplus(_t0)) + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
-    elif _t7:
-        _t10 = _logcosh(_t3)
-        _b0 = _t10*y + _t10*(_t2) + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t2*((((math.tanh(_t3)))/(2.0)) + 1/2) + y*(((-(math.tanh(_t3)))/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
+        _b0 = (_softplus_from(_t0, (math.log1p(_t1)))) + epsilon*((((_tanh_from(_t6, _t7))*(_t5) + 1/2)) if _t10 else (_t12 + _t4*(1.0 - _t11))) + (_t4*x)
+    elif _t10:
+        _t13 = _logcosh_from(_t6, _t7)
+        _b0 = _t13*y + _t13*(_t4) + epsilon*((((_tanh_from(_t6, _t7))*(_t5) + 1/2)) if _t10 else (_t4*((((_tanh_from(_t6, _t7)))/(2.0)) + 1/2) + y*(((-(_tanh_from(_t6, _t7)))/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
     elif (x < -1.0):
-        _b0 = (_softplus(x)) + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t13 + y*(1.0 - _t12))) - x*y
+        _b0 = (_softplus_from(x, (math.log1p(_t1)))) + epsilon*((((_tanh_from(_t6, _t7))*(_t5) + 1/2)) if _t10 else (_t16 + y*(1.0 - _t15))) - x*y
     else:
-        _b0 = (_softplus(_t0))*y + (_softplus(x))*_t2 + epsilon*((((math.tanh(_t3))*(_t5) + 1/2)) if _t7 else (_t13 + _t9))
+        _b0 = (_softplus_from(x, (math.log1p(_t1))))*_t4 + (_softplus_from(_t0, (math.log1p(_t1))))*y + epsilon*((((_tanh_from(_t6, _t7))*(_t5) + 1/2)) if _t10 else (_t12 + _t16))
     return _b0
 
 
@@ -119,17 +125,18 @@ def grad_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t0 = 1.0 - y
-    _t3 = -2.0*epsilon
-    _t5 = -y
+    _t4 = -2.0*epsilon
+    _t7 = -y
     if (x > 1.0):
-        _b0 = (_sigmoid(-x))**2*(epsilon*_fma(2.0, y, -1.0)) + (_sigmoid(-x))*(_fma(_t3, y, epsilon - 1.0)) + (_t0)
+        _b0 = (_sigmoid_from(-x, (math.exp(-abs(x)))))**2*(epsilon*_fma(2.0, y, -1.0)) + (_sigmoid_from(-x, (math.exp(-abs(x)))))*(_fma(_t4, y, epsilon - 1.0)) + (_t0)
     elif (abs(x) <= 1.0):
-        _t4 = math.tanh(((x)/(2.0)))
-        _b0 = ((_t4)/(2.0)) + (((epsilon*_fma(2.0, y, -1.0))*_t4**2)/(4.0)) + (_t5 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _t5 = ((x)/(2.0))
+        _t6 = _tanh_from(_t5, math.expm1(abs(_t5)))
+        _b0 = ((_t6)/(2.0)) + (((epsilon*_fma(2.0, y, -1.0))*_t6**2)/(4.0)) + (_t7 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
     elif (x < -1.0):
-        _b0 = (epsilon*_fma(2.0, y, -1.0))*(_sigmoid(x))**2 + _t5 + (_sigmoid(x))*(_fma(_t3, y, epsilon + 1.0))
+        _b0 = (epsilon*_fma(2.0, y, -1.0))*(_sigmoid_from(x, (math.exp(-abs(x)))))**2 + _t7 + (_sigmoid_from(x, (math.exp(-abs(x)))))*(_fma(_t4, y, epsilon + 1.0))
     else:
-        _b0 = _t0*(_sigmoid(x)) + (_sigmoid(-x))*(_sigmoid(x))*epsilon*(1.0 - 2.0*y) - (_sigmoid(-x))*y
+        _b0 = _t0*(_sigmoid_from(x, (math.exp(-abs(x))))) + (_sigmoid_from(-x, (math.exp(-abs(x)))))*(_sigmoid_from(x, (math.exp(-abs(x)))))*epsilon*(1.0 - 2.0*y) - (_sigmoid_from(-x, (math.exp(-abs(x)))))*y
     return _b0
 
 
@@ -138,19 +145,21 @@ def hess_scalar(y, x, epsilon):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = _sigmoid(x)
-    _t1 = _sigmoid(-x)
-    _t2 = 2.0*epsilon
+    _t0 = math.exp(-abs(x))
+    _t1 = _sigmoid_from(x, _t0)
+    _t2 = _sigmoid_from(-x, _t0)
+    _t3 = 2.0*epsilon
     if (x > 1.0):
-        _b0 = _t1*_t2*_fma(-2.0, y, 1.0) + (_fma(_t2, y, 1.0 - epsilon))
+        _b0 = _t2*_t3*_fma(-2.0, y, 1.0) + (_fma(_t3, y, 1.0 - epsilon))
     elif (abs(x) <= 1.0):
-        _b0 = (_fma(2.0, y, -1.0))*epsilon*math.tanh(((x)/(2.0))) + 1.0
+        _t5 = ((x)/(2.0))
+        _b0 = (_fma(2.0, y, -1.0))*epsilon*_tanh_from(_t5, math.expm1(abs(_t5))) + 1.0
     elif (x < -1.0):
-        _b0 = _t0*_t2*(_fma(2.0, y, -1.0)) + (_fma(-_t2, y, epsilon + 1.0))
+        _b0 = _t1*_t3*(_fma(2.0, y, -1.0)) + (_fma(-_t3, y, epsilon + 1.0))
     else:
-        _t4 = epsilon*(1.0 - 2.0*y)
-        _b0 = -_t0*_t4 + _t1*_t4 + 1.0
-    return _t0*_t1*_b0
+        _t6 = epsilon*(1.0 - 2.0*y)
+        _b0 = -_t1*_t6 + _t2*_t6 + 1.0
+    return _t1*_t2*_b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -159,34 +168,36 @@ def grad_hess_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
     _t0 = 1.0 - y
-    _t1 = _sigmoid(-x)
-    _t2 = _fma(2.0, y, -1.0)
-    _t3 = _t2*epsilon
-    _t4 = 2.0*epsilon
-    _t5 = -_t4
-    _t7 = (x > 1.0)
-    _t9 = -y
-    _t10 = (abs(x) <= 1.0)
-    _t11 = _sigmoid(x)
-    _t13 = (x < -1.0)
-    if _t7:
-        _t6 = epsilon - 1.0
-        _b0 = _t1**2*_t3 + _t1*(_fma(_t5, y, _t6)) + (_t0)
-        _b1 = _t1*_t4*_fma(-2.0, y, 1.0) + (_fma(_t4, y, -_t6))
-    elif _t10:
-        _t8 = math.tanh(((x)/(2.0)))
-        _b0 = ((_t8)/(2.0)) + ((_t3*_t8**2)/(4.0)) + (_t9 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
-        _b1 = _t3*_t8 + 1.0
-    elif _t13:
-        _t12 = (_fma(_t5, y, epsilon + 1.0))
-        _b0 = _t11**2*_t3 + _t11*_t12 + _t9
-        _b1 = _t11*_t2*_t4 + _t12
+    _t1 = math.exp(-abs(x))
+    _t2 = _sigmoid_from(-x, _t1)
+    _t3 = _fma(2.0, y, -1.0)
+    _t4 = _t3*epsilon
+    _t5 = 2.0*epsilon
+    _t6 = -_t5
+    _t8 = (x > 1.0)
+    _t11 = -y
+    _t12 = (abs(x) <= 1.0)
+    _t13 = _sigmoid_from(x, _t1)
+    _t15 = (x < -1.0)
+    if _t8:
+        _t7 = epsilon - 1.0
+        _b0 = _t2**2*_t4 + _t2*(_fma(_t6, y, _t7)) + (_t0)
+        _b1 = _t2*_t5*_fma(-2.0, y, 1.0) + (_fma(_t5, y, -_t7))
+    elif _t12:
+        _t9 = ((x)/(2.0))
+        _t10 = _tanh_from(_t9, math.expm1(abs(_t9)))
+        _b0 = ((_t10)/(2.0)) + ((_t10**2*_t4)/(4.0)) + (_t11 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _b1 = _t10*_t4 + 1.0
+    elif _t15:
+        _t14 = (_fma(_t6, y, epsilon + 1.0))
+        _b0 = _t11 + _t13**2*_t4 + _t13*_t14
+        _b1 = _t13*_t3*_t5 + _t14
     else:
-        _t14 = epsilon*(1.0 - 2.0*y)
-        _t15 = _t1*_t14
-        _b0 = _t0*_t11 - _t1*y + _t11*_t15
-        _b1 = -_t11*_t14 + _t15 + 1.0
-    return _b0, _t1*_t11*_b1
+        _t16 = epsilon*(1.0 - 2.0*y)
+        _t17 = _t16*_t2
+        _b0 = _t0*_t13 + _t13*_t17 - _t2*y
+        _b1 = -_t13*_t16 + _t17 + 1.0
+    return _b0, _t13*_t2*_b1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -195,45 +206,47 @@ def loss_grad_hess_scalar(y, x, epsilon):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
     _t0 = -x
-    _t2 = 1.0 - y
-    _t3 = ((x)/(2.0))
-    _t4 = math.tanh(_t3)
+    _t1 = math.exp(-abs(x))
+    _t4 = 1.0 - y
     _t5 = 1/2 - y
-    _t7 = (abs(x) <= 1.0)
-    _t8 = _sigmoid(_t0)
-    _t9 = _t8*y
-    _t10 = (x > 1.0)
-    _t15 = _sigmoid(x)
-    _t16 = _t15*_t2
-    _t17 = (x < -1.0)
-    _t18 = _fma(2.0, y, -1.0)
-    _t19 = _t18*epsilon
-    _t20 = 2.0*epsilon
-    _t21 = -_t20
-    _t23 = -y
-    if _t10:
-        _t22 = epsilon - 1.0
-        _b0 = (_softplus(_t0)) + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t2*(1.0 - _t8) + _t9)) + (_t2*x)
-        _b1 = ((_t2)) + _t19*_t8**2 + _t8*(_fma(_t21, y, _t22))
-        _b2 = _t20*_t8*_fma(-2.0, y, 1.0) + (_fma(_t20, y, -_t22))
-    elif _t7:
-        _t11 = _logcosh(_t3)
-        _t13 = ((_t4)/(2.0))
-        _b0 = _t11*((_t2)) + _t11*y + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t2*(_t13 + 1/2) + y*(((-_t4)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
-        _b1 = _t13 + ((_t19*_t4**2)/(4.0)) + (_t23 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
-        _b2 = _t19*_t4 + 1.0
-    elif _t17:
-        _t24 = (_fma(_t21, y, epsilon + 1.0))
-        _b0 = (_softplus(x)) + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t16 + y*(1.0 - _t15))) - x*y
-        _b1 = _t15**2*_t19 + _t15*_t24 + _t23
-        _b2 = _t15*_t18*_t20 + _t24
+    _t6 = ((x)/(2.0))
+    _t7 = math.expm1(abs(_t6))
+    _t8 = _tanh_from(_t6, _t7)
+    _t10 = (abs(x) <= 1.0)
+    _t11 = _sigmoid_from(_t0, _t1)
+    _t12 = _t11*y
+    _t13 = (x > 1.0)
+    _t18 = _sigmoid_from(x, _t1)
+    _t19 = _t18*_t4
+    _t20 = (x < -1.0)
+    _t21 = _fma(2.0, y, -1.0)
+    _t22 = _t21*epsilon
+    _t23 = 2.0*epsilon
+    _t24 = -_t23
+    _t26 = -y
+    if _t13:
+        _t25 = epsilon - 1.0
+        _b0 = (_softplus_from(_t0, (math.log1p(_t1)))) + epsilon*(((_t8*(_t5) + 1/2)) if _t10 else (_t12 + _t4*(1.0 - _t11))) + (_t4*x)
+        _b1 = _t11**2*_t22 + _t11*(_fma(_t24, y, _t25)) + ((_t4))
+        _b2 = _t11*_t23*_fma(-2.0, y, 1.0) + (_fma(_t23, y, -_t25))
+    elif _t10:
+        _t14 = _logcosh_from(_t6, _t7)
+        _t16 = ((_t8)/(2.0))
+        _b0 = _t14*((_t4)) + _t14*y + epsilon*(((_t8*(_t5) + 1/2)) if _t10 else (_t4*(_t16 + 1/2) + y*(((-_t8)/(2.0)) + 1/2))) + (_t5*x) + math.log(2.0)
+        _b1 = _t16 + ((_t22*_t8**2)/(4.0)) + (_t26 + ((epsilon)/(4.0)) + ((-epsilon*y)/(2.0)) + 1/2)
+        _b2 = _t22*_t8 + 1.0
+    elif _t20:
+        _t27 = (_fma(_t24, y, epsilon + 1.0))
+        _b0 = (_softplus_from(x, (math.log1p(_t1)))) + epsilon*(((_t8*(_t5) + 1/2)) if _t10 else (_t19 + y*(1.0 - _t18))) - x*y
+        _b1 = _t18**2*_t22 + _t18*_t27 + _t26
+        _b2 = _t18*_t21*_t23 + _t27
     else:
-        _t25 = epsilon*(1.0 - 2.0*y)
-        _t26 = _t25*_t8
-        _b0 = (_softplus(_t0))*y + (_softplus(x))*_t2 + epsilon*(((_t4*(_t5) + 1/2)) if _t7 else (_t16 + _t9))
-        _b1 = _t15*_t26 + _t16 - _t9
-        _b2 = -_t15*_t25 + _t26 + 1.0
-    return _b0, _b1, _t15*_t8*_b2
+        _t28 = epsilon*(1.0 - 2.0*y)
+        _t29 = _t11*_t28
+        _b0 = (_softplus_from(x, (math.log1p(_t1))))*_t4 + (_softplus_from(_t0, (math.log1p(_t1))))*y + epsilon*(((_t8*(_t5) + 1/2)) if _t10 else (_t12 + _t19))
+        _b1 = -_t12 + _t18*_t29 + _t19
+        _b2 = -_t18*_t28 + _t29 + 1.0
+    return _b0, _b1, _t11*_t18*_b2
 
 
 @numba.njit(cache=True, error_model="numpy")

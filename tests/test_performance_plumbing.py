@@ -25,7 +25,7 @@ from lossgen.emit import NumbaPrinter, kernel_code, scoped_code
 from lossgen.paths import SPECS_DIR
 from lossgen.runtime_rows import RowLoss
 from lossgen.spec import load_spec
-from lossgen.vocabulary import logcosh
+from lossgen.vocabulary import logcosh, sigmoid, softplus
 
 # --- generate: skip unchanged specs by content hash ----------------------------------------
 
@@ -171,17 +171,85 @@ def test_an_even_function_of_u_and_of_minus_u_is_computed_once():
     expr = y * logcosh(-x / 2) + (1 - y) * logcosh(x / 2)
     lines, returned = kernel_code([expr], NumbaPrinter())
     source = "\n".join(lines + [returned])
-    assert source.count("_logcosh(") == 1, source
+    assert source.count("_logcosh_from(") == 1, source
     rendered = generation.build_module(load_spec(SPECS_DIR / "classification" / "binary_cross_entropy_logits.toml"),
                                        "binary_cross_entropy_logits.toml")
     loss_scalar = rendered.split("def loss_scalar(")[1].split("\n@")[0]
-    assert loss_scalar.count("_logcosh(") == 1, loss_scalar
+    assert loss_scalar.count("_logcosh_from(") == 1, loss_scalar
     bce = lossgen.get("binary_cross_entropy_logits")
     logits = np.array([-1.0, -0.3, 0.0, 1e-300, 0.7, 1.0])
     for label in (0.0, 0.25, 1.0):
         with mpmath.workdps(30):
             truth = [float(mpmath.log1p(mpmath.exp(mpmath.mpf(v))) - label * mpmath.mpf(v)) for v in logits]
         np.testing.assert_allclose(bce.loss(np.full(6, label), logits, reduction="none"), truth, rtol=1e-15)
+
+def test_sigmoids_and_softpluses_of_x_and_minus_x_share_one_exp_and_one_log1p():
+    """sigmoid(x), sigmoid(-x), softplus(x), softplus(-x) (binary cross-entropy on logits, its
+    gradient and loss): one exp(-|x|) for all four, one log1p of it for the softpluses, printed
+    once each; the helpers compute what the whole-function helpers did, bit for bit."""
+    x, y = sp.symbols("x y", real=True)
+    exprs = [y * softplus(-x) + (1 - y) * softplus(x), (1 - y) * sigmoid(x) - y * sigmoid(-x),
+             sigmoid(x) * sigmoid(-x)]
+    lines, returned = kernel_code(exprs, NumbaPrinter())
+    source = "\n".join(lines + [returned])
+    assert source.count("math.exp(") == 1 and source.count("math.log1p(") == 1, source
+    bce = lossgen.get("binary_cross_entropy_logits")
+    logits = np.array([-800.0, -40.0, -3.0, -1e-300, 0.0, 2.5, 37.0, 800.0])
+    with mpmath.workdps(40):
+        truth = [float(mpmath.log1p(mpmath.exp(-abs(mpmath.mpf(v)))) + max(float(v), 0.0)) for v in logits]
+    np.testing.assert_allclose(bce.loss(np.zeros(8), logits, reduction="none"), truth, rtol=1e-15)
+
+
+def test_tanh_and_logcosh_share_one_expm1_and_keep_their_digits():
+    """tanh(u) and logcosh(u) are written from one expm1(|u|) (libm's tanh and sinh each cost
+    more than expm1): the log_cosh loss's kernels call expm1 once per element, and the values
+    stay within a few units in the last place of the truth, over the whole range."""
+    x = sp.Symbol("x", real=True)
+    lines, returned = kernel_code([logcosh(x), sp.tanh(x), logcosh(-x) * sp.tanh(-x)], NumbaPrinter())
+    source = "\n".join(lines + [returned])
+    assert source.count("math.expm1(") == 1 and "math.tanh(" not in source and "sinh(" not in source, source
+    log_cosh = lossgen.get("log_cosh")
+    r = np.concatenate([[0.0, -0.0, 1e-300, -1e-200, 1e-8, 19.9, 20.0, 20.1, -25.0, 700.0, -800.0],
+                        np.random.default_rng(3).normal(scale=3.0, size=200)])
+    loss, grad, _ = log_cosh.loss_grad_hess(np.zeros_like(r), r)
+    with mpmath.workdps(50):
+        loss_truth = [float(mpmath.log(mpmath.cosh(mpmath.mpf(v)))) for v in r]
+        grad_truth = [float(mpmath.tanh(mpmath.mpf(v))) for v in r]
+    np.testing.assert_allclose(loss, loss_truth, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(grad, grad_truth, rtol=1e-15, atol=0)
+    assert math.copysign(1.0, grad[1]) == -1.0  # tanh(-0) = -0
+
+
+def test_exp_in_the_branch_that_computes_expm1_is_expm1_plus_1():
+    """Poisson's gradient and Hessian: 1 - y + expm1(p) for |p| <= 1, else exp(p) - y; and
+    exp(p). In the branch, exp(p) is written expm1(p) + 1, so an element calls one function, not
+    two, and the Hessian stays within 2 units in the last place of exp(p)."""
+    y, p = sp.symbols("y p", real=True)
+    from sympy.codegen.cfunctions import expm1
+    grad = sp.Piecewise((1 - y + expm1(p), sp.Abs(p) <= 1), (sp.exp(p) - y, True))
+    lines, returned = kernel_code([grad, sp.exp(p)], NumbaPrinter())
+    source = "\n".join(lines + [returned])
+    assert source.count("math.expm1(") == 1 and source.count("math.exp(") == 1, source
+    assert source.index("math.exp(") > source.index("else:"), source  # exp only where |p| > 1
+    poisson = lossgen.get("poisson")
+    points = np.concatenate([np.linspace(-1.0, 1.0, 2001), [1e-300, -1e-18, 1.5, -30.0, 700.0]])
+    _, hess = poisson.grad_hess(np.ones_like(points), points)
+    with mpmath.workdps(40):
+        truth = np.array([float(mpmath.exp(mpmath.mpf(v))) for v in points])
+    assert np.max(np.abs(hess - truth) / truth) <= 2 * 2.0 ** -52
+
+
+def test_fma_is_the_exactly_rounded_fused_multiply_add():
+    """The _fma helper (fused multiply-add, one rounding) against exact rational arithmetic."""
+    from fractions import Fraction
+    module = lossgen.get("poisson").module
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(size=(2, 300))
+    c = np.concatenate([rng.normal(size=150), 1.0 - (a * b)[150:]])
+    for u, v, w in zip(a, b, c):
+        assert module._fma(u, v, w) == float(Fraction(u) * Fraction(v) + Fraction(w))
+    assert module._fma(1e-300, 1e300, -1.0) == float(Fraction(1e-300) * Fraction(1e300) - 1)
+
 
 # --- runtime: serial or parallel, thread limits ---------------------------------------------
 
