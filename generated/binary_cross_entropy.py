@@ -18,11 +18,15 @@ At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the fi
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
 Outside the inputs' domains every kernel returns nan.
 
+A call with epsilon at the default runs the kernels of
+_binary_cross_entropy_defaults.py, generated from the loss with those values put in
+(spec key specialise).
+
 References:
     PyTorch, torch.nn.BCELoss
     C. M. Bishop, Pattern Recognition and Machine Learning, 2006, 4.3.2
 """
-# lossgen-generated spec-sha256=3209ae638049e5dd52eef60ccf75de8bff0f0be255e5b4e0f551f47dbc3b82cb
+# lossgen-generated spec-sha256=28fd95950747486d13b483db0b0bbaf34e476d9209b714764d2caea0935fa439
 import math
 
 import numba
@@ -35,6 +39,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability'), ('p', 'prediction', 'probability'), ),
     "params": (('epsilon', 0.0, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
+    "specialised": ('_binary_cross_entropy_defaults', ('epsilon',)),
 }
 
 

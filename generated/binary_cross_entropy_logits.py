@@ -17,10 +17,14 @@ At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the fi
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
 Outside the inputs' domains every kernel returns nan.
 
+A call with pos_weight at the default runs the kernels of
+_binary_cross_entropy_logits_defaults.py, generated from the loss with those values put
+in (spec key specialise).
+
 References:
     PyTorch, torch.nn.BCEWithLogitsLoss
 """
-# lossgen-generated spec-sha256=34a259e09ec7e998947bb02f0dd5885a63d763838b55d7554fde543ef29bf35d
+# lossgen-generated spec-sha256=0c7a05c5c53e19bcd1f38c56a9bcd2a470430b1480d74aa04abed65308785f40
 import math
 
 import numba
@@ -33,6 +37,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability'), ('x', 'prediction', 'real'), ),
     "params": (('pos_weight', 1.0, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
+    "specialised": ('_binary_cross_entropy_logits_defaults', ('pos_weight',)),
 }
 
 

@@ -23,11 +23,15 @@ Reductions that pick one element (max, min, take) pass the derivative to that el
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
 the first branch whose condition holds. Outside the inputs' domains a row's outputs are nan.
 
+A call with label_smoothing at the default and w left out runs the kernels of
+_softmax_cross_entropy_defaults.py, generated from the loss with those values put in
+(spec key specialise).
+
 References:
     PyTorch, torch.nn.functional.cross_entropy
     C. Szegedy et al., Rethinking the Inception Architecture for Computer Vision, 2016 (label smoothing)
 """
-# lossgen-generated spec-sha256=88667dde91df856eaa763df0d42c8056ace67b646b4493eb08b498ba6868961d
+# lossgen-generated spec-sha256=fccdb3aa415ceb67b53784a688ee5ff5d764fa7142afd6026e5cfa65c68b6ba9
 import math
 
 import numba
@@ -43,6 +47,7 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('s', 'prediction', 'real', 'class', False, None), ('w', 'input', 'nonnegative', 'class', True, 1.0), ),
     "params": (('label_smoothing', 0.0, 'unit_interval'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "specialised": ('_softmax_cross_entropy_defaults', ('w', 'label_smoothing')),
 }
 
 

@@ -5,6 +5,9 @@ only when all of them succeed, so a failing spec leaves the output folder untouc
 files whose text changed are rewritten (atomically), and generated files whose spec is gone
 are removed. Files not written by lossgen are never touched.
 
+A spec that marks names ``specialise = true`` makes a second module, ``_<name>_defaults.py``:
+the same pipeline on the loss with those names at their defaults (:meth:`LossSpec.at_defaults`).
+
 Rendering is skipped for a spec whose module is already on disk as the same inputs made it:
 :class:`RenderCache` records, per module, a hash of everything its text depends on (the spec's
 bytes and path, lossgen's source and templates, the Python, SymPy and Jinja2 versions) and the
@@ -58,6 +61,15 @@ def build_module(spec, spec_path: str) -> str:
         return render_row_module(derivation, stabilise_rows(derivation), spec_path)
     derivation = derive(spec)
     return render_module(derivation, stabilise_derivation(derivation), spec_path)
+
+
+def modules_of(spec) -> list[tuple[str, object]]:
+    """(file name, spec) of each module a spec makes: its kernels, and where the spec marks
+    names ``specialise = true``, the kernels specialised at their defaults."""
+    modules = [(f"{spec.name}.py", spec)]
+    if spec.specialised_module:
+        modules.append((f"{spec.specialised_module}.py", spec.at_defaults()))
+    return modules
 
 
 def pipeline_fingerprint() -> str:
@@ -138,16 +150,17 @@ def render_all(specs_dir, log: Callable[[str], None] = print,
             if spec.name in seen:
                 raise SpecError(path, "name", f"duplicate loss name '{spec.name}', also defined in {seen[spec.name]}")
             seen[spec.name] = path
-            name, spec_path = f"{spec.name}.py", f"{specs_dir.name}/{relative}"
+            spec_path = f"{specs_dir.name}/{relative}"
             key = cache.key(spec, spec_path) if cache else None
-            text = cache.lookup(name, key) if cache else None
-            status = "unchanged inputs" if text is not None else None
-            if text is None:
-                text = build_module(spec, spec_path)
-                status = f"{time.perf_counter() - started:.2f} s"
-            if cache:
-                cache.record(name, key, text)
-            files[name] = text
+            status = "unchanged inputs"
+            for name, module_spec in modules_of(spec):
+                text = cache.lookup(name, key) if cache else None
+                if text is None:
+                    text = build_module(module_spec, spec_path)
+                    status = f"{time.perf_counter() - started:.2f} s"
+                if cache:
+                    cache.record(name, key, text)
+                files[name] = text
             entries.append((spec.name, spec.family, spec.title))
         except SpecError as error:
             errors.append(str(error))
@@ -249,6 +262,7 @@ def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None]
     for name in extra:
         (out_dir / name).unlink()
     cache.save()
-    log(f"{out_dir}: {len(files) - 1} losses; {len(stale)} file(s) written, {len(extra)} removed, "
+    losses = sum(1 for name in files if not name.startswith("_"))  # not __init__.py, not specialised kernels
+    log(f"{out_dir}: {losses} losses; {len(stale)} file(s) written, {len(extra)} removed, "
         f"{len(files) - len(stale)} unchanged ({time.perf_counter() - started:.1f} s)")
     return 0

@@ -11,6 +11,10 @@ first call (then comes from Numba's on-disk cache in later processes).
 Outside an input's domain (a probability above 1, a negative count) every kernel returns nan;
 with ``check_inputs=True`` such an input raises ValueError instead.
 
+Kernels specialised at defaults: where a spec marks parameters ``specialise = true``, a call
+with each of them at its default runs the kernels generated with those values put in (module
+``_<name>_defaults``, imported on first use); any other value runs the general kernels.
+
 Threads: arrays of fewer than ``SERIAL_BELOW`` elements run in the calling thread (starting
 Numba's threads costs more than it saves there); larger ones run on ``numba.get_num_threads()``
 threads (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``), at most ``LOSSGEN_NUM_THREADS``
@@ -52,6 +56,7 @@ class _Call:
     weight: object        # flattened sample_weight or None
     shape: tuple
     dtype: np.dtype
+    module: object = None  # whose kernels run: the loss's, or its kernels specialised at defaults
 
     @property
     def size(self) -> int:
@@ -74,11 +79,21 @@ class Loss:
         self.module = module
         self.__doc__ = module.__doc__
         self._defaults = parameter_values(f"{self.name}()", self.params, {})  # the spec's defaults, checked
-        self._kernels = {}  # kernel name -> its (serial, parallel) launchers
+        self._kernels = {}  # (kernel name, id of the module) -> its (serial, parallel) launchers
+        self._marked = marked_positions(spec, self.params)  # parameters of the specialised kernels
+        self._specialised = None
 
     def __repr__(self):
         params = ", ".join(f"{k}={d!r}" for k, (d, _) in self.params.items())
         return f"<lossgen loss {self.name}({', '.join(self.inputs)}{'; ' + params if params else ''})>"
+
+    @property
+    def specialised(self):
+        """The module of kernels specialised at the defaults (spec key ``specialise``), imported
+        on first use; None where the spec marks nothing."""
+        if self._specialised is None:
+            self._specialised = specialised_module(self.module)
+        return self._specialised
 
     # --- public methods ------------------------------------------------------------------
 
@@ -91,7 +106,7 @@ class Loss:
         call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
         if reduction == "none":
             return self._run("loss", call)[0]
-        total = _launch(self._launchers("loss_sum"), (*call.arrays, *call.params, call.weight), call.size)
+        total = _launch(self._launchers("loss_sum", call.module), (*call.arrays, *call.params, call.weight), call.size)
         return call.dtype.type(total if reduction == "sum" else _mean(total, call))
 
     def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
@@ -132,15 +147,16 @@ class Loss:
     def _check_reduction(self, method, reduction):
         check_reduction(self.name, method, reduction)
 
-    def _launchers(self, kernel):
-        """(serial, parallel) launchers of ``kernel``, looked up once."""
-        if kernel not in self._kernels:
-            self._kernels[kernel] = kernel_launchers(self.module, kernel)
-        return self._kernels[kernel]
+    def _launchers(self, kernel, module):
+        """(serial, parallel) launchers of ``kernel`` in ``module``, looked up once."""
+        key = (kernel, id(module))
+        if key not in self._kernels:
+            self._kernels[key] = kernel_launchers(module, kernel)
+        return self._kernels[key]
 
     def _run(self, kernel, call):
         outs = [np.empty(call.size, dtype=call.dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
-        _launch(self._launchers(kernel), (*call.arrays, *call.params, call.weight, *outs), call.size)
+        _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *outs), call.size)
         if len(call.shape) != 1:
             outs = [o.reshape(call.shape) for o in outs]
         return outs
@@ -176,7 +192,7 @@ class Loss:
                 raise ValueError(f"{where}: sample_weight has shape {weight.shape}, inputs have shape {shape}")
             weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
 
-        return _Call(flat, parameter_values(where, self.params, params), weight, shape, dtype)
+        return self._choose(_Call(flat, parameter_values(where, self.params, params), weight, shape, dtype))
 
     def _prepare_fast(self, method, arrays, kwargs) -> _Call | None:
         """The common call, validated in a few microseconds: every input passed by position
@@ -199,7 +215,18 @@ class Loss:
             values = parameter_values(f"{self.name}.{method}()", self.params, kwargs)
         else:
             values = self._defaults
-        return _Call([a.reshape(-1) for a in arrays], values, None, shape, dtype)
+        return self._choose(_Call([a.reshape(-1) for a in arrays], values, None, shape, dtype))
+
+    def _choose(self, call: _Call) -> _Call:
+        """The call on the kernels specialised at defaults where every marked parameter has its
+        default (without those parameters), else on the general kernels."""
+        marked = self._marked[1]
+        if marked and all(call.params[k] == self._defaults[k] for k in marked):
+            call.module = self.specialised
+            call.params = [v for k, v in enumerate(call.params) if k not in marked]
+        else:
+            call.module = self.module
+        return call
 
 
 def check_reduction(name, method, reduction):
@@ -255,6 +282,22 @@ def check_domain(where, name, array, domain):
         index = np.unravel_index(np.argmax(outside), array.shape) if array.ndim else ()
         raise ValueError(f"{where}: input '{name}' must be {domain.text}; "
                          f"element {tuple(int(i) for i in index)} is {array[index].item()!r}")
+
+
+def marked_positions(spec: dict, params: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Positions of the inputs and of the parameters (in spec order) marked ``specialise = true``,
+    read from a generated module's ``SPEC``."""
+    marked = spec.get("specialised", (None, ()))[1]
+    inputs = [entry[0] for entry in spec["inputs"]]
+    return (tuple(k for k, name in enumerate(inputs) if name in marked),
+            tuple(k for k, name in enumerate(params) if name in marked))
+
+
+def specialised_module(module):
+    """The module of ``module``'s kernels specialised at defaults, named in its ``SPEC`` and kept
+    next to it; None where its spec marks nothing."""
+    entry = module.SPEC.get("specialised")
+    return None if entry is None else importlib.import_module(f".{entry[0]}", module.__package__)
 
 
 def kernel_launchers(module, kernel: str) -> tuple:

@@ -11,6 +11,10 @@ leading index (C known at call time), per-row inputs the leading shape, shared i
     sce.hess(y, s, full=True)               # every row's (C, C) Hessian, (N, C, C)
     sce.hvp(y, s, v=v)                      # Hessian times v per row, never forming it
 
+Kernels specialised at defaults (spec key ``specialise``): a call with every marked parameter
+at its default and every marked shared input left out runs the kernels generated with those
+values put in; any other call runs the general kernels.
+
 Threads as for elementwise losses (see lossgen.runtime): inputs of fewer than SERIAL_BELOW
 elements (N * C) run in the calling thread, larger ones on numba.get_num_threads() threads, at
 most LOSSGEN_NUM_THREADS.
@@ -23,7 +27,7 @@ import numpy as np
 
 from .domains import DOMAINS
 from .runtime import (_launch, _numeric_array, bind_arguments, check_domain, check_reduction, kernel_launchers,
-                      parameter_values)
+                      marked_positions, parameter_values, specialised_module)
 
 
 @dataclass
@@ -34,6 +38,7 @@ class _RowCall:
     leading: tuple        # the shape of the rows' index, () for one row
     columns: int          # C
     dtype: np.dtype
+    module: object        # whose kernels run: the loss's, or its kernels specialised at defaults
 
 
 class RowLoss:
@@ -52,6 +57,17 @@ class RowLoss:
         self.params = {name: (default, domain) for name, default, domain in spec["params"]}
         self.module = module
         self.__doc__ = module.__doc__
+        self._defaults = parameter_values(f"{self.name}()", self.params, {})
+        self._marked = marked_positions(spec, self.params)  # (inputs, parameters) of the specialised kernels
+        self._specialised = None
+
+    @property
+    def specialised(self):
+        """The module of kernels specialised at the defaults (spec key ``specialise``), imported
+        on first use; None where the spec marks nothing."""
+        if self._specialised is None:
+            self._specialised = specialised_module(self.module)
+        return self._specialised
 
     def __repr__(self):
         shapes = ", ".join(f"{i['name']} {self._shape_text(i)}" for i in self._inputs)
@@ -146,7 +162,7 @@ class RowLoss:
             shape = (rows,) if is_loss else (rows, c, c) if full else (rows, c)
             outs.append(np.empty(shape, dtype=call.dtype))
         work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
-        _launch(kernel_launchers(self.module, kernel), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
+        _launch(kernel_launchers(call.module, kernel), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
         return [o.reshape(call.leading + o.shape[1:]) for o in outs]
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:
@@ -155,6 +171,7 @@ class RowLoss:
         for entry in self._inputs:
             if entry["name"] not in bound and entry["default"] is not None and entry["shared"]:
                 bound[entry["name"]] = None  # filled in once C is known
+        left_out = [name for name, value in bound.items() if value is None]
         missing = [name for name in self.inputs if name not in bound]
         if missing:
             raise TypeError(f"{where} missing input array(s): {', '.join(missing)}")
@@ -202,7 +219,14 @@ class RowLoss:
                 raise ValueError(f"{where}: sample_weight has shape {weight.shape}, one weight per row "
                                  f"needs shape {leading}")
             weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
-        return _RowCall(flat, parameter_values(where, self.params, params), weight, leading, columns, dtype)
+        values = parameter_values(where, self.params, params)
+        marked_inputs, marked_params = self._marked
+        if (marked_inputs or marked_params) and all(self.inputs[k] in left_out for k in marked_inputs) \
+                and all(values[k] == self._defaults[k] for k in marked_params):
+            flat = [a for k, a in enumerate(flat) if k not in marked_inputs]
+            values = [v for k, v in enumerate(values) if k not in marked_params]
+            return _RowCall(flat, values, weight, leading, columns, dtype, self.specialised)
+        return _RowCall(flat, values, weight, leading, columns, dtype, self.module)
 
 
 def _class_index(where, name, array, columns) -> np.ndarray:

@@ -16,7 +16,7 @@ import math
 import operator
 import sys
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import sympy as sp
@@ -50,8 +50,8 @@ GENERATED_IDENTIFIERS = frozenset({
 
 TOP_LEVEL_KEYS = {"name", "title", "summary", "references", "inputs", "params", "let", "loss", "notes",
                   "special_cases"}
-INPUT_KEYS = {"role", "domain", "doc", "axis", "shared", "default"}
-PARAM_KEYS = {"default", "domain", "doc"}
+INPUT_KEYS = {"role", "domain", "doc", "axis", "shared", "default", "specialise"}
+PARAM_KEYS = {"default", "domain", "doc", "specialise"}
 LOSS_KEYS = {"expr"}
 
 
@@ -64,6 +64,7 @@ class Input:
     axis: str | None = None   # row-wise losses: the axis the input runs along (shape (N, C))
     shared: bool = False      # with an axis: one vector for all rows (shape (C,)), e.g. class weights
     default: float | None = None  # a shared input may be left out: all elements take this value
+    specialise: bool = False  # kernels are also generated with it left out (at its default)
 
     @property
     def shape(self) -> str:
@@ -79,6 +80,7 @@ class Param:
     default: float
     domain: str
     doc: str = ""
+    specialise: bool = False  # kernels are also generated with it at its default
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,40 @@ class LossSpec:
     def arguments(self) -> tuple[str, ...]:
         """Names of the scalar kernel arguments: inputs, then parameters, in spec order."""
         return tuple(i.name for i in self.inputs) + tuple(p.name for p in self.params)
+
+    @property
+    def specialised_names(self) -> tuple[str, ...]:
+        """Inputs, then parameters, marked ``specialise = true``."""
+        return tuple(e.name for e in self.inputs + self.params if e.specialise)
+
+    @property
+    def specialised_module(self) -> str | None:
+        """The module name of the kernels specialised at the defaults (a loss name cannot start
+        with ``_``, so it never collides with one), or None where nothing is marked."""
+        return f"_{self.name}_defaults" if self.specialised_names else None
+
+    def at_defaults(self) -> LossSpec:
+        """This spec with every name marked ``specialise = true`` replaced by its default (a
+        marked shared input by its default in every element) and removed from the inputs and
+        parameters: the loss the specialised kernels compute."""
+        marked = {e.name: e.default for e in self.inputs + self.params if e.specialise}
+        values = {self.symbols[name]: _exact(default) for name, default in marked.items()}
+        shown = ", ".join(f"{name} = {default:g}" for name, default in marked.items())
+        return replace(
+            self,
+            title=f"{self.title}, specialised at {shown}",
+            inputs=tuple(i for i in self.inputs if i.name not in marked),
+            params=tuple(p for p in self.params if p.name not in marked),
+            symbols={name: symbol for name, symbol in self.symbols.items() if name not in marked},
+            lets=tuple((name, value.xreplace(values)) for name, value in self.lets),
+            loss=self.loss.xreplace(values),
+        )
+
+
+def _exact(value: float) -> sp.Expr:
+    """A default as SymPy sees it: an integer exactly (so that 0 * x and 1 * x simplify), else
+    the binary64 value, as a literal in a spec is read."""
+    return sp.Integer(int(value)) if float(value).is_integer() else sp.Float(value)
 
 
 # --- expression parsing --------------------------------------------------------------------
@@ -329,6 +365,12 @@ def _string(path, where, value, required=True) -> str:
     return value
 
 
+def _flag(path, where, value) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(path, where, f"expected true or false, got {value!r}")
+    return value
+
+
 def _domain(path, where, value, default: str) -> str:
     value = default if value is None else value
     if value not in DOMAINS:
@@ -385,8 +427,12 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
                                     or not DOMAINS[domain].contains(float(default))):
             raise SpecError(path, f"{where}.default", "only a shared input (shared = true) may have a default, "
                                                       f"a number in its domain; got {default!r}")
+        specialise = _flag(path, f"{where}.specialise", entry.get("specialise", False))
+        if specialise and default is None:
+            raise SpecError(path, f"{where}.specialise", "only a shared input with a default (which callers may "
+                                                         "leave out) can be specialised")
         inputs.append(Input(input_name, role, domain, _string(path, f"{where}.doc", entry.get("doc"), False),
-                            axis, shared, None if default is None else float(default)))
+                            axis, shared, None if default is None else float(default), specialise))
         symbols[input_name] = sp.Symbol(input_name, **DOMAINS[domain].assumptions)
     if not any(i.role == "prediction" for i in inputs):
         raise SpecError(path, "[inputs]", "declare at least one input with role = \"prediction\"")
@@ -412,7 +458,8 @@ def spec_from_dict(data: dict, path, source_hash: str = "") -> LossSpec:
         if not DOMAINS[domain].contains(float(default)):
             raise SpecError(path, f"{where}.default",
                             f"default {default!r} is outside the domain '{domain}' ({DOMAINS[domain].text})")
-        params.append(Param(param_name, float(default), domain, _string(path, f"{where}.doc", entry.get("doc"), False)))
+        params.append(Param(param_name, float(default), domain, _string(path, f"{where}.doc", entry.get("doc"), False),
+                            _flag(path, f"{where}.specialise", entry.get("specialise", False))))
         symbols[param_name] = sp.Symbol(param_name, **DOMAINS[domain].assumptions)
 
     names: dict[str, sp.Expr] = dict(symbols)

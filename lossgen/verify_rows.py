@@ -207,31 +207,35 @@ def _argument_values(names: list[str], point: dict, params: dict) -> list[float]
     return values
 
 
-def _kernel_results(loss, spec, points, params, size, rng):
-    """Every kernel on the stacked rows: quantity -> array, and the directions used for hvp."""
-    arrays = []
+def _kernel_results(loss, spec, points, params, size, rng, leave_out=()):
+    """Every kernel on the stacked rows: quantity -> array, and the directions used for hvp.
+    The shared inputs named in ``leave_out`` are not passed (they take their defaults)."""
+    given = {}
     for i in spec.inputs:
+        if i.name in leave_out:
+            continue
         if i.axis and i.shared:
-            arrays.append(points[0][i.name])  # shared inputs are drawn once per batch
+            given[i.name] = points[0][i.name]  # shared inputs are drawn once per batch
         else:
-            arrays.append(np.array([p[i.name] for p in points]))
+            given[i.name] = np.array([p[i.name] for p in points])
+    arguments = {**given, **params}  # inputs by name, and the parameters
     predictions = [p.name for p in spec.predictions]
     directions = tuple(rng.normal(size=(len(points), size)) for _ in predictions)
 
     def per_prediction(out):
         return out if isinstance(out, tuple) else (out,)
 
-    results = {"loss": [loss.loss(*arrays, reduction="none", **params)]}
-    outs = loss.loss_grad_hess(*arrays, **params)
+    results = {"loss": [loss.loss(reduction="none", **arguments)]}
+    outs = loss.loss_grad_hess(**arguments)
     results["loss"].append(outs[0])
-    grads = [per_prediction(loss.grad(*arrays, **params)), per_prediction(outs[1]),
-             per_prediction(loss.grad_hess(*arrays, **params)[0])]
-    diagonals = [per_prediction(loss.hess(*arrays, **params)), per_prediction(outs[2]),
-                 per_prediction(loss.grad_hess(*arrays, **params)[1])]
-    full = loss.hess(*arrays, full=True, **params)
+    grads = [per_prediction(loss.grad(**arguments)), per_prediction(outs[1]),
+             per_prediction(loss.grad_hess(**arguments)[0])]
+    diagonals = [per_prediction(loss.hess(**arguments)), per_prediction(outs[2]),
+                 per_prediction(loss.grad_hess(**arguments)[1])]
+    full = loss.hess(full=True, **arguments)
     if len(predictions) == 1:
         full = ((full,),)
-    hvp = per_prediction(loss.hvp(*arrays, v=directions if len(predictions) > 1 else directions[0], **params))
+    hvp = per_prediction(loss.hvp(v=directions if len(predictions) > 1 else directions[0], **arguments))
     for a, p in enumerate(predictions):
         results["grad", p] = [g[a] for g in grads]
         results["hess", p] = [d[a] for d in diagonals]
@@ -242,14 +246,16 @@ def _kernel_results(loss, spec, points, params, size, rng):
 
 
 def check_size(loss, spec, size: int, points: list[dict], params: dict, seed: int = 0,
-               n_random: int = 0, gap=None) -> list[Row]:
+               n_random: int = 0, gap=None, leave_out=()) -> list[Row]:
     """All kernels of ``loss`` at row length ``size`` against the expanded truth. ``gap(output,
     point, entry)`` (entry: (j, l) of a Hessian entry, (j,) of a gradient, () of the loss) marks
-    a known gap: that value is reported apart, under '<output> known gap'."""
+    a known gap: that value is reported apart, under '<output> known gap'. The shared inputs
+    named in ``leave_out`` are left out of the calls, and the truth takes their defaults."""
     rng = np.random.default_rng(seed)
-    shared = {i.name: points[0][i.name] for i in spec.inputs if i.axis and i.shared}
+    shared = {i.name: np.full(size, i.default) if i.name in leave_out else points[0][i.name]
+              for i in spec.inputs if i.axis and i.shared}
     points = [{**p, **shared} for p in points]
-    computed, directions = _kernel_results(loss, spec, points, params, size, rng)
+    computed, directions = _kernel_results(loss, spec, points, params, size, rng, leave_out)
     predictions = [p.name for p in spec.predictions]
     full = size <= FULL_HESSIAN_UP_TO
     index_inputs = [i.name for i in spec.inputs if i.domain == "class_index"]
@@ -352,15 +358,18 @@ def check_gradient_by_differences(spec, size: int, points: list[dict], params: d
 
 
 def verify_rows(loss, spec, sizes=SIZES, n_random: int = 8, n_stress: int = 12, seed: int = 0,
-                differences: bool = True, gap=None) -> list[Row]:
+                differences: bool = True, gap=None, leave_out=()) -> list[Row]:
     """Every kernel of a row-wise loss at each size, at random, extreme and constant rows, for
     the default parameters; with ``differences``, the expanded gradient by finite differences.
-    Values where ``gap`` holds are reported apart (see :func:`check_size`)."""
+    Values where ``gap`` holds are reported apart (see :func:`check_size`). Shared inputs are
+    passed, except those named in ``leave_out``, which take their defaults (where the spec
+    marks them ``specialise = true``, with the parameters at their defaults this runs the
+    kernels specialised at defaults)."""
     params = {p.name: p.default for p in spec.params}
     rows = []
     for size in sizes:
         points = row_points(spec, size, n_random, n_stress, seed)
-        rows.extend(check_size(loss, spec, size, points, params, seed, n_random, gap))
+        rows.extend(check_size(loss, spec, size, points, params, seed, n_random, gap, leave_out))
         if differences:
             rows.append(check_gradient_by_differences(spec, size, points[:min(n_random, 3)], params))
     return _merge(rows)

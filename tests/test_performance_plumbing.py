@@ -471,3 +471,88 @@ def test_fast_path_still_validates_parameters():
     with pytest.raises(TypeError, match="parameter 'delta' must be a real number"):
         huber._prepare_fast("grad", (y, y), {"delta": "1"})
     assert huber._prepare_fast("grad", (y, y), {"dleta": 1.0}) is None  # the full path names it
+
+
+# --- runtime: kernels specialised at defaults (spec key `specialise`) ------------------------
+
+
+class _Recorder:
+    """Stands in for a launcher of a general or a specialised module: records which module's
+    kernel ran and with how many arguments, writes zeros."""
+
+    def __init__(self, which, outputs, calls):
+        self.which, self.outputs, self.calls = which, outputs, calls
+
+    def __call__(self, *arguments):
+        self.calls.append((self.which, len(arguments)))
+        for out in arguments[len(arguments) - self.outputs:]:
+            out[:] = 0.0
+        return 0.0
+
+
+def _record_modules(monkeypatch, loss, kernels) -> list:
+    """Replace the launchers of ``kernels`` (name -> outputs) of the loss's general and
+    specialised modules by recorders; the calls, as (module, number of arguments), in order."""
+    calls = []
+    for which, module in (("general", loss.module), ("specialised", loss.specialised)):
+        for kernel, outputs in kernels.items():
+            for suffix in ("", "_parallel"):
+                monkeypatch.setattr(module, f"{kernel}_kernel{suffix}", _Recorder(which, outputs, calls))
+    return calls
+
+
+def test_elementwise_loss_runs_the_specialised_kernels_exactly_at_the_defaults(monkeypatch):
+    bce = runtime.Loss(lossgen.get("binary_cross_entropy_logits").module)  # no launchers looked up yet
+    calls = _record_modules(monkeypatch, bce, {"loss_grad_hess": 3, "grad_hess": 2, "loss_sum": 0})
+    y, x = np.array([0.0, 1.0, 0.5]), np.array([-2.0, 0.0, 3.0])
+    bce.loss_grad_hess(y, x)
+    bce.loss_grad_hess(y, x, pos_weight=1.0)
+    bce.grad_hess(y, x, pos_weight=1)
+    bce.loss(y, x, sample_weight=np.ones(3))                  # the full argument path
+    bce.loss(list(y), x.astype(np.float32))
+    at_defaults = calls[:]
+    calls.clear()
+    bce.loss_grad_hess(y, x, pos_weight=2.0)
+    bce.grad_hess(y, x, pos_weight=np.nextafter(1.0, 2.0))
+    bce.loss(y, x, pos_weight=0.5, sample_weight=np.ones(3))
+    # y, x, (pos_weight,) _weight and the outputs
+    assert at_defaults == [("specialised", 6), ("specialised", 6), ("specialised", 5), ("specialised", 3),
+                           ("specialised", 3)]
+    assert calls == [("general", 7), ("general", 6), ("general", 4)]
+
+
+def test_row_loss_runs_the_specialised_kernels_exactly_at_the_defaults_without_the_shared_input(monkeypatch):
+    sce = RowLoss(lossgen.get("softmax_cross_entropy").module)
+    calls = _record_modules(monkeypatch, sce, {"loss_grad_hess": 3, "loss": 1, "hvp": 1, "hess_full": 1})
+    y, s = np.array([0, 2]), np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    sce.loss_grad_hess(y, s)
+    sce.loss(y, s, label_smoothing=0.0, sample_weight=np.ones(2))
+    sce.hvp(y, s, v=np.ones_like(s))
+    sce.hess(y, s, full=True, label_smoothing=0)
+    at_defaults = calls[:]
+    calls.clear()
+    sce.loss_grad_hess(y, s, w=np.ones(3))                   # w given, even all ones
+    sce.loss_grad_hess(y, s, label_smoothing=0.1)
+    sce.loss(y, s, w=np.full(3, 2.0), label_smoothing=0.1)
+    sce.hvp(y, s, v=np.ones_like(s), label_smoothing=1e-300)
+    # y, s, (w, label_smoothing,) (v,) _weight and the outputs
+    assert at_defaults == [("specialised", 6), ("specialised", 4), ("specialised", 5), ("specialised", 4)]
+    assert calls == [("general", 8), ("general", 8), ("general", 6), ("general", 7)]
+
+
+def test_specialised_and_general_kernels_agree():
+    """The two kernels compute one loss: at the defaults the general kernels (reached through
+    the module) give the specialised kernels' values to rounding."""
+    rng = np.random.default_rng(8)
+    sce = lossgen.get("softmax_cross_entropy")
+    y, s = rng.integers(0, 4, 50), rng.normal(scale=3.0, size=(50, 4))
+    general = [np.empty(50), np.empty((50, 4)), np.empty((50, 4))]
+    sce.module.loss_grad_hess_kernel(y, s, np.ones(4), 0.0, None, *general)
+    for a, b in zip(sce.loss_grad_hess(y, s), general):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-300)
+    bce = lossgen.get("binary_cross_entropy_logits")
+    t, x = rng.uniform(size=50), rng.normal(scale=5.0, size=50)
+    general = [np.empty(50) for _ in range(3)]
+    bce.module.loss_grad_hess_kernel(t, x, 1.0, None, *general)
+    for a, b in zip(bce.loss_grad_hess(t, x), general):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-300)

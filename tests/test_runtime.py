@@ -70,8 +70,12 @@ def test_available_lists_catalog():
     names = lossgen.available()
     assert set(CATALOG) <= set(names)
     assert names == sorted(names)
-    modules = {f.stem for f in GENERATED_DIR.glob("*.py") if f.name != "__init__.py"}
+    modules = {f.stem for f in GENERATED_DIR.glob("*.py") if not f.name.startswith("_")}
     assert set(names) == modules
+    # and the kernels specialised at defaults of the losses whose specs mark names `specialise`
+    specialised = {f.stem for f in GENERATED_DIR.glob("_*.py") if f.name != "__init__.py"}
+    assert specialised == {f"_{name}_defaults" for name in names
+                           if '"specialised": (' in (GENERATED_DIR / f"{name}.py").read_text()}
 
 
 def test_losses_attribute_is_get(huber):

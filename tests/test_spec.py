@@ -521,3 +521,53 @@ def test_constant_beyond_float64_range_is_refused(tmp_path):
 def test_loss_that_is_a_plain_prediction_is_a_number(tmp_path):
     spec = load_spec(write_spec(tmp_path, expr="p", let=None))
     assert spec.loss == spec.symbols["p"]
+
+
+# --- kernels specialised at defaults (key `specialise`) ------------------------------------
+
+ROW_SPEC_INPUTS = ('y = { role = "target", domain = "class_index" }\n'
+                   's = { role = "prediction", axis = "class" }\n'
+                   'w = { role = "input", axis = "class", shared = true, default = 1.0, specialise = true }\n')
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "0", "[true]"])
+def test_specialise_must_be_a_bool(tmp_path, value):
+    path = write_spec(tmp_path, params=f'delta = {{ default = 2.0, domain = "positive", specialise = {value} }}\n')
+    error = spec_error(path)
+    assert_names(error, path, "[params] delta.specialise")
+    assert "expected true or false" in str(error)
+    path = write_spec(tmp_path, inputs='y = { role = "target", specialise = 1 }\np = { role = "prediction" }\n')
+    assert_names(spec_error(path), path, "[inputs] y.specialise")
+
+
+def test_only_a_shared_input_with_a_default_is_specialised(tmp_path):
+    path = write_spec(tmp_path, inputs='y = { role = "target", specialise = true }\np = { role = "prediction" }\n')
+    error = spec_error(path)
+    assert_names(error, path, "[inputs] y.specialise")
+    assert "shared input with a default" in str(error)
+
+
+def test_at_defaults_puts_the_defaults_in_and_drops_the_names(tmp_path):
+    path = write_spec(tmp_path, inputs=ROW_SPEC_INPUTS, let=None,
+                      params='a = { default = 0.0, domain = "unit_interval", specialise = true }\n'
+                             'b = { default = 0.5, domain = "positive" }\n',
+                      expr="-(1 - a)*take(w*log_softmax(s), y) - a*mean(w*log_softmax(s)) + b*sum(s)")
+    spec = load_spec(path)
+    assert spec.specialised_names == ("w", "a") and spec.specialised_module == "_test_loss_defaults"
+    plain = spec.at_defaults()
+    assert [i.name for i in plain.inputs] == ["y", "s"] and [p.name for p in plain.params] == ["b"]
+    assert plain.specialised_module is None and set(plain.symbols) == {"y", "s", "b"}
+    assert plain.loss.free_symbols == {plain.symbols["y"], plain.symbols["s"], plain.symbols["b"]}
+    assert "specialised at w = 1, a = 0" in plain.title
+    unmarked = write_spec(tmp_path, name="plain_loss")
+    assert load_spec(unmarked).specialised_module is None
+
+
+def test_a_specialised_spec_generates_two_modules(tmp_path):
+    path = write_spec(tmp_path, params='delta = { default = 2.0, domain = "positive", specialise = true }\n')
+    files, errors = render_all(path.parent.parent, log=lambda line: None)
+    assert not errors and set(files) == {"__init__.py", "test_loss.py", "_test_loss_defaults.py"}
+    assert "\"specialised\": ('_test_loss_defaults', ('delta',))" in files["test_loss.py"]
+    assert '"params": (),' in files["_test_loss_defaults.py"]
+    assert "def loss_scalar(y, p):" in files["_test_loss_defaults.py"]
+    assert "_test_loss_defaults" not in files["__init__.py"]
