@@ -36,30 +36,59 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _sigmoid(x):
-    """1 / (1 + exp(-x)), never overflowing: exp is only taken of -|x| (the same exp for
-    sigmoid(x) and sigmoid(-x), which the compiler then computes once)."""
-    e = math.exp(-abs(x))
+def _sigmoid_from(x, e):
+    """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
+    takes the same e)."""
     if x >= 0:
         return 1.0 / (1.0 + e)
     return e / (1.0 + e)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _softplus(x):
-    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), never overflowing."""
-    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+def _softplus_from(x, tail):
+    """softplus(x) = log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)) from that tail, never
+    overflowing (softplus(-x) takes the same tail)."""
+    return max(x, 0.0) + tail
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _logcosh(x):
-    """log(cosh(x)): log1p(2 sinh(x/2)**2) near 0 (cosh(x) - 1 = 2 sinh(x/2)**2 exactly),
-    |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would overflow."""
+def _logcosh_from(x, m):
+    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
+    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
+    overflow."""
     a = abs(x)
     if a <= 20.0:
-        s = math.sinh(0.5 * a)
-        return math.log1p(2.0 * s * s)
+        return math.log1p(m * (m / (2.0 + 2.0 * m)))
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _tanh_from(x, m):
+    """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
+    (= expm1(2|x|), rounded once), with x's sign; beyond |x| = 20, where tanh rounds to 1, +-1."""
+    if abs(x) > 20.0:
+        return math.copysign(1.0, x)
+    t = _fma_instruction(m, m, 2.0 * m)
+    return math.copysign(t / (t + 2.0), x)
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -67,12 +96,14 @@ def loss_scalar(y, x):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t1 = 1.0 - y
+    _t2 = 1.0 - y
     if (abs(x) <= 1.0):
-        _t0 = _logcosh(((x)/(2.0)))
-        _b0 = _t0*y + _t0*(_t1) + (x*(1/2 - y)) + math.log(2.0)
+        _t0 = ((x)/(2.0))
+        _t1 = _logcosh_from(_t0, math.expm1(abs(_t0)))
+        _b0 = _t1*y + _t1*(_t2) + (x*(1/2 - y)) + math.log(2.0)
     else:
-        _b0 = _t1*_softplus(x) + y*_softplus(-x)
+        _t3 = math.log1p(math.exp(-abs(x)))
+        _b0 = _t2*_softplus_from(x, _t3) + y*_softplus_from(-x, _t3)
     return _b0
 
 
@@ -81,7 +112,13 @@ def grad_scalar(y, x):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    return ((((math.tanh(((x)/(2.0))))/(2.0)) + (1/2 - y)) if (abs(x) <= 1.0) else (-y*_sigmoid(-x) + (1.0 - y)*_sigmoid(x)))
+    if (abs(x) <= 1.0):
+        _t0 = ((x)/(2.0))
+        _b0 = ((_tanh_from(_t0, math.expm1(abs(_t0))))/(2.0)) + (1/2 - y)
+    else:
+        _t1 = math.exp(-abs(x))
+        _b0 = -y*_sigmoid_from(-x, _t1) + (1.0 - y)*_sigmoid_from(x, _t1)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -89,7 +126,8 @@ def hess_scalar(y, x):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    return _sigmoid(-x)*_sigmoid(x)
+    _t0 = math.exp(-abs(x))
+    return _sigmoid_from(-x, _t0)*_sigmoid_from(x, _t0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -97,9 +135,15 @@ def grad_hess_scalar(y, x):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t0 = _sigmoid(-x)
-    _t1 = _sigmoid(x)
-    return ((((math.tanh(((x)/(2.0))))/(2.0)) + (1/2 - y)) if (abs(x) <= 1.0) else (-_t0*y + _t1*(1.0 - y))), _t0*_t1
+    _t1 = math.exp(-abs(x))
+    _t2 = _sigmoid_from(-x, _t1)
+    _t3 = _sigmoid_from(x, _t1)
+    if (abs(x) <= 1.0):
+        _t0 = ((x)/(2.0))
+        _b0 = ((_tanh_from(_t0, math.expm1(abs(_t0))))/(2.0)) + (1/2 - y)
+    else:
+        _b0 = -_t2*y + _t3*(1.0 - y)
+    return _b0, _t2*_t3
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -107,21 +151,24 @@ def loss_grad_hess_scalar(y, x):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t3 = 1.0 - y
-    _t4 = (abs(x) <= 1.0)
-    _t5 = -x
-    _t6 = _sigmoid(_t5)
-    _t7 = _sigmoid(x)
-    if _t4:
-        _t0 = ((x)/(2.0))
-        _t1 = _logcosh(_t0)
-        _t2 = 1/2 - y
-        _b0 = _t1*y + _t1*(_t3) + (_t2*x) + math.log(2.0)
-        _b1 = ((math.tanh(_t0))/(2.0)) + (_t2)
+    _t4 = 1.0 - y
+    _t5 = (abs(x) <= 1.0)
+    _t6 = -x
+    _t7 = math.exp(-abs(x))
+    _t9 = _sigmoid_from(_t6, _t7)
+    _t10 = _sigmoid_from(x, _t7)
+    if _t5:
+        _t0 = 1/2 - y
+        _t1 = ((x)/(2.0))
+        _t2 = math.expm1(abs(_t1))
+        _t3 = _logcosh_from(_t1, _t2)
+        _b0 = _t3*y + _t3*(_t4) + (_t0*x) + math.log(2.0)
+        _b1 = ((_tanh_from(_t1, _t2))/(2.0)) + (_t0)
     else:
-        _b0 = _t3*_softplus(x) + y*_softplus(_t5)
-        _b1 = _t3*_t7 - _t6*y
-    return _b0, _b1, _t6*_t7
+        _t8 = math.log1p(_t7)
+        _b0 = _t4*_softplus_from(x, _t8) + y*_softplus_from(_t6, _t8)
+        _b1 = _t10*_t4 - _t9*y
+    return _b0, _b1, _t10*_t9
 
 
 @numba.njit(cache=True, error_model="numpy")
