@@ -65,7 +65,7 @@ def _xlog1py(x, y):
     return x * math.log1p(y)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -74,7 +74,7 @@ def loss_scalar(y, p):
     return _xlog1py(y - 1.0, -_t0) - _xlogy(y, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -92,7 +92,7 @@ def grad_scalar(y, p):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -102,7 +102,7 @@ def hess_scalar(y, p):
     return ((((((y)/(_t0))))/(_t0)) + (((((1.0 - y)/(_t1))))/(_t1)))*_heaviside(1.0 - p, 1/2)**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -122,7 +122,7 @@ def grad_hess_scalar(y, p):
     return _b0, ((((_t4))/(_t3)) + (((((y)/(_t1))))/(_t1)))*_heaviside(1.0 - p, 1/2)**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):

@@ -91,7 +91,7 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -107,7 +107,7 @@ def loss_scalar(y, x):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -121,7 +121,7 @@ def grad_scalar(y, x):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -130,7 +130,7 @@ def hess_scalar(y, x):
     return _sigmoid_from(-x, _t0)*_sigmoid_from(x, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -146,7 +146,7 @@ def grad_hess_scalar(y, x):
     return _b0, _t2*_t3
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):

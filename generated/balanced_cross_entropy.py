@@ -111,7 +111,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -129,7 +129,7 @@ def loss_scalar(y, x, alpha):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -145,7 +145,7 @@ def grad_scalar(y, x, alpha):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x, alpha):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -154,7 +154,7 @@ def hess_scalar(y, x, alpha):
     return (alpha*y + (1.0 - alpha)*(1.0 - y))*_sigmoid_from(-x, _t0)*_sigmoid_from(x, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -174,7 +174,7 @@ def grad_hess_scalar(y, x, alpha):
     return _b0, _t4*_t5*(_t2 + _t6*_t7)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):

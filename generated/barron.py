@@ -95,7 +95,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, alpha, c):
     """loss of one element."""
     _t0 = p - y
@@ -118,7 +118,7 @@ def loss_scalar(y, p, alpha, c):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, alpha, c):
     """grad of one element."""
     _t0 = p - y
@@ -144,7 +144,7 @@ def grad_scalar(y, p, alpha, c):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, alpha, c):
     """hess of one element."""
     _t0 = c**2
@@ -181,7 +181,7 @@ def hess_scalar(y, p, alpha, c):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, alpha, c):
     """grad, hess of one element."""
     _t0 = -y
@@ -234,7 +234,7 @@ def grad_hess_scalar(y, p, alpha, c):
     return _b0, _b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, alpha, c):
     """loss, grad, hess of one element."""
     _t0 = -y

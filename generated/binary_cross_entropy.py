@@ -71,7 +71,7 @@ def _xlog1py(x, y):
     return x * math.log1p(y)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, epsilon):
     """loss of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -80,7 +80,7 @@ def loss_scalar(y, p, epsilon):
     return _xlog1py(y - 1.0, -_t0) - _xlogy(y, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, epsilon):
     """grad of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -105,7 +105,7 @@ def grad_scalar(y, p, epsilon):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, epsilon):
     """hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -117,7 +117,7 @@ def hess_scalar(y, p, epsilon):
     return ((((((y)/(_t2))))/(_t2)) + (((((1.0 - y)/(_t3))))/(_t3)))*_heaviside(-_t0 - _t1, 1/2)**2*_heaviside(-epsilon + p, 1/2)**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, epsilon):
     """grad, hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):
@@ -145,7 +145,7 @@ def grad_hess_scalar(y, p, epsilon):
     return _b0, ((((_t6))/(_t5)) + (((((y)/(_t3))))/(_t3)))*_heaviside(-_t12, 1/2)**2*_heaviside(-_t1 - _t2, 1/2)**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, epsilon):
     """loss, grad, hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0) and (p <= 1.0) and (y <= 1.0)):

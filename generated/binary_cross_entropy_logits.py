@@ -97,7 +97,7 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, pos_weight):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -114,7 +114,7 @@ def loss_scalar(y, x, pos_weight):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x, pos_weight):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -129,7 +129,7 @@ def grad_scalar(y, x, pos_weight):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x, pos_weight):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -138,7 +138,7 @@ def hess_scalar(y, x, pos_weight):
     return (pos_weight*y - y + 1.0)*_sigmoid_from(-x, _t0)*_sigmoid_from(x, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x, pos_weight):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -157,7 +157,7 @@ def grad_hess_scalar(y, x, pos_weight):
     return _b0, _t4*_t6*(_t0 + _t5 + 1.0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x, pos_weight):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):

@@ -55,7 +55,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = delta**2
@@ -69,7 +69,7 @@ def loss_scalar(y, p, delta):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, delta):
     """grad of one element."""
     _t1 = p - y
@@ -82,7 +82,7 @@ def grad_scalar(y, p, delta):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, delta):
     """hess of one element."""
     _t0 = -y
@@ -100,7 +100,7 @@ def hess_scalar(y, p, delta):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
     _t0 = -y
@@ -123,7 +123,7 @@ def grad_hess_scalar(y, p, delta):
     return _b0, _b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, delta):
     """loss, grad, hess of one element."""
     _t0 = delta**2

@@ -36,7 +36,7 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(s, delta):
     """loss of one element."""
     if not ((s >= 0.0)):
@@ -44,7 +44,7 @@ def loss_scalar(s, delta):
     return delta**2*math.log1p((((((s)/(delta))))/(delta)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(s, delta):
     """grad of one element."""
     if not ((s >= 0.0)):
@@ -53,7 +53,7 @@ def grad_scalar(s, delta):
     return ((_t0)/(_t0 + s))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(s, delta):
     """hess of one element."""
     if not ((s >= 0.0)):
@@ -69,7 +69,7 @@ def hess_scalar(s, delta):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(s, delta):
     """grad, hess of one element."""
     if not ((s >= 0.0)):
@@ -85,7 +85,7 @@ def grad_hess_scalar(s, delta):
     return ((_t0)/(_t1)), _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(s, delta):
     """loss, grad, hess of one element."""
     if not ((s >= 0.0)):

@@ -35,20 +35,20 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, epsilon):
     """loss of one element."""
     return math.hypot(epsilon, abs(p - y))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, epsilon):
     """grad of one element."""
     _t0 = p - y
     return ((_t0)/(math.hypot(epsilon, abs(_t0))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, epsilon):
     """hess of one element."""
     _t0 = p - y
@@ -65,7 +65,7 @@ def hess_scalar(y, p, epsilon):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, epsilon):
     """grad, hess of one element."""
     _t0 = p - y
@@ -83,7 +83,7 @@ def grad_hess_scalar(y, p, epsilon):
     return ((_t0)/(_t2)), _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, epsilon):
     """loss, grad, hess of one element."""
     _t0 = p - y

@@ -74,7 +74,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
     """loss of one element."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
@@ -83,7 +83,7 @@ def loss_scalar(policy_chosen, policy_rejected, reference_chosen, reference_reje
     return _softplus_from(-_t0, math.log1p(math.exp(-abs(_t0))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
     """grad of one element (per prediction: policy_chosen, policy_rejected)."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
@@ -93,7 +93,7 @@ def grad_scalar(policy_chosen, policy_rejected, reference_chosen, reference_reje
     return -_t1, _t1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
     """hess of one element (per prediction: policy_chosen, policy_rejected)."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
@@ -104,7 +104,7 @@ def hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference_reje
     return _t2, _t2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
     """grad, hess of one element (per prediction: policy_chosen, policy_rejected)."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):
@@ -117,7 +117,7 @@ def grad_hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference
     return -_t3, _t3, _t4, _t4
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
     """loss, grad, hess of one element (per prediction: policy_chosen, policy_rejected)."""
     if not ((policy_chosen <= 0.0) and (policy_rejected <= 0.0) and (reference_chosen <= 0.0) and (reference_rejected <= 0.0)):

@@ -44,7 +44,7 @@ def _sign(x):
     return x * 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -52,7 +52,7 @@ def loss_scalar(y, p):
     return math.exp(-p*y)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -61,7 +61,7 @@ def grad_scalar(y, p):
     return -((y*math.exp(-_t0)) if (abs(_t0) <= 700.0) else (math.exp((-_t0 + math.log(abs(y))))*_sign(y)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -69,7 +69,7 @@ def hess_scalar(y, p):
     return y**2*math.exp(-p*y)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -79,7 +79,7 @@ def grad_hess_scalar(y, p):
     return -((_t1*y) if (abs(_t0) <= 700.0) else (math.exp((-_t0 + math.log(abs(y))))*_sign(y))), _t1*y**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):

@@ -94,7 +94,7 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, gamma, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -117,7 +117,7 @@ def loss_scalar(y, x, gamma, alpha):
     return (_t0*(1.0 - alpha) + alpha*y)*_b0*_b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x, gamma, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -169,7 +169,7 @@ def grad_scalar(y, x, gamma, alpha):
     return (_t0*(1.0 - alpha) + alpha*y)*_b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x, gamma, alpha):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -212,7 +212,7 @@ def hess_scalar(y, x, gamma, alpha):
     return _t24*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t15 + _t10*_t22 - _t11*_t18 - _t12*_t22 + _t13*_t18 + _t15*y + _t16**2*_t17*_t21*_t24*gamma*_b1 + _t18*_b0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x, gamma, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -299,7 +299,7 @@ def grad_hess_scalar(y, x, gamma, alpha):
     return _t1*_b0, _t1*_t42*(_t0*_t41 + _t13*_t46 - _t14*_t45 + _t18*_t42*_t43*_t44**2*gamma*_b2 - _t33*_t46 + _t34*_t45 + _t41*y + _t45*_b1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x, gamma, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):

@@ -62,7 +62,7 @@ def _logcosh_from(x, m):
     return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     _t0 = math.log(2.0)
@@ -84,13 +84,13 @@ def loss_scalar(d_real, d_fake):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(d_real, d_fake):
     """grad of one element (per prediction: d_real, d_fake)."""
     return -_sigmoid_from(-d_real, math.exp(-abs(d_real))), _sigmoid_from(d_fake, math.exp(-abs(d_fake)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(d_real, d_fake):
     """hess of one element (per prediction: d_real, d_fake)."""
     _t0 = math.exp(-abs(d_real))
@@ -98,7 +98,7 @@ def hess_scalar(d_real, d_fake):
     return _sigmoid_from(-d_real, _t0)*_sigmoid_from(d_real, _t0), _sigmoid_from(-d_fake, _t1)*_sigmoid_from(d_fake, _t1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(d_real, d_fake):
     """grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = math.exp(-abs(d_real))
@@ -108,7 +108,7 @@ def grad_hess_scalar(d_real, d_fake):
     return -_t1, _t3, _t1*_sigmoid_from(d_real, _t0), _t3*_sigmoid_from(-d_fake, _t2)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = math.log(2.0)

@@ -49,26 +49,26 @@ def _softplus_from(x, tail):
     return max(x, 0.0) + tail
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(d_fake):
     """loss of one element."""
     return _softplus_from(-d_fake, math.log1p(math.exp(-abs(d_fake))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(d_fake):
     """grad of one element."""
     return -_sigmoid_from(-d_fake, math.exp(-abs(d_fake)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(d_fake):
     """hess of one element."""
     _t0 = math.exp(-abs(d_fake))
     return _sigmoid_from(-d_fake, _t0)*_sigmoid_from(d_fake, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(d_fake):
     """grad, hess of one element."""
     _t0 = math.exp(-abs(d_fake))
@@ -76,7 +76,7 @@ def grad_hess_scalar(d_fake):
     return -_t1, _t1*_sigmoid_from(d_fake, _t0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(d_fake):
     """loss, grad, hess of one element."""
     _t0 = -d_fake

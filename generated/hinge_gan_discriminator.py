@@ -47,31 +47,31 @@ def _heaviside(x, at_zero):
     return x
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     return max(0.0, 1.0 - d_real) + max(0.0, d_fake + 1.0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(d_real, d_fake):
     """grad of one element (per prediction: d_real, d_fake)."""
     return -_heaviside(1.0 - d_real, 1/2), _heaviside(d_fake + 1.0, 1/2)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(d_real, d_fake):
     """hess of one element (per prediction: d_real, d_fake)."""
     return 0.0, 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(d_real, d_fake):
     """grad, hess of one element (per prediction: d_real, d_fake)."""
     return -_heaviside(1.0 - d_real, 1/2), _heaviside(d_fake + 1.0, 1/2), 0.0, 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = d_fake + 1.0

@@ -45,7 +45,7 @@ def _sign(x):
     return x * 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = p - y
@@ -53,20 +53,20 @@ def loss_scalar(y, p, delta):
     return ((((_t0**2)/(2.0))) if (_t1 < delta) else (delta*(_t1 + ((-delta)/(2.0)))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, delta):
     """grad of one element."""
     _t0 = p - y
     return ((_t0) if (delta > abs(_t0)) else (delta*_sign(_t0)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, delta):
     """hess of one element."""
     return ((1.0) if (delta > abs(p - y)) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
     _t0 = p - y
@@ -74,7 +74,7 @@ def grad_hess_scalar(y, p, delta):
     return ((_t0) if _t1 else (delta*_sign(_t0))), ((1.0) if _t1 else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, delta):
     """loss, grad, hess of one element."""
     _t0 = p - y

@@ -44,31 +44,31 @@ def _sign(x):
     return x * 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(w, lambda1):
     """loss of one element."""
     return lambda1*abs(w)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(w, lambda1):
     """grad of one element."""
     return lambda1*_sign(w)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(w, lambda1):
     """hess of one element."""
     return 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(w, lambda1):
     """grad, hess of one element."""
     return lambda1*_sign(w), 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(w, lambda1):
     """loss, grad, hess of one element."""
     return lambda1*abs(w), lambda1*_sign(w), 0.0

@@ -34,32 +34,32 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(w, lambda2):
     """loss of one element."""
     return lambda2*w**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(w, lambda2):
     """grad of one element."""
     return 2.0*lambda2*w
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(w, lambda2):
     """hess of one element."""
     return 2.0*lambda2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(w, lambda2):
     """grad, hess of one element."""
     _t0 = 2.0*lambda2
     return _t0*w, _t0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(w, lambda2):
     """loss, grad, hess of one element."""
     _t0 = 2.0*lambda2

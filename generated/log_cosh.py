@@ -74,34 +74,34 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     _t0 = p - y
     return _logcosh_from(_t0, math.expm1(abs(_t0)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     _t0 = p - y
     return _tanh_from(_t0, math.expm1(abs(_t0)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     return ((1.0)/(math.cosh(p - y)**2))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     _t0 = p - y
     return _tanh_from(_t0, math.expm1(abs(_t0))), ((1.0)/(math.cosh(_t0)**2))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     _t0 = p - y

@@ -51,7 +51,7 @@ def _softplus_from(x, tail):
     return max(x, 0.0) + tail
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -60,7 +60,7 @@ def loss_scalar(y, p):
     return _softplus_from(-_t0, math.log1p(math.exp(-abs(_t0))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -69,7 +69,7 @@ def grad_scalar(y, p):
     return -y*_sigmoid_from(-_t0, math.exp(-abs(_t0)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -79,7 +79,7 @@ def hess_scalar(y, p):
     return y**2*_sigmoid_from(-_t0, _t1)*_sigmoid_from(_t0, _t1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -90,7 +90,7 @@ def grad_hess_scalar(y, p):
     return -_t2*y, _t2*y**2*_sigmoid_from(_t0, _t1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):

@@ -35,31 +35,31 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     return ((d_fake**2 + (d_real - 1.0)**2)/(2.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(d_real, d_fake):
     """grad of one element (per prediction: d_real, d_fake)."""
     return d_real - 1.0, d_fake
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(d_real, d_fake):
     """hess of one element (per prediction: d_real, d_fake)."""
     return 1.0, 1.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(d_real, d_fake):
     """grad, hess of one element (per prediction: d_real, d_fake)."""
     return d_real - 1.0, d_fake, 1.0, 1.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     _t0 = d_real - 1.0

@@ -60,7 +60,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x1, x2, margin):
     """loss of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -71,7 +71,7 @@ def loss_scalar(y, x1, x2, margin):
     return ((((_t0) if _t1 else (_t2))) if (((_t0 >= 0.0)) if _t1 else ((_t2 >= 0.0))) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x1, x2, margin):
     """grad of one element (per prediction: x1, x2)."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -81,7 +81,7 @@ def grad_scalar(y, x1, x2, margin):
     return ((((-1.0) if _t0 else (1.0))) if _t1 else (0.0)), ((((1.0) if _t0 else (-1.0))) if _t1 else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x1, x2, margin):
     """hess of one element (per prediction: x1, x2)."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -89,7 +89,7 @@ def hess_scalar(y, x1, x2, margin):
     return 0.0, 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x1, x2, margin):
     """grad, hess of one element (per prediction: x1, x2)."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -99,7 +99,7 @@ def grad_hess_scalar(y, x1, x2, margin):
     return ((((-1.0) if _t0 else (1.0))) if _t1 else (0.0)), ((((1.0) if _t0 else (-1.0))) if _t1 else (0.0)), 0.0, 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x1, x2, margin):
     """loss, grad, hess of one element (per prediction: x1, x2)."""
     if not ((y == -1.0) or (y == 1.0)):

@@ -34,31 +34,31 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     return (p - y)**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     return 2.0*p - 2.0*y
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     return 2.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     return 2.0*p - 2.0*y, 2.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     return (p - y)**2, 2.0*p - 2.0*y, 2.0

@@ -34,7 +34,7 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     if not ((p >= 0.0) and (y >= 0.0)):
@@ -42,7 +42,7 @@ def loss_scalar(y, p):
     return (math.log1p(p) - math.log1p(y))**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     if not ((p >= 0.0) and (y >= 0.0)):
@@ -50,7 +50,7 @@ def grad_scalar(y, p):
     return ((2.0*math.log1p(p) - 2.0*math.log1p(y))/(p + 1.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0)):
@@ -59,7 +59,7 @@ def hess_scalar(y, p):
     return (((((-2.0*math.log1p(p) + 2.0*math.log1p(y) + 2.0)/(_t0))))/(_t0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0)):
@@ -70,7 +70,7 @@ def grad_hess_scalar(y, p):
     return ((_t0 - _t1)/(_t2)), (((((-_t0 + _t1 + 2.0)/(_t2))))/(_t2))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((p >= 0.0) and (y >= 0.0)):

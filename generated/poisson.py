@@ -54,7 +54,7 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     if not ((y >= 0.0)):
@@ -62,7 +62,7 @@ def loss_scalar(y, p):
     return ((_fma(-p, y, 1.0) + math.expm1(p)) if (abs(p) <= 1.0) else (-p*y + math.exp(p)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     if not ((y >= 0.0)):
@@ -70,7 +70,7 @@ def grad_scalar(y, p):
     return (((1.0 - y) + math.expm1(p)) if (abs(p) <= 1.0) else (-y + math.exp(p)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     if not ((y >= 0.0)):
@@ -78,7 +78,7 @@ def hess_scalar(y, p):
     return math.exp(p)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((y >= 0.0)):
@@ -95,7 +95,7 @@ def grad_hess_scalar(y, p):
     return _b0, _b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0)):

@@ -91,7 +91,7 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, epsilon):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -119,7 +119,7 @@ def loss_scalar(y, x, epsilon):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x, epsilon):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -140,7 +140,7 @@ def grad_scalar(y, x, epsilon):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x, epsilon):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -162,7 +162,7 @@ def hess_scalar(y, x, epsilon):
     return _t1*_t2*_b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x, epsilon):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -200,7 +200,7 @@ def grad_hess_scalar(y, x, epsilon):
     return _b0, _t13*_t2*_b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x, epsilon):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):

@@ -55,7 +55,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(ratio, advantage, epsilon):
     """loss of one element."""
     if not ((ratio >= 0.0)):
@@ -63,7 +63,7 @@ def loss_scalar(ratio, advantage, epsilon):
     return -min(advantage*ratio, advantage*min(epsilon + 1.0, max(ratio, 1.0 - epsilon)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(ratio, advantage, epsilon):
     """grad of one element."""
     if not ((ratio >= 0.0)):
@@ -85,7 +85,7 @@ def grad_scalar(ratio, advantage, epsilon):
     return ((_t0) if (_t3 > 0.0) else (_t4) if (_t3 == 0.0) else (0.0)) + ((((((_t0) if _t6 else (_t4) if _t7 else (0.0))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 > 0.0) else (((_t11) if _t9 else (((_t10) if _t6 else (((_t0)/(8.0))) if _t7 else (0.0))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(ratio, advantage, epsilon):
     """hess of one element."""
     if not ((ratio >= 0.0)):
@@ -93,7 +93,7 @@ def hess_scalar(ratio, advantage, epsilon):
     return 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(ratio, advantage, epsilon):
     """grad, hess of one element."""
     if not ((ratio >= 0.0)):
@@ -115,7 +115,7 @@ def grad_hess_scalar(ratio, advantage, epsilon):
     return ((_t0) if (_t3 > 0.0) else (_t4) if (_t3 == 0.0) else (0.0)) + ((((((_t0) if _t6 else (_t4) if _t7 else (0.0))) if _t9 else (_t11) if _t12 else (0.0))) if (_t13 > 0.0) else (((_t11) if _t9 else (((_t10) if _t6 else (((_t0)/(8.0))) if _t7 else (0.0))) if _t12 else (0.0))) if (_t13 == 0.0) else (0.0)), 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(ratio, advantage, epsilon):
     """loss, grad, hess of one element."""
     if not ((ratio >= 0.0)):

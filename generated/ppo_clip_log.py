@@ -44,14 +44,14 @@ def _sign(x):
     return x * 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(log_ratio, advantage, epsilon):
     """loss of one element."""
     _t0 = math.exp(log_ratio)
     return -min(advantage*min(epsilon + 1.0, max(_t0, 1.0 - epsilon)), ((_t0*advantage) if (abs(log_ratio) <= 700.0) else (math.exp((log_ratio + math.log(abs(advantage))))*_sign(advantage))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(log_ratio, advantage, epsilon):
     """grad of one element."""
     _t0 = math.exp(log_ratio)
@@ -83,7 +83,7 @@ def grad_scalar(log_ratio, advantage, epsilon):
     return ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else (((_t2)/(8.0))) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(log_ratio, advantage, epsilon):
     """hess of one element."""
     _t0 = math.exp(log_ratio)
@@ -115,7 +115,7 @@ def hess_scalar(log_ratio, advantage, epsilon):
     return ((_t2) if (((_t10 > 0.0)) if _t3 else ((_t13 > 0.0))) else (_t14) if (((_t10 == 0.0)) if _t3 else ((_t13 == 0.0))) else (0.0)) + ((((((_t2) if _t17 else (_t14) if _t18 else (0.0))) if _t20 else (_t22) if _t23 else (0.0))) if (((_t24 > 0.0)) if _t3 else ((_t25 > 0.0))) else (((_t22) if _t20 else (((_t21) if _t17 else (((_t2)/(8.0))) if _t18 else (0.0))) if _t23 else (0.0))) if (((_t24 == 0.0)) if _t3 else ((_t25 == 0.0))) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(log_ratio, advantage, epsilon):
     """grad, hess of one element."""
     _t0 = math.exp(log_ratio)
@@ -148,7 +148,7 @@ def grad_hess_scalar(log_ratio, advantage, epsilon):
     return _t26, _t26
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(log_ratio, advantage, epsilon):
     """loss, grad, hess of one element."""
     _t0 = epsilon + 1.0

@@ -35,7 +35,7 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = abs(p - y)
@@ -43,14 +43,14 @@ def loss_scalar(y, p, delta):
     return _t0*delta*((((_t1))/(math.hypot(1.0, _t1) + 1.0)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, delta):
     """grad of one element."""
     _t0 = p - y
     return ((_t0)/(math.hypot(1.0, ((abs(_t0))/(delta)))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, delta):
     """hess of one element."""
     _t0 = delta**3
@@ -67,7 +67,7 @@ def hess_scalar(y, p, delta):
     return _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, delta):
     """grad, hess of one element."""
     _t0 = p - y
@@ -84,7 +84,7 @@ def grad_hess_scalar(y, p, delta):
     return ((_t0)/(math.hypot(1.0, ((_t1)/(delta))))), _b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, delta):
     """loss, grad, hess of one element."""
     _t0 = p - y

@@ -34,14 +34,14 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, tau):
     """loss of one element."""
     _t0 = -p + y
     return max(_t0*tau, _t0*(tau - 1.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, tau):
     """grad of one element."""
     _t0 = -tau
@@ -51,13 +51,13 @@ def grad_scalar(y, p, tau):
     return ((_t0) if (_t1 < 0.0) else (_t2) if _t3 else (0.0)) + ((1.0 - tau) if (_t1 > 0.0) else (_t2 + 1/2) if _t3 else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, tau):
     """hess of one element."""
     return 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, tau):
     """grad, hess of one element."""
     _t0 = -tau
@@ -67,7 +67,7 @@ def grad_hess_scalar(y, p, tau):
     return ((_t0) if (_t1 < 0.0) else (_t2) if _t3 else (0.0)) + ((1.0 - tau) if (_t1 > 0.0) else (_t2 + 1/2) if _t3 else (0.0)), 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, tau):
     """loss, grad, hess of one element."""
     _t0 = p - y

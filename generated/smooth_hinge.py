@@ -37,7 +37,7 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, gamma):
     """loss of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -46,7 +46,7 @@ def loss_scalar(y, p, gamma):
     return ((0.0) if (_t0 >= 1.0) else ((((1.0 - _t0)**2)/(2.0*gamma))) if (_t0 > 1.0 - gamma) else (-_t0 + ((-gamma)/(2.0)) + 1.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, gamma):
     """grad of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -56,7 +56,7 @@ def grad_scalar(y, p, gamma):
     return ((0.0) if (_t0 >= 1.0) else (((_t1 + p*y**2)/(gamma))) if (_t0 > 1.0 - gamma) else (_t1))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, gamma):
     """hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -65,7 +65,7 @@ def hess_scalar(y, p, gamma):
     return ((0.0) if (_t0 >= 1.0) else (((y**2)/(gamma))) if (_t0 > 1.0 - gamma) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, gamma):
     """grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -87,7 +87,7 @@ def grad_hess_scalar(y, p, gamma):
     return _b0, _b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, gamma):
     """loss, grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):

@@ -45,7 +45,7 @@ def _sign(x):
     return x * 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, beta):
     """loss of one element."""
     _t0 = p - y
@@ -53,20 +53,20 @@ def loss_scalar(y, p, beta):
     return ((((_t0**2)/(2.0*beta))) if (_t1 < beta) else (_t1 + ((-beta)/(2.0))))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, beta):
     """grad of one element."""
     _t0 = p - y
     return ((((_t0)/(beta))) if (beta > abs(_t0)) else (_sign(_t0)))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p, beta):
     """hess of one element."""
     return ((((1.0)/(beta))) if (beta > abs(p - y)) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p, beta):
     """grad, hess of one element."""
     _t0 = p - y
@@ -74,7 +74,7 @@ def grad_hess_scalar(y, p, beta):
     return ((((_t0)/(beta))) if _t1 else (_sign(_t0))), ((((1.0)/(beta))) if _t1 else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p, beta):
     """loss, grad, hess of one element."""
     _t0 = p - y

@@ -35,7 +35,7 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p):
     """loss of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -43,7 +43,7 @@ def loss_scalar(y, p):
     return max(0.0, -p*y + 1.0)**2
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p):
     """grad of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -53,7 +53,7 @@ def grad_scalar(y, p):
     return ((-2.0*_t1) if (_t0 < 1.0) else (-_t1) if (_t0 == 1.0) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, p):
     """hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -63,7 +63,7 @@ def hess_scalar(y, p):
     return ((2.0*_t0) if (_t1 < 1.0) else (((_t0)/(2.0))) if (_t1 == 1.0) else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):
@@ -76,7 +76,7 @@ def grad_hess_scalar(y, p):
     return ((-2.0*_t1) if _t2 else (-_t1) if _t3 else (0.0)), ((2.0*_t4) if _t2 else (((_t4)/(2.0))) if _t3 else (0.0))
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     if not ((y == -1.0) or (y == 1.0)):

@@ -35,31 +35,31 @@ SPEC = {
 }
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
     return d_fake - d_real
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(d_real, d_fake):
     """grad of one element (per prediction: d_real, d_fake)."""
     return -1.0, 1.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(d_real, d_fake):
     """hess of one element (per prediction: d_real, d_fake)."""
     return 0.0, 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(d_real, d_fake):
     """grad, hess of one element (per prediction: d_real, d_fake)."""
     return -1.0, 1.0, 0.0, 0.0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
     return d_fake - d_real, -1.0, 1.0, 0.0, 0.0
