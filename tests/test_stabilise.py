@@ -69,7 +69,9 @@ def _kernel_helpers():
     """The stable helpers exactly as generated modules define them (from the template)."""
     source = template_environment().get_template("numba_helpers.py.j2").render(
         helpers=set(HELPERS.values()) | {"exact_sum", "exprel"})
-    uncached = types.SimpleNamespace(njit=lambda **options: numba.njit(**{**options, "cache": False}))
+    # numba itself but uncached; the fused multiply-add is an intrinsic (numba.extending)
+    uncached = types.SimpleNamespace(njit=lambda **options: numba.njit(**{**options, "cache": False}),
+                                     extending=numba.extending, types=numba.types)
     namespace = {"math": math, "numba": uncached}
     exec(compile(source, "numba_helpers.py.j2", "exec"), namespace)  # our own template, not spec data
     helpers = {name: namespace[f"_{helper}"] for name, helper in HELPERS.items()}
@@ -77,6 +79,11 @@ def _kernel_helpers():
     # exprel prints itself as _exprel(...) (lossgen.vocabulary), for Numba and for lambdify
     helpers["exprel"] = helpers["_exprel"] = namespace["_exprel"]
     helpers["exact_sum"] = lambda *terms: finish(functools.reduce(add, terms[1:], start(terms[0])))
+    # as the kernels compute these: from one exp(-|x|) (and its log1p), or expm1(|x|) (inf beyond
+    # 709, where Numba's expm1 overflows and Python's raises)
+    helpers["sigmoid"] = lambda v: helpers["sigmoid_from"](v, math.exp(-abs(v)))
+    helpers["softplus"] = lambda v: helpers["softplus_from"](v, math.log1p(math.exp(-abs(v))))
+    helpers["logcosh"] = lambda v: helpers["logcosh_from"](v, math.expm1(abs(v)) if abs(v) < 709 else math.inf)
     return helpers
 
 
