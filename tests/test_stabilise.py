@@ -328,6 +328,28 @@ def test_exp_product_joins_two_exponentials_and_a_quotient():
     assert relative_error(naive, evaluate(sp.lambdify([x, z, b], expr, modules=MODULES), [-740.0, 0.5, 1e10])) > 1e-6
 
 
+def test_distribute_to_cancel_reaches_a_quotient_inside_a_product_inside_the_sum():
+    """The focal loss's gradient at gamma = 2, as SymPy differentiates Q**2: the quotient by
+    sigmoid(-x) sits in a sum that is a factor of a term, (y*sigmoid(x)/sigmoid(-x) - w)*Q, not a
+    term itself; at x = 745, sigmoid(-x) is subnormal and the quotient is inf."""
+    q = w * sigmoid(-x) + y * sigmoid(x)
+    expr = sigmoid(-x) * (z * sigmoid(x) * softplus(x) + (y * sigmoid(x) / sigmoid(-x) - w) * q)
+    rule = next(r for r in RULES if r.name == "distribute_to_cancel")
+    rewritten = stabilise(expr, (rule,))
+    assert not any(isinstance(e, sp.Pow) and e.exp.is_negative for e in sp.preorder_traversal(rewritten)), rewritten
+    point = {x: 745.0, y: 0.75, w: 1e-300, z: 2.0}
+    symbols = sorted(point, key=str)
+    args = [point[s] for s in symbols]
+    truth = evaluate(sp.lambdify(symbols, expr, modules=MODULES), args)
+    assert abs(truth - 0.75**2) < 1e-300  # y*sigmoid(x)*q, rounded to 50 digits
+    naive = sp.lambdify(symbols, expr, modules=FLOAT_MODULES)(*args)
+    assert not math.isfinite(naive)
+    value = sp.lambdify(symbols, stabilise(expr), modules=FLOAT_MODULES)(*args)
+    assert relative_error(value, truth) <= 1e-15, (stabilise(expr), value, truth)
+    # a negative power of sigmoid(-x) does not cancel the quotient: nothing to distribute
+    assert stabilise(expr / sigmoid(-x) ** 2, (rule,)) == expr / sigmoid(-x) ** 2
+
+
 def test_complement_weights_combine_powers_of_one_minus_the_weight():
     """A row's log-weight u = log p <= 0 with (1 - exp(u))**g/(1 - exp(u)) (the focal loss's
     derivative): in Q = -expm1(u) the powers combine, so at u = 0 (C = 1) the value is the limit,
