@@ -18,11 +18,14 @@ At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes the fi
 whose condition holds (almost-everywhere derivatives; DiracDelta terms are zero).
 Outside the inputs' domains every kernel returns nan.
 
+A call with gamma at the default runs the kernels of _focal_binary_defaults.py,
+generated from the loss with those values put in (spec key specialise).
+
 References:
     T.-Y. Lin et al., Focal Loss for Dense Object Detection, ICCV 2017
     torchvision.ops.sigmoid_focal_loss
 """
-# lossgen-generated spec-sha256=38c52e9aee83d79f137295810833203a0f1fb9543acee20c75057c92fe2340ad
+# lossgen-generated spec-sha256=78faff5bcc975a0e07d89c72696f32ab78c2586c5bbc003ed4cf43e616642ecf
 import math
 
 import numba
@@ -35,6 +38,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability'), ('x', 'prediction', 'real'), ),
     "params": (('gamma', 2.0, 'nonnegative'), ('alpha', 0.25, 'unit_interval'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
+    "specialised": ('_focal_binary_defaults', ('gamma',)),
 }
 
 

@@ -499,7 +499,11 @@ def _exp_times_factor(e):
 
 def _distribute_to_cancel(e):
     """x*(a/x + b) -> a + x*b, and X**g*(c/X + d) -> c*X**(g - 1) + d*X**g: where x underflows,
-    x*(a/x) is 0*inf = nan, while the cancelled form is exact."""
+    x*(a/x) is 0*inf = nan, while the cancelled form is exact. Also where the quotient sits in
+    a sum inside a product inside the sum, x*(c*(a/x + b) + d) -> c*(a + x*b) + x*d, at any
+    depth: SymPy's derivative of an integer power u**n is n*u**(n - 1)*u', which it leaves as
+    u*(...) with u' inside (the focal loss at gamma = 2 is Q*(2*A*s(x) + (c*s(x)/s(-x) - y)*Q)*s(-x),
+    whose s(-x)/s(-x) a real gamma's u**gamma*(A/u + c*s(x)/s(-x) - y)*s(-x) shows at the top)."""
     if not isinstance(e, sp.Mul):
         return None
     for f in e.args:
@@ -507,9 +511,27 @@ def _distribute_to_cancel(e):
         if base.is_Number:
             continue
         for a in e.args:
-            if isinstance(a, sp.Add) and any(_divides_by(t, base) for t in a.args):
+            if isinstance(a, sp.Add) and any(_divides_by(t, base, nested=False) for t in a.args):
                 others = [g for g in e.args if g is not f and g is not a]
                 return sp.Mul(*others) * sp.Add(*[_combine_powers(f * t) or f * t for t in a.args])
+        if isinstance(f, sp.Pow) and not f.exp.is_positive:
+            continue  # a nested quotient by x is cancelled by x or a positive power of it
+        for a in e.args:
+            if isinstance(a, sp.Add) and any(_divides_by(t, base) for t in a.args):
+                others = [g for g in e.args if g is not f and g is not a]
+                return sp.Mul(*others) * _distributed(f, a, base)
+
+
+def _distributed(f, term, base):
+    """f*term, with f multiplied into the sums of ``term`` (at any depth) that divide by ``base``."""
+    if isinstance(term, sp.Add):
+        return sp.Add(*[_distributed(f, t, base) for t in term.args])
+    factors = sp.Mul.make_args(term)
+    if not _divides_by(term, base, nested=False):
+        for a in factors:
+            if isinstance(a, sp.Add) and any(_divides_by(t, base) for t in a.args):
+                return sp.Mul(*[g for g in factors if g is not a]) * _distributed(f, a, base)
+    return _combine_powers(f * term) or f * term
 
 
 def _combine_powers(e):
@@ -523,8 +545,12 @@ def _combine_powers(e):
                 return combined
 
 
-def _divides_by(term, base) -> bool:
-    return any(isinstance(p, sp.Pow) and p.base == base and p.exp.is_negative for p in sp.Mul.make_args(term))
+def _divides_by(term, base, nested: bool = True) -> bool:
+    """True where ``term`` divides by a power of ``base``; with ``nested``, also where a sum
+    among its factors holds such a term (at any depth)."""
+    return any(isinstance(p, sp.Pow) and p.base == base and p.exp.is_negative
+               or nested and isinstance(p, sp.Add) and any(_divides_by(t, base) for t in p.args)
+               for p in sp.Mul.make_args(term))
 
 
 def _divide_twice(e):
@@ -626,7 +652,8 @@ RULES: tuple[Rule, ...] = (
          "exp(a) overflows where b*exp(a) need not; so does exp(a)*N where exp(a)*(N/D) need not",
          _exp_times_factor),
     Rule("combine_powers", "b**g/b", "b**(g - 1)", "b**g/b is 0/0 where b underflows", _combine_powers),
-    Rule("distribute_to_cancel", "x*(a/x + b)", "a + x*b", "x*(a/x) is 0*inf = nan where x underflows",
+    Rule("distribute_to_cancel", "x*(a/x + b), also x*(c*(a/x + b) + d)", "a + x*b, c*(a + x*b) + x*d",
+         "x*(a/x) is 0*inf = nan where x underflows",
          _distribute_to_cancel),
     Rule("divide_twice", "a/b**2", "(a/b)/b", "b**2 under- or overflows where a/b/b does not", _divide_twice),
     Rule("divide_in_turn", "a/(b*c)", "(a/b)/c", "b*c under- or overflows where a/b/c does not", _divide_in_turn),

@@ -227,7 +227,8 @@ def test_long_docstring_module_is_still_recognised_as_generated(tmp_path):
 # the specs whose derivation and stabilisation exercise the most machinery (splits, inversion,
 # Hessians from two gradients, exact sums, Piecewise): the whole catalog is checked by
 # test_committed_generated_folder_is_current, whose files came from other processes
-DETERMINISM_SPECS = ["robust/huber", "robust/barron", "robust/cauchy", "classification/focal_binary",
+DETERMINISM_SPECS = ["robust/huber", "robust/barron", "robust/cauchy",
+                     "classification/focal_binary",  # and its kernels specialised at defaults
                      "preference/dpo", "preference/ppo_clip_log",
                      "classification/binary_cross_entropy_logits"]  # and its kernels specialised at defaults
 
@@ -249,8 +250,8 @@ def test_generate_is_deterministic_across_hash_seeds(tmp_path):
     first, second = (tmp_path / "out1"), (tmp_path / "out12345")
     names = sorted(p.name for p in first.iterdir())
     assert names == sorted(p.name for p in second.iterdir())
-    assert {f"{r.split('/')[1]}.py" for r in DETERMINISM_SPECS} | {"__init__.py",
-                                                                 "_binary_cross_entropy_logits_defaults.py"} == set(names)
+    assert {f"{r.split('/')[1]}.py" for r in DETERMINISM_SPECS} | {
+        "__init__.py", "_binary_cross_entropy_logits_defaults.py", "_focal_binary_defaults.py"} == set(names)
     for name in names:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
         if name != "__init__.py":  # and equal to the committed module, generated with the catalog

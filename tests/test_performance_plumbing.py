@@ -556,3 +556,8 @@ def test_specialised_and_general_kernels_agree():
     bce.module.loss_grad_hess_kernel(t, x, 1.0, None, *general)
     for a, b in zip(bce.loss_grad_hess(t, x), general):
         np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-300)
+    focal = lossgen.get("focal_binary")  # gamma = 2 put in: no power, two products
+    general = [np.empty(50) for _ in range(3)]
+    focal.module.loss_grad_hess_kernel(t, x, 2.0, 0.25, None, *general)
+    for a, b in zip(focal.loss_grad_hess(t, x), general):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-300)

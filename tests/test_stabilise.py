@@ -69,7 +69,9 @@ def _kernel_helpers():
     """The stable helpers exactly as generated modules define them (from the template)."""
     source = template_environment().get_template("numba_helpers.py.j2").render(
         helpers=set(HELPERS.values()) | {"exact_sum", "exprel"})
-    uncached = types.SimpleNamespace(njit=lambda **options: numba.njit(**{**options, "cache": False}))
+    # numba itself but uncached; the fused multiply-add is an intrinsic (numba.extending)
+    uncached = types.SimpleNamespace(njit=lambda **options: numba.njit(**{**options, "cache": False}),
+                                     extending=numba.extending, types=numba.types)
     namespace = {"math": math, "numba": uncached}
     exec(compile(source, "numba_helpers.py.j2", "exec"), namespace)  # our own template, not spec data
     helpers = {name: namespace[f"_{helper}"] for name, helper in HELPERS.items()}
@@ -77,6 +79,11 @@ def _kernel_helpers():
     # exprel prints itself as _exprel(...) (lossgen.vocabulary), for Numba and for lambdify
     helpers["exprel"] = helpers["_exprel"] = namespace["_exprel"]
     helpers["exact_sum"] = lambda *terms: finish(functools.reduce(add, terms[1:], start(terms[0])))
+    # as the kernels compute these: from one exp(-|x|) (and its log1p), or expm1(|x|) (inf beyond
+    # 709, where Numba's expm1 overflows and Python's raises)
+    helpers["sigmoid"] = lambda v: helpers["sigmoid_from"](v, math.exp(-abs(v)))
+    helpers["softplus"] = lambda v: helpers["softplus_from"](v, math.log1p(math.exp(-abs(v))))
+    helpers["logcosh"] = lambda v: helpers["logcosh_from"](v, math.expm1(abs(v)) if abs(v) < 709 else math.inf)
     return helpers
 
 
@@ -319,6 +326,28 @@ def test_exp_product_joins_two_exponentials_and_a_quotient():
         assert relative_error(value, truth) <= 1e-12, (stable, point, value, truth)
     naive = sp.lambdify([x, z, b], expr, modules="math")(-740.0, 0.5, 1e10)
     assert relative_error(naive, evaluate(sp.lambdify([x, z, b], expr, modules=MODULES), [-740.0, 0.5, 1e10])) > 1e-6
+
+
+def test_distribute_to_cancel_reaches_a_quotient_inside_a_product_inside_the_sum():
+    """The focal loss's gradient at gamma = 2, as SymPy differentiates Q**2: the quotient by
+    sigmoid(-x) sits in a sum that is a factor of a term, (y*sigmoid(x)/sigmoid(-x) - w)*Q, not a
+    term itself; at x = 745, sigmoid(-x) is subnormal and the quotient is inf."""
+    q = w * sigmoid(-x) + y * sigmoid(x)
+    expr = sigmoid(-x) * (z * sigmoid(x) * softplus(x) + (y * sigmoid(x) / sigmoid(-x) - w) * q)
+    rule = next(r for r in RULES if r.name == "distribute_to_cancel")
+    rewritten = stabilise(expr, (rule,))
+    assert not any(isinstance(e, sp.Pow) and e.exp.is_negative for e in sp.preorder_traversal(rewritten)), rewritten
+    point = {x: 745.0, y: 0.75, w: 1e-300, z: 2.0}
+    symbols = sorted(point, key=str)
+    args = [point[s] for s in symbols]
+    truth = evaluate(sp.lambdify(symbols, expr, modules=MODULES), args)
+    assert abs(truth - 0.75**2) < 1e-300  # y*sigmoid(x)*q, rounded to 50 digits
+    naive = sp.lambdify(symbols, expr, modules=FLOAT_MODULES)(*args)
+    assert not math.isfinite(naive)
+    value = sp.lambdify(symbols, stabilise(expr), modules=FLOAT_MODULES)(*args)
+    assert relative_error(value, truth) <= 1e-15, (stabilise(expr), value, truth)
+    # a negative power of sigmoid(-x) does not cancel the quotient: nothing to distribute
+    assert stabilise(expr / sigmoid(-x) ** 2, (rule,)) == expr / sigmoid(-x) ** 2
 
 
 def test_complement_weights_combine_powers_of_one_minus_the_weight():
