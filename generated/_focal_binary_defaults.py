@@ -94,7 +94,7 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, alpha):
     """loss of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -117,7 +117,7 @@ def loss_scalar(y, x, alpha):
     return (_t0*(1.0 - alpha) + alpha*y)*_b0*_b1
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, x, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -192,7 +192,7 @@ def grad_scalar(y, x, alpha):
     return _t15*(_t0*(1.0 - alpha) + alpha*y)*_b0
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def hess_scalar(y, x, alpha):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -284,7 +284,7 @@ def hess_scalar(y, x, alpha):
     return _t1*_t3*(_t16*_b0 + _t50*_b1)*(_t4*(1.0 - alpha) + alpha*y)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_hess_scalar(y, x, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
@@ -377,7 +377,7 @@ def grad_hess_scalar(y, x, alpha):
     return _t1*_t17*_t54, _t1*_t12*_t14*(_t17*_b0 + _t50*_t54)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
