@@ -506,13 +506,18 @@ def _calls_per_run(function, arrays, budget=0.004) -> int:
 
 
 def time_side_by_side(functions: dict, arrays, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function; each run times every function once, in turn."""
+    """Median seconds per call of each function; each run times every function once, in turn,
+    starting one further along the list than the run before, so that no contender always comes
+    first (right after the slowest peer freed its arrays) or last."""
     for function in functions.values():
         function(*arrays)  # compile, warm caches
     calls = {name: _calls_per_run(f, arrays) for name, f in functions.items()}
     samples = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
+    names = list(functions)
+    for index in range(repeats):
+        start = index % len(names)
+        for name in names[start:] + names[:start]:
+            function = functions[name]
             started = time.perf_counter()
             for _ in range(calls[name]):
                 function(*arrays)
