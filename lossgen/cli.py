@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ def _find_spec(specs_dir, name):
 def cmd_generate(args) -> int:
     from .generate import generate
 
-    return generate(args.specs, args.out, check=args.check)
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be at least 1, got {args.jobs}")
+    return generate(args.specs, args.out, check=args.check, jobs=args.jobs)
 
 
 def cmd_list(args) -> int:
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
     p = add("generate", cmd_generate, "regenerate kernel modules from the specs")
     p.add_argument("--out", default=str(GENERATED_DIR), help="output folder (default: %(default)s)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if the output is stale")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="processes rendering the specs whose modules are not current (default: the CPUs, %(default)s)")
     add("list", cmd_list, "list the losses of a spec folder")
     p = add("show", cmd_show, "show a loss, its gradient and Hessian as formulas")
     p.add_argument("name")

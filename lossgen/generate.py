@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 import tokenize
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -132,19 +134,46 @@ class RenderCache:
             pass
 
 
+def _render_job(job: tuple[str, str, str]) -> tuple[str | None, str, float]:
+    """Render one module, in this process or a worker's: (text or None, error, seconds)."""
+    path, spec_path, name = job
+    started = time.perf_counter()
+    try:
+        module_spec = dict(modules_of(load_spec(path)))[name]
+        return build_module(module_spec, spec_path), "", time.perf_counter() - started
+    except Exception as error:  # a bug or a SymPy failure: still name the spec
+        return None, f"{path}: {type(error).__name__}: {error}", time.perf_counter() - started
+
+
+def _rendered(jobs: list, workers: int):
+    """_render_job of each job, in order: in this process, or in ``workers`` fresh processes
+    ('spawn': safe where the caller runs threads, e.g. Numba's)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return map(_render_job, jobs)
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    results = pool.map(_render_job, jobs)
+
+    def in_order():
+        with pool:
+            yield from results
+    return in_order()
+
+
 def render_all(specs_dir, log: Callable[[str], None] = print,
-               cache: RenderCache | None = None) -> tuple[dict[str, str], list[str]]:
+               cache: RenderCache | None = None, jobs: int = 1) -> tuple[dict[str, str], list[str]]:
     """Render every spec under ``specs_dir``: ({file name: text}, [error messages]). With
-    ``cache``, a module that its inputs already produced on disk is read, not rendered."""
+    ``cache``, a module that its inputs already produced on disk is read, not rendered; with
+    ``jobs`` > 1, the others are rendered in that many processes (the same text, in the same
+    order). One line per spec is logged, in order, as its modules are ready."""
     specs_dir = Path(specs_dir)
     paths = find_spec_files(specs_dir)
     if not paths:
         return {}, [f"{specs_dir}: no spec files (*.toml) found"]
     files, errors, seen, entries = {}, [], {}, []
-    width = len(str(len(paths)))
-    for index, path in enumerate(paths, 1):
+    plans = []  # per spec: (relative path, error or None, [(name, key, cached text or None)])
+    render = []  # (spec file, spec path as the module cites it, module name) to render
+    for path in paths:
         relative = path.relative_to(specs_dir).as_posix()
-        started = time.perf_counter()
         try:
             spec = load_spec(path)
             if spec.name in seen:
@@ -152,22 +181,33 @@ def render_all(specs_dir, log: Callable[[str], None] = print,
             seen[spec.name] = path
             spec_path = f"{specs_dir.name}/{relative}"
             key = cache.key(spec, spec_path) if cache else None
-            status = "unchanged inputs"
-            for name, module_spec in modules_of(spec):
-                text = cache.lookup(name, key) if cache else None
-                if text is None:
-                    text = build_module(module_spec, spec_path)
-                    status = f"{time.perf_counter() - started:.2f} s"
-                if cache:
-                    cache.record(name, key, text)
-                files[name] = text
+            modules = [(name, key, cache.lookup(name, key) if cache else None) for name, _ in modules_of(spec)]
+            render += [(str(path), spec_path, name) for name, _, text in modules if text is None]
+            plans.append((relative, None, modules))
             entries.append((spec.name, spec.family, spec.title))
         except SpecError as error:
-            errors.append(str(error))
-            status = "FAILED"
+            plans.append((relative, str(error), []))
         except Exception as error:  # a bug or a SymPy failure: still name the spec
-            errors.append(f"{path}: {type(error).__name__}: {error}")
-            status = "FAILED"
+            plans.append((relative, f"{path}: {type(error).__name__}: {error}", []))
+
+    results = _rendered(render, jobs)
+    width = len(str(len(paths)))
+    for index, (relative, error, modules) in enumerate(plans, 1):
+        status, seconds = ("FAILED", 0.0) if error else ("unchanged inputs", 0.0)
+        if error:
+            errors.append(error)
+        for name, key, text in modules:
+            if text is None:
+                text, failure, spent = next(results)
+                seconds += spent
+                if text is None:
+                    errors.append(failure)
+                    status = "FAILED"
+                    continue
+                status = "FAILED" if status == "FAILED" else f"{seconds:.2f} s"
+            if cache:
+                cache.record(name, key, text)
+            files[name] = text
         log(f"[{index:>{width}}/{len(paths)}] {relative:<40} {status}")
     files["__init__.py"] = render_package_init(sorted(entries))
     return files, errors
@@ -235,12 +275,13 @@ def plan_writes(files: dict[str, str], errors: list[str], out_dir: Path, what: s
     return stale_files(files, out_dir)
 
 
-def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None] = print) -> int:
-    """Regenerate ``out_dir`` from ``specs_dir``; with ``check``, only report. Returns an exit code."""
+def generate(specs_dir, out_dir, check: bool = False, log: Callable[[str], None] = print, jobs: int = 1) -> int:
+    """Regenerate ``out_dir`` from ``specs_dir``; with ``check``, only report. ``jobs``: how
+    many processes render the specs whose modules are not current. Returns an exit code."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
     cache = RenderCache(out_dir)
-    files, errors = render_all(specs_dir, log, cache)
+    files, errors = render_all(specs_dir, log, cache, jobs)
     plan = plan_writes(files, errors, out_dir, "generation", log)
     if plan is None:
         return 1

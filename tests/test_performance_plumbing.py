@@ -130,6 +130,25 @@ def test_missing_or_corrupt_cache_only_costs_time(tmp_path):
     assert _snapshot(out) == first
 
 
+def test_rendering_in_several_processes_gives_the_same_files_and_log(tmp_path):
+    """generate --jobs N: the modules that need rendering go to N processes; the files, their
+    order and the log's order are those of one process."""
+    specs = tmp_path / "specs"
+    for family, name in (("regression", "mse"), ("classification", "binary_cross_entropy_logits"),
+                         ("robust", "huber")):
+        (specs / family).mkdir(parents=True, exist_ok=True)
+        (specs / family / f"{name}.toml").write_text((SPECS_DIR / family / f"{name}.toml").read_text())
+    (specs / "robust" / "square.toml").write_text(
+        'name = "square"\n[inputs]\np = { role = "prediction" }\n[loss]\nexpr = "p**2"\n')
+    logs = {1: [], 2: []}
+    results = {jobs: generation.render_all(specs, log=logs[jobs].append, jobs=jobs) for jobs in (1, 2)}
+    assert list(results[1][0]) == list(results[2][0])  # the specialised module next to its loss
+    assert results[1] == results[2]
+    assert "_binary_cross_entropy_logits_defaults.py" in results[2][0]
+    assert [line.split()[1] for line in logs[1]] == [line.split()[1] for line in logs[2]]
+    assert not results[2][1]
+
+
 # --- emit: common subexpressions computed in the branch that needs them --------------------
 
 
