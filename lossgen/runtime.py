@@ -63,7 +63,22 @@ class _Call:
         return self.arrays[0].size
 
 
-class Loss:
+class _Specialisable:
+    """What Loss and RowLoss share about the kernels specialised at defaults (their generated
+    ``module`` names them)."""
+
+    _specialised = None
+
+    @property
+    def specialised(self):
+        """The module of kernels specialised at the defaults (spec key ``specialise``), imported
+        on first use; None where the spec marks nothing."""
+        if self._specialised is None:
+            self._specialised = specialised_module(self.module)
+        return self._specialised
+
+
+class Loss(_Specialisable):
     """One generated loss. Arrays are passed in the spec's input order (target first)."""
 
     def __init__(self, module):
@@ -81,19 +96,10 @@ class Loss:
         self._defaults = parameter_values(f"{self.name}()", self.params, {})  # the spec's defaults, checked
         self._kernels = {}  # (kernel name, id of the module) -> its (serial, parallel) launchers
         self._marked = marked_positions(spec, self.params)  # parameters of the specialised kernels
-        self._specialised = None
 
     def __repr__(self):
         params = ", ".join(f"{k}={d!r}" for k, (d, _) in self.params.items())
         return f"<lossgen loss {self.name}({', '.join(self.inputs)}{'; ' + params if params else ''})>"
-
-    @property
-    def specialised(self):
-        """The module of kernels specialised at the defaults (spec key ``specialise``), imported
-        on first use; None where the spec marks nothing."""
-        if self._specialised is None:
-            self._specialised = specialised_module(self.module)
-        return self._specialised
 
     # --- public methods ------------------------------------------------------------------
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .domains import DOMAINS
-from .runtime import (_launch, _numeric_array, bind_arguments, check_domain, check_reduction, kernel_launchers,
-                      marked_positions, parameter_values, specialised_module)
+from .runtime import (_launch, _numeric_array, _Specialisable, bind_arguments, check_domain, check_reduction,
+                      kernel_launchers, marked_positions, parameter_values)
 
 
 @dataclass
@@ -41,7 +41,7 @@ class _RowCall:
     module: object        # whose kernels run: the loss's, or its kernels specialised at defaults
 
 
-class RowLoss:
+class RowLoss(_Specialisable):
     """One generated row-wise loss. Arrays are passed in the spec's input order."""
 
     rowwise = True
@@ -59,15 +59,6 @@ class RowLoss:
         self.__doc__ = module.__doc__
         self._defaults = parameter_values(f"{self.name}()", self.params, {})
         self._marked = marked_positions(spec, self.params)  # (inputs, parameters) of the specialised kernels
-        self._specialised = None
-
-    @property
-    def specialised(self):
-        """The module of kernels specialised at the defaults (spec key ``specialise``), imported
-        on first use; None where the spec marks nothing."""
-        if self._specialised is None:
-            self._specialised = specialised_module(self.module)
-        return self._specialised
 
     def __repr__(self):
         shapes = ", ".join(f"{i['name']} {self._shape_text(i)}" for i in self._inputs)
