@@ -166,18 +166,18 @@ def hess_scalar(y, p, alpha, c):
     else:
         _t13 = alpha - 2.0
         _t14 = abs(_t13)
-        _t15 = _t0*_t14
-        _t16 = _t15*_t4
+        _t15 = _t0*_t4
+        _t16 = _t14*_t15
         _t17 = (((_xlog1py(alpha, _t16))/(2.0)) + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t13, abs(_t3)) - _xlogy(alpha, c))
-        _t18 = _t13**2
-        _t19 = alpha - 1.0
-        _t20 = alpha**2
-        _t21 = (-_t19)
-        _t22 = (((_t18*(_t16 + _t19))/(_t0*_t20*_t5 + 8.0*_t0*_t21*_t4 + _t14*_t20*_t8 + _t14*_t21*_t9 + _t14)))
-        _t23 = _xlog1py(((alpha)/(2.0)), ((((((((_t11)/(c))))/(_t14))))/(c)))
-        _t24 = _t11 + _t15
-        _t25 = (((((((((_t18*((_t0 - _t21*_sum_finish(_sum_add(_sum_add(_sum_start(-c), p), _t1))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t1))) if (_t21 > 0.0) and (alpha < 2.0) else (_t15 + (-_t11*_t21))))/(_t24))))/(_t14))))/(_t24)))
-        _b0 = ((((_t22*math.exp(_t17)) if (abs(_t17) <= 700.0) else (math.exp((_t17 + math.log(abs(_t22))))*_sign(_t22)))) if ((abs(_t2) > 1e+60)) else (((_t25*math.exp(_t23)) if (abs(_t23) <= 700.0) else (math.exp((_t23 + math.log(abs(_t25))))*_sign(_t25)))))
+        _t18 = alpha - 1.0
+        _t19 = alpha**2
+        _t20 = (-_t18)
+        _t21 = (((_t13**2*(_t16 + _t18))/(_t0*_t19*_t5 + _t14*_t19*_t8 + _t14*_t20*_t9 + _t14 + 8.0*_t15*_t20)))
+        _t22 = _xlog1py(((alpha)/(2.0)), ((((((((_t11)/(c))))/(_t14))))/(c)))
+        _t23 = ((_t11)/(_t14))
+        _t24 = _t0 + _t23
+        _t25 = ((((((((_t23 + (_t0 + _t11)) if (alpha >= 4.0) else (_t23 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t1)))) if (alpha <= 0.0) else (_t0 + ((_t11*_t18)/(_t14)))))/(_t24))))/(_t24)))
+        _b0 = ((((_t21*math.exp(_t17)) if (abs(_t17) <= 700.0) else (math.exp((_t17 + math.log(abs(_t21))))*_sign(_t21)))) if ((abs(_t2) > 1e+60)) else (((_t25*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t25))))*_sign(_t25)))))
     return _b0
 
 
@@ -195,22 +195,22 @@ def grad_hess_scalar(y, p, alpha, c):
     _t8 = _t5*_t7
     _t10 = _t1**2
     _t12 = (alpha == 0.0)
+    _t15 = _t5*_t6
     _t28 = _t4**4
-    _t30 = _t28*c**4
-    _t31 = 4.0*_t30
+    _t29 = 4.0*_t28
+    _t30 = c**4
+    _t31 = _t29*_t30
     if _t3:
         _b0 = ((_t2)/(c))
         _b1 = ((1.0)/(_t6))
     elif _t12:
         _t11 = _t10 + _t7
-        _t29 = 4.0*_t6
         _b0 = ((((2.0*_t4)/(_t8 + 1.0))) if ((abs(_t1) > 1e+60)) else (((2.0*p - 2.0*y)/(_t11))))
-        _b1 = ((((_t28*_t29 - 2.0*_t5)/(_t29*_t5 + _t31 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
+        _b1 = ((((_t29*_t6 - 2.0*_t5)/(4.0*_t15 + _t31 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
     else:
         _t13 = alpha - 2.0
         _t14 = abs(_t13)
-        _t15 = _t14*_t6
-        _t16 = _t15*_t5
+        _t16 = _t14*_t15
         _t17 = (((_sign(_t4))/(_t16 + 1.0)))
         _t18 = alpha - 1.0
         _t19 = -_t18
@@ -223,14 +223,14 @@ def grad_hess_scalar(y, p, alpha, c):
         _t26 = ((((((_t2)/(_t23 + 1.0))))/(c)))
         _t27 = (abs(_t24) <= 700.0)
         _t32 = (_t21 + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t13, _t20))
-        _t33 = _t13**2
-        _t34 = alpha**2
-        _t35 = (_t19)
-        _t36 = (((_t33*(_t16 + _t18))/(_t14*_t30*_t34 + _t14*_t31*_t35 + _t14 + _t34*_t8 + 8.0*_t35*_t5*_t6)))
-        _t37 = _t10 + _t15
-        _t38 = (((((((((_t33*((-_t35*_sum_finish(_sum_add(_sum_add(_sum_start(-c), p), _t0))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)) + _t6) if (_t35 > 0.0) and (alpha < 2.0) else (_t15 + (-_t10*_t35))))/(_t37))))/(_t14))))/(_t37)))
+        _t33 = alpha**2
+        _t34 = (_t19)
+        _t35 = (((_t13**2*(_t16 + _t18))/(_t14*_t28*_t30*_t33 + _t14*_t31*_t34 + _t14 + 8.0*_t15*_t34 + _t33*_t8)))
+        _t36 = ((_t10)/(_t14))
+        _t37 = _t36 + _t6
+        _t38 = ((((((((_t36 + (_t10 + _t6)) if (alpha >= 4.0) else (_t36 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)))) if (alpha <= 0.0) else (_t6 + ((_t10*_t18)/(_t14)))))/(_t37))))/(_t37)))
         _b0 = ((((_t17*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t17))))*_sign(_t17)))) if ((abs(_t1) > 1e+60)) else (((_t25*_t26) if _t27 else (math.exp((_t24 + math.log(abs(_t26))))*_sign(_t26)))))
-        _b1 = ((((_t36*math.exp(_t32)) if (abs(_t32) <= 700.0) else (math.exp((_t32 + math.log(abs(_t36))))*_sign(_t36)))) if ((abs(_t1) > 1e+60)) else (((_t25*_t38) if _t27 else (math.exp((_t24 + math.log(abs(_t38))))*_sign(_t38)))))
+        _b1 = ((((_t35*math.exp(_t32)) if (abs(_t32) <= 700.0) else (math.exp((_t32 + math.log(abs(_t35))))*_sign(_t35)))) if ((abs(_t1) > 1e+60)) else (((_t25*_t38) if _t27 else (math.exp((_t24 + math.log(abs(_t38))))*_sign(_t38)))))
     return _b0, _b1
 
 
@@ -248,25 +248,25 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     _t11 = 2.0*_t10
     _t12 = _t11*_t9
     _t14 = (alpha == 0.0)
+    _t17 = _t10*_t9
     _t25 = (((_t1)/(c)))
     _t35 = _t6**4
-    _t37 = _t35*c**4
-    _t38 = 4.0*_t37
+    _t36 = 4.0*_t35
+    _t37 = c**4
+    _t38 = _t36*_t37
     if _t4:
         _b0 = ((((((_t2)/(2.0*c))))/(c)))
         _b1 = ((_t25)/(c))
         _b2 = ((1.0)/(_t10))
     elif _t14:
         _t26 = _t11 + _t2
-        _t36 = 4.0*_t10
         _b0 = ((-2.0*(math.log(c)) - 2.0*(math.log(_t7)) + math.log1p(_t12) - math.log(2.0)) if ((abs(_t1) > 1e+60)) else (math.log1p(((((((_t2)/(2.0*c))))/(c))))))
         _b1 = ((((2.0*_t6)/(_t12 + 1.0))) if ((abs(_t1) > 1e+60)) else (((2.0*p - 2.0*y)/(_t26))))
-        _b2 = ((((_t35*_t36 - 2.0*_t9)/(_t36*_t9 + _t38 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t26))) + 2.0)/(_t26))))
+        _b2 = ((((_t10*_t36 - 2.0*_t9)/(4.0*_t17 + _t38 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t26))) + 2.0)/(_t26))))
     else:
         _t15 = alpha - 2.0
         _t16 = abs(_t15)
-        _t17 = _t10*_t16
-        _t18 = _t17*_t9
+        _t18 = _t16*_t17
         _t19 = ((_xlog1py(alpha, _t18))/(2.0)) - _xlogy(alpha, c)
         _t20 = _t19 + ((-_xlogy(alpha, _t16))/(2.0))
         _t21 = (_t20 - _xlogy(alpha, _t7))
@@ -282,15 +282,15 @@ def loss_grad_hess_scalar(y, p, alpha, c):
         _t33 = ((((((_t25)/(_t22 + 1.0))))/(c)))
         _t34 = (abs(_t31) <= 700.0)
         _t39 = (_t20 + _xlogy(-_t15, _t7))
-        _t40 = _t15**2
-        _t41 = alpha**2
-        _t42 = (_t29)
-        _t43 = (((_t40*(_t18 + _t28))/(8.0*_t10*_t42*_t9 + _t12*_t41 + _t16*_t37*_t41 + _t16*_t38*_t42 + _t16)))
-        _t44 = _t17 + _t2
-        _t45 = (((((((((_t40*((_t10 - _t42*_sum_finish(_sum_add(_sum_add(_sum_start(-c), p), _t0))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0))) if (_t42 > 0.0) and (alpha < 2.0) else (_t17 + (-_t2*_t42))))/(_t44))))/(_t16))))/(_t44)))
+        _t40 = alpha**2
+        _t41 = (_t29)
+        _t42 = (((_t15**2*(_t18 + _t28))/(_t12*_t40 + _t16*_t35*_t37*_t40 + _t16*_t38*_t41 + _t16 + 8.0*_t17*_t41)))
+        _t43 = ((_t2)/(_t16))
+        _t44 = _t10 + _t43
+        _t45 = ((((((((_t43 + (_t10 + _t2)) if (alpha >= 4.0) else (_t43 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)))) if (alpha <= 0.0) else (_t10 + ((_t2*_t28)/(_t16)))))/(_t44))))/(_t44)))
         _b0 = ((_t16*(((-(math.log(c)) - (math.log(_t7)) + ((-math.log(_t16))/(2.0)) + ((math.log1p(_t18))/(2.0)))*_exprel(_t21)) if (abs(_t21) <= 1.0) else ((((math.expm1(_t21)))/(alpha))))) if ((abs(_t1) > 1e+60)) else (_t16*((((_exprel(_t24)*math.log1p(_t22))/(2.0))) if (abs(_t23) <= 2.0) else ((((math.expm1(_t24)))/(alpha))))))
         _b1 = ((((_t27*math.exp(_t30)) if (abs(_t30) <= 700.0) else (math.exp((_t30 + math.log(abs(_t27))))*_sign(_t27)))) if ((abs(_t1) > 1e+60)) else (((_t32*_t33) if _t34 else (math.exp((_t31 + math.log(abs(_t33))))*_sign(_t33)))))
-        _b2 = ((((_t43*math.exp(_t39)) if (abs(_t39) <= 700.0) else (math.exp((_t39 + math.log(abs(_t43))))*_sign(_t43)))) if ((abs(_t1) > 1e+60)) else (((_t32*_t45) if _t34 else (math.exp((_t31 + math.log(abs(_t45))))*_sign(_t45)))))
+        _b2 = ((((_t42*math.exp(_t39)) if (abs(_t39) <= 700.0) else (math.exp((_t39 + math.log(abs(_t42))))*_sign(_t42)))) if ((abs(_t1) > 1e+60)) else (((_t32*_t45) if _t34 else (math.exp((_t31 + math.log(abs(_t45))))*_sign(_t45)))))
     return _b0, _b1, _b2
 
 

@@ -545,6 +545,109 @@ def _combine_powers(e):
                 return combined
 
 
+def _polynomial_degree(f, m) -> Optional[int]:
+    """The degree of ``f`` in the symbol ``m`` where f is a polynomial in m (a product of
+    sums and integer powers), else None."""
+    if not f.has(m):
+        return 0
+    if f == m:
+        return 1
+    if isinstance(f, sp.Pow) and f.exp.is_Integer:
+        d = _polynomial_degree(f.base, m)
+        return None if d is None else d * int(f.exp)
+    if isinstance(f, sp.Mul):
+        degrees = [_polynomial_degree(g, m) for g in f.args]
+        return None if None in degrees else sum(degrees)
+    if isinstance(f, sp.Add):
+        degrees = [_polynomial_degree(g, m) for g in f.args]
+        return None if None in degrees or min(degrees) < 0 else max(degrees)
+    return None
+
+
+def _scaled_by(f, m, d, z):
+    """f/m**d, term by term: each power of m divided into the terms it multiplies."""
+    if d == 0:
+        return f
+    if isinstance(f, sp.Pow) and f.exp.is_Integer:
+        base = _polynomial_degree(f.base, m)
+        return _scaled_by(f.base, m, base, z) ** f.exp
+    hidden = {}
+
+    def hide(g):  # what is free of m stays whole: (p - y)**2 is not expanded
+        if not g.has(m):
+            return g if g.is_Atom else hidden.setdefault(g, sp.Dummy())
+        return g.func(*[hide(a) for a in g.args]) if g.args else g
+
+    powers = sp.collect(sp.expand(hide(f) / m**d), m, evaluate=False)
+    parts = [_over_magnitude(sp.factor_terms(coefficient), power, m, z) for power, coefficient in powers.items()]
+    restore = {v: k for k, v in hidden.items()}
+    whole = sp.Add(*[sp.factor_terms(q) * power for power, q in powers.items()]).xreplace(restore)
+    thresholds = [t for _, _, t in parts if t is not None]
+    if not thresholds:
+        return whole
+    bounded = sp.Add(*[b for b, _, _ in parts]).xreplace(restore)
+    small = sp.Add(*[s for _, s, _ in parts]).xreplace(restore)
+    # where |z| is large, one sum of the bounded terms for each sign of z, evaluated first:
+    # c**2 - x**2 cancels exactly (as (c - x)*(c + x)) before the small x**2/|z| is added;
+    # where |z| is not, the small parts are not small and the coefficients stay whole
+    threshold = max(thresholds)
+    return sp.Piecewise((group(bounded.subs(sp.sign(z), 1)) + small, z >= threshold),
+                        (group(bounded.subs(sp.sign(z), -1)) + small, z <= -threshold), (whole, True))
+
+
+def _over_magnitude(coefficient, power, m, z) -> tuple:
+    """coefficient*m**k as (bounded part, small part, |z| from which the small part is at most
+    half the bounded one, or None), m = |z|: the bounded part is the term itself where k = 0;
+    where k = -1 and the coefficient q is polynomial in z's variable a, q = s*z + r, so
+    q/|z| = s*sign(z) + r/|z| ((alpha - 1)/|alpha - 2| = sign(alpha - 2) + 1/|alpha - 2|): a
+    bounded part that can cancel exactly against other terms, and a small one for |z| >= 2|r/s|."""
+    variables = z.free_symbols
+    if power == 1:
+        return coefficient, sp.S.Zero, None
+    if power == 1 / m and len(variables) == 1:
+        a, = variables
+        if sp.degree(z, a) == 1 and coefficient.is_polynomial(a) and sp.degree(coefficient, a) >= 1:
+            s, r = sp.div(coefficient, z, a)
+            ratio = sp.simplify(r / s) if s != 0 else None
+            if ratio is not None and ratio.is_Number:
+                return s * sp.sign(z), r * power, 2 * abs(ratio)
+    return sp.S.Zero, coefficient * power, None
+
+
+def _magnitude_ratio(e):
+    """N/D -> (N/|z|**k)/(D/|z|**k) for N and D polynomials of the same degree k in |z|, with
+    z**2 read as |z|**2 (z real): each coefficient becomes a bounded ratio ((1 - a)/|a - 2|)
+    and each power of |z| a quotient (x**2/|z|), where N and D alone over- or underflow as
+    |z|**k does (|alpha - 2|**3 at alpha = -1e100 overflows; their ratio is of order 1)."""
+    if not isinstance(e, sp.Mul):
+        return None
+    for magnitude in sorted(e.atoms(sp.Abs), key=sp.default_sort_key):
+        z = magnitude.args[0]
+        if not z.is_real or z.is_Symbol:
+            continue
+        m = sp.Dummy("m", positive=True)
+        rest = e.replace(lambda f: isinstance(f, sp.Pow) and f.base == z and f.exp.is_even, lambda f: m**f.exp)
+        rest = rest.subs(magnitude, m)
+        if rest.has(z) or not rest.has(m):
+            continue
+        scalable, others, total = [], [], 0
+        for f in sp.Mul.make_args(rest):
+            d = _polynomial_degree(f, m)
+            if d is None:
+                others.append(f)
+            elif d != 0:
+                scalable.append((f, d))
+                total += d
+            else:
+                others.append(f)
+        if total != 0 or len(scalable) < 2 or max(abs(d) for _, d in scalable) < 2:
+            continue
+        scaled = [_scaled_by(f, m, d, z) for f, d in scalable]
+        result = sp.Mul(*others, *scaled).subs(m, magnitude)
+        if result != e:
+            return result
+
+
 def _divides_by(term, base, nested: bool = True) -> bool:
     """True where ``term`` divides by a power of ``base``; with ``nested``, also where a sum
     among its factors holds such a term (at any depth)."""
@@ -633,6 +736,9 @@ RULES: tuple[Rule, ...] = (
          "the logarithms of close values cancel to their rounding errors", _log_difference),
     Rule("power_minus_one", "c*a**k - c", "c*expm1(k*log(a))", "a**k rounds to 1 when k*log(a) is small",
          _power_minus_one),
+    Rule("magnitude_ratio", "N/D, N and D of degree k in |z| (z**2 = |z|**2)", "(N/|z|**k)/(D/|z|**k)",
+         "|z|**k over- or underflows for large or small |z| where the ratio of the scaled parts does not",
+         _magnitude_ratio),
     Rule("power_of_one_plus", "(1 + w)**k", "exp(xlog1py(k, w))",
          "1 + w rounds w, and the k-th power multiplies that error by k", _power_of_one_plus),
     Rule("expm1", "c*exp(x) - c", "c*expm1(x)", "cancels to 0 for small x", _exp_minus_one),
