@@ -59,6 +59,9 @@ EXAMPLES = {
     "mixture_entropy": (xlogy(y, y) - xlogy(y, (y + w) / 2) + xlogy(w, w) - xlogy(w, (y + w) / 2),
                         {y: 0.13050471177614809, w: 0.12755822648228032}),
     "divide_in_turn": (y / (w * (y + w)), {y: 1e-16, w: 1e-300}),  # w*(y + w) = 1e-316 is subnormal
+    # Barron's Hessian at alpha = z = -1e100: (z - 2)**2*x**2*(z - 1) = 1e320 overflows
+    "magnitude_ratio": ((z - 2)**2 * (y**2 * sp.Abs(z - 2) + (z - 1) * x**2)
+                        / (sp.Abs(z - 2) * (y**2 * sp.Abs(z - 2) + x**2)**2), {x: 1e10, y: 1.0, z: -1e100}),
 }
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
