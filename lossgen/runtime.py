@@ -77,6 +77,16 @@ class _Specialisable:
             self._specialised = specialised_module(self.module)
         return self._specialised
 
+    def _specialised_params(self, values: list, left_out=()) -> list | None:
+        """``values`` without the marked parameters where a call may run the kernels specialised
+        at defaults (every marked parameter at its default, every marked shared input among the
+        inputs ``left_out``), else None."""
+        marked_inputs, marked_params = self._marked
+        if (marked_inputs or marked_params) and all(self.inputs[k] in left_out for k in marked_inputs) \
+                and all(values[k] == self._defaults[k] for k in marked_params):
+            return [v for k, v in enumerate(values) if k not in marked_params]
+        return None
+
 
 class Loss(_Specialisable):
     """One generated loss. Arrays are passed in the spec's input order (target first)."""
@@ -226,12 +236,11 @@ class Loss(_Specialisable):
     def _choose(self, call: _Call) -> _Call:
         """The call on the kernels specialised at defaults where every marked parameter has its
         default (without those parameters), else on the general kernels."""
-        marked = self._marked[1]
-        if marked and all(call.params[k] == self._defaults[k] for k in marked):
-            call.module = self.specialised
-            call.params = [v for k, v in enumerate(call.params) if k not in marked]
-        else:
+        specialised = self._specialised_params(call.params)
+        if specialised is None:
             call.module = self.module
+        else:
+            call.module, call.params = self.specialised, specialised
         return call
 
 

@@ -211,12 +211,10 @@ class RowLoss(_Specialisable):
                                  f"needs shape {leading}")
             weight = np.ascontiguousarray(weight, dtype=dtype).reshape(-1)
         values = parameter_values(where, self.params, params)
-        marked_inputs, marked_params = self._marked
-        if (marked_inputs or marked_params) and all(self.inputs[k] in left_out for k in marked_inputs) \
-                and all(values[k] == self._defaults[k] for k in marked_params):
-            flat = [a for k, a in enumerate(flat) if k not in marked_inputs]
-            values = [v for k, v in enumerate(values) if k not in marked_params]
-            return _RowCall(flat, values, weight, leading, columns, dtype, self.specialised)
+        specialised = self._specialised_params(values, left_out)
+        if specialised is not None:
+            flat = [a for k, a in enumerate(flat) if k not in self._marked[0]]
+            return _RowCall(flat, specialised, weight, leading, columns, dtype, self.specialised)
         return _RowCall(flat, values, weight, leading, columns, dtype, self.module)
 
 
