@@ -76,6 +76,14 @@ def _exprel(z):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _log1prel(u):
+    """log1p(u)/u, 1 at u = 0: a subnormal u is returned exactly by log1p, so the quotient is 1."""
+    if u == 0:
+        return 1.0
+    return math.log1p(u) / u
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
     return float(a), 0.0
@@ -106,15 +114,17 @@ def loss_scalar(y, p, alpha, c):
     if (alpha == 2.0):
         _b0 = ((((((_t1)/(2.0*c))))/(c)))
     elif (alpha == 0.0):
-        _b0 = ((-2.0*(math.log(c)) - 2.0*(math.log(_t5)) + math.log1p(2.0*_t7) - math.log(2.0)) if ((abs(_t0) > 1e+60)) else (math.log1p(((((((_t1)/(2.0*c))))/(c))))))
+        _b0 = ((-2.0*(math.log(c)) - 2.0*(math.log(_t5)) + math.log1p(2.0*_t7) - math.log(2.0)) if ((abs(_t0) > 1e+60)) and (_t7 <= 1/2) else (math.log1p(((((((_t1)/(2.0*c))))/(c))))))
     else:
         _t9 = abs(alpha - 2.0)
         _t10 = _t7*_t9
         _t11 = (((_xlog1py(alpha, _t10))/(2.0)) + ((-_xlogy(alpha, _t9))/(2.0)) - _xlogy(alpha, _t5) - _xlogy(alpha, c))
-        _t12 = ((((((((_t1)/(c))))/(_t9))))/(c))
-        _t13 = _xlog1py(alpha, _t12)
-        _t14 = ((_t13)/(2.0))
-        _b0 = ((_t9*(((-(math.log(c)) - (math.log(_t5)) + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if ((abs(_t0) > 1e+60)) else (_t9*((((_exprel(_t14)*math.log1p(_t12))/(2.0))) if (abs(_t13) <= 2.0) else ((((math.expm1(_t14)))/(alpha))))))
+        _t12 = (((_t1)/(c)))
+        _t13 = (((_t12)/(_t9)))
+        _t14 = ((_t13)/(c))
+        _t15 = _xlog1py(alpha, _t14)
+        _t16 = ((_t15)/(2.0))
+        _b0 = ((_t9*(((-(math.log(c)) - (math.log(_t5)) + ((-math.log(_t9))/(2.0)) + ((math.log1p(_t10))/(2.0)))*_exprel(_t11)) if (abs(_t11) <= 1.0) else ((((math.expm1(_t11)))/(alpha))))) if ((abs(_t0) > 1e+60)) and (_t10 <= 1.0) else ((((((((((_t12)*_log1prel(_t14))/(c))) if (((abs(_t13))/(c)) <= 1.0) else (_t9*(math.log1p(_t14))))*_exprel(_t16))/(2.0))) if (abs(_t15) <= 2.0) else (((_t9*(math.expm1(_t16)))/(alpha))))))
     return _b0
 
 
@@ -122,25 +132,28 @@ def loss_scalar(y, p, alpha, c):
 def grad_scalar(y, p, alpha, c):
     """grad of one element."""
     _t0 = p - y
-    _t1 = (((_t0)/(c)))
     _t2 = (((1.0)/(_t0)))
     _t3 = _t2**2
     _t4 = c**2
-    _t7 = _t0**2
+    _t6 = abs(_t0)
+    _t7 = (_t6 > 1e+60)
+    _t8 = _t0**2
     if (alpha == 2.0):
-        _b0 = ((_t1)/(c))
+        _b0 = ((((((_t0)/(c)))))/(c))
     elif (alpha == 0.0):
         _t5 = 2.0*_t4
-        _b0 = ((((2.0*_t2)/(_t3*_t5 + 1.0))) if ((abs(_t0) > 1e+60)) else (((2.0*p - 2.0*y)/(_t5 + _t7))))
+        _b0 = ((((2.0*_t2)/(_t3*_t5 + 1.0))) if _t7 else (((2.0*p - 2.0*y)/(_t5 + _t8))))
     else:
-        _t8 = abs(alpha - 2.0)
-        _t9 = _t3*_t4*_t8
-        _t10 = (((_sign(_t2))/(_t9 + 1.0)))
-        _t11 = (((_xlog1py(alpha, _t9))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t2)) + _xlogy(((-alpha)/(2.0)) + 1.0, _t8))
-        _t12 = ((((((((_t7)/(c))))/(_t8))))/(c))
-        _t13 = _xlog1py(((alpha)/(2.0)), _t12)
-        _t14 = ((((((_t1)/(_t12 + 1.0))))/(c)))
-        _b0 = ((((_t10*math.exp(_t11)) if (abs(_t11) <= 700.0) else (math.exp((_t11 + math.log(abs(_t10))))*_sign(_t10)))) if ((abs(_t0) > 1e+60)) else (((_t14*math.exp(_t13)) if (abs(_t13) <= 700.0) else (math.exp((_t13 + math.log(abs(_t14))))*_sign(_t14)))))
+        _t9 = _sign(_t2)
+        _t10 = abs(alpha - 2.0)
+        _t11 = _t10*_t3*_t4
+        _t12 = (((_xlog1py(alpha, _t11))/(2.0)) - _xlogy(alpha, c) + _xlogy(1.0 - alpha, abs(_t2)) + _xlogy(((-alpha)/(2.0)) + 1.0, _t10))
+        _t13 = ((((((((_t8)/(c))))/(_t10))))/(c))
+        _t14 = _xlog1py(((alpha)/(2.0)), _t13)
+        _t15 = _t13 + 1.0
+        _t16 = (_t15)
+        _t17 = abs(_t16)
+        _b0 = (((((((_t9)/(_t11 + 1.0)))*math.exp(_t12)) if (abs(_t12) <= 700.0) else (_t9*math.exp((_t12 + math.log(abs(_t9)) - math.log1p(_t11)))))) if _t7 and (_t11 <= 1.0) else (((((((((((((_t0)/(c)))))/(_t15))))/(c)))*math.exp(_t14)) if (abs(_t14) <= 700.0) else (math.exp((_t14 + ((-math.log1p((((_t17 - _t6)/(_t6))))) if (_t6 > ((_t17)/(2.0))) and (_t6 < 2.0*_t17) else ((math.log(_t6)) - math.log(_t17))) - 2.0*math.log(c)))*_sign(_t0)*_sign(_t16)))))
     return _b0
 
 
@@ -152,32 +165,28 @@ def hess_scalar(y, p, alpha, c):
     _t2 = _t1 + p
     _t3 = (((1.0)/(_t2)))
     _t4 = _t3**2
-    _t5 = 2.0*_t4
-    _t6 = _t3**4
-    _t8 = _t6*c**4
-    _t9 = 4.0*_t8
-    _t11 = _t2**2
+    _t8 = _t2**2
     if (alpha == 2.0):
         _b0 = ((1.0)/(_t0))
     elif (alpha == 0.0):
-        _t7 = 4.0*_t0
-        _t12 = 2.0*_t0 + _t11
-        _b0 = ((((-_t5 + _t6*_t7)/(_t4*_t7 + _t9 + 1.0))) if ((abs(_t2) > 1e+60)) else ((((((-4.0*_t2**2)/(_t12))) + 2.0)/(_t12))))
+        _t5 = _t3**4
+        _t6 = 4.0*_t0
+        _t9 = 2.0*_t0 + _t8
+        _b0 = ((((-2.0*_t4 + _t5*_t6)/(_t4*_t6 + 4.0*_t5*c**4 + 1.0))) if ((abs(_t2) > 1e+60)) else ((((((-4.0*_t2**2)/(_t9))) + 2.0)/(_t9))))
     else:
-        _t13 = alpha - 2.0
-        _t14 = abs(_t13)
-        _t15 = _t0*_t4
-        _t16 = _t14*_t15
-        _t17 = (((_xlog1py(alpha, _t16))/(2.0)) + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t13, abs(_t3)) - _xlogy(alpha, c))
-        _t18 = alpha - 1.0
-        _t19 = alpha**2
-        _t20 = (-_t18)
-        _t21 = (((_t13**2*(_t16 + _t18))/(_t0*_t19*_t5 + _t14*_t19*_t8 + _t14*_t20*_t9 + _t14 + 8.0*_t15*_t20)))
-        _t22 = _xlog1py(((alpha)/(2.0)), ((((((((_t11)/(c))))/(_t14))))/(c)))
-        _t23 = ((_t11)/(_t14))
-        _t24 = _t0 + _t23
-        _t25 = ((((((((_t23 + (_t0 + _t11)) if (alpha >= 4.0) else (_t23 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t1)))) if (alpha <= 0.0) else (_t0 + ((_t11*_t18)/(_t14)))))/(_t24))))/(_t24)))
-        _b0 = ((((_t21*math.exp(_t17)) if (abs(_t17) <= 700.0) else (math.exp((_t17 + math.log(abs(_t21))))*_sign(_t21)))) if ((abs(_t2) > 1e+60)) else (((_t25*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t25))))*_sign(_t25)))))
+        _t10 = alpha - 2.0
+        _t11 = abs(_t10)
+        _t12 = _t0*_t11*_t4
+        _t13 = alpha - 1.0
+        _t14 = _t12 + _t13
+        _t15 = _t12 + 1.0
+        _t16 = (((_xlog1py(alpha, _t12))/(2.0)) + _xlogy(-_t10, abs(_t3)) - _xlogy(alpha, c) + _xlogy(((-alpha)/(2.0)) + 1.0, _t11))
+        _t17 = _xlog1py(((alpha)/(2.0)), ((((((((_t8)/(c))))/(_t11))))/(c)))
+        _t18 = ((_t8)/(_t11))
+        _t19 = ((_t18 + (_t0 + _t8)) if (alpha >= 4.0) else (_t18 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t1)))) if (alpha <= 0.0) else (_t0 + ((_t13*_t8)/(_t11))))
+        _t20 = _t0 + _t18
+        _t21 = (_t19)
+        _b0 = ((((((((((_t14)/(_t15)))*math.exp(_t16)) if (abs(_t16) <= 700.0) else (math.exp((_t16 + math.log(abs(_t14)) - math.log1p(_t12)))*_sign(_t14)))))/(_t15))) if ((abs(_t2) > 1e+60)) and (_t12 <= 1.0) else (((((((((_t19)/(_t20))))/(_t20)))*math.exp(_t17)) if (abs(_t17) <= 700.0) else (math.exp((_t17 + math.log(abs(_t21)) - 2.0*math.log(abs((_t20)))))*_sign(_t21)))))
     return _b0
 
 
@@ -186,51 +195,51 @@ def grad_hess_scalar(y, p, alpha, c):
     """grad, hess of one element."""
     _t0 = -y
     _t1 = _t0 + p
-    _t2 = (((_t1)/(c)))
     _t3 = (alpha == 2.0)
     _t4 = (((1.0)/(_t1)))
     _t5 = _t4**2
     _t6 = c**2
-    _t7 = 2.0*_t6
-    _t8 = _t5*_t7
+    _t8 = abs(_t1)
+    _t9 = (_t8 > 1e+60)
     _t10 = _t1**2
     _t12 = (alpha == 0.0)
-    _t15 = _t5*_t6
-    _t28 = _t4**4
-    _t29 = 4.0*_t28
-    _t30 = c**4
-    _t31 = _t29*_t30
+    _t16 = _t5*_t6
     if _t3:
-        _b0 = ((_t2)/(c))
+        _b0 = ((((((_t1)/(c)))))/(c))
         _b1 = ((1.0)/(_t6))
     elif _t12:
+        _t7 = 2.0*_t6
         _t11 = _t10 + _t7
-        _b0 = ((((2.0*_t4)/(_t8 + 1.0))) if ((abs(_t1) > 1e+60)) else (((2.0*p - 2.0*y)/(_t11))))
-        _b1 = ((((_t29*_t6 - 2.0*_t5)/(4.0*_t15 + _t31 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
+        _t32 = 4.0*_t4**4
+        _b0 = ((((2.0*_t4)/(_t5*_t7 + 1.0))) if _t9 else (((2.0*p - 2.0*y)/(_t11))))
+        _b1 = ((((_t32*_t6 - 2.0*_t5)/(4.0*_t16 + _t32*c**4 + 1.0))) if _t9 else ((((((-4.0*_t1**2)/(_t11))) + 2.0)/(_t11))))
     else:
-        _t13 = alpha - 2.0
-        _t14 = abs(_t13)
-        _t16 = _t14*_t15
-        _t17 = (((_sign(_t4))/(_t16 + 1.0)))
-        _t18 = alpha - 1.0
-        _t19 = -_t18
+        _t13 = _sign(_t4)
+        _t14 = alpha - 2.0
+        _t15 = abs(_t14)
+        _t17 = _t15*_t16
+        _t18 = _t17 + 1.0
+        _t19 = alpha - 1.0
         _t20 = abs(_t4)
-        _t21 = ((_xlog1py(alpha, _t16))/(2.0)) - _xlogy(alpha, c)
-        _t22 = (_t21 + _xlogy(_t19, _t20) + _xlogy(((-alpha)/(2.0)) + 1.0, _t14))
-        _t23 = ((((((((_t10)/(c))))/(_t14))))/(c))
-        _t24 = _xlog1py(((alpha)/(2.0)), _t23)
-        _t25 = math.exp(_t24)
-        _t26 = ((((((_t2)/(_t23 + 1.0))))/(c)))
-        _t27 = (abs(_t24) <= 700.0)
-        _t32 = (_t21 + ((-_xlogy(alpha, _t14))/(2.0)) + _xlogy(-_t13, _t20))
-        _t33 = alpha**2
-        _t34 = (_t19)
-        _t35 = (((_t13**2*(_t16 + _t18))/(_t14*_t28*_t30*_t33 + _t14*_t31*_t34 + _t14 + 8.0*_t15*_t34 + _t33*_t8)))
-        _t36 = ((_t10)/(_t14))
-        _t37 = _t36 + _t6
-        _t38 = ((((((((_t36 + (_t10 + _t6)) if (alpha >= 4.0) else (_t36 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)))) if (alpha <= 0.0) else (_t6 + ((_t10*_t18)/(_t14)))))/(_t37))))/(_t37)))
-        _b0 = ((((_t17*math.exp(_t22)) if (abs(_t22) <= 700.0) else (math.exp((_t22 + math.log(abs(_t17))))*_sign(_t17)))) if ((abs(_t1) > 1e+60)) else (((_t25*_t26) if _t27 else (math.exp((_t24 + math.log(abs(_t26))))*_sign(_t26)))))
-        _b1 = ((((_t35*math.exp(_t32)) if (abs(_t32) <= 700.0) else (math.exp((_t32 + math.log(abs(_t35))))*_sign(_t35)))) if ((abs(_t1) > 1e+60)) else (((_t25*_t38) if _t27 else (math.exp((_t24 + math.log(abs(_t38))))*_sign(_t38)))))
+        _t21 = ((_xlog1py(alpha, _t17))/(2.0)) - _xlogy(alpha, c) + _xlogy(((-alpha)/(2.0)) + 1.0, _t15)
+        _t22 = (_t21 + _xlogy(-_t19, _t20))
+        _t23 = -math.log1p(_t17)
+        _t24 = _t9 and (_t17 <= 1.0)
+        _t25 = ((((((((_t10)/(c))))/(_t15))))/(c))
+        _t26 = _xlog1py(((alpha)/(2.0)), _t25)
+        _t27 = math.exp(_t26)
+        _t28 = _t25 + 1.0
+        _t29 = (abs(_t26) <= 700.0)
+        _t30 = (_t28)
+        _t31 = abs(_t30)
+        _t33 = _t17 + _t19
+        _t34 = (_t21 + _xlogy(-_t14, _t20))
+        _t35 = ((_t10)/(_t15))
+        _t36 = ((_t35 + (_t10 + _t6)) if (alpha >= 4.0) else (_t35 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)))) if (alpha <= 0.0) else (_t6 + ((_t10*_t19)/(_t15))))
+        _t37 = _t35 + _t6
+        _t38 = (_t36)
+        _b0 = (((((((_t13)/(_t18)))*math.exp(_t22)) if (abs(_t22) <= 700.0) else (_t13*math.exp((_t22 + _t23 + math.log(abs(_t13))))))) if _t24 else (((_t27*((((((((((_t1)/(c)))))/(_t28))))/(c)))) if _t29 else (math.exp((_t26 + ((-math.log1p((((_t31 - _t8)/(_t8))))) if (_t8 > ((_t31)/(2.0))) and (_t8 < 2.0*_t31) else ((math.log(_t8)) - math.log(_t31))) - 2.0*math.log(c)))*_sign(_t1)*_sign(_t30)))))
+        _b1 = ((((((((((_t33)/(_t18)))*math.exp(_t34)) if (abs(_t34) <= 700.0) else (math.exp((_t23 + _t34 + math.log(abs(_t33))))*_sign(_t33)))))/(_t18))) if _t24 else (((_t27*((((((_t36)/(_t37))))/(_t37)))) if _t29 else (math.exp((_t26 + math.log(abs(_t38)) - 2.0*math.log(abs((_t37)))))*_sign(_t38)))))
     return _b0, _b1
 
 
@@ -241,56 +250,61 @@ def loss_grad_hess_scalar(y, p, alpha, c):
     _t1 = _t0 + p
     _t2 = _t1**2
     _t4 = (alpha == 2.0)
-    _t6 = (((1.0)/(_t1)))
-    _t7 = abs(_t6)
-    _t9 = _t6**2
+    _t5 = math.log(c)
+    _t6 = 2.0*_t5
+    _t7 = (((1.0)/(_t1)))
+    _t8 = abs(_t7)
     _t10 = c**2
-    _t11 = 2.0*_t10
-    _t12 = _t11*_t9
-    _t14 = (alpha == 0.0)
-    _t17 = _t10*_t9
-    _t25 = (((_t1)/(c)))
-    _t35 = _t6**4
-    _t36 = 4.0*_t35
-    _t37 = c**4
-    _t38 = _t36*_t37
+    _t11 = _t7**2
+    _t12 = _t10*_t11
+    _t14 = abs(_t1)
+    _t15 = (_t14 > 1e+60)
+    _t16 = (alpha == 0.0)
     if _t4:
         _b0 = ((((((_t2)/(2.0*c))))/(c)))
-        _b1 = ((_t25)/(c))
+        _b1 = ((((((_t1)/(c)))))/(c))
         _b2 = ((1.0)/(_t10))
-    elif _t14:
-        _t26 = _t11 + _t2
-        _b0 = ((-2.0*(math.log(c)) - 2.0*(math.log(_t7)) + math.log1p(_t12) - math.log(2.0)) if ((abs(_t1) > 1e+60)) else (math.log1p(((((((_t2)/(2.0*c))))/(c))))))
-        _b1 = ((((2.0*_t6)/(_t12 + 1.0))) if ((abs(_t1) > 1e+60)) else (((2.0*p - 2.0*y)/(_t26))))
-        _b2 = ((((_t10*_t36 - 2.0*_t9)/(4.0*_t17 + _t38 + 1.0))) if ((abs(_t1) > 1e+60)) else ((((((-4.0*_t1**2)/(_t26))) + 2.0)/(_t26))))
+    elif _t16:
+        _t13 = 2.0*_t12
+        _t30 = 2.0*_t10 + _t2
+        _t43 = 4.0*_t7**4
+        _b0 = ((-_t6 - 2.0*(math.log(_t8)) + math.log1p(_t13) - math.log(2.0)) if _t15 and (_t12 <= 1/2) else (math.log1p(((((((_t2)/(2.0*c))))/(c))))))
+        _b1 = ((((2.0*_t7)/(_t13 + 1.0))) if _t15 else (((2.0*p - 2.0*y)/(_t30))))
+        _b2 = ((((_t10*_t43 - 2.0*_t11)/(4.0*_t12 + _t43*c**4 + 1.0))) if _t15 else ((((((-4.0*_t1**2)/(_t30))) + 2.0)/(_t30))))
     else:
-        _t15 = alpha - 2.0
-        _t16 = abs(_t15)
-        _t18 = _t16*_t17
-        _t19 = ((_xlog1py(alpha, _t18))/(2.0)) - _xlogy(alpha, c)
-        _t20 = _t19 + ((-_xlogy(alpha, _t16))/(2.0))
-        _t21 = (_t20 - _xlogy(alpha, _t7))
-        _t22 = ((((((((_t2)/(c))))/(_t16))))/(c))
-        _t23 = _xlog1py(alpha, _t22)
-        _t24 = ((_t23)/(2.0))
-        _t27 = (((_sign(_t6))/(_t18 + 1.0)))
-        _t28 = alpha - 1.0
-        _t29 = -_t28
-        _t30 = (_t19 + _xlogy(_t29, _t7) + _xlogy(((-alpha)/(2.0)) + 1.0, _t16))
-        _t31 = _xlog1py(((alpha)/(2.0)), _t22)
-        _t32 = math.exp(_t31)
-        _t33 = ((((((_t25)/(_t22 + 1.0))))/(c)))
-        _t34 = (abs(_t31) <= 700.0)
-        _t39 = (_t20 + _xlogy(-_t15, _t7))
-        _t40 = alpha**2
-        _t41 = (_t29)
-        _t42 = (((_t15**2*(_t18 + _t28))/(_t12*_t40 + _t16*_t35*_t37*_t40 + _t16*_t38*_t41 + _t16 + 8.0*_t17*_t41)))
-        _t43 = ((_t2)/(_t16))
-        _t44 = _t10 + _t43
-        _t45 = ((((((((_t43 + (_t10 + _t2)) if (alpha >= 4.0) else (_t43 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)))) if (alpha <= 0.0) else (_t10 + ((_t2*_t28)/(_t16)))))/(_t44))))/(_t44)))
-        _b0 = ((_t16*(((-(math.log(c)) - (math.log(_t7)) + ((-math.log(_t16))/(2.0)) + ((math.log1p(_t18))/(2.0)))*_exprel(_t21)) if (abs(_t21) <= 1.0) else ((((math.expm1(_t21)))/(alpha))))) if ((abs(_t1) > 1e+60)) else (_t16*((((_exprel(_t24)*math.log1p(_t22))/(2.0))) if (abs(_t23) <= 2.0) else ((((math.expm1(_t24)))/(alpha))))))
-        _b1 = ((((_t27*math.exp(_t30)) if (abs(_t30) <= 700.0) else (math.exp((_t30 + math.log(abs(_t27))))*_sign(_t27)))) if ((abs(_t1) > 1e+60)) else (((_t32*_t33) if _t34 else (math.exp((_t31 + math.log(abs(_t33))))*_sign(_t33)))))
-        _b2 = ((((_t42*math.exp(_t39)) if (abs(_t39) <= 700.0) else (math.exp((_t39 + math.log(abs(_t42))))*_sign(_t42)))) if ((abs(_t1) > 1e+60)) else (((_t32*_t45) if _t34 else (math.exp((_t31 + math.log(abs(_t45))))*_sign(_t45)))))
+        _t17 = alpha - 2.0
+        _t18 = abs(_t17)
+        _t19 = _t12*_t18
+        _t20 = math.log1p(_t19)
+        _t21 = ((_xlog1py(alpha, _t19))/(2.0)) - _xlogy(alpha, c)
+        _t22 = (_t21 + ((-_xlogy(alpha, _t18))/(2.0)) - _xlogy(alpha, _t8))
+        _t23 = _t15 and (_t19 <= 1.0)
+        _t24 = (((_t2)/(c)))
+        _t25 = (((_t24)/(_t18)))
+        _t26 = ((_t25)/(c))
+        _t27 = _xlog1py(alpha, _t26)
+        _t28 = ((_t27)/(2.0))
+        _t31 = _sign(_t7)
+        _t32 = _t19 + 1.0
+        _t33 = alpha - 1.0
+        _t34 = _t21 + _xlogy(((-alpha)/(2.0)) + 1.0, _t18)
+        _t35 = (_t34 + _xlogy(-_t33, _t8))
+        _t36 = -_t20
+        _t37 = _xlog1py(((alpha)/(2.0)), _t26)
+        _t38 = math.exp(_t37)
+        _t39 = _t26 + 1.0
+        _t40 = (abs(_t37) <= 700.0)
+        _t41 = (_t39)
+        _t42 = abs(_t41)
+        _t44 = _t19 + _t33
+        _t45 = (_t34 + _xlogy(-_t17, _t8))
+        _t46 = ((_t2)/(_t18))
+        _t47 = ((_t46 + (_t10 + _t2)) if (alpha >= 4.0) else (_t46 + (_sum_finish(_sum_add(_sum_add(_sum_start(c), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(c), p), _t0)))) if (alpha <= 0.0) else (_t10 + ((_t2*_t33)/(_t18))))
+        _t48 = _t10 + _t46
+        _t49 = (_t47)
+        _b0 = ((_t18*(((-_t5 - (math.log(_t8)) + ((_t20)/(2.0)) + ((-math.log(_t18))/(2.0)))*_exprel(_t22)) if (abs(_t22) <= 1.0) else ((((math.expm1(_t22)))/(alpha))))) if _t23 else ((((((((((_t24)*_log1prel(_t26))/(c))) if (((abs(_t25))/(c)) <= 1.0) else (_t18*(math.log1p(_t26))))*_exprel(_t28))/(2.0))) if (abs(_t27) <= 2.0) else (((_t18*(math.expm1(_t28)))/(alpha))))))
+        _b1 = (((((((_t31)/(_t32)))*math.exp(_t35)) if (abs(_t35) <= 700.0) else (_t31*math.exp((_t35 + _t36 + math.log(abs(_t31))))))) if _t23 else (((_t38*((((((((((_t1)/(c)))))/(_t39))))/(c)))) if _t40 else (math.exp((_t37 - _t6 + ((-math.log1p((((-_t14 + _t42)/(_t14))))) if (_t14 > ((_t42)/(2.0))) and (_t14 < 2.0*_t42) else ((math.log(_t14)) - math.log(_t42)))))*_sign(_t1)*_sign(_t41)))))
+        _b2 = ((((((((((_t44)/(_t32)))*math.exp(_t45)) if (abs(_t45) <= 700.0) else (math.exp((_t36 + _t45 + math.log(abs(_t44))))*_sign(_t44)))))/(_t32))) if _t23 else (((_t38*((((((_t47)/(_t48))))/(_t48)))) if _t40 else (math.exp((_t37 + math.log(abs(_t49)) - 2.0*math.log(abs((_t48)))))*_sign(_t49)))))
     return _b0, _b1, _b2
 
 

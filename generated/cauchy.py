@@ -36,6 +36,14 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _log1prel(u):
+    """log1p(u)/u, 1 at u = 0: a subnormal u is returned exactly by log1p, so the quotient is 1."""
+    if u == 0:
+        return 1.0
+    return math.log1p(u) / u
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
     return float(a), 0.0
@@ -60,12 +68,15 @@ def loss_scalar(y, p, delta):
     """loss of one element."""
     _t0 = delta**2
     _t2 = p - y
-    if (abs(_t2) > 1e+60):
+    _t3 = (((1.0)/(_t2)))
+    _t4 = _t0*_t3**2
+    if (_t4 <= 1.0) and (abs(_t2) > 1e+60):
         _t1 = 2.0*_t0
-        _t3 = (((1.0)/(_t2)))
-        _b0 = _t0*math.log1p(_t0*_t3**2) - _t1*math.log(delta) - _t1*math.log(abs(_t3))
+        _b0 = _t0*math.log1p(_t4) - _t1*math.log(delta) - _t1*math.log(abs(_t3))
     else:
-        _b0 = _t0*math.log1p((((((_t2**2)/(delta))))/(delta)))
+        _t5 = _t2**2
+        _t6 = (((((_t5)/(delta))))/(delta))
+        _b0 = ((_t5*_log1prel(_t6)) if (_t6 <= 1.0) else (_t0*(math.log1p(_t6))))
     return _b0
 
 
@@ -130,22 +141,25 @@ def loss_grad_hess_scalar(y, p, delta):
     _t1 = 2.0*_t0
     _t2 = -y
     _t3 = _t2 + p
+    _t4 = (((1.0)/(_t3)))
+    _t5 = _t0*_t4**2
     _t6 = (abs(_t3) > 1e+60)
-    if _t6:
-        _t4 = (((1.0)/(_t3)))
-        _t5 = _t0*_t4**2
-        _t9 = 2.0*_t5
-        _t10 = _t4**4*delta**4
+    _t7 = _t3**2
+    _t8 = (((_t7)/(delta)))
+    if _t6 and (_t5 <= 1.0):
         _b0 = _t0*math.log1p(_t5) - _t1*math.log(delta) - _t1*math.log(abs(_t4))
-        _b1 = ((_t1*_t4)/(_t5 + 1.0))
-        _b2 = ((2.0*_t10 - _t9)/(_t10 + _t9 + 1.0))
     else:
-        _t7 = _t3**2
-        _t8 = (((_t7)/(delta)))
-        _t11 = _t0 + _t7
-        _b0 = _t0*math.log1p(((_t8)/(delta)))
+        _t9 = ((_t8)/(delta))
+        _b0 = ((_t7*_log1prel(_t9)) if (_t9 <= 1.0) else (_t0*(math.log1p(_t9))))
+    if _t6:
+        _t10 = 2.0*_t5
+        _t11 = _t4**4*delta**4
+        _b1 = ((_t1*_t4)/(_t5 + 1.0))
+        _b2 = ((-_t10 + 2.0*_t11)/(_t10 + _t11 + 1.0))
+    else:
+        _t12 = _t0 + _t7
         _b1 = ((2.0*_t3*delta)/(_t8 + delta))
-        _b2 = (((((_t1*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t2)))/(_t11))))/(_t11))
+        _b2 = (((((_t1*_sum_finish(_sum_add(_sum_add(_sum_start(delta), -p), y))*_sum_finish(_sum_add(_sum_add(_sum_start(delta), p), _t2)))/(_t12))))/(_t12))
     return _b0, _b1, _b2
 
 

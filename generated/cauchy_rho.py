@@ -36,12 +36,21 @@ SPEC = {
 }
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _log1prel(u):
+    """log1p(u)/u, 1 at u = 0: a subnormal u is returned exactly by log1p, so the quotient is 1."""
+    if u == 0:
+        return 1.0
+    return math.log1p(u) / u
+
+
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(s, delta):
     """loss of one element."""
     if not ((s >= 0.0)):
         return math.nan
-    return delta**2*math.log1p((((((s)/(delta))))/(delta)))
+    _t0 = (((((s)/(delta))))/(delta))
+    return ((s*_log1prel(_t0)) if (_t0 <= 1.0) else (delta**2*(math.log1p(_t0))))
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -90,15 +99,16 @@ def loss_grad_hess_scalar(s, delta):
     """loss, grad, hess of one element."""
     if not ((s >= 0.0)):
         return math.nan, math.nan, math.nan
-    _t0 = delta**2
-    _t1 = _t0 + s
+    _t0 = (((((s)/(delta))))/(delta))
+    _t1 = delta**2
+    _t2 = _t1 + s
     if (s > 1e+60):
-        _t2 = (((1.0)/(s)))
-        _t3 = _t2**2
-        _b0 = ((-_t0*_t3)/(2.0*_t0*_t2 + _t3*delta**4 + 1.0))
+        _t3 = (((1.0)/(s)))
+        _t4 = _t3**2
+        _b0 = ((-_t1*_t4)/(2.0*_t1*_t3 + _t4*delta**4 + 1.0))
     else:
-        _b0 = (((((-_t0)/(_t1))))/(_t1))
-    return _t0*math.log1p((((((s)/(delta))))/(delta))), ((_t0)/(_t1)), _b0
+        _b0 = (((((-_t1)/(_t2))))/(_t2))
+    return ((s*_log1prel(_t0)) if (_t0 <= 1.0) else (_t1*(math.log1p(_t0)))), ((_t1)/(_t2)), _b0
 
 
 @numba.njit(cache=True, error_model="numpy")

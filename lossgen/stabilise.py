@@ -17,6 +17,8 @@ every rewrite holds exactly in real arithmetic.
   (2 v/(1 + v**2) -> 2 t/(t**2 + 1)). It is kept only when no power of 1/t remains. A
   symbolic power B**k of a huge B is exp(k log B), log B a sum of logs of B's factors, with
   the powers of t taken into the exponent (Barron's ((x/c)**2/|alpha - 2| + 1)**(alpha/2)).
+  Taken apart, log(1 + 1/w) = log1p(w) - log(w) cancels where w is large: the inverted form
+  holds only where every such |w| <= 1, and the direct form is used elsewhere.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from sympy.core.traversal import bottom_up
 from dataclasses import replace
 
 from .derive import differentiate, tidy
-from .vocabulary import (exact_sum, exprel, fma, group, logaddexp, logcosh, real_group, sigmoid, softplus, xlog1py,
-                         xlogy)
+from .vocabulary import (exact_sum, exprel, fma, group, log1prel, logaddexp, logcosh, real_group, sigmoid, softplus,
+                         xlog1py, xlogy)
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
 
@@ -82,6 +84,47 @@ def _expm1_over_factor(e):
                     rest = [h for h in e.args if h is not f and h is not g]
                     z = g.args[0]
                     return sp.Mul(*rest) * sp.Piecewise((u * exprel(z), sp.Abs(z) <= 1), (group(g) / f.base, True))
+
+
+def _log1p_of_quotient(e):
+    """m*log1p(q/m) -> q*log1prel(q/m) where |q/m| <= 1: where q/m is subnormal, log1p keeps
+    only its few bits, which the product with a large m exposes (Barron's loss,
+    |alpha - 2|*log1p(x**2/(c**2*|alpha - 2|)) at alpha = -1e300, x = 1e-8); a factor m of a
+    Piecewise one of whose branches holds such a log1p is first taken into every branch."""
+    if not isinstance(e, sp.Mul):
+        return None
+    for m in e.args:
+        if m.is_Number:
+            continue
+        others = [a for a in e.args if a is not m]
+        for f in others:
+            rest = sp.Mul(*[a for a in others if a is not f])
+            if isinstance(f, log1p) and _times(f.args[0], m) is not None:
+                u = f.args[0]
+                return rest * sp.Piecewise((_times(u, m) * log1prel(u), sp.Abs(u) <= 1), (m * group(f), True))
+            if isinstance(f, sp.Piecewise) and any(isinstance(g, log1p) and _times(g.args[0], m) is not None
+                                                   for branch, _ in f.args for g in sp.Mul.make_args(branch)):
+                return sp.Piecewise(*[(_or_same(_log1p_of_quotient, rest * m * branch), condition)
+                                      for branch, condition in f.args])
+
+
+def _times(u, m):
+    """m*u, by taking one factor 1/m out of the product u (or out of a group in it), else None."""
+    if isinstance(u, group):
+        inner = _times(u.args[0], m)
+        return None if inner is None else u.func(inner)
+    if not isinstance(u, sp.Mul):
+        return None
+    args = list(u.args)
+    if 1 / m in args:
+        args.remove(1 / m)
+        return sp.Mul(*args)
+    for i, a in enumerate(args):
+        if isinstance(a, group) and a.has(m):
+            inner = _times(a, m)
+            if inner is not None:
+                return sp.Mul(*args[:i], inner, *args[i + 1:])
+    return None
 
 
 def _factor_out(z, a):
@@ -462,11 +505,25 @@ def _heaviside_select(e):
                 return sp.Piecewise((rest, u > 0), (at_zero * rest, sp.Eq(u, 0)), (0, True))
 
 
+def _sign_and_log_abs(product) -> tuple[sp.Expr, sp.Expr]:
+    """(sign(product), log|product|) as the product of the signs and the sum of k*log|f| over
+    its factors f**k: a factor may over- or underflow (Barron's (alpha - 2)**2 at
+    alpha = -1e300) where its sign and logarithm do not."""
+    signs, logs = [], []
+    for f in sp.Mul.make_args(product):
+        base, k = f.as_base_exp() if isinstance(f, sp.Pow) and f.exp.is_Integer else (f, sp.S.One)
+        base = base if base.is_real else real_group(base)
+        signs.append(sp.sign(base) ** (k % 2))
+        logs.append(k * sp.log(sp.Abs(base)))
+    return sp.Mul(*signs), sp.Add(*logs)
+
+
 def _exp_times_factor(e):
     """b*exp(a) -> sign(b)*exp(a + log|b|) where |a| > 700: exp(a) alone overflows (or loses
     its digits as a subnormal) while the product is a normal number (or 0, for b = 0). A
     quotient b = N/D is computed first, as one group: exp(a)*N overflows where
-    exp(a)*(N/D) need not (Barron's Hessian, exp(a) = x**alpha times N ~ x**2, over D ~ x**4)."""
+    exp(a)*(N/D) need not (Barron's Hessian, exp(a) = x**alpha times N ~ x**2, over D ~ x**4);
+    log|b| is the sum of its factors' logs, finite where b itself overflows."""
     if not isinstance(e, sp.Mul):
         return None
     coefficient, rest = e.as_coeff_Mul()
@@ -481,8 +538,8 @@ def _exp_times_factor(e):
         if not exponent.is_real:
             return None
         a, b = exponent, real_group(sp.Mul(*others))
-        return coefficient * sp.Piecewise((b * sp.exp(a), sp.Abs(a) <= 700),
-                                          (sp.sign(b) * sp.exp(group(a + sp.log(sp.Abs(b)))), True))
+        sign, log_abs = _sign_and_log_abs(sp.Mul(*others))
+        return coefficient * sp.Piecewise((b * sp.exp(a), sp.Abs(a) <= 700), (sign * sp.exp(group(a + log_abs)), True))
     if len(exps) != 1:
         return None
     if len(e.args) in (2, 3) and len(others) == 1 and others[0].is_Symbol:
@@ -493,8 +550,8 @@ def _exp_times_factor(e):
     else:
         return None
     a = exps[0].args[0]
-    return coefficient * sp.Piecewise((b * exps[0], sp.Abs(a) <= 700),
-                                      (sp.sign(b) * sp.exp(group(a + sp.log(sp.Abs(b)))), True))
+    sign, log_abs = _sign_and_log_abs(sp.Mul(*others))
+    return coefficient * sp.Piecewise((b * exps[0], sp.Abs(a) <= 700), (sign * sp.exp(group(a + log_abs)), True))
 
 
 def _distribute_to_cancel(e):
@@ -746,6 +803,8 @@ RULES: tuple[Rule, ...] = (
          "1 - exp(u) loses its digits where exp(u) is close to 1", _log_one_minus_exp),
     Rule("exprel", "expm1(a*u)/a", "u*exprel(a*u) where |a*u| <= 1",
          "a subnormal a*u keeps a few bits, which the quotient exposes", _expm1_over_factor),
+    Rule("log1prel", "m*log1p(q/m)", "q*log1prel(q/m) where |q/m| <= 1",
+         "a subnormal q/m keeps a few bits, which the product with m exposes", _log1p_of_quotient),
     Rule("logcosh", "log(cosh(x))", "logcosh(x)", "cosh overflows for |x| > 710; log(1 + tiny) cancels", _log_cosh),
     Rule("tanh", "sinh(x)**k/cosh(x)**k", "tanh(x)**k", "sinh and cosh overflow for |x| > 710, their ratio does not", _sinh_over_cosh),
     Rule("pythagoras", "cosh(x)**2 - sinh(x)**2", "1", "two huge nearly equal terms cancel", _cosh2_minus_sinh2),
@@ -939,9 +998,11 @@ def split_cancellations(expr: sp.Expr) -> sp.Expr:
 HUGE = 1e60  # beyond this |v|, v**4 would be close to overflow; 1/v is exact enough
 
 
-def _log_expanded(arg: sp.Expr) -> sp.Expr:
+def _log_expanded(arg: sp.Expr, small: list) -> sp.Expr:
     """log(arg) for arg > 0 as a sum of logs of its factors: log(N) - log(D), with
-    log(f**k) = k log|f| and log(1 + u) = log1p(u), so no factor over- or underflows."""
+    log(f**k) = k log|f| and log(1 + u) = log1p(u), so no factor over- or underflows.
+    Each such u is appended to ``small``: the sum is accurate only where |u| <= 1, since
+    log(1 + 1/w) = log1p(w) - log(w) cancels to log1p(1/w) where w is large."""
     numerator, denominator = sp.fraction(sp.together(arg))
 
     def of_product(m):
@@ -950,6 +1011,7 @@ def _log_expanded(arg: sp.Expr) -> sp.Expr:
             if base.is_Number:
                 total += k * sp.log(base)
             elif isinstance(base, sp.Add) and sp.S.One in base.args:
+                small.append(base - 1)
                 total += k * log1p(base - 1)
             else:
                 total += k * sp.log(base if base.is_positive else sp.Abs(base))
@@ -964,9 +1026,13 @@ def _overflow_prone(expr: sp.Expr, v: sp.Symbol) -> bool:
                and e.base.is_polynomial(v) for e in sp.preorder_traversal(expr))
 
 
-def invert_for_huge(expr: sp.Expr, variable: sp.Expr, solve_for: sp.Symbol) -> Optional[sp.Expr]:
-    """``expr`` rewritten in t = 1/variable, for |variable| > HUGE; None where that form would
-    still divide by t (so would overflow too) or ``expr`` is not a function of the variable alone."""
+def invert_for_huge(expr: sp.Expr, variable: sp.Expr, solve_for: sp.Symbol) -> Optional[tuple[sp.Expr, sp.Basic]]:
+    """(``expr`` rewritten in t = 1/variable, where it holds beside |variable| > HUGE), or None
+    where that form would still divide by t (so would overflow too) or ``expr`` is not a
+    function of the variable alone. The condition is |u| <= 1 for each log1p(u) of a log
+    taken apart (see _log_expanded): Barron's log((x/c)**2/|alpha - 2| + 1) is
+    log1p(|alpha - 2| c**2 t**2) - log|alpha - 2| - 2 log c - 2 log|t|, whose terms cancel where
+    |alpha - 2| >> x**2 (alpha = -1e300 at x = 1e100); there the direct form is exact."""
     v, t = sp.Dummy("v", real=True), sp.Dummy("t", real=True)
     solved = sp.solve(sp.Eq(variable, v), solve_for)
     if len(solved) != 1 or expr.has(sp.Piecewise):
@@ -975,25 +1041,48 @@ def invert_for_huge(expr: sp.Expr, variable: sp.Expr, solve_for: sp.Symbol) -> O
     if in_v.free_symbols & (variable.free_symbols - {s for s in variable.free_symbols if s.is_positive}) \
             or not _overflow_prone(in_v, v):
         return None
-    inverted = in_v.subs(v, 1 / t)
+    inverted, small = in_v.subs(v, 1 / t), []
     inverted = inverted.replace(lambda e: isinstance(e, (sp.log, log1p)),
-                                lambda e: _log_expanded(e.args[0] if isinstance(e, sp.log) else 1 + e.args[0]))
+                                lambda e: _log_expanded(e.args[0] if isinstance(e, sp.log) else 1 + e.args[0], small))
     # a symbolic power B**k of a huge B: exp(k*log(B)), with log(B) expanded as above; the
     # exponent is a group, which the simplifications below treat as one opaque symbol
     inverted = inverted.replace(lambda e: isinstance(e, sp.Pow) and not e.exp.is_Number and e.base.has(t),
-                                lambda e: sp.exp(group(sp.expand(e.exp * _log_expanded(e.base)))))
+                                lambda e: sp.exp(group(sp.expand(e.exp * _log_expanded(e.base, small)))))
     opaque = {g: sp.Dummy() for g in inverted.atoms(group)}
     inverted = inverted.xreplace(opaque)
     inverted = sp.cancel(sp.together(inverted)) if not inverted.has(sp.log, log1p) else sp.expand(inverted)
     if opaque:  # keep factors such as (alpha - 1) whole: expanded, they cancel near alpha = 1
-        inverted = sp.factor(inverted)
+        inverted = _factor_in_magnitudes(inverted)
     inverted = _powers_into_exponent(inverted, t, opaque).xreplace({d: g for g, d in opaque.items()})
     for e in sp.preorder_traversal(inverted):  # every divisor must stay finite and non-zero at t = 0
         if isinstance(e, sp.Pow) and e.exp.is_negative and e.base.has(t) and not _inside_log(inverted, e):
             at_zero = e.base.subs(t, 0)
             if not at_zero.is_finite or at_zero.is_zero is not False and not at_zero.free_symbols:
                 return None  # |alpha - 2| may vanish, but only at a parameter value, as in the direct form
-    return stabilise(inverted).xreplace({t: group(1 / variable)})  # t stays 1/v, never v**-2
+    where = sp.And(*[sp.Abs(u) <= 1 for u in sorted(set(small), key=sp.default_sort_key)])
+    back = {t: group(1 / variable)}  # t stays 1/v, never v**-2
+    return stabilise(inverted).xreplace(back), where.xreplace(back)
+
+
+def _factor_in_magnitudes(expr: sp.Expr) -> sp.Expr:
+    """sp.factor, with each |z| (z linear in one parameter a) read as a magnitude m and a as
+    a function of z, so that z**2 = m**2: Barron's |alpha - 2| alpha**2 + 4 |alpha - 2| (1 - alpha)
+    is the m**3 it is, and its Hessian's denominator the square m (m c**2 t**2 + 1)**2, whose
+    factors stay finite where the expanded sum meets inf*0 (alpha**2 t**4 at alpha = -1e300)."""
+    for magnitude in sorted(expr.atoms(sp.Abs), key=sp.default_sort_key):
+        z = magnitude.args[0]
+        if z.is_Symbol or len(z.free_symbols) != 1 or not z.is_polynomial(*z.free_symbols) \
+                or sp.degree(z, *z.free_symbols) != 1:
+            continue
+        a, = z.free_symbols
+        w, m = sp.Dummy("w", real=True), sp.Dummy("m", positive=True)
+        in_w = sp.expand(expr.subs(magnitude, m).subs(a, sp.solve(sp.Eq(z, w), a)[0]))
+        if in_w.has(a):
+            continue
+        in_w = in_w.replace(lambda f: isinstance(f, sp.Pow) and f.base == w and f.exp.is_Integer and f.exp >= 2,
+                            lambda f: m ** f.exp if f.exp % 2 == 0 else w * m ** (f.exp - 1))
+        expr = sp.factor(in_w).xreplace({m: magnitude}).subs(w, z)
+    return sp.factor(expr)
 
 
 def _powers_into_exponent(expr: sp.Expr, t: sp.Symbol, opaque: dict) -> sp.Expr:
@@ -1059,9 +1148,10 @@ def with_asymptote(raw: sp.Expr, stable: sp.Expr, spec) -> sp.Expr:
             and [c for _, c in raw.args] == [c for _, c in stable.args]:
         return sp.Piecewise(*[(with_asymptote(r, s, spec), c) for (r, c), (s, _) in zip(raw.args, stable.args)])
     for variable, prediction in scale_variables(spec):
-        inverted = invert_for_huge(raw, variable, prediction)
-        if inverted is not None:
-            return sp.Piecewise((inverted, sp.Abs(variable) > HUGE), (stable, True))
+        inversion = invert_for_huge(raw, variable, prediction)
+        if inversion is not None:
+            inverted, where = inversion
+            return sp.Piecewise((inverted, (sp.Abs(variable) > HUGE) & where), (stable, True))
     return stable
 
 

@@ -180,6 +180,27 @@ class exprel(sp.Function):
         return f"_exprel({printer._print(self.args[0])})"
 
 
+class log1prel(sp.Function):
+    """log1p(u)/u, and 1 at u = 0: where u = q/m is tiny, even subnormal, m*log1p(u) keeps only
+    the bits of u, while q*log1prel(u) = q*(1 - u/2 + ...) keeps them all;
+    log1prel'(u) = (1/(1 + u) - log1prel(u))/u, -1/2 at u = 0."""
+
+    def fdiff(self, argindex=1):
+        u = self.args[0]
+        return sp.Piecewise((-sp.S.Half, sp.Eq(u, 0)), ((1 / (1 + u) - log1prel(u)) / u, True))
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+    def _eval_rewrite_as_log1p(self, u, **kwargs):
+        return sp.Piecewise((sp.S.One, sp.Eq(u, 0)), (log1p(u) / u, True))
+
+    def _pythoncode(self, printer):
+        """The kernel's helper ``_log1prel`` (templates/numba_helpers.py.j2)."""
+        getattr(printer, "helpers_used", set()).add("log1prel")
+        return f"_log1prel({printer._print(self.args[0])})"
+
+
 def _clip(x, low, high):
     """clip(x, low, high) = Min(Max(x, low), high), as numpy.clip."""
     return sp.Min(sp.Max(x, low), high)
@@ -268,4 +289,5 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "exact_sum": lambda *terms: mpmath.fsum(terms),
     "group": lambda x: x,
     "exprel": lambda z: mpmath.mpf(1) if z == 0 else mpmath.expm1(z) / z,
+    "log1prel": lambda u: mpmath.mpf(1) if u == 0 else mpmath.log1p(u) / u,
 }

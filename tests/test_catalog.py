@@ -99,7 +99,7 @@ def test_barron_limits_match_their_closed_forms(alpha, limit):
 # Welsch limit) and beyond 2: test_kernels_match_high_precision_truth puts only the defaults and
 # one more set on the stress grid. The residuals 1e30 ... 1e200 lie between the grid's 1e10 and
 # 1e300, on both sides of the asymptotic branch (|x| > 1e60).
-BARRON_ALPHAS = (-1e100, -1e12, -2.0, 0.0, 1e-8, 2 - 1e-8, 2.0, 2 + 1e-8, 4.0)
+BARRON_ALPHAS = (-1e300, -1e100, -1e12, -2.0, 0.0, 1e-8, 2 - 1e-8, 2.0, 2 + 1e-8, 4.0)
 BARRON_LARGE_RESIDUALS = (1e30, 1e59, 1e61, 1e100, 1e155, 1e200)
 
 # Points where the bound is not met yet, and why (test_barron_gaps_are_still_gaps fails once

@@ -9,7 +9,7 @@ import mpmath
 import numba
 import pytest
 import sympy as sp
-from sympy.codegen.cfunctions import expm1
+from sympy.codegen.cfunctions import expm1, log1p
 
 from lossgen.emit import HELPERS, template_environment
 from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise
@@ -52,6 +52,7 @@ EXAMPLES = {
     "power_minus_one": (z * (1 + x**2) ** (y / 7) - z, {x: 1e-9, y: 0.5, z: 3.0}),
     "collect_pair": (x**2 * z - x**2 + y, {x: 1e10, z: 1.0, y: 1.0}),
     "exprel": (expm1(z * x**2) / z, {x: 0.7, z: 1e-320}),  # z*x**2 is subnormal: 3 digits left
+    "log1prel": (z * log1p(x**2 / z), {x: 1e-8, z: 1e300}),  # x**2/z is subnormal: 1e-316
     "power_of_one_plus": ((1 + x**2) ** z, {x: 1e-6, z: -1e12}),  # 1 + 1e-12 rounded, then to the -1e12th
     "log1mexp": (sp.log(1 - sp.exp(-x**2)), {x: 1e-9}),  # 1 - exp(-1e-18) is 0: log(0)
     "log_difference": (z * sp.log(y + x**2) - z * sp.log(y), {x: 1e-6, y: 3.0, z: 2.0}),
@@ -71,7 +72,7 @@ PREREQUISITES = {"hypot_minus_one": ("hypot",), "logistic_ratio": ("logistic",),
 def _kernel_helpers():
     """The stable helpers exactly as generated modules define them (from the template)."""
     source = template_environment().get_template("numba_helpers.py.j2").render(
-        helpers=set(HELPERS.values()) | {"exact_sum", "exprel"})
+        helpers=set(HELPERS.values()) | {"exact_sum", "exprel", "log1prel"})
     # numba itself but uncached; the fused multiply-add is an intrinsic (numba.extending)
     uncached = types.SimpleNamespace(njit=lambda **options: numba.njit(**{**options, "cache": False}),
                                      extending=numba.extending, types=numba.types)
@@ -81,6 +82,7 @@ def _kernel_helpers():
     start, add, finish = (namespace[f"_sum_{step}"] for step in ("start", "add", "finish"))
     # exprel prints itself as _exprel(...) (lossgen.vocabulary), for Numba and for lambdify
     helpers["exprel"] = helpers["_exprel"] = namespace["_exprel"]
+    helpers["log1prel"] = helpers["_log1prel"] = namespace["_log1prel"]
     helpers["exact_sum"] = lambda *terms: finish(functools.reduce(add, terms[1:], start(terms[0])))
     # as the kernels compute these: from one exp(-|x|) (and its log1p), or expm1(|x|) (inf beyond
     # 709, where Numba's expm1 overflows and Python's raises)
@@ -215,12 +217,12 @@ def test_inversion_removes_overflow_of_squares():
     r = sp.Symbol("r", real=True)
     delta = sp.Symbol("delta", positive=True)
     gradient = 2 * r / (1 + r**2 / delta**2)             # Cauchy's gradient: r**2 overflows at 1e155
-    inverted = invert_for_huge(gradient, r, r)
-    assert inverted is not None
+    inverted, where = invert_for_huge(gradient, r, r)
+    assert where == sp.true  # no log taken apart: valid for every |r| > HUGE
     value = sp.lambdify([r, delta], inverted, modules=FLOAT_MODULES)(1e300, 2.0)
     assert math.isclose(value, 8e-300, rel_tol=1e-14)
     loss = delta**2 * sp.log(1 + r**2 / delta**2)
-    value = sp.lambdify([r, delta], invert_for_huge(loss, r, r), modules=FLOAT_MODULES)(1e300, 2.0)
+    value = sp.lambdify([r, delta], invert_for_huge(loss, r, r)[0], modules=FLOAT_MODULES)(1e300, 2.0)  # (expr, where)[0]
     truth = evaluate(sp.lambdify([r, delta], loss, modules=MODULES), [1e300, 2.0])
     assert relative_error(value, truth) <= 1e-14
 
@@ -247,6 +249,13 @@ def test_exprel_helper_matches_the_truth(at):
         assert relative_error(exprel(at), truth) <= 1e-14
 
 
+@pytest.mark.parametrize("at", [0.0, 1e-320, -1e-310, 1e-8, 0.5, -0.5, 1.0, -1.0 + 1e-12, 1e10, 1e300])
+def test_log1prel_helper_matches_the_truth(at):
+    log1prel = FLOAT_MODULES[0]["log1prel"]
+    truth = evaluate(lambda v: MPMATH_IMPLEMENTATIONS["log1prel"](v), [at])
+    assert relative_error(log1prel(at), truth) <= 1e-14
+
+
 def test_inversion_handles_a_symbolic_power():
     """Barron's loss and gradient at |x| = 1e300: (x/c)**2 overflows, the power of it need not."""
     r = sp.Symbol("r", real=True)
@@ -254,14 +263,16 @@ def test_inversion_handles_a_symbolic_power():
     c = sp.Symbol("c", positive=True)
     loss = sp.Abs(alpha - 2) / alpha * ((r**2 / (c**2 * sp.Abs(alpha - 2)) + 1) ** (alpha / 2) - 1)
     for expr in (loss, sp.diff(loss, r), sp.diff(loss, r, 2)):
-        inverted = invert_for_huge(expr, r, r)
-        assert inverted is not None
+        inverted, where = invert_for_huge(expr, r, r)
         for point in ([1e300, 1.0, 1.0], [-1e300, 1.0, 2.5], [1e300, 1.5, 0.5], [1e200, -3.0, 1.0], [1e300, 1e-310, 1.0],
                       [1e300, 2 + 1e-8, 1.0], [-1e300, 2 - 1e-8, 2.5]):  # exp(G) alone is 1e308/|alpha - 2|
             truth = evaluate(sp.lambdify([r, alpha, c], expr, modules=MODULES), point)
-            if truth is not None and abs(truth) < 1e308:
+            holds = bool(sp.lambdify([r, alpha, c], where, modules=FLOAT_MODULES)(*point))
+            if truth is not None and abs(truth) < 1e308 and holds:
                 value = sp.lambdify([r, alpha, c], inverted, modules=FLOAT_MODULES)(*point)
                 assert relative_error(value, truth) <= 1e-12, (expr, point, value, truth)
+        # where |alpha - 2| >> x**2 the logs taken apart cancel: the form does not claim that point
+        assert not sp.lambdify([r, alpha, c], where, modules=FLOAT_MODULES)(1e100, -1e300, 1.0)
 
 
 def test_exp_product_computes_a_quotient_first():
