@@ -87,7 +87,7 @@ def loss_kernel_parallel(y, s, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_row(_i, _n, _C, y, s, _weight, _out0):
+def _grad_row(_i, _n, _C, y, s, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m0 = -math.inf
@@ -102,13 +102,17 @@ def _grad_row(_i, _n, _C, y, s, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _out0[_i, _k] = _w * (((math.expm1((-_l0 + (_e_s - _m0)))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (math.exp((-_l0 + (_e_s - _m0))))))
+        _p0 = _stash[0, _k] * _l0_inv
+        _out0[_i, _k] = _w * (((((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0))))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -116,8 +120,11 @@ def grad_kernel(y, s, _weight, _out0):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, y, s, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -125,12 +132,15 @@ def grad_kernel_parallel(y, s, _weight, _out0):
     """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, y, s, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_row(_i, _n, _C, y, s, _weight, _out0):
+def _hess_row(_i, _n, _C, y, s, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m0 = -math.inf
@@ -145,14 +155,17 @@ def _hess_row(_i, _n, _C, y, s, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = -_l0 + (_e_s - _m0)
-        _out0[_i, _k] = _w * (-math.exp(_t2_0)*math.expm1(_t2_0))
+        _p0 = _stash[0, _k] * _l0_inv
+        _out0[_i, _k] = _w * (-_p0*((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -160,8 +173,11 @@ def hess_kernel(y, s, _weight, _out0):
     """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -169,12 +185,15 @@ def hess_kernel_parallel(y, s, _weight, _out0):
     """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1):
+def _grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m0 = -math.inf
@@ -189,17 +208,19 @@ def _grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = -_l0 + (_e_s - _m0)
-        _t2_1 = math.expm1(_t2_0)
-        _t2_2 = math.exp(_t2_0)
-        _out0[_i, _k] = _w * (((_t2_1) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_t2_2)))
-        _out1[_i, _k] = _w * (-_t2_1*_t2_2)
+        _p0 = _stash[0, _k] * _l0_inv
+        _t2_0 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0))))
+        _out0[_i, _k] = _w * (((_t2_0) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
+        _out1[_i, _k] = _w * (-_p0*_t2_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -207,8 +228,11 @@ def grad_hess_kernel(y, s, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -216,12 +240,15 @@ def grad_hess_kernel_parallel(y, s, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2):
+def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m0 = -math.inf
@@ -236,8 +263,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -246,11 +276,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2):
     _out0[_i] = _w * (-_r1)
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t4_0 = -_l0 + (_e_s - _m0)
-        _t4_1 = math.expm1(_t4_0)
-        _t4_2 = math.exp(_t4_0)
-        _out1[_i, _k] = _w * (((_t4_1) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_t4_2)))
-        _out2[_i, _k] = _w * (-_t4_1*_t4_2)
+        _p0 = _stash[0, _k] * _l0_inv
+        _t4_0 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0))))
+        _out1[_i, _k] = _w * (((_t4_0) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
+        _out2[_i, _k] = _w * (-_p0*_t4_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -258,8 +287,11 @@ def loss_grad_hess_kernel(y, s, _weight, _out0, _out1, _out2):
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1, _out2)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -267,8 +299,11 @@ def loss_grad_hess_kernel_parallel(y, s, _weight, _out0, _out1, _out2):
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1, _out2)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -96,7 +96,7 @@ def loss_kernel_parallel(y, s, temperature, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0):
+def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m1 = -math.inf
@@ -111,13 +111,17 @@ def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = ((_e_s)/(temperature))
+        _x = math.exp(_s - _m1)
+        _stash[0, _k] = _x
         if _k != _a1:
-            _l1 += math.exp(_s - _m1)
+            _l1 += _x
+    _l1_inv = 1.0 / (1.0 + _l1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _out0[_i, _k] = _w * (((((math.expm1((-_l1 + (-_m1 + ((_e_s)/(temperature))))))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((math.exp((-_l1 + (-_m1 + ((_e_s)/(temperature))))))/(temperature)))))
+        _p1 = _stash[0, _k] * _l1_inv
+        _out0[_i, _k] = _w * (((((((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature)))))))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -125,8 +129,11 @@ def grad_kernel(y, s, temperature, _weight, _out0):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -134,12 +141,15 @@ def grad_kernel_parallel(y, s, temperature, _weight, _out0):
     """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0):
+def _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m1 = -math.inf
@@ -154,14 +164,17 @@ def _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = ((_e_s)/(temperature))
+        _x = math.exp(_s - _m1)
+        _stash[0, _k] = _x
         if _k != _a1:
-            _l1 += math.exp(_s - _m1)
+            _l1 += _x
+    _l1_inv = 1.0 / (1.0 + _l1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-        _out0[_i, _k] = _w * ((((((-math.exp(_t2_0)*math.expm1(_t2_0))/(temperature))))/(temperature)))
+        _p1 = _stash[0, _k] * _l1_inv
+        _out0[_i, _k] = _w * ((((((-_p1*((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature)))))))/(temperature))))/(temperature)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -169,8 +182,11 @@ def hess_kernel(y, s, temperature, _weight, _out0):
     """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -178,12 +194,15 @@ def hess_kernel_parallel(y, s, temperature, _weight, _out0):
     """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1):
+def _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _m1 = -math.inf
@@ -198,17 +217,19 @@ def _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = ((_e_s)/(temperature))
+        _x = math.exp(_s - _m1)
+        _stash[0, _k] = _x
         if _k != _a1:
-            _l1 += math.exp(_s - _m1)
+            _l1 += _x
+    _l1_inv = 1.0 / (1.0 + _l1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-        _t2_1 = math.expm1(_t2_0)
-        _t2_2 = math.exp(_t2_0)
-        _out0[_i, _k] = _w * (((((_t2_1)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t2_2)/(temperature)))))
-        _out1[_i, _k] = _w * ((((((-_t2_1*_t2_2)/(temperature))))/(temperature)))
+        _p1 = _stash[0, _k] * _l1_inv
+        _t2_0 = ((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature))))))
+        _out0[_i, _k] = _w * (((((_t2_0)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
+        _out1[_i, _k] = _w * ((((((-_p1*_t2_0)/(temperature))))/(temperature)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -216,8 +237,11 @@ def grad_hess_kernel(y, s, temperature, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -225,12 +249,15 @@ def grad_hess_kernel_parallel(y, s, temperature, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _out2):
+def _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _k = _row_y
@@ -248,18 +275,20 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _o
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = ((_e_s)/(temperature))
+        _x = math.exp(_s - _m1)
+        _stash[0, _k] = _x
         if _k != _a1:
-            _l1 += math.exp(_s - _m1)
+            _l1 += _x
+    _l1_inv = 1.0 / (1.0 + _l1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t4_0 = -_l1 + (-_m1 + ((_e_s)/(temperature)))
-        _t4_1 = math.expm1(_t4_0)
-        _t4_2 = math.exp(_t4_0)
-        _out1[_i, _k] = _w * (((((_t4_1)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_t4_2)/(temperature)))))
-        _out2[_i, _k] = _w * ((((((-_t4_1*_t4_2)/(temperature))))/(temperature)))
+        _p1 = _stash[0, _k] * _l1_inv
+        _t4_0 = ((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature))))))
+        _out1[_i, _k] = _w * (((((_t4_0)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
+        _out2[_i, _k] = _w * ((((((-_p1*_t4_0)/(temperature))))/(temperature)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -267,8 +296,11 @@ def loss_grad_hess_kernel(y, s, temperature, _weight, _out0, _out1, _out2):
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1, _out2)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -276,8 +308,11 @@ def loss_grad_hess_kernel_parallel(y, s, temperature, _weight, _out0, _out1, _ou
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1, _out2)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, temperature, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")

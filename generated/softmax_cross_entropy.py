@@ -148,7 +148,7 @@ def loss_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
+def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -185,8 +185,11 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _t3_0 = label_smoothing - 1.0
@@ -197,44 +200,46 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
+        _p0 = _stash[0, _k] * _l0_inv
         _t4_0 = _C*_e_w
-        _t4_1 = _e_s - _m0
-        _t4_2 = -_l0 + (_t4_1)
-        _t4_3 = math.expm1(_t4_2)
-        _t4_5 = (_t4_3 >= -1/2)
-        _t4_6 = _t4_3 + 1.0
-        _t4_8 = _l0 + (-_t4_1)
-        _t4_9 = (_t4_8 <= 700.0)
-        _t4_10 = (-_l0 + (_h1 + _t4_1))
-        _t4_13 = (abs(_t4_10) <= 1.0)
-        _t4_17 = (_t4_8 <= 1.0)
-        _t4_19 = -_C*_e_w*_t4_3 + _t4_0*_t4_3*label_smoothing
-        _t4_20 = math.exp(_t4_2)
-        _t4_22 = _C*_r3
-        if _t4_9:
-            _t4_7 = _r4*_t4_6
-            _b4_2 = _r4*_t4_20
-            _b4_3 = _t4_7
-            _b4_4 = _t4_7
+        _t4_1 = (_p0 <= 1/2)
+        _t4_2 = _e_s - _m0
+        _t4_3 = math.expm1(-_l0 + (_t4_2))
+        _t4_4 = ((_p0 - 1.0) if _t4_1 else (_t4_3))
+        _t4_6 = (_p0 >= 1/2)
+        _t4_7 = ((_t4_6) if _t4_1 else ((_t4_3 >= -1/2)))
+        _t4_8 = _t4_4 + 1.0
+        _t4_10 = _l0 + (-_t4_2)
+        _t4_11 = (_t4_10 <= 700.0)
+        _t4_12 = (-_l0 + (_h1 + _t4_2))
+        _t4_15 = (abs(_t4_12) <= 1.0)
+        _t4_19 = (_t4_10 <= 1.0)
+        _t4_21 = -_C*_e_w*_t4_4 + _t4_0*_t4_4*label_smoothing
+        _t4_23 = _C*_r3
+        if _t4_11:
+            _t4_9 = _r4*_t4_8
+            _b4_2 = _p0*_r4
+            _b4_3 = _t4_9
+            _b4_4 = _t4_9
         else:
-            _t4_14 = _h2*math.exp(_t4_10)
-            _b4_2 = _t4_14
-            _b4_3 = _t4_14
-            _b4_4 = _h2*(math.expm1(_t4_10) + 1.0)
-        _t4_11 = _e_w + _b4_4
-        _t4_15 = _e_w + _b4_3
-        if _t4_13:
-            _t4_12 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (_t4_11))
-            _b4_0 = -_t4_12 + _t4_3*(_h0*_t4_0)
-            _b4_1 = _h3*_t4_3 + _h3 - _t4_12
-            _t4_16 = _t4_11
+            _t4_16 = _h2*math.exp(_t4_12)
+            _b4_2 = _t4_16
+            _b4_3 = _t4_16
+            _b4_4 = _h2*(math.expm1(_t4_12) + 1.0)
+        _t4_13 = _e_w + _b4_4
+        _t4_17 = _e_w + _b4_3
+        if _t4_15:
+            _t4_14 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (_t4_13))
+            _b4_0 = -_t4_14 + _t4_4*(_h0*_t4_0)
+            _b4_1 = _h3*_t4_4 + _h3 - _t4_14
+            _t4_18 = _t4_13
         else:
-            _t4_16 = _t4_15
-            _t4_18 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
-            _b4_0 = -_t4_18 - _t4_19
-            _b4_1 = _C*_r3*_t4_6*label_smoothing - _t4_18 - _t4_22*_t4_6
-        _t4_21 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + _b4_2))))
-        _out0[_i, _k] = _w * (((((((_b4_0) if _t4_17 else (-_t4_19 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b4_1) if _t4_17 else (_C*_r3*_t4_20*label_smoothing - _t4_20*_t4_22 - _t4_21)))/(_C)))))
+            _t4_18 = _t4_17
+            _t4_20 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (((_t4_18) if _t4_19 else (_t4_17))))
+            _b4_0 = -_t4_20 - _t4_21
+            _b4_1 = _C*_r3*_t4_8*label_smoothing - _t4_20 - _t4_23*_t4_8
+        _t4_22 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_6 else (((_t4_18) if _t4_19 else (_e_w + _b4_2))))
+        _out0[_i, _k] = _w * (((((((_b4_0) if _t4_19 else (-_t4_21 - _t4_22)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b4_1) if _t4_19 else (_C*_p0*_r3*label_smoothing - _p0*_t4_23 - _t4_22)))/(_C)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -242,8 +247,11 @@ def grad_kernel(y, s, w, label_smoothing, _weight, _out0):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -251,12 +259,15 @@ def grad_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
     """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
+def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -293,8 +304,11 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _t3_0 = _r3*(label_smoothing - 1.0)
@@ -305,10 +319,9 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0):
     _h2 = (_t3_0 + ((-_t3_1)/(_C)))
     for _k in range(_n):
         _e_s = s[_i, _k]
+        _p0 = _stash[0, _k] * _l0_inv
         _t4_0 = _e_s - _m0
-        _t4_1 = -_l0 + (_t4_0)
-        _t4_2 = math.exp(_t4_1)
-        _out0[_i, _k] = _w * (_t4_2*((_h0*math.expm1(_t4_1)) if (_l0 + (-_t4_0) <= 1.0) else (_h1*_t4_2 + _h2)))
+        _out0[_i, _k] = _w * (_p0*((_h0*((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_t4_0))))) if (_l0 + (-_t4_0) <= 1.0) else (_h1*_p0 + _h2)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -316,8 +329,11 @@ def hess_kernel(y, s, w, label_smoothing, _weight, _out0):
     """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -325,12 +341,15 @@ def hess_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
     """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
+def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -368,8 +387,11 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _t3_0 = label_smoothing - 1.0
@@ -386,29 +408,31 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
+        _p0 = _stash[0, _k] * _l0_inv
         _t4_0 = _C*_e_w
-        _t4_1 = _e_s - _m0
-        _t4_2 = -_l0 + (_t4_1)
-        _t4_3 = math.expm1(_t4_2)
-        _t4_5 = (_t4_3 >= -1/2)
-        _t4_6 = _t4_3 + 1.0
-        _t4_7 = _r4*_t4_6
-        _t4_8 = _l0 + (-_t4_1)
-        _t4_9 = (_t4_8 <= 700.0)
-        _t4_10 = (-_l0 + (_h1 + _t4_1))
-        _t4_11 = _e_w + ((_t4_7) if _t4_9 else (_h2*(math.expm1(_t4_10) + 1.0)))
-        _t4_12 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (_t4_11))
-        _t4_13 = (abs(_t4_10) <= 1.0)
-        _t4_15 = _e_w + ((_t4_7) if _t4_9 else ((_h2*math.exp(_t4_10))))
-        _t4_16 = ((_t4_11) if _t4_13 else (_t4_15))
-        _t4_17 = (_t4_8 <= 1.0)
-        _t4_18 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (((_t4_16) if _t4_17 else (_t4_15))))
-        _t4_19 = -_C*_e_w*_t4_3 + _t4_0*_t4_3*label_smoothing
-        _t4_20 = math.exp(_t4_2)
-        _t4_21 = label_smoothing*(((_r4*_t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if (_t4_20 >= 1/2) else (((_t4_16) if _t4_17 else (_e_w + ((_r4*_t4_20) if _t4_9 else ((_h2*math.exp(_t4_10))))))))
-        _t4_22 = _C*_r3
-        _out0[_i, _k] = _w * (((((((((-_t4_12 + _t4_3*(_h0*_t4_0)) if _t4_13 else (-_t4_18 - _t4_19))) if _t4_17 else (-_t4_19 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t4_3 + _h3 - _t4_12) if _t4_13 else (_C*_r3*_t4_6*label_smoothing - _t4_18 - _t4_22*_t4_6))) if _t4_17 else (_C*_r3*_t4_20*label_smoothing - _t4_20*_t4_22 - _t4_21)))/(_C)))))
-        _out1[_i, _k] = _w * (_t4_20*((_h4*_t4_3) if _t4_17 else (_h5*_t4_20 + _h6)))
+        _t4_1 = (_p0 <= 1/2)
+        _t4_2 = _e_s - _m0
+        _t4_3 = math.expm1(-_l0 + (_t4_2))
+        _t4_4 = ((_p0 - 1.0) if _t4_1 else (_t4_3))
+        _t4_6 = (_p0 >= 1/2)
+        _t4_7 = ((_t4_6) if _t4_1 else ((_t4_3 >= -1/2)))
+        _t4_8 = _t4_4 + 1.0
+        _t4_9 = _r4*_t4_8
+        _t4_10 = _l0 + (-_t4_2)
+        _t4_11 = (_t4_10 <= 700.0)
+        _t4_12 = (-_l0 + (_h1 + _t4_2))
+        _t4_13 = _e_w + ((_t4_9) if _t4_11 else (_h2*(math.expm1(_t4_12) + 1.0)))
+        _t4_14 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (_t4_13))
+        _t4_15 = (abs(_t4_12) <= 1.0)
+        _t4_17 = _e_w + ((_t4_9) if _t4_11 else ((_h2*math.exp(_t4_12))))
+        _t4_18 = ((_t4_13) if _t4_15 else (_t4_17))
+        _t4_19 = (_t4_10 <= 1.0)
+        _t4_20 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (((_t4_18) if _t4_19 else (_t4_17))))
+        _t4_21 = -_C*_e_w*_t4_4 + _t4_0*_t4_4*label_smoothing
+        _t4_22 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_6 else (((_t4_18) if _t4_19 else (_e_w + ((_p0*_r4) if _t4_11 else ((_h2*math.exp(_t4_12))))))))
+        _t4_23 = _C*_r3
+        _out0[_i, _k] = _w * (((((((((-_t4_14 + _t4_4*(_h0*_t4_0)) if _t4_15 else (-_t4_20 - _t4_21))) if _t4_19 else (-_t4_21 - _t4_22)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t4_4 + _h3 - _t4_14) if _t4_15 else (_C*_r3*_t4_8*label_smoothing - _t4_20 - _t4_23*_t4_8))) if _t4_19 else (_C*_p0*_r3*label_smoothing - _p0*_t4_23 - _t4_22)))/(_C)))))
+        _out1[_i, _k] = _w * (_p0*((_h4*_t4_4) if _t4_19 else (_h5*_p0 + _h6)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -416,8 +440,11 @@ def grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -425,12 +452,15 @@ def grad_hess_kernel_parallel(y, s, w, label_smoothing, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2):
+def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -469,8 +499,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -505,29 +538,31 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
+        _p0 = _stash[0, _k] * _l0_inv
         _t6_0 = _C*_e_w
-        _t6_1 = _e_s - _m0
-        _t6_2 = -_l0 + (_t6_1)
-        _t6_3 = math.expm1(_t6_2)
-        _t6_5 = (_t6_3 >= -1/2)
-        _t6_6 = _t6_3 + 1.0
-        _t6_7 = _r4*_t6_6
-        _t6_8 = _l0 + (-_t6_1)
-        _t6_9 = (_t6_8 <= 700.0)
-        _t6_10 = (-_l0 + (_h1 + _t6_1))
-        _t6_11 = _e_w + ((_t6_7) if _t6_9 else (_h2*(math.expm1(_t6_10) + 1.0)))
-        _t6_12 = label_smoothing*(((_r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_5 else (_t6_11))
-        _t6_13 = (abs(_t6_10) <= 1.0)
-        _t6_15 = _e_w + ((_t6_7) if _t6_9 else ((_h2*math.exp(_t6_10))))
-        _t6_16 = ((_t6_11) if _t6_13 else (_t6_15))
-        _t6_17 = (_t6_8 <= 1.0)
-        _t6_18 = label_smoothing*(((_r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_5 else (((_t6_16) if _t6_17 else (_t6_15))))
-        _t6_19 = -_C*_e_w*_t6_3 + _t6_0*_t6_3*label_smoothing
-        _t6_20 = math.exp(_t6_2)
-        _t6_21 = label_smoothing*(((_r4*_t6_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if (_t6_20 >= 1/2) else (((_t6_16) if _t6_17 else (_e_w + ((_r4*_t6_20) if _t6_9 else ((_h2*math.exp(_t6_10))))))))
-        _t6_22 = _C*_r3
-        _out1[_i, _k] = _w * (((((((((-_t6_12 + _t6_3*(_h0*_t6_0)) if _t6_13 else (-_t6_18 - _t6_19))) if _t6_17 else (-_t6_19 - _t6_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t6_3 + _h3 - _t6_12) if _t6_13 else (_C*_r3*_t6_6*label_smoothing - _t6_18 - _t6_22*_t6_6))) if _t6_17 else (_C*_r3*_t6_20*label_smoothing - _t6_20*_t6_22 - _t6_21)))/(_C)))))
-        _out2[_i, _k] = _w * (_t6_20*((_h4*_t6_3) if _t6_17 else (_h5*_t6_20 + _h6)))
+        _t6_1 = (_p0 <= 1/2)
+        _t6_2 = _e_s - _m0
+        _t6_3 = math.expm1(-_l0 + (_t6_2))
+        _t6_4 = ((_p0 - 1.0) if _t6_1 else (_t6_3))
+        _t6_6 = (_p0 >= 1/2)
+        _t6_7 = ((_t6_6) if _t6_1 else ((_t6_3 >= -1/2)))
+        _t6_8 = _t6_4 + 1.0
+        _t6_9 = _r4*_t6_8
+        _t6_10 = _l0 + (-_t6_2)
+        _t6_11 = (_t6_10 <= 700.0)
+        _t6_12 = (-_l0 + (_h1 + _t6_2))
+        _t6_13 = _e_w + ((_t6_9) if _t6_11 else (_h2*(math.expm1(_t6_12) + 1.0)))
+        _t6_14 = label_smoothing*(((_r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_7 else (_t6_13))
+        _t6_15 = (abs(_t6_12) <= 1.0)
+        _t6_17 = _e_w + ((_t6_9) if _t6_11 else ((_h2*math.exp(_t6_12))))
+        _t6_18 = ((_t6_13) if _t6_15 else (_t6_17))
+        _t6_19 = (_t6_10 <= 1.0)
+        _t6_20 = label_smoothing*(((_r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_7 else (((_t6_18) if _t6_19 else (_t6_17))))
+        _t6_21 = -_C*_e_w*_t6_4 + _t6_0*_t6_4*label_smoothing
+        _t6_22 = label_smoothing*(((_r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_6 else (((_t6_18) if _t6_19 else (_e_w + ((_p0*_r4) if _t6_11 else ((_h2*math.exp(_t6_12))))))))
+        _t6_23 = _C*_r3
+        _out1[_i, _k] = _w * (((((((((-_t6_14 + _t6_4*(_h0*_t6_0)) if _t6_15 else (-_t6_20 - _t6_21))) if _t6_19 else (-_t6_21 - _t6_22)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t6_4 + _h3 - _t6_14) if _t6_15 else (_C*_r3*_t6_8*label_smoothing - _t6_20 - _t6_23*_t6_8))) if _t6_19 else (_C*_p0*_r3*label_smoothing - _p0*_t6_23 - _t6_22)))/(_C)))))
+        _out2[_i, _k] = _w * (_p0*((_h4*_t6_4) if _t6_19 else (_h5*_p0 + _h6)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -535,8 +570,11 @@ def loss_grad_hess_kernel(y, s, w, label_smoothing, _weight, _out0, _out1, _out2
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in range(s.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2)
+    _rows = s.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -544,8 +582,11 @@ def loss_grad_hess_kernel_parallel(y, s, w, label_smoothing, _weight, _out0, _ou
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    for _i in numba.prange(s.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2)
+    _rows = s.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")

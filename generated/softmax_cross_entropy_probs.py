@@ -140,7 +140,7 @@ def loss_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
+def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -175,8 +175,11 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.log(abs(_r2))
@@ -185,21 +188,20 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
         _e_w = w[_k]
-        _t3_0 = _e_s - _m0
-        _t3_1 = -_l0 + (_t3_0)
-        _t3_2 = math.expm1(_t3_1)
-        _t3_3 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
-        _t3_4 = math.exp(_t3_1)
-        if (_t3_4 >= 1/2):
-            _b3_0 = _r2*_t3_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_3), _r2_error))
+        _p0 = _stash[0, _k] * _l0_inv
+        _t3_0 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
+        _t3_1 = _e_s - _m0
+        _t3_2 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_t3_1))))
+        if (_p0 >= 1/2):
+            _b3_0 = _r2*_t3_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_0), _r2_error))
         else:
-            _t3_5 = (_t3_3)
-            _t3_6 = _r2*(_t3_2 + 1.0)
-            _t3_7 = _l0 + (-_t3_0)
-            _t3_8 = (_t3_7 <= 700.0)
-            _t3_9 = (-_l0 + (_h0 + _t3_0))
-            _t3_10 = _h1*math.exp(_t3_9)
-            _b3_0 = ((((_t3_5 + ((_t3_6) if _t3_8 else (_h1*(math.expm1(_t3_9) + 1.0)))) if (abs(_t3_9) <= 1.0) else (_t3_5 + ((_t3_6) if _t3_8 else (_t3_10))))) if (_t3_7 <= 1.0) else (_t3_5 + ((_r2*_t3_4) if _t3_8 else (_t3_10))))
+            _t3_3 = (_t3_0)
+            _t3_4 = _r2*(_t3_2 + 1.0)
+            _t3_5 = _l0 + (-_t3_1)
+            _t3_6 = (_t3_5 <= 700.0)
+            _t3_7 = (-_l0 + (_h0 + _t3_1))
+            _t3_8 = _h1*math.exp(_t3_7)
+            _b3_0 = ((((_t3_3 + ((_t3_4) if _t3_6 else (_h1*(math.expm1(_t3_7) + 1.0)))) if (abs(_t3_7) <= 1.0) else (_t3_3 + ((_t3_4) if _t3_6 else (_t3_8))))) if (_t3_5 <= 1.0) else (_t3_3 + ((_p0*_r2) if _t3_6 else (_t3_8))))
         _out0[_i, _k] = _w * (-_b3_0)
 
 
@@ -208,8 +210,11 @@ def grad_kernel(t, s, w, label_smoothing, _weight, _out0):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in range(t.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0)
+    _rows = t.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -217,12 +222,15 @@ def grad_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
     """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in numba.prange(t.shape[0]):
-        _grad_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0)
+    _rows = t.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
+def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -257,14 +265,17 @@ def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _t2_0 = -_l0 + (_e_s - _m0)
-        _out0[_i, _k] = _w * (_r2*math.exp(_t2_0)*math.expm1(_t2_0))
+        _p0 = _stash[0, _k] * _l0_inv
+        _out0[_i, _k] = _w * (_p0*_r2*((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -272,8 +283,11 @@ def hess_kernel(t, s, w, label_smoothing, _weight, _out0):
     """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in range(t.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0)
+    _rows = t.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -281,12 +295,15 @@ def hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
     """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in numba.prange(t.shape[0]):
-        _hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0)
+    _rows = t.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1):
+def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -322,8 +339,11 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.log(abs(_r2))
@@ -332,24 +352,23 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
         _e_w = w[_k]
-        _t3_0 = _e_s - _m0
-        _t3_1 = -_l0 + (_t3_0)
-        _t3_2 = math.expm1(_t3_1)
+        _p0 = _stash[0, _k] * _l0_inv
+        _t3_0 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
+        _t3_1 = _e_s - _m0
+        _t3_2 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_t3_1))))
         _t3_3 = _r2*_t3_2
-        _t3_4 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
-        _t3_5 = math.exp(_t3_1)
-        if (_t3_5 >= 1/2):
-            _b3_0 = _t3_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_4), _r2_error))
+        if (_p0 >= 1/2):
+            _b3_0 = _t3_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_0), _r2_error))
         else:
-            _t3_6 = (_t3_4)
-            _t3_7 = _r2*(_t3_2 + 1.0)
-            _t3_8 = _l0 + (-_t3_0)
-            _t3_9 = (_t3_8 <= 700.0)
-            _t3_10 = (-_l0 + (_h0 + _t3_0))
-            _t3_11 = _h1*math.exp(_t3_10)
-            _b3_0 = ((((_t3_6 + ((_t3_7) if _t3_9 else (_h1*(math.expm1(_t3_10) + 1.0)))) if (abs(_t3_10) <= 1.0) else (_t3_6 + ((_t3_7) if _t3_9 else (_t3_11))))) if (_t3_8 <= 1.0) else (_t3_6 + ((_r2*_t3_5) if _t3_9 else (_t3_11))))
+            _t3_4 = (_t3_0)
+            _t3_5 = _r2*(_t3_2 + 1.0)
+            _t3_6 = _l0 + (-_t3_1)
+            _t3_7 = (_t3_6 <= 700.0)
+            _t3_8 = (-_l0 + (_h0 + _t3_1))
+            _t3_9 = _h1*math.exp(_t3_8)
+            _b3_0 = ((((_t3_4 + ((_t3_5) if _t3_7 else (_h1*(math.expm1(_t3_8) + 1.0)))) if (abs(_t3_8) <= 1.0) else (_t3_4 + ((_t3_5) if _t3_7 else (_t3_9))))) if (_t3_6 <= 1.0) else (_t3_4 + ((_p0*_r2) if _t3_7 else (_t3_9))))
         _out0[_i, _k] = _w * (-_b3_0)
-        _out1[_i, _k] = _w * (_t3_3*_t3_5)
+        _out1[_i, _k] = _w * (_p0*_t3_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -357,8 +376,11 @@ def grad_hess_kernel(t, s, w, label_smoothing, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in range(t.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1)
+    _rows = t.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -366,12 +388,15 @@ def grad_hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in numba.prange(t.shape[0]):
-        _grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1)
+    _rows = t.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2):
+def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -408,8 +433,11 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
+        _x = math.exp(_s - _m0)
+        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += math.exp(_s - _m0)
+            _l0 += _x
+    _l0_inv = 1.0 / (1.0 + _l0)
     _l0 = math.log1p(_l0)
     _r1 = 0.0
     _r1_error = 0.0
@@ -433,24 +461,23 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
         _e_w = w[_k]
-        _t4_0 = _e_s - _m0
-        _t4_1 = -_l0 + (_t4_0)
-        _t4_2 = math.expm1(_t4_1)
+        _p0 = _stash[0, _k] * _l0_inv
+        _t4_0 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
+        _t4_1 = _e_s - _m0
+        _t4_2 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_t4_1))))
         _t4_3 = _r2*_t4_2
-        _t4_4 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
-        _t4_5 = math.exp(_t4_1)
-        if (_t4_5 >= 1/2):
-            _b4_0 = _t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t4_4), _r2_error))
+        if (_p0 >= 1/2):
+            _b4_0 = _t4_3 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t4_0), _r2_error))
         else:
-            _t4_6 = (_t4_4)
-            _t4_7 = _r2*(_t4_2 + 1.0)
-            _t4_8 = _l0 + (-_t4_0)
-            _t4_9 = (_t4_8 <= 700.0)
-            _t4_10 = (-_l0 + (_h0 + _t4_0))
-            _t4_11 = _h1*math.exp(_t4_10)
-            _b4_0 = ((((_t4_6 + ((_t4_7) if _t4_9 else (_h1*(math.expm1(_t4_10) + 1.0)))) if (abs(_t4_10) <= 1.0) else (_t4_6 + ((_t4_7) if _t4_9 else (_t4_11))))) if (_t4_8 <= 1.0) else (_t4_6 + ((_r2*_t4_5) if _t4_9 else (_t4_11))))
+            _t4_4 = (_t4_0)
+            _t4_5 = _r2*(_t4_2 + 1.0)
+            _t4_6 = _l0 + (-_t4_1)
+            _t4_7 = (_t4_6 <= 700.0)
+            _t4_8 = (-_l0 + (_h0 + _t4_1))
+            _t4_9 = _h1*math.exp(_t4_8)
+            _b4_0 = ((((_t4_4 + ((_t4_5) if _t4_7 else (_h1*(math.expm1(_t4_8) + 1.0)))) if (abs(_t4_8) <= 1.0) else (_t4_4 + ((_t4_5) if _t4_7 else (_t4_9))))) if (_t4_6 <= 1.0) else (_t4_4 + ((_p0*_r2) if _t4_7 else (_t4_9))))
         _out1[_i, _k] = _w * (-_b4_0)
-        _out2[_i, _k] = _w * (_t4_3*_t4_5)
+        _out2[_i, _k] = _w * (_p0*_t4_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -458,8 +485,11 @@ def loss_grad_hess_kernel(t, s, w, label_smoothing, _weight, _out0, _out1, _out2
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in range(t.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2)
+    _rows = t.shape[0]
+    for _b in range((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -467,8 +497,11 @@ def loss_grad_hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0, _ou
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = t.shape[1]
     _C = float(_n)
-    for _i in numba.prange(t.shape[0]):
-        _loss_grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2)
+    _rows = t.shape[0]
+    for _b in numba.prange((_rows + 255) // 256):
+        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
+        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
+            _loss_grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash)
 
 
 @numba.njit(cache=True, error_model="numpy")

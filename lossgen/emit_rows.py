@@ -10,13 +10,19 @@ How each kind of reduction is computed (the table :data:`LOOP_CODE`):
 * ``sum``: compensated summation (Knuth's two-sum), so cancelling terms of a row keep their
   digits; ``take``: the summand at the row's index, no loop;
 * ``max``/``min``: the value and its first arg-max (the derivative's convention on ties);
-* ``logsumexp``: R = M + L with M = max_k g_k and L = log1p(sum_{k != argmax} exp(g_k - M)).
+* ``logsumexp``: R = M + L with M = max_k g_k and L = log1p(S), S = sum_{k != argmax} exp(g_k - M).
   Every g - R is then printed as (g - M) - L, and R - T as (M - T) + L: the shift cancels
   exactly first, so log-softmax and cross-entropy keep their digits next to 0.
+  Where the element outputs hold the softmax weight p = exp(g - R), each exp(g_k - M) of
+  that pass is kept (in a scratch row, ``_stash``) and p is E_k/(1 + S), a product, not a
+  second exponential; expm1(g - R) = p - 1 where p <= 1/2 (no cancellation there), so
+  expm1 runs only where p > 1/2, at most at one element of the row. Softmax cross-entropy's
+  loss, gradient and Hessian take one exponential per element.
 """
 from __future__ import annotations
 
 import sympy as sp
+from sympy.codegen.cfunctions import expm1
 
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
@@ -102,9 +108,36 @@ class _Body:
         self.per_row = {spec.symbols[i.name]: i for i in spec.inputs if not i.axis}
         self.lines: list[str] = []
         self._temporaries = 0
+        self.stashed: dict = {}  # logsumexp tail L -> (its slot in _stash, the weight's symbol p)
 
     def is_element(self, expr: sp.Expr) -> bool:
-        return varies_along_row(expr, self.derivation.element_symbols)
+        weights = {p for _, p in self.stashed.values()}
+        return varies_along_row(expr, self.derivation.element_symbols | weights)
+
+    def stash_softmax(self, exprs: list[sp.Expr]) -> list[sp.Expr]:
+        """``exprs`` with each softmax weight exp((g - M) - L) of a logsumexp R = M + L of
+        summand g as a symbol p, computed from that pass's exp(g - M) (see the module
+        docstring), and expm1((g - M) - L) as p - 1 where p <= 1/2."""
+        replacements = {}
+        for r in self.reductions.values():
+            if r.kind != "logsumexp_tail":
+                continue
+            m = r.index[0]
+            u = group(r.summand - m) - r.symbol
+            if not any(e.has(sp.exp(u)) for e in exprs):
+                continue
+            p = sp.Symbol(f"_p{r.symbol.name[2:]}", positive=True)
+            self.stashed[r.symbol] = (len(self.stashed), p)
+            replacements[sp.exp(u)] = p
+            replacements[expm1(u)] = sp.Piecewise((p - 1, p <= sp.S.Half), (expm1(u), True))
+        return [e.xreplace(replacements) for e in exprs]
+
+    def bind_weights(self, exprs, indent: int):
+        """Read the stashed softmax weights that ``exprs`` use, at element ``_k``."""
+        used = set().union(*(e.free_symbols for e in exprs)) if exprs else set()
+        for tail, (slot, p) in self.stashed.items():
+            if p in used:
+                self.emit(indent, f"{p} = _stash[{slot}, _k] * {tail}_inv")
 
     def hoist(self, exprs) -> tuple[list[sp.Expr], dict]:
         """``exprs`` with their row-level parts named (see :func:`_hoist`), and {part: name}."""
@@ -185,7 +218,8 @@ class _Body:
             if not looped:
                 continue
             keys = {r.symbol: self.tie_keys.get(r.symbol) for r in looped}
-            kinds = {r.symbol: r.kind + ("_keyed" if keys[r.symbol] is not None else "") for r in looped}
+            kinds = {r.symbol: r.kind + ("_keyed" if keys[r.symbol] is not None else "")
+                     + ("_stashed" if r.symbol in self.stashed else "") for r in looped}
             for r in looped:
                 for line in LOOP_CODE[kinds[r.symbol]]["start"]:
                     self.emit(2, line.format(**self.names(r)))
@@ -211,6 +245,8 @@ class _Body:
             names["a"] = r.index.name
         if r.kind == "logsumexp_tail":
             names["m"], names["a"] = r.index[0].name, r.index[1].name
+        if r.symbol in self.stashed:
+            names["slot"] = self.stashed[r.symbol][0]
         return names
 
 
@@ -237,6 +273,11 @@ LOOP_CODE = {
     "logsumexp_tail": {"start": ["{r} = 0.0"],
                        "step": ["if _k != {a}:", "    {r} += math.exp(_s - {m})"],
                        "finish": ["{r} = math.log1p({r})"]},
+    # the same, keeping each exp(g - M) for the softmax weights E_k/(1 + S) of the element pass
+    "logsumexp_tail_stashed": {"start": ["{r} = 0.0"],
+                               "step": ["_x = math.exp(_s - {m})", "_stash[{slot}, _k] = _x",
+                                        "if _k != {a}:", "    {r} += _x"],
+                               "finish": ["{r}_inv = 1.0 / (1.0 + {r})", "{r} = math.log1p({r})"]},
 }
 
 
@@ -332,7 +373,7 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
     body = _Body(derivation, printer, keys)
     spec = derivation.spec
     row_outputs = [body.shifts(e) for e in row_outputs]
-    element_outputs = [body.shifts(e) for e in element_outputs]
+    element_outputs = body.stash_softmax([body.shifts(e) for e in element_outputs])
     outs = [f"_out{j}" for j in range(len(row_outputs) + len(element_outputs))]
     body.bind_row()
     _emit_guard(body, spec, outs, len(row_outputs))
@@ -350,10 +391,11 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
     if element_outputs:
         body.emit(2, "for _k in range(_n):")
         body.bind(element_outputs, 3)
+        body.bind_weights(element_outputs, 3)
         printed = body.cse(element_outputs, 3)
         for out, value in zip(outs[len(row_outputs):], printed):
             body.emit(3, f"{out}[_i, _k] = _w * ({value})")
-    return {"name": name, "outs": outs, "lines": body.lines,
+    return {"name": name, "outs": outs, "lines": body.lines, "stash": len(body.stashed),
             "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
 
 
@@ -432,10 +474,10 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> di
         else:
             body.emit(4, f"{outs[b]}[_i, _j, _l] = _w * _h")
     if product:
-        return {"name": "hvp", "outs": outs, "lines": body.lines,
+        return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": 0,
                 "doc": "The Hessian of each row times the directions, entry by entry (never stored), "
                        "times _weight[i] when given."}
-    return {"name": "hess_full", "outs": outs, "lines": body.lines,
+    return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": 0,
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
 
