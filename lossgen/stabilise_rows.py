@@ -29,6 +29,14 @@ rewrites that only rows need.
   no other reduction reads, x is written through w = g/R; a polynomial in w**2 is expanded
   around w**2 = 1, so that at C = 1 (w = +-1 exactly) the cancelling I - w w^T of a norm's
   Hessian drops out exactly.
+* **Close norms.** Two norms A = |g|, B = |h| of vectors whose difference g - h is shorter than
+  they are (a - p + eps and a - n + eps share the anchor; A - B is fused by
+  :mod:`lossgen.fuse_rows`): their derivatives are differences of one function at the two
+  vectors (the unit vectors' G/A - H/B, the Hessian's S/A**3 - T/B**3 and h h^T/B**3 - g g^T/A**3),
+  which cancel where the vectors are close or one element dominates both. They are written
+  (:data:`CLOSE_NORM_FORMS`, :func:`_close_outer`) in this element's G and H, the rests S and T
+  (each norm's compensated sum less the element's own square), their difference E and
+  A - B = D/(A + B), so that what cancels is subtracted exactly; each form where it holds.
 """
 from __future__ import annotations
 
