@@ -150,7 +150,7 @@ class share(sp.Function):
 
 class root_difference(sp.Function):
     """root_difference(U, V, d) = sqrt(U) - sqrt(V), evaluated as d/(sqrt(U) + sqrt(V)) with
-    d = U - V computed apart (a fused sum): exact, and free of the cancellation of two close
+    d = U - V computed apart (a fused sum): an identity, free of the cancellation of two close
     roots. Differentiated as the roots apart, d/dU = 1/(2 sqrt(U)), d/dV = -1/(2 sqrt(V)), and
     0 for d (d is U - V wherever the program is evaluated): the quotient's own derivative,
     (d' (sqrt U + sqrt V) - d (sqrt U + sqrt V)')/(sqrt U + sqrt V)**2, cancels to first order
@@ -264,10 +264,8 @@ class Fuser:
 
     # step 4
     def close(self, u: sp.Symbol, v: sp.Symbol) -> bool:
-        """Are the sums u and v close: does their summands' difference cancel symbolically?"""
-        su, sv = (sp.expand(self.program.reductions[s].summand) for s in (u, v))
-        d = sp.expand(su - sv)
-        return d != 0 and len(sp.Add.make_args(d)) < len(sp.Add.make_args(su)) + len(sp.Add.make_args(sv))
+        """Are the sums u and v close (:func:`close_summands`)?"""
+        return close_summands(self.program.reductions[u].summand, self.program.reductions[v].summand)
 
     def close_roots(self, expr: sp.Expr) -> sp.Expr:
         """c sqrt(U) - c sqrt(V) + rest -> c root_difference(U, V, U - V fused) + rest, for sums
@@ -349,6 +347,14 @@ class Fuser:
             return numerator / denominator + sp.Add(*rest).xreplace(back)
         complement = sp.factor_terms(complement.xreplace(back))
         return share(numerator, complement, denominator) + sp.Add(*rest).xreplace(back)
+
+
+def close_summands(u: sp.Expr, v: sp.Expr) -> bool:
+    """Does u - v cancel symbolically: is it non-zero and shorter, expanded, than u and v
+    together? (a - p + eps and a - n + eps share the anchor; p and y do not.)"""
+    u, v = sp.expand(u), sp.expand(v)
+    d = sp.expand(u - v)
+    return d != 0 and len(sp.Add.make_args(d)) < len(sp.Add.make_args(u)) + len(sp.Add.make_args(v))
 
 
 def _contains(expr, node) -> bool:

@@ -49,7 +49,7 @@ from sympy.core.traversal import bottom_up
 
 from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
-from .fuse_rows import accurate_form
+from .fuse_rows import accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import direct_form
 from .vocabulary import exact_sum, exprel, group
@@ -443,9 +443,9 @@ def close_pairs(derivation) -> list[ClosePair]:
     pairs = []
     for r0, r1 in itertools.combinations(squares, 2):
         g, h = r0.summand.base, r1.summand.base
-        d = sp.expand(g - h)
-        if d == 0 or len(sp.Add.make_args(d)) >= len(sp.Add.make_args(sp.expand(g))) + len(sp.Add.make_args(sp.expand(h))):
+        if not close_summands(g, h):
             continue
+        d = sp.expand(g - h)
         only_g = sorted(g.free_symbols & derivation.element_symbols - h.free_symbols, key=sp.default_sort_key)
         only_h = sorted(h.free_symbols & derivation.element_symbols - g.free_symbols, key=sp.default_sort_key)
         if not only_g or not only_h or not _linear_in(g, only_g[0], derivation.element_symbols) \
