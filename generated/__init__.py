@@ -57,6 +57,7 @@ LOSSES = {
     'softmax_cross_entropy': ('multiclass', 'Softmax cross-entropy'),
     'softmax_cross_entropy_probs': ('multiclass', 'Softmax cross-entropy with probability targets'),
     'squared_hinge': ('classification', 'Squared hinge loss'),
+    'triplet_margin': ('metric', 'Triplet margin loss'),
     'tversky': ('segmentation', 'Tversky loss'),
     'wgan_critic': ('gan', 'Wasserstein GAN critic loss'),
     'wgan_generator': ('gan', 'Wasserstein GAN generator loss'),

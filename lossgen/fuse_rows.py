@@ -30,6 +30,14 @@ follow the rewritten program by the chain rule), make that cancellation visible:
    rule's E' D - E D' cancels to nothing where the similarity N1 N2/(A B) is small (see
    :class:`share`). A single pair keeps d/D: Dice's full Hessian at p = 0 needs that form.
 
+4. **Close roots.** c sqrt(U) - c sqrt(V) for two sum reductions U, V whose summands' difference
+   is shorter than they are (the norms |a - p + eps| and |a - n + eps| of the triplet loss share
+   the anchor) is c (U - V)/(sqrt(U) + sqrt(V)), with U - V one fused sum (sum((n - p)(2a - p -
+   n + 2 eps))): the difference of two norms keeps its digits where they are equal to many
+   places (a row that mixes 1e10 and 1). Written root_difference(U, V, d), differentiated as the
+   roots apart (see :class:`root_difference`), so the derivatives are those of the norms, which
+   :mod:`lossgen.stabilise_rows` writes in the pair's accurate forms (close norms).
+
 Nothing here names a loss: the table :data:`SUMMAND_FORMS` lists the candidate forms of a fused
 summand, tried in order, and :func:`accurate` is the one test that picks among them.
 """
@@ -140,10 +148,32 @@ class share(sp.Function):
         return sp.S.Zero
 
 
+class root_difference(sp.Function):
+    """root_difference(U, V, d) = sqrt(U) - sqrt(V), evaluated as d/(sqrt(U) + sqrt(V)) with
+    d = U - V computed apart (a fused sum): an identity, free of the cancellation of two close
+    roots. Differentiated as the roots apart, d/dU = 1/(2 sqrt(U)), d/dV = -1/(2 sqrt(V)), and
+    0 for d (d is U - V wherever the program is evaluated): the quotient's own derivative,
+    (d' (sqrt U + sqrt V) - d (sqrt U + sqrt V)')/(sqrt U + sqrt V)**2, cancels to first order
+    where U and V are close. :func:`expand_shares` writes the quotient after differentiation."""
+
+    def fdiff(self, argindex=1):
+        u, v, _ = self.args
+        if argindex == 1:
+            return 1 / (2 * sp.sqrt(u))
+        if argindex == 2:
+            return -1 / (2 * sp.sqrt(v))
+        return sp.S.Zero
+
+    def _eval_is_real(self):
+        return True
+
+
 def expand_shares(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with every share(E, W, D) written E/D."""
-    if not isinstance(expr, sp.Basic) or not expr.has(share):
+    """``expr`` with every share(E, W, D) written E/D, and every root_difference(U, V, d)
+    d/(sqrt(U) + sqrt(V))."""
+    if not isinstance(expr, sp.Basic) or not expr.has(share, root_difference):
         return expr
+    expr = expr.replace(root_difference, lambda u, v, d: d / (sp.sqrt(u) + sp.sqrt(v)))
     return expr.replace(share, lambda part, complement, total: part / total)
 
 
@@ -230,7 +260,37 @@ class Fuser:
         pairs = self.close_pairs(loss)
         if pairs:
             loss = self._rewrite_node(loss, pairs)
-        return self.fuse_sums(loss)
+        return self.fuse_sums(self.close_roots(loss))
+
+    # step 4
+    def close(self, u: sp.Symbol, v: sp.Symbol) -> bool:
+        """Are the sums u and v close (:func:`close_summands`)?"""
+        return close_summands(self.program.reductions[u].summand, self.program.reductions[v].summand)
+
+    def close_roots(self, expr: sp.Expr) -> sp.Expr:
+        """c sqrt(U) - c sqrt(V) + rest -> c root_difference(U, V, U - V fused) + rest, for sums
+        U and V that are close (:meth:`close`)."""
+        def root_of(term):
+            c, factor = term.as_coeff_Mul()
+            if isinstance(factor, sp.Pow) and factor.exp == sp.S.Half and factor.base in self.sums(factor):
+                return c, factor.base
+            return None
+
+        def visit(node):  # through Piecewise branches and their conditions too
+            if not isinstance(node, sp.Basic) or node.is_Atom or not node.args:
+                return node
+            node = node.func(*[visit(a) for a in node.args])
+            if not isinstance(node, sp.Add):
+                return node
+            terms = list(node.args)
+            for t, u in itertools.permutations(terms, 2):
+                ru, rv = root_of(t), root_of(u)
+                if ru and rv and ru[0] == -rv[0] and ru[0] > 0 and self.close(ru[1], rv[1]):
+                    d = self.fuse(ru[1] - rv[1])
+                    rest = [w for w in terms if w is not t and w is not u]
+                    return sp.Add(ru[0] * root_difference(ru[1], rv[1], d), *rest)
+            return node
+        return visit(expr)
 
     def fuse_sums(self, expr: sp.Expr) -> sp.Expr:
         """Every remaining sum of reductions with numeric coefficients and summands of both
@@ -287,6 +347,14 @@ class Fuser:
             return numerator / denominator + sp.Add(*rest).xreplace(back)
         complement = sp.factor_terms(complement.xreplace(back))
         return share(numerator, complement, denominator) + sp.Add(*rest).xreplace(back)
+
+
+def close_summands(u: sp.Expr, v: sp.Expr) -> bool:
+    """Does u - v cancel symbolically: is it non-zero and shorter, expanded, than u and v
+    together? (a - p + eps and a - n + eps share the anchor; p and y do not.)"""
+    u, v = sp.expand(u), sp.expand(v)
+    d = sp.expand(u - v)
+    return d != 0 and len(sp.Add.make_args(d)) < len(sp.Add.make_args(u)) + len(sp.Add.make_args(v))
 
 
 def _contains(expr, node) -> bool:

@@ -424,16 +424,21 @@ def _sign_choices(n: int) -> list[tuple[int, ...]]:
 
 
 def _sum_of_atoms(e):
-    """a + b + c + ... of inputs, parameters and numbers -> exact_sum(...): delta + p - y keeps
-    its digits both where p is close to -delta and where y is close to delta."""
+    """a + b + c + ... of inputs, parameters and numbers (each may be scaled by a power of two,
+    exactly: 2 a - p - n) -> exact_sum(...): delta + p - y keeps its digits both where p is
+    close to -delta and where y is close to delta."""
     terms = _add_terms(e)
-    if terms and len(terms) >= 3 and all(_signed_atom(t) for t in terms):
+    if terms and len(terms) >= 3 and all(_signed_atom(t, scaled=True) for t in terms):
         return exact_sum(*sorted(terms, key=sp.default_sort_key))
 
 
-def _signed_atom(term) -> bool:
+def _signed_atom(term, scaled: bool = False) -> bool:
+    """+-x for an input, parameter or number x; with ``scaled``, also +-2**k x (k >= 1: an
+    exact scaling)."""
     coefficient, rest = term.as_coeff_Mul()
-    return abs(coefficient) == 1 and (rest.is_Symbol or rest.is_Number)
+    c = abs(coefficient)
+    power_of_two = scaled and c.is_Integer and c > 1 and (int(c) & (int(c) - 1)) == 0
+    return (c == 1 or power_of_two) and (rest.is_Symbol or rest.is_Number)
 
 
 def _collect_pair(e):

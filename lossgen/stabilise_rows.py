@@ -29,11 +29,19 @@ rewrites that only rows need.
   no other reduction reads, x is written through w = g/R; a polynomial in w**2 is expanded
   around w**2 = 1, so that at C = 1 (w = +-1 exactly) the cancelling I - w w^T of a norm's
   Hessian drops out exactly.
+* **Close norms.** Two norms A = |g|, B = |h| of vectors whose difference g - h is shorter than
+  they are (a - p + eps and a - n + eps share the anchor; A - B is fused by
+  :mod:`lossgen.fuse_rows`): their derivatives are differences of one function at the two
+  vectors (the unit vectors' G/A - H/B, the Hessian's S/A**3 - T/B**3 and h h^T/B**3 - g g^T/A**3),
+  which cancel where the vectors are close or one element dominates both. They are written
+  (:data:`CLOSE_NORM_FORMS`, :func:`_close_outer`) in this element's G and H, the rests S and T
+  (each norm's compensated sum less the element's own square), their difference E and
+  A - B = D/(A + B), so that what cancels is subtracted exactly; each form where it holds.
 """
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
@@ -41,6 +49,7 @@ from sympy.core.traversal import bottom_up
 
 from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
+from .fuse_rows import accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import direct_form
 from .vocabulary import exact_sum, exprel, group
@@ -327,8 +336,13 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
     return bottom_up(expr, rewrite)
 
 
-def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
-    """One element (or row) expression of a row-wise derivation, stabilised."""
+def stabilise_element(expr: sp.Expr, derivation, pairs=()) -> sp.Expr:
+    """One element (or row) expression of a row-wise derivation, stabilised; ``pairs`` are its
+    close norms (:func:`close_pairs`)."""
+    for pair in pairs:
+        form = _close_norm_form(expr, pair, derivation.element_symbols)
+        if form is not None:
+            return _differences_first(direct_form(form), derivation)
     expr = _own_term_apart(_at_index(expr, derivation), derivation)
     for x, u, x_of_u, back, r in _log_weights(derivation):
         if x in expr.free_symbols:
@@ -344,6 +358,172 @@ def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     if back:
         return _differences_first(direct_form(sp.factor_terms(weighted)).xreplace(back), derivation)
     return _differences_first(direct_form(sp.factor_terms(expr)), derivation)
+
+
+# --- close norms -----------------------------------------------------------------------------
+
+# Placeholders of the close-norm forms: this element's G = g_j and H = h_j, the norms A = |g|
+# and B = |h|, the rests S = A**2 - G**2 and T = B**2 - H**2 (the other elements' squares), their
+# difference E = S - T, delta = G - H, sigma = G + H, D = A**2 - B**2 (a fused sum).
+_G, _H, _A, _B = (sp.Symbol(f"_close_{n}", positive=n in "AB", real=True) for n in "GHAB")
+_S, _T = (sp.Symbol(f"_close_{n}", nonnegative=True) for n in "ST")
+_E, _DELTA, _SIGMA, _D = (sp.Symbol(f"_close_{n}", real=True) for n in ("E", "delta", "sigma", "D"))
+_A_MINUS_B = _D / (_A + _B)  # A - B, without the cancellation of two close roots
+
+# Expressions of one element that are a difference of one function at the two vectors of a
+# close pair (the derivatives of A - B: the unit vectors' difference, and the Hessian's
+# diagonal), and the forms that keep their digits, each where it holds (the first condition
+# that holds is taken). In the unit vectors' difference G/A - H/B = (G B - H A)/(A B), the
+# numerator is (G**2 B**2 - H**2 A**2)/(G B + H A) where G and H have one sign (the sum in the
+# denominator then adds), and G**2 B**2 - H**2 A**2 = G**2 T - H**2 S (G**2 H**2 cancels
+# exactly); where G and H are also close (|delta| <= |sigma|/2), T = S - E and G**2 - H**2 =
+# delta sigma give delta sigma S - G**2 E, whose terms are small where the rows are close. At
+# C = 1, S = T = E = 0 exactly: the difference is exactly 0. Where G and H differ in sign,
+# G/A - H/B adds. The Hessian's diagonal S/A**3 - T/B**3 is E/B**3 + S (1/A**3 - 1/B**3), the
+# second term with A - B = D/(A + B), where E is small against S.
+CLOSE_NORM_FORMS = (
+    ("unit vectors", _G / _A - _H / _B, sp.Piecewise(
+        ((_DELTA * _SIGMA * _S - _G**2 * _E) / ((_G * _B + _H * _A) * _A * _B),
+         sp.And(_G * _H > 0, 2 * sp.Abs(_DELTA) <= sp.Abs(_SIGMA))),
+        ((_G**2 * _T - _H**2 * _S) / ((_G * _B + _H * _A) * _A * _B), _G * _H > 0),
+        (_G / _A - _H / _B, True))),
+    ("rests", (_A**2 - _G**2) / _A**3 - (_B**2 - _H**2) / _B**3, sp.Piecewise(
+        (_E / _B**3 - _S * _A_MINUS_B * (_A**2 + _A * _B + _B**2) / (_A**3 * _B**3), 2 * sp.Abs(_E) <= _S),
+        (_S / _A**3 - _T / _B**3, True))),
+    ("rest of g", (_A**2 - _G**2) / _A**3, _S / _A**3),
+    ("rest of h", (_B**2 - _H**2) / _B**3, _T / _B**3),
+)
+
+
+@dataclass(frozen=True)
+class ClosePair:
+    """Two norms A = sqrt(R0), R0 = sum(g**2), and B = sqrt(R1), R1 = sum(h**2), of vectors whose
+    difference g - h is shorter than g and h (a shared part cancels: the anchor of a - p and
+    a - n), with x and y the elements that g and h are solved for."""
+
+    r0: Reduction
+    r1: Reduction
+    g: sp.Expr
+    h: sp.Expr
+    x: sp.Symbol
+    y: sp.Symbol
+    difference: Reduction       # sum(g**2 - h**2) (or its negative, sign -1), fused
+    sign: int
+    spread: Reduction           # sum((g - h)**2)
+
+    def solved(self, expr: sp.Expr, g: sp.Symbol, h: sp.Symbol) -> sp.Expr:
+        """``expr`` in g and h (symbols) and the norms A and B in place of x, y, R0 and R1."""
+        x_of_g = sp.solve(self.g - g, self.x)[0]
+        y_of_h = sp.solve(self.h - h, self.y)[0]
+        return sp.expand(expr.subs({self.x: x_of_g, self.y: y_of_h})).subs(
+            {self.r0.symbol: _A**2, self.r1.symbol: _B**2})
+
+    def values(self) -> dict:
+        """What each placeholder stands for, in element expressions and row values."""
+        hi0, error0 = sum_parts(self.r0)
+        hi1, error1 = sum_parts(self.r1)
+        hid, errord = sum_parts(self.difference)
+        delta, sigma = sp.expand(self.g - self.h), sp.expand(self.g + self.h)
+        return {_G: self.g, _H: self.h, _A: sp.sqrt(self.r0.symbol), _B: sp.sqrt(self.r1.symbol),
+                _S: exact_sum(hi0, -self.r0.summand, error0), _T: exact_sum(hi1, -self.r1.summand, error1),
+                _E: self.sign * exact_sum(hid, -self.difference.summand, errord),
+                _DELTA: delta, _SIGMA: sigma, _D: self.sign * self.difference.symbol}
+
+
+def _linear_in(expr: sp.Expr, x: sp.Symbol, element_symbols) -> bool:
+    slope = sp.diff(expr, x)
+    return slope != 0 and not slope.free_symbols & set(element_symbols)
+
+
+def close_pairs(derivation) -> list[ClosePair]:
+    """The close pairs of norms among the reductions (see :class:`ClosePair`): the row program
+    of a difference of two norms, A - B (fused by :mod:`lossgen.fuse_rows`)."""
+    squares = [r for r in derivation.reductions
+               if r.kind == "sum" and isinstance(r.summand, sp.Pow) and r.summand.exp == 2]
+    pairs = []
+    for r0, r1 in itertools.combinations(squares, 2):
+        g, h = r0.summand.base, r1.summand.base
+        if not close_summands(g, h):
+            continue
+        d = sp.expand(g - h)
+        only_g = sorted(g.free_symbols & derivation.element_symbols - h.free_symbols, key=sp.default_sort_key)
+        only_h = sorted(h.free_symbols & derivation.element_symbols - g.free_symbols, key=sp.default_sort_key)
+        if not only_g or not only_h or not _linear_in(g, only_g[0], derivation.element_symbols) \
+                or not _linear_in(h, only_h[0], derivation.element_symbols):
+            continue
+        target = sp.expand(g**2 - h**2)
+        difference, sign = None, 1
+        for r in derivation.reductions:
+            if r.kind == "sum" and sp.expand(r.summand - target) == 0:
+                difference, sign = r, 1
+            elif r.kind == "sum" and sp.expand(r.summand + target) == 0:
+                difference, sign = r, -1
+            if difference is not None:
+                break
+        name = f"{r0.symbol.name}{r1.symbol.name}"
+        if difference is None:
+            difference = Reduction(sp.Symbol(f"{name}_d", real=True), "sum",
+                                   sp.factor_terms(accurate_form(target, frozenset())))
+        spread = Reduction(sp.Symbol(f"{name}_q", nonnegative=True), "sum", sp.factor_terms(d**2))
+        pairs.append(ClosePair(r0, r1, g, h, only_g[0], only_h[0], difference, sign, spread))
+    return pairs
+
+
+def _close_norm_form(expr: sp.Expr, pair: ClosePair, element_symbols) -> sp.Expr | None:
+    """``expr`` as c K(...) for a form K of :data:`CLOSE_NORM_FORMS`, written in that form's
+    accurate branches; None where it is no such multiple. Branch by branch of a Piecewise."""
+    expr = sp.piecewise_fold(expr)
+    if isinstance(expr, sp.Piecewise):
+        branches = [(_close_norm_form(e, pair, element_symbols), c) for e, c in expr.args]
+        if all(b is None for b, _ in branches):
+            return None
+        return sp.Piecewise(*[(b if b is not None else e, c) for (b, c), (e, _) in zip(branches, expr.args)])
+    if not expr.has(pair.r0.symbol, pair.r1.symbol) or expr == 0:
+        return None
+    solved = pair.solved(expr, _G, _H)
+    canonical = {_G, _H, _A, _B} | set(element_symbols)
+    for _, form, stable in CLOSE_NORM_FORMS:
+        ratio = sp.cancel(sp.together(solved / form))
+        if not ratio.free_symbols & canonical:
+            return ratio * stable.xreplace(pair.values())
+    return None
+
+
+def _close_outer(block: HessianBlock, pair: ClosePair, element_symbols) -> HessianBlock:
+    """Two outer products of a Hessian block that sum to k (h_j h_l/B**3 - g_j g_l/A**3) (the
+    norms' I - w w^T terms of A - B), where the rows are close (|g - h|**2 <= min(A, B)**2/4),
+    as k (-(delta_j g_l + h_j delta_l)/A**3 + h_j h_l (A - B)(A**2 + A B + B**2)/(A**3 B**3)),
+    delta = g - h, A - B = D/(A + B): exact (g_j g_l = delta_j g_l + h_j delta_l + h_j h_l),
+    and its terms are small where g and h are close, where the two outer products, rounded
+    apart, cancel to nothing. Elsewhere the outer products as they were."""
+    gl, hl = sp.Symbol("_close_Gl", real=True), sp.Symbol("_close_Hl", real=True)
+    canonical = {_G, _H, _A, _B, gl, hl} | set(element_symbols)
+    target = _H * hl / _B**3 - _G * gl / _A**3
+    for (n0, (p0, q0)), (n1, (p1, q1)) in itertools.combinations(enumerate(block.outer), 2):
+        total = sp.piecewise_fold(pair.solved(p0, _G, _H) * pair.solved(q0, gl, hl)
+                                  + pair.solved(p1, _G, _H) * pair.solved(q1, gl, hl))
+        branches = total.args if isinstance(total, sp.Piecewise) else ((total, sp.true),)
+        ratios = []
+        for e, c in branches:
+            ratio = sp.cancel(sp.together(e / target))
+            if ratio.free_symbols & canonical:
+                break
+            ratios.append((ratio, c))
+        else:
+            k = sp.Piecewise(*ratios) if isinstance(total, sp.Piecewise) else ratios[0][0]
+            values = pair.values()
+            k = k.xreplace(values)
+            g, h, delta = pair.g, pair.h, values[_DELTA]
+            a, b = values[_A], values[_B]
+            close = 4 * pair.spread.symbol <= sp.Min(pair.r0.symbol, pair.r1.symbol)
+            a_minus_b = _A_MINUS_B.xreplace(values)
+            new = [(-k * delta / a**3, g), (-k * h / a**3, delta),
+                   (k * h * a_minus_b * (a**2 + a * b + b**2) / (a**3 * b**3), h)]
+            outer = [(sp.Piecewise((0, close), (p, True)), q) if n in (n0, n1) else (p, q)
+                     for n, (p, q) in enumerate(block.outer)]
+            outer += [(sp.Piecewise((p, close), (0, True)), q) for p, q in new]
+            return HessianBlock(block.diagonal, tuple(outer))
+    return block
 
 
 def _outer_by_factor(block, element_symbols):
@@ -381,13 +561,20 @@ def stabilise_rows(derivation):
     """Every summand, loss and derivative of a row-wise derivation, stabilised (no asymptotic
     branch: a row holds several residuals at once); the outer products of the Hessian's blocks
     grouped by their shared factors first (:func:`_outer_by_factor`)."""
+    pairs = close_pairs(derivation)
     blocks = {k: _outer_by_factor(b, derivation.element_symbols) for k, b in derivation.blocks.items()}
+    for pair in pairs:
+        blocks = {k: _close_outer(b, pair, derivation.element_symbols) for k, b in blocks.items()}
     derivation = replace(derivation, blocks=blocks)
-    stable = derivation.map(lambda e: stabilise_element(e, derivation))
-    # the weight sums that _simplex_weights read, as reductions of their own
+    stable = derivation.map(lambda e: stabilise_element(e, derivation, pairs))
+    # the weight sums that _simplex_weights read, and the close pairs' sums, as reductions of
+    # their own (where the program does not have them)
     used = set().union(*(e.free_symbols for e in _expressions(stable)))
     sums = [weight_sum(r) for r in derivation.reductions if r.kind == "logsumexp"]
-    sums = [s for s in sums if used & set(sum_parts(s))]
+    sums += [replace(r, summand=stabilise_element(r.summand, derivation)) for pair in pairs
+             for r in (pair.difference, pair.spread) if r not in derivation.reductions]
+    sums = [s for s in sums if used & {s.symbol, *sum_parts(s)}]
+    sums = list({s.symbol: s for s in sums}.values())
     return replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
 
 

@@ -2,6 +2,7 @@
 the catalog against its loss written out for C = 1, 2, 3, 7 (lossgen/verify_rows.py)."""
 import functools
 import math
+from fractions import Fraction
 import os
 import tomllib
 
@@ -91,6 +92,16 @@ def _jaccard_gap(output, point, entry):
                     -(1 - y[j]) * (1 - 2 * y[l]) * w)
 
 
+def _triplet_gap(output, point, entry):
+    """Rows where D = d(a, p)**2 - d(a, n)**2 = sum_k t_k, t_k = (n_k - p_k)(2 a_k - p_k - n_k + 2 eps),
+    cancels to below 1/1000 of sum |t_k| (exact terms)."""
+    a, p, n = (_row_of(point, name) for name in "apn")
+    eps = Fraction(point["eps"])
+    terms = [(Fraction(nk) - Fraction(pk)) * (2 * Fraction(ak) - Fraction(pk) - Fraction(nk) + 2 * eps)
+             for ak, pk, nk in zip(a, p, n)]
+    return _cancels(*terms)
+
+
 # Row-wise losses: values where a kernel does not meet the bound, and why. They are reported
 # apart ('<output> known gap') and left out of test_row_kernels_match_the_expanded_truth;
 # test_row_known_gaps_are_still_gaps fails once a gap closes. (Elementwise: test_catalog.KNOWN_GAPS.)
@@ -99,6 +110,13 @@ ROW_KNOWN_GAPS = {
                           "products (outer products P(j) Q(l), each rounded) that cancel where 1 - 2y_j, "
                           "1 - 2y_l and 2E/D nearly sum to 0 (y_j + y_l ~ 1 - E/D): reachable only by "
                           "evaluating each entry as one expression of elements j and l"),
+    "triplet_margin": (_triplet_gap, "d(a, p) - d(a, n) = D/(d(a, p) + d(a, n)) with D = sum_k (n_k - p_k)(2 a_k - p_k "
+                                     "- n_k + 2 eps) over elements whose terms cancel (p_5 = -1e50 against n_0 = "
+                                     "1e50 at C = 7: terms of 1e100, D of 2e53): each term is rounded once at "
+                                     "2e-16 of its size, and the rows' squared norms hold digits beyond float64 "
+                                     "(a - p + eps at 1e50 + 20 + 1e-6): reachable only by exact (multi-word) "
+                                     "sums of the elements' exact squares (a term of 1e100 is rounded by up "
+                                     "to 1e84 where D needs 1e37: beyond double-word arithmetic too)"),
     "soft_jaccard": (_jaccard_gap, "as combo: an off-diagonal Hessian entry whose outer-product terms "
                                    "cancel (at y = (0, 1/2, 1e-300), p = (1e-300, 0, 1/2) to 1e-300 against "
                                    "terms of size 1)"),
@@ -281,6 +299,37 @@ def test_a_product_of_close_pairs_is_a_share_and_a_single_pair_is_not():
             (found,) = fused.atoms(share)
             part, complement, total = found.args
             assert len([f for f in sp.Mul.make_args(complement) if f.is_Add]) == 2  # N1 N2
+
+
+def test_root_difference_is_differentiated_as_the_roots_apart():
+    """root_difference(U, V, d) = sqrt(U) - sqrt(V), evaluated as d/(sqrt(U) + sqrt(V)) (d = U - V
+    computed apart) and differentiated as the two roots, not as the quotient."""
+    from lossgen.fuse_rows import expand_shares, root_difference
+    t = sp.Symbol("t", positive=True)
+    u, v = t**2 + 1, t + 3
+    value = root_difference(u, v, u - v)
+    assert sp.simplify(sp.diff(value, t) - sp.diff(sp.sqrt(u) - sp.sqrt(v), t)) == 0
+    expanded = expand_shares(2 * value)
+    assert not expanded.has(root_difference)
+    assert sp.simplify(expanded - 2 * (u - v) / (sp.sqrt(u) + sp.sqrt(v))) == 0
+
+
+def test_close_norms_are_found_and_their_forms_are_exact():
+    """The triplet loss's two norms share the anchor: their difference is a root_difference of one
+    fused sum, and each branch of every close-norm form equals the expression it replaces."""
+    from lossgen.derive_rows import derive_rows
+    from lossgen.stabilise_rows import (CLOSE_NORM_FORMS, _A, _B, _D, _DELTA, _E, _G, _H, _S, _SIGMA, _T,
+                                        close_pairs)
+    derivation = derive_rows(load_spec(ROW_PATHS["triplet_margin"]))
+    (pair,) = close_pairs(derivation)
+    assert pair.difference.symbol in derivation.loss.free_symbols
+    assert not close_pairs(derive_rows(load_spec(ROW_PATHS["contrastive"])))
+    meaning = {_S: _A**2 - _G**2, _T: _B**2 - _H**2, _E: _A**2 - _G**2 - _B**2 + _H**2,
+               _DELTA: _G - _H, _SIGMA: _G + _H, _D: _A**2 - _B**2}
+    for name, form, stable in CLOSE_NORM_FORMS:
+        branches = stable.args if isinstance(stable, sp.Piecewise) else ((stable, True),)
+        for branch, _ in branches:
+            assert sp.simplify(branch.xreplace(meaning) - form) == 0, name
 
 
 @pytest.mark.skipif(not os.environ.get("LOSSGEN_SLOW_TESTS"),
