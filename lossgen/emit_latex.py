@@ -1042,5 +1042,30 @@ def render_row_section(spec, spec_path: str) -> str:
     predictions = ", ".join(f"${printer.doprint(spec.symbols[p.name])}$" for p in spec.predictions)
     return latex_environment().get_template("row_section.tex.j2").render(
         spec=spec, spec_path=spec_path, marker=MARKER, label=f"loss:{spec.name}", inputs=inputs, params=params,
-        loss=printer.doprint(spec.loss), takes=spec.loss.has(take), predictions=predictions,
+        loss_lines=_row_loss_lines(spec, printer), takes=spec.loss.has(take), predictions=predictions,
         several=len(spec.predictions) > 1)
+
+
+def _row_loss_lines(spec, printer) -> list[tuple[str, str]]:
+    """(left, right) of the loss's display: the loss as one line where it fits, else in terms of
+    the spec's let names (each let value put back structurally, so exactly), followed by the
+    definitions of the names it uses."""
+    whole = printer.doprint(spec.loss)
+    if tex_width(whole) <= LINE_UNITS or not spec.lets:
+        return [(r"\ell", whole)]
+    lets = [(sp.Symbol(name), value) for name, value in spec.lets]
+
+    def named(expr, available):
+        for symbol, value in reversed(available):
+            expr = expr.subs(value, symbol)
+        return expr
+
+    shown = named(spec.loss, lets)
+    used, lines = shown.free_symbols, []
+    for index in reversed(range(len(lets))):
+        symbol, value = lets[index]
+        if symbol in used:
+            definition = named(value, lets[:index])
+            used |= definition.free_symbols
+            lines.insert(0, (printer.doprint(symbol), printer.doprint(definition)))
+    return [(r"\ell", printer.doprint(shown))] + lines
