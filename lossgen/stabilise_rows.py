@@ -43,7 +43,7 @@ from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .reductions import onehot
 from .stabilise import direct_form
-from .vocabulary import exact_sum, exprel, group
+from .vocabulary import binary_scale, exact_sum, exprel, group
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -327,9 +327,151 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
     return bottom_up(expr, rewrite)
 
 
+def _second_moment(summand: sp.Expr, rows: set) -> bool:
+    """Is ``summand`` a product of two row elements (x**2, x*y): a squared norm or a dot product?"""
+    factors = sp.Mul.make_args(summand)
+    symbols = [f.base if isinstance(f, sp.Pow) else f for f in factors]
+    degree = sum(f.exp if isinstance(f, sp.Pow) else 1 for f in factors)
+    return degree == 2 and all(x in rows for x in symbols)
+
+
+def _others_apart(expr: sp.Expr, derivation) -> sp.Expr:
+    """Sums of the other elements: a quotient whose numerator is a polynomial in second moments
+    of the rows (squared norms and dot products) R_a = sum_k g_a(k) (coefficients: expressions of this element j) and vanishes where the row is
+    element j alone (C = 1: every R_a = g_a(j)) is written in O_a = R_a - g_a(j) = sum_{k != j}
+    g_a(k), from R_a's compensated parts (hi - g_a(j)) + error. Expanded in the O_a, its terms
+    free of them, element j's own contribution, cancel symbolically, so nothing is left to
+    cancel in floating point there. This is the Lagrange identity: the gradient of a cosine,
+    y_j |x|**2 - x_j x.y = sum_k x_k (y_j x_k - x_j y_k), is y_j O(x**2) - x_j O(x y), exactly 0
+    at C = 1 and without cancellation where x_j holds most of the row (x = (1e10, 1)), in one
+    pass, not the O(C**2) sum of the identity. A sum shifted by a constant, R + c (a squared norm
+    plus torch's epsilon), counts as one sum whose others are O + c. Branch by branch of a
+    Piecewise; then measured in the rows' norms (:func:`_in_unit_scale`)."""
+    if not isinstance(expr, sp.Expr):
+        return expr
+    values = {q.symbol for q in derivation.reductions}
+    rows = {derivation.spec.symbols[i.name] for i in derivation.spec.inputs if i.axis and not i.shared}
+    plain = {r.symbol: r for r in derivation.reductions if r.kind == "sum" and _second_moment(r.summand, rows)}
+    if not expr.free_symbols & set(plain):
+        return expr
+    expr = sp.piecewise_fold(expr)
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_others_apart(e, derivation), c) for e, c in expr.args))
+    # row value -> (own summand g(j), the others O as computed, what the symbol stands for)
+    sums = {}
+    for symbol, r in plain.items():
+        hi, error = sum_parts(r)
+        sums[symbol] = (r.summand, (exact_sum(hi, -r.summand, error), sp.S.Zero), symbol)
+    shifted = {}
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Add) and node not in shifted:
+            inside = [a for a in node.args if a in plain]
+            rest = node - sp.Add(*inside)
+            if len(inside) == 1 and rest != 0 and not rest.free_symbols & (values | derivation.element_symbols) \
+                    and rest.is_nonnegative:
+                (r,) = inside
+                hi, error = sum_parts(plain[r])
+                total = sp.Dummy(f"T{r.name}", positive=True)
+                shifted[node] = total
+                sums[total] = (plain[r].summand, (exact_sum(hi, -plain[r].summand, error), rest), node)
+    expr = expr.xreplace(shifted)
+    numerator, denominator = sp.fraction(sp.together(expr))
+    present = [s for s in sorted(numerator.free_symbols & set(sums), key=sp.default_sort_key)]
+    if not present:
+        return expr.xreplace({t: e for e, t in shifted.items()})
+    back = {s: sums[s][2] for s in sums}
+    try:
+        sp.Poly(numerator, *present)
+    except sp.PolynomialError:
+        return expr.xreplace(back)
+    own = {s: sums[s][0] for s in present}
+    if sp.expand(numerator.xreplace(own)) != 0:
+        return expr.xreplace(back)
+    others = {s: sp.Dummy(f"O{s.name}") for s in present}
+    polynomial = sp.Poly(sp.expand(numerator.xreplace({s: others[s] + own[s] for s in present})),
+                         *others.values())
+    apart = {o: sp.Add(*sums[s][1]) for s, o in others.items()}
+    scaled = _in_binary_scale(polynomial.as_expr(), others, own, sums, denominator, derivation)
+    if scaled is not None:
+        return scaled.xreplace(back)
+    terms = [sp.factor_terms(c) * sp.Mul(*(o**k for o, k in zip(others.values(), m)))
+             for m, c in polynomial.terms() if c != 0]
+    return (sp.Add(*terms).xreplace(apart) / denominator).xreplace(back)
+
+
+def scale_sum(z: sp.Symbol) -> Reduction:
+    """sum_k |z_k|, within a factor sqrt(C) of the row's norm and, unlike sum(z**2), free of
+    underflow at z = 1e-300: the scale of the row z (:func:`_in_binary_scale`)."""
+    return Reduction(sp.Symbol(f"_l1_{z.name}", nonnegative=True), "sum", sp.Abs(z))
+
+
+def _in_binary_scale(numerator, others, own, sums, denominator, derivation):
+    """numerator/denominator with every row z of the second moments measured in a power of two
+    s_z near its size (the binary scale of the norm that divides the expression, sqrt(R_z) or
+    sqrt(R_z + c), else of sum |z_k|): z = s_z (z/s_z) and a sum of the other
+    elements O of degree d_z in each z as prod s_z**d_z (O/prod s_z**d_z); the constant c of a
+    shifted sum R + c likewise. Division by a power of two is exact, so an exact cancellation of
+    the unscaled terms (O(x**2) - 2 x_j**2 at a constant row) stays exact, and where the numerator
+    is homogeneous the scales collect into one factor next to the denominator (s_z/|z|, bounded,
+    where |z| divides it): each term is a product of bounded values that neither underflows nor
+    overflows (at x = -1e-8 (1, 1, 1), y_j = 1e-300 the Hessian's 3 x_j y_j O(x**2), 2e-324
+    before the division by |x|**5 |y|, underflowed). The numerator is summed with every rounding
+    error carried along (an exact sum of its rounded terms). None where a second moment is not a
+    monomial in the rows or the terms differ in degree."""
+    rows = sorted({z for summand, _, _ in sums.values()
+                   for z in summand.free_symbols & derivation.element_symbols}, key=sp.default_sort_key)
+    if not rows:
+        return None
+    norm = {}
+    for symbol, (summand, _, _) in sums.items():
+        base = summand.base if isinstance(summand, sp.Pow) and summand.exp == 2 else None
+        if base in rows and symbol in denominator.free_symbols:
+            norm.setdefault(base, sp.sqrt(symbol))
+    scale = {z: binary_scale(norm[z] if z in norm else scale_sum(z).symbol) for z in rows}
+    degree = {}
+    for s, o in others.items():
+        try:
+            monomial = sp.Poly(own[s], *rows)
+        except sp.PolynomialError:
+            return None
+        if len(monomial.terms()) != 1:
+            return None
+        degree[o] = monomial.monoms()[0]
+    try:
+        polynomial = sp.Poly(numerator, *others.values(), *rows)
+    except sp.PolynomialError:
+        return None
+    n = len(others)
+    terms, powers = [], set()
+    for monomial, c in polynomial.terms():
+        power = [0] * len(rows)
+        factors = [c]
+        for (s, o), k in zip(others.items(), monomial[:n]):
+            if k:
+                size = sp.Mul(*(scale[z] ** d for z, d in zip(rows, degree[o])))
+                rest, shift = sums[s][1]
+                factors.append((group(rest / size) + (group(shift / size) if shift != 0 else 0)) ** k)
+                power = [p + k * d for p, d in zip(power, degree[o])]
+        for i, (z, k) in enumerate(zip(rows, monomial[n:])):
+            if k:
+                factors.append(group(z / scale[z]) ** k)
+                power[i] += k
+        terms.extend(sp.Add.make_args(sp.expand(sp.Mul(*factors), deep=False)))
+        powers.add(tuple(power))
+    if len(powers) != 1:
+        return None
+    (power,) = powers
+    bounded = sp.Mul(*(group(scale[z] / norm[z]) ** k for z, k in zip(rows, power) if z in norm))
+    together = sp.Mul(*(norm[z] ** k for z, k in zip(rows, power) if z in norm)) / denominator
+    # the scales of rows that no norm divides (a row below torch's eps) last: a tiny scale
+    # times the rest could leave the normal range before the denominator brings it back
+    unpaired = sp.Mul(*(scale[z] ** k for z, k in zip(rows, power) if z not in norm))
+    return group(exact_sum(*terms) * bounded * together) * unpaired
+
+
 def stabilise_element(expr: sp.Expr, derivation) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised."""
-    expr = _own_term_apart(_at_index(expr, derivation), derivation)
+    expr = _own_term_apart(_others_apart(_at_index(expr, derivation), derivation), derivation)
     for x, u, x_of_u, back, r in _log_weights(derivation):
         if x in expr.free_symbols:
             in_u, placeholders = _simplex_weights(sp.factor_terms(expr.subs(x, x_of_u)), u, back, r, derivation)
@@ -388,6 +530,9 @@ def stabilise_rows(derivation):
     used = set().union(*(e.free_symbols for e in _expressions(stable)))
     sums = [weight_sum(r) for r in derivation.reductions if r.kind == "logsumexp"]
     sums = [s for s in sums if used & set(sum_parts(s))]
+    # the rows' scales that _in_binary_scale reads, likewise
+    axis = [derivation.spec.symbols[i.name] for i in derivation.spec.inputs if i.axis]
+    sums += [scale_sum(z) for z in axis if scale_sum(z).symbol in used]
     return replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
 
 
