@@ -14,6 +14,8 @@ LOSSES = {
     'charbonnier': ('robust', 'Charbonnier loss'),
     'combo': ('segmentation', 'Combo loss'),
     'contrastive': ('metric', 'Contrastive loss (Hadsell, Chopra and LeCun)'),
+    'cosine_embedding': ('metric', 'Cosine embedding loss'),
+    'cosine_proximity': ('metric', 'Cosine proximity (negative cosine similarity)'),
     'dice': ('segmentation', 'Dice loss'),
     'dpo': ('preference', 'Direct preference optimisation (DPO) loss'),
     'elastic_net': ('regularisation', 'Elastic net penalty'),

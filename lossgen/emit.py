@@ -86,6 +86,9 @@ class NumbaPrinter(PythonCodePrinter):
         numerator, denominator = expr.args
         return f"(({self._print(numerator)})/({self._print(denominator)}))"  # an operand of ** too
 
+    def _print_binary_scale(self, expr):
+        return f"math.ldexp(1.0, math.frexp({self._print(expr.args[0])})[1])"
+
     def _print_group(self, expr):
         return f"({self._print(expr.args[0])})"
 

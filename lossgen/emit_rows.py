@@ -193,6 +193,8 @@ class _Body:
             stack.extend(s for s in r.summand.free_symbols if s in self.reductions)
             if r.kind == "logsumexp_tail":
                 stack.append(r.index[0])
+            if r.kind == "take" and r.index in owner:  # a take at a max's arg-max
+                stack.append(owner[r.index])
         return [self.reductions[s] for s in sorted(seen, key=lambda s: s.name)]
 
     def level(self, r: Reduction, memo: dict) -> int:
@@ -200,6 +202,8 @@ class _Body:
             inner = [self.reductions[s] for s in r.summand.free_symbols if s in self.reductions]
             if r.kind == "logsumexp_tail":
                 inner.append(self.reductions[r.index[0]])
+            if r.kind == "take":  # at a max's or min's arg-max: after that reduction
+                inner += [q for q in self.reductions.values() if q.kind in ("max", "min") and q.index == r.index]
             memo[r.symbol] = 1 + max((self.level(i, memo) for i in inner), default=0)
         return memo[r.symbol]
 

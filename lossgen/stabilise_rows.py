@@ -52,7 +52,7 @@ from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .fuse_rows import accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import direct_form
-from .vocabulary import exact_sum, exprel, group
+from .vocabulary import binary_scale, exact_sum, exprel, fma, group
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -336,6 +336,319 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
     return bottom_up(expr, rewrite)
 
 
+def _second_moment(summand: sp.Expr, rows: set) -> bool:
+    """Is ``summand`` a product of two row elements (x**2, x*y): a squared norm or a dot product?"""
+    factors = sp.Mul.make_args(summand)
+    symbols = [f.base if isinstance(f, sp.Pow) else f for f in factors]
+    degree = sum(f.exp if isinstance(f, sp.Pow) else 1 for f in factors)
+    return degree == 2 and all(x in rows for x in symbols)
+
+
+def reference_reductions(x: sp.Symbol, y: sp.Symbol) -> dict:
+    """The reductions of y measured against x at x's largest element m (first on ties):
+    y = (y_m/x_m) x + r (see :func:`_against_reference`); 'r' is the element expression r_k."""
+    index = sp.Symbol(f"_am_{x.name}", integer=True, nonnegative=True)
+    largest = Reduction(sp.Symbol(f"_mx_{x.name}", nonnegative=True), "max", sp.Abs(x), index)
+    xm = Reduction(sp.Symbol(f"_xm_{x.name}", real=True), "take", x, index)
+    ym = Reduction(sp.Symbol(f"_ym_{x.name}_{y.name}", real=True), "take", y, index)
+    w = group(ym.symbol * x)
+    r = sp.Piecewise(((fma(xm.symbol, y, -w) + fma(-ym.symbol, x, w)) / xm.symbol, sp.Ne(xm.symbol, 0)), (y, True))
+    cross = Reduction(sp.Symbol(f"_xr_{x.name}_{y.name}", real=True), "sum", x * r)
+    return {"max": largest, "xm": xm, "ym": ym, "cross": cross, "r": r}
+
+
+def _against_reference(numerator, others, own, sums, derivation):
+    """A numerator in O(x y) and O(x**2) (see :func:`_others_apart`) with y written lambda x + r,
+    lambda = y_m/x_m at x's largest element m and r_k = (x_m y_k - y_m x_k)/x_m (an exact 2x2
+    determinant, two fused multiply-adds), where that leaves no multiple of lambda but
+    lambda x_j = y_j - r_j: the numerator in r, O(x r) = O(x y) - lambda O(x**2) and y. Rows that
+    are exactly parallel have r = 0 exactly, so that such a numerator (the gradient of a cosine,
+    y_j O(x**2) - x_j O(x y) = r_j O(x**2) - x_j O(x r)) is exactly 0 there, where written in y,
+    O(x y) and O(x**2) round differently (y = (1e50, 1e50), x = (-40, -40)), and keeps its digits
+    where they are nearly parallel (O(x y) - lambda O(x**2) is small, O(x r) is computed small). A
+    shifted square O(x**2) + c (torch's epsilon) leaves c y_j. Returns (numerator, others, own,
+    sums, {r: y} (r has y's degree and scale), {r: its expression}), or None."""
+    for s, o in others.items():
+        factors = sp.Mul.make_args(own[s])
+        if len(factors) != 2 or not all(f in derivation.element_symbols for f in factors) or sums[s][1][1] != 0:
+            continue
+        for x, y in (factors, factors[::-1]):
+            squares = [t for t in others if own[t] == x**2]
+            if not squares or any(own[t] == y**2 for t in others):
+                continue
+            square = squares[0]
+            lam, r, o_new, literal = sp.Dummy("lambda"), sp.Dummy("r", real=True), sp.Dummy("Oxr"), sp.Dummy("y")
+            new, sums2, own2 = dict(others), dict(sums), dict(own)
+            start, shift = numerator, sums[square][1][1]
+            if shift != 0:  # O(x**2) + c as two factors of x's degree: c y_j is then of the same degree
+                plain, constant = sp.Dummy("O"), sp.Dummy("c")
+                new[square], new[constant] = plain, constant
+                sums2[square] = (own[square], (sums[square][1][0], sp.S.Zero), sums[square][2])
+                sums2[constant], own2[constant] = (own[square], (shift, sp.S.Zero), constant), own[square]
+                start = sp.expand(numerator.xreplace({others[square]: plain + constant}))
+            substituted = sp.expand(start.xreplace({y: lam * x + r, o: lam * new[square] + o_new}))
+            substituted = sp.expand(substituted.xreplace({lam: (literal - r) / x}))
+            if sp.fraction(sp.together(substituted))[1].free_symbols & {x}:
+                continue
+            parts = reference_reductions(x, y)
+            hi, error = sum_parts(parts["cross"])
+            del new[s]
+            key = parts["cross"].symbol
+            new[key] = o_new
+            sums2[key] = (x * r, (exact_sum(hi, -x * r, error), sp.S.Zero), key)
+            own2[key] = x * r
+            return substituted.xreplace({literal: y}), new, own2, sums2, {r: y}, {r: parts["r"]}
+    return None
+
+
+def _others_apart(expr: sp.Expr, derivation) -> sp.Expr:
+    """Sums of the other elements: a quotient whose numerator is a polynomial in second moments
+    of the rows (squared norms and dot products) R_a = sum_k g_a(k), with coefficients in this
+    element j, and vanishes where the row is element j alone (C = 1: every R_a = g_a(j)), is
+    written in O_a = R_a - g_a(j) = sum_{k != j}
+    g_a(k), from R_a's compensated parts (hi - g_a(j)) + error. Expanded in the O_a, its terms
+    free of them, element j's own contribution, cancel symbolically, so nothing is left to
+    cancel in floating point there. This is the Lagrange identity: the gradient of a cosine,
+    y_j |x|**2 - x_j x.y = sum_k x_k (y_j x_k - x_j y_k), is y_j O(x**2) - x_j O(x y), exactly 0
+    at C = 1 and without cancellation where x_j holds most of the row (x = (1e10, 1)), in one
+    pass, not the O(C**2) sum of the identity. A sum shifted by a constant, R + c (a squared norm
+    plus torch's epsilon), counts as one sum whose others are O + c. Branch by branch of a
+    Piecewise; then against a reference element (:func:`_against_reference`) and in binary
+    scales (:func:`_in_binary_scale`)."""
+    if not isinstance(expr, sp.Expr):
+        return expr
+    values = {q.symbol for q in derivation.reductions}
+    rows = {derivation.spec.symbols[i.name] for i in derivation.spec.inputs if i.axis and not i.shared}
+    plain = {r.symbol: r for r in derivation.reductions if r.kind == "sum" and _second_moment(r.summand, rows)}
+    if not expr.free_symbols & set(plain):
+        return expr
+    expr = sp.piecewise_fold(expr)
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_others_apart(e, derivation), c) for e, c in expr.args))
+    # row value -> (own summand g(j), the others O as computed, what the symbol stands for)
+    sums = {}
+    for symbol, r in plain.items():
+        hi, error = sum_parts(r)
+        sums[symbol] = (r.summand, (exact_sum(hi, -r.summand, error), sp.S.Zero), symbol)
+    shifted = {}
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Add) and node not in shifted:
+            inside = [a for a in node.args if a in plain]
+            rest = node - sp.Add(*inside)
+            if len(inside) == 1 and rest != 0 and not rest.free_symbols & (values | derivation.element_symbols) \
+                    and rest.is_nonnegative:
+                (r,) = inside
+                hi, error = sum_parts(plain[r])
+                total = sp.Dummy(f"T{r.name}", positive=True)
+                shifted[node] = total
+                sums[total] = (plain[r].summand, (exact_sum(hi, -plain[r].summand, error), rest), node)
+    expr = expr.xreplace(shifted)
+    numerator, denominator = sp.fraction(sp.together(expr))
+    present = [s for s in sorted(numerator.free_symbols & set(sums), key=sp.default_sort_key)]
+    if not present:
+        return expr.xreplace({t: e for e, t in shifted.items()})
+    back = {s: sums[s][2] for s in sums}
+    try:
+        sp.Poly(numerator, *present)
+    except sp.PolynomialError:
+        return expr.xreplace(back)
+    own = {s: sums[s][0] for s in present}
+    if sp.expand(numerator.xreplace(own)) != 0:
+        return expr.xreplace(back)
+    others = {s: sp.Dummy(f"O{s.name}") for s in present}
+    polynomial = sp.Poly(sp.expand(numerator.xreplace({s: others[s] + own[s] for s in present})),
+                         *others.values())
+    numerator, alias, to_r = polynomial.as_expr(), {}, {}
+    reference = _against_reference(numerator, others, own, sums, derivation)
+    if reference is not None:
+        numerator, others, own, sums, alias, to_r = reference
+        back = {s: sums[s][2] for s in sums}
+    apart = {o: sp.Add(*sums[s][1]) for s, o in others.items()}
+    scaled = _in_binary_scale(numerator, others, own, sums, denominator, derivation, alias)
+    if scaled is not None:
+        return scaled.xreplace(back).xreplace(to_r)
+    if reference is not None:
+        return expr.xreplace({t: e for e, t in shifted.items()})
+    terms = [sp.factor_terms(c) * sp.Mul(*(o**k for o, k in zip(others.values(), m)))
+             for m, c in polynomial.terms() if c != 0]
+    return (sp.Add(*terms).xreplace(apart) / denominator).xreplace(back)
+
+
+def scale_sum(z: sp.Symbol) -> Reduction:
+    """sum_k |z_k|, within a factor sqrt(C) of the row's norm and, unlike sum(z**2), free of
+    underflow at z = 1e-300: the scale of the row z (:func:`_in_binary_scale`)."""
+    return Reduction(sp.Symbol(f"_l1_{z.name}", nonnegative=True), "sum", sp.Abs(z))
+
+
+def _in_binary_scale(numerator, others, own, sums, denominator, derivation, alias=None):
+    """numerator/denominator with every row z of the second moments measured in a power of two
+    s_z near its size (the binary scale of the norm that divides the expression, sqrt(R_z) or
+    sqrt(R_z + c), else of sum |z_k|): z = s_z (z/s_z) and a sum of the other
+    elements O of degree d_z in each z as prod s_z**d_z (O/prod s_z**d_z); the constant c of a
+    shifted sum R + c likewise. Division by a power of two is exact, so an exact cancellation of
+    the unscaled terms (O(x**2) - 2 x_j**2 at a constant row) stays exact, and where the numerator
+    is homogeneous the scales collect into one factor next to the denominator (s_z/|z|, bounded,
+    where |z| divides it): each term is a product of bounded values that neither underflows nor
+    overflows (at x = -1e-8 (1, 1, 1), y_j = 1e-300 the Hessian's 3 x_j y_j O(x**2), 2e-324
+    before the division by |x|**5 |y|, underflowed). The numerator is summed with every rounding
+    error carried along (an exact sum of its rounded terms). None where a second moment is not a
+    monomial in the rows or the terms differ in degree."""
+    alias = alias or {}  # a symbol measured as a row (r of _against_reference, as y)
+    rows = sorted({z for summand, _, _ in sums.values()
+                   for z in summand.free_symbols & derivation.element_symbols}, key=sp.default_sort_key)
+    if not rows:
+        return None
+    rows += sorted(alias, key=sp.default_sort_key)
+    norm = {}
+    for symbol, (summand, _, _) in sums.items():
+        base = summand.base if isinstance(summand, sp.Pow) and summand.exp == 2 else None
+        if base in rows and symbol in denominator.free_symbols:
+            norm.setdefault(base, sp.sqrt(symbol))
+    scale = {z: binary_scale(norm[z] if z in norm else scale_sum(z).symbol) for z in rows if z not in alias}
+    scale.update({a: scale[z] for a, z in alias.items()})
+    norm.update({a: norm[z] for a, z in alias.items() if z in norm})
+    degree = {}
+    for s, o in others.items():
+        try:
+            monomial = sp.Poly(own[s], *rows)
+        except sp.PolynomialError:
+            return None
+        if len(monomial.terms()) != 1:
+            return None
+        degree[o] = monomial.monoms()[0]
+    try:
+        polynomial = sp.Poly(numerator, *others.values(), *rows)
+    except sp.PolynomialError:
+        return None
+    n = len(others)
+    symbols = list(others)
+    coefficients = dict(polynomial.terms())
+    # pairs of terms a O_a M and b g_a(j) M (g_a: O_a's own summand, of the same degree) as
+    # a (O_a + (b/a) g_a) M: that sum from R_a's parts, hi + (b/a - 1) g_a + error, exactly,
+    # where rounded apart O_a - 2 x_j**2 of |x|**2 = (1e20, 1e20, 1, ...) drops the 1
+    grouped = []
+    for a, s in enumerate(symbols):
+        for monomial in sorted(coefficients, reverse=True):
+            if monomial not in coefficients or monomial[a] < 1:
+                continue
+            partner = list(monomial)
+            partner[a] -= 1
+            partner[n:] = [e + d for e, d in zip(partner[n:], degree[others[s]])]
+            partner = tuple(partner)
+            if partner not in coefficients:
+                continue
+            ratio = coefficients[partner] / coefficients[monomial]
+            if not ratio.is_Number or not isinstance(sums[s][1][0], exact_sum):
+                continue
+            rest = list(monomial)
+            rest[a] -= 1
+            grouped.append((coefficients.pop(monomial), tuple(rest), s, ratio))
+            coefficients.pop(partner)
+
+    def o_factor(s, multiple):
+        """O_s + multiple g_s(j), unscaled, as (the sum from R's parts, the shift c)."""
+        others_sum, shift = sums[s][1]
+        if not isinstance(others_sum, exact_sum):  # a constant measured as O_s (_against_reference)
+            return others_sum, shift
+        hi, _, error = others_sum.args
+        copies = sp.S(multiple) - 1
+        if copies.is_Integer and abs(copies) <= 8:  # k g as k terms g: each exact, unlike the product
+            own_parts = [sp.sign(copies) * own[s]] * abs(int(copies))
+        else:
+            own_parts = [copies * own[s]]
+        return exact_sum(hi, *own_parts, error), shift
+
+    terms, powers = [], set()
+    entries = [(c, m, None, 0) for m, c in coefficients.items()] + [(c, m, s, r) for c, m, s, r in grouped]
+    for c, monomial, extra, ratio in entries:
+        power = [0] * len(rows)
+        factors = [c]
+        pieces = [(s, k, 0) for s, k in zip(symbols, monomial[:n]) if k] + ([(extra, 1, ratio)] if extra else [])
+        for s, k, multiple in pieces:
+            o = others[s]
+            size = sp.Mul(*(scale[z] ** d for z, d in zip(rows, degree[o])))
+            rest, shift = o_factor(s, multiple)
+            factors.append((group(rest / size) + (group(shift / size) if shift != 0 else 0)) ** k)
+            power = [p + k * d for p, d in zip(power, degree[o])]
+        for i, (z, k) in enumerate(zip(rows, monomial[n:])):
+            if k:
+                factors.append(group(z / scale[z]) ** k)
+                power[i] += k
+        terms.extend(sp.Add.make_args(sp.expand(sp.Mul(*factors), deep=False)))
+        powers.add(tuple(power))
+    position = {z: rows.index(alias.get(z, z)) for z in rows}
+    folded = set()
+    for power in powers:
+        merged = [0] * len(rows)
+        for z, k in zip(rows, power):
+            merged[position[z]] += k
+        folded.add(tuple(merged))
+    if len(folded) != 1:
+        return None
+    (power,) = folded
+    bounded = sp.Mul(*(group(scale[z] / norm[z]) ** k for z, k in zip(rows, power) if z in norm))
+    together = sp.Mul(*(norm[z] ** k for z, k in zip(rows, power) if z in norm)) / denominator
+    # the scales of rows that no norm divides (a row below torch's eps) last: a tiny scale
+    # times the rest could leave the normal range before the denominator brings it back
+    unpaired = sp.Mul(*(scale[z] ** k for z, k in zip(rows, power) if z not in norm))
+    return group(exact_sum(*terms) * bounded * together) * unpaired
+
+
+def cauchy_schwarz_sum(x: sp.Symbol, y: sp.Symbol, a: sp.Expr, b: sp.Expr) -> Reduction:
+    """sum_k (x_k/sqrt(a) - y_k/sqrt(b))**2: the squared distance of two rows, each over its norm
+    (see :func:`_cauchy_schwarz_gap`)."""
+    return Reduction(sp.Symbol(f"_cs_{x.name}_{y.name}", nonnegative=True), "sum",
+                     (group(x / sp.sqrt(a)) - group(y / sp.sqrt(b))) ** 2)
+
+
+def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
+    """k - k S/sqrt(A B), S = sum(x y), A = sum(x**2) + c and B = sum(y**2) + d with constants
+    c, d >= 0: k times the gap of the Cauchy-Schwarz inequality, which cancels where the rows are
+    nearly parallel (1 - cos of a similar pair), written as k (sum_k (x_k/sqrt(A) -
+    y_k/sqrt(B))**2 + c/A + d/B)/2, a sum of squares: exactly the constants' share c/(2A) + d/(2B)
+    where x/sqrt(A) = y/sqrt(B) (x = y, C = 1), where rounded apart 1 - cos is 0 or a rounding
+    error. A row expression only; returns it and the sums it reads."""
+    if not isinstance(expr, sp.Expr) or varies_along_row(expr, derivation.element_symbols):
+        return expr, []
+    moments = {r.symbol: r.summand for r in derivation.reductions if r.kind == "sum"}
+    squares = {m.base: sym for sym, m in moments.items() if isinstance(m, sp.Pow) and m.exp == 2
+               and m.base in derivation.element_symbols}
+    cross = {sym: m.args for sym, m in moments.items() if isinstance(m, sp.Mul) and len(m.args) == 2
+             and all(a in squares for a in m.args)}
+    found = []
+
+    def shift(total, square):
+        rest = sp.expand(total - square)
+        ok = not rest.free_symbols & (set(moments) | derivation.element_symbols) and rest.is_nonnegative
+        return rest if ok else None
+
+    def rewrite(node):
+        if not isinstance(node, sp.Add):
+            return node
+        for term in node.args:
+            for sym, (x, y) in cross.items():
+                k = -term / sym
+                roots = [p for p in sp.Mul.make_args(k) if isinstance(p, sp.Pow) and p.exp == -sp.S.Half]
+                if len(roots) != 1 or k * roots[0] ** -1 not in node.args or sym in k.free_symbols:
+                    continue
+                (root,) = roots
+                factors = sp.Mul.make_args(root.base)
+                if len(factors) != 2:
+                    continue
+                for a, b in (factors, factors[::-1]):
+                    c, d = shift(a, squares[x]), shift(b, squares[y])
+                    if c is None or d is None:
+                        continue
+                    coefficient = k * roots[0] ** -1
+                    r = cauchy_schwarz_sum(x, y, a, b)
+                    found.append(r)
+                    rest = node - term - coefficient
+                    return rest + coefficient * (r.symbol / 2 + c / (2 * a) + d / (2 * b))
+        return node
+
+    return bottom_up(expr, rewrite), found
+
+
 def stabilise_element(expr: sp.Expr, derivation, pairs=()) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised; ``pairs`` are its
     close norms (:func:`close_pairs`)."""
@@ -343,7 +656,8 @@ def stabilise_element(expr: sp.Expr, derivation, pairs=()) -> sp.Expr:
         form = _close_norm_form(expr, pair, derivation.element_symbols)
         if form is not None:
             return _differences_first(direct_form(form), derivation)
-    expr = _own_term_apart(_at_index(expr, derivation), derivation)
+    expr, _ = _cauchy_schwarz_gap(expr, derivation)
+    expr = _own_term_apart(_others_apart(_at_index(expr, derivation), derivation), derivation)
     for x, u, x_of_u, back, r in _log_weights(derivation):
         if x in expr.free_symbols:
             in_u, placeholders = _simplex_weights(sp.factor_terms(expr.subs(x, x_of_u)), u, back, r, derivation)
@@ -574,6 +888,16 @@ def stabilise_rows(derivation):
     sums += [replace(r, summand=stabilise_element(r.summand, derivation)) for pair in pairs
              for r in (pair.difference, pair.spread) if r not in derivation.reductions]
     sums = [s for s in sums if used & {s.symbol, *sum_parts(s)}]
+    # the rows' scales that _in_binary_scale reads, likewise
+    axis = [derivation.spec.symbols[i.name] for i in derivation.spec.inputs if i.axis]
+    sums += [scale_sum(z) for z in axis if scale_sum(z).symbol in used]
+    rows = [z for z in axis if not any(i.shared for i in derivation.spec.inputs if i.name == z.name)]
+    for x, y in itertools.permutations(rows, 2):
+        parts = reference_reductions(x, y)
+        if used & set(sum_parts(parts["cross"])):
+            sums += [parts["max"], parts["xm"], parts["ym"], parts["cross"]]
+    distances = {r.symbol: r for e in _expressions(derivation) for r in _cauchy_schwarz_gap(e, derivation)[1]}
+    sums += [r for name, r in sorted(distances.items(), key=lambda item: item[0].name) if name in used]
     sums = list({s.symbol: s for s in sums}.values())
     return replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
 

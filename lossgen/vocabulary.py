@@ -156,6 +156,18 @@ class exact_sum(sp.Function):
         return sp.Add(*terms)
 
 
+class binary_scale(sp.Function):
+    """2**e where v = m 2**e, 1/2 <= |m| < 1 (math.frexp), and 1 at v = 0: a power of two within
+    a factor 2 of |v|. Dividing by it is exact (barring underflow), so values measured in it keep
+    every exact cancellation of the unscaled ones."""
+
+    def _eval_is_real(self):
+        return True
+
+    def _eval_is_positive(self):
+        return True
+
+
 class exprel(sp.Function):
     """expm1(z)/z, and 1 at z = 0 (the relative error exponential): where z is tiny, even
     subnormal, it is 1 + z/2 to full precision, where expm1(a*u)/a keeps only the bits of a
