@@ -194,10 +194,11 @@ def bandwidth_floor(y, p):
 def _softmax_rows(stable):
     """A serial and a parallel fused kernel: per row one pass for the max, one for the sum of
     exponentials, one writing loss, gradient and Hessian diagonal. ``stable``: lossgen's formula
-    (logsumexp as M + log1p(sum over the others), p_k = exp(d_k), 1 - p_k = -expm1(d_k) with
-    d_k = (s_k - M) - L); else the textbook one (p = e_k / sum, 1 - p by subtraction)."""
+    (logsumexp as M + L, L = log1p(S), S the sum of exp(s_k - M) over the others, each exp kept
+    in a scratch row; p_k = exp(s_k - M)/(1 + S), and 1 - p_k as -expm1((s_k - M) - L) where
+    p_k > 1/2, else by subtraction); else the textbook one (p = e_k / sum, 1 - p by subtraction)."""
 
-    def body(y, s, l, g, h, i):
+    def body(y, s, l, g, h, i, e):
         c = s.shape[1]
         m, a = s[i, 0], 0
         for k in range(1, c):
@@ -205,24 +206,22 @@ def _softmax_rows(stable):
                 m, a = s[i, k], k
         total = 0.0
         for k in range(c):
-            if stable:
-                if k != a:
-                    total += math.exp(s[i, k] - m)
-            else:
-                total += math.exp(s[i, k] - m)
+            e[k] = math.exp(s[i, k] - m)
+            if k != a or not stable:
+                total += e[k]
         target = y[i]
         if stable:
-            tail = math.log1p(total)
+            tail, inverse = math.log1p(total), 1.0 / (1.0 + total)
             l[i] = (m - s[i, target]) + tail
             for k in range(c):
-                d = (s[i, k] - m) - tail
-                p, q = math.exp(d), -math.expm1(d)
+                p = e[k] * inverse
+                q = 1.0 - p if p <= 0.5 else -math.expm1((s[i, k] - m) - tail)
                 g[i, k] = -q if k == target else p
                 h[i, k] = p * q
         else:
             l[i] = m + math.log(total) - s[i, target]
             for k in range(c):
-                p = math.exp(s[i, k] - m) / total
+                p = e[k] / total
                 g[i, k] = p - 1.0 if k == target else p
                 h[i, k] = p * (1.0 - p)
 
@@ -230,13 +229,17 @@ def _softmax_rows(stable):
 
     @numba.njit(error_model="numpy")
     def serial(y, s, l, g, h):
+        e = np.empty(s.shape[1])
         for i in range(s.shape[0]):
-            row(y, s, l, g, h, i)
+            row(y, s, l, g, h, i, e)
 
     @numba.njit(parallel=True, error_model="numpy")
     def parallel(y, s, l, g, h):
-        for i in numba.prange(s.shape[0]):
-            row(y, s, l, g, h, i)
+        n = s.shape[0]
+        for b in numba.prange((n + 255) // 256):  # one scratch row per block of 256 rows
+            e = np.empty(s.shape[1])
+            for i in range(b * 256, min(n, b * 256 + 256)):
+                row(y, s, l, g, h, i, e)
 
     def run(y, s):
         l, g, h = np.empty(s.shape[0]), np.empty_like(s), np.empty_like(s)

@@ -160,7 +160,7 @@ def loss_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -268,7 +268,7 @@ def grad_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
             _grad_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -474,7 +474,7 @@ def hess_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
             _hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -697,7 +697,7 @@ def grad_hess_kernel_parallel(y, s, alpha, gamma, _weight, _out0, _out1):
             _grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]

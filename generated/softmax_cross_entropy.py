@@ -147,7 +147,7 @@ def loss_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -266,7 +266,7 @@ def grad_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
             _grad_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -348,7 +348,7 @@ def hess_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
             _hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -459,7 +459,7 @@ def grad_hess_kernel_parallel(y, s, w, label_smoothing, _weight, _out0, _out1):
             _grad_hess_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]

@@ -139,7 +139,7 @@ def loss_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     """grad of row _i, times _weight[i] when given."""
     _inside = True
@@ -229,7 +229,7 @@ def grad_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
             _grad_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     """hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -302,7 +302,7 @@ def hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
             _hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _stash):
     """grad, hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -395,7 +395,7 @@ def grad_hess_kernel_parallel(t, s, w, label_smoothing, _weight, _out0, _out1):
             _grad_hess_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _stash)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, _out2, _stash):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _inside = True
