@@ -516,6 +516,23 @@ def _lines_of(expr: sp.Expr, budget: float, variables=frozenset()) -> list[str] 
     return lines
 
 
+def _expand_lets(expr, lets):
+    """``expr`` with every let name (``lets``: (symbol, value) in spec order) replaced by its value."""
+    for symbol, value in reversed(lets):
+        expr = expr.xreplace({symbol: value})
+    return expr
+
+
+def _with_lets(expr, lets, every_let):
+    """``expr`` in terms of the names of ``lets`` (longest value first), each kept only where
+    the result expands (through ``every_let``) to the same expression."""
+    for symbol, value in sorted(lets, key=lambda sv: (-sp.count_ops(sv[1]), -len(sp.srepr(sv[1])), sv[0].name)):
+        candidate = expr.subs(value, symbol)
+        if candidate != expr and _same(_expand_lets(candidate, every_let), _expand_lets(expr, every_let)):
+            expr = candidate
+    return expr
+
+
 class Typesetter:
     """Lays out the formulas of one loss; the names it introduces are shared by the section."""
 
@@ -543,19 +560,11 @@ class Typesetter:
 
     # let names ------------------------------------------------------------------------------
     def expand_lets(self, expr):
-        for symbol, value in reversed(self.lets):
-            expr = expr.xreplace({symbol: value})
-        return expr
+        return _expand_lets(expr, self.lets)
 
     def with_lets(self, expr, lets=None):
         """``expr`` in terms of the let names (longest first), each kept only where exact."""
-        lets = self.lets if lets is None else lets
-        for symbol, value in sorted(lets, key=lambda sv: (-sp.count_ops(sv[1]), -len(sp.srepr(sv[1])),
-                                                           sv[0].name)):
-            candidate = expr.subs(value, symbol)
-            if candidate != expr and _same(self.expand_lets(candidate), self.expand_lets(expr)):
-                expr = candidate
-        return expr
+        return _with_lets(expr, self.lets if lets is None else lets, self.lets)
 
     def let_definitions(self) -> list[Definition]:
         out = []
@@ -1048,24 +1057,18 @@ def render_row_section(spec, spec_path: str) -> str:
 
 def _row_loss_lines(spec, printer) -> list[tuple[str, str]]:
     """(left, right) of the loss's display: the loss as one line where it fits, else in terms of
-    the spec's let names (each let value put back structurally, so exactly), followed by the
-    definitions of the names it uses."""
+    the spec's let names (as the elementwise sections, each name kept only where exact),
+    followed by the definitions of the names it uses."""
     whole = printer.doprint(spec.loss)
     if tex_width(whole) <= LINE_UNITS or not spec.lets:
         return [(r"\ell", whole)]
-    lets = [(sp.Symbol(name), value) for name, value in spec.lets]
-
-    def named(expr, available):
-        for symbol, value in reversed(available):
-            expr = expr.subs(value, symbol)
-        return expr
-
-    shown = named(spec.loss, lets)
+    lets = tuple((sp.Symbol(name), value) for name, value in spec.lets)
+    shown = _with_lets(spec.loss, lets, lets)
     used, lines = shown.free_symbols, []
     for index in reversed(range(len(lets))):
         symbol, value = lets[index]
         if symbol in used:
-            definition = named(value, lets[:index])
+            definition = _with_lets(value, lets[:index], lets)
             used |= definition.free_symbols
             lines.insert(0, (printer.doprint(symbol), printer.doprint(definition)))
     return [(r"\ell", printer.doprint(shown))] + lines

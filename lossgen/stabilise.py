@@ -99,9 +99,10 @@ def _log1p_of_quotient(e):
         others = [a for a in e.args if a is not m]
         for f in others:
             rest = sp.Mul(*[a for a in others if a is not f])
-            if isinstance(f, log1p) and _times(f.args[0], m) is not None:
+            q = _times(f.args[0], m) if isinstance(f, log1p) else None
+            if q is not None:
                 u = f.args[0]
-                return rest * sp.Piecewise((_times(u, m) * log1prel(u), sp.Abs(u) <= 1), (m * group(f), True))
+                return rest * sp.Piecewise((q * log1prel(u), sp.Abs(u) <= 1), (m * group(f), True))
             if isinstance(f, sp.Piecewise) and any(isinstance(g, log1p) and _times(g.args[0], m) is not None
                                                    for branch, _ in f.args for g in sp.Mul.make_args(branch)):
                 return sp.Piecewise(*[(_or_same(_log1p_of_quotient, rest * m * branch), condition)
@@ -542,9 +543,7 @@ def _exp_times_factor(e):
         exponent = sp.Add(*(f.args[0] for f in exps))
         if not exponent.is_real:
             return None
-        a, b = exponent, real_group(sp.Mul(*others))
-        sign, log_abs = _sign_and_log_abs(sp.Mul(*others))
-        return coefficient * sp.Piecewise((b * sp.exp(a), sp.Abs(a) <= 700), (sign * sp.exp(group(a + log_abs)), True))
+        return coefficient * _exp_product_branches(exponent, real_group(sp.Mul(*others)), others)
     if len(exps) != 1:
         return None
     if len(e.args) in (2, 3) and len(others) == 1 and others[0].is_Symbol:
@@ -554,9 +553,13 @@ def _exp_times_factor(e):
         b = group(sp.Mul(*others))
     else:
         return None
-    a = exps[0].args[0]
-    sign, log_abs = _sign_and_log_abs(sp.Mul(*others))
-    return coefficient * sp.Piecewise((b * exps[0], sp.Abs(a) <= 700), (sign * sp.exp(group(a + log_abs)), True))
+    return coefficient * _exp_product_branches(exps[0].args[0], b, others)
+
+
+def _exp_product_branches(a, b, factors):
+    """b*exp(a) where |a| <= 700, else sign(b)*exp(a + log|b|) from b's ``factors``."""
+    sign, log_abs = _sign_and_log_abs(sp.Mul(*factors))
+    return sp.Piecewise((b * sp.exp(a), sp.Abs(a) <= 700), (sign * sp.exp(group(a + log_abs)), True))
 
 
 def _distribute_to_cancel(e):
