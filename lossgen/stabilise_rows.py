@@ -320,13 +320,22 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
             return e
         for r in sums:
             for term in e.args:
-                factor = sp.expand(term / r.symbol)
-                if r.symbol in factor.free_symbols or not factor.free_symbols & derivation.element_symbols:
-                    continue
                 rest = e - term
-                for c in (sp.S.One, sp.S.NegativeOne) + tuple(sp.Mul.make_args(factor)):
+                # cheap necessary conditions first: rest = -c g, with c a factor of term/R
+                if r.symbol not in term.free_symbols or \
+                        not rest.free_symbols <= r.summand.free_symbols | term.free_symbols:
+                    continue
+                quotient = term / r.symbol
+                if r.symbol in quotient.free_symbols or not quotient.free_symbols & derivation.element_symbols:
+                    continue
+                for c in (sp.S.One, sp.S.NegativeOne) + sp.Mul.make_args(quotient):
+                    # factor = expand(term/R) is costly (4 s for global SSIM's gradient terms): the
+                    # match rest = -c g is tested first, on the factors of term/R as it stands
+                    if sp.expand(rest + c * r.summand) != 0:
+                        continue
+                    factor = sp.expand(quotient)
                     weight = sp.expand(factor / c)
-                    if sp.expand(rest + c * r.summand) == 0 and not weight.is_Number:
+                    if c in (sp.S.One, sp.S.NegativeOne) + sp.Mul.make_args(factor) and not weight.is_Number:
                         hi, error = sum_parts(r)
                         others = exact_sum(hi, -r.summand, error)
                         return sp.Piecewise((c * (r.symbol * (weight - 1) + others), weight >= sp.S.Half),
