@@ -59,6 +59,7 @@ LOSSES = {
     'softmax_cross_entropy': ('multiclass', 'Softmax cross-entropy'),
     'softmax_cross_entropy_probs': ('multiclass', 'Softmax cross-entropy with probability targets'),
     'squared_hinge': ('classification', 'Squared hinge loss'),
+    'ssim_global': ('image', 'Global SSIM loss'),
     'triplet_margin': ('metric', 'Triplet margin loss'),
     'tversky': ('segmentation', 'Tversky loss'),
     'wgan_critic': ('gan', 'Wasserstein GAN critic loss'),
