@@ -35,17 +35,51 @@ SPEC = {
 }
 
 
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hypot(x, y):
+    """sqrt(x**2 + y**2) without overflow: sqrt(fma(a, a, b*b)), a = max(|x|, |y|), b the other,
+    where a is in [1e-135, 1e135] (a**2 neither overflows nor underflows; a b**2 that underflows
+    is below 1e-270 of a**2): b*b rounded once (at most half of the sum) and the fma once, below
+    1.25 ulp after the root; libm's hypot (correctly rounded, several times slower) elsewhere,
+    and for inf and nan."""
+    a, b = abs(x), abs(y)
+    if b > a:
+        a, b = b, a
+    if a >= 1e-135 and a <= 1e135:
+        return math.sqrt(_fma_instruction(a, a, b * b))
+    return math.hypot(x, y)
+
+
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, p, epsilon):
     """loss of one element."""
-    return math.hypot(epsilon, abs(p - y))
+    return _hypot(epsilon, abs(p - y))
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def grad_scalar(y, p, epsilon):
     """grad of one element."""
     _t0 = p - y
-    return ((_t0)/(math.hypot(epsilon, abs(_t0))))
+    return ((_t0)/(_hypot(epsilon, abs(_t0))))
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -58,10 +92,10 @@ def hess_scalar(y, p, epsilon):
         _t1 = (((1.0)/(_t0)))
         _t2 = abs(_t1)
         _t4 = _t1**2*_t3
-        _t5 = math.hypot(1.0, _t2*epsilon)
+        _t5 = _hypot(1.0, _t2*epsilon)
         _b0 = ((_t2*_t4)/(_t4*_t5 + _t5))
     else:
-        _b0 = ((_t3)/(math.hypot(epsilon, _t6)**3))
+        _b0 = ((_t3)/(_hypot(epsilon, _t6)**3))
     return _b0
 
 
@@ -70,13 +104,13 @@ def grad_hess_scalar(y, p, epsilon):
     """grad, hess of one element."""
     _t0 = p - y
     _t1 = abs(_t0)
-    _t2 = math.hypot(epsilon, _t1)
+    _t2 = _hypot(epsilon, _t1)
     _t5 = epsilon**2
     if (_t1 > 1e+60):
         _t3 = (((1.0)/(_t0)))
         _t4 = abs(_t3)
         _t6 = _t3**2*_t5
-        _t7 = math.hypot(1.0, _t4*epsilon)
+        _t7 = _hypot(1.0, _t4*epsilon)
         _b0 = ((_t4*_t6)/(_t6*_t7 + _t7))
     else:
         _b0 = ((_t5)/(_t2**3))
@@ -88,13 +122,13 @@ def loss_grad_hess_scalar(y, p, epsilon):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = abs(_t0)
-    _t2 = math.hypot(epsilon, _t1)
+    _t2 = _hypot(epsilon, _t1)
     _t5 = epsilon**2
     if (_t1 > 1e+60):
         _t3 = (((1.0)/(_t0)))
         _t4 = abs(_t3)
         _t6 = _t3**2*_t5
-        _t7 = math.hypot(1.0, _t4*epsilon)
+        _t7 = _hypot(1.0, _t4*epsilon)
         _b0 = ((_t4*_t6)/(_t6*_t7 + _t7))
     else:
         _b0 = ((_t5)/(_t2**3))

@@ -34,9 +34,10 @@ HELPERS = {
     "xlog1py": "xlog1py",
     "logaddexp": "logaddexp",
     "fma": "fma",
+    "hypot": "hypot",
 }
 
-HELPERS_NEEDED = {"tanh_from": ("fma",)}  # helper -> the helpers that it calls
+HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",)}  # helper -> the helpers that it calls
 
 
 class NumbaPrinter(PythonCodePrinter):
