@@ -195,8 +195,8 @@ def _softmax_rows(stable):
     """A serial and a parallel fused kernel: per row one pass for the max, one for the sum of
     exponentials, one writing loss, gradient and Hessian diagonal. ``stable``: lossgen's formula
     (logsumexp as M + L, L = log1p(S), S the sum of exp(s_k - M) over the others, each exp kept
-    in a scratch row; p_k = exp(s_k - M)/(1 + S), and 1 - p_k as -expm1((s_k - M) - L) where
-    p_k > 1/2, else by subtraction); else the textbook one (p = e_k / sum, 1 - p by subtraction)."""
+    in a scratch row; p_k = exp(s_k - M)/(1 + S), and 1 - p_k as S/(1 + S) at the arg-max, by
+    subtraction elsewhere); else the textbook one (p = e_k / sum, 1 - p by subtraction)."""
 
     def body(y, s, l, g, h, i, e):
         c = s.shape[1]
@@ -212,10 +212,11 @@ def _softmax_rows(stable):
         target = y[i]
         if stable:
             tail, inverse = math.log1p(total), 1.0 / (1.0 + total)
+            rest = total * inverse
             l[i] = (m - s[i, target]) + tail
             for k in range(c):
                 p = e[k] * inverse
-                q = 1.0 - p if p <= 0.5 else -math.expm1((s[i, k] - m) - tail)
+                q = rest if k == a else 1.0 - p
                 g[i, k] = -q if k == target else p
                 h[i, k] = p * q
         else:

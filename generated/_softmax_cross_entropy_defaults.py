@@ -107,12 +107,12 @@ def _grad_row(_i, _n, _C, y, s, _weight, _out0, _stash):
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p0 = _stash[0, _k] * _l0_inv
-        _out0[_i, _k] = _w * (((((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0))))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
+        _out0[_i, _k] = _w * (((((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -160,12 +160,12 @@ def _hess_row(_i, _n, _C, y, s, _weight, _out0, _stash):
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p0 = _stash[0, _k] * _l0_inv
-        _out0[_i, _k] = _w * (-_p0*((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0)))))
+        _out0[_i, _k] = _w * (-_p0*((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -213,12 +213,12 @@ def _grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _stash):
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p0 = _stash[0, _k] * _l0_inv
-        _t2_0 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0))))
+        _t2_0 = ((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))
         _out0[_i, _k] = _w * (((_t2_0) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
         _out1[_i, _k] = _w * (-_p0*_t2_0)
 
@@ -268,6 +268,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2, _stash):
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -275,9 +276,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2, _stash):
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p0 = _stash[0, _k] * _l0_inv
-        _t4_0 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_e_s - _m0))))
+        _t4_0 = ((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))
         _out1[_i, _k] = _w * (((_t4_0) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
         _out2[_i, _k] = _w * (-_p0*_t4_0)
 

@@ -160,8 +160,8 @@ def loss_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -184,11 +184,8 @@ def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_alpha = alpha[_k]
@@ -218,29 +215,28 @@ def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
-        _p0 = _stash[0, _k] * _l0_inv
-        _t4_2 = _e_s - _m0
-        _t4_9 = _l0 + (-_t4_2)
+        _t4_0 = _e_s - _m0
+        _t4_1 = -_l0 + (_t4_0)
+        _t4_6 = _l0 + (-_t4_0)
+        _t4_8 = math.exp(_t4_1)
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t4_0 = _p0 - 1.0
-            _t4_1 = (_p0 <= 1/2)
-            _t4_3 = -_l0 + (_t4_2)
-            _t4_4 = math.expm1(_t4_3)
-            _t4_5 = ((_t4_0) if _t4_1 else (_t4_4))
-            _t4_6 = -_t4_5
-            _t4_7 = (_t4_6)
-            _t4_8 = _exprel(_t4_3)
-            _t4_10 = (_h1 > _t4_9)
-            _t4_11 = _t4_3*gamma
-            _t4_12 = _t4_11*((((1.0)/(_t4_0))) if _t4_1 else (((1.0)/(_t4_4))))
-            _t4_13 = _t4_12 + _fma(gamma, _t4_3, 1.0)
-            _t4_14 = (_t4_9 <= 1.0)
-            _t4_15 = ((_t4_13) if _t4_14 else (_t4_11 + _t4_12 + 1.0))
-            _t4_16 = ((_t4_13) if _t4_14 else (((_t4_13) if _t4_14 else (_t4_12*(_t4_5 + 1.0) + 1.0))))
-            _t4_17 = _p0*_t4_12 + 1.0
-            _b4_0 = ((((_e_alpha*_t4_7**_h0*(_t4_7*gamma - _t4_8 - gamma))/(_t4_8))) if _t4_10 else (-_e_alpha*((_t4_13 - _t4_15*_t4_5 - _t4_15) if _t4_14 else (((_t4_13 - _t4_16*_t4_5 - _t4_16) if _t4_14 else (-_p0*((_t4_13) if _t4_14 else (((_t4_13) if _t4_14 else (_t4_17)))) + _t4_17))))*math.exp(((_xlogy(gamma, _t4_6)) if _t4_10 else (_xlog1py(gamma, (-_p0)))))))
+            _t4_2 = math.expm1(_t4_1)
+            _t4_3 = -_t4_2
+            _t4_4 = (_t4_3)
+            _t4_5 = _exprel(_t4_1)
+            _t4_7 = (_h1 > _t4_6)
+            _t4_9 = _fma(gamma, _t4_1, 1.0)
+            _t4_10 = _t4_1*gamma
+            _t4_11 = ((_t4_10)/(_t4_2))
+            _t4_12 = _t4_11 + _t4_9
+            _t4_13 = (_t4_6 <= 1.0)
+            _t4_14 = ((_t4_12) if _t4_13 else (_t4_10 + _t4_11 + 1.0))
+            _t4_15 = -_t4_11 - _t4_9
+            _t4_16 = ((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (((_t4_10*(_t4_2 + 1.0))/(_t4_2)) + 1.0))))
+            _t4_17 = ((_t4_10*_t4_8)/(_t4_2)) + 1.0
+            _b4_0 = ((((_e_alpha*_t4_4**_h0*(_t4_4*gamma - _t4_5 - gamma))/(_t4_5))) if _t4_7 else (-_e_alpha*((-_t4_14*_t4_2 - _t4_14 - _t4_15) if _t4_13 else (((-_t4_15 - _t4_16*_t4_2 - _t4_16) if _t4_13 else (_t4_17 - _t4_8*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_17))))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_7 else (_xlog1py(gamma, (-_t4_8)))))))
         else:
-            _b4_0 = -((_p0*_r2) if (_t4_9 <= 700.0) else (_h3*math.exp((-_l0 + (_h2 + _t4_2)))))
+            _b4_0 = -((_r2*_t4_8) if (_t4_6 <= 700.0) else (_h3*math.exp((-_l0 + (_h2 + _t4_0)))))
         _out0[_i, _k] = _w * (_b4_0)
 
 
@@ -249,11 +245,8 @@ def grad_kernel(y, s, alpha, gamma, _weight, _out0):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
+    for _i in range(s.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -261,15 +254,12 @@ def grad_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
     """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -292,11 +282,8 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_alpha = alpha[_k]
@@ -375,78 +362,72 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
-        _p0 = _stash[0, _k] * _l0_inv
-        _t5_0 = _p0 - 1.0
-        _t5_1 = (_p0 <= 1/2)
-        _t5_2 = _e_s - _m0
-        _t5_3 = (_t5_2)
-        _t5_4 = -_l0 + _t5_3
-        _t5_5 = math.expm1(_t5_4)
-        _t5_6 = ((_t5_0) if _t5_1 else (_t5_5))
-        _t5_11 = _l0 + (-_t5_2)
-        _t5_14 = _t5_6 + 1.0
-        _t5_18 = (_t5_11 <= 1.0)
+        _t5_0 = _e_s - _m0
+        _t5_1 = (_t5_0)
+        _t5_2 = -_l0 + _t5_1
+        _t5_3 = math.expm1(_t5_2)
+        _t5_8 = _l0 + (-_t5_0)
+        _t5_11 = _t5_3 + 1.0
+        _t5_16 = (_t5_8 <= 1.0)
+        _t5_17 = math.exp(_t5_2)
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t5_7 = -_t5_6
-            _t5_8 = (_t5_7)
-            _t5_9 = 2.0*gamma
-            _t5_10 = _exprel(_t5_4)
-            _t5_12 = (_h2 > _t5_11)
-            _t5_13 = _xlogy(gamma, _t5_7)
-            _t5_15 = -_l0
-            _t5_16 = _t5_15 + _t5_3
-            _t5_17 = _t5_16 + ((_t5_13) if _t5_12 else (_xlog1py(gamma, (-_t5_14))))
-            _t5_19 = _xlog1py(gamma, (-_p0))
-            _t5_20 = _t5_16 + ((_t5_13) if _t5_12 else (_t5_19))
-            _t5_21 = ((((1.0)/(_t5_0))) if _t5_1 else (((1.0)/(_t5_5))))
-            _t5_22 = -_e_s + _m0 + 1.0
-            _t5_23 = (-_l0 + (_t5_2 + 1.0))
-            _t5_24 = _t5_23*gamma
-            _t5_25 = _t5_6*_fma(gamma, _t5_4, 1.0)
-            _t5_26 = _t5_14*_t5_4
-            _t5_27 = _t5_21*_t5_26
-            _t5_28 = (-_t5_27)
+            _t5_4 = -_t5_3
+            _t5_5 = (_t5_4)
+            _t5_6 = 2.0*gamma
+            _t5_7 = _exprel(_t5_2)
+            _t5_9 = (_h2 > _t5_8)
+            _t5_10 = _xlogy(gamma, _t5_4)
+            _t5_12 = _xlog1py(gamma, (-_t5_11))
+            _t5_13 = -_l0
+            _t5_14 = _t5_1 + _t5_13
+            _t5_15 = _t5_14 + ((_t5_10) if _t5_9 else (_t5_12))
+            _t5_18 = _xlog1py(gamma, (-_t5_17))
+            _t5_19 = _t5_14 + ((_t5_10) if _t5_9 else (_t5_18))
+            _t5_20 = -_e_s + _m0 + 1.0
+            _t5_21 = (-_l0 + (_t5_0 + 1.0))
+            _t5_22 = _t5_21*gamma
+            _t5_23 = _t5_3*_fma(gamma, _t5_2, 1.0)
+            _t5_24 = _t5_11*_t5_2
+            _t5_25 = (((-_t5_24)/(_t5_3)))
+            _t5_26 = _t5_25*gamma
+            _t5_27 = _t5_24*gamma
+            _t5_28 = (((_t5_27)/(_t5_3)))
             _t5_29 = _t5_28*gamma
-            _t5_30 = (_t5_27*gamma)
-            _t5_31 = _t5_30*gamma
-            _t5_32 = _t5_24 - _t5_25 + _t5_29 + _t5_31 + (gamma*(_l0 + (_t5_22)))
-            _t5_33 = _t5_30 + 1.0
-            _t5_34 = _t5_23 + _t5_28
-            _t5_35 = ((_t5_32) if _t5_18 else (-_t5_26*gamma + _t5_33*gamma + _t5_34*gamma - _t5_6))
-            _t5_36 = _t5_2 + 2.0
-            _t5_37 = _l0 + (-_t5_36)
-            _t5_38 = (_h3*_t5_27)
-            _t5_39 = _t5_38 + (_t5_37)
-            _t5_40 = ((_t5_39) if _t5_18 else (_t5_37 + _t5_38))
-            _t5_41 = (_t5_36)
-            _t5_42 = _t5_28 + _t5_30
-            _t5_43 = _t5_42 + (-_l0 + _t5_41)
-            _t5_44 = _t5_40*_t5_6 + _t5_40 + _t5_43
-            _t5_45 = _t5_15 + _t5_41
-            _t5_46 = gamma*((_t5_44) if _t5_18 else (_t5_14*_t5_40 + _t5_42 + _t5_45))
-            _t5_47 = _p0*_t5_4
-            _t5_48 = _t5_21*_t5_47
-            _t5_49 = (_t5_48*gamma)
-            _t5_50 = (-_t5_48)
-            _t5_51 = _t5_47*gamma + _t5_6 - gamma*((_t5_33) if _t5_18 else (((_t5_33) if _t5_18 else (_t5_49 + 1.0)))) - gamma*((_t5_34) if _t5_18 else (((_t5_34) if _t5_18 else (_t5_23 + _t5_50))))
-            _t5_52 = ((_t5_39) if _t5_18 else (_t5_40))
-            _t5_53 = ((-_t5_24 + _t5_25 - _t5_29 - _t5_31 + _t5_35*_t5_6 + _t5_35 + _t5_46*_t5_6 + _t5_46 + (gamma*(-_l0 + (-_t5_22)))) if _t5_18 else (_p0*gamma*((_t5_44) if _t5_18 else (((_t5_43 + _t5_52*_t5_6 + _t5_52) if _t5_18 else (_p0*((_t5_39) if _t5_18 else (((_t5_39) if _t5_18 else (_t5_37 + (_h3*_t5_48))))) + _t5_45 + _t5_49 + _t5_50)))) + _p0*((_t5_32) if _t5_18 else (((_t5_32) if _t5_18 else (-_t5_51)))) + _t5_51))
-            _t5_54 = (_t5_11 < math.log(2.0))
-            _t5_55 = (abs(_t5_11 - _t5_19) <= 700.0)
-            _t5_56 = (abs(_t5_11 - _xlogy(gamma, -_t5_5)) <= 700.0)
-            _t5_57 = ((_t5_56) if _t5_54 else ((abs(_t5_11 - _xlog1py(gamma, (-_t5_5 - 1.0))) <= 700.0)))
-            _t5_58 = (_t5_53)
-            _t5_59 = abs(_t5_6)
-            _t5_60 = abs(_t5_0)
-            _t5_61 = abs(_t5_5)
-            _b5_0 = ((_e_alpha*_t5_8**_h0*(-_t5_8*_t5_9*(((gamma)/(_t5_10)) + 1.0) - _t5_8 + _t5_9 + ((_h1*_t5_8**2)/(_t5_10)) + ((-_t5_8*gamma*(1.0 - _t5_8))/(_t5_10)) + (((_h1)/(_t5_10)) + 1.0))) if _t5_12 else ((((_e_alpha*_t5_21*_t5_53)*math.exp(((_t5_17) if _t5_18 else (((_t5_17) if _t5_18 else (_t5_20)))))) if (((((abs(_t5_11 - _xlogy(gamma, -_t5_0)) <= 700.0)) if _t5_54 else (_t5_55))) if _t5_1 else (((_t5_57) if _t5_18 else (((_t5_57) if _t5_18 else (((_t5_56) if _t5_54 else (_t5_55)))))))) else (math.exp((_t5_20 + ((-math.log1p((((-_e_alpha + _t5_59)/(_e_alpha))))) if (((_e_alpha > ((_t5_60)/(2.0))) and (_e_alpha < 2.0*_t5_60)) if _t5_1 else ((_e_alpha > ((_t5_61)/(2.0))) and (_e_alpha < 2.0*_t5_61))) else ((math.log(_e_alpha)) - math.log(_t5_59))) + math.log(abs(_t5_58))))*_sign(_e_alpha)*_sign(_t5_58)*_sign(_t5_6)))))
+            _t5_30 = _t5_22 - _t5_23 + _t5_26 + _t5_29 + (gamma*(_l0 + (_t5_20)))
+            _t5_31 = _t5_28 + 1.0
+            _t5_32 = _t5_21 + _t5_25
+            _t5_33 = ((_t5_30) if _t5_16 else (-_t5_27 - _t5_3 + _t5_31*gamma + _t5_32*gamma))
+            _t5_34 = _t5_0 + 2.0
+            _t5_35 = _l0 + (-_t5_34)
+            _t5_36 = (((_h3*_t5_24)/(_t5_3)))
+            _t5_37 = _t5_36 + (_t5_35)
+            _t5_38 = ((_t5_37) if _t5_16 else (_t5_35 + _t5_36))
+            _t5_39 = (_t5_34)
+            _t5_40 = _t5_25 + _t5_28
+            _t5_41 = _t5_40 + (-_l0 + _t5_39)
+            _t5_42 = _t5_3*_t5_38 + _t5_38 + _t5_41
+            _t5_43 = _t5_13 + _t5_39
+            _t5_44 = gamma*((_t5_42) if _t5_16 else (_t5_11*_t5_38 + _t5_40 + _t5_43))
+            _t5_45 = _t5_17*_t5_2
+            _t5_46 = _t5_45*gamma
+            _t5_47 = (((_t5_46)/(_t5_3)))
+            _t5_48 = (((-_t5_45)/(_t5_3)))
+            _t5_49 = _t5_3 + _t5_46 - gamma*((_t5_31) if _t5_16 else (((_t5_31) if _t5_16 else (_t5_47 + 1.0)))) - gamma*((_t5_32) if _t5_16 else (((_t5_32) if _t5_16 else (_t5_21 + _t5_48))))
+            _t5_50 = ((_t5_37) if _t5_16 else (_t5_38))
+            _t5_51 = ((-_t5_22 + _t5_23 - _t5_26 - _t5_29 + _t5_3*_t5_33 + _t5_3*_t5_44 + _t5_33 + _t5_44 + (gamma*(-_l0 + (-_t5_20)))) if _t5_16 else (_t5_17*gamma*((_t5_42) if _t5_16 else (((_t5_3*_t5_50 + _t5_41 + _t5_50) if _t5_16 else (_t5_17*((_t5_37) if _t5_16 else (((_t5_37) if _t5_16 else (_t5_35 + (((_h3*_t5_45)/(_t5_3))))))) + _t5_43 + _t5_47 + _t5_48)))) + _t5_17*((_t5_30) if _t5_16 else (((_t5_30) if _t5_16 else (-_t5_49)))) + _t5_49))
+            _t5_52 = (_t5_8 < math.log(2.0))
+            _t5_53 = (abs(_t5_10 - _t5_8) <= 700.0)
+            _t5_54 = ((_t5_53) if _t5_52 else ((abs(_t5_12 - _t5_8) <= 700.0)))
+            _t5_55 = (_t5_51)
+            _t5_56 = abs(_t5_3)
+            _b5_0 = ((_e_alpha*_t5_5**_h0*(-_t5_5*_t5_6*(((gamma)/(_t5_7)) + 1.0) - _t5_5 + _t5_6 + ((_h1*_t5_5**2)/(_t5_7)) + ((-_t5_5*gamma*(1.0 - _t5_5))/(_t5_7)) + (((_h1)/(_t5_7)) + 1.0))) if _t5_9 else ((((((_e_alpha*_t5_51)/(_t5_3)))*math.exp(((_t5_15) if _t5_16 else (((_t5_15) if _t5_16 else (_t5_19)))))) if ((_t5_54) if _t5_16 else (((_t5_54) if _t5_16 else (((_t5_53) if _t5_52 else ((abs(_t5_18 - _t5_8) <= 700.0))))))) else (math.exp((_t5_19 + ((-math.log1p((((-_e_alpha + _t5_56)/(_e_alpha))))) if (_e_alpha > ((_t5_56)/(2.0))) and (_e_alpha < 2.0*_t5_56) else ((math.log(_e_alpha)) - math.log(_t5_56))) + math.log(abs(_t5_55))))*_sign(_e_alpha)*_sign(_t5_3)*_sign(_t5_55)))))
         else:
-            _t5_62 = _r2*_t5_6
-            _t5_63 = _r3*_t5_14
-            _t5_64 = (_t5_11 <= 700.0)
-            _t5_65 = (-_l0 + (_h4 + _t5_2))
-            _t5_66 = _h5*math.exp(_t5_65)
-            _b5_0 = _p0*((((_t5_62 - ((_t5_63) if _t5_64 else (_h5*(math.expm1(_t5_65) + 1.0)))) if (abs(_t5_65) <= 1.0) else (_t5_62 - ((_t5_63) if _t5_64 else (_t5_66))))) if _t5_18 else (_t5_62 - ((_p0*_r3) if _t5_64 else (_t5_66))))
+            _t5_57 = _r2*_t5_3
+            _t5_58 = _r3*_t5_11
+            _t5_59 = (_t5_8 <= 700.0)
+            _t5_60 = (-_l0 + (_h4 + _t5_0))
+            _t5_61 = _h5*math.exp(_t5_60)
+            _b5_0 = _t5_17*((((_t5_57 - ((_t5_58) if _t5_59 else (_h5*(math.expm1(_t5_60) + 1.0)))) if (abs(_t5_60) <= 1.0) else (_t5_57 - ((_t5_58) if _t5_59 else (_t5_61))))) if _t5_16 else (_t5_57 - ((_r3*_t5_17) if _t5_59 else (_t5_61))))
         _out0[_i, _k] = _w * (_b5_0)
 
 
@@ -455,11 +436,8 @@ def hess_kernel(y, s, alpha, gamma, _weight, _out0):
     """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
+    for _i in range(s.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -467,15 +445,12 @@ def hess_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
     """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -499,11 +474,8 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_alpha = alpha[_k]
@@ -584,91 +556,87 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
-        _p0 = _stash[0, _k] * _l0_inv
         _t5_0 = _e_s - _m0
         _t5_1 = (_t5_0)
         _t5_2 = -_l0 + _t5_1
-        _t5_4 = _p0 - 1.0
-        _t5_5 = (_p0 <= 1/2)
-        _t5_6 = math.expm1(_t5_2)
-        _t5_7 = ((_t5_4) if _t5_5 else (_t5_6))
-        _t5_11 = _l0 + (-_t5_0)
-        _t5_21 = (_t5_11 <= 1.0)
-        _t5_23 = _t5_7 + 1.0
+        _t5_4 = math.expm1(_t5_2)
+        _t5_8 = _l0 + (-_t5_0)
+        _t5_11 = math.exp(_t5_2)
+        _t5_18 = (_t5_8 <= 1.0)
+        _t5_21 = _t5_4 + 1.0
         _t5_28 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t5_28:
             _t5_3 = _exprel(_t5_2)
-            _t5_8 = -_t5_7
-            _t5_9 = (_t5_8)
-            _t5_10 = _e_alpha*_t5_9**_h0
-            _t5_12 = (_h1 > _t5_11)
-            _t5_13 = _xlogy(gamma, _t5_8)
-            _t5_14 = _xlog1py(gamma, (-_p0))
-            _t5_15 = ((_t5_13) if _t5_12 else (_t5_14))
-            _t5_16 = _fma(gamma, _t5_2, 1.0)
-            _t5_17 = ((((1.0)/(_t5_4))) if _t5_5 else (((1.0)/(_t5_6))))
-            _t5_18 = _t5_2*gamma
-            _t5_19 = _t5_17*_t5_18
-            _t5_20 = _t5_16 + _t5_19
-            _t5_22 = ((_t5_20) if _t5_21 else (_t5_18 + _t5_19 + 1.0))
-            _t5_24 = _t5_19*_t5_23
-            _t5_25 = ((_t5_20) if _t5_21 else (((_t5_20) if _t5_21 else (_t5_24 + 1.0))))
-            _t5_26 = _p0*_t5_19
+            _t5_5 = -_t5_4
+            _t5_6 = (_t5_5)
+            _t5_7 = _e_alpha*_t5_6**_h0
+            _t5_9 = (_h1 > _t5_8)
+            _t5_10 = _xlogy(gamma, _t5_5)
+            _t5_12 = _xlog1py(gamma, (-_t5_11))
+            _t5_13 = ((_t5_10) if _t5_9 else (_t5_12))
+            _t5_14 = _fma(gamma, _t5_2, 1.0)
+            _t5_15 = _t5_2*gamma
+            _t5_16 = ((_t5_15)/(_t5_4))
+            _t5_17 = _t5_14 + _t5_16
+            _t5_19 = ((_t5_17) if _t5_18 else (_t5_15 + _t5_16 + 1.0))
+            _t5_20 = -_t5_14 - _t5_16
+            _t5_22 = _t5_15*_t5_21
+            _t5_23 = ((_t5_22)/(_t5_4))
+            _t5_24 = ((_t5_17) if _t5_18 else (((_t5_17) if _t5_18 else (_t5_23 + 1.0))))
+            _t5_25 = _t5_11*_t5_15
+            _t5_26 = ((_t5_25)/(_t5_4))
             _t5_27 = _t5_26 + 1.0
-            _t5_30 = _t5_9*gamma
-            _t5_31 = -_l0
-            _t5_32 = _t5_1 + _t5_31
-            _t5_33 = _t5_32 + ((_t5_13) if _t5_12 else (_xlog1py(gamma, (-_t5_23))))
-            _t5_34 = _t5_15 + _t5_32
-            _t5_35 = -_e_s + _m0 + 1.0
-            _t5_36 = (-_l0 + (_t5_0 + 1.0))
-            _t5_37 = _t5_36*gamma
-            _t5_38 = _t5_16*_t5_7
-            _t5_39 = _t5_17*_t5_2
-            _t5_40 = _t5_23*_t5_39
-            _t5_41 = (-_t5_40)
+            _t5_30 = _t5_6*gamma
+            _t5_31 = _xlog1py(gamma, (-_t5_21))
+            _t5_32 = -_l0
+            _t5_33 = _t5_1 + _t5_32
+            _t5_34 = _t5_33 + ((_t5_10) if _t5_9 else (_t5_31))
+            _t5_35 = _t5_13 + _t5_33
+            _t5_36 = -_e_s + _m0 + 1.0
+            _t5_37 = (-_l0 + (_t5_0 + 1.0))
+            _t5_38 = _t5_37*gamma
+            _t5_39 = _t5_14*_t5_4
+            _t5_40 = _t5_2*_t5_21
+            _t5_41 = (((-_t5_40)/(_t5_4)))
             _t5_42 = _t5_41*gamma
-            _t5_43 = (_t5_24)
+            _t5_43 = (_t5_23)
             _t5_44 = _t5_43*gamma
-            _t5_45 = _t5_37 - _t5_38 + _t5_42 + _t5_44 + (gamma*(_l0 + (_t5_35)))
+            _t5_45 = _t5_38 - _t5_39 + _t5_42 + _t5_44 + (gamma*(_l0 + (_t5_36)))
             _t5_46 = _t5_43 + 1.0
-            _t5_47 = _t5_36 + _t5_41
-            _t5_48 = ((_t5_45) if _t5_21 else (-_t5_18*_t5_23 + _t5_46*gamma + _t5_47*gamma - _t5_7))
+            _t5_47 = _t5_37 + _t5_41
+            _t5_48 = ((_t5_45) if _t5_18 else (-_t5_22 - _t5_4 + _t5_46*gamma + _t5_47*gamma))
             _t5_49 = _t5_0 + 2.0
             _t5_50 = _l0 + (-_t5_49)
-            _t5_51 = (_h5*_t5_40)
+            _t5_51 = (((_h5*_t5_40)/(_t5_4)))
             _t5_52 = _t5_51 + (_t5_50)
-            _t5_53 = ((_t5_52) if _t5_21 else (_t5_50 + _t5_51))
+            _t5_53 = ((_t5_52) if _t5_18 else (_t5_50 + _t5_51))
             _t5_54 = (_t5_49)
             _t5_55 = _t5_41 + _t5_43
             _t5_56 = _t5_55 + (-_l0 + _t5_54)
-            _t5_57 = _t5_53*_t5_7 + _t5_53 + _t5_56
-            _t5_58 = _t5_31 + _t5_54
-            _t5_59 = gamma*((_t5_57) if _t5_21 else (_t5_23*_t5_53 + _t5_55 + _t5_58))
+            _t5_57 = _t5_4*_t5_53 + _t5_53 + _t5_56
+            _t5_58 = _t5_32 + _t5_54
+            _t5_59 = gamma*((_t5_57) if _t5_18 else (_t5_21*_t5_53 + _t5_55 + _t5_58))
             _t5_60 = (_t5_26)
-            _t5_61 = _p0*_t5_39
-            _t5_62 = (-_t5_61)
-            _t5_63 = _p0*_t5_18 + _t5_7 - gamma*((_t5_46) if _t5_21 else (((_t5_46) if _t5_21 else (_t5_60 + 1.0)))) - gamma*((_t5_47) if _t5_21 else (((_t5_47) if _t5_21 else (_t5_36 + _t5_62))))
-            _t5_64 = ((_t5_52) if _t5_21 else (_t5_53))
-            _t5_65 = ((-_t5_37 + _t5_38 - _t5_42 - _t5_44 + _t5_48*_t5_7 + _t5_48 + _t5_59*_t5_7 + _t5_59 + (gamma*(-_l0 + (-_t5_35)))) if _t5_21 else (_p0*gamma*((_t5_57) if _t5_21 else (((_t5_56 + _t5_64*_t5_7 + _t5_64) if _t5_21 else (_p0*((_t5_52) if _t5_21 else (((_t5_52) if _t5_21 else (_t5_50 + (_h5*_t5_61))))) + _t5_58 + _t5_60 + _t5_62)))) + _p0*((_t5_45) if _t5_21 else (((_t5_45) if _t5_21 else (-_t5_63)))) + _t5_63))
-            _t5_66 = (_t5_11 < math.log(2.0))
-            _t5_67 = (abs(_t5_11 - _t5_14) <= 700.0)
-            _t5_68 = (abs(_t5_11 - _xlogy(gamma, -_t5_6)) <= 700.0)
-            _t5_69 = ((_t5_68) if _t5_66 else ((abs(_t5_11 - _xlog1py(gamma, (-_t5_6 - 1.0))) <= 700.0)))
-            _t5_70 = (_t5_65)
-            _t5_71 = abs(_t5_7)
-            _t5_72 = abs(_t5_4)
-            _t5_73 = abs(_t5_6)
-            _b5_0 = ((((_t5_10*(-_t5_3 + _t5_9*gamma - gamma))/(_t5_3))) if _t5_12 else (-_e_alpha*((_t5_20 - _t5_22*_t5_7 - _t5_22) if _t5_21 else (((_t5_20 - _t5_25*_t5_7 - _t5_25) if _t5_21 else (-_p0*((_t5_20) if _t5_21 else (((_t5_20) if _t5_21 else (_t5_27)))) + _t5_27))))*math.exp(_t5_15)))
-            _b5_1 = ((_t5_10*(-2.0*_t5_30*(((gamma)/(_t5_3)) + 1.0) - _t5_9 + 2.0*gamma + ((_h4*_t5_9**2)/(_t5_3)) + ((-_t5_30*(1.0 - _t5_9))/(_t5_3)) + (((_h4)/(_t5_3)) + 1.0))) if _t5_12 else ((((_e_alpha*_t5_17*_t5_65)*math.exp(((_t5_33) if _t5_21 else (((_t5_33) if _t5_21 else (_t5_34)))))) if (((((abs(_t5_11 - _xlogy(gamma, -_t5_4)) <= 700.0)) if _t5_66 else (_t5_67))) if _t5_5 else (((_t5_69) if _t5_21 else (((_t5_69) if _t5_21 else (((_t5_68) if _t5_66 else (_t5_67)))))))) else (math.exp((_t5_34 + ((-math.log1p((((-_e_alpha + _t5_71)/(_e_alpha))))) if (((_e_alpha > ((_t5_72)/(2.0))) and (_e_alpha < 2.0*_t5_72)) if _t5_5 else ((_e_alpha > ((_t5_73)/(2.0))) and (_e_alpha < 2.0*_t5_73))) else ((math.log(_e_alpha)) - math.log(_t5_71))) + math.log(abs(_t5_70))))*_sign(_e_alpha)*_sign(_t5_7)*_sign(_t5_70)))))
+            _t5_61 = _t5_11*_t5_2
+            _t5_62 = (((-_t5_61)/(_t5_4)))
+            _t5_63 = _t5_25 + _t5_4 - gamma*((_t5_46) if _t5_18 else (((_t5_46) if _t5_18 else (_t5_60 + 1.0)))) - gamma*((_t5_47) if _t5_18 else (((_t5_47) if _t5_18 else (_t5_37 + _t5_62))))
+            _t5_64 = ((_t5_52) if _t5_18 else (_t5_53))
+            _t5_65 = ((-_t5_38 + _t5_39 + _t5_4*_t5_48 + _t5_4*_t5_59 - _t5_42 - _t5_44 + _t5_48 + _t5_59 + (gamma*(-_l0 + (-_t5_36)))) if _t5_18 else (_t5_11*gamma*((_t5_57) if _t5_18 else (((_t5_4*_t5_64 + _t5_56 + _t5_64) if _t5_18 else (_t5_11*((_t5_52) if _t5_18 else (((_t5_52) if _t5_18 else (_t5_50 + (((_h5*_t5_61)/(_t5_4))))))) + _t5_58 + _t5_60 + _t5_62)))) + _t5_11*((_t5_45) if _t5_18 else (((_t5_45) if _t5_18 else (-_t5_63)))) + _t5_63))
+            _t5_66 = (_t5_8 < math.log(2.0))
+            _t5_67 = (abs(_t5_10 - _t5_8) <= 700.0)
+            _t5_68 = ((_t5_67) if _t5_66 else ((abs(_t5_31 - _t5_8) <= 700.0)))
+            _t5_69 = (_t5_65)
+            _t5_70 = abs(_t5_4)
+            _b5_0 = ((((_t5_7*(-_t5_3 + _t5_6*gamma - gamma))/(_t5_3))) if _t5_9 else (-_e_alpha*((-_t5_19*_t5_4 - _t5_19 - _t5_20) if _t5_18 else (((-_t5_20 - _t5_24*_t5_4 - _t5_24) if _t5_18 else (-_t5_11*((_t5_17) if _t5_18 else (((_t5_17) if _t5_18 else (_t5_27)))) + _t5_27))))*math.exp(_t5_13)))
+            _b5_1 = ((_t5_7*(-2.0*_t5_30*(((gamma)/(_t5_3)) + 1.0) - _t5_6 + 2.0*gamma + ((_h4*_t5_6**2)/(_t5_3)) + ((-_t5_30*(1.0 - _t5_6))/(_t5_3)) + (((_h4)/(_t5_3)) + 1.0))) if _t5_9 else ((((((_e_alpha*_t5_65)/(_t5_4)))*math.exp(((_t5_34) if _t5_18 else (((_t5_34) if _t5_18 else (_t5_35)))))) if ((_t5_68) if _t5_18 else (((_t5_68) if _t5_18 else (((_t5_67) if _t5_66 else ((abs(_t5_12 - _t5_8) <= 700.0))))))) else (math.exp((_t5_35 + ((-math.log1p((((-_e_alpha + _t5_70)/(_e_alpha))))) if (_e_alpha > ((_t5_70)/(2.0))) and (_e_alpha < 2.0*_t5_70) else ((math.log(_e_alpha)) - math.log(_t5_70))) + math.log(abs(_t5_69))))*_sign(_e_alpha)*_sign(_t5_4)*_sign(_t5_69)))))
         else:
-            _t5_29 = (_t5_11 <= 700.0)
-            _t5_74 = _r2*_t5_7
-            _t5_75 = _r3*_t5_23
-            _t5_76 = (-_l0 + (_h6 + _t5_0))
-            _t5_77 = _h7*math.exp(_t5_76)
-            _b5_0 = -((_p0*_r2) if _t5_29 else (_h3*math.exp((-_l0 + (_h2 + _t5_0)))))
-            _b5_1 = _p0*((((_t5_74 - ((_t5_75) if _t5_29 else (_h7*(math.expm1(_t5_76) + 1.0)))) if (abs(_t5_76) <= 1.0) else (_t5_74 - ((_t5_75) if _t5_29 else (_t5_77))))) if _t5_21 else (_t5_74 - ((_p0*_r3) if _t5_29 else (_t5_77))))
+            _t5_29 = (_t5_8 <= 700.0)
+            _t5_71 = _r2*_t5_4
+            _t5_72 = _r3*_t5_21
+            _t5_73 = (-_l0 + (_h6 + _t5_0))
+            _t5_74 = _h7*math.exp(_t5_73)
+            _b5_0 = -((_r2*_t5_11) if _t5_29 else (_h3*math.exp((-_l0 + (_h2 + _t5_0)))))
+            _b5_1 = _t5_11*((((_t5_71 - ((_t5_72) if _t5_29 else (_h7*(math.expm1(_t5_73) + 1.0)))) if (abs(_t5_73) <= 1.0) else (_t5_71 - ((_t5_72) if _t5_29 else (_t5_74))))) if _t5_18 else (_t5_71 - ((_r3*_t5_11) if _t5_29 else (_t5_74))))
         _out0[_i, _k] = _w * (_b5_0)
         _out1[_i, _k] = _w * (_b5_1)
 
@@ -678,11 +646,8 @@ def grad_hess_kernel(y, s, alpha, gamma, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash)
+    for _i in range(s.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -690,15 +655,12 @@ def grad_hess_kernel_parallel(y, s, alpha, gamma, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -723,11 +685,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_alpha = alpha[_k]
@@ -815,91 +774,87 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
-        _p0 = _stash[0, _k] * _l0_inv
         _t6_0 = _e_s - _m0
         _t6_1 = (_t6_0)
         _t6_2 = -_l0 + _t6_1
-        _t6_4 = _p0 - 1.0
-        _t6_5 = (_p0 <= 1/2)
-        _t6_6 = math.expm1(_t6_2)
-        _t6_7 = ((_t6_4) if _t6_5 else (_t6_6))
-        _t6_11 = _l0 + (-_t6_0)
-        _t6_21 = (_t6_11 <= 1.0)
-        _t6_23 = _t6_7 + 1.0
+        _t6_4 = math.expm1(_t6_2)
+        _t6_8 = _l0 + (-_t6_0)
+        _t6_11 = math.exp(_t6_2)
+        _t6_18 = (_t6_8 <= 1.0)
+        _t6_21 = _t6_4 + 1.0
         _t6_28 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t6_28:
             _t6_3 = _exprel(_t6_2)
-            _t6_8 = -_t6_7
-            _t6_9 = (_t6_8)
-            _t6_10 = _e_alpha*_t6_9**_h0
-            _t6_12 = (_h1 > _t6_11)
-            _t6_13 = _xlogy(gamma, _t6_8)
-            _t6_14 = _xlog1py(gamma, (-_p0))
-            _t6_15 = ((_t6_13) if _t6_12 else (_t6_14))
-            _t6_16 = _fma(gamma, _t6_2, 1.0)
-            _t6_17 = ((((1.0)/(_t6_4))) if _t6_5 else (((1.0)/(_t6_6))))
-            _t6_18 = _t6_2*gamma
-            _t6_19 = _t6_17*_t6_18
-            _t6_20 = _t6_16 + _t6_19
-            _t6_22 = ((_t6_20) if _t6_21 else (_t6_18 + _t6_19 + 1.0))
-            _t6_24 = _t6_19*_t6_23
-            _t6_25 = ((_t6_20) if _t6_21 else (((_t6_20) if _t6_21 else (_t6_24 + 1.0))))
-            _t6_26 = _p0*_t6_19
+            _t6_5 = -_t6_4
+            _t6_6 = (_t6_5)
+            _t6_7 = _e_alpha*_t6_6**_h0
+            _t6_9 = (_h1 > _t6_8)
+            _t6_10 = _xlogy(gamma, _t6_5)
+            _t6_12 = _xlog1py(gamma, (-_t6_11))
+            _t6_13 = ((_t6_10) if _t6_9 else (_t6_12))
+            _t6_14 = _fma(gamma, _t6_2, 1.0)
+            _t6_15 = _t6_2*gamma
+            _t6_16 = ((_t6_15)/(_t6_4))
+            _t6_17 = _t6_14 + _t6_16
+            _t6_19 = ((_t6_17) if _t6_18 else (_t6_15 + _t6_16 + 1.0))
+            _t6_20 = -_t6_14 - _t6_16
+            _t6_22 = _t6_15*_t6_21
+            _t6_23 = ((_t6_22)/(_t6_4))
+            _t6_24 = ((_t6_17) if _t6_18 else (((_t6_17) if _t6_18 else (_t6_23 + 1.0))))
+            _t6_25 = _t6_11*_t6_15
+            _t6_26 = ((_t6_25)/(_t6_4))
             _t6_27 = _t6_26 + 1.0
-            _t6_30 = _t6_9*gamma
-            _t6_31 = -_l0
-            _t6_32 = _t6_1 + _t6_31
-            _t6_33 = _t6_32 + ((_t6_13) if _t6_12 else (_xlog1py(gamma, (-_t6_23))))
-            _t6_34 = _t6_15 + _t6_32
-            _t6_35 = -_e_s + _m0 + 1.0
-            _t6_36 = (-_l0 + (_t6_0 + 1.0))
-            _t6_37 = _t6_36*gamma
-            _t6_38 = _t6_16*_t6_7
-            _t6_39 = _t6_17*_t6_2
-            _t6_40 = _t6_23*_t6_39
-            _t6_41 = (-_t6_40)
+            _t6_30 = _t6_6*gamma
+            _t6_31 = _xlog1py(gamma, (-_t6_21))
+            _t6_32 = -_l0
+            _t6_33 = _t6_1 + _t6_32
+            _t6_34 = _t6_33 + ((_t6_10) if _t6_9 else (_t6_31))
+            _t6_35 = _t6_13 + _t6_33
+            _t6_36 = -_e_s + _m0 + 1.0
+            _t6_37 = (-_l0 + (_t6_0 + 1.0))
+            _t6_38 = _t6_37*gamma
+            _t6_39 = _t6_14*_t6_4
+            _t6_40 = _t6_2*_t6_21
+            _t6_41 = (((-_t6_40)/(_t6_4)))
             _t6_42 = _t6_41*gamma
-            _t6_43 = (_t6_24)
+            _t6_43 = (_t6_23)
             _t6_44 = _t6_43*gamma
-            _t6_45 = _t6_37 - _t6_38 + _t6_42 + _t6_44 + (gamma*(_l0 + (_t6_35)))
+            _t6_45 = _t6_38 - _t6_39 + _t6_42 + _t6_44 + (gamma*(_l0 + (_t6_36)))
             _t6_46 = _t6_43 + 1.0
-            _t6_47 = _t6_36 + _t6_41
-            _t6_48 = ((_t6_45) if _t6_21 else (-_t6_18*_t6_23 + _t6_46*gamma + _t6_47*gamma - _t6_7))
+            _t6_47 = _t6_37 + _t6_41
+            _t6_48 = ((_t6_45) if _t6_18 else (-_t6_22 - _t6_4 + _t6_46*gamma + _t6_47*gamma))
             _t6_49 = _t6_0 + 2.0
             _t6_50 = _l0 + (-_t6_49)
-            _t6_51 = (_h5*_t6_40)
+            _t6_51 = (((_h5*_t6_40)/(_t6_4)))
             _t6_52 = _t6_51 + (_t6_50)
-            _t6_53 = ((_t6_52) if _t6_21 else (_t6_50 + _t6_51))
+            _t6_53 = ((_t6_52) if _t6_18 else (_t6_50 + _t6_51))
             _t6_54 = (_t6_49)
             _t6_55 = _t6_41 + _t6_43
             _t6_56 = _t6_55 + (-_l0 + _t6_54)
-            _t6_57 = _t6_53*_t6_7 + _t6_53 + _t6_56
-            _t6_58 = _t6_31 + _t6_54
-            _t6_59 = gamma*((_t6_57) if _t6_21 else (_t6_23*_t6_53 + _t6_55 + _t6_58))
+            _t6_57 = _t6_4*_t6_53 + _t6_53 + _t6_56
+            _t6_58 = _t6_32 + _t6_54
+            _t6_59 = gamma*((_t6_57) if _t6_18 else (_t6_21*_t6_53 + _t6_55 + _t6_58))
             _t6_60 = (_t6_26)
-            _t6_61 = _p0*_t6_39
-            _t6_62 = (-_t6_61)
-            _t6_63 = _p0*_t6_18 + _t6_7 - gamma*((_t6_46) if _t6_21 else (((_t6_46) if _t6_21 else (_t6_60 + 1.0)))) - gamma*((_t6_47) if _t6_21 else (((_t6_47) if _t6_21 else (_t6_36 + _t6_62))))
-            _t6_64 = ((_t6_52) if _t6_21 else (_t6_53))
-            _t6_65 = ((-_t6_37 + _t6_38 - _t6_42 - _t6_44 + _t6_48*_t6_7 + _t6_48 + _t6_59*_t6_7 + _t6_59 + (gamma*(-_l0 + (-_t6_35)))) if _t6_21 else (_p0*gamma*((_t6_57) if _t6_21 else (((_t6_56 + _t6_64*_t6_7 + _t6_64) if _t6_21 else (_p0*((_t6_52) if _t6_21 else (((_t6_52) if _t6_21 else (_t6_50 + (_h5*_t6_61))))) + _t6_58 + _t6_60 + _t6_62)))) + _p0*((_t6_45) if _t6_21 else (((_t6_45) if _t6_21 else (-_t6_63)))) + _t6_63))
-            _t6_66 = (_t6_11 < math.log(2.0))
-            _t6_67 = (abs(_t6_11 - _t6_14) <= 700.0)
-            _t6_68 = (abs(_t6_11 - _xlogy(gamma, -_t6_6)) <= 700.0)
-            _t6_69 = ((_t6_68) if _t6_66 else ((abs(_t6_11 - _xlog1py(gamma, (-_t6_6 - 1.0))) <= 700.0)))
-            _t6_70 = (_t6_65)
-            _t6_71 = abs(_t6_7)
-            _t6_72 = abs(_t6_4)
-            _t6_73 = abs(_t6_6)
-            _b6_0 = ((((_t6_10*(-_t6_3 + _t6_9*gamma - gamma))/(_t6_3))) if _t6_12 else (-_e_alpha*((_t6_20 - _t6_22*_t6_7 - _t6_22) if _t6_21 else (((_t6_20 - _t6_25*_t6_7 - _t6_25) if _t6_21 else (-_p0*((_t6_20) if _t6_21 else (((_t6_20) if _t6_21 else (_t6_27)))) + _t6_27))))*math.exp(_t6_15)))
-            _b6_1 = ((_t6_10*(-2.0*_t6_30*(((gamma)/(_t6_3)) + 1.0) - _t6_9 + 2.0*gamma + ((_h4*_t6_9**2)/(_t6_3)) + ((-_t6_30*(1.0 - _t6_9))/(_t6_3)) + (((_h4)/(_t6_3)) + 1.0))) if _t6_12 else ((((_e_alpha*_t6_17*_t6_65)*math.exp(((_t6_33) if _t6_21 else (((_t6_33) if _t6_21 else (_t6_34)))))) if (((((abs(_t6_11 - _xlogy(gamma, -_t6_4)) <= 700.0)) if _t6_66 else (_t6_67))) if _t6_5 else (((_t6_69) if _t6_21 else (((_t6_69) if _t6_21 else (((_t6_68) if _t6_66 else (_t6_67)))))))) else (math.exp((_t6_34 + ((-math.log1p((((-_e_alpha + _t6_71)/(_e_alpha))))) if (((_e_alpha > ((_t6_72)/(2.0))) and (_e_alpha < 2.0*_t6_72)) if _t6_5 else ((_e_alpha > ((_t6_73)/(2.0))) and (_e_alpha < 2.0*_t6_73))) else ((math.log(_e_alpha)) - math.log(_t6_71))) + math.log(abs(_t6_70))))*_sign(_e_alpha)*_sign(_t6_7)*_sign(_t6_70)))))
+            _t6_61 = _t6_11*_t6_2
+            _t6_62 = (((-_t6_61)/(_t6_4)))
+            _t6_63 = _t6_25 + _t6_4 - gamma*((_t6_46) if _t6_18 else (((_t6_46) if _t6_18 else (_t6_60 + 1.0)))) - gamma*((_t6_47) if _t6_18 else (((_t6_47) if _t6_18 else (_t6_37 + _t6_62))))
+            _t6_64 = ((_t6_52) if _t6_18 else (_t6_53))
+            _t6_65 = ((-_t6_38 + _t6_39 + _t6_4*_t6_48 + _t6_4*_t6_59 - _t6_42 - _t6_44 + _t6_48 + _t6_59 + (gamma*(-_l0 + (-_t6_36)))) if _t6_18 else (_t6_11*gamma*((_t6_57) if _t6_18 else (((_t6_4*_t6_64 + _t6_56 + _t6_64) if _t6_18 else (_t6_11*((_t6_52) if _t6_18 else (((_t6_52) if _t6_18 else (_t6_50 + (((_h5*_t6_61)/(_t6_4))))))) + _t6_58 + _t6_60 + _t6_62)))) + _t6_11*((_t6_45) if _t6_18 else (((_t6_45) if _t6_18 else (-_t6_63)))) + _t6_63))
+            _t6_66 = (_t6_8 < math.log(2.0))
+            _t6_67 = (abs(_t6_10 - _t6_8) <= 700.0)
+            _t6_68 = ((_t6_67) if _t6_66 else ((abs(_t6_31 - _t6_8) <= 700.0)))
+            _t6_69 = (_t6_65)
+            _t6_70 = abs(_t6_4)
+            _b6_0 = ((((_t6_7*(-_t6_3 + _t6_6*gamma - gamma))/(_t6_3))) if _t6_9 else (-_e_alpha*((-_t6_19*_t6_4 - _t6_19 - _t6_20) if _t6_18 else (((-_t6_20 - _t6_24*_t6_4 - _t6_24) if _t6_18 else (-_t6_11*((_t6_17) if _t6_18 else (((_t6_17) if _t6_18 else (_t6_27)))) + _t6_27))))*math.exp(_t6_13)))
+            _b6_1 = ((_t6_7*(-2.0*_t6_30*(((gamma)/(_t6_3)) + 1.0) - _t6_6 + 2.0*gamma + ((_h4*_t6_6**2)/(_t6_3)) + ((-_t6_30*(1.0 - _t6_6))/(_t6_3)) + (((_h4)/(_t6_3)) + 1.0))) if _t6_9 else ((((((_e_alpha*_t6_65)/(_t6_4)))*math.exp(((_t6_34) if _t6_18 else (((_t6_34) if _t6_18 else (_t6_35)))))) if ((_t6_68) if _t6_18 else (((_t6_68) if _t6_18 else (((_t6_67) if _t6_66 else ((abs(_t6_12 - _t6_8) <= 700.0))))))) else (math.exp((_t6_35 + ((-math.log1p((((-_e_alpha + _t6_70)/(_e_alpha))))) if (_e_alpha > ((_t6_70)/(2.0))) and (_e_alpha < 2.0*_t6_70) else ((math.log(_e_alpha)) - math.log(_t6_70))) + math.log(abs(_t6_69))))*_sign(_e_alpha)*_sign(_t6_4)*_sign(_t6_69)))))
         else:
-            _t6_29 = (_t6_11 <= 700.0)
-            _t6_74 = _r2*_t6_7
-            _t6_75 = _r3*_t6_23
-            _t6_76 = (-_l0 + (_h6 + _t6_0))
-            _t6_77 = _h7*math.exp(_t6_76)
-            _b6_0 = -((_p0*_r2) if _t6_29 else (_h3*math.exp((-_l0 + (_h2 + _t6_0)))))
-            _b6_1 = _p0*((((_t6_74 - ((_t6_75) if _t6_29 else (_h7*(math.expm1(_t6_76) + 1.0)))) if (abs(_t6_76) <= 1.0) else (_t6_74 - ((_t6_75) if _t6_29 else (_t6_77))))) if _t6_21 else (_t6_74 - ((_p0*_r3) if _t6_29 else (_t6_77))))
+            _t6_29 = (_t6_8 <= 700.0)
+            _t6_71 = _r2*_t6_4
+            _t6_72 = _r3*_t6_21
+            _t6_73 = (-_l0 + (_h6 + _t6_0))
+            _t6_74 = _h7*math.exp(_t6_73)
+            _b6_0 = -((_r2*_t6_11) if _t6_29 else (_h3*math.exp((-_l0 + (_h2 + _t6_0)))))
+            _b6_1 = _t6_11*((((_t6_71 - ((_t6_72) if _t6_29 else (_h7*(math.expm1(_t6_73) + 1.0)))) if (abs(_t6_73) <= 1.0) else (_t6_71 - ((_t6_72) if _t6_29 else (_t6_74))))) if _t6_18 else (_t6_71 - ((_r3*_t6_11) if _t6_29 else (_t6_74))))
         _out1[_i, _k] = _w * (_b6_0)
         _out2[_i, _k] = _w * (_b6_1)
 
@@ -909,11 +864,8 @@ def loss_grad_hess_kernel(y, s, alpha, gamma, _weight, _out0, _out1, _out2):
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2, _stash)
+    for _i in range(s.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -921,11 +873,8 @@ def loss_grad_hess_kernel_parallel(y, s, alpha, gamma, _weight, _out0, _out1, _o
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -116,12 +116,12 @@ def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
         if _k != _a1:
             _l1 += _x
     _l1_inv = 1.0 / (1.0 + _l1)
+    _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p1 = _stash[0, _k] * _l1_inv
-        _out0[_i, _k] = _w * (((((((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature)))))))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
+        _out0[_i, _k] = _w * (((((((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0)))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -169,12 +169,12 @@ def _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
         if _k != _a1:
             _l1 += _x
     _l1_inv = 1.0 / (1.0 + _l1)
+    _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p1 = _stash[0, _k] * _l1_inv
-        _out0[_i, _k] = _w * ((((((-_p1*((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature)))))))/(temperature))))/(temperature)))
+        _out0[_i, _k] = _w * ((((((-_p1*((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0)))/(temperature))))/(temperature)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -222,12 +222,12 @@ def _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _stash)
         if _k != _a1:
             _l1 += _x
     _l1_inv = 1.0 / (1.0 + _l1)
+    _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p1 = _stash[0, _k] * _l1_inv
-        _t2_0 = ((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature))))))
+        _t2_0 = ((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0))
         _out0[_i, _k] = _w * (((((_t2_0)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
         _out1[_i, _k] = _w * ((((((-_p1*_t2_0)/(temperature))))/(temperature)))
 
@@ -280,13 +280,13 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _o
         if _k != _a1:
             _l1 += _x
     _l1_inv = 1.0 / (1.0 + _l1)
+    _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
     for _k in range(_n):
-        _e_s = s[_i, _k]
         _p1 = _stash[0, _k] * _l1_inv
-        _t4_0 = ((_p1 - 1.0) if (_p1 <= 1/2) else (math.expm1(-_l1 + (-_m1 + ((_e_s)/(temperature))))))
+        _t4_0 = ((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0))
         _out1[_i, _k] = _w * (((((_t4_0)/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
         _out2[_i, _k] = _w * ((((((-_p1*_t4_0)/(temperature))))/(temperature)))
 

@@ -132,8 +132,8 @@ def loss_kernel_parallel(y, s, w, epsilon, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -159,11 +159,8 @@ def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -194,18 +191,18 @@ def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _p0 = _stash[0, _k] * _l0_inv
+        _t5_0 = _e_s - _m0
+        _t5_1 = -_l0 + (_t5_0)
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t5_0 = _e_s - _m0
-            _t5_1 = ((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_t5_0))))
-            _t5_2 = epsilon*(_t5_1 + 1.0)
-            _t5_3 = _l0 + (-_t5_0)
-            _t5_4 = (_t5_3 <= 700.0)
-            _t5_5 = (-_l0 + (_h0 + _t5_0))
-            _t5_6 = _h1*math.exp(_t5_5)
-            _b5_0 = _t5_1*((((_e_w + ((_t5_2) if _t5_4 else (_h1*(math.expm1(_t5_5) + 1.0)))) if (abs(_t5_5) <= 1.0) else (_e_w + ((_t5_2) if _t5_4 else (_t5_6))))) if (_t5_3 <= 1.0) else (_e_w + ((_p0*epsilon) if _t5_4 else (_t5_6))))
+            _t5_2 = math.expm1(_t5_1)
+            _t5_3 = epsilon*(_t5_2 + 1.0)
+            _t5_4 = _l0 + (-_t5_0)
+            _t5_5 = (_t5_4 <= 700.0)
+            _t5_6 = (-_l0 + (_h0 + _t5_0))
+            _t5_7 = _h1*math.exp(_t5_6)
+            _b5_0 = _t5_2*((((_e_w + ((_t5_3) if _t5_5 else (_h1*(math.expm1(_t5_6) + 1.0)))) if (abs(_t5_6) <= 1.0) else (_e_w + ((_t5_3) if _t5_5 else (_t5_7))))) if (_t5_4 <= 1.0) else (_e_w + (((math.exp(_t5_1))*epsilon) if _t5_5 else (_t5_7))))
         else:
-            _b5_0 = _p0*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
+            _b5_0 = (math.exp(_t5_1))*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
         _out0[_i, _k] = _w * (_b5_0)
 
 
@@ -214,11 +211,8 @@ def grad_kernel(y, s, w, epsilon, _weight, _out0):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
+    for _i in range(s.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -226,15 +220,12 @@ def grad_kernel_parallel(y, s, w, epsilon, _weight, _out0):
     """grad of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _grad_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -260,11 +251,8 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -294,31 +282,29 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _p0 = _stash[0, _k] * _l0_inv
+        _t6_0 = _e_s - _m0
+        _t6_1 = -_l0 + (_t6_0)
+        _t6_2 = math.exp(_t6_1)
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t6_0 = _p0 - 1.0
-            _t6_1 = (_p0 <= 1/2)
-            _t6_2 = _e_s - _m0
-            _t6_3 = math.expm1(-_l0 + (_t6_2))
-            _t6_4 = ((_t6_0) if _t6_1 else (_t6_3))
-            _t6_5 = epsilon*((_t6_0**2) if _t6_1 else (_t6_3**2))
-            _t6_6 = _t6_4 + 1.0
-            _t6_7 = _t6_6*epsilon
-            _t6_8 = _l0 + (-_t6_2)
-            _t6_9 = (_t6_8 <= 700.0)
-            _t6_10 = (-_l0 + (_h0 + _t6_2))
-            _t6_11 = ((_t6_7) if _t6_9 else (_h1*(math.expm1(_t6_10) + 1.0)))
-            _t6_12 = (abs(_t6_10) <= 1.0)
-            _t6_13 = -_t6_5
-            _t6_14 = _h1*math.exp(_t6_10)
-            _t6_15 = _e_w + ((_t6_7) if _t6_9 else (_t6_14))
-            _t6_16 = ((_e_w + _t6_11) if _t6_12 else (_t6_15))
-            _t6_17 = (_t6_8 <= 1.0)
-            _t6_18 = _e_w + ((_p0*epsilon) if _t6_9 else (_t6_14))
-            _b6_0 = _p0*((((-_e_w*_t6_4 - _t6_11*_t6_4 - _t6_5) if _t6_12 else (_t6_13 + _t6_15 - _t6_6*((_t6_16) if _t6_17 else (_t6_15))))) if _t6_17 else (-_p0*((_t6_16) if _t6_17 else (_t6_18)) + _t6_13 + _t6_18))
+            _t6_3 = math.expm1(_t6_1)
+            _t6_4 = _t6_3**2*epsilon
+            _t6_5 = _t6_3 + 1.0
+            _t6_6 = _t6_5*epsilon
+            _t6_7 = _l0 + (-_t6_0)
+            _t6_8 = (_t6_7 <= 700.0)
+            _t6_9 = (-_l0 + (_h0 + _t6_0))
+            _t6_10 = ((_t6_6) if _t6_8 else (_h1*(math.expm1(_t6_9) + 1.0)))
+            _t6_11 = (abs(_t6_9) <= 1.0)
+            _t6_12 = -_t6_4
+            _t6_13 = _h1*math.exp(_t6_9)
+            _t6_14 = _e_w + ((_t6_6) if _t6_8 else (_t6_13))
+            _t6_15 = ((_e_w + _t6_10) if _t6_11 else (_t6_14))
+            _t6_16 = (_t6_7 <= 1.0)
+            _t6_17 = _e_w + ((_t6_2*epsilon) if _t6_8 else (_t6_13))
+            _b6_0 = _t6_2*((((-_e_w*_t6_3 - _t6_10*_t6_3 - _t6_4) if _t6_11 else (_t6_12 + _t6_14 - _t6_5*((_t6_15) if _t6_16 else (_t6_14))))) if _t6_16 else (_t6_12 + _t6_17 - _t6_2*((_t6_15) if _t6_16 else (_t6_17))))
         else:
-            _t6_19 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_p0), _h3), _r0_w_error))
-            _b6_0 = _p0*(_h2 + _h4*_h5*_t6_19 - _h5*_h6*_p0 - _p0*_r3*_t6_19 - _r3*_t6_19**2)
+            _t6_18 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h3), _r0_w_error))
+            _b6_0 = _t6_2*(_h2 + _h4*_h5*_t6_18 - _h5*_h6*_t6_2 - _r3*_t6_18**2 - _r3*_t6_18*_t6_2)
         _out0[_i, _k] = _w * (_b6_0)
 
 
@@ -327,11 +313,8 @@ def hess_kernel(y, s, w, epsilon, _weight, _out0):
     """hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
+    for _i in range(s.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -339,15 +322,12 @@ def hess_kernel_parallel(y, s, w, epsilon, _weight, _out0):
     """hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -374,11 +354,8 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -428,35 +405,33 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _p0 = _stash[0, _k] * _l0_inv
-        _t6_18 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t6_18:
-            _t6_0 = _p0 - 1.0
-            _t6_1 = (_p0 <= 1/2)
-            _t6_2 = _e_s - _m0
-            _t6_3 = math.expm1(-_l0 + (_t6_2))
-            _t6_4 = ((_t6_0) if _t6_1 else (_t6_3))
-            _t6_5 = _t6_4 + 1.0
-            _t6_6 = _t6_5*epsilon
-            _t6_7 = _l0 + (-_t6_2)
-            _t6_8 = (_t6_7 <= 700.0)
-            _t6_9 = (-_l0 + (_h0 + _t6_2))
-            _t6_10 = ((_t6_6) if _t6_8 else (_h1*(math.expm1(_t6_9) + 1.0)))
-            _t6_11 = (abs(_t6_9) <= 1.0)
-            _t6_12 = _h1*math.exp(_t6_9)
-            _t6_13 = _e_w + ((_t6_6) if _t6_8 else (_t6_12))
-            _t6_14 = ((_e_w + _t6_10) if _t6_11 else (_t6_13))
-            _t6_15 = (_t6_7 <= 1.0)
-            _t6_16 = _e_w + ((_p0*epsilon) if _t6_8 else (_t6_12))
-            _t6_17 = ((_t6_14) if _t6_15 else (_t6_16))
-            _t6_19 = epsilon*((_t6_0**2) if _t6_1 else (_t6_3**2))
-            _t6_20 = -_t6_19
-            _b6_0 = _t6_17*_t6_4
-            _b6_1 = _p0*((((-_e_w*_t6_4 - _t6_10*_t6_4 - _t6_19) if _t6_11 else (_t6_13 + _t6_20 - _t6_5*((_t6_14) if _t6_15 else (_t6_13))))) if _t6_15 else (-_p0*_t6_17 + _t6_16 + _t6_20))
+        _t6_0 = _e_s - _m0
+        _t6_1 = -_l0 + (_t6_0)
+        _t6_14 = math.exp(_t6_1)
+        _t6_17 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t6_17:
+            _t6_2 = math.expm1(_t6_1)
+            _t6_3 = _t6_2 + 1.0
+            _t6_4 = _t6_3*epsilon
+            _t6_5 = _l0 + (-_t6_0)
+            _t6_6 = (_t6_5 <= 700.0)
+            _t6_7 = (-_l0 + (_h0 + _t6_0))
+            _t6_8 = ((_t6_4) if _t6_6 else (_h1*(math.expm1(_t6_7) + 1.0)))
+            _t6_9 = (abs(_t6_7) <= 1.0)
+            _t6_10 = _h1*math.exp(_t6_7)
+            _t6_11 = _e_w + ((_t6_4) if _t6_6 else (_t6_10))
+            _t6_12 = ((_e_w + _t6_8) if _t6_9 else (_t6_11))
+            _t6_13 = (_t6_5 <= 1.0)
+            _t6_15 = _e_w + ((_t6_14*epsilon) if _t6_6 else (_t6_10))
+            _t6_16 = ((_t6_12) if _t6_13 else (_t6_15))
+            _t6_18 = _t6_2**2*epsilon
+            _t6_19 = -_t6_18
+            _b6_0 = _t6_16*_t6_2
+            _b6_1 = _t6_14*((((-_e_w*_t6_2 - _t6_18 - _t6_2*_t6_8) if _t6_9 else (_t6_11 + _t6_19 - _t6_3*((_t6_12) if _t6_13 else (_t6_11))))) if _t6_13 else (-_t6_14*_t6_16 + _t6_15 + _t6_19))
         else:
-            _t6_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_p0), _h8), _r0_w_error))
-            _b6_0 = _p0*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b6_1 = _p0*(-_h10*_h11*_p0 + _h10*_h9*_t6_21 + _h7 - _p0*_r3*_t6_21 - _r3*_t6_21**2)
+            _t6_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_14), _h8), _r0_w_error))
+            _b6_0 = _t6_14*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
+            _b6_1 = _t6_14*(-_h10*_h11*_t6_14 + _h10*_h9*_t6_20 + _h7 - _r3*_t6_14*_t6_20 - _r3*_t6_20**2)
         _out0[_i, _k] = _w * (_b6_0)
         _out1[_i, _k] = _w * (_b6_1)
 
@@ -466,11 +441,8 @@ def grad_hess_kernel(y, s, w, epsilon, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash)
+    for _i in range(s.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -478,15 +450,12 @@ def grad_hess_kernel_parallel(y, s, w, epsilon, _weight, _out0, _out1):
     """grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1)
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _out2, _stash):
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _out2):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -514,11 +483,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _x = math.exp(_s - _m0)
-        _stash[0, _k] = _x
         if _k != _a0:
-            _l0 += _x
-    _l0_inv = 1.0 / (1.0 + _l0)
+            _l0 += math.exp(_s - _m0)
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -574,35 +540,33 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _p0 = _stash[0, _k] * _l0_inv
-        _t7_18 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t7_18:
-            _t7_0 = _p0 - 1.0
-            _t7_1 = (_p0 <= 1/2)
-            _t7_2 = _e_s - _m0
-            _t7_3 = math.expm1(-_l0 + (_t7_2))
-            _t7_4 = ((_t7_0) if _t7_1 else (_t7_3))
-            _t7_5 = _t7_4 + 1.0
-            _t7_6 = _t7_5*epsilon
-            _t7_7 = _l0 + (-_t7_2)
-            _t7_8 = (_t7_7 <= 700.0)
-            _t7_9 = (-_l0 + (_h0 + _t7_2))
-            _t7_10 = ((_t7_6) if _t7_8 else (_h1*(math.expm1(_t7_9) + 1.0)))
-            _t7_11 = (abs(_t7_9) <= 1.0)
-            _t7_12 = _h1*math.exp(_t7_9)
-            _t7_13 = _e_w + ((_t7_6) if _t7_8 else (_t7_12))
-            _t7_14 = ((_e_w + _t7_10) if _t7_11 else (_t7_13))
-            _t7_15 = (_t7_7 <= 1.0)
-            _t7_16 = _e_w + ((_p0*epsilon) if _t7_8 else (_t7_12))
-            _t7_17 = ((_t7_14) if _t7_15 else (_t7_16))
-            _t7_19 = epsilon*((_t7_0**2) if _t7_1 else (_t7_3**2))
-            _t7_20 = -_t7_19
-            _b7_0 = _t7_17*_t7_4
-            _b7_1 = _p0*((((-_e_w*_t7_4 - _t7_10*_t7_4 - _t7_19) if _t7_11 else (_t7_13 + _t7_20 - _t7_5*((_t7_14) if _t7_15 else (_t7_13))))) if _t7_15 else (-_p0*_t7_17 + _t7_16 + _t7_20))
+        _t7_0 = _e_s - _m0
+        _t7_1 = -_l0 + (_t7_0)
+        _t7_14 = math.exp(_t7_1)
+        _t7_17 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t7_17:
+            _t7_2 = math.expm1(_t7_1)
+            _t7_3 = _t7_2 + 1.0
+            _t7_4 = _t7_3*epsilon
+            _t7_5 = _l0 + (-_t7_0)
+            _t7_6 = (_t7_5 <= 700.0)
+            _t7_7 = (-_l0 + (_h0 + _t7_0))
+            _t7_8 = ((_t7_4) if _t7_6 else (_h1*(math.expm1(_t7_7) + 1.0)))
+            _t7_9 = (abs(_t7_7) <= 1.0)
+            _t7_10 = _h1*math.exp(_t7_7)
+            _t7_11 = _e_w + ((_t7_4) if _t7_6 else (_t7_10))
+            _t7_12 = ((_e_w + _t7_8) if _t7_9 else (_t7_11))
+            _t7_13 = (_t7_5 <= 1.0)
+            _t7_15 = _e_w + ((_t7_14*epsilon) if _t7_6 else (_t7_10))
+            _t7_16 = ((_t7_12) if _t7_13 else (_t7_15))
+            _t7_18 = _t7_2**2*epsilon
+            _t7_19 = -_t7_18
+            _b7_0 = _t7_16*_t7_2
+            _b7_1 = _t7_14*((((-_e_w*_t7_2 - _t7_18 - _t7_2*_t7_8) if _t7_9 else (_t7_11 + _t7_19 - _t7_3*((_t7_12) if _t7_13 else (_t7_11))))) if _t7_13 else (-_t7_14*_t7_16 + _t7_15 + _t7_19))
         else:
-            _t7_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_p0), _h8), _r0_w_error))
-            _b7_0 = _p0*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b7_1 = _p0*(-_h10*_h11*_p0 + _h10*_h9*_t7_21 + _h7 - _p0*_r3*_t7_21 - _r3*_t7_21**2)
+            _t7_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_14), _h8), _r0_w_error))
+            _b7_0 = _t7_14*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
+            _b7_1 = _t7_14*(-_h10*_h11*_t7_14 + _h10*_h9*_t7_20 + _h7 - _r3*_t7_14*_t7_20 - _r3*_t7_20**2)
         _out1[_i, _k] = _w * (_b7_0)
         _out2[_i, _k] = _w * (_b7_1)
 
@@ -612,11 +576,8 @@ def loss_grad_hess_kernel(y, s, w, epsilon, _weight, _out0, _out1, _out2):
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in range((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _out2, _stash)
+    for _i in range(s.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -624,11 +585,8 @@ def loss_grad_hess_kernel_parallel(y, s, w, epsilon, _weight, _out0, _out1, _out
     """loss, grad, hess of each row, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
-    _rows = s.shape[0]
-    for _b in numba.prange((_rows + 255) // 256):
-        _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
-        for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _out2, _stash)
+    for _i in numba.prange(s.shape[0]):
+        _loss_grad_hess_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _out2)
 
 
 @numba.njit(cache=True, error_model="numpy")

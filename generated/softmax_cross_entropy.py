@@ -190,6 +190,7 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _t3_0 = label_smoothing - 1.0
@@ -202,44 +203,43 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
         _e_w = w[_k]
         _p0 = _stash[0, _k] * _l0_inv
         _t4_0 = _C*_e_w
-        _t4_1 = (_p0 <= 1/2)
-        _t4_2 = _e_s - _m0
-        _t4_3 = math.expm1(-_l0 + (_t4_2))
-        _t4_4 = ((_p0 - 1.0) if _t4_1 else (_t4_3))
-        _t4_6 = (_p0 >= 1/2)
-        _t4_7 = ((_t4_6) if _t4_1 else ((_t4_3 >= -1/2)))
-        _t4_8 = _t4_4 + 1.0
-        _t4_10 = _l0 + (-_t4_2)
-        _t4_11 = (_t4_10 <= 700.0)
-        _t4_12 = (-_l0 + (_h1 + _t4_2))
-        _t4_15 = (abs(_t4_12) <= 1.0)
-        _t4_19 = (_t4_10 <= 1.0)
-        _t4_21 = -_C*_e_w*_t4_4 + _t4_0*_t4_4*label_smoothing
-        _t4_23 = _C*_r3
-        if _t4_11:
-            _t4_9 = _r4*_t4_8
+        _t4_1 = ((1.0 if _k == _a0 else 0.0) == 1.0)
+        _t4_2 = ((-_l0_rest) if _t4_1 else (_p0 - 1.0))
+        _t4_4 = (_p0 >= 1/2)
+        _t4_5 = (((_l0_rest <= 1/2)) if _t4_1 else (_t4_4))
+        _t4_6 = _t4_2 + 1.0
+        _t4_8 = _e_s - _m0
+        _t4_9 = _l0 + (-_t4_8)
+        _t4_10 = (_t4_9 <= 700.0)
+        _t4_11 = (-_l0 + (_h1 + _t4_8))
+        _t4_14 = (abs(_t4_11) <= 1.0)
+        _t4_18 = (_t4_9 <= 1.0)
+        _t4_20 = -_C*_e_w*_t4_2 + _t4_0*_t4_2*label_smoothing
+        _t4_22 = _C*_r3
+        if _t4_10:
+            _t4_7 = _r4*_t4_6
             _b4_2 = _p0*_r4
-            _b4_3 = _t4_9
-            _b4_4 = _t4_9
+            _b4_3 = _t4_7
+            _b4_4 = _t4_7
         else:
-            _t4_16 = _h2*math.exp(_t4_12)
-            _b4_2 = _t4_16
-            _b4_3 = _t4_16
-            _b4_4 = _h2*(math.expm1(_t4_12) + 1.0)
-        _t4_13 = _e_w + _b4_4
-        _t4_17 = _e_w + _b4_3
-        if _t4_15:
-            _t4_14 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (_t4_13))
-            _b4_0 = -_t4_14 + _t4_4*(_h0*_t4_0)
-            _b4_1 = _h3*_t4_4 + _h3 - _t4_14
-            _t4_18 = _t4_13
+            _t4_15 = _h2*math.exp(_t4_11)
+            _b4_2 = _t4_15
+            _b4_3 = _t4_15
+            _b4_4 = _h2*(math.expm1(_t4_11) + 1.0)
+        _t4_12 = _e_w + _b4_4
+        _t4_16 = _e_w + _b4_3
+        if _t4_14:
+            _t4_13 = label_smoothing*(((_r4*_t4_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (_t4_12))
+            _b4_0 = -_t4_13 + _t4_2*(_h0*_t4_0)
+            _b4_1 = _h3*_t4_2 + _h3 - _t4_13
+            _t4_17 = _t4_12
         else:
-            _t4_18 = _t4_17
-            _t4_20 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (((_t4_18) if _t4_19 else (_t4_17))))
-            _b4_0 = -_t4_20 - _t4_21
-            _b4_1 = _C*_r3*_t4_8*label_smoothing - _t4_20 - _t4_23*_t4_8
-        _t4_22 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_6 else (((_t4_18) if _t4_19 else (_e_w + _b4_2))))
-        _out0[_i, _k] = _w * (((((((_b4_0) if _t4_19 else (-_t4_21 - _t4_22)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b4_1) if _t4_19 else (_C*_p0*_r3*label_smoothing - _p0*_t4_23 - _t4_22)))/(_C)))))
+            _t4_17 = _t4_16
+            _t4_19 = label_smoothing*(((_r4*_t4_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (((_t4_17) if _t4_18 else (_t4_16))))
+            _b4_0 = -_t4_19 - _t4_20
+            _b4_1 = _C*_r3*_t4_6*label_smoothing - _t4_19 - _t4_22*_t4_6
+        _t4_21 = label_smoothing*(((_r4*_t4_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_4 else (((_t4_17) if _t4_18 else (_e_w + _b4_2))))
+        _out0[_i, _k] = _w * (((((((_b4_0) if _t4_18 else (-_t4_20 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((_b4_1) if _t4_18 else (_C*_p0*_r3*label_smoothing - _p0*_t4_22 - _t4_21)))/(_C)))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -309,6 +309,7 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _t3_0 = _r3*(label_smoothing - 1.0)
@@ -320,8 +321,7 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _p0 = _stash[0, _k] * _l0_inv
-        _t4_0 = _e_s - _m0
-        _out0[_i, _k] = _w * (_p0*((_h0*((_p0 - 1.0) if (_p0 <= 1/2) else (math.expm1(-_l0 + (_t4_0))))) if (_l0 + (-_t4_0) <= 1.0) else (_h1*_p0 + _h2)))
+        _out0[_i, _k] = _w * (_p0*((_h0*((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))) if (_l0 + (-_e_s + _m0) <= 1.0) else (_h1*_p0 + _h2)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -392,6 +392,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, 
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
     _t3_0 = label_smoothing - 1.0
@@ -410,29 +411,28 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, 
         _e_w = w[_k]
         _p0 = _stash[0, _k] * _l0_inv
         _t4_0 = _C*_e_w
-        _t4_1 = (_p0 <= 1/2)
-        _t4_2 = _e_s - _m0
-        _t4_3 = math.expm1(-_l0 + (_t4_2))
-        _t4_4 = ((_p0 - 1.0) if _t4_1 else (_t4_3))
-        _t4_6 = (_p0 >= 1/2)
-        _t4_7 = ((_t4_6) if _t4_1 else ((_t4_3 >= -1/2)))
-        _t4_8 = _t4_4 + 1.0
-        _t4_9 = _r4*_t4_8
-        _t4_10 = _l0 + (-_t4_2)
-        _t4_11 = (_t4_10 <= 700.0)
-        _t4_12 = (-_l0 + (_h1 + _t4_2))
-        _t4_13 = _e_w + ((_t4_9) if _t4_11 else (_h2*(math.expm1(_t4_12) + 1.0)))
-        _t4_14 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (_t4_13))
-        _t4_15 = (abs(_t4_12) <= 1.0)
-        _t4_17 = _e_w + ((_t4_9) if _t4_11 else ((_h2*math.exp(_t4_12))))
-        _t4_18 = ((_t4_13) if _t4_15 else (_t4_17))
-        _t4_19 = (_t4_10 <= 1.0)
-        _t4_20 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_7 else (((_t4_18) if _t4_19 else (_t4_17))))
-        _t4_21 = -_C*_e_w*_t4_4 + _t4_0*_t4_4*label_smoothing
-        _t4_22 = label_smoothing*(((_r4*_t4_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_6 else (((_t4_18) if _t4_19 else (_e_w + ((_p0*_r4) if _t4_11 else ((_h2*math.exp(_t4_12))))))))
-        _t4_23 = _C*_r3
-        _out0[_i, _k] = _w * (((((((((-_t4_14 + _t4_4*(_h0*_t4_0)) if _t4_15 else (-_t4_20 - _t4_21))) if _t4_19 else (-_t4_21 - _t4_22)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t4_4 + _h3 - _t4_14) if _t4_15 else (_C*_r3*_t4_8*label_smoothing - _t4_20 - _t4_23*_t4_8))) if _t4_19 else (_C*_p0*_r3*label_smoothing - _p0*_t4_23 - _t4_22)))/(_C)))))
-        _out1[_i, _k] = _w * (_p0*((_h4*_t4_4) if _t4_19 else (_h5*_p0 + _h6)))
+        _t4_1 = ((1.0 if _k == _a0 else 0.0) == 1.0)
+        _t4_2 = ((-_l0_rest) if _t4_1 else (_p0 - 1.0))
+        _t4_4 = (_p0 >= 1/2)
+        _t4_5 = (((_l0_rest <= 1/2)) if _t4_1 else (_t4_4))
+        _t4_6 = _t4_2 + 1.0
+        _t4_7 = _r4*_t4_6
+        _t4_8 = _e_s - _m0
+        _t4_9 = _l0 + (-_t4_8)
+        _t4_10 = (_t4_9 <= 700.0)
+        _t4_11 = (-_l0 + (_h1 + _t4_8))
+        _t4_12 = _e_w + ((_t4_7) if _t4_10 else (_h2*(math.expm1(_t4_11) + 1.0)))
+        _t4_13 = label_smoothing*(((_r4*_t4_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (_t4_12))
+        _t4_14 = (abs(_t4_11) <= 1.0)
+        _t4_16 = _e_w + ((_t4_7) if _t4_10 else ((_h2*math.exp(_t4_11))))
+        _t4_17 = ((_t4_12) if _t4_14 else (_t4_16))
+        _t4_18 = (_t4_9 <= 1.0)
+        _t4_19 = label_smoothing*(((_r4*_t4_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_5 else (((_t4_17) if _t4_18 else (_t4_16))))
+        _t4_20 = -_C*_e_w*_t4_2 + _t4_0*_t4_2*label_smoothing
+        _t4_21 = label_smoothing*(((_r4*_t4_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t4_4 else (((_t4_17) if _t4_18 else (_e_w + ((_p0*_r4) if _t4_10 else ((_h2*math.exp(_t4_11))))))))
+        _t4_22 = _C*_r3
+        _out0[_i, _k] = _w * (((((((((-_t4_13 + _t4_2*(_h0*_t4_0)) if _t4_14 else (-_t4_19 - _t4_20))) if _t4_18 else (-_t4_20 - _t4_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t4_2 + _h3 - _t4_13) if _t4_14 else (_C*_r3*_t4_6*label_smoothing - _t4_19 - _t4_22*_t4_6))) if _t4_18 else (_C*_p0*_r3*label_smoothing - _p0*_t4_22 - _t4_21)))/(_C)))))
+        _out1[_i, _k] = _w * (_p0*((_h4*_t4_2) if _t4_18 else (_h5*_p0 + _h6)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -504,6 +504,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
         if _k != _a0:
             _l0 += _x
     _l0_inv = 1.0 / (1.0 + _l0)
+    _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
@@ -540,29 +541,28 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
         _e_w = w[_k]
         _p0 = _stash[0, _k] * _l0_inv
         _t6_0 = _C*_e_w
-        _t6_1 = (_p0 <= 1/2)
-        _t6_2 = _e_s - _m0
-        _t6_3 = math.expm1(-_l0 + (_t6_2))
-        _t6_4 = ((_p0 - 1.0) if _t6_1 else (_t6_3))
-        _t6_6 = (_p0 >= 1/2)
-        _t6_7 = ((_t6_6) if _t6_1 else ((_t6_3 >= -1/2)))
-        _t6_8 = _t6_4 + 1.0
-        _t6_9 = _r4*_t6_8
-        _t6_10 = _l0 + (-_t6_2)
-        _t6_11 = (_t6_10 <= 700.0)
-        _t6_12 = (-_l0 + (_h1 + _t6_2))
-        _t6_13 = _e_w + ((_t6_9) if _t6_11 else (_h2*(math.expm1(_t6_12) + 1.0)))
-        _t6_14 = label_smoothing*(((_r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_7 else (_t6_13))
-        _t6_15 = (abs(_t6_12) <= 1.0)
-        _t6_17 = _e_w + ((_t6_9) if _t6_11 else ((_h2*math.exp(_t6_12))))
-        _t6_18 = ((_t6_13) if _t6_15 else (_t6_17))
-        _t6_19 = (_t6_10 <= 1.0)
-        _t6_20 = label_smoothing*(((_r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_7 else (((_t6_18) if _t6_19 else (_t6_17))))
-        _t6_21 = -_C*_e_w*_t6_4 + _t6_0*_t6_4*label_smoothing
-        _t6_22 = label_smoothing*(((_r4*_t6_4 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_6 else (((_t6_18) if _t6_19 else (_e_w + ((_p0*_r4) if _t6_11 else ((_h2*math.exp(_t6_12))))))))
-        _t6_23 = _C*_r3
-        _out1[_i, _k] = _w * (((((((((-_t6_14 + _t6_4*(_h0*_t6_0)) if _t6_15 else (-_t6_20 - _t6_21))) if _t6_19 else (-_t6_21 - _t6_22)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t6_4 + _h3 - _t6_14) if _t6_15 else (_C*_r3*_t6_8*label_smoothing - _t6_20 - _t6_23*_t6_8))) if _t6_19 else (_C*_p0*_r3*label_smoothing - _p0*_t6_23 - _t6_22)))/(_C)))))
-        _out2[_i, _k] = _w * (_p0*((_h4*_t6_4) if _t6_19 else (_h5*_p0 + _h6)))
+        _t6_1 = ((1.0 if _k == _a0 else 0.0) == 1.0)
+        _t6_2 = ((-_l0_rest) if _t6_1 else (_p0 - 1.0))
+        _t6_4 = (_p0 >= 1/2)
+        _t6_5 = (((_l0_rest <= 1/2)) if _t6_1 else (_t6_4))
+        _t6_6 = _t6_2 + 1.0
+        _t6_7 = _r4*_t6_6
+        _t6_8 = _e_s - _m0
+        _t6_9 = _l0 + (-_t6_8)
+        _t6_10 = (_t6_9 <= 700.0)
+        _t6_11 = (-_l0 + (_h1 + _t6_8))
+        _t6_12 = _e_w + ((_t6_7) if _t6_10 else (_h2*(math.expm1(_t6_11) + 1.0)))
+        _t6_13 = label_smoothing*(((_r4*_t6_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_5 else (_t6_12))
+        _t6_14 = (abs(_t6_11) <= 1.0)
+        _t6_16 = _e_w + ((_t6_7) if _t6_10 else ((_h2*math.exp(_t6_11))))
+        _t6_17 = ((_t6_12) if _t6_14 else (_t6_16))
+        _t6_18 = (_t6_9 <= 1.0)
+        _t6_19 = label_smoothing*(((_r4*_t6_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_5 else (((_t6_17) if _t6_18 else (_t6_16))))
+        _t6_20 = -_C*_e_w*_t6_2 + _t6_0*_t6_2*label_smoothing
+        _t6_21 = label_smoothing*(((_r4*_t6_2 + _sum_finish(_sum_add(_sum_add(_sum_start(_r4_hi), _e_w), _r4_error)))) if _t6_4 else (((_t6_17) if _t6_18 else (_e_w + ((_p0*_r4) if _t6_10 else ((_h2*math.exp(_t6_11))))))))
+        _t6_22 = _C*_r3
+        _out1[_i, _k] = _w * (((((((((-_t6_13 + _t6_2*(_h0*_t6_0)) if _t6_14 else (-_t6_19 - _t6_20))) if _t6_18 else (-_t6_20 - _t6_21)))/(_C))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((((((_h3*_t6_2 + _h3 - _t6_13) if _t6_14 else (_C*_r3*_t6_6*label_smoothing - _t6_19 - _t6_22*_t6_6))) if _t6_18 else (_C*_p0*_r3*label_smoothing - _p0*_t6_22 - _t6_21)))/(_C)))))
+        _out2[_i, _k] = _w * (_p0*((_h4*_t6_2) if _t6_18 else (_h5*_p0 + _h6)))
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -15,9 +15,9 @@ How each kind of reduction is computed (the table :data:`LOOP_CODE`):
   exactly first, so log-softmax and cross-entropy keep their digits next to 0.
   Where the element outputs hold the softmax weight p = exp(g - R), each exp(g_k - M) of
   that pass is kept (in a scratch row, ``_stash``) and p is E_k/(1 + S), a product, not a
-  second exponential; expm1(g - R) = p - 1 where p <= 1/2 (no cancellation there), so
-  expm1 runs only where p > 1/2, at most at one element of the row. Softmax cross-entropy's
-  loss, gradient and Hessian take one exponential per element.
+  second exponential; expm1(g - R) is p - 1, except at the arg-max, where it is -S/(1 + S)
+  (1 - p cancels only there: every other p is at most 1/2). Softmax cross-entropy's loss,
+  gradient and Hessian take one exponential per element and no expm1.
 """
 from __future__ import annotations
 
@@ -92,6 +92,11 @@ class _Shifts:
         return _group_shift(expr.xreplace(self.replacements), self.shifts, self.tails)
 
 
+def _rest_of(tail: sp.Symbol) -> sp.Symbol:
+    """1 - p_a = S/(1 + S) of a stashed logsumexp tail L = log1p(S), a at its arg-max."""
+    return sp.Symbol(f"{tail.name}_rest", nonnegative=True)
+
+
 # --- kernel bodies ---------------------------------------------------------------------------
 
 class _Body:
@@ -117,7 +122,8 @@ class _Body:
     def stash_softmax(self, exprs: list[sp.Expr]) -> list[sp.Expr]:
         """``exprs`` with each softmax weight exp((g - M) - L) of a logsumexp R = M + L of
         summand g as a symbol p, computed from that pass's exp(g - M) (see the module
-        docstring), and expm1((g - M) - L) as p - 1 where p <= 1/2."""
+        docstring), and expm1((g - M) - L) as p - 1, -S/(1 + S) at the arg-max. Not where a
+        reduction sums the weights themselves."""
         replacements = {}
         for r in self.reductions.values():
             if r.kind != "logsumexp_tail":
@@ -126,10 +132,17 @@ class _Body:
             u = group(r.summand - m) - r.symbol
             if not any(e.has(sp.exp(u)) for e in exprs):
                 continue
+            if any(q.summand.has(sp.exp(u), expm1(u)) for q in self.reductions.values()):
+                # a reduction sums the weights (simplex weights: 1 - p_k - p_y as the sum of the
+                # other classes, its own terms taken out exactly): its terms and the p_k taken out
+                # must be the same floats, exp((g - M) - L) both
+                continue
             p = sp.Symbol(f"_p{r.symbol.name[2:]}", positive=True)
             self.stashed[r.symbol] = (len(self.stashed), p)
             replacements[sp.exp(u)] = p
-            replacements[expm1(u)] = sp.Piecewise((p - 1, p <= sp.S.Half), (expm1(u), True))
+            # p_a = 1/(1 + S) at the arg-max a, so 1 - p_a = S/(1 + S) (row-level, no expm1);
+            # every other p_k <= p_a and p_k + p_a <= 1, so p_k <= 1/2 and p_k - 1 does not cancel
+            replacements[expm1(u)] = sp.Piecewise((-_rest_of(r.symbol), sp.Eq(onehot(r.index[1]), 1)), (p - 1, True))
         return [e.xreplace(replacements) for e in exprs]
 
     def bind_weights(self, exprs, indent: int):
@@ -182,6 +195,7 @@ class _Body:
         # stabilise_rows.sum_parts) needs that reduction even where its value is not used
         owner = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
         owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
+        owner.update({part: tail for tail, (_, p) in self.stashed.items() for part in (p, _rest_of(tail))})
         used = {s for e in exprs for s in e.free_symbols}
         seen, stack = set(), [s for s in used if s in self.reductions] + [owner[s] for s in used if s in owner]
         while stack:
@@ -281,7 +295,8 @@ LOOP_CODE = {
     "logsumexp_tail_stashed": {"start": ["{r} = 0.0"],
                                "step": ["_x = math.exp(_s - {m})", "_stash[{slot}, _k] = _x",
                                         "if _k != {a}:", "    {r} += _x"],
-                               "finish": ["{r}_inv = 1.0 / (1.0 + {r})", "{r} = math.log1p({r})"]},
+                               "finish": ["{r}_inv = 1.0 / (1.0 + {r})", "{r}_rest = {r} * {r}_inv",
+                                          "{r} = math.log1p({r})"]},
 }
 
 
