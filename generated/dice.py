@@ -250,12 +250,13 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _h0 = ((1.0)/(_t1_0**3))
-    _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h1 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h2 = _t1_0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _out0[_i, _k] = _w * (_h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_e_p + _e_y) + _h1))
+        _t2_0 = -_e_p**2
+        _out0[_i, _k] = _w * (2.0*_h0*(4.0*_e_p*_e_y*_h2 + _h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -326,14 +327,14 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _h0 = ((1.0)/(_t1_0))
     _h1 = ((1.0)/(_t1_0**3))
-    _h2 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h2 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h3 = _t1_0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = (-_e_p + _e_y)
-        _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*_t2_0))
-        _out1[_i, _k] = _w * (_h1*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h3*_t2_0 + _h2))
+        _t2_0 = -_e_p**2
+        _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
+        _out1[_i, _k] = _w * (2.0*_h1*(4.0*_e_p*_e_y*_h3 + _h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -406,14 +407,14 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _out0[_i] = _w * (((_r3)/(_t1_0)))
     _h0 = ((1.0)/(_t1_0))
     _h1 = ((1.0)/(_t1_0**3))
-    _h2 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h2 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h3 = _t1_0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = (-_e_p + _e_y)
-        _out1[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*_t2_0))
-        _out2[_i, _k] = _w * (_h1*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h3*_t2_0 + _h2))
+        _t2_0 = -_e_p**2
+        _out1[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
+        _out2[_i, _k] = _w * (2.0*_h1*(4.0*_e_p*_e_y*_h3 + _h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -482,20 +483,21 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _h0 = ((1.0)/(_t1_0**3))
-    _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h1 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h2 = _t1_0
     _h3 = ((1.0)/(_t1_0))
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = _e_p - _e_y
-        _t2_1 = 2.0*_e_p
-        _scratch[0, _k] = _h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_t2_0) + _h1)
-        _scratch[1, _k] = 2.0*_h0*(-_h2*_t2_0 + _r3*_t2_1)
-        _scratch[2, _k] = _t2_1
-        _scratch[3, _k] = _h3*(-_h3*_t2_1)
-        _scratch[4, _k] = -2.0*_e_y + _t2_1
+        _t2_0 = -_e_p**2
+        _t2_1 = 2.0*_h0
+        _t2_2 = 2.0*_e_p
+        _scratch[0, _k] = _t2_1*(4.0*_e_p*_e_y*_h2 + _h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0)))
+        _scratch[1, _k] = _t2_1*(-_h2*(_e_p - _e_y) + _r3*_t2_2)
+        _scratch[2, _k] = _t2_2
+        _scratch[3, _k] = _h3*(-_h3*_t2_2)
+        _scratch[4, _k] = -2.0*_e_y + _t2_2
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
@@ -569,20 +571,21 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _h0 = ((1.0)/(_t1_0**3))
-    _h1 = 2.0*_t1_0*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h1 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h2 = _t1_0
     _h3 = ((1.0)/(_t1_0))
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = _e_p - _e_y
-        _t2_1 = 2.0*_e_p
-        _scratch[0, _k] = _h0*(8.0*_e_p**2*_r3 + 8.0*_e_p*_h2*(-_t2_0) + _h1)
-        _scratch[1, _k] = 2.0*_h0*(-_h2*_t2_0 + _r3*_t2_1)
-        _scratch[2, _k] = _t2_1
-        _scratch[3, _k] = _h3*(-_h3*_t2_1)
-        _scratch[4, _k] = -2.0*_e_y + _t2_1
+        _t2_0 = -_e_p**2
+        _t2_1 = 2.0*_h0
+        _t2_2 = 2.0*_e_p
+        _scratch[0, _k] = _t2_1*(4.0*_e_p*_e_y*_h2 + _h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0)))
+        _scratch[1, _k] = _t2_1*(-_h2*(_e_p - _e_y) + _r3*_t2_2)
+        _scratch[2, _k] = _t2_2
+        _scratch[3, _k] = _h3*(-_h3*_t2_2)
+        _scratch[4, _k] = -2.0*_e_y + _t2_2
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]

@@ -408,30 +408,25 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
-    _t1_1 = _t1_0**2
     _h0 = ((1.0)/(_t1_0))
-    _h1 = ((1.0)/(_t1_0**3))
-    _h2 = _t1_1
-    _h3 = ((3.0)/(_t1_1))
-    _scratch = np.empty((7, _n))
+    _h1 = ((-3.0)/(_t1_0**2))
+    _h2 = ((1.0)/(_t1_0**3))
+    _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
-        _t2_1 = 2.0*_e_y
-        _t2_2 = _t2_1 - 1.0
-        _t2_3 = -_t2_0
-        _t2_4 = 2.0*_r3*_t2_3
-        _scratch[0, _k] = _h0*(_h0*(-_t2_0*_t2_2 + _t2_3*(_h0*_t2_4 + _t2_2)))
+        _t2_1 = 2.0*_e_y - 1.0
+        _t2_2 = -_t2_0
+        _t2_3 = 2.0*_r3*_t2_2
+        _scratch[0, _k] = _h0*(_h0*(-_t2_0*_t2_1 + _t2_2*(_h0*_t2_3 + _t2_1)))
         _scratch[1, _k] = _h0*(_h0*_t2_0)
-        _scratch[2, _k] = 1.0
-        _scratch[3, _k] = _h1*(_h2*(_h0*_t2_1) - _r4 + _t2_4 - smooth)
-        _scratch[4, _k] = 1.0
-        _scratch[5, _k] = _h0*(-4.0*_e_y*_h0) - _h1*_t2_4 + _h3
-        _scratch[6, _k] = _e_y
+        _scratch[2, _k] = -1.0
+        _scratch[3, _k] = _h0*(4.0*_e_y*_h0) + _h1 + _h2*_t2_3
+        _scratch[4, _k] = _t2_2
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
 
 
@@ -492,29 +487,24 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
-    _t1_1 = _t1_0**2
     _h0 = ((1.0)/(_t1_0))
-    _h1 = ((1.0)/(_t1_0**3))
-    _h2 = _t1_1
-    _h3 = ((3.0)/(_t1_1))
-    _scratch = np.empty((7, _n))
+    _h1 = ((-3.0)/(_t1_0**2))
+    _h2 = ((1.0)/(_t1_0**3))
+    _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
-        _t2_1 = 2.0*_e_y
-        _t2_2 = _t2_1 - 1.0
-        _t2_3 = -_t2_0
-        _t2_4 = 2.0*_r3*_t2_3
-        _scratch[0, _k] = _h0*(_h0*(-_t2_0*_t2_2 + _t2_3*(_h0*_t2_4 + _t2_2)))
+        _t2_1 = 2.0*_e_y - 1.0
+        _t2_2 = -_t2_0
+        _t2_3 = 2.0*_r3*_t2_2
+        _scratch[0, _k] = _h0*(_h0*(-_t2_0*_t2_1 + _t2_2*(_h0*_t2_3 + _t2_1)))
         _scratch[1, _k] = _h0*(_h0*_t2_0)
-        _scratch[2, _k] = 1.0
-        _scratch[3, _k] = _h1*(_h2*(_h0*_t2_1) - _r4 + _t2_4 - smooth)
-        _scratch[4, _k] = 1.0
-        _scratch[5, _k] = _h0*(-4.0*_e_y*_h0) - _h1*_t2_4 + _h3
-        _scratch[6, _k] = _e_y
+        _scratch[2, _k] = -1.0
+        _scratch[3, _k] = _h0*(4.0*_e_y*_h0) + _h1 + _h2*_t2_3
+        _scratch[4, _k] = _t2_2
     for _j in range(_n):
         for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l]
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
 
 

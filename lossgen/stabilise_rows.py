@@ -25,6 +25,13 @@ rewrites that only rows need.
   factor of l (the softmax p_l) are taken together, so their coefficient is one expression of j
   that the rewrites above see whole (the row kernels compute an entry (j, l) with l at the
   onehot index as entry (l, j) of the symmetric block).
+* **Outer products in one another's basis.** Where a Q of a block's outer products is affine in
+  another, Q_a = c Q_b + d, and Q_b is a factor of a P, the pair is (c P_a + P_b) Q_b + d P_a
+  (:func:`_outer_affine`): soft Jaccard's entries in 1 - y_l, not in 1 and y_l apart.
+* **A row total less an element term.** A row total T = R_1 + ... + c dividing an element
+  expression, with a coefficient of the numerator (a polynomial in T) that has the factor
+  T - k g(j): the numerator is divided by Z = T - k g, one exact sum (:func:`_total_less_own`):
+  Dice's Hessian diagonal 2 (N Z + 4 p y T)/T**3, Z = T - 4 p**2.
 * **Unit weights.** For a norm R = sqrt(S), S = sum(g**2) with g linear in an element x that
   no other reduction reads, x is written through w = g/R; a polynomial in w**2 is expanded
   around w**2 = 1, so that at C = 1 (w = +-1 exactly) the cancelling I - w w^T of a norm's
@@ -49,7 +56,7 @@ from sympy.core.traversal import bottom_up
 
 from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
-from .fuse_rows import accurate_form, close_summands
+from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import direct_form
 from .vocabulary import binary_scale, exact_sum, exprel, fma, group
@@ -343,6 +350,98 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
         return e
 
     return bottom_up(expr, rewrite)
+
+
+def _row_total(node: sp.Expr, sums: dict, element_symbols) -> bool:
+    """Is ``node`` a row total: sum reductions with coefficient 1 plus row constants (Dice's
+    denominator sum(p**2) + sum(y**2) + smooth)?"""
+    if not isinstance(node, sp.Add):
+        return False
+    inside = [a for a in node.args if a in sums]
+    rest = [a for a in node.args if a not in sums]
+    return bool(inside) and not any(a.free_symbols & (set(sums) | element_symbols) for a in rest)
+
+
+def _total_less_own(expr: sp.Expr, derivation) -> tuple[sp.Expr, dict]:
+    """A row total T = R_1 + ... + R_m + c (sum reductions and row constants) that divides an
+    element expression, less a multiple of an element term: where the numerator, a polynomial in
+    T and other row values M with coefficients in this element, has a coefficient with the linear
+    factor T - k g (g the own summand g_a(j) of a reduction R_a in T, k a number; a coefficient
+    T**i (a T + b) with -b/a = k g), each coefficient
+    is divided by T - k g with remainder (after the power of T that divides it: T**i (q Z + r)), and
+    T - k g = Z is computed as one exact sum of T's terms, each sum reduction as its compensated
+    parts, and k copies of -g (each exact): sum_m T**i_m (q_m(T) Z + r_m(T)) M_m. The Hessian
+    diagonal of Dice, (2 T (T - E) - 8 p (p - y) T + 8 p**2 E)/T**3 with E = sum((p - y)**2), is
+    2 (Z (T - E) + 4 p y T)/T**3 with
+    Z = T - 4 p**2: at y = (1, 1e-300), p = (1, 1), smooth = 1 the terms of 0.375 cancel exactly
+    in Z = 0 and 4 p y T = 1.6e-299 is left, where rounded apart they left 0. Returns the
+    expression with Z as a placeholder and {placeholder: exact sum}; unchanged (and {}) where no
+    coefficient has such a factor or nothing is divided out."""
+    if not isinstance(expr, sp.Expr) or isinstance(expr, sp.Piecewise) or expr.has(sp.Piecewise):
+        return expr, {}
+    sums = {r.symbol: r for r in derivation.reductions if r.kind == "sum"}
+    if not expr.free_symbols & set(sums) or sp.count_ops(expr) > MAX_OPS:
+        return expr, {}  # expanded, a large expression (global SSIM's Hessian) costs seconds
+    numerator, denominator = sp.fraction(sp.together(expr))
+    totals = []
+    for factor in sp.Mul.make_args(denominator):
+        base = factor.base if isinstance(factor, sp.Pow) else factor
+        if _row_total(base, sums, derivation.element_symbols) and base not in totals:
+            totals.append(base)
+    values = {r.symbol for r in derivation.reductions}
+    for total in totals:
+        inside = sorted((a for a in total.args if a in sums), key=sp.default_sort_key)
+        sigma = sp.Dummy("T", positive=True)
+        first = inside[0]
+        f = sp.expand(numerator.xreplace({total: sigma}).subs(first, sigma - (total - first)))
+        if first in f.free_symbols:
+            continue
+        others = sorted(f.free_symbols & values, key=sp.default_sort_key)
+        try:
+            polynomial = sp.Poly(f, sigma, *others)
+        except sp.PolynomialError:
+            continue
+        # the coefficient of each monomial M in the other row values, as {power of T: element part}
+        coefficients = {}
+        for monomial, c in polynomial.terms():
+            coefficients.setdefault(monomial[1:], {})[monomial[0]] = c
+        found = None
+        for powers in coefficients.values():
+            # T**i (a T + b), linear after its power of T: the factor T - t, t = -b/a
+            low = min(powers)
+            if {d - low for d in powers} != {0, 1}:
+                continue
+            a, b = powers[low + 1], powers[low]
+            if b.free_symbols & values or len(sp.Add.make_args(a)) != len(sp.Add.make_args(b)):
+                continue  # b = -k g a, expanded, has a's terms, each times the monomial g
+            for r in inside:
+                g = sums[r].summand
+                if not b.free_symbols <= a.free_symbols | g.free_symbols:
+                    continue
+                k = sp.cancel(-b / (a * g))
+                if k.is_Number and k > 0:
+                    found = (sp.expand(k * g), k, r)
+                    break
+            if found:
+                break
+        if found is None:
+            continue
+        t, k, r = found
+        z = sp.Dummy("Z", real=True)
+        multiple, rest = [], []
+        for monomial, powers in coefficients.items():
+            # T**i c'(T) with c'(0) != 0, and c' = q Z + r: the remainder r keeps the power of T
+            low = min(powers)
+            shifted = sp.Add(*(c * sigma**(d - low) for d, c in powers.items()))
+            q, rem = sp.div(sp.Poly(shifted, sigma), sp.Poly(sigma - t, sigma))
+            power = sigma**low * sp.Mul(*(o**e for o, e in zip(others, monomial)))
+            multiple.append(q.as_expr() * power)
+            rest.append(rem.as_expr() * power)
+        new = (z * sp.Add(*multiple) + sp.Add(*rest)).xreplace({sigma: total})
+        copies = [-sums[r].summand] * int(k) if k.is_Integer and k <= 8 else [-k * sums[r].summand]
+        parts = [part for a in total.args for part in (sum_parts(sums[a]) if a in sums else (a,))] + copies
+        return new / denominator, {z: exact_sum(*parts)}
+    return expr, {}
 
 
 def _second_moment(summand: sp.Expr, rows: set) -> bool:
@@ -680,7 +779,8 @@ def stabilise_element(expr: sp.Expr, derivation, pairs=()) -> sp.Expr:
     weighted, back = _exp_weights(expr, derivation)
     if back:
         return _differences_first(direct_form(sp.factor_terms(weighted)).xreplace(back), derivation)
-    return _differences_first(direct_form(sp.factor_terms(expr)), derivation)
+    expr, less_own = _total_less_own(expr, derivation)
+    return _differences_first(direct_form(sp.factor_terms(expr)), derivation).xreplace(less_own)
 
 
 # --- close norms -----------------------------------------------------------------------------
@@ -849,6 +949,60 @@ def _close_outer(block: HessianBlock, pair: ClosePair, element_symbols) -> Hessi
     return block
 
 
+def _outer_affine(block, element_symbols):
+    """Outer products P_a(j) Q_a(l) + P_b(j) Q_b(l) whose Q_a = c Q_b + d (c and d numbers), with
+    Q_b (times a row value) a factor of some P of the block, as (c P_a + P_b)(j) Q_b(l) + d P_a(j):
+    a symmetric block is a polynomial in the element functions its P's hold, so its entries are
+    written in Q_b, not in Q_a and Q_b apart. Soft Jaccard's union and difference have the
+    derivatives 1 - y and 1 - 2 y = 2 (1 - y) - 1; its entry (j, l) is then
+    -P_1(j) + (2 P_1 + P_2)(j) (1 - y_l), with P_1 = -(1 - y_j)/W**2: at y = (1 - 2**-53, 1 - 2**-53)
+    the entry is 2**-53 (2/9)-sized and computed so, where the terms of 1, 1 and y apart, each of
+    1/W**2, cancelled to it (relative error 1.25). Exact: only the grouping changes."""
+    outer = list(block.outer)
+    symbols = sorted(element_symbols, key=sp.default_sort_key)
+
+    def varying_part(q):
+        try:
+            poly = sp.Poly(sp.expand(q), *symbols)
+        except sp.PolynomialError:
+            return None
+        return {m: c for m, c in poly.terms() if any(m)}, poly
+
+    def divides_a_p(q):
+        for p, _ in outer:
+            for f in sp.Mul.make_args(sp.factor_terms(p)):
+                if varies_along_row(f, element_symbols) and \
+                        not varies_along_row(sp.cancel(f / q), element_symbols):
+                    return True
+        return False
+
+    changed = True
+    while changed:
+        changed = False
+        for a, b in itertools.permutations(range(len(outer)), 2):
+            (pa, qa), (pb, qb) = outer[a], outer[b]
+            if not varies_along_row(qa, element_symbols) or not varies_along_row(qb, element_symbols):
+                continue
+            parts_a, parts_b = varying_part(qa), varying_part(qb)
+            if parts_a is None or parts_b is None or set(parts_a[0]) != set(parts_b[0]) or not parts_a[0]:
+                continue
+            ratios = {sp.cancel(parts_a[0][m] / parts_b[0][m]) for m in parts_a[0]}
+            if len(ratios) != 1:
+                continue
+            (c,) = ratios
+            d = sp.expand(qa - c * qb)
+            if not c.is_Number or not d.is_Number or not divides_a_p(qb):
+                continue
+            outer[b] = (tidy(c * pa + pb), qb)
+            if d != 0:
+                outer[a] = (pa, d)
+            else:
+                del outer[a]
+            changed = True
+            break
+    return HessianBlock(block.diagonal, tuple(outer)) if outer != list(block.outer) else block
+
+
 def _outer_by_factor(block, element_symbols):
     """The outer products sum_r P_r(j) Q_r(l) of a Hessian block with the terms of the Q_r that
     share one factor of l (softmax_l = exp(s_l - R)) taken together: sum_r P_r(j) c_r F(l) is
@@ -885,7 +1039,8 @@ def stabilise_rows(derivation):
     branch: a row holds several residuals at once); the outer products of the Hessian's blocks
     grouped by their shared factors first (:func:`_outer_by_factor`)."""
     pairs = close_pairs(derivation)
-    blocks = {k: _outer_by_factor(b, derivation.element_symbols) for k, b in derivation.blocks.items()}
+    blocks = {k: _outer_by_factor(_outer_affine(b, derivation.element_symbols), derivation.element_symbols)
+              for k, b in derivation.blocks.items()}
     for pair in pairs:
         blocks = {k: _close_outer(b, pair, derivation.element_symbols) for k, b in blocks.items()}
     derivation = replace(derivation, blocks=blocks)

@@ -12,7 +12,7 @@ import sympy as sp
 import lossgen
 from lossgen.spec import SpecError, load_spec, spec_from_dict
 from lossgen.verify import RELATIVE_TOLERANCE, format_report
-from lossgen.verify_rows import SIZES, verify_rows
+from lossgen.verify_rows import SIZES, check_size, verify_rows
 
 from conftest import ROW_NAMES, ROW_PATHS
 
@@ -79,15 +79,38 @@ def _combo_gap(output, point, entry):
 
 
 def _jaccard_gap(output, point, entry):
-    """Off-diagonal Hessian entry (1 - y_l)(2E (1 - y_j) - (1 - 2y_j) W) - (1 - y_j)(1 - 2y_l) W, over
-    W^3, W = sum(p + y - p y) + smooth, E = sum(p (1 - y) + (1 - p) y)."""
+    """Off-diagonal Hessian entry, W**3 H_jl = W u_j + u_l (2E u_j + 4y_j W - 3W) with u = 1 - y,
+    W = sum(p + y - p y) + smooth, E = sum(p (1 - y) + (1 - p) y), as the kernels compute it: the
+    outer products -P_1(j) + P'(j) u_l in the basis (1, 1 - y) (stabilise_rows._outer_affine), each
+    term rounded: where W u_j, 2E u_j u_l, 4y_j W u_l and -3W u_l cancel below 1/1000 of their size.
+    The entry is W (u_j + u_l) - 2 (2W - E) u_j u_l; where it is small against these terms, what
+    remains is a difference of the rounded row sums W and E (at y = (1/2, 1e-300),
+    p = (1 - 2**-53, 1): W/2 - A, A = W - E = sum(p y) + smooth, of W = 3 - 2**-54)."""
     if not output.startswith("hess_full") or entry[0] == entry[1]:
         return False
     y, p = _row_of(point, "y"), _row_of(point, "p")
     e, w = (p * (1 - y) + (1 - p) * y).sum(), (p + y - p * y).sum() + point["smooth"]
     j, l = entry
-    return _cancels(2 * e * (1 - y[j]) * (1 - y[l]), -(1 - y[l]) * (1 - 2 * y[j]) * w,
-                    -(1 - y[j]) * (1 - 2 * y[l]) * w)
+    u = 1 - y
+    return _cancels(w * u[j], 2 * e * u[j] * u[l], 4 * y[j] * w * u[l], -3 * w * u[l])
+
+
+def _dice_gap(output, point, entry):
+    """Off-diagonal Hessian entry D**3 H_jl = 8E p_j p_l - 4D (p_j - y_j) p_l - 4D p_j (p_l - y_l),
+    E = sum((p - y)**2), D = sum(p**2) + sum(y**2) + smooth, as the kernels compute it (outer
+    products P_1(j) 2p_l + P_2(j) 2(p_l - y_l)): where its terms cancel below 1/1000 of their size.
+    The entry is 4 (D (y_j p_l + p_j y_l) - 2N p_j p_l) with N = 2 sum(p y) + smooth; where it is
+    small against its terms, D - 2N (or E - D = -N against D) holds what remains, and D and N are
+    row sums rounded at 1.1e-16 of their size: at y = (1e-16, 1e-16, 1e-300),
+    p = (1e-16, 1 - 2**-53, 1e-300), entry (0, 1) is -2.1e-32, 1e-16 of its terms, what is left of
+    D - 2N = -6.2e-16 with D = 2 - 2**-52 + 3e-32 and N = 1 + 2.2e-16 + 2e-32: beyond float64's
+    row sums (each entry would need D and N to twice the working precision)."""
+    if not output.startswith("hess_full") or entry[0] == entry[1]:
+        return False
+    y, p = _row_of(point, "y"), _row_of(point, "p")
+    e, d = ((p - y) ** 2).sum(), (p * p).sum() + (y * y).sum() + point["smooth"]
+    j, l = entry
+    return _cancels(8 * e * p[j] * p[l], -4 * d * (p[j] - y[j]) * p[l], -4 * d * p[j] * (p[l] - y[l]))
 
 
 def _triplet_gap(output, point, entry):
@@ -195,7 +218,7 @@ ROW_KNOWN_GAPS = {
                                      "sums of the elements' exact squares (a term of 1e100 is rounded by up "
                                      "to 1e84 where D needs 1e37: beyond double-word arithmetic too)"),
     "soft_jaccard": (_jaccard_gap, "as combo: an off-diagonal Hessian entry whose outer-product terms "
-                                   "cancel (at y = (0, 1/2, 1e-300), p = (1e-300, 0, 1/2) to 1e-300 against "
+                                   "cancel (at y = (1/2, 1e-300), p = (1 - 2**-53, 1) to below 1e-16 of "
                                    "terms of size 1)"),
     "ssim_global": (_ssim_gap, "a Hessian entry of 1 - l cs, l = 1 - (mu_x - mu_y)**2/A and cs = 1 - var(x - y)/B "
                                "differentiated in these forms (accurate near the target; the share keeps the "
@@ -204,6 +227,10 @@ ROW_KNOWN_GAPS = {
                                "l'' = -(2/A - 2 (mu_x - mu_y)**2/A**2) = -2 C1/A**2, terms of 2 for 2e-4 "
                                "(relative error 6.6e-12); reachable only by differentiating l = N1/A and "
                                "cs = N2/B there (N1 = 2 mu_x mu_y + C1, N2 = 2 cov + C2)"),
+    "dice": (_dice_gap, "an off-diagonal Hessian entry whose outer-product terms cancel below 1/1000 of "
+                        "their size: what remains is D - 2N of the rounded row sums D and N (at y = (1e-16, "
+                        "1e-16, 1e-300), p = (1e-16, 1 - 2**-53, 1e-300) entry (0, 1) is -2.1e-32 against "
+                        "terms of 1e-16): reachable only with the row sums to twice the working precision"),
     "cosine_proximity": (_cosine_gap, "an off-diagonal Hessian entry of a cosine is a sum of outer-product terms "
                                       "P(j) Q(l) (each rounded) that cancel where the entry is small against them "
                                       "(at x = -1e-8 (1, 1, 1), y = (20, -700, 1e-300) entry (0, 1) is -3 x**3 y_2/"
@@ -218,10 +245,24 @@ ROW_KNOWN_GAPS = {
 }
 
 
+# Rows where a known gap shows that the tests' sample (4 random and 6 extreme rows per size)
+# does not reach, and `lossgen verify`'s (12 and 12) does: checked as well as the sample.
+ROW_GAP_WITNESSES = {
+    "dice": [{"y": [1e-16, 1e-16, 1e-300], "p": [1e-16, 1 - 2.0**-53, 1e-300]}],
+}
+
+
 @pytest.mark.parametrize("name", sorted(ROW_KNOWN_GAPS))
 def test_row_known_gaps_are_still_gaps(name):
     """A gap that closes must leave ROW_KNOWN_GAPS (and the note on the issue)."""
     rows = [r for r in _verification(name) if "known gap" in r.output]
+    spec = load_spec(ROW_PATHS[name])
+    params = {p.name: p.default for p in spec.params}
+    for witness in ROW_GAP_WITNESSES.get(name, ()):
+        point = {key: np.array(value) for key, value in witness.items()}
+        size = len(next(iter(point.values())))
+        rows += [r for r in check_size(lossgen.get(name), spec, size, [point], params, gap=ROW_KNOWN_GAPS[name][0])
+                 if "known gap" in r.output]
     assert rows and any(not r.ok(RELATIVE_TOLERANCE) for r in rows), f"{name}: the gap is closed; remove it"
 
 
@@ -625,6 +666,33 @@ def test_dice_is_the_v_net_formula():
     r = q.copy()
     r[0, 2] += 2.0**-40
     assert math.isclose(dice.loss(q, r, reduction="none")[0], exact, rel_tol=1e-6)
+
+
+def test_dice_and_soft_jaccard_hessians_keep_their_digits_where_their_terms_cancel():
+    """Dice's Hessian diagonal 2 (N (D - 4 p_k**2) + 4 p_k y_k D)/D**3 with D - 4 p_k**2 one exact
+    sum (stabilise_rows._total_less_own): at y = (1, 1e-300), p = (1, 1), smooth = 1 the entry
+    (1, 1) is 5e-301, what is left of terms of 0.375 (it was 0). Soft Jaccard's full Hessian in the
+    basis (1, 1 - y) (stabilise_rows._outer_affine): at y = (1 - 2**-53, 1 - 2**-53), p = (0, 1e-16)
+    every entry is W (u_j + u_l) - 2 (A + W) u_j u_l over W**3, u = 1 - y (2.5e-17; the off-diagonal
+    entries were 5.6e-17, and the Hessian-vector product alike)."""
+    y, p = np.array([[1.0, 1e-300]]), np.array([[1.0, 1.0]])
+    dice = lossgen.get("dice")
+    fy, fp = [Fraction(v) for v in y[0]], [Fraction(v) for v in p[0]]
+    d = sum(v * v for v in fp) + sum(v * v for v in fy) + 1
+    n = 2 * sum(a * b for a, b in zip(fp, fy)) + 1
+    truth = [float(2 * (n * (d - 4 * fp[k] ** 2) + 4 * fp[k] * fy[k] * d) / d**3) for k in range(2)]
+    for h in (dice.hess(y, p)[0], np.diagonal(dice.hess(y, p, full=True)[0])):
+        np.testing.assert_allclose(h, truth, rtol=1e-15)
+    y, p = np.full((1, 2), 1 - 2.0**-53), np.array([[0.0, 1e-16]])
+    fy, fp = [Fraction(v) for v in y[0]], [Fraction(v) for v in p[0]]
+    w = sum(a + b - a * b for a, b in zip(fp, fy)) + 1
+    a = sum(a * b for a, b in zip(fp, fy)) + 1
+    u = [1 - v for v in fy]
+    full = [[float((w * (u[j] + u[l]) - 2 * (a + w) * u[j] * u[l]) / w**3) for l in range(2)] for j in range(2)]
+    jaccard = lossgen.get("soft_jaccard")
+    np.testing.assert_allclose(jaccard.hess(y, p, full=True)[0], full, rtol=1e-15)
+    v = np.array([[1.0, 1.0]])
+    np.testing.assert_allclose(jaccard.hvp(y, p, v=v)[0], np.sum(full, axis=1), rtol=1e-15)
 
 
 def test_arcface_is_cross_entropy_with_an_additive_angular_margin():
