@@ -304,6 +304,16 @@ def test_verify_mse(tmp_path):
     assert re.search(r"^mse\s+loss\s", output, re.MULTILINE), output
 
 
+def test_verify_reports_a_known_gap_apart(tmp_path):
+    """soft_jaccard's full Hessian at C = 2 has a row inside its known gap beyond the bound
+    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0."""
+    rc, output = run_cli("verify", "soft_jaccard", cwd=tmp_path)
+    assert rc == 0, output
+    assert re.search(r"^soft_jaccard\s+hess_full\[p,p\] known gap C=2 .*\(known gap\)$", output, re.MULTILINE), output
+    assert "FAIL" not in output
+    assert re.search(r"^\d+ more in known gaps .*, [1-9]\d* of them beyond it$", output, re.MULTILINE), output
+
+
 def test_new_rejects_a_family_outside_the_spec_folder(tmp_path):
     rc, output = run_cli("new", "fine_name", "--family", "../elsewhere", "--specs", "specs", cwd=tmp_path)
     assert rc != 0 and "family" in output and "Traceback" not in output

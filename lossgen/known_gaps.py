@@ -1,0 +1,198 @@
+"""Known gaps of the row-wise kernels: regions where a kernel does not meet the verification's
+relative-error bound, each with the reason, as predicates ``gap(output, point, entry)`` over a
+verification point (see :func:`lossgen.verify_rows.check_size`). `lossgen verify` and the tests
+report values inside a gap apart ('<output> known gap'); the tests fail once a gap closes.
+README, Verification, describes each."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import mpmath
+import numpy as np
+
+
+def _row_of(point, name):
+    return np.array([v for k, v in point.items() if k.rpartition("_")[0] == name])
+
+
+def _cancels(*terms, factor=1e3):
+    """Do ``terms`` cancel to below 1/factor of their magnitudes? A float64 evaluation that
+    rounds the terms apart then loses more than 3 of its 16 digits."""
+    return sum(abs(t) for t in terms) > factor * abs(sum(terms))
+
+
+def _combo_gap(output, point, entry):
+    """Off-diagonal Hessian entry of the Dice term, (1 - alpha) (2E - D (1 - 2y_j) - D (1 - 2y_l))/D^3,
+    E = sum(p (1 - y) + (1 - p) y), D = sum(p) + sum(y) + smooth: per-element terms of size D."""
+    if not output.startswith("hess_full") or entry[0] == entry[1]:
+        return False
+    y, p = _row_of(point, "y"), _row_of(point, "p")
+    e, d = (p * (1 - y) + (1 - p) * y).sum(), p.sum() + y.sum() + point["smooth"]
+    j, l = entry
+    return _cancels(2 * e, -d * (1 - 2 * y[j]), -d * (1 - 2 * y[l]))
+
+
+def _jaccard_gap(output, point, entry):
+    """Off-diagonal Hessian entry, W**3 H_jl = W u_j + u_l (2E u_j + 4y_j W - 3W) with u = 1 - y,
+    W = sum(p + y - p y) + smooth, E = sum(p (1 - y) + (1 - p) y), as the kernels compute it: the
+    outer products -P_1(j) + P'(j) u_l in the basis (1, 1 - y) (stabilise_rows._outer_affine), each
+    term rounded: where W u_j, 2E u_j u_l, 4y_j W u_l and -3W u_l cancel below 1/1000 of their size.
+    The entry is W (u_j + u_l) - 2 (2W - E) u_j u_l; where it is small against these terms, what
+    remains is a difference of the rounded row sums W and E (at y = (1/2, 1e-300),
+    p = (1 - 2**-53, 1): W/2 - A, A = W - E = sum(p y) + smooth, of W = 3 - 2**-54)."""
+    if not output.startswith("hess_full") or entry[0] == entry[1]:
+        return False
+    y, p = _row_of(point, "y"), _row_of(point, "p")
+    e, w = (p * (1 - y) + (1 - p) * y).sum(), (p + y - p * y).sum() + point["smooth"]
+    j, l = entry
+    u = 1 - y
+    return _cancels(w * u[j], 2 * e * u[j] * u[l], 4 * y[j] * w * u[l], -3 * w * u[l])
+
+
+def _dice_gap(output, point, entry):
+    """Off-diagonal Hessian entry D**3 H_jl = 8E p_j p_l - 4D (p_j - y_j) p_l - 4D p_j (p_l - y_l),
+    E = sum((p - y)**2), D = sum(p**2) + sum(y**2) + smooth, as the kernels compute it (outer
+    products P_1(j) 2p_l + P_2(j) 2(p_l - y_l)): where its terms cancel below 1/1000 of their size.
+    The entry is 4 (D (y_j p_l + p_j y_l) - 2N p_j p_l) with N = 2 sum(p y) + smooth; where it is
+    small against its terms, D - 2N (or E - D = -N against D) holds what remains, and D and N are
+    row sums rounded at 1.1e-16 of their size: at y = (1e-16, 1e-16, 1e-300),
+    p = (1e-16, 1 - 2**-53, 1e-300), entry (0, 1) is -2.1e-32, 1e-16 of its terms, what is left of
+    D - 2N = -6.2e-16 with D = 2 - 2**-52 + 3e-32 and N = 1 + 2.2e-16 + 2e-32: beyond float64's
+    row sums (each entry would need D and N to twice the working precision)."""
+    if not output.startswith("hess_full") or entry[0] == entry[1]:
+        return False
+    y, p = _row_of(point, "y"), _row_of(point, "p")
+    e, d = ((p - y) ** 2).sum(), (p * p).sum() + (y * y).sum() + point["smooth"]
+    j, l = entry
+    return _cancels(8 * e * p[j] * p[l], -4 * d * (p[j] - y[j]) * p[l], -4 * d * p[j] * (p[l] - y[l]))
+
+
+def _triplet_gap(output, point, entry):
+    """Rows where D = d(a, p)**2 - d(a, n)**2 = sum_k t_k, t_k = (n_k - p_k)(2 a_k - p_k - n_k + 2 eps),
+    cancels to below 1/1000 of sum |t_k| (exact terms)."""
+    a, p, n = (_row_of(point, name) for name in "apn")
+    eps = Fraction(point["eps"])
+    terms = [(Fraction(nk) - Fraction(pk)) * (2 * Fraction(ak) - Fraction(pk) - Fraction(nk) + 2 * eps)
+             for ak, pk, nk in zip(a, p, n)]
+    return _cancels(*terms)
+
+
+def _cosine_gap(output, point, entry):
+    """Off-diagonal entry of a full Hessian block of a cosine of rows x1, x2 (cosine_proximity: x
+    and the target y), times a**5 b in a row's own block, a**3 b**3 between the rows, with
+    a**2 = |x1|**2 + eps and b**2 = |x2|**2 + eps (eps = 0 for cosine_proximity), S = x1.x2:
+    a**2 (x2_j x1_l + x2_l x1_j) - 3 S x1_j x1_l in x1's block (x2's alike), and
+    x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2), entry (j, l): where they cancel
+    below 1/1000 of their size, or where the entry is subnormal (an outer-product factor P(j) below
+    the normal range has lost its digits before it is multiplied by Q(l))."""
+    if not output.startswith("hess_full"):
+        return False
+    names = output.split("[")[1].split("]")[0].split(",")
+    j, l = entry
+    if names[0] == names[1] and j == l:
+        return False
+    if "x1_0" in point:
+        first, second, eps = _row_of(point, "x1"), _row_of(point, "x2"), point["eps"]
+    else:
+        first, second, eps = _row_of(point, "x"), _row_of(point, "y"), 0.0
+    first, second = [mpmath.mpf(float(v)) for v in first], [mpmath.mpf(float(v)) for v in second]
+    a2 = sum(v * v for v in first) + eps
+    b2 = sum(v * v for v in second) + eps
+    s = sum(u * v for u, v in zip(first, second))
+    if names[0] != names[1]:
+        if names[0] == "x2":
+            j, l = l, j
+        terms = (-second[j] * second[l] * a2, -first[j] * first[l] * b2, s * first[j] * second[l])
+        scale = (a2 * b2) ** 1.5
+    else:
+        if names[0] == "x2":
+            first, second, a2, b2 = second, first, b2, a2
+        terms = (a2 * second[j] * first[l], a2 * second[l] * first[j], -3 * s * first[j] * first[l])
+        scale = a2 ** 2.5 * mpmath.sqrt(b2)
+    # or a subnormal entry: its outer-product factors P(j) are below the normal range
+    return j != l and (_cancels(*terms) or (scale > 0 and abs(sum(terms)) / scale < np.finfo(float).tiny))
+
+
+def _ssim_gap(output, point, entry):
+    """Hessian entry (j, l) of global SSIM, 1 - l cs with l = 1 - P/A, P = (mu_x - mu_y)**2, A =
+    mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y), B = var(x) + var(y) + C2 (the forms
+    the kernel differentiates, exact near the target): -(l'' cs + l'_j cs'_l + l'_l cs'_j + l cs''),
+    each quotient-rule term apart, cancels below 1/1000 of their size (at C = 1, x = 0, y = 1:
+    l'' = -(2/A - 2 P/A**2) = -2 C1/A**2, terms of 2 for an entry of 2e-4). hvp: any entry of the
+    row j."""
+    if not output.startswith(("hess", "hvp")):
+        return False
+    x = [mpmath.mpf(float(v)) for v in _row_of(point, "x")]
+    y = [mpmath.mpf(float(v)) for v in _row_of(point, "y")]
+    n = len(x)
+    if output.startswith("hvp"):
+        return any(_ssim_gap("hess_full", point, (entry[0], l)) for l in range(n))
+    j, l = entry
+    delta = 1 if j == l else 0
+    mx, my = mpmath.fsum(x) / n, mpmath.fsum(y) / n
+    u = mx - my
+    var = lambda a, b, ma, mb: mpmath.fsum((p - ma) * (q - mb) for p, q in zip(a, b)) / n  # noqa: E731
+    d = [p - q for p, q in zip(x, y)]
+    p_, a_ = u**2, mx**2 + my**2 + mpmath.mpf(point["C1"])
+    v_, b_ = var(d, d, u, u), var(x, x, mx, mx) + var(y, y, my, my) + mpmath.mpf(point["C2"])
+    lum, cs = 1 - p_ / a_, 1 - v_ / b_
+    # first and second derivatives along x_j, x_l
+    dp, da = (2 * u / n,) * 2, (2 * mx / n,) * 2
+    dv, db = (2 * (d[j] - u) / n, 2 * (d[l] - u) / n), (2 * (x[j] - mx) / n, 2 * (x[l] - mx) / n)
+    ddp = dda = mpmath.mpf(2) / n**2
+    ddv = ddb = 2 * (delta - mpmath.mpf(1) / n) / n
+
+    def first(f, g, df, dg, k):   # terms of (1 - f/g)' at element k
+        return [-df[k] / g, f * dg[k] / g**2]
+
+    def second(f, g, df, dg, ddf, ddg):   # terms of (1 - f/g)''
+        return [-ddf / g, df[0] * dg[1] / g**2, df[1] * dg[0] / g**2, f * ddg / g**2,
+                -2 * f * dg[0] * dg[1] / g**3]
+
+    terms = [-t * cs for t in second(p_, a_, dp, da, ddp, dda)]
+    terms += [-t * lum for t in second(v_, b_, dv, db, ddv, ddb)]
+    terms += [-s * t for s in first(p_, a_, dp, da, 0) for t in first(v_, b_, dv, db, 1)]
+    terms += [-s * t for s in first(p_, a_, dp, da, 1) for t in first(v_, b_, dv, db, 0)]
+    return _cancels(*terms)
+
+
+# Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
+# tests/test_catalog.py's KNOWN_GAPS, empty.)
+ROW_KNOWN_GAPS = {
+    "combo": (_combo_gap, "an off-diagonal Hessian entry of the linear Dice term is a sum of per-element "
+                          "products (outer products P(j) Q(l), each rounded) that cancel where 1 - 2y_j, "
+                          "1 - 2y_l and 2E/D nearly sum to 0 (y_j + y_l ~ 1 - E/D): reachable only by "
+                          "evaluating each entry as one expression of elements j and l"),
+    "triplet_margin": (_triplet_gap, "d(a, p) - d(a, n) = D/(d(a, p) + d(a, n)) with D = sum_k (n_k - p_k)(2 a_k - p_k "
+                                     "- n_k + 2 eps) over elements whose terms cancel (p_5 = -1e50 against n_0 = "
+                                     "1e50 at C = 7: terms of 1e100, D of 2e53): each term is rounded once at "
+                                     "2e-16 of its size, and the rows' squared norms hold digits beyond float64 "
+                                     "(a - p + eps at 1e50 + 20 + 1e-6): reachable only by exact (multi-word) "
+                                     "sums of the elements' exact squares (a term of 1e100 is rounded by up "
+                                     "to 1e84 where D needs 1e37: beyond double-word arithmetic too)"),
+    "soft_jaccard": (_jaccard_gap, "as combo: an off-diagonal Hessian entry whose outer-product terms "
+                                   "cancel (at y = (1/2, 1e-300), p = (1 - 2**-53, 1) to below 1e-16 of "
+                                   "terms of size 1)"),
+    "ssim_global": (_ssim_gap, "a Hessian entry of 1 - l cs, l = 1 - (mu_x - mu_y)**2/A and cs = 1 - var(x - y)/B "
+                               "differentiated in these forms (accurate near the target; the share keeps the "
+                               "gradient accurate far from it), whose quotient-rule terms cancel below 1/1000 of "
+                               "their size: far from the target (S = l cs small), at C = 1, x = 0, y = 1: "
+                               "l'' = -(2/A - 2 (mu_x - mu_y)**2/A**2) = -2 C1/A**2, terms of 2 for 2e-4 "
+                               "(relative error 6.6e-12); reachable only by differentiating l = N1/A and "
+                               "cs = N2/B there (N1 = 2 mu_x mu_y + C1, N2 = 2 cov + C2)"),
+    "dice": (_dice_gap, "an off-diagonal Hessian entry whose outer-product terms cancel below 1/1000 of "
+                        "their size: what remains is D - 2N of the rounded row sums D and N (at y = (1e-16, "
+                        "1e-16, 1e-300), p = (1e-16, 1 - 2**-53, 1e-300) entry (0, 1) is -2.1e-32 against "
+                        "terms of 1e-16): reachable only with the row sums to twice the working precision"),
+    "cosine_proximity": (_cosine_gap, "an off-diagonal Hessian entry of a cosine is a sum of outer-product terms "
+                                      "P(j) Q(l) (each rounded) that cancel where the entry is small against them "
+                                      "(at x = -1e-8 (1, 1, 1), y = (20, -700, 1e-300) entry (0, 1) is -3 x**3 y_2/"
+                                      "(|x|**5 |y|), 1e-302 of its terms): reachable only by evaluating each entry as "
+                                      "one expression of elements j and l, in more than double precision there"),
+    "cosine_embedding": (_cosine_gap, "as cosine_proximity, in each block of the Hessian: an off-diagonal entry "
+                                      "whose outer-product terms cancel below 1/1000 of their size (block (x1, x2) at "
+                                      "x1 = (1e-8, 1e50), x2 = (700, 1e-300): relative error 62; its transpose in "
+                                      "block (x2, x1) keeps its digits); and a subnormal entry whose factor P(j) "
+                                      "has left the normal range (x1 = (-20, 1000, -1e-300), x2 = (1, 1e50, -1e-300), "
+                                      "entry (2, 1): -3.0e-309 for -2.0e-309)"),
+}
