@@ -55,6 +55,20 @@ def _tanh_from(x, m):
     return math.copysign(t / (t + 2.0), x)
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _cosh_from(x, m):
+    """cosh(x) from m = expm1(|x|): 1 + m*m/(2(1 + m)) up to |x| = 20 (cosh(x) - 1 = m**2/(2 e**|x|)
+    exactly), (e + 1/e)/2 with e = 1 + m beyond, and (exp(|x|/2)/2) exp(|x|/2) where e overflows
+    (|x| > 709.78; cosh itself overflows at 710.48)."""
+    if abs(x) <= 20.0:
+        return 1.0 + m * (m / (2.0 + 2.0 * m))
+    if m < math.inf:
+        e = 1.0 + m
+        return 0.5 * (e + 1.0 / e)
+    h = math.exp(0.5 * abs(x))
+    return (0.5 * h) * h
+
+
 @numba.extending.intrinsic
 def _fma_instruction(typingctx, a, b, c):
     """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
@@ -98,7 +112,8 @@ def hess_scalar(y, p):
 def grad_hess_scalar(y, p):
     """grad, hess of one element."""
     _t0 = p - y
-    return _tanh_from(_t0, math.expm1(abs(_t0))), ((1.0)/(math.cosh(_t0)**2))
+    _t1 = math.expm1(abs(_t0))
+    return _tanh_from(_t0, _t1), ((1.0)/(_cosh_from(_t0, _t1)**2))
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -106,7 +121,7 @@ def loss_grad_hess_scalar(y, p):
     """loss, grad, hess of one element."""
     _t0 = p - y
     _t1 = math.expm1(abs(_t0))
-    return _logcosh_from(_t0, _t1), _tanh_from(_t0, _t1), ((1.0)/(math.cosh(_t0)**2))
+    return _logcosh_from(_t0, _t1), _tanh_from(_t0, _t1), ((1.0)/(_cosh_from(_t0, _t1)**2))
 
 
 @numba.njit(cache=True, error_model="numpy")

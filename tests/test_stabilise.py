@@ -283,6 +283,20 @@ def test_hypot_helper_is_within_one_and_a_quarter_ulp():
     assert math.isnan(hypot(math.nan, 1.0)) and math.isnan(hypot(1.0, math.nan))
 
 
+@pytest.mark.parametrize("at", [0.0, 5e-324, -1e-300, 1e-8, 0.5, -3.0, 20.0, -20.000000000000004, 354.0,
+                                700.0, 709.7, -709.8, 710.4, 710.5, 1e300])
+def test_cosh_helper_matches_the_truth(at):
+    """_cosh_from(x, expm1(|x|)): its three forms (near 0, beyond |x| = 20, where 1 + expm1
+    overflows before cosh does) against mpmath, and inf where cosh overflows."""
+    cosh_from = FLOAT_MODULES[0]["cosh_from"]
+    m = math.expm1(abs(at)) if abs(at) < 709.79 else math.inf
+    truth = mpmath.cosh(mpmath.mpf(at))
+    if truth > 1.7976931348623157e308:
+        assert cosh_from(at, m) == math.inf
+    else:
+        assert relative_error(cosh_from(at, m), truth) <= 4e-16
+
+
 def test_inversion_handles_a_symbolic_power():
     """Barron's loss and gradient at |x| = 1e300: (x/c)**2 overflows, the power of it need not."""
     r = sp.Symbol("r", real=True)
