@@ -97,16 +97,13 @@ def cmd_new(args) -> int:
     return 0
 
 
-ROW_POINTS = 12  # random and extreme rows per size for a row-wise loss (at most)
-
-
 def cmd_verify(args) -> int:
     from .derive import derive
     from .known_gaps import ROW_KNOWN_GAPS
     from .runtime import load
     from .spec import find_spec_files, load_spec
     from .verify import format_report, verify_derivatives, verify_loss
-    from .verify_rows import verify_rows
+    from .verify_rows import ROW_POINTS, verify_rows
 
     catalog = load(args.out)
     paths = [p for p in find_spec_files(args.specs) if not args.names or p.stem in args.names]

@@ -13,7 +13,7 @@ import lossgen
 from lossgen.spec import SpecError, load_spec, spec_from_dict
 from lossgen.verify import RELATIVE_TOLERANCE, format_report
 from lossgen.known_gaps import ROW_KNOWN_GAPS
-from lossgen.verify_rows import SIZES, check_size, verify_rows
+from lossgen.verify_rows import ROW_POINTS, SIZES, check_size, verify_rows
 
 from conftest import ROW_NAMES, ROW_PATHS
 
@@ -21,7 +21,8 @@ from conftest import ROW_NAMES, ROW_PATHS
 @functools.lru_cache(maxsize=None)
 def _verification(name):
     gap = ROW_KNOWN_GAPS[name][0] if name in ROW_KNOWN_GAPS else None
-    return verify_rows(lossgen.get(name), load_spec(ROW_PATHS[name]), n_random=4, n_stress=6, gap=gap)
+    return verify_rows(lossgen.get(name), load_spec(ROW_PATHS[name]), n_random=ROW_POINTS, n_stress=ROW_POINTS,
+                       gap=gap)
 
 
 @pytest.mark.parametrize("name", ROW_NAMES)
@@ -58,10 +59,13 @@ def test_row_kernels_specialised_at_defaults_match_the_expanded_truth(name):
     assert not failures, "\n" + format_report(failures)
 
 
-# Rows where a known gap shows that the tests' sample (4 random and 6 extreme rows per size)
-# does not reach, and `lossgen verify`'s (12 and 12) does: checked as well as the sample.
+# Rows where a known gap shows that the verification's sample (ROW_POINTS random and extreme
+# rows per size) does not reach: checked as well as the sample (dice's was found by a sample of
+# 12 and 12 when the tests took 4 and 6; combo's by 4 and 6).
 ROW_GAP_WITNESSES = {
     "dice": [{"y": [1e-16, 1e-16, 1e-300], "p": [1e-16, 1 - 2.0**-53, 1e-300]}],
+    "combo": [{"y": [1 - 2.0**-53, 1e-300], "p": [1 - 2.0**-53, 1e-16]},
+              {"y": [0.0, 0.5, 1e-300], "p": [1e-300, 0.0, 0.5]}],
 }
 
 
