@@ -196,3 +196,8 @@ ROW_KNOWN_GAPS = {
                                       "has left the normal range (x1 = (-20, 1000, -1e-300), x2 = (1, 1e50, -1e-300), "
                                       "entry (2, 1): -3.0e-309 for -2.0e-309)"),
 }
+
+
+def gap_of(name: str):
+    """The known-gap predicate of the row-wise loss ``name``, or None."""
+    return ROW_KNOWN_GAPS[name][0] if name in ROW_KNOWN_GAPS else None

@@ -962,11 +962,12 @@ def _outer_affine(block, element_symbols):
     symbols = sorted(element_symbols, key=sp.default_sort_key)
 
     def varying_part(q):
+        """{monomial in the elements: coefficient} of q's terms that vary along the row."""
         try:
             poly = sp.Poly(sp.expand(q), *symbols)
         except sp.PolynomialError:
             return None
-        return {m: c for m, c in poly.terms() if any(m)}, poly
+        return {m: c for m, c in poly.terms() if any(m)}
 
     def divides_a_p(q):
         for p, _ in outer:
@@ -984,9 +985,9 @@ def _outer_affine(block, element_symbols):
             if not varies_along_row(qa, element_symbols) or not varies_along_row(qb, element_symbols):
                 continue
             parts_a, parts_b = varying_part(qa), varying_part(qb)
-            if parts_a is None or parts_b is None or set(parts_a[0]) != set(parts_b[0]) or not parts_a[0]:
+            if not parts_a or parts_b is None or set(parts_a) != set(parts_b):
                 continue
-            ratios = {sp.cancel(parts_a[0][m] / parts_b[0][m]) for m in parts_a[0]}
+            ratios = {sp.cancel(parts_a[m] / parts_b[m]) for m in parts_a}
             if len(ratios) != 1:
                 continue
             (c,) = ratios

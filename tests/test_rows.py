@@ -12,7 +12,7 @@ import sympy as sp
 import lossgen
 from lossgen.spec import SpecError, load_spec, spec_from_dict
 from lossgen.verify import RELATIVE_TOLERANCE, format_report
-from lossgen.known_gaps import ROW_KNOWN_GAPS
+from lossgen.known_gaps import ROW_KNOWN_GAPS, gap_of
 from lossgen.verify_rows import ROW_POINTS, SIZES, check_size, verify_rows
 
 from conftest import ROW_NAMES, ROW_PATHS
@@ -20,9 +20,8 @@ from conftest import ROW_NAMES, ROW_PATHS
 
 @functools.lru_cache(maxsize=None)
 def _verification(name):
-    gap = ROW_KNOWN_GAPS[name][0] if name in ROW_KNOWN_GAPS else None
     return verify_rows(lossgen.get(name), load_spec(ROW_PATHS[name]), n_random=ROW_POINTS, n_stress=ROW_POINTS,
-                       gap=gap)
+                       gap=gap_of(name))
 
 
 @pytest.mark.parametrize("name", ROW_NAMES)
@@ -35,7 +34,7 @@ def test_row_kernels_match_the_expanded_truth(name):
     assert sizes == set(SIZES)
     outputs = {r.output.split("[")[0].split(" ")[0] for r in rows}
     assert {"loss", "grad", "hess", "hess_full", "hvp"} <= outputs
-    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and "known gap" not in r.output
+    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap
                 and not (r.output.startswith("grad vs finite") and r.max_error < 1e-20)]
     assert not failures, "\n" + format_report(failures)
 
@@ -51,11 +50,10 @@ def test_row_kernels_specialised_at_defaults_match_the_expanded_truth(name):
     spec = load_spec(ROW_PATHS[name])
     assert lossgen.get(name).specialised is not None
     leave_out = [i.name for i in spec.inputs if i.specialise]
-    gap = ROW_KNOWN_GAPS[name][0] if name in ROW_KNOWN_GAPS else None
-    rows = verify_rows(lossgen.get(name), spec, n_random=4, n_stress=6, gap=gap, differences=False,
+    rows = verify_rows(lossgen.get(name), spec, n_random=4, n_stress=6, gap=gap_of(name), differences=False,
                        leave_out=leave_out)
     assert {int(r.output.rsplit("C=", 1)[1]) for r in rows} == set(SIZES)
-    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and "known gap" not in r.output]
+    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
     assert not failures, "\n" + format_report(failures)
 
 
@@ -72,14 +70,14 @@ ROW_GAP_WITNESSES = {
 @pytest.mark.parametrize("name", sorted(ROW_KNOWN_GAPS))
 def test_row_known_gaps_are_still_gaps(name):
     """A gap that closes must leave ROW_KNOWN_GAPS (and the note on the issue)."""
-    rows = [r for r in _verification(name) if "known gap" in r.output]
+    rows = [r for r in _verification(name) if r.in_known_gap]
     spec = load_spec(ROW_PATHS[name])
     params = {p.name: p.default for p in spec.params}
     for witness in ROW_GAP_WITNESSES.get(name, ()):
         point = {key: np.array(value) for key, value in witness.items()}
         size = len(next(iter(point.values())))
-        rows += [r for r in check_size(lossgen.get(name), spec, size, [point], params, gap=ROW_KNOWN_GAPS[name][0])
-                 if "known gap" in r.output]
+        rows += [r for r in check_size(lossgen.get(name), spec, size, [point], params, gap=gap_of(name))
+                 if r.in_known_gap]
     assert rows and any(not r.ok(RELATIVE_TOLERANCE) for r in rows), f"{name}: the gap is closed; remove it"
 
 
