@@ -64,8 +64,9 @@ except ImportError:  # optional peer
 
 # --- hand-written references: fused, one pass, the textbook stable formula -------------------
 
-def _fused(body):
-    """A serial and a parallel one-pass kernel y, p -> (loss, grad, hess) from a scalar body."""
+def _fused(body, cost):
+    """A serial and a parallel one-pass kernel y, p -> (loss, grad, hess) from a scalar body,
+    the serial one below lossgen's threshold for kernels of that ``cost`` (runtime.SERIAL_BELOW)."""
     scalar = numba.njit(inline="always", error_model="numpy")(body)
 
     @numba.njit(error_model="numpy")
@@ -80,7 +81,7 @@ def _fused(body):
 
     def run(y, p, a=0.0):
         l, g, h = np.empty_like(p), np.empty_like(p), np.empty_like(p)
-        (serial if y.shape[0] < runtime.SERIAL_BELOW else parallel)(y, p, a, l, g, h)
+        (serial if y.shape[0] < runtime.SERIAL_BELOW[cost] else parallel)(y, p, a, l, g, h)
         return l, g, h
     return run
 
@@ -183,9 +184,10 @@ def _floor_parallel(y, p, l, g, h):
 
 def bandwidth_floor(y, p):
     """Reads the two inputs and writes three new outputs, nothing else: the least that a fused
-    loss_grad_hess must move through memory (same serial/parallel choice as lossgen)."""
+    loss_grad_hess must move through memory (same serial/parallel choice as lossgen's arithmetic
+    kernels)."""
     l, g, h = np.empty_like(p), np.empty_like(p), np.empty_like(p)
-    (_floor_serial if y.shape[0] < runtime.SERIAL_BELOW else _floor_parallel)(y, p, l, g, h)
+    (_floor_serial if y.shape[0] < runtime.SERIAL_BELOW["arithmetic"] else _floor_parallel)(y, p, l, g, h)
     return l, g, h
 
 
@@ -244,7 +246,7 @@ def _softmax_rows(stable):
 
     def run(y, s):
         l, g, h = np.empty(s.shape[0]), np.empty_like(s), np.empty_like(s)
-        (serial if s.size < runtime.SERIAL_BELOW else parallel)(y, s, l, g, h)
+        (serial if s.size < runtime.SERIAL_BELOW["row"] else parallel)(y, s, l, g, h)
         return l, g, h
     return run
 
@@ -270,7 +272,7 @@ def _floor_rows_parallel(y, s, l, g, h):
 def bandwidth_floor_rows(y, s):
     """Reads labels and logits, writes a loss per row and a gradient and a Hessian diagonal."""
     l, g, h = np.empty(s.shape[0]), np.empty_like(s), np.empty_like(s)
-    (_floor_rows_serial if s.size < runtime.SERIAL_BELOW else _floor_rows_parallel)(y, s, l, g, h)
+    (_floor_rows_serial if s.size < runtime.SERIAL_BELOW["row"] else _floor_rows_parallel)(y, s, l, g, h)
     return l, g, h
 
 
@@ -370,26 +372,26 @@ def _cases() -> list[Case]:
     F = torch.nn.functional if torch else None
     sk = sklearn_loss
     return [
-        Case("mse", {}, _regression_inputs, _fused(_mse), _np_mse,
+        Case("mse", {}, _regression_inputs, _fused(_mse, "arithmetic"), _np_mse,
              F and (lambda y, p: F.mse_loss(p, y, reduction="none")),
              sk and sk.HalfSquaredError, "HalfSquaredError: (p-y)^2/2, half ours", memory_bound=True),
-        Case("mae", {}, _regression_inputs, _fused(_mae), _np_mae,
+        Case("mae", {}, _regression_inputs, _fused(_mae, "arithmetic"), _np_mae,
              F and (lambda y, p: F.l1_loss(p, y, reduction="none")),
              sk and sk.AbsoluteError, "AbsoluteError: Hessian returned as 1s", memory_bound=True),
         Case("huber", {"delta": 1.0}, _regression_inputs,
-             (lambda y, p, f=_fused(_huber): f(y, p, 1.0)), _np_huber,
+             (lambda y, p, f=_fused(_huber, "arithmetic"): f(y, p, 1.0)), _np_huber,
              F and (lambda y, p: F.huber_loss(p, y, reduction="none", delta=1.0)),
              sk and (lambda: sk.HuberLoss(delta=1.0)), "HuberLoss(delta=1): same", memory_bound=True),
         Case("quantile", {"tau": 0.9}, _regression_inputs,
-             (lambda y, p, f=_fused(_pinball): f(y, p, 0.9)), _np_pinball, F and _torch_pinball(0.9),
+             (lambda y, p, f=_fused(_pinball, "arithmetic"): f(y, p, 0.9)), _np_pinball, F and _torch_pinball(0.9),
              sk and (lambda: sk.PinballLoss(quantile=0.9)), "PinballLoss(0.9): Hessian returned as 1s"),
-        Case("poisson", {}, _count_inputs, _fused(_poisson_stable), _np_poisson,
+        Case("poisson", {}, _count_inputs, _fused(_poisson_stable, "libm"), _np_poisson,
              F and (lambda y, p: F.poisson_nll_loss(p, y, log_input=True, full=False, reduction="none")),
-             sk and sk.HalfPoissonLoss, "HalfPoissonLoss: exp(p) - y p, same", textbook=_fused(_poisson)),
+             sk and sk.HalfPoissonLoss, "HalfPoissonLoss: exp(p) - y p, same", textbook=_fused(_poisson, "libm")),
         Case("binary_cross_entropy_logits", {}, _label_inputs,
-             _fused(_logistic_stable_default), _np_logistic,
+             _fused(_logistic_stable_default, "libm"), _np_logistic,
              F and (lambda y, x: F.binary_cross_entropy_with_logits(x, y, reduction="none")),
-             sk and sk.HalfBinomialLoss, "HalfBinomialLoss: same", textbook=_fused(_logistic)),
+             sk and sk.HalfBinomialLoss, "HalfBinomialLoss: same", textbook=_fused(_logistic, "libm")),
         # row-wise, 1e6 rows x 10 classes; target: <= 0.5x scikit-learn's multinomial
         # loss_gradient + gradient_hessian (two passes that lossgen's loss_grad_hess does in one)
         Case("softmax_cross_entropy", {}, _class_inputs, _softmax_rows(True), _np_softmax_ce,
@@ -669,16 +671,17 @@ def overhead_figures(repeats: int) -> list[tuple[str, str, str]]:
 # --- serial/parallel threshold -------------------------------------------------------------
 
 def threshold_table(repeats: int):
-    """Serial and parallel loops of grad_hess by size, for picking runtime.SERIAL_BELOW: the
-    threshold that keeps the worst slowdown (against the faster loop) smallest over the losses."""
+    """Serial and parallel loops of grad_hess by size, for picking runtime.SERIAL_BELOW: per
+    cost class of the kernels (the generator's mark, SPEC["costs"]), the threshold that keeps
+    the worst slowdown (against the faster loop) smallest over that class's losses."""
     print(f"serial vs parallel grad_hess kernel, {numba.get_num_threads()} threads (median of {repeats})")
-    print(f"{'loss':<30}{'n':>10}{'serial us':>12}{'parallel us':>13}{'par/ser':>9}")
+    print(f"{'loss':<30}{'cost':>12}{'n':>10}{'serial us':>12}{'parallel us':>13}{'par/ser':>9}")
     sizes = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
     ratios = {}
     for name, make in (("mse", _regression_inputs), ("huber", _regression_inputs),
                        ("poisson", _count_inputs), ("binary_cross_entropy_logits", _label_inputs)):
         loss = lossgen.get(name)
-        serial, parallel = loss.module.grad_hess_kernel, loss.module.grad_hess_kernel_parallel
+        serial, parallel, cost = runtime.kernel_launchers(loss.module, "grad_hess")
         params = loss._defaults
         for n in sizes:
             y, p = make(np.random.default_rng(1), n)
@@ -686,15 +689,19 @@ def threshold_table(repeats: int):
             times = time_side_by_side({
                 "serial": lambda: serial(y, p, *params, None, g, h),
                 "parallel": lambda: parallel(y, p, *params, None, g, h)}, (), repeats)
-            ratios[name, n] = times["parallel"] / times["serial"]
-            print(f"{name:<30}{n:>10}{1e6 * times['serial']:>12.1f}{1e6 * times['parallel']:>13.1f}"
-                  f"{ratios[name, n]:>9.2f}", flush=True)
+            ratios[cost, n] = ratios.get((cost, n), []) + [times["parallel"] / times["serial"]]
+            print(f"{name:<30}{cost:>12}{n:>10}{1e6 * times['serial']:>12.1f}{1e6 * times['parallel']:>13.1f}"
+                  f"{ratios[cost, n][-1]:>9.2f}", flush=True)
 
-    def worst(threshold):  # slowdown against the faster loop, over every loss and size
-        return max(max(r, 1.0) if n >= threshold else max(1.0 / r, 1.0) for (_, n), r in ratios.items())
-    best = min(sizes + (sizes[-1] * 3,), key=worst)
-    print(f"worst slowdown by threshold: " + ", ".join(f"{t}: {worst(t):.2f}" for t in sizes + (sizes[-1] * 3,)))
-    print(f"smallest worst slowdown: serial below {best} (runtime.SERIAL_BELOW is {runtime.SERIAL_BELOW})")
+    candidates = sizes + (sizes[-1] * 3,)
+    for cost in sorted({c for c, _ in ratios}):
+        def worst(threshold):  # slowdown against the faster loop, over the class's losses and sizes
+            return max(max(r, 1.0) if n >= threshold else max(1.0 / r, 1.0)
+                       for (c, n), rs in ratios.items() if c == cost for r in rs)
+        best = min(candidates, key=worst)
+        print(f"{cost}: worst slowdown by threshold: " + ", ".join(f"{t}: {worst(t):.2f}" for t in candidates))
+        print(f"{cost}: smallest worst slowdown: serial below {best} "
+              f"(runtime.SERIAL_BELOW[{cost!r}] is {runtime.SERIAL_BELOW[cost]})")
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -741,7 +748,7 @@ def main(argv=None) -> int:
     print(f"lossgen benchmark, {date.today().isoformat()}: {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load:.1f}; Numba {numba.__version__} on {numba.get_num_threads()} threads; "
           f"NumPy {np.__version__}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
-          f"serial loop below {runtime.SERIAL_BELOW} elements")
+          f"serial loop below {', '.join(f'{n} elements ({c})' for c, n in runtime.SERIAL_BELOW.items())}")
     print(f"medians of {repeats} runs, side by side; ratio = lossgen time / peer time (below 1: lossgen faster)")
     notes, results = [], []
     cases = [c for c in _cases() if not args.cases or c.name in args.cases]

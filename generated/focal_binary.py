@@ -38,6 +38,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability'), ('x', 'prediction', 'real'), ),
     "params": (('gamma', 2.0, 'nonnegative'), ('alpha', 0.25, 'unit_interval'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
+    "costs": {'loss': 'libm', 'grad': 'libm', 'hess': 'libm', 'grad_hess': 'libm', 'loss_grad_hess': 'libm', 'loss_sum': 'libm'},
     "specialised": ('_focal_binary_defaults', ('gamma',)),
 }
 

@@ -32,6 +32,7 @@ SPEC = {
     "inputs": (('d_real', 'prediction', 'real'), ('d_fake', 'prediction', 'real'), ),
     "params": (),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5},
+    "costs": {'loss': 'arithmetic', 'grad': 'arithmetic', 'hess': 'arithmetic', 'grad_hess': 'arithmetic', 'loss_grad_hess': 'arithmetic', 'loss_sum': 'arithmetic'},
 }
 
 

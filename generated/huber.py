@@ -32,6 +32,7 @@ SPEC = {
     "inputs": (('y', 'target', 'real'), ('p', 'prediction', 'real'), ),
     "params": (('delta', 1.0, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
+    "costs": {'loss': 'arithmetic', 'grad': 'arithmetic', 'hess': 'arithmetic', 'grad_hess': 'arithmetic', 'loss_grad_hess': 'arithmetic', 'loss_sum': 'arithmetic'},
 }
 
 

@@ -37,6 +37,7 @@ SPEC = {
     "inputs": (('y', 'target', 'label_pm1'), ('x1', 'prediction', 'real'), ('x2', 'prediction', 'real'), ),
     "params": (('margin', 0.0, 'real'), ),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5},
+    "costs": {'loss': 'arithmetic', 'grad': 'arithmetic', 'hess': 'arithmetic', 'grad_hess': 'arithmetic', 'loss_grad_hess': 'arithmetic', 'loss_sum': 'arithmetic'},
 }
 
 

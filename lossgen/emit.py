@@ -40,6 +40,15 @@ HELPERS = {
 
 HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",)}  # helper -> the helpers that it calls
 
+# Functions that cost a few machine instructions: a kernel made of these alone (and of integer
+# powers) is "arithmetic", bound by memory; any other function (exp, log, a root, a non-integer
+# power, a helper that calls them) makes it "libm". The runtime picks the serial or the parallel
+# loop by this cost (runtime.SERIAL_BELOW): threads pay off on far smaller arrays where each
+# element calls libm.
+ARITHMETIC_FUNCTIONS = frozenset({
+    "Abs", "sign", "Heaviside", "Max", "Min", "Piecewise", "fma", "group", "real_group", "exact_sum",
+})
+
 
 class NumbaPrinter(PythonCodePrinter):
     """Scalar Python for Numba: ``math`` functions, exact float literals, stable helpers."""
@@ -252,6 +261,15 @@ def _unconditional(expr, target, conditions, nested=False) -> bool:
             return True
         nested = True
     return all(_unconditional(a, target, conditions, nested) for a in expr.args if isinstance(a, sp.Basic))
+
+
+def kernel_cost(exprs: list[sp.Expr]) -> str:
+    """"arithmetic" where ``exprs`` use only ARITHMETIC_FUNCTIONS and integer powers, else "libm"."""
+    for expr in exprs:
+        if any(type(f).__name__ not in ARITHMETIC_FUNCTIONS for f in expr.atoms(sp.Function)) \
+                or any(not power.exp.is_Integer for power in expr.atoms(sp.Pow)):
+            return "libm"
+    return "arithmetic"
 
 
 def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter) -> tuple[list[str], str]:
@@ -550,6 +568,7 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
         count = sum(1 if q == "loss" else n_pred for q in quantities)
         scalar_kernels.append({
             "name": kernel, "lines": lines, "returns": returns, "count": count,
+            "cost": kernel_cost(stable.outputs(kernel)),
             "outside": ", ".join(["math.nan"] * count),
             "outs": [f"_out{j}" for j in range(count)], "vals": [f"_v{j}" for j in range(count)],
             "doc": f"{kernel.replace('_', ', ')} of one element"
@@ -572,6 +591,8 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
         guard=None if guard is None else printer.doprint(guard),
         scalar_kernels=scalar_kernels,
         kernel_outputs={k["name"]: k["count"] for k in scalar_kernels},
+        kernel_costs={**{k["name"]: k["cost"] for k in scalar_kernels},
+                      "loss_sum": next(k["cost"] for k in scalar_kernels if k["name"] == "loss")},
         arguments=inputs + params,
         indexed_arguments=[f"{name}[_i]" for name in inputs] + params,
     )

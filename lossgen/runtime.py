@@ -15,8 +15,9 @@ Kernels specialised at defaults: where a spec marks parameters ``specialise = tr
 with each of them at its default runs the kernels generated with those values put in (module
 ``_<name>_defaults``, imported on first use); any other value runs the general kernels.
 
-Threads: arrays of fewer than ``SERIAL_BELOW`` elements run in the calling thread (starting
-Numba's threads costs more than it saves there); larger ones run on ``numba.get_num_threads()``
+Threads: arrays of fewer than ``SERIAL_BELOW[cost]`` elements run in the calling thread
+(starting Numba's threads costs more than it saves there; the cost, "arithmetic" or "libm", is
+the generator's mark on each kernel); larger ones run on ``numba.get_num_threads()``
 threads (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``), at most ``LOSSGEN_NUM_THREADS``
 when that environment variable is set (1: always in the calling thread).
 """
@@ -41,11 +42,13 @@ _NUMERIC_KINDS = "biuf"  # bool, signed and unsigned integers, floats
 _KERNEL_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 # Below this many elements a kernel runs in the calling thread: there, starting Numba's
-# threads costs more than it saves. A parallel launch costs ~5-20 us on 2 idle cores and a
-# cheap loss ~1-2 ns per element, so cheap losses gain from threads only above ~1e4 elements
-# (`python benchmarks/run.py --threshold` measures it; on a loaded machine threads gain little
-# at any size, and LOSSGEN_NUM_THREADS=1 keeps every call serial).
-SERIAL_BELOW = 20_000
+# threads costs more than it saves. A parallel launch costs ~15-25 us on 2 idle cores; a kernel
+# that calls libm (exp, log, ...) spends ~5-20 ns per element, and gains from threads from a few
+# thousand elements; an arithmetic one (MSE, Huber: ~1.5 ns per element, bound by memory) only
+# from ~2e5. The generator marks each kernel's cost (SPEC["costs"]); row-wise kernels count
+# N * C elements (N * C * C for the full Hessian and the product). `python benchmarks/run.py
+# --threshold` measures the crossovers; LOSSGEN_NUM_THREADS=1 keeps every call serial.
+SERIAL_BELOW = {"arithmetic": 200_000, "libm": 5_000, "row": 20_000}
 THREADS_VARIABLE = "LOSSGEN_NUM_THREADS"
 
 
@@ -164,7 +167,7 @@ class Loss(_Specialisable):
         check_reduction(self.name, method, reduction)
 
     def _launchers(self, kernel, module):
-        """(serial, parallel) launchers of ``kernel`` in ``module``, looked up once."""
+        """``kernel_launchers`` of ``kernel`` in ``module``, looked up once."""
         key = (kernel, id(module))
         if key not in self._kernels:
             self._kernels[key] = kernel_launchers(module, kernel)
@@ -315,18 +318,22 @@ def specialised_module(module):
     return None if entry is None else importlib.import_module(f".{entry[0]}", module.__package__)
 
 
-def kernel_launchers(module, kernel: str) -> tuple:
-    """The generated module's (serial, parallel) launchers of ``kernel``: NAME_kernel loops in
-    the calling thread, NAME_kernel_parallel on Numba's threads."""
-    return getattr(module, f"{kernel}_kernel"), getattr(module, f"{kernel}_kernel_parallel")
+def kernel_launchers(module, kernel: str, cost: str | None = None) -> tuple:
+    """The generated module's (serial, parallel) launchers of ``kernel`` (NAME_kernel loops in
+    the calling thread, NAME_kernel_parallel on Numba's threads) and the kernel's cost class,
+    the key of ``SERIAL_BELOW``: ``cost`` where given, else the one that the module's SPEC marks
+    ("libm" where it marks none)."""
+    if cost is None:
+        cost = module.SPEC.get("costs", {}).get(kernel, "libm")
+    return getattr(module, f"{kernel}_kernel"), getattr(module, f"{kernel}_kernel_parallel"), cost
 
 
 def _launch(launchers: tuple, arguments: tuple, size: int):
-    """Call an array kernel (a (serial, parallel) pair): in the calling thread below
-    ``SERIAL_BELOW`` elements, else on ``numba.get_num_threads()`` threads, at most
+    """Call an array kernel (``kernel_launchers``' triple): in the calling thread below
+    ``SERIAL_BELOW[cost]`` elements, else on ``numba.get_num_threads()`` threads, at most
     ``LOSSGEN_NUM_THREADS`` when it is set."""
-    serial, parallel = launchers
-    if size < SERIAL_BELOW:
+    serial, parallel, cost = launchers
+    if size < SERIAL_BELOW[cost]:
         return serial(*arguments)
     numba = sys.modules["numba"]  # loaded with the kernel's module
     threads = numba.get_num_threads()

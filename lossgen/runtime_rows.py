@@ -15,7 +15,7 @@ Kernels specialised at defaults (spec key ``specialise``): a call with every mar
 at its default and every marked shared input left out runs the kernels generated with those
 values put in; any other call runs the general kernels.
 
-Threads as for elementwise losses (see lossgen.runtime): inputs of fewer than SERIAL_BELOW
+Threads as for elementwise losses (see lossgen.runtime): inputs of fewer than SERIAL_BELOW["row"]
 elements (N * C) run in the calling thread, larger ones on numba.get_num_threads() threads, at
 most LOSSGEN_NUM_THREADS.
 """
@@ -153,7 +153,7 @@ class RowLoss(_Specialisable):
             shape = (rows,) if is_loss else (rows, c, c) if full else (rows, c)
             outs.append(np.empty(shape, dtype=call.dtype))
         work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
-        _launch(kernel_launchers(call.module, kernel), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
+        _launch(kernel_launchers(call.module, kernel, "row"), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
         return [o.reshape(call.leading + o.shape[1:]) for o in outs]
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:

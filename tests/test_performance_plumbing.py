@@ -21,11 +21,13 @@ import sympy as sp
 import lossgen
 from lossgen import generate as generation
 from lossgen import runtime
-from lossgen.emit import NumbaPrinter, kernel_code, scoped_code
+from lossgen.emit import NumbaPrinter, kernel_code, kernel_cost, scoped_code
 from lossgen.paths import SPECS_DIR
 from lossgen.runtime_rows import RowLoss
 from lossgen.spec import load_spec
 from lossgen.vocabulary import logcosh, sigmoid, softplus
+
+X = sp.Symbol("x", real=True)
 
 # --- generate: skip unchanged specs by content hash ----------------------------------------
 
@@ -297,12 +299,13 @@ def _spy_launchers(**outputs) -> dict:
     return spies
 
 
-def _spy_loss():
+def _spy_loss(costs=None):
     module = types.SimpleNamespace(
         __doc__="spy",
         SPEC={"name": "spy", "title": "Spy", "family": "test", "summary": "",
               "inputs": (("y", "target", "real"), ("p", "prediction", "real")),
-              "params": (("delta", 1.0, "positive"),), "kernels": {"grad_hess": 2, "loss": 1}},
+              "params": (("delta", 1.0, "positive"),), "kernels": {"grad_hess": 2, "loss": 1},
+              **({} if costs is None else {"costs": costs})},
         **_spy_launchers(grad_hess=2, loss_sum=0))
     return runtime.Loss(module), module
 
@@ -310,7 +313,7 @@ def _spy_loss():
 def test_small_arrays_run_serially_large_ones_in_parallel(monkeypatch):
     monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
     loss, module = _spy_loss()
-    small, large = np.zeros(runtime.SERIAL_BELOW - 1), np.zeros(runtime.SERIAL_BELOW)
+    small, large = np.zeros(runtime.SERIAL_BELOW["libm"] - 1), np.zeros(runtime.SERIAL_BELOW["libm"])
     loss.grad_hess(small, small)
     loss.loss(small, small)
     loss.grad_hess(large, large)
@@ -320,10 +323,42 @@ def test_small_arrays_run_serially_large_ones_in_parallel(monkeypatch):
     assert [c["parallel"] for c in module.loss_sum_kernel.calls] == [False, parallel_expected]
 
 
+def test_each_kernel_takes_the_threshold_of_its_cost(monkeypatch):
+    """An arithmetic kernel (bound by memory) stays serial on arrays where one that calls libm
+    runs in parallel: each takes SERIAL_BELOW of the cost that its module's SPEC marks."""
+    monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
+    loss, module = _spy_loss(costs={"grad_hess": "arithmetic", "loss_sum": "libm"})
+    between, large = np.zeros(runtime.SERIAL_BELOW["libm"]), np.zeros(runtime.SERIAL_BELOW["arithmetic"])
+    assert between.size < large.size
+    loss.grad_hess(between, between)
+    loss.loss(between, between)
+    loss.grad_hess(large, large)
+    parallel_expected = numba.get_num_threads() > 1
+    assert [c["parallel"] for c in module.grad_hess_kernel.calls] == [False, parallel_expected]
+    assert [c["parallel"] for c in module.loss_sum_kernel.calls] == [parallel_expected]
+
+
+@pytest.mark.parametrize("expr, cost", [
+    (X**2 - 2 * X + sp.Abs(X) / (1 + X**2), "arithmetic"),
+    (sp.Piecewise((X**2 / 2, sp.Abs(X) <= 1), (sp.Abs(X) - sp.Rational(1, 2), True)) * sp.sign(X), "arithmetic"),
+    (sp.exp(X) - X, "libm"), (sp.sqrt(1 + X**2), "libm"), (X**sp.Float(1.5), "libm"),
+    (sp.Piecewise((sp.log(X), X > 1), (0, True)), "libm"),
+])
+def test_kernel_cost_is_arithmetic_without_libm_calls(expr, cost):
+    assert kernel_cost([X, expr]) == cost
+
+
+@pytest.mark.parametrize("name, cost", [("mse", "arithmetic"), ("mae", "arithmetic"), ("huber", "arithmetic"),
+                                        ("poisson", "libm"), ("binary_cross_entropy_logits", "libm"),
+                                        ("pseudo_huber", "libm")])
+def test_catalog_kernels_are_marked_by_their_cost(name, cost):
+    assert set(lossgen.get(name).module.SPEC["costs"].values()) == {cost}
+
+
 def test_numba_set_num_threads_1_gives_the_serial_loop(monkeypatch):
     monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
     loss, module = _spy_loss()
-    large = np.zeros(runtime.SERIAL_BELOW)
+    large = np.zeros(runtime.SERIAL_BELOW["libm"])
     previous = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
@@ -336,7 +371,7 @@ def test_numba_set_num_threads_1_gives_the_serial_loop(monkeypatch):
 def test_environment_variable_1_gives_the_serial_loop(monkeypatch):
     monkeypatch.setenv(runtime.THREADS_VARIABLE, "1")
     loss, module = _spy_loss()
-    large = np.zeros(runtime.SERIAL_BELOW)
+    large = np.zeros(runtime.SERIAL_BELOW["libm"])
     before = numba.get_num_threads()
     loss.grad_hess(large, large)
     assert module.grad_hess_kernel.calls[0]["parallel"] is False
@@ -347,7 +382,7 @@ def test_environment_variable_1_gives_the_serial_loop(monkeypatch):
 def test_environment_variable_must_be_a_positive_integer(monkeypatch, value):
     monkeypatch.setenv(runtime.THREADS_VARIABLE, value)
     loss, _ = _spy_loss()
-    large = np.zeros(runtime.SERIAL_BELOW)
+    large = np.zeros(runtime.SERIAL_BELOW["libm"])
     with pytest.raises(ValueError, match=runtime.THREADS_VARIABLE):
         loss.grad_hess(large, large)
 
@@ -358,7 +393,7 @@ sys.path.insert(0, sys.argv[1])
 from test_performance_plumbing import _spy_loss
 from lossgen import runtime
 loss, module = _spy_loss()
-large = np.zeros(runtime.SERIAL_BELOW)
+large = np.zeros(runtime.SERIAL_BELOW["libm"])
 loss.grad_hess(large, large)
 print(json.dumps({"call": module.grad_hess_kernel.calls[0], "after": numba.get_num_threads()}))
 """
@@ -380,7 +415,7 @@ def test_serial_and_parallel_loops_give_identical_results(monkeypatch):
     weight = rng.uniform(size=3000)
     results = {}
     for serial_below in (10**9, 0):  # every call serial, then every call parallel
-        monkeypatch.setattr(runtime, "SERIAL_BELOW", serial_below)
+        monkeypatch.setattr(runtime, "SERIAL_BELOW", dict.fromkeys(runtime.SERIAL_BELOW, serial_below))
         results[serial_below] = (huber.grad_hess(y, p, delta=0.7),
                                  huber.grad_hess(y, p, sample_weight=weight),
                                  huber.loss(y, p, reduction="sum"))
@@ -408,8 +443,8 @@ def test_row_kernels_run_serially_below_the_threshold_in_parallel_above(monkeypa
     monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
     loss, module = _spy_row_loss()
     columns = 10
-    small = np.zeros(((runtime.SERIAL_BELOW - 1) // columns, columns))  # N * C elements decide
-    large = np.zeros((runtime.SERIAL_BELOW // columns, columns))
+    small = np.zeros(((runtime.SERIAL_BELOW["row"] - 1) // columns, columns))  # N * C elements decide
+    large = np.zeros((runtime.SERIAL_BELOW["row"] // columns, columns))
     loss.grad_hess(small, small)
     loss.loss(small, small)
     loss.grad_hess(large, large)
@@ -418,7 +453,7 @@ def test_row_kernels_run_serially_below_the_threshold_in_parallel_above(monkeypa
     assert [c["parallel"] for c in module.grad_hess_kernel.calls] == [False, parallel_expected]
     assert [c["parallel"] for c in module.loss_kernel.calls] == [False, parallel_expected]
     # a Hessian-vector product does C times the work per row: the same rows go parallel
-    rows = np.zeros((runtime.SERIAL_BELOW // columns**2, columns))
+    rows = np.zeros((runtime.SERIAL_BELOW["row"] // columns**2, columns))
     loss.hvp(rows, rows, v=rows)
     assert [c["parallel"] for c in module.hvp_kernel.calls] == [parallel_expected]
 
@@ -426,7 +461,7 @@ def test_row_kernels_run_serially_below_the_threshold_in_parallel_above(monkeypa
 def test_row_kernels_follow_set_num_threads_and_the_environment_variable(monkeypatch):
     monkeypatch.delenv(runtime.THREADS_VARIABLE, raising=False)
     loss, module = _spy_row_loss()
-    large = np.zeros((runtime.SERIAL_BELOW, 2))
+    large = np.zeros((runtime.SERIAL_BELOW["row"], 2))
     previous = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
@@ -451,7 +486,7 @@ def test_row_kernels_serial_and_parallel_loops_give_identical_results(monkeypatc
     weight, v = rng.uniform(size=400), rng.normal(size=(400, 5))
     results = {}
     for serial_below in (10**9, 0):  # every call serial, then every call parallel
-        monkeypatch.setattr(runtime, "SERIAL_BELOW", serial_below)
+        monkeypatch.setattr(runtime, "SERIAL_BELOW", dict.fromkeys(runtime.SERIAL_BELOW, serial_below))
         results[serial_below] = (*sce.loss_grad_hess(y, s, label_smoothing=0.1, sample_weight=weight),
                                  sce.hvp(y, s, v=v))
     for serial, parallel in zip(*results.values()):
@@ -477,7 +512,7 @@ def test_softmax_weights_come_from_the_logsumexp_pass():
         grad = np.array([[float(q - (k == t)) for k, q in enumerate(row)] for row, t in zip(p, y)])
         hess = np.array([[float(q * (1 - q)) for q in row] for row in p])
     for serial_below in (10**9, 0):
-        runtime_serial_below, runtime.SERIAL_BELOW = runtime.SERIAL_BELOW, serial_below
+        runtime_serial_below, runtime.SERIAL_BELOW = runtime.SERIAL_BELOW, dict.fromkeys(runtime.SERIAL_BELOW, serial_below)
         try:
             _, g, h = lossgen.get("softmax_cross_entropy").loss_grad_hess(y, s)
         finally:
