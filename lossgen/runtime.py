@@ -52,7 +52,7 @@ SERIAL_BELOW = {"arithmetic": 200_000, "libm": 5_000, "row": 20_000}
 THREADS_VARIABLE = "LOSSGEN_NUM_THREADS"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     arrays: list          # inputs, flattened, contiguous, in the result dtype
     params: list          # parameter values as Python floats, in spec order
@@ -60,10 +60,10 @@ class _Call:
     shape: tuple
     dtype: np.dtype
     module: object = None  # whose kernels run: the loss's, or its kernels specialised at defaults
+    size: int = 0         # elements per input (set from the arrays)
 
-    @property
-    def size(self) -> int:
-        return self.arrays[0].size
+    def __post_init__(self):
+        self.size = self.arrays[0].size
 
 
 class _Specialisable:
@@ -174,8 +174,9 @@ class Loss(_Specialisable):
         return self._kernels[key]
 
     def _run(self, kernel, call):
-        outs = [np.empty(call.size, dtype=call.dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
-        _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *outs), call.size)
+        size, dtype = call.size, call.dtype
+        outs = [np.empty(size, dtype=dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
+        _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *outs), size)
         if len(call.shape) != 1:
             outs = [o.reshape(call.shape) for o in outs]
         return outs
@@ -234,7 +235,8 @@ class Loss(_Specialisable):
             values = parameter_values(f"{self.name}.{method}()", self.params, kwargs)
         else:
             values = self._defaults
-        return self._choose(_Call([a.reshape(-1) for a in arrays], values, None, shape, dtype))
+        flat = list(arrays) if len(shape) == 1 else [a.reshape(-1) for a in arrays]
+        return self._choose(_Call(flat, values, None, shape, dtype))
 
     def _choose(self, call: _Call) -> _Call:
         """The call on the kernels specialised at defaults where every marked parameter has its
