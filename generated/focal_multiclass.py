@@ -272,19 +272,30 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
         return
     _m0 = -math.inf
     _a0 = 0
+    _m0_o = -math.inf
+    _a0_o = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _s > _m0 or _k == 0:
             _m0 = _s
             _a0 = _k
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _s > _m0_o or _k == 0:
+            _m0_o = _s
+            _a0_o = _k
     _l0 = 0.0
+    _l0_o = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _k != _a0:
             _l0 += math.exp(_s - _m0)
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _k != _a0_o:
+            _l0_o += math.exp(_s - _m0_o)
     _l0 = math.log1p(_l0)
+    _l0_o = math.log1p(_l0_o)
     _k = _row_y
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
@@ -309,56 +320,29 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t3_0 = _e_s - _m0
-    _t3_1 = (_t3_0)
-    _t3_2 = -_l0 + _t3_1
-    _t3_3 = math.expm1(_t3_2)
-    _t3_4 = -_t3_3
-    _t3_7 = gamma - 1.0
-    _t3_10 = _e_alpha*gamma
-    _t3_11 = _l0 + (-_t3_0)
-    _t3_12 = (_t3_11 < math.log(2.0))
-    if _t3_12:
-        _t3_5 = (_t3_4)
-        _t3_6 = _t3_5**gamma
-        _t3_8 = _t3_5**_t3_7
-        _t3_9 = _exprel(_t3_2)
-        _b3_0 = ((_t3_10*(-_t3_5**(gamma + 1.0)*gamma + 2.0*_t3_6*_t3_9*(((gamma)/(_t3_9)) + 1.0) - _t3_6 - 2.0*_t3_8*_t3_9 - _t3_8*gamma + _t3_8))/(_t3_9))
+    _t3_1 = -_l0 + (_t3_0)
+    _t3_2 = math.expm1(_t3_1)
+    _t3_3 = -_t3_2
+    _t3_6 = _e_alpha*gamma
+    _t3_7 = _l0 + (-_t3_0)
+    _t3_8 = (_t3_7 < math.log(2.0))
+    if _t3_8:
+        _t3_4 = (_t3_3)
+        _t3_5 = _exprel(_t3_1)
+        _b3_0 = _t3_4**gamma*_t3_6*(2.0*_t3_4 + ((1.0)/(_t3_5)) + ((-_t3_4*(1.0 - 2.0*gamma))/(_t3_5)) + ((-gamma*(_t3_4**2 + 1.0))/(_t3_5)) - 2.0)
     else:
-        _t3_13 = _xlogy(gamma, _t3_4)
-        _t3_14 = _t3_3 + 1.0
-        _t3_15 = _xlog1py(gamma, (-_t3_14))
-        _t3_16 = ((_t3_13) if _t3_12 else (_t3_15))
-        _t3_17 = -_l0
-        _t3_18 = _t3_1 + _t3_17
-        _t3_19 = _t3_16 + _t3_18
-        _t3_20 = (_t3_11 <= 1.0)
-        _t3_21 = math.exp(_t3_2)
-        _t3_22 = _xlog1py(gamma, (-_t3_21))
-        _t3_23 = ((_t3_13) if _t3_12 else (_t3_22))
-        _t3_24 = _l0 + (-_t3_0 - 2.0)
-        _t3_25 = (_t3_24)
-        _t3_26 = _t3_14*_t3_2
-        _t3_27 = _t3_25 + (((_t3_26)/(_t3_3))) + (((-_t3_26*gamma)/(_t3_3)))
-        _t3_28 = _t3_2*_t3_21
-        _t3_29 = (abs(_t3_11 - _t3_13) <= 700.0)
-        _t3_30 = ((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_15) <= 700.0)))
-        _t3_31 = (-_t3_7)
-        _t3_32 = _t3_2*_t3_31
-        _t3_33 = _t3_25 + _t3_32 + ((_t3_32)/(_t3_3))
-        _t3_34 = (((_t3_33) if _t3_20 else (((_t3_33) if _t3_20 else (_t3_24 + ((_t3_28*_t3_31)/(_t3_3)))))))
-        _t3_35 = ((_t3_33) if _t3_20 else (_t3_24 + ((_t3_26*_t3_31)/(_t3_3))))
-        _t3_36 = abs(_t3_3)
-        _t3_37 = _t3_17 + ((-math.log1p((((-_e_alpha + _t3_36)/(_e_alpha))))) if (_e_alpha > ((_t3_36)/(2.0))) and (_e_alpha < 2.0*_t3_36) else ((math.log(_e_alpha)) - math.log(_t3_36))) + (_t3_0 + math.log(gamma))
-        _t3_38 = _t3_16 + _t3_37
-        _b3_0 = -(((((_t3_10*((_t3_27) if _t3_20 else (((_t3_27) if _t3_20 else (_t3_24 + (((_t3_28)/(_t3_3))) + (((-_t3_28*gamma)/(_t3_3))))))))/(_t3_3)))*math.exp(((_t3_19) if _t3_20 else (((_t3_19) if _t3_20 else (_t3_18 + _t3_23)))))) if ((_t3_30) if _t3_20 else (((_t3_30) if _t3_20 else (((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_22) <= 700.0))))))) else (math.exp((((_t3_38 + math.log(abs((_t3_35)))) if _t3_20 else (((_t3_38 + math.log(abs((((_t3_33) if _t3_20 else (_t3_35)))))) if _t3_20 else (_t3_23 + _t3_37 + math.log(abs(_t3_34))))))))*_sign(_e_alpha)*_sign(_t3_3)*_sign(_t3_34)*_sign(gamma)))
-    _r3 = _b3_0
+        _t3_9 = math.exp(_t3_1)
+        _t3_10 = _l0 + (-_t3_0 - 2.0)
+        _t3_11 = _t3_1*(1.0 - gamma)
+        _t3_12 = _t3_11 + ((_t3_11)/(_t3_2)) + (_t3_10)
+        _t3_13 = (_t3_7 <= 1.0)
+        _b3_0 = _t3_6*_t3_9*((_t3_12) if _t3_13 else (((_t3_12) if _t3_13 else (_t3_10 + ((_t3_11*_t3_9)/(_t3_2))))))*math.exp(((_xlogy(gamma, _t3_3)) if _t3_8 else (_xlog1py(gamma, (-_t3_9)))))
+    _r3_q = _b3_0
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = gamma**2
     _h2 = math.log(2.0)
     _h3 = (1.0 - gamma)
-    _h4 = math.log(abs(_r3))
-    _h5 = _sign(_r3)
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
@@ -366,21 +350,21 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
         _t5_1 = (_t5_0)
         _t5_2 = -_l0 + _t5_1
         _t5_3 = math.expm1(_t5_2)
-        _t5_8 = _l0 + (-_t5_0)
-        _t5_11 = _t5_3 + 1.0
-        _t5_16 = (_t5_8 <= 1.0)
         _t5_17 = math.exp(_t5_2)
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
             _t5_4 = -_t5_3
             _t5_5 = (_t5_4)
             _t5_6 = 2.0*gamma
             _t5_7 = _exprel(_t5_2)
+            _t5_8 = _l0 + (-_t5_0)
             _t5_9 = (_h2 > _t5_8)
             _t5_10 = _xlogy(gamma, _t5_4)
+            _t5_11 = _t5_3 + 1.0
             _t5_12 = _xlog1py(gamma, (-_t5_11))
             _t5_13 = -_l0
             _t5_14 = _t5_1 + _t5_13
             _t5_15 = _t5_14 + ((_t5_10) if _t5_9 else (_t5_12))
+            _t5_16 = (_t5_8 <= 1.0)
             _t5_18 = _xlog1py(gamma, (-_t5_17))
             _t5_19 = _t5_14 + ((_t5_10) if _t5_9 else (_t5_18))
             _t5_20 = -_e_s + _m0 + 1.0
@@ -422,12 +406,7 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
             _t5_56 = abs(_t5_3)
             _b5_0 = ((_e_alpha*_t5_5**_h0*(-_t5_5*_t5_6*(((gamma)/(_t5_7)) + 1.0) - _t5_5 + _t5_6 + ((_h1*_t5_5**2)/(_t5_7)) + ((-_t5_5*gamma*(1.0 - _t5_5))/(_t5_7)) + (((_h1)/(_t5_7)) + 1.0))) if _t5_9 else ((((((_e_alpha*_t5_51)/(_t5_3)))*math.exp(((_t5_15) if _t5_16 else (((_t5_15) if _t5_16 else (_t5_19)))))) if ((_t5_54) if _t5_16 else (((_t5_54) if _t5_16 else (((_t5_53) if _t5_52 else ((abs(_t5_18 - _t5_8) <= 700.0))))))) else (math.exp((_t5_19 + ((-math.log1p((((-_e_alpha + _t5_56)/(_e_alpha))))) if (_e_alpha > ((_t5_56)/(2.0))) and (_e_alpha < 2.0*_t5_56) else ((math.log(_e_alpha)) - math.log(_t5_56))) + math.log(abs(_t5_55))))*_sign(_e_alpha)*_sign(_t5_3)*_sign(_t5_55)))))
         else:
-            _t5_57 = _r2*_t5_3
-            _t5_58 = _r3*_t5_11
-            _t5_59 = (_t5_8 <= 700.0)
-            _t5_60 = (-_l0 + (_h4 + _t5_0))
-            _t5_61 = _h5*math.exp(_t5_60)
-            _b5_0 = _t5_17*((((_t5_57 - ((_t5_58) if _t5_59 else (_h5*(math.expm1(_t5_60) + 1.0)))) if (abs(_t5_60) <= 1.0) else (_t5_57 - ((_t5_58) if _t5_59 else (_t5_61))))) if _t5_16 else (_t5_57 - ((_r3*_t5_17) if _t5_59 else (_t5_61))))
+            _b5_0 = _t5_17*(_r2*_t5_3 - _r3_q*math.exp(-_l0_o + (_e_s - _m0_o)))
         _out0[_i, _k] = _w * (_b5_0)
 
 
@@ -464,19 +443,30 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1):
         return
     _m0 = -math.inf
     _a0 = 0
+    _m0_o = -math.inf
+    _a0_o = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _s > _m0 or _k == 0:
             _m0 = _s
             _a0 = _k
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _s > _m0_o or _k == 0:
+            _m0_o = _s
+            _a0_o = _k
     _l0 = 0.0
+    _l0_o = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _k != _a0:
             _l0 += math.exp(_s - _m0)
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _k != _a0_o:
+            _l0_o += math.exp(_s - _m0_o)
     _l0 = math.log1p(_l0)
+    _l0_o = math.log1p(_l0_o)
     _k = _row_y
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
@@ -501,49 +491,24 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1):
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t3_0 = _e_s - _m0
-    _t3_1 = (_t3_0)
-    _t3_2 = -_l0 + _t3_1
-    _t3_3 = math.expm1(_t3_2)
-    _t3_4 = -_t3_3
-    _t3_7 = gamma - 1.0
-    _t3_10 = _e_alpha*gamma
-    _t3_11 = _l0 + (-_t3_0)
-    _t3_12 = (_t3_11 < math.log(2.0))
-    if _t3_12:
-        _t3_5 = (_t3_4)
-        _t3_6 = _t3_5**gamma
-        _t3_8 = _t3_5**_t3_7
-        _t3_9 = _exprel(_t3_2)
-        _b3_0 = ((_t3_10*(-_t3_5**(gamma + 1.0)*gamma + 2.0*_t3_6*_t3_9*(((gamma)/(_t3_9)) + 1.0) - _t3_6 - 2.0*_t3_8*_t3_9 - _t3_8*gamma + _t3_8))/(_t3_9))
+    _t3_1 = -_l0 + (_t3_0)
+    _t3_2 = math.expm1(_t3_1)
+    _t3_3 = -_t3_2
+    _t3_6 = _e_alpha*gamma
+    _t3_7 = _l0 + (-_t3_0)
+    _t3_8 = (_t3_7 < math.log(2.0))
+    if _t3_8:
+        _t3_4 = (_t3_3)
+        _t3_5 = _exprel(_t3_1)
+        _b3_0 = _t3_4**gamma*_t3_6*(2.0*_t3_4 + ((1.0)/(_t3_5)) + ((-_t3_4*(1.0 - 2.0*gamma))/(_t3_5)) + ((-gamma*(_t3_4**2 + 1.0))/(_t3_5)) - 2.0)
     else:
-        _t3_13 = _xlogy(gamma, _t3_4)
-        _t3_14 = _t3_3 + 1.0
-        _t3_15 = _xlog1py(gamma, (-_t3_14))
-        _t3_16 = ((_t3_13) if _t3_12 else (_t3_15))
-        _t3_17 = -_l0
-        _t3_18 = _t3_1 + _t3_17
-        _t3_19 = _t3_16 + _t3_18
-        _t3_20 = (_t3_11 <= 1.0)
-        _t3_21 = math.exp(_t3_2)
-        _t3_22 = _xlog1py(gamma, (-_t3_21))
-        _t3_23 = ((_t3_13) if _t3_12 else (_t3_22))
-        _t3_24 = _l0 + (-_t3_0 - 2.0)
-        _t3_25 = (_t3_24)
-        _t3_26 = _t3_14*_t3_2
-        _t3_27 = _t3_25 + (((_t3_26)/(_t3_3))) + (((-_t3_26*gamma)/(_t3_3)))
-        _t3_28 = _t3_2*_t3_21
-        _t3_29 = (abs(_t3_11 - _t3_13) <= 700.0)
-        _t3_30 = ((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_15) <= 700.0)))
-        _t3_31 = (-_t3_7)
-        _t3_32 = _t3_2*_t3_31
-        _t3_33 = _t3_25 + _t3_32 + ((_t3_32)/(_t3_3))
-        _t3_34 = (((_t3_33) if _t3_20 else (((_t3_33) if _t3_20 else (_t3_24 + ((_t3_28*_t3_31)/(_t3_3)))))))
-        _t3_35 = ((_t3_33) if _t3_20 else (_t3_24 + ((_t3_26*_t3_31)/(_t3_3))))
-        _t3_36 = abs(_t3_3)
-        _t3_37 = _t3_17 + ((-math.log1p((((-_e_alpha + _t3_36)/(_e_alpha))))) if (_e_alpha > ((_t3_36)/(2.0))) and (_e_alpha < 2.0*_t3_36) else ((math.log(_e_alpha)) - math.log(_t3_36))) + (_t3_0 + math.log(gamma))
-        _t3_38 = _t3_16 + _t3_37
-        _b3_0 = -(((((_t3_10*((_t3_27) if _t3_20 else (((_t3_27) if _t3_20 else (_t3_24 + (((_t3_28)/(_t3_3))) + (((-_t3_28*gamma)/(_t3_3))))))))/(_t3_3)))*math.exp(((_t3_19) if _t3_20 else (((_t3_19) if _t3_20 else (_t3_18 + _t3_23)))))) if ((_t3_30) if _t3_20 else (((_t3_30) if _t3_20 else (((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_22) <= 700.0))))))) else (math.exp((((_t3_38 + math.log(abs((_t3_35)))) if _t3_20 else (((_t3_38 + math.log(abs((((_t3_33) if _t3_20 else (_t3_35)))))) if _t3_20 else (_t3_23 + _t3_37 + math.log(abs(_t3_34))))))))*_sign(_e_alpha)*_sign(_t3_3)*_sign(_t3_34)*_sign(gamma)))
-    _r3 = _b3_0
+        _t3_9 = math.exp(_t3_1)
+        _t3_10 = _l0 + (-_t3_0 - 2.0)
+        _t3_11 = _t3_1*(1.0 - gamma)
+        _t3_12 = _t3_11 + ((_t3_11)/(_t3_2)) + (_t3_10)
+        _t3_13 = (_t3_7 <= 1.0)
+        _b3_0 = _t3_6*_t3_9*((_t3_12) if _t3_13 else (((_t3_12) if _t3_13 else (_t3_10 + ((_t3_11*_t3_9)/(_t3_2))))))*math.exp(((_xlogy(gamma, _t3_3)) if _t3_8 else (_xlog1py(gamma, (-_t3_9)))))
+    _r3_q = _b3_0
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
@@ -551,8 +516,6 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1):
     _h3 = _sign(_r2)
     _h4 = gamma**2
     _h5 = (1.0 - gamma)
-    _h6 = math.log(abs(_r3))
-    _h7 = _sign(_r3)
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
@@ -562,8 +525,6 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1):
         _t5_4 = math.expm1(_t5_2)
         _t5_8 = _l0 + (-_t5_0)
         _t5_11 = math.exp(_t5_2)
-        _t5_18 = (_t5_8 <= 1.0)
-        _t5_21 = _t5_4 + 1.0
         _t5_28 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t5_28:
             _t5_3 = _exprel(_t5_2)
@@ -578,65 +539,62 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1):
             _t5_15 = _t5_2*gamma
             _t5_16 = ((_t5_15)/(_t5_4))
             _t5_17 = _t5_14 + _t5_16
+            _t5_18 = (_t5_8 <= 1.0)
             _t5_19 = ((_t5_17) if _t5_18 else (_t5_15 + _t5_16 + 1.0))
             _t5_20 = -_t5_14 - _t5_16
+            _t5_21 = _t5_4 + 1.0
             _t5_22 = _t5_15*_t5_21
             _t5_23 = ((_t5_22)/(_t5_4))
             _t5_24 = ((_t5_17) if _t5_18 else (((_t5_17) if _t5_18 else (_t5_23 + 1.0))))
             _t5_25 = _t5_11*_t5_15
             _t5_26 = ((_t5_25)/(_t5_4))
             _t5_27 = _t5_26 + 1.0
-            _t5_30 = _t5_6*gamma
-            _t5_31 = _xlog1py(gamma, (-_t5_21))
-            _t5_32 = -_l0
-            _t5_33 = _t5_1 + _t5_32
-            _t5_34 = _t5_33 + ((_t5_10) if _t5_9 else (_t5_31))
-            _t5_35 = _t5_13 + _t5_33
-            _t5_36 = -_e_s + _m0 + 1.0
-            _t5_37 = (-_l0 + (_t5_0 + 1.0))
-            _t5_38 = _t5_37*gamma
-            _t5_39 = _t5_14*_t5_4
-            _t5_40 = _t5_2*_t5_21
-            _t5_41 = (((-_t5_40)/(_t5_4)))
-            _t5_42 = _t5_41*gamma
-            _t5_43 = (_t5_23)
-            _t5_44 = _t5_43*gamma
-            _t5_45 = _t5_38 - _t5_39 + _t5_42 + _t5_44 + (gamma*(_l0 + (_t5_36)))
-            _t5_46 = _t5_43 + 1.0
-            _t5_47 = _t5_37 + _t5_41
-            _t5_48 = ((_t5_45) if _t5_18 else (-_t5_22 - _t5_4 + _t5_46*gamma + _t5_47*gamma))
-            _t5_49 = _t5_0 + 2.0
-            _t5_50 = _l0 + (-_t5_49)
-            _t5_51 = (((_h5*_t5_40)/(_t5_4)))
-            _t5_52 = _t5_51 + (_t5_50)
-            _t5_53 = ((_t5_52) if _t5_18 else (_t5_50 + _t5_51))
-            _t5_54 = (_t5_49)
-            _t5_55 = _t5_41 + _t5_43
-            _t5_56 = _t5_55 + (-_l0 + _t5_54)
-            _t5_57 = _t5_4*_t5_53 + _t5_53 + _t5_56
-            _t5_58 = _t5_32 + _t5_54
-            _t5_59 = gamma*((_t5_57) if _t5_18 else (_t5_21*_t5_53 + _t5_55 + _t5_58))
-            _t5_60 = (_t5_26)
-            _t5_61 = _t5_11*_t5_2
-            _t5_62 = (((-_t5_61)/(_t5_4)))
-            _t5_63 = _t5_25 + _t5_4 - gamma*((_t5_46) if _t5_18 else (((_t5_46) if _t5_18 else (_t5_60 + 1.0)))) - gamma*((_t5_47) if _t5_18 else (((_t5_47) if _t5_18 else (_t5_37 + _t5_62))))
-            _t5_64 = ((_t5_52) if _t5_18 else (_t5_53))
-            _t5_65 = ((-_t5_38 + _t5_39 + _t5_4*_t5_48 + _t5_4*_t5_59 - _t5_42 - _t5_44 + _t5_48 + _t5_59 + (gamma*(-_l0 + (-_t5_36)))) if _t5_18 else (_t5_11*gamma*((_t5_57) if _t5_18 else (((_t5_4*_t5_64 + _t5_56 + _t5_64) if _t5_18 else (_t5_11*((_t5_52) if _t5_18 else (((_t5_52) if _t5_18 else (_t5_50 + (((_h5*_t5_61)/(_t5_4))))))) + _t5_58 + _t5_60 + _t5_62)))) + _t5_11*((_t5_45) if _t5_18 else (((_t5_45) if _t5_18 else (-_t5_63)))) + _t5_63))
-            _t5_66 = (_t5_8 < math.log(2.0))
-            _t5_67 = (abs(_t5_10 - _t5_8) <= 700.0)
-            _t5_68 = ((_t5_67) if _t5_66 else ((abs(_t5_31 - _t5_8) <= 700.0)))
-            _t5_69 = (_t5_65)
-            _t5_70 = abs(_t5_4)
+            _t5_29 = _t5_6*gamma
+            _t5_30 = _xlog1py(gamma, (-_t5_21))
+            _t5_31 = -_l0
+            _t5_32 = _t5_1 + _t5_31
+            _t5_33 = _t5_32 + ((_t5_10) if _t5_9 else (_t5_30))
+            _t5_34 = _t5_13 + _t5_32
+            _t5_35 = -_e_s + _m0 + 1.0
+            _t5_36 = (-_l0 + (_t5_0 + 1.0))
+            _t5_37 = _t5_36*gamma
+            _t5_38 = _t5_14*_t5_4
+            _t5_39 = _t5_2*_t5_21
+            _t5_40 = (((-_t5_39)/(_t5_4)))
+            _t5_41 = _t5_40*gamma
+            _t5_42 = (_t5_23)
+            _t5_43 = _t5_42*gamma
+            _t5_44 = _t5_37 - _t5_38 + _t5_41 + _t5_43 + (gamma*(_l0 + (_t5_35)))
+            _t5_45 = _t5_42 + 1.0
+            _t5_46 = _t5_36 + _t5_40
+            _t5_47 = ((_t5_44) if _t5_18 else (-_t5_22 - _t5_4 + _t5_45*gamma + _t5_46*gamma))
+            _t5_48 = _t5_0 + 2.0
+            _t5_49 = _l0 + (-_t5_48)
+            _t5_50 = (((_h5*_t5_39)/(_t5_4)))
+            _t5_51 = _t5_50 + (_t5_49)
+            _t5_52 = ((_t5_51) if _t5_18 else (_t5_49 + _t5_50))
+            _t5_53 = (_t5_48)
+            _t5_54 = _t5_40 + _t5_42
+            _t5_55 = _t5_54 + (-_l0 + _t5_53)
+            _t5_56 = _t5_4*_t5_52 + _t5_52 + _t5_55
+            _t5_57 = _t5_31 + _t5_53
+            _t5_58 = gamma*((_t5_56) if _t5_18 else (_t5_21*_t5_52 + _t5_54 + _t5_57))
+            _t5_59 = (_t5_26)
+            _t5_60 = _t5_11*_t5_2
+            _t5_61 = (((-_t5_60)/(_t5_4)))
+            _t5_62 = _t5_25 + _t5_4 - gamma*((_t5_45) if _t5_18 else (((_t5_45) if _t5_18 else (_t5_59 + 1.0)))) - gamma*((_t5_46) if _t5_18 else (((_t5_46) if _t5_18 else (_t5_36 + _t5_61))))
+            _t5_63 = ((_t5_51) if _t5_18 else (_t5_52))
+            _t5_64 = ((-_t5_37 + _t5_38 + _t5_4*_t5_47 + _t5_4*_t5_58 - _t5_41 - _t5_43 + _t5_47 + _t5_58 + (gamma*(-_l0 + (-_t5_35)))) if _t5_18 else (_t5_11*gamma*((_t5_56) if _t5_18 else (((_t5_4*_t5_63 + _t5_55 + _t5_63) if _t5_18 else (_t5_11*((_t5_51) if _t5_18 else (((_t5_51) if _t5_18 else (_t5_49 + (((_h5*_t5_60)/(_t5_4))))))) + _t5_57 + _t5_59 + _t5_61)))) + _t5_11*((_t5_44) if _t5_18 else (((_t5_44) if _t5_18 else (-_t5_62)))) + _t5_62))
+            _t5_65 = (_t5_8 < math.log(2.0))
+            _t5_66 = (abs(_t5_10 - _t5_8) <= 700.0)
+            _t5_67 = ((_t5_66) if _t5_65 else ((abs(_t5_30 - _t5_8) <= 700.0)))
+            _t5_68 = (_t5_64)
+            _t5_69 = abs(_t5_4)
             _b5_0 = ((((_t5_7*(-_t5_3 + _t5_6*gamma - gamma))/(_t5_3))) if _t5_9 else (-_e_alpha*((-_t5_19*_t5_4 - _t5_19 - _t5_20) if _t5_18 else (((-_t5_20 - _t5_24*_t5_4 - _t5_24) if _t5_18 else (-_t5_11*((_t5_17) if _t5_18 else (((_t5_17) if _t5_18 else (_t5_27)))) + _t5_27))))*math.exp(_t5_13)))
-            _b5_1 = ((_t5_7*(-2.0*_t5_30*(((gamma)/(_t5_3)) + 1.0) - _t5_6 + 2.0*gamma + ((_h4*_t5_6**2)/(_t5_3)) + ((-_t5_30*(1.0 - _t5_6))/(_t5_3)) + (((_h4)/(_t5_3)) + 1.0))) if _t5_9 else ((((((_e_alpha*_t5_65)/(_t5_4)))*math.exp(((_t5_34) if _t5_18 else (((_t5_34) if _t5_18 else (_t5_35)))))) if ((_t5_68) if _t5_18 else (((_t5_68) if _t5_18 else (((_t5_67) if _t5_66 else ((abs(_t5_12 - _t5_8) <= 700.0))))))) else (math.exp((_t5_35 + ((-math.log1p((((-_e_alpha + _t5_70)/(_e_alpha))))) if (_e_alpha > ((_t5_70)/(2.0))) and (_e_alpha < 2.0*_t5_70) else ((math.log(_e_alpha)) - math.log(_t5_70))) + math.log(abs(_t5_69))))*_sign(_e_alpha)*_sign(_t5_4)*_sign(_t5_69)))))
+            _b5_1 = ((_t5_7*(-2.0*_t5_29*(((gamma)/(_t5_3)) + 1.0) - _t5_6 + 2.0*gamma + ((_h4*_t5_6**2)/(_t5_3)) + ((-_t5_29*(1.0 - _t5_6))/(_t5_3)) + (((_h4)/(_t5_3)) + 1.0))) if _t5_9 else ((((((_e_alpha*_t5_64)/(_t5_4)))*math.exp(((_t5_33) if _t5_18 else (((_t5_33) if _t5_18 else (_t5_34)))))) if ((_t5_67) if _t5_18 else (((_t5_67) if _t5_18 else (((_t5_66) if _t5_65 else ((abs(_t5_12 - _t5_8) <= 700.0))))))) else (math.exp((_t5_34 + ((-math.log1p((((-_e_alpha + _t5_69)/(_e_alpha))))) if (_e_alpha > ((_t5_69)/(2.0))) and (_e_alpha < 2.0*_t5_69) else ((math.log(_e_alpha)) - math.log(_t5_69))) + math.log(abs(_t5_68))))*_sign(_e_alpha)*_sign(_t5_4)*_sign(_t5_68)))))
         else:
-            _t5_29 = (_t5_8 <= 700.0)
-            _t5_71 = _r2*_t5_4
-            _t5_72 = _r3*_t5_21
-            _t5_73 = (-_l0 + (_h6 + _t5_0))
-            _t5_74 = _h7*math.exp(_t5_73)
-            _b5_0 = -((_r2*_t5_11) if _t5_29 else (_h3*math.exp((-_l0 + (_h2 + _t5_0)))))
-            _b5_1 = _t5_11*((((_t5_71 - ((_t5_72) if _t5_29 else (_h7*(math.expm1(_t5_73) + 1.0)))) if (abs(_t5_73) <= 1.0) else (_t5_71 - ((_t5_72) if _t5_29 else (_t5_74))))) if _t5_18 else (_t5_71 - ((_r3*_t5_11) if _t5_29 else (_t5_74))))
+            _b5_0 = -((_r2*_t5_11) if (_t5_8 <= 700.0) else (_h3*math.exp((-_l0 + (_h2 + _t5_0)))))
+            _b5_1 = _t5_11*(_r2*_t5_4 - _r3_q*math.exp(-_l0_o + (_e_s - _m0_o)))
         _out0[_i, _k] = _w * (_b5_0)
         _out1[_i, _k] = _w * (_b5_1)
 
@@ -675,19 +633,30 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
         return
     _m0 = -math.inf
     _a0 = 0
+    _m0_o = -math.inf
+    _a0_o = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _s > _m0 or _k == 0:
             _m0 = _s
             _a0 = _k
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _s > _m0_o or _k == 0:
+            _m0_o = _s
+            _a0_o = _k
     _l0 = 0.0
+    _l0_o = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _k != _a0:
             _l0 += math.exp(_s - _m0)
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _k != _a0_o:
+            _l0_o += math.exp(_s - _m0_o)
     _l0 = math.log1p(_l0)
+    _l0_o = math.log1p(_l0_o)
     _k = _row_y
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
@@ -718,49 +687,24 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t4_0 = _e_s - _m0
-    _t4_1 = (_t4_0)
-    _t4_2 = -_l0 + _t4_1
-    _t4_3 = math.expm1(_t4_2)
-    _t4_4 = -_t4_3
-    _t4_7 = gamma - 1.0
-    _t4_10 = _e_alpha*gamma
-    _t4_11 = _l0 + (-_t4_0)
-    _t4_12 = (_t4_11 < math.log(2.0))
-    if _t4_12:
-        _t4_5 = (_t4_4)
-        _t4_6 = _t4_5**gamma
-        _t4_8 = _t4_5**_t4_7
-        _t4_9 = _exprel(_t4_2)
-        _b4_0 = ((_t4_10*(-_t4_5**(gamma + 1.0)*gamma + 2.0*_t4_6*_t4_9*(((gamma)/(_t4_9)) + 1.0) - _t4_6 - 2.0*_t4_8*_t4_9 - _t4_8*gamma + _t4_8))/(_t4_9))
+    _t4_1 = -_l0 + (_t4_0)
+    _t4_2 = math.expm1(_t4_1)
+    _t4_3 = -_t4_2
+    _t4_6 = _e_alpha*gamma
+    _t4_7 = _l0 + (-_t4_0)
+    _t4_8 = (_t4_7 < math.log(2.0))
+    if _t4_8:
+        _t4_4 = (_t4_3)
+        _t4_5 = _exprel(_t4_1)
+        _b4_0 = _t4_4**gamma*_t4_6*(2.0*_t4_4 + ((1.0)/(_t4_5)) + ((-_t4_4*(1.0 - 2.0*gamma))/(_t4_5)) + ((-gamma*(_t4_4**2 + 1.0))/(_t4_5)) - 2.0)
     else:
-        _t4_13 = _xlogy(gamma, _t4_4)
-        _t4_14 = _t4_3 + 1.0
-        _t4_15 = _xlog1py(gamma, (-_t4_14))
-        _t4_16 = ((_t4_13) if _t4_12 else (_t4_15))
-        _t4_17 = -_l0
-        _t4_18 = _t4_1 + _t4_17
-        _t4_19 = _t4_16 + _t4_18
-        _t4_20 = (_t4_11 <= 1.0)
-        _t4_21 = math.exp(_t4_2)
-        _t4_22 = _xlog1py(gamma, (-_t4_21))
-        _t4_23 = ((_t4_13) if _t4_12 else (_t4_22))
-        _t4_24 = _l0 + (-_t4_0 - 2.0)
-        _t4_25 = (_t4_24)
-        _t4_26 = _t4_14*_t4_2
-        _t4_27 = _t4_25 + (((_t4_26)/(_t4_3))) + (((-_t4_26*gamma)/(_t4_3)))
-        _t4_28 = _t4_2*_t4_21
-        _t4_29 = (abs(_t4_11 - _t4_13) <= 700.0)
-        _t4_30 = ((_t4_29) if _t4_12 else ((abs(_t4_11 - _t4_15) <= 700.0)))
-        _t4_31 = (-_t4_7)
-        _t4_32 = _t4_2*_t4_31
-        _t4_33 = _t4_25 + _t4_32 + ((_t4_32)/(_t4_3))
-        _t4_34 = (((_t4_33) if _t4_20 else (((_t4_33) if _t4_20 else (_t4_24 + ((_t4_28*_t4_31)/(_t4_3)))))))
-        _t4_35 = ((_t4_33) if _t4_20 else (_t4_24 + ((_t4_26*_t4_31)/(_t4_3))))
-        _t4_36 = abs(_t4_3)
-        _t4_37 = _t4_17 + ((-math.log1p((((-_e_alpha + _t4_36)/(_e_alpha))))) if (_e_alpha > ((_t4_36)/(2.0))) and (_e_alpha < 2.0*_t4_36) else ((math.log(_e_alpha)) - math.log(_t4_36))) + (_t4_0 + math.log(gamma))
-        _t4_38 = _t4_16 + _t4_37
-        _b4_0 = -(((((_t4_10*((_t4_27) if _t4_20 else (((_t4_27) if _t4_20 else (_t4_24 + (((_t4_28)/(_t4_3))) + (((-_t4_28*gamma)/(_t4_3))))))))/(_t4_3)))*math.exp(((_t4_19) if _t4_20 else (((_t4_19) if _t4_20 else (_t4_18 + _t4_23)))))) if ((_t4_30) if _t4_20 else (((_t4_30) if _t4_20 else (((_t4_29) if _t4_12 else ((abs(_t4_11 - _t4_22) <= 700.0))))))) else (math.exp((((_t4_38 + math.log(abs((_t4_35)))) if _t4_20 else (((_t4_38 + math.log(abs((((_t4_33) if _t4_20 else (_t4_35)))))) if _t4_20 else (_t4_23 + _t4_37 + math.log(abs(_t4_34))))))))*_sign(_e_alpha)*_sign(_t4_3)*_sign(_t4_34)*_sign(gamma)))
-    _r3 = _b4_0
+        _t4_9 = math.exp(_t4_1)
+        _t4_10 = _l0 + (-_t4_0 - 2.0)
+        _t4_11 = _t4_1*(1.0 - gamma)
+        _t4_12 = _t4_11 + ((_t4_11)/(_t4_2)) + (_t4_10)
+        _t4_13 = (_t4_7 <= 1.0)
+        _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
+    _r3_q = _b4_0
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
     _h0 = gamma + 1.0
@@ -769,8 +713,6 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
     _h3 = _sign(_r2)
     _h4 = gamma**2
     _h5 = (1.0 - gamma)
-    _h6 = math.log(abs(_r3))
-    _h7 = _sign(_r3)
     for _k in range(_n):
         _e_alpha = alpha[_k]
         _e_s = s[_i, _k]
@@ -780,8 +722,6 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
         _t6_4 = math.expm1(_t6_2)
         _t6_8 = _l0 + (-_t6_0)
         _t6_11 = math.exp(_t6_2)
-        _t6_18 = (_t6_8 <= 1.0)
-        _t6_21 = _t6_4 + 1.0
         _t6_28 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t6_28:
             _t6_3 = _exprel(_t6_2)
@@ -796,65 +736,62 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
             _t6_15 = _t6_2*gamma
             _t6_16 = ((_t6_15)/(_t6_4))
             _t6_17 = _t6_14 + _t6_16
+            _t6_18 = (_t6_8 <= 1.0)
             _t6_19 = ((_t6_17) if _t6_18 else (_t6_15 + _t6_16 + 1.0))
             _t6_20 = -_t6_14 - _t6_16
+            _t6_21 = _t6_4 + 1.0
             _t6_22 = _t6_15*_t6_21
             _t6_23 = ((_t6_22)/(_t6_4))
             _t6_24 = ((_t6_17) if _t6_18 else (((_t6_17) if _t6_18 else (_t6_23 + 1.0))))
             _t6_25 = _t6_11*_t6_15
             _t6_26 = ((_t6_25)/(_t6_4))
             _t6_27 = _t6_26 + 1.0
-            _t6_30 = _t6_6*gamma
-            _t6_31 = _xlog1py(gamma, (-_t6_21))
-            _t6_32 = -_l0
-            _t6_33 = _t6_1 + _t6_32
-            _t6_34 = _t6_33 + ((_t6_10) if _t6_9 else (_t6_31))
-            _t6_35 = _t6_13 + _t6_33
-            _t6_36 = -_e_s + _m0 + 1.0
-            _t6_37 = (-_l0 + (_t6_0 + 1.0))
-            _t6_38 = _t6_37*gamma
-            _t6_39 = _t6_14*_t6_4
-            _t6_40 = _t6_2*_t6_21
-            _t6_41 = (((-_t6_40)/(_t6_4)))
-            _t6_42 = _t6_41*gamma
-            _t6_43 = (_t6_23)
-            _t6_44 = _t6_43*gamma
-            _t6_45 = _t6_38 - _t6_39 + _t6_42 + _t6_44 + (gamma*(_l0 + (_t6_36)))
-            _t6_46 = _t6_43 + 1.0
-            _t6_47 = _t6_37 + _t6_41
-            _t6_48 = ((_t6_45) if _t6_18 else (-_t6_22 - _t6_4 + _t6_46*gamma + _t6_47*gamma))
-            _t6_49 = _t6_0 + 2.0
-            _t6_50 = _l0 + (-_t6_49)
-            _t6_51 = (((_h5*_t6_40)/(_t6_4)))
-            _t6_52 = _t6_51 + (_t6_50)
-            _t6_53 = ((_t6_52) if _t6_18 else (_t6_50 + _t6_51))
-            _t6_54 = (_t6_49)
-            _t6_55 = _t6_41 + _t6_43
-            _t6_56 = _t6_55 + (-_l0 + _t6_54)
-            _t6_57 = _t6_4*_t6_53 + _t6_53 + _t6_56
-            _t6_58 = _t6_32 + _t6_54
-            _t6_59 = gamma*((_t6_57) if _t6_18 else (_t6_21*_t6_53 + _t6_55 + _t6_58))
-            _t6_60 = (_t6_26)
-            _t6_61 = _t6_11*_t6_2
-            _t6_62 = (((-_t6_61)/(_t6_4)))
-            _t6_63 = _t6_25 + _t6_4 - gamma*((_t6_46) if _t6_18 else (((_t6_46) if _t6_18 else (_t6_60 + 1.0)))) - gamma*((_t6_47) if _t6_18 else (((_t6_47) if _t6_18 else (_t6_37 + _t6_62))))
-            _t6_64 = ((_t6_52) if _t6_18 else (_t6_53))
-            _t6_65 = ((-_t6_38 + _t6_39 + _t6_4*_t6_48 + _t6_4*_t6_59 - _t6_42 - _t6_44 + _t6_48 + _t6_59 + (gamma*(-_l0 + (-_t6_36)))) if _t6_18 else (_t6_11*gamma*((_t6_57) if _t6_18 else (((_t6_4*_t6_64 + _t6_56 + _t6_64) if _t6_18 else (_t6_11*((_t6_52) if _t6_18 else (((_t6_52) if _t6_18 else (_t6_50 + (((_h5*_t6_61)/(_t6_4))))))) + _t6_58 + _t6_60 + _t6_62)))) + _t6_11*((_t6_45) if _t6_18 else (((_t6_45) if _t6_18 else (-_t6_63)))) + _t6_63))
-            _t6_66 = (_t6_8 < math.log(2.0))
-            _t6_67 = (abs(_t6_10 - _t6_8) <= 700.0)
-            _t6_68 = ((_t6_67) if _t6_66 else ((abs(_t6_31 - _t6_8) <= 700.0)))
-            _t6_69 = (_t6_65)
-            _t6_70 = abs(_t6_4)
+            _t6_29 = _t6_6*gamma
+            _t6_30 = _xlog1py(gamma, (-_t6_21))
+            _t6_31 = -_l0
+            _t6_32 = _t6_1 + _t6_31
+            _t6_33 = _t6_32 + ((_t6_10) if _t6_9 else (_t6_30))
+            _t6_34 = _t6_13 + _t6_32
+            _t6_35 = -_e_s + _m0 + 1.0
+            _t6_36 = (-_l0 + (_t6_0 + 1.0))
+            _t6_37 = _t6_36*gamma
+            _t6_38 = _t6_14*_t6_4
+            _t6_39 = _t6_2*_t6_21
+            _t6_40 = (((-_t6_39)/(_t6_4)))
+            _t6_41 = _t6_40*gamma
+            _t6_42 = (_t6_23)
+            _t6_43 = _t6_42*gamma
+            _t6_44 = _t6_37 - _t6_38 + _t6_41 + _t6_43 + (gamma*(_l0 + (_t6_35)))
+            _t6_45 = _t6_42 + 1.0
+            _t6_46 = _t6_36 + _t6_40
+            _t6_47 = ((_t6_44) if _t6_18 else (-_t6_22 - _t6_4 + _t6_45*gamma + _t6_46*gamma))
+            _t6_48 = _t6_0 + 2.0
+            _t6_49 = _l0 + (-_t6_48)
+            _t6_50 = (((_h5*_t6_39)/(_t6_4)))
+            _t6_51 = _t6_50 + (_t6_49)
+            _t6_52 = ((_t6_51) if _t6_18 else (_t6_49 + _t6_50))
+            _t6_53 = (_t6_48)
+            _t6_54 = _t6_40 + _t6_42
+            _t6_55 = _t6_54 + (-_l0 + _t6_53)
+            _t6_56 = _t6_4*_t6_52 + _t6_52 + _t6_55
+            _t6_57 = _t6_31 + _t6_53
+            _t6_58 = gamma*((_t6_56) if _t6_18 else (_t6_21*_t6_52 + _t6_54 + _t6_57))
+            _t6_59 = (_t6_26)
+            _t6_60 = _t6_11*_t6_2
+            _t6_61 = (((-_t6_60)/(_t6_4)))
+            _t6_62 = _t6_25 + _t6_4 - gamma*((_t6_45) if _t6_18 else (((_t6_45) if _t6_18 else (_t6_59 + 1.0)))) - gamma*((_t6_46) if _t6_18 else (((_t6_46) if _t6_18 else (_t6_36 + _t6_61))))
+            _t6_63 = ((_t6_51) if _t6_18 else (_t6_52))
+            _t6_64 = ((-_t6_37 + _t6_38 + _t6_4*_t6_47 + _t6_4*_t6_58 - _t6_41 - _t6_43 + _t6_47 + _t6_58 + (gamma*(-_l0 + (-_t6_35)))) if _t6_18 else (_t6_11*gamma*((_t6_56) if _t6_18 else (((_t6_4*_t6_63 + _t6_55 + _t6_63) if _t6_18 else (_t6_11*((_t6_51) if _t6_18 else (((_t6_51) if _t6_18 else (_t6_49 + (((_h5*_t6_60)/(_t6_4))))))) + _t6_57 + _t6_59 + _t6_61)))) + _t6_11*((_t6_44) if _t6_18 else (((_t6_44) if _t6_18 else (-_t6_62)))) + _t6_62))
+            _t6_65 = (_t6_8 < math.log(2.0))
+            _t6_66 = (abs(_t6_10 - _t6_8) <= 700.0)
+            _t6_67 = ((_t6_66) if _t6_65 else ((abs(_t6_30 - _t6_8) <= 700.0)))
+            _t6_68 = (_t6_64)
+            _t6_69 = abs(_t6_4)
             _b6_0 = ((((_t6_7*(-_t6_3 + _t6_6*gamma - gamma))/(_t6_3))) if _t6_9 else (-_e_alpha*((-_t6_19*_t6_4 - _t6_19 - _t6_20) if _t6_18 else (((-_t6_20 - _t6_24*_t6_4 - _t6_24) if _t6_18 else (-_t6_11*((_t6_17) if _t6_18 else (((_t6_17) if _t6_18 else (_t6_27)))) + _t6_27))))*math.exp(_t6_13)))
-            _b6_1 = ((_t6_7*(-2.0*_t6_30*(((gamma)/(_t6_3)) + 1.0) - _t6_6 + 2.0*gamma + ((_h4*_t6_6**2)/(_t6_3)) + ((-_t6_30*(1.0 - _t6_6))/(_t6_3)) + (((_h4)/(_t6_3)) + 1.0))) if _t6_9 else ((((((_e_alpha*_t6_65)/(_t6_4)))*math.exp(((_t6_34) if _t6_18 else (((_t6_34) if _t6_18 else (_t6_35)))))) if ((_t6_68) if _t6_18 else (((_t6_68) if _t6_18 else (((_t6_67) if _t6_66 else ((abs(_t6_12 - _t6_8) <= 700.0))))))) else (math.exp((_t6_35 + ((-math.log1p((((-_e_alpha + _t6_70)/(_e_alpha))))) if (_e_alpha > ((_t6_70)/(2.0))) and (_e_alpha < 2.0*_t6_70) else ((math.log(_e_alpha)) - math.log(_t6_70))) + math.log(abs(_t6_69))))*_sign(_e_alpha)*_sign(_t6_4)*_sign(_t6_69)))))
+            _b6_1 = ((_t6_7*(-2.0*_t6_29*(((gamma)/(_t6_3)) + 1.0) - _t6_6 + 2.0*gamma + ((_h4*_t6_6**2)/(_t6_3)) + ((-_t6_29*(1.0 - _t6_6))/(_t6_3)) + (((_h4)/(_t6_3)) + 1.0))) if _t6_9 else ((((((_e_alpha*_t6_64)/(_t6_4)))*math.exp(((_t6_33) if _t6_18 else (((_t6_33) if _t6_18 else (_t6_34)))))) if ((_t6_67) if _t6_18 else (((_t6_67) if _t6_18 else (((_t6_66) if _t6_65 else ((abs(_t6_12 - _t6_8) <= 700.0))))))) else (math.exp((_t6_34 + ((-math.log1p((((-_e_alpha + _t6_69)/(_e_alpha))))) if (_e_alpha > ((_t6_69)/(2.0))) and (_e_alpha < 2.0*_t6_69) else ((math.log(_e_alpha)) - math.log(_t6_69))) + math.log(abs(_t6_68))))*_sign(_e_alpha)*_sign(_t6_4)*_sign(_t6_68)))))
         else:
-            _t6_29 = (_t6_8 <= 700.0)
-            _t6_71 = _r2*_t6_4
-            _t6_72 = _r3*_t6_21
-            _t6_73 = (-_l0 + (_h6 + _t6_0))
-            _t6_74 = _h7*math.exp(_t6_73)
-            _b6_0 = -((_r2*_t6_11) if _t6_29 else (_h3*math.exp((-_l0 + (_h2 + _t6_0)))))
-            _b6_1 = _t6_11*((((_t6_71 - ((_t6_72) if _t6_29 else (_h7*(math.expm1(_t6_73) + 1.0)))) if (abs(_t6_73) <= 1.0) else (_t6_71 - ((_t6_72) if _t6_29 else (_t6_74))))) if _t6_18 else (_t6_71 - ((_r3*_t6_11) if _t6_29 else (_t6_74))))
+            _b6_0 = -((_r2*_t6_11) if (_t6_8 <= 700.0) else (_h3*math.exp((-_l0 + (_h2 + _t6_0)))))
+            _b6_1 = _t6_11*(_r2*_t6_4 - _r3_q*math.exp(-_l0_o + (_e_s - _m0_o)))
         _out1[_i, _k] = _w * (_b6_0)
         _out2[_i, _k] = _w * (_b6_1)
 
@@ -891,19 +828,30 @@ def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0):
         return
     _m0 = -math.inf
     _a0 = 0
+    _m0_o = -math.inf
+    _a0_o = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _s > _m0 or _k == 0:
             _m0 = _s
             _a0 = _k
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _s > _m0_o or _k == 0:
+            _m0_o = _s
+            _a0_o = _k
     _l0 = 0.0
+    _l0_o = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _k != _a0:
             _l0 += math.exp(_s - _m0)
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _k != _a0_o:
+            _l0_o += math.exp(_s - _m0_o)
     _l0 = math.log1p(_l0)
+    _l0_o = math.log1p(_l0_o)
     _k = _row_y
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
@@ -928,61 +876,35 @@ def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0):
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t3_0 = _e_s - _m0
-    _t3_1 = (_t3_0)
-    _t3_2 = -_l0 + _t3_1
-    _t3_3 = math.expm1(_t3_2)
-    _t3_4 = -_t3_3
-    _t3_7 = gamma - 1.0
-    _t3_10 = _e_alpha*gamma
-    _t3_11 = _l0 + (-_t3_0)
-    _t3_12 = (_t3_11 < math.log(2.0))
-    if _t3_12:
-        _t3_5 = (_t3_4)
-        _t3_6 = _t3_5**gamma
-        _t3_8 = _t3_5**_t3_7
-        _t3_9 = _exprel(_t3_2)
-        _b3_0 = ((_t3_10*(-_t3_5**(gamma + 1.0)*gamma + 2.0*_t3_6*_t3_9*(((gamma)/(_t3_9)) + 1.0) - _t3_6 - 2.0*_t3_8*_t3_9 - _t3_8*gamma + _t3_8))/(_t3_9))
+    _t3_1 = -_l0 + (_t3_0)
+    _t3_2 = math.expm1(_t3_1)
+    _t3_3 = -_t3_2
+    _t3_6 = _e_alpha*gamma
+    _t3_7 = _l0 + (-_t3_0)
+    _t3_8 = (_t3_7 < math.log(2.0))
+    if _t3_8:
+        _t3_4 = (_t3_3)
+        _t3_5 = _exprel(_t3_1)
+        _b3_0 = _t3_4**gamma*_t3_6*(2.0*_t3_4 + ((1.0)/(_t3_5)) + ((-_t3_4*(1.0 - 2.0*gamma))/(_t3_5)) + ((-gamma*(_t3_4**2 + 1.0))/(_t3_5)) - 2.0)
     else:
-        _t3_13 = _xlogy(gamma, _t3_4)
-        _t3_14 = _t3_3 + 1.0
-        _t3_15 = _xlog1py(gamma, (-_t3_14))
-        _t3_16 = ((_t3_13) if _t3_12 else (_t3_15))
-        _t3_17 = -_l0
-        _t3_18 = _t3_1 + _t3_17
-        _t3_19 = _t3_16 + _t3_18
-        _t3_20 = (_t3_11 <= 1.0)
-        _t3_21 = math.exp(_t3_2)
-        _t3_22 = _xlog1py(gamma, (-_t3_21))
-        _t3_23 = ((_t3_13) if _t3_12 else (_t3_22))
-        _t3_24 = _l0 + (-_t3_0 - 2.0)
-        _t3_25 = (_t3_24)
-        _t3_26 = _t3_14*_t3_2
-        _t3_27 = _t3_25 + (((_t3_26)/(_t3_3))) + (((-_t3_26*gamma)/(_t3_3)))
-        _t3_28 = _t3_2*_t3_21
-        _t3_29 = (abs(_t3_11 - _t3_13) <= 700.0)
-        _t3_30 = ((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_15) <= 700.0)))
-        _t3_31 = (-_t3_7)
-        _t3_32 = _t3_2*_t3_31
-        _t3_33 = _t3_25 + _t3_32 + ((_t3_32)/(_t3_3))
-        _t3_34 = (((_t3_33) if _t3_20 else (((_t3_33) if _t3_20 else (_t3_24 + ((_t3_28*_t3_31)/(_t3_3)))))))
-        _t3_35 = ((_t3_33) if _t3_20 else (_t3_24 + ((_t3_26*_t3_31)/(_t3_3))))
-        _t3_36 = abs(_t3_3)
-        _t3_37 = _t3_17 + ((-math.log1p((((-_e_alpha + _t3_36)/(_e_alpha))))) if (_e_alpha > ((_t3_36)/(2.0))) and (_e_alpha < 2.0*_t3_36) else ((math.log(_e_alpha)) - math.log(_t3_36))) + (_t3_0 + math.log(gamma))
-        _t3_38 = _t3_16 + _t3_37
-        _b3_0 = -(((((_t3_10*((_t3_27) if _t3_20 else (((_t3_27) if _t3_20 else (_t3_24 + (((_t3_28)/(_t3_3))) + (((-_t3_28*gamma)/(_t3_3))))))))/(_t3_3)))*math.exp(((_t3_19) if _t3_20 else (((_t3_19) if _t3_20 else (_t3_18 + _t3_23)))))) if ((_t3_30) if _t3_20 else (((_t3_30) if _t3_20 else (((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_22) <= 700.0))))))) else (math.exp((((_t3_38 + math.log(abs((_t3_35)))) if _t3_20 else (((_t3_38 + math.log(abs((((_t3_33) if _t3_20 else (_t3_35)))))) if _t3_20 else (_t3_23 + _t3_37 + math.log(abs(_t3_34))))))))*_sign(_e_alpha)*_sign(_t3_3)*_sign(_t3_34)*_sign(gamma)))
-    _r3 = _b3_0
+        _t3_9 = math.exp(_t3_1)
+        _t3_10 = _l0 + (-_t3_0 - 2.0)
+        _t3_11 = _t3_1*(1.0 - gamma)
+        _t3_12 = _t3_11 + ((_t3_11)/(_t3_2)) + (_t3_10)
+        _t3_13 = (_t3_7 <= 1.0)
+        _b3_0 = _t3_6*_t3_9*((_t3_12) if _t3_13 else (((_t3_12) if _t3_13 else (_t3_10 + ((_t3_11*_t3_9)/(_t3_2))))))*math.exp(((_xlogy(gamma, _t3_3)) if _t3_8 else (_xlog1py(gamma, (-_t3_9)))))
+    _r3_q = _b3_0
     _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = gamma - 1.0
     _h0 = gamma + 1.0
     _h1 = gamma**2
     _h2 = math.log(2.0)
     _h3 = (-_t4_0)
-    _h4 = math.log(abs(_r3))
-    _h5 = _sign(_r3)
-    _h6 = _t4_0
-    _h7 = math.log(gamma)
-    _h8 = _sign(gamma)
-    _h9 = _r2 - _r3
+    _h4 = _t4_0
+    _h5 = math.log(gamma)
+    _h6 = _sign(gamma)
+    _h7 = math.log(abs(_r2))
+    _h8 = _sign(_r2)
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_alpha = alpha[_k]
@@ -1073,49 +995,49 @@ def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0):
             _t5_81 = ((-math.log1p((((-_e_alpha + _t5_80)/(_e_alpha))))) if (_e_alpha > ((_t5_80)/(2.0))) and (_e_alpha < 2.0*_t5_80) else ((math.log(_e_alpha)) - math.log(_t5_80)))
             _t5_82 = _t5_29 + _t5_81
             _t5_83 = _sign(_e_alpha)*_sign(_t5_4)
-            _t5_90 = _t5_6**gamma
-            _t5_91 = _t5_6**_h6
-            _t5_92 = 2.0*_t5_9
-            _t5_93 = _e_alpha*gamma
-            _t5_94 = -_h3*_t5_3
-            _t5_95 = _t5_55 + _t5_94 + ((_t5_94)/(_t5_4))
-            _t5_96 = ((_t5_95) if _t5_24 else (_t5_59 + ((-_t5_50)/(_t5_4))))
-            _t5_97 = _t5_21 + _t5_81 + (_h7 + _t5_0)
-            _t5_98 = _t5_20 + _t5_97
-            _t5_99 = (((_t5_95) if _t5_24 else (((_t5_95) if _t5_24 else (_t5_59 + ((-_t5_71)/(_t5_4)))))))
-            _t5_100 = _t5_3*gamma
-            _t5_101 = -_t5_100
-            _t5_102 = (-_t5_100 + ((_t5_101)/(_t5_4))) + (_t5_22 + ((_t5_3)/(_t5_4)))
-            _t5_103 = _t5_102 + _t5_49
-            _t5_104 = gamma*((_t5_103) if _t5_24 else (_t5_102 + _t5_48))
-            _t5_105 = (_t5_100 + ((_t5_100)/(_t5_4)))
-            _t5_106 = (_t5_15 + ((_t5_2)/(_t5_4)))
-            _t5_107 = _t5_105 + 1.0
-            _t5_108 = _t5_106 + _t5_32
-            _t5_109 = -_t5_38
-            _t5_110 = (((_t5_109)/(_t5_4))) + (((_t5_35)/(_t5_4)))
-            _t5_111 = _t5_110 + _t5_49
-            _t5_112 = ((_t5_111) if _t5_24 else (_t5_110 + _t5_48))
-            _t5_113 = gamma*((_t5_103) if _t5_24 else (_t5_112))
-            _t5_114 = -_t5_62
-            _t5_115 = ((_t5_111) if _t5_24 else (_t5_48 + (((_t5_114)/(_t5_4))) + (((_t5_61)/(_t5_4)))))
-            _t5_116 = _t5_114 + _t5_5
-            _t5_117 = _t5_112*gamma
-            _t5_118 = _t5_117*_t5_4 + _t5_117 + _t5_43
-            _t5_119 = gamma*((_t5_111) if _t5_24 else (_t5_112))
-            _t5_120 = (((_t5_118) if _t5_24 else (((_t5_119*_t5_4 + _t5_119 + _t5_43) if _t5_24 else (_t5_116 + _t5_65 + _t5_68 + _t5_73*((_t5_111) if _t5_24 else (_t5_115)))))))
+            _t5_86 = _t5_6**gamma
+            _t5_87 = _t5_6**_h4
+            _t5_88 = 2.0*_t5_9
+            _t5_89 = _e_alpha*gamma
+            _t5_90 = -_h3*_t5_3
+            _t5_91 = _t5_55 + _t5_90 + ((_t5_90)/(_t5_4))
+            _t5_92 = ((_t5_91) if _t5_24 else (_t5_59 + ((-_t5_50)/(_t5_4))))
+            _t5_93 = _t5_21 + _t5_81 + (_h5 + _t5_0)
+            _t5_94 = _t5_20 + _t5_93
+            _t5_95 = (((_t5_91) if _t5_24 else (((_t5_91) if _t5_24 else (_t5_59 + ((-_t5_71)/(_t5_4)))))))
+            _t5_96 = _t5_3*gamma
+            _t5_97 = -_t5_96
+            _t5_98 = (_t5_22 + ((_t5_3)/(_t5_4))) + (-_t5_96 + ((_t5_97)/(_t5_4)))
+            _t5_99 = _t5_49 + _t5_98
+            _t5_100 = gamma*((_t5_99) if _t5_24 else (_t5_48 + _t5_98))
+            _t5_101 = (_t5_96 + ((_t5_96)/(_t5_4)))
+            _t5_102 = (_t5_15 + ((_t5_2)/(_t5_4)))
+            _t5_103 = _t5_101 + 1.0
+            _t5_104 = _t5_102 + _t5_32
+            _t5_105 = -_t5_38
+            _t5_106 = (((_t5_105)/(_t5_4))) + (((_t5_35)/(_t5_4)))
+            _t5_107 = _t5_106 + _t5_49
+            _t5_108 = ((_t5_107) if _t5_24 else (_t5_106 + _t5_48))
+            _t5_109 = gamma*((_t5_99) if _t5_24 else (_t5_108))
+            _t5_110 = -_t5_62
+            _t5_111 = ((_t5_107) if _t5_24 else (_t5_48 + (((_t5_110)/(_t5_4))) + (((_t5_61)/(_t5_4)))))
+            _t5_112 = _t5_110 + _t5_5
+            _t5_113 = _t5_108*gamma
+            _t5_114 = _t5_113*_t5_4 + _t5_113 + _t5_43
+            _t5_115 = gamma*((_t5_107) if _t5_24 else (_t5_108))
+            _t5_116 = (((_t5_114) if _t5_24 else (((_t5_115*_t5_4 + _t5_115 + _t5_43) if _t5_24 else (_t5_112 + _t5_65 + _t5_68 + _t5_73*((_t5_107) if _t5_24 else (_t5_111)))))))
             _b5_0 = ((_e_alpha*_t5_7*(_t5_10 - _t5_13 - _t5_6 + _t5_8 + ((_t5_11)/(_t5_9)) + ((-_t5_14)/(_t5_9)))) if _t5_16 else (((_t5_30*(((_e_alpha*_t5_74)/(_t5_4)))) if _t5_78 else (_t5_83*math.exp((_t5_82 + math.log(abs(_t5_79))))*_sign(_t5_79)))))
-            _b5_1 = ((((_t5_93*(-_t5_12*_t5_90*_t5_92 + _t5_7*gamma + _t5_90 + _t5_91*_t5_92 + _t5_91*gamma - _t5_91))/(_t5_9))) if _t5_16 else (-((_t5_30*(((_t5_93*((_t5_57) if _t5_24 else (((_t5_57) if _t5_24 else (_t5_72)))))/(_t5_4)))) if _t5_78 else (_h8*_t5_83*math.exp((((_t5_98 + math.log(abs((_t5_96)))) if _t5_24 else (((_t5_98 + math.log(abs((((_t5_95) if _t5_24 else (_t5_96)))))) if _t5_24 else (_t5_28 + _t5_97 + math.log(abs(_t5_99))))))))*_sign(_t5_99)))))
-            _b5_2 = ((_e_alpha*_t5_90*(-_t5_10 + _t5_13 + _t5_6 - _t5_8 + ((-_t5_11)/(_t5_9)) + ((_t5_14)/(_t5_9)))) if _t5_16 else (((_t5_30*(((_e_alpha*((_t5_104*_t5_4 + _t5_104 + _t5_105*gamma + _t5_106*gamma + _t5_42 + (-_t5_100 + gamma)) if _t5_24 else (((_t5_101 + _t5_113*_t5_4 + _t5_113 + _t5_41 + gamma*((_t5_107) if _t5_24 else (_t5_44)) + gamma*((_t5_108) if _t5_24 else (_t5_45))) if _t5_24 else (_t5_116 + _t5_73*((_t5_103) if _t5_24 else (_t5_115)) + gamma*((_t5_107) if _t5_24 else (_t5_64)) + gamma*((_t5_108) if _t5_24 else (_t5_67)))))))/(_t5_4)))) if _t5_78 else (_t5_83*math.exp((((_t5_23 + _t5_81 + math.log(abs((((_t5_118) if _t5_24 else (_t5_109 + _t5_117*_t5_18 + _t5_44*gamma + _t5_45*gamma + _t5_5)))))) if _t5_24 else (_t5_82 + math.log(abs(_t5_120))))))*_sign(_t5_120)))))
+            _b5_1 = ((((_t5_89*(-_t5_12*_t5_86*_t5_88 + _t5_7*gamma + _t5_86 + _t5_87*_t5_88 + _t5_87*gamma - _t5_87))/(_t5_9))) if _t5_16 else (-((_t5_30*(((_t5_89*((_t5_57) if _t5_24 else (((_t5_57) if _t5_24 else (_t5_72)))))/(_t5_4)))) if _t5_78 else (_h6*_t5_83*math.exp((((_t5_94 + math.log(abs((_t5_92)))) if _t5_24 else (((_t5_94 + math.log(abs((((_t5_91) if _t5_24 else (_t5_92)))))) if _t5_24 else (_t5_28 + _t5_93 + math.log(abs(_t5_95))))))))*_sign(_t5_95)))))
+            _b5_2 = ((_e_alpha*_t5_86*(-_t5_10 + _t5_13 + _t5_6 - _t5_8 + ((-_t5_11)/(_t5_9)) + ((_t5_14)/(_t5_9)))) if _t5_16 else (((_t5_30*(((_e_alpha*((_t5_100*_t5_4 + _t5_100 + _t5_101*gamma + _t5_102*gamma + _t5_42 + (-_t5_96 + gamma)) if _t5_24 else (((_t5_109*_t5_4 + _t5_109 + _t5_41 + _t5_97 + gamma*((_t5_103) if _t5_24 else (_t5_44)) + gamma*((_t5_104) if _t5_24 else (_t5_45))) if _t5_24 else (_t5_112 + _t5_73*((_t5_99) if _t5_24 else (_t5_111)) + gamma*((_t5_103) if _t5_24 else (_t5_64)) + gamma*((_t5_104) if _t5_24 else (_t5_67)))))))/(_t5_4)))) if _t5_78 else (_t5_83*math.exp((((_t5_23 + _t5_81 + math.log(abs((((_t5_114) if _t5_24 else (_t5_105 + _t5_113*_t5_18 + _t5_44*gamma + _t5_45*gamma + _t5_5)))))) if _t5_24 else (_t5_82 + math.log(abs(_t5_116))))))*_sign(_t5_116)))))
         else:
-            _t5_85 = _r2*_t5_4
-            _t5_86 = _r3*_t5_18
-            _t5_87 = (_t5_15 <= 700.0)
-            _t5_88 = (-_l0 + (_h4 + _t5_0))
-            _t5_89 = _h5*math.exp(_t5_88)
-            _b5_0 = _t5_25*((((_t5_85 - ((_t5_86) if _t5_87 else (_h5*(math.expm1(_t5_88) + 1.0)))) if (abs(_t5_88) <= 1.0) else (_t5_85 - ((_t5_86) if _t5_87 else (_t5_89))))) if _t5_24 else (_t5_85 - ((_r3*_t5_25) if _t5_87 else (_t5_89))))
+            _t5_85 = _r3_q*math.exp(-_l0_o + (_e_s - _m0_o))
+            _t5_117 = _r2*_t5_18
+            _t5_118 = (_t5_15 <= 700.0)
+            _t5_119 = (-_l0 + (_h7 + _t5_0))
+            _t5_120 = _h8*math.exp(_t5_119)
+            _b5_0 = _t5_25*(_r2*_t5_4 - _t5_85)
             _b5_1 = 0.0
-            _b5_2 = _h9*_t5_25
+            _b5_2 = ((((-_t5_85 + ((_t5_117) if _t5_118 else (_h8*(math.expm1(_t5_119) + 1.0)))) if (abs(_t5_119) <= 1.0) else (-_t5_85 + ((_t5_117) if _t5_118 else (_t5_120))))) if _t5_24 else (-_t5_85 + ((_r2*_t5_25) if _t5_118 else (_t5_120))))
         _scratch[0, _k] = _b5_0
         _scratch[1, _k] = _t5_26
         _scratch[2, _k] = _b5_1
@@ -1165,19 +1087,30 @@ def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
         return
     _m0 = -math.inf
     _a0 = 0
+    _m0_o = -math.inf
+    _a0_o = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _s > _m0 or _k == 0:
             _m0 = _s
             _a0 = _k
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _s > _m0_o or _k == 0:
+            _m0_o = _s
+            _a0_o = _k
     _l0 = 0.0
+    _l0_o = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
         if _k != _a0:
             _l0 += math.exp(_s - _m0)
+        _s = ((float('-inf')) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_s))
+        if _k != _a0_o:
+            _l0_o += math.exp(_s - _m0_o)
     _l0 = math.log1p(_l0)
+    _l0_o = math.log1p(_l0_o)
     _k = _row_y
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
@@ -1202,61 +1135,35 @@ def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
     _e_alpha = alpha[_k]
     _e_s = s[_i, _k]
     _t3_0 = _e_s - _m0
-    _t3_1 = (_t3_0)
-    _t3_2 = -_l0 + _t3_1
-    _t3_3 = math.expm1(_t3_2)
-    _t3_4 = -_t3_3
-    _t3_7 = gamma - 1.0
-    _t3_10 = _e_alpha*gamma
-    _t3_11 = _l0 + (-_t3_0)
-    _t3_12 = (_t3_11 < math.log(2.0))
-    if _t3_12:
-        _t3_5 = (_t3_4)
-        _t3_6 = _t3_5**gamma
-        _t3_8 = _t3_5**_t3_7
-        _t3_9 = _exprel(_t3_2)
-        _b3_0 = ((_t3_10*(-_t3_5**(gamma + 1.0)*gamma + 2.0*_t3_6*_t3_9*(((gamma)/(_t3_9)) + 1.0) - _t3_6 - 2.0*_t3_8*_t3_9 - _t3_8*gamma + _t3_8))/(_t3_9))
+    _t3_1 = -_l0 + (_t3_0)
+    _t3_2 = math.expm1(_t3_1)
+    _t3_3 = -_t3_2
+    _t3_6 = _e_alpha*gamma
+    _t3_7 = _l0 + (-_t3_0)
+    _t3_8 = (_t3_7 < math.log(2.0))
+    if _t3_8:
+        _t3_4 = (_t3_3)
+        _t3_5 = _exprel(_t3_1)
+        _b3_0 = _t3_4**gamma*_t3_6*(2.0*_t3_4 + ((1.0)/(_t3_5)) + ((-_t3_4*(1.0 - 2.0*gamma))/(_t3_5)) + ((-gamma*(_t3_4**2 + 1.0))/(_t3_5)) - 2.0)
     else:
-        _t3_13 = _xlogy(gamma, _t3_4)
-        _t3_14 = _t3_3 + 1.0
-        _t3_15 = _xlog1py(gamma, (-_t3_14))
-        _t3_16 = ((_t3_13) if _t3_12 else (_t3_15))
-        _t3_17 = -_l0
-        _t3_18 = _t3_1 + _t3_17
-        _t3_19 = _t3_16 + _t3_18
-        _t3_20 = (_t3_11 <= 1.0)
-        _t3_21 = math.exp(_t3_2)
-        _t3_22 = _xlog1py(gamma, (-_t3_21))
-        _t3_23 = ((_t3_13) if _t3_12 else (_t3_22))
-        _t3_24 = _l0 + (-_t3_0 - 2.0)
-        _t3_25 = (_t3_24)
-        _t3_26 = _t3_14*_t3_2
-        _t3_27 = _t3_25 + (((_t3_26)/(_t3_3))) + (((-_t3_26*gamma)/(_t3_3)))
-        _t3_28 = _t3_2*_t3_21
-        _t3_29 = (abs(_t3_11 - _t3_13) <= 700.0)
-        _t3_30 = ((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_15) <= 700.0)))
-        _t3_31 = (-_t3_7)
-        _t3_32 = _t3_2*_t3_31
-        _t3_33 = _t3_25 + _t3_32 + ((_t3_32)/(_t3_3))
-        _t3_34 = (((_t3_33) if _t3_20 else (((_t3_33) if _t3_20 else (_t3_24 + ((_t3_28*_t3_31)/(_t3_3)))))))
-        _t3_35 = ((_t3_33) if _t3_20 else (_t3_24 + ((_t3_26*_t3_31)/(_t3_3))))
-        _t3_36 = abs(_t3_3)
-        _t3_37 = _t3_17 + ((-math.log1p((((-_e_alpha + _t3_36)/(_e_alpha))))) if (_e_alpha > ((_t3_36)/(2.0))) and (_e_alpha < 2.0*_t3_36) else ((math.log(_e_alpha)) - math.log(_t3_36))) + (_t3_0 + math.log(gamma))
-        _t3_38 = _t3_16 + _t3_37
-        _b3_0 = -(((((_t3_10*((_t3_27) if _t3_20 else (((_t3_27) if _t3_20 else (_t3_24 + (((_t3_28)/(_t3_3))) + (((-_t3_28*gamma)/(_t3_3))))))))/(_t3_3)))*math.exp(((_t3_19) if _t3_20 else (((_t3_19) if _t3_20 else (_t3_18 + _t3_23)))))) if ((_t3_30) if _t3_20 else (((_t3_30) if _t3_20 else (((_t3_29) if _t3_12 else ((abs(_t3_11 - _t3_22) <= 700.0))))))) else (math.exp((((_t3_38 + math.log(abs((_t3_35)))) if _t3_20 else (((_t3_38 + math.log(abs((((_t3_33) if _t3_20 else (_t3_35)))))) if _t3_20 else (_t3_23 + _t3_37 + math.log(abs(_t3_34))))))))*_sign(_e_alpha)*_sign(_t3_3)*_sign(_t3_34)*_sign(gamma)))
-    _r3 = _b3_0
+        _t3_9 = math.exp(_t3_1)
+        _t3_10 = _l0 + (-_t3_0 - 2.0)
+        _t3_11 = _t3_1*(1.0 - gamma)
+        _t3_12 = _t3_11 + ((_t3_11)/(_t3_2)) + (_t3_10)
+        _t3_13 = (_t3_7 <= 1.0)
+        _b3_0 = _t3_6*_t3_9*((_t3_12) if _t3_13 else (((_t3_12) if _t3_13 else (_t3_10 + ((_t3_11*_t3_9)/(_t3_2))))))*math.exp(((_xlogy(gamma, _t3_3)) if _t3_8 else (_xlog1py(gamma, (-_t3_9)))))
+    _r3_q = _b3_0
     _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = gamma - 1.0
     _h0 = gamma + 1.0
     _h1 = gamma**2
     _h2 = math.log(2.0)
     _h3 = (-_t4_0)
-    _h4 = math.log(abs(_r3))
-    _h5 = _sign(_r3)
-    _h6 = _t4_0
-    _h7 = math.log(gamma)
-    _h8 = _sign(gamma)
-    _h9 = _r2 - _r3
+    _h4 = _t4_0
+    _h5 = math.log(gamma)
+    _h6 = _sign(gamma)
+    _h7 = math.log(abs(_r2))
+    _h8 = _sign(_r2)
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_alpha = alpha[_k]
@@ -1347,49 +1254,49 @@ def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0):
             _t5_81 = ((-math.log1p((((-_e_alpha + _t5_80)/(_e_alpha))))) if (_e_alpha > ((_t5_80)/(2.0))) and (_e_alpha < 2.0*_t5_80) else ((math.log(_e_alpha)) - math.log(_t5_80)))
             _t5_82 = _t5_29 + _t5_81
             _t5_83 = _sign(_e_alpha)*_sign(_t5_4)
-            _t5_90 = _t5_6**gamma
-            _t5_91 = _t5_6**_h6
-            _t5_92 = 2.0*_t5_9
-            _t5_93 = _e_alpha*gamma
-            _t5_94 = -_h3*_t5_3
-            _t5_95 = _t5_55 + _t5_94 + ((_t5_94)/(_t5_4))
-            _t5_96 = ((_t5_95) if _t5_24 else (_t5_59 + ((-_t5_50)/(_t5_4))))
-            _t5_97 = _t5_21 + _t5_81 + (_h7 + _t5_0)
-            _t5_98 = _t5_20 + _t5_97
-            _t5_99 = (((_t5_95) if _t5_24 else (((_t5_95) if _t5_24 else (_t5_59 + ((-_t5_71)/(_t5_4)))))))
-            _t5_100 = _t5_3*gamma
-            _t5_101 = -_t5_100
-            _t5_102 = (-_t5_100 + ((_t5_101)/(_t5_4))) + (_t5_22 + ((_t5_3)/(_t5_4)))
-            _t5_103 = _t5_102 + _t5_49
-            _t5_104 = gamma*((_t5_103) if _t5_24 else (_t5_102 + _t5_48))
-            _t5_105 = (_t5_100 + ((_t5_100)/(_t5_4)))
-            _t5_106 = (_t5_15 + ((_t5_2)/(_t5_4)))
-            _t5_107 = _t5_105 + 1.0
-            _t5_108 = _t5_106 + _t5_32
-            _t5_109 = -_t5_38
-            _t5_110 = (((_t5_109)/(_t5_4))) + (((_t5_35)/(_t5_4)))
-            _t5_111 = _t5_110 + _t5_49
-            _t5_112 = ((_t5_111) if _t5_24 else (_t5_110 + _t5_48))
-            _t5_113 = gamma*((_t5_103) if _t5_24 else (_t5_112))
-            _t5_114 = -_t5_62
-            _t5_115 = ((_t5_111) if _t5_24 else (_t5_48 + (((_t5_114)/(_t5_4))) + (((_t5_61)/(_t5_4)))))
-            _t5_116 = _t5_114 + _t5_5
-            _t5_117 = _t5_112*gamma
-            _t5_118 = _t5_117*_t5_4 + _t5_117 + _t5_43
-            _t5_119 = gamma*((_t5_111) if _t5_24 else (_t5_112))
-            _t5_120 = (((_t5_118) if _t5_24 else (((_t5_119*_t5_4 + _t5_119 + _t5_43) if _t5_24 else (_t5_116 + _t5_65 + _t5_68 + _t5_73*((_t5_111) if _t5_24 else (_t5_115)))))))
+            _t5_86 = _t5_6**gamma
+            _t5_87 = _t5_6**_h4
+            _t5_88 = 2.0*_t5_9
+            _t5_89 = _e_alpha*gamma
+            _t5_90 = -_h3*_t5_3
+            _t5_91 = _t5_55 + _t5_90 + ((_t5_90)/(_t5_4))
+            _t5_92 = ((_t5_91) if _t5_24 else (_t5_59 + ((-_t5_50)/(_t5_4))))
+            _t5_93 = _t5_21 + _t5_81 + (_h5 + _t5_0)
+            _t5_94 = _t5_20 + _t5_93
+            _t5_95 = (((_t5_91) if _t5_24 else (((_t5_91) if _t5_24 else (_t5_59 + ((-_t5_71)/(_t5_4)))))))
+            _t5_96 = _t5_3*gamma
+            _t5_97 = -_t5_96
+            _t5_98 = (_t5_22 + ((_t5_3)/(_t5_4))) + (-_t5_96 + ((_t5_97)/(_t5_4)))
+            _t5_99 = _t5_49 + _t5_98
+            _t5_100 = gamma*((_t5_99) if _t5_24 else (_t5_48 + _t5_98))
+            _t5_101 = (_t5_96 + ((_t5_96)/(_t5_4)))
+            _t5_102 = (_t5_15 + ((_t5_2)/(_t5_4)))
+            _t5_103 = _t5_101 + 1.0
+            _t5_104 = _t5_102 + _t5_32
+            _t5_105 = -_t5_38
+            _t5_106 = (((_t5_105)/(_t5_4))) + (((_t5_35)/(_t5_4)))
+            _t5_107 = _t5_106 + _t5_49
+            _t5_108 = ((_t5_107) if _t5_24 else (_t5_106 + _t5_48))
+            _t5_109 = gamma*((_t5_99) if _t5_24 else (_t5_108))
+            _t5_110 = -_t5_62
+            _t5_111 = ((_t5_107) if _t5_24 else (_t5_48 + (((_t5_110)/(_t5_4))) + (((_t5_61)/(_t5_4)))))
+            _t5_112 = _t5_110 + _t5_5
+            _t5_113 = _t5_108*gamma
+            _t5_114 = _t5_113*_t5_4 + _t5_113 + _t5_43
+            _t5_115 = gamma*((_t5_107) if _t5_24 else (_t5_108))
+            _t5_116 = (((_t5_114) if _t5_24 else (((_t5_115*_t5_4 + _t5_115 + _t5_43) if _t5_24 else (_t5_112 + _t5_65 + _t5_68 + _t5_73*((_t5_107) if _t5_24 else (_t5_111)))))))
             _b5_0 = ((_e_alpha*_t5_7*(_t5_10 - _t5_13 - _t5_6 + _t5_8 + ((_t5_11)/(_t5_9)) + ((-_t5_14)/(_t5_9)))) if _t5_16 else (((_t5_30*(((_e_alpha*_t5_74)/(_t5_4)))) if _t5_78 else (_t5_83*math.exp((_t5_82 + math.log(abs(_t5_79))))*_sign(_t5_79)))))
-            _b5_1 = ((((_t5_93*(-_t5_12*_t5_90*_t5_92 + _t5_7*gamma + _t5_90 + _t5_91*_t5_92 + _t5_91*gamma - _t5_91))/(_t5_9))) if _t5_16 else (-((_t5_30*(((_t5_93*((_t5_57) if _t5_24 else (((_t5_57) if _t5_24 else (_t5_72)))))/(_t5_4)))) if _t5_78 else (_h8*_t5_83*math.exp((((_t5_98 + math.log(abs((_t5_96)))) if _t5_24 else (((_t5_98 + math.log(abs((((_t5_95) if _t5_24 else (_t5_96)))))) if _t5_24 else (_t5_28 + _t5_97 + math.log(abs(_t5_99))))))))*_sign(_t5_99)))))
-            _b5_2 = ((_e_alpha*_t5_90*(-_t5_10 + _t5_13 + _t5_6 - _t5_8 + ((-_t5_11)/(_t5_9)) + ((_t5_14)/(_t5_9)))) if _t5_16 else (((_t5_30*(((_e_alpha*((_t5_104*_t5_4 + _t5_104 + _t5_105*gamma + _t5_106*gamma + _t5_42 + (-_t5_100 + gamma)) if _t5_24 else (((_t5_101 + _t5_113*_t5_4 + _t5_113 + _t5_41 + gamma*((_t5_107) if _t5_24 else (_t5_44)) + gamma*((_t5_108) if _t5_24 else (_t5_45))) if _t5_24 else (_t5_116 + _t5_73*((_t5_103) if _t5_24 else (_t5_115)) + gamma*((_t5_107) if _t5_24 else (_t5_64)) + gamma*((_t5_108) if _t5_24 else (_t5_67)))))))/(_t5_4)))) if _t5_78 else (_t5_83*math.exp((((_t5_23 + _t5_81 + math.log(abs((((_t5_118) if _t5_24 else (_t5_109 + _t5_117*_t5_18 + _t5_44*gamma + _t5_45*gamma + _t5_5)))))) if _t5_24 else (_t5_82 + math.log(abs(_t5_120))))))*_sign(_t5_120)))))
+            _b5_1 = ((((_t5_89*(-_t5_12*_t5_86*_t5_88 + _t5_7*gamma + _t5_86 + _t5_87*_t5_88 + _t5_87*gamma - _t5_87))/(_t5_9))) if _t5_16 else (-((_t5_30*(((_t5_89*((_t5_57) if _t5_24 else (((_t5_57) if _t5_24 else (_t5_72)))))/(_t5_4)))) if _t5_78 else (_h6*_t5_83*math.exp((((_t5_94 + math.log(abs((_t5_92)))) if _t5_24 else (((_t5_94 + math.log(abs((((_t5_91) if _t5_24 else (_t5_92)))))) if _t5_24 else (_t5_28 + _t5_93 + math.log(abs(_t5_95))))))))*_sign(_t5_95)))))
+            _b5_2 = ((_e_alpha*_t5_86*(-_t5_10 + _t5_13 + _t5_6 - _t5_8 + ((-_t5_11)/(_t5_9)) + ((_t5_14)/(_t5_9)))) if _t5_16 else (((_t5_30*(((_e_alpha*((_t5_100*_t5_4 + _t5_100 + _t5_101*gamma + _t5_102*gamma + _t5_42 + (-_t5_96 + gamma)) if _t5_24 else (((_t5_109*_t5_4 + _t5_109 + _t5_41 + _t5_97 + gamma*((_t5_103) if _t5_24 else (_t5_44)) + gamma*((_t5_104) if _t5_24 else (_t5_45))) if _t5_24 else (_t5_112 + _t5_73*((_t5_99) if _t5_24 else (_t5_111)) + gamma*((_t5_103) if _t5_24 else (_t5_64)) + gamma*((_t5_104) if _t5_24 else (_t5_67)))))))/(_t5_4)))) if _t5_78 else (_t5_83*math.exp((((_t5_23 + _t5_81 + math.log(abs((((_t5_114) if _t5_24 else (_t5_105 + _t5_113*_t5_18 + _t5_44*gamma + _t5_45*gamma + _t5_5)))))) if _t5_24 else (_t5_82 + math.log(abs(_t5_116))))))*_sign(_t5_116)))))
         else:
-            _t5_85 = _r2*_t5_4
-            _t5_86 = _r3*_t5_18
-            _t5_87 = (_t5_15 <= 700.0)
-            _t5_88 = (-_l0 + (_h4 + _t5_0))
-            _t5_89 = _h5*math.exp(_t5_88)
-            _b5_0 = _t5_25*((((_t5_85 - ((_t5_86) if _t5_87 else (_h5*(math.expm1(_t5_88) + 1.0)))) if (abs(_t5_88) <= 1.0) else (_t5_85 - ((_t5_86) if _t5_87 else (_t5_89))))) if _t5_24 else (_t5_85 - ((_r3*_t5_25) if _t5_87 else (_t5_89))))
+            _t5_85 = _r3_q*math.exp(-_l0_o + (_e_s - _m0_o))
+            _t5_117 = _r2*_t5_18
+            _t5_118 = (_t5_15 <= 700.0)
+            _t5_119 = (-_l0 + (_h7 + _t5_0))
+            _t5_120 = _h8*math.exp(_t5_119)
+            _b5_0 = _t5_25*(_r2*_t5_4 - _t5_85)
             _b5_1 = 0.0
-            _b5_2 = _h9*_t5_25
+            _b5_2 = ((((-_t5_85 + ((_t5_117) if _t5_118 else (_h8*(math.expm1(_t5_119) + 1.0)))) if (abs(_t5_119) <= 1.0) else (-_t5_85 + ((_t5_117) if _t5_118 else (_t5_120))))) if _t5_24 else (-_t5_85 + ((_r2*_t5_25) if _t5_118 else (_t5_120))))
         _scratch[0, _k] = _b5_0
         _scratch[1, _k] = _t5_26
         _scratch[2, _k] = _b5_1

@@ -15,6 +15,11 @@ rewrites that only rows need.
 * **Complement weights.** Where such an expression holds a real power (1 - exp(u))**g (the
   focal factor), it is written in Q = -expm1(u) for u > -log 2, so that the powers of Q combine
   exactly (Q**g/Q is Q**(g - 1), 0 at a saturated row rather than 0/0).
+* **Singular takes.** A take t = take(h, y) whose complement form keeps a power of Q = 1 - p_y
+  with an exponent that may be negative (the focal Hessian's Q**(gamma - 1)) is inf, or 0*inf at
+  gamma = 0, where Q underflows, while t p_k is bounded at every other class k (p_k <= Q). In
+  the branch k != y, t p_k is computed as take(h Q, y) pi_k, pi_k = exp(g_k - R') = p_k/Q the
+  softmax over the other classes (R' a logsumexp over the row less y): both finite on every row.
 * **Simplex weights.** This element's softmax weight E = p_k, the indexed class's F = p_y
   (k != y) and the rest of the row O = 1 - E - F lie on the simplex E + F + O = 1. A polynomial
   in E and F that vanishes at a vertex (E = 1: Poly-1's Hessian p_k ((1 - p_k)(w_y + eps p_y)
@@ -122,6 +127,105 @@ def _complement_weights(expr: sp.Expr, u: sp.Symbol) -> sp.Expr:
     in_q = sp.factor_terms(sp.expand(in_q, power_base=False, power_exp=False, log=False, multinomial=False))
     stable = direct_form(in_q).xreplace({q: group(-expm1(u)), v: 1 / exprel(u)})
     return sp.Piecewise((stable, u > -sp.log(2)), (direct_form(expr), True))
+
+
+def rest_logsumexp(r: Reduction, index: sp.Expr) -> Reduction:
+    """logsumexp of R's summand over the row less the element at ``index`` (-inf where the row
+    has no other element): exp(g_k - R') = p_k/(1 - p_y), the softmax over the other classes,
+    at most 1 and never 0/0 (where 1 - p_y underflows to 0, every other p_k does too)."""
+    return Reduction(sp.Symbol(f"{r.symbol.name}_o", real=True), "logsumexp",
+                     sp.Piecewise((-sp.oo, sp.Eq(onehot(index), 1)), (r.summand, True)))
+
+
+@dataclass(frozen=True)
+class SingularTake:
+    """A value t = take(h, y) at the indexed class whose complement form (see
+    :func:`_complement_weights`) holds a power Q**e of Q = 1 - p_y with e not known to be
+    nonnegative (the focal Hessian's Q**(gamma - 1)): t overflows, or is 0*inf, where Q
+    underflows (a saturated row), while t p_k is bounded for every other class k (p_k <= Q).
+    ``scaled`` is take(h Q, y), whose powers of Q combine exactly (Q**gamma), and ``rest`` the
+    logsumexp over the other classes, so that t p_k = scaled exp(g_k - R')."""
+
+    take: Reduction
+    scaled: Reduction
+    rest: Reduction
+    weight: sp.Expr       # g - R, the log-weight log p_k of an element
+    rest_weight: sp.Expr  # g - R', its log-weight over the other classes, log pi_k
+
+    @property
+    def placeholder(self) -> sp.Symbol:
+        """pi_k while the rules run (a weight in [0, 1]; as exp(g - R') they would take its
+        exponent apart in the element's log-weight); exp(g - R') afterwards."""
+        return sp.Symbol(f"_pi{self.rest.symbol.name}", positive=True)
+
+
+def singular_takes(derivation) -> list[SingularTake]:
+    """The singular takes of a derivation (see :class:`SingularTake`): a take at index y of an
+    element expression in the log-weight u of a logsumexp R, whose complement form has a power
+    of Q = -expm1(u) with an exponent not known to be nonnegative; each with take(h Q, y) and
+    the logsumexp of R's summand over the row less y."""
+    found = []
+    for t in derivation.reductions:
+        if t.kind != "take":
+            continue
+        for x, u, x_of_u, back, r in _log_weights(derivation):
+            if x not in t.summand.free_symbols:
+                continue
+            complement = _complement_weights(sp.factor_terms(t.summand.subs(x, x_of_u)), u)
+            if not isinstance(complement, sp.Piecewise):
+                continue
+            q = group(-expm1(u))
+            if any(p.base == q and p.exp.is_nonnegative is not True for p in complement.args[0][0].atoms(sp.Pow)):
+                scaled = Reduction(sp.Symbol(f"{t.symbol.name}_q", real=True), "take",
+                                   t.summand * (1 - sp.exp(back)), t.index)
+                rest = rest_logsumexp(r, t.index)
+                found.append(SingularTake(t, scaled, rest, back, r.summand - rest.symbol))
+                break
+    return found
+
+
+def _over_the_rest(expr: sp.Expr, singular) -> sp.Expr:
+    """In the branch of :func:`_at_index` where this element k is not the indexed class y, each
+    term t p_k**n of a singular take t (see :class:`SingularTake`) is scaled p_k**(n - 1) pi_k
+    with pi_k = exp(g_k - R') = p_k/(1 - p_y): both factors are finite on every row, while
+    t alone is inf or nan on a saturated one (the focal Hessian at gamma < 1). Where a term holds
+    t without a weight, the branch is left as it was."""
+    if not singular or not isinstance(expr, sp.Piecewise):
+        return expr
+    branches, at = [], set()
+    for e, c in expr.args:
+        if c is sp.true and at:
+            e = _rest_branch(e, [s for s in singular if s.take.index in at])
+        elif isinstance(e, sp.Piecewise):
+            e = _over_the_rest(e, singular)
+        branches.append((e, c))
+        if isinstance(c, sp.Eq) and isinstance(c.lhs, onehot) and c.rhs == 1:
+            at.add(c.lhs.args[0])
+    return sp.Piecewise(*branches)
+
+
+def _rest_branch(expr: sp.Expr, singular) -> sp.Expr:
+    """t p_k**n -> scaled p_k**(n - 1) pi_k in each term of ``expr`` (a branch where k != y), n
+    a positive integer; ``expr`` as it was where a term holds t otherwise."""
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_rest_branch(e, singular), c) for e, c in expr.args))
+    for s in singular:
+        if s.take.symbol not in expr.free_symbols:
+            continue
+        terms = []
+        for term in sp.Add.make_args(sp.expand_mul(expr)):
+            if s.take.symbol not in term.free_symbols:
+                terms.append(term)
+                continue
+            rest = term / s.take.symbol
+            powers = {f: sp.cancel(f.args[0] / s.weight) for f in sp.Mul.make_args(rest) if isinstance(f, sp.exp)}
+            weights = [(f, n) for f, n in powers.items() if n.is_Integer and n > 0]
+            if len(weights) != 1 or s.take.symbol in rest.free_symbols:
+                return expr
+            ((w, n),) = weights
+            terms.append(rest / w * s.scaled.symbol * sp.exp((n - 1) * s.weight) * s.placeholder)
+        expr = sp.Add(*terms)
+    return expr
 
 
 def weight_sum(r: Reduction) -> Reduction:
@@ -757,15 +861,21 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
     return bottom_up(expr, rewrite), found
 
 
-def stabilise_element(expr: sp.Expr, derivation, pairs=()) -> sp.Expr:
+def stabilise_element(expr: sp.Expr, derivation, pairs=(), singular=()) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised; ``pairs`` are its
-    close norms (:func:`close_pairs`)."""
+    close norms (:func:`close_pairs`), ``singular`` its singular takes (:func:`singular_takes`)."""
+    stable = _stabilise_element(expr, derivation, pairs, singular)
+    return stable.xreplace({s.placeholder: sp.exp(s.rest_weight) for s in singular})
+
+
+def _stabilise_element(expr: sp.Expr, derivation, pairs, singular) -> sp.Expr:
     for pair in pairs:
         form = _close_norm_form(expr, pair, derivation.element_symbols)
         if form is not None:
             return _differences_first(direct_form(form), derivation)
     expr, _ = _cauchy_schwarz_gap(expr, derivation)
-    expr = _own_term_apart(_others_apart(_at_index(expr, derivation), derivation), derivation)
+    expr = _at_index(expr, derivation)
+    expr = _own_term_apart(_others_apart(_over_the_rest(expr, singular), derivation), derivation)
     for x, u, x_of_u, back, r in _log_weights(derivation):
         if x in expr.free_symbols:
             in_u, placeholders = _simplex_weights(sp.factor_terms(expr.subs(x, x_of_u)), u, back, r, derivation)
@@ -1045,7 +1155,8 @@ def stabilise_rows(derivation):
     for pair in pairs:
         blocks = {k: _close_outer(b, pair, derivation.element_symbols) for k, b in blocks.items()}
     derivation = replace(derivation, blocks=blocks)
-    stable = derivation.map(lambda e: stabilise_element(e, derivation, pairs))
+    singular = singular_takes(derivation)
+    stable = derivation.map(lambda e: stabilise_element(e, derivation, pairs, singular))
     # the weight sums that _simplex_weights read, and the close pairs' sums, as reductions of
     # their own (where the program does not have them)
     used = set().union(*(e.free_symbols for e in _expressions(stable)))
@@ -1053,6 +1164,10 @@ def stabilise_rows(derivation):
     sums += [replace(r, summand=stabilise_element(r.summand, derivation)) for pair in pairs
              for r in (pair.difference, pair.spread) if r not in derivation.reductions]
     sums = [s for s in sums if used & {s.symbol, *sum_parts(s)}]
+    # the singular takes' scaled values and the logsumexps over the other classes they meet
+    sums += [replace(s.scaled, summand=stabilise_element(s.scaled.summand, derivation))
+             for s in singular if s.scaled.symbol in used]
+    sums += [s.rest for s in singular if s.rest.symbol in used]
     # the rows' scales that _in_binary_scale reads, likewise
     axis = [derivation.spec.symbols[i.name] for i in derivation.spec.inputs if i.axis]
     sums += [scale_sum(z) for z in axis if scale_sum(z).symbol in used]

@@ -11,9 +11,9 @@ import sympy as sp
 
 import lossgen
 from lossgen.spec import SpecError, load_spec, spec_from_dict
-from lossgen.verify import RELATIVE_TOLERANCE, format_report
+from lossgen.verify import RELATIVE_TOLERANCE, evaluate, format_report, relative_error
 from lossgen.known_gaps import ROW_KNOWN_GAPS, gap_of
-from lossgen.verify_rows import ROW_POINTS, SIZES, check_size, verify_rows
+from lossgen.verify_rows import ROW_POINTS, SIZES, _argument_values, check_size, truth_functions, verify_rows
 
 from conftest import ROW_NAMES, ROW_PATHS
 
@@ -406,6 +406,42 @@ def test_focal_multiclass_is_lin_et_al_and_cross_entropy_at_gamma_0():
     log_p = torch.log_softmax(st, 1)[torch.arange(40), torch.tensor(y)]
     (-torch.tensor(alpha)[torch.tensor(y)] * (1 - log_p.exp()) ** 2 * log_p).sum().backward()
     np.testing.assert_allclose(focal.grad(y, s, alpha=alpha), st.grad.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_focal_multiclass_hessian_on_saturated_rows():
+    """The Hessian where 1 - p_y underflows, to a subnormal (a gap of 720) or to 0 (1000, and
+    1050 with y not the first class): its (1 - p_y)**(gamma - 2) terms are infinite there (nan at
+    gamma = 0 and 1/2 before), while every entry is finite, p_k <= 1 - p_y at each other class k.
+    hess, the full Hessian, hvp, grad_hess and loss_grad_hess against the loss written out for
+    C = 2 and 3 (verify_rows' truth, independent of the row program), at 500 digits: enough to
+    resolve 1 - p_y = exp(-1050) from p_y."""
+    spec, focal = load_spec(ROW_PATHS["focal_multiclass"]), lossgen.get("focal_multiclass")
+    rows = {2: [(0, [350.0, -700.0]), (1, [-720.0, 0.0]), (0, [40.0, 0.0])],
+            3: [(0, [1000.0, 0.0, 0.0]), (0, [720.0, 0.0, 0.0]), (2, [-700.0, -350.0, 700.0]), (1, [0.0, 40.0, -3.0])]}
+    for size, points in rows.items():
+        y, s = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        alpha, v = np.array([1.0, 0.25, 3.0][:size]), np.random.default_rng(size).normal(size=s.shape)
+        for gamma in (0.0, 0.5, 2.0):
+            kwargs = {"alpha": alpha, "gamma": gamma}
+            diagonals = [focal.hess(y, s, **kwargs), focal.grad_hess(y, s, **kwargs)[1],
+                         focal.loss_grad_hess(y, s, **kwargs)[2]]
+            full, hvp = focal.hess(y, s, full=True, **kwargs), focal.hvp(y, s, v=v, **kwargs)
+            for n, (index, row) in enumerate(points):
+                point = {"y": index, "s": np.array(row), "alpha": alpha}
+                truths = truth_functions(spec, size, (index,), True, point, {"gamma": gamma})
+                args = _argument_values(truths["arguments"], point, {"gamma": gamma})
+                hessian = [[evaluate(truths["functions"]["hess", "s", "s", j, l], args, digits=500)
+                            for l in range(size)] for j in range(size)]
+                where = f"gamma = {gamma}, y = {index}, s = {row}"
+                for j in range(size):
+                    for out in diagonals:
+                        assert relative_error(float(out[n, j]), hessian[j][j]) <= RELATIVE_TOLERANCE, where
+                    for l in range(size):
+                        assert relative_error(float(full[n, j, l]), hessian[j][l]) <= RELATIVE_TOLERANCE, where
+                    terms = [hessian[j][l] * float(v[n, l]) for l in range(size)]
+                    scale = max(sum(abs(t) for t in terms), np.finfo(float).tiny)
+                    assert math.isfinite(hvp[n, j]), where
+                    assert abs(mpmath.mpf(float(hvp[n, j])) - mpmath.fsum(terms)) / scale <= RELATIVE_TOLERANCE, where
 
 
 def _poly1(y, s, epsilon, w):
