@@ -26,6 +26,7 @@ from .vocabulary import MPMATH_IMPLEMENTATIONS
 
 DIGITS = 50                  # working precision of the truth, in decimal digits
 CANCELLATION_DIGITS = 350    # a cancellation deeper than a normal float64's range shows at +350 digits
+RESOLVING_DIGITS_LIMIT = 3000  # the most digits spent on a truth that is undefined at the usual ones
 RELATIVE_TOLERANCE = 1e-12   # kernel vs truth, where the truth is a normal float64
 SMALLEST_NORMAL = np.finfo(np.float64).tiny
 LARGEST = np.finfo(np.float64).max
@@ -44,29 +45,45 @@ def evaluate(function, values, digits: int = DIGITS):
     The first precision is ``digits`` plus the decimal exponent range of the inputs, so that
     sums like 1 + 1e-300 are exact before any comparison. Two close precisions can agree on a
     value that cancelled to 0 in both (-log(sigmoid(700)) = 1e-304 needs 300 digits), so the
-    second evaluation has ``CANCELLATION_DIGITS`` more: beyond a float64's range. Returns an
-    mpf, or None where the value is not a finite real (nan, inf, complex).
+    second evaluation has ``CANCELLATION_DIGITS`` more: beyond a float64's range. Where the
+    value is undefined at these precisions because a part of it cancelled to 0 and was then
+    divided by or raised to a negative power (1 - p at p = 1 - 2e-435, a softmax at logits
+    (1000, 0, 0)), it is evaluated again where exp(-|v|) of every input v shows beside 1, up to
+    ``RESOLVING_DIGITS_LIMIT`` digits. Returns an mpf, or None where the value is not a finite
+    real (nan, inf, complex) at any of these precisions.
     """
     start = _start_digits(values, digits)
     # the second precision is far higher: a part of the value that cancelled to 0 in the
     # first (1 - sigmoid(-700) = 1 - 1e-304) shows up in the second
     first = start + CANCELLATION_DIGITS
-    precisions = [start, first, 2 * first, 4 * first]
+    value, undefined = _agreed(function, values, [start, first, 2 * first, 4 * first], digits)
+    if undefined is not None:
+        magnitude = max((abs(float(v)) for v in values if math.isfinite(float(v))), default=0.0)
+        resolving = first + int(magnitude / math.log(10)) + 1
+        if undefined < resolving <= RESOLVING_DIGITS_LIMIT:
+            value, _ = _agreed(function, values, [resolving, resolving + CANCELLATION_DIGITS], digits)
+    return value
+
+
+def _agreed(function, values, precisions, digits):
+    """(value, None) at the first of ``precisions`` where two evaluations in turn agree to
+    ``digits``/2 + 10 digits, else the last value; (None, precision) where the value is not a
+    finite real at that precision."""
     previous = None
     for dps in precisions:
         with mpmath.workdps(dps):
             try:
                 value = function(*[mpmath.mpf(float(v)) for v in values])
             except (ZeroDivisionError, ValueError, OverflowError):
-                return None
+                return None, dps
             if isinstance(value, bool) or not isinstance(value, mpmath.mpf):
                 value = mpmath.mpmathify(value)
             if not isinstance(value, mpmath.mpf) or not mpmath.isfinite(value):
-                return None
+                return None, dps
             if previous is not None and abs(value - previous) <= abs(value) * mpmath.mpf(10) ** (-digits // 2 - 10):
-                return value
+                return value, None
             previous = value
-    return previous
+    return previous, None
 
 
 def _start_digits(values, digits: int = DIGITS) -> int:

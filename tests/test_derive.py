@@ -3,13 +3,14 @@ proof that the verification stage catches a wrong derivative or a wrong kernel."
 import dataclasses
 import math
 
+import mpmath
 import numpy as np
 import sympy as sp
 
 import lossgen
 from lossgen.derive import almost_everywhere, derive, differentiate, kink_expressions
 from lossgen.spec import spec_from_dict
-from lossgen.verify import check_derivatives, check_kernels, parameter_sets, sample_points
+from lossgen.verify import check_derivatives, check_kernels, evaluate, parameter_sets, sample_points
 
 from conftest import derivation_of
 
@@ -125,3 +126,16 @@ def test_kernel_check_counts_nan_where_the_truth_is_finite():
 
     rows = check_kernels(NanLoss(), d, points, params)
     assert all(r.spurious_nonfinite >= 1 and not r.ok() for r in rows if r.output == "loss")
+
+
+def test_truth_is_resolved_where_a_cancelled_part_is_divided_by():
+    """sigmoid(-x)/(1 - sigmoid(x)) is 1 for every x, but at x = 1000 the denominator is
+    1 - (1 - e**-1000), 0 at the usual precisions (e**-1000 needs 435 digits beside 1): the truth
+    is evaluated again where it resolves, not left out; at x = 1e10 that is beyond the limit."""
+    x = sp.Symbol("x", real=True)
+    s = 1 / (1 + sp.exp(-x))
+    function = sp.lambdify([x], s.subs(x, -x) / (1 - s), modules="mpmath")
+    for value in (3.0, 700.0, 1000.0, -1000.0):
+        assert abs(evaluate(function, [value]) - 1) < mpmath.mpf(10) ** -40
+    assert evaluate(function, [1e10]) is None
+    assert evaluate(sp.lambdify([x], sp.log(x), modules="mpmath"), [-1.0]) is None  # complex: undefined
