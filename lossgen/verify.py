@@ -44,8 +44,11 @@ def evaluate(function, values, digits: int = DIGITS):
     The first precision is ``digits`` plus the decimal exponent range of the inputs, so that
     sums like 1 + 1e-300 are exact before any comparison. Two close precisions can agree on a
     value that cancelled to 0 in both (-log(sigmoid(700)) = 1e-304 needs 300 digits), so the
-    second evaluation has ``CANCELLATION_DIGITS`` more: beyond a float64's range. Returns an
-    mpf, or None where the value is not a finite real (nan, inf, complex).
+    second evaluation has ``CANCELLATION_DIGITS`` more: beyond a float64's range. A division
+    by zero or a value that is not finite is retried at the higher precisions: a part that
+    cancelled to 0 may be what it divides by (1 - p_y of a softmax at logits +-1000 is e**-2000,
+    0 below 870 digits, raised to the power gamma - 2). Returns an mpf, or None where the value
+    is not a finite real (nan, inf, complex) at every precision.
     """
     start = _start_digits(values, digits)
     # the second precision is far higher: a part of the value that cancelled to 0 in the
@@ -57,12 +60,16 @@ def evaluate(function, values, digits: int = DIGITS):
         with mpmath.workdps(dps):
             try:
                 value = function(*[mpmath.mpf(float(v)) for v in values])
-            except (ZeroDivisionError, ValueError, OverflowError):
+            except ZeroDivisionError:
+                continue  # perhaps a divisor that cancelled to 0 at this precision
+            except (ValueError, OverflowError):
                 return None
             if isinstance(value, bool) or not isinstance(value, mpmath.mpf):
                 value = mpmath.mpmathify(value)
-            if not isinstance(value, mpmath.mpf) or not mpmath.isfinite(value):
+            if not isinstance(value, mpmath.mpf):
                 return None
+            if not mpmath.isfinite(value):
+                continue
             if previous is not None and abs(value - previous) <= abs(value) * mpmath.mpf(10) ** (-digits // 2 - 10):
                 return value
             previous = value

@@ -43,9 +43,10 @@ KNOWN_GAPS: dict = {  # name -> (point -> True in the gap, why)
         "at alpha = 1 the coefficient y/2 is a sum of terms of 1/2 and loses y << 1 (0.86 at y = 1e-300, x = 1); "
         "((1 - alpha)(1 - y) + alpha y)/2 keeps it"),
     "focal_binary": (
-        lambda q: q["gamma"] == 0 and q["x"] <= -700,
-        "gamma = 0: nan gradient and Hessian at y <= 1e-300, x <= -700 (a power (1 - p)**(gamma - 1) or "
-        "p**(gamma - 1) at 0 times 0; the truth is 0 or 7e-305), as focal_multiclass at gamma < 1"),
+        lambda q: q["gamma"] == 0 and abs(q["x"]) >= 700,
+        "gamma = 0: nan gradient and Hessian at y <= 1e-300, x <= -700 and at y = 1, x >= 700 (a power "
+        "(1 - p_t)**(gamma - 1) at 1 - p_t = 0 times gamma = 0; the truth is 0 or 7e-305), as focal_multiclass "
+        "at gamma < 1"),
 }
 
 
