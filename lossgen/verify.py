@@ -48,8 +48,8 @@ def evaluate(function, values, digits: int = DIGITS):
     second evaluation has ``CANCELLATION_DIGITS`` more: beyond a float64's range. Where the
     value is undefined at these precisions because a part of it cancelled to 0 and was then
     divided by or raised to a negative power (1 - p at p = 1 - 2e-435, a softmax at logits
-    (1000, 0, 0)), it is evaluated again where exp(-|v|) of every input v shows beside 1, up to
-    ``RESOLVING_DIGITS_LIMIT`` digits. Returns an mpf, or None where the value is not a finite
+    (1000, 0, 0)), it is evaluated again where exp(-2|v|) of every input v shows beside 1 (1 - p_y
+    at logits (-1000, 1000) is e**-2000), up to ``RESOLVING_DIGITS_LIMIT`` digits. Returns an mpf, or None where the value is not a finite
     real (nan, inf, complex) at any of these precisions.
     """
     start = _start_digits(values, digits)
@@ -59,7 +59,7 @@ def evaluate(function, values, digits: int = DIGITS):
     value, undefined = _agreed(function, values, [start, first, 2 * first, 4 * first], digits)
     if undefined is not None:
         magnitude = max((abs(float(v)) for v in values if math.isfinite(float(v))), default=0.0)
-        resolving = first + int(magnitude / math.log(10)) + 1
+        resolving = first + int(2 * magnitude / math.log(10)) + 1  # logits -v and v: e**-2v
         if undefined < resolving <= RESOLVING_DIGITS_LIMIT:
             value, _ = _agreed(function, values, [resolving, resolving + CANCELLATION_DIGITS], digits)
     return value
@@ -127,28 +127,42 @@ def sample_domain(domain: str, n: int, rng: np.random.Generator) -> np.ndarray:
     return values
 
 
-def parameter_sets(derivation: Derivation) -> list[dict[str, float]]:
-    """The spec's defaults, a second set of values inside each domain, and each parameter at
-    the values a condition of the loss singles out (alpha == 0 in Barron's loss), one ulp and
-    1e-8 away from them, with the other parameters at their defaults."""
-    defaults = {p.name: p.default for p in derivation.spec.params}
+def parameter_sets(spec, singled_out: bool = True) -> list[dict[str, float]]:
+    """The parameter sets a loss is verified at, elementwise and row-wise alike: the spec's
+    defaults, a second set of values inside each domain, each parameter at the closed ends of
+    its domain that differ from its default (gamma = 0 of a non-negative domain, 0 and 1 of the
+    unit interval), and, with ``singled_out``, at the values a condition of the loss singles
+    out (alpha == 0 in Barron's loss), one ulp and 1e-8 away from them; in the last two the
+    other parameters keep their defaults."""
+    defaults = {p.name: p.default for p in spec.params}
     if not defaults:
         return [defaults]
     other = {}
-    for p in derivation.spec.params:
+    for p in spec.params:
         d = DOMAINS[p.domain]
         candidates = [p.default * 2.5, p.default + 1.5, 0.25, 0.75, 0.5] if not d.values else list(d.values)
         other[p.name] = next(c for c in candidates if d.contains(c) and c != p.default)
     sets = [defaults, other]
-    for p in derivation.spec.params:
-        symbol = derivation.spec.symbols[p.name]
-        for condition in derivation.loss.atoms(sp.Eq):
-            if symbol in condition.free_symbols and len(condition.free_symbols) == 1:
-                for value in sp.solve(condition, symbol):
-                    v = float(value)
-                    for near in (v, np.nextafter(v, -np.inf), np.nextafter(v, np.inf), v - 1e-8, v + 1e-8):
-                        if DOMAINS[p.domain].contains(float(near)):
-                            sets.append({**defaults, p.name: float(near)})
+
+    def add(values):
+        if values not in sets:
+            sets.append(values)
+
+    for p in spec.params:
+        d = DOMAINS[p.domain]
+        for end, closed in ((d.low, d.low_closed), (d.high, d.high_closed)):
+            if closed and math.isfinite(end) and d.contains(end) and end != p.default:
+                add({**defaults, p.name: float(end)})
+    if singled_out:
+        for p in spec.params:
+            symbol = spec.symbols[p.name]
+            for condition in spec.loss.atoms(sp.Eq):
+                if symbol in condition.free_symbols and len(condition.free_symbols) == 1:
+                    for value in sp.solve(condition, symbol):
+                        v = float(value)
+                        for near in (v, np.nextafter(v, -np.inf), np.nextafter(v, np.inf), v - 1e-8, v + 1e-8):
+                            if DOMAINS[p.domain].contains(float(near)):
+                                add({**defaults, p.name: float(near)})
     return sets
 
 
@@ -401,9 +415,10 @@ def verify_loss(loss, derivation: Derivation, n: int = 200, seed: int = 0, stres
     """Every kernel of ``loss`` against the truth, for each parameter set, at random points
     and (with ``stress``) on the stress grid of extreme values."""
     rows = []
-    for index, params in enumerate(parameter_sets(derivation)):
+    stressed = parameter_sets(derivation.spec, singled_out=False)  # singled-out values: random points
+    for params in parameter_sets(derivation.spec):
         rows.extend(check_kernels(loss, derivation, sample_points(derivation, params, n=n, seed=seed), params, skip))
-        if stress and index < 2:  # the defaults and the second set; singled-out values: random points
+        if stress and params in stressed:
             rows.extend(check_kernels(loss, derivation, stress_points(derivation, params, seed=seed), params, skip))
     return _merge(rows)
 
@@ -411,13 +426,14 @@ def verify_loss(loss, derivation: Derivation, n: int = 200, seed: int = 0, stres
 def verify_derivatives(derivation: Derivation, n: int = 200, seed: int = 0) -> list[Row]:
     """The symbolic derivatives against finite differences, for each parameter set."""
     rows = []
-    for params in parameter_sets(derivation):
+    for params in parameter_sets(derivation.spec):
         rows.extend(check_derivatives(derivation, sample_points(derivation, params, n=n, seed=seed), params))
     return _merge(rows)
 
 
 def _merge(rows: list[Row]) -> list[Row]:
-    """Combine rows of the same (loss, output) over parameter sets: worst error, total points."""
+    """Combine rows of the same (loss, output) over parameter sets: worst error, total points.
+    The worst point holds the parameters, so the report shows the set it comes from."""
     merged: dict[tuple, Row] = {}
     for row in rows:
         key = (row.loss, row.output)

@@ -25,7 +25,8 @@ import sympy as sp
 from .derive import almost_everywhere
 from .domains import DOMAINS
 from .reductions import ROW_SIZE, logsumexp, onehot, rowmax, rowmin, rowsum, take
-from .verify import LARGEST, RELATIVE_TOLERANCE, Row, _merge, evaluate, relative_error, sample_domain
+from .verify import (LARGEST, RELATIVE_TOLERANCE, Row, _merge, evaluate, parameter_sets, relative_error,
+                     sample_domain)
 from .vocabulary import MPMATH_IMPLEMENTATIONS
 
 SIZES = (1, 2, 3, 7)
@@ -363,18 +364,23 @@ ROW_POINTS = 12
 
 
 def verify_rows(loss, spec, sizes=SIZES, n_random: int = 8, n_stress: int = 12, seed: int = 0,
-                differences: bool = True, gap=None, leave_out=()) -> list[Row]:
+                differences: bool = True, gap=None, leave_out=(), params=None) -> list[Row]:
     """Every kernel of a row-wise loss at each size, at random, extreme and constant rows, for
-    the default parameters; with ``differences``, the expanded gradient by finite differences.
-    Values where ``gap`` holds are reported apart (see :func:`check_size`). Shared inputs are
-    passed, except those named in ``leave_out``, which take their defaults (where the spec
-    marks them ``specialise = true``, with the parameters at their defaults this runs the
-    kernels specialised at defaults)."""
-    params = {p.name: p.default for p in spec.params}
+    each parameter set of :func:`lossgen.verify.parameter_sets` (the elementwise losses' sets:
+    defaults, a second set, the domains' closed ends; extreme rows where the elementwise check
+    takes the stress grid), or for the sets in ``params``; with ``differences``, the expanded
+    gradient by finite differences. Rows of the same output are merged over the sets, their
+    worst point showing the parameters. Values where ``gap`` holds are reported apart (see
+    :func:`check_size`). Shared inputs are passed, except those named in ``leave_out``, which
+    take their defaults (where the spec marks them ``specialise = true``, with the parameters
+    at their defaults this runs the kernels specialised at defaults)."""
+    stressed = parameter_sets(spec, singled_out=False)
     rows = []
-    for size in sizes:
-        points = row_points(spec, size, n_random, n_stress, seed)
-        rows.extend(check_size(loss, spec, size, points, params, seed, n_random, gap, leave_out))
-        if differences:
-            rows.append(check_gradient_by_differences(spec, size, points[:min(n_random, 3)], params))
+    for values in parameter_sets(spec) if params is None else params:
+        stress = n_stress if values in stressed else 0
+        for size in sizes:
+            points = row_points(spec, size, n_random, stress, seed)
+            rows.extend(check_size(loss, spec, size, points, values, seed, n_random, gap, leave_out))
+            if differences:
+                rows.append(check_gradient_by_differences(spec, size, points[:min(n_random, 3)], values))
     return _merge(rows)

@@ -305,11 +305,13 @@ def test_verify_mse(tmp_path):
 
 
 def test_verify_reports_a_known_gap_apart(tmp_path):
-    """soft_jaccard's full Hessian at C = 2 has a row inside its known gap beyond the bound
-    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0."""
-    rc, output = run_cli("verify", "soft_jaccard", cwd=tmp_path)
+    """cosine_proximity's full Hessian at C = 3 has a row inside its known gap beyond the bound
+    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (soft_jaccard's,
+    the earlier example, fails outside its gap at smooth = 0, a parameter set verified since)."""
+    rc, output = run_cli("verify", "cosine_proximity", cwd=tmp_path)
     assert rc == 0, output
-    assert re.search(r"^soft_jaccard\s+hess_full\[p,p\] known gap C=2 .*\(known gap\)$", output, re.MULTILINE), output
+    assert re.search(r"^cosine_proximity\s+hess_full\[x,x\] known gap C=3 .*\(known gap\)$", output,
+                     re.MULTILINE), output
     assert "FAIL" not in output
     assert re.search(r"^\d+ more in known gaps .*, [1-9]\d* of them beyond it$", output, re.MULTILINE), output
 

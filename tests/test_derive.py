@@ -88,7 +88,7 @@ def test_differentiate_rejects_what_sympy_cannot_differentiate():
 def test_finite_difference_check_catches_a_wrong_gradient():
     d = derivation_of("log_cosh")
     wrong = dataclasses.replace(d, grad=(d.grad[0] * (1 + sp.Rational(1, 10**6)),))
-    params = parameter_sets(d)[0]
+    params = parameter_sets(d.spec)[0]
     points = sample_points(d, params, n=20)
     assert max(r.max_error for r in check_derivatives(d, points, params)) < 1e-15
     errors = {r.output: r.max_error for r in check_derivatives(wrong, points, params)}
@@ -98,7 +98,7 @@ def test_finite_difference_check_catches_a_wrong_gradient():
 def test_kernel_check_catches_a_kernel_that_is_off_by_one_part_in_1e10():
     d = derivation_of("poisson")
     shifted_truth = dataclasses.replace(d, loss=d.loss * (1 + sp.Rational(1, 10**10)))
-    params = parameter_sets(d)[0]
+    params = parameter_sets(d.spec)[0]
     points = sample_points(d, params, n=20)
     assert all(r.ok() for r in check_kernels(lossgen.get("poisson"), d, points, params))
     rows = check_kernels(lossgen.get("poisson"), shifted_truth, points, params)
@@ -108,7 +108,7 @@ def test_kernel_check_catches_a_kernel_that_is_off_by_one_part_in_1e10():
 
 def test_kernel_check_counts_nan_where_the_truth_is_finite():
     d = derivation_of("mse")
-    params = parameter_sets(d)[0]
+    params = parameter_sets(d.spec)[0]
     points = sample_points(d, params, n=10)
 
     class NanLoss:
