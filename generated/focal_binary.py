@@ -44,6 +44,16 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _sign(x):
+    """sign(x), with sign(0) = 0 and sign(nan) = nan."""
+    if x > 0:
+        return 1.0
+    if x < 0:
+        return -1.0
+    return x * 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sigmoid_from(x, e):
     """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
     takes the same e)."""
@@ -99,6 +109,14 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _log1prel(u):
+    """log1p(u)/u, 1 at u = 0: a subnormal u is returned exactly by log1p, so the quotient is 1."""
+    if u == 0:
+        return 1.0
+    return math.log1p(u) / u
+
+
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, gamma, alpha):
     """loss of one element."""
@@ -127,51 +145,76 @@ def grad_scalar(y, x, gamma, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = 1.0 - y
-    _t2 = 1/2 - y
-    _t3 = (_t2)
-    _t4 = ((x)/(2.0))
-    _t5 = math.expm1(abs(_t4))
-    _t6 = _tanh_from(_t4, _t5)
-    _t7 = _t3*_t6 + 1/2
-    _t8 = _t7**gamma
-    _t9 = (abs(x) <= 1.0)
-    _t10 = -x
-    _t11 = math.exp(-abs(x))
-    _t12 = _sigmoid_from(_t10, _t11)
-    _t13 = _t12*y
-    _t17 = gamma - 1.0
-    _t18 = _t7**_t17
-    _t19 = math.log(2.0)
-    _t20 = _logcosh_from(_t4, _t5)
-    _t22 = math.log1p(_t11)
-    _t23 = _softplus_from(_t10, _t22)
-    _t24 = _t23*y
-    _t31 = _sigmoid_from(x, _t11)
-    _t32 = _t0*_t31
-    _t35 = _softplus_from(x, _t22)
-    _t36 = _t0*_t35
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t3 = 1/2 - y
+    _t4 = (_t3)
+    _t5 = ((x)/(2.0))
+    _t6 = math.expm1(abs(_t5))
+    _t7 = _tanh_from(_t5, _t6)
+    _t8 = _t4*_t7
+    _t9 = _t8 + 1/2
+    _t10 = _t9**gamma
+    _t11 = abs(x)
+    _t12 = (_t11 <= 1.0)
+    _t13 = -x
+    _t14 = math.exp(-abs(x))
+    _t15 = _sigmoid_from(_t13, _t14)
+    _t16 = _t15*y
+    _t20 = 2.0*y - 1.0
+    _t21 = -_t20
+    _t22 = _sign(y)
+    _t23 = _sign(_t1)
+    _t24 = -_t23
+    _t25 = math.log(abs(_t0))
+    _t26 = -_t25
+    _t27 = min(0.0, x)
+    _t28 = max(0.0, x)
+    _t29 = _log1prel(math.exp(-_t11))
+    _t30 = math.log(_t28 + _t29*math.exp(-_t28))
+    _t31 = math.log(y)
+    _t32 = max(0.0, _t13)
+    _t33 = _t31 + math.log(_t29*math.exp(-_t32) + _t32) + min(0.0, _t13)
+    _t34 = _t26 - _t27 - _t30 + _t33
+    _t35 = math.log1p(_t14)
+    _t36 = _softplus_from(_t13, _t35)
+    _t37 = gamma - 1.0
+    _t38 = _softplus_from(x, _t35)
+    _t39 = _t26 + _t36
+    _t40 = -_t38
+    _t41 = _t22*_t23
+    _t43 = (_t8 < -0.5)
+    _t44 = math.log(2.0)
+    _t45 = _logcosh_from(_t5, _t6)
+    _t47 = _t36*y
+    _t48 = _t9**_t37
+    _t49 = _t21*gamma
+    _t55 = _sigmoid_from(x, _t14)
+    _t56 = _t1*_t55
+    _t59 = _t1*_t38
+    _t60 = _t49*_t55
     if (x > 1.0):
-        _t14 = _t0*(1.0 - _t12) + _t13
-        _t15 = ((_t8) if _t9 else (_t14**gamma))
-        _t25 = ((_t18) if _t9 else (_t14**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t0*(_t23 + x) + _t24))
-        _b0 = ((_t0))*_t15 + _t12**2*_t25*(gamma*_fma(2.0, y, -1.0)) - _t12*_t15 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t25
-    elif _t9:
-        _t27 = _t0*(((_t6)/(2.0)) + 1/2) + y*(((-_t6)/(2.0)) + 1/2)
-        _t28 = ((_t8) if _t9 else (_t27**gamma))
-        _t29 = _t19 + _t20
-        _t30 = ((_t18) if _t9 else (_t27**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t0*(_t29 + _t4) + y*(_t29 + ((_t10)/(2.0)))))
-        _b0 = _t28*_t3 + (((gamma*_fma(-2.0, y, 1.0))*_t30)/(4.0)) + ((_t28*_t6)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t30*_t6**2)/(4.0))
+        _t17 = 1.0 - _t15
+        _t18 = _t1*_t17 + _t16
+        _t19 = ((_t10) if _t12 else (_t18**gamma))
+        _b0 = -_t15*_t19 + _t15*(((-(((-_t22)/(2.0)) + ((_t24)/(2.0)) + (((-_t22 - _t24)*_sign(_t34))/(2.0)))*math.exp((-_t36 + _t37*(math.log1p(_t41*math.exp(-abs(_t31 + _t39 + _t40))) + max(-_t39, _t31 - _t38)) + math.log(gamma) + math.log(abs(_t20)) + math.log1p(_t41*math.exp(-abs(_t34))) + max(_t33, _t25 + _t27 + _t30)))*_sign(_t21)*_sign(gamma))) if ((_t43) if _t12 else ((_t18 < 1e-100))) else (_t17*_t49*(((((_t1))*_t45 + _t44 + _t45*y + (_t3*x))) if _t12 else (_t1*(_t36 + x) + _t47))*(((_t48) if _t12 else (_t18**_t37))))) + _t19*((_t1))
+    elif _t12:
+        _t50 = ((_t7)/(2.0)) + 1/2
+        _t51 = _t1*_t50 + y*(((-_t7)/(2.0)) + 1/2)
+        _t52 = ((_t10) if _t12 else (_t51**gamma))
+        _t53 = _t44 + _t45
+        _t54 = (((-(((-_t22)/(2.0)) + ((_t24)/(2.0)) + (((-_t22 - _t24)*_sign(_t34))/(2.0)))*math.exp((-_t36 + _t37*(math.log1p(_t41*math.exp(-abs(_t31 + _t39 + _t40))) + max(-_t39, _t31 - _t38)) + math.log(gamma) + math.log(abs(_t20)) + math.log1p(_t41*math.exp(-abs(_t34))) + max(_t33, _t25 + _t27 + _t30)))*_sign(_t21)*_sign(gamma))) if ((_t43) if _t12 else ((_t51 < 1e-100))) else (_t49*_t50*(((((_t1))*_t45 + _t44 + _t45*y + (_t3*x))) if _t12 else (_t1*(_t5 + _t53) + y*(_t53 + ((_t13)/(2.0)))))*(((_t48) if _t12 else (_t51**_t37)))))
+        _b0 = _t4*_t52 + ((_t54)/(2.0)) + ((_t52*_t7)/(2.0)) + ((-_t54*_t7)/(2.0))
     elif (x < -1.0):
-        _t33 = _t32 + y*(1.0 - _t31)
-        _t34 = ((_t8) if _t9 else (_t33**gamma))
-        _t37 = ((_t18) if _t9 else (_t33**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t36 + y*(_t35 - x)))
-        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t31*_t37 + (gamma*_fma(2.0, y, -1.0))*_t31**2*_t37 + _t31*_t34 - _t34*y
+        _t57 = _t56 + y*(1.0 - _t55)
+        _t58 = ((_t10) if _t12 else (_t57**gamma))
+        _t61 = (((-(((-_t22)/(2.0)) + ((_t24)/(2.0)) + (((-_t22 - _t24)*_sign(_t34))/(2.0)))*math.exp((-_t36 + _t37*(math.log1p(_t41*math.exp(-abs(_t31 + _t39 + _t40))) + max(-_t39, _t31 - _t38)) + math.log(gamma) + math.log(abs(_t20)) + math.log1p(_t41*math.exp(-abs(_t34))) + max(_t33, _t25 + _t27 + _t30)))*_sign(_t21)*_sign(gamma))) if ((_t43) if _t12 else ((_t57 < 1e-100))) else (_t60*(((((_t1))*_t45 + _t44 + _t45*y + (_t3*x))) if _t12 else (_t59 + y*(-_t40 - x)))*(((_t48) if _t12 else (_t57**_t37)))))
+        _b0 = _t55*_t58 - _t55*_t61 - _t58*y + _t61
     else:
-        _t38 = _t13 + _t32
-        _t39 = ((_t8) if _t9 else (_t38**gamma))
-        _b0 = _t12*_t31*gamma*(1.0 - 2.0*y)*((_t18) if _t9 else (_t38**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t24 + _t36)) - _t13*_t39 + _t32*_t39
-    return (_t0*(1.0 - alpha) + alpha*y)*_b0
+        _t62 = _t16 + _t56
+        _t63 = ((_t10) if _t12 else (_t62**gamma))
+        _b0 = _t15*(((-(((-_t22)/(2.0)) + ((_t24)/(2.0)) + (((-_t22 - _t24)*_sign(_t34))/(2.0)))*math.exp((-_t36 + _t37*(math.log1p(_t41*math.exp(-abs(_t31 + _t39 + _t40))) + max(-_t39, _t31 - _t38)) + math.log(gamma) + math.log(abs(_t20)) + math.log1p(_t41*math.exp(-abs(_t34))) + max(_t33, _t25 + _t27 + _t30)))*_sign(_t21)*_sign(gamma))) if ((_t43) if _t12 else ((_t62 < 1e-100))) else (_t60*(((((_t1))*_t45 + _t44 + _t45*y + (_t3*x))) if _t12 else (_t47 + _t59))*(((_t48) if _t12 else (_t62**_t37))))) - _t16*_t63 + _t56*_t63
+    return (_t1*(1.0 - alpha) + alpha*y)*_b0
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -179,42 +222,95 @@ def hess_scalar(y, x, gamma, alpha):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = 1.0 - y
-    _t7 = (abs(x) <= 1.0)
-    _t8 = -x
-    _t9 = math.exp(-abs(x))
-    _t10 = _sigmoid_from(_t8, _t9)
-    _t11 = _t10*y
-    _t12 = _sigmoid_from(x, _t9)
-    _t13 = _t0*_t12
-    _t16 = 1.0 - 2.0*y
-    _t17 = gamma - 1.0
-    _t23 = gamma - 2.0
-    _t24 = _t10*_t12
-    if _t7:
-        _t1 = 1/2 - y
-        _t2 = (_t1)
-        _t3 = ((x)/(2.0))
-        _t4 = math.expm1(abs(_t3))
-        _t5 = _tanh_from(_t3, _t4)
-        _t6 = _t2*_t5 + 1/2
-        _t19 = _logcosh_from(_t3, _t4)
-        _b0 = _t2 + ((_t5)/(2.0))
-        _b1 = _t6**_t23
-        _t21 = _t19*y + _t19*(_t0) + (_t1*x) + math.log(2.0)
-        _b2 = _t6**_t17
-        _t15 = _t6**gamma
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t2 = 1/2 - y
+    _t3 = (_t2)
+    _t4 = ((x)/(2.0))
+    _t5 = math.expm1(abs(_t4))
+    _t6 = _tanh_from(_t4, _t5)
+    _t7 = _t3*_t6
+    _t9 = abs(x)
+    _t10 = (_t9 <= 1.0)
+    _t11 = -x
+    _t12 = math.exp(-abs(x))
+    _t13 = _sigmoid_from(_t11, _t12)
+    _t14 = _t13*y
+    _t15 = _sigmoid_from(x, _t12)
+    _t16 = _t1*_t15
+    _t17 = _t14 + _t16
+    _t21 = math.log1p(_t12)
+    _t22 = _softplus_from(x, _t21)
+    _t25 = gamma - 1.0
+    _t26 = _softplus_from(_t11, _t21)
+    _t37 = 2.0*y - 1.0
+    _t41 = -_t37
+    _t43 = (((_t7 < -0.5)) if _t10 else ((_t17 < 1e-100)))
+    _t62 = gamma - 2.0
+    _t63 = _t13*_t15
+    if _t10:
+        _t8 = _t7 + 1/2
+        _t59 = _logcosh_from(_t4, _t5)
+        _b6 = _t3 + ((_t6)/(2.0))
+        _b7 = _t8**_t62
+        _t60 = _t59*y + _t59*(_t1) + (_t2*x) + math.log(2.0)
+        _b8 = _t8**_t25
+        _t18 = _t8**gamma
     else:
-        _t14 = _t11 + _t13
-        _t20 = math.log1p(_t9)
-        _b0 = _t0*_t12 - _t11
-        _b1 = _t14**_t23
-        _t21 = _t0*_softplus_from(x, _t20) + y*_softplus_from(_t8, _t20)
-        _b2 = _t14**_t17
-        _t15 = _t14**gamma
-    _t18 = _t16*gamma*_b2
-    _t22 = _t18*_t21
-    return _t24*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t15 + _t10*_t22 - _t11*_t18 - _t12*_t22 + _t13*_t18 + _t15*y + _t16**2*_t17*_t21*_t24*gamma*_b1 + _t18*_b0)
+        _b6 = _t1*_t15 - _t14
+        _b7 = _t17**_t62
+        _t60 = _t1*_t22 + _t26*y
+        _b8 = _t17**_t25
+        _t18 = _t17**gamma
+    if _t43:
+        _t19 = _sign(y)
+        _t20 = math.log(y)
+        _t23 = -_t22
+        _t24 = _t20 + _t23
+        _t27 = math.log(abs(_t0))
+        _t28 = -_t27
+        _t29 = _t26 + _t28
+        _t30 = max(-_t29, _t20 - _t22)
+        _t31 = _t24 + _t29
+        _t32 = _sign(_t1)
+        _t33 = _t19*_t32
+        _t34 = _t33*math.exp(-abs(_t31))
+        _t35 = _t30 + math.log1p(_t34)
+        _t36 = math.log(gamma)
+        _t38 = math.log(abs(_t37))
+        _t39 = _t25*_t35 + _t36 + _t38
+        _t40 = _sign(gamma)
+        _t42 = _t40*_sign(_t41)
+        _t45 = -_t26
+        _t46 = _t39 + _t45
+        _t47 = ((_t32)/(2.0))
+        _t48 = min(0.0, x)
+        _t49 = max(0.0, x)
+        _t50 = _log1prel(math.exp(-_t9))
+        _t51 = math.log(_t49 + _t50*math.exp(-_t49))
+        _t52 = max(0.0, _t11)
+        _t53 = _t20 + math.log(_t50*math.exp(-_t52) + _t52) + min(0.0, _t11)
+        _t54 = _t28 - _t48 - _t51 + _t53
+        _t55 = math.log1p(_t33*math.exp(-abs(_t54))) + max(_t53, _t27 + _t48 + _t51)
+        _t56 = _t23 + _t55
+        _t57 = _t47 + ((_t19)/(2.0)) + (((_t19 - _t32)*_sign(_t54))/(2.0))
+        _t58 = _t42*_t57
+        _b0 = _t58*math.exp((_t39 + _t56))
+        _b1 = -_t58*math.exp((_t46 + _t55))
+        _b2 = _t32*_t42*math.exp((_t27 + _t46))
+        _b3 = _t42*(_t47 + ((-_t19)/(2.0)) + (((-_t19 - _t32)*_sign(_t31))/(2.0)))*math.exp((_t30 + _t39 + math.log1p(-_t34)))
+        _b4 = -_t19*_t42*math.exp((_t24 + _t39))
+        _b5 = _t40*_t57*math.exp((_t35*_t62 + _t36 + 2.0*_t38 + _t45 + _t56 + math.log(abs(_t25))))*_sign(_t25)
+    else:
+        _t44 = _t41*gamma*(_b8)
+        _t61 = _t44*_t60
+        _b0 = _t13*_t61
+        _b1 = -_t15*_t61
+        _b2 = _t16*_t44
+        _b3 = _t44*_b6
+        _b4 = -_t14*_t44
+        _b5 = _t25*_t41**2*_t60*_t63*gamma*(_b7)
+    return _t63*(_t1*(1.0 - alpha) + alpha*y)*(_t1*_t18 + _t18*y + _b0 + _b1 + _b4 + _b2 + _b3 + _b5)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -222,86 +318,148 @@ def grad_hess_scalar(y, x, gamma, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t0 = 1.0 - y
-    _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = (_t0)
-    _t3 = 1/2 - y
-    _t4 = (_t3)
-    _t5 = ((x)/(2.0))
-    _t6 = math.expm1(abs(_t5))
-    _t7 = _tanh_from(_t5, _t6)
-    _t10 = (abs(x) <= 1.0)
-    _t11 = -x
-    _t12 = math.exp(-abs(x))
-    _t13 = _sigmoid_from(_t11, _t12)
-    _t14 = _t13*y
-    _t18 = gamma - 1.0
-    _t20 = math.log(2.0)
-    _t21 = _logcosh_from(_t5, _t6)
-    _t28 = ((_t7)/(2.0))
-    _t33 = _sigmoid_from(x, _t12)
-    _t34 = _t0*_t33
-    _t42 = _t13*_t33
-    _t44 = 1.0 - 2.0*y
-    _t47 = gamma - 2.0
-    if _t10:
-        _t8 = _t4*_t7 + 1/2
-        _t9 = _t8**gamma
-        _t19 = _t8**_t18
-        _t22 = _t2*_t21 + _t20 + _t21*y + (_t3*x)
-        _b1 = _t28 + _t4
-        _b2 = _t8**_t47
-        _b3 = _t19
-        _t43 = _t22
-        _t41 = _t9
-        _b4 = _t19
-        _b5 = _t22
-        _t36 = _t9
-        _b6 = _t19
-        _b7 = _t22
-        _t30 = _t9
-        _b8 = _t19
-        _b9 = _t22
-        _t16 = _t9
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t2 = _t1*(1.0 - alpha) + alpha*y
+    _t3 = (_t1)
+    _t4 = 1/2 - y
+    _t5 = (_t4)
+    _t6 = ((x)/(2.0))
+    _t7 = math.expm1(abs(_t6))
+    _t8 = _tanh_from(_t6, _t7)
+    _t9 = _t5*_t8
+    _t12 = abs(x)
+    _t13 = (_t12 <= 1.0)
+    _t14 = -x
+    _t15 = math.exp(-abs(x))
+    _t16 = _sigmoid_from(_t14, _t15)
+    _t17 = _t16*y
+    _t18 = 1.0 - _t16
+    _t19 = _t1*_t18 + _t17
+    _t21 = _sign(y)
+    _t22 = ((-_t21)/(2.0))
+    _t23 = _sign(_t1)
+    _t24 = -_t23
+    _t25 = _t21 + _t24
+    _t26 = math.log(abs(_t0))
+    _t27 = -_t26
+    _t28 = min(0.0, x)
+    _t29 = max(0.0, x)
+    _t30 = _log1prel(math.exp(-_t12))
+    _t31 = math.log(_t29 + _t30*math.exp(-_t29))
+    _t32 = math.log(y)
+    _t33 = max(0.0, _t14)
+    _t34 = _t32 + math.log(_t30*math.exp(-_t33) + _t33) + min(0.0, _t14)
+    _t35 = _t27 - _t28 - _t31 + _t34
+    _t36 = _sign(_t35)
+    _t37 = math.log1p(_t15)
+    _t38 = _softplus_from(_t14, _t37)
+    _t39 = -_t38
+    _t40 = gamma - 1.0
+    _t41 = _softplus_from(x, _t37)
+    _t42 = _t27 + _t38
+    _t43 = max(-_t42, _t32 - _t41)
+    _t44 = -_t41
+    _t45 = _t32 + _t44
+    _t46 = _t42 + _t45
+    _t47 = _t21*_t23
+    _t48 = _t47*math.exp(-abs(_t46))
+    _t49 = _t43 + math.log1p(_t48)
+    _t50 = math.log(gamma)
+    _t51 = 2.0*y - 1.0
+    _t52 = math.log(abs(_t51))
+    _t53 = _t40*_t49 + _t50 + _t52
+    _t54 = _t39 + _t53
+    _t55 = math.log1p(_t47*math.exp(-abs(_t35))) + max(_t34, _t26 + _t28 + _t31)
+    _t56 = _sign(gamma)
+    _t57 = -_t51
+    _t58 = _t56*_sign(_t57)
+    _t59 = _t58*math.exp((_t54 + _t55))
+    _t60 = -_t59*(_t22 + ((_t24)/(2.0)) + ((-_t25*_t36)/(2.0)))
+    _t61 = (_t9 < -0.5)
+    _t62 = math.log(2.0)
+    _t63 = _logcosh_from(_t6, _t7)
+    _t67 = _t57*gamma
+    _t68 = ((_t8)/(2.0))
+    _t69 = _t68 + 1/2
+    _t70 = _t1*_t69 + y*(((-_t8)/(2.0)) + 1/2)
+    _t74 = _sigmoid_from(x, _t15)
+    _t75 = _t1*_t74
+    _t76 = _t75 + y*(1.0 - _t74)
+    _t80 = _t17 + _t75
+    _t82 = ((_t61) if _t13 else ((_t80 < 1e-100)))
+    _t90 = gamma - 2.0
+    _t91 = _t16*_t74
+    if _t13:
+        _t10 = _t9 + 1/2
+        _t11 = _t10**gamma
+        _t64 = _t3*_t63 + _t62 + _t63*y + (_t4*x)
+        _t66 = _t10**_t40
+        _b1 = _t64
+        _b2 = _t66
+        _b3 = _t5 + _t68
+        _b4 = _t10**_t90
+        _b5 = _t66
+        _t83 = _t64
+        _t81 = _t11
+        _b6 = _t64
+        _b7 = _t66
+        _t77 = _t11
+        _b8 = _t64
+        _b9 = _t66
+        _t71 = _t11
+        _t20 = _t11
     else:
-        _t15 = _t0*(1.0 - _t13) + _t14
-        _t23 = math.log1p(_t12)
-        _t24 = _softplus_from(_t11, _t23)
-        _t25 = _t24*y
-        _t29 = _t0*(_t28 + 1/2) + y*(((-_t7)/(2.0)) + 1/2)
-        _t31 = _t20 + _t21
-        _t35 = _t34 + y*(1.0 - _t33)
-        _t37 = _softplus_from(x, _t23)
-        _t38 = _t0*_t37
-        _t40 = _t14 + _t34
-        _b1 = _t0*_t33 - _t14
-        _b2 = _t40**_t47
-        _b3 = _t40**_t18
-        _t43 = _t25 + _t38
-        _t41 = _t40**gamma
-        _b4 = _t35**_t18
-        _b5 = _t38 + y*(_t37 - x)
-        _t36 = _t35**gamma
-        _b6 = _t29**_t18
-        _b7 = _t0*(_t31 + _t5) + y*(_t31 + ((_t11)/(2.0)))
-        _t30 = _t29**gamma
-        _b8 = _t15**_t18
-        _b9 = _t0*(_t24 + x) + _t25
-        _t16 = _t15**gamma
-    _t45 = _t44*gamma*_b3
-    _t46 = _t43*_t45
+        _t65 = _t38*y
+        _t72 = _t62 + _t63
+        _t78 = _t1*_t41
+        _b1 = _t1*(_t38 + x) + _t65
+        _b2 = _t19**_t40
+        _b3 = _t1*_t74 - _t17
+        _b4 = _t80**_t90
+        _b5 = _t80**_t40
+        _t83 = _t65 + _t78
+        _t81 = _t80**gamma
+        _b6 = _t78 + y*(-_t44 - x)
+        _b7 = _t76**_t40
+        _t77 = _t76**gamma
+        _b8 = _t1*(_t6 + _t72) + y*(_t72 + ((_t14)/(2.0)))
+        _b9 = _t70**_t40
+        _t71 = _t70**gamma
+        _t20 = _t19**gamma
+    if _t82:
+        _t87 = ((_t23)/(2.0))
+        _t88 = _t87 + ((_t21)/(2.0)) + ((_t25*_t36)/(2.0))
+        _t89 = _t44 + _t55
+        _b10 = _t60
+        _b11 = -_t59*_t88
+        _b12 = _t23*_t58*math.exp((_t26 + _t54))
+        _b13 = _t58*_t88*math.exp((_t53 + _t89))
+        _b14 = _t58*(_t22 + _t87 + (((-_t21 - _t23)*_sign(_t46))/(2.0)))*math.exp((_t43 + _t53 + math.log1p(-_t48)))
+        _b15 = -_t21*_t58*math.exp((_t45 + _t53))
+        _b16 = _t56*_t88*math.exp((_t39 + _t49*_t90 + _t50 + 2.0*_t52 + _t89 + math.log(abs(_t40))))*_sign(_t40)
+    else:
+        _t84 = _t67*(_b5)
+        _t85 = _t83*_t84
+        _t86 = _t74*_t85
+        _b10 = _t86
+        _b11 = -_t86
+        _b12 = _t75*_t84
+        _b13 = _t16*_t85
+        _b14 = _t84*_b3
+        _b15 = -_t17*_t84
+        _b16 = _t40*_t57**2*_t83*_t91*gamma*(_b4)
     if (x > 1.0):
-        _t26 = _b8*_b9
-        _b0 = _t13**2*_t26*(gamma*_fma(2.0, y, -1.0)) - _t13*_t16 + _t13*(gamma*_fma(-2.0, y, 1.0))*_t26 + _t16*_t2
-    elif _t10:
-        _t32 = _b6*_b7
-        _b0 = _t30*_t4 + (((gamma*_fma(-2.0, y, 1.0))*_t32)/(4.0)) + ((_t30*_t7)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t32*_t7**2)/(4.0))
+        _b0 = -_t16*_t20 + _t16*((_t60) if ((_t61) if _t13 else ((_t19 < 1e-100))) else (_t18*_t67*_b1*(_b2))) + _t20*_t3
+    elif _t13:
+        _t73 = ((_t60) if ((_t61) if _t13 else ((_t70 < 1e-100))) else (_t67*_t69*_b8*(_b9)))
+        _b0 = _t5*_t71 + ((_t73)/(2.0)) + ((_t71*_t8)/(2.0)) + ((-_t73*_t8)/(2.0))
     elif (x < -1.0):
-        _t39 = _b4*_b5
-        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t33*_t39 + (gamma*_fma(2.0, y, -1.0))*_t33**2*_t39 + _t33*_t36 - _t36*y
+        _t79 = ((_t60) if ((_t61) if _t13 else ((_t76 < 1e-100))) else (_t67*_t74*_b6*(_b7)))
+        _b0 = _t74*_t77 - _t74*_t79 - _t77*y + _t79
     else:
-        _b0 = -_t14*_t41 + _t34*_t41 + _t42*_t46
-    return _t1*_b0, _t1*_t42*(_t0*_t41 + _t13*_t46 - _t14*_t45 + _t18*_t42*_t43*_t44**2*gamma*_b2 - _t33*_t46 + _t34*_t45 + _t41*y + _t45*_b1)
+        _b0 = _t16*_b10 - _t17*_t81 + _t75*_t81
+    return _t2*_b0, _t2*_t91*(_t1*_t81 + _t81*y + _b11 + _b15 + _b12 + _b13 + _b14 + _b16)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -309,86 +467,148 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t0 = 1.0 - y
-    _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = 1/2 - y
-    _t3 = (_t2)
-    _t4 = ((x)/(2.0))
-    _t5 = math.expm1(abs(_t4))
-    _t6 = _tanh_from(_t4, _t5)
-    _t9 = (abs(x) <= 1.0)
-    _t10 = -x
-    _t11 = math.exp(-abs(x))
-    _t12 = _sigmoid_from(_t10, _t11)
-    _t13 = _t12*y
-    _t14 = _sigmoid_from(x, _t11)
-    _t15 = _t0*_t14
-    _t18 = math.log(2.0)
-    _t19 = _logcosh_from(_t4, _t5)
-    _t20 = (_t0)
-    _t31 = gamma - 1.0
-    _t35 = ((_t6)/(2.0))
-    _t43 = _t12*_t14
-    _t44 = 1.0 - 2.0*y
-    _t47 = gamma - 2.0
-    if _t9:
-        _t7 = _t3*_t6 + 1/2
-        _t8 = _t7**gamma
-        _t21 = _t18 + _t19*_t20 + _t19*y + (_t2*x)
-        _t32 = _t7**_t31
-        _b1 = _t3 + _t35
-        _b2 = _t7**_t47
-        _b3 = _t32
-        _b4 = _t21
-        _b5 = _t32
-        _t41 = _t8
-        _b6 = _t21
-        _b7 = _t32
-        _t37 = _t8
-        _b8 = _t21
-        _b9 = _t32
-        _t29 = _t8
-        _t27 = _t21
-        _t17 = _t8
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t2 = _t1*(1.0 - alpha) + alpha*y
+    _t3 = 1/2 - y
+    _t4 = (_t3)
+    _t5 = ((x)/(2.0))
+    _t6 = math.expm1(abs(_t5))
+    _t7 = _tanh_from(_t5, _t6)
+    _t8 = _t4*_t7
+    _t11 = abs(x)
+    _t12 = (_t11 <= 1.0)
+    _t13 = -x
+    _t14 = math.exp(-abs(x))
+    _t15 = _sigmoid_from(_t13, _t14)
+    _t16 = _t15*y
+    _t17 = _sigmoid_from(x, _t14)
+    _t18 = _t1*_t17
+    _t19 = _t16 + _t18
+    _t21 = math.log(2.0)
+    _t22 = _logcosh_from(_t5, _t6)
+    _t23 = (_t1)
+    _t25 = math.log1p(_t14)
+    _t26 = _softplus_from(_t13, _t25)
+    _t28 = _softplus_from(x, _t25)
+    _t31 = 1.0 - _t15
+    _t32 = _t1*_t31 + _t16
+    _t34 = _sign(y)
+    _t35 = ((-_t34)/(2.0))
+    _t36 = _sign(_t1)
+    _t37 = -_t36
+    _t38 = _t34 + _t37
+    _t39 = math.log(abs(_t0))
+    _t40 = -_t39
+    _t41 = min(0.0, x)
+    _t42 = max(0.0, x)
+    _t43 = _log1prel(math.exp(-_t11))
+    _t44 = math.log(_t42 + _t43*math.exp(-_t42))
+    _t45 = math.log(y)
+    _t46 = max(0.0, _t13)
+    _t47 = _t45 + math.log(_t43*math.exp(-_t46) + _t46) + min(0.0, _t13)
+    _t48 = _t40 - _t41 - _t44 + _t47
+    _t49 = _sign(_t48)
+    _t50 = -_t26
+    _t51 = gamma - 1.0
+    _t52 = _t26 + _t40
+    _t53 = max(-_t52, -_t28 + _t45)
+    _t54 = -_t28
+    _t55 = _t45 + _t54
+    _t56 = _t52 + _t55
+    _t57 = _t34*_t36
+    _t58 = _t57*math.exp(-abs(_t56))
+    _t59 = _t53 + math.log1p(_t58)
+    _t60 = math.log(gamma)
+    _t61 = 2.0*y - 1.0
+    _t62 = math.log(abs(_t61))
+    _t63 = _t51*_t59 + _t60 + _t62
+    _t64 = _t50 + _t63
+    _t65 = math.log1p(_t57*math.exp(-abs(_t48))) + max(_t47, _t39 + _t41 + _t44)
+    _t66 = _sign(gamma)
+    _t67 = -_t61
+    _t68 = _t66*_sign(_t67)
+    _t69 = _t68*math.exp((_t64 + _t65))
+    _t70 = -_t69*(_t35 + ((_t37)/(2.0)) + ((-_t38*_t49)/(2.0)))
+    _t71 = (_t8 < -0.5)
+    _t73 = _t67*gamma
+    _t74 = ((_t7)/(2.0))
+    _t75 = _t74 + 1/2
+    _t76 = _t1*_t75 + y*(((-_t7)/(2.0)) + 1/2)
+    _t80 = _t18 + y*(1.0 - _t17)
+    _t83 = ((_t71) if _t12 else ((_t19 < 1e-100)))
+    _t90 = gamma - 2.0
+    _t91 = _t15*_t17
+    if _t12:
+        _t9 = _t8 + 1/2
+        _t10 = _t9**gamma
+        _t24 = _t21 + _t22*_t23 + _t22*y + (_t3*x)
+        _t72 = _t9**_t51
+        _b1 = _t24
+        _b2 = _t72
+        _b3 = _t4 + _t74
+        _b4 = _t9**_t90
+        _b5 = _t72
+        _b6 = _t24
+        _b7 = _t72
+        _t81 = _t10
+        _b8 = _t24
+        _b9 = _t72
+        _t77 = _t10
+        _t33 = _t10
+        _t30 = _t24
+        _t20 = _t10
     else:
-        _t16 = _t13 + _t15
-        _t22 = math.log1p(_t11)
-        _t23 = _softplus_from(_t10, _t22)
-        _t24 = _t23*y
-        _t25 = _softplus_from(x, _t22)
-        _t26 = _t0*_t25
-        _t28 = _t0*(1.0 - _t12) + _t13
-        _t36 = _t0*(_t35 + 1/2) + y*(((-_t6)/(2.0)) + 1/2)
-        _t38 = _t18 + _t19
-        _t40 = _t15 + y*(1.0 - _t14)
-        _b1 = _t0*_t14 - _t13
-        _b2 = _t16**_t47
-        _b3 = _t16**_t31
-        _b4 = _t26 + y*(_t25 - x)
-        _b5 = _t40**_t31
-        _t41 = _t40**gamma
-        _b6 = _t0*(_t38 + _t4) + y*(_t38 + ((_t10)/(2.0)))
-        _b7 = _t36**_t31
-        _t37 = _t36**gamma
-        _b8 = _t0*(_t23 + x) + _t24
-        _b9 = _t28**_t31
-        _t29 = _t28**gamma
-        _t27 = _t24 + _t26
-        _t17 = _t16**gamma
-    _t45 = _t44*gamma*_b3
-    _t46 = _t27*_t45
+        _t27 = _t26*y
+        _t29 = _t1*_t28
+        _t78 = _t21 + _t22
+        _b1 = _t1*(_t26 + x) + _t27
+        _b2 = _t32**_t51
+        _b3 = _t1*_t17 - _t16
+        _b4 = _t19**_t90
+        _b5 = _t19**_t51
+        _b6 = _t29 + y*(-_t54 - x)
+        _b7 = _t80**_t51
+        _t81 = _t80**gamma
+        _b8 = _t1*(_t5 + _t78) + y*(_t78 + ((_t13)/(2.0)))
+        _b9 = _t76**_t51
+        _t77 = _t76**gamma
+        _t33 = _t32**gamma
+        _t30 = _t27 + _t29
+        _t20 = _t19**gamma
+    if _t83:
+        _t87 = ((_t36)/(2.0))
+        _t88 = _t87 + ((_t34)/(2.0)) + ((_t38*_t49)/(2.0))
+        _t89 = _t54 + _t65
+        _b10 = _t70
+        _b11 = -_t69*_t88
+        _b12 = _t36*_t68*math.exp((_t39 + _t64))
+        _b13 = _t68*_t88*math.exp((_t63 + _t89))
+        _b14 = _t68*(_t35 + _t87 + (((-_t34 - _t36)*_sign(_t56))/(2.0)))*math.exp((_t53 + _t63 + math.log1p(-_t58)))
+        _b15 = -_t34*_t68*math.exp((_t55 + _t63))
+        _b16 = _t66*_t88*math.exp((_t50 + _t59*_t90 + _t60 + 2.0*_t62 + _t89 + math.log(abs(_t51))))*_sign(_t51)
+    else:
+        _t84 = _t73*(_b5)
+        _t85 = _t30*_t84
+        _t86 = _t17*_t85
+        _b10 = _t86
+        _b11 = -_t86
+        _b12 = _t18*_t84
+        _b13 = _t15*_t85
+        _b14 = _t84*_b3
+        _b15 = -_t16*_t84
+        _b16 = _t30*_t51*_t67**2*_t91*gamma*(_b4)
     if (x > 1.0):
-        _t33 = _b8*_b9
-        _b0 = _t12**2*_t33*(gamma*_fma(2.0, y, -1.0)) - _t12*_t29 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t33 + _t20*_t29
-    elif _t9:
-        _t39 = _b6*_b7
-        _b0 = _t3*_t37 + (((gamma*_fma(-2.0, y, 1.0))*_t39)/(4.0)) + ((_t37*_t6)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t39*_t6**2)/(4.0))
+        _b0 = -_t15*_t33 + _t15*((_t70) if ((_t71) if _t12 else ((_t32 < 1e-100))) else (_t31*_t73*_b1*(_b2))) + _t23*_t33
+    elif _t12:
+        _t79 = ((_t70) if ((_t71) if _t12 else ((_t76 < 1e-100))) else (_t73*_t75*_b8*(_b9)))
+        _b0 = _t4*_t77 + ((_t79)/(2.0)) + ((_t7*_t77)/(2.0)) + ((-_t7*_t79)/(2.0))
     elif (x < -1.0):
-        _t42 = _b4*_b5
-        _b0 = _t14**2*(gamma*_fma(2.0, y, -1.0))*_t42 + _t14*(gamma*_fma(-2.0, y, 1.0))*_t42 + _t14*_t41 - _t41*y
+        _t82 = ((_t70) if ((_t71) if _t12 else ((_t80 < 1e-100))) else (_t17*_t73*_b6*(_b7)))
+        _b0 = _t17*_t81 - _t17*_t82 - _t81*y + _t82
     else:
-        _b0 = -_t13*_t17 + _t15*_t17 + _t43*_t46
-    return _t1*_t17*_t27, _t1*_b0, _t1*_t43*(_t0*_t17 + _t12*_t46 - _t13*_t45 - _t14*_t46 + _t15*_t45 + _t17*y + _t27*_t31*_t43*_t44**2*gamma*_b2 + _t45*_b1)
+        _b0 = _t15*_b10 - _t16*_t20 + _t18*_t20
+    return _t2*_t20*_t30, _t2*_b0, _t2*_t91*(_t1*_t20 + _t20*y + _b11 + _b15 + _b12 + _b13 + _b14 + _b16)
 
 
 @numba.njit(cache=True, error_model="numpy")
