@@ -565,6 +565,7 @@ def _exp_product_branches(a, b, factors):
 
 SMALL_BASE = 1e-100  # below it, B**e (e >= -3) may overflow, and so may products of factors of B's size
 _LOG_DOMAIN: dict = {}  # placeholder -> the log-domain product it stands for (see _power_in_log_domain)
+_LOG_DOMAIN_BASE: dict = {}  # placeholder -> the base B whose size selects it
 VANISHING = (sigmoid, softplus, sp.exp)  # functions that under- (or over-)flow where their logs do not
 
 
@@ -646,7 +647,7 @@ def _power_in_log_domain(e):
         exponent = sp.Add(p.exp * base_log, sp.log(sp.Abs(coefficient)), *[q[1] for q in parts])
         far = sp.sign(coefficient) * sp.Mul(*[q[0] for q in parts]) * sp.exp(group(exponent))
         placeholder = sp.Symbol("_log_domain_" + hashlib.sha256(sp.srepr(far).encode()).hexdigest()[:16], real=True)
-        _LOG_DOMAIN[placeholder] = far
+        _LOG_DOMAIN[placeholder], _LOG_DOMAIN_BASE[placeholder] = far, p.base
         near = coefficient * group(p) * sp.Mul(*others)
         return sp.Piecewise((placeholder, p.base < SMALL_BASE), (near, True))
     return None
@@ -1257,7 +1258,22 @@ def _rewritten(expr: sp.Expr, rules: tuple[Rule, ...] = RULES) -> sp.Expr:
 def direct_form(expr: sp.Expr) -> sp.Expr:
     """The rewritten expression, with its cancelling sums split (a log-domain product's logs
     left as the rule wrote them)."""
-    return resolve_log_domain(split_cancellations(_rewritten(expr)))
+    return resolve_log_domain(_log_domain_outermost(split_cancellations(_rewritten(expr))))
+
+
+def _log_domain_outermost(expr: sp.Expr) -> sp.Expr:
+    """One selection at the top, Piecewise((expr with every log-domain product, B < SMALL_BASE),
+    (expr with none, True)), where every selection of rule power_log_domain in ``expr`` is on
+    the same base B: the same values, but the kernels compute the logs only where B is small
+    (a selection nested in a sum, or in the splits' branches, has them computed for every
+    element)."""
+    selections = [f for f in expr.atoms(sp.Piecewise) if f.args[0][0] in _LOG_DOMAIN]
+    bases = {_LOG_DOMAIN_BASE[f.args[0][0]] for f in selections}
+    if len(bases) != 1:
+        return expr
+    far = expr.xreplace({f: f.args[0][0] for f in selections})
+    near = expr.xreplace({f: f.args[1][0] for f in selections})
+    return sp.Piecewise((far, next(iter(bases)) < SMALL_BASE), (near, True))
 
 
 def with_asymptote(raw: sp.Expr, stable: sp.Expr, spec) -> sp.Expr:
