@@ -44,6 +44,16 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _sign(x):
+    """sign(x), with sign(0) = 0 and sign(nan) = nan."""
+    if x > 0:
+        return 1.0
+    if x < 0:
+        return -1.0
+    return x * 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sigmoid_from(x, e):
     """sigmoid(x) = 1 / (1 + exp(-x)) from e = exp(-|x|), never overflowing (sigmoid(-x)
     takes the same e)."""
@@ -99,6 +109,14 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _log1prel(u):
+    """log1p(u)/u, 1 at u = 0: a subnormal u is returned exactly by log1p, so the quotient is 1."""
+    if u == 0:
+        return 1.0
+    return math.log1p(u) / u
+
+
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, gamma, alpha):
     """loss of one element."""
@@ -127,51 +145,106 @@ def grad_scalar(y, x, gamma, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = 1.0 - y
-    _t2 = 1/2 - y
-    _t3 = (_t2)
-    _t4 = ((x)/(2.0))
-    _t5 = math.expm1(abs(_t4))
-    _t6 = _tanh_from(_t4, _t5)
-    _t7 = _t3*_t6 + 1/2
-    _t8 = _t7**gamma
-    _t9 = (abs(x) <= 1.0)
-    _t10 = -x
-    _t11 = math.exp(-abs(x))
-    _t12 = _sigmoid_from(_t10, _t11)
-    _t13 = _t12*y
-    _t17 = gamma - 1.0
-    _t18 = _t7**_t17
-    _t19 = math.log(2.0)
-    _t20 = _logcosh_from(_t4, _t5)
-    _t22 = math.log1p(_t11)
-    _t23 = _softplus_from(_t10, _t22)
-    _t24 = _t23*y
-    _t31 = _sigmoid_from(x, _t11)
-    _t32 = _t0*_t31
-    _t35 = _softplus_from(x, _t22)
-    _t36 = _t0*_t35
-    if (x > 1.0):
-        _t14 = _t0*(1.0 - _t12) + _t13
-        _t15 = ((_t8) if _t9 else (_t14**gamma))
-        _t25 = ((_t18) if _t9 else (_t14**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t0*(_t23 + x) + _t24))
-        _b0 = ((_t0))*_t15 + _t12**2*_t25*(gamma*_fma(2.0, y, -1.0)) - _t12*_t15 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t25
-    elif _t9:
-        _t27 = _t0*(((_t6)/(2.0)) + 1/2) + y*(((-_t6)/(2.0)) + 1/2)
-        _t28 = ((_t8) if _t9 else (_t27**gamma))
-        _t29 = _t19 + _t20
-        _t30 = ((_t18) if _t9 else (_t27**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t0*(_t29 + _t4) + y*(_t29 + ((_t10)/(2.0)))))
-        _b0 = _t28*_t3 + (((gamma*_fma(-2.0, y, 1.0))*_t30)/(4.0)) + ((_t28*_t6)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t30*_t6**2)/(4.0))
-    elif (x < -1.0):
-        _t33 = _t32 + y*(1.0 - _t31)
-        _t34 = ((_t8) if _t9 else (_t33**gamma))
-        _t37 = ((_t18) if _t9 else (_t33**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t36 + y*(_t35 - x)))
-        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t31*_t37 + (gamma*_fma(2.0, y, -1.0))*_t31**2*_t37 + _t31*_t34 - _t34*y
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t2 = _t1*(1.0 - alpha) + alpha*y
+    _t3 = -x
+    _t4 = math.exp(-abs(x))
+    _t5 = _sigmoid_from(_t3, _t4)
+    _t6 = 1/2 - y
+    _t7 = (_t6)
+    _t8 = ((x)/(2.0))
+    _t9 = math.expm1(abs(_t8))
+    _t10 = _tanh_from(_t8, _t9)
+    _t13 = abs(x)
+    _t14 = (_t13 <= 1.0)
+    _t15 = _t5*y
+    _t16 = 1.0 - _t5
+    _t20 = (_t1)
+    _t22 = 2.0*y - 1.0
+    _t23 = -_t22
+    _t39 = math.log1p(_t4)
+    _t40 = _softplus_from(_t3, _t39)
+    _t41 = gamma - 1.0
+    _t42 = _softplus_from(x, _t39)
+    _t44 = -_t42
+    _t49 = (x > 1.0)
+    _t50 = ((_t10)/(2.0)) + 1/2
+    _t54 = _sigmoid_from(x, _t4)
+    _t55 = _t1*_t54
+    _t59 = (x < -1.0)
+    _t60 = _t15 + _t55
+    _t63 = math.log(2.0)
+    _t64 = _logcosh_from(_t8, _t9)
+    if _t14:
+        _t11 = _t10*_t7 + 1/2
+        _t12 = _t11**gamma
+        _t65 = _t20*_t64 + _t63 + _t64*y + (_t6*x)
+        _t67 = _t11**_t41
+        _b1 = _t65
+        _b2 = _t67
+        _b3 = _t65
+        _b4 = _t67
+        _b5 = _t67
+        _t72 = _t65
+        _b6 = _t65
+        _b7 = _t67
+        _t61 = _t12
+        _t57 = _t12
+        _t52 = _t12
+        _t18 = _t12
     else:
-        _t38 = _t13 + _t32
-        _t39 = ((_t8) if _t9 else (_t38**gamma))
-        _b0 = _t12*_t31*gamma*(1.0 - 2.0*y)*((_t18) if _t9 else (_t38**_t17))*(((((_t0))*_t20 + _t19 + _t20*y + (_t2*x))) if _t9 else (_t24 + _t36)) - _t13*_t39 + _t32*_t39
-    return (_t0*(1.0 - alpha) + alpha*y)*_b0
+        _t17 = _t1*_t16 + _t15
+        _t51 = _t1*_t50 + y*(((-_t10)/(2.0)) + 1/2)
+        _t56 = _t55 + y*(1.0 - _t54)
+        _t66 = _t40*y
+        _t69 = _t63 + _t64
+        _t71 = _t1*_t42
+        _b1 = _t1*(_t40 + x) + _t66
+        _b2 = _t17**_t41
+        _b3 = _t66 + _t71
+        _b4 = _t60**_t41
+        _b5 = _t56**_t41
+        _t72 = _t71 + y*(-_t44 - x)
+        _b6 = _t1*(_t69 + _t8) + y*(_t69 + ((_t3)/(2.0)))
+        _b7 = _t51**_t41
+        _t61 = _t60**gamma
+        _t57 = _t56**gamma
+        _t52 = _t51**gamma
+        _t18 = _t17**gamma
+    _t19 = _t18*_t5
+    _t53 = _t52*_t7 + ((_t10*_t52)/(2.0))
+    _t58 = -_t54*_t57 + _t57*y
+    _t62 = _t15*_t61
+    if (_t60 < 1e-100):
+        _t21 = _sign(gamma)
+        _t24 = _sign(_t23)
+        _t25 = _sign(y)
+        _t26 = _sign(_t1)
+        _t27 = -_t26
+        _t28 = math.log(abs(_t0))
+        _t29 = -_t28
+        _t30 = min(0.0, x)
+        _t31 = max(0.0, x)
+        _t32 = _log1prel(math.exp(-_t13))
+        _t33 = math.log(_t31 + _t32*math.exp(-_t31))
+        _t34 = math.log(y)
+        _t35 = max(0.0, _t3)
+        _t36 = _t34 + math.log(_t32*math.exp(-_t35) + _t35) + min(0.0, _t3)
+        _t37 = _t29 - _t30 - _t33 + _t36
+        _t38 = ((-_t25)/(2.0)) + ((_t27)/(2.0)) + (((-_t25 - _t27)*_sign(_t37))/(2.0))
+        _t43 = _t29 + _t40
+        _t45 = _t25*_t26
+        _t46 = math.exp((-_t40 + _t41*(math.log1p(_t45*math.exp(-abs(_t34 + _t43 + _t44))) + max(-_t43, _t34 - _t42)) + math.log(gamma) + math.log(abs(_t22)) + math.log1p(_t45*math.exp(-abs(_t37))) + max(_t36, _t28 + _t30 + _t33)))
+        _t47 = _t21*_t24*_t38*_t46
+        _t48 = _t47*_t5
+        _b0 = _t2*((_t18*_t20 - _t19 - _t48) if _t49 else (_t53 + ((-_t47)/(2.0)) + ((_t10*_t47)/(2.0))) if _t14 else (_t21*_t24*_t38*_t46*_t54 - _t47 - _t58) if _t59 else (_t1*_t54*_t61 - _t48 - _t62))
+    else:
+        _t68 = _t23*gamma
+        _t70 = _t50*_t68*_b6*(_b7)
+        _t73 = (_b5)
+        _b0 = _t2*((_t16*_t5*_t68*_b1*(_b2) + _t18*_t20 - _t19) if _t49 else (_t53 + ((_t70)/(2.0)) + ((-_t10*_t70)/(2.0))) if _t14 else (_t23*_t54*_t72*_t73*gamma - _t54**2*_t68*_t72*_t73 - _t58) if _t59 else (_t5*_t54*_t68*_b3*(_b4) + _t55*_t61 - _t62))
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -179,42 +252,85 @@ def hess_scalar(y, x, gamma, alpha):
     """hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = 1.0 - y
-    _t7 = (abs(x) <= 1.0)
-    _t8 = -x
-    _t9 = math.exp(-abs(x))
-    _t10 = _sigmoid_from(_t8, _t9)
-    _t11 = _t10*y
-    _t12 = _sigmoid_from(x, _t9)
-    _t13 = _t0*_t12
-    _t16 = 1.0 - 2.0*y
-    _t17 = gamma - 1.0
-    _t23 = gamma - 2.0
-    _t24 = _t10*_t12
-    if _t7:
-        _t1 = 1/2 - y
-        _t2 = (_t1)
-        _t3 = ((x)/(2.0))
-        _t4 = math.expm1(abs(_t3))
-        _t5 = _tanh_from(_t3, _t4)
-        _t6 = _t2*_t5 + 1/2
-        _t19 = _logcosh_from(_t3, _t4)
-        _b0 = _t2 + ((_t5)/(2.0))
-        _b1 = _t6**_t23
-        _t21 = _t19*y + _t19*(_t0) + (_t1*x) + math.log(2.0)
-        _b2 = _t6**_t17
-        _t15 = _t6**gamma
+    _t1 = y - 1.0
+    _t2 = -_t1
+    _t5 = -x
+    _t6 = math.exp(-abs(x))
+    _t7 = math.log1p(_t6)
+    _t8 = _softplus_from(_t5, _t7)
+    _t13 = _softplus_from(x, _t7)
+    _t20 = gamma - 1.0
+    _t23 = 2.0*y - 1.0
+    _t27 = -_t23
+    _t31 = abs(x)
+    _t42 = gamma - 2.0
+    _t50 = (_t31 <= 1.0)
+    _t51 = _sigmoid_from(_t5, _t6)
+    _t52 = _t51*y
+    _t53 = _sigmoid_from(x, _t6)
+    _t54 = _t2*_t53
+    _t55 = _t52 + _t54
+    _t58 = _t51*_t53
+    _t59 = _t58*(_t2*(1.0 - alpha) + alpha*y)
+    if _t50:
+        _t44 = 1/2 - y
+        _t45 = (_t44)
+        _t46 = ((x)/(2.0))
+        _t47 = math.expm1(abs(_t46))
+        _t48 = _tanh_from(_t46, _t47)
+        _t49 = _t45*_t48 + 1/2
+        _t61 = _logcosh_from(_t46, _t47)
+        _b1 = _t45 + ((_t48)/(2.0))
+        _b2 = _t49**_t42
+        _t62 = _t61*y + _t61*(_t2) + (_t44*x) + math.log(2.0)
+        _b3 = _t49**_t20
+        _t56 = _t49**gamma
     else:
-        _t14 = _t11 + _t13
-        _t20 = math.log1p(_t9)
-        _b0 = _t0*_t12 - _t11
-        _b1 = _t14**_t23
-        _t21 = _t0*_softplus_from(x, _t20) + y*_softplus_from(_t8, _t20)
-        _b2 = _t14**_t17
-        _t15 = _t14**gamma
-    _t18 = _t16*gamma*_b2
-    _t22 = _t18*_t21
-    return _t24*(_t0*(1.0 - alpha) + alpha*y)*(_t0*_t15 + _t10*_t22 - _t11*_t18 - _t12*_t22 + _t13*_t18 + _t15*y + _t16**2*_t17*_t21*_t24*gamma*_b1 + _t18*_b0)
+        _b1 = _t2*_t53 - _t52
+        _b2 = _t55**_t42
+        _t62 = _t13*_t2 + _t8*y
+        _b3 = _t55**_t20
+        _t56 = _t55**gamma
+    _t57 = _t2*_t56 + _t56*y
+    if (_t55 < 1e-100):
+        _t0 = _sign(y)
+        _t3 = _sign(_t2)
+        _t4 = ((_t3)/(2.0))
+        _t9 = math.log(abs(_t1))
+        _t10 = -_t9
+        _t11 = _t10 + _t8
+        _t12 = math.log(y)
+        _t14 = -_t13
+        _t15 = _t12 + _t14
+        _t16 = _t11 + _t15
+        _t17 = max(-_t11, _t12 - _t13)
+        _t18 = _t0*_t3
+        _t19 = _t18*math.exp(-abs(_t16))
+        _t21 = _t17 + math.log1p(_t19)
+        _t22 = math.log(gamma)
+        _t24 = math.log(abs(_t23))
+        _t25 = _t20*_t21 + _t22 + _t24
+        _t26 = _sign(gamma)
+        _t28 = _t26*_sign(_t27)
+        _t29 = min(0.0, x)
+        _t30 = max(0.0, x)
+        _t32 = _log1prel(math.exp(-_t31))
+        _t33 = math.log(_t30 + _t32*math.exp(-_t30))
+        _t34 = max(0.0, _t5)
+        _t35 = _t12 + math.log(_t32*math.exp(-_t34) + _t34) + min(0.0, _t5)
+        _t36 = _t10 - _t29 - _t33 + _t35
+        _t37 = math.log1p(_t18*math.exp(-abs(_t36))) + max(_t35, _t29 + _t33 + _t9)
+        _t38 = _t14 + _t37
+        _t39 = _t4 + ((_t0)/(2.0)) + (((_t0 - _t3)*_sign(_t36))/(2.0))
+        _t40 = _t28*_t39
+        _t41 = -_t8
+        _t43 = _t25 + _t41
+        _b0 = _t59*(-_t0*_t28*math.exp((_t15 + _t25)) + _t26*_t39*math.exp((_t21*_t42 + _t22 + 2.0*_t24 + _t38 + _t41 + math.log(abs(_t20))))*_sign(_t20) + _t28*_t3*math.exp((_t43 + _t9)) + _t28*(_t4 + ((-_t0)/(2.0)) + (((-_t0 - _t3)*_sign(_t16))/(2.0)))*math.exp((_t17 + _t25 + math.log1p(-_t19))) + _t40*math.exp((_t25 + _t38)) - _t40*math.exp((_t37 + _t43)) + _t57)
+    else:
+        _t60 = _t27*gamma*(_b3)
+        _t63 = _t60*_t62
+        _b0 = _t59*(_t20*_t27**2*_t58*_t62*gamma*(_b2) + _t51*_t63 - _t52*_t60 - _t53*_t63 + _t54*_t60 + _t57 + _t60*_b1)
+    return _b0
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -222,86 +338,139 @@ def grad_hess_scalar(y, x, gamma, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t0 = 1.0 - y
-    _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = (_t0)
-    _t3 = 1/2 - y
-    _t4 = (_t3)
-    _t5 = ((x)/(2.0))
-    _t6 = math.expm1(abs(_t5))
-    _t7 = _tanh_from(_t5, _t6)
-    _t10 = (abs(x) <= 1.0)
-    _t11 = -x
-    _t12 = math.exp(-abs(x))
-    _t13 = _sigmoid_from(_t11, _t12)
-    _t14 = _t13*y
-    _t18 = gamma - 1.0
-    _t20 = math.log(2.0)
-    _t21 = _logcosh_from(_t5, _t6)
-    _t28 = ((_t7)/(2.0))
-    _t33 = _sigmoid_from(x, _t12)
-    _t34 = _t0*_t33
-    _t42 = _t13*_t33
-    _t44 = 1.0 - 2.0*y
-    _t47 = gamma - 2.0
-    if _t10:
-        _t8 = _t4*_t7 + 1/2
-        _t9 = _t8**gamma
-        _t19 = _t8**_t18
-        _t22 = _t2*_t21 + _t20 + _t21*y + (_t3*x)
-        _b1 = _t28 + _t4
-        _b2 = _t8**_t47
-        _b3 = _t19
-        _t43 = _t22
-        _t41 = _t9
-        _b4 = _t19
-        _b5 = _t22
-        _t36 = _t9
-        _b6 = _t19
-        _b7 = _t22
-        _t30 = _t9
-        _b8 = _t19
-        _b9 = _t22
-        _t16 = _t9
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t2 = _t1*(1.0 - alpha) + alpha*y
+    _t3 = -x
+    _t4 = math.exp(-abs(x))
+    _t5 = _sigmoid_from(_t3, _t4)
+    _t6 = 1/2 - y
+    _t7 = (_t6)
+    _t8 = ((x)/(2.0))
+    _t9 = math.expm1(abs(_t8))
+    _t10 = _tanh_from(_t8, _t9)
+    _t13 = abs(x)
+    _t14 = (_t13 <= 1.0)
+    _t15 = _t5*y
+    _t16 = 1.0 - _t5
+    _t20 = (_t1)
+    _t38 = math.log1p(_t4)
+    _t39 = _softplus_from(_t3, _t38)
+    _t41 = gamma - 1.0
+    _t42 = _softplus_from(x, _t38)
+    _t45 = -_t42
+    _t52 = 2.0*y - 1.0
+    _t59 = -_t52
+    _t65 = (x > 1.0)
+    _t66 = ((_t10)/(2.0))
+    _t67 = _t66 + 1/2
+    _t71 = _sigmoid_from(x, _t4)
+    _t72 = _t1*_t71
+    _t76 = (x < -1.0)
+    _t77 = _t15 + _t72
+    _t80 = (_t77 < 1e-100)
+    _t81 = math.log(2.0)
+    _t82 = _logcosh_from(_t8, _t9)
+    _t92 = _t5*_t71
+    _t99 = gamma - 2.0
+    _t101 = _t2*_t92
+    if _t14:
+        _t11 = _t10*_t7 + 1/2
+        _t12 = _t11**gamma
+        _t83 = _t20*_t82 + _t81 + _t82*y + (_t6*x)
+        _t85 = _t11**_t41
+        _b2 = _t83
+        _b3 = _t85
+        _b4 = _t66 + _t7
+        _b5 = _t11**_t99
+        _b6 = _t85
+        _t93 = _t83
+        _b7 = _t85
+        _t90 = _t83
+        _b8 = _t83
+        _b9 = _t85
+        _t78 = _t12
+        _t74 = _t12
+        _t69 = _t12
+        _t18 = _t12
     else:
-        _t15 = _t0*(1.0 - _t13) + _t14
-        _t23 = math.log1p(_t12)
-        _t24 = _softplus_from(_t11, _t23)
-        _t25 = _t24*y
-        _t29 = _t0*(_t28 + 1/2) + y*(((-_t7)/(2.0)) + 1/2)
-        _t31 = _t20 + _t21
-        _t35 = _t34 + y*(1.0 - _t33)
-        _t37 = _softplus_from(x, _t23)
-        _t38 = _t0*_t37
-        _t40 = _t14 + _t34
-        _b1 = _t0*_t33 - _t14
-        _b2 = _t40**_t47
-        _b3 = _t40**_t18
-        _t43 = _t25 + _t38
-        _t41 = _t40**gamma
-        _b4 = _t35**_t18
-        _b5 = _t38 + y*(_t37 - x)
-        _t36 = _t35**gamma
-        _b6 = _t29**_t18
-        _b7 = _t0*(_t31 + _t5) + y*(_t31 + ((_t11)/(2.0)))
-        _t30 = _t29**gamma
-        _b8 = _t15**_t18
-        _b9 = _t0*(_t24 + x) + _t25
-        _t16 = _t15**gamma
-    _t45 = _t44*gamma*_b3
-    _t46 = _t43*_t45
-    if (x > 1.0):
-        _t26 = _b8*_b9
-        _b0 = _t13**2*_t26*(gamma*_fma(2.0, y, -1.0)) - _t13*_t16 + _t13*(gamma*_fma(-2.0, y, 1.0))*_t26 + _t16*_t2
-    elif _t10:
-        _t32 = _b6*_b7
-        _b0 = _t30*_t4 + (((gamma*_fma(-2.0, y, 1.0))*_t32)/(4.0)) + ((_t30*_t7)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t32*_t7**2)/(4.0))
-    elif (x < -1.0):
-        _t39 = _b4*_b5
-        _b0 = (gamma*_fma(-2.0, y, 1.0))*_t33*_t39 + (gamma*_fma(2.0, y, -1.0))*_t33**2*_t39 + _t33*_t36 - _t36*y
+        _t17 = _t1*_t16 + _t15
+        _t68 = _t1*_t67 + y*(((-_t10)/(2.0)) + 1/2)
+        _t73 = _t72 + y*(1.0 - _t71)
+        _t84 = _t39*y
+        _t87 = _t81 + _t82
+        _t89 = _t1*_t42
+        _b2 = _t1*(_t39 + x) + _t84
+        _b3 = _t17**_t41
+        _b4 = _t1*_t71 - _t15
+        _b5 = _t77**_t99
+        _b6 = _t77**_t41
+        _t93 = _t84 + _t89
+        _b7 = _t73**_t41
+        _t90 = _t89 + y*(-_t45 - x)
+        _b8 = _t1*(_t8 + _t87) + y*(_t87 + ((_t3)/(2.0)))
+        _b9 = _t68**_t41
+        _t78 = _t77**gamma
+        _t74 = _t73**gamma
+        _t69 = _t68**gamma
+        _t18 = _t17**gamma
+    _t19 = _t18*_t5
+    _t70 = _t69*_t7 + ((_t10*_t69)/(2.0))
+    _t75 = -_t71*_t74 + _t74*y
+    _t79 = _t15*_t78
+    _t100 = _t1*_t78 + _t78*y
+    if _t80:
+        _t21 = _sign(y)
+        _t22 = ((-_t21)/(2.0))
+        _t23 = _sign(_t1)
+        _t24 = -_t23
+        _t25 = _t21 + _t24
+        _t26 = math.log(abs(_t0))
+        _t27 = -_t26
+        _t28 = min(0.0, x)
+        _t29 = max(0.0, x)
+        _t30 = _log1prel(math.exp(-_t13))
+        _t31 = math.log(_t29 + _t30*math.exp(-_t29))
+        _t32 = math.log(y)
+        _t33 = max(0.0, _t3)
+        _t34 = _t32 + math.log(_t30*math.exp(-_t33) + _t33) + min(0.0, _t3)
+        _t35 = _t27 - _t28 - _t31 + _t34
+        _t36 = _sign(_t35)
+        _t37 = _t22 + ((_t24)/(2.0)) + ((-_t25*_t36)/(2.0))
+        _t40 = -_t39
+        _t43 = _t27 + _t39
+        _t44 = max(-_t43, _t32 - _t42)
+        _t46 = _t32 + _t45
+        _t47 = _t43 + _t46
+        _t48 = _t21*_t23
+        _t49 = _t48*math.exp(-abs(_t47))
+        _t50 = _t44 + math.log1p(_t49)
+        _t51 = math.log(gamma)
+        _t53 = math.log(abs(_t52))
+        _t54 = _t41*_t50 + _t51 + _t53
+        _t55 = _t40 + _t54
+        _t56 = math.log1p(_t48*math.exp(-abs(_t35))) + max(_t34, _t26 + _t28 + _t31)
+        _t57 = math.exp((_t55 + _t56))
+        _t58 = _sign(gamma)
+        _t60 = _sign(_t59)
+        _t61 = _t58*_t60
+        _t62 = _t57*_t61
+        _t63 = _t37*_t62
+        _t64 = _t5*_t63
+        _t96 = ((_t23)/(2.0))
+        _t97 = _t96 + ((_t21)/(2.0)) + ((_t25*_t36)/(2.0))
+        _t98 = _t45 + _t56
+        _b0 = _t2*((_t18*_t20 - _t19 - _t64) if _t65 else (_t70 + ((-_t63)/(2.0)) + ((_t10*_t63)/(2.0))) if _t14 else (_t37*_t57*_t58*_t60*_t71 - _t63 - _t75) if _t76 else (_t1*_t71*_t78 - _t64 - _t79))
+        _b1 = _t101*(_t100 - _t21*_t61*math.exp((_t46 + _t54)) + _t23*_t61*math.exp((_t26 + _t55)) + _t58*_t97*math.exp((_t40 + _t50*_t99 + _t51 + 2.0*_t53 + _t98 + math.log(abs(_t41))))*_sign(_t41) + _t61*_t97*math.exp((_t54 + _t98)) + _t61*(_t22 + _t96 + (((-_t21 - _t23)*_sign(_t47))/(2.0)))*math.exp((_t44 + _t54 + math.log1p(-_t49))) - _t62*_t97)
     else:
-        _b0 = -_t14*_t41 + _t34*_t41 + _t42*_t46
-    return _t1*_b0, _t1*_t42*(_t0*_t41 + _t13*_t46 - _t14*_t45 + _t18*_t42*_t43*_t44**2*gamma*_b2 - _t33*_t46 + _t34*_t45 + _t41*y + _t45*_b1)
+        _t86 = _t59*gamma
+        _t88 = _t67*_t86*_b8*(_b9)
+        _t91 = (_b7)
+        _t94 = _t86*(_b6)
+        _t95 = _t93*_t94
+        _b0 = _t2*((_t16*_t5*_t86*_b2*(_b3) + _t18*_t20 - _t19) if _t65 else (_t70 + ((_t88)/(2.0)) + ((-_t10*_t88)/(2.0))) if _t14 else (_t59*_t71*_t90*_t91*gamma - _t71**2*_t86*_t90*_t91 - _t75) if _t76 else (_t72*_t78 - _t79 + _t92*_t95))
+        _b1 = _t101*(_t100 - _t15*_t94 + _t41*_t59**2*_t92*_t93*gamma*(_b5) + _t5*_t95 - _t71*_t95 + _t72*_t94 + _t94*_b4)
+    return _b0, _b1
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -309,86 +478,139 @@ def loss_grad_hess_scalar(y, x, gamma, alpha):
     """loss, grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
-    _t0 = 1.0 - y
-    _t1 = _t0*(1.0 - alpha) + alpha*y
-    _t2 = 1/2 - y
-    _t3 = (_t2)
-    _t4 = ((x)/(2.0))
-    _t5 = math.expm1(abs(_t4))
-    _t6 = _tanh_from(_t4, _t5)
-    _t9 = (abs(x) <= 1.0)
-    _t10 = -x
-    _t11 = math.exp(-abs(x))
-    _t12 = _sigmoid_from(_t10, _t11)
-    _t13 = _t12*y
-    _t14 = _sigmoid_from(x, _t11)
-    _t15 = _t0*_t14
-    _t18 = math.log(2.0)
-    _t19 = _logcosh_from(_t4, _t5)
-    _t20 = (_t0)
-    _t31 = gamma - 1.0
-    _t35 = ((_t6)/(2.0))
-    _t43 = _t12*_t14
-    _t44 = 1.0 - 2.0*y
-    _t47 = gamma - 2.0
-    if _t9:
-        _t7 = _t3*_t6 + 1/2
-        _t8 = _t7**gamma
-        _t21 = _t18 + _t19*_t20 + _t19*y + (_t2*x)
-        _t32 = _t7**_t31
-        _b1 = _t3 + _t35
-        _b2 = _t7**_t47
-        _b3 = _t32
-        _b4 = _t21
-        _b5 = _t32
-        _t41 = _t8
-        _b6 = _t21
-        _b7 = _t32
-        _t37 = _t8
-        _b8 = _t21
-        _b9 = _t32
-        _t29 = _t8
-        _t27 = _t21
-        _t17 = _t8
+    _t0 = y - 1.0
+    _t1 = -_t0
+    _t2 = _t1*(1.0 - alpha) + alpha*y
+    _t3 = 1/2 - y
+    _t4 = (_t3)
+    _t5 = ((x)/(2.0))
+    _t6 = math.expm1(abs(_t5))
+    _t7 = _tanh_from(_t5, _t6)
+    _t10 = abs(x)
+    _t11 = (_t10 <= 1.0)
+    _t12 = -x
+    _t13 = math.exp(-abs(x))
+    _t14 = _sigmoid_from(_t12, _t13)
+    _t15 = _t14*y
+    _t16 = _sigmoid_from(x, _t13)
+    _t17 = _t1*_t16
+    _t18 = _t15 + _t17
+    _t20 = math.log(2.0)
+    _t21 = _logcosh_from(_t5, _t6)
+    _t22 = (_t1)
+    _t24 = math.log1p(_t13)
+    _t25 = _softplus_from(_t12, _t24)
+    _t27 = _softplus_from(x, _t24)
+    _t30 = 1.0 - _t14
+    _t52 = gamma - 1.0
+    _t55 = -_t27
+    _t62 = 2.0*y - 1.0
+    _t69 = -_t62
+    _t75 = (x > 1.0)
+    _t76 = ((_t7)/(2.0))
+    _t77 = _t76 + 1/2
+    _t84 = (x < -1.0)
+    _t86 = (_t18 < 1e-100)
+    _t93 = _t14*_t16
+    _t99 = gamma - 2.0
+    _t101 = _t2*_t93
+    if _t11:
+        _t8 = _t4*_t7 + 1/2
+        _t9 = _t8**gamma
+        _t23 = _t20 + _t21*_t22 + _t21*y + (_t3*x)
+        _t87 = _t8**_t52
+        _b2 = _t23
+        _b3 = _t87
+        _b4 = _t4 + _t76
+        _b5 = _t8**_t99
+        _b6 = _t87
+        _b7 = _t87
+        _t91 = _t23
+        _b8 = _t23
+        _b9 = _t87
+        _t82 = _t9
+        _t79 = _t9
+        _t32 = _t9
+        _t29 = _t23
+        _t19 = _t9
     else:
-        _t16 = _t13 + _t15
-        _t22 = math.log1p(_t11)
-        _t23 = _softplus_from(_t10, _t22)
-        _t24 = _t23*y
-        _t25 = _softplus_from(x, _t22)
-        _t26 = _t0*_t25
-        _t28 = _t0*(1.0 - _t12) + _t13
-        _t36 = _t0*(_t35 + 1/2) + y*(((-_t6)/(2.0)) + 1/2)
-        _t38 = _t18 + _t19
-        _t40 = _t15 + y*(1.0 - _t14)
-        _b1 = _t0*_t14 - _t13
-        _b2 = _t16**_t47
-        _b3 = _t16**_t31
-        _b4 = _t26 + y*(_t25 - x)
-        _b5 = _t40**_t31
-        _t41 = _t40**gamma
-        _b6 = _t0*(_t38 + _t4) + y*(_t38 + ((_t10)/(2.0)))
-        _b7 = _t36**_t31
-        _t37 = _t36**gamma
-        _b8 = _t0*(_t23 + x) + _t24
-        _b9 = _t28**_t31
-        _t29 = _t28**gamma
-        _t27 = _t24 + _t26
-        _t17 = _t16**gamma
-    _t45 = _t44*gamma*_b3
-    _t46 = _t27*_t45
-    if (x > 1.0):
-        _t33 = _b8*_b9
-        _b0 = _t12**2*_t33*(gamma*_fma(2.0, y, -1.0)) - _t12*_t29 + _t12*(gamma*_fma(-2.0, y, 1.0))*_t33 + _t20*_t29
-    elif _t9:
-        _t39 = _b6*_b7
-        _b0 = _t3*_t37 + (((gamma*_fma(-2.0, y, 1.0))*_t39)/(4.0)) + ((_t37*_t6)/(2.0)) + (((gamma*_fma(2.0, y, -1.0))*_t39*_t6**2)/(4.0))
-    elif (x < -1.0):
-        _t42 = _b4*_b5
-        _b0 = _t14**2*(gamma*_fma(2.0, y, -1.0))*_t42 + _t14*(gamma*_fma(-2.0, y, 1.0))*_t42 + _t14*_t41 - _t41*y
+        _t26 = _t25*y
+        _t28 = _t1*_t27
+        _t31 = _t1*_t30 + _t15
+        _t78 = _t1*_t77 + y*(((-_t7)/(2.0)) + 1/2)
+        _t81 = _t17 + y*(1.0 - _t16)
+        _t89 = _t20 + _t21
+        _b2 = _t1*(_t25 + x) + _t26
+        _b3 = _t31**_t52
+        _b4 = _t1*_t16 - _t15
+        _b5 = _t18**_t99
+        _b6 = _t18**_t52
+        _b7 = _t81**_t52
+        _t91 = _t28 + y*(-_t55 - x)
+        _b8 = _t1*(_t5 + _t89) + y*(_t89 + ((_t12)/(2.0)))
+        _b9 = _t78**_t52
+        _t82 = _t81**gamma
+        _t79 = _t78**gamma
+        _t32 = _t31**gamma
+        _t29 = _t26 + _t28
+        _t19 = _t18**gamma
+    _t33 = _t14*_t32
+    _t80 = _t4*_t79 + ((_t7*_t79)/(2.0))
+    _t83 = -_t16*_t82 + _t82*y
+    _t85 = _t15*_t19
+    _t100 = _t1*_t19 + _t19*y
+    if _t86:
+        _t34 = _sign(y)
+        _t35 = ((-_t34)/(2.0))
+        _t36 = _sign(_t1)
+        _t37 = -_t36
+        _t38 = _t34 + _t37
+        _t39 = math.log(abs(_t0))
+        _t40 = -_t39
+        _t41 = min(0.0, x)
+        _t42 = max(0.0, x)
+        _t43 = _log1prel(math.exp(-_t10))
+        _t44 = math.log(_t42 + _t43*math.exp(-_t42))
+        _t45 = math.log(y)
+        _t46 = max(0.0, _t12)
+        _t47 = _t45 + math.log(_t43*math.exp(-_t46) + _t46) + min(0.0, _t12)
+        _t48 = _t40 - _t41 - _t44 + _t47
+        _t49 = _sign(_t48)
+        _t50 = _t35 + ((_t37)/(2.0)) + ((-_t38*_t49)/(2.0))
+        _t51 = -_t25
+        _t53 = _t25 + _t40
+        _t54 = max(-_t53, -_t27 + _t45)
+        _t56 = _t45 + _t55
+        _t57 = _t53 + _t56
+        _t58 = _t34*_t36
+        _t59 = _t58*math.exp(-abs(_t57))
+        _t60 = _t54 + math.log1p(_t59)
+        _t61 = math.log(gamma)
+        _t63 = math.log(abs(_t62))
+        _t64 = _t52*_t60 + _t61 + _t63
+        _t65 = _t51 + _t64
+        _t66 = math.log1p(_t58*math.exp(-abs(_t48))) + max(_t47, _t39 + _t41 + _t44)
+        _t67 = math.exp((_t65 + _t66))
+        _t68 = _sign(gamma)
+        _t70 = _sign(_t69)
+        _t71 = _t68*_t70
+        _t72 = _t67*_t71
+        _t73 = _t50*_t72
+        _t74 = _t14*_t73
+        _t96 = ((_t36)/(2.0))
+        _t97 = _t96 + ((_t34)/(2.0)) + ((_t38*_t49)/(2.0))
+        _t98 = _t55 + _t66
+        _b0 = _t2*((_t22*_t32 - _t33 - _t74) if _t75 else (_t80 + ((-_t73)/(2.0)) + ((_t7*_t73)/(2.0))) if _t11 else (_t16*_t50*_t67*_t68*_t70 - _t73 - _t83) if _t84 else (_t1*_t16*_t19 - _t74 - _t85))
+        _b1 = _t101*(_t100 - _t34*_t71*math.exp((_t56 + _t64)) + _t36*_t71*math.exp((_t39 + _t65)) + _t68*_t97*math.exp((_t51 + _t60*_t99 + _t61 + 2.0*_t63 + _t98 + math.log(abs(_t52))))*_sign(_t52) + _t71*_t97*math.exp((_t64 + _t98)) + _t71*(_t35 + _t96 + (((-_t34 - _t36)*_sign(_t57))/(2.0)))*math.exp((_t54 + _t64 + math.log1p(-_t59))) - _t72*_t97)
     else:
-        _b0 = -_t13*_t17 + _t15*_t17 + _t43*_t46
-    return _t1*_t17*_t27, _t1*_b0, _t1*_t43*(_t0*_t17 + _t12*_t46 - _t13*_t45 - _t14*_t46 + _t15*_t45 + _t17*y + _t27*_t31*_t43*_t44**2*gamma*_b2 + _t45*_b1)
+        _t88 = _t69*gamma
+        _t90 = _t77*_t88*_b8*(_b9)
+        _t92 = (_b7)
+        _t94 = _t88*(_b6)
+        _t95 = _t29*_t94
+        _b0 = _t2*((_t14*_t30*_t88*_b2*(_b3) + _t22*_t32 - _t33) if _t75 else (_t80 + ((_t90)/(2.0)) + ((-_t7*_t90)/(2.0))) if _t11 else (-_t16**2*_t88*_t91*_t92 + _t16*_t69*_t91*_t92*gamma - _t83) if _t84 else (_t17*_t19 - _t85 + _t93*_t95))
+        _b1 = _t101*(_t100 + _t14*_t95 - _t15*_t94 - _t16*_t95 + _t17*_t94 + _t29*_t52*_t69**2*_t93*gamma*(_b5) + _t94*_b4)
+    return _t19*_t2*_t29, _b0, _b1
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -22,6 +22,7 @@ every rewrite holds exactly in real arithmetic.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -562,6 +563,105 @@ def _exp_product_branches(a, b, factors):
     return sp.Piecewise((b * sp.exp(a), sp.Abs(a) <= 700), (sign * sp.exp(group(a + log_abs)), True))
 
 
+SMALL_BASE = 1e-100  # below it, B**e (e >= -3) may overflow, and so may products of factors of B's size
+_LOG_DOMAIN: dict = {}  # placeholder -> the log-domain product it stands for (see _power_in_log_domain)
+_LOG_DOMAIN_BASE: dict = {}  # placeholder -> the base B whose size selects it
+VANISHING = (sigmoid, softplus, sp.exp)  # functions that under- (or over-)flow where their logs do not
+
+
+def _vanishing(f) -> bool:
+    """True where f under- or overflows with a function of VANISHING: f is one, a power of one,
+    a product with one, or a sum each of whose terms is such."""
+    if isinstance(f, VANISHING):
+        return True
+    if isinstance(f, sp.Pow):
+        return _vanishing(f.base)
+    if isinstance(f, sp.Mul):
+        return any(_vanishing(g) for g in f.args)
+    if isinstance(f, sp.Add):
+        return all(_vanishing(t) for t in f.args)
+    return False
+
+
+def _signed_log(f) -> tuple[sp.Expr, sp.Expr]:
+    """(sign(f), log|f|), with log|f| finite where f itself under- or overflows: log sigmoid(a) =
+    -softplus(-a); log softplus(a) = min(a, 0) + log(m + exp(-m)*log1prel(exp(-|a|))), m =
+    max(a, 0) (for a < 0, softplus(a) = exp(a)*log1prel(exp(a)), and exp(a) alone underflows);
+    log exp(a) = a; a power's or a product's log is the sum of its factors' logs; a sum's, from
+    its terms' signs s, t and logs L, M: max(L, M) + log1p(s*t*exp(-|L - M|)) (logaddexp for
+    s = t = 1), with the sign of the term of larger log ((s + t + (s - t)*sign(L - M))/2). Any
+    other factor w gives sign(w) and log|w| (-inf at w = 0)."""
+    if isinstance(f, sigmoid):
+        return sp.S.One, -softplus(-f.args[0])
+    if isinstance(f, softplus):
+        a = f.args[0]
+        m = sp.Max(a, 0)
+        return sp.S.One, sp.Min(a, 0) + sp.log(m + sp.exp(-m) * log1prel(sp.exp(-sp.Abs(a))))
+    if isinstance(f, sp.exp) and f.args[0].is_real:
+        return sp.S.One, f.args[0]
+    if isinstance(f, sp.Pow) and f.exp.is_real and _vanishing(f.base):
+        sign, log_abs = _signed_log(f.base)
+        return (sign ** (f.exp % 2) if f.exp.is_Integer else sp.S.One), f.exp * log_abs
+    if isinstance(f, sp.Mul) and any(_vanishing(g) for g in f.args):
+        parts = [_signed_log(g) for g in f.args]
+        return sp.Mul(*[p[0] for p in parts]), sp.Add(*[p[1] for p in parts])
+    if isinstance(f, sp.Add) and _vanishing(f):
+        parts = sorted((_signed_log(t) for t in f.args), key=sp.default_sort_key)
+        sign, log_abs = parts[0]
+        for other_sign, other_log in parts[1:]:
+            if sign == 1 and other_sign == 1:
+                log_abs = logaddexp(log_abs, other_log)
+                continue
+            larger = sp.sign(log_abs - other_log)  # 1 where this sum's log is the larger
+            sign, log_abs = ((sign + other_sign + (sign - other_sign) * larger) / 2,
+                             sp.Max(log_abs, other_log)
+                             + log1p(sign * other_sign * sp.exp(-sp.Abs(log_abs - other_log))))
+        return sign, log_abs
+    return _sign_and_log_abs(f)
+
+
+def _power_in_log_domain(e):
+    """b*B**e, e not known to be >= 0, B and a factor of b under- or overflowing with
+    functions of VANISHING -> sign(b)*exp(e*log|B| + log|b|) where B < SMALL_BASE, each log from
+    :func:`_signed_log`: where B underflows, B**e is inf (e < 0), and 0*inf = nan with b, which
+    vanishes with B, while the product is finite: the focal loss's (1 - p_t)**(gamma - 1) times
+    the cross-entropy times sigmoid(x) is of the size of (1 - p_t)**(gamma + 1). Elsewhere
+    b*B**e as it was (the power grouped: seen as done).
+
+    The log-domain product stands in the result as a placeholder symbol until the rules and
+    the splits are done (:func:`resolve_log_domain`): other rules would take its exponential
+    apart again (exp_product, with a quotient by B), and splits would rewrite its logs."""
+    if not isinstance(e, sp.Mul):
+        return None
+    coefficient, rest = e.as_coeff_Mul()
+    factors = sp.Mul.make_args(rest)
+    for p in factors:
+        if not (isinstance(p, sp.Pow) and not p.exp.is_Number and p.exp.is_real and p.exp.is_integer is not True
+                and p.exp.is_nonnegative is not True and _vanishing(p.base)):
+            continue
+        others = [f for f in factors if f is not p]
+        if not any(_vanishing(f) for f in others):
+            continue
+        parts = [_signed_log(f) for f in others]
+        _, base_log = _signed_log(p.base)  # a real power's base is >= 0 (its exponent is no integer)
+        exponent = sp.Add(p.exp * base_log, sp.log(sp.Abs(coefficient)), *[q[1] for q in parts])
+        far = sp.sign(coefficient) * sp.Mul(*[q[0] for q in parts]) * sp.exp(group(exponent))
+        placeholder = sp.Symbol("_log_domain_" + hashlib.sha256(sp.srepr(far).encode()).hexdigest()[:16], real=True)
+        _LOG_DOMAIN[placeholder], _LOG_DOMAIN_BASE[placeholder] = far, p.base
+        near = coefficient * group(p) * sp.Mul(*others)
+        return sp.Piecewise((placeholder, p.base < SMALL_BASE), (near, True))
+    return None
+
+
+def resolve_log_domain(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the placeholders of :func:`_power_in_log_domain` replaced by their products."""
+    while True:
+        found = {s: _LOG_DOMAIN[s] for s in expr.free_symbols if s in _LOG_DOMAIN}
+        if not found:
+            return expr
+        expr = expr.xreplace(found)
+
+
 def _distribute_to_cancel(e):
     """x*(a/x + b) -> a + x*b, and X**g*(c/X + d) -> c*X**(g - 1) + d*X**g: where x underflows,
     x*(a/x) is 0*inf = nan, while the cancelled form is exact. Also where the quotient sits in
@@ -828,6 +928,10 @@ RULES: tuple[Rule, ...] = (
     Rule("distribute_to_cancel", "x*(a/x + b), also x*(c*(a/x + b) + d)", "a + x*b, c*(a + x*b) + x*d",
          "x*(a/x) is 0*inf = nan where x underflows",
          _distribute_to_cancel),
+    Rule("power_log_domain", "b*B**e, e may be < 0, B and b vanishing together (sigmoid, softplus, exp)",
+         "sign(b)*exp(e*log(B) + log|b|) where B < 1e-100, each log in a stable form",
+         "B**e is inf where B underflows, and 0*inf = nan with the factor b that vanishes with B",
+         _power_in_log_domain),
     Rule("divide_twice", "a/b**2", "(a/b)/b", "b**2 under- or overflows where a/b/b does not", _divide_twice),
     Rule("divide_in_turn", "a/(b*c)", "(a/b)/c", "b*c under- or overflows where a/b/c does not", _divide_in_turn),
     Rule("weighted_squares", "a*u**2 + b*v**2, a*b < 0, |b| <= |a|, a + b simpler",
@@ -846,17 +950,19 @@ RULES: tuple[Rule, ...] = (
 
 MAX_PASSES = 8
 SECOND_PASS_ONLY = {"heaviside_select"}  # tidying would factor the selected X back out
+BEFORE_LOG_DOMAIN = tuple(r for r in RULES if r.name != "power_log_domain")  # see stabilise_derivation
 
 
-def stabilise(expr: sp.Expr, rules: tuple[Rule, ...] = RULES) -> sp.Expr:
-    """Apply ``rules`` bottom-up until the expression stops changing."""
+def stabilise(expr: sp.Expr, rules: tuple[Rule, ...] = RULES, resolve: bool = True) -> sp.Expr:
+    """Apply ``rules`` bottom-up until the expression stops changing; with ``resolve``, the
+    log-domain products (rule power_log_domain) then take their placeholders' places."""
     for _ in range(MAX_PASSES):
         before = expr
         for rule in rules:
             expr = bottom_up(expr, lambda e, rewrite=rule.rewrite: _or_same(rewrite, e))
         if expr == before:
             break
-    return expr
+    return resolve_log_domain(expr) if resolve else expr
 
 
 # --- splits: cancellation between terms of a sum ----------------------------------------
@@ -1135,18 +1241,39 @@ def scale_variables(spec) -> list[tuple[sp.Expr, sp.Symbol]]:
     return found + [(spec.symbols[p.name], spec.symbols[p.name]) for p in spec.predictions]
 
 
-def rewritten(expr: sp.Expr) -> sp.Expr:
+def rewritten(expr: sp.Expr, rules: tuple[Rule, ...] = RULES) -> sp.Expr:
     """Rules, tidying, rules again (with the second-pass rules).
 
     The rules run twice around a tidying step: a rewrite such as 1 - sigmoid(x) -> sigmoid(-x)
     can reveal a factor that cancels (sigmoid(-x)/sigmoid(-x)), which tidying then removes."""
-    first_pass = tuple(r for r in RULES if r.name not in SECOND_PASS_ONLY)
-    return stabilise(tidy(stabilise(expr, first_pass)))
+    return resolve_log_domain(_rewritten(expr, rules))
+
+
+def _rewritten(expr: sp.Expr, rules: tuple[Rule, ...] = RULES) -> sp.Expr:
+    """:func:`rewritten`, with the log-domain products still placeholders."""
+    first_pass = tuple(r for r in rules if r.name not in SECOND_PASS_ONLY)
+    return stabilise(tidy(stabilise(expr, first_pass, resolve=False)), rules, resolve=False)
 
 
 def direct_form(expr: sp.Expr) -> sp.Expr:
-    """The rewritten expression, with its cancelling sums split."""
-    return split_cancellations(rewritten(expr))
+    """The rewritten expression, with its cancelling sums split (a log-domain product's logs
+    left as the rule wrote them)."""
+    return resolve_log_domain(_log_domain_outermost(split_cancellations(_rewritten(expr))))
+
+
+def _log_domain_outermost(expr: sp.Expr) -> sp.Expr:
+    """One selection at the top, Piecewise((expr with every log-domain product, B < SMALL_BASE),
+    (expr with none, True)), where every selection of rule power_log_domain in ``expr`` is on
+    the same base B: the same values, but the kernels compute the logs only where B is small
+    (a selection nested in a sum, or in the splits' branches, has them computed for every
+    element)."""
+    selections = [f for f in expr.atoms(sp.Piecewise) if f.args[0][0] in _LOG_DOMAIN]
+    bases = {_LOG_DOMAIN_BASE[f.args[0][0]] for f in selections}
+    if len(bases) != 1:
+        return expr
+    far = expr.xreplace({f: f.args[0][0] for f in selections})
+    near = expr.xreplace({f: f.args[1][0] for f in selections})
+    return sp.Piecewise((far, next(iter(bases)) < SMALL_BASE), (near, True))
 
 
 def with_asymptote(raw: sp.Expr, stable: sp.Expr, spec) -> sp.Expr:
@@ -1180,13 +1307,16 @@ def stabilise_derivation(derivation):
     into a tangle, its rewritten form sigmoid(x) into sigmoid(x)*sigmoid(-x). The smaller
     stable form is kept: the one with fewer divisions (x*(a/x) is 0*inf where x underflows),
     then the shorter. Where SymPy cannot differentiate the rewritten gradient (the sign(b) of
-    exp_product's far branch), the raw Hessian's stable form is the one."""
+    exp_product's far branch), the raw Hessian's stable form is the one. The gradient is
+    differentiated as rewritten without rule power_log_domain (the derivative of its logs would
+    divide by the factors that underflow); the rule applies to the derivative's own terms."""
     spec = derivation.spec
     hessians = []
     for prediction, gradient, raw_hessian in zip(spec.predictions, derivation.grad, derivation.hess):
         candidates = [direct_form(raw_hessian)]
         try:
-            candidates.append(direct_form(differentiate(rewritten(gradient), spec.symbols[prediction.name])))
+            candidates.append(direct_form(differentiate(rewritten(gradient, BEFORE_LOG_DOMAIN),
+                                                         spec.symbols[prediction.name])))
         except ValueError:
             pass  # sign(b) of a rule's far branch has no derivative SymPy can write: the raw one stands
         best = min(candidates, key=lambda e: (_divisions(e), sp.count_ops(e), sp.default_sort_key(e)))

@@ -179,6 +179,46 @@ def test_focal_with_gamma_0_is_balanced_cross_entropy_for_hard_labels():
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-300)
 
 
+@functools.lru_cache(maxsize=None)
+def _focal_binary_truth():
+    """focal_binary's loss, gradient and Hessian as mpmath functions of (y, x, gamma, alpha),
+    from the loss in closed form: 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x) and
+    -log p_t = y softplus(-x) + (1 - y) softplus(x), differentiated by SymPy, no rule applied."""
+    import sympy as sp
+    from lossgen.verify import mp_function
+    from lossgen.vocabulary import sigmoid, softplus
+    y, x = sp.Symbol("y", nonnegative=True), sp.Symbol("x", real=True)
+    gamma, alpha = sp.Symbol("gamma", nonnegative=True), sp.Symbol("alpha", nonnegative=True)
+    q = y * sigmoid(-x) + (1 - y) * sigmoid(x)
+    loss = (alpha * y + (1 - alpha) * (1 - y)) * q**gamma * (y * softplus(-x) + (1 - y) * softplus(x))
+    return [mp_function(e, [y, x, gamma, alpha]) for e in (loss, sp.diff(loss, x), sp.diff(loss, x, 2))]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0])
+def test_focal_below_gamma_2_on_saturated_logits(gamma):
+    """focal_binary's general kernels (gamma != 2) on hard labels and saturated logits, against
+    mpmath at 60 digits and more: the derivative of (1 - p_t)**gamma holds (1 - p_t)**(gamma - 1)
+    (gamma - 2 in the Hessian), inf where 1 - p_t underflows, and the gradient and Hessian were
+    nan there (gamma*inf at gamma = 0, inf*0 with the cross-entropy, which vanishes too) where
+    the truth is 0 or a subnormal ((1 - alpha) e**-720 = 1.5e-313 at gamma = 0, y = 0, x = -720),
+    and the Hessian at gamma = 0 from |x| = 360 on (rule power_log_domain)."""
+    import mpmath
+    from lossgen.verify import evaluate, relative_error
+    truth = _focal_binary_truth()
+    focal = lossgen.get("focal_binary")
+    x = np.array([-1e300, -1000.0, -745.0, -720.0, -400.0, 400.0, 720.0, 745.0, 1000.0, 1e300])
+    for label in (0.0, 1.0):
+        y = np.full(x.size, label)
+        computed = [focal.loss_grad_hess(y, x, gamma=gamma), focal.grad_hess(y, x, gamma=gamma),
+                    (focal.grad(y, x, gamma=gamma), focal.hess(y, x, gamma=gamma))]
+        for i, xi in enumerate(x):
+            want = [evaluate(f, [label, xi, gamma, 0.25], digits=60) for f in truth]
+            for values in computed:
+                for value, exact in zip(values[::-1], want[::-1]):  # loss_grad_hess: loss first
+                    assert relative_error(float(value[i]), exact) <= RELATIVE_TOLERANCE, \
+                        (gamma, label, xi, float(value[i]), exact if exact is None else mpmath.nstr(exact, 8))
+
+
 @pytest.mark.parametrize("gamma", [0, 1, 3])
 def test_focal_with_an_integer_gamma_written_in_meets_the_bound(tmp_path, gamma):
     """focal_binary with gamma written into the spec as an integer (at 2, the catalog's default,

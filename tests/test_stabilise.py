@@ -48,6 +48,10 @@ EXAMPLES = {
     "heaviside_select": (sp.Heaviside(x - 1) * sp.exp(z), {x: 0.5, z: 800.0}),
     "exp_product": (z * sp.exp(x), {x: 745.0, z: -1e-300}),
     "divide_twice": (z / x**2, {x: 1e-300, z: 1e-300}),
+    # sigmoid(-800) underflows: its power -1.5 is inf, times the vanishing softplus(-800) nan;
+    # the product is 2.6e-127 (the focal loss's (1 - p_t)**(gamma - 1) times the cross-entropy)
+    "power_log_domain": (z * sigmoid(x) ** (z - 1) * softplus(x) * (sigmoid(x) - b * sigmoid(-x)),
+                         {x: -800.0, z: -0.5, b: 1e-300}),
     "distribute_to_cancel": (sigmoid(-x) * (z + sigmoid(x) / sigmoid(-x)), {x: 745.0, z: 2.0}),
     "combine_powers": ((sigmoid(x) + z) ** y / (sigmoid(x) + z), {x: -745.0, y: 2.5, z: 0.0}),
     "power_minus_one": (z * (1 + x**2) ** (y / 7) - z, {x: 1e-9, y: 0.5, z: 3.0}),
@@ -127,8 +131,9 @@ def test_rewritten_form_is_accurate_in_float64(name):
     args = [point[s] for s in symbols]
     truth = evaluate(sp.lambdify(symbols, rewritten, modules=MODULES), args)  # = expr, as tested above
     value = sp.lambdify(symbols, rewritten, modules=FLOAT_MODULES)(*args)
-    # exp(a + log|b|) carries the rounding of a + log|b| (|a| <= 745) into its relative error
-    bound = 1e-12 if name == "exp_product" else 1e-14
+    # exp(a + log|b|) carries the rounding of a + log|b| (|a| <= 745) into its relative error,
+    # as does power_log_domain's exp(e*log(B) + log|b|)
+    bound = 1e-12 if name in ("exp_product", "power_log_domain") else 1e-14
     assert relative_error(value, truth) <= bound, (rewritten, value, truth)
 
 
@@ -458,3 +463,20 @@ def test_simplex_weights_write_a_polynomial_that_vanishes_at_a_vertex_homogeneou
     assert sp.expand(elsewhere.xreplace({o: 1 - e - f}) - hess.args[1][0].xreplace(weights)) == 0
     grad = in_u(derivation.grad[0])
     assert _simplex_weights(grad, u, back, r, derivation) == (grad, {})
+
+
+@pytest.mark.parametrize("point", [{x: -800.0, z: -0.5, b: 0.0}, {x: -800.0, z: -0.5, b: -1e-300},
+                                   {x: -1e300, z: 0.0, b: 0.0}, {x: -400.0, z: -1.0, b: 1e-200}])
+def test_power_log_domain_keeps_the_value_where_the_base_underflows(point):
+    """Rule power_log_domain's far form (taken where the base is below 1e-100) against the
+    original expression in mpmath, where float64's sigmoid(x)**(z - 1) is inf and its product
+    with the vanishing factors nan (or 0 where the product is normal)."""
+    expr, _ = EXAMPLES["power_log_domain"]
+    rewritten = stabilise(expr, tuple(r for r in RULES if r.name == "power_log_domain"))
+    symbols = sorted(point, key=str)
+    args = [point[s] for s in symbols]
+    truth = evaluate(sp.lambdify(symbols, expr, modules=MODULES), args, digits=60)
+    # log(0) is -inf in the kernels (Numba's error model "numpy"), where Python's math raises
+    log = {"log": lambda v: -math.inf if v == 0 else math.log(v)}
+    value = sp.lambdify(symbols, rewritten, modules=[log, *FLOAT_MODULES])(*args)
+    assert relative_error(value, truth) <= 1e-12, (value, truth)
