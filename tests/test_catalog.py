@@ -42,11 +42,6 @@ KNOWN_GAPS: dict = {  # name -> (point -> True in the gap, why)
         "the gradient's tanh form for |x| <= 1, (alpha y - alpha/2 - y/2 + 1/2) tanh(x/2) + (1 - alpha - y)/2: "
         "at alpha = 1 the coefficient y/2 is a sum of terms of 1/2 and loses y << 1 (0.86 at y = 1e-300, x = 1); "
         "((1 - alpha)(1 - y) + alpha y)/2 keeps it"),
-    "focal_binary": (
-        lambda q: q["gamma"] == 0 and abs(q["x"]) >= 700,
-        "gamma = 0: nan gradient and Hessian at y <= 1e-300, x <= -700 and at y = 1, x >= 700 (a power "
-        "(1 - p_t)**(gamma - 1) at 1 - p_t = 0 times gamma = 0; the truth is 0 or 7e-305), as focal_multiclass "
-        "at gamma < 1"),
 }
 
 
