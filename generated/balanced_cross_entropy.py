@@ -118,15 +118,14 @@ def loss_scalar(y, x, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
     _t2 = alpha*y
-    _t3 = alpha - 1.0
+    _t3 = (1.0 - alpha)*(1.0 - y)
     if (abs(x) <= 1.0):
         _t0 = ((x)/(2.0))
         _t1 = _logcosh_from(_t0, math.expm1(abs(_t0)))
-        _t4 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
-        _b0 = _t1*_t2 + _t1*_fma(alpha, y, _t4) + _fma(2.0*alpha, y, _t4)*math.log(2.0) + (((x*(-_t3 - y))/(2.0)))
+        _b0 = _t1*_t2 + _t1*(_t3) + ((x*_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (_t2 + _t3)*math.log(2.0)
     else:
-        _t5 = math.log1p(math.exp(-abs(x)))
-        _b0 = _t2*_softplus_from(-x, _t5) - _t3*(1.0 - y)*_softplus_from(x, _t5)
+        _t4 = math.log1p(math.exp(-abs(x)))
+        _b0 = _t2*_softplus_from(-x, _t4) + _t3*_softplus_from(x, _t4)
     return _b0
 
 
@@ -135,14 +134,15 @@ def grad_scalar(y, x, alpha):
     """grad of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan
-    _t0 = alpha - 1.0
-    _t2 = alpha*y
+    _t1 = alpha*y
+    _t2 = 1.0 - alpha
+    _t3 = 1.0 - y
     if (abs(x) <= 1.0):
-        _t1 = ((x)/(2.0))
-        _b0 = (_t2 + ((-alpha)/(2.0)) + ((-y)/(2.0)) + 1/2)*_tanh_from(_t1, math.expm1(abs(_t1))) + (((-_t0 - y)/(2.0)))
+        _t0 = ((x)/(2.0))
+        _b0 = ((_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (((_t1)/(2.0)) + ((_t2*_t3)/(2.0)))*_tanh_from(_t0, math.expm1(abs(_t0)))
     else:
-        _t3 = math.exp(-abs(x))
-        _b0 = -_t0*(1.0 - y)*_sigmoid_from(x, _t3) - _t2*_sigmoid_from(-x, _t3)
+        _t4 = math.exp(-abs(x))
+        _b0 = -_t1*_sigmoid_from(-x, _t4) + _t2*_t3*_sigmoid_from(x, _t4)
     return _b0
 
 
@@ -160,19 +160,19 @@ def grad_hess_scalar(y, x, alpha):
     """grad, hess of one element."""
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan
-    _t0 = alpha - 1.0
-    _t2 = alpha*y
-    _t3 = math.exp(-abs(x))
-    _t4 = _sigmoid_from(-x, _t3)
-    _t5 = _sigmoid_from(x, _t3)
-    _t6 = -_t0
-    _t7 = 1.0 - y
+    _t1 = alpha*y
+    _t2 = 1.0 - alpha
+    _t3 = 1.0 - y
+    _t4 = _t2*_t3
+    _t5 = math.exp(-abs(x))
+    _t6 = _sigmoid_from(-x, _t5)
+    _t7 = _sigmoid_from(x, _t5)
     if (abs(x) <= 1.0):
-        _t1 = ((x)/(2.0))
-        _b0 = (_t2 + ((-alpha)/(2.0)) + ((-y)/(2.0)) + 1/2)*_tanh_from(_t1, math.expm1(abs(_t1))) + (((-_t0 - y)/(2.0)))
+        _t0 = ((x)/(2.0))
+        _b0 = ((_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (((_t1)/(2.0)) + ((_t4)/(2.0)))*_tanh_from(_t0, math.expm1(abs(_t0)))
     else:
-        _b0 = -_t2*_t4 + _t5*_t6*_t7
-    return _b0, _t4*_t5*(_t2 + _t6*_t7)
+        _b0 = -_t1*_t6 + _t2*_t3*_t7
+    return _b0, _t6*_t7*(_t1 + _t4)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -181,30 +181,27 @@ def loss_grad_hess_scalar(y, x, alpha):
     if not ((y >= 0.0) and (y <= 1.0)):
         return math.nan, math.nan, math.nan
     _t3 = alpha*y
-    _t4 = alpha - 1.0
+    _t5 = 1.0 - alpha
+    _t6 = 1.0 - y
+    _t7 = _t5*_t6
+    _t8 = _t3 + _t7
     _t9 = (abs(x) <= 1.0)
     _t10 = -x
     _t11 = math.exp(-abs(x))
-    _t13 = -_t4
-    _t14 = 1.0 - y
-    _t15 = _t13*_t14
-    _t16 = _sigmoid_from(_t10, _t11)
-    _t17 = _sigmoid_from(x, _t11)
+    _t13 = _sigmoid_from(_t10, _t11)
+    _t14 = _sigmoid_from(x, _t11)
     if _t9:
         _t0 = ((x)/(2.0))
         _t1 = math.expm1(abs(_t0))
         _t2 = _logcosh_from(_t0, _t1)
-        _t5 = -_t4 - y
-        _t6 = -alpha
-        _t7 = -y
-        _t8 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), _t6), _t7))
-        _b0 = _t2*_t3 + _t2*_fma(alpha, y, _t8) + _fma(2.0*alpha, y, _t8)*math.log(2.0) + (((_t5*x)/(2.0)))
-        _b1 = (_t3 + ((_t6)/(2.0)) + ((_t7)/(2.0)) + 1/2)*_tanh_from(_t0, _t1) + (((_t5)/(2.0)))
+        _t4 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
+        _b0 = _t2*_t3 + _t2*(_t7) + ((_t4*x)/(2.0)) + (_t8)*math.log(2.0)
+        _b1 = ((_t4)/(2.0)) + (((_t3)/(2.0)) + ((_t7)/(2.0)))*_tanh_from(_t0, _t1)
     else:
         _t12 = math.log1p(_t11)
-        _b0 = _t15*_softplus_from(x, _t12) + _t3*_softplus_from(_t10, _t12)
-        _b1 = _t13*_t14*_t17 - _t16*_t3
-    return _b0, _b1, _t16*_t17*(_t15 + _t3)
+        _b0 = _t3*_softplus_from(_t10, _t12) + _t7*_softplus_from(x, _t12)
+        _b1 = -_t13*_t3 + _t14*_t5*_t6
+    return _b0, _b1, _t13*_t14*_t8
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -4,7 +4,8 @@ This module is the only place where numerical-stability knowledge lives, as thre
 every rewrite holds exactly in real arithmetic.
 
 * ``RULES``: local rewrites ``find -> replace`` (log(1 + x) -> log1p(x), ...), applied
-  bottom-up in table order until nothing changes.
+  bottom-up in table order until nothing changes. A rule may use the inputs and parameters
+  that the spec puts in [0, 1] (``unit_interval``, set by ``stabilise_derivation``).
 * ``SPLITS``: cancellation in sums that no local rule sees, such as softplus(x) - y*x at
   y = 1, x = 40 (the true value is 4.2e-18). On each branch of its argument a function is
   written as an exact "big" part plus a small remainder (softplus(x) = x + softplus(-x) for
@@ -23,7 +24,10 @@ every rewrite holds exactly in real arithmetic.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from itertools import product
 from typing import Callable, Optional
 
 import sympy as sp
@@ -33,6 +37,7 @@ from sympy.core.traversal import bottom_up
 from dataclasses import replace
 
 from .derive import differentiate, tidy
+from .domains import DOMAINS
 from .vocabulary import (exact_sum, exprel, fma, group, log1prel, logaddexp, logcosh, real_group, sigmoid, softplus,
                          xlog1py, xlogy)
 
@@ -441,6 +446,65 @@ def _signed_atom(term, scaled: bool = False) -> bool:
     c = abs(coefficient)
     power_of_two = scaled and c.is_Integer and c > 1 and (int(c) & (int(c) - 1)) == 0
     return (c == 1 or power_of_two) and (rest.is_Symbol or rest.is_Number)
+
+
+# the symbols known to lie in [0, 1] (inputs and parameters of domain probability,
+# unit_interval, label01, ...) for the expression being stabilised: set by unit_interval()
+_UNIT_SYMBOLS: ContextVar[frozenset] = ContextVar("unit_symbols", default=frozenset())
+CORNERS_MAX_VARIABLES = 4  # 2**4 corners at most
+
+
+@contextmanager
+def unit_interval(symbols):
+    """Within this context, rules may take ``symbols`` to lie in [0, 1] (rule
+    multilinear_corners)."""
+    token = _UNIT_SYMBOLS.set(frozenset(symbols))
+    try:
+        yield
+    finally:
+        _UNIT_SYMBOLS.reset(token)
+
+
+def unit_interval_symbols(spec) -> frozenset:
+    """The symbols of ``spec``'s inputs and parameters whose domain lies in [0, 1]."""
+    def inside(name):
+        d = DOMAINS[name]
+        return all(0 <= v <= 1 for v in d.values) if d.values else d.low >= 0 and d.high <= 1
+    return frozenset(spec.symbols[e.name] for e in (*spec.inputs, *spec.params) if inside(e.domain))
+
+
+def _multilinear_corners(e):
+    """A polynomial with numeric coefficients, of degree <= 1 in each of its variables, all
+    known to lie in [0, 1] (``unit_interval``), whose values at the corners of [0, 1]**n have
+    one sign (zeros allowed) while its monomials do not -> its corner (Bernstein) form,
+    sum over corners c of p(c)*prod(v if c_v = 1 else 1 - v).
+
+    The expanded monomials are of the size of the coefficients and cancel where the value is
+    small (alpha*y - alpha/2 - y/2 + 1/2 = ((1 - alpha)(1 - y) + alpha*y)/2 is y/2 at alpha = 1,
+    0 in float64 at y = 1e-300). In the corner form every term has the sign of the value, so
+    nothing cancels: each 1 - v is exact for v in [1/2, 1] (Sterbenz) and rounded once, with a
+    result >= 1/2, for v < 1/2, so each term and their sum keep a few ulps' relative error.
+    A polynomial whose corner values differ in sign (y - 1/2) has zeros inside the box, where
+    no form without cancellation is known; one whose monomials share a sign cannot cancel:
+    both are left as they are."""
+    unit = _UNIT_SYMBOLS.get()
+    if not unit or not isinstance(e, sp.Add):
+        return None
+    variables = sorted(e.free_symbols, key=sp.default_sort_key)
+    if not variables or len(variables) > CORNERS_MAX_VARIABLES or not set(variables) <= unit \
+            or not e.is_polynomial(*variables):
+        return None
+    polynomial = sp.Poly(e, *variables)
+    coefficients = polynomial.coeffs()
+    if max(polynomial.degree_list()) > 1 or not all(c.is_Number for c in coefficients) \
+            or all(c > 0 for c in coefficients) or all(c < 0 for c in coefficients):
+        return None
+    corners = [(c, e.xreplace(dict(zip(variables, c)))) for c in product((0, 1), repeat=len(variables))]
+    if not (all(value >= 0 for _, value in corners) or all(value <= 0 for _, value in corners)):
+        return None
+    form = sp.Add(*[value * sp.Mul(*[v if bit else 1 - v for v, bit in zip(variables, c)])
+                    for c, value in corners if value != 0])
+    return None if form == e else form
 
 
 def _collect_pair(e):
@@ -939,6 +1003,12 @@ RULES: tuple[Rule, ...] = (
          "the two terms, each rounded (v**2 twice), cancel where a*u**2 is close to -b*v**2", _weighted_squares),
     Rule("difference_of_squares", "a**2 - b**2", "(a - b)*(a + b)", "a**2 - b**2 cancels when a is close to b",
          _difference_of_squares),
+    Rule("multilinear_corners", "a polynomial of degree <= 1 in each of its variables v in [0, 1], "
+         "e.g. alpha*y - alpha/2 - y/2 + 1/2",
+         "sum over corners c of p(c)*prod(v or 1 - v), e.g. (alpha*y + (1 - alpha)*(1 - y))/2, "
+         "where the corner values p(c) have one sign",
+         "the monomials cancel where the value is small (y/2 at alpha = 1 is 0 at y = 1e-300); "
+         "the corner terms all have its sign", _multilinear_corners),
     Rule("exact_sum", "a + b + c + ...", "exact_sum(a, b, c, ...)",
          "any order of the additions can cancel a small term away", _sum_of_atoms),
     Rule("collect_pair", "a*F + b*F + ...", "(a + b)*F + ...", "large a*F and b*F cancel in any order of the sum",
@@ -1016,7 +1086,7 @@ def _group_big_parts(expr: sp.Expr) -> sp.Expr:
         if function_part != 1 and len(parts) < 2:
             out.append(function_part * parts[0])
             continue
-        big = stabilise(sp.factor_terms(sp.Add(*parts)), (FMA_RULE,))
+        big = stabilise(sp.factor_terms(sp.Add(*parts)), GROUP_RULES)
         if big.has(sp.Add):  # also c*(a + b): SymPy would distribute c back into the sum
             big = group(big)
         out.append(function_part * big)
@@ -1100,6 +1170,9 @@ def _constant_minus_product(e):
 
 FMA_RULE = Rule("fma", "c + a*b", "fma(a, b, c)", "a*b rounds away the digits that survive c + a*b",
                 _constant_minus_product)
+# the rules for a group of big parts (_group_big_parts): a multilinear sum in [0, 1] takes
+# its corner form, a sum of atoms (1 - alpha - y) is summed exactly, c + a*b is one fma
+GROUP_RULES = tuple(r for r in RULES if r.name in ("multilinear_corners", "exact_sum")) + (FMA_RULE,)
 
 
 def split_cancellations(expr: sp.Expr) -> sp.Expr:
@@ -1311,6 +1384,11 @@ def stabilise_derivation(derivation):
     differentiated as rewritten without rule power_log_domain (the derivative of its logs would
     divide by the factors that underflow); the rule applies to the derivative's own terms."""
     spec = derivation.spec
+    with unit_interval(unit_interval_symbols(spec)):
+        return _stabilised(derivation, spec)
+
+
+def _stabilised(derivation, spec):
     hessians = []
     for prediction, gradient, raw_hessian in zip(spec.predictions, derivation.grad, derivation.hess):
         candidates = [direct_form(raw_hessian)]

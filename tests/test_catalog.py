@@ -37,11 +37,6 @@ _ZERO_TIMES_OVERFLOW = "lambda2 w**2 at lambda2 = 0: w**2 overflows for |w| > 1.
 KNOWN_GAPS: dict = {  # name -> (point -> True in the gap, why)
     "l2_penalty": (lambda q: q["lambda2"] == 0 and abs(q["w"]) > 1.3e154, _ZERO_TIMES_OVERFLOW),
     "elastic_net": (lambda q: q["lambda2"] == 0 and abs(q["w"]) > 1.3e154, _ZERO_TIMES_OVERFLOW),
-    "balanced_cross_entropy": (
-        lambda q: q["alpha"] == 1 and abs(q["x"]) <= 1,
-        "the gradient's tanh form for |x| <= 1, (alpha y - alpha/2 - y/2 + 1/2) tanh(x/2) + (1 - alpha - y)/2: "
-        "at alpha = 1 the coefficient y/2 is a sum of terms of 1/2 and loses y << 1 (0.86 at y = 1e-300, x = 1); "
-        "((1 - alpha)(1 - y) + alpha y)/2 keeps it"),
 }
 
 
@@ -163,6 +158,29 @@ def test_barron_is_continuous_through_its_removable_singularities():
         for eps in (1e-9, -1e-9):
             near = barron.loss(np.zeros(2), x, alpha=alpha + eps, reduction="none")
             np.testing.assert_allclose(near, at, rtol=1e-7)
+
+
+def test_balanced_cross_entropy_gradient_near_the_ends_of_alpha():
+    """The gradient's tanh form for |x| <= 1, c tanh(x/2) + (1 - alpha - y)/2: expanded, its
+    coefficient c = alpha y - alpha/2 - y/2 + 1/2 cancels to 0 at alpha = 1, y = 1e-300 (the
+    truth y/2; relative error 0.86 at x = 1), and to 5e-11 +- 5e-17 at alpha = 1 - 1e-10, y = 0;
+    in its corner form (alpha y + (1 - alpha)(1 - y))/2 (rule multilinear_corners) it keeps its
+    digits, as 1 - alpha - y summed exactly does at alpha = 1e-10, y = 1."""
+    from lossgen.verify import evaluate, mp_function, relative_error
+    derivation = derivation_of("balanced_cross_entropy")
+    symbols = derivation.spec.symbols
+    truth = mp_function(derivation.grad[0], [symbols["y"], symbols["x"], symbols["alpha"]])
+    loss = lossgen.get("balanced_cross_entropy")
+    ys, xs = (0.0, 1e-300, 1e-16, 0.5, 1.0), (-1.0, -0.3, 1e-300, 0.3, 1.0, 5.0)
+    y, x = (np.array(v, dtype=float) for v in zip(*[(a, b) for a in ys for b in xs]))
+    failures = []
+    for alpha in (1.0, 1 - 1e-10, 0.0, 1e-10):
+        grad = loss.grad(y, x, alpha=alpha)
+        for yi, xi, gi in zip(y.tolist(), x.tolist(), grad.tolist()):
+            error = relative_error(gi, evaluate(truth, [yi, xi, alpha], digits=60))
+            if error > 1e-12:
+                failures.append((alpha, yi, xi, gi, error))
+    assert not failures, failures
 
 
 def test_focal_with_gamma_0_is_balanced_cross_entropy_for_hard_labels():

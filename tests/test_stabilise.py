@@ -13,7 +13,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from lossgen.emit import HELPERS, template_environment
-from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise
+from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise, unit_interval
 from lossgen.verify import evaluate, relative_error
 from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, sigmoid, softplus, xlogy
 
@@ -22,6 +22,8 @@ y = sp.Symbol("y", positive=True)
 w = sp.Symbol("w", positive=True)
 z = sp.Symbol("z", real=True)
 b = sp.Symbol("b", real=True)
+a = sp.Symbol("a", nonnegative=True)  # with p: in [0, 1] where a rule is told so (IN_UNIT_INTERVAL)
+p = sp.Symbol("p", nonnegative=True)
 
 # rule name -> (expression, a point where the original loses accuracy in float64)
 EXAMPLES = {
@@ -68,7 +70,10 @@ EXAMPLES = {
     # Barron's Hessian at alpha = z = -1e100: (z - 2)**2*x**2*(z - 1) = 1e320 overflows
     "magnitude_ratio": ((z - 2)**2 * (y**2 * sp.Abs(z - 2) + (z - 1) * x**2)
                         / (sp.Abs(z - 2) * (y**2 * sp.Abs(z - 2) + x**2)**2), {x: 1e10, y: 1.0, z: -1e100}),
+    # balanced_cross_entropy's tanh coefficient at alpha = 1: y/2, 0 when expanded
+    "multilinear_corners": (a * p - a / 2 - p / 2 + sp.S.Half, {a: 1.0, p: 1e-300}),
 }
+IN_UNIT_INTERVAL = {"multilinear_corners": (a, p)}  # the symbols a rule may take to lie in [0, 1]
 
 MODULES = [MPMATH_IMPLEMENTATIONS, "mpmath"]
 PREREQUISITES = {"hypot_minus_one": ("hypot",), "logistic_ratio": ("logistic",), "log1mexp": ("log1p",)}  # rules whose pattern another rule produces
@@ -111,8 +116,9 @@ def test_rule_fires_and_keeps_the_exact_value(name):
     rule = next(r for r in RULES if r.name == name)
     expr, point = EXAMPLES[name]
     before_rule = tuple(r for r in RULES if r.name in PREREQUISITES.get(name, ()))
-    expr = stabilise(expr, before_rule)
-    rewritten = stabilise(expr, (rule,))
+    with unit_interval(IN_UNIT_INTERVAL.get(name, ())):
+        expr = stabilise(expr, before_rule)
+        rewritten = stabilise(expr, (rule,))
     assert rewritten != expr, f"rule {name} did not fire on {expr}"
     symbols = sorted(point, key=str)
     before = sp.lambdify(symbols, expr, modules=MODULES)
@@ -126,7 +132,8 @@ def test_rule_fires_and_keeps_the_exact_value(name):
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_rewritten_form_is_accurate_in_float64(name):
     expr, point = EXAMPLES[name]
-    rewritten = stabilise(expr)
+    with unit_interval(IN_UNIT_INTERVAL.get(name, ())):
+        rewritten = stabilise(expr)
     symbols = sorted(point, key=str)
     args = [point[s] for s in symbols]
     truth = evaluate(sp.lambdify(symbols, rewritten, modules=MODULES), args)  # = expr, as tested above
@@ -135,6 +142,35 @@ def test_rewritten_form_is_accurate_in_float64(name):
     # as does power_log_domain's exp(e*log(B) + log|b|)
     bound = 1e-12 if name in ("exp_product", "power_log_domain") else 1e-14
     assert relative_error(value, truth) <= bound, (rewritten, value, truth)
+
+
+def test_multilinear_corners_fires_only_where_the_corner_form_cannot_cancel():
+    """The corner form where the values at the corners of [0, 1]**n share a sign and the
+    monomials do not; every term then has the value's sign, and float64 keeps its digits at
+    the corners' neighbours. Left alone: symbols not known to lie in [0, 1], corner values of
+    both signs (p - 1/2), monomials of one sign (1 + p), a square, a coefficient that is not a
+    number, more than 4 variables."""
+    rule = tuple(r for r in RULES if r.name == "multilinear_corners")
+    coefficient = a * p - a / 2 - p / 2 + sp.S.Half
+    with unit_interval((a, p)):
+        corners = stabilise(coefficient, rule)
+        assert sp.expand(corners - coefficient) == 0
+        assert corners == a * p / 2 + (1 - a) * (1 - p) / 2
+        assert stabilise(corners, rule) == corners  # a fixed point
+        assert stabilise(1 - a - p + a * p, rule) == (1 - a) * (1 - p)
+        for expr in (p - sp.S.Half, 1 + p, a * p - a / 2 - p**2 / 2 + sp.S.Half, x * p - x / 2 + sp.S.Half,
+                     1 - a * p + z * p):
+            assert stabilise(expr, rule) == expr, expr
+        many = [sp.Symbol(f"v{i}", nonnegative=True) for i in range(5)]
+        with unit_interval(many):
+            product_form = sp.expand(sp.Mul(*[1 - v for v in many]))
+            assert stabilise(product_form, rule) == product_form
+    assert stabilise(coefficient, rule) == coefficient  # outside the context: not known to be in [0, 1]
+    f = sp.lambdify([a, p], corners, modules=FLOAT_MODULES)
+    exact = sp.lambdify([a, p], coefficient, modules=MODULES)
+    for at in ((1.0, 1e-300), (1 - 1e-10, 0.0), (1 - 1e-10, 1e-16), (0.0, 1 - 2**-53), (1e-10, 1.0), (0.3, 0.7)):
+        truth = evaluate(exact, list(at))
+        assert relative_error(f(*at), truth) <= 4e-16, (at, f(*at), truth)
 
 
 def test_weighted_squares_takes_the_difference_from_the_larger_coefficient():
