@@ -62,6 +62,15 @@ def _xlog1py(x, y):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _finite_or(a, b):
+    """a where it is finite, else b: the same product in another order, which does not overflow
+    (or make 0*inf) where a does."""
+    if math.isfinite(a):
+        return a
+    return b
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
     return float(a), 0.0
@@ -293,8 +302,10 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = 1.0 - 2.0*_e_y
-        _t2_1 = 1.0 - _e_p
-        _out0[_i, _k] = _w * (_h0*(_h0*_h1*_t2_0) - _h2*(_h3 + _h4*_h5*_t2_0) + ((alpha*((((((_e_y*beta)/(_e_p))))/(_e_p)) + (((((_h6*(1.0 - _e_y))/(_t2_1))))/(_t2_1))))/(_C)))
+        _t2_1 = _e_y*beta
+        _t2_2 = _h6*(1.0 - _e_y)
+        _t2_3 = 1.0 - _e_p
+        _out0[_i, _k] = _w * (_h0*(_h0*_h1*_t2_0) - _h2*(_h3 + _h4*_h5*_t2_0) + _finite_or(((alpha*((((((_t2_1)/(_e_p))))/(_e_p)) + (((((_t2_2)/(_t2_3))))/(_t2_3))))/(_C)), ((((((((_t2_1*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_2*alpha)/(_C))))/(_t2_3))))/(_t2_3))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -378,11 +389,12 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _e_y = y[_i, _k]
         _t2_0 = 1.0 - 2.0*_e_y
         _t2_1 = _h1*_t2_0
-        _t2_2 = ((_e_y*beta)/(_e_p))
-        _t2_3 = _h3*(1.0 - _e_y)
-        _t2_4 = 1.0 - _e_p
-        _out0[_i, _k] = _w * (_h0 + _h2*_t2_1 + ((-alpha*(_t2_2 + ((-_t2_3)/(_t2_4))))/(_C)))
-        _out1[_i, _k] = _w * (_h1*(_h4*_t2_1) - _h5*(_h2*_h7*_t2_0 + _h6) + ((alpha*((((_t2_2))/(_e_p)) + (((((_t2_3)/(_t2_4))))/(_t2_4))))/(_C)))
+        _t2_2 = _e_y*beta
+        _t2_3 = ((_t2_2)/(_e_p))
+        _t2_4 = _h3*(1.0 - _e_y)
+        _t2_5 = 1.0 - _e_p
+        _out0[_i, _k] = _w * (_h0 + _h2*_t2_1 + ((-alpha*(_t2_3 + ((-_t2_4)/(_t2_5))))/(_C)))
+        _out1[_i, _k] = _w * (_h1*(_h4*_t2_1) - _h5*(_h2*_h7*_t2_0 + _h6) + _finite_or(((alpha*((((_t2_3))/(_e_p)) + (((((_t2_4)/(_t2_5))))/(_t2_5))))/(_C)), ((((((((_t2_2*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_4*alpha)/(_C))))/(_t2_5))))/(_t2_5))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -479,11 +491,12 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _e_y = y[_i, _k]
         _t2_0 = 1.0 - 2.0*_e_y
         _t2_1 = _h1*_t2_0
-        _t2_2 = ((_e_y*beta)/(_e_p))
-        _t2_3 = _h3*(1.0 - _e_y)
-        _t2_4 = 1.0 - _e_p
-        _out1[_i, _k] = _w * (_h0 + _h2*_t2_1 + ((-alpha*(_t2_2 + ((-_t2_3)/(_t2_4))))/(_C)))
-        _out2[_i, _k] = _w * (_h1*(_h4*_t2_1) - _h5*(_h2*_h7*_t2_0 + _h6) + ((alpha*((((_t2_2))/(_e_p)) + (((((_t2_3)/(_t2_4))))/(_t2_4))))/(_C)))
+        _t2_2 = _e_y*beta
+        _t2_3 = ((_t2_2)/(_e_p))
+        _t2_4 = _h3*(1.0 - _e_y)
+        _t2_5 = 1.0 - _e_p
+        _out1[_i, _k] = _w * (_h0 + _h2*_t2_1 + ((-alpha*(_t2_3 + ((-_t2_4)/(_t2_5))))/(_C)))
+        _out2[_i, _k] = _w * (_h1*(_h4*_t2_1) - _h5*(_h2*_h7*_t2_0 + _h6) + _finite_or(((alpha*((((_t2_3))/(_e_p)) + (((((_t2_4)/(_t2_5))))/(_t2_5))))/(_C)), ((((((((_t2_2*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_4*alpha)/(_C))))/(_t2_5))))/(_t2_5))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -566,8 +579,10 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _e_y = y[_i, _k]
         _t2_0 = 1.0 - 2.0*_e_y
         _t2_1 = -_h2*(_h3 + _h4*_h5*_t2_0)
-        _t2_2 = 1.0 - _e_p
-        _scratch[0, _k] = _h0*(_h0*_h1*_t2_0) + _t2_1 + ((alpha*((((((_e_y*beta)/(_e_p))))/(_e_p)) + (((((_h6*(1.0 - _e_y))/(_t2_2))))/(_t2_2))))/(_C))
+        _t2_2 = _e_y*beta
+        _t2_3 = _h6*(1.0 - _e_y)
+        _t2_4 = 1.0 - _e_p
+        _scratch[0, _k] = _h0*(_h0*_h1*_t2_0) + _t2_1 + _finite_or(((alpha*((((((_t2_2)/(_e_p))))/(_e_p)) + (((((_t2_3)/(_t2_4))))/(_t2_4))))/(_C)), ((((((((_t2_2*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_3*alpha)/(_C))))/(_t2_4))))/(_t2_4)))
         _scratch[1, _k] = _t2_1
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h7
@@ -659,8 +674,10 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _e_y = y[_i, _k]
         _t2_0 = 1.0 - 2.0*_e_y
         _t2_1 = -_h2*(_h3 + _h4*_h5*_t2_0)
-        _t2_2 = 1.0 - _e_p
-        _scratch[0, _k] = _h0*(_h0*_h1*_t2_0) + _t2_1 + ((alpha*((((((_e_y*beta)/(_e_p))))/(_e_p)) + (((((_h6*(1.0 - _e_y))/(_t2_2))))/(_t2_2))))/(_C))
+        _t2_2 = _e_y*beta
+        _t2_3 = _h6*(1.0 - _e_y)
+        _t2_4 = 1.0 - _e_p
+        _scratch[0, _k] = _h0*(_h0*_h1*_t2_0) + _t2_1 + _finite_or(((alpha*((((((_t2_2)/(_e_p))))/(_e_p)) + (((((_t2_3)/(_t2_4))))/(_t2_4))))/(_C)), ((((((((_t2_2*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_3*alpha)/(_C))))/(_t2_4))))/(_t2_4)))
         _scratch[1, _k] = _t2_1
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h7

@@ -35,10 +35,19 @@ SPEC = {
 }
 
 
+@numba.njit(cache=True, error_model="numpy")
+def _finite_or(a, b):
+    """a where it is finite, else b: the same product in another order, which does not overflow
+    (or make 0*inf) where a does."""
+    if math.isfinite(a):
+        return a
+    return b
+
+
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(w, lambda2):
     """loss of one element."""
-    return lambda2*w**2
+    return _finite_or(lambda2*w**2, w*(lambda2*w))
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -63,8 +72,8 @@ def grad_hess_scalar(w, lambda2):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(w, lambda2):
     """loss, grad, hess of one element."""
-    _t0 = 2.0*lambda2
-    return lambda2*w**2, _t0*w, _t0
+    _t0 = lambda2*w
+    return _finite_or(lambda2*w**2, w*(_t0)), 2.0*_t0, 2.0*lambda2
 
 
 @numba.njit(cache=True, error_model="numpy")

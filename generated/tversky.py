@@ -45,6 +45,15 @@ SPEC = {
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _finite_or(a, b):
+    """a where it is finite, else b: the same product in another order, which does not overflow
+    (or make 0*inf) where a does."""
+    if math.isfinite(a):
+        return a
+    return b
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _inside = True
@@ -496,6 +505,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h1 = _t1_0
     _h2 = _t1_2
     _h3 = _t1_1
+    _h4 = ((1.0)/(_t1_2))
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -510,7 +520,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _t2_8 = _t2_6*alpha
         _t2_9 = _t2_0*beta
         _scratch[0, _k] = _h0*(-_e_y*_t2_7 + _e_y*(_h2*_t2_3 + _t2_5 - _t2_9) + _t2_2*_t2_8)
-        _scratch[1, _k] = _h0*_t2_8
+        _scratch[1, _k] = _finite_or(_h0*_t2_8, _h4*(_h4*(_h4*(_t2_8))))
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h0*(2.0*_e_y*_h1 + 2.0*_e_y*_h3*beta + _h2*_t2_2*alpha - _t2_4 - _t2_7 - _t2_8 - _t2_9)
         _scratch[4, _k] = _e_y
@@ -592,6 +602,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h1 = _t1_0
     _h2 = _t1_2
     _h3 = _t1_1
+    _h4 = ((1.0)/(_t1_2))
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -606,7 +617,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _t2_8 = _t2_6*alpha
         _t2_9 = _t2_0*beta
         _scratch[0, _k] = _h0*(-_e_y*_t2_7 + _e_y*(_h2*_t2_3 + _t2_5 - _t2_9) + _t2_2*_t2_8)
-        _scratch[1, _k] = _h0*_t2_8
+        _scratch[1, _k] = _finite_or(_h0*_t2_8, _h4*(_h4*(_h4*(_t2_8))))
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h0*(2.0*_e_y*_h1 + 2.0*_e_y*_h3*beta + _h2*_t2_2*alpha - _t2_4 - _t2_7 - _t2_8 - _t2_9)
         _scratch[4, _k] = _e_y

@@ -36,6 +36,7 @@ HELPERS = {
     "logaddexp": "logaddexp",
     "fma": "fma",
     "hypot": "hypot",
+    "finite_or": "finite_or",
 }
 
 HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",)}  # helper -> the helpers that it calls
@@ -46,7 +47,7 @@ HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",)}  # helper -> the hel
 # loop by this cost (runtime.SERIAL_BELOW): threads pay off on far smaller arrays where each
 # element calls libm.
 ARITHMETIC_FUNCTIONS = frozenset({
-    "Abs", "sign", "Heaviside", "Max", "Min", "Piecewise", "fma", "group", "real_group", "exact_sum",
+    "Abs", "sign", "Heaviside", "Max", "Min", "Piecewise", "fma", "group", "real_group", "exact_sum", "finite_or",
 })
 
 

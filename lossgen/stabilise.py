@@ -1,11 +1,15 @@
 """Stage 3, stabilise: rewrite expressions into forms that floating point evaluates accurately.
 
-This module is the only place where numerical-stability knowledge lives, as three tables;
+This module is the only place where numerical-stability knowledge lives, as four tables;
 every rewrite holds exactly in real arithmetic.
 
 * ``RULES``: local rewrites ``find -> replace`` (log(1 + x) -> log1p(x), ...), applied
   bottom-up in table order until nothing changes. A rule may use the inputs and parameters
   that the spec puts in [0, 1] (``unit_interval``, set by ``stabilise_derivation``).
+* ``LAST_RULES``: rewrites applied once to each finished output, outermost match first
+  (``apply_last``): rule parameter_first, c*X with c a parameter that may be 0 and X a power
+  that can overflow -> finite_or(c*X, (c*w)*w), the second only where the first is inf or
+  nan (0*inf at c = 0, where the truth is 0).
 * ``SPLITS``: cancellation in sums that no local rule sees, such as softplus(x) - y*x at
   y = 1, x = 40 (the true value is 4.2e-18). On each branch of its argument a function is
   written as an exact "big" part plus a small remainder (softplus(x) = x + softplus(-x) for
@@ -37,8 +41,9 @@ from sympy.core.traversal import bottom_up
 from dataclasses import replace
 
 from .derive import differentiate, tidy
+from .reductions import ROW_SIZE
 from .domains import DOMAINS
-from .vocabulary import (exact_sum, exprel, fma, group, log1prel, logaddexp, logcosh, real_group, sigmoid, softplus,
+from .vocabulary import (exact_sum, exprel, finite_or, fma, group, log1prel, logaddexp, logcosh, real_group, sigmoid, softplus,
                          xlog1py, xlogy)
 
 Rewrite = Callable[[sp.Expr], Optional[sp.Expr]]  # the replacement, or None when no match
@@ -1018,6 +1023,135 @@ RULES: tuple[Rule, ...] = (
     Rule("xlogy", "a*log(y)", "xlogy(a, y)", "0*log(0) is nan; the limit, and the loss, is 0", _x_log_y),
 )
 
+# --- products with a parameter that may be 0 ------------------------------------------------
+
+_ZERO_PARAMETERS: ContextVar[frozenset] = ContextVar("zero_parameters", default=frozenset())
+
+
+def zero_parameters(spec) -> frozenset:
+    """The symbols of ``spec``'s parameters whose domain holds 0 (rule parameter_first)."""
+    return frozenset(spec.symbols[p.name] for p in spec.params if DOMAINS[p.domain].contains(0.0))
+
+
+@contextmanager
+def parameters_at_zero(symbols):
+    """Within this context, rule parameter_first takes ``symbols`` as the parameters that may
+    be 0 (or tiny)."""
+    token = _ZERO_PARAMETERS.set(frozenset(symbols))
+    try:
+        yield
+    finally:
+        _ZERO_PARAMETERS.reset(token)
+
+
+def _overflow_degree(f, parameters):
+    """How many times a factor of ``f`` multiplies or divides by a base that depends on more
+    than parameters and numbers, and on no function but Abs: w**2 and ((y/p)/p) twice (either
+    can overflow where the base is huge or tiny), y/p once; a sum, its most; 0 inside any
+    other function, and for a positive power of a polynomial in [0, 1] variables ((1 - 2*y)**2,
+    bounded; see ``unit_interval``)."""
+    if isinstance(f, sp.Pow):
+        if f.exp.is_Number and not 0 < f.exp < 1 and not f.base.is_Number \
+                and f.base.free_symbols - parameters - {ROW_SIZE} and _polynomial_base(f.base) \
+                and (f.exp < 0 or not f.base.free_symbols <= _UNIT_SYMBOLS.get() | parameters):
+            return abs(f.exp)
+        return 0
+    if isinstance(f, sp.Mul):
+        return sum(_overflow_degree(a, parameters) for a in f.args)
+    if isinstance(f, group):
+        return _overflow_degree(f.args[0], parameters)
+    if isinstance(f, sp.Add):
+        return max(_overflow_degree(a, parameters) for a in f.args)
+    return 0
+
+
+def _polynomial_base(base) -> bool:
+    """A base free of functions other than Abs (w, p, 1 - p, sum(p) + smooth): any size.
+    sigmoid(x)**2 and the like are bounded and only underflow, which 0*c does not harm."""
+    return not any(not isinstance(f, sp.Abs) for f in base.atoms(sp.Function))
+
+
+def _in_turn(coefficient, x, parameters):
+    """coefficient*x with the coefficient multiplied first, then x's other factors, and then
+    each power that can overflow applied in turn, one factor of its base at a time (w**2 as
+    *w*w, (y/p)/p as y, /p, /p); a sum in x term by term. None where nothing changes."""
+    if isinstance(x, sp.Add):
+        terms = [_in_turn(coefficient, t, parameters) for t in x.args]
+        if all(t is None for t in terms):
+            return None
+        return sp.Add(*[coefficient * t if u is None else u for t, u in zip(x.args, terms)])
+    if _overflow_degree(x, parameters) < 2:
+        return None
+    factors, stack = [], list(sp.Mul.make_args(x))
+    while stack:
+        f = stack.pop(0)
+        if isinstance(f, group) and isinstance(f.args[0], sp.Mul):
+            stack = list(f.args[0].args) + stack
+        else:
+            factors.append(f)
+    powers = [f for f in factors if isinstance(f, sp.Pow) and _overflow_degree(f, parameters)]
+    sums = [f for f in factors if isinstance(f, (sp.Add, group)) and _overflow_degree(f, parameters)]
+    rest = sp.Mul(*[f for f in factors if not any(f is g for g in powers + sums)])
+    if sums:  # (a sum that overflows)*..., as c*rest*sum in turn
+        if len(sums) != 1 or powers:
+            return None
+        inner = sums[0].args[0] if isinstance(sums[0], group) else sums[0]
+        return _in_turn(coefficient * rest, inner, parameters)
+    value = coefficient * rest
+    for power in powers:
+        steps = [power.base ** sp.sign(power.exp)] * abs(int(power.exp)) if power.exp.is_Integer else [power]
+        for step in steps:
+            value = (value if value.is_Atom else group(value)) * step
+    return value
+
+
+def _parameter_first(e):
+    """c*X, c a parameter that may be 0 and X holding powers that can overflow (w**2, 1/p**2)
+    -> finite_or(c*X, c first, then X's factors one at a time) (lambda2*w**2 -> (lambda2*w)*w;
+    alpha*y/p**2 -> ((alpha*y)/p)/p). At c = 0 the product in turn is 0 where c*X is 0*inf =
+    nan; at a tiny c, (c*w)*w is finite where w**2 overflows. Where c*X is finite it is kept,
+    since the order in turn could underflow where it does not (c*w tiny, w huge)."""
+    parameters = _ZERO_PARAMETERS.get()
+    if not parameters or not isinstance(e, sp.Mul):
+        return None
+    coefficient = sp.Mul(*[f for f in e.args if f in parameters
+                           or isinstance(f, sp.Pow) and f.base in parameters and f.exp.is_positive])
+    if coefficient == 1:
+        return None
+    number, rest = (e / coefficient).as_coeff_Mul()
+    ordered = _in_turn(number * coefficient, rest, parameters)
+    return None if ordered is None else finite_or(e, ordered)
+
+
+# Applied once, top-down, to each finished output (apply_last): a product it rewrites is not
+# visited again, and no rule of RULES sees its result.
+LAST_RULES: tuple[Rule, ...] = (
+    Rule("parameter_first", "c*X, c a parameter whose domain holds 0, X with powers w**2, 1/p**2 (or (y/p)/p)",
+         "c*X where finite, else (c*w)*w, ((c*y)/p)/p: the coefficient first, then each factor in turn",
+         "0*inf is nan where X overflows at c = 0 (the truth is 0), and X overflows at a tiny c "
+         "where c*X need not", _parameter_first),
+)
+
+
+def apply_last(expr, rules: tuple[Rule, ...] = LAST_RULES):
+    """``expr`` with each rule of ``rules`` applied once, outermost match first; conditions
+    of a Piecewise are left as they are."""
+    if not isinstance(expr, sp.Expr):
+        return expr
+    for rule in rules:
+        replacement = rule.rewrite(expr)
+        if replacement is not None:
+            return replacement
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*[(apply_last(value, rules), condition) for value, condition in expr.args])
+    if not expr.args or isinstance(expr, (sp.Symbol, sp.Number)):
+        return expr
+    args = [apply_last(a, rules) for a in expr.args]
+    return expr if all(a is b for a, b in zip(args, expr.args)) else expr.func(*args, evaluate=False) \
+        if isinstance(expr, (sp.Add, sp.Mul, sp.Pow)) else expr.func(*args)
+
+
+MAX_PASSES = 8
 MAX_PASSES = 8
 SECOND_PASS_ONLY = {"heaviside_select"}  # tidying would factor the selected X back out
 BEFORE_LOG_DOMAIN = tuple(r for r in RULES if r.name != "power_log_domain")  # see stabilise_derivation
@@ -1385,7 +1519,10 @@ def stabilise_derivation(derivation):
     divide by the factors that underflow); the rule applies to the derivative's own terms."""
     spec = derivation.spec
     with unit_interval(unit_interval_symbols(spec)):
-        return _stabilised(derivation, spec)
+        stable = _stabilised(derivation, spec)
+        with parameters_at_zero(zero_parameters(spec)):
+            return replace(stable, loss=apply_last(stable.loss), grad=tuple(map(apply_last, stable.grad)),
+                           hess=tuple(map(apply_last, stable.hess)))
 
 
 def _stabilised(derivation, spec):

@@ -63,7 +63,8 @@ from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
-from .stabilise import direct_form
+from .stabilise import (apply_last, direct_form, parameters_at_zero, unit_interval, unit_interval_symbols,
+                        zero_parameters)
 from .vocabulary import binary_scale, exact_sum, exprel, fma, group
 
 
@@ -1179,7 +1180,10 @@ def stabilise_rows(derivation):
     distances = {r.symbol: r for e in _expressions(derivation) for r in _cauchy_schwarz_gap(e, derivation)[1]}
     sums += [r for name, r in sorted(distances.items(), key=lambda item: item[0].name) if name in used]
     sums = list({s.symbol: s for s in sums}.values())
-    return replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
+    stable = replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
+    spec = derivation.spec
+    with unit_interval(unit_interval_symbols(spec)), parameters_at_zero(zero_parameters(spec)):
+        return stable.map(apply_last)
 
 
 def _expressions(derivation) -> list[sp.Expr]:

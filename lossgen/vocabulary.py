@@ -142,6 +142,15 @@ class real_group(group):
         return True
 
 
+class finite_or(sp.Function):
+    """finite_or(a, b): a where it is a finite float, else b; in exact arithmetic a = b (rule
+    parameter_first: b is a with its products taken in another order, which does not overflow
+    where a does)."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
 class exact_sum(sp.Function):
     """a + b + ..., with every rounding error carried along (error-free two-sums), so terms of
     very different magnitudes that cancel leave the right digits, in whatever order."""
@@ -300,6 +309,7 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "fma": lambda a, b, c: a * b + c,
     "exact_sum": lambda *terms: mpmath.fsum(terms),
     "group": lambda x: x,
+    "finite_or": lambda a, b: a,
     "exprel": lambda z: mpmath.mpf(1) if z == 0 else mpmath.expm1(z) / z,
     "log1prel": lambda u: mpmath.mpf(1) if u == 0 else mpmath.log1p(u) / u,
 }

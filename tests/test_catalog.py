@@ -32,12 +32,9 @@ def test_catalog_holds_the_elementwise_losses():
 # Regions where a loss does not yet meet the bound, and why: those points are left out of
 # test_kernels_match_high_precision_truth (every other point of the loss is checked), and
 # test_known_gaps_are_still_gaps fails once a gap closes, so this table cannot go stale.
-# All are at a parameter's closed domain end (lossgen.verify.parameter_sets), README, Verification.
-_ZERO_TIMES_OVERFLOW = "lambda2 w**2 at lambda2 = 0: w**2 overflows for |w| > 1.3e154, 0 * inf is nan, the truth 0"
-KNOWN_GAPS: dict = {  # name -> (point -> True in the gap, why)
-    "l2_penalty": (lambda q: q["lambda2"] == 0 and abs(q["w"]) > 1.3e154, _ZERO_TIMES_OVERFLOW),
-    "elastic_net": (lambda q: q["lambda2"] == 0 and abs(q["w"]) > 1.3e154, _ZERO_TIMES_OVERFLOW),
-}
+# None at present (l2_penalty's and elastic_net's lambda2 = 0, 0*inf for |w| > 1.3e154, was
+# closed by rule parameter_first); README, Verification.
+KNOWN_GAPS: dict = {}  # name -> (point -> True in the gap, why)
 
 
 @functools.lru_cache(maxsize=None)
@@ -252,3 +249,16 @@ def test_focal_with_an_integer_gamma_written_in_meets_the_bound(tmp_path, gamma)
     loss = lossgen.load(tmp_path / "out").get(f"focal_{gamma}")
     rows = verify_loss(loss, derive(load_spec(specs / f"focal_{gamma}.toml")), n=200, stress=True)
     assert all(r.ok(RELATIVE_TOLERANCE) for r in rows), "\n" + format_report(rows)
+
+
+@pytest.mark.parametrize("name", ["l2_penalty", "elastic_net"])
+def test_penalty_at_a_zero_or_tiny_lambda2_on_huge_weights(name):
+    """lambda2*w**2 at lambda2 = 0 was 0*inf = nan for |w| > 1.3e154 (the truth is 0, or
+    lambda1 |w|), and inf at lambda2 = 1e-300, w = 1e200 (the truth 1e100): rule parameter_first."""
+    w = np.array([1e300, -1e300, 1e200, -2e154, 1e154, 3.0, 0.0])
+    points = Points({"w": w}, np.zeros(len(w), bool))
+    for lambda2 in (0.0, 1e-300, 2.5):
+        params = {"lambda2": lambda2, **({"lambda1": 1.0} if name == "elastic_net" else {})}
+        rows = check_kernels(lossgen.get(name), derivation_of(name), points, params)
+        failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)]
+        assert not failures, "\n" + format_report(failures)

@@ -72,8 +72,6 @@ OTHER_SET_GAPS = {
     ("arcface", "m", 0.0): "the Hessian's d/dc sin(m + acos c)/sqrt(1 - c**2), -cos(t)/(1 - c**2) + c sin(t)/"
                            "(1 - c**2)**1.5, cancels to sin(m)/(1 - c**2)**1.5 = 0 at m = 0 (9e11 relative error "
                            "at C = 3); the gradient's sin(acos c) loses digits at c = -1 + 1e-16",
-    ("combo", "alpha", 0.0): "0 * inf: the cross-entropy term's Hessian y/p**2 overflows at p = 1e-300, times "
-                             "alpha = 0 (nan where the truth is finite)",
     ("contrastive", "eps", 0.0): "norm(x1 - x2)**2 differentiated through the norm: 0/0 at x1 = x2 (nan Hessian "
                                  "of d**2/2, whose truth is 1; nan gradient where the truth's sign(0) is 0)",
     ("cosine_embedding", "margin", -1.0): "cos + 1 cancels where cos is near -1 (at C = 1, cos = -1 + eps/x**2: "
@@ -827,3 +825,18 @@ def test_torch_weighted_mean_is_a_sample_weight_of_the_true_class():
     torch_mean = (w[y] * _cross_entropy(y, s)).sum() / w[y].sum()
     assert math.isclose(lossgen.get("softmax_cross_entropy").loss(y, s, sample_weight=w[y]), torch_mean,
                         rel_tol=1e-13)
+
+
+def test_combo_cross_entropy_hessian_at_a_zero_or_tiny_alpha():
+    """combo's Hessian holds alpha*y/p**2 (and alpha*(1 - y)/(1 - p)**2): at p = 1e-300 the
+    quotient overflows, times alpha = 0 nan where the truth is the Dice term's, and inf at
+    alpha = 1e-300 where the truth is 2.5e299 (rule parameter_first: the product in turn)."""
+    spec = load_spec(ROW_PATHS["combo"])
+    rows = [{"y": np.array([1.0, 0.5, 1e-300]), "p": np.array([1e-300, 0.3, 1e-300])},
+            {"y": np.array([0.0, 1.0]), "p": np.array([1.0 - 2.0**-53, 1e-300])}]
+    for alpha in (0.0, 1e-300):
+        params = {**{p.name: p.default for p in spec.params}, "alpha": alpha}
+        for point in rows:
+            checked = check_size(lossgen.get("combo"), spec, len(point["p"]), [point], params, gap=gap_of("combo"))
+            failures = [r for r in checked if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
+            assert not failures, "\n" + format_report(failures)

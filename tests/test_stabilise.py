@@ -13,9 +13,10 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from lossgen.emit import HELPERS, template_environment
-from lossgen.stabilise import HUGE, RULES, invert_for_huge, split_cancellations, stabilise, unit_interval
+from lossgen.stabilise import (HUGE, LAST_RULES, RULES, apply_last, invert_for_huge, parameters_at_zero,
+                               split_cancellations, stabilise, unit_interval)
 from lossgen.verify import evaluate, relative_error
-from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, sigmoid, softplus, xlogy
+from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, finite_or, sigmoid, softplus, xlogy
 
 x = sp.Symbol("x", real=True)
 y = sp.Symbol("y", positive=True)
@@ -516,3 +517,39 @@ def test_power_log_domain_keeps_the_value_where_the_base_underflows(point):
     log = {"log": lambda v: -math.inf if v == 0 else math.log(v)}
     value = sp.lambdify(symbols, rewritten, modules=[log, *FLOAT_MODULES])(*args)
     assert relative_error(value, truth) <= 1e-12, (value, truth)
+
+
+def test_parameter_first_keeps_a_zero_or_tiny_parameter_times_an_overflowing_power():
+    """Rule parameter_first (LAST_RULES): lambda2*w**2 at lambda2 = 0 is 0*inf = nan for
+    |w| > 1.3e154 and inf at lambda2 = 1e-300, w = 1e200 (the truth 1e100); alpha*y/p**2 at
+    alpha = 0, p = 1e-300 likewise (combo's Hessian). The fallback takes the coefficient first
+    and the factors in turn; where the product is finite it is the product as before."""
+    lam, alpha, beta = (sp.Symbol(n, nonnegative=True) for n in ("lambda2", "alpha", "beta"))
+    rule = next(r for r in LAST_RULES if r.name == "parameter_first")
+    assert rule.reason and rule.find and rule.replace
+    cases = [(lam * x**2, [(0.0, 1e300), (1e-300, 1e200), (2.5, -3.0), (0.0, 0.0)], (lam, x)),
+             (alpha * (y * beta / p**2 + (1 - y) / (1 - p)**2) / 3,
+              [(0.0, 1.0, 0.5, 1e-300), (1e-300, 1.0, 0.5, 1e-300), (0.5, 0.3, 0.25, 0.7)], (alpha, y, beta, p))]
+    for expr, points, symbols in cases:
+        with unit_interval((alpha, beta, p)), parameters_at_zero((lam, alpha, beta)):
+            rewritten = apply_last(expr)
+        assert rewritten.has(finite_or), f"rule parameter_first did not fire on {expr}"
+        truth = sp.lambdify(symbols, expr, modules=MODULES)
+        computed = sp.lambdify(symbols, rewritten, modules=FLOAT_MODULES)
+        raw = sp.lambdify(symbols, expr, modules="numpy")
+        for point in points:
+            with mpmath.workdps(60):
+                exact = truth(*[mpmath.mpf(v) for v in point])
+            with np.errstate(all="ignore"):  # float64 as the kernels: x**2 is inf, not an OverflowError
+                value, before = (float(f(*map(np.float64, point))) for f in (computed, raw))
+            assert relative_error(value, exact) <= 1e-15, (expr, point)
+            if point[0] <= 1e-300 and point[-1] in (1e300, 1e200, 1e-300):
+                assert not math.isfinite(before), (expr, point)  # the gap that the rule closes
+
+
+def test_parameter_first_leaves_bounded_and_single_powers_alone():
+    """sigmoid(x)**2 and (1 - 2*y)**2 (y in [0, 1]) cannot overflow, y/p divides once: no fallback."""
+    lam = sp.Symbol("lambda2", nonnegative=True)
+    with unit_interval((p,)), parameters_at_zero((lam,)):
+        for expr in (lam * sigmoid(x)**2, lam * (1 - 2 * p)**2, lam * y / p, lam * x):
+            assert apply_last(expr) == expr
