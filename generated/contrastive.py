@@ -140,20 +140,31 @@ def _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
-    _h0 = ((((((-m)/(_t1_0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h0 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -198,17 +209,28 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _h0 = ((m)/(_t1_0))
@@ -218,9 +240,10 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
         _e_x2 = x2[_i, _k]
         _t2_0 = (_h1 <= m)
         _t2_1 = (_row_y > 0.0)
-        _t2_2 = ((1.0) if _t2_0 or _t2_1 else (0.0)) + ((0.0) if _t2_1 else (_h0) if _t2_0 else (0.0))*((((eps + (_e_x1 - _e_x2))**2)/(_r0)) - 1.0)
-        _out0[_i, _k] = _w * (_t2_2)
-        _out1[_i, _k] = _w * (_t2_2)
+        _t2_2 = (_r0_l1 > 0.0)
+        _t2_3 = ((1.0) if _t2_0 or _t2_1 else (0.0)) + ((0.0) if _t2_1 else (((_h0) if _t2_2 else (0.0))) if _t2_0 else (0.0))*((((((eps + (_e_x1 - _e_x2))**2)/(_r0))) if _t2_2 else (0.0)) - 1.0)
+        _out0[_i, _k] = _w * (_t2_3)
+        _out1[_i, _k] = _w * (_t2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -261,20 +284,31 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
-    _h0 = ((((((-m)/(_t1_0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h0 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
     _h1 = ((m)/(_t1_0))
     _h2 = _t1_0
     for _k in range(_n):
@@ -284,11 +318,12 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         _t2_1 = (_row_y > 0.0)
         _t2_2 = 2.0*_t2_0*((1/2) if _t2_1 else (_h0))
         _t2_3 = (_h2 <= m)
-        _t2_4 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (_h1) if _t2_3 else (0.0))*(((_t2_0**2)/(_r0)) - 1.0)
+        _t2_4 = (_r0_l1 > 0.0)
+        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h1) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
         _out0[_i, _k] = _w * (_t2_2)
         _out1[_i, _k] = _w * (-_t2_2)
-        _out2[_i, _k] = _w * (_t2_4)
-        _out3[_i, _k] = _w * (_t2_4)
+        _out2[_i, _k] = _w * (_t2_5)
+        _out3[_i, _k] = _w * (_t2_5)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -330,24 +365,35 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_2 = (m >= _t1_0)
     if _t1_2:
         _t1_1 = -m
         _b1_0 = (-_t1_0 - _t1_1)**2
-        _b1_1 = ((_t1_1)/(_t1_0)) + 1.0
+        _b1_1 = ((((_t1_1)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0
     else:
         _b1_0 = 0.0
         _b1_1 = 0.0
@@ -362,11 +408,12 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
         _t2_1 = (_row_y > 0.0)
         _t2_2 = 2.0*_t2_0*((1/2) if _t2_1 else (_h0))
         _t2_3 = (_h2 <= m)
-        _t2_4 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (_h1) if _t2_3 else (0.0))*(((_t2_0**2)/(_r0)) - 1.0)
+        _t2_4 = (_r0_l1 > 0.0)
+        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h1) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
         _out1[_i, _k] = _w * (_t2_2)
         _out2[_i, _k] = _w * (-_t2_2)
-        _out3[_i, _k] = _w * (_t2_4)
-        _out4[_i, _k] = _w * (_t2_4)
+        _out3[_i, _k] = _w * (_t2_5)
+        _out4[_i, _k] = _w * (_t2_5)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -405,23 +452,34 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _h0 = ((m)/(_t1_0))
     _h1 = _t1_0
     _h2 = ((-m)/(_t1_0))
-    _h3 = ((((((m)/(2.0*_r0**(3/2)))) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h3 = ((((((((m)/(2.0*_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
@@ -429,27 +487,28 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
         _t2_0 = (_h1 <= m)
         _t2_1 = (_row_y > 0.0)
         _t2_2 = _t2_0 or _t2_1
-        _t2_3 = -_e_x2
-        _t2_4 = eps + (_e_x1 + _t2_3)
-        _t2_5 = (((_t2_4**2)/(_r0)) - 1.0)
-        _t2_6 = _t2_5*((0.0) if _t2_1 else (_h0) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
-        _t2_7 = _t2_5*((0.0) if _t2_1 else (_h2) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
-        _t2_8 = 2.0*_t2_4*((0.0) if _t2_1 else (_h3))
-        _t2_9 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_3))
-        _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
-        _t2_11 = -_t2_8
-        _scratch[0, _k] = _t2_6
-        _scratch[1, _k] = _t2_7
-        _scratch[2, _k] = _t2_7
-        _scratch[3, _k] = _t2_6
-        _scratch[4, _k] = _t2_8
-        _scratch[5, _k] = _t2_9
-        _scratch[6, _k] = _t2_8
-        _scratch[7, _k] = _t2_10
-        _scratch[8, _k] = _t2_11
-        _scratch[9, _k] = _t2_9
-        _scratch[10, _k] = _t2_11
-        _scratch[11, _k] = _t2_10
+        _t2_3 = (_r0_l1 > 0.0)
+        _t2_4 = -_e_x2
+        _t2_5 = eps + (_e_x1 + _t2_4)
+        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
+        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
+        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
+        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
+        _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
+        _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
+        _t2_12 = -_t2_9
+        _scratch[0, _k] = _t2_7
+        _scratch[1, _k] = _t2_8
+        _scratch[2, _k] = _t2_8
+        _scratch[3, _k] = _t2_7
+        _scratch[4, _k] = _t2_9
+        _scratch[5, _k] = _t2_10
+        _scratch[6, _k] = _t2_9
+        _scratch[7, _k] = _t2_11
+        _scratch[8, _k] = _t2_12
+        _scratch[9, _k] = _t2_10
+        _scratch[10, _k] = _t2_12
+        _scratch[11, _k] = _t2_11
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
@@ -502,23 +561,34 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _h0 = ((m)/(_t1_0))
     _h1 = _t1_0
     _h2 = ((-m)/(_t1_0))
-    _h3 = ((((((m)/(2.0*_r0**(3/2)))) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h3 = ((((((((m)/(2.0*_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
@@ -526,27 +596,28 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         _t2_0 = (_h1 <= m)
         _t2_1 = (_row_y > 0.0)
         _t2_2 = _t2_0 or _t2_1
-        _t2_3 = -_e_x2
-        _t2_4 = eps + (_e_x1 + _t2_3)
-        _t2_5 = (((_t2_4**2)/(_r0)) - 1.0)
-        _t2_6 = _t2_5*((0.0) if _t2_1 else (_h0) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
-        _t2_7 = _t2_5*((0.0) if _t2_1 else (_h2) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
-        _t2_8 = 2.0*_t2_4*((0.0) if _t2_1 else (_h3))
-        _t2_9 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_3))
-        _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
-        _t2_11 = -_t2_8
-        _scratch[0, _k] = _t2_6
-        _scratch[1, _k] = _t2_7
-        _scratch[2, _k] = _t2_7
-        _scratch[3, _k] = _t2_6
-        _scratch[4, _k] = _t2_8
-        _scratch[5, _k] = _t2_9
-        _scratch[6, _k] = _t2_8
-        _scratch[7, _k] = _t2_10
-        _scratch[8, _k] = _t2_11
-        _scratch[9, _k] = _t2_9
-        _scratch[10, _k] = _t2_11
-        _scratch[11, _k] = _t2_10
+        _t2_3 = (_r0_l1 > 0.0)
+        _t2_4 = -_e_x2
+        _t2_5 = eps + (_e_x1 + _t2_4)
+        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
+        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
+        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
+        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
+        _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
+        _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
+        _t2_12 = -_t2_9
+        _scratch[0, _k] = _t2_7
+        _scratch[1, _k] = _t2_8
+        _scratch[2, _k] = _t2_8
+        _scratch[3, _k] = _t2_7
+        _scratch[4, _k] = _t2_9
+        _scratch[5, _k] = _t2_10
+        _scratch[6, _k] = _t2_9
+        _scratch[7, _k] = _t2_11
+        _scratch[8, _k] = _t2_12
+        _scratch[9, _k] = _t2_10
+        _scratch[10, _k] = _t2_12
+        _scratch[11, _k] = _t2_11
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]

@@ -16,10 +16,10 @@ Lowered, with one value per row for each reduction:
     _r0 = sum_k((a + eps - p)**2)
     _r1 = sum_k((a + eps - n)**2)
     _r2 = sum_k((-n + p)*(-2*a - 2*eps + n + p))
-    loss = Piecewise((_r2/(sqrt(_r0) + sqrt(_r1)) + margin, _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0), (0, True))
-    d loss / d a_k = 2*(a + eps - n)*Piecewise((-1/(2*sqrt(_r1)), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0), (0, True)) + 2*(a + eps - p)*Piecewise((1/(2*sqrt(_r0)), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0), (0, True))
-    d loss / d p_k = 2*(-a - eps + p)*Piecewise((1/(2*sqrt(_r0)), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0), (0, True))
-    d loss / d n_k = 2*(-a - eps + n)*Piecewise((-1/(2*sqrt(_r1)), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0), (0, True))
+    loss = Piecewise((margin + Piecewise((_r2/(sqrt(_r0) + sqrt(_r1)), (_r0 > 0) | (_r1 > 0)), (0, True)), ITE((_r0 > 0) | (_r1 > 0), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0, margin >= 0)), (0, True))
+    d loss / d a_k = 2*(a + eps - n)*Piecewise((-1/(2*sqrt(_r1)), ITE((_r0 > 0) | (_r1 > 0), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0, margin >= 0)), (0, True)) + 2*(a + eps - p)*Piecewise((1/(2*sqrt(_r0)), ITE((_r0 > 0) | (_r1 > 0), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0, margin >= 0)), (0, True))
+    d loss / d p_k = 2*(-a - eps + p)*Piecewise((1/(2*sqrt(_r0)), ITE((_r0 > 0) | (_r1 > 0), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0, margin >= 0)), (0, True))
+    d loss / d n_k = 2*(-a - eps + n)*Piecewise((-1/(2*sqrt(_r1)), ITE((_r0 > 0) | (_r1 > 0), _r2/(sqrt(_r0) + sqrt(_r1)) + margin >= 0, margin >= 0)), (0, True))
 
 Reductions that pick one element (max, min, take) pass the derivative to that element; on a
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
@@ -117,8 +117,9 @@ def _loss_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1)))
-    _out0[_i] = _w * (((_t1_0) if (_t1_0 >= 0.0) else (0.0)))
+    _t1_0 = ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1)))
+    _t1_1 = (_r0 > 0.0) or (_r1 > 0.0)
+    _out0[_i] = _w * (((margin + ((_t1_0) if _t1_1 else (0.0))) if (((_t1_0 + margin >= 0.0)) if _t1_1 else ((margin >= 0.0))) else (0.0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -156,8 +157,12 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
     for _k in range(_n):
@@ -165,16 +170,28 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
         _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
         _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
         _x = _r1 + _s
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
         _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _x = _r2 + _s
         _z = _x - _r2
@@ -183,9 +200,15 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
@@ -201,10 +224,18 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_15 = (_h2 >= 0.0)
-        _t2_16 = -_e_a
-        _t2_17 = -eps
-        if _t2_15:
+        _t2_9 = math.sqrt(_r0)
+        _t2_10 = math.sqrt(_r1)
+        _t2_13 = (_r0_l1 > 0.0)
+        _t2_14 = (_r1_l1 > 0.0)
+        _t2_18 = (_h2 >= 0.0)
+        _t2_19 = (margin >= 0.0)
+        _t2_20 = (_r0 > 0.0)
+        _t2_21 = (_r1 > 0.0)
+        _t2_22 = -_e_a
+        _t2_23 = -eps
+        _t2_24 = (((margin + ((_r2)/(_t2_10 + _t2_9)) >= 0.0)) if _t2_20 or _t2_21 else (_t2_19))
+        if (_t2_18 or (_r0 <= 0.0)) and (_t2_18 or (_r1 <= 0.0)) and (_t2_19 or _t2_20 or _t2_21):
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
             _t2_2 = _t2_1**2
@@ -214,22 +245,17 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
             _t2_6 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_7 = -_e_n
             _t2_8 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_7), _t2_0))
-            _t2_9 = math.sqrt(_r0)
-            _t2_10 = math.sqrt(_r1)
             _t2_11 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_7))
             _t2_12 = _t2_10*_t2_9*(_h0*_t2_11 + _h1*_t2_1)
-            _t2_13 = (_t2_1*_t2_11 > 0.0)
-            _t2_14 = _t2_11**2
-            _b2_0 = ((((-_t2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t2_4), -_t2_5), _e_n), _e_p))), _r2_error)) + _t2_3*_t2_6*_t2_8)/(_t2_12))) if _t2_13 and (abs(_t2_3) <= ((abs(_t2_8))/(2.0))) else (((-_t2_14*_t2_6 + _t2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_14), _r1_error)))/(_t2_12))) if _t2_13 else (((_t2_1)/(_t2_9)) + ((-_t2_11)/(_t2_10))))
-            _b2_1 = _h3
-            _b2_2 = _h4
+            _t2_15 = _t2_13 and _t2_14
+            _t2_16 = (_t2_1*_t2_11 > 0.0)
+            _t2_17 = _t2_11**2
+            _b2_0 = ((((((-_t2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t2_4), -_t2_5), _e_n), _e_p))), _r2_error)) + _t2_3*_t2_6*_t2_8)/(_t2_12))) if _t2_15 else (0.0))) if _t2_16 and (abs(_t2_3) <= ((abs(_t2_8))/(2.0))) else (((((-_t2_17*_t2_6 + _t2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_17), _r1_error)))/(_t2_12))) if _t2_15 else (0.0))) if _t2_16 else (((((_t2_1)/(_t2_9))) if _t2_13 else (0.0)) + ((((-_t2_11)/(_t2_10))) if _t2_14 else (0.0))))
         else:
             _b2_0 = 0.0
-            _b2_1 = 0.0
-            _b2_2 = 0.0
         _out0[_i, _k] = _w * (_b2_0)
-        _out1[_i, _k] = _w * (2.0*_b2_1*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_16), _t2_17), _e_p)))
-        _out2[_i, _k] = _w * (2.0*_b2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_16), _t2_17), _e_n)))
+        _out1[_i, _k] = _w * (2.0*((((_h3) if _t2_13 else (0.0))) if _t2_24 else (0.0))*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_22), _t2_23), _e_p)))
+        _out2[_i, _k] = _w * (2.0*((((_h4) if _t2_14 else (0.0))) if _t2_24 else (0.0))*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_22), _t2_23), _e_n)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -267,8 +293,12 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
     for _k in range(_n):
@@ -276,16 +306,28 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
         _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
         _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
         _x = _r1 + _s
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
         _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _x = _r2 + _s
         _z = _x - _r2
@@ -294,9 +336,15 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
@@ -311,18 +359,21 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_7 = (_h2 >= 0.0)
-        if _t2_7:
+        _t2_9 = (_h2 >= 0.0)
+        _t2_10 = (_t2_9 or (_r0 <= 0.0)) and (_t2_9 or (_r1 <= 0.0)) and ((margin >= 0.0) or (_r0 > 0.0) or (_r1 > 0.0))
+        if _t2_10:
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -(-_e_n - _t2_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
             _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))**2), _r0_error))
             _t2_3 = _r0**(3/2)
-            _t2_4 = _r1**(3/2)
-            _t2_5 = ((_t2_2)/(_t2_3))
-            _t2_6 = ((-_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2), _r1_error)))/(_t2_4))
-            _b2_0 = ((((_t2_1 + ((-_h0*_h1*_r2*_t2_2)/(_t2_3)))/(_t2_4))) if (_t2_2 >= 2.0*abs(_t2_1)) else (_t2_5 + _t2_6))
-            _b2_1 = _t2_5
-            _b2_2 = _t2_6
+            _t2_4 = (_r0_l1 > 0.0)
+            _t2_5 = _r1**(3/2)
+            _t2_6 = (_r1_l1 > 0.0)
+            _t2_7 = ((((_t2_2)/(_t2_3))) if _t2_4 else (0.0))
+            _t2_8 = ((((-_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2), _r1_error)))/(_t2_5))) if _t2_6 else (0.0))
+            _b2_0 = ((((((_t2_1 + ((((-_h0*_h1*_r2*_t2_2)/(_t2_3))) if _t2_4 else (0.0)))/(_t2_5))) if _t2_6 else (0.0))) if (_t2_2 >= 2.0*abs(_t2_1)) else (_t2_7 + _t2_8))
+            _b2_1 = _t2_7
+            _b2_2 = _t2_8
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
@@ -370,8 +421,12 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
     for _k in range(_n):
@@ -379,16 +434,28 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
         _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
         _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
         _x = _r1 + _s
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
         _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _x = _r2 + _s
         _z = _x - _r2
@@ -397,9 +464,15 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
@@ -418,10 +491,19 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_17 = (_h2 >= 0.0)
-        _t2_18 = -_e_a
-        _t2_19 = -eps
-        if _t2_17:
+        _t2_10 = math.sqrt(_r0)
+        _t2_11 = math.sqrt(_r1)
+        _t2_14 = (_r0_l1 > 0.0)
+        _t2_15 = (_r1_l1 > 0.0)
+        _t2_20 = (_h2 >= 0.0)
+        _t2_21 = (margin >= 0.0)
+        _t2_22 = (_r0 > 0.0)
+        _t2_23 = (_r1 > 0.0)
+        _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
+        _t2_25 = -_e_a
+        _t2_26 = -eps
+        _t2_27 = (((margin + ((_r2)/(_t2_10 + _t2_11)) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        if _t2_24:
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
             _t2_2 = _t2_1**2
@@ -432,36 +514,31 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
             _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_8 = -_e_n
             _t2_9 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))
-            _t2_10 = math.sqrt(_r0)
-            _t2_11 = math.sqrt(_r1)
             _t2_12 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))
             _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
-            _t2_14 = (_t2_1*_t2_12 > 0.0)
-            _t2_15 = _t2_12**2
-            _t2_16 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_15), _r1_error))
-            _t2_20 = _r0**(3/2)
-            _t2_21 = _r1**(3/2)
-            _t2_22 = ((_t2_7)/(_t2_20))
-            _t2_23 = ((-_t2_16)/(_t2_21))
-            _b2_0 = ((((-_t2_2*_t2_6 + _t2_3*_t2_7*_t2_9)/(_t2_13))) if _t2_14 and (abs(_t2_3) <= ((abs(_t2_9))/(2.0))) else (((-_t2_15*_t2_7 + _t2_16*_t2_2)/(_t2_13))) if _t2_14 else (((_t2_1)/(_t2_10)) + ((-_t2_12)/(_t2_11))))
-            _b2_1 = _h3
-            _b2_2 = _h4
-            _b2_3 = ((((_t2_6 + ((-_h5*_h6*_r2*_t2_7)/(_t2_20)))/(_t2_21))) if (_t2_7 >= 2.0*abs(_t2_6)) else (_t2_22 + _t2_23))
-            _b2_4 = _t2_22
-            _b2_5 = _t2_23
+            _t2_16 = _t2_14 and _t2_15
+            _t2_17 = (_t2_1*_t2_12 > 0.0)
+            _t2_18 = _t2_12**2
+            _t2_19 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_18), _r1_error))
+            _t2_28 = _r0**(3/2)
+            _t2_29 = _r1**(3/2)
+            _t2_30 = ((((_t2_7)/(_t2_28))) if _t2_14 else (0.0))
+            _t2_31 = ((((-_t2_19)/(_t2_29))) if _t2_15 else (0.0))
+            _b2_0 = ((((((-_t2_2*_t2_6 + _t2_3*_t2_7*_t2_9)/(_t2_13))) if _t2_16 else (0.0))) if _t2_17 and (abs(_t2_3) <= ((abs(_t2_9))/(2.0))) else (((((-_t2_18*_t2_7 + _t2_19*_t2_2)/(_t2_13))) if _t2_16 else (0.0))) if _t2_17 else (((((_t2_1)/(_t2_10))) if _t2_14 else (0.0)) + ((((-_t2_12)/(_t2_11))) if _t2_15 else (0.0))))
+            _b2_1 = ((((((_t2_6 + ((((-_h5*_h6*_r2*_t2_7)/(_t2_28))) if _t2_14 else (0.0)))/(_t2_29))) if _t2_15 else (0.0))) if (_t2_7 >= 2.0*abs(_t2_6)) else (_t2_30 + _t2_31))
+            _b2_2 = _t2_30
+            _b2_3 = _t2_31
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
             _b2_3 = 0.0
-            _b2_4 = 0.0
-            _b2_5 = 0.0
         _out0[_i, _k] = _w * (_b2_0)
-        _out1[_i, _k] = _w * (2.0*_b2_1*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_18), _t2_19), _e_p)))
-        _out2[_i, _k] = _w * (2.0*_b2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_18), _t2_19), _e_n)))
-        _out3[_i, _k] = _w * (_b2_3)
-        _out4[_i, _k] = _w * (_b2_4)
-        _out5[_i, _k] = _w * (_b2_5)
+        _out1[_i, _k] = _w * (2.0*((((_h3) if _t2_14 else (0.0))) if _t2_27 else (0.0))*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_p)))
+        _out2[_i, _k] = _w * (2.0*((((_h4) if _t2_15 else (0.0))) if _t2_27 else (0.0))*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_n)))
+        _out3[_i, _k] = _w * (_b2_1)
+        _out4[_i, _k] = _w * (_b2_2)
+        _out5[_i, _k] = _w * (_b2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -503,8 +580,12 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
     for _k in range(_n):
@@ -512,16 +593,28 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
         _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
         _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
         _x = _r1 + _s
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
         _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _x = _r2 + _s
         _z = _x - _r2
@@ -530,9 +623,15 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
@@ -540,11 +639,13 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _t1_0 + _t1_1
-    _t1_3 = margin + ((_r2)/(_t1_2))
-    _out0[_i] = _w * (((_t1_3) if (_t1_3 >= 0.0) else (0.0)))
+    _t1_3 = ((_r2)/(_t1_2))
+    _t1_4 = (_r0 > 0.0) or (_r1 > 0.0)
+    _t1_5 = _t1_3 + margin
+    _out0[_i] = _w * (((margin + ((_t1_3) if _t1_4 else (0.0))) if (((_t1_5 >= 0.0)) if _t1_4 else ((margin >= 0.0))) else (0.0)))
     _h0 = _t1_0
     _h1 = _t1_1
-    _h2 = _t1_3
+    _h2 = _t1_5
     _h3 = ((1.0)/(2.0*_t1_0))
     _h4 = ((-1.0)/(2.0*_t1_1))
     _h5 = ((1.0)/(_t1_2))
@@ -553,10 +654,19 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_17 = (_h2 >= 0.0)
-        _t2_18 = -_e_a
-        _t2_19 = -eps
-        if _t2_17:
+        _t2_10 = math.sqrt(_r0)
+        _t2_11 = math.sqrt(_r1)
+        _t2_14 = (_r0_l1 > 0.0)
+        _t2_15 = (_r1_l1 > 0.0)
+        _t2_20 = (_h2 >= 0.0)
+        _t2_21 = (margin >= 0.0)
+        _t2_22 = (_r0 > 0.0)
+        _t2_23 = (_r1 > 0.0)
+        _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
+        _t2_25 = -_e_a
+        _t2_26 = -eps
+        _t2_27 = (((margin + ((_r2)/(_t2_10 + _t2_11)) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        if _t2_24:
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
             _t2_2 = _t2_1**2
@@ -567,36 +677,31 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
             _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_8 = -_e_n
             _t2_9 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))
-            _t2_10 = math.sqrt(_r0)
-            _t2_11 = math.sqrt(_r1)
             _t2_12 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))
             _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
-            _t2_14 = (_t2_1*_t2_12 > 0.0)
-            _t2_15 = _t2_12**2
-            _t2_16 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_15), _r1_error))
-            _t2_20 = _r0**(3/2)
-            _t2_21 = _r1**(3/2)
-            _t2_22 = ((_t2_7)/(_t2_20))
-            _t2_23 = ((-_t2_16)/(_t2_21))
-            _b2_0 = ((((-_t2_2*_t2_6 + _t2_3*_t2_7*_t2_9)/(_t2_13))) if _t2_14 and (abs(_t2_3) <= ((abs(_t2_9))/(2.0))) else (((-_t2_15*_t2_7 + _t2_16*_t2_2)/(_t2_13))) if _t2_14 else (((_t2_1)/(_t2_10)) + ((-_t2_12)/(_t2_11))))
-            _b2_1 = _h3
-            _b2_2 = _h4
-            _b2_3 = ((((_t2_6 + ((-_h5*_h6*_r2*_t2_7)/(_t2_20)))/(_t2_21))) if (_t2_7 >= 2.0*abs(_t2_6)) else (_t2_22 + _t2_23))
-            _b2_4 = _t2_22
-            _b2_5 = _t2_23
+            _t2_16 = _t2_14 and _t2_15
+            _t2_17 = (_t2_1*_t2_12 > 0.0)
+            _t2_18 = _t2_12**2
+            _t2_19 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_18), _r1_error))
+            _t2_28 = _r0**(3/2)
+            _t2_29 = _r1**(3/2)
+            _t2_30 = ((((_t2_7)/(_t2_28))) if _t2_14 else (0.0))
+            _t2_31 = ((((-_t2_19)/(_t2_29))) if _t2_15 else (0.0))
+            _b2_0 = ((((((-_t2_2*_t2_6 + _t2_3*_t2_7*_t2_9)/(_t2_13))) if _t2_16 else (0.0))) if _t2_17 and (abs(_t2_3) <= ((abs(_t2_9))/(2.0))) else (((((-_t2_18*_t2_7 + _t2_19*_t2_2)/(_t2_13))) if _t2_16 else (0.0))) if _t2_17 else (((((_t2_1)/(_t2_10))) if _t2_14 else (0.0)) + ((((-_t2_12)/(_t2_11))) if _t2_15 else (0.0))))
+            _b2_1 = ((((((_t2_6 + ((((-_h5*_h6*_r2*_t2_7)/(_t2_28))) if _t2_14 else (0.0)))/(_t2_29))) if _t2_15 else (0.0))) if (_t2_7 >= 2.0*abs(_t2_6)) else (_t2_30 + _t2_31))
+            _b2_2 = _t2_30
+            _b2_3 = _t2_31
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
             _b2_3 = 0.0
-            _b2_4 = 0.0
-            _b2_5 = 0.0
         _out1[_i, _k] = _w * (_b2_0)
-        _out2[_i, _k] = _w * (2.0*_b2_1*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_18), _t2_19), _e_p)))
-        _out3[_i, _k] = _w * (2.0*_b2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_18), _t2_19), _e_n)))
-        _out4[_i, _k] = _w * (_b2_3)
-        _out5[_i, _k] = _w * (_b2_4)
-        _out6[_i, _k] = _w * (_b2_5)
+        _out2[_i, _k] = _w * (2.0*((((_h3) if _t2_14 else (0.0))) if _t2_27 else (0.0))*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_p)))
+        _out3[_i, _k] = _w * (2.0*((((_h4) if _t2_15 else (0.0))) if _t2_27 else (0.0))*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_n)))
+        _out4[_i, _k] = _w * (_b2_1)
+        _out5[_i, _k] = _w * (_b2_2)
+        _out6[_i, _k] = _w * (_b2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -634,10 +739,14 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     _r0_r1_q = 0.0
     _r0_r1_q_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
     for _k in range(_n):
@@ -645,23 +754,35 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
         _t0_0 = -_e_p
-        _t0_1 = _e_n + _t0_0
+        _t0_1 = _e_a + eps
+        _t0_2 = _e_n + _t0_0
+        _t0_3 = -_e_n
         _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
-        _s = _t0_1**2
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _t0_2**2
         _x = _r0_r1_q + _s
         _z = _x - _r0_r1_q
         _r0_r1_q_error += (_r0_r1_q - (_x - _z)) + (_s - _z)
         _r0_r1_q = _x
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_3))**2
         _x = _r1 + _s
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -_t0_1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _s = abs(_t0_1 + _t0_3)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = -_t0_2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
@@ -669,12 +790,18 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _r0_r1_q_hi = _r0_r1_q
     if math.isfinite(_r0_r1_q):
         _r0_r1_q += _r0_r1_q_error
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
@@ -698,87 +825,91 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _t2_3 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
         _t2_5 = _h0*_h1*_r2
         _t2_6 = _r0**(3/2)
-        _t2_7 = _r1**(3/2)
-        _t2_9 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
-        _t2_12 = (_h2 >= 0.0)
-        _t2_15 = (_h3 >= _r0_r1_q)
-        _t2_17 = 2.0*_t2_3
-        _t2_20 = 2.0*_t2_9
-        _t2_24 = -_e_a
-        _t2_25 = -eps
-        _t2_26 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_24), _t2_25), _e_p))
-        _t2_27 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_24), _t2_25), _e_n))
-        if _t2_12:
+        _t2_7 = (_r0_l1 > 0.0)
+        _t2_8 = _r1**(3/2)
+        _t2_9 = (_r1_l1 > 0.0)
+        _t2_11 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _t2_14 = (_h2 >= 0.0)
+        _t2_15 = (margin >= 0.0)
+        _t2_16 = (_r0 > 0.0)
+        _t2_17 = (_r1 > 0.0)
+        _t2_18 = (_t2_14 or (_r0 <= 0.0)) and (_t2_14 or (_r1 <= 0.0)) and (_t2_15 or _t2_16 or _t2_17)
+        _t2_21 = (_h3 >= _r0_r1_q)
+        _t2_22 = (((margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1))) >= 0.0)) if _t2_16 or _t2_17 else (_t2_15))
+        _t2_23 = ((((_h4) if _t2_7 else (0.0))) if _t2_22 else (0.0))
+        _t2_24 = 2.0*_t2_3
+        _t2_25 = _t2_23*_t2_24
+        _t2_26 = ((((_h5) if _t2_9 else (0.0))) if _t2_22 else (0.0))
+        _t2_27 = 2.0*_t2_11
+        _t2_28 = _t2_26*_t2_27
+        _t2_31 = -_e_a
+        _t2_32 = -eps
+        _t2_33 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_p))
+        _t2_34 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_n))
+        _t2_35 = _t2_23*_t2_33
+        _t2_36 = _t2_26*_t2_34
+        if _t2_18:
             _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
             _t2_4 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_3**2), _r0_error))
-            _t2_8 = ((_t2_4)/(_t2_6))
-            _t2_10 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_9**2), _r1_error))
-            _t2_11 = ((-_t2_10)/(_t2_7))
-            _b2_0 = ((((_t2_2 + ((-_t2_4*_t2_5)/(_t2_6)))/(_t2_7))) if (_t2_4 >= 2.0*abs(_t2_2)) else (_t2_11 + _t2_8))
-            _b2_1 = _t2_8
-            _b2_2 = _t2_11
-            _t2_22 = 1.0
-            _t2_19 = _h5
-            _t2_16 = _h4
-            _t2_14 = ((_t2_10)/(_t2_7))
-            _t2_13 = ((-_t2_4)/(_t2_6))
+            _t2_10 = ((((_t2_4)/(_t2_6))) if _t2_7 else (0.0))
+            _t2_12 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_11**2), _r1_error))
+            _t2_13 = ((((-_t2_12)/(_t2_8))) if _t2_9 else (0.0))
+            _b2_0 = ((((((_t2_2 + ((((-_t2_4*_t2_5)/(_t2_6))) if _t2_7 else (0.0)))/(_t2_8))) if _t2_9 else (0.0))) if (_t2_4 >= 2.0*abs(_t2_2)) else (_t2_10 + _t2_13))
+            _b2_1 = _t2_10
+            _b2_2 = _t2_13
+            _t2_20 = ((((_t2_12)/(_t2_8))) if _t2_9 else (0.0))
+            _t2_19 = ((((-_t2_4)/(_t2_6))) if _t2_7 else (0.0))
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
-            _t2_22 = 0.0
+            _t2_20 = 0.0
             _t2_19 = 0.0
-            _t2_16 = 0.0
-            _t2_14 = 0.0
-            _t2_13 = 0.0
-        _t2_18 = _t2_16*_t2_17
-        _t2_21 = _t2_19*_t2_20
-        _t2_28 = _t2_16*_t2_26
-        _t2_29 = _t2_19*_t2_27
-        if _t2_15:
-            _t2_23 = _t2_22*_t2_9
+        if _t2_21:
+            _t2_29 = ((1.0) if _t2_14 else (0.0))
+            _t2_30 = _t2_11*_t2_29
             _b2_3 = 0.0
             _b2_4 = 0.0
-            _b2_5 = ((-_t2_1*_t2_22)/(_t2_6))
-            _b2_6 = ((-_t2_23)/(_t2_6))
-            _b2_7 = ((_t2_23*_t2_5)/(_t2_6*_t2_7))
+            _b2_5 = ((((-_t2_1*_t2_29)/(_t2_6))) if _t2_7 else (0.0))
+            _b2_6 = ((((-_t2_30)/(_t2_6))) if _t2_7 else (0.0))
+            _b2_7 = ((((_t2_30*_t2_5)/(_t2_6*_t2_8))) if _t2_7 and _t2_9 else (0.0))
         else:
-            _b2_3 = _t2_18
-            _b2_4 = _t2_21
+            _b2_3 = _t2_25
+            _b2_4 = _t2_28
             _b2_5 = 0.0
             _b2_6 = 0.0
             _b2_7 = 0.0
         _scratch[0, _k] = _b2_0
-        _scratch[1, _k] = _t2_13
-        _scratch[2, _k] = _t2_14
-        _scratch[3, _k] = _t2_13
+        _scratch[1, _k] = _t2_19
+        _scratch[2, _k] = _t2_20
+        _scratch[3, _k] = _t2_19
         _scratch[4, _k] = _b2_1
         _scratch[5, _k] = 0.0
-        _scratch[6, _k] = _t2_14
+        _scratch[6, _k] = _t2_20
         _scratch[7, _k] = 0.0
         _scratch[8, _k] = _b2_2
         _scratch[9, _k] = _b2_3
-        _scratch[10, _k] = _t2_17
+        _scratch[10, _k] = _t2_24
         _scratch[11, _k] = _b2_4
-        _scratch[12, _k] = _t2_20
+        _scratch[12, _k] = _t2_27
         _scratch[13, _k] = _b2_5
         _scratch[14, _k] = _t2_3
         _scratch[15, _k] = _b2_6
         _scratch[16, _k] = _t2_1
         _scratch[17, _k] = _b2_7
-        _scratch[18, _k] = _t2_9
-        _scratch[19, _k] = _t2_18
-        _scratch[20, _k] = _t2_26
-        _scratch[21, _k] = _t2_21
-        _scratch[22, _k] = _t2_27
-        _scratch[23, _k] = _t2_28
-        _scratch[24, _k] = _t2_17
-        _scratch[25, _k] = _t2_28
-        _scratch[26, _k] = _t2_26
-        _scratch[27, _k] = _t2_29
-        _scratch[28, _k] = _t2_20
-        _scratch[29, _k] = _t2_29
-        _scratch[30, _k] = _t2_27
+        _scratch[18, _k] = _t2_11
+        _scratch[19, _k] = _t2_25
+        _scratch[20, _k] = _t2_33
+        _scratch[21, _k] = _t2_28
+        _scratch[22, _k] = _t2_34
+        _scratch[23, _k] = _t2_35
+        _scratch[24, _k] = _t2_24
+        _scratch[25, _k] = _t2_35
+        _scratch[26, _k] = _t2_33
+        _scratch[27, _k] = _t2_36
+        _scratch[28, _k] = _t2_27
+        _scratch[29, _k] = _t2_36
+        _scratch[30, _k] = _t2_34
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
@@ -845,10 +976,14 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         return
     _r0 = 0.0
     _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
     _r0_r1_q = 0.0
     _r0_r1_q_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
     for _k in range(_n):
@@ -856,23 +991,35 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
         _t0_0 = -_e_p
-        _t0_1 = _e_n + _t0_0
+        _t0_1 = _e_a + eps
+        _t0_2 = _e_n + _t0_0
+        _t0_3 = -_e_n
         _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
         _x = _r0 + _s
         _z = _x - _r0
         _r0_error += (_r0 - (_x - _z)) + (_s - _z)
         _r0 = _x
-        _s = _t0_1**2
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _t0_2**2
         _x = _r0_r1_q + _s
         _z = _x - _r0_r1_q
         _r0_r1_q_error += (_r0_r1_q - (_x - _z)) + (_s - _z)
         _r0_r1_q = _x
-        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_3))**2
         _x = _r1 + _s
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -_t0_1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _s = abs(_t0_1 + _t0_3)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = -_t0_2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
@@ -880,12 +1027,18 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
     _r0_r1_q_hi = _r0_r1_q
     if math.isfinite(_r0_r1_q):
         _r0_r1_q += _r0_r1_q_error
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
@@ -909,87 +1062,91 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _t2_3 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
         _t2_5 = _h0*_h1*_r2
         _t2_6 = _r0**(3/2)
-        _t2_7 = _r1**(3/2)
-        _t2_9 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
-        _t2_12 = (_h2 >= 0.0)
-        _t2_15 = (_h3 >= _r0_r1_q)
-        _t2_17 = 2.0*_t2_3
-        _t2_20 = 2.0*_t2_9
-        _t2_24 = -_e_a
-        _t2_25 = -eps
-        _t2_26 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_24), _t2_25), _e_p))
-        _t2_27 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_24), _t2_25), _e_n))
-        if _t2_12:
+        _t2_7 = (_r0_l1 > 0.0)
+        _t2_8 = _r1**(3/2)
+        _t2_9 = (_r1_l1 > 0.0)
+        _t2_11 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _t2_14 = (_h2 >= 0.0)
+        _t2_15 = (margin >= 0.0)
+        _t2_16 = (_r0 > 0.0)
+        _t2_17 = (_r1 > 0.0)
+        _t2_18 = (_t2_14 or (_r0 <= 0.0)) and (_t2_14 or (_r1 <= 0.0)) and (_t2_15 or _t2_16 or _t2_17)
+        _t2_21 = (_h3 >= _r0_r1_q)
+        _t2_22 = (((margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1))) >= 0.0)) if _t2_16 or _t2_17 else (_t2_15))
+        _t2_23 = ((((_h4) if _t2_7 else (0.0))) if _t2_22 else (0.0))
+        _t2_24 = 2.0*_t2_3
+        _t2_25 = _t2_23*_t2_24
+        _t2_26 = ((((_h5) if _t2_9 else (0.0))) if _t2_22 else (0.0))
+        _t2_27 = 2.0*_t2_11
+        _t2_28 = _t2_26*_t2_27
+        _t2_31 = -_e_a
+        _t2_32 = -eps
+        _t2_33 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_p))
+        _t2_34 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_n))
+        _t2_35 = _t2_23*_t2_33
+        _t2_36 = _t2_26*_t2_34
+        if _t2_18:
             _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
             _t2_4 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_3**2), _r0_error))
-            _t2_8 = ((_t2_4)/(_t2_6))
-            _t2_10 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_9**2), _r1_error))
-            _t2_11 = ((-_t2_10)/(_t2_7))
-            _b2_0 = ((((_t2_2 + ((-_t2_4*_t2_5)/(_t2_6)))/(_t2_7))) if (_t2_4 >= 2.0*abs(_t2_2)) else (_t2_11 + _t2_8))
-            _b2_1 = _t2_8
-            _b2_2 = _t2_11
-            _t2_22 = 1.0
-            _t2_19 = _h5
-            _t2_16 = _h4
-            _t2_14 = ((_t2_10)/(_t2_7))
-            _t2_13 = ((-_t2_4)/(_t2_6))
+            _t2_10 = ((((_t2_4)/(_t2_6))) if _t2_7 else (0.0))
+            _t2_12 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_11**2), _r1_error))
+            _t2_13 = ((((-_t2_12)/(_t2_8))) if _t2_9 else (0.0))
+            _b2_0 = ((((((_t2_2 + ((((-_t2_4*_t2_5)/(_t2_6))) if _t2_7 else (0.0)))/(_t2_8))) if _t2_9 else (0.0))) if (_t2_4 >= 2.0*abs(_t2_2)) else (_t2_10 + _t2_13))
+            _b2_1 = _t2_10
+            _b2_2 = _t2_13
+            _t2_20 = ((((_t2_12)/(_t2_8))) if _t2_9 else (0.0))
+            _t2_19 = ((((-_t2_4)/(_t2_6))) if _t2_7 else (0.0))
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
-            _t2_22 = 0.0
+            _t2_20 = 0.0
             _t2_19 = 0.0
-            _t2_16 = 0.0
-            _t2_14 = 0.0
-            _t2_13 = 0.0
-        _t2_18 = _t2_16*_t2_17
-        _t2_21 = _t2_19*_t2_20
-        _t2_28 = _t2_16*_t2_26
-        _t2_29 = _t2_19*_t2_27
-        if _t2_15:
-            _t2_23 = _t2_22*_t2_9
+        if _t2_21:
+            _t2_29 = ((1.0) if _t2_14 else (0.0))
+            _t2_30 = _t2_11*_t2_29
             _b2_3 = 0.0
             _b2_4 = 0.0
-            _b2_5 = ((-_t2_1*_t2_22)/(_t2_6))
-            _b2_6 = ((-_t2_23)/(_t2_6))
-            _b2_7 = ((_t2_23*_t2_5)/(_t2_6*_t2_7))
+            _b2_5 = ((((-_t2_1*_t2_29)/(_t2_6))) if _t2_7 else (0.0))
+            _b2_6 = ((((-_t2_30)/(_t2_6))) if _t2_7 else (0.0))
+            _b2_7 = ((((_t2_30*_t2_5)/(_t2_6*_t2_8))) if _t2_7 and _t2_9 else (0.0))
         else:
-            _b2_3 = _t2_18
-            _b2_4 = _t2_21
+            _b2_3 = _t2_25
+            _b2_4 = _t2_28
             _b2_5 = 0.0
             _b2_6 = 0.0
             _b2_7 = 0.0
         _scratch[0, _k] = _b2_0
-        _scratch[1, _k] = _t2_13
-        _scratch[2, _k] = _t2_14
-        _scratch[3, _k] = _t2_13
+        _scratch[1, _k] = _t2_19
+        _scratch[2, _k] = _t2_20
+        _scratch[3, _k] = _t2_19
         _scratch[4, _k] = _b2_1
         _scratch[5, _k] = 0.0
-        _scratch[6, _k] = _t2_14
+        _scratch[6, _k] = _t2_20
         _scratch[7, _k] = 0.0
         _scratch[8, _k] = _b2_2
         _scratch[9, _k] = _b2_3
-        _scratch[10, _k] = _t2_17
+        _scratch[10, _k] = _t2_24
         _scratch[11, _k] = _b2_4
-        _scratch[12, _k] = _t2_20
+        _scratch[12, _k] = _t2_27
         _scratch[13, _k] = _b2_5
         _scratch[14, _k] = _t2_3
         _scratch[15, _k] = _b2_6
         _scratch[16, _k] = _t2_1
         _scratch[17, _k] = _b2_7
-        _scratch[18, _k] = _t2_9
-        _scratch[19, _k] = _t2_18
-        _scratch[20, _k] = _t2_26
-        _scratch[21, _k] = _t2_21
-        _scratch[22, _k] = _t2_27
-        _scratch[23, _k] = _t2_28
-        _scratch[24, _k] = _t2_17
-        _scratch[25, _k] = _t2_28
-        _scratch[26, _k] = _t2_26
-        _scratch[27, _k] = _t2_29
-        _scratch[28, _k] = _t2_20
-        _scratch[29, _k] = _t2_29
-        _scratch[30, _k] = _t2_27
+        _scratch[18, _k] = _t2_11
+        _scratch[19, _k] = _t2_25
+        _scratch[20, _k] = _t2_33
+        _scratch[21, _k] = _t2_28
+        _scratch[22, _k] = _t2_34
+        _scratch[23, _k] = _t2_35
+        _scratch[24, _k] = _t2_24
+        _scratch[25, _k] = _t2_35
+        _scratch[26, _k] = _t2_33
+        _scratch[27, _k] = _t2_36
+        _scratch[28, _k] = _t2_27
+        _scratch[29, _k] = _t2_36
+        _scratch[30, _k] = _t2_34
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]

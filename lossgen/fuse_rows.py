@@ -170,10 +170,13 @@ class root_difference(sp.Function):
 
 def expand_shares(expr: sp.Expr) -> sp.Expr:
     """``expr`` with every share(E, W, D) written E/D, and every root_difference(U, V, d)
-    d/(sqrt(U) + sqrt(V))."""
+    d/(sqrt(U) + sqrt(V)), and 0 where U = V = 0 (two norms of 0: the quotient is 0/0 there,
+    triplet_margin's d(a, p) - d(a, n) at a = p = n with eps = 0; their derivatives at 0 are
+    stabilise_rows.at_zero_norm's)."""
     if not isinstance(expr, sp.Basic) or not expr.has(share, root_difference):
         return expr
-    expr = expr.replace(root_difference, lambda u, v, d: d / (sp.sqrt(u) + sp.sqrt(v)))
+    expr = expr.replace(root_difference, lambda u, v, d: sp.Piecewise((d / (sp.sqrt(u) + sp.sqrt(v)),
+                                                                        sp.Or(u > 0, v > 0)), (0, True)))
     return expr.replace(share, lambda part, complement, total: part / total)
 
 

@@ -49,6 +49,10 @@ rewrites that only rows need.
   (:data:`CLOSE_NORM_FORMS`, :func:`_close_outer`) in this element's G and H, the rests S and T
   (each norm's compensated sum less the element's own square), their difference E and
   A - B = D/(A + B), so that what cancels is subtracted exactly; each form where it holds.
+* **A norm at 0.** Where the loss reads a sum of squares S = sum(g**2) only through powers of
+  nonnegative exponent (a norm's kink at 0, not a pole), each product of a derivative with a
+  negative power of S is 0 where g is the zero vector (:func:`at_zero_norm`): the unit vector and
+  its derivative at 0 by the almost-everywhere convention (sign(0) = 0), not 0/0.
 """
 from __future__ import annotations
 
@@ -1180,10 +1184,70 @@ def stabilise_rows(derivation):
     distances = {r.symbol: r for e in _expressions(derivation) for r in _cauchy_schwarz_gap(e, derivation)[1]}
     sums += [r for name, r in sorted(distances.items(), key=lambda item: item[0].name) if name in used]
     sums = list({s.symbol: s for s in sums}.values())
+    stable, zero_tests = at_zero_norm(derivation, stable)
+    sums += zero_tests
     stable = replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
     spec = derivation.spec
     with unit_interval(unit_interval_symbols(spec)), parameters_at_zero(zero_parameters(spec)):
         return stable.map(apply_last)
+
+
+# --- a norm at 0 -------------------------------------------------------------------------------
+
+def _negative_powers(expr: sp.Expr, base: sp.Symbol) -> bool:
+    return any(p.base == base and p.exp.is_negative for p in expr.atoms(sp.Pow))
+
+
+def zero_norms(derivation) -> list[Reduction]:
+    """The sums of squares S = sum(g**2) (a norm's square) that the loss and the summands read
+    only through powers of nonnegative exponent (the norm sqrt(S), S itself): at S = 0 the loss is
+    finite, and the norm has a kink there, not a pole."""
+    read = [derivation.loss, *(r.summand for r in derivation.reductions)]
+    return [r for r in derivation.reductions
+            if r.kind == "sum" and isinstance(r.summand, sp.Pow) and r.summand.exp == 2
+            and not any(_negative_powers(e, r.symbol) for e in read)]
+
+
+def zero_test(r: Reduction) -> Reduction:
+    """sum_k |g_k| for S = sum(g**2): 0 exactly where g is the zero vector, unlike S, which is 0
+    where every g_k**2 underflows (|g_k| < 1.5e-162) as well."""
+    return Reduction(sp.Symbol(f"{r.symbol.name}_l1", nonnegative=True), "sum", sp.Abs(r.summand.base))
+
+
+def at_zero_norm(derivation, stable):
+    """The derivatives at a norm of 0, by the almost-everywhere convention (sign(0) = 0, the
+    Dirac terms dropped: :func:`lossgen.derive.almost_everywhere`) generalised to rows: every
+    product with a negative power of a sum of squares S = sum(g**2) of :func:`zero_norms` is 0
+    where g is the zero vector (:func:`zero_test`; as a whole, so that a quotient stays one
+    quotient), so the unit vector g/sqrt(S) is 0 there (sign(g) at C = 1) and so is every term
+    of its derivative ((I - w w^T)/sqrt(S)), where the kernels computed 0/0 (nan): the Hessian of
+    |x1 - x2|**2/2 at x1 = x2, I, was nan through a factor 0 (the other branch of a selection)
+    times 0/0. A tiny g whose squares underflow (S = 0, g not 0) is left as it was. The loss and
+    the summands are left as they are. Returns the stabilised derivation and the zero tests'
+    reductions that it reads."""
+    tests = {r.symbol: zero_test(r) for r in zero_norms(derivation)}
+    if not tests:
+        return stable, []
+
+    def convention(expr):
+        if not isinstance(expr, sp.Basic) or not expr.args:
+            return expr
+        if isinstance(expr, (sp.Mul, sp.Pow)):
+            bases = sorted({f.base for f in sp.Mul.make_args(expr) if isinstance(f, sp.Pow)
+                            and f.base in tests and f.exp.is_negative}, key=sp.default_sort_key)
+            if bases:  # the whole product, so that a quotient stays one quotient
+                inner = expr.func(*(a if isinstance(a, sp.Pow) and a.base in bases else convention(a)
+                                    for a in expr.args))
+                return sp.Piecewise((inner, sp.And(*(tests[b].symbol > 0 for b in bases))), (0, True))
+        return expr.func(*map(convention, expr.args))
+
+    stable = replace(stable, grad=tuple(map(convention, stable.grad)), hess=tuple(map(convention, stable.hess)),
+                     blocks={k: HessianBlock(convention(b.diagonal),
+                                             tuple((convention(p), convention(q)) for p, q in b.outer))
+                             for k, b in stable.blocks.items()},
+                     cross={k: convention(e) for k, e in stable.cross.items()})
+    used = set().union(*(e.free_symbols for e in _expressions(stable)))
+    return stable, [t for t in tests.values() if t.symbol in used]
 
 
 def _expressions(derivation) -> list[sp.Expr]:
