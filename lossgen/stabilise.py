@@ -460,14 +460,20 @@ CORNERS_MAX_VARIABLES = 4  # 2**4 corners at most
 
 
 @contextmanager
-def unit_interval(symbols):
-    """Within this context, rules may take ``symbols`` to lie in [0, 1] (rule
-    multilinear_corners)."""
-    token = _UNIT_SYMBOLS.set(frozenset(symbols))
+def _symbols_known(variable: ContextVar, symbols):
+    """Within this context, ``variable`` (what the rules may assume of some symbols) holds
+    ``symbols``."""
+    token = variable.set(frozenset(symbols))
     try:
         yield
     finally:
-        _UNIT_SYMBOLS.reset(token)
+        variable.reset(token)
+
+
+def unit_interval(symbols):
+    """Within this context, rules may take ``symbols`` to lie in [0, 1] (rule
+    multilinear_corners)."""
+    return _symbols_known(_UNIT_SYMBOLS, symbols)
 
 
 def unit_interval_symbols(spec) -> frozenset:
@@ -1033,15 +1039,18 @@ def zero_parameters(spec) -> frozenset:
     return frozenset(spec.symbols[p.name] for p in spec.params if DOMAINS[p.domain].contains(0.0))
 
 
-@contextmanager
 def parameters_at_zero(symbols):
     """Within this context, rule parameter_first takes ``symbols`` as the parameters that may
     be 0 (or tiny)."""
-    token = _ZERO_PARAMETERS.set(frozenset(symbols))
-    try:
+    return _symbols_known(_ZERO_PARAMETERS, symbols)
+
+
+@contextmanager
+def spec_domains(spec):
+    """What the rules may assume of ``spec``'s symbols: its [0, 1] inputs and parameters
+    (``unit_interval``) and its parameters that may be 0 (``parameters_at_zero``)."""
+    with unit_interval(unit_interval_symbols(spec)), parameters_at_zero(zero_parameters(spec)):
         yield
-    finally:
-        _ZERO_PARAMETERS.reset(token)
 
 
 def _overflow_degree(f, parameters):
@@ -1151,7 +1160,6 @@ def apply_last(expr, rules: tuple[Rule, ...] = LAST_RULES):
         if isinstance(expr, (sp.Add, sp.Mul, sp.Pow)) else expr.func(*args)
 
 
-MAX_PASSES = 8
 MAX_PASSES = 8
 SECOND_PASS_ONLY = {"heaviside_select"}  # tidying would factor the selected X back out
 BEFORE_LOG_DOMAIN = tuple(r for r in RULES if r.name != "power_log_domain")  # see stabilise_derivation
@@ -1518,11 +1526,10 @@ def stabilise_derivation(derivation):
     differentiated as rewritten without rule power_log_domain (the derivative of its logs would
     divide by the factors that underflow); the rule applies to the derivative's own terms."""
     spec = derivation.spec
-    with unit_interval(unit_interval_symbols(spec)):
+    with spec_domains(spec):
         stable = _stabilised(derivation, spec)
-        with parameters_at_zero(zero_parameters(spec)):
-            return replace(stable, loss=apply_last(stable.loss), grad=tuple(map(apply_last, stable.grad)),
-                           hess=tuple(map(apply_last, stable.hess)))
+        return replace(stable, loss=apply_last(stable.loss), grad=tuple(map(apply_last, stable.grad)),
+                       hess=tuple(map(apply_last, stable.hess)))
 
 
 def _stabilised(derivation, spec):

@@ -67,8 +67,7 @@ from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
-from .stabilise import (apply_last, direct_form, parameters_at_zero, unit_interval, unit_interval_symbols,
-                        zero_parameters)
+from .stabilise import apply_last, direct_form, spec_domains
 from .vocabulary import binary_scale, exact_sum, exprel, fma, group
 
 
@@ -1187,8 +1186,7 @@ def stabilise_rows(derivation):
     stable, zero_tests = at_zero_norm(derivation, stable)
     sums += zero_tests
     stable = replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
-    spec = derivation.spec
-    with unit_interval(unit_interval_symbols(spec)), parameters_at_zero(zero_parameters(spec)):
+    with spec_domains(derivation.spec):
         return stable.map(apply_last)
 
 

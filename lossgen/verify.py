@@ -49,8 +49,9 @@ def evaluate(function, values, digits: int = DIGITS):
     value is undefined at these precisions because a part of it cancelled to 0 and was then
     divided by or raised to a negative power (1 - p at p = 1 - 2e-435, a softmax at logits
     (1000, 0, 0)), it is evaluated again where exp(-2|v|) of every input v shows beside 1 (1 - p_y
-    at logits (-1000, 1000) is e**-2000), up to ``RESOLVING_DIGITS_LIMIT`` digits. Returns an mpf, or None where the value is not a finite
-    real (nan, inf, complex) at any of these precisions.
+    at logits (-1000, 1000) is e**-2000), up to ``RESOLVING_DIGITS_LIMIT`` digits. Returns an
+    mpf, or None where the value is not a finite real (nan, inf, complex) at any of these
+    precisions.
     """
     start = _start_digits(values, digits)
     # the second precision is far higher: a part of the value that cancelled to 0 in the
