@@ -183,7 +183,6 @@ def test_branch_local_code_computes_what_the_expressions_say(case):
         assert namespace["f"](*point) == pytest.approx(expected(*point), rel=1e-14), source
 
 
-
 def test_an_even_function_of_u_and_of_minus_u_is_computed_once():
     """y*logcosh(-x/2) + (1 - y)*logcosh(x/2) (binary cross-entropy on logits near 0): the
     emitter writes both as logcosh(x/2), and the kernel calls it once, with the same values

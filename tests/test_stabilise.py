@@ -247,7 +247,6 @@ def test_splits_remove_cancellation_between_terms(expr, point):
             assert abs(f(*at) - g(*at)) <= mpmath.mpf(10) ** -45 * (1 + abs(f(*at)))
 
 
-
 def test_the_issue_example_fails_without_splits():
     expr, point = SPLIT_EXAMPLES[0]
     naive = sp.lambdify([b, x], stabilise(expr), modules=FLOAT_MODULES)(point[b], point[x])
