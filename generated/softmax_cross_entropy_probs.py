@@ -183,26 +183,27 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = math.log(abs(_r2))
-    _h1 = _sign(_r2)
+    _h0 = ((label_smoothing)/(_C))
+    _h1 = 1.0 - label_smoothing
+    _h2 = math.log(abs(_r2))
+    _h3 = _sign(_r2)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
         _e_w = w[_k]
         _p0 = _stash[0, _k] * _l0_inv
         _t3_0 = ((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))
-        _t3_1 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
         if (_p0 >= 1/2):
-            _b3_0 = _r2*_t3_0 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_1), _r2_error))
+            _b3_0 = _r2*_t3_0 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _e_w*(_e_t*_h1 + _h0)), _r2_error))
         else:
-            _t3_2 = (_t3_1)
-            _t3_3 = _r2*(_t3_0 + 1.0)
-            _t3_4 = _e_s - _m0
-            _t3_5 = _l0 + (-_t3_4)
-            _t3_6 = (_t3_5 <= 700.0)
-            _t3_7 = (-_l0 + (_h0 + _t3_4))
-            _t3_8 = _h1*math.exp(_t3_7)
-            _b3_0 = ((((_t3_2 + ((_t3_3) if _t3_6 else (_h1*(math.expm1(_t3_7) + 1.0)))) if (abs(_t3_7) <= 1.0) else (_t3_2 + ((_t3_3) if _t3_6 else (_t3_8))))) if (_t3_5 <= 1.0) else (_t3_2 + ((_p0*_r2) if _t3_6 else (_t3_8))))
+            _t3_1 = (_e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C)))
+            _t3_2 = _r2*(_t3_0 + 1.0)
+            _t3_3 = _e_s - _m0
+            _t3_4 = _l0 + (-_t3_3)
+            _t3_5 = (_t3_4 <= 700.0)
+            _t3_6 = (-_l0 + (_h2 + _t3_3))
+            _t3_7 = _h3*math.exp(_t3_6)
+            _b3_0 = ((((_t3_1 + ((_t3_2) if _t3_5 else (_h3*(math.expm1(_t3_6) + 1.0)))) if (abs(_t3_6) <= 1.0) else (_t3_1 + ((_t3_2) if _t3_5 else (_t3_7))))) if (_t3_4 <= 1.0) else (_t3_1 + ((_p0*_r2) if _t3_5 else (_t3_7))))
         _out0[_i, _k] = _w * (-_b3_0)
 
 
@@ -348,8 +349,10 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, 
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = math.log(abs(_r2))
-    _h1 = _sign(_r2)
+    _h0 = ((label_smoothing)/(_C))
+    _h1 = 1.0 - label_smoothing
+    _h2 = math.log(abs(_r2))
+    _h3 = _sign(_r2)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
@@ -357,18 +360,17 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, 
         _p0 = _stash[0, _k] * _l0_inv
         _t3_0 = ((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))
         _t3_1 = _r2*_t3_0
-        _t3_2 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
         if (_p0 >= 1/2):
-            _b3_0 = _t3_1 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t3_2), _r2_error))
+            _b3_0 = _t3_1 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _e_w*(_e_t*_h1 + _h0)), _r2_error))
         else:
-            _t3_3 = (_t3_2)
-            _t3_4 = _r2*(_t3_0 + 1.0)
-            _t3_5 = _e_s - _m0
-            _t3_6 = _l0 + (-_t3_5)
-            _t3_7 = (_t3_6 <= 700.0)
-            _t3_8 = (-_l0 + (_h0 + _t3_5))
-            _t3_9 = _h1*math.exp(_t3_8)
-            _b3_0 = ((((_t3_3 + ((_t3_4) if _t3_7 else (_h1*(math.expm1(_t3_8) + 1.0)))) if (abs(_t3_8) <= 1.0) else (_t3_3 + ((_t3_4) if _t3_7 else (_t3_9))))) if (_t3_6 <= 1.0) else (_t3_3 + ((_p0*_r2) if _t3_7 else (_t3_9))))
+            _t3_2 = (_e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C)))
+            _t3_3 = _r2*(_t3_0 + 1.0)
+            _t3_4 = _e_s - _m0
+            _t3_5 = _l0 + (-_t3_4)
+            _t3_6 = (_t3_5 <= 700.0)
+            _t3_7 = (-_l0 + (_h2 + _t3_4))
+            _t3_8 = _h3*math.exp(_t3_7)
+            _b3_0 = ((((_t3_2 + ((_t3_3) if _t3_6 else (_h3*(math.expm1(_t3_7) + 1.0)))) if (abs(_t3_7) <= 1.0) else (_t3_2 + ((_t3_3) if _t3_6 else (_t3_8))))) if (_t3_5 <= 1.0) else (_t3_2 + ((_p0*_r2) if _t3_6 else (_t3_8))))
         _out0[_i, _k] = _w * (-_b3_0)
         _out1[_i, _k] = _w * (_p0*_t3_1)
 
@@ -458,8 +460,10 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
         _r1 += _r1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
-    _h0 = math.log(abs(_r2))
-    _h1 = _sign(_r2)
+    _h0 = ((label_smoothing)/(_C))
+    _h1 = 1.0 - label_smoothing
+    _h2 = math.log(abs(_r2))
+    _h3 = _sign(_r2)
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_t = t[_i, _k]
@@ -467,18 +471,17 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
         _p0 = _stash[0, _k] * _l0_inv
         _t4_0 = ((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))
         _t4_1 = _r2*_t4_0
-        _t4_2 = _e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C))
         if (_p0 >= 1/2):
-            _b4_0 = _t4_1 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t4_2), _r2_error))
+            _b4_0 = _t4_1 + _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _e_w*(_e_t*_h1 + _h0)), _r2_error))
         else:
-            _t4_3 = (_t4_2)
-            _t4_4 = _r2*(_t4_0 + 1.0)
-            _t4_5 = _e_s - _m0
-            _t4_6 = _l0 + (-_t4_5)
-            _t4_7 = (_t4_6 <= 700.0)
-            _t4_8 = (-_l0 + (_h0 + _t4_5))
-            _t4_9 = _h1*math.exp(_t4_8)
-            _b4_0 = ((((_t4_3 + ((_t4_4) if _t4_7 else (_h1*(math.expm1(_t4_8) + 1.0)))) if (abs(_t4_8) <= 1.0) else (_t4_3 + ((_t4_4) if _t4_7 else (_t4_9))))) if (_t4_6 <= 1.0) else (_t4_3 + ((_p0*_r2) if _t4_7 else (_t4_9))))
+            _t4_2 = (_e_t*_e_w + ((_e_w*label_smoothing*(-_C*_e_t + 1.0))/(_C)))
+            _t4_3 = _r2*(_t4_0 + 1.0)
+            _t4_4 = _e_s - _m0
+            _t4_5 = _l0 + (-_t4_4)
+            _t4_6 = (_t4_5 <= 700.0)
+            _t4_7 = (-_l0 + (_h2 + _t4_4))
+            _t4_8 = _h3*math.exp(_t4_7)
+            _b4_0 = ((((_t4_2 + ((_t4_3) if _t4_6 else (_h3*(math.expm1(_t4_7) + 1.0)))) if (abs(_t4_7) <= 1.0) else (_t4_2 + ((_t4_3) if _t4_6 else (_t4_8))))) if (_t4_5 <= 1.0) else (_t4_2 + ((_p0*_r2) if _t4_6 else (_t4_8))))
         _out1[_i, _k] = _w * (-_b4_0)
         _out2[_i, _k] = _w * (_p0*_t4_1)
 

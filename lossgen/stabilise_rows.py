@@ -420,12 +420,14 @@ def sum_parts(r) -> tuple[sp.Symbol, sp.Symbol]:
     return sp.Symbol(f"{r.symbol.name}_hi", real=True), sp.Symbol(f"{r.symbol.name}_error", real=True)
 
 
-def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
+def _own_term_apart(expr: sp.Expr, derivation, held: dict) -> sp.Expr:
     """c R F - c g, with R = sum_j g_j and g this element's summand, as
     c (R (F - 1) + (R - g)) where F >= 1/2: R - g = sum_{j != k} g_j is computed from R's two
     parts (hi - g) + error, exactly where g is most of R, and F - 1 becomes expm1 by the rules.
     This is p_k sum(w t) - w_k t_k, the gradient of cross-entropy with soft targets, at a
-    confident class (p_k ~ 1, t_k ~ 1): rounded apart, both terms cancel to nothing."""
+    confident class (p_k ~ 1, t_k ~ 1): rounded apart, both terms cancel to nothing. The g in
+    hi - g is held apart from the later rewrites (in ``held``), so that it is computed as the
+    sum's loop computes it: at C = 1, hi - g is then exactly 0."""
     sums = [r for r in derivation.reductions if r.kind == "sum"]
     if not sums or not isinstance(expr, sp.Basic):
         return expr
@@ -452,7 +454,9 @@ def _own_term_apart(expr: sp.Expr, derivation) -> sp.Expr:
                     weight = sp.expand(factor / c)
                     if c in (sp.S.One, sp.S.NegativeOne) + sp.Mul.make_args(factor) and not weight.is_Number:
                         hi, error = sum_parts(r)
-                        others = exact_sum(hi, -r.summand, error)
+                        own = sp.Symbol(f"_{r.symbol.name}_own", real=True)
+                        held[own] = -r.summand
+                        others = exact_sum(hi, own, error)
                         return sp.Piecewise((c * (r.symbol * (weight - 1) + others), weight >= sp.S.Half),
                                             (e, True))
         return e
@@ -868,18 +872,19 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
 def stabilise_element(expr: sp.Expr, derivation, pairs=(), singular=()) -> sp.Expr:
     """One element (or row) expression of a row-wise derivation, stabilised; ``pairs`` are its
     close norms (:func:`close_pairs`), ``singular`` its singular takes (:func:`singular_takes`)."""
-    stable = _stabilise_element(expr, derivation, pairs, singular)
-    return stable.xreplace({s.placeholder: sp.exp(s.rest_weight) for s in singular})
+    held = {}  # placeholder -> an element term that the rewrites must leave as it is
+    stable = _stabilise_element(expr, derivation, pairs, singular, held)
+    return stable.xreplace({s.placeholder: sp.exp(s.rest_weight) for s in singular}).xreplace(held)
 
 
-def _stabilise_element(expr: sp.Expr, derivation, pairs, singular) -> sp.Expr:
+def _stabilise_element(expr: sp.Expr, derivation, pairs, singular, held) -> sp.Expr:
     for pair in pairs:
         form = _close_norm_form(expr, pair, derivation.element_symbols)
         if form is not None:
             return _differences_first(direct_form(form), derivation)
     expr, _ = _cauchy_schwarz_gap(expr, derivation)
     expr = _at_index(expr, derivation)
-    expr = _own_term_apart(_others_apart(_over_the_rest(expr, singular), derivation), derivation)
+    expr = _own_term_apart(_others_apart(_over_the_rest(expr, singular), derivation), derivation, held)
     for x, u, x_of_u, back, r in _log_weights(derivation):
         if x in expr.free_symbols:
             in_u, placeholders = _simplex_weights(sp.factor_terms(expr.subs(x, x_of_u)), u, back, r, derivation)

@@ -86,10 +86,6 @@ OTHER_SET_GAPS = {
                              "against the unit terms of the kernels' forms (relative error 1.8 at C = 3)",
     ("soft_jaccard", "smooth", 0.0): "as dice at smooth = 0 (the affine basis 1 - y: relative error 8e15 at C = 3)",
     ("tversky", "smooth", 0.0): "as dice at smooth = 0 (relative error 0.25 at C = 3)",
-    ("softmax_cross_entropy_probs", "label_smoothing", 0.25): "at C = 1 the gradient sum(t) p - t is exactly 0, "
-                                                              "and the kernel's smoothed target rounds apart "
-                                                              "(1e-22 for terms of 1e-6)",
-    ("softmax_cross_entropy_probs", "label_smoothing", 1.0): "as at label_smoothing = 0.25",
     ("triplet_margin", "eps", 0.0): "a difference below 1.5e-162 (a = -1e-300, n = 1e-300 at C = 1): its square "
                                     "underflows, the norm is 0 and (a - n)/d(a, n) is inf where the truth is "
                                     "sign(a - n) = -1",
