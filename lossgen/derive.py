@@ -91,14 +91,16 @@ def derive(spec: LossSpec) -> Derivation:
 
 
 def kink_expressions(derivation: Derivation) -> list[sp.Expr]:
-    """Expressions that vanish where the loss or a derivative is not smooth.
-
-    Arguments of Abs, sign and Heaviside, differences of Max/Min arguments, and the two
-    sides of every Piecewise condition. Only those that depend on a prediction are kept.
-    """
+    """Expressions that vanish where the loss or a derivative is not smooth (:func:`kinks_of`)."""
     predictions = {derivation.spec.symbols[p.name] for p in derivation.spec.predictions}
+    return kinks_of([derivation.loss, *derivation.grad, *derivation.hess], predictions)
+
+
+def kinks_of(exprs, variables) -> list[sp.Expr]:
+    """Arguments of Abs, sign and Heaviside, differences of Max/Min arguments, and the two
+    sides of every Piecewise condition in ``exprs``; only those that depend on ``variables``."""
     found = set()
-    for expr in [derivation.loss, *derivation.grad, *derivation.hess]:
+    for expr in exprs:
         for node in sp.preorder_traversal(expr):
             if isinstance(node, (sp.Abs, sp.sign, sp.Heaviside)):
                 found.add(node.args[0])
@@ -110,4 +112,4 @@ def kink_expressions(derivation: Derivation) -> list[sp.Expr]:
     # k and -k vanish at the same points: keep one of them
     found = {sp.factor_terms(sp.expand(k)) for k in found}
     found = {-k if k.could_extract_minus_sign() else k for k in found}
-    return sorted((k for k in found if k.free_symbols & predictions), key=sp.default_sort_key)
+    return sorted((k for k in found if k.free_symbols & set(variables)), key=sp.default_sort_key)
