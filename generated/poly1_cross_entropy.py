@@ -270,15 +270,11 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0):
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t5_0 = -epsilon
-    _t5_1 = math.exp(_r2)
+    _t5_0 = math.exp(_r2)
     _h0 = math.log(abs(epsilon))
     _h1 = _sign(epsilon)
-    _h2 = (-_r3 - _t5_0)*math.exp(2.0*_r2)
-    _h3 = -_t5_1
-    _h4 = -2.0*_r3 - _t5_0
-    _h5 = _t5_1
-    _h6 = _r3 + epsilon
+    _h2 = -_t5_0
+    _h3 = _t5_0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -303,8 +299,8 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0):
             _t6_17 = _e_w + ((_t6_2*epsilon) if _t6_8 else (_t6_13))
             _b6_0 = _t6_2*((((-_e_w*_t6_3 - _t6_10*_t6_3 - _t6_4) if _t6_11 else (_t6_12 + _t6_14 - _t6_5*((_t6_15) if _t6_16 else (_t6_14))))) if _t6_16 else (_t6_12 + _t6_17 - _t6_2*((_t6_15) if _t6_16 else (_t6_17))))
         else:
-            _t6_18 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h3), _r0_w_error))
-            _b6_0 = _t6_2*(_h2 + _h4*_h5*_t6_18 - _h5*_h6*_t6_2 - _r3*_t6_18**2 - _r3*_t6_18*_t6_2)
+            _t6_18 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h2), _r0_w_error))
+            _b6_0 = _t6_2*(-_h3*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_2), _h2), -_t6_18)) - _r3*(_h3 + _t6_18)*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_2), _h3), _t6_18)))
         _out0[_i, _k] = _w * (_b6_0)
 
 
@@ -379,7 +375,6 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1):
     _t5_4 = (_t5_3 <= 700.0)
     _t5_5 = (_r2 + _t5_0)
     _t5_7 = math.exp(_r2)
-    _t5_8 = -epsilon
     if _t5_4:
         _t5_2 = epsilon*(math.expm1(_r2) + 1.0)
         _b5_0 = _t5_2
@@ -397,11 +392,8 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1):
     _h4 = -_r3 + _b5_1
     _h5 = _t5_3
     _h6 = -_r3 + _b5_2
-    _h7 = (-_r3 - _t5_8)*math.exp(2.0*_r2)
-    _h8 = -_t5_7
-    _h9 = -2.0*_r3 - _t5_8
-    _h10 = _t5_7
-    _h11 = _r3 + epsilon
+    _h7 = -_t5_7
+    _h8 = _t5_7
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -429,9 +421,9 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1):
             _b6_0 = _t6_16*_t6_2
             _b6_1 = _t6_14*((((-_e_w*_t6_2 - _t6_18 - _t6_2*_t6_8) if _t6_9 else (_t6_11 + _t6_19 - _t6_3*((_t6_12) if _t6_13 else (_t6_11))))) if _t6_13 else (-_t6_14*_t6_16 + _t6_15 + _t6_19))
         else:
-            _t6_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_14), _h8), _r0_w_error))
+            _t6_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_14), _h7), _r0_w_error))
             _b6_0 = _t6_14*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b6_1 = _t6_14*(-_h10*_h11*_t6_14 + _h10*_h9*_t6_20 + _h7 - _r3*_t6_14*_t6_20 - _r3*_t6_20**2)
+            _b6_1 = _t6_14*(-_h8*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_14), _h7), -_t6_20)) - _r3*(_h8 + _t6_20)*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_14), _h8), _t6_20)))
         _out0[_i, _k] = _w * (_b6_0)
         _out1[_i, _k] = _w * (_b6_1)
 
@@ -513,7 +505,6 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _t6_5 = (_t6_4 <= 700.0)
     _t6_6 = (_r2 + _t6_1)
     _t6_8 = math.exp(_r2)
-    _t6_9 = -epsilon
     if _t6_5:
         _t6_3 = epsilon*(_t6_0 + 1.0)
         _b6_0 = _t6_3
@@ -532,11 +523,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _h4 = -_r3 + _b6_1
     _h5 = _t6_4
     _h6 = -_r3 + _b6_2
-    _h7 = (-_r3 - _t6_9)*math.exp(2.0*_r2)
-    _h8 = -_t6_8
-    _h9 = -2.0*_r3 - _t6_9
-    _h10 = _t6_8
-    _h11 = _r3 + epsilon
+    _h7 = -_t6_8
+    _h8 = _t6_8
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -564,9 +552,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
             _b7_0 = _t7_16*_t7_2
             _b7_1 = _t7_14*((((-_e_w*_t7_2 - _t7_18 - _t7_2*_t7_8) if _t7_9 else (_t7_11 + _t7_19 - _t7_3*((_t7_12) if _t7_13 else (_t7_11))))) if _t7_13 else (-_t7_14*_t7_16 + _t7_15 + _t7_19))
         else:
-            _t7_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_14), _h8), _r0_w_error))
+            _t7_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_14), _h7), _r0_w_error))
             _b7_0 = _t7_14*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b7_1 = _t7_14*(-_h10*_h11*_t7_14 + _h10*_h9*_t7_20 + _h7 - _r3*_t7_14*_t7_20 - _r3*_t7_20**2)
+            _b7_1 = _t7_14*(-_h8*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_14), _h7), -_t7_20)) - _r3*(_h8 + _t7_20)*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_14), _h8), _t7_20)))
         _out1[_i, _k] = _w * (_b7_0)
         _out2[_i, _k] = _w * (_b7_1)
 
@@ -637,33 +625,29 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t5_0 = math.log(abs(epsilon))
     _t5_1 = _sign(epsilon)
-    _t5_2 = -epsilon
-    _t5_3 = math.exp(_r2)
-    _t5_5 = abs(_r2)
-    _t5_6 = (_t5_5 <= 700.0)
-    _t5_7 = (_r2 + _t5_0)
-    if _t5_6:
-        _t5_4 = epsilon*(math.expm1(_r2) + 1.0)
-        _b5_0 = _t5_4
-        _b5_1 = _t5_4
-        _b5_2 = _t5_3*epsilon
+    _t5_2 = math.exp(_r2)
+    _t5_4 = abs(_r2)
+    _t5_5 = (_t5_4 <= 700.0)
+    _t5_6 = (_r2 + _t5_0)
+    if _t5_5:
+        _t5_3 = epsilon*(math.expm1(_r2) + 1.0)
+        _b5_0 = _t5_3
+        _b5_1 = _t5_3
+        _b5_2 = _t5_2*epsilon
     else:
-        _t5_8 = _t5_1*math.exp(_t5_7)
-        _b5_0 = _t5_1*(math.expm1(_t5_7) + 1.0)
-        _b5_1 = _t5_8
-        _b5_2 = _t5_8
+        _t5_7 = _t5_1*math.exp(_t5_6)
+        _b5_0 = _t5_1*(math.expm1(_t5_6) + 1.0)
+        _b5_1 = _t5_7
+        _b5_2 = _t5_7
     _h0 = _t5_0
     _h1 = _t5_1
-    _h2 = (-_r3 - _t5_2)*math.exp(2.0*_r2)
-    _h3 = -_t5_3
-    _h4 = -2.0*_r3 - _t5_2
-    _h5 = _t5_3
-    _h6 = _r3 + epsilon
-    _h7 = _r3 - 2.0*_b5_0
-    _h8 = abs(_t5_7)
-    _h9 = _r3 - 2.0*_b5_1
-    _h10 = _t5_5
-    _h11 = _r3 - 2.0*_b5_2
+    _h2 = -_t5_2
+    _h3 = _t5_2
+    _h4 = _r3 - 2.0*_b5_0
+    _h5 = abs(_t5_6)
+    _h6 = _r3 - 2.0*_b5_1
+    _h7 = _t5_4
+    _h8 = _r3 - 2.0*_b5_2
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
@@ -696,11 +680,11 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0):
             _b6_2 = 1.0
             _b6_3 = _t6_2*((((-_t6_13 - _t6_22) if _t6_11 else (-_t6_15 - _t6_22))) if _t6_17 else (-_t6_19 - _t6_22))
         else:
-            _t6_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h3), _r0_w_error))
-            _b6_0 = _t6_2*(_h2 + _h4*_h5*_t6_21 - _h5*_h6*_t6_2 - _r3*_t6_2*_t6_21 - _r3*_t6_21**2)
-            _b6_1 = _h5*_t6_18
+            _t6_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h2), _r0_w_error))
+            _b6_0 = _t6_2*(-_h3*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_2), _h2), -_t6_21)) - _r3*(_h3 + _t6_21)*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_2), _h3), _t6_21)))
+            _b6_1 = _h3*_t6_18
             _b6_2 = 0.0
-            _b6_3 = _t6_2*((((_h7) if (_h8 <= 1.0) else (_h9))) if (_h10 <= 1.0) else (_h11))
+            _b6_3 = _t6_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
         _scratch[0, _k] = _b6_0
         _scratch[1, _k] = _b6_1
         _scratch[2, _k] = _b6_2
@@ -784,33 +768,29 @@ def _hess_full_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t5_0 = math.log(abs(epsilon))
     _t5_1 = _sign(epsilon)
-    _t5_2 = -epsilon
-    _t5_3 = math.exp(_r2)
-    _t5_5 = abs(_r2)
-    _t5_6 = (_t5_5 <= 700.0)
-    _t5_7 = (_r2 + _t5_0)
-    if _t5_6:
-        _t5_4 = epsilon*(math.expm1(_r2) + 1.0)
-        _b5_0 = _t5_4
-        _b5_1 = _t5_4
-        _b5_2 = _t5_3*epsilon
+    _t5_2 = math.exp(_r2)
+    _t5_4 = abs(_r2)
+    _t5_5 = (_t5_4 <= 700.0)
+    _t5_6 = (_r2 + _t5_0)
+    if _t5_5:
+        _t5_3 = epsilon*(math.expm1(_r2) + 1.0)
+        _b5_0 = _t5_3
+        _b5_1 = _t5_3
+        _b5_2 = _t5_2*epsilon
     else:
-        _t5_8 = _t5_1*math.exp(_t5_7)
-        _b5_0 = _t5_1*(math.expm1(_t5_7) + 1.0)
-        _b5_1 = _t5_8
-        _b5_2 = _t5_8
+        _t5_7 = _t5_1*math.exp(_t5_6)
+        _b5_0 = _t5_1*(math.expm1(_t5_6) + 1.0)
+        _b5_1 = _t5_7
+        _b5_2 = _t5_7
     _h0 = _t5_0
     _h1 = _t5_1
-    _h2 = (-_r3 - _t5_2)*math.exp(2.0*_r2)
-    _h3 = -_t5_3
-    _h4 = -2.0*_r3 - _t5_2
-    _h5 = _t5_3
-    _h6 = _r3 + epsilon
-    _h7 = _r3 - 2.0*_b5_0
-    _h8 = abs(_t5_7)
-    _h9 = _r3 - 2.0*_b5_1
-    _h10 = _t5_5
-    _h11 = _r3 - 2.0*_b5_2
+    _h2 = -_t5_2
+    _h3 = _t5_2
+    _h4 = _r3 - 2.0*_b5_0
+    _h5 = abs(_t5_6)
+    _h6 = _r3 - 2.0*_b5_1
+    _h7 = _t5_4
+    _h8 = _r3 - 2.0*_b5_2
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
@@ -843,11 +823,11 @@ def _hess_full_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0):
             _b6_2 = 1.0
             _b6_3 = _t6_2*((((-_t6_13 - _t6_22) if _t6_11 else (-_t6_15 - _t6_22))) if _t6_17 else (-_t6_19 - _t6_22))
         else:
-            _t6_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h3), _r0_w_error))
-            _b6_0 = _t6_2*(_h2 + _h4*_h5*_t6_21 - _h5*_h6*_t6_2 - _r3*_t6_2*_t6_21 - _r3*_t6_21**2)
-            _b6_1 = _h5*_t6_18
+            _t6_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t6_2), _h2), _r0_w_error))
+            _b6_0 = _t6_2*(-_h3*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_2), _h2), -_t6_21)) - _r3*(_h3 + _t6_21)*_sum_finish(_sum_add(_sum_add(_sum_start(_t6_2), _h3), _t6_21)))
+            _b6_1 = _h3*_t6_18
             _b6_2 = 0.0
-            _b6_3 = _t6_2*((((_h7) if (_h8 <= 1.0) else (_h9))) if (_h10 <= 1.0) else (_h11))
+            _b6_3 = _t6_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
         _scratch[0, _k] = _b6_0
         _scratch[1, _k] = _b6_1
         _scratch[2, _k] = _b6_2

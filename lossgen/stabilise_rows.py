@@ -287,10 +287,24 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     degree = sp.Poly(reduced, e_, f_).total_degree()
     homogeneous = sp.Poly(sp.expand(sp.Add(*[c * e_ ** i * f_ ** j * (e_ + f_ + o_) ** (degree - i - j)
                                               for (i, j), c in sp.Poly(reduced, e_, f_).terms()])), e_, f_, o_)
-    collected = sp.Add(*[tidy(c) * e_ ** i * f_ ** j * o_ ** k for (i, j, k), c in homogeneous.terms()])
+    collected = _by_coefficient(homogeneous)
     hi, error = sum_parts(weight_sum(r))
     e, f = sp.exp(u), sp.exp(take_y.symbol)
     return e_ ** low[0] * f_ ** low[1] * collected, {e_: e, f_: f, o_: exact_sum(hi, -e, -f, error)}
+
+
+def _by_coefficient(polynomial: sp.Poly) -> sp.Expr:
+    """A polynomial in the weights with coefficients in the parameters, as sum_K K Q_K(weights)
+    over the coefficients' symbolic parts K, each Q_K factored: Poly-1's Hessian (w_y + eps) F**2
+    + (w_y - eps) E F + ... holds eps F (F - E + O), whose F - E is exact where two classes tie,
+    rather than eps F**2 and eps E F rounded apart against a small w_y."""
+    parts: dict = {}
+    for monomial, c in polynomial.terms():
+        power = sp.Mul(*(g ** k for g, k in zip(polynomial.gens, monomial)))
+        for term in sp.Add.make_args(sp.expand(c)):
+            number, symbolic = term.as_coeff_Mul()
+            parts[symbolic] = parts.get(symbolic, sp.S.Zero) + number * power
+    return sp.Add(*[k * sp.factor(q) for k, q in sorted(parts.items(), key=lambda kq: sp.default_sort_key(kq[0]))])
 
 
 def _difference_first(e, inputs):

@@ -170,6 +170,19 @@ def test_poly1_hessian_keeps_its_digits_at_the_confident_class():
                 assert abs(hess[k] - truth) <= 1e-13 * abs(truth), (y, k, hess[k], truth)
 
 
+def test_poly1_hessian_where_a_class_ties_with_the_true_class():
+    """poly1_cross_entropy's Hessian diagonal at a class k that ties with the true class y, with
+    w_y small against epsilon: p_k (w_y (1 - p_k) + eps p_y (1 - 2 p_k)), whose 1 - 2 p_k is
+    p_y - p_k + the rest of the row. Written as eps p_y (p_y - p_k + O) apart from w_y's terms
+    (stabilise_rows._by_coefficient), not eps p_y**2 and eps p_k p_y rounded apart (relative error
+    2.2e-12 before, at this row), against the expanded truth."""
+    spec, poly1 = load_spec(ROW_PATHS["poly1_cross_entropy"]), lossgen.get("poly1_cross_entropy")
+    w = np.array([8.9621548407608606e-05, 112.10744287682353, 0.011662315726680954])
+    rows = [{"y": 0, "s": np.array(s), "w": w} for s in ([1e-8, 1e-8, -700.0], [0.3, 0.3, -30.0])]
+    hessians = [r for r in check_size(poly1, spec, 3, rows, {"epsilon": 2.5}) if r.output.startswith("hess[")]
+    assert hessians and all(r.ok(RELATIVE_TOLERANCE) for r in hessians), format_report(hessians)
+
+
 # --- the runtime -----------------------------------------------------------------------------
 
 def _softmax(s):
