@@ -156,6 +156,20 @@ def _ssim_gap(output, point, entry):
     return _cancels(*terms)
 
 
+def _poly1_gap(output, point, entry):
+    """Hessian entries (j, l) of Poly-1 that hold 1 - 2 p_c of a class c that ties for the row's
+    mass (|1 - 2 p_c| < 1e-3, p the softmax of s at 50 digits): entries of the true class y and of
+    the tied classes (the hvp: every entry of the row)."""
+    if not output.startswith(("hess", "hvp")):
+        return False
+    with mpmath.workdps(50):
+        s = [mpmath.mpf(float(v)) for v in _row_of(point, "s")]
+        top = max(s)
+        total = mpmath.fsum(mpmath.exp(v - top) for v in s)
+        tied = {c for c, v in enumerate(s) if abs(1 - 2 * mpmath.exp(v - top) / total) < 1e-3}
+    return bool(tied) and (output.startswith("hvp") or bool(set(entry) & (tied | {int(point["y"])})))
+
+
 # Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
 # tests/test_catalog.py's KNOWN_GAPS, empty.)
 ROW_KNOWN_GAPS = {
@@ -180,6 +194,12 @@ ROW_KNOWN_GAPS = {
                                "l'' = -(2/A - 2 (mu_x - mu_y)**2/A**2) = -2 C1/A**2, terms of 2 for 2e-4 "
                                "(relative error 6.6e-12); reachable only by differentiating l = N1/A and "
                                "cs = N2/B there (N1 = 2 mu_x mu_y + C1, N2 = 2 cov + C2)"),
+    "poly1_cross_entropy": (_poly1_gap, "where two classes tie for the row's mass (p near 1/2 each) and w_y is small "
+                                        "against epsilon, a Hessian entry of the true class or a tied class holds "
+                                        "1 - 2p = (1 - p) - p of a tied weight, a difference of rounded weights "
+                                        "(relative error 1.3e-12 at epsilon = 2.5, s = (-1e-8, -1e10, -1e-300), y = 0, "
+                                        "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
+                                        "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
     "dice": (_dice_gap, "an off-diagonal Hessian entry whose outer-product terms cancel below 1/1000 of "
                         "their size: what remains is D - 2N of the rounded row sums D and N (at y = (1e-16, "
                         "1e-16, 1e-300), p = (1e-16, 1 - 2**-53, 1e-300) entry (0, 1) is -2.1e-32 against "

@@ -285,7 +285,6 @@ def check_size(loss, spec, size: int, points: list[dict], params: dict, seed: in
             error = math.inf
         else:
             error = measure(value, truth, scale)
-            names, args = list(point), list(point.values())
             if error > RELATIVE_TOLERANCE and near is not None and _at_discontinuity(kinks, names, args, variables):
                 for shifted in _neighbours(names, args, variables):
                     t, s = near(shifted)
@@ -313,8 +312,9 @@ def check_size(loss, spec, size: int, points: list[dict], params: dict, seed: in
     for n, point in enumerate(points):
         truths = truth_functions(spec, size, tuple(point[name] for name in index_inputs), full, point, params)
         functions, kinks, variables = truths["functions"], truths["kinks"], truths["variables"]
-        args = _argument_values(truths["arguments"], point, params)
-        shown = dict(zip(truths["arguments"], args))
+        names = truths["arguments"]
+        args = _argument_values(names, point, params)
+        shown = {**dict(zip(names, args)), **{name: point[name] for name in index_inputs}}
         truth_loss = evaluate(functions["loss"], args)
         for out in computed["loss"]:
             record("loss", float(out[n]), truth_loss, shown, near=truth_at(functions["loss"]))
