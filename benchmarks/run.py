@@ -656,8 +656,10 @@ def overhead_figures(repeats: int) -> list[tuple[str, str, str]]:
         "grad_hess": lambda: huber.grad_hess(y, p),
         "loss_grad_hess": lambda: huber.loss_grad_hess(y, p),
         "loss_grad_hess, delta=2.0": lambda: huber.loss_grad_hess(y, p, delta=2.0),
+        "loss_grad_hess, out=": lambda: huber.loss_grad_hess(y, p, out=given),
         "bare loss_grad_hess_kernel": lambda: kernel(y, p, 1.0, None, *outs),
     }
+    given = tuple(np.empty(1000) for _ in range(3))
     times = time_side_by_side({k: (lambda f=f: f()) for k, f in functions.items()}, (), max(repeats, 21))
     bare = times["bare loss_grad_hess_kernel"]
     rows = []
@@ -665,6 +667,13 @@ def overhead_figures(repeats: int) -> list[tuple[str, str, str]]:
         extra = "" if name.startswith("bare") else f" (Python side {1e6 * (seconds - bare):.1f} us)"
         rows.append((f"huber.{name} at 1e3" if not name.startswith("bare") else f"{name} at 1e3",
                      f"{1e6 * seconds:.1f} us{extra}", "< 20 us" if not name.startswith("bare") else ""))
+    # at 1e5 the outputs' first writes (page faults of new arrays) can cost more than the kernel
+    y, p = rng.normal(size=(2, 100_000))
+    given = tuple(np.empty(100_000) for _ in range(3))
+    times = time_side_by_side({"new": lambda: huber.loss_grad_hess(y, p),
+                               "out=": lambda: huber.loss_grad_hess(y, p, out=given)}, (), max(repeats, 21))
+    rows.append(("huber.loss_grad_hess at 1e5: new outputs / into out=",
+                 f"{1e6 * times['new']:.0f} / {1e6 * times['out=']:.0f} us", ""))
     return rows
 
 

@@ -11,6 +11,12 @@ first call (then comes from Numba's on-disk cache in later processes).
 Outside an input's domain (a probability above 1, a negative count) every kernel returns nan;
 with ``check_inputs=True`` such an input raises ValueError instead.
 
+Output buffers: every method that returns arrays takes ``out=``, arrays of the shapes and
+dtype it would return, in the same structure (an array, or a tuple such as (grad, hess)); the
+kernels write into them and the method returns them. A loop over batches of one size then
+allocates nothing: a new array's first write costs page faults, more than the kernel itself
+for an arithmetic loss (see the README, Performance).
+
 Kernels specialised at defaults: where a spec marks parameters ``specialise = true``, a call
 with each of them at its default runs the kernels generated with those values put in (module
 ``_<name>_defaults``, imported on first use); any other value runs the general kernels.
@@ -116,41 +122,47 @@ class Loss(_Specialisable):
 
     # --- public methods ------------------------------------------------------------------
 
-    def loss(self, *arrays, reduction="mean", sample_weight=None, check_inputs=False, **kwargs):
+    def loss(self, *arrays, reduction="mean", sample_weight=None, check_inputs=False, out=None, **kwargs):
         """Loss per element (``reduction="none"``), or its sum or (weighted) mean.
 
         With ``sample_weight``, element i counts w_i times; ``mean`` is sum(w l) / sum(w).
+        ``out``: an array for the losses per element (``reduction="none"`` only).
         """
         self._check_reduction("loss", reduction)
+        if out is not None and reduction != "none":
+            raise ValueError(f"{self.name}.loss(): out= holds the losses per element; it needs "
+                             f"reduction='none', got {reduction!r}")
         call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
         if reduction == "none":
-            return self._run("loss", call)[0]
+            return self._run("loss", call, out)[0]
         total = _launch(self._launchers("loss_sum", call.module), (*call.arrays, *call.params, call.weight), call.size)
         return call.dtype.type(total if reduction == "sum" else _mean(total, call))
 
-    def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
+    def grad(self, *arrays, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """d loss_i / d p_i for each element (times w_i); a tuple if there are several predictions."""
         call = self._prepare("grad", arrays, kwargs, sample_weight, check_inputs)
-        return self._per_prediction(self._run("grad", call))
+        return self._per_prediction(self._run("grad", call, out))
 
-    def hess(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
+    def hess(self, *arrays, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """d2 loss_i / d p_i2 for each element (times w_i); a tuple if there are several predictions."""
         call = self._prepare("hess", arrays, kwargs, sample_weight, check_inputs)
-        return self._per_prediction(self._run("hess", call))
+        return self._per_prediction(self._run("hess", call, out))
 
-    def grad_hess(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
+    def grad_hess(self, *arrays, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """(grad, hess) in one pass, as needed by boosting custom objectives."""
         call = self._prepare("grad_hess", arrays, kwargs, sample_weight, check_inputs)
-        outs = self._run("grad_hess", call)
+        outs = self._run("grad_hess", call, out)
         k = len(self.predictions)
         return self._per_prediction(outs[:k]), self._per_prediction(outs[k:])
 
-    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, check_inputs=False, **kwargs):
+    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, check_inputs=False, out=None,
+                       **kwargs):
         """(loss, grad, hess) in one fused pass. ``reduction`` applies to the loss only;
-        gradients and Hessians are always per element."""
+        gradients and Hessians are always per element (``out``'s first array holds the
+        losses per element either way)."""
         self._check_reduction("loss_grad_hess", reduction)
         call = self._prepare("loss_grad_hess", arrays, kwargs, sample_weight, check_inputs)
-        outs = self._run("loss_grad_hess", call)
+        outs = self._run("loss_grad_hess", call, out)
         k = len(self.predictions)
         loss = outs[0]
         if reduction != "none":
@@ -173,9 +185,15 @@ class Loss(_Specialisable):
             self._kernels[key] = kernel_launchers(module, kernel)
         return self._kernels[key]
 
-    def _run(self, kernel, call):
-        size, dtype = call.size, call.dtype
-        outs = [np.empty(size, dtype=dtype) for _ in range(self.module.SPEC["kernels"][kernel])]
+    def _run(self, kernel, call, out=None):
+        size, dtype, count = call.size, call.dtype, self.module.SPEC["kernels"][kernel]
+        if out is not None:
+            given = output_buffers(f"{self.name}.{kernel}()", out, [call.shape] * count, dtype,
+                                   [*call.arrays, call.weight])
+            _launch(self._launchers(kernel, call.module),
+                    (*call.arrays, *call.params, call.weight, *(o.reshape(-1) for o in given)), size)
+            return given
+        outs = [np.empty(size, dtype=dtype) for _ in range(count)]
         _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *outs), size)
         if len(call.shape) != 1:
             outs = [o.reshape(call.shape) for o in outs]
@@ -247,6 +265,44 @@ class Loss(_Specialisable):
         else:
             call.module, call.params = self.specialised, specialised
         return call
+
+
+def output_buffers(where, out, shapes, dtype, inputs) -> list[np.ndarray]:
+    """The arrays of ``out`` (an array, or nested tuples of them in the structure a method
+    returns), checked against the outputs' ``shapes`` and ``dtype``: writeable, C-contiguous,
+    and apart from the ``inputs`` (a kernel that wrote into an input could read it again: a
+    row-wise kernel passes over its row more than once, and an elementwise one reads the sample
+    weight after its first output). Outputs that share memory with each other are the
+    caller's choice: the last one written wins."""
+    flat = list(_flattened(out))
+    if len(flat) != len(shapes):
+        raise ValueError(f"{where}: out= needs {len(shapes)} array(s) in the structure the method returns, "
+                         f"got {len(flat)}")
+    for k, (array, shape) in enumerate(zip(flat, shapes)):
+        if type(array) is np.ndarray and array.shape == shape and array.dtype == dtype \
+                and array.flags.c_contiguous and array.flags.writeable:
+            continue
+        name = f"out[{k}]" if len(flat) > 1 else "out"
+        if type(array) is not np.ndarray:
+            raise TypeError(f"{where}: {name} must be a NumPy array, got {type(array).__name__}")
+        if array.shape != shape or array.dtype != dtype:
+            raise ValueError(f"{where}: {name} must have shape {shape} and dtype {dtype}, "
+                             f"got shape {array.shape} and dtype {array.dtype}")
+        raise ValueError(f"{where}: {name} must be C-contiguous and writeable")
+    for k, array in enumerate(flat):
+        for other in inputs:
+            if other is not None and np.may_share_memory(array, other):
+                name = f"out[{k}]" if len(flat) > 1 else "out"
+                raise ValueError(f"{where}: {name} shares memory with an input")
+    return flat
+
+
+def _flattened(item):
+    if isinstance(item, (tuple, list)):
+        for part in item:
+            yield from _flattened(part)
+    else:
+        yield item
 
 
 def check_reduction(name, method, reduction):

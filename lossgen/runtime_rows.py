@@ -10,6 +10,7 @@ leading index (C known at call time), per-row inputs the leading shape, shared i
     sce.hess(y, s)                          # the Hessian's diagonal, (N, C)
     sce.hess(y, s, full=True)               # every row's (C, C) Hessian, (N, C, C)
     sce.hvp(y, s, v=v)                      # Hessian times v per row, never forming it
+    sce.grad(y, s, out=g)                   # into an array g of the result's shape and dtype
 
 Kernels specialised at defaults (spec key ``specialise``): a call with every marked parameter
 at its default and every marked shared input left out runs the kernels generated with those
@@ -27,7 +28,7 @@ import numpy as np
 
 from .domains import DOMAINS
 from .runtime import (_launch, _numeric_array, _Specialisable, bind_arguments, check_domain, check_reduction,
-                      kernel_launchers, marked_positions, parameter_values)
+                      kernel_launchers, marked_positions, output_buffers, parameter_values)
 
 
 @dataclass
@@ -66,49 +67,52 @@ class RowLoss(_Specialisable):
 
     # --- public methods ------------------------------------------------------------------
 
-    def loss(self, *arrays, reduction="mean", sample_weight=None, check_inputs=False, **kwargs):
+    def loss(self, *arrays, reduction="mean", sample_weight=None, check_inputs=False, out=None, **kwargs):
         """Loss per row (``reduction="none"``, the rows' leading shape), or its sum or
-        (weighted) mean over rows."""
+        (weighted) mean over rows. ``out``: an array for the losses per row (any reduction:
+        the kernel computes them first)."""
         check_reduction(self.name, "loss", reduction)
         call = self._prepare("loss", arrays, kwargs, sample_weight, check_inputs)
-        (per_row,) = self._run("loss", call)
+        (per_row,) = self._run("loss", call, out=out)
         return self._reduce(per_row, reduction, call)
 
-    def grad(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
+    def grad(self, *arrays, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """d loss_row / d x for each prediction x, shaped like x; a tuple if there are several."""
         call = self._prepare("grad", arrays, kwargs, sample_weight, check_inputs)
-        return self._per_prediction(self._run("grad", call))
+        return self._per_prediction(self._run("grad", call, out=out))
 
-    def hess(self, *arrays, full=False, sample_weight=None, check_inputs=False, **kwargs):
+    def hess(self, *arrays, full=False, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """The Hessian's diagonal, shaped like the prediction; with ``full=True`` every row's
         (C, C) Hessian, shape (..., C, C) (with several predictions, blocks[a][b] between
         predictions a and b)."""
         call = self._prepare("hess", arrays, kwargs, sample_weight, check_inputs)
         if not full:
-            return self._per_prediction(self._run("hess", call))
-        blocks = self._run("hess_full", call, full=True)
+            return self._per_prediction(self._run("hess", call, out=out))
+        blocks = self._run("hess_full", call, full=True, out=out)
         k = len(self.predictions)
         if k == 1:
             return blocks[0]
         return tuple(tuple(blocks[a * k + b] for b in range(k)) for a in range(k))
 
-    def grad_hess(self, *arrays, sample_weight=None, check_inputs=False, **kwargs):
+    def grad_hess(self, *arrays, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """(grad, Hessian diagonal) in one pass over each row."""
         call = self._prepare("grad_hess", arrays, kwargs, sample_weight, check_inputs)
-        outs = self._run("grad_hess", call)
+        outs = self._run("grad_hess", call, out=out)
         k = len(self.predictions)
         return self._per_prediction(outs[:k]), self._per_prediction(outs[k:])
 
-    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, check_inputs=False, **kwargs):
-        """(loss, grad, Hessian diagonal) in one fused pass; ``reduction`` applies to the loss."""
+    def loss_grad_hess(self, *arrays, reduction="none", sample_weight=None, check_inputs=False, out=None,
+                       **kwargs):
+        """(loss, grad, Hessian diagonal) in one fused pass; ``reduction`` applies to the loss
+        (``out``'s first array holds the losses per row either way)."""
         check_reduction(self.name, "loss_grad_hess", reduction)
         call = self._prepare("loss_grad_hess", arrays, kwargs, sample_weight, check_inputs)
-        outs = self._run("loss_grad_hess", call)
+        outs = self._run("loss_grad_hess", call, out=out)
         k = len(self.predictions)
         return (self._reduce(outs[0], reduction, call), self._per_prediction(outs[1:1 + k]),
                 self._per_prediction(outs[1 + k:]))
 
-    def hvp(self, *arrays, v, sample_weight=None, check_inputs=False, **kwargs):
+    def hvp(self, *arrays, v, sample_weight=None, check_inputs=False, out=None, **kwargs):
         """The Hessian of each row times ``v`` (shaped like the prediction; a tuple, one per
         prediction, if there are several), without forming the Hessian."""
         call = self._prepare("hvp", arrays, kwargs, sample_weight, check_inputs)
@@ -123,7 +127,7 @@ class RowLoss(_Specialisable):
                 raise ValueError(f"{self.name}.hvp(): v for '{name}' has shape {array.shape}, "
                                  f"expected {call.leading + (call.columns,)}")
             flat.append(np.ascontiguousarray(array, dtype=call.dtype).reshape(-1, call.columns))
-        return self._per_prediction(self._run("hvp", call, extra=flat))
+        return self._per_prediction(self._run("hvp", call, extra=flat, out=out))
 
     # --- plumbing ------------------------------------------------------------------------
 
@@ -144,17 +148,22 @@ class RowLoss(_Specialisable):
         count = per_row.size if call.weight is None else float(np.sum(call.weight, dtype=np.float64))
         return call.dtype.type(total / count if count else np.nan)
 
-    def _run(self, kernel, call, extra=(), full=False):
+    def _run(self, kernel, call, extra=(), full=False, out=None):
         rows = int(np.prod(call.leading, dtype=np.int64))
         c = call.columns
-        outs = []
+        shapes = []
         for quantity in range(self.module.SPEC["kernels"][kernel]):
             is_loss = kernel in ("loss", "loss_grad_hess") and quantity == 0
-            shape = (rows,) if is_loss else (rows, c, c) if full else (rows, c)
-            outs.append(np.empty(shape, dtype=call.dtype))
+            shapes.append((rows,) if is_loss else (rows, c, c) if full else (rows, c))
+        if out is None:
+            outs = [np.empty(shape, dtype=call.dtype) for shape in shapes]
+        else:
+            given = output_buffers(f"{self.name}.{kernel}()", out, [call.leading + s[1:] for s in shapes],
+                                   call.dtype, [*call.arrays, *extra, call.weight])
+            outs = [o.reshape(s) for o, s in zip(given, shapes)]
         work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
         _launch(kernel_launchers(call.module, kernel, "row"), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
-        return [o.reshape(call.leading + o.shape[1:]) for o in outs]
+        return given if out is not None else [o.reshape(call.leading + o.shape[1:]) for o in outs]
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:
         where = f"{self.name}.{method}()"

@@ -238,6 +238,44 @@ def test_row_api_shapes_orders_dtypes_and_reductions():
     assert one_row.shape == () and float(one_row) == float(flat[0])
 
 
+def test_row_api_outputs_into_given_arrays():
+    """out= on row-wise losses: every method writes into the given arrays (the structure it
+    returns; several predictions: tuples, the full Hessian's blocks nested) and returns them,
+    with the values of a call without out=."""
+    rng = np.random.default_rng(3)
+    sce = lossgen.get("softmax_cross_entropy")
+    s, y, v = rng.normal(size=(4, 5, 3)), rng.integers(0, 3, (4, 5)), rng.normal(size=(4, 5, 3))
+    calls = [("loss", {"reduction": "none"}, np.empty((4, 5))), ("grad", {}, np.empty((4, 5, 3))),
+             ("hess", {}, np.empty((4, 5, 3))), ("hess", {"full": True}, np.empty((4, 5, 3, 3))),
+             ("hvp", {"v": v}, np.empty((4, 5, 3))),
+             ("grad_hess", {}, (np.empty((4, 5, 3)), np.empty((4, 5, 3)))),
+             ("loss_grad_hess", {}, (np.empty((4, 5)), np.empty((4, 5, 3)), np.empty((4, 5, 3))))]
+    for method, kwargs, out in calls:
+        result = getattr(sce, method)(y, s, out=out, **kwargs)
+        expected = getattr(sce, method)(y, s, **kwargs)
+        for got, buffer, want in zip(*(r if isinstance(r, tuple) else (r,) for r in (result, out, expected))):
+            assert got is buffer, method
+            np.testing.assert_array_equal(got, want)
+    per_row = np.empty((4, 5))
+    assert sce.loss(y, s, out=per_row) == sce.loss(y, s)
+    np.testing.assert_array_equal(per_row, sce.loss(y, s, reduction="none"))
+    tri = lossgen.get("triplet_margin")
+    a, p_, n = (rng.normal(size=(6, 4)) for _ in range(3))
+    blocks = tuple(tuple(np.empty((6, 4, 4)) for _ in range(3)) for _ in range(3))
+    full = tri.hess(a, p_, n, full=True, out=blocks)
+    expected = tri.hess(a, p_, n, full=True)
+    for i in range(3):
+        for j in range(3):
+            assert full[i][j] is blocks[i][j]
+            np.testing.assert_array_equal(full[i][j], expected[i][j])
+    with pytest.raises(ValueError, match=r"out= needs 3 array\(s\)"):
+        tri.grad(a, p_, n, out=np.empty((6, 4)))
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 5, 3\)"):
+        sce.grad(y, s, out=np.empty((20, 3)))
+    with pytest.raises(ValueError, match="shares memory with an input"):
+        sce.hvp(y, s, v=v, out=v)
+
+
 def test_row_api_errors_name_the_argument():
     sce = lossgen.get("softmax_cross_entropy")
     s = np.zeros((3, 4))

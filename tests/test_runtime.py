@@ -381,6 +381,61 @@ def test_inputs_are_not_modified_and_outputs_are_fresh(huber):
     assert not np.shares_memory(g, g2)
 
 
+def test_outputs_into_given_arrays(huber):
+    """out=: the kernels write into the given arrays (the structure the method returns), and
+    the method returns those arrays, with the values of a call without out=."""
+    y, p = data((4, 5), seed=12)
+    loss, grad, hess = huber_np(y, p)
+    buffers = [np.full((4, 5), np.nan) for _ in range(3)]
+    l, g, h = huber.loss_grad_hess(y, p, out=tuple(buffers))
+    assert l is buffers[0] and g is buffers[1] and h is buffers[2]
+    close(l, loss), close(g, grad), close(h, hess)
+    total, g2, h2 = huber.loss_grad_hess(y, p, reduction="sum", out=buffers)
+    close(total, loss.sum()), close(buffers[0], loss)
+    g2, h2 = huber.grad_hess(y, p, out=(buffers[1], buffers[2]))
+    assert g2 is buffers[1] and h2 is buffers[2]
+    for method, expected in ((huber.grad, grad), (huber.hess, hess)):
+        out = np.empty((4, 5))
+        assert method(y, p, out=out) is out
+        close(out, expected)
+    out = np.empty((4, 5))
+    assert huber.loss(y, p, reduction="none", delta=0.5, out=out) is out
+    close(out, huber_np(y, p, delta=0.5)[0])
+    single = np.empty((4, 5), dtype=np.float32)
+    close(huber.grad(y.astype(np.float32), p.astype(np.float32), out=single), grad, rtol=1e-6, atol=1e-6)
+    zero_d = np.empty(())
+    assert huber.grad(1.0, 3.0, out=zero_d) is zero_d and zero_d == 1.0
+
+
+@pytest.mark.parametrize("out, error, match", [
+    (np.empty(7), ValueError, r"huber.grad\(\): out must have shape \(4, 5\) and dtype float64, got shape \(7,\)"),
+    (np.empty((4, 5), dtype=np.float32), ValueError, "dtype float64"),
+    (np.empty((5, 4)).T, ValueError, "C-contiguous"),
+    ([1.0] * 5, ValueError, "needs 1 array"),
+    ("buffer", TypeError, "must be a NumPy array"),
+])
+def test_output_buffer_errors(huber, out, error, match):
+    y, p = data((4, 5), seed=13)
+    with pytest.raises(error, match=match):
+        huber.grad(y, p, out=out)
+
+
+def test_output_buffers_apart_from_the_inputs(huber):
+    y, p = data((4, 5), seed=14)
+    with pytest.raises(ValueError, match="shares memory with an input"):
+        huber.grad(y, p, out=p)
+    g = np.empty((4, 5))
+    with pytest.raises(ValueError, match=r"out\[1\] shares memory with an input"):
+        huber.grad_hess(y, p, out=(g, y))
+    with pytest.raises(ValueError, match=r"out\[0\] shares memory with an input"):
+        huber.grad_hess(y, p, sample_weight=g, out=(g, np.empty((4, 5))))
+    with pytest.raises(ValueError, match=r"out\[0\] must be C-contiguous and writeable"):
+        g.flags.writeable = False
+        huber.grad_hess(y, p, out=(g, np.empty((4, 5))))
+    with pytest.raises(ValueError, match="reduction='none'"):
+        huber.loss(y, p, out=np.empty((4, 5)))
+
+
 # --- import cost ---------------------------------------------------------------------------
 
 def test_import_lossgen_is_light():
