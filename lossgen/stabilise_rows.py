@@ -321,7 +321,10 @@ def _exp_weights(expr: sp.Expr, derivation) -> tuple[sp.Expr, dict]:
     """exp(k (g - R)) -> exp(k u) for each R = logsumexp(g), u <= 0 a symbol: the log-weights
     of a summand g that :func:`_log_weights` cannot solve for (not linear in one element:
     ArcFace's s cos(acos(c) + m) at the true class). g is taken at each value of its onehot
-    terms, as :func:`_at_index` left them. Returns the expression and {u: g - R}."""
+    terms, as :func:`_at_index` left them. Returns the expression and {u: g - R}, g in its
+    stable form (:func:`direct_form`), as the reduction computes it: exp(u) at a row's only
+    class is then exactly 1 (ArcFace's s cos(m + acos(c)) is s (c cos(m) - sqrt((1 - c)(1 + c))
+    sin(m)) in the reduction; left raw here, expm1(u) at C = 1 was 1e-16, not 0)."""
     back, replacements = {}, {}
     for n, r in enumerate(derivation.reductions):
         if r.kind != "logsumexp":
@@ -339,7 +342,7 @@ def _exp_weights(expr: sp.Expr, derivation) -> tuple[sp.Expr, dict]:
             for m, g in enumerate(variants):
                 if sp.expand(e.args[0] - k * (g - r.symbol)) == 0:
                     u = sp.Symbol(f"_w{n}_{m}", nonpositive=True)
-                    back[u], replacements[e] = g - r.symbol, sp.exp(k * u)
+                    back[u], replacements[e] = direct_form(g) - r.symbol, sp.exp(k * u)
                     break
     expr = expr.xreplace(replacements)
     for u in back:

@@ -69,9 +69,6 @@ OTHER_SIZES, OTHER_POINTS = (1, 3), 3
 # (loss, parameter, value) -> why the kernels miss the bound at the sets where the parameter has
 # that value (README, Verification); strict: a fix flips the test, and the entry leaves
 OTHER_SET_GAPS = {
-    ("arcface", "m", 0.0): "the Hessian's d/dc sin(m + acos c)/sqrt(1 - c**2), -cos(t)/(1 - c**2) + c sin(t)/"
-                           "(1 - c**2)**1.5, cancels to sin(m)/(1 - c**2)**1.5 = 0 at m = 0 (9e11 relative error "
-                           "at C = 3); the gradient's sin(acos c) loses digits at c = -1 + 1e-16",
     ("contrastive", "eps", 0.0): "at x1 = x2, y = 0 and C = 1 the Hessian of (m - |u|)**2/2 is 1 in the kernels "
                                  "(1 + (m/d)(w**2 - 1), the unit vector's terms 0 at a zero norm) and on both "
                                  "sides of u = 0, but the truth's sign(u)**2 is 0 there (sign(0) = 0); below "
@@ -711,6 +708,23 @@ def test_derivatives_at_a_norm_of_zero():
         for out in (con.grad(y, x, x, **params), con.hess(y, x, x, **params), con.hvp(y, x, x, v=(x, x), **params)):
             assert all(np.isfinite(o).all() for o in out)
         assert np.array_equal(con.hess(y, x, x, **params)[0][1], np.ones(size))
+
+
+def test_arcface_keeps_its_digits_at_cosines_near_one_and_minus_one():
+    """ArcFace's true-class logit s cos(m + acos c): its second derivative, s sin(m)/(1 - c**2)**1.5,
+    was the difference of two terms each of that size over sin(m) (relative error 1e24 at m = 0,
+    C = 2), and sin(acos c) at c = -1 + 2**-53 kept only acos c's rounding beside pi (8.2e-9 in the
+    gradient); 1 - c**2 loses c's last bits near c = 1 - 1e-8 (stabilise rules angle_through_acos and
+    difference_of_squares). Against the expanded truth (mpmath), at m = 0 and the default m."""
+    spec, arc = load_spec(ROW_PATHS["arcface"]), lossgen.get("arcface")
+    near = (-1 + 2.0**-53, 1 - 2.0**-53, -1 + 1e-8, 1 - 1e-8, 0.6, -1e-300)
+    for m in (0.0, 0.5):
+        for size in (1, 2, 3):
+            rows = [{"y": j % size, "c": np.array([near[(j + k) % len(near)] for k in range(size)])}
+                    for j in range(len(near))]
+            failures = [r for r in check_size(arc, spec, size, rows, {"s": 64.0, "m": m})
+                        if not r.ok(RELATIVE_TOLERANCE)]
+            assert not failures, f"m = {m}\n" + format_report(failures)
 
 
 def test_triplet_margin_at_two_norms_of_zero():
