@@ -60,19 +60,19 @@ def _loss_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         return
     _k = _row_y
     _e_c = c[_i, _k]
-    _r0 = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+    _r0 = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
@@ -114,27 +114,29 @@ def _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = math.log(s)
+    _h0 = math.sin(m)
+    _h1 = math.cos(m)
+    _h2 = math.log(s)
     for _k in range(_n):
         _e_c = c[_i, _k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t3_0 = m + math.acos(_e_c)
-            _b3_0 = ((s*math.sin(_t3_0)*math.expm1(-_l1 + (-_m1 + s*math.cos(_t3_0))))/(math.sqrt(1.0 - _e_c**2)))
+            _t3_0 = math.sqrt((1.0 - _e_c)*(_e_c + 1.0))
+            _b3_0 = s*(_h1 + ((_e_c*_h0)/(_t3_0)))*math.expm1(-_l1 + (-_m1 + s*(_e_c*_h1 - _h0*_t3_0)))
         else:
             _t3_1 = _e_c*s - _m1
-            _b3_0 = ((s*math.exp(-_l1 + (_t3_1))) if (_l1 + (-_t3_1) <= 700.0) else (math.exp((-_l1 + (_h0 + _t3_1)))))
+            _b3_0 = ((s*math.exp(-_l1 + (_t3_1))) if (_l1 + (-_t3_1) <= 700.0) else (math.exp((-_l1 + (_h2 + _t3_1)))))
         _out0[_i, _k] = _w * (_b3_0)
 
 
@@ -172,35 +174,37 @@ def _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = s**2
+    _h0 = math.sin(m)
+    _h1 = math.cos(m)
+    _h2 = s**2
     for _k in range(_n):
         _e_c = c[_i, _k]
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t3_0 = m + math.acos(_e_c)
-            _t3_1 = math.cos(_t3_0)
-            _t3_2 = _m1 - _t3_1*s
-            _t3_3 = -_l1 + (-_t3_2)
-            _t3_4 = math.expm1(_t3_3)
-            _t3_5 = math.sin(_t3_0)
-            _t3_6 = _t3_5**2*s
-            _t3_7 = _e_c**2 - 1.0
-            _t3_8 = _t3_1 + ((-_e_c*_t3_5)/(math.sqrt(-_t3_7)))
-            _b3_0 = ((_t3_4*s*((_t3_4*_t3_6 + (_t3_6 + _t3_8)) if (_l1 + (_t3_2) <= 1.0) else (_t3_6*math.exp(_t3_3) + (_t3_8))))/(_t3_7))
+            _t3_0 = _e_c + 1.0
+            _t3_1 = _e_c - 1.0
+            _t3_2 = math.sqrt(-_t3_0*_t3_1)
+            _t3_3 = _h0*_t3_2
+            _t3_4 = _m1 - s*(_e_c*_h1 - _t3_3)
+            _t3_5 = -_l1 + (-_t3_4)
+            _t3_6 = math.expm1(_t3_5)
+            _t3_7 = s*(_e_c*_h0 + _h1*_t3_2)**2
+            _t3_8 = _e_c**2
+            _b3_0 = (((((_t3_6*s*((_t3_6*_t3_7 + (_h0*(-_t3_2 + ((-_t3_8)/(_t3_2))) + _t3_7)) if (_l1 + (_t3_4) <= 1.0) else (_t3_7*math.exp(_t3_5) + (-_t3_3 + ((-_h0*_t3_8)/(_t3_2))))))/(_t3_1))))/(_t3_0))
         else:
             _t3_9 = -_l1 + (_e_c*s - _m1)
-            _b3_0 = -_h0*math.exp(_t3_9)*math.expm1(_t3_9)
+            _b3_0 = -_h2*math.exp(_t3_9)*math.expm1(_t3_9)
         _out0[_i, _k] = _w * (_b3_0)
 
 
@@ -239,43 +243,45 @@ def _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1):
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = math.log(s)
-    _h1 = s**2
+    _h0 = math.sin(m)
+    _h1 = math.cos(m)
+    _h2 = math.log(s)
+    _h3 = s**2
     for _k in range(_n):
         _e_c = c[_i, _k]
         _t3_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t3_9:
-            _t3_0 = m + math.acos(_e_c)
-            _t3_1 = math.sin(_t3_0)
-            _t3_2 = math.cos(_t3_0)
-            _t3_3 = _m1 - _t3_2*s
-            _t3_4 = -_l1 + (-_t3_3)
-            _t3_5 = math.expm1(_t3_4)
-            _t3_6 = _t3_5*s
-            _t3_7 = _e_c**2 - 1.0
-            _t3_8 = math.sqrt(-_t3_7)
-            _t3_13 = _t3_1**2*s
-            _t3_14 = _t3_2 + ((-_e_c*_t3_1)/(_t3_8))
-            _b3_0 = ((_t3_1*_t3_6)/(_t3_8))
-            _b3_1 = ((_t3_6*((_t3_13*_t3_5 + (_t3_13 + _t3_14)) if (_l1 + (_t3_3) <= 1.0) else (_t3_13*math.exp(_t3_4) + (_t3_14))))/(_t3_7))
+            _t3_0 = _e_c*_h0
+            _t3_1 = _e_c + 1.0
+            _t3_2 = _e_c - 1.0
+            _t3_3 = math.sqrt(-_t3_1*_t3_2)
+            _t3_4 = _h0*_t3_3
+            _t3_5 = _m1 - s*(_e_c*_h1 - _t3_4)
+            _t3_6 = -_l1 + (-_t3_5)
+            _t3_7 = math.expm1(_t3_6)
+            _t3_8 = _t3_7*s
+            _t3_13 = s*(_h1*_t3_3 + _t3_0)**2
+            _t3_14 = _e_c**2
+            _b3_0 = _t3_8*(_h1 + ((_t3_0)/(_t3_3)))
+            _b3_1 = (((((_t3_8*((_t3_13*_t3_7 + (_h0*(-_t3_3 + ((-_t3_14)/(_t3_3))) + _t3_13)) if (_l1 + (_t3_5) <= 1.0) else (_t3_13*math.exp(_t3_6) + (-_t3_4 + ((-_h0*_t3_14)/(_t3_3))))))/(_t3_2))))/(_t3_1))
         else:
             _t3_10 = _e_c*s - _m1
             _t3_11 = -_l1 + (_t3_10)
             _t3_12 = math.exp(_t3_11)
-            _b3_0 = ((_t3_12*s) if (_l1 + (-_t3_10) <= 700.0) else (math.exp((-_l1 + (_h0 + _t3_10)))))
-            _b3_1 = -_h1*_t3_12*math.expm1(_t3_11)
+            _b3_0 = ((_t3_12*s) if (_l1 + (-_t3_10) <= 700.0) else (math.exp((-_l1 + (_h2 + _t3_10)))))
+            _b3_1 = -_h3*_t3_12*math.expm1(_t3_11)
         _out0[_i, _k] = _w * (_b3_0)
         _out1[_i, _k] = _w * (_b3_1)
 
@@ -314,49 +320,51 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2):
         return
     _k = _row_y
     _e_c = c[_i, _k]
-    _r0 = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+    _r0 = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
     _m1 = -math.inf
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 - _r0))
-    _h0 = math.log(s)
-    _h1 = s**2
+    _h0 = math.sin(m)
+    _h1 = math.cos(m)
+    _h2 = math.log(s)
+    _h3 = s**2
     for _k in range(_n):
         _e_c = c[_i, _k]
         _t4_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t4_9:
-            _t4_0 = m + math.acos(_e_c)
-            _t4_1 = math.sin(_t4_0)
-            _t4_2 = math.cos(_t4_0)
-            _t4_3 = _m1 - _t4_2*s
-            _t4_4 = -_l1 + (-_t4_3)
-            _t4_5 = math.expm1(_t4_4)
-            _t4_6 = _t4_5*s
-            _t4_7 = _e_c**2 - 1.0
-            _t4_8 = math.sqrt(-_t4_7)
-            _t4_13 = _t4_1**2*s
-            _t4_14 = _t4_2 + ((-_e_c*_t4_1)/(_t4_8))
-            _b4_0 = ((_t4_1*_t4_6)/(_t4_8))
-            _b4_1 = ((_t4_6*((_t4_13*_t4_5 + (_t4_13 + _t4_14)) if (_l1 + (_t4_3) <= 1.0) else (_t4_13*math.exp(_t4_4) + (_t4_14))))/(_t4_7))
+            _t4_0 = _e_c*_h0
+            _t4_1 = _e_c + 1.0
+            _t4_2 = _e_c - 1.0
+            _t4_3 = math.sqrt(-_t4_1*_t4_2)
+            _t4_4 = _h0*_t4_3
+            _t4_5 = _m1 - s*(_e_c*_h1 - _t4_4)
+            _t4_6 = -_l1 + (-_t4_5)
+            _t4_7 = math.expm1(_t4_6)
+            _t4_8 = _t4_7*s
+            _t4_13 = s*(_h1*_t4_3 + _t4_0)**2
+            _t4_14 = _e_c**2
+            _b4_0 = _t4_8*(_h1 + ((_t4_0)/(_t4_3)))
+            _b4_1 = (((((_t4_8*((_t4_13*_t4_7 + (_h0*(-_t4_3 + ((-_t4_14)/(_t4_3))) + _t4_13)) if (_l1 + (_t4_5) <= 1.0) else (_t4_13*math.exp(_t4_6) + (-_t4_4 + ((-_h0*_t4_14)/(_t4_3))))))/(_t4_2))))/(_t4_1))
         else:
             _t4_10 = _e_c*s - _m1
             _t4_11 = -_l1 + (_t4_10)
             _t4_12 = math.exp(_t4_11)
-            _b4_0 = ((_t4_12*s) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_h0 + _t4_10)))))
-            _b4_1 = -_h1*_t4_12*math.expm1(_t4_11)
+            _b4_0 = ((_t4_12*s) if (_l1 + (-_t4_10) <= 700.0) else (math.exp((-_l1 + (_h2 + _t4_10)))))
+            _b4_1 = -_h3*_t4_12*math.expm1(_t4_11)
         _out1[_i, _k] = _w * (_b4_0)
         _out2[_i, _k] = _w * (_b4_1)
 
@@ -395,46 +403,48 @@ def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = s**2
-    _h1 = math.log(s)
+    _h0 = math.sin(m)
+    _h1 = math.cos(m)
+    _h2 = s**2
+    _h3 = math.log(s)
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_c = c[_i, _k]
         _t3_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t3_11:
-            _t3_0 = m + math.acos(_e_c)
-            _t3_1 = math.cos(_t3_0)
-            _t3_2 = _m1 - _t3_1*s
-            _t3_3 = -_l1 + (-_t3_2)
-            _t3_4 = math.expm1(_t3_3)
-            _t3_5 = math.sin(_t3_0)
-            _t3_6 = _t3_5**2*s
-            _t3_7 = _e_c**2 - 1.0
-            _t3_8 = math.sqrt(-_t3_7)
-            _t3_9 = _t3_1 + ((-_e_c*_t3_5)/(_t3_8))
-            _t3_10 = math.exp(_t3_3)
-            _t3_15 = _t3_10*_t3_5*s
-            _b3_0 = ((_t3_4*s*((_t3_4*_t3_6 + (_t3_6 + _t3_9)) if (_l1 + (_t3_2) <= 1.0) else (_t3_10*_t3_6 + (_t3_9))))/(_t3_7))
-            _b3_1 = ((-_t3_15)/(_t3_8))
-            _b3_2 = ((_t3_15)/(_t3_8))
+            _t3_0 = _e_c + 1.0
+            _t3_1 = _e_c - 1.0
+            _t3_2 = math.sqrt(-_t3_0*_t3_1)
+            _t3_3 = _h0*_t3_2
+            _t3_4 = _m1 - s*(_e_c*_h1 - _t3_3)
+            _t3_5 = -_l1 + (-_t3_4)
+            _t3_6 = math.expm1(_t3_5)
+            _t3_7 = _e_c*_h0
+            _t3_8 = s*(_h1*_t3_2 + _t3_7)**2
+            _t3_9 = _e_c**2
+            _t3_10 = math.exp(_t3_5)
+            _t3_15 = _t3_10*s*(_h1 + ((_t3_7)/(_t3_2)))
+            _b3_0 = (((((_t3_6*s*((_t3_6*_t3_8 + (_h0*(-_t3_2 + ((-_t3_9)/(_t3_2))) + _t3_8)) if (_l1 + (_t3_4) <= 1.0) else (_t3_10*_t3_8 + (-_t3_3 + ((-_h0*_t3_9)/(_t3_2))))))/(_t3_1))))/(_t3_0))
+            _b3_1 = -_t3_15
+            _b3_2 = _t3_15
         else:
             _t3_12 = _e_c*s - _m1
             _t3_13 = -_l1 + (_t3_12)
             _t3_14 = math.exp(_t3_13)
-            _t3_16 = ((_t3_14*s) if (_l1 + (-_t3_12) <= 700.0) else (math.exp((-_l1 + (_h1 + _t3_12)))))
-            _b3_0 = -_h0*_t3_14*math.expm1(_t3_13)
+            _t3_16 = ((_t3_14*s) if (_l1 + (-_t3_12) <= 700.0) else (math.exp((-_l1 + (_h3 + _t3_12)))))
+            _b3_0 = -_h2*_t3_14*math.expm1(_t3_13)
             _b3_1 = -_t3_16
             _b3_2 = _t3_16
         _scratch[0, _k] = _b3_0
@@ -486,46 +496,48 @@ def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
     _a1 = 0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _s > _m1 or _k == 0:
             _m1 = _s
             _a1 = _k
     _l1 = 0.0
     for _k in range(_n):
         _e_c = c[_i, _k]
-        _s = ((s*math.cos(m + math.acos(_e_c))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
+        _s = ((s*(_e_c*math.cos(m) - math.sqrt((1.0 - _e_c)*(_e_c + 1.0))*math.sin(m))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_e_c*s))
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
     _w = 1.0 if _weight is None else _weight[_i]
-    _h0 = s**2
-    _h1 = math.log(s)
+    _h0 = math.sin(m)
+    _h1 = math.cos(m)
+    _h2 = s**2
+    _h3 = math.log(s)
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_c = c[_i, _k]
         _t3_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         if _t3_11:
-            _t3_0 = m + math.acos(_e_c)
-            _t3_1 = math.cos(_t3_0)
-            _t3_2 = _m1 - _t3_1*s
-            _t3_3 = -_l1 + (-_t3_2)
-            _t3_4 = math.expm1(_t3_3)
-            _t3_5 = math.sin(_t3_0)
-            _t3_6 = _t3_5**2*s
-            _t3_7 = _e_c**2 - 1.0
-            _t3_8 = math.sqrt(-_t3_7)
-            _t3_9 = _t3_1 + ((-_e_c*_t3_5)/(_t3_8))
-            _t3_10 = math.exp(_t3_3)
-            _t3_15 = _t3_10*_t3_5*s
-            _b3_0 = ((_t3_4*s*((_t3_4*_t3_6 + (_t3_6 + _t3_9)) if (_l1 + (_t3_2) <= 1.0) else (_t3_10*_t3_6 + (_t3_9))))/(_t3_7))
-            _b3_1 = ((-_t3_15)/(_t3_8))
-            _b3_2 = ((_t3_15)/(_t3_8))
+            _t3_0 = _e_c + 1.0
+            _t3_1 = _e_c - 1.0
+            _t3_2 = math.sqrt(-_t3_0*_t3_1)
+            _t3_3 = _h0*_t3_2
+            _t3_4 = _m1 - s*(_e_c*_h1 - _t3_3)
+            _t3_5 = -_l1 + (-_t3_4)
+            _t3_6 = math.expm1(_t3_5)
+            _t3_7 = _e_c*_h0
+            _t3_8 = s*(_h1*_t3_2 + _t3_7)**2
+            _t3_9 = _e_c**2
+            _t3_10 = math.exp(_t3_5)
+            _t3_15 = _t3_10*s*(_h1 + ((_t3_7)/(_t3_2)))
+            _b3_0 = (((((_t3_6*s*((_t3_6*_t3_8 + (_h0*(-_t3_2 + ((-_t3_9)/(_t3_2))) + _t3_8)) if (_l1 + (_t3_4) <= 1.0) else (_t3_10*_t3_8 + (-_t3_3 + ((-_h0*_t3_9)/(_t3_2))))))/(_t3_1))))/(_t3_0))
+            _b3_1 = -_t3_15
+            _b3_2 = _t3_15
         else:
             _t3_12 = _e_c*s - _m1
             _t3_13 = -_l1 + (_t3_12)
             _t3_14 = math.exp(_t3_13)
-            _t3_16 = ((_t3_14*s) if (_l1 + (-_t3_12) <= 700.0) else (math.exp((-_l1 + (_h1 + _t3_12)))))
-            _b3_0 = -_h0*_t3_14*math.expm1(_t3_13)
+            _t3_16 = ((_t3_14*s) if (_l1 + (-_t3_12) <= 700.0) else (math.exp((-_l1 + (_h3 + _t3_12)))))
+            _b3_0 = -_h2*_t3_14*math.expm1(_t3_13)
             _b3_1 = -_t3_16
             _b3_2 = _t3_16
         _scratch[0, _k] = _b3_0

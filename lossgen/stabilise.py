@@ -346,19 +346,86 @@ def _one_minus_sigmoid(e):
 
 
 def _difference_of_squares(e):
-    """a**2 - b**2 -> (a - b)*(a + b): a - b is exact where a and b are close (Sterbenz)."""
+    """a**2 - b**2 -> (a - b)*(a + b): a - b is exact where a and b are close (Sterbenz). Beside
+    the square of a symbol (an input or parameter, exact), a number that is the square of a
+    rational is a square too: 1 - c**2 -> (1 - c)*(1 + c), which keeps its digits at
+    c = 1 - 5.3e-9, where c**2 rounds away c's last bits (relative error 2.6e-9). (A placeholder's square, such
+    as a unit weight's w**2 - 1, is left as it is: its value is computed, with its own rounding.)"""
     terms = _add_terms(e)
     if terms and len(terms) == 2:
         squares = []
         for t in terms:
             coefficient, rest = t.as_coeff_Mul()
+            if t.is_Rational and t != 0 and sp.sqrt(abs(t)).is_Rational:
+                squares.append((sp.sign(t), sp.sqrt(abs(t))))
+                continue
             if abs(coefficient) != 1 or not (isinstance(rest, sp.Pow) and rest.exp == 2):
                 return None
             squares.append((coefficient, rest.base))
+        numbers = [b for _, b in squares if b.is_Number]
+        if numbers and not (len(numbers) == 1 and any(_spec_symbol(b) for _, b in squares)):
+            return None
         (c1, a), (c2, b) = squares
         if c1 == -c2:
             a, b = (a, b) if c1 == 1 else (b, a)
             return (a - b) * (a + b)
+
+
+def _spec_symbol(e) -> bool:
+    """An input or parameter of a spec (their names never start with _; lossgen's placeholders'
+    do)."""
+    return isinstance(e, sp.Symbol) and not e.name.startswith("_")
+
+
+def _through_acos(f):
+    """(a, x) where f is sin(a + acos(x)) or cos(a + acos(x)), or a power of one; else None."""
+    if isinstance(f, sp.Pow) and f.exp.is_Integer and f.exp > 0:
+        f = f.base
+    if isinstance(f, (sp.sin, sp.cos)):
+        inverse = [t for t in sp.Add.make_args(f.args[0]) if isinstance(t, sp.acos)]
+        if len(inverse) == 1:
+            return f.args[0] - inverse[0], inverse[0].args[0]
+    return None
+
+
+def _angle_through_acos(e):
+    """cos(a + acos(x)) -> x*cos(a) - sqrt(q)*sin(a) and sin(a + acos(x)) -> sqrt(q)*cos(a) +
+    x*sin(a), q = (1 - x)*(1 + x) = sin(acos(x))**2, in a sum or product that holds them as
+    factors, with every power of 1 - x**2 (or x**2 - 1, or q) there written in q and the product
+    expanded, so that powers of q combine. acos(x) near pi (x = -1 + 1e-16) keeps only its
+    rounding beside pi, which sin(acos(x)) returns (relative error 1e-8); and derivatives of the
+    functions through acos cancel: d/dx sin(a + acos(x))/sqrt(1 - x**2) = x*sin(a + acos(x))/
+    q**(3/2) - cos(a + acos(x))/q, in which x*cos(a)/q cancels exactly, leaving
+    sin(a)*(sqrt(q)/q + x**2/q**(3/2)) (= sin(a)/q**(3/2)), two terms of one sign, 0 at a = 0."""
+    if not isinstance(e, (sp.Add, sp.Mul)):
+        return None
+    found = [(f, _through_acos(f)) for t in sp.Add.make_args(e) for f in sp.Mul.make_args(t)]
+    found = sorted({f.base if isinstance(f, sp.Pow) else f: ax for f, ax in found if ax}.items(),
+                   key=lambda item: sp.default_sort_key(item[0]))
+    if not found:
+        return None
+    x = found[0][1][1]
+    q = sp.Dummy("q", positive=True)
+    root = sp.sqrt(q)
+    mapping = {}
+    for f, (a, y) in found:
+        if y == x:
+            mapping[f] = x * sp.cos(a) - root * sp.sin(a) if isinstance(f, sp.cos) else root * sp.cos(a) + x * sp.sin(a)
+    product = sp.expand((1 - x) * (1 + x))
+    terms = []
+    for t in sp.Add.make_args(e):
+        factors = []
+        for f in sp.Mul.make_args(t):
+            base, k = (f.base, f.exp) if isinstance(f, sp.Pow) else (f, sp.S.One)
+            if isinstance(base, (sp.Add, sp.Mul)) and not base.has(sp.acos):
+                expanded = sp.expand(base)
+                if expanded == product:
+                    base = q
+                elif expanded == -product and k.is_Integer:
+                    base = -q
+            factors.append(base.xreplace(mapping) ** k)
+        terms.append(sp.expand_mul(sp.Mul(*factors), deep=False))
+    return sp.Add(*terms).xreplace({q: (1 - x) * (1 + x)})
 
 
 def _weighted_squares(e):
@@ -1012,8 +1079,12 @@ RULES: tuple[Rule, ...] = (
     Rule("weighted_squares", "a*u**2 + b*v**2, a*b < 0, |b| <= |a|, a + b simpler",
          "(a + b)*u**2 + b*(v - u)*(v + u), Abs in a, b resolved by sign",
          "the two terms, each rounded (v**2 twice), cancel where a*u**2 is close to -b*v**2", _weighted_squares),
-    Rule("difference_of_squares", "a**2 - b**2", "(a - b)*(a + b)", "a**2 - b**2 cancels when a is close to b",
-         _difference_of_squares),
+    Rule("angle_through_acos", "cos(a + acos(x)), sin(a + acos(x)), with the powers of 1 - x**2 beside them",
+         "x*cos(a) - sqrt(q)*sin(a), sqrt(q)*cos(a) + x*sin(a), q = (1 - x)*(1 + x), expanded in q",
+         "acos(x) near pi keeps only its rounding beside pi; the derivatives' terms in q cancel",
+         _angle_through_acos),
+    Rule("difference_of_squares", "a**2 - b**2 (also 1 - x**2)", "(a - b)*(a + b)",
+         "a**2 - b**2 cancels when a is close to b", _difference_of_squares),
     Rule("multilinear_corners", "a polynomial of degree <= 1 in each of its variables v in [0, 1], "
          "e.g. alpha*y - alpha/2 - y/2 + 1/2",
          "sum over corners c of p(c)*prod(v or 1 - v), e.g. (alpha*y + (1 - alpha)*(1 - y))/2, "

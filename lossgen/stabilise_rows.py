@@ -335,7 +335,10 @@ def _exp_weights(expr: sp.Expr, derivation) -> tuple[sp.Expr, dict]:
     """exp(k (g - R)) -> exp(k u) for each R = logsumexp(g), u <= 0 a symbol: the log-weights
     of a summand g that :func:`_log_weights` cannot solve for (not linear in one element:
     ArcFace's s cos(acos(c) + m) at the true class). g is taken at each value of its onehot
-    terms, as :func:`_at_index` left them. Returns the expression and {u: g - R}."""
+    terms, as :func:`_at_index` left them. Returns the expression and {u: g - R}, g in its
+    stable form (:func:`direct_form`), as the reduction computes it: exp(u) at a row's only
+    class is then exactly 1 (ArcFace's s cos(m + acos(c)) is s (c cos(m) - sqrt((1 - c)(1 + c))
+    sin(m)) in the reduction; left raw here, expm1(u) at C = 1 was 1e-16, not 0)."""
     back, replacements = {}, {}
     for n, r in enumerate(derivation.reductions):
         if r.kind != "logsumexp":
@@ -353,7 +356,7 @@ def _exp_weights(expr: sp.Expr, derivation) -> tuple[sp.Expr, dict]:
             for m, g in enumerate(variants):
                 if sp.expand(e.args[0] - k * (g - r.symbol)) == 0:
                     u = sp.Symbol(f"_w{n}_{m}", nonpositive=True)
-                    back[u], replacements[e] = g - r.symbol, sp.exp(k * u)
+                    back[u], replacements[e] = direct_form(g) - r.symbol, sp.exp(k * u)
                     break
     expr = expr.xreplace(replacements)
     for u in back:
@@ -828,11 +831,16 @@ def _in_binary_scale(numerator, others, own, sums, denominator, derivation, alia
     return group(exact_sum(*terms) * bounded * together) * unpaired
 
 
-def cauchy_schwarz_sum(x: sp.Symbol, y: sp.Symbol, a: sp.Expr, b: sp.Expr) -> Reduction:
-    """sum_k (x_k/sqrt(a) - y_k/sqrt(b))**2: the squared distance of two rows, each over its norm
-    (see :func:`_cauchy_schwarz_gap`)."""
-    return Reduction(sp.Symbol(f"_cs_{x.name}_{y.name}", nonnegative=True), "sum",
-                     (group(x / sp.sqrt(a)) - group(y / sp.sqrt(b))) ** 2)
+def cauchy_schwarz_sum(x: sp.Symbol, y: sp.Symbol, a: sp.Expr, b: sp.Expr, sign: int = -1) -> Reduction:
+    """sum_k (x_k/sqrt(a) - y_k/sqrt(b))**2 (``sign`` -1) or sum_k (x_k/sqrt(a) + y_k/sqrt(b))**2
+    (``sign`` 1): the squared distance of two rows, or of one row and the other negated, each
+    over its norm (see :func:`_cauchy_schwarz_gap`)."""
+    name = f"_cs_{x.name}_{y.name}" if sign < 0 else f"_csp_{x.name}_{y.name}"
+    return Reduction(sp.Symbol(name, nonnegative=True), "sum",
+                     (group(x / sp.sqrt(a)) + sign * group(y / sp.sqrt(b))) ** 2)
+
+
+COSINE_NEAR_ONE = sp.S.Half  # beyond it, cos - m is computed from the gap to +-1
 
 
 def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
@@ -841,31 +849,44 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
     nearly parallel (1 - cos of a similar pair), written as k (sum_k (x_k/sqrt(A) -
     y_k/sqrt(B))**2 + c/A + d/B)/2, a sum of squares: exactly the constants' share c/(2A) + d/(2B)
     where x/sqrt(A) = y/sqrt(B) (x = y, C = 1), where rounded apart 1 - cos is 0 or a rounding
-    error. A row expression only; returns it and the sums it reads."""
-    if not isinstance(expr, sp.Expr) or varies_along_row(expr, derivation.element_symbols):
+    error. k + k cos likewise, with x_k/sqrt(A) + y_k/sqrt(B).
+
+    With any other row constant r (a parameter: cos - margin), k cos + r cancels where cos is near
+    -r/k, which may be +-1 (margin = 1: the rounded cos reaches 1, where the truth is below it by
+    the eps share; margin = -1: cos + 1 near cos = -1). Where cos > 1/2 it is (r + k) - k G-, where
+    cos < -1/2 it is (r - k) + k G+, G-+ = 1 -+ cos the gaps above, r + k rounded once (exact where
+    it cancels, r = -k, by Sterbenz); between, k cos + r as it is (there a gap would cancel against
+    1 instead). A comparison of such a difference with 0 (cos >= margin, also in element
+    expressions) is made on the same form, so that the branch it selects agrees with the value.
+    Returns the expression and the sums it reads."""
+    if not isinstance(expr, sp.Expr):
         return expr, []
     moments = {r.symbol: r.summand for r in derivation.reductions if r.kind == "sum"}
     squares = {m.base: sym for sym, m in moments.items() if isinstance(m, sp.Pow) and m.exp == 2
                and m.base in derivation.element_symbols}
     cross = {sym: m.args for sym, m in moments.items() if isinstance(m, sp.Mul) and len(m.args) == 2
              and all(a in squares for a in m.args)}
+    row_level = set(moments) | derivation.element_symbols
     found = []
 
     def shift(total, square):
         rest = sp.expand(total - square)
-        ok = not rest.free_symbols & (set(moments) | derivation.element_symbols) and rest.is_nonnegative
+        ok = not rest.free_symbols & row_level and rest.is_nonnegative
         return rest if ok else None
 
-    def rewrite(node):
+    def parts(node):
+        """(k, r, cos, G) for node = k cos + r, r a row constant, G(sign) the gap 1 + sign cos
+        as a sum of squares (recording the sum it reads); else None."""
         if not isinstance(node, sp.Add):
-            return node
+            return None
         for term in node.args:
             for sym, (x, y) in cross.items():
                 k = -term / sym
                 roots = [p for p in sp.Mul.make_args(k) if isinstance(p, sp.Pow) and p.exp == -sp.S.Half]
-                if len(roots) != 1 or k * roots[0] ** -1 not in node.args or sym in k.free_symbols:
+                if len(roots) != 1 or sym in k.free_symbols:
                     continue
                 (root,) = roots
+                coefficient, rest = -k * root ** -1, node - term
                 factors = sp.Mul.make_args(root.base)
                 if len(factors) != 2:
                     continue
@@ -873,14 +894,50 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
                     c, d = shift(a, squares[x]), shift(b, squares[y])
                     if c is None or d is None:
                         continue
-                    coefficient = k * roots[0] ** -1
-                    r = cauchy_schwarz_sum(x, y, a, b)
-                    found.append(r)
-                    rest = node - term - coefficient
-                    return rest + coefficient * (r.symbol / 2 + c / (2 * a) + d / (2 * b))
-        return node
 
-    return bottom_up(expr, rewrite), found
+                    def gap(sign, x=x, y=y, a=a, b=b, c=c, d=d):
+                        r = cauchy_schwarz_sum(x, y, a, b, sign)
+                        found.append(r)
+                        return r.symbol / 2 + c / (2 * a) + d / (2 * b)
+                    return coefficient, rest, sym * root, gap
+        return None
+
+    def rewrite(node):
+        found_parts = parts(node)
+        if found_parts is None:
+            return node
+        k, r, cosine, gap = found_parts
+        if -k in node.args:  # k cos - k = -k (1 - cos)
+            return (r + k) - k * gap(-1)
+        if k in node.args:  # k cos + k = k (1 + cos)
+            return (r - k) + k * gap(1)
+        if not r.free_symbols or (k.free_symbols | r.free_symbols) & row_level:
+            return node
+        return sp.Piecewise((group(r + k) - k * gap(-1), cosine > COSINE_NEAR_ONE),
+                            (group(r - k) + k * gap(1), cosine < -COSINE_NEAR_ONE), (node, True))
+
+    def compare(node):
+        """lhs >= rhs, with lhs - rhs = k cos + r: on the branches of :func:`rewrite`, a comparison
+        of k G-+ with r +- k, which no rounding of a difference can turn."""
+        if not isinstance(node, (sp.GreaterThan, sp.StrictGreaterThan, sp.LessThan, sp.StrictLessThan)):
+            return node
+        if varies_along_row(node, derivation.element_symbols):
+            return node
+        found_parts = parts(node.gts - node.lts)
+        if found_parts is None:
+            return node
+        k, r, cosine, gap = found_parts
+        if not r.free_symbols or (k.free_symbols | r.free_symbols) & row_level:
+            return node
+        strict = isinstance(node, (sp.StrictGreaterThan, sp.StrictLessThan))
+        at_most, at_least = (sp.StrictLessThan, sp.StrictGreaterThan) if strict else (sp.LessThan, sp.GreaterThan)
+        return sp.Or(sp.And(cosine > COSINE_NEAR_ONE, at_most(k * gap(-1), group(r + k))),
+                     sp.And(cosine < -COSINE_NEAR_ONE, at_least(k * gap(1), group(k - r))),
+                     sp.And(cosine <= COSINE_NEAR_ONE, cosine >= -COSINE_NEAR_ONE, node))
+
+    if varies_along_row(expr, derivation.element_symbols):
+        return bottom_up(expr, compare), found
+    return bottom_up(expr, lambda node: rewrite(compare(node))), found
 
 
 def stabilise_element(expr: sp.Expr, derivation, pairs=(), singular=()) -> sp.Expr:

@@ -69,14 +69,6 @@ OTHER_SIZES, OTHER_POINTS = (1, 3), 3
 # (loss, parameter, value) -> why the kernels miss the bound at the sets where the parameter has
 # that value (README, Verification); strict: a fix flips the test, and the entry leaves
 OTHER_SET_GAPS = {
-    ("arcface", "m", 0.0): "the Hessian's d/dc sin(m + acos c)/sqrt(1 - c**2), -cos(t)/(1 - c**2) + c sin(t)/"
-                           "(1 - c**2)**1.5, cancels to sin(m)/(1 - c**2)**1.5 = 0 at m = 0 (9e11 relative error "
-                           "at C = 3); the gradient's sin(acos c) loses digits at c = -1 + 1e-16",
-    ("cosine_embedding", "margin", -1.0): "cos + 1 cancels where cos is near -1 (at C = 1, cos = -1 + eps/x**2: "
-                                          "relative error 0.066 at x1 = -40, x2 = 40)",
-    ("cosine_embedding", "margin", 1.0): "max(0, cos - 1): cos < 1 by eps, but the computed cos rounds to 1 or "
-                                         "above, and the kernels return loss and derivatives of 1e-16 where the "
-                                         "truth is 0",
     ("dice", "smooth", 0.0): "without smooth, rows of tiny p and y (1e-16, 1e-300) make the row sums tiny "
                              "against the unit terms of the kernels' forms (relative error 1.8 at C = 3)",
     ("soft_jaccard", "smooth", 0.0): "as dice at smooth = 0 (the affine basis 1 - y: relative error 8e15 at C = 3)",
@@ -787,6 +779,43 @@ def test_row_verification_takes_a_kinks_neighbours():
     for loss, ok in ((con, True), (_Scaled(con, 1 + 1e-9), False)):
         hessians = [r for r in check_size(loss, spec, 1, rows, params) if r.output.startswith(("hess", "hvp"))]
         assert len(hessians) == 8 and all(r.ok(RELATIVE_TOLERANCE) == ok for r in hessians), format_report(hessians)
+
+
+def test_arcface_keeps_its_digits_at_cosines_near_one_and_minus_one():
+    """ArcFace's true-class logit s cos(m + acos c): its second derivative, s sin(m)/(1 - c**2)**1.5,
+    was the difference of two terms each of that size over sin(m) (relative error 1e24 at m = 0,
+    C = 2), and sin(acos c) at c = -1 + 2**-53 kept only acos c's rounding beside pi (8.2e-9 in the
+    gradient); 1 - c**2 loses c's last bits near c = 1 - 1e-8 (stabilise rules angle_through_acos and
+    difference_of_squares). Against the expanded truth (mpmath), at m = 0 and the default m."""
+    spec, arc = load_spec(ROW_PATHS["arcface"]), lossgen.get("arcface")
+    near = (-1 + 2.0**-53, 1 - 2.0**-53, -1 + 1e-8, 1 - 1e-8, 0.6, -1e-300)
+    for m in (0.0, 0.5):
+        for size in (1, 2, 3):
+            rows = [{"y": j % size, "c": np.array([near[(j + k) % len(near)] for k in range(size)])}
+                    for j in range(len(near))]
+            failures = [r for r in check_size(arc, spec, size, rows, {"s": 64.0, "m": m})
+                        if not r.ok(RELATIVE_TOLERANCE)]
+            assert not failures, f"m = {m}\n" + format_report(failures)
+
+
+def test_cosine_embedding_at_margins_of_one_and_minus_one():
+    """A dissimilar pair costs max(0, cos - margin). At margin = 1 the truth is 0 (cos < 1 by the
+    eps share) where the rounded cos reached 1 (loss and derivatives of 1e-16); at margin = -1,
+    cos + 1 cancelled near cos = -1 (relative error 0.066 at C = 1, x1 = -40, x2 = 40). Both are
+    the Cauchy-Schwarz gaps 1 -+ cos as sums of squares (stabilise_rows._cauchy_schwarz_gap),
+    against the expanded truth (mpmath), parallel and antiparallel rows, also at C = 3. (Left out:
+    x2 = +-w x1 (w = 3, 1 + 2**-50) of norm 1e10 at C = 3, whose unit vectors round apart by 1e-16: squared, 1e-32
+    against the eps share 1e-33, relative error 1.3, for 1 - cos at y = 1 as well.)"""
+    spec, emb = load_spec(ROW_PATHS["cosine_embedding"]), lossgen.get("cosine_embedding")
+    for size in (1, 3):
+        for margin, sign in ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0)):
+            rows = [{"y": np.array(-1.0), "x1": np.full(size, v) * np.linspace(1, 1.5, size),
+                     "x2": sign * np.full(size, v) * np.linspace(1, 1.5, size) * w}
+                    for v in (-40.0, 1e-8, 1e10, 700.0) for w in (1.0, 1.0 + 2.0**-50, 3.0)
+                    if not (v == 1e10 and w != 1.0 and size > 1)]  # see the README: unit vectors apart
+            failures = [r for r in check_size(emb, spec, size, rows, {"margin": margin, "eps": 1e-12})
+                        if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
+            assert not failures, f"margin = {margin}, sign = {sign}\n" + format_report(failures)
 
 
 def test_triplet_margin_at_two_norms_of_zero():

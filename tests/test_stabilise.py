@@ -43,6 +43,9 @@ EXAMPLES = {
     "logistic_ratio": (sp.exp(x) / (1 + sp.exp(x)), {x: 710.0}),
     "logaddexp": (sp.log(sp.exp(x) + sp.exp(y)), {x: 800.0, y: 799.0}),
     "difference_of_squares": (x**2 - y**2, {x: 1e8 + 1, y: 1e8}),
+    # d/dx sin(z + acos(x))/sqrt(1 - x**2) = sin(z)/(1 - x**2)**1.5, the difference of two terms
+    # of size 1 (ArcFace's logit at margin z = 1e-20): 3e-20
+    "angle_through_acos": (sp.diff(sp.sin(z + sp.acos(x)) / sp.sqrt(1 - x**2), x), {x: 0.6, z: 1e-20}),
     # Barron's Hessian numerator at alpha = -1e12, |x| = c + 1e-8: two terms of 1e12 leave -2e4
     "weighted_squares": (y**2 * sp.Abs(z - 2) - x**2 * (1 - z), {x: 1 + 1e-8, y: 1.0, z: -1e12}),
     "exact_sum": (x + y - z - b, {x: 1.0, y: 1e-20, z: 1.0, b: 1e-300}),
@@ -143,6 +146,24 @@ def test_rewritten_form_is_accurate_in_float64(name):
     # as does power_log_domain's exp(e*log(B) + log|b|)
     bound = 1e-12 if name in ("exp_product", "power_log_domain") else 1e-14
     assert relative_error(value, truth) <= bound, (rewritten, value, truth)
+
+
+def test_one_minus_a_square_is_factored_for_an_input_and_not_for_a_placeholder():
+    """1 - x**2 -> (1 - x)*(1 + x) for a spec's symbol (exact): at x = 1 - 5.3e-9, x**2 rounds
+    away x's last bits (relative error 2.6e-9 against mpmath); a placeholder's w**2 - 1 (lossgen's
+    names start with _) is a computed value and stays."""
+    rule = next(r for r in RULES if r.name == "difference_of_squares")
+    factored = stabilise(1 - x**2, (rule,))
+    assert factored == (1 - x) * (1 + x)
+    at = 0.9999999947316439
+    with mpmath.workdps(50):
+        truth = 1 - mpmath.mpf(at) ** 2
+    assert relative_error(1 - at**2, truth) > 1e-9
+    assert relative_error(sp.lambdify(x, factored, modules="math")(at), truth) <= 1e-15
+    placeholder = sp.Symbol("_w", real=True)
+    assert stabilise(placeholder**2 - 1, (rule,)) == placeholder**2 - 1
+    assert stabilise(4 - x**2, (rule,)) == (2 - x) * (2 + x)
+    assert stabilise(2 - x**2, (rule,)) == 2 - x**2
 
 
 def test_multilinear_corners_fires_only_where_the_corner_form_cannot_cancel():
