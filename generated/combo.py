@@ -14,10 +14,11 @@ Parameters: alpha = 0.5 (unit_interval), beta = 0.5 (unit_interval), smooth = 1.
 Lowered, with one value per row for each reduction:
     _r0 = sum_k(p)
     _r1 = sum_k(y)
+    _r2 = sum_k(p*y)
     _r3 = sum_k(beta*y*log(p) + (1 - beta)*(1 - y)*log(1 - p))
     _r4 = sum_k(p*(1 - y) + y*(1 - p))
     loss = _r4*(1 - alpha)/(_r0 + _r1 + smooth) - _r3*alpha/_C
-    d loss / d p_k = _r4*(alpha - 1)/(_r0 + _r1 + smooth)**2 + (1 - alpha)*(1 - 2*y)/(_r0 + _r1 + smooth) - alpha*(beta*y/p - (1 - beta)*(1 - y)/(1 - p))/_C
+    d loss / d p_k = 2*_r4*y*(alpha - 1)/(_r0 + _r1 + smooth)**2 + (1 - alpha)*(1 - 2*y)*(2*_r2 + smooth)/(_r0 + _r1 + smooth)**2 - alpha*(beta*y/p - (1 - beta)*(1 - y)/(1 - p))/_C
 
 Reductions that pick one element (max, min, take) pass the derivative to that element; on a
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
@@ -183,11 +184,14 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
     _r4 = 0.0
     _r4_error = 0.0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_p*_e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -198,7 +202,12 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _t0_0
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+        _s = _e_p + _e_y - 2.0*_t0_0
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -209,20 +218,24 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = alpha - 1.0
-    _t1_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-    _h0 = (((((_r4*_t1_0)/(_t1_1))))/(_t1_1))
-    _h1 = ((1.0)/(_t1_1))
-    _h2 = -_t1_0
-    _h3 = 1.0 - beta
+    _h0 = ((1.0)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))))
+    _h1 = -_t1_0
+    _h2 = 2.0*_r2 + smooth
+    _h3 = _t1_0
+    _h4 = 1.0 - beta
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _out0[_i, _k] = _w * (_h0 + _h1*_h2*(1.0 - 2.0*_e_y) + ((-alpha*(((_e_y*beta)/(_e_p)) + ((-_h3*(1.0 - _e_y))/(1.0 - _e_p))))/(_C)))
+        _t2_0 = 2.0*_e_y
+        _out0[_i, _k] = _w * (_h0*(_h0*_h1*_h2*(1.0 - _t2_0)) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(((_e_y*beta)/(_e_p)) + ((-_h4*(1.0 - _e_y))/(1.0 - _e_p))))/(_C)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -343,11 +356,14 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
     _r4 = 0.0
     _r4_error = 0.0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_p*_e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -358,7 +374,12 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _t0_0
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+        _s = _e_p + _e_y - 2.0*_t0_0
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -369,32 +390,35 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = alpha - 1.0
-    _t1_1 = _r4*_t1_0
-    _t1_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-    _h0 = (((((_t1_1)/(_t1_2))))/(_t1_2))
-    _h1 = ((1.0)/(_t1_2))
-    _h2 = -_t1_0
-    _h3 = 1.0 - beta
-    _h4 = _t1_0
-    _h5 = ((1.0)/(_t1_2**3))
-    _h6 = 2.0*_t1_1
-    _h7 = _t1_2
+    _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _t1_1 = alpha - 1.0
+    _h0 = ((1.0)/(_t1_0))
+    _h1 = -_t1_1
+    _h2 = 2.0*_r2 + smooth
+    _h3 = _t1_1
+    _h4 = 1.0 - beta
+    _h5 = ((1.0)/(_t1_0**3))
+    _h6 = 2.0*_r4*_t1_1
+    _h7 = _t1_0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = 1.0 - 2.0*_e_y
-        _t2_1 = _h1*_t2_0
-        _t2_2 = _e_y*beta
-        _t2_3 = ((_t2_2)/(_e_p))
-        _t2_4 = _h3*(1.0 - _e_y)
-        _t2_5 = 1.0 - _e_p
-        _out0[_i, _k] = _w * (_h0 + _h2*_t2_1 + ((-alpha*(_t2_3 + ((-_t2_4)/(_t2_5))))/(_C)))
-        _out1[_i, _k] = _w * (_h1*(_h4*_t2_1) - _h5*(_h2*_h7*_t2_0 + _h6) + _finite_or(((alpha*((((_t2_3))/(_e_p)) + (((((_t2_4)/(_t2_5))))/(_t2_5))))/(_C)), ((((((((_t2_2*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_4*alpha)/(_C))))/(_t2_5))))/(_t2_5))))
+        _t2_0 = 2.0*_e_y
+        _t2_1 = 1.0 - _t2_0
+        _t2_2 = _h0*_t2_1
+        _t2_3 = _e_y*beta
+        _t2_4 = ((_t2_3)/(_e_p))
+        _t2_5 = _h4*(1.0 - _e_y)
+        _t2_6 = 1.0 - _e_p
+        _out0[_i, _k] = _w * (_h0*(_h1*_h2*_t2_2) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(_t2_4 + ((-_t2_5)/(_t2_6))))/(_C)))
+        _out1[_i, _k] = _w * (_h0*(_h3*_t2_2) - _h5*(_h1*_h7*_t2_1 + _h6) + _finite_or(((alpha*((((_t2_4))/(_e_p)) + (((((_t2_5)/(_t2_6))))/(_t2_6))))/(_C)), ((((((((_t2_3*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_5*alpha)/(_C))))/(_t2_6))))/(_t2_6))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -433,6 +457,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     _r4 = 0.0
@@ -440,6 +466,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_p*_e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -450,12 +477,17 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = _t0_0
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
         _s = _xlog1py((1.0 - _e_y)*(1.0 - beta), -_e_p) + _xlogy(_e_y*beta, _e_p)
         _x = _r3 + _s
         _z = _x - _r3
         _r3_error += (_r3 - (_x - _z)) + (_s - _z)
         _r3 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _e_p + _e_y - 2.0*_t0_0
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -466,6 +498,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
@@ -476,27 +511,27 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _t1_0 = alpha - 1.0
     _t1_1 = -_t1_0
     _t1_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-    _t1_3 = _r4*_t1_0
     _out0[_i] = _w * (((-_r3*alpha)/(_C)) + ((_r4*_t1_1)/(_t1_2)))
-    _h0 = (((((_t1_3)/(_t1_2))))/(_t1_2))
-    _h1 = ((1.0)/(_t1_2))
-    _h2 = _t1_1
-    _h3 = 1.0 - beta
-    _h4 = _t1_0
+    _h0 = ((1.0)/(_t1_2))
+    _h1 = _t1_1
+    _h2 = 2.0*_r2 + smooth
+    _h3 = _t1_0
+    _h4 = 1.0 - beta
     _h5 = ((1.0)/(_t1_2**3))
-    _h6 = 2.0*_t1_3
+    _h6 = 2.0*_r4*_t1_0
     _h7 = _t1_2
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t2_0 = 1.0 - 2.0*_e_y
-        _t2_1 = _h1*_t2_0
-        _t2_2 = _e_y*beta
-        _t2_3 = ((_t2_2)/(_e_p))
-        _t2_4 = _h3*(1.0 - _e_y)
-        _t2_5 = 1.0 - _e_p
-        _out1[_i, _k] = _w * (_h0 + _h2*_t2_1 + ((-alpha*(_t2_3 + ((-_t2_4)/(_t2_5))))/(_C)))
-        _out2[_i, _k] = _w * (_h1*(_h4*_t2_1) - _h5*(_h2*_h7*_t2_0 + _h6) + _finite_or(((alpha*((((_t2_3))/(_e_p)) + (((((_t2_4)/(_t2_5))))/(_t2_5))))/(_C)), ((((((((_t2_2*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_4*alpha)/(_C))))/(_t2_5))))/(_t2_5))))
+        _t2_0 = 2.0*_e_y
+        _t2_1 = 1.0 - _t2_0
+        _t2_2 = _h0*_t2_1
+        _t2_3 = _e_y*beta
+        _t2_4 = ((_t2_3)/(_e_p))
+        _t2_5 = _h4*(1.0 - _e_y)
+        _t2_6 = 1.0 - _e_p
+        _out1[_i, _k] = _w * (_h0*(_h1*_h2*_t2_2) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(_t2_4 + ((-_t2_5)/(_t2_6))))/(_C)))
+        _out2[_i, _k] = _w * (_h0*(_h3*_t2_2) - _h5*(_h1*_h7*_t2_1 + _h6) + _finite_or(((alpha*((((_t2_4))/(_e_p)) + (((((_t2_5)/(_t2_6))))/(_t2_6))))/(_C)), ((((((((_t2_3*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_5*alpha)/(_C))))/(_t2_6))))/(_t2_6))))
 
 
 @numba.njit(cache=True, error_model="numpy")

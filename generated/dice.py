@@ -14,9 +14,10 @@ Parameters: smooth = 1.0 (nonnegative)
 Lowered, with one value per row for each reduction:
     _r0 = sum_k(p**2)
     _r1 = sum_k(y**2)
+    _r2 = sum_k(p*y)
     _r3 = sum_k((-p + y)**2)
     loss = _r3/(_r0 + _r1 + smooth)
-    d loss / d p_k = 2*(-_r3*p + (p - y)*(_r0 + _r1 + smooth))/(_r0 + _r1 + smooth)**2
+    d loss / d p_k = 2*(-_r3*y + (2*_r2 + smooth)*(p - y))/(_r0 + _r1 + smooth)**2
 
 Reductions that pick one element (max, min, take) pass the derivative to that element; on a
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
@@ -147,6 +148,8 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     for _k in range(_n):
@@ -162,6 +165,11 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
         _s = (-_e_p + _e_y)**2
         _x = _r3 + _s
         _z = _x - _r3
@@ -173,15 +181,19 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((1.0)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))))
+    _h1 = 2.0*_r2 + smooth
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
+        _out0[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -294,6 +306,8 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     for _k in range(_n):
@@ -309,6 +323,11 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
         _s = (-_e_p + _e_y)**2
         _x = _r3 + _s
         _z = _x - _r3
@@ -320,21 +339,25 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _h0 = ((1.0)/(_t1_0))
-    _h1 = ((1.0)/(_t1_0**3))
-    _h2 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-    _h3 = _t1_0
+    _h1 = 2.0*_r2 + smooth
+    _h2 = ((1.0)/(_t1_0**3))
+    _h3 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h4 = _t1_0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_p**2
-        _out0[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
-        _out1[_i, _k] = _w * (2.0*_h1*(4.0*_e_p*_e_y*_h3 + _h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
+        _out0[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
+        _out1[_i, _k] = _w * (2.0*_h2*(4.0*_e_p*_e_y*_h4 + _h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -373,6 +396,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     for _k in range(_n):
@@ -388,6 +413,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = _e_p*_e_y
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
         _s = (-_e_p + _e_y)**2
         _x = _r3 + _s
         _z = _x - _r3
@@ -399,6 +429,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
@@ -406,15 +439,16 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _out0[_i] = _w * (((_r3)/(_t1_0)))
     _h0 = ((1.0)/(_t1_0))
-    _h1 = ((1.0)/(_t1_0**3))
-    _h2 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
-    _h3 = _t1_0
+    _h1 = 2.0*_r2 + smooth
+    _h2 = ((1.0)/(_t1_0**3))
+    _h3 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
+    _h4 = _t1_0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_p**2
-        _out1[_i, _k] = _w * (_h0*(-2.0*_e_p*_h0*_r3 - 2.0*(-_e_p + _e_y)))
-        _out2[_i, _k] = _w * (2.0*_h1*(4.0*_e_p*_e_y*_h3 + _h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
+        _out1[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
+        _out2[_i, _k] = _w * (2.0*_h2*(4.0*_e_p*_e_y*_h4 + _h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -11,10 +11,11 @@ Parameters: smooth = 1.0 (nonnegative)
     loss = -(smooth + rowsum(p*y))/(smooth + rowsum(p) + rowsum(y) - rowsum(p*y)) + 1
 
 Lowered, with one value per row for each reduction:
+    _r0 = sum_k(p*y)
     _r3 = sum_k(p*(1 - y) + y*(1 - p))
     _r4 = sum_k(p*y + p*(1 - y) + y*(1 - p))
     loss = _r3/(_r4 + smooth)
-    d loss / d p_k = (-_r3*(1 - y)/(_r4 + smooth) - 2*y + 1)/(_r4 + smooth)
+    d loss / d p_k = (-_r3*y + (1 - 2*y)*(_r0 + smooth))/(_r4 + smooth)**2
 
 Reductions that pick one element (max, min, take) pass the derivative to that element; on a
 tie, to the first. At kinks: sign(0) = 0, Heaviside(0) = 1/2, and a Piecewise boundary takes
@@ -113,6 +114,8 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
+    _r0 = 0.0
+    _r0_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     _r4 = 0.0
@@ -122,6 +125,11 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _e_y = y[_i, _k]
         _t0_0 = _e_p*_e_y
         _t0_1 = _e_p + _e_y
+        _s = _t0_0
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
         _s = -2.0*_t0_0 + _t0_1
         _x = _r3 + _s
         _z = _x - _r3
@@ -132,6 +140,9 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
         _r4 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
@@ -140,9 +151,10 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((1.0)/(_r4 + smooth))
+    _h1 = _r0 + smooth
     for _k in range(_n):
         _e_y = y[_i, _k]
-        _out0[_i, _k] = _w * (_h0*((-_h0*_r3*(1.0 - _e_y)) + (1.0 - 2.0*_e_y)))
+        _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_r3 + _h1*(1.0 - 2.0*_e_y))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -241,6 +253,8 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _out0[_i, ...] = math.nan
         _out1[_i, ...] = math.nan
         return
+    _r0 = 0.0
+    _r0_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     _r4 = 0.0
@@ -250,6 +264,11 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _e_y = y[_i, _k]
         _t0_0 = _e_p*_e_y
         _t0_1 = _e_p + _e_y
+        _s = _t0_0
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
         _s = -2.0*_t0_0 + _t0_1
         _x = _r3 + _s
         _z = _x - _r3
@@ -260,6 +279,9 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
         _r4 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
@@ -268,15 +290,15 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((1.0)/(_r4 + smooth))
+    _h1 = _r0 + smooth
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = 2.0*_e_y - 1.0
         _t2_1 = -_t2_0
         _t2_2 = _e_y - 1.0
         _t2_3 = -_t2_2
-        _t2_4 = _h0*_r3*_t2_3
-        _out0[_i, _k] = _w * (_h0*((_t2_1) + (-_t2_4)))
-        _out1[_i, _k] = _w * (_h0*(_h0*(_t2_1*_t2_2 + _t2_3*(_t2_0 + 2.0*_t2_4))))
+        _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_r3 + _h1*_t2_1)))
+        _out1[_i, _k] = _w * (_h0*(_h0*(_t2_1*_t2_2 + _t2_3*(2.0*_h0*_r3*_t2_3 + _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -311,6 +333,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _out1[_i, ...] = math.nan
         _out2[_i, ...] = math.nan
         return
+    _r0 = 0.0
+    _r0_error = 0.0
     _r3 = 0.0
     _r3_error = 0.0
     _r4 = 0.0
@@ -320,6 +344,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _e_y = y[_i, _k]
         _t0_0 = _e_p*_e_y
         _t0_1 = _e_p + _e_y
+        _s = _t0_0
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
         _s = -2.0*_t0_0 + _t0_1
         _x = _r3 + _s
         _z = _x - _r3
@@ -330,6 +359,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
         _r4 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
@@ -340,15 +372,15 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _t1_0 = _r4 + smooth
     _out0[_i] = _w * (((_r3)/(_t1_0)))
     _h0 = ((1.0)/(_t1_0))
+    _h1 = _r0 + smooth
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = 2.0*_e_y - 1.0
         _t2_1 = -_t2_0
         _t2_2 = _e_y - 1.0
         _t2_3 = -_t2_2
-        _t2_4 = _h0*_r3*_t2_3
-        _out1[_i, _k] = _w * (_h0*((_t2_1) + (-_t2_4)))
-        _out2[_i, _k] = _w * (_h0*(_h0*(_t2_1*_t2_2 + _t2_3*(_t2_0 + 2.0*_t2_4))))
+        _out1[_i, _k] = _w * (_h0*(_h0*(-_e_y*_r3 + _h1*_t2_1)))
+        _out2[_i, _k] = _w * (_h0*(_h0*(_t2_1*_t2_2 + _t2_3*(2.0*_h0*_r3*_t2_3 + _t2_0))))
 
 
 @numba.njit(cache=True, error_model="numpy")

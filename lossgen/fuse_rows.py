@@ -28,7 +28,11 @@ follow the rewritten program by the chain rule), make that cancellation visible:
    denominators' product (1 - N1 N2/(A B) = E/(A B), global SSIM), E/(A B) is written
    share(E, N1 N2, A B), whose derivative is (W E' - E W')/D**2 with W = N1 N2: the quotient
    rule's E' D - E D' cancels to nothing where the similarity N1 N2/(A B) is small (see
-   :class:`share`). A single pair keeps d/D: Dice's full Hessian at p = 0 needs that form.
+   :class:`share`). A single pair (1 - N/D = d/D, W = N: Dice, soft Jaccard, Tversky, the
+   Dice term of combo) is gradient_share(d, N, D): its gradient is the share's (W d' - d W')/D**2,
+   exact where N is small against D (no overlap, smooth = 0: Dice's 2 (p - y) D - 2 d p at y = 0
+   left 2e-16/p where the truth is 0), and its Hessian the derivative of d/D (Dice's full
+   Hessian at p = 0 needs that form; see :class:`gradient_share`).
 
 4. **Close roots.** c sqrt(U) - c sqrt(V) for two sum reductions U, V whose summands' difference
    is shorter than they are (the norms |a - p + eps| and |a - n + eps| of the triplet loss share
@@ -146,6 +150,26 @@ class share(sp.Function):
         if argindex == 2:
             return -part / total**2
         return sp.S.Zero
+
+
+class gradient_share(share):
+    """share(E, W, D) of a single close pair (Dice's 1 - N/D = d/D, W = N), differentiated as a
+    share for the gradient only: (W d' - d W')/D**2 keeps its digits where the pair's difference d
+    is most of D (no overlap: N tiny against D, smooth = 0), where the quotient rule's
+    d' D - d D' subtracts terms of size D (at y = 0, p = 1 - 2**-53 and smooth = 0 Dice's gradient
+    2 (p - y) D - 2 d p is 0 in exact arithmetic and 2e-16/p rounded; (W d' - d W') is
+    2 (2 sum(p y)) (p - y) - 2 d y = 0 exactly). The Hessian is the derivative of the plain
+    quotient d/D (:func:`plain_shares`), the form its rules are written for
+    (:func:`lossgen.stabilise_rows._total_less_own`: Dice's diagonal at y = (1, 1e-300), p = (1, 1)).
+    Both are exact identities of the same loss."""
+
+
+def plain_shares(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with every gradient_share(E, W, D) written E/D (the form the Hessian is derived
+    from, see :class:`gradient_share`)."""
+    if not isinstance(expr, sp.Basic) or not expr.has(gradient_share):
+        return expr
+    return expr.replace(gradient_share, lambda part, complement, total: part / total)
 
 
 class root_difference(sp.Function):
@@ -346,10 +370,11 @@ class Fuser:
             numerator = numerator.xreplace({Dd: self.fuse(d)})
         numerator = sp.factor_terms(numerator.xreplace(back))
         denominator = denominator.xreplace(back)
-        if len(pending) < 2 or complement.free_symbols & {s for U, _, Dd, _ in pending for s in (U, Dd)}:
+        if complement.free_symbols & {s for U, _, Dd, _ in pending for s in (U, Dd)}:
             return numerator / denominator + sp.Add(*rest).xreplace(back)
         complement = sp.factor_terms(complement.xreplace(back))
-        return share(numerator, complement, denominator) + sp.Add(*rest).xreplace(back)
+        kind = share if len(pending) > 1 else gradient_share
+        return kind(numerator, complement, denominator) + sp.Add(*rest).xreplace(back)
 
 
 def close_summands(u: sp.Expr, v: sp.Expr) -> bool:

@@ -127,6 +127,34 @@ def test_row_known_gaps_are_still_gaps(name):
     assert rows and any(not r.ok(RELATIVE_TOLERANCE) for r in rows), f"{name}: the gap is closed; remove it"
 
 
+# Rows of tiny overlap (sum(p y) far below the row's other sums) at smooth = 0, where the
+# gradient of d/D by the quotient rule, d' D - d D', subtracted terms of size D (Dice's
+# 2 (p - y) D - 2 d p at y = 0: 2e-16/p where the truth is 0, relative error 1e292 against the
+# smallest normal): (N d' - d N')/D**2 of fuse_rows.gradient_share, N = D - d, keeps the digits.
+# Relative errors before: dice 1e292, 1e292, 1.2, 9.3; combo 0.11, 1; soft_jaccard 11.
+TINY_OVERLAP_ROWS = {
+    "dice": [([0.0], [1 - 2.0**-53]), ([1e-300, 0.0, 0.0], [0.0, 1 - 2.0**-53, 0.0]),
+             ([1e-16, 1e-16, 1e-300], [1e-16, 1 - 2.0**-53, 1e-300]),
+             ([1e-16, 1e-16, 1e-16, 0.5, 1e-16, 1e-16, 1.0], [1 - 2.0**-53, 0.5, 0.5, 0.0, 0.0, 1 - 2.0**-53, 1e-16])],
+    "combo": [([1e-16, 0.0], [1e-16, 0.5]),
+              ([1 - 2.0**-53, 0.0, 0.5, 0.0, 1e-16, 1e-300, 1e-300], [0.0, 1e-16, 0.0, 1e-16, 0.5, 1e-300, 1e-300])],
+    "soft_jaccard": [([1e-16, 1e-16, 1e-16, 0.5, 1e-16, 1e-16, 1.0],
+                      [1 - 2.0**-53, 0.5, 0.5, 0.0, 0.0, 1 - 2.0**-53, 1e-16])],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_OVERLAP_ROWS))
+def test_overlap_gradients_without_smooth_keep_their_digits(name):
+    """The gradient at smooth = 0 on rows of tiny overlap, against mpmath's derivative of the
+    loss written out (verify_rows.check_size)."""
+    spec = load_spec(ROW_PATHS[name])
+    params = {**_defaults(spec), "smooth": 0.0}
+    for y, p in TINY_OVERLAP_ROWS[name]:
+        rows = check_size(lossgen.get(name), spec, len(y), [{"y": np.array(y), "p": np.array(p)}], params)
+        failures = [r for r in rows if r.output.startswith("grad") and not r.ok(RELATIVE_TOLERANCE)]
+        assert not failures, "\n" + format_report(failures)
+
+
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
@@ -337,23 +365,30 @@ def test_share_is_differentiated_with_its_complement():
     assert expand_shares(3 * share(e, w, e + w)) == 3 * e / (e + w)
 
 
-def test_a_product_of_close_pairs_is_a_share_and_a_single_pair_is_not():
+def test_a_product_of_close_pairs_is_a_share_and_a_single_pair_a_gradient_share():
     """1 - N1 N2/(A B) (global SSIM, two close pairs) becomes share(E, N1 N2, A B); Dice's one
-    pair stays d/D (its full Hessian at p = 0 needs the quotient rule's form)."""
+    pair gradient_share(d, N, D): the gradient (N d' - d N')/D**2, the Hessian from d/D (its full
+    Hessian at p = 0 needs the quotient rule's form)."""
     from lossgen.derive_rows import RowProgram
     from lossgen.domains import DOMAINS
-    from lossgen.fuse_rows import fuse_row_cancellations, share
+    from lossgen.fuse_rows import fuse_row_cancellations, gradient_share, plain_shares, share
     ssim = load_spec(ROW_PATHS["ssim_global"])
-    for spec, shares in ((ssim, 1), (load_spec(ROW_PATHS["dice"]), 0)):
+    for spec, shares, single in ((ssim, 1, 0), (load_spec(ROW_PATHS["dice"]), 1, 1)):
         program = RowProgram({spec.symbols[i.name] for i in spec.inputs if i.axis})
         unit = frozenset(spec.symbols[i.name] for i in spec.inputs
                          if i.axis and DOMAINS[i.domain].low == 0 and DOMAINS[i.domain].high == 1)
         fused = fuse_row_cancellations(program, program.lower(spec.loss), unit)
         assert len(fused.atoms(share)) == shares
-        if shares:
-            (found,) = fused.atoms(share)
-            part, complement, total = found.args
+        assert len(fused.atoms(gradient_share)) == single
+        (found,) = fused.atoms(share)
+        part, complement, total = found.args
+        if single:  # N = 2 sum(p y) + smooth, one sum reduction
+            assert len([f for f in sp.Add.make_args(complement) if f.free_symbols & set(program.reductions)]) == 1
+            assert not plain_shares(fused).has(share)
+            assert sp.simplify(plain_shares(fused) - part / total) == 0
+        else:
             assert len([f for f in sp.Mul.make_args(complement) if f.is_Add]) == 2  # N1 N2
+            assert plain_shares(fused) == fused
 
 
 def test_root_difference_is_differentiated_as_the_roots_apart():
