@@ -123,3 +123,31 @@ def test_the_loops_vectorise(helpers):
         asm = loop.inspect_asm(loop.signatures[0])
         assert any(f"vfmadd{order}pd" in asm and "ymm" in asm for order in ("132", "213", "231")) \
             or "zmm" in asm, name
+
+
+def test_the_emitter_calls_them_only_where_the_loop_vectorises():
+    """exp and expm1 become _vexp and _vexpm1 in a kernel of arithmetic and exponentials; a kernel
+    that keeps another libm call (log1p here) keeps libm's exp, the cheaper call in a scalar loop."""
+    import sympy as sp
+    from sympy.codegen.cfunctions import expm1
+
+    from lossgen.emit import NumbaPrinter, code_form, kernel_code, kernel_vectorises
+    from lossgen.paths import GENERATED_DIR
+    from lossgen.vocabulary import sigmoid, softplus
+
+    x, y = sp.symbols("x y", real=True)
+    cases = [([sigmoid(x) - y, sigmoid(x) * sigmoid(-x)], True),
+             ([sp.Piecewise((expm1(x) + 1 - y, sp.Abs(x) <= 1), (sp.exp(x) - y, True))], True),
+             ([softplus(x) - x * y, sigmoid(x) - y], False),
+             ([(x - y) ** 2], False)]
+    for exprs, vectorises in cases:
+        assert kernel_vectorises([code_form(e) for e in exprs]) is vectorises, exprs
+        lines, returned = kernel_code(exprs, NumbaPrinter(), vectorises)
+        source = "\n".join(lines + [returned])
+        assert ("_vexp" in source) is vectorises and ("math.exp" in source) is (not vectorises and "exp" in source), source
+    poisson = (GENERATED_DIR / "poisson.py").read_text()
+    grad_hess = poisson.split("def grad_hess_scalar(")[1].split("\n@")[0]
+    assert "_vexpm1(" in grad_hess and "_select(_inside, " in grad_hess and "math.exp" not in grad_hess
+    bce = (GENERATED_DIR / "_binary_cross_entropy_logits_defaults.py").read_text()
+    loss = bce.split("def loss_scalar(")[1].split("\n@")[0]
+    assert "math.log1p(" in loss and "_vexp" not in loss
