@@ -39,7 +39,22 @@ HELPERS = {
     "finite_or": "finite_or",
 }
 
-HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",)}  # helper -> the helpers that it calls
+HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",), "vexp": ("exp_core",),
+                  "vexpm1": ("exp_core",)}  # helper -> the helpers that it calls
+
+# The exponentials of a kernel that LLVM can vectorise (VECTORISES): `math` function -> the helper
+# in arithmetic alone (templates/numba_helpers.py.j2) that it calls there. This Numba has no SVML,
+# so libm's exp and expm1 are a call per element and keep a loop scalar. In a loop that stayed
+# scalar the helpers were slower than libm's (Poisson's grad_hess 1.9x the time, where LLVM did not
+# inline them); vectorised, they take four elements to an instruction (AVX2). Elsewhere, libm's.
+VECTOR_FUNCTIONS = {"exp": "vexp", "expm1": "vexpm1"}
+
+# Functions (as printed, after code_form) that vectorise: arithmetic, the VECTOR_FUNCTIONS' helpers,
+# and the helpers written in arithmetic around them. A kernel of these alone that takes an
+# exponential calls the VECTOR_FUNCTIONS' helpers (kernel_vectorises).
+VECTORISES = frozenset({
+    "exp", "expm1", "exp_neg_abs", "expm1_abs", "sigmoid_from", "tanh_from", "div",
+})
 
 # Functions that cost a few machine instructions: a kernel made of these alone (and of integer
 # powers) is "arithmetic", bound by memory; any other function (exp, log, a root, a non-integer
@@ -58,6 +73,21 @@ class NumbaPrinter(PythonCodePrinter):
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self.helpers_used: set[str] = set()
         self.named: dict = {}  # Piecewise -> the variable that holds its value (scoped_code)
+        self.vector = False  # exp and expm1 as VECTOR_FUNCTIONS' helpers (kernel_vectorises)
+
+    def _call(self, function: str, argument: str) -> str:
+        """function(argument): libm's, or its VECTOR_FUNCTIONS helper in a vectorising kernel."""
+        if self.vector and function in VECTOR_FUNCTIONS:
+            self.helpers_used.add(VECTOR_FUNCTIONS[function])
+            self.helpers_used.update(HELPERS_NEEDED[VECTOR_FUNCTIONS[function]])
+            return f"_{VECTOR_FUNCTIONS[function]}({argument})"
+        return f"math.{function}({argument})"
+
+    def _print_exp(self, expr):
+        return self._call("exp", self._print(expr.args[0]))
+
+    def _print_expm1(self, expr):
+        return self._call("expm1", self._print(expr.args[0]))
 
     def _print_Piecewise(self, expr):
         # a name in place of the Piecewise, not xreplace: that would reorder the factors
@@ -67,10 +97,10 @@ class NumbaPrinter(PythonCodePrinter):
         return super()._print_Piecewise(expr)
 
     def _print_exp_neg_abs(self, expr):
-        return f"math.exp(-abs({self._print(expr.args[0])}))"
+        return self._call("exp", f"-abs({self._print(expr.args[0])})")
 
     def _print_expm1_abs(self, expr):
-        return f"math.expm1(abs({self._print(expr.args[0])}))"
+        return self._call("expm1", f"abs({self._print(expr.args[0])})")
 
     def _print_Float(self, expr):
         return repr(float(expr))
@@ -273,10 +303,32 @@ def kernel_cost(exprs: list[sp.Expr]) -> str:
     return "arithmetic"
 
 
-def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter) -> tuple[list[str], str]:
-    """Assignment lines and the return expression computing ``exprs`` with shared CSEs."""
-    lines, printed = scoped_code(_unshared_cosh([code_form(e) for e in exprs]), printer, "_t", "_b")
+def kernel_vectorises(exprs: list[sp.Expr]) -> bool:
+    """Whether ``exprs`` (in code_form) take an exponential and otherwise only functions that
+    vectorise (VECTORISES, ARITHMETIC_FUNCTIONS) and integer powers: a loop of them vectorises
+    with the VECTOR_FUNCTIONS' helpers in place of libm's exp and expm1 (any other libm call
+    would keep it scalar, where libm's exp is the faster)."""
+    names = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function)}
+    return bool(names & {"exp", "expm1", "exp_neg_abs", "expm1_abs"}) \
+        and names <= VECTORISES | ARITHMETIC_FUNCTIONS \
+        and all(power.exp.is_Integer for e in exprs for power in e.atoms(sp.Pow))
+
+
+def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter, vector: bool = False) -> tuple[list[str], str]:
+    """Assignment lines and the return expression computing ``exprs`` with shared CSEs; with
+    ``vector`` (where kernel_vectorises), exp and expm1 as the VECTOR_FUNCTIONS' helpers and
+    every temporary computed before everything (scoped_code)."""
+    lines, printed = kernel_statements(exprs, printer, vector)
     return lines, ", ".join(printed)
+
+
+def kernel_statements(exprs: list[sp.Expr], printer: NumbaPrinter, vector: bool = False) -> tuple[list[str], list[str]]:
+    """kernel_code's lines and its printed ``exprs``, one string each."""
+    printer.vector = vector
+    try:
+        return scoped_code(_unshared_cosh([code_form(e) for e in exprs]), printer, "_t", "_b")
+    finally:
+        printer.vector = False
 
 
 def _unshared_cosh(exprs: list[sp.Expr]) -> list[sp.Expr]:
@@ -300,9 +352,18 @@ def scoped_code(exprs: list[sp.Expr], printer: NumbaPrinter, temporary: str,
     not before the Piecewise: there, the Piecewise becomes an if/elif/else statement (one for
     all Piecewises with the same conditions; its values are named ``branch`` + n). Otherwise
     CSE would compute the transcendental functions of every branch for every element. Each
-    value is the same expression as without the scoping, so the results are identical."""
+    value is the same expression as without the scoping, so the results are identical.
+
+    Not where the printer's ``vector`` is set (kernel_vectorises): a vectorised loop computes
+    every branch for every element anyway, so each temporary is computed once, before
+    everything (inside branches, LLVM kept copies of a function in each and left poly1_binary's
+    gradient scalar)."""
     exprs = _exp_from_expm1(exprs)
     replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols(temporary), order="canonical")
+    if printer.vector:
+        printer.named = {}
+        return ([f"{symbol} = {printer.doprint(value)}" for symbol, value in replacements],
+                [printer.doprint(e) for e in reduced])
     scoped = _Scopes(replacements, reduced)
 
     def unscoped():  # every temporary before everything
@@ -565,10 +626,18 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
     n_pred = len(spec.predictions)
     scalar_kernels = []
     for kernel, quantities in KERNELS.items():
-        lines, returns = kernel_code(stable.outputs(kernel), printer)
+        vector = kernel_vectorises([code_form(e) for e in stable.outputs(kernel)])
+        lines, returns = kernel_statements(stable.outputs(kernel), printer, vector)
         count = sum(1 if q == "loss" else n_pred for q in quantities)
+        vector_guard = guard is not None and vector
+        if vector_guard:
+            # nan outside the domain by a select, not an early return: LLVM's cost model counts
+            # that branch against vectorising the loop (Poisson's grad stayed scalar with it)
+            printer.helpers_used.add("select")
+            returns = [f"_select(_inside, {r}, math.nan)" for r in returns]
         scalar_kernels.append({
-            "name": kernel, "lines": lines, "returns": returns, "count": count,
+            "name": kernel, "lines": lines, "returns": ", ".join(returns), "count": count,
+            "vector": vector, "vector_guard": vector_guard,
             "cost": kernel_cost(stable.outputs(kernel)),
             "outside": ", ".join(["math.nan"] * count),
             "outs": [f"_out{j}" for j in range(count)], "vals": [f"_v{j}" for j in range(count)],
@@ -591,6 +660,7 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
         helpers=printer.helpers_used,
         guard=None if guard is None else printer.doprint(guard),
         scalar_kernels=scalar_kernels,
+        loss_vectorises=any(k["vector"] for k in scalar_kernels if k["name"] == "loss"),
         kernel_outputs={k["name"]: k["count"] for k in scalar_kernels},
         kernel_costs={**{k["name"]: k["cost"] for k in scalar_kernels},
                       "loss_sum": next(k["cost"] for k in scalar_kernels if k["name"] == "loss")},
