@@ -583,7 +583,8 @@ def _second_moment(summand: sp.Expr, rows: set) -> bool:
 
 def reference_reductions(x: sp.Symbol, y: sp.Symbol) -> dict:
     """The reductions of y measured against x at x's largest element m (first on ties):
-    y = (y_m/x_m) x + r (see :func:`_against_reference`); 'r' is the element expression r_k."""
+    y = (y_m/x_m) x + r (see :func:`_against_reference`); 'r' is the element expression r_k,
+    'cross' the sum of x_k r_k and 'square' that of r_k**2."""
     index = sp.Symbol(f"_am_{x.name}", integer=True, nonnegative=True)
     largest = Reduction(sp.Symbol(f"_mx_{x.name}", nonnegative=True), "max", sp.Abs(x), index)
     xm = Reduction(sp.Symbol(f"_xm_{x.name}", real=True), "take", x, index)
@@ -591,7 +592,8 @@ def reference_reductions(x: sp.Symbol, y: sp.Symbol) -> dict:
     w = group(ym.symbol * x)
     r = sp.Piecewise(((fma(xm.symbol, y, -w) + fma(-ym.symbol, x, w)) / xm.symbol, sp.Ne(xm.symbol, 0)), (y, True))
     cross = Reduction(sp.Symbol(f"_xr_{x.name}_{y.name}", real=True), "sum", x * r)
-    return {"max": largest, "xm": xm, "ym": ym, "cross": cross, "r": r}
+    square = Reduction(sp.Symbol(f"_rr_{x.name}_{y.name}", nonnegative=True), "sum", group(r)**2)
+    return {"max": largest, "xm": xm, "ym": ym, "cross": cross, "square": square, "r": r}
 
 
 def _against_reference(numerator, others, own, sums, derivation):
@@ -831,25 +833,52 @@ def _in_binary_scale(numerator, others, own, sums, denominator, derivation, alia
     return group(exact_sum(*terms) * bounded * together) * unpaired
 
 
-def cauchy_schwarz_sum(x: sp.Symbol, y: sp.Symbol, a: sp.Expr, b: sp.Expr, sign: int = -1) -> Reduction:
-    """sum_k (x_k/sqrt(a) - y_k/sqrt(b))**2 (``sign`` -1) or sum_k (x_k/sqrt(a) + y_k/sqrt(b))**2
-    (``sign`` 1): the squared distance of two rows, or of one row and the other negated, each
-    over its norm (see :func:`_cauchy_schwarz_gap`)."""
-    name = f"_cs_{x.name}_{y.name}" if sign < 0 else f"_csp_{x.name}_{y.name}"
-    return Reduction(sp.Symbol(name, nonnegative=True), "sum",
-                     (group(x / sp.sqrt(a)) + sign * group(y / sp.sqrt(b))) ** 2)
+# Placeholders of the Cauchy-Schwarz gaps: the cosine S/sqrt(A B) of two rows x, y (S = x.y,
+# A = P + c, B = Q + d, P = |x|**2, Q = |y|**2, constants c, d >= 0), y written lambda x + r against
+# x's largest element (r = 0 there: :func:`reference_reductions`), R = |r|**2 and X = x.r.
+_CS_COS, _CS_P, _CS_Q, _CS_R, _CS_X, _CS_C, _CS_D = (
+    sp.Symbol(f"_cs_{n}", real=True) for n in ("cos", "P", "Q", "R", "X", "c", "d"))
+_CS_A, _CS_B = (sp.Symbol(f"_cs_{n}", positive=True) for n in "AB")
 
+# 1 - cos**2 = (A B - S**2)/(A B). With y = lambda x + r, Q = lambda**2 P + 2 lambda X + R and
+# S = lambda P + X, so A B - S**2 = (P R - X**2) + c Q + d A: every multiple of lambda cancels
+# exactly (the Lagrange identity |x|**2 |y|**2 - (x.y)**2 = |x|**2 |r|**2 - (x.r)**2). Its terms are
+# nonnegative but P R - X**2, which cancels by at most a factor C: it is
+# sum_{k < l} (x_k r_l - x_l r_k)**2 >= x_m**2 R >= P R/C, as r_m = 0 at x's largest element m.
+# Each product is taken over A B apart (P/A, R/B, X/(sqrt(A) sqrt(B))), so nothing overflows where
+# A and B do not. r_k = (x_m y_k - y_m x_k)/x_m, the 2x2 determinant within 2 ulp (Kahan's, with
+# fma), so exactly (anti)parallel rows have R = X = 0 and 1 - cos**2 is the eps share
+# c Q/(A B) + d/B exactly.
+# (each quotient grouped, evaluated on its own)
+_CS_SINE_SQUARED = group(_CS_P / _CS_A) * group(_CS_R / _CS_B) \
+    - group(group(_CS_X / sp.sqrt(_CS_A)) / sp.sqrt(_CS_B))**2 \
+    + group(_CS_C / _CS_A) * group(_CS_Q / _CS_B) + group(_CS_D / _CS_B)
 
 COSINE_NEAR_ONE = sp.S.Half  # beyond it, cos - m is computed from the gap to +-1
 
+# The gaps 1 + sign cos of the Cauchy-Schwarz inequality, keyed by sign, each where it cancels
+# (cos near -sign) as (1 - cos**2)/(1 - sign cos), whose denominator is in (3/2, 2] there; elsewhere
+# 1 + sign cos, at least 1/2. (Before: sum_k (x_k/sqrt(A) + sign y_k/sqrt(B))**2/2 + c/(2A) + d/(2B),
+# a sum of squares that kept the roundings of the unit vectors, 1e-16 per element: relative error
+# 1.3 at x = (1, 1.25, 1.5) 1e10, y = 3x, where the gap is the eps share 1e-33.)
+# Each entry: (the form where it cancels, where that is, the form elsewhere).
+CAUCHY_SCHWARZ_GAPS = {
+    -1: (_CS_SINE_SQUARED / (1 + _CS_COS), _CS_COS > COSINE_NEAR_ONE, 1 - _CS_COS),
+    1: (_CS_SINE_SQUARED / (1 - _CS_COS), _CS_COS < -COSINE_NEAR_ONE, 1 + _CS_COS),
+}
 
-def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
+
+def _cauchy_schwarz_gap(expr: sp.Expr, derivation, held: dict | None = None) -> tuple[sp.Expr, list]:
     """k - k S/sqrt(A B), S = sum(x y), A = sum(x**2) + c and B = sum(y**2) + d with constants
     c, d >= 0: k times the gap of the Cauchy-Schwarz inequality, which cancels where the rows are
-    nearly parallel (1 - cos of a similar pair), written as k (sum_k (x_k/sqrt(A) -
-    y_k/sqrt(B))**2 + c/A + d/B)/2, a sum of squares: exactly the constants' share c/(2A) + d/(2B)
-    where x/sqrt(A) = y/sqrt(B) (x = y, C = 1), where rounded apart 1 - cos is 0 or a rounding
-    error. k + k cos likewise, with x_k/sqrt(A) + y_k/sqrt(B).
+    nearly parallel (1 - cos of a similar pair), written as k (1 - cos**2)/(1 + cos) where
+    cos > 1/2 (:data:`CAUCHY_SCHWARZ_GAPS`), with A B - S**2 = (P R - X**2) + c Q + d A from y's
+    difference r from a multiple of x (y = lambda x + r, R = |r|**2, X = x.r; the Lagrange identity,
+    every multiple of lambda cancelled exactly): exactly the constants' share c Q/(A B) + d/B where
+    the rows are exactly parallel (r = 0, at any C and norm), where rounded apart 1 - cos is 0 or a
+    rounding error, and to the last digits where they are nearly so (r is an exact determinant of
+    the elements, not a difference of rounded unit vectors). k + k cos likewise, where cos < -1/2
+    (antiparallel rows: the same r, lambda < 0).
 
     With any other row constant r (a parameter: cos - margin), k cos + r cancels where cos is near
     -r/k, which may be +-1 (margin = 1: the rounded cos reaches 1, where the truth is below it by
@@ -858,7 +887,8 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
     it cancels, r = -k, by Sterbenz); between, k cos + r as it is (there a gap would cancel against
     1 instead). A comparison of such a difference with 0 (cos >= margin, also in element
     expressions) is made on the same form, so that the branch it selects agrees with the value.
-    Returns the expression and the sums it reads."""
+    With ``held``, each gap is a placeholder there and its form in ``held`` (the later rewrites
+    leave it as it is). Returns the expression and the sums it reads."""
     if not isinstance(expr, sp.Expr):
         return expr, []
     moments = {r.symbol: r.summand for r in derivation.reductions if r.kind == "sum"}
@@ -875,8 +905,8 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
         return rest if ok else None
 
     def parts(node):
-        """(k, r, cos, G) for node = k cos + r, r a row constant, G(sign) the gap 1 + sign cos
-        as a sum of squares (recording the sum it reads); else None."""
+        """(k, r, cos, G) for node = k cos + r, r a row constant, G(sign, guarded) the gap
+        1 + sign cos (:data:`CAUCHY_SCHWARZ_GAPS`, recording the sums it reads); else None."""
         if not isinstance(node, sp.Add):
             return None
         for term in node.args:
@@ -895,11 +925,28 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
                     if c is None or d is None:
                         continue
 
-                    def gap(sign, x=x, y=y, a=a, b=b, c=c, d=d):
-                        r = cauchy_schwarz_sum(x, y, a, b, sign)
-                        found.append(r)
-                        return r.symbol / 2 + c / (2 * a) + d / (2 * b)
-                    return coefficient, rest, sym * root, gap
+                    cosine = group(group(sym / sp.sqrt(a)) / sp.sqrt(b))  # A B may overflow where A, B do not
+
+                    def gap(sign, guarded=False, x=x, y=y, a=a, b=b, c=c, d=d, cosine=cosine):
+                        """1 + sign cos; ``guarded``: only where the caller has checked that it
+                        cancels (cos beyond +-1/2)."""
+                        ref = reference_reductions(x, y)
+                        found.extend(ref[n] for n in ("max", "xm", "ym", "cross", "square"))
+                        values = {_CS_COS: cosine, _CS_P: squares[x], _CS_Q: squares[y],
+                                  _CS_R: ref["square"].symbol, _CS_X: ref["cross"].symbol,
+                                  _CS_C: c, _CS_D: d, _CS_A: a, _CS_B: b}
+                        near, where, elsewhere = (e.xreplace(values) for e in CAUCHY_SCHWARZ_GAPS[sign])
+                        form = near if guarded else sp.Piecewise((near, where), (elsewhere, True))
+                        if held is None:
+                            return form
+                        # a placeholder that the later rewrites leave alone: the form is final
+                        name = f"_csgap_{'p' if sign > 0 else 'm'}{'_near' if guarded else ''}_{x.name}_{y.name}"
+                        placeholder = sp.Symbol(name, nonnegative=True)
+                        while held.get(placeholder, form) != form:  # another gap of these rows
+                            placeholder = sp.Symbol(placeholder.name + "_", nonnegative=True)
+                        held[placeholder] = form
+                        return placeholder
+                    return coefficient, rest, cosine, gap
         return None
 
     def rewrite(node):
@@ -913,8 +960,8 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
             return (r - k) + k * gap(1)
         if not r.free_symbols or (k.free_symbols | r.free_symbols) & row_level:
             return node
-        return sp.Piecewise((group(r + k) - k * gap(-1), cosine > COSINE_NEAR_ONE),
-                            (group(r - k) + k * gap(1), cosine < -COSINE_NEAR_ONE), (node, True))
+        return sp.Piecewise((group(r + k) - k * gap(-1, True), cosine > COSINE_NEAR_ONE),
+                            (group(r - k) + k * gap(1, True), cosine < -COSINE_NEAR_ONE), (node, True))
 
     def compare(node):
         """lhs >= rhs, with lhs - rhs = k cos + r: on the branches of :func:`rewrite`, a comparison
@@ -931,8 +978,8 @@ def _cauchy_schwarz_gap(expr: sp.Expr, derivation) -> tuple[sp.Expr, list]:
             return node
         strict = isinstance(node, (sp.StrictGreaterThan, sp.StrictLessThan))
         at_most, at_least = (sp.StrictLessThan, sp.StrictGreaterThan) if strict else (sp.LessThan, sp.GreaterThan)
-        return sp.Or(sp.And(cosine > COSINE_NEAR_ONE, at_most(k * gap(-1), group(r + k))),
-                     sp.And(cosine < -COSINE_NEAR_ONE, at_least(k * gap(1), group(k - r))),
+        return sp.Or(sp.And(cosine > COSINE_NEAR_ONE, at_most(k * gap(-1, True), group(r + k))),
+                     sp.And(cosine < -COSINE_NEAR_ONE, at_least(k * gap(1, True), group(k - r))),
                      sp.And(cosine <= COSINE_NEAR_ONE, cosine >= -COSINE_NEAR_ONE, node))
 
     if varies_along_row(expr, derivation.element_symbols):
@@ -953,7 +1000,7 @@ def _stabilise_element(expr: sp.Expr, derivation, pairs, singular, held) -> sp.E
         form = _close_norm_form(expr, pair, derivation.element_symbols)
         if form is not None:
             return _differences_first(direct_form(form), derivation)
-    expr, _ = _cauchy_schwarz_gap(expr, derivation)
+    expr, _ = _cauchy_schwarz_gap(expr, derivation, held)
     expr = _at_index(expr, derivation)
     expr = _own_term_apart(_others_apart(_over_the_rest(expr, singular), derivation), derivation, held)
     for x, u, x_of_u, back, r in _log_weights(derivation):
@@ -1254,10 +1301,9 @@ def stabilise_rows(derivation):
     rows = [z for z in axis if not any(i.shared for i in derivation.spec.inputs if i.name == z.name)]
     for x, y in itertools.permutations(rows, 2):
         parts = reference_reductions(x, y)
-        if used & set(sum_parts(parts["cross"])):
-            sums += [parts["max"], parts["xm"], parts["ym"], parts["cross"]]
-    distances = {r.symbol: r for e in _expressions(derivation) for r in _cauchy_schwarz_gap(e, derivation)[1]}
-    sums += [r for name, r in sorted(distances.items(), key=lambda item: item[0].name) if name in used]
+        read = [r for r in (parts["cross"], parts["square"]) if used & {r.symbol, *sum_parts(r)}]
+        if read:
+            sums += [parts["max"], parts["xm"], parts["ym"], *read]
     sums = list({s.symbol: s for s in sums}.values())
     stable, zero_tests = at_zero_norm(derivation, stable)
     sums += zero_tests

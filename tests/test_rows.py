@@ -837,20 +837,42 @@ def test_cosine_embedding_at_margins_of_one_and_minus_one():
     """A dissimilar pair costs max(0, cos - margin). At margin = 1 the truth is 0 (cos < 1 by the
     eps share) where the rounded cos reached 1 (loss and derivatives of 1e-16); at margin = -1,
     cos + 1 cancelled near cos = -1 (relative error 0.066 at C = 1, x1 = -40, x2 = 40). Both are
-    the Cauchy-Schwarz gaps 1 -+ cos as sums of squares (stabilise_rows._cauchy_schwarz_gap),
-    against the expanded truth (mpmath), parallel and antiparallel rows, also at C = 3. (Left out:
-    x2 = +-w x1 (w = 3, 1 + 2**-50) of norm 1e10 at C = 3, whose unit vectors round apart by 1e-16: squared, 1e-32
-    against the eps share 1e-33, relative error 1.3, for 1 - cos at y = 1 as well.)"""
+    the Cauchy-Schwarz gaps 1 -+ cos (stabilise_rows._cauchy_schwarz_gap), against the expanded
+    truth (mpmath), parallel and antiparallel rows, also at C = 3, x2 = +-w x1 (w = 3, 1 + 2**-50) of
+    norm 1e10 included (relative error 1.3 with the gaps as sums of squares of the unit vectors'
+    difference, which round apart by 1e-16 per element: squared, 1e-32 against the eps share 1e-33;
+    see test_cosine_gaps_of_nearly_parallel_rows)."""
     spec, emb = load_spec(ROW_PATHS["cosine_embedding"]), lossgen.get("cosine_embedding")
     for size in (1, 3):
         for margin, sign in ((1.0, 1.0), (-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0)):
             rows = [{"y": np.array(-1.0), "x1": np.full(size, v) * np.linspace(1, 1.5, size),
                      "x2": sign * np.full(size, v) * np.linspace(1, 1.5, size) * w}
-                    for v in (-40.0, 1e-8, 1e10, 700.0) for w in (1.0, 1.0 + 2.0**-50, 3.0)
-                    if not (v == 1e10 and w != 1.0 and size > 1)]  # see the README: unit vectors apart
+                    for v in (-40.0, 1e-8, 1e10, 700.0) for w in (1.0, 1.0 + 2.0**-50, 3.0)]
             failures = [r for r in check_size(emb, spec, size, rows, {"margin": margin, "eps": 1e-12})
                         if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
             assert not failures, f"margin = {margin}, sign = {sign}\n" + format_report(failures)
+
+
+def test_cosine_gaps_of_nearly_parallel_rows():
+    """1 - cos of a similar pair (y = 1) and cos + 1 of a dissimilar one at margin = -1, at rows
+    exactly or nearly parallel (antiparallel) at C = 3: as sums of squares of the unit vectors'
+    difference the gaps kept the elements' roundings, relative error 1.3 at x1 = (1, 1.25, 1.5) 1e10,
+    x2 = +-3 x1 (the eps share 1e-33 beside roundings of 1e-32) and 6.3e-11 (up to 2.9e-6 over
+    scales 1e-5 ... 1e11) at x2 = x1 (1 + 1e-9 noise). Now 1 -+ cos = (1 - cos**2)/(1 +- cos) with
+    1 - cos**2 from the rows' difference from a reference multiple, x2 = lambda x1 + r (the Lagrange
+    identity; stabilise_rows.CAUCHY_SCHWARZ_GAPS), every derivative against the expanded truth."""
+    spec, emb = load_spec(ROW_PATHS["cosine_embedding"]), lossgen.get("cosine_embedding")
+    rng = np.random.default_rng(21)
+    base = np.array([1.0, 1.25, 1.5])
+    for y, margin, sign in ((1.0, 0.0, 1.0), (-1.0, -1.0, -1.0), (1.0, 0.0, -1.0), (-1.0, 1.0, 1.0)):
+        rows = [{"y": np.array(y), "x1": base * v, "x2": sign * base * v * w}
+                for v in (1e10, -1e10, 1e20, 1e-5) for w in (3.0, 1.0 + 2.0**-50, 0.7)]
+        rows += [{"y": np.array(y), "x1": x1, "x2": sign * x1 * w * (1 + 1e-9 * rng.normal(size=3))}
+                 for v in (1.0, 1e10, -700.0, 1e-4) for w in (1.0, 3.0)
+                 for x1 in [v * rng.normal(size=3)]]
+        failures = [r for r in check_size(emb, spec, 3, rows, {"margin": margin, "eps": 1e-12})
+                    if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
+        assert not failures, f"y = {y}, margin = {margin}, sign = {sign}\n" + format_report(failures)
 
 
 def test_triplet_margin_at_two_norms_of_zero():
