@@ -190,8 +190,8 @@ class Loss(_Specialisable):
         if out is not None:
             given = output_buffers(f"{self.name}.{kernel}()", out, [call.shape] * count, dtype,
                                    [*call.arrays, call.weight])
-            _launch(self._launchers(kernel, call.module),
-                    (*call.arrays, *call.params, call.weight, *(o.reshape(-1) for o in given)), size)
+            flat = given if len(call.shape) == 1 else [o.reshape(-1) for o in given]
+            _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *flat), size)
             return given
         outs = [np.empty(size, dtype=dtype) for _ in range(count)]
         _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *outs), size)
@@ -274,7 +274,12 @@ def output_buffers(where, out, shapes, dtype, inputs) -> list[np.ndarray]:
     row-wise kernel passes over its row more than once, and an elementwise one reads the sample
     weight after its first output). Outputs that share memory with each other are the
     caller's choice: the last one written wins."""
-    flat = list(_flattened(out))
+    if type(out) is np.ndarray:
+        flat = [out]
+    elif type(out) is tuple and all(type(a) is np.ndarray for a in out):
+        flat = list(out)
+    else:
+        flat = list(_flattened(out))
     if len(flat) != len(shapes):
         raise ValueError(f"{where}: out= needs {len(shapes)} array(s) in the structure the method returns, "
                          f"got {len(flat)}")
