@@ -132,8 +132,9 @@ def _logistic(y, x, a):
 # The same stable formulas as lossgen's kernels (see generated/<name>.py), written by hand,
 # computing per branch only what that branch needs; the helpers are lossgen's stable ones.
 _helpers = lossgen.get("binary_cross_entropy_logits").module
-_fma, _logcosh_from, _sigmoid_from, _softplus_from, _tanh_from = (
-    _helpers._fma, _helpers._logcosh_from, _helpers._sigmoid_from, _helpers._softplus_from, _helpers._tanh_from)
+_fma, _sigmoid_from, _softplus_from, _tanh_from = (
+    _helpers._fma, _helpers._sigmoid_from, _helpers._softplus_from, _helpers._tanh_from)
+_logcosh_from = lossgen.get("log_cosh").module._logcosh_from  # libm's log1p (this module's kernels: _vlog1p)
 
 
 def _poisson_stable(y, p, a):

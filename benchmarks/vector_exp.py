@@ -56,11 +56,11 @@ def functions(points: int, n: int, repeat: int):
     import numba
     from lossgen.emit import template_environment
     source = "import math\n\nimport numba\n\n\n" + template_environment().get_template(
-        "numba_helpers.py.j2").render(helpers={"vexp", "vexpm1", "exp_core"})
+        "numba_helpers.py.j2").render(helpers={"vexp", "vexpm1", "exp_core", "vlog1p"})
     path = Path(tempfile.mkdtemp()) / "vector_exp_helpers.py"
     path.write_text(source)
     helpers = load(path, "vector_exp_helpers")
-    vexp, vexpm1 = helpers._vexp, helpers._vexpm1
+    vexp, vexpm1, vlog1p = helpers._vexp, helpers._vexpm1, helpers._vlog1p
 
     def loop(f):
         @numba.njit(error_model="numpy")
@@ -70,45 +70,59 @@ def functions(points: int, n: int, repeat: int):
         return run
 
     loops = {"_vexp": loop(vexp), "glibc exp": loop(numba.njit(lambda v: math.exp(v))),
-             "_vexpm1": loop(vexpm1), "glibc expm1": loop(numba.njit(lambda v: math.expm1(v)))}
+             "_vexpm1": loop(vexpm1), "glibc expm1": loop(numba.njit(lambda v: math.expm1(v))),
+             "_vlog1p": loop(vlog1p), "glibc log1p": loop(numba.njit(lambda v: math.log1p(v)))}
     rng = np.random.default_rng(1)
-    x = np.concatenate([
+    x_exp = np.concatenate([
         rng.uniform(-745.2, 709.8, points), rng.uniform(-1, 1, points), rng.uniform(-1e-3, 1e-3, points // 4),
         rng.choice([-1.0, 1.0], points // 4) * 10.0 ** rng.uniform(-320, 0, points // 4),
         rng.uniform(-40, 40, points), rng.uniform(709.0, 709.79, points // 10), rng.uniform(-745.2, -708.0, points // 4),
         rng.uniform(-0.5, 0.5, points // 4) * math.log(2) + rng.integers(-3, 4, points // 4) * math.log(2) / 2,
         [0.0, -0.0, math.inf, -math.inf, math.nan, 709.782712893384, 709.7827128933841, -745.1332191019411,
          -745.1332191019412, 5e-324, -5e-324, 1e-300, -1e-300, 37.4, 37.5, -37.5, 750.0, -750.0]])
-    print(f"{len(x)} points against mpmath at 50 digits; error in units in the last place of the truth")
+    tiny = 10.0 ** rng.uniform(-320, 0, points)
+    x_log1p = np.concatenate([
+        rng.choice([-1.0, 1.0], points) * 10.0 ** rng.uniform(-300, 0, points), 10.0 ** rng.uniform(-300, 300, points),
+        tiny * rng.choice([-1.0, 1.0], points), rng.uniform(0, 1, points), np.exp(-rng.uniform(0, 40, points)),
+        -1 + 10.0 ** rng.uniform(-16, 0, points), rng.uniform(-1, 1, points), rng.uniform(-0.35, 0.45, points),
+        [0.0, -0.0, math.inf, -math.inf, math.nan, -1.0, -1.5, -1e300, 5e-324, -5e-324, 1e-300, -1e-300, 2.0 ** -53,
+         -0.2928932188134524, 0.41421356237309503, 1.0, 1.7976931348623157e308, -1 + 2.0 ** -52, 1e-16, -1e-16]])
+    print(f"{len(x_exp)} points (log1p: {len(x_log1p)}) against mpmath at 50 digits; error in units in the last place "
+          "of the truth")
     for name in loops:
-        truth_function = mpmath.exp if name.endswith("exp") else mpmath.expm1
+        truth_function = {"exp": mpmath.exp, "expm1": mpmath.expm1, "log1p": mpmath.log1p}[name.split("_v")[-1].split()[-1]]
+        x = x_log1p if name.endswith("log1p") else x_exp
         y = np.empty_like(x)
         loops[name](x, y)
         errors, bad = [], 0
         with mpmath.workdps(50):
             for xi, yi in zip(x.tolist(), y.tolist()):
-                if math.isnan(xi) or math.isinf(xi):
-                    bad += not (math.isnan(yi) if math.isnan(xi) else yi == float(truth_function(mpmath.mpf(xi))))
+                if math.isnan(xi) or math.isinf(xi) or (truth_function is mpmath.log1p and xi <= -1):
+                    expected = math.nan if math.isnan(xi) or xi < -1 else (
+                        -math.inf if xi == -1 else float(truth_function(mpmath.mpf(xi))))
+                    bad += not (math.isnan(yi) if math.isnan(expected) else yi == expected)
                     continue
                 truth = truth_function(mpmath.mpf(xi))
                 if truth == 0 or math.isinf(float(truth)):
-                    bad += yi != float(truth)
+                    bad += yi != float(truth) or (truth_function is mpmath.log1p and math.copysign(1, yi) != math.copysign(1, xi))
                     continue
                 e = int(mpmath.floor(mpmath.log(abs(truth), 2)))
                 errors.append(float(abs(mpmath.mpf(yi) - truth) / mpmath.ldexp(1, max(e - 52, -1074))))
         errors = np.array(errors)
         print(f"  {name:12s} max {errors.max():.3f}  mean {errors.mean():.4f}  wrong specials/limits {bad}")
     z = rng.uniform(-5, 5, n)
+    z_log1p = rng.uniform(0, 1, n)  # softplus: log1p(exp(-|x|))
     out = np.empty(n)
-    runs = {**{name: (lambda f=f: f(z, out)) for name, f in loops.items()},
-            "np.exp": lambda: np.exp(z, out=out), "np.expm1": lambda: np.expm1(z, out=out)}
+    runs = {**{name: (lambda f=f, z=z_log1p if name.endswith("log1p") else z: f(z, out)) for name, f in loops.items()},
+            "np.exp": lambda: np.exp(z, out=out), "np.expm1": lambda: np.expm1(z, out=out),
+            "np.log1p": lambda: np.log1p(z_log1p, out=out)}
     times = {name: [] for name in runs}
     for f in runs.values():
         f()
     for _ in range(repeat):
         for name, f in runs.items():
             t = time.perf_counter(); f(); times[name].append(time.perf_counter() - t)
-    print(f"loop over {n} elements of uniform(-5, 5), medians of {repeat}, ns per element:")
+    print(f"loop over {n} elements of uniform(-5, 5) (log1p: uniform(0, 1)), medians of {repeat}, ns per element:")
     for name, ts in times.items():
         print(f"  {name:12s} {np.median(ts) * 1e9 / n:6.2f}")
 

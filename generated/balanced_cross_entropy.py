@@ -23,6 +23,7 @@ References:
 import math
 
 import numba
+import numpy
 
 SPEC = {
     "name": 'balanced_cross_entropy',
@@ -52,15 +53,15 @@ def _softplus_from(x, tail):
     return max(x, 0.0) + tail
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _logcosh_from(x, m):
-    """log(cosh(x)) from m = expm1(|x|): log1p(m*m/(2(1 + m))) near 0 (cosh(x) - 1 =
-    m**2/(2 e**|x|) exactly), |x| - log(2) + log1p(exp(-2|x|)) in the tails, where cosh would
-    overflow."""
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _vlogcosh_from(x, m):
+    """_logcosh_from for a vectorising kernel: one _vlog1p, of m*m/(2(1 + m)) up to |x| = 20 and
+    of 1/(1 + m)**2 (= exp(-2|x|) within a few units in the last place, a term below 5e-18 of the
+    result; 0 where m overflows) beyond, its branches selects."""
     a = abs(x)
-    if a <= 20.0:
-        return math.log1p(m * (m / (2.0 + 2.0 * m)))
-    return a - 0.6931471805599453 + math.log1p(math.exp(-2.0 * a))
+    e = 1.0 + m
+    near = a <= 20.0
+    return (0.0 if near else a - 0.6931471805599453) + _vlog1p(m * (m / (2.0 + 2.0 * m)) if near else 1.0 / (e * e))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -205,6 +206,62 @@ def _vexpm1(typingctx, x):
     return numba.types.float64(numba.types.float64), codegen
 
 
+@numba.extending.intrinsic
+def _vlog1p(typingctx, x):
+    """log1p(x) = log(1 + x) for a float64 x, in arithmetic without a branch, emitted where it is
+    called (see _vexp): fdlibm's (musl's) log1p with selects in place of its branches. 1 + x =
+    2**k (1 + f), f in [sqrt(2)/2 - 1, sqrt(2) - 1), k and 1 + f from the bits of u = 1 + x
+    (rounded) and c/u the correction for that rounding (c = 0 for k >= 54); for x itself in that
+    interval k = 0, f = x, c = 0 (relative also for a tiny or subnormal x). log(1 + f) =
+    f - f**2/2 + s (f**2/2 + R(s**2)), s = f/(2 + f), R fdlibm's minimax polynomial (error below
+    2**-58.45). -inf at -1, nan below -1 and for nan, inf for inf, -0 for -0."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double, i64 = ir.DoubleType(), ir.IntType(64)
+        x = arguments[0]
+
+        def constant(value):
+            return ir.Constant(double, value)
+
+        def integer(value):
+            return ir.Constant(i64, value)
+
+        one = constant(1.0)
+        u = builder.fadd(one, x)
+        bits = builder.add(builder.bitcast(u, i64), integer((0x3ff00000 - 0x3fe6a09e) << 32))
+        exponent = builder.lshr(bits, integer(52))  # k + 1023 (u > 0)
+        k = builder.fsub(builder.bitcast(builder.add(exponent, integer(0x4338000000000000)), double),
+                         constant(6755399441055744.0 + 1023.0))
+        reduced = builder.bitcast(builder.add(builder.and_(bits, integer(0x000fffffffffffff)),
+                                              integer(0x3fe6a09e << 32)), double)
+        c = builder.select(builder.fcmp_ordered(">=", k, constant(2.0)),
+                           builder.fsub(one, builder.fsub(u, x)), builder.fsub(x, builder.fsub(u, one)))
+        c = builder.select(builder.fcmp_ordered("<", k, constant(54.0)), builder.fdiv(c, u), constant(0.0))
+        near = builder.and_(builder.fcmp_ordered(">", x, constant(-0.2928932188134524)),
+                            builder.fcmp_ordered("<", x, constant(0.41421356237309503)))
+        f = builder.select(near, x, builder.fsub(reduced, one))
+        c = builder.select(near, constant(0.0), c)
+        k = builder.select(near, constant(0.0), k)
+        hfsq = builder.fmul(builder.fmul(constant(0.5), f), f)
+        s = builder.fdiv(f, builder.fadd(constant(2.0), f))
+        z = builder.fmul(s, s)
+        w = builder.fmul(z, z)
+        t1 = builder.fmul(w, builder.fadd(constant(3.999999999940941908e-01), builder.fmul(w, builder.fadd(
+            constant(2.222219843214978396e-01), builder.fmul(w, constant(1.531383769920937332e-01))))))
+        t2 = builder.fmul(z, builder.fadd(constant(6.666666666666735130e-01), builder.fmul(w, builder.fadd(
+            constant(2.857142874366239149e-01), builder.fmul(w, builder.fadd(
+                constant(1.818357216161805012e-01), builder.fmul(w, constant(1.479819860511658591e-01))))))))
+        r = builder.fadd(t2, t1)
+        y = builder.fadd(builder.fmul(s, builder.fadd(hfsq, r)),
+                         builder.fadd(builder.fmul(k, constant(1.90821492927058770002e-10)), c))
+        y = builder.fadd(builder.fadd(builder.fsub(y, hfsq), f), builder.fmul(k, constant(6.93147180369123816490e-01)))
+        y = builder.select(builder.fcmp_ordered("<", x, constant(float("inf"))), y, x)  # inf; nan below
+        y = builder.select(builder.fcmp_ordered("==", x, constant(-1.0)), constant(float("-inf")), y)
+        y = builder.select(builder.fcmp_ordered("<", x, constant(-1.0)), constant(float("nan")), y)
+        return builder.select(builder.fcmp_unordered("!=", x, constant(0.0)), y, x)  # nan, and -0
+    return numba.types.float64(numba.types.float64), codegen
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -228,18 +285,13 @@ def _sum_finish(state):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(y, x, alpha):
     """loss of one element."""
-    if not ((y >= 0.0) and (y <= 1.0)):
-        return math.nan
+    _inside = (y >= 0.0) and (y <= 1.0)
+    _t0 = ((x)/(2.0))
+    _t1 = _vlogcosh_from(_t0, _vexpm1(abs(_t0)))
     _t2 = alpha*y
     _t3 = (1.0 - alpha)*(1.0 - y)
-    if (abs(x) <= 1.0):
-        _t0 = ((x)/(2.0))
-        _t1 = _logcosh_from(_t0, math.expm1(abs(_t0)))
-        _b0 = _t1*_t2 + _t1*(_t3) + ((x*_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (_t2 + _t3)*math.log(2.0)
-    else:
-        _t4 = math.log1p(math.exp(-abs(x)))
-        _b0 = _t2*_softplus_from(-x, _t4) + _t3*_softplus_from(x, _t4)
-    return _b0
+    _t4 = _vlog1p(_vexp(-abs(x)))
+    return _select(_inside, ((_t1*_t2 + _t1*(_t3) + ((x*_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (_t2 + _t3)*math.log(2.0)) if (abs(x) <= 1.0) else (_t2*_softplus_from(-x, _t4) + _t3*_softplus_from(x, _t4))), math.nan)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -280,30 +332,23 @@ def grad_hess_scalar(y, x, alpha):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
-    if not ((y >= 0.0) and (y <= 1.0)):
-        return math.nan, math.nan, math.nan
+    _inside = (y >= 0.0) and (y <= 1.0)
+    _t0 = ((x)/(2.0))
+    _t1 = _vexpm1(abs(_t0))
+    _t2 = _vlogcosh_from(_t0, _t1)
     _t3 = alpha*y
+    _t4 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
     _t5 = 1.0 - alpha
     _t6 = 1.0 - y
     _t7 = _t5*_t6
     _t8 = _t3 + _t7
     _t9 = (abs(x) <= 1.0)
     _t10 = -x
-    _t11 = math.exp(-abs(x))
+    _t11 = _vexp(-abs(x))
+    _t12 = _vlog1p(_t11)
     _t13 = _sigmoid_from(_t10, _t11)
     _t14 = _sigmoid_from(x, _t11)
-    if _t9:
-        _t0 = ((x)/(2.0))
-        _t1 = math.expm1(abs(_t0))
-        _t2 = _logcosh_from(_t0, _t1)
-        _t4 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
-        _b0 = _t2*_t3 + _t2*(_t7) + ((_t4*x)/(2.0)) + (_t8)*math.log(2.0)
-        _b1 = ((_t4)/(2.0)) + (((_t3)/(2.0)) + ((_t7)/(2.0)))*_tanh_from(_t0, _t1)
-    else:
-        _t12 = math.log1p(_t11)
-        _b0 = _t3*_softplus_from(_t10, _t12) + _t7*_softplus_from(x, _t12)
-        _b1 = -_t13*_t3 + _t14*_t5*_t6
-    return _b0, _b1, _t13*_t14*_t8
+    return _select(_inside, ((_t2*_t3 + _t2*(_t7) + ((_t4*x)/(2.0)) + (_t8)*math.log(2.0)) if _t9 else (_t3*_softplus_from(_t10, _t12) + _t7*_softplus_from(x, _t12))), math.nan), _select(_inside, ((((_t4)/(2.0)) + (((_t3)/(2.0)) + ((_t7)/(2.0)))*_tanh_from(_t0, _t1)) if _t9 else (-_t13*_t3 + _t14*_t5*_t6)), math.nan), _select(_inside, _t13*_t14*_t8, math.nan)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -441,24 +486,43 @@ def loss_grad_hess_kernel_parallel(y, x, alpha, _weight, _out0, _out1, _out2):
 @numba.njit(cache=True, error_model="numpy")
 def loss_sum_kernel(y, x, alpha, _weight):
     """Sum over elements of loss (times _weight[i] when given), accumulated in float64;
-    in the calling thread (in index order)."""
+    in the calling thread (in index order).
+    The loss of a block of elements is computed first (a loop that vectorises), then added."""
+    _n = y.shape[0]
     _total = 0.0
-    for _i in range(y.shape[0]):
-        if _weight is None:
-            _total += loss_scalar(y[_i], x[_i], alpha)
-        else:
-            _total += _weight[_i] * loss_scalar(y[_i], x[_i], alpha)
+    _losses = numpy.empty(min(_n, 512))
+    for _start in range(0, _n, 512):
+        _count = min(512, _n - _start)
+        for _j in range(_count):
+            _i = _start + _j
+            _losses[_j] = loss_scalar(y[_i], x[_i], alpha)
+        for _j in range(_count):
+            if _weight is None:
+                _total += _losses[_j]
+            else:
+                _total += _weight[_start + _j] * _losses[_j]
     return _total
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def loss_sum_kernel_parallel(y, x, alpha, _weight):
     """Sum over elements of loss (times _weight[i] when given), accumulated in float64;
-    on Numba's threads (numba.get_num_threads())."""
+    on Numba's threads (numba.get_num_threads()) (in blocks of 4096, each in index order).
+    The loss of a block of elements is computed first (a loop that vectorises), then added."""
+    _n = y.shape[0]
     _total = 0.0
-    for _i in numba.prange(y.shape[0]):
-        if _weight is None:
-            _total += loss_scalar(y[_i], x[_i], alpha)
-        else:
-            _total += _weight[_i] * loss_scalar(y[_i], x[_i], alpha)
+    for _block in numba.prange((_n + 4095) // 4096):
+        _start = _block * 4096
+        _count = min(4096, _n - _start)
+        _losses = numpy.empty(_count)
+        for _j in range(_count):
+            _i = _start + _j
+            _losses[_j] = loss_scalar(y[_i], x[_i], alpha)
+        _part = 0.0
+        for _j in range(_count):
+            if _weight is None:
+                _part += _losses[_j]
+            else:
+                _part += _weight[_start + _j] * _losses[_j]
+        _total += _part
     return _total

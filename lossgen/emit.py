@@ -40,20 +40,26 @@ HELPERS = {
 }
 
 HELPERS_NEEDED = {"tanh_from": ("fma",), "hypot": ("fma",), "vexp": ("exp_core",),
-                  "vexpm1": ("exp_core",)}  # helper -> the helpers that it calls
+                  "vexpm1": ("exp_core",),
+                  "vlog1p": (), "vlogcosh_from": ("vlog1p",)}  # helper -> the helpers that it calls
 
 # The exponentials of a kernel that LLVM can vectorise (VECTORISES): `math` function -> the helper
 # in arithmetic alone (templates/numba_helpers.py.j2) that it calls there. This Numba has no SVML,
 # so libm's exp and expm1 are a call per element and keep a loop scalar. In a loop that stayed
 # scalar the helpers were slower than libm's (Poisson's grad_hess 1.9x the time, where LLVM did not
 # inline them); vectorised, they take four elements to an instruction (AVX2). Elsewhere, libm's.
-VECTOR_FUNCTIONS = {"exp": "vexp", "expm1": "vexpm1"}
+VECTOR_FUNCTIONS = {"exp": "vexp", "expm1": "vexpm1", "log1p": "vlog1p"}
+
+# Helpers that call libm -> their version for a vectorising kernel, of the VECTOR_FUNCTIONS'
+# helpers and selects (templates/numba_helpers.py.j2).
+VECTOR_HELPERS = {"logcosh_from": "vlogcosh_from"}
 
 # Functions (as printed, after code_form) that vectorise: arithmetic, the VECTOR_FUNCTIONS' helpers,
 # and the helpers written in arithmetic around them. A kernel of these alone that takes an
 # exponential calls the VECTOR_FUNCTIONS' helpers (kernel_vectorises).
 VECTORISES = frozenset({
     "exp", "expm1", "exp_neg_abs", "expm1_abs", "sigmoid_from", "tanh_from", "div",
+    "log1p", "softplus_from", "logcosh_from",
 })
 
 # Functions that cost a few machine instructions: a kernel made of these alone (and of integer
@@ -88,6 +94,9 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_expm1(self, expr):
         return self._call("expm1", self._print(expr.args[0]))
+
+    def _print_log1p(self, expr):
+        return self._call("log1p", self._print(expr.args[0]))
 
     def _print_Piecewise(self, expr):
         # a name in place of the Piecewise, not xreplace: that would reorder the factors
@@ -138,6 +147,8 @@ class NumbaPrinter(PythonCodePrinter):
 
     def _print_helper(self, expr):
         helper = HELPERS[type(expr).__name__]
+        if self.vector:
+            helper = VECTOR_HELPERS.get(helper, helper)
         self.helpers_used.add(helper)
         self.helpers_used.update(HELPERS_NEEDED.get(helper, ()))
         return f"_{helper}({', '.join(self._print(a) for a in expr.args)})"
@@ -308,7 +319,7 @@ def kernel_vectorises(exprs: list[sp.Expr]) -> bool:
     vectorise (VECTORISES, ARITHMETIC_FUNCTIONS) and integer powers: a loop of them vectorises
     with the VECTOR_FUNCTIONS' helpers in place of libm's exp and expm1 (any other libm call
     would keep it scalar, where libm's exp is the faster)."""
-    names = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function)}
+    names = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function) if not f.is_number}  # log(2): a constant
     return bool(names & {"exp", "expm1", "exp_neg_abs", "expm1_abs"}) \
         and names <= VECTORISES | ARITHMETIC_FUNCTIONS \
         and all(power.exp.is_Integer for e in exprs for power in e.atoms(sp.Pow))
