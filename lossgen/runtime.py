@@ -186,18 +186,16 @@ class Loss(_Specialisable):
         return self._kernels[key]
 
     def _run(self, kernel, call, out=None):
-        size, dtype, count = call.size, call.dtype, self.module.SPEC["kernels"][kernel]
-        if out is not None:
-            given = output_buffers(f"{self.name}.{kernel}()", out, [call.shape] * count, dtype,
-                                   [*call.arrays, call.weight])
-            flat = given if len(call.shape) == 1 else [o.reshape(-1) for o in given]
-            _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *flat), size)
-            return given
-        outs = [np.empty(size, dtype=dtype) for _ in range(count)]
-        _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *outs), size)
-        if len(call.shape) != 1:
-            outs = [o.reshape(call.shape) for o in outs]
-        return outs
+        count, flat_shape = self.module.SPEC["kernels"][kernel], len(call.shape) == 1
+        if out is None:
+            flat = [np.empty(call.size, dtype=call.dtype) for _ in range(count)]
+            shaped = flat if flat_shape else [o.reshape(call.shape) for o in flat]
+        else:
+            shaped = output_buffers(f"{self.name}.{kernel}()", out, [call.shape] * count, call.dtype,
+                                    [*call.arrays, call.weight])
+            flat = shaped if flat_shape else [o.reshape(-1) for o in shaped]
+        _launch(self._launchers(kernel, call.module), (*call.arrays, *call.params, call.weight, *flat), call.size)
+        return shaped
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs=False) -> _Call:
         if sample_weight is None and not check_inputs and len(arrays) == len(self.inputs):

@@ -157,13 +157,14 @@ class RowLoss(_Specialisable):
             shapes.append((rows,) if is_loss else (rows, c, c) if full else (rows, c))
         if out is None:
             outs = [np.empty(shape, dtype=call.dtype) for shape in shapes]
+            shaped = [o.reshape(call.leading + o.shape[1:]) for o in outs]
         else:
-            given = output_buffers(f"{self.name}.{kernel}()", out, [call.leading + s[1:] for s in shapes],
-                                   call.dtype, [*call.arrays, *extra, call.weight])
-            outs = [o.reshape(s) for o, s in zip(given, shapes)]
+            shaped = output_buffers(f"{self.name}.{kernel}()", out, [call.leading + s[1:] for s in shapes],
+                                    call.dtype, [*call.arrays, *extra, call.weight])
+            outs = [o.reshape(s) for o, s in zip(shaped, shapes)]
         work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
         _launch(kernel_launchers(call.module, kernel, "row"), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
-        return given if out is not None else [o.reshape(call.leading + o.shape[1:]) for o in outs]
+        return shaped
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:
         where = f"{self.name}.{method}()"
