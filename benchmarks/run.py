@@ -604,9 +604,12 @@ def _timed(command, **kwargs) -> tuple[float, str]:
 
 def _fresh_process(code: str, cwd, runs: int = 5) -> tuple[float, str]:
     """Median wall time of ``runs`` new Pythons running ``code`` (after one that warms Numba's
-    disk cache), and the last one's output."""
-    _timed([sys.executable, "-c", code], cwd=cwd)
-    timed = [_timed([sys.executable, "-c", code], cwd=cwd) for _ in range(runs)]
+    disk cache and Python's bytecode cache), and the last one's output. PYTHONDONTWRITEBYTECODE
+    is left out of their environment: with it (as on some CI machines) every process compiles
+    lossgen's and the loss module's source again, which a user's Python does once."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    _timed([sys.executable, "-c", code], cwd=cwd, env=env)
+    timed = [_timed([sys.executable, "-c", code], cwd=cwd, env=env) for _ in range(runs)]
     return statistics.median(t for t, _ in timed), timed[-1][1]
 
 
