@@ -53,17 +53,6 @@ def _softplus_from(x, tail):
     return max(x, 0.0) + tail
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _vlogcosh_from(x, m):
-    """_logcosh_from for a vectorising kernel: one _vlog1p, of m*m/(2(1 + m)) up to |x| = 20 and
-    of 1/(1 + m)**2 (= exp(-2|x|) within a few units in the last place, a term below 5e-18 of the
-    result; 0 where m overflows) beyond, its branches selects."""
-    a = abs(x)
-    e = 1.0 + m
-    near = a <= 20.0
-    return (0.0 if near else a - 0.6931471805599453) + _vlog1p(m * (m / (2.0 + 2.0 * m)) if near else 1.0 / (e * e))
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _tanh_from(x, m):
     """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
@@ -286,12 +275,8 @@ def _sum_finish(state):
 def loss_scalar(y, x, alpha):
     """loss of one element."""
     _inside = (y >= 0.0) and (y <= 1.0)
-    _t0 = ((x)/(2.0))
-    _t1 = _vlogcosh_from(_t0, _vexpm1(abs(_t0)))
-    _t2 = alpha*y
-    _t3 = (1.0 - alpha)*(1.0 - y)
-    _t4 = _vlog1p(_vexp(-abs(x)))
-    return _select(_inside, ((_t1*_t2 + _t1*(_t3) + ((x*_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (_t2 + _t3)*math.log(2.0)) if (abs(x) <= 1.0) else (_t2*_softplus_from(-x, _t4) + _t3*_softplus_from(x, _t4))), math.nan)
+    _t0 = _vlog1p(_vexp(-abs(x)))
+    return _select(_inside, alpha*y*_softplus_from(-x, _t0) + (1.0 - alpha)*(1.0 - y)*_softplus_from(x, _t0), math.nan)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -333,22 +318,17 @@ def grad_hess_scalar(y, x, alpha):
 def loss_grad_hess_scalar(y, x, alpha):
     """loss, grad, hess of one element."""
     _inside = (y >= 0.0) and (y <= 1.0)
-    _t0 = ((x)/(2.0))
-    _t1 = _vexpm1(abs(_t0))
-    _t2 = _vlogcosh_from(_t0, _t1)
+    _t0 = -x
+    _t1 = _vexp(-abs(x))
+    _t2 = _vlog1p(_t1)
     _t3 = alpha*y
-    _t4 = _sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y))
-    _t5 = 1.0 - alpha
-    _t6 = 1.0 - y
-    _t7 = _t5*_t6
-    _t8 = _t3 + _t7
-    _t9 = (abs(x) <= 1.0)
-    _t10 = -x
-    _t11 = _vexp(-abs(x))
-    _t12 = _vlog1p(_t11)
-    _t13 = _sigmoid_from(_t10, _t11)
-    _t14 = _sigmoid_from(x, _t11)
-    return _select(_inside, ((_t2*_t3 + _t2*(_t7) + ((_t4*x)/(2.0)) + (_t8)*math.log(2.0)) if _t9 else (_t3*_softplus_from(_t10, _t12) + _t7*_softplus_from(x, _t12))), math.nan), _select(_inside, ((((_t4)/(2.0)) + (((_t3)/(2.0)) + ((_t7)/(2.0)))*_tanh_from(_t0, _t1)) if _t9 else (-_t13*_t3 + _t14*_t5*_t6)), math.nan), _select(_inside, _t13*_t14*_t8, math.nan)
+    _t4 = 1.0 - alpha
+    _t5 = 1.0 - y
+    _t6 = _t4*_t5
+    _t7 = ((x)/(2.0))
+    _t8 = _sigmoid_from(_t0, _t1)
+    _t9 = _sigmoid_from(x, _t1)
+    return _select(_inside, _t3*_softplus_from(_t0, _t2) + _t6*_softplus_from(x, _t2), math.nan), _select(_inside, ((((_sum_finish(_sum_add(_sum_add(_sum_start(1.0), -alpha), -y)))/(2.0)) + (((_t3)/(2.0)) + ((_t6)/(2.0)))*_tanh_from(_t7, _vexpm1(abs(_t7)))) if (abs(x) <= 1.0) else (-_t3*_t8 + _t4*_t5*_t9)), math.nan), _select(_inside, _t8*_t9*(_t3 + _t6), math.nan)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -59,17 +59,6 @@ def _softplus_from(x, tail):
     return max(x, 0.0) + tail
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _vlogcosh_from(x, m):
-    """_logcosh_from for a vectorising kernel: one _vlog1p, of m*m/(2(1 + m)) up to |x| = 20 and
-    of 1/(1 + m)**2 (= exp(-2|x|) within a few units in the last place, a term below 5e-18 of the
-    result; 0 where m overflows) beyond, its branches selects."""
-    a = abs(x)
-    e = 1.0 + m
-    near = a <= 20.0
-    return (0.0 if near else a - 0.6931471805599453) + _vlog1p(m * (m / (2.0 + 2.0 * m)) if near else 1.0 / (e * e))
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _tanh_from(x, m):
     """tanh(x) from m = expm1(|x|): (e**2|x| - 1)/(e**2|x| + 1) = t/(t + 2), t = m*m + 2m
@@ -272,12 +261,8 @@ def _vlog1p(typingctx, x):
 def loss_scalar(y, x, pos_weight):
     """loss of one element."""
     _inside = (y >= 0.0) and (y <= 1.0)
-    _t0 = ((x)/(2.0))
-    _t1 = _vlogcosh_from(_t0, _vexpm1(abs(_t0)))
-    _t2 = pos_weight*y
-    _t3 = 1.0 - y
-    _t4 = _vlog1p(_vexp(-abs(x)))
-    return _select(_inside, ((_t1*_t2 + _t1*(_t3) + (((x*_fma(-y, pos_weight, _t3))/(2.0))) + (_fma(y, pos_weight, _t3))*math.log(2.0)) if (abs(x) <= 1.0) else (_t2*_softplus_from(-x, _t4) + _t3*_softplus_from(x, _t4))), math.nan)
+    _t0 = _vlog1p(_vexp(-abs(x)))
+    return _select(_inside, pos_weight*y*_softplus_from(-x, _t0) + (1.0 - y)*_softplus_from(x, _t0), math.nan)
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -316,21 +301,16 @@ def grad_hess_scalar(y, x, pos_weight):
 def loss_grad_hess_scalar(y, x, pos_weight):
     """loss, grad, hess of one element."""
     _inside = (y >= 0.0) and (y <= 1.0)
-    _t0 = ((x)/(2.0))
-    _t1 = _vexpm1(abs(_t0))
-    _t2 = _vlogcosh_from(_t0, _t1)
+    _t0 = -x
+    _t1 = _vexp(-abs(x))
+    _t2 = _vlog1p(_t1)
     _t3 = pos_weight*y
     _t4 = 1.0 - y
-    _t5 = _fma(y, pos_weight, _t4)
-    _t6 = -y
-    _t7 = _fma(_t6, pos_weight, _t4)
-    _t8 = (abs(x) <= 1.0)
-    _t9 = -x
-    _t10 = _vexp(-abs(x))
-    _t11 = _vlog1p(_t10)
-    _t12 = _sigmoid_from(_t9, _t10)
-    _t13 = _sigmoid_from(x, _t10)
-    return _select(_inside, ((_t2*_t3 + _t2*(_t4) + (_t5)*math.log(2.0) + (((_t7*x)/(2.0)))) if _t8 else (_t3*_softplus_from(_t9, _t11) + _t4*_softplus_from(x, _t11))), math.nan), _select(_inside, (((((_t5)/(2.0)))*_tanh_from(_t0, _t1) + (((_t7)/(2.0)))) if _t8 else (-_t12*_t3 + _t13*_t4)), math.nan), _select(_inside, _t12*_t13*(_t3 + _t6 + 1.0), math.nan)
+    _t5 = -y
+    _t6 = ((x)/(2.0))
+    _t7 = _sigmoid_from(_t0, _t1)
+    _t8 = _sigmoid_from(x, _t1)
+    return _select(_inside, _t3*_softplus_from(_t0, _t2) + _t4*_softplus_from(x, _t2), math.nan), _select(_inside, (((((_fma(_t5, pos_weight, _t4))/(2.0))) + (((_fma(y, pos_weight, _t4))/(2.0)))*_tanh_from(_t6, _vexpm1(abs(_t6)))) if (abs(x) <= 1.0) else (-_t3*_t7 + _t4*_t8)), math.nan), _select(_inside, _t7*_t8*(_t3 + _t5 + 1.0), math.nan)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -35,6 +35,7 @@ from itertools import product
 from typing import Callable, Optional
 
 import sympy as sp
+from mpmath import iv
 from sympy.codegen.cfunctions import expm1, hypot, log1p
 from sympy.core.traversal import bottom_up
 
@@ -1306,7 +1307,7 @@ def _group_big_parts(expr: sp.Expr) -> sp.Expr:
     return sp.Add(*out)
 
 
-def _split_sum(expr, done: tuple = ()):
+def _split_sum(expr, done: tuple = (), top: bool = False):
     """A sum as a Piecewise over the sign of a split function's argument a, each branch with
     the big parts grouped. Every split with the same threshold applies at once to the functions
     of a (softplus(x) and sigmoid(x) in one sum, as in the focal loss's gradient); each
@@ -1320,15 +1321,61 @@ def _split_sum(expr, done: tuple = ()):
             a = -atom.args[0] if atom.args[0].could_extract_minus_sign() else atom.args[0]
             if a in done:
                 continue
-            branches = _split_branches(expr, split, a)
+            branches = _split_branches(expr, split, a, top)
             if branches:
                 # all replacements first, then the big parts grouped once, in each innermost branch
-                branches = [(_split_sum(e, done + (a,)) or _group_big_parts(e), c) for e, c in branches]
+                branches = [(_split_sum(e, done + (a,), top) or _group_big_parts(e), c) for e, c in branches]
                 return sp.Piecewise(*branches, (expr, True))
     return None
 
 
-def _split_branches(expr, split: Split, a: sp.Expr) -> list:
+def MIDDLE_REGION(threshold):
+    """The interval of a split's argument on the middle branch, |a| <= threshold."""
+    return iv.mpf([-threshold, threshold])
+
+
+def _interval(e: sp.Expr, known: dict):
+    """An interval (mpmath.iv) holding every value of ``e`` where each symbol of ``known`` lies
+    in its interval, a [0, 1] symbol (``unit_interval``) in [0, 1], a nonnegative one in
+    [0, inf], any other in [-inf, inf]; None for a function of a variable. Outward rounding,
+    and dependencies between factors ignored: the interval may be wider than the range, never
+    narrower."""
+    if e in known:
+        return known[e]
+    if e.is_Symbol:
+        return iv.mpf([0, 1]) if e in _UNIT_SYMBOLS.get() else iv.mpf([0, "inf"]) if e.is_nonnegative \
+            else iv.mpf(["-inf", 0]) if e.is_nonpositive else iv.mpf(["-inf", "inf"])
+    if e.is_Rational:
+        return iv.mpf(int(e.p)) / int(e.q)
+    if not e.free_symbols:
+        value = iv.mpf(str(sp.N(e, 30)))  # a constant such as log(2): 30 digits, then widened
+        return value * iv.mpf(["0.99999999999999", "1.00000000000001"])
+    if isinstance(e, (sp.Add, sp.Mul)):
+        parts = [_interval(arg, known) for arg in e.args]
+        if any(part is None for part in parts):
+            return None
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part if isinstance(e, sp.Add) else total * part
+        return total
+    if isinstance(e, sp.Pow) and e.exp.is_Integer and e.exp > 0:
+        base = _interval(e.base, known)
+        return None if base is None else base ** int(e.exp)
+    return None
+
+
+def _one_sign(terms: list, a: sp.Expr, region) -> bool:
+    """Whether ``terms`` are all >= 0 or all <= 0 while the split argument ``a`` lies in
+    ``region`` (the inputs in their domains): then they do not cancel, and that branch of a
+    split gains nothing. (Binary cross-entropy's (1 - y)(log 2 + x/2) + y (log 2 - x/2) for
+    |x| <= 1 and y in [0, 1]: without the split, a vectorised kernel skips a logcosh.)"""
+    intervals = [_interval(t, {a: region}) for t in terms]
+    if any(i is None for i in intervals):
+        return False
+    return all(i.a >= 0 for i in intervals) or all(i.b <= 0 for i in intervals)
+
+
+def _split_branches(expr, split: Split, a: sp.Expr, top: bool = False) -> list:
     """(branch expression, condition) for each side of ``split``'s threshold in ``a`` where
     splitting helps: at least two big parts meet in the sum and may differ in sign. The branch
     expression has the functions of ``a`` replaced by their big and small parts, not yet grouped."""
@@ -1351,7 +1398,8 @@ def _split_branches(expr, split: Split, a: sp.Expr) -> list:
                     replacements[f], bigs[f] = big + small, big
         meeting = [t for t in expr.args if not t.has(*everything) or any(t.has(f) and bigs[f] != 0 for f in bigs)]
         same_sign = all(t.xreplace(bigs).is_positive for t in meeting) or \
-            all(t.xreplace(bigs).is_negative for t in meeting)
+            all(t.xreplace(bigs).is_negative for t in meeting) or \
+            (top and not sign and _one_sign([t.xreplace(bigs) for t in meeting], a, MIDDLE_REGION(split.threshold)))
         if replacements and len(meeting) >= 2 and not same_sign:
             branches.append((expr.xreplace(replacements), condition))
     return branches
@@ -1389,8 +1437,15 @@ GROUP_RULES = tuple(r for r in RULES if r.name in ("multilinear_corners", "exact
 
 
 def split_cancellations(expr: sp.Expr) -> sp.Expr:
-    """Apply ``SPLITS`` to every sum, bottom-up."""
-    return bottom_up(expr, lambda e: _or_same(_split_sum, e))
+    """Apply ``SPLITS`` to every sum, bottom-up. The output's own sum (``top``) also drops a
+    middle branch whose big parts keep one sign there (:func:`_one_sign`); a sum inside another
+    expression keeps it, since its exact big parts may still cancel against what it meets
+    further up (poly1's y sigmoid(-x) + (1 - y) sigmoid(x) inside 1 - p_t: dropped, its
+    gradient's worst error went from 1.2e-14 to 1.9e-14)."""
+    if not isinstance(expr, sp.Add):
+        return bottom_up(expr, lambda e: _or_same(_split_sum, e))
+    expr = sp.Add(*[bottom_up(arg, lambda e: _or_same(_split_sum, e)) for arg in expr.args])
+    return _or_same(lambda e: _split_sum(e, top=True), expr)
 
 
 # --- asymptotic inversion: overflow of powers of a huge variable --------------------------

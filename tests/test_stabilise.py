@@ -16,7 +16,7 @@ from lossgen.emit import HELPERS, template_environment
 from lossgen.stabilise import (HUGE, LAST_RULES, RULES, apply_last, invert_for_huge, parameters_at_zero,
                                split_cancellations, stabilise, unit_interval)
 from lossgen.verify import evaluate, relative_error
-from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, finite_or, sigmoid, softplus, xlogy
+from lossgen.vocabulary import MPMATH_IMPLEMENTATIONS, finite_or, logcosh, sigmoid, softplus, xlogy
 
 x = sp.Symbol("x", real=True)
 y = sp.Symbol("y", positive=True)
@@ -272,6 +272,23 @@ def test_the_issue_example_fails_without_splits():
     expr, point = SPLIT_EXAMPLES[0]
     naive = sp.lambdify([b, x], stabilise(expr), modules=FLOAT_MODULES)(point[b], point[x])
     assert naive == 0.0  # every digit of 4.2e-18 lost: what the splits are for
+
+
+def test_a_middle_branch_whose_big_parts_keep_one_sign_is_dropped_in_the_output_sum():
+    """(1 - b) softplus(x) + b softplus(-x), b in [0, 1]: for |x| <= 1 the big parts
+    (1 - b)(log 2 + x/2) and b (log 2 - x/2) are both >= 0, so the middle branch (logcosh, an
+    extra log1p per element in a vectorised kernel) gains nothing there; without [0, 1] known
+    for b, or inside a product (where the sum may meet terms further up), the branch stays."""
+    loss = (1 - b) * softplus(x) + b * softplus(-x)
+    with unit_interval([b]):
+        stable = split_cancellations(stabilise(loss))
+        nested = split_cancellations(stabilise(sp.cos(z) * ((1 - b) * sigmoid(x) + b * sigmoid(-x))))
+    assert not stable.has(logcosh) and nested.has(sp.tanh)
+    assert split_cancellations(stabilise(loss)).has(logcosh)  # b's sign unknown: split
+    f, g = (sp.lambdify([b, x], e, modules=m) for e, m in ((loss, MODULES), (stable, FLOAT_MODULES)))
+    for at_b in (0.0, 1e-300, 0.3, 0.5, 1 - 2.0**-53, 1.0):
+        for at_x in (0.0, 1e-300, -1e-8, 0.3, -0.7, 1.0, -1.0, 1.5, 40.0, -40.0, 745.0, -745.0):
+            assert relative_error(g(at_b, at_x), evaluate(f, [at_b, at_x])) <= 1e-15, (at_b, at_x)
 
 
 # --- asymptotic inversion -------------------------------------------------------------------
