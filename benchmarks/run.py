@@ -491,7 +491,7 @@ def contenders(case: Case, notes: list) -> dict[str, Callable]:
     else:
         run["lambdify"] = _lambdified(case)
     if case.torch_loss is None:
-        notes.append(f"{case.name}: PyTorch not installed (pip install torch): torch column skipped")
+        notes.append(f"{case.name}: PyTorch not installed (pip install torch) or left out (--no-torch): torch column skipped")
     else:
         run["torch"] = _torch_autograd(case)
     if case.sklearn is None:
@@ -750,6 +750,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-startup", action="store_true", help="skip the generate and start-up figures")
     parser.add_argument("--threshold", action="store_true", help="only the serial/parallel table")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="leave PyTorch out of the rotation (once its autograd has run in the process, "
+                             "scikit-learn's multinomial loss took about twice as long)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 7)
     sizes = [int(s) for s in (args.sizes or ([1e3, 1e5] if args.quick else [1e3, 1e5, 1e7]))]
@@ -764,6 +767,9 @@ def main(argv=None) -> int:
           f"serial loop below {', '.join(f'{n} elements ({c})' for c, n in runtime.SERIAL_BELOW.items())}")
     print(f"medians of {repeats} runs, side by side; ratio = lossgen time / peer time (below 1: lossgen faster)")
     notes, results = [], []
+    if args.no_torch:
+        global torch
+        torch = None  # _cases() then gives no PyTorch contender
     cases = [c for c in _cases() if not args.cases or c.name in args.cases]
     header = f"{'loss':<28}{'n':>5}{'lgh us':>11}{'gh us':>10}" + "".join(f"{h:>11}" for h, *_ in COLUMNS)
     print(header)

@@ -314,14 +314,15 @@ def kernel_cost(exprs: list[sp.Expr]) -> str:
     return "arithmetic"
 
 
-def kernel_vectorises(exprs: list[sp.Expr]) -> bool:
+def kernel_vectorises(exprs: list[sp.Expr], also: frozenset = frozenset(), exponential: bool = True) -> bool:
     """Whether ``exprs`` (in code_form) take an exponential and otherwise only functions that
-    vectorise (VECTORISES, ARITHMETIC_FUNCTIONS) and integer powers: a loop of them vectorises
-    with the VECTOR_FUNCTIONS' helpers in place of libm's exp and expm1 (any other libm call
-    would keep it scalar, where libm's exp is the faster)."""
+    vectorise (VECTORISES, ARITHMETIC_FUNCTIONS, ``also``) and integer powers: a loop of them
+    vectorises with the VECTOR_FUNCTIONS' helpers in place of libm's exp and expm1 (any other
+    libm call would keep it scalar, where libm's exp is the faster). Without ``exponential``,
+    whether they would vectorise once an exponential is taken of them (a row's log-sum-exp)."""
     names = {type(f).__name__ for e in exprs for f in e.atoms(sp.Function) if not f.is_number}  # log(2): a constant
-    return bool(names & {"exp", "expm1", "exp_neg_abs", "expm1_abs"}) \
-        and names <= VECTORISES | ARITHMETIC_FUNCTIONS \
+    return (bool(names & {"exp", "expm1", "exp_neg_abs", "expm1_abs"}) or not exponential) \
+        and names <= VECTORISES | ARITHMETIC_FUNCTIONS | also \
         and all(power.exp.is_Integer for e in exprs for power in e.atoms(sp.Pow))
 
 

@@ -188,3 +188,45 @@ def test_the_emitter_calls_them_only_where_the_loop_vectorises():
     for kernel in ("loss", "loss_grad_hess"):
         source = bce.split(f"def {kernel}_scalar(")[1].split("\n@")[0]
         assert "_vlog1p(" in source and "_vlogcosh_from(" in source and "math.log1p" not in source, kernel
+
+
+def _row_function(module: str, kernel: str) -> str:
+    from lossgen.paths import GENERATED_DIR
+    return (GENERATED_DIR / f"{module}.py").read_text().split(f"def _{kernel}_row(")[1].split("\n@")[0]
+
+
+def test_row_kernels_call_them_where_their_loops_vectorise():
+    """Row-wise kernels (lossgen/emit_rows.py, _Body.plan_vector): a log-sum-exp's exp(g_k - M)
+    in a loop of its own into a scratch row, summed by the next loop in the same order; an
+    element pass, or a sum's terms, of arithmetic and exponentials where every element takes
+    one; not where the exponentials lie in seldom-taken branches (softmax cross-entropy's element
+    pass with label smoothing), nor where a row value takes the same exponential with libm's
+    (poly1's weight at the true class, which its sum of weights takes out again: the same floats)."""
+    for module in ("_softmax_cross_entropy_defaults", "info_nce", "softmax_cross_entropy"):
+        for kernel in ("loss", "grad_hess", "loss_grad_hess"):
+            source = _row_function(module, kernel)
+            assert re.search(r"_stash\[0, _k\] = _vexp\(_s - _m\d\)", source) and "math.exp(_s" not in source, (module, kernel)
+            assert re.search(r"_s = _stash\[0, _k\]\n        if _k != _a(\d):\n            _l\1 \+= _s", source), (module, kernel)
+    general = _row_function("softmax_cross_entropy", "loss_grad_hess")
+    assert "math.expm1(" in general and "_vexpm1(" not in general  # its element pass stays scalar
+    margin = _row_function("multilabel_soft_margin", "loss_grad_hess")
+    assert "_vlog1p(_vexp(-abs(_e_x)))" in margin and "_stash[0, _k] = " in margin and "math.exp" not in margin
+    poly1 = _row_function("poly1_cross_entropy", "grad")
+    assert "epsilon*math.exp(_r2)" in poly1 and "_vexpm1(" not in poly1, poly1
+
+
+def test_row_loops_vectorise():
+    """Packed fused multiply-adds in softmax cross-entropy's fused row kernel (the row function
+    is inlined into its launchers), none before (libm's exp per element)."""
+    import llvmlite.binding as llvm
+    import lossgen
+    features = llvm.get_host_cpu_features()
+    if not (features.get("avx2") and features.get("fma")):
+        pytest.skip("no AVX2 with FMA on this CPU")
+    module = lossgen.get("softmax_cross_entropy").specialised
+    kernel = numba.njit(error_model="numpy")(module.loss_grad_hess_kernel.py_func)  # not from the cache: inspectable
+    y, s = np.array([0, 1, 2]), np.linspace(-3.0, 3.0, 30).reshape(3, 10)
+    outs = np.empty(3), np.empty((3, 10)), np.empty((3, 10))
+    kernel(y, s, None, *outs)
+    asm = kernel.inspect_asm(kernel.signatures[0])
+    assert re.search(r"\bvfmadd\d{3}pd\s[^\n]*[yz]mm", asm)
