@@ -124,12 +124,22 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
         element = tuple(f for f in fs if f in set(elements))
         groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in set(elements) and f not in reduction_symbols),
                                                tuple(f for f in fs if f in reduction_symbols)))
+    # the test: by the element's monomials and the row sums, each coefficient a polynomial in the
+    # parameters as one factored value (combo's (1 - alpha)(2 I + smooth), not 2 I + smooth less
+    # alpha (2 I + smooth) apart: the magnitudes of those terms would add to (1 + alpha)(...))
+    atoms = [g for g in generators if g not in set(others)]
+    poly = sp.Poly(sp.expand(numerator), *atoms)
+    by_element: dict = {}
+    for powers, coefficient in poly.terms():
+        factors = [g for g, n in zip(atoms, powers) for _ in range(n)]
+        element = tuple(f for f in factors if f in set(elements))
+        row = sp.Mul(*[f for f in factors if f not in set(elements)])
+        by_element.setdefault(element, []).append((sp.factor(poly.rep.dom.to_sympy(coefficient)), row))
     test, bound = [], []
-    for element, terms in groups.items():
-        values = [c * sp.Mul(*fs) * sp.Mul(*rs) for c, fs, rs in terms]
-        # each row coefficient one value (group), the threshold (a power of two) in |A|_m
-        test.append(group(sp.Add(*values)) * sp.Mul(*element))
-        bound.append(group(sp.Float(EXACT_FALLBACK["threshold"]) * sp.Add(*[sp.Abs(v) for v in values]))
+    for element, terms in by_element.items():
+        # each row coefficient one value (group), the threshold (a power of two) in its bound
+        test.append(group(sp.Add(*[c * r for c, r in terms])) * sp.Mul(*element))
+        bound.append(group(sp.Float(EXACT_FALLBACK["threshold"]) * sp.Add(*[sp.Abs(c) * sp.Abs(r) for c, r in terms]))
                      * sp.Abs(sp.Mul(*element)))
     factors = []
     for base, exponent in (b.as_base_exp() for b in sp.Mul.make_args(denominator)):

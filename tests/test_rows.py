@@ -189,6 +189,20 @@ def test_overlap_gradients_where_the_exact_fallback_fires(name, params, y, p):
     assert not failures, "\n" + format_report(failures)
 
 
+def test_exact_fallback_applies_by_form():
+    """The fallback's rule (lossgen/exact_rows.py) picks outputs by their form alone: the overlap
+    losses' gradients (quotients over sums of polynomial summands), not a softmax's or a norm's."""
+    from lossgen.derive_rows import derive_rows
+    from lossgen.emit_rows import _fallback_plans
+    from lossgen.stabilise_rows import stabilise_rows
+    planned = set()
+    for name in ("dice", "soft_jaccard", "tversky", "combo", "softmax_cross_entropy", "cosine_proximity"):
+        derivation = derive_rows(load_spec(ROW_PATHS[name]))
+        if _fallback_plans(derivation, stabilise_rows(derivation)):
+            planned.add(name)
+    assert planned == {"dice", "soft_jaccard", "tversky", "combo"}
+
+
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
                    "dice", "arcface", "soft_jaccard", "tversky", "combo", "contrastive",
                    "categorical_cross_entropy", "reverse_kl_divergence", "multiclass_hinge_crammer_singer",
