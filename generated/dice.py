@@ -45,6 +45,110 @@ SPEC = {
 }
 
 
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xgrow(p, n, x):
+    """Add x to the non-overlapping expansion p[0:n] (increasing magnitudes), exactly (Shewchuk's
+    grow-expansion with zero elimination, as Python's math.fsum); returns its new length."""
+    i = 0
+    for j in range(n):
+        y = p[j]
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo != 0.0:
+            p[i] = lo
+            i += 1
+        x = hi
+    p[i] = x
+    return i + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xgrow_all(p, n, t, m):
+    """Add t[0:m] to the expansion p[0:n], exactly; returns its new length."""
+    for j in range(m):
+        n = _xgrow(p, n, t[j])
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue(p, n):
+    """The expansion p[0:n] rounded to a float (from its largest part down: faithful)."""
+    s = 0.0
+    for j in range(n - 1, -1, -1):
+        s += p[j]
+    return s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xcopy(t, e, ne):
+    """t[0:ne] = e[0:ne]; returns ne."""
+    for j in range(ne):
+        t[j] = e[j]
+    return ne
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmul(t, m, f, u):
+    """t[0:m] times the float f, exactly (each product split by a fused multiply-add into its
+    rounded value and its error, grown into u), copied back into t; returns its length."""
+    n = 0
+    for i in range(m):
+        hi = t[i] * f
+        lo = _fma(t[i], f, -hi)
+        if hi != 0.0:
+            n = _xgrow(u, n, hi)
+        if lo != 0.0:
+            n = _xgrow(u, n, lo)
+    if n == 0:
+        u[0] = 0.0
+        n = 1
+    for i in range(n):
+        t[i] = u[i]
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmulx(t, m, e, ne, u):
+    """t[0:m] times the expansion e[0:ne], exactly (each product of parts split by a fused
+    multiply-add, grown into u), copied back into t; returns its length."""
+    n = 0
+    for i in range(m):
+        for j in range(ne):
+            hi = t[i] * e[j]
+            lo = _fma(t[i], e[j], -hi)
+            if hi != 0.0:
+                n = _xgrow(u, n, hi)
+            if lo != 0.0:
+                n = _xgrow(u, n, lo)
+    if n == 0:
+        u[0] = 0.0
+        n = 1
+    for i in range(n):
+        t[i] = u[i]
+    return n
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -133,6 +237,105 @@ def loss_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xt = np.empty(64)
+    _xu = np.empty(64)
+    _xa = np.empty(64)
+    _x_r0 = np.empty(64)
+    _x_r0_n = 0
+    _x_r1 = np.empty(64)
+    _x_r1_n = 0
+    _x_r2 = np.empty(64)
+    _x_r2_n = 0
+    _x_r3 = np.empty(64)
+    _x_r3_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xh = _e_p*_e_p
+        _xl = _fma(_e_p, _e_p, -_xh)
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _xh)
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _xl)
+        _xh = _e_y*_e_y
+        _xl = _fma(_e_y, _e_y, -_xh)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _xh)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _xl)
+        _xh = _e_p*_e_y
+        _xl = _fma(_e_p, _e_y, -_xh)
+        _x_r2_n = _xgrow(_x_r2, _x_r2_n, _xh)
+        _x_r2_n = _xgrow(_x_r2, _x_r2_n, _xl)
+        _xh = _e_p*_e_p
+        _xl = _fma(_e_p, _e_p, -_xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xl)
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r3_n = _xgrow_all(_x_r3, _x_r3_n, _xt, _xm)
+        _xh = _e_y*_e_y
+        _xl = _fma(_e_y, _e_y, -_xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xl)
+    _xa_n = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+    _xa_n = _xgrow(_xa, _xa_n, smooth)
+    _xd0_0 = _xvalue(_xa, _xa_n)
+    _xA0_0 = np.empty(64)
+    _xA0_0_n = 0
+    _xh = 2.0*smooth
+    _xl = _fma(2.0, smooth, -_xh)
+    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, _xh)
+    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, _xl)
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 4.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+    _xA0_1 = np.empty(64)
+    _xA0_1_n = 0
+    _xh = 2.0*smooth
+    _xl = _fma(2.0, smooth, -_xh)
+    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xh)
+    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xl)
+    _xt[0] = -1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 4.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xt[0] = -1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 2.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xa_n = 0
+        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+        _xq = _xvalue(_xa, _xa_n)
+        _xq = _xq / _xd0_0
+        _xq = _xq / _xd0_0
+        if math.isfinite(_xq):
+            _out0[_i, _k] = _w * _xq
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     """grad of row _i, times _weight[i] when given."""
     _inside = True
@@ -188,12 +391,22 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     if math.isfinite(_r3):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = 4.0*_r2 + 2.0*smooth
+    _t1_1 = 0.00048828125*smooth + 0.0009765625*abs(_r2)
     _h0 = ((1.0)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))))
     _h1 = 2.0*_r2 + smooth
+    _h2 = (_t1_0)
+    _h3 = (-2.0*_r3 - _t1_0)
+    _h4 = (_t1_1)
+    _h5 = (_t1_1 + 0.00048828125*abs(_r3))
+    _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _out0[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
+        _xflag |= abs(_e_p*_h2 + _e_y*_h3) < _e_p*_h4 + _e_y*_h5
+    if _xflag:
+        _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -290,6 +503,105 @@ def hess_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xt = np.empty(64)
+    _xu = np.empty(64)
+    _xa = np.empty(64)
+    _x_r0 = np.empty(64)
+    _x_r0_n = 0
+    _x_r1 = np.empty(64)
+    _x_r1_n = 0
+    _x_r2 = np.empty(64)
+    _x_r2_n = 0
+    _x_r3 = np.empty(64)
+    _x_r3_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xh = _e_p*_e_p
+        _xl = _fma(_e_p, _e_p, -_xh)
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _xh)
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _xl)
+        _xh = _e_y*_e_y
+        _xl = _fma(_e_y, _e_y, -_xh)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _xh)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _xl)
+        _xh = _e_p*_e_y
+        _xl = _fma(_e_p, _e_y, -_xh)
+        _x_r2_n = _xgrow(_x_r2, _x_r2_n, _xh)
+        _x_r2_n = _xgrow(_x_r2, _x_r2_n, _xl)
+        _xh = _e_p*_e_p
+        _xl = _fma(_e_p, _e_p, -_xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xl)
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r3_n = _xgrow_all(_x_r3, _x_r3_n, _xt, _xm)
+        _xh = _e_y*_e_y
+        _xl = _fma(_e_y, _e_y, -_xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xl)
+    _xa_n = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+    _xa_n = _xgrow(_xa, _xa_n, smooth)
+    _xd0_0 = _xvalue(_xa, _xa_n)
+    _xA0_0 = np.empty(64)
+    _xA0_0_n = 0
+    _xh = 2.0*smooth
+    _xl = _fma(2.0, smooth, -_xh)
+    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, _xh)
+    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, _xl)
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 4.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+    _xA0_1 = np.empty(64)
+    _xA0_1_n = 0
+    _xh = 2.0*smooth
+    _xl = _fma(2.0, smooth, -_xh)
+    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xh)
+    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xl)
+    _xt[0] = -1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 4.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xt[0] = -1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 2.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xa_n = 0
+        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+        _xq = _xvalue(_xa, _xa_n)
+        _xq = _xq / _xd0_0
+        _xq = _xq / _xd0_0
+        if math.isfinite(_xq):
+            _out0[_i, _k] = _w * _xq
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
     """grad, hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -347,17 +659,27 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _t1_1 = 4.0*_r2 + 2.0*smooth
+    _t1_2 = 0.00048828125*smooth + 0.0009765625*abs(_r2)
     _h0 = ((1.0)/(_t1_0))
     _h1 = 2.0*_r2 + smooth
     _h2 = ((1.0)/(_t1_0**3))
     _h3 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h4 = _t1_0
+    _h5 = (_t1_1)
+    _h6 = (-2.0*_r3 - _t1_1)
+    _h7 = (_t1_2)
+    _h8 = (_t1_2 + 0.00048828125*abs(_r3))
+    _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_p**2
         _out0[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
         _out1[_i, _k] = _w * (2.0*_h2*(4.0*_e_p*_e_y*_h4 + _h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
+        _xflag |= abs(_e_p*_h5 + _e_y*_h6) < _e_p*_h7 + _e_y*_h8
+    if _xflag:
+        _grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -376,6 +698,105 @@ def grad_hess_kernel_parallel(y, p, smooth, _weight, _out0, _out1):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _grad_hess_row(np.int64(_i), _n, _C, y, p, smooth, _weight, _out0, _out1)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xt = np.empty(64)
+    _xu = np.empty(64)
+    _xa = np.empty(64)
+    _x_r0 = np.empty(64)
+    _x_r0_n = 0
+    _x_r1 = np.empty(64)
+    _x_r1_n = 0
+    _x_r2 = np.empty(64)
+    _x_r2_n = 0
+    _x_r3 = np.empty(64)
+    _x_r3_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xh = _e_p*_e_p
+        _xl = _fma(_e_p, _e_p, -_xh)
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _xh)
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _xl)
+        _xh = _e_y*_e_y
+        _xl = _fma(_e_y, _e_y, -_xh)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _xh)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _xl)
+        _xh = _e_p*_e_y
+        _xl = _fma(_e_p, _e_y, -_xh)
+        _x_r2_n = _xgrow(_x_r2, _x_r2_n, _xh)
+        _x_r2_n = _xgrow(_x_r2, _x_r2_n, _xl)
+        _xh = _e_p*_e_p
+        _xl = _fma(_e_p, _e_p, -_xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xl)
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r3_n = _xgrow_all(_x_r3, _x_r3_n, _xt, _xm)
+        _xh = _e_y*_e_y
+        _xl = _fma(_e_y, _e_y, -_xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xh)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _xl)
+    _xa_n = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+    _xa_n = _xgrow(_xa, _xa_n, smooth)
+    _xd0_0 = _xvalue(_xa, _xa_n)
+    _xA0_0 = np.empty(64)
+    _xA0_0_n = 0
+    _xh = 2.0*smooth
+    _xl = _fma(2.0, smooth, -_xh)
+    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, _xh)
+    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, _xl)
+    _xt[0] = 1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 4.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+    _xA0_1 = np.empty(64)
+    _xA0_1_n = 0
+    _xh = 2.0*smooth
+    _xl = _fma(2.0, smooth, -_xh)
+    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xh)
+    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xl)
+    _xt[0] = -1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 4.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xt[0] = -1.0
+    _xm = 1
+    _xm = _xmul(_xt, _xm, 2.0, _xu)
+    _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xa_n = 0
+        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+        _xq = _xvalue(_xa, _xa_n)
+        _xq = _xq / _xd0_0
+        _xq = _xq / _xd0_0
+        if math.isfinite(_xq):
+            _out1[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -437,18 +858,28 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
+    _t1_1 = 4.0*_r2 + 2.0*smooth
+    _t1_2 = 0.00048828125*smooth + 0.0009765625*abs(_r2)
     _out0[_i] = _w * (((_r3)/(_t1_0)))
     _h0 = ((1.0)/(_t1_0))
     _h1 = 2.0*_r2 + smooth
     _h2 = ((1.0)/(_t1_0**3))
     _h3 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h4 = _t1_0
+    _h5 = (_t1_1)
+    _h6 = (-2.0*_r3 - _t1_1)
+    _h7 = (_t1_2)
+    _h8 = (_t1_2 + 0.00048828125*abs(_r3))
+    _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_p**2
         _out1[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
         _out2[_i, _k] = _w * (2.0*_h2*(4.0*_e_p*_e_y*_h4 + _h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0))))
+        _xflag |= abs(_e_p*_h5 + _e_y*_h6) < _e_p*_h7 + _e_y*_h8
+    if _xflag:
+        _loss_grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")

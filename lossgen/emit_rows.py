@@ -36,6 +36,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
+from .exact_rows import EXACT_FALLBACK, emit_fallback, plan
 from .reductions import onehot
 from .stabilise_rows import sum_parts
 from .vocabulary import group
@@ -513,21 +514,29 @@ def _emit_guard(body, spec, outs: list[str], n_row_outputs: int):
     body.emit(3, "continue")
 
 
-def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys) -> dict:
+def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
+            fallbacks=None, arguments=()) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
-    element expressions written to out[_i, _k]."""
+    element expressions written to out[_i, _k]; ``fallbacks``: {index in element_outputs:
+    exact_rows.Fallback}, the guarded exact recomputation of those outputs."""
     body = _Body(derivation, printer, keys)
     spec = derivation.spec
+    fallbacks = fallbacks or {}
     row_outputs = [body.shifts(e) for e in row_outputs]
     element_outputs = body.stash_softmax([body.shifts(e) for e in element_outputs])
     outs = [f"_out{j}" for j in range(len(row_outputs) + len(element_outputs))]
     body.bind_row()
     _emit_guard(body, spec, outs, len(row_outputs))
 
-    element_outputs, hoisted = body.hoist(element_outputs)
+    n_outputs = len(element_outputs)
+    tests = [e for f in fallbacks.values() for e in (f.numerator, f.bound)]
+    element_outputs, hoisted = body.hoist(element_outputs + tests)
+    element_outputs, tests = element_outputs[:n_outputs], element_outputs[n_outputs:]
+    if fallbacks:
+        printer.helpers_used.update(("xexact", "fma"))
     row_values = list(row_outputs) + list(hoisted)
     vector = body.plan_vector(row_values, element_outputs)
-    body.reductions_pass(row_values + element_outputs)
+    body.reductions_pass(row_values + element_outputs + tests)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
     if row_values:
         printed = body.cse(row_values, 2)
@@ -536,13 +545,30 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
         for symbol, value in zip(hoisted.values(), printed[len(row_outputs):]):
             body.emit(2, f"{symbol} = {value}")
     if element_outputs:
+        if fallbacks:
+            body.emit(2, "_xflag = False")
         body.emit(2, "for _k in range(_n):")
-        body.bind(element_outputs, 3)
+        body.bind(element_outputs + tests, 3)
         body.bind_weights(element_outputs, 3)
         printed = body.cse(element_outputs, 3, vector=vector)
         for out, value in zip(outs[len(row_outputs):], printed):
             body.emit(3, f"{out}[_i, _k] = _w * ({value})")
-    return {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots,
+        # the cancellation test of each output with a fallback, OR-ed into the row's flag (no
+        # branch); printed apart, so that the outputs' own code is what it was without it
+        flags = body.cse(tests, 3, vector=vector) if tests else []
+        for n in range(len(fallbacks)):
+            body.emit(3, f"_xflag |= abs({flags[2 * n]}) < {flags[2 * n + 1]}")
+    exact = []
+    if fallbacks:
+        # the recomputation is a function of its own, called only where the flag is set, so that
+        # the row function stays as small as without it
+        call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
+        body.emit(2, "if _xflag:")
+        body.emit(3, f"_{name}_exact({call})")
+        exact_body = _Body(derivation, printer, keys)
+        emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
+        exact = exact_body.lines
+    return {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
             "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
 
 
@@ -630,6 +656,23 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> di
                    "the predictions, times _weight[i] when given."}
 
 
+def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
+    """{(quantity, prediction index): exact_rows.Fallback} for the outputs of the quantities in
+    EXACT_FALLBACK that have the form of a quotient over row sums (lossgen/exact_rows.py)."""
+    spec = original.spec
+    reductions = {r.symbol: r for r in original.reductions}
+    if {r.symbol for r in stable.reductions} != set(reductions):
+        return {}  # the guard evaluates the derivation's numerator on the kernels' row values
+    parameters = [spec.symbols[p.name] for p in spec.params]
+    plans = {}
+    for q in EXACT_FALLBACK["quantities"]:
+        for j, (o, s) in enumerate(zip(getattr(original, q), getattr(stable, q))):
+            f = plan(o, s, reductions, original.element_symbols, parameters)
+            if f is not None:
+                plans[q, j] = f
+    return plans
+
+
 def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path: str) -> str:
     """The source of one generated row-wise module (``original`` gives the docstring's
     formulas, ``stable`` the code)."""
@@ -637,11 +680,20 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
     printer = RowPrinter()
     outputs = {"loss": [stable.loss], "grad": list(stable.grad), "hess": list(stable.hess)}
     keys = tie_keys(original)
+    plans = _fallback_plans(original, stable)
     kernels = []
     for name, quantities in ROW_KERNELS.items():
         row_outputs = outputs["loss"] if "loss" in quantities else []
-        element_outputs = [e for q in quantities if q != "loss" for e in outputs[q]]
-        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys))
+        element_quantities = [q for q in quantities if q != "loss"]
+        element_outputs = [e for q in element_quantities for e in outputs[q]]
+        fallbacks, at = {}, 0
+        for q in element_quantities:
+            for j in range(len(outputs[q])):
+                if (q, j) in plans:
+                    fallbacks[at + j] = plans[q, j]
+            at += len(outputs[q])
+        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks,
+                               [i.name for i in spec.inputs] + [p.name for p in spec.params]))
     kernels.append(_block_kernel(stable, printer, product=True, keys=keys))
     kernels.append(_block_kernel(stable, printer, product=False, keys=keys))
     arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]

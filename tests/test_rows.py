@@ -71,10 +71,12 @@ OTHER_SIZES, OTHER_POINTS = (1, 3), 3
 OTHER_SET_GAPS = {
     ("dice", "smooth", 0.0): "without smooth, rows of tiny p and y (1e-16, 1e-300) make the row sums tiny "
                              "against the terms of the Hessian's forms (relative error 1.2 at C = 3, y = (1e-16, "
-                             "0, 1e-16), p = (1, 1e-300, 1/2)); the gradient keeps its digits (gradient_share)",
-    ("soft_jaccard", "smooth", 0.0): "as dice at smooth = 0: the Hessian (8e15 at C = 3, the affine basis 1 - y) "
-                                     "and the gradient (1.0) at that row",
-    ("tversky", "smooth", 0.0): "as dice at smooth = 0: gradient and Hessian 0.25 at that row (C = 3)",
+                             "0, 1e-16), p = (1, 1e-300, 1/2)); the gradient keeps its digits (gradient_share, "
+                             "and the exact fallback of exact_rows.py where its numerator cancels)",
+    ("soft_jaccard", "smooth", 0.0): "as dice at smooth = 0: the Hessian (8e15 at C = 3, the affine basis 1 - y); "
+                                     "the gradient meets the bound there since the exact fallback",
+    ("tversky", "smooth", 0.0): "as dice at smooth = 0: the Hessian 0.08 at C = 3 (the gradient meets the bound "
+                                "there since the exact fallback)",
     ("triplet_margin", "eps", 0.0): "a difference below 1.5e-162 (a = -1e-300, n = 1e-300 at C = 1): its square "
                                     "underflows, the norm is 0 and (a - n)/d(a, n) is inf where the truth is "
                                     "sign(a - n) = -1 (contrastive's norm alike, at rows this sample does not hold)",
@@ -155,6 +157,50 @@ def test_overlap_gradients_without_smooth_keep_their_digits(name):
         rows = check_size(lossgen.get(name), spec, len(y), [{"y": np.array(y), "p": np.array(p)}], params)
         failures = [r for r in rows if r.output.startswith("grad") and not r.ok(RELATIVE_TOLERANCE)]
         assert not failures, "\n" + format_report(failures)
+
+
+# Rows where a gradient of an overlap loss, N(k)/D^2, has a numerator N(k) whose terms of size 1
+# cancel far below them (Tversky's at beta = 0: 0.5 (FP - N) with FP - N = -2e-300 at the first
+# row; the same with other classes beside it at C = 7). The kernels' test |N| < 2^-10 B fires
+# there and the row's flagged elements are recomputed as exact monomial sums (exact_rows.py);
+# the fast form alone had relative error 1.0 at the first row (lossgen verify tversky before).
+EXACT_FALLBACK_ROWS = [
+    ("tversky", {"alpha": 0.3, "beta": 0.0, "smooth": 1.0}, [0.5, 1e-300], [1 - 2.0**-53, 1.0]),
+    ("tversky", {"alpha": 0.3, "beta": 0.0, "smooth": 1.0},
+     [0.5, 1e-300, 0.25, 0.0, 0.75, 1e-16, 0.0], [1 - 2.0**-53, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    ("soft_jaccard", {"smooth": 0.0}, [1e-16, 1e-16, 1e-16, 0.5, 1e-16, 1e-16, 1.0],
+     [1 - 2.0**-53, 0.5, 0.5, 0.0, 0.0, 1 - 2.0**-53, 1e-16]),
+    ("dice", {"smooth": 0.0}, [1e-16, 1e-16, 1e-16, 0.5, 1e-16, 1e-16, 1.0],
+     [1 - 2.0**-53, 0.5, 0.5, 0.0, 0.0, 1 - 2.0**-53, 1e-16]),
+]
+
+
+@pytest.mark.parametrize("name, params, y, p", EXACT_FALLBACK_ROWS,
+                         ids=[f"{n}-C{len(y)}" for n, _, y, _ in EXACT_FALLBACK_ROWS])
+def test_overlap_gradients_where_the_exact_fallback_fires(name, params, y, p):
+    """The gradient (in every kernel that writes it) on rows where its numerator cancels, against
+    mpmath's derivative of the loss written out (verify_rows.check_size)."""
+    spec = load_spec(ROW_PATHS[name])
+    rows = check_size(lossgen.get(name), spec, len(y), [{"y": np.array(y), "p": np.array(p)}],
+                      {**_defaults(spec), **params})
+    grads = [r for r in rows if r.output.startswith("grad") and not r.output.startswith("grad vs")]
+    assert grads
+    failures = [r for r in grads if not r.ok(RELATIVE_TOLERANCE)]
+    assert not failures, "\n" + format_report(failures)
+
+
+def test_exact_fallback_applies_by_form():
+    """The fallback's rule (lossgen/exact_rows.py) picks outputs by their form alone: the overlap
+    losses' gradients (quotients over sums of polynomial summands), not a softmax's or a norm's."""
+    from lossgen.derive_rows import derive_rows
+    from lossgen.emit_rows import _fallback_plans
+    from lossgen.stabilise_rows import stabilise_rows
+    planned = set()
+    for name in ("dice", "soft_jaccard", "tversky", "combo", "softmax_cross_entropy", "cosine_proximity"):
+        derivation = derive_rows(load_spec(ROW_PATHS[name]))
+        if _fallback_plans(derivation, stabilise_rows(derivation)):
+            planned.add(name)
+    assert planned == {"dice", "soft_jaccard", "tversky", "combo"}
 
 
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
