@@ -184,18 +184,16 @@ def test_branch_local_code_computes_what_the_expressions_say(case):
 
 
 def test_an_even_function_of_u_and_of_minus_u_is_computed_once():
-    """y*logcosh(-x/2) + (1 - y)*logcosh(x/2) (binary cross-entropy on logits near 0): the
+    """y*logcosh(-x/2) + (1 - y)*logcosh(x/2) (the middle branch of a softplus split): the
     emitter writes both as logcosh(x/2), and the kernel calls it once, with the same values
-    (the helper starts from |x|, so the two are equal bit for bit)."""
+    (the helper starts from |x|, so the two are equal bit for bit). Binary cross-entropy on
+    logits, whose loss took that branch until its big parts were found to keep one sign there
+    (stabilise._one_sign), keeps its digits near 0 either way."""
     x, y = sp.symbols("x y", real=True)
     expr = y * logcosh(-x / 2) + (1 - y) * logcosh(x / 2)
     lines, returned = kernel_code([expr], NumbaPrinter())
     source = "\n".join(lines + [returned])
     assert source.count("_logcosh_from(") == 1, source
-    rendered = generation.build_module(load_spec(SPECS_DIR / "classification" / "binary_cross_entropy_logits.toml"),
-                                       "binary_cross_entropy_logits.toml")
-    loss_scalar = rendered.split("def loss_scalar(")[1].split("\n@")[0]
-    assert loss_scalar.count("logcosh_from(") == 1, loss_scalar  # _vlogcosh_from: the loop vectorises
     bce = lossgen.get("binary_cross_entropy_logits")
     logits = np.array([-1.0, -0.3, 0.0, 1e-300, 0.7, 1.0])
     for label in (0.0, 0.25, 1.0):
