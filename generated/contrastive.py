@@ -47,6 +47,57 @@ SPEC = {
 }
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _two_scaled(x, n):
+    """x * 2**n (a norm's binary scale): x itself at n = 0, else ldexp, exact and without an
+    inf or 0 on the way where the result is a normal float."""
+    if n == 0:
+        return x
+    return math.ldexp(x, int(n))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scaled_squares(g, r, hi, error):
+    """A norm's sum of squares sum(g**2) again, in the binary scale of the row's largest |g_k|
+    (its power of two, within 2**-1020 ... 2**1020), for a row whose sum left the safe range:
+    (the compensated sum, its running part, its error, the exponent e, 2**-e); the sum as it was
+    where g is 0 or not finite."""
+    top = 0.0
+    for k in range(g.shape[0]):
+        top = max(top, abs(g[k]))
+    if not (top > 0.0 and top <= 1.7976931348623157e+308):
+        return r, hi, error, 0, 1.0
+    e = min(max(math.frexp(top)[1], -1020), 1020)
+    q = math.ldexp(1.0, -e)
+    total, error = 0.0, 0.0
+    for k in range(g.shape[0]):
+        s = (g[k] * q)**2
+        x = total + s
+        z = x - total
+        error += (total - (x - z)) + (s - z)
+        total = x
+    hi = total
+    if math.isfinite(total):
+        total += error
+    return total, hi, error, e, q
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scaled_products(u, v, q):
+    """sum(u*v) with each factor times q (a power of two): a pair's mixed sum in its scale."""
+    total, error = 0.0, 0.0
+    for k in range(u.shape[0]):
+        s = (u[k] * q) * (v[k] * q)
+        x = total + s
+        z = x - total
+        error += (total - (x - z)) + (s - z)
+        total = x
+    hi = total
+    if math.isfinite(total):
+        total += error
+    return total, hi, error
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -67,7 +118,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -96,11 +147,61 @@ def _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
     if math.isfinite(_r0):
         _r0 += _r0_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _loss_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0)
+        return
     if (_row_y > 0.0):
         _b1_0 = ((_r0)/(2.0))
     else:
         _t1_0 = math.sqrt(_r0)
         _b1_0 = (((((-_t1_0 + m)**2) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _out0[_i] = _w * (_b1_0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
+    """loss of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    if (_row_y > 0.0):
+        _b1_0 = _two_scaled(((_r0)/(2.0)), 2*_r0_e)
+    else:
+        _t1_0 = math.sqrt(_r0)
+        _b1_0 = (((((m + _two_scaled(-_t1_0, _r0_e))**2) if (m >= _two_scaled(_t1_0, _r0_e)) else (0.0)))/(2.0))
     _out0[_i] = _w * (_b1_0)
 
 
@@ -122,7 +223,7 @@ def loss_kernel_parallel(y, x1, x2, m, eps, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     """grad of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -163,12 +264,78 @@ def _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _grad_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
+        return
     _t1_0 = math.sqrt(_r0)
-    _h0 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h0 = 1/2
+    _h1 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = 2.0*(eps + (_e_x1 - _e_x2))*((1/2) if (_row_y > 0.0) else (_h0))
+        _t2_0 = 2.0*(eps + (_e_x1 - _e_x2))*((_h0) if (_row_y > 0.0) else (_h1))
+        _out0[_i, _k] = _w * (_t2_0)
+        _out1[_i, _k] = _w * (-_t2_0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
+    """grad of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _h0 = _two_scaled(1/2, _r0_e)
+    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if (m >= _two_scaled(_t1_0, _r0_e)) else (0.0)))/(2.0))
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t2_0 = 2.0*((_h0) if (_row_y > 0.0) else (_h1))*((eps + (_e_x1 - _e_x2)) * _r0_Pinv)
         _out0[_i, _k] = _w * (_t2_0)
         _out1[_i, _k] = _w * (-_t2_0)
 
@@ -191,7 +358,7 @@ def grad_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1):
         _grad_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -232,6 +399,9 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
+        return
     _t1_0 = math.sqrt(_r0)
     _h0 = ((m)/(_t1_0))
     _h1 = _t1_0
@@ -242,6 +412,71 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
         _t2_1 = (_row_y > 0.0)
         _t2_2 = (_r0_l1 > 0.0)
         _t2_3 = ((1.0) if _t2_0 or _t2_1 else (0.0)) + ((0.0) if _t2_1 else (((_h0) if _t2_2 else (0.0))) if _t2_0 else (0.0))*((((((eps + (_e_x1 - _e_x2))**2)/(_r0))) if _t2_2 else (0.0)) - 1.0)
+        _out0[_i, _k] = _w * (_t2_3)
+        _out1[_i, _k] = _w * (_t2_3)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
+    """hess of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _h0 = _two_scaled(((m)/(_t1_0)), -_r0_e)
+    _h1 = _two_scaled(_t1_0, _r0_e)
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t2_0 = (_h1 <= m)
+        _t2_1 = (_row_y > 0.0)
+        _t2_2 = (_r0_l1 > 0.0)
+        _t2_3 = ((1.0) if _t2_0 or _t2_1 else (0.0)) + ((0.0) if _t2_1 else (((_h0) if _t2_2 else (0.0))) if _t2_0 else (0.0))*(((((((eps + (_e_x1 - _e_x2)) * _r0_Pinv)**2)/(_r0))) if _t2_2 else (0.0)) - 1.0)
         _out0[_i, _k] = _w * (_t2_3)
         _out1[_i, _k] = _w * (_t2_3)
 
@@ -264,7 +499,7 @@ def hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1):
         _hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
     """grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -307,19 +542,98 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
+        return
     _t1_0 = math.sqrt(_r0)
-    _h0 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
-    _h1 = ((m)/(_t1_0))
-    _h2 = _t1_0
+    _h0 = 1/2
+    _h1 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h2 = ((m)/(_t1_0))
+    _h3 = _t1_0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         _t2_0 = eps + (_e_x1 - _e_x2)
         _t2_1 = (_row_y > 0.0)
-        _t2_2 = 2.0*_t2_0*((1/2) if _t2_1 else (_h0))
-        _t2_3 = (_h2 <= m)
+        _t2_2 = 2.0*_t2_0*((_h0) if _t2_1 else (_h1))
+        _t2_3 = (_h3 <= m)
         _t2_4 = (_r0_l1 > 0.0)
-        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h1) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _out0[_i, _k] = _w * (_t2_2)
+        _out1[_i, _k] = _w * (-_t2_2)
+        _out2[_i, _k] = _w * (_t2_5)
+        _out3[_i, _k] = _w * (_t2_5)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
+    """grad, hess of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = -_r0_e
+    _t1_2 = _two_scaled(_t1_0, _r0_e)
+    _h0 = _two_scaled(1/2, _r0_e)
+    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), _t1_1)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if (_t1_2 <= m) else (0.0)))/(2.0))
+    _h2 = _two_scaled(((m)/(_t1_0)), _t1_1)
+    _h3 = _t1_2
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t2_0 = (_row_y > 0.0)
+        _t2_1 = ((eps + (_e_x1 - _e_x2)) * _r0_Pinv)
+        _t2_2 = 2.0*_t2_1*((_h0) if _t2_0 else (_h1))
+        _t2_3 = (_h3 <= m)
+        _t2_4 = (_r0_l1 > 0.0)
+        _t2_5 = ((1.0) if _t2_0 or _t2_3 else (0.0)) + ((0.0) if _t2_0 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_1**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
         _out0[_i, _k] = _w * (_t2_2)
         _out1[_i, _k] = _w * (-_t2_2)
         _out2[_i, _k] = _w * (_t2_5)
@@ -344,7 +658,7 @@ def grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _
         _grad_hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
@@ -388,6 +702,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _loss_grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_2 = (m >= _t1_0)
     if _t1_2:
@@ -398,18 +715,97 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
         _b1_0 = 0.0
         _b1_1 = 0.0
     _out0[_i] = _w * (((((_r0)/(2.0))) if (_row_y > 0.0) else (((_b1_0)/(2.0)))))
-    _h0 = ((_b1_1)/(2.0))
-    _h1 = ((m)/(_t1_0))
-    _h2 = _t1_0
+    _h0 = 1/2
+    _h1 = ((_b1_1)/(2.0))
+    _h2 = ((m)/(_t1_0))
+    _h3 = _t1_0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         _t2_0 = eps + (_e_x1 - _e_x2)
         _t2_1 = (_row_y > 0.0)
-        _t2_2 = 2.0*_t2_0*((1/2) if _t2_1 else (_h0))
-        _t2_3 = (_h2 <= m)
+        _t2_2 = 2.0*_t2_0*((_h0) if _t2_1 else (_h1))
+        _t2_3 = (_h3 <= m)
         _t2_4 = (_r0_l1 > 0.0)
-        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h1) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _out1[_i, _k] = _w * (_t2_2)
+        _out2[_i, _k] = _w * (-_t2_2)
+        _out3[_i, _k] = _w * (_t2_5)
+        _out4[_i, _k] = _w * (_t2_5)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4):
+    """loss, grad, hess of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        _out4[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = _two_scaled(_t1_0, _r0_e)
+    _t1_2 = (m >= _t1_1)
+    _t1_3 = -_r0_e
+    _out0[_i] = _w * (((_two_scaled(((_r0)/(2.0)), 2*_r0_e)) if (_row_y > 0.0) else ((((((m + _two_scaled(-_t1_0, _r0_e))**2) if _t1_2 else (0.0)))/(2.0)))))
+    _h0 = _two_scaled(1/2, _r0_e)
+    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), _t1_3)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if _t1_2 else (0.0)))/(2.0))
+    _h2 = _two_scaled(((m)/(_t1_0)), _t1_3)
+    _h3 = _t1_1
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t2_0 = (_row_y > 0.0)
+        _t2_1 = ((eps + (_e_x1 - _e_x2)) * _r0_Pinv)
+        _t2_2 = 2.0*_t2_1*((_h0) if _t2_0 else (_h1))
+        _t2_3 = (_h3 <= m)
+        _t2_4 = (_r0_l1 > 0.0)
+        _t2_5 = ((1.0) if _t2_0 or _t2_3 else (0.0)) + ((0.0) if _t2_0 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_1**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
         _out1[_i, _k] = _w * (_t2_2)
         _out2[_i, _k] = _w * (-_t2_2)
         _out3[_i, _k] = _w * (_t2_5)
@@ -434,7 +830,7 @@ def loss_grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _ou
         _loss_grad_hess_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
@@ -475,6 +871,9 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+        return
     _t1_0 = math.sqrt(_r0)
     _h0 = ((m)/(_t1_0))
     _h1 = _t1_0
@@ -524,6 +923,107 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = -_r0_e
+    _t1_2 = _two_scaled(_t1_0, _r0_e)
+    _h0 = _two_scaled(((m)/(_t1_0)), _t1_1)
+    _h1 = _t1_2
+    _h2 = _two_scaled(((-m)/(_t1_0)), _t1_1)
+    _h3 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), _t1_1)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_2 <= m) else (0.0)))/(2.0))
+    _scratch = np.empty((12, _n))
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t2_0 = (_h1 <= m)
+        _t2_1 = (_row_y > 0.0)
+        _t2_2 = _t2_0 or _t2_1
+        _t2_3 = (_r0_l1 > 0.0)
+        _t2_4 = -_e_x2
+        _t2_5 = ((eps + (_e_x1 + _t2_4)) * _r0_Pinv)
+        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
+        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
+        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
+        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
+        _t2_10 = 2.0*((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))) * _r0_Pinv)
+        _t2_11 = -2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))) * _r0_Pinv)
+        _t2_12 = -_t2_9
+        _scratch[0, _k] = _t2_7
+        _scratch[1, _k] = _t2_8
+        _scratch[2, _k] = _t2_8
+        _scratch[3, _k] = _t2_7
+        _scratch[4, _k] = _t2_9
+        _scratch[5, _k] = _t2_10
+        _scratch[6, _k] = _t2_9
+        _scratch[7, _k] = _t2_11
+        _scratch[8, _k] = _t2_12
+        _scratch[9, _k] = _t2_10
+        _scratch[10, _k] = _t2_12
+        _scratch[11, _k] = _t2_11
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        _out1[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]
+            _out0[_i, _j] += _w * _h * _v_x1[_i, _l]
+            _h = _scratch[1, _j] if _j == _l else _scratch[6, _j] * _scratch[7, _l]
+            _out0[_i, _j] += _w * _h * _v_x2[_i, _l]
+            _h = _scratch[2, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l]
+            _out1[_i, _j] += _w * _h * _v_x1[_i, _l]
+            _h = _scratch[3, _j] if _j == _l else _scratch[10, _j] * _scratch[11, _l]
+            _out1[_i, _j] += _w * _h * _v_x2[_i, _l]
+
+
+@numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
     """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
@@ -541,7 +1041,7 @@ def hvp_kernel_parallel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
         _hvp_row(np.int64(_i), _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
@@ -584,6 +1084,9 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _hess_full_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
+        return
     _t1_0 = math.sqrt(_r0)
     _h0 = ((m)/(_t1_0))
     _h1 = _t1_0
@@ -605,6 +1108,107 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
         _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
         _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
+        _t2_12 = -_t2_9
+        _scratch[0, _k] = _t2_7
+        _scratch[1, _k] = _t2_8
+        _scratch[2, _k] = _t2_8
+        _scratch[3, _k] = _t2_7
+        _scratch[4, _k] = _t2_9
+        _scratch[5, _k] = _t2_10
+        _scratch[6, _k] = _t2_9
+        _scratch[7, _k] = _t2_11
+        _scratch[8, _k] = _t2_12
+        _scratch[9, _k] = _t2_10
+        _scratch[10, _k] = _t2_12
+        _scratch[11, _k] = _t2_11
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]
+            _out0[_i, _j, _l] = _w * _h
+            _h = _scratch[1, _j] if _j == _l else _scratch[6, _j] * _scratch[7, _l]
+            _out1[_i, _j, _l] = _w * _h
+            _h = _scratch[2, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l]
+            _out2[_i, _j, _l] = _w * _h
+            _h = _scratch[3, _j] if _j == _l else _scratch[10, _j] * _scratch[11, _l]
+            _out3[_i, _j, _l] = _w * _h
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _row_y = y[_i]
+    _inside = True
+    if not (_row_y == 0.0 or _row_y == 1.0):
+        _inside = False
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t0_0 = -_e_x2
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_e_x1 + _t0_0 + eps)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = -_r0_e
+    _t1_2 = _two_scaled(_t1_0, _r0_e)
+    _h0 = _two_scaled(((m)/(_t1_0)), _t1_1)
+    _h1 = _t1_2
+    _h2 = _two_scaled(((-m)/(_t1_0)), _t1_1)
+    _h3 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), _t1_1)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_2 <= m) else (0.0)))/(2.0))
+    _scratch = np.empty((12, _n))
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _t2_0 = (_h1 <= m)
+        _t2_1 = (_row_y > 0.0)
+        _t2_2 = _t2_0 or _t2_1
+        _t2_3 = (_r0_l1 > 0.0)
+        _t2_4 = -_e_x2
+        _t2_5 = ((eps + (_e_x1 + _t2_4)) * _r0_Pinv)
+        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
+        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
+        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
+        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
+        _t2_10 = 2.0*((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))) * _r0_Pinv)
+        _t2_11 = -2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))) * _r0_Pinv)
         _t2_12 = -_t2_9
         _scratch[0, _k] = _t2_7
         _scratch[1, _k] = _t2_8

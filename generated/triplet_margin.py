@@ -48,6 +48,57 @@ SPEC = {
 }
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _two_scaled(x, n):
+    """x * 2**n (a norm's binary scale): x itself at n = 0, else ldexp, exact and without an
+    inf or 0 on the way where the result is a normal float."""
+    if n == 0:
+        return x
+    return math.ldexp(x, int(n))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scaled_squares(g, r, hi, error):
+    """A norm's sum of squares sum(g**2) again, in the binary scale of the row's largest |g_k|
+    (its power of two, within 2**-1020 ... 2**1020), for a row whose sum left the safe range:
+    (the compensated sum, its running part, its error, the exponent e, 2**-e); the sum as it was
+    where g is 0 or not finite."""
+    top = 0.0
+    for k in range(g.shape[0]):
+        top = max(top, abs(g[k]))
+    if not (top > 0.0 and top <= 1.7976931348623157e+308):
+        return r, hi, error, 0, 1.0
+    e = min(max(math.frexp(top)[1], -1020), 1020)
+    q = math.ldexp(1.0, -e)
+    total, error = 0.0, 0.0
+    for k in range(g.shape[0]):
+        s = (g[k] * q)**2
+        x = total + s
+        z = x - total
+        error += (total - (x - z)) + (s - z)
+        total = x
+    hi = total
+    if math.isfinite(total):
+        total += error
+    return total, hi, error, e, q
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _scaled_products(u, v, q):
+    """sum(u*v) with each factor times q (a power of two): a pair's mixed sum in its scale."""
+    total, error = 0.0, 0.0
+    for k in range(u.shape[0]):
+        s = (u[k] * q) * (v[k] * q)
+        x = total + s
+        z = x - total
+        error += (total - (x - z)) + (s - z)
+        total = x
+    hi = total
+    if math.isfinite(total):
+        total += error
+    return total, hi, error
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -68,7 +119,7 @@ def _sum_finish(state):
     return state[0] + state[1]
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _inside = True
@@ -117,7 +168,98 @@ def _loss_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _loss_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0)
+        return
     _t1_0 = ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1)))
+    _t1_1 = (_r0 > 0.0) or (_r1 > 0.0)
+    _out0[_i] = _w * (((margin + ((_t1_0) if _t1_1 else (0.0))) if (((_t1_0 + margin >= 0.0)) if _t1_1 else ((margin >= 0.0))) else (0.0)))
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _loss_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
+    """loss of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e)
     _t1_1 = (_r0 > 0.0) or (_r1 > 0.0)
     _out0[_i] = _w * (((margin + ((_t1_0) if _t1_1 else (0.0))) if (((_t1_0 + margin >= 0.0)) if _t1_1 else ((margin >= 0.0))) else (0.0)))
 
@@ -140,7 +282,7 @@ def loss_kernel_parallel(a, p, n, margin, eps, _weight, _out0):
         _loss_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     """grad of row _i, times _weight[i] when given."""
     _inside = True
@@ -213,6 +355,9 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _h0 = _t1_0
@@ -259,6 +404,158 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
+    """grad of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = math.sqrt(_r1)
+    _h0 = _t1_0
+    _h1 = _t1_1
+    _h2 = margin + _two_scaled(((_r2)/(_two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e))), _r0_r1_e)
+    _h3 = ((1.0)/(2.0*_t1_0))
+    _h4 = ((-1.0)/(2.0*_t1_1))
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t2_9 = math.sqrt(_r0)
+        _t2_10 = math.sqrt(_r1)
+        _t2_13 = (_r0_l1 > 0.0)
+        _t2_14 = (_r1_l1 > 0.0)
+        _t2_18 = (_h2 >= 0.0)
+        _t2_19 = (margin >= 0.0)
+        _t2_20 = (_r0 > 0.0)
+        _t2_21 = (_r1 > 0.0)
+        _t2_22 = -_e_a
+        _t2_23 = -eps
+        _t2_24 = (((margin + _two_scaled(((_r2)/(_two_scaled(_t2_10, _r1_rho_e) + _two_scaled(_t2_9, _r0_rho_e))), _r0_r1_e) >= 0.0)) if _t2_20 or _t2_21 else (_t2_19))
+        if (_t2_18 or (_r0 <= 0.0)) and (_t2_18 or (_r1 <= 0.0)) and (_t2_19 or _t2_20 or _t2_21):
+            _t2_0 = -_e_p
+            _t2_1 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
+            _t2_2 = _t2_1**2
+            _t2_3 = ((_e_n + _t2_0) * _r0_r1_Pinv)
+            _t2_4 = 2.0*_e_a
+            _t2_5 = 2.0*eps
+            _t2_6 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
+            _t2_7 = -_e_n
+            _t2_8 = ((_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_7), _t2_0))) * _r0_r1_Pinv)
+            _t2_11 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_7))) * _r1_Pinv)
+            _t2_12 = _t2_10*_t2_9*(_h0*_t2_11 + _h1*_t2_1)
+            _t2_15 = _t2_13 and _t2_14
+            _t2_16 = (_t2_1*_t2_11 > 0.0)
+            _t2_17 = _t2_11**2
+            _b2_0 = ((((_two_scaled(((-_t2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_t2_3*((-_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t2_4), -_t2_5), _e_n), _e_p))) * _r0_r1_Pinv)), _r2_error)) + _t2_3*_t2_6*_t2_8)/(_t2_12)), -2*_r1_rho_e)) if _t2_15 else (0.0))) if _t2_16 and (abs(_t2_3) <= ((abs(_t2_8))/(2.0))) else (((((-_t2_17*_t2_6 + _t2_2*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_17), _r1_error)))/(_t2_12))) if _t2_15 else (0.0))) if _t2_16 else (((((_t2_1)/(_t2_9))) if _t2_13 else (0.0)) + ((((-_t2_11)/(_t2_10))) if _t2_14 else (0.0))))
+        else:
+            _b2_0 = 0.0
+        _out0[_i, _k] = _w * (_b2_0)
+        _out1[_i, _k] = _w * (-2.0*((((_h3) if _t2_13 else (0.0))) if _t2_24 else (0.0))*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_22), _t2_23), _e_p))) * _r0_Pinv))
+        _out2[_i, _k] = _w * (-2.0*((((_h4) if _t2_14 else (0.0))) if _t2_24 else (0.0))*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_22), _t2_23), _e_n))) * _r1_Pinv))
+
+
+@numba.njit(cache=True, error_model="numpy")
 def grad_kernel(a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     """grad of each row, times _weight[i] when given. In the calling thread."""
     _n = a.shape[1]
@@ -276,7 +573,7 @@ def grad_kernel_parallel(a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _grad_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     """hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -349,21 +646,27 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _t1_0 + _t1_1
     _h0 = ((1.0)/(_t1_2))
     _h1 = _r0 + _r1 + _t1_0*_t1_1
-    _h2 = margin + ((_r2)/(_t1_2))
+    _h2 = 0.0
+    _h3 = margin + ((_r2)/(_t1_2))
+    _h4 = 0.0
+    _h5 = 0.0
     for _k in range(_n):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_9 = (_h2 >= 0.0)
+        _t2_9 = (_h3 >= 0.0)
         _t2_10 = (_t2_9 or (_r0 <= 0.0)) and (_t2_9 or (_r1 <= 0.0)) and ((margin >= 0.0) or (_r0 > 0.0) or (_r1 > 0.0))
         if _t2_10:
             _t2_0 = -_e_p
-            _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -(-_e_n - _t2_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
+            _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), (_e_n + _t2_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
             _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))**2), _r0_error))
             _t2_3 = _r0**(3/2)
             _t2_4 = (_r0_l1 > 0.0)
@@ -374,6 +677,151 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
             _b2_0 = ((((((_t2_1 + ((((-_h0*_h1*_r2*_t2_2)/(_t2_3))) if _t2_4 else (0.0)))/(_t2_5))) if _t2_6 else (0.0))) if (_t2_2 >= 2.0*abs(_t2_1)) else (_t2_7 + _t2_8))
             _b2_1 = _t2_7
             _b2_2 = _t2_8
+        else:
+            _b2_0 = 0.0
+            _b2_1 = 0.0
+            _b2_2 = 0.0
+        _out0[_i, _k] = _w * (_b2_0)
+        _out1[_i, _k] = _w * (_b2_1)
+        _out2[_i, _k] = _w * (_b2_2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
+    """hess of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = math.sqrt(_r1)
+    _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
+    _h0 = ((1.0)/(_t1_2))
+    _h1 = _two_scaled(_r0, 2*_r0_rho_e) + _two_scaled(_r1, 2*_r1_rho_e) + _two_scaled(_t1_0*_t1_1, _r0_rho_e + _r1_rho_e)
+    _h2 = -_r0_r1_e - 3.0*_r1_rho_e
+    _h3 = margin + _two_scaled(((_r2)/(_t1_2)), _r0_r1_e)
+    _h4 = -_r0_r1_e - _r0_rho_e
+    _h5 = -_r0_r1_e - _r1_rho_e
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t2_10 = (_h3 >= 0.0)
+        _t2_11 = (_t2_10 or (_r0 <= 0.0)) and (_t2_10 or (_r1 <= 0.0)) and ((margin >= 0.0) or (_r0 > 0.0) or (_r1 > 0.0))
+        if _t2_11:
+            _t2_0 = -_e_p
+            _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -((_e_n + _t2_0) * _r0_r1_Pinv)*((-_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))) * _r0_r1_Pinv)), _r2_error))
+            _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)**2), _r0_error))
+            _t2_3 = _r0**(3/2)
+            _t2_4 = -_r0_rho_e
+            _t2_5 = (_r0_l1 > 0.0)
+            _t2_6 = _r1**(3/2)
+            _t2_7 = (_r1_l1 > 0.0)
+            _t2_8 = ((_t2_2)/(_t2_3))
+            _t2_9 = ((-_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))) * _r1_Pinv)**2), _r1_error)))/(_t2_6))
+            _b2_0 = ((((_two_scaled(((_t2_1 + ((_two_scaled(((-_h0*_h1*_r2*_t2_2)/(_t2_3)), _t2_4)) if _t2_5 else (0.0)))/(_t2_6)), _h2)) if _t2_7 else (0.0))) if (abs(_t2_1) <= (1/2)*_two_scaled(_t2_2, 2*_r0_rho_e)) else (_two_scaled(((_two_scaled(_t2_8, _t2_4)) if _t2_5 else (0.0)) + ((_two_scaled(_t2_9, -_r1_rho_e)) if _t2_7 else (0.0)), -_r0_r1_e)))
+            _b2_1 = ((_two_scaled(_t2_8, _h4)) if _t2_5 else (0.0))
+            _b2_2 = ((_two_scaled(_t2_9, _h5)) if _t2_7 else (0.0))
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
@@ -401,7 +849,7 @@ def hess_kernel_parallel(a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _hess_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5):
     """grad, hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -477,6 +925,9 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _t1_0 + _t1_1
@@ -487,6 +938,9 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
     _h4 = ((-1.0)/(2.0*_t1_1))
     _h5 = ((1.0)/(_t1_2))
     _h6 = _r0 + _r1 + _t1_0*_t1_1
+    _h7 = 0.0
+    _h8 = 0.0
+    _h9 = 0.0
     for _k in range(_n):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
@@ -542,6 +996,184 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5):
+    """grad, hess of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        _out4[_i, ...] = math.nan
+        _out5[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = math.sqrt(_r1)
+    _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
+    _h0 = _t1_0
+    _h1 = _t1_1
+    _h2 = margin + _two_scaled(((_r2)/(_t1_2)), _r0_r1_e)
+    _h3 = ((1.0)/(2.0*_t1_0))
+    _h4 = ((-1.0)/(2.0*_t1_1))
+    _h5 = ((1.0)/(_t1_2))
+    _h6 = _two_scaled(_r0, 2*_r0_rho_e) + _two_scaled(_r1, 2*_r1_rho_e) + _two_scaled(_t1_0*_t1_1, _r0_rho_e + _r1_rho_e)
+    _h7 = -_r0_r1_e - 3.0*_r1_rho_e
+    _h8 = -_r0_r1_e - _r0_rho_e
+    _h9 = -_r0_r1_e - _r1_rho_e
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t2_10 = math.sqrt(_r0)
+        _t2_11 = math.sqrt(_r1)
+        _t2_14 = (_r0_l1 > 0.0)
+        _t2_15 = (_r1_l1 > 0.0)
+        _t2_20 = (_h2 >= 0.0)
+        _t2_21 = (margin >= 0.0)
+        _t2_22 = (_r0 > 0.0)
+        _t2_23 = (_r1 > 0.0)
+        _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
+        _t2_25 = -_e_a
+        _t2_26 = -eps
+        _t2_27 = (((margin + _two_scaled(((_r2)/(_two_scaled(_t2_10, _r0_rho_e) + _two_scaled(_t2_11, _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        if _t2_24:
+            _t2_0 = -_e_p
+            _t2_1 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
+            _t2_2 = _t2_1**2
+            _t2_3 = ((_e_n + _t2_0) * _r0_r1_Pinv)
+            _t2_4 = 2.0*_e_a
+            _t2_5 = 2.0*eps
+            _t2_6 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_t2_3*((-_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t2_4), -_t2_5), _e_n), _e_p))) * _r0_r1_Pinv)), _r2_error))
+            _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
+            _t2_8 = -_e_n
+            _t2_9 = ((_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))) * _r0_r1_Pinv)
+            _t2_12 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))) * _r1_Pinv)
+            _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
+            _t2_16 = _t2_14 and _t2_15
+            _t2_17 = (_t2_1*_t2_12 > 0.0)
+            _t2_18 = _t2_12**2
+            _t2_19 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_18), _r1_error))
+            _t2_28 = _r0**(3/2)
+            _t2_29 = -_r0_rho_e
+            _t2_30 = _r1**(3/2)
+            _t2_31 = ((_t2_7)/(_t2_28))
+            _t2_32 = ((-_t2_19)/(_t2_30))
+            _b2_0 = ((((_two_scaled(((-_t2_2*_t2_6 + _t2_3*_t2_7*_t2_9)/(_t2_13)), -2*_r1_rho_e)) if _t2_16 else (0.0))) if _t2_17 and (abs(_t2_3) <= ((abs(_t2_9))/(2.0))) else (((((-_t2_18*_t2_7 + _t2_19*_t2_2)/(_t2_13))) if _t2_16 else (0.0))) if _t2_17 else (((((_t2_1)/(_t2_10))) if _t2_14 else (0.0)) + ((((-_t2_12)/(_t2_11))) if _t2_15 else (0.0))))
+            _b2_1 = ((((_two_scaled(((_t2_6 + ((_two_scaled(((-_h5*_h6*_r2*_t2_7)/(_t2_28)), _t2_29)) if _t2_14 else (0.0)))/(_t2_30)), _h7)) if _t2_15 else (0.0))) if (abs(_t2_6) <= (1/2)*_two_scaled(_t2_7, 2*_r0_rho_e)) else (_two_scaled(((_two_scaled(_t2_31, _t2_29)) if _t2_14 else (0.0)) + ((_two_scaled(_t2_32, -_r1_rho_e)) if _t2_15 else (0.0)), -_r0_r1_e)))
+            _b2_2 = ((_two_scaled(_t2_31, _h8)) if _t2_14 else (0.0))
+            _b2_3 = ((_two_scaled(_t2_32, _h9)) if _t2_15 else (0.0))
+        else:
+            _b2_0 = 0.0
+            _b2_1 = 0.0
+            _b2_2 = 0.0
+            _b2_3 = 0.0
+        _out0[_i, _k] = _w * (_b2_0)
+        _out1[_i, _k] = _w * (-2.0*((((_h3) if _t2_14 else (0.0))) if _t2_27 else (0.0))*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_p))) * _r0_Pinv))
+        _out2[_i, _k] = _w * (-2.0*((((_h4) if _t2_15 else (0.0))) if _t2_27 else (0.0))*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_n))) * _r1_Pinv))
+        _out3[_i, _k] = _w * (_b2_1)
+        _out4[_i, _k] = _w * (_b2_2)
+        _out5[_i, _k] = _w * (_b2_3)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def grad_hess_kernel(a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5):
     """grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = a.shape[1]
@@ -559,7 +1191,7 @@ def grad_hess_kernel_parallel(a, p, n, margin, eps, _weight, _out0, _out1, _out2
         _grad_hess_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6):
     """loss, grad, hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -636,6 +1268,9 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _t1_0 + _t1_1
@@ -650,6 +1285,9 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
     _h4 = ((-1.0)/(2.0*_t1_1))
     _h5 = ((1.0)/(_t1_2))
     _h6 = _r0 + _r1 + _t1_0*_t1_1
+    _h7 = 0.0
+    _h8 = 0.0
+    _h9 = 0.0
     for _k in range(_n):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
@@ -705,6 +1343,189 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6):
+    """loss, grad, hess of row _i, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        _out4[_i, ...] = math.nan
+        _out5[_i, ...] = math.nan
+        _out6[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = -_e_n
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_2))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = abs(_t0_1 + _t0_2)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = (-_e_n - _t0_0)*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = math.sqrt(_r1)
+    _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
+    _t1_3 = _two_scaled(((_r2)/(_t1_2)), _r0_r1_e)
+    _t1_4 = (_r0 > 0.0) or (_r1 > 0.0)
+    _t1_5 = _t1_3 + margin
+    _out0[_i] = _w * (((margin + ((_t1_3) if _t1_4 else (0.0))) if (((_t1_5 >= 0.0)) if _t1_4 else ((margin >= 0.0))) else (0.0)))
+    _h0 = _t1_0
+    _h1 = _t1_1
+    _h2 = _t1_5
+    _h3 = ((1.0)/(2.0*_t1_0))
+    _h4 = ((-1.0)/(2.0*_t1_1))
+    _h5 = ((1.0)/(_t1_2))
+    _h6 = _two_scaled(_r0, 2*_r0_rho_e) + _two_scaled(_r1, 2*_r1_rho_e) + _two_scaled(_t1_0*_t1_1, _r0_rho_e + _r1_rho_e)
+    _h7 = -_r0_r1_e - 3.0*_r1_rho_e
+    _h8 = -_r0_r1_e - _r0_rho_e
+    _h9 = -_r0_r1_e - _r1_rho_e
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t2_10 = math.sqrt(_r0)
+        _t2_11 = math.sqrt(_r1)
+        _t2_14 = (_r0_l1 > 0.0)
+        _t2_15 = (_r1_l1 > 0.0)
+        _t2_20 = (_h2 >= 0.0)
+        _t2_21 = (margin >= 0.0)
+        _t2_22 = (_r0 > 0.0)
+        _t2_23 = (_r1 > 0.0)
+        _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
+        _t2_25 = -_e_a
+        _t2_26 = -eps
+        _t2_27 = (((margin + _two_scaled(((_r2)/(_two_scaled(_t2_10, _r0_rho_e) + _two_scaled(_t2_11, _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        if _t2_24:
+            _t2_0 = -_e_p
+            _t2_1 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
+            _t2_2 = _t2_1**2
+            _t2_3 = ((_e_n + _t2_0) * _r0_r1_Pinv)
+            _t2_4 = 2.0*_e_a
+            _t2_5 = 2.0*eps
+            _t2_6 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_t2_3*((-_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t2_4), -_t2_5), _e_n), _e_p))) * _r0_r1_Pinv)), _r2_error))
+            _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
+            _t2_8 = -_e_n
+            _t2_9 = ((_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))) * _r0_r1_Pinv)
+            _t2_12 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))) * _r1_Pinv)
+            _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
+            _t2_16 = _t2_14 and _t2_15
+            _t2_17 = (_t2_1*_t2_12 > 0.0)
+            _t2_18 = _t2_12**2
+            _t2_19 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_18), _r1_error))
+            _t2_28 = _r0**(3/2)
+            _t2_29 = -_r0_rho_e
+            _t2_30 = _r1**(3/2)
+            _t2_31 = ((_t2_7)/(_t2_28))
+            _t2_32 = ((-_t2_19)/(_t2_30))
+            _b2_0 = ((((_two_scaled(((-_t2_2*_t2_6 + _t2_3*_t2_7*_t2_9)/(_t2_13)), -2*_r1_rho_e)) if _t2_16 else (0.0))) if _t2_17 and (abs(_t2_3) <= ((abs(_t2_9))/(2.0))) else (((((-_t2_18*_t2_7 + _t2_19*_t2_2)/(_t2_13))) if _t2_16 else (0.0))) if _t2_17 else (((((_t2_1)/(_t2_10))) if _t2_14 else (0.0)) + ((((-_t2_12)/(_t2_11))) if _t2_15 else (0.0))))
+            _b2_1 = ((((_two_scaled(((_t2_6 + ((_two_scaled(((-_h5*_h6*_r2*_t2_7)/(_t2_28)), _t2_29)) if _t2_14 else (0.0)))/(_t2_30)), _h7)) if _t2_15 else (0.0))) if (abs(_t2_6) <= (1/2)*_two_scaled(_t2_7, 2*_r0_rho_e)) else (_two_scaled(((_two_scaled(_t2_31, _t2_29)) if _t2_14 else (0.0)) + ((_two_scaled(_t2_32, -_r1_rho_e)) if _t2_15 else (0.0)), -_r0_r1_e)))
+            _b2_2 = ((_two_scaled(_t2_31, _h8)) if _t2_14 else (0.0))
+            _b2_3 = ((_two_scaled(_t2_32, _h9)) if _t2_15 else (0.0))
+        else:
+            _b2_0 = 0.0
+            _b2_1 = 0.0
+            _b2_2 = 0.0
+            _b2_3 = 0.0
+        _out1[_i, _k] = _w * (_b2_0)
+        _out2[_i, _k] = _w * (-2.0*((((_h3) if _t2_14 else (0.0))) if _t2_27 else (0.0))*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_p))) * _r0_Pinv))
+        _out3[_i, _k] = _w * (-2.0*((((_h4) if _t2_15 else (0.0))) if _t2_27 else (0.0))*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_25), _t2_26), _e_n))) * _r1_Pinv))
+        _out4[_i, _k] = _w * (_b2_1)
+        _out5[_i, _k] = _w * (_b2_2)
+        _out6[_i, _k] = _w * (_b2_3)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def loss_grad_hess_kernel(a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6):
     """loss, grad, hess of each row, times _weight[i] when given. In the calling thread."""
     _n = a.shape[1]
@@ -722,7 +1543,7 @@ def loss_grad_hess_kernel_parallel(a, p, n, margin, eps, _weight, _out0, _out1, 
         _loss_grad_hess_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _inside = True
@@ -806,15 +1627,25 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _t1_0 + _t1_1
     _h0 = ((1.0)/(_t1_2))
     _h1 = _r0 + _r1 + _t1_0*_t1_1
-    _h2 = margin + ((_r2)/(_t1_2))
-    _h3 = ((min(_r0, _r1))/(4.0))
-    _h4 = ((-1.0)/(4.0*_r0**(3/2)))
-    _h5 = ((1.0)/(4.0*_r1**(3/2)))
+    _h2 = 0.0
+    _h3 = margin + ((_r2)/(_t1_2))
+    _h4 = 0.0
+    _h5 = 0.0
+    _h6 = _r0_r1_q
+    _h7 = ((min(_r0, _r1))/(4.0))
+    _h8 = ((-1.0)/(4.0*_r0**(3/2)))
+    _h9 = ((1.0)/(4.0*_r1**(3/2)))
+    _h10 = 1.0
+    _h11 = 1.0
+    _h12 = 1.0
     _scratch = np.empty((31, _n))
     for _k in range(_n):
         _e_a = a[_i, _k]
@@ -829,25 +1660,25 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _t2_8 = _r1**(3/2)
         _t2_9 = (_r1_l1 > 0.0)
         _t2_11 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
-        _t2_14 = (_h2 >= 0.0)
+        _t2_14 = (_h3 >= 0.0)
         _t2_15 = (margin >= 0.0)
         _t2_16 = (_r0 > 0.0)
         _t2_17 = (_r1 > 0.0)
         _t2_18 = (_t2_14 or (_r0 <= 0.0)) and (_t2_14 or (_r1 <= 0.0)) and (_t2_15 or _t2_16 or _t2_17)
-        _t2_21 = (_h3 >= _r0_r1_q)
+        _t2_21 = (_h6 <= _h7)
         _t2_22 = (((margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1))) >= 0.0)) if _t2_16 or _t2_17 else (_t2_15))
-        _t2_23 = ((((_h4) if _t2_7 else (0.0))) if _t2_22 else (0.0))
+        _t2_23 = ((((_h8) if _t2_7 else (0.0))) if _t2_22 else (0.0))
         _t2_24 = 2.0*_t2_3
         _t2_25 = _t2_23*_t2_24
-        _t2_26 = ((((_h5) if _t2_9 else (0.0))) if _t2_22 else (0.0))
+        _t2_26 = ((((_h9) if _t2_9 else (0.0))) if _t2_22 else (0.0))
         _t2_27 = 2.0*_t2_11
         _t2_28 = _t2_26*_t2_27
-        _t2_31 = -_e_a
-        _t2_32 = -eps
-        _t2_33 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_p))
-        _t2_34 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_n))
-        _t2_35 = _t2_23*_t2_33
-        _t2_36 = _t2_26*_t2_34
+        _t2_29 = -_e_a
+        _t2_30 = -eps
+        _t2_31 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_29), _t2_30), _e_p))
+        _t2_32 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_29), _t2_30), _e_n))
+        _t2_33 = _t2_23*_t2_31
+        _t2_34 = _t2_26*_t2_32
         if _t2_18:
             _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
             _t2_4 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_3**2), _r0_error))
@@ -865,20 +1696,6 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
             _b2_2 = 0.0
             _t2_20 = 0.0
             _t2_19 = 0.0
-        if _t2_21:
-            _t2_29 = ((1.0) if _t2_14 else (0.0))
-            _t2_30 = _t2_11*_t2_29
-            _b2_3 = 0.0
-            _b2_4 = 0.0
-            _b2_5 = ((((-_t2_1*_t2_29)/(_t2_6))) if _t2_7 else (0.0))
-            _b2_6 = ((((-_t2_30)/(_t2_6))) if _t2_7 else (0.0))
-            _b2_7 = ((((_t2_30*_t2_5)/(_t2_6*_t2_8))) if _t2_7 and _t2_9 else (0.0))
-        else:
-            _b2_3 = _t2_25
-            _b2_4 = _t2_28
-            _b2_5 = 0.0
-            _b2_6 = 0.0
-            _b2_7 = 0.0
         _scratch[0, _k] = _b2_0
         _scratch[1, _k] = _t2_19
         _scratch[2, _k] = _t2_20
@@ -888,28 +1705,283 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _scratch[6, _k] = _t2_20
         _scratch[7, _k] = 0.0
         _scratch[8, _k] = _b2_2
-        _scratch[9, _k] = _b2_3
+        _scratch[9, _k] = ((0.0) if _t2_21 else (_t2_25))
         _scratch[10, _k] = _t2_24
-        _scratch[11, _k] = _b2_4
+        _scratch[11, _k] = ((0.0) if _t2_21 else (_t2_28))
         _scratch[12, _k] = _t2_27
-        _scratch[13, _k] = _b2_5
+        _scratch[13, _k] = ((((((-_t2_1*((_h10) if _t2_14 else (0.0)))/(_t2_6))) if _t2_7 else (0.0))) if _t2_21 else (0.0))
         _scratch[14, _k] = _t2_3
-        _scratch[15, _k] = _b2_6
+        _scratch[15, _k] = ((((((-_t2_11*((_h11) if _t2_14 else (0.0)))/(_t2_6))) if _t2_7 else (0.0))) if _t2_21 else (0.0))
         _scratch[16, _k] = _t2_1
-        _scratch[17, _k] = _b2_7
+        _scratch[17, _k] = ((((((_t2_11*_t2_5*((_h12) if _t2_14 else (0.0)))/(_t2_6*_t2_8))) if _t2_7 and _t2_9 else (0.0))) if _t2_21 else (0.0))
         _scratch[18, _k] = _t2_11
         _scratch[19, _k] = _t2_25
-        _scratch[20, _k] = _t2_33
+        _scratch[20, _k] = _t2_31
         _scratch[21, _k] = _t2_28
-        _scratch[22, _k] = _t2_34
-        _scratch[23, _k] = _t2_35
+        _scratch[22, _k] = _t2_32
+        _scratch[23, _k] = _t2_33
         _scratch[24, _k] = _t2_24
-        _scratch[25, _k] = _t2_35
-        _scratch[26, _k] = _t2_33
-        _scratch[27, _k] = _t2_36
+        _scratch[25, _k] = _t2_33
+        _scratch[26, _k] = _t2_31
+        _scratch[27, _k] = _t2_34
         _scratch[28, _k] = _t2_27
-        _scratch[29, _k] = _t2_36
-        _scratch[30, _k] = _t2_34
+        _scratch[29, _k] = _t2_34
+        _scratch[30, _k] = _t2_32
+    for _j in range(_n):
+        _out0[_i, _j] = 0.0
+        _out1[_i, _j] = 0.0
+        _out2[_i, _j] = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]
+            _out0[_i, _j] += _w * _h * _v_a[_i, _l]
+            _h = _scratch[1, _j] if _j == _l else _scratch[19, _j] * _scratch[20, _l]
+            _out0[_i, _j] += _w * _h * _v_p[_i, _l]
+            _h = _scratch[2, _j] if _j == _l else _scratch[21, _j] * _scratch[22, _l]
+            _out0[_i, _j] += _w * _h * _v_n[_i, _l]
+            _h = _scratch[3, _j] if _j == _l else _scratch[23, _j] * _scratch[24, _l]
+            _out1[_i, _j] += _w * _h * _v_a[_i, _l]
+            _h = _scratch[4, _j] if _j == _l else _scratch[25, _j] * _scratch[26, _l]
+            _out1[_i, _j] += _w * _h * _v_p[_i, _l]
+            _h = _scratch[5, _j] if _j == _l else 0.0
+            _out1[_i, _j] += _w * _h * _v_n[_i, _l]
+            _h = _scratch[6, _j] if _j == _l else _scratch[27, _j] * _scratch[28, _l]
+            _out2[_i, _j] += _w * _h * _v_a[_i, _l]
+            _h = _scratch[7, _j] if _j == _l else 0.0
+            _out2[_i, _j] += _w * _h * _v_p[_i, _l]
+            _h = _scratch[8, _j] if _j == _l else _scratch[29, _j] * _scratch[30, _l]
+            _out2[_i, _j] += _w * _h * _v_n[_i, _l]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2):
+    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    _r0_r1_q = 0.0
+    _r0_r1_q_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = _e_n + _t0_0
+        _t0_3 = -_e_n
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _t0_2**2
+        _x = _r0_r1_q + _s
+        _z = _x - _r0_r1_q
+        _r0_r1_q_error += (_r0_r1_q - (_x - _z)) + (_s - _z)
+        _r0_r1_q = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_3))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = abs(_t0_1 + _t0_3)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = -_t0_2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_r1_q_hi = _r0_r1_q
+    if math.isfinite(_r0_r1_q):
+        _r0_r1_q += _r0_r1_q_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        _u1 = np.empty(_n)
+        _v1 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+            _u1[_k] = _e_n - _e_p
+            _v1[_k] = _e_n - _e_p
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+        _r0_r1_q, _r0_r1_q_hi, _r0_r1_q_error = _scaled_products(_u1, _v1, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = math.sqrt(_r1)
+    _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
+    _t1_3 = 2.0*_r0_rho_e
+    _t1_4 = 2.0*_r1_rho_e
+    _t1_5 = -_r0_r1_e - _r0_rho_e
+    _t1_6 = _r0_r1_e + _r1_rho_e
+    _t1_7 = -_t1_6
+    _t1_8 = 2.0*_r0_r1_e
+    _t1_9 = 3.0*_r0_rho_e
+    _h0 = ((1.0)/(_t1_2))
+    _h1 = _two_scaled(_r0, _t1_3) + _two_scaled(_r1, _t1_4) + _two_scaled(_t1_0*_t1_1, _r0_rho_e + _r1_rho_e)
+    _h2 = -_r0_r1_e - 3.0*_r1_rho_e
+    _h3 = margin + _two_scaled(((_r2)/(_t1_2)), _r0_r1_e)
+    _h4 = _t1_5
+    _h5 = _t1_7
+    _h6 = _two_scaled(_r0_r1_q, _t1_8)
+    _h7 = ((min(_two_scaled(_r0, _t1_3 + _t1_8), _two_scaled(_r1, _t1_4 + _t1_8)))/(4.0))
+    _h8 = _two_scaled(((-1.0)/(4.0*_r0**(3/2))), _t1_5)
+    _h9 = _two_scaled(((1.0)/(4.0*_r1**(3/2))), _t1_7)
+    _h10 = _two_scaled(1.0, -_t1_3 + -_r0_r1_e)
+    _h11 = _two_scaled(1.0, _r1_rho_e + -_t1_9 + -_r0_r1_e)
+    _h12 = _two_scaled(1.0, -_t1_6 + -_t1_9)
+    _scratch = np.empty((31, _n))
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t2_0 = -_e_p
+        _t2_1 = ((_e_n + _t2_0) * _r0_r1_Pinv)
+        _t2_3 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
+        _t2_5 = _h0*_h1*_r2
+        _t2_6 = _r0**(3/2)
+        _t2_8 = (_r0_l1 > 0.0)
+        _t2_9 = _r1**(3/2)
+        _t2_10 = (_r1_l1 > 0.0)
+        _t2_12 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))) * _r1_Pinv)
+        _t2_15 = (_h3 >= 0.0)
+        _t2_16 = (margin >= 0.0)
+        _t2_17 = (_r0 > 0.0)
+        _t2_18 = (_r1 > 0.0)
+        _t2_19 = (_t2_15 or (_r0 <= 0.0)) and (_t2_15 or (_r1 <= 0.0)) and (_t2_16 or _t2_17 or _t2_18)
+        _t2_22 = (_h6 <= _h7)
+        _t2_23 = (((margin + _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_17 or _t2_18 else (_t2_16))
+        _t2_24 = ((((_h8) if _t2_8 else (0.0))) if _t2_23 else (0.0))
+        _t2_25 = 2.0*_t2_3
+        _t2_26 = _t2_24*_t2_25
+        _t2_27 = ((((_h9) if _t2_10 else (0.0))) if _t2_23 else (0.0))
+        _t2_28 = 2.0*_t2_12
+        _t2_29 = _t2_27*_t2_28
+        _t2_30 = -_e_a
+        _t2_31 = -eps
+        _t2_32 = 2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_30), _t2_31), _e_p))) * _r0_Pinv)
+        _t2_33 = -_t2_32
+        _t2_34 = 2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_30), _t2_31), _e_n))) * _r1_Pinv)
+        _t2_35 = -_t2_34
+        _t2_36 = -_t2_24*_t2_32
+        _t2_37 = -_t2_27*_t2_34
+        if _t2_19:
+            _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_t2_1*((-_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))) * _r0_r1_Pinv)), _r2_error))
+            _t2_4 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_3**2), _r0_error))
+            _t2_7 = -_r0_rho_e
+            _t2_11 = ((_t2_4)/(_t2_6))
+            _t2_13 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_12**2), _r1_error))
+            _t2_14 = ((-_t2_13)/(_t2_9))
+            _b2_0 = ((((_two_scaled(((_t2_2 + ((_two_scaled(((-_t2_4*_t2_5)/(_t2_6)), _t2_7)) if _t2_8 else (0.0)))/(_t2_9)), _h2)) if _t2_10 else (0.0))) if (abs(_t2_2) <= (1/2)*_two_scaled(_t2_4, 2*_r0_rho_e)) else (_two_scaled(((_two_scaled(_t2_11, _t2_7)) if _t2_8 else (0.0)) + ((_two_scaled(_t2_14, -_r1_rho_e)) if _t2_10 else (0.0)), -_r0_r1_e)))
+            _b2_1 = ((_two_scaled(_t2_11, _h4)) if _t2_8 else (0.0))
+            _b2_2 = ((_two_scaled(_t2_14, _h5)) if _t2_10 else (0.0))
+            _t2_21 = ((_two_scaled(((_t2_13)/(_t2_9)), _h5)) if _t2_10 else (0.0))
+            _t2_20 = ((_two_scaled(((-_t2_4)/(_t2_6)), _h4)) if _t2_8 else (0.0))
+        else:
+            _b2_0 = 0.0
+            _b2_1 = 0.0
+            _b2_2 = 0.0
+            _t2_21 = 0.0
+            _t2_20 = 0.0
+        _scratch[0, _k] = _b2_0
+        _scratch[1, _k] = _t2_20
+        _scratch[2, _k] = _t2_21
+        _scratch[3, _k] = _t2_20
+        _scratch[4, _k] = _b2_1
+        _scratch[5, _k] = 0.0
+        _scratch[6, _k] = _t2_21
+        _scratch[7, _k] = 0.0
+        _scratch[8, _k] = _b2_2
+        _scratch[9, _k] = ((0.0) if _t2_22 else (_t2_26))
+        _scratch[10, _k] = _t2_25
+        _scratch[11, _k] = ((0.0) if _t2_22 else (_t2_29))
+        _scratch[12, _k] = _t2_28
+        _scratch[13, _k] = ((((((-_t2_1*((_h10) if _t2_15 else (0.0)))/(_t2_6))) if _t2_8 else (0.0))) if _t2_22 else (0.0))
+        _scratch[14, _k] = _t2_3
+        _scratch[15, _k] = ((((((-_t2_12*((_h11) if _t2_15 else (0.0)))/(_t2_6))) if _t2_8 else (0.0))) if _t2_22 else (0.0))
+        _scratch[16, _k] = _t2_1
+        _scratch[17, _k] = ((((((_t2_12*_t2_5*((_h12) if _t2_15 else (0.0)))/(_t2_6*_t2_9))) if _t2_10 and _t2_8 else (0.0))) if _t2_22 else (0.0))
+        _scratch[18, _k] = _t2_12
+        _scratch[19, _k] = _t2_26
+        _scratch[20, _k] = _t2_33
+        _scratch[21, _k] = _t2_29
+        _scratch[22, _k] = _t2_35
+        _scratch[23, _k] = _t2_36
+        _scratch[24, _k] = _t2_25
+        _scratch[25, _k] = _t2_36
+        _scratch[26, _k] = _t2_33
+        _scratch[27, _k] = _t2_37
+        _scratch[28, _k] = _t2_28
+        _scratch[29, _k] = _t2_37
+        _scratch[30, _k] = _t2_35
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
@@ -953,7 +2025,7 @@ def hvp_kernel_parallel(a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, 
         _hvp_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2)
 
 
-@numba.njit(cache=True, error_model="numpy")
+@numba.njit(cache=True, error_model="numpy", inline="always")
 def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
@@ -1043,15 +2115,25 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
     if math.isfinite(_r2):
         _r2 += _r2_error
     _w = 1.0 if _weight is None else _weight[_i]
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
+        return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _t1_0 + _t1_1
     _h0 = ((1.0)/(_t1_2))
     _h1 = _r0 + _r1 + _t1_0*_t1_1
-    _h2 = margin + ((_r2)/(_t1_2))
-    _h3 = ((min(_r0, _r1))/(4.0))
-    _h4 = ((-1.0)/(4.0*_r0**(3/2)))
-    _h5 = ((1.0)/(4.0*_r1**(3/2)))
+    _h2 = 0.0
+    _h3 = margin + ((_r2)/(_t1_2))
+    _h4 = 0.0
+    _h5 = 0.0
+    _h6 = _r0_r1_q
+    _h7 = ((min(_r0, _r1))/(4.0))
+    _h8 = ((-1.0)/(4.0*_r0**(3/2)))
+    _h9 = ((1.0)/(4.0*_r1**(3/2)))
+    _h10 = 1.0
+    _h11 = 1.0
+    _h12 = 1.0
     _scratch = np.empty((31, _n))
     for _k in range(_n):
         _e_a = a[_i, _k]
@@ -1066,25 +2148,25 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _t2_8 = _r1**(3/2)
         _t2_9 = (_r1_l1 > 0.0)
         _t2_11 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
-        _t2_14 = (_h2 >= 0.0)
+        _t2_14 = (_h3 >= 0.0)
         _t2_15 = (margin >= 0.0)
         _t2_16 = (_r0 > 0.0)
         _t2_17 = (_r1 > 0.0)
         _t2_18 = (_t2_14 or (_r0 <= 0.0)) and (_t2_14 or (_r1 <= 0.0)) and (_t2_15 or _t2_16 or _t2_17)
-        _t2_21 = (_h3 >= _r0_r1_q)
+        _t2_21 = (_h6 <= _h7)
         _t2_22 = (((margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1))) >= 0.0)) if _t2_16 or _t2_17 else (_t2_15))
-        _t2_23 = ((((_h4) if _t2_7 else (0.0))) if _t2_22 else (0.0))
+        _t2_23 = ((((_h8) if _t2_7 else (0.0))) if _t2_22 else (0.0))
         _t2_24 = 2.0*_t2_3
         _t2_25 = _t2_23*_t2_24
-        _t2_26 = ((((_h5) if _t2_9 else (0.0))) if _t2_22 else (0.0))
+        _t2_26 = ((((_h9) if _t2_9 else (0.0))) if _t2_22 else (0.0))
         _t2_27 = 2.0*_t2_11
         _t2_28 = _t2_26*_t2_27
-        _t2_31 = -_e_a
-        _t2_32 = -eps
-        _t2_33 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_p))
-        _t2_34 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_31), _t2_32), _e_n))
-        _t2_35 = _t2_23*_t2_33
-        _t2_36 = _t2_26*_t2_34
+        _t2_29 = -_e_a
+        _t2_30 = -eps
+        _t2_31 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_29), _t2_30), _e_p))
+        _t2_32 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(_t2_29), _t2_30), _e_n))
+        _t2_33 = _t2_23*_t2_31
+        _t2_34 = _t2_26*_t2_32
         if _t2_18:
             _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))), _r2_error))
             _t2_4 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_3**2), _r0_error))
@@ -1102,20 +2184,6 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
             _b2_2 = 0.0
             _t2_20 = 0.0
             _t2_19 = 0.0
-        if _t2_21:
-            _t2_29 = ((1.0) if _t2_14 else (0.0))
-            _t2_30 = _t2_11*_t2_29
-            _b2_3 = 0.0
-            _b2_4 = 0.0
-            _b2_5 = ((((-_t2_1*_t2_29)/(_t2_6))) if _t2_7 else (0.0))
-            _b2_6 = ((((-_t2_30)/(_t2_6))) if _t2_7 else (0.0))
-            _b2_7 = ((((_t2_30*_t2_5)/(_t2_6*_t2_8))) if _t2_7 and _t2_9 else (0.0))
-        else:
-            _b2_3 = _t2_25
-            _b2_4 = _t2_28
-            _b2_5 = 0.0
-            _b2_6 = 0.0
-            _b2_7 = 0.0
         _scratch[0, _k] = _b2_0
         _scratch[1, _k] = _t2_19
         _scratch[2, _k] = _t2_20
@@ -1125,28 +2193,286 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _scratch[6, _k] = _t2_20
         _scratch[7, _k] = 0.0
         _scratch[8, _k] = _b2_2
-        _scratch[9, _k] = _b2_3
+        _scratch[9, _k] = ((0.0) if _t2_21 else (_t2_25))
         _scratch[10, _k] = _t2_24
-        _scratch[11, _k] = _b2_4
+        _scratch[11, _k] = ((0.0) if _t2_21 else (_t2_28))
         _scratch[12, _k] = _t2_27
-        _scratch[13, _k] = _b2_5
+        _scratch[13, _k] = ((((((-_t2_1*((_h10) if _t2_14 else (0.0)))/(_t2_6))) if _t2_7 else (0.0))) if _t2_21 else (0.0))
         _scratch[14, _k] = _t2_3
-        _scratch[15, _k] = _b2_6
+        _scratch[15, _k] = ((((((-_t2_11*((_h11) if _t2_14 else (0.0)))/(_t2_6))) if _t2_7 else (0.0))) if _t2_21 else (0.0))
         _scratch[16, _k] = _t2_1
-        _scratch[17, _k] = _b2_7
+        _scratch[17, _k] = ((((((_t2_11*_t2_5*((_h12) if _t2_14 else (0.0)))/(_t2_6*_t2_8))) if _t2_7 and _t2_9 else (0.0))) if _t2_21 else (0.0))
         _scratch[18, _k] = _t2_11
         _scratch[19, _k] = _t2_25
-        _scratch[20, _k] = _t2_33
+        _scratch[20, _k] = _t2_31
         _scratch[21, _k] = _t2_28
-        _scratch[22, _k] = _t2_34
-        _scratch[23, _k] = _t2_35
+        _scratch[22, _k] = _t2_32
+        _scratch[23, _k] = _t2_33
         _scratch[24, _k] = _t2_24
-        _scratch[25, _k] = _t2_35
-        _scratch[26, _k] = _t2_33
-        _scratch[27, _k] = _t2_36
+        _scratch[25, _k] = _t2_33
+        _scratch[26, _k] = _t2_31
+        _scratch[27, _k] = _t2_34
         _scratch[28, _k] = _t2_27
-        _scratch[29, _k] = _t2_36
-        _scratch[30, _k] = _t2_34
+        _scratch[29, _k] = _t2_34
+        _scratch[30, _k] = _t2_32
+    for _j in range(_n):
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]
+            _out0[_i, _j, _l] = _w * _h
+            _h = _scratch[1, _j] if _j == _l else _scratch[19, _j] * _scratch[20, _l]
+            _out1[_i, _j, _l] = _w * _h
+            _h = _scratch[2, _j] if _j == _l else _scratch[21, _j] * _scratch[22, _l]
+            _out2[_i, _j, _l] = _w * _h
+            _h = _scratch[3, _j] if _j == _l else _scratch[23, _j] * _scratch[24, _l]
+            _out3[_i, _j, _l] = _w * _h
+            _h = _scratch[4, _j] if _j == _l else _scratch[25, _j] * _scratch[26, _l]
+            _out4[_i, _j, _l] = _w * _h
+            _h = _scratch[5, _j] if _j == _l else 0.0
+            _out5[_i, _j, _l] = _w * _h
+            _h = _scratch[6, _j] if _j == _l else _scratch[27, _j] * _scratch[28, _l]
+            _out6[_i, _j, _l] = _w * _h
+            _h = _scratch[7, _j] if _j == _l else 0.0
+            _out7[_i, _j, _l] = _w * _h
+            _h = _scratch[8, _j] if _j == _l else _scratch[29, _j] * _scratch[30, _l]
+            _out8[_i, _j, _l] = _w * _h
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8):
+    """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given. For a row whose norms left the safe range:
+    each in a binary scale."""
+    _inside = True
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
+            _inside = False
+    if not _inside:
+        _out0[_i, ...] = math.nan
+        _out1[_i, ...] = math.nan
+        _out2[_i, ...] = math.nan
+        _out3[_i, ...] = math.nan
+        _out4[_i, ...] = math.nan
+        _out5[_i, ...] = math.nan
+        _out6[_i, ...] = math.nan
+        _out7[_i, ...] = math.nan
+        _out8[_i, ...] = math.nan
+        return
+    _r0 = 0.0
+    _r0_error = 0.0
+    _r0_l1 = 0.0
+    _r0_l1_error = 0.0
+    _r0_r1_q = 0.0
+    _r0_r1_q_error = 0.0
+    _r1 = 0.0
+    _r1_error = 0.0
+    _r1_l1 = 0.0
+    _r1_l1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t0_0 = -_e_p
+        _t0_1 = _e_a + eps
+        _t0_2 = _e_n + _t0_0
+        _t0_3 = -_e_n
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_0))**2
+        _x = _r0 + _s
+        _z = _x - _r0
+        _r0_error += (_r0 - (_x - _z)) + (_s - _z)
+        _r0 = _x
+        _s = abs(_t0_0 + _t0_1)
+        _x = _r0_l1 + _s
+        _z = _x - _r0_l1
+        _r0_l1_error += (_r0_l1 - (_x - _z)) + (_s - _z)
+        _r0_l1 = _x
+        _s = _t0_2**2
+        _x = _r0_r1_q + _s
+        _z = _x - _r0_r1_q
+        _r0_r1_q_error += (_r0_r1_q - (_x - _z)) + (_s - _z)
+        _r0_r1_q = _x
+        _s = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t0_3))**2
+        _x = _r1 + _s
+        _z = _x - _r1
+        _r1_error += (_r1 - (_x - _z)) + (_s - _z)
+        _r1 = _x
+        _s = abs(_t0_1 + _t0_3)
+        _x = _r1_l1 + _s
+        _z = _x - _r1_l1
+        _r1_l1_error += (_r1_l1 - (_x - _z)) + (_s - _z)
+        _r1_l1 = _x
+        _s = -_t0_2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+    _r0_hi = _r0
+    if math.isfinite(_r0):
+        _r0 += _r0_error
+    _r0_l1_hi = _r0_l1
+    if math.isfinite(_r0_l1):
+        _r0_l1 += _r0_l1_error
+    _r0_r1_q_hi = _r0_r1_q
+    if math.isfinite(_r0_r1_q):
+        _r0_r1_q += _r0_r1_q_error
+    _r1_hi = _r1
+    if math.isfinite(_r1):
+        _r1 += _r1_error
+    _r1_l1_hi = _r1_l1
+    if math.isfinite(_r1_l1):
+        _r1_l1 += _r1_l1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r0_e = 0
+    _r0_Pinv = 1.0
+    if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_p = p[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_p))
+        _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
+    _r1_e = 0
+    _r1_Pinv = 1.0
+    if not (_r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
+        _g = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))
+        _r1, _r1_hi, _r1_error, _r1_e, _r1_Pinv = _scaled_squares(_g, _r1, _r1_hi, _r1_error)
+    _r0_r1_e = max(_r0_e, _r1_e)
+    _r0_rho_e = _r0_e - _r0_r1_e
+    _r1_rho_e = _r1_e - _r0_r1_e
+    _r0_r1_Pinv = 1.0
+    if _r0_r1_e != 0:
+        _r0_r1_Pinv = math.ldexp(1.0, -_r0_r1_e)
+        _u0 = np.empty(_n)
+        _v0 = np.empty(_n)
+        _u1 = np.empty(_n)
+        _v1 = np.empty(_n)
+        for _k in range(_n):
+            _e_a = a[_i, _k]
+            _e_n = n[_i, _k]
+            _e_p = p[_i, _k]
+            _u0[_k] = -_e_n + _e_p
+            _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
+            _u1[_k] = _e_n - _e_p
+            _v1[_k] = _e_n - _e_p
+        _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
+        _r0_r1_q, _r0_r1_q_hi, _r0_r1_q_error = _scaled_products(_u1, _v1, _r0_r1_Pinv)
+    _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = math.sqrt(_r0)
+    _t1_1 = math.sqrt(_r1)
+    _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
+    _t1_3 = 2.0*_r0_rho_e
+    _t1_4 = 2.0*_r1_rho_e
+    _t1_5 = -_r0_r1_e - _r0_rho_e
+    _t1_6 = _r0_r1_e + _r1_rho_e
+    _t1_7 = -_t1_6
+    _t1_8 = 2.0*_r0_r1_e
+    _t1_9 = 3.0*_r0_rho_e
+    _h0 = ((1.0)/(_t1_2))
+    _h1 = _two_scaled(_r0, _t1_3) + _two_scaled(_r1, _t1_4) + _two_scaled(_t1_0*_t1_1, _r0_rho_e + _r1_rho_e)
+    _h2 = -_r0_r1_e - 3.0*_r1_rho_e
+    _h3 = margin + _two_scaled(((_r2)/(_t1_2)), _r0_r1_e)
+    _h4 = _t1_5
+    _h5 = _t1_7
+    _h6 = _two_scaled(_r0_r1_q, _t1_8)
+    _h7 = ((min(_two_scaled(_r0, _t1_3 + _t1_8), _two_scaled(_r1, _t1_4 + _t1_8)))/(4.0))
+    _h8 = _two_scaled(((-1.0)/(4.0*_r0**(3/2))), _t1_5)
+    _h9 = _two_scaled(((1.0)/(4.0*_r1**(3/2))), _t1_7)
+    _h10 = _two_scaled(1.0, -_t1_3 + -_r0_r1_e)
+    _h11 = _two_scaled(1.0, _r1_rho_e + -_t1_9 + -_r0_r1_e)
+    _h12 = _two_scaled(1.0, -_t1_6 + -_t1_9)
+    _scratch = np.empty((31, _n))
+    for _k in range(_n):
+        _e_a = a[_i, _k]
+        _e_n = n[_i, _k]
+        _e_p = p[_i, _k]
+        _t2_0 = -_e_p
+        _t2_1 = ((_e_n + _t2_0) * _r0_r1_Pinv)
+        _t2_3 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
+        _t2_5 = _h0*_h1*_r2
+        _t2_6 = _r0**(3/2)
+        _t2_8 = (_r0_l1 > 0.0)
+        _t2_9 = _r1**(3/2)
+        _t2_10 = (_r1_l1 > 0.0)
+        _t2_12 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), -_e_n))) * _r1_Pinv)
+        _t2_15 = (_h3 >= 0.0)
+        _t2_16 = (margin >= 0.0)
+        _t2_17 = (_r0 > 0.0)
+        _t2_18 = (_r1 > 0.0)
+        _t2_19 = (_t2_15 or (_r0 <= 0.0)) and (_t2_15 or (_r1 <= 0.0)) and (_t2_16 or _t2_17 or _t2_18)
+        _t2_22 = (_h6 <= _h7)
+        _t2_23 = (((margin + _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_17 or _t2_18 else (_t2_16))
+        _t2_24 = ((((_h8) if _t2_8 else (0.0))) if _t2_23 else (0.0))
+        _t2_25 = 2.0*_t2_3
+        _t2_26 = _t2_24*_t2_25
+        _t2_27 = ((((_h9) if _t2_10 else (0.0))) if _t2_23 else (0.0))
+        _t2_28 = 2.0*_t2_12
+        _t2_29 = _t2_27*_t2_28
+        _t2_30 = -_e_a
+        _t2_31 = -eps
+        _t2_32 = 2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_30), _t2_31), _e_p))) * _r0_Pinv)
+        _t2_33 = -_t2_32
+        _t2_34 = 2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(_t2_30), _t2_31), _e_n))) * _r1_Pinv)
+        _t2_35 = -_t2_34
+        _t2_36 = -_t2_24*_t2_32
+        _t2_37 = -_t2_27*_t2_34
+        if _t2_19:
+            _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_t2_1*((-_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))) * _r0_r1_Pinv)), _r2_error))
+            _t2_4 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_3**2), _r0_error))
+            _t2_7 = -_r0_rho_e
+            _t2_11 = ((_t2_4)/(_t2_6))
+            _t2_13 = _sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_t2_12**2), _r1_error))
+            _t2_14 = ((-_t2_13)/(_t2_9))
+            _b2_0 = ((((_two_scaled(((_t2_2 + ((_two_scaled(((-_t2_4*_t2_5)/(_t2_6)), _t2_7)) if _t2_8 else (0.0)))/(_t2_9)), _h2)) if _t2_10 else (0.0))) if (abs(_t2_2) <= (1/2)*_two_scaled(_t2_4, 2*_r0_rho_e)) else (_two_scaled(((_two_scaled(_t2_11, _t2_7)) if _t2_8 else (0.0)) + ((_two_scaled(_t2_14, -_r1_rho_e)) if _t2_10 else (0.0)), -_r0_r1_e)))
+            _b2_1 = ((_two_scaled(_t2_11, _h4)) if _t2_8 else (0.0))
+            _b2_2 = ((_two_scaled(_t2_14, _h5)) if _t2_10 else (0.0))
+            _t2_21 = ((_two_scaled(((_t2_13)/(_t2_9)), _h5)) if _t2_10 else (0.0))
+            _t2_20 = ((_two_scaled(((-_t2_4)/(_t2_6)), _h4)) if _t2_8 else (0.0))
+        else:
+            _b2_0 = 0.0
+            _b2_1 = 0.0
+            _b2_2 = 0.0
+            _t2_21 = 0.0
+            _t2_20 = 0.0
+        _scratch[0, _k] = _b2_0
+        _scratch[1, _k] = _t2_20
+        _scratch[2, _k] = _t2_21
+        _scratch[3, _k] = _t2_20
+        _scratch[4, _k] = _b2_1
+        _scratch[5, _k] = 0.0
+        _scratch[6, _k] = _t2_21
+        _scratch[7, _k] = 0.0
+        _scratch[8, _k] = _b2_2
+        _scratch[9, _k] = ((0.0) if _t2_22 else (_t2_26))
+        _scratch[10, _k] = _t2_25
+        _scratch[11, _k] = ((0.0) if _t2_22 else (_t2_29))
+        _scratch[12, _k] = _t2_28
+        _scratch[13, _k] = ((((((-_t2_1*((_h10) if _t2_15 else (0.0)))/(_t2_6))) if _t2_8 else (0.0))) if _t2_22 else (0.0))
+        _scratch[14, _k] = _t2_3
+        _scratch[15, _k] = ((((((-_t2_12*((_h11) if _t2_15 else (0.0)))/(_t2_6))) if _t2_8 else (0.0))) if _t2_22 else (0.0))
+        _scratch[16, _k] = _t2_1
+        _scratch[17, _k] = ((((((_t2_12*_t2_5*((_h12) if _t2_15 else (0.0)))/(_t2_6*_t2_9))) if _t2_10 and _t2_8 else (0.0))) if _t2_22 else (0.0))
+        _scratch[18, _k] = _t2_12
+        _scratch[19, _k] = _t2_26
+        _scratch[20, _k] = _t2_33
+        _scratch[21, _k] = _t2_29
+        _scratch[22, _k] = _t2_35
+        _scratch[23, _k] = _t2_36
+        _scratch[24, _k] = _t2_25
+        _scratch[25, _k] = _t2_36
+        _scratch[26, _k] = _t2_33
+        _scratch[27, _k] = _t2_37
+        _scratch[28, _k] = _t2_28
+        _scratch[29, _k] = _t2_37
+        _scratch[30, _k] = _t2_35
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]

@@ -85,6 +85,9 @@ class RowDerivation:
     # (i, j), i != j: the diagonal entries of block (i, j), D + sum P Q as one expression (as
     # hess for i = j), so that its terms cancel before rounding (a norm's I - w w^T at C = 1)
     cross: dict = field(default_factory=dict)
+    # the norms computed in a binary scale where their squares leave the safe range
+    # (stabilise_rows.scaled_norms): ScaledNorm entries, read by the emitter
+    scaled: tuple = ()
 
     def map(self, transform) -> "RowDerivation":
         """Apply ``transform`` to every expression (summands, loss, derivatives)."""

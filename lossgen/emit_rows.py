@@ -38,10 +38,12 @@ from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
 from .exact_rows import EXACT_FALLBACK, emit_fallback, plan
 from .reductions import onehot
-from .stabilise_rows import sum_parts
-from .vocabulary import group
+from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
+from .vocabulary import group, in_scale, two_scaled
 
 INDENT = "    "
+# the line of a fast row function that hands the row to the scaled one (templates/row_module.py.j2)
+SCALED_ROW = "_SCALED_ROW"
 
 
 class RowPrinter(NumbaPrinter):
@@ -49,6 +51,18 @@ class RowPrinter(NumbaPrinter):
 
     def _print_onehot(self, expr):
         return f"(1.0 if _k == {self._print(expr.args[0])} else 0.0)"
+
+    def _print_two_scaled(self, expr):
+        x, n = expr.args
+        terms = []
+        for term in sp.Add.make_args(n):
+            c, e = term.as_coeff_Mul()
+            terms.append(self._print(e) if c == 1 else f"-{self._print(e)}" if c == -1 else f"{int(c)}*{self._print(e)}")
+        self.helpers_used.add("two_scaled")
+        return f"_two_scaled({self._print(x)}, {' + '.join(terms)})"
+
+    def _print_in_scale(self, expr):
+        return f"(({self._print(expr.args[0])}) * {self._print(expr.args[1])})"
 
 
 # renamed symbols keep their assumptions: without them SymPy may decide Eq(x, 0) is False
@@ -112,8 +126,10 @@ def _rest_of(tail: sp.Symbol) -> sp.Symbol:
 class _Body:
     """Lines of one kernel's row loop, built pass by pass."""
 
-    def __init__(self, derivation: RowDerivation, printer: RowPrinter, tie_keys: dict):
+    def __init__(self, derivation: RowDerivation, printer: RowPrinter, tie_keys: dict, scaled: bool = False):
         self.derivation, self.printer, self.tie_keys = derivation, printer, tie_keys
+        # the row function for rows whose norms left the safe range (rescale), else the fast one
+        self.scaled = scaled
         spec = derivation.spec
         self.shifts = _Shifts(derivation.reductions)
         self.reductions = {r.symbol: Reduction(r.symbol, r.kind, self.shifts(r.summand), r.index)
@@ -127,6 +143,7 @@ class _Body:
         self.slots = 0  # scratch rows (_stash) that the kernel uses
         self.vector_passes: dict = {}  # reduction -> its slot in _stash, where a loop of its own computes its terms
         self.vector_reductions: set = set()  # reductions whose terms a loop of their own computes (plan_vector)
+        self.checks: list[str] = []  # the scaled norms' range checks (in_scales)
 
     def is_element(self, expr: sp.Expr) -> bool:
         weights = {p for _, p in self.stashed.values()}
@@ -192,6 +209,23 @@ class _Body:
 
     def emit(self, indent: int, text: str):
         self.lines.append(INDENT * indent + text)
+
+    def in_scales(self, emit_values):
+        """``emit_values(fold)``: in the fast row function (rows whose norms' sums of squares are in
+        range, stabilise_rows.scaled_norms) first a comparison per norm, which hands a row out of
+        range to the scaled row function (a marker line for the template), then the values with
+        every scale folded away (x 2**0 = x, g/1 = g), the code of the kernels before; in the
+        scaled row function, the values as they are."""
+        if self.scaled or not self.checks:
+            emit_values(lambda exprs: exprs)
+            return
+        self.emit(2, f"if not ({' and '.join(self.checks)}):")
+        self.emit(3, SCALED_ROW)
+        ones = {}
+        for n in self.derivation.scaled:
+            ones.update({n.exponent: 0, n.inverse: 1})
+            ones.update({e: 0 for e in getattr(n, "ratio_exponents", ())})
+        emit_values(lambda exprs: [_folded(e).xreplace(ones) for e in exprs])
 
     def cse(self, exprs: list[sp.Expr], indent: int, vector: bool = False) -> list[str]:
         """Assignments for the shared subexpressions; returns the printed ``exprs``. With
@@ -271,8 +305,12 @@ class _Body:
         owner = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
         owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
         owner.update({part: tail for tail, (_, p) in self.stashed.items() for part in (p, _rest_of(tail))})
+        owner.update({part: n.reduction.symbol for n in self.derivation.scaled if isinstance(n, ScaledNorm)
+                      for part in (n.scale, n.inverse, n.exponent)})
         used = {s for e in exprs for s in e.free_symbols}
         seen, stack = set(), [s for s in used if s in self.reductions] + [owner[s] for s in used if s in owner]
+        for pair in self.pairs_used(used):  # a pair's scale: both norms' scales
+            stack += [n.reduction.symbol for n in pair.norms]
         while stack:
             symbol = stack.pop()
             if symbol in seen:
@@ -285,6 +323,17 @@ class _Body:
             if r.kind == "take" and r.index in owner:  # a take at a max's arg-max
                 stack.append(owner[r.index])
         return [self.reductions[s] for s in sorted(seen, key=lambda s: s.name)]
+
+    def pairs_used(self, used) -> list:
+        """The scaled pairs (stabilise_rows.ScaledPair) whose scale or sums ``used`` holds."""
+        pairs = []
+        for pair in self.derivation.scaled:
+            if isinstance(pair, ScaledPair):
+                symbols = {pair.scale, pair.inverse, pair.exponent, *pair.ratio_exponents}
+                symbols |= {part for r, _ in pair.sums for part in (r.symbol, *sum_parts(r))}
+                if used & symbols:
+                    pairs.append(pair)
+        return pairs
 
     def level(self, r: Reduction, memo: dict) -> int:
         if r.symbol not in memo:
@@ -300,6 +349,10 @@ class _Body:
         """Compute every reduction that ``exprs`` need, level by level."""
         memo: dict = {}
         needed = self.needed(exprs)
+        used = {s for e in exprs for s in e.free_symbols}
+        used |= {s for r in needed for s in r.summand.free_symbols}
+        pending = self.pairs_used(used | {r.symbol for r in needed})
+        done: set = set()
         for level in sorted({self.level(r, memo) for r in needed}):
             at_level = [r for r in needed if memo[r.symbol] == level]
             for r in (r for r in at_level if r.kind == "take"):
@@ -356,6 +409,75 @@ class _Body:
             for r in looped:
                 for line in LOOP_CODE[kinds[r.symbol]]["finish"]:
                     self.emit(2, line.format(**self.names(r)))
+            scaled = {n.reduction.symbol: n for n in self.derivation.scaled if isinstance(n, ScaledNorm)}
+            for r in looped:
+                if r.symbol in scaled:
+                    self.rescale(r, scaled[r.symbol])
+            done |= {r.symbol for r in at_level}
+            for pair in list(pending):
+                members = {n.reduction.symbol for n in pair.norms}
+                members |= {r.symbol for r, _ in pair.sums if r.symbol in {q.symbol for q in needed}}
+                if members <= done:
+                    self.rescale_pair(pair, [(r, s) for r, s in pair.sums if r.symbol in members])
+                    pending.remove(pair)
+
+    def rescale(self, r: Reduction, norm):
+        """A norm's sum of squares R = sum(g**2) in a binary scale (stabilise_rows.scaled_norms):
+        1 where R is within SAFE_SQUARES (one comparison; NaN and inf fail it too), else the
+        row's sum again over g/P, P = 2**e the power of two of max |g_k| (the helper
+        _scaled_squares, out of line: the row's code stays as compact as before)."""
+        low, high = SAFE_SQUARES
+        names = {**self.names(r), "low": repr(low), "high": repr(high)}
+        if not self.scaled:
+            self.checks.append("{r} >= {low} and {r} <= {high}".format(**names))
+            return
+        self.printer.helpers_used.add("scaled_squares")
+        self.emit(2, "{r}_e = 0".format(**names))
+        self.emit(2, "{r}_Pinv = 1.0".format(**names))
+        self.emit(2, "if not ({r} >= {low} and {r} <= {high}):".format(**names))
+        self.emit(3, "_g = np.empty(_n)")
+        self.emit(3, "for _k in range(_n):")
+        self.bind([norm.g], 4)
+        self.emit(4, f"_g[_k] = {self.printer.doprint(self.rename(norm.g))}")
+        self.emit(3, "{r}, {r}_hi, {r}_error, {r}_e, {r}_Pinv = _scaled_squares(_g, {r}, {r}_hi, {r}_error)"
+                  .format(**names))
+
+    def rescale_pair(self, pair, sums):
+        """The mixed values of a close pair of scaled norms in the larger of their scales
+        (stabilise_rows.ScaledPair): 1 unless a norm left the safe range; else its sums again
+        (the helper _scaled_products, out of line)."""
+        if not self.scaled:
+            return
+        p = pair.exponent.name[:-2]
+        e0, e1 = (n.exponent.name for n in pair.norms)
+        self.emit(2, f"{p}_e = max({e0}, {e1})")
+        for n, ratio in zip(pair.norms, pair.ratio_exponents):
+            self.emit(2, f"{ratio} = {n.exponent} - {p}_e")
+        self.emit(2, f"{p}_Pinv = 1.0")
+        self.emit(2, f"if {p}_e != 0:")
+        self.emit(3, f"{p}_Pinv = math.ldexp(1.0, -{p}_e)")
+        if not sums:
+            return
+        self.printer.helpers_used.add("scaled_squares")
+        factors = []
+        for _, summand in sums:
+            if isinstance(summand, sp.Pow):
+                factors.append((summand.base.args[0], summand.base.args[0]))
+            else:
+                u, v = [f.args[0] for f in sp.Mul.make_args(summand) if isinstance(f, in_scale)]
+                constant = sp.Mul(*(f for f in sp.Mul.make_args(summand) if not isinstance(f, in_scale)))
+                factors.append((constant * u, v))
+        for j in range(len(sums)):
+            self.emit(3, f"_u{j} = np.empty(_n)")
+            self.emit(3, f"_v{j} = np.empty(_n)")
+        self.emit(3, "for _k in range(_n):")
+        self.bind([f for pair_ in factors for f in pair_], 4)
+        for j, (u, v) in enumerate(factors):
+            self.emit(4, f"_u{j}[_k] = {self.printer.doprint(self.rename(u))}")
+            self.emit(4, f"_v{j}[_k] = {self.printer.doprint(self.rename(v))}")
+        for j, (r, _) in enumerate(sums):
+            names = self.names(r)
+            self.emit(3, "{r}, {r}_hi, {r}_error = _scaled_products(_u{j}, _v{j}, {p}_Pinv)".format(j=j, p=p, **names))
 
     def names(self, r: Reduction) -> dict:
         names = {"r": r.symbol.name}
@@ -426,6 +548,11 @@ def _always_exponential(expr) -> bool:
 def _calls(expr: sp.Expr) -> set:
     """The exponentials and logarithms that ``expr`` takes."""
     return set(expr.atoms(sp.exp, expm1, sp.log, log1p))
+
+
+def _folded(expr: sp.Expr) -> sp.Expr:
+    """``expr`` at scales of 1: x 2**0 = x, g/1 = g (stabilise_rows.scaled_norms)."""
+    return expr.replace(lambda e: isinstance(e, (two_scaled, in_scale)), lambda e: e.args[0])
 
 
 def _hoist(expr: sp.Expr, is_element, hoisted: dict) -> sp.Expr:
@@ -515,11 +642,26 @@ def _emit_guard(body, spec, outs: list[str], n_row_outputs: int):
 
 
 def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
-            fallbacks=None, arguments=()) -> dict:
+            fallbacks=None, arguments=(), scaled: bool = False) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
     element expressions written to out[_i, _k]; ``fallbacks``: {index in element_outputs:
-    exact_rows.Fallback}, the guarded exact recomputation of those outputs."""
-    body = _Body(derivation, printer, keys)
+    exact_rows.Fallback}, the guarded exact recomputation of those outputs. Where the loss has
+    scaled norms, the kernel's row function for the rows out of range as well (``scaled_lines``)."""
+    if derivation.scaled and not scaled:
+        return _with_scaled(
+            _kernel_fast(derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments),
+            _kernel_fast(derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, True))
+    return _kernel_fast(derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, scaled)
+
+
+def _with_scaled(fast: dict, scaled: dict) -> dict:
+    """The fast kernel, with the scaled one's row function (templates/row_module.py.j2)."""
+    return {**fast, "scaled_lines": scaled["lines"]} if any(SCALED_ROW in line for line in fast["lines"]) else fast
+
+
+def _kernel_fast(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
+                 fallbacks=None, arguments=(), scaled: bool = False) -> dict:
+    body = _Body(derivation, printer, keys, scaled)
     spec = derivation.spec
     fallbacks = fallbacks or {}
     row_outputs = [body.shifts(e) for e in row_outputs]
@@ -538,26 +680,31 @@ def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, 
     vector = body.plan_vector(row_values, element_outputs)
     body.reductions_pass(row_values + element_outputs + tests)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
-    if row_values:
-        printed = body.cse(row_values, 2)
-        for j, value in enumerate(printed[:len(row_outputs)]):
-            body.emit(2, f"{outs[j]}[_i] = _w * ({value})")
-        for symbol, value in zip(hoisted.values(), printed[len(row_outputs):]):
-            body.emit(2, f"{symbol} = {value}")
-    if element_outputs:
-        if fallbacks:
-            body.emit(2, "_xflag = False")
-        body.emit(2, "for _k in range(_n):")
-        body.bind(element_outputs + tests, 3)
-        body.bind_weights(element_outputs, 3)
-        printed = body.cse(element_outputs, 3, vector=vector)
-        for out, value in zip(outs[len(row_outputs):], printed):
-            body.emit(3, f"{out}[_i, _k] = _w * ({value})")
-        # the cancellation test of each output with a fallback, OR-ed into the row's flag (no
-        # branch); printed apart, so that the outputs' own code is what it was without it
-        flags = body.cse(tests, 3, vector=vector) if tests else []
-        for n in range(len(fallbacks)):
-            body.emit(3, f"_xflag |= abs({flags[2 * n]}) < {flags[2 * n + 1]}")
+
+    def emit_values(fold):
+        values, elements, checks = fold(row_values), fold(element_outputs), fold(tests)
+        if values:
+            printed = body.cse(values, 2)
+            for j, value in enumerate(printed[:len(row_outputs)]):
+                body.emit(2, f"{outs[j]}[_i] = _w * ({value})")
+            for symbol, value in zip(hoisted.values(), printed[len(row_outputs):]):
+                body.emit(2, f"{symbol} = {value}")
+        if elements:
+            if fallbacks:
+                body.emit(2, "_xflag = False")
+            body.emit(2, "for _k in range(_n):")
+            body.bind(elements + checks, 3)
+            body.bind_weights(elements, 3)
+            printed = body.cse(elements, 3, vector=vector)
+            for out, value in zip(outs[len(row_outputs):], printed):
+                body.emit(3, f"{out}[_i, _k] = _w * ({value})")
+            # the cancellation test of each output with a fallback, OR-ed into the row's flag (no
+            # branch); printed apart, so that the outputs' own code is what it was without it
+            flags = body.cse(checks, 3, vector=vector) if checks else []
+            for n in range(len(fallbacks)):
+                body.emit(3, f"_xflag |= abs({flags[2 * n]}) < {flags[2 * n + 1]}")
+
+    body.in_scales(emit_values)
     exact = []
     if fallbacks:
         # the recomputation is a function of its own, called only where the flag is set, so that
@@ -578,14 +725,21 @@ def _indices(block) -> list:
     return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
 
 
-def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> dict:
+def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, scaled: bool = False) -> dict:
+    if derivation.scaled and not scaled:
+        return _with_scaled(_block_kernel_fast(derivation, printer, product, keys),
+                            _block_kernel_fast(derivation, printer, product, keys, scaled=True))
+    return _block_kernel_fast(derivation, printer, product, keys, scaled)
+
+
+def _block_kernel_fast(derivation: RowDerivation, printer, product: bool, keys, scaled: bool = False) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
     directions v (one per prediction): sum_l H_jl v_l, entry by entry, so that every term is
     an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
     O(C**2) work per row, and O(C) memory: the matrix is never formed."""
-    body = _Body(derivation, printer, keys)
+    body = _Body(derivation, printer, keys, scaled)
     k = len(derivation.spec.predictions)
     pairs = [(i, j) for i in range(k) for j in range(k)]
     blocks = [derivation.blocks[p] for p in pairs]
@@ -602,14 +756,19 @@ def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> di
     vector = body.plan_vector(list(hoisted), element)
     body.reductions_pass(list(hoisted) + element)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
-    if hoisted:
-        for symbol, value in zip(hoisted.values(), body.cse(list(hoisted), 2)):
-            body.emit(2, f"{symbol} = {value}")
-    body.emit(2, f"_scratch = np.empty(({max(len(element), 1)}, _n))")
-    body.emit(2, "for _k in range(_n):")
-    body.bind(element, 3)
-    for j, value in enumerate(body.cse(element, 3, vector=vector)):
-        body.emit(3, f"_scratch[{j}, _k] = {value}")
+
+    def emit_values(fold):
+        if hoisted:
+            for symbol, value in zip(hoisted.values(), body.cse(fold(list(hoisted)), 2)):
+                body.emit(2, f"{symbol} = {value}")
+        body.emit(2, f"_scratch = np.empty(({max(len(element), 1)}, _n))")
+        elements = fold(element)
+        body.emit(2, "for _k in range(_n):")
+        body.bind(elements, 3)
+        for j, value in enumerate(body.cse(elements, 3, vector=vector)):
+            body.emit(3, f"_scratch[{j}, _k] = {value}")
+
+    body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
     body.emit(2, "for _j in range(_n):")
     if product:

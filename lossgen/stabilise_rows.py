@@ -68,7 +68,7 @@ from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import apply_last, direct_form, spec_domains
-from .vocabulary import binary_scale, exact_sum, exprel, fma, group
+from .vocabulary import binary_scale, exact_sum, exprel, fma, group, in_scale, real_group, two_scaled
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -1309,7 +1309,8 @@ def stabilise_rows(derivation):
     sums += zero_tests
     stable = replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
     with spec_domains(derivation.spec):
-        return stable.map(apply_last)
+        stable = stable.map(apply_last)
+    return scaled_norms(derivation, stable)
 
 
 # --- a norm at 0 -------------------------------------------------------------------------------
@@ -1368,6 +1369,311 @@ def at_zero_norm(derivation, stable):
                      cross={k: convention(e) for k, e in stable.cross.items()})
     used = set().union(*(e.free_symbols for e in _expressions(stable)))
     return stable, [t for t in tests.values() if t.symbol in used]
+
+
+# --- norms in a binary scale ------------------------------------------------------------------
+
+# The range of a sum of squares S = sum(g**2) in which the kernels use it as computed: 2**-600 to
+# 2**600, far from underflow (a difference |g_k| < 1.5e-162 squares to 0) and overflow (|g_k| >
+# 1.3e154 squares to inf), so that S**(3/2), S**2 and their reciprocals stay normal floats too.
+SAFE_SQUARES = (2.0**-600, 2.0**600)
+
+
+@dataclass(frozen=True)
+class ScaledNorm:
+    """A norm sqrt(R), R = sum(g**2), computed in a binary scale P (a power of two, 1 where R is
+    in :data:`SAFE_SQUARES`): R = P**2 R^, g = P g^ with g^ = g/P exactly (the emitter's redo of
+    the row's sum, emit_rows)."""
+
+    reduction: Reduction
+    g: sp.Expr            # the vector's element, as the reduction's loop computes it
+    scale: sp.Symbol      # P
+    inverse: sp.Symbol    # 1/P
+    exponent: sp.Symbol   # e, P = 2**e
+
+
+@dataclass(frozen=True)
+class ScaledPair:
+    """The values of a close pair of scaled norms (:class:`ClosePair`) that mix the two vectors:
+    delta = g - h and sigma = g + h, and the sums D = sum(g**2 - h**2) and sum((g - h)**2), measured
+    in the larger of the two norms' scales, Q = 2**max(e_g, e_h) (e = 0 for a norm in range):
+    the kernels sum D and the spread again over their factors times 1/Q where Q is not 1."""
+
+    norms: tuple          # (ScaledNorm, ScaledNorm)
+    sums: tuple           # (Reduction, its summand with each linear factor times 1/Q)
+    vectors: tuple        # delta and sigma, plain
+    scale: sp.Symbol
+    inverse: sp.Symbol
+    exponent: sp.Symbol
+    # each norm's scale as Q rho, rho = 2**(e - max(e_g, e_h)) <= 1: sums of terms in both norms
+    # (A**2 + A B + B**2) then share the factor Q**k, and comparisons cancel it
+    ratios: tuple = ()            # (rho_g, rho_h)
+    ratio_exponents: tuple = ()   # their exponents
+
+
+def _scaled_summand(summand: sp.Expr, inverse: sp.Symbol, element) -> sp.Expr | None:
+    """A second moment's summand (a square, or a product of two factors that vary along the row,
+    each linear in the elements) with each factor times ``inverse``; None for another form."""
+    if isinstance(summand, sp.Pow) and summand.exp == 2:
+        return in_scale(summand.base, inverse)**2
+    factors = sp.Mul.make_args(summand)
+    varying = [f for f in factors if f.free_symbols & set(element)]
+    if len(varying) != 2 or len(set(varying)) != 2:
+        return None
+    return sp.Mul(*(in_scale(f, inverse) if f in varying else f for f in factors))
+
+
+def _private_symbol(g: sp.Expr, element_symbols) -> tuple[sp.Symbol, sp.Expr] | None:
+    """An element symbol x of g with a numeric slope dg/dx, and that slope."""
+    for x in sorted(g.free_symbols & set(element_symbols), key=sp.default_sort_key):
+        slope = sp.diff(g, x)
+        if slope.is_Number and slope != 0:
+            return x, slope
+    return None
+
+
+def _plain(node: sp.Expr) -> sp.Expr:
+    """``node`` with its exact sums and groups as plain sums (the value they stand for)."""
+    return node.replace(lambda e: isinstance(e, (exact_sum, group)), lambda e: sp.Add(*e.args))
+
+
+def _in_scale(expr, norms: list, plain_g: dict):
+    """Every multiple k g of a norm's vector (a sum, an exact sum or a group: the vector as the
+    derivatives hold it) as k P g^, outermost first."""
+    if not isinstance(expr, sp.Basic) or not expr.args:
+        return expr
+    if isinstance(expr, (sp.Add, exact_sum, group)) and not isinstance(expr, real_group):
+        plain = sp.expand(_plain(expr))
+        for n in norms:
+            x, slope, g = plain_g[n]
+            if not plain.free_symbols <= g.free_symbols:
+                continue
+            k = sp.diff(plain, x) / slope
+            if k.is_Number and k != 0 and sp.expand(plain - k * g) == 0:
+                # g as this node computes it (so that where P = 1 the value is the one before)
+                return k * n.scale * in_scale(expr / k, n.inverse)
+    return expr.func(*(_in_scale(a, norms, plain_g) for a in expr.args))
+
+
+def _scale_power(term: sp.Expr, p: sp.Symbol):
+    """The exponent of P in the product ``term``."""
+    return sp.Add(*(f.exp if isinstance(f, sp.Pow) and f.base == p else 1 if f == p else 0
+                    for f in sp.Mul.make_args(term)))
+
+
+def _collect_scales(expr, scales: list):
+    """Each power of a scale P common to every term of a sum (exact or plain) taken out of it, and
+    cancelled between the two sides of a comparison (P > 0): the scaled terms of S = R - g_j**2,
+    P**2 (R^ - g^_j**2), are then summed in the scale, and the products of the scaled values collect
+    P once (a division by a power of two)."""
+    if not isinstance(expr, sp.Basic) or not expr.args:
+        return expr
+    expr = expr.func(*(_collect_scales(a, scales) for a in expr.args))
+    if isinstance(expr, (sp.Add, exact_sum)):
+        terms = expr.args
+        for p in scales:
+            powers = [_net_power(t, p) for t in terms]
+            if not all(k is not None and k.is_Number for k in powers):
+                continue
+            if all(k > 0 for k in powers) or all(k < 0 for k in powers):
+                k = min(powers) if powers[0] > 0 else max(powers)
+                inner = expr.func(*(_push_scale(t, p, -k) for t in terms))
+                return p**k * _collect_scales(inner, scales)
+    if isinstance(expr, sp.core.relational.Relational) and not isinstance(expr, (sp.Eq, sp.Ne)):
+        lhs, rhs = expr.lhs, expr.rhs
+        for p in scales:
+            a, b = _scale_power(lhs, p), _scale_power(rhs, p)
+            if rhs == 0:
+                b = a
+            if a.is_Number and b.is_Number and a != 0 and (a > 0) == (b > 0):
+                k = min(a, b) if a > 0 else max(a, b)
+                lhs, rhs = lhs / p**k, rhs / p**k
+        return expr.func(lhs, rhs)
+    return expr
+
+
+def _push_scale(expr, p: sp.Symbol, k):
+    """expr p**k, the power (and a product's own powers of p) taken into the branches of its
+    selection, where the branch's own powers of p combine with it, rather than left outside,
+    where p**k alone may overflow."""
+    if expr == 0:
+        return expr
+    if isinstance(expr, sp.Piecewise):
+        return sp.Piecewise(*((_push_scale(e, p, k), c) for e, c in expr.args)) if k != 0 else expr
+    if isinstance(expr, sp.Mul):
+        factors = sp.Mul.make_args(expr)
+        selections = [f for f in factors if isinstance(f, sp.Piecewise)]
+        own = _scale_power(expr, p)
+        if selections and own.is_Number and k + own != 0:
+            rest = [f for f in factors
+                    if f is not selections[0] and not (f == p or isinstance(f, sp.Pow) and f.base == p)]
+            return sp.Mul(*rest, _push_scale(selections[0], p, k + own))
+    return expr * p**k
+
+
+def _net_power(expr, p: sp.Symbol):
+    """The power of p that ``expr`` carries as a factor (into selections whose nonzero branches
+    agree), None where its terms differ."""
+    if expr == 0:
+        return None
+    if isinstance(expr, sp.Piecewise):
+        powers = {_net_power(e, p) for e, _ in expr.args if e != 0}
+        return powers.pop() if len(powers) == 1 else None
+    if isinstance(expr, sp.Mul):
+        total = sp.S.Zero
+        for f in expr.args:
+            k = _net_power(f, p) if isinstance(f, sp.Piecewise) else _scale_power(f, p)
+            if k is None or not k.is_Number:
+                return None
+            total += k
+        return total
+    if isinstance(expr, sp.Pow) and expr.base == p:
+        return expr.exp
+    if expr == p:
+        return sp.S.One
+    if isinstance(expr, (sp.Add, exact_sum)):
+        powers = {_net_power(t, p) for t in expr.args}
+        return powers.pop() if len(powers) == 1 else None
+    return sp.S.Zero
+
+
+def _balanced(pair, scales):
+    """An outer product P(j) Q(l) with Q's powers of each scale moved into P, whose own powers
+    they cancel (the norm's (-m/(2 R**(3/2))) g_j times g_l: P**-2 and P apart, P**-1 together)."""
+    left, right = pair
+    for s in scales:
+        k = _net_power(right, s)
+        if k is not None and k != 0:
+            left, right = _push_scale(left, s, k), _push_scale(right, s, -k)
+    return left, right
+
+
+def _as_exponents(expr, exponents: dict):
+    """Every product's powers of the scales P = 2**e as one two_scaled(rest, sum k e): x 2**n by
+    ldexp, where P**k alone would underflow or overflow (P**3 at P = 2**-996)."""
+    if not isinstance(expr, sp.Basic) or not expr.args:
+        if expr in exponents:
+            return two_scaled(sp.S.One, exponents[expr])
+        return expr
+    if isinstance(expr, sp.Pow) and expr.base in exponents:
+        return two_scaled(sp.S.One, expr.exp * exponents[expr.base])
+    if isinstance(expr, sp.Mul):
+        shift, rest = sp.S.Zero, []
+        for f in expr.args:
+            if f in exponents:
+                shift += exponents[f]
+            elif isinstance(f, sp.Pow) and f.base in exponents:
+                shift += f.exp * exponents[f.base]
+            else:
+                rest.append(_as_exponents(f, exponents))
+        if shift != 0:
+            return two_scaled(sp.Mul(*rest), shift)
+        return sp.Mul(*rest)
+    return expr.func(*(_as_exponents(a, exponents) for a in expr.args))
+
+
+def scaled_norms(derivation, stable):
+    """The norms sqrt(R), R = sum(g**2), of :func:`zero_norms` that the loss reads as norms
+    (distances: the loss reads R only through nonnegative powers, sqrt(R) among them) computed so that neither R nor the derivatives' powers of it
+    underflow or overflow: the kernels sum g**2 as before and, only for a row whose R falls outside
+    :data:`SAFE_SQUARES` (0 where the squares underflow, inf where they overflow), sum it again over
+    g/P, P the power of two of the row's largest |g_k| (exact scaling); the derivatives read
+    R = P**2 R^ and g = P g^, every multiple of the vector written k P g^, and each sum's common
+    power of P taken out, so that u = g/|g| is g^/sqrt(R^) and the Hessian's (R - g_j**2)/R**(3/2)
+    is (R^ - g^_j**2)/(P R^**(3/2)). Where R is in range P = 1 and every value is the one
+    computed before. A norm whose vector has no element symbol of numeric slope, or whose R a
+    reduction's summand reads, stays as it was."""
+    element = derivation.element_symbols
+    summands = {r.symbol: r.summand for r in stable.reductions}
+    read = set().union(*(r.summand.free_symbols for r in stable.reductions))
+    norms, plain_g = [], {}
+    roots = {p.base for p in derivation.loss.atoms(sp.Pow) if p.exp == sp.S.Half}
+    for r in zero_norms(derivation):
+        if r.symbol not in roots or read & {r.symbol, *sum_parts(r)}:
+            continue  # a sum of squares that the loss does not read as a norm (Dice's sum(p**2))
+        summand = summands.get(r.symbol, r.summand)
+        g = summand.base if isinstance(summand, sp.Pow) and summand.exp == 2 else r.summand.base
+        private = _private_symbol(sp.expand(r.summand.base), element)
+        if private is None:
+            continue
+        n = ScaledNorm(r, g, sp.Symbol(f"{r.symbol.name}_P", positive=True),
+                       sp.Symbol(f"{r.symbol.name}_Pinv", positive=True), sp.Symbol(f"{r.symbol.name}_e", integer=True))
+        norms.append(n)
+        plain_g[n] = (*private, sp.expand(r.summand.base))
+    if not norms:
+        return stable
+    values = {}
+    for n in norms:
+        hi, error = sum_parts(n.reduction)
+        values.update({s: n.scale**2 * s for s in (n.reduction.symbol, hi, error)})
+    scales = [n.scale for n in norms]
+    by_reduction = {n.reduction.symbol: n for n in norms}
+    matched = list(norms)  # what _in_scale writes in a scale: the norms' vectors, the pairs' delta, sigma
+    pairs, ratio_of = [], {}
+    for pair in close_pairs(derivation):
+        if pair.r0.symbol not in by_reduction or pair.r1.symbol not in by_reduction:
+            continue
+        name = f"{pair.r0.symbol.name}{pair.r1.symbol.name}"
+        scale, inverse = sp.Symbol(f"{name}_P", positive=True), sp.Symbol(f"{name}_Pinv", positive=True)
+        sums, ok = [], True
+        for r in (pair.difference, pair.spread):
+            if read & {r.symbol, *sum_parts(r)}:
+                ok = False
+            if r.symbol in summands:
+                scaled = _scaled_summand(summands[r.symbol], inverse, element)
+                ok = ok and scaled is not None
+                sums.append((replace(r, summand=summands[r.symbol]), scaled))
+        if not ok:
+            continue
+        delta, sigma = sp.expand(pair.g - pair.h), sp.expand(pair.g + pair.h)
+        if any(by_reduction[r.symbol].scale in ratio_of for r in (pair.r0, pair.r1)):
+            continue  # a norm of two pairs: in the first one's scale
+        ratios = tuple(sp.Symbol(f"{r.symbol.name}_rho", positive=True) for r in (pair.r0, pair.r1))
+        scaled_pair = ScaledPair((by_reduction[pair.r0.symbol], by_reduction[pair.r1.symbol]), tuple(sums),
+                                 (delta, sigma), scale, inverse, sp.Symbol(f"{name}_e", integer=True), ratios,
+                                 tuple(sp.Symbol(f"{r.name}_e", integer=True) for r in ratios))
+        for n, rho in zip(scaled_pair.norms, ratios):
+            ratio_of[n.scale] = scale * rho
+        pairs.append(scaled_pair)
+        for r, _ in sums:
+            hi, error = sum_parts(r)
+            values.update({s: scale**2 * s for s in (r.symbol, hi, error)})
+        for vector in (delta, sigma):
+            private = _private_symbol(vector, element)
+            if private is None:
+                continue
+            twin = ScaledNorm(pair.r0, vector, scale, inverse, scaled_pair.exponent)
+            matched.append(twin)
+            plain_g[twin] = (*private, vector)
+        scales.append(scale)
+    scales = [s for s in scales if s not in ratio_of] + [r for p in pairs for r in p.ratios]
+
+    exponents = {n.scale: n.exponent for n in norms}
+    exponents.update({p.scale: p.exponent for p in pairs})
+    exponents.update({r: e for p in pairs for r, e in zip(p.ratios, p.ratio_exponents)})
+
+    def pushed(expr):
+        for s in scales:  # each product's power of P into its selections
+            expr = expr.replace(lambda e: isinstance(e, sp.Mul) and e.has(sp.Piecewise) and e.has(s),
+                                lambda e: _push_scale(e, s, 0))
+        return expr
+
+    def transform(expr):
+        expr = _in_scale(expr, matched, plain_g).xreplace(values).xreplace(ratio_of)
+        return pushed(_collect_scales(pushed(expr), scales))
+
+    def finish(expr):
+        return _as_exponents(expr, exponents)
+
+    blocks = {k: HessianBlock(transform(b.diagonal),
+                              tuple(_balanced((transform(p), transform(q)), scales) for p, q in b.outer))
+              for k, b in stable.blocks.items()}
+    return replace(stable, loss=finish(transform(stable.loss)), grad=tuple(finish(transform(e)) for e in stable.grad),
+                   hess=tuple(finish(transform(e)) for e in stable.hess),
+                   blocks={k: HessianBlock(finish(b.diagonal), tuple((finish(p), finish(q)) for p, q in b.outer))
+                           for k, b in blocks.items()},
+                   cross={k: finish(transform(e)) for k, e in stable.cross.items()},
+                   scaled=tuple(norms) + tuple(pairs))
 
 
 def _expressions(derivation) -> list[sp.Expr]:

@@ -177,6 +177,25 @@ class binary_scale(sp.Function):
         return True
 
 
+class in_scale(sp.Function):
+    """in_scale(g, q): the element g of a norm's vector times q, the inverse of that norm's
+    binary scale P (a power of two, 1 unless the row's sum of squares left the safe range;
+    :func:`lossgen.stabilise_rows.scaled_norms`): g/P exactly, an element of the scaled row
+    whose squares neither underflow nor overflow."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+class two_scaled(sp.Function):
+    """two_scaled(x, n) = x 2**n (n an integer, 0 where no norm of the row left the safe range):
+    math.ldexp, exact and without an inf or 0 on the way where x 2**n is a normal float (x = 0
+    stays 0 at any n)."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
 class exprel(sp.Function):
     """expm1(z)/z, and 1 at z = 0 (the relative error exponential): where z is tiny, even
     subnormal, it is 1 + z/2 to full precision, where expm1(a*u)/a keeps only the bits of a

@@ -77,9 +77,6 @@ OTHER_SET_GAPS = {
                                      "the gradient meets the bound there since the exact fallback",
     ("tversky", "smooth", 0.0): "as dice at smooth = 0: the Hessian 0.08 at C = 3 (the gradient meets the bound "
                                 "there since the exact fallback)",
-    ("triplet_margin", "eps", 0.0): "a difference below 1.5e-162 (a = -1e-300, n = 1e-300 at C = 1): its square "
-                                    "underflows, the norm is 0 and (a - n)/d(a, n) is inf where the truth is "
-                                    "sign(a - n) = -1 (contrastive's norm alike, at rows this sample does not hold)",
 }
 
 
@@ -937,6 +934,39 @@ def test_triplet_margin_at_two_norms_of_zero():
         np.testing.assert_array_equal(tri.loss(x, x, x, **params, reduction="none"), [1.0])
         for out in (tri.grad(x, x, x, **params), tri.hess(x, x, x, **params), tri.hvp(x, x, x, v=(x, x, x), **params)):
             assert all(np.isfinite(o).all() for o in out)
+
+
+def test_norms_of_tiny_differences_in_a_binary_scale():
+    """At eps = 0 a difference below 1.5e-162 squares to 0 (a = -1e-300, n = 1e-300: the norm was
+    0 and (a - n)/d(a, n) inf where the truth is sign(a - n) = -1). A row whose sum of squares
+    leaves 2**-600 ... 2**600 is summed again in the binary scale of its largest element
+    (stabilise_rows.scaled_norms), and the derivatives read it there: every output against the
+    expanded truth, at rows of 1e-300 scale (all three triplet inputs tiny, so that the close
+    norms' forms meet the scale too; or the anchor and the negative tiny beside a positive of
+    scale 1) and the constant rows of 1e-300 (zero norms), at C = 1, 2, 3. Elements of one
+    magnitude within a row: where one element holds nearly all of the norm, contrastive's Hessian
+    at d << m cancels in 1 - u_j**2 at any scale (relative error 1e-10 at x1 = (-1, 7.5e-4) 1e-8,
+    x2 = 0, m = 1: a gap of its own)."""
+    rng = np.random.default_rng(22)
+
+    def vector(scale, c):
+        return scale * rng.uniform(0.5, 1.5, c) * rng.choice([-1.0, 1.0], c)
+
+    for name, rows in (("triplet_margin", lambda c: [{k: vector(1e-300, c) for k in "apn"},
+                                                     {"a": vector(1e-300, c), "p": vector(1.0, c),
+                                                      "n": vector(1e-300, c)},
+                                                     {k: np.full(c, 1e-300) for k in "apn"}]),
+                       ("contrastive", lambda c: [{"y": np.array(y), "x1": vector(1e-300, c), "x2": vector(s, c)}
+                                                  for y in (0.0, 1.0) for s in (1e-300, 0.0)])):
+        spec, loss = load_spec(ROW_PATHS[name]), lossgen.get(name)
+        params = {**_defaults(spec), "eps": 0.0}
+        for size in (1, 2, 3):
+            points = [row for _ in range(3) for row in rows(size)]
+            checked = check_size(loss, spec, size, points, params)
+            assert {r.output.split("[")[0].split(" ")[0] for r in checked} >= {"loss", "grad", "hess", "hess_full",
+                                                                              "hvp"}
+            failures = [r for r in checked if not r.ok(RELATIVE_TOLERANCE)]
+            assert not failures, f"{name}\n" + format_report(failures)
 
 
 def test_cosine_proximity_is_negative_torch_cosine_similarity():
