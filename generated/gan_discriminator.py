@@ -53,17 +53,6 @@ def _softplus_from(x, tail):
     return max(x, 0.0) + tail
 
 
-@numba.njit(cache=True, error_model="numpy", inline="always")
-def _vlogcosh_from(x, m):
-    """_logcosh_from for a vectorising kernel: one _vlog1p, of m*m/(2(1 + m)) up to |x| = 20 and
-    of 1/(1 + m)**2 (= exp(-2|x|) within a few units in the last place, a term below 5e-18 of the
-    result; 0 where m overflows) beyond, its branches selects."""
-    a = abs(x)
-    e = 1.0 + m
-    near = a <= 20.0
-    return (0.0 if near else a - 0.6931471805599453) + _vlog1p(m * (m / (2.0 + 2.0 * m)) if near else 1.0 / (e * e))
-
-
 def _exp_core_ir(builder, x):
     """LLVM IR of what _vexp and _vexpm1 share: (k, r, tail, s1, s2) with x = k log(2) + r + c
     (x clamped to [-750, 750], nan to -750; |r| <= log(2)/2 and a little), expm1(r + c) =
@@ -137,37 +126,6 @@ def _vexp(typingctx, x):
 
 
 @numba.extending.intrinsic
-def _vexpm1(typingctx, x):
-    """expm1(x) = e**x - 1 for a float64 x, in arithmetic without a branch (see _exp_core_ir and
-    _vexp). Within 0.83 units in the last place (libm's: 0.75), relative also for a tiny x:
-    2**k (r + tail) + (2**k - 1), with 2**k*r + (2**k - 1) split exactly (fast two-sum; 2**k - 1
-    is exact for |k| <= 53); for k >= 54, 2**k (e**r - 2**-k), overflowing to inf beyond 709.78;
-    -1 below -37.4; -0 for -0, nan for nan."""
-    def codegen(context, builder, signature, arguments):
-        from llvmlite import ir
-        x = arguments[0]
-        k, r, tail, s1, s2 = _exp_core_ir(builder, x)
-        one = x.type(1.0)
-        fma_function = builder.module.declare_intrinsic("llvm.fma", [x.type], ir.FunctionType(x.type, [x.type] * 3))
-        s = builder.fmul(s1, s2)
-        a = builder.fsub(s, one)
-        b = builder.fmul(s, r)
-        hi = builder.fadd(a, b)
-        near = builder.fadd(hi, builder.call(fma_function, [s, tail, builder.fadd(builder.fsub(a, hi), b)]))
-        k_low = builder.select(builder.fcmp_ordered("<", k, x.type(1000.0)), k, x.type(1000.0))
-        bits = builder.bitcast(builder.fadd(builder.fsub(x.type(1023.0), k_low), x.type(6755399441055744.0)),
-                               ir.IntType(64))
-        inverse = builder.bitcast(builder.shl(bits, ir.Constant(ir.IntType(64), 52)), x.type)  # 2**-k for k >= 54
-        h = builder.fadd(one, r)
-        far = builder.fadd(h, builder.fsub(builder.fadd(tail, builder.fadd(builder.fsub(one, h), r)), inverse))
-        far = builder.fmul(builder.fmul(far, s1), s2)
-        y = builder.select(builder.fcmp_ordered("<", k, x.type(54.0)), near, far)
-        y = builder.select(builder.fcmp_unordered("!=", x, x.type(0.0)), y, x)
-        return builder.select(builder.fcmp_ordered("==", x, x), y, x)
-    return numba.types.float64(numba.types.float64), codegen
-
-
-@numba.extending.intrinsic
 def _vlog1p(typingctx, x):
     """log1p(x) = log(1 + x) for a float64 x, in arithmetic without a branch, emitted where it is
     called (see _vexp): fdlibm's (musl's) log1p with selects in place of its branches. 1 + x =
@@ -226,22 +184,7 @@ def _vlog1p(typingctx, x):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_scalar(d_real, d_fake):
     """loss of one element."""
-    _t0 = math.log(2.0)
-    _t1 = _vlog1p(_vexp(-abs(d_fake)))
-    _t2 = _softplus_from(-d_fake, _t1)
-    _t3 = -d_real
-    _t4 = ((d_real)/(2.0))
-    _t5 = _vlogcosh_from(_t4, _vexpm1(abs(_t4)))
-    _t6 = (abs(d_real) <= 1.0)
-    _t7 = _vlog1p(_vexp(-abs(d_real)))
-    _t8 = _softplus_from(d_real, _t7)
-    _t9 = _t3 + d_fake
-    _t10 = (d_real < -1.0)
-    _t11 = _softplus_from(_t3, _t7)
-    _t12 = ((d_fake)/(2.0))
-    _t13 = _vlogcosh_from(_t12, _vexpm1(abs(_t12)))
-    _t14 = _t0 + _t13
-    return ((((_t0 + _t2 + _t5 + (d_fake + ((_t3)/(2.0)))) if _t6 else (_t2 + _t8 + (_t9)) if _t10 else (_t11 + _t2 + d_fake))) if (d_fake > 1.0) else (((2.0*_t0 + _t13 + _t5 + (((_t9)/(2.0)))) if _t6 else (_t14 + _t8 + (_t12 - d_real)) if _t10 else (_t11 + _t12 + _t14))) if (abs(d_fake) <= 1.0) else (_t11 + _softplus_from(d_fake, _t1)))
+    return _softplus_from(d_fake, _vlog1p(_vexp(-abs(d_fake)))) + _softplus_from(-d_real, _vlog1p(_vexp(-abs(d_real))))
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -271,27 +214,12 @@ def grad_hess_scalar(d_real, d_fake):
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def loss_grad_hess_scalar(d_real, d_fake):
     """loss, grad, hess of one element (per prediction: d_real, d_fake)."""
-    _t0 = math.log(2.0)
-    _t1 = -d_fake
-    _t2 = _vexp(-abs(d_fake))
-    _t3 = _vlog1p(_t2)
-    _t4 = _softplus_from(_t1, _t3)
-    _t5 = -d_real
-    _t6 = ((d_real)/(2.0))
-    _t7 = _vlogcosh_from(_t6, _vexpm1(abs(_t6)))
-    _t8 = (abs(d_real) <= 1.0)
-    _t9 = _vexp(-abs(d_real))
-    _t10 = _vlog1p(_t9)
-    _t11 = _softplus_from(d_real, _t10)
-    _t12 = _t5 + d_fake
-    _t13 = (d_real < -1.0)
-    _t14 = _softplus_from(_t5, _t10)
-    _t15 = ((d_fake)/(2.0))
-    _t16 = _vlogcosh_from(_t15, _vexpm1(abs(_t15)))
-    _t17 = _t0 + _t16
-    _t18 = _sigmoid_from(_t5, _t9)
-    _t19 = _sigmoid_from(d_fake, _t2)
-    return ((((_t0 + _t4 + _t7 + (d_fake + ((_t5)/(2.0)))) if _t8 else (_t11 + _t4 + (_t12)) if _t13 else (_t14 + _t4 + d_fake))) if (d_fake > 1.0) else (((2.0*_t0 + _t16 + _t7 + (((_t12)/(2.0)))) if _t8 else (_t11 + _t17 + (_t15 - d_real)) if _t13 else (_t14 + _t15 + _t17))) if (abs(d_fake) <= 1.0) else (_t14 + _softplus_from(d_fake, _t3))), -_t18, _t19, _t18*_sigmoid_from(d_real, _t9), _t19*_sigmoid_from(_t1, _t2)
+    _t0 = _vexp(-abs(d_fake))
+    _t1 = -d_real
+    _t2 = _vexp(-abs(d_real))
+    _t3 = _sigmoid_from(_t1, _t2)
+    _t4 = _sigmoid_from(d_fake, _t0)
+    return _softplus_from(_t1, _vlog1p(_t2)) + _softplus_from(d_fake, _vlog1p(_t0)), -_t3, _t4, _t3*_sigmoid_from(d_real, _t2), _t4*_sigmoid_from(-d_fake, _t0)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -1307,11 +1307,13 @@ def _group_big_parts(expr: sp.Expr) -> sp.Expr:
     return sp.Add(*out)
 
 
-def _split_sum(expr, done: tuple = (), top: bool = False):
+def _split_sum(expr, done: tuple = (), known: dict | None = None):
     """A sum as a Piecewise over the sign of a split function's argument a, each branch with
     the big parts grouped. Every split with the same threshold applies at once to the functions
     of a (softplus(x) and sigmoid(x) in one sum, as in the focal loss's gradient); each
-    branch is split again over the next argument, up to ``SPLIT_MAX_ARGUMENTS`` of them."""
+    branch is split again over the next argument, up to ``SPLIT_MAX_ARGUMENTS`` of them. ``known``:
+    in an output's own sum, the interval of each argument split on the way there ({} at the top;
+    None inside another expression, see :func:`split_cancellations`)."""
     if not isinstance(expr, sp.Add) or len(expr.args) > SPLIT_MAX_TERMS or len(done) >= SPLIT_MAX_ARGUMENTS:
         return None
     if sp.count_ops(expr) > SPLIT_MAX_OPS:
@@ -1321,27 +1323,35 @@ def _split_sum(expr, done: tuple = (), top: bool = False):
             a = -atom.args[0] if atom.args[0].could_extract_minus_sign() else atom.args[0]
             if a in done:
                 continue
-            branches = _split_branches(expr, split, a, top)
+            branches = _split_branches(expr, split, a, known)
             if branches:
                 # all replacements first, then the big parts grouped once, in each innermost branch
-                branches = [(_split_sum(e, done + (a,), top) or _group_big_parts(e), c) for e, c in branches]
+                branches = [(_split_sum(e, done + (a,), None if known is None else {**known, a: region})
+                             or _group_big_parts(e), c) for e, c, region in branches]
                 return sp.Piecewise(*branches, (expr, True))
     return None
 
 
-def MIDDLE_REGION(threshold):
-    """The interval of a split's argument on the middle branch, |a| <= threshold."""
-    return iv.mpf([-threshold, threshold])
+# the range of a function over every real argument, for _interval
+FUNCTION_RANGES = {
+    softplus: (0, "inf"),
+    sigmoid: (0, 1),
+    logcosh: (0, "inf"),
+    sp.exp: (0, "inf"),
+    sp.Abs: (0, "inf"),
+}
 
 
 def _interval(e: sp.Expr, known: dict):
     """An interval (mpmath.iv) holding every value of ``e`` where each symbol of ``known`` lies
     in its interval, a [0, 1] symbol (``unit_interval``) in [0, 1], a nonnegative one in
-    [0, inf], any other in [-inf, inf]; None for a function of a variable. Outward rounding,
-    and dependencies between factors ignored: the interval may be wider than the range, never
-    narrower."""
+    [0, inf], any other in [-inf, inf], a function of ``FUNCTION_RANGES`` in its range; None for
+    another function of a variable. Outward rounding, and dependencies between factors ignored:
+    the interval may be wider than the range, never narrower."""
     if e in known:
         return known[e]
+    if type(e) in FUNCTION_RANGES and e.free_symbols:
+        return iv.mpf(list(FUNCTION_RANGES[type(e)]))
     if e.is_Symbol:
         return iv.mpf([0, 1]) if e in _UNIT_SYMBOLS.get() else iv.mpf([0, "inf"]) if e.is_nonnegative \
             else iv.mpf(["-inf", 0]) if e.is_nonpositive else iv.mpf(["-inf", "inf"])
@@ -1364,19 +1374,19 @@ def _interval(e: sp.Expr, known: dict):
     return None
 
 
-def _one_sign(terms: list, a: sp.Expr, region) -> bool:
-    """Whether ``terms`` are all >= 0 or all <= 0 while the split argument ``a`` lies in
-    ``region`` (the inputs in their domains): then they do not cancel, and that branch of a
+def _one_sign(terms: list, known: dict) -> bool:
+    """Whether ``terms`` are all >= 0 or all <= 0 while each split argument of ``known`` lies in
+    its interval (the inputs in their domains): then they do not cancel, and that branch of a
     split gains nothing. (Binary cross-entropy's (1 - y)(log 2 + x/2) + y (log 2 - x/2) for
     |x| <= 1 and y in [0, 1]: without the split, a vectorised kernel skips a logcosh.)"""
-    intervals = [_interval(t, {a: region}) for t in terms]
+    intervals = [_interval(t, known) for t in terms]
     if any(i is None for i in intervals):
         return False
     return all(i.a >= 0 for i in intervals) or all(i.b <= 0 for i in intervals)
 
 
-def _split_branches(expr, split: Split, a: sp.Expr, top: bool = False) -> list:
-    """(branch expression, condition) for each side of ``split``'s threshold in ``a`` where
+def _split_branches(expr, split: Split, a: sp.Expr, known: dict | None = None) -> list:
+    """(branch expression, condition, interval of a) for each side of ``split``'s threshold in ``a`` where
     splitting helps: at least two big parts meet in the sum and may differ in sign. The branch
     expression has the functions of ``a`` replaced by their big and small parts, not yet grouped."""
     companions = [s for s in SPLITS if s.threshold == split.threshold
@@ -1384,9 +1394,10 @@ def _split_branches(expr, split: Split, a: sp.Expr, top: bool = False) -> list:
     related = {s: [f for f in (s.function(a), s.function(-a)) if expr.has(f)] for s in companions}
     everything = [f for fs in related.values() for f in fs]
     branches = []
-    for condition, part, sign in ((a > split.threshold, "positive", 1),
-                                  (sp.Abs(a) <= split.threshold, "middle", 0),
-                                  (a < -split.threshold, "positive", -1)):
+    t = split.threshold
+    for condition, part, sign, region in ((a > t, "positive", 1, iv.mpf([t, "inf"])),
+                                          (sp.Abs(a) <= t, "middle", 0, iv.mpf([-t, t])),
+                                          (a < -t, "positive", -1, iv.mpf(["-inf", -t]))):
         replacements, bigs = {}, {}
         for s in companions:
             decompose = getattr(s, part)
@@ -1399,9 +1410,9 @@ def _split_branches(expr, split: Split, a: sp.Expr, top: bool = False) -> list:
         meeting = [t for t in expr.args if not t.has(*everything) or any(t.has(f) and bigs[f] != 0 for f in bigs)]
         same_sign = all(t.xreplace(bigs).is_positive for t in meeting) or \
             all(t.xreplace(bigs).is_negative for t in meeting) or \
-            (top and not sign and _one_sign([t.xreplace(bigs) for t in meeting], a, MIDDLE_REGION(split.threshold)))
+            (known is not None and _one_sign([u.xreplace(bigs) for u in meeting], {**known, a: region}))
         if replacements and len(meeting) >= 2 and not same_sign:
-            branches.append((expr.xreplace(replacements), condition))
+            branches.append((expr.xreplace(replacements), condition, region))
     return branches
 
 
@@ -1437,15 +1448,15 @@ GROUP_RULES = tuple(r for r in RULES if r.name in ("multilinear_corners", "exact
 
 
 def split_cancellations(expr: sp.Expr) -> sp.Expr:
-    """Apply ``SPLITS`` to every sum, bottom-up. The output's own sum (``top``) also drops a
-    middle branch whose big parts keep one sign there (:func:`_one_sign`); a sum inside another
+    """Apply ``SPLITS`` to every sum, bottom-up. The output's own sum (``known`` = {}) also drops a
+    branch whose big parts keep one sign there (:func:`_one_sign`); a sum inside another
     expression keeps it, since its exact big parts may still cancel against what it meets
     further up (poly1's y sigmoid(-x) + (1 - y) sigmoid(x) inside 1 - p_t: dropped, its
     gradient's worst error went from 1.2e-14 to 1.9e-14)."""
     if not isinstance(expr, sp.Add):
         return bottom_up(expr, lambda e: _or_same(_split_sum, e))
     expr = sp.Add(*[bottom_up(arg, lambda e: _or_same(_split_sum, e)) for arg in expr.args])
-    return _or_same(lambda e: _split_sum(e, top=True), expr)
+    return _or_same(lambda e: _split_sum(e, known={}), expr)
 
 
 # --- asymptotic inversion: overflow of powers of a huge variable --------------------------
