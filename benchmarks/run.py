@@ -339,6 +339,10 @@ def _count_inputs(rng, n):
     return rng.poisson(3.0, size=n).astype(np.float64), rng.normal(scale=1.5, size=n)
 
 
+def _positive_inputs(rng, n):
+    return rng.uniform(0.0, 5.0, size=n), rng.uniform(0.0, 5.0, size=n)
+
+
 def _label_inputs(rng, n):
     return rng.integers(0, 2, size=n).astype(np.float64), rng.normal(scale=3.0, size=n)
 
@@ -689,10 +693,11 @@ def threshold_table(repeats: int):
     the worst slowdown (against the faster loop) smallest over that class's losses."""
     print(f"serial vs parallel grad_hess kernel, {numba.get_num_threads()} threads (median of {repeats})")
     print(f"{'loss':<30}{'cost':>12}{'n':>10}{'serial us':>12}{'parallel us':>13}{'par/ser':>9}")
-    sizes = (1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+    sizes = (1_000, 3_000, 10_000, 30_000, 50_000, 100_000, 300_000, 1_000_000)
     ratios = {}
     for name, make in (("mse", _regression_inputs), ("huber", _regression_inputs),
-                       ("poisson", _count_inputs), ("binary_cross_entropy_logits", _label_inputs)):
+                       ("poisson", _count_inputs), ("binary_cross_entropy_logits", _label_inputs),
+                       ("msle", _positive_inputs), ("barron", _regression_inputs)):
         loss = lossgen.get(name)
         serial, parallel, cost = runtime.kernel_launchers(loss.module, "grad_hess")
         params = loss._defaults

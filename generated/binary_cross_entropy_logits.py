@@ -38,7 +38,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability'), ('x', 'prediction', 'real'), ),
     "params": (('pos_weight', 1.0, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3},
-    "costs": {'loss': 'libm', 'grad': 'libm', 'hess': 'libm', 'grad_hess': 'libm', 'loss_grad_hess': 'libm', 'loss_sum': 'libm'},
+    "costs": {'loss': 'vector', 'grad': 'vector', 'hess': 'vector', 'grad_hess': 'vector', 'loss_grad_hess': 'vector', 'loss_sum': 'vector'},
     "specialised": ('_binary_cross_entropy_logits_defaults', ('pos_weight',)),
 }
 

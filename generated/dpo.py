@@ -36,7 +36,7 @@ SPEC = {
     "inputs": (('policy_chosen', 'prediction', 'nonpositive'), ('policy_rejected', 'prediction', 'nonpositive'), ('reference_chosen', 'input', 'nonpositive'), ('reference_rejected', 'input', 'nonpositive'), ),
     "params": (('beta', 0.1, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5},
-    "costs": {'loss': 'libm', 'grad': 'libm', 'hess': 'libm', 'grad_hess': 'libm', 'loss_grad_hess': 'libm', 'loss_sum': 'libm'},
+    "costs": {'loss': 'vector', 'grad': 'vector', 'hess': 'vector', 'grad_hess': 'vector', 'loss_grad_hess': 'vector', 'loss_sum': 'vector'},
 }
 
 

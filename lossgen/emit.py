@@ -63,10 +63,10 @@ VECTORISES = frozenset({
 })
 
 # Functions that cost a few machine instructions: a kernel made of these alone (and of integer
-# powers) is "arithmetic", bound by memory; any other function (exp, log, a root, a non-integer
-# power, a helper that calls them) makes it "libm". The runtime picks the serial or the parallel
-# loop by this cost (runtime.SERIAL_BELOW): threads pay off on far smaller arrays where each
-# element calls libm.
+# powers) is "arithmetic", bound by memory; one whose loop vectorises with the VECTOR_FUNCTIONS'
+# helpers is "vector"; any other function (exp, log, a root, a non-integer power, a helper that
+# calls them) makes it "libm". The runtime picks the serial or the parallel loop by this cost
+# (runtime.SERIAL_BELOW): threads pay off on far smaller arrays where each element calls libm.
 ARITHMETIC_FUNCTIONS = frozenset({
     "Abs", "sign", "Heaviside", "Max", "Min", "Piecewise", "fma", "group", "real_group", "exact_sum", "finite_or",
 })
@@ -305,8 +305,13 @@ def _unconditional(expr, target, conditions, nested=False) -> bool:
     return all(_unconditional(a, target, conditions, nested) for a in expr.args if isinstance(a, sp.Basic))
 
 
-def kernel_cost(exprs: list[sp.Expr]) -> str:
-    """"arithmetic" where ``exprs`` use only ARITHMETIC_FUNCTIONS and integer powers, else "libm"."""
+def kernel_cost(exprs: list[sp.Expr], vectorises: bool = False) -> str:
+    """"arithmetic" where ``exprs`` use only ARITHMETIC_FUNCTIONS and integer powers; "vector"
+    where their loop vectorises with the VECTOR_FUNCTIONS' helpers (``vectorises``, see
+    kernel_vectorises: a few ns per element, so threads pay from tens of thousands of
+    elements); else "libm" (a libm call per element: threads pay from a few thousand)."""
+    if vectorises:
+        return "vector"
     for expr in exprs:
         if any(type(f).__name__ not in ARITHMETIC_FUNCTIONS for f in expr.atoms(sp.Function)) \
                 or any(not power.exp.is_Integer for power in expr.atoms(sp.Pow)):
@@ -650,7 +655,7 @@ def render_module(original: Derivation, stable: Derivation, spec_path: str) -> s
         scalar_kernels.append({
             "name": kernel, "lines": lines, "returns": ", ".join(returns), "count": count,
             "vector": vector, "vector_guard": vector_guard,
-            "cost": kernel_cost(stable.outputs(kernel)),
+            "cost": kernel_cost(stable.outputs(kernel), vector),
             "outside": ", ".join(["math.nan"] * count),
             "outs": [f"_out{j}" for j in range(count)], "vals": [f"_v{j}" for j in range(count)],
             "doc": f"{kernel.replace('_', ', ')} of one element"

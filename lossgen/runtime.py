@@ -22,8 +22,8 @@ with each of them at its default runs the kernels generated with those values pu
 ``_<name>_defaults``, imported on first use); any other value runs the general kernels.
 
 Threads: arrays of fewer than ``SERIAL_BELOW[cost]`` elements run in the calling thread
-(starting Numba's threads costs more than it saves there; the cost, "arithmetic" or "libm", is
-the generator's mark on each kernel); larger ones run on ``numba.get_num_threads()``
+(starting Numba's threads costs more than it saves there; the cost, "arithmetic", "vector" or
+"libm", is the generator's mark on each kernel); larger ones run on ``numba.get_num_threads()``
 threads (``numba.set_num_threads``, ``NUMBA_NUM_THREADS``), at most ``LOSSGEN_NUM_THREADS``
 when that environment variable is set (1: always in the calling thread).
 """
@@ -49,12 +49,13 @@ _KERNEL_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 
 # Below this many elements a kernel runs in the calling thread: there, starting Numba's
 # threads costs more than it saves. A parallel launch costs ~15-25 us on 2 idle cores; a kernel
-# that calls libm (exp, log, ...) spends ~5-20 ns per element, and gains from threads from a few
-# thousand elements; an arithmetic one (MSE, Huber: ~1.5 ns per element, bound by memory) only
-# from ~2e5. The generator marks each kernel's cost (SPEC["costs"]); row-wise kernels count
+# that calls libm (log, a root, ...) spends ~5-20 ns per element, and gains from threads from a
+# few thousand elements; one that vectorises with the exponentials of templates/numba_helpers
+# (Poisson, logistic: 2-4 ns per element) from a few times 1e4; an arithmetic one (MSE, Huber:
+# ~1.5 ns per element, bound by memory) only from ~2e5. The generator marks each kernel's cost (SPEC["costs"]); row-wise kernels count
 # N * C elements (N * C * C for the full Hessian and the product). `python benchmarks/run.py
 # --threshold` measures the crossovers; LOSSGEN_NUM_THREADS=1 keeps every call serial.
-SERIAL_BELOW = {"arithmetic": 200_000, "libm": 5_000, "row": 20_000}
+SERIAL_BELOW = {"arithmetic": 200_000, "vector": 50_000, "libm": 5_000, "row": 20_000}
 THREADS_VARIABLE = "LOSSGEN_NUM_THREADS"
 
 
