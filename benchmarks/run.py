@@ -134,7 +134,6 @@ def _logistic(y, x, a):
 _helpers = lossgen.get("binary_cross_entropy_logits").module
 _fma, _sigmoid_from, _softplus_from, _tanh_from = (
     _helpers._fma, _helpers._sigmoid_from, _helpers._softplus_from, _helpers._tanh_from)
-_logcosh_from = lossgen.get("log_cosh").module._logcosh_from  # libm's log1p (this module's kernels: _vlog1p)
 
 
 def _poisson_stable(y, p, a):
@@ -151,14 +150,13 @@ def _logistic_stable(y, x, w):
     s, t = _sigmoid_from(x, e), _sigmoid_from(-x, e)
     wy, ny = w * y, 1.0 - y
     hess = s * t * (wy - y + 1.0)
-    if abs(x) <= 1.0:  # softplus(+-x) = log 2 +- x/2 + logcosh(x/2); one expm1 for logcosh and tanh
+    tail = math.log1p(e)  # both softpluses' terms are >= 0: the loss needs no branch
+    loss = wy * _softplus_from(-x, tail) + ny * _softplus_from(x, tail)
+    if abs(x) <= 1.0:  # sigmoid(x) = 1/2 + tanh(x/2)/2: the gradient's 1/2 cancels exactly against y
         u = 0.5 * x
-        m = math.expm1(abs(u))
         big, small = _fma(y, w, ny), _fma(-y, w, ny)  # w y + (1 - y), (1 - y) - w y
-        return (_logcosh_from(u, m) * (wy + ny) + big * 0.6931471805599453 + 0.5 * small * x,
-                0.5 * big * _tanh_from(u, m) + 0.5 * small, hess)
-    tail = math.log1p(e)
-    return wy * _softplus_from(-x, tail) + ny * _softplus_from(x, tail), s * ny - t * wy, hess
+        return loss, 0.5 * big * _tanh_from(u, math.expm1(abs(u))) + 0.5 * small, hess
+    return loss, s * ny - t * wy, hess
 
 
 _logistic_stable_scalar = numba.njit(inline="always", error_model="numpy")(_logistic_stable)
