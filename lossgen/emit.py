@@ -6,6 +6,8 @@ as SymPy's own printers); common subexpressions are shared within each fused ker
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import re
 
@@ -80,6 +82,16 @@ class NumbaPrinter(PythonCodePrinter):
         self.helpers_used: set[str] = set()
         self.named: dict = {}  # Piecewise -> the variable that holds its value (scoped_code)
         self.vector = False  # exp and expm1 as VECTOR_FUNCTIONS' helpers (kernel_vectorises)
+
+    @contextmanager
+    def vectorised(self, on: bool = True):
+        """Within this context, print exp, expm1 and log1p as the VECTOR_FUNCTIONS' helpers
+        (``on``: a loop that kernel_vectorises), then as libm's again."""
+        self.vector = on
+        try:
+            yield self
+        finally:
+            self.vector = False
 
     def _call(self, function: str, argument: str) -> str:
         """function(argument): libm's, or its VECTOR_FUNCTIONS helper in a vectorising kernel."""
@@ -341,11 +353,8 @@ def kernel_code(exprs: list[sp.Expr], printer: NumbaPrinter, vector: bool = Fals
 
 def kernel_statements(exprs: list[sp.Expr], printer: NumbaPrinter, vector: bool = False) -> tuple[list[str], list[str]]:
     """kernel_code's lines and its printed ``exprs``, one string each."""
-    printer.vector = vector
-    try:
+    with printer.vectorised(vector):
         return scoped_code(_unshared_cosh([code_form(e) for e in exprs]), printer, "_t", "_b")
-    finally:
-        printer.vector = False
 
 
 def _unshared_cosh(exprs: list[sp.Expr]) -> list[sp.Expr]:

@@ -233,11 +233,8 @@ class _Body:
         the VECTOR_FUNCTIONS' helpers, and every branch computed for every element."""
         n = self._temporaries
         self._temporaries += 1
-        self.printer.vector = vector
-        try:
+        with self.printer.vectorised(vector):
             lines, printed = scoped_code([self.rename(e) for e in exprs], self.printer, f"_t{n}_", f"_b{n}_")
-        finally:
-            self.printer.vector = False
         for line in lines:
             self.emit(indent, line)
         return printed
@@ -385,11 +382,8 @@ class _Body:
                     slot = self.vector_passes[r.symbol]
                     if r.kind == "logsumexp_tail":
                         self.emit(3, f"_s = {value}")
-                        self.printer.vector = True
-                        try:
+                        with self.printer.vectorised():
                             value = self.printer._call("exp", f"_s - {r.index[0]}")
-                        finally:
-                            self.printer.vector = False
                     self.emit(3, f"_stash[{slot}, _k] = {value}")
             in_vector = {r.symbol for r in vector}
             self.emit(2, "for _k in range(_n):")
@@ -641,26 +635,29 @@ def _emit_guard(body, spec, outs: list[str], n_row_outputs: int):
     body.emit(3, "continue")
 
 
+def _with_scaled(derivation: RowDerivation, build) -> dict:
+    """The kernel ``build(False)`` (its fast row function); where the loss has scaled norms and
+    that row function hands rows out of range on, with ``build(True)``'s row function for them
+    (``scaled_lines``, templates/row_module.py.j2)."""
+    fast = build(False)
+    if not derivation.scaled or not any(SCALED_ROW in line for line in fast["lines"]):
+        return fast
+    return {**fast, "scaled_lines": build(True)["lines"]}
+
+
 def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
-            fallbacks=None, arguments=(), scaled: bool = False) -> dict:
+            fallbacks=None, arguments=()) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
     element expressions written to out[_i, _k]; ``fallbacks``: {index in element_outputs:
     exact_rows.Fallback}, the guarded exact recomputation of those outputs. Where the loss has
-    scaled norms, the kernel's row function for the rows out of range as well (``scaled_lines``)."""
-    if derivation.scaled and not scaled:
-        return _with_scaled(
-            _kernel_fast(derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments),
-            _kernel_fast(derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, True))
-    return _kernel_fast(derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, scaled)
+    scaled norms, the kernel's row function for the rows out of range as well (:func:`_with_scaled`)."""
+    return _with_scaled(derivation, lambda scaled: _kernel_lines(
+        derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, scaled))
 
 
-def _with_scaled(fast: dict, scaled: dict) -> dict:
-    """The fast kernel, with the scaled one's row function (templates/row_module.py.j2)."""
-    return {**fast, "scaled_lines": scaled["lines"]} if any(SCALED_ROW in line for line in fast["lines"]) else fast
-
-
-def _kernel_fast(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
-                 fallbacks=None, arguments=(), scaled: bool = False) -> dict:
+def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
+                  fallbacks, arguments, scaled: bool) -> dict:
+    """:func:`_kernel`'s fast row function, or (``scaled``) its twin for the scaled norms."""
     body = _Body(derivation, printer, keys, scaled)
     spec = derivation.spec
     fallbacks = fallbacks or {}
@@ -725,14 +722,12 @@ def _indices(block) -> list:
     return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
 
 
-def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, scaled: bool = False) -> dict:
-    if derivation.scaled and not scaled:
-        return _with_scaled(_block_kernel_fast(derivation, printer, product, keys),
-                            _block_kernel_fast(derivation, printer, product, keys, scaled=True))
-    return _block_kernel_fast(derivation, printer, product, keys, scaled)
+def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> dict:
+    """:func:`_block_kernel_lines`, with its twin for the scaled norms (:func:`_with_scaled`)."""
+    return _with_scaled(derivation, lambda scaled: _block_kernel_lines(derivation, printer, product, keys, scaled))
 
 
-def _block_kernel_fast(derivation: RowDerivation, printer, product: bool, keys, scaled: bool = False) -> dict:
+def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys, scaled: bool) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
@@ -840,6 +835,7 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
     outputs = {"loss": [stable.loss], "grad": list(stable.grad), "hess": list(stable.hess)}
     keys = tie_keys(original)
     plans = _fallback_plans(original, stable)
+    arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
     kernels = []
     for name, quantities in ROW_KERNELS.items():
         row_outputs = outputs["loss"] if "loss" in quantities else []
@@ -851,11 +847,9 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
                 if (q, j) in plans:
                     fallbacks[at + j] = plans[q, j]
             at += len(outputs[q])
-        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks,
-                               [i.name for i in spec.inputs] + [p.name for p in spec.params]))
+        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments))
     kernels.append(_block_kernel(stable, printer, product=True, keys=keys))
     kernels.append(_block_kernel(stable, printer, product=False, keys=keys))
-    arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
     directions = [d.name for d in stable.directions]
     predictions = [p.name for p in spec.predictions]
     formulas = {"loss": sp.sstr(original.spec.loss),
