@@ -69,16 +69,7 @@ def _scaled_squares(g, r, hi, error):
         return r, hi, error, 0, 1.0
     e = min(max(math.frexp(top)[1], -1020), 1020)
     q = math.ldexp(1.0, -e)
-    total, error = 0.0, 0.0
-    for k in range(g.shape[0]):
-        s = (g[k] * q)**2
-        x = total + s
-        z = x - total
-        error += (total - (x - z)) + (s - z)
-        total = x
-    hi = total
-    if math.isfinite(total):
-        total += error
+    total, hi, error = _scaled_products(g, g, q)
     return total, hi, error, e, q
 
 

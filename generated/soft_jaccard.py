@@ -106,45 +106,49 @@ def _xcopy(t, e, ne):
     return ne
 
 
-@numba.njit(cache=True, error_model="numpy")
-def _xmul(t, m, f, u):
-    """t[0:m] times the float f, exactly (each product split by a fused multiply-add into its
-    rounded value and its error, grown into u), copied back into t; returns its length."""
-    n = 0
-    for i in range(m):
-        hi = t[i] * f
-        lo = _fma(t[i], f, -hi)
-        if hi != 0.0:
-            n = _xgrow(u, n, hi)
-        if lo != 0.0:
-            n = _xgrow(u, n, lo)
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xgrow_product(u, n, a, b):
+    """Add a*b to the expansion u[0:n], exactly: its rounded value and, by a fused multiply-add,
+    its error; returns the new length."""
+    hi = a * b
+    lo = _fma(a, b, -hi)
+    if hi != 0.0:
+        n = _xgrow(u, n, hi)
+    if lo != 0.0:
+        n = _xgrow(u, n, lo)
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xsettle(t, u, n):
+    """Copy the expansion u[0:n] into t (a single 0.0 where it is empty); returns its length."""
     if n == 0:
         u[0] = 0.0
         n = 1
     for i in range(n):
         t[i] = u[i]
     return n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmul(t, m, f, u):
+    """t[0:m] times the float f, exactly (each product grown into u), copied back into t;
+    returns its length."""
+    n = 0
+    for i in range(m):
+        n = _xgrow_product(u, n, t[i], f)
+    return _xsettle(t, u, n)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _xmulx(t, m, e, ne, u):
-    """t[0:m] times the expansion e[0:ne], exactly (each product of parts split by a fused
-    multiply-add, grown into u), copied back into t; returns its length."""
+    """t[0:m] times the expansion e[0:ne], exactly (each product of parts grown into u), copied
+    back into t; returns its length."""
     n = 0
     for i in range(m):
         for j in range(ne):
-            hi = t[i] * e[j]
-            lo = _fma(t[i], e[j], -hi)
-            if hi != 0.0:
-                n = _xgrow(u, n, hi)
-            if lo != 0.0:
-                n = _xgrow(u, n, lo)
-    if n == 0:
-        u[0] = 0.0
-        n = 1
-    for i in range(n):
-        t[i] = u[i]
-    return n
+            n = _xgrow_product(u, n, t[i], e[j])
+    return _xsettle(t, u, n)
 
 
 @numba.njit(cache=True, error_model="numpy")
