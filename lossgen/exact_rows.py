@@ -102,9 +102,10 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
         numerator, denominator = sp.Add(*[n for n, _ in parts]), parts[0][1]
     else:
         numerator, denominator = sp.fraction(sp.together(sp.Add(*quotient)))
-    if denominator.free_symbols & set(element_symbols):
+    element_set = set(element_symbols)
+    if denominator.free_symbols & element_set:
         return None
-    elements = sorted(set(element_symbols), key=sp.default_sort_key)
+    elements = sorted(element_set, key=sp.default_sort_key)
     others = sorted(parameters, key=sp.default_sort_key)
     summands = {}
     for r in sorted(used, key=sp.default_sort_key):
@@ -112,7 +113,7 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
         if summands[r] is None:
             return None
     rows = sorted(used, key=sp.default_sort_key)
-    generators = elements + others + [s for s in sorted(numerator.free_symbols - set(elements) - set(others)
+    generators = elements + others + [s for s in sorted(numerator.free_symbols - element_set - set(parameters)
                                                           - set(rows), key=sp.default_sort_key)] + rows
     numerator_terms = _monomials(numerator, generators)
     if numerator_terms is None:
@@ -121,19 +122,19 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
     # in the fallback, rounded in the kernels' test)
     groups: dict = {}
     for c, fs in numerator_terms:
-        element = tuple(f for f in fs if f in set(elements))
-        groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in set(elements) and f not in reduction_symbols),
+        element = tuple(f for f in fs if f in element_set)
+        groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in element_set and f not in reduction_symbols),
                                                tuple(f for f in fs if f in reduction_symbols)))
     # the test: by the element's monomials and the row sums, each coefficient a polynomial in the
     # parameters as one factored value (combo's (1 - alpha)(2 I + smooth), not 2 I + smooth less
     # alpha (2 I + smooth) apart: the magnitudes of those terms would add to (1 + alpha)(...))
-    atoms = [g for g in generators if g not in set(others)]
+    atoms = [g for g in generators if g not in set(parameters)]
     poly = sp.Poly(sp.expand(numerator), *atoms)
     by_element: dict = {}
     for powers, coefficient in poly.terms():
         factors = [g for g, n in zip(atoms, powers) for _ in range(n)]
-        element = tuple(f for f in factors if f in set(elements))
-        row = sp.Mul(*[f for f in factors if f not in set(elements)])
+        element = tuple(f for f in factors if f in element_set)
+        row = sp.Mul(*[f for f in factors if f not in element_set])
         by_element.setdefault(element, []).append((sp.factor(poly.rep.dom.to_sympy(coefficient)), row))
     test, bound = [], []
     for element, terms in by_element.items():
