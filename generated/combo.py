@@ -127,6 +127,36 @@ def _xvalue(p, n):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _xcompress(e, n, u):
+    """The expansion e[0:n] in as few parts as it needs, in place (Shewchuk's Compress: a
+    sweep down, then one up), so that its products with others stay short; returns its length."""
+    if n < 2:
+        return n
+    q = e[n - 1]
+    bottom = n - 1
+    for i in range(n - 2, -1, -1):
+        s = q + e[i]
+        r = e[i] - (s - q)
+        if r != 0.0:
+            u[bottom] = s
+            bottom -= 1
+            q = r
+        else:
+            q = s
+    u[bottom] = q
+    top = 0
+    for i in range(bottom + 1, n):
+        s = u[i] + q
+        r = q - (s - u[i])
+        if r != 0.0:
+            e[top] = r
+            top += 1
+        q = s
+    e[top] = q
+    return top + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _xcopy(t, e, ne):
     """t[0:ne] = e[0:ne]; returns ne."""
     for j in range(ne):
@@ -280,16 +310,21 @@ def loss_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xt = np.empty(64)
-    _xu = np.empty(64)
-    _xa = np.empty(64)
-    _x_r0 = np.empty(64)
+    _xbuffer = np.empty((11, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _x_r4 = _xbuffer[8]
+    _xA0_0 = _xbuffer[9]
+    _xA0_1 = _xbuffer[10]
     _x_r0_n = 0
-    _x_r1 = np.empty(64)
     _x_r1_n = 0
-    _x_r2 = np.empty(64)
     _x_r2_n = 0
-    _x_r4 = np.empty(64)
     _x_r4_n = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -308,84 +343,93 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
         _x_r4_n = _xgrow_all(_x_r4, _x_r4_n, _xt, _xm)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
-    _xa_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xa_n = _xgrow(_xa, _xa_n, smooth)
-    _xd0_0 = _xvalue(_xa, _xa_n)
-    _xA0_0 = np.empty(64)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r1 = _xvalue(_x_r1, _x_r1_n)
+    _r2 = _xvalue(_x_r2, _x_r2_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
     _xA0_0_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmul(_xt, _xm, smooth, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 4.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xh = 2.0*smooth
-    _xl = _fma(2.0, smooth, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 4.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xA0_1 = np.empty(64)
     _xA0_1_n = 0
-    _xh = alpha*smooth
-    _xl = _fma(alpha, smooth, -_xh)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xh)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xc0_0 = (4.0*_r2*(alpha - 1.0) + 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb0_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r2)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xc0_1 = (-2.0*_r2*(alpha - 1.0) - smooth*(alpha - 1.0))
+    _xb0_1 = (0.000244140625*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r2)*abs(alpha - 1.0))
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _xa_n = 0
-        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-        _xm = _xmul(_xt, _xm, _e_y, _xu)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xq = _xvalue(_xa, _xa_n)
-        _xq = _xq / _xd0_0
-        _xq = _xq / _xd0_0
-        _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
-        if math.isfinite(_xq):
-            _out0[_i, _k] = _w * _xq
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xp[0] = 2.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xp[0] = -1.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
+            if math.isfinite(_xq):
+                _out0[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -490,6 +534,134 @@ def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((10, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r4 = _xbuffer[7]
+    _xA0_0 = _xbuffer[8]
+    _xA0_1 = _xbuffer[9]
+    _x_r0_n = 0
+    _x_r1_n = 0
+    _x_r4_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _e_p)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _e_y)
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r4_n = _xgrow_all(_x_r4, _x_r4_n, _xt, _xm)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r1 = _xvalue(_x_r1, _x_r1_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
+    _xA0_0_n = 0
+    _xA0_1_n = 0
+    _xc0_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
+    _xb0_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
+    _xc0_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb0_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xp[0] = -4.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xp[0] = 2.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            _t0_0 = _e_y*beta
+            _t0_1 = (1.0 - _e_y)*(1.0 - beta)
+            _t0_2 = 1.0 - _e_p
+            _xq = _xq + (_finite_or(((alpha*((((((_t0_0)/(_e_p))))/(_e_p)) + (((((_t0_1)/(_t0_2))))/(_t0_2))))/(_C)), ((((((((_t0_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t0_1*alpha)/(_C))))/(_t0_2))))/(_t0_2))))
+            if math.isfinite(_xq):
+                _out0[_i, _k] = _w * _xq
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     """hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -537,13 +709,26 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
+    _t1_2 = 2.0*_t1_1
+    _t1_3 = _r4*_t1_2
+    _t1_4 = 4.0*_t1_1
+    _t1_5 = abs(_t1_1)
+    _t1_6 = 0.0009765625*_t1_5
+    _t1_7 = abs(_r0)
+    _t1_8 = abs(_r1)
+    _t1_9 = 0.00048828125*_t1_5
     _h0 = ((1.0)/(_t1_0))
     _h1 = _t1_1
     _h2 = ((1.0)/(_t1_0**3))
-    _h3 = 2.0*_r4*_t1_1
+    _h3 = _t1_3
     _h4 = -_t1_1
     _h5 = _t1_0
     _h6 = 1.0 - beta
+    _h7 = (-_r0*_t1_4 - _r1*_t1_4 - _t1_4*smooth)
+    _h8 = (_r0*_t1_2 + _r1*_t1_2 + _t1_2*smooth - _t1_3)
+    _h9 = (_t1_6*_t1_7 + _t1_6*_t1_8 + _t1_6*smooth)
+    _h10 = (_t1_7*_t1_9 + _t1_8*_t1_9 + _t1_9*smooth + _t1_9*abs(_r4))
+    _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -552,6 +737,9 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _t2_2 = _h6*(1.0 - _e_y)
         _t2_3 = 1.0 - _e_p
         _out0[_i, _k] = _w * (_h0*(_h0*_h1*_t2_0) - _h2*(_h3 + _h4*_h5*_t2_0) + _finite_or(((alpha*((((((_t2_1)/(_e_p))))/(_e_p)) + (((((_t2_2)/(_t2_3))))/(_t2_3))))/(_C)), ((((((((_t2_1*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_2*alpha)/(_C))))/(_t2_3))))/(_t2_3))))
+        _xflag |= abs(_e_y*_h7 + _h8) < _e_y*_h9 + _h10
+    if _xflag:
+        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -576,16 +764,23 @@ def hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 def _grad_hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xt = np.empty(64)
-    _xu = np.empty(64)
-    _xa = np.empty(64)
-    _x_r0 = np.empty(64)
+    _xbuffer = np.empty((13, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _x_r4 = _xbuffer[8]
+    _xA0_0 = _xbuffer[9]
+    _xA0_1 = _xbuffer[10]
+    _xA1_0 = _xbuffer[11]
+    _xA1_1 = _xbuffer[12]
     _x_r0_n = 0
-    _x_r1 = np.empty(64)
     _x_r1_n = 0
-    _x_r2 = np.empty(64)
     _x_r2_n = 0
-    _x_r4 = np.empty(64)
     _x_r4_n = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -604,84 +799,179 @@ def _grad_hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out
         _x_r4_n = _xgrow_all(_x_r4, _x_r4_n, _xt, _xm)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
-    _xa_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xa_n = _xgrow(_xa, _xa_n, smooth)
-    _xd0_0 = _xvalue(_xa, _xa_n)
-    _xA0_0 = np.empty(64)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r1 = _xvalue(_x_r1, _x_r1_n)
+    _r2 = _xvalue(_x_r2, _x_r2_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
     _xA0_0_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmul(_xt, _xm, smooth, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 4.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xh = 2.0*smooth
-    _xl = _fma(2.0, smooth, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 4.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xA0_1 = np.empty(64)
     _xA0_1_n = 0
-    _xh = alpha*smooth
-    _xl = _fma(alpha, smooth, -_xh)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xh)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xc0_0 = (4.0*_r2*(alpha - 1.0) + 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb0_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r2)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xc0_1 = (-2.0*_r2*(alpha - 1.0) - smooth*(alpha - 1.0))
+    _xb0_1 = (0.000244140625*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r2)*abs(alpha - 1.0))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xc1_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
+    _xb1_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
+    _xc1_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _xa_n = 0
-        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-        _xm = _xmul(_xt, _xm, _e_y, _xu)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xq = _xvalue(_xa, _xa_n)
-        _xq = _xq / _xd0_0
-        _xq = _xq / _xd0_0
-        _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
-        if math.isfinite(_xq):
-            _out0[_i, _k] = _w * _xq
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xp[0] = 2.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xp[0] = -1.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
+            if math.isfinite(_xq):
+                _out0[_i, _k] = _w * _xq
+        _xn = _xc1_0*_e_y + _xc1_1
+        _xb = _xb1_0*abs(_e_y) + _xb1_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready1:
+                _xready1 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd1_0 = _xvalue(_xa, _xa_n)
+                _xp[0] = -4.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA1_0_n = _xcopy(_xA1_0, _xp, _xp_n)
+                _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                _xp[0] = 2.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA1_1_n = _xcopy(_xA1_1, _xp, _xp_n)
+                _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            _t1_0 = _e_y*beta
+            _t1_1 = (1.0 - _e_y)*(1.0 - beta)
+            _t1_2 = 1.0 - _e_p
+            _xq = _xq + (_finite_or(((alpha*((((((_t1_0)/(_e_p))))/(_e_p)) + (((((_t1_1)/(_t1_2))))/(_t1_2))))/(_C)), ((((((((_t1_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t1_1*alpha)/(_C))))/(_t1_2))))/(_t1_2))))
+            if math.isfinite(_xq):
+                _out1[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -745,23 +1035,34 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
     _t1_2 = 2.0*_r2
-    _t1_3 = 2.0*_r4*_t1_1
-    _t1_4 = _t1_1*smooth
-    _t1_5 = abs(_t1_1)
-    _t1_6 = 0.00048828125*_t1_5
-    _t1_7 = abs(_r2)
+    _t1_3 = 2.0*_t1_1
+    _t1_4 = _r4*_t1_3
+    _t1_5 = 4.0*_t1_1
+    _t1_6 = _t1_1*smooth
+    _t1_7 = 2.0*_t1_6
+    _t1_8 = abs(_r2)
+    _t1_9 = abs(_t1_1)
+    _t1_10 = 0.0009765625*_t1_9
+    _t1_11 = 0.00048828125*_t1_9
+    _t1_12 = _t1_11*smooth + _t1_11*abs(_r4)
+    _t1_13 = abs(_r0)
+    _t1_14 = abs(_r1)
     _h0 = ((1.0)/(_t1_0))
     _h1 = -_t1_1
     _h2 = _t1_2 + smooth
     _h3 = _t1_1
     _h4 = 1.0 - beta
     _h5 = ((1.0)/(_t1_0**3))
-    _h6 = _t1_3
+    _h6 = _t1_4
     _h7 = _t1_0
-    _h8 = (4.0*_r2*_t1_1 + _t1_3 + 2.0*_t1_4)
-    _h9 = (-_t1_1*_t1_2 - _t1_4)
-    _h10 = (0.0009765625*_t1_5*_t1_7 + _t1_6*smooth + _t1_6*abs(_r4))
-    _h11 = (0.000244140625*_t1_5*smooth + _t1_6*_t1_7)
+    _h8 = (_r2*_t1_5 + _t1_4 + _t1_7)
+    _h9 = (-_t1_1*_t1_2 - _t1_6)
+    _h10 = (_t1_10*_t1_8 + _t1_12)
+    _h11 = (_t1_11*_t1_8 + 0.000244140625*_t1_9*smooth)
+    _h12 = (-_r0*_t1_5 - _r1*_t1_5 - 4.0*_t1_6)
+    _h13 = (_r0*_t1_3 + _r1*_t1_3 - _t1_4 + _t1_7)
+    _h14 = (_t1_10*_t1_13 + _t1_10*_t1_14 + _t1_10*smooth)
+    _h15 = (_t1_11*_t1_13 + _t1_11*_t1_14 + _t1_12)
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -776,6 +1077,7 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _out0[_i, _k] = _w * (_h0*(_h1*_h2*_t2_2) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(_t2_4 + ((-_t2_5)/(_t2_6))))/(_C)))
         _out1[_i, _k] = _w * (_h0*(_h3*_t2_2) - _h5*(_h1*_h7*_t2_1 + _h6) + _finite_or(((alpha*((((_t2_4))/(_e_p)) + (((((_t2_5)/(_t2_6))))/(_t2_6))))/(_C)), ((((((((_t2_3*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_5*alpha)/(_C))))/(_t2_6))))/(_t2_6))))
         _xflag |= abs(_e_y*_h8 + _h9) < _e_y*_h10 + _h11
+        _xflag |= abs(_e_y*_h12 + _h13) < _e_y*_h14 + _h15
     if _xflag:
         _grad_hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _w)
 
@@ -802,16 +1104,23 @@ def grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _out1):
 def _loss_grad_hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xt = np.empty(64)
-    _xu = np.empty(64)
-    _xa = np.empty(64)
-    _x_r0 = np.empty(64)
+    _xbuffer = np.empty((13, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _x_r4 = _xbuffer[8]
+    _xA0_0 = _xbuffer[9]
+    _xA0_1 = _xbuffer[10]
+    _xA1_0 = _xbuffer[11]
+    _xA1_1 = _xbuffer[12]
     _x_r0_n = 0
-    _x_r1 = np.empty(64)
     _x_r1_n = 0
-    _x_r2 = np.empty(64)
     _x_r2_n = 0
-    _x_r4 = np.empty(64)
     _x_r4_n = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -830,84 +1139,179 @@ def _loss_grad_hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0,
         _x_r4_n = _xgrow_all(_x_r4, _x_r4_n, _xt, _xm)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
-    _xa_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xa_n = _xgrow(_xa, _xa_n, smooth)
-    _xd0_0 = _xvalue(_xa, _xa_n)
-    _xA0_0 = np.empty(64)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r1 = _xvalue(_x_r1, _x_r1_n)
+    _r2 = _xvalue(_x_r2, _x_r2_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
     _xA0_0_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmul(_xt, _xm, smooth, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 4.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xh = 2.0*smooth
-    _xl = _fma(2.0, smooth, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 4.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xA0_1 = np.empty(64)
     _xA0_1_n = 0
-    _xh = alpha*smooth
-    _xl = _fma(alpha, smooth, -_xh)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xh)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmul(_xt, _xm, alpha, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xc0_0 = (4.0*_r2*(alpha - 1.0) + 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb0_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r2)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xc0_1 = (-2.0*_r2*(alpha - 1.0) - smooth*(alpha - 1.0))
+    _xb0_1 = (0.000244140625*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r2)*abs(alpha - 1.0))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xc1_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
+    _xb1_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
+    _xc1_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _xa_n = 0
-        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-        _xm = _xmul(_xt, _xm, _e_y, _xu)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xq = _xvalue(_xa, _xa_n)
-        _xq = _xq / _xd0_0
-        _xq = _xq / _xd0_0
-        _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
-        if math.isfinite(_xq):
-            _out1[_i, _k] = _w * _xq
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xp[0] = 2.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xp[0] = -1.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r2, _x_r2_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
+            if math.isfinite(_xq):
+                _out1[_i, _k] = _w * _xq
+        _xn = _xc1_0*_e_y + _xc1_1
+        _xb = _xb1_0*abs(_e_y) + _xb1_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready1:
+                _xready1 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd1_0 = _xvalue(_xa, _xa_n)
+                _xp[0] = -4.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA1_0_n = _xcopy(_xA1_0, _xp, _xp_n)
+                _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                _xp[0] = 2.0
+                _xp_n = 1
+                _xf_n = 0
+                _xf_n = _xgrow(_xf, _xf_n, alpha)
+                _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xf_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                _xf_n = _xgrow(_xf, _xf_n, smooth)
+                _xf_n = _xcompress(_xf, _xf_n, _xu)
+                _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                _xA1_1_n = _xcopy(_xA1_1, _xp, _xp_n)
+                _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            _t1_0 = _e_y*beta
+            _t1_1 = (1.0 - _e_y)*(1.0 - beta)
+            _t1_2 = 1.0 - _e_p
+            _xq = _xq + (_finite_or(((alpha*((((((_t1_0)/(_e_p))))/(_e_p)) + (((((_t1_1)/(_t1_2))))/(_t1_2))))/(_C)), ((((((((_t1_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t1_1*alpha)/(_C))))/(_t1_2))))/(_t1_2))))
+            if math.isfinite(_xq):
+                _out2[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -983,11 +1387,18 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _t1_1 = -_t1_0
     _t1_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_3 = 2.0*_r2
-    _t1_4 = 2.0*_r4*_t1_0
-    _t1_5 = _t1_0*smooth
-    _t1_6 = abs(_t1_0)
-    _t1_7 = 0.00048828125*_t1_6
-    _t1_8 = abs(_r2)
+    _t1_4 = 2.0*_t1_0
+    _t1_5 = _r4*_t1_4
+    _t1_6 = 4.0*_t1_0
+    _t1_7 = _t1_0*smooth
+    _t1_8 = 2.0*_t1_7
+    _t1_9 = abs(_r2)
+    _t1_10 = abs(_t1_0)
+    _t1_11 = 0.0009765625*_t1_10
+    _t1_12 = 0.00048828125*_t1_10
+    _t1_13 = _t1_12*smooth + _t1_12*abs(_r4)
+    _t1_14 = abs(_r0)
+    _t1_15 = abs(_r1)
     _out0[_i] = _w * (((-_r3*alpha)/(_C)) + ((_r4*_t1_1)/(_t1_2)))
     _h0 = ((1.0)/(_t1_2))
     _h1 = _t1_1
@@ -995,12 +1406,16 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _h3 = _t1_0
     _h4 = 1.0 - beta
     _h5 = ((1.0)/(_t1_2**3))
-    _h6 = _t1_4
+    _h6 = _t1_5
     _h7 = _t1_2
-    _h8 = (4.0*_r2*_t1_0 + _t1_4 + 2.0*_t1_5)
-    _h9 = (-_t1_0*_t1_3 - _t1_5)
-    _h10 = (0.0009765625*_t1_6*_t1_8 + _t1_7*smooth + _t1_7*abs(_r4))
-    _h11 = (0.000244140625*_t1_6*smooth + _t1_7*_t1_8)
+    _h8 = (_r2*_t1_6 + _t1_5 + _t1_8)
+    _h9 = (-_t1_0*_t1_3 - _t1_7)
+    _h10 = (_t1_11*_t1_9 + _t1_13)
+    _h11 = (0.000244140625*_t1_10*smooth + _t1_12*_t1_9)
+    _h12 = (-_r0*_t1_6 - _r1*_t1_6 - 4.0*_t1_7)
+    _h13 = (_r0*_t1_4 + _r1*_t1_4 - _t1_5 + _t1_8)
+    _h14 = (_t1_11*_t1_14 + _t1_11*_t1_15 + _t1_11*smooth)
+    _h15 = (_t1_12*_t1_14 + _t1_12*_t1_15 + _t1_13)
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -1015,6 +1430,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _out1[_i, _k] = _w * (_h0*(_h1*_h2*_t2_2) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(_t2_4 + ((-_t2_5)/(_t2_6))))/(_C)))
         _out2[_i, _k] = _w * (_h0*(_h3*_t2_2) - _h5*(_h1*_h7*_t2_1 + _h6) + _finite_or(((alpha*((((_t2_4))/(_e_p)) + (((((_t2_5)/(_t2_6))))/(_t2_6))))/(_C)), ((((((((_t2_3*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_5*alpha)/(_C))))/(_t2_6))))/(_t2_6))))
         _xflag |= abs(_e_y*_h8 + _h9) < _e_y*_h10 + _h11
+        _xflag |= abs(_e_y*_h12 + _h13) < _e_y*_h14 + _h15
     if _xflag:
         _loss_grad_hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2, _w)
 
@@ -1035,6 +1451,253 @@ def loss_grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _o
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _loss_grad_hess_row(np.int64(_i), _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((13, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r4 = _xbuffer[7]
+    _xA0_0 = _xbuffer[8]
+    _xA0_1 = _xbuffer[9]
+    _xA1_0 = _xbuffer[10]
+    _xA1_1 = _xbuffer[11]
+    _xA1_2 = _xbuffer[12]
+    _x_r0_n = 0
+    _x_r1_n = 0
+    _x_r4_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _e_p)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _e_y)
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r4_n = _xgrow_all(_x_r4, _x_r4_n, _xt, _xm)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r1 = _xvalue(_x_r1, _x_r1_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
+    _xA0_0_n = 0
+    _xA0_1_n = 0
+    _xc0_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
+    _xb0_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
+    _xc0_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb0_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xA1_2_n = 0
+    _xc1_0 = (-2.0*_r0*(alpha - 1.0) - 2.0*_r1*(alpha - 1.0) - 2.0*smooth*(alpha - 1.0))
+    _xb1_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
+    _xc1_1 = (-2.0*_r0*(alpha - 1.0) - 2.0*_r1*(alpha - 1.0) - 2.0*smooth*(alpha - 1.0))
+    _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
+    _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xs = 0.0
+        for _l in range(_n):
+            _at_l_y = y[_i, _l]
+            if _l == _k:
+                _xn = _xc0_0*_e_y + _xc0_1
+                _xb = _xb0_0*abs(_e_y) + _xb0_1
+            else:
+                _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
+                _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
+            if abs(_xn) < 2.0 * _xb:
+                if _l == _k:
+                    if not _xready0:
+                        _xready0 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd0_0 = _xvalue(_xa, _xa_n)
+                        _xp[0] = -4.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
+                        _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                        _xp[0] = 2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
+                        _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                    _t0_0 = _e_y*beta
+                    _t0_1 = (1.0 - _e_y)*(1.0 - beta)
+                    _t0_2 = 1.0 - _e_p
+                    _xq = _xq + (_finite_or(((alpha*((((((_t0_0)/(_e_p))))/(_e_p)) + (((((_t0_1)/(_t0_2))))/(_t0_2))))/(_C)), ((((((((_t0_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t0_1*alpha)/(_C))))/(_t0_2))))/(_t0_2))))
+                else:
+                    if not _xready1:
+                        _xready1 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd1_0 = _xvalue(_xa, _xa_n)
+                        _xp[0] = -2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA1_0_n = _xcopy(_xA1_0, _xp, _xp_n)
+                        _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                        _xp[0] = -2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA1_1_n = _xcopy(_xA1_1, _xp, _xp_n)
+                        _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+                        _xp[0] = 2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA1_2_n = _xcopy(_xA1_2, _xp, _xp_n)
+                        _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+                    _xm = _xmul(_xt, _xm, _at_l_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                if math.isfinite(_xq):
+                    _xe = _xq
+            _xs += _xe * _v_p[_i, _l]
+        _out0[_i, _k] = _w * _xs
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1085,15 +1748,32 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
+    _t1_2 = 2.0*_t1_1
+    _t1_3 = _r4*_t1_2
+    _t1_4 = _r0*_t1_2 + _r1*_t1_2 + _t1_2*smooth
+    _t1_5 = abs(_t1_1)
+    _t1_6 = 0.00048828125*_t1_5
+    _t1_7 = abs(_r0)
+    _t1_8 = abs(_r1)
+    _t1_9 = _t1_6*_t1_7 + _t1_6*_t1_8 + _t1_6*smooth
+    _t1_10 = 4.0*_t1_1
+    _t1_11 = 0.0009765625*_t1_5
     _h0 = ((1.0)/(_t1_0))
     _h1 = _t1_1
     _h2 = ((1.0)/(_t1_0**3))
-    _h3 = 2.0*_r4*_t1_1
+    _h3 = _t1_3
     _h4 = -_t1_1
     _h5 = _t1_0
     _h6 = 1.0 - beta
     _h7 = (((((_t1_1)/(_t1_0))))/(_t1_0))
-    _scratch = np.empty((5, _n))
+    _h8 = (-_t1_4)
+    _h9 = (-_t1_3 + _t1_4)
+    _h10 = (_t1_9)
+    _h11 = (_t1_6*abs(_r4) + _t1_9)
+    _h12 = (-_r0*_t1_10 - _r1*_t1_10 - _t1_10*smooth)
+    _h13 = (_t1_11*_t1_7 + _t1_11*_t1_8 + _t1_11*smooth)
+    _scratch = np.empty((10, _n))
+    _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1107,11 +1787,20 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h7
         _scratch[4, _k] = _t2_0
+        _scratch[5, _k] = _h8
+        _scratch[6, _k] = _e_y
+        _scratch[7, _k] = _e_y*_h8 + _h9
+        _scratch[8, _k] = _h10
+        _scratch[9, _k] = _e_y*_h10 + _h11
+        _xflag |= abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
+            _xflag |= (_j != _l) & (abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < _scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])
+    if _xflag:
+        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1130,6 +1819,249 @@ def hvp_kernel_parallel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _hvp_row(np.int64(_i), _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((13, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r4 = _xbuffer[7]
+    _xA0_0 = _xbuffer[8]
+    _xA0_1 = _xbuffer[9]
+    _xA1_0 = _xbuffer[10]
+    _xA1_1 = _xbuffer[11]
+    _xA1_2 = _xbuffer[12]
+    _x_r0_n = 0
+    _x_r1_n = 0
+    _x_r4_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _x_r0_n = _xgrow(_x_r0, _x_r0_n, _e_p)
+        _x_r1_n = _xgrow(_x_r1, _x_r1_n, _e_y)
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r4_n = _xgrow_all(_x_r4, _x_r4_n, _xt, _xm)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r1 = _xvalue(_x_r1, _x_r1_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
+    _xA0_0_n = 0
+    _xA0_1_n = 0
+    _xc0_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
+    _xb0_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
+    _xc0_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb0_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xA1_2_n = 0
+    _xc1_0 = (-2.0*_r0*(alpha - 1.0) - 2.0*_r1*(alpha - 1.0) - 2.0*smooth*(alpha - 1.0))
+    _xb1_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
+    _xc1_1 = (-2.0*_r0*(alpha - 1.0) - 2.0*_r1*(alpha - 1.0) - 2.0*smooth*(alpha - 1.0))
+    _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
+    _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
+    _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        for _l in range(_n):
+            _at_l_y = y[_i, _l]
+            if _l == _k:
+                _xn = _xc0_0*_e_y + _xc0_1
+                _xb = _xb0_0*abs(_e_y) + _xb0_1
+            else:
+                _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
+                _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
+            if abs(_xn) < 2.0 * _xb:
+                if _l == _k:
+                    if not _xready0:
+                        _xready0 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd0_0 = _xvalue(_xa, _xa_n)
+                        _xp[0] = -4.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
+                        _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                        _xp[0] = 2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
+                        _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                    _t0_0 = _e_y*beta
+                    _t0_1 = (1.0 - _e_y)*(1.0 - beta)
+                    _t0_2 = 1.0 - _e_p
+                    _xq = _xq + (_finite_or(((alpha*((((((_t0_0)/(_e_p))))/(_e_p)) + (((((_t0_1)/(_t0_2))))/(_t0_2))))/(_C)), ((((((((_t0_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t0_1*alpha)/(_C))))/(_t0_2))))/(_t0_2))))
+                else:
+                    if not _xready1:
+                        _xready1 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd1_0 = _xvalue(_xa, _xa_n)
+                        _xp[0] = -2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA1_0_n = _xcopy(_xA1_0, _xp, _xp_n)
+                        _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                        _xp[0] = -2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA1_1_n = _xcopy(_xA1_1, _xp, _xp_n)
+                        _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+                        _xp[0] = 2.0
+                        _xp_n = 1
+                        _xf_n = 0
+                        _xf_n = _xgrow(_xf, _xf_n, alpha)
+                        _xf_n = _xgrow(_xf, _xf_n, -1.0)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xf_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r1, _x_r1_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xf_n = _xgrow_all(_xf, _xf_n, _xt, _xm)
+                        _xf_n = _xgrow(_xf, _xf_n, smooth)
+                        _xf_n = _xcompress(_xf, _xf_n, _xu)
+                        _xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)
+                        _xA1_2_n = _xcopy(_xA1_2, _xp, _xp_n)
+                        _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+                    _xm = _xmul(_xt, _xm, _at_l_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                if math.isfinite(_xq):
+                    _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1180,15 +2112,32 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
+    _t1_2 = 2.0*_t1_1
+    _t1_3 = _r4*_t1_2
+    _t1_4 = _r0*_t1_2 + _r1*_t1_2 + _t1_2*smooth
+    _t1_5 = abs(_t1_1)
+    _t1_6 = 0.00048828125*_t1_5
+    _t1_7 = abs(_r0)
+    _t1_8 = abs(_r1)
+    _t1_9 = _t1_6*_t1_7 + _t1_6*_t1_8 + _t1_6*smooth
+    _t1_10 = 4.0*_t1_1
+    _t1_11 = 0.0009765625*_t1_5
     _h0 = ((1.0)/(_t1_0))
     _h1 = _t1_1
     _h2 = ((1.0)/(_t1_0**3))
-    _h3 = 2.0*_r4*_t1_1
+    _h3 = _t1_3
     _h4 = -_t1_1
     _h5 = _t1_0
     _h6 = 1.0 - beta
     _h7 = (((((_t1_1)/(_t1_0))))/(_t1_0))
-    _scratch = np.empty((5, _n))
+    _h8 = (-_t1_4)
+    _h9 = (-_t1_3 + _t1_4)
+    _h10 = (_t1_9)
+    _h11 = (_t1_6*abs(_r4) + _t1_9)
+    _h12 = (-_r0*_t1_10 - _r1*_t1_10 - _t1_10*smooth)
+    _h13 = (_t1_11*_t1_7 + _t1_11*_t1_8 + _t1_11*smooth)
+    _scratch = np.empty((10, _n))
+    _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1202,10 +2151,19 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h7
         _scratch[4, _k] = _t2_0
+        _scratch[5, _k] = _h8
+        _scratch[6, _k] = _e_y
+        _scratch[7, _k] = _e_y*_h8 + _h9
+        _scratch[8, _k] = _h10
+        _scratch[9, _k] = _e_y*_h10 + _h11
+        _xflag |= abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
+            _xflag |= (_j != _l) & (abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < _scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])
+    if _xflag:
+        _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

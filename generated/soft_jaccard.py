@@ -99,6 +99,36 @@ def _xvalue(p, n):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _xcompress(e, n, u):
+    """The expansion e[0:n] in as few parts as it needs, in place (Shewchuk's Compress: a
+    sweep down, then one up), so that its products with others stay short; returns its length."""
+    if n < 2:
+        return n
+    q = e[n - 1]
+    bottom = n - 1
+    for i in range(n - 2, -1, -1):
+        s = q + e[i]
+        r = e[i] - (s - q)
+        if r != 0.0:
+            u[bottom] = s
+            bottom -= 1
+            q = r
+        else:
+            q = s
+    u[bottom] = q
+    top = 0
+    for i in range(bottom + 1, n):
+        s = u[i] + q
+        r = q - (s - u[i])
+        if r != 0.0:
+            e[top] = r
+            top += 1
+        q = s
+    e[top] = q
+    return top + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _xcopy(t, e, ne):
     """t[0:ne] = e[0:ne]; returns ne."""
     for j in range(ne):
@@ -214,14 +244,19 @@ def loss_kernel_parallel(y, p, smooth, _weight, _out0):
 def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xt = np.empty(64)
-    _xu = np.empty(64)
-    _xa = np.empty(64)
-    _x_r0 = np.empty(64)
+    _xbuffer = np.empty((10, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r3 = _xbuffer[6]
+    _x_r4 = _xbuffer[7]
+    _xA0_0 = _xbuffer[8]
+    _xA0_1 = _xbuffer[9]
     _x_r0_n = 0
-    _x_r3 = np.empty(64)
     _x_r3_n = 0
-    _x_r4 = np.empty(64)
     _x_r4_n = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -244,48 +279,67 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xl)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
-    _xa_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xa_n = _xgrow(_xa, _xa_n, smooth)
-    _xd0_0 = _xvalue(_xa, _xa_n)
-    _xA0_0 = np.empty(64)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r3_n = _xcompress(_x_r3, _x_r3_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r3 = _xvalue(_x_r3, _x_r3_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
     _xA0_0_n = 0
-    _xh = 2.0*smooth
-    _xl = _fma(2.0, smooth, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xA0_1 = np.empty(64)
     _xA0_1_n = 0
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xc0_0 = (-2.0*_r0 - _r3 - 2.0*smooth)
+    _xb0_0 = (0.00048828125*smooth + 0.00048828125*abs(_r0) + 0.000244140625*abs(_r3))
+    _xc0_1 = (_r0 + smooth)
+    _xb0_1 = (0.000244140625*smooth + 0.000244140625*abs(_r0))
     for _k in range(_n):
         _e_y = y[_i, _k]
-        _xa_n = 0
-        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-        _xm = _xmul(_xt, _xm, _e_y, _xu)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xq = _xvalue(_xa, _xa_n)
-        _xq = _xq / _xd0_0
-        _xq = _xq / _xd0_0
-        if math.isfinite(_xq):
-            _out0[_i, _k] = _w * _xq
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xA0_0_n = 0
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xh = 2.0*smooth
+                _xl = _fma(2.0, smooth, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xA0_1_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            if math.isfinite(_xq):
+                _out0[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -372,6 +426,133 @@ def grad_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((10, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r3 = _xbuffer[5]
+    _x_r4 = _xbuffer[6]
+    _xA0_0 = _xbuffer[7]
+    _xA0_1 = _xbuffer[8]
+    _xA0_2 = _xbuffer[9]
+    _x_r3_n = 0
+    _x_r4_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r3_n = _xgrow_all(_x_r3, _x_r3_n, _xt, _xm)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _e_p)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _e_y)
+        _xh = _e_p*_e_y
+        _xl = _fma(_e_p, _e_y, -_xh)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xh)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xl)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
+    _x_r3_n = _xcompress(_x_r3, _x_r3_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r3 = _xvalue(_x_r3, _x_r3_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
+    _xA0_0_n = 0
+    _xA0_1_n = 0
+    _xA0_2_n = 0
+    _xc0_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb0_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc0_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
+    _xb0_1 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xA0_0_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 4.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xh = 4.0*smooth
+                _xl = _fma(4.0, smooth, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xA0_1_n = 0
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 4.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 6.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                _xh = 6.0*smooth
+                _xl = _fma(6.0, smooth, -_xh)
+                _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, _xh)
+                _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, _xl)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+                _xA0_2_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA0_2_n = _xgrow_all(_xA0_2, _xA0_2_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA0_2_n = _xgrow_all(_xA0_2, _xA0_2_n, _xt, _xm)
+                _xh = 2.0*smooth
+                _xl = _fma(2.0, smooth, -_xh)
+                _xA0_2_n = _xgrow(_xA0_2, _xA0_2_n, -_xh)
+                _xA0_2_n = _xgrow(_xA0_2, _xA0_2_n, -_xl)
+                _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_2, _xA0_2_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            if math.isfinite(_xq):
+                _out0[_i, _k] = _w * _xq
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     """hess of row _i, times _weight[i] when given."""
     _inside = True
@@ -409,13 +590,24 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     if math.isfinite(_r4):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
+    _t1_0 = -2.0*_r3
+    _t1_1 = 0.00048828125*abs(_r3)
+    _t1_2 = abs(_r4)
     _h0 = ((1.0)/(_r4 + smooth))
+    _h1 = (-4.0*_r4 - _t1_0 - 4.0*smooth)
+    _h2 = (2.0*_r4 + _t1_0 + 2.0*smooth)
+    _h3 = (_t1_1 + 0.0009765625*_t1_2 + 0.0009765625*smooth)
+    _h4 = (_t1_1 + 0.00048828125*_t1_2 + 0.00048828125*smooth)
+    _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
         _t2_1 = 2.0*_e_y - 1.0
         _t2_2 = -_t2_0
         _out0[_i, _k] = _w * (_h0*(_h0*(-_t2_0*_t2_1 + _t2_2*(2.0*_h0*_r3*_t2_2 + _t2_1))))
+        _xflag |= abs(_e_y*_h1 + _h2) < _e_y*_h3 + _h4
+    if _xflag:
+        _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -440,14 +632,22 @@ def hess_kernel_parallel(y, p, smooth, _weight, _out0):
 def _grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xt = np.empty(64)
-    _xu = np.empty(64)
-    _xa = np.empty(64)
-    _x_r0 = np.empty(64)
+    _xbuffer = np.empty((13, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r3 = _xbuffer[6]
+    _x_r4 = _xbuffer[7]
+    _xA0_0 = _xbuffer[8]
+    _xA0_1 = _xbuffer[9]
+    _xA1_0 = _xbuffer[10]
+    _xA1_1 = _xbuffer[11]
+    _xA1_2 = _xbuffer[12]
     _x_r0_n = 0
-    _x_r3 = np.empty(64)
     _x_r3_n = 0
-    _x_r4 = np.empty(64)
     _x_r4_n = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -470,48 +670,152 @@ def _grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _w):
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xl)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
-    _xa_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xa_n = _xgrow(_xa, _xa_n, smooth)
-    _xd0_0 = _xvalue(_xa, _xa_n)
-    _xA0_0 = np.empty(64)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r3_n = _xcompress(_x_r3, _x_r3_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r3 = _xvalue(_x_r3, _x_r3_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
     _xA0_0_n = 0
-    _xh = 2.0*smooth
-    _xl = _fma(2.0, smooth, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xA0_1 = np.empty(64)
     _xA0_1_n = 0
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xc0_0 = (-2.0*_r0 - _r3 - 2.0*smooth)
+    _xb0_0 = (0.00048828125*smooth + 0.00048828125*abs(_r0) + 0.000244140625*abs(_r3))
+    _xc0_1 = (_r0 + smooth)
+    _xb0_1 = (0.000244140625*smooth + 0.000244140625*abs(_r0))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xA1_2_n = 0
+    _xc1_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb1_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc1_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
+    _xb1_1 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     for _k in range(_n):
         _e_y = y[_i, _k]
-        _xa_n = 0
-        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-        _xm = _xmul(_xt, _xm, _e_y, _xu)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xq = _xvalue(_xa, _xa_n)
-        _xq = _xq / _xd0_0
-        _xq = _xq / _xd0_0
-        if math.isfinite(_xq):
-            _out0[_i, _k] = _w * _xq
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xA0_0_n = 0
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xh = 2.0*smooth
+                _xl = _fma(2.0, smooth, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xA0_1_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            if math.isfinite(_xq):
+                _out0[_i, _k] = _w * _xq
+        _xn = _xc1_0*_e_y + _xc1_1
+        _xb = _xb1_0*abs(_e_y) + _xb1_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready1:
+                _xready1 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd1_0 = _xvalue(_xa, _xa_n)
+                _xA1_0_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 4.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                _xh = 4.0*smooth
+                _xl = _fma(4.0, smooth, -_xh)
+                _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xh)
+                _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xl)
+                _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                _xA1_1_n = 0
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 4.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 6.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                _xh = 6.0*smooth
+                _xl = _fma(6.0, smooth, -_xh)
+                _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xh)
+                _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xl)
+                _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+                _xA1_2_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                _xh = 2.0*smooth
+                _xl = _fma(2.0, smooth, -_xh)
+                _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, -_xh)
+                _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, -_xl)
+                _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            if math.isfinite(_xq):
+                _out1[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -564,13 +868,23 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0 + smooth
-    _t1_1 = abs(_r0)
+    _t1_1 = 2.0*smooth
+    _t1_2 = 0.00048828125*smooth
+    _t1_3 = abs(_r0)
+    _t1_4 = abs(_r3)
+    _t1_5 = -2.0*_r3
+    _t1_6 = 0.00048828125*_t1_4
+    _t1_7 = abs(_r4)
     _h0 = ((1.0)/(_r4 + smooth))
     _h1 = _t1_0
-    _h2 = (-2.0*_r0 - _r3 - 2.0*smooth)
+    _h2 = (-2.0*_r0 - _r3 - _t1_1)
     _h3 = (_t1_0)
-    _h4 = (0.00048828125*_t1_1 + 0.00048828125*smooth + 0.000244140625*abs(_r3))
-    _h5 = (0.000244140625*_t1_1 + 0.000244140625*smooth)
+    _h4 = (_t1_2 + 0.00048828125*_t1_3 + 0.000244140625*_t1_4)
+    _h5 = (0.000244140625*_t1_3 + 0.000244140625*smooth)
+    _h6 = (-4.0*_r4 - _t1_5 - 4.0*smooth)
+    _h7 = (2.0*_r4 + _t1_1 + _t1_5)
+    _h8 = (_t1_6 + 0.0009765625*_t1_7 + 0.0009765625*smooth)
+    _h9 = (_t1_2 + _t1_6 + 0.00048828125*_t1_7)
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -581,6 +895,7 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_r3 + _h1*_t2_1)))
         _out1[_i, _k] = _w * (_h0*(_h0*(_t2_1*_t2_2 + _t2_3*(2.0*_h0*_r3*_t2_3 + _t2_0))))
         _xflag |= abs(_e_y*_h2 + _h3) < _e_y*_h4 + _h5
+        _xflag |= abs(_e_y*_h6 + _h7) < _e_y*_h8 + _h9
     if _xflag:
         _grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _w)
 
@@ -607,14 +922,22 @@ def grad_hess_kernel_parallel(y, p, smooth, _weight, _out0, _out1):
 def _loss_grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xt = np.empty(64)
-    _xu = np.empty(64)
-    _xa = np.empty(64)
-    _x_r0 = np.empty(64)
+    _xbuffer = np.empty((13, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r3 = _xbuffer[6]
+    _x_r4 = _xbuffer[7]
+    _xA0_0 = _xbuffer[8]
+    _xA0_1 = _xbuffer[9]
+    _xA1_0 = _xbuffer[10]
+    _xA1_1 = _xbuffer[11]
+    _xA1_2 = _xbuffer[12]
     _x_r0_n = 0
-    _x_r3 = np.empty(64)
     _x_r3_n = 0
-    _x_r4 = np.empty(64)
     _x_r4_n = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -637,48 +960,152 @@ def _loss_grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xl)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
         _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
-    _xa_n = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
-    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-    _xa_n = _xgrow(_xa, _xa_n, smooth)
-    _xd0_0 = _xvalue(_xa, _xa_n)
-    _xA0_0 = np.empty(64)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r3_n = _xcompress(_x_r3, _x_r3_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r0 = _xvalue(_x_r0, _x_r0_n)
+    _r3 = _xvalue(_x_r3, _x_r3_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
     _xA0_0_n = 0
-    _xh = 2.0*smooth
-    _xl = _fma(2.0, smooth, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
-    _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmul(_xt, _xm, 2.0, _xu)
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xt[0] = -1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
-    _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
-    _xA0_1 = np.empty(64)
     _xA0_1_n = 0
-    _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
-    _xt[0] = 1.0
-    _xm = 1
-    _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
-    _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+    _xc0_0 = (-2.0*_r0 - _r3 - 2.0*smooth)
+    _xb0_0 = (0.00048828125*smooth + 0.00048828125*abs(_r0) + 0.000244140625*abs(_r3))
+    _xc0_1 = (_r0 + smooth)
+    _xb0_1 = (0.000244140625*smooth + 0.000244140625*abs(_r0))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xA1_2_n = 0
+    _xc1_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb1_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc1_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
+    _xb1_1 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     for _k in range(_n):
         _e_y = y[_i, _k]
-        _xa_n = 0
-        _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-        _xm = _xmul(_xt, _xm, _e_y, _xu)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
-        _xq = _xvalue(_xa, _xa_n)
-        _xq = _xq / _xd0_0
-        _xq = _xq / _xd0_0
-        if math.isfinite(_xq):
-            _out1[_i, _k] = _w * _xq
+        _xn = _xc0_0*_e_y + _xc0_1
+        _xb = _xb0_0*abs(_e_y) + _xb0_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready0:
+                _xready0 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd0_0 = _xvalue(_xa, _xa_n)
+                _xA0_0_n = 0
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                _xh = 2.0*smooth
+                _xl = _fma(2.0, smooth, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
+                _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
+                _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                _xA0_1_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r0, _x_r0_n, _xu)
+                _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, smooth)
+                _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd0_0
+            _xq = _xq / _xd0_0
+            if math.isfinite(_xq):
+                _out1[_i, _k] = _w * _xq
+        _xn = _xc1_0*_e_y + _xc1_1
+        _xb = _xb1_0*abs(_e_y) + _xb1_1
+        if abs(_xn) < 2.0 * _xb:
+            if not _xready1:
+                _xready1 = True
+                _xa_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                _xa_n = _xgrow(_xa, _xa_n, smooth)
+                _xd1_0 = _xvalue(_xa, _xa_n)
+                _xA1_0_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 4.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                _xh = 4.0*smooth
+                _xl = _fma(4.0, smooth, -_xh)
+                _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xh)
+                _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xl)
+                _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                _xA1_1_n = 0
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 4.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 6.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                _xh = 6.0*smooth
+                _xl = _fma(6.0, smooth, -_xh)
+                _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xh)
+                _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xl)
+                _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+                _xA1_2_n = 0
+                _xt[0] = 1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                _xt[0] = -1.0
+                _xm = 1
+                _xm = _xmul(_xt, _xm, 2.0, _xu)
+                _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                _xh = 2.0*smooth
+                _xl = _fma(2.0, smooth, -_xh)
+                _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, -_xh)
+                _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, -_xl)
+                _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
+            _xa_n = 0
+            _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+            _xm = _xmul(_xt, _xm, _e_y, _xu)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
+            _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+            _xq = _xvalue(_xa, _xa_n)
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            _xq = _xq / _xd1_0
+            if math.isfinite(_xq):
+                _out2[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -733,14 +1160,24 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
     _t1_1 = _r0 + smooth
-    _t1_2 = abs(_r0)
+    _t1_2 = 2.0*smooth
+    _t1_3 = 0.00048828125*smooth
+    _t1_4 = abs(_r0)
+    _t1_5 = abs(_r3)
+    _t1_6 = -2.0*_r3
+    _t1_7 = 0.00048828125*_t1_5
+    _t1_8 = abs(_r4)
     _out0[_i] = _w * (((_r3)/(_t1_0)))
     _h0 = ((1.0)/(_t1_0))
     _h1 = _t1_1
-    _h2 = (-2.0*_r0 - _r3 - 2.0*smooth)
+    _h2 = (-2.0*_r0 - _r3 - _t1_2)
     _h3 = (_t1_1)
-    _h4 = (0.00048828125*_t1_2 + 0.00048828125*smooth + 0.000244140625*abs(_r3))
-    _h5 = (0.000244140625*_t1_2 + 0.000244140625*smooth)
+    _h4 = (_t1_3 + 0.00048828125*_t1_4 + 0.000244140625*_t1_5)
+    _h5 = (0.000244140625*_t1_4 + 0.000244140625*smooth)
+    _h6 = (-4.0*_r4 - _t1_6 - 4.0*smooth)
+    _h7 = (2.0*_r4 + _t1_2 + _t1_6)
+    _h8 = (_t1_7 + 0.0009765625*_t1_8 + 0.0009765625*smooth)
+    _h9 = (_t1_3 + _t1_7 + 0.00048828125*_t1_8)
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -751,6 +1188,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _out1[_i, _k] = _w * (_h0*(_h0*(-_e_y*_r3 + _h1*_t2_1)))
         _out2[_i, _k] = _w * (_h0*(_h0*(_t2_1*_t2_2 + _t2_3*(2.0*_h0*_r3*_t2_3 + _t2_0))))
         _xflag |= abs(_e_y*_h2 + _h3) < _e_y*_h4 + _h5
+        _xflag |= abs(_e_y*_h6 + _h7) < _e_y*_h8 + _h9
     if _xflag:
         _loss_grad_hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2, _w)
 
@@ -771,6 +1209,253 @@ def loss_grad_hess_kernel_parallel(y, p, smooth, _weight, _out0, _out1, _out2):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _loss_grad_hess_row(np.int64(_i), _n, _C, y, p, smooth, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((14, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r3 = _xbuffer[5]
+    _x_r4 = _xbuffer[6]
+    _xA0_0 = _xbuffer[7]
+    _xA0_1 = _xbuffer[8]
+    _xA0_2 = _xbuffer[9]
+    _xA1_0 = _xbuffer[10]
+    _xA1_1 = _xbuffer[11]
+    _xA1_2 = _xbuffer[12]
+    _xA1_3 = _xbuffer[13]
+    _x_r3_n = 0
+    _x_r4_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r3_n = _xgrow_all(_x_r3, _x_r3_n, _xt, _xm)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _e_p)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _e_y)
+        _xh = _e_p*_e_y
+        _xl = _fma(_e_p, _e_y, -_xh)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xh)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xl)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
+    _x_r3_n = _xcompress(_x_r3, _x_r3_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r3 = _xvalue(_x_r3, _x_r3_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
+    _xA0_0_n = 0
+    _xA0_1_n = 0
+    _xA0_2_n = 0
+    _xc0_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb0_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc0_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
+    _xb0_1 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xA1_2_n = 0
+    _xA1_3_n = 0
+    _xc1_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb1_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc1_1 = (-2.0*_r3 + 3.0*_r4 + 3.0*smooth)
+    _xb1_1 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
+    _xc1_2 = (-2.0*_r3 + 3.0*_r4 + 3.0*smooth)
+    _xb1_2 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
+    _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
+    _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        _xs = 0.0
+        for _l in range(_n):
+            _at_l_y = y[_i, _l]
+            if _l == _k:
+                _xn = _xc0_0*_e_y + _xc0_1
+                _xb = _xb0_0*abs(_e_y) + _xb0_1
+            else:
+                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
+                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
+            if abs(_xn) < 2.0 * _xb:
+                if _l == _k:
+                    if not _xready0:
+                        _xready0 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd0_0 = _xvalue(_xa, _xa_n)
+                        _xA0_0_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 4.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                        _xh = 4.0*smooth
+                        _xl = _fma(4.0, smooth, -_xh)
+                        _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
+                        _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
+                        _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                        _xA0_1_n = 0
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 4.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 6.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                        _xh = 6.0*smooth
+                        _xl = _fma(6.0, smooth, -_xh)
+                        _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, _xh)
+                        _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, _xl)
+                        _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+                        _xA0_2_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA0_2_n = _xgrow_all(_xA0_2, _xA0_2_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA0_2_n = _xgrow_all(_xA0_2, _xA0_2_n, _xt, _xm)
+                        _xh = 2.0*smooth
+                        _xl = _fma(2.0, smooth, -_xh)
+                        _xA0_2_n = _xgrow(_xA0_2, _xA0_2_n, -_xh)
+                        _xA0_2_n = _xgrow(_xA0_2, _xA0_2_n, -_xl)
+                        _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA0_2, _xA0_2_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                else:
+                    if not _xready1:
+                        _xready1 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd1_0 = _xvalue(_xa, _xa_n)
+                        _xA1_0_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 4.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                        _xh = 4.0*smooth
+                        _xl = _fma(4.0, smooth, -_xh)
+                        _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xh)
+                        _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xl)
+                        _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                        _xA1_1_n = 0
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 3.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                        _xh = 3.0*smooth
+                        _xl = _fma(3.0, smooth, -_xh)
+                        _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xh)
+                        _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xl)
+                        _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+                        _xA1_2_n = 0
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 3.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                        _xh = 3.0*smooth
+                        _xl = _fma(3.0, smooth, -_xh)
+                        _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, _xh)
+                        _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, _xl)
+                        _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
+                        _xA1_3_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_3_n = _xgrow_all(_xA1_3, _xA1_3_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_3_n = _xgrow_all(_xA1_3, _xA1_3_n, _xt, _xm)
+                        _xh = 2.0*smooth
+                        _xl = _fma(2.0, smooth, -_xh)
+                        _xA1_3_n = _xgrow(_xA1_3, _xA1_3_n, -_xh)
+                        _xA1_3_n = _xgrow(_xA1_3, _xA1_3_n, -_xl)
+                        _xA1_3_n = _xcompress(_xA1_3, _xA1_3_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+                    _xm = _xmul(_xt, _xm, _at_l_y, _xu)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+                    _xm = _xmul(_xt, _xm, _at_l_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_3, _xA1_3_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                if math.isfinite(_xq):
+                    _xe = _xq
+            _xs += _xe * _v_p[_i, _l]
+        _out0[_i, _k] = _w * _xs
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -812,10 +1497,22 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
+    _t1_1 = -2.0*_r3
+    _t1_2 = 2.0*_r4 + _t1_1 + 2.0*smooth
+    _t1_3 = 0.00048828125*abs(_r3)
+    _t1_4 = abs(_r4)
     _h0 = ((1.0)/(_t1_0))
     _h1 = ((-3.0)/(_t1_0**2))
     _h2 = ((1.0)/(_t1_0**3))
-    _scratch = np.empty((5, _n))
+    _h3 = (-4.0*_r4 - _t1_1 - 4.0*smooth)
+    _h4 = (3.0*_r4 + _t1_1 + 3.0*smooth)
+    _h5 = (-_t1_2)
+    _h6 = (_t1_3 + 0.0009765625*_t1_4 + 0.0009765625*smooth)
+    _h7 = (_t1_3 + 0.000732421875*_t1_4 + 0.000732421875*smooth)
+    _h8 = (_t1_3 + 0.00048828125*_t1_4 + 0.00048828125*smooth)
+    _h9 = (_t1_2)
+    _scratch = np.empty((11, _n))
+    _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
@@ -827,11 +1524,21 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _scratch[2, _k] = -1.0
         _scratch[3, _k] = _h0*(4.0*_e_y*_h0) + _h1 + _h2*_t2_3
         _scratch[4, _k] = _t2_2
+        _scratch[5, _k] = _e_y*_h3 + _h4
+        _scratch[6, _k] = _e_y
+        _scratch[7, _k] = _e_y*_h4 + _h5
+        _scratch[8, _k] = 1.0
+        _scratch[9, _k] = _e_y*_h6 + _h7
+        _scratch[10, _k] = _e_y*_h7 + _h8
+        _xflag |= abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
+            _xflag |= (_j != _l) & (abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])
+    if _xflag:
+        _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -850,6 +1557,249 @@ def hvp_kernel_parallel(y, p, smooth, _v_p, _weight, _out0):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _hvp_row(np.int64(_i), _n, _C, y, p, smooth, _v_p, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((14, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r3 = _xbuffer[5]
+    _x_r4 = _xbuffer[6]
+    _xA0_0 = _xbuffer[7]
+    _xA0_1 = _xbuffer[8]
+    _xA0_2 = _xbuffer[9]
+    _xA1_0 = _xbuffer[10]
+    _xA1_1 = _xbuffer[11]
+    _xA1_2 = _xbuffer[12]
+    _xA1_3 = _xbuffer[13]
+    _x_r3_n = 0
+    _x_r4_n = 0
+    for _k in range(_n):
+        _e_p = p[_i, _k]
+        _e_y = y[_i, _k]
+        _xt[0] = -1.0
+        _xm = 1
+        _xm = _xmul(_xt, _xm, 2.0, _xu)
+        _xm = _xmul(_xt, _xm, _e_p, _xu)
+        _xm = _xmul(_xt, _xm, _e_y, _xu)
+        _x_r3_n = _xgrow_all(_x_r3, _x_r3_n, _xt, _xm)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _e_p)
+        _x_r3_n = _xgrow(_x_r3, _x_r3_n, _e_y)
+        _xh = _e_p*_e_y
+        _xl = _fma(_e_p, _e_y, -_xh)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xh)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, -_xl)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_p)
+        _x_r4_n = _xgrow(_x_r4, _x_r4_n, _e_y)
+    _x_r3_n = _xcompress(_x_r3, _x_r3_n, _xu)
+    _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
+    _r3 = _xvalue(_x_r3, _x_r3_n)
+    _r4 = _xvalue(_x_r4, _x_r4_n)
+    _xready0 = False
+    _xd0_0 = 1.0
+    _xA0_0_n = 0
+    _xA0_1_n = 0
+    _xA0_2_n = 0
+    _xc0_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb0_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc0_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
+    _xb0_1 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    _xready1 = False
+    _xd1_0 = 1.0
+    _xA1_0_n = 0
+    _xA1_1_n = 0
+    _xA1_2_n = 0
+    _xA1_3_n = 0
+    _xc1_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
+    _xb1_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
+    _xc1_1 = (-2.0*_r3 + 3.0*_r4 + 3.0*smooth)
+    _xb1_1 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
+    _xc1_2 = (-2.0*_r3 + 3.0*_r4 + 3.0*smooth)
+    _xb1_2 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
+    _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
+    _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    for _k in range(_n):
+        _e_y = y[_i, _k]
+        for _l in range(_n):
+            _at_l_y = y[_i, _l]
+            if _l == _k:
+                _xn = _xc0_0*_e_y + _xc0_1
+                _xb = _xb0_0*abs(_e_y) + _xb0_1
+            else:
+                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
+                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
+            if abs(_xn) < 2.0 * _xb:
+                if _l == _k:
+                    if not _xready0:
+                        _xready0 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd0_0 = _xvalue(_xa, _xa_n)
+                        _xA0_0_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 4.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA0_0_n = _xgrow_all(_xA0_0, _xA0_0_n, _xt, _xm)
+                        _xh = 4.0*smooth
+                        _xl = _fma(4.0, smooth, -_xh)
+                        _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xh)
+                        _xA0_0_n = _xgrow(_xA0_0, _xA0_0_n, -_xl)
+                        _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
+                        _xA0_1_n = 0
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 4.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 6.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA0_1_n = _xgrow_all(_xA0_1, _xA0_1_n, _xt, _xm)
+                        _xh = 6.0*smooth
+                        _xl = _fma(6.0, smooth, -_xh)
+                        _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, _xh)
+                        _xA0_1_n = _xgrow(_xA0_1, _xA0_1_n, _xl)
+                        _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
+                        _xA0_2_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA0_2_n = _xgrow_all(_xA0_2, _xA0_2_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA0_2_n = _xgrow_all(_xA0_2, _xA0_2_n, _xt, _xm)
+                        _xh = 2.0*smooth
+                        _xl = _fma(2.0, smooth, -_xh)
+                        _xA0_2_n = _xgrow(_xA0_2, _xA0_2_n, -_xh)
+                        _xA0_2_n = _xgrow(_xA0_2, _xA0_2_n, -_xl)
+                        _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA0_2, _xA0_2_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                    _xq = _xq / _xd0_0
+                else:
+                    if not _xready1:
+                        _xready1 = True
+                        _xa_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                        _xa_n = _xgrow(_xa, _xa_n, smooth)
+                        _xd1_0 = _xvalue(_xa, _xa_n)
+                        _xA1_0_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 4.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_0_n = _xgrow_all(_xA1_0, _xA1_0_n, _xt, _xm)
+                        _xh = 4.0*smooth
+                        _xl = _fma(4.0, smooth, -_xh)
+                        _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xh)
+                        _xA1_0_n = _xgrow(_xA1_0, _xA1_0_n, -_xl)
+                        _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
+                        _xA1_1_n = 0
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 3.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_1_n = _xgrow_all(_xA1_1, _xA1_1_n, _xt, _xm)
+                        _xh = 3.0*smooth
+                        _xl = _fma(3.0, smooth, -_xh)
+                        _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xh)
+                        _xA1_1_n = _xgrow(_xA1_1, _xA1_1_n, _xl)
+                        _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
+                        _xA1_2_n = 0
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 3.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_2_n = _xgrow_all(_xA1_2, _xA1_2_n, _xt, _xm)
+                        _xh = 3.0*smooth
+                        _xl = _fma(3.0, smooth, -_xh)
+                        _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, _xh)
+                        _xA1_2_n = _xgrow(_xA1_2, _xA1_2_n, _xl)
+                        _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
+                        _xA1_3_n = 0
+                        _xt[0] = 1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r3, _x_r3_n, _xu)
+                        _xA1_3_n = _xgrow_all(_xA1_3, _xA1_3_n, _xt, _xm)
+                        _xt[0] = -1.0
+                        _xm = 1
+                        _xm = _xmul(_xt, _xm, 2.0, _xu)
+                        _xm = _xmulx(_xt, _xm, _x_r4, _x_r4_n, _xu)
+                        _xA1_3_n = _xgrow_all(_xA1_3, _xA1_3_n, _xt, _xm)
+                        _xh = 2.0*smooth
+                        _xl = _fma(2.0, smooth, -_xh)
+                        _xA1_3_n = _xgrow(_xA1_3, _xA1_3_n, -_xh)
+                        _xA1_3_n = _xgrow(_xA1_3, _xA1_3_n, -_xl)
+                        _xA1_3_n = _xcompress(_xA1_3, _xA1_3_n, _xu)
+                    _xa_n = 0
+                    _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
+                    _xm = _xmul(_xt, _xm, _at_l_y, _xu)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
+                    _xm = _xmul(_xt, _xm, _at_l_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
+                    _xm = _xmul(_xt, _xm, _e_y, _xu)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xm = _xcopy(_xt, _xA1_3, _xA1_3_n)
+                    _xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)
+                    _xq = _xvalue(_xa, _xa_n)
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                    _xq = _xq / _xd1_0
+                if math.isfinite(_xq):
+                    _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -891,10 +1841,22 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
+    _t1_1 = -2.0*_r3
+    _t1_2 = 2.0*_r4 + _t1_1 + 2.0*smooth
+    _t1_3 = 0.00048828125*abs(_r3)
+    _t1_4 = abs(_r4)
     _h0 = ((1.0)/(_t1_0))
     _h1 = ((-3.0)/(_t1_0**2))
     _h2 = ((1.0)/(_t1_0**3))
-    _scratch = np.empty((5, _n))
+    _h3 = (-4.0*_r4 - _t1_1 - 4.0*smooth)
+    _h4 = (3.0*_r4 + _t1_1 + 3.0*smooth)
+    _h5 = (-_t1_2)
+    _h6 = (_t1_3 + 0.0009765625*_t1_4 + 0.0009765625*smooth)
+    _h7 = (_t1_3 + 0.000732421875*_t1_4 + 0.000732421875*smooth)
+    _h8 = (_t1_3 + 0.00048828125*_t1_4 + 0.00048828125*smooth)
+    _h9 = (_t1_2)
+    _scratch = np.empty((11, _n))
+    _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
@@ -906,10 +1868,20 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[2, _k] = -1.0
         _scratch[3, _k] = _h0*(4.0*_e_y*_h0) + _h1 + _h2*_t2_3
         _scratch[4, _k] = _t2_2
+        _scratch[5, _k] = _e_y*_h3 + _h4
+        _scratch[6, _k] = _e_y
+        _scratch[7, _k] = _e_y*_h4 + _h5
+        _scratch[8, _k] = 1.0
+        _scratch[9, _k] = _e_y*_h6 + _h7
+        _scratch[10, _k] = _e_y*_h7 + _h8
+        _xflag |= abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
+            _xflag |= (_j != _l) & (abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])
+    if _xflag:
+        _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -36,7 +36,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import EXACT_FALLBACK, emit_fallback, plan
+from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, plan, plan_pair
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
 from .vocabulary import group, in_scale, two_scaled
@@ -722,18 +722,24 @@ def _indices(block) -> list:
     return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
 
 
-def _block_kernel(derivation: RowDerivation, printer, product: bool, keys) -> dict:
+def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, fallback=None, arguments=()) -> dict:
     """:func:`_block_kernel_lines`, with its twin for the scaled norms (:func:`_with_scaled`)."""
-    return _with_scaled(derivation, lambda scaled: _block_kernel_lines(derivation, printer, product, keys, scaled))
+    return _with_scaled(derivation, lambda scaled: _block_kernel_lines(derivation, printer, product, keys, scaled,
+                                                                       fallback, arguments))
 
 
-def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys, scaled: bool) -> dict:
+def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys, scaled: bool,
+                        fallback=None, arguments=()) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
     directions v (one per prediction): sum_l H_jl v_l, entry by entry, so that every term is
     an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
-    O(C**2) work per row, and O(C) memory: the matrix is never formed."""
+    O(C**2) work per row, and O(C) memory: the matrix is never formed.
+
+    ``fallback``: (exact_rows.Fallback of the diagonal, exact_rows.PairFallback of the other
+    entries) of a single prediction's block; each entry's cancellation test is OR-ed into the
+    row's flag, and a flagged row is recomputed exactly (lossgen/exact_rows.py)."""
     body = _Body(derivation, printer, keys, scaled)
     k = len(derivation.spec.predictions)
     pairs = [(i, j) for i in range(k) for j in range(k)]
@@ -744,12 +750,28 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     diagonals = [body.shifts(derivation.hess[i] if i == j else derivation.cross.get((i, j), b.diagonal))
                  for (i, j), b in zip(pairs, blocks)]
     factors = [body.shifts(e) for b in blocks for pq in b.outer for e in pq]
-    element, hoisted = body.hoist(diagonals + factors)
+    # the tests: the diagonal's per element, the other entries' as outer products (scratch rows)
+    diagonal_tests, pair_tests = [], []
+    if fallback:
+        printer.helpers_used.update(("xexact", "fma"))
+        diagonal_tests = [fallback[0].numerator, fallback[0].bound]
+        pair_tests = [[e for pq in products for e in pq] for products in fallback[1].test_outer()]
+    n_scratch = len(diagonals) + len(factors)
+    element, hoisted = body.hoist(diagonals + factors + sum(pair_tests, []) + diagonal_tests)
+    element, diagonal_tests = element[:len(element) - len(diagonal_tests)], element[len(element) - len(diagonal_tests):]
+    # the tests' factors take a scratch row only where no earlier row holds the same value
+    slot = list(range(n_scratch))
+    unique = element[:n_scratch]
+    for e in element[n_scratch:]:
+        if e not in unique:
+            unique.append(e)
+        slot.append(unique.index(e))
+    element = unique
     outs = [f"_out{b}" for b in range(k if product else len(pairs))]
     body.bind_row()
     _emit_guard(body, derivation.spec, outs, 0)
     vector = body.plan_vector(list(hoisted), element)
-    body.reductions_pass(list(hoisted) + element)
+    body.reductions_pass(list(hoisted) + element + diagonal_tests)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
 
     def emit_values(fold):
@@ -757,11 +779,16 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             for symbol, value in zip(hoisted.values(), body.cse(fold(list(hoisted)), 2)):
                 body.emit(2, f"{symbol} = {value}")
         body.emit(2, f"_scratch = np.empty(({max(len(element), 1)}, _n))")
-        elements = fold(element)
+        elements, checks = fold(element), fold(diagonal_tests)
+        if fallback:
+            body.emit(2, "_xflag = False")
         body.emit(2, "for _k in range(_n):")
-        body.bind(elements, 3)
+        body.bind(elements + checks, 3)
         for j, value in enumerate(body.cse(elements, 3, vector=vector)):
             body.emit(3, f"_scratch[{j}, _k] = {value}")
+        if checks:
+            numerator, bound = body.cse(checks, 3, vector=vector)
+            body.emit(3, f"_xflag |= abs({numerator}) < {bound}")
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
@@ -770,6 +797,14 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         for out in outs:
             body.emit(3, f"{out}[_i, _j] = 0.0")
     body.emit(3, "for _l in range(_n):")
+    def entry_code(j: str, l: str) -> str:
+        """Entry (j, l) of the first block from the scratch rows (the fallback's block: one
+        prediction, no onehot index)."""
+        first = len(diagonals)
+        total = " + ".join(f"_scratch[{first + 2 * m}, {j}] * _scratch[{first + 2 * m + 1}, {l}]"
+                           for m in range(len(blocks[0].outer))) or "0.0"
+        return f"_scratch[0, {j}] if {j} == {l} else {total}"
+
     position = len(diagonals)
     for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
         terms, swapped = [], []
@@ -801,11 +836,31 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(4, f"{outs[row]}[_i, _j] += _w * _h * {directions[column]}[_i, _l]")
         else:
             body.emit(4, f"{outs[b]}[_i, _j, _l] = _w * _h")
+    exact = []
+    if fallback:
+        at = n_scratch
+        numerator, bound = [], []
+        for sums, tests in zip((numerator, bound), pair_tests):
+            for m in range(0, len(tests), 2):
+                sums.append(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]")
+            at += len(tests)
+        body.emit(4, f"_xflag |= (_j != _l) & (abs({' + '.join(numerator)}) < {' + '.join(bound)})")
+        name = "hvp" if product else "hess_full"
+        call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
+                          "_scratch"])
+        body.emit(2, "if _xflag:")
+        body.emit(3, f"_{name}_exact({call})")
+        exact_body = _Body(derivation, printer, keys)
+        fast_entry = entry_code("_k", "_l")
+        emit_block_fallback(exact_body, *fallback, outs[0], directions[0] if product else None, fast_entry)
+        exact = exact_body.lines
     if product:
-        return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots,
+        return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
+                "exact_arguments": ", _scratch" if exact else "",
                 "doc": "The Hessian of each row times the directions, entry by entry (never stored), "
                        "times _weight[i] when given."}
-    return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots,
+    return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
+            "exact_arguments": ", _scratch" if exact else "",
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
 
@@ -819,11 +874,19 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
         return {}  # the guard evaluates the derivation's numerator on the kernels' row values
     parameters = [spec.symbols[p.name] for p in spec.params]
     plans = {}
-    for q in EXACT_FALLBACK["quantities"]:
+    for q in ("grad", "hess"):
+        if q not in EXACT_FALLBACK["quantities"]:
+            continue
         for j, (o, s) in enumerate(zip(getattr(original, q), getattr(stable, q))):
             f = plan(o, s, reductions, original.element_symbols, parameters)
             if f is not None:
                 plans[q, j] = f
+    # a single prediction's Hessian block: its diagonal's plan and its other entries'
+    if ("hess_full" in EXACT_FALLBACK["quantities"] and ("hess", 0) in plans and list(original.blocks) == [(0, 0)]
+            and not _indices(stable.blocks[0, 0])):
+        pair = plan_pair(original.blocks[0, 0].outer, reductions, original.element_symbols, parameters)
+        if pair is not None:
+            plans["hess_full", 0] = (plans["hess", 0], pair)
     return plans
 
 
@@ -848,8 +911,10 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
                     fallbacks[at + j] = plans[q, j]
             at += len(outputs[q])
         kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments))
-    kernels.append(_block_kernel(stable, printer, product=True, keys=keys))
-    kernels.append(_block_kernel(stable, printer, product=False, keys=keys))
+    block_fallback = plans.get(("hess_full", 0))
+    kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallback=block_fallback, arguments=arguments))
+    kernels.append(_block_kernel(stable, printer, product=False, keys=keys, fallback=block_fallback,
+                                 arguments=arguments))
     directions = [d.name for d in stable.directions]
     predictions = [p.name for p in spec.predictions]
     formulas = {"loss": sp.sstr(original.spec.loss),

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from .vocabulary import group
+from .vocabulary import exact_sum, finite_or, group
 
 # Which outputs get the fallback, and its test: |num| < threshold * B. Where the test does not
 # hold the fast form's error is a few units in the last place of B, so at most 2^12 k 1.1e-16
@@ -41,7 +41,7 @@ from .vocabulary import group
 # (C = 10): every error beyond 1e-12 of the fast form was at |num|/B < 2^-13.3, and the test fires
 # on 0.16% of the rows (2^-10: 0.53%).
 EXACT_FALLBACK = {
-    "quantities": ("grad",),
+    "quantities": ("grad", "hess", "hess_full"),
     "threshold": 2.0 ** -12,
     "reduction_kinds": ("sum",),
 }
@@ -56,12 +56,62 @@ class Fallback:
     """One output's plan: Q(k) = numerator/denominator (derivation's forms), the rest printed
     from the stable output, the reductions the exact evaluation expands."""
 
-    numerator: sp.Expr                 # sum_m A_m e_m: e_m a product of the element's inputs, A_m row-level
-    bound: sp.Expr                     # threshold * sum_m |A|_m |e_m|, |A|_m the sum of the magnitudes of A_m's terms
+    tests: tuple                       # ((e_m's factors, A_m as one value, threshold * |A|_m), ...)
     groups: tuple                      # ((e_m's factors, A_m's terms ((int, (factor, ...), (reduction, ...)), ...)), ...)
     denominator: tuple                 # ((base, exponent), ...): numbers, symbols, row polynomials
     rest: sp.Expr                      # the stable output's terms without reductions
     reductions: dict                   # reduction symbol -> ((coefficient, factors), ...) its summand's monomials
+
+    @property
+    def numerator(self) -> sp.Expr:
+        """sum_m A_m e_m, the kernels' rounded numerator (the test's left side)."""
+        return sp.Add(*[a * sp.Mul(*element) for element, a, _ in self.tests])
+
+    @property
+    def bound(self) -> sp.Expr:
+        """threshold * sum_m |A|_m |e_m|, |A|_m the sum of the magnitudes of A_m's terms."""
+        return sp.Add(*[magnitude * sp.Abs(sp.Mul(*element)) for element, _, magnitude in self.tests])
+
+
+def at_l(symbol: sp.Symbol) -> sp.Symbol:
+    """The symbol of element l of a row, where an expression's own element is j."""
+    return sp.Symbol(f"_at_l_{symbol.name}", **symbol.assumptions0)
+
+
+@dataclass(frozen=True)
+class PairFallback:
+    """The off-diagonal entries (j, l) of a Hessian block, sum_m P_m(j) Q_m(l), as one
+    :class:`Fallback` over the elements j and l (element l's symbols renamed by :func:`at_l`)."""
+
+    entry: Fallback
+    copies: dict                       # element symbol -> its at_l copy
+
+    def test_outer(self) -> tuple[list, list]:
+        """The entry's test as outer products of element expressions: the numerator
+        sum_m (A_m e_m(j)) f_m(l) and the bound sum_m (t |A|_m |e_m(j)|) |f_m(l)|, each a list
+        of (P(j), Q(l)) in the row's own symbols, one per distinct f(l)."""
+        back = {c: s for s, c in self.copies.items()}
+        by_other: dict = {}  # f(l) -> ([A_m e_m(j), ...], [t |A|_m |e_m(j)|, ...])
+        for element, a, magnitude in self.entry.tests:
+            own = sp.Mul(*[f for f in element if f not in back])
+            other = sp.Mul(*[back[f] for f in element if f in back])
+            terms = by_other.setdefault(other, ([], []))
+            terms[0].append(a * own)
+            terms[1].append(magnitude * sp.Abs(own))
+        numerator = [(sp.Add(*p), q) for q, (p, _) in by_other.items()]
+        bound = [(sp.Add(*p), sp.Abs(q)) for q, (_, p) in by_other.items()]
+        return numerator, bound
+
+
+# the stable forms' functions that are identities in exact arithmetic: their exact value
+EXACT_VALUE = {group: lambda a: a, finite_or: lambda a, b: a, exact_sum: lambda *a: sp.Add(*a)}
+
+
+def _in_exact_arithmetic(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the stable forms' wrappers (:data:`EXACT_VALUE`) replaced by their value."""
+    def value(e):
+        return next(f for kind, f in EXACT_VALUE.items() if isinstance(e, kind))(*e.args)
+    return expr.replace(lambda e: isinstance(e, tuple(EXACT_VALUE)), value)
 
 
 def _monomials(expr: sp.Expr, generators: list) -> tuple | None:
@@ -82,6 +132,16 @@ def _monomials(expr: sp.Expr, generators: list) -> tuple | None:
     return tuple(out)
 
 
+def _without_element_factors(numerator: sp.Expr, element_set) -> sp.Expr:
+    """``numerator`` less its factors in the element's inputs alone (Jaccard's Hessian diagonal
+    is (1 - y) times a polynomial in y and the row sums): the kernels compute such a factor
+    apart, accurately, so the test's bound is that of the rest (in the monomials of
+    (1 - y) (a y + b), B is large next to y = 1 where the value is small and accurate)."""
+    content, factors = sp.factor_list(numerator)
+    rest = [f**k for f, k in factors if not (f.free_symbols and f.free_symbols <= element_set)]
+    return content * sp.Mul(*rest) if len(rest) < len(factors) else numerator
+
+
 def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters) -> Fallback | None:
     """The fallback of one output (``original`` as derived, ``stable`` as the kernels compute it),
     or None where the output does not have the form (see the module docstring)."""
@@ -92,7 +152,7 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
         return None
     # the rest is printed from the stable output: it must be the derivation's rest
     original_rest = sp.Add(*[t for t in sp.Add.make_args(original) if not t.free_symbols & reduction_symbols])
-    if sp.Add(*rest) != original_rest and sp.simplify(sp.Add(*rest) - original_rest) != 0:
+    if sp.Add(*rest) != original_rest and sp.simplify(_in_exact_arithmetic(sp.Add(*rest)) - original_rest) != 0:
         return None
     used = set().union(*(t.free_symbols for t in quotient)) & reduction_symbols
     if any(reductions[r].kind not in EXACT_FALLBACK["reduction_kinds"] for r in used):
@@ -100,7 +160,8 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
     parts = [sp.fraction(t) for t in quotient]
     if len({d for _, d in parts}) == 1:
         numerator, denominator = sp.Add(*[n for n, _ in parts]), parts[0][1]
-    else:
+    if len({d for _, d in parts}) != 1 or not sp.together(numerator).is_polynomial():
+        # quotients over different denominators, or nested in the numerator (Jaccard's Hessian)
         numerator, denominator = sp.fraction(sp.together(sp.Add(*quotient)))
     element_set = set(element_symbols)
     if denominator.free_symbols & element_set:
@@ -129,19 +190,17 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
     # parameters as one factored value (combo's (1 - alpha)(2 I + smooth), not 2 I + smooth less
     # alpha (2 I + smooth) apart: the magnitudes of those terms would add to (1 + alpha)(...))
     atoms = [g for g in generators if g not in set(parameters)]
-    poly = sp.Poly(sp.expand(numerator), *atoms)
+    poly = sp.Poly(sp.expand(_without_element_factors(numerator, element_set)), *atoms)
     by_element: dict = {}
     for powers, coefficient in poly.terms():
         factors = [g for g, n in zip(atoms, powers) for _ in range(n)]
         element = tuple(f for f in factors if f in element_set)
         row = sp.Mul(*[f for f in factors if f not in element_set])
         by_element.setdefault(element, []).append((sp.factor(poly.rep.dom.to_sympy(coefficient)), row))
-    test, bound = [], []
-    for element, terms in by_element.items():
-        # each row coefficient one value (group), the threshold (a power of two) in its bound
-        test.append(group(sp.Add(*[c * r for c, r in terms])) * sp.Mul(*element))
-        bound.append(group(sp.Float(EXACT_FALLBACK["threshold"]) * sp.Add(*[sp.Abs(c) * sp.Abs(r) for c, r in terms]))
-                     * sp.Abs(sp.Mul(*element)))
+    # each row coefficient one value (group), the threshold (a power of two) in its bound
+    tests = tuple((element, group(sp.Add(*[c * r for c, r in terms])),
+                   group(sp.Float(EXACT_FALLBACK["threshold"]) * sp.Add(*[sp.Abs(c) * sp.Abs(r) for c, r in terms])))
+                  for element, terms in by_element.items())
     factors = []
     for base, exponent in (b.as_base_exp() for b in sp.Mul.make_args(denominator)):
         if not (exponent.is_Integer and exponent > 0):
@@ -149,9 +208,19 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
         if not (base.is_Number or base.is_Symbol) and _monomials(base, generators) is None:
             return None
         factors.append((base, int(exponent)))
-    return Fallback(numerator=sp.Add(*test), bound=sp.Add(*bound),
-                    groups=tuple((element, tuple(terms)) for element, terms in groups.items()),
+    return Fallback(tests=tests, groups=tuple((element, tuple(terms)) for element, terms in groups.items()),
                     denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands)
+
+
+def plan_pair(outer, reductions: dict, element_symbols, parameters) -> PairFallback | None:
+    """The fallback of a Hessian block's off-diagonal entries sum_m P_m(j) Q_m(l) (``outer``:
+    the derivation's ((P, Q), ...)), or None where the entry does not have the form."""
+    copies = {s: at_l(s) for s in sorted(element_symbols, key=sp.default_sort_key)}
+    entry = sp.Add(*[p * q.xreplace(copies) for p, q in outer])
+    f = plan(entry, entry, reductions, set(copies) | set(copies.values()), parameters)
+    if f is None or f.rest != 0:
+        return None
+    return PairFallback(f, copies)
 
 
 # --- emission: lines of a row kernel ---------------------------------------------------------
@@ -180,20 +249,19 @@ def product_lines(coefficient: int, factors, rows, printed, target: str) -> list
     return lines
 
 
-def emit_fallback(body, plans: dict, outs: dict):
-    """The body of a row's exact recomputation (``body``: an emit_rows._Body of its own; the
-    kernels call it where the row's flag is set). ``plans``: output index -> Fallback; ``outs``:
-    index -> the output array's name. Every element of the row is recomputed; a value that is
-    not finite (a zero denominator, an overflowing product) leaves the fast one."""
-    printed = lambda e: body.printer.doprint(body.rename(e))
-    body.bind_row()
-    for name in ("_xt", "_xu", "_xa"):
-        body.emit(2, f"{name} = np.empty({EXPANSION})")
+def _emit_setup(body, plans: dict, printed):
+    """Lines of the row-level part of the recomputation: the scratch expansions (rows of one
+    buffer), every reduction an expansion over the row, and the values of the kernels' tests.
+    Each plan's own part (:func:`_emit_plan_setup`) waits for the first element that needs it."""
     reductions = {}
     for p in plans.values():
         reductions.update(p.reductions)
+    names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in reductions]
+    names += [f"_xA{j}_{m}" for j, p in plans.items() for m in range(len(p.groups))]
+    body.emit(2, f"_xbuffer = np.empty(({len(names)}, {EXPANSION}))")
+    for row, name in enumerate(names):
+        body.emit(2, f"{name} = _xbuffer[{row}]")
     for r in reductions:
-        body.emit(2, f"_x{r.name} = np.empty({EXPANSION})")
         body.emit(2, f"_x{r.name}_n = 0")
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*f) for terms in reductions.values() for _, f in terms], 3)
@@ -201,41 +269,162 @@ def emit_fallback(body, plans: dict, outs: dict):
         for coefficient, factors in terms:
             for line in product_lines(coefficient, factors, (), printed, f"_x{r.name}"):
                 body.emit(3, line)
+    for r in reductions:
+        body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
+    # the kernels' test again, on the row sums rounded from their expansions
+    for r in reductions:
+        body.emit(2, f"{printed(r)} = _xvalue(_x{r.name}, _x{r.name}_n)")
     for j, p in plans.items():
-        for d, (base, _) in enumerate(p.denominator):
-            if base.is_Number:
-                body.emit(2, f"_xd{j}_{d} = {float(base)!r}")
-                continue
-            body.emit(2, "_xa_n = 0")
-            for coefficient, factors in _base_terms(base):
-                rows = tuple(f for f in factors if f in reductions)
-                for line in product_lines(coefficient, [f for f in factors if f not in reductions], rows, printed, "_xa"):
-                    body.emit(2, line)
-            body.emit(2, f"_xd{j}_{d} = _xvalue(_xa, _xa_n)")
-        for m, (_, terms) in enumerate(p.groups):
-            body.emit(2, f"_xA{j}_{m} = np.empty({EXPANSION})")
+        body.emit(2, f"_xready{j} = False")
+        for d in range(len(p.denominator)):
+            body.emit(2, f"_xd{j}_{d} = 1.0")
+        for m in range(len(p.groups)):
             body.emit(2, f"_xA{j}_{m}_n = 0")
-            for coefficient, factors, rows in terms:
-                for line in product_lines(coefficient, factors, rows, printed, f"_xA{j}_{m}"):
-                    body.emit(2, line)
+        for m, (_, a, magnitude) in enumerate(p.tests):
+            body.emit(2, f"_xc{j}_{m} = {printed(a)}")
+            body.emit(2, f"_xb{j}_{m} = {printed(magnitude)}")
+
+
+def _emit_plan_setup(body, j, p: Fallback, printed, indent: int):
+    """Lines of plan ``j``'s row-level values, once per row: its denominator's factors (each
+    rounded once) and its coefficients A_m (expansions, each a product of its factors' sums:
+    Dice's 2 D (D - E) from two sums, not from its nine expanded monomials)."""
+    body.emit(indent, f"if not _xready{j}:")
+    body.emit(indent + 1, f"_xready{j} = True")
+    for d, (base, _) in enumerate(p.denominator):
+        if base.is_Number:
+            body.emit(indent + 1, f"_xd{j}_{d} = {float(base)!r}")
+            continue
+        body.emit(indent + 1, "_xa_n = 0")
+        for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
+            body.emit(indent + 1, line)
+        body.emit(indent + 1, f"_xd{j}_{d} = _xvalue(_xa, _xa_n)")
+    for m, (_, terms) in enumerate(p.groups):
+        target = f"_xA{j}_{m}"
+        content, factors = _factored(terms)
+        if len(factors) == 1 and factors[0][1] == 1:
+            body.emit(indent + 1, f"{target}_n = 0")
+            monomials = [(content * c, fs) for c, fs in factors[0][0]]
+            for line in _sum_lines(monomials, p.reductions, printed, target):
+                body.emit(indent + 1, line)
+        else:
+            body.emit(indent + 1, f"_xp[0] = {float(content)!r}")
+            body.emit(indent + 1, "_xp_n = 1")
+            for monomials, multiplicity in factors:
+                body.emit(indent + 1, "_xf_n = 0")
+                for line in _sum_lines(monomials, p.reductions, printed, "_xf"):
+                    body.emit(indent + 1, line)
+                body.emit(indent + 1, "_xf_n = _xcompress(_xf, _xf_n, _xu)")
+                for _ in range(multiplicity):
+                    body.emit(indent + 1, "_xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)")
+            body.emit(indent + 1, f"{target}_n = _xcopy({target}, _xp, _xp_n)")
+        body.emit(indent + 1, f"{target}_n = _xcompress({target}, {target}_n, _xu)")
+
+
+def _sum_lines(monomials, reductions, printed, target: str) -> list[str]:
+    """Lines adding the monomials ((int, factors), ...) to the expansion ``target``, exactly."""
+    lines = []
+    for coefficient, factors in monomials:
+        rows = tuple(f for f in factors if f in reductions)
+        lines += product_lines(coefficient, [f for f in factors if f not in reductions], rows, printed, target)
+    return lines
+
+
+def _factored(terms) -> tuple:
+    """A_m's terms ((int, factors, reductions), ...) as (integer content, ((its factors'
+    monomials, multiplicity), ...)) over the integers (sympy.factor_list)."""
+    expr = sp.Add(*[c * sp.Mul(*fs) * sp.Mul(*rows) for c, fs, rows in terms])
+    content, factors = sp.factor_list(expr)
+    parts = [(_base_terms(f), k) for f, k in factors]
+    if not (content.is_Integer and abs(int(content)) < 2 ** 53) or any(m is None for m, _ in parts) or not parts:
+        return 1, (([(c, fs + rows) for c, fs, rows in terms], 1),)
+    return int(content), tuple(parts)
+
+
+def _emit_test(body, j, p: Fallback, printed, indent: int):
+    """Lines setting _xn and _xb to the kernels' test of plan ``j`` at the bound element,
+    |num| < threshold * B, from the row's values of :func:`_emit_setup`. They may differ from
+    the kernels' by a few roundings, so an element is recomputed where |_xn| < 2 _xb: every
+    element the kernels flagged, and a few more."""
+    products = [printed(sp.Mul(*element)) if element else "" for element, _, _ in p.tests]
+    body.emit(indent, "_xn = " + " + ".join(f"_xc{j}_{m}*{e}" if e else f"_xc{j}_{m}" for m, e in enumerate(products)))
+    body.emit(indent, "_xb = " + " + ".join(f"_xb{j}_{m}*abs({e})" if e else f"_xb{j}_{m}"
+                                            for m, e in enumerate(products)))
+
+
+def _emit_value(body, j, p: Fallback, printed, indent: int):
+    """Lines setting _xq to plan ``j``'s output at the bound element: sum_m A_m e_m as one
+    expansion, rounded once, divided by the denominator's factors, plus the rest."""
+    _emit_plan_setup(body, j, p, printed, indent)
+    body.emit(indent, "_xa_n = 0")
+    for m, (element, _) in enumerate(p.groups):
+        body.emit(indent, f"_xm = _xcopy(_xt, _xA{j}_{m}, _xA{j}_{m}_n)")
+        for f in element:
+            body.emit(indent, f"_xm = _xmul(_xt, _xm, {printed(f)}, _xu)")
+        body.emit(indent, "_xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)")
+    body.emit(indent, "_xq = _xvalue(_xa, _xa_n)")
+    for d, (_, exponent) in enumerate(p.denominator):
+        for _ in range(exponent):
+            body.emit(indent, f"_xq = _xq / _xd{j}_{d}")
+    if p.rest != 0:
+        (rest,) = body.cse([p.rest], indent)
+        body.emit(indent, f"_xq = _xq + ({rest})")
+
+
+def emit_fallback(body, plans: dict, outs: dict):
+    """The body of a row's exact recomputation (``body``: an emit_rows._Body of its own; the
+    kernels call it where the row's flag is set). ``plans``: output index -> Fallback; ``outs``:
+    index -> the output array's name. The elements whose test fires are recomputed; a value that
+    is not finite (a zero denominator, an overflowing product) leaves the fast one."""
+    printed = lambda e: body.printer.doprint(body.rename(e))
+    body.bind_row()
+    _emit_setup(body, plans, printed)
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for p in plans.values() for e, _ in p.groups] + [p.rest for p in plans.values()], 3)
     for j, p in plans.items():
-        body.emit(3, "_xa_n = 0")
-        for m, (element, _) in enumerate(p.groups):
-            body.emit(3, f"_xm = _xcopy(_xt, _xA{j}_{m}, _xA{j}_{m}_n)")
-            for f in element:
-                body.emit(3, f"_xm = _xmul(_xt, _xm, {printed(f)}, _xu)")
-            body.emit(3, "_xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)")
-        body.emit(3, "_xq = _xvalue(_xa, _xa_n)")
-        for d, (_, exponent) in enumerate(p.denominator):
-            for _ in range(exponent):
-                body.emit(3, f"_xq = _xq / _xd{j}_{d}")
-        if p.rest != 0:
-            (rest,) = body.cse([p.rest], 3)
-            body.emit(3, f"_xq = _xq + ({rest})")
-        body.emit(3, "if math.isfinite(_xq):")
-        body.emit(4, f"{outs[j]}[_i, _k] = _w * _xq")
+        _emit_test(body, j, p, printed, 3)
+        body.emit(3, "if abs(_xn) < 2.0 * _xb:")
+        _emit_value(body, j, p, printed, 4)
+        body.emit(4, "if math.isfinite(_xq):")
+        body.emit(5, f"{outs[j]}[_i, _k] = _w * _xq")
+
+
+def emit_block_fallback(body, diagonal: Fallback, pair: PairFallback, out: str, direction: str | None = None,
+                        fast_entry: str = ""):
+    """The body of a row's exact recomputation of its Hessian (one prediction's block): entry
+    (k, k) by ``diagonal``, (k, l) by ``pair``, where the entry's test fires. Without
+    ``direction`` those entries of the block ``out``[_i] are written where finite; with it, the
+    product out[_i, k] = sum_l H_kl v_l is summed again, each entry the recomputed one or the
+    kernel's (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
+    printed = lambda e: body.printer.doprint(body.rename(e))
+    body.bind_row()
+    _emit_setup(body, {0: diagonal, 1: pair.entry}, printed)
+    body.emit(2, "for _k in range(_n):")
+    body.bind([sp.Mul(*e) for p in (diagonal, pair.entry) for e, _ in p.groups] + [diagonal.rest], 3)
+    if direction:
+        body.emit(3, "_xs = 0.0")
+    body.emit(3, "for _l in range(_n):")
+    used = set().union(*(set(e) for e, _ in pair.entry.groups))
+    for symbol, copy in pair.copies.items():
+        if copy in used:
+            at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
+            body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
+    body.emit(4, "if _l == _k:")
+    _emit_test(body, 0, diagonal, printed, 5)
+    body.emit(4, "else:")
+    _emit_test(body, 1, pair.entry, printed, 5)
+    if direction:
+        body.emit(4, f"_xe = {fast_entry}")
+    body.emit(4, "if abs(_xn) < 2.0 * _xb:")
+    body.emit(5, "if _l == _k:")
+    _emit_value(body, 0, diagonal, printed, 6)
+    body.emit(5, "else:")
+    _emit_value(body, 1, pair.entry, printed, 6)
+    body.emit(5, "if math.isfinite(_xq):")
+    body.emit(6, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+    if direction:
+        body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
+        body.emit(3, f"{out}[_i, _k] = _w * _xs")
 
 
 def _base_terms(base: sp.Expr):

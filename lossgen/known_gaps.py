@@ -21,52 +21,6 @@ def _cancels(*terms, factor=1e3):
     return sum(abs(t) for t in terms) > factor * abs(sum(terms))
 
 
-def _combo_gap(output, point, entry):
-    """Off-diagonal Hessian entry of the Dice term, (1 - alpha) (2E - D (1 - 2y_j) - D (1 - 2y_l))/D^3,
-    E = sum(p (1 - y) + (1 - p) y), D = sum(p) + sum(y) + smooth: per-element terms of size D."""
-    if not output.startswith("hess_full") or entry[0] == entry[1]:
-        return False
-    y, p = _row_of(point, "y"), _row_of(point, "p")
-    e, d = (p * (1 - y) + (1 - p) * y).sum(), p.sum() + y.sum() + point["smooth"]
-    j, l = entry
-    return _cancels(2 * e, -d * (1 - 2 * y[j]), -d * (1 - 2 * y[l]))
-
-
-def _jaccard_gap(output, point, entry):
-    """Off-diagonal Hessian entry, W**3 H_jl = W u_j + u_l (2E u_j + 4y_j W - 3W) with u = 1 - y,
-    W = sum(p + y - p y) + smooth, E = sum(p (1 - y) + (1 - p) y), as the kernels compute it: the
-    outer products -P_1(j) + P'(j) u_l in the basis (1, 1 - y) (stabilise_rows._outer_affine), each
-    term rounded: where W u_j, 2E u_j u_l, 4y_j W u_l and -3W u_l cancel below 1/1000 of their size.
-    The entry is W (u_j + u_l) - 2 (2W - E) u_j u_l; where it is small against these terms, what
-    remains is a difference of the rounded row sums W and E (at y = (1/2, 1e-300),
-    p = (1 - 2**-53, 1): W/2 - A, A = W - E = sum(p y) + smooth, of W = 3 - 2**-54)."""
-    if not output.startswith("hess_full") or entry[0] == entry[1]:
-        return False
-    y, p = _row_of(point, "y"), _row_of(point, "p")
-    e, w = (p * (1 - y) + (1 - p) * y).sum(), (p + y - p * y).sum() + point["smooth"]
-    j, l = entry
-    u = 1 - y
-    return _cancels(w * u[j], 2 * e * u[j] * u[l], 4 * y[j] * w * u[l], -3 * w * u[l])
-
-
-def _dice_gap(output, point, entry):
-    """Off-diagonal Hessian entry D**3 H_jl = 8E p_j p_l - 4D (p_j - y_j) p_l - 4D p_j (p_l - y_l),
-    E = sum((p - y)**2), D = sum(p**2) + sum(y**2) + smooth, as the kernels compute it (outer
-    products P_1(j) 2p_l + P_2(j) 2(p_l - y_l)): where its terms cancel below 1/1000 of their size.
-    The entry is 4 (D (y_j p_l + p_j y_l) - 2N p_j p_l) with N = 2 sum(p y) + smooth; where it is
-    small against its terms, D - 2N (or E - D = -N against D) holds what remains, and D and N are
-    row sums rounded at 1.1e-16 of their size: at y = (1e-16, 1e-16, 1e-300),
-    p = (1e-16, 1 - 2**-53, 1e-300), entry (0, 1) is -2.1e-32, 1e-16 of its terms, what is left of
-    D - 2N = -6.2e-16 with D = 2 - 2**-52 + 3e-32 and N = 1 + 2.2e-16 + 2e-32: beyond float64's
-    row sums (each entry would need D and N to twice the working precision)."""
-    if not output.startswith("hess_full") or entry[0] == entry[1]:
-        return False
-    y, p = _row_of(point, "y"), _row_of(point, "p")
-    e, d = ((p - y) ** 2).sum(), (p * p).sum() + (y * y).sum() + point["smooth"]
-    j, l = entry
-    return _cancels(8 * e * p[j] * p[l], -4 * d * (p[j] - y[j]) * p[l], -4 * d * p[j] * (p[l] - y[l]))
-
-
 def _triplet_gap(output, point, entry):
     """Rows where D = d(a, p)**2 - d(a, n)**2 = sum_k t_k, t_k = (n_k - p_k)(2 a_k - p_k - n_k + 2 eps),
     cancels to below 1/1000 of sum |t_k| (exact terms)."""
@@ -176,10 +130,6 @@ def _poly1_gap(output, point, entry):
 # Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
 # tests/test_catalog.py's KNOWN_GAPS, empty.)
 ROW_KNOWN_GAPS = {
-    "combo": (_combo_gap, "an off-diagonal Hessian entry of the linear Dice term is a sum of per-element "
-                          "products (outer products P(j) Q(l), each rounded) that cancel where 1 - 2y_j, "
-                          "1 - 2y_l and 2E/D nearly sum to 0 (y_j + y_l ~ 1 - E/D): reachable only by "
-                          "evaluating each entry as one expression of elements j and l"),
     "triplet_margin": (_triplet_gap, "d(a, p) - d(a, n) = D/(d(a, p) + d(a, n)) with D = sum_k (n_k - p_k)(2 a_k - p_k "
                                      "- n_k + 2 eps) over elements whose terms cancel (p_5 = -1e50 against n_0 = "
                                      "1e50 at C = 7: terms of 1e100, D of 2e53): each term is rounded once at "
@@ -187,9 +137,6 @@ ROW_KNOWN_GAPS = {
                                      "(a - p + eps at 1e50 + 20 + 1e-6): reachable only by exact (multi-word) "
                                      "sums of the elements' exact squares (a term of 1e100 is rounded by up "
                                      "to 1e84 where D needs 1e37: beyond double-word arithmetic too)"),
-    "soft_jaccard": (_jaccard_gap, "as combo: an off-diagonal Hessian entry whose outer-product terms "
-                                   "cancel (at y = (1/2, 1e-300), p = (1 - 2**-53, 1) to below 1e-16 of "
-                                   "terms of size 1)"),
     "ssim_global": (_ssim_gap, "a Hessian entry of 1 - l cs, l = 1 - (mu_x - mu_y)**2/A and cs = 1 - var(x - y)/B "
                                "differentiated in these forms (accurate near the target; the share keeps the "
                                "gradient accurate far from it), whose quotient-rule terms cancel below 1/1000 of "
@@ -203,10 +150,6 @@ ROW_KNOWN_GAPS = {
                                         "(relative error 1.3e-12 at epsilon = 2.5, s = (-1e-8, -1e10, -1e-300), y = 0, "
                                         "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
                                         "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
-    "dice": (_dice_gap, "an off-diagonal Hessian entry whose outer-product terms cancel below 1/1000 of "
-                        "their size: what remains is D - 2N of the rounded row sums D and N (at y = (1e-16, "
-                        "1e-16, 1e-300), p = (1e-16, 1 - 2**-53, 1e-300) entry (0, 1) is -2.1e-32 against "
-                        "terms of 1e-16): reachable only with the row sums to twice the working precision"),
     "cosine_proximity": (_cosine_gap, "an off-diagonal Hessian entry of a cosine is a sum of outer-product terms "
                                       "P(j) Q(l) (each rounded) that cancel where the entry is small against them "
                                       "(at x = -1e-8 (1, 1, 1), y = (20, -700, 1e-300) entry (0, 1) is -3 x**3 y_2/"

@@ -13,7 +13,8 @@ import lossgen
 from lossgen.spec import SpecError, load_spec, spec_from_dict
 from lossgen.verify import RELATIVE_TOLERANCE, evaluate, format_report, parameter_sets, relative_error
 from lossgen.known_gaps import ROW_KNOWN_GAPS, gap_of
-from lossgen.verify_rows import ROW_POINTS, SIZES, _argument_values, check_size, truth_functions, verify_rows
+from lossgen.verify_rows import (FULL_HESSIAN_UP_TO, ROW_POINTS, SIZES, _argument_values, check_size, truth_functions,
+                                 verify_rows)
 
 from conftest import ROW_NAMES, ROW_PATHS
 
@@ -69,14 +70,9 @@ OTHER_SIZES, OTHER_POINTS = (1, 3), 3
 # (loss, parameter, value) -> why the kernels miss the bound at the sets where the parameter has
 # that value (README, Verification); strict: a fix flips the test, and the entry leaves
 OTHER_SET_GAPS = {
-    ("dice", "smooth", 0.0): "without smooth, rows of tiny p and y (1e-16, 1e-300) make the row sums tiny "
-                             "against the terms of the Hessian's forms (relative error 1.2 at C = 3, y = (1e-16, "
-                             "0, 1e-16), p = (1, 1e-300, 1/2)); the gradient keeps its digits (gradient_share, "
-                             "and the exact fallback of exact_rows.py where its numerator cancels)",
-    ("soft_jaccard", "smooth", 0.0): "as dice at smooth = 0: the Hessian (8e15 at C = 3, the affine basis 1 - y); "
-                                     "the gradient meets the bound there since the exact fallback",
-    ("tversky", "smooth", 0.0): "as dice at smooth = 0: the Hessian 0.08 at C = 3 (the gradient meets the bound "
-                                "there since the exact fallback)",
+    # (loss, parameter, value): why the kernels miss the bound at that parameter set (strict xfail).
+    # Empty since the exact fallback covers the overlap losses' Hessians (lossgen/exact_rows.py):
+    # dice, soft_jaccard and tversky at smooth = 0 missed it before (relative error 1.2, 8e15, 0.08).
 }
 
 
@@ -107,9 +103,6 @@ def test_row_kernels_match_the_expanded_truth_at_other_parameters(name, values):
 # rows per size) does not reach: checked as well as the sample (dice's was found by a sample of
 # 12 and 12 when the tests took 4 and 6; combo's by 4 and 6).
 ROW_GAP_WITNESSES = {
-    "dice": [{"y": [1e-16, 1e-16, 1e-300], "p": [1e-16, 1 - 2.0**-53, 1e-300]}],
-    "combo": [{"y": [1 - 2.0**-53, 1e-300], "p": [1 - 2.0**-53, 1e-16]},
-              {"y": [0.0, 0.5, 1e-300], "p": [1e-300, 0.0, 0.5]}],
     "poly1_cross_entropy": [{"y": 0, "s": [0.3, 0.3 + 1e-9, -30.0], "w": [0.0, 0.0, 0.0]}],
 }
 
@@ -156,11 +149,14 @@ def test_overlap_gradients_without_smooth_keep_their_digits(name):
         assert not failures, "\n" + format_report(failures)
 
 
-# Rows where a gradient of an overlap loss, N(k)/D^2, has a numerator N(k) whose terms of size 1
-# cancel far below them (Tversky's at beta = 0: 0.5 (FP - N) with FP - N = -2e-300 at the first
-# row; the same with other classes beside it at C = 7). The kernels' test |N| < 2^-10 B fires
-# there and the row's flagged elements are recomputed as exact monomial sums (exact_rows.py);
-# the fast form alone had relative error 1.0 at the first row (lossgen verify tversky before).
+# Rows where a derivative of an overlap loss, N(k)/D^2 or a Hessian entry N(j, l)/D^3, has a
+# numerator whose terms cancel far below them (Tversky's gradient at beta = 0: 0.5 (FP - N) with
+# FP - N = -2e-300 at the first row; the same with other classes beside it at C = 7). The kernels'
+# tests |N| < 2^-12 B fire there and the row is recomputed from exact monomial sums
+# (exact_rows.py). The fast forms alone: relative error 1.0 at the first row (gradient); the
+# Hessians at smooth = 0 up to 1.2 (dice, the C = 3 row), 8e15 (soft_jaccard), 0.08 (tversky);
+# the last three rows were the witnesses of the known gaps of dice's and combo's off-diagonal
+# entries (what is left of D - 2N: -2.1e-32 against terms of 1e-16).
 EXACT_FALLBACK_ROWS = [
     ("tversky", {"alpha": 0.3, "beta": 0.0, "smooth": 1.0}, [0.5, 1e-300], [1 - 2.0**-53, 1.0]),
     ("tversky", {"alpha": 0.3, "beta": 0.0, "smooth": 1.0},
@@ -169,21 +165,40 @@ EXACT_FALLBACK_ROWS = [
      [1 - 2.0**-53, 0.5, 0.5, 0.0, 0.0, 1 - 2.0**-53, 1e-16]),
     ("dice", {"smooth": 0.0}, [1e-16, 1e-16, 1e-16, 0.5, 1e-16, 1e-16, 1.0],
      [1 - 2.0**-53, 0.5, 0.5, 0.0, 0.0, 1 - 2.0**-53, 1e-16]),
+    ("dice", {"smooth": 0.0}, [1e-16, 0.0, 1e-16], [1.0, 1e-300, 0.5]),
+    ("tversky", {"alpha": 0.3, "beta": 0.7, "smooth": 0.0}, [1e-16, 0.0, 1e-16], [1.0, 1e-300, 0.5]),
+    ("soft_jaccard", {"smooth": 0.0}, [1e-16, 0.0, 1e-16], [1.0, 1e-300, 0.5]),
+    ("soft_jaccard", {}, [0.5, 1e-300], [1 - 2.0**-53, 1.0]),
+    ("dice", {}, [1e-16, 1e-16, 1e-300], [1e-16, 1 - 2.0**-53, 1e-300]),
+    ("combo", {}, [1 - 2.0**-53, 1e-300], [1 - 2.0**-53, 1e-16]),
+    ("combo", {}, [0.0, 0.5, 1e-300], [1e-300, 0.0, 0.5]),
 ]
 
 
 @pytest.mark.parametrize("name, params, y, p", EXACT_FALLBACK_ROWS,
-                         ids=[f"{n}-C{len(y)}" for n, _, y, _ in EXACT_FALLBACK_ROWS])
-def test_overlap_gradients_where_the_exact_fallback_fires(name, params, y, p):
-    """The gradient (in every kernel that writes it) on rows where its numerator cancels, against
-    mpmath's derivative of the loss written out (verify_rows.check_size)."""
-    spec = load_spec(ROW_PATHS[name])
-    rows = check_size(lossgen.get(name), spec, len(y), [{"y": np.array(y), "p": np.array(p)}],
-                      {**_defaults(spec), **params})
-    grads = [r for r in rows if r.output.startswith("grad") and not r.output.startswith("grad vs")]
-    assert grads
-    failures = [r for r in grads if not r.ok(RELATIVE_TOLERANCE)]
+                         ids=[f"{n}-{i}-C{len(y)}" for i, (n, _, y, _) in enumerate(EXACT_FALLBACK_ROWS)])
+def test_overlap_derivatives_where_the_exact_fallback_fires(name, params, y, p):
+    """Every output (gradient, Hessian diagonal, full Hessian, Hessian-vector product, in every
+    kernel that writes it) on rows where a numerator cancels, against mpmath's derivatives of the
+    loss written out (verify_rows.check_size); with weights, w times the unweighted values."""
+    spec = lossgen.get(name)
+    rows = check_size(spec, load_spec(ROW_PATHS[name]), len(y), [{"y": np.array(y), "p": np.array(p)}],
+                      {**_defaults(load_spec(ROW_PATHS[name])), **params})
+    outputs = [r for r in rows if not r.output.startswith("grad vs")]
+    every_entry = {"hess_full", "hvp"} if len(y) <= FULL_HESSIAN_UP_TO else set()
+    assert {r.output.split("[")[0].split(" ")[0] for r in outputs} >= {"grad", "hess"} | every_entry
+    failures = [r for r in outputs if not r.ok(RELATIVE_TOLERANCE)]
     assert not failures, "\n" + format_report(failures)
+    y2, p2 = np.array([y, y]), np.array([p, p])
+    w = np.array([0.5, 3.0])
+    v = np.linspace(-1.0, 1.0, len(y))[None, :].repeat(2, axis=0)
+    for call, extra in (("grad", {}), ("hess", {}), ("hvp", {"v": v})):
+        plain = getattr(spec, call)(y2, p2, **extra, **params)
+        np.testing.assert_allclose(getattr(spec, call)(y2, p2, **extra, sample_weight=w, **params),
+                                   w[:, None] * plain, rtol=1e-15, atol=0)
+    full = spec.hess(y2, p2, full=True, **params)
+    np.testing.assert_allclose(spec.hess(y2, p2, full=True, sample_weight=w, **params), w[:, None, None] * full,
+                               rtol=1e-15, atol=0)
 
 
 def test_exact_fallback_applies_by_form():
