@@ -36,7 +36,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, plan, plan_pair
+from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, fires, plan, plan_pair
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
 from .vocabulary import group, in_scale, two_scaled
@@ -699,7 +699,7 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
             # branch); printed apart, so that the outputs' own code is what it was without it
             flags = body.cse(checks, 3, vector=vector) if checks else []
             for n in range(len(fallbacks)):
-                body.emit(3, f"_xflag |= abs({flags[2 * n]}) < {flags[2 * n + 1]}")
+                body.emit(3, f"_xflag |= {fires(flags[2 * n], flags[2 * n + 1])}")
 
     body.in_scales(emit_values)
     exact = []
@@ -788,7 +788,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(3, f"_scratch[{j}, _k] = {value}")
         if checks:
             numerator, bound = body.cse(checks, 3, vector=vector)
-            body.emit(3, f"_xflag |= abs({numerator}) < {bound}")
+            body.emit(3, f"_xflag |= {fires(numerator, bound)}")
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
@@ -844,7 +844,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             for m in range(0, len(tests), 2):
                 sums.append(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]")
             at += len(tests)
-        body.emit(4, f"_xflag |= (_j != _l) & (abs({' + '.join(numerator)}) < {' + '.join(bound)})")
+        body.emit(4, f"_xflag |= (_j != _l) & ({fires(' + '.join(numerator), '(' + ' + '.join(bound) + ')')})")
         name = "hvp" if product else "hess_full"
         call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
                           "_scratch"])

@@ -43,6 +43,10 @@ from .vocabulary import exact_sum, finite_or, group
 EXACT_FALLBACK = {
     "quantities": ("grad", "hess", "hess_full"),
     "threshold": 2.0 ** -12,
+    # and where the bound itself is this small: the fast form's roundings are then absolute
+    # (subnormal, 2^-1074 each), not relative (Dice's gradient at y = (1e-300, 1e-16),
+    # p = (1e-16, 1e-300), smooth = 0 is 1e-268 from a numerator of -4e-332, 0 in floats)
+    "smallest_bound": 2.0 ** -960,
     "reduction_kinds": ("sum",),
 }
 
@@ -225,27 +229,33 @@ def plan_pair(outer, reductions: dict, element_symbols, parameters) -> PairFallb
 
 # --- emission: lines of a row kernel ---------------------------------------------------------
 
+def fires(numerator: str, bound: str) -> str:
+    """Code of the test (a bool, no branch): |numerator| < bound, or the bound is tiny."""
+    return f"(abs({numerator}) < {bound}) | ({bound} < {EXACT_FALLBACK['smallest_bound']!r})"
+
+
 def product_lines(coefficient: int, factors, rows, printed, target: str) -> list[str]:
-    """Lines adding coefficient * prod(factors) * prod(rows' expansions) to the expansion
-    ``target`` (length ``target``_n), exactly. A product of at most two floats is split inline
-    (its rounded value and, by a fused multiply-add, its error); longer ones in _xt."""
+    """Lines adding coefficient * prod(factors) * prod(rows' expansions) to the scaled
+    expansion ``target`` (its length ``target``_n, its scale ``target``_s), exactly. A product
+    of at most two floats is split inline (the product of their mantissas and, by a fused
+    multiply-add, its error); longer ones in _xt."""
     floats = ([] if abs(coefficient) == 1 else [repr(float(abs(coefficient)))]) + [printed(f) for f in factors]
     sign = "-" if coefficient < 0 else ""
-    grow = f"{target}_n = _xgrow({target}, {target}_n, {{}})"
+    grow = f"{target}_n, {target}_s = _xgrow_s({target}, {target}_n, {target}_s, {{}}, {{}})"
     if not rows and len(floats) <= 2:
         if len(floats) == 0:
-            return [grow.format(f"{sign}1.0")]
+            return [grow.format(f"{sign}1.0", 0)]
         if len(floats) == 1:
-            return [grow.format(f"{sign}{floats[0]}")]
+            return [grow.format(f"{sign}{floats[0]}", 0)]
         a, b = floats
-        return [f"_xh = {a}*{b}", f"_xl = _fma({a}, {b}, -_xh)",
-                grow.format(f"{sign}_xh"), grow.format(f"{sign}_xl")]
-    lines = [f"_xt[0] = {sign}1.0", "_xm = 1"]
+        return [f"_xh, _xl, _xe = _xtwo_product({a}, {b})", grow.format(f"{sign}_xh", "_xe"),
+                grow.format(f"{sign}_xl", "_xe")]
+    lines = [f"_xt[0] = {sign}1.0", "_xm = 1", "_xt_s = 0"]
     for f in floats:
-        lines.append(f"_xm = _xmul(_xt, _xm, {f}, _xu)")
+        lines.append(f"_xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, {f}, _xu)")
     for r in rows:
-        lines.append(f"_xm = _xmulx(_xt, _xm, _x{r.name}, _x{r.name}_n, _xu)")
-    lines.append(f"{target}_n = _xgrow_all({target}, {target}_n, _xt, _xm)")
+        lines.append(f"_xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x{r.name}, _x{r.name}_n, _x{r.name}_s, _xu)")
+    lines.append(f"{target}_n, {target}_s = _xgrow_all_s({target}, {target}_n, {target}_s, _xt, _xm, _xt_s)")
     return lines
 
 
@@ -263,6 +273,7 @@ def _emit_setup(body, plans: dict, printed):
         body.emit(2, f"{name} = _xbuffer[{row}]")
     for r in reductions:
         body.emit(2, f"_x{r.name}_n = 0")
+        body.emit(2, f"_x{r.name}_s = 0")
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*f) for terms in reductions.values() for _, f in terms], 3)
     for r, terms in reductions.items():
@@ -271,15 +282,18 @@ def _emit_setup(body, plans: dict, printed):
                 body.emit(3, line)
     for r in reductions:
         body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
+        body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
     # the kernels' test again, on the row sums rounded from their expansions
     for r in reductions:
-        body.emit(2, f"{printed(r)} = _xvalue(_x{r.name}, _x{r.name}_n)")
+        body.emit(2, f"{printed(r)} = _xvalue_s(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
     for j, p in plans.items():
         body.emit(2, f"_xready{j} = False")
         for d in range(len(p.denominator)):
             body.emit(2, f"_xd{j}_{d} = 1.0")
+            body.emit(2, f"_xd{j}_{d}_s = 0")
         for m in range(len(p.groups)):
             body.emit(2, f"_xA{j}_{m}_n = 0")
+            body.emit(2, f"_xA{j}_{m}_s = 0")
         for m, (_, a, magnitude) in enumerate(p.tests):
             body.emit(2, f"_xc{j}_{m} = {printed(a)}")
             body.emit(2, f"_xb{j}_{m} = {printed(magnitude)}")
@@ -296,29 +310,36 @@ def _emit_plan_setup(body, j, p: Fallback, printed, indent: int):
             body.emit(indent + 1, f"_xd{j}_{d} = {float(base)!r}")
             continue
         body.emit(indent + 1, "_xa_n = 0")
+        body.emit(indent + 1, "_xa_s = 0")
         for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
             body.emit(indent + 1, line)
-        body.emit(indent + 1, f"_xd{j}_{d} = _xvalue(_xa, _xa_n)")
+        body.emit(indent + 1, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
     for m, (_, terms) in enumerate(p.groups):
         target = f"_xA{j}_{m}"
         content, factors = _factored(terms)
         if len(factors) == 1 and factors[0][1] == 1:
             body.emit(indent + 1, f"{target}_n = 0")
+            body.emit(indent + 1, f"{target}_s = 0")
             monomials = [(content * c, fs) for c, fs in factors[0][0]]
             for line in _sum_lines(monomials, p.reductions, printed, target):
                 body.emit(indent + 1, line)
         else:
             body.emit(indent + 1, f"_xp[0] = {float(content)!r}")
             body.emit(indent + 1, "_xp_n = 1")
+            body.emit(indent + 1, "_xp_s = 0")
             for monomials, multiplicity in factors:
                 body.emit(indent + 1, "_xf_n = 0")
+                body.emit(indent + 1, "_xf_s = 0")
                 for line in _sum_lines(monomials, p.reductions, printed, "_xf"):
                     body.emit(indent + 1, line)
                 body.emit(indent + 1, "_xf_n = _xcompress(_xf, _xf_n, _xu)")
+                body.emit(indent + 1, "_xf_s = _xnormalize(_xf, _xf_n, _xf_s)")
                 for _ in range(multiplicity):
-                    body.emit(indent + 1, "_xp_n = _xmulx(_xp, _xp_n, _xf, _xf_n, _xu)")
+                    body.emit(indent + 1, "_xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)")
             body.emit(indent + 1, f"{target}_n = _xcopy({target}, _xp, _xp_n)")
+            body.emit(indent + 1, f"{target}_s = _xp_s")
         body.emit(indent + 1, f"{target}_n = _xcompress({target}, {target}_n, _xu)")
+        body.emit(indent + 1, f"{target}_s = _xnormalize({target}, {target}_n, {target}_s)")
 
 
 def _sum_lines(monomials, reductions, printed, target: str) -> list[str]:
@@ -357,15 +378,21 @@ def _emit_value(body, j, p: Fallback, printed, indent: int):
     expansion, rounded once, divided by the denominator's factors, plus the rest."""
     _emit_plan_setup(body, j, p, printed, indent)
     body.emit(indent, "_xa_n = 0")
+    body.emit(indent, "_xa_s = 0")
     for m, (element, _) in enumerate(p.groups):
         body.emit(indent, f"_xm = _xcopy(_xt, _xA{j}_{m}, _xA{j}_{m}_n)")
+        body.emit(indent, f"_xt_s = _xA{j}_{m}_s")
         for f in element:
-            body.emit(indent, f"_xm = _xmul(_xt, _xm, {printed(f)}, _xu)")
-        body.emit(indent, "_xa_n = _xgrow_all(_xa, _xa_n, _xt, _xm)")
-    body.emit(indent, "_xq = _xvalue(_xa, _xa_n)")
+            body.emit(indent, f"_xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, {printed(f)}, _xu)")
+        body.emit(indent, "_xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)")
+    # mantissas divided, the scales apart: the numerator and the denominator may both be
+    # far below the normal range where their quotient is not
+    body.emit(indent, "_xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)")
     for d, (_, exponent) in enumerate(p.denominator):
         for _ in range(exponent):
             body.emit(indent, f"_xq = _xq / _xd{j}_{d}")
+            body.emit(indent, f"_xq_s -= _xd{j}_{d}_s")
+    body.emit(indent, "_xq = math.ldexp(_xq, _xq_s)")
     if p.rest != 0:
         (rest,) = body.cse([p.rest], indent)
         body.emit(indent, f"_xq = _xq + ({rest})")
@@ -383,7 +410,7 @@ def emit_fallback(body, plans: dict, outs: dict):
     body.bind([sp.Mul(*e) for p in plans.values() for e, _ in p.groups] + [p.rest for p in plans.values()], 3)
     for j, p in plans.items():
         _emit_test(body, j, p, printed, 3)
-        body.emit(3, "if abs(_xn) < 2.0 * _xb:")
+        body.emit(3, f"if {fires('_xn', '2.0 * _xb')}:")
         _emit_value(body, j, p, printed, 4)
         body.emit(4, "if math.isfinite(_xq):")
         body.emit(5, f"{outs[j]}[_i, _k] = _w * _xq")
@@ -415,7 +442,7 @@ def emit_block_fallback(body, diagonal: Fallback, pair: PairFallback, out: str, 
     _emit_test(body, 1, pair.entry, printed, 5)
     if direction:
         body.emit(4, f"_xe = {fast_entry}")
-    body.emit(4, "if abs(_xn) < 2.0 * _xb:")
+    body.emit(4, f"if {fires('_xn', '2.0 * _xb')}:")
     body.emit(5, "if _l == _k:")
     _emit_value(body, 0, diagonal, printed, 6)
     body.emit(5, "else:")

@@ -67,6 +67,26 @@ def _cosine_gap(output, point, entry):
     return j != l and (_cancels(*terms) or (scale > 0 and abs(sum(terms)) / scale < np.finfo(float).tiny))
 
 
+def _jaccard_underflow_gap(output, point, entry):
+    """Hessian entry H_jl = (2 u_l (y_j U - I u_j) - U (y_j u_l - y_l u_j))/U**3 of the soft
+    Jaccard loss (I = sum(p y), U = sum(p + y - p y) + smooth, u = 1 - y), exact in rationals,
+    below the smallest normal float where U is not: its numerator cancels further than 2**-1022
+    of U's terms (at y = (1e-300, 1e-16), p = (1e-16, 1e-300), smooth = 0: 2e-600 from terms of
+    2e-316, U needed to 1e-584 of its size)."""
+    if not output.startswith("hess"):
+        return False
+    y = [Fraction(float(v)) for v in _row_of(point, "y")]
+    p = [Fraction(float(v)) for v in _row_of(point, "p")]
+    u = [1 - v for v in y]
+    i = sum(a * b for a, b in zip(p, y))
+    w = sum(a + b - a * b for a, b in zip(p, y)) + Fraction(point["smooth"])
+    j, l = entry
+    if w == 0:
+        return False
+    h = (2 * u[l] * (y[j] * w - i * u[j]) - w * (y[j] * u[l] - y[l] * u[j])) / w**3
+    return abs(h) < Fraction(2) ** -1022 and w >= Fraction(2) ** -1022
+
+
 def _ssim_gap(output, point, entry):
     """Hessian entry (j, l) of global SSIM, 1 - l cs with l = 1 - P/A, P = (mu_x - mu_y)**2, A =
     mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y), B = var(x) + var(y) + C2 (the forms
@@ -144,6 +164,12 @@ ROW_KNOWN_GAPS = {
                                "l'' = -(2/A - 2 (mu_x - mu_y)**2/A**2) = -2 C1/A**2, terms of 2 for 2e-4 "
                                "(relative error 6.6e-12); reachable only by differentiating l = N1/A and "
                                "cs = N2/B there (N1 = 2 mu_x mu_y + C1, N2 = 2 cov + C2)"),
+    "soft_jaccard": (_jaccard_underflow_gap, "a Hessian entry below the smallest normal float whose numerator "
+                                             "cancels beyond 2**-1022 of the row sum U's terms (y = (1e-300, 1e-16), "
+                                             "p = (1e-16, 1e-300), smooth = 0: 2e-600 from terms of 2e-316; the entry "
+                                             "5e-553 is 0 in float64, the kernel's -8.3e-293): the exact fallback's "
+                                             "expansions hold a sum to 2**-1022 of its size (one binary scale each); "
+                                             "reachable only with a scale per part (a multi-precision float)"),
     "poly1_cross_entropy": (_poly1_gap, "where two classes tie for the row's mass (p near 1/2 each) and w_y is small "
                                         "against epsilon, a Hessian entry of the true class or a tied class holds "
                                         "1 - 2p = (1 - p) - p of a tied weight, a difference of rounded weights "
