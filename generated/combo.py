@@ -1826,6 +1826,8 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     for _k in range(_n):
+        if _scratch[10, _k] == 0.0:
+            continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _xs = 0.0
@@ -2153,7 +2155,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h11 = (_t1_6*abs(_r4) + _t1_9)
     _h12 = (-_r0*_t1_10 - _r1*_t1_10 - _t1_10*smooth)
     _h13 = (_t1_11*_t1_7 + _t1_11*_t1_8 + _t1_11*smooth)
-    _scratch = np.empty((10, _n))
+    _scratch = np.empty((11, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2173,13 +2175,16 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _h10
         _scratch[9, _k] = _e_y*_h10 + _h11
-        _xflag |= (abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11) | (_e_y*_h13 + _h11 < 1.0261342003245941e-289)
+        _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11) | (_e_y*_h13 + _h11 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xj = _scratch[10, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < (_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])) | ((_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < (_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])) | ((_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+        _scratch[10, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)
 
@@ -2276,6 +2281,8 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     for _k in range(_n):
+        if _scratch[10, _k] == 0.0:
+            continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         for _l in range(_n):
@@ -2599,7 +2606,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h11 = (_t1_6*abs(_r4) + _t1_9)
     _h12 = (-_r0*_t1_10 - _r1*_t1_10 - _t1_10*smooth)
     _h13 = (_t1_11*_t1_7 + _t1_11*_t1_8 + _t1_11*smooth)
-    _scratch = np.empty((10, _n))
+    _scratch = np.empty((11, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2619,12 +2626,15 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _h10
         _scratch[9, _k] = _e_y*_h10 + _h11
-        _xflag |= (abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11) | (_e_y*_h13 + _h11 < 1.0261342003245941e-289)
+        _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11) | (_e_y*_h13 + _h11 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
+        _xj = _scratch[10, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < (_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])) | ((_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < (_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])) | ((_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+        _scratch[10, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
 

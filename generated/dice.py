@@ -1823,6 +1823,8 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     for _k in range(_n):
+        if _scratch[11, _k] == 0.0:
+            continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         _xs = 0.0
@@ -2148,7 +2150,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _h9 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 + 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + _t1_2*smooth + _t1_3*smooth - 2.0*_t1_9)
     _h10 = (_t1_7)
     _h11 = (0.00048828125*_t1_11 + 0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_9) + 0.0009765625*abs(_r0*_r1))
-    _scratch = np.empty((11, _n))
+    _scratch = np.empty((12, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2169,13 +2171,16 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _scratch[10, _k] = _e_p*_h7
         _t3_0 = _e_p*_e_y
         _t3_1 = _e_p**2
-        _xflag |= (abs(_h4*_t3_1 + _h8*_t3_0 + _h9) < _h10*_t3_0 + _h11 + _h6*_t3_1) | (_h10*_t3_0 + _h11 + _h6*_t3_1 < 1.0261342003245941e-289)
+        _scratch[11, _k] = 1.0 if (abs(_h4*_t3_1 + _h8*_t3_0 + _h9) < _h10*_t3_0 + _h11 + _h6*_t3_1) | (_h10*_t3_0 + _h11 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xj = _scratch[11, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+        _scratch[11, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)
 
@@ -2285,6 +2290,8 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     for _k in range(_n):
+        if _scratch[11, _k] == 0.0:
+            continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
         for _l in range(_n):
@@ -2606,7 +2613,7 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _h9 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 + 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + _t1_2*smooth + _t1_3*smooth - 2.0*_t1_9)
     _h10 = (_t1_7)
     _h11 = (0.00048828125*_t1_11 + 0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_9) + 0.0009765625*abs(_r0*_r1))
-    _scratch = np.empty((11, _n))
+    _scratch = np.empty((12, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2627,12 +2634,15 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[10, _k] = _e_p*_h7
         _t3_0 = _e_p*_e_y
         _t3_1 = _e_p**2
-        _xflag |= (abs(_h4*_t3_1 + _h8*_t3_0 + _h9) < _h10*_t3_0 + _h11 + _h6*_t3_1) | (_h10*_t3_0 + _h11 + _h6*_t3_1 < 1.0261342003245941e-289)
+        _scratch[11, _k] = 1.0 if (abs(_h4*_t3_1 + _h8*_t3_0 + _h9) < _h10*_t3_0 + _h11 + _h6*_t3_1) | (_h10*_t3_0 + _h11 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
+        _xj = _scratch[11, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+        _scratch[11, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
 

@@ -1514,6 +1514,8 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     for _k in range(_n):
+        if _scratch[11, _k] == 0.0:
+            continue
         _e_y = y[_i, _k]
         _xs = 0.0
         for _l in range(_n):
@@ -1790,7 +1792,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _h7 = (_t1_3 + 0.000732421875*_t1_4 + 0.000732421875*smooth)
     _h8 = (_t1_3 + 0.00048828125*_t1_4 + 0.00048828125*smooth)
     _h9 = (_t1_2)
-    _scratch = np.empty((11, _n))
+    _scratch = np.empty((12, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -1809,13 +1811,16 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _scratch[8, _k] = 1.0
         _scratch[9, _k] = _e_y*_h6 + _h7
         _scratch[10, _k] = _e_y*_h7 + _h8
-        _xflag |= (abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289)
+        _scratch[11, _k] = 1.0 if (abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xj = _scratch[11, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+        _scratch[11, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)
 
@@ -1917,6 +1922,8 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     for _k in range(_n):
+        if _scratch[11, _k] == 0.0:
+            continue
         _e_y = y[_i, _k]
         for _l in range(_n):
             _at_l_y = y[_i, _l]
@@ -2189,7 +2196,7 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _h7 = (_t1_3 + 0.000732421875*_t1_4 + 0.000732421875*smooth)
     _h8 = (_t1_3 + 0.00048828125*_t1_4 + 0.00048828125*smooth)
     _h9 = (_t1_2)
-    _scratch = np.empty((11, _n))
+    _scratch = np.empty((12, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -2208,12 +2215,15 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[8, _k] = 1.0
         _scratch[9, _k] = _e_y*_h6 + _h7
         _scratch[10, _k] = _e_y*_h7 + _h8
-        _xflag |= (abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289)
+        _scratch[11, _k] = 1.0 if (abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
+        _xj = _scratch[11, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
+        _scratch[11, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
 

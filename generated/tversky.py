@@ -2030,6 +2030,8 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
     for _k in range(_n):
+        if _scratch[9, _k] == 0.0:
+            continue
         _e_y = y[_i, _k]
         _xs = 0.0
         for _l in range(_n):
@@ -2575,7 +2577,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h10 = (_t1_20*_t1_27 + _t1_27*smooth)
     _h11 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
     _h12 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
-    _scratch = np.empty((9, _n))
+    _scratch = np.empty((10, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -2599,13 +2601,16 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _e_y*_h9 + _h10
         _t3_0 = _e_y**2
-        _xflag |= (abs(_e_y*_h11 + _h5*_t3_0 + _h7) < _e_y*_h12 + _h10 + _h8*_t3_0) | (_e_y*_h12 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289)
+        _scratch[9, _k] = 1.0 if (abs(_e_y*_h11 + _h5*_t3_0 + _h7) < _e_y*_h12 + _h10 + _h8*_t3_0) | (_e_y*_h12 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xj = _scratch[9, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < (_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l])) | ((_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < (_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l])) | ((_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+        _scratch[9, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)
 
@@ -2712,6 +2717,8 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
     for _k in range(_n):
+        if _scratch[9, _k] == 0.0:
+            continue
         _e_y = y[_i, _k]
         for _l in range(_n):
             _at_l_y = y[_i, _l]
@@ -3253,7 +3260,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h10 = (_t1_20*_t1_27 + _t1_27*smooth)
     _h11 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
     _h12 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
-    _scratch = np.empty((9, _n))
+    _scratch = np.empty((10, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -3277,12 +3284,15 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _e_y*_h9 + _h10
         _t3_0 = _e_y**2
-        _xflag |= (abs(_e_y*_h11 + _h5*_t3_0 + _h7) < _e_y*_h12 + _h10 + _h8*_t3_0) | (_e_y*_h12 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289)
+        _scratch[9, _k] = 1.0 if (abs(_e_y*_h11 + _h5*_t3_0 + _h7) < _e_y*_h12 + _h10 + _h8*_t3_0) | (_e_y*_h12 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
+        _xj = _scratch[9, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xflag |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < (_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l])) | ((_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < (_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l])) | ((_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
+        _scratch[9, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
 

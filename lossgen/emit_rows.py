@@ -778,7 +778,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         if hoisted:
             for symbol, value in zip(hoisted.values(), body.cse(fold(list(hoisted)), 2)):
                 body.emit(2, f"{symbol} = {value}")
-        body.emit(2, f"_scratch = np.empty(({max(len(element), 1)}, _n))")
+        # with a fallback, one row more: each element's flag (its diagonal entry's test, then
+        # any entry of its row of the block), which the recomputation reads
+        body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + bool(fallback)}, _n))")
         elements, checks = fold(element), fold(diagonal_tests)
         if fallback:
             body.emit(2, "_xflag = False")
@@ -788,14 +790,17 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(3, f"_scratch[{j}, _k] = {value}")
         if checks:
             numerator, bound = body.cse(checks, 3, vector=vector)
-            body.emit(3, f"_xflag |= {fires(numerator, bound)}")
+            body.emit(3, f"_scratch[{len(element)}, _k] = 1.0 if {fires(numerator, bound)} else 0.0")
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
+    flags = len(element)  # the scratch row of the elements' flags
     body.emit(2, "for _j in range(_n):")
     if product:
         for out in outs:
             body.emit(3, f"{out}[_i, _j] = 0.0")
+    if fallback:
+        body.emit(3, f"_xj = _scratch[{flags}, _j] != 0.0")
     body.emit(3, "for _l in range(_n):")
     def entry_code(j: str, l: str) -> str:
         """Entry (j, l) of the first block from the scratch rows (the fallback's block: one
@@ -844,7 +849,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             for m in range(0, len(tests), 2):
                 sums.append(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]")
             at += len(tests)
-        body.emit(4, f"_xflag |= (_j != _l) & ({fires(' + '.join(numerator), '(' + ' + '.join(bound) + ')')})")
+        body.emit(4, f"_xj |= (_j != _l) & ({fires(' + '.join(numerator), '(' + ' + '.join(bound) + ')')})")
+        body.emit(3, f"_scratch[{flags}, _j] = 1.0 if _xj else 0.0")
+        body.emit(3, "_xflag |= _xj")
         name = "hvp" if product else "hess_full"
         call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
                           "_scratch"])
@@ -852,7 +859,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         body.emit(3, f"_{name}_exact({call})")
         exact_body = _Body(derivation, printer, keys)
         fast_entry = entry_code("_k", "_l")
-        emit_block_fallback(exact_body, *fallback, outs[0], directions[0] if product else None, fast_entry)
+        emit_block_fallback(exact_body, *fallback, outs[0], directions[0] if product else None, fast_entry, flags)
         exact = exact_body.lines
     if product:
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,

@@ -417,16 +417,19 @@ def emit_fallback(body, plans: dict, outs: dict):
 
 
 def emit_block_fallback(body, diagonal: Fallback, pair: PairFallback, out: str, direction: str | None = None,
-                        fast_entry: str = ""):
+                        fast_entry: str = "", flags: int = 0):
     """The body of a row's exact recomputation of its Hessian (one prediction's block): entry
-    (k, k) by ``diagonal``, (k, l) by ``pair``, where the entry's test fires. Without
-    ``direction`` those entries of the block ``out``[_i] are written where finite; with it, the
-    product out[_i, k] = sum_l H_kl v_l is summed again, each entry the recomputed one or the
-    kernel's (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
+    (k, k) by ``diagonal``, (k, l) by ``pair``, where the entry's test fires, in the rows k of
+    the block that the kernel flagged (scratch row ``flags``). Without ``direction`` those
+    entries of the block ``out``[_i] are written where finite; with it, the product
+    out[_i, k] = sum_l H_kl v_l of a flagged k is summed again, each entry the recomputed one or
+    the kernel's (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
     _emit_setup(body, {0: diagonal, 1: pair.entry}, printed)
     body.emit(2, "for _k in range(_n):")
+    body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
+    body.emit(4, "continue")
     body.bind([sp.Mul(*e) for p in (diagonal, pair.entry) for e, _ in p.groups] + [diagonal.rest], 3)
     if direction:
         body.emit(3, "_xs = 0.0")
