@@ -1826,7 +1826,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     for _k in range(_n):
-        if _scratch[10, _k] == 0.0:
+        if _scratch[8, _k] == 0.0:
             continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -2133,14 +2133,17 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _t1_1 = alpha - 1.0
     _t1_2 = 2.0*_t1_1
     _t1_3 = _r4*_t1_2
-    _t1_4 = _r0*_t1_2 + _r1*_t1_2 + _t1_2*smooth
-    _t1_5 = abs(_t1_1)
-    _t1_6 = 0.00048828125*_t1_5
-    _t1_7 = abs(_r0)
-    _t1_8 = abs(_r1)
-    _t1_9 = _t1_6*_t1_7 + _t1_6*_t1_8 + _t1_6*smooth
-    _t1_10 = 4.0*_t1_1
-    _t1_11 = 0.0009765625*_t1_5
+    _t1_4 = abs(_t1_1)
+    _t1_5 = 0.00048828125*_t1_4
+    _t1_6 = abs(_r0)
+    _t1_7 = abs(_r1)
+    _t1_8 = _t1_5*_t1_6 + _t1_5*_t1_7 + _t1_5*smooth
+    _t1_9 = (_t1_8)
+    _t1_10 = _r0 + _r1 + smooth
+    _t1_11 = abs(_t1_10)
+    _t1_12 = _t1_10**2
+    _t1_13 = 4.0*_t1_1
+    _t1_14 = 0.0009765625*_t1_4
     _h0 = ((1.0)/(_t1_0))
     _h1 = _t1_1
     _h2 = ((1.0)/(_t1_0**3))
@@ -2149,13 +2152,15 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h5 = _t1_0
     _h6 = 1.0 - beta
     _h7 = (((((_t1_1)/(_t1_0))))/(_t1_0))
-    _h8 = (-_t1_4)
-    _h9 = (-_t1_3 + _t1_4)
-    _h10 = (_t1_9)
-    _h11 = (_t1_6*abs(_r4) + _t1_9)
-    _h12 = (-_r0*_t1_10 - _r1*_t1_10 - _t1_10*smooth)
-    _h13 = (_t1_11*_t1_7 + _t1_11*_t1_8 + _t1_11*smooth)
-    _scratch = np.empty((11, _n))
+    _h8 = ((_t1_9)/(_t1_11*_t1_12))
+    _h9 = ((1.0)/(_t1_12))
+    _h10 = ((1.0)/(_t1_11))
+    _h11 = _t1_9
+    _h12 = (_t1_5*abs(_r4) + _t1_8)
+    _h13 = (-_r0*_t1_13 - _r1*_t1_13 - _t1_13*smooth)
+    _h14 = (_r0*_t1_2 + _r1*_t1_2 + _t1_2*smooth - _t1_3)
+    _h15 = (_t1_14*_t1_6 + _t1_14*_t1_7 + _t1_14*smooth)
+    _scratch = np.empty((9, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2172,18 +2177,20 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[4, _k] = _t2_0
         _scratch[5, _k] = _h8
         _scratch[6, _k] = _e_y
-        _scratch[7, _k] = _e_y*_h8 + _h9
-        _scratch[8, _k] = _h10
-        _scratch[9, _k] = _e_y*_h10 + _h11
-        _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11) | (_e_y*_h13 + _h11 < 1.0261342003245941e-289) else 0.0
+        _scratch[7, _k] = _h10*_h9*(_e_y*_h11 + _h12)
+        _scratch[8, _k] = 1.0 if (abs(_e_y*_h13 + _h14) < _e_y*_h15 + _h12) | (_e_y*_h15 + _h12 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[10, _j] != 0.0
+        _xj = _scratch[8, _j] != 0.0
+        _xsh = 0.0
+        _xsb = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < (_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])) | ((_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
-        _scratch[10, _j] = 1.0 if _xj else 0.0
+            _xsh += abs(_h * _v_p[_i, _l])
+            _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
+        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[8, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)

@@ -1823,7 +1823,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     for _k in range(_n):
-        if _scratch[11, _k] == 0.0:
+        if _scratch[9, _k] == 0.0:
             continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -2125,32 +2125,34 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _r3 += _r3_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
-    _t1_1 = 8.0*_r0 + 8.0*_r1 + 8.0*smooth
-    _t1_2 = 4.0*_r0
-    _t1_3 = 4.0*_r1
-    _t1_4 = abs(_r3)
-    _t1_5 = abs(_r0)
-    _t1_6 = abs(_r1)
-    _t1_7 = 0.001953125*_t1_5 + 0.001953125*_t1_6 + 0.001953125*smooth
-    _t1_8 = 0.0009765625*smooth
+    _t1_1 = _r0 + _r1 + smooth
+    _t1_2 = abs(_r3)
+    _t1_3 = abs(_r0)
+    _t1_4 = abs(_r1)
+    _t1_5 = 0.001953125*_t1_3 + 0.001953125*_t1_4 + 0.001953125*smooth
+    _t1_6 = 0.0009765625*smooth
+    _t1_7 = 8.0*_r0 + 8.0*_r1 + 8.0*smooth
+    _t1_8 = _r0*_r1
     _t1_9 = _r0*_r3
-    _t1_10 = _r1*_r3
-    _t1_11 = _r0**2
-    _t1_12 = _r1**2
-    _t1_13 = smooth**2
+    _t1_10 = 4.0*smooth
+    _t1_11 = _r1*_r3
+    _t1_12 = _r0**2
+    _t1_13 = _r1**2
+    _t1_14 = smooth**2
     _h0 = ((1.0)/(_t1_0**3))
     _h1 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h2 = _t1_0
     _h3 = ((1.0)/(_t1_0))
-    _h4 = (8.0*_r3 - _t1_1)
-    _h5 = (_t1_2 + _t1_3 + 4.0*smooth)
-    _h6 = (0.001953125*_t1_4 + _t1_7)
-    _h7 = (0.0009765625*_t1_5 + 0.0009765625*_t1_6 + _t1_8)
-    _h8 = (_t1_1)
-    _h9 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 + 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + _t1_2*smooth + _t1_3*smooth - 2.0*_t1_9)
-    _h10 = (_t1_7)
-    _h11 = (0.00048828125*_t1_11 + 0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_9) + 0.0009765625*abs(_r0*_r1))
-    _scratch = np.empty((12, _n))
+    _h4 = ((1.0)/(_t1_1**2))
+    _h5 = ((1.0)/(abs(_t1_1)))
+    _h6 = (0.001953125*_t1_2 + _t1_5)
+    _h7 = (0.0009765625*_t1_3 + 0.0009765625*_t1_4 + _t1_6)
+    _h8 = (8.0*_r3 - _t1_7)
+    _h9 = (_t1_7)
+    _h10 = (_r0*_t1_10 + _r1*_t1_10 - 2.0*_r3*smooth - 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + 2.0*_t1_14 + 4.0*_t1_8 - 2.0*_t1_9)
+    _h11 = (_t1_5)
+    _h12 = (0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_14 + 0.00048828125*_t1_2*smooth + _t1_3*_t1_6 + _t1_4*_t1_6 + 0.00048828125*abs(_t1_11) + 0.0009765625*abs(_t1_8) + 0.00048828125*abs(_t1_9))
+    _scratch = np.empty((10, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2158,28 +2160,31 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _t2_0 = -_e_p**2
         _t2_1 = 2.0*_h0
         _t2_2 = 2.0*_e_p
+        _t2_3 = _h4*_h5
         _scratch[0, _k] = _t2_1*(4.0*_e_p*_e_y*_h2 + _h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _r0_error), _r1_hi), _r1_error), smooth), _t2_0), _t2_0), _t2_0), _t2_0)))
         _scratch[1, _k] = _t2_1*(-_h2*(_e_p - _e_y) + _r3*_t2_2)
         _scratch[2, _k] = _t2_2
         _scratch[3, _k] = _h3*(-_h3*_t2_2)
         _scratch[4, _k] = -2.0*_e_y + _t2_2
-        _scratch[5, _k] = _e_p*_h4 + _e_y*_h5
+        _scratch[5, _k] = _t2_3*(_e_p*_h6 + _e_y*_h7)
         _scratch[6, _k] = _e_p
-        _scratch[7, _k] = _e_p*_h5
+        _scratch[7, _k] = _e_p*_h7*_t2_3
         _scratch[8, _k] = _e_y
-        _scratch[9, _k] = _e_p*_h6 + _e_y*_h7
-        _scratch[10, _k] = _e_p*_h7
         _t3_0 = _e_p*_e_y
         _t3_1 = _e_p**2
-        _scratch[11, _k] = 1.0 if (abs(_h4*_t3_1 + _h8*_t3_0 + _h9) < _h10*_t3_0 + _h11 + _h6*_t3_1) | (_h10*_t3_0 + _h11 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
+        _scratch[9, _k] = 1.0 if (abs(_h10 + _h8*_t3_1 + _h9*_t3_0) < _h11*_t3_0 + _h12 + _h6*_t3_1) | (_h11*_t3_0 + _h12 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[11, _j] != 0.0
+        _xj = _scratch[9, _j] != 0.0
+        _xsh = 0.0
+        _xsb = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
-        _scratch[11, _j] = 1.0 if _xj else 0.0
+            _xsh += abs(_h * _v_p[_i, _l])
+            _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_p[_i, _l])
+        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[9, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)

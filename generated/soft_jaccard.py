@@ -1514,7 +1514,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     for _k in range(_n):
-        if _scratch[11, _k] == 0.0:
+        if _scratch[9, _k] == 0.0:
             continue
         _e_y = y[_i, _k]
         _xs = 0.0
@@ -1778,21 +1778,21 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
-    _t1_1 = -2.0*_r3
-    _t1_2 = 2.0*_r4 + _t1_1 + 2.0*smooth
-    _t1_3 = 0.00048828125*abs(_r3)
-    _t1_4 = abs(_r4)
+    _t1_1 = _t1_0**2
+    _t1_2 = 0.00048828125*abs(_r3)
+    _t1_3 = abs(_r4)
+    _t1_4 = -2.0*_r3
     _h0 = ((1.0)/(_t1_0))
-    _h1 = ((-3.0)/(_t1_0**2))
+    _h1 = ((-3.0)/(_t1_1))
     _h2 = ((1.0)/(_t1_0**3))
-    _h3 = (-4.0*_r4 - _t1_1 - 4.0*smooth)
-    _h4 = (3.0*_r4 + _t1_1 + 3.0*smooth)
-    _h5 = (-_t1_2)
-    _h6 = (_t1_3 + 0.0009765625*_t1_4 + 0.0009765625*smooth)
-    _h7 = (_t1_3 + 0.000732421875*_t1_4 + 0.000732421875*smooth)
-    _h8 = (_t1_3 + 0.00048828125*_t1_4 + 0.00048828125*smooth)
-    _h9 = (_t1_2)
-    _scratch = np.empty((12, _n))
+    _h3 = ((1.0)/(_t1_1))
+    _h4 = ((1.0)/(abs(_t1_0)))
+    _h5 = (_t1_2 + 0.0009765625*_t1_3 + 0.0009765625*smooth)
+    _h6 = (_t1_2 + 0.000732421875*_t1_3 + 0.000732421875*smooth)
+    _h7 = (_t1_2 + 0.00048828125*_t1_3 + 0.00048828125*smooth)
+    _h8 = (-4.0*_r4 - _t1_4 - 4.0*smooth)
+    _h9 = (2.0*_r4 + _t1_4 + 2.0*smooth)
+    _scratch = np.empty((10, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -1800,26 +1800,29 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _t2_1 = 2.0*_e_y - 1.0
         _t2_2 = -_t2_0
         _t2_3 = 2.0*_r3*_t2_2
+        _t2_4 = _h3*_h4
         _scratch[0, _k] = _h0*(_h0*(-_t2_0*_t2_1 + _t2_2*(_h0*_t2_3 + _t2_1)))
         _scratch[1, _k] = _h0*(_h0*_t2_0)
         _scratch[2, _k] = -1.0
         _scratch[3, _k] = _h0*(4.0*_e_y*_h0) + _h1 + _h2*_t2_3
         _scratch[4, _k] = _t2_2
-        _scratch[5, _k] = _e_y*_h3 + _h4
+        _scratch[5, _k] = _t2_4*(_e_y*_h5 + _h6)
         _scratch[6, _k] = _e_y
-        _scratch[7, _k] = _e_y*_h4 + _h5
+        _scratch[7, _k] = _t2_4*(_e_y*_h6 + _h7)
         _scratch[8, _k] = 1.0
-        _scratch[9, _k] = _e_y*_h6 + _h7
-        _scratch[10, _k] = _e_y*_h7 + _h8
-        _scratch[11, _k] = 1.0 if (abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
+        _scratch[9, _k] = 1.0 if (abs(_e_y*_h8 + _h9) < _e_y*_h5 + _h7) | (_e_y*_h5 + _h7 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[11, _j] != 0.0
+        _xj = _scratch[9, _j] != 0.0
+        _xsh = 0.0
+        _xsb = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
-        _scratch[11, _j] = 1.0 if _xj else 0.0
+            _xsh += abs(_h * _v_p[_i, _l])
+            _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_p[_i, _l])
+        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[9, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)

@@ -2030,7 +2030,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
     for _k in range(_n):
-        if _scratch[9, _k] == 0.0:
+        if _scratch[7, _k] == 0.0:
             continue
         _e_y = y[_i, _k]
         _xs = 0.0
@@ -2539,45 +2539,44 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _t1_2 = _t1_0 + _t1_1
     _t1_3 = _r2 + smooth
     _t1_4 = _t1_2 + _t1_3
-    _t1_5 = alpha + beta
-    _t1_6 = _t1_5 - 1.0
-    _t1_7 = 2.0*_t1_6
-    _t1_8 = _t1_5*_t1_7
-    _t1_9 = alpha**2
-    _t1_10 = _r0*_t1_9
-    _t1_11 = 2.0*alpha
-    _t1_12 = _t1_11 + 2.0*beta
-    _t1_13 = _t1_12 - 1.0
-    _t1_14 = _t1_13*alpha
-    _t1_15 = 2.0*_t1_9
-    _t1_16 = abs(_r0)
-    _t1_17 = abs(_t1_6)
-    _t1_18 = 0.00048828125*_t1_17
-    _t1_19 = beta*abs(_r1)
-    _t1_20 = abs(_r2)
-    _t1_21 = 0.000244140625*_t1_20
-    _t1_22 = 0.000244140625*alpha
-    _t1_23 = _t1_16*_t1_9
-    _t1_24 = abs(_t1_13)
-    _t1_25 = _t1_24*smooth
-    _t1_26 = _t1_24*alpha
-    _t1_27 = 0.00048828125*_t1_9
-    _t1_28 = _t1_11*_t1_13
-    _t1_29 = 0.00048828125*alpha
+    _t1_5 = abs(_r0)
+    _t1_6 = alpha + beta
+    _t1_7 = _t1_6 - 1.0
+    _t1_8 = abs(_t1_7)
+    _t1_9 = 0.00048828125*_t1_8
+    _t1_10 = beta*abs(_r1)
+    _t1_11 = _t1_6*smooth
+    _t1_12 = 2.0*alpha
+    _t1_13 = _t1_12 + 2.0*beta
+    _t1_14 = abs(_r2)
+    _t1_15 = 0.000244140625*_t1_14
+    _t1_16 = 0.000244140625*alpha
+    _t1_17 = alpha**2
+    _t1_18 = _t1_17*_t1_5
+    _t1_19 = _t1_13 - 1.0
+    _t1_20 = abs(_t1_19)
+    _t1_21 = _t1_20*smooth
+    _t1_22 = _t1_20*alpha
+    _t1_23 = 0.00048828125*_t1_17
+    _t1_24 = 2.0*_t1_17
+    _t1_25 = _t1_12*_t1_19
+    _t1_26 = 2.0*_t1_7
+    _t1_27 = 0.00048828125*alpha
     _h0 = ((1.0)/(_t1_4**3))
     _h1 = _t1_2
     _h2 = _t1_4
     _h3 = _t1_3
     _h4 = ((1.0)/(_t1_4))
-    _h5 = (-_r2*_t1_8 - _t1_0*_t1_7 - _t1_1*_t1_7 - _t1_8*smooth)
-    _h6 = (_r2*_t1_14 + _t1_1*alpha + _t1_10 + _t1_14*smooth)
-    _h7 = (-_r2*_t1_15 - _t1_15*smooth)
-    _h8 = (_t1_12*_t1_17*_t1_21 + _t1_16*_t1_18*alpha + _t1_18*_t1_19 + _t1_18*_t1_5*smooth)
-    _h9 = (_t1_19*_t1_22 + _t1_21*_t1_26 + _t1_22*_t1_25 + 0.000244140625*_t1_23)
-    _h10 = (_t1_20*_t1_27 + _t1_27*smooth)
-    _h11 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
-    _h12 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
-    _scratch = np.empty((10, _n))
+    _h5 = ((1.0)/(_t1_4**2))
+    _h6 = ((1.0)/(abs(_t1_4)))
+    _h7 = (_t1_10*_t1_9 + _t1_11*_t1_9 + _t1_13*_t1_15*_t1_8 + _t1_5*_t1_9*alpha)
+    _h8 = (_t1_10*_t1_16 + _t1_15*_t1_22 + _t1_16*_t1_21 + 0.000244140625*_t1_18)
+    _h9 = (_t1_14*_t1_23 + _t1_23*smooth)
+    _h10 = (_r0*_t1_24 + _r2*_t1_25 + _t1_1*_t1_12 + _t1_25*smooth)
+    _h11 = (-_r2*_t1_26*_t1_6 - _t1_0*_t1_26 - _t1_1*_t1_26 - _t1_11*_t1_26)
+    _h12 = (-_r2*_t1_24 - _t1_24*smooth)
+    _h13 = (_t1_10*_t1_27 + 0.00048828125*_t1_14*_t1_22 + 0.00048828125*_t1_18 + _t1_21*_t1_27)
+    _scratch = np.empty((8, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -2591,25 +2590,28 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _t2_7 = _t2_6*beta
         _t2_8 = _t2_6*alpha
         _t2_9 = _t2_0*beta
+        _t2_10 = _h5*_h6
         _scratch[0, _k] = _h0*(-_e_y*_t2_7 + _e_y*(_h2*_t2_3 + _t2_5 - _t2_9) + _t2_2*_t2_8)
         _scratch[1, _k] = _finite_or(_h0*_t2_8, _h4*(_h4*(_h4*(_t2_8))))
         _scratch[2, _k] = 1.0
         _scratch[3, _k] = _h0*(2.0*_e_y*_h1 + 2.0*_e_y*_h3*beta + _h2*_t2_2*alpha - _t2_4 - _t2_7 - _t2_8 - _t2_9)
         _scratch[4, _k] = _e_y
-        _scratch[5, _k] = _e_y*_h5 + _h6
-        _scratch[6, _k] = _e_y*_h6 + _h7
-        _scratch[7, _k] = _e_y*_h8 + _h9
-        _scratch[8, _k] = _e_y*_h9 + _h10
+        _scratch[5, _k] = _t2_10*(_e_y*_h7 + _h8)
+        _scratch[6, _k] = _t2_10*(_e_y*_h8 + _h9)
         _t3_0 = _e_y**2
-        _scratch[9, _k] = 1.0 if (abs(_e_y*_h11 + _h5*_t3_0 + _h7) < _e_y*_h12 + _h10 + _h8*_t3_0) | (_e_y*_h12 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
+        _scratch[7, _k] = 1.0 if (abs(_e_y*_h10 + _h11*_t3_0 + _h12) < _e_y*_h13 + _h7*_t3_0 + _h9) | (_e_y*_h13 + _h7*_t3_0 + _h9 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[9, _j] != 0.0
+        _xj = _scratch[7, _j] != 0.0
+        _xsh = 0.0
+        _xsb = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < (_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l])) | ((_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
-        _scratch[9, _j] = 1.0 if _xj else 0.0
+            _xsh += abs(_h * _v_p[_i, _l])
+            _xsb += (_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
+        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[7, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)

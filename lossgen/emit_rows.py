@@ -755,7 +755,10 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     if fallback:
         printer.helpers_used.update(("xexact", "fma"))
         diagonal_tests = [fallback[0].numerator, fallback[0].bound]
-        pair_tests = [[e for pq in products for e in pq] for products in fallback[1].test_outer()]
+        # the product's test is per row of the block (its sum's error against sum_l |H_jl v_l|):
+        # the bound alone, in the entries' units; the full block's is per entry
+        numerator, bound = fallback[1].test_outer(per_entry=product)
+        pair_tests = [[e for pq in products for e in pq] for products in ([] if product else numerator, bound)]
     n_scratch = len(diagonals) + len(factors)
     element, hoisted = body.hoist(diagonals + factors + sum(pair_tests, []) + diagonal_tests)
     element, diagonal_tests = element[:len(element) - len(diagonal_tests)], element[len(element) - len(diagonal_tests):]
@@ -801,6 +804,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(3, f"{out}[_i, _j] = 0.0")
     if fallback:
         body.emit(3, f"_xj = _scratch[{flags}, _j] != 0.0")
+        if product:
+            body.emit(3, "_xsh = 0.0")
+            body.emit(3, "_xsb = 0.0")
     body.emit(3, "for _l in range(_n):")
     def entry_code(j: str, l: str) -> str:
         """Entry (j, l) of the first block from the scratch rows (the fallback's block: one
@@ -849,7 +855,13 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             for m in range(0, len(tests), 2):
                 sums.append(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]")
             at += len(tests)
-        body.emit(4, f"_xj |= (_j != _l) & ({fires(' + '.join(numerator), '(' + ' + '.join(bound) + ')')})")
+        if product:
+            # a row j of the block whose sum sum_l |H_jl v_l| is small against its entries' bounds
+            body.emit(4, f"_xsh += abs(_h * {directions[0]}[_i, _l])")
+            body.emit(4, f"_xsb += ({' + '.join(bound)}) * abs({directions[0]}[_i, _l])")
+            body.emit(3, f"_xj |= {fires('_xsh', '_xsb')}")
+        else:
+            body.emit(4, f"_xj |= (_j != _l) & ({fires(' + '.join(numerator), '(' + ' + '.join(bound) + ')')})")
         body.emit(3, f"_scratch[{flags}, _j] = 1.0 if _xj else 0.0")
         body.emit(3, "_xflag |= _xj")
         name = "hvp" if product else "hess_full"

@@ -90,10 +90,11 @@ class PairFallback:
     entry: Fallback
     copies: dict                       # element symbol -> its at_l copy
 
-    def test_outer(self) -> tuple[list, list]:
+    def test_outer(self, per_entry: bool = False) -> tuple[list, list]:
         """The entry's test as outer products of element expressions: the numerator
         sum_m (A_m e_m(j)) f_m(l) and the bound sum_m (t |A|_m |e_m(j)|) |f_m(l)|, each a list
-        of (P(j), Q(l)) in the row's own symbols, one per distinct f(l)."""
+        of (P(j), Q(l)) in the row's own symbols, one per distinct f(l). ``per_entry``: the
+        bound divided by the denominator, in the units of the entry itself."""
         back = {c: s for s, c in self.copies.items()}
         by_other: dict = {}  # f(l) -> ([A_m e_m(j), ...], [t |A|_m |e_m(j)|, ...])
         for element, a, magnitude in self.entry.tests:
@@ -102,8 +103,9 @@ class PairFallback:
             terms = by_other.setdefault(other, ([], []))
             terms[0].append(a * own)
             terms[1].append(magnitude * sp.Abs(own))
+        scale = 1 / sp.Abs(sp.Mul(*[b**e for b, e in self.entry.denominator])) if per_entry else 1
         numerator = [(sp.Add(*p), q) for q, (p, _) in by_other.items()]
-        bound = [(sp.Add(*p), sp.Abs(q)) for q, (_, p) in by_other.items()]
+        bound = [(scale * sp.Add(*p), sp.Abs(q)) for q, (_, p) in by_other.items()]
         return numerator, bound
 
 
