@@ -2,8 +2,9 @@
 
 An element output of a row-wise loss whose terms holding reductions are rational in the row's
 sums (reductions ``sum`` of polynomial summands), the element's inputs and the parameters, with a
-denominator of row values alone (Dice's, Jaccard's and Tversky's gradients, what the quotient rule
-and ``gradient_share`` in :mod:`lossgen.fuse_rows` produce: N(k)/D^2), is
+denominator of row values alone (Dice's, Jaccard's and Tversky's gradients and Hessian
+diagonals, what the quotient rule and ``gradient_share`` in :mod:`lossgen.fuse_rows` produce:
+N(k)/D^2, N(k)/D^3), is
 
     Q(k) + rest(k),  Q(k) = num(k)/den
 
@@ -12,17 +13,23 @@ y = (1/2, 1e-300), p = (1 - 2^-53, 1): terms of 1 summing to 1e-300). Written by
 monomials e_m, num(k) = sum_m A_m e_m(k) with row-level coefficients A_m (polynomials in the row
 sums and the parameters). The kernels keep their vectorised pass and, per element, also compute
 num(k) from the rounded A_m and B(k) = sum_m |A|_m |e_m(k)|, |A|_m the sum of the magnitudes of
-A_m's terms (both hoisted per row: two multiply-adds per element), OR-ing |num(k)| < t B(k) into
-a row flag (no branch in the loop). Only in a row with the flag set, after that pass, a function
-of its own (not inlined, so that the row function stays as small as it was) recomputes the
-row's output: each reduction a non-overlapping expansion of its summand's monomials over the row
-(products of the row's input floats, the parameters and integers), every A_m an expansion of its
-terms, every product split exactly by fused multiply-adds (two-product) and every sum exact
-(Shewchuk's growing expansion, as Python's math.fsum), so num(k) is rounded once; the
-denominator's row-level factors likewise, each rounded once, and num divided by each. Where that
-value is not finite (an overflowing product, a zero denominator) the fast value stays. Products
-whose error part falls below the smallest normal (a row sum of 1e-316 times 1e-16) are not
-exact: rows whose sum(p y) is subnormal keep the error of that underflow.
+A_m's terms (both hoisted per row: two multiply-adds per element; factors of num in the
+element's inputs alone left out), OR-ing |num(k)| < t B(k), or t B(k) below 2^-960, into a row
+flag (no branch in the loop). Only in a row with the flag set, after that pass, a function of
+its own (not inlined, so that the row function stays as small as it was) recomputes the
+elements whose test fires: each reduction a non-overlapping expansion of its summand's
+monomials over the row (products of the row's input floats, the parameters and integers), every
+A_m a product of its factors' expansions, every product split exactly by fused multiply-adds
+(two-product) and every sum exact (Shewchuk's growing expansion, as Python's math.fsum), so
+num(k) is rounded once; the denominator's row-level factors likewise, each rounded once, and
+num divided by each. Each expansion carries a binary scale (its value is 2^s times the sum of
+its parts; products are taken from the mantissas), so inputs at 1e-300 keep the error parts of
+their products; a sum is exact to 2^-1022 of its largest term. Where that value is not finite
+(an overflowing product, a zero denominator) the fast value stays.
+
+A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the same way over
+the elements j and l (:func:`plan_pair`); the kernels test it as outer products of per-element
+factors, and the Hessian-vector product per row of the block.
 
 The rule is a table (:data:`EXACT_FALLBACK`): which outputs it applies to and the threshold. An
 output qualifies by its form alone; no loss is named.
