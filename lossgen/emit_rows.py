@@ -646,17 +646,20 @@ def _with_scaled(derivation: RowDerivation, build) -> dict:
 
 
 def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
-            fallbacks=None, arguments=()) -> dict:
+            fallbacks=None, arguments=(), shared=()) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
     element expressions written to out[_i, _k]; ``fallbacks``: {index in element_outputs:
-    exact_rows.Fallback}, the guarded exact recomputation of those outputs. Where the loss has
-    scaled norms, the kernel's row function for the rows out of range as well (:func:`_with_scaled`)."""
+    exact_rows.Fallback}, the guarded exact recomputation of those outputs; ``shared``:
+    ((quantity, first index in element_outputs, count), ...), the quantities whose kernel's
+    recomputation this one calls instead of its own (numba compiles each once: it is most of a
+    fallback's compile time). Where the loss has scaled norms, the kernel's row function for the
+    rows out of range as well (:func:`_with_scaled`)."""
     return _with_scaled(derivation, lambda scaled: _kernel_lines(
-        derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, scaled))
+        derivation, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments, scaled, shared))
 
 
 def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
-                  fallbacks, arguments, scaled: bool) -> dict:
+                  fallbacks, arguments, scaled: bool, shared=()) -> dict:
     """:func:`_kernel`'s fast row function, or (``scaled``) its twin for the scaled norms."""
     body = _Body(derivation, printer, keys, scaled)
     spec = derivation.spec
@@ -706,12 +709,18 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
     if fallbacks:
         # the recomputation is a function of its own, called only where the flag is set, so that
         # the row function stays as small as without it
-        call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
         body.emit(2, "if _xflag:")
-        body.emit(3, f"_{name}_exact({call})")
-        exact_body = _Body(derivation, printer, keys)
-        emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
-        exact = exact_body.lines
+        if shared:
+            for quantity, first, count in shared:
+                start = len(row_outputs) + first
+                call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs[start:start + count], "_w"])
+                body.emit(3, f"_{quantity}_exact({call})")
+        else:
+            call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
+            body.emit(3, f"_{name}_exact({call})")
+            exact_body = _Body(derivation, printer, keys)
+            emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
+            exact = exact_body.lines
     return {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
             "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
 
@@ -923,13 +932,16 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
         row_outputs = outputs["loss"] if "loss" in quantities else []
         element_quantities = [q for q in quantities if q != "loss"]
         element_outputs = [e for q in element_quantities for e in outputs[q]]
-        fallbacks, at = {}, 0
+        fallbacks, shared, at = {}, [], 0
         for q in element_quantities:
             for j in range(len(outputs[q])):
                 if (q, j) in plans:
                     fallbacks[at + j] = plans[q, j]
+            if any((q, j) in plans for j in range(len(outputs[q]))) and (q,) != quantities:
+                shared.append((q, at, len(outputs[q])))  # the kernel of q alone has the recomputation
             at += len(outputs[q])
-        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments))
+        kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments,
+                               shared))
     block_fallback = plans.get(("hess_full", 0))
     kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallback=block_fallback, arguments=arguments))
     kernels.append(_block_kernel(stable, printer, product=False, keys=keys, fallback=block_fallback,
