@@ -92,14 +92,6 @@ def _xgrow(p, n, x):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _xgrow_all(p, n, t, m):
-    """Add t[0:m] to the expansion p[0:n], exactly; returns its new length."""
-    for j in range(m):
-        n = _xgrow(p, n, t[j])
-    return n
-
-
-@numba.njit(cache=True, error_model="numpy")
 def _xvalue(p, n):
     """The expansion p[0:n] rounded to a float (from its largest part down: faithful)."""
     s = 0.0

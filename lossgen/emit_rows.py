@@ -817,22 +817,17 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(3, "_xsh = 0.0")
             body.emit(3, "_xsb = 0.0")
     body.emit(3, "for _l in range(_n):")
-    def entry_code(j: str, l: str) -> str:
-        """Entry (j, l) of the first block from the scratch rows (the fallback's block: one
-        prediction, no onehot index)."""
-        first = len(diagonals)
-        total = " + ".join(f"_scratch[{first + 2 * m}, {j}] * _scratch[{first + 2 * m + 1}, {l}]"
-                           for m in range(len(blocks[0].outer))) or "0.0"
-        return f"_scratch[0, {j}] if {j} == {l} else {total}"
+
+    def outer_sum(first: int, count: int, j: str, l: str) -> str:
+        """sum P(j) Q(l) of a block's ``count`` outer products, from their scratch rows."""
+        return " + ".join(f"_scratch[{first + 2 * m}, {j}] * _scratch[{first + 2 * m + 1}, {l}]"
+                          for m in range(count)) or "0.0"
 
     position = len(diagonals)
     for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
-        terms, swapped = [], []
-        for _ in block.outer:
-            terms.append(f"_scratch[{position}, _j] * _scratch[{position + 1}, _l]")
-            swapped.append(f"_scratch[{position}, _l] * _scratch[{position + 1}, _j]")
-            position += 2
-        total = " + ".join(terms) or "0.0"
+        total = outer_sum(position, len(block.outer), "_j", "_l")
+        swapped = outer_sum(position, len(block.outer), "_l", "_j")
+        position += 2 * len(block.outer)
         special = _indices(block) if row == column else []
         if special:
             # a prediction's own block is symmetric: an entry (j, l) with l at an index that
@@ -843,7 +838,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(4, "if _j == _l:")
             body.emit(5, f"_h = _scratch[{b}, _j]")
             body.emit(4, f"elif ({at_l}) and not ({at_j}):")
-            body.emit(5, f"_h = {' + '.join(swapped)}")
+            body.emit(5, f"_h = {swapped}")
             body.emit(4, "else:")
             body.emit(5, f"_h = {total}")
         elif own[b]:
@@ -879,7 +874,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         body.emit(2, "if _xflag:")
         body.emit(3, f"_{name}_exact({call})")
         exact_body = _Body(derivation, printer, keys)
-        fast_entry = entry_code("_k", "_l")
+        # entry (k, l) of the fallback's block (one prediction, no onehot index)
+        fast_entry = f"_scratch[0, _k] if _k == _l else {outer_sum(len(diagonals), len(blocks[0].outer), '_k', '_l')}"
         emit_block_fallback(exact_body, *fallback, outs[0], directions[0] if product else None, fast_entry, flags)
         exact = exact_body.lines
     if product:
