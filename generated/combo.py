@@ -287,6 +287,14 @@ def _xvalue_m(p, n, s):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _xsqrt_m(m, s):
+    """The root of m * 2**s (m >= 0) as (mantissa, scale), rounded once: an even scale halved."""
+    if s % 2 != 0:
+        m, s = 2.0 * m, s - 1
+    return math.sqrt(m), s // 2
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
     return float(a), 0.0
@@ -1253,6 +1261,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
         if _scratch[8, _k] == 0.0:
             continue
@@ -1261,15 +1270,11 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
         _xs = 0.0
         for _l in range(_n):
             _at_l_y = y[_i, _l]
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
             if _l == _k:
                 _xn = _xc0_0*_e_y + _xc0_1
                 _xb = _xb0_0*abs(_e_y) + _xb0_1
-            else:
-                _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
-                _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
-            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1372,7 +1377,12 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
                     _t0_1 = (1.0 - _e_y)*(1.0 - beta)
                     _t0_2 = 1.0 - _e_p
                     _xq = _xq + (_finite_or(((alpha*((((((_t0_0)/(_e_p))))/(_e_p)) + (((((_t0_1)/(_t0_2))))/(_t0_2))))/(_C)), ((((((((_t0_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t0_1*alpha)/(_C))))/(_t0_2))))/(_t0_2))))
-                else:
+                    if math.isfinite(_xq):
+                        _xe = _xq
+            else:
+                _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
+                _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1505,8 +1515,8 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _xe = _xq
+                    if math.isfinite(_xq):
+                        _xe = _xq
             _xs += _xe * _v_p[_i, _l]
         _out0[_i, _k] = _w * _xs
 
@@ -1715,8 +1725,9 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
     _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
-        if _scratch[10, _k] == 0.0:
+        if _scratch[11, _k] == 0.0:
             continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1725,11 +1736,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
             if _l == _k:
                 _xn = _xc0_0*_e_y + _xc0_1
                 _xb = _xb0_0*abs(_e_y) + _xb0_1
-            else:
-                _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
-                _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1832,7 +1839,12 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
                     _t0_1 = (1.0 - _e_y)*(1.0 - beta)
                     _t0_2 = 1.0 - _e_p
                     _xq = _xq + (_finite_or(((alpha*((((((_t0_0)/(_e_p))))/(_e_p)) + (((((_t0_1)/(_t0_2))))/(_t0_2))))/(_C)), ((((((((_t0_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t0_1*alpha)/(_C))))/(_t0_2))))/(_t0_2))))
-                else:
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
+            else:
+                _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
+                _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1965,8 +1977,8 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _out0[_i, _k, _l] = _w * _xq
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2025,8 +2037,9 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _t1_7 = abs(_r0)
     _t1_8 = abs(_r1)
     _t1_9 = _t1_6*_t1_7 + _t1_6*_t1_8 + _t1_6*smooth
-    _t1_10 = 4.0*_t1_1
-    _t1_11 = 0.0009765625*_t1_5
+    _t1_10 = _r0 + _r1 + smooth
+    _t1_11 = 4.0*_t1_1
+    _t1_12 = 0.0009765625*_t1_5
     _h0 = ((1.0)/(_t1_0))
     _h1 = _t1_1
     _h2 = ((1.0)/(_t1_0**3))
@@ -2039,9 +2052,10 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h9 = (-_t1_3 + _t1_4)
     _h10 = (_t1_9)
     _h11 = (_t1_6*abs(_r4) + _t1_9)
-    _h12 = (-_r0*_t1_10 - _r1*_t1_10 - _t1_10*smooth)
-    _h13 = (_t1_11*_t1_7 + _t1_11*_t1_8 + _t1_11*smooth)
-    _scratch = np.empty((11, _n))
+    _h12 = ((1.0)/(_t1_10**2*abs(_t1_10)))
+    _h13 = (-_r0*_t1_11 - _r1*_t1_11 - _t1_11*smooth)
+    _h14 = (_t1_12*_t1_7 + _t1_12*_t1_8 + _t1_12*smooth)
+    _scratch = np.empty((12, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2061,14 +2075,16 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _h10
         _scratch[9, _k] = _e_y*_h10 + _h11
-        _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h9) < _e_y*_h13 + _h11) | (_e_y*_h13 + _h11 < 1.0261342003245941e-289) else 0.0
+        _scratch[10, _k] = _h12
+        _scratch[11, _k] = 1.0 if (abs(_e_y*_h13 + _h9) < _e_y*_h14 + _h11) | (_e_y*_h14 + _h11 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[10, _j] != 0.0
+        _xj = _scratch[11, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < (_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l])) | ((_scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
-        _scratch[10, _j] = 1.0 if _xj else 0.0
+            _xbl = _scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[10, _j] < 1.0261342003245941e-289))
+        _scratch[11, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)

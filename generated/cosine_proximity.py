@@ -64,6 +64,210 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xgrow(p, n, x):
+    """Add x to the non-overlapping expansion p[0:n] (increasing magnitudes), exactly (Shewchuk's
+    grow-expansion with zero elimination, as Python's math.fsum); returns its new length."""
+    i = 0
+    for j in range(n):
+        y = p[j]
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo != 0.0:
+            p[i] = lo
+            i += 1
+        x = hi
+    p[i] = x
+    return i + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue(p, n):
+    """The expansion p[0:n] rounded to a float (from its largest part down: faithful)."""
+    s = 0.0
+    for j in range(n - 1, -1, -1):
+        s += p[j]
+    return s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xcompress(e, n, u):
+    """The expansion e[0:n] in as few parts as it needs, in place (Shewchuk's Compress: a
+    sweep down, then one up), so that its products with others stay short; returns its length."""
+    if n < 2:
+        return n
+    q = e[n - 1]
+    bottom = n - 1
+    for i in range(n - 2, -1, -1):
+        s = q + e[i]
+        r = e[i] - (s - q)
+        if r != 0.0:
+            u[bottom] = s
+            bottom -= 1
+            q = r
+        else:
+            q = s
+    u[bottom] = q
+    top = 0
+    for i in range(bottom + 1, n):
+        s = u[i] + q
+        r = q - (s - u[i])
+        if r != 0.0:
+            e[top] = r
+            top += 1
+        q = s
+    e[top] = q
+    return top + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xcopy(t, e, ne):
+    """t[0:ne] = e[0:ne]; returns ne."""
+    for j in range(ne):
+        t[j] = e[j]
+    return ne
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xgrow_product(u, n, a, b):
+    """Add a*b to the expansion u[0:n], exactly: its rounded value and, by a fused multiply-add,
+    its error; returns the new length."""
+    hi = a * b
+    lo = _fma(a, b, -hi)
+    if hi != 0.0:
+        n = _xgrow(u, n, hi)
+    if lo != 0.0:
+        n = _xgrow(u, n, lo)
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xsettle(t, u, n):
+    """Copy the expansion u[0:n] into t (a single 0.0 where it is empty); returns its length."""
+    if n == 0:
+        u[0] = 0.0
+        n = 1
+    for i in range(n):
+        t[i] = u[i]
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmul(t, m, f, u):
+    """t[0:m] times the float f, exactly (each product grown into u), copied back into t;
+    returns its length."""
+    n = 0
+    for i in range(m):
+        n = _xgrow_product(u, n, t[i], f)
+    return _xsettle(t, u, n)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmulx(t, m, e, ne, u):
+    """t[0:m] times the expansion e[0:ne], exactly (each product of parts grown into u), copied
+    back into t; returns its length."""
+    n = 0
+    for i in range(m):
+        for j in range(ne):
+            n = _xgrow_product(u, n, t[i], e[j])
+    return _xsettle(t, u, n)
+
+
+# Expansions in a binary scale: the value of (p[0:n], s) is 2**s * sum(p[0:n]), so that
+# products of inputs at 1e-300 keep their error parts (a plain expansion's underflow).
+@numba.njit(cache=True, error_model="numpy")
+def _xgrow_s(p, n, s, x, e):
+    """Add x * 2**e to the scaled expansion (p[0:n], s), exactly while the parts stay above the
+    subnormal range relative to its largest term (beyond 2**-1022 of it, they round: a sum
+    that cancels below 2**-1000 of its terms); returns its new (length, scale). The first term
+    sets the scale."""
+    if x == 0.0:
+        return n, s
+    if n == 0:
+        m, k = math.frexp(x)
+        return _xgrow(p, 0, m), k + e
+    xs = x if e == s else math.ldexp(x, e - s)
+    if not abs(xs) < 2.0 ** 512:
+        m, k = math.frexp(x)
+        k += e
+        for i in range(n):
+            p[i] = math.ldexp(p[i], s - k)
+        s = k
+        xs = m
+    return _xgrow(p, n, xs), s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xgrow_all_s(p, n, s, t, m, ts):
+    """Add the scaled expansion (t[0:m], ts) to (p[0:n], s); returns its new (length, scale)."""
+    for j in range(m):
+        n, s = _xgrow_s(p, n, s, t[j], ts)
+    return n, s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xtwo_product(a, b):
+    """a*b = (h + l) * 2**e exactly: h = a*b and its error by a fused multiply-add where h is in
+    2**-900 ... 2**900 (e = 0), else from the mantissas of a and b (no underflow)."""
+    h = a * b
+    if abs(h) > 2.0 ** -900 and abs(h) < 2.0 ** 900:
+        return h, _fma(a, b, -h), 0
+    ma, ea = math.frexp(a)
+    mb, eb = math.frexp(b)
+    h = ma * mb
+    return h, _fma(ma, mb, -h), ea + eb
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xnormalize(p, n, s):
+    """Scale the parts of (p[0:n], s) so that the largest is in [0.5, 1); returns the scale."""
+    if n == 0 or p[n - 1] == 0.0:
+        return s
+    k = math.frexp(p[n - 1])[1]
+    for i in range(n):
+        p[i] = math.ldexp(p[i], -k)
+    return s + k
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmul_s(t, m, s, f, u):
+    """(t[0:m], s) times the float f, exactly: its mantissa times the parts; returns (length,
+    scale)."""
+    mf, ef = math.frexp(f)
+    return _xmul(t, m, mf, u), s + ef
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmulx_s(t, m, s, e, ne, es, u):
+    """(t[0:m], s) times the scaled expansion (e[0:ne], es) (normalized), exactly (t normalized
+    first); returns (length, scale)."""
+    s = _xnormalize(t, m, s)
+    return _xmulx(t, m, e, ne, u), s + es
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue_s(p, n, s):
+    """The scaled expansion (p[0:n], s) rounded to a float."""
+    return math.ldexp(_xvalue(p, n), s)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue_m(p, n, s):
+    """The scaled expansion (p[0:n], s) rounded, as (mantissa, scale): mantissa * 2**scale."""
+    s = _xnormalize(p, n, s)
+    return _xvalue(p, n), s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xsqrt_m(m, s):
+    """The root of m * 2**s (m >= 0) as (mantissa, scale), rounded once: an even scale halved."""
+    if s % 2 != 0:
+        m, s = 2.0 * m, s - 1
+    return math.sqrt(m), s // 2
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -157,6 +361,207 @@ def loss_kernel_parallel(y, x, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((12, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _xA0r0_0 = _xbuffer[8]
+    _xA0r0_1 = _xbuffer[9]
+    _xA0r1_0 = _xbuffer[10]
+    _xA0r1_1 = _xbuffer[11]
+    _x_r0_n = 0
+    _x_r0_s = 0
+    _x_r1_n = 0
+    _x_r1_s = 0
+    _x_r2_n = 0
+    _x_r2_s = 0
+    _r2_abs = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _r2_abs += abs(_e_x*_e_y)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
+    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
+    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
+    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
+    _xready0r0 = False
+    _xd0r0_0 = 1.0
+    _xd0r0_0_s = 0
+    _xd0r0_1 = 1.0
+    _xd0r0_1_s = 0
+    _xA0r0_0_n = 0
+    _xA0r0_0_s = 0
+    _xA0r0_1_n = 0
+    _xA0r0_1_s = 0
+    _xc0r0_0 = (_r2)
+    _xb0r0_0 = (0.000244140625*_r2_abs)
+    _xc0r0_1 = (-_r0)
+    _xb0r0_1 = (0.000244140625*abs(_r0))
+    _xready0r1 = False
+    _xd0r1_0 = 1.0
+    _xd0r1_0_s = 0
+    _xd0r1_1 = 1.0
+    _xd0r1_1_s = 0
+    _xA0r1_0_n = 0
+    _xA0r1_0_s = 0
+    _xA0r1_1_n = 0
+    _xA0r1_1_s = 0
+    _xc0r1_0 = (_r2)
+    _xb0r1_0 = (0.000244140625*_r2_abs)
+    _xc0r1_1 = (-_r0)
+    _xb0r1_1 = (0.000244140625*abs(_r0))
+    _xregion0 = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0) if (eps < math.sqrt(_r1)) else (3.0))
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        if _xregion0 == 0:
+            _xn = _xc0r0_0*_e_x + _xc0r0_1*_e_y
+            _xb = _xb0r0_0*abs(_e_x) + _xb0r0_1*abs(_e_y)
+            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                if not _xready0r0:
+                    _xready0r0 = True
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                    _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                    _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
+                    _xA0r0_0_n = 0
+                    _xA0r0_0_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                    _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
+                    _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
+                    _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
+                    _xA0r0_1_n = 0
+                    _xA0r0_1_s = 0
+                    _xt[0] = -1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
+                    _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
+                    _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
+                _xa_n = 0
+                _xa_s = 0
+                _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
+                _xt_s = _xA0r0_0_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xm = _xcopy(_xt, _xA0r0_1, _xA0r0_1_n)
+                _xt_s = _xA0r0_1_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_1
+                _xq_s -= _xd0r0_1_s
+                _xq = math.ldexp(_xq, _xq_s)
+                if math.isfinite(_xq):
+                    _out0[_i, _k] = _w * _xq
+        if _xregion0 == 1:
+            _xn = _xc0r1_0*_e_x + _xc0r1_1*_e_y
+            _xb = _xb0r1_0*abs(_e_x) + _xb0r1_1*abs(_e_y)
+            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                if not _xready0r1:
+                    _xready0r1 = True
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
+                    _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                    _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                    _xA0r1_0_n = 0
+                    _xA0r1_0_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                    _xA0r1_0_n, _xA0r1_0_s = _xgrow_all_s(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s, _xt, _xm, _xt_s)
+                    _xA0r1_0_n = _xcompress(_xA0r1_0, _xA0r1_0_n, _xu)
+                    _xA0r1_0_s = _xnormalize(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s)
+                    _xA0r1_1_n = 0
+                    _xA0r1_1_s = 0
+                    _xt[0] = -1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xA0r1_1_n, _xA0r1_1_s = _xgrow_all_s(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s, _xt, _xm, _xt_s)
+                    _xA0r1_1_n = _xcompress(_xA0r1_1, _xA0r1_1_n, _xu)
+                    _xA0r1_1_s = _xnormalize(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s)
+                _xa_n = 0
+                _xa_s = 0
+                _xm = _xcopy(_xt, _xA0r1_0, _xA0r1_0_n)
+                _xt_s = _xA0r1_0_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xm = _xcopy(_xt, _xA0r1_1, _xA0r1_1_n)
+                _xt_s = _xA0r1_1_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xq = _xq / _xd0r1_0
+                _xq_s -= _xd0r1_0_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = math.ldexp(_xq, _xq_s)
+                if math.isfinite(_xq):
+                    _out0[_i, _k] = _w * _xq
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     """grad of row _i, times _weight[i] when given."""
     _inside = True
@@ -176,9 +581,14 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r0_error = 0.0
     _r1 = 0.0
     _r1_error = 0.0
+    _r2 = 0.0
+    _r2_error = 0.0
+    _r2_abs = 0.0
+    _r2_abs_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_x*_e_y
         _s = abs(_e_y)
         _x = _l1_y + _s
         _z = _x - _l1_y
@@ -198,6 +608,16 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
+        _s = _t0_0
+        _x = _r2 + _s
+        _z = _x - _r2
+        _r2_error += (_r2 - (_x - _z)) + (_s - _z)
+        _r2 = _x
+        _s = abs(_t0_0)
+        _x = _r2_abs + _s
+        _z = _x - _r2_abs
+        _r2_abs_error += (_r2_abs - (_x - _z)) + (_s - _z)
+        _r2_abs = _x
     _l1_y_hi = _l1_y
     if math.isfinite(_l1_y):
         _l1_y += _l1_y_error
@@ -207,6 +627,12 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
+    _r2_hi = _r2
+    if math.isfinite(_r2):
+        _r2 += _r2_error
+    _r2_abs_hi = _r2_abs
+    if math.isfinite(_r2_abs):
+        _r2_abs += _r2_abs_error
     _k = _am_x
     _e_x = x[_i, _k]
     _xm_x = _e_x
@@ -245,6 +671,11 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _h5 = _t4_2
     _h6 = _t4_4
     _h7 = ((1.0)/(_t4_4))
+    _h8 = (_r2)
+    _h9 = (-_r0)
+    _h10 = (0.000244140625*_r2_abs)
+    _h11 = (0.000244140625*abs(_r0))
+    _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -258,6 +689,11 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
         else:
             _t5_2 = _e_y
         _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start(-((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x**2), _r0_error)))))*(_h2*_t5_2)), ((_e_x*_h1))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_2), _xr_x_y_error))))))))/(_t5_5)))) if _t5_6 and _t5_7 else (_h6*(((_h0*_sum_finish(_sum_add(_sum_start(-((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x**2), _r0_error)))))*(_h7*_t5_2)), ((_e_x*_h1))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_2), _xr_x_y_error))))))))/(_t5_5*eps)))) if _t5_6 else (((_t5_8)/(math.sqrt(_r1)*eps))) if _t5_7 else ((((((_t5_8)/(eps))))/(eps)))))
+        _t6_0 = (_h4 > eps)
+        _t6_1 = _t6_0 and (_t6_0 or (_h5 > eps))
+        _xflag |= (abs(_e_x*((_h8) if _t6_1 else (0.0)) + _e_y*((_h9) if _t6_1 else (0.0))) < ((_h10) if _t6_1 else (math.nan))*abs(_e_x) + ((_h11) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h10) if _t6_1 else (math.nan))*abs(_e_x) + ((_h11) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
+    if _xflag:
+        _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -276,6 +712,293 @@ def grad_kernel_parallel(y, x, eps, _weight, _out0):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _grad_row(np.int64(_i), _n, _C, y, x, eps, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((14, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _xA0r0_0 = _xbuffer[8]
+    _xA0r0_1 = _xbuffer[9]
+    _xA0r0_2 = _xbuffer[10]
+    _xA0r1_0 = _xbuffer[11]
+    _xA0r1_1 = _xbuffer[12]
+    _xA0r1_2 = _xbuffer[13]
+    _x_r0_n = 0
+    _x_r0_s = 0
+    _x_r1_n = 0
+    _x_r1_s = 0
+    _x_r2_n = 0
+    _x_r2_s = 0
+    _r2_abs = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _r2_abs += abs(_e_x*_e_y)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
+    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
+    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
+    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
+    _xready0r0 = False
+    _xd0r0_0 = 1.0
+    _xd0r0_0_s = 0
+    _xd0r0_1 = 1.0
+    _xd0r0_1_s = 0
+    _xA0r0_0_n = 0
+    _xA0r0_0_s = 0
+    _xA0r0_1_n = 0
+    _xA0r0_1_s = 0
+    _xA0r0_2_n = 0
+    _xA0r0_2_s = 0
+    _xc0r0_0 = (-3.0*_r2)
+    _xb0r0_0 = (0.000732421875*_r2_abs)
+    _xc0r0_1 = (2.0*_r0)
+    _xb0r0_1 = (0.00048828125*abs(_r0))
+    _xc0r0_2 = (_r0*_r2)
+    _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xready0r1 = False
+    _xd0r1_0 = 1.0
+    _xd0r1_0_s = 0
+    _xd0r1_1 = 1.0
+    _xd0r1_1_s = 0
+    _xA0r1_0_n = 0
+    _xA0r1_0_s = 0
+    _xA0r1_1_n = 0
+    _xA0r1_1_s = 0
+    _xA0r1_2_n = 0
+    _xA0r1_2_s = 0
+    _xc0r1_0 = (-3.0*_r2)
+    _xb0r1_0 = (0.000732421875*_r2_abs)
+    _xc0r1_1 = (2.0*_r0)
+    _xb0r1_1 = (0.00048828125*abs(_r0))
+    _xc0r1_2 = (_r0*_r2)
+    _xb0r1_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xregion0 = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0))
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        if _xregion0 == 0:
+            _xn = _xc0r0_0*_e_x**2 + _xc0r0_1*_e_x*_e_y + _xc0r0_2
+            _xb = _xb0r0_0*abs(_e_x**2) + _xb0r0_1*abs(_e_x*_e_y) + _xb0r0_2
+            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                if not _xready0r0:
+                    _xready0r0 = True
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                    _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                    _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
+                    _xA0r0_0_n = 0
+                    _xA0r0_0_s = 0
+                    _xt[0] = -1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                    _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
+                    _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
+                    _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
+                    _xA0r0_1_n = 0
+                    _xA0r0_1_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
+                    _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
+                    _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
+                    _xp[0] = 1.0
+                    _xp_n = 1
+                    _xp_s = 0
+                    _xf_n = 0
+                    _xf_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                    _xf_n = _xcompress(_xf, _xf_n, _xu)
+                    _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                    _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                    _xf_n = 0
+                    _xf_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                    _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                    _xf_n = _xcompress(_xf, _xf_n, _xu)
+                    _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                    _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                    _xA0r0_2_n = _xcopy(_xA0r0_2, _xp, _xp_n)
+                    _xA0r0_2_s = _xp_s
+                    _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
+                    _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
+                _xa_n = 0
+                _xa_s = 0
+                _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
+                _xt_s = _xA0r0_0_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xm = _xcopy(_xt, _xA0r0_1, _xA0r0_1_n)
+                _xt_s = _xA0r0_1_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xm = _xcopy(_xt, _xA0r0_2, _xA0r0_2_n)
+                _xt_s = _xA0r0_2_s
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_0
+                _xq_s -= _xd0r0_0_s
+                _xq = _xq / _xd0r0_1
+                _xq_s -= _xd0r0_1_s
+                _xq = math.ldexp(_xq, _xq_s)
+                if math.isfinite(_xq):
+                    _out0[_i, _k] = _w * _xq
+        if _xregion0 == 1:
+            _xn = _xc0r1_0*_e_x**2 + _xc0r1_1*_e_x*_e_y + _xc0r1_2
+            _xb = _xb0r1_0*abs(_e_x**2) + _xb0r1_1*abs(_e_x*_e_y) + _xb0r1_2
+            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                if not _xready0r1:
+                    _xready0r1 = True
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
+                    _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xa_n = 0
+                    _xa_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                    _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                    _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                    _xA0r1_0_n = 0
+                    _xA0r1_0_s = 0
+                    _xt[0] = -1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                    _xA0r1_0_n, _xA0r1_0_s = _xgrow_all_s(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s, _xt, _xm, _xt_s)
+                    _xA0r1_0_n = _xcompress(_xA0r1_0, _xA0r1_0_n, _xu)
+                    _xA0r1_0_s = _xnormalize(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s)
+                    _xA0r1_1_n = 0
+                    _xA0r1_1_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xA0r1_1_n, _xA0r1_1_s = _xgrow_all_s(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s, _xt, _xm, _xt_s)
+                    _xA0r1_1_n = _xcompress(_xA0r1_1, _xA0r1_1_n, _xu)
+                    _xA0r1_1_s = _xnormalize(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s)
+                    _xp[0] = 1.0
+                    _xp_n = 1
+                    _xp_s = 0
+                    _xf_n = 0
+                    _xf_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                    _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                    _xf_n = _xcompress(_xf, _xf_n, _xu)
+                    _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                    _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                    _xf_n = 0
+                    _xf_s = 0
+                    _xt[0] = 1.0
+                    _xm = 1
+                    _xt_s = 0
+                    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                    _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                    _xf_n = _xcompress(_xf, _xf_n, _xu)
+                    _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                    _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                    _xA0r1_2_n = _xcopy(_xA0r1_2, _xp, _xp_n)
+                    _xA0r1_2_s = _xp_s
+                    _xA0r1_2_n = _xcompress(_xA0r1_2, _xA0r1_2_n, _xu)
+                    _xA0r1_2_s = _xnormalize(_xA0r1_2, _xA0r1_2_n, _xA0r1_2_s)
+                _xa_n = 0
+                _xa_s = 0
+                _xm = _xcopy(_xt, _xA0r1_0, _xA0r1_0_n)
+                _xt_s = _xA0r1_0_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xm = _xcopy(_xt, _xA0r1_1, _xA0r1_1_n)
+                _xt_s = _xA0r1_1_s
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xm = _xcopy(_xt, _xA0r1_2, _xA0r1_2_n)
+                _xt_s = _xA0r1_2_s
+                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xq = _xq / _xd0r1_0
+                _xq_s -= _xd0r1_0_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = _xq / _xd0r1_1
+                _xq_s -= _xd0r1_1_s
+                _xq = math.ldexp(_xq, _xq_s)
+                if math.isfinite(_xq):
+                    _out0[_i, _k] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -298,9 +1021,12 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_abs = 0.0
+    _r2_abs_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_x*_e_y
         _s = abs(_e_y)
         _x = _l1_y + _s
         _z = _x - _l1_y
@@ -316,11 +1042,16 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _e_x*_e_y
+        _s = _t0_0
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _s = abs(_t0_0)
+        _x = _r2_abs + _s
+        _z = _x - _r2_abs
+        _r2_abs_error += (_r2_abs - (_x - _z)) + (_s - _z)
+        _r2_abs = _x
     _l1_y_hi = _l1_y
     if math.isfinite(_l1_y):
         _l1_y += _l1_y_error
@@ -333,12 +1064,16 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
+    _r2_abs_hi = _r2_abs
+    if math.isfinite(_r2_abs):
+        _r2_abs += _r2_abs_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
     _t1_3 = math.ldexp(1.0, math.frexp(_t1_2)[1])
     _t1_4 = math.ldexp(1.0, math.frexp(_l1_y)[1])
+    _t1_5 = abs(_r0)
     _h0 = (((_t1_1)/(_t1_0)))**3
     _h1 = ((1.0)/(_t1_1))
     _h2 = ((1.0)/(_t1_3))
@@ -347,12 +1082,26 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _h5 = _t1_2
     _h6 = _t1_4
     _h7 = ((1.0)/(_t1_4))
+    _h8 = (-3.0*_r2)
+    _h9 = (2.0*_r0)
+    _h10 = (_r0*_r2)
+    _h11 = (0.000732421875*_r2_abs)
+    _h12 = (0.00048828125*_t1_5)
+    _h13 = (0.000244140625*_r2_abs*_t1_5)
+    _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_x**2
         _t2_4 = (_h4 > eps)
         _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))) if _t2_4 and (_h5 > eps) else (_h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))) if _t2_4 else (0.0)))
+        _t3_0 = (_h4 > eps)
+        _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))
+        _t3_2 = _e_x*_e_y
+        _t3_3 = _e_x**2
+        _xflag |= (abs(_t3_2*((_h9) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h10) if _t3_1 else (0.0))) < _t3_3*((_h11) if _t3_1 else (math.nan)) + ((_h12) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h13) if _t3_1 else (math.nan))) | (_t3_3*((_h11) if _t3_1 else (math.nan)) + ((_h12) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h13) if _t3_1 else (math.nan)) < 1.0261342003245941e-289)
+    if _xflag:
+        _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -396,9 +1145,12 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_abs = 0.0
+    _r2_abs_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_x*_e_y
         _s = abs(_e_y)
         _x = _l1_y + _s
         _z = _x - _l1_y
@@ -418,11 +1170,16 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _e_x*_e_y
+        _s = _t0_0
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _s = abs(_t0_0)
+        _x = _r2_abs + _s
+        _z = _x - _r2_abs
+        _r2_abs_error += (_r2_abs - (_x - _z)) + (_s - _z)
+        _r2_abs = _x
     _l1_y_hi = _l1_y
     if math.isfinite(_l1_y):
         _l1_y += _l1_y_error
@@ -435,6 +1192,9 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
+    _r2_abs_hi = _r2_abs
+    if math.isfinite(_r2_abs):
+        _r2_abs += _r2_abs_error
     _k = _am_x
     _e_x = x[_i, _k]
     _xm_x = _e_x
@@ -466,6 +1226,8 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _t4_3 = math.sqrt(_r1)
     _t4_4 = math.ldexp(1.0, math.frexp(_t4_3)[1])
     _t4_5 = math.ldexp(1.0, math.frexp(_l1_y)[1])
+    _t4_6 = 0.000244140625*_r2_abs
+    _t4_7 = abs(_r0)
     _h0 = _t4_2**2
     _h1 = ((1.0)/(_t4_1))
     _h2 = ((1.0)/(_t4_4))
@@ -475,6 +1237,17 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _h6 = _t4_5
     _h7 = ((1.0)/(_t4_5))
     _h8 = _t4_2**3
+    _h9 = (_r2)
+    _h10 = (-_r0)
+    _h11 = (_t4_6)
+    _h12 = (0.000244140625*_t4_7)
+    _h13 = (-3.0*_r2)
+    _h14 = (2.0*_r0)
+    _h15 = (_r0*_r2)
+    _h16 = (0.000732421875*_r2_abs)
+    _h17 = (0.00048828125*_t4_7)
+    _h18 = (_t4_6*_t4_7)
+    _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -494,6 +1267,15 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
             _t5_3 = _e_y
         _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h2*_t5_3)), _t5_4*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6)))) if _t5_9 else (_h6*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h7*_t5_3)), _t5_4*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6*eps)))) if _t5_7 else (((_t5_10)/(math.sqrt(_r1)*eps))) if _t5_8 else ((((((_t5_10)/(eps))))/(eps)))))
         _out1[_i, _k] = _w * ((((((_h3*_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))) if _t5_9 else (_h6*((((((_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))) if _t5_7 else (0.0)))
+        _t6_0 = (_h4 > eps)
+        _t6_1 = _t6_0 and (_t6_0 or (_h5 > eps))
+        _t6_2 = _e_x*_e_y
+        _t6_3 = _e_x**2
+        _xflag |= (abs(_e_x*((_h9) if _t6_1 else (0.0)) + _e_y*((_h10) if _t6_1 else (0.0))) < ((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
+        _xflag |= (abs(_t6_2*((_h14) if _t6_1 else (0.0)) + _t6_3*((_h13) if _t6_1 else (0.0)) + ((_h15) if _t6_1 else (0.0))) < _t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan))) | (_t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
+    if _xflag:
+        _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
+        _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -538,9 +1320,12 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_abs = 0.0
+    _r2_abs_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_x*_e_y
         _s = abs(_e_y)
         _x = _l1_y + _s
         _z = _x - _l1_y
@@ -560,11 +1345,16 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _e_x*_e_y
+        _s = _t0_0
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _s = abs(_t0_0)
+        _x = _r2_abs + _s
+        _z = _x - _r2_abs
+        _r2_abs_error += (_r2_abs - (_x - _z)) + (_s - _z)
+        _r2_abs = _x
     _l1_y_hi = _l1_y
     if math.isfinite(_l1_y):
         _l1_y += _l1_y_error
@@ -577,6 +1367,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
+    _r2_abs_hi = _r2_abs
+    if math.isfinite(_r2_abs):
+        _r2_abs += _r2_abs_error
     _k = _am_x
     _e_x = x[_i, _k]
     _xm_x = _e_x
@@ -611,6 +1404,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _t4_6 = (((_t4_5)/(_t4_1)))
     _t4_7 = math.ldexp(1.0, math.frexp(_t4_2)[1])
     _t4_8 = math.ldexp(1.0, math.frexp(_l1_y)[1])
+    _t4_9 = 0.000244140625*_r2_abs
+    _t4_10 = abs(_r0)
     _out0[_i] = _w * (((((_t4_0)/(_t4_1*_t4_2))) if _t4_3 and _t4_4 else (((_t4_0)/(_t4_1*eps))) if _t4_3 else (((_t4_0)/(_t4_2*eps))) if _t4_4 else ((((((_t4_0)/(eps))))/(eps)))))
     _h0 = _t4_6**2
     _h1 = ((1.0)/(_t4_5))
@@ -621,6 +1416,17 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _h6 = _t4_8
     _h7 = ((1.0)/(_t4_8))
     _h8 = _t4_6**3
+    _h9 = (_r2)
+    _h10 = (-_r0)
+    _h11 = (_t4_9)
+    _h12 = (0.000244140625*_t4_10)
+    _h13 = (-3.0*_r2)
+    _h14 = (2.0*_r0)
+    _h15 = (_r0*_r2)
+    _h16 = (0.000732421875*_r2_abs)
+    _h17 = (0.00048828125*_t4_10)
+    _h18 = (_t4_10*_t4_9)
+    _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -640,6 +1446,15 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
             _t5_3 = _e_y
         _out1[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h2*_t5_3)), _t5_4*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6)))) if _t5_9 else (_h6*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h7*_t5_3)), _t5_4*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6*eps)))) if _t5_7 else (((_t5_10)/(math.sqrt(_r1)*eps))) if _t5_8 else ((((((_t5_10)/(eps))))/(eps)))))
         _out2[_i, _k] = _w * ((((((_h3*_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))) if _t5_9 else (_h6*((((((_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))) if _t5_7 else (0.0)))
+        _t6_0 = (_h4 > eps)
+        _t6_1 = _t6_0 and (_t6_0 or (_h5 > eps))
+        _t6_2 = _e_x*_e_y
+        _t6_3 = _e_x**2
+        _xflag |= (abs(_e_x*((_h9) if _t6_1 else (0.0)) + _e_y*((_h10) if _t6_1 else (0.0))) < ((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
+        _xflag |= (abs(_t6_2*((_h14) if _t6_1 else (0.0)) + _t6_3*((_h13) if _t6_1 else (0.0)) + ((_h15) if _t6_1 else (0.0))) < _t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan))) | (_t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
+    if _xflag:
+        _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w)
+        _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -658,6 +1473,510 @@ def loss_grad_hess_kernel_parallel(y, x, eps, _weight, _out0, _out1, _out2):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _loss_grad_hess_row(np.int64(_i), _n, _C, y, x, eps, _weight, _out0, _out1, _out2)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((20, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _xA0r0_0 = _xbuffer[8]
+    _xA0r0_1 = _xbuffer[9]
+    _xA0r0_2 = _xbuffer[10]
+    _xA0r1_0 = _xbuffer[11]
+    _xA0r1_1 = _xbuffer[12]
+    _xA0r1_2 = _xbuffer[13]
+    _xA1r0_0 = _xbuffer[14]
+    _xA1r0_1 = _xbuffer[15]
+    _xA1r0_2 = _xbuffer[16]
+    _xA1r1_0 = _xbuffer[17]
+    _xA1r1_1 = _xbuffer[18]
+    _xA1r1_2 = _xbuffer[19]
+    _x_r0_n = 0
+    _x_r0_s = 0
+    _x_r1_n = 0
+    _x_r1_s = 0
+    _x_r2_n = 0
+    _x_r2_s = 0
+    _r2_abs = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _r2_abs += abs(_e_x*_e_y)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
+    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
+    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
+    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
+    _xready0r0 = False
+    _xd0r0_0 = 1.0
+    _xd0r0_0_s = 0
+    _xd0r0_1 = 1.0
+    _xd0r0_1_s = 0
+    _xA0r0_0_n = 0
+    _xA0r0_0_s = 0
+    _xA0r0_1_n = 0
+    _xA0r0_1_s = 0
+    _xA0r0_2_n = 0
+    _xA0r0_2_s = 0
+    _xc0r0_0 = (-3.0*_r2)
+    _xb0r0_0 = (0.000732421875*_r2_abs)
+    _xc0r0_1 = (2.0*_r0)
+    _xb0r0_1 = (0.00048828125*abs(_r0))
+    _xc0r0_2 = (_r0*_r2)
+    _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xready0r1 = False
+    _xd0r1_0 = 1.0
+    _xd0r1_0_s = 0
+    _xd0r1_1 = 1.0
+    _xd0r1_1_s = 0
+    _xA0r1_0_n = 0
+    _xA0r1_0_s = 0
+    _xA0r1_1_n = 0
+    _xA0r1_1_s = 0
+    _xA0r1_2_n = 0
+    _xA0r1_2_s = 0
+    _xc0r1_0 = (-3.0*_r2)
+    _xb0r1_0 = (0.000732421875*_r2_abs)
+    _xc0r1_1 = (2.0*_r0)
+    _xb0r1_1 = (0.00048828125*abs(_r0))
+    _xc0r1_2 = (_r0*_r2)
+    _xb0r1_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xready1r0 = False
+    _xd1r0_0 = 1.0
+    _xd1r0_0_s = 0
+    _xd1r0_1 = 1.0
+    _xd1r0_1_s = 0
+    _xA1r0_0_n = 0
+    _xA1r0_0_s = 0
+    _xA1r0_1_n = 0
+    _xA1r0_1_s = 0
+    _xA1r0_2_n = 0
+    _xA1r0_2_s = 0
+    _xc1r0_0 = (-3.0*_r2)
+    _xb1r0_0 = (0.000732421875*_r2_abs)
+    _xc1r0_1 = (_r0)
+    _xb1r0_1 = (0.000244140625*abs(_r0))
+    _xc1r0_2 = (_r0)
+    _xb1r0_2 = (0.000244140625*abs(_r0))
+    _xready1r1 = False
+    _xd1r1_0 = 1.0
+    _xd1r1_0_s = 0
+    _xd1r1_1 = 1.0
+    _xd1r1_1_s = 0
+    _xA1r1_0_n = 0
+    _xA1r1_0_s = 0
+    _xA1r1_1_n = 0
+    _xA1r1_1_s = 0
+    _xA1r1_2_n = 0
+    _xA1r1_2_s = 0
+    _xc1r1_0 = (-3.0*_r2)
+    _xb1r1_0 = (0.000732421875*_r2_abs)
+    _xc1r1_1 = (_r0)
+    _xb1r1_1 = (0.000244140625*abs(_r0))
+    _xc1r1_2 = (_r0)
+    _xb1r1_2 = (0.000244140625*abs(_r0))
+    _xregion = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0))
+    _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
+    for _k in range(_n):
+        if _scratch[9, _k] == 0.0:
+            continue
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _xs = 0.0
+        for _l in range(_n):
+            _at_l_x = x[_i, _l]
+            _at_l_y = y[_i, _l]
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
+            if _xregion == 0:
+                if _l == _k:
+                    _xn = _xc0r0_0*_e_x**2 + _xc0r0_1*_e_x*_e_y + _xc0r0_2
+                    _xb = _xb0r0_0*abs(_e_x**2) + _xb0r0_1*abs(_e_x*_e_y) + _xb0r0_2
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                        if not _xready0r0:
+                            _xready0r0 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
+                            _xA0r0_0_n = 0
+                            _xA0r0_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
+                            _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
+                            _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
+                            _xA0r0_1_n = 0
+                            _xA0r0_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
+                            _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
+                            _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
+                            _xp[0] = 1.0
+                            _xp_n = 1
+                            _xp_s = 0
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xA0r0_2_n = _xcopy(_xA0r0_2, _xp, _xp_n)
+                            _xA0r0_2_s = _xp_s
+                            _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
+                            _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
+                        _xt_s = _xA0r0_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r0_1, _xA0r0_1_n)
+                        _xt_s = _xA0r0_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r0_2, _xA0r0_2_n)
+                        _xt_s = _xA0r0_2_s
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_1
+                        _xq_s -= _xd0r0_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _xe = _xq
+                else:
+                    _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
+                    _xb = _xb1r0_0*abs(_at_l_x*_e_x) + _xb1r0_1*abs(_at_l_x*_e_y) + _xb1r0_2*abs(_at_l_y*_e_x)
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                        if not _xready1r0:
+                            _xready1r0 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd1r0_0, _xd1r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd1r0_0, _xd1r0_0_s = _xsqrt_m(_xd1r0_0, _xd1r0_0_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
+                            _xA1r0_0_n = 0
+                            _xA1r0_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _xt, _xm, _xt_s)
+                            _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
+                            _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
+                            _xA1r0_1_n = 0
+                            _xA1r0_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
+                            _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
+                            _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
+                            _xA1r0_2_n = 0
+                            _xA1r0_2_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r0_2_n, _xA1r0_2_s = _xgrow_all_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, _xt, _xm, _xt_s)
+                            _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
+                            _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
+                        _xt_s = _xA1r0_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r0_1, _xA1r0_1_n)
+                        _xt_s = _xA1r0_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r0_2, _xA1r0_2_n)
+                        _xt_s = _xA1r0_2_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_1
+                        _xq_s -= _xd1r0_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _xe = _xq
+            if _xregion == 1:
+                if _l == _k:
+                    _xn = _xc0r1_0*_e_x**2 + _xc0r1_1*_e_x*_e_y + _xc0r1_2
+                    _xb = _xb0r1_0*abs(_e_x**2) + _xb0r1_1*abs(_e_x*_e_y) + _xb0r1_2
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                        if not _xready0r1:
+                            _xready0r1 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
+                            _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                            _xA0r1_0_n = 0
+                            _xA0r1_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA0r1_0_n, _xA0r1_0_s = _xgrow_all_s(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s, _xt, _xm, _xt_s)
+                            _xA0r1_0_n = _xcompress(_xA0r1_0, _xA0r1_0_n, _xu)
+                            _xA0r1_0_s = _xnormalize(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s)
+                            _xA0r1_1_n = 0
+                            _xA0r1_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA0r1_1_n, _xA0r1_1_s = _xgrow_all_s(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s, _xt, _xm, _xt_s)
+                            _xA0r1_1_n = _xcompress(_xA0r1_1, _xA0r1_1_n, _xu)
+                            _xA0r1_1_s = _xnormalize(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s)
+                            _xp[0] = 1.0
+                            _xp_n = 1
+                            _xp_s = 0
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xA0r1_2_n = _xcopy(_xA0r1_2, _xp, _xp_n)
+                            _xA0r1_2_s = _xp_s
+                            _xA0r1_2_n = _xcompress(_xA0r1_2, _xA0r1_2_n, _xu)
+                            _xA0r1_2_s = _xnormalize(_xA0r1_2, _xA0r1_2_n, _xA0r1_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA0r1_0, _xA0r1_0_n)
+                        _xt_s = _xA0r1_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r1_1, _xA0r1_1_n)
+                        _xt_s = _xA0r1_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r1_2, _xA0r1_2_n)
+                        _xt_s = _xA0r1_2_s
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd0r1_0
+                        _xq_s -= _xd0r1_0_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _xe = _xq
+                else:
+                    _xn = _xc1r1_0*_at_l_x*_e_x + _xc1r1_1*_at_l_x*_e_y + _xc1r1_2*_at_l_y*_e_x
+                    _xb = _xb1r1_0*abs(_at_l_x*_e_x) + _xb1r1_1*abs(_at_l_x*_e_y) + _xb1r1_2*abs(_at_l_y*_e_x)
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                        if not _xready1r1:
+                            _xready1r1 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
+                            _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd1r1_1, _xd1r1_1_s = _xsqrt_m(_xd1r1_1, _xd1r1_1_s)
+                            _xA1r1_0_n = 0
+                            _xA1r1_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA1r1_0_n, _xA1r1_0_s = _xgrow_all_s(_xA1r1_0, _xA1r1_0_n, _xA1r1_0_s, _xt, _xm, _xt_s)
+                            _xA1r1_0_n = _xcompress(_xA1r1_0, _xA1r1_0_n, _xu)
+                            _xA1r1_0_s = _xnormalize(_xA1r1_0, _xA1r1_0_n, _xA1r1_0_s)
+                            _xA1r1_1_n = 0
+                            _xA1r1_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r1_1_n, _xA1r1_1_s = _xgrow_all_s(_xA1r1_1, _xA1r1_1_n, _xA1r1_1_s, _xt, _xm, _xt_s)
+                            _xA1r1_1_n = _xcompress(_xA1r1_1, _xA1r1_1_n, _xu)
+                            _xA1r1_1_s = _xnormalize(_xA1r1_1, _xA1r1_1_n, _xA1r1_1_s)
+                            _xA1r1_2_n = 0
+                            _xA1r1_2_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r1_2_n, _xA1r1_2_s = _xgrow_all_s(_xA1r1_2, _xA1r1_2_n, _xA1r1_2_s, _xt, _xm, _xt_s)
+                            _xA1r1_2_n = _xcompress(_xA1r1_2, _xA1r1_2_n, _xu)
+                            _xA1r1_2_s = _xnormalize(_xA1r1_2, _xA1r1_2_n, _xA1r1_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA1r1_0, _xA1r1_0_n)
+                        _xt_s = _xA1r1_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r1_1, _xA1r1_1_n)
+                        _xt_s = _xA1r1_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r1_2, _xA1r1_2_n)
+                        _xt_s = _xA1r1_2_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd1r1_0
+                        _xq_s -= _xd1r1_0_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _xe = _xq
+            _xs += _xe * _v_x[_i, _l]
+        _out0[_i, _k] = _w * _xs
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -680,9 +1999,12 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_abs = 0.0
+    _r2_abs_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_x*_e_y
         _s = abs(_e_y)
         _x = _l1_y + _s
         _z = _x - _l1_y
@@ -698,11 +2020,16 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _e_x*_e_y
+        _s = _t0_0
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _s = abs(_t0_0)
+        _x = _r2_abs + _s
+        _z = _x - _r2_abs
+        _r2_abs_error += (_r2_abs - (_x - _z)) + (_s - _z)
+        _r2_abs = _x
     _l1_y_hi = _l1_y
     if math.isfinite(_l1_y):
         _l1_y += _l1_y_error
@@ -715,12 +2042,18 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
+    _r2_abs_hi = _r2_abs
+    if math.isfinite(_r2_abs):
+        _r2_abs += _r2_abs_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
     _t1_3 = math.ldexp(1.0, math.frexp(_t1_2)[1])
     _t1_4 = math.ldexp(1.0, math.frexp(_l1_y)[1])
+    _t1_5 = _r0**(5/2)
+    _t1_6 = abs(_r0)
+    _t1_7 = 0.000244140625*_t1_6
     _h0 = (((_t1_1)/(_t1_0)))**3
     _h1 = ((1.0)/(_t1_1))
     _h2 = ((1.0)/(_t1_3))
@@ -729,7 +2062,17 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _h5 = _t1_2
     _h6 = _t1_4
     _h7 = ((1.0)/(_t1_4))
-    _scratch = np.empty((5, _n))
+    _h8 = ((1.0)/(abs(_t1_2*_t1_5)))
+    _h9 = (0.000732421875*_r2_abs)
+    _h10 = (_t1_7)
+    _h11 = ((1.0)/(abs(_t1_5)))
+    _h12 = (-3.0*_r2)
+    _h13 = (2.0*_r0)
+    _h14 = (_r0*_r2)
+    _h15 = (0.00048828125*_t1_6)
+    _h16 = (_r2_abs*_t1_7)
+    _scratch = np.empty((10, _n))
+    _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -739,29 +2082,58 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _t2_6 = -3.0*_e_x*_r2 + _e_y*_r0
         _t2_8 = 2.0*_r0**(5/2)
         _t2_9 = _r0**(3/2)
+        _t2_10 = abs(_e_y)
+        _t2_11 = abs(_e_x)
+        _t2_12 = _h10*_t2_10 + _h9*_t2_11
+        _t2_13 = _h10*_t2_11
         if _t2_5:
             _t2_7 = math.sqrt(_r1)
             _b2_0 = (((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))
             _b2_1 = ((_t2_6)/(_t2_7*_t2_8))
             _b2_2 = ((_e_x)/(_t2_7*_t2_9))
+            _b2_3 = _h8*_t2_12
+            _b2_4 = _h8*_t2_13
         elif _t2_4:
             _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))
             _b2_1 = ((_t2_6)/(_t2_8*eps))
             _b2_2 = ((_e_x)/(_t2_9*eps))
+            _b2_3 = ((_h11*_t2_12)/(eps))
+            _b2_4 = ((_h11*_t2_13)/(eps))
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
+            _b2_3 = math.nan
+            _b2_4 = math.nan
         _scratch[0, _k] = _b2_0
         _scratch[1, _k] = _b2_1
         _scratch[2, _k] = 2.0*_e_x
         _scratch[3, _k] = _b2_2
         _scratch[4, _k] = _e_y
+        _scratch[5, _k] = _b2_3
+        _scratch[6, _k] = _t2_11
+        _scratch[7, _k] = _b2_4
+        _scratch[8, _k] = _t2_10
+        _t3_0 = (_h4 > eps)
+        _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))
+        _t3_2 = _e_x*_e_y
+        _t3_3 = _e_x**2
+        _scratch[9, _k] = 1.0 if (abs(_t3_2*((_h13) if _t3_1 else (0.0)) + _t3_3*((_h12) if _t3_1 else (0.0)) + ((_h14) if _t3_1 else (0.0))) < _t3_3*((_h9) if _t3_1 else (math.nan)) + ((_h15) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h16) if _t3_1 else (math.nan))) | (_t3_3*((_h9) if _t3_1 else (math.nan)) + ((_h15) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h16) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xj = _scratch[9, _j] != 0.0
+        _xsh = 0.0
+        _xsb = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_x[_i, _l]
+            _xsh += abs(_h * _v_x[_i, _l])
+            _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_x[_i, _l])
+        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[9, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
+    if _xflag:
+        _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -780,6 +2152,506 @@ def hvp_kernel_parallel(y, x, eps, _v_x, _weight, _out0):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _hvp_row(np.int64(_i), _n, _C, y, x, eps, _v_x, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
+    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
+    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+    _xbuffer = np.empty((20, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xa = _xbuffer[2]
+    _xf = _xbuffer[3]
+    _xp = _xbuffer[4]
+    _x_r0 = _xbuffer[5]
+    _x_r1 = _xbuffer[6]
+    _x_r2 = _xbuffer[7]
+    _xA0r0_0 = _xbuffer[8]
+    _xA0r0_1 = _xbuffer[9]
+    _xA0r0_2 = _xbuffer[10]
+    _xA0r1_0 = _xbuffer[11]
+    _xA0r1_1 = _xbuffer[12]
+    _xA0r1_2 = _xbuffer[13]
+    _xA1r0_0 = _xbuffer[14]
+    _xA1r0_1 = _xbuffer[15]
+    _xA1r0_2 = _xbuffer[16]
+    _xA1r1_0 = _xbuffer[17]
+    _xA1r1_1 = _xbuffer[18]
+    _xA1r1_2 = _xbuffer[19]
+    _x_r0_n = 0
+    _x_r0_s = 0
+    _x_r1_n = 0
+    _x_r1_s = 0
+    _x_r2_n = 0
+    _x_r2_s = 0
+    _r2_abs = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _r2_abs += abs(_e_x*_e_y)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
+    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
+    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
+    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
+    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
+    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
+    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
+    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
+    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
+    _xready0r0 = False
+    _xd0r0_0 = 1.0
+    _xd0r0_0_s = 0
+    _xd0r0_1 = 1.0
+    _xd0r0_1_s = 0
+    _xA0r0_0_n = 0
+    _xA0r0_0_s = 0
+    _xA0r0_1_n = 0
+    _xA0r0_1_s = 0
+    _xA0r0_2_n = 0
+    _xA0r0_2_s = 0
+    _xc0r0_0 = (-3.0*_r2)
+    _xb0r0_0 = (0.000732421875*_r2_abs)
+    _xc0r0_1 = (2.0*_r0)
+    _xb0r0_1 = (0.00048828125*abs(_r0))
+    _xc0r0_2 = (_r0*_r2)
+    _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xready0r1 = False
+    _xd0r1_0 = 1.0
+    _xd0r1_0_s = 0
+    _xd0r1_1 = 1.0
+    _xd0r1_1_s = 0
+    _xA0r1_0_n = 0
+    _xA0r1_0_s = 0
+    _xA0r1_1_n = 0
+    _xA0r1_1_s = 0
+    _xA0r1_2_n = 0
+    _xA0r1_2_s = 0
+    _xc0r1_0 = (-3.0*_r2)
+    _xb0r1_0 = (0.000732421875*_r2_abs)
+    _xc0r1_1 = (2.0*_r0)
+    _xb0r1_1 = (0.00048828125*abs(_r0))
+    _xc0r1_2 = (_r0*_r2)
+    _xb0r1_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xready1r0 = False
+    _xd1r0_0 = 1.0
+    _xd1r0_0_s = 0
+    _xd1r0_1 = 1.0
+    _xd1r0_1_s = 0
+    _xA1r0_0_n = 0
+    _xA1r0_0_s = 0
+    _xA1r0_1_n = 0
+    _xA1r0_1_s = 0
+    _xA1r0_2_n = 0
+    _xA1r0_2_s = 0
+    _xc1r0_0 = (-3.0*_r2)
+    _xb1r0_0 = (0.000732421875*_r2_abs)
+    _xc1r0_1 = (_r0)
+    _xb1r0_1 = (0.000244140625*abs(_r0))
+    _xc1r0_2 = (_r0)
+    _xb1r0_2 = (0.000244140625*abs(_r0))
+    _xready1r1 = False
+    _xd1r1_0 = 1.0
+    _xd1r1_0_s = 0
+    _xd1r1_1 = 1.0
+    _xd1r1_1_s = 0
+    _xA1r1_0_n = 0
+    _xA1r1_0_s = 0
+    _xA1r1_1_n = 0
+    _xA1r1_1_s = 0
+    _xA1r1_2_n = 0
+    _xA1r1_2_s = 0
+    _xc1r1_0 = (-3.0*_r2)
+    _xb1r1_0 = (0.000732421875*_r2_abs)
+    _xc1r1_1 = (_r0)
+    _xb1r1_1 = (0.000244140625*abs(_r0))
+    _xc1r1_2 = (_r0)
+    _xb1r1_2 = (0.000244140625*abs(_r0))
+    _xregion = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0))
+    _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
+    for _k in range(_n):
+        if _scratch[13, _k] == 0.0:
+            continue
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        for _l in range(_n):
+            _at_l_x = x[_i, _l]
+            _at_l_y = y[_i, _l]
+            if _xregion == 0:
+                if _l == _k:
+                    _xn = _xc0r0_0*_e_x**2 + _xc0r0_1*_e_x*_e_y + _xc0r0_2
+                    _xb = _xb0r0_0*abs(_e_x**2) + _xb0r0_1*abs(_e_x*_e_y) + _xb0r0_2
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                        if not _xready0r0:
+                            _xready0r0 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
+                            _xA0r0_0_n = 0
+                            _xA0r0_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
+                            _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
+                            _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
+                            _xA0r0_1_n = 0
+                            _xA0r0_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
+                            _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
+                            _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
+                            _xp[0] = 1.0
+                            _xp_n = 1
+                            _xp_s = 0
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xA0r0_2_n = _xcopy(_xA0r0_2, _xp, _xp_n)
+                            _xA0r0_2_s = _xp_s
+                            _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
+                            _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
+                        _xt_s = _xA0r0_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r0_1, _xA0r0_1_n)
+                        _xt_s = _xA0r0_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r0_2, _xA0r0_2_n)
+                        _xt_s = _xA0r0_2_s
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_0
+                        _xq_s -= _xd0r0_0_s
+                        _xq = _xq / _xd0r0_1
+                        _xq_s -= _xd0r0_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _out0[_i, _k, _l] = _w * _xq
+                else:
+                    _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
+                    _xb = _xb1r0_0*abs(_at_l_x*_e_x) + _xb1r0_1*abs(_at_l_x*_e_y) + _xb1r0_2*abs(_at_l_y*_e_x)
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                        if not _xready1r0:
+                            _xready1r0 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd1r0_0, _xd1r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd1r0_0, _xd1r0_0_s = _xsqrt_m(_xd1r0_0, _xd1r0_0_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
+                            _xA1r0_0_n = 0
+                            _xA1r0_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _xt, _xm, _xt_s)
+                            _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
+                            _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
+                            _xA1r0_1_n = 0
+                            _xA1r0_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
+                            _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
+                            _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
+                            _xA1r0_2_n = 0
+                            _xA1r0_2_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r0_2_n, _xA1r0_2_s = _xgrow_all_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, _xt, _xm, _xt_s)
+                            _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
+                            _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
+                        _xt_s = _xA1r0_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r0_1, _xA1r0_1_n)
+                        _xt_s = _xA1r0_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r0_2, _xA1r0_2_n)
+                        _xt_s = _xA1r0_2_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_0
+                        _xq_s -= _xd1r0_0_s
+                        _xq = _xq / _xd1r0_1
+                        _xq_s -= _xd1r0_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _out0[_i, _k, _l] = _w * _xq
+            if _xregion == 1:
+                if _l == _k:
+                    _xn = _xc0r1_0*_e_x**2 + _xc0r1_1*_e_x*_e_y + _xc0r1_2
+                    _xb = _xb0r1_0*abs(_e_x**2) + _xb0r1_1*abs(_e_x*_e_y) + _xb0r1_2
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
+                        if not _xready0r1:
+                            _xready0r1 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
+                            _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                            _xA0r1_0_n = 0
+                            _xA0r1_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA0r1_0_n, _xA0r1_0_s = _xgrow_all_s(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s, _xt, _xm, _xt_s)
+                            _xA0r1_0_n = _xcompress(_xA0r1_0, _xA0r1_0_n, _xu)
+                            _xA0r1_0_s = _xnormalize(_xA0r1_0, _xA0r1_0_n, _xA0r1_0_s)
+                            _xA0r1_1_n = 0
+                            _xA0r1_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA0r1_1_n, _xA0r1_1_s = _xgrow_all_s(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s, _xt, _xm, _xt_s)
+                            _xA0r1_1_n = _xcompress(_xA0r1_1, _xA0r1_1_n, _xu)
+                            _xA0r1_1_s = _xnormalize(_xA0r1_1, _xA0r1_1_n, _xA0r1_1_s)
+                            _xp[0] = 1.0
+                            _xp_n = 1
+                            _xp_s = 0
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xf_n = 0
+                            _xf_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
+                            _xf_n = _xcompress(_xf, _xf_n, _xu)
+                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
+                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
+                            _xA0r1_2_n = _xcopy(_xA0r1_2, _xp, _xp_n)
+                            _xA0r1_2_s = _xp_s
+                            _xA0r1_2_n = _xcompress(_xA0r1_2, _xA0r1_2_n, _xu)
+                            _xA0r1_2_s = _xnormalize(_xA0r1_2, _xA0r1_2_n, _xA0r1_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA0r1_0, _xA0r1_0_n)
+                        _xt_s = _xA0r1_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r1_1, _xA0r1_1_n)
+                        _xt_s = _xA0r1_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA0r1_2, _xA0r1_2_n)
+                        _xt_s = _xA0r1_2_s
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd0r1_0
+                        _xq_s -= _xd0r1_0_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = _xq / _xd0r1_1
+                        _xq_s -= _xd0r1_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _out0[_i, _k, _l] = _w * _xq
+                else:
+                    _xn = _xc1r1_0*_at_l_x*_e_x + _xc1r1_1*_at_l_x*_e_y + _xc1r1_2*_at_l_y*_e_x
+                    _xb = _xb1r1_0*abs(_at_l_x*_e_x) + _xb1r1_1*abs(_at_l_x*_e_y) + _xb1r1_2*abs(_at_l_y*_e_x)
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                        if not _xready1r1:
+                            _xready1r1 = True
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
+                            _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xa_n = 0
+                            _xa_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                            _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                            _xd1r1_1, _xd1r1_1_s = _xsqrt_m(_xd1r1_1, _xd1r1_1_s)
+                            _xA1r1_0_n = 0
+                            _xA1r1_0_s = 0
+                            _xt[0] = -1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                            _xA1r1_0_n, _xA1r1_0_s = _xgrow_all_s(_xA1r1_0, _xA1r1_0_n, _xA1r1_0_s, _xt, _xm, _xt_s)
+                            _xA1r1_0_n = _xcompress(_xA1r1_0, _xA1r1_0_n, _xu)
+                            _xA1r1_0_s = _xnormalize(_xA1r1_0, _xA1r1_0_n, _xA1r1_0_s)
+                            _xA1r1_1_n = 0
+                            _xA1r1_1_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r1_1_n, _xA1r1_1_s = _xgrow_all_s(_xA1r1_1, _xA1r1_1_n, _xA1r1_1_s, _xt, _xm, _xt_s)
+                            _xA1r1_1_n = _xcompress(_xA1r1_1, _xA1r1_1_n, _xu)
+                            _xA1r1_1_s = _xnormalize(_xA1r1_1, _xA1r1_1_n, _xA1r1_1_s)
+                            _xA1r1_2_n = 0
+                            _xA1r1_2_s = 0
+                            _xt[0] = 1.0
+                            _xm = 1
+                            _xt_s = 0
+                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+                            _xA1r1_2_n, _xA1r1_2_s = _xgrow_all_s(_xA1r1_2, _xA1r1_2_n, _xA1r1_2_s, _xt, _xm, _xt_s)
+                            _xA1r1_2_n = _xcompress(_xA1r1_2, _xA1r1_2_n, _xu)
+                            _xA1r1_2_s = _xnormalize(_xA1r1_2, _xA1r1_2_n, _xA1r1_2_s)
+                        _xa_n = 0
+                        _xa_s = 0
+                        _xm = _xcopy(_xt, _xA1r1_0, _xA1r1_0_n)
+                        _xt_s = _xA1r1_0_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r1_1, _xA1r1_1_n)
+                        _xt_s = _xA1r1_1_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xm = _xcopy(_xt, _xA1r1_2, _xA1r1_2_n)
+                        _xt_s = _xA1r1_2_s
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
+                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xq = _xq / _xd1r1_0
+                        _xq_s -= _xd1r1_0_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = _xq / _xd1r1_1
+                        _xq_s -= _xd1r1_1_s
+                        _xq = math.ldexp(_xq, _xq_s)
+                        if math.isfinite(_xq):
+                            _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -802,9 +2674,12 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_abs = 0.0
+    _r2_abs_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = _e_x*_e_y
         _s = abs(_e_y)
         _x = _l1_y + _s
         _z = _x - _l1_y
@@ -820,11 +2695,16 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _e_x*_e_y
+        _s = _t0_0
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _s = abs(_t0_0)
+        _x = _r2_abs + _s
+        _z = _x - _r2_abs
+        _r2_abs_error += (_r2_abs - (_x - _z)) + (_s - _z)
+        _r2_abs = _x
     _l1_y_hi = _l1_y
     if math.isfinite(_l1_y):
         _l1_y += _l1_y_error
@@ -837,12 +2717,18 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
+    _r2_abs_hi = _r2_abs
+    if math.isfinite(_r2_abs):
+        _r2_abs += _r2_abs_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
     _t1_3 = math.ldexp(1.0, math.frexp(_t1_2)[1])
     _t1_4 = math.ldexp(1.0, math.frexp(_l1_y)[1])
+    _t1_5 = abs(_r0)
+    _t1_6 = 0.000244140625*_t1_5
+    _t1_7 = _r0**(5/2)
     _h0 = (((_t1_1)/(_t1_0)))**3
     _h1 = ((1.0)/(_t1_1))
     _h2 = ((1.0)/(_t1_3))
@@ -851,38 +2737,76 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _h5 = _t1_2
     _h6 = _t1_4
     _h7 = ((1.0)/(_t1_4))
-    _scratch = np.empty((5, _n))
+    _h8 = (-3.0*_r2)
+    _h9 = (_r0)
+    _h10 = (0.000732421875*_r2_abs)
+    _h11 = (_t1_6)
+    _h12 = ((1.0)/(abs(_t1_2*_t1_7)))
+    _h13 = ((1.0)/(eps*abs(_t1_7)))
+    _h14 = (2.0*_r0)
+    _h15 = (_r0*_r2)
+    _h16 = (0.00048828125*_t1_5)
+    _h17 = (_r2_abs*_t1_6)
+    _scratch = np.empty((14, _n))
+    _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_x**2
         _t2_4 = (_h4 > eps)
-        _t2_5 = _t2_4 and (_h5 > eps)
-        _t2_6 = -3.0*_e_x*_r2 + _e_y*_r0
-        _t2_8 = 2.0*_r0**(5/2)
-        _t2_9 = _r0**(3/2)
-        if _t2_5:
-            _t2_7 = math.sqrt(_r1)
+        _t2_5 = (_h5 > eps)
+        _t2_6 = _t2_4 and _t2_5
+        _t2_7 = -3.0*_e_x*_r2 + _e_y*_r0
+        _t2_9 = 2.0*_r0**(5/2)
+        _t2_10 = _r0**(3/2)
+        _t2_11 = _t2_4 and (_t2_4 or _t2_5)
+        _t2_12 = abs(_e_x)
+        _t2_13 = abs(_e_y)
+        if _t2_6:
+            _t2_8 = math.sqrt(_r1)
             _b2_0 = (((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))
-            _b2_1 = ((_t2_6)/(_t2_7*_t2_8))
-            _b2_2 = ((_e_x)/(_t2_7*_t2_9))
+            _b2_1 = ((_t2_7)/(_t2_8*_t2_9))
+            _b2_2 = ((_e_x)/(_t2_10*_t2_8))
+            _b2_3 = _h12
         elif _t2_4:
             _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))
-            _b2_1 = ((_t2_6)/(_t2_8*eps))
-            _b2_2 = ((_e_x)/(_t2_9*eps))
+            _b2_1 = ((_t2_7)/(_t2_9*eps))
+            _b2_2 = ((_e_x)/(_t2_10*eps))
+            _b2_3 = _h13
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
+            _b2_3 = math.nan
         _scratch[0, _k] = _b2_0
         _scratch[1, _k] = _b2_1
         _scratch[2, _k] = 2.0*_e_x
         _scratch[3, _k] = _b2_2
         _scratch[4, _k] = _e_y
+        _scratch[5, _k] = ((_e_x*_h8 + _e_y*_h9) if _t2_11 else (0.0))
+        _scratch[6, _k] = _e_x
+        _scratch[7, _k] = ((_e_x*_h9) if _t2_11 else (0.0))
+        _scratch[8, _k] = ((_h10*_t2_12 + _h11*_t2_13) if _t2_11 else (math.nan))
+        _scratch[9, _k] = _t2_12
+        _scratch[10, _k] = ((_h11*_t2_12) if _t2_11 else (math.nan))
+        _scratch[11, _k] = _t2_13
+        _scratch[12, _k] = _b2_3
+        _t3_0 = (_h4 > eps)
+        _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))
+        _t3_2 = _e_x*_e_y
+        _t3_3 = _e_x**2
+        _scratch[13, _k] = 1.0 if (abs(_t3_2*((_h14) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h15) if _t3_1 else (0.0))) < _t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan))) | (_t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
+        _xj = _scratch[13, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
+            _xbl = _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[4, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[12, _j] < 1.0261342003245941e-289))
+        _scratch[13, _j] = 1.0 if _xj else 0.0
+        _xflag |= _xj
+    if _xflag:
+        _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -261,6 +261,14 @@ def _xvalue_m(p, n, s):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _xsqrt_m(m, s):
+    """The root of m * 2**s (m >= 0) as (mantissa, scale), rounded once: an even scale halved."""
+    if s % 2 != 0:
+        m, s = 2.0 * m, s - 1
+    return math.sqrt(m), s // 2
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
     return float(a), 0.0
@@ -1224,6 +1232,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xb1_1 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
+    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
             continue
@@ -1233,15 +1242,11 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
         for _l in range(_n):
             _at_l_p = p[_i, _l]
             _at_l_y = y[_i, _l]
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
             if _l == _k:
                 _xn = _xc0_0*_e_p**2 + _xc0_1*_e_p*_e_y + _xc0_2
                 _xb = _xb0_0*abs(_e_p**2) + _xb0_1*abs(_e_p*_e_y) + _xb0_2
-            else:
-                _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
-                _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
-            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1369,7 +1374,12 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd0_0
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                else:
+                    if math.isfinite(_xq):
+                        _xe = _xq
+            else:
+                _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
+                _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1474,8 +1484,8 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _xe = _xq
+                    if math.isfinite(_xq):
+                        _xe = _xq
             _xs += _xe * _v_p[_i, _l]
         _out0[_i, _k] = _w * _xs
 
@@ -1696,8 +1706,9 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
     _xb1_1 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
+    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
-        if _scratch[11, _k] == 0.0:
+        if _scratch[12, _k] == 0.0:
             continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1707,11 +1718,7 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
             if _l == _k:
                 _xn = _xc0_0*_e_p**2 + _xc0_1*_e_p*_e_y + _xc0_2
                 _xb = _xb0_0*abs(_e_p**2) + _xb0_1*abs(_e_p*_e_y) + _xb0_2
-            else:
-                _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
-                _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1839,7 +1846,12 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd0_0
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                else:
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
+            else:
+                _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
+                _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1944,8 +1956,8 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _out0[_i, _k, _l] = _w * _xq
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2003,11 +2015,12 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _t1_6 = abs(_r1)
     _t1_7 = 0.001953125*_t1_5 + 0.001953125*_t1_6 + 0.001953125*smooth
     _t1_8 = 0.0009765625*smooth
-    _t1_9 = _r0*_r3
-    _t1_10 = _r1*_r3
-    _t1_11 = _r0**2
-    _t1_12 = _r1**2
-    _t1_13 = smooth**2
+    _t1_9 = _r0 + _r1 + smooth
+    _t1_10 = _r0*_r3
+    _t1_11 = _r1*_r3
+    _t1_12 = _r0**2
+    _t1_13 = _r1**2
+    _t1_14 = smooth**2
     _h0 = ((1.0)/(_t1_0**3))
     _h1 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0), _r1), -_r3), smooth))
     _h2 = _t1_0
@@ -2016,11 +2029,12 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _h5 = (_t1_2 + _t1_3 + 4.0*smooth)
     _h6 = (0.001953125*_t1_4 + _t1_7)
     _h7 = (0.0009765625*_t1_5 + 0.0009765625*_t1_6 + _t1_8)
-    _h8 = (_t1_1)
-    _h9 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 + 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + _t1_2*smooth + _t1_3*smooth - 2.0*_t1_9)
-    _h10 = (_t1_7)
-    _h11 = (0.00048828125*_t1_11 + 0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_9) + 0.0009765625*abs(_r0*_r1))
-    _scratch = np.empty((12, _n))
+    _h8 = ((1.0)/(_t1_9**2*abs(_t1_9)))
+    _h9 = (_t1_1)
+    _h10 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 - 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + 2.0*_t1_14 + _t1_2*smooth + _t1_3*smooth)
+    _h11 = (_t1_7)
+    _h12 = (0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_14 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_11) + 0.0009765625*abs(_r0*_r1))
+    _scratch = np.empty((13, _n))
     _xflag = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -2039,16 +2053,18 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[8, _k] = _e_y
         _scratch[9, _k] = _e_p*_h6 + _e_y*_h7
         _scratch[10, _k] = _e_p*_h7
+        _scratch[11, _k] = _h8
         _t3_0 = _e_p*_e_y
         _t3_1 = _e_p**2
-        _scratch[11, _k] = 1.0 if (abs(_h4*_t3_1 + _h8*_t3_0 + _h9) < _h10*_t3_0 + _h11 + _h6*_t3_1) | (_h10*_t3_0 + _h11 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
+        _scratch[12, _k] = 1.0 if (abs(_h10 + _h4*_t3_1 + _h9*_t3_0) < _h11*_t3_0 + _h12 + _h6*_t3_1) | (_h11*_t3_0 + _h12 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[11, _j] != 0.0
+        _xj = _scratch[12, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
-        _scratch[11, _j] = 1.0 if _xj else 0.0
+            _xbl = _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
+        _scratch[12, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)

@@ -259,6 +259,14 @@ def _xvalue_m(p, n, s):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _xsqrt_m(m, s):
+    """The root of m * 2**s (m >= 0) as (mantissa, scale), rounded once: an even scale halved."""
+    if s % 2 != 0:
+        m, s = 2.0 * m, s - 1
+    return math.sqrt(m), s // 2
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _loss_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _inside = True
@@ -1037,6 +1045,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xb1_2 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    _xscale = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
             continue
@@ -1044,15 +1053,11 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
         _xs = 0.0
         for _l in range(_n):
             _at_l_y = y[_i, _l]
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
             if _l == _k:
                 _xn = _xc0_0*_e_y + _xc0_1
                 _xb = _xb0_0*abs(_e_y) + _xb0_1
-            else:
-                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
-                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1143,7 +1148,12 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd0_0
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                else:
+                    if math.isfinite(_xq):
+                        _xe = _xq
+            else:
+                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
+                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1257,8 +1267,8 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _xe = _xq
+                    if math.isfinite(_xq):
+                        _xe = _xq
             _xs += _xe * _v_p[_i, _l]
         _out0[_i, _k] = _w * _xs
 
@@ -1448,8 +1458,9 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
     _xb1_2 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
+    _xscale = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
     for _k in range(_n):
-        if _scratch[11, _k] == 0.0:
+        if _scratch[12, _k] == 0.0:
             continue
         _e_y = y[_i, _k]
         for _l in range(_n):
@@ -1457,11 +1468,7 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
             if _l == _k:
                 _xn = _xc0_0*_e_y + _xc0_1
                 _xb = _xb0_0*abs(_e_y) + _xb0_1
-            else:
-                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
-                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1552,7 +1559,12 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd0_0
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                else:
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
+            else:
+                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
+                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1666,8 +1678,8 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _out0[_i, _k, _l] = _w * _xq
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1709,21 +1721,23 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _r4 += _r4_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
-    _t1_1 = -2.0*_r3
-    _t1_2 = 2.0*_r4 + _t1_1 + 2.0*smooth
-    _t1_3 = 0.00048828125*abs(_r3)
-    _t1_4 = abs(_r4)
+    _t1_1 = _t1_0**2
+    _t1_2 = -2.0*_r3
+    _t1_3 = 2.0*_r4 + _t1_2 + 2.0*smooth
+    _t1_4 = 0.00048828125*abs(_r3)
+    _t1_5 = abs(_r4)
     _h0 = ((1.0)/(_t1_0))
-    _h1 = ((-3.0)/(_t1_0**2))
+    _h1 = ((-3.0)/(_t1_1))
     _h2 = ((1.0)/(_t1_0**3))
-    _h3 = (-4.0*_r4 - _t1_1 - 4.0*smooth)
-    _h4 = (3.0*_r4 + _t1_1 + 3.0*smooth)
-    _h5 = (-_t1_2)
-    _h6 = (_t1_3 + 0.0009765625*_t1_4 + 0.0009765625*smooth)
-    _h7 = (_t1_3 + 0.000732421875*_t1_4 + 0.000732421875*smooth)
-    _h8 = (_t1_3 + 0.00048828125*_t1_4 + 0.00048828125*smooth)
-    _h9 = (_t1_2)
-    _scratch = np.empty((12, _n))
+    _h3 = (-4.0*_r4 - _t1_2 - 4.0*smooth)
+    _h4 = (3.0*_r4 + _t1_2 + 3.0*smooth)
+    _h5 = (-_t1_3)
+    _h6 = (_t1_4 + 0.0009765625*_t1_5 + 0.0009765625*smooth)
+    _h7 = (_t1_4 + 0.000732421875*_t1_5 + 0.000732421875*smooth)
+    _h8 = (_t1_4 + 0.00048828125*_t1_5 + 0.00048828125*smooth)
+    _h9 = ((1.0)/(_t1_1*abs(_t1_0)))
+    _h10 = (_t1_3)
+    _scratch = np.empty((13, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -1742,14 +1756,16 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[8, _k] = 1.0
         _scratch[9, _k] = _e_y*_h6 + _h7
         _scratch[10, _k] = _e_y*_h7 + _h8
-        _scratch[11, _k] = 1.0 if (abs(_e_y*_h3 + _h9) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
+        _scratch[11, _k] = _h9
+        _scratch[12, _k] = 1.0 if (abs(_e_y*_h3 + _h10) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[11, _j] != 0.0
+        _xj = _scratch[12, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < (_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l])) | ((_scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]) < 1.0261342003245941e-289))
-        _scratch[11, _j] = 1.0 if _xj else 0.0
+            _xbl = _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
+        _scratch[12, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)

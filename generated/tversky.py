@@ -269,6 +269,14 @@ def _xvalue_m(p, n, s):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _xsqrt_m(m, s):
+    """The root of m * 2**s (m >= 0) as (mantissa, scale), rounded once: an even scale halved."""
+    if s % 2 != 0:
+        m, s = 2.0 * m, s - 1
+    return math.sqrt(m), s // 2
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _inside = True
@@ -1289,6 +1297,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xb1_2 = (0.000244140625*alpha**2*abs(_r0) + 0.000244140625*alpha*beta*abs(_r1) + 0.000244140625*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.000244140625*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
+    _xscale = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
     for _k in range(_n):
         if _scratch[7, _k] == 0.0:
             continue
@@ -1296,15 +1305,11 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
         _xs = 0.0
         for _l in range(_n):
             _at_l_y = y[_i, _l]
+            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
             if _l == _k:
                 _xn = _xc0_0*_e_y**2 + _xc0_1*_e_y + _xc0_2
                 _xb = _xb0_0*abs(_e_y**2) + _xb0_1*abs(_e_y) + _xb0_2
-            else:
-                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
-                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -1489,7 +1494,12 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
                     _xq = _xq / _xd0_0
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                else:
+                    if math.isfinite(_xq):
+                        _xe = _xq
+            else:
+                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
+                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1742,8 +1752,8 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _xe = _xq
+                    if math.isfinite(_xq):
+                        _xe = _xq
             _xs += _xe * _v_p[_i, _l]
         _out0[_i, _k] = _w * _xs
 
@@ -1978,8 +1988,9 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
     _xb1_2 = (0.000244140625*alpha**2*abs(_r0) + 0.000244140625*alpha*beta*abs(_r1) + 0.000244140625*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.000244140625*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
+    _xscale = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
     for _k in range(_n):
-        if _scratch[9, _k] == 0.0:
+        if _scratch[10, _k] == 0.0:
             continue
         _e_y = y[_i, _k]
         for _l in range(_n):
@@ -1987,11 +1998,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
             if _l == _k:
                 _xn = _xc0_0*_e_y**2 + _xc0_1*_e_y + _xc0_2
                 _xb = _xb0_0*abs(_e_y**2) + _xb0_1*abs(_e_y) + _xb0_2
-            else:
-                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
-                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-            if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                if _l == _k:
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
                         _xa_n = 0
@@ -2176,7 +2183,12 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
                     _xq = _xq / _xd0_0
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                else:
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
+            else:
+                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
+                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -2429,8 +2441,8 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
                     _xq = _xq / _xd1_0
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
-                if math.isfinite(_xq):
-                    _out0[_i, _k, _l] = _w * _xq
+                    if math.isfinite(_xq):
+                        _out0[_i, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2520,9 +2532,10 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h8 = (_t1_12*_t1_17*_t1_21 + _t1_16*_t1_18*alpha + _t1_18*_t1_19 + _t1_18*_t1_5*smooth)
     _h9 = (_t1_19*_t1_22 + _t1_21*_t1_26 + _t1_22*_t1_25 + 0.000244140625*_t1_23)
     _h10 = (_t1_20*_t1_27 + _t1_27*smooth)
-    _h11 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
-    _h12 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
-    _scratch = np.empty((10, _n))
+    _h11 = ((1.0)/(_t1_4**2*abs(_t1_4)))
+    _h12 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
+    _h13 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
+    _scratch = np.empty((11, _n))
     _xflag = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -2545,15 +2558,17 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[6, _k] = _e_y*_h6 + _h7
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _e_y*_h9 + _h10
+        _scratch[9, _k] = _h11
         _t3_0 = _e_y**2
-        _scratch[9, _k] = 1.0 if (abs(_e_y*_h11 + _h5*_t3_0 + _h7) < _e_y*_h12 + _h10 + _h8*_t3_0) | (_e_y*_h12 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
+        _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h5*_t3_0 + _h7) < _e_y*_h13 + _h10 + _h8*_t3_0) | (_e_y*_h13 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[9, _j] != 0.0
+        _xj = _scratch[10, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < (_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l])) | ((_scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]) < 1.0261342003245941e-289))
-        _scratch[9, _j] = 1.0 if _xj else 0.0
+            _xbl = _scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]
+            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[9, _j] < 1.0261342003245941e-289))
+        _scratch[10, _j] = 1.0 if _xj else 0.0
         _xflag |= _xj
     if _xflag:
         _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)

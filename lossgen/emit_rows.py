@@ -30,13 +30,15 @@ loop that shares an exponential's argument with a row value or a loop staying sc
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, fires, plan, plan_pair
+from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, fires, plan, plan_block
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
 from .vocabulary import group, in_scale, two_scaled
@@ -768,6 +770,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         # the bound alone, in the entries' units; the full block's is per entry
         numerator, bound = fallback[1].test_outer(per_entry=product)
         pair_tests = [[e for pq in products for e in pq] for products in ([] if product else numerator, bound)]
+        if not product:  # the bound in the entry's units, per row: 1/|denominator| in a scratch row
+            pair_tests.append([fallback[1].entry_scale()])
     n_scratch = len(diagonals) + len(factors)
     element, hoisted = body.hoist(diagonals + factors + sum(pair_tests, []) + diagonal_tests)
     element, diagonal_tests = element[:len(element) - len(diagonal_tests)], element[len(element) - len(diagonal_tests):]
@@ -865,7 +869,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(4, f"_xsb += ({' + '.join(bound)}) * abs({directions[0]}[_i, _l])")
             body.emit(3, f"_xj |= {fires('_xsh', '_xsb')}")
         else:
-            body.emit(4, f"_xj |= (_j != _l) & ({fires(' + '.join(numerator), '(' + ' + '.join(bound) + ')')})")
+            body.emit(4, f"_xbl = {' + '.join(bound)}")
+            body.emit(4, f"_xj |= (_j != _l) & ({fires(' + '.join(numerator), '_xbl', f'_xbl * _scratch[{slot[at]}, _j]')})")
         body.emit(3, f"_scratch[{flags}, _j] = 1.0 if _xj else 0.0")
         body.emit(3, "_xflag |= _xj")
         name = "hvp" if product else "hess_full"
@@ -890,28 +895,44 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
 
 
 def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
-    """{(quantity, prediction index): exact_rows.Fallback} for the outputs of the quantities in
-    EXACT_FALLBACK that have the form of a quotient over row sums (lossgen/exact_rows.py)."""
+    """{(quantity, prediction index): exact_rows.RegionPlans} for the outputs of the quantities in
+    EXACT_FALLBACK that have the form of a quotient over row sums (lossgen/exact_rows.py), and
+    {("hess_full", 0): (RegionPlans, PairFallback)} for a single prediction's block."""
     spec = original.spec
     reductions = {r.symbol: r for r in original.reductions}
-    if {r.symbol for r in stable.reductions} != set(reductions):
+    if not set(reductions) <= {r.symbol for r in stable.reductions}:
         return {}  # the guard evaluates the derivation's numerator on the kernels' row values
     parameters = [spec.symbols[p.name] for p in spec.params]
+    # the inputs' domains, for the signs of the reductions' summands (exact_rows.magnitude_sums)
+    ranges = {spec.symbols[i.name]: (DOMAINS[i.domain].low, DOMAINS[i.domain].high) for i in spec.inputs
+              if i.axis and not DOMAINS[i.domain].values}
     plans = {}
     for q in ("grad", "hess"):
         if q not in EXACT_FALLBACK["quantities"]:
             continue
         for j, (o, s) in enumerate(zip(getattr(original, q), getattr(stable, q))):
-            f = plan(o, s, reductions, original.element_symbols, parameters)
+            f = plan(o, s, reductions, original.element_symbols, parameters, ranges)
             if f is not None:
                 plans[q, j] = f
     # a single prediction's Hessian block: its diagonal's plan and its other entries'
-    if ("hess_full" in EXACT_FALLBACK["quantities"] and ("hess", 0) in plans and list(original.blocks) == [(0, 0)]
+    if ("hess_full" in EXACT_FALLBACK["quantities"] and list(original.blocks) == [(0, 0)]
             and not _indices(stable.blocks[0, 0])):
-        pair = plan_pair(original.blocks[0, 0].outer, reductions, original.element_symbols, parameters)
-        if pair is not None:
-            plans["hess_full", 0] = (plans["hess", 0], pair)
+        block = plan_block(original.hess[0], stable.hess[0], original.blocks[0, 0].outer, stable.blocks[0, 0].outer,
+                           reductions, original.element_symbols, parameters, ranges)
+        if block is not None:
+            plans["hess_full", 0] = block
     return plans
+
+
+def _with_magnitude_sums(stable: RowDerivation, plans: dict) -> RowDerivation:
+    """``stable`` with the reductions sum_k |summand| that the plans' tests read."""
+    found = {}
+    for value in plans.values():
+        for part in (value if isinstance(value, tuple) else (value,)):  # RegionPlans, PairFallback
+            for _, f in part.regions:
+                found.update(f.magnitudes if f is not None else {})
+    extra = tuple(Reduction(symbol, "sum", summand) for symbol, summand in found.items())
+    return replace(stable, reductions=stable.reductions + extra) if extra else stable
 
 
 def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path: str) -> str:
@@ -922,6 +943,7 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
     outputs = {"loss": [stable.loss], "grad": list(stable.grad), "hess": list(stable.hess)}
     keys = tie_keys(original)
     plans = _fallback_plans(original, stable)
+    stable = _with_magnitude_sums(stable, plans)
     arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
     kernels = []
     for name, quantities in ROW_KERNELS.items():

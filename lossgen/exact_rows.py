@@ -28,17 +28,26 @@ their products; a sum is exact to 2^-1022 of its largest term. Where that value 
 (an overflowing product, a zero denominator) the fast value stays.
 
 A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the same way over
-the elements j and l (:func:`plan_pair`); the kernels test it as outer products of per-element
-factors, and the Hessian-vector product per row of the block.
+the elements j and l (:func:`plan_block`); the kernels test it as outer products of per-element
+factors (and where its bound over the denominator is tiny: each factor is divided by it), and
+the Hessian-vector product per row of the block.
+
+The denominator's factors may be square roots of row polynomials (a cosine's |x|^5 |y|), each
+rounded once and its root taken in the binary scale. Piecewises whose conditions are row values
+(a norm below eps) split the rows into regions (:func:`row_regions`), each branch planned on its
+own (:class:`RegionPlans`), where the kernels branch on the same conditions. A row sum whose
+summand may be negative enters the bound as the sum of its summands' magnitudes
+(:func:`magnitude_sums`).
 
 The rule is a table (:data:`EXACT_FALLBACK`): which outputs it applies to and the threshold. An
 output qualifies by its form alone; no loss is named.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy as sp
+from sympy.core.relational import Relational
 
 from .vocabulary import exact_sum, finite_or, group
 
@@ -72,6 +81,9 @@ class Fallback:
     denominator: tuple                 # ((base, exponent), ...): numbers, symbols, row polynomials
     rest: sp.Expr                      # the stable output's terms without reductions
     reductions: dict                   # reduction symbol -> ((coefficient, factors), ...) its summand's monomials
+    # the bound's sums of magnitudes: symbol -> sum_k |summand| of a reduction whose summand
+    # may be negative (see :func:`magnitude_sums`)
+    magnitudes: dict = field(default_factory=dict)
 
     @property
     def numerator(self) -> sp.Expr:
@@ -90,30 +102,114 @@ def at_l(symbol: sp.Symbol) -> sp.Symbol:
 
 
 @dataclass(frozen=True)
+class RegionPlans:
+    """One output's plans per region of its row-level Piecewise branches (a norm replaced by eps
+    below eps, a hinge's kink on a row value): ((condition, Fallback or None), ...) in the
+    Piecewise's order (the first condition that holds picks the region). An output without such
+    a Piecewise has one region, its condition True."""
+
+    regions: tuple
+
+    @property
+    def plans(self) -> list:
+        return [f for _, f in self.regions if f is not None]
+
+    @property
+    def numerator(self) -> sp.Expr:
+        """The kernels' rounded numerator: per element monomial, its coefficient in the row's
+        region (0 where the region's plan has none)."""
+        return _by_region(self.regions, lambda f: {e: a for e, a, _ in f.tests}, sp.S.Zero)
+
+    @property
+    def bound(self) -> sp.Expr:
+        """The test's bound, likewise; nan in a region without a plan: no comparison holds."""
+        return _by_region(self.regions, lambda f: {e: m for e, _, m in f.tests}, sp.nan, absolute=True)
+
+
+def _by_region(regions, coefficients, missing, absolute: bool = False) -> sp.Expr:
+    """sum_m c_m(region) e_m over the element monomials e_m of the planned regions, each
+    coefficient Piecewise over the regions (a row value): ``coefficients(plan)`` -> {e_m: c_m},
+    0 where a plan lacks e_m, ``missing`` in a region without a plan."""
+    if len(regions) == 1 and regions[0][1] is not None:
+        table = coefficients(regions[0][1])
+        return sp.Add(*[c * (sp.Abs(sp.Mul(*e)) if absolute else sp.Mul(*e)) for e, c in table.items()])
+    tables = [(condition, None if f is None else coefficients(f)) for condition, f in regions]
+    elements = list(dict.fromkeys(e for _, t in tables if t for e in t))
+    out = []
+    for element in elements:
+        c = sp.Piecewise(*[(missing if t is None else t.get(element, sp.S.Zero), condition)
+                           for condition, t in tables])
+        out.append(c * (sp.Abs(sp.Mul(*element)) if absolute else sp.Mul(*element)))
+    return sp.Add(*out)
+
+
+@dataclass(frozen=True)
 class PairFallback:
     """The off-diagonal entries (j, l) of a Hessian block, sum_m P_m(j) Q_m(l), as one
-    :class:`Fallback` over the elements j and l (element l's symbols renamed by :func:`at_l`)."""
+    :class:`Fallback` over the elements j and l (element l's symbols renamed by :func:`at_l`)
+    per region (``regions``: ((condition, Fallback or None), ...), those of the block's diagonal)."""
 
-    entry: Fallback
+    regions: tuple
     copies: dict                       # element symbol -> its at_l copy
 
     def test_outer(self, per_entry: bool = False) -> tuple[list, list]:
         """The entry's test as outer products of element expressions: the numerator
         sum_m (A_m e_m(j)) f_m(l) and the bound sum_m (t |A|_m |e_m(j)|) |f_m(l)|, each a list
-        of (P(j), Q(l)) in the row's own symbols, one per distinct f(l). ``per_entry``: the
-        bound divided by the denominator, in the units of the entry itself."""
+        of (P(j), Q(l)) in the row's own symbols, one per distinct f(l), P(j) Piecewise over the
+        regions where there are several (the bound's nan in a region without a plan).
+        ``per_entry``: the bound divided by the denominator, in the units of the entry itself."""
         back = {c: s for s, c in self.copies.items()}
-        by_other: dict = {}  # f(l) -> ([A_m e_m(j), ...], [t |A|_m |e_m(j)|, ...])
-        for element, a, magnitude in self.entry.tests:
-            own = sp.Mul(*[f for f in element if f not in back])
-            other = sp.Mul(*[back[f] for f in element if f in back])
-            terms = by_other.setdefault(other, ([], []))
-            terms[0].append(a * own)
-            terms[1].append(magnitude * sp.Abs(own))
-        scale = 1 / sp.Abs(sp.Mul(*[b**e for b, e in self.entry.denominator])) if per_entry else 1
-        numerator = [(sp.Add(*p), q) for q, (p, _) in by_other.items()]
-        bound = [(scale * sp.Add(*p), sp.Abs(q)) for q, (_, p) in by_other.items()]
+
+        def outer(f: Fallback) -> dict:  # f(l) -> (sum A_m e_m(j), sum t |A|_m |e_m(j)|)
+            by_other: dict = {}
+            for element, a, magnitude in f.tests:
+                own = sp.Mul(*[x for x in element if x not in back])
+                other = sp.Mul(*[back[x] for x in element if x in back])
+                terms = by_other.setdefault(other, ([], []))
+                terms[0].append(a * own)
+                terms[1].append(magnitude * sp.Abs(own))
+            scale = 1 / sp.Abs(sp.Mul(*[b**e for b, e in f.denominator])) if per_entry else 1
+            return {q: (sp.Add(*n), scale * sp.Add(*b)) for q, (n, b) in by_other.items()}
+
+        tables = [(condition, None if f is None else outer(f)) for condition, f in self.regions]
+        others = list(dict.fromkeys(q for _, t in tables if t for q in t))
+
+        def part(q, side: int, missing):
+            if len(tables) == 1:
+                return tables[0][1][q][side]
+            return sp.Piecewise(*[(missing if t is None else t[q][side] if q in t else sp.S.Zero, condition)
+                                  for condition, t in tables])
+        numerator = [(part(q, 0, sp.S.Zero), q) for q in others]
+        bound = [(part(q, 1, sp.nan), sp.Abs(q)) for q in others]
         return numerator, bound
+
+    def entry_scale(self) -> sp.Expr:
+        """1/|denominator| in the row's region (nan where it has no plan): the bound in the units
+        of the entry is the bound times it."""
+        scales = [(sp.nan if f is None else 1 / sp.Abs(sp.Mul(*[b**e for b, e in f.denominator])), condition)
+                  for condition, f in self.regions]
+        return scales[0][0] if len(scales) == 1 else sp.Piecewise(*scales)
+
+
+def row_regions(exprs, element_symbols) -> tuple | None:
+    """((condition, [expr's branch, ...]), ...): ``exprs`` with their Piecewises whose
+    conditions are row values (free of the element symbols) folded into one, in the order of
+    its conditions; one region, its condition True, where there are none; None where a
+    condition varies along the row."""
+    exprs = list(exprs)
+    pieces = set().union(*(e.atoms(sp.Piecewise) for e in exprs))
+    if not pieces:
+        return ((sp.true, exprs),)
+    if any(c.free_symbols & set(element_symbols) for p in pieces for _, c in p.args):
+        return None
+    markers = sp.symbols(f"_region_0:{len(exprs)}")
+    folded = sp.piecewise_fold(sp.Add(*[m * e for m, e in zip(markers, exprs)]))
+    if not isinstance(folded, sp.Piecewise):
+        return None
+    regions = tuple((condition, [branch.diff(m) for m in markers]) for branch, condition in folded.args)
+    if any(b.has(sp.Piecewise) for _, branches in regions for b in branches):
+        return None
+    return regions
 
 
 # the stable forms' functions that are identities in exact arithmetic: their exact value
@@ -155,9 +251,83 @@ def _without_element_factors(numerator: sp.Expr, element_set) -> sp.Expr:
     return content * sp.Mul(*rest) if len(rest) < len(factors) else numerator
 
 
-def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters) -> Fallback | None:
+def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters,
+         ranges: dict | None = None) -> RegionPlans | None:
     """The fallback of one output (``original`` as derived, ``stable`` as the kernels compute it),
-    or None where the output does not have the form (see the module docstring)."""
+    or None where the output does not have the form (see the module docstring) in any region of
+    its row-level Piecewises (:func:`row_regions`). ``ranges``: the inputs' domains
+    ({symbol: (low, high)}, see :func:`magnitude_sums`)."""
+    regions = _kernels_regions([original], [stable], element_symbols)
+    if regions is None:
+        return None
+    if len(regions) == 1:
+        f = _plan_region(original, stable, reductions, element_symbols, parameters, None, ranges)
+        return None if f is None else RegionPlans(((sp.true, f),))
+    plans = tuple((condition, _plan_region(branch, branch, reductions, element_symbols, parameters,
+                                           _conditions_of(regions), ranges))
+                  for condition, (branch,) in regions)
+    return RegionPlans(plans) if any(f is not None for _, f in plans) else None
+
+
+def plan_block(diagonal: sp.Expr, stable_diagonal: sp.Expr, outer, stable_outer, reductions: dict,
+               element_symbols, parameters, ranges: dict | None = None) -> tuple[RegionPlans, PairFallback] | None:
+    """The fallback of a single prediction's Hessian block: its diagonal (as :func:`plan`) and its
+    off-diagonal entries sum_m P_m(j) Q_m(l) (``outer``: the derivation's ((P, Q), ...)) as one
+    :class:`Fallback` over the elements j and l, in the same regions; None where neither has the
+    form (the diagonal and the entries both, where there are no row-level Piecewises)."""
+    copies = {s: at_l(s) for s in sorted(element_symbols, key=sp.default_sort_key)}
+    entry = sp.Add(*[p * q.xreplace(copies) for p, q in outer])
+    pair_symbols = set(copies) | set(copies.values())
+    regions = _kernels_regions([diagonal, entry], [stable_diagonal, *(p for p, _ in stable_outer)],
+                               element_symbols)
+    if regions is None:
+        return None
+    if len(regions) == 1:
+        own = _plan_region(diagonal, stable_diagonal, reductions, element_symbols, parameters, None, ranges)
+        pair = _plan_region(entry, entry, reductions, pair_symbols, parameters, None, ranges)
+        if own is None or pair is None or pair.rest != 0:
+            return None
+        return RegionPlans(((sp.true, own),)), PairFallback(((sp.true, pair),), copies)
+    conditions = _conditions_of(regions)
+    own = tuple((c, _plan_region(d, d, reductions, element_symbols, parameters, conditions, ranges))
+                for c, (d, _) in regions)
+    pair = tuple((c, _plan_region(e, e, reductions, pair_symbols, parameters, conditions, ranges))
+                 for c, (_, e) in regions)
+    if all(f is None for _, f in own + pair):
+        return None
+    return RegionPlans(own), PairFallback(pair, copies)
+
+
+def _kernels_regions(originals, stables, element_symbols) -> tuple | None:
+    """:func:`row_regions` of the derivation's ``originals``, where the kernels' ``stables``
+    branch on the same conditions: a row's region is then the one whose branch the kernels
+    computed (not so where a stable form decides a condition more accurately: cosine_embedding's
+    cos >= margin near cos = 1 by the Cauchy-Schwarz gap, which the derivation's rounded
+    x1.x2/(|x1| |x2|) would put on the other side)."""
+    regions, kernels = row_regions(originals, element_symbols), row_regions(stables, element_symbols)
+    if regions is None or kernels is None:
+        return None
+    # the kernels may split a region further on conditions of their own (a row's largest
+    # element zero or not): those hold in the derivation's region either way
+    own = set().union(*(c.atoms(Relational) for c, _ in regions))
+    conditions = []
+    for c, _ in kernels:
+        c = c.xreplace({a: sp.true for a in c.atoms(Relational) - own})
+        if c not in conditions:
+            conditions.append(c)
+    return regions if [c for c, _ in regions] == conditions else None
+
+
+def _conditions_of(regions) -> sp.Expr:
+    """The regions' conditions as one row value (their reductions are the recomputation's too)."""
+    return sp.Piecewise(*[(sp.Integer(r), c) for r, (c, _) in enumerate(regions)])
+
+
+def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters,
+                 conditions: sp.Expr | None = None, ranges: dict | None = None) -> Fallback | None:
+    """One region's plan. With ``conditions`` (the row's regions, :func:`_conditions_of`) the
+    output is a branch of its Piecewises, evaluated as derived: every term must hold a reduction
+    (no rest), and the conditions' reductions are expanded as well."""
     reduction_symbols = set(reductions)
     quotient = [t for t in sp.Add.make_args(original) if t.free_symbols & reduction_symbols]
     rest = [t for t in sp.Add.make_args(stable) if not t.free_symbols & reduction_symbols]
@@ -167,7 +337,10 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
     original_rest = sp.Add(*[t for t in sp.Add.make_args(original) if not t.free_symbols & reduction_symbols])
     if sp.Add(*rest) != original_rest and sp.simplify(_in_exact_arithmetic(sp.Add(*rest)) - original_rest) != 0:
         return None
+    if conditions is not None and rest:
+        return None
     used = set().union(*(t.free_symbols for t in quotient)) & reduction_symbols
+    used |= (conditions.free_symbols if conditions is not None else set()) & reduction_symbols
     if any(reductions[r].kind not in EXACT_FALLBACK["reduction_kinds"] for r in used):
         return None
     parts = [sp.fraction(t) for t in quotient]
@@ -179,6 +352,8 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
     element_set = set(element_symbols)
     if denominator.free_symbols & element_set:
         return None
+    if not numerator.free_symbols & reduction_symbols:
+        return None  # a numerator of the element alone (a norm's gradient): the elementwise forms' part
     elements = sorted(element_set, key=sp.default_sort_key)
     others = sorted(parameters, key=sp.default_sort_key)
     summands = {}
@@ -210,37 +385,64 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
         element = tuple(f for f in factors if f in element_set)
         row = sp.Mul(*[f for f in factors if f not in element_set])
         by_element.setdefault(element, []).append((sp.factor(poly.rep.dom.to_sympy(coefficient)), row))
-    # each row coefficient one value (group), the threshold (a power of two) in its bound
+    # each row coefficient one value (group), the threshold (a power of two) in its bound, whose
+    # row sums are the sums of their terms' magnitudes
+    magnitudes = magnitude_sums({r: reductions[r] for r in rows}, ranges or {})
     tests = tuple((element, group(sp.Add(*[c * r for c, r in terms])),
-                   group(sp.Float(EXACT_FALLBACK["threshold"]) * sp.Add(*[sp.Abs(c) * sp.Abs(r) for c, r in terms])))
+                   group(sp.Float(EXACT_FALLBACK["threshold"])
+                         * sp.Add(*[sp.Abs(c) * sp.Abs(r.xreplace(magnitudes)) for c, r in terms])))
                   for element, terms in by_element.items())
     factors = []
     for base, exponent in (b.as_base_exp() for b in sp.Mul.make_args(denominator)):
-        if not (exponent.is_Integer and exponent > 0):
+        # integer powers, and those of square roots (a norm's)
+        if not (exponent.is_Rational and exponent > 0 and exponent.q in (1, 2)):
             return None
         if not (base.is_Number or base.is_Symbol) and _monomials(base, generators) is None:
             return None
-        factors.append((base, int(exponent)))
+        factors.append((base, exponent))
     return Fallback(tests=tests, groups=tuple((element, tuple(terms)) for element, terms in groups.items()),
-                    denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands)
+                    denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands,
+                    magnitudes={m: sp.Abs(reductions[r].summand) for r, m in magnitudes.items()})
 
 
-def plan_pair(outer, reductions: dict, element_symbols, parameters) -> PairFallback | None:
-    """The fallback of a Hessian block's off-diagonal entries sum_m P_m(j) Q_m(l) (``outer``:
-    the derivation's ((P, Q), ...)), or None where the entry does not have the form."""
-    copies = {s: at_l(s) for s in sorted(element_symbols, key=sp.default_sort_key)}
-    entry = sp.Add(*[p * q.xreplace(copies) for p, q in outer])
-    f = plan(entry, entry, reductions, set(copies) | set(copies.values()), parameters)
-    if f is None or f.rest != 0:
-        return None
-    return PairFallback(f, copies)
+def magnitude_sums(reductions: dict, ranges: dict) -> dict:
+    """{reduction symbol: the symbol of sum_k |summand(k)|} for the reductions whose summand may
+    be negative where the inputs are in ``ranges`` ({symbol: (low, high)}): the test's |A|_m then
+    takes the magnitudes of the row's terms, not of their sum. The kernels' sums are compensated,
+    but each summand is rounded before it is added (x_k y_k), so a sum that cancels between
+    elements keeps only the digits of its terms: x.y is -3.1e-7 at x = (-1, -1e10 (1 + 2^-52),
+    1 + 2^-52, 1e-8, -1e10), y = (1e-300, -1, -1e10, 1e-300, -1e-300), where the rounded products
+    sum to 1e-290 (cosine_proximity's gradient and Hessian had relative error 1 there)."""
+    return {r: sp.Symbol(f"{r.name}_abs", nonnegative=True) for r, reduction in reductions.items()
+            if not _nonnegative(reduction.summand, ranges)}
+
+
+def _nonnegative(summand: sp.Expr, ranges: dict) -> bool:
+    """Is ``summand`` >= 0 wherever its symbols are in ``ranges`` ({symbol: (low, high)})? By
+    interval arithmetic (sympy.AccumBounds) on the summand, its factored form and its Horner
+    forms (p + y - p y is p + y (1 - p), in [0, 2] for probabilities)."""
+    if summand.is_nonnegative:
+        return True
+    boxes = {s: sp.AccumBounds(*bounds) for s, bounds in ranges.items() if s in summand.free_symbols}
+    if set(boxes) != summand.free_symbols:
+        return False
+    forms = [summand, sp.factor(summand)] + [sp.horner(summand, wrt=s) for s in sorted(boxes, key=sp.default_sort_key)]
+    for form in forms:
+        value = form.xreplace(boxes)
+        low = value.min if isinstance(value, sp.AccumBounds) else value
+        if low.is_nonnegative:
+            return True
+    return False
 
 
 # --- emission: lines of a row kernel ---------------------------------------------------------
 
-def fires(numerator: str, bound: str) -> str:
-    """Code of the test (a bool, no branch): |numerator| < bound, or the bound is tiny."""
-    return f"(abs({numerator}) < {bound}) | ({bound} < {EXACT_FALLBACK['smallest_bound']!r})"
+def fires(numerator: str, bound: str, entry_bound: str = "") -> str:
+    """Code of the test (a bool, no branch): |numerator| < bound, or the bound is tiny, or the
+    ``entry_bound`` (the bound over the denominator, where the kernels divide each outer-product
+    factor by it: a factor below the normal range has lost digits) is."""
+    tiny = repr(EXACT_FALLBACK['smallest_bound'])
+    return f"(abs({numerator}) < {bound}) | ({bound} < {tiny})" + (f" | ({entry_bound} < {tiny})" if entry_bound else "")
 
 
 def product_lines(coefficient: int, factors, rows, printed, target: str) -> list[str]:
@@ -283,8 +485,15 @@ def _emit_setup(body, plans: dict, printed):
     for r in reductions:
         body.emit(2, f"_x{r.name}_n = 0")
         body.emit(2, f"_x{r.name}_s = 0")
+    magnitudes = {}
+    for p in plans.values():
+        magnitudes.update(p.magnitudes)
+    for m in magnitudes:
+        body.emit(2, f"{printed(m)} = 0.0")
     body.emit(2, "for _k in range(_n):")
-    body.bind([sp.Mul(*f) for terms in reductions.values() for _, f in terms], 3)
+    body.bind([sp.Mul(*f) for terms in reductions.values() for _, f in terms] + list(magnitudes.values()), 3)
+    for m, summand in magnitudes.items():
+        body.emit(3, f"{printed(m)} += {printed(summand)}")
     for r, terms in reductions.items():
         for coefficient, factors in terms:
             for line in product_lines(coefficient, factors, (), printed, f"_x{r.name}"):
@@ -310,19 +519,21 @@ def _emit_setup(body, plans: dict, printed):
 
 def _emit_plan_setup(body, j, p: Fallback, printed, indent: int):
     """Lines of plan ``j``'s row-level values, once per row: its denominator's factors (each
-    rounded once) and its coefficients A_m (expansions, each a product of its factors' sums:
+    rounded once, and a root's of it after: b**(n/2) is the root of b to the power n) and its coefficients A_m (expansions, each a product of its factors' sums:
     Dice's 2 D (D - E) from two sums, not from its nine expanded monomials)."""
     body.emit(indent, f"if not _xready{j}:")
     body.emit(indent + 1, f"_xready{j} = True")
-    for d, (base, _) in enumerate(p.denominator):
+    for d, (base, exponent) in enumerate(p.denominator):
         if base.is_Number:
-            body.emit(indent + 1, f"_xd{j}_{d} = {float(base)!r}")
+            body.emit(indent + 1, f"_xd{j}_{d} = {float(sp.sqrt(base) if exponent.q == 2 else base)!r}")
             continue
         body.emit(indent + 1, "_xa_n = 0")
         body.emit(indent + 1, "_xa_s = 0")
         for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
             body.emit(indent + 1, line)
         body.emit(indent + 1, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
+        if p.denominator[d][1].q == 2:
+            body.emit(indent + 1, f"_xd{j}_{d}, _xd{j}_{d}_s = _xsqrt_m(_xd{j}_{d}, _xd{j}_{d}_s)")
     for m, (_, terms) in enumerate(p.groups):
         target = f"_xA{j}_{m}"
         content, factors = _factored(terms)
@@ -398,7 +609,7 @@ def _emit_value(body, j, p: Fallback, printed, indent: int):
     # far below the normal range where their quotient is not
     body.emit(indent, "_xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)")
     for d, (_, exponent) in enumerate(p.denominator):
-        for _ in range(exponent):
+        for _ in range(exponent.p):  # b**(n/2): the root divided n times
             body.emit(indent, f"_xq = _xq / _xd{j}_{d}")
             body.emit(indent, f"_xq_s -= _xd{j}_{d}_s")
     body.emit(indent, "_xq = math.ldexp(_xq, _xq_s)")
@@ -407,60 +618,98 @@ def _emit_value(body, j, p: Fallback, printed, indent: int):
         body.emit(indent, f"_xq = _xq + ({rest})")
 
 
+def _region_keys(j, regions) -> dict:
+    """{region: name} of the regions with a plan: ``j`` itself where there is one region."""
+    if len(regions) == 1:
+        return {0: j} if regions[0][1] is not None else {}
+    return {r: f"{j}r{r}" for r, (_, f) in enumerate(regions) if f is not None}
+
+
+def _emit_region(body, j, regions, printed):
+    """Line setting _xregion{j}, the row's region (the first of ``regions``' conditions that
+    holds), from the expansions' rounded row sums; nothing where there is one region."""
+    if len(regions) > 1:
+        body.emit(2, f"_xregion{j} = {printed(_conditions_of(regions))}")
+
+
+def _in_region(body, j, regions, r, indent: int) -> int:
+    """A line opening region ``r`` of output ``j`` where there are several; the body's indent."""
+    if len(regions) == 1:
+        return indent
+    body.emit(indent, f"if _xregion{j} == {r}:")
+    return indent + 1
+
+
 def emit_fallback(body, plans: dict, outs: dict):
     """The body of a row's exact recomputation (``body``: an emit_rows._Body of its own; the
-    kernels call it where the row's flag is set). ``plans``: output index -> Fallback; ``outs``:
-    index -> the output array's name. The elements whose test fires are recomputed; a value that
-    is not finite (a zero denominator, an overflowing product) leaves the fast one."""
+    kernels call it where the row's flag is set). ``plans``: output index -> RegionPlans;
+    ``outs``: index -> the output array's name. The elements whose test fires are recomputed, in
+    the row's region; a value that is not finite (a zero denominator, an overflowing product)
+    leaves the fast one."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
-    _emit_setup(body, plans, printed)
-    body.emit(2, "for _k in range(_n):")
-    body.bind([sp.Mul(*e) for p in plans.values() for e, _ in p.groups] + [p.rest for p in plans.values()], 3)
+    flat = {key: p.regions[r][1] for j, p in plans.items() for r, key in _region_keys(j, p.regions).items()}
+    _emit_setup(body, flat, printed)
     for j, p in plans.items():
-        _emit_test(body, j, p, printed, 3)
-        body.emit(3, f"if {fires('_xn', '2.0 * _xb')}:")
-        _emit_value(body, j, p, printed, 4)
-        body.emit(4, "if math.isfinite(_xq):")
-        body.emit(5, f"{outs[j]}[_i, _k] = _w * _xq")
+        _emit_region(body, j, p.regions, printed)
+    body.emit(2, "for _k in range(_n):")
+    body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
+    for j, p in plans.items():
+        for r, key in _region_keys(j, p.regions).items():
+            f = flat[key]
+            indent = _in_region(body, j, p.regions, r, 3)
+            _emit_test(body, key, f, printed, indent)
+            body.emit(indent, f"if {fires('_xn', '2.0 * _xb')}:")
+            _emit_value(body, key, f, printed, indent + 1)
+            body.emit(indent + 1, "if math.isfinite(_xq):")
+            body.emit(indent + 2, f"{outs[j]}[_i, _k] = _w * _xq")
 
 
-def emit_block_fallback(body, diagonal: Fallback, pair: PairFallback, out: str, direction: str | None = None,
+def emit_block_fallback(body, diagonal: RegionPlans, pair: PairFallback, out: str, direction: str | None = None,
                         fast_entry: str = "", flags: int = 0):
     """The body of a row's exact recomputation of its Hessian (one prediction's block): entry
-    (k, k) by ``diagonal``, (k, l) by ``pair``, where the entry's test fires, in the rows k of
-    the block that the kernel flagged (scratch row ``flags``). Without ``direction`` those
-    entries of the block ``out``[_i] are written where finite; with it, the product
-    out[_i, k] = sum_l H_kl v_l of a flagged k is summed again, each entry the recomputed one or
-    the kernel's (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
+    (k, k) by ``diagonal``, (k, l) by ``pair``, in the row's region, where the entry's test
+    fires, in the rows k of the block that the kernel flagged (scratch row ``flags``). Without
+    ``direction`` those entries of the block ``out``[_i] are written where finite; with it, the
+    product out[_i, k] = sum_l H_kl v_l of a flagged k is summed again, each entry the
+    recomputed one or the kernel's (``fast_entry``: its code at (_k, _l), from the kernel's
+    scratch rows)."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
-    _emit_setup(body, {0: diagonal, 1: pair.entry}, printed)
+    regions = diagonal.regions
+    own, other = _region_keys(0, regions), _region_keys(1, pair.regions)
+    flat = {**{key: regions[r][1] for r, key in own.items()}, **{key: pair.regions[r][1] for r, key in other.items()}}
+    _emit_setup(body, flat, printed)
+    _emit_region(body, "", regions, printed)
+    body.emit(2, f"_xscale = {printed(pair.entry_scale())}")
     body.emit(2, "for _k in range(_n):")
     body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
     body.emit(4, "continue")
-    body.bind([sp.Mul(*e) for p in (diagonal, pair.entry) for e, _ in p.groups] + [diagonal.rest], 3)
+    body.bind([sp.Mul(*e) for key in own.values() for e, _ in flat[key].groups]
+              + [flat[key].rest for key in own.values()], 3)
     if direction:
         body.emit(3, "_xs = 0.0")
     body.emit(3, "for _l in range(_n):")
-    used = set().union(*(set(e) for e, _ in pair.entry.groups))
+    used = set().union(*(set(e) for key in other.values() for e, _ in flat[key].groups))
     for symbol, copy in pair.copies.items():
         if copy in used:
             at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
             body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
-    body.emit(4, "if _l == _k:")
-    _emit_test(body, 0, diagonal, printed, 5)
-    body.emit(4, "else:")
-    _emit_test(body, 1, pair.entry, printed, 5)
     if direction:
         body.emit(4, f"_xe = {fast_entry}")
-    body.emit(4, f"if {fires('_xn', '2.0 * _xb')}:")
-    body.emit(5, "if _l == _k:")
-    _emit_value(body, 0, diagonal, printed, 6)
-    body.emit(5, "else:")
-    _emit_value(body, 1, pair.entry, printed, 6)
-    body.emit(5, "if math.isfinite(_xq):")
-    body.emit(6, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+    for r in sorted(set(own) | set(other)):
+        indent = _in_region(body, "", regions, r, 4)
+        opening = ("if _l == _k:", "else:" if r in own else "if _l != _k:")
+        for key, line in zip((own.get(r), other.get(r)), opening):
+            if key is None:
+                continue
+            body.emit(indent, line)
+            _emit_test(body, key, flat[key], printed, indent + 1)
+            entry_bound = "2.0 * _xb * _xscale" if key in other.values() else ""
+            body.emit(indent + 1, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
+            _emit_value(body, key, flat[key], printed, indent + 2)
+            body.emit(indent + 2, "if math.isfinite(_xq):")
+            body.emit(indent + 3, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
     if direction:
         body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
         body.emit(3, f"{out}[_i, _k] = _w * _xs")

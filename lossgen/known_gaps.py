@@ -32,23 +32,20 @@ def _triplet_gap(output, point, entry):
 
 
 def _cosine_gap(output, point, entry):
-    """Off-diagonal entry of a full Hessian block of a cosine of rows x1, x2 (cosine_proximity: x
-    and the target y), times a**5 b in a row's own block, a**3 b**3 between the rows, with
-    a**2 = |x1|**2 + eps and b**2 = |x2|**2 + eps (eps = 0 for cosine_proximity), S = x1.x2:
-    a**2 (x2_j x1_l + x2_l x1_j) - 3 S x1_j x1_l in x1's block (x2's alike), and
-    x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2), entry (j, l): where they cancel
-    below 1/1000 of their size, or where the entry is subnormal (an outer-product factor P(j) below
-    the normal range has lost its digits before it is multiplied by Q(l))."""
+    """Off-diagonal entry of a full Hessian block of cosine_embedding's cosine of rows x1, x2,
+    times a**5 b in a row's own block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps and
+    b**2 = |x2|**2 + eps, S = x1.x2: a**2 (x2_j x1_l + x2_l x1_j) - 3 S x1_j x1_l in x1's block
+    (x2's alike), and x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2), entry
+    (j, l): where they cancel below 1/1000 of their size, or where the entry is subnormal (an
+    outer-product factor P(j) below the normal range has lost its digits before it is multiplied
+    by Q(l)). (cosine_proximity's single block has the exact fallback, lossgen/exact_rows.py.)"""
     if not output.startswith("hess_full"):
         return False
     names = output.split("[")[1].split("]")[0].split(",")
     j, l = entry
     if names[0] == names[1] and j == l:
         return False
-    if "x1_0" in point:
-        first, second, eps = _row_of(point, "x1"), _row_of(point, "x2"), point["eps"]
-    else:
-        first, second, eps = _row_of(point, "x"), _row_of(point, "y"), 0.0
+    first, second, eps = _row_of(point, "x1"), _row_of(point, "x2"), point["eps"]
     first, second = [mpmath.mpf(float(v)) for v in first], [mpmath.mpf(float(v)) for v in second]
     a2 = sum(v * v for v in first) + eps
     b2 = sum(v * v for v in second) + eps
@@ -176,17 +173,17 @@ ROW_KNOWN_GAPS = {
                                         "(relative error 1.3e-12 at epsilon = 2.5, s = (-1e-8, -1e10, -1e-300), y = 0, "
                                         "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
                                         "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
-    "cosine_proximity": (_cosine_gap, "an off-diagonal Hessian entry of a cosine is a sum of outer-product terms "
-                                      "P(j) Q(l) (each rounded) that cancel where the entry is small against them "
-                                      "(at x = -1e-8 (1, 1, 1), y = (20, -700, 1e-300) entry (0, 1) is -3 x**3 y_2/"
-                                      "(|x|**5 |y|), 1e-302 of its terms): reachable only by evaluating each entry as "
-                                      "one expression of elements j and l, in more than double precision there"),
-    "cosine_embedding": (_cosine_gap, "as cosine_proximity, in each block of the Hessian: an off-diagonal entry "
-                                      "whose outer-product terms cancel below 1/1000 of their size (block (x1, x2) at "
+    "cosine_embedding": (_cosine_gap, "an off-diagonal Hessian entry of a cosine is a sum of outer-product terms "
+                                      "P(j) Q(l) (each rounded) that cancel where the entry is small against them, in "
+                                      "each block of the Hessian: an off-diagonal entry whose outer-product terms "
+                                      "cancel below 1/1000 of their size (block (x1, x2) at "
                                       "x1 = (1e-8, 1e50), x2 = (700, 1e-300): relative error 62; its transpose in "
                                       "block (x2, x1) keeps its digits); and a subnormal entry whose factor P(j) "
                                       "has left the normal range (x1 = (-20, 1000, -1e-300), x2 = (1, 1e50, -1e-300), "
-                                      "entry (2, 1): -3.0e-309 for -2.0e-309)"),
+                                      "entry (2, 1): -3.0e-309 for -2.0e-309): reachable by the exact fallback "
+                                      "(cosine_proximity's single block has it) once it covers the blocks between "
+                                      "two predictions, and the margin's branch, which the kernels decide by the "
+                                      "Cauchy-Schwarz gap"),
 }
 
 

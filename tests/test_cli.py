@@ -305,12 +305,12 @@ def test_verify_mse(tmp_path):
 
 
 def test_verify_reports_a_known_gap_apart(tmp_path):
-    """cosine_proximity's full Hessian at C = 3 has a row inside its known gap beyond the bound
-    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (soft_jaccard's,
-    the earlier example, fails outside its gap at smooth = 0, a parameter set verified since)."""
-    rc, output = run_cli("verify", "cosine_proximity", cwd=tmp_path)
+    """cosine_embedding's full Hessian at C = 3 has a row inside its known gap beyond the bound
+    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (cosine_proximity's,
+    the earlier example, closed with the exact fallback of its Hessian)."""
+    rc, output = run_cli("verify", "cosine_embedding", cwd=tmp_path)
     assert rc == 0, output
-    assert re.search(r"^cosine_proximity\s+hess_full\[x,x\] known gap C=3 .*\(known gap\)$", output,
+    assert re.search(r"^cosine_embedding\s+hess_full\[x\d,x\d\] known gap C=3 .*\(known gap\)$", output,
                      re.MULTILINE), output
     assert "FAIL" not in output
     assert re.search(r"^\d+ more in known gaps .*, [1-9]\d* of them beyond it$", output, re.MULTILINE), output

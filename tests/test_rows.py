@@ -208,18 +208,54 @@ def test_overlap_derivatives_where_the_exact_fallback_fires(name, params, y, p):
                                rtol=1e-15, atol=0)
 
 
+# Rows where a cosine's derivative, (|x|^2 y_j - (x.y) x_j)/(|x|^3 |y|) or a Hessian entry
+# (|x|^2 (y_j x_l + y_l x_j) - 3 (x.y) x_j x_l)/(|x|^5 |y|), has a numerator whose terms cancel
+# (x constant: |x|^2 y_j - (x.y) x_j = c^2 (C y_j - sum(y)); x.y from terms of 1e10 summing to
+# 1e-8), or an outer-product factor below the normal range (the second row's entry (1, 2),
+# -7.8e-301 from a factor of 7.8e-339); the sixth in the branch |y| < eps; at the last, x.y is
+# -3.1e-7 where the rounded products x_k y_k sum to 1e-290 (exact_rows.magnitude_sums). The
+# kernels' tests fire and the row is recomputed exactly (exact_rows.py, roots in the
+# denominator). Before: relative error 2.8e285, 1, 1, 1.4e-8, 1, 1, 1 (the first, entry (0, 1),
+# was the known gap's witness). The loss at the last row is not recomputed (README, Verification).
+COSINE_FALLBACK_ROWS = [
+    ([20.0, -700.0, 1e-300], [-1e-8, -1e-8, -1e-8]),
+    ([1e38, -1e-20, 1e38], [-1.0000000000000002, -1.1000000000000002e-300, 0.0]),
+    ([-1e10, 1e-300, 1e-300, 1e10, 1e-8], [-1.0] * 5),
+    ([-1.0, 1.0, 1e-8], [-700.0] * 3),
+    ([1e-300, 1.0, 0.5], [0.5, 0.5, 0.5]),
+    ([1e-9, -1e-9, 1e-300], [3.0, 3.0, 3.0]),
+    ([1e-300, -1.0, -1e10, 1e-300, -1e-300], [-1.0, -1e10 * (1 + 2.0**-52), 1 + 2.0**-52, 1e-8, -1e10]),
+]
+
+
+@pytest.mark.parametrize("y, x", COSINE_FALLBACK_ROWS, ids=[f"row{i}" for i in range(len(COSINE_FALLBACK_ROWS))])
+def test_cosine_proximity_where_the_exact_fallback_fires(y, x):
+    """Every output of cosine_proximity on these rows against mpmath's derivatives of the loss
+    written out (verify_rows.check_size), the full Hessian where C <= FULL_HESSIAN_UP_TO."""
+    spec = load_spec(ROW_PATHS["cosine_proximity"])
+    rows = check_size(lossgen.get("cosine_proximity"), spec, len(y), [{"y": np.array(y), "x": np.array(x)}],
+                      _defaults(spec))
+    outputs = {r.output.split("[")[0].split(" ")[0] for r in rows}
+    assert outputs >= {"grad", "hess"} | ({"hess_full", "hvp"} if len(y) <= FULL_HESSIAN_UP_TO else set())
+    failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)]
+    assert not failures, "\n" + format_report(failures)
+
+
 def test_exact_fallback_applies_by_form():
     """The fallback's rule (lossgen/exact_rows.py) picks outputs by their form alone: the overlap
-    losses' gradients (quotients over sums of polynomial summands), not a softmax's or a norm's."""
+    losses' gradients (quotients over sums of polynomial summands) and a cosine's (over powers of
+    square roots of such sums, in the branches of its norms' Piecewise), not a softmax's, nor
+    cosine_embedding's (its kernels decide its margin's branch by a form of their own)."""
     from lossgen.derive_rows import derive_rows
     from lossgen.emit_rows import _fallback_plans
     from lossgen.stabilise_rows import stabilise_rows
     planned = set()
-    for name in ("dice", "soft_jaccard", "tversky", "combo", "softmax_cross_entropy", "cosine_proximity"):
+    for name in ("dice", "soft_jaccard", "tversky", "combo", "softmax_cross_entropy", "cosine_proximity",
+                 "cosine_embedding"):
         derivation = derive_rows(load_spec(ROW_PATHS[name]))
         if _fallback_plans(derivation, stabilise_rows(derivation)):
             planned.add(name)
-    assert planned == {"dice", "soft_jaccard", "tversky", "combo"}
+    assert planned == {"dice", "soft_jaccard", "tversky", "combo", "cosine_proximity"}
 
 
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
