@@ -470,7 +470,7 @@ def product_lines(coefficient: int, factors, rows, printed, target: str) -> list
     return lines
 
 
-def _emit_setup(body, plans: dict, printed):
+def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     """Lines of the row-level part of the recomputation: the scratch expansions (rows of one
     buffer), every reduction an expansion over the row, and the values of the kernels' tests.
     Each plan's own part (:func:`_emit_plan_setup`) waits for the first element that needs it."""
@@ -515,51 +515,73 @@ def _emit_setup(body, plans: dict, printed):
         for m, (_, a, magnitude) in enumerate(p.tests):
             body.emit(2, f"_xc{j}_{m} = {printed(a)}")
             body.emit(2, f"_xb{j}_{m} = {printed(magnitude)}")
+    # the regions that share a numerator: their denominators, each computed once per row apart
+    for j, p in (denominators or {}).items():
+        body.emit(2, f"_xdready{j} = False")
+        if j in plans:
+            continue
+        for d in range(len(p.denominator)):
+            body.emit(2, f"_xd{j}_{d} = 1.0")
+            body.emit(2, f"_xd{j}_{d}_s = 0")
 
 
-def _emit_plan_setup(body, j, p: Fallback, printed, indent: int):
-    """Lines of plan ``j``'s row-level values, once per row: its denominator's factors (each
-    rounded once, and a root's of it after: b**(n/2) is the root of b to the power n) and its coefficients A_m (expansions, each a product of its factors' sums:
-    Dice's 2 D (D - E) from two sums, not from its nine expanded monomials)."""
-    body.emit(indent, f"if not _xready{j}:")
-    body.emit(indent + 1, f"_xready{j} = True")
+def _emit_plan_setup(body, j, p: Fallback, printed, indent: int, parts=("denominator", "numerator"),
+                     flag: str = "_xready"):
+    """Lines of plan ``j``'s row-level values, once per row (``flag``{j}): its denominator's
+    factors (each rounded once, and a root's of it after: b**(n/2) is the root of b to the power
+    n) and its coefficients A_m (expansions, each a product of its factors' sums: Dice's
+    2 D (D - E) from two sums, not from its nine expanded monomials); ``parts``: which."""
+    body.emit(indent, f"if not {flag}{j}:")
+    body.emit(indent + 1, f"{flag}{j} = True")
+    if "denominator" in parts:
+        _emit_denominator_setup(body, j, p, printed, indent + 1)
+    if "numerator" in parts:
+        _emit_numerator_setup(body, j, p, printed, indent + 1)
+
+
+def _emit_denominator_setup(body, j, p: Fallback, printed, indent: int):
+    """Lines setting _xd{j}_{d}, _xd{j}_{d}_s: each factor of plan ``j``'s denominator."""
     for d, (base, exponent) in enumerate(p.denominator):
         if base.is_Number:
-            body.emit(indent + 1, f"_xd{j}_{d} = {float(sp.sqrt(base) if exponent.q == 2 else base)!r}")
+            body.emit(indent, f"_xd{j}_{d} = {float(sp.sqrt(base) if exponent.q == 2 else base)!r}")
             continue
-        body.emit(indent + 1, "_xa_n = 0")
-        body.emit(indent + 1, "_xa_s = 0")
+        body.emit(indent, "_xa_n = 0")
+        body.emit(indent, "_xa_s = 0")
         for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
-            body.emit(indent + 1, line)
-        body.emit(indent + 1, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
+            body.emit(indent, line)
+        body.emit(indent, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
         if p.denominator[d][1].q == 2:
-            body.emit(indent + 1, f"_xd{j}_{d}, _xd{j}_{d}_s = _xsqrt_m(_xd{j}_{d}, _xd{j}_{d}_s)")
+            body.emit(indent, f"_xd{j}_{d}, _xd{j}_{d}_s = _xsqrt_m(_xd{j}_{d}, _xd{j}_{d}_s)")
+
+
+def _emit_numerator_setup(body, j, p: Fallback, printed, indent: int):
+    """Lines setting the expansions _xA{j}_{m}: each coefficient A_m of plan ``j``."""
     for m, (_, terms) in enumerate(p.groups):
         target = f"_xA{j}_{m}"
         content, factors = _factored(terms)
         if len(factors) == 1 and factors[0][1] == 1:
-            body.emit(indent + 1, f"{target}_n = 0")
-            body.emit(indent + 1, f"{target}_s = 0")
+            body.emit(indent, f"{target}_n = 0")
+            body.emit(indent, f"{target}_s = 0")
             monomials = [(content * c, fs) for c, fs in factors[0][0]]
             for line in _sum_lines(monomials, p.reductions, printed, target):
-                body.emit(indent + 1, line)
+                body.emit(indent, line)
         else:
-            body.emit(indent + 1, f"_xp[0] = {float(content)!r}")
-            body.emit(indent + 1, "_xp_n = 1")
-            body.emit(indent + 1, "_xp_s = 0")
+            body.emit(indent, f"_xp[0] = {float(content)!r}")
+            body.emit(indent, "_xp_n = 1")
+            body.emit(indent, "_xp_s = 0")
             for monomials, multiplicity in factors:
-                body.emit(indent + 1, "_xf_n = 0")
-                body.emit(indent + 1, "_xf_s = 0")
+                body.emit(indent, "_xf_n = 0")
+                body.emit(indent, "_xf_s = 0")
                 for line in _sum_lines(monomials, p.reductions, printed, "_xf"):
-                    body.emit(indent + 1, line)
-                body.emit(indent + 1, "_xf_n = _xcompress(_xf, _xf_n, _xu)")
-                body.emit(indent + 1, "_xf_s = _xnormalize(_xf, _xf_n, _xf_s)")
+                    body.emit(indent, line)
+                body.emit(indent, "_xf_n = _xcompress(_xf, _xf_n, _xu)")
+                body.emit(indent, "_xf_s = _xnormalize(_xf, _xf_n, _xf_s)")
                 for _ in range(multiplicity):
-                    body.emit(indent + 1, "_xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)")
-            body.emit(indent + 1, f"{target}_n = _xcopy({target}, _xp, _xp_n)")
-            body.emit(indent + 1, f"{target}_s = _xp_s")
-        body.emit(indent + 1, f"{target}_n = _xcompress({target}, {target}_n, _xu)")
-        body.emit(indent + 1, f"{target}_s = _xnormalize({target}, {target}_n, {target}_s)")
+                    body.emit(indent, "_xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)")
+            body.emit(indent, f"{target}_n = _xcopy({target}, _xp, _xp_n)")
+            body.emit(indent, f"{target}_s = _xp_s")
+        body.emit(indent, f"{target}_n = _xcompress({target}, {target}_n, _xu)")
+        body.emit(indent, f"{target}_s = _xnormalize({target}, {target}_n, {target}_s)")
 
 
 def _sum_lines(monomials, reductions, printed, target: str) -> list[str]:
@@ -593,10 +615,15 @@ def _emit_test(body, j, p: Fallback, printed, indent: int):
                                             for m, e in enumerate(products)))
 
 
-def _emit_value(body, j, p: Fallback, printed, indent: int):
+def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None):
     """Lines setting _xq to plan ``j``'s output at the bound element: sum_m A_m e_m as one
-    expansion, rounded once, divided by the denominator's factors, plus the rest."""
-    _emit_plan_setup(body, j, p, printed, indent)
+    expansion, rounded once, divided by the denominator's factors, plus the rest.
+    ``denominators``: ((region variable's test, key, plan), ...) of regions that share this
+    numerator and differ in their denominators (a norm or eps), one of which holds."""
+    if denominators is None:
+        _emit_plan_setup(body, j, p, printed, indent)
+    else:
+        _emit_plan_setup(body, j, p, printed, indent, parts=("numerator",))
     body.emit(indent, "_xa_n = 0")
     body.emit(indent, "_xa_s = 0")
     for m, (element, _) in enumerate(p.groups):
@@ -608,14 +635,46 @@ def _emit_value(body, j, p: Fallback, printed, indent: int):
     # mantissas divided, the scales apart: the numerator and the denominator may both be
     # far below the normal range where their quotient is not
     body.emit(indent, "_xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)")
-    for d, (_, exponent) in enumerate(p.denominator):
-        for _ in range(exponent.p):  # b**(n/2): the root divided n times
-            body.emit(indent, f"_xq = _xq / _xd{j}_{d}")
-            body.emit(indent, f"_xq_s -= _xd{j}_{d}_s")
+    if denominators is None:
+        _emit_division(body, j, p, indent)
+    else:
+        for n, (test, key, plan_) in enumerate(denominators):
+            body.emit(indent, f"{'if' if n == 0 else 'elif'} {test}:")
+            _emit_plan_setup(body, key, plan_, printed, indent + 1, parts=("denominator",), flag="_xdready")
+            _emit_division(body, key, plan_, indent + 1)
     body.emit(indent, "_xq = math.ldexp(_xq, _xq_s)")
     if p.rest != 0:
         (rest,) = body.cse([p.rest], indent)
         body.emit(indent, f"_xq = _xq + ({rest})")
+
+
+def _emit_division(body, j, p: Fallback, indent: int):
+    for d, (_, exponent) in enumerate(p.denominator):
+        for _ in range(exponent.p):  # b**(n/2): the root divided n times
+            body.emit(indent, f"_xq = _xq / _xd{j}_{d}")
+            body.emit(indent, f"_xq_s -= _xd{j}_{d}_s")
+
+
+def _same_numerator(f: Fallback, g: Fallback) -> bool:
+    """Do two regions' plans differ in their denominators alone (a norm and eps)?"""
+    return (f.tests, f.groups, f.rest, f.reductions, f.magnitudes) == (g.tests, g.groups, g.rest, g.reductions,
+                                                                         g.magnitudes)
+
+
+def _numerator_groups(regions) -> list:
+    """[[region, ...], ...]: the planned regions whose plans share a numerator (the first one's),
+    each list in the regions' order."""
+    groups: list = []
+    for r, (_, f) in enumerate(regions):
+        if f is None:
+            continue
+        for g in groups:
+            if _same_numerator(regions[g[0]][1], f):
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    return groups
 
 
 def _region_keys(j, regions) -> dict:
@@ -632,12 +691,29 @@ def _emit_region(body, j, regions, printed):
         body.emit(2, f"_xregion{j} = {printed(_conditions_of(regions))}")
 
 
-def _in_region(body, j, regions, r, indent: int) -> int:
-    """A line opening region ``r`` of output ``j`` where there are several; the body's indent."""
-    if len(regions) == 1:
-        return indent
-    body.emit(indent, f"if _xregion{j} == {r}:")
-    return indent + 1
+def _split(j, regions) -> tuple[dict, dict]:
+    """({key: plan} of the regions whose numerator :func:`_emit_value` computes, {key: plan} of
+    those whose denominators it computes apart: every region of a group that shares a
+    numerator)."""
+    keys = _region_keys(j, regions)
+    groups = _numerator_groups(regions)
+    return ({keys[g[0]]: regions[g[0]][1] for g in groups},
+            {keys[r]: regions[r][1] for g in groups if len(g) > 1 for r in g})
+
+
+def _emit_regions(body, j, regions, indent: int, emit_plan, region: str = ""):
+    """For each group of ``regions`` (of output ``j``) that share a numerator: a line opening it
+    where there are several regions (``region``: the variable of :func:`_emit_region`, _xregion{j}
+    unless given) and ``emit_plan(key, plan, denominators, indent)``."""
+    keys = _region_keys(j, regions)
+    region = region or f"_xregion{j}"
+    for group in _numerator_groups(regions):
+        inner = indent
+        if len(regions) > 1:
+            body.emit(indent, "if " + " or ".join(f"{region} == {r}" for r in group) + ":")
+            inner = indent + 1
+        denominators = None if len(group) == 1 else [(f"{region} == {r}", keys[r], regions[r][1]) for r in group]
+        emit_plan(keys[group[0]], regions[group[0]][1], denominators, inner)
 
 
 def emit_fallback(body, plans: dict, outs: dict):
@@ -648,21 +724,24 @@ def emit_fallback(body, plans: dict, outs: dict):
     leaves the fast one."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
-    flat = {key: p.regions[r][1] for j, p in plans.items() for r, key in _region_keys(j, p.regions).items()}
-    _emit_setup(body, flat, printed)
+    flat, denominators = {}, {}
+    for j, p in plans.items():
+        numerators, others = _split(j, p.regions)
+        flat.update(numerators)
+        denominators.update(others)
+    _emit_setup(body, flat, printed, denominators)
     for j, p in plans.items():
         _emit_region(body, j, p.regions, printed)
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
     for j, p in plans.items():
-        for r, key in _region_keys(j, p.regions).items():
-            f = flat[key]
-            indent = _in_region(body, j, p.regions, r, 3)
+        def emit_plan(key, f, shared, indent, out=outs[j]):
             _emit_test(body, key, f, printed, indent)
             body.emit(indent, f"if {fires('_xn', '2.0 * _xb')}:")
-            _emit_value(body, key, f, printed, indent + 1)
+            _emit_value(body, key, f, printed, indent + 1, shared)
             body.emit(indent + 1, "if math.isfinite(_xq):")
-            body.emit(indent + 2, f"{outs[j]}[_i, _k] = _w * _xq")
+            body.emit(indent + 2, f"{out}[_i, _k] = _w * _xq")
+        _emit_regions(body, j, p.regions, 3, emit_plan)
 
 
 def emit_block_fallback(body, diagonal: RegionPlans, pair: PairFallback, out: str, direction: str | None = None,
@@ -676,40 +755,44 @@ def emit_block_fallback(body, diagonal: RegionPlans, pair: PairFallback, out: st
     scratch rows)."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
-    regions = diagonal.regions
-    own, other = _region_keys(0, regions), _region_keys(1, pair.regions)
-    flat = {**{key: regions[r][1] for r, key in own.items()}, **{key: pair.regions[r][1] for r, key in other.items()}}
-    _emit_setup(body, flat, printed)
-    _emit_region(body, "", regions, printed)
+    (own, own_denominators), (other, other_denominators) = _split(0, diagonal.regions), _split(1, pair.regions)
+    _emit_setup(body, {**own, **other}, printed, {**own_denominators, **other_denominators})
+    _emit_region(body, "", diagonal.regions, printed)
     body.emit(2, f"_xscale = {printed(pair.entry_scale())}")
     body.emit(2, "for _k in range(_n):")
     body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
     body.emit(4, "continue")
-    body.bind([sp.Mul(*e) for key in own.values() for e, _ in flat[key].groups]
-              + [flat[key].rest for key in own.values()], 3)
+    body.bind([sp.Mul(*e) for f in own.values() for e, _ in f.groups] + [f.rest for f in own.values()], 3)
     if direction:
         body.emit(3, "_xs = 0.0")
     body.emit(3, "for _l in range(_n):")
-    used = set().union(*(set(e) for key in other.values() for e, _ in flat[key].groups))
+    used = set().union(*(set(e) for f in other.values() for e, _ in f.groups))
     for symbol, copy in pair.copies.items():
         if copy in used:
             at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
             body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
     if direction:
         body.emit(4, f"_xe = {fast_entry}")
-    for r in sorted(set(own) | set(other)):
-        indent = _in_region(body, "", regions, r, 4)
-        opening = ("if _l == _k:", "else:" if r in own else "if _l != _k:")
-        for key, line in zip((own.get(r), other.get(r)), opening):
-            if key is None:
-                continue
-            body.emit(indent, line)
-            _emit_test(body, key, flat[key], printed, indent + 1)
-            entry_bound = "2.0 * _xb * _xscale" if key in other.values() else ""
-            body.emit(indent + 1, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
-            _emit_value(body, key, flat[key], printed, indent + 2)
-            body.emit(indent + 2, "if math.isfinite(_xq):")
-            body.emit(indent + 3, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+
+    def emit_plan(key, f, shared, indent, entry_bound=""):
+        _emit_test(body, key, f, printed, indent)
+        body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
+        _emit_value(body, key, f, printed, indent + 1, shared)
+        body.emit(indent + 1, "if math.isfinite(_xq):")
+        body.emit(indent + 2, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+
+    # entry (k, k) by the diagonal's plans, the others by the pair's, each in the row's region
+    body.emit(4, "if _l == _k:")
+    if own:
+        _emit_regions(body, 0, diagonal.regions, 5, emit_plan, "_xregion")
+    else:
+        body.emit(5, "pass")
+    body.emit(4, "else:")
+    if other:
+        _emit_regions(body, 1, pair.regions, 5,
+                      lambda key, f, shared, indent: emit_plan(key, f, shared, indent, "2.0 * _xb * _xscale"), "_xregion")
+    else:
+        body.emit(5, "pass")
     if direction:
         body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
         body.emit(3, f"{out}[_i, _k] = _w * _xs")
