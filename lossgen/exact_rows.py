@@ -111,10 +111,6 @@ class RegionPlans:
     regions: tuple
 
     @property
-    def plans(self) -> list:
-        return [f for _, f in self.regions if f is not None]
-
-    @property
     def numerator(self) -> sp.Expr:
         """The kernels' rounded numerator: per element monomial, its coefficient in the row's
         region (0 where the region's plan has none)."""
@@ -472,8 +468,10 @@ def product_lines(coefficient: int, factors, rows, printed, target: str) -> list
 
 def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     """Lines of the row-level part of the recomputation: the scratch expansions (rows of one
-    buffer), every reduction an expansion over the row, and the values of the kernels' tests.
-    Each plan's own part (:func:`_emit_plan_setup`) waits for the first element that needs it."""
+    buffer), every reduction an expansion over the row (and the sums of magnitudes of the
+    tests' bounds), and the values of the kernels' tests. Each plan's own part
+    (:func:`_emit_plan_setup`) waits for the first element that needs it; ``denominators``: the
+    plans whose denominators are computed apart (:func:`_split`)."""
     reductions = {}
     for p in plans.values():
         reductions.update(p.reductions)
@@ -649,6 +647,7 @@ def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None):
 
 
 def _emit_division(body, j, p: Fallback, indent: int):
+    """Lines dividing (_xq, _xq_s) by plan ``j``'s denominator, factor by factor."""
     for d, (_, exponent) in enumerate(p.denominator):
         for _ in range(exponent.p):  # b**(n/2): the root divided n times
             body.emit(indent, f"_xq = _xq / _xd{j}_{d}")
