@@ -108,6 +108,7 @@ def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -130,6 +131,7 @@ def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -138,7 +140,7 @@ def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -236,6 +238,7 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -262,6 +265,7 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -270,7 +274,7 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -420,6 +424,7 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -442,6 +447,7 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -450,7 +456,7 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -577,6 +583,7 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -603,6 +610,7 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -611,7 +619,7 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -787,6 +795,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -813,6 +822,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -821,7 +831,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -1006,6 +1016,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -1032,6 +1043,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -1040,7 +1052,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -1274,6 +1286,7 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -1300,6 +1313,7 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x1, _e_x2, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -1308,7 +1322,7 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1

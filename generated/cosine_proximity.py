@@ -306,6 +306,7 @@ def _loss_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -324,6 +325,7 @@ def _loss_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
@@ -332,7 +334,7 @@ def _loss_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = -_r2
     _t1_1 = math.sqrt(_r0)
@@ -542,6 +544,7 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     _r2_abs = 0.0
     _r2_abs_error = 0.0
     for _k in range(_n):
@@ -572,6 +575,7 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
         _s = abs(_t0_0)
         _x = _r2_abs + _s
         _z = _x - _r2_abs
@@ -588,7 +592,7 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
@@ -900,6 +904,7 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     _r2_abs = 0.0
     _r2_abs_error = 0.0
     for _k in range(_n):
@@ -926,6 +931,7 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
         _s = abs(_t0_0)
         _x = _r2_abs + _s
         _z = _x - _r2_abs
@@ -942,7 +948,7 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
@@ -1024,6 +1030,7 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     _r2_abs = 0.0
     _r2_abs_error = 0.0
     for _k in range(_n):
@@ -1054,6 +1061,7 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
         _s = abs(_t0_0)
         _x = _r2_abs + _s
         _z = _x - _r2_abs
@@ -1070,7 +1078,7 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
@@ -1199,6 +1207,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     _r2_abs = 0.0
     _r2_abs_error = 0.0
     for _k in range(_n):
@@ -1229,6 +1238,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
         _s = abs(_t0_0)
         _x = _r2_abs + _s
         _z = _x - _r2_abs
@@ -1245,7 +1255,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
@@ -1735,6 +1745,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     _r2_abs = 0.0
     _r2_abs_error = 0.0
     for _k in range(_n):
@@ -1761,6 +1772,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
         _s = abs(_t0_0)
         _x = _r2_abs + _s
         _z = _x - _r2_abs
@@ -1777,7 +1789,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
@@ -2267,6 +2279,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r1_error = 0.0
     _r2 = 0.0
     _r2_error = 0.0
+    _r2_products = 0.0
     _r2_abs = 0.0
     _r2_abs_error = 0.0
     for _k in range(_n):
@@ -2293,6 +2306,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
+        _r2_products += _fma(_e_x, _e_y, -_s)
         _s = abs(_t0_0)
         _x = _r2_abs + _s
         _z = _x - _r2_abs
@@ -2309,7 +2323,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _r1 += _r1_error
     _r2_hi = _r2
     if math.isfinite(_r2):
-        _r2 += _r2_error
+        _r2 += _r2_error + _r2_products
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error

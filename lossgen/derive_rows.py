@@ -88,6 +88,9 @@ class RowDerivation:
     # the norms computed in a binary scale where their squares leave the safe range
     # (stabilise_rows.scaled_norms): ScaledNorm entries, read by the emitter
     scaled: tuple = ()
+    # sums of products whose error parts also carry each product's rounding error (a fused
+    # multiply-add; stabilise_rows.product_errors): reduction symbol -> the product's two factors
+    products: dict = field(default_factory=dict)
 
     def map(self, transform) -> "RowDerivation":
         """Apply ``transform`` to every expression (summands, loss, derivatives)."""

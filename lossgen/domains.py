@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import sympy as sp
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,21 @@ DOMAINS: dict[str, Domain] = {d.name: d for d in (
 
 def domain_names() -> str:
     return ", ".join(sorted(DOMAINS))
+
+
+def nonnegative_on(summand, ranges: dict) -> bool:
+    """Is ``summand`` >= 0 wherever its symbols are in ``ranges`` ({symbol: (low, high)})? By
+    interval arithmetic (sympy.AccumBounds) on the summand, its factored form and its Horner
+    forms (p + y - p y is p + y (1 - p), in [0, 2] for probabilities)."""
+    if summand.is_nonnegative:
+        return True
+    boxes = {s: sp.AccumBounds(*bounds) for s, bounds in ranges.items() if s in summand.free_symbols}
+    if set(boxes) != summand.free_symbols:
+        return False
+    forms = [summand, sp.factor(summand)] + [sp.horner(summand, wrt=s) for s in sorted(boxes, key=sp.default_sort_key)]
+    for form in forms:
+        value = form.xreplace(boxes)
+        low = value.min if isinstance(value, sp.AccumBounds) else value
+        if low.is_nonnegative:
+            return True
+    return False

@@ -370,7 +370,8 @@ class _Body:
                 else:
                     self.vector_passes[r.symbol] = self.slots
                     self.slots += 1
-            kinds = {r.symbol: r.kind + ("_keyed" if keys[r.symbol] is not None else "")
+            kinds = {r.symbol: r.kind + ("_products" if r.symbol in self.derivation.products else "")
+                     + ("_keyed" if keys[r.symbol] is not None else "")
                      + ("_stashed" if r.symbol in self.stashed else "")
                      + ("_read" if r.symbol in self.vector_passes and r.kind != "sum" else "") for r in looped}
             for r in looped:
@@ -388,20 +389,28 @@ class _Body:
                             value = self.printer._call("exp", f"_s - {r.index[0]}")
                     self.emit(3, f"_stash[{slot}, _k] = {value}")
             in_vector = {r.symbol for r in vector}
+            # a sum of products a b whose error part takes each product's rounding error too
+            # (stabilise_rows.product_errors): its factors printed with the summands
+            products = [r for r in looped if kinds[r.symbol] == "sum_products"]
             self.emit(2, "for _k in range(_n):")
             summands = [r.summand for r in looped if r.symbol not in in_vector] \
-                + [key for key in keys.values() if key is not None]
+                + [key for key in keys.values() if key is not None] \
+                + [f for r in products for f in self.derivation.products[r.symbol]]
             self.bind(summands, 3)
             values = iter(self.cse(summands, 3))
             printed = {r.symbol: (f"_stash[{self.vector_passes[r.symbol]}, _k]" if r.symbol in in_vector
                                   else next(values)) for r in looped}
             printed_keys = {symbol: next(values) for symbol, key in keys.items() if key is not None}
+            printed_factors = {r.symbol: (next(values), next(values)) for r in products}
+            if products:
+                self.printer.helpers_used.add("fma")
             for r in looped:
                 self.emit(3, f"_s = {printed[r.symbol]}")
                 if r.symbol in printed_keys:
                     self.emit(3, f"_key = {printed_keys[r.symbol]}")
+                factors = dict(zip("ab", printed_factors.get(r.symbol, ())))
                 for line in LOOP_CODE[kinds[r.symbol]]["step"]:
-                    self.emit(3, line.format(**self.names(r)))
+                    self.emit(3, line.format(**self.names(r), **factors))
             for r in looped:
                 for line in LOOP_CODE[kinds[r.symbol]]["finish"]:
                     self.emit(2, line.format(**self.names(r)))
@@ -492,6 +501,12 @@ LOOP_CODE = {
     "sum": {"start": ["{r} = 0.0", "{r}_error = 0.0"],
             "step": ["_x = {r} + _s", "_z = _x - {r}", "{r}_error += ({r} - (_x - _z)) + (_s - _z)", "{r} = _x"],
             "finish": ["{r}_hi = {r}", "if math.isfinite({r}):", "    {r} += {r}_error"]},
+    # the same, of products _s = a b, with their rounding errors in a part of their own (Dot2;
+    # stabilise_rows.product_errors): R = hi + error + products' errors, hi + error as before
+    "sum_products": {"start": ["{r} = 0.0", "{r}_error = 0.0", "{r}_products = 0.0"],
+                     "step": ["_x = {r} + _s", "_z = _x - {r}", "{r}_error += ({r} - (_x - _z)) + (_s - _z)",
+                              "{r} = _x", "{r}_products += _fma({a}, {b}, -_s)"],
+                     "finish": ["{r}_hi = {r}", "if math.isfinite({r}):", "    {r} += {r}_error + {r}_products"]},
     "max": {"start": ["{r} = -math.inf", "{a} = 0"],
             "step": ["if _s > {r} or _k == 0:", "    {r} = _s", "    {a} = _k"],
             "finish": []},

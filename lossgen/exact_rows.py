@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import sympy as sp
 from sympy.core.relational import Relational
 
+from .domains import nonnegative_on
 from .vocabulary import exact_sum, finite_or, group
 
 # Which outputs get the fallback, and its test: |num| < threshold * B. Where the test does not
@@ -410,25 +411,7 @@ def magnitude_sums(reductions: dict, ranges: dict) -> dict:
     1 + 2^-52, 1e-8, -1e10), y = (1e-300, -1, -1e10, 1e-300, -1e-300), where the rounded products
     sum to 1e-290 (cosine_proximity's gradient and Hessian had relative error 1 there)."""
     return {r: sp.Symbol(f"{r.name}_abs", nonnegative=True) for r, reduction in reductions.items()
-            if not _nonnegative(reduction.summand, ranges)}
-
-
-def _nonnegative(summand: sp.Expr, ranges: dict) -> bool:
-    """Is ``summand`` >= 0 wherever its symbols are in ``ranges`` ({symbol: (low, high)})? By
-    interval arithmetic (sympy.AccumBounds) on the summand, its factored form and its Horner
-    forms (p + y - p y is p + y (1 - p), in [0, 2] for probabilities)."""
-    if summand.is_nonnegative:
-        return True
-    boxes = {s: sp.AccumBounds(*bounds) for s, bounds in ranges.items() if s in summand.free_symbols}
-    if set(boxes) != summand.free_symbols:
-        return False
-    forms = [summand, sp.factor(summand)] + [sp.horner(summand, wrt=s) for s in sorted(boxes, key=sp.default_sort_key)]
-    for form in forms:
-        value = form.xreplace(boxes)
-        low = value.min if isinstance(value, sp.AccumBounds) else value
-        if low.is_nonnegative:
-            return True
-    return False
+            if not nonnegative_on(reduction.summand, ranges)}
 
 
 # --- emission: lines of a row kernel ---------------------------------------------------------

@@ -65,6 +65,7 @@ from sympy.core.traversal import bottom_up
 
 from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
+from .domains import DOMAINS, nonnegative_on
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import apply_last, direct_form, spec_domains
@@ -1310,7 +1311,41 @@ def stabilise_rows(derivation):
     stable = replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
     with spec_domains(derivation.spec):
         stable = stable.map(apply_last)
-    return scaled_norms(derivation, stable)
+    return product_errors(scaled_norms(derivation, stable))
+
+
+# --- sums of products that keep each product's rounding error --------------------------------
+
+def _two_factors(summand: sp.Expr, inputs) -> tuple | None:
+    """(a, b) where ``summand`` is the product a*b of two of the row's ``inputs``, else None."""
+    if isinstance(summand, sp.Mul) and len(summand.args) == 2 and all(a in inputs for a in summand.args):
+        return summand.args
+    return None
+
+
+def product_errors(stable):
+    """The sums R = sum_k a_k b_k of products of two inputs whose sign may change along the row
+    (x.y), which the kernels sum with each product's rounding error, fma(a, b, -a b), in an error
+    part of its own (Ogita, Rump and Oishi's Dot2; emit_rows.LOOP_CODE "sum_products"): their
+    compensated sums add products that are already rounded, so x.y kept only the digits of its
+    terms where it cancels between elements (x.y = -3.1e-7 where the rounded products sum to
+    1e-290, at x = (-1, -1e10 (1 + 2^-52), 1 + 2^-52, 1e-8, -1e10), y = (1e-300, -1, -1e10,
+    1e-300, -1e-300)). R's parts (hi and the additions' errors) stay what they were: the forms
+    that take an element's own term out of R from them (exact_sum(R_hi, -a b, R_error)) would
+    lose their exactness to the products' errors (800 beside errors of 1e26 at x1 = (-1e50, 20),
+    x2 = (1e-8, 40)). Sums that a scaled norm sums again, of squares and of products of one sign
+    are left as they were."""
+    spec = stable.spec
+    ranges = {spec.symbols[i.name]: (DOMAINS[i.domain].low, DOMAINS[i.domain].high) for i in spec.inputs
+              if i.axis and not DOMAINS[i.domain].values}
+    rescaled = {n.reduction.symbol for n in stable.scaled if isinstance(n, ScaledNorm)}
+    rescaled |= {r.symbol for n in stable.scaled if isinstance(n, ScaledPair) for r, _ in n.sums}
+    products = {}
+    for r in stable.reductions:
+        factors = _two_factors(r.summand, ranges) if r.kind == "sum" else None
+        if factors is not None and r.symbol not in rescaled and not nonnegative_on(r.summand, ranges):
+            products[r.symbol] = factors
+    return replace(stable, products=products) if products else stable
 
 
 # --- a norm at 0 -------------------------------------------------------------------------------
