@@ -10,7 +10,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import sympy as sp
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,10 @@ def domain_names() -> str:
 def nonnegative_on(summand, ranges: dict) -> bool:
     """Is ``summand`` >= 0 wherever its symbols are in ``ranges`` ({symbol: (low, high)})? By
     interval arithmetic (sympy.AccumBounds) on the summand, its factored form and its Horner
-    forms (p + y - p y is p + y (1 - p), in [0, 2] for probabilities)."""
+    forms (p + y - p y is p + y (1 - p), in [0, 2] for probabilities). Generation time only:
+    SymPy is imported here, not with the runtime (``import lossgen`` stays light)."""
+    import sympy as sp
+
     if summand.is_nonnegative:
         return True
     boxes = {s: sp.AccumBounds(*bounds) for s, bounds in ranges.items() if s in summand.free_symbols}
