@@ -86,6 +86,13 @@ def domain_names() -> str:
     return ", ".join(sorted(DOMAINS))
 
 
+def axis_ranges(spec) -> dict:
+    """{symbol: (low, high)} of a row-wise spec's axis inputs whose domain is an interval (the
+    ranges :func:`nonnegative_on` reads)."""
+    return {spec.symbols[i.name]: (DOMAINS[i.domain].low, DOMAINS[i.domain].high) for i in spec.inputs
+            if i.axis and not DOMAINS[i.domain].values}
+
+
 def nonnegative_on(summand, ranges: dict) -> bool:
     """Is ``summand`` >= 0 wherever its symbols are in ``ranges`` ({symbol: (low, high)})? By
     interval arithmetic (sympy.AccumBounds) on the summand, its factored form and its Horner

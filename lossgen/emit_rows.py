@@ -36,7 +36,7 @@ import sympy as sp
 from sympy.codegen.cfunctions import expm1, log1p
 
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
-from .domains import DOMAINS
+from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
 from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, fires, plan, plan_block
 from .reductions import onehot
@@ -919,8 +919,7 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
         return {}  # the guard evaluates the derivation's numerator on the kernels' row values
     parameters = [spec.symbols[p.name] for p in spec.params]
     # the inputs' domains, for the signs of the reductions' summands (exact_rows.magnitude_sums)
-    ranges = {spec.symbols[i.name]: (DOMAINS[i.domain].low, DOMAINS[i.domain].high) for i in spec.inputs
-              if i.axis and not DOMAINS[i.domain].values}
+    ranges = axis_ranges(spec)
     plans = {}
     for q in ("grad", "hess"):
         if q not in EXACT_FALLBACK["quantities"]:

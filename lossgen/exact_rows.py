@@ -87,6 +87,11 @@ class Fallback:
     magnitudes: dict = field(default_factory=dict)
 
     @property
+    def denominator_value(self) -> sp.Expr:
+        """The product of the denominator's factors."""
+        return sp.Mul(*[b**e for b, e in self.denominator])
+
+    @property
     def numerator(self) -> sp.Expr:
         """sum_m A_m e_m, the kernels' rounded numerator (the test's left side)."""
         return sp.Add(*[a * sp.Mul(*element) for element, a, _ in self.tests])
@@ -127,17 +132,19 @@ def _by_region(regions, coefficients, missing, absolute: bool = False) -> sp.Exp
     """sum_m c_m(region) e_m over the element monomials e_m of the planned regions, each
     coefficient Piecewise over the regions (a row value): ``coefficients(plan)`` -> {e_m: c_m},
     0 where a plan lacks e_m, ``missing`` in a region without a plan."""
-    if len(regions) == 1 and regions[0][1] is not None:
-        table = coefficients(regions[0][1])
-        return sp.Add(*[c * (sp.Abs(sp.Mul(*e)) if absolute else sp.Mul(*e)) for e, c in table.items()])
     tables = [(condition, None if f is None else coefficients(f)) for condition, f in regions]
     elements = list(dict.fromkeys(e for _, t in tables if t for e in t))
-    out = []
-    for element in elements:
-        c = sp.Piecewise(*[(missing if t is None else t.get(element, sp.S.Zero), condition)
-                           for condition, t in tables])
-        out.append(c * (sp.Abs(sp.Mul(*element)) if absolute else sp.Mul(*element)))
-    return sp.Add(*out)
+    return sp.Add(*[_over_regions(tables, lambda t, e=element: t.get(e, sp.S.Zero), missing)
+                    * (sp.Abs(sp.Mul(*element)) if absolute else sp.Mul(*element)) for element in elements])
+
+
+def _over_regions(regions, value, missing) -> sp.Expr:
+    """``value(plan)`` in the row's region, one row value: the plan's own where there is one
+    region, else Piecewise over ``regions`` ((condition, plan or None), ...), ``missing`` where
+    a region has no plan."""
+    if len(regions) == 1 and regions[0][1] is not None:
+        return value(regions[0][1])
+    return sp.Piecewise(*[(missing if f is None else value(f), condition) for condition, f in regions])
 
 
 @dataclass(frozen=True)
@@ -165,17 +172,14 @@ class PairFallback:
                 terms = by_other.setdefault(other, ([], []))
                 terms[0].append(a * own)
                 terms[1].append(magnitude * sp.Abs(own))
-            scale = 1 / sp.Abs(sp.Mul(*[b**e for b, e in f.denominator])) if per_entry else 1
+            scale = 1 / sp.Abs(f.denominator_value) if per_entry else 1
             return {q: (sp.Add(*n), scale * sp.Add(*b)) for q, (n, b) in by_other.items()}
 
         tables = [(condition, None if f is None else outer(f)) for condition, f in self.regions]
         others = list(dict.fromkeys(q for _, t in tables if t for q in t))
 
         def part(q, side: int, missing):
-            if len(tables) == 1:
-                return tables[0][1][q][side]
-            return sp.Piecewise(*[(missing if t is None else t[q][side] if q in t else sp.S.Zero, condition)
-                                  for condition, t in tables])
+            return _over_regions(tables, lambda t: t[q][side] if q in t else sp.S.Zero, missing)
         numerator = [(part(q, 0, sp.S.Zero), q) for q in others]
         bound = [(part(q, 1, sp.nan), sp.Abs(q)) for q in others]
         return numerator, bound
@@ -183,9 +187,7 @@ class PairFallback:
     def entry_scale(self) -> sp.Expr:
         """1/|denominator| in the row's region (nan where it has no plan): the bound in the units
         of the entry is the bound times it."""
-        scales = [(sp.nan if f is None else 1 / sp.Abs(sp.Mul(*[b**e for b, e in f.denominator])), condition)
-                  for condition, f in self.regions]
-        return scales[0][0] if len(scales) == 1 else sp.Piecewise(*scales)
+        return _over_regions(self.regions, lambda f: 1 / sp.Abs(f.denominator_value), sp.nan)
 
 
 def row_regions(exprs, element_symbols) -> tuple | None:

@@ -65,7 +65,7 @@ from sympy.core.traversal import bottom_up
 
 from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
-from .domains import DOMAINS, nonnegative_on
+from .domains import axis_ranges, nonnegative_on
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import apply_last, direct_form, spec_domains
@@ -1335,14 +1335,12 @@ def product_errors(stable):
     lose their exactness to the products' errors (800 beside errors of 1e26 at x1 = (-1e50, 20),
     x2 = (1e-8, 40)). Sums that a scaled norm sums again, of squares and of products of one sign
     are left as they were."""
-    spec = stable.spec
-    ranges = {spec.symbols[i.name]: (DOMAINS[i.domain].low, DOMAINS[i.domain].high) for i in spec.inputs
-              if i.axis and not DOMAINS[i.domain].values}
+    ranges = axis_ranges(stable.spec)
     rescaled = {n.reduction.symbol for n in stable.scaled if isinstance(n, ScaledNorm)}
     rescaled |= {r.symbol for n in stable.scaled if isinstance(n, ScaledPair) for r, _ in n.sums}
     products = {}
     for r in stable.reductions:
-        factors = _two_factors(r.summand, ranges) if r.kind == "sum" else None
+        factors = _two_factors(r.summand, set(ranges)) if r.kind == "sum" else None
         if factors is not None and r.symbol not in rescaled and not nonnegative_on(r.summand, ranges):
             products[r.symbol] = factors
     return replace(stable, products=products) if products else stable
