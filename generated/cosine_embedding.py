@@ -65,6 +65,210 @@ def _fma(a, b, c):
     return _fma_instruction(a, b, c)
 
 
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xgrow(p, n, x):
+    """Add x to the non-overlapping expansion p[0:n] (increasing magnitudes), exactly (Shewchuk's
+    grow-expansion with zero elimination, as Python's math.fsum); returns its new length."""
+    i = 0
+    for j in range(n):
+        y = p[j]
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo != 0.0:
+            p[i] = lo
+            i += 1
+        x = hi
+    p[i] = x
+    return i + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue(p, n):
+    """The expansion p[0:n] rounded to a float (from its largest part down: faithful)."""
+    s = 0.0
+    for j in range(n - 1, -1, -1):
+        s += p[j]
+    return s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xcompress(e, n, u):
+    """The expansion e[0:n] in as few parts as it needs, in place (Shewchuk's Compress: a
+    sweep down, then one up), so that its products with others stay short; returns its length."""
+    if n < 2:
+        return n
+    q = e[n - 1]
+    bottom = n - 1
+    for i in range(n - 2, -1, -1):
+        s = q + e[i]
+        r = e[i] - (s - q)
+        if r != 0.0:
+            u[bottom] = s
+            bottom -= 1
+            q = r
+        else:
+            q = s
+    u[bottom] = q
+    top = 0
+    for i in range(bottom + 1, n):
+        s = u[i] + q
+        r = q - (s - u[i])
+        if r != 0.0:
+            e[top] = r
+            top += 1
+        q = s
+    e[top] = q
+    return top + 1
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xcopy(t, e, ne):
+    """t[0:ne] = e[0:ne]; returns ne."""
+    for j in range(ne):
+        t[j] = e[j]
+    return ne
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xgrow_product(u, n, a, b):
+    """Add a*b to the expansion u[0:n], exactly: its rounded value and, by a fused multiply-add,
+    its error; returns the new length."""
+    hi = a * b
+    lo = _fma(a, b, -hi)
+    if hi != 0.0:
+        n = _xgrow(u, n, hi)
+    if lo != 0.0:
+        n = _xgrow(u, n, lo)
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy", inline="always")
+def _xsettle(t, u, n):
+    """Copy the expansion u[0:n] into t (a single 0.0 where it is empty); returns its length."""
+    if n == 0:
+        u[0] = 0.0
+        n = 1
+    for i in range(n):
+        t[i] = u[i]
+    return n
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmul(t, m, f, u):
+    """t[0:m] times the float f, exactly (each product grown into u), copied back into t;
+    returns its length."""
+    n = 0
+    for i in range(m):
+        n = _xgrow_product(u, n, t[i], f)
+    return _xsettle(t, u, n)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmulx(t, m, e, ne, u):
+    """t[0:m] times the expansion e[0:ne], exactly (each product of parts grown into u), copied
+    back into t; returns its length."""
+    n = 0
+    for i in range(m):
+        for j in range(ne):
+            n = _xgrow_product(u, n, t[i], e[j])
+    return _xsettle(t, u, n)
+
+
+# Expansions in a binary scale: the value of (p[0:n], s) is 2**s * sum(p[0:n]), so that
+# products of inputs at 1e-300 keep their error parts (a plain expansion's underflow).
+@numba.njit(cache=True, error_model="numpy")
+def _xgrow_s(p, n, s, x, e):
+    """Add x * 2**e to the scaled expansion (p[0:n], s), exactly while the parts stay above the
+    subnormal range relative to its largest term (beyond 2**-1022 of it, they round: a sum
+    that cancels below 2**-1000 of its terms); returns its new (length, scale). The first term
+    sets the scale."""
+    if x == 0.0:
+        return n, s
+    if n == 0:
+        m, k = math.frexp(x)
+        return _xgrow(p, 0, m), k + e
+    xs = x if e == s else math.ldexp(x, e - s)
+    if not abs(xs) < 2.0 ** 512:
+        m, k = math.frexp(x)
+        k += e
+        for i in range(n):
+            p[i] = math.ldexp(p[i], s - k)
+        s = k
+        xs = m
+    return _xgrow(p, n, xs), s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xgrow_all_s(p, n, s, t, m, ts):
+    """Add the scaled expansion (t[0:m], ts) to (p[0:n], s); returns its new (length, scale)."""
+    for j in range(m):
+        n, s = _xgrow_s(p, n, s, t[j], ts)
+    return n, s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xtwo_product(a, b):
+    """a*b = (h + l) * 2**e exactly: h = a*b and its error by a fused multiply-add where h is in
+    2**-900 ... 2**900 (e = 0), else from the mantissas of a and b (no underflow)."""
+    h = a * b
+    if abs(h) > 2.0 ** -900 and abs(h) < 2.0 ** 900:
+        return h, _fma(a, b, -h), 0
+    ma, ea = math.frexp(a)
+    mb, eb = math.frexp(b)
+    h = ma * mb
+    return h, _fma(ma, mb, -h), ea + eb
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xnormalize(p, n, s):
+    """Scale the parts of (p[0:n], s) so that the largest is in [0.5, 1); returns the scale."""
+    if n == 0 or p[n - 1] == 0.0:
+        return s
+    k = math.frexp(p[n - 1])[1]
+    for i in range(n):
+        p[i] = math.ldexp(p[i], -k)
+    return s + k
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmul_s(t, m, s, f, u):
+    """(t[0:m], s) times the float f, exactly: its mantissa times the parts; returns (length,
+    scale)."""
+    mf, ef = math.frexp(f)
+    return _xmul(t, m, mf, u), s + ef
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xmulx_s(t, m, s, e, ne, es, u):
+    """(t[0:m], s) times the scaled expansion (e[0:ne], es) (normalized), exactly (t normalized
+    first); returns (length, scale)."""
+    s = _xnormalize(t, m, s)
+    return _xmulx(t, m, e, ne, u), s + es
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue_s(p, n, s):
+    """The scaled expansion (p[0:n], s) rounded to a float."""
+    return math.ldexp(_xvalue(p, n), s)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xvalue_m(p, n, s):
+    """The scaled expansion (p[0:n], s) rounded, as (mantissa, scale): mantissa * 2**scale."""
+    s = _xnormalize(p, n, s)
+    return _xvalue(p, n), s
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _xsqrt_m(m, s):
+    """The root of m * 2**s (m >= 0) as (mantissa, scale), rounded once: an even scale halved."""
+    if s % 2 != 0:
+        m, s = 2.0 * m, s - 1
+    return math.sqrt(m), s // 2
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -83,6 +287,47 @@ def _sum_add(state, b):
 @numba.njit(cache=True, error_model="numpy")
 def _sum_finish(state):
     return state[0] + state[1]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _exact_r2(_i, _n, _C, y, x1, x2, margin, eps):
+    """A row sum exactly, as (hi, lo): its monomials as one expansion (lossgen/exact_rows.py).
+    The kernels call it where the sum cancels.
+
+        _r2 = sum_k(x1*x2)
+    """
+    _sh = 0.0
+    _sl = 0.0
+    _sm = 0.0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _ph = _e_x1 * _e_x2
+        _pl = _fma(_e_x1, _e_x2, -_ph)
+        _x = _sh + _ph
+        _z = _x - _sh
+        _sl += (_sh - (_x - _z)) + (_ph - _z) + _pl
+        _sh = _x
+        _sm += abs(_ph)
+    _hi = _sh + _sl
+    _g = 1 * _n * 1.1102230246251565e-16
+    if abs(_hi) > 1.1830521861667747e-271 and _sm < 8.452712498170644e+270 and _g * _g * _sm <= 8.881784197001252e-16 * abs(_hi):
+        return _hi, _sl - (_hi - _sh)
+    _xbuffer = np.empty((3, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xs = _xbuffer[2]
+    _xs_n = 0
+    _xs_s = 0
+    for _k in range(_n):
+        _e_x1 = x1[_i, _k]
+        _e_x2 = x2[_i, _k]
+        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x2)
+        _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xh, _xe)
+        _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xl, _xe)
+    _hi = _xvalue_s(_xs, _xs_n, _xs_s)
+    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, 0)
+    return _hi, _xvalue_s(_xs, _xs_n, _xs_s)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -457,6 +702,11 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x1, x2, margin, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -620,6 +870,11 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x1, x2, margin, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -832,6 +1087,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x1, x2, margin, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -1053,6 +1313,11 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x1, x2, margin, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -1323,6 +1588,11 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x1, x2, margin, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1

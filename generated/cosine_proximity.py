@@ -289,6 +289,47 @@ def _sum_finish(state):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _exact_r2(_i, _n, _C, y, x, eps):
+    """A row sum exactly, as (hi, lo): its monomials as one expansion (lossgen/exact_rows.py).
+    The kernels call it where the sum cancels.
+
+        _r2 = sum_k(x*y)
+    """
+    _sh = 0.0
+    _sl = 0.0
+    _sm = 0.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _ph = _e_x * _e_y
+        _pl = _fma(_e_x, _e_y, -_ph)
+        _x = _sh + _ph
+        _z = _x - _sh
+        _sl += (_sh - (_x - _z)) + (_ph - _z) + _pl
+        _sh = _x
+        _sm += abs(_ph)
+    _hi = _sh + _sl
+    _g = 1 * _n * 1.1102230246251565e-16
+    if abs(_hi) > 1.1830521861667747e-271 and _sm < 8.452712498170644e+270 and _g * _g * _sm <= 8.881784197001252e-16 * abs(_hi):
+        return _hi, _sl - (_hi - _sh)
+    _xbuffer = np.empty((3, 64))
+    _xt = _xbuffer[0]
+    _xu = _xbuffer[1]
+    _xs = _xbuffer[2]
+    _xs_n = 0
+    _xs_s = 0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+        _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xh, _xe)
+        _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xl, _xe)
+    _hi = _xvalue_s(_xs, _xs_n, _xs_s)
+    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, 0)
+    return _hi, _xvalue_s(_xs, _xs_n, _xs_s)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _loss_row(_i, _n, _C, y, x, eps, _weight, _out0):
     """loss of row _i, times _weight[i] when given."""
     _inside = True
@@ -952,6 +993,11 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
@@ -1082,6 +1128,11 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x
     _e_x = x[_i, _k]
     _xm_x = _e_x
@@ -1259,6 +1310,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x
     _e_x = x[_i, _k]
     _xm_x = _e_x
@@ -1793,6 +1849,11 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
@@ -2327,6 +2388,11 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])

@@ -91,6 +91,9 @@ class RowDerivation:
     # sums of products whose error parts also carry each product's rounding error (a fused
     # multiply-add; stabilise_rows.product_errors): reduction symbol -> the product's two factors
     products: dict = field(default_factory=dict)
+    # sums whose terms may cancel, evaluated exactly where they do (stabilise_rows.exact_sums):
+    # reduction symbol -> its summand's monomials ((integer, factors), ...)
+    exact: dict = field(default_factory=dict)
 
     def map(self, transform) -> "RowDerivation":
         """Apply ``transform`` to every expression (summands, loss, derivatives)."""

@@ -6,6 +6,7 @@ that the verification stage samples points from.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -105,10 +106,17 @@ def nonnegative_on(summand, ranges: dict) -> bool:
     boxes = {s: sp.AccumBounds(*bounds) for s, bounds in ranges.items() if s in summand.free_symbols}
     if set(boxes) != summand.free_symbols:
         return False
-    forms = [summand, sp.factor(summand)] + [sp.horner(summand, wrt=s) for s in sorted(boxes, key=sp.default_sort_key)]
+    symbols = sorted(boxes, key=sp.default_sort_key)
+    forms = [summand, sp.factor(summand)] + [sp.horner(summand, wrt=s) for s in symbols]
     for form in forms:
         value = form.xreplace(boxes)
         low = value.min if isinstance(value, sp.AccumBounds) else value
         if low.is_nonnegative:
             return True
+    # a polynomial of degree at most 1 in each symbol takes its least value on a box at a corner
+    # (p + y - 2 p y of probabilities: 0 at (0, 0) and (1, 1); interval arithmetic gives [-2, 2])
+    if summand.is_polynomial(*symbols) and all(sp.degree(summand, s) <= 1 for s in symbols) \
+            and all(math.isfinite(b) for s in symbols for b in ranges[s]) and len(symbols) <= 8:
+        corners = itertools.product(*(ranges[s] for s in symbols))
+        return all(summand.xreplace(dict(zip(symbols, c))) >= 0 for c in corners)
     return False

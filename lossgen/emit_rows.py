@@ -38,7 +38,7 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_fallback, fires, plan, plan_block
+from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_exact_sum, emit_fallback, fires, plan, plan_block
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
 from .vocabulary import group, in_scale, two_scaled
@@ -374,8 +374,11 @@ class _Body:
                      + ("_keyed" if keys[r.symbol] is not None else "")
                      + ("_stashed" if r.symbol in self.stashed else "")
                      + ("_read" if r.symbol in self.vector_passes and r.kind != "sum" else "") for r in looped}
+            # (a Dot2 sum's value is accurate: taken again only where forms read its parts)
+            exact = {r.symbol: EXACT_SUM[kinds[r.symbol]] for r in looped if r.symbol in self.derivation.exact
+                     and (r.symbol not in self.derivation.products or used & set(sum_parts(r)))}
             for r in looped:
-                for line in LOOP_CODE[kinds[r.symbol]]["start"]:
+                for line in LOOP_CODE[kinds[r.symbol]]["start"] + exact.get(r.symbol, {}).get("start", []):
                     self.emit(2, line.format(**self.names(r)))
             if vector:
                 # the terms, into scratch rows: no branch, no libm call, so LLVM vectorises the loop
@@ -409,11 +412,19 @@ class _Body:
                 if r.symbol in printed_keys:
                     self.emit(3, f"_key = {printed_keys[r.symbol]}")
                 factors = dict(zip("ab", printed_factors.get(r.symbol, ())))
-                for line in LOOP_CODE[kinds[r.symbol]]["step"]:
+                for line in LOOP_CODE[kinds[r.symbol]]["step"] + exact.get(r.symbol, {}).get("step", []):
                     self.emit(3, line.format(**self.names(r), **factors))
             for r in looped:
                 for line in LOOP_CODE[kinds[r.symbol]]["finish"]:
                     self.emit(2, line.format(**self.names(r)))
+            if exact:
+                self.printer.helpers_used.update(("xexact", "fma"))
+            spec = self.derivation.spec
+            arguments = ", ".join([i.name for i in spec.inputs] + [p.name for p in spec.params])
+            for r in (r for r in looped if r.symbol in exact):
+                code = exact[r.symbol]
+                for line in EXACT_SUM_FINISH + ["    " * 2 + reset for reset in code["reset"]]:
+                    self.emit(2, line.format(**self.names(r), arguments=arguments, test=code["test"].format(**self.names(r))))
             scaled = {n.reduction.symbol: n for n in self.derivation.scaled if isinstance(n, ScaledNorm)}
             for r in looped:
                 if r.symbol in scaled:
@@ -539,6 +550,26 @@ LOOP_CODE = {
                                     "finish": ["{r}_inv = 1.0 / (1.0 + {r})", "{r}_rest = {r} * {r}_inv",
                                                "{r} = math.log1p({r})"]},
 }
+
+
+# A sum whose terms may cancel (stabilise_rows.exact_sums) is taken again, exactly, where its
+# test holds (exact_rows.emit_exact_sum), as a double-double (hi, error). A sum of rounded terms
+# sums their magnitudes too and tests |R| < 2**-11 sum_k |g_k|: where that does not hold its error
+# is that of its rounded terms, k units of 2**-53 of sum_k |g_k| for k roundings in a term, at most
+# 2**11 k 1.1e-16 of R (the triplet loss's terms take 3: 6.8e-13). A sum of products that keeps
+# their rounding errors apart (Dot2) is accurate, but the forms that take an element's term out
+# of its parts hi and error do not see the products' errors: it tests whether they reach 2**-40 of
+# R (x.y = -3.1e-7 from products of 1e10, cosine_embedding's gradient had relative error 1).
+EXACT_SUM = {
+    "sum": {"start": ["{r}_magnitude = 0.0"], "step": ["{r}_magnitude += abs(_s)"],
+            "test": "abs({r}) < 0.00048828125 * {r}_magnitude", "reset": []},
+    "sum_products": {"start": [], "step": [], "test": "abs({r}_products) > 9.094947017729282e-13 * abs({r})",
+                     "reset": ["{r}_products = 0.0"]},
+}
+EXACT_SUM_FINISH = ["if {test}:",
+                    "    _hi, _lo = _exact{r}(_i, _n, _C, {arguments})",
+                    "    if math.isfinite(_hi):",
+                    "        {r}_hi, {r}_error, {r} = _hi, _lo, _hi + _lo"]
 
 
 EXPONENTIALS = ("exp", "expm1", "exp_neg_abs", "expm1_abs", "log1p")
@@ -986,8 +1017,15 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
                 "lowered": sp.sstr(original.loss),
                 "grad": [{"name": p, "expr": sp.sstr(g)} for p, g in zip(predictions, original.grad)]}
     first_row_input = next(i.name for i in spec.inputs if i.axis and not i.shared)
+    exact_sums = []
+    for symbol, monomials in stable.exact.items():
+        body = _Body(stable, printer, keys)
+        emit_exact_sum(body, monomials)
+        reduction = next(r for r in stable.reductions if r.symbol == symbol)
+        exact_sums.append({"name": f"_exact{symbol.name}", "lines": body.lines,
+                           "doc": f"{symbol} = sum_k({sp.sstr(reduction.summand)})"})
     return template_environment().get_template("row_module.py.j2").render(
-        spec=spec, spec_path=spec_path, marker=MARKER, formulas=formulas,
+        spec=spec, spec_path=spec_path, marker=MARKER, formulas=formulas, exact_sums=exact_sums,
         helpers=printer.helpers_used, kernels=kernels, arguments=arguments, directions=directions,
         kernel_outputs={k["name"]: len(k["outs"]) for k in kernels}, rows_of=first_row_input,
     )

@@ -21,16 +21,6 @@ def _cancels(*terms, factor=1e3):
     return sum(abs(t) for t in terms) > factor * abs(sum(terms))
 
 
-def _triplet_gap(output, point, entry):
-    """Rows where D = d(a, p)**2 - d(a, n)**2 = sum_k t_k, t_k = (n_k - p_k)(2 a_k - p_k - n_k + 2 eps),
-    cancels to below 1/1000 of sum |t_k| (exact terms)."""
-    a, p, n = (_row_of(point, name) for name in "apn")
-    eps = Fraction(point["eps"])
-    terms = [(Fraction(nk) - Fraction(pk)) * (2 * Fraction(ak) - Fraction(pk) - Fraction(nk) + 2 * eps)
-             for ak, pk, nk in zip(a, p, n)]
-    return _cancels(*terms)
-
-
 def _cosine_gap(output, point, entry):
     """Off-diagonal entry of a full Hessian block of cosine_embedding's cosine of rows x1, x2,
     times a**5 b in a row's own block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps and
@@ -147,13 +137,6 @@ def _poly1_gap(output, point, entry):
 # Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
 # tests/test_catalog.py's KNOWN_GAPS, empty.)
 ROW_KNOWN_GAPS = {
-    "triplet_margin": (_triplet_gap, "d(a, p) - d(a, n) = D/(d(a, p) + d(a, n)) with D = sum_k (n_k - p_k)(2 a_k - p_k "
-                                     "- n_k + 2 eps) over elements whose terms cancel (p_5 = -1e50 against n_0 = "
-                                     "1e50 at C = 7: terms of 1e100, D of 2e53): each term is rounded once at "
-                                     "2e-16 of its size, and the rows' squared norms hold digits beyond float64 "
-                                     "(a - p + eps at 1e50 + 20 + 1e-6): reachable only by exact (multi-word) "
-                                     "sums of the elements' exact squares (a term of 1e100 is rounded by up "
-                                     "to 1e84 where D needs 1e37: beyond double-word arithmetic too)"),
     "ssim_global": (_ssim_gap, "a Hessian entry of 1 - l cs, l = 1 - (mu_x - mu_y)**2/A and cs = 1 - var(x - y)/B "
                                "differentiated in these forms (accurate near the target; the share keeps the "
                                "gradient accurate far from it), whose quotient-rule terms cancel below 1/1000 of "

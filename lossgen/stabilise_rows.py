@@ -66,6 +66,7 @@ from sympy.core.traversal import bottom_up
 from .derive import tidy
 from .derive_rows import HessianBlock, Reduction, varies_along_row
 from .domains import axis_ranges, nonnegative_on
+from .exact_rows import in_exact_arithmetic, monomials
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import apply_last, direct_form, spec_domains
@@ -1311,7 +1312,7 @@ def stabilise_rows(derivation):
     stable = replace(stable, reductions=stable.reductions + tuple(sums)) if sums else stable
     with spec_domains(derivation.spec):
         stable = stable.map(apply_last)
-    return product_errors(scaled_norms(derivation, stable))
+    return exact_sums(product_errors(scaled_norms(derivation, stable)))
 
 
 # --- sums of products that keep each product's rounding error --------------------------------
@@ -1344,6 +1345,32 @@ def product_errors(stable):
         if factors is not None and r.symbol not in rescaled and not nonnegative_on(r.summand, ranges):
             products[r.symbol] = factors
     return replace(stable, products=products) if products else stable
+
+
+def exact_sums(stable):
+    """The sums R = sum_k g_k whose terms may take both signs on the inputs' domains and whose
+    summand is a polynomial with integer coefficients in the row's inputs and the parameters (in
+    exact arithmetic): where R cancels below a fraction of sum_k |g_k| (emit_rows.EXACT_SUM), the
+    kernels evaluate it again exactly, each monomial split exactly and summed as an expansion
+    (lossgen/exact_rows.py), and keep it as a double-double. The compensated sum adds terms that
+    are already rounded (g_k of a few operations), so where R cancels it holds only the digits of
+    its terms: the triplet loss's d(a, p)**2 - d(a, n)**2 = sum_k (n_k - p_k)(2 a_k - p_k - n_k + 2 eps)
+    is 2e53 at p_5 = -1e50 against n_0 = 1e50 (C = 7), from terms of 1e100 each rounded by up to
+    1e84 (the loss had relative error 0.98 there). Sums of products that keep their products'
+    errors (:func:`product_errors`) are left to them."""
+    spec = stable.spec
+    ranges = axis_ranges(spec)
+    generators = sorted({spec.symbols[i.name] for i in spec.inputs if i.axis}, key=sp.default_sort_key)
+    generators += sorted((spec.symbols[p.name] for p in spec.params), key=sp.default_sort_key)
+    exact = {}
+    for r in stable.reductions:
+        if r.kind != "sum":
+            continue
+        summand = in_exact_arithmetic(r.summand)
+        terms = monomials(summand, generators)
+        if terms is not None and not (nonnegative_on(summand, ranges) or nonnegative_on(-summand, ranges)):
+            exact[r.symbol] = terms  # terms of both signs
+    return replace(stable, exact=exact) if exact else stable
 
 
 # --- a norm at 0 -------------------------------------------------------------------------------
