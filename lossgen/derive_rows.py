@@ -35,7 +35,7 @@ import sympy as sp
 
 from .derive import almost_everywhere, tidy
 from .domains import DOMAINS
-from .fuse_rows import expand_shares, fuse_row_cancellations, plain_shares
+from .fuse_rows import expand_shares, fuse_row_cancellations, hessian_forms
 from .reductions import ROW_SIZE, logsumexp, onehot, rowmax, rowmin, rowsum, take
 from .spec import LossSpec
 
@@ -232,8 +232,9 @@ def derive_rows(spec: LossSpec) -> RowDerivation:
                      if i.axis and DOMAINS[i.domain].low == 0 and DOMAINS[i.domain].high == 1)
     loss = fuse_row_cancellations(program, program.lower(spec.loss), unit)
     grads = tuple(program.gradient(loss, x) for x in predictions)
-    # the Hessian from the plain quotient of a single close pair (fuse_rows.gradient_share)
-    plain = plain_shares(loss)
+    # the Hessian from the plain quotient of a single close pair, and a share's complement where
+    # the share is the larger part (fuse_rows.hessian_forms)
+    plain = hessian_forms(loss)
     hessian_grads = grads if plain == loss else tuple(program.gradient(plain, x) for x in predictions)
     blocks = {(i, j): program.hessian_block(hessian_grads[i], predictions[j])
               for i in range(len(predictions)) for j in range(len(predictions))}

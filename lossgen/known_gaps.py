@@ -75,15 +75,19 @@ def _jaccard_underflow_gap(output, point, entry):
 
 
 def _ssim_gap(output, point, entry):
-    """Hessian entry (j, l) of global SSIM, 1 - l cs with l = 1 - P/A, P = (mu_x - mu_y)**2, A =
-    mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y), B = var(x) + var(y) + C2 (the forms
-    the kernel differentiates, exact near the target): -(l'' cs + l'_j cs'_l + l'_l cs'_j + l cs''),
-    each quotient-rule term apart, cancels below 1/100 of their size (at C = 1, x = 0, y = 1:
-    l'' = -(2/A - 2 P/A**2) = -2 C1/A**2, terms of 2 for an entry of 2e-4). 1/100, not 1/1000:
-    the kernel's terms are products of row sums and means, each rounded several times (at
-    y = (1e-300, 0.5, 1 - 2**-53), x = (1e-16, 0, 1e-300), C1 = 2.5e-4, C2 = 2.25e-3, these terms
-    of entry (1, 1) cancel to 1/616, and its relative error is 2.1e-12). hvp: any entry of the
-    row j."""
+    """Hessian entry (j, l) of global SSIM, 1 - l cs, in the forms the kernel differentiates
+    (fuse_rows.hessian_forms): near the target (l cs >= 1/2) l = 1 - P/A, P = (mu_x - mu_y)**2,
+    A = mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y), B = var(x) + var(y) + C2; far
+    from it l = N1/A, N1 = 2 mu_x mu_y + C1, and cs = N2/B, N2 = 2 cov(x, y) + C2. The entry,
+    -(l'' cs + l'_j cs'_l + l'_l cs'_j + l cs''), each quotient-rule term apart, cancels below
+    1/100 of their size: an outer product l'_j cs'_l + l'_l cs'_j whose factors cancel by
+    coincidence (C = 2, x = 0: l' is the same at both elements and cs'_0 + cs'_1 = 0, where
+    the entry is l'' cs + l cs'' = 2e-7 beside terms of 1); or where an element of j or l is
+    at its row's mean to 1/1000 of itself (y_1 - mu_y = 3.7e-17 at y = (1e-300, 0.5, 1 - 2**-53):
+    relative error 1.3e-11). 1/100, not 1/1000: the kernel's
+    terms are products of row sums and means, each rounded several times (at y = (1e-300, 0.5,
+    1 - 2**-53), x = (1e-16, 0, 1e-300), C1 = 2.5e-4, C2 = 2.25e-3, the terms of entry (1, 1)
+    cancel to 1/616, and its relative error is 2.1e-12). hvp: any entry of the row j."""
     if not output.startswith(("hess", "hvp")):
         return False
     x = [mpmath.mpf(float(v)) for v in _row_of(point, "x")]
@@ -91,33 +95,47 @@ def _ssim_gap(output, point, entry):
     n = len(x)
     if output.startswith("hvp"):
         return any(_ssim_gap("hess_full", point, (entry[0], l)) for l in range(n))
+    with mpmath.workdps(50):
+        return _ssim_entry_gap(x, y, n, entry, mpmath.mpf(point["C1"]), mpmath.mpf(point["C2"]))
+
+
+def _ssim_entry_gap(x, y, n, entry, c1, c2) -> bool:
     j, l = entry
     delta = 1 if j == l else 0
     mx, my = mpmath.fsum(x) / n, mpmath.fsum(y) / n
     u = mx - my
     var = lambda a, b, ma, mb: mpmath.fsum((p - ma) * (q - mb) for p, q in zip(a, b)) / n  # noqa: E731
     d = [p - q for p, q in zip(x, y)]
-    p_, a_ = u**2, mx**2 + my**2 + mpmath.mpf(point["C1"])
-    v_, b_ = var(d, d, u, u), var(x, x, mx, mx) + var(y, y, my, my) + mpmath.mpf(point["C2"])
-    lum, cs = 1 - p_ / a_, 1 - v_ / b_
-    # first and second derivatives along x_j, x_l
-    dp, da = (2 * u / n,) * 2, (2 * mx / n,) * 2
-    dv, db = (2 * (d[j] - u) / n, 2 * (d[l] - u) / n), (2 * (x[j] - mx) / n, 2 * (x[l] - mx) / n)
-    ddp = dda = mpmath.mpf(2) / n**2
-    ddv = ddb = 2 * (delta - mpmath.mpf(1) / n) / n
+    a_, b_ = mx**2 + my**2 + c1, var(x, x, mx, mx) + var(y, y, my, my) + c2
+    n1, n2 = 2 * mx * my + c1, 2 * var(x, y, mx, my) + c2
+    lum, cs = n1 / a_, n2 / b_
+    # first and second derivatives along x_j, x_l of the numerators and denominators
+    da, db = (2 * mx / n,) * 2, (2 * (x[j] - mx) / n, 2 * (x[l] - mx) / n)
+    dda, ddb = mpmath.mpf(2) / n**2, 2 * (delta - mpmath.mpf(1) / n) / n
+    if lum * cs >= mpmath.mpf(1) / 2:  # l = 1 - P/A, cs = 1 - V/B
+        sign, f1, f2 = -1, u**2, var(d, d, u, u)
+        df1, df2 = (2 * u / n,) * 2, (2 * (d[j] - u) / n, 2 * (d[l] - u) / n)
+        ddf1, ddf2 = mpmath.mpf(2) / n**2, ddb
+    else:  # l = N1/A, cs = N2/B
+        sign, f1, f2 = 1, n1, n2
+        df1, df2 = (2 * my / n,) * 2, (2 * (y[j] - my) / n, 2 * (y[l] - my) / n)
+        ddf1 = ddf2 = 0
 
-    def first(f, g, df, dg, k):   # terms of (1 - f/g)' at element k
-        return [-df[k] / g, f * dg[k] / g**2]
+    def first(f, g, df, dg, k):   # terms of (sign f/g)' at element k
+        return [sign * df[k] / g, -sign * f * dg[k] / g**2]
 
-    def second(f, g, df, dg, ddf, ddg):   # terms of (1 - f/g)''
-        return [-ddf / g, df[0] * dg[1] / g**2, df[1] * dg[0] / g**2, f * ddg / g**2,
-                -2 * f * dg[0] * dg[1] / g**3]
+    def second(f, g, df, dg, ddf, ddg):   # terms of (sign f/g)''
+        return [sign * t for t in (ddf / g, -df[0] * dg[1] / g**2, -df[1] * dg[0] / g**2, -f * ddg / g**2,
+                                   2 * f * dg[0] * dg[1] / g**3)]
 
-    terms = [-t * cs for t in second(p_, a_, dp, da, ddp, dda)]
-    terms += [-t * lum for t in second(v_, b_, dv, db, ddv, ddb)]
-    terms += [-s * t for s in first(p_, a_, dp, da, 0) for t in first(v_, b_, dv, db, 1)]
-    terms += [-s * t for s in first(p_, a_, dp, da, 1) for t in first(v_, b_, dv, db, 0)]
-    return _cancels(*terms, factor=100)
+    terms = [-t * cs for t in second(f1, a_, df1, da, ddf1, dda)]
+    terms += [-t * lum for t in second(f2, b_, df2, db, ddf2, ddb)]
+    terms += [-s * t for s in first(f1, a_, df1, da, 0) for t in first(f2, b_, df2, db, 1)]
+    terms += [-s * t for s in first(f1, a_, df1, da, 1) for t in first(f2, b_, df2, db, 0)]
+    # or an element at its row's mean: the kernel's y_j - mu_y is y_j less the rounded mean, less
+    # that mean's error as a sum of rounded deviations
+    at_mean = any(row[k] != mean and _cancels(row[k], -mean) for row, mean in ((x, mx), (y, my)) for k in (j, l))
+    return _cancels(*terms, factor=100) or at_mean
 
 
 def _poly1_gap(output, point, entry):

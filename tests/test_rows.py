@@ -476,10 +476,11 @@ def test_share_is_differentiated_with_its_complement():
 def test_a_product_of_close_pairs_is_a_share_and_a_single_pair_a_gradient_share():
     """1 - N1 N2/(A B) (global SSIM, two close pairs) becomes share(E, N1 N2, A B); Dice's one
     pair gradient_share(d, N, D): the gradient (N d' - d N')/D**2, the Hessian from d/D (its full
-    Hessian at p = 0 needs the quotient rule's form)."""
+    Hessian at p = 0 needs the quotient rule's form); SSIM's Hessian from the share near the
+    target and from 1 - N1 N2/(A B) where the share is the larger part."""
     from lossgen.derive_rows import RowProgram
     from lossgen.domains import DOMAINS
-    from lossgen.fuse_rows import fuse_row_cancellations, gradient_share, plain_shares, share
+    from lossgen.fuse_rows import fuse_row_cancellations, gradient_share, hessian_forms, share
     ssim = load_spec(ROW_PATHS["ssim_global"])
     for spec, shares, single in ((ssim, 1, 0), (load_spec(ROW_PATHS["dice"]), 1, 1)):
         program = RowProgram({spec.symbols[i.name] for i in spec.inputs if i.axis})
@@ -492,11 +493,14 @@ def test_a_product_of_close_pairs_is_a_share_and_a_single_pair_a_gradient_share(
         part, complement, total = found.args
         if single:  # N = 2 sum(p y) + smooth, one sum reduction
             assert len([f for f in sp.Add.make_args(complement) if f.free_symbols & set(program.reductions)]) == 1
-            assert not plain_shares(fused).has(share)
-            assert sp.simplify(plain_shares(fused) - part / total) == 0
+            assert not hessian_forms(fused).has(share)
+            assert sp.simplify(hessian_forms(fused) - part / total) == 0
         else:
             assert len([f for f in sp.Mul.make_args(complement) if f.is_Add]) == 2  # N1 N2
-            assert plain_shares(fused) == fused
+            (piecewise,) = hessian_forms(fused).atoms(sp.Piecewise)
+            (near, near_condition), (far, far_condition) = piecewise.args
+            assert near == found and near_condition in (part <= complement, complement >= part)
+            assert sp.simplify(far - (1 - complement / total)) == 0 and far_condition == sp.true
 
 
 def test_root_difference_is_differentiated_as_the_roots_apart():
