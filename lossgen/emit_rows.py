@@ -374,7 +374,6 @@ class _Body:
                      + ("_keyed" if keys[r.symbol] is not None else "")
                      + ("_stashed" if r.symbol in self.stashed else "")
                      + ("_read" if r.symbol in self.vector_passes and r.kind != "sum" else "") for r in looped}
-            # (a Dot2 sum's value is accurate: taken again only where forms read its parts)
             exact = {r.symbol: EXACT_SUM[kinds[r.symbol]] for r in looped if r.symbol in self.derivation.exact
                      and (r.symbol not in self.derivation.products or used & set(sum_parts(r)))}
             for r in looped:
@@ -423,8 +422,9 @@ class _Body:
             arguments = ", ".join([i.name for i in spec.inputs] + [p.name for p in spec.params])
             for r in (r for r in looped if r.symbol in exact):
                 code = exact[r.symbol]
-                for line in EXACT_SUM_FINISH + ["    " * 2 + reset for reset in code["reset"]]:
-                    self.emit(2, line.format(**self.names(r), arguments=arguments, test=code["test"].format(**self.names(r))))
+                test = code["test"].format(**self.names(r), threshold=repr(code["threshold"]))
+                for line in EXACT_SUM_FINISH + [INDENT * 2 + reset for reset in code["reset"]]:
+                    self.emit(2, line.format(**self.names(r), arguments=arguments, test=test))
             scaled = {n.reduction.symbol: n for n in self.derivation.scaled if isinstance(n, ScaledNorm)}
             for r in looped:
                 if r.symbol in scaled:
@@ -554,17 +554,18 @@ LOOP_CODE = {
 
 # A sum whose terms may cancel (stabilise_rows.exact_sums) is taken again, exactly, where its
 # test holds (exact_rows.emit_exact_sum), as a double-double (hi, error). A sum of rounded terms
-# sums their magnitudes too and tests |R| < 2**-11 sum_k |g_k|: where that does not hold its error
-# is that of its rounded terms, k units of 2**-53 of sum_k |g_k| for k roundings in a term, at most
-# 2**11 k 1.1e-16 of R (the triplet loss's terms take 3: 6.8e-13). A sum of products that keeps
-# their rounding errors apart (Dot2) is accurate, but the forms that take an element's term out
-# of its parts hi and error do not see the products' errors: it tests whether they reach 2**-40 of
-# R (x.y = -3.1e-7 from products of 1e10, cosine_embedding's gradient had relative error 1).
+# sums their magnitudes too and tests |R| < threshold * sum_k |g_k|: where that does not hold its
+# error is that of its rounded terms, k units of 2**-53 of sum_k |g_k| for k roundings in a term,
+# at most 2**11 k 1.1e-16 of R (the triplet loss's terms take 3: 6.8e-13). A sum of products that
+# keeps their rounding errors apart (Dot2) is accurate, but the forms that take an element's term
+# out of its parts hi and error do not see the products' errors: it tests whether they reach
+# threshold * R (x.y = -3.1e-7 from products of 1e10: cosine_embedding's Hessian diagonals had
+# relative error 1), and only in the kernels whose forms read the parts.
 EXACT_SUM = {
     "sum": {"start": ["{r}_magnitude = 0.0"], "step": ["{r}_magnitude += abs(_s)"],
-            "test": "abs({r}) < 0.00048828125 * {r}_magnitude", "reset": []},
-    "sum_products": {"start": [], "step": [], "test": "abs({r}_products) > 9.094947017729282e-13 * abs({r})",
-                     "reset": ["{r}_products = 0.0"]},
+            "test": "abs({r}) < {threshold} * {r}_magnitude", "threshold": 2.0 ** -11, "reset": []},
+    "sum_products": {"start": [], "step": [], "test": "abs({r}_products) > {threshold} * abs({r})",
+                     "threshold": 2.0 ** -40, "reset": ["{r}_products = 0.0"]},
 }
 EXACT_SUM_FINISH = ["if {test}:",
                     "    _hi, _lo = _exact{r}(_i, _n, _C, {arguments})",

@@ -28,7 +28,12 @@ def _cosine_gap(output, point, entry):
     (x2's alike), and x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2), entry
     (j, l): where they cancel below 1/1000 of their size, or where the entry is subnormal (an
     outer-product factor P(j) below the normal range has lost its digits before it is multiplied
-    by Q(l)). (cosine_proximity's single block has the exact fallback, lossgen/exact_rows.py.)"""
+    by Q(l)). hvp: any entry of the row j, in either block. (cosine_proximity's single block has
+    the exact fallback, lossgen/exact_rows.py.)"""
+    if output.startswith("hvp"):
+        own = output.split("[")[1].rstrip("]")
+        return any(_cosine_gap(f"hess_full[{own},{other}]", point, (entry[0], l))
+                   for other in ("x1", "x2") for l in range(len(_row_of(point, "x1"))))
     if not output.startswith("hess_full"):
         return False
     names = output.split("[")[1].split("]")[0].split(",")

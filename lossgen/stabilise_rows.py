@@ -1356,8 +1356,10 @@ def exact_sums(stable):
     are already rounded (g_k of a few operations), so where R cancels it holds only the digits of
     its terms: the triplet loss's d(a, p)**2 - d(a, n)**2 = sum_k (n_k - p_k)(2 a_k - p_k - n_k + 2 eps)
     is 2e53 at p_5 = -1e50 against n_0 = 1e50 (C = 7), from terms of 1e100 each rounded by up to
-    1e84 (the loss had relative error 0.98 there). Sums of products that keep their products'
-    errors (:func:`product_errors`) are left to them."""
+    1e84 (the loss had relative error 0.98 there). A sum of products that keeps its products'
+    errors (:func:`product_errors`) is accurate itself, but its parts, from which forms take an
+    element's own term, are not: it is taken again where the products' errors are not small
+    against it."""
     spec = stable.spec
     ranges = axis_ranges(spec)
     generators = sorted({spec.symbols[i.name] for i in spec.inputs if i.axis}, key=sp.default_sort_key)
