@@ -393,18 +393,13 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
         return
-    _t1_0 = math.sqrt(_r0)
-    _h0 = ((m)/(_t1_0))
-    _h1 = _t1_0
+    _h0 = math.sqrt(_r0)
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = (_h1 <= m)
-        _t2_1 = (_row_y > 0.0)
-        _t2_2 = (_r0_l1 > 0.0)
-        _t2_3 = ((1.0) if _t2_0 or _t2_1 else (0.0)) + ((0.0) if _t2_1 else (((_h0) if _t2_2 else (0.0))) if _t2_0 else (0.0))*((((((eps + (_e_x1 - _e_x2))**2)/(_r0))) if _t2_2 else (0.0)) - 1.0)
-        _out0[_i, _k] = _w * (_t2_3)
-        _out1[_i, _k] = _w * (_t2_3)
+        _t2_0 = ((1.0) if (_row_y > 0.0) else (((((-m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))**2), _r0_error)))/(_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_h0 <= m) else (0.0))
+        _out0[_i, _k] = _w * (_t2_0)
+        _out1[_i, _k] = _w * (_t2_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -458,18 +453,13 @@ def _hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = math.sqrt(_r0)
-    _h0 = _two_scaled(((m)/(_t1_0)), -_r0_e)
-    _h1 = _two_scaled(_t1_0, _r0_e)
+    _h0 = _two_scaled(math.sqrt(_r0), _r0_e)
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = (_h1 <= m)
-        _t2_1 = (_row_y > 0.0)
-        _t2_2 = (_r0_l1 > 0.0)
-        _t2_3 = ((1.0) if _t2_0 or _t2_1 else (0.0)) + ((0.0) if _t2_1 else (((_h0) if _t2_2 else (0.0))) if _t2_0 else (0.0))*(((((((eps + (_e_x1 - _e_x2)) * _r0_Pinv)**2)/(_r0))) if _t2_2 else (0.0)) - 1.0)
-        _out0[_i, _k] = _w * (_t2_3)
-        _out1[_i, _k] = _w * (_t2_3)
+        _t2_0 = ((1.0) if (_row_y > 0.0) else (((_two_scaled(((-m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))) * _r0_Pinv)**2), _r0_error)))/(_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_h0 <= m) else (0.0))
+        _out0[_i, _k] = _w * (_t2_0)
+        _out1[_i, _k] = _w * (_t2_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -539,21 +529,18 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
     _t1_0 = math.sqrt(_r0)
     _h0 = 1/2
     _h1 = ((((((((-m)/(_t1_0))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_t1_0 <= m) else (0.0)))/(2.0))
-    _h2 = ((m)/(_t1_0))
-    _h3 = _t1_0
+    _h2 = _t1_0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = eps + (_e_x1 - _e_x2)
+        _t2_0 = -_e_x2
         _t2_1 = (_row_y > 0.0)
-        _t2_2 = 2.0*_t2_0*((_h0) if _t2_1 else (_h1))
-        _t2_3 = (_h3 <= m)
-        _t2_4 = (_r0_l1 > 0.0)
-        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _t2_2 = 2.0*(eps + (_e_x1 + _t2_0))*((_h0) if _t2_1 else (_h1))
+        _t2_3 = ((1.0) if _t2_1 else (((((-m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_0))**2), _r0_error)))/(_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_h2 <= m) else (0.0))
         _out0[_i, _k] = _w * (_t2_2)
         _out1[_i, _k] = _w * (-_t2_2)
-        _out2[_i, _k] = _w * (_t2_5)
-        _out3[_i, _k] = _w * (_t2_5)
+        _out2[_i, _k] = _w * (_t2_3)
+        _out3[_i, _k] = _w * (_t2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -610,25 +597,21 @@ def _grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, 
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
     _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
-    _t1_1 = -_r0_e
-    _t1_2 = _two_scaled(_t1_0, _r0_e)
+    _t1_1 = _two_scaled(_t1_0, _r0_e)
     _h0 = _two_scaled(1/2, _r0_e)
-    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), _t1_1)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if (_t1_2 <= m) else (0.0)))/(2.0))
-    _h2 = _two_scaled(((m)/(_t1_0)), _t1_1)
-    _h3 = _t1_2
+    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if (_t1_1 <= m) else (0.0)))/(2.0))
+    _h2 = _t1_1
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         _t2_0 = (_row_y > 0.0)
-        _t2_1 = ((eps + (_e_x1 - _e_x2)) * _r0_Pinv)
-        _t2_2 = 2.0*_t2_1*((_h0) if _t2_0 else (_h1))
-        _t2_3 = (_h3 <= m)
-        _t2_4 = (_r0_l1 > 0.0)
-        _t2_5 = ((1.0) if _t2_0 or _t2_3 else (0.0)) + ((0.0) if _t2_0 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_1**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _t2_1 = -_e_x2
+        _t2_2 = 2.0*((_h0) if _t2_0 else (_h1))*((eps + (_e_x1 + _t2_1)) * _r0_Pinv)
+        _t2_3 = ((1.0) if _t2_0 else (((_two_scaled(((-m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_1))) * _r0_Pinv)**2), _r0_error)))/(_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_h2 <= m) else (0.0))
         _out0[_i, _k] = _w * (_t2_2)
         _out1[_i, _k] = _w * (-_t2_2)
-        _out2[_i, _k] = _w * (_t2_5)
-        _out3[_i, _k] = _w * (_t2_5)
+        _out2[_i, _k] = _w * (_t2_3)
+        _out3[_i, _k] = _w * (_t2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -708,21 +691,18 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
     _out0[_i] = _w * (((((_r0)/(2.0))) if (_row_y > 0.0) else (((_b1_0)/(2.0)))))
     _h0 = 1/2
     _h1 = ((_b1_1)/(2.0))
-    _h2 = ((m)/(_t1_0))
-    _h3 = _t1_0
+    _h2 = _t1_0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = eps + (_e_x1 - _e_x2)
+        _t2_0 = -_e_x2
         _t2_1 = (_row_y > 0.0)
-        _t2_2 = 2.0*_t2_0*((_h0) if _t2_1 else (_h1))
-        _t2_3 = (_h3 <= m)
-        _t2_4 = (_r0_l1 > 0.0)
-        _t2_5 = ((1.0) if _t2_1 or _t2_3 else (0.0)) + ((0.0) if _t2_1 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_0**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _t2_2 = 2.0*(eps + (_e_x1 + _t2_0))*((_h0) if _t2_1 else (_h1))
+        _t2_3 = ((1.0) if _t2_1 else (((((-m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_0))**2), _r0_error)))/(_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_h2 <= m) else (0.0))
         _out1[_i, _k] = _w * (_t2_2)
         _out2[_i, _k] = _w * (-_t2_2)
-        _out3[_i, _k] = _w * (_t2_5)
-        _out4[_i, _k] = _w * (_t2_5)
+        _out3[_i, _k] = _w * (_t2_3)
+        _out4[_i, _k] = _w * (_t2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -782,25 +762,21 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _o
     _t1_0 = math.sqrt(_r0)
     _t1_1 = _two_scaled(_t1_0, _r0_e)
     _t1_2 = (m >= _t1_1)
-    _t1_3 = -_r0_e
     _out0[_i] = _w * (((_two_scaled(((_r0)/(2.0)), 2*_r0_e)) if (_row_y > 0.0) else ((((((m + _two_scaled(-_t1_0, _r0_e))**2) if _t1_2 else (0.0)))/(2.0)))))
     _h0 = _two_scaled(1/2, _r0_e)
-    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), _t1_3)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if _t1_2 else (0.0)))/(2.0))
-    _h2 = _two_scaled(((m)/(_t1_0)), _t1_3)
-    _h3 = _t1_1
+    _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if _t1_2 else (0.0)))/(2.0))
+    _h2 = _t1_1
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         _t2_0 = (_row_y > 0.0)
-        _t2_1 = ((eps + (_e_x1 - _e_x2)) * _r0_Pinv)
-        _t2_2 = 2.0*_t2_1*((_h0) if _t2_0 else (_h1))
-        _t2_3 = (_h3 <= m)
-        _t2_4 = (_r0_l1 > 0.0)
-        _t2_5 = ((1.0) if _t2_0 or _t2_3 else (0.0)) + ((0.0) if _t2_0 else (((_h2) if _t2_4 else (0.0))) if _t2_3 else (0.0))*(((((_t2_1**2)/(_r0))) if _t2_4 else (0.0)) - 1.0)
+        _t2_1 = -_e_x2
+        _t2_2 = 2.0*((_h0) if _t2_0 else (_h1))*((eps + (_e_x1 + _t2_1)) * _r0_Pinv)
+        _t2_3 = ((1.0) if _t2_0 else (((_two_scaled(((-m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_1))) * _r0_Pinv)**2), _r0_error)))/(_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0) if (_h2 <= m) else (0.0))
         _out1[_i, _k] = _w * (_t2_2)
         _out2[_i, _k] = _w * (-_t2_2)
-        _out3[_i, _k] = _w * (_t2_5)
-        _out4[_i, _k] = _w * (_t2_5)
+        _out3[_i, _k] = _w * (_t2_3)
+        _out4[_i, _k] = _w * (_t2_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -866,27 +842,32 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
         _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
         return
     _t1_0 = math.sqrt(_r0)
-    _h0 = ((m)/(_t1_0))
-    _h1 = _t1_0
-    _h2 = ((-m)/(_t1_0))
-    _h3 = ((((((((m)/(2.0*_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h0 = _t1_0
+    _h1 = ((((((((m)/(2.0*_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = (_h1 <= m)
-        _t2_1 = (_row_y > 0.0)
-        _t2_2 = _t2_0 or _t2_1
-        _t2_3 = (_r0_l1 > 0.0)
-        _t2_4 = -_e_x2
-        _t2_5 = eps + (_e_x1 + _t2_4)
-        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
-        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
-        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
-        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
-        _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
+        _t2_0 = (_row_y > 0.0)
+        _t2_1 = -_e_x2
+        _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_1))
+        _t2_6 = (_h0 <= m)
+        _t2_9 = 2.0*(eps + (_e_x1 + _t2_1))*((0.0) if _t2_0 else (_h1))
+        _t2_10 = 2.0*_t2_2
         _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
         _t2_12 = -_t2_9
+        if _t2_0:
+            _t2_8 = -1.0
+            _t2_7 = 1.0
+        elif _t2_6:
+            _t2_3 = m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2**2), _r0_error))
+            _t2_4 = _r0**(3/2)
+            _t2_5 = (_r0_l1 > 0.0)
+            _t2_8 = ((((_t2_3)/(_t2_4))) if _t2_5 else (0.0)) - 1.0
+            _t2_7 = ((((-_t2_3)/(_t2_4))) if _t2_5 else (0.0)) + 1.0
+        else:
+            _t2_8 = 0.0
+            _t2_7 = 0.0
         _scratch[0, _k] = _t2_7
         _scratch[1, _k] = _t2_8
         _scratch[2, _k] = _t2_8
@@ -964,42 +945,46 @@ def _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0,
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = math.sqrt(_r0)
-    _t1_1 = -_r0_e
-    _t1_2 = _two_scaled(_t1_0, _r0_e)
-    _h0 = _two_scaled(((m)/(_t1_0)), _t1_1)
-    _h1 = _t1_2
-    _h2 = _two_scaled(((-m)/(_t1_0)), _t1_1)
-    _h3 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), _t1_1)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_2 <= m) else (0.0)))/(2.0))
+    _t1_0 = _two_scaled(math.sqrt(_r0), _r0_e)
+    _h0 = _t1_0
+    _h1 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = (_h1 <= m)
-        _t2_1 = (_row_y > 0.0)
-        _t2_2 = _t2_0 or _t2_1
-        _t2_3 = (_r0_l1 > 0.0)
-        _t2_4 = -_e_x2
-        _t2_5 = ((eps + (_e_x1 + _t2_4)) * _r0_Pinv)
-        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
-        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
-        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
-        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
-        _t2_10 = 2.0*((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))) * _r0_Pinv)
-        _t2_11 = -2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))) * _r0_Pinv)
-        _t2_12 = -_t2_9
-        _scratch[0, _k] = _t2_7
-        _scratch[1, _k] = _t2_8
-        _scratch[2, _k] = _t2_8
-        _scratch[3, _k] = _t2_7
-        _scratch[4, _k] = _t2_9
-        _scratch[5, _k] = _t2_10
-        _scratch[6, _k] = _t2_9
-        _scratch[7, _k] = _t2_11
-        _scratch[8, _k] = _t2_12
-        _scratch[9, _k] = _t2_10
-        _scratch[10, _k] = _t2_12
-        _scratch[11, _k] = _t2_11
+        _t2_0 = (_row_y > 0.0)
+        _t2_1 = -_e_x2
+        _t2_2 = ((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_1))) * _r0_Pinv)
+        _t2_7 = (_h0 <= m)
+        _t2_10 = 2.0*((0.0) if _t2_0 else (_h1))*((eps + (_e_x1 + _t2_1)) * _r0_Pinv)
+        _t2_11 = 2.0*_t2_2
+        _t2_12 = -2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))) * _r0_Pinv)
+        _t2_13 = -_t2_10
+        if _t2_0:
+            _t2_9 = -1.0
+            _t2_8 = 1.0
+        elif _t2_7:
+            _t2_3 = m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2**2), _r0_error))
+            _t2_4 = _r0**(3/2)
+            _t2_5 = -_r0_e
+            _t2_6 = (_r0_l1 > 0.0)
+            _t2_9 = ((_two_scaled(((_t2_3)/(_t2_4)), _t2_5)) if _t2_6 else (0.0)) - 1.0
+            _t2_8 = ((_two_scaled(((-_t2_3)/(_t2_4)), _t2_5)) if _t2_6 else (0.0)) + 1.0
+        else:
+            _t2_9 = 0.0
+            _t2_8 = 0.0
+        _scratch[0, _k] = _t2_8
+        _scratch[1, _k] = _t2_9
+        _scratch[2, _k] = _t2_9
+        _scratch[3, _k] = _t2_8
+        _scratch[4, _k] = _t2_10
+        _scratch[5, _k] = _t2_11
+        _scratch[6, _k] = _t2_10
+        _scratch[7, _k] = _t2_12
+        _scratch[8, _k] = _t2_13
+        _scratch[9, _k] = _t2_11
+        _scratch[10, _k] = _t2_13
+        _scratch[11, _k] = _t2_12
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
@@ -1079,27 +1064,32 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
         _hess_full_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
         return
     _t1_0 = math.sqrt(_r0)
-    _h0 = ((m)/(_t1_0))
-    _h1 = _t1_0
-    _h2 = ((-m)/(_t1_0))
-    _h3 = ((((((((m)/(2.0*_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
+    _h0 = _t1_0
+    _h1 = ((((((((m)/(2.0*_r0**(3/2)))) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = (_h1 <= m)
-        _t2_1 = (_row_y > 0.0)
-        _t2_2 = _t2_0 or _t2_1
-        _t2_3 = (_r0_l1 > 0.0)
-        _t2_4 = -_e_x2
-        _t2_5 = eps + (_e_x1 + _t2_4)
-        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
-        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
-        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
-        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
-        _t2_10 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))
+        _t2_0 = (_row_y > 0.0)
+        _t2_1 = -_e_x2
+        _t2_2 = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_1))
+        _t2_6 = (_h0 <= m)
+        _t2_9 = 2.0*(eps + (_e_x1 + _t2_1))*((0.0) if _t2_0 else (_h1))
+        _t2_10 = 2.0*_t2_2
         _t2_11 = 2.0*_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))
         _t2_12 = -_t2_9
+        if _t2_0:
+            _t2_8 = -1.0
+            _t2_7 = 1.0
+        elif _t2_6:
+            _t2_3 = m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2**2), _r0_error))
+            _t2_4 = _r0**(3/2)
+            _t2_5 = (_r0_l1 > 0.0)
+            _t2_8 = ((((_t2_3)/(_t2_4))) if _t2_5 else (0.0)) - 1.0
+            _t2_7 = ((((-_t2_3)/(_t2_4))) if _t2_5 else (0.0)) + 1.0
+        else:
+            _t2_8 = 0.0
+            _t2_7 = 0.0
         _scratch[0, _k] = _t2_7
         _scratch[1, _k] = _t2_8
         _scratch[2, _k] = _t2_8
@@ -1177,42 +1167,46 @@ def _hess_full_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, 
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
     _w = 1.0 if _weight is None else _weight[_i]
-    _t1_0 = math.sqrt(_r0)
-    _t1_1 = -_r0_e
-    _t1_2 = _two_scaled(_t1_0, _r0_e)
-    _h0 = _two_scaled(((m)/(_t1_0)), _t1_1)
-    _h1 = _t1_2
-    _h2 = _two_scaled(((-m)/(_t1_0)), _t1_1)
-    _h3 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), _t1_1)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_2 <= m) else (0.0)))/(2.0))
+    _t1_0 = _two_scaled(math.sqrt(_r0), _r0_e)
+    _h0 = _t1_0
+    _h1 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
     _scratch = np.empty((12, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t2_0 = (_h1 <= m)
-        _t2_1 = (_row_y > 0.0)
-        _t2_2 = _t2_0 or _t2_1
-        _t2_3 = (_r0_l1 > 0.0)
-        _t2_4 = -_e_x2
-        _t2_5 = ((eps + (_e_x1 + _t2_4)) * _r0_Pinv)
-        _t2_6 = (((((_t2_5**2)/(_r0))) if _t2_3 else (0.0)) - 1.0)
-        _t2_7 = _t2_6*((0.0) if _t2_1 else (((_h0) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((1.0) if _t2_2 else (0.0))
-        _t2_8 = _t2_6*((0.0) if _t2_1 else (((_h2) if _t2_3 else (0.0))) if _t2_0 else (0.0)) + ((-1.0) if _t2_2 else (0.0))
-        _t2_9 = 2.0*_t2_5*((0.0) if _t2_1 else (_h3))
-        _t2_10 = 2.0*((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_4))) * _r0_Pinv)
-        _t2_11 = -2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))) * _r0_Pinv)
-        _t2_12 = -_t2_9
-        _scratch[0, _k] = _t2_7
-        _scratch[1, _k] = _t2_8
-        _scratch[2, _k] = _t2_8
-        _scratch[3, _k] = _t2_7
-        _scratch[4, _k] = _t2_9
-        _scratch[5, _k] = _t2_10
-        _scratch[6, _k] = _t2_9
-        _scratch[7, _k] = _t2_11
-        _scratch[8, _k] = _t2_12
-        _scratch[9, _k] = _t2_10
-        _scratch[10, _k] = _t2_12
-        _scratch[11, _k] = _t2_11
+        _t2_0 = (_row_y > 0.0)
+        _t2_1 = -_e_x2
+        _t2_2 = ((_sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), _t2_1))) * _r0_Pinv)
+        _t2_7 = (_h0 <= m)
+        _t2_10 = 2.0*((0.0) if _t2_0 else (_h1))*((eps + (_e_x1 + _t2_1)) * _r0_Pinv)
+        _t2_11 = 2.0*_t2_2
+        _t2_12 = -2.0*((-_sum_finish(_sum_add(_sum_add(_sum_start(-eps), -_e_x1), _e_x2))) * _r0_Pinv)
+        _t2_13 = -_t2_10
+        if _t2_0:
+            _t2_9 = -1.0
+            _t2_8 = 1.0
+        elif _t2_7:
+            _t2_3 = m*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2**2), _r0_error))
+            _t2_4 = _r0**(3/2)
+            _t2_5 = -_r0_e
+            _t2_6 = (_r0_l1 > 0.0)
+            _t2_9 = ((_two_scaled(((_t2_3)/(_t2_4)), _t2_5)) if _t2_6 else (0.0)) - 1.0
+            _t2_8 = ((_two_scaled(((-_t2_3)/(_t2_4)), _t2_5)) if _t2_6 else (0.0)) + 1.0
+        else:
+            _t2_9 = 0.0
+            _t2_8 = 0.0
+        _scratch[0, _k] = _t2_8
+        _scratch[1, _k] = _t2_9
+        _scratch[2, _k] = _t2_9
+        _scratch[3, _k] = _t2_8
+        _scratch[4, _k] = _t2_10
+        _scratch[5, _k] = _t2_11
+        _scratch[6, _k] = _t2_10
+        _scratch[7, _k] = _t2_12
+        _scratch[8, _k] = _t2_13
+        _scratch[9, _k] = _t2_11
+        _scratch[10, _k] = _t2_13
+        _scratch[11, _k] = _t2_12
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]

@@ -1082,6 +1082,19 @@ def test_triplet_margin_where_the_difference_of_squared_distances_cancels(row, o
     assert not failures, "\n" + format_report(failures)
 
 
+def test_contrastive_hessian_where_one_element_holds_the_norm():
+    """A dissimilar pair inside the margin with g = x1 - x2 nearly along one axis: the Hessian's
+    1 - u_0**2 is (R - g_0**2)/R from the sum's parts (stabilise_rows._unit_complement; relative
+    error 2.8e-11 before), in every block, against the expanded truth."""
+    spec = load_spec(ROW_PATHS["contrastive"])
+    point = {"y": 0.0, "x1": 1e-8 * np.array([-1.0, 7.5e-4]), "x2": np.zeros(2)}
+    for eps in (0.0, 1e-6):
+        rows = check_size(lossgen.get("contrastive"), spec, 2, [point], {"m": 1.0, "eps": eps})
+        assert {r.output.split(" ")[0] for r in rows} >= {"hess[x1]", "hess_full[x1,x2]", "hess_full[x2,x2]"}
+        failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)]
+        assert not failures, f"eps = {eps}\n" + format_report(failures)
+
+
 def test_triplet_margin_at_two_norms_of_zero():
     """At eps = 0 and a = p = n, d(a, p) - d(a, n) = D/(d(a, p) + d(a, n)) is 0/0: the loss is
     the margin (0 before, fuse_rows.expand_shares) and every derivative is the truth's (sign(0) =
