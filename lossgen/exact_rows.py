@@ -250,12 +250,24 @@ def _without_element_factors(numerator: sp.Expr, element_set) -> sp.Expr:
     return content * sp.Mul(*rest) if len(rest) < len(factors) else numerator
 
 
+def _polynomial_sums(expr: sp.Expr, reductions: dict, element_symbols, parameters) -> bool:
+    """Are the reductions ``expr`` reads sums of polynomials in the element and the parameters
+    (the form's first condition, checked before the costly folding of its Piecewises: global
+    SSIM's sums hold the means)?"""
+    generators = sorted(set(element_symbols) | set(parameters), key=sp.default_sort_key)
+    used = [reductions[s] for s in expr.free_symbols if s in reductions]
+    return all(r.kind in EXACT_FALLBACK["reduction_kinds"] and monomials(r.summand, generators) is not None
+               for r in used)
+
+
 def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters,
          ranges: dict | None = None) -> RegionPlans | None:
     """The fallback of one output (``original`` as derived, ``stable`` as the kernels compute it),
     or None where the output does not have the form (see the module docstring) in any region of
     its row-level Piecewises (:func:`row_regions`). ``ranges``: the inputs' domains
     ({symbol: (low, high)}, see :func:`magnitude_sums`)."""
+    if not _polynomial_sums(original, reductions, element_symbols, parameters):
+        return None
     regions = _kernels_regions([original], [stable], element_symbols)
     if regions is None:
         return None
@@ -274,6 +286,8 @@ def plan_block(diagonal: sp.Expr, stable_diagonal: sp.Expr, outer, stable_outer,
     off-diagonal entries sum_m P_m(j) Q_m(l) (``outer``: the derivation's ((P, Q), ...)) as one
     :class:`Fallback` over the elements j and l, in the same regions; None where neither has the
     form (the diagonal and the entries both, where there are no row-level Piecewises)."""
+    if not _polynomial_sums(diagonal, reductions, element_symbols, parameters):
+        return None
     copies = {s: at_l(s) for s in sorted(element_symbols, key=sp.default_sort_key)}
     entry = sp.Add(*[p * q.xreplace(copies) for p, q in outer])
     pair_symbols = set(copies) | set(copies.values())

@@ -502,6 +502,10 @@ def _unit_complement(expr: sp.Expr, derivation, held: dict) -> sp.Expr:
         if not isinstance(e, sp.Add) or len(e.args) > 8:
             return e
         for r in sums:
+            # the second term, -weight R, is a row value: without one there is no pair
+            if not any(r.symbol in t.free_symbols and not t.free_symbols & derivation.element_symbols
+                       for t in e.args):
+                continue
             for first in e.args:
                 if not first.free_symbols & derivation.element_symbols:
                     continue
