@@ -520,6 +520,11 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x1, x2, margin, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x1
     _e_x1 = x1[_i, _k]
     _xm_x1 = _e_x1
@@ -538,34 +543,50 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _xr_x1_x2_error = 0.0
     _xr_x2_x1 = 0.0
     _xr_x2_x1_error = 0.0
+    _xra_x1_x2 = 0.0
+    _xra_x1_x2_error = 0.0
+    _xra_x2_x1 = 0.0
+    _xra_x2_x1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         if (_xm_x2 != 0.0):
-            _t5_2 = (_e_x2*_ym_x2_x1)
-            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_2) + _fma(-_ym_x2_x1, _e_x2, _t5_2))/(_xm_x2))
+            _t5_3 = (_e_x2*_ym_x2_x1)
+            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_3) + _fma(-_ym_x2_x1, _e_x2, _t5_3))/(_xm_x2))
         else:
             _b5_0 = _e_x1
+        _t5_4 = _e_x2*_b5_0
         if (_xm_x1 != 0.0):
             _t5_0 = (_e_x1*_ym_x1_x2)
             _t5_1 = ((_fma(_xm_x1, _e_x2, -_t5_0) + _fma(-_ym_x1_x2, _e_x1, _t5_0))/(_xm_x1))
         else:
             _t5_1 = _e_x2
+        _t5_2 = _e_x1*_t5_1
         _s = (_t5_1)**2
         _x = _rr_x1_x2 + _s
         _z = _x - _rr_x1_x2
         _rr_x1_x2_error += (_rr_x1_x2 - (_x - _z)) + (_s - _z)
         _rr_x1_x2 = _x
-        _s = _e_x1*_t5_1
+        _s = _t5_2
         _x = _xr_x1_x2 + _s
         _z = _x - _xr_x1_x2
         _xr_x1_x2_error += (_xr_x1_x2 - (_x - _z)) + (_s - _z)
         _xr_x1_x2 = _x
-        _s = _e_x2*_b5_0
+        _s = _t5_4
         _x = _xr_x2_x1 + _s
         _z = _x - _xr_x2_x1
         _xr_x2_x1_error += (_xr_x2_x1 - (_x - _z)) + (_s - _z)
         _xr_x2_x1 = _x
+        _s = abs(_t5_2)
+        _x = _xra_x1_x2 + _s
+        _z = _x - _xra_x1_x2
+        _xra_x1_x2_error += (_xra_x1_x2 - (_x - _z)) + (_s - _z)
+        _xra_x1_x2 = _x
+        _s = abs(_t5_4)
+        _x = _xra_x2_x1 + _s
+        _z = _x - _xra_x2_x1
+        _xra_x2_x1_error += (_xra_x2_x1 - (_x - _z)) + (_s - _z)
+        _xra_x2_x1 = _x
     _rr_x1_x2_hi = _rr_x1_x2
     if math.isfinite(_rr_x1_x2):
         _rr_x1_x2 += _rr_x1_x2_error
@@ -575,6 +596,12 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _xr_x2_x1_hi = _xr_x2_x1
     if math.isfinite(_xr_x2_x1):
         _xr_x2_x1 += _xr_x2_x1_error
+    _xra_x1_x2_hi = _xra_x1_x2
+    if math.isfinite(_xra_x1_x2):
+        _xra_x1_x2 += _xra_x1_x2_error
+    _xra_x2_x1_hi = _xra_x2_x1
+    if math.isfinite(_xra_x2_x1):
+        _xra_x2_x1 += _xra_x2_x1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
@@ -588,43 +615,70 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _t6_9 = (((_r0)/(_t6_0)))*(((_rr_x1_x2)/(_t6_4))) + (((_r1)/(_t6_4)))*(((eps)/(_t6_0))) + (((eps)/(_t6_4))) - ((((((_xr_x1_x2)/(_t6_1))))/(_t6_5)))**2
     _h0 = ((1.0)/(_t6_1))
     _h1 = _t6_3**2
-    _h2 = ((1.0)/(_t6_2))
-    _h3 = ((1.0)/(_t6_6))
-    _h4 = ((((((eps)/(_t6_2))))/(_t6_2)))
+    _h2 = ((1.0)/(_t6_6))
+    _h3 = ((((((eps)/(_t6_2))))/(_t6_2)))
+    _h4 = ((1.0)/(_t6_2))
     _h5 = _t6_7
-    _h6 = ((_r2)/(math.sqrt(_t6_0*_t6_4)))
-    _h7 = _t6_8
-    _h8 = (1.0 - margin)
-    _h9 = ((_t6_9)/(_t6_8 + 1.0))
-    _h10 = (margin + 1.0)
-    _h11 = ((_t6_9)/(1.0 - _t6_8))
-    _h12 = ((1.0)/(_t6_5))
-    _h13 = _t6_7**2
-    _h14 = ((((((eps)/(_t6_6))))/(_t6_6)))
-    _h15 = _t6_3
+    _h6 = ((((((_xra_x1_x2)/(_t6_2))))/(_t6_6)))
+    _h7 = ((_r2)/(math.sqrt(_t6_0*_t6_4)))
+    _h8 = _t6_8
+    _h9 = (1.0 - margin)
+    _h10 = ((_t6_9)/(_t6_8 + 1.0))
+    _h11 = (margin + 1.0)
+    _h12 = ((_t6_9)/(1.0 - _t6_8))
+    _h13 = ((1.0)/(_t6_5))
+    _h14 = _t6_7**2
+    _h15 = ((((((eps)/(_t6_6))))/(_t6_6)))
+    _h16 = _t6_3
+    _h17 = ((((((_xra_x2_x1)/(_t6_2))))/(_t6_6)))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t7_3 = (_e_x2*_h3)
-        _t7_4 = _h4*_t7_3
-        _t7_5 = (_e_x1*_h2)
-        _t7_7 = _h0*_h1*_h5
-        _t7_8 = (_row_y > 0.0)
-        _t7_9 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
-        _t7_13 = _h14*_t7_5
-        _t7_15 = _h12*_h13*_h15
-        if (_xm_x2 != 0.0):
-            _t7_10 = (_e_x2*_ym_x2_x1)
-            _t7_11 = ((_fma(_xm_x2, _e_x1, -_t7_10) + _fma(-_ym_x2_x1, _e_x2, _t7_10))/(_xm_x2))
+        _t7_0 = (_e_x2*_h2)
+        _t7_1 = _h3*_t7_0
+        _t7_3 = (_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x1**2), _r0_error))))
+        _t7_4 = _t7_0*_t7_3
+        _t7_6 = (_e_x1*_h4)
+        _t7_7 = -_e_x1*_e_x2
+        _t7_8 = (_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t7_7), _r2_error), _r2_products), -_fma(_e_x1, _e_x2, _t7_7)))))
+        _t7_9 = _t7_6*_t7_8
+        _t7_10 = _h0*_h1*_h5
+        _t7_11 = (_xm_x1 != 0.0)
+        _t7_15 = _h6*_t7_6
+        _t7_17 = (((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1)))) if _t7_11 else (_e_x2))
+        _t7_20 = (_row_y > 0.0)
+        _t7_24 = (_h10 <= _h9) and (_h8 > 1/2) or (_h11 <= _h12) and (_h8 < -1/2) or (_h7 >= margin) and (_h8 >= -1/2) and (_h8 <= 1/2)
+        _t7_25 = _h15*_t7_6
+        _t7_27 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_e_x2**2), _r1_error))))
+        _t7_28 = _t7_27*_t7_6
+        _t7_30 = _t7_0*_t7_8
+        _t7_31 = _h13*_h14*_h16
+        _t7_32 = (_xm_x2 != 0.0)
+        _t7_36 = _h17*_t7_0
+        _t7_38 = (((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2)))) if _t7_32 else (_e_x1))
+        if _t7_20:
+            _t7_2 = -_t7_1
+            _t7_5 = -_t7_4
+            _t7_16 = (abs(_t7_2) + abs(_t7_5) + abs(_t7_9))
+            _t7_26 = -_t7_25
+            _t7_29 = -_t7_28
+            _t7_37 = (abs(_t7_26) + abs(_t7_29) + abs(_t7_30))
+            _b7_0 = (((_t7_10*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _t7_5), _t7_9)))) if (((_t7_16 < (abs(-(_t7_3*(_h2*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_2) + abs(_t7_15)))) if _t7_11 else ((_t7_16 < (abs(_t7_5) + abs(_t7_2) + abs(_t7_15))))) else ((_t7_10*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_3*(_h2*_t7_17))), _t7_2), (_t7_6*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_17), _xr_x1_x2_error))))))))))
+            _b7_1 = (((_t7_31*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_26), _t7_29), _t7_30)))) if (((_t7_37 < (abs(-(_t7_27*(_h4*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_26) + abs(_t7_36)))) if _t7_32 else ((_t7_37 < (abs(_t7_29) + abs(_t7_26) + abs(_t7_36))))) else ((_t7_31*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_27*(_h4*_t7_38))), _t7_26), (_t7_0*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_38), _xr_x2_x1_error))))))))))
+        elif _t7_24:
+            _t7_21 = -_t7_9
+            _t7_22 = -_t7_15
+            _t7_23 = (abs(_t7_1) + abs(_t7_4) + abs(_t7_21))
+            _t7_41 = -_t7_30
+            _t7_42 = -_t7_36
+            _t7_43 = (abs(_t7_25) + abs(_t7_28) + abs(_t7_41))
+            _b7_0 = (((_t7_10*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_1), _t7_4), _t7_21)))) if (((_t7_23 < (abs((_t7_3*(_h2*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_1) + abs(_t7_22)))) if _t7_11 else ((_t7_23 < (abs(_t7_4) + abs(_t7_1) + abs(_t7_22))))) else ((_t7_10*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_3*(_h2*_t7_17))), _t7_1), -(_t7_6*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_17), _xr_x1_x2_error))))))))))
+            _b7_1 = (((_t7_31*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_25), _t7_28), _t7_41)))) if (((_t7_43 < (abs((_t7_27*(_h4*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_25) + abs(_t7_42)))) if _t7_32 else ((_t7_43 < (abs(_t7_28) + abs(_t7_25) + abs(_t7_42))))) else ((_t7_31*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_27*(_h4*_t7_38))), _t7_25), -(_t7_0*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_38), _xr_x2_x1_error))))))))))
         else:
-            _t7_11 = _e_x1
-        if (_xm_x1 != 0.0):
-            _t7_0 = (_e_x1*_ym_x1_x2)
-            _t7_1 = ((_fma(_xm_x1, _e_x2, -_t7_0) + _fma(-_ym_x1_x2, _e_x1, _t7_0))/(_xm_x1))
-        else:
-            _t7_1 = _e_x2
-        _out0[_i, _k] = _w * ((((_t7_7*_sum_finish(_sum_add(_sum_add(_sum_start(-((_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x1**2), _r0_error))))*(_h3*_t7_1))), -_t7_4), (_t7_5*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_1), _xr_x1_x2_error))))))))) if _t7_8 else ((_t7_7*_sum_finish(_sum_add(_sum_add(_sum_start(((_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x1**2), _r0_error))))*(_h3*_t7_1))), _t7_4), -(_t7_5*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_1), _xr_x1_x2_error))))))))) if _t7_9 else (0.0)))
-        _out1[_i, _k] = _w * ((((_t7_15*_sum_finish(_sum_add(_sum_add(_sum_start(-((_h2*_t7_11)*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_e_x2**2), _r1_error)))))), -_t7_13), (_t7_3*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_11), _xr_x2_x1_error))))))))) if _t7_8 else ((_t7_15*_sum_finish(_sum_add(_sum_add(_sum_start(((_h2*_t7_11)*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), -_e_x2**2), _r1_error)))))), _t7_13), -(_t7_3*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_11), _xr_x2_x1_error))))))))) if _t7_9 else (0.0)))
+            _b7_0 = 0.0
+            _b7_1 = 0.0
+        _out0[_i, _k] = _w * (_b7_0)
+        _out1[_i, _k] = _w * (_b7_1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -774,17 +828,18 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _t5_0 = 3.0*(_e_x1*_h2)*(_e_x2*_h3)
         _t5_1 = _h4*_t5_0
         _t5_2 = -_e_x1**2
-        _t5_4 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x1*_e_x2), _r2_error))))
-        _t5_5 = _h4*_t5_4
-        _t5_7 = _h0*_h1*_h5
-        _t5_8 = (_row_y > 0.0)
-        _t5_9 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
-        _t5_10 = _h14*_t5_0
-        _t5_11 = -_e_x2**2
-        _t5_13 = _h14*_t5_4
-        _t5_15 = _h12*_h13*_h15
-        _out0[_i, _k] = _w * ((((_t5_7*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t5_1), (_t5_0*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _r0_error)))))), _t5_5), (_t5_4*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _t5_2), _t5_2), _r0_error))))))))) if _t5_8 else ((_t5_7*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t5_1), -(_t5_0*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _r0_error)))))), -_t5_5), -(_t5_4*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _t5_2), _t5_2), _r0_error))))))))) if _t5_9 else (0.0)))
-        _out1[_i, _k] = _w * ((((_t5_15*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t5_10), (_t5_0*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_11), _r1_error)))))), _t5_13), (_t5_4*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_11), _t5_11), _t5_11), _r1_error))))))))) if _t5_8 else ((_t5_15*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t5_10), -(_t5_0*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_11), _r1_error)))))), -_t5_13), -(_t5_4*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_11), _t5_11), _t5_11), _r1_error))))))))) if _t5_9 else (0.0)))
+        _t5_4 = -_e_x1*_e_x2
+        _t5_5 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t5_4), _r2_error), _r2_products), -_fma(_e_x1, _e_x2, _t5_4)))))
+        _t5_6 = _h4*_t5_5
+        _t5_8 = _h0*_h1*_h5
+        _t5_9 = (_row_y > 0.0)
+        _t5_10 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
+        _t5_11 = _h14*_t5_0
+        _t5_12 = -_e_x2**2
+        _t5_14 = _h14*_t5_5
+        _t5_16 = _h12*_h13*_h15
+        _out0[_i, _k] = _w * ((((_t5_8*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t5_1), (_t5_0*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _r0_error)))))), _t5_6), (_t5_5*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _t5_2), _t5_2), _r0_error))))))))) if _t5_9 else ((_t5_8*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t5_1), -(_t5_0*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _r0_error)))))), -_t5_6), -(_t5_5*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_2), _t5_2), _t5_2), _r0_error))))))))) if _t5_10 else (0.0)))
+        _out1[_i, _k] = _w * ((((_t5_16*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t5_11), (_t5_0*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_12), _r1_error)))))), _t5_14), (_t5_5*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_12), _t5_12), _t5_12), _r1_error))))))))) if _t5_9 else ((_t5_16*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t5_11), -(_t5_0*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_12), _r1_error)))))), -_t5_14), -(_t5_5*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t5_12), _t5_12), _t5_12), _r1_error))))))))) if _t5_10 else (0.0)))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -893,34 +948,50 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xr_x1_x2_error = 0.0
     _xr_x2_x1 = 0.0
     _xr_x2_x1_error = 0.0
+    _xra_x1_x2 = 0.0
+    _xra_x1_x2_error = 0.0
+    _xra_x2_x1 = 0.0
+    _xra_x2_x1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         if (_xm_x2 != 0.0):
-            _t5_2 = (_e_x2*_ym_x2_x1)
-            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_2) + _fma(-_ym_x2_x1, _e_x2, _t5_2))/(_xm_x2))
+            _t5_3 = (_e_x2*_ym_x2_x1)
+            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_3) + _fma(-_ym_x2_x1, _e_x2, _t5_3))/(_xm_x2))
         else:
             _b5_0 = _e_x1
+        _t5_4 = _e_x2*_b5_0
         if (_xm_x1 != 0.0):
             _t5_0 = (_e_x1*_ym_x1_x2)
             _t5_1 = ((_fma(_xm_x1, _e_x2, -_t5_0) + _fma(-_ym_x1_x2, _e_x1, _t5_0))/(_xm_x1))
         else:
             _t5_1 = _e_x2
+        _t5_2 = _e_x1*_t5_1
         _s = (_t5_1)**2
         _x = _rr_x1_x2 + _s
         _z = _x - _rr_x1_x2
         _rr_x1_x2_error += (_rr_x1_x2 - (_x - _z)) + (_s - _z)
         _rr_x1_x2 = _x
-        _s = _e_x1*_t5_1
+        _s = _t5_2
         _x = _xr_x1_x2 + _s
         _z = _x - _xr_x1_x2
         _xr_x1_x2_error += (_xr_x1_x2 - (_x - _z)) + (_s - _z)
         _xr_x1_x2 = _x
-        _s = _e_x2*_b5_0
+        _s = _t5_4
         _x = _xr_x2_x1 + _s
         _z = _x - _xr_x2_x1
         _xr_x2_x1_error += (_xr_x2_x1 - (_x - _z)) + (_s - _z)
         _xr_x2_x1 = _x
+        _s = abs(_t5_2)
+        _x = _xra_x1_x2 + _s
+        _z = _x - _xra_x1_x2
+        _xra_x1_x2_error += (_xra_x1_x2 - (_x - _z)) + (_s - _z)
+        _xra_x1_x2 = _x
+        _s = abs(_t5_4)
+        _x = _xra_x2_x1 + _s
+        _z = _x - _xra_x2_x1
+        _xra_x2_x1_error += (_xra_x2_x1 - (_x - _z)) + (_s - _z)
+        _xra_x2_x1 = _x
     _rr_x1_x2_hi = _rr_x1_x2
     if math.isfinite(_rr_x1_x2):
         _rr_x1_x2 += _rr_x1_x2_error
@@ -930,6 +1001,12 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xr_x2_x1_hi = _xr_x2_x1
     if math.isfinite(_xr_x2_x1):
         _xr_x2_x1 += _xr_x2_x1_error
+    _xra_x1_x2_hi = _xra_x1_x2
+    if math.isfinite(_xra_x1_x2):
+        _xra_x1_x2 += _xra_x1_x2_error
+    _xra_x2_x1_hi = _xra_x2_x1
+    if math.isfinite(_xra_x2_x1):
+        _xra_x2_x1 += _xra_x2_x1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
@@ -943,64 +1020,94 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _t6_9 = (((_r0)/(_t6_0)))*(((_rr_x1_x2)/(_t6_4))) + (((_r1)/(_t6_4)))*(((eps)/(_t6_0))) + (((eps)/(_t6_4))) - ((((((_xr_x1_x2)/(_t6_1))))/(_t6_5)))**2
     _h0 = ((1.0)/(_t6_1))
     _h1 = _t6_3**2
-    _h2 = ((1.0)/(_t6_2))
-    _h3 = ((1.0)/(_t6_6))
-    _h4 = ((((((eps)/(_t6_2))))/(_t6_2)))
+    _h2 = ((1.0)/(_t6_6))
+    _h3 = ((((((eps)/(_t6_2))))/(_t6_2)))
+    _h4 = ((1.0)/(_t6_2))
     _h5 = _t6_7
-    _h6 = ((_r2)/(math.sqrt(_t6_0*_t6_4)))
-    _h7 = _t6_8
-    _h8 = (1.0 - margin)
-    _h9 = ((_t6_9)/(_t6_8 + 1.0))
-    _h10 = (margin + 1.0)
-    _h11 = ((_t6_9)/(1.0 - _t6_8))
-    _h12 = ((1.0)/(_t6_5))
-    _h13 = _t6_7**2
-    _h14 = ((((((eps)/(_t6_6))))/(_t6_6)))
-    _h15 = _t6_3
-    _h16 = ((1.0)/(_t6_0))
-    _h17 = _t6_3**3
-    _h18 = ((1.0)/(_t6_4))
-    _h19 = _t6_7**3
+    _h6 = ((((((_xra_x1_x2)/(_t6_2))))/(_t6_6)))
+    _h7 = ((_r2)/(math.sqrt(_t6_0*_t6_4)))
+    _h8 = _t6_8
+    _h9 = (1.0 - margin)
+    _h10 = ((_t6_9)/(_t6_8 + 1.0))
+    _h11 = (margin + 1.0)
+    _h12 = ((_t6_9)/(1.0 - _t6_8))
+    _h13 = ((1.0)/(_t6_5))
+    _h14 = _t6_7**2
+    _h15 = ((((((eps)/(_t6_6))))/(_t6_6)))
+    _h16 = _t6_3
+    _h17 = ((((((_xra_x2_x1)/(_t6_2))))/(_t6_6)))
+    _h18 = ((1.0)/(_t6_0))
+    _h19 = _t6_3**3
+    _h20 = ((1.0)/(_t6_4))
+    _h21 = _t6_7**3
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t7_0 = -_e_x1**2
-        _t7_1 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_0), _r0_error))))
-        _t7_5 = (_e_x2*_h3)
-        _t7_6 = _h4*_t7_5
-        _t7_7 = (_e_x1*_h2)
-        _t7_9 = _h0*_h1*_h5
-        _t7_10 = (_row_y > 0.0)
-        _t7_11 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
-        _t7_12 = -_e_x2**2
-        _t7_13 = (_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_12), _r1_error))))
-        _t7_17 = _h14*_t7_7
-        _t7_19 = _h12*_h13*_h15
-        _t7_20 = 3.0*_t7_7
-        _t7_21 = _t7_20*_t7_6
-        _t7_22 = _t7_20*_t7_5
-        _t7_23 = _t7_1*_t7_22
-        _t7_24 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x1*_e_x2), _r2_error))))
-        _t7_25 = _h4*_t7_24
-        _t7_27 = _h16*_h17*_h5
-        _t7_28 = 3.0*_t7_17*_t7_5
-        _t7_29 = _t7_13*_t7_22
-        _t7_30 = _h14*_t7_24
-        _t7_32 = _h15*_h18*_h19
-        if (_xm_x2 != 0.0):
-            _t7_14 = (_e_x2*_ym_x2_x1)
-            _t7_15 = ((_fma(_xm_x2, _e_x1, -_t7_14) + _fma(-_ym_x2_x1, _e_x2, _t7_14))/(_xm_x2))
+        _t7_0 = (_e_x2*_h2)
+        _t7_1 = _h3*_t7_0
+        _t7_3 = -_e_x1**2
+        _t7_4 = (_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_3), _r0_error))))
+        _t7_5 = _t7_0*_t7_4
+        _t7_7 = (_e_x1*_h4)
+        _t7_8 = -_e_x1*_e_x2
+        _t7_9 = (_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t7_8), _r2_error), _r2_products), -_fma(_e_x1, _e_x2, _t7_8)))))
+        _t7_10 = _t7_7*_t7_9
+        _t7_11 = _h0*_h1*_h5
+        _t7_12 = (_xm_x1 != 0.0)
+        _t7_16 = _h6*_t7_7
+        _t7_18 = (((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1)))) if _t7_12 else (_e_x2))
+        _t7_21 = (_row_y > 0.0)
+        _t7_25 = (_h10 <= _h9) and (_h8 > 1/2) or (_h11 <= _h12) and (_h8 < -1/2) or (_h7 >= margin) and (_h8 >= -1/2) and (_h8 <= 1/2)
+        _t7_26 = _h15*_t7_7
+        _t7_28 = -_e_x2**2
+        _t7_29 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_28), _r1_error))))
+        _t7_30 = _t7_29*_t7_7
+        _t7_32 = _t7_0*_t7_9
+        _t7_33 = _h13*_h14*_h16
+        _t7_34 = (_xm_x2 != 0.0)
+        _t7_38 = _h17*_t7_0
+        _t7_40 = (((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2)))) if _t7_34 else (_e_x1))
+        _t7_46 = 3.0*_t7_7
+        _t7_47 = _t7_1*_t7_46
+        _t7_48 = _t7_46*_t7_5
+        _t7_49 = _h3*_t7_9
+        _t7_51 = _h18*_h19*_h5
+        _t7_52 = 3.0*_t7_0
+        _t7_53 = _t7_26*_t7_52
+        _t7_54 = _t7_30*_t7_52
+        _t7_55 = _h15*_t7_9
+        _t7_57 = _h16*_h20*_h21
+        if _t7_21:
+            _t7_2 = -_t7_1
+            _t7_6 = -_t7_5
+            _t7_17 = (abs(_t7_2) + abs(_t7_6) + abs(_t7_10))
+            _t7_27 = -_t7_26
+            _t7_31 = -_t7_30
+            _t7_39 = (abs(_t7_27) + abs(_t7_31) + abs(_t7_32))
+            _b7_0 = (((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _t7_6), _t7_10)))) if (((_t7_17 < (abs(-(_t7_4*(_h2*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_2) + abs(_t7_16)))) if _t7_12 else ((_t7_17 < (abs(_t7_6) + abs(_t7_2) + abs(_t7_16))))) else ((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_4*(_h2*_t7_18))), _t7_2), (_t7_7*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_18), _xr_x1_x2_error))))))))))
+            _b7_1 = (((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_27), _t7_31), _t7_32)))) if (((_t7_39 < (abs(-(_t7_29*(_h4*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_27) + abs(_t7_38)))) if _t7_34 else ((_t7_39 < (abs(_t7_31) + abs(_t7_27) + abs(_t7_38))))) else ((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_29*(_h4*_t7_40))), _t7_27), (_t7_0*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_40), _xr_x2_x1_error))))))))))
+            _b7_2 = (_t7_51*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_47), _t7_48), _t7_49), (_t7_9*(_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_3), _t7_3), _t7_3), _r0_error))))))))
+            _b7_3 = (_t7_57*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_53), _t7_54), _t7_55), (_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_28), _t7_28), _t7_28), _r1_error))))))))
+        elif _t7_25:
+            _t7_22 = -_t7_10
+            _t7_23 = -_t7_16
+            _t7_24 = (abs(_t7_1) + abs(_t7_5) + abs(_t7_22))
+            _t7_43 = -_t7_32
+            _t7_44 = -_t7_38
+            _t7_45 = (abs(_t7_26) + abs(_t7_30) + abs(_t7_43))
+            _b7_0 = (((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_1), _t7_5), _t7_22)))) if (((_t7_24 < (abs((_t7_4*(_h2*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_1) + abs(_t7_23)))) if _t7_12 else ((_t7_24 < (abs(_t7_5) + abs(_t7_1) + abs(_t7_23))))) else ((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_4*(_h2*_t7_18))), _t7_1), -(_t7_7*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_18), _xr_x1_x2_error))))))))))
+            _b7_1 = (((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_26), _t7_30), _t7_43)))) if (((_t7_45 < (abs((_t7_29*(_h4*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_26) + abs(_t7_44)))) if _t7_34 else ((_t7_45 < (abs(_t7_30) + abs(_t7_26) + abs(_t7_44))))) else ((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_29*(_h4*_t7_40))), _t7_26), -(_t7_0*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_40), _xr_x2_x1_error))))))))))
+            _b7_2 = (_t7_51*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_47), -_t7_48), -_t7_49), -(_t7_9*(_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_3), _t7_3), _t7_3), _r0_error))))))))
+            _b7_3 = (_t7_57*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_53), -_t7_54), -_t7_55), -(_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_28), _t7_28), _t7_28), _r1_error))))))))
         else:
-            _t7_15 = _e_x1
-        if (_xm_x1 != 0.0):
-            _t7_2 = (_e_x1*_ym_x1_x2)
-            _t7_3 = ((_fma(_xm_x1, _e_x2, -_t7_2) + _fma(-_ym_x1_x2, _e_x1, _t7_2))/(_xm_x1))
-        else:
-            _t7_3 = _e_x2
-        _out0[_i, _k] = _w * ((((_t7_9*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_1*(_h3*_t7_3))), -_t7_6), (_t7_7*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_3), _xr_x1_x2_error))))))))) if _t7_10 else ((_t7_9*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_1*(_h3*_t7_3))), _t7_6), -(_t7_7*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_3), _xr_x1_x2_error))))))))) if _t7_11 else (0.0)))
-        _out1[_i, _k] = _w * ((((_t7_19*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_13*(_h2*_t7_15))), -_t7_17), (_t7_5*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_15), _xr_x2_x1_error))))))))) if _t7_10 else ((_t7_19*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_13*(_h2*_t7_15))), _t7_17), -(_t7_5*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_15), _xr_x2_x1_error))))))))) if _t7_11 else (0.0)))
-        _out2[_i, _k] = _w * ((((_t7_27*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_21), _t7_23), _t7_25), (_t7_24*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_0), _t7_0), _t7_0), _r0_error))))))))) if _t7_10 else ((_t7_27*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_21), -_t7_23), -_t7_25), -(_t7_24*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_0), _t7_0), _t7_0), _r0_error))))))))) if _t7_11 else (0.0)))
-        _out3[_i, _k] = _w * ((((_t7_32*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_28), _t7_29), _t7_30), (_t7_24*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_12), _t7_12), _t7_12), _r1_error))))))))) if _t7_10 else ((_t7_32*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_28), -_t7_29), -_t7_30), -(_t7_24*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_12), _t7_12), _t7_12), _r1_error))))))))) if _t7_11 else (0.0)))
+            _b7_0 = 0.0
+            _b7_1 = 0.0
+            _b7_2 = 0.0
+            _b7_3 = 0.0
+        _out0[_i, _k] = _w * (_b7_0)
+        _out1[_i, _k] = _w * (_b7_1)
+        _out2[_i, _k] = _w * (_b7_2)
+        _out3[_i, _k] = _w * (_b7_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1110,34 +1217,50 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _xr_x1_x2_error = 0.0
     _xr_x2_x1 = 0.0
     _xr_x2_x1_error = 0.0
+    _xra_x1_x2 = 0.0
+    _xra_x1_x2_error = 0.0
+    _xra_x2_x1 = 0.0
+    _xra_x2_x1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         if (_xm_x2 != 0.0):
-            _t5_2 = (_e_x2*_ym_x2_x1)
-            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_2) + _fma(-_ym_x2_x1, _e_x2, _t5_2))/(_xm_x2))
+            _t5_3 = (_e_x2*_ym_x2_x1)
+            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_3) + _fma(-_ym_x2_x1, _e_x2, _t5_3))/(_xm_x2))
         else:
             _b5_0 = _e_x1
+        _t5_4 = _e_x2*_b5_0
         if (_xm_x1 != 0.0):
             _t5_0 = (_e_x1*_ym_x1_x2)
             _t5_1 = ((_fma(_xm_x1, _e_x2, -_t5_0) + _fma(-_ym_x1_x2, _e_x1, _t5_0))/(_xm_x1))
         else:
             _t5_1 = _e_x2
+        _t5_2 = _e_x1*_t5_1
         _s = (_t5_1)**2
         _x = _rr_x1_x2 + _s
         _z = _x - _rr_x1_x2
         _rr_x1_x2_error += (_rr_x1_x2 - (_x - _z)) + (_s - _z)
         _rr_x1_x2 = _x
-        _s = _e_x1*_t5_1
+        _s = _t5_2
         _x = _xr_x1_x2 + _s
         _z = _x - _xr_x1_x2
         _xr_x1_x2_error += (_xr_x1_x2 - (_x - _z)) + (_s - _z)
         _xr_x1_x2 = _x
-        _s = _e_x2*_b5_0
+        _s = _t5_4
         _x = _xr_x2_x1 + _s
         _z = _x - _xr_x2_x1
         _xr_x2_x1_error += (_xr_x2_x1 - (_x - _z)) + (_s - _z)
         _xr_x2_x1 = _x
+        _s = abs(_t5_2)
+        _x = _xra_x1_x2 + _s
+        _z = _x - _xra_x1_x2
+        _xra_x1_x2_error += (_xra_x1_x2 - (_x - _z)) + (_s - _z)
+        _xra_x1_x2 = _x
+        _s = abs(_t5_4)
+        _x = _xra_x2_x1 + _s
+        _z = _x - _xra_x2_x1
+        _xra_x2_x1_error += (_xra_x2_x1 - (_x - _z)) + (_s - _z)
+        _xra_x2_x1 = _x
     _rr_x1_x2_hi = _rr_x1_x2
     if math.isfinite(_rr_x1_x2):
         _rr_x1_x2 += _rr_x1_x2_error
@@ -1147,6 +1270,12 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _xr_x2_x1_hi = _xr_x2_x1
     if math.isfinite(_xr_x2_x1):
         _xr_x2_x1 += _xr_x2_x1_error
+    _xra_x1_x2_hi = _xra_x1_x2
+    if math.isfinite(_xra_x1_x2):
+        _xra_x1_x2 += _xra_x1_x2_error
+    _xra_x2_x1_hi = _xra_x2_x1
+    if math.isfinite(_xra_x2_x1):
+        _xra_x2_x1 += _xra_x2_x1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r1 + eps
     _t6_1 = _r0 + eps
@@ -1172,64 +1301,94 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _out0[_i] = _w * (((((_t6_7) if _t6_8 else (_t6_9))) if (_row_y > 0.0) else (_t6_10 + ((-_t6_4)/(_t6_6))) if _t6_16 and _t6_8 else (_t6_15 + (-_t6_13)) if _t6_12 and _t6_16 else (-margin + ((_r2)/(_t6_2*_t6_3))) if _t6_16 else (0.0)))
     _h0 = ((1.0)/(_t6_2))
     _h1 = _t6_18**2
-    _h2 = ((1.0)/(_t6_17))
-    _h3 = ((1.0)/(_t6_19))
-    _h4 = ((((((eps)/(_t6_17))))/(_t6_17)))
+    _h2 = ((1.0)/(_t6_19))
+    _h3 = ((((((eps)/(_t6_17))))/(_t6_17)))
+    _h4 = ((1.0)/(_t6_17))
     _h5 = _t6_20
-    _h6 = _t6_11
-    _h7 = _t6_5
-    _h8 = _t6_10
-    _h9 = _t6_7
-    _h10 = _t6_14
-    _h11 = _t6_15
-    _h12 = ((1.0)/(_t6_3))
-    _h13 = _t6_20**2
-    _h14 = ((((((eps)/(_t6_19))))/(_t6_19)))
-    _h15 = _t6_18
-    _h16 = ((1.0)/(_t6_1))
-    _h17 = _t6_18**3
-    _h18 = ((1.0)/(_t6_0))
-    _h19 = _t6_20**3
+    _h6 = ((((((_xra_x1_x2)/(_t6_17))))/(_t6_19)))
+    _h7 = _t6_11
+    _h8 = _t6_5
+    _h9 = _t6_10
+    _h10 = _t6_7
+    _h11 = _t6_14
+    _h12 = _t6_15
+    _h13 = ((1.0)/(_t6_3))
+    _h14 = _t6_20**2
+    _h15 = ((((((eps)/(_t6_19))))/(_t6_19)))
+    _h16 = _t6_18
+    _h17 = ((((((_xra_x2_x1)/(_t6_17))))/(_t6_19)))
+    _h18 = ((1.0)/(_t6_1))
+    _h19 = _t6_18**3
+    _h20 = ((1.0)/(_t6_0))
+    _h21 = _t6_20**3
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t7_0 = -_e_x1**2
-        _t7_1 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_0), _r0_error))))
-        _t7_5 = (_e_x2*_h3)
-        _t7_6 = _h4*_t7_5
-        _t7_7 = (_e_x1*_h2)
-        _t7_9 = _h0*_h1*_h5
-        _t7_10 = (_row_y > 0.0)
-        _t7_11 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
-        _t7_12 = -_e_x2**2
-        _t7_13 = (_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_12), _r1_error))))
-        _t7_17 = _h14*_t7_7
-        _t7_19 = _h12*_h13*_h15
-        _t7_20 = 3.0*_t7_7
-        _t7_21 = _t7_20*_t7_6
-        _t7_22 = _t7_20*_t7_5
-        _t7_23 = _t7_1*_t7_22
-        _t7_24 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x1*_e_x2), _r2_error))))
-        _t7_25 = _h4*_t7_24
-        _t7_27 = _h16*_h17*_h5
-        _t7_28 = 3.0*_t7_17*_t7_5
-        _t7_29 = _t7_13*_t7_22
-        _t7_30 = _h14*_t7_24
-        _t7_32 = _h15*_h18*_h19
-        if (_xm_x2 != 0.0):
-            _t7_14 = (_e_x2*_ym_x2_x1)
-            _t7_15 = ((_fma(_xm_x2, _e_x1, -_t7_14) + _fma(-_ym_x2_x1, _e_x2, _t7_14))/(_xm_x2))
+        _t7_0 = (_e_x2*_h2)
+        _t7_1 = _h3*_t7_0
+        _t7_3 = -_e_x1**2
+        _t7_4 = (_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_3), _r0_error))))
+        _t7_5 = _t7_0*_t7_4
+        _t7_7 = (_e_x1*_h4)
+        _t7_8 = -_e_x1*_e_x2
+        _t7_9 = (_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t7_8), _r2_error), _r2_products), -_fma(_e_x1, _e_x2, _t7_8)))))
+        _t7_10 = _t7_7*_t7_9
+        _t7_11 = _h0*_h1*_h5
+        _t7_12 = (_xm_x1 != 0.0)
+        _t7_16 = _h6*_t7_7
+        _t7_18 = (((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1)))) if _t7_12 else (_e_x2))
+        _t7_21 = (_row_y > 0.0)
+        _t7_25 = (_h10 <= _h9) and (_h8 > 1/2) or (_h11 <= _h12) and (_h8 < -1/2) or (_h7 >= margin) and (_h8 >= -1/2) and (_h8 <= 1/2)
+        _t7_26 = _h15*_t7_7
+        _t7_28 = -_e_x2**2
+        _t7_29 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_28), _r1_error))))
+        _t7_30 = _t7_29*_t7_7
+        _t7_32 = _t7_0*_t7_9
+        _t7_33 = _h13*_h14*_h16
+        _t7_34 = (_xm_x2 != 0.0)
+        _t7_38 = _h17*_t7_0
+        _t7_40 = (((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2)))) if _t7_34 else (_e_x1))
+        _t7_46 = 3.0*_t7_7
+        _t7_47 = _t7_1*_t7_46
+        _t7_48 = _t7_46*_t7_5
+        _t7_49 = _h3*_t7_9
+        _t7_51 = _h18*_h19*_h5
+        _t7_52 = 3.0*_t7_0
+        _t7_53 = _t7_26*_t7_52
+        _t7_54 = _t7_30*_t7_52
+        _t7_55 = _h15*_t7_9
+        _t7_57 = _h16*_h20*_h21
+        if _t7_21:
+            _t7_2 = -_t7_1
+            _t7_6 = -_t7_5
+            _t7_17 = (abs(_t7_2) + abs(_t7_6) + abs(_t7_10))
+            _t7_27 = -_t7_26
+            _t7_31 = -_t7_30
+            _t7_39 = (abs(_t7_27) + abs(_t7_31) + abs(_t7_32))
+            _b7_0 = (((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _t7_6), _t7_10)))) if (((_t7_17 < (abs(-(_t7_4*(_h2*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_2) + abs(_t7_16)))) if _t7_12 else ((_t7_17 < (abs(_t7_6) + abs(_t7_2) + abs(_t7_16))))) else ((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_4*(_h2*_t7_18))), _t7_2), (_t7_7*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_18), _xr_x1_x2_error))))))))))
+            _b7_1 = (((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_27), _t7_31), _t7_32)))) if (((_t7_39 < (abs(-(_t7_29*(_h4*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_27) + abs(_t7_38)))) if _t7_34 else ((_t7_39 < (abs(_t7_31) + abs(_t7_27) + abs(_t7_38))))) else ((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_29*(_h4*_t7_40))), _t7_27), (_t7_0*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_40), _xr_x2_x1_error))))))))))
+            _b7_2 = (_t7_51*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_47), _t7_48), _t7_49), (_t7_9*(_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_3), _t7_3), _t7_3), _r0_error))))))))
+            _b7_3 = (_t7_57*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_53), _t7_54), _t7_55), (_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_28), _t7_28), _t7_28), _r1_error))))))))
+        elif _t7_25:
+            _t7_22 = -_t7_10
+            _t7_23 = -_t7_16
+            _t7_24 = (abs(_t7_1) + abs(_t7_5) + abs(_t7_22))
+            _t7_43 = -_t7_32
+            _t7_44 = -_t7_38
+            _t7_45 = (abs(_t7_26) + abs(_t7_30) + abs(_t7_43))
+            _b7_0 = (((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_1), _t7_5), _t7_22)))) if (((_t7_24 < (abs((_t7_4*(_h2*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_1) + abs(_t7_23)))) if _t7_12 else ((_t7_24 < (abs(_t7_5) + abs(_t7_1) + abs(_t7_23))))) else ((_t7_11*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_4*(_h2*_t7_18))), _t7_1), -(_t7_7*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_18), _xr_x1_x2_error))))))))))
+            _b7_1 = (((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_26), _t7_30), _t7_43)))) if (((_t7_45 < (abs((_t7_29*(_h4*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_26) + abs(_t7_44)))) if _t7_34 else ((_t7_45 < (abs(_t7_30) + abs(_t7_26) + abs(_t7_44))))) else ((_t7_33*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_29*(_h4*_t7_40))), _t7_26), -(_t7_0*(_h2*(_h4*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_40), _xr_x2_x1_error))))))))))
+            _b7_2 = (_t7_51*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_47), -_t7_48), -_t7_49), -(_t7_9*(_h4*(_h4*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_3), _t7_3), _t7_3), _r0_error))))))))
+            _b7_3 = (_t7_57*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_53), -_t7_54), -_t7_55), -(_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_28), _t7_28), _t7_28), _r1_error))))))))
         else:
-            _t7_15 = _e_x1
-        if (_xm_x1 != 0.0):
-            _t7_2 = (_e_x1*_ym_x1_x2)
-            _t7_3 = ((_fma(_xm_x1, _e_x2, -_t7_2) + _fma(-_ym_x1_x2, _e_x1, _t7_2))/(_xm_x1))
-        else:
-            _t7_3 = _e_x2
-        _out1[_i, _k] = _w * ((((_t7_9*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_1*(_h3*_t7_3))), -_t7_6), (_t7_7*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_3), _xr_x1_x2_error))))))))) if _t7_10 else ((_t7_9*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_1*(_h3*_t7_3))), _t7_6), -(_t7_7*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_3), _xr_x1_x2_error))))))))) if _t7_11 else (0.0)))
-        _out2[_i, _k] = _w * ((((_t7_19*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_13*(_h2*_t7_15))), -_t7_17), (_t7_5*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_15), _xr_x2_x1_error))))))))) if _t7_10 else ((_t7_19*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_13*(_h2*_t7_15))), _t7_17), -(_t7_5*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_15), _xr_x2_x1_error))))))))) if _t7_11 else (0.0)))
-        _out3[_i, _k] = _w * ((((_t7_27*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_21), _t7_23), _t7_25), (_t7_24*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_0), _t7_0), _t7_0), _r0_error))))))))) if _t7_10 else ((_t7_27*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_21), -_t7_23), -_t7_25), -(_t7_24*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_0), _t7_0), _t7_0), _r0_error))))))))) if _t7_11 else (0.0)))
-        _out4[_i, _k] = _w * ((((_t7_32*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_28), _t7_29), _t7_30), (_t7_24*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_12), _t7_12), _t7_12), _r1_error))))))))) if _t7_10 else ((_t7_32*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_28), -_t7_29), -_t7_30), -(_t7_24*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_12), _t7_12), _t7_12), _r1_error))))))))) if _t7_11 else (0.0)))
+            _b7_0 = 0.0
+            _b7_1 = 0.0
+            _b7_2 = 0.0
+            _b7_3 = 0.0
+        _out1[_i, _k] = _w * (_b7_0)
+        _out2[_i, _k] = _w * (_b7_1)
+        _out3[_i, _k] = _w * (_b7_2)
+        _out4[_i, _k] = _w * (_b7_3)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1336,34 +1495,50 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _xr_x1_x2_error = 0.0
     _xr_x2_x1 = 0.0
     _xr_x2_x1_error = 0.0
+    _xra_x1_x2 = 0.0
+    _xra_x1_x2_error = 0.0
+    _xra_x2_x1 = 0.0
+    _xra_x2_x1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         if (_xm_x2 != 0.0):
-            _t5_2 = (_e_x2*_ym_x2_x1)
-            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_2) + _fma(-_ym_x2_x1, _e_x2, _t5_2))/(_xm_x2))
+            _t5_3 = (_e_x2*_ym_x2_x1)
+            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_3) + _fma(-_ym_x2_x1, _e_x2, _t5_3))/(_xm_x2))
         else:
             _b5_0 = _e_x1
+        _t5_4 = _e_x2*_b5_0
         if (_xm_x1 != 0.0):
             _t5_0 = (_e_x1*_ym_x1_x2)
             _t5_1 = ((_fma(_xm_x1, _e_x2, -_t5_0) + _fma(-_ym_x1_x2, _e_x1, _t5_0))/(_xm_x1))
         else:
             _t5_1 = _e_x2
+        _t5_2 = _e_x1*_t5_1
         _s = (_t5_1)**2
         _x = _rr_x1_x2 + _s
         _z = _x - _rr_x1_x2
         _rr_x1_x2_error += (_rr_x1_x2 - (_x - _z)) + (_s - _z)
         _rr_x1_x2 = _x
-        _s = _e_x1*_t5_1
+        _s = _t5_2
         _x = _xr_x1_x2 + _s
         _z = _x - _xr_x1_x2
         _xr_x1_x2_error += (_xr_x1_x2 - (_x - _z)) + (_s - _z)
         _xr_x1_x2 = _x
-        _s = _e_x2*_b5_0
+        _s = _t5_4
         _x = _xr_x2_x1 + _s
         _z = _x - _xr_x2_x1
         _xr_x2_x1_error += (_xr_x2_x1 - (_x - _z)) + (_s - _z)
         _xr_x2_x1 = _x
+        _s = abs(_t5_2)
+        _x = _xra_x1_x2 + _s
+        _z = _x - _xra_x1_x2
+        _xra_x1_x2_error += (_xra_x1_x2 - (_x - _z)) + (_s - _z)
+        _xra_x1_x2 = _x
+        _s = abs(_t5_4)
+        _x = _xra_x2_x1 + _s
+        _z = _x - _xra_x2_x1
+        _xra_x2_x1_error += (_xra_x2_x1 - (_x - _z)) + (_s - _z)
+        _xra_x2_x1 = _x
     _rr_x1_x2_hi = _rr_x1_x2
     if math.isfinite(_rr_x1_x2):
         _rr_x1_x2 += _rr_x1_x2_error
@@ -1373,6 +1548,12 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _xr_x2_x1_hi = _xr_x2_x1
     if math.isfinite(_xr_x2_x1):
         _xr_x2_x1 += _xr_x2_x1_error
+    _xra_x1_x2_hi = _xra_x1_x2
+    if math.isfinite(_xra_x1_x2):
+        _xra_x1_x2 += _xra_x1_x2_error
+    _xra_x2_x1_hi = _xra_x2_x1
+    if math.isfinite(_xra_x2_x1):
+        _xra_x2_x1 += _xra_x2_x1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
@@ -1412,84 +1593,126 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _h22 = ((1.0)/(_t6_0**(5/2)))
     _h23 = _t6_0
     _h24 = ((1.0)/(_t6_0**(3/2)))
-    _h25 = ((1.0)/(_t6_4**(3/2)))
-    _h26 = ((1.0)/(_t6_4**(5/2)))
-    _h27 = _t6_4
+    _h25 = ((((((_xra_x1_x2)/(_t6_2))))/(_t6_6)))
+    _h26 = ((((((_xra_x2_x1)/(_t6_2))))/(_t6_6)))
+    _h27 = ((1.0)/(_t6_4**(3/2)))
+    _h28 = ((1.0)/(_t6_4**(5/2)))
+    _h29 = _t6_4
     _scratch = np.empty((20, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t7_0 = (_e_x1*_h2)
-        _t7_1 = (_e_x2*_h3)
-        _t7_2 = _h4*_t7_1
-        _t7_3 = 3.0*_t7_0*_t7_2
-        _t7_4 = -_e_x1**2
-        _t7_5 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_4), _r0_error))))
-        _t7_6 = _t7_0*_t7_1
-        _t7_7 = 3.0*_t7_6
-        _t7_8 = _t7_5*_t7_7
-        _t7_9 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x1*_e_x2), _r2_error))))
-        _t7_10 = _h4*_t7_9
-        _t7_12 = _h0*_h1*_h5
-        _t7_13 = (_row_y > 0.0)
-        _t7_14 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
-        _t7_15 = -_e_x2**2
-        _t7_16 = (_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_15), _r1_error))))
-        _t7_17 = _h4*_t7_16
-        _t7_18 = _h17*_t7_5
-        _t7_19 = _t7_16*_t7_5
-        _t7_20 = _t7_6*_t7_9
-        _t7_21 = _h12*_h14
-        _t7_22 = _h13*_h15
-        _t7_23 = _t7_21*_t7_22
-        _t7_24 = (((_t7_23*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h16), -_t7_17), -_t7_18), -_t7_19), -_t7_20)))) if _t7_13 else ((_t7_23*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h18), _t7_17), _t7_18), _t7_19), _t7_20)))) if _t7_14 else (0.0))
-        _t7_25 = _h17*_t7_0
-        _t7_26 = 3.0*_t7_1*_t7_25
-        _t7_27 = _t7_16*_t7_7
-        _t7_28 = _h17*_t7_9
-        _t7_30 = _h19*_h20*_h21
-        _t7_31 = 3.0*_r2
-        _t7_32 = _e_x1*_t7_31 - _e_x2*_h23
-        _t7_33 = _h13*_h22
-        _t7_34 = 2.0*_e_x1
-        _t7_35 = _e_x1*_h13*_h24
-        _t7_36 = ((_t7_35) if _t7_13 else (-_t7_35) if _t7_14 else (0.0))
-        _t7_41 = _h19*_h5*_t7_21
-        _t7_42 = 2.0*_e_x2
-        _t7_47 = _h0*_h21*_t7_22
-        _t7_48 = _e_x2*_h12*_h25
-        _t7_49 = ((_t7_48) if _t7_13 else (-_t7_48) if _t7_14 else (0.0))
-        _t7_50 = _e_x1*_h27 - _e_x2*_t7_31
-        _t7_51 = _h12*_h26
-        if (_xm_x2 != 0.0):
-            _t7_43 = (_e_x2*_ym_x2_x1)
-            _t7_44 = ((_fma(_xm_x2, _e_x1, -_t7_43) + _fma(-_ym_x2_x1, _e_x2, _t7_43))/(_xm_x2))
+        _t7_0 = (_e_x2*_h3)
+        _t7_1 = _h4*_t7_0
+        _t7_2 = (_e_x1*_h2)
+        _t7_3 = 3.0*_t7_2
+        _t7_4 = _t7_1*_t7_3
+        _t7_5 = -_e_x1**2
+        _t7_6 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_5), _r0_error))))
+        _t7_7 = _t7_0*_t7_6
+        _t7_8 = _t7_3*_t7_7
+        _t7_9 = -_e_x1*_e_x2
+        _t7_10 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t7_9), _r2_error), _r2_products), -_fma(_e_x1, _e_x2, _t7_9)))))
+        _t7_11 = _h4*_t7_10
+        _t7_13 = _h0*_h1*_h5
+        _t7_14 = (_row_y > 0.0)
+        _t7_15 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
+        _t7_16 = -_e_x2**2
+        _t7_17 = (_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_16), _r1_error))))
+        _t7_18 = _h4*_t7_17
+        _t7_19 = _h17*_t7_6
+        _t7_20 = _t7_17*_t7_6
+        _t7_21 = _t7_10*_t7_2
+        _t7_22 = _t7_0*_t7_21
+        _t7_23 = _h12*_h14
+        _t7_24 = _h13*_h15
+        _t7_25 = _t7_23*_t7_24
+        _t7_27 = _h17*_t7_2
+        _t7_28 = 3.0*_t7_0
+        _t7_29 = _t7_27*_t7_28
+        _t7_30 = _t7_17*_t7_2
+        _t7_31 = _t7_28*_t7_30
+        _t7_32 = _h17*_t7_10
+        _t7_34 = _h19*_h20*_h21
+        _t7_35 = 3.0*_r2
+        _t7_36 = _e_x1*_t7_35 - _e_x2*_h23
+        _t7_37 = _h13*_h22
+        _t7_38 = 2.0*_e_x1
+        _t7_39 = _e_x1*_h13*_h24
+        _t7_42 = _h19*_h5*_t7_23
+        _t7_43 = (_xm_x1 != 0.0)
+        _t7_47 = _h25*_t7_2
+        _t7_50 = (((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1)))) if _t7_43 else (_e_x2))
+        _t7_56 = 2.0*_e_x2
+        _t7_57 = _t7_0*_t7_10
+        _t7_59 = _h0*_h21*_t7_24
+        _t7_60 = (_xm_x2 != 0.0)
+        _t7_64 = _h26*_t7_0
+        _t7_67 = (((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2)))) if _t7_60 else (_e_x1))
+        _t7_73 = _e_x2*_h12*_h27
+        _t7_75 = _e_x1*_h29 - _e_x2*_t7_35
+        _t7_76 = _h12*_h28
+        if _t7_14:
+            _t7_41 = -_t7_21
+            _t7_48 = -_t7_47
+            _t7_49 = (abs(_t7_1) + abs(_t7_7) + abs(_t7_41))
+            _t7_58 = -_t7_57
+            _t7_65 = -_t7_64
+            _t7_66 = (abs(_t7_27) + abs(_t7_30) + abs(_t7_58))
+            _b7_0 = (_t7_13*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_4), _t7_8), _t7_11), (_t7_10*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_5), _t7_5), _t7_5), _r0_error))))))))
+            _b7_1 = (_t7_34*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_29), _t7_31), _t7_32), (_t7_10*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_16), _t7_16), _t7_16), _r1_error))))))))
+            _b7_2 = ((-_t7_36*_t7_37)/(2.0))
+            _b7_3 = (((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_1), _t7_7), _t7_41)))/(2.0)))) if (((_t7_49 < (abs((_t7_6*(_h3*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_1) + abs(_t7_48)))) if _t7_43 else ((_t7_49 < (abs(_t7_7) + abs(_t7_1) + abs(_t7_48))))) else ((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_6*(_h3*_t7_50))), _t7_1), -(_t7_2*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_50), _xr_x1_x2_error))))))))/(2.0)))))
+            _b7_4 = (((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_27), _t7_30), _t7_58)))/(2.0)))) if (((_t7_66 < (abs((_t7_17*(_h2*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_27) + abs(_t7_65)))) if _t7_60 else ((_t7_66 < (abs(_t7_30) + abs(_t7_27) + abs(_t7_65))))) else ((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_17*(_h2*_t7_67))), _t7_27), -(_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_67), _xr_x2_x1_error))))))))/(2.0)))))
+            _b7_5 = ((_t7_75*_t7_76)/(2.0))
+            _t7_74 = _t7_73
+            _t7_40 = _t7_39
+            _t7_26 = (_t7_25*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h16), -_t7_18), -_t7_19), -_t7_20), -_t7_22)))
+        elif _t7_15:
+            _t7_53 = -_t7_1
+            _t7_54 = -_t7_7
+            _t7_55 = (abs(_t7_53) + abs(_t7_54) + abs(_t7_21))
+            _t7_70 = -_t7_27
+            _t7_71 = -_t7_30
+            _t7_72 = (abs(_t7_70) + abs(_t7_71) + abs(_t7_57))
+            _b7_0 = (_t7_13*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_4), -_t7_8), -_t7_11), -(_t7_10*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_5), _t7_5), _t7_5), _r0_error))))))))
+            _b7_1 = (_t7_34*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_29), -_t7_31), -_t7_32), -(_t7_10*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_16), _t7_16), _t7_16), _r1_error))))))))
+            _b7_2 = ((_t7_36*_t7_37)/(2.0))
+            _b7_3 = (((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_53), _t7_54), _t7_21)))/(2.0)))) if (((_t7_55 < (abs(-(_t7_6*(_h3*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_53) + abs(_t7_47)))) if _t7_43 else ((_t7_55 < (abs(_t7_54) + abs(_t7_53) + abs(_t7_47))))) else ((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_6*(_h3*_t7_50))), _t7_53), (_t7_2*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_50), _xr_x1_x2_error))))))))/(2.0)))))
+            _b7_4 = (((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_70), _t7_71), _t7_57)))/(2.0)))) if (((_t7_72 < (abs(-(_t7_17*(_h2*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_70) + abs(_t7_64)))) if _t7_60 else ((_t7_72 < (abs(_t7_71) + abs(_t7_70) + abs(_t7_64))))) else ((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_17*(_h2*_t7_67))), _t7_70), (_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_67), _xr_x2_x1_error))))))))/(2.0)))))
+            _b7_5 = ((-_t7_75*_t7_76)/(2.0))
+            _t7_74 = -_t7_73
+            _t7_40 = -_t7_39
+            _t7_26 = (_t7_25*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h18), _t7_18), _t7_19), _t7_20), _t7_22)))
         else:
-            _t7_44 = _e_x1
-        if (_xm_x1 != 0.0):
-            _t7_37 = (_e_x1*_ym_x1_x2)
-            _t7_38 = ((_fma(_xm_x1, _e_x2, -_t7_37) + _fma(-_ym_x1_x2, _e_x1, _t7_37))/(_xm_x1))
-        else:
-            _t7_38 = _e_x2
-        _scratch[0, _k] = (((_t7_12*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_3), _t7_8), _t7_10), (_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_4), _t7_4), _t7_4), _r0_error))))))))) if _t7_13 else ((_t7_12*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_3), -_t7_8), -_t7_10), -(_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_4), _t7_4), _t7_4), _r0_error))))))))) if _t7_14 else (0.0))
-        _scratch[1, _k] = _t7_24
-        _scratch[2, _k] = _t7_24
-        _scratch[3, _k] = (((_t7_30*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_26), _t7_27), _t7_28), (_t7_9*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_15), _t7_15), _t7_15), _r1_error))))))))) if _t7_13 else ((_t7_30*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_26), -_t7_27), -_t7_28), -(_t7_9*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_15), _t7_15), _t7_15), _r1_error))))))))) if _t7_14 else (0.0))
-        _scratch[4, _k] = ((((-_t7_32*_t7_33)/(2.0))) if _t7_13 else (((_t7_32*_t7_33)/(2.0))) if _t7_14 else (0.0))
-        _scratch[5, _k] = _t7_34
-        _scratch[6, _k] = _t7_36
+            _b7_0 = 0.0
+            _b7_1 = 0.0
+            _b7_2 = 0.0
+            _b7_3 = 0.0
+            _b7_4 = 0.0
+            _b7_5 = 0.0
+            _t7_74 = 0.0
+            _t7_40 = 0.0
+            _t7_26 = 0.0
+        _scratch[0, _k] = _b7_0
+        _scratch[1, _k] = _t7_26
+        _scratch[2, _k] = _t7_26
+        _scratch[3, _k] = _b7_1
+        _scratch[4, _k] = _b7_2
+        _scratch[5, _k] = _t7_38
+        _scratch[6, _k] = _t7_40
         _scratch[7, _k] = _e_x2
-        _scratch[8, _k] = (((((_t7_41*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_5*(_h3*_t7_38))), _t7_2), -(_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_38), _xr_x1_x2_error))))))))/(2.0)))) if _t7_13 else ((((_t7_41*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_5*(_h3*_t7_38))), -_t7_2), (_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_38), _xr_x1_x2_error))))))))/(2.0)))) if _t7_14 else (0.0))
-        _scratch[9, _k] = _t7_42
-        _scratch[10, _k] = _t7_36
+        _scratch[8, _k] = _b7_3
+        _scratch[9, _k] = _t7_56
+        _scratch[10, _k] = _t7_40
         _scratch[11, _k] = _e_x1
-        _scratch[12, _k] = (((((_t7_47*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_16*(_h2*_t7_44))), _t7_25), -(_t7_1*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_44), _xr_x2_x1_error))))))))/(2.0)))) if _t7_13 else ((((_t7_47*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_16*(_h2*_t7_44))), -_t7_25), (_t7_1*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_44), _xr_x2_x1_error))))))))/(2.0)))) if _t7_14 else (0.0))
-        _scratch[13, _k] = _t7_34
-        _scratch[14, _k] = _t7_49
+        _scratch[12, _k] = _b7_4
+        _scratch[13, _k] = _t7_38
+        _scratch[14, _k] = _t7_74
         _scratch[15, _k] = _e_x2
-        _scratch[16, _k] = ((((_t7_50*_t7_51)/(2.0))) if _t7_13 else (((-_t7_50*_t7_51)/(2.0))) if _t7_14 else (0.0))
-        _scratch[17, _k] = _t7_42
-        _scratch[18, _k] = _t7_49
+        _scratch[16, _k] = _b7_5
+        _scratch[17, _k] = _t7_56
+        _scratch[18, _k] = _t7_74
         _scratch[19, _k] = _e_x1
     for _j in range(_n):
         _out0[_i, _j] = 0.0
@@ -1611,34 +1834,50 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xr_x1_x2_error = 0.0
     _xr_x2_x1 = 0.0
     _xr_x2_x1_error = 0.0
+    _xra_x1_x2 = 0.0
+    _xra_x1_x2_error = 0.0
+    _xra_x2_x1 = 0.0
+    _xra_x2_x1_error = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
         if (_xm_x2 != 0.0):
-            _t5_2 = (_e_x2*_ym_x2_x1)
-            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_2) + _fma(-_ym_x2_x1, _e_x2, _t5_2))/(_xm_x2))
+            _t5_3 = (_e_x2*_ym_x2_x1)
+            _b5_0 = ((_fma(_xm_x2, _e_x1, -_t5_3) + _fma(-_ym_x2_x1, _e_x2, _t5_3))/(_xm_x2))
         else:
             _b5_0 = _e_x1
+        _t5_4 = _e_x2*_b5_0
         if (_xm_x1 != 0.0):
             _t5_0 = (_e_x1*_ym_x1_x2)
             _t5_1 = ((_fma(_xm_x1, _e_x2, -_t5_0) + _fma(-_ym_x1_x2, _e_x1, _t5_0))/(_xm_x1))
         else:
             _t5_1 = _e_x2
+        _t5_2 = _e_x1*_t5_1
         _s = (_t5_1)**2
         _x = _rr_x1_x2 + _s
         _z = _x - _rr_x1_x2
         _rr_x1_x2_error += (_rr_x1_x2 - (_x - _z)) + (_s - _z)
         _rr_x1_x2 = _x
-        _s = _e_x1*_t5_1
+        _s = _t5_2
         _x = _xr_x1_x2 + _s
         _z = _x - _xr_x1_x2
         _xr_x1_x2_error += (_xr_x1_x2 - (_x - _z)) + (_s - _z)
         _xr_x1_x2 = _x
-        _s = _e_x2*_b5_0
+        _s = _t5_4
         _x = _xr_x2_x1 + _s
         _z = _x - _xr_x2_x1
         _xr_x2_x1_error += (_xr_x2_x1 - (_x - _z)) + (_s - _z)
         _xr_x2_x1 = _x
+        _s = abs(_t5_2)
+        _x = _xra_x1_x2 + _s
+        _z = _x - _xra_x1_x2
+        _xra_x1_x2_error += (_xra_x1_x2 - (_x - _z)) + (_s - _z)
+        _xra_x1_x2 = _x
+        _s = abs(_t5_4)
+        _x = _xra_x2_x1 + _s
+        _z = _x - _xra_x2_x1
+        _xra_x2_x1_error += (_xra_x2_x1 - (_x - _z)) + (_s - _z)
+        _xra_x2_x1 = _x
     _rr_x1_x2_hi = _rr_x1_x2
     if math.isfinite(_rr_x1_x2):
         _rr_x1_x2 += _rr_x1_x2_error
@@ -1648,6 +1887,12 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xr_x2_x1_hi = _xr_x2_x1
     if math.isfinite(_xr_x2_x1):
         _xr_x2_x1 += _xr_x2_x1_error
+    _xra_x1_x2_hi = _xra_x1_x2
+    if math.isfinite(_xra_x1_x2):
+        _xra_x1_x2 += _xra_x1_x2_error
+    _xra_x2_x1_hi = _xra_x2_x1
+    if math.isfinite(_xra_x2_x1):
+        _xra_x2_x1 += _xra_x2_x1_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
@@ -1687,84 +1932,126 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _h22 = ((1.0)/(_t6_0**(5/2)))
     _h23 = _t6_0
     _h24 = ((1.0)/(_t6_0**(3/2)))
-    _h25 = ((1.0)/(_t6_4**(3/2)))
-    _h26 = ((1.0)/(_t6_4**(5/2)))
-    _h27 = _t6_4
+    _h25 = ((((((_xra_x1_x2)/(_t6_2))))/(_t6_6)))
+    _h26 = ((((((_xra_x2_x1)/(_t6_2))))/(_t6_6)))
+    _h27 = ((1.0)/(_t6_4**(3/2)))
+    _h28 = ((1.0)/(_t6_4**(5/2)))
+    _h29 = _t6_4
     _scratch = np.empty((20, _n))
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
-        _t7_0 = (_e_x1*_h2)
-        _t7_1 = (_e_x2*_h3)
-        _t7_2 = _h4*_t7_1
-        _t7_3 = 3.0*_t7_0*_t7_2
-        _t7_4 = -_e_x1**2
-        _t7_5 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_4), _r0_error))))
-        _t7_6 = _t7_0*_t7_1
-        _t7_7 = 3.0*_t7_6
-        _t7_8 = _t7_5*_t7_7
-        _t7_9 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x1*_e_x2), _r2_error))))
-        _t7_10 = _h4*_t7_9
-        _t7_12 = _h0*_h1*_h5
-        _t7_13 = (_row_y > 0.0)
-        _t7_14 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
-        _t7_15 = -_e_x2**2
-        _t7_16 = (_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_15), _r1_error))))
-        _t7_17 = _h4*_t7_16
-        _t7_18 = _h17*_t7_5
-        _t7_19 = _t7_16*_t7_5
-        _t7_20 = _t7_6*_t7_9
-        _t7_21 = _h12*_h14
-        _t7_22 = _h13*_h15
-        _t7_23 = _t7_21*_t7_22
-        _t7_24 = (((_t7_23*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h16), -_t7_17), -_t7_18), -_t7_19), -_t7_20)))) if _t7_13 else ((_t7_23*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h18), _t7_17), _t7_18), _t7_19), _t7_20)))) if _t7_14 else (0.0))
-        _t7_25 = _h17*_t7_0
-        _t7_26 = 3.0*_t7_1*_t7_25
-        _t7_27 = _t7_16*_t7_7
-        _t7_28 = _h17*_t7_9
-        _t7_30 = _h19*_h20*_h21
-        _t7_31 = 3.0*_r2
-        _t7_32 = _e_x1*_t7_31 - _e_x2*_h23
-        _t7_33 = _h13*_h22
-        _t7_34 = 2.0*_e_x1
-        _t7_35 = _e_x1*_h13*_h24
-        _t7_36 = ((_t7_35) if _t7_13 else (-_t7_35) if _t7_14 else (0.0))
-        _t7_41 = _h19*_h5*_t7_21
-        _t7_42 = 2.0*_e_x2
-        _t7_47 = _h0*_h21*_t7_22
-        _t7_48 = _e_x2*_h12*_h25
-        _t7_49 = ((_t7_48) if _t7_13 else (-_t7_48) if _t7_14 else (0.0))
-        _t7_50 = _e_x1*_h27 - _e_x2*_t7_31
-        _t7_51 = _h12*_h26
-        if (_xm_x2 != 0.0):
-            _t7_43 = (_e_x2*_ym_x2_x1)
-            _t7_44 = ((_fma(_xm_x2, _e_x1, -_t7_43) + _fma(-_ym_x2_x1, _e_x2, _t7_43))/(_xm_x2))
+        _t7_0 = (_e_x2*_h3)
+        _t7_1 = _h4*_t7_0
+        _t7_2 = (_e_x1*_h2)
+        _t7_3 = 3.0*_t7_2
+        _t7_4 = _t7_1*_t7_3
+        _t7_5 = -_e_x1**2
+        _t7_6 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_5), _r0_error))))
+        _t7_7 = _t7_0*_t7_6
+        _t7_8 = _t7_3*_t7_7
+        _t7_9 = -_e_x1*_e_x2
+        _t7_10 = (_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t7_9), _r2_error), _r2_products), -_fma(_e_x1, _e_x2, _t7_9)))))
+        _t7_11 = _h4*_t7_10
+        _t7_13 = _h0*_h1*_h5
+        _t7_14 = (_row_y > 0.0)
+        _t7_15 = (_h8 >= _h9) and (_h7 > 1/2) or (_h10 <= _h11) and (_h7 < -1/2) or (_h6 >= margin) and (_h7 >= -1/2) and (_h7 <= 1/2)
+        _t7_16 = -_e_x2**2
+        _t7_17 = (_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_16), _r1_error))))
+        _t7_18 = _h4*_t7_17
+        _t7_19 = _h17*_t7_6
+        _t7_20 = _t7_17*_t7_6
+        _t7_21 = _t7_10*_t7_2
+        _t7_22 = _t7_0*_t7_21
+        _t7_23 = _h12*_h14
+        _t7_24 = _h13*_h15
+        _t7_25 = _t7_23*_t7_24
+        _t7_27 = _h17*_t7_2
+        _t7_28 = 3.0*_t7_0
+        _t7_29 = _t7_27*_t7_28
+        _t7_30 = _t7_17*_t7_2
+        _t7_31 = _t7_28*_t7_30
+        _t7_32 = _h17*_t7_10
+        _t7_34 = _h19*_h20*_h21
+        _t7_35 = 3.0*_r2
+        _t7_36 = _e_x1*_t7_35 - _e_x2*_h23
+        _t7_37 = _h13*_h22
+        _t7_38 = 2.0*_e_x1
+        _t7_39 = _e_x1*_h13*_h24
+        _t7_42 = _h19*_h5*_t7_23
+        _t7_43 = (_xm_x1 != 0.0)
+        _t7_47 = _h25*_t7_2
+        _t7_50 = (((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1)))) if _t7_43 else (_e_x2))
+        _t7_56 = 2.0*_e_x2
+        _t7_57 = _t7_0*_t7_10
+        _t7_59 = _h0*_h21*_t7_24
+        _t7_60 = (_xm_x2 != 0.0)
+        _t7_64 = _h26*_t7_0
+        _t7_67 = (((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2)))) if _t7_60 else (_e_x1))
+        _t7_73 = _e_x2*_h12*_h27
+        _t7_75 = _e_x1*_h29 - _e_x2*_t7_35
+        _t7_76 = _h12*_h28
+        if _t7_14:
+            _t7_41 = -_t7_21
+            _t7_48 = -_t7_47
+            _t7_49 = (abs(_t7_1) + abs(_t7_7) + abs(_t7_41))
+            _t7_58 = -_t7_57
+            _t7_65 = -_t7_64
+            _t7_66 = (abs(_t7_27) + abs(_t7_30) + abs(_t7_58))
+            _b7_0 = (_t7_13*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_4), _t7_8), _t7_11), (_t7_10*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_5), _t7_5), _t7_5), _r0_error))))))))
+            _b7_1 = (_t7_34*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_29), _t7_31), _t7_32), (_t7_10*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_16), _t7_16), _t7_16), _r1_error))))))))
+            _b7_2 = ((-_t7_36*_t7_37)/(2.0))
+            _b7_3 = (((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_1), _t7_7), _t7_41)))/(2.0)))) if (((_t7_49 < (abs((_t7_6*(_h3*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_1) + abs(_t7_48)))) if _t7_43 else ((_t7_49 < (abs(_t7_7) + abs(_t7_1) + abs(_t7_48))))) else ((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_6*(_h3*_t7_50))), _t7_1), -(_t7_2*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_50), _xr_x1_x2_error))))))))/(2.0)))))
+            _b7_4 = (((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_27), _t7_30), _t7_58)))/(2.0)))) if (((_t7_66 < (abs((_t7_17*(_h2*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_27) + abs(_t7_65)))) if _t7_60 else ((_t7_66 < (abs(_t7_30) + abs(_t7_27) + abs(_t7_65))))) else ((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_17*(_h2*_t7_67))), _t7_27), -(_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_67), _xr_x2_x1_error))))))))/(2.0)))))
+            _b7_5 = ((_t7_75*_t7_76)/(2.0))
+            _t7_74 = _t7_73
+            _t7_40 = _t7_39
+            _t7_26 = (_t7_25*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h16), -_t7_18), -_t7_19), -_t7_20), -_t7_22)))
+        elif _t7_15:
+            _t7_53 = -_t7_1
+            _t7_54 = -_t7_7
+            _t7_55 = (abs(_t7_53) + abs(_t7_54) + abs(_t7_21))
+            _t7_70 = -_t7_27
+            _t7_71 = -_t7_30
+            _t7_72 = (abs(_t7_70) + abs(_t7_71) + abs(_t7_57))
+            _b7_0 = (_t7_13*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_4), -_t7_8), -_t7_11), -(_t7_10*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_5), _t7_5), _t7_5), _r0_error))))))))
+            _b7_1 = (_t7_34*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_29), -_t7_31), -_t7_32), -(_t7_10*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_16), _t7_16), _t7_16), _r1_error))))))))
+            _b7_2 = ((_t7_36*_t7_37)/(2.0))
+            _b7_3 = (((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_53), _t7_54), _t7_21)))/(2.0)))) if (((_t7_55 < (abs(-(_t7_6*(_h3*((((_fma(_xm_x1, _e_x2, -((_e_x1*_ym_x1_x2))) + _fma(-_ym_x1_x2, _e_x1, ((_e_x1*_ym_x1_x2))))/(_xm_x1))))))) + abs(_t7_53) + abs(_t7_47)))) if _t7_43 else ((_t7_55 < (abs(_t7_54) + abs(_t7_53) + abs(_t7_47))))) else ((((_t7_42*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_6*(_h3*_t7_50))), _t7_53), (_t7_2*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_50), _xr_x1_x2_error))))))))/(2.0)))))
+            _b7_4 = (((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_70), _t7_71), _t7_57)))/(2.0)))) if (((_t7_72 < (abs(-(_t7_17*(_h2*((((_fma(_xm_x2, _e_x1, -((_e_x2*_ym_x2_x1))) + _fma(-_ym_x2_x1, _e_x2, ((_e_x2*_ym_x2_x1))))/(_xm_x2))))))) + abs(_t7_70) + abs(_t7_64)))) if _t7_60 else ((_t7_72 < (abs(_t7_71) + abs(_t7_70) + abs(_t7_64))))) else ((((_t7_59*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_17*(_h2*_t7_67))), _t7_70), (_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_67), _xr_x2_x1_error))))))))/(2.0)))))
+            _b7_5 = ((-_t7_75*_t7_76)/(2.0))
+            _t7_74 = -_t7_73
+            _t7_40 = -_t7_39
+            _t7_26 = (_t7_25*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_h18), _t7_18), _t7_19), _t7_20), _t7_22)))
         else:
-            _t7_44 = _e_x1
-        if (_xm_x1 != 0.0):
-            _t7_37 = (_e_x1*_ym_x1_x2)
-            _t7_38 = ((_fma(_xm_x1, _e_x2, -_t7_37) + _fma(-_ym_x1_x2, _e_x1, _t7_37))/(_xm_x1))
-        else:
-            _t7_38 = _e_x2
-        _scratch[0, _k] = (((_t7_12*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_3), _t7_8), _t7_10), (_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_4), _t7_4), _t7_4), _r0_error))))))))) if _t7_13 else ((_t7_12*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_3), -_t7_8), -_t7_10), -(_t7_9*(_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t7_4), _t7_4), _t7_4), _r0_error))))))))) if _t7_14 else (0.0))
-        _scratch[1, _k] = _t7_24
-        _scratch[2, _k] = _t7_24
-        _scratch[3, _k] = (((_t7_30*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t7_26), _t7_27), _t7_28), (_t7_9*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_15), _t7_15), _t7_15), _r1_error))))))))) if _t7_13 else ((_t7_30*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-_t7_26), -_t7_27), -_t7_28), -(_t7_9*(_h3*(_h3*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r1_hi), _t7_15), _t7_15), _t7_15), _r1_error))))))))) if _t7_14 else (0.0))
-        _scratch[4, _k] = ((((-_t7_32*_t7_33)/(2.0))) if _t7_13 else (((_t7_32*_t7_33)/(2.0))) if _t7_14 else (0.0))
-        _scratch[5, _k] = _t7_34
-        _scratch[6, _k] = _t7_36
+            _b7_0 = 0.0
+            _b7_1 = 0.0
+            _b7_2 = 0.0
+            _b7_3 = 0.0
+            _b7_4 = 0.0
+            _b7_5 = 0.0
+            _t7_74 = 0.0
+            _t7_40 = 0.0
+            _t7_26 = 0.0
+        _scratch[0, _k] = _b7_0
+        _scratch[1, _k] = _t7_26
+        _scratch[2, _k] = _t7_26
+        _scratch[3, _k] = _b7_1
+        _scratch[4, _k] = _b7_2
+        _scratch[5, _k] = _t7_38
+        _scratch[6, _k] = _t7_40
         _scratch[7, _k] = _e_x2
-        _scratch[8, _k] = (((((_t7_41*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_5*(_h3*_t7_38))), _t7_2), -(_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_38), _xr_x1_x2_error))))))))/(2.0)))) if _t7_13 else ((((_t7_41*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_5*(_h3*_t7_38))), -_t7_2), (_t7_0*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x1_x2_hi), -_e_x1*_t7_38), _xr_x1_x2_error))))))))/(2.0)))) if _t7_14 else (0.0))
-        _scratch[9, _k] = _t7_42
-        _scratch[10, _k] = _t7_36
+        _scratch[8, _k] = _b7_3
+        _scratch[9, _k] = _t7_56
+        _scratch[10, _k] = _t7_40
         _scratch[11, _k] = _e_x1
-        _scratch[12, _k] = (((((_t7_47*_sum_finish(_sum_add(_sum_add(_sum_start((_t7_16*(_h2*_t7_44))), _t7_25), -(_t7_1*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_44), _xr_x2_x1_error))))))))/(2.0)))) if _t7_13 else ((((_t7_47*_sum_finish(_sum_add(_sum_add(_sum_start(-(_t7_16*(_h2*_t7_44))), -_t7_25), (_t7_1*(_h3*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x2_x1_hi), -_e_x2*_t7_44), _xr_x2_x1_error))))))))/(2.0)))) if _t7_14 else (0.0))
-        _scratch[13, _k] = _t7_34
-        _scratch[14, _k] = _t7_49
+        _scratch[12, _k] = _b7_4
+        _scratch[13, _k] = _t7_38
+        _scratch[14, _k] = _t7_74
         _scratch[15, _k] = _e_x2
-        _scratch[16, _k] = ((((_t7_50*_t7_51)/(2.0))) if _t7_13 else (((-_t7_50*_t7_51)/(2.0))) if _t7_14 else (0.0))
-        _scratch[17, _k] = _t7_42
-        _scratch[18, _k] = _t7_49
+        _scratch[16, _k] = _b7_5
+        _scratch[17, _k] = _t7_56
+        _scratch[18, _k] = _t7_74
         _scratch[19, _k] = _e_x1
     for _j in range(_n):
         for _l in range(_n):

@@ -637,6 +637,11 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_abs_hi = _r2_abs
     if math.isfinite(_r2_abs):
         _r2_abs += _r2_abs_error
+    if abs(_r2_products) > 9.094947017729282e-13 * abs(_r2):
+        _hi, _lo = _exact_r2(_i, _n, _C, y, x, eps)
+        if math.isfinite(_hi):
+            _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
+            _r2_products = 0.0
     _k = _am_x
     _e_x = x[_i, _k]
     _xm_x = _e_x
@@ -645,6 +650,8 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _ym_x_y = _e_y
     _xr_x_y = 0.0
     _xr_x_y_error = 0.0
+    _xra_x_y = 0.0
+    _xra_x_y_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -653,14 +660,23 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
             _b3_0 = ((_fma(_xm_x, _e_y, -_t3_0) + _fma(-_ym_x_y, _e_x, _t3_0))/(_xm_x))
         else:
             _b3_0 = _e_y
-        _s = _e_x*_b3_0
+        _t3_1 = _e_x*_b3_0
+        _s = _t3_1
         _x = _xr_x_y + _s
         _z = _x - _xr_x_y
         _xr_x_y_error += (_xr_x_y - (_x - _z)) + (_s - _z)
         _xr_x_y = _x
+        _s = abs(_t3_1)
+        _x = _xra_x_y + _s
+        _z = _x - _xra_x_y
+        _xra_x_y_error += (_xra_x_y - (_x - _z)) + (_s - _z)
+        _xra_x_y = _x
     _xr_x_y_hi = _xr_x_y
     if math.isfinite(_xr_x_y):
         _xr_x_y += _xr_x_y_error
+    _xra_x_y_hi = _xra_x_y
+    if math.isfinite(_xra_x_y):
+        _xra_x_y += _xra_x_y_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = math.sqrt(_r0)
     _t4_1 = math.ldexp(1.0, math.frexp(_t4_0)[1])
@@ -668,34 +684,55 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _t4_3 = math.ldexp(1.0, math.frexp(_t4_2)[1])
     _t4_4 = math.ldexp(1.0, math.frexp(_l1_y)[1])
     _h0 = (((_t4_1)/(_t4_0)))**2
-    _h1 = ((1.0)/(_t4_1))
-    _h2 = ((1.0)/(_t4_3))
+    _h1 = ((1.0)/(_t4_3))
+    _h2 = ((1.0)/(_t4_1))
     _h3 = (((_t4_3)/(_t4_2)))
-    _h4 = _t4_0
-    _h5 = _t4_2
-    _h6 = _t4_4
-    _h7 = ((1.0)/(_t4_4))
-    _h8 = (_r2)
-    _h9 = (-_r0)
-    _h10 = (0.000244140625*_r2_abs)
-    _h11 = (0.000244140625*abs(_r0))
+    _h4 = ((((((_xra_x_y)/(_t4_1))))/(_t4_3)))
+    _h5 = _t4_0
+    _h6 = _t4_2
+    _h7 = _t4_4
+    _h8 = ((1.0)/(_t4_4))
+    _h9 = ((((((_xra_x_y)/(_t4_4))))/(_t4_1)))
+    _h10 = (_r2)
+    _h11 = (-_r0)
+    _h12 = (0.000244140625*_r2_abs)
+    _h13 = (0.000244140625*abs(_r0))
     _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t5_5 = math.sqrt(_r0)
-        _t5_6 = (_h4 > eps)
-        _t5_7 = (_h5 > eps)
-        _t5_8 = -_e_y
-        if (_xm_x != 0.0):
-            _t5_1 = (_e_x*_ym_x_y)
-            _t5_2 = ((_fma(_xm_x, _e_y, -_t5_1) + _fma(-_ym_x_y, _e_x, _t5_1))/(_xm_x))
+        _t5_0 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x**2), _r0_error))))
+        _t5_2 = (_e_x*_h2)
+        _t5_3 = -_e_x*_e_y
+        _t5_4 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t5_3), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t5_3)))
+        _t5_7 = math.sqrt(_r0)
+        _t5_8 = (_xm_x != 0.0)
+        _t5_14 = (((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x)))) if _t5_8 else (_e_y))
+        _t5_16 = (_h5 > eps)
+        _t5_17 = (_h6 > eps)
+        _t5_23 = -_e_y
+        if _t5_16 and _t5_17:
+            _t5_1 = -_t5_0*(_e_y*_h1)
+            _t5_5 = _t5_2*(_h1*(_h2*_t5_4))
+            _t5_6 = _h0*_h3
+            _t5_12 = _h4*_t5_2
+            _t5_13 = (abs(_t5_1) + abs(_t5_5))
+            _b5_0 = (((((_t5_6*_sum_finish(_sum_add(_sum_start(_t5_1), _t5_5)))/(_t5_7)))) if (((_t5_13 < (abs(-_t5_0*(_h1*(((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x))))))) + abs(_t5_12)))) if _t5_8 else ((_t5_13 < (abs(_t5_1) + abs(_t5_12))))) else ((((_t5_6*_sum_finish(_sum_add(_sum_start(-_t5_0*(_h1*_t5_14)), _t5_2*(_h1*(_h2*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_14), _xr_x_y_error))))))))/(_t5_7)))))
+        elif _t5_16:
+            _t5_18 = -_t5_0*(_e_y*_h8)
+            _t5_19 = _t5_2*(_h2*(_h8*_t5_4))
+            _t5_20 = _t5_7*eps
+            _t5_21 = _h9*_t5_2
+            _t5_22 = (abs(_t5_18) + abs(_t5_19))
+            _b5_0 = ((_h7*(((_h0*_sum_finish(_sum_add(_sum_start(_t5_18), _t5_19)))/(_t5_20)))) if (((_t5_22 < (abs(-_t5_0*(_h8*(((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x))))))) + abs(_t5_21)))) if _t5_8 else ((_t5_22 < (abs(_t5_18) + abs(_t5_21))))) else (_h7*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_0*(_h8*_t5_14)), _t5_2*(_h2*(_h8*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_14), _xr_x_y_error))))))))/(_t5_20)))))
+        elif _t5_17:
+            _b5_0 = ((_t5_23)/(math.sqrt(_r1)*eps))
         else:
-            _t5_2 = _e_y
-        _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start(-((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x**2), _r0_error)))))*(_h2*_t5_2)), ((_e_x*_h1))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_2), _xr_x_y_error))))))))/(_t5_5)))) if _t5_6 and _t5_7 else (_h6*(((_h0*_sum_finish(_sum_add(_sum_start(-((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_e_x**2), _r0_error)))))*(_h7*_t5_2)), ((_e_x*_h1))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_2), _xr_x_y_error))))))))/(_t5_5*eps)))) if _t5_6 else (((_t5_8)/(math.sqrt(_r1)*eps))) if _t5_7 else ((((((_t5_8)/(eps))))/(eps)))))
-        _t6_0 = (_h4 > eps)
-        _t6_1 = _t6_0 and (_t6_0 or (_h5 > eps))
-        _xflag |= (abs(_e_x*((_h8) if _t6_1 else (0.0)) + _e_y*((_h9) if _t6_1 else (0.0))) < ((_h10) if _t6_1 else (math.nan))*abs(_e_x) + ((_h11) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h10) if _t6_1 else (math.nan))*abs(_e_x) + ((_h11) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
+            _b5_0 = (((((_t5_23)/(eps))))/(eps))
+        _out0[_i, _k] = _w * (_b5_0)
+        _t6_0 = (_h5 > eps)
+        _t6_1 = _t6_0 and (_t6_0 or (_h6 > eps))
+        _xflag |= (abs(_e_x*((_h10) if _t6_1 else (0.0)) + _e_y*((_h11) if _t6_1 else (0.0))) < ((_h12) if _t6_1 else (math.nan))*abs(_e_x) + ((_h13) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h12) if _t6_1 else (math.nan))*abs(_e_x) + ((_h13) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
     if _xflag:
         _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
 
@@ -1024,8 +1061,9 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_x**2
-        _t2_4 = (_h4 > eps)
-        _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))) if _t2_4 and (_h5 > eps) else (_h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))) if _t2_4 else (0.0)))
+        _t2_2 = -_e_x*_e_y
+        _t2_5 = (_h4 > eps)
+        _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0)))) if _t2_5 and (_h5 > eps) else (_h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0))))/(eps)))) if _t2_5 else (0.0)))
         _t3_0 = (_h4 > eps)
         _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))
         _t3_2 = _e_x*_e_y
@@ -1141,6 +1179,8 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _ym_x_y = _e_y
     _xr_x_y = 0.0
     _xr_x_y_error = 0.0
+    _xra_x_y = 0.0
+    _xra_x_y_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -1149,14 +1189,23 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
             _b3_0 = ((_fma(_xm_x, _e_y, -_t3_0) + _fma(-_ym_x_y, _e_x, _t3_0))/(_xm_x))
         else:
             _b3_0 = _e_y
-        _s = _e_x*_b3_0
+        _t3_1 = _e_x*_b3_0
+        _s = _t3_1
         _x = _xr_x_y + _s
         _z = _x - _xr_x_y
         _xr_x_y_error += (_xr_x_y - (_x - _z)) + (_s - _z)
         _xr_x_y = _x
+        _s = abs(_t3_1)
+        _x = _xra_x_y + _s
+        _z = _x - _xra_x_y
+        _xra_x_y_error += (_xra_x_y - (_x - _z)) + (_s - _z)
+        _xra_x_y = _x
     _xr_x_y_hi = _xr_x_y
     if math.isfinite(_xr_x_y):
         _xr_x_y += _xr_x_y_error
+    _xra_x_y_hi = _xra_x_y
+    if math.isfinite(_xra_x_y):
+        _xra_x_y += _xra_x_y_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = math.sqrt(_r0)
     _t4_1 = math.ldexp(1.0, math.frexp(_t4_0)[1])
@@ -1167,50 +1216,73 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _t4_6 = 0.000244140625*_r2_abs
     _t4_7 = abs(_r0)
     _h0 = _t4_2**2
-    _h1 = ((1.0)/(_t4_1))
-    _h2 = ((1.0)/(_t4_4))
+    _h1 = ((1.0)/(_t4_4))
+    _h2 = ((1.0)/(_t4_1))
     _h3 = (((_t4_4)/(_t4_3)))
-    _h4 = _t4_0
-    _h5 = _t4_3
-    _h6 = _t4_5
-    _h7 = ((1.0)/(_t4_5))
-    _h8 = _t4_2**3
-    _h9 = (_r2)
-    _h10 = (-_r0)
-    _h11 = (_t4_6)
-    _h12 = (0.000244140625*_t4_7)
-    _h13 = (-3.0*_r2)
-    _h14 = (2.0*_r0)
-    _h15 = (_r0*_r2)
-    _h16 = (0.000732421875*_r2_abs)
-    _h17 = (0.00048828125*_t4_7)
-    _h18 = (_t4_6*_t4_7)
+    _h4 = ((((((_xra_x_y)/(_t4_1))))/(_t4_4)))
+    _h5 = _t4_0
+    _h6 = _t4_3
+    _h7 = _t4_5
+    _h8 = ((1.0)/(_t4_5))
+    _h9 = ((((((_xra_x_y)/(_t4_5))))/(_t4_1)))
+    _h10 = _t4_2**3
+    _h11 = (_r2)
+    _h12 = (-_r0)
+    _h13 = (_t4_6)
+    _h14 = (0.000244140625*_t4_7)
+    _h15 = (-3.0*_r2)
+    _h16 = (2.0*_r0)
+    _h17 = (_r0*_r2)
+    _h18 = (0.000732421875*_r2_abs)
+    _h19 = (0.00048828125*_t4_7)
+    _h20 = (_t4_6*_t4_7)
     _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t5_0 = -_e_x**2
-        _t5_1 = (_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _r0_error))))
-        _t5_4 = (_e_x*_h1)
-        _t5_6 = math.sqrt(_r0)
-        _t5_7 = (_h4 > eps)
-        _t5_8 = (_h5 > eps)
-        _t5_9 = _t5_7 and _t5_8
-        _t5_10 = -_e_y
-        _t5_11 = 3.0*_t5_1*_t5_4
-        if (_xm_x != 0.0):
-            _t5_2 = (_e_x*_ym_x_y)
-            _t5_3 = ((_fma(_xm_x, _e_y, -_t5_2) + _fma(-_ym_x_y, _e_x, _t5_2))/(_xm_x))
+        _t5_1 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _r0_error))))
+        _t5_2 = _t5_1*(_e_y*_h1)
+        _t5_4 = (_e_x*_h2)
+        _t5_5 = -_e_x*_e_y
+        _t5_6 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t5_5), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t5_5)))
+        _t5_7 = (_h1*(_h2*_t5_6))
+        _t5_10 = math.sqrt(_r0)
+        _t5_11 = (_xm_x != 0.0)
+        _t5_17 = (((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x)))) if _t5_11 else (_e_y))
+        _t5_19 = (_h5 > eps)
+        _t5_20 = (_h6 > eps)
+        _t5_21 = _t5_19 and _t5_20
+        _t5_22 = _t5_1*(_e_y*_h8)
+        _t5_24 = (_h2*(_h8*_t5_6))
+        _t5_29 = -_e_y
+        _t5_30 = 3.0*_t5_4
+        if _t5_21:
+            _t5_3 = -_t5_2
+            _t5_8 = _t5_4*_t5_7
+            _t5_9 = _h0*_h3
+            _t5_15 = _h4*_t5_4
+            _t5_16 = (abs(_t5_3) + abs(_t5_8))
+            _b5_0 = (((((_t5_9*_sum_finish(_sum_add(_sum_start(_t5_3), _t5_8)))/(_t5_10)))) if (((_t5_16 < (abs(-_t5_1*(_h1*(((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x))))))) + abs(_t5_15)))) if _t5_11 else ((_t5_16 < (abs(_t5_3) + abs(_t5_15))))) else ((((_t5_9*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h1*_t5_17)), _t5_4*(_h1*(_h2*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_17), _xr_x_y_error))))))))/(_t5_10)))))
+        elif _t5_19:
+            _t5_23 = -_t5_22
+            _t5_25 = _t5_24*_t5_4
+            _t5_26 = _t5_10*eps
+            _t5_27 = _h9*_t5_4
+            _t5_28 = (abs(_t5_23) + abs(_t5_25))
+            _b5_0 = ((_h7*(((_h0*_sum_finish(_sum_add(_sum_start(_t5_23), _t5_25)))/(_t5_26)))) if (((_t5_28 < (abs(-_t5_1*(_h8*(((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x))))))) + abs(_t5_27)))) if _t5_11 else ((_t5_28 < (abs(_t5_23) + abs(_t5_27))))) else (_h7*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h8*_t5_17)), _t5_4*(_h2*(_h8*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_17), _xr_x_y_error))))))))/(_t5_26)))))
+        elif _t5_20:
+            _b5_0 = ((_t5_29)/(math.sqrt(_r1)*eps))
         else:
-            _t5_3 = _e_y
-        _out0[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h2*_t5_3)), _t5_4*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6)))) if _t5_9 else (_h6*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h7*_t5_3)), _t5_4*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6*eps)))) if _t5_7 else (((_t5_10)/(math.sqrt(_r1)*eps))) if _t5_8 else ((((((_t5_10)/(eps))))/(eps)))))
-        _out1[_i, _k] = _w * ((((((_h3*_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))) if _t5_9 else (_h6*((((((_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))) if _t5_7 else (0.0)))
-        _t6_0 = (_h4 > eps)
-        _t6_1 = _t6_0 and (_t6_0 or (_h5 > eps))
+            _b5_0 = (((((_t5_29)/(eps))))/(eps))
+        _out0[_i, _k] = _w * (_b5_0)
+        _out1[_i, _k] = _w * ((((((_h10*_h3*_sum_finish(_sum_add(_sum_start(_t5_2*_t5_30), ((_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*_t5_7)))/(_r0)))) if _t5_21 else (_h7*((((((_h10*_sum_finish(_sum_add(_sum_start(_t5_22*_t5_30), _t5_24*((_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error))))))))/(_r0))))/(eps)))) if _t5_19 else (0.0)))
+        _t6_0 = (_h5 > eps)
+        _t6_1 = _t6_0 and (_t6_0 or (_h6 > eps))
         _t6_2 = _e_x*_e_y
         _t6_3 = _e_x**2
-        _xflag |= (abs(_e_x*((_h9) if _t6_1 else (0.0)) + _e_y*((_h10) if _t6_1 else (0.0))) < ((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
-        _xflag |= (abs(_t6_2*((_h14) if _t6_1 else (0.0)) + _t6_3*((_h13) if _t6_1 else (0.0)) + ((_h15) if _t6_1 else (0.0))) < _t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan))) | (_t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
+        _xflag |= (abs(_e_x*((_h11) if _t6_1 else (0.0)) + _e_y*((_h12) if _t6_1 else (0.0))) < ((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
+        _xflag |= (abs(_t6_2*((_h16) if _t6_1 else (0.0)) + _t6_3*((_h15) if _t6_1 else (0.0)) + ((_h17) if _t6_1 else (0.0))) < _t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan))) | (_t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
         _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
         _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w)
@@ -1323,6 +1395,8 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _ym_x_y = _e_y
     _xr_x_y = 0.0
     _xr_x_y_error = 0.0
+    _xra_x_y = 0.0
+    _xra_x_y_error = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -1331,14 +1405,23 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
             _b3_0 = ((_fma(_xm_x, _e_y, -_t3_0) + _fma(-_ym_x_y, _e_x, _t3_0))/(_xm_x))
         else:
             _b3_0 = _e_y
-        _s = _e_x*_b3_0
+        _t3_1 = _e_x*_b3_0
+        _s = _t3_1
         _x = _xr_x_y + _s
         _z = _x - _xr_x_y
         _xr_x_y_error += (_xr_x_y - (_x - _z)) + (_s - _z)
         _xr_x_y = _x
+        _s = abs(_t3_1)
+        _x = _xra_x_y + _s
+        _z = _x - _xra_x_y
+        _xra_x_y_error += (_xra_x_y - (_x - _z)) + (_s - _z)
+        _xra_x_y = _x
     _xr_x_y_hi = _xr_x_y
     if math.isfinite(_xr_x_y):
         _xr_x_y += _xr_x_y_error
+    _xra_x_y_hi = _xra_x_y
+    if math.isfinite(_xra_x_y):
+        _xra_x_y += _xra_x_y_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = -_r2
     _t4_1 = math.sqrt(_r0)
@@ -1353,50 +1436,73 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _t4_10 = abs(_r0)
     _out0[_i] = _w * (((((_t4_0)/(_t4_1*_t4_2))) if _t4_3 and _t4_4 else (((_t4_0)/(_t4_1*eps))) if _t4_3 else (((_t4_0)/(_t4_2*eps))) if _t4_4 else ((((((_t4_0)/(eps))))/(eps)))))
     _h0 = _t4_6**2
-    _h1 = ((1.0)/(_t4_5))
-    _h2 = ((1.0)/(_t4_7))
+    _h1 = ((1.0)/(_t4_7))
+    _h2 = ((1.0)/(_t4_5))
     _h3 = (((_t4_7)/(_t4_2)))
-    _h4 = _t4_1
-    _h5 = _t4_2
-    _h6 = _t4_8
-    _h7 = ((1.0)/(_t4_8))
-    _h8 = _t4_6**3
-    _h9 = (_r2)
-    _h10 = (-_r0)
-    _h11 = (_t4_9)
-    _h12 = (0.000244140625*_t4_10)
-    _h13 = (-3.0*_r2)
-    _h14 = (2.0*_r0)
-    _h15 = (_r0*_r2)
-    _h16 = (0.000732421875*_r2_abs)
-    _h17 = (0.00048828125*_t4_10)
-    _h18 = (_t4_10*_t4_9)
+    _h4 = ((((((_xra_x_y)/(_t4_5))))/(_t4_7)))
+    _h5 = _t4_1
+    _h6 = _t4_2
+    _h7 = _t4_8
+    _h8 = ((1.0)/(_t4_8))
+    _h9 = ((((((_xra_x_y)/(_t4_8))))/(_t4_5)))
+    _h10 = _t4_6**3
+    _h11 = (_r2)
+    _h12 = (-_r0)
+    _h13 = (_t4_9)
+    _h14 = (0.000244140625*_t4_10)
+    _h15 = (-3.0*_r2)
+    _h16 = (2.0*_r0)
+    _h17 = (_r0*_r2)
+    _h18 = (0.000732421875*_r2_abs)
+    _h19 = (0.00048828125*_t4_10)
+    _h20 = (_t4_10*_t4_9)
     _xflag = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t5_0 = -_e_x**2
-        _t5_1 = (_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _r0_error))))
-        _t5_4 = (_e_x*_h1)
-        _t5_6 = math.sqrt(_r0)
-        _t5_7 = (_h4 > eps)
-        _t5_8 = (_h5 > eps)
-        _t5_9 = _t5_7 and _t5_8
-        _t5_10 = -_e_y
-        _t5_11 = 3.0*_t5_1*_t5_4
-        if (_xm_x != 0.0):
-            _t5_2 = (_e_x*_ym_x_y)
-            _t5_3 = ((_fma(_xm_x, _e_y, -_t5_2) + _fma(-_ym_x_y, _e_x, _t5_2))/(_xm_x))
+        _t5_1 = (_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _r0_error))))
+        _t5_2 = _t5_1*(_e_y*_h1)
+        _t5_4 = (_e_x*_h2)
+        _t5_5 = -_e_x*_e_y
+        _t5_6 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t5_5), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t5_5)))
+        _t5_7 = (_h1*(_h2*_t5_6))
+        _t5_10 = math.sqrt(_r0)
+        _t5_11 = (_xm_x != 0.0)
+        _t5_17 = (((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x)))) if _t5_11 else (_e_y))
+        _t5_19 = (_h5 > eps)
+        _t5_20 = (_h6 > eps)
+        _t5_21 = _t5_19 and _t5_20
+        _t5_22 = _t5_1*(_e_y*_h8)
+        _t5_24 = (_h2*(_h8*_t5_6))
+        _t5_29 = -_e_y
+        _t5_30 = 3.0*_t5_4
+        if _t5_21:
+            _t5_3 = -_t5_2
+            _t5_8 = _t5_4*_t5_7
+            _t5_9 = _h0*_h3
+            _t5_15 = _h4*_t5_4
+            _t5_16 = (abs(_t5_3) + abs(_t5_8))
+            _b5_0 = (((((_t5_9*_sum_finish(_sum_add(_sum_start(_t5_3), _t5_8)))/(_t5_10)))) if (((_t5_16 < (abs(-_t5_1*(_h1*(((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x))))))) + abs(_t5_15)))) if _t5_11 else ((_t5_16 < (abs(_t5_3) + abs(_t5_15))))) else ((((_t5_9*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h1*_t5_17)), _t5_4*(_h1*(_h2*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_17), _xr_x_y_error))))))))/(_t5_10)))))
+        elif _t5_19:
+            _t5_23 = -_t5_22
+            _t5_25 = _t5_24*_t5_4
+            _t5_26 = _t5_10*eps
+            _t5_27 = _h9*_t5_4
+            _t5_28 = (abs(_t5_23) + abs(_t5_25))
+            _b5_0 = ((_h7*(((_h0*_sum_finish(_sum_add(_sum_start(_t5_23), _t5_25)))/(_t5_26)))) if (((_t5_28 < (abs(-_t5_1*(_h8*(((((_fma(_xm_x, _e_y, -((_e_x*_ym_x_y))) + _fma(-_ym_x_y, _e_x, ((_e_x*_ym_x_y))))/(_xm_x))))))) + abs(_t5_27)))) if _t5_11 else ((_t5_28 < (abs(_t5_23) + abs(_t5_27))))) else (_h7*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h8*_t5_17)), _t5_4*(_h2*(_h8*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_17), _xr_x_y_error))))))))/(_t5_26)))))
+        elif _t5_20:
+            _b5_0 = ((_t5_29)/(math.sqrt(_r1)*eps))
         else:
-            _t5_3 = _e_y
-        _out1[_i, _k] = _w * ((((((_h0*_h3*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h2*_t5_3)), _t5_4*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6)))) if _t5_9 else (_h6*(((_h0*_sum_finish(_sum_add(_sum_start(-_t5_1*(_h7*_t5_3)), _t5_4*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_xr_x_y_hi), -_e_x*_t5_3), _xr_x_y_error))))))))/(_t5_6*eps)))) if _t5_7 else (((_t5_10)/(math.sqrt(_r1)*eps))) if _t5_8 else ((((((_t5_10)/(eps))))/(eps)))))
-        _out2[_i, _k] = _w * ((((((_h3*_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))) if _t5_9 else (_h6*((((((_h8*_sum_finish(_sum_add(_sum_start(_t5_11*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))) if _t5_7 else (0.0)))
-        _t6_0 = (_h4 > eps)
-        _t6_1 = _t6_0 and (_t6_0 or (_h5 > eps))
+            _b5_0 = (((((_t5_29)/(eps))))/(eps))
+        _out1[_i, _k] = _w * (_b5_0)
+        _out2[_i, _k] = _w * ((((((_h10*_h3*_sum_finish(_sum_add(_sum_start(_t5_2*_t5_30), ((_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error)))))*_t5_7)))/(_r0)))) if _t5_21 else (_h7*((((((_h10*_sum_finish(_sum_add(_sum_start(_t5_22*_t5_30), _t5_24*((_h2*(_h2*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t5_0), _t5_0), _t5_0), _r0_error))))))))/(_r0))))/(eps)))) if _t5_19 else (0.0)))
+        _t6_0 = (_h5 > eps)
+        _t6_1 = _t6_0 and (_t6_0 or (_h6 > eps))
         _t6_2 = _e_x*_e_y
         _t6_3 = _e_x**2
-        _xflag |= (abs(_e_x*((_h9) if _t6_1 else (0.0)) + _e_y*((_h10) if _t6_1 else (0.0))) < ((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h11) if _t6_1 else (math.nan))*abs(_e_x) + ((_h12) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
-        _xflag |= (abs(_t6_2*((_h14) if _t6_1 else (0.0)) + _t6_3*((_h13) if _t6_1 else (0.0)) + ((_h15) if _t6_1 else (0.0))) < _t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan))) | (_t6_3*((_h16) if _t6_1 else (math.nan)) + ((_h17) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h18) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
+        _xflag |= (abs(_e_x*((_h11) if _t6_1 else (0.0)) + _e_y*((_h12) if _t6_1 else (0.0))) < ((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
+        _xflag |= (abs(_t6_2*((_h16) if _t6_1 else (0.0)) + _t6_3*((_h15) if _t6_1 else (0.0)) + ((_h17) if _t6_1 else (0.0))) < _t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan))) | (_t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
         _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w)
         _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w)
@@ -1886,28 +1992,29 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_x**2
-        _t2_4 = (_h4 > eps)
-        _t2_5 = _t2_4 and (_h5 > eps)
-        _t2_6 = -3.0*_e_x*_r2 + _e_y*_r0
-        _t2_8 = 2.0*_r0**(5/2)
-        _t2_9 = _r0**(3/2)
-        _t2_10 = abs(_e_y)
-        _t2_11 = abs(_e_x)
-        _t2_12 = _h10*_t2_10 + _h9*_t2_11
-        _t2_13 = _h10*_t2_11
-        if _t2_5:
-            _t2_7 = math.sqrt(_r1)
-            _b2_0 = (((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))
-            _b2_1 = ((_t2_6)/(_t2_7*_t2_8))
-            _b2_2 = ((_e_x)/(_t2_7*_t2_9))
-            _b2_3 = _h8*_t2_12
-            _b2_4 = _h8*_t2_13
-        elif _t2_4:
-            _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))
-            _b2_1 = ((_t2_6)/(_t2_8*eps))
-            _b2_2 = ((_e_x)/(_t2_9*eps))
-            _b2_3 = ((_h11*_t2_12)/(eps))
-            _b2_4 = ((_h11*_t2_13)/(eps))
+        _t2_2 = -_e_x*_e_y
+        _t2_5 = (_h4 > eps)
+        _t2_6 = _t2_5 and (_h5 > eps)
+        _t2_7 = -3.0*_e_x*_r2 + _e_y*_r0
+        _t2_9 = 2.0*_r0**(5/2)
+        _t2_10 = _r0**(3/2)
+        _t2_11 = abs(_e_y)
+        _t2_12 = abs(_e_x)
+        _t2_13 = _h10*_t2_11 + _h9*_t2_12
+        _t2_14 = _h10*_t2_12
+        if _t2_6:
+            _t2_8 = math.sqrt(_r1)
+            _b2_0 = (((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0)))
+            _b2_1 = ((_t2_7)/(_t2_8*_t2_9))
+            _b2_2 = ((_e_x)/(_t2_10*_t2_8))
+            _b2_3 = _h8*_t2_13
+            _b2_4 = _h8*_t2_14
+        elif _t2_5:
+            _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0))))/(eps)))
+            _b2_1 = ((_t2_7)/(_t2_9*eps))
+            _b2_2 = ((_e_x)/(_t2_10*eps))
+            _b2_3 = ((_h11*_t2_13)/(eps))
+            _b2_4 = ((_h11*_t2_14)/(eps))
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
@@ -1920,9 +2027,9 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _scratch[3, _k] = _b2_2
         _scratch[4, _k] = _e_y
         _scratch[5, _k] = _b2_3
-        _scratch[6, _k] = _t2_11
+        _scratch[6, _k] = _t2_12
         _scratch[7, _k] = _b2_4
-        _scratch[8, _k] = _t2_10
+        _scratch[8, _k] = _t2_11
         _t3_0 = (_h4 > eps)
         _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))
         _t3_2 = _e_x*_e_y
@@ -2426,25 +2533,26 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _t2_0 = -_e_x**2
-        _t2_4 = (_h4 > eps)
-        _t2_5 = (_h5 > eps)
-        _t2_6 = _t2_4 and _t2_5
-        _t2_7 = -3.0*_e_x*_r2 + _e_y*_r0
-        _t2_9 = 2.0*_r0**(5/2)
-        _t2_10 = _r0**(3/2)
-        _t2_11 = _t2_4 and (_t2_4 or _t2_5)
-        _t2_12 = abs(_e_x)
-        _t2_13 = abs(_e_y)
-        if _t2_6:
-            _t2_8 = math.sqrt(_r1)
-            _b2_0 = (((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0)))
-            _b2_1 = ((_t2_7)/(_t2_8*_t2_9))
-            _b2_2 = ((_e_x)/(_t2_10*_t2_8))
+        _t2_2 = -_e_x*_e_y
+        _t2_5 = (_h4 > eps)
+        _t2_6 = (_h5 > eps)
+        _t2_7 = _t2_5 and _t2_6
+        _t2_8 = -3.0*_e_x*_r2 + _e_y*_r0
+        _t2_10 = 2.0*_r0**(5/2)
+        _t2_11 = _r0**(3/2)
+        _t2_12 = _t2_5 and (_t2_5 or _t2_6)
+        _t2_13 = abs(_e_x)
+        _t2_14 = abs(_e_y)
+        if _t2_7:
+            _t2_9 = math.sqrt(_r1)
+            _b2_0 = (((_h0*_h3*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h2)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h2*(_h1*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0)))
+            _b2_1 = ((_t2_8)/(_t2_10*_t2_9))
+            _b2_2 = ((_e_x)/(_t2_11*_t2_9))
             _b2_3 = _h12
-        elif _t2_4:
-            _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_start(_r2_hi), -_e_x*_e_y), _r2_error))))))))/(_r0))))/(eps)))
-            _b2_1 = ((_t2_7)/(_t2_9*eps))
-            _b2_2 = ((_e_x)/(_t2_10*eps))
+        elif _t2_5:
+            _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0))))/(eps)))
+            _b2_1 = ((_t2_8)/(_t2_10*eps))
+            _b2_2 = ((_e_x)/(_t2_11*eps))
             _b2_3 = _h13
         else:
             _b2_0 = 0.0
@@ -2456,13 +2564,13 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _scratch[2, _k] = 2.0*_e_x
         _scratch[3, _k] = _b2_2
         _scratch[4, _k] = _e_y
-        _scratch[5, _k] = ((_e_x*_h8 + _e_y*_h9) if _t2_11 else (0.0))
+        _scratch[5, _k] = ((_e_x*_h8 + _e_y*_h9) if _t2_12 else (0.0))
         _scratch[6, _k] = _e_x
-        _scratch[7, _k] = ((_e_x*_h9) if _t2_11 else (0.0))
-        _scratch[8, _k] = ((_h10*_t2_12 + _h11*_t2_13) if _t2_11 else (math.nan))
-        _scratch[9, _k] = _t2_12
-        _scratch[10, _k] = ((_h11*_t2_12) if _t2_11 else (math.nan))
-        _scratch[11, _k] = _t2_13
+        _scratch[7, _k] = ((_e_x*_h9) if _t2_12 else (0.0))
+        _scratch[8, _k] = ((_h10*_t2_13 + _h11*_t2_14) if _t2_12 else (math.nan))
+        _scratch[9, _k] = _t2_13
+        _scratch[10, _k] = ((_h11*_t2_13) if _t2_12 else (math.nan))
+        _scratch[11, _k] = _t2_14
         _scratch[12, _k] = _b2_3
         _t3_0 = (_h4 > eps)
         _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))

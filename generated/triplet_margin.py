@@ -702,8 +702,6 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_9 = math.sqrt(_r0)
-        _t2_10 = math.sqrt(_r1)
         _t2_13 = (_r0_l1 > 0.0)
         _t2_14 = (_r1_l1 > 0.0)
         _t2_18 = (_h2 >= 0.0)
@@ -712,7 +710,7 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _t2_21 = (_r1 > 0.0)
         _t2_22 = -_e_a
         _t2_23 = -eps
-        _t2_24 = (((margin + ((_r2)/(_t2_10 + _t2_9)) >= 0.0)) if _t2_20 or _t2_21 else (_t2_19))
+        _t2_24 = ((_t2_18) if _t2_20 or _t2_21 else (_t2_19))
         if (_t2_18 or (_r0 <= 0.0)) and (_t2_18 or (_r1 <= 0.0)) and (_t2_19 or _t2_20 or _t2_21):
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
@@ -723,6 +721,8 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
             _t2_6 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_7 = -_e_n
             _t2_8 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_7), _t2_0))
+            _t2_9 = math.sqrt(_r0)
+            _t2_10 = math.sqrt(_r1)
             _t2_11 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_7))
             _t2_12 = _t2_10*_t2_9*(_h0*_t2_11 + _h1*_t2_1)
             _t2_15 = _t2_13 and _t2_14
@@ -860,8 +860,6 @@ def _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_9 = math.sqrt(_r0)
-        _t2_10 = math.sqrt(_r1)
         _t2_13 = (_r0_l1 > 0.0)
         _t2_14 = (_r1_l1 > 0.0)
         _t2_18 = (_h2 >= 0.0)
@@ -870,7 +868,7 @@ def _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
         _t2_21 = (_r1 > 0.0)
         _t2_22 = -_e_a
         _t2_23 = -eps
-        _t2_24 = (((margin + _two_scaled(((_r2)/(_two_scaled(_t2_10, _r1_rho_e) + _two_scaled(_t2_9, _r0_rho_e))), _r0_r1_e) >= 0.0)) if _t2_20 or _t2_21 else (_t2_19))
+        _t2_24 = ((_t2_18) if _t2_20 or _t2_21 else (_t2_19))
         if (_t2_18 or (_r0 <= 0.0)) and (_t2_18 or (_r1 <= 0.0)) and (_t2_19 or _t2_20 or _t2_21):
             _t2_0 = -_e_p
             _t2_1 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
@@ -881,6 +879,8 @@ def _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
             _t2_6 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_7 = -_e_n
             _t2_8 = ((_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_7), _t2_0))) * _r0_r1_Pinv)
+            _t2_9 = math.sqrt(_r0)
+            _t2_10 = math.sqrt(_r1)
             _t2_11 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_7))) * _r1_Pinv)
             _t2_12 = _t2_10*_t2_9*(_h0*_t2_11 + _h1*_t2_1)
             _t2_15 = _t2_13 and _t2_14
@@ -1302,8 +1302,6 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_10 = math.sqrt(_r0)
-        _t2_11 = math.sqrt(_r1)
         _t2_14 = (_r0_l1 > 0.0)
         _t2_15 = (_r1_l1 > 0.0)
         _t2_20 = (_h2 >= 0.0)
@@ -1313,7 +1311,7 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
         _t2_25 = -_e_a
         _t2_26 = -eps
-        _t2_27 = (((margin + ((_r2)/(_t2_10 + _t2_11)) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        _t2_27 = ((_t2_20) if _t2_22 or _t2_23 else (_t2_21))
         if _t2_24:
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
@@ -1325,6 +1323,8 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
             _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_8 = -_e_n
             _t2_9 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))
+            _t2_10 = math.sqrt(_r0)
+            _t2_11 = math.sqrt(_r1)
             _t2_12 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))
             _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
             _t2_16 = _t2_14 and _t2_15
@@ -1485,8 +1485,6 @@ def _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_10 = math.sqrt(_r0)
-        _t2_11 = math.sqrt(_r1)
         _t2_14 = (_r0_l1 > 0.0)
         _t2_15 = (_r1_l1 > 0.0)
         _t2_20 = (_h2 >= 0.0)
@@ -1496,7 +1494,7 @@ def _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
         _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
         _t2_25 = -_e_a
         _t2_26 = -eps
-        _t2_27 = (((margin + _two_scaled(((_r2)/(_two_scaled(_t2_10, _r0_rho_e) + _two_scaled(_t2_11, _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        _t2_27 = ((_t2_20) if _t2_22 or _t2_23 else (_t2_21))
         if _t2_24:
             _t2_0 = -_e_p
             _t2_1 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
@@ -1508,6 +1506,8 @@ def _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
             _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_8 = -_e_n
             _t2_9 = ((_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))) * _r0_r1_Pinv)
+            _t2_10 = math.sqrt(_r0)
+            _t2_11 = math.sqrt(_r1)
             _t2_12 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))) * _r1_Pinv)
             _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
             _t2_16 = _t2_14 and _t2_15
@@ -1661,8 +1661,6 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_10 = math.sqrt(_r0)
-        _t2_11 = math.sqrt(_r1)
         _t2_14 = (_r0_l1 > 0.0)
         _t2_15 = (_r1_l1 > 0.0)
         _t2_20 = (_h2 >= 0.0)
@@ -1672,7 +1670,7 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
         _t2_25 = -_e_a
         _t2_26 = -eps
-        _t2_27 = (((margin + ((_r2)/(_t2_10 + _t2_11)) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        _t2_27 = ((_t2_20) if _t2_22 or _t2_23 else (_t2_21))
         if _t2_24:
             _t2_0 = -_e_p
             _t2_1 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))
@@ -1684,6 +1682,8 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
             _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_8 = -_e_n
             _t2_9 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))
+            _t2_10 = math.sqrt(_r0)
+            _t2_11 = math.sqrt(_r1)
             _t2_12 = _sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))
             _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
             _t2_16 = _t2_14 and _t2_15
@@ -1849,8 +1849,6 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0,
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
         _e_p = p[_i, _k]
-        _t2_10 = math.sqrt(_r0)
-        _t2_11 = math.sqrt(_r1)
         _t2_14 = (_r0_l1 > 0.0)
         _t2_15 = (_r1_l1 > 0.0)
         _t2_20 = (_h2 >= 0.0)
@@ -1860,7 +1858,7 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0,
         _t2_24 = (_t2_20 or (_r0 <= 0.0)) and (_t2_20 or (_r1 <= 0.0)) and (_t2_21 or _t2_22 or _t2_23)
         _t2_25 = -_e_a
         _t2_26 = -eps
-        _t2_27 = (((margin + _two_scaled(((_r2)/(_two_scaled(_t2_10, _r0_rho_e) + _two_scaled(_t2_11, _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_22 or _t2_23 else (_t2_21))
+        _t2_27 = ((_t2_20) if _t2_22 or _t2_23 else (_t2_21))
         if _t2_24:
             _t2_0 = -_e_p
             _t2_1 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_0))) * _r0_Pinv)
@@ -1872,6 +1870,8 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0,
             _t2_7 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), -_t2_2), _r0_error))
             _t2_8 = -_e_n
             _t2_9 = ((_sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_t2_4), _t2_5), _t2_8), _t2_0))) * _r0_r1_Pinv)
+            _t2_10 = math.sqrt(_r0)
+            _t2_11 = math.sqrt(_r1)
             _t2_12 = ((_sum_finish(_sum_add(_sum_add(_sum_start(_e_a), eps), _t2_8))) * _r1_Pinv)
             _t2_13 = _t2_10*_t2_11*(_h0*_t2_12 + _h1*_t2_1)
             _t2_16 = _t2_14 and _t2_15
@@ -2047,7 +2047,7 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _t2_17 = (_r1 > 0.0)
         _t2_18 = (_t2_14 or (_r0 <= 0.0)) and (_t2_14 or (_r1 <= 0.0)) and (_t2_15 or _t2_16 or _t2_17)
         _t2_21 = (_h6 <= _h7)
-        _t2_22 = (((margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1))) >= 0.0)) if _t2_16 or _t2_17 else (_t2_15))
+        _t2_22 = ((_t2_14) if _t2_16 or _t2_17 else (_t2_15))
         _t2_23 = ((((_h8) if _t2_7 else (0.0))) if _t2_22 else (0.0))
         _t2_24 = 2.0*_t2_3
         _t2_25 = _t2_23*_t2_24
@@ -2305,7 +2305,7 @@ def _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight,
         _t2_18 = (_r1 > 0.0)
         _t2_19 = (_t2_15 or (_r0 <= 0.0)) and (_t2_15 or (_r1 <= 0.0)) and (_t2_16 or _t2_17 or _t2_18)
         _t2_22 = (_h6 <= _h7)
-        _t2_23 = (((margin + _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_17 or _t2_18 else (_t2_16))
+        _t2_23 = ((_t2_15) if _t2_17 or _t2_18 else (_t2_16))
         _t2_24 = ((((_h8) if _t2_8 else (0.0))) if _t2_23 else (0.0))
         _t2_25 = 2.0*_t2_3
         _t2_26 = _t2_24*_t2_25
@@ -2547,7 +2547,7 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _t2_17 = (_r1 > 0.0)
         _t2_18 = (_t2_14 or (_r0 <= 0.0)) and (_t2_14 or (_r1 <= 0.0)) and (_t2_15 or _t2_16 or _t2_17)
         _t2_21 = (_h6 <= _h7)
-        _t2_22 = (((margin + ((_r2)/(math.sqrt(_r0) + math.sqrt(_r1))) >= 0.0)) if _t2_16 or _t2_17 else (_t2_15))
+        _t2_22 = ((_t2_14) if _t2_16 or _t2_17 else (_t2_15))
         _t2_23 = ((((_h8) if _t2_7 else (0.0))) if _t2_22 else (0.0))
         _t2_24 = 2.0*_t2_3
         _t2_25 = _t2_23*_t2_24
@@ -2808,7 +2808,7 @@ def _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
         _t2_18 = (_r1 > 0.0)
         _t2_19 = (_t2_15 or (_r0 <= 0.0)) and (_t2_15 or (_r1 <= 0.0)) and (_t2_16 or _t2_17 or _t2_18)
         _t2_22 = (_h6 <= _h7)
-        _t2_23 = (((margin + _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e) >= 0.0)) if _t2_17 or _t2_18 else (_t2_16))
+        _t2_23 = ((_t2_15) if _t2_17 or _t2_18 else (_t2_16))
         _t2_24 = ((((_h8) if _t2_8 else (0.0))) if _t2_23 else (0.0))
         _t2_25 = 2.0*_t2_3
         _t2_26 = _t2_24*_t2_25

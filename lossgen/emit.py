@@ -71,6 +71,7 @@ VECTORISES = frozenset({
 # (runtime.SERIAL_BELOW): threads pay off on far smaller arrays where each element calls libm.
 ARITHMETIC_FUNCTIONS = frozenset({
     "Abs", "sign", "Heaviside", "Max", "Min", "Piecewise", "fma", "group", "real_group", "exact_sum", "finite_or",
+    "terms_size",
 })
 
 
@@ -144,6 +145,9 @@ class NumbaPrinter(PythonCodePrinter):
         for term in terms[1:]:
             state = f"_sum_add({state}, {term})"
         return f"_sum_finish({state})"
+
+    def _print_terms_size(self, expr):
+        return "(" + " + ".join(f"abs({self._print(t)})" for t in expr.args) + ")"
 
     def _print_div(self, expr):
         numerator, denominator = expr.args

@@ -621,7 +621,7 @@ def _hoist_condition(condition, is_element, hoisted):
     """A Piecewise condition with the row-level parts of its comparisons named."""
     if isinstance(condition, sp.core.relational.Relational):
         return condition.func(_hoist(condition.lhs, is_element, hoisted), _hoist(condition.rhs, is_element, hoisted))
-    if isinstance(condition, (sp.And, sp.Or, sp.Not)):
+    if isinstance(condition, (sp.And, sp.Or, sp.Not, sp.ITE)):
         return condition.func(*[_hoist_condition(a, is_element, hoisted) for a in condition.args])
     return condition
 

@@ -50,7 +50,7 @@ import sympy as sp
 from sympy.core.relational import Relational
 
 from .domains import nonnegative_on
-from .vocabulary import exact_sum, finite_or, group
+from .vocabulary import exact_sum, finite_or, group, terms_size
 
 # Which outputs get the fallback, and its test: |num| < threshold * B. Where the test does not
 # hold the fast form's error is a few units in the last place of B, so at most 2^12 k 1.1e-16
@@ -190,12 +190,19 @@ class PairFallback:
         return _over_regions(self.regions, lambda f: 1 / sp.Abs(f.denominator_value), sp.nan)
 
 
+def one_form(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with each choice between two forms of one value (a Piecewise on their
+    terms_size) replaced by its last form: not a branch of the function."""
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise) and any(c.has(terms_size) for _, c in e.args),
+                        lambda e: e.args[-1][0])
+
+
 def row_regions(exprs, element_symbols) -> tuple | None:
     """((condition, [expr's branch, ...]), ...): ``exprs`` with their Piecewises whose
     conditions are row values (free of the element symbols) folded into one, in the order of
     its conditions; one region, its condition True, where there are none; None where a
     condition varies along the row."""
-    exprs = list(exprs)
+    exprs = [one_form(e) for e in exprs]
     pieces = set().union(*(e.atoms(sp.Piecewise) for e in exprs))
     if not pieces:
         return ((sp.true, exprs),)

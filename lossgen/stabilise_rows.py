@@ -70,7 +70,7 @@ from .exact_rows import in_exact_arithmetic, monomials
 from .fuse_rows import MAX_OPS, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import apply_last, direct_form, spec_domains
-from .vocabulary import binary_scale, exact_sum, exprel, fma, group, in_scale, real_group, two_scaled
+from .vocabulary import binary_scale, exact_sum, exprel, fma, group, in_scale, real_group, terms_size, two_scaled
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -631,7 +631,7 @@ def _second_moment(summand: sp.Expr, rows: set) -> bool:
 def reference_reductions(x: sp.Symbol, y: sp.Symbol) -> dict:
     """The reductions of y measured against x at x's largest element m (first on ties):
     y = (y_m/x_m) x + r (see :func:`_against_reference`); 'r' is the element expression r_k,
-    'cross' the sum of x_k r_k and 'square' that of r_k**2."""
+    'cross' the sum of x_k r_k, 'magnitude' that of |x_k r_k| and 'square' that of r_k**2."""
     index = sp.Symbol(f"_am_{x.name}", integer=True, nonnegative=True)
     largest = Reduction(sp.Symbol(f"_mx_{x.name}", nonnegative=True), "max", sp.Abs(x), index)
     xm = Reduction(sp.Symbol(f"_xm_{x.name}", real=True), "take", x, index)
@@ -639,8 +639,9 @@ def reference_reductions(x: sp.Symbol, y: sp.Symbol) -> dict:
     w = group(ym.symbol * x)
     r = sp.Piecewise(((fma(xm.symbol, y, -w) + fma(-ym.symbol, x, w)) / xm.symbol, sp.Ne(xm.symbol, 0)), (y, True))
     cross = Reduction(sp.Symbol(f"_xr_{x.name}_{y.name}", real=True), "sum", x * r)
+    magnitude = Reduction(sp.Symbol(f"_xra_{x.name}_{y.name}", nonnegative=True), "sum", sp.Abs(x * r))
     square = Reduction(sp.Symbol(f"_rr_{x.name}_{y.name}", nonnegative=True), "sum", group(r)**2)
-    return {"max": largest, "xm": xm, "ym": ym, "cross": cross, "square": square, "r": r}
+    return {"max": largest, "xm": xm, "ym": ym, "cross": cross, "magnitude": magnitude, "square": square, "r": r}
 
 
 def _against_reference(numerator, others, own, sums, derivation):
@@ -653,7 +654,8 @@ def _against_reference(numerator, others, own, sums, derivation):
     O(x y) and O(x**2) round differently (y = (1e50, 1e50), x = (-40, -40)), and keeps its digits
     where they are nearly parallel (O(x y) - lambda O(x**2) is small, O(x r) is computed small). A
     shifted square O(x**2) + c (torch's epsilon) leaves c y_j. Returns (numerator, others, own,
-    sums, {r: y} (r has y's degree and scale), {r: its expression}), or None."""
+    sums, {r: y} (r has y's degree and scale), {r: its expression}, {the parts of O(x r): the
+    magnitude sum_k |x_k r_k|, which bounds their rounding errors}), or None."""
     for s, o in others.items():
         factors = sp.Mul.make_args(own[s])
         if len(factors) != 2 or not all(f in derivation.element_symbols for f in factors) or sums[s][1][1] != 0:
@@ -683,7 +685,8 @@ def _against_reference(numerator, others, own, sums, derivation):
             new[key] = o_new
             sums2[key] = (x * r, (exact_sum(hi, -x * r, error), sp.S.Zero), key)
             own2[key] = x * r
-            return substituted.xreplace({literal: y}), new, own2, sums2, {r: y}, {r: parts["r"]}
+            return (substituted.xreplace({literal: y}), new, own2, sums2, {r: y}, {r: parts["r"]},
+                    {exact_sum(hi, -x * r, error): parts["magnitude"].symbol})
     return None
 
 
@@ -698,9 +701,12 @@ def _others_apart(expr: sp.Expr, derivation) -> sp.Expr:
     y_j |x|**2 - x_j x.y = sum_k x_k (y_j x_k - x_j y_k), is y_j O(x**2) - x_j O(x y), exactly 0
     at C = 1 and without cancellation where x_j holds most of the row (x = (1e10, 1)), in one
     pass, not the O(C**2) sum of the identity. A sum shifted by a constant, R + c (a squared norm
-    plus torch's epsilon), counts as one sum whose others are O + c. Branch by branch of a
-    Piecewise; then against a reference element (:func:`_against_reference`) and in binary
-    scales (:func:`_in_binary_scale`)."""
+    plus torch's epsilon), counts as one sum whose others are O + c. A sum of products that
+    keeps its products' errors (Dot2, :func:`product_errors`) gives O its third part and less the
+    own product's error, fma(a, b, -a b). Branch by branch of a Piecewise; in binary scales
+    (:func:`_in_binary_scale`); where a reference element applies (:func:`_against_reference`),
+    each element in the form, in y or in r, whose terms' magnitudes (:class:`terms_size`) are
+    smaller."""
     if not isinstance(expr, sp.Expr):
         return expr
     values = {q.symbol for q in derivation.reductions}
@@ -712,10 +718,14 @@ def _others_apart(expr: sp.Expr, derivation) -> sp.Expr:
     if isinstance(expr, sp.Piecewise):
         return sp.Piecewise(*((_others_apart(e, derivation), c) for e, c in expr.args))
     # row value -> (own summand g(j), the others O as computed, what the symbol stands for)
-    sums = {}
+    sums, ranges = {}, axis_ranges(derivation.spec)
     for symbol, r in plain.items():
         hi, error = sum_parts(r)
-        sums[symbol] = (r.summand, (exact_sum(hi, -r.summand, error), sp.S.Zero), symbol)
+        parts = [hi, -r.summand, error]
+        factors = dot2_factors(r, ranges)
+        if factors is not None:  # R = hi + error + products; the own product exact, b c + fma(b, c, -b c)
+            parts += [products_part(r), -fma(*factors, -r.summand)]
+        sums[symbol] = (r.summand, (exact_sum(*parts), sp.S.Zero), symbol)
     shifted = {}
     for node in sp.preorder_traversal(expr):
         if isinstance(node, sp.Add) and node not in shifted:
@@ -744,17 +754,30 @@ def _others_apart(expr: sp.Expr, derivation) -> sp.Expr:
     others = {s: sp.Dummy(f"O{s.name}") for s in present}
     polynomial = sp.Poly(sp.expand(numerator.xreplace({s: others[s] + own[s] for s in present})),
                          *others.values())
-    numerator, alias, to_r = polynomial.as_expr(), {}, {}
+    numerator = polynomial.as_expr()
+    scaled = _in_binary_scale(numerator, others, own, sums, denominator, derivation)
     reference = _against_reference(numerator, others, own, sums, derivation)
     if reference is not None:
-        numerator, others, own, sums, alias, to_r = reference
-        back = {s: sums[s][2] for s in sums}
-    apart = {o: sp.Add(*sums[s][1]) for s, o in others.items()}
-    scaled = _in_binary_scale(numerator, others, own, sums, denominator, derivation, alias)
+        numerator_r, others_r, own_r, sums_r, alias, to_r, magnitudes = reference
+        against = _in_binary_scale(numerator_r, others_r, own_r, sums_r, denominator, derivation, alias)
+        if against is None:
+            return expr.xreplace({t: e for e, t in shifted.items()})
+        back_r = {s: sums_r[s][2] for s in sums_r}
+        # the size of its terms where O(x r) is taken as sum_k |x_k r_k|: the sum of rounded
+        # terms x_k r_k is exact to a few units of that, not of itself
+        bound = against.map(lambda e: e.xreplace(magnitudes).xreplace(back_r).xreplace(to_r))
+        against = against.map(lambda e: e.xreplace(back_r).xreplace(to_r))
+        if scaled is None or scaled.outside != against.outside:
+            return against.expr
+        # each element in the form whose rounding errors are smaller: y_j O(x**2) - x_j O(x y),
+        # O(x y) of the Dot2 sum, exact to its own size, where y is mostly orthogonal to x (and
+        # where r lost what lambda x_j held), r_j O(x**2) - x_j O(x r) where it is nearly parallel
+        scaled = scaled.map(lambda e: e.xreplace(back))
+        return sp.Piecewise((scaled.expr, terms_size(*scaled.terms) < terms_size(*bound.terms)),
+                            (against.expr, True))
     if scaled is not None:
-        return scaled.xreplace(back).xreplace(to_r)
-    if reference is not None:
-        return expr.xreplace({t: e for e, t in shifted.items()})
+        return scaled.expr.xreplace(back)
+    apart = {o: sp.Add(*sums[s][1]) for s, o in others.items()}
     terms = [sp.factor_terms(c) * sp.Mul(*(o**k for o, k in zip(others.values(), m)))
              for m, c in polynomial.terms() if c != 0]
     return (sp.Add(*terms).xreplace(apart) / denominator).xreplace(back)
@@ -836,13 +859,16 @@ def _in_binary_scale(numerator, others, own, sums, denominator, derivation, alia
         others_sum, shift = sums[s][1]
         if not isinstance(others_sum, exact_sum):  # a constant measured as O_s (_against_reference)
             return others_sum, shift
-        hi, _, error = others_sum.args
+        hi, _, error, *dot2 = others_sum.args  # dot2: a Dot2 sum's products and its own product's error
         copies = sp.S(multiple) - 1
         if copies.is_Integer and abs(copies) <= 8:  # k g as k terms g: each exact, unlike the product
             own_parts = [sp.sign(copies) * own[s]] * abs(int(copies))
         else:
             own_parts = [copies * own[s]]
-        return exact_sum(hi, *own_parts, error), shift
+        if dot2:
+            products, own_error = dot2
+            dot2 = [products, -copies * own_error]
+        return exact_sum(hi, *own_parts, error, *dot2), shift
 
     terms, powers = [], set()
     entries = [(c, m, None, 0) for m, c in coefficients.items()] + [(c, m, s, r) for c, m, s, r in grouped]
@@ -877,7 +903,22 @@ def _in_binary_scale(numerator, others, own, sums, denominator, derivation, alia
     # the scales of rows that no norm divides (a row below torch's eps) last: a tiny scale
     # times the rest could leave the normal range before the denominator brings it back
     unpaired = sp.Mul(*(scale[z] ** k for z, k in zip(rows, power) if z not in norm))
-    return group(exact_sum(*terms) * bounded * together) * unpaired
+    return Scaled(tuple(terms), bounded * together, unpaired)
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A quotient in binary scales (:func:`_in_binary_scale`): group(exact_sum(terms) inside) outside."""
+    terms: tuple
+    inside: sp.Expr
+    outside: sp.Expr
+
+    @property
+    def expr(self) -> sp.Expr:
+        return group(exact_sum(*self.terms) * self.inside) * self.outside
+
+    def map(self, f) -> Scaled:
+        return Scaled(tuple(map(f, self.terms)), f(self.inside), f(self.outside))
 
 
 # Placeholders of the Cauchy-Schwarz gaps: the cosine S/sqrt(A B) of two rows x, y (S = x.y,
@@ -1349,7 +1390,7 @@ def stabilise_rows(derivation):
     rows = [z for z in axis if not any(i.shared for i in derivation.spec.inputs if i.name == z.name)]
     for x, y in itertools.permutations(rows, 2):
         parts = reference_reductions(x, y)
-        read = [r for r in (parts["cross"], parts["square"]) if used & {r.symbol, *sum_parts(r)}]
+        read = [r for r in (parts["cross"], parts["magnitude"], parts["square"]) if used & {r.symbol, *sum_parts(r)}]
         if read:
             sums += [parts["max"], parts["xm"], parts["ym"], *read]
     sums = list({s.symbol: s for s in sums}.values())
@@ -1370,6 +1411,18 @@ def _two_factors(summand: sp.Expr, inputs) -> tuple | None:
     return None
 
 
+def products_part(r: Reduction) -> sp.Symbol:
+    """The third part of a Dot2 sum (:func:`product_errors`): its products' rounding errors."""
+    return sp.Symbol(f"{r.symbol.name}_products", real=True)
+
+
+def dot2_factors(r: Reduction, ranges: dict) -> tuple | None:
+    """(a, b) where ``r`` sums products a b of two row inputs that may change sign along the
+    row: a sum that keeps its products' errors (:func:`product_errors`), else None."""
+    factors = _two_factors(r.summand, set(ranges)) if r.kind == "sum" else None
+    return None if factors is None or nonnegative_on(r.summand, ranges) else factors
+
+
 def product_errors(stable):
     """The sums R = sum_k a_k b_k of products of two inputs whose sign may change along the row
     (x.y), which the kernels sum with each product's rounding error, fma(a, b, -a b), in an error
@@ -1386,9 +1439,12 @@ def product_errors(stable):
     rescaled = {n.reduction.symbol for n in stable.scaled if isinstance(n, ScaledNorm)}
     rescaled |= {r.symbol for n in stable.scaled if isinstance(n, ScaledPair) for r, _ in n.sums}
     products = {}
+    read = set().union(*(e.free_symbols for e in _expressions(stable)))
     for r in stable.reductions:
-        factors = _two_factors(r.summand, set(ranges)) if r.kind == "sum" else None
-        if factors is not None and r.symbol not in rescaled and not nonnegative_on(r.summand, ranges):
+        factors = dot2_factors(r, ranges)
+        if factors is not None and r.symbol in rescaled:
+            assert products_part(r) not in read, f"{r.symbol} is summed again by a scaled norm"
+        elif factors is not None:
             products[r.symbol] = factors
     return replace(stable, products=products) if products else stable
 

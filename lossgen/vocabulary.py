@@ -165,6 +165,18 @@ class exact_sum(sp.Function):
         return sp.Add(*terms)
 
 
+class terms_size(sp.Function):
+    """sum_k |t_k| of a form's terms t_k. A Piecewise whose condition compares two forms' sizes
+    chooses between two forms of one value, equal in exact arithmetic: the one whose terms are
+    smaller, and with them its rounding errors (stabilise_rows._others_apart)."""
+
+    def _eval_is_real(self):
+        return True
+
+    def _eval_is_nonnegative(self):
+        return True
+
+
 class binary_scale(sp.Function):
     """2**e where v = m 2**e, 1/2 <= |m| < 1 (math.frexp), and 1 at v = 0: a power of two within
     a factor 2 of |v|. Dividing by it is exact (barring underflow), so values measured in it keep
@@ -329,6 +341,7 @@ MPMATH_IMPLEMENTATIONS: dict[str, Callable] = {
     "exact_sum": lambda *terms: mpmath.fsum(terms),
     "group": lambda x: x,
     "finite_or": lambda a, b: a,
+    "terms_size": lambda *terms: mpmath.fsum(abs(t) for t in terms),
     "exprel": lambda z: mpmath.mpf(1) if z == 0 else mpmath.expm1(z) / z,
     "log1prel": lambda u: mpmath.mpf(1) if u == 0 else mpmath.log1p(u) / u,
 }
