@@ -466,7 +466,65 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
-    _xregion0 = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0) if (eps < math.sqrt(_r1)) else (3.0))
+    _xcs0_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_0_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_0_a * _xcs0_0_b >= 0.0:
+        _xcs0_0 = _xcs0_0_a if _xcs0_0_a != 0.0 else (_xcs0_0_b if _xcs0_0_q > 0.0 else 0.0)
+    else:
+        _xcs0_0 = _xcs0_0_a * _xcs0_0_d
+    _xcs0_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_1_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_1_a * _xcs0_1_b >= 0.0:
+        _xcs0_1 = _xcs0_1_a if _xcs0_1_a != 0.0 else (_xcs0_1_b if _xcs0_1_q > 0.0 else 0.0)
+    else:
+        _xcs0_1 = _xcs0_1_a * _xcs0_1_d
+    _xregion0 = ((0.0) if (_xcs0_0 < 0.0) and (_xcs0_1 < 0.0) else (1.0) if (_xcs0_0 < 0.0) else (2.0) if (_xcs0_1 < 0.0) else (3.0))
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -823,7 +881,65 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
-    _xregion0 = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0))
+    _xcs0_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_0_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_0_a * _xcs0_0_b >= 0.0:
+        _xcs0_0 = _xcs0_0_a if _xcs0_0_a != 0.0 else (_xcs0_0_b if _xcs0_0_q > 0.0 else 0.0)
+    else:
+        _xcs0_0 = _xcs0_0_a * _xcs0_0_d
+    _xcs0_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_1_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs0_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_1_a * _xcs0_1_b >= 0.0:
+        _xcs0_1 = _xcs0_1_a if _xcs0_1_a != 0.0 else (_xcs0_1_b if _xcs0_1_q > 0.0 else 0.0)
+    else:
+        _xcs0_1 = _xcs0_1_a * _xcs0_1_d
+    _xregion0 = ((0.0) if (_xcs0_0 < 0.0) and (_xcs0_1 < 0.0) else (1.0) if (_xcs0_0 < 0.0) else (2.0))
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -1620,7 +1736,65 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xd1r1_0_s = 0
     _xd1r1_1 = 1.0
     _xd1r1_1_s = 0
-    _xregion = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0))
+    _xcs_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs_0_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs_0_a * _xcs_0_b >= 0.0:
+        _xcs_0 = _xcs_0_a if _xcs_0_a != 0.0 else (_xcs_0_b if _xcs_0_q > 0.0 else 0.0)
+    else:
+        _xcs_0 = _xcs_0_a * _xcs_0_d
+    _xcs_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs_1_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs_1_a * _xcs_1_b >= 0.0:
+        _xcs_1 = _xcs_1_a if _xcs_1_a != 0.0 else (_xcs_1_b if _xcs_1_q > 0.0 else 0.0)
+    else:
+        _xcs_1 = _xcs_1_a * _xcs_1_d
+    _xregion = ((0.0) if (_xcs_0 < 0.0) and (_xcs_1 < 0.0) else (1.0) if (_xcs_0 < 0.0) else (2.0))
     _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
@@ -2164,7 +2338,65 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xd1r1_0_s = 0
     _xd1r1_1 = 1.0
     _xd1r1_1_s = 0
-    _xregion = ((0.0) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (1.0) if (eps < math.sqrt(_r0)) else (2.0))
+    _xcs_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs_0_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs_0_a * _xcs_0_b >= 0.0:
+        _xcs_0 = _xcs_0_a if _xcs_0_a != 0.0 else (_xcs_0_b if _xcs_0_q > 0.0 else 0.0)
+    else:
+        _xcs_0 = _xcs_0_a * _xcs_0_d
+    _xcs_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs_1_b = -1.0
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = 1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xa_n = 0
+    _xa_s = 0
+    _xt[0] = -1.0
+    _xm = 1
+    _xt_s = 0
+    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
+    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
+    _xh, _xl, _xe = _xtwo_product(eps, eps)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
+    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
+    _xa_n = _xcompress(_xa, _xa_n, _xu)
+    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    _xcs_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs_1_a * _xcs_1_b >= 0.0:
+        _xcs_1 = _xcs_1_a if _xcs_1_a != 0.0 else (_xcs_1_b if _xcs_1_q > 0.0 else 0.0)
+    else:
+        _xcs_1 = _xcs_1_a * _xcs_1_d
+    _xregion = ((0.0) if (_xcs_0 < 0.0) and (_xcs_1 < 0.0) else (1.0) if (_xcs_0 < 0.0) else (2.0))
     _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
         if _scratch[13, _k] == 0.0:

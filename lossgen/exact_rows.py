@@ -34,8 +34,9 @@ the Hessian-vector product per row of the block.
 
 The denominator's factors may be square roots of row polynomials (a cosine's |x|^5 |y|), each
 rounded once and its root taken in the binary scale. Piecewises whose conditions are row values
-(a norm below eps) split the rows into regions (:func:`row_regions`), each branch planned on its
-own (:class:`RegionPlans`), where the kernels branch on the same conditions. A row sum whose
+(a norm below eps, cos >= margin) split the rows into regions (:func:`row_regions`), each branch
+planned on its own (:class:`RegionPlans`); the recomputation decides a row's region exactly (each
+comparison the sign of an expression in the row sums, :func:`_sign_form`). A row sum whose
 summand may be negative enters the bound as the sum of its summands' magnitudes
 (:func:`magnitude_sums`).
 
@@ -50,7 +51,7 @@ import sympy as sp
 from sympy.core.relational import Relational
 
 from .domains import nonnegative_on
-from .vocabulary import exact_sum, finite_or, group, terms_size
+from .vocabulary import exact_sum, finite_or, group
 
 # Which outputs get the fallback, and its test: |num| < threshold * B. Where the test does not
 # hold the fast form's error is a few units in the last place of B, so at most 2^12 k 1.1e-16
@@ -190,19 +191,12 @@ class PairFallback:
         return _over_regions(self.regions, lambda f: 1 / sp.Abs(f.denominator_value), sp.nan)
 
 
-def one_form(expr: sp.Expr) -> sp.Expr:
-    """``expr`` with each choice between two forms of one value (a Piecewise on their
-    terms_size) replaced by its last form: not a branch of the function."""
-    return expr.replace(lambda e: isinstance(e, sp.Piecewise) and any(c.has(terms_size) for _, c in e.args),
-                        lambda e: e.args[-1][0])
-
-
 def row_regions(exprs, element_symbols) -> tuple | None:
     """((condition, [expr's branch, ...]), ...): ``exprs`` with their Piecewises whose
     conditions are row values (free of the element symbols) folded into one, in the order of
     its conditions; one region, its condition True, where there are none; None where a
     condition varies along the row."""
-    exprs = [one_form(e) for e in exprs]
+    exprs = list(exprs)
     pieces = set().union(*(e.atoms(sp.Piecewise) for e in exprs))
     if not pieces:
         return ((sp.true, exprs),)
@@ -275,7 +269,7 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
     ({symbol: (low, high)}, see :func:`magnitude_sums`)."""
     if not _polynomial_sums(original, reductions, element_symbols, parameters):
         return None
-    regions = _kernels_regions([original], [stable], element_symbols)
+    regions = _decided_regions([original], element_symbols, reductions)
     if regions is None:
         return None
     if len(regions) == 1:
@@ -298,8 +292,7 @@ def plan_block(diagonal: sp.Expr, stable_diagonal: sp.Expr, outer, stable_outer,
     copies = {s: at_l(s) for s in sorted(element_symbols, key=sp.default_sort_key)}
     entry = sp.Add(*[p * q.xreplace(copies) for p, q in outer])
     pair_symbols = set(copies) | set(copies.values())
-    regions = _kernels_regions([diagonal, entry], [stable_diagonal, *(p for p, _ in stable_outer)],
-                               element_symbols)
+    regions = _decided_regions([diagonal, entry], element_symbols, reductions)
     if regions is None:
         return None
     if len(regions) == 1:
@@ -318,24 +311,60 @@ def plan_block(diagonal: sp.Expr, stable_diagonal: sp.Expr, outer, stable_outer,
     return RegionPlans(own), PairFallback(pair, copies)
 
 
-def _kernels_regions(originals, stables, element_symbols) -> tuple | None:
-    """:func:`row_regions` of the derivation's ``originals``, where the kernels' ``stables``
-    branch on the same conditions: a row's region is then the one whose branch the kernels
-    computed (not so where a stable form decides a condition more accurately: cosine_embedding's
-    cos >= margin near cos = 1 by the Cauchy-Schwarz gap, which the derivation's rounded
-    x1.x2/(|x1| |x2|) would put on the other side)."""
-    regions, kernels = row_regions(originals, element_symbols), row_regions(stables, element_symbols)
-    if regions is None or kernels is None:
+def _decided_regions(originals, element_symbols, reduction_symbols) -> tuple | None:
+    """:func:`row_regions` of the derivation's ``originals``, where the recomputation can decide
+    each condition on the row sums exactly (:func:`_sign_form`): it then writes the branch of the
+    truth, whichever the kernels took (cosine_embedding's decide cos >= margin near cos = 1 by
+    the Cauchy-Schwarz gap; the derivation's x1.x2/(|x1| |x2|) from rounded sums put x1 = x2 =
+    1000, margin = 1 on the other side, and a recomputation there had relative error 4.5e286)."""
+    regions = row_regions(originals, element_symbols)
+    if regions is None or len(regions) == 1:
+        return regions
+    relations = _row_relations(_conditions_of(regions), reduction_symbols)
+    return regions if all(_sign_form(r.lhs - r.rhs) is not None for r in relations) else None
+
+
+def _row_relations(conditions: sp.Expr, reduction_symbols) -> list:
+    """The comparisons of ``conditions`` that read row sums (the others, of inputs and
+    parameters, are exact in floats as they stand)."""
+    return sorted((r for r in conditions.atoms(Relational) if r.free_symbols & set(reduction_symbols)),
+                  key=sp.default_sort_key)
+
+
+def _sign_form(d: sp.Expr) -> tuple | None:
+    """d = (a + b sqrt(q))/D as (a, b, q, bases): a, b, q polynomials, ``bases`` the
+    polynomial factors of D of odd power (its roots are positive), so that
+    sign(d) = sign(a + b sqrt(q)) prod sign(base); None where d has no such form."""
+    numerator, denominator = sp.fraction(sp.together(d))
+    bases = []
+    for base, exponent in (f.as_base_exp() for f in sp.Mul.make_args(denominator)):
+        if not (exponent.is_Rational and exponent > 0 and exponent.q in (1, 2)):
+            return None
+        if exponent.q == 1 and exponent.p % 2 == 1 and base.is_Number:
+            numerator = numerator * sp.sign(base)
+        elif exponent.q == 1 and exponent.p % 2 == 1:
+            bases.append(base)
+    roots = sorted({p for p in numerator.atoms(sp.Pow) if p.exp == sp.S.Half}, key=sp.default_sort_key)
+    if any(p.exp.is_Rational and not p.exp.is_Integer for p in numerator.atoms(sp.Pow) if p not in roots):
         return None
-    # the kernels may split a region further on conditions of their own (a row's largest
-    # element zero or not): those hold in the derivation's region either way
-    own = set().union(*(c.atoms(Relational) for c, _ in regions))
-    conditions = []
-    for c, _ in kernels:
-        c = c.xreplace({a: sp.true for a in c.atoms(Relational) - own})
-        if c not in conditions:
-            conditions.append(c)
-    return regions if [c for c, _ in regions] == conditions else None
+    placeholders = sp.symbols(f"_root0:{len(roots)}")
+    numerator = sp.expand(numerator.xreplace(dict(zip(roots, placeholders))))
+    try:
+        poly = sp.Poly(numerator, *placeholders) if roots else None
+    except sp.PolynomialError:
+        return None
+    if poly is None:
+        a, b, q = numerator, sp.S.Zero, sp.S.Zero
+    else:
+        terms = dict(poly.terms())
+        if not set(terms) <= {(0,) * len(roots), (1,) * len(roots)}:
+            return None
+        a, b = terms.get((0,) * len(roots), sp.S.Zero), terms.get((1,) * len(roots), sp.S.Zero)
+        q = sp.Mul(*(r.base for r in roots))
+    if any(e.has(sp.Pow) and any(p.exp.is_Rational and not p.exp.is_Integer for p in e.atoms(sp.Pow))
+           for e in (a, b, q, *bases)):
+        return None
+    return a, b, q, tuple(bases)
 
 
 def _conditions_of(regions) -> sp.Expr:
@@ -695,11 +724,63 @@ def _region_keys(j, regions) -> dict:
     return {r: f"{j}r{r}" for r, (_, f) in enumerate(regions) if f is not None}
 
 
-def _emit_region(body, j, regions, printed):
-    """Line setting _xregion{j}, the row's region (the first of ``regions``' conditions that
-    holds), from the expansions' rounded row sums; nothing where there is one region."""
-    if len(regions) > 1:
-        body.emit(2, f"_xregion{j} = {printed(_conditions_of(regions))}")
+def _emit_region(body, j, regions, reductions, printed):
+    """Lines setting _xregion{j}, the row's region (the first of ``regions``' conditions that
+    holds), each comparison of row sums decided exactly by the sign of its difference
+    (:func:`_emit_sign`); nothing where there is one region."""
+    if len(regions) <= 1:
+        return
+    conditions = _conditions_of(regions)
+    decided = {}
+    for n, relation in enumerate(_row_relations(conditions, reductions)):
+        sign = sp.Symbol(f"_xcs{j}_{n}", real=True)
+        _emit_sign(body, _sign_form(relation.lhs - relation.rhs), reductions, printed, sign.name)
+        decided[relation] = relation.func(sign, 0)
+    body.emit(2, f"_xregion{j} = {printed(conditions.xreplace(decided))}")
+
+
+def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str):
+    """Lines setting ``name`` to the sign (-1.0, 0.0 or 1.0) of the polynomial ``p`` in the row
+    sums (their expansions), the parameters and the row's values: p as one expansion, exactly."""
+    p = sp.expand(p)
+    if p.is_Number:
+        body.emit(2, f"{name} = {float(sp.sign(p))!r}")
+        return
+    if (p.is_Symbol or (-p).is_Symbol) and not p.free_symbols & set(reductions):  # a parameter, an input
+        body.emit(2, f"{name} = math.copysign(1.0, {printed(p)}) if {printed(p)} != 0.0 else 0.0")
+        return
+    generators = sorted(p.free_symbols, key=sp.default_sort_key)
+    _, poly = sp.Poly(p, *generators).clear_denoms()  # a positive multiple, integer coefficients
+    body.emit(2, "_xa_n = 0")
+    body.emit(2, "_xa_s = 0")
+    for powers, coefficient in poly.terms():
+        factors = [g for g, k in zip(generators, powers) for _ in range(k)]
+        rows = tuple(f for f in factors if f in reductions)
+        for line in product_lines(int(coefficient), [f for f in factors if f not in reductions], rows, printed, "_xa"):
+            body.emit(2, line)
+    body.emit(2, "_xa_n = _xcompress(_xa, _xa_n, _xu)")
+    body.emit(2, "_xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)")
+    body.emit(2, f"{name} = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)")
+
+
+def _emit_sign(body, form: tuple, reductions, printed, name: str):
+    """Lines setting ``name`` to the sign of (a + b sqrt(q))/D (:func:`_sign_form`): where a and
+    b do not compete, their sign; else sign(a) sign(a**2 - b**2 q)."""
+    a, b, q, bases = form
+    _emit_polynomial_sign(body, a, reductions, printed, f"{name}_a")
+    if b == 0:
+        body.emit(2, f"{name} = {name}_a")
+    else:
+        _emit_polynomial_sign(body, b, reductions, printed, f"{name}_b")
+        _emit_polynomial_sign(body, q, reductions, printed, f"{name}_q")
+        _emit_polynomial_sign(body, a**2 - b**2 * q, reductions, printed, f"{name}_d")
+        body.emit(2, f"if {name}_a * {name}_b >= 0.0:")
+        body.emit(3, f"{name} = {name}_a if {name}_a != 0.0 else ({name}_b if {name}_q > 0.0 else 0.0)")
+        body.emit(2, "else:")
+        body.emit(3, f"{name} = {name}_a * {name}_d")
+    for m, base in enumerate(bases):
+        _emit_polynomial_sign(body, base, reductions, printed, f"{name}_{m}")
+        body.emit(2, f"{name} = {name} * {name}_{m}")
 
 
 def _split(j, regions) -> tuple[dict, dict]:
@@ -741,8 +822,9 @@ def emit_fallback(body, plans: dict, outs: dict):
         flat.update(numerators)
         denominators.update(others)
     _emit_setup(body, flat, printed, denominators)
+    reductions = {r: t for f in flat.values() for r, t in f.reductions.items()}
     for j, p in plans.items():
-        _emit_region(body, j, p.regions, printed)
+        _emit_region(body, j, p.regions, reductions, printed)
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
     for j, p in plans.items():
@@ -768,7 +850,8 @@ def emit_block_fallback(body, diagonal: RegionPlans, pair: PairFallback, out: st
     body.bind_row()
     (own, own_denominators), (other, other_denominators) = _split(0, diagonal.regions), _split(1, pair.regions)
     _emit_setup(body, {**own, **other}, printed, {**own_denominators, **other_denominators})
-    _emit_region(body, "", diagonal.regions, printed)
+    reductions = {r: t for f in (*own.values(), *other.values()) for r, t in f.reductions.items()}
+    _emit_region(body, "", diagonal.regions, reductions, printed)
     body.emit(2, f"_xscale = {printed(pair.entry_scale())}")
     body.emit(2, "for _k in range(_n):")
     body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")

@@ -22,14 +22,19 @@ def _cancels(*terms, factor=1e3):
 
 
 def _cosine_gap(output, point, entry):
-    """Off-diagonal entry of a full Hessian block of cosine_embedding's cosine of rows x1, x2,
-    times a**5 b in a row's own block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps and
+    """Entry (j, l) of a full Hessian block of cosine_embedding's cosine of rows x1, x2, times
+    a**5 b in a row's own block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps and
     b**2 = |x2|**2 + eps, S = x1.x2: a**2 (x2_j x1_l + x2_l x1_j) - 3 S x1_j x1_l in x1's block
-    (x2's alike), and x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2), entry
-    (j, l): where they cancel below 1/1000 of their size, or where the entry is subnormal (an
-    outer-product factor P(j) below the normal range has lost its digits before it is multiplied
-    by Q(l)). hvp: any entry of the row j, in either block. (cosine_proximity's single block has
-    the exact fallback, lossgen/exact_rows.py.)"""
+    (x2's alike), and x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2); on the
+    diagonal in the other elements' sums A' = a**2 - x1_j**2, B' = b**2 - x2_j**2,
+    O = S - x1_j x2_j, as the kernels compute it: -3 A' x1_j x2_j + 2 O x1_j**2 - O A' in x1's
+    block, A' B' + O x1_j x2_j between the rows. In the gap where these terms cancel below 1/1000
+    of their size, where the entry is subnormal, or where an element of j or l is subnormal or
+    below the normal range over the square root of the entry's denominator (the kernels' outer
+    products divide each factor P(j), Q(l) by it, and a factor below the normal range has lost
+    its digits: at x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, was
+    0). hvp: any entry of the row j, in either block. (The gradients and the Hessian diagonals,
+    and cosine_proximity's single block, have the exact fallback, lossgen/exact_rows.py.)"""
     if output.startswith("hvp"):
         own = output.split("[")[1].rstrip("]")
         return any(_cosine_gap(f"hess_full[{own},{other}]", point, (entry[0], l))
@@ -38,25 +43,50 @@ def _cosine_gap(output, point, entry):
         return False
     names = output.split("[")[1].split("]")[0].split(",")
     j, l = entry
-    if names[0] == names[1] and j == l:
-        return False
-    first, second, eps = _row_of(point, "x1"), _row_of(point, "x2"), point["eps"]
-    first, second = [mpmath.mpf(float(v)) for v in first], [mpmath.mpf(float(v)) for v in second]
+    # exact: a**2 - x1_j**2 at x1 = 745 is eps = 1e-12, 0 in floats
+    first, second = ([Fraction(float(v)) for v in _row_of(point, name)] for name in ("x1", "x2"))
+    eps = Fraction(float(point["eps"]))
     a2 = sum(v * v for v in first) + eps
     b2 = sum(v * v for v in second) + eps
     s = sum(u * v for u, v in zip(first, second))
+    rows = {"x1": first, "x2": second}
+    elements = [v for v in (rows[names[0]][j], rows[names[1]][l], first[j], second[j], first[l], second[l]) if v]
+    if j == l:  # the diagonal in the others' sums (A' = a**2 - x1_j**2, O = S - x1_j x2_j)
+        if names[0] == "x2":
+            first, second, a2, b2 = second, first, b2, a2
+        own_a, own_b, others = a2 - first[j] ** 2, b2 - second[j] ** 2, s - first[j] * second[j]
+        if names[0] != names[1]:
+            terms, scale = (own_a * own_b, others * first[j] * second[j]), (a2 * b2, 3)
+        else:
+            terms = (-3 * own_a * first[j] * second[j], 2 * others * first[j] ** 2, -others * own_a)
+            scale = (a2 ** 5 * b2, 1)
+        return _cancels(*terms) or _tiny_entry(terms, scale, elements)
     if names[0] != names[1]:
         if names[0] == "x2":
             j, l = l, j
         terms = (-second[j] * second[l] * a2, -first[j] * first[l] * b2, s * first[j] * second[l])
-        scale = (a2 * b2) ** 1.5
+        scale = (a2 * b2, 3)
     else:
         if names[0] == "x2":
             first, second, a2, b2 = second, first, b2, a2
         terms = (a2 * second[j] * first[l], a2 * second[l] * first[j], -3 * s * first[j] * first[l])
-        scale = a2 ** 2.5 * mpmath.sqrt(b2)
-    # or a subnormal entry: its outer-product factors P(j) are below the normal range
-    return j != l and (_cancels(*terms) or (scale > 0 and abs(sum(terms)) / scale < np.finfo(float).tiny))
+        scale = (a2 ** 5 * b2, 1)
+    return _cancels(*terms) or _tiny_entry(terms, scale, elements)
+
+
+def _tiny_entry(terms, scale, elements) -> bool:
+    """A subnormal entry sum(terms)/D, D = b**(p/2) (``scale``: (b, p), exact), or an
+    outer-product factor (an element over sqrt(D)) below the normal range, or a subnormal
+    element."""
+    base, power = scale
+    if base <= 0:
+        return False
+    with mpmath.workdps(60):
+        root = mpmath.sqrt(mpmath.mpf(base.numerator) / base.denominator) ** power  # D
+        tiny = mpmath.mpf(float(np.finfo(float).tiny))
+        size = lambda v: mpmath.mpf(abs(v.numerator)) / v.denominator  # noqa: E731
+        return size(sum(terms)) / root < tiny or any(size(v) < tiny or size(v) / mpmath.sqrt(root) < tiny
+                                                     for v in elements)
 
 
 def _jaccard_underflow_gap(output, point, entry):
@@ -179,17 +209,15 @@ ROW_KNOWN_GAPS = {
                                         "(relative error 1.3e-12 at epsilon = 2.5, s = (-1e-8, -1e10, -1e-300), y = 0, "
                                         "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
                                         "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
-    "cosine_embedding": (_cosine_gap, "an off-diagonal Hessian entry of a cosine is a sum of outer-product terms "
-                                      "P(j) Q(l) (each rounded) that cancel where the entry is small against them, in "
-                                      "each block of the Hessian: an off-diagonal entry whose outer-product terms "
-                                      "cancel below 1/1000 of their size (block (x1, x2) at "
-                                      "x1 = (1e-8, 1e50), x2 = (700, 1e-300): relative error 62; its transpose in "
-                                      "block (x2, x1) keeps its digits); and a subnormal entry whose factor P(j) "
-                                      "has left the normal range (x1 = (-20, 1000, -1e-300), x2 = (1, 1e50, -1e-300), "
-                                      "entry (2, 1): -3.0e-309 for -2.0e-309): reachable by the exact fallback "
-                                      "(cosine_proximity's single block has it) once it covers the blocks between "
-                                      "two predictions, and the margin's branch, which the kernels decide by the "
-                                      "Cauchy-Schwarz gap"),
+    "cosine_embedding": (_cosine_gap, "a full Hessian entry whose terms cancel below 1/1000 of their size, in "
+                                      "every block: off the diagonal the outer products' terms P(j) Q(l), each "
+                                      "rounded (block (x1, x2) at x1 = (1e-8, 1e50), x2 = (700, 1e-300): relative "
+                                      "error 62), on it the other elements' sums (A' B' + O x1_j x2_j between the "
+                                      "rows: 6.4e-2 at the nearly orthogonal x1 = (-4.82e8, 1.35e8), x2 = (3476.4, "
+                                      "12447.9)); a subnormal entry, or one with an element below the normal range "
+                                      "over the square root of its denominator (x1 = (1e50, -700), x2 = (0, 1e-300): "
+                                      "1e-282 computed 0): reachable by the exact fallback over the blocks of two "
+                                      "predictions (the gradients and the Hessian diagonals have it)"),
 }
 
 

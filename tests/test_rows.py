@@ -248,19 +248,23 @@ def test_cosine_proximity_where_the_exact_fallback_fires(y, x):
 
 def test_exact_fallback_applies_by_form():
     """The fallback's rule (lossgen/exact_rows.py) picks outputs by their form alone: the overlap
-    losses' gradients (quotients over sums of polynomial summands) and a cosine's (over powers of
-    square roots of such sums, in the branches of its norms' Piecewise), not a softmax's, nor
-    cosine_embedding's (its kernels decide its margin's branch by a form of their own)."""
+    losses' gradients (quotients over sums of polynomial summands) and the cosines' (over powers of
+    square roots of such sums, in the branches of the norms' and the margin's Piecewises, each
+    decided exactly), not a softmax's; cosine_embedding's gradients and Hessian diagonals, not its
+    full Hessian (two predictions' blocks)."""
     from lossgen.derive_rows import derive_rows
     from lossgen.emit_rows import _fallback_plans
     from lossgen.stabilise_rows import stabilise_rows
-    planned = set()
+    planned = {}
     for name in ("dice", "soft_jaccard", "tversky", "combo", "softmax_cross_entropy", "cosine_proximity",
                  "cosine_embedding"):
         derivation = derive_rows(load_spec(ROW_PATHS[name]))
-        if _fallback_plans(derivation, stabilise_rows(derivation)):
-            planned.add(name)
-    assert planned == {"dice", "soft_jaccard", "tversky", "combo", "cosine_proximity"}
+        plans = _fallback_plans(derivation, stabilise_rows(derivation))
+        if plans:
+            planned[name] = set(plans)
+    assert set(planned) == {"dice", "soft_jaccard", "tversky", "combo", "cosine_proximity", "cosine_embedding"}
+    assert planned["cosine_embedding"] == {("grad", 0), ("grad", 1), ("hess", 0), ("hess", 1)}
+    assert ("hess_full", 0) in planned["cosine_proximity"]
 
 
 ISSUE_4_CATALOG = {"softmax_cross_entropy", "nll", "kl_divergence", "multilabel_soft_margin", "info_nce",
@@ -963,6 +967,38 @@ def test_cosine_embedding_where_the_dot_product_cancels_between_elements():
                 rows = check_size(emb, spec, len(x), [{"y": label, "x1": x1, "x2": x2}], {"margin": margin, "eps": 1e-12})
                 assert {r.output.split(" ")[0] for r in rows} >= {"loss", "grad[x1]", "grad[x2]", "hess[x1]", "hess[x2]"}
                 failures += [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
+    assert not failures, "\n" + format_report(failures)
+
+
+# Rows where cosine_embedding's gradients or Hessian diagonals cancel between elements, by
+# coincidence: x1 constant (the gradient's C x2_j - sum(x2), 2.3e-9 before), the diagonal's
+# -3 A' x1_j x2_j - O A' exactly 0 (9.4e3 before), a row at the margin (the recomputation decides
+# cos >= margin exactly: at margin = 1 and x1 = x2 the truth is below the margin, 1 - cos = 1e-18),
+# and the stress rows where each gradient element holds its own form (relative error 1 at
+# x2 = (1e50, 1, -1, 0, 0) before). Each (y, x1, x2, margin).
+EMBEDDING_FALLBACK_ROWS = [
+    (-1.0, [1e50, 1e50, 1e50], [0.5, 1.0, -1e-8], 0.0),
+    (1.0, [1e10, 1.0], [-3.0, 1e10], 0.0),
+    (-1.0, [1e10, 1.0], [-3.0, 1e10], -1.0),
+    (-1.0, [1000.0], [1000.0], 1.0),
+    (-1.0, [1000.0, 1000.0, 1.0], [1000.0, 1000.0, 1.0], 1.0),
+    (-1.0, [-1.0] * 5, [1e50, 1.0, -1.0, 0.0, 0.0], -1.0),
+    (1.0, [1e50, 1e50, 1e50, 1e50, 1e50], [1e10, -1e10, 0.5, 1e-8, 1.0], 0.0),
+]
+
+
+@pytest.mark.parametrize("y, x1, x2, margin", EMBEDDING_FALLBACK_ROWS,
+                         ids=[f"row{i}" for i in range(len(EMBEDDING_FALLBACK_ROWS))])
+def test_cosine_embedding_where_the_exact_fallback_fires(y, x1, x2, margin):
+    """Every output of cosine_embedding at these rows, both orders of the pair, against the
+    expanded truth (the full Hessian's known gaps apart)."""
+    spec, emb = load_spec(ROW_PATHS["cosine_embedding"]), lossgen.get("cosine_embedding")
+    failures = []
+    for first, second in ((x1, x2), (x2, x1)):
+        rows = check_size(emb, spec, len(x1), [{"y": y, "x1": np.array(first), "x2": np.array(second)}],
+                          {"margin": margin, "eps": 1e-12}, gap=gap_of("cosine_embedding"))
+        assert {r.output.split(" ")[0] for r in rows} >= {"grad[x1]", "grad[x2]", "hess[x1]", "hess[x2]"}
+        failures += [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and not r.in_known_gap]
     assert not failures, "\n" + format_report(failures)
 
 
