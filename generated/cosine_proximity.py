@@ -466,8 +466,8 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
-    _xcs0_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs0_0_b = -1.0
+    _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -477,7 +477,7 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -490,13 +490,13 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs0_0_a * _xcs0_0_b >= 0.0:
-        _xcs0_0 = _xcs0_0_a if _xcs0_0_a != 0.0 else (_xcs0_0_b if _xcs0_0_q > 0.0 else 0.0)
+    _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_a * _xcs0_b >= 0.0:
+        _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
     else:
-        _xcs0_0 = _xcs0_0_a * _xcs0_0_d
-    _xcs0_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs0_1_b = -1.0
+        _xcs0 = _xcs0_a * _xcs0_d
+    _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs1_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -506,7 +506,7 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -519,12 +519,12 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs0_1_a * _xcs0_1_b >= 0.0:
-        _xcs0_1 = _xcs0_1_a if _xcs0_1_a != 0.0 else (_xcs0_1_b if _xcs0_1_q > 0.0 else 0.0)
+    _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs1_a * _xcs1_b >= 0.0:
+        _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
     else:
-        _xcs0_1 = _xcs0_1_a * _xcs0_1_d
-    _xregion0 = ((0.0) if (_xcs0_0 < 0.0) and (_xcs0_1 < 0.0) else (1.0) if (_xcs0_0 < 0.0) else (2.0) if (_xcs0_1 < 0.0) else (3.0))
+        _xcs1 = _xcs1_a * _xcs1_d
+    _xregion0 = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0) if (_xcs1 < 0.0) else (3.0))
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -863,17 +863,19 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xd0r0_0_s = 0
     _xd0r0_1 = 1.0
     _xd0r0_1_s = 0
+    _xd0r0_2 = 1.0
+    _xd0r0_2_s = 0
     _xA0r0_0_n = 0
     _xA0r0_0_s = 0
     _xA0r0_1_n = 0
     _xA0r0_1_s = 0
     _xA0r0_2_n = 0
     _xA0r0_2_s = 0
-    _xc0r0_0 = (-3.0*_r2)
+    _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
-    _xc0r0_1 = (2.0*_r0)
+    _xc0r0_1 = (-2.0*_r0)
     _xb0r0_1 = (0.00048828125*abs(_r0))
-    _xc0r0_2 = (_r0*_r2)
+    _xc0r0_2 = (-_r0*_r2)
     _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
     _xdready0r0 = False
     _xdready0r1 = False
@@ -881,8 +883,10 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
-    _xcs0_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs0_0_b = -1.0
+    _xd0r1_2 = 1.0
+    _xd0r1_2_s = 0
+    _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -892,7 +896,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -905,13 +909,13 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs0_0_a * _xcs0_0_b >= 0.0:
-        _xcs0_0 = _xcs0_0_a if _xcs0_0_a != 0.0 else (_xcs0_0_b if _xcs0_0_q > 0.0 else 0.0)
+    _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_a * _xcs0_b >= 0.0:
+        _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
     else:
-        _xcs0_0 = _xcs0_0_a * _xcs0_0_d
-    _xcs0_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs0_1_b = -1.0
+        _xcs0 = _xcs0_a * _xcs0_d
+    _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs1_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -921,7 +925,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -934,12 +938,12 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs0_1_a * _xcs0_1_b >= 0.0:
-        _xcs0_1 = _xcs0_1_a if _xcs0_1_a != 0.0 else (_xcs0_1_b if _xcs0_1_q > 0.0 else 0.0)
+    _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs1_a * _xcs1_b >= 0.0:
+        _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
     else:
-        _xcs0_1 = _xcs0_1_a * _xcs0_1_d
-    _xregion0 = ((0.0) if (_xcs0_0 < 0.0) and (_xcs0_1 < 0.0) else (1.0) if (_xcs0_0 < 0.0) else (2.0))
+        _xcs1 = _xcs1_a * _xcs1_d
+    _xregion0 = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -951,7 +955,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                     _xready0r0 = True
                     _xA0r0_0_n = 0
                     _xA0r0_0_s = 0
-                    _xt[0] = -1.0
+                    _xt[0] = 1.0
                     _xm = 1
                     _xt_s = 0
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
@@ -961,7 +965,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                     _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
                     _xA0r0_1_n = 0
                     _xA0r0_1_s = 0
-                    _xt[0] = 1.0
+                    _xt[0] = -1.0
                     _xm = 1
                     _xt_s = 0
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
@@ -969,7 +973,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                     _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                     _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                     _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                    _xp[0] = 1.0
+                    _xp[0] = -1.0
                     _xp_n = 1
                     _xp_s = 0
                     _xf_n = 0
@@ -1015,6 +1019,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
+                        _xd0r0_0 = -1.0
                         _xa_n = 0
                         _xa_s = 0
                         _xt[0] = 1.0
@@ -1022,8 +1027,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xt_s = 0
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                        _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xt[0] = 1.0
@@ -1031,27 +1036,30 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xt_s = 0
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                    _xq = _xq / _xd0r0_0
-                    _xq_s -= _xd0r0_0_s
-                    _xq = _xq / _xd0r0_0
-                    _xq_s -= _xd0r0_0_s
-                    _xq = _xq / _xd0r0_0
-                    _xq_s -= _xd0r0_0_s
-                    _xq = _xq / _xd0r0_0
-                    _xq_s -= _xd0r0_0_s
+                        _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xd0r0_2, _xd0r0_2_s = _xsqrt_m(_xd0r0_2, _xd0r0_2_s)
                     _xq = _xq / _xd0r0_0
                     _xq_s -= _xd0r0_0_s
                     _xq = _xq / _xd0r0_1
                     _xq_s -= _xd0r0_1_s
+                    _xq = _xq / _xd0r0_1
+                    _xq_s -= _xd0r0_1_s
+                    _xq = _xq / _xd0r0_1
+                    _xq_s -= _xd0r0_1_s
+                    _xq = _xq / _xd0r0_1
+                    _xq_s -= _xd0r0_1_s
+                    _xq = _xq / _xd0r0_1
+                    _xq_s -= _xd0r0_1_s
+                    _xq = _xq / _xd0r0_2
+                    _xq_s -= _xd0r0_2_s
                 elif _xregion0 == 1:
                     if not _xdready0r1:
                         _xdready0r1 = True
+                        _xd0r1_0 = -1.0
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                        _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xt[0] = 1.0
@@ -1059,20 +1067,22 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xt_s = 0
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                        _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xd0r1_2, _xd0r1_2_s = _xsqrt_m(_xd0r1_2, _xd0r1_2_s)
                     _xq = _xq / _xd0r1_0
                     _xq_s -= _xd0r1_0_s
                     _xq = _xq / _xd0r1_1
                     _xq_s -= _xd0r1_1_s
-                    _xq = _xq / _xd0r1_1
-                    _xq_s -= _xd0r1_1_s
-                    _xq = _xq / _xd0r1_1
-                    _xq_s -= _xd0r1_1_s
-                    _xq = _xq / _xd0r1_1
-                    _xq_s -= _xd0r1_1_s
-                    _xq = _xq / _xd0r1_1
-                    _xq_s -= _xd0r1_1_s
+                    _xq = _xq / _xd0r1_2
+                    _xq_s -= _xd0r1_2_s
+                    _xq = _xq / _xd0r1_2
+                    _xq_s -= _xd0r1_2_s
+                    _xq = _xq / _xd0r1_2
+                    _xq_s -= _xd0r1_2_s
+                    _xq = _xq / _xd0r1_2
+                    _xq_s -= _xd0r1_2_s
+                    _xq = _xq / _xd0r1_2
+                    _xq_s -= _xd0r1_2_s
                 _xq = math.ldexp(_xq, _xq_s)
                 if math.isfinite(_xq):
                     _out0[_i, _k] = _w * _xq
@@ -1166,9 +1176,9 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _h5 = _t1_2
     _h6 = _t1_4
     _h7 = ((1.0)/(_t1_4))
-    _h8 = (-3.0*_r2)
-    _h9 = (2.0*_r0)
-    _h10 = (_r0*_r2)
+    _h8 = (3.0*_r2)
+    _h9 = (-2.0*_r0)
+    _h10 = (-_r0*_r2)
     _h11 = (0.000732421875*_r2_abs)
     _h12 = (0.00048828125*_t1_5)
     _h13 = (0.000244140625*_r2_abs*_t1_5)
@@ -1346,9 +1356,9 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _h12 = (-_r0)
     _h13 = (_t4_6)
     _h14 = (0.000244140625*_t4_7)
-    _h15 = (-3.0*_r2)
-    _h16 = (2.0*_r0)
-    _h17 = (_r0*_r2)
+    _h15 = (3.0*_r2)
+    _h16 = (-2.0*_r0)
+    _h17 = (-_r0*_r2)
     _h18 = (0.000732421875*_r2_abs)
     _h19 = (0.00048828125*_t4_7)
     _h20 = (_t4_6*_t4_7)
@@ -1566,9 +1576,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _h12 = (-_r0)
     _h13 = (_t4_9)
     _h14 = (0.000244140625*_t4_10)
-    _h15 = (-3.0*_r2)
-    _h16 = (2.0*_r0)
-    _h17 = (_r0*_r2)
+    _h15 = (3.0*_r2)
+    _h16 = (-2.0*_r0)
+    _h17 = (-_r0*_r2)
     _h18 = (0.000732421875*_r2_abs)
     _h19 = (0.00048828125*_t4_10)
     _h20 = (_t4_10*_t4_9)
@@ -1695,34 +1705,38 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xd0r0_0_s = 0
     _xd0r0_1 = 1.0
     _xd0r0_1_s = 0
+    _xd0r0_2 = 1.0
+    _xd0r0_2_s = 0
     _xA0r0_0_n = 0
     _xA0r0_0_s = 0
     _xA0r0_1_n = 0
     _xA0r0_1_s = 0
     _xA0r0_2_n = 0
     _xA0r0_2_s = 0
-    _xc0r0_0 = (-3.0*_r2)
+    _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
-    _xc0r0_1 = (2.0*_r0)
+    _xc0r0_1 = (-2.0*_r0)
     _xb0r0_1 = (0.00048828125*abs(_r0))
-    _xc0r0_2 = (_r0*_r2)
+    _xc0r0_2 = (-_r0*_r2)
     _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
     _xready1r0 = False
     _xd1r0_0 = 1.0
     _xd1r0_0_s = 0
     _xd1r0_1 = 1.0
     _xd1r0_1_s = 0
+    _xd1r0_2 = 1.0
+    _xd1r0_2_s = 0
     _xA1r0_0_n = 0
     _xA1r0_0_s = 0
     _xA1r0_1_n = 0
     _xA1r0_1_s = 0
     _xA1r0_2_n = 0
     _xA1r0_2_s = 0
-    _xc1r0_0 = (-3.0*_r2)
+    _xc1r0_0 = (3.0*_r2)
     _xb1r0_0 = (0.000732421875*_r2_abs)
-    _xc1r0_1 = (_r0)
+    _xc1r0_1 = (-_r0)
     _xb1r0_1 = (0.000244140625*abs(_r0))
-    _xc1r0_2 = (_r0)
+    _xc1r0_2 = (-_r0)
     _xb1r0_2 = (0.000244140625*abs(_r0))
     _xdready0r0 = False
     _xdready0r1 = False
@@ -1730,14 +1744,18 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
+    _xd0r1_2 = 1.0
+    _xd0r1_2_s = 0
     _xdready1r0 = False
     _xdready1r1 = False
     _xd1r1_0 = 1.0
     _xd1r1_0_s = 0
     _xd1r1_1 = 1.0
     _xd1r1_1_s = 0
-    _xcs_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs_0_b = -1.0
+    _xd1r1_2 = 1.0
+    _xd1r1_2_s = 0
+    _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -1747,7 +1765,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -1760,13 +1778,13 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs_0_a * _xcs_0_b >= 0.0:
-        _xcs_0 = _xcs_0_a if _xcs_0_a != 0.0 else (_xcs_0_b if _xcs_0_q > 0.0 else 0.0)
+    _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_a * _xcs0_b >= 0.0:
+        _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
     else:
-        _xcs_0 = _xcs_0_a * _xcs_0_d
-    _xcs_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs_1_b = -1.0
+        _xcs0 = _xcs0_a * _xcs0_d
+    _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs1_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -1776,7 +1794,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -1789,12 +1807,12 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs_1_a * _xcs_1_b >= 0.0:
-        _xcs_1 = _xcs_1_a if _xcs_1_a != 0.0 else (_xcs_1_b if _xcs_1_q > 0.0 else 0.0)
+    _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs1_a * _xcs1_b >= 0.0:
+        _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
     else:
-        _xcs_1 = _xcs_1_a * _xcs_1_d
-    _xregion = ((0.0) if (_xcs_0 < 0.0) and (_xcs_1 < 0.0) else (1.0) if (_xcs_0 < 0.0) else (2.0))
+        _xcs1 = _xcs1_a * _xcs1_d
+    _xregion = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
     _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
@@ -1815,7 +1833,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xready0r0 = True
                             _xA0r0_0_n = 0
                             _xA0r0_0_s = 0
-                            _xt[0] = -1.0
+                            _xt[0] = 1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
@@ -1825,7 +1843,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
                             _xA0r0_1_n = 0
                             _xA0r0_1_s = 0
-                            _xt[0] = 1.0
+                            _xt[0] = -1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
@@ -1833,7 +1851,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                             _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                             _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                            _xp[0] = 1.0
+                            _xp[0] = -1.0
                             _xp_n = 1
                             _xp_s = 0
                             _xf_n = 0
@@ -1879,6 +1897,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                         if _xregion == 0:
                             if not _xdready0r0:
                                 _xdready0r0 = True
+                                _xd0r0_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -1886,8 +1905,8 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                                _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -1895,27 +1914,30 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
+                                _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r0_2, _xd0r0_2_s = _xsqrt_m(_xd0r0_2, _xd0r0_2_s)
                             _xq = _xq / _xd0r0_0
                             _xq_s -= _xd0r0_0_s
                             _xq = _xq / _xd0r0_1
                             _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_2
+                            _xq_s -= _xd0r0_2_s
                         elif _xregion == 1:
                             if not _xdready0r1:
                                 _xdready0r1 = True
+                                _xd0r1_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -1923,20 +1945,22 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                                _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r1_2, _xd0r1_2_s = _xsqrt_m(_xd0r1_2, _xd0r1_2_s)
                             _xq = _xq / _xd0r1_0
                             _xq_s -= _xd0r1_0_s
                             _xq = _xq / _xd0r1_1
                             _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
                             _xe = _xq
@@ -1949,7 +1973,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xready1r0 = True
                             _xA1r0_0_n = 0
                             _xA1r0_0_s = 0
-                            _xt[0] = -1.0
+                            _xt[0] = 1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
@@ -1959,7 +1983,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
                             _xA1r0_1_n = 0
                             _xA1r0_1_s = 0
-                            _xt[0] = 1.0
+                            _xt[0] = -1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
@@ -1968,7 +1992,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
                             _xA1r0_2_n = 0
                             _xA1r0_2_s = 0
-                            _xt[0] = 1.0
+                            _xt[0] = -1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
@@ -1996,6 +2020,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                         if _xregion == 0:
                             if not _xdready1r0:
                                 _xdready1r0 = True
+                                _xd1r0_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2003,8 +2028,8 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r0_0, _xd1r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_0, _xd1r0_0_s = _xsqrt_m(_xd1r0_0, _xd1r0_0_s)
+                                _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2012,27 +2037,30 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
+                                _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r0_2, _xd1r0_2_s = _xsqrt_m(_xd1r0_2, _xd1r0_2_s)
                             _xq = _xq / _xd1r0_0
                             _xq_s -= _xd1r0_0_s
                             _xq = _xq / _xd1r0_1
                             _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_2
+                            _xq_s -= _xd1r0_2_s
                         elif _xregion == 1:
                             if not _xdready1r1:
                                 _xdready1r1 = True
+                                _xd1r1_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2040,20 +2068,22 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r1_1, _xd1r1_1_s = _xsqrt_m(_xd1r1_1, _xd1r1_1_s)
+                                _xd1r1_2, _xd1r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r1_2, _xd1r1_2_s = _xsqrt_m(_xd1r1_2, _xd1r1_2_s)
                             _xq = _xq / _xd1r1_0
                             _xq_s -= _xd1r1_0_s
                             _xq = _xq / _xd1r1_1
                             _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
                             _xe = _xq
@@ -2155,9 +2185,9 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _h9 = (0.000732421875*_r2_abs)
     _h10 = (_t1_7)
     _h11 = ((1.0)/(abs(_t1_5)))
-    _h12 = (-3.0*_r2)
-    _h13 = (2.0*_r0)
-    _h14 = (_r0*_r2)
+    _h12 = (3.0*_r2)
+    _h13 = (-2.0*_r0)
+    _h14 = (-_r0*_r2)
     _h15 = (0.00048828125*_t1_6)
     _h16 = (_r2_abs*_t1_7)
     _scratch = np.empty((10, _n))
@@ -2297,34 +2327,38 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xd0r0_0_s = 0
     _xd0r0_1 = 1.0
     _xd0r0_1_s = 0
+    _xd0r0_2 = 1.0
+    _xd0r0_2_s = 0
     _xA0r0_0_n = 0
     _xA0r0_0_s = 0
     _xA0r0_1_n = 0
     _xA0r0_1_s = 0
     _xA0r0_2_n = 0
     _xA0r0_2_s = 0
-    _xc0r0_0 = (-3.0*_r2)
+    _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
-    _xc0r0_1 = (2.0*_r0)
+    _xc0r0_1 = (-2.0*_r0)
     _xb0r0_1 = (0.00048828125*abs(_r0))
-    _xc0r0_2 = (_r0*_r2)
+    _xc0r0_2 = (-_r0*_r2)
     _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
     _xready1r0 = False
     _xd1r0_0 = 1.0
     _xd1r0_0_s = 0
     _xd1r0_1 = 1.0
     _xd1r0_1_s = 0
+    _xd1r0_2 = 1.0
+    _xd1r0_2_s = 0
     _xA1r0_0_n = 0
     _xA1r0_0_s = 0
     _xA1r0_1_n = 0
     _xA1r0_1_s = 0
     _xA1r0_2_n = 0
     _xA1r0_2_s = 0
-    _xc1r0_0 = (-3.0*_r2)
+    _xc1r0_0 = (3.0*_r2)
     _xb1r0_0 = (0.000732421875*_r2_abs)
-    _xc1r0_1 = (_r0)
+    _xc1r0_1 = (-_r0)
     _xb1r0_1 = (0.000244140625*abs(_r0))
-    _xc1r0_2 = (_r0)
+    _xc1r0_2 = (-_r0)
     _xb1r0_2 = (0.000244140625*abs(_r0))
     _xdready0r0 = False
     _xdready0r1 = False
@@ -2332,14 +2366,18 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
+    _xd0r1_2 = 1.0
+    _xd0r1_2_s = 0
     _xdready1r0 = False
     _xdready1r1 = False
     _xd1r1_0 = 1.0
     _xd1r1_0_s = 0
     _xd1r1_1 = 1.0
     _xd1r1_1_s = 0
-    _xcs_0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs_0_b = -1.0
+    _xd1r1_2 = 1.0
+    _xd1r1_2_s = 0
+    _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs0_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -2349,7 +2387,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -2362,13 +2400,13 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs_0_a * _xcs_0_b >= 0.0:
-        _xcs_0 = _xcs_0_a if _xcs_0_a != 0.0 else (_xcs_0_b if _xcs_0_q > 0.0 else 0.0)
+    _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs0_a * _xcs0_b >= 0.0:
+        _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
     else:
-        _xcs_0 = _xcs_0_a * _xcs_0_d
-    _xcs_1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs_1_b = -1.0
+        _xcs0 = _xcs0_a * _xcs0_d
+    _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
+    _xcs1_b = -1.0
     _xa_n = 0
     _xa_s = 0
     _xt[0] = 1.0
@@ -2378,7 +2416,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
     _xt[0] = -1.0
@@ -2391,12 +2429,12 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs_1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs_1_a * _xcs_1_b >= 0.0:
-        _xcs_1 = _xcs_1_a if _xcs_1_a != 0.0 else (_xcs_1_b if _xcs_1_q > 0.0 else 0.0)
+    _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
+    if _xcs1_a * _xcs1_b >= 0.0:
+        _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
     else:
-        _xcs_1 = _xcs_1_a * _xcs_1_d
-    _xregion = ((0.0) if (_xcs_0 < 0.0) and (_xcs_1 < 0.0) else (1.0) if (_xcs_0 < 0.0) else (2.0))
+        _xcs1 = _xcs1_a * _xcs1_d
+    _xregion = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
     _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
         if _scratch[13, _k] == 0.0:
@@ -2415,7 +2453,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xready0r0 = True
                             _xA0r0_0_n = 0
                             _xA0r0_0_s = 0
-                            _xt[0] = -1.0
+                            _xt[0] = 1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
@@ -2425,7 +2463,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
                             _xA0r0_1_n = 0
                             _xA0r0_1_s = 0
-                            _xt[0] = 1.0
+                            _xt[0] = -1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
@@ -2433,7 +2471,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                             _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                             _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                            _xp[0] = 1.0
+                            _xp[0] = -1.0
                             _xp_n = 1
                             _xp_s = 0
                             _xf_n = 0
@@ -2479,6 +2517,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                         if _xregion == 0:
                             if not _xdready0r0:
                                 _xdready0r0 = True
+                                _xd0r0_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2486,8 +2525,8 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
+                                _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2495,27 +2534,30 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
+                                _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r0_2, _xd0r0_2_s = _xsqrt_m(_xd0r0_2, _xd0r0_2_s)
                             _xq = _xq / _xd0r0_0
                             _xq_s -= _xd0r0_0_s
                             _xq = _xq / _xd0r0_1
                             _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_1
+                            _xq_s -= _xd0r0_1_s
+                            _xq = _xq / _xd0r0_2
+                            _xq_s -= _xd0r0_2_s
                         elif _xregion == 1:
                             if not _xdready0r1:
                                 _xdready0r1 = True
+                                _xd0r1_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2523,20 +2565,22 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                                _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd0r1_2, _xd0r1_2_s = _xsqrt_m(_xd0r1_2, _xd0r1_2_s)
                             _xq = _xq / _xd0r1_0
                             _xq_s -= _xd0r1_0_s
                             _xq = _xq / _xd0r1_1
                             _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
+                            _xq = _xq / _xd0r1_2
+                            _xq_s -= _xd0r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
                             _out0[_i, _k, _l] = _w * _xq
@@ -2549,7 +2593,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xready1r0 = True
                             _xA1r0_0_n = 0
                             _xA1r0_0_s = 0
-                            _xt[0] = -1.0
+                            _xt[0] = 1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
@@ -2559,7 +2603,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
                             _xA1r0_1_n = 0
                             _xA1r0_1_s = 0
-                            _xt[0] = 1.0
+                            _xt[0] = -1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
@@ -2568,7 +2612,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
                             _xA1r0_2_n = 0
                             _xA1r0_2_s = 0
-                            _xt[0] = 1.0
+                            _xt[0] = -1.0
                             _xm = 1
                             _xt_s = 0
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
@@ -2596,6 +2640,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                         if _xregion == 0:
                             if not _xdready1r0:
                                 _xdready1r0 = True
+                                _xd1r0_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2603,8 +2648,8 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r0_0, _xd1r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_0, _xd1r0_0_s = _xsqrt_m(_xd1r0_0, _xd1r0_0_s)
+                                _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2612,27 +2657,30 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
+                                _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r0_2, _xd1r0_2_s = _xsqrt_m(_xd1r0_2, _xd1r0_2_s)
                             _xq = _xq / _xd1r0_0
                             _xq_s -= _xd1r0_0_s
                             _xq = _xq / _xd1r0_1
                             _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_1
+                            _xq_s -= _xd1r0_1_s
+                            _xq = _xq / _xd1r0_2
+                            _xq_s -= _xd1r0_2_s
                         elif _xregion == 1:
                             if not _xdready1r1:
                                 _xdready1r1 = True
+                                _xd1r1_0 = -1.0
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xa_n = 0
                                 _xa_s = 0
                                 _xt[0] = 1.0
@@ -2640,20 +2688,22 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                                 _xt_s = 0
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r1_1, _xd1r1_1_s = _xsqrt_m(_xd1r1_1, _xd1r1_1_s)
+                                _xd1r1_2, _xd1r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                                _xd1r1_2, _xd1r1_2_s = _xsqrt_m(_xd1r1_2, _xd1r1_2_s)
                             _xq = _xq / _xd1r1_0
                             _xq_s -= _xd1r1_0_s
                             _xq = _xq / _xd1r1_1
                             _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
+                            _xq = _xq / _xd1r1_2
+                            _xq_s -= _xd1r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
                             _out0[_i, _k, _l] = _w * _xq
@@ -2749,14 +2799,14 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _h5 = _t1_2
     _h6 = _t1_4
     _h7 = ((1.0)/(_t1_4))
-    _h8 = (-3.0*_r2)
-    _h9 = (_r0)
+    _h8 = (3.0*_r2)
+    _h9 = (-_r0)
     _h10 = (0.000732421875*_r2_abs)
     _h11 = (_t1_6)
     _h12 = ((1.0)/(abs(_t1_2*_t1_7)))
     _h13 = ((1.0)/(eps*abs(_t1_7)))
-    _h14 = (2.0*_r0)
-    _h15 = (_r0*_r2)
+    _h14 = (-2.0*_r0)
+    _h15 = (-_r0*_r2)
     _h16 = (0.00048828125*_t1_5)
     _h17 = (_r2_abs*_t1_6)
     _scratch = np.empty((14, _n))

@@ -416,6 +416,11 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
     numerator_terms = monomials(numerator, generators)
     if numerator_terms is None:
         return None
+    if conditions is not None and numerator_terms[0][0] < 0:
+        # a branch's sign in its denominator, so that branches that differ in sign alone (1 - cos
+        # and cos - margin) share their numerator's code (:func:`_numerator_groups`)
+        numerator, denominator = -numerator, -denominator
+        numerator_terms = monomials(numerator, generators)
     # grouped by the element's monomial e_m: A_m is a row value, computed once per row (exactly
     # in the fallback, rounded in the kernels' test)
     groups: dict = {}
@@ -724,18 +729,19 @@ def _region_keys(j, regions) -> dict:
     return {r: f"{j}r{r}" for r, (_, f) in enumerate(regions) if f is not None}
 
 
-def _emit_region(body, j, regions, reductions, printed):
+def _emit_region(body, j, regions, reductions, printed, decided: dict):
     """Lines setting _xregion{j}, the row's region (the first of ``regions``' conditions that
     holds), each comparison of row sums decided exactly by the sign of its difference
-    (:func:`_emit_sign`); nothing where there is one region."""
+    (:func:`_emit_sign`), once per row (``decided``: {comparison: its decision}, shared by the
+    outputs); nothing where there is one region."""
     if len(regions) <= 1:
         return
     conditions = _conditions_of(regions)
-    decided = {}
-    for n, relation in enumerate(_row_relations(conditions, reductions)):
-        sign = sp.Symbol(f"_xcs{j}_{n}", real=True)
-        _emit_sign(body, _sign_form(relation.lhs - relation.rhs), reductions, printed, sign.name)
-        decided[relation] = relation.func(sign, 0)
+    for relation in _row_relations(conditions, reductions):
+        if relation not in decided:
+            sign = sp.Symbol(f"_xcs{len(decided)}", real=True)
+            _emit_sign(body, _sign_form(relation.lhs - relation.rhs), reductions, printed, sign.name)
+            decided[relation] = relation.func(sign, 0)
     body.emit(2, f"_xregion{j} = {printed(conditions.xreplace(decided))}")
 
 
@@ -822,9 +828,9 @@ def emit_fallback(body, plans: dict, outs: dict):
         flat.update(numerators)
         denominators.update(others)
     _emit_setup(body, flat, printed, denominators)
-    reductions = {r: t for f in flat.values() for r, t in f.reductions.items()}
+    reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
     for j, p in plans.items():
-        _emit_region(body, j, p.regions, reductions, printed)
+        _emit_region(body, j, p.regions, reductions, printed, decided)
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
     for j, p in plans.items():
@@ -851,7 +857,7 @@ def emit_block_fallback(body, diagonal: RegionPlans, pair: PairFallback, out: st
     (own, own_denominators), (other, other_denominators) = _split(0, diagonal.regions), _split(1, pair.regions)
     _emit_setup(body, {**own, **other}, printed, {**own_denominators, **other_denominators})
     reductions = {r: t for f in (*own.values(), *other.values()) for r, t in f.reductions.items()}
-    _emit_region(body, "", diagonal.regions, reductions, printed)
+    _emit_region(body, "", diagonal.regions, reductions, printed, {})
     body.emit(2, f"_xscale = {printed(pair.entry_scale())}")
     body.emit(2, "for _k in range(_n):")
     body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
