@@ -361,9 +361,16 @@ def _sign_form(d: sp.Expr) -> tuple | None:
             return None
         a, b = terms.get((0,) * len(roots), sp.S.Zero), terms.get((1,) * len(roots), sp.S.Zero)
         q = sp.Mul(*(r.base for r in roots))
-    if any(e.has(sp.Pow) and any(p.exp.is_Rational and not p.exp.is_Integer for p in e.atoms(sp.Pow))
-           for e in (a, b, q, *bases)):
-        return None
+    for e in (a, b, q, *bases):  # polynomials with rational coefficients (exact as expansions)
+        if e.is_Number:
+            if not e.is_Rational:
+                return None
+            continue
+        try:
+            if not all(c.is_Rational for c in sp.Poly(e, *sorted(e.free_symbols, key=sp.default_sort_key)).coeffs()):
+                return None
+        except sp.PolynomialError:
+            return None
     return a, b, q, tuple(bases)
 
 
