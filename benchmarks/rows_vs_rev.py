@@ -3,9 +3,10 @@ git revision, in one process.
 
     python benchmarks/rows_vs_rev.py --rev REV NAME ... [--sizes 20000x10,2000x50] [--repeat 9]
     python benchmarks/rows_vs_rev.py --rev REV ssim_global --near   # x = y + N(0, 0.01)
+    python benchmarks/rows_vs_rev.py --rev REV NAME --kernels hess_full --sizes 2000x10
 
-For each module, size N x C and kernel (loss, grad, hess; serial, no weights, preallocated
-outputs): the time before (ms, median of --repeat runs) and the ratio after/before, the two
+For each module, size N x C and kernel (loss, grad, hess, or --kernels, hess_full among them;
+serial, no weights, preallocated outputs): the time before (ms, median of --repeat runs) and the ratio after/before, the two
 taken in turn in each run, so that a busy machine slows both alike. Inputs are drawn from each
 input's domain (random normal rows for embeddings and reals, uniform in [0, 1] for probabilities
 and pixels, random class indices and labels); with --near, a prediction on [0, 1] is the
@@ -63,6 +64,8 @@ def arguments(module, rows: int, columns: int, near: bool, rng) -> list:
 
 def outputs(module, kernel: str, rows: int, columns: int) -> list:
     count = module.SPEC["kernels"][kernel]
+    if kernel == "hess_full":  # a (C, C) block per pair of predictions
+        return [np.empty((rows, columns, columns)) for _ in range(count)]
     return [np.empty(rows)] if kernel == "loss" else [np.empty((rows, columns)) for _ in range(count)]
 
 
@@ -73,13 +76,15 @@ def main():
     parser.add_argument("--sizes", default="20000x10,2000x50")
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--near", action="store_true")
+    parser.add_argument("--kernels", default=",".join(KERNELS))
     args = parser.parse_args()
+    kernels = args.kernels.split(",")
     folder = Path(tempfile.mkdtemp())
     os.environ.setdefault("NUMBA_CACHE_DIR", str(folder / "numba"))
     sys.path.insert(0, str(folder))
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     print(f"after = generated/, before = {args.rev}; ms before, after/before; medians of {args.repeat}")
-    print(f"{'loss':<20} {'N x C':>12}  " + "  ".join(f"{k:>16}" for k in KERNELS))
+    print(f"{'loss':<20} {'N x C':>12}  " + "  ".join(f"{k:>16}" for k in kernels))
     for name in args.names:
         old = folder / f"before_{name}.py"
         old.write_text(subprocess.run(["git", "show", f"{args.rev}:generated/{name}.py"], cwd=ROOT,
@@ -90,7 +95,7 @@ def main():
         for rows, columns in sizes:
             values = arguments(after, rows, columns, args.near, np.random.default_rng(0))
             cells = []
-            for kernel in KERNELS:
+            for kernel in kernels:
                 out = outputs(after, kernel, rows, columns)
                 calls = [getattr(m, f"{kernel}_kernel") for m in (before, after)]
                 for call in calls:

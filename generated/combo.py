@@ -1249,7 +1249,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
-    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
+    _xscale0 = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
         if _scratch[8, _k] == 0.0:
             continue
@@ -1370,7 +1370,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
             else:
                 _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
                 _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1587,7 +1587,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h14 = (_r0*_t1_2 + _r1*_t1_2 + _t1_2*smooth - _t1_3)
     _h15 = (_t1_14*_t1_6 + _t1_14*_t1_7 + _t1_14*smooth)
     _scratch = np.empty((9, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1607,7 +1607,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[8, _k] = 1.0 if (abs(_e_y*_h13 + _h14) < _e_y*_h15 + _h12) | (_e_y*_h15 + _h12 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[8, _j] != 0.0
+        _xj0 = _scratch[8, _j] != 0.0
         _xsh = 0.0
         _xsb = 0.0
         for _l in range(_n):
@@ -1615,10 +1615,10 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
             _xsh += abs(_h * _v_p[_i, _l])
             _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
-        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
-        _scratch[8, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[8, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)
 
 
@@ -1709,7 +1709,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
     _xb1_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
-    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
+    _xscale0 = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
         if _scratch[11, _k] == 0.0:
             continue
@@ -1828,7 +1828,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
             else:
                 _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
                 _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -2040,7 +2040,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h13 = (-_r0*_t1_11 - _r1*_t1_11 - _t1_11*smooth)
     _h14 = (_t1_12*_t1_7 + _t1_12*_t1_8 + _t1_12*smooth)
     _scratch = np.empty((12, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -2062,15 +2062,15 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[10, _k] = _h12
         _scratch[11, _k] = 1.0 if (abs(_e_y*_h13 + _h9) < _e_y*_h14 + _h11) | (_e_y*_h14 + _h11 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[11, _j] != 0.0
+        _xj0 = _scratch[11, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
             _xbl = _scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[10, _j] < 1.0261342003245941e-289))
-        _scratch[11, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[10, _j] < 1.0261342003245941e-289))
+        _scratch[11, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
 
 

@@ -1812,8 +1812,8 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
         _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
     else:
         _xcs1 = _xcs1_a * _xcs1_d
-    _xregion = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
-    _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
+    _xregion0 = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
+    _xscale0 = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
             continue
@@ -1825,7 +1825,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
             _at_l_y = y[_i, _l]
             _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
             if _l == _k:
-                if _xregion == 0 or _xregion == 1:
+                if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc0r0_0*_e_x**2 + _xc0r0_1*_e_x*_e_y + _xc0r0_2
                     _xb = _xb0r0_0*abs(_e_x**2) + _xb0r0_1*abs(_e_x*_e_y) + _xb0r0_2
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
@@ -1894,7 +1894,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                         _xt_s = _xA0r0_2_s
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion == 0:
+                        if _xregion0 == 0:
                             if not _xdready0r0:
                                 _xdready0r0 = True
                                 _xd0r0_0 = -1.0
@@ -1930,7 +1930,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xq_s -= _xd0r0_1_s
                             _xq = _xq / _xd0r0_2
                             _xq_s -= _xd0r0_2_s
-                        elif _xregion == 1:
+                        elif _xregion0 == 1:
                             if not _xdready0r1:
                                 _xdready0r1 = True
                                 _xd0r1_0 = -1.0
@@ -1965,10 +1965,10 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                         if math.isfinite(_xq):
                             _xe = _xq
             else:
-                if _xregion == 0 or _xregion == 1:
+                if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
                     _xb = _xb1r0_0*abs(_at_l_x*_e_x) + _xb1r0_1*abs(_at_l_x*_e_y) + _xb1r0_2*abs(_at_l_y*_e_x)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                         if not _xready1r0:
                             _xready1r0 = True
                             _xA1r0_0_n = 0
@@ -2017,7 +2017,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion == 0:
+                        if _xregion0 == 0:
                             if not _xdready1r0:
                                 _xdready1r0 = True
                                 _xd1r0_0 = -1.0
@@ -2053,7 +2053,7 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
                             _xq_s -= _xd1r0_1_s
                             _xq = _xq / _xd1r0_2
                             _xq_s -= _xd1r0_2_s
-                        elif _xregion == 1:
+                        elif _xregion0 == 1:
                             if not _xdready1r1:
                                 _xdready1r1 = True
                                 _xd1r1_0 = -1.0
@@ -2191,7 +2191,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _h15 = (0.00048828125*_t1_6)
     _h16 = (_r2_abs*_t1_7)
     _scratch = np.empty((10, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -2241,7 +2241,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _scratch[9, _k] = 1.0 if (abs(_t3_2*((_h13) if _t3_1 else (0.0)) + _t3_3*((_h12) if _t3_1 else (0.0)) + ((_h14) if _t3_1 else (0.0))) < _t3_3*((_h9) if _t3_1 else (math.nan)) + ((_h15) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h16) if _t3_1 else (math.nan))) | (_t3_3*((_h9) if _t3_1 else (math.nan)) + ((_h15) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h16) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[9, _j] != 0.0
+        _xj0 = _scratch[9, _j] != 0.0
         _xsh = 0.0
         _xsb = 0.0
         for _l in range(_n):
@@ -2249,10 +2249,10 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_x[_i, _l]
             _xsh += abs(_h * _v_x[_i, _l])
             _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_x[_i, _l])
-        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
-        _scratch[9, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[9, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch)
 
 
@@ -2434,8 +2434,8 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
         _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
     else:
         _xcs1 = _xcs1_a * _xcs1_d
-    _xregion = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
-    _xscale = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
+    _xregion0 = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
+    _xscale0 = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
         if _scratch[13, _k] == 0.0:
             continue
@@ -2445,7 +2445,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
             _at_l_x = x[_i, _l]
             _at_l_y = y[_i, _l]
             if _l == _k:
-                if _xregion == 0 or _xregion == 1:
+                if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc0r0_0*_e_x**2 + _xc0r0_1*_e_x*_e_y + _xc0r0_2
                     _xb = _xb0r0_0*abs(_e_x**2) + _xb0r0_1*abs(_e_x*_e_y) + _xb0r0_2
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
@@ -2514,7 +2514,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                         _xt_s = _xA0r0_2_s
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion == 0:
+                        if _xregion0 == 0:
                             if not _xdready0r0:
                                 _xdready0r0 = True
                                 _xd0r0_0 = -1.0
@@ -2550,7 +2550,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xq_s -= _xd0r0_1_s
                             _xq = _xq / _xd0r0_2
                             _xq_s -= _xd0r0_2_s
-                        elif _xregion == 1:
+                        elif _xregion0 == 1:
                             if not _xdready0r1:
                                 _xdready0r1 = True
                                 _xd0r1_0 = -1.0
@@ -2585,10 +2585,10 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                         if math.isfinite(_xq):
                             _out0[_i, _k, _l] = _w * _xq
             else:
-                if _xregion == 0 or _xregion == 1:
+                if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
                     _xb = _xb1r0_0*abs(_at_l_x*_e_x) + _xb1r0_1*abs(_at_l_x*_e_y) + _xb1r0_2*abs(_at_l_y*_e_x)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                         if not _xready1r0:
                             _xready1r0 = True
                             _xA1r0_0_n = 0
@@ -2637,7 +2637,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion == 0:
+                        if _xregion0 == 0:
                             if not _xdready1r0:
                                 _xdready1r0 = True
                                 _xd1r0_0 = -1.0
@@ -2673,7 +2673,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xq_s -= _xd1r0_1_s
                             _xq = _xq / _xd1r0_2
                             _xq_s -= _xd1r0_2_s
-                        elif _xregion == 1:
+                        elif _xregion0 == 1:
                             if not _xdready1r1:
                                 _xdready1r1 = True
                                 _xd1r1_0 = -1.0
@@ -2810,7 +2810,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _h16 = (0.00048828125*_t1_5)
     _h17 = (_r2_abs*_t1_6)
     _scratch = np.empty((14, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -2860,15 +2860,15 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _t3_3 = _e_x**2
         _scratch[13, _k] = 1.0 if (abs(_t3_2*((_h14) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h15) if _t3_1 else (0.0))) < _t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan))) | (_t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[13, _j] != 0.0
+        _xj0 = _scratch[13, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
             _xbl = _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[4, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[12, _j] < 1.0261342003245941e-289))
-        _scratch[13, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[4, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[12, _j] < 1.0261342003245941e-289))
+        _scratch[13, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch)
 
 

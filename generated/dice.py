@@ -1212,7 +1212,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xb1_1 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
-    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
+    _xscale0 = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
             continue
@@ -1355,7 +1355,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
             else:
                 _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
                 _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1535,7 +1535,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _h11 = (_t1_5)
     _h12 = (0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_14 + 0.00048828125*_t1_2*smooth + _t1_3*_t1_6 + _t1_4*_t1_6 + 0.00048828125*abs(_t1_11) + 0.0009765625*abs(_t1_8) + 0.00048828125*abs(_t1_9))
     _scratch = np.empty((10, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1557,7 +1557,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _scratch[9, _k] = 1.0 if (abs(_h10 + _h8*_t3_1 + _h9*_t3_0) < _h11*_t3_0 + _h12 + _h6*_t3_1) | (_h11*_t3_0 + _h12 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[9, _j] != 0.0
+        _xj0 = _scratch[9, _j] != 0.0
         _xsh = 0.0
         _xsb = 0.0
         for _l in range(_n):
@@ -1565,10 +1565,10 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
             _xsh += abs(_h * _v_p[_i, _l])
             _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_p[_i, _l])
-        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
-        _scratch[9, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[9, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)
 
 
@@ -1672,7 +1672,7 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
     _xb1_1 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
-    _xscale = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
+    _xscale0 = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
     for _k in range(_n):
         if _scratch[12, _k] == 0.0:
             continue
@@ -1813,7 +1813,7 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
             else:
                 _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
                 _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1991,7 +1991,7 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _h11 = (_t1_7)
     _h12 = (0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_14 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_11) + 0.0009765625*abs(_r0*_r1))
     _scratch = np.empty((13, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -2014,15 +2014,15 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _t3_1 = _e_p**2
         _scratch[12, _k] = 1.0 if (abs(_h10 + _h4*_t3_1 + _h9*_t3_0) < _h11*_t3_0 + _h12 + _h6*_t3_1) | (_h11*_t3_0 + _h12 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[12, _j] != 0.0
+        _xj0 = _scratch[12, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
             _xbl = _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
-        _scratch[12, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
+        _scratch[12, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
 
 

@@ -1027,7 +1027,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
     _xb1_2 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
-    _xscale = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
+    _xscale0 = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
             continue
@@ -1131,7 +1131,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch):
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1301,7 +1301,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _h8 = (-4.0*_r4 - _t1_4 - 4.0*smooth)
     _h9 = (2.0*_r4 + _t1_4 + 2.0*smooth)
     _scratch = np.empty((10, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
@@ -1321,7 +1321,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _scratch[9, _k] = 1.0 if (abs(_e_y*_h8 + _h9) < _e_y*_h5 + _h7) | (_e_y*_h5 + _h7 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[9, _j] != 0.0
+        _xj0 = _scratch[9, _j] != 0.0
         _xsh = 0.0
         _xsb = 0.0
         for _l in range(_n):
@@ -1329,10 +1329,10 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
             _xsh += abs(_h * _v_p[_i, _l])
             _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_p[_i, _l])
-        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
-        _scratch[9, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[9, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0, _w, _scratch)
 
 
@@ -1428,7 +1428,7 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
     _xb1_2 = (0.000732421875*smooth + 0.00048828125*abs(_r3) + 0.000732421875*abs(_r4))
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
-    _xscale = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
+    _xscale0 = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
     for _k in range(_n):
         if _scratch[12, _k] == 0.0:
             continue
@@ -1530,7 +1530,7 @@ def _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1700,7 +1700,7 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _h9 = ((1.0)/(_t1_1*abs(_t1_0)))
     _h10 = (_t1_3)
     _scratch = np.empty((13, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y - 1.0
@@ -1721,15 +1721,15 @@ def _hess_full_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[11, _k] = _h9
         _scratch[12, _k] = 1.0 if (abs(_e_y*_h3 + _h10) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[12, _j] != 0.0
+        _xj0 = _scratch[12, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
             _xbl = _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
-        _scratch[12, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
+        _scratch[12, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hess_full_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
 
 

@@ -1289,7 +1289,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     _xb1_2 = (0.000244140625*alpha**2*abs(_r0) + 0.000244140625*alpha*beta*abs(_r1) + 0.000244140625*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.000244140625*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
-    _xscale = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
+    _xscale0 = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
     for _k in range(_n):
         if _scratch[7, _k] == 0.0:
             continue
@@ -1483,7 +1483,7 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1815,7 +1815,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h12 = (-_r2*_t1_24 - _t1_24*smooth)
     _h13 = (_t1_10*_t1_27 + 0.00048828125*_t1_14*_t1_22 + 0.00048828125*_t1_18 + _t1_21*_t1_27)
     _scratch = np.empty((8, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y*_h2
@@ -1840,7 +1840,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[7, _k] = 1.0 if (abs(_e_y*_h10 + _h11*_t3_0 + _h12) < _e_y*_h13 + _h7*_t3_0 + _h9) | (_e_y*_h13 + _h7*_t3_0 + _h9 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj = _scratch[7, _j] != 0.0
+        _xj0 = _scratch[7, _j] != 0.0
         _xsh = 0.0
         _xsb = 0.0
         for _l in range(_n):
@@ -1848,10 +1848,10 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
             _xsh += abs(_h * _v_p[_i, _l])
             _xsb += (_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
-        _xj |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
-        _scratch[7, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+        _scratch[7, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)
 
 
@@ -1956,7 +1956,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
     _xb1_2 = (0.000244140625*alpha**2*abs(_r0) + 0.000244140625*alpha*beta*abs(_r1) + 0.000244140625*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.000244140625*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
-    _xscale = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
+    _xscale0 = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
     for _k in range(_n):
         if _scratch[10, _k] == 0.0:
             continue
@@ -2148,7 +2148,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -2480,7 +2480,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h12 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
     _h13 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
     _scratch = np.empty((11, _n))
-    _xflag = False
+    _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
         _t2_0 = _e_y*_h2
@@ -2506,15 +2506,15 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _t3_0 = _e_y**2
         _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h5*_t3_0 + _h7) < _e_y*_h13 + _h10 + _h8*_t3_0) | (_e_y*_h13 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj = _scratch[10, _j] != 0.0
+        _xj0 = _scratch[10, _j] != 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h
             _xbl = _scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]
-            _xj |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[9, _j] < 1.0261342003245941e-289))
-        _scratch[10, _j] = 1.0 if _xj else 0.0
-        _xflag |= _xj
-    if _xflag:
+            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[9, _j] < 1.0261342003245941e-289))
+        _scratch[10, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
         _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
 
 

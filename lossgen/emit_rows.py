@@ -780,14 +780,14 @@ def _indices(block) -> list:
     return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
 
 
-def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, fallback=None, arguments=()) -> dict:
+def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, fallbacks=None, arguments=()) -> dict:
     """:func:`_block_kernel_lines`, with its twin for the scaled norms (:func:`_with_scaled`)."""
     return _with_scaled(derivation, lambda scaled: _block_kernel_lines(derivation, printer, product, keys, scaled,
-                                                                       fallback, arguments))
+                                                                       fallbacks, arguments))
 
 
 def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys, scaled: bool,
-                        fallback=None, arguments=()) -> dict:
+                        fallbacks=None, arguments=()) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
@@ -795,32 +795,37 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
     O(C**2) work per row, and O(C) memory: the matrix is never formed.
 
-    ``fallback``: (exact_rows.Fallback of the diagonal, exact_rows.PairFallback of the other
-    entries) of a single prediction's block; each entry's cancellation test is OR-ed into the
-    row's flag, and a flagged row is recomputed exactly (lossgen/exact_rows.py)."""
+    ``fallbacks``: {block: (exact_rows.Fallback of its diagonal, exact_rows.PairFallback of its
+    other entries)}, blocks in row-major order of the predictions (the product: a single
+    prediction's block alone); each entry's cancellation test is OR-ed into the row's flag of its
+    block, and a flagged row of a block is recomputed exactly (lossgen/exact_rows.py)."""
     body = _Body(derivation, printer, keys, scaled)
     k = len(derivation.spec.predictions)
     pairs = [(i, j) for i in range(k) for j in range(k)]
     blocks = [derivation.blocks[p] for p in pairs]
+    fallbacks = fallbacks or {}
+    assert not (product and fallbacks) or (set(fallbacks) == {0} and k == 1), "the product's recomputation: one block"
     # on a block's diagonal: one stabilised expression (hess, or derivation.cross off the
     # block diagonal), else D + sum P Q
     own = [i == j or (i, j) in derivation.cross for i, j in pairs]
     diagonals = [body.shifts(derivation.hess[i] if i == j else derivation.cross.get((i, j), b.diagonal))
                  for (i, j), b in zip(pairs, blocks)]
     factors = [body.shifts(e) for b in blocks for pq in b.outer for e in pq]
-    # the tests: the diagonal's per element, the other entries' as outer products (scratch rows)
-    diagonal_tests, pair_tests = [], []
-    if fallback:
+    # the tests of each block with a fallback: the diagonal's per element, the other entries' as
+    # outer products (scratch rows)
+    diagonal_tests, pair_tests = [], {}
+    for b, (diagonal, pair) in fallbacks.items():
         printer.helpers_used.update(("xexact", "fma"))
-        diagonal_tests = [fallback[0].numerator, fallback[0].bound]
+        diagonal_tests += [diagonal.numerator, diagonal.bound]
         # the product's test is per row of the block (its sum's error against sum_l |H_jl v_l|):
         # the bound alone, in the entries' units; the full block's is per entry
-        numerator, bound = fallback[1].test_outer(per_entry=product)
-        pair_tests = [[e for pq in products for e in pq] for products in ([] if product else numerator, bound)]
+        numerator, bound = pair.test_outer(per_entry=product)
+        pair_tests[b] = [[e for pq in products for e in pq] for products in ([] if product else numerator, bound)]
         if not product:  # the bound in the entry's units, per row: 1/|denominator| in a scratch row
-            pair_tests.append([fallback[1].entry_scale()])
+            pair_tests[b].append([pair.entry_scale()])
     n_scratch = len(diagonals) + len(factors)
-    element, hoisted = body.hoist(diagonals + factors + sum(pair_tests, []) + diagonal_tests)
+    tests = [e for b in fallbacks for t in pair_tests[b] for e in t]
+    element, hoisted = body.hoist(diagonals + factors + tests + diagonal_tests)
     element, diagonal_tests = element[:len(element) - len(diagonal_tests)], element[len(element) - len(diagonal_tests):]
     # the tests' factors take a scratch row only where no earlier row holds the same value
     slot = list(range(n_scratch))
@@ -836,34 +841,36 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     vector = body.plan_vector(list(hoisted), element)
     body.reductions_pass(list(hoisted) + element + diagonal_tests)
     body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
+    # with a fallback, a row more per block: each element's flag (its diagonal entry's test, then
+    # any entry of its row of the block), which the recomputation reads
+    flags = {b: len(element) + n for n, b in enumerate(fallbacks)}
 
     def emit_values(fold):
         if hoisted:
             for symbol, value in zip(hoisted.values(), body.cse(fold(list(hoisted)), 2)):
                 body.emit(2, f"{symbol} = {value}")
-        # with a fallback, one row more: each element's flag (its diagonal entry's test, then
-        # any entry of its row of the block), which the recomputation reads
-        body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + bool(fallback)}, _n))")
+        body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + len(fallbacks)}, _n))")
         elements, checks = fold(element), fold(diagonal_tests)
-        if fallback:
-            body.emit(2, "_xflag = False")
+        for b in fallbacks:
+            body.emit(2, f"_xflag{b} = False")
         body.emit(2, "for _k in range(_n):")
         body.bind(elements + checks, 3)
         for j, value in enumerate(body.cse(elements, 3, vector=vector)):
             body.emit(3, f"_scratch[{j}, _k] = {value}")
         if checks:
-            numerator, bound = body.cse(checks, 3, vector=vector)
-            body.emit(3, f"_scratch[{len(element)}, _k] = 1.0 if {fires(numerator, bound)} else 0.0")
+            printed = body.cse(checks, 3, vector=vector)
+            for n, b in enumerate(fallbacks):
+                numerator, bound = printed[2 * n], printed[2 * n + 1]
+                body.emit(3, f"_scratch[{flags[b]}, _k] = 1.0 if {fires(numerator, bound)} else 0.0")
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
-    flags = len(element)  # the scratch row of the elements' flags
     body.emit(2, "for _j in range(_n):")
     if product:
         for out in outs:
             body.emit(3, f"{out}[_i, _j] = 0.0")
-    if fallback:
-        body.emit(3, f"_xj = _scratch[{flags}, _j] != 0.0")
+    for b in fallbacks:
+        body.emit(3, f"_xj{b} = _scratch[{flags[b]}, _j] != 0.0")
         if product:
             body.emit(3, "_xsh = 0.0")
             body.emit(3, "_xsb = 0.0")
@@ -874,8 +881,23 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         return " + ".join(f"_scratch[{first + 2 * m}, {j}] * _scratch[{first + 2 * m + 1}, {l}]"
                           for m in range(count)) or "0.0"
 
+    # each block's test: the scratch rows of its outer products' factors (numerator, bound, and the
+    # entry's scale)
+    test_sums, at = {}, n_scratch
+    for b in fallbacks:
+        sums = []  # the numerator's (none in the product's test) and the bound's
+        for part in pair_tests[b][:2]:
+            sums.append(" + ".join(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]"
+                                   for m in range(0, len(part), 2)))
+            at += len(part)
+        if not product:
+            sums.append(f"_scratch[{slot[at]}, _j]")
+            at += 1
+        test_sums[b] = sums
     position = len(diagonals)
+    firsts = []
     for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
+        firsts.append(position)
         total = outer_sum(position, len(block.outer), "_j", "_l")
         swapped = outer_sum(position, len(block.outer), "_l", "_j")
         position += 2 * len(block.outer)
@@ -902,33 +924,34 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(4, f"{outs[row]}[_i, _j] += _w * _h * {directions[column]}[_i, _l]")
         else:
             body.emit(4, f"{outs[b]}[_i, _j, _l] = _w * _h")
-    exact = []
-    if fallback:
-        at = n_scratch
-        numerator, bound = [], []
-        for sums, tests in zip((numerator, bound), pair_tests):
-            for m in range(0, len(tests), 2):
-                sums.append(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]")
-            at += len(tests)
-        if product:
+        if b in fallbacks and product:
             # a row j of the block whose sum sum_l |H_jl v_l| is small against its entries' bounds
             body.emit(4, f"_xsh += abs(_h * {directions[0]}[_i, _l])")
-            body.emit(4, f"_xsb += ({' + '.join(bound)}) * abs({directions[0]}[_i, _l])")
-            body.emit(3, f"_xj |= {fires('_xsh', '_xsb')}")
-        else:
-            body.emit(4, f"_xbl = {' + '.join(bound)}")
-            body.emit(4, f"_xj |= (_j != _l) & ({fires(' + '.join(numerator), '_xbl', f'_xbl * _scratch[{slot[at]}, _j]')})")
-        body.emit(3, f"_scratch[{flags}, _j] = 1.0 if _xj else 0.0")
-        body.emit(3, "_xflag |= _xj")
+            body.emit(4, f"_xsb += ({test_sums[b][1]}) * abs({directions[0]}[_i, _l])")
+        elif b in fallbacks:
+            numerator, bound, scale = test_sums[b]
+            body.emit(4, f"_xbl = {bound}")
+            body.emit(4, f"_xj{b} |= (_j != _l) & ({fires(numerator, '_xbl', f'_xbl * {scale}')})")
+    for b in fallbacks:
+        if product:
+            body.emit(3, f"_xj{b} |= {fires('_xsh', '_xsb')}")
+        body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
+        body.emit(3, f"_xflag{b} |= _xj{b}")
+    exact = []
+    if fallbacks:
         name = "hvp" if product else "hess_full"
         call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
                           "_scratch"])
-        body.emit(2, "if _xflag:")
+        body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in fallbacks) + ":")
         body.emit(3, f"_{name}_exact({call})")
         exact_body = _Body(derivation, printer, keys)
-        # entry (k, l) of the fallback's block (one prediction, no onehot index)
-        fast_entry = f"_scratch[0, _k] if _k == _l else {outer_sum(len(diagonals), len(blocks[0].outer), '_k', '_l')}"
-        emit_block_fallback(exact_body, *fallback, outs[0], directions[0] if product else None, fast_entry, flags)
+        # entry (k, l) of the product's block as the kernel computed it, from its scratch rows
+        fast_entry = f"_scratch[0, _k] if _k == _l else {outer_sum(firsts[0], len(blocks[0].outer), '_k', '_l')}"
+        # one function for every block: the row sums' expansions and the region set up once
+        # (apart, cosine_embedding's four blocks compiled in as long: 36 s, 34 s together)
+        emit_block_fallback(exact_body, [(diagonal, pair, outs[0] if product else outs[b], flags[b])
+                                         for b, (diagonal, pair) in fallbacks.items()],
+                            directions[0] if product else None, fast_entry)
         exact = exact_body.lines
     if product:
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
@@ -944,7 +967,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
 def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
     """{(quantity, prediction index): exact_rows.RegionPlans} for the outputs of the quantities in
     EXACT_FALLBACK that have the form of a quotient over row sums (lossgen/exact_rows.py), and
-    {("hess_full", 0): (RegionPlans, PairFallback)} for a single prediction's block."""
+    {("hess_full", block): (RegionPlans, PairFallback)} for the Hessian's blocks, in row-major
+    order of the predictions."""
     spec = original.spec
     reductions = {r.symbol: r for r in original.reductions}
     if not set(reductions) <= {r.symbol for r in stable.reductions}:
@@ -960,13 +984,19 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
             f = plan(o, s, reductions, original.element_symbols, parameters, ranges)
             if f is not None:
                 plans[q, j] = f
-    # a single prediction's Hessian block: its diagonal's plan and its other entries'
-    if ("hess_full" in EXACT_FALLBACK["quantities"] and list(original.blocks) == [(0, 0)]
-            and not _indices(stable.blocks[0, 0])):
-        block = plan_block(original.hess[0], stable.hess[0], original.blocks[0, 0].outer, stable.blocks[0, 0].outer,
-                           reductions, original.element_symbols, parameters, ranges)
-        if block is not None:
-            plans["hess_full", 0] = block
+    # each Hessian block (in row-major order of the predictions): its diagonal's plan (hess on a
+    # prediction's own block, the cross derivative between two) and its other entries'
+    k = len(spec.predictions)
+    for b, (i, j) in enumerate((i, j) for i in range(k) for j in range(k)):
+        if "hess_full" not in EXACT_FALLBACK["quantities"] or _indices(stable.blocks[i, j]):
+            continue
+        diagonals = [(original.hess[i], stable.hess[i])] if i == j else \
+            [(original.cross[i, j], stable.cross[i, j])] if (i, j) in original.cross and (i, j) in stable.cross else []
+        for diagonal, stable_diagonal in diagonals:
+            block = plan_block(diagonal, stable_diagonal, original.blocks[i, j].outer, stable.blocks[i, j].outer,
+                               reductions, original.element_symbols, parameters, ranges)
+            if block is not None:
+                plans["hess_full", b] = block
     return plans
 
 
@@ -1006,9 +1036,11 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
             at += len(outputs[q])
         kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments,
                                shared))
-    block_fallback = plans.get(("hess_full", 0))
-    kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallback=block_fallback, arguments=arguments))
-    kernels.append(_block_kernel(stable, printer, product=False, keys=keys, fallback=block_fallback,
+    # the full Hessian's recomputation per block; the product's for a single prediction's
+    block_fallbacks = {b: plan for (q, b), plan in plans.items() if q == "hess_full"}
+    single = {b: f for b, f in block_fallbacks.items() if len(spec.predictions) == 1}
+    kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallbacks=single, arguments=arguments))
+    kernels.append(_block_kernel(stable, printer, product=False, keys=keys, fallbacks=block_fallbacks,
                                  arguments=arguments))
     directions = [d.name for d in stable.directions]
     predictions = [p.name for p in spec.predictions]

@@ -850,59 +850,67 @@ def emit_fallback(body, plans: dict, outs: dict):
         _emit_regions(body, j, p.regions, 3, emit_plan)
 
 
-def emit_block_fallback(body, diagonal: RegionPlans, pair: PairFallback, out: str, direction: str | None = None,
-                        fast_entry: str = "", flags: int = 0):
-    """The body of a row's exact recomputation of its Hessian (one prediction's block): entry
-    (k, k) by ``diagonal``, (k, l) by ``pair``, in the row's region, where the entry's test
-    fires, in the rows k of the block that the kernel flagged (scratch row ``flags``). Without
-    ``direction`` those entries of the block ``out``[_i] are written where finite; with it, the
-    product out[_i, k] = sum_l H_kl v_l of a flagged k is summed again, each entry the
-    recomputed one or the kernel's (``fast_entry``: its code at (_k, _l), from the kernel's
-    scratch rows)."""
+def emit_block_fallback(body, blocks, direction: str | None = None, fast_entry: str = ""):
+    """The body of a row's exact recomputation of its Hessian, block by block (``blocks``:
+    ((diagonal RegionPlans, PairFallback, out, flags), ...)): entry (k, k) by the diagonal's
+    plans, (k, l) by the pair's, in the row's region, where the entry's test fires, in the rows k
+    of the block that the kernel flagged (scratch row ``flags``). The row sums' expansions and
+    the region's decisions are set up once for every block. Without ``direction`` those entries
+    of the block ``out``[_i] are written where finite; with it (a single block), the product
+    out[_i, k] = sum_l H_kl v_l of a flagged k is summed again, each entry the recomputed one or
+    the kernel's (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
-    (own, own_denominators), (other, other_denominators) = _split(0, diagonal.regions), _split(1, pair.regions)
-    _emit_setup(body, {**own, **other}, printed, {**own_denominators, **other_denominators})
-    reductions = {r: t for f in (*own.values(), *other.values()) for r, t in f.reductions.items()}
-    _emit_region(body, "", diagonal.regions, reductions, printed, {})
-    body.emit(2, f"_xscale = {printed(pair.entry_scale())}")
-    body.emit(2, "for _k in range(_n):")
-    body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
-    body.emit(4, "continue")
-    body.bind([sp.Mul(*e) for f in own.values() for e, _ in f.groups] + [f.rest for f in own.values()], 3)
-    if direction:
-        body.emit(3, "_xs = 0.0")
-    body.emit(3, "for _l in range(_n):")
-    used = set().union(*(set(e) for f in other.values() for e, _ in f.groups))
-    for symbol, copy in pair.copies.items():
-        if copy in used:
-            at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
-            body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
-    if direction:
-        body.emit(4, f"_xe = {fast_entry}")
+    # the plans' keys: 2 b for block b's diagonal, 2 b + 1 for its other entries
+    splits = [(_split(2 * b, diagonal.regions), _split(2 * b + 1, pair.regions))
+              for b, (diagonal, pair, _, _) in enumerate(blocks)]
+    flat = {key: f for (own, _), (other, _) in splits for key, f in {**own, **other}.items()}
+    shared = {key: f for (_, own), (_, other) in splits for key, f in {**own, **other}.items()}
+    _emit_setup(body, flat, printed, shared)
+    reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
+    for b, (diagonal, pair, _, _) in enumerate(blocks):
+        _emit_region(body, b, diagonal.regions, reductions, printed, decided)
+        body.emit(2, f"_xscale{b} = {printed(pair.entry_scale())}")
+    for b, ((diagonal, pair, out, flags), ((own, _), (other, _))) in enumerate(zip(blocks, splits)):
+        region = f"_xregion{b}"
+        body.emit(2, "for _k in range(_n):")
+        body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
+        body.emit(4, "continue")
+        body.bind([sp.Mul(*e) for f in own.values() for e, _ in f.groups] + [f.rest for f in own.values()], 3)
+        if direction:
+            body.emit(3, "_xs = 0.0")
+        body.emit(3, "for _l in range(_n):")
+        used = set().union(*(set(e) for f in other.values() for e, _ in f.groups))
+        for symbol, copy in pair.copies.items():
+            if copy in used:
+                at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
+                body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
+        if direction:
+            body.emit(4, f"_xe = {fast_entry}")
 
-    def emit_plan(key, f, shared, indent, entry_bound=""):
-        _emit_test(body, key, f, printed, indent)
-        body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
-        _emit_value(body, key, f, printed, indent + 1, shared)
-        body.emit(indent + 1, "if math.isfinite(_xq):")
-        body.emit(indent + 2, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+        def emit_plan(key, f, denominators, indent, entry_bound="", out=out):
+            _emit_test(body, key, f, printed, indent)
+            body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
+            _emit_value(body, key, f, printed, indent + 1, denominators)
+            body.emit(indent + 1, "if math.isfinite(_xq):")
+            body.emit(indent + 2, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
 
-    # entry (k, k) by the diagonal's plans, the others by the pair's, each in the row's region
-    body.emit(4, "if _l == _k:")
-    if own:
-        _emit_regions(body, 0, diagonal.regions, 5, emit_plan, "_xregion")
-    else:
-        body.emit(5, "pass")
-    body.emit(4, "else:")
-    if other:
-        _emit_regions(body, 1, pair.regions, 5,
-                      lambda key, f, shared, indent: emit_plan(key, f, shared, indent, "2.0 * _xb * _xscale"), "_xregion")
-    else:
-        body.emit(5, "pass")
-    if direction:
-        body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
-        body.emit(3, f"{out}[_i, _k] = _w * _xs")
+        # entry (k, k) by the diagonal's plans, the others by the pair's, each in the row's region
+        body.emit(4, "if _l == _k:")
+        if own:
+            _emit_regions(body, 2 * b, diagonal.regions, 5, emit_plan, region)
+        else:
+            body.emit(5, "pass")
+        body.emit(4, "else:")
+        if other:
+            _emit_regions(body, 2 * b + 1, pair.regions, 5,
+                          lambda key, f, denominators, indent, b=b: emit_plan(key, f, denominators, indent,
+                                                                              f"2.0 * _xb * _xscale{b}"), region)
+        else:
+            body.emit(5, "pass")
+        if direction:
+            body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
+            body.emit(3, f"{out}[_i, _k] = _w * _xs")
 
 
 # An exact row sum's first try (:func:`emit_exact_sum`): the terms split exactly and summed with

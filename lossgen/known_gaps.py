@@ -22,25 +22,34 @@ def _cancels(*terms, factor=1e3):
 
 
 def _cosine_gap(output, point, entry):
+    """cosine_embedding's Hessian: an entry (j, l) of a full block with an element of j or l
+    subnormal or below the normal range over the square root of the entry's denominator (the
+    kernels' outer products divide each factor P(j), Q(l) by it, and a factor below the normal
+    range has lost its digits before the exact fallback's test sees the entry: at
+    x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, is 0); and the
+    Hessian-vector product of a row j that holds an entry, in either block, which misses the bound
+    in the kernels' forms (:func:`_cosine_entry_misses`; the product has no exact fallback
+    between two predictions)."""
+    if output.startswith("hvp"):
+        own = output.split("[")[1].rstrip("]")
+        return any(_cosine_entry_misses(f"hess_full[{own},{other}]", point, (entry[0], l))
+                   for other in ("x1", "x2") for l in range(len(_row_of(point, "x1"))))
+    if not output.startswith("hess_full"):
+        return False
+    return _cosine_entry_misses(output, point, entry, factors_only=True)
+
+
+def _cosine_entry_misses(output, point, entry, factors_only: bool = False):
     """Entry (j, l) of a full Hessian block of cosine_embedding's cosine of rows x1, x2, times
     a**5 b in a row's own block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps and
     b**2 = |x2|**2 + eps, S = x1.x2: a**2 (x2_j x1_l + x2_l x1_j) - 3 S x1_j x1_l in x1's block
     (x2's alike), and x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2); on the
     diagonal in the other elements' sums A' = a**2 - x1_j**2, B' = b**2 - x2_j**2,
     O = S - x1_j x2_j, as the kernels compute it: -3 A' x1_j x2_j + 2 O x1_j**2 - O A' in x1's
-    block, A' B' + O x1_j x2_j between the rows. In the gap where these terms cancel below 1/1000
-    of their size, where the entry is subnormal, or where an element of j or l is subnormal or
-    below the normal range over the square root of the entry's denominator (the kernels' outer
-    products divide each factor P(j), Q(l) by it, and a factor below the normal range has lost
-    its digits: at x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, was
-    0). hvp: any entry of the row j, in either block. (The gradients and the Hessian diagonals,
-    and cosine_proximity's single block, have the exact fallback, lossgen/exact_rows.py.)"""
-    if output.startswith("hvp"):
-        own = output.split("[")[1].rstrip("]")
-        return any(_cosine_gap(f"hess_full[{own},{other}]", point, (entry[0], l))
-                   for other in ("x1", "x2") for l in range(len(_row_of(point, "x1"))))
-    if not output.startswith("hess_full"):
-        return False
+    block, A' B' + O x1_j x2_j between the rows. Does the kernels' form miss the bound: do these
+    terms cancel below 1/1000 of their size, is the entry subnormal, or an element of j or l
+    subnormal or below the normal range over the square root of the entry's denominator (with
+    ``factors_only``, the last alone)?"""
     names = output.split("[")[1].split("]")[0].split(",")
     j, l = entry
     # exact: a**2 - x1_j**2 at x1 = 745 is eps = 1e-12, 0 in floats
@@ -60,7 +69,7 @@ def _cosine_gap(output, point, entry):
         else:
             terms = (-3 * own_a * first[j] * second[j], 2 * others * first[j] ** 2, -others * own_a)
             scale = (a2 ** 5 * b2, 1)
-        return _cancels(*terms) or _tiny_entry(terms, scale, elements)
+        return _misses(terms, scale, elements, factors_only)
     if names[0] != names[1]:
         if names[0] == "x2":
             j, l = l, j
@@ -71,13 +80,13 @@ def _cosine_gap(output, point, entry):
             first, second, a2, b2 = second, first, b2, a2
         terms = (a2 * second[j] * first[l], a2 * second[l] * first[j], -3 * s * first[j] * first[l])
         scale = (a2 ** 5 * b2, 1)
-    return _cancels(*terms) or _tiny_entry(terms, scale, elements)
+    return _misses(terms, scale, elements, factors_only)
 
 
-def _tiny_entry(terms, scale, elements) -> bool:
-    """A subnormal entry sum(terms)/D, D = b**(p/2) (``scale``: (b, p), exact), or an
-    outer-product factor (an element over sqrt(D)) below the normal range, or a subnormal
-    element."""
+def _misses(terms, scale, elements, factors_only: bool) -> bool:
+    """Terms that cancel, a subnormal entry sum(terms)/D, D = b**(p/2) (``scale``: (b, p),
+    exact), or (alone with ``factors_only``) an outer-product factor (an element over sqrt(D))
+    below the normal range, or a subnormal element."""
     base, power = scale
     if base <= 0:
         return False
@@ -85,8 +94,9 @@ def _tiny_entry(terms, scale, elements) -> bool:
         root = mpmath.sqrt(mpmath.mpf(base.numerator) / base.denominator) ** power  # D
         tiny = mpmath.mpf(float(np.finfo(float).tiny))
         size = lambda v: mpmath.mpf(abs(v.numerator)) / v.denominator  # noqa: E731
-        return size(sum(terms)) / root < tiny or any(size(v) < tiny or size(v) / mpmath.sqrt(root) < tiny
-                                                     for v in elements)
+        if any(size(v) < tiny or size(v) / mpmath.sqrt(root) < tiny for v in elements):
+            return True
+        return not factors_only and (_cancels(*terms) or size(sum(terms)) / root < tiny)
 
 
 def _jaccard_underflow_gap(output, point, entry):
@@ -209,15 +219,14 @@ ROW_KNOWN_GAPS = {
                                         "(relative error 1.3e-12 at epsilon = 2.5, s = (-1e-8, -1e10, -1e-300), y = 0, "
                                         "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
                                         "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
-    "cosine_embedding": (_cosine_gap, "a full Hessian entry whose terms cancel below 1/1000 of their size, in "
-                                      "every block: off the diagonal the outer products' terms P(j) Q(l), each "
-                                      "rounded (block (x1, x2) at x1 = (1e-8, 1e50), x2 = (700, 1e-300): relative "
-                                      "error 62), on it the other elements' sums (A' B' + O x1_j x2_j between the "
-                                      "rows: 6.4e-2 at the nearly orthogonal x1 = (-4.82e8, 1.35e8), x2 = (3476.4, "
-                                      "12447.9)); a subnormal entry, or one with an element below the normal range "
-                                      "over the square root of its denominator (x1 = (1e50, -700), x2 = (0, 1e-300): "
-                                      "1e-282 computed 0): reachable by the exact fallback over the blocks of two "
-                                      "predictions (the gradients and the Hessian diagonals have it)"),
+    "cosine_embedding": (_cosine_gap, "a full Hessian entry with an element below the normal range over the "
+                                      "square root of its denominator: the kernels' outer products divide each "
+                                      "factor P(j), Q(l) by it, and a factor below the normal range has lost its "
+                                      "digits before the exact fallback's test sees the entry (x1 = (1e50, -700), "
+                                      "x2 = (0, 1e-300): entry (1, 0) of x2's block, 1e-282, is 0); and the "
+                                      "Hessian-vector product of a row whose entries cancel (1.05e-8 at "
+                                      "x1 = (40, -1e-8), x2 = (1e10, 1e50)): reachable by factors in a binary "
+                                      "scale, and by the product's exact fallback over two predictions' blocks"),
 }
 
 

@@ -305,12 +305,12 @@ def test_verify_mse(tmp_path):
 
 
 def test_verify_reports_a_known_gap_apart(tmp_path):
-    """cosine_embedding's full Hessian at C = 3 has a row inside its known gap beyond the bound
-    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (cosine_proximity's,
-    the earlier example, closed with the exact fallback of its Hessian)."""
-    rc, output = run_cli("verify", "cosine_embedding", cwd=tmp_path)
+    """poly1_cross_entropy's full Hessian at C = 3 has a row inside its known gap beyond the bound
+    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (cosine_proximity's
+    and cosine_embedding's, the earlier examples, closed with the exact fallback of their Hessians)."""
+    rc, output = run_cli("verify", "poly1_cross_entropy", cwd=tmp_path)
     assert rc == 0, output
-    assert re.search(r"^cosine_embedding\s+hess_full\[x\d,x\d\] known gap C=3 .*\(known gap\)$", output,
+    assert re.search(r"^poly1_cross_entropy\s+hess_full\[s,s\] known gap C=3 .*\(known gap\)$", output,
                      re.MULTILINE), output
     assert "FAIL" not in output
     assert re.search(r"^\d+ more in known gaps .*, [1-9]\d* of them beyond it$", output, re.MULTILINE), output

@@ -105,6 +105,10 @@ def test_row_kernels_match_the_expanded_truth_at_other_parameters(name, values):
 ROW_GAP_WITNESSES = {
     "soft_jaccard": [{"y": [1e-300, 1e-16], "p": [1e-16, 1e-300], "smooth": 0.0}],
     "poly1_cross_entropy": [{"y": 0, "s": [0.3, 0.3 + 1e-9, -30.0], "w": [0.0, 0.0, 0.0]}],
+    # an outer-product factor below the normal range (entry (1, 0) of x2's block, 1e-282, is 0),
+    # and a Hessian-vector product whose row's entries cancel (1.05e-8)
+    "cosine_embedding": [{"y": 1.0, "x1": [1e50, -700.0], "x2": [0.0, 1e-300]},
+                         {"y": 1.0, "x1": [40.0, -1e-8], "x2": [1e10, 1e50]}],
 }
 
 
@@ -250,8 +254,8 @@ def test_exact_fallback_applies_by_form():
     """The fallback's rule (lossgen/exact_rows.py) picks outputs by their form alone: the overlap
     losses' gradients (quotients over sums of polynomial summands) and the cosines' (over powers of
     square roots of such sums, in the branches of the norms' and the margin's Piecewises, each
-    decided exactly), not a softmax's; cosine_embedding's gradients and Hessian diagonals, not its
-    full Hessian (two predictions' blocks)."""
+    decided exactly), not a softmax's; cosine_embedding's gradients, Hessian diagonals and the four
+    blocks of its full Hessian."""
     from lossgen.derive_rows import derive_rows
     from lossgen.emit_rows import _fallback_plans
     from lossgen.stabilise_rows import stabilise_rows
@@ -263,7 +267,8 @@ def test_exact_fallback_applies_by_form():
         if plans:
             planned[name] = set(plans)
     assert set(planned) == {"dice", "soft_jaccard", "tversky", "combo", "cosine_proximity", "cosine_embedding"}
-    assert planned["cosine_embedding"] == {("grad", 0), ("grad", 1), ("hess", 0), ("hess", 1)}
+    assert planned["cosine_embedding"] == {("grad", 0), ("grad", 1), ("hess", 0), ("hess", 1),
+                                           *(("hess_full", b) for b in range(4))}
     assert ("hess_full", 0) in planned["cosine_proximity"]
 
 
