@@ -29,8 +29,9 @@ their products; a sum is exact to 2^-1022 of its largest term. Where that value 
 
 A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the same way over
 the elements j and l (:func:`plan_block`); the kernels test it as outer products of per-element
-factors (and where its bound over the denominator is tiny: each factor is divided by it), and
-the Hessian-vector product per row of the block.
+factors (and where its bound over the denominator is tiny: each factor is divided by it), every
+block of the full Hessian (two predictions' four), and the Hessian-vector product per row of a
+single prediction's block.
 
 The denominator's factors may be square roots of row polynomials (a cosine's |x|^5 |y|), each
 rounded once and its root taken in the binary scale. Piecewises whose conditions are row values
@@ -283,7 +284,8 @@ def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, 
 
 def plan_block(diagonal: sp.Expr, stable_diagonal: sp.Expr, outer, stable_outer, reductions: dict,
                element_symbols, parameters, ranges: dict | None = None) -> tuple[RegionPlans, PairFallback] | None:
-    """The fallback of a single prediction's Hessian block: its diagonal (as :func:`plan`) and its
+    """The fallback of one block of the Hessian (a prediction's own, or between two): its diagonal
+    (as :func:`plan`; between two predictions their cross derivative at the same element) and its
     off-diagonal entries sum_m P_m(j) Q_m(l) (``outer``: the derivation's ((P, Q), ...)) as one
     :class:`Fallback` over the elements j and l, in the same regions; None where neither has the
     form (the diagonal and the entries both, where there are no row-level Piecewises)."""
