@@ -5,14 +5,15 @@ git revision, in one process.
     python benchmarks/rows_vs_rev.py --rev REV ssim_global --near   # x = y + N(0, 0.01)
     python benchmarks/rows_vs_rev.py --rev REV NAME --kernels hess_full --sizes 2000x10
 
-For each module, size N x C and kernel (loss, grad, hess, or --kernels, hess_full among them;
-serial, no weights, preallocated outputs): the time before (ms, median of --repeat runs) and the ratio after/before, the two
+For each module, size N x C and kernel (loss, grad, hess, or --kernels, hess_full and hvp among
+them, the product's directions normal; serial, no weights, preallocated outputs): the time before (ms, median of --repeat runs) and the ratio after/before, the two
 taken in turn in each run, so that a busy machine slows both alike. Inputs are drawn from each
 input's domain (random normal rows for embeddings and reals, uniform in [0, 1] for probabilities
 and pixels, random class indices and labels); with --near, a prediction on [0, 1] is the
 target plus N(0, 0.01) noise, clipped (an image near its target). Both modules are compiled
 before the runs, in a Numba cache of their own."""
 import argparse
+import functools
 import importlib.util
 import os
 import subprocess
@@ -97,14 +98,17 @@ def main():
             cells = []
             for kernel in kernels:
                 out = outputs(after, kernel, rows, columns)
-                calls = [getattr(m, f"{kernel}_kernel") for m in (before, after)]
+                # the product's directions: one row of normal values per prediction
+                directions = [np.random.default_rng(1).normal(size=(rows, columns)) for _ in range(len(out))] \
+                    if kernel == "hvp" else []
+                calls = [functools.partial(getattr(m, f"{kernel}_kernel"), *values, *directions) for m in (before, after)]
                 for call in calls:
-                    call(*values, None, *out)
+                    call(None, *out)
                 times = [[], []]
                 for _ in range(args.repeat):
                     for t, call in zip(times, calls):
                         start = time.perf_counter()
-                        call(*values, None, *out)
+                        call(None, *out)
                         t.append(time.perf_counter() - start)
                 old_time, new_time = (float(np.median(t)) for t in times)
                 cells.append(f"{old_time * 1e3:8.2f} {new_time / old_time:7.2f}")

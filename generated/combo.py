@@ -1253,9 +1253,9 @@ def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, 
     for _k in range(_n):
         if _scratch[8, _k] == 0.0:
             continue
+        _xs = 0.0
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _xs = 0.0
         for _l in range(_n):
             _at_l_y = y[_i, _l]
             _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
@@ -1607,15 +1607,15 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _scratch[8, _k] = 1.0 if (abs(_e_y*_h13 + _h14) < _e_y*_h15 + _h12) | (_e_y*_h15 + _h12 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj0 = _scratch[8, _j] != 0.0
-        _xsh = 0.0
-        _xsb = 0.0
+        _xj0 = (_scratch[8, _j] != 0.0)
+        _xsh0 = 0.0
+        _xsb0 = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xsh += abs(_h * _v_p[_i, _l])
-            _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
-        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+            _xsh0 += abs(_h * _v_p[_i, _l])
+            _xsb0 += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
+        _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _scratch[8, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
@@ -2062,7 +2062,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[10, _k] = _h12
         _scratch[11, _k] = 1.0 if (abs(_e_y*_h13 + _h9) < _e_y*_h14 + _h11) | (_e_y*_h14 + _h11 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = _scratch[11, _j] != 0.0
+        _xj0 = (_scratch[11, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h

@@ -1817,9 +1817,9 @@ def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
     for _k in range(_n):
         if _scratch[9, _k] == 0.0:
             continue
+        _xs = 0.0
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _xs = 0.0
         for _l in range(_n):
             _at_l_x = x[_i, _l]
             _at_l_y = y[_i, _l]
@@ -2241,15 +2241,15 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _scratch[9, _k] = 1.0 if (abs(_t3_2*((_h13) if _t3_1 else (0.0)) + _t3_3*((_h12) if _t3_1 else (0.0)) + ((_h14) if _t3_1 else (0.0))) < _t3_3*((_h9) if _t3_1 else (math.nan)) + ((_h15) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h16) if _t3_1 else (math.nan))) | (_t3_3*((_h9) if _t3_1 else (math.nan)) + ((_h15) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h16) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _xj0 = _scratch[9, _j] != 0.0
-        _xsh = 0.0
-        _xsb = 0.0
+        _xj0 = (_scratch[9, _j] != 0.0)
+        _xsh0 = 0.0
+        _xsb0 = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j] += _w * _h * _v_x[_i, _l]
-            _xsh += abs(_h * _v_x[_i, _l])
-            _xsb += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_x[_i, _l])
-        _xj0 |= (abs(_xsh) < _xsb) | (_xsb < 1.0261342003245941e-289)
+            _xsh0 += abs(_h * _v_x[_i, _l])
+            _xsb0 += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_x[_i, _l])
+        _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _scratch[9, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
@@ -2860,7 +2860,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _t3_3 = _e_x**2
         _scratch[13, _k] = 1.0 if (abs(_t3_2*((_h14) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h15) if _t3_1 else (0.0))) < _t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan))) | (_t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = _scratch[13, _j] != 0.0
+        _xj0 = (_scratch[13, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_i, _j, _l] = _w * _h

@@ -796,15 +796,20 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     O(C**2) work per row, and O(C) memory: the matrix is never formed.
 
     ``fallbacks``: {block: (exact_rows.Fallback of its diagonal, exact_rows.PairFallback of its
-    other entries)}, blocks in row-major order of the predictions (the product: a single
-    prediction's block alone); each entry's cancellation test is OR-ed into the row's flag of its
-    block, and a flagged row of a block is recomputed exactly (lossgen/exact_rows.py)."""
+    other entries)}, blocks in row-major order of the predictions; each entry's cancellation test
+    is OR-ed into the row's flag of its block (the product's: of its row of blocks, where each of
+    them has a plan), and a flagged row is recomputed exactly (lossgen/exact_rows.py)."""
     body = _Body(derivation, printer, keys, scaled)
     k = len(derivation.spec.predictions)
     pairs = [(i, j) for i in range(k) for j in range(k)]
     blocks = [derivation.blocks[p] for p in pairs]
     fallbacks = fallbacks or {}
-    assert not (product and fallbacks) or (set(fallbacks) == {0} and k == 1), "the product's recomputation: one block"
+    # the product's row j of prediction r sums the blocks (r, c): recomputed where each has a plan
+    row_blocks = {r: [b for b, (i, _) in enumerate(pairs) if i == r] for r in range(k)}
+    if product:
+        fallbacks = {b: f for b, f in fallbacks.items() if all(c in fallbacks for c in row_blocks[pairs[b][0]])}
+    # the flag of a product's row j: in its row's first block's flag row
+    first_of = {b: row_blocks[pairs[b][0]][0] if product else b for b in fallbacks}
     # on a block's diagonal: one stabilised expression (hess, or derivation.cross off the
     # block diagonal), else D + sum P Q
     own = [i == j or (i, j) in derivation.cross for i, j in pairs]
@@ -869,11 +874,12 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     if product:
         for out in outs:
             body.emit(3, f"{out}[_i, _j] = 0.0")
-    for b in fallbacks:
-        body.emit(3, f"_xj{b} = _scratch[{flags[b]}, _j] != 0.0")
+    for first in dict.fromkeys(first_of.values()):
+        members = [b for b in fallbacks if first_of[b] == first]
+        body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
         if product:
-            body.emit(3, "_xsh = 0.0")
-            body.emit(3, "_xsb = 0.0")
+            body.emit(3, f"_xsh{first} = 0.0")
+            body.emit(3, f"_xsb{first} = 0.0")
     body.emit(3, "for _l in range(_n):")
 
     def outer_sum(first: int, count: int, j: str, l: str) -> str:
@@ -925,16 +931,16 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         else:
             body.emit(4, f"{outs[b]}[_i, _j, _l] = _w * _h")
         if b in fallbacks and product:
-            # a row j of the block whose sum sum_l |H_jl v_l| is small against its entries' bounds
-            body.emit(4, f"_xsh += abs(_h * {directions[0]}[_i, _l])")
-            body.emit(4, f"_xsb += ({test_sums[b][1]}) * abs({directions[0]}[_i, _l])")
+            # a row j whose sum sum_l |H_jl v_l| is small against its entries' bounds
+            body.emit(4, f"_xsh{first_of[b]} += abs(_h * {directions[column]}[_i, _l])")
+            body.emit(4, f"_xsb{first_of[b]} += ({test_sums[b][1]}) * abs({directions[column]}[_i, _l])")
         elif b in fallbacks:
             numerator, bound, scale = test_sums[b]
             body.emit(4, f"_xbl = {bound}")
             body.emit(4, f"_xj{b} |= (_j != _l) & ({fires(numerator, '_xbl', f'_xbl * {scale}')})")
-    for b in fallbacks:
+    for b in dict.fromkeys(first_of.values()):
         if product:
-            body.emit(3, f"_xj{b} |= {fires('_xsh', '_xsb')}")
+            body.emit(3, f"_xj{b} |= {fires(f'_xsh{b}', f'_xsb{b}')}")
         body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
         body.emit(3, f"_xflag{b} |= _xj{b}")
     exact = []
@@ -942,16 +948,21 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         name = "hvp" if product else "hess_full"
         call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
                           "_scratch"])
-        body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in fallbacks) + ":")
+        body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in dict.fromkeys(first_of.values())) + ":")
         body.emit(3, f"_{name}_exact({call})")
         exact_body = _Body(derivation, printer, keys)
-        # entry (k, l) of the product's block as the kernel computed it, from its scratch rows
-        fast_entry = f"_scratch[0, _k] if _k == _l else {outer_sum(firsts[0], len(blocks[0].outer), '_k', '_l')}"
+
+        def fast_entry(b: int) -> str:
+            """Entry (k, l) of block b as the kernel computed it, from its scratch rows."""
+            total = outer_sum(firsts[b], len(blocks[b].outer), "_k", "_l")
+            return f"_scratch[{b}, _k] if _k == _l else {total}" if own[b] else \
+                f"{total} + (_scratch[{b}, _k] if _k == _l else 0.0)"
         # one function for every block: the row sums' expansions and the region set up once
         # (apart, cosine_embedding's four blocks compiled in as long: 36 s, 34 s together)
-        emit_block_fallback(exact_body, [(diagonal, pair, outs[0] if product else outs[b], flags[b])
-                                         for b, (diagonal, pair) in fallbacks.items()],
-                            directions[0] if product else None, fast_entry)
+        emit_block_fallback(exact_body, [
+            (diagonal, pair, outs[pairs[b][0]], flags[first_of[b]], directions[pairs[b][1]], fast_entry(b))
+            if product else (diagonal, pair, outs[b], flags[b], None, "")
+            for b, (diagonal, pair) in fallbacks.items()])
         exact = exact_body.lines
     if product:
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
@@ -1036,10 +1047,10 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
             at += len(outputs[q])
         kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments,
                                shared))
-    # the full Hessian's recomputation per block; the product's for a single prediction's
+    # the recomputation of the Hessian's blocks, for the full Hessian and the product
     block_fallbacks = {b: plan for (q, b), plan in plans.items() if q == "hess_full"}
-    single = {b: f for b, f in block_fallbacks.items() if len(spec.predictions) == 1}
-    kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallbacks=single, arguments=arguments))
+    kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallbacks=block_fallbacks,
+                                 arguments=arguments))
     kernels.append(_block_kernel(stable, printer, product=False, keys=keys, fallbacks=block_fallbacks,
                                  arguments=arguments))
     directions = [d.name for d in stable.directions]

@@ -30,8 +30,8 @@ their products; a sum is exact to 2^-1022 of its largest term. Where that value 
 A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the same way over
 the elements j and l (:func:`plan_block`); the kernels test it as outer products of per-element
 factors (and where its bound over the denominator is tiny: each factor is divided by it), every
-block of the full Hessian (two predictions' four), and the Hessian-vector product per row of a
-single prediction's block.
+block of the full Hessian (two predictions' four), and the Hessian-vector product per row of its
+row of blocks.
 
 The denominator's factors may be square roots of row polynomials (a cosine's |x|^5 |y|), each
 rounded once and its root taken in the binary scale. Piecewises whose conditions are row values
@@ -852,67 +852,82 @@ def emit_fallback(body, plans: dict, outs: dict):
         _emit_regions(body, j, p.regions, 3, emit_plan)
 
 
-def emit_block_fallback(body, blocks, direction: str | None = None, fast_entry: str = ""):
+def emit_block_fallback(body, blocks):
     """The body of a row's exact recomputation of its Hessian, block by block (``blocks``:
-    ((diagonal RegionPlans, PairFallback, out, flags), ...)): entry (k, k) by the diagonal's
-    plans, (k, l) by the pair's, in the row's region, where the entry's test fires, in the rows k
-    of the block that the kernel flagged (scratch row ``flags``). The row sums' expansions and
-    the region's decisions are set up once for every block. Without ``direction`` those entries
-    of the block ``out``[_i] are written where finite; with it (a single block), the product
-    out[_i, k] = sum_l H_kl v_l of a flagged k is summed again, each entry the recomputed one or
-    the kernel's (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
+    ((diagonal RegionPlans, PairFallback, out, flags, direction, fast_entry), ...)): entry (k, k)
+    by the diagonal's plans, (k, l) by the pair's, in the row's region, where the entry's test
+    fires, in the rows k of the block that the kernel flagged (scratch row ``flags``). The row
+    sums' expansions and the region's decisions are set up once for every block. Without a
+    ``direction`` those entries of the block ``out``[_i] are written where finite; with one (the
+    direction of the block's column), the product out[_i, k] = sum over the blocks of out's row of
+    sum_l H_kl v_l of a flagged k is summed again, each entry the recomputed one or the kernel's
+    (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
     # the plans' keys: 2 b for block b's diagonal, 2 b + 1 for its other entries
     splits = [(_split(2 * b, diagonal.regions), _split(2 * b + 1, pair.regions))
-              for b, (diagonal, pair, _, _) in enumerate(blocks)]
+              for b, (diagonal, pair, *_) in enumerate(blocks)]
     flat = {key: f for (own, _), (other, _) in splits for key, f in {**own, **other}.items()}
     shared = {key: f for (_, own), (_, other) in splits for key, f in {**own, **other}.items()}
     _emit_setup(body, flat, printed, shared)
     reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
-    for b, (diagonal, pair, _, _) in enumerate(blocks):
+    for b, (diagonal, pair, *_) in enumerate(blocks):
         _emit_region(body, b, diagonal.regions, reductions, printed, decided)
         body.emit(2, f"_xscale{b} = {printed(pair.entry_scale())}")
-    for b, ((diagonal, pair, out, flags), ((own, _), (other, _))) in enumerate(zip(blocks, splits)):
-        region = f"_xregion{b}"
+    # a loop over the flagged rows k of each output: a full block's, or a product's (its blocks)
+    outputs: dict = {}
+    for b, block in enumerate(blocks):
+        outputs.setdefault(block[2], []).append(b)
+    for out, members in outputs.items():
+        flags, product = blocks[members[0]][3], blocks[members[0]][4] is not None
         body.emit(2, "for _k in range(_n):")
         body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
         body.emit(4, "continue")
-        body.bind([sp.Mul(*e) for f in own.values() for e, _ in f.groups] + [f.rest for f in own.values()], 3)
-        if direction:
+        if product:
             body.emit(3, "_xs = 0.0")
-        body.emit(3, "for _l in range(_n):")
-        used = set().union(*(set(e) for f in other.values() for e, _ in f.groups))
-        for symbol, copy in pair.copies.items():
-            if copy in used:
-                at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
-                body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
-        if direction:
-            body.emit(4, f"_xe = {fast_entry}")
-
-        def emit_plan(key, f, denominators, indent, entry_bound="", out=out):
-            _emit_test(body, key, f, printed, indent)
-            body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
-            _emit_value(body, key, f, printed, indent + 1, denominators)
-            body.emit(indent + 1, "if math.isfinite(_xq):")
-            body.emit(indent + 2, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
-
-        # entry (k, k) by the diagonal's plans, the others by the pair's, each in the row's region
-        body.emit(4, "if _l == _k:")
-        if own:
-            _emit_regions(body, 2 * b, diagonal.regions, 5, emit_plan, region)
-        else:
-            body.emit(5, "pass")
-        body.emit(4, "else:")
-        if other:
-            _emit_regions(body, 2 * b + 1, pair.regions, 5,
-                          lambda key, f, denominators, indent, b=b: emit_plan(key, f, denominators, indent,
-                                                                              f"2.0 * _xb * _xscale{b}"), region)
-        else:
-            body.emit(5, "pass")
-        if direction:
-            body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
+        for b in members:
+            _emit_block_row(body, b, blocks[b], splits[b], printed)
+        if product:
             body.emit(3, f"{out}[_i, _k] = _w * _xs")
+
+
+def _emit_block_row(body, b, block, split, printed):
+    """Lines recomputing row k of block ``b`` (:func:`emit_block_fallback`), entry by entry."""
+    diagonal, pair, out, _, direction, fast_entry = block
+    (own, _), (other, _) = split
+    region = f"_xregion{b}"
+    body.bind([sp.Mul(*e) for f in own.values() for e, _ in f.groups] + [f.rest for f in own.values()], 3)
+    body.emit(3, "for _l in range(_n):")
+    used = set().union(*(set(e) for f in other.values() for e, _ in f.groups))
+    for symbol, copy in pair.copies.items():
+        if copy in used:
+            at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
+            body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
+    if direction:
+        body.emit(4, f"_xe = {fast_entry}")
+
+    def emit_plan(key, f, denominators, indent, entry_bound=""):
+        _emit_test(body, key, f, printed, indent)
+        body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
+        _emit_value(body, key, f, printed, indent + 1, denominators)
+        body.emit(indent + 1, "if math.isfinite(_xq):")
+        body.emit(indent + 2, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+
+    # entry (k, k) by the diagonal's plans, the others by the pair's, each in the row's region
+    body.emit(4, "if _l == _k:")
+    if own:
+        _emit_regions(body, 2 * b, diagonal.regions, 5, emit_plan, region)
+    else:
+        body.emit(5, "pass")
+    body.emit(4, "else:")
+    if other:
+        _emit_regions(body, 2 * b + 1, pair.regions, 5,
+                      lambda key, f, denominators, indent: emit_plan(key, f, denominators, indent,
+                                                                      f"2.0 * _xb * _xscale{b}"), region)
+    else:
+        body.emit(5, "pass")
+    if direction:
+        body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
 
 
 # An exact row sum's first try (:func:`emit_exact_sum`): the terms split exactly and summed with

@@ -27,12 +27,10 @@ def _cosine_gap(output, point, entry):
     kernels' outer products divide each factor P(j), Q(l) by it, and a factor below the normal
     range has lost its digits before the exact fallback's test sees the entry: at
     x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, is 0); and the
-    Hessian-vector product of a row j that holds an entry, in either block, which misses the bound
-    in the kernels' forms (:func:`_cosine_entry_misses`; the product has no exact fallback
-    between two predictions)."""
+    Hessian-vector product of a row j that holds such an entry, in either block."""
     if output.startswith("hvp"):
         own = output.split("[")[1].rstrip("]")
-        return any(_cosine_entry_misses(f"hess_full[{own},{other}]", point, (entry[0], l))
+        return any(_cosine_entry_misses(f"hess_full[{own},{other}]", point, (entry[0], l), factors_only=True)
                    for other in ("x1", "x2") for l in range(len(_row_of(point, "x1"))))
     if not output.startswith("hess_full"):
         return False
@@ -220,13 +218,11 @@ ROW_KNOWN_GAPS = {
                                         "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
                                         "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
     "cosine_embedding": (_cosine_gap, "a full Hessian entry with an element below the normal range over the "
-                                      "square root of its denominator: the kernels' outer products divide each "
-                                      "factor P(j), Q(l) by it, and a factor below the normal range has lost its "
-                                      "digits before the exact fallback's test sees the entry (x1 = (1e50, -700), "
-                                      "x2 = (0, 1e-300): entry (1, 0) of x2's block, 1e-282, is 0); and the "
-                                      "Hessian-vector product of a row whose entries cancel (1.05e-8 at "
-                                      "x1 = (40, -1e-8), x2 = (1e10, 1e50)): reachable by factors in a binary "
-                                      "scale, and by the product's exact fallback over two predictions' blocks"),
+                                      "square root of its denominator, and the Hessian-vector product of a row "
+                                      "holding one: the kernels' outer products divide each factor P(j), Q(l) by "
+                                      "it, and a factor below the normal range has lost its digits before the exact "
+                                      "fallback's test sees the entry (x1 = (1e50, -700), x2 = (0, 1e-300): entry "
+                                      "(1, 0) of x2's block, 1e-282, is 0): reachable by factors in a binary scale"),
 }
 
 

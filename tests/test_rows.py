@@ -105,10 +105,8 @@ def test_row_kernels_match_the_expanded_truth_at_other_parameters(name, values):
 ROW_GAP_WITNESSES = {
     "soft_jaccard": [{"y": [1e-300, 1e-16], "p": [1e-16, 1e-300], "smooth": 0.0}],
     "poly1_cross_entropy": [{"y": 0, "s": [0.3, 0.3 + 1e-9, -30.0], "w": [0.0, 0.0, 0.0]}],
-    # an outer-product factor below the normal range (entry (1, 0) of x2's block, 1e-282, is 0),
-    # and a Hessian-vector product whose row's entries cancel (1.05e-8)
-    "cosine_embedding": [{"y": 1.0, "x1": [1e50, -700.0], "x2": [0.0, 1e-300]},
-                         {"y": 1.0, "x1": [40.0, -1e-8], "x2": [1e10, 1e50]}],
+    # an outer-product factor below the normal range (entry (1, 0) of x2's block, 1e-282, is 0)
+    "cosine_embedding": [{"y": 1.0, "x1": [1e50, -700.0], "x2": [0.0, 1e-300]}],
 }
 
 
@@ -979,8 +977,10 @@ def test_cosine_embedding_where_the_dot_product_cancels_between_elements():
 # coincidence: x1 constant (the gradient's C x2_j - sum(x2), 2.3e-9 before), the diagonal's
 # -3 A' x1_j x2_j - O A' exactly 0 (9.4e3 before), a row at the margin (the recomputation decides
 # cos >= margin exactly: at margin = 1 and x1 = x2 the truth is below the margin, 1 - cos = 1e-18),
-# and the stress rows where each gradient element holds its own form (relative error 1 at
-# x2 = (1e50, 1, -1, 0, 0) before). Each (y, x1, x2, margin).
+# the stress rows where each gradient element holds its own form (relative error 1 at
+# x2 = (1e50, 1, -1, 0, 0) before), and a row whose Hessian-vector product summed cancelling
+# entries of both blocks (1.05e-8 before the product's recomputation over two predictions).
+# Each (y, x1, x2, margin).
 EMBEDDING_FALLBACK_ROWS = [
     (-1.0, [1e50, 1e50, 1e50], [0.5, 1.0, -1e-8], 0.0),
     (1.0, [1e10, 1.0], [-3.0, 1e10], 0.0),
@@ -989,6 +989,7 @@ EMBEDDING_FALLBACK_ROWS = [
     (-1.0, [1000.0, 1000.0, 1.0], [1000.0, 1000.0, 1.0], 1.0),
     (-1.0, [-1.0] * 5, [1e50, 1.0, -1.0, 0.0, 0.0], -1.0),
     (1.0, [1e50, 1e50, 1e50, 1e50, 1e50], [1e10, -1e10, 0.5, 1e-8, 1.0], 0.0),
+    (1.0, [40.0, -1e-8], [1e10, 1e50], 0.0),
 ]
 
 
