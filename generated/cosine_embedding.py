@@ -4538,9 +4538,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _h52 = (_r2_abs*_t6_19 + _t6_24)
     _scratch = np.empty((34, _n))
     _xflag0 = False
-    _xflag1 = False
     _xflag2 = False
-    _xflag3 = False
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]

@@ -38,7 +38,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import EXACT_FALLBACK, emit_block_fallback, emit_exact_sum, emit_fallback, fires, plan, plan_block
+from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires, plan,
+                         plan_block)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
 from .vocabulary import group, in_scale, two_scaled
@@ -780,6 +781,12 @@ def _indices(block) -> list:
     return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
 
 
+def _block_pairs(derivation: RowDerivation) -> list[tuple[int, int]]:
+    """The Hessian's blocks (i, j), in row-major order of the predictions."""
+    k = len(derivation.spec.predictions)
+    return [(i, j) for i in range(k) for j in range(k)]
+
+
 def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, fallbacks=None, arguments=()) -> dict:
     """:func:`_block_kernel_lines`, with its twin for the scaled norms (:func:`_with_scaled`)."""
     return _with_scaled(derivation, lambda scaled: _block_kernel_lines(derivation, printer, product, keys, scaled,
@@ -801,15 +808,16 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     them has a plan), and a flagged row is recomputed exactly (lossgen/exact_rows.py)."""
     body = _Body(derivation, printer, keys, scaled)
     k = len(derivation.spec.predictions)
-    pairs = [(i, j) for i in range(k) for j in range(k)]
+    pairs = _block_pairs(derivation)
     blocks = [derivation.blocks[p] for p in pairs]
     fallbacks = fallbacks or {}
     # the product's row j of prediction r sums the blocks (r, c): recomputed where each has a plan
     row_blocks = {r: [b for b, (i, _) in enumerate(pairs) if i == r] for r in range(k)}
     if product:
         fallbacks = {b: f for b, f in fallbacks.items() if all(c in fallbacks for c in row_blocks[pairs[b][0]])}
-    # the flag of a product's row j: in its row's first block's flag row
+    # the flag of a product's row j: in its row's first block's flag row (``heads``, one per flag)
     first_of = {b: row_blocks[pairs[b][0]][0] if product else b for b in fallbacks}
+    heads = list(dict.fromkeys(first_of.values()))
     # on a block's diagonal: one stabilised expression (hess, or derivation.cross off the
     # block diagonal), else D + sum P Q
     own = [i == j or (i, j) in derivation.cross for i, j in pairs]
@@ -856,7 +864,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                 body.emit(2, f"{symbol} = {value}")
         body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + len(fallbacks)}, _n))")
         elements, checks = fold(element), fold(diagonal_tests)
-        for b in fallbacks:
+        for b in heads:
             body.emit(2, f"_xflag{b} = False")
         body.emit(2, "for _k in range(_n):")
         body.bind(elements + checks, 3)
@@ -874,7 +882,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     if product:
         for out in outs:
             body.emit(3, f"{out}[_i, _j] = 0.0")
-    for first in dict.fromkeys(first_of.values()):
+    for first in heads:
         members = [b for b in fallbacks if first_of[b] == first]
         body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
         if product:
@@ -938,7 +946,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             numerator, bound, scale = test_sums[b]
             body.emit(4, f"_xbl = {bound}")
             body.emit(4, f"_xj{b} |= (_j != _l) & ({fires(numerator, '_xbl', f'_xbl * {scale}')})")
-    for b in dict.fromkeys(first_of.values()):
+    for b in heads:
         if product:
             body.emit(3, f"_xj{b} |= {fires(f'_xsh{b}', f'_xsb{b}')}")
         body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
@@ -948,7 +956,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         name = "hvp" if product else "hess_full"
         call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
                           "_scratch"])
-        body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in dict.fromkeys(first_of.values())) + ":")
+        body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in heads) + ":")
         body.emit(3, f"_{name}_exact({call})")
         exact_body = _Body(derivation, printer, keys)
 
@@ -960,8 +968,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         # one function for every block: the row sums' expansions and the region set up once
         # (apart, cosine_embedding's four blocks compiled in as long: 36 s, 34 s together)
         emit_block_fallback(exact_body, [
-            (diagonal, pair, outs[pairs[b][0]], flags[first_of[b]], directions[pairs[b][1]], fast_entry(b))
-            if product else (diagonal, pair, outs[b], flags[b], None, "")
+            BlockRecompute(diagonal, pair, outs[pairs[b][0]], flags[first_of[b]], directions[pairs[b][1]],
+                           fast_entry(b))
+            if product else BlockRecompute(diagonal, pair, outs[b], flags[b])
             for b, (diagonal, pair) in fallbacks.items()])
         exact = exact_body.lines
     if product:
@@ -997,17 +1006,19 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
                 plans[q, j] = f
     # each Hessian block (in row-major order of the predictions): its diagonal's plan (hess on a
     # prediction's own block, the cross derivative between two) and its other entries'
-    k = len(spec.predictions)
-    for b, (i, j) in enumerate((i, j) for i in range(k) for j in range(k)):
+    for b, (i, j) in enumerate(_block_pairs(original)):
         if "hess_full" not in EXACT_FALLBACK["quantities"] or _indices(stable.blocks[i, j]):
             continue
-        diagonals = [(original.hess[i], stable.hess[i])] if i == j else \
-            [(original.cross[i, j], stable.cross[i, j])] if (i, j) in original.cross and (i, j) in stable.cross else []
-        for diagonal, stable_diagonal in diagonals:
-            block = plan_block(diagonal, stable_diagonal, original.blocks[i, j].outer, stable.blocks[i, j].outer,
-                               reductions, original.element_symbols, parameters, ranges)
-            if block is not None:
-                plans["hess_full", b] = block
+        if i == j:
+            diagonal, stable_diagonal = original.hess[i], stable.hess[i]
+        elif (i, j) in original.cross and (i, j) in stable.cross:
+            diagonal, stable_diagonal = original.cross[i, j], stable.cross[i, j]
+        else:
+            continue
+        block = plan_block(diagonal, stable_diagonal, original.blocks[i, j].outer, stable.blocks[i, j].outer,
+                           reductions, original.element_symbols, parameters, ranges)
+        if block is not None:
+            plans["hess_full", b] = block
     return plans
 
 

@@ -47,6 +47,7 @@ output qualifies by its form alone; no loss is named.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sympy as sp
 from sympy.core.relational import Relational
@@ -852,34 +853,42 @@ def emit_fallback(body, plans: dict, outs: dict):
         _emit_regions(body, j, p.regions, 3, emit_plan)
 
 
-def emit_block_fallback(body, blocks):
-    """The body of a row's exact recomputation of its Hessian, block by block (``blocks``:
-    ((diagonal RegionPlans, PairFallback, out, flags, direction, fast_entry), ...)): entry (k, k)
-    by the diagonal's plans, (k, l) by the pair's, in the row's region, where the entry's test
-    fires, in the rows k of the block that the kernel flagged (scratch row ``flags``). The row
-    sums' expansions and the region's decisions are set up once for every block. Without a
-    ``direction`` those entries of the block ``out``[_i] are written where finite; with one (the
-    direction of the block's column), the product out[_i, k] = sum over the blocks of out's row of
-    sum_l H_kl v_l of a flagged k is summed again, each entry the recomputed one or the kernel's
-    (``fast_entry``: its code at (_k, _l), from the kernel's scratch rows)."""
+class BlockRecompute(NamedTuple):
+    """One block's part of a row's recomputation of its Hessian (:func:`emit_block_fallback`)."""
+    diagonal: RegionPlans
+    pair: PairFallback
+    out: str                        # the output array
+    flags: int                      # the kernel's scratch row of the rows k to recompute
+    direction: str | None = None    # the product's direction of the block's column
+    fast_entry: str = ""            # the product's: the kernel's entry (_k, _l), from its scratch rows
+
+
+def emit_block_fallback(body, blocks: list[BlockRecompute]):
+    """The body of a row's exact recomputation of its Hessian, block by block: entry (k, k) by
+    the diagonal's plans, (k, l) by the pair's, in the row's region, where the entry's test
+    fires, in the rows k of the block that the kernel flagged. The row sums' expansions and the
+    region's decisions are set up once for every block. Without a direction those entries of the
+    block's ``out``[_i] are written where finite; with one, the product out[_i, k] = sum over the
+    blocks of out's row of sum_l H_kl v_l of a flagged k is summed again, each entry the
+    recomputed one or the kernel's."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
     # the plans' keys: 2 b for block b's diagonal, 2 b + 1 for its other entries
-    splits = [(_split(2 * b, diagonal.regions), _split(2 * b + 1, pair.regions))
-              for b, (diagonal, pair, *_) in enumerate(blocks)]
+    splits = [(_split(2 * b, block.diagonal.regions), _split(2 * b + 1, block.pair.regions))
+              for b, block in enumerate(blocks)]
     flat = {key: f for (own, _), (other, _) in splits for key, f in {**own, **other}.items()}
     shared = {key: f for (_, own), (_, other) in splits for key, f in {**own, **other}.items()}
     _emit_setup(body, flat, printed, shared)
     reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
-    for b, (diagonal, pair, *_) in enumerate(blocks):
-        _emit_region(body, b, diagonal.regions, reductions, printed, decided)
-        body.emit(2, f"_xscale{b} = {printed(pair.entry_scale())}")
+    for b, block in enumerate(blocks):
+        _emit_region(body, b, block.diagonal.regions, reductions, printed, decided)
+        body.emit(2, f"_xscale{b} = {printed(block.pair.entry_scale())}")
     # a loop over the flagged rows k of each output: a full block's, or a product's (its blocks)
     outputs: dict = {}
     for b, block in enumerate(blocks):
-        outputs.setdefault(block[2], []).append(b)
+        outputs.setdefault(block.out, []).append(b)
     for out, members in outputs.items():
-        flags, product = blocks[members[0]][3], blocks[members[0]][4] is not None
+        flags, product = blocks[members[0]].flags, blocks[members[0]].direction is not None
         body.emit(2, "for _k in range(_n):")
         body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
         body.emit(4, "continue")
@@ -891,7 +900,7 @@ def emit_block_fallback(body, blocks):
             body.emit(3, f"{out}[_i, _k] = _w * _xs")
 
 
-def _emit_block_row(body, b, block, split, printed):
+def _emit_block_row(body, b, block: BlockRecompute, split, printed):
     """Lines recomputing row k of block ``b`` (:func:`emit_block_fallback`), entry by entry."""
     diagonal, pair, out, _, direction, fast_entry = block
     (own, _), (other, _) = split

@@ -22,79 +22,36 @@ def _cancels(*terms, factor=1e3):
 
 
 def _cosine_gap(output, point, entry):
-    """cosine_embedding's Hessian: an entry (j, l) of a full block with an element of j or l
-    subnormal or below the normal range over the square root of the entry's denominator (the
-    kernels' outer products divide each factor P(j), Q(l) by it, and a factor below the normal
-    range has lost its digits before the exact fallback's test sees the entry: at
-    x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, is 0); and the
-    Hessian-vector product of a row j that holds such an entry, in either block."""
+    """cosine_embedding's Hessian: an entry (j, l) of a full block with an element x1_j, x2_j,
+    x1_l or x2_l subnormal or below the normal range over the square root of the entry's
+    denominator D (a**5 b in x1's block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps,
+    b**2 = |x2|**2 + eps): the kernels' outer products divide each factor P(j), Q(l) by it, and a
+    factor below the normal range has lost its digits before the exact fallback's test sees the
+    entry (at x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, is 0); and
+    the Hessian-vector product of a row j that holds such an entry, in either block."""
     if output.startswith("hvp"):
         own = output.split("[")[1].rstrip("]")
-        return any(_cosine_entry_misses(f"hess_full[{own},{other}]", point, (entry[0], l), factors_only=True)
+        return any(_cosine_gap(f"hess_full[{own},{other}]", point, (entry[0], l))
                    for other in ("x1", "x2") for l in range(len(_row_of(point, "x1"))))
     if not output.startswith("hess_full"):
         return False
-    return _cosine_entry_misses(output, point, entry, factors_only=True)
-
-
-def _cosine_entry_misses(output, point, entry, factors_only: bool = False):
-    """Entry (j, l) of a full Hessian block of cosine_embedding's cosine of rows x1, x2, times
-    a**5 b in a row's own block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps and
-    b**2 = |x2|**2 + eps, S = x1.x2: a**2 (x2_j x1_l + x2_l x1_j) - 3 S x1_j x1_l in x1's block
-    (x2's alike), and x2_j x2_l a**2 + x1_j x1_l b**2 - S x1_j x2_l in block (x1, x2); on the
-    diagonal in the other elements' sums A' = a**2 - x1_j**2, B' = b**2 - x2_j**2,
-    O = S - x1_j x2_j, as the kernels compute it: -3 A' x1_j x2_j + 2 O x1_j**2 - O A' in x1's
-    block, A' B' + O x1_j x2_j between the rows. Does the kernels' form miss the bound: do these
-    terms cancel below 1/1000 of their size, is the entry subnormal, or an element of j or l
-    subnormal or below the normal range over the square root of the entry's denominator (with
-    ``factors_only``, the last alone)?"""
     names = output.split("[")[1].split("]")[0].split(",")
     j, l = entry
-    # exact: a**2 - x1_j**2 at x1 = 745 is eps = 1e-12, 0 in floats
+    # exact: |x1|**2 + eps at x1 = 745 keeps its eps = 1e-12
     first, second = ([Fraction(float(v)) for v in _row_of(point, name)] for name in ("x1", "x2"))
     eps = Fraction(float(point["eps"]))
-    a2 = sum(v * v for v in first) + eps
-    b2 = sum(v * v for v in second) + eps
-    s = sum(u * v for u, v in zip(first, second))
-    rows = {"x1": first, "x2": second}
-    elements = [v for v in (rows[names[0]][j], rows[names[1]][l], first[j], second[j], first[l], second[l]) if v]
-    if j == l:  # the diagonal in the others' sums (A' = a**2 - x1_j**2, O = S - x1_j x2_j)
-        if names[0] == "x2":
-            first, second, a2, b2 = second, first, b2, a2
-        own_a, own_b, others = a2 - first[j] ** 2, b2 - second[j] ** 2, s - first[j] * second[j]
-        if names[0] != names[1]:
-            terms, scale = (own_a * own_b, others * first[j] * second[j]), (a2 * b2, 3)
-        else:
-            terms = (-3 * own_a * first[j] * second[j], 2 * others * first[j] ** 2, -others * own_a)
-            scale = (a2 ** 5 * b2, 1)
-        return _misses(terms, scale, elements, factors_only)
-    if names[0] != names[1]:
-        if names[0] == "x2":
-            j, l = l, j
-        terms = (-second[j] * second[l] * a2, -first[j] * first[l] * b2, s * first[j] * second[l])
-        scale = (a2 * b2, 3)
-    else:
-        if names[0] == "x2":
-            first, second, a2, b2 = second, first, b2, a2
-        terms = (a2 * second[j] * first[l], a2 * second[l] * first[j], -3 * s * first[j] * first[l])
-        scale = (a2 ** 5 * b2, 1)
-    return _misses(terms, scale, elements, factors_only)
-
-
-def _misses(terms, scale, elements, factors_only: bool) -> bool:
-    """Terms that cancel, a subnormal entry sum(terms)/D, D = b**(p/2) (``scale``: (b, p),
-    exact), or (alone with ``factors_only``) an outer-product factor (an element over sqrt(D))
-    below the normal range, or a subnormal element."""
-    base, power = scale
-    if base <= 0:
+    a2, b2 = sum(v * v for v in first) + eps, sum(v * v for v in second) + eps
+    if names[0] == "x2":
+        a2, b2 = b2, a2
+    squared = (a2 * b2) ** 3 if names[0] != names[1] else a2 ** 5 * b2  # D**2
+    elements = [v for v in (first[j], second[j], first[l], second[l]) if v]
+    if squared <= 0:
         return False
     with mpmath.workdps(60):
-        root = mpmath.sqrt(mpmath.mpf(base.numerator) / base.denominator) ** power  # D
+        factor_scale = mpmath.sqrt(mpmath.sqrt(mpmath.mpf(squared.numerator) / squared.denominator))  # sqrt(D)
         tiny = mpmath.mpf(float(np.finfo(float).tiny))
         size = lambda v: mpmath.mpf(abs(v.numerator)) / v.denominator  # noqa: E731
-        if any(size(v) < tiny or size(v) / mpmath.sqrt(root) < tiny for v in elements):
-            return True
-        return not factors_only and (_cancels(*terms) or size(sum(terms)) / root < tiny)
+        return any(size(v) < tiny or size(v) / factor_scale < tiny for v in elements)
 
 
 def _jaccard_underflow_gap(output, point, entry):
