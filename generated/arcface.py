@@ -76,7 +76,7 @@ def _loss_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 - _r0))
 
 
@@ -125,7 +125,7 @@ def _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = math.log(s)
@@ -185,7 +185,7 @@ def _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = s**2
@@ -254,7 +254,7 @@ def _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = math.log(s)
@@ -336,7 +336,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 - _r0))
     _h0 = math.sin(m)
     _h1 = math.cos(m)
@@ -414,7 +414,7 @@ def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = s**2
@@ -481,7 +481,7 @@ def hvp_kernel_parallel(y, c, s, m, _v_c, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
+def _hess_full_row(_i, _o, _n, _C, y, c, s, m, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -490,7 +490,7 @@ def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if not ((_e_c >= -1.0 and _e_c <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _m1 = -math.inf
     _a1 = 0
@@ -507,7 +507,7 @@ def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = s**2
@@ -551,7 +551,7 @@ def _hess_full_row(_i, _n, _C, y, c, s, m, _weight, _out0):
                 _h = _scratch[1, _l] * _scratch[2, _j]
             else:
                 _h = _scratch[1, _j] * _scratch[2, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -560,7 +560,7 @@ def hess_full_kernel(y, c, s, m, _weight, _out0):
     _n = c.shape[1]
     _C = float(_n)
     for _i in range(c.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, c, s, m, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, c, s, m, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -569,6 +569,6 @@ def hess_full_kernel_parallel(y, c, s, m, _weight, _out0):
     _n = c.shape[1]
     _C = float(_n)
     for _i in numba.prange(c.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, c, s, m, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, c, s, m, _weight, _out0)
 
 

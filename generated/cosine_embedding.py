@@ -420,7 +420,7 @@ def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
     _xr_x1_x2_hi = _xr_x1_x2
     if math.isfinite(_xr_x1_x2):
         _xr_x1_x2 += _xr_x1_x2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = _r1 + eps
     _t4_1 = _r0 + eps
     _t4_2 = math.sqrt(_t4_1)
@@ -1041,7 +1041,7 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -1778,7 +1778,7 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _xr_x1_x2_hi = _xr_x1_x2
     if math.isfinite(_xr_x1_x2):
         _xr_x1_x2 += _xr_x1_x2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = _r0 + eps
     _t4_1 = math.sqrt(_t4_0)
     _t4_2 = math.ldexp(1.0, math.frexp(_t4_1)[1])
@@ -2031,7 +2031,7 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -2355,7 +2355,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = _r1 + eps
     _t6_1 = _r0 + eps
     _t6_2 = math.sqrt(_t6_1)
@@ -2533,1770 +2533,21 @@ def loss_grad_hess_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0, _out1
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1, _w, _scratch):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _row_y = y[_i]
-    _xbuffer = np.empty((34, 64))
-    _xt = _xbuffer[0]
-    _xu = _xbuffer[1]
-    _xa = _xbuffer[2]
-    _xf = _xbuffer[3]
-    _xp = _xbuffer[4]
-    _x_r0 = _xbuffer[5]
-    _x_r1 = _xbuffer[6]
-    _x_r2 = _xbuffer[7]
-    _xA0r0_0 = _xbuffer[8]
-    _xA0r0_1 = _xbuffer[9]
-    _xA0r0_2 = _xbuffer[10]
-    _xA1r0_0 = _xbuffer[11]
-    _xA1r0_1 = _xbuffer[12]
-    _xA1r0_2 = _xbuffer[13]
-    _xA2r0_0 = _xbuffer[14]
-    _xA2r0_1 = _xbuffer[15]
-    _xA2r0_2 = _xbuffer[16]
-    _xA2r0_3 = _xbuffer[17]
-    _xA3r0_0 = _xbuffer[18]
-    _xA3r0_1 = _xbuffer[19]
-    _xA3r0_2 = _xbuffer[20]
-    _xA4r0_0 = _xbuffer[21]
-    _xA4r0_1 = _xbuffer[22]
-    _xA4r0_2 = _xbuffer[23]
-    _xA4r0_3 = _xbuffer[24]
-    _xA5r0_0 = _xbuffer[25]
-    _xA5r0_1 = _xbuffer[26]
-    _xA5r0_2 = _xbuffer[27]
-    _xA6r0_0 = _xbuffer[28]
-    _xA6r0_1 = _xbuffer[29]
-    _xA6r0_2 = _xbuffer[30]
-    _xA7r0_0 = _xbuffer[31]
-    _xA7r0_1 = _xbuffer[32]
-    _xA7r0_2 = _xbuffer[33]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _r2_abs = 0.0
-    for _k in range(_n):
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
-        _r2_abs += abs(_e_x1*_e_x2)
-        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x1)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x2, _e_x2)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x2)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
-    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
-    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
-    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
-    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
-    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
-    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
-    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
-    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
-    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
-    _xready0r0 = False
-    _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
-    _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
-    _xd0r0_2 = 1.0
-    _xd0r0_2_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
-    _xA0r0_2_n = 0
-    _xA0r0_2_s = 0
-    _xc0r0_0 = (3.0*_r2)
-    _xb0r0_0 = (0.000732421875*_r2_abs)
-    _xc0r0_1 = (-2.0*_r0 - 2.0*eps)
-    _xb0r0_1 = (0.00048828125*eps + 0.00048828125*abs(_r0))
-    _xc0r0_2 = (-_r0*_r2 - _r2*eps)
-    _xb0r0_2 = (0.000244140625*_r2_abs*eps + 0.000244140625*_r2_abs*abs(_r0))
-    _xready1r0 = False
-    _xd1r0_0 = 1.0
-    _xd1r0_0_s = 0
-    _xd1r0_1 = 1.0
-    _xd1r0_1_s = 0
-    _xd1r0_2 = 1.0
-    _xd1r0_2_s = 0
-    _xA1r0_0_n = 0
-    _xA1r0_0_s = 0
-    _xA1r0_1_n = 0
-    _xA1r0_1_s = 0
-    _xA1r0_2_n = 0
-    _xA1r0_2_s = 0
-    _xc1r0_0 = (3.0*_r2)
-    _xb1r0_0 = (0.000732421875*_r2_abs)
-    _xc1r0_1 = (-_r0 - eps)
-    _xb1r0_1 = (0.000244140625*eps + 0.000244140625*abs(_r0))
-    _xc1r0_2 = (-_r0 - eps)
-    _xb1r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
-    _xready2r0 = False
-    _xd2r0_0 = 1.0
-    _xd2r0_0_s = 0
-    _xd2r0_1 = 1.0
-    _xd2r0_1_s = 0
-    _xd2r0_2 = 1.0
-    _xd2r0_2_s = 0
-    _xA2r0_0_n = 0
-    _xA2r0_0_s = 0
-    _xA2r0_1_n = 0
-    _xA2r0_1_s = 0
-    _xA2r0_2_n = 0
-    _xA2r0_2_s = 0
-    _xA2r0_3_n = 0
-    _xA2r0_3_s = 0
-    _xc2r0_0 = (_r1 + eps)
-    _xb2r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
-    _xc2r0_1 = (-_r2)
-    _xb2r0_1 = (0.000244140625*_r2_abs)
-    _xc2r0_2 = (_r0 + eps)
-    _xb2r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
-    _xc2r0_3 = (-_r0*_r1 - _r0*eps - _r1*eps - eps**2)
-    _xb2r0_3 = (0.000244140625*eps**2 + 0.000244140625*eps*abs(_r0) + 0.000244140625*eps*abs(_r1) + 0.000244140625*abs(_r0*_r1))
-    _xready3r0 = False
-    _xd3r0_0 = 1.0
-    _xd3r0_0_s = 0
-    _xd3r0_1 = 1.0
-    _xd3r0_1_s = 0
-    _xd3r0_2 = 1.0
-    _xd3r0_2_s = 0
-    _xA3r0_0_n = 0
-    _xA3r0_0_s = 0
-    _xA3r0_1_n = 0
-    _xA3r0_1_s = 0
-    _xA3r0_2_n = 0
-    _xA3r0_2_s = 0
-    _xc3r0_0 = (_r1 + eps)
-    _xb3r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
-    _xc3r0_1 = (-_r2)
-    _xb3r0_1 = (0.000244140625*_r2_abs)
-    _xc3r0_2 = (_r0 + eps)
-    _xb3r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
-    _xready4r0 = False
-    _xd4r0_0 = 1.0
-    _xd4r0_0_s = 0
-    _xd4r0_1 = 1.0
-    _xd4r0_1_s = 0
-    _xd4r0_2 = 1.0
-    _xd4r0_2_s = 0
-    _xA4r0_0_n = 0
-    _xA4r0_0_s = 0
-    _xA4r0_1_n = 0
-    _xA4r0_1_s = 0
-    _xA4r0_2_n = 0
-    _xA4r0_2_s = 0
-    _xA4r0_3_n = 0
-    _xA4r0_3_s = 0
-    _xc4r0_0 = (_r1 + eps)
-    _xb4r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
-    _xc4r0_1 = (-_r2)
-    _xb4r0_1 = (0.000244140625*_r2_abs)
-    _xc4r0_2 = (_r0 + eps)
-    _xb4r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
-    _xc4r0_3 = (-_r0*_r1 - _r0*eps - _r1*eps - eps**2)
-    _xb4r0_3 = (0.000244140625*eps**2 + 0.000244140625*eps*abs(_r0) + 0.000244140625*eps*abs(_r1) + 0.000244140625*abs(_r0*_r1))
-    _xready5r0 = False
-    _xd5r0_0 = 1.0
-    _xd5r0_0_s = 0
-    _xd5r0_1 = 1.0
-    _xd5r0_1_s = 0
-    _xd5r0_2 = 1.0
-    _xd5r0_2_s = 0
-    _xA5r0_0_n = 0
-    _xA5r0_0_s = 0
-    _xA5r0_1_n = 0
-    _xA5r0_1_s = 0
-    _xA5r0_2_n = 0
-    _xA5r0_2_s = 0
-    _xc5r0_0 = (_r1 + eps)
-    _xb5r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
-    _xc5r0_1 = (-_r2)
-    _xb5r0_1 = (0.000244140625*_r2_abs)
-    _xc5r0_2 = (_r0 + eps)
-    _xb5r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
-    _xready6r0 = False
-    _xd6r0_0 = 1.0
-    _xd6r0_0_s = 0
-    _xd6r0_1 = 1.0
-    _xd6r0_1_s = 0
-    _xA6r0_0_n = 0
-    _xA6r0_0_s = 0
-    _xA6r0_1_n = 0
-    _xA6r0_1_s = 0
-    _xA6r0_2_n = 0
-    _xA6r0_2_s = 0
-    _xc6r0_0 = (2.0*_r1 + 2.0*eps)
-    _xb6r0_0 = (0.00048828125*eps + 0.00048828125*abs(_r1))
-    _xc6r0_1 = (-3.0*_r2)
-    _xb6r0_1 = (0.000732421875*_r2_abs)
-    _xc6r0_2 = (_r1*_r2 + _r2*eps)
-    _xb6r0_2 = (0.000244140625*_r2_abs*eps + 0.000244140625*_r2_abs*abs(_r1))
-    _xready7r0 = False
-    _xd7r0_0 = 1.0
-    _xd7r0_0_s = 0
-    _xd7r0_1 = 1.0
-    _xd7r0_1_s = 0
-    _xA7r0_0_n = 0
-    _xA7r0_0_s = 0
-    _xA7r0_1_n = 0
-    _xA7r0_1_s = 0
-    _xA7r0_2_n = 0
-    _xA7r0_2_s = 0
-    _xc7r0_0 = (_r1 + eps)
-    _xb7r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
-    _xc7r0_1 = (_r1 + eps)
-    _xb7r0_1 = (0.000244140625*eps + 0.000244140625*abs(_r1))
-    _xc7r0_2 = (-3.0*_r2)
-    _xb7r0_2 = (0.000732421875*_r2_abs)
-    _xdready0r0 = False
-    _xdready0r1 = False
-    _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
-    _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
-    _xdready1r0 = False
-    _xdready1r1 = False
-    _xd1r1_0 = 1.0
-    _xd1r1_0_s = 0
-    _xd1r1_1 = 1.0
-    _xd1r1_1_s = 0
-    _xdready2r0 = False
-    _xdready2r1 = False
-    _xd2r1_0 = 1.0
-    _xd2r1_0_s = 0
-    _xd2r1_1 = 1.0
-    _xd2r1_1_s = 0
-    _xd2r1_2 = 1.0
-    _xd2r1_2_s = 0
-    _xd2r1_3 = 1.0
-    _xd2r1_3_s = 0
-    _xdready3r0 = False
-    _xdready3r1 = False
-    _xd3r1_0 = 1.0
-    _xd3r1_0_s = 0
-    _xd3r1_1 = 1.0
-    _xd3r1_1_s = 0
-    _xd3r1_2 = 1.0
-    _xd3r1_2_s = 0
-    _xd3r1_3 = 1.0
-    _xd3r1_3_s = 0
-    _xdready4r0 = False
-    _xdready4r1 = False
-    _xd4r1_0 = 1.0
-    _xd4r1_0_s = 0
-    _xd4r1_1 = 1.0
-    _xd4r1_1_s = 0
-    _xd4r1_2 = 1.0
-    _xd4r1_2_s = 0
-    _xd4r1_3 = 1.0
-    _xd4r1_3_s = 0
-    _xdready5r0 = False
-    _xdready5r1 = False
-    _xd5r1_0 = 1.0
-    _xd5r1_0_s = 0
-    _xd5r1_1 = 1.0
-    _xd5r1_1_s = 0
-    _xd5r1_2 = 1.0
-    _xd5r1_2_s = 0
-    _xd5r1_3 = 1.0
-    _xd5r1_3_s = 0
-    _xdready6r0 = False
-    _xdready6r1 = False
-    _xd6r1_0 = 1.0
-    _xd6r1_0_s = 0
-    _xd6r1_1 = 1.0
-    _xd6r1_1_s = 0
-    _xd6r1_2 = 1.0
-    _xd6r1_2_s = 0
-    _xdready7r0 = False
-    _xdready7r1 = False
-    _xd7r1_0 = 1.0
-    _xd7r1_0_s = 0
-    _xd7r1_1 = 1.0
-    _xd7r1_1_s = 0
-    _xd7r1_2 = 1.0
-    _xd7r1_2_s = 0
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_a = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xcs0_b = math.copysign(1.0, margin) if margin != 0.0 else 0.0
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xh, _xl, _xe = _xtwo_product(eps, eps)
-    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs0_a * _xcs0_b >= 0.0:
-        _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
-    else:
-        _xcs0 = _xcs0_a * _xcs0_d
-    _xregion0 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
-    _xscale0 = ((((1.0)/((_r0 + eps)**2*abs(math.sqrt((_r0 + eps)*(_r1 + eps)))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
-    _xregion1 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
-    _xscale1 = ((((1.0)/(abs(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
-    _xregion2 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
-    _xscale2 = ((((1.0)/(abs(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
-    _xregion3 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
-    _xscale3 = ((((1.0)/((_r1 + eps)**2*abs(math.sqrt((_r0 + eps)*(_r1 + eps)))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
-    for _k in range(_n):
-        if _scratch[30, _k] == 0.0:
-            continue
-        _xs = 0.0
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
+def _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
+    """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
+    exactly where their tests fire) times the directions."""
+    _blocks = np.empty((4, 1, _n, _n), _out0.dtype)
+    _hess_full_row(_i, np.int64(0), _n, _C, y, x1, x2, margin, eps, _weight, _blocks[0], _blocks[1], _blocks[2], _blocks[3])
+    for _j in range(_n):
+        _s0 = 0.0
+        _s1 = 0.0
         for _l in range(_n):
-            _at_l_x1 = x1[_i, _l]
-            _at_l_x2 = x2[_i, _l]
-            _xe = _scratch[0, _k] if _k == _l else _scratch[4, _k] * _scratch[5, _l] + _scratch[6, _k] * _scratch[7, _l]
-            if _l == _k:
-                if _xregion0 == 0 or _xregion0 == 1:
-                    _xn = _xc0r0_0*_e_x1**2 + _xc0r0_1*_e_x1*_e_x2 + _xc0r0_2
-                    _xb = _xb0r0_0*abs(_e_x1**2) + _xb0r0_1*abs(_e_x1*_e_x2) + _xb0r0_2
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                        if not _xready0r0:
-                            _xready0r0 = True
-                            _xA0r0_0_n = 0
-                            _xA0r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
-                            _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
-                            _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                            _xA0r0_1_n = 0
-                            _xA0r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
-                            _xA0r0_1_n, _xA0r0_1_s = _xgrow_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, -eps, 1)
-                            _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
-                            _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                            _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xA0r0_2_n = _xcopy(_xA0r0_2, _xp, _xp_n)
-                            _xA0r0_2_s = _xp_s
-                            _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
-                            _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
-                        _xt_s = _xA0r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA0r0_1, _xA0r0_1_n)
-                        _xt_s = _xA0r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA0r0_2, _xA0r0_2_n)
-                        _xt_s = _xA0r0_2_s
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion0 == 0:
-                            if not _xdready0r0:
-                                _xdready0r0 = True
-                                _xd0r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_1
-                            _xq_s -= _xd0r0_1_s
-                            _xq = _xq / _xd0r0_2
-                            _xq_s -= _xd0r0_2_s
-                            _xq = _xq / _xd0r0_2
-                            _xq_s -= _xd0r0_2_s
-                        elif _xregion0 == 1:
-                            if not _xdready0r1:
-                                _xdready0r1 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r1_0, _xd0r1_0_s = _xsqrt_m(_xd0r1_0, _xd0r1_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd0r1_0
-                            _xq_s -= _xd0r1_0_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            else:
-                if _xregion0 == 0 or _xregion0 == 1:
-                    _xn = _xc1r0_0*_at_l_x1*_e_x1 + _xc1r0_1*_at_l_x1*_e_x2 + _xc1r0_2*_at_l_x2*_e_x1
-                    _xb = _xb1r0_0*abs(_at_l_x1*_e_x1) + _xb1r0_1*abs(_at_l_x1*_e_x2) + _xb1r0_2*abs(_at_l_x2*_e_x1)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
-                        if not _xready1r0:
-                            _xready1r0 = True
-                            _xA1r0_0_n = 0
-                            _xA1r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _xt, _xm, _xt_s)
-                            _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
-                            _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
-                            _xA1r0_1_n = 0
-                            _xA1r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
-                            _xA1r0_1_n, _xA1r0_1_s = _xgrow_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, -eps, 0)
-                            _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
-                            _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
-                            _xA1r0_2_n = 0
-                            _xA1r0_2_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA1r0_2_n, _xA1r0_2_s = _xgrow_all_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, _xt, _xm, _xt_s)
-                            _xA1r0_2_n, _xA1r0_2_s = _xgrow_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, -eps, 0)
-                            _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
-                            _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
-                        _xt_s = _xA1r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA1r0_1, _xA1r0_1_n)
-                        _xt_s = _xA1r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA1r0_2, _xA1r0_2_n)
-                        _xt_s = _xA1r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion0 == 0:
-                            if not _xdready1r0:
-                                _xdready1r0 = True
-                                _xd1r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_1
-                            _xq_s -= _xd1r0_1_s
-                            _xq = _xq / _xd1r0_2
-                            _xq_s -= _xd1r0_2_s
-                            _xq = _xq / _xd1r0_2
-                            _xq_s -= _xd1r0_2_s
-                        elif _xregion0 == 1:
-                            if not _xdready1r1:
-                                _xdready1r1 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r1_0, _xd1r1_0_s = _xsqrt_m(_xd1r1_0, _xd1r1_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd1r1_0
-                            _xq_s -= _xd1r1_0_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            _xs += _xe * _v_x1[_i, _l]
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
-        for _l in range(_n):
-            _at_l_x1 = x1[_i, _l]
-            _at_l_x2 = x2[_i, _l]
-            _xe = _scratch[1, _k] if _k == _l else _scratch[8, _k] * _scratch[9, _l] + _scratch[10, _k] * _scratch[11, _l]
-            if _l == _k:
-                if _xregion1 == 0 or _xregion1 == 1:
-                    _xn = _xc2r0_0*_e_x1**2 + _xc2r0_1*_e_x1*_e_x2 + _xc2r0_2*_e_x2**2 + _xc2r0_3
-                    _xb = _xb2r0_0*abs(_e_x1**2) + _xb2r0_1*abs(_e_x1*_e_x2) + _xb2r0_2*abs(_e_x2**2) + _xb2r0_3
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                        if not _xready2r0:
-                            _xready2r0 = True
-                            _xA2r0_0_n = 0
-                            _xA2r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA2r0_0_n, _xA2r0_0_s = _xgrow_all_s(_xA2r0_0, _xA2r0_0_n, _xA2r0_0_s, _xt, _xm, _xt_s)
-                            _xA2r0_0_n, _xA2r0_0_s = _xgrow_s(_xA2r0_0, _xA2r0_0_n, _xA2r0_0_s, eps, 0)
-                            _xA2r0_0_n = _xcompress(_xA2r0_0, _xA2r0_0_n, _xu)
-                            _xA2r0_0_s = _xnormalize(_xA2r0_0, _xA2r0_0_n, _xA2r0_0_s)
-                            _xA2r0_1_n = 0
-                            _xA2r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA2r0_1_n, _xA2r0_1_s = _xgrow_all_s(_xA2r0_1, _xA2r0_1_n, _xA2r0_1_s, _xt, _xm, _xt_s)
-                            _xA2r0_1_n = _xcompress(_xA2r0_1, _xA2r0_1_n, _xu)
-                            _xA2r0_1_s = _xnormalize(_xA2r0_1, _xA2r0_1_n, _xA2r0_1_s)
-                            _xA2r0_2_n = 0
-                            _xA2r0_2_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA2r0_2_n, _xA2r0_2_s = _xgrow_all_s(_xA2r0_2, _xA2r0_2_n, _xA2r0_2_s, _xt, _xm, _xt_s)
-                            _xA2r0_2_n, _xA2r0_2_s = _xgrow_s(_xA2r0_2, _xA2r0_2_n, _xA2r0_2_s, eps, 0)
-                            _xA2r0_2_n = _xcompress(_xA2r0_2, _xA2r0_2_n, _xu)
-                            _xA2r0_2_s = _xnormalize(_xA2r0_2, _xA2r0_2_n, _xA2r0_2_s)
-                            _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xA2r0_3_n = _xcopy(_xA2r0_3, _xp, _xp_n)
-                            _xA2r0_3_s = _xp_s
-                            _xA2r0_3_n = _xcompress(_xA2r0_3, _xA2r0_3_n, _xu)
-                            _xA2r0_3_s = _xnormalize(_xA2r0_3, _xA2r0_3_n, _xA2r0_3_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA2r0_0, _xA2r0_0_n)
-                        _xt_s = _xA2r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA2r0_1, _xA2r0_1_n)
-                        _xt_s = _xA2r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA2r0_2, _xA2r0_2_n)
-                        _xt_s = _xA2r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA2r0_3, _xA2r0_3_n)
-                        _xt_s = _xA2r0_3_s
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion1 == 0:
-                            if not _xdready2r0:
-                                _xdready2r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd2r0_0, _xd2r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd2r0_0, _xd2r0_0_s = _xsqrt_m(_xd2r0_0, _xd2r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd2r0_1, _xd2r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd2r0_2, _xd2r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd2r0_0
-                            _xq_s -= _xd2r0_0_s
-                            _xq = _xq / _xd2r0_1
-                            _xq_s -= _xd2r0_1_s
-                            _xq = _xq / _xd2r0_2
-                            _xq_s -= _xd2r0_2_s
-                        elif _xregion1 == 1:
-                            if not _xdready2r1:
-                                _xdready2r1 = True
-                                _xd2r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd2r1_1, _xd2r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd2r1_1, _xd2r1_1_s = _xsqrt_m(_xd2r1_1, _xd2r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd2r1_2, _xd2r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd2r1_3, _xd2r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd2r1_0
-                            _xq_s -= _xd2r1_0_s
-                            _xq = _xq / _xd2r1_1
-                            _xq_s -= _xd2r1_1_s
-                            _xq = _xq / _xd2r1_2
-                            _xq_s -= _xd2r1_2_s
-                            _xq = _xq / _xd2r1_3
-                            _xq_s -= _xd2r1_3_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            else:
-                if _xregion1 == 0 or _xregion1 == 1:
-                    _xn = _xc3r0_0*_at_l_x1*_e_x1 + _xc3r0_1*_at_l_x2*_e_x1 + _xc3r0_2*_at_l_x2*_e_x2
-                    _xb = _xb3r0_0*abs(_at_l_x1*_e_x1) + _xb3r0_1*abs(_at_l_x2*_e_x1) + _xb3r0_2*abs(_at_l_x2*_e_x2)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale1 < 1.0261342003245941e-289):
-                        if not _xready3r0:
-                            _xready3r0 = True
-                            _xA3r0_0_n = 0
-                            _xA3r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA3r0_0_n, _xA3r0_0_s = _xgrow_all_s(_xA3r0_0, _xA3r0_0_n, _xA3r0_0_s, _xt, _xm, _xt_s)
-                            _xA3r0_0_n, _xA3r0_0_s = _xgrow_s(_xA3r0_0, _xA3r0_0_n, _xA3r0_0_s, eps, 0)
-                            _xA3r0_0_n = _xcompress(_xA3r0_0, _xA3r0_0_n, _xu)
-                            _xA3r0_0_s = _xnormalize(_xA3r0_0, _xA3r0_0_n, _xA3r0_0_s)
-                            _xA3r0_1_n = 0
-                            _xA3r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA3r0_1_n, _xA3r0_1_s = _xgrow_all_s(_xA3r0_1, _xA3r0_1_n, _xA3r0_1_s, _xt, _xm, _xt_s)
-                            _xA3r0_1_n = _xcompress(_xA3r0_1, _xA3r0_1_n, _xu)
-                            _xA3r0_1_s = _xnormalize(_xA3r0_1, _xA3r0_1_n, _xA3r0_1_s)
-                            _xA3r0_2_n = 0
-                            _xA3r0_2_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA3r0_2_n, _xA3r0_2_s = _xgrow_all_s(_xA3r0_2, _xA3r0_2_n, _xA3r0_2_s, _xt, _xm, _xt_s)
-                            _xA3r0_2_n, _xA3r0_2_s = _xgrow_s(_xA3r0_2, _xA3r0_2_n, _xA3r0_2_s, eps, 0)
-                            _xA3r0_2_n = _xcompress(_xA3r0_2, _xA3r0_2_n, _xu)
-                            _xA3r0_2_s = _xnormalize(_xA3r0_2, _xA3r0_2_n, _xA3r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA3r0_0, _xA3r0_0_n)
-                        _xt_s = _xA3r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA3r0_1, _xA3r0_1_n)
-                        _xt_s = _xA3r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA3r0_2, _xA3r0_2_n)
-                        _xt_s = _xA3r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion1 == 0:
-                            if not _xdready3r0:
-                                _xdready3r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd3r0_0, _xd3r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd3r0_0, _xd3r0_0_s = _xsqrt_m(_xd3r0_0, _xd3r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd3r0_1, _xd3r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd3r0_2, _xd3r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd3r0_0
-                            _xq_s -= _xd3r0_0_s
-                            _xq = _xq / _xd3r0_1
-                            _xq_s -= _xd3r0_1_s
-                            _xq = _xq / _xd3r0_2
-                            _xq_s -= _xd3r0_2_s
-                        elif _xregion1 == 1:
-                            if not _xdready3r1:
-                                _xdready3r1 = True
-                                _xd3r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd3r1_1, _xd3r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd3r1_1, _xd3r1_1_s = _xsqrt_m(_xd3r1_1, _xd3r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd3r1_2, _xd3r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd3r1_3, _xd3r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd3r1_0
-                            _xq_s -= _xd3r1_0_s
-                            _xq = _xq / _xd3r1_1
-                            _xq_s -= _xd3r1_1_s
-                            _xq = _xq / _xd3r1_2
-                            _xq_s -= _xd3r1_2_s
-                            _xq = _xq / _xd3r1_3
-                            _xq_s -= _xd3r1_3_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            _xs += _xe * _v_x2[_i, _l]
-        _out0[_i, _k] = _w * _xs
-    for _k in range(_n):
-        if _scratch[32, _k] == 0.0:
-            continue
-        _xs = 0.0
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
-        for _l in range(_n):
-            _at_l_x1 = x1[_i, _l]
-            _at_l_x2 = x2[_i, _l]
-            _xe = _scratch[2, _k] if _k == _l else _scratch[12, _k] * _scratch[13, _l] + _scratch[14, _k] * _scratch[15, _l]
-            if _l == _k:
-                if _xregion2 == 0 or _xregion2 == 1:
-                    _xn = _xc4r0_0*_e_x1**2 + _xc4r0_1*_e_x1*_e_x2 + _xc4r0_2*_e_x2**2 + _xc4r0_3
-                    _xb = _xb4r0_0*abs(_e_x1**2) + _xb4r0_1*abs(_e_x1*_e_x2) + _xb4r0_2*abs(_e_x2**2) + _xb4r0_3
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                        if not _xready4r0:
-                            _xready4r0 = True
-                            _xA4r0_0_n = 0
-                            _xA4r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA4r0_0_n, _xA4r0_0_s = _xgrow_all_s(_xA4r0_0, _xA4r0_0_n, _xA4r0_0_s, _xt, _xm, _xt_s)
-                            _xA4r0_0_n, _xA4r0_0_s = _xgrow_s(_xA4r0_0, _xA4r0_0_n, _xA4r0_0_s, eps, 0)
-                            _xA4r0_0_n = _xcompress(_xA4r0_0, _xA4r0_0_n, _xu)
-                            _xA4r0_0_s = _xnormalize(_xA4r0_0, _xA4r0_0_n, _xA4r0_0_s)
-                            _xA4r0_1_n = 0
-                            _xA4r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA4r0_1_n, _xA4r0_1_s = _xgrow_all_s(_xA4r0_1, _xA4r0_1_n, _xA4r0_1_s, _xt, _xm, _xt_s)
-                            _xA4r0_1_n = _xcompress(_xA4r0_1, _xA4r0_1_n, _xu)
-                            _xA4r0_1_s = _xnormalize(_xA4r0_1, _xA4r0_1_n, _xA4r0_1_s)
-                            _xA4r0_2_n = 0
-                            _xA4r0_2_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA4r0_2_n, _xA4r0_2_s = _xgrow_all_s(_xA4r0_2, _xA4r0_2_n, _xA4r0_2_s, _xt, _xm, _xt_s)
-                            _xA4r0_2_n, _xA4r0_2_s = _xgrow_s(_xA4r0_2, _xA4r0_2_n, _xA4r0_2_s, eps, 0)
-                            _xA4r0_2_n = _xcompress(_xA4r0_2, _xA4r0_2_n, _xu)
-                            _xA4r0_2_s = _xnormalize(_xA4r0_2, _xA4r0_2_n, _xA4r0_2_s)
-                            _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xA4r0_3_n = _xcopy(_xA4r0_3, _xp, _xp_n)
-                            _xA4r0_3_s = _xp_s
-                            _xA4r0_3_n = _xcompress(_xA4r0_3, _xA4r0_3_n, _xu)
-                            _xA4r0_3_s = _xnormalize(_xA4r0_3, _xA4r0_3_n, _xA4r0_3_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA4r0_0, _xA4r0_0_n)
-                        _xt_s = _xA4r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA4r0_1, _xA4r0_1_n)
-                        _xt_s = _xA4r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA4r0_2, _xA4r0_2_n)
-                        _xt_s = _xA4r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA4r0_3, _xA4r0_3_n)
-                        _xt_s = _xA4r0_3_s
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion2 == 0:
-                            if not _xdready4r0:
-                                _xdready4r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd4r0_0, _xd4r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd4r0_0, _xd4r0_0_s = _xsqrt_m(_xd4r0_0, _xd4r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd4r0_1, _xd4r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd4r0_2, _xd4r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd4r0_0
-                            _xq_s -= _xd4r0_0_s
-                            _xq = _xq / _xd4r0_1
-                            _xq_s -= _xd4r0_1_s
-                            _xq = _xq / _xd4r0_2
-                            _xq_s -= _xd4r0_2_s
-                        elif _xregion2 == 1:
-                            if not _xdready4r1:
-                                _xdready4r1 = True
-                                _xd4r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd4r1_1, _xd4r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd4r1_1, _xd4r1_1_s = _xsqrt_m(_xd4r1_1, _xd4r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd4r1_2, _xd4r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd4r1_3, _xd4r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd4r1_0
-                            _xq_s -= _xd4r1_0_s
-                            _xq = _xq / _xd4r1_1
-                            _xq_s -= _xd4r1_1_s
-                            _xq = _xq / _xd4r1_2
-                            _xq_s -= _xd4r1_2_s
-                            _xq = _xq / _xd4r1_3
-                            _xq_s -= _xd4r1_3_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            else:
-                if _xregion2 == 0 or _xregion2 == 1:
-                    _xn = _xc5r0_0*_at_l_x1*_e_x1 + _xc5r0_1*_at_l_x1*_e_x2 + _xc5r0_2*_at_l_x2*_e_x2
-                    _xb = _xb5r0_0*abs(_at_l_x1*_e_x1) + _xb5r0_1*abs(_at_l_x1*_e_x2) + _xb5r0_2*abs(_at_l_x2*_e_x2)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale2 < 1.0261342003245941e-289):
-                        if not _xready5r0:
-                            _xready5r0 = True
-                            _xA5r0_0_n = 0
-                            _xA5r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA5r0_0_n, _xA5r0_0_s = _xgrow_all_s(_xA5r0_0, _xA5r0_0_n, _xA5r0_0_s, _xt, _xm, _xt_s)
-                            _xA5r0_0_n, _xA5r0_0_s = _xgrow_s(_xA5r0_0, _xA5r0_0_n, _xA5r0_0_s, eps, 0)
-                            _xA5r0_0_n = _xcompress(_xA5r0_0, _xA5r0_0_n, _xu)
-                            _xA5r0_0_s = _xnormalize(_xA5r0_0, _xA5r0_0_n, _xA5r0_0_s)
-                            _xA5r0_1_n = 0
-                            _xA5r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA5r0_1_n, _xA5r0_1_s = _xgrow_all_s(_xA5r0_1, _xA5r0_1_n, _xA5r0_1_s, _xt, _xm, _xt_s)
-                            _xA5r0_1_n = _xcompress(_xA5r0_1, _xA5r0_1_n, _xu)
-                            _xA5r0_1_s = _xnormalize(_xA5r0_1, _xA5r0_1_n, _xA5r0_1_s)
-                            _xA5r0_2_n = 0
-                            _xA5r0_2_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA5r0_2_n, _xA5r0_2_s = _xgrow_all_s(_xA5r0_2, _xA5r0_2_n, _xA5r0_2_s, _xt, _xm, _xt_s)
-                            _xA5r0_2_n, _xA5r0_2_s = _xgrow_s(_xA5r0_2, _xA5r0_2_n, _xA5r0_2_s, eps, 0)
-                            _xA5r0_2_n = _xcompress(_xA5r0_2, _xA5r0_2_n, _xu)
-                            _xA5r0_2_s = _xnormalize(_xA5r0_2, _xA5r0_2_n, _xA5r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA5r0_0, _xA5r0_0_n)
-                        _xt_s = _xA5r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA5r0_1, _xA5r0_1_n)
-                        _xt_s = _xA5r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA5r0_2, _xA5r0_2_n)
-                        _xt_s = _xA5r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion2 == 0:
-                            if not _xdready5r0:
-                                _xdready5r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd5r0_0, _xd5r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd5r0_0, _xd5r0_0_s = _xsqrt_m(_xd5r0_0, _xd5r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd5r0_1, _xd5r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd5r0_2, _xd5r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd5r0_0
-                            _xq_s -= _xd5r0_0_s
-                            _xq = _xq / _xd5r0_1
-                            _xq_s -= _xd5r0_1_s
-                            _xq = _xq / _xd5r0_2
-                            _xq_s -= _xd5r0_2_s
-                        elif _xregion2 == 1:
-                            if not _xdready5r1:
-                                _xdready5r1 = True
-                                _xd5r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd5r1_1, _xd5r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd5r1_1, _xd5r1_1_s = _xsqrt_m(_xd5r1_1, _xd5r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd5r1_2, _xd5r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd5r1_3, _xd5r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd5r1_0
-                            _xq_s -= _xd5r1_0_s
-                            _xq = _xq / _xd5r1_1
-                            _xq_s -= _xd5r1_1_s
-                            _xq = _xq / _xd5r1_2
-                            _xq_s -= _xd5r1_2_s
-                            _xq = _xq / _xd5r1_3
-                            _xq_s -= _xd5r1_3_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            _xs += _xe * _v_x1[_i, _l]
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
-        for _l in range(_n):
-            _at_l_x1 = x1[_i, _l]
-            _at_l_x2 = x2[_i, _l]
-            _xe = _scratch[3, _k] if _k == _l else _scratch[16, _k] * _scratch[17, _l] + _scratch[18, _k] * _scratch[19, _l]
-            if _l == _k:
-                if _xregion3 == 0 or _xregion3 == 1:
-                    _xn = _xc6r0_0*_e_x1*_e_x2 + _xc6r0_1*_e_x2**2 + _xc6r0_2
-                    _xb = _xb6r0_0*abs(_e_x1*_e_x2) + _xb6r0_1*abs(_e_x2**2) + _xb6r0_2
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                        if not _xready6r0:
-                            _xready6r0 = True
-                            _xA6r0_0_n = 0
-                            _xA6r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA6r0_0_n, _xA6r0_0_s = _xgrow_all_s(_xA6r0_0, _xA6r0_0_n, _xA6r0_0_s, _xt, _xm, _xt_s)
-                            _xA6r0_0_n, _xA6r0_0_s = _xgrow_s(_xA6r0_0, _xA6r0_0_n, _xA6r0_0_s, eps, 1)
-                            _xA6r0_0_n = _xcompress(_xA6r0_0, _xA6r0_0_n, _xu)
-                            _xA6r0_0_s = _xnormalize(_xA6r0_0, _xA6r0_0_n, _xA6r0_0_s)
-                            _xA6r0_1_n = 0
-                            _xA6r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA6r0_1_n, _xA6r0_1_s = _xgrow_all_s(_xA6r0_1, _xA6r0_1_n, _xA6r0_1_s, _xt, _xm, _xt_s)
-                            _xA6r0_1_n = _xcompress(_xA6r0_1, _xA6r0_1_n, _xu)
-                            _xA6r0_1_s = _xnormalize(_xA6r0_1, _xA6r0_1_n, _xA6r0_1_s)
-                            _xp[0] = 1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xA6r0_2_n = _xcopy(_xA6r0_2, _xp, _xp_n)
-                            _xA6r0_2_s = _xp_s
-                            _xA6r0_2_n = _xcompress(_xA6r0_2, _xA6r0_2_n, _xu)
-                            _xA6r0_2_s = _xnormalize(_xA6r0_2, _xA6r0_2_n, _xA6r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA6r0_0, _xA6r0_0_n)
-                        _xt_s = _xA6r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA6r0_1, _xA6r0_1_n)
-                        _xt_s = _xA6r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA6r0_2, _xA6r0_2_n)
-                        _xt_s = _xA6r0_2_s
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion3 == 0:
-                            if not _xdready6r0:
-                                _xdready6r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd6r0_0, _xd6r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd6r0_0, _xd6r0_0_s = _xsqrt_m(_xd6r0_0, _xd6r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd6r0_1, _xd6r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd6r0_0
-                            _xq_s -= _xd6r0_0_s
-                            _xq = _xq / _xd6r0_1
-                            _xq_s -= _xd6r0_1_s
-                            _xq = _xq / _xd6r0_1
-                            _xq_s -= _xd6r0_1_s
-                        elif _xregion3 == 1:
-                            if not _xdready6r1:
-                                _xdready6r1 = True
-                                _xd6r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd6r1_1, _xd6r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd6r1_1, _xd6r1_1_s = _xsqrt_m(_xd6r1_1, _xd6r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd6r1_2, _xd6r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd6r1_0
-                            _xq_s -= _xd6r1_0_s
-                            _xq = _xq / _xd6r1_1
-                            _xq_s -= _xd6r1_1_s
-                            _xq = _xq / _xd6r1_2
-                            _xq_s -= _xd6r1_2_s
-                            _xq = _xq / _xd6r1_2
-                            _xq_s -= _xd6r1_2_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            else:
-                if _xregion3 == 0 or _xregion3 == 1:
-                    _xn = _xc7r0_0*_at_l_x1*_e_x2 + _xc7r0_1*_at_l_x2*_e_x1 + _xc7r0_2*_at_l_x2*_e_x2
-                    _xb = _xb7r0_0*abs(_at_l_x1*_e_x2) + _xb7r0_1*abs(_at_l_x2*_e_x1) + _xb7r0_2*abs(_at_l_x2*_e_x2)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale3 < 1.0261342003245941e-289):
-                        if not _xready7r0:
-                            _xready7r0 = True
-                            _xA7r0_0_n = 0
-                            _xA7r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA7r0_0_n, _xA7r0_0_s = _xgrow_all_s(_xA7r0_0, _xA7r0_0_n, _xA7r0_0_s, _xt, _xm, _xt_s)
-                            _xA7r0_0_n, _xA7r0_0_s = _xgrow_s(_xA7r0_0, _xA7r0_0_n, _xA7r0_0_s, eps, 0)
-                            _xA7r0_0_n = _xcompress(_xA7r0_0, _xA7r0_0_n, _xu)
-                            _xA7r0_0_s = _xnormalize(_xA7r0_0, _xA7r0_0_n, _xA7r0_0_s)
-                            _xA7r0_1_n = 0
-                            _xA7r0_1_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                            _xA7r0_1_n, _xA7r0_1_s = _xgrow_all_s(_xA7r0_1, _xA7r0_1_n, _xA7r0_1_s, _xt, _xm, _xt_s)
-                            _xA7r0_1_n, _xA7r0_1_s = _xgrow_s(_xA7r0_1, _xA7r0_1_n, _xA7r0_1_s, eps, 0)
-                            _xA7r0_1_n = _xcompress(_xA7r0_1, _xA7r0_1_n, _xu)
-                            _xA7r0_1_s = _xnormalize(_xA7r0_1, _xA7r0_1_n, _xA7r0_1_s)
-                            _xA7r0_2_n = 0
-                            _xA7r0_2_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA7r0_2_n, _xA7r0_2_s = _xgrow_all_s(_xA7r0_2, _xA7r0_2_n, _xA7r0_2_s, _xt, _xm, _xt_s)
-                            _xA7r0_2_n = _xcompress(_xA7r0_2, _xA7r0_2_n, _xu)
-                            _xA7r0_2_s = _xnormalize(_xA7r0_2, _xA7r0_2_n, _xA7r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA7r0_0, _xA7r0_0_n)
-                        _xt_s = _xA7r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA7r0_1, _xA7r0_1_n)
-                        _xt_s = _xA7r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA7r0_2, _xA7r0_2_n)
-                        _xt_s = _xA7r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x2, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion3 == 0:
-                            if not _xdready7r0:
-                                _xdready7r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd7r0_0, _xd7r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd7r0_0, _xd7r0_0_s = _xsqrt_m(_xd7r0_0, _xd7r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd7r0_1, _xd7r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd7r0_0
-                            _xq_s -= _xd7r0_0_s
-                            _xq = _xq / _xd7r0_1
-                            _xq_s -= _xd7r0_1_s
-                            _xq = _xq / _xd7r0_1
-                            _xq_s -= _xd7r0_1_s
-                        elif _xregion3 == 1:
-                            if not _xdready7r1:
-                                _xdready7r1 = True
-                                _xd7r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xh, _xl, _xe = _xtwo_product(eps, eps)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-                                _xd7r1_1, _xd7r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd7r1_1, _xd7r1_1_s = _xsqrt_m(_xd7r1_1, _xd7r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd7r1_2, _xd7r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                            _xq = _xq / _xd7r1_0
-                            _xq_s -= _xd7r1_0_s
-                            _xq = _xq / _xd7r1_1
-                            _xq_s -= _xd7r1_1_s
-                            _xq = _xq / _xd7r1_2
-                            _xq_s -= _xd7r1_2_s
-                            _xq = _xq / _xd7r1_2
-                            _xq_s -= _xd7r1_2_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            _xs += _xe * _v_x2[_i, _l]
-        _out1[_i, _k] = _w * _xs
+            _s0 += _blocks[0, 0, _j, _l] * _v_x1[_i, _l]
+            _s0 += _blocks[1, 0, _j, _l] * _v_x2[_i, _l]
+            _s1 += _blocks[2, 0, _j, _l] * _v_x1[_i, _l]
+            _s1 += _blocks[3, 0, _j, _l] * _v_x2[_i, _l]
+        _out0[_i, _j] = _s0
+        _out1[_i, _j] = _s1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -4455,7 +2706,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -4729,13 +2980,11 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
             _xsh2 += abs(_h * _v_x2[_i, _l])
             _xsb2 += (_scratch[28, _j] * _scratch[21, _l] + _scratch[29, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
         _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
-        _scratch[30, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
         _xj2 |= (abs(_xsh2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289)
-        _scratch[32, _j] = 1.0 if _xj2 else 0.0
         _xflag2 |= _xj2
     if _xflag0 or _xflag2:
-        _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1, _w, _scratch)
+        _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -4757,7 +3006,7 @@ def hvp_kernel_parallel(y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _o
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _row_y = y[_i]
@@ -5312,7 +3561,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd0r1_1_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out0[_i, _k, _l] = _w * _xq
+                            _out0[_o, _k, _l] = _w * _xq
             else:
                 if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc1r0_0*_at_l_x1*_e_x1 + _xc1r0_1*_at_l_x1*_e_x2 + _xc1r0_2*_at_l_x2*_e_x1
@@ -5459,7 +3708,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd1r1_1_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out0[_i, _k, _l] = _w * _xq
+                            _out0[_o, _k, _l] = _w * _xq
     for _k in range(_n):
         if _scratch[42, _k] == 0.0:
             continue
@@ -5663,7 +3912,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd2r1_3_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out1[_i, _k, _l] = _w * _xq
+                            _out1[_o, _k, _l] = _w * _xq
             else:
                 if _xregion1 == 0 or _xregion1 == 1:
                     _xn = _xc3r0_0*_at_l_x1*_e_x1 + _xc3r0_1*_at_l_x2*_e_x1 + _xc3r0_2*_at_l_x2*_e_x2
@@ -5827,7 +4076,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd3r1_3_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out1[_i, _k, _l] = _w * _xq
+                            _out1[_o, _k, _l] = _w * _xq
     for _k in range(_n):
         if _scratch[43, _k] == 0.0:
             continue
@@ -6031,7 +4280,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd4r1_3_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out2[_i, _k, _l] = _w * _xq
+                            _out2[_o, _k, _l] = _w * _xq
             else:
                 if _xregion2 == 0 or _xregion2 == 1:
                     _xn = _xc5r0_0*_at_l_x1*_e_x1 + _xc5r0_1*_at_l_x1*_e_x2 + _xc5r0_2*_at_l_x2*_e_x2
@@ -6195,7 +4444,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd5r1_3_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out2[_i, _k, _l] = _w * _xq
+                            _out2[_o, _k, _l] = _w * _xq
     for _k in range(_n):
         if _scratch[44, _k] == 0.0:
             continue
@@ -6367,7 +4616,7 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd6r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out3[_i, _k, _l] = _w * _xq
+                            _out3[_o, _k, _l] = _w * _xq
             else:
                 if _xregion3 == 0 or _xregion3 == 1:
                     _xn = _xc7r0_0*_at_l_x1*_e_x2 + _xc7r0_1*_at_l_x2*_e_x1 + _xc7r0_2*_at_l_x2*_e_x2
@@ -6514,11 +4763,11 @@ def _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, 
                             _xq_s -= _xd7r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out3[_i, _k, _l] = _w * _xq
+                            _out3[_o, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3):
+def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -6530,10 +4779,10 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         if not ((_e_x1 >= -1e+50 and _e_x1 <= 1e+50) and (_e_x2 >= -1e+50 and _e_x2 <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
-        _out1[_i, ...] = math.nan
-        _out2[_i, ...] = math.nan
-        _out3[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
+        _out1[_o, ...] = math.nan
+        _out2[_o, ...] = math.nan
+        _out3[_o, ...] = math.nan
         return
     _mx_x1 = -math.inf
     _am_x1 = 0
@@ -6675,7 +4924,7 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -6965,19 +5214,19 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _xj3 = (_scratch[44, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[22, _j] * _scratch[23, _l] + _scratch[24, _j] * _scratch[25, _l]
             _xj0 |= (_j != _l) & ((abs(_scratch[20, _j] * _scratch[11, _l] + _scratch[21, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[26, _j] < 1.0261342003245941e-289))
             _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
-            _out1[_i, _j, _l] = _w * _h
+            _out1[_o, _j, _l] = _w * _h
             _xbl = _scratch[29, _j] * _scratch[23, _l] + _scratch[30, _j] * _scratch[25, _l]
             _xj1 |= (_j != _l) & ((abs(_scratch[27, _j] * _scratch[11, _l] + _scratch[28, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[31, _j] < 1.0261342003245941e-289))
             _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
-            _out2[_i, _j, _l] = _w * _h
+            _out2[_o, _j, _l] = _w * _h
             _xbl = _scratch[34, _j] * _scratch[23, _l] + _scratch[35, _j] * _scratch[25, _l]
             _xj2 |= (_j != _l) & ((abs(_scratch[32, _j] * _scratch[11, _l] + _scratch[33, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[31, _j] < 1.0261342003245941e-289))
             _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
-            _out3[_i, _j, _l] = _w * _h
+            _out3[_o, _j, _l] = _w * _h
             _xbl = _scratch[38, _j] * _scratch[23, _l] + _scratch[39, _j] * _scratch[25, _l]
             _xj3 |= (_j != _l) & ((abs(_scratch[36, _j] * _scratch[11, _l] + _scratch[37, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[40, _j] < 1.0261342003245941e-289))
         _scratch[41, _j] = 1.0 if _xj0 else 0.0
@@ -6989,7 +5238,7 @@ def _hess_full_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _scratch[44, _j] = 1.0 if _xj3 else 0.0
         _xflag3 |= _xj3
     if _xflag0 or _xflag1 or _xflag2 or _xflag3:
-        _hess_full_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -6998,7 +5247,7 @@ def hess_full_kernel(y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3
     _n = x1.shape[1]
     _C = float(_n)
     for _i in range(x1.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -7007,6 +5256,6 @@ def hess_full_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0, _out1, _ou
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3)
 
 

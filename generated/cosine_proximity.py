@@ -376,7 +376,7 @@ def _loss_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = -_r2
     _t1_1 = math.sqrt(_r0)
     _t1_2 = math.sqrt(_r1)
@@ -735,7 +735,7 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _xra_x_y_hi = _xra_x_y
     if math.isfinite(_xra_x_y):
         _xra_x_y += _xra_x_y_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = math.sqrt(_r0)
     _t4_1 = math.ldexp(1.0, math.frexp(_t4_0)[1])
     _t4_2 = math.sqrt(_r1)
@@ -1161,7 +1161,7 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
             _r2_products = 0.0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
@@ -1332,7 +1332,7 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _xra_x_y_hi = _xra_x_y
     if math.isfinite(_xra_x_y):
         _xra_x_y += _xra_x_y_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = math.sqrt(_r0)
     _t4_1 = math.ldexp(1.0, math.frexp(_t4_0)[1])
     _t4_2 = (((_t4_1)/(_t4_0)))
@@ -1548,7 +1548,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _xra_x_y_hi = _xra_x_y
     if math.isfinite(_xra_x_y):
         _xra_x_y += _xra_x_y_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = -_r2
     _t4_1 = math.sqrt(_r0)
     _t4_2 = math.sqrt(_r1)
@@ -1653,442 +1653,16 @@ def loss_grad_hess_kernel_parallel(y, x, eps, _weight, _out0, _out1, _out2):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xbuffer = np.empty((14, 64))
-    _xt = _xbuffer[0]
-    _xu = _xbuffer[1]
-    _xa = _xbuffer[2]
-    _xf = _xbuffer[3]
-    _xp = _xbuffer[4]
-    _x_r0 = _xbuffer[5]
-    _x_r1 = _xbuffer[6]
-    _x_r2 = _xbuffer[7]
-    _xA0r0_0 = _xbuffer[8]
-    _xA0r0_1 = _xbuffer[9]
-    _xA0r0_2 = _xbuffer[10]
-    _xA1r0_0 = _xbuffer[11]
-    _xA1r0_1 = _xbuffer[12]
-    _xA1r0_2 = _xbuffer[13]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _r2_abs = 0.0
-    for _k in range(_n):
-        _e_x = x[_i, _k]
-        _e_y = y[_i, _k]
-        _r2_abs += abs(_e_x*_e_y)
-        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
-    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
-    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
-    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
-    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
-    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
-    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
-    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
-    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
-    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
-    _xready0r0 = False
-    _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
-    _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
-    _xd0r0_2 = 1.0
-    _xd0r0_2_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
-    _xA0r0_2_n = 0
-    _xA0r0_2_s = 0
-    _xc0r0_0 = (3.0*_r2)
-    _xb0r0_0 = (0.000732421875*_r2_abs)
-    _xc0r0_1 = (-2.0*_r0)
-    _xb0r0_1 = (0.00048828125*abs(_r0))
-    _xc0r0_2 = (-_r0*_r2)
-    _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
-    _xready1r0 = False
-    _xd1r0_0 = 1.0
-    _xd1r0_0_s = 0
-    _xd1r0_1 = 1.0
-    _xd1r0_1_s = 0
-    _xd1r0_2 = 1.0
-    _xd1r0_2_s = 0
-    _xA1r0_0_n = 0
-    _xA1r0_0_s = 0
-    _xA1r0_1_n = 0
-    _xA1r0_1_s = 0
-    _xA1r0_2_n = 0
-    _xA1r0_2_s = 0
-    _xc1r0_0 = (3.0*_r2)
-    _xb1r0_0 = (0.000732421875*_r2_abs)
-    _xc1r0_1 = (-_r0)
-    _xb1r0_1 = (0.000244140625*abs(_r0))
-    _xc1r0_2 = (-_r0)
-    _xb1r0_2 = (0.000244140625*abs(_r0))
-    _xdready0r0 = False
-    _xdready0r1 = False
-    _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
-    _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
-    _xd0r1_2 = 1.0
-    _xd0r1_2_s = 0
-    _xdready1r0 = False
-    _xdready1r1 = False
-    _xd1r1_0 = 1.0
-    _xd1r1_0_s = 0
-    _xd1r1_1 = 1.0
-    _xd1r1_1_s = 0
-    _xd1r1_2 = 1.0
-    _xd1r1_2_s = 0
-    _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs0_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xh, _xl, _xe = _xtwo_product(eps, eps)
-    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs0_a * _xcs0_b >= 0.0:
-        _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
-    else:
-        _xcs0 = _xcs0_a * _xcs0_d
-    _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
-    _xcs1_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
-    _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
-    _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-    _xh, _xl, _xe = _xtwo_product(eps, eps)
-    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
-    _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
-    _xa_n = _xcompress(_xa, _xa_n, _xu)
-    _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
-    _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    if _xcs1_a * _xcs1_b >= 0.0:
-        _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
-    else:
-        _xcs1 = _xcs1_a * _xcs1_d
-    _xregion0 = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
-    _xscale0 = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
-    for _k in range(_n):
-        if _scratch[9, _k] == 0.0:
-            continue
-        _xs = 0.0
-        _e_x = x[_i, _k]
-        _e_y = y[_i, _k]
+def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
+    """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
+    exactly where their tests fire) times the directions."""
+    _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
+    _hess_full_row(_i, np.int64(0), _n, _C, y, x, eps, _weight, _blocks[0])
+    for _j in range(_n):
+        _s0 = 0.0
         for _l in range(_n):
-            _at_l_x = x[_i, _l]
-            _at_l_y = y[_i, _l]
-            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
-            if _l == _k:
-                if _xregion0 == 0 or _xregion0 == 1:
-                    _xn = _xc0r0_0*_e_x**2 + _xc0r0_1*_e_x*_e_y + _xc0r0_2
-                    _xb = _xb0r0_0*abs(_e_x**2) + _xb0r0_1*abs(_e_x*_e_y) + _xb0r0_2
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                        if not _xready0r0:
-                            _xready0r0 = True
-                            _xA0r0_0_n = 0
-                            _xA0r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
-                            _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
-                            _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                            _xA0r0_1_n = 0
-                            _xA0r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
-                            _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
-                            _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                            _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                            _xf_n = _xcompress(_xf, _xf_n, _xu)
-                            _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                            _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xA0r0_2_n = _xcopy(_xA0r0_2, _xp, _xp_n)
-                            _xA0r0_2_s = _xp_s
-                            _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
-                            _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
-                        _xt_s = _xA0r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA0r0_1, _xA0r0_1_n)
-                        _xt_s = _xA0r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA0r0_2, _xA0r0_2_n)
-                        _xt_s = _xA0r0_2_s
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion0 == 0:
-                            if not _xdready0r0:
-                                _xdready0r0 = True
-                                _xd0r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r0_2, _xd0r0_2_s = _xsqrt_m(_xd0r0_2, _xd0r0_2_s)
-                            _xq = _xq / _xd0r0_0
-                            _xq_s -= _xd0r0_0_s
-                            _xq = _xq / _xd0r0_1
-                            _xq_s -= _xd0r0_1_s
-                            _xq = _xq / _xd0r0_1
-                            _xq_s -= _xd0r0_1_s
-                            _xq = _xq / _xd0r0_1
-                            _xq_s -= _xd0r0_1_s
-                            _xq = _xq / _xd0r0_1
-                            _xq_s -= _xd0r0_1_s
-                            _xq = _xq / _xd0r0_1
-                            _xq_s -= _xd0r0_1_s
-                            _xq = _xq / _xd0r0_2
-                            _xq_s -= _xd0r0_2_s
-                        elif _xregion0 == 1:
-                            if not _xdready0r1:
-                                _xdready0r1 = True
-                                _xd0r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd0r1_2, _xd0r1_2_s = _xsqrt_m(_xd0r1_2, _xd0r1_2_s)
-                            _xq = _xq / _xd0r1_0
-                            _xq_s -= _xd0r1_0_s
-                            _xq = _xq / _xd0r1_1
-                            _xq_s -= _xd0r1_1_s
-                            _xq = _xq / _xd0r1_2
-                            _xq_s -= _xd0r1_2_s
-                            _xq = _xq / _xd0r1_2
-                            _xq_s -= _xd0r1_2_s
-                            _xq = _xq / _xd0r1_2
-                            _xq_s -= _xd0r1_2_s
-                            _xq = _xq / _xd0r1_2
-                            _xq_s -= _xd0r1_2_s
-                            _xq = _xq / _xd0r1_2
-                            _xq_s -= _xd0r1_2_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            else:
-                if _xregion0 == 0 or _xregion0 == 1:
-                    _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
-                    _xb = _xb1r0_0*abs(_at_l_x*_e_x) + _xb1r0_1*abs(_at_l_x*_e_y) + _xb1r0_2*abs(_at_l_y*_e_x)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
-                        if not _xready1r0:
-                            _xready1r0 = True
-                            _xA1r0_0_n = 0
-                            _xA1r0_0_s = 0
-                            _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                            _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _xt, _xm, _xt_s)
-                            _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
-                            _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
-                            _xA1r0_1_n = 0
-                            _xA1r0_1_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
-                            _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
-                            _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
-                            _xA1r0_2_n = 0
-                            _xA1r0_2_s = 0
-                            _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
-                            _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                            _xA1r0_2_n, _xA1r0_2_s = _xgrow_all_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, _xt, _xm, _xt_s)
-                            _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
-                            _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
-                        _xt_s = _xA1r0_0_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA1r0_1, _xA1r0_1_n)
-                        _xt_s = _xA1r0_1_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xm = _xcopy(_xt, _xA1r0_2, _xA1r0_2_n)
-                        _xt_s = _xA1r0_2_s
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        if _xregion0 == 0:
-                            if not _xdready1r0:
-                                _xdready1r0 = True
-                                _xd1r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r0_2, _xd1r0_2_s = _xsqrt_m(_xd1r0_2, _xd1r0_2_s)
-                            _xq = _xq / _xd1r0_0
-                            _xq_s -= _xd1r0_0_s
-                            _xq = _xq / _xd1r0_1
-                            _xq_s -= _xd1r0_1_s
-                            _xq = _xq / _xd1r0_1
-                            _xq_s -= _xd1r0_1_s
-                            _xq = _xq / _xd1r0_1
-                            _xq_s -= _xd1r0_1_s
-                            _xq = _xq / _xd1r0_1
-                            _xq_s -= _xd1r0_1_s
-                            _xq = _xq / _xd1r0_1
-                            _xq_s -= _xd1r0_1_s
-                            _xq = _xq / _xd1r0_2
-                            _xq_s -= _xd1r0_2_s
-                        elif _xregion0 == 1:
-                            if not _xdready1r1:
-                                _xdready1r1 = True
-                                _xd1r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
-                                _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
-                                _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
-                                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                                _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                                _xd1r1_2, _xd1r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xd1r1_2, _xd1r1_2_s = _xsqrt_m(_xd1r1_2, _xd1r1_2_s)
-                            _xq = _xq / _xd1r1_0
-                            _xq_s -= _xd1r1_0_s
-                            _xq = _xq / _xd1r1_1
-                            _xq_s -= _xd1r1_1_s
-                            _xq = _xq / _xd1r1_2
-                            _xq_s -= _xd1r1_2_s
-                            _xq = _xq / _xd1r1_2
-                            _xq_s -= _xd1r1_2_s
-                            _xq = _xq / _xd1r1_2
-                            _xq_s -= _xd1r1_2_s
-                            _xq = _xq / _xd1r1_2
-                            _xq_s -= _xd1r1_2_s
-                            _xq = _xq / _xd1r1_2
-                            _xq_s -= _xd1r1_2_s
-                        _xq = math.ldexp(_xq, _xq_s)
-                        if math.isfinite(_xq):
-                            _xe = _xq
-            _xs += _xe * _v_x[_i, _l]
-        _out0[_i, _k] = _w * _xs
+            _s0 += _blocks[0, 0, _j, _l] * _v_x[_i, _l]
+        _out0[_i, _j] = _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2164,7 +1738,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
             _r2_products = 0.0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
@@ -2250,10 +1824,9 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
             _xsh0 += abs(_h * _v_x[_i, _l])
             _xsb0 += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_x[_i, _l])
         _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
-        _scratch[9, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0, _w, _scratch)
+        _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2275,7 +1848,7 @@ def hvp_kernel_parallel(y, x, eps, _v_x, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((14, 64))
@@ -2583,7 +2156,7 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xq_s -= _xd0r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out0[_i, _k, _l] = _w * _xq
+                            _out0[_o, _k, _l] = _w * _xq
             else:
                 if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
@@ -2706,11 +2279,11 @@ def _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xq_s -= _xd1r1_2_s
                         _xq = math.ldexp(_xq, _xq_s)
                         if math.isfinite(_xq):
-                            _out0[_i, _k, _l] = _w * _xq
+                            _out0[_o, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
+def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -2719,7 +2292,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         if not ((_e_y >= -1e+50 and _e_y <= 1e+50) and (_e_x >= -1e+50 and _e_x <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _l1_y = 0.0
     _l1_y_error = 0.0
@@ -2782,7 +2355,7 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
             _r2_products = 0.0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
@@ -2863,13 +2436,13 @@ def _hess_full_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _xj0 = (_scratch[13, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
             _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[4, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[12, _j] < 1.0261342003245941e-289))
         _scratch[13, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2878,7 +2451,7 @@ def hess_full_kernel(y, x, eps, _weight, _out0):
     _n = y.shape[1]
     _C = float(_n)
     for _i in range(y.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, x, eps, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, x, eps, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -2887,6 +2460,6 @@ def hess_full_kernel_parallel(y, x, eps, _weight, _out0):
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, x, eps, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, x, eps, _weight, _out0)
 
 

@@ -213,7 +213,7 @@ def _loss_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     _t3_0 = _e_s - _m0
     _t3_3 = (_l0 + (-_t3_0) < math.log(2.0))
     _r1 = ((((-_e_alpha*((-math.expm1((-_l0 + (_t3_0)))))**(gamma + 1.0))/(_exprel((-_l0 + (_t3_0)))))) if _t3_3 else (_e_alpha*(-_l0 + (_t3_0))*math.exp(((_xlogy(gamma, (-math.expm1((-_l0 + (_t3_0)))))) if _t3_3 else (_xlog1py(gamma, (-math.exp((-_l0 + (_t3_0))))))))))
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (-_r1)
 
 
@@ -291,7 +291,7 @@ def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         _t3_11 = (_t3_6 <= 1.0)
         _b3_0 = _e_alpha*((-_t3_9 + ((-_t3_10)/(_t3_2))) if _t3_11 else (-((_t3_9 + ((_t3_10)/(_t3_2))) if _t3_11 else (((_t3_10*_t3_8)/(_t3_2)) + 1.0))))*math.exp(((_xlogy(gamma, _t3_3)) if _t3_7 else (_xlog1py(gamma, (-_t3_8)))))
     _r2 = _b3_0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
     _h2 = math.log(abs(_r2))
@@ -433,7 +433,7 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = gamma**2
     _h2 = math.log(2.0)
@@ -614,7 +614,7 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
     _h2 = math.log(abs(_r2))
@@ -820,7 +820,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
         _t5_13 = (_t5_7 <= 1.0)
         _b5_0 = _t5_6*_t5_9*((_t5_12) if _t5_13 else (((_t5_12) if _t5_13 else (_t5_10 + ((_t5_11*_t5_9)/(_t5_2))))))*math.exp(((_xlogy(gamma, _t5_3)) if _t5_8 else (_xlog1py(gamma, (-_t5_9)))))
     _r3_q = _b5_0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (-_r1)
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
@@ -1019,7 +1019,7 @@ def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0, _stash):
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t5_0 = gamma - 1.0
     _h0 = gamma + 1.0
     _h1 = gamma**2
@@ -1204,7 +1204,7 @@ def hvp_kernel_parallel(y, s, alpha, gamma, _v_s, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
+def _hess_full_row(_i, _o, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -1213,7 +1213,7 @@ def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         if not ((_e_alpha >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _m0 = -math.inf
     _a0 = 0
@@ -1288,7 +1288,7 @@ def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t5_0 = gamma - 1.0
     _h0 = gamma + 1.0
     _h1 = gamma**2
@@ -1444,7 +1444,7 @@ def _hess_full_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
                 _h = _scratch[1, _l] * _scratch[2, _j] + _scratch[3, _l] * _scratch[4, _j]
             else:
                 _h = _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1456,7 +1456,7 @@ def hess_full_kernel(y, s, alpha, gamma, _weight, _out0):
     for _b in range((_rows + 255) // 256):
         _stash = np.empty((2, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -1468,6 +1468,6 @@ def hess_full_kernel_parallel(y, s, alpha, gamma, _weight, _out0):
     for _b in numba.prange((_rows + 255) // 256):
         _stash = np.empty((2, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, alpha, gamma, _weight, _out0, _stash)
 
 

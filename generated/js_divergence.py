@@ -86,7 +86,7 @@ def _loss_row(_i, _n, _C, p, q, _weight, _out0):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (((_r0)/(2.0)))
 
 
@@ -120,7 +120,7 @@ def _grad_row(_i, _n, _C, p, q, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
@@ -157,7 +157,7 @@ def _hess_row(_i, _n, _C, p, q, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
@@ -195,7 +195,7 @@ def _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1):
         _out0[_i, ...] = math.nan
         _out1[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
@@ -260,7 +260,7 @@ def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (((_r0)/(2.0)))
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -301,7 +301,7 @@ def _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -333,7 +333,7 @@ def hvp_kernel_parallel(p, q, _v_q, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, p, q, _weight, _out0):
+def _hess_full_row(_i, _o, _n, _C, p, q, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -342,9 +342,9 @@ def _hess_full_row(_i, _n, _C, p, q, _weight, _out0):
         if not ((_e_p >= 0.0 and _e_p <= 1.0) and (_e_q >= 0.0 and _e_q <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -353,7 +353,7 @@ def _hess_full_row(_i, _n, _C, p, q, _weight, _out0):
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else 0.0
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -362,7 +362,7 @@ def hess_full_kernel(p, q, _weight, _out0):
     _n = p.shape[1]
     _C = float(_n)
     for _i in range(p.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, p, q, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, p, q, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -371,6 +371,6 @@ def hess_full_kernel_parallel(p, q, _weight, _out0):
     _n = p.shape[1]
     _C = float(_n)
     for _i in numba.prange(p.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, p, q, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, p, q, _weight, _out0)
 
 

@@ -107,7 +107,7 @@ def _loss_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (((_r1*_r2)/(_C)))
 
 
@@ -159,7 +159,7 @@ def _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = ((_r2)/(_C))
     _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
@@ -203,7 +203,7 @@ def _hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     for _k in range(_n):
         _out0[_i, _k] = _w * (0.0)
 
@@ -257,7 +257,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = ((_r2)/(_C))
     _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
@@ -340,7 +340,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (((_r1*_r2)/(_C)))
     _h0 = ((_r2)/(_C))
     _h1 = ((_r2)/(2.0*_C))
@@ -386,7 +386,7 @@ def _hvp_row(_i, _n, _C, y, s, w, margin, _v_s, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0
@@ -416,7 +416,7 @@ def hvp_kernel_parallel(y, s, w, margin, _v_s, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
+def _hess_full_row(_i, _o, _n, _C, y, s, w, margin, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -425,16 +425,16 @@ def _hess_full_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else 0.0
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -443,7 +443,7 @@ def hess_full_kernel(y, s, w, margin, _weight, _out0):
     _n = s.shape[1]
     _C = float(_n)
     for _i in range(s.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -452,6 +452,6 @@ def hess_full_kernel_parallel(y, s, w, margin, _weight, _out0):
     _n = s.shape[1]
     _C = float(_n)
     for _i in numba.prange(s.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, w, margin, _weight, _out0)
 
 

@@ -185,7 +185,7 @@ def _loss_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_s = s[_i, _k]
     _r2 = -_l0 + (_e_s - _m0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (-_r1 - epsilon*math.expm1(_r2))
 
 
@@ -249,7 +249,7 @@ def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_s = s[_i, _k]
     _r2 = -_l0 + (_e_s - _m0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t5_0 = math.log(abs(epsilon))
     _t5_1 = _sign(epsilon)
     _t5_3 = abs(_r2)
@@ -362,7 +362,7 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = math.exp(_r2)
     _h0 = math.log(abs(epsilon))
     _h1 = _sign(epsilon)
@@ -470,7 +470,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = math.log(abs(epsilon))
     _t6_1 = _sign(epsilon)
     _t6_3 = abs(_r2)
@@ -608,7 +608,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t7_0 = math.expm1(_r2)
     _t7_1 = math.log(abs(epsilon))
     _t7_2 = _sign(epsilon)
@@ -742,7 +742,7 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = math.log(abs(epsilon))
     _t6_1 = _sign(epsilon)
     _t6_2 = math.exp(_r2)
@@ -847,7 +847,7 @@ def hvp_kernel_parallel(y, s, w, epsilon, _v_s, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_full_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
+def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -856,7 +856,7 @@ def _hess_full_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _k = _row_y
     _e_w = w[_k]
@@ -894,7 +894,7 @@ def _hess_full_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = math.log(abs(epsilon))
     _t6_1 = _sign(epsilon)
     _t6_2 = math.exp(_r2)
@@ -970,7 +970,7 @@ def _hess_full_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
                 _h = _scratch[1, _l] * _scratch[2, _j] + _scratch[3, _l] * _scratch[4, _j]
             else:
                 _h = _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -982,7 +982,7 @@ def hess_full_kernel(y, s, w, epsilon, _weight, _out0):
     for _b in range((_rows + 255) // 256):
         _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -994,6 +994,6 @@ def hess_full_kernel_parallel(y, s, w, epsilon, _weight, _out0):
     for _b in numba.prange((_rows + 255) // 256):
         _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, w, epsilon, _weight, _out0, _stash)
 
 

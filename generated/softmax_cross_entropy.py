@@ -231,7 +231,7 @@ def _loss_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
 
 
@@ -305,7 +305,7 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = label_smoothing - 1.0
     _h0 = -_t4_0
     _h1 = math.log(abs(_r4))
@@ -425,7 +425,7 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = _r3*(label_smoothing - 1.0)
     _t4_1 = _r4*label_smoothing
     _t4_2 = -_t4_0 + ((_t4_1)/(_C))
@@ -509,7 +509,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, 
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = label_smoothing - 1.0
     _t4_1 = _r3*_t4_0
     _t4_2 = _r4*label_smoothing
@@ -639,7 +639,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t6_0 = label_smoothing - 1.0
     _t6_1 = _r3*_t6_0
     _t6_2 = _r4*label_smoothing
@@ -749,7 +749,7 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = _r3*(label_smoothing - 1.0)
     _t4_1 = _r4*label_smoothing
     _t4_2 = -_t4_0 + ((_t4_1)/(_C))
@@ -798,7 +798,7 @@ def hvp_kernel_parallel(y, s, w, label_smoothing, _v_s, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
+def _hess_full_row(_i, _o, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
@@ -807,7 +807,7 @@ def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
         if not ((_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _k = _row_y
     _e_w = w[_k]
@@ -841,7 +841,7 @@ def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t4_0 = _r3*(label_smoothing - 1.0)
     _t4_1 = _r4*label_smoothing
     _t4_2 = -_t4_0 + ((_t4_1)/(_C))
@@ -861,7 +861,7 @@ def _hess_full_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -873,7 +873,7 @@ def hess_full_kernel(y, s, w, label_smoothing, _weight, _out0):
     for _b in range((_rows + 255) // 256):
         _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -885,6 +885,6 @@ def hess_full_kernel_parallel(y, s, w, label_smoothing, _weight, _out0):
     for _b in numba.prange((_rows + 255) // 256):
         _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash)
 
 

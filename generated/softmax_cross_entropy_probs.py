@@ -223,7 +223,7 @@ def _loss_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (-_r1)
 
 
@@ -295,7 +295,7 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = ((label_smoothing)/(_C))
     _h1 = 1.0 - label_smoothing
     _h2 = math.log(abs(_r2))
@@ -388,7 +388,7 @@ def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     for _k in range(_n):
         _p0 = _stash[0, _k] * _l0_inv
         _out0[_i, _k] = _w * (_p0*_r2*((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0)))
@@ -463,7 +463,7 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, 
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = ((label_smoothing)/(_C))
     _h1 = 1.0 - label_smoothing
     _h2 = math.log(abs(_r2))
@@ -574,7 +574,7 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _out0[_i] = _w * (-_r1)
     _h0 = ((label_smoothing)/(_C))
     _h1 = 1.0 - label_smoothing
@@ -668,7 +668,7 @@ def _hvp_row(_i, _n, _C, t, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.log(abs(_r2))
     _h1 = _sign(_r2)
     _scratch = np.empty((3, _n))
@@ -713,7 +713,7 @@ def hvp_kernel_parallel(t, s, w, label_smoothing, _v_s, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_full_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
+def _hess_full_row(_i, _o, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -722,7 +722,7 @@ def _hess_full_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
         if not ((_e_t >= 0.0 and _e_t <= 1.0) and (_e_w >= 0.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _m0 = -math.inf
     _a0 = 0
@@ -754,7 +754,7 @@ def _hess_full_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _h0 = math.log(abs(_r2))
     _h1 = _sign(_r2)
     _scratch = np.empty((3, _n))
@@ -770,7 +770,7 @@ def _hess_full_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -782,7 +782,7 @@ def hess_full_kernel(t, s, w, label_smoothing, _weight, _out0):
     for _b in range((_rows + 255) // 256):
         _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -794,6 +794,6 @@ def hess_full_kernel_parallel(t, s, w, label_smoothing, _weight, _out0):
     for _b in numba.prange((_rows + 255) // 256):
         _stash = np.empty((1, _n))  # scratch rows, one per block of 256 rows
         for _i in range(_b * 256, min(_rows, _b * 256 + 256)):
-            _hess_full_row(np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
+            _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash)
 
 

@@ -418,7 +418,7 @@ def _loss_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r6_hi = _r6
     if math.isfinite(_r6):
         _r6 += _r6_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = _r5**2
     _out0[_i] = _w * ((((((((_r6*_t2_0)/(_C**3)) + ((_r6*(C1 + ((((((2.0*_r0*_r1)/(_C))))/(_C)))))/(_C)) + ((_t2_0*((((C2)/(_C))) + ((((((2.0*_r4)/(_C))))/(_C)))))/(_C)))/(C1 + (((((_r0**2)/(_C))))/(_C)) + (((((_r1**2)/(_C))))/(_C))))))/(C2 + ((_r2)/(_C)) + ((_r3)/(_C)))))
 
@@ -558,7 +558,7 @@ def _grad_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = C2*_C
     _t2_1 = C1*_C**2
     _t2_2 = 2.0*_r4 + _t2_0
@@ -726,7 +726,7 @@ def _hess_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = 2.0*_r4
     _t2_1 = ((_t2_0)/(_C))
     _t2_2 = 2.0*_r0
@@ -957,7 +957,7 @@ def _grad_hess_row(_i, _n, _C, y, x, C1, C2, _weight, _out0, _out1):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = C2*_C
     _t2_1 = _r2 + _r3 + _t2_0
     _t2_2 = C1*_C**2
@@ -1199,7 +1199,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, C1, C2, _weight, _out0, _out1, _out2):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = _r5**2
     _t2_1 = ((_r6*_t2_0)/(_C**3))
     _t2_2 = 2.0*_r0
@@ -1446,7 +1446,7 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = 2.0*_r4
     _t2_1 = ((_t2_0)/(_C))
     _t2_2 = 2.0*_r0
@@ -1575,7 +1575,7 @@ def hvp_kernel_parallel(y, x, C1, C2, _v_x, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
+def _hess_full_row(_i, _o, _n, _C, y, x, C1, C2, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -1584,7 +1584,7 @@ def _hess_full_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
         if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_x >= 0.0 and _e_x <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -1701,7 +1701,7 @@ def _hess_full_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t2_0 = 2.0*_r4
     _t2_1 = ((_t2_0)/(_C))
     _t2_2 = 2.0*_r0
@@ -1807,7 +1807,7 @@ def _hess_full_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l] + _scratch[9, _j] * _scratch[10, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1816,7 +1816,7 @@ def hess_full_kernel(y, x, C1, C2, _weight, _out0):
     _n = y.shape[1]
     _C = float(_n)
     for _i in range(y.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, x, C1, C2, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, x, C1, C2, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -1825,6 +1825,6 @@ def hess_full_kernel_parallel(y, x, C1, C2, _weight, _out0):
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, x, C1, C2, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, x, C1, C2, _weight, _out0)
 
 

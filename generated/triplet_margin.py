@@ -488,7 +488,7 @@ def _loss_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _loss_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0)
         return
@@ -585,7 +585,7 @@ def _loss_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e)
     _t1_1 = (_r0 > 0.0) or (_r1 > 0.0)
     _out0[_i] = _w * (((margin + ((_t1_0) if _t1_1 else (0.0))) if (((_t1_0 + margin >= 0.0)) if _t1_1 else ((margin >= 0.0))) else (0.0)))
@@ -687,7 +687,7 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
         return
@@ -848,7 +848,7 @@ def _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _h0 = _t1_0
@@ -990,7 +990,7 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
         return
@@ -1143,7 +1143,7 @@ def _hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -1281,7 +1281,7 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5)
         return
@@ -1467,7 +1467,7 @@ def _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -1636,7 +1636,7 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6)
         return
@@ -1827,7 +1827,7 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0,
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -2007,7 +2007,7 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2)
         return
@@ -2261,7 +2261,7 @@ def _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight,
             _v1[_k] = _e_n - _e_p
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
         _r0_r1_q, _r0_r1_q_hi, _r0_r1_q_error = _scaled_products(_u1, _v1, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -2413,7 +2413,7 @@ def hvp_kernel_parallel(a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, 
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
-def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8):
+def _hess_full_row(_i, _o, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -2423,15 +2423,15 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
-        _out1[_i, ...] = math.nan
-        _out2[_i, ...] = math.nan
-        _out3[_i, ...] = math.nan
-        _out4[_i, ...] = math.nan
-        _out5[_i, ...] = math.nan
-        _out6[_i, ...] = math.nan
-        _out7[_i, ...] = math.nan
-        _out8[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
+        _out1[_o, ...] = math.nan
+        _out2[_o, ...] = math.nan
+        _out3[_o, ...] = math.nan
+        _out4[_o, ...] = math.nan
+        _out5[_o, ...] = math.nan
+        _out6[_o, ...] = math.nan
+        _out7[_o, ...] = math.nan
+        _out8[_o, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -2507,9 +2507,9 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
-        _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
+        _hess_full_row_scaled(_i, _o, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
         return
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
@@ -2611,27 +2611,27 @@ def _hess_full_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
             _h = _scratch[1, _j] if _j == _l else _scratch[19, _j] * _scratch[20, _l]
-            _out1[_i, _j, _l] = _w * _h
+            _out1[_o, _j, _l] = _w * _h
             _h = _scratch[2, _j] if _j == _l else _scratch[21, _j] * _scratch[22, _l]
-            _out2[_i, _j, _l] = _w * _h
+            _out2[_o, _j, _l] = _w * _h
             _h = _scratch[3, _j] if _j == _l else _scratch[23, _j] * _scratch[24, _l]
-            _out3[_i, _j, _l] = _w * _h
+            _out3[_o, _j, _l] = _w * _h
             _h = _scratch[4, _j] if _j == _l else _scratch[25, _j] * _scratch[26, _l]
-            _out4[_i, _j, _l] = _w * _h
+            _out4[_o, _j, _l] = _w * _h
             _h = _scratch[5, _j] if _j == _l else 0.0
-            _out5[_i, _j, _l] = _w * _h
+            _out5[_o, _j, _l] = _w * _h
             _h = _scratch[6, _j] if _j == _l else _scratch[27, _j] * _scratch[28, _l]
-            _out6[_i, _j, _l] = _w * _h
+            _out6[_o, _j, _l] = _w * _h
             _h = _scratch[7, _j] if _j == _l else 0.0
-            _out7[_i, _j, _l] = _w * _h
+            _out7[_o, _j, _l] = _w * _h
             _h = _scratch[8, _j] if _j == _l else _scratch[29, _j] * _scratch[30, _l]
-            _out8[_i, _j, _l] = _w * _h
+            _out8[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8):
+def _hess_full_row_scaled(_i, _o, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given. For a row whose norms left the safe range:
     each in a binary scale."""
     _inside = True
@@ -2642,15 +2642,15 @@ def _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
         if not ((_e_a >= -1e+50 and _e_a <= 1e+50) and (_e_p >= -1e+50 and _e_p <= 1e+50) and (_e_n >= -1e+50 and _e_n <= 1e+50)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
-        _out1[_i, ...] = math.nan
-        _out2[_i, ...] = math.nan
-        _out3[_i, ...] = math.nan
-        _out4[_i, ...] = math.nan
-        _out5[_i, ...] = math.nan
-        _out6[_i, ...] = math.nan
-        _out7[_i, ...] = math.nan
-        _out8[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
+        _out1[_o, ...] = math.nan
+        _out2[_o, ...] = math.nan
+        _out3[_o, ...] = math.nan
+        _out4[_o, ...] = math.nan
+        _out5[_o, ...] = math.nan
+        _out6[_o, ...] = math.nan
+        _out7[_o, ...] = math.nan
+        _out8[_o, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -2764,7 +2764,7 @@ def _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
             _v1[_k] = _e_n - _e_p
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
         _r0_r1_q, _r0_r1_q_hi, _r0_r1_q_error = _scaled_products(_u1, _v1, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -2875,23 +2875,23 @@ def _hess_full_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
     for _j in range(_n):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
             _h = _scratch[1, _j] if _j == _l else _scratch[19, _j] * _scratch[20, _l]
-            _out1[_i, _j, _l] = _w * _h
+            _out1[_o, _j, _l] = _w * _h
             _h = _scratch[2, _j] if _j == _l else _scratch[21, _j] * _scratch[22, _l]
-            _out2[_i, _j, _l] = _w * _h
+            _out2[_o, _j, _l] = _w * _h
             _h = _scratch[3, _j] if _j == _l else _scratch[23, _j] * _scratch[24, _l]
-            _out3[_i, _j, _l] = _w * _h
+            _out3[_o, _j, _l] = _w * _h
             _h = _scratch[4, _j] if _j == _l else _scratch[25, _j] * _scratch[26, _l]
-            _out4[_i, _j, _l] = _w * _h
+            _out4[_o, _j, _l] = _w * _h
             _h = _scratch[5, _j] if _j == _l else 0.0
-            _out5[_i, _j, _l] = _w * _h
+            _out5[_o, _j, _l] = _w * _h
             _h = _scratch[6, _j] if _j == _l else _scratch[27, _j] * _scratch[28, _l]
-            _out6[_i, _j, _l] = _w * _h
+            _out6[_o, _j, _l] = _w * _h
             _h = _scratch[7, _j] if _j == _l else 0.0
-            _out7[_i, _j, _l] = _w * _h
+            _out7[_o, _j, _l] = _w * _h
             _h = _scratch[8, _j] if _j == _l else _scratch[29, _j] * _scratch[30, _l]
-            _out8[_i, _j, _l] = _w * _h
+            _out8[_o, _j, _l] = _w * _h
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2900,7 +2900,7 @@ def hess_full_kernel(a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, 
     _n = a.shape[1]
     _C = float(_n)
     for _i in range(a.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -2909,6 +2909,6 @@ def hess_full_kernel_parallel(a, p, n, margin, eps, _weight, _out0, _out1, _out2
     _n = a.shape[1]
     _C = float(_n)
     for _i in numba.prange(a.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
 
 

@@ -321,7 +321,7 @@ def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha + _r1*beta
     _out0[_i] = _w * (((_t1_0)/(_r2 + _t1_0 + smooth)))
 
@@ -549,7 +549,7 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha + _r1*beta
     _t1_1 = _r2 + smooth
     _t1_2 = alpha + beta
@@ -881,7 +881,7 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -994,7 +994,7 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -1123,7 +1123,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -1207,523 +1207,16 @@ def loss_grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _o
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xbuffer = np.empty((15, 64))
-    _xt = _xbuffer[0]
-    _xu = _xbuffer[1]
-    _xa = _xbuffer[2]
-    _xf = _xbuffer[3]
-    _xp = _xbuffer[4]
-    _x_r0 = _xbuffer[5]
-    _x_r1 = _xbuffer[6]
-    _x_r2 = _xbuffer[7]
-    _xA0_0 = _xbuffer[8]
-    _xA0_1 = _xbuffer[9]
-    _xA0_2 = _xbuffer[10]
-    _xA1_0 = _xbuffer[11]
-    _xA1_1 = _xbuffer[12]
-    _xA1_2 = _xbuffer[13]
-    _xA1_3 = _xbuffer[14]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, -_xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, -_xl, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _e_p, 0)
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, -_xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, -_xl, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _e_y, 0)
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
-    _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
-    _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
-    _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
-    _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
-    _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
-    _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
-    _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
-    _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
-    _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
-    _xready0 = False
-    _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
-    _xc0_0 = (-2.0*_r0*alpha*(alpha + beta - 1.0) - 2.0*_r1*beta*(alpha + beta - 1.0) - 2.0*_r2*(alpha + beta)*(alpha + beta - 1.0) - 2.0*smooth*(alpha + beta)*(alpha + beta - 1.0))
-    _xb0_0 = (0.00048828125*alpha*abs(_r0)*abs(alpha + beta - 1.0) + 0.00048828125*beta*abs(_r1)*abs(alpha + beta - 1.0) + 0.00048828125*smooth*(alpha + beta)*abs(alpha + beta - 1.0) + 0.000244140625*(2.0*alpha + 2.0*beta)*abs(_r2)*abs(alpha + beta - 1.0))
-    _xc0_1 = (2.0*_r0*alpha**2 + 2.0*_r1*alpha*beta + 2.0*_r2*alpha*(2.0*alpha + 2.0*beta - 1.0) + 2.0*alpha*smooth*(2.0*alpha + 2.0*beta - 1.0))
-    _xb0_1 = (0.00048828125*alpha**2*abs(_r0) + 0.00048828125*alpha*beta*abs(_r1) + 0.00048828125*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.00048828125*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
-    _xc0_2 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
-    _xb0_2 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
-    _xready1 = False
-    _xd1_0 = 1.0
-    _xd1_0_s = 0
-    _xA1_0_n = 0
-    _xA1_0_s = 0
-    _xA1_1_n = 0
-    _xA1_1_s = 0
-    _xA1_2_n = 0
-    _xA1_2_s = 0
-    _xA1_3_n = 0
-    _xA1_3_s = 0
-    _xc1_0 = (-2.0*_r0*alpha*(alpha + beta - 1.0) - 2.0*_r1*beta*(alpha + beta - 1.0) - 2.0*_r2*(alpha + beta)*(alpha + beta - 1.0) - 2.0*smooth*(alpha + beta)*(alpha + beta - 1.0))
-    _xb1_0 = (0.00048828125*alpha*abs(_r0)*abs(alpha + beta - 1.0) + 0.00048828125*beta*abs(_r1)*abs(alpha + beta - 1.0) + 0.00048828125*smooth*(alpha + beta)*abs(alpha + beta - 1.0) + 0.000244140625*(2.0*alpha + 2.0*beta)*abs(_r2)*abs(alpha + beta - 1.0))
-    _xc1_1 = (_r0*alpha**2 + _r1*alpha*beta + _r2*alpha*(2.0*alpha + 2.0*beta - 1.0) + alpha*smooth*(2.0*alpha + 2.0*beta - 1.0))
-    _xb1_1 = (0.000244140625*alpha**2*abs(_r0) + 0.000244140625*alpha*beta*abs(_r1) + 0.000244140625*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.000244140625*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
-    _xc1_2 = (_r0*alpha**2 + _r1*alpha*beta + _r2*alpha*(2.0*alpha + 2.0*beta - 1.0) + alpha*smooth*(2.0*alpha + 2.0*beta - 1.0))
-    _xb1_2 = (0.000244140625*alpha**2*abs(_r0) + 0.000244140625*alpha*beta*abs(_r1) + 0.000244140625*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.000244140625*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
-    _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
-    _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
-    _xscale0 = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
-    for _k in range(_n):
-        if _scratch[7, _k] == 0.0:
-            continue
-        _xs = 0.0
-        _e_y = y[_i, _k]
+def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
+    """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
+    exactly where their tests fire) times the directions."""
+    _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
+    _hess_full_row(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _weight, _blocks[0])
+    for _j in range(_n):
+        _s0 = 0.0
         for _l in range(_n):
-            _at_l_y = y[_i, _l]
-            _xe = _scratch[0, _k] if _k == _l else _scratch[1, _k] * _scratch[2, _l] + _scratch[3, _k] * _scratch[4, _l]
-            if _l == _k:
-                _xn = _xc0_0*_e_y**2 + _xc0_1*_e_y + _xc0_2
-                _xb = _xb0_0*abs(_e_y**2) + _xb0_1*abs(_e_y) + _xb0_2
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
-                    if not _xready0:
-                        _xready0 = True
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
-                        _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, beta, 0)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xh, _xl, _xe = _xtwo_product(alpha, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe)
-                        _xh, _xl, _xe = _xtwo_product(beta, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA0_0_n = _xcopy(_xA0_0, _xp, _xp_n)
-                        _xA0_0_s = _xp_s
-                        _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
-                        _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                        _xp[0] = 2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xh, _xl, _xe = _xtwo_product(alpha, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe + 1)
-                        _xh, _xl, _xe = _xtwo_product(beta, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -smooth, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA0_1_n = _xcopy(_xA0_1, _xp, _xp_n)
-                        _xA0_1_s = _xp_s
-                        _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
-                        _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-                        _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA0_2_n = _xcopy(_xA0_2, _xp, _xp_n)
-                        _xA0_2_s = _xp_s
-                        _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
-                        _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-                    _xa_n = 0
-                    _xa_s = 0
-                    _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
-                    _xt_s = _xA0_0_s
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xm = _xcopy(_xt, _xA0_1, _xA0_1_n)
-                    _xt_s = _xA0_1_s
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xm = _xcopy(_xt, _xA0_2, _xA0_2_n)
-                    _xt_s = _xA0_2_s
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                    _xq = _xq / _xd0_0
-                    _xq_s -= _xd0_0_s
-                    _xq = _xq / _xd0_0
-                    _xq_s -= _xd0_0_s
-                    _xq = _xq / _xd0_0
-                    _xq_s -= _xd0_0_s
-                    _xq = math.ldexp(_xq, _xq_s)
-                    if math.isfinite(_xq):
-                        _xe = _xq
-            else:
-                _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
-                _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
-                    if not _xready1:
-                        _xready1 = True
-                        _xa_n = 0
-                        _xa_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                        _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
-                        _xd1_0, _xd1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, beta, 0)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xh, _xl, _xe = _xtwo_product(alpha, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe)
-                        _xh, _xl, _xe = _xtwo_product(beta, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA1_0_n = _xcopy(_xA1_0, _xp, _xp_n)
-                        _xA1_0_s = _xp_s
-                        _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
-                        _xA1_0_s = _xnormalize(_xA1_0, _xA1_0_n, _xA1_0_s)
-                        _xp[0] = 1.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xh, _xl, _xe = _xtwo_product(alpha, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe + 1)
-                        _xh, _xl, _xe = _xtwo_product(beta, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -smooth, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA1_1_n = _xcopy(_xA1_1, _xp, _xp_n)
-                        _xA1_1_s = _xp_s
-                        _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
-                        _xA1_1_s = _xnormalize(_xA1_1, _xA1_1_n, _xA1_1_s)
-                        _xp[0] = 1.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xh, _xl, _xe = _xtwo_product(alpha, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe + 1)
-                        _xh, _xl, _xe = _xtwo_product(beta, smooth)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xh, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, _xl, _xe + 1)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -smooth, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA1_2_n = _xcopy(_xA1_2, _xp, _xp_n)
-                        _xA1_2_s = _xp_s
-                        _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
-                        _xA1_2_s = _xnormalize(_xA1_2, _xA1_2_n, _xA1_2_s)
-                        _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
-                        _xf_n = _xcompress(_xf, _xf_n, _xu)
-                        _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
-                        _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xA1_3_n = _xcopy(_xA1_3, _xp, _xp_n)
-                        _xA1_3_s = _xp_s
-                        _xA1_3_n = _xcompress(_xA1_3, _xA1_3_n, _xu)
-                        _xA1_3_s = _xnormalize(_xA1_3, _xA1_3_n, _xA1_3_s)
-                    _xa_n = 0
-                    _xa_s = 0
-                    _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
-                    _xt_s = _xA1_0_s
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xm = _xcopy(_xt, _xA1_1, _xA1_1_n)
-                    _xt_s = _xA1_1_s
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xm = _xcopy(_xt, _xA1_2, _xA1_2_n)
-                    _xt_s = _xA1_2_s
-                    _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xm = _xcopy(_xt, _xA1_3, _xA1_3_n)
-                    _xt_s = _xA1_3_s
-                    _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
-                    _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                    _xq = _xq / _xd1_0
-                    _xq_s -= _xd1_0_s
-                    _xq = _xq / _xd1_0
-                    _xq_s -= _xd1_0_s
-                    _xq = _xq / _xd1_0
-                    _xq_s -= _xd1_0_s
-                    _xq = math.ldexp(_xq, _xq_s)
-                    if math.isfinite(_xq):
-                        _xe = _xq
-            _xs += _xe * _v_p[_i, _l]
-        _out0[_i, _k] = _w * _xs
+            _s0 += _blocks[0, 0, _j, _l] * _v_p[_i, _l]
+        _out0[_i, _j] = _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1771,7 +1264,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -1849,10 +1342,9 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
             _xsh0 += abs(_h * _v_p[_i, _l])
             _xsb0 += (_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
         _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
-        _scratch[7, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0, _w, _scratch)
+        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1874,7 +1366,7 @@ def hvp_kernel_parallel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((15, 64))
@@ -2144,7 +1636,7 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
                     _xq_s -= _xd0_0_s
                     _xq = math.ldexp(_xq, _xq_s)
                     if math.isfinite(_xq):
-                        _out0[_i, _k, _l] = _w * _xq
+                        _out0[_o, _k, _l] = _w * _xq
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
@@ -2386,11 +1878,11 @@ def _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, 
                     _xq_s -= _xd1_0_s
                     _xq = math.ldexp(_xq, _xq_s)
                     if math.isfinite(_xq):
-                        _out0[_i, _k, _l] = _w * _xq
+                        _out0[_o, _k, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
+def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
@@ -2399,7 +1891,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         if not ((_e_y >= 0.0 and _e_y <= 1.0) and (_e_p >= 0.0 and _e_p <= 1.0)):
             _inside = False
     if not _inside:
-        _out0[_i, ...] = math.nan
+        _out0[_o, ...] = math.nan
         return
     _r0 = 0.0
     _r0_error = 0.0
@@ -2434,7 +1926,7 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None else _weight[_i]
+    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -2509,13 +2001,13 @@ def _hess_full_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _xj0 = (_scratch[10, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-            _out0[_i, _j, _l] = _w * _h
+            _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]
             _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[9, _j] < 1.0261342003245941e-289))
         _scratch[10, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2524,7 +2016,7 @@ def hess_full_kernel(y, p, alpha, beta, smooth, _weight, _out0):
     _n = y.shape[1]
     _C = float(_n)
     for _i in range(y.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
 
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
@@ -2533,6 +2025,6 @@ def hess_full_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
-        _hess_full_row(np.int64(_i), _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
+        _hess_full_row(np.int64(_i), np.int64(_i), _n, _C, y, p, alpha, beta, smooth, _weight, _out0)
 
 

@@ -47,6 +47,9 @@ from .vocabulary import group, in_scale, two_scaled
 INDENT = "    "
 # the line of a fast row function that hands the row to the scaled one (templates/row_module.py.j2)
 SCALED_ROW = "_SCALED_ROW"
+# the row's weight: the runtime passes an empty array for none (a kernel called with and without
+# weights is then compiled once: cosine_embedding's kernels take a minute); None works as well
+ROW_WEIGHT = "_w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]"
 
 
 class RowPrinter(NumbaPrinter):
@@ -662,9 +665,10 @@ def tie_keys(derivation: RowDerivation) -> dict:
     return keys
 
 
-def _emit_guard(body, spec, outs: list[str], n_row_outputs: int):
-    """Set every output of row _i to nan, and go to the next row, where an input of the row
-    lies outside its domain (the first ``n_row_outputs`` outputs hold one value per row)."""
+def _emit_guard(body, spec, outs: list[str], n_row_outputs: int, at: str = "_i"):
+    """Set every output of row _i (at output row ``at``) to nan, and go to the next row, where an
+    input of the row lies outside its domain (the first ``n_row_outputs`` outputs hold one value
+    per row)."""
     guards = _guard_lines(spec)
     if not guards:
         return
@@ -681,7 +685,7 @@ def _emit_guard(body, spec, outs: list[str], n_row_outputs: int):
         body.emit(4, "_inside = False")
     body.emit(2, "if not _inside:")
     for j, out in enumerate(outs):
-        body.emit(3, f"{out}[_i] = math.nan" if j < n_row_outputs else f"{out}[_i, ...] = math.nan")
+        body.emit(3, f"{out}[{at}] = math.nan" if j < n_row_outputs else f"{out}[{at}, ...] = math.nan")
     body.emit(3, "continue")
 
 
@@ -729,7 +733,7 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
     row_values = list(row_outputs) + list(hoisted)
     vector = body.plan_vector(row_values, element_outputs)
     body.reductions_pass(row_values + element_outputs + tests)
-    body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
+    body.emit(2, ROW_WEIGHT)
 
     def emit_values(fold):
         values, elements, checks = fold(row_values), fold(element_outputs), fold(tests)
@@ -787,14 +791,15 @@ def _block_pairs(derivation: RowDerivation) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(k)]
 
 
-def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, fallbacks=None, arguments=()) -> dict:
+def _block_kernel(derivation: RowDerivation, printer, product: bool, keys, fallbacks=None, arguments=(),
+                  full=None) -> dict:
     """:func:`_block_kernel_lines`, with its twin for the scaled norms (:func:`_with_scaled`)."""
     return _with_scaled(derivation, lambda scaled: _block_kernel_lines(derivation, printer, product, keys, scaled,
-                                                                       fallbacks, arguments))
+                                                                       fallbacks, arguments, full))
 
 
 def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys, scaled: bool,
-                        fallbacks=None, arguments=()) -> dict:
+                        fallbacks=None, arguments=(), full=None) -> dict:
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
@@ -802,10 +807,16 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
     O(C**2) work per row, and O(C) memory: the matrix is never formed.
 
+    The full Hessian's row function writes output row ``_o`` (the launchers pass _i), so that
+    the product's recomputation can write a row of blocks of its own.
+
     ``fallbacks``: {block: (exact_rows.Fallback of its diagonal, exact_rows.PairFallback of its
     other entries)}, blocks in row-major order of the predictions; each entry's cancellation test
-    is OR-ed into the row's flag of its block (the product's: of its row of blocks, where each of
-    them has a plan), and a flagged row is recomputed exactly (lossgen/exact_rows.py)."""
+    is OR-ed into the row's flag of its block, and a flagged row is recomputed exactly
+    (lossgen/exact_rows.py). The product's flag is per row of blocks (where each of them has a
+    plan), OR-ed with a test of its sum; a flagged row is recomputed as the full Hessian's row
+    (``full``: that kernel, whose row function recomputes its flagged entries) times the
+    directions, so that the recomputation is compiled once for both kernels."""
     body = _Body(derivation, printer, keys, scaled)
     k = len(derivation.spec.predictions)
     pairs = _block_pairs(derivation)
@@ -849,11 +860,12 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         slot.append(unique.index(e))
     element = unique
     outs = [f"_out{b}" for b in range(k if product else len(pairs))]
+    at = "_i" if product else "_o"  # the output's row
     body.bind_row()
-    _emit_guard(body, derivation.spec, outs, 0)
+    _emit_guard(body, derivation.spec, outs, 0, at)
     vector = body.plan_vector(list(hoisted), element)
     body.reductions_pass(list(hoisted) + element + diagonal_tests)
-    body.emit(2, "_w = 1.0 if _weight is None else _weight[_i]")
+    body.emit(2, ROW_WEIGHT)
     # with a fallback, a row more per block: each element's flag (its diagonal entry's test, then
     # any entry of its row of the block), which the recomputation reads
     flags = {b: len(element) + n for n, b in enumerate(fallbacks)}
@@ -909,9 +921,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             at += 1
         test_sums[b] = sums
     position = len(diagonals)
-    firsts = []
     for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
-        firsts.append(position)
         total = outer_sum(position, len(block.outer), "_j", "_l")
         swapped = outer_sum(position, len(block.outer), "_l", "_j")
         position += 2 * len(block.outer)
@@ -937,7 +947,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         if product:
             body.emit(4, f"{outs[row]}[_i, _j] += _w * _h * {directions[column]}[_i, _l]")
         else:
-            body.emit(4, f"{outs[b]}[_i, _j, _l] = _w * _h")
+            body.emit(4, f"{outs[b]}[_o, _j, _l] = _w * _h")
         if b in fallbacks and product:
             # a row j whose sum sum_l |H_jl v_l| is small against its entries' bounds
             body.emit(4, f"_xsh{first_of[b]} += abs(_h * {directions[column]}[_i, _l])")
@@ -949,39 +959,57 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     for b in heads:
         if product:
             body.emit(3, f"_xj{b} |= {fires(f'_xsh{b}', f'_xsb{b}')}")
-        body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
+        else:  # the rows of the block that the recomputation reads
+            body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
         body.emit(3, f"_xflag{b} |= _xj{b}")
     exact = []
     if fallbacks:
-        name = "hvp" if product else "hess_full"
-        call = ", ".join(["_i", "_n", "_C", *arguments, *(directions if product else []), "_weight", *outs, "_w",
-                          "_scratch"])
         body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in heads) + ":")
-        body.emit(3, f"_{name}_exact({call})")
-        exact_body = _Body(derivation, printer, keys)
-
-        def fast_entry(b: int) -> str:
-            """Entry (k, l) of block b as the kernel computed it, from its scratch rows."""
-            total = outer_sum(firsts[b], len(blocks[b].outer), "_k", "_l")
-            return f"_scratch[{b}, _k] if _k == _l else {total}" if own[b] else \
-                f"{total} + (_scratch[{b}, _k] if _k == _l else 0.0)"
-        # one function for every block: the row sums' expansions and the region set up once
-        # (apart, cosine_embedding's four blocks compiled in as long: 36 s, 34 s together)
-        emit_block_fallback(exact_body, [
-            BlockRecompute(diagonal, pair, outs[pairs[b][0]], flags[first_of[b]], directions[pairs[b][1]],
-                           fast_entry(b))
-            if product else BlockRecompute(diagonal, pair, outs[b], flags[b])
-            for b, (diagonal, pair) in fallbacks.items()])
-        exact = exact_body.lines
+        if product:
+            body.emit(3, f"_hvp_exact({', '.join(['_i', '_n', '_C', *arguments, *directions, '_weight', *outs])})")
+            exact = _product_recompute_lines(pairs, outs, directions, arguments, full)
+        else:
+            body.emit(3, f"_hess_full_exact({', '.join(['_i', '_o', '_n', '_C', *arguments, '_weight', *outs])}"
+                         ", _w, _scratch)")
+            exact_body = _Body(derivation, printer, keys)
+            # one function for every block: the row sums' expansions and the region set up once
+            # (apart, cosine_embedding's four blocks compiled in as long: 36 s, 34 s together)
+            emit_block_fallback(exact_body, [BlockRecompute(diagonal, pair, outs[b], flags[b])
+                                             for b, (diagonal, pair) in fallbacks.items()])
+            exact = exact_body.lines
     if product:
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
-                "exact_arguments": ", _scratch" if exact else "",
+                "exact_arguments": "",
+                "exact_doc": "Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed\n"
+                             "    exactly where their tests fire) times the directions.",
                 "doc": "The Hessian of each row times the directions, entry by entry (never stored), "
                        "times _weight[i] when given."}
     return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
-            "exact_arguments": ", _scratch" if exact else "",
+            "exact_arguments": ", _w, _scratch", "out_row": True,
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
+
+
+def _product_recompute_lines(pairs, outs, directions, arguments, full: dict) -> list[str]:
+    """The body of the product's recomputation of row _i: the full Hessian's row function (which
+    recomputes its flagged entries exactly) into blocks of its own, times the directions, summed
+    again for every row of blocks."""
+    lines = [f"_blocks = np.empty(({len(pairs)}, 1, _n, _n), {outs[0]}.dtype)"]
+    stash = []
+    if full["stash"]:
+        lines.append(f"_stash = np.empty(({full['stash']}, _n))")
+        stash = ["_stash"]
+    blocks = [f"_blocks[{b}]" for b in range(len(pairs))]
+    lines.append(f"_hess_full_row({', '.join(['_i', 'np.int64(0)', '_n', '_C', *arguments, '_weight', *blocks, *stash])})")
+    lines.append("for _j in range(_n):")
+    for r in range(len(outs)):
+        lines.append(f"{INDENT}_s{r} = 0.0")
+    lines.append(f"{INDENT}for _l in range(_n):")
+    for b, (r, c) in enumerate(pairs):
+        lines.append(f"{INDENT * 2}_s{r} += _blocks[{b}, 0, _j, _l] * {directions[c]}[_i, _l]")
+    for r, out in enumerate(outs):
+        lines.append(f"{INDENT}{out}[_i, _j] = _s{r}")
+    return [INDENT * 2 + line for line in lines]
 
 
 def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
@@ -1060,10 +1088,10 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
                                shared))
     # the recomputation of the Hessian's blocks, for the full Hessian and the product
     block_fallbacks = {b: plan for (q, b), plan in plans.items() if q == "hess_full"}
+    full = _block_kernel(stable, printer, product=False, keys=keys, fallbacks=block_fallbacks, arguments=arguments)
     kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallbacks=block_fallbacks,
-                                 arguments=arguments))
-    kernels.append(_block_kernel(stable, printer, product=False, keys=keys, fallbacks=block_fallbacks,
-                                 arguments=arguments))
+                                 arguments=arguments, full=full))
+    kernels.append(full)
     directions = [d.name for d in stable.directions]
     predictions = [p.name for p in spec.predictions]
     formulas = {"loss": sp.sstr(original.spec.loss),

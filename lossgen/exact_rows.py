@@ -859,18 +859,15 @@ class BlockRecompute(NamedTuple):
     pair: PairFallback
     out: str                        # the output array
     flags: int                      # the kernel's scratch row of the rows k to recompute
-    direction: str | None = None    # the product's direction of the block's column
-    fast_entry: str = ""            # the product's: the kernel's entry (_k, _l), from its scratch rows
 
 
 def emit_block_fallback(body, blocks: list[BlockRecompute]):
     """The body of a row's exact recomputation of its Hessian, block by block: entry (k, k) by
     the diagonal's plans, (k, l) by the pair's, in the row's region, where the entry's test
-    fires, in the rows k of the block that the kernel flagged. The row sums' expansions and the
-    region's decisions are set up once for every block. Without a direction those entries of the
-    block's ``out``[_i] are written where finite; with one, the product out[_i, k] = sum over the
-    blocks of out's row of sum_l H_kl v_l of a flagged k is summed again, each entry the
-    recomputed one or the kernel's."""
+    fires, in the rows k of the block that the kernel flagged, written to the block's ``out`` at
+    output row _o where finite. The row sums' expansions and the region's decisions are set up
+    once for every block (the Hessian-vector product's recomputation calls the full Hessian's
+    row function: lossgen/emit_rows.py)."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
     # the plans' keys: 2 b for block b's diagonal, 2 b + 1 for its other entries
@@ -883,26 +880,17 @@ def emit_block_fallback(body, blocks: list[BlockRecompute]):
     for b, block in enumerate(blocks):
         _emit_region(body, b, block.diagonal.regions, reductions, printed, decided)
         body.emit(2, f"_xscale{b} = {printed(block.pair.entry_scale())}")
-    # a loop over the flagged rows k of each output: a full block's, or a product's (its blocks)
-    outputs: dict = {}
+    # a loop over the flagged rows k of each block
     for b, block in enumerate(blocks):
-        outputs.setdefault(block.out, []).append(b)
-    for out, members in outputs.items():
-        flags, product = blocks[members[0]].flags, blocks[members[0]].direction is not None
         body.emit(2, "for _k in range(_n):")
-        body.emit(3, f"if _scratch[{flags}, _k] == 0.0:")
+        body.emit(3, f"if _scratch[{block.flags}, _k] == 0.0:")
         body.emit(4, "continue")
-        if product:
-            body.emit(3, "_xs = 0.0")
-        for b in members:
-            _emit_block_row(body, b, blocks[b], splits[b], printed)
-        if product:
-            body.emit(3, f"{out}[_i, _k] = _w * _xs")
+        _emit_block_row(body, b, block, splits[b], printed)
 
 
 def _emit_block_row(body, b, block: BlockRecompute, split, printed):
     """Lines recomputing row k of block ``b`` (:func:`emit_block_fallback`), entry by entry."""
-    diagonal, pair, out, _, direction, fast_entry = block
+    diagonal, pair, out, _ = block
     (own, _), (other, _) = split
     region = f"_xregion{b}"
     body.bind([sp.Mul(*e) for f in own.values() for e, _ in f.groups] + [f.rest for f in own.values()], 3)
@@ -912,15 +900,13 @@ def _emit_block_row(body, b, block: BlockRecompute, split, printed):
         if copy in used:
             at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
             body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
-    if direction:
-        body.emit(4, f"_xe = {fast_entry}")
 
     def emit_plan(key, f, denominators, indent, entry_bound=""):
         _emit_test(body, key, f, printed, indent)
         body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
         _emit_value(body, key, f, printed, indent + 1, denominators)
         body.emit(indent + 1, "if math.isfinite(_xq):")
-        body.emit(indent + 2, "_xe = _xq" if direction else f"{out}[_i, _k, _l] = _w * _xq")
+        body.emit(indent + 2, f"{out}[_o, _k, _l] = _w * _xq")
 
     # entry (k, k) by the diagonal's plans, the others by the pair's, each in the row's region
     body.emit(4, "if _l == _k:")
@@ -935,8 +921,6 @@ def _emit_block_row(body, b, block: BlockRecompute, split, printed):
                                                                       f"2.0 * _xb * _xscale{b}"), region)
     else:
         body.emit(5, "pass")
-    if direction:
-        body.emit(4, f"_xs += _xe * {direction}[_i, _l]")
 
 
 # An exact row sum's first try (:func:`emit_exact_sum`): the terms split exactly and summed with
