@@ -170,7 +170,7 @@ def _loss_row(_i, _n, _C, y, s, _weight, _out0, _stash):
     _k = _row_y
     _e_s = s[_i, _k]
     _r1 = -_l0 + (_e_s - _m0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
 
 
@@ -222,7 +222,7 @@ def _grad_row(_i, _n, _C, y, s, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p0 = _stash[0, _k] * _l0_inv
         _out0[_i, _k] = _w * (((((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (_p0)))
@@ -276,7 +276,7 @@ def _hess_row(_i, _n, _C, y, s, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p0 = _stash[0, _k] * _l0_inv
         _out0[_i, _k] = _w * (-_p0*((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0)))
@@ -330,7 +330,7 @@ def _grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p0 = _stash[0, _k] * _l0_inv
         _t3_0 = ((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0))
@@ -389,7 +389,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, _weight, _out0, _out1, _out2, _stash):
     _k = _row_y
     _e_s = s[_i, _k]
     _r1 = -_l0 + (_e_s - _m0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
     for _k in range(_n):
         _p0 = _stash[0, _k] * _l0_inv
@@ -444,7 +444,7 @@ def _hvp_row(_i, _n, _C, y, s, _v_s, _weight, _out0, _stash):
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
@@ -506,7 +506,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, _weight, _out0, _stash):
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]

@@ -76,7 +76,7 @@ def _loss_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 - _r0))
 
 
@@ -125,7 +125,7 @@ def _grad_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = math.log(s)
@@ -185,7 +185,7 @@ def _hess_row(_i, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = s**2
@@ -254,7 +254,7 @@ def _grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = math.log(s)
@@ -336,7 +336,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, c, s, m, _weight, _out0, _out1, _out2):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 - _r0))
     _h0 = math.sin(m)
     _h1 = math.cos(m)
@@ -414,7 +414,7 @@ def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = s**2
@@ -507,7 +507,7 @@ def _hess_full_row(_i, _o, _n, _C, y, c, s, m, _weight, _out0):
         if _k != _a1:
             _l1 += math.exp(_s - _m1)
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.sin(m)
     _h1 = math.cos(m)
     _h2 = s**2

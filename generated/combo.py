@@ -369,7 +369,7 @@ def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((-_r3*alpha)/(_C)) + ((_r4*(1.0 - alpha))/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth)))))
 
 
@@ -606,7 +606,7 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = alpha - 1.0
     _t1_1 = 2.0*_r2
     _t1_2 = _t1_0*smooth
@@ -859,7 +859,7 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
     _t1_2 = 2.0*_t1_1
@@ -970,7 +970,7 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
     _t1_2 = 2.0*_r2
@@ -1108,7 +1108,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = alpha - 1.0
     _t1_1 = -_t1_0
     _t1_2 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
@@ -1238,7 +1238,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
     _t1_2 = 2.0*_t1_1
@@ -1693,7 +1693,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = alpha - 1.0
     _t1_2 = 2.0*_t1_1

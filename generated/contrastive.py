@@ -137,7 +137,7 @@ def _loss_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _loss_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0)
         return
@@ -187,7 +187,7 @@ def _loss_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0):
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if (_row_y > 0.0):
         _b1_0 = _two_scaled(((_r0)/(2.0)), 2*_r0_e)
     else:
@@ -254,7 +254,7 @@ def _grad_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     _r0_l1_hi = _r0_l1
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _grad_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
         return
@@ -319,7 +319,7 @@ def _grad_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _h0 = _two_scaled(1/2, _r0_e)
     _h1 = ((((_two_scaled(((_two_scaled(((-m)/(_t1_0)), -_r0_e)) if (_r0_l1 > 0.0) else (0.0)) + 1.0, _r0_e)) if (m >= _two_scaled(_t1_0, _r0_e)) else (0.0)))/(2.0))
@@ -389,7 +389,7 @@ def _hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
     _r0_l1_hi = _r0_l1
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1)
         return
@@ -452,7 +452,7 @@ def _hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1):
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = _two_scaled(math.sqrt(_r0), _r0_e)
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
@@ -522,7 +522,7 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, 
     _r0_l1_hi = _r0_l1
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
         return
@@ -595,7 +595,7 @@ def _grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, 
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = _two_scaled(_t1_0, _r0_e)
     _h0 = _two_scaled(1/2, _r0_e)
@@ -675,7 +675,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _o
     _r0_l1_hi = _r0_l1
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _loss_grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3, _out4)
         return
@@ -758,7 +758,7 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _weight, _out0, _o
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = _two_scaled(_t1_0, _r0_e)
     _t1_2 = (m >= _t1_1)
@@ -837,7 +837,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
     _r0_l1_hi = _r0_l1
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
         return
@@ -944,7 +944,7 @@ def _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0,
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _two_scaled(math.sqrt(_r0), _r0_e)
     _h0 = _t1_0
     _h1 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))
@@ -1059,7 +1059,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _ou
     _r0_l1_hi = _r0_l1
     if math.isfinite(_r0_l1):
         _r0_l1 += _r0_l1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180):
         _hess_full_row_scaled(_i, _o, _n, _C, y, x1, x2, m, eps, _weight, _out0, _out1, _out2, _out3)
         return
@@ -1166,7 +1166,7 @@ def _hess_full_row_scaled(_i, _o, _n, _C, y, x1, x2, m, eps, _weight, _out0, _ou
             _e_x2 = x2[_i, _k]
             _g[_k] = _sum_finish(_sum_add(_sum_add(_sum_start(eps), _e_x1), -_e_x2))
         _r0, _r0_hi, _r0_error, _r0_e, _r0_Pinv = _scaled_squares(_g, _r0, _r0_hi, _r0_error)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _two_scaled(math.sqrt(_r0), _r0_e)
     _h0 = _t1_0
     _h1 = ((((((_two_scaled(((m)/(2.0*_r0**(3/2))), -_r0_e)) if (_r0_l1 > 0.0) else (0.0))) if (_t1_0 <= m) else (0.0)))/(2.0))

@@ -420,7 +420,7 @@ def _loss_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0):
     _xr_x1_x2_hi = _xr_x1_x2
     if math.isfinite(_xr_x1_x2):
         _xr_x1_x2 += _xr_x1_x2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = _r1 + eps
     _t4_1 = _r0 + eps
     _t4_2 = math.sqrt(_t4_1)
@@ -1041,7 +1041,7 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -1778,7 +1778,7 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
     _xr_x1_x2_hi = _xr_x1_x2
     if math.isfinite(_xr_x1_x2):
         _xr_x1_x2 += _xr_x1_x2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = _r0 + eps
     _t4_1 = math.sqrt(_t4_0)
     _t4_2 = math.ldexp(1.0, math.frexp(_t4_1)[1])
@@ -2031,7 +2031,7 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -2355,7 +2355,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r1 + eps
     _t6_1 = _r0 + eps
     _t6_2 = math.sqrt(_t6_1)
@@ -2706,7 +2706,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])
@@ -4924,7 +4924,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1
     _xra_x2_x1_hi = _xra_x2_x1
     if math.isfinite(_xra_x2_x1):
         _xra_x2_x1 += _xra_x2_x1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = _r0 + eps
     _t6_1 = math.sqrt(_t6_0)
     _t6_2 = math.ldexp(1.0, math.frexp(_t6_1)[1])

@@ -376,7 +376,7 @@ def _loss_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error + _r2_products
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = -_r2
     _t1_1 = math.sqrt(_r0)
     _t1_2 = math.sqrt(_r1)
@@ -735,7 +735,7 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
     _xra_x_y_hi = _xra_x_y
     if math.isfinite(_xra_x_y):
         _xra_x_y += _xra_x_y_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = math.sqrt(_r0)
     _t4_1 = math.ldexp(1.0, math.frexp(_t4_0)[1])
     _t4_2 = math.sqrt(_r1)
@@ -1161,7 +1161,7 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
             _r2_products = 0.0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
@@ -1332,7 +1332,7 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
     _xra_x_y_hi = _xra_x_y
     if math.isfinite(_xra_x_y):
         _xra_x_y += _xra_x_y_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = math.sqrt(_r0)
     _t4_1 = math.ldexp(1.0, math.frexp(_t4_0)[1])
     _t4_2 = (((_t4_1)/(_t4_0)))
@@ -1548,7 +1548,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
     _xra_x_y_hi = _xra_x_y
     if math.isfinite(_xra_x_y):
         _xra_x_y += _xra_x_y_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = -_r2
     _t4_1 = math.sqrt(_r0)
     _t4_2 = math.sqrt(_r1)
@@ -1738,7 +1738,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
             _r2_products = 0.0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)
@@ -2355,7 +2355,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
             _r2_products = 0.0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.ldexp(1.0, math.frexp(_t1_0)[1])
     _t1_2 = math.sqrt(_r1)

@@ -333,7 +333,7 @@ def _loss_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r3)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth)))))
 
 
@@ -548,7 +548,7 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = 4.0*_r2 + 2.0*smooth
     _t1_1 = 0.00048828125*smooth + 0.0009765625*abs(_r2)
     _h0 = ((1.0)/(_sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))))
@@ -827,7 +827,7 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = 8.0*_r0 + 8.0*_r1 + 8.0*smooth
     _t1_2 = _r0*_r1
@@ -938,7 +938,7 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = 2.0*smooth
     _t1_2 = 4.0*_r2 + _t1_1
@@ -1062,7 +1062,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = 2.0*smooth
     _t1_2 = 4.0*_r2 + _t1_1
@@ -1188,7 +1188,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = _r0 + _r1 + smooth
     _t1_2 = abs(_r3)
@@ -1643,7 +1643,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _sum_finish(_sum_add(_sum_add(_sum_start(_r0), _r1), smooth))
     _t1_1 = 8.0*_r0 + 8.0*_r1 + 8.0*smooth
     _t1_2 = 4.0*_r0

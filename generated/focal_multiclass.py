@@ -213,7 +213,7 @@ def _loss_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
     _t3_0 = _e_s - _m0
     _t3_3 = (_l0 + (-_t3_0) < math.log(2.0))
     _r1 = ((((-_e_alpha*((-math.expm1((-_l0 + (_t3_0)))))**(gamma + 1.0))/(_exprel((-_l0 + (_t3_0)))))) if _t3_3 else (_e_alpha*(-_l0 + (_t3_0))*math.exp(((_xlogy(gamma, (-math.expm1((-_l0 + (_t3_0)))))) if _t3_3 else (_xlog1py(gamma, (-math.exp((-_l0 + (_t3_0))))))))))
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
 
 
@@ -291,7 +291,7 @@ def _grad_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         _t3_11 = (_t3_6 <= 1.0)
         _b3_0 = _e_alpha*((-_t3_9 + ((-_t3_10)/(_t3_2))) if _t3_11 else (-((_t3_9 + ((_t3_10)/(_t3_2))) if _t3_11 else (((_t3_10*_t3_8)/(_t3_2)) + 1.0))))*math.exp(((_xlogy(gamma, _t3_3)) if _t3_7 else (_xlog1py(gamma, (-_t3_8)))))
     _r2 = _b3_0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
     _h2 = math.log(abs(_r2))
@@ -433,7 +433,7 @@ def _hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = gamma**2
     _h2 = math.log(2.0)
@@ -614,7 +614,7 @@ def _grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _stash
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
     _h2 = math.log(abs(_r2))
@@ -820,7 +820,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, alpha, gamma, _weight, _out0, _out1, _
         _t5_13 = (_t5_7 <= 1.0)
         _b5_0 = _t5_6*_t5_9*((_t5_12) if _t5_13 else (((_t5_12) if _t5_13 else (_t5_10 + ((_t5_11*_t5_9)/(_t5_2))))))*math.exp(((_xlogy(gamma, _t5_3)) if _t5_8 else (_xlog1py(gamma, (-_t5_9)))))
     _r3_q = _b5_0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
     _h0 = gamma + 1.0
     _h1 = math.log(2.0)
@@ -1019,7 +1019,7 @@ def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0, _stash):
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t5_0 = gamma - 1.0
     _h0 = gamma + 1.0
     _h1 = gamma**2
@@ -1288,7 +1288,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, alpha, gamma, _weight, _out0, _stash):
         _t4_13 = (_t4_7 <= 1.0)
         _b4_0 = _t4_6*_t4_9*((_t4_12) if _t4_13 else (((_t4_12) if _t4_13 else (_t4_10 + ((_t4_11*_t4_9)/(_t4_2))))))*math.exp(((_xlogy(gamma, _t4_3)) if _t4_8 else (_xlog1py(gamma, (-_t4_9)))))
     _r3_q = _b4_0
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t5_0 = gamma - 1.0
     _h0 = gamma + 1.0
     _h1 = gamma**2

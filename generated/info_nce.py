@@ -179,7 +179,7 @@ def _loss_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
         if _k != _a1:
             _l1 += _s
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
 
 
@@ -231,7 +231,7 @@ def _grad_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
     _l1_inv = 1.0 / (1.0 + _l1)
     _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p1 = _stash[0, _k] * _l1_inv
         _out0[_i, _k] = _w * (((((((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0)))/(temperature))) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (((_p1)/(temperature)))))
@@ -285,7 +285,7 @@ def _hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _stash):
     _l1_inv = 1.0 / (1.0 + _l1)
     _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p1 = _stash[0, _k] * _l1_inv
         _out0[_i, _k] = _w * ((((((-_p1*((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0)))/(temperature))))/(temperature)))
@@ -339,7 +339,7 @@ def _grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _stash)
     _l1_inv = 1.0 / (1.0 + _l1)
     _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p1 = _stash[0, _k] * _l1_inv
         _t3_0 = ((-_l1_rest) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (_p1 - 1.0))
@@ -398,7 +398,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, temperature, _weight, _out0, _out1, _o
     _l1_inv = 1.0 / (1.0 + _l1)
     _l1_rest = _l1 * _l1_inv
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_l1 + (_m1 + ((-_r0)/(temperature))))
     for _k in range(_n):
         _p1 = _stash[0, _k] * _l1_inv
@@ -453,7 +453,7 @@ def _hvp_row(_i, _n, _C, y, s, temperature, _v_s, _weight, _out0, _stash):
         if _k != _a1:
             _l1 += _s
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
@@ -515,7 +515,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, temperature, _weight, _out0, _stash):
         if _k != _a1:
             _l1 += _s
     _l1 = math.log1p(_l1)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((3, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]

@@ -73,7 +73,7 @@ def _loss_row(_i, _n, _C, p, q, _weight, _out0):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_r0)
 
 
@@ -107,7 +107,7 @@ def _grad_row(_i, _n, _C, p, q, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
@@ -144,7 +144,7 @@ def _hess_row(_i, _n, _C, p, q, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
@@ -182,7 +182,7 @@ def _grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1):
         _out0[_i, ...] = math.nan
         _out1[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_q = q[_i, _k]
@@ -235,7 +235,7 @@ def _loss_grad_hess_row(_i, _n, _C, p, q, _weight, _out0, _out1, _out2):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_r0)
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -274,7 +274,7 @@ def _hvp_row(_i, _n, _C, p, q, _v_q, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -317,7 +317,7 @@ def _hess_full_row(_i, _o, _n, _C, p, q, _weight, _out0):
     if not _inside:
         _out0[_o, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_p = p[_i, _k]

@@ -81,7 +81,7 @@ def _loss_row(_i, _n, _C, y, s, margin, _weight, _out0):
             _r1 = _s
             _a1 = _k
             _r1_key = _key
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_r1)
 
 
@@ -122,7 +122,7 @@ def _grad_row(_i, _n, _C, y, s, margin, _weight, _out0):
             _r1 = _s
             _a1 = _k
             _r1_key = _key
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _out0[_i, _k] = _w * (((((0.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (0.0)))))
 
@@ -149,7 +149,7 @@ def grad_kernel_parallel(y, s, margin, _weight, _out0):
 def _hess_row(_i, _n, _C, y, s, margin, _weight, _out0):
     """hess of row _i, times _weight[i] when given."""
     _row_y = y[_i]
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _out0[_i, _k] = _w * (0.0)
 
@@ -191,7 +191,7 @@ def _grad_hess_row(_i, _n, _C, y, s, margin, _weight, _out0, _out1):
             _r1 = _s
             _a1 = _k
             _r1_key = _key
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _out0[_i, _k] = _w * (((((0.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (0.0)))))
         _out1[_i, _k] = _w * (0.0)
@@ -234,7 +234,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, margin, _weight, _out0, _out1, _out2):
             _r1 = _s
             _a1 = _k
             _r1_key = _key
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_r1)
     for _k in range(_n):
         _out1[_i, _k] = _w * (((((0.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (1.0))) if ((1.0 if _k == _a1 else 0.0) == 1.0) else (((-1.0) if (((1.0 if _k == _row_y else 0.0) == 1.0)) else (0.0)))))
@@ -263,7 +263,7 @@ def loss_grad_hess_kernel_parallel(y, s, margin, _weight, _out0, _out1, _out2):
 def _hvp_row(_i, _n, _C, y, s, margin, _v_s, _weight, _out0):
     """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
     _row_y = y[_i]
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0
@@ -296,7 +296,7 @@ def hvp_kernel_parallel(y, s, margin, _v_s, _weight, _out0):
 def _hess_full_row(_i, _o, _n, _C, y, s, margin, _weight, _out0):
     """Every (C, C) block of the Hessian of row _i, blocks in row-major order of the predictions, times _weight[i] when given."""
     _row_y = y[_i]
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0

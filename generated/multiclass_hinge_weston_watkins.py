@@ -107,7 +107,7 @@ def _loss_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r1*_r2)/(_C)))
 
 
@@ -159,7 +159,7 @@ def _grad_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((_r2)/(_C))
     _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
@@ -203,7 +203,7 @@ def _hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _out0[_i, _k] = _w * (0.0)
 
@@ -257,7 +257,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1):
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((_r2)/(_C))
     _h1 = ((_r2)/(2.0*_C))
     for _k in range(_n):
@@ -340,7 +340,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, margin, _weight, _out0, _out1, _out
     _r3_hi = _r3
     if math.isfinite(_r3):
         _r3 += _r3_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r1*_r2)/(_C)))
     _h0 = ((_r2)/(_C))
     _h1 = ((_r2)/(2.0*_C))
@@ -386,7 +386,7 @@ def _hvp_row(_i, _n, _C, y, s, w, margin, _v_s, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0
@@ -427,7 +427,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, margin, _weight, _out0):
     if not _inside:
         _out0[_o, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0

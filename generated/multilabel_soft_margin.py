@@ -285,7 +285,7 @@ def _loss_row(_i, _n, _C, y, x, _weight, _out0, _stash):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r0)/(_C)))
 
 
@@ -324,7 +324,7 @@ def _grad_row(_i, _n, _C, y, x, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -362,7 +362,7 @@ def _hess_row(_i, _n, _C, y, x, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_x = x[_i, _k]
         _t0_0 = _vexp(-abs(_e_x))
@@ -399,7 +399,7 @@ def _grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1):
         _out0[_i, ...] = math.nan
         _out1[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -461,7 +461,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, _weight, _out0, _out1, _out2, _stash):
     _r0_hi = _r0
     if math.isfinite(_r0):
         _r0 += _r0_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r0)/(_C)))
     for _k in range(_n):
         _e_x = x[_i, _k]
@@ -509,7 +509,7 @@ def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_x = x[_i, _k]
@@ -551,7 +551,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x, _weight, _out0):
     if not _inside:
         _out0[_o, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _e_x = x[_i, _k]

@@ -58,7 +58,7 @@ def _loss_row(_i, _n, _C, y, logp, w, _weight, _out0):
     _e_logp = logp[_i, _k]
     _e_w = w[_k]
     _r0 = _e_logp*_e_w
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r0)
 
 
@@ -93,7 +93,7 @@ def _grad_row(_i, _n, _C, y, logp, w, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_w = w[_k]
         _out0[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
@@ -130,7 +130,7 @@ def _hess_row(_i, _n, _C, y, logp, w, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _out0[_i, _k] = _w * (0.0)
 
@@ -167,7 +167,7 @@ def _grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1):
         _out0[_i, ...] = math.nan
         _out1[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _e_w = w[_k]
         _out0[_i, _k] = _w * (((-_e_w) if ((1.0 if _k == _row_y else 0.0) == 1.0) else (0.0)))
@@ -211,7 +211,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, logp, w, _weight, _out0, _out1, _out2):
     _e_logp = logp[_i, _k]
     _e_w = w[_k]
     _r0 = _e_logp*_e_w
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r0)
     for _k in range(_n):
         _e_w = w[_k]
@@ -250,7 +250,7 @@ def _hvp_row(_i, _n, _C, y, logp, w, _v_logp, _weight, _out0):
     if not _inside:
         _out0[_i, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0
@@ -292,7 +292,7 @@ def _hess_full_row(_i, _o, _n, _C, y, logp, w, _weight, _out0):
     if not _inside:
         _out0[_o, ...] = math.nan
         return
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
     for _k in range(_n):
         _scratch[0, _k] = 0.0

@@ -185,7 +185,7 @@ def _loss_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_s = s[_i, _k]
     _r2 = -_l0 + (_e_s - _m0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1 - epsilon*math.expm1(_r2))
 
 
@@ -249,7 +249,7 @@ def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_s = s[_i, _k]
     _r2 = -_l0 + (_e_s - _m0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t5_0 = math.log(abs(epsilon))
     _t5_1 = _sign(epsilon)
     _t5_3 = abs(_r2)
@@ -362,7 +362,7 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = math.exp(_r2)
     _h0 = math.log(abs(epsilon))
     _h1 = _sign(epsilon)
@@ -470,7 +470,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = math.log(abs(epsilon))
     _t6_1 = _sign(epsilon)
     _t6_3 = abs(_r2)
@@ -608,7 +608,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t7_0 = math.expm1(_r2)
     _t7_1 = math.log(abs(epsilon))
     _t7_2 = _sign(epsilon)
@@ -742,7 +742,7 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = math.log(abs(epsilon))
     _t6_1 = _sign(epsilon)
     _t6_2 = math.exp(_r2)
@@ -894,7 +894,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = math.log(abs(epsilon))
     _t6_1 = _sign(epsilon)
     _t6_2 = math.exp(_r2)

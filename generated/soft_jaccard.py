@@ -303,7 +303,7 @@ def _loss_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (((_r3)/(_r4 + smooth)))
 
 
@@ -490,7 +490,7 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0 + smooth
     _t1_1 = abs(_r0)
     _h0 = ((1.0)/(_r4 + smooth))
@@ -709,7 +709,7 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = -2.0*_r3
     _t1_1 = 0.00048828125*abs(_r3)
     _t1_2 = abs(_r4)
@@ -796,7 +796,7 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0 + smooth
     _t1_1 = 2.0*smooth
     _t1_2 = 0.00048828125*smooth
@@ -898,7 +898,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
     _t1_1 = _r0 + smooth
     _t1_2 = 2.0*smooth
@@ -1003,7 +1003,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
     _t1_1 = _t1_0**2
     _t1_2 = 0.00048828125*abs(_r3)
@@ -1399,7 +1399,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
     _r4_hi = _r4
     if math.isfinite(_r4):
         _r4 += _r4_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r4 + smooth
     _t1_1 = _t1_0**2
     _t1_2 = -2.0*_r3

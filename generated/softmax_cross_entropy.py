@@ -231,7 +231,7 @@ def _loss_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (_r1*(label_smoothing - 1.0) + ((-_r2*label_smoothing)/(_C)))
 
 
@@ -305,7 +305,7 @@ def _grad_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = label_smoothing - 1.0
     _h0 = -_t4_0
     _h1 = math.log(abs(_r4))
@@ -425,7 +425,7 @@ def _hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = _r3*(label_smoothing - 1.0)
     _t4_1 = _r4*label_smoothing
     _t4_2 = -_t4_0 + ((_t4_1)/(_C))
@@ -509,7 +509,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _out1, 
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = label_smoothing - 1.0
     _t4_1 = _r3*_t4_0
     _t4_2 = _r4*label_smoothing
@@ -639,7 +639,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, label_smoothing, _weight, _out0, _o
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t6_0 = label_smoothing - 1.0
     _t6_1 = _r3*_t6_0
     _t6_2 = _r4*label_smoothing
@@ -749,7 +749,7 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = _r3*(label_smoothing - 1.0)
     _t4_1 = _r4*label_smoothing
     _t4_2 = -_t4_0 + ((_t4_1)/(_C))
@@ -841,7 +841,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, label_smoothing, _weight, _out0, _st
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t4_0 = _r3*(label_smoothing - 1.0)
     _t4_1 = _r4*label_smoothing
     _t4_2 = -_t4_0 + ((_t4_1)/(_C))

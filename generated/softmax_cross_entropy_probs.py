@@ -223,7 +223,7 @@ def _loss_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
 
 
@@ -295,7 +295,7 @@ def _grad_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((label_smoothing)/(_C))
     _h1 = 1.0 - label_smoothing
     _h2 = math.log(abs(_r2))
@@ -388,7 +388,7 @@ def _hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _stash):
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     for _k in range(_n):
         _p0 = _stash[0, _k] * _l0_inv
         _out0[_i, _k] = _w * (_p0*_r2*((-_l0_rest) if ((1.0 if _k == _a0 else 0.0) == 1.0) else (_p0 - 1.0)))
@@ -463,7 +463,7 @@ def _grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _out1, 
     _l0_inv = 1.0 / (1.0 + _l0)
     _l0_rest = _l0 * _l0_inv
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = ((label_smoothing)/(_C))
     _h1 = 1.0 - label_smoothing
     _h2 = math.log(abs(_r2))
@@ -574,7 +574,7 @@ def _loss_grad_hess_row(_i, _n, _C, t, s, w, label_smoothing, _weight, _out0, _o
     _r1_hi = _r1
     if math.isfinite(_r1):
         _r1 += _r1_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1)
     _h0 = ((label_smoothing)/(_C))
     _h1 = 1.0 - label_smoothing
@@ -668,7 +668,7 @@ def _hvp_row(_i, _n, _C, t, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.log(abs(_r2))
     _h1 = _sign(_r2)
     _scratch = np.empty((3, _n))
@@ -754,7 +754,7 @@ def _hess_full_row(_i, _o, _n, _C, t, s, w, label_smoothing, _weight, _out0, _st
         if _k != _a0:
             _l0 += _s
     _l0 = math.log1p(_l0)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _h0 = math.log(abs(_r2))
     _h1 = _sign(_r2)
     _scratch = np.empty((3, _n))

@@ -418,7 +418,7 @@ def _loss_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r6_hi = _r6
     if math.isfinite(_r6):
         _r6 += _r6_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = _r5**2
     _out0[_i] = _w * ((((((((_r6*_t2_0)/(_C**3)) + ((_r6*(C1 + ((((((2.0*_r0*_r1)/(_C))))/(_C)))))/(_C)) + ((_t2_0*((((C2)/(_C))) + ((((((2.0*_r4)/(_C))))/(_C)))))/(_C)))/(C1 + (((((_r0**2)/(_C))))/(_C)) + (((((_r1**2)/(_C))))/(_C))))))/(C2 + ((_r2)/(_C)) + ((_r3)/(_C)))))
 
@@ -558,7 +558,7 @@ def _grad_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = C2*_C
     _t2_1 = C1*_C**2
     _t2_2 = 2.0*_r4 + _t2_0
@@ -726,7 +726,7 @@ def _hess_row(_i, _n, _C, y, x, C1, C2, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = 2.0*_r4
     _t2_1 = ((_t2_0)/(_C))
     _t2_2 = 2.0*_r0
@@ -957,7 +957,7 @@ def _grad_hess_row(_i, _n, _C, y, x, C1, C2, _weight, _out0, _out1):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = C2*_C
     _t2_1 = _r2 + _r3 + _t2_0
     _t2_2 = C1*_C**2
@@ -1199,7 +1199,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, C1, C2, _weight, _out0, _out1, _out2):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = _r5**2
     _t2_1 = ((_r6*_t2_0)/(_C**3))
     _t2_2 = 2.0*_r0
@@ -1446,7 +1446,7 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = 2.0*_r4
     _t2_1 = ((_t2_0)/(_C))
     _t2_2 = 2.0*_r0
@@ -1701,7 +1701,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x, C1, C2, _weight, _out0):
     _r9_hi = _r9
     if math.isfinite(_r9):
         _r9 += _r9_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t2_0 = 2.0*_r4
     _t2_1 = ((_t2_0)/(_C))
     _t2_2 = 2.0*_r0

@@ -488,7 +488,7 @@ def _loss_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _loss_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0)
         return
@@ -585,7 +585,7 @@ def _loss_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0):
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _two_scaled(((_r2)/(_two_scaled(math.sqrt(_r0), _r0_rho_e) + _two_scaled(math.sqrt(_r1), _r1_rho_e))), _r0_r1_e)
     _t1_1 = (_r0 > 0.0) or (_r1 > 0.0)
     _out0[_i] = _w * (((margin + ((_t1_0) if _t1_1 else (0.0))) if (((_t1_0 + margin >= 0.0)) if _t1_1 else ((margin >= 0.0))) else (0.0)))
@@ -687,7 +687,7 @@ def _grad_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
         return
@@ -848,7 +848,7 @@ def _grad_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _h0 = _t1_0
@@ -990,7 +990,7 @@ def _hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2):
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2)
         return
@@ -1143,7 +1143,7 @@ def _hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _o
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -1281,7 +1281,7 @@ def _grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5)
         return
@@ -1467,7 +1467,7 @@ def _grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -1636,7 +1636,7 @@ def _loss_grad_hess_row(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1,
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6)
         return
@@ -1827,7 +1827,7 @@ def _loss_grad_hess_row_scaled(_i, _n, _C, a, p, n, margin, eps, _weight, _out0,
             _u0[_k] = -_e_n + _e_p
             _v0[_k] = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(-2.0*_e_a), -2.0*eps), _e_n), _e_p))
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -2007,7 +2007,7 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2)
         return
@@ -2261,7 +2261,7 @@ def _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight,
             _v1[_k] = _e_n - _e_p
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
         _r0_r1_q, _r0_r1_q_hi, _r0_r1_q_error = _scaled_products(_u1, _v1, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)
@@ -2507,7 +2507,7 @@ def _hess_full_row(_i, _o, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, 
         _hi, _lo = _exact_r2(_i, _n, _C, a, p, n, margin, eps)
         if math.isfinite(_hi):
             _r2_hi, _r2_error, _r2 = _hi, _lo, _hi + _lo
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     if not (_r0 >= 2.409919865102884e-181 and _r0 <= 4.149515568880993e+180 and _r1 >= 2.409919865102884e-181 and _r1 <= 4.149515568880993e+180):
         _hess_full_row_scaled(_i, _o, _n, _C, a, p, n, margin, eps, _weight, _out0, _out1, _out2, _out3, _out4, _out5, _out6, _out7, _out8)
         return
@@ -2764,7 +2764,7 @@ def _hess_full_row_scaled(_i, _o, _n, _C, a, p, n, margin, eps, _weight, _out0, 
             _v1[_k] = _e_n - _e_p
         _r2, _r2_hi, _r2_error = _scaled_products(_u0, _v0, _r0_r1_Pinv)
         _r0_r1_q, _r0_r1_q_hi, _r0_r1_q_error = _scaled_products(_u1, _v1, _r0_r1_Pinv)
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = math.sqrt(_r0)
     _t1_1 = math.sqrt(_r1)
     _t1_2 = _two_scaled(_t1_0, _r0_rho_e) + _two_scaled(_t1_1, _r1_rho_e)

@@ -321,7 +321,7 @@ def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha + _r1*beta
     _out0[_i] = _w * (((_t1_0)/(_r2 + _t1_0 + smooth)))
 
@@ -549,7 +549,7 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha + _r1*beta
     _t1_1 = _r2 + smooth
     _t1_2 = alpha + beta
@@ -881,7 +881,7 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -994,7 +994,7 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -1123,7 +1123,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -1264,7 +1264,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1
@@ -1926,7 +1926,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _r2_hi = _r2
     if math.isfinite(_r2):
         _r2 += _r2_error
-    _w = 1.0 if _weight is None or _weight.shape[0] == 0 else _weight[_i]
+    _w = 1.0 if _weight is None else _weight[_i]
     _t1_0 = _r0*alpha
     _t1_1 = _r1*beta
     _t1_2 = _t1_0 + _t1_1

@@ -30,10 +30,6 @@ from .domains import DOMAINS
 from .runtime import (_launch, _numeric_array, _Specialisable, bind_arguments, check_domain, check_reduction,
                       kernel_launchers, marked_positions, output_buffers, parameter_values)
 
-# the kernels' weights where none are given: an empty array, not None, so that a kernel called with
-# and without weights is compiled once (lossgen/emit_rows.ROW_WEIGHT reads it as weight 1)
-_NO_WEIGHT = {np.dtype(t): np.empty(0, dtype=t) for t in (np.float32, np.float64)}
-
 
 @dataclass
 class _RowCall:
@@ -167,8 +163,7 @@ class RowLoss(_Specialisable):
                                     call.dtype, [*call.arrays, *extra, call.weight])
             outs = [o.reshape(s) for o, s in zip(shaped, shapes)]
         work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
-        weight = _NO_WEIGHT[call.dtype] if call.weight is None else call.weight
-        _launch(kernel_launchers(call.module, kernel, "row"), (*call.arrays, *call.params, *extra, weight, *outs), work)
+        _launch(kernel_launchers(call.module, kernel, "row"), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
         return shaped
 
     def _prepare(self, method, arrays, kwargs, sample_weight, check_inputs) -> _RowCall:

@@ -373,27 +373,6 @@ def test_row_api_shapes_orders_dtypes_and_reductions():
     assert one_row.shape == () and float(one_row) == float(flat[0])
 
 
-def test_row_kernels_take_weights_without_a_second_compilation():
-    """Without sample_weight the runtime passes an empty weight array (weight 1), not None, so a
-    kernel called with and without weights is compiled once; each row is scaled by its weight,
-    and a kernel called directly with None still runs unweighted."""
-    rng = np.random.default_rng(4)
-    dice = lossgen.get("dice")
-    y, p, w, v = rng.uniform(size=(5, 3)), rng.uniform(size=(5, 3)), rng.uniform(0.5, 2.0, 5), rng.normal(size=(5, 3))
-    calls = {"grad": ((y, p), {}), "hvp": ((y, p), {"v": v})}
-    for method, (arrays, kwargs) in calls.items():
-        plain = getattr(dice, method)(*arrays, **kwargs)
-        kernel = getattr(dice.module, f"{method}_kernel")
-        compiled = set(kernel.signatures)
-        assert compiled, method  # the call ran this module's serial kernel
-        weighted = getattr(dice, method)(*arrays, sample_weight=w, **kwargs)
-        assert set(kernel.signatures) == compiled, method
-        np.testing.assert_allclose(weighted, w[:, None] * plain, rtol=1e-15, atol=0)
-    out = np.empty((5, 3))
-    dice.module.grad_kernel(y, p, 1.0, None, out)
-    np.testing.assert_array_equal(out, dice.grad(y, p))
-
-
 def test_row_api_outputs_into_given_arrays():
     """out= on row-wise losses: every method writes into the given arrays (the structure it
     returns; several predictions: tuples, the full Hessian's blocks nested) and returns them,
