@@ -47,9 +47,10 @@ from .vocabulary import group, in_scale, two_scaled
 INDENT = "    "
 # the line of a fast row function that hands the row to the scaled one (templates/row_module.py.j2)
 SCALED_ROW = "_SCALED_ROW"
-# the row's weight: None for none, the runtime's default (an empty array for none compiled a
-# kernel once for calls with and without weights, but made softmax_cross_entropy's kernels
-# 1.04-1.06 times slower at C = 3 and 10, N = 200000: the multiply by 1 is not folded away)
+# the row's weight (None: 1). The runtime passes None where no sample weights are given: an empty
+# array instead compiled one kernel for calls with and without weights, but made
+# softmax_cross_entropy's kernels 1.04-1.06 times slower at C = 3 and 10, N = 200000 (the multiply
+# by 1 no longer folds away)
 ROW_WEIGHT = "_w = 1.0 if _weight is None else _weight[_i]"
 
 
@@ -861,9 +862,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         slot.append(unique.index(e))
     element = unique
     outs = [f"_out{b}" for b in range(k if product else len(pairs))]
-    at = "_i" if product else "_o"  # the output's row
+    out_row = "_i" if product else "_o"
     body.bind_row()
-    _emit_guard(body, derivation.spec, outs, 0, at)
+    _emit_guard(body, derivation.spec, outs, 0, out_row)
     vector = body.plan_vector(list(hoisted), element)
     body.reductions_pass(list(hoisted) + element + diagonal_tests)
     body.emit(2, ROW_WEIGHT)
