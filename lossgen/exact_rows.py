@@ -31,7 +31,8 @@ A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the
 the elements j and l (:func:`plan_block`); the kernels test it as outer products of per-element
 factors (and where its bound over the denominator is tiny: each factor is divided by it), every
 block of the full Hessian (two predictions' four), and the Hessian-vector product per row of its
-row of blocks.
+row of blocks; a flagged row of the product is recomputed as the full Hessian's row (its row
+function, lossgen/emit_rows.py) times the directions.
 
 The denominator's factors may be square roots of row polynomials (a cosine's |x|^5 |y|), each
 rounded once and its root taken in the binary scale. Piecewises whose conditions are row values
