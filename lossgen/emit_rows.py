@@ -667,9 +667,9 @@ def tie_keys(derivation: RowDerivation) -> dict:
     return keys
 
 
-def _emit_guard(body, spec, outs: list[str], n_row_outputs: int, at: str = "_i"):
-    """Set every output of row _i (at output row ``at``) to nan, and go to the next row, where an
-    input of the row lies outside its domain (the first ``n_row_outputs`` outputs hold one value
+def _emit_guard(body, spec, outs: list[str], n_row_outputs: int, out_row: str = "_i"):
+    """Set every output of row _i (at output row ``out_row``) to nan, and go to the next row, where
+    an input of the row lies outside its domain (the first ``n_row_outputs`` outputs hold one value
     per row)."""
     guards = _guard_lines(spec)
     if not guards:
@@ -687,7 +687,7 @@ def _emit_guard(body, spec, outs: list[str], n_row_outputs: int, at: str = "_i")
         body.emit(4, "_inside = False")
     body.emit(2, "if not _inside:")
     for j, out in enumerate(outs):
-        body.emit(3, f"{out}[{at}] = math.nan" if j < n_row_outputs else f"{out}[{at}, ...] = math.nan")
+        body.emit(3, f"{out}[{out_row}] = math.nan" if j < n_row_outputs else f"{out}[{out_row}, ...] = math.nan")
     body.emit(3, "continue")
 
 
@@ -1002,7 +1002,8 @@ def _product_recompute_lines(pairs, outs, directions, arguments, full: dict) -> 
         lines.append(f"_stash = np.empty(({full['stash']}, _n))")
         stash = ["_stash"]
     blocks = [f"_blocks[{b}]" for b in range(len(pairs))]
-    lines.append(f"_hess_full_row({', '.join(['_i', 'np.int64(0)', '_n', '_C', *arguments, '_weight', *blocks, *stash])})")
+    call = ["_i", "np.int64(0)", "_n", "_C", *arguments, "_weight", *blocks, *stash]  # output row 0 of _blocks
+    lines.append(f"_hess_full_row({', '.join(call)})")
     lines.append("for _j in range(_n):")
     for r in range(len(outs)):
         lines.append(f"{INDENT}_s{r} = 0.0")
