@@ -160,31 +160,31 @@ def _loss_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     if not _inside:
         _out0[_i] = math.nan
         return
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
     _e_w = w[_k]
-    _r1 = _e_w*(-_l0 + (_e_s - _m0))
+    _r1 = _e_w*(-_l0 + (_e_s - _r0_g1))
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _w = 1.0 if _weight is None else _weight[_i]
     _out0[_i] = _w * (-_r1 - epsilon*math.expm1(_r2))
 
@@ -228,27 +228,27 @@ def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
     _l0 = math.log1p(_l0)
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _w = 1.0 if _weight is None else _weight[_i]
     _t5_0 = math.log(abs(epsilon))
     _t5_1 = _sign(epsilon)
@@ -275,7 +275,7 @@ def _grad_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t6_0 = _e_s - _m0
+        _t6_0 = _e_s - _r0_g1
         _t6_1 = -_l0 + (_t6_0)
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
             _t6_2 = math.expm1(_t6_1)
@@ -329,32 +329,45 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
+    _r0_g2 = -math.inf
+    _r0_a2 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
+        _e_s = s[_i, _k]
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
+        _s = ((float('-inf')) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_e_s))
+        if _s > _r0_g2 or _k == 0:
+            _r0_g2 = _s
+            _r0_a2 = _k
     _l0 = math.log1p(_l0)
+    _k = _r0_a1
+    _e_s = s[_i, _k]
+    _r0_u1 = -_l0 + (_e_s - _r0_g1)
+    _k = _r0_a2
+    _e_s = s[_i, _k]
+    _r0_u2 = -_l0 + (_e_s - _r0_g1)
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _s = math.exp(-_l0 + (_e_s - _m0))
+        _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
         _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
@@ -363,38 +376,28 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t6_0 = math.exp(_r2)
-    _h0 = math.log(abs(epsilon))
-    _h1 = _sign(epsilon)
-    _h2 = -_t6_0
-    _h3 = _t6_0
+    _t8_0 = math.exp(_r0_u1)
+    _t8_1 = math.exp(_r2)
+    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
+    _h1 = _t8_0
+    _h2 = _t8_1
+    _h3 = -_t8_1
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t7_0 = _e_s - _m0
-        _t7_1 = -_l0 + (_t7_0)
-        _t7_2 = math.exp(_t7_1)
+        _t9_0 = _e_s - _r0_g1
+        _t9_1 = -_l0 + (_t9_0)
+        _t9_2 = math.exp(_t9_1)
+        _t9_4 = 2.0*_t9_2 - 1.0
+        _t9_5 = -_t9_4
+        _t9_6 = epsilon*((_t9_5) if (abs(_t9_4) >= 0.5) else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_5))
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
-            _t7_3 = math.expm1(_t7_1)
-            _t7_4 = _t7_3**2*epsilon
-            _t7_5 = _t7_3 + 1.0
-            _t7_6 = _t7_5*epsilon
-            _t7_7 = _l0 + (-_t7_0)
-            _t7_8 = (_t7_7 <= 700.0)
-            _t7_9 = (-_l0 + (_h0 + _t7_0))
-            _t7_10 = ((_t7_6) if _t7_8 else (_h1*(math.expm1(_t7_9) + 1.0)))
-            _t7_11 = (abs(_t7_9) <= 1.0)
-            _t7_12 = -_t7_4
-            _t7_13 = _h1*math.exp(_t7_9)
-            _t7_14 = _e_w + ((_t7_6) if _t7_8 else (_t7_13))
-            _t7_15 = ((_e_w + _t7_10) if _t7_11 else (_t7_14))
-            _t7_16 = (_t7_7 <= 1.0)
-            _t7_17 = _e_w + ((_t7_2*epsilon) if _t7_8 else (_t7_13))
-            _b7_0 = _t7_2*((((-_e_w*_t7_3 - _t7_10*_t7_3 - _t7_4) if _t7_11 else (_t7_12 + _t7_14 - _t7_5*((_t7_15) if _t7_16 else (_t7_14))))) if _t7_16 else (_t7_12 + _t7_17 - _t7_2*((_t7_15) if _t7_16 else (_t7_17))))
+            _t9_3 = math.expm1(_t9_1)
+            _b9_0 = -_t9_2*_t9_3*(_e_w*(_t9_2 - _t9_3) - _t9_6)
         else:
-            _t7_18 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_2), _h2), _r0_w_error))
-            _b7_0 = _t7_2*(-_h3*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _h2), -_t7_18)) - _r3*(_h3 + _t7_18)*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _h3), _t7_18)))
-        _out0[_i, _k] = _w * (_b7_0)
+            _t9_7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _b9_0 = _t9_2*(_h2*_t9_6 - _r3*(_h2 + _t9_7)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h2), _t9_7)))
+        _out0[_i, _k] = _w * (_b9_0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -437,32 +440,45 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
+    _r0_g2 = -math.inf
+    _r0_a2 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
+        _e_s = s[_i, _k]
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
+        _s = ((float('-inf')) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_e_s))
+        if _s > _r0_g2 or _k == 0:
+            _r0_g2 = _s
+            _r0_a2 = _k
     _l0 = math.log1p(_l0)
+    _k = _r0_a1
+    _e_s = s[_i, _k]
+    _r0_u1 = -_l0 + (_e_s - _r0_g1)
+    _k = _r0_a2
+    _e_s = s[_i, _k]
+    _r0_u2 = -_l0 + (_e_s - _r0_g1)
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _s = math.exp(-_l0 + (_e_s - _m0))
+        _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
         _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
@@ -471,63 +487,59 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t6_0 = math.log(abs(epsilon))
-    _t6_1 = _sign(epsilon)
-    _t6_3 = abs(_r2)
-    _t6_4 = (_t6_3 <= 700.0)
-    _t6_5 = (_r2 + _t6_0)
-    _t6_7 = math.exp(_r2)
-    if _t6_4:
-        _t6_2 = epsilon*(math.expm1(_r2) + 1.0)
-        _b6_0 = _t6_2
-        _b6_1 = _t6_2
-        _b6_2 = _t6_7*epsilon
+    _t8_0 = math.log(abs(epsilon))
+    _t8_1 = _sign(epsilon)
+    _t8_3 = abs(_r2)
+    _t8_4 = (_t8_3 <= 700.0)
+    _t8_5 = (_r2 + _t8_0)
+    _t8_7 = math.exp(_r2)
+    _t8_8 = math.exp(_r0_u1)
+    if _t8_4:
+        _t8_2 = epsilon*(math.expm1(_r2) + 1.0)
+        _b8_0 = _t8_2
+        _b8_1 = _t8_2
+        _b8_2 = _t8_7*epsilon
     else:
-        _t6_6 = _t6_1*math.exp(_t6_5)
-        _b6_0 = _t6_1*(math.expm1(_t6_5) + 1.0)
-        _b6_1 = _t6_6
-        _b6_2 = _t6_6
-    _h0 = _t6_0
-    _h1 = _t6_1
-    _h2 = -_r3 + _b6_0
-    _h3 = abs(_t6_5)
-    _h4 = -_r3 + _b6_1
-    _h5 = _t6_3
-    _h6 = -_r3 + _b6_2
-    _h7 = -_t6_7
-    _h8 = _t6_7
+        _t8_6 = _t8_1*math.exp(_t8_5)
+        _b8_0 = _t8_1*(math.expm1(_t8_5) + 1.0)
+        _b8_1 = _t8_6
+        _b8_2 = _t8_6
+    _h0 = _t8_0
+    _h1 = _t8_1
+    _h2 = -_r3 + _b8_0
+    _h3 = abs(_t8_5)
+    _h4 = -_r3 + _b8_1
+    _h5 = _t8_3
+    _h6 = -_r3 + _b8_2
+    _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_8), -math.exp(_r0_u2)), _r0_w_error))
+    _h8 = _t8_8
+    _h9 = _t8_7
+    _h10 = -_t8_7
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t7_0 = _e_s - _m0
-        _t7_1 = -_l0 + (_t7_0)
-        _t7_14 = math.exp(_t7_1)
-        _t7_17 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t7_17:
-            _t7_2 = math.expm1(_t7_1)
-            _t7_3 = _t7_2 + 1.0
-            _t7_4 = _t7_3*epsilon
-            _t7_5 = _l0 + (-_t7_0)
-            _t7_6 = (_t7_5 <= 700.0)
-            _t7_7 = (-_l0 + (_h0 + _t7_0))
-            _t7_8 = ((_t7_4) if _t7_6 else (_h1*(math.expm1(_t7_7) + 1.0)))
-            _t7_9 = (abs(_t7_7) <= 1.0)
-            _t7_10 = _h1*math.exp(_t7_7)
-            _t7_11 = _e_w + ((_t7_4) if _t7_6 else (_t7_10))
-            _t7_12 = ((_e_w + _t7_8) if _t7_9 else (_t7_11))
-            _t7_13 = (_t7_5 <= 1.0)
-            _t7_15 = _e_w + ((_t7_14*epsilon) if _t7_6 else (_t7_10))
-            _t7_16 = ((_t7_12) if _t7_13 else (_t7_15))
-            _t7_18 = _t7_2**2*epsilon
-            _t7_19 = -_t7_18
-            _b7_0 = _t7_16*_t7_2
-            _b7_1 = _t7_14*((((-_e_w*_t7_2 - _t7_18 - _t7_2*_t7_8) if _t7_9 else (_t7_11 + _t7_19 - _t7_3*((_t7_12) if _t7_13 else (_t7_11))))) if _t7_13 else (-_t7_14*_t7_16 + _t7_15 + _t7_19))
+        _t9_0 = _e_s - _r0_g1
+        _t9_1 = -_l0 + (_t9_0)
+        _t9_8 = math.exp(_t9_1)
+        _t9_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        _t9_10 = 2.0*_t9_8 - 1.0
+        _t9_11 = -_t9_10
+        _t9_12 = epsilon*((_t9_11) if (abs(_t9_10) >= 0.5) else (_h7 + _t9_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_11))
+        if _t9_9:
+            _t9_2 = math.expm1(_t9_1)
+            _t9_3 = epsilon*(_t9_2 + 1.0)
+            _t9_4 = _l0 + (-_t9_0)
+            _t9_5 = (_t9_4 <= 700.0)
+            _t9_6 = (-_l0 + (_h0 + _t9_0))
+            _t9_7 = _h1*math.exp(_t9_6)
+            _b9_0 = _t9_2*((((_e_w + ((_t9_3) if _t9_5 else (_h1*(math.expm1(_t9_6) + 1.0)))) if (abs(_t9_6) <= 1.0) else (_e_w + ((_t9_3) if _t9_5 else (_t9_7))))) if (_t9_4 <= 1.0) else (_e_w + ((_t9_8*epsilon) if _t9_5 else (_t9_7))))
+            _b9_1 = -_t9_2*_t9_8*(_e_w*(-_t9_2 + _t9_8) - _t9_12)
         else:
-            _t7_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_14), _h7), _r0_w_error))
-            _b7_0 = _t7_14*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b7_1 = _t7_14*(-_h8*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_14), _h7), -_t7_20)) - _r3*(_h8 + _t7_20)*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_14), _h8), _t7_20)))
-        _out0[_i, _k] = _w * (_b7_0)
-        _out1[_i, _k] = _w * (_b7_1)
+            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error))
+            _b9_0 = _t9_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
+            _b9_1 = _t9_8*(_h9*_t9_12 - _r3*(_h9 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_8), _h9), _t9_13)))
+        _out0[_i, _k] = _w * (_b9_0)
+        _out1[_i, _k] = _w * (_b9_1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -571,36 +583,49 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
+    _r0_g2 = -math.inf
+    _r0_a2 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
+        _e_s = s[_i, _k]
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
+        _s = ((float('-inf')) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_e_s))
+        if _s > _r0_g2 or _k == 0:
+            _r0_g2 = _s
+            _r0_a2 = _k
     _l0 = math.log1p(_l0)
+    _k = _r0_a1
+    _e_s = s[_i, _k]
+    _r0_u1 = -_l0 + (_e_s - _r0_g1)
+    _k = _r0_a2
+    _e_s = s[_i, _k]
+    _r0_u2 = -_l0 + (_e_s - _r0_g1)
     _k = _row_y
     _e_s = s[_i, _k]
     _e_w = w[_k]
-    _r1 = _e_w*(-_l0 + (_e_s - _m0))
+    _r1 = _e_w*(-_l0 + (_e_s - _r0_g1))
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _s = math.exp(-_l0 + (_e_s - _m0))
+        _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
         _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
@@ -609,65 +634,61 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t7_0 = math.expm1(_r2)
-    _t7_1 = math.log(abs(epsilon))
-    _t7_2 = _sign(epsilon)
-    _t7_4 = abs(_r2)
-    _t7_5 = (_t7_4 <= 700.0)
-    _t7_6 = (_r2 + _t7_1)
-    _t7_8 = math.exp(_r2)
-    if _t7_5:
-        _t7_3 = epsilon*(_t7_0 + 1.0)
-        _b7_0 = _t7_3
-        _b7_1 = _t7_3
-        _b7_2 = _t7_8*epsilon
+    _t9_0 = math.expm1(_r2)
+    _t9_1 = math.log(abs(epsilon))
+    _t9_2 = _sign(epsilon)
+    _t9_4 = abs(_r2)
+    _t9_5 = (_t9_4 <= 700.0)
+    _t9_6 = (_r2 + _t9_1)
+    _t9_8 = math.exp(_r2)
+    _t9_9 = math.exp(_r0_u1)
+    if _t9_5:
+        _t9_3 = epsilon*(_t9_0 + 1.0)
+        _b9_0 = _t9_3
+        _b9_1 = _t9_3
+        _b9_2 = _t9_8*epsilon
     else:
-        _t7_7 = _t7_2*math.exp(_t7_6)
-        _b7_0 = _t7_2*(math.expm1(_t7_6) + 1.0)
-        _b7_1 = _t7_7
-        _b7_2 = _t7_7
-    _out0[_i] = _w * (-_r1 - _t7_0*epsilon)
-    _h0 = _t7_1
-    _h1 = _t7_2
-    _h2 = -_r3 + _b7_0
-    _h3 = abs(_t7_6)
-    _h4 = -_r3 + _b7_1
-    _h5 = _t7_4
-    _h6 = -_r3 + _b7_2
-    _h7 = -_t7_8
-    _h8 = _t7_8
+        _t9_7 = _t9_2*math.exp(_t9_6)
+        _b9_0 = _t9_2*(math.expm1(_t9_6) + 1.0)
+        _b9_1 = _t9_7
+        _b9_2 = _t9_7
+    _out0[_i] = _w * (-_r1 - _t9_0*epsilon)
+    _h0 = _t9_1
+    _h1 = _t9_2
+    _h2 = -_r3 + _b9_0
+    _h3 = abs(_t9_6)
+    _h4 = -_r3 + _b9_1
+    _h5 = _t9_4
+    _h6 = -_r3 + _b9_2
+    _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_9), -math.exp(_r0_u2)), _r0_w_error))
+    _h8 = _t9_9
+    _h9 = _t9_8
+    _h10 = -_t9_8
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t8_0 = _e_s - _m0
-        _t8_1 = -_l0 + (_t8_0)
-        _t8_14 = math.exp(_t8_1)
-        _t8_17 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t8_17:
-            _t8_2 = math.expm1(_t8_1)
-            _t8_3 = _t8_2 + 1.0
-            _t8_4 = _t8_3*epsilon
-            _t8_5 = _l0 + (-_t8_0)
-            _t8_6 = (_t8_5 <= 700.0)
-            _t8_7 = (-_l0 + (_h0 + _t8_0))
-            _t8_8 = ((_t8_4) if _t8_6 else (_h1*(math.expm1(_t8_7) + 1.0)))
-            _t8_9 = (abs(_t8_7) <= 1.0)
-            _t8_10 = _h1*math.exp(_t8_7)
-            _t8_11 = _e_w + ((_t8_4) if _t8_6 else (_t8_10))
-            _t8_12 = ((_e_w + _t8_8) if _t8_9 else (_t8_11))
-            _t8_13 = (_t8_5 <= 1.0)
-            _t8_15 = _e_w + ((_t8_14*epsilon) if _t8_6 else (_t8_10))
-            _t8_16 = ((_t8_12) if _t8_13 else (_t8_15))
-            _t8_18 = _t8_2**2*epsilon
-            _t8_19 = -_t8_18
-            _b8_0 = _t8_16*_t8_2
-            _b8_1 = _t8_14*((((-_e_w*_t8_2 - _t8_18 - _t8_2*_t8_8) if _t8_9 else (_t8_11 + _t8_19 - _t8_3*((_t8_12) if _t8_13 else (_t8_11))))) if _t8_13 else (-_t8_14*_t8_16 + _t8_15 + _t8_19))
+        _t10_0 = _e_s - _r0_g1
+        _t10_1 = -_l0 + (_t10_0)
+        _t10_8 = math.exp(_t10_1)
+        _t10_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        _t10_10 = 2.0*_t10_8 - 1.0
+        _t10_11 = -_t10_10
+        _t10_12 = epsilon*((_t10_11) if (abs(_t10_10) >= 0.5) else (_h7 + _t10_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t10_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t10_11))
+        if _t10_9:
+            _t10_2 = math.expm1(_t10_1)
+            _t10_3 = epsilon*(_t10_2 + 1.0)
+            _t10_4 = _l0 + (-_t10_0)
+            _t10_5 = (_t10_4 <= 700.0)
+            _t10_6 = (-_l0 + (_h0 + _t10_0))
+            _t10_7 = _h1*math.exp(_t10_6)
+            _b10_0 = _t10_2*((((_e_w + ((_t10_3) if _t10_5 else (_h1*(math.expm1(_t10_6) + 1.0)))) if (abs(_t10_6) <= 1.0) else (_e_w + ((_t10_3) if _t10_5 else (_t10_7))))) if (_t10_4 <= 1.0) else (_e_w + ((_t10_8*epsilon) if _t10_5 else (_t10_7))))
+            _b10_1 = -_t10_2*_t10_8*(_e_w*(-_t10_2 + _t10_8) - _t10_12)
         else:
-            _t8_20 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_14), _h7), _r0_w_error))
-            _b8_0 = _t8_14*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b8_1 = _t8_14*(-_h8*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t8_14), _h7), -_t8_20)) - _r3*(_h8 + _t8_20)*_sum_finish(_sum_add(_sum_add(_sum_start(_t8_14), _h8), _t8_20)))
-        _out1[_i, _k] = _w * (_b8_0)
-        _out2[_i, _k] = _w * (_b8_1)
+            _t10_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error))
+            _b10_0 = _t10_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
+            _b10_1 = _t10_8*(_h9*_t10_12 - _r3*(_h9 + _t10_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t10_8), _h9), _t10_13)))
+        _out1[_i, _k] = _w * (_b10_0)
+        _out2[_i, _k] = _w * (_b10_1)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -709,32 +730,45 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
+    _r0_g2 = -math.inf
+    _r0_a2 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
+        _e_s = s[_i, _k]
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
+        _s = ((float('-inf')) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_e_s))
+        if _s > _r0_g2 or _k == 0:
+            _r0_g2 = _s
+            _r0_a2 = _k
     _l0 = math.log1p(_l0)
+    _k = _r0_a1
+    _e_s = s[_i, _k]
+    _r0_u1 = -_l0 + (_e_s - _r0_g1)
+    _k = _r0_a2
+    _e_s = s[_i, _k]
+    _r0_u2 = -_l0 + (_e_s - _r0_g1)
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _s = math.exp(-_l0 + (_e_s - _m0))
+        _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
         _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
@@ -743,73 +777,61 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t6_0 = math.log(abs(epsilon))
-    _t6_1 = _sign(epsilon)
-    _t6_2 = math.exp(_r2)
-    _t6_4 = abs(_r2)
-    _t6_5 = (_t6_4 <= 700.0)
-    _t6_6 = (_r2 + _t6_0)
-    if _t6_5:
-        _t6_3 = epsilon*(math.expm1(_r2) + 1.0)
-        _b6_0 = _t6_3
-        _b6_1 = _t6_3
-        _b6_2 = _t6_2*epsilon
+    _t8_0 = math.exp(_r0_u1)
+    _t8_1 = math.exp(_r2)
+    _t8_3 = abs(_r2)
+    _t8_4 = (_t8_3 <= 700.0)
+    _t8_6 = (_r2 + math.log(abs(epsilon)))
+    if _t8_4:
+        _t8_2 = epsilon*(math.expm1(_r2) + 1.0)
+        _b8_0 = _t8_2
+        _b8_1 = _t8_2
+        _b8_2 = _t8_1*epsilon
     else:
-        _t6_7 = _t6_1*math.exp(_t6_6)
-        _b6_0 = _t6_1*(math.expm1(_t6_6) + 1.0)
-        _b6_1 = _t6_7
-        _b6_2 = _t6_7
-    _h0 = _t6_0
-    _h1 = _t6_1
-    _h2 = -_t6_2
-    _h3 = _t6_2
-    _h4 = _r3 - 2.0*_b6_0
-    _h5 = abs(_t6_6)
-    _h6 = _r3 - 2.0*_b6_1
-    _h7 = _t6_4
-    _h8 = _r3 - 2.0*_b6_2
+        _t8_5 = _sign(epsilon)
+        _t8_7 = _t8_5*math.exp(_t8_6)
+        _b8_0 = _t8_5*(math.expm1(_t8_6) + 1.0)
+        _b8_1 = _t8_7
+        _b8_2 = _t8_7
+    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
+    _h1 = _t8_0
+    _h2 = _t8_1
+    _h3 = -_t8_1
+    _h4 = _r3 - 2.0*_b8_0
+    _h5 = abs(_t8_6)
+    _h6 = _r3 - 2.0*_b8_1
+    _h7 = _t8_3
+    _h8 = _r3 - 2.0*_b8_2
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t7_0 = _e_s - _m0
-        _t7_1 = -_l0 + (_t7_0)
-        _t7_2 = math.exp(_t7_1)
-        _t7_18 = _t7_2*epsilon
-        _t7_20 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t7_20:
-            _t7_3 = math.expm1(_t7_1)
-            _t7_4 = _t7_3**2*epsilon
-            _t7_5 = _t7_3 + 1.0
-            _t7_6 = _t7_5*epsilon
-            _t7_7 = _l0 + (-_t7_0)
-            _t7_8 = (_t7_7 <= 700.0)
-            _t7_9 = (-_l0 + (_h0 + _t7_0))
-            _t7_10 = ((_t7_6) if _t7_8 else (_h1*(math.expm1(_t7_9) + 1.0)))
-            _t7_11 = (abs(_t7_9) <= 1.0)
-            _t7_12 = -_t7_4
-            _t7_13 = _e_w + _t7_10
-            _t7_14 = _h1*math.exp(_t7_9)
-            _t7_15 = _e_w + ((_t7_6) if _t7_8 else (_t7_14))
-            _t7_16 = ((_t7_13) if _t7_11 else (_t7_15))
-            _t7_17 = (_t7_7 <= 1.0)
-            _t7_19 = _e_w + ((_t7_18) if _t7_8 else (_t7_14))
-            _t7_22 = _t7_3*epsilon
-            _b7_0 = _t7_2*((((-_e_w*_t7_3 - _t7_10*_t7_3 - _t7_4) if _t7_11 else (_t7_12 + _t7_15 - _t7_5*((_t7_16) if _t7_17 else (_t7_15))))) if _t7_17 else (_t7_12 + _t7_19 - _t7_2*((_t7_16) if _t7_17 else (_t7_19))))
-            _b7_1 = _t7_18*_t7_3
-            _b7_2 = 1.0
-            _b7_3 = _t7_2*((((-_t7_13 - _t7_22) if _t7_11 else (-_t7_15 - _t7_22))) if _t7_17 else (-_t7_19 - _t7_22))
+        _t9_0 = _e_s - _r0_g1
+        _t9_1 = -_l0 + (_t9_0)
+        _t9_2 = math.exp(_t9_1)
+        _t9_4 = 2.0*_t9_2 - 1.0
+        _t9_5 = -_t9_4
+        _t9_6 = epsilon*((_t9_5) if (abs(_t9_4) >= 0.5) else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_5))
+        _t9_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t9_9:
+            _t9_3 = math.expm1(_t9_1)
+            _t9_7 = _e_w*(_t9_2 - _t9_3) - _t9_6
+            _t9_8 = _t9_2*_t9_3
+            _b9_0 = -_t9_7*_t9_8
+            _b9_1 = _t9_8*epsilon
+            _b9_2 = 1.0
+            _b9_3 = -_t9_2*_t9_7
         else:
-            _t7_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_2), _h2), _r0_w_error))
-            _b7_0 = _t7_2*(-_h3*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _h2), -_t7_21)) - _r3*(_h3 + _t7_21)*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _h3), _t7_21)))
-            _b7_1 = _h3*_t7_18
-            _b7_2 = 0.0
-            _b7_3 = _t7_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
-        _scratch[0, _k] = _b7_0
-        _scratch[1, _k] = _b7_1
-        _scratch[2, _k] = _b7_2
-        _scratch[3, _k] = _b7_3
-        _scratch[4, _k] = _t7_2
+            _t9_10 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _b9_0 = _t9_2*(_h2*_t9_6 - _r3*(_h2 + _t9_10)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h2), _t9_10)))
+            _b9_1 = _h2*_t9_2*epsilon
+            _b9_2 = 0.0
+            _b9_3 = _t9_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
+        _scratch[0, _k] = _b9_0
+        _scratch[1, _k] = _b9_1
+        _scratch[2, _k] = _b9_2
+        _scratch[3, _k] = _b9_3
+        _scratch[4, _k] = _t9_2
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         for _l in range(_n):
@@ -861,32 +883,45 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _k = _row_y
     _e_w = w[_k]
     _r3 = -_e_w
-    _m0 = -math.inf
-    _a0 = 0
+    _r0_g1 = -math.inf
+    _r0_a1 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        if _s > _m0 or _k == 0:
-            _m0 = _s
-            _a0 = _k
+        if _s > _r0_g1 or _k == 0:
+            _r0_g1 = _s
+            _r0_a1 = _k
     _l0 = 0.0
+    _r0_g2 = -math.inf
+    _r0_a2 = 0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = _e_s
-        _stash[0, _k] = _vexp(_s - _m0)
+        _stash[0, _k] = _vexp(_s - _r0_g1)
     for _k in range(_n):
+        _e_s = s[_i, _k]
         _s = _stash[0, _k]
-        if _k != _a0:
+        if _k != _r0_a1:
             _l0 += _s
+        _s = ((float('-inf')) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_e_s))
+        if _s > _r0_g2 or _k == 0:
+            _r0_g2 = _s
+            _r0_a2 = _k
     _l0 = math.log1p(_l0)
+    _k = _r0_a1
+    _e_s = s[_i, _k]
+    _r0_u1 = -_l0 + (_e_s - _r0_g1)
+    _k = _r0_a2
+    _e_s = s[_i, _k]
+    _r0_u2 = -_l0 + (_e_s - _r0_g1)
     _k = _row_y
     _e_s = s[_i, _k]
-    _r2 = -_l0 + (_e_s - _m0)
+    _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
-        _s = math.exp(-_l0 + (_e_s - _m0))
+        _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
         _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
@@ -895,73 +930,61 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     if math.isfinite(_r0_w):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
-    _t6_0 = math.log(abs(epsilon))
-    _t6_1 = _sign(epsilon)
-    _t6_2 = math.exp(_r2)
-    _t6_4 = abs(_r2)
-    _t6_5 = (_t6_4 <= 700.0)
-    _t6_6 = (_r2 + _t6_0)
-    if _t6_5:
-        _t6_3 = epsilon*(math.expm1(_r2) + 1.0)
-        _b6_0 = _t6_3
-        _b6_1 = _t6_3
-        _b6_2 = _t6_2*epsilon
+    _t8_0 = math.exp(_r0_u1)
+    _t8_1 = math.exp(_r2)
+    _t8_3 = abs(_r2)
+    _t8_4 = (_t8_3 <= 700.0)
+    _t8_6 = (_r2 + math.log(abs(epsilon)))
+    if _t8_4:
+        _t8_2 = epsilon*(math.expm1(_r2) + 1.0)
+        _b8_0 = _t8_2
+        _b8_1 = _t8_2
+        _b8_2 = _t8_1*epsilon
     else:
-        _t6_7 = _t6_1*math.exp(_t6_6)
-        _b6_0 = _t6_1*(math.expm1(_t6_6) + 1.0)
-        _b6_1 = _t6_7
-        _b6_2 = _t6_7
-    _h0 = _t6_0
-    _h1 = _t6_1
-    _h2 = -_t6_2
-    _h3 = _t6_2
-    _h4 = _r3 - 2.0*_b6_0
-    _h5 = abs(_t6_6)
-    _h6 = _r3 - 2.0*_b6_1
-    _h7 = _t6_4
-    _h8 = _r3 - 2.0*_b6_2
+        _t8_5 = _sign(epsilon)
+        _t8_7 = _t8_5*math.exp(_t8_6)
+        _b8_0 = _t8_5*(math.expm1(_t8_6) + 1.0)
+        _b8_1 = _t8_7
+        _b8_2 = _t8_7
+    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
+    _h1 = _t8_0
+    _h2 = _t8_1
+    _h3 = -_t8_1
+    _h4 = _r3 - 2.0*_b8_0
+    _h5 = abs(_t8_6)
+    _h6 = _r3 - 2.0*_b8_1
+    _h7 = _t8_3
+    _h8 = _r3 - 2.0*_b8_2
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
-        _t7_0 = _e_s - _m0
-        _t7_1 = -_l0 + (_t7_0)
-        _t7_2 = math.exp(_t7_1)
-        _t7_18 = _t7_2*epsilon
-        _t7_20 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t7_20:
-            _t7_3 = math.expm1(_t7_1)
-            _t7_4 = _t7_3**2*epsilon
-            _t7_5 = _t7_3 + 1.0
-            _t7_6 = _t7_5*epsilon
-            _t7_7 = _l0 + (-_t7_0)
-            _t7_8 = (_t7_7 <= 700.0)
-            _t7_9 = (-_l0 + (_h0 + _t7_0))
-            _t7_10 = ((_t7_6) if _t7_8 else (_h1*(math.expm1(_t7_9) + 1.0)))
-            _t7_11 = (abs(_t7_9) <= 1.0)
-            _t7_12 = -_t7_4
-            _t7_13 = _e_w + _t7_10
-            _t7_14 = _h1*math.exp(_t7_9)
-            _t7_15 = _e_w + ((_t7_6) if _t7_8 else (_t7_14))
-            _t7_16 = ((_t7_13) if _t7_11 else (_t7_15))
-            _t7_17 = (_t7_7 <= 1.0)
-            _t7_19 = _e_w + ((_t7_18) if _t7_8 else (_t7_14))
-            _t7_22 = _t7_3*epsilon
-            _b7_0 = _t7_2*((((-_e_w*_t7_3 - _t7_10*_t7_3 - _t7_4) if _t7_11 else (_t7_12 + _t7_15 - _t7_5*((_t7_16) if _t7_17 else (_t7_15))))) if _t7_17 else (_t7_12 + _t7_19 - _t7_2*((_t7_16) if _t7_17 else (_t7_19))))
-            _b7_1 = _t7_18*_t7_3
-            _b7_2 = 1.0
-            _b7_3 = _t7_2*((((-_t7_13 - _t7_22) if _t7_11 else (-_t7_15 - _t7_22))) if _t7_17 else (-_t7_19 - _t7_22))
+        _t9_0 = _e_s - _r0_g1
+        _t9_1 = -_l0 + (_t9_0)
+        _t9_2 = math.exp(_t9_1)
+        _t9_4 = 2.0*_t9_2 - 1.0
+        _t9_5 = -_t9_4
+        _t9_6 = epsilon*((_t9_5) if (abs(_t9_4) >= 0.5) else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_5))
+        _t9_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t9_9:
+            _t9_3 = math.expm1(_t9_1)
+            _t9_7 = _e_w*(_t9_2 - _t9_3) - _t9_6
+            _t9_8 = _t9_2*_t9_3
+            _b9_0 = -_t9_7*_t9_8
+            _b9_1 = _t9_8*epsilon
+            _b9_2 = 1.0
+            _b9_3 = -_t9_2*_t9_7
         else:
-            _t7_21 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t7_2), _h2), _r0_w_error))
-            _b7_0 = _t7_2*(-_h3*epsilon*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _h2), -_t7_21)) - _r3*(_h3 + _t7_21)*_sum_finish(_sum_add(_sum_add(_sum_start(_t7_2), _h3), _t7_21)))
-            _b7_1 = _h3*_t7_18
-            _b7_2 = 0.0
-            _b7_3 = _t7_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
-        _scratch[0, _k] = _b7_0
-        _scratch[1, _k] = _b7_1
-        _scratch[2, _k] = _b7_2
-        _scratch[3, _k] = _b7_3
-        _scratch[4, _k] = _t7_2
+            _t9_10 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _b9_0 = _t9_2*(_h2*_t9_6 - _r3*(_h2 + _t9_10)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h2), _t9_10)))
+            _b9_1 = _h2*_t9_2*epsilon
+            _b9_2 = 0.0
+            _b9_3 = _t9_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
+        _scratch[0, _k] = _b9_0
+        _scratch[1, _k] = _b9_1
+        _scratch[2, _k] = _b9_2
+        _scratch[3, _k] = _b9_3
+        _scratch[4, _k] = _t9_2
     for _j in range(_n):
         for _l in range(_n):
             if _j == _l:

@@ -41,7 +41,7 @@ from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_cod
 from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires, plan,
                          plan_block)
 from .reductions import onehot
-from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts
+from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts, value_indices
 from .vocabulary import group, in_scale, two_scaled
 
 INDENT = "    "
@@ -105,6 +105,8 @@ class _Shifts:
     def __init__(self, reductions):
         self.replacements, self.shifts, self.tails = {}, set(), set()
         self.expanded: list[Reduction] = []
+        # a max the program has of the same summand is the shift (stabilise_rows.top_two)
+        maxima = {q.summand: q for q in reductions if q.kind == "max"}
         for r in reductions:
             if r.kind != "logsumexp":
                 self.expanded.append(r)
@@ -112,7 +114,10 @@ class _Shifts:
             n = r.symbol.name[2:]
             m, a, tail = (sp.Symbol(f"_m{n}", real=True), sp.Symbol(f"_a{n}", integer=True),
                           sp.Symbol(f"_l{n}", real=True))
-            self.expanded.append(Reduction(m, "max", r.summand, a))
+            if r.summand in maxima:
+                m, a = maxima[r.summand].symbol, maxima[r.summand].index
+            else:
+                self.expanded.append(Reduction(m, "max", r.summand, a))
             self.expanded.append(Reduction(tail, "logsumexp_tail", r.summand, (m, a)))
             self.replacements[r.symbol] = m + tail
             self.shifts.add(m)
@@ -305,13 +310,7 @@ class _Body:
     # reductions
     def needed(self, exprs) -> list[Reduction]:
         """The reductions ``exprs`` depend on, directly or through other reductions."""
-        # a symbol for part of a reduction (a max's arg-max, a sum's two parts from
-        # stabilise_rows.sum_parts) needs that reduction even where its value is not used
-        owner = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
-        owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
-        owner.update({part: tail for tail, (_, p) in self.stashed.items() for part in (p, _rest_of(tail))})
-        owner.update({part: n.reduction.symbol for n in self.derivation.scaled if isinstance(n, ScaledNorm)
-                      for part in (n.scale, n.inverse, n.exponent)})
+        owner = self.owners()
         used = {s for e in exprs for s in e.free_symbols}
         seen, stack = set(), [s for s in used if s in self.reductions] + [owner[s] for s in used if s in owner]
         for pair in self.pairs_used(used):  # a pair's scale: both norms' scales
@@ -323,11 +322,23 @@ class _Body:
             seen.add(symbol)
             r = self.reductions[symbol]
             stack.extend(s for s in r.summand.free_symbols if s in self.reductions)
+            stack.extend(owner[s] for s in r.summand.free_symbols if s in owner)
             if r.kind == "logsumexp_tail":
                 stack.append(r.index[0])
             if r.kind == "take" and r.index in owner:  # a take at a max's arg-max
                 stack.append(owner[r.index])
         return [self.reductions[s] for s in sorted(seen, key=lambda s: s.name)]
+
+    def owners(self) -> dict:
+        """{part: reduction} for the symbols that stand for part of a reduction (a max's arg-max,
+        a sum's two parts from stabilise_rows.sum_parts): a part needs its reduction even where
+        the reduction's value is not used."""
+        owner = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
+        owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
+        owner.update({part: tail for tail, (_, p) in self.stashed.items() for part in (p, _rest_of(tail))})
+        owner.update({part: n.reduction.symbol for n in self.derivation.scaled if isinstance(n, ScaledNorm)
+                      for part in (n.scale, n.inverse, n.exponent)})
+        return owner
 
     def pairs_used(self, used) -> list:
         """The scaled pairs (stabilise_rows.ScaledPair) whose scale or sums ``used`` holds."""
@@ -342,11 +353,13 @@ class _Body:
 
     def level(self, r: Reduction, memo: dict) -> int:
         if r.symbol not in memo:
+            owner = self.owners()
             inner = [self.reductions[s] for s in r.summand.free_symbols if s in self.reductions]
+            inner += [self.reductions[owner[s]] for s in r.summand.free_symbols if s in owner]  # an arg-max
             if r.kind == "logsumexp_tail":
                 inner.append(self.reductions[r.index[0]])
-            if r.kind == "take":  # at a max's or min's arg-max: after that reduction
-                inner += [q for q in self.reductions.values() if q.kind in ("max", "min") and q.index == r.index]
+            if r.kind == "take" and r.index in owner:  # at a max's or min's arg-max: after that reduction
+                inner.append(self.reductions[owner[r.index]])
             memo[r.symbol] = 1 + max((self.level(i, memo) for i in inner), default=0)
         return memo[r.symbol]
 
@@ -781,10 +794,11 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
             "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
 
 
-def _indices(block) -> list:
-    """The indices that onehot singles out in a Hessian block's outer products."""
+def _indices(block, derivation) -> list:
+    """The indices that onehot singles out in a Hessian block's outer products, as branches of
+    the element's expressions (not those inside a value, stabilise_rows.value_indices)."""
     nodes = set().union(*(e.atoms(onehot) for pq in block.outer for e in pq)) if block.outer else set()
-    return sorted({n.args[0] for n in nodes}, key=sp.default_sort_key)
+    return sorted({n.args[0] for n in nodes} - value_indices(derivation), key=sp.default_sort_key)
 
 
 def _block_pairs(derivation: RowDerivation) -> list[tuple[int, int]]:
@@ -927,7 +941,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         total = outer_sum(position, len(block.outer), "_j", "_l")
         swapped = outer_sum(position, len(block.outer), "_l", "_j")
         position += 2 * len(block.outer)
-        special = _indices(block) if row == column else []
+        special = _indices(block, derivation) if row == column else []
         if special:
             # a prediction's own block is symmetric: an entry (j, l) with l at an index that
             # onehot singles out (the true class) and j not is entry (l, j), whose P(l) was
@@ -1038,7 +1052,7 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
     # each Hessian block (in row-major order of the predictions): its diagonal's plan (hess on a
     # prediction's own block, the cross derivative between two) and its other entries'
     for b, (i, j) in enumerate(_block_pairs(original)):
-        if "hess_full" not in EXACT_FALLBACK["quantities"] or _indices(stable.blocks[i, j]):
+        if "hess_full" not in EXACT_FALLBACK["quantities"] or _indices(stable.blocks[i, j], stable):
             continue
         if i == j:
             diagonal, stable_diagonal = original.hess[i], stable.hess[i]

@@ -139,17 +139,26 @@ def _ssim_entry_gap(x, y, n, entry, c1, c2) -> bool:
 
 
 def _poly1_gap(output, point, entry):
-    """Hessian entries (j, l) of Poly-1 that hold 1 - 2 p_c of a class c that ties for the row's
-    mass (|1 - 2 p_c| < 1e-3, p the softmax of s at 50 digits): entries of the true class y and of
-    the tied classes (the hvp: every entry of the row)."""
+    """Hessian entries (j, l) of Poly-1 that hold 1 - 2 p_c of a class c among the row's two
+    largest, computed as (p_m - p_c) + r (stabilise_rows.tie_difference: m the other of the two,
+    r the weights of the rest of the row), where those two terms cancel below 1/1000 of their
+    size (p at 50 digits): class c ties for the row's mass with several classes together
+    (p = (1/2, 1/4, 1/4)), and each rounded weight of r, accurate alone, has lost the digits of
+    their sum. The entries of c on the diagonal and, where c is the true class y, of y's row and
+    column (the hvp: every entry of the row)."""
     if not output.startswith(("hess", "hvp")):
         return False
     with mpmath.workdps(50):
         s = [mpmath.mpf(float(v)) for v in _row_of(point, "s")]
-        top = max(s)
-        total = mpmath.fsum(mpmath.exp(v - top) for v in s)
-        tied = {c for c, v in enumerate(s) if abs(1 - 2 * mpmath.exp(v - top) / total) < 1e-3}
-    return bool(tied) and (output.startswith("hvp") or bool(set(entry) & (tied | {int(point["y"])})))
+        total = mpmath.fsum(mpmath.exp(v - max(s)) for v in s)
+        p = [mpmath.exp(v - max(s)) / total for v in s]
+        top = sorted(range(len(s)), key=lambda c: (-s[c], c))[:2]
+        if len(top) < 2:
+            return False
+        rest = mpmath.fsum(v for c, v in enumerate(p) if c not in top)
+        tied = {c for c, m in (top, top[::-1]) if _cancels(p[m] - p[c], rest)}
+    y = int(point["y"])
+    return bool(tied) and (output.startswith("hvp") or entry[0] == entry[1] in tied or y in tied and y in entry)
 
 
 # Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
@@ -168,12 +177,13 @@ ROW_KNOWN_GAPS = {
                                              "5e-553 is 0 in float64, the kernel's -8.3e-293): the exact fallback's "
                                              "expansions hold a sum to 2**-1022 of its size (one binary scale each); "
                                              "reachable only with a scale per part (a multi-precision float)"),
-    "poly1_cross_entropy": (_poly1_gap, "where two classes tie for the row's mass (p near 1/2 each) and w_y is small "
-                                        "against epsilon, a Hessian entry of the true class or a tied class holds "
-                                        "1 - 2p = (1 - p) - p of a tied weight, a difference of rounded weights "
-                                        "(relative error 1.3e-12 at epsilon = 2.5, s = (-1e-8, -1e10, -1e-300), y = 0, "
-                                        "w_y = 9e-5; 2e-7 at w = 0, s = (0.3, 0.3 + 1e-9, -30)): reachable only "
-                                        "with the two largest weights apart, p_a - p_b as p_b expm1(s_a - s_b)"),
+    "poly1_cross_entropy": (_poly1_gap, "where a class of the row's two largest ties for the row's mass with several "
+                                        "classes together (p = (1/2, 1/4, 1/4)), a Hessian entry that holds its "
+                                        "1 - 2 p_c = (p_m - p_c) + the rest of the row, whose two terms cancel: the "
+                                        "rest is a sum of rounded weights (relative error 4.7e-8 at s = (0, "
+                                        "log(1/2), log(1/2) + 1e-9), y = 0, w = 0); reachable only with the weights "
+                                        "in more than double precision. A tie of two classes is exact "
+                                        "(p_m - p_c from the logits' difference)"),
     "cosine_embedding": (_cosine_gap, "a full Hessian entry with an element below the normal range over the "
                                       "square root of its denominator, and the Hessian-vector product of a row "
                                       "holding one: the kernels' outer products divide each factor P(j), Q(l) by "

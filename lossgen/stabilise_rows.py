@@ -241,6 +241,61 @@ def weight_sum(r: Reduction) -> Reduction:
     return Reduction(sp.Symbol(f"{r.symbol.name}_w", real=True), "sum", sp.exp(r.summand - r.symbol))
 
 
+def top_two(r: Reduction) -> tuple[Reduction, Reduction, Reduction, Reduction]:
+    """The row's two largest summands g of R = logsumexp(g), each with its arg-max a1, a2 (the
+    first on ties; a2 = a1 at C = 1, where the second is -inf), and the log-weights g - R at a1
+    and a2 (takes, so that their weights are the floats that :func:`weight_sum` sums): what
+    :func:`tie_difference` reads. The second is a max of its own over the row less a1, in the
+    logsumexp's second pass (a runner-up kept in the first pass, whose max the logsumexp shares,
+    made the fused gradient and Hessian of Poly-1 slower still: 1.22-1.26 times as long as
+    before, against 1.15-1.19, at C = 3 and 10)."""
+    name = r.symbol.name
+    a1, a2 = (sp.Symbol(f"{name}_a{n}", integer=True) for n in (1, 2))
+    first = Reduction(sp.Symbol(f"{name}_g1", real=True), "max", r.summand, a1)
+    second = Reduction(sp.Symbol(f"{name}_g2", real=True), "max",
+                       sp.Piecewise((-sp.oo, sp.Eq(onehot(a1), 1)), (r.summand, True)), a2)
+    at_first, at_second = (Reduction(sp.Symbol(f"{name}_u{n}", real=True), "take", r.summand - r.symbol, a)
+                           for n, a in ((1, a1), (2, a2)))
+    return first, second, at_first, at_second
+
+
+def value_indices(derivation) -> set:
+    """The arg-maxes of :func:`top_two` that a program reads: they single out an element inside
+    a value (:func:`tie_difference`), not a branch of the element's expression as y does."""
+    tops = [q for r in derivation.reductions if r.kind == "logsumexp" for q in top_two(r)[:2]]
+    return {q.index for q in tops if q in derivation.reductions}
+
+
+def tie_difference(u: sp.Symbol, r: Reduction) -> sp.Expr:
+    """1 - 2 p_k = sum_{j != k} p_j - p_k for this element's softmax weight p_k = exp(u) of
+    R = logsumexp(g): 0 where class k ties for the row's mass with the largest other class m
+    (Poly-1's Hessian, p_k (w_y (1 - p_k) + eps p_y (1 - 2 p_k))), where the rounded weights
+    subtracted lose the tie's digits (relative error 2e-7 at s = (0.3, 0.3 + 1e-9, -30)). As
+    (p_m - p_k) + the rest of the row, p_m - p_k from the logits' difference, exact where they
+    are close (Sterbenz): p_k expm1(g_m - g_k) at the arg-max (m the second largest), -p_m
+    expm1(g_k - g_m) at the second largest (m the arg-max), both arguments <= 0 (no overflow);
+    the rest is the weights' compensated sum less the two largest weights (:func:`top_two`).
+    Where |1 - 2 p_k| >= 1/2, and at any other class (at most a third of the row), 1 - 2 p_k as
+    it is: it cannot cancel there. What remains is a class of the two largest that ties with
+    several others together, where the rest, a sum of rounded weights, cancels p_m - p_k
+    (p = (1/2, 1/4, 1/4))."""
+    first, second, at_first, at_second = top_two(r)
+    hi, error = sum_parts(weight_sum(r))
+    p1, p2 = sp.exp(at_first.symbol), sp.exp(at_second.symbol)
+    rest = exact_sum(hi, -p1, -p2, error)
+    g, plain = r.summand, 1 - 2 * sp.exp(u)
+    return sp.Piecewise((plain, sp.Abs(plain) >= 0.5),  # no cancellation: no expm1 (most rows)
+                        (sp.exp(u) * expm1(second.symbol - g) + rest, sp.Eq(onehot(first.index), 1)),
+                        (-p1 * expm1(g - first.symbol) + rest, sp.Eq(onehot(second.index), 1)),
+                        (plain, True))
+
+
+def _tie_differences(expr: sp.Expr, tie: sp.Expr, d: sp.Symbol) -> sp.Expr:
+    """Each factor +-tie of ``expr`` (a sum of the weights, 1 - 2 E on the simplex) as +-d."""
+    return expr.replace(lambda a: isinstance(a, sp.Add) and sp.expand(a - tie) == 0, lambda a: d).replace(
+        lambda a: isinstance(a, sp.Add) and sp.expand(a + tie) == 0, lambda a: -d)
+
+
 def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, derivation,
                      apart: frozenset = frozenset()) -> tuple[sp.Expr, dict]:
     """Two softmax weights of one row, E = exp(u) = p_k of this element and F = p_y of the
@@ -252,8 +307,12 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     (E + F + O)**(D - d), D the degree of P, expanded and collected. No constant is left to
     cancel against the weights; O is the weights' compensated sum less E and F (exactly the
     other classes' weights, where E + F is most of the row), and a coefficient such as
-    w_y - eps is computed before it multiplies a weight. Returns the expression with the
-    symbols E, F and O in place, and {symbol: what it stands for}, to be put in after the
+    w_y - eps is computed before it multiplies a weight. A factor F + O - E = 1 - 2 E of the
+    collected form, which cancels where class k ties with another, is D of
+    :func:`tie_difference`. Without F (at the element y itself, or where no take is read), P(E)
+    is written homogeneous in (E, Q), Q = 1 - E = -expm1(u), where that gives a factor Q - E = D
+    (Poly-1's Hessian at y, p_y (1 - p_y)(w_y - eps (1 - 2 p_y))). Returns the expression with
+    the symbols E, F, O and D in place, and {symbol: what it stands for}, to be put in after the
     rules and splits (which would take E = 1 + expm1(u) apart again)."""
     if isinstance(expr, sp.Piecewise):
         branches, placeholders, singled_out = [], {}, set(apart)
@@ -266,33 +325,44 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
         return sp.Piecewise(*branches), placeholders
     takes = [t for t in derivation.reductions if t.kind == "take" and t.index in apart and t.summand == back
              and t.symbol in expr.free_symbols]
-    if not takes:
-        return expr, {}
-    (take_y, *_) = sorted(takes, key=lambda t: t.symbol.name)
-    e_, f_, o_ = (sp.Symbol(f"_{name}{r.symbol.name}", positive=True) for name in ("E", "F", "O"))
+    # O = 1 - E - F, or Q = 1 - E without F: placeholders of their own, since both branches meet
+    e_, f_, o_ = (sp.Symbol(f"_{name}{r.symbol.name}", positive=True) for name in ("E", "F", "O" if takes else "Q"))
+    d_ = sp.Symbol(f"_D{r.symbol.name}", real=True)
+    weights = [(u, e_)] + [(min(takes, key=lambda t: t.symbol.name).symbol, f_) for _ in takes[:1]]
+    gens = [w for _, w in weights]
     polynomial = expr
-    for symbol, weight in ((u, e_), (take_y.symbol, f_)):
+    for symbol, weight in weights:
         polynomial = polynomial.replace(
             lambda a, symbol=symbol: isinstance(a, sp.exp) and (a.args[0] / symbol).is_Integer,
             lambda a, symbol=symbol, weight=weight: weight ** (a.args[0] / symbol))
-    if polynomial.free_symbols & {u, take_y.symbol}:
+    if polynomial.free_symbols & {symbol for symbol, _ in weights}:
         return expr, {}
     try:
-        polynomial = sp.Poly(sp.expand(polynomial), e_, f_)
+        polynomial = sp.Poly(sp.expand(polynomial), *gens)
     except sp.PolynomialError:
         return expr, {}
     terms = polynomial.terms()
-    low = tuple(min(m[n] for m, _ in terms) for n in (0, 1))  # the monomial that every term holds
-    reduced = sp.Add(*[c * e_ ** (i - low[0]) * f_ ** (j - low[1]) for (i, j), c in terms])
-    if not any(sp.expand(reduced.xreplace(vertex)) == 0 for vertex in ({e_: 1, f_: 0}, {e_: 0, f_: 1})):
+    low = tuple(min(m[n] for m, _ in terms) for n in range(len(gens)))  # the monomial that every term holds
+    reduced = sp.Add(*[c * sp.Mul(*(g ** (i - k) for g, i, k in zip(gens, m, low))) for m, c in terms])
+    vertices = [{g: int(g == at) for g in gens} for at in gens]
+    vanishes = any(sp.expand(reduced.xreplace(vertex)) == 0 for vertex in vertices)
+    degree = sp.Poly(reduced, *gens).total_degree()
+    homogeneous = sp.Poly(sp.expand(sp.Add(*[c * sp.Mul(*(g ** i for g, i in zip(gens, m)))
+                                              * (sp.Add(*gens) + o_) ** (degree - sum(m))
+                                              for m, c in sp.Poly(reduced, *gens).terms()])), *gens, o_)
+    collected = _tie_differences(_by_coefficient(homogeneous), sp.Add(*gens[1:]) + o_ - e_, d_)
+    if not ((vanishes and takes) or d_ in collected.free_symbols):
         return expr, {}
-    degree = sp.Poly(reduced, e_, f_).total_degree()
-    homogeneous = sp.Poly(sp.expand(sp.Add(*[c * e_ ** i * f_ ** j * (e_ + f_ + o_) ** (degree - i - j)
-                                              for (i, j), c in sp.Poly(reduced, e_, f_).terms()])), e_, f_, o_)
-    collected = _by_coefficient(homogeneous)
     hi, error = sum_parts(weight_sum(r))
-    e, f = sp.exp(u), sp.exp(take_y.symbol)
-    return e_ ** low[0] * f_ ** low[1] * collected, {e_: e, f_: f, o_: exact_sum(hi, -e, -f, error)}
+    e = sp.exp(u)
+    placeholders = {e_: e, d_: tie_difference(u, r)}
+    if takes:
+        f = sp.exp(weights[1][0])
+        placeholders.update({f_: f, o_: exact_sum(hi, -e, -f, error)})
+    else:
+        placeholders[o_] = -expm1(u)
+    result = sp.Mul(*(g ** k for g, k in zip(gens, low))) * collected
+    return result, {k: v for k, v in placeholders.items() if k in result.free_symbols}
 
 
 def _by_coefficient(polynomial: sp.Poly) -> sp.Expr:
@@ -1377,6 +1447,8 @@ def stabilise_rows(derivation):
     # their own (where the program does not have them)
     used = set().union(*(e.free_symbols for e in _expressions(stable)))
     sums = [weight_sum(r) for r in derivation.reductions if r.kind == "logsumexp"]
+    # and the top two classes that tie_difference reads
+    sums += [q for r in derivation.reductions if r.kind == "logsumexp" for q in top_two(r)]
     sums += [replace(r, summand=stabilise_element(r.summand, derivation)) for pair in pairs
              for r in (pair.difference, pair.spread) if r not in derivation.reductions]
     sums = [s for s in sums if used & {s.symbol, *sum_parts(s)}]

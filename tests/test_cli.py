@@ -305,12 +305,13 @@ def test_verify_mse(tmp_path):
 
 
 def test_verify_reports_a_known_gap_apart(tmp_path):
-    """poly1_cross_entropy's full Hessian at C = 3 has a row inside its known gap beyond the bound
-    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (cosine_proximity's
-    and cosine_embedding's, the earlier examples, closed with the exact fallback of their Hessians)."""
-    rc, output = run_cli("verify", "poly1_cross_entropy", cwd=tmp_path)
+    """ssim_global's full Hessian at C = 3 has a row inside its known gap beyond the bound
+    (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (poly1's, the
+    earlier example, closed where two classes tie; cosine_proximity's and cosine_embedding's
+    before it with the exact fallback of their Hessians)."""
+    rc, output = run_cli("verify", "ssim_global", cwd=tmp_path)
     assert rc == 0, output
-    assert re.search(r"^poly1_cross_entropy\s+hess_full\[s,s\] known gap C=3 .*\(known gap\)$", output,
+    assert re.search(r"^ssim_global\s+hess_full\[x,x\] known gap C=3 .*\(known gap\)$", output,
                      re.MULTILINE), output
     assert "FAIL" not in output
     assert re.search(r"^\d+ more in known gaps .*, [1-9]\d* of them beyond it$", output, re.MULTILINE), output

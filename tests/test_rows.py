@@ -104,7 +104,8 @@ def test_row_kernels_match_the_expanded_truth_at_other_parameters(name, values):
 # given: checked as well as the sample (soft_jaccard's is at smooth = 0).
 ROW_GAP_WITNESSES = {
     "soft_jaccard": [{"y": [1e-300, 1e-16], "p": [1e-16, 1e-300], "smooth": 0.0}],
-    "poly1_cross_entropy": [{"y": 0, "s": [0.3, 0.3 + 1e-9, -30.0], "w": [0.0, 0.0, 0.0]}],
+    # class 0 ties with classes 1 and 2 together: 1 - 2 p_0 = 5e-10 from weights 1, 1/2, 1/2
+    "poly1_cross_entropy": [{"y": 0, "s": [0.0, math.log(0.5), math.log(0.5) + 1e-9], "w": [0.0, 0.0, 0.0]}],
     # an outer-product factor below the normal range (entry (1, 0) of x2's block, 1e-282, is 0)
     "cosine_embedding": [{"y": 1.0, "x1": [1e50, -700.0], "x2": [0.0, 1e-300]}],
 }
@@ -317,6 +318,25 @@ def test_poly1_hessian_where_a_class_ties_with_the_true_class():
     rows = [{"y": 0, "s": np.array(s), "w": w} for s in ([1e-8, 1e-8, -700.0], [0.3, 0.3, -30.0])]
     hessians = [r for r in check_size(poly1, spec, 3, rows, {"epsilon": 2.5}) if r.output.startswith("hess[")]
     assert hessians and all(r.ok(RELATIVE_TOLERANCE) for r in hessians), format_report(hessians)
+
+
+@pytest.mark.parametrize("logits", [[0.3, 0.3 + 1e-9, -30.0], [-1e-8, -1e10, -1e-300], [-1e-300, 1e-8],
+                                    [-30.0, 5.0, -25.0, 5.0 - 2.0**-40, -40.0, -1e300, -50.0]],
+                         ids=["C3", "C3-far", "C2", "C7"])
+def test_poly1_hessian_where_two_classes_tie(logits):
+    """Every Hessian entry and the hvp of poly1_cross_entropy where two classes hold the row's mass
+    with p near 1/2 each, at every true class, with w = 0 and w small against epsilon: the entries
+    that hold 1 - 2 p_c of a tied class c, p_m - p_c + the rest with p_m - p_c from the logits'
+    difference (stabilise_rows.tie_difference; relative error 2e-7 at the first row, 1.3e-12 at the
+    second, when it was a difference of rounded weights), against the expanded truth, no gap."""
+    spec, poly1 = load_spec(ROW_PATHS["poly1_cross_entropy"]), lossgen.get("poly1_cross_entropy")
+    s, size = np.array(logits), len(logits)
+    rows = [{"y": y, "s": s, "w": np.full(size, w)} for y in range(size) for w in (0.0, 9e-5)]
+    checked = [r for eps in (1.0, 2.5) for r in check_size(poly1, spec, size, rows, {"epsilon": eps})
+               if r.output.startswith(("hess", "hvp"))]
+    full = {"hess_full", "hvp"} if size <= FULL_HESSIAN_UP_TO else set()  # the diagonal beyond
+    assert {r.output.split("[")[0] for r in checked} == {"hess"} | full
+    assert all(r.ok(RELATIVE_TOLERANCE) for r in checked), format_report(checked)
 
 
 # --- the runtime -----------------------------------------------------------------------------

@@ -519,8 +519,11 @@ def test_simplex_weights_write_a_polynomial_that_vanishes_at_a_vertex_homogeneou
     """Two softmax weights of a row, E = p_k and F = p_y (k != y), and the rest O = 1 - E - F: a
     polynomial in E and F that vanishes where E = 1 (Poly-1's Hessian diagonal,
     p_k ((1 - p_k)(w_y + eps p_y) - eps p_y p_k)) is written homogeneous in (E, F, O), equal to it on
-    the simplex, with no constant left to cancel; the element y itself (onehot(y) = 1) and a
-    polynomial that does not vanish at a vertex (the gradient, (w_y + eps p_y) p_k) are left as they were."""
+    the simplex, with no constant left to cancel, and its factor F + O - E = 1 - 2 E as D
+    (tie_difference). At the element y itself (onehot(y) = 1), where the polynomial is in E alone,
+    it is written homogeneous in (E, Q), Q = 1 - E, because that gives a factor Q - E = D; a
+    polynomial that neither vanishes at a vertex nor gives a D (the gradient, (w_y + eps p_y) p_k)
+    is left as it was."""
     from conftest import ROW_PATHS
     from lossgen.derive_rows import derive_rows
     from lossgen.spec import load_spec
@@ -534,11 +537,14 @@ def test_simplex_weights_write_a_polynomial_that_vanishes_at_a_vertex_homogeneou
     hess = in_u(derivation.hess[0])
     out, placeholders = _simplex_weights(hess, u, back, r, derivation)
     (at_y, _), (elsewhere, _) = out.args
-    assert at_y == hess.args[0][0]
-    e, f, o = sorted(placeholders, key=lambda s: s.name)
-    assert sp.Poly(sp.expand(elsewhere / e), e, f, o).is_homogeneous
+    d, e, f, o, q = sorted(placeholders, key=lambda s: s.name)
+    assert [s.name[:2] for s in (d, e, f, o, q)] == ["_D", "_E", "_F", "_O", "_Q"]
+    assert d in at_y.free_symbols and d in elsewhere.free_symbols
+    assert sp.Poly(sp.expand(elsewhere / e), e, f, o, d).is_homogeneous
+    assert sp.Poly(sp.expand(at_y / e), e, q, d).is_homogeneous
     weights = {placeholders[e]: e, placeholders[f]: f}
-    assert sp.expand(elsewhere.xreplace({o: 1 - e - f}) - hess.args[1][0].xreplace(weights)) == 0
+    assert sp.expand(elsewhere.xreplace({o: 1 - e - f, d: 1 - 2 * e}) - hess.args[1][0].xreplace(weights)) == 0
+    assert sp.expand(at_y.xreplace({q: 1 - e, d: 1 - 2 * e}) - hess.args[0][0].xreplace(weights)) == 0
     grad = in_u(derivation.grad[0])
     assert _simplex_weights(grad, u, back, r, derivation) == (grad, {})
 
