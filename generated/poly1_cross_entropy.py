@@ -377,11 +377,15 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.exp(_r0_u1)
-    _t8_1 = math.exp(_r2)
+    _t8_1 = -epsilon
+    _t8_2 = math.exp(_r2)
     _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
     _h1 = _t8_0
-    _h2 = _t8_1
-    _h3 = -_t8_1
+    _h2 = (-_r3 - _t8_1)*math.exp(2.0*_r2)
+    _h3 = -_t8_2
+    _h4 = -2.0*_r3 - _t8_1
+    _h5 = _t8_2
+    _h6 = _r3 + epsilon
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -389,14 +393,15 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _t9_1 = -_l0 + (_t9_0)
         _t9_2 = math.exp(_t9_1)
         _t9_4 = 2.0*_t9_2 - 1.0
-        _t9_5 = -_t9_4
-        _t9_6 = epsilon*((_t9_5) if (abs(_t9_4) >= 0.5) else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_5))
+        _t9_5 = (abs(_t9_4) >= 0.5)
+        _t9_6 = -_t9_4
+        _t9_7 = epsilon*((_t9_6) if _t9_5 else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_6))
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
             _t9_3 = math.expm1(_t9_1)
-            _b9_0 = -_t9_2*_t9_3*(_e_w*(_t9_2 - _t9_3) - _t9_6)
+            _b9_0 = _t9_2*((-_t9_3*(_t9_2*(_e_w + epsilon) - _t9_3*(_e_w - epsilon))) if _t9_5 else (-_t9_3*(_e_w*(_t9_2 - _t9_3) - _t9_7)))
         else:
-            _t9_7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
-            _b9_0 = _t9_2*(_h2*_t9_6 - _r3*(_h2 + _t9_7)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h2), _t9_7)))
+            _t9_8 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_8 - _h5*_h6*_t9_2 - _r3*_t9_2*_t9_8 - _r3*_t9_8**2) if _t9_5 else (_h5*_t9_7 - _r3*(_h5 + _t9_8)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_8))))
         _out0[_i, _k] = _w * (_b9_0)
 
 
@@ -494,6 +499,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _t8_5 = (_r2 + _t8_0)
     _t8_7 = math.exp(_r2)
     _t8_8 = math.exp(_r0_u1)
+    _t8_9 = -epsilon
     if _t8_4:
         _t8_2 = epsilon*(math.expm1(_r2) + 1.0)
         _b8_0 = _t8_2
@@ -513,8 +519,11 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _h6 = -_r3 + _b8_2
     _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_8), -math.exp(_r0_u2)), _r0_w_error))
     _h8 = _t8_8
-    _h9 = _t8_7
+    _h9 = (-_r3 - _t8_9)*math.exp(2.0*_r2)
     _h10 = -_t8_7
+    _h11 = -2.0*_r3 - _t8_9
+    _h12 = _t8_7
+    _h13 = _r3 + epsilon
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -523,8 +532,9 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
         _t9_8 = math.exp(_t9_1)
         _t9_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         _t9_10 = 2.0*_t9_8 - 1.0
-        _t9_11 = -_t9_10
-        _t9_12 = epsilon*((_t9_11) if (abs(_t9_10) >= 0.5) else (_h7 + _t9_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_11))
+        _t9_11 = (abs(_t9_10) >= 0.5)
+        _t9_12 = -_t9_10
+        _t9_13 = epsilon*((_t9_12) if _t9_11 else (_h7 + _t9_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_12))
         if _t9_9:
             _t9_2 = math.expm1(_t9_1)
             _t9_3 = epsilon*(_t9_2 + 1.0)
@@ -533,11 +543,11 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
             _t9_6 = (-_l0 + (_h0 + _t9_0))
             _t9_7 = _h1*math.exp(_t9_6)
             _b9_0 = _t9_2*((((_e_w + ((_t9_3) if _t9_5 else (_h1*(math.expm1(_t9_6) + 1.0)))) if (abs(_t9_6) <= 1.0) else (_e_w + ((_t9_3) if _t9_5 else (_t9_7))))) if (_t9_4 <= 1.0) else (_e_w + ((_t9_8*epsilon) if _t9_5 else (_t9_7))))
-            _b9_1 = -_t9_2*_t9_8*(_e_w*(-_t9_2 + _t9_8) - _t9_12)
+            _b9_1 = _t9_8*((-_t9_2*(-_t9_2*(_e_w - epsilon) + _t9_8*(_e_w + epsilon))) if _t9_11 else (-_t9_2*(_e_w*(-_t9_2 + _t9_8) - _t9_13)))
         else:
-            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error))
+            _t9_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error))
             _b9_0 = _t9_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b9_1 = _t9_8*(_h9*_t9_12 - _r3*(_h9 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_8), _h9), _t9_13)))
+            _b9_1 = _t9_8*((_h11*_h12*_t9_14 - _h12*_h13*_t9_8 + _h9 - _r3*_t9_14**2 - _r3*_t9_14*_t9_8) if _t9_11 else (_h12*_t9_13 - _r3*(_h12 + _t9_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_8), _h12), _t9_14))))
         _out0[_i, _k] = _w * (_b9_0)
         _out1[_i, _k] = _w * (_b9_1)
 
@@ -642,6 +652,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _t9_6 = (_r2 + _t9_1)
     _t9_8 = math.exp(_r2)
     _t9_9 = math.exp(_r0_u1)
+    _t9_10 = -epsilon
     if _t9_5:
         _t9_3 = epsilon*(_t9_0 + 1.0)
         _b9_0 = _t9_3
@@ -662,8 +673,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _h6 = -_r3 + _b9_2
     _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_9), -math.exp(_r0_u2)), _r0_w_error))
     _h8 = _t9_9
-    _h9 = _t9_8
+    _h9 = (-_r3 - _t9_10)*math.exp(2.0*_r2)
     _h10 = -_t9_8
+    _h11 = -2.0*_r3 - _t9_10
+    _h12 = _t9_8
+    _h13 = _r3 + epsilon
     for _k in range(_n):
         _e_s = s[_i, _k]
         _e_w = w[_k]
@@ -672,8 +686,9 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
         _t10_8 = math.exp(_t10_1)
         _t10_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
         _t10_10 = 2.0*_t10_8 - 1.0
-        _t10_11 = -_t10_10
-        _t10_12 = epsilon*((_t10_11) if (abs(_t10_10) >= 0.5) else (_h7 + _t10_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t10_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t10_11))
+        _t10_11 = (abs(_t10_10) >= 0.5)
+        _t10_12 = -_t10_10
+        _t10_13 = epsilon*((_t10_12) if _t10_11 else (_h7 + _t10_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t10_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t10_12))
         if _t10_9:
             _t10_2 = math.expm1(_t10_1)
             _t10_3 = epsilon*(_t10_2 + 1.0)
@@ -682,11 +697,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
             _t10_6 = (-_l0 + (_h0 + _t10_0))
             _t10_7 = _h1*math.exp(_t10_6)
             _b10_0 = _t10_2*((((_e_w + ((_t10_3) if _t10_5 else (_h1*(math.expm1(_t10_6) + 1.0)))) if (abs(_t10_6) <= 1.0) else (_e_w + ((_t10_3) if _t10_5 else (_t10_7))))) if (_t10_4 <= 1.0) else (_e_w + ((_t10_8*epsilon) if _t10_5 else (_t10_7))))
-            _b10_1 = -_t10_2*_t10_8*(_e_w*(-_t10_2 + _t10_8) - _t10_12)
+            _b10_1 = _t10_8*((-_t10_2*(-_t10_2*(_e_w - epsilon) + _t10_8*(_e_w + epsilon))) if _t10_11 else (-_t10_2*(_e_w*(-_t10_2 + _t10_8) - _t10_13)))
         else:
-            _t10_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error))
+            _t10_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error))
             _b10_0 = _t10_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b10_1 = _t10_8*(_h9*_t10_12 - _r3*(_h9 + _t10_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t10_8), _h9), _t10_13)))
+            _b10_1 = _t10_8*((_h11*_h12*_t10_14 - _h12*_h13*_t10_8 + _h9 - _r3*_t10_14**2 - _r3*_t10_14*_t10_8) if _t10_11 else (_h12*_t10_13 - _r3*(_h12 + _t10_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t10_8), _h12), _t10_14))))
         _out1[_i, _k] = _w * (_b10_0)
         _out2[_i, _k] = _w * (_b10_1)
 
@@ -778,30 +793,34 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.exp(_r0_u1)
-    _t8_1 = math.exp(_r2)
-    _t8_3 = abs(_r2)
-    _t8_4 = (_t8_3 <= 700.0)
-    _t8_6 = (_r2 + math.log(abs(epsilon)))
-    if _t8_4:
-        _t8_2 = epsilon*(math.expm1(_r2) + 1.0)
-        _b8_0 = _t8_2
-        _b8_1 = _t8_2
-        _b8_2 = _t8_1*epsilon
+    _t8_1 = -epsilon
+    _t8_2 = math.exp(_r2)
+    _t8_4 = abs(_r2)
+    _t8_5 = (_t8_4 <= 700.0)
+    _t8_7 = (_r2 + math.log(abs(epsilon)))
+    if _t8_5:
+        _t8_3 = epsilon*(math.expm1(_r2) + 1.0)
+        _b8_0 = _t8_3
+        _b8_1 = _t8_3
+        _b8_2 = _t8_2*epsilon
     else:
-        _t8_5 = _sign(epsilon)
-        _t8_7 = _t8_5*math.exp(_t8_6)
-        _b8_0 = _t8_5*(math.expm1(_t8_6) + 1.0)
-        _b8_1 = _t8_7
-        _b8_2 = _t8_7
+        _t8_6 = _sign(epsilon)
+        _t8_8 = _t8_6*math.exp(_t8_7)
+        _b8_0 = _t8_6*(math.expm1(_t8_7) + 1.0)
+        _b8_1 = _t8_8
+        _b8_2 = _t8_8
     _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
     _h1 = _t8_0
-    _h2 = _t8_1
-    _h3 = -_t8_1
-    _h4 = _r3 - 2.0*_b8_0
-    _h5 = abs(_t8_6)
-    _h6 = _r3 - 2.0*_b8_1
-    _h7 = _t8_3
-    _h8 = _r3 - 2.0*_b8_2
+    _h2 = (-_r3 - _t8_1)*math.exp(2.0*_r2)
+    _h3 = -_t8_2
+    _h4 = -2.0*_r3 - _t8_1
+    _h5 = _t8_2
+    _h6 = _r3 + epsilon
+    _h7 = _r3 - 2.0*_b8_0
+    _h8 = abs(_t8_7)
+    _h9 = _r3 - 2.0*_b8_1
+    _h10 = _t8_4
+    _h11 = _r3 - 2.0*_b8_2
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
@@ -809,24 +828,27 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
         _t9_0 = _e_s - _r0_g1
         _t9_1 = -_l0 + (_t9_0)
         _t9_2 = math.exp(_t9_1)
-        _t9_4 = 2.0*_t9_2 - 1.0
-        _t9_5 = -_t9_4
-        _t9_6 = epsilon*((_t9_5) if (abs(_t9_4) >= 0.5) else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_5))
-        _t9_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t9_9:
+        _t9_6 = 2.0*_t9_2 - 1.0
+        _t9_7 = (abs(_t9_6) >= 0.5)
+        _t9_8 = -_t9_6
+        _t9_9 = epsilon*((_t9_8) if _t9_7 else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_8))
+        _t9_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t9_11:
             _t9_3 = math.expm1(_t9_1)
-            _t9_7 = _e_w*(_t9_2 - _t9_3) - _t9_6
-            _t9_8 = _t9_2*_t9_3
-            _b9_0 = -_t9_7*_t9_8
-            _b9_1 = _t9_8*epsilon
+            _t9_4 = _t9_2*(_e_w + epsilon)
+            _t9_5 = _e_w - epsilon
+            _t9_10 = _e_w*(_t9_2 - _t9_3) - _t9_9
+            _b9_0 = _t9_2*((-_t9_3*(-_t9_3*_t9_5 + _t9_4)) if _t9_7 else (-_t9_10*_t9_3))
+            _b9_1 = _t9_2*_t9_3*epsilon
             _b9_2 = 1.0
-            _b9_3 = -_t9_2*_t9_7
+            _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_10))
         else:
-            _t9_10 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
-            _b9_0 = _t9_2*(_h2*_t9_6 - _r3*(_h2 + _t9_10)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h2), _t9_10)))
-            _b9_1 = _h2*_t9_2*epsilon
+            _t9_12 = _h5*_t9_2
+            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_13 - _h6*_t9_12 - _r3*_t9_13**2 - _r3*_t9_13*_t9_2) if _t9_7 else (_h5*_t9_9 - _r3*(_h5 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_13))))
+            _b9_1 = _t9_12*epsilon
             _b9_2 = 0.0
-            _b9_3 = _t9_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
+            _b9_3 = _t9_2*((((_h7) if (_h8 <= 1.0) else (_h9))) if (_h10 <= 1.0) else (_h11))
         _scratch[0, _k] = _b9_0
         _scratch[1, _k] = _b9_1
         _scratch[2, _k] = _b9_2
@@ -931,30 +953,34 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _r0_w += _r0_w_error
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.exp(_r0_u1)
-    _t8_1 = math.exp(_r2)
-    _t8_3 = abs(_r2)
-    _t8_4 = (_t8_3 <= 700.0)
-    _t8_6 = (_r2 + math.log(abs(epsilon)))
-    if _t8_4:
-        _t8_2 = epsilon*(math.expm1(_r2) + 1.0)
-        _b8_0 = _t8_2
-        _b8_1 = _t8_2
-        _b8_2 = _t8_1*epsilon
+    _t8_1 = -epsilon
+    _t8_2 = math.exp(_r2)
+    _t8_4 = abs(_r2)
+    _t8_5 = (_t8_4 <= 700.0)
+    _t8_7 = (_r2 + math.log(abs(epsilon)))
+    if _t8_5:
+        _t8_3 = epsilon*(math.expm1(_r2) + 1.0)
+        _b8_0 = _t8_3
+        _b8_1 = _t8_3
+        _b8_2 = _t8_2*epsilon
     else:
-        _t8_5 = _sign(epsilon)
-        _t8_7 = _t8_5*math.exp(_t8_6)
-        _b8_0 = _t8_5*(math.expm1(_t8_6) + 1.0)
-        _b8_1 = _t8_7
-        _b8_2 = _t8_7
+        _t8_6 = _sign(epsilon)
+        _t8_8 = _t8_6*math.exp(_t8_7)
+        _b8_0 = _t8_6*(math.expm1(_t8_7) + 1.0)
+        _b8_1 = _t8_8
+        _b8_2 = _t8_8
     _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
     _h1 = _t8_0
-    _h2 = _t8_1
-    _h3 = -_t8_1
-    _h4 = _r3 - 2.0*_b8_0
-    _h5 = abs(_t8_6)
-    _h6 = _r3 - 2.0*_b8_1
-    _h7 = _t8_3
-    _h8 = _r3 - 2.0*_b8_2
+    _h2 = (-_r3 - _t8_1)*math.exp(2.0*_r2)
+    _h3 = -_t8_2
+    _h4 = -2.0*_r3 - _t8_1
+    _h5 = _t8_2
+    _h6 = _r3 + epsilon
+    _h7 = _r3 - 2.0*_b8_0
+    _h8 = abs(_t8_7)
+    _h9 = _r3 - 2.0*_b8_1
+    _h10 = _t8_4
+    _h11 = _r3 - 2.0*_b8_2
     _scratch = np.empty((5, _n))
     for _k in range(_n):
         _e_s = s[_i, _k]
@@ -962,24 +988,27 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _t9_0 = _e_s - _r0_g1
         _t9_1 = -_l0 + (_t9_0)
         _t9_2 = math.exp(_t9_1)
-        _t9_4 = 2.0*_t9_2 - 1.0
-        _t9_5 = -_t9_4
-        _t9_6 = epsilon*((_t9_5) if (abs(_t9_4) >= 0.5) else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_5))
-        _t9_9 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t9_9:
+        _t9_6 = 2.0*_t9_2 - 1.0
+        _t9_7 = (abs(_t9_6) >= 0.5)
+        _t9_8 = -_t9_6
+        _t9_9 = epsilon*((_t9_8) if _t9_7 else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_8))
+        _t9_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t9_11:
             _t9_3 = math.expm1(_t9_1)
-            _t9_7 = _e_w*(_t9_2 - _t9_3) - _t9_6
-            _t9_8 = _t9_2*_t9_3
-            _b9_0 = -_t9_7*_t9_8
-            _b9_1 = _t9_8*epsilon
+            _t9_4 = _t9_2*(_e_w + epsilon)
+            _t9_5 = _e_w - epsilon
+            _t9_10 = _e_w*(_t9_2 - _t9_3) - _t9_9
+            _b9_0 = _t9_2*((-_t9_3*(-_t9_3*_t9_5 + _t9_4)) if _t9_7 else (-_t9_10*_t9_3))
+            _b9_1 = _t9_2*_t9_3*epsilon
             _b9_2 = 1.0
-            _b9_3 = -_t9_2*_t9_7
+            _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_10))
         else:
-            _t9_10 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
-            _b9_0 = _t9_2*(_h2*_t9_6 - _r3*(_h2 + _t9_10)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h2), _t9_10)))
-            _b9_1 = _h2*_t9_2*epsilon
+            _t9_12 = _h5*_t9_2
+            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_13 - _h6*_t9_12 - _r3*_t9_13**2 - _r3*_t9_13*_t9_2) if _t9_7 else (_h5*_t9_9 - _r3*(_h5 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_13))))
+            _b9_1 = _t9_12*epsilon
             _b9_2 = 0.0
-            _b9_3 = _t9_2*((((_h4) if (_h5 <= 1.0) else (_h6))) if (_h7 <= 1.0) else (_h8))
+            _b9_3 = _t9_2*((((_h7) if (_h8 <= 1.0) else (_h9))) if (_h10 <= 1.0) else (_h11))
         _scratch[0, _k] = _b9_0
         _scratch[1, _k] = _b9_1
         _scratch[2, _k] = _b9_2

@@ -361,8 +361,24 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
         placeholders.update({f_: f, o_: exact_sum(hi, -e, -f, error)})
     else:
         placeholders[o_] = -expm1(u)
+    if d_ in collected.free_symbols:
+        collected = _away_from_ties(homogeneous, e_, collected)
     result = sp.Mul(*(g ** k for g, k in zip(gens, low))) * collected
     return result, {k: v for k, v in placeholders.items() if k in result.free_symbols}
+
+
+def _away_from_ties(homogeneous: sp.Poly, e_: sp.Symbol, tie_form: sp.Expr) -> sp.Expr:
+    """Where |1 - 2 E| >= 1/2 (no class ties with this one), the homogeneous polynomial collected
+    by monomial, each coefficient (a combination of the parameters) computed before it meets a
+    weight; between, ``tie_form``, collected by the parameters with D = 1 - 2 E
+    (:func:`tie_difference`). Near a vertex the tie form cancels where the parameters do: Poly-1's
+    Hessian at the true class, p (1 - p)(w_y - eps (1 - 2 p)), is E Q (w_y (E + Q) - eps D) there,
+    which at w_y = eps (the defaults, w = 1 and eps = 1) and a small p cancelled to 2 eps p from
+    terms of 1 (relative error 1 at s = (-40, 3, 2), y = 0); by monomial it is
+    E Q ((w_y + eps) E + (w_y - eps) Q), w_y - eps exact."""
+    by_monomial = sp.Add(*[sp.factor(c) * sp.Mul(*(g ** k for g, k in zip(homogeneous.gens, m)))
+                           for m, c in homogeneous.terms()])
+    return sp.Piecewise((by_monomial, sp.Abs(1 - 2 * e_) >= 0.5), (tie_form, True))
 
 
 def _by_coefficient(polynomial: sp.Poly) -> sp.Expr:

@@ -519,17 +519,19 @@ def test_simplex_weights_write_a_polynomial_that_vanishes_at_a_vertex_homogeneou
     """Two softmax weights of a row, E = p_k and F = p_y (k != y), and the rest O = 1 - E - F: a
     polynomial in E and F that vanishes where E = 1 (Poly-1's Hessian diagonal,
     p_k ((1 - p_k)(w_y + eps p_y) - eps p_y p_k)) is written homogeneous in (E, F, O), equal to it on
-    the simplex, with no constant left to cancel, and its factor F + O - E = 1 - 2 E as D
-    (tie_difference). At the element y itself (onehot(y) = 1), where the polynomial is in E alone,
-    it is written homogeneous in (E, Q), Q = 1 - E, because that gives a factor Q - E = D; a
-    polynomial that neither vanishes at a vertex nor gives a D (the gradient, (w_y + eps p_y) p_k)
-    is left as it was."""
+    the simplex, with no constant left to cancel. Where a class may tie with this one
+    (|1 - 2 E| < 1/2) it is collected by the parameters, with its factor F + O - E = 1 - 2 E as D
+    (tie_difference); elsewhere by monomial, so that w_y - eps is one coefficient. At the element y
+    itself (onehot(y) = 1), where the polynomial is in E alone, it is written homogeneous in (E, Q),
+    Q = 1 - E, because that gives a factor Q - E = D; a polynomial that neither vanishes at a vertex
+    nor gives a D (the gradient, (w_y + eps p_y) p_k) is left as it was."""
     from conftest import ROW_PATHS
     from lossgen.derive_rows import derive_rows
     from lossgen.spec import load_spec
     from lossgen.stabilise_rows import _at_index, _log_weights, _simplex_weights
     derivation = derive_rows(load_spec(ROW_PATHS["poly1_cross_entropy"]))
     ((x, u, x_of_u, back, r),) = _log_weights(derivation)
+    w, eps = (derivation.spec.symbols[n] for n in ("w", "epsilon"))
 
     def in_u(expr):
         return sp.factor_terms(_at_index(expr, derivation).subs(x, x_of_u))
@@ -539,12 +541,20 @@ def test_simplex_weights_write_a_polynomial_that_vanishes_at_a_vertex_homogeneou
     (at_y, _), (elsewhere, _) = out.args
     d, e, f, o, q = sorted(placeholders, key=lambda s: s.name)
     assert [s.name[:2] for s in (d, e, f, o, q)] == ["_D", "_E", "_F", "_O", "_Q"]
-    assert d in at_y.free_symbols and d in elsewhere.free_symbols
-    assert sp.Poly(sp.expand(elsewhere / e), e, f, o, d).is_homogeneous
-    assert sp.Poly(sp.expand(at_y / e), e, q, d).is_homogeneous
     weights = {placeholders[e]: e, placeholders[f]: f}
-    assert sp.expand(elsewhere.xreplace({o: 1 - e - f, d: 1 - 2 * e}) - hess.args[1][0].xreplace(weights)) == 0
-    assert sp.expand(at_y.xreplace({q: 1 - e, d: 1 - 2 * e}) - hess.args[0][0].xreplace(weights)) == 0
+    take_w = next(t.symbol for t in derivation.reductions if t.kind == "take" and t.summand == -w)  # -w_y
+    for form, truth, gens, rest in ((at_y, hess.args[0][0], (e, q), {q: 1 - e}),
+                                    (elsewhere, hess.args[1][0], (e, f, o), {o: 1 - e - f})):
+        (weight, pieces) = sorted(form.args, key=lambda a: isinstance(a, sp.Piecewise))
+        assert weight == e and isinstance(pieces, sp.Piecewise)
+        (by_monomial, away), (tie_form, _) = pieces.args
+        assert away == (sp.Abs(2 * e - 1) >= 0.5)
+        assert d in tie_form.free_symbols and d not in by_monomial.free_symbols
+        for piece in (by_monomial, tie_form):
+            assert sp.Poly(sp.expand(piece), *gens, d).is_homogeneous
+            assert sp.expand(e * piece.xreplace({**rest, d: 1 - 2 * e}) - truth.xreplace(weights)) == 0
+        coefficients = sp.Poly(sp.expand(by_monomial), *gens).coeffs()
+        assert any(sp.expand(c - (w - eps)) == 0 or sp.expand(c - (-take_w - eps)) == 0 for c in coefficients)
     grad = in_u(derivation.grad[0])
     assert _simplex_weights(grad, u, back, r, derivation) == (grad, {})
 
