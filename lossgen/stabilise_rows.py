@@ -290,7 +290,7 @@ def tie_difference(u: sp.Symbol, r: Reduction) -> sp.Expr:
                         (plain, True))
 
 
-def _tie_differences(expr: sp.Expr, tie: sp.Expr, d: sp.Symbol) -> sp.Expr:
+def _as_tie_difference(expr: sp.Expr, tie: sp.Expr, d: sp.Symbol) -> sp.Expr:
     """Each factor +-tie of ``expr`` (a sum of the weights, 1 - 2 E on the simplex) as +-d."""
     return expr.replace(lambda a: isinstance(a, sp.Add) and sp.expand(a - tie) == 0, lambda a: d).replace(
         lambda a: isinstance(a, sp.Add) and sp.expand(a + tie) == 0, lambda a: -d)
@@ -311,7 +311,9 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     collected form, which cancels where class k ties with another, is D of
     :func:`tie_difference`. Without F (at the element y itself, or where no take is read), P(E)
     is written homogeneous in (E, Q), Q = 1 - E = -expm1(u), where that gives a factor Q - E = D
-    (Poly-1's Hessian at y, p_y (1 - p_y)(w_y - eps (1 - 2 p_y))). Returns the expression with
+    (Poly-1's Hessian at y, p_y (1 - p_y)(w_y - eps (1 - 2 p_y))). Where it has D, the form
+    holds only where a class may tie with k: elsewhere it is collected by monomial
+    (:func:`_away_from_ties`). Returns the expression with
     the symbols E, F, O and D in place, and {symbol: what it stands for}, to be put in after the
     rules and splits (which would take E = 1 + expm1(u) apart again)."""
     if isinstance(expr, sp.Piecewise):
@@ -350,7 +352,7 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     homogeneous = sp.Poly(sp.expand(sp.Add(*[c * sp.Mul(*(g ** i for g, i in zip(gens, m)))
                                               * (sp.Add(*gens) + o_) ** (degree - sum(m))
                                               for m, c in sp.Poly(reduced, *gens).terms()])), *gens, o_)
-    collected = _tie_differences(_by_coefficient(homogeneous), sp.Add(*gens[1:]) + o_ - e_, d_)
+    collected = _as_tie_difference(_by_coefficient(homogeneous), sp.Add(*gens[1:]) + o_ - e_, d_)
     if not ((vanishes and takes) or d_ in collected.free_symbols):
         return expr, {}
     hi, error = sum_parts(weight_sum(r))
@@ -374,7 +376,7 @@ def _away_from_ties(homogeneous: sp.Poly, e_: sp.Symbol, tie_form: sp.Expr) -> s
     (:func:`tie_difference`). Near a vertex the tie form cancels where the parameters do: Poly-1's
     Hessian at the true class, p (1 - p)(w_y - eps (1 - 2 p)), is E Q (w_y (E + Q) - eps D) there,
     which at w_y = eps (the defaults, w = 1 and eps = 1) and a small p cancelled to 2 eps p from
-    terms of 1 (relative error 1 at s = (-40, 3, 2), y = 0); by monomial it is
+    terms of 1 (relative error 1.5 at s = (-40, 3, 2), y = 0); by monomial it is
     E Q ((w_y + eps) E + (w_y - eps) Q), w_y - eps exact."""
     by_monomial = sp.Add(*[sp.factor(c) * sp.Mul(*(g ** k for g, k in zip(homogeneous.gens, m)))
                            for m, c in homogeneous.terms()])
