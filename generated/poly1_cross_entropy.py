@@ -365,21 +365,26 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
+    _r0_w_error_tail = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
-        _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
+        _dx = (_r0_w - (_x - _z)) + (_s - _z)
+        _ex = _r0_w_error + _dx
+        _zx = _ex - _r0_w_error
+        _r0_w_error_tail += (_r0_w_error - (_ex - _zx)) + (_dx - _zx)
+        _r0_w_error = _ex
         _r0_w = _x
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
-        _r0_w += _r0_w_error
+        _r0_w += _r0_w_error + _r0_w_error_tail
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.exp(_r0_u1)
     _t8_1 = -epsilon
     _t8_2 = math.exp(_r2)
-    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
+    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error), _r0_w_error_tail))
     _h1 = _t8_0
     _h2 = (-_r3 - _t8_1)*math.exp(2.0*_r2)
     _h3 = -_t8_2
@@ -400,7 +405,7 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
             _t9_3 = math.expm1(_t9_1)
             _b9_0 = _t9_2*((-_t9_3*(_t9_2*(_e_w + epsilon) - _t9_3*(_e_w - epsilon))) if _t9_5 else (-_t9_3*(_e_w*(_t9_2 - _t9_3) - _t9_7)))
         else:
-            _t9_8 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _t9_8 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
             _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_8 - _h5*_h6*_t9_2 - _r3*_t9_2*_t9_8 - _r3*_t9_8**2) if _t9_5 else (_h5*_t9_7 - _r3*(_h5 + _t9_8)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_8))))
         _out0[_i, _k] = _w * (_b9_0)
 
@@ -481,16 +486,21 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
+    _r0_w_error_tail = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
-        _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
+        _dx = (_r0_w - (_x - _z)) + (_s - _z)
+        _ex = _r0_w_error + _dx
+        _zx = _ex - _r0_w_error
+        _r0_w_error_tail += (_r0_w_error - (_ex - _zx)) + (_dx - _zx)
+        _r0_w_error = _ex
         _r0_w = _x
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
-        _r0_w += _r0_w_error
+        _r0_w += _r0_w_error + _r0_w_error_tail
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.log(abs(epsilon))
     _t8_1 = _sign(epsilon)
@@ -517,7 +527,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
     _h4 = -_r3 + _b8_1
     _h5 = _t8_3
     _h6 = -_r3 + _b8_2
-    _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_8), -math.exp(_r0_u2)), _r0_w_error))
+    _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_8), -math.exp(_r0_u2)), _r0_w_error), _r0_w_error_tail))
     _h8 = _t8_8
     _h9 = (-_r3 - _t8_9)*math.exp(2.0*_r2)
     _h10 = -_t8_7
@@ -545,7 +555,7 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
             _b9_0 = _t9_2*((((_e_w + ((_t9_3) if _t9_5 else (_h1*(math.expm1(_t9_6) + 1.0)))) if (abs(_t9_6) <= 1.0) else (_e_w + ((_t9_3) if _t9_5 else (_t9_7))))) if (_t9_4 <= 1.0) else (_e_w + ((_t9_8*epsilon) if _t9_5 else (_t9_7))))
             _b9_1 = _t9_8*((-_t9_2*(-_t9_2*(_e_w - epsilon) + _t9_8*(_e_w + epsilon))) if _t9_11 else (-_t9_2*(_e_w*(-_t9_2 + _t9_8) - _t9_13)))
         else:
-            _t9_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error))
+            _t9_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error), _r0_w_error_tail))
             _b9_0 = _t9_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
             _b9_1 = _t9_8*((_h11*_h12*_t9_14 - _h12*_h13*_t9_8 + _h9 - _r3*_t9_14**2 - _r3*_t9_14*_t9_8) if _t9_11 else (_h12*_t9_13 - _r3*(_h12 + _t9_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_8), _h12), _t9_14))))
         _out0[_i, _k] = _w * (_b9_0)
@@ -633,16 +643,21 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
+    _r0_w_error_tail = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
-        _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
+        _dx = (_r0_w - (_x - _z)) + (_s - _z)
+        _ex = _r0_w_error + _dx
+        _zx = _ex - _r0_w_error
+        _r0_w_error_tail += (_r0_w_error - (_ex - _zx)) + (_dx - _zx)
+        _r0_w_error = _ex
         _r0_w = _x
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
-        _r0_w += _r0_w_error
+        _r0_w += _r0_w_error + _r0_w_error_tail
     _w = 1.0 if _weight is None else _weight[_i]
     _t9_0 = math.expm1(_r2)
     _t9_1 = math.log(abs(epsilon))
@@ -671,7 +686,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
     _h4 = -_r3 + _b9_1
     _h5 = _t9_4
     _h6 = -_r3 + _b9_2
-    _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_9), -math.exp(_r0_u2)), _r0_w_error))
+    _h7 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_9), -math.exp(_r0_u2)), _r0_w_error), _r0_w_error_tail))
     _h8 = _t9_9
     _h9 = (-_r3 - _t9_10)*math.exp(2.0*_r2)
     _h10 = -_t9_8
@@ -699,7 +714,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
             _b10_0 = _t10_2*((((_e_w + ((_t10_3) if _t10_5 else (_h1*(math.expm1(_t10_6) + 1.0)))) if (abs(_t10_6) <= 1.0) else (_e_w + ((_t10_3) if _t10_5 else (_t10_7))))) if (_t10_4 <= 1.0) else (_e_w + ((_t10_8*epsilon) if _t10_5 else (_t10_7))))
             _b10_1 = _t10_8*((-_t10_2*(-_t10_2*(_e_w - epsilon) + _t10_8*(_e_w + epsilon))) if _t10_11 else (-_t10_2*(_e_w*(-_t10_2 + _t10_8) - _t10_13)))
         else:
-            _t10_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error))
+            _t10_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error), _r0_w_error_tail))
             _b10_0 = _t10_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
             _b10_1 = _t10_8*((_h11*_h12*_t10_14 - _h12*_h13*_t10_8 + _h9 - _r3*_t10_14**2 - _r3*_t10_14*_t10_8) if _t10_11 else (_h12*_t10_13 - _r3*(_h12 + _t10_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t10_8), _h12), _t10_14))))
         _out1[_i, _k] = _w * (_b10_0)
@@ -781,16 +796,21 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
     _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
+    _r0_w_error_tail = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
-        _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
+        _dx = (_r0_w - (_x - _z)) + (_s - _z)
+        _ex = _r0_w_error + _dx
+        _zx = _ex - _r0_w_error
+        _r0_w_error_tail += (_r0_w_error - (_ex - _zx)) + (_dx - _zx)
+        _r0_w_error = _ex
         _r0_w = _x
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
-        _r0_w += _r0_w_error
+        _r0_w += _r0_w_error + _r0_w_error_tail
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.exp(_r0_u1)
     _t8_1 = -epsilon
@@ -809,7 +829,7 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
         _b8_0 = _t8_6*(math.expm1(_t8_7) + 1.0)
         _b8_1 = _t8_8
         _b8_2 = _t8_8
-    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
+    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error), _r0_w_error_tail))
     _h1 = _t8_0
     _h2 = (-_r3 - _t8_1)*math.exp(2.0*_r2)
     _h3 = -_t8_2
@@ -844,7 +864,7 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
             _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_10))
         else:
             _t9_12 = _h5*_t9_2
-            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
             _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_13 - _h6*_t9_12 - _r3*_t9_13**2 - _r3*_t9_13*_t9_2) if _t9_7 else (_h5*_t9_9 - _r3*(_h5 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_13))))
             _b9_1 = _t9_12*epsilon
             _b9_2 = 0.0
@@ -941,16 +961,21 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
     _r2 = -_l0 + (_e_s - _r0_g1)
     _r0_w = 0.0
     _r0_w_error = 0.0
+    _r0_w_error_tail = 0.0
     for _k in range(_n):
         _e_s = s[_i, _k]
         _s = math.exp(-_l0 + (_e_s - _r0_g1))
         _x = _r0_w + _s
         _z = _x - _r0_w
-        _r0_w_error += (_r0_w - (_x - _z)) + (_s - _z)
+        _dx = (_r0_w - (_x - _z)) + (_s - _z)
+        _ex = _r0_w_error + _dx
+        _zx = _ex - _r0_w_error
+        _r0_w_error_tail += (_r0_w_error - (_ex - _zx)) + (_dx - _zx)
+        _r0_w_error = _ex
         _r0_w = _x
     _r0_w_hi = _r0_w
     if math.isfinite(_r0_w):
-        _r0_w += _r0_w_error
+        _r0_w += _r0_w_error + _r0_w_error_tail
     _w = 1.0 if _weight is None else _weight[_i]
     _t8_0 = math.exp(_r0_u1)
     _t8_1 = -epsilon
@@ -969,7 +994,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _b8_0 = _t8_6*(math.expm1(_t8_7) + 1.0)
         _b8_1 = _t8_8
         _b8_2 = _t8_8
-    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error))
+    _h0 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t8_0), -math.exp(_r0_u2)), _r0_w_error), _r0_w_error_tail))
     _h1 = _t8_0
     _h2 = (-_r3 - _t8_1)*math.exp(2.0*_r2)
     _h3 = -_t8_2
@@ -1004,7 +1029,7 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
             _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_10))
         else:
             _t9_12 = _h5*_t9_2
-            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error))
+            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
             _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_13 - _h6*_t9_12 - _r3*_t9_13**2 - _r3*_t9_13*_t9_2) if _t9_7 else (_h5*_t9_9 - _r3*(_h5 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_13))))
             _b9_1 = _t9_12*epsilon
             _b9_2 = 0.0

@@ -41,7 +41,7 @@ from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_cod
 from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires, plan,
                          plan_block)
 from .reductions import onehot
-from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, sum_parts, value_indices
+from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import group, in_scale, two_scaled
 
 INDENT = "    "
@@ -334,7 +334,8 @@ class _Body:
         a sum's two parts from stabilise_rows.sum_parts): a part needs its reduction even where
         the reduction's value is not used."""
         owner = {r.index: r.symbol for r in self.reductions.values() if r.kind in ("max", "min")}
-        owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum" for part in sum_parts(r)})
+        owner.update({part: r.symbol for r in self.reductions.values() if r.kind == "sum"
+                      for part in (*sum_parts(r), error_tail(r))})
         owner.update({part: tail for tail, (_, p) in self.stashed.items() for part in (p, _rest_of(tail))})
         owner.update({part: n.reduction.symbol for n in self.derivation.scaled if isinstance(n, ScaledNorm)
                       for part in (n.scale, n.inverse, n.exponent)})
@@ -390,6 +391,7 @@ class _Body:
                     self.vector_passes[r.symbol] = self.slots
                     self.slots += 1
             kinds = {r.symbol: r.kind + ("_products" if r.symbol in self.derivation.products else "")
+                     + ("_twofold" if r.kind == "sum" and error_tail(r) in used else "")
                      + ("_keyed" if keys[r.symbol] is not None else "")
                      + ("_stashed" if r.symbol in self.stashed else "")
                      + ("_read" if r.symbol in self.vector_passes and r.kind != "sum" else "") for r in looped}
@@ -531,6 +533,13 @@ LOOP_CODE = {
     "sum": {"start": ["{r} = 0.0", "{r}_error = 0.0"],
             "step": ["_x = {r} + _s", "_z = _x - {r}", "{r}_error += ({r} - (_x - _z)) + (_s - _z)", "{r} = _x"],
             "finish": ["{r}_hi = {r}", "if math.isfinite({r}):", "    {r} += {r}_error"]},
+    # the same, the error part's own rounding errors kept too (stabilise_rows.error_tail)
+    "sum_twofold": {"start": ["{r} = 0.0", "{r}_error = 0.0", "{r}_error_tail = 0.0"],
+                    "step": ["_x = {r} + _s", "_z = _x - {r}", "_dx = ({r} - (_x - _z)) + (_s - _z)",
+                             "_ex = {r}_error + _dx", "_zx = _ex - {r}_error",
+                             "{r}_error_tail += ({r}_error - (_ex - _zx)) + (_dx - _zx)", "{r}_error = _ex",
+                             "{r} = _x"],
+                    "finish": ["{r}_hi = {r}", "if math.isfinite({r}):", "    {r} += {r}_error + {r}_error_tail"]},
     # the same, of products _s = a b, with their rounding errors in a part of their own (Dot2;
     # stabilise_rows.product_errors): R = hi + error + products' errors, hi + error as before
     "sum_products": {"start": ["{r} = 0.0", "{r}_error = 0.0", "{r}_products = 0.0"],

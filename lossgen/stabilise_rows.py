@@ -282,7 +282,7 @@ def tie_difference(u: sp.Symbol, r: Reduction) -> sp.Expr:
     first, second, at_first, at_second = top_two(r)
     hi, error = sum_parts(weight_sum(r))
     p1, p2 = sp.exp(at_first.symbol), sp.exp(at_second.symbol)
-    rest = exact_sum(hi, -p1, -p2, error)
+    rest = exact_sum(hi, -p1, -p2, error, error_tail(weight_sum(r)))
     g, plain = r.summand, 1 - 2 * sp.exp(u)
     return sp.Piecewise((plain, sp.Abs(plain) >= 0.5),  # no cancellation: no expm1 (most rows)
                         (sp.exp(u) * expm1(second.symbol - g) + rest, sp.Eq(onehot(first.index), 1)),
@@ -305,8 +305,9 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     where one class holds the row's mass: the Hessian of Poly-1, p_k ((1 - p_k)(w_y + eps p_y)
     - eps p_y p_k)), it is written homogeneous in (E, F, O): each term of degree d times
     (E + F + O)**(D - d), D the degree of P, expanded and collected. No constant is left to
-    cancel against the weights; O is the weights' compensated sum less E and F (exactly the
-    other classes' weights, where E + F is most of the row), and a coefficient such as
+    cancel against the weights; O is the weights' compensated sum less E and F, its error part
+    summed exactly too (:func:`error_tail`: exactly the other classes' weights, where E + F is
+    most of the row), and a coefficient such as
     w_y - eps is computed before it multiplies a weight. A factor F + O - E = 1 - 2 E of the
     collected form, which cancels where class k ties with another, is D of
     :func:`tie_difference`. Without F (at the element y itself, or where no take is read), P(E)
@@ -360,7 +361,7 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     placeholders = {e_: e, d_: tie_difference(u, r)}
     if takes:
         f = sp.exp(weights[1][0])
-        placeholders.update({f_: f, o_: exact_sum(hi, -e, -f, error)})
+        placeholders.update({f_: f, o_: exact_sum(hi, -e, -f, error, error_tail(weight_sum(r)))})
     else:
         placeholders[o_] = -expm1(u)
     if d_ in collected.free_symbols:
@@ -525,6 +526,16 @@ def sum_parts(r) -> tuple[sp.Symbol, sp.Symbol]:
     """The two parts of a compensated row sum R (see emit_rows.LOOP_CODE): the running sum
     and the rounding errors it dropped; R = hi + error, to twice the working precision."""
     return sp.Symbol(f"{r.symbol.name}_hi", real=True), sp.Symbol(f"{r.symbol.name}_error", real=True)
+
+
+def error_tail(r) -> sp.Symbol:
+    """The rounding errors of a compensated sum's error part, where a form reads them (see
+    emit_rows.LOOP_CODE "sum_twofold"): R = hi + error + tail, the error part summed exactly too.
+    The rest of a row of softmax weights, the weights' sum less the largest, holds the small
+    weights in the error part alone, rounded there to a unit of the largest of them: Poly-1's
+    Hessian at the defaults had relative error 0.69 at s = (58.0, -21.6, -58.3), y = 1, where
+    O = e^-116 is the rest beside p_y = e^-80 (1.5e-12 at s = (0, 418.2, 10.16), y = 2)."""
+    return sp.Symbol(f"{r.symbol.name}_error_tail", real=True)
 
 
 def _own_term_apart(expr: sp.Expr, derivation, held: dict) -> sp.Expr:
@@ -1469,7 +1480,7 @@ def stabilise_rows(derivation):
     sums += [q for r in derivation.reductions if r.kind == "logsumexp" for q in top_two(r)]
     sums += [replace(r, summand=stabilise_element(r.summand, derivation)) for pair in pairs
              for r in (pair.difference, pair.spread) if r not in derivation.reductions]
-    sums = [s for s in sums if used & {s.symbol, *sum_parts(s)}]
+    sums = [s for s in sums if used & {s.symbol, *sum_parts(s), error_tail(s)}]
     # the singular takes' scaled values and the logsumexps over the other classes they meet
     sums += [replace(s.scaled, summand=stabilise_element(s.scaled.summand, derivation))
              for s in singular if s.scaled.symbol in used]
