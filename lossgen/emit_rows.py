@@ -352,16 +352,16 @@ class _Body:
                     pairs.append(pair)
         return pairs
 
-    def level(self, r: Reduction, memo: dict) -> int:
+    def level(self, r: Reduction, memo: dict, owner: dict) -> int:
+        """1 + the level of the reductions ``r`` reads (``owner``: :meth:`owners`)."""
         if r.symbol not in memo:
-            owner = self.owners()
             inner = [self.reductions[s] for s in r.summand.free_symbols if s in self.reductions]
             inner += [self.reductions[owner[s]] for s in r.summand.free_symbols if s in owner]  # an arg-max
             if r.kind == "logsumexp_tail":
                 inner.append(self.reductions[r.index[0]])
             if r.kind == "take" and r.index in owner:  # at a max's or min's arg-max: after that reduction
                 inner.append(self.reductions[owner[r.index]])
-            memo[r.symbol] = 1 + max((self.level(i, memo) for i in inner), default=0)
+            memo[r.symbol] = 1 + max((self.level(i, memo, owner) for i in inner), default=0)
         return memo[r.symbol]
 
     def reductions_pass(self, exprs):
@@ -372,7 +372,8 @@ class _Body:
         used |= {s for r in needed for s in r.summand.free_symbols}
         pending = self.pairs_used(used | {r.symbol for r in needed})
         done: set = set()
-        for level in sorted({self.level(r, memo) for r in needed}):
+        owner = self.owners()
+        for level in sorted({self.level(r, memo, owner) for r in needed}):
             at_level = [r for r in needed if memo[r.symbol] == level]
             for r in (r for r in at_level if r.kind == "take"):
                 self.emit(2, f"_k = {self.printer.doprint(self.rename(r.index))}")

@@ -241,6 +241,14 @@ def weight_sum(r: Reduction) -> Reduction:
     return Reduction(sp.Symbol(f"{r.symbol.name}_w", real=True), "sum", sp.exp(r.summand - r.symbol))
 
 
+def weights_less(r: Reduction, *taken: sp.Expr) -> sp.Expr:
+    """The rest of the row: :func:`weight_sum` of R less the weights ``taken`` (the same floats
+    as it summed), one exact sum of its parts, its error part's own errors (:func:`error_tail`)
+    among them."""
+    hi, error = sum_parts(weight_sum(r))
+    return exact_sum(hi, *(-w for w in taken), error, error_tail(weight_sum(r)))
+
+
 def top_two(r: Reduction) -> tuple[Reduction, Reduction, Reduction, Reduction]:
     """The row's two largest summands g of R = logsumexp(g), each with its arg-max a1, a2 (the
     first on ties; a2 = a1 at C = 1, where the second is -inf), and the log-weights g - R at a1
@@ -280,9 +288,8 @@ def tie_difference(u: sp.Symbol, r: Reduction) -> sp.Expr:
     several others together, where the rest, a sum of rounded weights, cancels p_m - p_k
     (p = (1/2, 1/4, 1/4))."""
     first, second, at_first, at_second = top_two(r)
-    hi, error = sum_parts(weight_sum(r))
     p1, p2 = sp.exp(at_first.symbol), sp.exp(at_second.symbol)
-    rest = exact_sum(hi, -p1, -p2, error, error_tail(weight_sum(r)))
+    rest = weights_less(r, p1, p2)
     g, plain = r.summand, 1 - 2 * sp.exp(u)
     return sp.Piecewise((plain, sp.Abs(plain) >= 0.5),  # no cancellation: no expm1 (most rows)
                         (sp.exp(u) * expm1(second.symbol - g) + rest, sp.Eq(onehot(first.index), 1)),
@@ -356,12 +363,11 @@ def _simplex_weights(expr: sp.Expr, u: sp.Symbol, back: sp.Expr, r: Reduction, d
     collected = _as_tie_difference(_by_coefficient(homogeneous), sp.Add(*gens[1:]) + o_ - e_, d_)
     if not ((vanishes and takes) or d_ in collected.free_symbols):
         return expr, {}
-    hi, error = sum_parts(weight_sum(r))
     e = sp.exp(u)
     placeholders = {e_: e, d_: tie_difference(u, r)}
     if takes:
         f = sp.exp(weights[1][0])
-        placeholders.update({f_: f, o_: exact_sum(hi, -e, -f, error, error_tail(weight_sum(r)))})
+        placeholders.update({f_: f, o_: weights_less(r, e, f)})
     else:
         placeholders[o_] = -expm1(u)
     if d_ in collected.free_symbols:
