@@ -337,6 +337,7 @@ def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
+        _t0_0 = 1.0 - _e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -347,12 +348,12 @@ def _loss_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _xlog1py((1.0 - _e_y)*(1.0 - beta), -_e_p) + _xlogy(_e_y*beta, _e_p)
+        _s = _xlog1py(_t0_0*(1.0 - beta), -_e_p) + _xlogy(_e_y*beta, _e_p)
         _x = _r3 + _s
         _z = _x - _r3
         _r3_error += (_r3 - (_x - _z)) + (_s - _z)
         _r3 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _e_p*_t0_0 + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -488,13 +489,12 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
                 _xt[0] = 1.0
                 _xm = 1
                 _xt_s = 0
-                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
-                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
+                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
                 _xm = 1
                 _xt_s = 0
-                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r4, _x_r4_n, _x_r4_s, _xu)
+                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -573,7 +573,6 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t0_0 = _e_p*_e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -584,12 +583,12 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _t0_0
+        _s = _e_p*_e_y
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
-        _s = _e_p + _e_y - 2.0*_t0_0
+        _s = _e_p*(1.0 - _e_y) + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -655,7 +654,7 @@ def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xbuffer = np.empty((10, 64))
+    _xbuffer = np.empty((11, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
     _xa = _xbuffer[2]
@@ -664,14 +663,17 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _x_r0 = _xbuffer[5]
     _x_r1 = _xbuffer[6]
     _x_r4 = _xbuffer[7]
-    _xA0_0 = _xbuffer[8]
-    _xA0_1 = _xbuffer[9]
+    _x_m_p_y = _xbuffer[8]
+    _xA0_0 = _xbuffer[9]
+    _xA0_1 = _xbuffer[10]
     _x_r0_n = 0
     _x_r0_s = 0
     _x_r1_n = 0
     _x_r1_s = 0
     _x_r4_n = 0
     _x_r4_s = 0
+    _x_m_p_y_n = 0
+    _x_m_p_y_s = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -682,12 +684,17 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
         _x_r4_n, _x_r4_s = _xgrow_s(_x_r4, _x_r4_n, _x_r4_s, -_xl, _xe + 1)
         _x_r4_n, _x_r4_s = _xgrow_s(_x_r4, _x_r4_n, _x_r4_s, _e_p, 0)
         _x_r4_n, _x_r4_s = _xgrow_s(_x_r4, _x_r4_n, _x_r4_s, _e_y, 0)
+        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xh, _xe)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xl, _xe)
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
     _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
     _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
     _x_r4_s = _xnormalize(_x_r4, _x_r4_n, _x_r4_s)
+    _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
+    _x_m_p_y_s = _xnormalize(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
     _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
     _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
@@ -769,17 +776,8 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
                 _xt[0] = 1.0
                 _xm = 1
                 _xt_s = 0
-                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
-                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
-                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r4, _x_r4_n, _x_r4_s, _xu)
+                _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -845,7 +843,7 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _e_p*(1.0 - _e_y) + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -937,7 +935,6 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t0_0 = _e_p*_e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -948,12 +945,12 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _t0_0
+        _s = _e_p*_e_y
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
-        _s = _e_p + _e_y - 2.0*_t0_0
+        _s = _e_p*(1.0 - _e_y) + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -1067,7 +1064,7 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
-        _t0_0 = _e_p*_e_y
+        _t0_0 = 1.0 - _e_y
         _s = _e_p
         _x = _r0 + _s
         _z = _x - _r0
@@ -1078,17 +1075,17 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = _t0_0
+        _s = _e_p*_e_y
         _x = _r2 + _s
         _z = _x - _r2
         _r2_error += (_r2 - (_x - _z)) + (_s - _z)
         _r2 = _x
-        _s = _xlog1py((1.0 - _e_y)*(1.0 - beta), -_e_p) + _xlogy(_e_y*beta, _e_p)
+        _s = _xlog1py(_t0_0*(1.0 - beta), -_e_p) + _xlogy(_e_y*beta, _e_p)
         _x = _r3 + _s
         _z = _x - _r3
         _r3_error += (_r3 - (_x - _z)) + (_s - _z)
         _r3 = _x
-        _s = _e_p + _e_y - 2.0*_t0_0
+        _s = _e_p*_t0_0 + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -1224,7 +1221,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _e_p*(1.0 - _e_y) + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)
@@ -1327,7 +1324,7 @@ def hvp_kernel_parallel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
 def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
-    _xbuffer = np.empty((13, 64))
+    _xbuffer = np.empty((14, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
     _xa = _xbuffer[2]
@@ -1336,17 +1333,20 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _x_r0 = _xbuffer[5]
     _x_r1 = _xbuffer[6]
     _x_r4 = _xbuffer[7]
-    _xA0_0 = _xbuffer[8]
-    _xA0_1 = _xbuffer[9]
-    _xA1_0 = _xbuffer[10]
-    _xA1_1 = _xbuffer[11]
-    _xA1_2 = _xbuffer[12]
+    _x_m_p_y = _xbuffer[8]
+    _xA0_0 = _xbuffer[9]
+    _xA0_1 = _xbuffer[10]
+    _xA1_0 = _xbuffer[11]
+    _xA1_1 = _xbuffer[12]
+    _xA1_2 = _xbuffer[13]
     _x_r0_n = 0
     _x_r0_s = 0
     _x_r1_n = 0
     _x_r1_s = 0
     _x_r4_n = 0
     _x_r4_s = 0
+    _x_m_p_y_n = 0
+    _x_m_p_y_s = 0
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1357,12 +1357,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
         _x_r4_n, _x_r4_s = _xgrow_s(_x_r4, _x_r4_n, _x_r4_s, -_xl, _xe + 1)
         _x_r4_n, _x_r4_s = _xgrow_s(_x_r4, _x_r4_n, _x_r4_s, _e_p, 0)
         _x_r4_n, _x_r4_s = _xgrow_s(_x_r4, _x_r4_n, _x_r4_s, _e_y, 0)
+        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xh, _xe)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xl, _xe)
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
     _x_r1_s = _xnormalize(_x_r1, _x_r1_n, _x_r1_s)
     _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
     _x_r4_s = _xnormalize(_x_r4, _x_r4_n, _x_r4_s)
+    _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
+    _x_m_p_y_s = _xnormalize(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
     _r0 = _xvalue_s(_x_r0, _x_r0_n, _x_r0_s)
     _r1 = _xvalue_s(_x_r1, _x_r1_n, _x_r1_s)
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
@@ -1465,17 +1470,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xt[0] = 1.0
                         _xm = 1
                         _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r4, _x_r4_n, _x_r4_s, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1603,17 +1599,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xt[0] = 1.0
                         _xm = 1
                         _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
-                        _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
-                        _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
-                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r4, _x_r4_n, _x_r4_s, _xu)
+                        _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
+                        _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1679,7 +1666,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _z = _x - _r1
         _r1_error += (_r1 - (_x - _z)) + (_s - _z)
         _r1 = _x
-        _s = -2.0*_e_p*_e_y + _e_p + _e_y
+        _s = _e_p*(1.0 - _e_y) + _e_y*(1.0 - _e_p)
         _x = _r4 + _s
         _z = _x - _r4
         _r4_error += (_r4 - (_x - _z)) + (_s - _z)

@@ -221,6 +221,13 @@ class RowProgram:
         return HessianBlock(_d(gradient, x), tuple(outer))
 
 
+def unit_inputs(spec) -> frozenset:
+    """The symbols of the row inputs whose domain is [0, 1] (probabilities, masks), for which
+    1 - x is exact or nearly so: :func:`lossgen.fuse_rows.accurate` reads their sign."""
+    return frozenset(spec.symbols[i.name] for i in spec.inputs
+                     if i.axis and DOMAINS[i.domain].low == 0 and DOMAINS[i.domain].high == 1)
+
+
 def derive_rows(spec: LossSpec) -> RowDerivation:
     """Lower a row-wise loss and derive its gradient, Hessian (diagonal, blocks) and
     Hessian-vector product with respect to each prediction."""
@@ -228,9 +235,7 @@ def derive_rows(spec: LossSpec) -> RowDerivation:
     directions = tuple(sp.Symbol(f"_v_{p.name}", real=True) for p in spec.predictions)
     element_symbols = {spec.symbols[i.name] for i in spec.inputs if i.axis} | set(directions)
     program = RowProgram(element_symbols)
-    unit = frozenset(spec.symbols[i.name] for i in spec.inputs
-                     if i.axis and DOMAINS[i.domain].low == 0 and DOMAINS[i.domain].high == 1)
-    loss = fuse_row_cancellations(program, program.lower(spec.loss), unit)
+    loss = fuse_row_cancellations(program, program.lower(spec.loss), unit_inputs(spec))
     grads = tuple(program.gradient(loss, x) for x in predictions)
     # the Hessian from the plain quotient of a single close pair, and a share's complement where
     # the share is the larger part (fuse_rows.hessian_forms)

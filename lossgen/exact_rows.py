@@ -24,8 +24,10 @@ A_m a product of its factors' expansions, every product split exactly by fused m
 num(k) is rounded once; the denominator's row-level factors likewise, each rounded once, and
 num divided by each. Each expansion carries a binary scale (its value is 2^s times the sum of
 its parts; products are taken from the mantissas), so inputs at 1e-300 keep the error parts of
-their products; a sum is exact to 2^-1022 of its largest term. Where that value is not finite
-(an overflowing product, a zero denominator) the fast value stays.
+their products; a sum is exact to 2^-1022 of its largest term. The A_m read the row sums of
+single monomials (:func:`monomial_sums`), so that reductions that cancel each other (a union U
+and U - I) cancel in the algebra, not in expansions rounded at 2^-1022 of U. Where that value is
+not finite (an overflowing product, a zero denominator) the fast value stays.
 
 A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the same way over
 the elements j and l (:func:`plan_block`); the kernels test it as outer products of per-element
@@ -47,6 +49,7 @@ output qualifies by its form alone; no loss is named.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -86,6 +89,11 @@ class Fallback:
     denominator: tuple                 # ((base, exponent), ...): numbers, symbols, row polynomials
     rest: sp.Expr                      # the stable output's terms without reductions
     reductions: dict                   # reduction symbol -> ((coefficient, factors), ...) its summand's monomials
+    # the row sums of single monomials that ``groups`` read (:func:`monomial_sums`): symbol ->
+    # ((1, factors),), and each reduction as their sum (the denominator's factors are written in
+    # the reductions, for the kernels' test, and read in these sums where recomputed)
+    sums: dict = field(default_factory=dict)
+    in_sums: dict = field(default_factory=dict)
     # the bound's sums of magnitudes: symbol -> sum_k |summand| of a reduction whose summand
     # may be negative (see :func:`magnitude_sums`)
     magnitudes: dict = field(default_factory=dict)
@@ -383,6 +391,31 @@ def _conditions_of(regions) -> sp.Expr:
     return sp.Piecewise(*[(sp.Integer(r), c) for r, (c, _) in enumerate(regions)])
 
 
+def monomial_sums(summands: dict) -> tuple[dict, dict]:
+    """The row sums of the monomials of the reductions' summands ``summands`` ({reduction:
+    ((coefficient, factors), ...)}), one symbol each: ({symbol: ((1, factors),)}, {reduction:
+    sum_m c_m S_m}). A reduction that is the sum of one monomial is its own. The exact
+    recomputation reads the coefficients A_m in these, so that sums that cancel between
+    reductions cancel in the algebra: Jaccard's U - (U - I) is I, exact, where expansions of U
+    and U - I each lose the parts below 2^-1022 of their size (its Hessian's numerator at
+    y = (1e-300, 1e-16), p = (1e-16, 1e-300), 4e-600 from terms of 4e-316, needs U to 1e-584 of
+    its size; I = sum(p y) holds its own parts)."""
+    own = {terms[0][1]: r for r, terms in summands.items() if len(terms) == 1 and terms[0][0] == 1}
+    sums, in_sums = {r: terms for r, terms in summands.items() if r in own.values()}, {}
+    for r, terms in summands.items():
+        if r in own.values():
+            continue
+        total = []
+        for c, factors in terms:
+            if factors not in own:
+                name = "_m_" + "_".join(re.sub(r"\W", "", f.name) for f in factors) if factors else "_m_1"
+                own[factors] = sp.Symbol(name)
+                sums[own[factors]] = ((1, factors),)
+            total.append(c * own[factors])
+        in_sums[r] = sp.Add(*total)
+    return sums, in_sums
+
+
 def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters,
                  conditions: sp.Expr | None = None, ranges: dict | None = None) -> Fallback | None:
     """One region's plan. With ``conditions`` (the row's regions, :func:`_conditions_of`) the
@@ -422,8 +455,8 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
         if summands[r] is None:
             return None
     rows = sorted(used, key=sp.default_sort_key)
-    generators = elements + others + [s for s in sorted(numerator.free_symbols - element_set - set(parameters)
-                                                          - set(rows), key=sp.default_sort_key)] + rows
+    free = sorted(numerator.free_symbols - element_set - set(parameters) - set(rows), key=sp.default_sort_key)
+    generators = elements + others + free + rows
     numerator_terms = monomials(numerator, generators)
     if numerator_terms is None:
         return None
@@ -431,14 +464,14 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
         # a branch's sign in its denominator, so that branches that differ in sign alone (1 - cos
         # and cos - margin) share their numerator's code (:func:`_numerator_groups`)
         numerator, denominator = -numerator, -denominator
-        numerator_terms = monomials(numerator, generators)
     # grouped by the element's monomial e_m: A_m is a row value, computed once per row (exactly
-    # in the fallback, rounded in the kernels' test)
+    # in the fallback, from the monomials' sums; rounded in the kernels' test, from the reductions)
+    sums, in_sums = monomial_sums(summands)
     groups: dict = {}
-    for c, fs in numerator_terms:
+    for c, fs in monomials(numerator.xreplace(in_sums), elements + others + free + sorted(sums, key=sp.default_sort_key)):
         element = tuple(f for f in fs if f in element_set)
-        groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in element_set and f not in reduction_symbols),
-                                               tuple(f for f in fs if f in reduction_symbols)))
+        groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in element_set and f not in sums),
+                                               tuple(f for f in fs if f in sums)))
     # the test: by the element's monomials and the row sums, each coefficient a polynomial in the
     # parameters as one factored value (combo's (1 - alpha)(2 I + smooth), not 2 I + smooth less
     # alpha (2 I + smooth) apart: the magnitudes of those terms would add to (1 + alpha)(...))
@@ -466,7 +499,7 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
             return None
         factors.append((base, exponent))
     return Fallback(tests=tests, groups=tuple((element, tuple(terms)) for element, terms in groups.items()),
-                    denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands,
+                    denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands, sums=sums, in_sums=in_sums,
                     magnitudes={m: sp.Abs(reductions[r].summand) for r, m in magnitudes.items()})
 
 
@@ -529,15 +562,16 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     tests' bounds), and the values of the kernels' tests. Each plan's own part
     (:func:`_emit_plan_setup`) waits for the first element that needs it; ``denominators``: the
     plans whose denominators are computed apart (:func:`_split`)."""
-    reductions = {}
+    reductions, sums = {}, {}
     for p in plans.values():
         reductions.update(p.reductions)
-    names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in reductions]
+        sums.update({s: t for s, t in p.sums.items() if s not in p.reductions})
+    names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in {**reductions, **sums}]
     names += [f"_xA{j}_{m}" for j, p in plans.items() for m in range(len(p.groups))]
     body.emit(2, f"_xbuffer = np.empty(({len(names)}, {EXPANSION}))")
     for row, name in enumerate(names):
         body.emit(2, f"{name} = _xbuffer[{row}]")
-    for r in reductions:
+    for r in {**reductions, **sums}:
         body.emit(2, f"_x{r.name}_n = 0")
         body.emit(2, f"_x{r.name}_s = 0")
     magnitudes = {}
@@ -546,14 +580,15 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     for m in magnitudes:
         body.emit(2, f"{printed(m)} = 0.0")
     body.emit(2, "for _k in range(_n):")
-    body.bind([sp.Mul(*f) for terms in reductions.values() for _, f in terms] + list(magnitudes.values()), 3)
+    every = {**reductions, **sums}
+    body.bind([sp.Mul(*f) for terms in every.values() for _, f in terms] + list(magnitudes.values()), 3)
     for m, summand in magnitudes.items():
         body.emit(3, f"{printed(m)} += {printed(summand)}")
-    for r, terms in reductions.items():
+    for r, terms in every.items():
         for coefficient, factors in terms:
             for line in product_lines(coefficient, factors, (), printed, f"_x{r.name}"):
                 body.emit(3, line)
-    for r in reductions:
+    for r in every:
         body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
         body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
     # the kernels' test again, on the row sums rounded from their expansions
@@ -618,7 +653,7 @@ def _emit_numerator_setup(body, j, p: Fallback, printed, indent: int):
             body.emit(indent, f"{target}_n = 0")
             body.emit(indent, f"{target}_s = 0")
             monomials = [(content * c, fs) for c, fs in factors[0][0]]
-            for line in _sum_lines(monomials, p.reductions, printed, target):
+            for line in _sum_lines(monomials, p.sums, printed, target):
                 body.emit(indent, line)
         else:
             body.emit(indent, f"_xp[0] = {float(content)!r}")
@@ -627,7 +662,7 @@ def _emit_numerator_setup(body, j, p: Fallback, printed, indent: int):
             for monomials, multiplicity in factors:
                 body.emit(indent, "_xf_n = 0")
                 body.emit(indent, "_xf_s = 0")
-                for line in _sum_lines(monomials, p.reductions, printed, "_xf"):
+                for line in _sum_lines(monomials, p.sums, printed, "_xf"):
                     body.emit(indent, line)
                 body.emit(indent, "_xf_n = _xcompress(_xf, _xf_n, _xu)")
                 body.emit(indent, "_xf_s = _xnormalize(_xf, _xf_n, _xf_s)")
@@ -713,8 +748,8 @@ def _emit_division(body, j, p: Fallback, indent: int):
 
 def _same_numerator(f: Fallback, g: Fallback) -> bool:
     """Do two regions' plans differ in their denominators alone (a norm and eps)?"""
-    return (f.tests, f.groups, f.rest, f.reductions, f.magnitudes) == (g.tests, g.groups, g.rest, g.reductions,
-                                                                         g.magnitudes)
+    return (f.tests, f.groups, f.rest, f.reductions, f.sums, f.magnitudes) == (g.tests, g.groups, g.rest, g.reductions,
+                                                                                 g.sums, g.magnitudes)
 
 
 def _numerator_groups(regions) -> list:

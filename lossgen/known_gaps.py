@@ -54,26 +54,6 @@ def _cosine_gap(output, point, entry):
         return any(size(v) < tiny or size(v) / factor_scale < tiny for v in elements)
 
 
-def _jaccard_underflow_gap(output, point, entry):
-    """Hessian entry H_jl = (2 u_l (y_j U - I u_j) - U (y_j u_l - y_l u_j))/U**3 of the soft
-    Jaccard loss (I = sum(p y), U = sum(p + y - p y) + smooth, u = 1 - y), exact in rationals,
-    below the smallest normal float where U is not: its numerator cancels further than 2**-1022
-    of U's terms (at y = (1e-300, 1e-16), p = (1e-16, 1e-300), smooth = 0: 2e-600 from terms of
-    2e-316, U needed to 1e-584 of its size)."""
-    if not output.startswith("hess"):
-        return False
-    y = [Fraction(float(v)) for v in _row_of(point, "y")]
-    p = [Fraction(float(v)) for v in _row_of(point, "p")]
-    u = [1 - v for v in y]
-    i = sum(a * b for a, b in zip(p, y))
-    w = sum(a + b - a * b for a, b in zip(p, y)) + Fraction(point["smooth"])
-    j, l = entry
-    if w == 0:
-        return False
-    h = (2 * u[l] * (y[j] * w - i * u[j]) - w * (y[j] * u[l] - y[l] * u[j])) / w**3
-    return abs(h) < Fraction(2) ** -1022 and w >= Fraction(2) ** -1022
-
-
 def _ssim_gap(output, point, entry):
     """Hessian entry (j, l) of global SSIM, 1 - l cs, in the forms the kernel differentiates
     (fuse_rows.hessian_forms): near the target (l cs >= 1/2) l = 1 - P/A, P = (mu_x - mu_y)**2,
@@ -171,12 +151,6 @@ ROW_KNOWN_GAPS = {
                                "l'' = -(2/A - 2 (mu_x - mu_y)**2/A**2) = -2 C1/A**2, terms of 2 for 2e-4 "
                                "(relative error 6.6e-12); reachable only by differentiating l = N1/A and "
                                "cs = N2/B there (N1 = 2 mu_x mu_y + C1, N2 = 2 cov + C2)"),
-    "soft_jaccard": (_jaccard_underflow_gap, "a Hessian entry below the smallest normal float whose numerator "
-                                             "cancels beyond 2**-1022 of the row sum U's terms (y = (1e-300, 1e-16), "
-                                             "p = (1e-16, 1e-300), smooth = 0: 2e-600 from terms of 2e-316; the entry "
-                                             "5e-553 is 0 in float64, the kernel's -8.3e-293): the exact fallback's "
-                                             "expansions hold a sum to 2**-1022 of its size (one binary scale each); "
-                                             "reachable only with a scale per part (a multi-precision float)"),
     "poly1_cross_entropy": (_poly1_gap, "where a class of the row's two largest ties for the row's mass with several "
                                         "classes together (p = (1/2, 1/4, 1/4)), a Hessian entry that holds its "
                                         "1 - 2 p_c = (p_m - p_c) + the rest of the row, whose two terms cancel: the "

@@ -64,10 +64,10 @@ from sympy.codegen.cfunctions import expm1
 from sympy.core.traversal import bottom_up
 
 from .derive import tidy
-from .derive_rows import HessianBlock, Reduction, varies_along_row
+from .derive_rows import HessianBlock, Reduction, unit_inputs, varies_along_row
 from .domains import axis_ranges, nonnegative_on
 from .exact_rows import in_exact_arithmetic, monomials
-from .fuse_rows import MAX_OPS, accurate_form, close_summands
+from .fuse_rows import MAX_OPS, accurate, accurate_form, close_summands
 from .reductions import onehot
 from .stabilise import apply_last, direct_form, spec_domains
 from .vocabulary import binary_scale, exact_sum, exprel, fma, group, in_scale, real_group, terms_size, two_scaled
@@ -1185,7 +1185,21 @@ def stabilise_element(expr: sp.Expr, derivation, pairs=(), singular=()) -> sp.Ex
     close norms (:func:`close_pairs`), ``singular`` its singular takes (:func:`singular_takes`)."""
     held = {}  # placeholder -> an element term that the rewrites must leave as it is
     stable = _stabilise_element(expr, derivation, pairs, singular, held)
-    return stable.xreplace({s.placeholder: sp.exp(s.rest_weight) for s in singular}).xreplace(held)
+    stable = stable.xreplace({s.placeholder: sp.exp(s.rest_weight) for s in singular}).xreplace(held)
+    return _one_signed_kept(expr, stable, derivation)
+
+
+def _one_signed_kept(expr: sp.Expr, stable: sp.Expr, derivation) -> sp.Expr:
+    """``expr`` itself where it is a polynomial in the row's inputs that adds terms of one sign
+    (:func:`lossgen.fuse_rows.accurate`: a fused sum's summand in its corner form) and ``stable``
+    is not: the rewrites' tidying keeps the shortest form, and Jaccard's p (1 - y) + (1 - p) y
+    as p + y - 2 p y is 2^-52 for 2^-53 at p = 1, y = 1 - 2^-53 (its loss had relative error 1
+    at y = (1 - 2^-53, 1e-300), p = (1, 0))."""
+    inputs = derivation.element_symbols
+    if stable == expr or not (expr.free_symbols <= inputs and expr.is_polynomial(*inputs)):
+        return stable
+    unit = unit_inputs(derivation.spec)
+    return expr if accurate(expr, unit) and not accurate(stable, unit) else stable
 
 
 def _stabilise_element(expr: sp.Expr, derivation, pairs, singular, held) -> sp.Expr:

@@ -101,9 +101,8 @@ def test_row_kernels_match_the_expanded_truth_at_other_parameters(name, values):
 
 # Rows where a known gap shows that the verification's sample (ROW_POINTS random and extreme
 # rows per size, at the defaults) does not reach, with parameters other than the defaults where
-# given: checked as well as the sample (soft_jaccard's is at smooth = 0).
+# given: checked as well as the sample.
 ROW_GAP_WITNESSES = {
-    "soft_jaccard": [{"y": [1e-300, 1e-16], "p": [1e-16, 1e-300], "smooth": 0.0}],
     # class 0 ties with classes 1 and 2 together: 1 - 2 p_0 = 5e-10 from weights 1, 1/2, 1/2
     "poly1_cross_entropy": [{"y": 0, "s": [0.0, math.log(0.5), math.log(0.5) + 1e-9], "w": [0.0, 0.0, 0.0]}],
     # an outer-product factor below the normal range (entry (1, 0) of x2's block, 1e-282, is 0)
@@ -178,6 +177,9 @@ EXACT_FALLBACK_ROWS = [
     ("dice", {}, [1e-16, 1e-16, 1e-300], [1e-16, 1 - 2.0**-53, 1e-300]),
     ("combo", {}, [1 - 2.0**-53, 1e-300], [1 - 2.0**-53, 1e-16]),
     ("combo", {}, [0.0, 0.5, 1e-300], [1e-300, 0.0, 0.5]),
+    # the Hessian's numerator, 4e-600 from terms of 4e-316, needs sum(p y) to its own last parts
+    # (exact_rows.monomial_sums): 0 in float64, where expansions of U and U - I gave -8.3e-293
+    ("soft_jaccard", {"smooth": 0.0}, [1e-300, 1e-16], [1e-16, 1e-300]),
 ]
 
 
@@ -853,6 +855,25 @@ def test_dice_and_soft_jaccard_hessians_keep_their_digits_where_their_terms_canc
     v = np.array([[1.0, 1.0]])
     np.testing.assert_allclose(jaccard.hvp(y, p, v=v)[0], np.sum(full, axis=1), rtol=1e-15)
 
+
+
+def test_soft_jaccard_keeps_its_fused_sum_in_the_corner_form_where_p_and_y_are_near_one():
+    """Soft Jaccard's U - I is one fused sum, sum(p (1 - y) + (1 - p) y) (fuse_rows' corner form,
+    every term >= 0); the stabiliser kept tidy's shorter p + y - 2 p y, which at p = 1,
+    y = 1 - 2**-53 is 2**-52 for 2**-53 (loss relative error 1 at the first row, 0.26 at the
+    second). Exact truth in rationals; then every output against the expanded truth."""
+    jaccard, spec = lossgen.get("soft_jaccard"), load_spec(ROW_PATHS["soft_jaccard"])
+    for y, p, smooth in (([1 - 2.0**-53, 1e-300], [1.0, 0.0], 1.0),
+                         ([1e-300, 1e-300, 1.0], [2.0**-52, 1e-16, 1 - 2.0**-53], 2.5)):
+        fy, fp = [Fraction(v) for v in y], [Fraction(v) for v in p]
+        i = sum(a * b for a, b in zip(fp, fy))
+        u = sum(a + b - a * b for a, b in zip(fp, fy))
+        truth = float(1 - (i + Fraction(smooth)) / (u + Fraction(smooth)))
+        assert math.isclose(jaccard.loss(np.array([y]), np.array([p]), smooth=smooth, reduction="none")[0], truth,
+                            rel_tol=1e-15)
+        rows = check_size(jaccard, spec, len(y), [{"y": np.array(y), "p": np.array(p)}], {"smooth": smooth})
+        failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE) and not r.output.startswith("grad vs")]
+        assert not failures, "\n" + format_report(failures)
 
 def test_arcface_is_cross_entropy_with_an_additive_angular_margin():
     """Deng et al. 2019, eq. 3, transcribed: logits s cos(theta_j), s cos(theta_y + m) at the true class."""
