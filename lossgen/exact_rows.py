@@ -562,10 +562,11 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     tests' bounds), and the values of the kernels' tests. Each plan's own part
     (:func:`_emit_plan_setup`) waits for the first element that needs it; ``denominators``: the
     plans whose denominators are computed apart (:func:`_split`)."""
-    reductions, sums = {}, {}
+    reductions, sums, derived = {}, {}, {}
     for p in plans.values():
         reductions.update(p.reductions)
         sums.update({s: t for s, t in p.sums.items() if s not in p.reductions})
+        derived.update(p.in_sums)
     names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in {**reductions, **sums}]
     names += [f"_xA{j}_{m}" for j, p in plans.items() for m in range(len(p.groups))]
     body.emit(2, f"_xbuffer = np.empty(({len(names)}, {EXPANSION}))")
@@ -585,10 +586,18 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     for m, summand in magnitudes.items():
         body.emit(3, f"{printed(m)} += {printed(summand)}")
     for r, terms in every.items():
-        for coefficient, factors in terms:
+        for coefficient, factors in terms if r not in derived else ():
             for line in product_lines(coefficient, factors, (), printed, f"_x{r.name}"):
                 body.emit(3, line)
     for r in every:
+        if r not in derived:
+            body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
+            body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
+    # a reduction of several monomials from their sums, exactly (one pass over the row fewer)
+    for r, total in derived.items():
+        for line in _sum_lines(monomials(total, sorted(total.free_symbols, key=sp.default_sort_key)), every,
+                               printed, f"_x{r.name}"):
+            body.emit(2, line)
         body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
         body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
     # the kernels' test again, on the row sums rounded from their expansions

@@ -54,27 +54,31 @@ def _cosine_gap(output, point, entry):
         return any(size(v) < tiny or size(v) / factor_scale < tiny for v in elements)
 
 
+SSIM_FACTOR = 1000
+
+
 def _ssim_gap(output, point, entry):
-    """Hessian entry (j, l) of global SSIM, 1 - l cs, in the forms the kernel differentiates
-    (fuse_rows.hessian_forms): near the target (l cs >= 1/2) l = 1 - P/A, P = (mu_x - mu_y)**2,
-    A = mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y), B = var(x) + var(y) + C2; far
-    from it l = N1/A, N1 = 2 mu_x mu_y + C1, and cs = N2/B, N2 = 2 cov(x, y) + C2. The entry,
-    -(l'' cs + l'_j cs'_l + l'_l cs'_j + l cs''), each quotient-rule term apart, cancels below
-    1/100 of their size: an outer product l'_j cs'_l + l'_l cs'_j whose factors cancel by
-    coincidence (C = 2, x = 0: l' is the same at both elements and cs'_0 + cs'_1 = 0, where
-    the entry is l'' cs + l cs'' = 2e-7 beside terms of 1); or where an element of j or l is
-    at its row's mean to 1/1000 of itself (y_1 - mu_y = 3.7e-17 at y = (1e-300, 0.5, 1 - 2**-53):
-    relative error 1.3e-11). 1/100, not 1/1000: the kernel's
-    terms are products of row sums and means, each rounded several times (at y = (1e-300, 0.5,
-    1 - 2**-53), x = (1e-16, 0, 1e-300), C1 = 2.5e-4, C2 = 2.25e-3, the terms of entry (1, 1)
-    cancel to 1/616, and its relative error is 2.1e-12). hvp: any entry of the row j."""
-    if not output.startswith(("hess", "hvp")):
+    """Off-diagonal Hessian entry (j, l) of global SSIM, 1 - l cs, in the forms the kernel
+    differentiates (fuse_rows.hessian_forms): near the target (l cs >= 1/2) l = 1 - P/A,
+    P = (mu_x - mu_y)**2, A = mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y),
+    B = var(x) + var(y) + C2; far from it l = N1/A, N1 = 2 mu_x mu_y + C1, and cs = N2/B,
+    N2 = 2 cov(x, y) + C2. The entry, -(l'' cs + l'_j cs'_l + l'_l cs'_j + l cs''), each
+    quotient-rule term apart, cancels below 1/SSIM_FACTOR of their size: an outer product
+    l'_j cs'_l + l'_l cs'_j whose factors cancel by coincidence (C = 2, x = 0: l' is the same at
+    both elements and cs'_0 + cs'_1 = 0, where the entry is l'' cs + l cs'' = 2e-7 beside terms
+    of 1; C = 3, y = (1e-300, 0.5, 1 - 2**-53), x = (1e-16, 0, 1e-300): y_0 + y_2 - 2 mu_y =
+    -3.7e-17, entry (0, 2) relative error 3.2e-10). The diagonal's l'_j cs'_j is one product of
+    deviations from the means, accurate since the means' residuals are exact
+    (stabilise_rows.mean_residuals: entry (1, 1) there had 1.3e-11). hvp: any entry of the row j."""
+    if not output.startswith(("hess_full", "hvp")):
         return False
     x = [mpmath.mpf(float(v)) for v in _row_of(point, "x")]
     y = [mpmath.mpf(float(v)) for v in _row_of(point, "y")]
     n = len(x)
     if output.startswith("hvp"):
-        return any(_ssim_gap("hess_full", point, (entry[0], l)) for l in range(n))
+        return any(_ssim_gap("hess_full", point, (entry[0], l)) for l in range(n) if l != entry[0])
+    if entry[0] == entry[1]:
+        return False
     with mpmath.workdps(50):
         return _ssim_entry_gap(x, y, n, entry, mpmath.mpf(point["C1"]), mpmath.mpf(point["C2"]))
 
@@ -112,10 +116,7 @@ def _ssim_entry_gap(x, y, n, entry, c1, c2) -> bool:
     terms += [-t * lum for t in second(f2, b_, df2, db, ddf2, ddb)]
     terms += [-s * t for s in first(f1, a_, df1, da, 0) for t in first(f2, b_, df2, db, 1)]
     terms += [-s * t for s in first(f1, a_, df1, da, 1) for t in first(f2, b_, df2, db, 0)]
-    # or an element at its row's mean: the kernel's y_j - mu_y is y_j less the rounded mean, less
-    # that mean's error as a sum of rounded deviations
-    at_mean = any(row[k] != mean and _cancels(row[k], -mean) for row, mean in ((x, mx), (y, my)) for k in (j, l))
-    return _cancels(*terms, factor=100) or at_mean
+    return _cancels(*terms, factor=SSIM_FACTOR)
 
 
 def _poly1_gap(output, point, entry):

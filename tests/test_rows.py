@@ -636,6 +636,34 @@ def test_global_ssim_keeps_its_gradient_where_the_similarity_is_small():
                 assert abs((value - truth) / truth) < 1e-12, (order, j, value, truth)
 
 
+# Rows with an element at its row's mean to the last digits (y_1 - mu_y = 2**-53/3 at the first),
+# where global SSIM's Hessian diagonal is small beside its terms' factors (x near 0): the
+# deviation y_j - mu_y is y_j less the rounded mean plus the mean's residual, which was a sum of
+# rounded deviations over the row (relative errors 1.3e-11, 1.3e-11 and 1e-11 of the diagonal
+# before stabilise_rows.mean_residuals; at the last row, x_3 - mu_x = -2.8e-17 near the target,
+# the gradient's 0.023).
+SSIM_AT_THE_MEAN_ROWS = [
+    ([1e-300, 0.5, 1 - 2.0**-53], [1e-16, 0.0, 1e-300], {}),
+    ([1 - 2.0**-53, 0.06984832383036021, 0.5349241619151801], [1e-300, 1e-8, 1e-16], {}),
+    ([1 - 2.0**-53, 0.1446539880202673, 1e-16, 0.3815513293400891], [1e-300, 1e-300, 1e-300, 1e-8], {}),
+    ([0.5, 1e-16, 0.25, 0.25000000000000006], [0.25, 0.0, 0.5, 0.25], {"C1": 2.5e-4, "C2": 2.25e-3}),
+]
+
+
+@pytest.mark.parametrize("y, x, params", SSIM_AT_THE_MEAN_ROWS)
+def test_global_ssim_at_an_element_at_its_mean(y, x, params):
+    """The loss, gradient and Hessian diagonal (every kernel that writes them) against the
+    expanded truth (verify_rows.check_size); the off-diagonal entries of the first row are in
+    the known gap (an outer product that cancels by coincidence)."""
+    spec = load_spec(ROW_PATHS["ssim_global"])
+    rows = check_size(lossgen.get("ssim_global"), spec, len(y), [{"y": np.array(y), "x": np.array(x)}],
+                      {**_defaults(spec), **params})
+    checked = [r for r in rows if r.output.split("[")[0].split(" ")[0] in ("loss", "grad", "hess")]
+    assert {r.output.split("[")[0].split(" ")[0] for r in checked} == {"loss", "grad", "hess"}
+    failures = [r for r in checked if not r.ok(RELATIVE_TOLERANCE)]
+    assert not failures, "\n" + format_report(failures)
+
+
 # --- metric learning (specs/metric/) ---------------------------------------------------------
 
 def test_margin_ranking_is_torch_margin_ranking_loss():
