@@ -90,8 +90,8 @@ class Fallback:
     rest: sp.Expr                      # the stable output's terms without reductions
     reductions: dict                   # reduction symbol -> ((coefficient, factors), ...) its summand's monomials
     # the row sums of single monomials that ``groups`` read (:func:`monomial_sums`): symbol ->
-    # ((1, factors),), and each reduction as their sum (the denominator's factors are written in
-    # the reductions, for the kernels' test, and read in these sums where recomputed)
+    # ((1, factors),); and each reduction of several monomials as their sum (the recomputation
+    # takes its expansion from theirs; the tests and denominators read the reductions)
     sums: dict = field(default_factory=dict)
     in_sums: dict = field(default_factory=dict)
     # the bound's sums of magnitudes: symbol -> sum_k |summand| of a reduction whose summand
@@ -468,7 +468,8 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
     # in the fallback, from the monomials' sums; rounded in the kernels' test, from the reductions)
     sums, in_sums = monomial_sums(summands)
     groups: dict = {}
-    for c, fs in monomials(numerator.xreplace(in_sums), elements + others + free + sorted(sums, key=sp.default_sort_key)):
+    in_monomial_sums = elements + others + free + sorted(sums, key=sp.default_sort_key)
+    for c, fs in monomials(numerator.xreplace(in_sums), in_monomial_sums):
         element = tuple(f for f in fs if f in element_set)
         groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in element_set and f not in sums),
                                                tuple(f for f in fs if f in sums)))

@@ -54,16 +54,13 @@ def _cosine_gap(output, point, entry):
         return any(size(v) < tiny or size(v) / factor_scale < tiny for v in elements)
 
 
-SSIM_FACTOR = 1000
-
-
 def _ssim_gap(output, point, entry):
     """Off-diagonal Hessian entry (j, l) of global SSIM, 1 - l cs, in the forms the kernel
     differentiates (fuse_rows.hessian_forms): near the target (l cs >= 1/2) l = 1 - P/A,
     P = (mu_x - mu_y)**2, A = mu_x**2 + mu_y**2 + C1, and cs = 1 - V/B, V = var(x - y),
     B = var(x) + var(y) + C2; far from it l = N1/A, N1 = 2 mu_x mu_y + C1, and cs = N2/B,
     N2 = 2 cov(x, y) + C2. The entry, -(l'' cs + l'_j cs'_l + l'_l cs'_j + l cs''), each
-    quotient-rule term apart, cancels below 1/SSIM_FACTOR of their size: an outer product
+    quotient-rule term apart, cancels below 1/1000 of their size: an outer product
     l'_j cs'_l + l'_l cs'_j whose factors cancel by coincidence (C = 2, x = 0: l' is the same at
     both elements and cs'_0 + cs'_1 = 0, where the entry is l'' cs + l cs'' = 2e-7 beside terms
     of 1; C = 3, y = (1e-300, 0.5, 1 - 2**-53), x = (1e-16, 0, 1e-300): y_0 + y_2 - 2 mu_y =
@@ -116,7 +113,7 @@ def _ssim_entry_gap(x, y, n, entry, c1, c2) -> bool:
     terms += [-t * lum for t in second(f2, b_, df2, db, ddf2, ddb)]
     terms += [-s * t for s in first(f1, a_, df1, da, 0) for t in first(f2, b_, df2, db, 1)]
     terms += [-s * t for s in first(f1, a_, df1, da, 1) for t in first(f2, b_, df2, db, 0)]
-    return _cancels(*terms, factor=SSIM_FACTOR)
+    return _cancels(*terms)
 
 
 def _poly1_gap(output, point, entry):
@@ -145,13 +142,13 @@ def _poly1_gap(output, point, entry):
 # Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
 # tests/test_catalog.py's KNOWN_GAPS, empty.)
 ROW_KNOWN_GAPS = {
-    "ssim_global": (_ssim_gap, "a Hessian entry of 1 - l cs, l = 1 - (mu_x - mu_y)**2/A and cs = 1 - var(x - y)/B "
-                               "differentiated in these forms (accurate near the target; the share keeps the "
-                               "gradient accurate far from it), whose quotient-rule terms cancel below 1/1000 of "
-                               "their size: far from the target (S = l cs small), at C = 1, x = 0, y = 1: "
-                               "l'' = -(2/A - 2 (mu_x - mu_y)**2/A**2) = -2 C1/A**2, terms of 2 for 2e-4 "
-                               "(relative error 6.6e-12); reachable only by differentiating l = N1/A and "
-                               "cs = N2/B there (N1 = 2 mu_x mu_y + C1, N2 = 2 cov + C2)"),
+    "ssim_global": (_ssim_gap, "an off-diagonal Hessian entry of 1 - l cs (and the product of a row that holds "
+                               "one) whose quotient-rule terms cancel below 1/1000 of their size: an outer product "
+                               "l'_j cs'_l + l'_l cs'_j that cancels by coincidence, y_j + y_l = 2 mu_y to the last "
+                               "digits (relative error 3.2e-10 at C = 3, y = (1e-300, 0.5, 1 - 2**-53), "
+                               "x = (1e-16, 0, 1e-300); 2.3e-10 at C = 2, x = (0, 0), y = (0.9, 0.11)), each "
+                               "factor rounded apart; reachable by the exact fallback over the row's moments, or "
+                               "the pair's deviations summed exactly per entry"),
     "poly1_cross_entropy": (_poly1_gap, "where a class of the row's two largest ties for the row's mass with several "
                                         "classes together (p = (1/2, 1/4, 1/4)), a Hessian entry that holds its "
                                         "1 - 2 p_c = (p_m - p_c) + the rest of the row, whose two terms cancel: the "

@@ -1525,14 +1525,14 @@ def stabilise_rows(derivation):
 
 # --- the rounding of a row's mean ------------------------------------------------------------
 
-def _mean_residual(r: Reduction, sums: dict, element_symbols) -> sp.Expr | None:
+def _mean_residual(r: Reduction, sums: dict, element_symbols) -> tuple[sp.Expr, sp.Symbol] | None:
     """r = sum_k a (g_k - R/C), R = sum_k g_k another sum and a a row value, as
     a (R - C fl(R/C)), with R from its two parts (:func:`sum_parts`): fma(-C, R/C, hi) + error,
     exact. In exact arithmetic it is 0; in the kernels it is what the rounded mean fl(R/C) misses,
     and g_j - fl(R/C) + r/(a C) is g_j's deviation from the mean: the chain rule through a mean
     inside a sum (a variance's) leaves it (global SSIM's y_j - mu_y). Summed over the row, each
     term a (g_k - fl(R/C)) was rounded (a = -1/C: y = (1e-300, 0.5, 1 - 2^-53) gave 2.8e-17 for
-    2^-53/3, and the Hessian relative error 1.3e-11)."""
+    2^-53/3, and the Hessian relative error 1.3e-11). Returns (that value, R)."""
     summand = in_exact_arithmetic(r.summand)
     for total in sorted(summand.free_symbols & set(sums), key=sp.default_sort_key):
         a = sp.simplify(-ROW_SIZE * sp.diff(summand, total))
@@ -1541,7 +1541,7 @@ def _mean_residual(r: Reduction, sums: dict, element_symbols) -> sp.Expr | None:
         g = in_exact_arithmetic(sums[total].summand)
         if sp.expand(summand - a * (g - total / ROW_SIZE)) == 0:
             hi, error = sum_parts(sums[total])
-            return a * (fma(-ROW_SIZE, total / ROW_SIZE, hi) + error)
+            return a * (fma(-ROW_SIZE, total / ROW_SIZE, hi) + error), total
     return None
 
 
@@ -1572,10 +1572,9 @@ def mean_residuals(stable):
     sums = {r.symbol: r for r in stable.reductions if r.kind == "sum"}
     found, means = {}, {}
     for r in sums.values():
-        value = _mean_residual(r, sums, stable.element_symbols)
-        if value is not None:
-            found[r.symbol] = value
-            total = next(t for t in value.atoms(sp.Symbol) if t in sums)
+        residual = _mean_residual(r, sums, stable.element_symbols)
+        if residual is not None:
+            found[r.symbol], total = residual
             means[total] = sums[total].summand
     if not found:
         return stable
