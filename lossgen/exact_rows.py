@@ -546,6 +546,9 @@ def product_lines(coefficient: int, factors, rows, printed, target: str) -> list
         a, b = floats
         return [f"_xh, _xl, _xe = _xtwo_product({a}, {b})", grow.format(f"{sign}_xh", f"_xe{scale}"),
                 grow.format(f"{sign}_xl", f"_xe{scale}")]
+    if not floats and len(rows) == 1 and coefficient > 0:  # 2**k R: R's parts in a scale k higher
+        r = rows[0].name
+        return [f"{target}_n, {target}_s = _xgrow_all_s({target}, {target}_n, {target}_s, _x{r}, _x{r}_n, _x{r}_s{scale})"]
     if shift:
         floats.insert(0, repr(float(magnitude)))
     lines = [f"_xt[0] = {sign}1.0", "_xm = 1", "_xt_s = 0"]
