@@ -571,12 +571,14 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
         reductions.update(p.reductions)
         sums.update({s: t for s, t in p.sums.items() if s not in p.reductions})
         derived.update(p.in_sums)
-    names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in {**reductions, **sums}]
+    every = {**reductions, **sums}
+    looped = {r: terms for r, terms in every.items() if r not in derived}  # summed over the row
+    names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in every]
     names += [f"_xA{j}_{m}" for j, p in plans.items() for m in range(len(p.groups))]
     body.emit(2, f"_xbuffer = np.empty(({len(names)}, {EXPANSION}))")
     for row, name in enumerate(names):
         body.emit(2, f"{name} = _xbuffer[{row}]")
-    for r in {**reductions, **sums}:
+    for r in every:
         body.emit(2, f"_x{r.name}_n = 0")
         body.emit(2, f"_x{r.name}_s = 0")
     magnitudes = {}
@@ -585,18 +587,16 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
     for m in magnitudes:
         body.emit(2, f"{printed(m)} = 0.0")
     body.emit(2, "for _k in range(_n):")
-    every = {**reductions, **sums}
-    body.bind([sp.Mul(*f) for terms in every.values() for _, f in terms] + list(magnitudes.values()), 3)
+    body.bind([sp.Mul(*f) for terms in looped.values() for _, f in terms] + list(magnitudes.values()), 3)
     for m, summand in magnitudes.items():
         body.emit(3, f"{printed(m)} += {printed(summand)}")
-    for r, terms in every.items():
-        for coefficient, factors in terms if r not in derived else ():
+    for r, terms in looped.items():
+        for coefficient, factors in terms:
             for line in product_lines(coefficient, factors, (), printed, f"_x{r.name}"):
                 body.emit(3, line)
-    for r in every:
-        if r not in derived:
-            body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
-            body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
+    for r in looped:
+        body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
+        body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
     # a reduction of several monomials from their sums, exactly (one pass over the row fewer)
     for r, total in derived.items():
         for line in _sum_lines(monomials(total, sorted(total.free_symbols, key=sp.default_sort_key)), every,

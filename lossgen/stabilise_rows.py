@@ -245,8 +245,9 @@ def weights_less(r: Reduction, *taken: sp.Expr) -> sp.Expr:
     """The rest of the row: :func:`weight_sum` of R less the weights ``taken`` (the same floats
     as it summed), one exact sum of its parts, its error part's own errors (:func:`error_tail`)
     among them."""
-    hi, error = sum_parts(weight_sum(r))
-    return exact_sum(hi, *(-w for w in taken), error, error_tail(weight_sum(r)))
+    total = weight_sum(r)
+    hi, error = sum_parts(total)
+    return exact_sum(hi, *(-w for w in taken), error, error_tail(total))
 
 
 def top_two(r: Reduction) -> tuple[Reduction, Reduction, Reduction, Reduction]:
@@ -1553,10 +1554,17 @@ def _from_rounded_means(expr: sp.Expr, means: dict, element_symbols) -> sp.Expr:
         if not isinstance(e, sp.Add):
             return e
         terms = list(e.args)
+        # matched on the terms' factors, not by cancelling quotients: global SSIM's Hessian has
+        # thousands of sums (sympy.cancel on each took 21 s of its 27 s of stabilisation)
+        factors = [sp.Mul.make_args(t) for t in terms]
         for total, summand in means.items():
-            for t in terms:
+            if not any(total in f for f in factors):
+                continue
+            for t, t_factors in zip(terms, factors):
                 for g in (summand, group(summand)):  # as the sum's loop computes it, or as written
-                    k = sp.cancel(t / (ROW_SIZE * g))
+                    if g not in t_factors:
+                        continue
+                    k = t / (ROW_SIZE * g)
                     if k.free_symbols & (element_symbols | {total}) or -k * total not in terms:
                         continue
                     kept = [u for u in terms if u not in (t, -k * total)]
