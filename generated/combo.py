@@ -393,9 +393,11 @@ def loss_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((11, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -416,14 +418,68 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _x_r2_s = 0
     _x_r4_n = 0
     _x_r4_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _e_p, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _e_y, 0)
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _e_p, 0)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _e_y, 0)
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _ph = _e_p
+            _pl = 0.0
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_y
+            _pl = 0.0
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_p * _e_y
+            _pl = _fma(_e_p, _e_y, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -455,6 +511,9 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _xb0_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r2)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     _xc0_1 = (-2.0*_r2*(alpha - 1.0) - smooth*(alpha - 1.0))
     _xb0_1 = (0.000244140625*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r2)*abs(alpha - 1.0))
+    _xdok0 = True
+    _xdA0_0 = _xE_r0*(2.0*alpha + 2.0) + _xE_r1*(2.0*alpha + 2.0)
+    _xdA0_1 = _xE_r2*(2.0*alpha + 2.0)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -469,6 +528,7 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xp[0] = 2.0
                 _xp_n = 1
                 _xp_s = 0
@@ -522,6 +582,8 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xt_s = _xA0_1_s
             _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
             _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+            if not (_xexact or (_xdok0 and (_xdA0_0*abs(_e_y) + _xdA0_1) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                return False
             _xq = _xq / _xd0_0
             _xq_s -= _xd0_0_s
             _xq = _xq / _xd0_0
@@ -530,6 +592,7 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xq = _xq + (((-alpha*(((_e_y*beta)/(_e_p)) + ((-(1.0 - _e_y)*(1.0 - beta))/(1.0 - _e_p))))/(_C)))
             if math.isfinite(_xq):
                 _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -611,7 +674,8 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*_h1*_h2*(1.0 - _t2_0)) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(((_e_y*beta)/(_e_p)) + ((-_h4*(1.0 - _e_y))/(1.0 - _e_p))))/(_C)))
         _xflag |= (abs(_e_y*_h5 + _h6) < _e_y*_h7 + _h8) | (_e_y*_h7 + _h8 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -633,9 +697,11 @@ def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((11, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -656,14 +722,68 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _x_r4_s = 0
     _x_m_p_y_n = 0
     _x_m_p_y_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _e_p, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _e_y, 0)
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xh, _xe)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _e_p, 0)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _e_y, 0)
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+            _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xh, _xe)
+            _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_m_p_y = 0.0
+        _xM_m_p_y = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_m_p_y = 0.0
+        _xsl_m_p_y = 0.0
+        _xsm_m_p_y = 0.0
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _ph = _e_p
+            _pl = 0.0
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_y
+            _pl = 0.0
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_p * _e_y
+            _pl = _fma(_e_p, _e_y, -_ph)
+            _x = _xsh_m_p_y + _ph
+            _z = _x - _xsh_m_p_y
+            _xsl_m_p_y += (_xsh_m_p_y - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_m_p_y = _x
+            _xsm_m_p_y += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, 0)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, 0)
+        _xE_m_p_y = 2.0 * _xg * _xg * _xsm_m_p_y + _xg * 3.5601181736115222e-307
+        _xM_m_p_y = _xsm_m_p_y
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -694,6 +814,9 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _xb0_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
     _xc0_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb0_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
+    _xdok0 = True
+    _xdA0_0 = _xE_r0*(4.0*alpha + 4.0) + _xE_r1*(4.0*alpha + 4.0)
+    _xdA0_1 = _xE_m_p_y*(4.0*alpha + 4.0)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -708,6 +831,7 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xp[0] = -4.0
                 _xp_n = 1
                 _xp_s = 0
@@ -761,6 +885,8 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xt_s = _xA0_1_s
             _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
             _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+            if not (_xexact or (_xdok0 and (_xdA0_0*abs(_e_y) + _xdA0_1) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                return False
             _xq = _xq / _xd0_0
             _xq_s -= _xd0_0_s
             _xq = _xq / _xd0_0
@@ -774,6 +900,7 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xq = _xq + (_finite_or(((alpha*((((((_t0_0)/(_e_p))))/(_e_p)) + (((((_t0_1)/(_t0_2))))/(_t0_2))))/(_C)), ((((((((_t0_0*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t0_1*alpha)/(_C))))/(_t0_2))))/(_t0_2))))
             if math.isfinite(_xq):
                 _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -854,7 +981,8 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*_h1*_t2_0) - _h2*(_h3 + _h4*_h5*_t2_0) + _finite_or(((alpha*((((((_t2_1)/(_e_p))))/(_e_p)) + (((((_t2_2)/(_t2_3))))/(_t2_3))))/(_C)), ((((((((_t2_1*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_2*alpha)/(_C))))/(_t2_3))))/(_t2_3))))
         _xflag |= (abs(_e_y*_h7 + _h8) < _e_y*_h9 + _h10) | (_e_y*_h9 + _h10 < 1.0261342003245941e-289)
     if _xflag:
-        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -979,8 +1107,10 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _xflag |= (abs(_e_y*_h8 + _h9) < _e_y*_h10 + _h11) | (_e_y*_h10 + _h11 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h12 + _h13) < _e_y*_h14 + _h15) | (_e_y*_h14 + _h15 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
-        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1119,8 +1249,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _xflag |= (abs(_e_y*_h8 + _h9) < _e_y*_h10 + _h11) | (_e_y*_h10 + _h11 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h12 + _h13) < _e_y*_h14 + _h15) | (_e_y*_h14 + _h15 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w)
-        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, False):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")

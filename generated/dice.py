@@ -356,9 +356,11 @@ def loss_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((11, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -379,18 +381,72 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
     _x_r2_s = 0
     _x_r3_n = 0
     _x_r3_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_p)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_p)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _ph = _e_p * _e_p
+            _pl = _fma(_e_p, _e_p, -_ph)
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_y * _e_y
+            _pl = _fma(_e_y, _e_y, -_ph)
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_p * _e_y
+            _pl = _fma(_e_p, _e_y, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -422,6 +478,9 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
     _xb0_0 = (0.00048828125*smooth + 0.0009765625*abs(_r2))
     _xc0_1 = (-4.0*_r2 - 2.0*_r3 - 2.0*smooth)
     _xb0_1 = (0.00048828125*smooth + 0.0009765625*abs(_r2) + 0.00048828125*abs(_r3))
+    _xdok0 = True
+    _xdA0_0 = 4.0*_xE_r2
+    _xdA0_1 = 2.0*_xE_r0 + 2.0*_xE_r1
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -436,6 +495,7 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xA0_0_n = 0
                 _xA0_0_s = 0
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _x_r2, _x_r2_n, _x_r2_s + 2)
@@ -470,6 +530,8 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
             _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
             _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+            if not (_xexact or (_xdok0 and (_xdA0_0*abs(_e_p) + _xdA0_1*abs(_e_y)) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                return False
             _xq = _xq / _xd0_0
             _xq_s -= _xd0_0_s
             _xq = _xq / _xd0_0
@@ -477,6 +539,7 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
             _xq = math.ldexp(_xq, _xq_s)
             if math.isfinite(_xq):
                 _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -550,7 +613,8 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
         _xflag |= (abs(_e_p*_h2 + _e_y*_h3) < _e_p*_h4 + _e_y*_h5) | (_e_p*_h4 + _e_y*_h5 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -572,9 +636,11 @@ def grad_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((12, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -596,18 +662,72 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
     _x_r3_s = 0
     _x_m_p_y_n = 0
     _x_m_p_y_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_p)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xh, _xe)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_p)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+            _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xh, _xe)
+            _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_m_p_y = 0.0
+        _xM_m_p_y = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_m_p_y = 0.0
+        _xsl_m_p_y = 0.0
+        _xsm_m_p_y = 0.0
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _ph = _e_p * _e_p
+            _pl = _fma(_e_p, _e_p, -_ph)
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_y * _e_y
+            _pl = _fma(_e_y, _e_y, -_ph)
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_p * _e_y
+            _pl = _fma(_e_p, _e_y, -_ph)
+            _x = _xsh_m_p_y + _ph
+            _z = _x - _xsh_m_p_y
+            _xsl_m_p_y += (_xsh_m_p_y - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_m_p_y = _x
+            _xsm_m_p_y += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, 0)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, 0)
+        _xE_m_p_y = 2.0 * _xg * _xg * _xsm_m_p_y + _xg * 3.5601181736115222e-307
+        _xM_m_p_y = _xsm_m_p_y
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -642,6 +762,10 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
     _xb0_1 = (0.001953125*smooth + 0.001953125*abs(_r0) + 0.001953125*abs(_r1))
     _xc0_2 = (2.0*_r0**2 + 4.0*_r0*_r1 - 2.0*_r0*_r3 + 4.0*_r0*smooth + 2.0*_r1**2 - 2.0*_r1*_r3 + 4.0*_r1*smooth - 2.0*_r3*smooth + 2.0*smooth**2)
     _xb0_2 = (0.00048828125*_r0**2 + 0.00048828125*_r1**2 + 0.00048828125*smooth**2 + 0.0009765625*smooth*abs(_r0) + 0.0009765625*smooth*abs(_r1) + 0.00048828125*smooth*abs(_r3) + 0.0009765625*abs(_r0*_r1) + 0.00048828125*abs(_r0*_r3) + 0.00048828125*abs(_r1*_r3))
+    _xdok0 = True
+    _xdA0_0 = 16.0*_xE_m_p_y
+    _xdA0_1 = 8.0*_xE_r0 + 8.0*_xE_r1
+    _xdA0_2 = 4.0*_xE_m_p_y*smooth + 4.0*_xE_m_p_y*(_xE_r0 + _xM_r0) + 4.0*_xE_m_p_y*(_xE_r1 + _xM_r1) + 2.0*_xE_r0*smooth + 4.0*_xE_r0*(_xE_m_p_y + _xM_m_p_y) + 2.0*_xE_r1*smooth + 4.0*_xE_r1*(_xE_m_p_y + _xM_m_p_y)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -656,6 +780,7 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xA0_0_n = 0
                 _xA0_0_s = 0
                 _xt[0] = -1.0
@@ -712,6 +837,8 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
             _xt_s = _xA0_2_s
             _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
             _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+            if not (_xexact or (_xdok0 and (_xdA0_0*abs(_e_p**2) + _xdA0_1*abs(_e_p*_e_y) + _xdA0_2) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                return False
             _xq = _xq / _xd0_0
             _xq_s -= _xd0_0_s
             _xq = _xq / _xd0_0
@@ -721,6 +848,7 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w):
             _xq = math.ldexp(_xq, _xq_s)
             if math.isfinite(_xq):
                 _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -802,7 +930,8 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _t3_1 = _e_p**2
         _xflag |= (abs(_h3*_t3_1 + _h4*_t3_0 + _h5) < _h6*_t3_1 + _h7*_t3_0 + _h8) | (_h6*_t3_1 + _h7*_t3_0 + _h8 < 1.0261342003245941e-289)
     if _xflag:
-        _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w)
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
+            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -924,8 +1053,10 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _xflag |= (abs(_e_p*_h5 + _e_y*_h6) < _e_p*_h7 + _e_y*_h8) | (_e_p*_h7 + _e_y*_h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_h10*_t3_0 + _h11 + _h9*_t3_1) < _h12*_t3_1 + _h13*_t3_0 + _h14) | (_h12*_t3_1 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w)
-        _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, False):
+            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1049,8 +1180,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _xflag |= (abs(_e_p*_h5 + _e_y*_h6) < _e_p*_h7 + _e_y*_h8) | (_e_p*_h7 + _e_y*_h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_h10*_t3_0 + _h11 + _h9*_t3_1) < _h12*_t3_1 + _h13*_t3_0 + _h14) | (_h12*_t3_1 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w)
-        _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, False):
+            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w, False):
+            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")

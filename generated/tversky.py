@@ -345,9 +345,11 @@ def loss_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((12, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -371,14 +373,68 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _x_m_p_s = 0
     _x_m_y_n = 0
     _x_m_y_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _e_p, 0)
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _e_y, 0)
+    if _xexact:
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+            _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _e_p, 0)
+            _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _e_y, 0)
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+        _xE_m_p = 0.0
+        _xM_m_p = 0.0
+        _xE_m_y = 0.0
+        _xM_m_y = 0.0
+    else:
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        _xsh_m_p = 0.0
+        _xsl_m_p = 0.0
+        _xsm_m_p = 0.0
+        _xsh_m_y = 0.0
+        _xsl_m_y = 0.0
+        _xsm_m_y = 0.0
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _ph = _e_p * _e_y
+            _pl = _fma(_e_p, _e_y, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+            _ph = _e_p
+            _pl = 0.0
+            _x = _xsh_m_p + _ph
+            _z = _x - _xsh_m_p
+            _xsl_m_p += (_xsh_m_p - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_m_p = _x
+            _xsm_m_p += abs(_ph)
+            _ph = _e_y
+            _pl = 0.0
+            _x = _xsh_m_y + _ph
+            _z = _x - _xsh_m_y
+            _xsl_m_y += (_xsh_m_y - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_m_y = _x
+            _xsm_m_y += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, 0)
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, 0)
+        _xE_m_p = 2.0 * _xg * _xg * _xsm_m_p + _xg * 3.5601181736115222e-307
+        _xM_m_p = _xsm_m_p
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, 0)
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, 0)
+        _xE_m_y = 2.0 * _xg * _xg * _xsm_m_y + _xg * 3.5601181736115222e-307
+        _xM_m_y = _xsm_m_y
     _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
     _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
     _x_m_p_n = _xcompress(_x_m_p, _x_m_p_n, _xu)
@@ -415,6 +471,9 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _xb0_0 = (0.000244140625*alpha*abs(_r0) + 0.000244140625*beta*abs(_r1) + 0.000244140625*smooth*(alpha + beta) + 0.000244140625*(alpha + beta)*abs(_r2))
     _xc0_1 = (_r2*alpha + alpha*smooth)
     _xb0_1 = (0.000244140625*alpha*smooth + 0.000244140625*alpha*abs(_r2))
+    _xdok0 = True
+    _xdA0_0 = _xE_m_p*alpha + _xE_m_y*beta
+    _xdA0_1 = _xE_r2*alpha
     for _k in range(_n):
         _e_y = y[_i, _k]
         _xn = _xc0_0*_e_y + _xc0_1
@@ -439,6 +498,7 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r2, _x_r2_n, _x_r2_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xdok0 = _xdok0 and (_xE_m_p*alpha + _xE_m_y*beta + _xE_r2*(alpha + beta + 1.0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xA0_0_n = 0
                 _xA0_0_s = 0
                 _xt[0] = -1.0
@@ -491,6 +551,8 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xt_s = _xA0_1_s
             _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
             _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+            if not (_xexact or (_xdok0 and (_xdA0_0*abs(_e_y) + _xdA0_1) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                return False
             _xq = _xq / _xd0_0
             _xq_s -= _xd0_0_s
             _xq = _xq / _xd0_0
@@ -498,6 +560,7 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xq = math.ldexp(_xq, _xq_s)
             if math.isfinite(_xq):
                 _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -566,7 +629,8 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_h1 - _e_y*_h2*beta + _h2*alpha*(1.0 - _e_y))))
         _xflag |= (abs(_e_y*_h3 + _h4) < _e_y*_h5 + _h6) | (_e_y*_h5 + _h6 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -588,9 +652,11 @@ def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((13, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -615,14 +681,68 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _x_m_p_s = 0
     _x_m_y_n = 0
     _x_m_y_s = 0
-    for _k in range(_n):
-        _e_p = p[_i, _k]
-        _e_y = y[_i, _k]
-        _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _e_p, 0)
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _e_y, 0)
+    if _xexact:
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _xh, _xl, _xe = _xtwo_product(_e_p, _e_y)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+            _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _e_p, 0)
+            _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _e_y, 0)
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+        _xE_m_p = 0.0
+        _xM_m_p = 0.0
+        _xE_m_y = 0.0
+        _xM_m_y = 0.0
+    else:
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        _xsh_m_p = 0.0
+        _xsl_m_p = 0.0
+        _xsm_m_p = 0.0
+        _xsh_m_y = 0.0
+        _xsl_m_y = 0.0
+        _xsm_m_y = 0.0
+        for _k in range(_n):
+            _e_p = p[_i, _k]
+            _e_y = y[_i, _k]
+            _ph = _e_p * _e_y
+            _pl = _fma(_e_p, _e_y, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+            _ph = _e_p
+            _pl = 0.0
+            _x = _xsh_m_p + _ph
+            _z = _x - _xsh_m_p
+            _xsl_m_p += (_xsh_m_p - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_m_p = _x
+            _xsm_m_p += abs(_ph)
+            _ph = _e_y
+            _pl = 0.0
+            _x = _xsh_m_y + _ph
+            _z = _x - _xsh_m_y
+            _xsl_m_y += (_xsh_m_y - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_m_y = _x
+            _xsm_m_y += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, 0)
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, 0)
+        _xE_m_p = 2.0 * _xg * _xg * _xsm_m_p + _xg * 3.5601181736115222e-307
+        _xM_m_p = _xsm_m_p
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, 0)
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, 0)
+        _xE_m_y = 2.0 * _xg * _xg * _xsm_m_y + _xg * 3.5601181736115222e-307
+        _xM_m_y = _xsm_m_y
     _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
     _x_r2_s = _xnormalize(_x_r2, _x_r2_n, _x_r2_s)
     _x_m_p_n = _xcompress(_x_m_p, _x_m_p_n, _xu)
@@ -663,6 +783,10 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
     _xb0_1 = (0.00048828125*alpha**2*abs(_r0) + 0.00048828125*alpha*beta*abs(_r1) + 0.00048828125*alpha*smooth*abs(2.0*alpha + 2.0*beta - 1.0) + 0.00048828125*alpha*abs(_r2)*abs(2.0*alpha + 2.0*beta - 1.0))
     _xc0_2 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb0_2 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
+    _xdok0 = True
+    _xdA0_0 = _xE_m_p*(2.0*alpha**2 + 2.0*alpha*beta + 2.0*alpha) + _xE_m_y*(2.0*alpha*beta + 2.0*beta**2 + 2.0*beta)
+    _xdA0_1 = 2.0*_xE_m_p*alpha**2 + 2.0*_xE_m_y*alpha*beta + _xE_r2*(2.0*alpha**2 + 2.0*alpha*beta + 2.0*alpha)
+    _xdA0_2 = 2.0*_xE_r2*alpha**2
     for _k in range(_n):
         _e_y = y[_i, _k]
         _xn = _xc0_0*_e_y**2 + _xc0_1*_e_y + _xc0_2
@@ -687,6 +811,7 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r2, _x_r2_n, _x_r2_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                _xdok0 = _xdok0 and (_xE_m_p*alpha + _xE_m_y*beta + _xE_r2*(alpha + beta + 1.0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xp[0] = -2.0
                 _xp_n = 1
                 _xp_s = 0
@@ -815,6 +940,8 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xt_s = _xA0_2_s
             _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
             _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+            if not (_xexact or (_xdok0 and (_xdA0_0*abs(_e_y**2) + _xdA0_1*abs(_e_y) + _xdA0_2) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                return False
             _xq = _xq / _xd0_0
             _xq_s -= _xd0_0_s
             _xq = _xq / _xd0_0
@@ -824,6 +951,7 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w):
             _xq = math.ldexp(_xq, _xq_s)
             if math.isfinite(_xq):
                 _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -917,7 +1045,8 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _t3_0 = _e_y**2
         _xflag |= (abs(_e_y*_h4 + _h5*_t3_0 + _h6) < _e_y*_h7 + _h8*_t3_0 + _h9) | (_e_y*_h7 + _h8*_t3_0 + _h9 < 1.0261342003245941e-289)
     if _xflag:
-        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1044,8 +1173,10 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _xflag |= (abs(_e_y*_h5 + _h6) < _e_y*_h7 + _h8) | (_e_y*_h7 + _h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h9 + _h10*_t3_0 + _h11) < _e_y*_h12 + _h13*_t3_0 + _h14) | (_e_y*_h12 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w)
-        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1174,8 +1305,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _xflag |= (abs(_e_y*_h5 + _h6) < _e_y*_h7 + _h8) | (_e_y*_h7 + _h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h9 + _h10*_t3_0 + _h11) < _e_y*_h12 + _h13*_t3_0 + _h14) | (_e_y*_h12 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w)
-        _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, False):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")

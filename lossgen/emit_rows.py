@@ -38,8 +38,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires, plan,
-                         plan_block)
+from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires,
+                         has_first_try, plan, plan_block)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import group, in_scale, two_scaled
@@ -724,6 +724,13 @@ def _with_scaled(derivation: RowDerivation, build) -> dict:
     return {**fast, "scaled_lines": build(True)["lines"]}
 
 
+# the docstring of a recomputation with a first try (exact_rows.FIRST_TRY)
+FIRST_TRY_DOC = ("The outputs of row _i that are quotients over row sums, where the kernel's cancellation test\n"
+                 "    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's\n"
+                 "    error bound is not small enough; else from exact ones, each output's monomials as one\n"
+                 "    expansion (lossgen/exact_rows.py).")
+
+
 def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
             fallbacks=None, arguments=(), shared=()) -> dict:
     """One kernel: ``row_outputs`` are row expressions written to out[_i], ``element_outputs``
@@ -789,19 +796,31 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
         # the recomputation is a function of its own, called only where the flag is set, so that
         # the row function stays as small as without it
         body.emit(2, "if _xflag:")
+
+        def emit_call(quantity, call, plans):
+            # the first try's sums (exact_rows.FIRST_TRY), the exact ones where it declines
+            if has_first_try(plans):
+                body.emit(3, f"if not _{quantity}_exact({call}, False):")
+                body.emit(4, f"_{quantity}_exact({call}, True)")
+            else:
+                body.emit(3, f"_{quantity}_exact({call})")
+
         if shared:
             for quantity, first, count in shared:
                 start = len(row_outputs) + first
                 call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs[start:start + count], "_w"])
-                body.emit(3, f"_{quantity}_exact({call})")
+                emit_call(quantity, call, {k: f for k, f in fallbacks.items() if first <= k < first + count})
         else:
             call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
-            body.emit(3, f"_{name}_exact({call})")
+            emit_call(name, call, fallbacks)
             exact_body = _Body(derivation, printer, keys)
             emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
             exact = exact_body.lines
-    return {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
-            "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
+    kernel = {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
+              "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
+    if exact and has_first_try(fallbacks):
+        kernel.update(exact_arguments=", _w, _xexact", exact_doc=FIRST_TRY_DOC)
+    return kernel
 
 
 def _indices(block, derivation) -> list:

@@ -74,6 +74,17 @@ EXACT_FALLBACK = {
     "reduction_kinds": ("sum",),
 }
 
+# The recomputation's first try (:func:`emit_fallback`, outputs of one region): the row sums by
+# Sum2 (two floats each, hi + lo, within E = 2 g**2 sum |t| + g 2**-1018 of the sum, g = gamma_2n,
+# see :func:`_sum2_lines`), read as expansions by the exact algebra, each coefficient A_m and
+# denominator factor with the bound of its error (:func:`_error_bound`); a value is taken where
+# that bound is below 2**-57 of it and it is above 2**-900, else the row is recomputed from
+# exact sums. The kernels' test fires where |num(k)| < 2**-12 B(k); the first try holds down to
+# about 2**-30 B at C = 1024. Dice's gradient on uniform soft targets at 2000 x 1024, where the
+# test fires on 31% of the rows (one element each): 7 us a flagged row, 100 us from exact sums.
+FIRST_TRY = {"gamma": 1.125 * 2.0 ** -53, "subnormal": 2.0 ** -1018, "relative": 2.0 ** -57,
+             "smallest": 2.0 ** -900}
+
 # the length of every scratch expansion: a non-overlapping expansion of doubles (every product is
 # grown into one as it is formed) has at most about 2100/53 = 40 parts
 EXPANSION = 64
@@ -112,6 +123,48 @@ class Fallback:
     def bound(self) -> sp.Expr:
         """threshold * sum_m |A|_m |e_m|, |A|_m the sum of the magnitudes of A_m's terms."""
         return sp.Add(*[magnitude * sp.Abs(sp.Mul(*element)) for element, _, magnitude in self.tests])
+
+
+def has_first_try(plans: dict) -> bool:
+    """Does the recomputation of ``plans`` (output index -> RegionPlans) try Sum2's row sums
+    first (:data:`FIRST_TRY`)? Where every output has one region: a region's decision from
+    inexact sums could take the other branch."""
+    return all(len(p.regions) == 1 for p in plans.values())
+
+
+def _error_of(r: sp.Symbol) -> sp.Symbol:
+    """The first try's bound of the error of row sum ``r``."""
+    return sp.Symbol(f"_xE{r.name}", nonnegative=True)
+
+
+def _magnitude_of(r: sp.Symbol) -> sp.Symbol:
+    """The first try's sum of the magnitudes of row sum ``r``'s terms."""
+    return sp.Symbol(f"_xM{r.name}", nonnegative=True)
+
+
+def _error_bound(expr: sp.Expr, sums) -> sp.Expr:
+    """A bound of |expr(S') - expr(S)| for ``expr`` a polynomial in the row sums ``sums`` (its
+    other symbols exact), each S' within E of S and |S| <= M: per monomial c prod_i S_i,
+    |c| sum_i E_i prod_{k != i} (M_k + E_k) (the product's telescoping sum), |c| at most the
+    sum of the magnitudes of c's terms."""
+    generators = sorted(expr.free_symbols & set(sums), key=sp.default_sort_key)
+    if not generators:
+        return sp.S.Zero
+    total = []
+    for powers, coefficient in sp.Poly(sp.expand(expr), *generators).terms():
+        factors = [g for g, k in zip(generators, powers) for _ in range(k)]
+        spread = sp.Add(*[_error_of(f) * sp.Mul(*[_magnitude_of(g) + _error_of(g) for g in factors[:i] + factors[i + 1:]])
+                          for i, f in enumerate(factors)])
+        # |c| as the sum of its terms' magnitudes: a rounded |2 a**2 + 2 a b - 2 a| is 0 near a + b = 1
+        total.append(sp.Add(*[sp.Abs(t) for t in sp.Add.make_args(sp.expand(coefficient))]) * spread)
+    return sp.Add(*total)
+
+
+def _accepts(value: str, bound: str) -> str:
+    """Code of the first try's acceptance of ``value`` with error at most ``bound``
+    (:data:`FIRST_TRY`); false where either is not finite."""
+    return (f"({bound}) * {1 / FIRST_TRY['relative']!r} < abs({value}) "
+            f"and abs({value}) > {FIRST_TRY['smallest']!r}")
 
 
 def at_l(symbol: sp.Symbol) -> sp.Symbol:
@@ -560,12 +613,14 @@ def product_lines(coefficient: int, factors, rows, printed, target: str) -> list
     return lines
 
 
-def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
+def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, first_try: bool = False):
     """Lines of the row-level part of the recomputation: the scratch expansions (rows of one
     buffer), every reduction an expansion over the row (and the sums of magnitudes of the
     tests' bounds), and the values of the kernels' tests. Each plan's own part
     (:func:`_emit_plan_setup`) waits for the first element that needs it; ``denominators``: the
-    plans whose denominators are computed apart (:func:`_split`)."""
+    plans whose denominators are computed apart (:func:`_split`). With ``first_try``
+    (:data:`FIRST_TRY`) the row sums are Sum2's where _xexact is false, each with its error
+    bound _xE and magnitude _xM, and each coefficient A_m with the bound of its error."""
     reductions, sums, derived = {}, {}, {}
     for p in plans.values():
         reductions.update(p.reductions)
@@ -586,14 +641,44 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
         magnitudes.update(p.magnitudes)
     for m in magnitudes:
         body.emit(2, f"{printed(m)} = 0.0")
-    body.emit(2, "for _k in range(_n):")
-    body.bind([sp.Mul(*f) for terms in looped.values() for _, f in terms] + list(magnitudes.values()), 3)
-    for m, summand in magnitudes.items():
-        body.emit(3, f"{printed(m)} += {printed(summand)}")
-    for r, terms in looped.items():
-        for coefficient, factors in terms:
-            for line in product_lines(coefficient, factors, (), printed, f"_x{r.name}"):
-                body.emit(3, line)
+
+    def emit_loop(indent: int, term_lines):
+        body.emit(indent, "for _k in range(_n):")
+        body.bind([sp.Mul(*f) for terms in looped.values() for _, f in terms] + list(magnitudes.values()), indent + 1)
+        for m, summand in magnitudes.items():
+            body.emit(indent + 1, f"{printed(m)} += {printed(summand)}")
+        for r, terms in looped.items():
+            for coefficient, factors in terms:
+                for line in term_lines(r, coefficient, factors):
+                    body.emit(indent + 1, line)
+
+    def exact_terms(r, coefficient, factors):
+        return product_lines(coefficient, factors, (), printed, f"_x{r.name}")
+
+    if not first_try:
+        emit_loop(2, exact_terms)
+    else:
+        body.emit(2, "if _xexact:")
+        emit_loop(3, exact_terms)
+        for r in looped:
+            body.emit(3, f"{printed(_error_of(r))} = 0.0")
+            body.emit(3, f"{printed(_magnitude_of(r))} = 0.0")
+        body.emit(2, "else:")
+        accumulators = {r: (f"_xsh{r.name}", f"_xsl{r.name}", f"_xsm{r.name}") for r in looped}
+        for r in looped:
+            for name in accumulators[r]:
+                body.emit(3, f"{name} = 0.0")
+        emit_loop(3, lambda r, coefficient, factors: _sum2_lines(coefficient, factors, printed, accumulators[r]))
+        # Sum2 of 2n parts (each product split): |S - (hi + lo)| <= g**2 sum |t|, g = gamma_2n,
+        # twice for the products of more factors; and 2**-1074 per part where a product's
+        # error is subnormal
+        body.emit(3, f"_xg = {FIRST_TRY['gamma']!r} * (2.0 * _n + 2.0)")
+        for r in looped:
+            hi, lo, size = accumulators[r]
+            for part in (hi, lo):
+                body.emit(3, f"_x{r.name}_n, _x{r.name}_s = _xgrow_s(_x{r.name}, _x{r.name}_n, _x{r.name}_s, {part}, 0)")
+            body.emit(3, f"{printed(_error_of(r))} = 2.0 * _xg * _xg * {size} + _xg * {FIRST_TRY['subnormal']!r}")
+            body.emit(3, f"{printed(_magnitude_of(r))} = {size}")
     for r in looped:
         body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
         body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
@@ -618,6 +703,11 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
         for m, (_, a, magnitude) in enumerate(p.tests):
             body.emit(2, f"_xc{j}_{m} = {printed(a)}")
             body.emit(2, f"_xb{j}_{m} = {printed(magnitude)}")
+        if first_try:
+            body.emit(2, f"_xdok{j} = True")
+            for m, (_, terms) in enumerate(p.groups):
+                expr = sp.Add(*[c * sp.Mul(*fs) * sp.Mul(*rows) for c, fs, rows in terms])
+                body.emit(2, f"_xdA{j}_{m} = {printed(_error_bound(expr, p.sums))}")
     # the regions that share a numerator: their denominators, each computed once per row apart
     for j, p in (denominators or {}).items():
         body.emit(2, f"_xdready{j} = False")
@@ -629,7 +719,7 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None):
 
 
 def _emit_plan_setup(body, j, p: Fallback, printed, indent: int, parts=("denominator", "numerator"),
-                     flag: str = "_xready"):
+                     flag: str = "_xready", first_try: bool = False):
     """Lines of plan ``j``'s row-level values, once per row (``flag``{j}): its denominator's
     factors (each rounded once, and a root's of it after: b**(n/2) is the root of b to the power
     n) and its coefficients A_m (expansions, each a product of its factors' sums: Dice's
@@ -637,13 +727,15 @@ def _emit_plan_setup(body, j, p: Fallback, printed, indent: int, parts=("denomin
     body.emit(indent, f"if not {flag}{j}:")
     body.emit(indent + 1, f"{flag}{j} = True")
     if "denominator" in parts:
-        _emit_denominator_setup(body, j, p, printed, indent + 1)
+        _emit_denominator_setup(body, j, p, printed, indent + 1, first_try)
     if "numerator" in parts:
         _emit_numerator_setup(body, j, p, printed, indent + 1)
 
 
-def _emit_denominator_setup(body, j, p: Fallback, printed, indent: int):
-    """Lines setting _xd{j}_{d}, _xd{j}_{d}_s: each factor of plan ``j``'s denominator."""
+def _emit_denominator_setup(body, j, p: Fallback, printed, indent: int, first_try: bool = False):
+    """Lines setting _xd{j}_{d}, _xd{j}_{d}_s: each factor of plan ``j``'s denominator; with
+    ``first_try``, _xdok{j} false where a factor from the first try's sums may be off by more
+    than :data:`FIRST_TRY` accepts (a root's relative error is half its square's)."""
     for d, (base, exponent) in enumerate(p.denominator):
         if base.is_Number:
             body.emit(indent, f"_xd{j}_{d} = {float(sp.sqrt(base) if exponent.q == 2 else base)!r}")
@@ -653,6 +745,10 @@ def _emit_denominator_setup(body, j, p: Fallback, printed, indent: int):
         for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
             body.emit(indent, line)
         body.emit(indent, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
+        if first_try:
+            bound = _error_bound(base.xreplace(p.in_sums), p.sums)
+            if bound != 0:
+                body.emit(indent, f"_xdok{j} = _xdok{j} and {_accepts(f'math.ldexp(_xd{j}_{d}, _xd{j}_{d}_s)', printed(bound))}")
         if p.denominator[d][1].q == 2:
             body.emit(indent, f"_xd{j}_{d}, _xd{j}_{d}_s = _xsqrt_m(_xd{j}_{d}, _xd{j}_{d}_s)")
 
@@ -718,13 +814,15 @@ def _emit_test(body, j, p: Fallback, printed, indent: int):
                                             for m, e in enumerate(products)))
 
 
-def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None):
+def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None, first_try: bool = False):
     """Lines setting _xq to plan ``j``'s output at the bound element: sum_m A_m e_m as one
     expansion, rounded once, divided by the denominator's factors, plus the rest.
     ``denominators``: ((region variable's test, key, plan), ...) of regions that share this
-    numerator and differ in their denominators (a norm or eps), one of which holds."""
+    numerator and differ in their denominators (a norm or eps), one of which holds. With
+    ``first_try``, the function returns False where _xexact is false and the value from the
+    first try's sums may be off by more than :data:`FIRST_TRY` accepts."""
     if denominators is None:
-        _emit_plan_setup(body, j, p, printed, indent)
+        _emit_plan_setup(body, j, p, printed, indent, first_try=first_try)
     else:
         _emit_plan_setup(body, j, p, printed, indent, parts=("numerator",))
     body.emit(indent, "_xa_n = 0")
@@ -738,6 +836,11 @@ def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None):
     # mantissas divided, the scales apart: the numerator and the denominator may both be
     # far below the normal range where their quotient is not
     body.emit(indent, "_xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)")
+    if first_try:
+        bound = " + ".join(f"_xdA{j}_{m}*abs({printed(sp.Mul(*element))})" if element else f"_xdA{j}_{m}"
+                           for m, (element, _) in enumerate(p.groups))
+        body.emit(indent, f"if not (_xexact or (_xdok{j} and {_accepts('math.ldexp(_xq, _xq_s)', bound)})):")
+        body.emit(indent + 1, "return False")
     if denominators is None:
         _emit_division(body, j, p, indent)
     else:
@@ -886,7 +989,8 @@ def emit_fallback(body, plans: dict, outs: dict):
         numerators, others = _split(j, p.regions)
         flat.update(numerators)
         denominators.update(others)
-    _emit_setup(body, flat, printed, denominators)
+    first = has_first_try(plans)
+    _emit_setup(body, flat, printed, denominators, first)
     reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
     for j, p in plans.items():
         _emit_region(body, j, p.regions, reductions, printed, decided)
@@ -896,10 +1000,12 @@ def emit_fallback(body, plans: dict, outs: dict):
         def emit_plan(key, f, shared, indent, out=outs[j]):
             _emit_test(body, key, f, printed, indent)
             body.emit(indent, f"if {fires('_xn', '2.0 * _xb')}:")
-            _emit_value(body, key, f, printed, indent + 1, shared)
+            _emit_value(body, key, f, printed, indent + 1, shared, first)
             body.emit(indent + 1, "if math.isfinite(_xq):")
             body.emit(indent + 2, f"{out}[_i, _k] = _w * _xq")
         _emit_regions(body, j, p.regions, 3, emit_plan)
+    if first:
+        body.emit(2, "return True")
 
 
 class BlockRecompute(NamedTuple):
@@ -979,10 +1085,12 @@ def _emit_block_row(body, b, block: BlockRecompute, split, printed):
 SUM2_ACCEPTS = {"relative": 2.0 ** -50, "smallest": 2.0 ** -900, "largest": 2.0 ** 900}
 
 
-def _sum2_lines(coefficient: int, factors, printed) -> list[str]:
-    """Lines adding coefficient * prod(factors) to the Sum2 accumulator (_sh, _sl) and its
-    magnitude to _sm: the product split by fused multiply-adds (each further factor's error of
-    the low part rounded: second order), a power-of-two coefficient applied exactly after."""
+def _sum2_lines(coefficient: int, factors, printed, accumulator=("_sh", "_sl", "_sm")) -> list[str]:
+    """Lines adding coefficient * prod(factors) to the Sum2 accumulator (hi, lo) and its
+    magnitude to the third of ``accumulator``'s names: the product split by fused multiply-adds
+    (each further factor's error of the low part rounded: second order), a power-of-two
+    coefficient applied exactly after."""
+    hi, lo, size = accumulator
     magnitude = abs(int(coefficient))
     power = magnitude & (magnitude - 1) == 0
     floats = ([] if power else [repr(float(magnitude))]) + [printed(f) for f in factors] or ["1.0"]
@@ -996,9 +1104,9 @@ def _sum2_lines(coefficient: int, factors, printed) -> list[str]:
     if power and magnitude != 1:
         lines += [f"_ph = _ph * {float(magnitude)!r}", f"_pl = _pl * {float(magnitude)!r}"]
     sign = "-" if coefficient < 0 else ""
-    return lines + [f"_x = _sh {'-' if sign else '+'} _ph", "_z = _x - _sh",
-                    f"_sl += (_sh - (_x - _z)) + ({sign}_ph - _z) {'-' if sign else '+'} _pl", "_sh = _x",
-                    "_sm += abs(_ph)"]
+    return lines + [f"_x = {hi} {'-' if sign else '+'} _ph", f"_z = _x - {hi}",
+                    f"{lo} += ({hi} - (_x - _z)) + ({sign}_ph - _z) {'-' if sign else '+'} _pl", f"{hi} = _x",
+                    f"{size} += abs(_ph)"]
 
 
 def emit_exact_sum(body, terms):

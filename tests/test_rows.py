@@ -251,6 +251,91 @@ def test_cosine_proximity_where_the_exact_fallback_fires(y, x):
     assert not failures, "\n" + format_report(failures)
 
 
+def _near_a_zero(loss, quantity, params, size, rng):
+    """(arrays, which, t): a row of uniform y and p (``arrays``) whose element 0 of input
+    ``which`` (0: y, 1: p), at t, is the double nearest a zero of ``quantity``'s element 0,
+    found by bisection on the kernel itself (its fallback makes it exact there)."""
+    for _ in range(300):
+        for which in (1, 0):
+            arrays = [rng.uniform(0.0, 1.0, size), rng.uniform(0.0, 1.0, size)]
+
+            def at(t):
+                moved = [a.copy() for a in arrays]
+                moved[which][0] = t
+                return getattr(loss, quantity)(moved[0][None], moved[1][None], **params)[0, 0]
+            low, high = 0.0, 1.0
+            if not at(low) * at(high) < 0:
+                continue
+            below = at(low) < 0
+            while low < 0.5 * (low + high) < high:
+                middle = 0.5 * (low + high)
+                low, high = (middle, high) if (at(middle) < 0) == below else (low, middle)
+            return arrays, which, low
+    raise AssertionError(f"{loss.name} {quantity}: no zero found")
+
+
+# Outputs whose recomputation tries Sum2's row sums first (exact_rows.FIRST_TRY), with an
+# element near a zero of the output, found by bisection
+FIRST_TRY_ZEROS = [("dice", "grad", {}), ("dice", "hess", {}), ("soft_jaccard", "grad", {}),
+                   ("tversky", "grad", {"alpha": 0.3, "beta": 0.7}), ("tversky", "hess", {"alpha": 0.3, "beta": 0.7})]
+
+
+@pytest.mark.parametrize("name, quantity, params", FIRST_TRY_ZEROS, ids=[f"{n}-{q}" for n, q, _ in FIRST_TRY_ZEROS])
+def test_first_try_of_the_recomputation_near_a_zero(name, quantity, params):
+    """At 2**-26 of the input from a zero of the output (C = 5) the kernels' test fires (a fast
+    form's error there: about 2**26 ulps) and the recomputation's first try (Sum2's row sums,
+    their error bounds carried through) alone writes element 0, which meets the bound against
+    mpmath's derivatives of the loss written out (verify_rows.check_size); at the zero's nearest
+    double it declines (returns False) and the exact sums give the value."""
+    loss, spec = lossgen.get(name), load_spec(ROW_PATHS[name])
+    params = {**_defaults(spec), **params}
+    arrays, which, root = _near_a_zero(loss, quantity, params, 5, np.random.default_rng(1))
+    recompute = getattr(loss.module, f"_{quantity}_exact")
+    for offset, taken in ((2.0**-26, True), (0.0, False)):
+        moved = [a.copy() for a in arrays]
+        moved[which][0] = root * (1 + offset)
+        y, p = moved
+        out = np.full((1, 5), np.nan)
+        arguments = [y[None], p[None], *(params[k] for k in loss.params)]
+        assert recompute(0, 5, 5.0, *arguments, None, out, 1.0, False) is taken
+        if taken:
+            assert out[0, 0] == getattr(loss, quantity)(y[None], p[None], **params)[0, 0]
+        rows = check_size(loss, spec, 5, [{"y": y, "p": p}], params)
+        failures = [r for r in rows if r.output.startswith(quantity) and not r.ok(RELATIVE_TOLERANCE)]
+        assert not failures, "\n" + format_report(failures)
+
+
+@pytest.mark.parametrize("name", ["dice", "soft_jaccard", "tversky", "combo"])
+def test_first_try_agrees_with_the_exact_sums(name):
+    """On rows of uniform soft targets (C = 64), the recomputation's first try
+    (exact_rows.FIRST_TRY) takes most rows where its test fires (on 2-3% of them), and where it
+    does, every value it writes is within 2 ulps of the exact sums' (which the tests above check
+    against mpmath)."""
+    loss = lossgen.get(name)
+    rng = np.random.default_rng(7)
+    y, p = rng.uniform(0.0, 1.0, (3000, 64)), rng.uniform(0.0, 1.0, (3000, 64))
+    arguments = [default for default, _ in loss.params.values()]
+    total = 0
+    for quantity in ("grad", "hess"):
+        recompute = getattr(loss.module, f"_{quantity}_exact", None)
+        if recompute is None:
+            continue
+        taken = declined = 0
+        for i in range(len(y)):
+            first, exact = np.full((1, 64), np.nan), np.full((1, 64), np.nan)
+            if not recompute(0, 64, 64.0, y[i:i + 1], p[i:i + 1], *arguments, None, first, 1.0, False):
+                declined += 1
+                continue
+            recompute(0, 64, 64.0, y[i:i + 1], p[i:i + 1], *arguments, None, exact, 1.0, True)
+            written = np.isfinite(first)
+            taken += written.any()
+            np.testing.assert_array_equal(written, np.isfinite(exact))
+            np.testing.assert_allclose(first[written], exact[written], rtol=4.5e-16, atol=0)
+        assert declined <= taken // 10, (quantity, taken, declined)
+        total += taken
+    assert total >= 20, total  # dice's Hessian diagonal has no zero on these rows
+
+
 def test_exact_fallback_applies_by_form():
     """The fallback's rule (lossgen/exact_rows.py) picks outputs by their form alone: the overlap
     losses' gradients (quotients over sums of polynomial summands) and the cosines' (over powers of
