@@ -458,9 +458,11 @@ def loss_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _row_y = y[_i]
     _xbuffer = np.empty((12, 64))
     _xt = _xbuffer[0]
@@ -482,19 +484,74 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _x_r2_n = 0
     _x_r2_s = 0
     _r2_abs = 0.0
-    for _k in range(_n):
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
-        _r2_abs += abs(_e_x1*_e_x2)
-        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x1)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x2, _e_x2)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x2)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _r2_abs += abs(_e_x1*_e_x2)
+            _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x1)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_x2, _e_x2)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x2)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _r2_abs += abs(_e_x1*_e_x2)
+            _ph = _e_x1 * _e_x1
+            _pl = _fma(_e_x1, _e_x1, -_ph)
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_x2 * _e_x2
+            _pl = _fma(_e_x2, _e_x2, -_ph)
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_x1 * _e_x2
+            _pl = _fma(_e_x1, _e_x2, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -517,6 +574,9 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xb0r0_0 = (0.000244140625*_r2_abs)
     _xc0r0_1 = (-_r0 - eps)
     _xb0r0_1 = (0.000244140625*eps + 0.000244140625*abs(_r0))
+    _xdok0r0 = True
+    _xdA0r0_0 = _xE_r2
+    _xdA0r0_1 = _xE_r0
     _xready1r0 = False
     _xd1r0_0 = 1.0
     _xd1r0_0_s = 0
@@ -532,8 +592,12 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xb1r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc1r0_1 = (-_r2)
     _xb1r0_1 = (0.000244140625*_r2_abs)
+    _xdok1r0 = True
+    _xdA1r0_0 = _xE_r1
+    _xdA1r0_1 = _xE_r2
     _xdready0r0 = False
     _xdready0r1 = False
+    _xdok0r1 = True
     _xd0r1_0 = 1.0
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
@@ -542,6 +606,7 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xd0r1_2_s = 0
     _xdready1r0 = False
     _xdready1r1 = False
+    _xdok1r1 = True
     _xd1r1_0 = 1.0
     _xd1r1_0_s = 0
     _xd1r1_1 = 1.0
@@ -555,6 +620,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r2) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_a = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xcs0_b = math.copysign(1.0, margin) if margin != 0.0 else 0.0
     _xa_n = 0
@@ -582,6 +649,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
@@ -625,6 +694,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0*eps*margin**2 + _xE_r1*eps*margin**2 + 2.0*_xE_r2*(_xE_r2 + _xM_r2) + margin**2*(_xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*(_xE_r0 + _xM_r0))) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     if _xcs0_a * _xcs0_b >= 0.0:
         _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
@@ -667,6 +738,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                if not (_xexact or (_xdok0r0 and (_xdA0r0_0*abs(_e_x1) + _xdA0r0_1*abs(_e_x2)) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                    return False
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
@@ -694,12 +767,16 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) and abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) > 1.1830521861667747e-271
                         _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok0r0):
+                        return False
                     _xq = _xq / _xd0r0_0
                     _xq_s -= _xd0r0_0_s
                     _xq = _xq / _xd0r0_1
@@ -732,12 +809,16 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r1 = _xdok0r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) and abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) > 1.1830521861667747e-271
                         _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r1 = _xdok0r1 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_2, _xd0r1_2_s)) and abs(math.ldexp(_xd0r1_2, _xd0r1_2_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok0r1):
+                        return False
                     _xq = _xq / _xd0r1_0
                     _xq_s -= _xd0r1_0_s
                     _xq = _xq / _xd0r1_1
@@ -779,6 +860,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x2, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                if not (_xexact or (_xdok1r0 and (_xdA1r0_0*abs(_e_x1) + _xdA1r0_1*abs(_e_x2)) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                    return False
                 if _xregion1 == 0:
                     if not _xdready1r0:
                         _xdready1r0 = True
@@ -807,12 +890,16 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r0 = _xdok1r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r0_1, _xd1r0_1_s)) and abs(math.ldexp(_xd1r0_1, _xd1r0_1_s)) > 1.1830521861667747e-271
                         _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r0 = _xdok1r0 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r0_2, _xd1r0_2_s)) and abs(math.ldexp(_xd1r0_2, _xd1r0_2_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok1r0):
+                        return False
                     _xq = _xq / _xd1r0_0
                     _xq_s -= _xd1r0_0_s
                     _xq = _xq / _xd1r0_1
@@ -846,12 +933,16 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r1 = _xdok1r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r1_0, _xd1r1_0_s)) and abs(math.ldexp(_xd1r1_0, _xd1r1_0_s)) > 1.1830521861667747e-271
                         _xd1r1_0, _xd1r1_0_s = _xsqrt_m(_xd1r1_0, _xd1r1_0_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r1 = _xdok1r1 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r1_1, _xd1r1_1_s)) and abs(math.ldexp(_xd1r1_1, _xd1r1_1_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok1r1):
+                        return False
                     _xq = _xq / _xd1r1_0
                     _xq_s -= _xd1r1_0_s
                     _xq = _xq / _xd1r1_1
@@ -859,6 +950,7 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                 _xq = math.ldexp(_xq, _xq_s)
                 if math.isfinite(_xq):
                     _out1[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1110,7 +1202,8 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _xflag |= (abs(_e_x1*((_h18) if _t8_0 else (0.0)) + _e_x2*((_h19) if _t8_0 else (0.0))) < _t8_1*_t8_2 + _t8_3*((_h21) if _t8_0 else (math.nan))) | (_t8_1*_t8_2 + _t8_3*((_h21) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_e_x1*((_h22) if _t8_0 else (0.0)) + _e_x2*((_h23) if _t8_0 else (0.0))) < _t8_1*((_h24) if _t8_0 else (math.nan)) + _t8_2*_t8_3) | (_t8_1*((_h24) if _t8_0 else (math.nan)) + _t8_2*_t8_3 < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w)
+        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, False):
+            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1132,9 +1225,11 @@ def grad_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0, _out1):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _row_y = y[_i]
     _xbuffer = np.empty((14, 64))
     _xt = _xbuffer[0]
@@ -1158,19 +1253,74 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _x_r2_n = 0
     _x_r2_s = 0
     _r2_abs = 0.0
-    for _k in range(_n):
-        _e_x1 = x1[_i, _k]
-        _e_x2 = x2[_i, _k]
-        _r2_abs += abs(_e_x1*_e_x2)
-        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x1)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x2, _e_x2)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x2)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _r2_abs += abs(_e_x1*_e_x2)
+            _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x1)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_x2, _e_x2)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_x1, _e_x2)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        for _k in range(_n):
+            _e_x1 = x1[_i, _k]
+            _e_x2 = x2[_i, _k]
+            _r2_abs += abs(_e_x1*_e_x2)
+            _ph = _e_x1 * _e_x1
+            _pl = _fma(_e_x1, _e_x1, -_ph)
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_x2 * _e_x2
+            _pl = _fma(_e_x2, _e_x2, -_ph)
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_x1 * _e_x2
+            _pl = _fma(_e_x1, _e_x2, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -1199,6 +1349,10 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xb0r0_1 = (0.00048828125*eps + 0.00048828125*abs(_r0))
     _xc0r0_2 = (-_r0*_r2 - _r2*eps)
     _xb0r0_2 = (0.000244140625*_r2_abs*eps + 0.000244140625*_r2_abs*abs(_r0))
+    _xdok0r0 = True
+    _xdA0r0_0 = 3.0*_xE_r2
+    _xdA0r0_1 = 2.0*_xE_r0
+    _xdA0r0_2 = _xE_r0*(_xE_r2 + _xM_r2) + _xE_r2*eps + _xE_r2*(_xE_r0 + _xM_r0)
     _xready1r0 = False
     _xd1r0_0 = 1.0
     _xd1r0_0_s = 0
@@ -1216,14 +1370,20 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xb1r0_1 = (0.000732421875*_r2_abs)
     _xc1r0_2 = (_r1*_r2 + _r2*eps)
     _xb1r0_2 = (0.000244140625*_r2_abs*eps + 0.000244140625*_r2_abs*abs(_r1))
+    _xdok1r0 = True
+    _xdA1r0_0 = 2.0*_xE_r1
+    _xdA1r0_1 = 3.0*_xE_r2
+    _xdA1r0_2 = _xE_r1*(_xE_r2 + _xM_r2) + _xE_r2*eps + _xE_r2*(_xE_r1 + _xM_r1)
     _xdready0r0 = False
     _xdready0r1 = False
+    _xdok0r1 = True
     _xd0r1_0 = 1.0
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
     _xd0r1_1_s = 0
     _xdready1r0 = False
     _xdready1r1 = False
+    _xdok1r1 = True
     _xd1r1_0 = 1.0
     _xd1r1_0_s = 0
     _xd1r1_1 = 1.0
@@ -1239,6 +1399,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r2) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_a = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xcs0_b = math.copysign(1.0, margin) if margin != 0.0 else 0.0
     _xa_n = 0
@@ -1266,6 +1428,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
@@ -1309,6 +1473,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0*eps*margin**2 + _xE_r1*eps*margin**2 + 2.0*_xE_r2*(_xE_r2 + _xM_r2) + margin**2*(_xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*(_xE_r0 + _xM_r0))) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     if _xcs0_a * _xcs0_b >= 0.0:
         _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
@@ -1382,6 +1548,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                 _xt_s = _xA0r0_2_s
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                if not (_xexact or (_xdok0r0 and (_xdA0r0_0*abs(_e_x1**2) + _xdA0r0_1*abs(_e_x1*_e_x2) + _xdA0r0_2) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                    return False
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
@@ -1410,12 +1578,16 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
                         _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_2, _xd0r0_2_s)) and abs(math.ldexp(_xd0r0_2, _xd0r0_2_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok0r0):
+                        return False
                     _xq = _xq / _xd0r0_0
                     _xq_s -= _xd0r0_0_s
                     _xq = _xq / _xd0r0_1
@@ -1451,12 +1623,16 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r1 = _xdok0r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_0, _xd0r1_0_s)) and abs(math.ldexp(_xd0r1_0, _xd0r1_0_s)) > 1.1830521861667747e-271
                         _xd0r1_0, _xd0r1_0_s = _xsqrt_m(_xd0r1_0, _xd0r1_0_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r1 = _xdok0r1 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) and abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok0r1):
+                        return False
                     _xq = _xq / _xd0r1_0
                     _xq_s -= _xd0r1_0_s
                     _xq = _xq / _xd0r1_1
@@ -1524,6 +1700,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                 _xt_s = _xA1r0_2_s
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                if not (_xexact or (_xdok1r0 and (_xdA1r0_0*abs(_e_x1*_e_x2) + _xdA1r0_1*abs(_e_x2**2) + _xdA1r0_2) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                    return False
                 if _xregion1 == 0:
                     if not _xdready1r0:
                         _xdready1r0 = True
@@ -1551,12 +1729,16 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd1r0_0, _xd1r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r0 = _xdok1r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r0_0, _xd1r0_0_s)) and abs(math.ldexp(_xd1r0_0, _xd1r0_0_s)) > 1.1830521861667747e-271
                         _xd1r0_0, _xd1r0_0_s = _xsqrt_m(_xd1r0_0, _xd1r0_0_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r0 = _xdok1r0 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r0_1, _xd1r0_1_s)) and abs(math.ldexp(_xd1r0_1, _xd1r0_1_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok1r0):
+                        return False
                     _xq = _xq / _xd1r0_0
                     _xq_s -= _xd1r0_0_s
                     _xq = _xq / _xd1r0_1
@@ -1591,12 +1773,16 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xh, _xe)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                         _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r1 = _xdok1r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r1_1, _xd1r1_1_s)) and abs(math.ldexp(_xd1r1_1, _xd1r1_1_s)) > 1.1830521861667747e-271
                         _xd1r1_1, _xd1r1_1_s = _xsqrt_m(_xd1r1_1, _xd1r1_1_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r1_2, _xd1r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok1r1 = _xdok1r1 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r1_2, _xd1r1_2_s)) and abs(math.ldexp(_xd1r1_2, _xd1r1_2_s)) > 1.1830521861667747e-271
+                    if not (_xexact or _xdok1r1):
+                        return False
                     _xq = _xq / _xd1r1_0
                     _xq_s -= _xd1r1_0_s
                     _xq = _xq / _xd1r1_1
@@ -1608,6 +1794,7 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w):
                 _xq = math.ldexp(_xq, _xq_s)
                 if math.isfinite(_xq):
                     _out1[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1791,7 +1978,8 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _xflag |= (abs(_t6_1*((_h17) if _t6_0 else (0.0)) + _t6_2*((_h16) if _t6_0 else (0.0)) + ((_h18) if _t6_0 else (0.0))) < _t6_2*_t6_3 + _t6_4*((_h20) if _t6_0 else (math.nan)) + ((_h21) if _t6_0 else (math.nan))) | (_t6_2*_t6_3 + _t6_4*((_h20) if _t6_0 else (math.nan)) + ((_h21) if _t6_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_t6_1*((_h23) if _t6_0 else (0.0)) + _t6_5*((_h22) if _t6_0 else (0.0)) + ((_h24) if _t6_0 else (0.0))) < _t6_3*_t6_5 + _t6_4*((_h25) if _t6_0 else (math.nan)) + ((_h26) if _t6_0 else (math.nan))) | (_t6_3*_t6_5 + _t6_4*((_h25) if _t6_0 else (math.nan)) + ((_h26) if _t6_0 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w)
+        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, False):
+            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2113,8 +2301,10 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _xflag |= (abs(_t8_4*((_h30) if _t8_0 else (0.0)) + _t8_5*((_h29) if _t8_0 else (0.0)) + ((_h31) if _t8_0 else (0.0))) < _t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan))) | (_t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_t8_4*((_h36) if _t8_0 else (0.0)) + _t8_8*((_h35) if _t8_0 else (0.0)) + ((_h37) if _t8_0 else (0.0))) < _t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan))) | (_t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w)
-        _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out2, _out3, _w)
+        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, False):
+            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, True)
+        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out2, _out3, _w, False):
+            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out2, _out3, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2449,8 +2639,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
         _xflag |= (abs(_t8_4*((_h30) if _t8_0 else (0.0)) + _t8_5*((_h29) if _t8_0 else (0.0)) + ((_h31) if _t8_0 else (0.0))) < _t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan))) | (_t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_t8_4*((_h36) if _t8_0 else (0.0)) + _t8_8*((_h35) if _t8_0 else (0.0)) + ((_h37) if _t8_0 else (0.0))) < _t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan))) | (_t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out1, _out2, _w)
-        _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out3, _out4, _w)
+        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out1, _out2, _w, False):
+            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out1, _out2, _w, True)
+        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out3, _out4, _w, False):
+            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out3, _out4, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")

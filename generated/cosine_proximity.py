@@ -404,9 +404,11 @@ def loss_kernel_parallel(y, x, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((10, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -425,19 +427,74 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _x_r2_n = 0
     _x_r2_s = 0
     _r2_abs = 0.0
-    for _k in range(_n):
-        _e_x = x[_i, _k]
-        _e_y = y[_i, _k]
-        _r2_abs += abs(_e_x*_e_y)
-        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_x = x[_i, _k]
+            _e_y = y[_i, _k]
+            _r2_abs += abs(_e_x*_e_y)
+            _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        for _k in range(_n):
+            _e_x = x[_i, _k]
+            _e_y = y[_i, _k]
+            _r2_abs += abs(_e_x*_e_y)
+            _ph = _e_x * _e_x
+            _pl = _fma(_e_x, _e_x, -_ph)
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_y * _e_y
+            _pl = _fma(_e_y, _e_y, -_ph)
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_x * _e_y
+            _pl = _fma(_e_x, _e_y, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -460,8 +517,12 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xb0r0_0 = (0.000244140625*_r2_abs)
     _xc0r0_1 = (-_r0)
     _xb0r0_1 = (0.000244140625*abs(_r0))
+    _xdok0r0 = True
+    _xdA0r0_0 = _xE_r2
+    _xdA0r0_1 = _xE_r0
     _xdready0r0 = False
     _xdready0r1 = False
+    _xdok0r1 = True
     _xd0r1_0 = 1.0
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
@@ -473,6 +534,8 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
@@ -486,6 +549,8 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     if _xcs0_a * _xcs0_b >= 0.0:
         _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
@@ -498,6 +563,8 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
@@ -511,6 +578,8 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     if _xcs1_a * _xcs1_b >= 0.0:
         _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
@@ -551,6 +620,8 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                if not (_xexact or (_xdok0r0 and (_xdA0r0_0*abs(_e_x) + _xdA0r0_1*abs(_e_y)) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                    return False
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
@@ -558,12 +629,16 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) and abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) > 1.1830521861667747e-271
                         _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
                         _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
+                    if not (_xexact or _xdok0r0):
+                        return False
                     _xq = _xq / _xd0r0_0
                     _xq_s -= _xd0r0_0_s
                     _xq = _xq / _xd0r0_0
@@ -583,7 +658,10 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r1 = _xdok0r1 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) and abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) > 1.1830521861667747e-271
                         _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
+                    if not (_xexact or _xdok0r1):
+                        return False
                     _xq = _xq / _xd0r1_0
                     _xq_s -= _xd0r1_0_s
                     _xq = _xq / _xd0r1_1
@@ -595,6 +673,7 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                 _xq = math.ldexp(_xq, _xq_s)
                 if math.isfinite(_xq):
                     _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -768,7 +847,8 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _t6_1 = _t6_0 and (_t6_0 or (_h6 > eps))
         _xflag |= (abs(_e_x*((_h10) if _t6_1 else (0.0)) + _e_y*((_h11) if _t6_1 else (0.0))) < ((_h12) if _t6_1 else (math.nan))*abs(_e_x) + ((_h13) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h12) if _t6_1 else (math.nan))*abs(_e_x) + ((_h13) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
+        if not _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -790,9 +870,11 @@ def grad_kernel_parallel(y, x, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
-    """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
-    (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
+def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
+    """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
+    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
+    error bound is not small enough; else from exact ones, each output's monomials as one
+    expansion (lossgen/exact_rows.py)."""
     _xbuffer = np.empty((11, 64))
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
@@ -812,19 +894,74 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _x_r2_n = 0
     _x_r2_s = 0
     _r2_abs = 0.0
-    for _k in range(_n):
-        _e_x = x[_i, _k]
-        _e_y = y[_i, _k]
-        _r2_abs += abs(_e_x*_e_y)
-        _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
-        _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+    if _xexact:
+        for _k in range(_n):
+            _e_x = x[_i, _k]
+            _e_y = y[_i, _k]
+            _r2_abs += abs(_e_x*_e_y)
+            _xh, _xl, _xe = _xtwo_product(_e_x, _e_x)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xh, _xe)
+            _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_y, _e_y)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xh, _xe)
+            _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xl, _xe)
+            _xh, _xl, _xe = _xtwo_product(_e_x, _e_y)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xh, _xe)
+            _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xl, _xe)
+        _xE_r0 = 0.0
+        _xM_r0 = 0.0
+        _xE_r1 = 0.0
+        _xM_r1 = 0.0
+        _xE_r2 = 0.0
+        _xM_r2 = 0.0
+    else:
+        _xsh_r0 = 0.0
+        _xsl_r0 = 0.0
+        _xsm_r0 = 0.0
+        _xsh_r1 = 0.0
+        _xsl_r1 = 0.0
+        _xsm_r1 = 0.0
+        _xsh_r2 = 0.0
+        _xsl_r2 = 0.0
+        _xsm_r2 = 0.0
+        for _k in range(_n):
+            _e_x = x[_i, _k]
+            _e_y = y[_i, _k]
+            _r2_abs += abs(_e_x*_e_y)
+            _ph = _e_x * _e_x
+            _pl = _fma(_e_x, _e_x, -_ph)
+            _x = _xsh_r0 + _ph
+            _z = _x - _xsh_r0
+            _xsl_r0 += (_xsh_r0 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r0 = _x
+            _xsm_r0 += abs(_ph)
+            _ph = _e_y * _e_y
+            _pl = _fma(_e_y, _e_y, -_ph)
+            _x = _xsh_r1 + _ph
+            _z = _x - _xsh_r1
+            _xsl_r1 += (_xsh_r1 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r1 = _x
+            _xsm_r1 += abs(_ph)
+            _ph = _e_x * _e_y
+            _pl = _fma(_e_x, _e_y, -_ph)
+            _x = _xsh_r2 + _ph
+            _z = _x - _xsh_r2
+            _xsl_r2 += (_xsh_r2 - (_x - _z)) + (_ph - _z) + _pl
+            _xsh_r2 = _x
+            _xsm_r2 += abs(_ph)
+        _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
+        _xM_r0 = _xsm_r0
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
+        _xM_r1 = _xsm_r1
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
+        _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -853,8 +990,13 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xb0r0_1 = (0.00048828125*abs(_r0))
     _xc0r0_2 = (-_r0*_r2)
     _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
+    _xdok0r0 = True
+    _xdA0r0_0 = 3.0*_xE_r2
+    _xdA0r0_1 = 2.0*_xE_r0
+    _xdA0r0_2 = _xE_r0*(_xE_r2 + _xM_r2) + _xE_r2*(_xE_r0 + _xM_r0)
     _xdready0r0 = False
     _xdready0r1 = False
+    _xdok0r1 = True
     _xd0r1_0 = 1.0
     _xd0r1_0_s = 0
     _xd0r1_1 = 1.0
@@ -868,6 +1010,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
@@ -881,6 +1025,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs0_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     if _xcs0_a * _xcs0_b >= 0.0:
         _xcs0 = _xcs0_a if _xcs0_a != 0.0 else (_xcs0_b if _xcs0_q > 0.0 else 0.0)
@@ -893,6 +1039,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xa_n = 0
     _xa_s = 0
@@ -906,6 +1054,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
     _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
+    if not (_xexact or (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
+        return False
     _xcs1_d = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     if _xcs1_a * _xcs1_b >= 0.0:
         _xcs1 = _xcs1_a if _xcs1_a != 0.0 else (_xcs1_b if _xcs1_q > 0.0 else 0.0)
@@ -976,6 +1126,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                 _xt_s = _xA0r0_2_s
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xq, _xq_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                if not (_xexact or (_xdok0r0 and (_xdA0r0_0*abs(_e_x**2) + _xdA0r0_1*abs(_e_x*_e_y) + _xdA0r0_2) * 1.4411518807585587e+17 < abs(math.ldexp(_xq, _xq_s)) and abs(math.ldexp(_xq, _xq_s)) > 1.1830521861667747e-271)):
+                    return False
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
@@ -984,12 +1136,16 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
                         _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
                         _xa_n = 0
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r0 = _xdok0r0 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_2, _xd0r0_2_s)) and abs(math.ldexp(_xd0r0_2, _xd0r0_2_s)) > 1.1830521861667747e-271
                         _xd0r0_2, _xd0r0_2_s = _xsqrt_m(_xd0r0_2, _xd0r0_2_s)
+                    if not (_xexact or _xdok0r0):
+                        return False
                     _xq = _xq / _xd0r0_0
                     _xq_s -= _xd0r0_0_s
                     _xq = _xq / _xd0r0_1
@@ -1016,7 +1172,10 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                         _xa_s = 0
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
+                        _xdok0r1 = _xdok0r1 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_2, _xd0r1_2_s)) and abs(math.ldexp(_xd0r1_2, _xd0r1_2_s)) > 1.1830521861667747e-271
                         _xd0r1_2, _xd0r1_2_s = _xsqrt_m(_xd0r1_2, _xd0r1_2_s)
+                    if not (_xexact or _xdok0r1):
+                        return False
                     _xq = _xq / _xd0r1_0
                     _xq_s -= _xd0r1_0_s
                     _xq = _xq / _xd0r1_1
@@ -1034,6 +1193,7 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w):
                 _xq = math.ldexp(_xq, _xq_s)
                 if math.isfinite(_xq):
                     _out0[_i, _k] = _w * _xq
+    return True
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1144,7 +1304,8 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _t3_3 = _e_x**2
         _xflag |= (abs(_t3_2*((_h9) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h10) if _t3_1 else (0.0))) < _t3_3*((_h11) if _t3_1 else (math.nan)) + ((_h12) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h13) if _t3_1 else (math.nan))) | (_t3_3*((_h11) if _t3_1 else (math.nan)) + ((_h12) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h13) if _t3_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
+        if not _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, False):
+            _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1358,8 +1519,10 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
         _xflag |= (abs(_e_x*((_h11) if _t6_1 else (0.0)) + _e_y*((_h12) if _t6_1 else (0.0))) < ((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
         _xflag |= (abs(_t6_2*((_h16) if _t6_1 else (0.0)) + _t6_3*((_h15) if _t6_1 else (0.0)) + ((_h17) if _t6_1 else (0.0))) < _t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan))) | (_t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w)
-        _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w)
+        if not _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, False):
+            _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, False):
+            _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1578,8 +1741,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
         _xflag |= (abs(_e_x*((_h11) if _t6_1 else (0.0)) + _e_y*((_h12) if _t6_1 else (0.0))) < ((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
         _xflag |= (abs(_t6_2*((_h16) if _t6_1 else (0.0)) + _t6_3*((_h15) if _t6_1 else (0.0)) + ((_h17) if _t6_1 else (0.0))) < _t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan))) | (_t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w)
-        _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w)
+        if not _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, False):
+            _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, True)
+        if not _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w, False):
+            _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w, True)
 
 
 @numba.njit(cache=True, error_model="numpy")

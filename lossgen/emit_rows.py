@@ -39,7 +39,7 @@ from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
 from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires,
-                         has_first_try, plan, plan_block)
+                         plan, plan_block)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import group, in_scale, two_scaled
@@ -797,28 +797,25 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
         # the row function stays as small as without it
         body.emit(2, "if _xflag:")
 
-        def emit_call(quantity, call, plans):
+        def emit_call(quantity, call):
             # the first try's sums (exact_rows.FIRST_TRY), the exact ones where it declines
-            if has_first_try(plans):
-                body.emit(3, f"if not _{quantity}_exact({call}, False):")
-                body.emit(4, f"_{quantity}_exact({call}, True)")
-            else:
-                body.emit(3, f"_{quantity}_exact({call})")
+            body.emit(3, f"if not _{quantity}_exact({call}, False):")
+            body.emit(4, f"_{quantity}_exact({call}, True)")
 
         if shared:
             for quantity, first, count in shared:
                 start = len(row_outputs) + first
                 call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs[start:start + count], "_w"])
-                emit_call(quantity, call, {k: f for k, f in fallbacks.items() if first <= k < first + count})
+                emit_call(quantity, call)
         else:
             call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
-            emit_call(name, call, fallbacks)
+            emit_call(name, call)
             exact_body = _Body(derivation, printer, keys)
             emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
             exact = exact_body.lines
     kernel = {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
               "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
-    if exact and has_first_try(fallbacks):
+    if exact:
         kernel.update(exact_arguments=", _w, _xexact", exact_doc=FIRST_TRY_DOC)
     return kernel
 

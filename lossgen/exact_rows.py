@@ -74,11 +74,12 @@ EXACT_FALLBACK = {
     "reduction_kinds": ("sum",),
 }
 
-# The recomputation's first try (:func:`emit_fallback`, outputs of one region): the row sums by
+# The recomputation's first try (:func:`emit_fallback`: gradients, Hessian diagonals): the row sums by
 # Sum2 (two floats each, hi + lo, within E = 2 g**2 sum |t| + g 2**-1018 of the sum, g = gamma_2n,
 # see :func:`_sum2_lines`), read as expansions by the exact algebra, each coefficient A_m and
-# denominator factor with the bound of its error (:func:`_error_bound`); a value is taken where
-# that bound is below 2**-57 of it and it is above 2**-900, else the row is recomputed from
+# denominator factor with the bound of its error (:func:`_error_bound`), and each region's
+# decision (the sign of a polynomial in the sums) likewise; a value or a sign is taken where its
+# bound is below 2**-57 of it and it is above 2**-900, else the row is recomputed from
 # exact sums. The kernels' test fires where |num(k)| < 2**-12 B(k); the first try holds down to
 # about 2**-30 B at C = 1024. Dice's gradient on uniform soft targets at 2000 x 1024, where the
 # test fires on 31% of the rows (one element each): 7 us a flagged row, 100 us from exact sums.
@@ -123,13 +124,6 @@ class Fallback:
     def bound(self) -> sp.Expr:
         """threshold * sum_m |A|_m |e_m|, |A|_m the sum of the magnitudes of A_m's terms."""
         return sp.Add(*[magnitude * sp.Abs(sp.Mul(*element)) for element, _, magnitude in self.tests])
-
-
-def has_first_try(plans: dict) -> bool:
-    """Does the recomputation of ``plans`` (output index -> RegionPlans) try Sum2's row sums
-    first (:data:`FIRST_TRY`)? Where every output has one region: a region's decision from
-    inexact sums could take the other branch."""
-    return all(len(p.regions) == 1 for p in plans.values())
 
 
 def _error_of(r: sp.Symbol) -> sp.Symbol:
@@ -713,6 +707,8 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
         body.emit(2, f"_xdready{j} = False")
         if j in plans:
             continue
+        if first_try:
+            body.emit(2, f"_xdok{j} = True")
         for d in range(len(p.denominator)):
             body.emit(2, f"_xd{j}_{d} = 1.0")
             body.emit(2, f"_xd{j}_{d}_s = 0")
@@ -846,7 +842,11 @@ def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None, f
     else:
         for n, (test, key, plan_) in enumerate(denominators):
             body.emit(indent, f"{'if' if n == 0 else 'elif'} {test}:")
-            _emit_plan_setup(body, key, plan_, printed, indent + 1, parts=("denominator",), flag="_xdready")
+            _emit_plan_setup(body, key, plan_, printed, indent + 1, parts=("denominator",), flag="_xdready",
+                             first_try=first_try)
+            if first_try:
+                body.emit(indent + 1, f"if not (_xexact or _xdok{key}):")
+                body.emit(indent + 2, "return False")
             _emit_division(body, key, plan_, indent + 1)
     body.emit(indent, "_xq = math.ldexp(_xq, _xq_s)")
     if p.rest != 0:
@@ -891,7 +891,7 @@ def _region_keys(j, regions) -> dict:
     return {r: f"{j}r{r}" for r, (_, f) in enumerate(regions) if f is not None}
 
 
-def _emit_region(body, j, regions, reductions, printed, decided: dict):
+def _emit_region(body, j, regions, reductions, printed, decided: dict, first_try=None):
     """Lines setting _xregion{j}, the row's region (the first of ``regions``' conditions that
     holds), each comparison of row sums decided exactly by the sign of its difference
     (:func:`_emit_sign`), once per row (``decided``: {comparison: its decision}, shared by the
@@ -902,14 +902,17 @@ def _emit_region(body, j, regions, reductions, printed, decided: dict):
     for relation in _row_relations(conditions, reductions):
         if relation not in decided:
             sign = sp.Symbol(f"_xcs{len(decided)}", real=True)
-            _emit_sign(body, _sign_form(relation.lhs - relation.rhs), reductions, printed, sign.name)
+            _emit_sign(body, _sign_form(relation.lhs - relation.rhs), reductions, printed, sign.name, first_try)
             decided[relation] = relation.func(sign, 0)
     body.emit(2, f"_xregion{j} = {printed(conditions.xreplace(decided))}")
 
 
-def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str):
+def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str, first_try=None):
     """Lines setting ``name`` to the sign (-1.0, 0.0 or 1.0) of the polynomial ``p`` in the row
-    sums (their expansions), the parameters and the row's values: p as one expansion, exactly."""
+    sums (their expansions), the parameters and the row's values: p as one expansion, exactly.
+    ``first_try``: (the reductions as sums of monomial sums, the monomial sums) of a
+    recomputation with a first try (:data:`FIRST_TRY`), which returns False where that sign is
+    not certain from its sums."""
     p = sp.expand(p)
     if p.is_Number:
         body.emit(2, f"{name} = {float(sp.sign(p))!r}")
@@ -928,26 +931,32 @@ def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str):
             body.emit(2, line)
     body.emit(2, "_xa_n = _xcompress(_xa, _xa_n, _xu)")
     body.emit(2, "_xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)")
+    if first_try is not None:
+        in_sums, sums = first_try
+        bound = _error_bound(poly.as_expr().xreplace(in_sums), sums)
+        if bound != 0:
+            body.emit(2, f"if not (_xexact or {_accepts('math.ldexp(_xv, _xv_s)', printed(bound))}):")
+            body.emit(3, "return False")
     body.emit(2, f"{name} = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)")
 
 
-def _emit_sign(body, form: tuple, reductions, printed, name: str):
+def _emit_sign(body, form: tuple, reductions, printed, name: str, first_try=None):
     """Lines setting ``name`` to the sign of (a + b sqrt(q))/D (:func:`_sign_form`): where a and
     b do not compete, their sign; else sign(a) sign(a**2 - b**2 q)."""
     a, b, q, bases = form
-    _emit_polynomial_sign(body, a, reductions, printed, f"{name}_a")
+    _emit_polynomial_sign(body, a, reductions, printed, f"{name}_a", first_try)
     if b == 0:
         body.emit(2, f"{name} = {name}_a")
     else:
-        _emit_polynomial_sign(body, b, reductions, printed, f"{name}_b")
-        _emit_polynomial_sign(body, q, reductions, printed, f"{name}_q")
-        _emit_polynomial_sign(body, a**2 - b**2 * q, reductions, printed, f"{name}_d")
+        _emit_polynomial_sign(body, b, reductions, printed, f"{name}_b", first_try)
+        _emit_polynomial_sign(body, q, reductions, printed, f"{name}_q", first_try)
+        _emit_polynomial_sign(body, a**2 - b**2 * q, reductions, printed, f"{name}_d", first_try)
         body.emit(2, f"if {name}_a * {name}_b >= 0.0:")
         body.emit(3, f"{name} = {name}_a if {name}_a != 0.0 else ({name}_b if {name}_q > 0.0 else 0.0)")
         body.emit(2, "else:")
         body.emit(3, f"{name} = {name}_a * {name}_d")
     for m, base in enumerate(bases):
-        _emit_polynomial_sign(body, base, reductions, printed, f"{name}_{m}")
+        _emit_polynomial_sign(body, base, reductions, printed, f"{name}_{m}", first_try)
         body.emit(2, f"{name} = {name} * {name}_{m}")
 
 
@@ -981,7 +990,9 @@ def emit_fallback(body, plans: dict, outs: dict):
     kernels call it where the row's flag is set). ``plans``: output index -> RegionPlans;
     ``outs``: index -> the output array's name. The elements whose test fires are recomputed, in
     the row's region; a value that is not finite (a zero denominator, an overflowing product)
-    leaves the fast one."""
+    leaves the fast one. With _xexact false the function is the first try (:data:`FIRST_TRY`):
+    it returns False where a region's decision or a value is not certain from Sum2's sums, and
+    True where it wrote every value."""
     printed = lambda e: body.printer.doprint(body.rename(e))
     body.bind_row()
     flat, denominators = {}, {}
@@ -989,23 +1000,25 @@ def emit_fallback(body, plans: dict, outs: dict):
         numerators, others = _split(j, p.regions)
         flat.update(numerators)
         denominators.update(others)
-    first = has_first_try(plans)
-    _emit_setup(body, flat, printed, denominators, first)
+    _emit_setup(body, flat, printed, denominators, first_try=True)
     reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
+    in_sums, sums = {}, {}
+    for f in [*flat.values(), *denominators.values()]:
+        in_sums.update(f.in_sums)
+        sums.update(f.sums)
     for j, p in plans.items():
-        _emit_region(body, j, p.regions, reductions, printed, decided)
+        _emit_region(body, j, p.regions, reductions, printed, decided, (in_sums, sums))
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
     for j, p in plans.items():
         def emit_plan(key, f, shared, indent, out=outs[j]):
             _emit_test(body, key, f, printed, indent)
             body.emit(indent, f"if {fires('_xn', '2.0 * _xb')}:")
-            _emit_value(body, key, f, printed, indent + 1, shared, first)
+            _emit_value(body, key, f, printed, indent + 1, shared, first_try=True)
             body.emit(indent + 1, "if math.isfinite(_xq):")
             body.emit(indent + 2, f"{out}[_i, _k] = _w * _xq")
         _emit_regions(body, j, p.regions, 3, emit_plan)
-    if first:
-        body.emit(2, "return True")
+    body.emit(2, "return True")
 
 
 class BlockRecompute(NamedTuple):

@@ -305,28 +305,39 @@ def test_first_try_of_the_recomputation_near_a_zero(name, quantity, params):
         assert not failures, "\n" + format_report(failures)
 
 
-@pytest.mark.parametrize("name", ["dice", "soft_jaccard", "tversky", "combo"])
+# Rows for the first try's agreement with the exact sums: uniform soft targets for the overlap
+# losses, normal rows for the cosines (whose recomputation also decides the row's region)
+def _first_try_rows(name, rng, n, size):
+    if name.startswith("cosine"):
+        rows = [rng.normal(size=(n, size)), rng.normal(size=(n, size))]
+        return [np.where(rng.random(n) < 0.5, 1.0, -1.0), *rows] if name == "cosine_embedding" else rows
+    return [rng.uniform(0.0, 1.0, (n, size)), rng.uniform(0.0, 1.0, (n, size))]
+
+
+@pytest.mark.parametrize("name", ["dice", "soft_jaccard", "tversky", "combo", "cosine_proximity", "cosine_embedding"])
 def test_first_try_agrees_with_the_exact_sums(name):
-    """On rows of uniform soft targets (C = 64), the recomputation's first try
-    (exact_rows.FIRST_TRY) takes most rows where its test fires (on 2-3% of them), and where it
-    does, every value it writes is within 2 ulps of the exact sums' (which the tests above check
-    against mpmath)."""
+    """On random rows (C = 64), the recomputation's first try (exact_rows.FIRST_TRY) takes most
+    rows where its test fires (on 2-3% of them), and where it does, every value it writes is
+    within 2 ulps of the exact sums' (which the tests above check against mpmath)."""
     loss = lossgen.get(name)
-    rng = np.random.default_rng(7)
-    y, p = rng.uniform(0.0, 1.0, (3000, 64)), rng.uniform(0.0, 1.0, (3000, 64))
+    arrays = _first_try_rows(name, np.random.default_rng(7), 3000, 64)
     arguments = [default for default, _ in loss.params.values()]
+    outputs = len(loss.predictions)
     total = 0
     for quantity in ("grad", "hess"):
         recompute = getattr(loss.module, f"_{quantity}_exact", None)
         if recompute is None:
             continue
         taken = declined = 0
-        for i in range(len(y)):
-            first, exact = np.full((1, 64), np.nan), np.full((1, 64), np.nan)
-            if not recompute(0, 64, 64.0, y[i:i + 1], p[i:i + 1], *arguments, None, first, 1.0, False):
+        for i in range(3000):
+            row = [a[i:i + 1] for a in arrays]
+            first = [np.full((1, 64), np.nan) for _ in range(outputs)]
+            exact = [np.full((1, 64), np.nan) for _ in range(outputs)]
+            if not recompute(0, 64, 64.0, *row, *arguments, None, *first, 1.0, False):
                 declined += 1
                 continue
-            recompute(0, 64, 64.0, y[i:i + 1], p[i:i + 1], *arguments, None, exact, 1.0, True)
+            recompute(0, 64, 64.0, *row, *arguments, None, *exact, 1.0, True)
+            first, exact = np.concatenate(first), np.concatenate(exact)
             written = np.isfinite(first)
             taken += written.any()
             np.testing.assert_array_equal(written, np.isfinite(exact))
