@@ -89,6 +89,25 @@ def _scaled_products(u, v, q):
     return total, hi, error
 
 
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
@@ -799,7 +818,7 @@ def loss_grad_hess_kernel_parallel(y, x1, x2, m, eps, _weight, _out0, _out1, _ou
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
     if not (_row_y == 0.0 or _row_y == 1.0):
@@ -880,23 +899,148 @@ def _hvp_row(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1)
         _scratch[9, _k] = _t2_10
         _scratch[10, _k] = _t2_12
         _scratch[11, _k] = _t2_11
+    _qt0 = -1.0
+    _qm0 = 0
+    _qt1 = -1.0
+    _qm1 = 0
+    _qt2 = -1.0
+    _qm2 = 0
+    _qt3 = -1.0
+    _qm3 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[5, _k]*_v_x1[_i, _k])
+        if _t > _qt0:
+            _qt0 = _t
+            _qm0 = _k
+        _t = abs(_scratch[7, _k]*_v_x2[_i, _k])
+        if _t > _qt1:
+            _qt1 = _t
+            _qm1 = _k
+        _t = abs(_scratch[9, _k]*_v_x1[_i, _k])
+        if _t > _qt2:
+            _qt2 = _t
+            _qm2 = _k
+        _t = abs(_scratch[11, _k]*_v_x2[_i, _k])
+        if _t > _qt3:
+            _qt3 = _t
+            _qm3 = _k
+    _qh0 = 0.0
+    _ql0 = 0.0
+    _qh1 = 0.0
+    _ql1 = 0.0
+    _qh2 = 0.0
+    _ql2 = 0.0
+    _qh3 = 0.0
+    _ql3 = 0.0
+    for _k in range(_n):
+        if _k != _qm0:
+            _ph = _scratch[5, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[5, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh0 + _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh0 = _x
+        if _k != _qm1:
+            _ph = _scratch[7, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[7, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+        if _k != _qm2:
+            _ph = _scratch[9, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[9, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+        if _k != _qm3:
+            _ph = _scratch[11, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[11, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]
-            _out0[_i, _j] += _w * _h * _v_x1[_i, _l]
-            _h = _scratch[1, _j] if _j == _l else _scratch[6, _j] * _scratch[7, _l]
-            _out0[_i, _j] += _w * _h * _v_x2[_i, _l]
-            _h = _scratch[2, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l]
-            _out1[_i, _j] += _w * _h * _v_x1[_i, _l]
-            _h = _scratch[3, _j] if _j == _l else _scratch[10, _j] * _scratch[11, _l]
-            _out1[_i, _j] += _w * _h * _v_x2[_i, _l]
+        _qo = _qh0 + _ql0
+        if _j != _qm0:
+            _qs, _qe = _qh0, _ql0
+            _ph = _scratch[5, _qm0] * _v_x1[_i, _qm0]
+            _pl = _fma(_scratch[5, _qm0], _v_x1[_i, _qm0], -_ph)
+            _x = _qh0 + _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh0 = _x
+            _ph = _scratch[5, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[5, _j], _v_x1[_i, _j], -_ph)
+            _x = _qh0 - _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh0 = _x
+            _qo = _qh0 + _ql0
+            _qh0, _ql0 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[0, _j] * _v_x1[_i, _j] + _scratch[4, _j] * _qo)
+        _qo = _qh1 + _ql1
+        if _j != _qm1:
+            _qs, _qe = _qh1, _ql1
+            _ph = _scratch[7, _qm1] * _v_x2[_i, _qm1]
+            _pl = _fma(_scratch[7, _qm1], _v_x2[_i, _qm1], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+            _ph = _scratch[7, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[7, _j], _v_x2[_i, _j], -_ph)
+            _x = _qh1 - _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh1 = _x
+            _qo = _qh1 + _ql1
+            _qh1, _ql1 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[1, _j] * _v_x2[_i, _j] + _scratch[6, _j] * _qo)
+        _qo = _qh2 + _ql2
+        if _j != _qm2:
+            _qs, _qe = _qh2, _ql2
+            _ph = _scratch[9, _qm2] * _v_x1[_i, _qm2]
+            _pl = _fma(_scratch[9, _qm2], _v_x1[_i, _qm2], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+            _ph = _scratch[9, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[9, _j], _v_x1[_i, _j], -_ph)
+            _x = _qh2 - _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh2 = _x
+            _qo = _qh2 + _ql2
+            _qh2, _ql2 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[2, _j] * _v_x1[_i, _j] + _scratch[8, _j] * _qo)
+        _qo = _qh3 + _ql3
+        if _j != _qm3:
+            _qs, _qe = _qh3, _ql3
+            _ph = _scratch[11, _qm3] * _v_x2[_i, _qm3]
+            _pl = _fma(_scratch[11, _qm3], _v_x2[_i, _qm3], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
+            _ph = _scratch[11, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[11, _j], _v_x2[_i, _j], -_ph)
+            _x = _qh3 - _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh3 = _x
+            _qo = _qh3 + _ql3
+            _qh3, _ql3 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[3, _j] * _v_x2[_i, _j] + _scratch[10, _j] * _qo)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given. For a row whose norms left the safe range:
+    """The Hessian of row _i times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. For a row whose norms left the safe range:
     each in a binary scale."""
     _row_y = y[_i]
     _inside = True
@@ -985,23 +1129,148 @@ def _hvp_row_scaled(_i, _n, _C, y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0,
         _scratch[9, _k] = _t2_11
         _scratch[10, _k] = _t2_13
         _scratch[11, _k] = _t2_12
+    _qt0 = -1.0
+    _qm0 = 0
+    _qt1 = -1.0
+    _qm1 = 0
+    _qt2 = -1.0
+    _qm2 = 0
+    _qt3 = -1.0
+    _qm3 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[5, _k]*_v_x1[_i, _k])
+        if _t > _qt0:
+            _qt0 = _t
+            _qm0 = _k
+        _t = abs(_scratch[7, _k]*_v_x2[_i, _k])
+        if _t > _qt1:
+            _qt1 = _t
+            _qm1 = _k
+        _t = abs(_scratch[9, _k]*_v_x1[_i, _k])
+        if _t > _qt2:
+            _qt2 = _t
+            _qm2 = _k
+        _t = abs(_scratch[11, _k]*_v_x2[_i, _k])
+        if _t > _qt3:
+            _qt3 = _t
+            _qm3 = _k
+    _qh0 = 0.0
+    _ql0 = 0.0
+    _qh1 = 0.0
+    _ql1 = 0.0
+    _qh2 = 0.0
+    _ql2 = 0.0
+    _qh3 = 0.0
+    _ql3 = 0.0
+    for _k in range(_n):
+        if _k != _qm0:
+            _ph = _scratch[5, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[5, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh0 + _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh0 = _x
+        if _k != _qm1:
+            _ph = _scratch[7, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[7, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+        if _k != _qm2:
+            _ph = _scratch[9, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[9, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+        if _k != _qm3:
+            _ph = _scratch[11, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[11, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l]
-            _out0[_i, _j] += _w * _h * _v_x1[_i, _l]
-            _h = _scratch[1, _j] if _j == _l else _scratch[6, _j] * _scratch[7, _l]
-            _out0[_i, _j] += _w * _h * _v_x2[_i, _l]
-            _h = _scratch[2, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l]
-            _out1[_i, _j] += _w * _h * _v_x1[_i, _l]
-            _h = _scratch[3, _j] if _j == _l else _scratch[10, _j] * _scratch[11, _l]
-            _out1[_i, _j] += _w * _h * _v_x2[_i, _l]
+        _qo = _qh0 + _ql0
+        if _j != _qm0:
+            _qs, _qe = _qh0, _ql0
+            _ph = _scratch[5, _qm0] * _v_x1[_i, _qm0]
+            _pl = _fma(_scratch[5, _qm0], _v_x1[_i, _qm0], -_ph)
+            _x = _qh0 + _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh0 = _x
+            _ph = _scratch[5, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[5, _j], _v_x1[_i, _j], -_ph)
+            _x = _qh0 - _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh0 = _x
+            _qo = _qh0 + _ql0
+            _qh0, _ql0 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[0, _j] * _v_x1[_i, _j] + _scratch[4, _j] * _qo)
+        _qo = _qh1 + _ql1
+        if _j != _qm1:
+            _qs, _qe = _qh1, _ql1
+            _ph = _scratch[7, _qm1] * _v_x2[_i, _qm1]
+            _pl = _fma(_scratch[7, _qm1], _v_x2[_i, _qm1], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+            _ph = _scratch[7, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[7, _j], _v_x2[_i, _j], -_ph)
+            _x = _qh1 - _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh1 = _x
+            _qo = _qh1 + _ql1
+            _qh1, _ql1 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[1, _j] * _v_x2[_i, _j] + _scratch[6, _j] * _qo)
+        _qo = _qh2 + _ql2
+        if _j != _qm2:
+            _qs, _qe = _qh2, _ql2
+            _ph = _scratch[9, _qm2] * _v_x1[_i, _qm2]
+            _pl = _fma(_scratch[9, _qm2], _v_x1[_i, _qm2], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+            _ph = _scratch[9, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[9, _j], _v_x1[_i, _j], -_ph)
+            _x = _qh2 - _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh2 = _x
+            _qo = _qh2 + _ql2
+            _qh2, _ql2 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[2, _j] * _v_x1[_i, _j] + _scratch[8, _j] * _qo)
+        _qo = _qh3 + _ql3
+        if _j != _qm3:
+            _qs, _qe = _qh3, _ql3
+            _ph = _scratch[11, _qm3] * _v_x2[_i, _qm3]
+            _pl = _fma(_scratch[11, _qm3], _v_x2[_i, _qm3], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
+            _ph = _scratch[11, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[11, _j], _v_x2[_i, _j], -_ph)
+            _x = _qh3 - _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh3 = _x
+            _qo = _qh3 + _ql3
+            _qh3, _ql3 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[3, _j] * _v_x2[_i, _j] + _scratch[10, _j] * _qo)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in range(x1.shape[0]):
@@ -1010,7 +1279,7 @@ def hvp_kernel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, x1, x2, m, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):

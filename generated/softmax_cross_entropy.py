@@ -61,6 +61,25 @@ def _sign(x):
     return x * 0.0
 
 
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
+
+
 def _exp_core_ir(builder, x):
     """LLVM IR of what _vexp and _vexpm1 share: (k, r, tail, s1, s2) with x = k log(2) + r + c
     (x clamped to [-750, 750], nan to -750; |r| <= log(2)/2 and a little), expm1(r + c) =
@@ -707,7 +726,7 @@ def loss_grad_hess_kernel_parallel(y, s, w, label_smoothing, _weight, _out0, _ou
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0, _stash):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
     for _k in range(_n):
@@ -766,16 +785,48 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
         _scratch[0, _k] = _t5_2*((_h0*_vexpm1(_t5_1)) if (_l0 + (-_t5_0) <= 1.0) else (_h2 + _t5_3))
         _scratch[1, _k] = _t5_3
         _scratch[2, _k] = _t5_2
+    _qt0 = -1.0
+    _qm0 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[2, _k]*_v_s[_i, _k])
+        if _t > _qt0:
+            _qt0 = _t
+            _qm0 = _k
+    _qh0 = 0.0
+    _ql0 = 0.0
+    for _k in range(_n):
+        if _k != _qm0:
+            _ph = _scratch[2, _k] * _v_s[_i, _k]
+            _pl = _fma(_scratch[2, _k], _v_s[_i, _k], -_ph)
+            _x = _qh0 + _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh0 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l]
-            _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+        _qo = _qh0 + _ql0
+        if _j != _qm0:
+            _qs, _qe = _qh0, _ql0
+            _ph = _scratch[2, _qm0] * _v_s[_i, _qm0]
+            _pl = _fma(_scratch[2, _qm0], _v_s[_i, _qm0], -_ph)
+            _x = _qh0 + _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh0 = _x
+            _ph = _scratch[2, _j] * _v_s[_i, _j]
+            _pl = _fma(_scratch[2, _j], _v_s[_i, _j], -_ph)
+            _x = _qh0 - _ph
+            _z = _x - _qh0
+            _ql0 += (_qh0 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh0 = _x
+            _qo = _qh0 + _ql0
+            _qh0, _ql0 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[0, _j] * _v_s[_i, _j] + _scratch[1, _j] * _qo)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, s, w, label_smoothing, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
     _rows = s.shape[0]
@@ -787,7 +838,7 @@ def hvp_kernel(y, s, w, label_smoothing, _v_s, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, s, w, label_smoothing, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
     _rows = s.shape[0]

@@ -1920,7 +1920,7 @@ def loss_grad_hess_kernel_parallel(a, p, n, margin, eps, _weight, _out0, _out1, 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
         _e_a = a[_i, _k]
@@ -2108,34 +2108,222 @@ def _hvp_row(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0,
         _scratch[28, _k] = _t2_27
         _scratch[29, _k] = _t2_34
         _scratch[30, _k] = _t2_32
+    _qt1 = -1.0
+    _qm1 = 0
+    _qt2 = -1.0
+    _qm2 = 0
+    _qt3 = -1.0
+    _qm3 = 0
+    _qt4 = -1.0
+    _qm4 = 0
+    _qt6 = -1.0
+    _qm6 = 0
+    _qt8 = -1.0
+    _qm8 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[20, _k]*_v_p[_i, _k])
+        if _t > _qt1:
+            _qt1 = _t
+            _qm1 = _k
+        _t = abs(_scratch[22, _k]*_v_n[_i, _k])
+        if _t > _qt2:
+            _qt2 = _t
+            _qm2 = _k
+        _t = abs(_scratch[24, _k]*_v_a[_i, _k])
+        if _t > _qt3:
+            _qt3 = _t
+            _qm3 = _k
+        _t = abs(_scratch[26, _k]*_v_p[_i, _k])
+        if _t > _qt4:
+            _qt4 = _t
+            _qm4 = _k
+        _t = abs(_scratch[28, _k]*_v_a[_i, _k])
+        if _t > _qt6:
+            _qt6 = _t
+            _qm6 = _k
+        _t = abs(_scratch[30, _k]*_v_n[_i, _k])
+        if _t > _qt8:
+            _qt8 = _t
+            _qm8 = _k
+    _qh1 = 0.0
+    _ql1 = 0.0
+    _qh2 = 0.0
+    _ql2 = 0.0
+    _qh3 = 0.0
+    _ql3 = 0.0
+    _qh4 = 0.0
+    _ql4 = 0.0
+    _qh6 = 0.0
+    _ql6 = 0.0
+    _qh8 = 0.0
+    _ql8 = 0.0
+    for _k in range(_n):
+        if _k != _qm1:
+            _ph = _scratch[20, _k] * _v_p[_i, _k]
+            _pl = _fma(_scratch[20, _k], _v_p[_i, _k], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+        if _k != _qm2:
+            _ph = _scratch[22, _k] * _v_n[_i, _k]
+            _pl = _fma(_scratch[22, _k], _v_n[_i, _k], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+        if _k != _qm3:
+            _ph = _scratch[24, _k] * _v_a[_i, _k]
+            _pl = _fma(_scratch[24, _k], _v_a[_i, _k], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
+        if _k != _qm4:
+            _ph = _scratch[26, _k] * _v_p[_i, _k]
+            _pl = _fma(_scratch[26, _k], _v_p[_i, _k], -_ph)
+            _x = _qh4 + _ph
+            _z = _x - _qh4
+            _ql4 += (_qh4 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh4 = _x
+        if _k != _qm6:
+            _ph = _scratch[28, _k] * _v_a[_i, _k]
+            _pl = _fma(_scratch[28, _k], _v_a[_i, _k], -_ph)
+            _x = _qh6 + _ph
+            _z = _x - _qh6
+            _ql6 += (_qh6 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh6 = _x
+        if _k != _qm8:
+            _ph = _scratch[30, _k] * _v_n[_i, _k]
+            _pl = _fma(_scratch[30, _k], _v_n[_i, _k], -_ph)
+            _x = _qh8 + _ph
+            _z = _x - _qh8
+            _ql8 += (_qh8 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh8 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
         _out2[_i, _j] = 0.0
+        _qo = _qh1 + _ql1
+        if _j != _qm1:
+            _qs, _qe = _qh1, _ql1
+            _ph = _scratch[20, _qm1] * _v_p[_i, _qm1]
+            _pl = _fma(_scratch[20, _qm1], _v_p[_i, _qm1], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+            _ph = _scratch[20, _j] * _v_p[_i, _j]
+            _pl = _fma(_scratch[20, _j], _v_p[_i, _j], -_ph)
+            _x = _qh1 - _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh1 = _x
+            _qo = _qh1 + _ql1
+            _qh1, _ql1 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[1, _j] * _v_p[_i, _j] + _scratch[19, _j] * _qo)
+        _qo = _qh2 + _ql2
+        if _j != _qm2:
+            _qs, _qe = _qh2, _ql2
+            _ph = _scratch[22, _qm2] * _v_n[_i, _qm2]
+            _pl = _fma(_scratch[22, _qm2], _v_n[_i, _qm2], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+            _ph = _scratch[22, _j] * _v_n[_i, _j]
+            _pl = _fma(_scratch[22, _j], _v_n[_i, _j], -_ph)
+            _x = _qh2 - _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh2 = _x
+            _qo = _qh2 + _ql2
+            _qh2, _ql2 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[2, _j] * _v_n[_i, _j] + _scratch[21, _j] * _qo)
+        _qo = _qh3 + _ql3
+        if _j != _qm3:
+            _qs, _qe = _qh3, _ql3
+            _ph = _scratch[24, _qm3] * _v_a[_i, _qm3]
+            _pl = _fma(_scratch[24, _qm3], _v_a[_i, _qm3], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
+            _ph = _scratch[24, _j] * _v_a[_i, _j]
+            _pl = _fma(_scratch[24, _j], _v_a[_i, _j], -_ph)
+            _x = _qh3 - _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh3 = _x
+            _qo = _qh3 + _ql3
+            _qh3, _ql3 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[3, _j] * _v_a[_i, _j] + _scratch[23, _j] * _qo)
+        _qo = _qh4 + _ql4
+        if _j != _qm4:
+            _qs, _qe = _qh4, _ql4
+            _ph = _scratch[26, _qm4] * _v_p[_i, _qm4]
+            _pl = _fma(_scratch[26, _qm4], _v_p[_i, _qm4], -_ph)
+            _x = _qh4 + _ph
+            _z = _x - _qh4
+            _ql4 += (_qh4 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh4 = _x
+            _ph = _scratch[26, _j] * _v_p[_i, _j]
+            _pl = _fma(_scratch[26, _j], _v_p[_i, _j], -_ph)
+            _x = _qh4 - _ph
+            _z = _x - _qh4
+            _ql4 += (_qh4 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh4 = _x
+            _qo = _qh4 + _ql4
+            _qh4, _ql4 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[4, _j] * _v_p[_i, _j] + _scratch[25, _j] * _qo)
+        _qo = _qh6 + _ql6
+        if _j != _qm6:
+            _qs, _qe = _qh6, _ql6
+            _ph = _scratch[28, _qm6] * _v_a[_i, _qm6]
+            _pl = _fma(_scratch[28, _qm6], _v_a[_i, _qm6], -_ph)
+            _x = _qh6 + _ph
+            _z = _x - _qh6
+            _ql6 += (_qh6 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh6 = _x
+            _ph = _scratch[28, _j] * _v_a[_i, _j]
+            _pl = _fma(_scratch[28, _j], _v_a[_i, _j], -_ph)
+            _x = _qh6 - _ph
+            _z = _x - _qh6
+            _ql6 += (_qh6 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh6 = _x
+            _qo = _qh6 + _ql6
+            _qh6, _ql6 = _qs, _qe
+        _out2[_i, _j] += _w * (_scratch[6, _j] * _v_a[_i, _j] + _scratch[27, _j] * _qo)
+        _qo = _qh8 + _ql8
+        if _j != _qm8:
+            _qs, _qe = _qh8, _ql8
+            _ph = _scratch[30, _qm8] * _v_n[_i, _qm8]
+            _pl = _fma(_scratch[30, _qm8], _v_n[_i, _qm8], -_ph)
+            _x = _qh8 + _ph
+            _z = _x - _qh8
+            _ql8 += (_qh8 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh8 = _x
+            _ph = _scratch[30, _j] * _v_n[_i, _j]
+            _pl = _fma(_scratch[30, _j], _v_n[_i, _j], -_ph)
+            _x = _qh8 - _ph
+            _z = _x - _qh8
+            _ql8 += (_qh8 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh8 = _x
+            _qo = _qh8 + _ql8
+            _qh8, _ql8 = _qs, _qe
+        _out2[_i, _j] += _w * (_scratch[8, _j] * _v_n[_i, _j] + _scratch[29, _j] * _qo)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]
             _out0[_i, _j] += _w * _h * _v_a[_i, _l]
-            _h = _scratch[1, _j] if _j == _l else _scratch[19, _j] * _scratch[20, _l]
-            _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _h = _scratch[2, _j] if _j == _l else _scratch[21, _j] * _scratch[22, _l]
-            _out0[_i, _j] += _w * _h * _v_n[_i, _l]
-            _h = _scratch[3, _j] if _j == _l else _scratch[23, _j] * _scratch[24, _l]
-            _out1[_i, _j] += _w * _h * _v_a[_i, _l]
-            _h = _scratch[4, _j] if _j == _l else _scratch[25, _j] * _scratch[26, _l]
-            _out1[_i, _j] += _w * _h * _v_p[_i, _l]
             _h = _scratch[5, _j] if _j == _l else 0.0
             _out1[_i, _j] += _w * _h * _v_n[_i, _l]
-            _h = _scratch[6, _j] if _j == _l else _scratch[27, _j] * _scratch[28, _l]
-            _out2[_i, _j] += _w * _h * _v_a[_i, _l]
             _h = _scratch[7, _j] if _j == _l else 0.0
             _out2[_i, _j] += _w * _h * _v_p[_i, _l]
-            _h = _scratch[8, _j] if _j == _l else _scratch[29, _j] * _scratch[30, _l]
-            _out2[_i, _j] += _w * _h * _v_n[_i, _l]
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given. For a row whose norms left the safe range:
+    """The Hessian of row _i times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. For a row whose norms left the safe range:
     each in a binary scale."""
     _inside = True
     for _k in range(_n):
@@ -2369,34 +2557,222 @@ def _hvp_row_scaled(_i, _n, _C, a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight,
         _scratch[28, _k] = _t2_28
         _scratch[29, _k] = _t2_37
         _scratch[30, _k] = _t2_35
+    _qt1 = -1.0
+    _qm1 = 0
+    _qt2 = -1.0
+    _qm2 = 0
+    _qt3 = -1.0
+    _qm3 = 0
+    _qt4 = -1.0
+    _qm4 = 0
+    _qt6 = -1.0
+    _qm6 = 0
+    _qt8 = -1.0
+    _qm8 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[20, _k]*_v_p[_i, _k])
+        if _t > _qt1:
+            _qt1 = _t
+            _qm1 = _k
+        _t = abs(_scratch[22, _k]*_v_n[_i, _k])
+        if _t > _qt2:
+            _qt2 = _t
+            _qm2 = _k
+        _t = abs(_scratch[24, _k]*_v_a[_i, _k])
+        if _t > _qt3:
+            _qt3 = _t
+            _qm3 = _k
+        _t = abs(_scratch[26, _k]*_v_p[_i, _k])
+        if _t > _qt4:
+            _qt4 = _t
+            _qm4 = _k
+        _t = abs(_scratch[28, _k]*_v_a[_i, _k])
+        if _t > _qt6:
+            _qt6 = _t
+            _qm6 = _k
+        _t = abs(_scratch[30, _k]*_v_n[_i, _k])
+        if _t > _qt8:
+            _qt8 = _t
+            _qm8 = _k
+    _qh1 = 0.0
+    _ql1 = 0.0
+    _qh2 = 0.0
+    _ql2 = 0.0
+    _qh3 = 0.0
+    _ql3 = 0.0
+    _qh4 = 0.0
+    _ql4 = 0.0
+    _qh6 = 0.0
+    _ql6 = 0.0
+    _qh8 = 0.0
+    _ql8 = 0.0
+    for _k in range(_n):
+        if _k != _qm1:
+            _ph = _scratch[20, _k] * _v_p[_i, _k]
+            _pl = _fma(_scratch[20, _k], _v_p[_i, _k], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+        if _k != _qm2:
+            _ph = _scratch[22, _k] * _v_n[_i, _k]
+            _pl = _fma(_scratch[22, _k], _v_n[_i, _k], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+        if _k != _qm3:
+            _ph = _scratch[24, _k] * _v_a[_i, _k]
+            _pl = _fma(_scratch[24, _k], _v_a[_i, _k], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
+        if _k != _qm4:
+            _ph = _scratch[26, _k] * _v_p[_i, _k]
+            _pl = _fma(_scratch[26, _k], _v_p[_i, _k], -_ph)
+            _x = _qh4 + _ph
+            _z = _x - _qh4
+            _ql4 += (_qh4 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh4 = _x
+        if _k != _qm6:
+            _ph = _scratch[28, _k] * _v_a[_i, _k]
+            _pl = _fma(_scratch[28, _k], _v_a[_i, _k], -_ph)
+            _x = _qh6 + _ph
+            _z = _x - _qh6
+            _ql6 += (_qh6 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh6 = _x
+        if _k != _qm8:
+            _ph = _scratch[30, _k] * _v_n[_i, _k]
+            _pl = _fma(_scratch[30, _k], _v_n[_i, _k], -_ph)
+            _x = _qh8 + _ph
+            _z = _x - _qh8
+            _ql8 += (_qh8 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh8 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
         _out2[_i, _j] = 0.0
+        _qo = _qh1 + _ql1
+        if _j != _qm1:
+            _qs, _qe = _qh1, _ql1
+            _ph = _scratch[20, _qm1] * _v_p[_i, _qm1]
+            _pl = _fma(_scratch[20, _qm1], _v_p[_i, _qm1], -_ph)
+            _x = _qh1 + _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh1 = _x
+            _ph = _scratch[20, _j] * _v_p[_i, _j]
+            _pl = _fma(_scratch[20, _j], _v_p[_i, _j], -_ph)
+            _x = _qh1 - _ph
+            _z = _x - _qh1
+            _ql1 += (_qh1 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh1 = _x
+            _qo = _qh1 + _ql1
+            _qh1, _ql1 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[1, _j] * _v_p[_i, _j] + _scratch[19, _j] * _qo)
+        _qo = _qh2 + _ql2
+        if _j != _qm2:
+            _qs, _qe = _qh2, _ql2
+            _ph = _scratch[22, _qm2] * _v_n[_i, _qm2]
+            _pl = _fma(_scratch[22, _qm2], _v_n[_i, _qm2], -_ph)
+            _x = _qh2 + _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh2 = _x
+            _ph = _scratch[22, _j] * _v_n[_i, _j]
+            _pl = _fma(_scratch[22, _j], _v_n[_i, _j], -_ph)
+            _x = _qh2 - _ph
+            _z = _x - _qh2
+            _ql2 += (_qh2 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh2 = _x
+            _qo = _qh2 + _ql2
+            _qh2, _ql2 = _qs, _qe
+        _out0[_i, _j] += _w * (_scratch[2, _j] * _v_n[_i, _j] + _scratch[21, _j] * _qo)
+        _qo = _qh3 + _ql3
+        if _j != _qm3:
+            _qs, _qe = _qh3, _ql3
+            _ph = _scratch[24, _qm3] * _v_a[_i, _qm3]
+            _pl = _fma(_scratch[24, _qm3], _v_a[_i, _qm3], -_ph)
+            _x = _qh3 + _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh3 = _x
+            _ph = _scratch[24, _j] * _v_a[_i, _j]
+            _pl = _fma(_scratch[24, _j], _v_a[_i, _j], -_ph)
+            _x = _qh3 - _ph
+            _z = _x - _qh3
+            _ql3 += (_qh3 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh3 = _x
+            _qo = _qh3 + _ql3
+            _qh3, _ql3 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[3, _j] * _v_a[_i, _j] + _scratch[23, _j] * _qo)
+        _qo = _qh4 + _ql4
+        if _j != _qm4:
+            _qs, _qe = _qh4, _ql4
+            _ph = _scratch[26, _qm4] * _v_p[_i, _qm4]
+            _pl = _fma(_scratch[26, _qm4], _v_p[_i, _qm4], -_ph)
+            _x = _qh4 + _ph
+            _z = _x - _qh4
+            _ql4 += (_qh4 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh4 = _x
+            _ph = _scratch[26, _j] * _v_p[_i, _j]
+            _pl = _fma(_scratch[26, _j], _v_p[_i, _j], -_ph)
+            _x = _qh4 - _ph
+            _z = _x - _qh4
+            _ql4 += (_qh4 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh4 = _x
+            _qo = _qh4 + _ql4
+            _qh4, _ql4 = _qs, _qe
+        _out1[_i, _j] += _w * (_scratch[4, _j] * _v_p[_i, _j] + _scratch[25, _j] * _qo)
+        _qo = _qh6 + _ql6
+        if _j != _qm6:
+            _qs, _qe = _qh6, _ql6
+            _ph = _scratch[28, _qm6] * _v_a[_i, _qm6]
+            _pl = _fma(_scratch[28, _qm6], _v_a[_i, _qm6], -_ph)
+            _x = _qh6 + _ph
+            _z = _x - _qh6
+            _ql6 += (_qh6 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh6 = _x
+            _ph = _scratch[28, _j] * _v_a[_i, _j]
+            _pl = _fma(_scratch[28, _j], _v_a[_i, _j], -_ph)
+            _x = _qh6 - _ph
+            _z = _x - _qh6
+            _ql6 += (_qh6 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh6 = _x
+            _qo = _qh6 + _ql6
+            _qh6, _ql6 = _qs, _qe
+        _out2[_i, _j] += _w * (_scratch[6, _j] * _v_a[_i, _j] + _scratch[27, _j] * _qo)
+        _qo = _qh8 + _ql8
+        if _j != _qm8:
+            _qs, _qe = _qh8, _ql8
+            _ph = _scratch[30, _qm8] * _v_n[_i, _qm8]
+            _pl = _fma(_scratch[30, _qm8], _v_n[_i, _qm8], -_ph)
+            _x = _qh8 + _ph
+            _z = _x - _qh8
+            _ql8 += (_qh8 - (_x - _z)) + (+_ph - _z) + _pl
+            _qh8 = _x
+            _ph = _scratch[30, _j] * _v_n[_i, _j]
+            _pl = _fma(_scratch[30, _j], _v_n[_i, _j], -_ph)
+            _x = _qh8 - _ph
+            _z = _x - _qh8
+            _ql8 += (_qh8 - (_x - _z)) + (-_ph - _z) - _pl
+            _qh8 = _x
+            _qo = _qh8 + _ql8
+            _qh8, _ql8 = _qs, _qe
+        _out2[_i, _j] += _w * (_scratch[8, _j] * _v_n[_i, _j] + _scratch[29, _j] * _qo)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[9, _j] * _scratch[10, _l] + _scratch[11, _j] * _scratch[12, _l] + _scratch[13, _j] * _scratch[14, _l] + _scratch[15, _j] * _scratch[16, _l] + _scratch[17, _j] * _scratch[18, _l]
             _out0[_i, _j] += _w * _h * _v_a[_i, _l]
-            _h = _scratch[1, _j] if _j == _l else _scratch[19, _j] * _scratch[20, _l]
-            _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _h = _scratch[2, _j] if _j == _l else _scratch[21, _j] * _scratch[22, _l]
-            _out0[_i, _j] += _w * _h * _v_n[_i, _l]
-            _h = _scratch[3, _j] if _j == _l else _scratch[23, _j] * _scratch[24, _l]
-            _out1[_i, _j] += _w * _h * _v_a[_i, _l]
-            _h = _scratch[4, _j] if _j == _l else _scratch[25, _j] * _scratch[26, _l]
-            _out1[_i, _j] += _w * _h * _v_p[_i, _l]
             _h = _scratch[5, _j] if _j == _l else 0.0
             _out1[_i, _j] += _w * _h * _v_n[_i, _l]
-            _h = _scratch[6, _j] if _j == _l else _scratch[27, _j] * _scratch[28, _l]
-            _out2[_i, _j] += _w * _h * _v_a[_i, _l]
             _h = _scratch[7, _j] if _j == _l else 0.0
             _out2[_i, _j] += _w * _h * _v_p[_i, _l]
-            _h = _scratch[8, _j] if _j == _l else _scratch[29, _j] * _scratch[30, _l]
-            _out2[_i, _j] += _w * _h * _v_n[_i, _l]
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. In the calling thread."""
     _n = a.shape[1]
     _C = float(_n)
     for _i in range(a.shape[0]):
@@ -2405,7 +2781,7 @@ def hvp_kernel(a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _o
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(a, p, n, margin, eps, _v_a, _v_p, _v_n, _weight, _out0, _out1, _out2):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = a.shape[1]
     _C = float(_n)
     for _i in numba.prange(a.shape[0]):

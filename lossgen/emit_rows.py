@@ -847,7 +847,10 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
     directions v (one per prediction): sum_l H_jl v_l, entry by entry, so that every term is
     an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
-    O(C**2) work per row, and O(C) memory: the matrix is never formed.
+    O(C**2) work per row, and O(C) memory: the matrix is never formed. A rank-one block (one
+    outer product) is summed in O(C) instead, D(j) v_j + P(j) sum_{l != j} Q(l) v_l, the sum
+    exact to u**2 of its terms (see the comment at ``rank_one``); with several outer products
+    the entries' terms P_m(j) Q_m(l) may cancel, which only the entry-by-entry sum sees.
 
     The full Hessian's row function writes output row ``_o`` (the launchers pass _i), so that
     the product's recomputation can write a row of blocks of its own.
@@ -932,17 +935,71 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
+    # the product's rank-one blocks (one outer product, their own diagonal expression, no onehot
+    # branch, no fallback) in O(C): D(j) v_j + P(j) sum_{l != j} Q(l) v_l, the row's terms
+    # Q(l) v_l split exactly by fused multiply-adds and summed by Sum2 without the largest, t_m,
+    # which is added back, and the own term taken out, in double-word: the sum's error is
+    # u**2 of sum_{l != j} |Q(l) v_l| (with t_m in the sum, a softmax's p_j = 1 drowned the
+    # others' terms of 1e-59), so the value's is a few ulps of |D(j) v_j| + |P(j)| times that,
+    # the entries' own sum_l |H_jl v_l|
+    starts = [len(diagonals) + 2 * sum(len(b.outer) for b in blocks[:n]) for n in range(len(blocks))]
+    rank_one = [b for b, ((row, column), block) in enumerate(zip(pairs, blocks))
+                if product and len(block.outer) == 1 and own[b] and b not in fallbacks
+                and not (row == column and _indices(block, derivation))]
+
+    def term(b, k):  # Q(k) v_k of block b
+        return f"_scratch[{starts[b] + 1}, {k}]", f"{directions[pairs[b][1]]}[_i, {k}]"
+
+    def add(b, sign):  # (_qh, _ql) += sign * (_ph + _pl), the high parts' sum exact
+        return [f"_x = _qh{b} {sign} _ph", f"_z = _x - _qh{b}",
+                f"_ql{b} += (_qh{b} - (_x - _z)) + ({sign}_ph - _z) {sign} _pl", f"_qh{b} = _x"]
+
+    if rank_one:
+        printer.helpers_used.add("fma")
+        for b in rank_one:
+            body.emit(2, f"_qt{b} = -1.0")
+            body.emit(2, f"_qm{b} = 0")
+        body.emit(2, "for _k in range(_n):")
+        for b in rank_one:
+            body.emit(3, f"_t = abs({'*'.join(term(b, '_k'))})")
+            body.emit(3, f"if _t > _qt{b}:")
+            body.emit(4, f"_qt{b} = _t")
+            body.emit(4, f"_qm{b} = _k")
+        for b in rank_one:
+            body.emit(2, f"_qh{b} = 0.0")
+            body.emit(2, f"_ql{b} = 0.0")
+        body.emit(2, "for _k in range(_n):")
+        for b in rank_one:
+            q, v = term(b, "_k")
+            body.emit(3, f"if _k != _qm{b}:")
+            for line in [f"_ph = {q} * {v}", f"_pl = _fma({q}, {v}, -_ph)", *add(b, "+")]:
+                body.emit(4, line)
     body.emit(2, "for _j in range(_n):")
     if product:
         for out in outs:
             body.emit(3, f"{out}[_i, _j] = 0.0")
+    for b in rank_one:
+        row, column = pairs[b]
+        body.emit(3, f"_qo = _qh{b} + _ql{b}")
+        body.emit(3, f"if _j != _qm{b}:")
+        body.emit(4, f"_qs, _qe = _qh{b}, _ql{b}")
+        for k, sign in ((f"_qm{b}", "+"), ("_j", "-")):
+            q, v = term(b, k)
+            for line in [f"_ph = {q} * {v}", f"_pl = _fma({q}, {v}, -_ph)", *add(b, sign)]:
+                body.emit(4, line)
+        body.emit(4, f"_qo = _qh{b} + _ql{b}")
+        body.emit(4, f"_qh{b}, _ql{b} = _qs, _qe")
+        v = f"{directions[column]}[_i, _j]"
+        body.emit(3, f"{outs[row]}[_i, _j] += _w * (_scratch[{b}, _j] * {v} + _scratch[{starts[b]}, _j] * _qo)")
     for first in heads:
         members = [b for b in fallbacks if first_of[b] == first]
         body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
         if product:
             body.emit(3, f"_xsh{first} = 0.0")
             body.emit(3, f"_xsb{first} = 0.0")
-    body.emit(3, "for _l in range(_n):")
+    entry_blocks = [b for b in range(len(pairs)) if b not in rank_one]
+    if entry_blocks:
+        body.emit(3, "for _l in range(_n):")
 
     def outer_sum(first: int, count: int, j: str, l: str) -> str:
         """sum P(j) Q(l) of a block's ``count`` outer products, from their scratch rows."""
@@ -962,11 +1019,11 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             sums.append(f"_scratch[{slot[at]}, _j]")
             at += 1
         test_sums[b] = sums
-    position = len(diagonals)
     for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
-        total = outer_sum(position, len(block.outer), "_j", "_l")
-        swapped = outer_sum(position, len(block.outer), "_l", "_j")
-        position += 2 * len(block.outer)
+        if b in rank_one:
+            continue
+        total = outer_sum(starts[b], len(block.outer), "_j", "_l")
+        swapped = outer_sum(starts[b], len(block.outer), "_l", "_j")
         special = _indices(block, derivation) if row == column else []
         if special:
             # a prediction's own block is symmetric: an entry (j, l) with l at an index that
@@ -1025,7 +1082,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                 "exact_doc": "Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed\n"
                              "    exactly where their tests fire) times the directions.",
                 "doc": "The Hessian of each row times the directions, entry by entry (never stored), "
-                       "times _weight[i] when given."}
+                       "times _weight[i] when given." if not rank_one else
+                       "The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the "
+                       "others entry by entry), times _weight[i] when given."}
     return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
             "exact_arguments": ", _w, _scratch", "out_row": True,
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
