@@ -39,6 +39,7 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('s', 'prediction', 'real', 'class', False, None), ),
     "params": (),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hess_full',),
 }
 
 

@@ -43,6 +43,7 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('c', 'prediction', 'cosine', 'class', False, None), ),
     "params": (('s', 64.0, 'positive'), ('m', 0.5, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

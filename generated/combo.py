@@ -43,6 +43,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability', 'pixel', False, None), ('p', 'prediction', 'probability', 'pixel', False, None), ),
     "params": (('alpha', 0.5, 'unit_interval'), ('beta', 0.5, 'unit_interval'), ('smooth', 1.0, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

@@ -44,6 +44,7 @@ SPEC = {
     "inputs": (('y', 'target', 'label01', None, False, None), ('x1', 'prediction', 'embedding', 'feature', False, None), ('x2', 'prediction', 'embedding', 'feature', False, None), ),
     "params": (('m', 1.0, 'positive'), ('eps', 1e-06, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5, 'hvp': 2, 'hess_full': 4},
+    "quadratic": ('hess_full',),
 }
 
 

@@ -43,6 +43,7 @@ SPEC = {
     "inputs": (('y', 'target', 'label_pm1', None, False, None), ('x1', 'prediction', 'embedding', 'feature', False, None), ('x2', 'prediction', 'embedding', 'feature', False, None), ),
     "params": (('margin', 0.0, 'cosine'), ('eps', 1e-12, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5, 'hvp': 2, 'hess_full': 4},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

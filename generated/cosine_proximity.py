@@ -42,6 +42,7 @@ SPEC = {
     "inputs": (('y', 'target', 'embedding', 'feature', False, None), ('x', 'prediction', 'embedding', 'feature', False, None), ),
     "params": (('eps', 1e-08, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

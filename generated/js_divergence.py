@@ -40,6 +40,7 @@ SPEC = {
     "inputs": (('p', 'target', 'probability', 'class', False, None), ('q', 'prediction', 'probability', 'class', False, None), ),
     "params": (),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

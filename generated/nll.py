@@ -38,6 +38,7 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('logp', 'prediction', 'nonpositive', 'class', False, None), ('w', 'input', 'nonnegative', 'class', True, 1.0), ),
     "params": (),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

@@ -49,6 +49,7 @@ SPEC = {
     "inputs": (('y', 'target', 'unit_interval', 'pixel', False, None), ('x', 'prediction', 'unit_interval', 'pixel', False, None), ),
     "params": (('C1', 0.0001, 'positive'), ('C2', 0.0009, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

@@ -45,6 +45,7 @@ SPEC = {
     "inputs": (('a', 'prediction', 'embedding', 'feature', False, None), ('p', 'prediction', 'embedding', 'feature', False, None), ('n', 'prediction', 'embedding', 'feature', False, None), ),
     "params": (('margin', 1.0, 'real'), ('eps', 1e-06, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 3, 'hess': 3, 'grad_hess': 6, 'loss_grad_hess': 7, 'hvp': 3, 'hess_full': 9},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

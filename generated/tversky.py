@@ -41,6 +41,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability', 'pixel', False, None), ('p', 'prediction', 'probability', 'pixel', False, None), ),
     "params": (('alpha', 0.3, 'nonnegative'), ('beta', 0.7, 'nonnegative'), ('smooth', 1.0, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
+    "quadratic": ('hvp', 'hess_full'),
 }
 
 

@@ -1076,8 +1076,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             emit_block_fallback(exact_body, [BlockRecompute(diagonal, pair, outs[b], flags[b])
                                              for b, (diagonal, pair) in fallbacks.items()])
             exact = exact_body.lines
-    if product:
+    if product:  # quadratic: O(C**2) work per row, where a block is summed entry by entry
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
+                "quadratic": bool(entry_blocks),
                 "exact_arguments": "",
                 "exact_doc": "Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed\n"
                              "    exactly where their tests fire) times the directions.",
@@ -1085,7 +1086,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                        "times _weight[i] when given." if not rank_one else
                        "The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the "
                        "others entry by entry), times _weight[i] when given."}
-    return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
+    return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact, "quadratic": True,
             "exact_arguments": ", _w, _scratch", "out_row": True,
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
@@ -1213,4 +1214,5 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
         spec=spec, spec_path=spec_path, marker=MARKER, formulas=formulas, exact_sums=exact_sums,
         helpers=printer.helpers_used, kernels=kernels, arguments=arguments, directions=directions,
         kernel_outputs={k["name"]: len(k["outs"]) for k in kernels}, rows_of=first_row_input,
+        quadratic=tuple(k["name"] for k in kernels if k.get("quadratic")),
     )

@@ -53,7 +53,8 @@ _KERNEL_DTYPES = (np.dtype(np.float64), np.dtype(np.float32))
 # few thousand elements; one that vectorises with the exponentials of templates/numba_helpers
 # (Poisson, logistic: 2-4 ns per element) from a few times 1e4; an arithmetic one (MSE, Huber:
 # ~1.5 ns per element, bound by memory) only from ~2e5. The generator marks each kernel's cost (SPEC["costs"]); row-wise kernels count
-# N * C elements (N * C * C for the full Hessian and the product). `python benchmarks/run.py
+# N * C elements (N * C * C for the full Hessian, and the product where a block of it is summed
+# entry by entry: SPEC["quadratic"]). `python benchmarks/run.py
 # --threshold` measures the crossovers; LOSSGEN_NUM_THREADS=1 keeps every call serial.
 SERIAL_BELOW = {"arithmetic": 200_000, "vector": 50_000, "libm": 5_000, "row": 20_000}
 THREADS_VARIABLE = "LOSSGEN_NUM_THREADS"

@@ -162,7 +162,9 @@ class RowLoss(_Specialisable):
             shaped = output_buffers(f"{self.name}.{kernel}()", out, [call.leading + s[1:] for s in shapes],
                                     call.dtype, [*call.arrays, *extra, call.weight])
             outs = [o.reshape(s) for o, s in zip(shaped, shapes)]
-        work = rows * c * (c if full or kernel == "hvp" else 1)  # what decides serial or parallel
+        # what decides serial or parallel: N C, N C**2 for the kernels that the generator marks
+        # quadratic (the full Hessian, a product summed entry by entry)
+        work = rows * c * (c if kernel in call.module.SPEC.get("quadratic", ("hess_full", "hvp")) else 1)
         _launch(kernel_launchers(call.module, kernel, "row"), (*call.arrays, *call.params, *extra, call.weight, *outs), work)
         return shaped
 
