@@ -801,7 +801,7 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
             _pl = _fma(_scratch[2, _k], _v_s[_i, _k], -_ph)
             _x = _qh0 + _ph
             _z = _x - _qh0
-            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _ql0 += (_qh0 - (_x - _z)) + (_ph - _z) + _pl
             _qh0 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
@@ -812,7 +812,7 @@ def _hvp_row(_i, _n, _C, y, s, w, label_smoothing, _v_s, _weight, _out0, _stash)
             _pl = _fma(_scratch[2, _qm0], _v_s[_i, _qm0], -_ph)
             _x = _qh0 + _ph
             _z = _x - _qh0
-            _ql0 += (_qh0 - (_x - _z)) + (+_ph - _z) + _pl
+            _ql0 += (_qh0 - (_x - _z)) + (_ph - _z) + _pl
             _qh0 = _x
             _ph = _scratch[2, _j] * _v_s[_i, _j]
             _pl = _fma(_scratch[2, _j], _v_s[_i, _j], -_ph)

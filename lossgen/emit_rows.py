@@ -38,8 +38,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import (EXACT_FALLBACK, BlockRecompute, emit_block_fallback, emit_exact_sum, emit_fallback, fires,
-                         plan, plan_block)
+from .exact_rows import (EXACT_FALLBACK, BlockRecompute, add_split_lines, emit_block_fallback, emit_exact_sum,
+                         emit_fallback, fires, plan, plan_block, split_product_lines)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import group, in_scale, two_scaled
@@ -950,9 +950,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     def term(b, k):  # Q(k) v_k of block b
         return f"_scratch[{starts[b] + 1}, {k}]", f"{directions[pairs[b][1]]}[_i, {k}]"
 
-    def add(b, sign):  # (_qh, _ql) += sign * (_ph + _pl), the high parts' sum exact
-        return [f"_x = _qh{b} {sign} _ph", f"_z = _x - _qh{b}",
-                f"_ql{b} += (_qh{b} - (_x - _z)) + ({sign}_ph - _z) {sign} _pl", f"_qh{b} = _x"]
+    def add(b, k, negative=False):  # (_qh, _ql) += Q(k) v_k (or -=), exactly split
+        return split_product_lines(*term(b, k)) + add_split_lines(f"_qh{b}", f"_ql{b}", negative)
 
     if rank_one:
         printer.helpers_used.add("fma")
@@ -970,9 +969,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(2, f"_ql{b} = 0.0")
         body.emit(2, "for _k in range(_n):")
         for b in rank_one:
-            q, v = term(b, "_k")
             body.emit(3, f"if _k != _qm{b}:")
-            for line in [f"_ph = {q} * {v}", f"_pl = _fma({q}, {v}, -_ph)", *add(b, "+")]:
+            for line in add(b, "_k"):
                 body.emit(4, line)
     body.emit(2, "for _j in range(_n):")
     if product:
@@ -983,10 +981,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         body.emit(3, f"_qo = _qh{b} + _ql{b}")
         body.emit(3, f"if _j != _qm{b}:")
         body.emit(4, f"_qs, _qe = _qh{b}, _ql{b}")
-        for k, sign in ((f"_qm{b}", "+"), ("_j", "-")):
-            q, v = term(b, k)
-            for line in [f"_ph = {q} * {v}", f"_pl = _fma({q}, {v}, -_ph)", *add(b, sign)]:
-                body.emit(4, line)
+        for line in add(b, f"_qm{b}") + add(b, "_j", negative=True):
+            body.emit(4, line)
         body.emit(4, f"_qo = _qh{b} + _ql{b}")
         body.emit(4, f"_qh{b}, _ql{b} = _qs, _qe")
         v = f"{directions[column]}[_i, _j]"
@@ -1077,15 +1073,14 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                                              for b, (diagonal, pair) in fallbacks.items()])
             exact = exact_body.lines
     if product:  # quadratic: O(C**2) work per row, where a block is summed entry by entry
+        how = (", entry by entry (never stored)" if not rank_one else
+               " (never stored; rank-one blocks in O(C), the others entry by entry)")
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
                 "quadratic": bool(entry_blocks),
                 "exact_arguments": "",
                 "exact_doc": "Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed\n"
                              "    exactly where their tests fire) times the directions.",
-                "doc": "The Hessian of each row times the directions, entry by entry (never stored), "
-                       "times _weight[i] when given." if not rank_one else
-                       "The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the "
-                       "others entry by entry), times _weight[i] when given."}
+                "doc": f"The Hessian of each row times the directions{how}, times _weight[i] when given."}
     return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact, "quadratic": True,
             "exact_arguments": ", _w, _scratch", "out_row": True,
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "

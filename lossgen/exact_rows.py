@@ -614,7 +614,9 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
     (:func:`_emit_plan_setup`) waits for the first element that needs it; ``denominators``: the
     plans whose denominators are computed apart (:func:`_split`). With ``first_try``
     (:data:`FIRST_TRY`) the row sums are Sum2's where _xexact is false, each with its error
-    bound _xE and magnitude _xM, and each coefficient A_m with the bound of its error."""
+    bound _xE and magnitude _xM, and each coefficient A_m with the bound of its error. Returns
+    ({reduction: sum of monomial sums} of the reductions built from the sums, {sum summed over
+    the row: its monomials})."""
     reductions, sums, derived = {}, {}, {}
     for p in plans.values():
         reductions.update(p.reductions)
@@ -712,6 +714,7 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
         for d in range(len(p.denominator)):
             body.emit(2, f"_xd{j}_{d} = 1.0")
             body.emit(2, f"_xd{j}_{d}_s = 0")
+    return derived, looped
 
 
 def _emit_plan_setup(body, j, p: Fallback, printed, indent: int, parts=("denominator", "numerator"),
@@ -910,9 +913,9 @@ def _emit_region(body, j, regions, reductions, printed, decided: dict, first_try
 def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str, first_try=None):
     """Lines setting ``name`` to the sign (-1.0, 0.0 or 1.0) of the polynomial ``p`` in the row
     sums (their expansions), the parameters and the row's values: p as one expansion, exactly.
-    ``first_try``: (the reductions as sums of monomial sums, the monomial sums) of a
-    recomputation with a first try (:data:`FIRST_TRY`), which returns False where that sign is
-    not certain from its sums."""
+    ``first_try``: :func:`_emit_setup`'s (reductions as sums of monomial sums, sums over the
+    row) of a recomputation with a first try (:data:`FIRST_TRY`), which returns False where
+    that sign is not certain from its sums."""
     p = sp.expand(p)
     if p.is_Number:
         body.emit(2, f"{name} = {float(sp.sign(p))!r}")
@@ -1000,14 +1003,10 @@ def emit_fallback(body, plans: dict, outs: dict):
         numerators, others = _split(j, p.regions)
         flat.update(numerators)
         denominators.update(others)
-    _emit_setup(body, flat, printed, denominators, first_try=True)
+    sums = _emit_setup(body, flat, printed, denominators, first_try=True)
     reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
-    in_sums, sums = {}, {}
-    for f in [*flat.values(), *denominators.values()]:
-        in_sums.update(f.in_sums)
-        sums.update(f.sums)
     for j, p in plans.items():
-        _emit_region(body, j, p.regions, reductions, printed, decided, (in_sums, sums))
+        _emit_region(body, j, p.regions, reductions, printed, decided, sums)
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
     for j, p in plans.items():
@@ -1107,19 +1106,25 @@ def _sum2_lines(coefficient: int, factors, printed, accumulator=("_sh", "_sl", "
     magnitude = abs(int(coefficient))
     power = magnitude & (magnitude - 1) == 0
     floats = ([] if power else [repr(float(magnitude))]) + [printed(f) for f in factors] or ["1.0"]
-    if len(floats) == 1:
-        lines = [f"_ph = {floats[0]}", "_pl = 0.0"]
-    else:
-        a, b = floats[:2]
-        lines = [f"_ph = {a} * {b}", f"_pl = _fma({a}, {b}, -_ph)"]
+    lines = [f"_ph = {floats[0]}", "_pl = 0.0"] if len(floats) == 1 else split_product_lines(*floats[:2])
     for f in floats[2:]:
         lines += [f"_pq = _ph * {f}", f"_pl = _fma(_ph, {f}, -_pq) + _pl * {f}", "_ph = _pq"]
     if power and magnitude != 1:
         lines += [f"_ph = _ph * {float(magnitude)!r}", f"_pl = _pl * {float(magnitude)!r}"]
-    sign = "-" if coefficient < 0 else ""
-    return lines + [f"_x = {hi} {'-' if sign else '+'} _ph", f"_z = _x - {hi}",
-                    f"{lo} += ({hi} - (_x - _z)) + ({sign}_ph - _z) {'-' if sign else '+'} _pl", f"{hi} = _x",
-                    f"{size} += abs(_ph)"]
+    return lines + add_split_lines(hi, lo, negative=coefficient < 0) + [f"{size} += abs(_ph)"]
+
+
+def split_product_lines(a: str, b: str) -> list[str]:
+    """Lines setting _ph + _pl = a*b exactly (a two-product by a fused multiply-add)."""
+    return [f"_ph = {a} * {b}", f"_pl = _fma({a}, {b}, -_ph)"]
+
+
+def add_split_lines(hi: str, lo: str, negative: bool = False) -> list[str]:
+    """Lines adding (or with ``negative`` subtracting) _ph + _pl to the double-word (hi, lo):
+    the high parts' sum exact (two-sum), its error and _pl into lo."""
+    sign, op = ("-", "-") if negative else ("", "+")
+    return [f"_x = {hi} {op} _ph", f"_z = _x - {hi}",
+            f"{lo} += ({hi} - (_x - _z)) + ({sign}_ph - _z) {op} _pl", f"{hi} = _x"]
 
 
 def emit_exact_sum(body, terms):
