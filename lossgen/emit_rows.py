@@ -39,8 +39,7 @@ from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
 from .exact_rows import (EXACT_FALLBACK, BlockRecompute, add_split_lines, emit_block_fallback, emit_exact_sum,
-                         emit_fallback, fires, first_try_of, plan, plan_block, split_product_lines,
-                         vanishing_sums)
+                         emit_fallback, fires, plan, plan_block, split_product_lines)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import group, in_scale, two_scaled
@@ -56,12 +55,7 @@ ROW_WEIGHT = "_w = 1.0 if _weight is None else _weight[_i]"
 
 
 class RowPrinter(NumbaPrinter):
-    """NumbaPrinter plus onehot(index) = 1 at the element being computed (``_k``); ``tables``:
-    {rows: name} of the module's constant tables (exact_rows.TABLE_FROM)."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables: dict = {}
+    """NumbaPrinter plus onehot(index) = 1 at the element being computed (``_k``)."""
 
     def _print_onehot(self, expr):
         return f"(1.0 if _k == {self._print(expr.args[0])} else 0.0)"
@@ -735,9 +729,6 @@ FIRST_TRY_DOC = ("The outputs of row _i that are quotients over row sums, where 
                  "    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's\n"
                  "    error bound is not small enough; else from exact ones, each output's monomials as one\n"
                  "    expansion (lossgen/exact_rows.py).")
-EXACT_DOC = ("The outputs of row _i that are quotients over row sums, where the kernel's cancellation test\n"
-             "    flagged the row, from exact row sums (lossgen/exact_rows.py; no first try: _xexact is\n"
-             "    not read, and the function returns True).")
 
 
 def _kernel(derivation: RowDerivation, name: str, row_outputs, element_outputs, printer, keys,
@@ -806,11 +797,8 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
         # the row function stays as small as without it
         body.emit(2, "if _xflag:")
 
-        def emit_call(quantity, call, plans):
+        def emit_call(quantity, call):
             # the first try's sums (exact_rows.FIRST_TRY), the exact ones where it declines
-            if not first_try_of(plans):
-                body.emit(3, f"_{quantity}_exact({call}, True)")
-                return
             body.emit(3, f"if not _{quantity}_exact({call}, False):")
             body.emit(4, f"_{quantity}_exact({call}, True)")
 
@@ -818,18 +806,17 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
             for quantity, first, count in shared:
                 start = len(row_outputs) + first
                 call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs[start:start + count], "_w"])
-                emit_call(quantity, call, [fallbacks[i] for i in range(first, first + count) if i in fallbacks])
+                emit_call(quantity, call)
         else:
             call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
-            emit_call(name, call, list(fallbacks.values()))
+            emit_call(name, call)
             exact_body = _Body(derivation, printer, keys)
             emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
             exact = exact_body.lines
     kernel = {"name": name, "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
               "doc": f"{name.replace('_', ', ')} of each row, times _weight[i] when given."}
     if exact:
-        kernel.update(exact_arguments=", _w, _xexact",
-                      exact_doc=FIRST_TRY_DOC if first_try_of(fallbacks.values()) else EXACT_DOC)
+        kernel.update(exact_arguments=", _w, _xexact", exact_doc=FIRST_TRY_DOC)
     return kernel
 
 
@@ -1129,13 +1116,10 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
     {("hess_full", block): (RegionPlans, PairFallback)} for the Hessian's blocks, in row-major
     order of the predictions."""
     spec = original.spec
-    parameters = [spec.symbols[p.name] for p in spec.params]
     reductions = {r.symbol: r for r in original.reductions}
-    # the sums that are 0 exactly (a row's deviations from its mean), which the kernels leave out
-    zero = vanishing_sums(reductions, original.element_symbols, parameters)
-    reductions = {r: v for r, v in reductions.items() if r not in zero}
     if not set(reductions) <= {r.symbol for r in stable.reductions}:
         return {}  # the guard evaluates the derivation's numerator on the kernels' row values
+    parameters = [spec.symbols[p.name] for p in spec.params]
     # the inputs' domains, for the signs of the reductions' summands (exact_rows.magnitude_sums)
     ranges = axis_ranges(spec)
     plans = {}
@@ -1143,7 +1127,7 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
         if q not in EXACT_FALLBACK["quantities"]:
             continue
         for j, (o, s) in enumerate(zip(getattr(original, q), getattr(stable, q))):
-            f = plan(o.xreplace(zero), s, reductions, original.element_symbols, parameters, ranges)
+            f = plan(o, s, reductions, original.element_symbols, parameters, ranges)
             if f is not None:
                 plans[q, j] = f
     # each Hessian block (in row-major order of the predictions): its diagonal's plan (hess on a
@@ -1157,8 +1141,7 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
             diagonal, stable_diagonal = original.cross[i, j], stable.cross[i, j]
         else:
             continue
-        outer = tuple((p.xreplace(zero), q.xreplace(zero)) for p, q in original.blocks[i, j].outer)
-        block = plan_block(diagonal.xreplace(zero), stable_diagonal, outer, stable.blocks[i, j].outer,
+        block = plan_block(diagonal, stable_diagonal, original.blocks[i, j].outer, stable.blocks[i, j].outer,
                            reductions, original.element_symbols, parameters, ranges)
         if block is not None:
             plans["hess_full", b] = block
@@ -1227,17 +1210,4 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
         helpers=printer.helpers_used, kernels=kernels, arguments=arguments, directions=directions,
         kernel_outputs={k["name"]: len(k["outs"]) for k in kernels}, rows_of=first_row_input,
         quadratic=tuple(k["name"] for k in kernels if k.get("quadratic")),
-        tables=[(name, _table_text(table)) for table, name in printer.tables.items()],
     )
-
-
-def _table_text(table) -> str:
-    """A constant table (exact_rows.TABLE_FROM) as the lines of an np.array literal."""
-    rows = [f"[{', '.join(str(int(v)) for v in row)}]," for row in table]
-    lines, line = [], ""
-    for row in rows:  # as many rows to a line as fit in 100 characters
-        if line and len(line) + 1 + len(row) > 96:
-            lines.append(line)
-            line = ""
-        line = f"{line} {row}" if line else row
-    return "np.array([\n" + "".join(f"    {text}\n" for text in lines + [line]) + "], np.float64)"

@@ -44,13 +44,6 @@ comparison the sign of an expression in the row sums, :func:`_sign_form`). A row
 summand may be negative enters the bound as the sum of its summands' magnitudes
 (:func:`magnitude_sums`).
 
-A row sum whose summand reads other reductions (global SSIM's variances, sum_k (x_k - mu_x)^2)
-is a polynomial in the monomial sums over a power of the row length, C var_x = C S_xx - S_x^2
-(:func:`monomial_sums`): the recomputation's numerator and denominator are taken in those sums,
-the kernels' tests in the reductions as the kernels compute them (each coefficient in the
-numerator's own form where the expanded one is long, :func:`_by_element`), and a coefficient of
-many monomials is evaluated from a table (:data:`TABLE_FROM`).
-
 The rule is a table (:data:`EXACT_FALLBACK`): which outputs it applies to and the threshold. An
 output qualifies by its form alone; no loss is named.
 """
@@ -64,7 +57,6 @@ import sympy as sp
 from sympy.core.relational import Relational
 
 from .domains import nonnegative_on
-from .reductions import ROW_SIZE
 from .vocabulary import exact_sum, finite_or, group
 
 # Which outputs get the fallback, and its test: |num| < threshold * B. Where the test does not
@@ -97,10 +89,6 @@ FIRST_TRY = {"gamma": 1.125 * 2.0 ** -53, "subnormal": 2.0 ** -1018, "relative":
 # the length of every scratch expansion: a non-overlapping expansion of doubles (every product is
 # grown into one as it is formed) has at most about 2100/53 = 40 parts
 EXPANSION = 64
-# and where a reduction reads others: products of up to seven row values' expansions, each of
-# many parts where the row's inputs span 1e-200 to 1e-8 (global SSIM's Hessian there wrote past
-# rows of 64 parts: Numba's bounds check)
-EXPANSION_OF_MOMENTS = 1024
 
 
 @dataclass(frozen=True)
@@ -121,18 +109,10 @@ class Fallback:
     # the bound's sums of magnitudes: symbol -> sum_k |summand| of a reduction whose summand
     # may be negative (see :func:`magnitude_sums`)
     magnitudes: dict = field(default_factory=dict)
-    # the reductions whose summands read other reductions (a variance's mean), each a rational
-    # function of the monomial sums and the row length (:func:`monomial_sums`); where there are
-    # any, ``groups`` and ``denominator`` read the monomial sums alone, and ``row_denominator``
-    # is the denominator in the kernels' row values (the tests' scale)
-    flat: dict = field(default_factory=dict)
-    row_denominator: sp.Expr | None = None
 
     @property
     def denominator_value(self) -> sp.Expr:
-        """The denominator in the kernels' row values: the product of its factors."""
-        if self.row_denominator is not None:
-            return self.row_denominator
+        """The product of the denominator's factors."""
         return sp.Mul(*[b**e for b, e in self.denominator])
 
     @property
@@ -330,11 +310,13 @@ def _without_element_factors(numerator: sp.Expr, element_set) -> sp.Expr:
 
 
 def _polynomial_sums(expr: sp.Expr, reductions: dict, element_symbols, parameters) -> bool:
-    """Are the reductions ``expr`` reads sums of polynomials in the element and the parameters,
-    with coefficients in earlier reductions (:func:`row_sums`; the form's first condition, checked
-    before the costly folding of its Piecewises)?"""
+    """Are the reductions ``expr`` reads sums of polynomials in the element and the parameters
+    (the form's first condition, checked before the costly folding of its Piecewises: global
+    SSIM's sums hold the means)?"""
     generators = sorted(set(element_symbols) | set(parameters), key=sp.default_sort_key)
-    return row_sums([s for s in expr.free_symbols if s in reductions], reductions, generators) is not None
+    used = [reductions[s] for s in expr.free_symbols if s in reductions]
+    return all(r.kind in EXACT_FALLBACK["reduction_kinds"] and monomials(r.summand, generators) is not None
+               for r in used)
 
 
 def plan(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters,
@@ -456,103 +438,29 @@ def _conditions_of(regions) -> sp.Expr:
     return sp.Piecewise(*[(sp.Integer(r), c) for r, (c, _) in enumerate(regions)])
 
 
-def monomial_sums(summands: dict, nested: dict | None = None, generators=()) -> tuple[dict, dict, dict] | None:
+def monomial_sums(summands: dict) -> tuple[dict, dict]:
     """The row sums of the monomials of the reductions' summands ``summands`` ({reduction:
     ((coefficient, factors), ...)}), one symbol each: ({symbol: ((1, factors),)}, {reduction:
-    sum_m c_m S_m}, flat). A reduction that is the sum of one monomial is its own. The exact
+    sum_m c_m S_m}). A reduction that is the sum of one monomial is its own. The exact
     recomputation reads the coefficients A_m in these, so that sums that cancel between
     reductions cancel in the algebra: Jaccard's U - (U - I) is I, exact, where expansions of U
     and U - I each lose the parts below 2^-1022 of their size (its Hessian's numerator at
     y = (1e-300, 1e-16), p = (1e-16, 1e-300), 4e-600 from terms of 4e-316, needs U to 1e-584 of
-    its size; I = sum(p y) holds its own parts).
-
-    ``nested``: {reduction: summand} of the reductions whose summands read earlier ones (in the
-    derivation's order), a polynomial in ``generators`` (the element's inputs and the
-    parameters) whose coefficients are rational in the earlier reductions and the row length
-    C: each is sum_m c_m S_m, c_m in the monomial sums and C (a variance's
-    sum_k (x_k - S_x/C)**2 is S_xx - S_x**2/C, exact in the sums where the deviations from the
-    rounded mean are not), that is P/C**k with P a polynomial in the sums: a row value of its
-    own, ``scaled`` (r)'s symbol, in ``sums`` and, as P, in ``in_sums``. ``flat``:
-    {reduction: scaled/C**k}. None where a summand has no such form."""
+    its size; I = sum(p y) holds its own parts)."""
     own = {terms[0][1]: r for r, terms in summands.items() if len(terms) == 1 and terms[0][0] == 1}
     sums, in_sums = {r: terms for r, terms in summands.items() if r in own.values()}, {}
-
-    def sum_of(factors):
-        if not factors:
-            return ROW_SIZE
-        if factors not in own:
-            name = "_m_" + "_".join(re.sub(r"\W", "", f.name) for f in factors)
-            own[factors] = sp.Symbol(name)
-            sums[own[factors]] = ((1, factors),)
-        return own[factors]
-
     for r, terms in summands.items():
-        if r not in own.values():
-            in_sums[r] = sp.Add(*[c * sum_of(factors) for c, factors in terms])
-    flat: dict = {}
-    for r, summand in (nested or {}).items():
-        expr = sp.expand(summand.xreplace({**in_sums, **flat}).xreplace(in_sums))
-        try:
-            poly = sp.Poly(expr, *generators)
-        except sp.PolynomialError:
-            return None
-        total = []
-        for powers, coefficient in poly.terms():
-            if not (coefficient.free_symbols <= set(sums) | {ROW_SIZE} and coefficient.is_rational_function()):
-                return None
-            total.append(coefficient * sum_of(tuple(g for g, k in zip(generators, powers) for _ in range(k))))
-        numerator, denominator = sp.fraction(sp.together(sp.Add(*total)))
-        if numerator == 0:  # the sum of a row's deviations from its mean
-            flat[r] = sp.S.Zero
+        if r in own.values():
             continue
-        if monomials(numerator, sorted(numerator.free_symbols, key=sp.default_sort_key)) is None:
-            return None
-        sums[scaled(r)], in_sums[scaled(r)] = (), sp.expand(numerator)
-        flat[r] = scaled(r) / denominator
-    return sums, in_sums, flat
-
-
-def scaled(r: sp.Symbol) -> sp.Symbol:
-    """The symbol of C**k r, a reduction ``r`` that reads others times the power of the row
-    length that makes it a polynomial in the monomial sums (:func:`monomial_sums`)."""
-    return sp.Symbol(f"{r.name}_scaled")
-
-
-def row_sums(used, reductions: dict, generators) -> tuple[dict, dict, dict, dict] | None:
-    """The reductions ``used`` and those their summands read, in the monomial sums
-    (:func:`monomial_sums`): (summands of those that read none, sums, in_sums, flat), or None
-    where one is not a sum (:data:`EXACT_FALLBACK`) of such a summand."""
-    found, stack = set(), list(used)
-    while stack:
-        r = stack.pop()
-        if r not in found:
-            found.add(r)
-            stack += [s for s in reductions[r].summand.free_symbols if s in reductions]
-    summands, nested = {}, {}
-    for r in sorted(found, key=sp.default_sort_key):
-        if reductions[r].kind not in EXACT_FALLBACK["reduction_kinds"]:
-            return None
-        if not reductions[r].summand.free_symbols & (set(reductions) | {ROW_SIZE}):
-            summands[r] = monomials(reductions[r].summand, generators)
-            if summands[r] is None:
-                return None
-    for r in (r for r in reductions if r in found and r not in summands):  # the derivation's order
-        nested[r] = reductions[r].summand
-    found = monomial_sums(summands, nested, generators)
-    return None if found is None else (summands, *found)
-
-
-def vanishing_sums(reductions: dict, element_symbols, parameters) -> dict:
-    """{reduction: 0} of the reductions that are 0 in exact arithmetic (the sum of a row's
-    deviations from its mean, which the derivation's chain rule writes and the kernels leave out:
-    lossgen/stabilise_rows.py, mean residuals)."""
-    generators = sorted(set(element_symbols) | set(parameters), key=sp.default_sort_key)
-    zero = {}
-    for r in reductions:
-        found = row_sums([r], reductions, generators)
-        if found is not None and r in {**found[2], **found[3]} and sp.expand({**found[2], **found[3]}[r]) == 0:
-            zero[r] = sp.S.Zero
-    return zero
+        total = []
+        for c, factors in terms:
+            if factors not in own:
+                name = "_m_" + "_".join(re.sub(r"\W", "", f.name) for f in factors) if factors else "_m_1"
+                own[factors] = sp.Symbol(name)
+                sums[own[factors]] = ((1, factors),)
+            total.append(c * own[factors])
+        in_sums[r] = sp.Add(*total)
+    return sums, in_sums
 
 
 def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_symbols, parameters,
@@ -588,10 +496,11 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
         return None  # a numerator of the element alone (a norm's gradient): the elementwise forms' part
     elements = sorted(element_set, key=sp.default_sort_key)
     others = sorted(parameters, key=sp.default_sort_key)
-    found = row_sums(used, reductions, elements + others)
-    if found is None:
-        return None
-    summands, sums, in_sums, flat = found
+    summands = {}
+    for r in sorted(used, key=sp.default_sort_key):
+        summands[r] = monomials(reductions[r].summand, elements + others)
+        if summands[r] is None:
+            return None
     rows = sorted(used, key=sp.default_sort_key)
     free = sorted(numerator.free_symbols - element_set - set(parameters) - set(rows), key=sp.default_sort_key)
     generators = elements + others + free + rows
@@ -602,21 +511,12 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
         # a branch's sign in its denominator, so that branches that differ in sign alone (1 - cos
         # and cos - margin) share their numerator's code (:func:`_numerator_groups`)
         numerator, denominator = -numerator, -denominator
-    # the exact forms: where a reduction reads others, numerator and denominator in the monomial
-    # sums, over a common denominator (powers of the row length C)
-    exact_numerator, exact_denominator = numerator.xreplace(in_sums), denominator
-    if flat:
-        exact_numerator, exact_denominator = sp.fraction(sp.together(
-            (numerator / denominator).xreplace(in_sums).xreplace(flat)))
     # grouped by the element's monomial e_m: A_m is a row value, computed once per row (exactly
     # in the fallback, from the monomials' sums; rounded in the kernels' test, from the reductions)
+    sums, in_sums = monomial_sums(summands)
     groups: dict = {}
-    in_monomial_sums = elements + others + sorted(set(free) | ({ROW_SIZE} if flat else set()), key=sp.default_sort_key)
-    in_monomial_sums += sorted(sums, key=sp.default_sort_key)
-    exact_terms = monomials(exact_numerator, in_monomial_sums)
-    if exact_terms is None:
-        return None
-    for c, fs in exact_terms:
+    in_monomial_sums = elements + others + free + sorted(sums, key=sp.default_sort_key)
+    for c, fs in monomials(numerator.xreplace(in_sums), in_monomial_sums):
         element = tuple(f for f in fs if f in element_set)
         groups.setdefault(element, []).append((c, tuple(f for f in fs if f not in element_set and f not in sums),
                                                tuple(f for f in fs if f in sums)))
@@ -624,93 +524,31 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
     # parameters as one factored value (combo's (1 - alpha)(2 I + smooth), not 2 I + smooth less
     # alpha (2 I + smooth) apart: the magnitudes of those terms would add to (1 + alpha)(...))
     atoms = [g for g in generators if g not in set(parameters)]
-    tested = _without_element_factors(numerator, element_set)
-    poly = sp.Poly(sp.expand(tested), *atoms)
+    poly = sp.Poly(sp.expand(_without_element_factors(numerator, element_set)), *atoms)
+    by_element: dict = {}
+    for powers, coefficient in poly.terms():
+        factors = [g for g, n in zip(atoms, powers) for _ in range(n)]
+        element = tuple(f for f in factors if f in element_set)
+        row = sp.Mul(*[f for f in factors if f not in element_set])
+        by_element.setdefault(element, []).append((sp.factor(poly.rep.dom.to_sympy(coefficient)), row))
+    # each row coefficient one value (group), the threshold (a power of two) in its bound, whose
+    # row sums are the sums of their terms' magnitudes
     magnitudes = magnitude_sums({r: reductions[r] for r in rows}, ranges or {})
-    threshold = sp.Float(EXACT_FALLBACK["threshold"])
-    if len(poly.terms()) > TABLE_FROM:
-        # each coefficient in the numerator's own form, its bound from the magnitudes of its
-        # factors (:func:`_by_element`): the expanded polynomial's lines would run to thousands
-        found = _by_element(tested, element_set, magnitudes)
-        if found is None:
-            return None
-        tests = tuple((element, group(a), group(threshold * m)) for element, (a, m) in found.items())
-    else:
-        by_element: dict = {}
-        for powers, coefficient in poly.terms():
-            factors = [g for g, n in zip(atoms, powers) for _ in range(n)]
-            element = tuple(f for f in factors if f in element_set)
-            row = sp.Mul(*[f for f in factors if f not in element_set])
-            by_element.setdefault(element, []).append((sp.factor(poly.rep.dom.to_sympy(coefficient)), row))
-        # each row coefficient one value (group), the threshold (a power of two) in its bound, whose
-        # row sums are the sums of their terms' magnitudes
-        tests = tuple((element, group(sp.Add(*[c * r for c, r in terms])),
-                       group(threshold * sp.Add(*[sp.Abs(c) * sp.Abs(r.xreplace(magnitudes)) for c, r in terms])))
-                      for element, terms in by_element.items())
+    tests = tuple((element, group(sp.Add(*[c * r for c, r in terms])),
+                   group(sp.Float(EXACT_FALLBACK["threshold"])
+                         * sp.Add(*[sp.Abs(c) * sp.Abs(r.xreplace(magnitudes)) for c, r in terms])))
+                  for element, terms in by_element.items())
     factors = []
-    for base, exponent in (b.as_base_exp() for b in sp.Mul.make_args(exact_denominator)):
+    for base, exponent in (b.as_base_exp() for b in sp.Mul.make_args(denominator)):
         # integer powers, and those of square roots (a norm's)
         if not (exponent.is_Rational and exponent > 0 and exponent.q in (1, 2)):
             return None
-        if not (base.is_Number or base.is_Symbol) and monomials(base, list(dict.fromkeys(in_monomial_sums + rows))) is None:
+        if not (base.is_Number or base.is_Symbol) and monomials(base, generators) is None:
             return None
         factors.append((base, exponent))
     return Fallback(tests=tests, groups=tuple((element, tuple(terms)) for element, terms in groups.items()),
                     denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands, sums=sums, in_sums=in_sums,
-                    magnitudes={m: sp.Abs(reductions[r].summand) for r, m in magnitudes.items()}, flat=flat,
-                    row_denominator=denominator if flat else None)
-
-
-def _by_element(expr: sp.Expr, element_set, magnitudes: dict) -> dict | None:
-    """{element monomial: (A_m, M_m)} of ``expr``, a polynomial in the element's inputs whose
-    coefficients A_m are kept in the expression's own form (products of sums, not expanded), and
-    M_m the sum over the expression tree's products of their factors' magnitudes
-    (:func:`_magnitude`), at least the sum of the magnitudes of A_m's expanded terms (the
-    triangle inequality); None where ``expr`` is not such a polynomial."""
-    if not expr.free_symbols & element_set:
-        return {(): (expr, _magnitude(expr, magnitudes))}
-    if expr in element_set:
-        return {(expr,): (sp.S.One, sp.S.One)}
-    if expr.is_Add:
-        parts = [_by_element(a, element_set, magnitudes) for a in expr.args]
-        if any(p is None for p in parts):
-            return None
-        out: dict = {}
-        for part in parts:
-            for element, (a, m) in part.items():
-                a0, m0 = out.get(element, (sp.S.Zero, sp.S.Zero))
-                out[element] = (a0 + a, m0 + m)
-        return out
-    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
-        factors = [expr.base] * int(expr.exp)
-    elif expr.is_Mul:
-        factors = list(expr.args)
-    else:
-        return None
-    out = {(): (sp.S.One, sp.S.One)}
-    for f in factors:
-        part = _by_element(f, element_set, magnitudes)
-        if part is None:
-            return None
-        product: dict = {}
-        for e1, (a1, m1) in out.items():
-            for e2, (a2, m2) in part.items():
-                element = tuple(sorted(e1 + e2, key=sp.default_sort_key))
-                a0, m0 = product.get(element, (sp.S.Zero, sp.S.Zero))
-                product[element] = (a0 + a1 * a2, m0 + m1 * m2)
-        out = product
-    return out
-
-
-def _magnitude(expr: sp.Expr, magnitudes: dict) -> sp.Expr:
-    """A bound of the sum of the magnitudes of ``expr``'s expanded terms, from its tree: sums
-    and products of its factors' magnitudes, a row sum's the sum of its terms' magnitudes where
-    its summand may be negative (``magnitudes``, :func:`magnitude_sums`)."""
-    if expr.is_Add or expr.is_Mul:
-        return expr.func(*[_magnitude(a, magnitudes) for a in expr.args])
-    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
-        return _magnitude(expr.base, magnitudes) ** expr.exp
-    return sp.Abs(expr.xreplace(magnitudes))
+                    magnitudes={m: sp.Abs(reductions[r].summand) for r, m in magnitudes.items()})
 
 
 def magnitude_sums(reductions: dict, ranges: dict) -> dict:
@@ -779,19 +617,16 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
     bound _xE and magnitude _xM, and each coefficient A_m with the bound of its error. Returns
     ({reduction: sum of monomial sums} of the reductions built from the sums, {sum summed over
     the row: its monomials})."""
-    reductions, sums, derived, flat = {}, {}, {}, {}
+    reductions, sums, derived = {}, {}, {}
     for p in plans.values():
         reductions.update(p.reductions)
         sums.update({s: t for s, t in p.sums.items() if s not in p.reductions})
         derived.update(p.in_sums)
-        flat.update(p.flat)
     every = {**reductions, **sums}
     looped = {r: terms for r, terms in every.items() if r not in derived}  # summed over the row
     names = ["_xt", "_xu", "_xa", "_xf", "_xp"] + [f"_x{r.name}" for r in every]
     names += [f"_xA{j}_{m}" for j, p in plans.items() for m in range(len(p.groups))]
-    length = EXPANSION_OF_MOMENTS if flat else EXPANSION
-    body.emit(2, f"_xbuffer = np.empty(({len(names)}, {length}))")
-    body.expansion_rows = {name: row for row, name in enumerate(names)}
+    body.emit(2, f"_xbuffer = np.empty(({len(names)}, {EXPANSION}))")
     for row, name in enumerate(names):
         body.emit(2, f"{name} = _xbuffer[{row}]")
     for r in every:
@@ -802,9 +637,6 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
         magnitudes.update(p.magnitudes)
     for m in magnitudes:
         body.emit(2, f"{printed(m)} = 0.0")
-    # the magnitudes of summands that read reductions (a covariance's) wait for their values
-    later = {m: summand for m, summand in magnitudes.items() if summand.free_symbols & (set(every) | set(flat))}
-    magnitudes = {m: summand for m, summand in magnitudes.items() if m not in later}
 
     def emit_loop(indent: int, term_lines):
         body.emit(indent, "for _k in range(_n):")
@@ -853,18 +685,9 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
             body.emit(2, line)
         body.emit(2, f"_x{r.name}_n = _xcompress(_x{r.name}, _x{r.name}_n, _xu)")
         body.emit(2, f"_x{r.name}_s = _xnormalize(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
-    # the kernels' test again, on the row sums rounded from their expansions (a reduction that
-    # reads others from its flattened form times a power of C, exactly, divided once)
+    # the kernels' test again, on the row sums rounded from their expansions
     for r in reductions:
         body.emit(2, f"{printed(r)} = _xvalue_s(_x{r.name}, _x{r.name}_n, _x{r.name}_s)")
-    for r, value in flat.items():
-        row, denominator = sp.fraction(value)
-        body.emit(2, f"{printed(r)} = _xvalue_s(_x{row.name}, _x{row.name}_n, _x{row.name}_s) / {printed(denominator)}")
-    if later:
-        body.emit(2, "for _k in range(_n):")
-        body.bind(list(later.values()), 3)
-        for m, summand in later.items():
-            body.emit(3, f"{printed(m)} += {printed(summand)}")
     for j, p in plans.items():
         body.emit(2, f"_xready{j} = False")
         for d in range(len(p.denominator)):
@@ -880,7 +703,7 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
             body.emit(2, f"_xdok{j} = True")
             for m, (_, terms) in enumerate(p.groups):
                 expr = sp.Add(*[c * sp.Mul(*fs) * sp.Mul(*rows) for c, fs, rows in terms])
-                body.emit(2, f"_xdA{j}_{m} = {printed(_error_bound(expr.xreplace(p.in_sums), p.sums))}")
+                body.emit(2, f"_xdA{j}_{m} = {printed(_error_bound(expr, p.sums))}")
     # the regions that share a numerator: their denominators, each computed once per row apart
     for j, p in (denominators or {}).items():
         body.emit(2, f"_xdready{j} = False")
@@ -918,7 +741,7 @@ def _emit_denominator_setup(body, j, p: Fallback, printed, indent: int, first_tr
             continue
         body.emit(indent, "_xa_n = 0")
         body.emit(indent, "_xa_s = 0")
-        for line in _sum_lines(_base_terms(base), {**p.reductions, **p.sums}, printed, "_xa"):
+        for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
             body.emit(indent, line)
         body.emit(indent, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
         if first_try:
@@ -933,9 +756,6 @@ def _emit_numerator_setup(body, j, p: Fallback, printed, indent: int):
     """Lines setting the expansions _xA{j}_{m}: each coefficient A_m of plan ``j``."""
     for m, (_, terms) in enumerate(p.groups):
         target = f"_xA{j}_{m}"
-        if len(terms) > TABLE_FROM:
-            _emit_table_polynomial(body, terms, {**p.reductions, **p.sums}, printed, target, indent)
-            continue
         content, factors = _factored(terms)
         if len(factors) == 1 and factors[0][1] == 1:
             body.emit(indent, f"{target}_n = 0")
@@ -960,38 +780,6 @@ def _emit_numerator_setup(body, j, p: Fallback, printed, indent: int):
             body.emit(indent, f"{target}_s = _xp_s")
         body.emit(indent, f"{target}_n = _xcompress({target}, {target}_n, _xu)")
         body.emit(indent, f"{target}_s = _xnormalize({target}, {target}_n, {target}_s)")
-
-
-# A coefficient A_m of more monomials than this is evaluated from a table (one row per monomial:
-# its integer coefficient and powers) by the helper _xpolynomial, not by lines of its own:
-# global SSIM's Hessian in its row sums has A_m of up to 330 monomials (47 690 lines of code).
-TABLE_FROM = 16
-
-
-def _emit_table_polynomial(body, terms, rows: dict, printed, target: str, indent: int):
-    """Lines setting the scaled expansion ``target`` to sum_m c_m prod(factors) prod(rows)
-    (``terms``: ((int, factors, rows), ...)) by _xpolynomial from a module-level table, shared
-    by every function that evaluates the same polynomial."""
-    floats = sorted({f for _, fs, _ in terms for f in fs}, key=sp.default_sort_key) or [sp.S.One]
-    used = sorted({r for _, _, rs in terms for r in rs}, key=sp.default_sort_key)
-    if not used:  # a polynomial in the parameters alone: its lines
-        body.emit(indent, f"{target}_n = 0")
-        body.emit(indent, f"{target}_s = 0")
-        for line in _sum_lines([(c, fs) for c, fs, _ in terms], rows, printed, target):
-            body.emit(indent, line)
-        return
-    table = tuple((c, *[fs.count(f) for f in floats], *[rs.count(r) for r in used]) for c, fs, rs in terms)
-    if any(abs(c) >= 2 ** 53 for c, *_ in table):
-        raise ValueError("a coefficient of the exact form is not an exact float")
-    tables = body.printer.tables
-    name = tables.setdefault(table, f"_XTABLE{len(tables)}")
-    body.printer.helpers_used.add("xpolynomial")
-    rows = ", ".join(str(body.expansion_rows[f"_x{r.name}"]) for r in used)
-    lengths = ", ".join(f"_x{r.name}_n" for r in used)
-    scales = ", ".join(f"_x{r.name}_s" for r in used)
-    body.emit(indent, f"{target}_n, {target}_s = _xpolynomial({target}, {name}, "
-                      f"({', '.join('1.0' if f == 1 else printed(f) for f in floats)},), _xbuffer, ({rows},), "
-                      f"({lengths},), ({scales},))")
 
 
 def _sum_lines(monomials, reductions, printed, target: str) -> list[str]:
@@ -1106,21 +894,18 @@ def _region_keys(j, regions) -> dict:
     return {r: f"{j}r{r}" for r, (_, f) in enumerate(regions) if f is not None}
 
 
-def _emit_region(body, j, regions, reductions, printed, decided: dict, first_try=None, flat=None):
+def _emit_region(body, j, regions, reductions, printed, decided: dict, first_try=None):
     """Lines setting _xregion{j}, the row's region (the first of ``regions``' conditions that
     holds), each comparison of row sums decided exactly by the sign of its difference
-    (:func:`_emit_sign`; ``flat``: the reductions that read others, in the monomial sums,
-    :class:`Fallback`), once per row (``decided``: {comparison: its decision}, shared by the
+    (:func:`_emit_sign`), once per row (``decided``: {comparison: its decision}, shared by the
     outputs); nothing where there is one region."""
     if len(regions) <= 1:
         return
-    flat = flat or {}
     conditions = _conditions_of(regions)
-    for relation in _row_relations(conditions, set(reductions) | set(flat)):
+    for relation in _row_relations(conditions, reductions):
         if relation not in decided:
             sign = sp.Symbol(f"_xcs{len(decided)}", real=True)
-            difference = (relation.lhs - relation.rhs).xreplace(flat)
-            _emit_sign(body, _sign_form(difference), reductions, printed, sign.name, first_try)
+            _emit_sign(body, _sign_form(relation.lhs - relation.rhs), reductions, printed, sign.name, first_try)
             decided[relation] = relation.func(sign, 0)
     body.emit(2, f"_xregion{j} = {printed(conditions.xreplace(decided))}")
 
@@ -1140,19 +925,13 @@ def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str, firs
         return
     generators = sorted(p.free_symbols, key=sp.default_sort_key)
     _, poly = sp.Poly(p, *generators).clear_denoms()  # a positive multiple, integer coefficients
-    terms = []
+    body.emit(2, "_xa_n = 0")
+    body.emit(2, "_xa_s = 0")
     for powers, coefficient in poly.terms():
         factors = [g for g, k in zip(generators, powers) for _ in range(k)]
-        terms.append((int(coefficient), tuple(f for f in factors if f not in reductions),
-                      tuple(f for f in factors if f in reductions)))
-    if len(terms) > TABLE_FROM:
-        _emit_table_polynomial(body, terms, reductions, printed, "_xa", 2)
-    else:
-        body.emit(2, "_xa_n = 0")
-        body.emit(2, "_xa_s = 0")
-        for coefficient, floats, rows in terms:
-            for line in product_lines(coefficient, floats, rows, printed, "_xa"):
-                body.emit(2, line)
+        rows = tuple(f for f in factors if f in reductions)
+        for line in product_lines(int(coefficient), [f for f in factors if f not in reductions], rows, printed, "_xa"):
+            body.emit(2, line)
     body.emit(2, "_xa_n = _xcompress(_xa, _xa_n, _xu)")
     body.emit(2, "_xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)")
     if first_try is not None:
@@ -1224,30 +1003,21 @@ def emit_fallback(body, plans: dict, outs: dict):
         numerators, others = _split(j, p.regions)
         flat.update(numerators)
         denominators.update(others)
-    flattened = {r: v for f in flat.values() for r, v in f.flat.items()}
-    first_try = first_try_of(plans.values())
-    sums = _emit_setup(body, flat, printed, denominators, first_try=first_try)
-    reductions, decided = {r: t for f in flat.values() for r, t in {**f.reductions, **f.sums}.items()}, {}
+    sums = _emit_setup(body, flat, printed, denominators, first_try=True)
+    reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
     for j, p in plans.items():
-        _emit_region(body, j, p.regions, reductions, printed, decided, sums if first_try else None, flattened)
+        _emit_region(body, j, p.regions, reductions, printed, decided, sums)
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*e) for f in flat.values() for e, _ in f.groups] + [f.rest for f in flat.values()], 3)
     for j, p in plans.items():
         def emit_plan(key, f, shared, indent, out=outs[j]):
             _emit_test(body, key, f, printed, indent)
             body.emit(indent, f"if {fires('_xn', '2.0 * _xb')}:")
-            _emit_value(body, key, f, printed, indent + 1, shared, first_try=first_try)
+            _emit_value(body, key, f, printed, indent + 1, shared, first_try=True)
             body.emit(indent + 1, "if math.isfinite(_xq):")
             body.emit(indent + 2, f"{out}[_i, _k] = _w * _xq")
         _emit_regions(body, j, p.regions, 3, emit_plan)
     body.emit(2, "return True")
-
-
-def first_try_of(plans) -> bool:
-    """Does the recomputation of these outputs (RegionPlans) have a first try
-    (:data:`FIRST_TRY`)? Not where a reduction reads others (a variance's mean): the error bounds
-    of its coefficients in the monomial sums would be printed as the expanded polynomials."""
-    return not any(f is not None and f.flat for p in plans for _, f in p.regions)
 
 
 class BlockRecompute(NamedTuple):
@@ -1273,10 +1043,9 @@ def emit_block_fallback(body, blocks: list[BlockRecompute]):
     flat = {key: f for (own, _), (other, _) in splits for key, f in {**own, **other}.items()}
     shared = {key: f for (_, own), (_, other) in splits for key, f in {**own, **other}.items()}
     _emit_setup(body, flat, printed, shared)
-    reductions, decided = {r: t for f in flat.values() for r, t in {**f.reductions, **f.sums}.items()}, {}
-    flattened = {r: v for f in flat.values() for r, v in f.flat.items()}
+    reductions, decided = {r: t for f in flat.values() for r, t in f.reductions.items()}, {}
     for b, block in enumerate(blocks):
-        _emit_region(body, b, block.diagonal.regions, reductions, printed, decided, flat=flattened)
+        _emit_region(body, b, block.diagonal.regions, reductions, printed, decided)
         body.emit(2, f"_xscale{b} = {printed(block.pair.entry_scale())}")
     # a loop over the flagged rows k of each block
     for b, block in enumerate(blocks):
