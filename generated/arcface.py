@@ -43,8 +43,27 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('c', 'prediction', 'cosine', 'class', False, None), ),
     "params": (('s', 64.0, 'positive'), ('m', 0.5, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
+
+
+@numba.extending.intrinsic
+def _fma_instruction(typingctx, a, b, c):
+    """llvm.fma.f64: a*b + c rounded once (IEEE fusedMultiplyAdd), one instruction on a CPU
+    with FMA (libm's fma elsewhere); float64 arguments."""
+    def codegen(context, builder, signature, arguments):
+        from llvmlite import ir
+        double = ir.DoubleType()
+        fma = builder.module.declare_intrinsic("llvm.fma", [double], ir.FunctionType(double, [double] * 3))
+        return builder.call(fma, arguments)
+    return numba.types.float64(numba.types.float64, numba.types.float64, numba.types.float64), codegen
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _fma(a, b, c):
+    """a*b + c with the product exact and one rounding (fused multiply-add), so that 1 - y*p
+    keeps the digits that the rounded product y*p loses."""
+    return _fma_instruction(a, b, c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -390,7 +409,7 @@ def loss_grad_hess_kernel_parallel(y, c, s, m, _weight, _out0, _out1, _out2):
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
     for _k in range(_n):
@@ -451,21 +470,64 @@ def _hvp_row(_i, _n, _C, y, c, s, m, _v_c, _weight, _out0):
         _scratch[0, _k] = _b3_0
         _scratch[1, _k] = _b3_1
         _scratch[2, _k] = _b3_2
+    _qt0_0 = -1.0
+    _qm0_0 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[2, _k]*_v_c[_i, _k])
+        if _t > _qt0_0 and _k != _row_y:
+            _qt0_0 = _t
+            _qm0_0 = _k
+    _qh0_0 = 0.0
+    _ql0_0 = 0.0
+    for _k in range(_n):
+        if _k != _qm0_0 and _k != _row_y:
+            _ph = _scratch[2, _k] * _v_c[_i, _k]
+            _pl = _fma(_scratch[2, _k], _v_c[_i, _k], -_ph)
+            _x = _qh0_0 + _ph
+            _z = _x - _qh0_0
+            _ql0_0 += (_qh0_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_0 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        for _l in range(_n):
-            if _j == _l:
-                _h = _scratch[0, _j]
-            elif (_l == _row_y) and not (_j == _row_y):
-                _h = _scratch[1, _l] * _scratch[2, _j]
-            else:
-                _h = _scratch[1, _j] * _scratch[2, _l]
-            _out0[_i, _j] += _w * _h * _v_c[_i, _l]
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _not_s = _j != _row_y
+        _th, _tl = _qh0_0, _ql0_0
+        if _j != _qm0_0:
+            _ph = _scratch[2, _qm0_0] * _v_c[_i, _qm0_0]
+            _pl = _fma(_scratch[2, _qm0_0], _v_c[_i, _qm0_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            if _not_s:
+                _ph = _scratch[2, _j] * _v_c[_i, _j]
+                _pl = _fma(_scratch[2, _j], _v_c[_i, _j], -_ph)
+                _x = _th - _ph
+                _z = _x - _th
+                _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+                _th = _x
+        _ph = _scratch[1, _j] * _th
+        _pl = _fma(_scratch[1, _j], _th, -_ph) + _scratch[1, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        if _not_s:
+            _ph = (_scratch[1, _row_y] * _scratch[2, _j]) * _v_c[_i, _row_y]
+            _pl = _fma((_scratch[1, _row_y] * _scratch[2, _j]), _v_c[_i, _row_y], -_ph)
+            _x = _hv_h + _ph
+            _z = _x - _hv_h
+            _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+            _hv_h = _x
+        _hd = (_scratch[0, _j]) * _v_c[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, c, s, m, _v_c, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = c.shape[1]
     _C = float(_n)
     for _i in range(c.shape[0]):
@@ -474,7 +536,7 @@ def hvp_kernel(y, c, s, m, _v_c, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, c, s, m, _v_c, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = c.shape[1]
     _C = float(_n)
     for _i in numba.prange(c.shape[0]):

@@ -43,7 +43,7 @@ SPEC = {
     "inputs": (('y', 'target', 'label_pm1', None, False, None), ('x1', 'prediction', 'embedding', 'feature', False, None), ('x2', 'prediction', 'embedding', 'feature', False, None), ),
     "params": (('margin', 0.0, 'cosine'), ('eps', 1e-12, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 2, 'hess': 2, 'grad_hess': 4, 'loss_grad_hess': 5, 'hvp': 2, 'hess_full': 4},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
 
 
@@ -2684,7 +2684,7 @@ def _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0,
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
     if not (_row_y == -1.0 or _row_y == 1.0):
@@ -3085,43 +3085,508 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
         _scratch[31, _k] = 1.0 if (abs(_t8_6) < _t8_7) | (_t8_7 < 1.0261342003245941e-289) else 0.0
         _scratch[32, _k] = 1.0 if (abs(_t8_6) < _t8_7) | (_t8_7 < 1.0261342003245941e-289) else 0.0
         _scratch[33, _k] = 1.0 if (abs(_t8_1*((_h49) if _t8_0 else (0.0)) + _t8_5*((_h48) if _t8_0 else (0.0)) + ((_h50) if _t8_0 else (0.0))) < _t8_3*_t8_5 + _t8_4*((_h51) if _t8_0 else (math.nan)) + ((_h52) if _t8_0 else (math.nan))) | (_t8_3*_t8_5 + _t8_4*((_h51) if _t8_0 else (math.nan)) + ((_h52) if _t8_0 else (math.nan)) < 1.0261342003245941e-289) else 0.0
+    _qt0_0 = -1.0
+    _qm0_0 = 0
+    _qt0_1 = -1.0
+    _qm0_1 = 0
+    _qt1_0 = -1.0
+    _qm1_0 = 0
+    _qt1_1 = -1.0
+    _qm1_1 = 0
+    _qt2_0 = -1.0
+    _qm2_0 = 0
+    _qt2_1 = -1.0
+    _qm2_1 = 0
+    _qt3_0 = -1.0
+    _qm3_0 = 0
+    _qt3_1 = -1.0
+    _qm3_1 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[5, _k]*_v_x1[_i, _k])
+        if _t > _qt0_0:
+            _qt0_0 = _t
+            _qm0_0 = _k
+        _t = abs(_scratch[7, _k]*_v_x1[_i, _k])
+        if _t > _qt0_1:
+            _qt0_1 = _t
+            _qm0_1 = _k
+        _t = abs(_scratch[9, _k]*_v_x2[_i, _k])
+        if _t > _qt1_0:
+            _qt1_0 = _t
+            _qm1_0 = _k
+        _t = abs(_scratch[11, _k]*_v_x2[_i, _k])
+        if _t > _qt1_1:
+            _qt1_1 = _t
+            _qm1_1 = _k
+        _t = abs(_scratch[13, _k]*_v_x1[_i, _k])
+        if _t > _qt2_0:
+            _qt2_0 = _t
+            _qm2_0 = _k
+        _t = abs(_scratch[15, _k]*_v_x1[_i, _k])
+        if _t > _qt2_1:
+            _qt2_1 = _t
+            _qm2_1 = _k
+        _t = abs(_scratch[17, _k]*_v_x2[_i, _k])
+        if _t > _qt3_0:
+            _qt3_0 = _t
+            _qm3_0 = _k
+        _t = abs(_scratch[19, _k]*_v_x2[_i, _k])
+        if _t > _qt3_1:
+            _qt3_1 = _t
+            _qm3_1 = _k
+    _qh0_0 = 0.0
+    _ql0_0 = 0.0
+    _qh0_1 = 0.0
+    _ql0_1 = 0.0
+    _qh1_0 = 0.0
+    _ql1_0 = 0.0
+    _qh1_1 = 0.0
+    _ql1_1 = 0.0
+    _qh2_0 = 0.0
+    _ql2_0 = 0.0
+    _qh2_1 = 0.0
+    _ql2_1 = 0.0
+    _qh3_0 = 0.0
+    _ql3_0 = 0.0
+    _qh3_1 = 0.0
+    _ql3_1 = 0.0
+    _xu0_0 = 0.0
+    _xu0_1 = 0.0
+    _xu1_0 = 0.0
+    _xu1_1 = 0.0
+    _xu2_0 = 0.0
+    _xu2_1 = 0.0
+    _xu3_0 = 0.0
+    _xu3_1 = 0.0
+    _qa0_0 = 0.0
+    _qe0_0 = 0.0
+    _qb0_0 = 0.0
+    _qa0_1 = 0.0
+    _qe0_1 = 0.0
+    _qb0_1 = 0.0
+    _qa1_0 = 0.0
+    _qe1_0 = 0.0
+    _qb1_0 = 0.0
+    _qa1_1 = 0.0
+    _qe1_1 = 0.0
+    _qb1_1 = 0.0
+    _qa2_0 = 0.0
+    _qe2_0 = 0.0
+    _qb2_0 = 0.0
+    _qa2_1 = 0.0
+    _qe2_1 = 0.0
+    _qb2_1 = 0.0
+    _qa3_0 = 0.0
+    _qe3_0 = 0.0
+    _qb3_0 = 0.0
+    _qa3_1 = 0.0
+    _qe3_1 = 0.0
+    _qb3_1 = 0.0
+    for _k in range(_n):
+        if _k != _qm0_0:
+            _ph = _scratch[5, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[5, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh0_0 + _ph
+            _z = _x - _qh0_0
+            _ql0_0 += (_qh0_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_0 = _x
+        if _k != _qm0_1:
+            _ph = _scratch[7, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[7, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh0_1 + _ph
+            _z = _x - _qh0_1
+            _ql0_1 += (_qh0_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_1 = _x
+        if _k != _qm1_0:
+            _ph = _scratch[9, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[9, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh1_0 + _ph
+            _z = _x - _qh1_0
+            _ql1_0 += (_qh1_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh1_0 = _x
+        if _k != _qm1_1:
+            _ph = _scratch[11, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[11, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh1_1 + _ph
+            _z = _x - _qh1_1
+            _ql1_1 += (_qh1_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh1_1 = _x
+        if _k != _qm2_0:
+            _ph = _scratch[13, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[13, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh2_0 + _ph
+            _z = _x - _qh2_0
+            _ql2_0 += (_qh2_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh2_0 = _x
+        if _k != _qm2_1:
+            _ph = _scratch[15, _k] * _v_x1[_i, _k]
+            _pl = _fma(_scratch[15, _k], _v_x1[_i, _k], -_ph)
+            _x = _qh2_1 + _ph
+            _z = _x - _qh2_1
+            _ql2_1 += (_qh2_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh2_1 = _x
+        if _k != _qm3_0:
+            _ph = _scratch[17, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[17, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh3_0 + _ph
+            _z = _x - _qh3_0
+            _ql3_0 += (_qh3_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh3_0 = _x
+        if _k != _qm3_1:
+            _ph = _scratch[19, _k] * _v_x2[_i, _k]
+            _pl = _fma(_scratch[19, _k], _v_x2[_i, _k], -_ph)
+            _x = _qh3_1 + _ph
+            _z = _x - _qh3_1
+            _ql3_1 += (_qh3_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh3_1 = _x
+        _xu0_0 += _scratch[21, _k] * abs(_v_x1[_i, _k])
+        _xu0_1 += _scratch[23, _k] * abs(_v_x1[_i, _k])
+        _xu1_0 += _scratch[21, _k] * abs(_v_x2[_i, _k])
+        _xu1_1 += _scratch[23, _k] * abs(_v_x2[_i, _k])
+        _xu2_0 += _scratch[21, _k] * abs(_v_x1[_i, _k])
+        _xu2_1 += _scratch[23, _k] * abs(_v_x1[_i, _k])
+        _xu3_0 += _scratch[21, _k] * abs(_v_x2[_i, _k])
+        _xu3_1 += _scratch[23, _k] * abs(_v_x2[_i, _k])
+        _t = _scratch[5, _k] * abs(_v_x1[_i, _k])
+        _x = _qa0_0 + _t
+        _z = _x - _qa0_0
+        _qe0_0 += (_qa0_0 - (_x - _z)) + (_t - _z)
+        _qa0_0 = _x
+        _qb0_0 += abs(_t)
+        _t = _scratch[7, _k] * abs(_v_x1[_i, _k])
+        _x = _qa0_1 + _t
+        _z = _x - _qa0_1
+        _qe0_1 += (_qa0_1 - (_x - _z)) + (_t - _z)
+        _qa0_1 = _x
+        _qb0_1 += abs(_t)
+        _t = _scratch[9, _k] * abs(_v_x2[_i, _k])
+        _x = _qa1_0 + _t
+        _z = _x - _qa1_0
+        _qe1_0 += (_qa1_0 - (_x - _z)) + (_t - _z)
+        _qa1_0 = _x
+        _qb1_0 += abs(_t)
+        _t = _scratch[11, _k] * abs(_v_x2[_i, _k])
+        _x = _qa1_1 + _t
+        _z = _x - _qa1_1
+        _qe1_1 += (_qa1_1 - (_x - _z)) + (_t - _z)
+        _qa1_1 = _x
+        _qb1_1 += abs(_t)
+        _t = _scratch[13, _k] * abs(_v_x1[_i, _k])
+        _x = _qa2_0 + _t
+        _z = _x - _qa2_0
+        _qe2_0 += (_qa2_0 - (_x - _z)) + (_t - _z)
+        _qa2_0 = _x
+        _qb2_0 += abs(_t)
+        _t = _scratch[15, _k] * abs(_v_x1[_i, _k])
+        _x = _qa2_1 + _t
+        _z = _x - _qa2_1
+        _qe2_1 += (_qa2_1 - (_x - _z)) + (_t - _z)
+        _qa2_1 = _x
+        _qb2_1 += abs(_t)
+        _t = _scratch[17, _k] * abs(_v_x2[_i, _k])
+        _x = _qa3_0 + _t
+        _z = _x - _qa3_0
+        _qe3_0 += (_qa3_0 - (_x - _z)) + (_t - _z)
+        _qa3_0 = _x
+        _qb3_0 += abs(_t)
+        _t = _scratch[19, _k] * abs(_v_x2[_i, _k])
+        _x = _qa3_1 + _t
+        _z = _x - _qa3_1
+        _qe3_1 += (_qa3_1 - (_x - _z)) + (_t - _z)
+        _qa3_1 = _x
+        _qb3_1 += abs(_t)
+    _xdiagonal0 = False
+    _xdiagonal2 = False
     for _j in range(_n):
         _out0[_i, _j] = 0.0
         _out1[_i, _j] = 0.0
+        _xlb0 = 0.0
+        _xlb2 = 0.0
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh0_0, _ql0_0
+        if _j != _qm0_0:
+            _ph = _scratch[5, _qm0_0] * _v_x1[_i, _qm0_0]
+            _pl = _fma(_scratch[5, _qm0_0], _v_x1[_i, _qm0_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[5, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[5, _j], _v_x1[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[4, _j] * _th
+        _pl = _fma(_scratch[4, _j], _th, -_ph) + _scratch[4, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_1, _ql0_1
+        if _j != _qm0_1:
+            _ph = _scratch[7, _qm0_1] * _v_x1[_i, _qm0_1]
+            _pl = _fma(_scratch[7, _qm0_1], _v_x1[_i, _qm0_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[7, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[7, _j], _v_x1[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[6, _j] * _th
+        _pl = _fma(_scratch[6, _j], _th, -_ph) + _scratch[6, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[0, _j]) * _v_x1[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
+        _lb = 0.0
+        _mg = 0.0
+        _av = abs(_v_x1[_i, _j])
+        _lb += _scratch[4, _j] * ((_qa0_0 + _qe0_0) - _scratch[5, _j] * _av)
+        _mg += abs(_scratch[4, _j]) * (_qb0_0 + abs(_scratch[5, _j]) * _av)
+        _lb += _scratch[6, _j] * ((_qa0_1 + _qe0_1) - _scratch[7, _j] * _av)
+        _mg += abs(_scratch[6, _j]) * (_qb0_1 + abs(_scratch[7, _j]) * _av)
+        _xlb0 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh1_0, _ql1_0
+        if _j != _qm1_0:
+            _ph = _scratch[9, _qm1_0] * _v_x2[_i, _qm1_0]
+            _pl = _fma(_scratch[9, _qm1_0], _v_x2[_i, _qm1_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[9, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[9, _j], _v_x2[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[8, _j] * _th
+        _pl = _fma(_scratch[8, _j], _th, -_ph) + _scratch[8, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh1_1, _ql1_1
+        if _j != _qm1_1:
+            _ph = _scratch[11, _qm1_1] * _v_x2[_i, _qm1_1]
+            _pl = _fma(_scratch[11, _qm1_1], _v_x2[_i, _qm1_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[11, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[11, _j], _v_x2[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[10, _j] * _th
+        _pl = _fma(_scratch[10, _j], _th, -_ph) + _scratch[10, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[1, _j]) * _v_x2[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
+        _lb = 0.0
+        _mg = 0.0
+        _av = abs(_v_x2[_i, _j])
+        _lb += _scratch[8, _j] * ((_qa1_0 + _qe1_0) - _scratch[9, _j] * _av)
+        _mg += abs(_scratch[8, _j]) * (_qb1_0 + abs(_scratch[9, _j]) * _av)
+        _lb += _scratch[10, _j] * ((_qa1_1 + _qe1_1) - _scratch[11, _j] * _av)
+        _mg += abs(_scratch[10, _j]) * (_qb1_1 + abs(_scratch[11, _j]) * _av)
+        _xlb0 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh2_0, _ql2_0
+        if _j != _qm2_0:
+            _ph = _scratch[13, _qm2_0] * _v_x1[_i, _qm2_0]
+            _pl = _fma(_scratch[13, _qm2_0], _v_x1[_i, _qm2_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[13, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[13, _j], _v_x1[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[12, _j] * _th
+        _pl = _fma(_scratch[12, _j], _th, -_ph) + _scratch[12, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh2_1, _ql2_1
+        if _j != _qm2_1:
+            _ph = _scratch[15, _qm2_1] * _v_x1[_i, _qm2_1]
+            _pl = _fma(_scratch[15, _qm2_1], _v_x1[_i, _qm2_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[15, _j] * _v_x1[_i, _j]
+            _pl = _fma(_scratch[15, _j], _v_x1[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[14, _j] * _th
+        _pl = _fma(_scratch[14, _j], _th, -_ph) + _scratch[14, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[2, _j]) * _v_x1[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out1[_i, _j] += _w * (_hd + _hv)
+        _lb = 0.0
+        _mg = 0.0
+        _av = abs(_v_x1[_i, _j])
+        _lb += _scratch[12, _j] * ((_qa2_0 + _qe2_0) - _scratch[13, _j] * _av)
+        _mg += abs(_scratch[12, _j]) * (_qb2_0 + abs(_scratch[13, _j]) * _av)
+        _lb += _scratch[14, _j] * ((_qa2_1 + _qe2_1) - _scratch[15, _j] * _av)
+        _mg += abs(_scratch[14, _j]) * (_qb2_1 + abs(_scratch[15, _j]) * _av)
+        _xlb2 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh3_0, _ql3_0
+        if _j != _qm3_0:
+            _ph = _scratch[17, _qm3_0] * _v_x2[_i, _qm3_0]
+            _pl = _fma(_scratch[17, _qm3_0], _v_x2[_i, _qm3_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[17, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[17, _j], _v_x2[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[16, _j] * _th
+        _pl = _fma(_scratch[16, _j], _th, -_ph) + _scratch[16, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh3_1, _ql3_1
+        if _j != _qm3_1:
+            _ph = _scratch[19, _qm3_1] * _v_x2[_i, _qm3_1]
+            _pl = _fma(_scratch[19, _qm3_1], _v_x2[_i, _qm3_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[19, _j] * _v_x2[_i, _j]
+            _pl = _fma(_scratch[19, _j], _v_x2[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[18, _j] * _th
+        _pl = _fma(_scratch[18, _j], _th, -_ph) + _scratch[18, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[3, _j]) * _v_x2[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out1[_i, _j] += _w * (_hd + _hv)
+        _lb = 0.0
+        _mg = 0.0
+        _av = abs(_v_x2[_i, _j])
+        _lb += _scratch[16, _j] * ((_qa3_0 + _qe3_0) - _scratch[17, _j] * _av)
+        _mg += abs(_scratch[16, _j]) * (_qb3_0 + abs(_scratch[17, _j]) * _av)
+        _lb += _scratch[18, _j] * ((_qa3_1 + _qe3_1) - _scratch[19, _j] * _av)
+        _mg += abs(_scratch[18, _j]) * (_qb3_1 + abs(_scratch[19, _j]) * _av)
+        _xlb2 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
         _xj0 = (_scratch[30, _j] != 0.0) | (_scratch[31, _j] != 0.0)
-        _xsh0 = 0.0
-        _xsb0 = 0.0
+        _xsb0 = _scratch[20, _j] * _xu0_0 + _scratch[22, _j] * _xu0_1 + _scratch[24, _j] * _xu1_0 + _scratch[25, _j] * _xu1_1
+        if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289):
+            _xsh0 = 0.0
+            _xsb0 = 0.0
+            for _l in range(_n):
+                _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
+                _xsh0 += abs(_h * _v_x1[_i, _l])
+                _xsb0 += (_scratch[20, _j] * _scratch[21, _l] + _scratch[22, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
+                _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
+                _xsh0 += abs(_h * _v_x2[_i, _l])
+                _xsb0 += (_scratch[24, _j] * _scratch[21, _l] + _scratch[25, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
+            _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
+        _xdiagonal0 |= _xj0
         _xj2 = (_scratch[32, _j] != 0.0) | (_scratch[33, _j] != 0.0)
-        _xsh2 = 0.0
-        _xsb2 = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
-            _out0[_i, _j] += _w * _h * _v_x1[_i, _l]
-            _xsh0 += abs(_h * _v_x1[_i, _l])
-            _xsb0 += (_scratch[20, _j] * _scratch[21, _l] + _scratch[22, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
-            _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
-            _out0[_i, _j] += _w * _h * _v_x2[_i, _l]
-            _xsh0 += abs(_h * _v_x2[_i, _l])
-            _xsb0 += (_scratch[24, _j] * _scratch[21, _l] + _scratch[25, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
-            _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
-            _out1[_i, _j] += _w * _h * _v_x1[_i, _l]
-            _xsh2 += abs(_h * _v_x1[_i, _l])
-            _xsb2 += (_scratch[26, _j] * _scratch[21, _l] + _scratch[27, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
-            _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
-            _out1[_i, _j] += _w * _h * _v_x2[_i, _l]
-            _xsh2 += abs(_h * _v_x2[_i, _l])
-            _xsb2 += (_scratch[28, _j] * _scratch[21, _l] + _scratch[29, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
-        _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
-        _xflag0 |= _xj0
-        _xj2 |= (abs(_xsh2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289)
-        _xflag2 |= _xj2
+        _xsb2 = _scratch[26, _j] * _xu2_0 + _scratch[27, _j] * _xu2_1 + _scratch[28, _j] * _xu3_0 + _scratch[29, _j] * _xu3_1
+        if (abs(_xlb2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289):
+            _xsh2 = 0.0
+            _xsb2 = 0.0
+            for _l in range(_n):
+                _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
+                _xsh2 += abs(_h * _v_x1[_i, _l])
+                _xsb2 += (_scratch[26, _j] * _scratch[21, _l] + _scratch[27, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
+                _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
+                _xsh2 += abs(_h * _v_x2[_i, _l])
+                _xsb2 += (_scratch[28, _j] * _scratch[21, _l] + _scratch[29, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
+            _xflag2 |= (abs(_xsh2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289)
+        _xdiagonal2 |= _xj2
     if _xflag0 or _xflag2:
         _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+    elif _xdiagonal0 or _xdiagonal2:
+        _blocks = np.empty((4, 1, _n, _n), _out0.dtype)
+        _fscratch = np.zeros((45, _n))
+        for _k in range(_n):
+            _fscratch[41, _k] = _scratch[30, _k]
+        for _k in range(_n):
+            _fscratch[42, _k] = _scratch[31, _k]
+        for _k in range(_n):
+            _fscratch[43, _k] = _scratch[32, _k]
+        for _k in range(_n):
+            _fscratch[44, _k] = _scratch[33, _k]
+        for _j in range(_n):
+            if _scratch[30, _j] != 0.0 or _scratch[31, _j] != 0.0:
+                for _l in range(_n):
+                    _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
+                    _blocks[0, 0, _j, _l] = _w * _h
+                    _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
+                    _blocks[1, 0, _j, _l] = _w * _h
+            if _scratch[32, _j] != 0.0 or _scratch[33, _j] != 0.0:
+                for _l in range(_n):
+                    _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
+                    _blocks[2, 0, _j, _l] = _w * _h
+                    _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
+                    _blocks[3, 0, _j, _l] = _w * _h
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, x1, x2, margin, eps, _weight, _blocks[0], _blocks[1], _blocks[2], _blocks[3], _w, _fscratch)
+        for _j in range(_n):
+            if _scratch[30, _j] != 0.0 or _scratch[31, _j] != 0.0:
+                _s = 0.0
+                for _l in range(_n):
+                    _s += _blocks[0, 0, _j, _l] * _v_x1[_i, _l]
+                    _s += _blocks[1, 0, _j, _l] * _v_x2[_i, _l]
+                _out0[_i, _j] = _s
+            if _scratch[32, _j] != 0.0 or _scratch[33, _j] != 0.0:
+                _s = 0.0
+                for _l in range(_n):
+                    _s += _blocks[2, 0, _j, _l] * _v_x1[_i, _l]
+                    _s += _blocks[3, 0, _j, _l] * _v_x2[_i, _l]
+                _out1[_i, _j] = _s
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in range(x1.shape[0]):
@@ -3130,7 +3595,7 @@ def hvp_kernel(y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = x1.shape[1]
     _C = float(_n)
     for _i in numba.prange(x1.shape[0]):

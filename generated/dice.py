@@ -42,7 +42,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability', 'pixel', False, None), ('p', 'prediction', 'probability', 'pixel', False, None), ),
     "params": (('smooth', 1.0, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
 
 
@@ -1220,7 +1220,7 @@ def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -1313,25 +1313,152 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _t3_0 = _e_p*_e_y
         _t3_1 = _e_p**2
         _scratch[9, _k] = 1.0 if (abs(_h10 + _h8*_t3_1 + _h9*_t3_0) < _h11*_t3_0 + _h12 + _h6*_t3_1) | (_h11*_t3_0 + _h12 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
+    _qt0_0 = -1.0
+    _qm0_0 = 0
+    _qt0_1 = -1.0
+    _qm0_1 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[2, _k]*_v_p[_i, _k])
+        if _t > _qt0_0:
+            _qt0_0 = _t
+            _qm0_0 = _k
+        _t = abs(_scratch[4, _k]*_v_p[_i, _k])
+        if _t > _qt0_1:
+            _qt0_1 = _t
+            _qm0_1 = _k
+    _qh0_0 = 0.0
+    _ql0_0 = 0.0
+    _qh0_1 = 0.0
+    _ql0_1 = 0.0
+    _xu0_0 = 0.0
+    _xu0_1 = 0.0
+    _qa0_0 = 0.0
+    _qe0_0 = 0.0
+    _qb0_0 = 0.0
+    _qa0_1 = 0.0
+    _qe0_1 = 0.0
+    _qb0_1 = 0.0
+    for _k in range(_n):
+        if _k != _qm0_0:
+            _ph = _scratch[2, _k] * _v_p[_i, _k]
+            _pl = _fma(_scratch[2, _k], _v_p[_i, _k], -_ph)
+            _x = _qh0_0 + _ph
+            _z = _x - _qh0_0
+            _ql0_0 += (_qh0_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_0 = _x
+        if _k != _qm0_1:
+            _ph = _scratch[4, _k] * _v_p[_i, _k]
+            _pl = _fma(_scratch[4, _k], _v_p[_i, _k], -_ph)
+            _x = _qh0_1 + _ph
+            _z = _x - _qh0_1
+            _ql0_1 += (_qh0_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_1 = _x
+        _xu0_0 += _scratch[6, _k] * abs(_v_p[_i, _k])
+        _xu0_1 += _scratch[8, _k] * abs(_v_p[_i, _k])
+        _t = _scratch[2, _k] * abs(_v_p[_i, _k])
+        _x = _qa0_0 + _t
+        _z = _x - _qa0_0
+        _qe0_0 += (_qa0_0 - (_x - _z)) + (_t - _z)
+        _qa0_0 = _x
+        _qb0_0 += abs(_t)
+        _t = _scratch[4, _k] * abs(_v_p[_i, _k])
+        _x = _qa0_1 + _t
+        _z = _x - _qa0_1
+        _qe0_1 += (_qa0_1 - (_x - _z)) + (_t - _z)
+        _qa0_1 = _x
+        _qb0_1 += abs(_t)
+    _xdiagonal0 = False
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xlb0 = 0.0
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh0_0, _ql0_0
+        if _j != _qm0_0:
+            _ph = _scratch[2, _qm0_0] * _v_p[_i, _qm0_0]
+            _pl = _fma(_scratch[2, _qm0_0], _v_p[_i, _qm0_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[2, _j] * _v_p[_i, _j]
+            _pl = _fma(_scratch[2, _j], _v_p[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[1, _j] * _th
+        _pl = _fma(_scratch[1, _j], _th, -_ph) + _scratch[1, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_1, _ql0_1
+        if _j != _qm0_1:
+            _ph = _scratch[4, _qm0_1] * _v_p[_i, _qm0_1]
+            _pl = _fma(_scratch[4, _qm0_1], _v_p[_i, _qm0_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[4, _j] * _v_p[_i, _j]
+            _pl = _fma(_scratch[4, _j], _v_p[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[3, _j] * _th
+        _pl = _fma(_scratch[3, _j], _th, -_ph) + _scratch[3, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[0, _j]) * _v_p[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
+        _lb = 0.0
+        _mg = 0.0
+        _av = abs(_v_p[_i, _j])
+        _lb += _scratch[1, _j] * ((_qa0_0 + _qe0_0) - _scratch[2, _j] * _av)
+        _mg += abs(_scratch[1, _j]) * (_qb0_0 + abs(_scratch[2, _j]) * _av)
+        _lb += _scratch[3, _j] * ((_qa0_1 + _qe0_1) - _scratch[4, _j] * _av)
+        _mg += abs(_scratch[3, _j]) * (_qb0_1 + abs(_scratch[4, _j]) * _av)
+        _xlb0 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
         _xj0 = (_scratch[9, _j] != 0.0)
-        _xsh0 = 0.0
-        _xsb0 = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-            _out0[_i, _j] += _w * _h * _v_p[_i, _l]
-            _xsh0 += abs(_h * _v_p[_i, _l])
-            _xsb0 += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_p[_i, _l])
-        _xj0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
-        _xflag0 |= _xj0
+        _xsb0 = _scratch[5, _j] * _xu0_0 + _scratch[7, _j] * _xu0_1
+        if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289):
+            _xsh0 = 0.0
+            _xsb0 = 0.0
+            for _l in range(_n):
+                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
+                _xsh0 += abs(_h * _v_p[_i, _l])
+                _xsb0 += (_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) * abs(_v_p[_i, _l])
+            _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
+        _xdiagonal0 |= _xj0
     if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
+    elif _xdiagonal0:
+        _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
+        _fscratch = np.zeros((13, _n))
+        for _k in range(_n):
+            _fscratch[12, _k] = _scratch[9, _k]
+        for _j in range(_n):
+            if _scratch[9, _j] != 0.0:
+                for _l in range(_n):
+                    _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
+                    _blocks[0, 0, _j, _l] = _w * _h
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, smooth, _weight, _blocks[0], _w, _fscratch)
+        for _j in range(_n):
+            if _scratch[9, _j] != 0.0:
+                _s = 0.0
+                for _l in range(_n):
+                    _s += _blocks[0, 0, _j, _l] * _v_p[_i, _l]
+                _out0[_i, _j] = _s
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, p, smooth, _v_p, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in range(y.shape[0]):
@@ -1340,7 +1467,7 @@ def hvp_kernel(y, p, smooth, _v_p, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, p, smooth, _v_p, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):

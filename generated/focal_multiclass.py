@@ -45,7 +45,7 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('s', 'prediction', 'real', 'class', False, None), ('alpha', 'input', 'nonnegative', 'class', True, 1.0), ),
     "params": (('gamma', 2.0, 'nonnegative'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
 
 
@@ -937,7 +937,7 @@ def loss_grad_hess_kernel_parallel(y, s, alpha, gamma, _weight, _out0, _out1, _o
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0, _stash):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _row_y = y[_i]
     _inside = True
     for _k in range(_n):
@@ -1168,21 +1168,100 @@ def _hvp_row(_i, _n, _C, y, s, alpha, gamma, _v_s, _weight, _out0, _stash):
         _scratch[2, _k] = _b6_1
         _scratch[3, _k] = _b6_2
         _scratch[4, _k] = _t6_25
+    _qt0_0 = -1.0
+    _qm0_0 = 0
+    _qt0_1 = -1.0
+    _qm0_1 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[2, _k]*_v_s[_i, _k])
+        if _t > _qt0_0 and _k != _row_y:
+            _qt0_0 = _t
+            _qm0_0 = _k
+        _t = abs(_scratch[4, _k]*_v_s[_i, _k])
+        if _t > _qt0_1 and _k != _row_y:
+            _qt0_1 = _t
+            _qm0_1 = _k
+    _qh0_0 = 0.0
+    _ql0_0 = 0.0
+    _qh0_1 = 0.0
+    _ql0_1 = 0.0
+    for _k in range(_n):
+        if _k != _qm0_0 and _k != _row_y:
+            _ph = _scratch[2, _k] * _v_s[_i, _k]
+            _pl = _fma(_scratch[2, _k], _v_s[_i, _k], -_ph)
+            _x = _qh0_0 + _ph
+            _z = _x - _qh0_0
+            _ql0_0 += (_qh0_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_0 = _x
+        if _k != _qm0_1 and _k != _row_y:
+            _ph = _scratch[4, _k] * _v_s[_i, _k]
+            _pl = _fma(_scratch[4, _k], _v_s[_i, _k], -_ph)
+            _x = _qh0_1 + _ph
+            _z = _x - _qh0_1
+            _ql0_1 += (_qh0_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_1 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        for _l in range(_n):
-            if _j == _l:
-                _h = _scratch[0, _j]
-            elif (_l == _row_y) and not (_j == _row_y):
-                _h = _scratch[1, _l] * _scratch[2, _j] + _scratch[3, _l] * _scratch[4, _j]
-            else:
-                _h = _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-            _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _not_s = _j != _row_y
+        _th, _tl = _qh0_0, _ql0_0
+        if _j != _qm0_0:
+            _ph = _scratch[2, _qm0_0] * _v_s[_i, _qm0_0]
+            _pl = _fma(_scratch[2, _qm0_0], _v_s[_i, _qm0_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            if _not_s:
+                _ph = _scratch[2, _j] * _v_s[_i, _j]
+                _pl = _fma(_scratch[2, _j], _v_s[_i, _j], -_ph)
+                _x = _th - _ph
+                _z = _x - _th
+                _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+                _th = _x
+        _ph = _scratch[1, _j] * _th
+        _pl = _fma(_scratch[1, _j], _th, -_ph) + _scratch[1, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_1, _ql0_1
+        if _j != _qm0_1:
+            _ph = _scratch[4, _qm0_1] * _v_s[_i, _qm0_1]
+            _pl = _fma(_scratch[4, _qm0_1], _v_s[_i, _qm0_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            if _not_s:
+                _ph = _scratch[4, _j] * _v_s[_i, _j]
+                _pl = _fma(_scratch[4, _j], _v_s[_i, _j], -_ph)
+                _x = _th - _ph
+                _z = _x - _th
+                _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+                _th = _x
+        _ph = _scratch[3, _j] * _th
+        _pl = _fma(_scratch[3, _j], _th, -_ph) + _scratch[3, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        if _not_s:
+            _ph = (_scratch[1, _row_y] * _scratch[2, _j] + _scratch[3, _row_y] * _scratch[4, _j]) * _v_s[_i, _row_y]
+            _pl = _fma((_scratch[1, _row_y] * _scratch[2, _j] + _scratch[3, _row_y] * _scratch[4, _j]), _v_s[_i, _row_y], -_ph)
+            _x = _hv_h + _ph
+            _z = _x - _hv_h
+            _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+            _hv_h = _x
+        _hd = (_scratch[0, _j]) * _v_s[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, s, alpha, gamma, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
     _rows = s.shape[0]
@@ -1194,7 +1273,7 @@ def hvp_kernel(y, s, alpha, gamma, _v_s, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, s, alpha, gamma, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
     _rows = s.shape[0]

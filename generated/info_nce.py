@@ -453,7 +453,7 @@ def loss_grad_hess_kernel_parallel(y, s, temperature, _weight, _out0, _out1, _ou
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
 def _hvp_row(_i, _n, _C, y, s, temperature, _v_s, _weight, _out0, _stash):
-    """The Hessian of row _i times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _row_y = y[_i]
     _m1 = -math.inf
     _a1 = 0
@@ -482,48 +482,55 @@ def _hvp_row(_i, _n, _C, y, s, temperature, _v_s, _weight, _out0, _stash):
         _scratch[0, _k] = (((((-_t3_1*_vexpm1(_t3_0))/(temperature))))/(temperature))
         _scratch[1, _k] = ((-_t3_1)/(temperature))
         _scratch[2, _k] = ((_t3_1)/(temperature))
-    _qt0 = -1.0
-    _qm0 = 0
+    _qt0_0 = -1.0
+    _qm0_0 = 0
     for _k in range(_n):
         _t = abs(_scratch[2, _k]*_v_s[_i, _k])
-        if _t > _qt0:
-            _qt0 = _t
-            _qm0 = _k
-    _qh0 = 0.0
-    _ql0 = 0.0
+        if _t > _qt0_0:
+            _qt0_0 = _t
+            _qm0_0 = _k
+    _qh0_0 = 0.0
+    _ql0_0 = 0.0
     for _k in range(_n):
-        if _k != _qm0:
+        if _k != _qm0_0:
             _ph = _scratch[2, _k] * _v_s[_i, _k]
             _pl = _fma(_scratch[2, _k], _v_s[_i, _k], -_ph)
-            _x = _qh0 + _ph
-            _z = _x - _qh0
-            _ql0 += (_qh0 - (_x - _z)) + (_ph - _z) + _pl
-            _qh0 = _x
+            _x = _qh0_0 + _ph
+            _z = _x - _qh0_0
+            _ql0_0 += (_qh0_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_0 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        _qo = _qh0 + _ql0
-        if _j != _qm0:
-            _qs, _qe = _qh0, _ql0
-            _ph = _scratch[2, _qm0] * _v_s[_i, _qm0]
-            _pl = _fma(_scratch[2, _qm0], _v_s[_i, _qm0], -_ph)
-            _x = _qh0 + _ph
-            _z = _x - _qh0
-            _ql0 += (_qh0 - (_x - _z)) + (_ph - _z) + _pl
-            _qh0 = _x
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh0_0, _ql0_0
+        if _j != _qm0_0:
+            _ph = _scratch[2, _qm0_0] * _v_s[_i, _qm0_0]
+            _pl = _fma(_scratch[2, _qm0_0], _v_s[_i, _qm0_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
             _ph = _scratch[2, _j] * _v_s[_i, _j]
             _pl = _fma(_scratch[2, _j], _v_s[_i, _j], -_ph)
-            _x = _qh0 - _ph
-            _z = _x - _qh0
-            _ql0 += (_qh0 - (_x - _z)) + (-_ph - _z) - _pl
-            _qh0 = _x
-            _qo = _qh0 + _ql0
-            _qh0, _ql0 = _qs, _qe
-        _out0[_i, _j] += _w * (_scratch[0, _j] * _v_s[_i, _j] + _scratch[1, _j] * _qo)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[1, _j] * _th
+        _pl = _fma(_scratch[1, _j], _th, -_ph) + _scratch[1, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[0, _j]) * _v_s[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, s, temperature, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
     _rows = s.shape[0]
@@ -535,7 +542,7 @@ def hvp_kernel(y, s, temperature, _v_s, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, s, temperature, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions (never stored; rank-one blocks in O(C), the others entry by entry), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
     _rows = s.shape[0]

@@ -39,7 +39,7 @@ SPEC = {
     "inputs": (('y', 'target', 'class_index', None, False, None), ('s', 'prediction', 'real', 'class', False, None), ),
     "params": (('margin', 1.0, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
 
 
@@ -262,7 +262,7 @@ def loss_grad_hess_kernel_parallel(y, s, margin, _weight, _out0, _out1, _out2):
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, s, margin, _v_s, _weight, _out0):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _row_y = y[_i]
     _w = 1.0 if _weight is None else _weight[_i]
     _scratch = np.empty((1, _n))
@@ -270,14 +270,16 @@ def _hvp_row(_i, _n, _C, y, s, margin, _v_s, _weight, _out0):
         _scratch[0, _k] = 0.0
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else 0.0
-            _out0[_i, _j] += _w * _h * _v_s[_i, _l]
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _hd = (_scratch[0, _j]) * _v_s[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, s, margin, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = s.shape[1]
     _C = float(_n)
     for _i in range(s.shape[0]):
@@ -286,7 +288,7 @@ def hvp_kernel(y, s, margin, _v_s, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, s, margin, _v_s, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = s.shape[1]
     _C = float(_n)
     for _i in numba.prange(s.shape[0]):

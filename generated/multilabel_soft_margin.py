@@ -37,7 +37,7 @@ SPEC = {
     "inputs": (('y', 'target', 'probability', 'class', False, None), ('x', 'prediction', 'real', 'class', False, None), ),
     "params": (),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
 
 
@@ -501,7 +501,7 @@ def loss_grad_hess_kernel_parallel(y, x, _weight, _out0, _out1, _out2):
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -518,14 +518,16 @@ def _hvp_row(_i, _n, _C, y, x, _v_x, _weight, _out0):
         _scratch[0, _k] = ((_sigmoid_from(-_e_x, _t0_0)*_sigmoid_from(_e_x, _t0_0))/(_C))
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else 0.0
-            _out0[_i, _j] += _w * _h * _v_x[_i, _l]
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _hd = (_scratch[0, _j]) * _v_x[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, x, _v_x, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in range(y.shape[0]):
@@ -534,7 +536,7 @@ def hvp_kernel(y, x, _v_x, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, x, _v_x, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):

@@ -49,7 +49,7 @@ SPEC = {
     "inputs": (('y', 'target', 'unit_interval', 'pixel', False, None), ('x', 'prediction', 'unit_interval', 'pixel', False, None), ),
     "params": (('C1', 0.0001, 'positive'), ('C2', 0.0009, 'positive'), ),
     "kernels": {'loss': 1, 'grad': 1, 'hess': 1, 'grad_hess': 2, 'loss_grad_hess': 3, 'hvp': 1, 'hess_full': 1},
-    "quadratic": ('hvp', 'hess_full'),
+    "quadratic": ('hess_full',),
 }
 
 
@@ -1237,7 +1237,7 @@ def loss_grad_hess_kernel_parallel(y, x, C1, C2, _weight, _out0, _out1, _out2):
 
 @numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
-    """The Hessian of row _i times the directions, entry by entry (never stored), times _weight[i] when given."""
+    """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _inside = True
     for _k in range(_n):
         _e_x = x[_i, _k]
@@ -1441,16 +1441,195 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
         _scratch[8, _k] = 1.0
         _scratch[9, _k] = _t3_3*((_h25) if _t3_8 else (0.0)) + ((_h26) if _t3_8 else (0.0)) + ((_h27) if _t3_8 else (0.0))
         _scratch[10, _k] = _t3_0
+    _qt0_0 = -1.0
+    _qm0_0 = 0
+    _qt0_1 = -1.0
+    _qm0_1 = 0
+    _qt0_2 = -1.0
+    _qm0_2 = 0
+    _qt0_3 = -1.0
+    _qm0_3 = 0
+    _qt0_4 = -1.0
+    _qm0_4 = 0
+    for _k in range(_n):
+        _t = abs(_scratch[2, _k]*_v_x[_i, _k])
+        if _t > _qt0_0:
+            _qt0_0 = _t
+            _qm0_0 = _k
+        _t = abs(_scratch[4, _k]*_v_x[_i, _k])
+        if _t > _qt0_1:
+            _qt0_1 = _t
+            _qm0_1 = _k
+        _t = abs(_scratch[6, _k]*_v_x[_i, _k])
+        if _t > _qt0_2:
+            _qt0_2 = _t
+            _qm0_2 = _k
+        _t = abs(_scratch[8, _k]*_v_x[_i, _k])
+        if _t > _qt0_3:
+            _qt0_3 = _t
+            _qm0_3 = _k
+        _t = abs(_scratch[10, _k]*_v_x[_i, _k])
+        if _t > _qt0_4:
+            _qt0_4 = _t
+            _qm0_4 = _k
+    _qh0_0 = 0.0
+    _ql0_0 = 0.0
+    _qh0_1 = 0.0
+    _ql0_1 = 0.0
+    _qh0_2 = 0.0
+    _ql0_2 = 0.0
+    _qh0_3 = 0.0
+    _ql0_3 = 0.0
+    _qh0_4 = 0.0
+    _ql0_4 = 0.0
+    for _k in range(_n):
+        if _k != _qm0_0:
+            _ph = _scratch[2, _k] * _v_x[_i, _k]
+            _pl = _fma(_scratch[2, _k], _v_x[_i, _k], -_ph)
+            _x = _qh0_0 + _ph
+            _z = _x - _qh0_0
+            _ql0_0 += (_qh0_0 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_0 = _x
+        if _k != _qm0_1:
+            _ph = _scratch[4, _k] * _v_x[_i, _k]
+            _pl = _fma(_scratch[4, _k], _v_x[_i, _k], -_ph)
+            _x = _qh0_1 + _ph
+            _z = _x - _qh0_1
+            _ql0_1 += (_qh0_1 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_1 = _x
+        if _k != _qm0_2:
+            _ph = _scratch[6, _k] * _v_x[_i, _k]
+            _pl = _fma(_scratch[6, _k], _v_x[_i, _k], -_ph)
+            _x = _qh0_2 + _ph
+            _z = _x - _qh0_2
+            _ql0_2 += (_qh0_2 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_2 = _x
+        if _k != _qm0_3:
+            _ph = _scratch[8, _k] * _v_x[_i, _k]
+            _pl = _fma(_scratch[8, _k], _v_x[_i, _k], -_ph)
+            _x = _qh0_3 + _ph
+            _z = _x - _qh0_3
+            _ql0_3 += (_qh0_3 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_3 = _x
+        if _k != _qm0_4:
+            _ph = _scratch[10, _k] * _v_x[_i, _k]
+            _pl = _fma(_scratch[10, _k], _v_x[_i, _k], -_ph)
+            _x = _qh0_4 + _ph
+            _z = _x - _qh0_4
+            _ql0_4 += (_qh0_4 - (_x - _z)) + (_ph - _z) + _pl
+            _qh0_4 = _x
     for _j in range(_n):
         _out0[_i, _j] = 0.0
-        for _l in range(_n):
-            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l] + _scratch[9, _j] * _scratch[10, _l]
-            _out0[_i, _j] += _w * _h * _v_x[_i, _l]
+        _hv_h = 0.0
+        _hv_l = 0.0
+        _th, _tl = _qh0_0, _ql0_0
+        if _j != _qm0_0:
+            _ph = _scratch[2, _qm0_0] * _v_x[_i, _qm0_0]
+            _pl = _fma(_scratch[2, _qm0_0], _v_x[_i, _qm0_0], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[2, _j] * _v_x[_i, _j]
+            _pl = _fma(_scratch[2, _j], _v_x[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[1, _j] * _th
+        _pl = _fma(_scratch[1, _j], _th, -_ph) + _scratch[1, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_1, _ql0_1
+        if _j != _qm0_1:
+            _ph = _scratch[4, _qm0_1] * _v_x[_i, _qm0_1]
+            _pl = _fma(_scratch[4, _qm0_1], _v_x[_i, _qm0_1], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[4, _j] * _v_x[_i, _j]
+            _pl = _fma(_scratch[4, _j], _v_x[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[3, _j] * _th
+        _pl = _fma(_scratch[3, _j], _th, -_ph) + _scratch[3, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_2, _ql0_2
+        if _j != _qm0_2:
+            _ph = _scratch[6, _qm0_2] * _v_x[_i, _qm0_2]
+            _pl = _fma(_scratch[6, _qm0_2], _v_x[_i, _qm0_2], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[6, _j] * _v_x[_i, _j]
+            _pl = _fma(_scratch[6, _j], _v_x[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[5, _j] * _th
+        _pl = _fma(_scratch[5, _j], _th, -_ph) + _scratch[5, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_3, _ql0_3
+        if _j != _qm0_3:
+            _ph = _scratch[8, _qm0_3] * _v_x[_i, _qm0_3]
+            _pl = _fma(_scratch[8, _qm0_3], _v_x[_i, _qm0_3], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[8, _j] * _v_x[_i, _j]
+            _pl = _fma(_scratch[8, _j], _v_x[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[7, _j] * _th
+        _pl = _fma(_scratch[7, _j], _th, -_ph) + _scratch[7, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _th, _tl = _qh0_4, _ql0_4
+        if _j != _qm0_4:
+            _ph = _scratch[10, _qm0_4] * _v_x[_i, _qm0_4]
+            _pl = _fma(_scratch[10, _qm0_4], _v_x[_i, _qm0_4], -_ph)
+            _x = _th + _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+            _th = _x
+            _ph = _scratch[10, _j] * _v_x[_i, _j]
+            _pl = _fma(_scratch[10, _j], _v_x[_i, _j], -_ph)
+            _x = _th - _ph
+            _z = _x - _th
+            _tl += (_th - (_x - _z)) + (-_ph - _z) - _pl
+            _th = _x
+        _ph = _scratch[9, _j] * _th
+        _pl = _fma(_scratch[9, _j], _th, -_ph) + _scratch[9, _j] * _tl
+        _x = _hv_h + _ph
+        _z = _x - _hv_h
+        _hv_l += (_hv_h - (_x - _z)) + (_ph - _z) + _pl
+        _hv_h = _x
+        _hd = (_scratch[0, _j]) * _v_x[_i, _j]
+        _hv = _hv_h + _hv_l
+        _out0[_i, _j] += _w * (_hd + _hv)
 
 
 @numba.njit(cache=True, error_model="numpy")
 def hvp_kernel(y, x, C1, C2, _v_x, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. In the calling thread."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. In the calling thread."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in range(y.shape[0]):
@@ -1459,7 +1638,7 @@ def hvp_kernel(y, x, C1, C2, _v_x, _weight, _out0):
 
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def hvp_kernel_parallel(y, x, C1, C2, _v_x, _weight, _out0):
-    """The Hessian of each row times the directions, entry by entry (never stored), times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
+    """The Hessian of each row times the directions (never stored), in O(C) per block, times _weight[i] when given. On Numba's threads (numba.get_num_threads())."""
     _n = y.shape[1]
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):

@@ -845,12 +845,12 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     """The Hessian entry by entry: d2 loss / d x_j d x'_l = delta_jl D(j) + sum P(j) Q(l).
 
     Without ``product``, every (C, C) block is written. With it, the Hessian times the
-    directions v (one per prediction): sum_l H_jl v_l, entry by entry, so that every term is
-    an accurate entry (D + P Q on the diagonal would cancel: softmax - softmax**2). That is
-    O(C**2) work per row, and O(C) memory: the matrix is never formed. A rank-one block (one
-    outer product) is summed in O(C) instead, D(j) v_j + P(j) sum_{l != j} Q(l) v_l, the sum
-    exact to u**2 of its terms (see the comment at ``rank_one``); with several outer products
-    the entries' terms P_m(j) Q_m(l) may cancel, which only the entry-by-entry sum sees.
+    directions v (one per prediction): sum_l H_jl v_l, the diagonal entry its own expression (D
+    + P Q would cancel: softmax - softmax**2). A block of M outer products is summed in O(C M)
+    per row, D(j) v_j + sum_m P_m(j) sum_{l != j} Q_m(l) v_l, in double-word
+    (:func:`_emit_low_rank_product`, a onehot's index too); a block with several indices that
+    onehot singles out (none in the catalog) entry by entry, in O(C**2). The matrix is never
+    formed.
 
     The full Hessian's row function writes output row ``_o`` (the launchers pass _i), so that
     the product's recomputation can write a row of blocks of its own.
@@ -935,127 +935,92 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
-    # the product's rank-one blocks (one outer product, their own diagonal expression, no onehot
-    # branch, no fallback) in O(C): D(j) v_j + P(j) sum_{l != j} Q(l) v_l, the row's terms
-    # Q(l) v_l split exactly by fused multiply-adds and summed by Sum2 without the largest, t_m,
-    # which is added back, and the own term taken out, in double-word: the sum's error is
-    # u**2 of sum_{l != j} |Q(l) v_l| (with t_m in the sum, a softmax's p_j = 1 drowned the
-    # others' terms of 1e-59), so the value's is a few ulps of |D(j) v_j| + |P(j)| times that,
-    # the entries' own sum_l |H_jl v_l|
     starts = [len(diagonals) + 2 * sum(len(b.outer) for b in blocks[:n]) for n in range(len(blocks))]
-    rank_one = [b for b, ((row, column), block) in enumerate(zip(pairs, blocks))
-                if product and len(block.outer) == 1 and own[b] and b not in fallbacks
-                and not (row == column and _indices(block, derivation))]
-
-    def term(b, k):  # Q(k) v_k of block b
-        return f"_scratch[{starts[b] + 1}, {k}]", f"{directions[pairs[b][1]]}[_i, {k}]"
-
-    def add(b, k, negative=False):  # (_qh, _ql) += Q(k) v_k (or -=), exactly split
-        return split_product_lines(*term(b, k)) + add_split_lines(f"_qh{b}", f"_ql{b}", negative)
-
-    if rank_one:
-        printer.helpers_used.add("fma")
-        for b in rank_one:
-            body.emit(2, f"_qt{b} = -1.0")
-            body.emit(2, f"_qm{b} = 0")
-        body.emit(2, "for _k in range(_n):")
-        for b in rank_one:
-            body.emit(3, f"_t = abs({'*'.join(term(b, '_k'))})")
-            body.emit(3, f"if _t > _qt{b}:")
-            body.emit(4, f"_qt{b} = _t")
-            body.emit(4, f"_qm{b} = _k")
-        for b in rank_one:
-            body.emit(2, f"_qh{b} = 0.0")
-            body.emit(2, f"_ql{b} = 0.0")
-        body.emit(2, "for _k in range(_n):")
-        for b in rank_one:
-            body.emit(3, f"if _k != _qm{b}:")
-            for line in add(b, "_k"):
-                body.emit(4, line)
-    body.emit(2, "for _j in range(_n):")
-    if product:
-        for out in outs:
-            body.emit(3, f"{out}[_i, _j] = 0.0")
-    for b in rank_one:
-        row, column = pairs[b]
-        body.emit(3, f"_qo = _qh{b} + _ql{b}")
-        body.emit(3, f"if _j != _qm{b}:")
-        body.emit(4, f"_qs, _qe = _qh{b}, _ql{b}")
-        for line in add(b, f"_qm{b}") + add(b, "_j", negative=True):
-            body.emit(4, line)
-        body.emit(4, f"_qo = _qh{b} + _ql{b}")
-        body.emit(4, f"_qh{b}, _ql{b} = _qs, _qe")
-        v = f"{directions[column]}[_i, _j]"
-        body.emit(3, f"{outs[row]}[_i, _j] += _w * (_scratch[{b}, _j] * {v} + _scratch[{starts[b]}, _j] * _qo)")
-    for first in heads:
-        members = [b for b in fallbacks if first_of[b] == first]
-        body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
-        if product:
-            body.emit(3, f"_xsh{first} = 0.0")
-            body.emit(3, f"_xsb{first} = 0.0")
-    entry_blocks = [b for b in range(len(pairs)) if b not in rank_one]
-    if entry_blocks:
-        body.emit(3, "for _l in range(_n):")
+    # each block's test as pairs of scratch rows (P(j), Q(l)): its numerator's (none in the
+    # product's test) and its bound's outer products, then (the full block's) the entry's scale
+    test_rows, at = {}, n_scratch
+    for b in fallbacks:
+        test_rows[b] = []
+        for part in pair_tests[b][:2]:
+            test_rows[b].append([(slot[at + m], slot[at + m + 1]) for m in range(0, len(part), 2)])
+            at += len(part)
+        if not product:
+            test_rows[b].append(slot[at])
+            at += 1
 
     def outer_sum(first: int, count: int, j: str, l: str) -> str:
         """sum P(j) Q(l) of a block's ``count`` outer products, from their scratch rows."""
         return " + ".join(f"_scratch[{first + 2 * m}, {j}] * _scratch[{first + 2 * m + 1}, {l}]"
                           for m in range(count)) or "0.0"
 
-    # each block's test: the scratch rows of its outer products' factors (numerator, bound, and the
-    # entry's scale)
-    test_sums, at = {}, n_scratch
-    for b in fallbacks:
-        sums = []  # the numerator's (none in the product's test) and the bound's
-        for part in pair_tests[b][:2]:
-            sums.append(" + ".join(f"_scratch[{slot[at + m]}, _j] * _scratch[{slot[at + m + 1]}, _l]"
-                                   for m in range(0, len(part), 2)))
-            at += len(part)
-        if not product:
-            sums.append(f"_scratch[{slot[at]}, _j]")
-            at += 1
-        test_sums[b] = sums
-    for b, ((row, column), block) in enumerate(zip(pairs, blocks)):
-        if b in rank_one:
-            continue
+    def outer_rows(rows) -> str:
+        """sum P(j) Q(l) over pairs of scratch rows."""
+        return " + ".join(f"_scratch[{p}, _j] * _scratch[{q}, _l]" for p, q in rows)
+
+    def index_code(index) -> str:
+        return body.printer.doprint(body.rename(index))
+
+    def entry_lines(b: int) -> list[str]:
+        """Lines setting _h to entry (_j, _l) of block b."""
+        block = blocks[b]
         total = outer_sum(starts[b], len(block.outer), "_j", "_l")
-        swapped = outer_sum(starts[b], len(block.outer), "_l", "_j")
-        special = _indices(block, derivation) if row == column else []
-        if special:
+        if special(b):
             # a prediction's own block is symmetric: an entry (j, l) with l at an index that
             # onehot singles out (the true class) and j not is entry (l, j), whose P(l) was
             # stabilised as one expression at that index (the own term's 1 - p_y, exact)
-            at_l = " or ".join(f"_l == {body.printer.doprint(body.rename(i))}" for i in special)
-            at_j = " or ".join(f"_j == {body.printer.doprint(body.rename(i))}" for i in special)
-            body.emit(4, "if _j == _l:")
-            body.emit(5, f"_h = _scratch[{b}, _j]")
-            body.emit(4, f"elif ({at_l}) and not ({at_j}):")
-            body.emit(5, f"_h = {swapped}")
-            body.emit(4, "else:")
-            body.emit(5, f"_h = {total}")
-        elif own[b]:
-            body.emit(4, f"_h = _scratch[{b}, _j] if _j == _l else {total}")
-        else:
-            body.emit(4, f"_h = {total}")
-            body.emit(4, "if _j == _l:")
-            body.emit(5, f"_h += _scratch[{b}, _j]")
+            at_l = " or ".join(f"_l == {index_code(i)}" for i in special(b))
+            at_j = " or ".join(f"_j == {index_code(i)}" for i in special(b))
+            swapped = outer_sum(starts[b], len(block.outer), "_l", "_j")
+            return ["if _j == _l:", f"{INDENT}_h = _scratch[{b}, _j]", f"elif ({at_l}) and not ({at_j}):",
+                    f"{INDENT}_h = {swapped}", "else:", f"{INDENT}_h = {total}"]
+        if own[b]:
+            return [f"_h = _scratch[{b}, _j] if _j == _l else {total}"]
+        return [f"_h = {total}", "if _j == _l:", f"{INDENT}_h += _scratch[{b}, _j]"]
+
+    def special(b: int) -> list:
+        """The indices that a prediction's own block b singles out (none off the block diagonal)."""
+        (row, column), block = pairs[b], blocks[b]
+        return _indices(block, derivation) if row == column else []
+
+    # the product's blocks in O(C M): all but those with several indices singled out
+    low_rank = [b for b in range(len(pairs)) if product and len(special(b)) <= 1]
+    assert set(fallbacks) <= set(low_rank) or not product, "a block with a fallback has no onehot branch"
+    if not product:
+        body.emit(2, "for _j in range(_n):")
+    elif low_rank:
+        _emit_low_rank_product(body, {b: [(starts[b] + 2 * m, starts[b] + 2 * m + 1)
+                                          for m in range(len(blocks[b].outer))] for b in low_rank},
+                               {b: f"_scratch[{b}, _j]" if own[b] else
+                                f"_scratch[{b}, _j] + {outer_sum(starts[b], len(blocks[b].outer), '_j', '_j')}"
+                                for b in low_rank},
+                               {b: (outs[pairs[b][0]], directions[pairs[b][1]]) for b in range(len(pairs))},
+                               {first: [b for b in fallbacks if first_of[b] == first] for first in heads},
+                               {b: rows for b, (_, rows) in test_rows.items()}, flags, entry_lines,
+                               {b: index_code(special(b)[0]) for b in low_rank if special(b)})
+    for first in heads if not product else ():
+        members = [b for b in fallbacks if first_of[b] == first]
+        body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
+    entry_blocks = [b for b in range(len(pairs)) if b not in low_rank]
+    if entry_blocks:
+        if product:  # the blocks with several indices singled out (no fallback), entry by entry
+            body.emit(2, "for _j in range(_n):")
+            for out in outs if not low_rank else ():
+                body.emit(3, f"{out}[_i, _j] = 0.0")
+        body.emit(3, "for _l in range(_n):")
+    for b in entry_blocks:
+        row, column = pairs[b]
+        for line in entry_lines(b):
+            body.emit(4, line)
         if product:
             body.emit(4, f"{outs[row]}[_i, _j] += _w * _h * {directions[column]}[_i, _l]")
-        else:
-            body.emit(4, f"{outs[b]}[_o, _j, _l] = _w * _h")
-        if b in fallbacks and product:
-            # a row j whose sum sum_l |H_jl v_l| is small against its entries' bounds
-            body.emit(4, f"_xsh{first_of[b]} += abs(_h * {directions[column]}[_i, _l])")
-            body.emit(4, f"_xsb{first_of[b]} += ({test_sums[b][1]}) * abs({directions[column]}[_i, _l])")
-        elif b in fallbacks:
-            numerator, bound, scale = test_sums[b]
-            body.emit(4, f"_xbl = {bound}")
-            body.emit(4, f"_xj{b} |= (_j != _l) & ({fires(numerator, '_xbl', f'_xbl * {scale}')})")
-    for b in heads:
-        if product:
-            body.emit(3, f"_xj{b} |= {fires(f'_xsh{b}', f'_xsb{b}')}")
-        else:  # the rows of the block that the recomputation reads
-            body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
+            continue
+        body.emit(4, f"{outs[b]}[_o, _j, _l] = _w * _h")
+        if b in fallbacks:
+            numerator, bound, scale = test_rows[b]
+            body.emit(4, f"_xbl = {outer_rows(bound)}")
+            body.emit(4, f"_xj{b} |= (_j != _l) & ({fires(outer_rows(numerator), '_xbl', f'_xbl * _scratch[{scale}, _j]')})")
+    for b in heads if not product else ():  # the rows of the block that the recomputation reads
+        body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
         body.emit(3, f"_xflag{b} |= _xj{b}")
     exact = []
     if fallbacks:
@@ -1063,6 +1028,12 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         if product:
             body.emit(3, f"_hvp_exact({', '.join(['_i', '_n', '_C', *arguments, *directions, '_weight', *outs])})")
             exact = _product_recompute_lines(pairs, outs, directions, arguments, full)
+            body.emit(2, "elif " + " or ".join(f"_xdiagonal{b}" for b in heads) + ":")
+            members = {first: [c for c in range(len(pairs)) if pairs[c][0] == pairs[first][0]] for first in heads}
+            for line in _diagonal_recompute_lines(pairs, outs, directions, arguments, full, members,
+                                                  {first: [flags[b] for b in fallbacks if first_of[b] == first]
+                                                   for first in heads}, flags, entry_lines):
+                body.emit(3, line)
         else:
             body.emit(3, f"_hess_full_exact({', '.join(['_i', '_o', '_n', '_C', *arguments, '_weight', *outs])}"
                          ", _w, _scratch)")
@@ -1073,8 +1044,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                                              for b, (diagonal, pair) in fallbacks.items()])
             exact = exact_body.lines
     if product:  # quadratic: O(C**2) work per row, where a block is summed entry by entry
-        how = (", entry by entry (never stored)" if not rank_one else
-               " (never stored; rank-one blocks in O(C), the others entry by entry)")
+        how = (" (never stored), in O(C) per block" if not entry_blocks else
+               ", entry by entry (never stored)" if not low_rank else
+               " (never stored; blocks with several indices singled out entry by entry, the others in O(C))")
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
                 "quadratic": bool(entry_blocks),
                 "exact_arguments": "",
@@ -1083,8 +1055,198 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                 "doc": f"The Hessian of each row times the directions{how}, times _weight[i] when given."}
     return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact, "quadratic": True,
             "exact_arguments": ", _w, _scratch", "out_row": True,
+            "flags": flags, "scratch_rows": max(len(element), 1) + len(fallbacks),
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
+
+
+def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, heads: dict, bounds: dict,
+                           flags: dict, entry_lines, singled: dict):
+    """The Hessian-vector product's blocks (at most one index singled out) in O(C M) per row:
+    sum_l H_jl v_l = D(j) v_j + sum_m P_m(j) T_m(j), T_m(j) = sum_{l != j} Q_m(l) v_l.
+
+    Each T_m: the row's terms Q_m(l) v_l split exactly by fused multiply-adds and summed by Sum2
+    without the largest, t_m, which is added back, and the own term taken out, in double-word (with
+    t_m in the sum, a softmax's p_j = 1 drowned the others' terms of 1e-59); P_m(j) T_m(j) split
+    again and summed over m in double-word. The value's error is then a few ulps of its own
+    magnitude plus u**2 sum_m |P_m(j)| sum_l |Q_m(l) v_l|: the factors' own errors, the same as
+    the entries' (each entry's P_m(j) Q_m(l) holds them), dominate.
+
+    ``terms``: {block: [(scratch row of P_m, of Q_m), ...]}; ``diagonals``: {block: code of H_jj};
+    ``targets``: {block: (output, direction)}; ``heads``: {flag: blocks with a fallback whose
+    test it takes} (the rows of blocks of one prediction); ``bounds``: {block: [(P, Q) rows of
+    its test's bound]}; ``flags``: {block: scratch row of its elements' diagonal flags};
+    ``entry_lines(block)``: lines setting _h to entry (_j, _l); ``singled``: {block: the index
+    that onehot singles out in it, s}, whose entries (j, s), j != s, are P(s) Q(j) (see
+    ``entry_lines``): the row sums leave Q_m(s) v_s out (no entry forms Q_m(s); focal loss's is
+    inf where 1 - p_y underflows), and sum_m P_m(s) Q_m(j) v_s is added.
+
+    A fallback's test (|H v|_j = sum_l |H_jl v_l| against sum_l bound_jl |v_l|) needs O(C) per
+    j: its bound is a sum of outer products, sum_m Bp_m(j) sum_l Bq_m(l) |v_l|, and |H v|_j is
+    at least |H_jj v_j| plus the larger of |sum_{l != j} H_jl v_l| and |sum_{l != j} H_jl |v_l||
+    (the signs of random directions cancel the first by sqrt(C), not the second: on uniform
+    rows of the overlap losses at C = 1024, the median of the second is 0.9-1.0 of |H v|_j), the
+    latter less a bound of its rounding error; only a row j failing that sums |H v|_j entry by
+    entry. A row j whose sum fails the test sets _xflag (the row is recomputed as the full
+    Hessian's row times v); one whose diagonal entry's test fires, and no other, sets _xdiagonal
+    (its row of blocks alone is recomputed: :func:`_diagonal_recompute_lines`)."""
+    emit = body.emit
+    pairs = [(b, m) for b, rows in terms.items() for m in range(len(rows))]
+
+    def term(b, m, k):  # Q_m(k) v_k of block b
+        return f"_scratch[{terms[b][m][1]}, {k}]", f"{targets[b][1]}[_i, {k}]"
+
+    def add(b, m, k, hi, lo, negative=False):  # (hi, lo) += Q_m(k) v_k (or -=), exactly split
+        return split_product_lines(*term(b, m, k)) + add_split_lines(hi, lo, negative)
+
+    def skip(b):  # a singled-out index's terms are never formed (its Q_m(s) may be inf: focal)
+        return f" and _k != {singled[b]}" if b in singled else ""
+
+    if pairs:
+        body.printer.helpers_used.add("fma")
+        for b, m in pairs:
+            emit(2, f"_qt{b}_{m} = -1.0")
+            emit(2, f"_qm{b}_{m} = 0")
+        emit(2, "for _k in range(_n):")
+        for b, m in pairs:
+            emit(3, f"_t = abs({'*'.join(term(b, m, '_k'))})")
+            emit(3, f"if _t > _qt{b}_{m}{skip(b)}:")
+            emit(4, f"_qt{b}_{m} = _t")
+            emit(4, f"_qm{b}_{m} = _k")
+    sums = [(b, n) for members in heads.values() for b in members for n in range(len(bounds[b]))]
+    for b, m in pairs:
+        emit(2, f"_qh{b}_{m} = 0.0")
+        emit(2, f"_ql{b}_{m} = 0.0")
+    # the tested blocks' sum_l Q_m(l) |v_l| (compensated) and sum_l |Q_m(l) v_l|
+    tested = [(b, m) for b, m in pairs if any(b in members for members in heads.values())]
+    for b, n in sums:
+        emit(2, f"_xu{b}_{n} = 0.0")
+    for b, m in tested:
+        emit(2, f"_qa{b}_{m} = 0.0")
+        emit(2, f"_qe{b}_{m} = 0.0")
+        emit(2, f"_qb{b}_{m} = 0.0")
+    if pairs or sums:
+        emit(2, "for _k in range(_n):")
+    for b, m in pairs:
+        emit(3, f"if _k != _qm{b}_{m}{skip(b)}:")
+        for line in add(b, m, "_k", f"_qh{b}_{m}", f"_ql{b}_{m}"):
+            emit(4, line)
+    for b, n in sums:
+        emit(3, f"_xu{b}_{n} += _scratch[{bounds[b][n][1]}, _k] * abs({targets[b][1]}[_i, _k])")
+    for b, m in tested:
+        emit(3, f"_t = _scratch[{terms[b][m][1]}, _k] * abs({targets[b][1]}[_i, _k])")
+        emit(3, f"_x = _qa{b}_{m} + _t")
+        emit(3, f"_z = _x - _qa{b}_{m}")
+        emit(3, f"_qe{b}_{m} += (_qa{b}_{m} - (_x - _z)) + (_t - _z)")
+        emit(3, f"_qa{b}_{m} = _x")
+        emit(3, f"_qb{b}_{m} += abs(_t)")
+    for first in heads:
+        emit(2, f"_xdiagonal{first} = False")
+    emit(2, "for _j in range(_n):")
+    for out in dict.fromkeys(out for out, _ in targets.values()):
+        emit(3, f"{out}[_i, _j] = 0.0")
+    for first in heads:
+        emit(3, f"_xlb{first} = 0.0")
+    for b, rows in terms.items():
+        emit(3, "_hv_h = 0.0")
+        emit(3, "_hv_l = 0.0")
+        s = singled.get(b)
+        if s is not None:
+            emit(3, f"_not_s = _j != {s}")  # entry (j, s) is P(s) Q(j)
+        for m, (p, _) in enumerate(rows):
+            largest = f"_qm{b}_{m}"
+            emit(3, f"_th, _tl = _qh{b}_{m}, _ql{b}_{m}")
+            if s is None:
+                emit(3, f"if _j != {largest}:")
+                for line in add(b, m, largest, "_th", "_tl") + add(b, m, "_j", "_th", "_tl", negative=True):
+                    emit(4, line)
+            else:  # the sum leaves s out: the largest added back, and j's taken out unless j = s
+                emit(3, f"if _j != {largest}:")
+                for line in add(b, m, largest, "_th", "_tl"):
+                    emit(4, line)
+                emit(4, "if _not_s:")
+                for line in add(b, m, "_j", "_th", "_tl", negative=True):
+                    emit(5, line)
+            emit(3, f"_ph = _scratch[{p}, _j] * _th")
+            emit(3, f"_pl = _fma(_scratch[{p}, _j], _th, -_ph) + _scratch[{p}, _j] * _tl")
+            for line in add_split_lines("_hv_h", "_hv_l"):
+                emit(3, line)
+        out, direction = targets[b]
+        if s is not None:
+            emit(3, "if _not_s:")
+            swapped = " + ".join(f"_scratch[{p}, {s}] * _scratch[{q}, _j]" for p, q in rows)
+            for line in split_product_lines(f"({swapped})", f"{direction}[_i, {s}]") + \
+                    add_split_lines("_hv_h", "_hv_l"):
+                emit(4, line)
+        emit(3, f"_hd = ({diagonals[b]}) * {direction}[_i, _j]")
+        emit(3, "_hv = _hv_h + _hv_l")
+        emit(3, f"{out}[_i, _j] += _w * (_hd + _hv)")
+        for first, members in heads.items():
+            if b not in members:
+                continue
+            # sum_{l != j} H_jl |v_l| too, which the signs of v do not cancel, less its error
+            emit(3, "_lb = 0.0")
+            emit(3, "_mg = 0.0")
+            emit(3, f"_av = abs({direction}[_i, _j])")
+            for m, (p, q) in enumerate(rows):
+                emit(3, f"_lb += _scratch[{p}, _j] * ((_qa{b}_{m} + _qe{b}_{m}) - _scratch[{q}, _j] * _av)")
+                emit(3, f"_mg += abs(_scratch[{p}, _j]) * (_qb{b}_{m} + abs(_scratch[{q}, _j]) * _av)")
+            emit(3, f"_xlb{first} += max(abs(_hv), abs(_lb) - {4 * (len(rows) + 2)} * 1.1102230246251565e-16 * _mg)"
+                    " + abs(_hd)")
+    for first, members in heads.items():
+        emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
+        emit(3, f"_xsb{first} = " + (" + ".join(f"_scratch[{bounds[b][n][0]}, _j] * _xu{b}_{n}"
+                                                for b in members for n in range(len(bounds[b]))) or "0.0"))
+        emit(3, f"if {fires(f'_xlb{first}', f'_xsb{first}')}:")  # sum |H v|_j entry by entry
+        emit(4, f"_xsh{first} = 0.0")
+        emit(4, f"_xsb{first} = 0.0")
+        emit(4, "for _l in range(_n):")
+        for b in members:
+            direction = targets[b][1]
+            for line in entry_lines(b):
+                emit(5, line)
+            bound = " + ".join(f"_scratch[{p}, _j] * _scratch[{q}, _l]" for p, q in bounds[b])
+            emit(5, f"_xsh{first} += abs(_h * {direction}[_i, _l])")
+            emit(5, f"_xsb{first} += ({bound}) * abs({direction}[_i, _l])")
+        emit(4, f"_xflag{first} |= {fires(f'_xsh{first}', f'_xsb{first}')}")
+        emit(3, f"_xdiagonal{first} |= _xj{first}")
+
+
+def _diagonal_recompute_lines(pairs, outs, directions, arguments, full: dict, members: dict, row_flags: dict,
+                              flags: dict, entry_lines) -> list[str]:
+    """The product's recomputation of the rows j whose diagonal entry's test fired (and no row
+    sum's): their rows of blocks entry by entry (``entry_lines``, times _w) into blocks of their
+    own, the full Hessian's recomputation (_hess_full_exact, which reads its flags and recomputes
+    the entries whose tests fire) on those rows, and their products summed again: O(C) per such
+    row j, where the full row's recomputation is O(C**2).
+
+    ``members``: {flag: the blocks of its row of blocks}; ``row_flags``: {flag: the scratch rows
+    of its elements' flags}; ``flags``: {block: its scratch row of flags}."""
+    lines = [f"_blocks = np.empty(({len(pairs)}, 1, _n, _n), {outs[0]}.dtype)",
+             f"_fscratch = np.zeros(({full['scratch_rows']}, _n))"]
+    for b, row in flags.items():  # the full Hessian's flags, where the product has them
+        if b in full["flags"]:
+            lines += ["for _k in range(_n):", f"{INDENT}_fscratch[{full['flags'][b]}, _k] = _scratch[{row}, _k]"]
+    flagged = {first: " or ".join(f"_scratch[{row}, _j] != 0.0" for row in rows) for first, rows in row_flags.items()}
+    lines.append("for _j in range(_n):")
+    for first, blocks in members.items():
+        lines.append(f"{INDENT}if {flagged[first]}:")
+        lines.append(f"{INDENT * 2}for _l in range(_n):")
+        for b in blocks:
+            lines += [INDENT * 3 + line for line in entry_lines(b)]
+            lines.append(f"{INDENT * 3}_blocks[{b}, 0, _j, _l] = _w * _h")
+    call = ["_i", "np.int64(0)", "_n", "_C", *arguments, "_weight", *(f"_blocks[{b}]" for b in range(len(pairs))),
+            "_w", "_fscratch"]
+    lines.append(f"_hess_full_exact({', '.join(call)})")
+    lines.append("for _j in range(_n):")
+    for first, blocks in members.items():
+        lines.append(f"{INDENT}if {flagged[first]}:")
+        lines.append(f"{INDENT * 2}_s = 0.0")
+        lines.append(f"{INDENT * 2}for _l in range(_n):")
+        for b in blocks:
+            lines.append(f"{INDENT * 3}_s += _blocks[{b}, 0, _j, _l] * {directions[pairs[b][1]]}[_i, _l]")
+        lines.append(f"{INDENT * 2}{outs[pairs[first][0]]}[_i, _j] = _s")
+    return lines
 
 
 def _product_recompute_lines(pairs, outs, directions, arguments, full: dict) -> list[str]:

@@ -456,7 +456,7 @@ def test_row_kernels_run_serially_below_the_threshold_in_parallel_above(monkeypa
     rows = np.zeros((runtime.SERIAL_BELOW["row"] // columns**2, columns))
     loss.hvp(rows, rows, v=rows)
     assert [c["parallel"] for c in module.hvp_kernel.calls] == [parallel_expected]
-    # unless the generator marks it linear (its blocks rank-one, summed in O(C): SPEC["quadratic"])
+    # unless the generator marks it linear (its blocks summed in O(C M): SPEC["quadratic"])
     module.SPEC["quadratic"] = ("hess_full",)
     loss.hvp(rows, rows, v=rows)
     assert [c["parallel"] for c in module.hvp_kernel.calls] == [parallel_expected, False]
