@@ -1947,10 +1947,10 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
     _xu0_0 = 0.0
     _xu0_1 = 0.0
     _qa0_0 = 0.0
-    _qe0_0 = 0.0
+    _qa0_0_error = 0.0
     _qb0_0 = 0.0
     _qa0_1 = 0.0
-    _qe0_1 = 0.0
+    _qa0_1_error = 0.0
     _qb0_1 = 0.0
     for _k in range(_n):
         if _k != _qm0_0:
@@ -1969,18 +1969,18 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
             _qh0_1 = _x
         _xu0_0 += _scratch[6, _k] * abs(_v_x[_i, _k])
         _xu0_1 += _scratch[8, _k] * abs(_v_x[_i, _k])
-        _t = _scratch[2, _k] * abs(_v_x[_i, _k])
-        _x = _qa0_0 + _t
+        _s = _scratch[2, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_0 + _s
         _z = _x - _qa0_0
-        _qe0_0 += (_qa0_0 - (_x - _z)) + (_t - _z)
+        _qa0_0_error += (_qa0_0 - (_x - _z)) + (_s - _z)
         _qa0_0 = _x
-        _qb0_0 += abs(_t)
-        _t = _scratch[4, _k] * abs(_v_x[_i, _k])
-        _x = _qa0_1 + _t
+        _qb0_0 += abs(_s)
+        _s = _scratch[4, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_1 + _s
         _z = _x - _qa0_1
-        _qe0_1 += (_qa0_1 - (_x - _z)) + (_t - _z)
+        _qa0_1_error += (_qa0_1 - (_x - _z)) + (_s - _z)
         _qa0_1 = _x
-        _qb0_1 += abs(_t)
+        _qb0_1 += abs(_s)
     _xdiagonal0 = False
     for _j in range(_n):
         _out0[_i, _j] = 0.0
@@ -2033,9 +2033,9 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _lb = 0.0
         _mg = 0.0
         _av = abs(_v_x[_i, _j])
-        _lb += _scratch[1, _j] * ((_qa0_0 + _qe0_0) - _scratch[2, _j] * _av)
+        _lb += _scratch[1, _j] * ((_qa0_0 + _qa0_0_error) - _scratch[2, _j] * _av)
         _mg += abs(_scratch[1, _j]) * (_qb0_0 + abs(_scratch[2, _j]) * _av)
-        _lb += _scratch[3, _j] * ((_qa0_1 + _qe0_1) - _scratch[4, _j] * _av)
+        _lb += _scratch[3, _j] * ((_qa0_1 + _qa0_1_error) - _scratch[4, _j] * _av)
         _mg += abs(_scratch[3, _j]) * (_qb0_1 + abs(_scratch[4, _j]) * _av)
         _xlb0 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
         _xj0 = (_scratch[9, _j] != 0.0)

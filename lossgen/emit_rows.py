@@ -1081,8 +1081,8 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
     ``entry_lines``): the row sums leave Q_m(s) v_s out (no entry forms Q_m(s); focal loss's is
     inf where 1 - p_y underflows), and sum_m P_m(s) Q_m(j) v_s is added.
 
-    A fallback's test (|H v|_j = sum_l |H_jl v_l| against sum_l bound_jl |v_l|) needs O(C) per
-    j: its bound is a sum of outer products, sum_m Bp_m(j) sum_l Bq_m(l) |v_l|, and |H v|_j is
+    A fallback's test (|H v|_j = sum_l |H_jl v_l| against sum_l bound_jl |v_l|) costs O(M) per
+    j, not O(C): its bound is a sum of outer products, sum_m Bp_m(j) sum_l Bq_m(l) |v_l|, and |H v|_j is
     at least |H_jj v_j| plus the larger of |sum_{l != j} H_jl v_l| and |sum_{l != j} H_jl |v_l||
     (the signs of random directions cancel the first by sqrt(C), not the second: on uniform
     rows of the overlap losses at C = 1024, the median of the second is 0.9-1.0 of |H v|_j), the
@@ -1122,8 +1122,8 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
     for b, n in sums:
         emit(2, f"_xu{b}_{n} = 0.0")
     for b, m in tested:
-        emit(2, f"_qa{b}_{m} = 0.0")
-        emit(2, f"_qe{b}_{m} = 0.0")
+        for line in LOOP_CODE["sum"]["start"]:
+            emit(2, line.format(r=f"_qa{b}_{m}"))
         emit(2, f"_qb{b}_{m} = 0.0")
     if pairs or sums:
         emit(2, "for _k in range(_n):")
@@ -1134,12 +1134,10 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
     for b, n in sums:
         emit(3, f"_xu{b}_{n} += _scratch[{bounds[b][n][1]}, _k] * abs({targets[b][1]}[_i, _k])")
     for b, m in tested:
-        emit(3, f"_t = _scratch[{terms[b][m][1]}, _k] * abs({targets[b][1]}[_i, _k])")
-        emit(3, f"_x = _qa{b}_{m} + _t")
-        emit(3, f"_z = _x - _qa{b}_{m}")
-        emit(3, f"_qe{b}_{m} += (_qa{b}_{m} - (_x - _z)) + (_t - _z)")
-        emit(3, f"_qa{b}_{m} = _x")
-        emit(3, f"_qb{b}_{m} += abs(_t)")
+        emit(3, f"_s = _scratch[{terms[b][m][1]}, _k] * abs({targets[b][1]}[_i, _k])")
+        for line in LOOP_CODE["sum"]["step"]:
+            emit(3, line.format(r=f"_qa{b}_{m}"))
+        emit(3, f"_qb{b}_{m} += abs(_s)")
     for first in heads:
         emit(2, f"_xdiagonal{first} = False")
     emit(2, "for _j in range(_n):")
@@ -1189,7 +1187,7 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
             emit(3, "_mg = 0.0")
             emit(3, f"_av = abs({direction}[_i, _j])")
             for m, (p, q) in enumerate(rows):
-                emit(3, f"_lb += _scratch[{p}, _j] * ((_qa{b}_{m} + _qe{b}_{m}) - _scratch[{q}, _j] * _av)")
+                emit(3, f"_lb += _scratch[{p}, _j] * ((_qa{b}_{m} + _qa{b}_{m}_error) - _scratch[{q}, _j] * _av)")
                 emit(3, f"_mg += abs(_scratch[{p}, _j]) * (_qb{b}_{m} + abs(_scratch[{q}, _j]) * _av)")
             emit(3, f"_xlb{first} += max(abs(_hv), abs(_lb) - {4 * (len(rows) + 2)} * 1.1102230246251565e-16 * _mg)"
                     " + abs(_hd)")
