@@ -149,6 +149,52 @@ def _vexp(typingctx, x):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _exp_double_word(hi, lo):
+    """exp(hi + lo) as a double-word (e, f), e + f within 2**-95 of it relatively (and 2**-1074
+    where f is subnormal), the double-double exponential of Bailey's QD library: hi + lo - k log 2
+    split exactly (log 2 in three parts, k log 2's high product by a fused multiply-add), its
+    2**-10th by the Taylor series of expm1 in double-word (each term the last times a over n, to
+    n = 10), squared back as m -> 2 m + m**2 (m = e**a - 1, so 1 + m keeps its low digits), and
+    2**k applied exactly."""
+    if not hi == hi:
+        return hi, 0.0
+    if hi > 709.8:
+        return math.inf, 0.0
+    if hi < -745.2:
+        return 0.0, 0.0
+    k = math.floor(hi * 1.4426950408889634 + 0.5)
+    ph = k * 0.6931471805599453
+    pl = _fma(k, 0.6931471805599453, -ph)
+    rh = hi - ph  # exact: hi within a factor 2 of ph where k != 0 (Sterbenz)
+    rl = ((lo - pl) - k * 2.3190468138462996e-17) - k * 5.707708438416212e-34
+    s = rh + rl
+    z = s - rh
+    rl = (rh - (s - z)) + (rl - z)
+    ah, al = s * 0.0009765625, rl * 0.0009765625
+    mh, ml, th, tl = ah, al, ah, al
+    for n in range(2, 11):
+        qh = th * ah
+        ql = _fma(th, ah, -qh) + th * al + tl * ah
+        th = qh / n
+        tl = (_fma(-th, n, qh) + ql) / n
+        s = mh + th
+        z = s - mh
+        ml += (mh - (s - z)) + (th - z) + tl
+        mh = s
+    for _ in range(10):
+        qh = mh * mh
+        ql = _fma(mh, mh, -qh) + 2.0 * mh * ml
+        s = 2.0 * mh + qh
+        z = s - 2.0 * mh
+        ml = ((2.0 * mh - (s - z)) + (qh - z)) + (2.0 * ml + ql)
+        mh = s + ml
+        ml = ml - (mh - s)
+    e = 1.0 + mh
+    f = ((1.0 - e) + mh) + ml
+    return math.ldexp(e, int(k)), math.ldexp(f, int(k))
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _sum_start(a):
     """Start an exact sum: (sum, accumulated rounding error)."""
     return float(a), 0.0
@@ -166,6 +212,36 @@ def _sum_add(state, b):
 @numba.njit(cache=True, error_model="numpy")
 def _sum_finish(state):
     return state[0] + state[1]
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _tie_r0(_i, _n, _C, y, s, w, epsilon, _c):
+    """1 - 2 p_c of R's softmax weight p_c at class _c, from the row in double-word arithmetic.
+    The kernels call it where their form of it cancels (vocabulary.softmax_tie).
+
+        _r0 = logsumexp_k(s)
+    """
+    _k = _c
+    _e_s = s[_i, _k]
+    _gc = _e_s
+    _th = -1.0
+    _tl = 0.0
+    _tt = 1.0
+    for _k in range(_n):
+        if _k == _c:
+            continue
+        _e_s = s[_i, _k]
+        _g = _e_s
+        _dh = _g - _gc
+        _dz = _dh - _g
+        _dl = (_g - (_dh - _dz)) + (-_gc - _dz)
+        _ph, _pl = _exp_double_word(_dh, _dl)
+        _x = _th + _ph
+        _z = _x - _th
+        _tl += (_th - (_x - _z)) + (_ph - _z) + _pl
+        _th = _x
+        _tt += _ph
+    return (_th + _tl) / _tt
 
 
 @numba.njit(cache=True, error_model="numpy", inline="always")
@@ -420,13 +496,22 @@ def _hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _t9_4 = 2.0*_t9_2 - 1.0
         _t9_5 = (abs(_t9_4) >= 0.5)
         _t9_6 = -_t9_4
-        _t9_7 = epsilon*((_t9_6) if _t9_5 else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_6))
+        if _t9_5:
+            _b9_1 = _t9_6
+        elif ((1.0 if _k == _r0_a1 else 0.0) == 1.0):
+            _t9_7 = _t9_2*math.expm1(-_e_s + _r0_g2)
+            _b9_1 = (_h0 + _t9_7 if not abs(_h0 + _t9_7) < 0.0009765625 * ((abs(_t9_7) + abs(_h0))) else _tie_r0(_i, _n, _C, y, s, w, epsilon, _r0_a1))
+        elif ((1.0 if _k == _r0_a2 else 0.0) == 1.0):
+            _b9_1 = _h0 - _h1*math.expm1(_t9_0)
+        else:
+            _b9_1 = _t9_6
+        _t9_8 = epsilon*_b9_1
         if ((1.0 if _k == _row_y else 0.0) == 1.0):
             _t9_3 = math.expm1(_t9_1)
-            _b9_0 = _t9_2*((-_t9_3*(_t9_2*(_e_w + epsilon) - _t9_3*(_e_w - epsilon))) if _t9_5 else (-_t9_3*(_e_w*(_t9_2 - _t9_3) - _t9_7)))
+            _b9_0 = _t9_2*((-_t9_3*(_t9_2*(_e_w + epsilon) - _t9_3*(_e_w - epsilon))) if _t9_5 else (-_t9_3*(_e_w*(_t9_2 - _t9_3) - _t9_8)))
         else:
-            _t9_8 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
-            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_8 - _h5*_h6*_t9_2 - _r3*_t9_2*_t9_8 - _r3*_t9_8**2) if _t9_5 else (_h5*_t9_7 - _r3*(_h5 + _t9_8)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_8))))
+            _t9_9 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
+            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_9 - _h5*_h6*_t9_2 - _r3*_t9_2*_t9_9 - _r3*_t9_9**2) if _t9_5 else (_h5*_t9_8 - _r3*(_h5 + _t9_9)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_9))))
         _out0[_i, _k] = _w * (_b9_0)
 
 
@@ -564,7 +649,16 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
         _t9_10 = 2.0*_t9_8 - 1.0
         _t9_11 = (abs(_t9_10) >= 0.5)
         _t9_12 = -_t9_10
-        _t9_13 = epsilon*((_t9_12) if _t9_11 else (_h7 + _t9_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_12))
+        if _t9_11:
+            _b9_2 = _t9_12
+        elif ((1.0 if _k == _r0_a1 else 0.0) == 1.0):
+            _t9_13 = _t9_8*math.expm1(-_e_s + _r0_g2)
+            _b9_2 = (_h7 + _t9_13 if not abs(_h7 + _t9_13) < 0.0009765625 * ((abs(_t9_13) + abs(_h7))) else _tie_r0(_i, _n, _C, y, s, w, epsilon, _r0_a1))
+        elif ((1.0 if _k == _r0_a2 else 0.0) == 1.0):
+            _b9_2 = _h7 - _h8*math.expm1(_t9_0)
+        else:
+            _b9_2 = _t9_12
+        _t9_14 = epsilon*_b9_2
         if _t9_9:
             _t9_2 = math.expm1(_t9_1)
             _t9_3 = epsilon*(_t9_2 + 1.0)
@@ -573,11 +667,11 @@ def _grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _stash):
             _t9_6 = (-_l0 + (_h0 + _t9_0))
             _t9_7 = _h1*math.exp(_t9_6)
             _b9_0 = _t9_2*((((_e_w + ((_t9_3) if _t9_5 else (_h1*(math.expm1(_t9_6) + 1.0)))) if (abs(_t9_6) <= 1.0) else (_e_w + ((_t9_3) if _t9_5 else (_t9_7))))) if (_t9_4 <= 1.0) else (_e_w + ((_t9_8*epsilon) if _t9_5 else (_t9_7))))
-            _b9_1 = _t9_8*((-_t9_2*(-_t9_2*(_e_w - epsilon) + _t9_8*(_e_w + epsilon))) if _t9_11 else (-_t9_2*(_e_w*(-_t9_2 + _t9_8) - _t9_13)))
+            _b9_1 = _t9_8*((-_t9_2*(-_t9_2*(_e_w - epsilon) + _t9_8*(_e_w + epsilon))) if _t9_11 else (-_t9_2*(_e_w*(-_t9_2 + _t9_8) - _t9_14)))
         else:
-            _t9_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error), _r0_w_error_tail))
+            _t9_15 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_8), _h10), _r0_w_error), _r0_w_error_tail))
             _b9_0 = _t9_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b9_1 = _t9_8*((_h11*_h12*_t9_14 - _h12*_h13*_t9_8 + _h9 - _r3*_t9_14**2 - _r3*_t9_14*_t9_8) if _t9_11 else (_h12*_t9_13 - _r3*(_h12 + _t9_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_8), _h12), _t9_14))))
+            _b9_1 = _t9_8*((_h11*_h12*_t9_15 - _h12*_h13*_t9_8 + _h9 - _r3*_t9_15**2 - _r3*_t9_15*_t9_8) if _t9_11 else (_h12*_t9_14 - _r3*(_h12 + _t9_15)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_8), _h12), _t9_15))))
         _out0[_i, _k] = _w * (_b9_0)
         _out1[_i, _k] = _w * (_b9_1)
 
@@ -723,7 +817,16 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
         _t10_10 = 2.0*_t10_8 - 1.0
         _t10_11 = (abs(_t10_10) >= 0.5)
         _t10_12 = -_t10_10
-        _t10_13 = epsilon*((_t10_12) if _t10_11 else (_h7 + _t10_8*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h7 - _h8*math.expm1(_t10_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t10_12))
+        if _t10_11:
+            _b10_2 = _t10_12
+        elif ((1.0 if _k == _r0_a1 else 0.0) == 1.0):
+            _t10_13 = _t10_8*math.expm1(-_e_s + _r0_g2)
+            _b10_2 = (_h7 + _t10_13 if not abs(_h7 + _t10_13) < 0.0009765625 * ((abs(_t10_13) + abs(_h7))) else _tie_r0(_i, _n, _C, y, s, w, epsilon, _r0_a1))
+        elif ((1.0 if _k == _r0_a2 else 0.0) == 1.0):
+            _b10_2 = _h7 - _h8*math.expm1(_t10_0)
+        else:
+            _b10_2 = _t10_12
+        _t10_14 = epsilon*_b10_2
         if _t10_9:
             _t10_2 = math.expm1(_t10_1)
             _t10_3 = epsilon*(_t10_2 + 1.0)
@@ -732,11 +835,11 @@ def _loss_grad_hess_row(_i, _n, _C, y, s, w, epsilon, _weight, _out0, _out1, _ou
             _t10_6 = (-_l0 + (_h0 + _t10_0))
             _t10_7 = _h1*math.exp(_t10_6)
             _b10_0 = _t10_2*((((_e_w + ((_t10_3) if _t10_5 else (_h1*(math.expm1(_t10_6) + 1.0)))) if (abs(_t10_6) <= 1.0) else (_e_w + ((_t10_3) if _t10_5 else (_t10_7))))) if (_t10_4 <= 1.0) else (_e_w + ((_t10_8*epsilon) if _t10_5 else (_t10_7))))
-            _b10_1 = _t10_8*((-_t10_2*(-_t10_2*(_e_w - epsilon) + _t10_8*(_e_w + epsilon))) if _t10_11 else (-_t10_2*(_e_w*(-_t10_2 + _t10_8) - _t10_13)))
+            _b10_1 = _t10_8*((-_t10_2*(-_t10_2*(_e_w - epsilon) + _t10_8*(_e_w + epsilon))) if _t10_11 else (-_t10_2*(_e_w*(-_t10_2 + _t10_8) - _t10_14)))
         else:
-            _t10_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error), _r0_w_error_tail))
+            _t10_15 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t10_8), _h10), _r0_w_error), _r0_w_error_tail))
             _b10_0 = _t10_8*((((_h2) if (_h3 <= 1.0) else (_h4))) if (_h5 <= 1.0) else (_h6))
-            _b10_1 = _t10_8*((_h11*_h12*_t10_14 - _h12*_h13*_t10_8 + _h9 - _r3*_t10_14**2 - _r3*_t10_14*_t10_8) if _t10_11 else (_h12*_t10_13 - _r3*(_h12 + _t10_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t10_8), _h12), _t10_14))))
+            _b10_1 = _t10_8*((_h11*_h12*_t10_15 - _h12*_h13*_t10_8 + _h9 - _r3*_t10_15**2 - _r3*_t10_15*_t10_8) if _t10_11 else (_h12*_t10_14 - _r3*(_h12 + _t10_15)*_sum_finish(_sum_add(_sum_add(_sum_start(_t10_8), _h12), _t10_15))))
         _out1[_i, _k] = _w * (_b10_0)
         _out2[_i, _k] = _w * (_b10_1)
 
@@ -871,22 +974,31 @@ def _hvp_row(_i, _n, _C, y, s, w, epsilon, _v_s, _weight, _out0, _stash):
         _t9_6 = 2.0*_t9_2 - 1.0
         _t9_7 = (abs(_t9_6) >= 0.5)
         _t9_8 = -_t9_6
-        _t9_9 = epsilon*((_t9_8) if _t9_7 else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_8))
-        _t9_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t9_11:
+        _t9_12 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t9_7:
+            _b9_4 = _t9_8
+        elif ((1.0 if _k == _r0_a1 else 0.0) == 1.0):
+            _t9_9 = _t9_2*math.expm1(-_e_s + _r0_g2)
+            _b9_4 = (_h0 + _t9_9 if not abs(_h0 + _t9_9) < 0.0009765625 * ((abs(_t9_9) + abs(_h0))) else _tie_r0(_i, _n, _C, y, s, w, epsilon, _r0_a1))
+        elif ((1.0 if _k == _r0_a2 else 0.0) == 1.0):
+            _b9_4 = _h0 - _h1*math.expm1(_t9_0)
+        else:
+            _b9_4 = _t9_8
+        _t9_10 = epsilon*_b9_4
+        if _t9_12:
             _t9_3 = math.expm1(_t9_1)
             _t9_4 = _t9_2*(_e_w + epsilon)
             _t9_5 = _e_w - epsilon
-            _t9_10 = _e_w*(_t9_2 - _t9_3) - _t9_9
-            _b9_0 = _t9_2*((-_t9_3*(-_t9_3*_t9_5 + _t9_4)) if _t9_7 else (-_t9_10*_t9_3))
+            _t9_11 = _e_w*(_t9_2 - _t9_3) - _t9_10
+            _b9_0 = _t9_2*((-_t9_3*(-_t9_3*_t9_5 + _t9_4)) if _t9_7 else (-_t9_11*_t9_3))
             _b9_1 = _t9_2*_t9_3*epsilon
             _b9_2 = 1.0
-            _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_10))
+            _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_11))
         else:
-            _t9_12 = _h5*_t9_2
-            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
-            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_13 - _h6*_t9_12 - _r3*_t9_13**2 - _r3*_t9_13*_t9_2) if _t9_7 else (_h5*_t9_9 - _r3*(_h5 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_13))))
-            _b9_1 = _t9_12*epsilon
+            _t9_13 = _h5*_t9_2
+            _t9_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
+            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_14 - _h6*_t9_13 - _r3*_t9_14**2 - _r3*_t9_14*_t9_2) if _t9_7 else (_h5*_t9_10 - _r3*(_h5 + _t9_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_14))))
+            _b9_1 = _t9_13*epsilon
             _b9_2 = 0.0
             _b9_3 = _t9_2*((((_h7) if (_h8 <= 1.0) else (_h9))) if (_h10 <= 1.0) else (_h11))
         _scratch[0, _k] = _b9_0
@@ -1115,22 +1227,31 @@ def _hess_full_row(_i, _o, _n, _C, y, s, w, epsilon, _weight, _out0, _stash):
         _t9_6 = 2.0*_t9_2 - 1.0
         _t9_7 = (abs(_t9_6) >= 0.5)
         _t9_8 = -_t9_6
-        _t9_9 = epsilon*((_t9_8) if _t9_7 else (_h0 + _t9_2*math.expm1(-_e_s + _r0_g2)) if ((1.0 if _k == _r0_a1 else 0.0) == 1.0) else (_h0 - _h1*math.expm1(_t9_0)) if ((1.0 if _k == _r0_a2 else 0.0) == 1.0) else (_t9_8))
-        _t9_11 = ((1.0 if _k == _row_y else 0.0) == 1.0)
-        if _t9_11:
+        _t9_12 = ((1.0 if _k == _row_y else 0.0) == 1.0)
+        if _t9_7:
+            _b9_4 = _t9_8
+        elif ((1.0 if _k == _r0_a1 else 0.0) == 1.0):
+            _t9_9 = _t9_2*math.expm1(-_e_s + _r0_g2)
+            _b9_4 = (_h0 + _t9_9 if not abs(_h0 + _t9_9) < 0.0009765625 * ((abs(_t9_9) + abs(_h0))) else _tie_r0(_i, _n, _C, y, s, w, epsilon, _r0_a1))
+        elif ((1.0 if _k == _r0_a2 else 0.0) == 1.0):
+            _b9_4 = _h0 - _h1*math.expm1(_t9_0)
+        else:
+            _b9_4 = _t9_8
+        _t9_10 = epsilon*_b9_4
+        if _t9_12:
             _t9_3 = math.expm1(_t9_1)
             _t9_4 = _t9_2*(_e_w + epsilon)
             _t9_5 = _e_w - epsilon
-            _t9_10 = _e_w*(_t9_2 - _t9_3) - _t9_9
-            _b9_0 = _t9_2*((-_t9_3*(-_t9_3*_t9_5 + _t9_4)) if _t9_7 else (-_t9_10*_t9_3))
+            _t9_11 = _e_w*(_t9_2 - _t9_3) - _t9_10
+            _b9_0 = _t9_2*((-_t9_3*(-_t9_3*_t9_5 + _t9_4)) if _t9_7 else (-_t9_11*_t9_3))
             _b9_1 = _t9_2*_t9_3*epsilon
             _b9_2 = 1.0
-            _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_10))
+            _b9_3 = _t9_2*((_t9_3*_t9_5 - _t9_4) if _t9_7 else (-_t9_11))
         else:
-            _t9_12 = _h5*_t9_2
-            _t9_13 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
-            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_13 - _h6*_t9_12 - _r3*_t9_13**2 - _r3*_t9_13*_t9_2) if _t9_7 else (_h5*_t9_9 - _r3*(_h5 + _t9_13)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_13))))
-            _b9_1 = _t9_12*epsilon
+            _t9_13 = _h5*_t9_2
+            _t9_14 = _sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_w_hi), -_t9_2), _h3), _r0_w_error), _r0_w_error_tail))
+            _b9_0 = _t9_2*((_h2 + _h4*_h5*_t9_14 - _h6*_t9_13 - _r3*_t9_14**2 - _r3*_t9_14*_t9_2) if _t9_7 else (_h5*_t9_10 - _r3*(_h5 + _t9_14)*_sum_finish(_sum_add(_sum_add(_sum_start(_t9_2), _h5), _t9_14))))
+            _b9_1 = _t9_13*epsilon
             _b9_2 = 0.0
             _b9_3 = _t9_2*((((_h7) if (_h8 <= 1.0) else (_h9))) if (_h10 <= 1.0) else (_h11))
         _scratch[0, _k] = _b9_0

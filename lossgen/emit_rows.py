@@ -42,7 +42,7 @@ from .exact_rows import (EXACT_FALLBACK, BlockRecompute, add_split_lines, emit_b
                          emit_fallback, fires, plan, plan_block, split_product_lines)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
-from .vocabulary import group, in_scale, two_scaled
+from .vocabulary import SOFTMAX_TIE_THRESHOLD, group, in_scale, softmax_tie_helper, two_scaled
 
 INDENT = "    "
 # the line of a fast row function that hands the row to the scaled one (templates/row_module.py.j2)
@@ -56,6 +56,11 @@ ROW_WEIGHT = "_w = 1.0 if _weight is None else _weight[_i]"
 
 class RowPrinter(NumbaPrinter):
     """NumbaPrinter plus onehot(index) = 1 at the element being computed (``_k``)."""
+
+    def __init__(self, row_arguments=()):
+        super().__init__()
+        self.row_arguments = list(row_arguments)  # the kernels' inputs and parameters, in order
+        self.softmax_ties: set = set()  # the logsumexps R whose helper _tie<R> the kernels call
 
     def _print_onehot(self, expr):
         return f"(1.0 if _k == {self._print(expr.args[0])} else 0.0)"
@@ -71,6 +76,15 @@ class RowPrinter(NumbaPrinter):
 
     def _print_in_scale(self, expr):
         return f"(({self._print(expr.args[0])}) * {self._print(expr.args[1])})"
+
+    def _print_softmax_tie(self, expr):
+        """The form d, or where its terms cancel the helper _tie<R> (:func:`emit_softmax_tie`)."""
+        d, size, c, helper = expr.args
+        self.softmax_ties.add(helper.name)
+        arguments = ", ".join(["_i", "_n", "_C", *self.row_arguments, self._print(c)])
+        value = self._print(d)
+        return (f"({value} if not abs({value}) < {SOFTMAX_TIE_THRESHOLD!r} * ({self._print(size)}) "
+                f"else {helper}({arguments}))")
 
 
 # renamed symbols keep their assumptions: without them SymPy may decide Eq(x, 0) is False
@@ -1308,6 +1322,35 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
     return plans
 
 
+def emit_softmax_tie(body: _Body, r: Reduction):
+    """The body of _tie<R>(..., c): 1 - 2 p_c for R = logsumexp(g), where softmax_tie's form has
+    lost more than SOFTMAX_TIE_THRESHOLD's bits (:meth:`RowPrinter._print_softmax_tie`), as
+    (T - 1)/(T + 1), T = sum_{k != c} exp(g_k - g_c): each g_k - g_c split exactly (two-sum), its
+    exponential a double-word (the helper _exp_double_word, relative error below 2**-95) and T - 1
+    summed in double-word, so that the tie keeps the digits that the rounded weights lose. Called
+    only where |d| < 1/2, so p_c is in (1/4, 3/4) and T in (1/3, 3): no overflow. g is the summand
+    as the kernels compute it (the logits themselves in the catalog)."""
+    outside = r.summand.free_symbols - set(body.element) - {body.derivation.spec.symbols[p.name]
+                                                           for p in body.derivation.spec.params}
+    assert not outside, f"softmax_tie: the summand of {r.symbol} reads {sorted(map(str, outside))}, not only the row"
+    printed = body.printer.doprint(body.rename(r.summand))
+    body.printer.helpers_used.update(("exp_double_word", "fma"))
+    body.emit(2, "_k = _c")
+    body.bind([r.summand], 2)
+    body.emit(2, f"_gc = {printed}")
+    body.emit(2, "_th = -1.0")
+    body.emit(2, "_tl = 0.0")
+    body.emit(2, "_tt = 1.0")
+    body.emit(2, "for _k in range(_n):")
+    body.emit(3, "if _k == _c:")
+    body.emit(4, "continue")
+    body.bind([r.summand], 3)
+    for line in [f"_g = {printed}", "_dh = _g - _gc", "_dz = _dh - _g", "_dl = (_g - (_dh - _dz)) + (-_gc - _dz)",
+                 "_ph, _pl = _exp_double_word(_dh, _dl)", *add_split_lines("_th", "_tl"), "_tt += _ph"]:
+        body.emit(3, line)
+    body.emit(2, "return (_th + _tl) / _tt")
+
+
 def _with_magnitude_sums(stable: RowDerivation, plans: dict) -> RowDerivation:
     """``stable`` with the reductions sum_k |summand| that the plans' tests read."""
     found = {}
@@ -1323,12 +1366,12 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
     """The source of one generated row-wise module (``original`` gives the docstring's
     formulas, ``stable`` the code)."""
     spec = stable.spec
-    printer = RowPrinter()
+    arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
+    printer = RowPrinter(arguments)
     outputs = {"loss": [stable.loss], "grad": list(stable.grad), "hess": list(stable.hess)}
     keys = tie_keys(original)
     plans = _fallback_plans(original, stable)
     stable = _with_magnitude_sums(stable, plans)
-    arguments = [i.name for i in spec.inputs] + [p.name for p in spec.params]
     kernels = []
     for name, quantities in ROW_KERNELS.items():
         row_outputs = outputs["loss"] if "loss" in quantities else []
@@ -1358,15 +1401,26 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
                 "lowered": sp.sstr(original.loss),
                 "grad": [{"name": p, "expr": sp.sstr(g)} for p, g in zip(predictions, original.grad)]}
     first_row_input = next(i.name for i in spec.inputs if i.axis and not i.shared)
-    exact_sums = []
+    row_helpers = []
     for symbol, monomials in stable.exact.items():
         body = _Body(stable, printer, keys)
         emit_exact_sum(body, monomials)
         reduction = next(r for r in stable.reductions if r.symbol == symbol)
-        exact_sums.append({"name": f"_exact{symbol.name}", "lines": body.lines,
-                           "doc": f"{symbol} = sum_k({sp.sstr(reduction.summand)})"})
+        row_helpers.append({"name": f"_exact{symbol.name}", "parameters": ["_i", "_n", "_C", *arguments],
+                            "lines": body.lines, "doc": f"{symbol} = sum_k({sp.sstr(reduction.summand)})",
+                            "summary": "A row sum exactly, as (hi, lo): its monomials as one expansion "
+                                       "(lossgen/exact_rows.py).\n    The kernels call it where the sum cancels."})
+    for reduction in (r for r in stable.reductions if softmax_tie_helper(r).name in printer.softmax_ties):
+        body = _Body(stable, printer, keys)
+        emit_softmax_tie(body, reduction)
+        row_helpers.append({"name": softmax_tie_helper(reduction).name, "lines": body.lines,
+                            "parameters": ["_i", "_n", "_C", *arguments, "_c"],
+                            "doc": f"{reduction.symbol} = logsumexp_k({sp.sstr(reduction.summand)})",
+                            "summary": "1 - 2 p_c of R's softmax weight p_c at class _c, from the row in "
+                                       "double-word arithmetic.\n    The kernels call it where their form "
+                                       "of it cancels (vocabulary.softmax_tie)."})
     return template_environment().get_template("row_module.py.j2").render(
-        spec=spec, spec_path=spec_path, marker=MARKER, formulas=formulas, exact_sums=exact_sums,
+        spec=spec, spec_path=spec_path, marker=MARKER, formulas=formulas, row_helpers=row_helpers,
         helpers=printer.helpers_used, kernels=kernels, arguments=arguments, directions=directions,
         kernel_outputs={k["name"]: len(k["outs"]) for k in kernels}, rows_of=first_row_input,
         quadratic=tuple(k["name"] for k in kernels if k.get("quadratic")),

@@ -116,29 +116,6 @@ def _ssim_entry_gap(x, y, n, entry, c1, c2) -> bool:
     return _cancels(*terms)
 
 
-def _poly1_gap(output, point, entry):
-    """Hessian entries (j, l) of Poly-1 that hold 1 - 2 p_c of a class c among the row's two
-    largest, computed as (p_m - p_c) + r (stabilise_rows.tie_difference: m the other of the two,
-    r the weights of the rest of the row), where those two terms cancel below 1/1000 of their
-    size (p at 50 digits): class c ties for the row's mass with several classes together
-    (p = (1/2, 1/4, 1/4)), and each rounded weight of r, accurate alone, has lost the digits of
-    their sum. The entries of c on the diagonal and, where c is the true class y, of y's row and
-    column (the hvp: every entry of the row)."""
-    if not output.startswith(("hess", "hvp")):
-        return False
-    with mpmath.workdps(50):
-        s = [mpmath.mpf(float(v)) for v in _row_of(point, "s")]
-        total = mpmath.fsum(mpmath.exp(v - max(s)) for v in s)
-        p = [mpmath.exp(v - max(s)) / total for v in s]
-        top = sorted(range(len(s)), key=lambda c: (-s[c], c))[:2]
-        if len(top) < 2:
-            return False
-        rest = mpmath.fsum(v for c, v in enumerate(p) if c not in top)
-        tied = {c for c, m in (top, top[::-1]) if _cancels(p[m] - p[c], rest)}
-    y = int(point["y"])
-    return bool(tied) and (output.startswith("hvp") or entry[0] == entry[1] in tied or y in tied and y in entry)
-
-
 # Row-wise losses: values where a kernel does not meet the bound, and why. (Elementwise:
 # tests/test_catalog.py's KNOWN_GAPS, empty.)
 ROW_KNOWN_GAPS = {
@@ -149,13 +126,6 @@ ROW_KNOWN_GAPS = {
                                "x = (1e-16, 0, 1e-300); 2.3e-10 at C = 2, x = (0, 0), y = (0.9, 0.11)), each "
                                "factor rounded apart; reachable by the exact fallback over the row's moments, or "
                                "the pair's deviations summed exactly per entry"),
-    "poly1_cross_entropy": (_poly1_gap, "where a class of the row's two largest ties for the row's mass with several "
-                                        "classes together (p = (1/2, 1/4, 1/4)), a Hessian entry that holds its "
-                                        "1 - 2 p_c = (p_m - p_c) + the rest of the row, whose two terms cancel: the "
-                                        "rest is a sum of rounded weights (relative error 4.7e-8 at s = (0, "
-                                        "log(1/2), log(1/2) + 1e-9), y = 0, w = 0); reachable only with the weights "
-                                        "in more than double precision. A tie of two classes is exact "
-                                        "(p_m - p_c from the logits' difference)"),
     "cosine_embedding": (_cosine_gap, "a full Hessian entry with an element below the normal range over the "
                                       "square root of its denominator, and the Hessian-vector product of a row "
                                       "holding one: the kernels' outer products divide each factor P(j), Q(l) by "

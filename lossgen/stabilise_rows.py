@@ -70,7 +70,8 @@ from .exact_rows import in_exact_arithmetic, monomials
 from .fuse_rows import MAX_OPS, accurate, accurate_form, close_summands
 from .reductions import ROW_SIZE, onehot
 from .stabilise import apply_last, direct_form, spec_domains
-from .vocabulary import binary_scale, exact_sum, exprel, fma, group, in_scale, real_group, terms_size, two_scaled
+from .vocabulary import (binary_scale, exact_sum, exprel, fma, group, in_scale, real_group, softmax_tie,
+                         softmax_tie_helper, terms_size, two_scaled)
 
 
 def _at_index(expr: sp.Expr, derivation) -> sp.Expr:
@@ -285,15 +286,19 @@ def tie_difference(u: sp.Symbol, r: Reduction) -> sp.Expr:
     expm1(g_k - g_m) at the second largest (m the arg-max), both arguments <= 0 (no overflow);
     the rest is the weights' compensated sum less the two largest weights (:func:`top_two`).
     Where |1 - 2 p_k| >= 1/2, and at any other class (at most a third of the row), 1 - 2 p_k as
-    it is: it cannot cancel there. What remains is a class of the two largest that ties with
-    several others together, where the rest, a sum of rounded weights, cancels p_m - p_k
-    (p = (1/2, 1/4, 1/4))."""
+    it is: it cannot cancel there. Where a class of the two largest ties with several others
+    together (p = (1/2, 1/4, 1/4)), the rest, a sum of rounded weights, cancels p_m - p_k (relative
+    error 4.7e-8 at s = (0, log(1/2), log(1/2) + 1e-9)): the form at the arg-max is a
+    :class:`softmax_tie`, which the kernels take again from the logits' differences in double-word
+    arithmetic there. At the second largest, p_m - p_k and the rest are both >= 0: no cancellation."""
     first, second, at_first, at_second = top_two(r)
     p1, p2 = sp.exp(at_first.symbol), sp.exp(at_second.symbol)
     rest = weights_less(r, p1, p2)
     g, plain = r.summand, 1 - 2 * sp.exp(u)
+    at_first_form = sp.exp(u) * expm1(second.symbol - g)
     return sp.Piecewise((plain, sp.Abs(plain) >= 0.5),  # no cancellation: no expm1 (most rows)
-                        (sp.exp(u) * expm1(second.symbol - g) + rest, sp.Eq(onehot(first.index), 1)),
+                        (softmax_tie(at_first_form + rest, terms_size(at_first_form, rest), first.index,
+                                     softmax_tie_helper(r)), sp.Eq(onehot(first.index), 1)),
                         (-p1 * expm1(g - first.symbol) + rest, sp.Eq(onehot(second.index), 1)),
                         (plain, True))
 

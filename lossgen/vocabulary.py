@@ -177,6 +177,30 @@ class terms_size(sp.Function):
         return True
 
 
+class softmax_tie(sp.Function):
+    """softmax_tie(d, size, c, R) = d = 1 - 2 p_c, p_c = exp(g_c - R) the softmax weight of class
+    c under R = logsumexp(g), d a form of it whose terms have total size ``size``. Where they
+    cancel below SOFTMAX_TIE_THRESHOLD of it (class c ties for the row's mass with the others
+    together), the kernels take it again as (T - 1)/(T + 1), T = sum_{k != c} exp(g_k - g_c),
+    each difference g_k - g_c exact and each exponential and the sum in double-word arithmetic
+    (lossgen/emit_rows.py, the helper _tie<R>, which R names: :func:`softmax_tie_helper`)."""
+
+    def _eval_is_real(self):
+        return self.args[0].is_real
+
+
+def softmax_tie_helper(r) -> sp.Symbol:
+    """The name of the helper that computes :class:`softmax_tie` for the logsumexp reduction ``r``
+    (a symbol of its own: the kernels write R itself as its max plus the log of the rest)."""
+    return sp.Symbol(f"_tie{r.symbol.name}")
+
+
+# |d| < this times the size of its terms: softmax_tie's form has lost more than 10 bits. Beyond
+# it its error is a few units of 2**-53 of the size (the rounded softmax weights it sums), at most
+# 2**10 k 1.1e-16 of d for k units: 3.4e-13 at k = 3.
+SOFTMAX_TIE_THRESHOLD = 2.0 ** -10
+
+
 class binary_scale(sp.Function):
     """2**e where v = m 2**e, 1/2 <= |m| < 1 (math.frexp), and 1 at v = 0: a power of two within
     a factor 2 of |v|. Dividing by it is exact (barring underflow), so values measured in it keep

@@ -307,8 +307,8 @@ def test_verify_mse(tmp_path):
 def test_verify_reports_a_known_gap_apart(tmp_path):
     """ssim_global's full Hessian at C = 3 has a row inside its known gap beyond the bound
     (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (poly1's, the
-    earlier example, closed where two classes tie; cosine_proximity's and cosine_embedding's
-    before it with the exact fallback of their Hessians)."""
+    earlier example, closed where two classes tie, then where several do; cosine_proximity's and
+    cosine_embedding's before it with the exact fallback of their Hessians)."""
     rc, output = run_cli("verify", "ssim_global", cwd=tmp_path)
     assert rc == 0, output
     assert re.search(r"^ssim_global\s+hess_full\[x,x\] known gap C=3 .*\(known gap\)$", output,
