@@ -115,7 +115,7 @@ def cmd_verify(args) -> int:
     for path in paths:
         started = time.perf_counter()
         spec = load_spec(path)
-        if spec.rowwise:  # C = 1, 2, 3, 7 at each parameter set; each row costs C**2 truths, so fewer rows
+        if spec.rowwise:  # C = 1, 2, 3, 7 at each parameter set; a row checks up to C**2 Hessian entries, so fewer rows
             rows.extend(verify_rows(catalog.get(spec.name), spec, n_random=min(args.points, ROW_POINTS),
                                     n_stress=ROW_POINTS if args.stress else 0, differences=args.derivatives,
                                     gap=gap_of(spec.name)))

@@ -15,7 +15,7 @@ from lossgen.domains import DOMAINS
 from lossgen.verify import (RELATIVE_TOLERANCE, evaluate, format_report, parameter_sets, relative_error,
                             sample_domain)
 from lossgen.known_gaps import ROW_KNOWN_GAPS, gap_of
-from lossgen.verify_rows import (FULL_HESSIAN_UP_TO, ROW_POINTS, SIZES, _argument_values, check_size, truth_functions,
+from lossgen.verify_rows import (ROW_POINTS, SIZES, _argument_values, check_size, truth_functions,
                                  verify_rows)
 
 from conftest import ROW_NAMES, ROW_PATHS
@@ -193,7 +193,7 @@ def test_overlap_derivatives_where_the_exact_fallback_fires(name, params, y, p):
     rows = check_size(spec, load_spec(ROW_PATHS[name]), len(y), [{"y": np.array(y), "p": np.array(p)}],
                       {**_defaults(load_spec(ROW_PATHS[name])), **params})
     outputs = [r for r in rows if not r.output.startswith("grad vs")]
-    every_entry = {"hess_full", "hvp"} if len(y) <= FULL_HESSIAN_UP_TO else set()
+    every_entry = {"hess_full", "hvp"}  # a check's first row has them at any size (full_hessian_at)
     assert {r.output.split("[")[0].split(" ")[0] for r in outputs} >= {"grad", "hess"} | every_entry
     failures = [r for r in outputs if not r.ok(RELATIVE_TOLERANCE)]
     assert not failures, "\n" + format_report(failures)
@@ -239,14 +239,14 @@ COSINE_FALLBACK_ROWS = [
 @pytest.mark.parametrize("y, x", COSINE_FALLBACK_ROWS, ids=[f"row{i}" for i in range(len(COSINE_FALLBACK_ROWS))])
 def test_cosine_proximity_where_the_exact_fallback_fires(y, x):
     """Every output of cosine_proximity on these rows against mpmath's derivatives of the loss
-    written out (verify_rows.check_size), the full Hessian where C <= FULL_HESSIAN_UP_TO, and the
+    written out (verify_rows.check_size), the full Hessian and the product included, and the
     loss (at the last row it had relative error 1 before x.y kept its products' rounding errors,
     stabilise_rows.product_errors)."""
     spec = load_spec(ROW_PATHS["cosine_proximity"])
     rows = check_size(lossgen.get("cosine_proximity"), spec, len(y), [{"y": np.array(y), "x": np.array(x)}],
                       _defaults(spec))
     outputs = {r.output.split("[")[0].split(" ")[0] for r in rows}
-    assert outputs >= {"grad", "hess"} | ({"hess_full", "hvp"} if len(y) <= FULL_HESSIAN_UP_TO else set())
+    assert outputs >= {"grad", "hess", "hess_full", "hvp"}
     failures = [r for r in rows if not r.ok(RELATIVE_TOLERANCE)]
     assert not failures, "\n" + format_report(failures)
 
@@ -509,8 +509,7 @@ def test_poly1_hessian_where_two_classes_tie(logits):
     rows = [{"y": y, "s": s, "w": np.full(size, w)} for y in range(size) for w in (0.0, 9e-5)]
     checked = [r for eps in (1.0, 2.5) for r in check_size(poly1, spec, size, rows, {"epsilon": eps})
                if r.output.startswith(("hess", "hvp"))]
-    full = {"hess_full", "hvp"} if size <= FULL_HESSIAN_UP_TO else set()  # the diagonal beyond
-    assert {r.output.split("[")[0] for r in checked} == {"hess"} | full
+    assert {r.output.split("[")[0] for r in checked} == {"hess", "hess_full", "hvp"}
     assert all(r.ok(RELATIVE_TOLERANCE) for r in checked), format_report(checked)
 
 
@@ -536,8 +535,7 @@ def test_poly1_hessian_where_a_class_ties_with_several_others(size):
     if size == 3:
         witness = {"y": 0, "s": np.array([0.0, math.log(0.5), math.log(0.5) + 1e-9]), "w": np.zeros(3)}
         checked += check_size(poly1, spec, 3, [witness], {"epsilon": 1.0})
-    full = {"hess_full", "hvp"} if size <= FULL_HESSIAN_UP_TO else set()
-    assert {r.output.split()[0].split("[")[0] for r in checked} == {"loss", "grad", "hess"} | full
+    assert {r.output.split()[0].split("[")[0] for r in checked} == {"loss", "grad", "hess", "hess_full", "hvp"}
     assert all(r.ok(RELATIVE_TOLERANCE) for r in checked), format_report(checked)
 
 
