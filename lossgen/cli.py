@@ -97,13 +97,24 @@ def cmd_new(args) -> int:
     return 0
 
 
+def _row_sizes(text: str) -> tuple[int, ...]:
+    """--sizes: comma-separated positive row lengths ("2,3")."""
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def cmd_verify(args) -> int:
     from .derive import derive
     from .known_gaps import gap_of
     from .runtime import load
     from .spec import find_spec_files, load_spec
     from .verify import format_report, verify_derivatives, verify_loss
-    from .verify_rows import ROW_POINTS, verify_rows
+    from .verify_rows import ROW_POINTS, SIZES, verify_rows
 
     catalog = load(args.out)
     paths = [p for p in find_spec_files(args.specs) if not args.names or p.stem in args.names]
@@ -115,10 +126,10 @@ def cmd_verify(args) -> int:
     for path in paths:
         started = time.perf_counter()
         spec = load_spec(path)
-        if spec.rowwise:  # C = 1, 2, 3, 7 at each parameter set; a row checks up to C**2 Hessian entries, so fewer rows
-            rows.extend(verify_rows(catalog.get(spec.name), spec, n_random=min(args.points, ROW_POINTS),
-                                    n_stress=ROW_POINTS if args.stress else 0, differences=args.derivatives,
-                                    gap=gap_of(spec.name)))
+        if spec.rowwise:  # each size at each parameter set; a row checks up to C**2 Hessian entries, so fewer rows
+            rows.extend(verify_rows(catalog.get(spec.name), spec, sizes=args.sizes or SIZES,
+                                    n_random=min(args.points, ROW_POINTS), n_stress=ROW_POINTS if args.stress else 0,
+                                    differences=args.derivatives, gap=gap_of(spec.name)))
         else:
             derivation = derive(spec)
             rows.extend(verify_loss(catalog.get(spec.name), derivation, n=args.points, stress=args.stress))
@@ -176,6 +187,8 @@ def main(argv=None) -> int:
                         "default: on")
     p.add_argument("--derivatives", action="store_true",
                    help="also check the symbolic derivatives against finite differences")
+    p.add_argument("--sizes", type=_row_sizes, default=None,
+                   help="row lengths C of the row-wise losses, comma-separated (default: 1,2,3,7)")
     p = add("docs", cmd_docs, "write the LaTeX formula reference (loss, gradient, Hessian, plots) from the specs")
     p.add_argument("--out", default=str(_DOCS_DIR), help="output folder (default: %(default)s)")
     p.add_argument("--kernels", default=str(GENERATED_DIR),

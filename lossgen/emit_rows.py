@@ -60,7 +60,7 @@ class RowPrinter(NumbaPrinter):
     def __init__(self, row_arguments=()):
         super().__init__()
         self.row_arguments = list(row_arguments)  # the kernels' inputs and parameters, in order
-        self.softmax_ties: set = set()  # the logsumexps R whose helper _tie<R> the kernels call
+        self.softmax_ties: set = set()  # the names of the helpers _tie<R> that the kernels call
 
     def _print_onehot(self, expr):
         return f"(1.0 if _k == {self._print(expr.args[0])} else 0.0)"

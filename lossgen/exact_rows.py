@@ -57,7 +57,7 @@ import sympy as sp
 from sympy.core.relational import Relational
 
 from .domains import nonnegative_on
-from .vocabulary import exact_sum, finite_or, group
+from .vocabulary import exact_sum, finite_or, group, softmax_tie
 
 # Which outputs get the fallback, and its test: |num| < threshold * B. Where the test does not
 # hold the fast form's error is a few units in the last place of B, so at most 2^12 k 1.1e-16
@@ -271,7 +271,8 @@ def row_regions(exprs, element_symbols) -> tuple | None:
 
 
 # the stable forms' functions that are identities in exact arithmetic: their exact value
-EXACT_VALUE = {group: lambda a: a, finite_or: lambda a, b: a, exact_sum: lambda *a: sp.Add(*a)}
+EXACT_VALUE = {group: lambda a: a, finite_or: lambda a, b: a, exact_sum: lambda *a: sp.Add(*a),
+               softmax_tie: lambda d, size, c, helper: d}
 
 
 def in_exact_arithmetic(expr: sp.Expr) -> sp.Expr:

@@ -178,12 +178,12 @@ class terms_size(sp.Function):
 
 
 class softmax_tie(sp.Function):
-    """softmax_tie(d, size, c, R) = d = 1 - 2 p_c, p_c = exp(g_c - R) the softmax weight of class
-    c under R = logsumexp(g), d a form of it whose terms have total size ``size``. Where they
+    """softmax_tie(d, size, c, helper) = d = 1 - 2 p_c, p_c = exp(g_c - R) the softmax weight of
+    class c under R = logsumexp(g), d a form of it whose terms have total size ``size``. Where they
     cancel below SOFTMAX_TIE_THRESHOLD of it (class c ties for the row's mass with the others
     together), the kernels take it again as (T - 1)/(T + 1), T = sum_{k != c} exp(g_k - g_c),
     each difference g_k - g_c exact and each exponential and the sum in double-word arithmetic
-    (lossgen/emit_rows.py, the helper _tie<R>, which R names: :func:`softmax_tie_helper`)."""
+    (lossgen/emit_rows.py: the module's function that ``helper`` names, :func:`softmax_tie_helper`)."""
 
     def _eval_is_real(self):
         return self.args[0].is_real

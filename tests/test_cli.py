@@ -308,13 +308,21 @@ def test_verify_reports_a_known_gap_apart(tmp_path):
     """ssim_global's full Hessian at C = 3 has a row inside its known gap beyond the bound
     (lossgen/known_gaps.py): marked, counted apart, and the exit status stays 0 (poly1's, the
     earlier example, closed where two classes tie, then where several do; cosine_proximity's and
-    cosine_embedding's before it with the exact fallback of their Hessians)."""
-    rc, output = run_cli("verify", "ssim_global", cwd=tmp_path)
+    cosine_embedding's before it with the exact fallback of their Hessians). Only at C = 2 and 3
+    (--sizes; C = 7's full Hessian made this test 45 s), and no other size is checked."""
+    rc, output = run_cli("verify", "ssim_global", "--sizes", "2,3", cwd=tmp_path)
     assert rc == 0, output
+    assert re.search(r"^ssim_global\s+loss C=2\s", output, re.MULTILINE) and "C=7" not in output and "C=1 " not in output
     assert re.search(r"^ssim_global\s+hess_full\[x,x\] known gap C=3 .*\(known gap\)$", output,
                      re.MULTILINE), output
     assert "FAIL" not in output
     assert re.search(r"^\d+ more in known gaps .*, [1-9]\d* of them beyond it$", output, re.MULTILINE), output
+
+
+@pytest.mark.parametrize("sizes", ["0,2", "a", "", "2,,3"])
+def test_verify_rejects_bad_sizes(tmp_path, sizes):
+    rc, output = run_cli("verify", "dice", "--sizes", sizes, cwd=tmp_path)
+    assert rc != 0 and "--sizes" in output and "positive integers" in output and "Traceback" not in output
 
 
 def test_new_rejects_a_family_outside_the_spec_folder(tmp_path):

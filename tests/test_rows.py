@@ -101,10 +101,13 @@ def test_row_kernels_match_the_expanded_truth_at_other_parameters(name, values):
     assert not failures, "\n" + format_report(failures)
 
 
-# Rows where a known gap shows that the verification's sample (ROW_POINTS random and extreme
-# rows per size, at the defaults) does not reach, with parameters other than the defaults where
-# given: checked as well as the sample.
+# Rows where a known gap shows beyond the bound, with parameters other than the defaults where
+# given: what test_row_known_gaps_are_still_gaps checks (the verification's sample, ROW_POINTS
+# random and extreme rows per size at the defaults, where a gap has none; the sample cost global
+# SSIM's test 30 s once C = 7 had every Hessian entry checked).
 ROW_GAP_WITNESSES = {
+    # x = 0: l' is the same at both elements and cs'_0 + cs'_1 = 0, their products cancel (2.3e-10)
+    "ssim_global": [{"x": [0.0, 0.0], "y": [0.9, 0.11]}],
     # an outer-product factor below the normal range (entry (1, 0) of x2's block, 1e-282, is 0)
     "cosine_embedding": [{"y": 1.0, "x1": [1e50, -700.0], "x2": [0.0, 1e-300]}],
 }
@@ -113,7 +116,7 @@ ROW_GAP_WITNESSES = {
 @pytest.mark.parametrize("name", sorted(ROW_KNOWN_GAPS))
 def test_row_known_gaps_are_still_gaps(name):
     """A gap that closes must leave ROW_KNOWN_GAPS (and the note on the issue)."""
-    rows = [r for r in _verification(name) if r.in_known_gap]
+    rows = [] if name in ROW_GAP_WITNESSES else [r for r in _verification(name) if r.in_known_gap]
     spec = load_spec(ROW_PATHS[name])
     params = {p.name: p.default for p in spec.params}
     for witness in ROW_GAP_WITNESSES.get(name, ()):
