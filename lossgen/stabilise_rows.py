@@ -1467,7 +1467,18 @@ def _outer_by_factor(block, element_symbols):
         varying = [f for f in factors if varies_along_row(f, element_symbols)]
         return sp.Mul(*[f for f in factors if f not in varying]), sp.Mul(*varying)
 
-    split = [[parts(term) for term in sp.Add.make_args(q)] for _, q in block.outer]
+    def terms(q):
+        """q's terms; a row value c of c (a + b) distributed over them (Poly-1 over a temperature:
+        (onehot(y) - p_l)/T shares p_l with p_l/T). Not a number: distributing Dice's 2 (p - y)
+        regrouped its product's and the triplet loss's factors, accurate as they were."""
+        factors = sp.Mul.make_args(q)
+        sums = [f for f in factors if isinstance(f, sp.Add)]
+        c = sp.Mul(*[f for f in factors if f is not sums[0]]) if len(sums) == 1 else sp.S.One
+        if len(sums) == 1 and not c.is_Number and not varies_along_row(c, element_symbols):
+            return [c * t for t in sums[0].args]
+        return sp.Add.make_args(q)
+
+    split = [[parts(term) for term in terms(q)] for _, q in block.outer]
     owners = {}
     for n, terms in enumerate(split):
         for _, factor in terms:

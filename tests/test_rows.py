@@ -750,6 +750,48 @@ def test_a_new_row_wise_loss_is_one_spec(tmp_path):
     assert all(r.ok() for r in rows), format_report(rows)
 
 
+@pytest.fixture(scope="module")
+def tempered_poly1(tmp_path_factory):
+    """Poly-1 on logits over a temperature T, a spec written here, generated and loaded, and its
+    rows checked where the arg-max ties with the other classes together (s/T = (0, log(1/2),
+    log(1/2) + 1e-9), exact at T = 2; w = 0), against the expanded truth."""
+    root = tmp_path_factory.mktemp("tempered")
+    specs = root / "specs" / "custom"
+    specs.mkdir(parents=True)
+    (specs / "poly1_tempered.toml").write_text(
+        'name = "poly1_tempered"\n[inputs]\ny = { role = "target", domain = "class_index" }\n'
+        's = { role = "prediction", axis = "class" }\n'
+        'w = { role = "input", axis = "class", shared = true, default = 1.0, domain = "nonnegative" }\n'
+        '[params]\nT = { default = 2.0, domain = "positive" }\nepsilon = { default = 1.0 }\n'
+        '[let]\nlogp = "log_softmax(s/T)"\n[loss]\nexpr = "-take(w*logp, y) + epsilon*(1 - exp(take(logp, y)))"\n')
+    from lossgen.generate import generate
+    assert generate(root / "specs", root / "out", log=lambda _: None) == 0
+    loss = lossgen.load(root / "out").get("poly1_tempered")
+    row = {"y": 0, "s": 2.0 * np.array([0.0, math.log(0.5), math.log(0.5) + 1e-9]), "w": np.zeros(3)}
+    rows = check_size(loss, load_spec(specs / "poly1_tempered.toml"), 3, [row], {"T": 2.0, "epsilon": 1.0})
+    return (root / "out" / "poly1_tempered.py").read_text(), {r.output.split()[0].split("[")[0]: r for r in rows}
+
+
+def test_a_softmax_tie_comes_from_the_form_not_the_loss(tempered_poly1):
+    """The tempered Poly-1's Hessian diagonal holds 1 - 2 p_a of log_softmax(s/T): the module has
+    the tie's helper (vocabulary.softmax_tie, no loss named), and at the tie the loss, gradient and
+    Hessian diagonal meet the bound (the diagonal had 4.7e-8 without the helper)."""
+    source, rows = tempered_poly1
+    assert "def _tie_r" in source
+    checked = [rows[name] for name in ("loss", "grad", "hess")]
+    assert all(r.ok(RELATIVE_TOLERANCE) for r in checked), format_report(checked)
+
+
+def test_the_tempered_poly1_full_hessian_at_a_tie(tempered_poly1):
+    """And its full Hessian and product: an entry (y, l) holds eps p_y p_l (1 - 2 p_y), from the
+    outer products P(y) p_l/T and P'(y) (onehot(y) - p_l)/T, whose shared factor p_l is taken out
+    (stabilise_rows._outer_by_factor) once the row value 1/T is distributed over the sum: before,
+    (onehot(y) - p_l)/T was one term, 1 - 2 p_y never took the tie's form, relative error 6.5e-8."""
+    _, rows = tempered_poly1
+    checked = [rows[name] for name in ("hess_full", "hvp")]
+    assert all(r.ok(RELATIVE_TOLERANCE) for r in checked), format_report(checked)
+
+
 def test_share_is_differentiated_with_its_complement():
     """share(E, W, D) = E/D with D = E + W: d/dt = (W E' - E W')/D**2, D not differentiated."""
     from lossgen.fuse_rows import expand_shares, share
