@@ -124,8 +124,10 @@ ROW_KNOWN_GAPS = {
                                "l'_j cs'_l + l'_l cs'_j that cancels by coincidence, y_j + y_l = 2 mu_y to the last "
                                "digits (relative error 3.2e-10 at C = 3, y = (1e-300, 0.5, 1 - 2**-53), "
                                "x = (1e-16, 0, 1e-300); 2.3e-10 at C = 2, x = (0, 0), y = (0.9, 0.11)), each "
-                               "factor rounded apart; reachable by the exact fallback over the row's moments, or "
-                               "the pair's deviations summed exactly per entry"),
+                               "factor rounded apart; not only at special rows: any entry near a zero crossing "
+                               "(on uniform rows at C = 16, 1.1% of the rows hold one beyond 1e-12). The exact "
+                               "fallback over the row's moments closes it, at 1.8 ms a flagged row (README, known "
+                               "gaps); it needs a cheap middle tier"),
     "cosine_embedding": (_cosine_gap, "a full Hessian entry with an element below the normal range over the "
                                       "square root of its denominator, and the Hessian-vector product of a row "
                                       "holding one: the kernels' outer products divide each factor P(j), Q(l) by "
