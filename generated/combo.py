@@ -1509,9 +1509,9 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-        _fscratch = np.zeros((12, _n))
+        _fscratch = np.zeros((13, _n))
         for _k in range(_n):
-            _fscratch[11, _k] = _scratch[8, _k]
+            _fscratch[12, _k] = _scratch[8, _k]
         for _j in range(_n):
             if _scratch[8, _j] != 0.0:
                 for _l in range(_n):
@@ -1625,8 +1625,9 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _xc1_2 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb1_2 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     _xscale0 = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
+    _xestimate0 = ((1.0)/((_r0 + _r1 + smooth)**3))
     for _k in range(_n):
-        if _scratch[11, _k] == 0.0:
+        if _scratch[12, _k] == 0.0:
             continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1713,7 +1714,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
             else:
                 _xn = _xc1_0*_at_l_y + _xc1_1*_e_y + _xc1_2
                 _xb = _xb1_0*abs(_at_l_y) + _xb1_1*abs(_e_y) + _xb1_2
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1884,9 +1885,10 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h10 = (_t1_9)
     _h11 = (_t1_6*abs(_r4) + _t1_9)
     _h12 = ((1.0)/(_t1_10**2*abs(_t1_10)))
-    _h13 = (-_r0*_t1_11 - _r1*_t1_11 - _t1_11*smooth)
-    _h14 = (_t1_12*_t1_7 + _t1_12*_t1_8 + _t1_12*smooth)
-    _scratch = np.empty((12, _n))
+    _h13 = ((1.0)/(_t1_10**3))
+    _h14 = (-_r0*_t1_11 - _r1*_t1_11 - _t1_11*smooth)
+    _h15 = (_t1_12*_t1_7 + _t1_12*_t1_8 + _t1_12*smooth)
+    _scratch = np.empty((13, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -1907,15 +1909,17 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[8, _k] = _h10
         _scratch[9, _k] = _e_y*_h10 + _h11
         _scratch[10, _k] = _h12
-        _scratch[11, _k] = 1.0 if (abs(_e_y*_h13 + _h9) < _e_y*_h14 + _h11) | (_e_y*_h14 + _h11 < 1.0261342003245941e-289) else 0.0
+        _scratch[11, _k] = _h13
+        _scratch[12, _k] = 1.0 if (abs(_e_y*_h14 + _h9) < _e_y*_h15 + _h11) | (_e_y*_h15 + _h11 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = (_scratch[11, _j] != 0.0)
+        _xj0 = (_scratch[12, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[8, _j] * _scratch[6, _l] + _scratch[9, _j] * _scratch[2, _l]
-            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[10, _j] < 1.0261342003245941e-289))
-        _scratch[11, _j] = 1.0 if _xj0 else 0.0
+            _xnl = _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l]
+            _xj0 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[10, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[11, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[11, _j])))
+        _scratch[12, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
         _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)

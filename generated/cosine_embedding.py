@@ -3546,15 +3546,15 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
         _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1)
     elif _xdiagonal0 or _xdiagonal2:
         _blocks = np.empty((4, 1, _n, _n), _out0.dtype)
-        _fscratch = np.zeros((45, _n))
+        _fscratch = np.zeros((48, _n))
         for _k in range(_n):
-            _fscratch[41, _k] = _scratch[30, _k]
+            _fscratch[44, _k] = _scratch[30, _k]
         for _k in range(_n):
-            _fscratch[42, _k] = _scratch[31, _k]
+            _fscratch[45, _k] = _scratch[31, _k]
         for _k in range(_n):
-            _fscratch[43, _k] = _scratch[32, _k]
+            _fscratch[46, _k] = _scratch[32, _k]
         for _k in range(_n):
-            _fscratch[44, _k] = _scratch[33, _k]
+            _fscratch[47, _k] = _scratch[33, _k]
         for _j in range(_n):
             if _scratch[30, _j] != 0.0 or _scratch[31, _j] != 0.0:
                 for _l in range(_n):
@@ -3981,14 +3981,18 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
         _xcs0 = _xcs0_a * _xcs0_d
     _xregion0 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
     _xscale0 = ((((1.0)/((_r0 + eps)**2*abs(math.sqrt((_r0 + eps)*(_r1 + eps)))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
+    _xestimate0 = ((((-1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)**2))) if (_row_y > 0.0) else (((1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)**2))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) else (math.nan))
     _xregion1 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
     _xscale1 = ((((1.0)/(abs(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
+    _xestimate1 = ((((1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps)))) if (_row_y > 0.0) else (((-1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps)))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) else (math.nan))
     _xregion2 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
     _xscale2 = ((((1.0)/(abs(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
+    _xestimate2 = ((((1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps)))) if (_row_y > 0.0) else (((-1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r0 + eps)*(_r1 + eps)))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) else (math.nan))
     _xregion3 = ((0.0) if (_row_y > 0.0) else (1.0) if (_xcs0 <= 0.0) else (2.0))
     _xscale3 = ((((1.0)/((_r1 + eps)**2*abs(math.sqrt((_r0 + eps)*(_r1 + eps)))))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) or (_row_y > 0.0) else (math.nan))
+    _xestimate3 = ((((1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r1 + eps)**2))) if (_row_y > 0.0) else (((-1.0)/(math.sqrt((_r0 + eps)*(_r1 + eps))*(_r1 + eps)**2))) if (margin <= ((_r2)/(math.sqrt((_r0 + eps)*(_r1 + eps))))) else (math.nan))
     for _k in range(_n):
-        if _scratch[41, _k] == 0.0:
+        if _scratch[44, _k] == 0.0:
             continue
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -4147,7 +4151,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                 if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc1r0_0*_at_l_x1*_e_x1 + _xc1r0_1*_at_l_x1*_e_x2 + _xc1r0_2*_at_l_x2*_e_x1
                     _xb = _xb1r0_0*abs(_at_l_x1*_e_x1) + _xb1r0_1*abs(_at_l_x1*_e_x2) + _xb1r0_2*abs(_at_l_x2*_e_x1)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                         if not _xready1r0:
                             _xready1r0 = True
                             _xA1r0_0_n = 0
@@ -4283,7 +4287,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if math.isfinite(_xq):
                             _out0[_o, _k, _l] = _w * _xq
     for _k in range(_n):
-        if _scratch[42, _k] == 0.0:
+        if _scratch[45, _k] == 0.0:
             continue
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -4458,7 +4462,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                 if _xregion1 == 0 or _xregion1 == 1:
                     _xn = _xc3r0_0*_at_l_x1*_e_x1 + _xc3r0_1*_at_l_x2*_e_x1 + _xc3r0_2*_at_l_x2*_e_x2
                     _xb = _xb3r0_0*abs(_at_l_x1*_e_x1) + _xb3r0_1*abs(_at_l_x2*_e_x1) + _xb3r0_2*abs(_at_l_x2*_e_x2)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale1 < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale1 < 1.0261342003245941e-289) | (abs(_out1[_o, _k, _l] - _w * _xn * _xestimate1) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate1)):
                         if not _xready3r0:
                             _xready3r0 = True
                             _xA3r0_0_n = 0
@@ -4595,7 +4599,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if math.isfinite(_xq):
                             _out1[_o, _k, _l] = _w * _xq
     for _k in range(_n):
-        if _scratch[43, _k] == 0.0:
+        if _scratch[46, _k] == 0.0:
             continue
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -4770,7 +4774,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                 if _xregion2 == 0 or _xregion2 == 1:
                     _xn = _xc5r0_0*_at_l_x1*_e_x1 + _xc5r0_1*_at_l_x1*_e_x2 + _xc5r0_2*_at_l_x2*_e_x2
                     _xb = _xb5r0_0*abs(_at_l_x1*_e_x1) + _xb5r0_1*abs(_at_l_x1*_e_x2) + _xb5r0_2*abs(_at_l_x2*_e_x2)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale2 < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale2 < 1.0261342003245941e-289) | (abs(_out2[_o, _k, _l] - _w * _xn * _xestimate2) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate2)):
                         if not _xready5r0:
                             _xready5r0 = True
                             _xA5r0_0_n = 0
@@ -4907,7 +4911,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if math.isfinite(_xq):
                             _out2[_o, _k, _l] = _w * _xq
     for _k in range(_n):
-        if _scratch[44, _k] == 0.0:
+        if _scratch[47, _k] == 0.0:
             continue
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -5061,7 +5065,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                 if _xregion3 == 0 or _xregion3 == 1:
                     _xn = _xc7r0_0*_at_l_x1*_e_x2 + _xc7r0_1*_at_l_x2*_e_x1 + _xc7r0_2*_at_l_x2*_e_x2
                     _xb = _xb7r0_0*abs(_at_l_x1*_e_x2) + _xb7r0_1*abs(_at_l_x2*_e_x1) + _xb7r0_2*abs(_at_l_x2*_e_x2)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale3 < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale3 < 1.0261342003245941e-289) | (abs(_out3[_o, _k, _l] - _w * _xn * _xestimate3) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate3)):
                         if not _xready7r0:
                             _xready7r0 = True
                             _xA7r0_0_n = 0
@@ -5368,15 +5372,20 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1
     _t6_16 = 0.000244140625*eps
     _t6_17 = abs(_r0)
     _t6_18 = 0.000244140625*_t6_17
-    _t6_19 = abs(_t6_10)
-    _t6_20 = abs(_r1)
-    _t6_21 = 0.000244140625*_t6_20
-    _t6_22 = 2.0*eps
-    _t6_23 = _r2*eps
-    _t6_24 = 0.00048828125*eps
-    _t6_25 = _r2_abs*_t6_16
-    _t6_26 = eps**2
-    _t6_27 = _r0*_r1
+    _t6_19 = _t6_0**2
+    _t6_20 = abs(_t6_10)
+    _t6_21 = _t6_10*_t6_19
+    _t6_22 = abs(_r1)
+    _t6_23 = 0.000244140625*_t6_22
+    _t6_24 = _t6_10*_t6_9
+    _t6_25 = _t6_4**2
+    _t6_26 = _t6_10*_t6_25
+    _t6_27 = 2.0*eps
+    _t6_28 = _r2*eps
+    _t6_29 = 0.00048828125*eps
+    _t6_30 = _r2_abs*_t6_16
+    _t6_31 = eps**2
+    _t6_32 = _r0*_r1
     _h0 = ((1.0)/(_t6_0))
     _h1 = _t6_3**3
     _h2 = ((1.0)/(_t6_2))
@@ -5411,26 +5420,32 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1
     _h31 = (-_t6_0)
     _h32 = (0.000732421875*_r2_abs)
     _h33 = (_t6_16 + _t6_18)
-    _h34 = ((1.0)/(_t6_0**2*_t6_19))
-    _h35 = (_t6_4)
-    _h36 = (-_r2)
-    _h37 = (_t6_0)
-    _h38 = (_t6_16 + _t6_21)
-    _h39 = (0.000244140625*_r2_abs)
-    _h40 = ((1.0)/(abs(_t6_10*_t6_9)))
-    _h41 = (-_t6_15)
-    _h42 = ((1.0)/(_t6_19*_t6_4**2))
-    _h43 = (-2.0*_r0 - _t6_22)
-    _h44 = (-_r0*_r2 - _t6_23)
-    _h45 = (0.00048828125*_t6_17 + _t6_24)
-    _h46 = (_r2_abs*_t6_18 + _t6_25)
-    _h47 = (-_r0*eps - _r1*eps - _t6_26 - _t6_27)
-    _h48 = (_t6_16*_t6_17 + _t6_16*_t6_20 + 0.000244140625*_t6_26 + 0.000244140625*abs(_t6_27))
-    _h49 = (2.0*_r1 + _t6_22)
-    _h50 = (_r1*_r2 + _t6_23)
-    _h51 = (0.00048828125*_t6_20 + _t6_24)
-    _h52 = (_r2_abs*_t6_21 + _t6_25)
-    _scratch = np.empty((45, _n))
+    _h34 = ((1.0)/(_t6_19*_t6_20))
+    _h35 = ((-1.0)/(_t6_21))
+    _h36 = ((1.0)/(_t6_21))
+    _h37 = (_t6_4)
+    _h38 = (-_r2)
+    _h39 = (_t6_0)
+    _h40 = (_t6_16 + _t6_23)
+    _h41 = (0.000244140625*_r2_abs)
+    _h42 = ((1.0)/(abs(_t6_24)))
+    _h43 = ((1.0)/(_t6_24))
+    _h44 = ((-1.0)/(_t6_24))
+    _h45 = (-_t6_15)
+    _h46 = ((1.0)/(_t6_20*_t6_25))
+    _h47 = ((1.0)/(_t6_26))
+    _h48 = ((-1.0)/(_t6_26))
+    _h49 = (-2.0*_r0 - _t6_27)
+    _h50 = (-_r0*_r2 - _t6_28)
+    _h51 = (0.00048828125*_t6_17 + _t6_29)
+    _h52 = (_r2_abs*_t6_18 + _t6_30)
+    _h53 = (-_r0*eps - _r1*eps - _t6_31 - _t6_32)
+    _h54 = (_t6_16*_t6_17 + _t6_16*_t6_22 + 0.000244140625*_t6_31 + 0.000244140625*abs(_t6_32))
+    _h55 = (2.0*_r1 + _t6_27)
+    _h56 = (_r1*_r2 + _t6_28)
+    _h57 = (0.00048828125*_t6_22 + _t6_29)
+    _h58 = (_r2_abs*_t6_23 + _t6_30)
+    _scratch = np.empty((48, _n))
     _xflag0 = False
     _xflag1 = False
     _xflag2 = False
@@ -5536,28 +5551,28 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1
             _t7_27 = 0.0
         if _t7_78:
             _t7_81 = _h33*_t7_80
-            _t7_82 = _e_x1*_h35
-            _t7_83 = _e_x2*_h37
-            _t7_84 = _h38*_t7_79
+            _t7_82 = _e_x1*_h37
+            _t7_83 = _e_x2*_h39
+            _t7_84 = _h40*_t7_79
             _b7_6 = _e_x1*_h30 + _e_x2*_h31
             _b7_7 = _e_x1*_h31
             _b7_8 = _h32*_t7_79 + _t7_81
             _b7_9 = _h33*_t7_79
             _b7_10 = _h34
             _b7_11 = _t7_82
-            _b7_12 = _e_x1*_h36 + _t7_83
+            _b7_12 = _e_x1*_h38 + _t7_83
             _b7_13 = _t7_84
-            _b7_14 = _h39*_t7_79 + _t7_81
-            _b7_15 = _h40
-            _b7_16 = _e_x2*_h36 + _t7_82
+            _b7_14 = _h41*_t7_79 + _t7_81
+            _b7_15 = _h42
+            _b7_16 = _e_x2*_h38 + _t7_82
             _b7_17 = _t7_83
-            _b7_18 = _h39*_t7_80 + _t7_84
+            _b7_18 = _h41*_t7_80 + _t7_84
             _b7_19 = _t7_81
-            _b7_20 = _e_x2*_h35
-            _b7_21 = _e_x2*_h41 + _t7_82
-            _b7_22 = _h38*_t7_80
+            _b7_20 = _e_x2*_h37
+            _b7_21 = _e_x2*_h45 + _t7_82
+            _b7_22 = _h40*_t7_80
             _b7_23 = _h32*_t7_80 + _t7_84
-            _b7_24 = _h42
+            _b7_24 = _h46
         else:
             _b7_6 = 0.0
             _b7_7 = 0.0
@@ -5605,61 +5620,68 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1
         _scratch[24, _k] = _b7_9
         _scratch[25, _k] = _t7_80
         _scratch[26, _k] = _b7_10
-        _scratch[27, _k] = _b7_11
-        _scratch[28, _k] = _b7_12
-        _scratch[29, _k] = _b7_13
-        _scratch[30, _k] = _b7_14
-        _scratch[31, _k] = _b7_15
-        _scratch[32, _k] = _b7_16
-        _scratch[33, _k] = _b7_17
-        _scratch[34, _k] = _b7_18
-        _scratch[35, _k] = _b7_19
-        _scratch[36, _k] = _b7_20
-        _scratch[37, _k] = _b7_21
-        _scratch[38, _k] = _b7_22
-        _scratch[39, _k] = _b7_23
-        _scratch[40, _k] = _b7_24
+        _scratch[27, _k] = ((_h35) if _t7_14 else (_h36) if _t7_15 else (math.nan))
+        _scratch[28, _k] = _b7_11
+        _scratch[29, _k] = _b7_12
+        _scratch[30, _k] = _b7_13
+        _scratch[31, _k] = _b7_14
+        _scratch[32, _k] = _b7_15
+        _scratch[33, _k] = ((_h43) if _t7_14 else (_h44) if _t7_15 else (math.nan))
+        _scratch[34, _k] = _b7_16
+        _scratch[35, _k] = _b7_17
+        _scratch[36, _k] = _b7_18
+        _scratch[37, _k] = _b7_19
+        _scratch[38, _k] = _b7_20
+        _scratch[39, _k] = _b7_21
+        _scratch[40, _k] = _b7_22
+        _scratch[41, _k] = _b7_23
+        _scratch[42, _k] = _b7_24
+        _scratch[43, _k] = ((_h47) if _t7_14 else (_h48) if _t7_15 else (math.nan))
         _t8_0 = (_h6 >= margin) or (_row_y > 0.0)
         _t8_1 = _e_x1*_e_x2
         _t8_2 = _e_x1**2
         _t8_3 = ((_h32) if _t8_0 else (math.nan))
         _t8_4 = abs(_t8_1)
         _t8_5 = _e_x2**2
-        _t8_6 = _t8_1*((_h36) if _t8_0 else (0.0)) + _t8_2*((_h35) if _t8_0 else (0.0)) + _t8_5*((_h37) if _t8_0 else (0.0)) + ((_h47) if _t8_0 else (0.0))
-        _t8_7 = _t8_2*((_h38) if _t8_0 else (math.nan)) + _t8_4*((_h39) if _t8_0 else (math.nan)) + _t8_5*((_h33) if _t8_0 else (math.nan)) + ((_h48) if _t8_0 else (math.nan))
-        _scratch[41, _k] = 1.0 if (abs(_t8_1*((_h43) if _t8_0 else (0.0)) + _t8_2*((_h30) if _t8_0 else (0.0)) + ((_h44) if _t8_0 else (0.0))) < _t8_2*_t8_3 + _t8_4*((_h45) if _t8_0 else (math.nan)) + ((_h46) if _t8_0 else (math.nan))) | (_t8_2*_t8_3 + _t8_4*((_h45) if _t8_0 else (math.nan)) + ((_h46) if _t8_0 else (math.nan)) < 1.0261342003245941e-289) else 0.0
-        _scratch[42, _k] = 1.0 if (abs(_t8_6) < _t8_7) | (_t8_7 < 1.0261342003245941e-289) else 0.0
-        _scratch[43, _k] = 1.0 if (abs(_t8_6) < _t8_7) | (_t8_7 < 1.0261342003245941e-289) else 0.0
-        _scratch[44, _k] = 1.0 if (abs(_t8_1*((_h49) if _t8_0 else (0.0)) + _t8_5*((_h41) if _t8_0 else (0.0)) + ((_h50) if _t8_0 else (0.0))) < _t8_3*_t8_5 + _t8_4*((_h51) if _t8_0 else (math.nan)) + ((_h52) if _t8_0 else (math.nan))) | (_t8_3*_t8_5 + _t8_4*((_h51) if _t8_0 else (math.nan)) + ((_h52) if _t8_0 else (math.nan)) < 1.0261342003245941e-289) else 0.0
+        _t8_6 = _t8_1*((_h38) if _t8_0 else (0.0)) + _t8_2*((_h37) if _t8_0 else (0.0)) + _t8_5*((_h39) if _t8_0 else (0.0)) + ((_h53) if _t8_0 else (0.0))
+        _t8_7 = _t8_2*((_h40) if _t8_0 else (math.nan)) + _t8_4*((_h41) if _t8_0 else (math.nan)) + _t8_5*((_h33) if _t8_0 else (math.nan)) + ((_h54) if _t8_0 else (math.nan))
+        _scratch[44, _k] = 1.0 if (abs(_t8_1*((_h49) if _t8_0 else (0.0)) + _t8_2*((_h30) if _t8_0 else (0.0)) + ((_h50) if _t8_0 else (0.0))) < _t8_2*_t8_3 + _t8_4*((_h51) if _t8_0 else (math.nan)) + ((_h52) if _t8_0 else (math.nan))) | (_t8_2*_t8_3 + _t8_4*((_h51) if _t8_0 else (math.nan)) + ((_h52) if _t8_0 else (math.nan)) < 1.0261342003245941e-289) else 0.0
+        _scratch[45, _k] = 1.0 if (abs(_t8_6) < _t8_7) | (_t8_7 < 1.0261342003245941e-289) else 0.0
+        _scratch[46, _k] = 1.0 if (abs(_t8_6) < _t8_7) | (_t8_7 < 1.0261342003245941e-289) else 0.0
+        _scratch[47, _k] = 1.0 if (abs(_t8_1*((_h55) if _t8_0 else (0.0)) + _t8_5*((_h45) if _t8_0 else (0.0)) + ((_h56) if _t8_0 else (0.0))) < _t8_3*_t8_5 + _t8_4*((_h57) if _t8_0 else (math.nan)) + ((_h58) if _t8_0 else (math.nan))) | (_t8_3*_t8_5 + _t8_4*((_h57) if _t8_0 else (math.nan)) + ((_h58) if _t8_0 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = (_scratch[41, _j] != 0.0)
-        _xj1 = (_scratch[42, _j] != 0.0)
-        _xj2 = (_scratch[43, _j] != 0.0)
-        _xj3 = (_scratch[44, _j] != 0.0)
+        _xj0 = (_scratch[44, _j] != 0.0)
+        _xj1 = (_scratch[45, _j] != 0.0)
+        _xj2 = (_scratch[46, _j] != 0.0)
+        _xj3 = (_scratch[47, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
             _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[22, _j] * _scratch[23, _l] + _scratch[24, _j] * _scratch[25, _l]
-            _xj0 |= (_j != _l) & ((abs(_scratch[20, _j] * _scratch[11, _l] + _scratch[21, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[26, _j] < 1.0261342003245941e-289))
+            _xnl = _scratch[20, _j] * _scratch[11, _l] + _scratch[21, _j] * _scratch[7, _l]
+            _xj0 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[26, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[27, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[27, _j])))
             _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
             _out1[_o, _j, _l] = _w * _h
-            _xbl = _scratch[29, _j] * _scratch[23, _l] + _scratch[30, _j] * _scratch[25, _l]
-            _xj1 |= (_j != _l) & ((abs(_scratch[27, _j] * _scratch[11, _l] + _scratch[28, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[31, _j] < 1.0261342003245941e-289))
+            _xbl = _scratch[30, _j] * _scratch[23, _l] + _scratch[31, _j] * _scratch[25, _l]
+            _xnl = _scratch[28, _j] * _scratch[11, _l] + _scratch[29, _j] * _scratch[7, _l]
+            _xj1 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[32, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[33, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[33, _j])))
             _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
             _out2[_o, _j, _l] = _w * _h
-            _xbl = _scratch[34, _j] * _scratch[23, _l] + _scratch[35, _j] * _scratch[25, _l]
-            _xj2 |= (_j != _l) & ((abs(_scratch[32, _j] * _scratch[11, _l] + _scratch[33, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[31, _j] < 1.0261342003245941e-289))
+            _xbl = _scratch[36, _j] * _scratch[23, _l] + _scratch[37, _j] * _scratch[25, _l]
+            _xnl = _scratch[34, _j] * _scratch[11, _l] + _scratch[35, _j] * _scratch[7, _l]
+            _xj2 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[32, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[33, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[33, _j])))
             _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
             _out3[_o, _j, _l] = _w * _h
-            _xbl = _scratch[38, _j] * _scratch[23, _l] + _scratch[39, _j] * _scratch[25, _l]
-            _xj3 |= (_j != _l) & ((abs(_scratch[36, _j] * _scratch[11, _l] + _scratch[37, _j] * _scratch[7, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[40, _j] < 1.0261342003245941e-289))
-        _scratch[41, _j] = 1.0 if _xj0 else 0.0
+            _xbl = _scratch[40, _j] * _scratch[23, _l] + _scratch[41, _j] * _scratch[25, _l]
+            _xnl = _scratch[38, _j] * _scratch[11, _l] + _scratch[39, _j] * _scratch[7, _l]
+            _xj3 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[42, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[43, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[43, _j])))
+        _scratch[44, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
-        _scratch[42, _j] = 1.0 if _xj1 else 0.0
+        _scratch[45, _j] = 1.0 if _xj1 else 0.0
         _xflag1 |= _xj1
-        _scratch[43, _j] = 1.0 if _xj2 else 0.0
+        _scratch[46, _j] = 1.0 if _xj2 else 0.0
         _xflag2 |= _xj2
-        _scratch[44, _j] = 1.0 if _xj3 else 0.0
+        _scratch[47, _j] = 1.0 if _xj3 else 0.0
         _xflag3 |= _xj3
     if _xflag0 or _xflag1 or _xflag2 or _xflag3:
         _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch)

@@ -2053,9 +2053,9 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
         _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-        _fscratch = np.zeros((14, _n))
+        _fscratch = np.zeros((15, _n))
         for _k in range(_n):
-            _fscratch[13, _k] = _scratch[9, _k]
+            _fscratch[14, _k] = _scratch[9, _k]
         for _j in range(_n):
             if _scratch[9, _j] != 0.0:
                 for _l in range(_n):
@@ -2242,8 +2242,9 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
         _xcs1 = _xcs1_a * _xcs1_d
     _xregion0 = ((0.0) if (_xcs0 < 0.0) and (_xcs1 < 0.0) else (1.0) if (_xcs0 < 0.0) else (2.0))
     _xscale0 = ((((1.0)/(abs(_r0**(5/2)*math.sqrt(_r1))))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((1.0)/(eps*abs(_r0**(5/2))))) if (eps < math.sqrt(_r0)) else (math.nan))
+    _xestimate0 = ((((-1.0)/(_r0**(5/2)*math.sqrt(_r1)))) if (eps < math.sqrt(_r0)) and (eps < math.sqrt(_r1)) else (((-1.0)/(_r0**(5/2)*eps))) if (eps < math.sqrt(_r0)) else (math.nan))
     for _k in range(_n):
-        if _scratch[13, _k] == 0.0:
+        if _scratch[14, _k] == 0.0:
             continue
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -2374,7 +2375,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                 if _xregion0 == 0 or _xregion0 == 1:
                     _xn = _xc1r0_0*_at_l_x*_e_x + _xc1r0_1*_at_l_x*_e_y + _xc1r0_2*_at_l_y*_e_x
                     _xb = _xb1r0_0*abs(_at_l_x*_e_x) + _xb1r0_1*abs(_at_l_x*_e_y) + _xb1r0_2*abs(_at_l_y*_e_x)
-                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
+                    if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                         if not _xready1r0:
                             _xready1r0 = True
                             _xA1r0_0_n = 0
@@ -2565,6 +2566,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
     _t1_5 = abs(_r0)
     _t1_6 = 0.000244140625*_t1_5
     _t1_7 = _r0**(5/2)
+    _t1_8 = _t1_2*_t1_7
     _h0 = (((_t1_1)/(_t1_0)))**3
     _h1 = ((1.0)/(_t1_1))
     _h2 = ((1.0)/(_t1_3))
@@ -2577,13 +2579,15 @@ def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
     _h9 = (-_r0)
     _h10 = (0.000732421875*_r2_abs)
     _h11 = (_t1_6)
-    _h12 = ((1.0)/(abs(_t1_2*_t1_7)))
+    _h12 = ((1.0)/(abs(_t1_8)))
     _h13 = ((1.0)/(eps*abs(_t1_7)))
-    _h14 = (-2.0*_r0)
-    _h15 = (-_r0*_r2)
-    _h16 = (0.00048828125*_t1_5)
-    _h17 = (_r2_abs*_t1_6)
-    _scratch = np.empty((14, _n))
+    _h14 = ((-1.0)/(_t1_8))
+    _h15 = ((-1.0)/(_t1_7*eps))
+    _h16 = (-2.0*_r0)
+    _h17 = (-_r0*_r2)
+    _h18 = (0.00048828125*_t1_5)
+    _h19 = (_r2_abs*_t1_6)
+    _scratch = np.empty((15, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_x = x[_i, _k]
@@ -2605,16 +2609,19 @@ def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
             _b2_1 = ((_t2_8)/(_t2_10*_t2_9))
             _b2_2 = ((_e_x)/(_t2_11*_t2_9))
             _b2_3 = _h12
+            _b2_4 = _h14
         elif _t2_5:
             _b2_0 = _h6*((((((_h0*_sum_finish(_sum_add(_sum_start((3.0*(_e_x*_h1)*(_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _r0_error)))))*(_e_y*_h7)), ((_h1*(_h1*_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r0_hi), _t2_0), _t2_0), _t2_0), _r0_error)))))*(_h1*(_h7*(_sum_finish(_sum_add(_sum_add(_sum_add(_sum_add(_sum_start(_r2_hi), _t2_2), _r2_error), _r2_products), -_fma(_e_x, _e_y, _t2_2)))))))))/(_r0))))/(eps)))
             _b2_1 = ((_t2_8)/(_t2_10*eps))
             _b2_2 = ((_e_x)/(_t2_11*eps))
             _b2_3 = _h13
+            _b2_4 = _h15
         else:
             _b2_0 = 0.0
             _b2_1 = 0.0
             _b2_2 = 0.0
             _b2_3 = math.nan
+            _b2_4 = math.nan
         _scratch[0, _k] = _b2_0
         _scratch[1, _k] = _b2_1
         _scratch[2, _k] = 2.0*_e_x
@@ -2628,19 +2635,21 @@ def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
         _scratch[10, _k] = ((_h11*_t2_13) if _t2_12 else (math.nan))
         _scratch[11, _k] = _t2_14
         _scratch[12, _k] = _b2_3
+        _scratch[13, _k] = _b2_4
         _t3_0 = (_h4 > eps)
         _t3_1 = _t3_0 and (_t3_0 or (_h5 > eps))
         _t3_2 = _e_x*_e_y
         _t3_3 = _e_x**2
-        _scratch[13, _k] = 1.0 if (abs(_t3_2*((_h14) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h15) if _t3_1 else (0.0))) < _t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan))) | (_t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h16) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h17) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
+        _scratch[14, _k] = 1.0 if (abs(_t3_2*((_h16) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h17) if _t3_1 else (0.0))) < _t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h18) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h19) if _t3_1 else (math.nan))) | (_t3_3*((_h10) if _t3_1 else (math.nan)) + ((_h18) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h19) if _t3_1 else (math.nan)) < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = (_scratch[13, _j] != 0.0)
+        _xj0 = (_scratch[14, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
-            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[4, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[12, _j] < 1.0261342003245941e-289))
-        _scratch[13, _j] = 1.0 if _xj0 else 0.0
+            _xnl = _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[4, _l]
+            _xj0 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[12, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[13, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[13, _j])))
+        _scratch[14, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
         _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch)

@@ -1439,9 +1439,9 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-        _fscratch = np.zeros((13, _n))
+        _fscratch = np.zeros((14, _n))
         for _k in range(_n):
-            _fscratch[12, _k] = _scratch[9, _k]
+            _fscratch[13, _k] = _scratch[9, _k]
         for _j in range(_n):
             if _scratch[9, _j] != 0.0:
                 for _l in range(_n):
@@ -1564,8 +1564,9 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _xc1_2 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
     _xb1_2 = (0.0009765625*smooth + 0.0009765625*abs(_r0) + 0.0009765625*abs(_r1))
     _xscale0 = ((1.0)/((_r0 + _r1 + smooth)**2*abs(_r0 + _r1 + smooth)))
+    _xestimate0 = ((1.0)/((_r0 + _r1 + smooth)**3))
     for _k in range(_n):
-        if _scratch[12, _k] == 0.0:
+        if _scratch[13, _k] == 0.0:
             continue
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1652,7 +1653,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
             else:
                 _xn = _xc1_0*_at_l_p*_e_p + _xc1_1*_at_l_p*_e_y + _xc1_2*_at_l_y*_e_p
                 _xb = _xb1_0*abs(_at_l_p*_e_p) + _xb1_1*abs(_at_l_p*_e_y) + _xb1_2*abs(_at_l_y*_e_p)
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1785,11 +1786,12 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
     _h6 = (0.001953125*_t1_4 + _t1_7)
     _h7 = (0.0009765625*_t1_5 + 0.0009765625*_t1_6 + _t1_8)
     _h8 = ((1.0)/(_t1_9**2*abs(_t1_9)))
-    _h9 = (_t1_1)
-    _h10 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 - 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + 2.0*_t1_14 + _t1_2*smooth + _t1_3*smooth)
-    _h11 = (_t1_7)
-    _h12 = (0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_14 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_11) + 0.0009765625*abs(_r0*_r1))
-    _scratch = np.empty((13, _n))
+    _h9 = ((1.0)/(_t1_9**3))
+    _h10 = (_t1_1)
+    _h11 = (_r1*_t1_2 - 2.0*_r3*smooth - 2.0*_t1_10 - 2.0*_t1_11 + 2.0*_t1_12 + 2.0*_t1_13 + 2.0*_t1_14 + _t1_2*smooth + _t1_3*smooth)
+    _h12 = (_t1_7)
+    _h13 = (0.00048828125*_t1_12 + 0.00048828125*_t1_13 + 0.00048828125*_t1_14 + 0.00048828125*_t1_4*smooth + _t1_5*_t1_8 + _t1_6*_t1_8 + 0.00048828125*abs(_t1_10) + 0.00048828125*abs(_t1_11) + 0.0009765625*abs(_r0*_r1))
+    _scratch = np.empty((14, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_p = p[_i, _k]
@@ -1809,17 +1811,19 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[9, _k] = _e_p*_h6 + _e_y*_h7
         _scratch[10, _k] = _e_p*_h7
         _scratch[11, _k] = _h8
+        _scratch[12, _k] = _h9
         _t3_0 = _e_p*_e_y
         _t3_1 = _e_p**2
-        _scratch[12, _k] = 1.0 if (abs(_h10 + _h4*_t3_1 + _h9*_t3_0) < _h11*_t3_0 + _h12 + _h6*_t3_1) | (_h11*_t3_0 + _h12 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
+        _scratch[13, _k] = 1.0 if (abs(_h10*_t3_0 + _h11 + _h4*_t3_1) < _h12*_t3_0 + _h13 + _h6*_t3_1) | (_h12*_t3_0 + _h13 + _h6*_t3_1 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = (_scratch[12, _j] != 0.0)
+        _xj0 = (_scratch[13, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]
-            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
-        _scratch[12, _j] = 1.0 if _xj0 else 0.0
+            _xnl = _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]
+            _xj0 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[12, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[12, _j])))
+        _scratch[13, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
         _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)

@@ -1309,9 +1309,9 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
         _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-        _fscratch = np.zeros((13, _n))
+        _fscratch = np.zeros((14, _n))
         for _k in range(_n):
-            _fscratch[12, _k] = _scratch[9, _k]
+            _fscratch[13, _k] = _scratch[9, _k]
         for _j in range(_n):
             if _scratch[9, _j] != 0.0:
                 for _l in range(_n):
@@ -1444,8 +1444,9 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _xc1_3 = (2.0*_r3 - 2.0*_r4 - 2.0*smooth)
     _xb1_3 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     _xscale0 = ((1.0)/((_r4 + smooth)**2*abs(_r4 + smooth)))
+    _xestimate0 = ((1.0)/((_r4 + smooth)**3))
     for _k in range(_n):
-        if _scratch[12, _k] == 0.0:
+        if _scratch[13, _k] == 0.0:
             continue
         _e_y = y[_i, _k]
         for _l in range(_n):
@@ -1526,7 +1527,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -1666,7 +1667,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
     _h8 = (_t1_4 + 0.00048828125*_t1_5 + 0.00048828125*smooth)
     _h9 = ((1.0)/(_t1_1*abs(_t1_0)))
     _h10 = (_t1_3)
-    _scratch = np.empty((13, _n))
+    _scratch = np.empty((14, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -1686,15 +1687,17 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[9, _k] = _e_y*_h6 + _h7
         _scratch[10, _k] = _e_y*_h7 + _h8
         _scratch[11, _k] = _h9
-        _scratch[12, _k] = 1.0 if (abs(_e_y*_h3 + _h10) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
+        _scratch[12, _k] = _h2
+        _scratch[13, _k] = 1.0 if (abs(_e_y*_h3 + _h10) < _e_y*_h6 + _h8) | (_e_y*_h6 + _h8 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = (_scratch[12, _j] != 0.0)
+        _xj0 = (_scratch[13, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[9, _j] * _scratch[6, _l] + _scratch[10, _j] * _scratch[8, _l]
-            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289))
-        _scratch[12, _j] = 1.0 if _xj0 else 0.0
+            _xnl = _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l]
+            _xj0 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[11, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[12, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[12, _j])))
+        _scratch[13, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
         _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)

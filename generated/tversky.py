@@ -1581,9 +1581,9 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-        _fscratch = np.zeros((11, _n))
+        _fscratch = np.zeros((12, _n))
         for _k in range(_n):
-            _fscratch[10, _k] = _scratch[7, _k]
+            _fscratch[11, _k] = _scratch[7, _k]
         for _j in range(_n):
             if _scratch[7, _j] != 0.0:
                 for _l in range(_n):
@@ -1716,8 +1716,9 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _xc1_3 = (-2.0*_r2*alpha**2 - 2.0*alpha**2*smooth)
     _xb1_3 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
     _xscale0 = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**2*abs(_r0*alpha + _r1*beta + _r2 + smooth)))
+    _xestimate0 = ((1.0)/((_r0*alpha + _r1*beta + _r2 + smooth)**3))
     for _k in range(_n):
-        if _scratch[10, _k] == 0.0:
+        if _scratch[11, _k] == 0.0:
             continue
         _e_y = y[_i, _k]
         for _l in range(_n):
@@ -1885,7 +1886,7 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
             else:
                 _xn = _xc1_0*_at_l_y*_e_y + _xc1_1*_at_l_y + _xc1_2*_e_y + _xc1_3
                 _xb = _xb1_0*abs(_at_l_y*_e_y) + _xb1_1*abs(_at_l_y) + _xb1_2*abs(_e_y) + _xb1_3
-                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289):
+                if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
                         _xa_n = 0
@@ -2192,7 +2193,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
     _h11 = ((1.0)/(_t1_4**2*abs(_t1_4)))
     _h12 = (_r2*_t1_28 + _t1_1*_t1_11 + 2.0*_t1_10 + _t1_28*smooth)
     _h13 = (_t1_19*_t1_29 + 0.00048828125*_t1_20*_t1_26 + 0.00048828125*_t1_23 + _t1_25*_t1_29)
-    _scratch = np.empty((11, _n))
+    _scratch = np.empty((12, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -2216,16 +2217,18 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[7, _k] = _e_y*_h8 + _h9
         _scratch[8, _k] = _e_y*_h9 + _h10
         _scratch[9, _k] = _h11
+        _scratch[10, _k] = _h0
         _t3_0 = _e_y**2
-        _scratch[10, _k] = 1.0 if (abs(_e_y*_h12 + _h5*_t3_0 + _h7) < _e_y*_h13 + _h10 + _h8*_t3_0) | (_e_y*_h13 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
+        _scratch[11, _k] = 1.0 if (abs(_e_y*_h12 + _h5*_t3_0 + _h7) < _e_y*_h13 + _h10 + _h8*_t3_0) | (_e_y*_h13 + _h10 + _h8*_t3_0 < 1.0261342003245941e-289) else 0.0
     for _j in range(_n):
-        _xj0 = (_scratch[10, _j] != 0.0)
+        _xj0 = (_scratch[11, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _out0[_o, _j, _l] = _w * _h
             _xbl = _scratch[7, _j] * _scratch[4, _l] + _scratch[8, _j] * _scratch[2, _l]
-            _xj0 |= (_j != _l) & ((abs(_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[9, _j] < 1.0261342003245941e-289))
-        _scratch[10, _j] = 1.0 if _xj0 else 0.0
+            _xnl = _scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]
+            _xj0 |= (_j != _l) & ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289) | (_xbl * _scratch[9, _j] < 1.0261342003245941e-289) | (abs(_h - _xnl * _scratch[10, _j]) > 9.094947017729282e-13 * abs(_xnl * _scratch[10, _j])))
+        _scratch[11, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
         _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)

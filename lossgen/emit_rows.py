@@ -38,8 +38,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
-from .exact_rows import (EXACT_FALLBACK, BlockRecompute, add_split_lines, emit_block_fallback, emit_exact_sum,
-                         emit_fallback, fires, plan, plan_block, split_product_lines)
+from .exact_rows import (EXACT_FALLBACK, BlockRecompute, add_split_lines, disagrees, emit_block_fallback,
+                         emit_exact_sum, emit_fallback, fires, plan, plan_block, split_product_lines)
 from .reductions import onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import SOFTMAX_TIE_THRESHOLD, group, in_scale, softmax_tie_helper, two_scaled
@@ -904,8 +904,9 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         # the bound alone, in the entries' units; the full block's is per entry
         numerator, bound = pair.test_outer(per_entry=product)
         pair_tests[b] = [[e for pq in products for e in pq] for products in ([] if product else numerator, bound)]
-        if not product:  # the bound in the entry's units, per row: 1/|denominator| in a scratch row
-            pair_tests[b].append([pair.entry_scale()])
+        if not product:  # the bound in the entry's units, per row: 1/|denominator| in a scratch row,
+            # and 1/denominator, the estimate's (exact_rows.disagrees)
+            pair_tests[b] += [[pair.entry_scale()], [pair.estimate_scale()]]
     n_scratch = len(diagonals) + len(factors)
     tests = [e for b in fallbacks for t in pair_tests[b] for e in t]
     element, hoisted = body.hoist(diagonals + factors + tests + diagonal_tests)
@@ -959,8 +960,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             test_rows[b].append([(slot[at + m], slot[at + m + 1]) for m in range(0, len(part), 2)])
             at += len(part)
         if not product:
-            test_rows[b].append(slot[at])
-            at += 1
+            test_rows[b] += [slot[at], slot[at + 1]]
+            at += 2
 
     def outer_sum(first: int, count: int, j: str, l: str) -> str:
         """sum P(j) Q(l) of a block's ``count`` outer products, from their scratch rows."""
@@ -1030,9 +1031,11 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             continue
         body.emit(4, f"{outs[b]}[_o, _j, _l] = _w * _h")
         if b in fallbacks:
-            numerator, bound, scale = test_rows[b]
+            numerator, bound, scale, estimate = test_rows[b]
             body.emit(4, f"_xbl = {outer_rows(bound)}")
-            body.emit(4, f"_xj{b} |= (_j != _l) & ({fires(outer_rows(numerator), '_xbl', f'_xbl * _scratch[{scale}, _j]')})")
+            body.emit(4, f"_xnl = {outer_rows(numerator)}")
+            body.emit(4, f"_xj{b} |= (_j != _l) & ({fires('_xnl', '_xbl', f'_xbl * _scratch[{scale}, _j]')}"
+                         f" | {disagrees('_h', f'_xnl * _scratch[{estimate}, _j]')})")
     for b in heads if not product else ():  # the rows of the block that the recomputation reads
         body.emit(3, f"_scratch[{flags[b]}, _j] = 1.0 if _xj{b} else 0.0")
         body.emit(3, f"_xflag{b} |= _xj{b}")

@@ -31,7 +31,9 @@ not finite (an overflowing product, a zero denominator) the fast value stays.
 
 A Hessian block's off-diagonal entry (j, l), sum_m P_m(j) Q_m(l), is planned the same way over
 the elements j and l (:func:`plan_block`); the kernels test it as outer products of per-element
-factors (and where its bound over the denominator is tiny: each factor is divided by it), every
+factors (and where its bound over the denominator is tiny: each factor is divided by it; and
+where the entry and the test's numerator over the denominator disagree, :func:`disagrees`: a
+factor of the value below the normal range where the test's are not), every
 block of the full Hessian (two predictions' four), and the Hessian-vector product per row of its
 row of blocks; a flagged row of the product is recomputed as the full Hessian's row (its row
 function, lossgen/emit_rows.py) times the directions.
@@ -109,6 +111,9 @@ class Fallback:
     # the bound's sums of magnitudes: symbol -> sum_k |summand| of a reduction whose summand
     # may be negative (see :func:`magnitude_sums`)
     magnitudes: dict = field(default_factory=dict)
+    # is the test's numerator the whole numerator (no factor in the element's inputs alone left
+    # out, :func:`_without_element_factors`)? Then it over the denominator estimates the output
+    whole: bool = True
 
     @property
     def denominator_value(self) -> sp.Expr:
@@ -247,6 +252,11 @@ class PairFallback:
         """1/|denominator| in the row's region (nan where it has no plan): the bound in the units
         of the entry is the bound times it."""
         return _over_regions(self.regions, lambda f: 1 / sp.Abs(f.denominator_value), sp.nan)
+
+    def estimate_scale(self) -> sp.Expr:
+        """1/denominator in the row's region where the test's numerator is the whole numerator
+        (nan elsewhere): the test's numerator times it estimates the entry (:func:`disagrees`)."""
+        return _over_regions(self.regions, lambda f: 1 / f.denominator_value if f.whole else sp.nan, sp.nan)
 
 
 def row_regions(exprs, element_symbols) -> tuple | None:
@@ -525,7 +535,8 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
     # parameters as one factored value (combo's (1 - alpha)(2 I + smooth), not 2 I + smooth less
     # alpha (2 I + smooth) apart: the magnitudes of those terms would add to (1 + alpha)(...))
     atoms = [g for g in generators if g not in set(parameters)]
-    poly = sp.Poly(sp.expand(_without_element_factors(numerator, element_set)), *atoms)
+    tested = _without_element_factors(numerator, element_set)
+    poly = sp.Poly(sp.expand(tested), *atoms)
     by_element: dict = {}
     for powers, coefficient in poly.terms():
         factors = [g for g, n in zip(atoms, powers) for _ in range(n)]
@@ -549,7 +560,8 @@ def _plan_region(original: sp.Expr, stable: sp.Expr, reductions: dict, element_s
         factors.append((base, exponent))
     return Fallback(tests=tests, groups=tuple((element, tuple(terms)) for element, terms in groups.items()),
                     denominator=tuple(factors), rest=sp.Add(*rest), reductions=summands, sums=sums, in_sums=in_sums,
-                    magnitudes={m: sp.Abs(reductions[r].summand) for r, m in magnitudes.items()})
+                    magnitudes={m: sp.Abs(reductions[r].summand) for r, m in magnitudes.items()},
+                    whole=tested == numerator)
 
 
 def magnitude_sums(reductions: dict, ranges: dict) -> dict:
@@ -572,6 +584,20 @@ def fires(numerator: str, bound: str, entry_bound: str = "") -> str:
     factor by it: a factor below the normal range has lost digits) is."""
     tiny = repr(EXACT_FALLBACK['smallest_bound'])
     return f"(abs({numerator}) < {bound}) | ({bound} < {tiny})" + (f" | ({entry_bound} < {tiny})" if entry_bound else "")
+
+
+# Where the test does not fire, the entry and the test's estimate of it (its numerator over the
+# denominator) are each within about 2^12 k u of the truth; they differ by more than this only
+# where a value lost digits that the test's form kept: an outer-product factor of the value below
+# the normal range (cosine_embedding at x1 = (1e50, -700), x2 = (0, 1e-300): entry (1, 0) of x2's
+# block, 1e-282, was 0 from a factor of 1e-332, where the test's numerator held 1e-262)
+ESTIMATE_AGREES = 2.0 ** -40
+
+
+def disagrees(value: str, estimate: str) -> str:
+    """Code of the test (a bool) that ``value`` differs from ``estimate`` by more than
+    ESTIMATE_AGREES of it (false where the estimate is nan: no plan, or not the whole numerator)."""
+    return f"(abs({value} - {estimate}) > {ESTIMATE_AGREES!r} * abs({estimate}))"
 
 
 def product_lines(coefficient: int, factors, rows, printed, target: str) -> list[str]:
@@ -1048,6 +1074,7 @@ def emit_block_fallback(body, blocks: list[BlockRecompute]):
     for b, block in enumerate(blocks):
         _emit_region(body, b, block.diagonal.regions, reductions, printed, decided)
         body.emit(2, f"_xscale{b} = {printed(block.pair.entry_scale())}")
+        body.emit(2, f"_xestimate{b} = {printed(block.pair.estimate_scale())}")
     # a loop over the flagged rows k of each block
     for b, block in enumerate(blocks):
         body.emit(2, "for _k in range(_n):")
@@ -1069,9 +1096,12 @@ def _emit_block_row(body, b, block: BlockRecompute, split, printed):
             at = "[_l]" if body.element[symbol].shared else "[_i, _l]"
             body.emit(4, f"{printed(copy)} = {symbol.name}{at}")
 
-    def emit_plan(key, f, denominators, indent, entry_bound=""):
+    def emit_plan(key, f, denominators, indent, entry_bound="", estimate=""):
         _emit_test(body, key, f, printed, indent)
-        body.emit(indent, f"if {fires('_xn', '2.0 * _xb', entry_bound)}:")
+        test = fires('_xn', '2.0 * _xb', entry_bound)
+        if estimate:  # and where the kernel's value is not the test's estimate (:func:`disagrees`)
+            test += " | " + disagrees(f"{out}[_o, _k, _l]", f"_w * _xn * {estimate}")
+        body.emit(indent, f"if {test}:")
         _emit_value(body, key, f, printed, indent + 1, denominators)
         body.emit(indent + 1, "if math.isfinite(_xq):")
         body.emit(indent + 2, f"{out}[_o, _k, _l] = _w * _xq")
@@ -1086,7 +1116,8 @@ def _emit_block_row(body, b, block: BlockRecompute, split, printed):
     if other:
         _emit_regions(body, 2 * b + 1, pair.regions, 5,
                       lambda key, f, denominators, indent: emit_plan(key, f, denominators, indent,
-                                                                      f"2.0 * _xb * _xscale{b}"), region)
+                                                                      f"2.0 * _xb * _xscale{b}", f"_xestimate{b}"),
+                      region)
     else:
         body.emit(5, "pass")
 

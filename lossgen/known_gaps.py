@@ -5,8 +5,6 @@ report values inside a gap apart ('<output> known gap'); the tests fail once a g
 README, Verification, describes each."""
 from __future__ import annotations
 
-from fractions import Fraction
-
 import mpmath
 import numpy as np
 
@@ -19,39 +17,6 @@ def _cancels(*terms, factor=1e3):
     """Do ``terms`` cancel to below 1/factor of their magnitudes? A float64 evaluation that
     rounds the terms apart then loses more than 3 of its 16 digits."""
     return sum(abs(t) for t in terms) > factor * abs(sum(terms))
-
-
-def _cosine_gap(output, point, entry):
-    """cosine_embedding's Hessian: an entry (j, l) of a full block with an element x1_j, x2_j,
-    x1_l or x2_l subnormal or below the normal range over the square root of the entry's
-    denominator D (a**5 b in x1's block, a**3 b**3 between the rows, with a**2 = |x1|**2 + eps,
-    b**2 = |x2|**2 + eps): the kernels' outer products divide each factor P(j), Q(l) by it, and a
-    factor below the normal range has lost its digits before the exact fallback's test sees the
-    entry (at x1 = (1e50, -700), x2 = (0, 1e-300), entry (1, 0) of x2's block, 1e-282, is 0); and
-    the Hessian-vector product of a row j that holds such an entry, in either block."""
-    if output.startswith("hvp"):
-        own = output.split("[")[1].rstrip("]")
-        return any(_cosine_gap(f"hess_full[{own},{other}]", point, (entry[0], l))
-                   for other in ("x1", "x2") for l in range(len(_row_of(point, "x1"))))
-    if not output.startswith("hess_full"):
-        return False
-    names = output.split("[")[1].split("]")[0].split(",")
-    j, l = entry
-    # exact: |x1|**2 + eps at x1 = 745 keeps its eps = 1e-12
-    first, second = ([Fraction(float(v)) for v in _row_of(point, name)] for name in ("x1", "x2"))
-    eps = Fraction(float(point["eps"]))
-    a2, b2 = sum(v * v for v in first) + eps, sum(v * v for v in second) + eps
-    if names[0] == "x2":
-        a2, b2 = b2, a2
-    squared = (a2 * b2) ** 3 if names[0] != names[1] else a2 ** 5 * b2  # D**2
-    elements = [v for v in (first[j], second[j], first[l], second[l]) if v]
-    if squared <= 0:
-        return False
-    with mpmath.workdps(60):
-        factor_scale = mpmath.sqrt(mpmath.sqrt(mpmath.mpf(squared.numerator) / squared.denominator))  # sqrt(D)
-        tiny = mpmath.mpf(float(np.finfo(float).tiny))
-        size = lambda v: mpmath.mpf(abs(v.numerator)) / v.denominator  # noqa: E731
-        return any(size(v) < tiny or size(v) / factor_scale < tiny for v in elements)
 
 
 def _ssim_gap(output, point, entry):
@@ -128,12 +93,6 @@ ROW_KNOWN_GAPS = {
                                "(on uniform rows at C = 16, 1.1% of the rows hold one beyond 1e-12). The exact "
                                "fallback over the row's moments closes it, at 1.8 ms a flagged row (README, known "
                                "gaps); it needs a cheap middle tier"),
-    "cosine_embedding": (_cosine_gap, "a full Hessian entry with an element below the normal range over the "
-                                      "square root of its denominator, and the Hessian-vector product of a row "
-                                      "holding one: the kernels' outer products divide each factor P(j), Q(l) by "
-                                      "it, and a factor below the normal range has lost its digits before the exact "
-                                      "fallback's test sees the entry (x1 = (1e50, -700), x2 = (0, 1e-300): entry "
-                                      "(1, 0) of x2's block, 1e-282, is 0): reachable by factors in a binary scale"),
 }
 
 
