@@ -394,7 +394,7 @@ def loss_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -411,14 +411,14 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_r4 = _xbuffer[8]
     _xA0_0 = _xbuffer[9]
     _xA0_1 = _xbuffer[10]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _x_r4_n = 0
-    _x_r4_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
+    _x_r4_n = np.int64(0)
+    _x_r4_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -469,16 +469,16 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
             _xsh_r2 = _x
             _xsm_r2 += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -490,8 +490,8 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_r0, _x_r0_n, _x_r0_s)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_r1, _x_r1_n, _x_r1_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _xt, _xm, _xt_s)
@@ -503,11 +503,11 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
     _xc0_0 = (4.0*_r2*(alpha - 1.0) + 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb0_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r2)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     _xc0_1 = (-2.0*_r2*(alpha - 1.0) - smooth*(alpha - 1.0))
@@ -523,25 +523,25 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xp[0] = 2.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
@@ -553,17 +553,17 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
                 _xp[0] = -1.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s + 1)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -573,8 +573,8 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_1_s = _xp_s
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -675,8 +675,8 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*_h1*_h2*(1.0 - _t2_0)) + _h0*(_h0*_h3*_r4*_t2_0) + ((-alpha*(((_e_y*beta)/(_e_p)) + ((-_h4*(1.0 - _e_y))/(1.0 - _e_p))))/(_C)))
         _xflag |= (abs(_e_y*_h5 + _h6) < _e_y*_h7 + _h8) | (_e_y*_h7 + _h8 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -698,7 +698,7 @@ def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -715,14 +715,14 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_m_p_y = _xbuffer[8]
     _xA0_0 = _xbuffer[9]
     _xA0_1 = _xbuffer[10]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r4_n = 0
-    _x_r4_s = 0
-    _x_m_p_y_n = 0
-    _x_m_p_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r4_n = np.int64(0)
+    _x_r4_s = np.int64(0)
+    _x_m_p_y_n = np.int64(0)
+    _x_m_p_y_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -773,16 +773,16 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
             _xsh_m_p_y = _x
             _xsm_m_p_y += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, 0)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, 0)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, np.int64(0))
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, np.int64(0))
         _xE_m_p_y = 2.0 * _xg * _xg * _xsm_m_p_y + _xg * 3.5601181736115222e-307
         _xM_m_p_y = _xsm_m_p_y
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -792,8 +792,8 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
     _x_m_p_y_s = _xnormalize(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _xt, _xm, _xt_s)
@@ -806,11 +806,11 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
     _xc0_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
     _xb0_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
     _xc0_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
@@ -826,25 +826,25 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xp[0] = -4.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
@@ -856,17 +856,17 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
                 _xp[0] = 2.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -876,8 +876,8 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_1_s = _xp_s
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -982,8 +982,8 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*_h1*_t2_0) - _h2*(_h3 + _h4*_h5*_t2_0) + _finite_or(((alpha*((((((_t2_1)/(_e_p))))/(_e_p)) + (((((_t2_2)/(_t2_3))))/(_t2_3))))/(_C)), ((((((((_t2_1*alpha)/(_C))))/(_e_p))))/(_e_p)) + ((((((((_t2_2*alpha)/(_C))))/(_t2_3))))/(_t2_3))))
         _xflag |= (abs(_e_y*_h7 + _h8) < _e_y*_h9 + _h10) | (_e_y*_h9 + _h10 < 1.0261342003245941e-289)
     if _xflag:
-        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
-            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1108,10 +1108,10 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _xflag |= (abs(_e_y*_h8 + _h9) < _e_y*_h10 + _h11) | (_e_y*_h10 + _h11 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h12 + _h13) < _e_y*_h14 + _h15) | (_e_y*_h14 + _h15 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
-            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1250,10 +1250,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _xflag |= (abs(_e_y*_h8 + _h9) < _e_y*_h10 + _h11) | (_e_y*_h10 + _h11 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h12 + _h13) < _e_y*_h14 + _h15) | (_e_y*_h14 + _h15 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, False):
-            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out2, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out2, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1275,16 +1275,16 @@ def loss_grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _o
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
+def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _out0, _w):
     """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
     exactly where their tests fire) times the directions."""
     _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-    _hess_full_row(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _weight, _blocks[0])
+    _hess_full_row(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, None, _blocks[0])
     for _j in range(_n):
         _s0 = 0.0
         for _l in range(_n):
             _s0 += _blocks[0, 0, _j, _l] * _v_p[_i, _l]
-        _out0[_i, _j] = _s0
+        _out0[_i, _j] = _w * _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1506,7 +1506,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
             _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _xdiagonal0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
+        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _out0, _w)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
         _fscratch = np.zeros((13, _n))
@@ -1517,7 +1517,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
                 for _l in range(_n):
                     _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
                     _blocks[0, 0, _j, _l] = _w * _h
-        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _weight, _blocks[0], _w, _fscratch)
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _blocks[0], _w, _fscratch)
         for _j in range(_n):
             if _scratch[8, _j] != 0.0:
                 _s = 0.0
@@ -1545,7 +1545,7 @@ def hvp_kernel_parallel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((14, 64))
@@ -1563,14 +1563,14 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _xA1_0 = _xbuffer[11]
     _xA1_1 = _xbuffer[12]
     _xA1_2 = _xbuffer[13]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r4_n = 0
-    _x_r4_s = 0
-    _x_m_p_y_n = 0
-    _x_m_p_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r4_n = np.int64(0)
+    _x_r4_s = np.int64(0)
+    _x_m_p_y_n = np.int64(0)
+    _x_m_p_y_s = np.int64(0)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1586,8 +1586,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
     _x_m_p_y_s = _xnormalize(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _xt, _xm, _xt_s)
@@ -1600,24 +1600,24 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
     _xc0_0 = (-4.0*_r0*(alpha - 1.0) - 4.0*_r1*(alpha - 1.0) - 4.0*smooth*(alpha - 1.0))
     _xb0_0 = (0.0009765625*smooth*abs(alpha - 1.0) + 0.0009765625*abs(_r0)*abs(alpha - 1.0) + 0.0009765625*abs(_r1)*abs(alpha - 1.0))
     _xc0_1 = (2.0*_r0*(alpha - 1.0) + 2.0*_r1*(alpha - 1.0) - 2.0*_r4*(alpha - 1.0) + 2.0*smooth*(alpha - 1.0))
     _xb0_1 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0) + 0.00048828125*abs(_r4)*abs(alpha - 1.0))
     _xready1 = False
     _xd1_0 = 1.0
-    _xd1_0_s = 0
-    _xA1_0_n = 0
-    _xA1_0_s = 0
-    _xA1_1_n = 0
-    _xA1_1_s = 0
-    _xA1_2_n = 0
-    _xA1_2_s = 0
+    _xd1_0_s = np.int64(0)
+    _xA1_0_n = np.int64(0)
+    _xA1_0_s = np.int64(0)
+    _xA1_1_n = np.int64(0)
+    _xA1_1_s = np.int64(0)
+    _xA1_2_n = np.int64(0)
+    _xA1_2_s = np.int64(0)
     _xc1_0 = (-2.0*_r0*(alpha - 1.0) - 2.0*_r1*(alpha - 1.0) - 2.0*smooth*(alpha - 1.0))
     _xb1_0 = (0.00048828125*smooth*abs(alpha - 1.0) + 0.00048828125*abs(_r0)*abs(alpha - 1.0) + 0.00048828125*abs(_r1)*abs(alpha - 1.0))
     _xc1_1 = (-2.0*_r0*(alpha - 1.0) - 2.0*_r1*(alpha - 1.0) - 2.0*smooth*(alpha - 1.0))
@@ -1639,24 +1639,24 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xp[0] = -4.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
@@ -1668,17 +1668,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                         _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
                         _xp[0] = 2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1688,8 +1688,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA0_1_s = _xp_s
                         _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                         _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
                     _xt_s = _xA0_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -1717,24 +1717,24 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd1_0, _xd1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
@@ -1746,17 +1746,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
                         _xA1_0_s = _xnormalize(_xA1_0, _xA1_0_n, _xA1_0_s)
                         _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
@@ -1768,17 +1768,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
                         _xA1_1_s = _xnormalize(_xA1_1, _xA1_1_n, _xA1_1_s)
                         _xp[0] = 2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1788,8 +1788,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_2_s = _xp_s
                         _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
                         _xA1_2_s = _xnormalize(_xA1_2, _xA1_2_n, _xA1_2_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
                     _xt_s = _xA1_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
@@ -1922,7 +1922,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[12, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -318,8 +318,8 @@ def _exact_r2(_i, _n, _C, y, x1, x2, margin, eps):
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
     _xs = _xbuffer[2]
-    _xs_n = 0
-    _xs_s = 0
+    _xs_n = np.int64(0)
+    _xs_s = np.int64(0)
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
         _e_x2 = x2[_i, _k]
@@ -327,7 +327,7 @@ def _exact_r2(_i, _n, _C, y, x1, x2, margin, eps):
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xh, _xe)
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xl, _xe)
     _hi = _xvalue_s(_xs, _xs_n, _xs_s)
-    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, 0)
+    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, np.int64(0))
     return _hi, _xvalue_s(_xs, _xs_n, _xs_s)
 
 
@@ -459,7 +459,7 @@ def loss_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _xexact):
+def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -478,12 +478,12 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _xA0r0_1 = _xbuffer[9]
     _xA1r0_0 = _xbuffer[10]
     _xA1r0_1 = _xbuffer[11]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
     _r2_abs = 0.0
     if _xexact:
         for _k in range(_n):
@@ -541,16 +541,16 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
             _xsh_r2 = _x
             _xsm_r2 += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -564,13 +564,13 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0r0 = False
     _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
+    _xd0r0_0_s = np.int64(0)
     _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
+    _xd0r0_1_s = np.int64(0)
+    _xA0r0_0_n = np.int64(0)
+    _xA0r0_0_s = np.int64(0)
+    _xA0r0_1_n = np.int64(0)
+    _xA0r0_1_s = np.int64(0)
     _xc0r0_0 = (_r2)
     _xb0r0_0 = (0.000244140625*_r2_abs)
     _xc0r0_1 = (-_r0 - eps)
@@ -580,15 +580,15 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _xdA0r0_1 = _xE_r0
     _xready1r0 = False
     _xd1r0_0 = 1.0
-    _xd1r0_0_s = 0
+    _xd1r0_0_s = np.int64(0)
     _xd1r0_1 = 1.0
-    _xd1r0_1_s = 0
+    _xd1r0_1_s = np.int64(0)
     _xd1r0_2 = 1.0
-    _xd1r0_2_s = 0
-    _xA1r0_0_n = 0
-    _xA1r0_0_s = 0
-    _xA1r0_1_n = 0
-    _xA1r0_1_s = 0
+    _xd1r0_2_s = np.int64(0)
+    _xA1r0_0_n = np.int64(0)
+    _xA1r0_0_s = np.int64(0)
+    _xA1r0_1_n = np.int64(0)
+    _xA1r0_1_s = np.int64(0)
     _xc1r0_0 = (_r1 + eps)
     _xb1r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc1r0_1 = (-_r2)
@@ -600,23 +600,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _xdready0r1 = False
     _xdok0r1 = True
     _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
+    _xd0r1_0_s = np.int64(0)
     _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
+    _xd0r1_1_s = np.int64(0)
     _xd0r1_2 = 1.0
-    _xd0r1_2_s = 0
+    _xd0r1_2_s = np.int64(0)
     _xdready1r0 = False
     _xdready1r1 = False
     _xdok1r1 = True
     _xd1r1_0 = 1.0
-    _xd1r1_0_s = 0
+    _xd1r1_0_s = np.int64(0)
     _xd1r1_1 = 1.0
-    _xd1r1_1_s = 0
-    _xa_n = 0
-    _xa_s = 0
+    _xd1r1_1_s = np.int64(0)
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
@@ -625,23 +625,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
         return False
     _xcs0_a = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xcs0_b = math.copysign(1.0, margin) if margin != 0.0 else 0.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -653,41 +653,41 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     if not (_xexact or (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
         return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
@@ -713,23 +713,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
             if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                 if not _xready0r0:
                     _xready0r0 = True
-                    _xA0r0_0_n = 0
-                    _xA0r0_0_s = 0
+                    _xA0r0_0_n = np.int64(0)
+                    _xA0r0_0_s = np.int64(0)
                     _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _x_r2, _x_r2_n, _x_r2_s)
                     _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
                     _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                    _xA0r0_1_n = 0
-                    _xA0r0_1_s = 0
+                    _xA0r0_1_n = np.int64(0)
+                    _xA0r0_1_s = np.int64(0)
                     _xt[0] = -1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                     _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                     _xA0r0_1_n, _xA0r0_1_s = _xgrow_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, -eps, 0)
                     _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                     _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
                 _xt_s = _xA0r0_0_s
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -744,23 +744,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -770,8 +770,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r0 = _xdok0r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) and abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) > 1.1830521861667747e-271
                         _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -786,23 +786,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     if not _xdready0r1:
                         _xdready0r1 = True
                         _xd0r1_0 = -1.0
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -812,8 +812,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r1 = _xdok0r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) and abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) > 1.1830521861667747e-271
                         _xd0r1_1, _xd0r1_1_s = _xsqrt_m(_xd0r1_1, _xd0r1_1_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -835,23 +835,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
             if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                 if not _xready1r0:
                     _xready1r0 = True
-                    _xA1r0_0_n = 0
-                    _xA1r0_0_s = 0
+                    _xA1r0_0_n = np.int64(0)
+                    _xA1r0_0_s = np.int64(0)
                     _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _x_r1, _x_r1_n, _x_r1_s)
                     _xA1r0_0_n, _xA1r0_0_s = _xgrow_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, eps, 0)
                     _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
                     _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
-                    _xA1r0_1_n = 0
-                    _xA1r0_1_s = 0
+                    _xA1r0_1_n = np.int64(0)
+                    _xA1r0_1_s = np.int64(0)
                     _xt[0] = -1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                     _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
                     _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
                     _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
                 _xt_s = _xA1r0_0_s
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -867,23 +867,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     if not _xdready1r0:
                         _xdready1r0 = True
                         _xd1r0_0 = -1.0
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -893,8 +893,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok1r0 = _xdok1r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r0_1, _xd1r0_1_s)) and abs(math.ldexp(_xd1r0_1, _xd1r0_1_s)) > 1.1830521861667747e-271
                         _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -910,23 +910,23 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                 elif _xregion1 == 1:
                     if not _xdready1r1:
                         _xdready1r1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -936,8 +936,8 @@ def _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok1r1 = _xdok1r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r1_0, _xd1r1_0_s)) and abs(math.ldexp(_xd1r1_0, _xd1r1_0_s)) > 1.1830521861667747e-271
                         _xd1r1_0, _xd1r1_0_s = _xsqrt_m(_xd1r1_0, _xd1r1_0_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -1203,8 +1203,8 @@ def _grad_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _xflag |= (abs(_e_x1*((_h18) if _t8_0 else (0.0)) + _e_x2*((_h19) if _t8_0 else (0.0))) < _t8_1*_t8_2 + _t8_3*((_h21) if _t8_0 else (math.nan))) | (_t8_1*_t8_2 + _t8_3*((_h21) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_e_x1*((_h22) if _t8_0 else (0.0)) + _e_x2*((_h23) if _t8_0 else (0.0))) < _t8_1*((_h24) if _t8_0 else (math.nan)) + _t8_2*_t8_3) | (_t8_1*((_h24) if _t8_0 else (math.nan)) + _t8_2*_t8_3 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, True)
+        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1226,7 +1226,7 @@ def grad_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0, _out1):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _xexact):
+def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -1247,12 +1247,12 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _xA1r0_0 = _xbuffer[11]
     _xA1r0_1 = _xbuffer[12]
     _xA1r0_2 = _xbuffer[13]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
     _r2_abs = 0.0
     if _xexact:
         for _k in range(_n):
@@ -1310,16 +1310,16 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
             _xsh_r2 = _x
             _xsm_r2 += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -1333,17 +1333,17 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0r0 = False
     _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
+    _xd0r0_0_s = np.int64(0)
     _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
+    _xd0r0_1_s = np.int64(0)
     _xd0r0_2 = 1.0
-    _xd0r0_2_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
-    _xA0r0_2_n = 0
-    _xA0r0_2_s = 0
+    _xd0r0_2_s = np.int64(0)
+    _xA0r0_0_n = np.int64(0)
+    _xA0r0_0_s = np.int64(0)
+    _xA0r0_1_n = np.int64(0)
+    _xA0r0_1_s = np.int64(0)
+    _xA0r0_2_n = np.int64(0)
+    _xA0r0_2_s = np.int64(0)
     _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
     _xc0r0_1 = (-2.0*_r0 - 2.0*eps)
@@ -1356,15 +1356,15 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _xdA0r0_2 = _xE_r0*(_xE_r2 + _xM_r2) + _xE_r2*eps + _xE_r2*(_xE_r0 + _xM_r0)
     _xready1r0 = False
     _xd1r0_0 = 1.0
-    _xd1r0_0_s = 0
+    _xd1r0_0_s = np.int64(0)
     _xd1r0_1 = 1.0
-    _xd1r0_1_s = 0
-    _xA1r0_0_n = 0
-    _xA1r0_0_s = 0
-    _xA1r0_1_n = 0
-    _xA1r0_1_s = 0
-    _xA1r0_2_n = 0
-    _xA1r0_2_s = 0
+    _xd1r0_1_s = np.int64(0)
+    _xA1r0_0_n = np.int64(0)
+    _xA1r0_0_s = np.int64(0)
+    _xA1r0_1_n = np.int64(0)
+    _xA1r0_1_s = np.int64(0)
+    _xA1r0_2_n = np.int64(0)
+    _xA1r0_2_s = np.int64(0)
     _xc1r0_0 = (2.0*_r1 + 2.0*eps)
     _xb1r0_0 = (0.00048828125*eps + 0.00048828125*abs(_r1))
     _xc1r0_1 = (-3.0*_r2)
@@ -1379,23 +1379,23 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     _xdready0r1 = False
     _xdok0r1 = True
     _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
+    _xd0r1_0_s = np.int64(0)
     _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
+    _xd0r1_1_s = np.int64(0)
     _xdready1r0 = False
     _xdready1r1 = False
     _xdok1r1 = True
     _xd1r1_0 = 1.0
-    _xd1r1_0_s = 0
+    _xd1r1_0_s = np.int64(0)
     _xd1r1_1 = 1.0
-    _xd1r1_1_s = 0
+    _xd1r1_1_s = np.int64(0)
     _xd1r1_2 = 1.0
-    _xd1r1_2_s = 0
-    _xa_n = 0
-    _xa_s = 0
+    _xd1r1_2_s = np.int64(0)
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
@@ -1404,23 +1404,23 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
         return False
     _xcs0_a = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xcs0_b = math.copysign(1.0, margin) if margin != 0.0 else 0.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1432,41 +1432,41 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
     if not (_xexact or (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
         return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
@@ -1492,21 +1492,21 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
             if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                 if not _xready0r0:
                     _xready0r0 = True
-                    _xA0r0_0_n = 0
-                    _xA0r0_0_s = 0
+                    _xA0r0_0_n = np.int64(0)
+                    _xA0r0_0_s = np.int64(0)
                     _xt[0] = 1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                     _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
                     _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
                     _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                    _xA0r0_1_n = 0
-                    _xA0r0_1_s = 0
+                    _xA0r0_1_n = np.int64(0)
+                    _xA0r0_1_s = np.int64(0)
                     _xt[0] = -1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                     _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
@@ -1514,16 +1514,16 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                     _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
                     _xp[0] = -1.0
-                    _xp_n = 1
-                    _xp_s = 0
-                    _xf_n = 0
-                    _xf_s = 0
+                    _xp_n = np.int64(1)
+                    _xp_s = np.int64(0)
+                    _xf_n = np.int64(0)
+                    _xf_s = np.int64(0)
                     _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                     _xf_n = _xcompress(_xf, _xf_n, _xu)
                     _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                     _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                    _xf_n = 0
-                    _xf_s = 0
+                    _xf_n = np.int64(0)
+                    _xf_s = np.int64(0)
                     _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                     _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                     _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1533,8 +1533,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     _xA0r0_2_s = _xp_s
                     _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
                     _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
                 _xt_s = _xA0r0_0_s
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -1555,23 +1555,23 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     if not _xdready0r0:
                         _xdready0r0 = True
                         _xd0r0_0 = -1.0
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1581,8 +1581,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r0 = _xdok0r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
                         _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -1600,23 +1600,23 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                 elif _xregion0 == 1:
                     if not _xdready0r1:
                         _xdready0r1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1626,8 +1626,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r1 = _xdok0r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_0, _xd0r1_0_s)) and abs(math.ldexp(_xd0r1_0, _xd0r1_0_s)) > 1.1830521861667747e-271
                         _xd0r1_0, _xd0r1_0_s = _xsqrt_m(_xd0r1_0, _xd0r1_0_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -1649,33 +1649,33 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
             if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                 if not _xready1r0:
                     _xready1r0 = True
-                    _xA1r0_0_n = 0
-                    _xA1r0_0_s = 0
+                    _xA1r0_0_n = np.int64(0)
+                    _xA1r0_0_s = np.int64(0)
                     _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _x_r1, _x_r1_n, _x_r1_s + 1)
                     _xA1r0_0_n, _xA1r0_0_s = _xgrow_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, eps, 1)
                     _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
                     _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
-                    _xA1r0_1_n = 0
-                    _xA1r0_1_s = 0
+                    _xA1r0_1_n = np.int64(0)
+                    _xA1r0_1_s = np.int64(0)
                     _xt[0] = -1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                     _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
                     _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
                     _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
                     _xp[0] = 1.0
-                    _xp_n = 1
-                    _xp_s = 0
-                    _xf_n = 0
-                    _xf_s = 0
+                    _xp_n = np.int64(1)
+                    _xp_s = np.int64(0)
+                    _xf_n = np.int64(0)
+                    _xf_s = np.int64(0)
                     _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                     _xf_n = _xcompress(_xf, _xf_n, _xu)
                     _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                     _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                    _xf_n = 0
-                    _xf_s = 0
+                    _xf_n = np.int64(0)
+                    _xf_s = np.int64(0)
                     _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                     _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                     _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1685,8 +1685,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     _xA1r0_2_s = _xp_s
                     _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
                     _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
                 _xt_s = _xA1r0_0_s
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -1706,23 +1706,23 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                 if _xregion1 == 0:
                     if not _xdready1r0:
                         _xdready1r0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1732,8 +1732,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd1r0_0, _xd1r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok1r0 = _xdok1r0 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r0_0, _xd1r0_0_s)) and abs(math.ldexp(_xd1r0_0, _xd1r0_0_s)) > 1.1830521861667747e-271
                         _xd1r0_0, _xd1r0_0_s = _xsqrt_m(_xd1r0_0, _xd1r0_0_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -1750,23 +1750,23 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                     if not _xdready1r1:
                         _xdready1r1 = True
                         _xd1r1_0 = -1.0
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1776,8 +1776,8 @@ def _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, _
                         _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok1r1 = _xdok1r1 and (_xE_r0*eps + _xE_r0*(_xE_r1 + _xM_r1) + _xE_r1*eps + _xE_r1*(_xE_r0 + _xM_r0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd1r1_1, _xd1r1_1_s)) and abs(math.ldexp(_xd1r1_1, _xd1r1_1_s)) > 1.1830521861667747e-271
                         _xd1r1_1, _xd1r1_1_s = _xsqrt_m(_xd1r1_1, _xd1r1_1_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd1r1_2, _xd1r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -1979,8 +1979,8 @@ def _hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1):
         _xflag |= (abs(_t6_1*((_h17) if _t6_0 else (0.0)) + _t6_2*((_h16) if _t6_0 else (0.0)) + ((_h18) if _t6_0 else (0.0))) < _t6_2*_t6_3 + _t6_4*((_h20) if _t6_0 else (math.nan)) + ((_h21) if _t6_0 else (math.nan))) | (_t6_2*_t6_3 + _t6_4*((_h20) if _t6_0 else (math.nan)) + ((_h21) if _t6_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_t6_1*((_h23) if _t6_0 else (0.0)) + _t6_5*((_h22) if _t6_0 else (0.0)) + ((_h24) if _t6_0 else (0.0))) < _t6_3*_t6_5 + _t6_4*((_h25) if _t6_0 else (math.nan)) + ((_h26) if _t6_0 else (math.nan))) | (_t6_3*_t6_5 + _t6_4*((_h25) if _t6_0 else (math.nan)) + ((_h26) if _t6_0 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, False):
-            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, True)
+        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2302,10 +2302,10 @@ def _grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _o
         _xflag |= (abs(_t8_4*((_h30) if _t8_0 else (0.0)) + _t8_5*((_h29) if _t8_0 else (0.0)) + ((_h31) if _t8_0 else (0.0))) < _t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan))) | (_t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_t8_4*((_h36) if _t8_0 else (0.0)) + _t8_8*((_h35) if _t8_0 else (0.0)) + ((_h37) if _t8_0 else (0.0))) < _t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan))) | (_t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _w, True)
-        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out2, _out3, _w, False):
-            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out2, _out3, _w, True)
+        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out2, _out3, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out2, _out3, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2640,10 +2640,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out
         _xflag |= (abs(_t8_4*((_h30) if _t8_0 else (0.0)) + _t8_5*((_h29) if _t8_0 else (0.0)) + ((_h31) if _t8_0 else (0.0))) < _t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan))) | (_t8_5*_t8_6 + _t8_7*((_h33) if _t8_0 else (math.nan)) + ((_h34) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
         _xflag |= (abs(_t8_4*((_h36) if _t8_0 else (0.0)) + _t8_8*((_h35) if _t8_0 else (0.0)) + ((_h37) if _t8_0 else (0.0))) < _t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan))) | (_t8_6*_t8_8 + _t8_7*((_h38) if _t8_0 else (math.nan)) + ((_h39) if _t8_0 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out1, _out2, _w, False):
-            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out1, _out2, _w, True)
-        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out3, _out4, _w, False):
-            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _weight, _out3, _out4, _w, True)
+        if not _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out1, _out2, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, x1, x2, margin, eps, _out1, _out2, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out3, _out4, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, x1, x2, margin, eps, _out3, _out4, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2665,11 +2665,11 @@ def loss_grad_hess_kernel_parallel(y, x1, x2, margin, eps, _weight, _out0, _out1
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1):
+def _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _out0, _out1, _w):
     """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
     exactly where their tests fire) times the directions."""
     _blocks = np.empty((4, 1, _n, _n), _out0.dtype)
-    _hess_full_row(_i, np.int64(0), _n, _C, y, x1, x2, margin, eps, _weight, _blocks[0], _blocks[1], _blocks[2], _blocks[3])
+    _hess_full_row(_i, np.int64(0), _n, _C, y, x1, x2, margin, eps, None, _blocks[0], _blocks[1], _blocks[2], _blocks[3])
     for _j in range(_n):
         _s0 = 0.0
         _s1 = 0.0
@@ -2678,8 +2678,8 @@ def _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0,
             _s0 += _blocks[1, 0, _j, _l] * _v_x2[_i, _l]
             _s1 += _blocks[2, 0, _j, _l] * _v_x1[_i, _l]
             _s1 += _blocks[3, 0, _j, _l] * _v_x2[_i, _l]
-        _out0[_i, _j] = _s0
-        _out1[_i, _j] = _s1
+        _out0[_i, _j] = _w * _s0
+        _out1[_i, _j] = _w * _s1
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -3543,7 +3543,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
             _xflag2 |= (abs(_xsh2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289)
         _xdiagonal2 |= _xj2
     if _xflag0 or _xflag2:
-        _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _out1)
+        _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _out0, _out1, _w)
     elif _xdiagonal0 or _xdiagonal2:
         _blocks = np.empty((4, 1, _n, _n), _out0.dtype)
         _fscratch = np.zeros((48, _n))
@@ -3568,7 +3568,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
                     _blocks[2, 0, _j, _l] = _w * _h
                     _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
                     _blocks[3, 0, _j, _l] = _w * _h
-        _hess_full_exact(_i, np.int64(0), _n, _C, y, x1, x2, margin, eps, _weight, _blocks[0], _blocks[1], _blocks[2], _blocks[3], _w, _fscratch)
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, x1, x2, margin, eps, _blocks[0], _blocks[1], _blocks[2], _blocks[3], _w, _fscratch)
         for _j in range(_n):
             if _scratch[30, _j] != 0.0 or _scratch[31, _j] != 0.0:
                 _s = 0.0
@@ -3603,7 +3603,7 @@ def hvp_kernel_parallel(y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _o
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _out2, _out3, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _row_y = y[_i]
@@ -3642,12 +3642,12 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xA7r0_0 = _xbuffer[31]
     _xA7r0_1 = _xbuffer[32]
     _xA7r0_2 = _xbuffer[33]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
     _r2_abs = 0.0
     for _k in range(_n):
         _e_x1 = x1[_i, _k]
@@ -3673,17 +3673,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0r0 = False
     _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
+    _xd0r0_0_s = np.int64(0)
     _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
+    _xd0r0_1_s = np.int64(0)
     _xd0r0_2 = 1.0
-    _xd0r0_2_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
-    _xA0r0_2_n = 0
-    _xA0r0_2_s = 0
+    _xd0r0_2_s = np.int64(0)
+    _xA0r0_0_n = np.int64(0)
+    _xA0r0_0_s = np.int64(0)
+    _xA0r0_1_n = np.int64(0)
+    _xA0r0_1_s = np.int64(0)
+    _xA0r0_2_n = np.int64(0)
+    _xA0r0_2_s = np.int64(0)
     _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
     _xc0r0_1 = (-2.0*_r0 - 2.0*eps)
@@ -3692,17 +3692,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb0r0_2 = (0.000244140625*_r2_abs*eps + 0.000244140625*_r2_abs*abs(_r0))
     _xready1r0 = False
     _xd1r0_0 = 1.0
-    _xd1r0_0_s = 0
+    _xd1r0_0_s = np.int64(0)
     _xd1r0_1 = 1.0
-    _xd1r0_1_s = 0
+    _xd1r0_1_s = np.int64(0)
     _xd1r0_2 = 1.0
-    _xd1r0_2_s = 0
-    _xA1r0_0_n = 0
-    _xA1r0_0_s = 0
-    _xA1r0_1_n = 0
-    _xA1r0_1_s = 0
-    _xA1r0_2_n = 0
-    _xA1r0_2_s = 0
+    _xd1r0_2_s = np.int64(0)
+    _xA1r0_0_n = np.int64(0)
+    _xA1r0_0_s = np.int64(0)
+    _xA1r0_1_n = np.int64(0)
+    _xA1r0_1_s = np.int64(0)
+    _xA1r0_2_n = np.int64(0)
+    _xA1r0_2_s = np.int64(0)
     _xc1r0_0 = (3.0*_r2)
     _xb1r0_0 = (0.000732421875*_r2_abs)
     _xc1r0_1 = (-_r0 - eps)
@@ -3711,19 +3711,19 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb1r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
     _xready2r0 = False
     _xd2r0_0 = 1.0
-    _xd2r0_0_s = 0
+    _xd2r0_0_s = np.int64(0)
     _xd2r0_1 = 1.0
-    _xd2r0_1_s = 0
+    _xd2r0_1_s = np.int64(0)
     _xd2r0_2 = 1.0
-    _xd2r0_2_s = 0
-    _xA2r0_0_n = 0
-    _xA2r0_0_s = 0
-    _xA2r0_1_n = 0
-    _xA2r0_1_s = 0
-    _xA2r0_2_n = 0
-    _xA2r0_2_s = 0
-    _xA2r0_3_n = 0
-    _xA2r0_3_s = 0
+    _xd2r0_2_s = np.int64(0)
+    _xA2r0_0_n = np.int64(0)
+    _xA2r0_0_s = np.int64(0)
+    _xA2r0_1_n = np.int64(0)
+    _xA2r0_1_s = np.int64(0)
+    _xA2r0_2_n = np.int64(0)
+    _xA2r0_2_s = np.int64(0)
+    _xA2r0_3_n = np.int64(0)
+    _xA2r0_3_s = np.int64(0)
     _xc2r0_0 = (_r1 + eps)
     _xb2r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc2r0_1 = (-_r2)
@@ -3734,17 +3734,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb2r0_3 = (0.000244140625*eps**2 + 0.000244140625*eps*abs(_r0) + 0.000244140625*eps*abs(_r1) + 0.000244140625*abs(_r0*_r1))
     _xready3r0 = False
     _xd3r0_0 = 1.0
-    _xd3r0_0_s = 0
+    _xd3r0_0_s = np.int64(0)
     _xd3r0_1 = 1.0
-    _xd3r0_1_s = 0
+    _xd3r0_1_s = np.int64(0)
     _xd3r0_2 = 1.0
-    _xd3r0_2_s = 0
-    _xA3r0_0_n = 0
-    _xA3r0_0_s = 0
-    _xA3r0_1_n = 0
-    _xA3r0_1_s = 0
-    _xA3r0_2_n = 0
-    _xA3r0_2_s = 0
+    _xd3r0_2_s = np.int64(0)
+    _xA3r0_0_n = np.int64(0)
+    _xA3r0_0_s = np.int64(0)
+    _xA3r0_1_n = np.int64(0)
+    _xA3r0_1_s = np.int64(0)
+    _xA3r0_2_n = np.int64(0)
+    _xA3r0_2_s = np.int64(0)
     _xc3r0_0 = (_r1 + eps)
     _xb3r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc3r0_1 = (-_r2)
@@ -3753,19 +3753,19 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb3r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
     _xready4r0 = False
     _xd4r0_0 = 1.0
-    _xd4r0_0_s = 0
+    _xd4r0_0_s = np.int64(0)
     _xd4r0_1 = 1.0
-    _xd4r0_1_s = 0
+    _xd4r0_1_s = np.int64(0)
     _xd4r0_2 = 1.0
-    _xd4r0_2_s = 0
-    _xA4r0_0_n = 0
-    _xA4r0_0_s = 0
-    _xA4r0_1_n = 0
-    _xA4r0_1_s = 0
-    _xA4r0_2_n = 0
-    _xA4r0_2_s = 0
-    _xA4r0_3_n = 0
-    _xA4r0_3_s = 0
+    _xd4r0_2_s = np.int64(0)
+    _xA4r0_0_n = np.int64(0)
+    _xA4r0_0_s = np.int64(0)
+    _xA4r0_1_n = np.int64(0)
+    _xA4r0_1_s = np.int64(0)
+    _xA4r0_2_n = np.int64(0)
+    _xA4r0_2_s = np.int64(0)
+    _xA4r0_3_n = np.int64(0)
+    _xA4r0_3_s = np.int64(0)
     _xc4r0_0 = (_r1 + eps)
     _xb4r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc4r0_1 = (-_r2)
@@ -3776,17 +3776,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb4r0_3 = (0.000244140625*eps**2 + 0.000244140625*eps*abs(_r0) + 0.000244140625*eps*abs(_r1) + 0.000244140625*abs(_r0*_r1))
     _xready5r0 = False
     _xd5r0_0 = 1.0
-    _xd5r0_0_s = 0
+    _xd5r0_0_s = np.int64(0)
     _xd5r0_1 = 1.0
-    _xd5r0_1_s = 0
+    _xd5r0_1_s = np.int64(0)
     _xd5r0_2 = 1.0
-    _xd5r0_2_s = 0
-    _xA5r0_0_n = 0
-    _xA5r0_0_s = 0
-    _xA5r0_1_n = 0
-    _xA5r0_1_s = 0
-    _xA5r0_2_n = 0
-    _xA5r0_2_s = 0
+    _xd5r0_2_s = np.int64(0)
+    _xA5r0_0_n = np.int64(0)
+    _xA5r0_0_s = np.int64(0)
+    _xA5r0_1_n = np.int64(0)
+    _xA5r0_1_s = np.int64(0)
+    _xA5r0_2_n = np.int64(0)
+    _xA5r0_2_s = np.int64(0)
     _xc5r0_0 = (_r1 + eps)
     _xb5r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc5r0_1 = (-_r2)
@@ -3795,15 +3795,15 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb5r0_2 = (0.000244140625*eps + 0.000244140625*abs(_r0))
     _xready6r0 = False
     _xd6r0_0 = 1.0
-    _xd6r0_0_s = 0
+    _xd6r0_0_s = np.int64(0)
     _xd6r0_1 = 1.0
-    _xd6r0_1_s = 0
-    _xA6r0_0_n = 0
-    _xA6r0_0_s = 0
-    _xA6r0_1_n = 0
-    _xA6r0_1_s = 0
-    _xA6r0_2_n = 0
-    _xA6r0_2_s = 0
+    _xd6r0_1_s = np.int64(0)
+    _xA6r0_0_n = np.int64(0)
+    _xA6r0_0_s = np.int64(0)
+    _xA6r0_1_n = np.int64(0)
+    _xA6r0_1_s = np.int64(0)
+    _xA6r0_2_n = np.int64(0)
+    _xA6r0_2_s = np.int64(0)
     _xc6r0_0 = (2.0*_r1 + 2.0*eps)
     _xb6r0_0 = (0.00048828125*eps + 0.00048828125*abs(_r1))
     _xc6r0_1 = (-3.0*_r2)
@@ -3812,15 +3812,15 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xb6r0_2 = (0.000244140625*_r2_abs*eps + 0.000244140625*_r2_abs*abs(_r1))
     _xready7r0 = False
     _xd7r0_0 = 1.0
-    _xd7r0_0_s = 0
+    _xd7r0_0_s = np.int64(0)
     _xd7r0_1 = 1.0
-    _xd7r0_1_s = 0
-    _xA7r0_0_n = 0
-    _xA7r0_0_s = 0
-    _xA7r0_1_n = 0
-    _xA7r0_1_s = 0
-    _xA7r0_2_n = 0
-    _xA7r0_2_s = 0
+    _xd7r0_1_s = np.int64(0)
+    _xA7r0_0_n = np.int64(0)
+    _xA7r0_0_s = np.int64(0)
+    _xA7r0_1_n = np.int64(0)
+    _xA7r0_1_s = np.int64(0)
+    _xA7r0_2_n = np.int64(0)
+    _xA7r0_2_s = np.int64(0)
     _xc7r0_0 = (_r1 + eps)
     _xb7r0_0 = (0.000244140625*eps + 0.000244140625*abs(_r1))
     _xc7r0_1 = (_r1 + eps)
@@ -3830,99 +3830,99 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xdready0r0 = False
     _xdready0r1 = False
     _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
+    _xd0r1_0_s = np.int64(0)
     _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
+    _xd0r1_1_s = np.int64(0)
     _xdready1r0 = False
     _xdready1r1 = False
     _xd1r1_0 = 1.0
-    _xd1r1_0_s = 0
+    _xd1r1_0_s = np.int64(0)
     _xd1r1_1 = 1.0
-    _xd1r1_1_s = 0
+    _xd1r1_1_s = np.int64(0)
     _xdready2r0 = False
     _xdready2r1 = False
     _xd2r1_0 = 1.0
-    _xd2r1_0_s = 0
+    _xd2r1_0_s = np.int64(0)
     _xd2r1_1 = 1.0
-    _xd2r1_1_s = 0
+    _xd2r1_1_s = np.int64(0)
     _xd2r1_2 = 1.0
-    _xd2r1_2_s = 0
+    _xd2r1_2_s = np.int64(0)
     _xd2r1_3 = 1.0
-    _xd2r1_3_s = 0
+    _xd2r1_3_s = np.int64(0)
     _xdready3r0 = False
     _xdready3r1 = False
     _xd3r1_0 = 1.0
-    _xd3r1_0_s = 0
+    _xd3r1_0_s = np.int64(0)
     _xd3r1_1 = 1.0
-    _xd3r1_1_s = 0
+    _xd3r1_1_s = np.int64(0)
     _xd3r1_2 = 1.0
-    _xd3r1_2_s = 0
+    _xd3r1_2_s = np.int64(0)
     _xd3r1_3 = 1.0
-    _xd3r1_3_s = 0
+    _xd3r1_3_s = np.int64(0)
     _xdready4r0 = False
     _xdready4r1 = False
     _xd4r1_0 = 1.0
-    _xd4r1_0_s = 0
+    _xd4r1_0_s = np.int64(0)
     _xd4r1_1 = 1.0
-    _xd4r1_1_s = 0
+    _xd4r1_1_s = np.int64(0)
     _xd4r1_2 = 1.0
-    _xd4r1_2_s = 0
+    _xd4r1_2_s = np.int64(0)
     _xd4r1_3 = 1.0
-    _xd4r1_3_s = 0
+    _xd4r1_3_s = np.int64(0)
     _xdready5r0 = False
     _xdready5r1 = False
     _xd5r1_0 = 1.0
-    _xd5r1_0_s = 0
+    _xd5r1_0_s = np.int64(0)
     _xd5r1_1 = 1.0
-    _xd5r1_1_s = 0
+    _xd5r1_1_s = np.int64(0)
     _xd5r1_2 = 1.0
-    _xd5r1_2_s = 0
+    _xd5r1_2_s = np.int64(0)
     _xd5r1_3 = 1.0
-    _xd5r1_3_s = 0
+    _xd5r1_3_s = np.int64(0)
     _xdready6r0 = False
     _xdready6r1 = False
     _xd6r1_0 = 1.0
-    _xd6r1_0_s = 0
+    _xd6r1_0_s = np.int64(0)
     _xd6r1_1 = 1.0
-    _xd6r1_1_s = 0
+    _xd6r1_1_s = np.int64(0)
     _xd6r1_2 = 1.0
-    _xd6r1_2_s = 0
+    _xd6r1_2_s = np.int64(0)
     _xdready7r0 = False
     _xdready7r1 = False
     _xd7r1_0 = 1.0
-    _xd7r1_0_s = 0
+    _xd7r1_0_s = np.int64(0)
     _xd7r1_1 = 1.0
-    _xd7r1_1_s = 0
+    _xd7r1_1_s = np.int64(0)
     _xd7r1_2 = 1.0
-    _xd7r1_2_s = 0
-    _xa_n = 0
-    _xa_s = 0
+    _xd7r1_2_s = np.int64(0)
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     _xcs0_a = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
     _xcs0_b = math.copysign(1.0, margin) if margin != 0.0 else 0.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -3932,41 +3932,41 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = 1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, margin, _xu)
@@ -4006,21 +4006,21 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                         if not _xready0r0:
                             _xready0r0 = True
-                            _xA0r0_0_n = 0
-                            _xA0r0_0_s = 0
+                            _xA0r0_0_n = np.int64(0)
+                            _xA0r0_0_s = np.int64(0)
                             _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
                             _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
                             _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                            _xA0r0_1_n = 0
-                            _xA0r0_1_s = 0
+                            _xA0r0_1_n = np.int64(0)
+                            _xA0r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                             _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
@@ -4028,16 +4028,16 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                             _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
                             _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xp_n = np.int64(1)
+                            _xp_s = np.int64(0)
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
                             _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                             _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -4047,8 +4047,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             _xA0r0_2_s = _xp_s
                             _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
                             _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
                         _xt_s = _xA0r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -4067,23 +4067,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready0r0:
                                 _xdready0r0 = True
                                 _xd0r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4092,8 +4092,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4108,23 +4108,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         elif _xregion0 == 1:
                             if not _xdready0r1:
                                 _xdready0r1 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4133,8 +4133,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd0r1_0, _xd0r1_0_s = _xsqrt_m(_xd0r1_0, _xd0r1_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4154,38 +4154,38 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                         if not _xready1r0:
                             _xready1r0 = True
-                            _xA1r0_0_n = 0
-                            _xA1r0_0_s = 0
+                            _xA1r0_0_n = np.int64(0)
+                            _xA1r0_0_s = np.int64(0)
                             _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _xt, _xm, _xt_s)
                             _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
                             _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
-                            _xA1r0_1_n = 0
-                            _xA1r0_1_s = 0
+                            _xA1r0_1_n = np.int64(0)
+                            _xA1r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                             _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
                             _xA1r0_1_n, _xA1r0_1_s = _xgrow_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, -eps, 0)
                             _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
                             _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
-                            _xA1r0_2_n = 0
-                            _xA1r0_2_s = 0
+                            _xA1r0_2_n = np.int64(0)
+                            _xA1r0_2_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                             _xA1r0_2_n, _xA1r0_2_s = _xgrow_all_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, _xt, _xm, _xt_s)
                             _xA1r0_2_n, _xA1r0_2_s = _xgrow_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, -eps, 0)
                             _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
                             _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
                         _xt_s = _xA1r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
@@ -4206,23 +4206,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready1r0:
                                 _xdready1r0 = True
                                 _xd1r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4231,8 +4231,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4247,23 +4247,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         elif _xregion0 == 1:
                             if not _xdready1r1:
                                 _xdready1r1 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4272,8 +4272,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd1r1_0, _xd1r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd1r1_0, _xd1r1_0_s = _xsqrt_m(_xd1r1_0, _xd1r1_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4301,39 +4301,39 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                         if not _xready2r0:
                             _xready2r0 = True
-                            _xA2r0_0_n = 0
-                            _xA2r0_0_s = 0
+                            _xA2r0_0_n = np.int64(0)
+                            _xA2r0_0_s = np.int64(0)
                             _xA2r0_0_n, _xA2r0_0_s = _xgrow_all_s(_xA2r0_0, _xA2r0_0_n, _xA2r0_0_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xA2r0_0_n, _xA2r0_0_s = _xgrow_s(_xA2r0_0, _xA2r0_0_n, _xA2r0_0_s, eps, 0)
                             _xA2r0_0_n = _xcompress(_xA2r0_0, _xA2r0_0_n, _xu)
                             _xA2r0_0_s = _xnormalize(_xA2r0_0, _xA2r0_0_n, _xA2r0_0_s)
-                            _xA2r0_1_n = 0
-                            _xA2r0_1_s = 0
+                            _xA2r0_1_n = np.int64(0)
+                            _xA2r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA2r0_1_n, _xA2r0_1_s = _xgrow_all_s(_xA2r0_1, _xA2r0_1_n, _xA2r0_1_s, _xt, _xm, _xt_s)
                             _xA2r0_1_n = _xcompress(_xA2r0_1, _xA2r0_1_n, _xu)
                             _xA2r0_1_s = _xnormalize(_xA2r0_1, _xA2r0_1_n, _xA2r0_1_s)
-                            _xA2r0_2_n = 0
-                            _xA2r0_2_s = 0
+                            _xA2r0_2_n = np.int64(0)
+                            _xA2r0_2_s = np.int64(0)
                             _xA2r0_2_n, _xA2r0_2_s = _xgrow_all_s(_xA2r0_2, _xA2r0_2_n, _xA2r0_2_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xA2r0_2_n, _xA2r0_2_s = _xgrow_s(_xA2r0_2, _xA2r0_2_n, _xA2r0_2_s, eps, 0)
                             _xA2r0_2_n = _xcompress(_xA2r0_2, _xA2r0_2_n, _xu)
                             _xA2r0_2_s = _xnormalize(_xA2r0_2, _xA2r0_2_n, _xA2r0_2_s)
                             _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xp_n = np.int64(1)
+                            _xp_s = np.int64(0)
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
                             _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                             _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -4343,8 +4343,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             _xA2r0_3_s = _xp_s
                             _xA2r0_3_n = _xcompress(_xA2r0_3, _xA2r0_3_n, _xu)
                             _xA2r0_3_s = _xnormalize(_xA2r0_3, _xA2r0_3_n, _xA2r0_3_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA2r0_0, _xA2r0_0_n)
                         _xt_s = _xA2r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -4367,23 +4367,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if _xregion1 == 0:
                             if not _xdready2r0:
                                 _xdready2r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4392,13 +4392,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd2r0_0, _xd2r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd2r0_0, _xd2r0_0_s = _xsqrt_m(_xd2r0_0, _xd2r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd2r0_1, _xd2r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd2r0_2, _xd2r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4412,23 +4412,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready2r1:
                                 _xdready2r1 = True
                                 _xd2r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4437,13 +4437,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd2r1_1, _xd2r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd2r1_1, _xd2r1_1_s = _xsqrt_m(_xd2r1_1, _xd2r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd2r1_2, _xd2r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd2r1_3, _xd2r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4465,29 +4465,29 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale1 < 1.0261342003245941e-289) | (abs(_out1[_o, _k, _l] - _w * _xn * _xestimate1) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate1)):
                         if not _xready3r0:
                             _xready3r0 = True
-                            _xA3r0_0_n = 0
-                            _xA3r0_0_s = 0
+                            _xA3r0_0_n = np.int64(0)
+                            _xA3r0_0_s = np.int64(0)
                             _xA3r0_0_n, _xA3r0_0_s = _xgrow_all_s(_xA3r0_0, _xA3r0_0_n, _xA3r0_0_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xA3r0_0_n, _xA3r0_0_s = _xgrow_s(_xA3r0_0, _xA3r0_0_n, _xA3r0_0_s, eps, 0)
                             _xA3r0_0_n = _xcompress(_xA3r0_0, _xA3r0_0_n, _xu)
                             _xA3r0_0_s = _xnormalize(_xA3r0_0, _xA3r0_0_n, _xA3r0_0_s)
-                            _xA3r0_1_n = 0
-                            _xA3r0_1_s = 0
+                            _xA3r0_1_n = np.int64(0)
+                            _xA3r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA3r0_1_n, _xA3r0_1_s = _xgrow_all_s(_xA3r0_1, _xA3r0_1_n, _xA3r0_1_s, _xt, _xm, _xt_s)
                             _xA3r0_1_n = _xcompress(_xA3r0_1, _xA3r0_1_n, _xu)
                             _xA3r0_1_s = _xnormalize(_xA3r0_1, _xA3r0_1_n, _xA3r0_1_s)
-                            _xA3r0_2_n = 0
-                            _xA3r0_2_s = 0
+                            _xA3r0_2_n = np.int64(0)
+                            _xA3r0_2_s = np.int64(0)
                             _xA3r0_2_n, _xA3r0_2_s = _xgrow_all_s(_xA3r0_2, _xA3r0_2_n, _xA3r0_2_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xA3r0_2_n, _xA3r0_2_s = _xgrow_s(_xA3r0_2, _xA3r0_2_n, _xA3r0_2_s, eps, 0)
                             _xA3r0_2_n = _xcompress(_xA3r0_2, _xA3r0_2_n, _xu)
                             _xA3r0_2_s = _xnormalize(_xA3r0_2, _xA3r0_2_n, _xA3r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA3r0_0, _xA3r0_0_n)
                         _xt_s = _xA3r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
@@ -4507,23 +4507,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if _xregion1 == 0:
                             if not _xdready3r0:
                                 _xdready3r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4532,13 +4532,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd3r0_0, _xd3r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd3r0_0, _xd3r0_0_s = _xsqrt_m(_xd3r0_0, _xd3r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd3r0_1, _xd3r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd3r0_2, _xd3r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4552,23 +4552,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready3r1:
                                 _xdready3r1 = True
                                 _xd3r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4577,13 +4577,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd3r1_1, _xd3r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd3r1_1, _xd3r1_1_s = _xsqrt_m(_xd3r1_1, _xd3r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd3r1_2, _xd3r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd3r1_3, _xd3r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4613,39 +4613,39 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                         if not _xready4r0:
                             _xready4r0 = True
-                            _xA4r0_0_n = 0
-                            _xA4r0_0_s = 0
+                            _xA4r0_0_n = np.int64(0)
+                            _xA4r0_0_s = np.int64(0)
                             _xA4r0_0_n, _xA4r0_0_s = _xgrow_all_s(_xA4r0_0, _xA4r0_0_n, _xA4r0_0_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xA4r0_0_n, _xA4r0_0_s = _xgrow_s(_xA4r0_0, _xA4r0_0_n, _xA4r0_0_s, eps, 0)
                             _xA4r0_0_n = _xcompress(_xA4r0_0, _xA4r0_0_n, _xu)
                             _xA4r0_0_s = _xnormalize(_xA4r0_0, _xA4r0_0_n, _xA4r0_0_s)
-                            _xA4r0_1_n = 0
-                            _xA4r0_1_s = 0
+                            _xA4r0_1_n = np.int64(0)
+                            _xA4r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA4r0_1_n, _xA4r0_1_s = _xgrow_all_s(_xA4r0_1, _xA4r0_1_n, _xA4r0_1_s, _xt, _xm, _xt_s)
                             _xA4r0_1_n = _xcompress(_xA4r0_1, _xA4r0_1_n, _xu)
                             _xA4r0_1_s = _xnormalize(_xA4r0_1, _xA4r0_1_n, _xA4r0_1_s)
-                            _xA4r0_2_n = 0
-                            _xA4r0_2_s = 0
+                            _xA4r0_2_n = np.int64(0)
+                            _xA4r0_2_s = np.int64(0)
                             _xA4r0_2_n, _xA4r0_2_s = _xgrow_all_s(_xA4r0_2, _xA4r0_2_n, _xA4r0_2_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xA4r0_2_n, _xA4r0_2_s = _xgrow_s(_xA4r0_2, _xA4r0_2_n, _xA4r0_2_s, eps, 0)
                             _xA4r0_2_n = _xcompress(_xA4r0_2, _xA4r0_2_n, _xu)
                             _xA4r0_2_s = _xnormalize(_xA4r0_2, _xA4r0_2_n, _xA4r0_2_s)
                             _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xp_n = np.int64(1)
+                            _xp_s = np.int64(0)
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
                             _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                             _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -4655,8 +4655,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             _xA4r0_3_s = _xp_s
                             _xA4r0_3_n = _xcompress(_xA4r0_3, _xA4r0_3_n, _xu)
                             _xA4r0_3_s = _xnormalize(_xA4r0_3, _xA4r0_3_n, _xA4r0_3_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA4r0_0, _xA4r0_0_n)
                         _xt_s = _xA4r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -4679,23 +4679,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if _xregion2 == 0:
                             if not _xdready4r0:
                                 _xdready4r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4704,13 +4704,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd4r0_0, _xd4r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd4r0_0, _xd4r0_0_s = _xsqrt_m(_xd4r0_0, _xd4r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd4r0_1, _xd4r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd4r0_2, _xd4r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4724,23 +4724,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready4r1:
                                 _xdready4r1 = True
                                 _xd4r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4749,13 +4749,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd4r1_1, _xd4r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd4r1_1, _xd4r1_1_s = _xsqrt_m(_xd4r1_1, _xd4r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd4r1_2, _xd4r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd4r1_3, _xd4r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4777,29 +4777,29 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale2 < 1.0261342003245941e-289) | (abs(_out2[_o, _k, _l] - _w * _xn * _xestimate2) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate2)):
                         if not _xready5r0:
                             _xready5r0 = True
-                            _xA5r0_0_n = 0
-                            _xA5r0_0_s = 0
+                            _xA5r0_0_n = np.int64(0)
+                            _xA5r0_0_s = np.int64(0)
                             _xA5r0_0_n, _xA5r0_0_s = _xgrow_all_s(_xA5r0_0, _xA5r0_0_n, _xA5r0_0_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xA5r0_0_n, _xA5r0_0_s = _xgrow_s(_xA5r0_0, _xA5r0_0_n, _xA5r0_0_s, eps, 0)
                             _xA5r0_0_n = _xcompress(_xA5r0_0, _xA5r0_0_n, _xu)
                             _xA5r0_0_s = _xnormalize(_xA5r0_0, _xA5r0_0_n, _xA5r0_0_s)
-                            _xA5r0_1_n = 0
-                            _xA5r0_1_s = 0
+                            _xA5r0_1_n = np.int64(0)
+                            _xA5r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA5r0_1_n, _xA5r0_1_s = _xgrow_all_s(_xA5r0_1, _xA5r0_1_n, _xA5r0_1_s, _xt, _xm, _xt_s)
                             _xA5r0_1_n = _xcompress(_xA5r0_1, _xA5r0_1_n, _xu)
                             _xA5r0_1_s = _xnormalize(_xA5r0_1, _xA5r0_1_n, _xA5r0_1_s)
-                            _xA5r0_2_n = 0
-                            _xA5r0_2_s = 0
+                            _xA5r0_2_n = np.int64(0)
+                            _xA5r0_2_s = np.int64(0)
                             _xA5r0_2_n, _xA5r0_2_s = _xgrow_all_s(_xA5r0_2, _xA5r0_2_n, _xA5r0_2_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xA5r0_2_n, _xA5r0_2_s = _xgrow_s(_xA5r0_2, _xA5r0_2_n, _xA5r0_2_s, eps, 0)
                             _xA5r0_2_n = _xcompress(_xA5r0_2, _xA5r0_2_n, _xu)
                             _xA5r0_2_s = _xnormalize(_xA5r0_2, _xA5r0_2_n, _xA5r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA5r0_0, _xA5r0_0_n)
                         _xt_s = _xA5r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
@@ -4819,23 +4819,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if _xregion2 == 0:
                             if not _xdready5r0:
                                 _xdready5r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4844,13 +4844,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd5r0_0, _xd5r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd5r0_0, _xd5r0_0_s = _xsqrt_m(_xd5r0_0, _xd5r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd5r0_1, _xd5r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd5r0_2, _xd5r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4864,23 +4864,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready5r1:
                                 _xdready5r1 = True
                                 _xd5r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -4889,13 +4889,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd5r1_1, _xd5r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd5r1_1, _xd5r1_1_s = _xsqrt_m(_xd5r1_1, _xd5r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd5r1_2, _xd5r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd5r1_3, _xd5r1_3_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -4925,33 +4925,33 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                         if not _xready6r0:
                             _xready6r0 = True
-                            _xA6r0_0_n = 0
-                            _xA6r0_0_s = 0
+                            _xA6r0_0_n = np.int64(0)
+                            _xA6r0_0_s = np.int64(0)
                             _xA6r0_0_n, _xA6r0_0_s = _xgrow_all_s(_xA6r0_0, _xA6r0_0_n, _xA6r0_0_s, _x_r1, _x_r1_n, _x_r1_s + 1)
                             _xA6r0_0_n, _xA6r0_0_s = _xgrow_s(_xA6r0_0, _xA6r0_0_n, _xA6r0_0_s, eps, 1)
                             _xA6r0_0_n = _xcompress(_xA6r0_0, _xA6r0_0_n, _xu)
                             _xA6r0_0_s = _xnormalize(_xA6r0_0, _xA6r0_0_n, _xA6r0_0_s)
-                            _xA6r0_1_n = 0
-                            _xA6r0_1_s = 0
+                            _xA6r0_1_n = np.int64(0)
+                            _xA6r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA6r0_1_n, _xA6r0_1_s = _xgrow_all_s(_xA6r0_1, _xA6r0_1_n, _xA6r0_1_s, _xt, _xm, _xt_s)
                             _xA6r0_1_n = _xcompress(_xA6r0_1, _xA6r0_1_n, _xu)
                             _xA6r0_1_s = _xnormalize(_xA6r0_1, _xA6r0_1_n, _xA6r0_1_s)
                             _xp[0] = 1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xp_n = np.int64(1)
+                            _xp_s = np.int64(0)
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
                             _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                             _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, eps, 0)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -4961,8 +4961,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             _xA6r0_2_s = _xp_s
                             _xA6r0_2_n = _xcompress(_xA6r0_2, _xA6r0_2_n, _xu)
                             _xA6r0_2_s = _xnormalize(_xA6r0_2, _xA6r0_2_n, _xA6r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA6r0_0, _xA6r0_0_n)
                         _xt_s = _xA6r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x1, _xu)
@@ -4980,23 +4980,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if _xregion3 == 0:
                             if not _xdready6r0:
                                 _xdready6r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -5005,8 +5005,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd6r0_0, _xd6r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd6r0_0, _xd6r0_0_s = _xsqrt_m(_xd6r0_0, _xd6r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd6r0_1, _xd6r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -5020,23 +5020,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready6r1:
                                 _xdready6r1 = True
                                 _xd6r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -5045,8 +5045,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd6r1_1, _xd6r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd6r1_1, _xd6r1_1_s = _xsqrt_m(_xd6r1_1, _xd6r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd6r1_2, _xd6r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -5068,30 +5068,30 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale3 < 1.0261342003245941e-289) | (abs(_out3[_o, _k, _l] - _w * _xn * _xestimate3) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate3)):
                         if not _xready7r0:
                             _xready7r0 = True
-                            _xA7r0_0_n = 0
-                            _xA7r0_0_s = 0
+                            _xA7r0_0_n = np.int64(0)
+                            _xA7r0_0_s = np.int64(0)
                             _xA7r0_0_n, _xA7r0_0_s = _xgrow_all_s(_xA7r0_0, _xA7r0_0_n, _xA7r0_0_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xA7r0_0_n, _xA7r0_0_s = _xgrow_s(_xA7r0_0, _xA7r0_0_n, _xA7r0_0_s, eps, 0)
                             _xA7r0_0_n = _xcompress(_xA7r0_0, _xA7r0_0_n, _xu)
                             _xA7r0_0_s = _xnormalize(_xA7r0_0, _xA7r0_0_n, _xA7r0_0_s)
-                            _xA7r0_1_n = 0
-                            _xA7r0_1_s = 0
+                            _xA7r0_1_n = np.int64(0)
+                            _xA7r0_1_s = np.int64(0)
                             _xA7r0_1_n, _xA7r0_1_s = _xgrow_all_s(_xA7r0_1, _xA7r0_1_n, _xA7r0_1_s, _x_r1, _x_r1_n, _x_r1_s)
                             _xA7r0_1_n, _xA7r0_1_s = _xgrow_s(_xA7r0_1, _xA7r0_1_n, _xA7r0_1_s, eps, 0)
                             _xA7r0_1_n = _xcompress(_xA7r0_1, _xA7r0_1_n, _xu)
                             _xA7r0_1_s = _xnormalize(_xA7r0_1, _xA7r0_1_n, _xA7r0_1_s)
-                            _xA7r0_2_n = 0
-                            _xA7r0_2_s = 0
+                            _xA7r0_2_n = np.int64(0)
+                            _xA7r0_2_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA7r0_2_n, _xA7r0_2_s = _xgrow_all_s(_xA7r0_2, _xA7r0_2_n, _xA7r0_2_s, _xt, _xm, _xt_s)
                             _xA7r0_2_n = _xcompress(_xA7r0_2, _xA7r0_2_n, _xu)
                             _xA7r0_2_s = _xnormalize(_xA7r0_2, _xA7r0_2_n, _xA7r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA7r0_0, _xA7r0_0_n)
                         _xt_s = _xA7r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x1, _xu)
@@ -5111,23 +5111,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                         if _xregion3 == 0:
                             if not _xdready7r0:
                                 _xdready7r0 = True
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -5136,8 +5136,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd7r0_0, _xd7r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd7r0_0, _xd7r0_0_s = _xsqrt_m(_xd7r0_0, _xd7r0_0_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd7r0_1, _xd7r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -5151,23 +5151,23 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                             if not _xdready7r1:
                                 _xdready7r1 = True
                                 _xd7r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                                 _xt[0] = 1.0
-                                _xm = 1
-                                _xt_s = 0
+                                _xm = np.int64(1)
+                                _xt_s = np.int64(0)
                                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, eps, _xu)
                                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -5176,8 +5176,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _ou
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, _xl, _xe)
                                 _xd7r1_1, _xd7r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd7r1_1, _xd7r1_1_s = _xsqrt_m(_xd7r1_1, _xd7r1_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd7r1_2, _xd7r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
@@ -5684,7 +5684,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1
         _scratch[47, _j] = 1.0 if _xj3 else 0.0
         _xflag3 |= _xj3
     if _xflag0 or _xflag1 or _xflag2 or _xflag3:
-        _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _weight, _out0, _out1, _out2, _out3, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, x1, x2, margin, eps, _out0, _out1, _out2, _out3, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

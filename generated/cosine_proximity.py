@@ -317,8 +317,8 @@ def _exact_r2(_i, _n, _C, y, x, eps):
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
     _xs = _xbuffer[2]
-    _xs_n = 0
-    _xs_s = 0
+    _xs_n = np.int64(0)
+    _xs_s = np.int64(0)
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
@@ -326,7 +326,7 @@ def _exact_r2(_i, _n, _C, y, x, eps):
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xh, _xe)
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _xl, _xe)
     _hi = _xvalue_s(_xs, _xs_n, _xs_s)
-    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, 0)
+    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, np.int64(0))
     return _hi, _xvalue_s(_xs, _xs_n, _xs_s)
 
 
@@ -405,7 +405,7 @@ def loss_kernel_parallel(y, x, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
+def _grad_exact(_i, _n, _C, y, x, eps, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -421,12 +421,12 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
     _x_r2 = _xbuffer[7]
     _xA0r0_0 = _xbuffer[8]
     _xA0r0_1 = _xbuffer[9]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
     _r2_abs = 0.0
     if _xexact:
         for _k in range(_n):
@@ -484,16 +484,16 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
             _xsh_r2 = _x
             _xsm_r2 += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -507,13 +507,13 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0r0 = False
     _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
+    _xd0r0_0_s = np.int64(0)
     _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
+    _xd0r0_1_s = np.int64(0)
+    _xA0r0_0_n = np.int64(0)
+    _xA0r0_0_s = np.int64(0)
+    _xA0r0_1_n = np.int64(0)
+    _xA0r0_1_s = np.int64(0)
     _xc0r0_0 = (_r2)
     _xb0r0_0 = (0.000244140625*_r2_abs)
     _xc0r0_1 = (-_r0)
@@ -525,24 +525,24 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
     _xdready0r1 = False
     _xdok0r1 = True
     _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
+    _xd0r1_0_s = np.int64(0)
     _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
+    _xd0r1_1_s = np.int64(0)
     _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
     _xcs0_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     if not (_xexact or (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
         return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xh, _xl, _xe = _xtwo_product(eps, eps)
@@ -559,19 +559,19 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
         _xcs0 = _xcs0_a * _xcs0_d
     _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
     _xcs1_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     if not (_xexact or (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
         return False
     _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xh, _xl, _xe = _xtwo_product(eps, eps)
@@ -596,22 +596,22 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
             if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                 if not _xready0r0:
                     _xready0r0 = True
-                    _xA0r0_0_n = 0
-                    _xA0r0_0_s = 0
+                    _xA0r0_0_n = np.int64(0)
+                    _xA0r0_0_s = np.int64(0)
                     _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _x_r2, _x_r2_n, _x_r2_s)
                     _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
                     _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                    _xA0r0_1_n = 0
-                    _xA0r0_1_s = 0
+                    _xA0r0_1_n = np.int64(0)
+                    _xA0r0_1_s = np.int64(0)
                     _xt[0] = -1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                     _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                     _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                     _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
                 _xt_s = _xA0r0_0_s
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
@@ -626,14 +626,14 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
                 if _xregion0 == 0:
                     if not _xdready0r0:
                         _xdready0r0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r0_0, _xd0r0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r0 = _xdok0r0 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) and abs(math.ldexp(_xd0r0_0, _xd0r0_0_s)) > 1.1830521861667747e-271
                         _xd0r0_0, _xd0r0_0_s = _xsqrt_m(_xd0r0_0, _xd0r0_0_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r0 = _xdok0r0 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
@@ -651,12 +651,12 @@ def _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
                 elif _xregion0 == 1:
                     if not _xdready0r1:
                         _xdready0r1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r1_0, _xd0r1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r1 = _xdok0r1 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) and abs(math.ldexp(_xd0r1_1, _xd0r1_1_s)) > 1.1830521861667747e-271
@@ -848,8 +848,8 @@ def _grad_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _t6_1 = _t6_0 and (_t6_0 or (_h6 > eps))
         _xflag |= (abs(_e_x*((_h10) if _t6_1 else (0.0)) + _e_y*((_h11) if _t6_1 else (0.0))) < ((_h12) if _t6_1 else (math.nan))*abs(_e_x) + ((_h13) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h12) if _t6_1 else (math.nan))*abs(_e_x) + ((_h13) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, True)
+        if not _grad_exact(_i, _n, _C, y, x, eps, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, x, eps, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -871,7 +871,7 @@ def grad_kernel_parallel(y, x, eps, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
+def _hess_exact(_i, _n, _C, y, x, eps, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -888,12 +888,12 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
     _xA0r0_0 = _xbuffer[8]
     _xA0r0_1 = _xbuffer[9]
     _xA0r0_2 = _xbuffer[10]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
     _r2_abs = 0.0
     if _xexact:
         for _k in range(_n):
@@ -951,16 +951,16 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
             _xsh_r2 = _x
             _xsm_r2 += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -974,17 +974,17 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0r0 = False
     _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
+    _xd0r0_0_s = np.int64(0)
     _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
+    _xd0r0_1_s = np.int64(0)
     _xd0r0_2 = 1.0
-    _xd0r0_2_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
-    _xA0r0_2_n = 0
-    _xA0r0_2_s = 0
+    _xd0r0_2_s = np.int64(0)
+    _xA0r0_0_n = np.int64(0)
+    _xA0r0_0_s = np.int64(0)
+    _xA0r0_1_n = np.int64(0)
+    _xA0r0_1_s = np.int64(0)
+    _xA0r0_2_n = np.int64(0)
+    _xA0r0_2_s = np.int64(0)
     _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
     _xc0r0_1 = (-2.0*_r0)
@@ -999,26 +999,26 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
     _xdready0r1 = False
     _xdok0r1 = True
     _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
+    _xd0r1_0_s = np.int64(0)
     _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
+    _xd0r1_1_s = np.int64(0)
     _xd0r1_2 = 1.0
-    _xd0r1_2_s = 0
+    _xd0r1_2_s = np.int64(0)
     _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
     _xcs0_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     if not (_xexact or (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
         return False
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xh, _xl, _xe = _xtwo_product(eps, eps)
@@ -1035,19 +1035,19 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
         _xcs0 = _xcs0_a * _xcs0_d
     _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
     _xcs1_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     if not (_xexact or (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xv, _xv_s)) and abs(math.ldexp(_xv, _xv_s)) > 1.1830521861667747e-271):
         return False
     _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xh, _xl, _xe = _xtwo_product(eps, eps)
@@ -1072,37 +1072,37 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
             if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                 if not _xready0r0:
                     _xready0r0 = True
-                    _xA0r0_0_n = 0
-                    _xA0r0_0_s = 0
+                    _xA0r0_0_n = np.int64(0)
+                    _xA0r0_0_s = np.int64(0)
                     _xt[0] = 1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                     _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
                     _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
                     _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                    _xA0r0_1_n = 0
-                    _xA0r0_1_s = 0
+                    _xA0r0_1_n = np.int64(0)
+                    _xA0r0_1_s = np.int64(0)
                     _xt[0] = -1.0
-                    _xm = 1
-                    _xt_s = 0
+                    _xm = np.int64(1)
+                    _xt_s = np.int64(0)
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                     _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                     _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                     _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
                     _xp[0] = -1.0
-                    _xp_n = 1
-                    _xp_s = 0
-                    _xf_n = 0
-                    _xf_s = 0
+                    _xp_n = np.int64(1)
+                    _xp_s = np.int64(0)
+                    _xf_n = np.int64(0)
+                    _xf_s = np.int64(0)
                     _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                     _xf_n = _xcompress(_xf, _xf_n, _xu)
                     _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                     _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                    _xf_n = 0
-                    _xf_s = 0
+                    _xf_n = np.int64(0)
+                    _xf_s = np.int64(0)
                     _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                     _xf_n = _xcompress(_xf, _xf_n, _xu)
                     _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
@@ -1111,8 +1111,8 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
                     _xA0r0_2_s = _xp_s
                     _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
                     _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
                 _xt_s = _xA0r0_0_s
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
@@ -1133,14 +1133,14 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
                     if not _xdready0r0:
                         _xdready0r0 = True
                         _xd0r0_0 = -1.0
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r0 = _xdok0r0 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) and abs(math.ldexp(_xd0r0_1, _xd0r0_1_s)) > 1.1830521861667747e-271
                         _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r0 = _xdok0r0 and (_xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r0_2, _xd0r0_2_s)) and abs(math.ldexp(_xd0r0_2, _xd0r0_2_s)) > 1.1830521861667747e-271
@@ -1165,12 +1165,12 @@ def _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, _xexact):
                     if not _xdready0r1:
                         _xdready0r1 = True
                         _xd0r1_0 = -1.0
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                         _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xdok0r1 = _xdok0r1 and (_xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0r1_2, _xd0r1_2_s)) and abs(math.ldexp(_xd0r1_2, _xd0r1_2_s)) > 1.1830521861667747e-271
@@ -1305,8 +1305,8 @@ def _hess_row(_i, _n, _C, y, x, eps, _weight, _out0):
         _t3_3 = _e_x**2
         _xflag |= (abs(_t3_2*((_h9) if _t3_1 else (0.0)) + _t3_3*((_h8) if _t3_1 else (0.0)) + ((_h10) if _t3_1 else (0.0))) < _t3_3*((_h11) if _t3_1 else (math.nan)) + ((_h12) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h13) if _t3_1 else (math.nan))) | (_t3_3*((_h11) if _t3_1 else (math.nan)) + ((_h12) if _t3_1 else (math.nan))*abs(_t3_2) + ((_h13) if _t3_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        if not _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, False):
-            _hess_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, x, eps, _out0, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, x, eps, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1520,10 +1520,10 @@ def _grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1):
         _xflag |= (abs(_e_x*((_h11) if _t6_1 else (0.0)) + _e_y*((_h12) if _t6_1 else (0.0))) < ((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
         _xflag |= (abs(_t6_2*((_h16) if _t6_1 else (0.0)) + _t6_3*((_h15) if _t6_1 else (0.0)) + ((_h17) if _t6_1 else (0.0))) < _t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan))) | (_t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, x, eps, _weight, _out0, _w, True)
-        if not _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, False):
-            _hess_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, True)
+        if not _grad_exact(_i, _n, _C, y, x, eps, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, x, eps, _out0, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, x, eps, _out1, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, x, eps, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1742,10 +1742,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, x, eps, _weight, _out0, _out1, _out2):
         _xflag |= (abs(_e_x*((_h11) if _t6_1 else (0.0)) + _e_y*((_h12) if _t6_1 else (0.0))) < ((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y)) | (((_h13) if _t6_1 else (math.nan))*abs(_e_x) + ((_h14) if _t6_1 else (math.nan))*abs(_e_y) < 1.0261342003245941e-289)
         _xflag |= (abs(_t6_2*((_h16) if _t6_1 else (0.0)) + _t6_3*((_h15) if _t6_1 else (0.0)) + ((_h17) if _t6_1 else (0.0))) < _t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan))) | (_t6_3*((_h18) if _t6_1 else (math.nan)) + ((_h19) if _t6_1 else (math.nan))*abs(_t6_2) + ((_h20) if _t6_1 else (math.nan)) < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, x, eps, _weight, _out1, _w, True)
-        if not _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w, False):
-            _hess_exact(_i, _n, _C, y, x, eps, _weight, _out2, _w, True)
+        if not _grad_exact(_i, _n, _C, y, x, eps, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, x, eps, _out1, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, x, eps, _out2, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, x, eps, _out2, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1767,16 +1767,16 @@ def loss_grad_hess_kernel_parallel(y, x, eps, _weight, _out0, _out1, _out2):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
+def _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _out0, _w):
     """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
     exactly where their tests fire) times the directions."""
     _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-    _hess_full_row(_i, np.int64(0), _n, _C, y, x, eps, _weight, _blocks[0])
+    _hess_full_row(_i, np.int64(0), _n, _C, y, x, eps, None, _blocks[0])
     for _j in range(_n):
         _s0 = 0.0
         for _l in range(_n):
             _s0 += _blocks[0, 0, _j, _l] * _v_x[_i, _l]
-        _out0[_i, _j] = _s0
+        _out0[_i, _j] = _w * _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -2050,7 +2050,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
             _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _xdiagonal0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _weight, _out0)
+        _hvp_exact(_i, _n, _C, y, x, eps, _v_x, _out0, _w)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
         _fscratch = np.zeros((15, _n))
@@ -2061,7 +2061,7 @@ def _hvp_row(_i, _n, _C, y, x, eps, _v_x, _weight, _out0):
                 for _l in range(_n):
                     _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
                     _blocks[0, 0, _j, _l] = _w * _h
-        _hess_full_exact(_i, np.int64(0), _n, _C, y, x, eps, _weight, _blocks[0], _w, _fscratch)
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, x, eps, _blocks[0], _w, _fscratch)
         for _j in range(_n):
             if _scratch[9, _j] != 0.0:
                 _s = 0.0
@@ -2089,7 +2089,7 @@ def hvp_kernel_parallel(y, x, eps, _v_x, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((14, 64))
@@ -2107,12 +2107,12 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xA1r0_0 = _xbuffer[11]
     _xA1r0_1 = _xbuffer[12]
     _xA1r0_2 = _xbuffer[13]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
     _r2_abs = 0.0
     for _k in range(_n):
         _e_x = x[_i, _k]
@@ -2138,17 +2138,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0r0 = False
     _xd0r0_0 = 1.0
-    _xd0r0_0_s = 0
+    _xd0r0_0_s = np.int64(0)
     _xd0r0_1 = 1.0
-    _xd0r0_1_s = 0
+    _xd0r0_1_s = np.int64(0)
     _xd0r0_2 = 1.0
-    _xd0r0_2_s = 0
-    _xA0r0_0_n = 0
-    _xA0r0_0_s = 0
-    _xA0r0_1_n = 0
-    _xA0r0_1_s = 0
-    _xA0r0_2_n = 0
-    _xA0r0_2_s = 0
+    _xd0r0_2_s = np.int64(0)
+    _xA0r0_0_n = np.int64(0)
+    _xA0r0_0_s = np.int64(0)
+    _xA0r0_1_n = np.int64(0)
+    _xA0r0_1_s = np.int64(0)
+    _xA0r0_2_n = np.int64(0)
+    _xA0r0_2_s = np.int64(0)
     _xc0r0_0 = (3.0*_r2)
     _xb0r0_0 = (0.000732421875*_r2_abs)
     _xc0r0_1 = (-2.0*_r0)
@@ -2157,17 +2157,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xb0r0_2 = (0.000244140625*_r2_abs*abs(_r0))
     _xready1r0 = False
     _xd1r0_0 = 1.0
-    _xd1r0_0_s = 0
+    _xd1r0_0_s = np.int64(0)
     _xd1r0_1 = 1.0
-    _xd1r0_1_s = 0
+    _xd1r0_1_s = np.int64(0)
     _xd1r0_2 = 1.0
-    _xd1r0_2_s = 0
-    _xA1r0_0_n = 0
-    _xA1r0_0_s = 0
-    _xA1r0_1_n = 0
-    _xA1r0_1_s = 0
-    _xA1r0_2_n = 0
-    _xA1r0_2_s = 0
+    _xd1r0_2_s = np.int64(0)
+    _xA1r0_0_n = np.int64(0)
+    _xA1r0_0_s = np.int64(0)
+    _xA1r0_1_n = np.int64(0)
+    _xA1r0_1_s = np.int64(0)
+    _xA1r0_2_n = np.int64(0)
+    _xA1r0_2_s = np.int64(0)
     _xc1r0_0 = (3.0*_r2)
     _xb1r0_0 = (0.000732421875*_r2_abs)
     _xc1r0_1 = (-_r0)
@@ -2177,32 +2177,32 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
     _xdready0r0 = False
     _xdready0r1 = False
     _xd0r1_0 = 1.0
-    _xd0r1_0_s = 0
+    _xd0r1_0_s = np.int64(0)
     _xd0r1_1 = 1.0
-    _xd0r1_1_s = 0
+    _xd0r1_1_s = np.int64(0)
     _xd0r1_2 = 1.0
-    _xd0r1_2_s = 0
+    _xd0r1_2_s = np.int64(0)
     _xdready1r0 = False
     _xdready1r1 = False
     _xd1r1_0 = 1.0
-    _xd1r1_0_s = 0
+    _xd1r1_0_s = np.int64(0)
     _xd1r1_1 = 1.0
-    _xd1r1_1_s = 0
+    _xd1r1_1_s = np.int64(0)
     _xd1r1_2 = 1.0
-    _xd1r1_2_s = 0
+    _xd1r1_2_s = np.int64(0)
     _xcs0_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
     _xcs0_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     _xcs0_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xh, _xl, _xe = _xtwo_product(eps, eps)
@@ -2217,17 +2217,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
         _xcs0 = _xcs0_a * _xcs0_d
     _xcs1_a = math.copysign(1.0, eps) if eps != 0.0 else 0.0
     _xcs1_b = -1.0
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
     _xa_n = _xcompress(_xa, _xa_n, _xu)
     _xv, _xv_s = _xvalue_m(_xa, _xa_n, _xa_s)
     _xcs1_q = 1.0 if _xv > 0.0 else (-1.0 if _xv < 0.0 else 0.0)
-    _xa_n = 0
-    _xa_s = 0
+    _xa_n = np.int64(0)
+    _xa_s = np.int64(0)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
     _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
     _xh, _xl, _xe = _xtwo_product(eps, eps)
@@ -2258,37 +2258,37 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                         if not _xready0r0:
                             _xready0r0 = True
-                            _xA0r0_0_n = 0
-                            _xA0r0_0_s = 0
+                            _xA0r0_0_n = np.int64(0)
+                            _xA0r0_0_s = np.int64(0)
                             _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA0r0_0_n, _xA0r0_0_s = _xgrow_all_s(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s, _xt, _xm, _xt_s)
                             _xA0r0_0_n = _xcompress(_xA0r0_0, _xA0r0_0_n, _xu)
                             _xA0r0_0_s = _xnormalize(_xA0r0_0, _xA0r0_0_n, _xA0r0_0_s)
-                            _xA0r0_1_n = 0
-                            _xA0r0_1_s = 0
+                            _xA0r0_1_n = np.int64(0)
+                            _xA0r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                             _xA0r0_1_n, _xA0r0_1_s = _xgrow_all_s(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s, _xt, _xm, _xt_s)
                             _xA0r0_1_n = _xcompress(_xA0r0_1, _xA0r0_1_n, _xu)
                             _xA0r0_1_s = _xnormalize(_xA0r0_1, _xA0r0_1_n, _xA0r0_1_s)
                             _xp[0] = -1.0
-                            _xp_n = 1
-                            _xp_s = 0
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xp_n = np.int64(1)
+                            _xp_s = np.int64(0)
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
                             _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                             _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                            _xf_n = 0
-                            _xf_s = 0
+                            _xf_n = np.int64(0)
+                            _xf_s = np.int64(0)
                             _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                             _xf_n = _xcompress(_xf, _xf_n, _xu)
                             _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
@@ -2297,8 +2297,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             _xA0r0_2_s = _xp_s
                             _xA0r0_2_n = _xcompress(_xA0r0_2, _xA0r0_2_n, _xu)
                             _xA0r0_2_s = _xnormalize(_xA0r0_2, _xA0r0_2_n, _xA0r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA0r0_0, _xA0r0_0_n)
                         _xt_s = _xA0r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_x, _xu)
@@ -2317,13 +2317,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             if not _xdready0r0:
                                 _xdready0r0 = True
                                 _xd0r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xd0r0_1, _xd0r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd0r0_1, _xd0r0_1_s = _xsqrt_m(_xd0r0_1, _xd0r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xd0r0_2, _xd0r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd0r0_2, _xd0r0_2_s = _xsqrt_m(_xd0r0_2, _xd0r0_2_s)
@@ -2345,12 +2345,12 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             if not _xdready0r1:
                                 _xdready0r1 = True
                                 _xd0r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd0r1_1, _xd0r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xd0r1_2, _xd0r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd0r1_2, _xd0r1_2_s = _xsqrt_m(_xd0r1_2, _xd0r1_2_s)
@@ -2378,36 +2378,36 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                     if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                         if not _xready1r0:
                             _xready1r0 = True
-                            _xA1r0_0_n = 0
-                            _xA1r0_0_s = 0
+                            _xA1r0_0_n = np.int64(0)
+                            _xA1r0_0_s = np.int64(0)
                             _xt[0] = 1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 3.0, _xu)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                             _xA1r0_0_n, _xA1r0_0_s = _xgrow_all_s(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s, _xt, _xm, _xt_s)
                             _xA1r0_0_n = _xcompress(_xA1r0_0, _xA1r0_0_n, _xu)
                             _xA1r0_0_s = _xnormalize(_xA1r0_0, _xA1r0_0_n, _xA1r0_0_s)
-                            _xA1r0_1_n = 0
-                            _xA1r0_1_s = 0
+                            _xA1r0_1_n = np.int64(0)
+                            _xA1r0_1_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                             _xA1r0_1_n, _xA1r0_1_s = _xgrow_all_s(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s, _xt, _xm, _xt_s)
                             _xA1r0_1_n = _xcompress(_xA1r0_1, _xA1r0_1_n, _xu)
                             _xA1r0_1_s = _xnormalize(_xA1r0_1, _xA1r0_1_n, _xA1r0_1_s)
-                            _xA1r0_2_n = 0
-                            _xA1r0_2_s = 0
+                            _xA1r0_2_n = np.int64(0)
+                            _xA1r0_2_s = np.int64(0)
                             _xt[0] = -1.0
-                            _xm = 1
-                            _xt_s = 0
+                            _xm = np.int64(1)
+                            _xt_s = np.int64(0)
                             _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                             _xA1r0_2_n, _xA1r0_2_s = _xgrow_all_s(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s, _xt, _xm, _xt_s)
                             _xA1r0_2_n = _xcompress(_xA1r0_2, _xA1r0_2_n, _xu)
                             _xA1r0_2_s = _xnormalize(_xA1r0_2, _xA1r0_2_n, _xA1r0_2_s)
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xm = _xcopy(_xt, _xA1r0_0, _xA1r0_0_n)
                         _xt_s = _xA1r0_0_s
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_x, _xu)
@@ -2428,13 +2428,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             if not _xdready1r0:
                                 _xdready1r0 = True
                                 _xd1r0_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xd1r0_1, _xd1r0_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd1r0_1, _xd1r0_1_s = _xsqrt_m(_xd1r0_1, _xd1r0_1_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                                 _xd1r0_2, _xd1r0_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd1r0_2, _xd1r0_2_s = _xsqrt_m(_xd1r0_2, _xd1r0_2_s)
@@ -2456,12 +2456,12 @@ def _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch):
                             if not _xdready1r1:
                                 _xdready1r1 = True
                                 _xd1r1_0 = -1.0
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, eps, 0)
                                 _xd1r1_1, _xd1r1_1_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                                _xa_n = 0
-                                _xa_s = 0
+                                _xa_n = np.int64(0)
+                                _xa_s = np.int64(0)
                                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                                 _xd1r1_2, _xd1r1_2_s = _xvalue_m(_xa, _xa_n, _xa_s)
                                 _xd1r1_2, _xd1r1_2_s = _xsqrt_m(_xd1r1_2, _xd1r1_2_s)
@@ -2652,7 +2652,7 @@ def _hess_full_row(_i, _o, _n, _C, y, x, eps, _weight, _out0):
         _scratch[14, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _o, _n, _C, y, x, eps, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, x, eps, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -357,7 +357,7 @@ def loss_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
+def _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -374,14 +374,14 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_r3 = _xbuffer[8]
     _xA0_0 = _xbuffer[9]
     _xA0_1 = _xbuffer[10]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _x_r3_n = 0
-    _x_r3_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
+    _x_r3_n = np.int64(0)
+    _x_r3_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -436,16 +436,16 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
             _xsh_r2 = _x
             _xsm_r2 += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -457,8 +457,8 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _x_r0, _x_r0_n, _x_r0_s)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _x_r1, _x_r1_n, _x_r1_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _xt, _xm, _xt_s)
@@ -470,11 +470,11 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _r3 = _xvalue_s(_x_r3, _x_r3_n, _x_r3_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
     _xc0_0 = (4.0*_r2 + 2.0*smooth)
     _xb0_0 = (0.00048828125*smooth + 0.0009765625*abs(_r2))
     _xc0_1 = (-4.0*_r2 - 2.0*_r3 - 2.0*smooth)
@@ -490,38 +490,38 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
-                _xA0_0_n = 0
-                _xA0_0_s = 0
+                _xA0_0_n = np.int64(0)
+                _xA0_0_s = np.int64(0)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _x_r2, _x_r2_n, _x_r2_s + 2)
                 _xA0_0_n, _xA0_0_s = _xgrow_s(_xA0_0, _xA0_0_n, _xA0_0_s, smooth, 1)
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                _xA0_1_n = 0
-                _xA0_1_s = 0
+                _xA0_1_n = np.int64(0)
+                _xA0_1_s = np.int64(0)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _xt, _xm, _xt_s)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _xt, _xm, _xt_s)
                 _xA0_1_n, _xA0_1_s = _xgrow_s(_xA0_1, _xA0_1_n, _xA0_1_s, -smooth, 1)
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_p, _xu)
@@ -614,8 +614,8 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*(-2.0*_e_y*_r3 + 2.0*_h1*(_e_p - _e_y))))
         _xflag |= (abs(_e_p*_h2 + _e_y*_h3) < _e_p*_h4 + _e_y*_h5) | (_e_p*_h4 + _e_y*_h5 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -637,7 +637,7 @@ def grad_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
+def _hess_exact(_i, _n, _C, y, p, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -655,14 +655,14 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _xA0_0 = _xbuffer[9]
     _xA0_1 = _xbuffer[10]
     _xA0_2 = _xbuffer[11]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r3_n = 0
-    _x_r3_s = 0
-    _x_m_p_y_n = 0
-    _x_m_p_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r3_n = np.int64(0)
+    _x_r3_s = np.int64(0)
+    _x_m_p_y_n = np.int64(0)
+    _x_m_p_y_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -717,16 +717,16 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
             _xsh_m_p_y = _x
             _xsm_m_p_y += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, 0)
-        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, 0)
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsh_r1, np.int64(0))
+        _x_r1_n, _x_r1_s = _xgrow_s(_x_r1, _x_r1_n, _x_r1_s, _xsl_r1, np.int64(0))
         _xE_r1 = 2.0 * _xg * _xg * _xsm_r1 + _xg * 3.5601181736115222e-307
         _xM_r1 = _xsm_r1
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, 0)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, 0)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, np.int64(0))
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, np.int64(0))
         _xE_m_p_y = 2.0 * _xg * _xg * _xsm_m_p_y + _xg * 3.5601181736115222e-307
         _xM_m_p_y = _xsm_m_p_y
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -736,8 +736,8 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
     _x_m_p_y_s = _xnormalize(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _xt, _xm, _xt_s)
@@ -750,13 +750,13 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _r3 = _xvalue_s(_x_r3, _x_r3_n, _x_r3_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
+    _xA0_2_n = np.int64(0)
+    _xA0_2_s = np.int64(0)
     _xc0_0 = (-8.0*_r0 - 8.0*_r1 + 8.0*_r3 - 8.0*smooth)
     _xb0_0 = (0.001953125*smooth + 0.001953125*abs(_r0) + 0.001953125*abs(_r1) + 0.001953125*abs(_r3))
     _xc0_1 = (8.0*_r0 + 8.0*_r1 + 8.0*smooth)
@@ -775,44 +775,44 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_r0 + _xE_r1) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
-                _xA0_0_n = 0
-                _xA0_0_s = 0
+                _xA0_0_n = np.int64(0)
+                _xA0_0_s = np.int64(0)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 16.0, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                 _xA0_0_n, _xA0_0_s = _xgrow_s(_xA0_0, _xA0_0_n, _xA0_0_s, -smooth, 3)
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                _xA0_1_n = 0
-                _xA0_1_s = 0
+                _xA0_1_n = np.int64(0)
+                _xA0_1_s = np.int64(0)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_r0, _x_r0_n, _x_r0_s + 3)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_r1, _x_r1_n, _x_r1_s + 3)
                 _xA0_1_n, _xA0_1_s = _xgrow_s(_xA0_1, _xA0_1_n, _xA0_1_s, smooth, 3)
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
                 _xp[0] = 2.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -822,8 +822,8 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
                 _xA0_2_s = _xp_s
                 _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
                 _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_p, _xu)
@@ -931,8 +931,8 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _t3_1 = _e_p**2
         _xflag |= (abs(_h3*_t3_1 + _h4*_t3_0 + _h5) < _h6*_t3_1 + _h7*_t3_0 + _h8) | (_h6*_t3_1 + _h7*_t3_0 + _h8 < 1.0261342003245941e-289)
     if _xflag:
-        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
-            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1054,10 +1054,10 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _xflag |= (abs(_e_p*_h5 + _e_y*_h6) < _e_p*_h7 + _e_y*_h8) | (_e_p*_h7 + _e_y*_h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_h10*_t3_0 + _h11 + _h9*_t3_1) < _h12*_t3_1 + _h13*_t3_0 + _h14) | (_h12*_t3_1 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, False):
-            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1181,10 +1181,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _xflag |= (abs(_e_p*_h5 + _e_y*_h6) < _e_p*_h7 + _e_y*_h8) | (_e_p*_h7 + _e_y*_h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_h10*_t3_0 + _h11 + _h9*_t3_1) < _h12*_t3_1 + _h13*_t3_0 + _h14) | (_h12*_t3_1 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w, False):
-            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _out2, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, smooth, _out2, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1206,16 +1206,16 @@ def loss_grad_hess_kernel_parallel(y, p, smooth, _weight, _out0, _out1, _out2):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
+def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _out0, _w):
     """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
     exactly where their tests fire) times the directions."""
     _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-    _hess_full_row(_i, np.int64(0), _n, _C, y, p, smooth, _weight, _blocks[0])
+    _hess_full_row(_i, np.int64(0), _n, _C, y, p, smooth, None, _blocks[0])
     for _j in range(_n):
         _s0 = 0.0
         for _l in range(_n):
             _s0 += _blocks[0, 0, _j, _l] * _v_p[_i, _l]
-        _out0[_i, _j] = _s0
+        _out0[_i, _j] = _w * _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1436,7 +1436,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
             _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _xdiagonal0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
+        _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _out0, _w)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
         _fscratch = np.zeros((14, _n))
@@ -1447,7 +1447,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
                 for _l in range(_n):
                     _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
                     _blocks[0, 0, _j, _l] = _w * _h
-        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, smooth, _weight, _blocks[0], _w, _fscratch)
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, smooth, _blocks[0], _w, _fscratch)
         for _j in range(_n):
             if _scratch[9, _j] != 0.0:
                 _s = 0.0
@@ -1475,7 +1475,7 @@ def hvp_kernel_parallel(y, p, smooth, _v_p, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((15, 64))
@@ -1494,14 +1494,14 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _xA1_0 = _xbuffer[12]
     _xA1_1 = _xbuffer[13]
     _xA1_2 = _xbuffer[14]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r3_n = 0
-    _x_r3_s = 0
-    _x_m_p_y_n = 0
-    _x_m_p_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r3_n = np.int64(0)
+    _x_r3_s = np.int64(0)
+    _x_m_p_y_n = np.int64(0)
+    _x_m_p_y_s = np.int64(0)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1521,8 +1521,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
     _x_m_p_y_s = _xnormalize(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _xt, _xm, _xt_s)
@@ -1535,13 +1535,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _r3 = _xvalue_s(_x_r3, _x_r3_n, _x_r3_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
+    _xA0_2_n = np.int64(0)
+    _xA0_2_s = np.int64(0)
     _xc0_0 = (-8.0*_r0 - 8.0*_r1 + 8.0*_r3 - 8.0*smooth)
     _xb0_0 = (0.001953125*smooth + 0.001953125*abs(_r0) + 0.001953125*abs(_r1) + 0.001953125*abs(_r3))
     _xc0_1 = (8.0*_r0 + 8.0*_r1 + 8.0*smooth)
@@ -1550,13 +1550,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _xb0_2 = (0.00048828125*_r0**2 + 0.00048828125*_r1**2 + 0.00048828125*smooth**2 + 0.0009765625*smooth*abs(_r0) + 0.0009765625*smooth*abs(_r1) + 0.00048828125*smooth*abs(_r3) + 0.0009765625*abs(_r0*_r1) + 0.00048828125*abs(_r0*_r3) + 0.00048828125*abs(_r1*_r3))
     _xready1 = False
     _xd1_0 = 1.0
-    _xd1_0_s = 0
-    _xA1_0_n = 0
-    _xA1_0_s = 0
-    _xA1_1_n = 0
-    _xA1_1_s = 0
-    _xA1_2_n = 0
-    _xA1_2_s = 0
+    _xd1_0_s = np.int64(0)
+    _xA1_0_n = np.int64(0)
+    _xA1_0_s = np.int64(0)
+    _xA1_1_n = np.int64(0)
+    _xA1_1_s = np.int64(0)
+    _xA1_2_n = np.int64(0)
+    _xA1_2_s = np.int64(0)
     _xc1_0 = (-8.0*_r0 - 8.0*_r1 + 8.0*_r3 - 8.0*smooth)
     _xb1_0 = (0.001953125*smooth + 0.001953125*abs(_r0) + 0.001953125*abs(_r1) + 0.001953125*abs(_r3))
     _xc1_1 = (4.0*_r0 + 4.0*_r1 + 4.0*smooth)
@@ -1579,43 +1579,43 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xA0_0_n = 0
-                        _xA0_0_s = 0
+                        _xA0_0_n = np.int64(0)
+                        _xA0_0_s = np.int64(0)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 16.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                         _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                         _xA0_0_n, _xA0_0_s = _xgrow_s(_xA0_0, _xA0_0_n, _xA0_0_s, -smooth, 3)
                         _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                         _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                        _xA0_1_n = 0
-                        _xA0_1_s = 0
+                        _xA0_1_n = np.int64(0)
+                        _xA0_1_s = np.int64(0)
                         _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_r0, _x_r0_n, _x_r0_s + 3)
                         _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_r1, _x_r1_n, _x_r1_s + 3)
                         _xA0_1_n, _xA0_1_s = _xgrow_s(_xA0_1, _xA0_1_n, _xA0_1_s, smooth, 3)
                         _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                         _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
                         _xp[0] = 2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1625,8 +1625,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                         _xA0_2_s = _xp_s
                         _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
                         _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
                     _xt_s = _xA0_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_p, _xu)
@@ -1656,39 +1656,39 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r0, _x_r0_n, _x_r0_s)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r1, _x_r1_n, _x_r1_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd1_0, _xd1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xA1_0_n = 0
-                        _xA1_0_s = 0
+                        _xA1_0_n = np.int64(0)
+                        _xA1_0_s = np.int64(0)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 16.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                         _xA1_0_n, _xA1_0_s = _xgrow_all_s(_xA1_0, _xA1_0_n, _xA1_0_s, _xt, _xm, _xt_s)
                         _xA1_0_n, _xA1_0_s = _xgrow_s(_xA1_0, _xA1_0_n, _xA1_0_s, -smooth, 3)
                         _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
                         _xA1_0_s = _xnormalize(_xA1_0, _xA1_0_n, _xA1_0_s)
-                        _xA1_1_n = 0
-                        _xA1_1_s = 0
+                        _xA1_1_n = np.int64(0)
+                        _xA1_1_s = np.int64(0)
                         _xA1_1_n, _xA1_1_s = _xgrow_all_s(_xA1_1, _xA1_1_n, _xA1_1_s, _x_r0, _x_r0_n, _x_r0_s + 2)
                         _xA1_1_n, _xA1_1_s = _xgrow_all_s(_xA1_1, _xA1_1_n, _xA1_1_s, _x_r1, _x_r1_n, _x_r1_s + 2)
                         _xA1_1_n, _xA1_1_s = _xgrow_s(_xA1_1, _xA1_1_n, _xA1_1_s, smooth, 2)
                         _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
                         _xA1_1_s = _xnormalize(_xA1_1, _xA1_1_n, _xA1_1_s)
-                        _xA1_2_n = 0
-                        _xA1_2_s = 0
+                        _xA1_2_n = np.int64(0)
+                        _xA1_2_s = np.int64(0)
                         _xA1_2_n, _xA1_2_s = _xgrow_all_s(_xA1_2, _xA1_2_n, _xA1_2_s, _x_r0, _x_r0_n, _x_r0_s + 2)
                         _xA1_2_n, _xA1_2_s = _xgrow_all_s(_xA1_2, _xA1_2_n, _xA1_2_s, _x_r1, _x_r1_n, _x_r1_s + 2)
                         _xA1_2_n, _xA1_2_s = _xgrow_s(_xA1_2, _xA1_2_n, _xA1_2_s, smooth, 2)
                         _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
                         _xA1_2_s = _xnormalize(_xA1_2, _xA1_2_n, _xA1_2_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
                     _xt_s = _xA1_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_p, _xu)
@@ -1826,7 +1826,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[13, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

@@ -326,7 +326,7 @@ def loss_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
+def _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -344,16 +344,16 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_m_y = _xbuffer[9]
     _xA0_0 = _xbuffer[10]
     _xA0_1 = _xbuffer[11]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r3_n = 0
-    _x_r3_s = 0
-    _x_r4_n = 0
-    _x_r4_s = 0
-    _x_m_p_n = 0
-    _x_m_p_s = 0
-    _x_m_y_n = 0
-    _x_m_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r3_n = np.int64(0)
+    _x_r3_s = np.int64(0)
+    _x_r4_n = np.int64(0)
+    _x_r4_s = np.int64(0)
+    _x_m_p_n = np.int64(0)
+    _x_m_p_s = np.int64(0)
+    _x_m_y_n = np.int64(0)
+    _x_m_y_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -404,16 +404,16 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
             _xsh_m_y = _x
             _xsm_m_y += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, 0)
-        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, 0)
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsh_r0, np.int64(0))
+        _x_r0_n, _x_r0_s = _xgrow_s(_x_r0, _x_r0_n, _x_r0_s, _xsl_r0, np.int64(0))
         _xE_r0 = 2.0 * _xg * _xg * _xsm_r0 + _xg * 3.5601181736115222e-307
         _xM_r0 = _xsm_r0
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, 0)
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, 0)
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, np.int64(0))
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, np.int64(0))
         _xE_m_p = 2.0 * _xg * _xg * _xsm_m_p + _xg * 3.5601181736115222e-307
         _xM_m_p = _xsm_m_p
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, 0)
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, 0)
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, np.int64(0))
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, np.int64(0))
         _xE_m_y = 2.0 * _xg * _xg * _xsm_m_y + _xg * 3.5601181736115222e-307
         _xM_m_y = _xsm_m_y
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
@@ -425,8 +425,8 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _x_m_y, _x_m_y_n, _x_m_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _xt, _xm, _xt_s)
@@ -435,8 +435,8 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_m_y, _x_m_y_n, _x_m_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _xt, _xm, _xt_s)
     _x_r4_n = _xcompress(_x_r4, _x_r4_n, _xu)
@@ -446,11 +446,11 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
     _xc0_0 = (-2.0*_r0 - _r3 - 2.0*smooth)
     _xb0_0 = (0.00048828125*smooth + 0.00048828125*abs(_r0) + 0.000244140625*abs(_r3))
     _xc0_1 = (_r0 + smooth)
@@ -465,35 +465,35 @@ def _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r4, _x_r4_n, _x_r4_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_m_p + _xE_m_y + _xE_r0) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
-                _xA0_0_n = 0
-                _xA0_0_s = 0
+                _xA0_0_n = np.int64(0)
+                _xA0_0_s = np.int64(0)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                 _xA0_0_n, _xA0_0_s = _xgrow_s(_xA0_0, _xA0_0_n, _xA0_0_s, -smooth, 1)
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                _xA0_1_n = 0
-                _xA0_1_s = 0
+                _xA0_1_n = np.int64(0)
+                _xA0_1_s = np.int64(0)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_r0, _x_r0_n, _x_r0_s)
                 _xA0_1_n, _xA0_1_s = _xgrow_s(_xA0_1, _xA0_1_n, _xA0_1_s, smooth, 0)
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -576,8 +576,8 @@ def _grad_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_r3 + _h1*(1.0 - 2.0*_e_y))))
         _xflag |= (abs(_e_y*_h2 + _h3) < _e_y*_h4 + _h5) | (_e_y*_h4 + _h5 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -599,7 +599,7 @@ def grad_kernel_parallel(y, p, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
+def _hess_exact(_i, _n, _C, y, p, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -618,16 +618,16 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _xA0_0 = _xbuffer[10]
     _xA0_1 = _xbuffer[11]
     _xA0_2 = _xbuffer[12]
-    _x_r3_n = 0
-    _x_r3_s = 0
-    _x_r4_n = 0
-    _x_r4_s = 0
-    _x_m_p_y_n = 0
-    _x_m_p_y_s = 0
-    _x_m_p_n = 0
-    _x_m_p_s = 0
-    _x_m_y_n = 0
-    _x_m_y_s = 0
+    _x_r3_n = np.int64(0)
+    _x_r3_s = np.int64(0)
+    _x_r4_n = np.int64(0)
+    _x_r4_s = np.int64(0)
+    _x_m_p_y_n = np.int64(0)
+    _x_m_p_y_s = np.int64(0)
+    _x_m_p_n = np.int64(0)
+    _x_m_p_s = np.int64(0)
+    _x_m_y_n = np.int64(0)
+    _x_m_y_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -678,16 +678,16 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
             _xsh_m_y = _x
             _xsm_m_y += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, 0)
-        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, 0)
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsh_m_p_y, np.int64(0))
+        _x_m_p_y_n, _x_m_p_y_s = _xgrow_s(_x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xsl_m_p_y, np.int64(0))
         _xE_m_p_y = 2.0 * _xg * _xg * _xsm_m_p_y + _xg * 3.5601181736115222e-307
         _xM_m_p_y = _xsm_m_p_y
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, 0)
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, 0)
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, np.int64(0))
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, np.int64(0))
         _xE_m_p = 2.0 * _xg * _xg * _xsm_m_p + _xg * 3.5601181736115222e-307
         _xM_m_p = _xsm_m_p
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, 0)
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, 0)
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, np.int64(0))
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, np.int64(0))
         _xE_m_y = 2.0 * _xg * _xg * _xsm_m_y + _xg * 3.5601181736115222e-307
         _xM_m_y = _xsm_m_y
     _x_m_p_y_n = _xcompress(_x_m_p_y, _x_m_p_y_n, _xu)
@@ -698,8 +698,8 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_m_y_s = _xnormalize(_x_m_y, _x_m_y_n, _x_m_y_s)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _xt, _xm, _xt_s)
@@ -708,8 +708,8 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _x_r3_s = _xnormalize(_x_r3, _x_r3_n, _x_r3_s)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _xt, _xm, _xt_s)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_m_y, _x_m_y_n, _x_m_y_s)
@@ -719,13 +719,13 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
+    _xA0_2_n = np.int64(0)
+    _xA0_2_s = np.int64(0)
     _xc0_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
     _xb0_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
     _xc0_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
@@ -741,31 +741,31 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r4, _x_r4_n, _x_r4_s)
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_m_p + _xE_m_p_y + _xE_m_y) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
-                _xA0_0_n = 0
-                _xA0_0_s = 0
+                _xA0_0_n = np.int64(0)
+                _xA0_0_s = np.int64(0)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                 _xA0_0_n, _xA0_0_s = _xgrow_s(_xA0_0, _xA0_0_n, _xA0_0_s, -smooth, 2)
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                _xA0_1_n = 0
-                _xA0_1_s = 0
+                _xA0_1_n = np.int64(0)
+                _xA0_1_s = np.int64(0)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_m_p, _x_m_p_n, _x_m_p_s + 1)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                 _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_m_y, _x_m_y_n, _x_m_y_s + 1)
@@ -774,19 +774,19 @@ def _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, _xexact):
                 _xA0_1_n, _xA0_1_s = _xgrow_s(_xA0_1, _xA0_1_n, _xA0_1_s, _xl, _xe)
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-                _xA0_2_n = 0
-                _xA0_2_s = 0
+                _xA0_2_n = np.int64(0)
+                _xA0_2_s = np.int64(0)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                 _xA0_2_n, _xA0_2_s = _xgrow_all_s(_xA0_2, _xA0_2_n, _xA0_2_s, _xt, _xm, _xt_s)
                 _xA0_2_n, _xA0_2_s = _xgrow_s(_xA0_2, _xA0_2_n, _xA0_2_s, -smooth, 1)
                 _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
                 _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -868,8 +868,8 @@ def _hess_row(_i, _n, _C, y, p, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*(-_t2_0*_t2_1 + _t2_2*(2.0*_h0*_r3*_t2_2 + _t2_1))))
         _xflag |= (abs(_e_y*_h1 + _h2) < _e_y*_h3 + _h4) | (_e_y*_h3 + _h4 < 1.0261342003245941e-289)
     if _xflag:
-        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
-            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -969,10 +969,10 @@ def _grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1):
         _xflag |= (abs(_e_y*_h2 + _h3) < _e_y*_h4 + _h5) | (_e_y*_h4 + _h5 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h6 + _h7) < _e_y*_h8 + _h9) | (_e_y*_h8 + _h9 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out0, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, False):
-            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, smooth, _out0, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1075,10 +1075,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, smooth, _weight, _out0, _out1, _out2):
         _xflag |= (abs(_e_y*_h2 + _h3) < _e_y*_h4 + _h5) | (_e_y*_h4 + _h5 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h6 + _h7) < _e_y*_h8 + _h9) | (_e_y*_h8 + _h9 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, p, smooth, _weight, _out1, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w, False):
-            _hess_exact(_i, _n, _C, y, p, smooth, _weight, _out2, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, smooth, _out1, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, smooth, _out2, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, smooth, _out2, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1100,16 +1100,16 @@ def loss_grad_hess_kernel_parallel(y, p, smooth, _weight, _out0, _out1, _out2):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
+def _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _out0, _w):
     """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
     exactly where their tests fire) times the directions."""
     _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-    _hess_full_row(_i, np.int64(0), _n, _C, y, p, smooth, _weight, _blocks[0])
+    _hess_full_row(_i, np.int64(0), _n, _C, y, p, smooth, None, _blocks[0])
     for _j in range(_n):
         _s0 = 0.0
         for _l in range(_n):
             _s0 += _blocks[0, 0, _j, _l] * _v_p[_i, _l]
-        _out0[_i, _j] = _s0
+        _out0[_i, _j] = _w * _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1306,7 +1306,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
             _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _xdiagonal0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0)
+        _hvp_exact(_i, _n, _C, y, p, smooth, _v_p, _out0, _w)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
         _fscratch = np.zeros((14, _n))
@@ -1317,7 +1317,7 @@ def _hvp_row(_i, _n, _C, y, p, smooth, _v_p, _weight, _out0):
                 for _l in range(_n):
                     _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
                     _blocks[0, 0, _j, _l] = _w * _h
-        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, smooth, _weight, _blocks[0], _w, _fscratch)
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, smooth, _blocks[0], _w, _fscratch)
         for _j in range(_n):
             if _scratch[9, _j] != 0.0:
                 _s = 0.0
@@ -1345,7 +1345,7 @@ def hvp_kernel_parallel(y, p, smooth, _v_p, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((17, 64))
@@ -1366,16 +1366,16 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _xA1_1 = _xbuffer[14]
     _xA1_2 = _xbuffer[15]
     _xA1_3 = _xbuffer[16]
-    _x_r3_n = 0
-    _x_r3_s = 0
-    _x_r4_n = 0
-    _x_r4_s = 0
-    _x_m_p_y_n = 0
-    _x_m_p_y_s = 0
-    _x_m_p_n = 0
-    _x_m_p_s = 0
-    _x_m_y_n = 0
-    _x_m_y_s = 0
+    _x_r3_n = np.int64(0)
+    _x_r3_s = np.int64(0)
+    _x_r4_n = np.int64(0)
+    _x_r4_s = np.int64(0)
+    _x_m_p_y_n = np.int64(0)
+    _x_m_p_y_s = np.int64(0)
+    _x_m_p_n = np.int64(0)
+    _x_m_p_s = np.int64(0)
+    _x_m_y_n = np.int64(0)
+    _x_m_y_s = np.int64(0)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1392,8 +1392,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _x_m_y_s = _xnormalize(_x_m_y, _x_m_y_n, _x_m_y_s)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r3_n, _x_r3_s = _xgrow_all_s(_x_r3, _x_r3_n, _x_r3_s, _xt, _xm, _xt_s)
@@ -1402,8 +1402,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _x_r3_s = _xnormalize(_x_r3, _x_r3_n, _x_r3_s)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _xt, _xm, _xt_s)
     _x_r4_n, _x_r4_s = _xgrow_all_s(_x_r4, _x_r4_n, _x_r4_s, _x_m_y, _x_m_y_n, _x_m_y_s)
@@ -1413,28 +1413,28 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
     _r4 = _xvalue_s(_x_r4, _x_r4_n, _x_r4_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
+    _xA0_2_n = np.int64(0)
+    _xA0_2_s = np.int64(0)
     _xc0_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
     _xb0_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
     _xc0_1 = (-2.0*_r3 + 2.0*_r4 + 2.0*smooth)
     _xb0_1 = (0.00048828125*smooth + 0.00048828125*abs(_r3) + 0.00048828125*abs(_r4))
     _xready1 = False
     _xd1_0 = 1.0
-    _xd1_0_s = 0
-    _xA1_0_n = 0
-    _xA1_0_s = 0
-    _xA1_1_n = 0
-    _xA1_1_s = 0
-    _xA1_2_n = 0
-    _xA1_2_s = 0
-    _xA1_3_n = 0
-    _xA1_3_s = 0
+    _xd1_0_s = np.int64(0)
+    _xA1_0_n = np.int64(0)
+    _xA1_0_s = np.int64(0)
+    _xA1_1_n = np.int64(0)
+    _xA1_1_s = np.int64(0)
+    _xA1_2_n = np.int64(0)
+    _xA1_2_s = np.int64(0)
+    _xA1_3_n = np.int64(0)
+    _xA1_3_s = np.int64(0)
     _xc1_0 = (2.0*_r3 - 4.0*_r4 - 4.0*smooth)
     _xb1_0 = (0.0009765625*smooth + 0.00048828125*abs(_r3) + 0.0009765625*abs(_r4))
     _xc1_1 = (-2.0*_r3 + 3.0*_r4 + 3.0*smooth)
@@ -1457,30 +1457,30 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r4, _x_r4_n, _x_r4_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xA0_0_n = 0
-                        _xA0_0_s = 0
+                        _xA0_0_n = np.int64(0)
+                        _xA0_0_s = np.int64(0)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                         _xA0_0_n, _xA0_0_s = _xgrow_s(_xA0_0, _xA0_0_n, _xA0_0_s, -smooth, 2)
                         _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                         _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
-                        _xA0_1_n = 0
-                        _xA0_1_s = 0
+                        _xA0_1_n = np.int64(0)
+                        _xA0_1_s = np.int64(0)
                         _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_m_p, _x_m_p_n, _x_m_p_s + 1)
                         _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s + 1)
                         _xA0_1_n, _xA0_1_s = _xgrow_all_s(_xA0_1, _xA0_1_n, _xA0_1_s, _x_m_y, _x_m_y_n, _x_m_y_s + 1)
@@ -1489,19 +1489,19 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                         _xA0_1_n, _xA0_1_s = _xgrow_s(_xA0_1, _xA0_1_n, _xA0_1_s, _xl, _xe)
                         _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                         _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-                        _xA0_2_n = 0
-                        _xA0_2_s = 0
+                        _xA0_2_n = np.int64(0)
+                        _xA0_2_s = np.int64(0)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                         _xA0_2_n, _xA0_2_s = _xgrow_all_s(_xA0_2, _xA0_2_n, _xA0_2_s, _xt, _xm, _xt_s)
                         _xA0_2_n, _xA0_2_s = _xgrow_s(_xA0_2, _xA0_2_n, _xA0_2_s, -smooth, 1)
                         _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
                         _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
                     _xt_s = _xA0_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -1530,30 +1530,30 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _x_r4, _x_r4_n, _x_r4_s)
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd1_0, _xd1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
-                        _xA1_0_n = 0
-                        _xA1_0_s = 0
+                        _xA1_0_n = np.int64(0)
+                        _xA1_0_s = np.int64(0)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xA1_0_n, _xA1_0_s = _xgrow_all_s(_xA1_0, _xA1_0_n, _xA1_0_s, _xt, _xm, _xt_s)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xA1_0_n, _xA1_0_s = _xgrow_all_s(_xA1_0, _xA1_0_n, _xA1_0_s, _xt, _xm, _xt_s)
                         _xA1_0_n, _xA1_0_s = _xgrow_s(_xA1_0, _xA1_0_n, _xA1_0_s, -smooth, 2)
                         _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
                         _xA1_0_s = _xnormalize(_xA1_0, _xA1_0_n, _xA1_0_s)
-                        _xA1_1_n = 0
-                        _xA1_1_s = 0
+                        _xA1_1_n = np.int64(0)
+                        _xA1_1_s = np.int64(0)
                         _xA1_1_n, _xA1_1_s = _xgrow_all_s(_xA1_1, _xA1_1_n, _xA1_1_s, _x_m_p, _x_m_p_n, _x_m_p_s)
                         _xA1_1_n, _xA1_1_s = _xgrow_all_s(_xA1_1, _xA1_1_n, _xA1_1_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
                         _xA1_1_n, _xA1_1_s = _xgrow_all_s(_xA1_1, _xA1_1_n, _xA1_1_s, _x_m_y, _x_m_y_n, _x_m_y_s)
@@ -1562,8 +1562,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                         _xA1_1_n, _xA1_1_s = _xgrow_s(_xA1_1, _xA1_1_n, _xA1_1_s, _xl, _xe)
                         _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
                         _xA1_1_s = _xnormalize(_xA1_1, _xA1_1_n, _xA1_1_s)
-                        _xA1_2_n = 0
-                        _xA1_2_s = 0
+                        _xA1_2_n = np.int64(0)
+                        _xA1_2_s = np.int64(0)
                         _xA1_2_n, _xA1_2_s = _xgrow_all_s(_xA1_2, _xA1_2_n, _xA1_2_s, _x_m_p, _x_m_p_n, _x_m_p_s)
                         _xA1_2_n, _xA1_2_s = _xgrow_all_s(_xA1_2, _xA1_2_n, _xA1_2_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s)
                         _xA1_2_n, _xA1_2_s = _xgrow_all_s(_xA1_2, _xA1_2_n, _xA1_2_s, _x_m_y, _x_m_y_n, _x_m_y_s)
@@ -1572,19 +1572,19 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
                         _xA1_2_n, _xA1_2_s = _xgrow_s(_xA1_2, _xA1_2_n, _xA1_2_s, _xl, _xe)
                         _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
                         _xA1_2_s = _xnormalize(_xA1_2, _xA1_2_n, _xA1_2_s)
-                        _xA1_3_n = 0
-                        _xA1_3_s = 0
+                        _xA1_3_n = np.int64(0)
+                        _xA1_3_s = np.int64(0)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, 2.0, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p_y, _x_m_p_y_n, _x_m_p_y_s, _xu)
                         _xA1_3_n, _xA1_3_s = _xgrow_all_s(_xA1_3, _xA1_3_n, _xA1_3_s, _xt, _xm, _xt_s)
                         _xA1_3_n, _xA1_3_s = _xgrow_s(_xA1_3, _xA1_3_n, _xA1_3_s, -smooth, 1)
                         _xA1_3_n = _xcompress(_xA1_3, _xA1_3_n, _xu)
                         _xA1_3_s = _xnormalize(_xA1_3, _xA1_3_n, _xA1_3_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
                     _xt_s = _xA1_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
@@ -1700,7 +1700,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, smooth, _weight, _out0):
         _scratch[13, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, p, smooth, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

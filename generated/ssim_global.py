@@ -311,15 +311,15 @@ def _exact_r5(_i, _n, _C, y, x, C1, C2):
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
     _xs = _xbuffer[2]
-    _xs_n = 0
-    _xs_s = 0
+    _xs_n = np.int64(0)
+    _xs_s = np.int64(0)
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, _e_x, 0)
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_e_y, 0)
     _hi = _xvalue_s(_xs, _xs_n, _xs_s)
-    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, 0)
+    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, np.int64(0))
     return _hi, _xvalue_s(_xs, _xs_n, _xs_s)
 
 

@@ -406,8 +406,8 @@ def _exact_r2(_i, _n, _C, a, p, n, margin, eps):
     _xt = _xbuffer[0]
     _xu = _xbuffer[1]
     _xs = _xbuffer[2]
-    _xs_n = 0
-    _xs_s = 0
+    _xs_n = np.int64(0)
+    _xs_s = np.int64(0)
     for _k in range(_n):
         _e_a = a[_i, _k]
         _e_n = n[_i, _k]
@@ -431,7 +431,7 @@ def _exact_r2(_i, _n, _C, a, p, n, margin, eps):
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_xh, _xe + 1)
         _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_xl, _xe + 1)
     _hi = _xvalue_s(_xs, _xs_n, _xs_s)
-    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, 0)
+    _xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, np.int64(0))
     return _hi, _xvalue_s(_xs, _xs_n, _xs_s)
 
 

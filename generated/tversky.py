@@ -346,7 +346,7 @@ def loss_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -364,16 +364,16 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_m_y = _xbuffer[9]
     _xA0_0 = _xbuffer[10]
     _xA0_1 = _xbuffer[11]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _x_m_p_n = 0
-    _x_m_p_s = 0
-    _x_m_y_n = 0
-    _x_m_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
+    _x_m_p_n = np.int64(0)
+    _x_m_p_s = np.int64(0)
+    _x_m_y_n = np.int64(0)
+    _x_m_y_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -424,16 +424,16 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
             _xsh_m_y = _x
             _xsm_m_y += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, 0)
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, 0)
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, np.int64(0))
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, np.int64(0))
         _xE_m_p = 2.0 * _xg * _xg * _xsm_m_p + _xg * 3.5601181736115222e-307
         _xM_m_p = _xsm_m_p
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, 0)
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, 0)
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, np.int64(0))
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, np.int64(0))
         _xE_m_y = 2.0 * _xg * _xg * _xsm_m_y + _xg * 3.5601181736115222e-307
         _xM_m_y = _xsm_m_y
     _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
@@ -444,16 +444,16 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_m_y_s = _xnormalize(_x_m_y, _x_m_y_n, _x_m_y_s)
     _x_r0_n, _x_r0_s = _xgrow_all_s(_x_r0, _x_r0_n, _x_r0_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r0_n, _x_r0_s = _xgrow_all_s(_x_r0, _x_r0_n, _x_r0_s, _xt, _xm, _xt_s)
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n, _x_r1_s = _xgrow_all_s(_x_r1, _x_r1_n, _x_r1_s, _x_m_y, _x_m_y_n, _x_m_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r1_n, _x_r1_s = _xgrow_all_s(_x_r1, _x_r1_n, _x_r1_s, _xt, _xm, _xt_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -463,11 +463,11 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
     _xc0_0 = (-_r0*alpha - _r1*beta + _r2*(-alpha - beta) - smooth*(alpha + beta))
     _xb0_0 = (0.000244140625*alpha*abs(_r0) + 0.000244140625*beta*abs(_r1) + 0.000244140625*smooth*(alpha + beta) + 0.000244140625*(alpha + beta)*abs(_r2))
     _xc0_1 = (_r2*alpha + alpha*smooth)
@@ -482,17 +482,17 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -500,17 +500,17 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_m_p*alpha + _xE_m_y*beta + _xE_r2*(alpha + beta + 1.0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
-                _xA0_0_n = 0
-                _xA0_0_s = 0
+                _xA0_0_n = np.int64(0)
+                _xA0_0_s = np.int64(0)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                 _xA0_0_n, _xA0_0_s = _xgrow_all_s(_xA0_0, _xA0_0_n, _xA0_0_s, _xt, _xm, _xt_s)
@@ -523,16 +523,16 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
                 _xp[0] = 1.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -542,8 +542,8 @@ def _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_1_s = _xp_s
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -630,8 +630,8 @@ def _grad_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _out0[_i, _k] = _w * (_h0*(_h0*(-_e_y*_h1 - _e_y*_h2*beta + _h2*alpha*(1.0 - _e_y))))
         _xflag |= (abs(_e_y*_h3 + _h4) < _e_y*_h5 + _h6) | (_e_y*_h5 + _h6 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -653,7 +653,7 @@ def grad_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexact):
+def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _xexact):
     """The outputs of row _i that are quotients over row sums, where the kernel's cancellation test
     flagged the row: with _xexact false from Sum2's row sums, returning False where a value's
     error bound is not small enough; else from exact ones, each output's monomials as one
@@ -672,16 +672,16 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _xA0_0 = _xbuffer[10]
     _xA0_1 = _xbuffer[11]
     _xA0_2 = _xbuffer[12]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _x_m_p_n = 0
-    _x_m_p_s = 0
-    _x_m_y_n = 0
-    _x_m_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
+    _x_m_p_n = np.int64(0)
+    _x_m_p_s = np.int64(0)
+    _x_m_y_n = np.int64(0)
+    _x_m_y_s = np.int64(0)
     if _xexact:
         for _k in range(_n):
             _e_p = p[_i, _k]
@@ -732,16 +732,16 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
             _xsh_m_y = _x
             _xsm_m_y += abs(_ph)
         _xg = 1.249000902703301e-16 * (2.0 * _n + 2.0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, 0)
-        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, 0)
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsh_r2, np.int64(0))
+        _x_r2_n, _x_r2_s = _xgrow_s(_x_r2, _x_r2_n, _x_r2_s, _xsl_r2, np.int64(0))
         _xE_r2 = 2.0 * _xg * _xg * _xsm_r2 + _xg * 3.5601181736115222e-307
         _xM_r2 = _xsm_r2
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, 0)
-        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, 0)
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsh_m_p, np.int64(0))
+        _x_m_p_n, _x_m_p_s = _xgrow_s(_x_m_p, _x_m_p_n, _x_m_p_s, _xsl_m_p, np.int64(0))
         _xE_m_p = 2.0 * _xg * _xg * _xsm_m_p + _xg * 3.5601181736115222e-307
         _xM_m_p = _xsm_m_p
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, 0)
-        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, 0)
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsh_m_y, np.int64(0))
+        _x_m_y_n, _x_m_y_s = _xgrow_s(_x_m_y, _x_m_y_n, _x_m_y_s, _xsl_m_y, np.int64(0))
         _xE_m_y = 2.0 * _xg * _xg * _xsm_m_y + _xg * 3.5601181736115222e-307
         _xM_m_y = _xsm_m_y
     _x_r2_n = _xcompress(_x_r2, _x_r2_n, _xu)
@@ -752,16 +752,16 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _x_m_y_s = _xnormalize(_x_m_y, _x_m_y_n, _x_m_y_s)
     _x_r0_n, _x_r0_s = _xgrow_all_s(_x_r0, _x_r0_n, _x_r0_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r0_n, _x_r0_s = _xgrow_all_s(_x_r0, _x_r0_n, _x_r0_s, _xt, _xm, _xt_s)
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n, _x_r1_s = _xgrow_all_s(_x_r1, _x_r1_n, _x_r1_s, _x_m_y, _x_m_y_n, _x_m_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r1_n, _x_r1_s = _xgrow_all_s(_x_r1, _x_r1_n, _x_r1_s, _xt, _xm, _xt_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -771,13 +771,13 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
+    _xA0_2_n = np.int64(0)
+    _xA0_2_s = np.int64(0)
     _xc0_0 = (-2.0*_r0*alpha*(alpha + beta - 1.0) - 2.0*_r1*beta*(alpha + beta - 1.0) - 2.0*_r2*(alpha + beta)*(alpha + beta - 1.0) - 2.0*smooth*(alpha + beta)*(alpha + beta - 1.0))
     _xb0_0 = (0.00048828125*alpha*abs(_r0)*abs(alpha + beta - 1.0) + 0.00048828125*beta*abs(_r1)*abs(alpha + beta - 1.0) + 0.00048828125*smooth*(alpha + beta)*abs(alpha + beta - 1.0) + 0.000244140625*(2.0*alpha + 2.0*beta)*abs(_r2)*abs(alpha + beta - 1.0))
     _xc0_1 = (2.0*_r0*alpha**2 + 2.0*_r1*alpha*beta + 2.0*_r2*alpha*(2.0*alpha + 2.0*beta - 1.0) + 2.0*alpha*smooth*(2.0*alpha + 2.0*beta - 1.0))
@@ -795,17 +795,17 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
         if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
             if not _xready0:
                 _xready0 = True
-                _xa_n = 0
-                _xa_s = 0
+                _xa_n = np.int64(0)
+                _xa_s = np.int64(0)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                 _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -814,27 +814,27 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                 _xdok0 = _xdok0 and (_xE_m_p*alpha + _xE_m_y*beta + _xE_r2*(alpha + beta + 1.0)) * 1.4411518807585587e+17 < abs(math.ldexp(_xd0_0, _xd0_0_s)) and abs(math.ldexp(_xd0_0, _xd0_0_s)) > 1.1830521861667747e-271
                 _xp[0] = -2.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, beta, 0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
@@ -852,43 +852,43 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                 _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
                 _xp[0] = 2.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xt[0] = 1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xt[0] = -1.0
-                _xm = 1
-                _xt_s = 0
+                _xm = np.int64(1)
+                _xt_s = np.int64(0)
                 _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                 _xh, _xl, _xe = _xtwo_product(alpha, smooth)
@@ -906,17 +906,17 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                 _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
                 _xp[0] = -2.0
-                _xp_n = 1
-                _xp_s = 0
-                _xf_n = 0
-                _xf_s = 0
+                _xp_n = np.int64(1)
+                _xp_s = np.int64(0)
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
                 _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
                 _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                _xf_n = 0
-                _xf_s = 0
+                _xf_n = np.int64(0)
+                _xf_s = np.int64(0)
                 _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                 _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                 _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -926,8 +926,8 @@ def _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _xexa
                 _xA0_2_s = _xp_s
                 _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
                 _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-            _xa_n = 0
-            _xa_s = 0
+            _xa_n = np.int64(0)
+            _xa_s = np.int64(0)
             _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
             _xt_s = _xA0_0_s
             _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -1046,8 +1046,8 @@ def _hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _t3_0 = _e_y**2
         _xflag |= (abs(_e_y*_h4 + _h5*_t3_0 + _h6) < _e_y*_h7 + _h8*_t3_0 + _h9) | (_e_y*_h7 + _h8*_t3_0 + _h9 < 1.0261342003245941e-289)
     if _xflag:
-        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
-            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1174,10 +1174,10 @@ def _grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _out1)
         _xflag |= (abs(_e_y*_h5 + _h6) < _e_y*_h7 + _h8) | (_e_y*_h7 + _h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h9 + _h10*_t3_0 + _h11) < _e_y*_h12 + _h13*_t3_0 + _h14) | (_e_y*_h12 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, False):
-            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
-            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out0, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1306,10 +1306,10 @@ def _loss_grad_hess_row(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _
         _xflag |= (abs(_e_y*_h5 + _h6) < _e_y*_h7 + _h8) | (_e_y*_h7 + _h8 < 1.0261342003245941e-289)
         _xflag |= (abs(_e_y*_h9 + _h10*_t3_0 + _h11) < _e_y*_h12 + _h13*_t3_0 + _h14) | (_e_y*_h12 + _h13*_t3_0 + _h14 < 1.0261342003245941e-289)
     if _xflag:
-        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, False):
-            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out1, _w, True)
-        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, False):
-            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _weight, _out2, _w, True)
+        if not _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(False)):
+            _grad_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out1, _w, np.bool_(True))
+        if not _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out2, _w, np.bool_(False)):
+            _hess_exact(_i, _n, _C, y, p, alpha, beta, smooth, _out2, _w, np.bool_(True))
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1331,16 +1331,16 @@ def loss_grad_hess_kernel_parallel(y, p, alpha, beta, smooth, _weight, _out0, _o
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
+def _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _out0, _w):
     """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
     exactly where their tests fire) times the directions."""
     _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
-    _hess_full_row(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _weight, _blocks[0])
+    _hess_full_row(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, None, _blocks[0])
     for _j in range(_n):
         _s0 = 0.0
         for _l in range(_n):
             _s0 += _blocks[0, 0, _j, _l] * _v_p[_i, _l]
-        _out0[_i, _j] = _s0
+        _out0[_i, _j] = _w * _s0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1578,7 +1578,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
             _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
         _xdiagonal0 |= _xj0
     if _xflag0:
-        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0)
+        _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _out0, _w)
     elif _xdiagonal0:
         _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
         _fscratch = np.zeros((12, _n))
@@ -1589,7 +1589,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
                 for _l in range(_n):
                     _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
                     _blocks[0, 0, _j, _l] = _w * _h
-        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _weight, _blocks[0], _w, _fscratch)
+        _hess_full_exact(_i, np.int64(0), _n, _C, y, p, alpha, beta, smooth, _blocks[0], _w, _fscratch)
         for _j in range(_n):
             if _scratch[7, _j] != 0.0:
                 _s = 0.0
@@ -1617,7 +1617,7 @@ def hvp_kernel_parallel(y, p, alpha, beta, smooth, _v_p, _weight, _out0):
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch):
+def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _scratch):
     """The outputs of row _i that are quotients over row sums, as exact sums of their monomials
     (lossgen/exact_rows.py), where the kernel's cancellation test flagged the row."""
     _xbuffer = np.empty((17, 64))
@@ -1638,16 +1638,16 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _xA1_1 = _xbuffer[14]
     _xA1_2 = _xbuffer[15]
     _xA1_3 = _xbuffer[16]
-    _x_r0_n = 0
-    _x_r0_s = 0
-    _x_r1_n = 0
-    _x_r1_s = 0
-    _x_r2_n = 0
-    _x_r2_s = 0
-    _x_m_p_n = 0
-    _x_m_p_s = 0
-    _x_m_y_n = 0
-    _x_m_y_s = 0
+    _x_r0_n = np.int64(0)
+    _x_r0_s = np.int64(0)
+    _x_r1_n = np.int64(0)
+    _x_r1_s = np.int64(0)
+    _x_r2_n = np.int64(0)
+    _x_r2_s = np.int64(0)
+    _x_m_p_n = np.int64(0)
+    _x_m_p_s = np.int64(0)
+    _x_m_y_n = np.int64(0)
+    _x_m_y_s = np.int64(0)
     for _k in range(_n):
         _e_p = p[_i, _k]
         _e_y = y[_i, _k]
@@ -1664,16 +1664,16 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _x_m_y_s = _xnormalize(_x_m_y, _x_m_y_n, _x_m_y_s)
     _x_r0_n, _x_r0_s = _xgrow_all_s(_x_r0, _x_r0_n, _x_r0_s, _x_m_p, _x_m_p_n, _x_m_p_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r0_n, _x_r0_s = _xgrow_all_s(_x_r0, _x_r0_n, _x_r0_s, _xt, _xm, _xt_s)
     _x_r0_n = _xcompress(_x_r0, _x_r0_n, _xu)
     _x_r0_s = _xnormalize(_x_r0, _x_r0_n, _x_r0_s)
     _x_r1_n, _x_r1_s = _xgrow_all_s(_x_r1, _x_r1_n, _x_r1_s, _x_m_y, _x_m_y_n, _x_m_y_s)
     _xt[0] = -1.0
-    _xm = 1
-    _xt_s = 0
+    _xm = np.int64(1)
+    _xt_s = np.int64(0)
     _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
     _x_r1_n, _x_r1_s = _xgrow_all_s(_x_r1, _x_r1_n, _x_r1_s, _xt, _xm, _xt_s)
     _x_r1_n = _xcompress(_x_r1, _x_r1_n, _xu)
@@ -1683,13 +1683,13 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _r2 = _xvalue_s(_x_r2, _x_r2_n, _x_r2_s)
     _xready0 = False
     _xd0_0 = 1.0
-    _xd0_0_s = 0
-    _xA0_0_n = 0
-    _xA0_0_s = 0
-    _xA0_1_n = 0
-    _xA0_1_s = 0
-    _xA0_2_n = 0
-    _xA0_2_s = 0
+    _xd0_0_s = np.int64(0)
+    _xA0_0_n = np.int64(0)
+    _xA0_0_s = np.int64(0)
+    _xA0_1_n = np.int64(0)
+    _xA0_1_s = np.int64(0)
+    _xA0_2_n = np.int64(0)
+    _xA0_2_s = np.int64(0)
     _xc0_0 = (-2.0*_r0*alpha*(alpha + beta - 1.0) - 2.0*_r1*beta*(alpha + beta - 1.0) - 2.0*_r2*(alpha + beta)*(alpha + beta - 1.0) - 2.0*smooth*(alpha + beta)*(alpha + beta - 1.0))
     _xb0_0 = (0.00048828125*alpha*abs(_r0)*abs(alpha + beta - 1.0) + 0.00048828125*beta*abs(_r1)*abs(alpha + beta - 1.0) + 0.00048828125*smooth*(alpha + beta)*abs(alpha + beta - 1.0) + 0.000244140625*(2.0*alpha + 2.0*beta)*abs(_r2)*abs(alpha + beta - 1.0))
     _xc0_1 = (2.0*_r0*alpha**2 + 2.0*_r1*alpha*beta + 2.0*_r2*alpha*(2.0*alpha + 2.0*beta - 1.0) + 2.0*alpha*smooth*(2.0*alpha + 2.0*beta - 1.0))
@@ -1698,15 +1698,15 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
     _xb0_2 = (0.00048828125*alpha**2*smooth + 0.00048828125*alpha**2*abs(_r2))
     _xready1 = False
     _xd1_0 = 1.0
-    _xd1_0_s = 0
-    _xA1_0_n = 0
-    _xA1_0_s = 0
-    _xA1_1_n = 0
-    _xA1_1_s = 0
-    _xA1_2_n = 0
-    _xA1_2_s = 0
-    _xA1_3_n = 0
-    _xA1_3_s = 0
+    _xd1_0_s = np.int64(0)
+    _xA1_0_n = np.int64(0)
+    _xA1_0_s = np.int64(0)
+    _xA1_1_n = np.int64(0)
+    _xA1_1_s = np.int64(0)
+    _xA1_2_n = np.int64(0)
+    _xA1_2_s = np.int64(0)
+    _xA1_3_n = np.int64(0)
+    _xA1_3_s = np.int64(0)
     _xc1_0 = (-2.0*_r0*alpha*(alpha + beta - 1.0) - 2.0*_r1*beta*(alpha + beta - 1.0) - 2.0*_r2*(alpha + beta)*(alpha + beta - 1.0) - 2.0*smooth*(alpha + beta)*(alpha + beta - 1.0))
     _xb1_0 = (0.00048828125*alpha*abs(_r0)*abs(alpha + beta - 1.0) + 0.00048828125*beta*abs(_r1)*abs(alpha + beta - 1.0) + 0.00048828125*smooth*(alpha + beta)*abs(alpha + beta - 1.0) + 0.000244140625*(2.0*alpha + 2.0*beta)*abs(_r2)*abs(alpha + beta - 1.0))
     _xc1_1 = (_r0*alpha**2 + _r1*alpha*beta + _r2*alpha*(2.0*alpha + 2.0*beta - 1.0) + alpha*smooth*(2.0*alpha + 2.0*beta - 1.0))
@@ -1729,17 +1729,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289):
                     if not _xready0:
                         _xready0 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1747,27 +1747,27 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd0_0, _xd0_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, beta, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
@@ -1785,43 +1785,43 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA0_0_n = _xcompress(_xA0_0, _xA0_0_n, _xu)
                         _xA0_0_s = _xnormalize(_xA0_0, _xA0_0_n, _xA0_0_s)
                         _xp[0] = 2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xh, _xl, _xe = _xtwo_product(alpha, smooth)
@@ -1839,17 +1839,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA0_1_n = _xcompress(_xA0_1, _xA0_1_n, _xu)
                         _xA0_1_s = _xnormalize(_xA0_1, _xA0_1_n, _xA0_1_s)
                         _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -1859,8 +1859,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA0_2_s = _xp_s
                         _xA0_2_n = _xcompress(_xA0_2, _xA0_2_n, _xu)
                         _xA0_2_s = _xnormalize(_xA0_2, _xA0_2_n, _xA0_2_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA0_0, _xA0_0_n)
                     _xt_s = _xA0_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _e_y, _xu)
@@ -1889,17 +1889,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                 if (abs(_xn) < 2.0 * _xb) | (2.0 * _xb < 1.0261342003245941e-289) | (2.0 * _xb * _xscale0 < 1.0261342003245941e-289) | (abs(_out0[_o, _k, _l] - _w * _xn * _xestimate0) > 9.094947017729282e-13 * abs(_w * _xn * _xestimate0)):
                     if not _xready1:
                         _xready1 = True
-                        _xa_n = 0
-                        _xa_s = 0
+                        _xa_n = np.int64(0)
+                        _xa_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r0, _x_r0_n, _x_r0_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r1, _x_r1_n, _x_r1_s, _xu)
                         _xa_n, _xa_s = _xgrow_all_s(_xa, _xa_n, _xa_s, _xt, _xm, _xt_s)
@@ -1907,27 +1907,27 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xa_n, _xa_s = _xgrow_s(_xa, _xa_n, _xa_s, smooth, 0)
                         _xd1_0, _xd1_0_s = _xvalue_m(_xa, _xa_n, _xa_s)
                         _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, beta, 0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, -1.0, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
@@ -1945,43 +1945,43 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_0_n = _xcompress(_xA1_0, _xA1_0_n, _xu)
                         _xA1_0_s = _xnormalize(_xA1_0, _xA1_0_n, _xA1_0_s)
                         _xp[0] = 1.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xh, _xl, _xe = _xtwo_product(alpha, smooth)
@@ -1999,43 +1999,43 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_1_n = _xcompress(_xA1_1, _xA1_1_n, _xu)
                         _xA1_1_s = _xnormalize(_xA1_1, _xA1_1_n, _xA1_1_s)
                         _xp[0] = 1.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_p, _x_m_p_n, _x_m_p_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_m_y, _x_m_y_n, _x_m_y_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, alpha, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = 1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, beta, _xu)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xt[0] = -1.0
-                        _xm = 1
-                        _xt_s = 0
+                        _xm = np.int64(1)
+                        _xt_s = np.int64(0)
                         _xm, _xt_s = _xmulx_s(_xt, _xm, _xt_s, _x_r2, _x_r2_n, _x_r2_s, _xu)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _xt, _xm, _xt_s)
                         _xh, _xl, _xe = _xtwo_product(alpha, smooth)
@@ -2053,17 +2053,17 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_2_n = _xcompress(_xA1_2, _xA1_2_n, _xu)
                         _xA1_2_s = _xnormalize(_xA1_2, _xA1_2_n, _xA1_2_s)
                         _xp[0] = -2.0
-                        _xp_n = 1
-                        _xp_s = 0
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xp_n = np.int64(1)
+                        _xp_s = np.int64(0)
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, alpha, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
                         _xf_s = _xnormalize(_xf, _xf_n, _xf_s)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
                         _xp_n, _xp_s = _xmulx_s(_xp, _xp_n, _xp_s, _xf, _xf_n, _xf_s, _xu)
-                        _xf_n = 0
-                        _xf_s = 0
+                        _xf_n = np.int64(0)
+                        _xf_s = np.int64(0)
                         _xf_n, _xf_s = _xgrow_all_s(_xf, _xf_n, _xf_s, _x_r2, _x_r2_n, _x_r2_s)
                         _xf_n, _xf_s = _xgrow_s(_xf, _xf_n, _xf_s, smooth, 0)
                         _xf_n = _xcompress(_xf, _xf_n, _xu)
@@ -2073,8 +2073,8 @@ def _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, 
                         _xA1_3_s = _xp_s
                         _xA1_3_n = _xcompress(_xA1_3, _xA1_3_n, _xu)
                         _xA1_3_s = _xnormalize(_xA1_3, _xA1_3_n, _xA1_3_s)
-                    _xa_n = 0
-                    _xa_s = 0
+                    _xa_n = np.int64(0)
+                    _xa_s = np.int64(0)
                     _xm = _xcopy(_xt, _xA1_0, _xA1_0_n)
                     _xt_s = _xA1_0_s
                     _xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, _at_l_y, _xu)
@@ -2231,7 +2231,7 @@ def _hess_full_row(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0):
         _scratch[11, _j] = 1.0 if _xj0 else 0.0
         _xflag0 |= _xj0
     if _xflag0:
-        _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _weight, _out0, _w, _scratch)
+        _hess_full_exact(_i, _o, _n, _C, y, p, alpha, beta, smooth, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

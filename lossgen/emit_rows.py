@@ -813,16 +813,17 @@ def _kernel_lines(derivation: RowDerivation, name: str, row_outputs, element_out
 
         def emit_call(quantity, call):
             # the first try's sums (exact_rows.FIRST_TRY), the exact ones where it declines
-            body.emit(3, f"if not _{quantity}_exact({call}, False):")
-            body.emit(4, f"_{quantity}_exact({call}, True)")
+            # np.bool_: a run-time flag, where a literal True or False would compile the function twice
+            body.emit(3, f"if not _{quantity}_exact({call}, np.bool_(False)):")
+            body.emit(4, f"_{quantity}_exact({call}, np.bool_(True))")
 
         if shared:
             for quantity, first, count in shared:
                 start = len(row_outputs) + first
-                call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs[start:start + count], "_w"])
+                call = ", ".join(["_i", "_n", "_C", *arguments, *outs[start:start + count], "_w"])
                 emit_call(quantity, call)
         else:
-            call = ", ".join(["_i", "_n", "_C", *arguments, "_weight", *outs, "_w"])
+            call = ", ".join(["_i", "_n", "_C", *arguments, *outs, "_w"])
             emit_call(name, call)
             exact_body = _Body(derivation, printer, keys)
             emit_fallback(exact_body, fallbacks, {j: outs[len(row_outputs) + j] for j in fallbacks})
@@ -1043,7 +1044,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     if fallbacks:
         body.emit(2, "if " + " or ".join(f"_xflag{b}" for b in heads) + ":")
         if product:
-            body.emit(3, f"_hvp_exact({', '.join(['_i', '_n', '_C', *arguments, *directions, '_weight', *outs])})")
+            body.emit(3, f"_hvp_exact({', '.join(['_i', '_n', '_C', *arguments, *directions, *outs])}, _w)")
             exact = _product_recompute_lines(pairs, outs, directions, arguments, full)
             body.emit(2, "elif " + " or ".join(f"_xdiagonal{b}" for b in heads) + ":")
             members = {first: [c for c in range(len(pairs)) if pairs[c][0] == pairs[first][0]] for first in heads}
@@ -1052,7 +1053,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                                                    for first in heads}, flags, entry_lines):
                 body.emit(3, line)
         else:
-            body.emit(3, f"_hess_full_exact({', '.join(['_i', '_o', '_n', '_C', *arguments, '_weight', *outs])}"
+            body.emit(3, f"_hess_full_exact({', '.join(['_i', '_o', '_n', '_C', *arguments, *outs])}"
                          ", _w, _scratch)")
             exact_body = _Body(derivation, printer, keys)
             # one function for every block: the row sums' expansions and the region set up once
@@ -1066,7 +1067,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                " (never stored; blocks with several indices singled out entry by entry, the others in O(C))")
         return {"name": "hvp", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact,
                 "quadratic": bool(entry_blocks),
-                "exact_arguments": "",
+                "exact_arguments": ", _w",
                 "exact_doc": "Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed\n"
                              "    exactly where their tests fire) times the directions.",
                 "doc": f"The Hessian of each row times the directions{how}, times _weight[i] when given."}
@@ -1250,7 +1251,7 @@ def _diagonal_recompute_lines(pairs, outs, directions, arguments, full: dict, me
         for b in blocks:
             lines += [INDENT * 3 + line for line in entry_lines(b)]
             lines.append(f"{INDENT * 3}_blocks[{b}, 0, _j, _l] = _w * _h")
-    call = ["_i", "np.int64(0)", "_n", "_C", *arguments, "_weight", *(f"_blocks[{b}]" for b in range(len(pairs))),
+    call = ["_i", "np.int64(0)", "_n", "_C", *arguments, *(f"_blocks[{b}]" for b in range(len(pairs))),
             "_w", "_fscratch"]
     lines.append(f"_hess_full_exact({', '.join(call)})")
     lines.append("for _j in range(_n):")
@@ -1274,7 +1275,8 @@ def _product_recompute_lines(pairs, outs, directions, arguments, full: dict) -> 
         lines.append(f"_stash = np.empty(({full['stash']}, _n))")
         stash = ["_stash"]
     blocks = [f"_blocks[{b}]" for b in range(len(pairs))]
-    call = ["_i", "np.int64(0)", "_n", "_C", *arguments, "_weight", *blocks, *stash]  # output row 0 of _blocks
+    # output row 0 of _blocks, unweighted (None): _w multiplies the sums
+    call = ["_i", "np.int64(0)", "_n", "_C", *arguments, "None", *blocks, *stash]
     lines.append(f"_hess_full_row({', '.join(call)})")
     lines.append("for _j in range(_n):")
     for r in range(len(outs)):
@@ -1283,7 +1285,7 @@ def _product_recompute_lines(pairs, outs, directions, arguments, full: dict) -> 
     for b, (r, c) in enumerate(pairs):
         lines.append(f"{INDENT * 2}_s{r} += _blocks[{b}, 0, _j, _l] * {directions[c]}[_i, _l]")
     for r, out in enumerate(outs):
-        lines.append(f"{INDENT}{out}[_i, _j] = _s{r}")
+        lines.append(f"{INDENT}{out}[_i, _j] = _w * _s{r}")
     return [INDENT * 2 + line for line in lines]
 
 

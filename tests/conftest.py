@@ -19,24 +19,27 @@ def derivation_of(name):
     return derive(load_spec(CATALOG_PATHS[name]))
 
 
-def _loss_of(item) -> str | None:
-    """The catalog loss a test exercises: a parameter that names one, else the longest name in
-    the test's own name (None where it names none)."""
-    callspec = getattr(item, "callspec", None)
-    for value in (callspec.params.values() if callspec else ()):
-        if isinstance(value, str) and value in ALL_PATHS:
-            return value
-    named = [name for name in ALL_PATHS if name in item.name]
+def loss_of_test(nodeid: str) -> str | None:
+    """The catalog loss a test exercises: the longest catalog name in its name and parameters
+    (None where it names none)."""
+    test = nodeid.rsplit("::", 1)[-1]
+    named = [name for name in ALL_PATHS if name in test]
     return max(named, key=len) if named else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """The tests of one loss in one group (pyproject's --dist loadgroup), so that one worker
-    compiles its module's kernels: on an empty Numba cache two workers compiled
-    cosine_embedding's at once, 110 s each. Groups and the other tests go to the first free
-    worker."""
-    for item in items:
-        loss = _loss_of(item)
-        if loss is not None:
-            item.add_marker(pytest.mark.xdist_group(loss))
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: no error where it is missing
+def pytest_xdist_make_scheduler(config, log):
+    """With -n (and no other --dist): the tests of one loss go to one worker, which compiles
+    its module's kernels once (its first test writes them to Numba's cache, the others load
+    them). Loss by loss, most tests first; a test that names no loss is a unit of its own.
+    (``--dist loadgroup`` grouped nothing: pytest-xdist 3.8 renames a test by ``item._nodeid``,
+    which pytest 9 does not read, and two workers compiled triplet_margin's kernels at once.)"""
+    if config.getvalue("dist") != "load":
+        return None  # a --dist that the command line names
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByLoss(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return loss_of_test(nodeid) or nodeid
+
+    return ByLoss(config, log)

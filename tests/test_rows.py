@@ -298,7 +298,7 @@ def test_first_try_of_the_recomputation_near_a_zero(name, quantity, params):
         y, p = moved
         out = np.full((1, 5), np.nan)
         arguments = [y[None], p[None], *(params[k] for k in loss.params)]
-        assert recompute(0, 5, 5.0, *arguments, None, out, 1.0, False) is taken
+        assert recompute(0, 5, 5.0, *arguments, out, 1.0, False) is taken
         if taken:
             assert out[0, 0] == getattr(loss, quantity)(y[None], p[None], **params)[0, 0]
         rows = check_size(loss, spec, 5, [{"y": y, "p": p}], params)
@@ -334,10 +334,10 @@ def test_first_try_agrees_with_the_exact_sums(name):
             row = [a[i:i + 1] for a in arrays]
             first = [np.full((1, 64), np.nan) for _ in range(outputs)]
             exact = [np.full((1, 64), np.nan) for _ in range(outputs)]
-            if not recompute(0, 64, 64.0, *row, *arguments, None, *first, 1.0, False):
+            if not recompute(0, 64, 64.0, *row, *arguments, *first, 1.0, False):
                 declined += 1
                 continue
-            recompute(0, 64, 64.0, *row, *arguments, None, *exact, 1.0, True)
+            recompute(0, 64, 64.0, *row, *arguments, *exact, 1.0, True)
             first, exact = np.concatenate(first), np.concatenate(exact)
             written = np.isfinite(first)
             taken += written.any()
