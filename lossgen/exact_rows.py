@@ -91,8 +91,10 @@ FIRST_TRY = {"gamma": 1.125 * 2.0 ** -53, "subnormal": 2.0 ** -1018, "relative":
 # the length of every scratch expansion: a non-overlapping expansion of doubles (every product is
 # grown into one as it is formed) has at most about 2100/53 = 40 parts
 EXPANSION = 64
-# an expansion's count and scale start as np.int64(0), not 0: Numba compiles a function once for
-# each literal value a call passes (Literal[int](0)), _xgrow_s up to seven times a module
+# an expansion's count and scale as the generated code starts them: typed integers, not 0 and 1,
+# since Numba compiles a function once for each literal value a call passes (Literal[int](0)):
+# _xgrow_s had up to seven compilations a module
+INT_ZERO, INT_ONE = "np.int64(0)", "np.int64(1)"
 
 
 @dataclass(frozen=True)
@@ -627,7 +629,7 @@ def product_lines(coefficient: int, factors, rows, printed, target: str) -> list
         return [f"{target}_n, {target}_s = _xgrow_all_s({target}, {target}_n, {target}_s, _x{r}, _x{r}_n, _x{r}_s{scale})"]
     if shift:
         floats.insert(0, repr(float(magnitude)))
-    lines = [f"_xt[0] = {sign}1.0", "_xm = np.int64(1)", "_xt_s = np.int64(0)"]
+    lines = [f"_xt[0] = {sign}1.0", f"_xm = {INT_ONE}", f"_xt_s = {INT_ZERO}"]
     for f in floats:
         lines.append(f"_xm, _xt_s = _xmul_s(_xt, _xm, _xt_s, {f}, _xu)")
     for r in rows:
@@ -659,8 +661,8 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
     for row, name in enumerate(names):
         body.emit(2, f"{name} = _xbuffer[{row}]")
     for r in every:
-        body.emit(2, f"_x{r.name}_n = np.int64(0)")
-        body.emit(2, f"_x{r.name}_s = np.int64(0)")
+        body.emit(2, f"_x{r.name}_n = {INT_ZERO}")
+        body.emit(2, f"_x{r.name}_s = {INT_ZERO}")
     magnitudes = {}
     for p in plans.values():
         magnitudes.update(p.magnitudes)
@@ -701,7 +703,7 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
         for r in looped:
             hi, lo, size = accumulators[r]
             for part in (hi, lo):
-                body.emit(3, f"_x{r.name}_n, _x{r.name}_s = _xgrow_s(_x{r.name}, _x{r.name}_n, _x{r.name}_s, {part}, np.int64(0))")
+                body.emit(3, f"_x{r.name}_n, _x{r.name}_s = _xgrow_s(_x{r.name}, _x{r.name}_n, _x{r.name}_s, {part}, {INT_ZERO})")
             body.emit(3, f"{printed(_error_of(r))} = 2.0 * _xg * _xg * {size} + _xg * {FIRST_TRY['subnormal']!r}")
             body.emit(3, f"{printed(_magnitude_of(r))} = {size}")
     for r in looped:
@@ -721,10 +723,10 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
         body.emit(2, f"_xready{j} = False")
         for d in range(len(p.denominator)):
             body.emit(2, f"_xd{j}_{d} = 1.0")
-            body.emit(2, f"_xd{j}_{d}_s = np.int64(0)")
+            body.emit(2, f"_xd{j}_{d}_s = {INT_ZERO}")
         for m in range(len(p.groups)):
-            body.emit(2, f"_xA{j}_{m}_n = np.int64(0)")
-            body.emit(2, f"_xA{j}_{m}_s = np.int64(0)")
+            body.emit(2, f"_xA{j}_{m}_n = {INT_ZERO}")
+            body.emit(2, f"_xA{j}_{m}_s = {INT_ZERO}")
         for m, (_, a, magnitude) in enumerate(p.tests):
             body.emit(2, f"_xc{j}_{m} = {printed(a)}")
             body.emit(2, f"_xb{j}_{m} = {printed(magnitude)}")
@@ -742,7 +744,7 @@ def _emit_setup(body, plans: dict, printed, denominators: dict | None = None, fi
             body.emit(2, f"_xdok{j} = True")
         for d in range(len(p.denominator)):
             body.emit(2, f"_xd{j}_{d} = 1.0")
-            body.emit(2, f"_xd{j}_{d}_s = np.int64(0)")
+            body.emit(2, f"_xd{j}_{d}_s = {INT_ZERO}")
     return derived, looped
 
 
@@ -768,8 +770,8 @@ def _emit_denominator_setup(body, j, p: Fallback, printed, indent: int, first_tr
         if base.is_Number:
             body.emit(indent, f"_xd{j}_{d} = {float(sp.sqrt(base) if exponent.q == 2 else base)!r}")
             continue
-        body.emit(indent, "_xa_n = np.int64(0)")
-        body.emit(indent, "_xa_s = np.int64(0)")
+        body.emit(indent, f"_xa_n = {INT_ZERO}")
+        body.emit(indent, f"_xa_s = {INT_ZERO}")
         for line in _sum_lines(_base_terms(base), p.reductions, printed, "_xa"):
             body.emit(indent, line)
         body.emit(indent, f"_xd{j}_{d}, _xd{j}_{d}_s = _xvalue_m(_xa, _xa_n, _xa_s)")
@@ -787,18 +789,18 @@ def _emit_numerator_setup(body, j, p: Fallback, printed, indent: int):
         target = f"_xA{j}_{m}"
         content, factors = _factored(terms)
         if len(factors) == 1 and factors[0][1] == 1:
-            body.emit(indent, f"{target}_n = np.int64(0)")
-            body.emit(indent, f"{target}_s = np.int64(0)")
+            body.emit(indent, f"{target}_n = {INT_ZERO}")
+            body.emit(indent, f"{target}_s = {INT_ZERO}")
             monomials = [(content * c, fs) for c, fs in factors[0][0]]
             for line in _sum_lines(monomials, p.sums, printed, target):
                 body.emit(indent, line)
         else:
             body.emit(indent, f"_xp[0] = {float(content)!r}")
-            body.emit(indent, "_xp_n = np.int64(1)")
-            body.emit(indent, "_xp_s = np.int64(0)")
+            body.emit(indent, f"_xp_n = {INT_ONE}")
+            body.emit(indent, f"_xp_s = {INT_ZERO}")
             for monomials, multiplicity in factors:
-                body.emit(indent, "_xf_n = np.int64(0)")
-                body.emit(indent, "_xf_s = np.int64(0)")
+                body.emit(indent, f"_xf_n = {INT_ZERO}")
+                body.emit(indent, f"_xf_s = {INT_ZERO}")
                 for line in _sum_lines(monomials, p.sums, printed, "_xf"):
                     body.emit(indent, line)
                 body.emit(indent, "_xf_n = _xcompress(_xf, _xf_n, _xu)")
@@ -853,8 +855,8 @@ def _emit_value(body, j, p: Fallback, printed, indent: int, denominators=None, f
         _emit_plan_setup(body, j, p, printed, indent, first_try=first_try)
     else:
         _emit_plan_setup(body, j, p, printed, indent, parts=("numerator",))
-    body.emit(indent, "_xa_n = np.int64(0)")
-    body.emit(indent, "_xa_s = np.int64(0)")
+    body.emit(indent, f"_xa_n = {INT_ZERO}")
+    body.emit(indent, f"_xa_s = {INT_ZERO}")
     for m, (element, _) in enumerate(p.groups):
         body.emit(indent, f"_xm = _xcopy(_xt, _xA{j}_{m}, _xA{j}_{m}_n)")
         body.emit(indent, f"_xt_s = _xA{j}_{m}_s")
@@ -954,8 +956,8 @@ def _emit_polynomial_sign(body, p: sp.Expr, reductions, printed, name: str, firs
         return
     generators = sorted(p.free_symbols, key=sp.default_sort_key)
     _, poly = sp.Poly(p, *generators).clear_denoms()  # a positive multiple, integer coefficients
-    body.emit(2, "_xa_n = np.int64(0)")
-    body.emit(2, "_xa_s = np.int64(0)")
+    body.emit(2, f"_xa_n = {INT_ZERO}")
+    body.emit(2, f"_xa_s = {INT_ZERO}")
     for powers, coefficient in poly.terms():
         factors = [g for g, k in zip(generators, powers) for _ in range(k)]
         rows = tuple(f for f in factors if f in reductions)
@@ -1185,15 +1187,15 @@ def emit_exact_sum(body, terms):
     body.emit(2, f"_xbuffer = np.empty((3, {EXPANSION}))")
     for row, name in enumerate(("_xt", "_xu", "_xs")):
         body.emit(2, f"{name} = _xbuffer[{row}]")
-    body.emit(2, "_xs_n = np.int64(0)")
-    body.emit(2, "_xs_s = np.int64(0)")
+    body.emit(2, f"_xs_n = {INT_ZERO}")
+    body.emit(2, f"_xs_s = {INT_ZERO}")
     body.emit(2, "for _k in range(_n):")
     body.bind([sp.Mul(*factors) for _, factors in terms], 3)
     for coefficient, factors in terms:
         for line in product_lines(coefficient, factors, (), printed, "_xs"):
             body.emit(3, line)
     body.emit(2, "_hi = _xvalue_s(_xs, _xs_n, _xs_s)")
-    body.emit(2, "_xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, np.int64(0))")
+    body.emit(2, f"_xs_n, _xs_s = _xgrow_s(_xs, _xs_n, _xs_s, -_hi, {INT_ZERO})")
     body.emit(2, "return _hi, _xvalue_s(_xs, _xs_n, _xs_s)")
 
 
