@@ -2919,7 +2919,7 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
     _h50 = (_r1*_r2 + _t6_22)
     _h51 = (0.00048828125*_t6_18 + _t6_23)
     _h52 = (_r2_abs*_t6_19 + _t6_24)
-    _scratch = np.empty((34, _n))
+    _scratch = np.empty((36, _n))
     _xflag0 = False
     _xflag2 = False
     for _k in range(_n):
@@ -3516,32 +3516,38 @@ def _hvp_row(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _weight, _out0, _
         _xlb2 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
         _xj0 = (_scratch[30, _j] != 0.0) | (_scratch[31, _j] != 0.0)
         _xsb0 = _scratch[20, _j] * _xu0_0 + _scratch[22, _j] * _xu0_1 + _scratch[24, _j] * _xu1_0 + _scratch[25, _j] * _xu1_1
-        if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289):
-            _xsh0 = 0.0
-            _xsb0 = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
-                _xsh0 += abs(_h * _v_x1[_i, _l])
-                _xsb0 += (_scratch[20, _j] * _scratch[21, _l] + _scratch[22, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
-                _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
-                _xsh0 += abs(_h * _v_x2[_i, _l])
-                _xsb0 += (_scratch[24, _j] * _scratch[21, _l] + _scratch[25, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
-            _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
+        _scratch[34, _j] = 1.0 if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289) else 0.0
         _xdiagonal0 |= _xj0
         _xj2 = (_scratch[32, _j] != 0.0) | (_scratch[33, _j] != 0.0)
         _xsb2 = _scratch[26, _j] * _xu2_0 + _scratch[27, _j] * _xu2_1 + _scratch[28, _j] * _xu3_0 + _scratch[29, _j] * _xu3_1
-        if (abs(_xlb2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289):
-            _xsh2 = 0.0
-            _xsb2 = 0.0
-            for _l in range(_n):
-                _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
-                _xsh2 += abs(_h * _v_x1[_i, _l])
-                _xsb2 += (_scratch[26, _j] * _scratch[21, _l] + _scratch[27, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
-                _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
-                _xsh2 += abs(_h * _v_x2[_i, _l])
-                _xsb2 += (_scratch[28, _j] * _scratch[21, _l] + _scratch[29, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
-            _xflag2 |= (abs(_xsh2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289)
+        _scratch[35, _j] = 1.0 if (abs(_xlb2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289) else 0.0
         _xdiagonal2 |= _xj2
+    for _j in range(_n):
+        if _scratch[34, _j] == 0.0:
+            continue
+        _xsh0 = 0.0
+        _xsb0 = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[4, _j] * _scratch[5, _l] + _scratch[6, _j] * _scratch[7, _l]
+            _xsh0 += abs(_h * _v_x1[_i, _l])
+            _xsb0 += (_scratch[20, _j] * _scratch[21, _l] + _scratch[22, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
+            _h = _scratch[1, _j] if _j == _l else _scratch[8, _j] * _scratch[9, _l] + _scratch[10, _j] * _scratch[11, _l]
+            _xsh0 += abs(_h * _v_x2[_i, _l])
+            _xsb0 += (_scratch[24, _j] * _scratch[21, _l] + _scratch[25, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
+        _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
+    for _j in range(_n):
+        if _scratch[35, _j] == 0.0:
+            continue
+        _xsh2 = 0.0
+        _xsb2 = 0.0
+        for _l in range(_n):
+            _h = _scratch[2, _j] if _j == _l else _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l]
+            _xsh2 += abs(_h * _v_x1[_i, _l])
+            _xsb2 += (_scratch[26, _j] * _scratch[21, _l] + _scratch[27, _j] * _scratch[23, _l]) * abs(_v_x1[_i, _l])
+            _h = _scratch[3, _j] if _j == _l else _scratch[16, _j] * _scratch[17, _l] + _scratch[18, _j] * _scratch[19, _l]
+            _xsh2 += abs(_h * _v_x2[_i, _l])
+            _xsb2 += (_scratch[28, _j] * _scratch[21, _l] + _scratch[29, _j] * _scratch[23, _l]) * abs(_v_x2[_i, _l])
+        _xflag2 |= (abs(_xsh2) < _xsb2) | (_xsb2 < 1.0261342003245941e-289)
     if _xflag0 or _xflag2:
         _hvp_exact(_i, _n, _C, y, x1, x2, margin, eps, _v_x1, _v_x2, _out0, _out1, _w)
     elif _xdiagonal0 or _xdiagonal2:

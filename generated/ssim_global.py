@@ -277,6 +277,49 @@ def _xsqrt_m(m, s):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _dw_add(ah, al, bh, bl):
+    """(ah + al) + (bh + bl) as a double-word (hi, lo), within 3 u**2 of it relatively (Joldes,
+    Muller and Popescu 2017, Algorithm 6, AccurateDWPlusDW)."""
+    sh = ah + bh
+    z = sh - ah
+    sl = (ah - (sh - z)) + (bh - z)
+    th = al + bl
+    z = th - al
+    tl = (al - (th - z)) + (bl - z)
+    c = sl + th
+    vh = sh + c
+    vl = c - (vh - sh)
+    w = tl + vl
+    hi = vh + w
+    return hi, w - (hi - vh)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _dw_mul(ah, al, bh, bl):
+    """(ah + al) (bh + bl) as a double-word, within 4 u**2 of it relatively (Algorithm 12,
+    DWTimesDW3): the high parts' product split exactly by a fused multiply-add."""
+    ch = ah * bh
+    cl = _fma(ah, bh, -ch) + _fma(ah, bl, _fma(al, bh, al * bl))
+    hi = ch + cl
+    return hi, cl - (hi - ch)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _dw_div(ah, al, bh, bl):
+    """(ah + al) / (bh + bl) as a double-word, within 15 u**2 of it relatively (Algorithm 17,
+    DWDivDW2): the quotient of the high parts, then the remainder's quotient."""
+    th = ah / bh
+    rh = bh * th
+    rl = _fma(bl, th, _fma(bh, th, -rh))
+    qh = rh + rl
+    ql = rl - (qh - rh)
+    d = (ah - qh) + (al - ql)
+    tl = d / bh
+    hi = th + tl
+    return hi, tl - (hi - th)
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _exact_r5(_i, _n, _C, y, x, C1, C2):
     """A row sum exactly, as (hi, lo): its monomials as one expansion (lossgen/exact_rows.py).
     The kernels call it where the sum cancels.
@@ -1236,6 +1279,19 @@ def loss_grad_hess_kernel_parallel(y, x, C1, C2, _weight, _out0, _out1, _out2):
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _hvp_exact(_i, _n, _C, y, x, C1, C2, _v_x, _out0, _w):
+    """Row _i, which the product's test flagged: the full Hessian's row (its entries recomputed
+    exactly where their tests fire) times the directions."""
+    _blocks = np.empty((1, 1, _n, _n), _out0.dtype)
+    _hess_full_row(_i, np.int64(0), _n, _C, y, x, C1, C2, None, _blocks[0])
+    for _j in range(_n):
+        _s0 = 0.0
+        for _l in range(_n):
+            _s0 += _blocks[0, 0, _j, _l] * _v_x[_i, _l]
+        _out0[_i, _j] = _w * _s0
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     """The Hessian of row _i times the directions (never stored), in O(C) per block, times _weight[i] when given."""
     _inside = True
@@ -1357,90 +1413,154 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     _t2_22 = _t2_17*_t2_21
     _t2_23 = 2.0*(((((((((((((_t2_22)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))) if _t2_12 else (0.0))
     _t2_24 = ((_r1)/(_C))
-    _t2_25 = -_C
-    _t2_26 = ((_r0)/(_C))
-    _t2_27 = ((_r5)/(_C))
-    _t2_28 = _t2_16*_t2_21
-    _t2_29 = 2.0*(((_t2_28)/(_t2_18)))
-    _t2_30 = 4.0*_r4 + _r6 + 2.0*_t2_13
-    _t2_31 = _r1*_t2_6
-    _t2_32 = _r0*_t2_16
-    _t2_33 = -_r1*_t2_18 + _t2_32
-    _t2_34 = _r5*_t2_16
-    _t2_35 = _r1*_t2_16
-    _t2_36 = _t2_2*_t2_28
-    _t2_37 = _t2_18**3
-    _t2_38 = _r1*_t2_21
-    _t2_39 = 4.0*_r6
-    _t2_40 = _t2_18*_t2_19**3
-    _t2_41 = _r5*_t2_17
-    _t2_42 = _r6 + _t2_14
-    _t2_43 = 4.0*_t2_42
-    _t2_44 = _t2_14*_t2_31
-    _t2_45 = ((_r1)/(_t2_18))
-    _t2_46 = 2.0*_t2_14
-    _t2_47 = _r5*_t2_14*_t2_42
+    _t2_25 = (_t2_24)
+    _t2_26 = -_C
+    _t2_27 = _r1_error + _fma(_t2_26, _t2_24, _r1_hi)
+    _t2_28 = ((_r0)/(_C))
+    _t2_29 = 2.0*(_t2_28)
+    _t2_30 = 2.0*_r0_error + 2.0*_fma(_t2_26, _t2_28, _r0_hi)
+    _t2_31 = ((_r5)/(_C))
+    _t2_32 = 2.0*(_t2_31)
+    _t2_33 = 2.0*_r5_error + 2.0*_fma(_t2_26, _t2_31, _r5_hi)
+    _t2_34 = _t2_16*_t2_21
+    _t2_35 = 2.0*(((_t2_34)/(_t2_18)))
+    _t2_36 = 4.0*_r4 + _r6 + 2.0*_t2_13
+    _t2_37 = _r1*_t2_6
+    _t2_38 = ((((((((-4.0*(((_t2_36*_t2_37)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_39 = _r0*_t2_16
+    _t2_40 = -_r1*_t2_18 + _t2_39
+    _t2_41 = (((((4.0*(((_t2_40)/(_t2_18))))/(_t2_19))))/(_t2_18))
+    _t2_42 = _r5*_t2_16
+    _t2_43 = ((((((((4.0*(((_t2_36*_t2_42)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_44 = _r1*_t2_16
+    _t2_45 = _t2_2*_t2_34
+    _t2_46 = _t2_18**3
+    _t2_47 = _r1*_t2_21
+    _t2_48 = 4.0*_r6
+    _t2_49 = (((_t2_39)/(_t2_18)))
+    _t2_50 = _t2_18*_t2_19**3
+    _t2_51 = _r5*_t2_17
+    _t2_52 = _r6 + _t2_14
+    _t2_53 = 4.0*_t2_52
+    _t2_54 = (((((-_t2_51*_t2_53)/(_t2_50))))/(_t2_18))
+    _t2_55 = _t2_14*_t2_37
+    _t2_56 = (((((_t2_53*_t2_55)/(_t2_50))))/(_t2_18))
+    _t2_57 = ((((((((-2.0*(((_t2_14*_t2_40)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_58 = ((_r1)/(_t2_18))
+    _t2_59 = 2.0*_t2_14
+    _t2_60 = _r5*_t2_14*_t2_52
+    _t2_61 = ((((((((-4.0*(((_r1*_t2_60)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_62 = ((((((((2.0*(((_t2_17*_t2_52)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_63 = 2.0*_t2_39
+    _t2_64 = (_t2_58)
+    _t2_65 = 4.0*_t2_60
+    _t2_66 = (((((8.0*_r0*_t2_52*_t2_55)/(_t2_19*_t2_46))))/(_t2_19))
+    _t2_67 = ((_t2_59*(((-4.0*_r0*_t2_40)/(_t2_46)) + (((((_t2_15)/(_t2_18))))/(_t2_18)) + (((((_t2_3)/(_t2_18))))/(_t2_18))))/(_t2_19))
+    _t2_68 = _t2_7 + ((_r6*(C1 + _t2_8))/(_C)) + ((_t2_6*(_t2_10 + _t2_9))/(_C))
+    _t2_69 = (_t2_5 >= _t2_68)
     _h0 = _t2_20
     _h1 = _t2_23
-    _h2 = -(_t2_24)
-    _h3 = ((-_r1_error - _fma(_t2_25, _t2_24, _r1_hi))/(_C))
-    _h4 = -2.0*(_t2_26)
-    _h5 = ((-2.0*_r0_error - 2.0*_fma(_t2_25, _t2_26, _r0_hi))/(_C))
+    _h2 = -_t2_25
+    _h3 = ((-_t2_27)/(_C))
+    _h4 = -_t2_29
+    _h5 = ((-_t2_30)/(_C))
     _h6 = _t2_5
     _h7 = _t2_11
     _h8 = (((((2.0*(((_t2_16)/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h9 = -2.0*(_t2_27)
-    _h10 = ((-2.0*_r5_error - 2.0*_fma(_t2_25, _t2_27, _r5_hi))/(_C))
-    _h11 = ((((((((_t2_29)/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h12 = ((((((((-4.0*(((_t2_30*_t2_31)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h13 = (((((4.0*(((_t2_33)/(_t2_18))))/(_t2_19))))/(_t2_18))
-    _h14 = ((((((((4.0*(((_t2_30*_t2_34)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h15 = ((((((((-4.0*(((_r6*_t2_34)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h16 = (((((_t2_39*(((_t2_36)/(_t2_37)) + (((((-_t2_35)/(_t2_18))))/(_t2_18)) + (((((-_t2_38)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h17 = ((4.0*((-_r1)/(_t2_18)) + 4.0*(((((_t2_32)/(_t2_18))))/(_t2_18)))/(_t2_19))
-    _h18 = (((((_t2_28*_t2_39)/(_t2_40))))/(_t2_18))
-    _h19 = ((-2.0*_t2_17)/(_t2_40))
-    _h20 = (((((-2.0*_t2_22)/(_t2_40))))/(_t2_18))
-    _h21 = (((((-_t2_41*_t2_43)/(_t2_40))))/(_t2_18))
-    _h22 = (((((_t2_43*_t2_44)/(_t2_40))))/(_t2_18))
-    _h23 = ((((((((-2.0*(((_t2_14*_t2_33)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h24 = (((((_t2_46*(_t2_45 + (((((-_t2_32)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h25 = ((((((((-_t2_29)/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h26 = ((((((((-2.0*(((_t2_44)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h27 = ((((((((2.0*(((_t2_41)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h28 = (((((_t2_46*(((-_t2_36)/(_t2_37)) + (((((_t2_35)/(_t2_18))))/(_t2_18)) + (((((_t2_38)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h9 = -_t2_32
+    _h10 = ((-_t2_33)/(_C))
+    _h11 = ((((((((_t2_35)/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h12 = _t2_38
+    _h13 = _t2_41
+    _h14 = _t2_43
+    _h15 = ((((((((-4.0*(((_r6*_t2_42)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h16 = (((((_t2_48*(((_t2_45)/(_t2_46)) + (((((-_t2_44)/(_t2_18))))/(_t2_18)) + (((((-_t2_47)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h17 = ((4.0*((-_r1)/(_t2_18)) + 4.0*((_t2_49)/(_t2_18)))/(_t2_19))
+    _h18 = (((((_t2_34*_t2_48)/(_t2_50))))/(_t2_18))
+    _h19 = ((-2.0*_t2_17)/(_t2_50))
+    _h20 = (((((-2.0*_t2_22)/(_t2_50))))/(_t2_18))
+    _h21 = _t2_54
+    _h22 = _t2_56
+    _h23 = _t2_57
+    _h24 = (((((_t2_59*(_t2_58 + (((((-_t2_39)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h25 = ((((((((-_t2_35)/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h26 = ((((((((-2.0*(((_t2_55)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h27 = ((((((((2.0*(((_t2_51)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h28 = (((((_t2_59*(((-_t2_45)/(_t2_46)) + (((((_t2_44)/(_t2_18))))/(_t2_18)) + (((((_t2_47)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
     _h29 = ((-_t2_20)/(_C))
     _h30 = ((-_t2_23)/(_C))
-    _h31 = ((((((((-4.0*(((_r1*_t2_47)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h32 = ((((((((2.0*(((_t2_17*_t2_42)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h33 = (((((4.0*_t2_47*(((-2.0*_t2_32)/(_t2_37)) + (((_t2_45))/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h34 = (((((8.0*_r0*_t2_42*_t2_44)/(_t2_19*_t2_37))))/(_t2_19))
-    _h35 = ((_t2_46*(((-4.0*_r0*_t2_33)/(_t2_37)) + (((((_t2_15)/(_t2_18))))/(_t2_18)) + (((((_t2_3)/(_t2_18))))/(_t2_18))))/(_t2_19))
-    _h36 = _t2_7 + ((_r6*(C1 + _t2_8))/(_C)) + ((_t2_6*(_t2_10 + _t2_9))/(_C))
-    _scratch = np.empty((11, _n))
+    _h31 = _t2_61
+    _h32 = _t2_62
+    _h33 = (((((_t2_65*(((-_t2_63)/(_t2_46)) + ((_t2_64)/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h34 = _t2_66
+    _h35 = _t2_67
+    _h36 = _t2_68
+    _h37 = -(((((((-_t2_65*(((_t2_63)/(_t2_46)) + ((-_t2_64)/(_t2_18))))/(_t2_19))))/(_t2_19))) if _t2_12 else (0.0))
+    _h38 = -((_t2_66) if _t2_12 else (_t2_67))
+    _h39 = ((_t2_27)/(_C))
+    _h40 = _t2_25
+    _h41 = ((-4.0*_t2_58 - 4.0*((-_t2_49)/(_t2_18)))/(_t2_19))
+    _h42 = _t2_29
+    _h43 = ((_t2_30)/(_C))
+    _h44 = _t2_32
+    _h45 = ((_t2_33)/(_C))
+    _h46 = ((_t2_20)/(_C))
+    _h47 = -((_t2_54) if _t2_12 else (0.0))
+    _h48 = -((_t2_56) if _t2_12 else (_t2_57))
+    _h49 = -((_t2_38) if _t2_69 else (_t2_41))
+    _h50 = -((_t2_43) if _t2_69 else (0.0))
+    _h51 = -((_t2_61) if _t2_12 else (0.0))
+    _h52 = -((_t2_62) if _t2_12 else (0.0))
+    _h53 = ((_t2_23)/(_C))
+    _scratch = np.empty((21, _n))
+    _xflag0 = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t3_0 = _h10 + _h9 + 2.0*(_e_x - _e_y)
-        _t3_1 = (_h6 >= _h7)
-        _t3_2 = ((_h27) if _t3_1 else (0.0))
-        _t3_3 = _e_y + _h2 + _h3
-        _t3_4 = 2.0*_e_x + _h4 + _h5
-        _t3_5 = _t3_0*((_h20) if _t3_1 else (0.0)) + _t3_3*((_h18) if _t3_1 else (_h8)) + _t3_4*((0.0) if _t3_1 else (_h19)) + ((_h21) if _t3_1 else (0.0)) + ((_h22) if _t3_1 else (_h23))
-        _t3_6 = _h30 + _t3_0*_t3_2 + _t3_3*((_h15) if _t3_1 else (0.0)) + ((_h31) if _t3_1 else (0.0)) + ((_h32) if _t3_1 else (0.0))
-        _t3_7 = _h29 + _t3_0*((_h28) if _t3_1 else (0.0)) + _t3_3*((_h16) if _t3_1 else (_h17)) + _t3_4*((0.0) if _t3_1 else (_h24)) + ((_h33) if _t3_1 else (0.0)) + ((_h34) if _t3_1 else (_h35))
-        _t3_8 = (_h36 <= _h6)
-        _scratch[0, _k] = _h0 + _h1 + _t3_0*(_t3_2 + _t3_3*((_h25) if _t3_1 else (0.0)) + ((_h26) if _t3_1 else (0.0))) + _t3_3*(_t3_0*((_h11) if _t3_1 else (0.0)) + _t3_4*((0.0) if _t3_1 else (_h8)) + ((_h12) if _t3_1 else (_h13)) + ((_h14) if _t3_1 else (0.0))) + _t3_4*_t3_5 + _t3_6 + _t3_7
-        _scratch[1, _k] = _t3_7
+        _t3_0 = -_e_y
+        _t3_1 = 2.0*(_e_x + _t3_0)
+        _t3_2 = _h10 + _h9 + _t3_1
+        _t3_3 = (_h6 >= _h7)
+        _t3_4 = ((_h27) if _t3_3 else (0.0))
+        _t3_5 = _e_y + _h2 + _h3
+        _t3_6 = 2.0*_e_x
+        _t3_7 = _h4 + _h5 + _t3_6
+        _t3_8 = ((_h18) if _t3_3 else (_h8))
+        _t3_9 = ((0.0) if _t3_3 else (_h19))
+        _t3_10 = ((_h20) if _t3_3 else (0.0))
+        _t3_11 = _t3_10*_t3_2 + _t3_5*_t3_8 + _t3_7*_t3_9 + ((_h21) if _t3_3 else (0.0)) + ((_h22) if _t3_3 else (_h23))
+        _t3_12 = ((_h15) if _t3_3 else (0.0))
+        _t3_13 = _h30 + _t3_12*_t3_5 + _t3_2*_t3_4 + ((_h31) if _t3_3 else (0.0)) + ((_h32) if _t3_3 else (0.0))
+        _t3_14 = ((0.0) if _t3_3 else (_h24))
+        _t3_15 = ((_h28) if _t3_3 else (0.0))
+        _t3_16 = _h29 + _t3_14*_t3_7 + _t3_15*_t3_2 + _t3_5*((_h16) if _t3_3 else (_h17)) + ((_h33) if _t3_3 else (0.0)) + ((_h34) if _t3_3 else (_h35))
+        _t3_17 = (_h36 <= _h6)
+        _t3_18 = ((0.0) if _t3_17 else (_h8))
+        _t3_19 = ((_h11) if _t3_17 else (0.0))
+        _t3_20 = _t3_5*((_h25) if _t3_17 else (0.0)) + ((_h26) if _t3_17 else (0.0)) + ((_h27) if _t3_17 else (0.0))
+        _t3_21 = _h42 + _h43 - _t3_6
+        _t3_22 = _h39 + _h40 + _t3_0
+        _t3_23 = _h44 + _h45 - _t3_1
+        _scratch[0, _k] = _h0 + _h1 + _t3_11*_t3_7 + _t3_13 + _t3_16 + _t3_2*(_t3_4 + _t3_5*((_h25) if _t3_3 else (0.0)) + ((_h26) if _t3_3 else (0.0))) + _t3_5*(_t3_2*((_h11) if _t3_3 else (0.0)) + _t3_7*((0.0) if _t3_3 else (_h8)) + ((_h12) if _t3_3 else (_h13)) + ((_h14) if _t3_3 else (0.0)))
+        _scratch[1, _k] = _t3_16
         _scratch[2, _k] = 1.0
-        _scratch[3, _k] = _t3_5
-        _scratch[4, _k] = _t3_4
-        _scratch[5, _k] = _t3_0*((_h11) if _t3_8 else (0.0)) + _t3_4*((0.0) if _t3_8 else (_h8)) + ((_h12) if _t3_8 else (_h13)) + ((_h14) if _t3_8 else (0.0))
-        _scratch[6, _k] = _t3_3
-        _scratch[7, _k] = _t3_6
+        _scratch[3, _k] = _t3_11
+        _scratch[4, _k] = _t3_7
+        _scratch[5, _k] = _t3_18*_t3_7 + _t3_19*_t3_2 + ((_h12) if _t3_17 else (_h13)) + ((_h14) if _t3_17 else (0.0))
+        _scratch[6, _k] = _t3_5
+        _scratch[7, _k] = _t3_13
         _scratch[8, _k] = 1.0
-        _scratch[9, _k] = _t3_3*((_h25) if _t3_8 else (0.0)) + ((_h26) if _t3_8 else (0.0)) + ((_h27) if _t3_8 else (0.0))
-        _scratch[10, _k] = _t3_0
+        _scratch[9, _k] = _t3_20
+        _scratch[10, _k] = _t3_2
+        _scratch[11, _k] = 0.000244140625*abs(_h37 + _h38 + _h46 + _t3_14*_t3_21 + _t3_15*_t3_23 + _t3_22*((_h16) if _t3_3 else (_h41)))
+        _scratch[12, _k] = 0.000244140625*abs(_h47 + _h48 + _t3_10*_t3_23 + _t3_21*_t3_9 + _t3_22*_t3_8)
+        _scratch[13, _k] = abs(_t3_21)
+        _scratch[14, _k] = 0.000244140625*abs(_h49 + _h50 + _t3_18*_t3_21 + _t3_19*_t3_23)
+        _scratch[15, _k] = abs(_t3_22)
+        _scratch[16, _k] = 0.000244140625*abs(_h51 + _h52 + _h53 + _t3_12*_t3_22 + _t3_23*_t3_4)
+        _scratch[17, _k] = 0.000244140625*abs(_t3_20)
+        _scratch[18, _k] = abs(_t3_23)
+        _scratch[19, _k] = 0.0
     _qt0_0 = -1.0
     _qm0_0 = 0
     _qt0_1 = -1.0
@@ -1482,6 +1602,26 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     _ql0_3 = 0.0
     _qh0_4 = 0.0
     _ql0_4 = 0.0
+    _xu0_0 = 0.0
+    _xu0_1 = 0.0
+    _xu0_2 = 0.0
+    _xu0_3 = 0.0
+    _xu0_4 = 0.0
+    _qa0_0 = 0.0
+    _qa0_0_error = 0.0
+    _qb0_0 = 0.0
+    _qa0_1 = 0.0
+    _qa0_1_error = 0.0
+    _qb0_1 = 0.0
+    _qa0_2 = 0.0
+    _qa0_2_error = 0.0
+    _qb0_2 = 0.0
+    _qa0_3 = 0.0
+    _qa0_3_error = 0.0
+    _qb0_3 = 0.0
+    _qa0_4 = 0.0
+    _qa0_4_error = 0.0
+    _qb0_4 = 0.0
     for _k in range(_n):
         if _k != _qm0_0:
             _ph = _scratch[2, _k] * _v_x[_i, _k]
@@ -1518,8 +1658,45 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
             _z = _x - _qh0_4
             _ql0_4 += (_qh0_4 - (_x - _z)) + (_ph - _z) + _pl
             _qh0_4 = _x
+        _xu0_0 += _scratch[2, _k] * abs(_v_x[_i, _k])
+        _xu0_1 += _scratch[13, _k] * abs(_v_x[_i, _k])
+        _xu0_2 += _scratch[15, _k] * abs(_v_x[_i, _k])
+        _xu0_3 += _scratch[2, _k] * abs(_v_x[_i, _k])
+        _xu0_4 += _scratch[18, _k] * abs(_v_x[_i, _k])
+        _s = _scratch[2, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_0 + _s
+        _z = _x - _qa0_0
+        _qa0_0_error += (_qa0_0 - (_x - _z)) + (_s - _z)
+        _qa0_0 = _x
+        _qb0_0 += abs(_s)
+        _s = _scratch[4, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_1 + _s
+        _z = _x - _qa0_1
+        _qa0_1_error += (_qa0_1 - (_x - _z)) + (_s - _z)
+        _qa0_1 = _x
+        _qb0_1 += abs(_s)
+        _s = _scratch[6, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_2 + _s
+        _z = _x - _qa0_2
+        _qa0_2_error += (_qa0_2 - (_x - _z)) + (_s - _z)
+        _qa0_2 = _x
+        _qb0_2 += abs(_s)
+        _s = _scratch[8, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_3 + _s
+        _z = _x - _qa0_3
+        _qa0_3_error += (_qa0_3 - (_x - _z)) + (_s - _z)
+        _qa0_3 = _x
+        _qb0_3 += abs(_s)
+        _s = _scratch[10, _k] * abs(_v_x[_i, _k])
+        _x = _qa0_4 + _s
+        _z = _x - _qa0_4
+        _qa0_4_error += (_qa0_4 - (_x - _z)) + (_s - _z)
+        _qa0_4 = _x
+        _qb0_4 += abs(_s)
+    _xdiagonal0 = False
     for _j in range(_n):
         _out0[_i, _j] = 0.0
+        _xlb0 = 0.0
         _hv_h = 0.0
         _hv_l = 0.0
         _th, _tl = _qh0_0, _ql0_0
@@ -1625,6 +1802,36 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
         _hd = (_scratch[0, _j]) * _v_x[_i, _j]
         _hv = _hv_h + _hv_l
         _out0[_i, _j] += _w * (_hd + _hv)
+        _lb = 0.0
+        _mg = 0.0
+        _av = abs(_v_x[_i, _j])
+        _lb += _scratch[1, _j] * ((_qa0_0 + _qa0_0_error) - _scratch[2, _j] * _av)
+        _mg += abs(_scratch[1, _j]) * (_qb0_0 + abs(_scratch[2, _j]) * _av)
+        _lb += _scratch[3, _j] * ((_qa0_1 + _qa0_1_error) - _scratch[4, _j] * _av)
+        _mg += abs(_scratch[3, _j]) * (_qb0_1 + abs(_scratch[4, _j]) * _av)
+        _lb += _scratch[5, _j] * ((_qa0_2 + _qa0_2_error) - _scratch[6, _j] * _av)
+        _mg += abs(_scratch[5, _j]) * (_qb0_2 + abs(_scratch[6, _j]) * _av)
+        _lb += _scratch[7, _j] * ((_qa0_3 + _qa0_3_error) - _scratch[8, _j] * _av)
+        _mg += abs(_scratch[7, _j]) * (_qb0_3 + abs(_scratch[8, _j]) * _av)
+        _lb += _scratch[9, _j] * ((_qa0_4 + _qa0_4_error) - _scratch[10, _j] * _av)
+        _mg += abs(_scratch[9, _j]) * (_qb0_4 + abs(_scratch[10, _j]) * _av)
+        _xlb0 += max(abs(_hv), abs(_lb) - 28 * 1.1102230246251565e-16 * _mg) + abs(_hd)
+        _xj0 = (_scratch[19, _j] != 0.0)
+        _xsb0 = _scratch[11, _j] * _xu0_0 + _scratch[12, _j] * _xu0_1 + _scratch[14, _j] * _xu0_2 + _scratch[16, _j] * _xu0_3 + _scratch[17, _j] * _xu0_4
+        _scratch[20, _j] = 1.0 if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289) else 0.0
+        _xdiagonal0 |= _xj0
+    for _j in range(_n):
+        if _scratch[20, _j] == 0.0:
+            continue
+        _xsh0 = 0.0
+        _xsb0 = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l] + _scratch[9, _j] * _scratch[10, _l]
+            _xsh0 += abs(_h * _v_x[_i, _l])
+            _xsb0 += (_scratch[11, _j] * _scratch[2, _l] + _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l] + _scratch[16, _j] * _scratch[2, _l] + _scratch[17, _j] * _scratch[18, _l]) * abs(_v_x[_i, _l])
+        _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
+    if _xflag0:
+        _hvp_exact(_i, _n, _C, y, x, C1, C2, _v_x, _out0, _w)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1643,6 +1850,326 @@ def hvp_kernel_parallel(y, x, C1, C2, _v_x, _weight, _out0):
     _C = float(_n)
     for _i in numba.prange(y.shape[0]):
         _hvp_row(np.int64(_i), _n, _C, y, x, C1, C2, _v_x, _weight, _out0)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _hess_full_exact(_i, _o, _n, _C, y, x, C1, C2, _out0, _w, _scratch):
+    """The entries of row _i whose outer products the kernel's test found cancelling, again in
+    double-word arithmetic from the kernel's own forms (lossgen/double_word.py)."""
+    _r0_h = 0.0
+    _r0_l = 0.0
+    _r1_h = 0.0
+    _r1_l = 0.0
+    _r5_h, _r5_l = _exact_r5(_i, _n, _C, y, x, C1, C2)
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _r0_h, _r0_l = _dw_add(_r0_h, _r0_l, _e_x, 0.0)
+        _r1_h, _r1_l = _dw_add(_r1_h, _r1_l, _e_y, 0.0)
+    _r2_h = 0.0
+    _r2_l = 0.0
+    _r3_h = 0.0
+    _r3_l = 0.0
+    _r4_h = 0.0
+    _r4_l = 0.0
+    _r6_h = 0.0
+    _r6_l = 0.0
+    _ds1_0_h, _ds1_0_l = _dw_div(1.0, 0.0, _C, 0.0)
+    _ds1_1_h, _ds1_1_l = _dw_mul(_ds1_0_h, _ds1_0_l, _r0_h, _r0_l)
+    _ds1_2_h, _ds1_2_l = _ds1_1_h * -1.0, _ds1_1_l * -1.0
+    _ds1_3_h, _ds1_3_l = _dw_mul(_ds1_0_h, _ds1_0_l, _r1_h, _r1_l)
+    _ds1_4_h, _ds1_4_l = _ds1_3_h * -1.0, _ds1_3_l * -1.0
+    _ds1_5_h, _ds1_5_l = _dw_mul(_C, 0.0, _C, 0.0)
+    _ds1_6_h, _ds1_6_l = _dw_div(1.0, 0.0, _ds1_5_h, _ds1_5_l)
+    _ds1_7_h, _ds1_7_l = _r5_h * -1.0, _r5_l * -1.0
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _ds1_8_h, _ds1_8_l = _dw_add(_e_x, 0.0, _ds1_2_h, _ds1_2_l)
+        _ds1_9_h, _ds1_9_l = _dw_mul(_ds1_8_h, _ds1_8_l, _ds1_8_h, _ds1_8_l)
+        _ds1_10_h, _ds1_10_l = _dw_add(_e_y, 0.0, _ds1_4_h, _ds1_4_l)
+        _ds1_11_h, _ds1_11_l = _dw_mul(_ds1_10_h, _ds1_10_l, _ds1_10_h, _ds1_10_l)
+        _ds1_12_h, _ds1_12_l = _dw_mul(_ds1_8_h, _ds1_8_l, _ds1_10_h, _ds1_10_l)
+        _ds1_13_h, _ds1_13_l = _dw_add(_e_x, 0.0, -_e_y, -0.0)
+        _ds1_14_h, _ds1_14_l = _dw_mul(_C, 0.0, _ds1_13_h, _ds1_13_l)
+        _ds1_15_h, _ds1_15_l = _dw_add(_ds1_7_h, _ds1_7_l, _ds1_14_h, _ds1_14_l)
+        _ds1_16_h, _ds1_16_l = _dw_mul(_ds1_15_h, _ds1_15_l, _ds1_15_h, _ds1_15_l)
+        _ds1_17_h, _ds1_17_l = _dw_div(_ds1_16_h, _ds1_16_l, _ds1_5_h, _ds1_5_l)
+        _r2_h, _r2_l = _dw_add(_r2_h, _r2_l, _ds1_9_h, _ds1_9_l)
+        _r3_h, _r3_l = _dw_add(_r3_h, _r3_l, _ds1_11_h, _ds1_11_l)
+        _r4_h, _r4_l = _dw_add(_r4_h, _r4_l, _ds1_12_h, _ds1_12_l)
+        _r6_h, _r6_l = _dw_add(_r6_h, _r6_l, _ds1_17_h, _ds1_17_l)
+    _dr18_h, _dr18_l = _dw_div(1.0, 0.0, _C, 0.0)
+    _dr19_h, _dr19_l = _r0_h * 2.0, _r0_l * 2.0
+    _dr20_h, _dr20_l = _dw_mul(_dr19_h, _dr19_l, _r1_h, _r1_l)
+    _dr21_h, _dr21_l = _dw_mul(_C, 0.0, _C, 0.0)
+    _dr22_h, _dr22_l = _dw_mul(C1, 0.0, _dr21_h, _dr21_l)
+    _dr23_h, _dr23_l = _dw_add(_dr20_h, _dr20_l, _dr22_h, _dr22_l)
+    _dr24_h, _dr24_l = _dw_mul(_r0_h, _r0_l, _r0_h, _r0_l)
+    _dr25_h, _dr25_l = _dw_add(_dr22_h, _dr22_l, _dr24_h, _dr24_l)
+    _dr26_h, _dr26_l = _dw_mul(_r1_h, _r1_l, _r1_h, _r1_l)
+    _dr27_h, _dr27_l = _dw_add(_dr25_h, _dr25_l, _dr26_h, _dr26_l)
+    _dr28_h, _dr28_l = _dw_mul(_dr27_h, _dr27_l, _dr27_h, _dr27_l)
+    _dr29_h, _dr29_l = _dw_div(1.0, 0.0, _dr28_h, _dr28_l)
+    _dr30_h, _dr30_l = _dw_mul(_dr29_h, _dr29_l, _r1_h, _r1_l)
+    _dr31_h, _dr31_l = _dw_mul(_r5_h, _r5_l, _r5_h, _r5_l)
+    _dr32_h, _dr32_l = _dw_add(_dr23_h, _dr23_l, _dr31_h, _dr31_l)
+    _dr33_h, _dr33_l = _dw_mul(_dr27_h, _dr27_l, _dr27_h, _dr27_l)
+    _dr34_h, _dr34_l = _dw_mul(_dr27_h, _dr27_l, _dr33_h, _dr33_l)
+    _dr35_h, _dr35_l = _dw_div(1.0, 0.0, _dr34_h, _dr34_l)
+    _dr36_h, _dr36_l = _dw_mul(_dr32_h, _dr32_l, _dr30_h, _dr30_l)
+    _dr37_h, _dr37_l = _dw_mul(_dr23_h, _dr23_l, _dr30_h, _dr30_l)
+    _dr38_h, _dr38_l = _dw_add(_dr36_h, _dr36_l, _dr37_h, _dr37_l)
+    _dr39_h, _dr39_l = _dw_mul(_dr32_h, _dr32_l, _dr35_h, _dr35_l)
+    _dr40_h, _dr40_l = _dw_mul(_dr39_h, _dr39_l, _dr23_h, _dr23_l)
+    _dr41_h, _dr41_l = _dw_mul(_dr40_h, _dr40_l, _r0_h, _r0_l)
+    _dr42_h, _dr42_l = _dr41_h * 2.0, _dr41_l * 2.0
+    _dr43_h, _dr43_l = _dw_add(_dr38_h, _dr38_l, -_dr42_h, -_dr42_l)
+    _dr44_h, _dr44_l = _dw_mul(C2, 0.0, _C, 0.0)
+    _dr45_h, _dr45_l = _dw_add(_dr44_h, _dr44_l, _r2_h, _r2_l)
+    _dr46_h, _dr46_l = _dw_add(_dr45_h, _dr45_l, _r3_h, _r3_l)
+    _dr47_h, _dr47_l = _dw_mul(_dr46_h, _dr46_l, _dr46_h, _dr46_l)
+    _dr48_h, _dr48_l = _dw_div(1.0, 0.0, _dr47_h, _dr47_l)
+    _dr49_h, _dr49_l = _dr48_h * 4.0, _dr48_l * 4.0
+    _dr50_h, _dr50_l = _dw_mul(_dr49_h, _dr49_l, _r6_h, _r6_l)
+    _dr51_h, _dr51_l = _r4_h * 2.0, _r4_l * 2.0
+    _dr52_h, _dr52_l = _dw_div(1.0, 0.0, _dr21_h, _dr21_l)
+    _dr53_h, _dr53_l = _dw_mul(_dr52_h, _dr52_l, _dr20_h, _dr20_l)
+    _dr54_h, _dr54_l = _dw_add(C1, 0.0, _dr53_h, _dr53_l)
+    _dr55_h, _dr55_l = _dw_mul(_dr18_h, _dr18_l, _dr51_h, _dr51_l)
+    _dr56_h, _dr56_l = _dw_add(C2, 0.0, _dr55_h, _dr55_l)
+    _dr57_h, _dr57_l = _dw_mul(_dr54_h, _dr54_l, _dr56_h, _dr56_l)
+    _dr58_h, _dr58_l = _dw_mul(_C, 0.0, _C, 0.0)
+    _dr59_h, _dr59_l = _dw_mul(_C, 0.0, _dr58_h, _dr58_l)
+    _dr60_h, _dr60_l = _dw_div(1.0, 0.0, _dr59_h, _dr59_l)
+    _dr61_h, _dr61_l = _dw_mul(_dr60_h, _dr60_l, _dr31_h, _dr31_l)
+    _dr62_h, _dr62_l = _dw_mul(_dr61_h, _dr61_l, _r6_h, _r6_l)
+    _dr63_h, _dr63_l = _dw_div(1.0, 0.0, _dr27_h, _dr27_l)
+    _dr64_h, _dr64_l = _dw_mul(_dr23_h, _dr23_l, _r0_h, _r0_l)
+    _dr65_h, _dr65_l = _dw_mul(_dr63_h, _dr63_l, _r1_h, _r1_l)
+    _dr66_h, _dr66_l = -_dr65_h, -_dr65_l
+    _dr67_h, _dr67_l = _dw_mul(_dr64_h, _dr64_l, _dr29_h, _dr29_l)
+    _dr68_h, _dr68_l = _dw_add(_dr66_h, _dr66_l, _dr67_h, _dr67_l)
+    _dr69_h, _dr69_l = _dw_div(1.0, 0.0, _dr46_h, _dr46_l)
+    _dr70_h, _dr70_l = _dr69_h * 4.0, _dr69_l * 4.0
+    _dr71_h, _dr71_l = _dw_add(_dr44_h, _dr44_l, _dr51_h, _dr51_l)
+    _dr72_h, _dr72_l = _dw_mul(_dr48_h, _dr48_l, _dr71_h, _dr71_l)
+    _dr73_h, _dr73_l = _dr72_h * 2.0, _dr72_l * 2.0
+    _dr74_h, _dr74_l = _dr18_h * 2.0, _dr18_l * 2.0
+    _dr75_h, _dr75_l = _dw_mul(_dr63_h, _dr63_l, _dr23_h, _dr23_l)
+    _dr76_h, _dr76_l = _dw_mul(_dr49_h, _dr49_l, _r5_h, _r5_l)
+    _dr77_h, _dr77_l = _dw_add(_dr71_h, _dr71_l, _r6_h, _r6_l)
+    _dr78_h, _dr78_l = _dw_mul(_dr71_h, _dr71_l, _dr77_h, _dr77_l)
+    _dr79_h, _dr79_l = _dw_mul(_dr76_h, _dr76_l, _dr78_h, _dr78_l)
+    _dr80_h, _dr80_l = _dw_mul(_dr35_h, _dr35_l, _r0_h, _r0_l)
+    _dr81_h, _dr81_l = _dw_mul(_dr27_h, _dr27_l, _r1_h, _r1_l)
+    _dr82_h, _dr82_l = _dw_add(_dr64_h, _dr64_l, -_dr81_h, -_dr81_l)
+    _dr83_h, _dr83_l = _dr71_h * 2.0, _dr71_l * 2.0
+    _dr84_h, _dr84_l = _dw_mul(_dr23_h, _dr23_l, _dr29_h, _dr29_l)
+    _dr85_h, _dr85_l = _dw_mul(_dr32_h, _dr32_l, _dr84_h, _dr84_l)
+    _dr86_h, _dr86_l = _dw_mul(_dr46_h, _dr46_l, _dr46_h, _dr46_l)
+    _dr87_h, _dr87_l = _dw_mul(_dr46_h, _dr46_l, _dr86_h, _dr86_l)
+    _dr88_h, _dr88_l = _dw_div(1.0, 0.0, _dr87_h, _dr87_l)
+    _dr89_h, _dr89_l = _dr88_h * 4.0, _dr88_l * 4.0
+    _dr90_h, _dr90_l = _dr48_h * 2.0, _dr48_l * 2.0
+    _dr91_h, _dr91_l = _dw_mul(_dr75_h, _dr75_l, _dr90_h, _dr90_l)
+    _dr92_h, _dr92_l = _dw_mul(_dr83_h, _dr83_l, _dr88_h, _dr88_l)
+    _dr93_h, _dr93_l = _dw_mul(_dr84_h, _dr84_l, _r5_h, _r5_l)
+    _dr94_h, _dr94_l = _dw_mul(_dr78_h, _dr78_l, _dr89_h, _dr89_l)
+    _dr95_h, _dr95_l = _dw_mul(_dr30_h, _dr30_l, _dr31_h, _dr31_l)
+    _dr96_h, _dr96_l = _dw_mul(_dr82_h, _dr82_l, _dr29_h, _dr29_l)
+    _dr97_h, _dr97_l = _dw_mul(_dr85_h, _dr85_l, _dr90_h, _dr90_l)
+    _dr98_h, _dr98_l = _dr44_h * 2.0, _dr44_l * 2.0
+    _dr99_h, _dr99_l = _r4_h * 4.0, _r4_l * 4.0
+    _dr100_h, _dr100_l = _dw_add(_dr98_h, _dr98_l, _dr99_h, _dr99_l)
+    _dr101_h, _dr101_l = _dw_add(_dr100_h, _dr100_l, _r6_h, _r6_l)
+    _dr102_h, _dr102_l = _dw_mul(_dr73_h, _dr73_l, _dr93_h, _dr93_l)
+    _dr103_h, _dr103_l = _dw_mul(_dr18_h, _dr18_l, _r1_h, _r1_l)
+    _dr104_h, _dr104_l = _dr103_h * -1.0, _dr103_l * -1.0
+    _dr105_h, _dr105_l = _dw_mul(_dr43_h, _dr43_l, _dr50_h, _dr50_l)
+    _dr106_h, _dr106_l = _dr105_h * -1.0, _dr105_l * -1.0
+    _dr107_h, _dr107_l = _dw_add(_dr57_h, _dr57_l, -_dr62_h, -_dr62_l)
+    _dr108_h, _dr108_l = _dw_mul(C2, 0.0, _dr52_h, _dr52_l)
+    _dr109_h, _dr109_l = _dw_mul(_dr51_h, _dr51_l, _dr60_h, _dr60_l)
+    _dr110_h, _dr110_l = _dw_add(_dr108_h, _dr108_l, _dr109_h, _dr109_l)
+    _dr111_h, _dr111_l = _dw_mul(_dr31_h, _dr31_l, _dr110_h, _dr110_l)
+    _dr112_h, _dr112_l = _dw_add(_dr107_h, _dr107_l, -_dr111_h, -_dr111_l)
+    _dr113_h, _dr113_l = _dw_mul(C1, 0.0, _dr18_h, _dr18_l)
+    _dr114_h, _dr114_l = _dw_mul(_dr20_h, _dr20_l, _dr60_h, _dr60_l)
+    _dr115_h, _dr115_l = _dw_add(_dr113_h, _dr113_l, _dr114_h, _dr114_l)
+    _dr116_h, _dr116_l = _dw_mul(_r6_h, _r6_l, _dr115_h, _dr115_l)
+    _dr117_h, _dr117_l = _dw_add(_dr112_h, _dr112_l, -_dr116_h, -_dr116_l)
+    _dr118_h, _dr118_l = _dw_mul(_dr68_h, _dr68_l, _dr70_h, _dr70_l)
+    _dr119_h, _dr119_l = (_dr106_h, _dr106_l) if (_dr117_h >= 0.0) else (_dr118_h, _dr118_l)
+    _dr120_h, _dr120_l = _dw_mul(_dr18_h, _dr18_l, _dr19_h, _dr19_l)
+    _dr121_h, _dr121_l = _dr120_h * -1.0, _dr120_l * -1.0
+    _dr122_h, _dr122_l = _dw_mul(_dr68_h, _dr68_l, _dr73_h, _dr73_l)
+    _dr123_h, _dr123_l = _dr122_h * -1.0, _dr122_l * -1.0
+    _dr124_h, _dr124_l = (0.0, 0.0) if (_dr117_h >= 0.0) else (_dr123_h, _dr123_l)
+    _dr125_h, _dr125_l = _dw_mul(_dr74_h, _dr74_l, _r5_h, _r5_l)
+    _dr126_h, _dr126_l = _dr125_h * -1.0, _dr125_l * -1.0
+    _dr127_h, _dr127_l = _dw_mul(_dr43_h, _dr43_l, _dr73_h, _dr73_l)
+    _dr128_h, _dr128_l = (_dr127_h, _dr127_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr129_h, _dr129_l = _dw_mul(_dr72_h, _dr72_l, _dr75_h, _dr75_l)
+    _dr130_h, _dr130_l = (0.0, 0.0) if (_dr117_h >= 0.0) else (_dr129_h, _dr129_l)
+    _dr131_h, _dr131_l = _dw_mul(_dr74_h, _dr74_l, _dr130_h, _dr130_l)
+    _dr132_h, _dr132_l = _dr131_h * -1.0, _dr131_l * -1.0
+    _dr133_h, _dr133_l = _dw_mul(_dr35_h, _dr35_l, _dr64_h, _dr64_l)
+    _dr134_h, _dr134_l = _dr133_h * 2.0, _dr133_l * 2.0
+    _dr135_h, _dr135_l = -_dr134_h, -_dr134_l
+    _dr136_h, _dr136_l = _dw_add(_dr135_h, _dr135_l, _dr30_h, _dr30_l)
+    _dr137_h, _dr137_l = _dw_mul(_dr79_h, _dr79_l, _dr136_h, _dr136_l)
+    _dr138_h, _dr138_l = (_dr137_h, _dr137_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr139_h, _dr139_l = _dw_mul(_dr72_h, _dr72_l, _dr77_h, _dr77_l)
+    _dr140_h, _dr140_l = _dw_mul(_dr139_h, _dr139_l, _dr80_h, _dr80_l)
+    _dr141_h, _dr141_l = _dw_mul(_dr140_h, _dr140_l, _dr31_h, _dr31_l)
+    _dr142_h, _dr142_l = _dw_mul(_dr141_h, _dr141_l, _r1_h, _r1_l)
+    _dr143_h, _dr143_l = _dr142_h * 8.0, _dr142_l * 8.0
+    _dr144_h, _dr144_l = _dw_mul(_dr69_h, _dr69_l, _dr83_h, _dr83_l)
+    _dr145_h, _dr145_l = _dw_mul(_dr19_h, _dr19_l, _dr30_h, _dr30_l)
+    _dr146_h, _dr146_l = _dw_mul(_dr80_h, _dr80_l, _dr82_h, _dr82_l)
+    _dr147_h, _dr147_l = _dr146_h * 4.0, _dr146_l * 4.0
+    _dr148_h, _dr148_l = _dw_add(_dr145_h, _dr145_l, -_dr147_h, -_dr147_l)
+    _dr149_h, _dr149_l = _dw_mul(_dr22_h, _dr22_l, _dr29_h, _dr29_l)
+    _dr150_h, _dr150_l = _dw_add(_dr148_h, _dr148_l, _dr149_h, _dr149_l)
+    _dr151_h, _dr151_l = _dw_mul(_dr144_h, _dr144_l, _dr150_h, _dr150_l)
+    _dr152_h, _dr152_l = (_dr143_h, _dr143_l) if (_dr117_h >= 0.0) else (_dr151_h, _dr151_l)
+    _dr153_h, _dr153_l = _dw_mul(_dr85_h, _dr85_l, _dr89_h, _dr89_l)
+    _dr154_h, _dr154_l = _dw_mul(_dr153_h, _dr153_l, _r6_h, _r6_l)
+    _dr155_h, _dr155_l = (_dr154_h, _dr154_l) if (_dr117_h >= 0.0) else (_dr91_h, _dr91_l)
+    _dr156_h, _dr156_l = _dw_mul(_dr75_h, _dr75_l, _dr92_h, _dr92_l)
+    _dr157_h, _dr157_l = _dr156_h * -1.0, _dr156_l * -1.0
+    _dr158_h, _dr158_l = (0.0, 0.0) if (_dr117_h >= 0.0) else (_dr157_h, _dr157_l)
+    _dr159_h, _dr159_l = _dw_mul(_dr85_h, _dr85_l, _dr92_h, _dr92_l)
+    _dr160_h, _dr160_l = _dr159_h * -1.0, _dr159_l * -1.0
+    _dr161_h, _dr161_l = (_dr160_h, _dr160_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr162_h, _dr162_l = _dw_mul(_dr93_h, _dr93_l, _dr94_h, _dr94_l)
+    _dr163_h, _dr163_l = _dr162_h * -1.0, _dr162_l * -1.0
+    _dr164_h, _dr164_l = (_dr163_h, _dr163_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr165_h, _dr165_l = _dw_mul(_dr94_h, _dr94_l, _dr95_h, _dr95_l)
+    _dr166_h, _dr166_l = _dw_mul(_dr73_h, _dr73_l, _dr96_h, _dr96_l)
+    _dr167_h, _dr167_l = _dr166_h * -1.0, _dr166_l * -1.0
+    _dr168_h, _dr168_l = (_dr165_h, _dr165_l) if (_dr117_h >= 0.0) else (_dr167_h, _dr167_l)
+    _dr169_h, _dr169_l = _dw_add(_dr57_h, _dr57_l, -_dr62_h, -_dr62_l)
+    _dr170_h, _dr170_l = _dw_mul(_dr18_h, _dr18_l, _dr54_h, _dr54_l)
+    _dr171_h, _dr171_l = _dw_mul(_dr170_h, _dr170_l, _r6_h, _r6_l)
+    _dr172_h, _dr172_l = _dw_add(_dr169_h, _dr169_l, -_dr171_h, -_dr171_l)
+    _dr173_h, _dr173_l = _dw_mul(_dr18_h, _dr18_l, _dr31_h, _dr31_l)
+    _dr174_h, _dr174_l = _dw_mul(C2, 0.0, _dr18_h, _dr18_l)
+    _dr175_h, _dr175_l = _dw_mul(_dr51_h, _dr51_l, _dr52_h, _dr52_l)
+    _dr176_h, _dr176_l = _dw_add(_dr174_h, _dr174_l, _dr175_h, _dr175_l)
+    _dr177_h, _dr177_l = _dw_mul(_dr173_h, _dr173_l, _dr176_h, _dr176_l)
+    _dr178_h, _dr178_l = _dw_add(_dr172_h, _dr172_l, -_dr177_h, -_dr177_l)
+    _dr179_h, _dr179_l = (0.0, 0.0) if (_dr178_h >= 0.0) else (_dr91_h, _dr91_l)
+    _dr180_h, _dr180_l = (_dr97_h, _dr97_l) if (_dr178_h >= 0.0) else (0.0, 0.0)
+    _dr181_h, _dr181_l = _dw_mul(_dr49_h, _dr49_l, _dr95_h, _dr95_l)
+    _dr182_h, _dr182_l = _dw_mul(_dr181_h, _dr181_l, _dr101_h, _dr101_l)
+    _dr183_h, _dr183_l = _dr182_h * -1.0, _dr182_l * -1.0
+    _dr184_h, _dr184_l = _dw_mul(_dr70_h, _dr70_l, _dr96_h, _dr96_l)
+    _dr185_h, _dr185_l = (_dr183_h, _dr183_l) if (_dr178_h >= 0.0) else (_dr184_h, _dr184_l)
+    _dr186_h, _dr186_l = _dw_mul(_dr76_h, _dr76_l, _dr84_h, _dr84_l)
+    _dr187_h, _dr187_l = _dw_mul(_dr186_h, _dr186_l, _dr101_h, _dr101_l)
+    _dr188_h, _dr188_l = (_dr187_h, _dr187_l) if (_dr178_h >= 0.0) else (0.0, 0.0)
+    _dr189_h, _dr189_l = _dw_mul(_dr50_h, _dr50_l, _dr93_h, _dr93_l)
+    _dr190_h, _dr190_l = _dr189_h * -1.0, _dr189_l * -1.0
+    _dr191_h, _dr191_l = (_dr190_h, _dr190_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr192_h, _dr192_l = (_dr102_h, _dr102_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr193_h, _dr193_l = _dw_mul(_dr72_h, _dr72_l, _dr85_h, _dr85_l)
+    _dr194_h, _dr194_l = (_dr193_h, _dr193_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr195_h, _dr195_l = _dw_mul(_dr74_h, _dr74_l, _dr194_h, _dr194_l)
+    _dr196_h, _dr196_l = _dr195_h * -1.0, _dr195_l * -1.0
+    _dr197_h, _dr197_l = _dw_mul(_dr73_h, _dr73_l, _dr77_h, _dr77_l)
+    _dr198_h, _dr198_l = _dw_mul(_dr197_h, _dr197_l, _dr84_h, _dr84_l)
+    _dr199_h, _dr199_l = (_dr198_h, _dr198_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr200_h, _dr200_l = _dw_mul(_dr79_h, _dr79_l, _dr30_h, _dr30_l)
+    _dr201_h, _dr201_l = _dr200_h * -1.0, _dr200_l * -1.0
+    _dr202_h, _dr202_l = (_dr201_h, _dr201_l) if (_dr117_h >= 0.0) else (0.0, 0.0)
+    _dr203_h, _dr203_l = _dr97_h * -1.0, _dr97_l * -1.0
+    _dr204_h, _dr204_l = (_dr203_h, _dr203_l) if (_dr178_h >= 0.0) else (0.0, 0.0)
+    _dr205_h, _dr205_l = _dw_mul(_dr73_h, _dr73_l, _dr95_h, _dr95_l)
+    _dr206_h, _dr206_l = _dr205_h * -1.0, _dr205_l * -1.0
+    _dr207_h, _dr207_l = (_dr206_h, _dr206_l) if (_dr178_h >= 0.0) else (0.0, 0.0)
+    _dr208_h, _dr208_l = (_dr102_h, _dr102_l) if (_dr178_h >= 0.0) else (0.0, 0.0)
+    _dw = np.empty((10, _n))
+    for _k in range(_n):
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _dq209_h, _dq209_l = _e_x * 2.0, 0.0 * 2.0
+        _dq210_h, _dq210_l = _dw_add(_dq209_h, _dq209_l, _dr121_h, _dr121_l)
+        _dq211_h, _dq211_l = _dw_add(_e_y, 0.0, _dr104_h, _dr104_l)
+        _dq212_h, _dq212_l = _e_y * 2.0, 0.0 * 2.0
+        _dq213_h, _dq213_l = _dw_add(_dq209_h, _dq209_l, -_dq212_h, -_dq212_l)
+        _dq214_h, _dq214_l = _dw_add(_dq213_h, _dq213_l, _dr126_h, _dr126_l)
+        _dw[0, _k] = 1.0
+        _dw[1, _k] = 0.0
+        _dw[2, _k] = _dq210_h
+        _dw[3, _k] = _dq210_l
+        _dw[4, _k] = _dq211_h
+        _dw[5, _k] = _dq211_l
+        _dw[6, _k] = 1.0
+        _dw[7, _k] = 0.0
+        _dw[8, _k] = _dq214_h
+        _dw[9, _k] = _dq214_l
+    for _j in range(_n):
+        if _scratch[19, _j] == 0.0:
+            continue
+        _k = _j
+        _e_x = x[_i, _k]
+        _e_y = y[_i, _k]
+        _dp215_h, _dp215_l = _e_x * 2.0, 0.0 * 2.0
+        _dp216_h, _dp216_l = _dw_add(_dp215_h, _dp215_l, _dr121_h, _dr121_l)
+        _dp217_h, _dp217_l = _dw_mul(_dp216_h, _dp216_l, _dr124_h, _dr124_l)
+        _dp218_h, _dp218_l = _dw_add(_dr132_h, _dr132_l, _dp217_h, _dp217_l)
+        _dp219_h, _dp219_l = _dw_add(_e_y, 0.0, _dr104_h, _dr104_l)
+        _dp220_h, _dp220_l = _dw_mul(_dp219_h, _dp219_l, _dr119_h, _dr119_l)
+        _dp221_h, _dp221_l = _dw_add(_dp218_h, _dp218_l, _dp220_h, _dp220_l)
+        _dp222_h, _dp222_l = _e_y * 2.0, 0.0 * 2.0
+        _dp223_h, _dp223_l = _dw_add(_dp215_h, _dp215_l, -_dp222_h, -_dp222_l)
+        _dp224_h, _dp224_l = _dw_add(_dp223_h, _dp223_l, _dr126_h, _dr126_l)
+        _dp225_h, _dp225_l = _dw_mul(_dp224_h, _dp224_l, _dr128_h, _dr128_l)
+        _dp226_h, _dp226_l = _dw_add(_dp221_h, _dp221_l, _dp225_h, _dp225_l)
+        _dp227_h, _dp227_l = _dw_add(_dp226_h, _dp226_l, _dr138_h, _dr138_l)
+        _dp228_h, _dp228_l = _dw_add(_dp227_h, _dp227_l, _dr152_h, _dr152_l)
+        _dp229_h, _dp229_l = _dw_mul(_dp216_h, _dp216_l, _dr158_h, _dr158_l)
+        _dp230_h, _dp230_l = _dw_mul(_dp219_h, _dp219_l, _dr155_h, _dr155_l)
+        _dp231_h, _dp231_l = _dw_add(_dp229_h, _dp229_l, _dp230_h, _dp230_l)
+        _dp232_h, _dp232_l = _dw_mul(_dp224_h, _dp224_l, _dr161_h, _dr161_l)
+        _dp233_h, _dp233_l = _dw_add(_dp231_h, _dp231_l, _dp232_h, _dp232_l)
+        _dp234_h, _dp234_l = _dw_add(_dp233_h, _dp233_l, _dr168_h, _dr168_l)
+        _dp235_h, _dp235_l = _dw_add(_dp234_h, _dp234_l, _dr164_h, _dr164_l)
+        _dp236_h, _dp236_l = _dw_mul(_dp216_h, _dp216_l, _dr179_h, _dr179_l)
+        _dp237_h, _dp237_l = _dw_mul(_dp224_h, _dp224_l, _dr180_h, _dr180_l)
+        _dp238_h, _dp238_l = _dw_add(_dp236_h, _dp236_l, _dp237_h, _dp237_l)
+        _dp239_h, _dp239_l = _dw_add(_dp238_h, _dp238_l, _dr185_h, _dr185_l)
+        _dp240_h, _dp240_l = _dw_add(_dp239_h, _dp239_l, _dr188_h, _dr188_l)
+        _dp241_h, _dp241_l = _dw_mul(_dp219_h, _dp219_l, _dr191_h, _dr191_l)
+        _dp242_h, _dp242_l = _dw_add(_dr196_h, _dr196_l, _dp241_h, _dp241_l)
+        _dp243_h, _dp243_l = _dw_mul(_dp224_h, _dp224_l, _dr192_h, _dr192_l)
+        _dp244_h, _dp244_l = _dw_add(_dp242_h, _dp242_l, _dp243_h, _dp243_l)
+        _dp245_h, _dp245_l = _dw_add(_dp244_h, _dp244_l, _dr199_h, _dr199_l)
+        _dp246_h, _dp246_l = _dw_add(_dp245_h, _dp245_l, _dr202_h, _dr202_l)
+        _dp247_h, _dp247_l = _dw_mul(_dp219_h, _dp219_l, _dr204_h, _dr204_l)
+        _dp248_h, _dp248_l = _dw_add(_dp247_h, _dp247_l, _dr207_h, _dr207_l)
+        _dp249_h, _dp249_l = _dw_add(_dp248_h, _dp248_l, _dr208_h, _dr208_l)
+        for _l in range(_n):
+            if _l == _j:
+                continue
+            _xnl = _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[2, _l] + _scratch[9, _j] * _scratch[10, _l]
+            _xbl = _scratch[11, _j] * _scratch[2, _l] + _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l] + _scratch[16, _j] * _scratch[2, _l] + _scratch[17, _j] * _scratch[18, _l]
+            if not ((abs(_xnl) < _xbl) | (_xbl < 1.0261342003245941e-289)):
+                continue
+            _sh, _sl = _dw_mul(_dp228_h, _dp228_l, _dw[0, _l], _dw[1, _l])
+            _ph, _pl = _dw_mul(_dp235_h, _dp235_l, _dw[2, _l], _dw[3, _l])
+            _sh, _sl = _dw_add(_sh, _sl, _ph, _pl)
+            _ph, _pl = _dw_mul(_dp240_h, _dp240_l, _dw[4, _l], _dw[5, _l])
+            _sh, _sl = _dw_add(_sh, _sl, _ph, _pl)
+            _ph, _pl = _dw_mul(_dp246_h, _dp246_l, _dw[6, _l], _dw[7, _l])
+            _sh, _sl = _dw_add(_sh, _sl, _ph, _pl)
+            _ph, _pl = _dw_mul(_dp249_h, _dp249_l, _dw[8, _l], _dw[9, _l])
+            _sh, _sl = _dw_add(_sh, _sl, _ph, _pl)
+            _xq = _sh + _sl
+            if math.isfinite(_xq):
+                _out0[_o, _j, _l] = _w * _xq
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -1767,94 +2294,165 @@ def _hess_full_row(_i, _o, _n, _C, y, x, C1, C2, _weight, _out0):
     _t2_22 = _t2_17*_t2_21
     _t2_23 = 2.0*(((((((((((((_t2_22)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))) if _t2_12 else (0.0))
     _t2_24 = ((_r1)/(_C))
-    _t2_25 = -_C
-    _t2_26 = ((_r0)/(_C))
-    _t2_27 = ((_r5)/(_C))
-    _t2_28 = _t2_16*_t2_21
-    _t2_29 = 2.0*(((_t2_28)/(_t2_18)))
-    _t2_30 = 4.0*_r4 + _r6 + 2.0*_t2_13
-    _t2_31 = _r1*_t2_6
-    _t2_32 = _r0*_t2_16
-    _t2_33 = -_r1*_t2_18 + _t2_32
-    _t2_34 = _r5*_t2_16
-    _t2_35 = _r1*_t2_16
-    _t2_36 = _t2_2*_t2_28
-    _t2_37 = _t2_18**3
-    _t2_38 = _r1*_t2_21
-    _t2_39 = 4.0*_r6
-    _t2_40 = _t2_18*_t2_19**3
-    _t2_41 = _r5*_t2_17
-    _t2_42 = _r6 + _t2_14
-    _t2_43 = 4.0*_t2_42
-    _t2_44 = _t2_14*_t2_31
-    _t2_45 = ((_r1)/(_t2_18))
-    _t2_46 = 2.0*_t2_14
-    _t2_47 = _r5*_t2_14*_t2_42
+    _t2_25 = (_t2_24)
+    _t2_26 = -_C
+    _t2_27 = _r1_error + _fma(_t2_26, _t2_24, _r1_hi)
+    _t2_28 = ((_r0)/(_C))
+    _t2_29 = 2.0*(_t2_28)
+    _t2_30 = 2.0*_r0_error + 2.0*_fma(_t2_26, _t2_28, _r0_hi)
+    _t2_31 = ((_r5)/(_C))
+    _t2_32 = 2.0*(_t2_31)
+    _t2_33 = 2.0*_r5_error + 2.0*_fma(_t2_26, _t2_31, _r5_hi)
+    _t2_34 = _t2_16*_t2_21
+    _t2_35 = 2.0*(((_t2_34)/(_t2_18)))
+    _t2_36 = 4.0*_r4 + _r6 + 2.0*_t2_13
+    _t2_37 = _r1*_t2_6
+    _t2_38 = ((((((((-4.0*(((_t2_36*_t2_37)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_39 = _r0*_t2_16
+    _t2_40 = -_r1*_t2_18 + _t2_39
+    _t2_41 = (((((4.0*(((_t2_40)/(_t2_18))))/(_t2_19))))/(_t2_18))
+    _t2_42 = _r5*_t2_16
+    _t2_43 = ((((((((4.0*(((_t2_36*_t2_42)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_44 = _r1*_t2_16
+    _t2_45 = _t2_2*_t2_34
+    _t2_46 = _t2_18**3
+    _t2_47 = _r1*_t2_21
+    _t2_48 = 4.0*_r6
+    _t2_49 = (((_t2_39)/(_t2_18)))
+    _t2_50 = _t2_18*_t2_19**3
+    _t2_51 = _r5*_t2_17
+    _t2_52 = _r6 + _t2_14
+    _t2_53 = 4.0*_t2_52
+    _t2_54 = (((((-_t2_51*_t2_53)/(_t2_50))))/(_t2_18))
+    _t2_55 = _t2_14*_t2_37
+    _t2_56 = (((((_t2_53*_t2_55)/(_t2_50))))/(_t2_18))
+    _t2_57 = ((((((((-2.0*(((_t2_14*_t2_40)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_58 = ((_r1)/(_t2_18))
+    _t2_59 = 2.0*_t2_14
+    _t2_60 = _r5*_t2_14*_t2_52
+    _t2_61 = ((((((((-4.0*(((_r1*_t2_60)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_62 = ((((((((2.0*(((_t2_17*_t2_52)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _t2_63 = 2.0*_t2_39
+    _t2_64 = (_t2_58)
+    _t2_65 = 4.0*_t2_60
+    _t2_66 = (((((8.0*_r0*_t2_52*_t2_55)/(_t2_19*_t2_46))))/(_t2_19))
+    _t2_67 = ((_t2_59*(((-4.0*_r0*_t2_40)/(_t2_46)) + (((((_t2_15)/(_t2_18))))/(_t2_18)) + (((((_t2_3)/(_t2_18))))/(_t2_18))))/(_t2_19))
+    _t2_68 = _t2_7 + ((_r6*(C1 + _t2_8))/(_C)) + ((_t2_6*(_t2_10 + _t2_9))/(_C))
+    _t2_69 = (_t2_5 >= _t2_68)
     _h0 = _t2_20
     _h1 = _t2_23
-    _h2 = -(_t2_24)
-    _h3 = ((-_r1_error - _fma(_t2_25, _t2_24, _r1_hi))/(_C))
-    _h4 = -2.0*(_t2_26)
-    _h5 = ((-2.0*_r0_error - 2.0*_fma(_t2_25, _t2_26, _r0_hi))/(_C))
+    _h2 = -_t2_25
+    _h3 = ((-_t2_27)/(_C))
+    _h4 = -_t2_29
+    _h5 = ((-_t2_30)/(_C))
     _h6 = _t2_5
     _h7 = _t2_11
     _h8 = (((((2.0*(((_t2_16)/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h9 = -2.0*(_t2_27)
-    _h10 = ((-2.0*_r5_error - 2.0*_fma(_t2_25, _t2_27, _r5_hi))/(_C))
-    _h11 = ((((((((_t2_29)/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h12 = ((((((((-4.0*(((_t2_30*_t2_31)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h13 = (((((4.0*(((_t2_33)/(_t2_18))))/(_t2_19))))/(_t2_18))
-    _h14 = ((((((((4.0*(((_t2_30*_t2_34)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h15 = ((((((((-4.0*(((_r6*_t2_34)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h16 = (((((_t2_39*(((_t2_36)/(_t2_37)) + (((((-_t2_35)/(_t2_18))))/(_t2_18)) + (((((-_t2_38)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h17 = ((4.0*((-_r1)/(_t2_18)) + 4.0*(((((_t2_32)/(_t2_18))))/(_t2_18)))/(_t2_19))
-    _h18 = (((((_t2_28*_t2_39)/(_t2_40))))/(_t2_18))
-    _h19 = ((-2.0*_t2_17)/(_t2_40))
-    _h20 = (((((-2.0*_t2_22)/(_t2_40))))/(_t2_18))
-    _h21 = (((((-_t2_41*_t2_43)/(_t2_40))))/(_t2_18))
-    _h22 = (((((_t2_43*_t2_44)/(_t2_40))))/(_t2_18))
-    _h23 = ((((((((-2.0*(((_t2_14*_t2_33)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h24 = (((((_t2_46*(_t2_45 + (((((-_t2_32)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h25 = ((((((((-_t2_29)/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h26 = ((((((((-2.0*(((_t2_44)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h27 = ((((((((2.0*(((_t2_41)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h28 = (((((_t2_46*(((-_t2_36)/(_t2_37)) + (((((_t2_35)/(_t2_18))))/(_t2_18)) + (((((_t2_38)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h9 = -_t2_32
+    _h10 = ((-_t2_33)/(_C))
+    _h11 = ((((((((_t2_35)/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h12 = _t2_38
+    _h13 = _t2_41
+    _h14 = _t2_43
+    _h15 = ((((((((-4.0*(((_r6*_t2_42)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h16 = (((((_t2_48*(((_t2_45)/(_t2_46)) + (((((-_t2_44)/(_t2_18))))/(_t2_18)) + (((((-_t2_47)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h17 = ((4.0*((-_r1)/(_t2_18)) + 4.0*((_t2_49)/(_t2_18)))/(_t2_19))
+    _h18 = (((((_t2_34*_t2_48)/(_t2_50))))/(_t2_18))
+    _h19 = ((-2.0*_t2_17)/(_t2_50))
+    _h20 = (((((-2.0*_t2_22)/(_t2_50))))/(_t2_18))
+    _h21 = _t2_54
+    _h22 = _t2_56
+    _h23 = _t2_57
+    _h24 = (((((_t2_59*(_t2_58 + (((((-_t2_39)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h25 = ((((((((-_t2_35)/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h26 = ((((((((-2.0*(((_t2_55)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h27 = ((((((((2.0*(((_t2_51)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
+    _h28 = (((((_t2_59*(((-_t2_45)/(_t2_46)) + (((((_t2_44)/(_t2_18))))/(_t2_18)) + (((((_t2_47)/(_t2_18))))/(_t2_18))))/(_t2_19))))/(_t2_19))
     _h29 = ((-_t2_20)/(_C))
     _h30 = ((-_t2_23)/(_C))
-    _h31 = ((((((((-4.0*(((_r1*_t2_47)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h32 = ((((((((2.0*(((_t2_17*_t2_42)/(_t2_18))))/(_t2_19))))/(_t2_18))))/(_t2_19))
-    _h33 = (((((4.0*_t2_47*(((-2.0*_t2_32)/(_t2_37)) + (((_t2_45))/(_t2_18))))/(_t2_19))))/(_t2_19))
-    _h34 = (((((8.0*_r0*_t2_42*_t2_44)/(_t2_19*_t2_37))))/(_t2_19))
-    _h35 = ((_t2_46*(((-4.0*_r0*_t2_33)/(_t2_37)) + (((((_t2_15)/(_t2_18))))/(_t2_18)) + (((((_t2_3)/(_t2_18))))/(_t2_18))))/(_t2_19))
-    _h36 = _t2_7 + ((_r6*(C1 + _t2_8))/(_C)) + ((_t2_6*(_t2_10 + _t2_9))/(_C))
-    _scratch = np.empty((11, _n))
+    _h31 = _t2_61
+    _h32 = _t2_62
+    _h33 = (((((_t2_65*(((-_t2_63)/(_t2_46)) + ((_t2_64)/(_t2_18))))/(_t2_19))))/(_t2_19))
+    _h34 = _t2_66
+    _h35 = _t2_67
+    _h36 = _t2_68
+    _h37 = -(((((((-_t2_65*(((_t2_63)/(_t2_46)) + ((-_t2_64)/(_t2_18))))/(_t2_19))))/(_t2_19))) if _t2_12 else (0.0))
+    _h38 = -((_t2_66) if _t2_12 else (_t2_67))
+    _h39 = ((_t2_27)/(_C))
+    _h40 = _t2_25
+    _h41 = ((-4.0*_t2_58 - 4.0*((-_t2_49)/(_t2_18)))/(_t2_19))
+    _h42 = _t2_29
+    _h43 = ((_t2_30)/(_C))
+    _h44 = _t2_32
+    _h45 = ((_t2_33)/(_C))
+    _h46 = ((_t2_20)/(_C))
+    _h47 = -((_t2_54) if _t2_12 else (0.0))
+    _h48 = -((_t2_56) if _t2_12 else (_t2_57))
+    _h49 = -((_t2_38) if _t2_69 else (_t2_41))
+    _h50 = -((_t2_43) if _t2_69 else (0.0))
+    _h51 = -((_t2_61) if _t2_12 else (0.0))
+    _h52 = -((_t2_62) if _t2_12 else (0.0))
+    _h53 = ((_t2_23)/(_C))
+    _scratch = np.empty((20, _n))
+    _xflag0 = False
     for _k in range(_n):
         _e_x = x[_i, _k]
         _e_y = y[_i, _k]
-        _t3_0 = _h10 + _h9 + 2.0*(_e_x - _e_y)
-        _t3_1 = (_h6 >= _h7)
-        _t3_2 = ((_h27) if _t3_1 else (0.0))
-        _t3_3 = _e_y + _h2 + _h3
-        _t3_4 = 2.0*_e_x + _h4 + _h5
-        _t3_5 = _t3_0*((_h20) if _t3_1 else (0.0)) + _t3_3*((_h18) if _t3_1 else (_h8)) + _t3_4*((0.0) if _t3_1 else (_h19)) + ((_h21) if _t3_1 else (0.0)) + ((_h22) if _t3_1 else (_h23))
-        _t3_6 = _h30 + _t3_0*_t3_2 + _t3_3*((_h15) if _t3_1 else (0.0)) + ((_h31) if _t3_1 else (0.0)) + ((_h32) if _t3_1 else (0.0))
-        _t3_7 = _h29 + _t3_0*((_h28) if _t3_1 else (0.0)) + _t3_3*((_h16) if _t3_1 else (_h17)) + _t3_4*((0.0) if _t3_1 else (_h24)) + ((_h33) if _t3_1 else (0.0)) + ((_h34) if _t3_1 else (_h35))
-        _t3_8 = (_h36 <= _h6)
-        _scratch[0, _k] = _h0 + _h1 + _t3_0*(_t3_2 + _t3_3*((_h25) if _t3_1 else (0.0)) + ((_h26) if _t3_1 else (0.0))) + _t3_3*(_t3_0*((_h11) if _t3_1 else (0.0)) + _t3_4*((0.0) if _t3_1 else (_h8)) + ((_h12) if _t3_1 else (_h13)) + ((_h14) if _t3_1 else (0.0))) + _t3_4*_t3_5 + _t3_6 + _t3_7
-        _scratch[1, _k] = _t3_7
+        _t3_0 = -_e_y
+        _t3_1 = 2.0*(_e_x + _t3_0)
+        _t3_2 = _h10 + _h9 + _t3_1
+        _t3_3 = (_h6 >= _h7)
+        _t3_4 = ((_h27) if _t3_3 else (0.0))
+        _t3_5 = _e_y + _h2 + _h3
+        _t3_6 = 2.0*_e_x
+        _t3_7 = _h4 + _h5 + _t3_6
+        _t3_8 = ((_h18) if _t3_3 else (_h8))
+        _t3_9 = ((0.0) if _t3_3 else (_h19))
+        _t3_10 = ((_h20) if _t3_3 else (0.0))
+        _t3_11 = _t3_10*_t3_2 + _t3_5*_t3_8 + _t3_7*_t3_9 + ((_h21) if _t3_3 else (0.0)) + ((_h22) if _t3_3 else (_h23))
+        _t3_12 = ((_h15) if _t3_3 else (0.0))
+        _t3_13 = _h30 + _t3_12*_t3_5 + _t3_2*_t3_4 + ((_h31) if _t3_3 else (0.0)) + ((_h32) if _t3_3 else (0.0))
+        _t3_14 = ((0.0) if _t3_3 else (_h24))
+        _t3_15 = ((_h28) if _t3_3 else (0.0))
+        _t3_16 = _h29 + _t3_14*_t3_7 + _t3_15*_t3_2 + _t3_5*((_h16) if _t3_3 else (_h17)) + ((_h33) if _t3_3 else (0.0)) + ((_h34) if _t3_3 else (_h35))
+        _t3_17 = (_h36 <= _h6)
+        _t3_18 = ((0.0) if _t3_17 else (_h8))
+        _t3_19 = ((_h11) if _t3_17 else (0.0))
+        _t3_20 = _t3_5*((_h25) if _t3_17 else (0.0)) + ((_h26) if _t3_17 else (0.0)) + ((_h27) if _t3_17 else (0.0))
+        _t3_21 = _h42 + _h43 - _t3_6
+        _t3_22 = _h39 + _h40 + _t3_0
+        _t3_23 = _h44 + _h45 - _t3_1
+        _scratch[0, _k] = _h0 + _h1 + _t3_11*_t3_7 + _t3_13 + _t3_16 + _t3_2*(_t3_4 + _t3_5*((_h25) if _t3_3 else (0.0)) + ((_h26) if _t3_3 else (0.0))) + _t3_5*(_t3_2*((_h11) if _t3_3 else (0.0)) + _t3_7*((0.0) if _t3_3 else (_h8)) + ((_h12) if _t3_3 else (_h13)) + ((_h14) if _t3_3 else (0.0)))
+        _scratch[1, _k] = _t3_16
         _scratch[2, _k] = 1.0
-        _scratch[3, _k] = _t3_5
-        _scratch[4, _k] = _t3_4
-        _scratch[5, _k] = _t3_0*((_h11) if _t3_8 else (0.0)) + _t3_4*((0.0) if _t3_8 else (_h8)) + ((_h12) if _t3_8 else (_h13)) + ((_h14) if _t3_8 else (0.0))
-        _scratch[6, _k] = _t3_3
-        _scratch[7, _k] = _t3_6
+        _scratch[3, _k] = _t3_11
+        _scratch[4, _k] = _t3_7
+        _scratch[5, _k] = _t3_18*_t3_7 + _t3_19*_t3_2 + ((_h12) if _t3_17 else (_h13)) + ((_h14) if _t3_17 else (0.0))
+        _scratch[6, _k] = _t3_5
+        _scratch[7, _k] = _t3_13
         _scratch[8, _k] = 1.0
-        _scratch[9, _k] = _t3_3*((_h25) if _t3_8 else (0.0)) + ((_h26) if _t3_8 else (0.0)) + ((_h27) if _t3_8 else (0.0))
-        _scratch[10, _k] = _t3_0
+        _scratch[9, _k] = _t3_20
+        _scratch[10, _k] = _t3_2
+        _scratch[11, _k] = 0.000244140625*abs(_h37 + _h38 + _h46 + _t3_14*_t3_21 + _t3_15*_t3_23 + _t3_22*((_h16) if _t3_3 else (_h41)))
+        _scratch[12, _k] = 0.000244140625*abs(_h47 + _h48 + _t3_10*_t3_23 + _t3_21*_t3_9 + _t3_22*_t3_8)
+        _scratch[13, _k] = abs(_t3_21)
+        _scratch[14, _k] = 0.000244140625*abs(_h49 + _h50 + _t3_18*_t3_21 + _t3_19*_t3_23)
+        _scratch[15, _k] = abs(_t3_22)
+        _scratch[16, _k] = 0.000244140625*abs(_h51 + _h52 + _h53 + _t3_12*_t3_22 + _t3_23*_t3_4)
+        _scratch[17, _k] = 0.000244140625*abs(_t3_20)
+        _scratch[18, _k] = abs(_t3_23)
+        _scratch[19, _k] = 0.0
     for _j in range(_n):
+        _xj0 = (_scratch[19, _j] != 0.0)
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l] + _scratch[9, _j] * _scratch[10, _l]
             _out0[_o, _j, _l] = _w * _h
+            _xbl = _scratch[11, _j] * _scratch[2, _l] + _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l] + _scratch[16, _j] * _scratch[2, _l] + _scratch[17, _j] * _scratch[18, _l]
+            _xj0 |= (_j != _l) & ((abs(_h) < _xbl) | (_xbl < 1.0261342003245941e-289))
+        _scratch[19, _j] = 1.0 if _xj0 else 0.0
+        _xflag0 |= _xj0
+    if _xflag0:
+        _hess_full_exact(_i, _o, _n, _C, y, x, C1, C2, _out0, _w, _scratch)
 
 
 @numba.njit(cache=True, error_model="numpy")

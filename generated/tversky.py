@@ -1431,7 +1431,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _h11 = (-_r2*_t1_26*_t1_6 - _t1_0*_t1_26 - _t1_1*_t1_26 - _t1_11*_t1_26)
     _h12 = (-_r2*_t1_24 - _t1_24*smooth)
     _h13 = (_t1_10*_t1_27 + 0.00048828125*_t1_14*_t1_22 + 0.00048828125*_t1_18 + _t1_21*_t1_27)
-    _scratch = np.empty((8, _n))
+    _scratch = np.empty((9, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_y = y[_i, _k]
@@ -1568,15 +1568,18 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _xlb0 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
         _xj0 = (_scratch[7, _j] != 0.0)
         _xsb0 = _scratch[5, _j] * _xu0_0 + _scratch[6, _j] * _xu0_1
-        if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289):
-            _xsh0 = 0.0
-            _xsb0 = 0.0
-            for _l in range(_n):
-                _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
-                _xsh0 += abs(_h * _v_p[_i, _l])
-                _xsb0 += (_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
-            _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
+        _scratch[8, _j] = 1.0 if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289) else 0.0
         _xdiagonal0 |= _xj0
+    for _j in range(_n):
+        if _scratch[8, _j] == 0.0:
+            continue
+        _xsh0 = 0.0
+        _xsb0 = 0.0
+        for _l in range(_n):
+            _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
+            _xsh0 += abs(_h * _v_p[_i, _l])
+            _xsb0 += (_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
+        _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
     if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _out0, _w)
     elif _xdiagonal0:

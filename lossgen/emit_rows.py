@@ -37,10 +37,11 @@ from sympy.codegen.cfunctions import expm1, log1p
 
 from .derive_rows import ROW_KERNELS, Reduction, RowDerivation, varies_along_row
 from .domains import DOMAINS, axis_ranges
+from .double_word import DoubleWordBlock, DoubleWordRecompute, emit_double_word_blocks, plan_double_word
 from .emit import MARKER, NumbaPrinter, code_form, kernel_vectorises, scoped_code, template_environment
 from .exact_rows import (EXACT_FALLBACK, BlockRecompute, add_split_lines, disagrees, emit_block_fallback,
                          emit_exact_sum, emit_fallback, fires, plan, plan_block, split_product_lines)
-from .reductions import onehot
+from .reductions import ROW_SIZE, onehot
 from .stabilise_rows import SAFE_SQUARES, ScaledNorm, ScaledPair, error_tail, sum_parts, value_indices
 from .vocabulary import SOFTMAX_TIE_THRESHOLD, group, in_scale, softmax_tie_helper, two_scaled
 
@@ -739,6 +740,8 @@ def _with_scaled(derivation: RowDerivation, build) -> dict:
 
 
 # the docstring of a recomputation with a first try (exact_rows.FIRST_TRY)
+DOUBLE_WORD_DOC = ("The entries of row _i whose outer products the kernel's test found cancelling, again in\n"
+                   "    double-word arithmetic from the kernel's own forms (lossgen/double_word.py).")
 FIRST_TRY_DOC = ("The outputs of row _i that are quotients over row sums, where the kernel's cancellation test\n"
                  "    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's\n"
                  "    error bound is not small enough; else from exact ones, each output's monomials as one\n"
@@ -898,7 +901,16 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     # the tests of each block with a fallback: the diagonal's per element, the other entries' as
     # outer products (scratch rows)
     diagonal_tests, pair_tests = [], {}
+    # the blocks recomputed in double-word (lossgen/double_word.py): their entries tested on the
+    # kernels' own outer products, their diagonals (one expression each) not at all
+    double_word = {b for b, (_, pair) in fallbacks.items() if isinstance(pair, DoubleWordBlock)}
     for b, (diagonal, pair) in fallbacks.items():
+        if b in double_word:
+            printer.helpers_used.update(("double_word", "fma"))
+            numerator, bound = pair.test()
+            pair_tests[b] = [[body.shifts(e) for pq in products for e in pq]
+                             for products in ([] if product else numerator, bound)]
+            continue
         printer.helpers_used.update(("xexact", "fma"))
         diagonal_tests += [diagonal.numerator, diagonal.bound]
         # the product's test is per row of the block (its sum's error against sum_l |H_jl v_l|):
@@ -935,7 +947,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         if hoisted:
             for symbol, value in zip(hoisted.values(), body.cse(fold(list(hoisted)), 2)):
                 body.emit(2, f"{symbol} = {value}")
-        body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + len(fallbacks)}, _n))")
+        # (the product's: a row more per flag, the rows j whose sum is tested entry by entry)
+        body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + len(fallbacks) + (len(heads) if product else 0)}, _n))")
         elements, checks = fold(element), fold(diagonal_tests)
         for b in heads:
             body.emit(2, f"_xflag{b} = False")
@@ -943,11 +956,12 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         body.bind(elements + checks, 3)
         for j, value in enumerate(body.cse(elements, 3, vector=vector)):
             body.emit(3, f"_scratch[{j}, _k] = {value}")
-        if checks:
-            printed = body.cse(checks, 3, vector=vector)
-            for n, b in enumerate(fallbacks):
-                numerator, bound = printed[2 * n], printed[2 * n + 1]
-                body.emit(3, f"_scratch[{flags[b]}, _k] = 1.0 if {fires(numerator, bound)} else 0.0")
+        printed = body.cse(checks, 3, vector=vector) if checks else []
+        for b in (b for b in fallbacks if b in double_word):
+            body.emit(3, f"_scratch[{flags[b]}, _k] = 0.0")
+        for n, b in enumerate(b for b in fallbacks if b not in double_word):
+            numerator, bound = printed[2 * n], printed[2 * n + 1]
+            body.emit(3, f"_scratch[{flags[b]}, _k] = 1.0 if {fires(numerator, bound)} else 0.0")
 
     body.in_scales(emit_values)
     directions = [d.name for d in derivation.directions]
@@ -960,7 +974,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         for part in pair_tests[b][:2]:
             test_rows[b].append([(slot[at + m], slot[at + m + 1]) for m in range(0, len(part), 2)])
             at += len(part)
-        if not product:
+        if not product and b not in double_word:
             test_rows[b] += [slot[at], slot[at + 1]]
             at += 2
 
@@ -1012,7 +1026,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                                {b: (outs[pairs[b][0]], directions[pairs[b][1]]) for b in range(len(pairs))},
                                {first: [b for b in fallbacks if first_of[b] == first] for first in heads},
                                {b: rows for b, (_, rows) in test_rows.items()}, flags, entry_lines,
-                               {b: index_code(special(b)[0]) for b in low_rank if special(b)})
+                               {b: index_code(special(b)[0]) for b in low_rank if special(b)},
+                               {first: max(len(element), 1) + len(fallbacks) + n for n, first in enumerate(heads)})
     for first in heads if not product else ():
         members = [b for b in fallbacks if first_of[b] == first]
         body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
@@ -1031,7 +1046,10 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
             body.emit(4, f"{outs[row]}[_i, _j] += _w * _h * {directions[column]}[_i, _l]")
             continue
         body.emit(4, f"{outs[b]}[_o, _j, _l] = _w * _h")
-        if b in fallbacks:
+        if b in double_word:  # the entry is the test's numerator, its bound in the entry's units
+            body.emit(4, f"_xbl = {outer_rows(test_rows[b][1])}")
+            body.emit(4, f"_xj{b} |= (_j != _l) & ({fires('_h', '_xbl')})")
+        elif b in fallbacks:
             numerator, bound, scale, estimate = test_rows[b]
             body.emit(4, f"_xbl = {outer_rows(bound)}")
             body.emit(4, f"_xnl = {outer_rows(numerator)}")
@@ -1046,20 +1064,28 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
         if product:
             body.emit(3, f"_hvp_exact({', '.join(['_i', '_n', '_C', *arguments, *directions, *outs])}, _w)")
             exact = _product_recompute_lines(pairs, outs, directions, arguments, full)
-            body.emit(2, "elif " + " or ".join(f"_xdiagonal{b}" for b in heads) + ":")
-            members = {first: [c for c in range(len(pairs)) if pairs[c][0] == pairs[first][0]] for first in heads}
-            for line in _diagonal_recompute_lines(pairs, outs, directions, arguments, full, members,
-                                                  {first: [flags[b] for b in fallbacks if first_of[b] == first]
-                                                   for first in heads}, flags, entry_lines):
-                body.emit(3, line)
+            # the rows whose diagonal entry alone was flagged: none where every block is recomputed
+            # in double-word (its diagonal is not tested)
+            if set(fallbacks) - double_word:
+                body.emit(2, "elif " + " or ".join(f"_xdiagonal{b}" for b in heads) + ":")
+                members = {first: [c for c in range(len(pairs)) if pairs[c][0] == pairs[first][0]] for first in heads}
+                for line in _diagonal_recompute_lines(pairs, outs, directions, arguments, full, members,
+                                                      {first: [flags[b] for b in fallbacks if first_of[b] == first]
+                                                       for first in heads}, flags, entry_lines):
+                    body.emit(3, line)
         else:
             body.emit(3, f"_hess_full_exact({', '.join(['_i', '_o', '_n', '_C', *arguments, *outs])}"
                          ", _w, _scratch)")
             exact_body = _Body(derivation, printer, keys)
             # one function for every block: the row sums' expansions and the region set up once
             # (apart, cosine_embedding's four blocks compiled in as long: 36 s, 34 s together)
-            emit_block_fallback(exact_body, [BlockRecompute(diagonal, pair, outs[b], flags[b])
-                                             for b, (diagonal, pair) in fallbacks.items()])
+            planned = [BlockRecompute(diagonal, pair, outs[b], flags[b])
+                       for b, (diagonal, pair) in fallbacks.items() if b not in double_word]
+            if planned:
+                emit_block_fallback(exact_body, planned)
+            if double_word:
+                exact_body.lines += _double_word_lines(derivation, printer, keys, arguments, [
+                    DoubleWordRecompute(fallbacks[b][1], outs[b], flags[b], *test_rows[b]) for b in sorted(double_word)])
             exact = exact_body.lines
     if product:  # quadratic: O(C**2) work per row, where a block is summed entry by entry
         how = (" (never stored), in O(C) per block" if not entry_blocks else
@@ -1073,13 +1099,14 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                 "doc": f"The Hessian of each row times the directions{how}, times _weight[i] when given."}
     return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact, "quadratic": True,
             "exact_arguments": ", _w, _scratch", "out_row": True,
+            "exact_doc": DOUBLE_WORD_DOC if double_word and len(double_word) == len(fallbacks) else None,
             "flags": flags, "scratch_rows": max(len(element), 1) + len(fallbacks),
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
 
 
 def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, heads: dict, bounds: dict,
-                           flags: dict, entry_lines, singled: dict):
+                           flags: dict, entry_lines, singled: dict, candidates: dict):
     """The Hessian-vector product's blocks (at most one index singled out) in O(C M) per row:
     sum_l H_jl v_l = D(j) v_j + sum_m P_m(j) T_m(j), T_m(j) = sum_{l != j} Q_m(l) v_l.
 
@@ -1097,7 +1124,8 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
     ``entry_lines(block)``: lines setting _h to entry (_j, _l); ``singled``: {block: the index
     that onehot singles out in it, s}, whose entries (j, s), j != s, are P(s) Q(j) (see
     ``entry_lines``): the row sums leave Q_m(s) v_s out (no entry forms Q_m(s); focal loss's is
-    inf where 1 - p_y underflows), and sum_m P_m(s) Q_m(j) v_s is added.
+    inf where 1 - p_y underflows), and sum_m P_m(s) Q_m(j) v_s is added. ``candidates``: {flag:
+    the scratch row that marks the rows j whose sum is taken entry by entry}.
 
     A fallback's test (|H v|_j = sum_l |H_jl v_l| against sum_l bound_jl |v_l|) costs O(M) per
     j, not O(C): its bound is a sum of outer products, sum_m Bp_m(j) sum_l Bq_m(l) |v_l|, and |H v|_j is
@@ -1105,7 +1133,7 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
     (the signs of random directions cancel the first by sqrt(C), not the second: on uniform
     rows of the overlap losses at C = 1024, the median of the second is 0.9-1.0 of |H v|_j), the
     latter less a bound of its rounding error; only a row j failing that sums |H v|_j entry by
-    entry. A row j whose sum fails the test sets _xflag (the row is recomputed as the full
+    entry, in a loop after the rows' products. A row j whose sum fails the test sets _xflag (the row is recomputed as the full
     Hessian's row times v); one whose diagonal entry's test fires, and no other, sets _xdiagonal
     (its row of blocks alone is recomputed: :func:`_diagonal_recompute_lines`)."""
     emit = body.emit
@@ -1213,19 +1241,25 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
         emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
         emit(3, f"_xsb{first} = " + (" + ".join(f"_scratch[{bounds[b][n][0]}, _j] * _xu{b}_{n}"
                                                 for b in members for n in range(len(bounds[b]))) or "0.0"))
-        emit(3, f"if {fires(f'_xlb{first}', f'_xsb{first}')}:")  # sum |H v|_j entry by entry
-        emit(4, f"_xsh{first} = 0.0")
-        emit(4, f"_xsb{first} = 0.0")
-        emit(4, "for _l in range(_n):")
+        # the rows j to sum |H v|_j entry by entry, after this loop: inside it, the O(C) loop slowed
+        # the rows that never take it (global SSIM's product 1.6 times as long at 20000 x 16)
+        emit(3, f"_scratch[{candidates[first]}, _j] = 1.0 if {fires(f'_xlb{first}', f'_xsb{first}')} else 0.0")
+        emit(3, f"_xdiagonal{first} |= _xj{first}")
+    for first, members in heads.items():
+        emit(2, "for _j in range(_n):")
+        emit(3, f"if _scratch[{candidates[first]}, _j] == 0.0:")
+        emit(4, "continue")
+        emit(3, f"_xsh{first} = 0.0")
+        emit(3, f"_xsb{first} = 0.0")
+        emit(3, "for _l in range(_n):")
         for b in members:
             direction = targets[b][1]
             for line in entry_lines(b):
-                emit(5, line)
+                emit(4, line)
             bound = " + ".join(f"_scratch[{p}, _j] * _scratch[{q}, _l]" for p, q in bounds[b])
-            emit(5, f"_xsh{first} += abs(_h * {direction}[_i, _l])")
-            emit(5, f"_xsb{first} += ({bound}) * abs({direction}[_i, _l])")
-        emit(4, f"_xflag{first} |= {fires(f'_xsh{first}', f'_xsb{first}')}")
-        emit(3, f"_xdiagonal{first} |= _xj{first}")
+            emit(4, f"_xsh{first} += abs(_h * {direction}[_i, _l])")
+            emit(4, f"_xsb{first} += ({bound}) * abs({direction}[_i, _l])")
+        emit(3, f"_xflag{first} |= {fires(f'_xsh{first}', f'_xsb{first}')}")
 
 
 def _diagonal_recompute_lines(pairs, outs, directions, arguments, full: dict, members: dict, row_flags: dict,
@@ -1327,6 +1361,31 @@ def _fallback_plans(original: RowDerivation, stable: RowDerivation) -> dict:
     return plans
 
 
+def _double_word_plans(stable: RowDerivation, planned) -> dict:
+    """{("hess_full", block): (None, double_word.DoubleWordBlock)} for the Hessian's blocks that
+    have no exact plan (``planned``'s keys) and whose outer products double-word arithmetic can
+    evaluate (lossgen/double_word.py)."""
+    spec = stable.spec
+    inputs = {spec.symbols[i.name] for i in spec.inputs} | {spec.symbols[p.name] for p in spec.params}
+    inputs |= {ROW_SIZE}
+    plans = {}
+    for b, (i, j) in enumerate(_block_pairs(stable)):
+        if ("hess_full", b) in planned or _indices(stable.blocks[i, j], stable):
+            continue
+        block = plan_double_word(stable.blocks[i, j].outer, list(stable.reductions), stable.exact, inputs)
+        if block is not None:
+            plans["hess_full", b] = (None, block)
+    return plans
+
+
+def _double_word_lines(derivation: RowDerivation, printer, keys, arguments, blocks) -> list[str]:
+    """The double-word recomputation's lines (double_word.emit_double_word_blocks)."""
+    body = _Body(derivation, printer, keys)
+    emit_double_word_blocks(body, blocks, lambda s: printer.doprint(body.rename(s)),
+                            lambda r: f"_exact{r.name}({', '.join(['_i', '_n', '_C', *arguments])})")
+    return body.lines
+
+
 def emit_softmax_tie(body: _Body, r: Reduction):
     """The body of _tie<R>(..., c): 1 - 2 p_c for R = logsumexp(g), where softmax_tie's form has
     lost more than SOFTMAX_TIE_THRESHOLD's bits (:meth:`RowPrinter._print_softmax_tie`), as
@@ -1393,6 +1452,7 @@ def render_row_module(original: RowDerivation, stable: RowDerivation, spec_path:
         kernels.append(_kernel(stable, name, row_outputs, element_outputs, printer, keys, fallbacks, arguments,
                                shared))
     # the recomputation of the Hessian's blocks, for the full Hessian and the product
+    plans.update(_double_word_plans(stable, plans))
     block_fallbacks = {b: plan for (q, b), plan in plans.items() if q == "hess_full"}
     full = _block_kernel(stable, printer, product=False, keys=keys, fallbacks=block_fallbacks, arguments=arguments)
     kernels.append(_block_kernel(stable, printer, product=True, keys=keys, fallbacks=block_fallbacks,
