@@ -739,9 +739,10 @@ def _with_scaled(derivation: RowDerivation, build) -> dict:
     return {**fast, "scaled_lines": build(True)["lines"]}
 
 
-# the docstring of a recomputation with a first try (exact_rows.FIRST_TRY)
+# the docstring of a full Hessian's recomputation in double-word (lossgen/double_word.py)
 DOUBLE_WORD_DOC = ("The entries of row _i whose outer products the kernel's test found cancelling, again in\n"
                    "    double-word arithmetic from the kernel's own forms (lossgen/double_word.py).")
+# the docstring of a recomputation with a first try (exact_rows.FIRST_TRY)
 FIRST_TRY_DOC = ("The outputs of row _i that are quotients over row sums, where the kernel's cancellation test\n"
                  "    flagged the row: with _xexact false from Sum2's row sums, returning False where a value's\n"
                  "    error bound is not small enough; else from exact ones, each output's monomials as one\n"
@@ -874,9 +875,11 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     the product's recomputation can write a row of blocks of its own.
 
     ``fallbacks``: {block: (exact_rows.Fallback of its diagonal, exact_rows.PairFallback of its
-    other entries)}, blocks in row-major order of the predictions; each entry's cancellation test
-    is OR-ed into the row's flag of its block, and a flagged row is recomputed exactly
-    (lossgen/exact_rows.py). The product's flag is per row of blocks (where each of them has a
+    other entries), or (None, double_word.DoubleWordBlock)}, blocks in row-major order of the
+    predictions; each entry's cancellation test is OR-ed into the row's flag of its block, and a
+    flagged row is recomputed exactly (lossgen/exact_rows.py) or, for a double-word block (its
+    entries tested on their own outer products, its diagonal not), in double-word
+    (lossgen/double_word.py). The product's flag is per row of blocks (where each of them has a
     plan), OR-ed with a test of its sum; a flagged row is recomputed as the full Hessian's row
     (``full``: that kernel, whose row function recomputes its flagged entries) times the
     directions, so that the recomputation is compiled once for both kernels."""
