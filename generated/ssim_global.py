@@ -1512,7 +1512,7 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     _h51 = -((_t2_61) if _t2_12 else (0.0))
     _h52 = -((_t2_62) if _t2_12 else (0.0))
     _h53 = ((_t2_23)/(_C))
-    _scratch = np.empty((21, _n))
+    _scratch = np.empty((18, _n))
     _xflag0 = False
     for _k in range(_n):
         _e_x = x[_i, _k]
@@ -1554,13 +1554,10 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
         _scratch[10, _k] = _t3_2
         _scratch[11, _k] = 0.000244140625*abs(_h37 + _h38 + _h46 + _t3_14*_t3_21 + _t3_15*_t3_23 + _t3_22*((_h16) if _t3_3 else (_h41)))
         _scratch[12, _k] = 0.000244140625*abs(_h47 + _h48 + _t3_10*_t3_23 + _t3_21*_t3_9 + _t3_22*_t3_8)
-        _scratch[13, _k] = abs(_t3_21)
-        _scratch[14, _k] = 0.000244140625*abs(_h49 + _h50 + _t3_18*_t3_21 + _t3_19*_t3_23)
-        _scratch[15, _k] = abs(_t3_22)
-        _scratch[16, _k] = 0.000244140625*abs(_h51 + _h52 + _h53 + _t3_12*_t3_22 + _t3_23*_t3_4)
-        _scratch[17, _k] = 0.000244140625*abs(_t3_20)
-        _scratch[18, _k] = abs(_t3_23)
-        _scratch[19, _k] = 0.0
+        _scratch[13, _k] = 0.000244140625*abs(_h49 + _h50 + _t3_18*_t3_21 + _t3_19*_t3_23)
+        _scratch[14, _k] = 0.000244140625*abs(_h51 + _h52 + _h53 + _t3_12*_t3_22 + _t3_23*_t3_4)
+        _scratch[15, _k] = 0.000244140625*abs(_t3_20)
+        _scratch[16, _k] = 0.0
     _qt0_0 = -1.0
     _qm0_0 = 0
     _qt0_1 = -1.0
@@ -1602,11 +1599,6 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
     _ql0_3 = 0.0
     _qh0_4 = 0.0
     _ql0_4 = 0.0
-    _xu0_0 = 0.0
-    _xu0_1 = 0.0
-    _xu0_2 = 0.0
-    _xu0_3 = 0.0
-    _xu0_4 = 0.0
     _qa0_0 = 0.0
     _qa0_0_error = 0.0
     _qb0_0 = 0.0
@@ -1658,11 +1650,6 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
             _z = _x - _qh0_4
             _ql0_4 += (_qh0_4 - (_x - _z)) + (_ph - _z) + _pl
             _qh0_4 = _x
-        _xu0_0 += _scratch[2, _k] * abs(_v_x[_i, _k])
-        _xu0_1 += _scratch[13, _k] * abs(_v_x[_i, _k])
-        _xu0_2 += _scratch[15, _k] * abs(_v_x[_i, _k])
-        _xu0_3 += _scratch[2, _k] * abs(_v_x[_i, _k])
-        _xu0_4 += _scratch[18, _k] * abs(_v_x[_i, _k])
         _s = _scratch[2, _k] * abs(_v_x[_i, _k])
         _x = _qa0_0 + _s
         _z = _x - _qa0_0
@@ -1816,19 +1803,19 @@ def _hvp_row(_i, _n, _C, y, x, C1, C2, _v_x, _weight, _out0):
         _lb += _scratch[9, _j] * ((_qa0_4 + _qa0_4_error) - _scratch[10, _j] * _av)
         _mg += abs(_scratch[9, _j]) * (_qb0_4 + abs(_scratch[10, _j]) * _av)
         _xlb0 += max(abs(_hv), abs(_lb) - 28 * 1.1102230246251565e-16 * _mg) + abs(_hd)
-        _xj0 = (_scratch[19, _j] != 0.0)
-        _xsb0 = _scratch[11, _j] * _xu0_0 + _scratch[12, _j] * _xu0_1 + _scratch[14, _j] * _xu0_2 + _scratch[16, _j] * _xu0_3 + _scratch[17, _j] * _xu0_4
-        _scratch[20, _j] = 1.0 if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289) else 0.0
+        _xj0 = (_scratch[16, _j] != 0.0)
+        _xsb0 = _scratch[11, _j] * _qb0_0 + _scratch[12, _j] * _qb0_1 + _scratch[13, _j] * _qb0_2 + _scratch[14, _j] * _qb0_0 + _scratch[15, _j] * _qb0_4
+        _scratch[17, _j] = 1.0 if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289) else 0.0
         _xdiagonal0 |= _xj0
     for _j in range(_n):
-        if _scratch[20, _j] == 0.0:
+        if _scratch[17, _j] == 0.0:
             continue
         _xsh0 = 0.0
         _xsb0 = 0.0
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l] + _scratch[5, _j] * _scratch[6, _l] + _scratch[7, _j] * _scratch[8, _l] + _scratch[9, _j] * _scratch[10, _l]
             _xsh0 += abs(_h * _v_x[_i, _l])
-            _xsb0 += (_scratch[11, _j] * _scratch[2, _l] + _scratch[12, _j] * _scratch[13, _l] + _scratch[14, _j] * _scratch[15, _l] + _scratch[16, _j] * _scratch[2, _l] + _scratch[17, _j] * _scratch[18, _l]) * abs(_v_x[_i, _l])
+            _xsb0 += (_scratch[11, _j] * abs(_scratch[2, _l]) + _scratch[12, _j] * abs(_scratch[4, _l]) + _scratch[13, _j] * abs(_scratch[6, _l]) + _scratch[14, _j] * abs(_scratch[2, _l]) + _scratch[15, _j] * abs(_scratch[10, _l])) * abs(_v_x[_i, _l])
         _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
     if _xflag0:
         _hvp_exact(_i, _n, _C, y, x, C1, C2, _v_x, _out0, _w)

@@ -1472,8 +1472,6 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
     _ql0_0 = 0.0
     _qh0_1 = 0.0
     _ql0_1 = 0.0
-    _xu0_0 = 0.0
-    _xu0_1 = 0.0
     _qa0_0 = 0.0
     _qa0_0_error = 0.0
     _qb0_0 = 0.0
@@ -1495,8 +1493,6 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
             _z = _x - _qh0_1
             _ql0_1 += (_qh0_1 - (_x - _z)) + (_ph - _z) + _pl
             _qh0_1 = _x
-        _xu0_0 += _scratch[4, _k] * abs(_v_p[_i, _k])
-        _xu0_1 += _scratch[2, _k] * abs(_v_p[_i, _k])
         _s = _scratch[2, _k] * abs(_v_p[_i, _k])
         _x = _qa0_0 + _s
         _z = _x - _qa0_0
@@ -1567,7 +1563,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         _mg += abs(_scratch[3, _j]) * (_qb0_1 + abs(_scratch[4, _j]) * _av)
         _xlb0 += max(abs(_hv), abs(_lb) - 16 * 1.1102230246251565e-16 * _mg) + abs(_hd)
         _xj0 = (_scratch[7, _j] != 0.0)
-        _xsb0 = _scratch[5, _j] * _xu0_0 + _scratch[6, _j] * _xu0_1
+        _xsb0 = _scratch[5, _j] * _qb0_1 + _scratch[6, _j] * _qb0_0
         _scratch[8, _j] = 1.0 if (abs(_xlb0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289) else 0.0
         _xdiagonal0 |= _xj0
     for _j in range(_n):
@@ -1578,7 +1574,7 @@ def _hvp_row(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _weight, _out0):
         for _l in range(_n):
             _h = _scratch[0, _j] if _j == _l else _scratch[1, _j] * _scratch[2, _l] + _scratch[3, _j] * _scratch[4, _l]
             _xsh0 += abs(_h * _v_p[_i, _l])
-            _xsb0 += (_scratch[5, _j] * _scratch[4, _l] + _scratch[6, _j] * _scratch[2, _l]) * abs(_v_p[_i, _l])
+            _xsb0 += (_scratch[5, _j] * abs(_scratch[4, _l]) + _scratch[6, _j] * abs(_scratch[2, _l])) * abs(_v_p[_i, _l])
         _xflag0 |= (abs(_xsh0) < _xsb0) | (_xsb0 < 1.0261342003245941e-289)
     if _xflag0:
         _hvp_exact(_i, _n, _C, y, p, alpha, beta, smooth, _v_p, _out0, _w)

@@ -52,11 +52,13 @@ class DoubleWordBlock:
     passes: tuple                # ((Reduction, ...), ...) the sums the forms read, pass by pass over the row
     exact: frozenset             # the sums the kernels take exactly (helpers _exact<r>)
 
-    def test(self) -> tuple[list, list]:
+    def test(self, product: bool = False) -> tuple[list, list]:
         """The kernels' test as outer products: the entry's own (P, Q) and its bound's
-        (t |P|, |Q|), t = EXACT_FALLBACK's threshold."""
+        (t |P|, |Q|), t = EXACT_FALLBACK's threshold. ``product``: the bound's Q is Q itself, which
+        the product's test reads as sum_l |Q(l) v_l| (emit_rows._emit_low_rank_product)."""
         threshold = sp.Float(EXACT_FALLBACK["threshold"])
-        return list(self.kernel_outer), [(threshold * sp.Abs(p), sp.Abs(q)) for p, q in self.kernel_outer]
+        return list(self.kernel_outer), [(threshold * sp.Abs(p), q if product else sp.Abs(q))
+                                         for p, q in self.kernel_outer]
 
 
 def _fma_value(a, b, c):

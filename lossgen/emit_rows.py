@@ -910,7 +910,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     for b, (diagonal, pair) in fallbacks.items():
         if b in double_word:
             printer.helpers_used.update(("double_word", "fma"))
-            numerator, bound = pair.test()
+            numerator, bound = pair.test(product)
             pair_tests[b] = [[body.shifts(e) for pq in products for e in pq]
                              for products in ([] if product else numerator, bound)]
             continue
@@ -1168,6 +1168,13 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
         emit(2, f"_ql{b}_{m} = 0.0")
     # the tested blocks' sum_l Q_m(l) |v_l| (compensated) and sum_l |Q_m(l) v_l|
     tested = [(b, m) for b, m in pairs if any(b in members for members in heads.values())]
+    # a bound's factor Q(l) that is a term's own Q_m (double_word: the bound is t |P_m| |Q_m|)
+    # reads sum_l |Q_m(l) v_l|, which the tests sum anyway, and |Q_m(l)| entry by entry
+    own_rows = {b: {q: m for m, (_, q) in enumerate(rows)} for b, rows in terms.items()}
+    shared = {(b, n): f"_qb{b}_{own_rows[b][bounds[b][n][1]]}" for b, n in sums
+              if bounds[b][n][1] in own_rows.get(b, {}) and (b, own_rows[b][bounds[b][n][1]]) in tested}
+    bound_sum = {(b, n): shared.get((b, n), f"_xu{b}_{n}") for b, n in sums}
+    sums = [(b, n) for b, n in sums if (b, n) not in shared]
     for b, n in sums:
         emit(2, f"_xu{b}_{n} = 0.0")
     for b, m in tested:
@@ -1242,7 +1249,7 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
                     " + abs(_hd)")
     for first, members in heads.items():
         emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
-        emit(3, f"_xsb{first} = " + (" + ".join(f"_scratch[{bounds[b][n][0]}, _j] * _xu{b}_{n}"
+        emit(3, f"_xsb{first} = " + (" + ".join(f"_scratch[{bounds[b][n][0]}, _j] * {bound_sum[b, n]}"
                                                 for b in members for n in range(len(bounds[b]))) or "0.0"))
         # the rows j to sum |H v|_j entry by entry, after this loop: inside it, the O(C) loop slowed
         # the rows that never take it (global SSIM's product 1.6 times as long at 20000 x 16)
@@ -1259,7 +1266,8 @@ def _emit_low_rank_product(body, terms: dict, diagonals: dict, targets: dict, he
             direction = targets[b][1]
             for line in entry_lines(b):
                 emit(4, line)
-            bound = " + ".join(f"_scratch[{p}, _j] * _scratch[{q}, _l]" for p, q in bounds[b])
+            bound = " + ".join(f"_scratch[{p}, _j] * " + (f"abs(_scratch[{q}, _l])" if q in own_rows.get(b, {})
+                                                               else f"_scratch[{q}, _l]") for p, q in bounds[b])
             emit(4, f"_xsh{first} += abs(_h * {direction}[_i, _l])")
             emit(4, f"_xsb{first} += ({bound}) * abs({direction}[_i, _l])")
         emit(3, f"_xflag{first} |= {fires(f'_xsh{first}', f'_xsb{first}')}")
