@@ -280,8 +280,8 @@ class DoubleWordRecompute(NamedTuple):
     block: DoubleWordBlock
     out: str                 # the output array
     flags: int               # the kernels' scratch row of the rows j to recompute
-    numerator: list          # [(row of P_m, row of Q_m), ...] in the kernels' scratch: the entry
-    bound: list              # likewise, the test's bound
+    numerator: str           # the code of entry (_j, _l)'s test from the kernels' floats: its value
+    bound: str               # and its bound (the kernels' scratch rows)
 
 
 def emit_double_word_blocks(body, blocks: list[DoubleWordRecompute], printed, exact_call):
@@ -345,8 +345,7 @@ def emit_double_word_blocks(body, blocks: list[DoubleWordRecompute], printed, ex
     # Q_m(l) at every element into a scratch row, P_m(j) at the flagged rows j alone
     rights = [q for b in blocks for _, q in b.block.outer]
     row = hoisted([e for b in blocks for pq in b.block.outer for e in pq], "_dr")
-    body.emit(2, f"_dw = np.empty(({2 * len(rights)}, _n))")
-    body.emit(2, "for _k in range(_n):")
+
     def at_element(exprs, prefix):
         """Lines (in the loop at element _k) computing ``exprs``; their (hi, lo) code."""
         body.bind(exprs, 3)
@@ -356,6 +355,8 @@ def emit_double_word_blocks(body, blocks: list[DoubleWordRecompute], printed, ex
             body.emit(3, line)
         return values
 
+    body.emit(2, f"_dw = np.empty(({2 * len(rights)}, _n))")
+    body.emit(2, "for _k in range(_n):")
     for n, (hi, lo) in enumerate(at_element(rights, "_dq")):
         body.emit(3, f"_dw[{2 * n}, _k] = {hi}")
         body.emit(3, f"_dw[{2 * n + 1}, _k] = {lo}")
@@ -370,8 +371,8 @@ def emit_double_word_blocks(body, blocks: list[DoubleWordRecompute], printed, ex
         body.emit(3, "for _l in range(_n):")
         body.emit(4, "if _l == _j:")
         body.emit(5, "continue")
-        body.emit(4, "_xnl = " + " + ".join(f"_scratch[{p}, _j] * _scratch[{q}, _l]" for p, q in b.numerator))
-        body.emit(4, "_xbl = " + " + ".join(f"_scratch[{p}, _j] * _scratch[{q}, _l]" for p, q in b.bound))
+        body.emit(4, f"_xnl = {b.numerator}")
+        body.emit(4, f"_xbl = {b.bound}")
         body.emit(4, f"if not ({fires('_xnl', '_xbl')}):")
         body.emit(5, "continue")
         for m, (hi, lo) in enumerate(left_values):

@@ -945,13 +945,15 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     # with a fallback, a row more per block: each element's flag (its diagonal entry's test, then
     # any entry of its row of the block), which the recomputation reads
     flags = {b: len(element) + n for n, b in enumerate(fallbacks)}
+    scratch_rows = max(len(element), 1) + len(fallbacks)
+    # the product's: a row more per flag, the rows j whose sum is tested entry by entry
+    candidates = {first: scratch_rows + n for n, first in enumerate(heads)} if product else {}
 
     def emit_values(fold):
         if hoisted:
             for symbol, value in zip(hoisted.values(), body.cse(fold(list(hoisted)), 2)):
                 body.emit(2, f"{symbol} = {value}")
-        # (the product's: a row more per flag, the rows j whose sum is tested entry by entry)
-        body.emit(2, f"_scratch = np.empty(({max(len(element), 1) + len(fallbacks) + (len(heads) if product else 0)}, _n))")
+        body.emit(2, f"_scratch = np.empty(({scratch_rows + len(candidates)}, _n))")
         elements, checks = fold(element), fold(diagonal_tests)
         for b in heads:
             body.emit(2, f"_xflag{b} = False")
@@ -1029,8 +1031,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                                {b: (outs[pairs[b][0]], directions[pairs[b][1]]) for b in range(len(pairs))},
                                {first: [b for b in fallbacks if first_of[b] == first] for first in heads},
                                {b: rows for b, (_, rows) in test_rows.items()}, flags, entry_lines,
-                               {b: index_code(special(b)[0]) for b in low_rank if special(b)},
-                               {first: max(len(element), 1) + len(fallbacks) + n for n, first in enumerate(heads)})
+                               {b: index_code(special(b)[0]) for b in low_rank if special(b)}, candidates)
     for first in heads if not product else ():
         members = [b for b in fallbacks if first_of[b] == first]
         body.emit(3, f"_xj{first} = " + " | ".join(f"(_scratch[{flags[b]}, _j] != 0.0)" for b in members))
@@ -1088,7 +1089,8 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
                 emit_block_fallback(exact_body, planned)
             if double_word:
                 exact_body.lines += _double_word_lines(derivation, printer, keys, arguments, [
-                    DoubleWordRecompute(fallbacks[b][1], outs[b], flags[b], *test_rows[b]) for b in sorted(double_word)])
+                    DoubleWordRecompute(fallbacks[b][1], outs[b], flags[b], *map(outer_rows, test_rows[b]))
+                    for b in sorted(double_word)])
             exact = exact_body.lines
     if product:  # quadratic: O(C**2) work per row, where a block is summed entry by entry
         how = (" (never stored), in O(C) per block" if not entry_blocks else
@@ -1103,7 +1105,7 @@ def _block_kernel_lines(derivation: RowDerivation, printer, product: bool, keys,
     return {"name": "hess_full", "outs": outs, "lines": body.lines, "stash": body.slots, "exact": exact, "quadratic": True,
             "exact_arguments": ", _w, _scratch", "out_row": True,
             "exact_doc": DOUBLE_WORD_DOC if double_word and len(double_word) == len(fallbacks) else None,
-            "flags": flags, "scratch_rows": max(len(element), 1) + len(fallbacks),
+            "flags": flags, "scratch_rows": scratch_rows,
             "doc": "Every (C, C) block of the Hessian of each row, blocks in row-major order of "
                    "the predictions, times _weight[i] when given."}
 

@@ -441,8 +441,9 @@ def test_exact_fallback_applies_by_form():
         plans = _fallback_plans(derivation, stable)
         if plans:
             planned[name] = set(plans)
-        if _double_word_plans(stable, plans):
-            double_word[name] = set(_double_word_plans(stable, plans))
+        recomputed = _double_word_plans(stable, plans)
+        if recomputed:
+            double_word[name] = set(recomputed)
     assert set(planned) == {"dice", "soft_jaccard", "tversky", "combo", "cosine_proximity", "cosine_embedding"}
     assert planned["cosine_embedding"] == {("grad", 0), ("grad", 1), ("hess", 0), ("hess", 1),
                                            *(("hess_full", b) for b in range(4))}
